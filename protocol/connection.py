@@ -1,0 +1,317 @@
+"""One connection's protocol state, sans-IO: bytes in, events out, bytes to send.
+
+Both ends run the same class. The *client* (a node or a console) speaks first:
+
+    client                                server
+    hello(version, role, versions, Nc) ─▶
+                                        ◀─ challenge(versions, Ns, Ps)
+    auth(Pc)                           ─▶
+                                        ◀─ welcome(session, limits)
+
+``Ps = HMAC(key, "remap/1 server" | H(hello) | Ns)`` proves the server holds the
+secret over the client's fresh nonce; ``Pc = HMAC(key, "remap/1 client" | H(hello) |
+H(challenge))`` proves the client's, over the server's fresh nonce. A recorded
+transcript cannot be replayed against either side because the other side's nonce is
+new each time. Before both proofs check out the frame limit is a few KiB and only
+handshake messages are parsed; nothing is unpickled here at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from . import messages as m
+from .errors import (
+    ERROR_CODES,
+    AuthError,
+    HandshakeTimeout,
+    LocalProtocolError,
+    ProtocolError,
+    RemapError,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+
+NONCE_SIZE = 32
+_SERVER_LABEL = b"remap/1 server"
+_CLIENT_LABEL = b"remap/1 client"
+
+
+def local_versions() -> tuple[str, str]:
+    """(python major.minor, cloudpickle major.minor) of this process."""
+    try:
+        import cloudpickle
+
+        cp = ".".join(cloudpickle.__version__.split(".")[:2])
+    except ImportError:  # the server itself never unpickles; report what it has
+        cp = "none"
+    return f"{sys.version_info[0]}.{sys.version_info[1]}", cp
+
+
+class State(Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """Both sides proved the secret; ``peer_role`` is node, console or server."""
+
+    peer_role: str
+    peer_name: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The connection must close; ``error`` says why. Bytes to send may remain (an error frame)."""
+
+    error: RemapError
+
+
+Event = Authenticated | MessageReceived | ConnectionFailed
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class Connection:
+    """The protocol machine for one side of one connection.
+
+    ``role`` is "server", "node" or "console". Feed it with :meth:`receive_data`,
+    send with :meth:`send`, and write whatever :meth:`data_to_send` returns.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        secret: bytes,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        heartbeat: float = 2.0,
+        name: str = "",
+        nonce: Callable[[int], bytes] = os.urandom,
+        versions: tuple[str, str] | None = None,
+    ) -> None:
+        if role not in ("server", *m.ROLES):
+            raise ValueError(f"unknown role {role!r}")
+        if not secret:
+            raise ValueError("a non-empty shared secret is required")
+        self.role = role
+        self.is_server = role == "server"
+        self._key = secret
+        self._nonce_source = nonce
+        self._max_frame = max_frame
+        self._heartbeat = heartbeat
+        self._name = name
+        self._python, self._cloudpickle = versions or local_versions()
+        self._decoder = FrameDecoder(PREAUTH_MAX_FRAME)
+        self._out: list[bytes | memoryview] = []
+        self.state = State.HANDSHAKE
+        self.peer_role: str | None = None
+        self.session = ""
+        self._hello_hash = b""
+        self._my_nonce = b""
+        self._expected_client_proof = b""
+        self._stage = "hello"  # what we expect next during the handshake
+
+    # ------------------------------------------------------------------ outgoing
+
+    def initiate(self) -> None:
+        """Client side: queue the hello. The server waits for it."""
+        if self.is_server or self._stage != "hello":
+            raise LocalProtocolError("only a fresh client connection initiates")
+        self._my_nonce = self._nonce_source(NONCE_SIZE)
+        hello = m.Hello(
+            version=m.PROTOCOL_VERSION,
+            role=self.role,
+            python=self._python,
+            cloudpickle=self._cloudpickle,
+            nonce=self._my_nonce,
+            name=self._name[:200],
+        )
+        header = self._queue(hello)
+        self._hello_hash = _digest(header)
+        self._stage = "challenge"
+
+    def send(self, msg: m.Message) -> None:
+        """Queue a message; only once the connection is open (errors excepted)."""
+        if self.state is not State.OPEN and not isinstance(msg, m.Error):
+            raise LocalProtocolError(f"cannot send {msg.TYPE} in state {self.state.value}")
+        self._queue(msg)
+
+    def _queue(self, msg: m.Message) -> bytes:
+        header, payload = m.encode(msg)
+        self._out.extend(encode_frame(header, payload))
+        return header
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Return and forget the buffers queued for the transport."""
+        out, self._out = self._out, []
+        return out
+
+    def timeout(self) -> ConnectionFailed | None:
+        """The adapter's handshake timer fired: fail if still handshaking."""
+        if self.state is State.HANDSHAKE:
+            return self._fail(HandshakeTimeout("handshake not completed in time"))
+        return None
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+
+    # ------------------------------------------------------------------ incoming
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the transport; return what happened."""
+        if self.state is State.CLOSED:
+            return []
+        events: list[Event] = []
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            frames = None
+            failure = exc
+        for frame in frames or ():
+            try:
+                if self.state is State.OPEN:
+                    try:
+                        msg = m.decode(frame.header, frame.payload)
+                    except m.UnknownMessageType as exc:
+                        # a newer peer may know more messages: answer, keep the connection
+                        self._queue(m.Error(code=exc.code, message=str(exc), re=exc.re))
+                        continue
+                    events.append(MessageReceived(msg))
+                else:
+                    event = self._handshake(m.decode(frame.header, frame.payload, preauth=True), frame.header)
+                    if event is not None:
+                        events.append(event)
+            except RemapError as exc:
+                events.append(self._fail(exc))
+                return events
+            if self.state is State.CLOSED:
+                return events
+        if frames is None:
+            events.append(self._fail(failure))
+        return events
+
+    def _fail(self, error: RemapError) -> ConnectionFailed:
+        """Close with an error frame to the peer where the protocol still allows one."""
+        if self.state is not State.CLOSED:
+            code = getattr(error, "code", "protocol")
+            # never echo a peer's error back at it, and say little to unauthenticated peers
+            if not getattr(error, "from_peer", False):
+                self._queue(m.Error(code=code, message=str(error)[:500]))
+            self.state = State.CLOSED
+        return ConnectionFailed(error)
+
+    def _peer_error(self, msg: m.Error) -> RemapError:
+        cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
+        who = "server" if not self.is_server else "peer"
+        err = cls(f"{who} refused: {msg.message}")
+        err.from_peer = True  # type: ignore[attr-defined]
+        return err
+
+    def _check_versions(self, version: int, python: str, cloudpickle: str) -> None:
+        if version != m.PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"protocol version {version} is not supported (this side speaks {m.PROTOCOL_VERSION})"
+            )
+        if python != self._python:
+            raise VersionMismatch(
+                f"Python {python} on the other side, {self._python} here: pickles are not "
+                "portable between Python versions; run the same Python everywhere"
+            )
+        if cloudpickle != self._cloudpickle:
+            raise VersionMismatch(
+                f"cloudpickle {cloudpickle} on the other side, {self._cloudpickle} here: "
+                "install the same cloudpickle version everywhere"
+            )
+
+    def _handshake(self, msg: m.Message, raw_header: bytes) -> Event | None:
+        if isinstance(msg, m.Error):
+            raise self._peer_error(msg)
+        if self.is_server:
+            return self._server_step(msg, raw_header)
+        return self._client_step(msg, raw_header)
+
+    def _server_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
+        if self._stage == "hello" and isinstance(msg, m.Hello):
+            if msg.role not in m.ROLES:
+                raise RemoteProtocolError(f"unknown role {msg.role!r}")
+            if len(msg.nonce) != NONCE_SIZE:
+                raise RemoteProtocolError("bad nonce length")
+            self._check_versions(msg.version, msg.python, msg.cloudpickle)
+            self.peer_role = msg.role
+            self._peer_name = msg.name
+            self._hello_hash = _digest(raw_header)
+            self._my_nonce = self._nonce_source(NONCE_SIZE)
+            if self._my_nonce == msg.nonce:
+                raise RemoteProtocolError("peer reflected our nonce")
+            proof = hmac.new(self._key, _SERVER_LABEL + self._hello_hash + self._my_nonce, "sha256").digest()
+            challenge = self._queue(
+                m.Challenge(
+                    version=m.PROTOCOL_VERSION,
+                    python=self._python,
+                    cloudpickle=self._cloudpickle,
+                    nonce=self._my_nonce,
+                    proof=proof,
+                )
+            )
+            self._expected_client_proof = hmac.new(
+                self._key, _CLIENT_LABEL + self._hello_hash + _digest(challenge), "sha256"
+            ).digest()
+            self._stage = "auth"
+            return None
+        if self._stage == "auth" and isinstance(msg, m.Auth):
+            if not hmac.compare_digest(msg.proof, self._expected_client_proof):
+                raise AuthError(
+                    "authentication failed: the peer does not hold this cluster's secret "
+                    "(check REMAP_SECRET_KEY on both sides)"
+                )
+            self.session = self._nonce_source(8).hex()
+            self._queue(m.Welcome(session=self.session, max_frame=self._max_frame, heartbeat=self._heartbeat))
+            self._open()
+            return Authenticated(self.peer_role or "", self._peer_name, self.session)
+        raise RemoteProtocolError(f"unexpected {msg.TYPE} during the handshake (expected {self._stage})")
+
+    def _client_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
+        if self._stage == "challenge" and isinstance(msg, m.Challenge):
+            self._check_versions(msg.version, msg.python, msg.cloudpickle)
+            expected = hmac.new(self._key, _SERVER_LABEL + self._hello_hash + msg.nonce, "sha256").digest()
+            if not hmac.compare_digest(msg.proof, expected):
+                raise AuthError(
+                    "the server could not prove it holds this cluster's secret: refusing to "
+                    "talk to it (wrong REMAP_SECRET_KEY here or there, or not a remap server)"
+                )
+            if msg.nonce == self._my_nonce:
+                raise AuthError("server reflected our nonce")
+            proof = hmac.new(self._key, _CLIENT_LABEL + self._hello_hash + _digest(raw_header), "sha256").digest()
+            self._queue(m.Auth(proof=proof))
+            self._stage = "welcome"
+            return None
+        if self._stage == "welcome" and isinstance(msg, m.Welcome):
+            self.session = msg.session
+            self._max_frame = min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
+            self.peer_role = "server"
+            self._open()
+            return Authenticated("server", "", msg.session)
+        raise RemoteProtocolError(f"unexpected {msg.TYPE} during the handshake (expected {self._stage})")
+
+    def _open(self) -> None:
+        self.state = State.OPEN
+        self._stage = "open"
+        self._decoder.max_frame = self._max_frame

@@ -1,0 +1,489 @@
+"""The message catalogue: one frozen dataclass per message type.
+
+Control fields travel in the frame's msgpack header as ``{"t": TYPE, field: value, ...}``.
+The ``payload`` field of a message is never in the header: it is the frame's opaque
+payload (a pickle, or several pickles back to back whose lengths are in ``sizes``),
+so the server can split and merge batches at argument boundaries without
+unpickling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+
+ROLES = ("node", "console")
+
+
+class Message:
+    """Base of every message; subclasses are registered by their ``TYPE``."""
+
+    TYPE: ClassVar[str] = ""
+    #: messages allowed before both sides are authenticated
+    PREAUTH: ClassVar[bool] = False
+    payload: bytes
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+# per class: tuple of (field name, checker, default-or-MISSING) excluding payload
+_FIELDS: dict[type[Message], tuple[tuple[str, Any, Any], ...]] = {}
+_MISSING = dataclasses.MISSING
+
+
+def _checker(tp: Any):
+    """Build a fast isinstance-style check for an annotation (plain data types only)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(c(v) for c in inner)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is float:
+        return lambda v: type(v) in (float, int)
+    if tp is int:
+        return lambda v: type(v) is int
+    if tp in (str, bytes, bool):
+        return lambda v, t=tp: type(v) is t
+    if tp is Any:
+        return lambda v: True
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if arg is int:
+            return lambda v: type(v) is list and all(type(x) is int for x in v)
+        if arg is Any:
+            return lambda v: type(v) is list
+        inner_check = _checker(arg)
+        return lambda v: type(v) is list and all(inner_check(x) for x in v)
+    if origin is dict or tp is dict:
+        return lambda v: type(v) is dict
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+def message(cls):
+    """Class decorator: make a frozen dataclass and register it in the catalogue."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    if not cls.TYPE or cls.TYPE in _REGISTRY:
+        raise TypeError(f"message type {cls.TYPE!r} missing or registered twice")
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name == "payload":
+            continue
+        default = f.default
+        if f.default_factory is not _MISSING:
+            default = f.default_factory
+        specs.append((f.name, _checker(hints[f.name]), default))
+    _REGISTRY[cls.TYPE] = cls
+    _FIELDS[cls] = tuple(specs)
+    return cls
+
+
+_packer_default = None
+
+
+def encode(msg: Message) -> tuple[bytes, bytes]:
+    """Return ``(header, payload)`` for a message."""
+    cls = type(msg)
+    specs = _FIELDS.get(cls)
+    if specs is None:
+        raise LocalProtocolError(f"{cls.__name__} is not a registered message")
+    header = {"t": cls.TYPE}
+    for name, _check, _default in specs:
+        header[name] = getattr(msg, name)
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {cls.TYPE}: {exc}") from exc
+    return packed, getattr(msg, "payload", b"")
+
+
+class UnknownMessageType(RemoteProtocolError):
+    """A well-formed header named a message type this side does not know."""
+
+    code = "unknown-message"
+
+    def __init__(self, type_name: str, re: int | None):
+        super().__init__(f"unknown message type {type_name!r}")
+        self.type_name = type_name
+        self.re = re
+
+
+def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:
+    """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
+    try:
+        data = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
+    if type(data) is not dict:
+        raise RemoteProtocolError("header is not a map")
+    type_name = data.pop("t", None)
+    if type(type_name) is not str:
+        raise RemoteProtocolError("header has no message type")
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        re = data.get("id")
+        raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
+    if preauth and not cls.PREAUTH:
+        raise RemoteProtocolError(f"message {type_name!r} is not allowed before authentication")
+    kwargs = {}
+    for name, check, default in _FIELDS[cls]:
+        if name in data:
+            value = data.pop(name)
+            if not check(value):
+                raise RemoteProtocolError(f"{type_name}.{name}: bad value of type {type(value).__name__}")
+        elif default is _MISSING:
+            raise RemoteProtocolError(f"{type_name}: missing field {name!r}")
+        else:
+            value = default() if callable(default) else default
+        kwargs[name] = value
+    if data:
+        raise RemoteProtocolError(f"{type_name}: unknown field(s) {sorted(map(str, data))[:5]}")
+    if payload and "payload" not in cls.__dataclass_fields__:
+        raise RemoteProtocolError(f"{type_name} carries no payload")
+    if "payload" in cls.__dataclass_fields__:
+        kwargs["payload"] = payload
+    return cls(**kwargs)
+
+
+def message_types() -> dict[str, type[Message]]:
+    """The catalogue, for documentation and tests."""
+    return dict(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+@message
+class Hello(Message):
+    """Client → server: who I am and my fresh nonce."""
+
+    TYPE = "hello"
+    PREAUTH = True
+    version: int
+    role: str
+    python: str
+    cloudpickle: str
+    nonce: bytes
+    name: str = ""
+
+
+@message
+class Challenge(Message):
+    """Server → client: my versions, my nonce, and my proof over your nonce."""
+
+    TYPE = "challenge"
+    PREAUTH = True
+    version: int
+    python: str
+    cloudpickle: str
+    nonce: bytes
+    proof: bytes
+
+
+@message
+class Auth(Message):
+    """Client → server: my proof over the whole transcript."""
+
+    TYPE = "auth"
+    PREAUTH = True
+    proof: bytes
+
+
+@message
+class Welcome(Message):
+    """Server → client: authenticated; the limits in force from now on."""
+
+    TYPE = "welcome"
+    PREAUTH = True
+    session: str
+    max_frame: int
+    heartbeat: float
+
+
+@message
+class Error(Message):
+    """Either way: a request failed (``re`` set) or the connection is being closed."""
+
+    TYPE = "error"
+    PREAUTH = True
+    code: str
+    message: str
+    re: int | None = None
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+@message
+class Heartbeat(Message):
+    """Either way, every heartbeat interval; any frame also counts as a sign of life."""
+
+    TYPE = "heartbeat"
+    load: float = 0.0
+    busy: int = 0
+
+
+# --------------------------------------------------------------------------- node ↔ server
+
+
+@message
+class NodeInfo(Message):
+    """Node → server, once after authentication: the facts the scheduler needs."""
+
+    TYPE = "node_info"
+    host: str
+    pid: int
+    cores: int
+    memory: int
+    group: str | None = None
+    load: float = 0.0
+
+
+@message
+class JobLoad(Message):
+    """Server → node: a job's function (cloudpickle of ``(fn, reduce_fn)``), sent once per node."""
+
+    TYPE = "job_load"
+    job: int
+    star: bool = False
+    timeout: float | None = None
+    reduce: bool = False
+    payload: bytes = b""
+
+
+@message
+class JobDrop(Message):
+    """Server → node: the job is over; forget its function."""
+
+    TYPE = "job_drop"
+    job: int
+
+
+@message
+class Task(Message):
+    """Server → node: a batch of pickled arguments (``sizes`` gives each one's length)."""
+
+    TYPE = "task"
+    task: int
+    job: int
+    sizes: list[int]
+    payload: bytes = b""
+
+
+@message
+class TaskResult(Message):
+    """Node → server: a batch's results, positionally matching the task's arguments.
+
+    ``errors`` lists ``[position, type, message, traceback]``; the payload slot at an
+    error's position holds the pickled exception, or is empty. With ``partial`` the
+    payload is one pickle: the fold of the batch's successful results.
+    """
+
+    TYPE = "result"
+    task: int
+    sizes: list[int]
+    errors: list[list[Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    output: str = ""
+    partial: bool = False
+    payload: bytes = b""
+
+
+@message
+class TaskFailed(Message):
+    """Node → server: a batch did not finish: its core crashed, timed out or was killed.
+
+    ``at`` is the position of the argument that was running (-1 when unknown).
+    """
+
+    TYPE = "task_failed"
+    task: int
+    reason: str
+    at: int = -1
+    message: str = ""
+
+
+@message
+class Cancel(Message):
+    """Server → node: stop everything of this job now (kill the cores running it)."""
+
+    TYPE = "cancel"
+    job: int
+
+
+@message
+class Shutdown(Message):
+    """Server → node: exit (the cluster is being stopped)."""
+
+    TYPE = "shutdown"
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- console ↔ server
+
+
+@message
+class Submit(Message):
+    """Console → server: start a job; payload is the cloudpickled ``(fn, reduce_fn)``."""
+
+    TYPE = "submit"
+    id: int
+    name: str
+    mode: str = "object"
+    group: str | None = None
+    retries: int = 3
+    timeout: float | None = None
+    on_error: str = "fail"
+    chunksize: int = 0
+    priority: int = 0
+    detach: bool = False
+    star: bool = False
+    total: int = -1
+    wait_for_nodes: float | None = None
+    payload: bytes = b""
+
+
+@message
+class Submitted(Message):
+    """Server → console: the job's id and the first window of arguments it may send."""
+
+    TYPE = "submitted"
+    re: int
+    job: int
+    window: int
+
+
+@message
+class Args(Message):
+    """Console → server: arguments ``start .. start+len(sizes)-1``, pickled back to back."""
+
+    TYPE = "args"
+    job: int
+    start: int
+    sizes: list[int]
+    payload: bytes = b""
+
+
+@message
+class ArgsEnd(Message):
+    """Console → server: no more arguments; the job has ``total`` of them."""
+
+    TYPE = "args_end"
+    job: int
+    total: int
+
+
+@message
+class Grant(Message):
+    """Server → console: you may send ``count`` more arguments of this job."""
+
+    TYPE = "grant"
+    job: int
+    count: int
+
+
+@message
+class Results(Message):
+    """Server → console: results for ``indices`` (same layout as :class:`TaskResult`)."""
+
+    TYPE = "results"
+    job: int
+    indices: list[int]
+    sizes: list[int]
+    errors: list[list[Any]] = field(default_factory=list)
+    output: str = ""
+    partial: bool = False
+    payload: bytes = b""
+
+
+@message
+class JobDone(Message):
+    """Server → console: the job ended; ``state`` is done, failed, killed or cancelled."""
+
+    TYPE = "job_done"
+    job: int
+    state: str
+    done: int
+    failed: int
+    message: str = ""
+
+
+@message
+class JobNotice(Message):
+    """Server → console: something the user should see while the job waits or runs."""
+
+    TYPE = "job_notice"
+    job: int
+    message: str
+
+
+@message
+class StatusRequest(Message):
+    """Console → server: describe the cluster."""
+
+    TYPE = "status"
+    id: int
+
+
+@message
+class StatusReply(Message):
+    """Server → console: ``nodes`` and ``jobs`` are lists of plain maps (see README)."""
+
+    TYPE = "status_reply"
+    re: int
+    nodes: list[dict]
+    jobs: list[dict]
+    server: dict = field(default_factory=dict)
+
+
+@message
+class Kill(Message):
+    """Console → server: stop a job's queued and running work."""
+
+    TYPE = "kill"
+    id: int
+    job: int
+
+
+@message
+class KillCluster(Message):
+    """Console → server: stop every node, then the server."""
+
+    TYPE = "kill_cluster"
+    id: int
+
+
+@message
+class Drain(Message):
+    """Console → server: let a node finish its in-flight work and give it no more."""
+
+    TYPE = "drain"
+    id: int
+    node: str
+
+
+@message
+class Attach(Message):
+    """Console → server: become the receiver of a (detached) job's results."""
+
+    TYPE = "attach"
+    id: int
+    job: int
+
+
+@message
+class Ok(Message):
+    """Server → console: a request succeeded."""
+
+    TYPE = "ok"
+    re: int
+    info: dict = field(default_factory=dict)

@@ -1,0 +1,58 @@
+"""Where the cluster's shared secret comes from, and the safe-bind rule."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from protocol.errors import ConfigError
+
+from .settings import Settings, is_loopback
+
+GENERATE_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def default_secret_file() -> Path:
+    return Path(os.path.expanduser("~")) / ".remap" / "secret"
+
+
+def server_secret(settings: Settings, host: str) -> bytes:
+    """The server's secret; a loopback-only server without one makes a private one in ~/.remap.
+
+    A server reachable from the network must have an explicit secret: nodes execute
+    what it sends and it executes nothing it cannot authenticate.
+    """
+    if settings.secret:
+        return settings.secret.encode()
+    if not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} without a secret: anyone who can reach it could run "
+            f"code on your nodes. Set REMAP_SECRET_KEY (in .env or the environment) to the same "
+            f"value on the server, every node and the console; generate one with {GENERATE_HINT}"
+        )
+    path = default_secret_file()
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(token + b"\n")
+    return token
+
+
+def client_secret(settings: Settings) -> bytes:
+    """A node's or console's secret: the setting, else the local server's private file."""
+    if settings.secret:
+        return settings.secret.encode()
+    path = default_secret_file()
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        raise ConfigError(
+            "no secret configured: set REMAP_SECRET_KEY to the server's secret "
+            f"(generate one with {GENERATE_HINT})"
+        ) from None

@@ -1,0 +1,338 @@
+"""The console's connection to a server: requests by id, and job runs with windowed arguments."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from protocol import Authenticated, messages as m
+from protocol.errors import (
+    ERROR_CODES,
+    ConnectionLost,
+    JobFailed,
+    JobKilled,
+    RemapError,
+    RemoteProtocolError,
+)
+
+from .blobs import dumps, split
+from .sinks import Sink, TaskErrorInfo
+from .wire import PeerProtocol
+
+#: arguments per ``args`` message, and the payload size at which a message is sent early
+CHUNK_ARGS = 4096
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class RequestFailed(RemapError):
+    """The server answered a request with an error."""
+
+
+@dataclass
+class JobParams:
+    """What the server needs to know about a job (the job file, minus its arguments)."""
+
+    name: str = "job"
+    mode: str = "object"
+    group: str | None = None
+    retries: int = 3
+    timeout: float | None = None
+    on_error: str = "fail"
+    chunksize: int = 0
+    priority: int = 0
+    detach: bool = False
+    star: bool = False
+    wait_for_nodes: float | None = None
+
+
+@dataclass
+class JobOutcome:
+    job: int
+    state: str
+    done: int
+    failed: int
+    message: str
+
+
+@dataclass
+class JobRun:
+    """One job as the console sees it: feeds arguments as the server grants, collects results."""
+
+    params: JobParams
+    fn_blob: bytes
+    arguments: Iterator[Any]
+    sink: Sink
+    total_hint: int | None = None
+    on_notice: Callable[[str], None] | None = None
+    on_output: Callable[[int, str], None] | None = None
+    job_id: int | None = None
+    sent: int = 0
+    done: int = 0
+    failed: int = 0
+    exhausted: bool = False
+    finished: defer.Deferred = field(default_factory=defer.Deferred)
+    _client: Any = None
+    _granted: int = 0
+    _args: dict[int, Any] = field(default_factory=dict)
+    _peeked: list[Any] = field(default_factory=list)
+    _sending: bool = False
+
+    # ------------------------------------------------------------- arguments out
+
+    def start(self, client: ClusterClient, job_id: int, window: int) -> None:
+        self._client = client
+        self.job_id = job_id
+        self._granted = window
+        self.send_arguments()
+
+    def grant(self, count: int) -> None:
+        self._granted += count
+        self.send_arguments()
+
+    def _next_chunk(self, limit: int) -> list[Any]:
+        items = self._peeked
+        self._peeked = []
+        items.extend(itertools.islice(self.arguments, limit - len(items)))
+        return items
+
+    def send_arguments(self) -> None:
+        if self.exhausted or self._sending or self.finished.called:
+            return
+        self._sending = True
+        try:
+            while self._granted > 0:
+                items = self._next_chunk(min(self._granted, CHUNK_ARGS))
+                if items:
+                    blobs = [dumps(a) for a in items]
+                    if self.sink.needs_arguments:
+                        self._args.update(zip(range(self.sent, self.sent + len(items)), items))
+                    self._client.send(m.Args(job=self.job_id, start=self.sent,
+                                             sizes=[len(b) for b in blobs], payload=b"".join(blobs)))
+                    self.sent += len(items)
+                    self._granted -= len(items)
+                if self._granted == 0 and not self._peeked:
+                    self._peeked = list(itertools.islice(self.arguments, 1))
+                if not items or (self._granted == 0 and not self._peeked):
+                    self.exhausted = True
+                    self._client.send(m.ArgsEnd(job=self.job_id, total=self.sent))
+                    break
+        except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
+            error = exc if isinstance(exc, RemapError) else JobFailed(
+                f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
+            self._client.kill_quietly(self.job_id)
+            self.fail(error)
+        finally:
+            self._sending = False
+
+    # ------------------------------------------------------------- results in
+
+    def results(self, msg: m.Results) -> None:
+        errors = {e[0]: e for e in msg.errors}
+        sink = self.sink
+        if msg.output and self.on_output is not None:
+            self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
+        if msg.partial:
+            for pos, entry in errors.items():
+                sink.add(msg.indices[pos], self._args.pop(msg.indices[pos], None), None,
+                         _error_info(msg.indices[pos], entry))
+            if msg.sizes:
+                sink.add_partial(len(msg.indices) - len(errors), pickle.loads(msg.payload))
+            self.failed += len(errors)
+            self.done += len(msg.indices) - len(errors)
+            return
+        pop = self._args.pop
+        for pos, (index, blob) in enumerate(zip(msg.indices, split(msg.sizes, msg.payload))):
+            entry = errors.get(pos)
+            if entry is None:
+                sink.add(index, pop(index, None), pickle.loads(blob), None)
+            else:
+                sink.add(index, pop(index, None), None, _error_info(index, entry))
+        self.failed += len(errors)
+        self.done += len(msg.indices) - len(errors)
+
+    def ended(self, msg: m.JobDone) -> None:
+        complete = msg.state == "done"
+        self.sink.close(complete=complete)
+        outcome = JobOutcome(msg.job, msg.state, msg.done, msg.failed, msg.message)
+        if complete:
+            self.finished.callback(outcome)
+        elif msg.state == "killed":
+            self.finished.errback(JobKilled(f"job {msg.job} was killed: {msg.message}"))
+        else:
+            self.finished.errback(JobFailed(f"job {msg.job} {msg.state}: {msg.message}"))
+
+    def fail(self, error: Exception) -> None:
+        if not self.finished.called:
+            try:
+                self.sink.close(complete=False)
+            except Exception:  # keep the first error; the sink's own is secondary
+                pass
+            self.finished.errback(error)
+
+
+def _error_info(index: int, entry: list[Any]) -> TaskErrorInfo:
+    _, type_name, message, tb = (list(entry) + ["", "", ""])[:4]
+    return TaskErrorInfo(index=index, type_name=str(type_name), message=str(message), traceback=str(tb))
+
+
+class ClusterClient:
+    """Handler of a console connection: correlates requests by id, routes job traffic."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.link: PeerProtocol | None = None
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, defer.Deferred] = {}
+        self._submits: dict[int, JobRun] = {}
+        self.runs: dict[int, JobRun] = {}
+        self.lost: defer.Deferred = defer.Deferred()
+        self.error: RemapError | None = None
+
+    def send(self, msg: m.Message) -> None:
+        if self.link is None:
+            raise ConnectionLost(self.error and str(self.error) or "not connected to the server")
+        self.link.send(msg)
+
+    # ------------------------------------------------------------- requests
+
+    def _request(self, build: Callable[[int], m.Message]) -> defer.Deferred:
+        rid = next(self._ids)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters[rid] = d
+        try:
+            self.send(build(rid))
+        except RemapError as exc:
+            del self._waiters[rid]
+            d.errback(exc)
+        return d
+
+    def status(self) -> defer.Deferred:
+        d = self._request(lambda rid: m.StatusRequest(id=rid))
+        return d.addCallback(lambda r: {"nodes": r.nodes, "jobs": r.jobs, "server": r.server})
+
+    def kill(self, job: int) -> defer.Deferred:
+        return self._request(lambda rid: m.Kill(id=rid, job=job)).addCallback(lambda r: r.info)
+
+    def kill_quietly(self, job: int | None) -> None:
+        if job is not None and self.link is not None:
+            self.kill(job).addErrback(lambda _f: None)
+
+    def kill_cluster(self) -> defer.Deferred:
+        return self._request(lambda rid: m.KillCluster(id=rid)).addCallback(lambda r: r.info)
+
+    def drain(self, node: str) -> defer.Deferred:
+        return self._request(lambda rid: m.Drain(id=rid, node=node)).addCallback(lambda r: r.info)
+
+    def submit(self, run: JobRun) -> defer.Deferred:
+        """Start a job; the returned Deferred is ``run.finished`` (a JobOutcome, or a failure)."""
+        rid = next(self._ids)
+        p = run.params
+        self._submits[rid] = run
+        try:
+            self.send(m.Submit(id=rid, name=p.name, mode=p.mode, group=p.group, retries=p.retries,
+                               timeout=p.timeout, on_error=p.on_error, chunksize=p.chunksize,
+                               priority=p.priority, detach=p.detach, star=p.star,
+                               total=run.total_hint if run.total_hint is not None else -1,
+                               wait_for_nodes=p.wait_for_nodes, payload=run.fn_blob))
+        except RemapError as exc:
+            del self._submits[rid]
+            run.fail(exc)
+        return run.finished
+
+    def attach(self, job: int, run: JobRun) -> defer.Deferred:
+        """Receive a running or finished job's results into ``run``."""
+        run._client = self
+        run.job_id = job
+        run.exhausted = True
+        self.runs[job] = run
+        d = self._request(lambda rid: m.Attach(id=rid, job=job))
+
+        def refused(f: Any) -> Any:
+            self.runs.pop(job, None)
+            run.fail(f.value)
+            return None
+
+        d.addErrback(refused)
+        return run.finished
+
+    # ------------------------------------------------------------- Handler
+
+    def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
+        self.link = link
+
+    def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
+        t = type(msg)
+        if t is m.Results:
+            run = self.runs.get(msg.job)
+            if run is not None:
+                run.results(msg)
+        elif t is m.Grant:
+            run = self.runs.get(msg.job)
+            if run is not None:
+                run.grant(msg.count)
+        elif t is m.Submitted:
+            run = self._submits.pop(msg.re, None)
+            if run is not None:
+                self.runs[msg.job] = run
+                run.start(self, msg.job, msg.window)
+        elif t is m.JobDone:
+            run = self.runs.pop(msg.job, None)
+            if run is not None:
+                run.ended(msg)
+        elif t is m.JobNotice:
+            run = self.runs.get(msg.job)
+            if run is not None and run.on_notice is not None:
+                run.on_notice(msg.message)
+        elif t in (m.Ok, m.StatusReply):
+            d = self._waiters.pop(msg.re, None)
+            if d is not None:
+                d.callback(msg)
+        elif t is m.Error:
+            self._error(msg)
+        elif t is m.Heartbeat:
+            pass
+        else:
+            self.log.warn("unexpected {type} from the server", type=msg.TYPE)
+
+    def _error(self, msg: m.Error) -> None:
+        error = ERROR_CODES.get(msg.code, RequestFailed)(msg.message)
+        if msg.re is not None:
+            d = self._waiters.pop(msg.re, None)
+            if d is not None:
+                d.errback(RequestFailed(msg.message))
+                return
+            run = self._submits.pop(msg.re, None)
+            if run is not None:
+                run.fail(JobFailed(f"the server refused the job: {msg.message}"))
+                return
+        self.error = error if not isinstance(error, RemoteProtocolError) else RemoteProtocolError(
+            f"the server closed the connection: {msg.message}")
+
+    def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
+        self.error = error
+
+    def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
+        """Fail every waiter at once with one error: nothing waits on a dead connection."""
+        self.link = None
+        err = self.error or ConnectionLost(f"lost the connection to the server ({error})")
+        self.error = err
+        waiters, self._waiters = self._waiters, {}
+        for d in waiters.values():
+            d.errback(err)
+        runs = list(self._submits.values()) + list(self.runs.values())
+        self._submits.clear()
+        self.runs.clear()
+        for run in runs:
+            run.fail(err)
+        if not self.lost.called:
+            self.lost.callback(err)
+
+    def heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat()

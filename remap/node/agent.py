@@ -1,0 +1,94 @@
+"""The node's side of its connection to the server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.logger import Logger
+
+from protocol import Authenticated, messages as m
+from protocol.errors import RemapError
+
+from ..wire import PeerProtocol
+from .cores import CorePool
+
+
+def total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+class NodeAgent:
+    """Handler for the node's connection; the pool outlives reconnections."""
+
+    log = Logger()
+
+    def __init__(self, pool: CorePool, *, group: str | None = None, host: str | None = None,
+                 on_shutdown: Any = None, on_auth_failure: Any = None) -> None:
+        self.pool = pool
+        self.group = group
+        self.host = host or socket.gethostname()
+        self.link: PeerProtocol | None = None
+        self.on_shutdown = on_shutdown
+        self.on_auth_failure = on_auth_failure
+        self.connected_once = None  # Deferred-like hook for tests/embedding
+        pool.on_result = self._send
+        pool.on_failed = self._send
+
+    def _send(self, msg: m.Message) -> None:
+        if self.link is not None:
+            self.link.send(msg)
+
+    # ---------------------------------------------------------------- Handler
+
+    def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
+        self.link = link
+        self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
+        link.send(m.NodeInfo(host=self.host, pid=os.getpid(), cores=self.pool.size,
+                             memory=total_memory(), group=self.group, load=load_average()))
+
+    def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
+        t = type(msg)
+        if t is m.Task:
+            self.pool.submit(msg)
+        elif t is m.JobLoad:
+            self.pool.load_job(msg)
+        elif t is m.Cancel:
+            self.pool.cancel_job(msg.job)
+        elif t is m.JobDrop:
+            self.pool.drop_job(msg.job)
+        elif t is m.Heartbeat:
+            pass
+        elif t is m.Shutdown:
+            self.log.info("server asked this node to stop: {reason}", reason=msg.reason)
+            if self.on_shutdown is not None:
+                self.on_shutdown(msg.reason)
+        elif t is m.Error:
+            self.log.warn("server error: {message}", message=msg.message)
+        else:
+            link.send(m.Error(code="unexpected", message=f"a node does not expect {msg.TYPE}"))
+
+    def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
+        self.log.error("connection to server refused: {error}", error=error)
+        if self.on_auth_failure is not None:
+            self.on_auth_failure(error)
+
+    def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
+        if self.link is link:
+            self.link = None
+            self.log.warn("lost the server: {error}; dropping its work and reconnecting", error=error)
+            self.pool.cancel_all()
+
+    def heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat(load=load_average(), busy=self.pool.busy)

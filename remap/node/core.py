@@ -1,0 +1,171 @@
+"""A core: a long-lived child process that loads job functions and runs batches.
+
+Runs as ``python -m remap.node.core``. It reads commands on fd 3, writes answers on
+fd 4 (both length-prefixed frames with msgpack headers, like the wire), and before
+each call writes ``(position, start time)`` into a shared 16-byte file on fd 5, so the
+node can tell which argument was running when it must kill the core (timeout) or
+when the core dies (crash). stdout/stderr of user code are captured per batch.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import struct
+import sys
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Any
+
+import msgpack
+
+from remap.blobs import dumps, split
+
+CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
+SLOT = struct.Struct("<qd")  # position of the running argument (-1 idle), its start (monotonic)
+MAX_OUTPUT = 64 * 1024
+_PREFIX = struct.Struct(">II")
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_command(fd: int) -> tuple[dict, bytes]:
+    length, hlen = _PREFIX.unpack(_read_exact(fd, 8))
+    body = _read_exact(fd, length - 4)
+    return msgpack.unpackb(body[:hlen], raw=False), body[hlen:]
+
+
+def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
+    h = msgpack.packb(header, use_bin_type=True)
+    data = b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _error_entry(pos: int, exc: BaseException) -> list[Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [pos, type(exc).__qualname__, str(exc)[:2000], tb[-8000:]]
+
+
+def _exception_blob(exc: BaseException) -> bytes:
+    try:
+        blob = pickle.dumps(exc, 5)
+        pickle.loads(blob)  # only ship what the other side can rebuild
+        return blob
+    except Exception:
+        return b""
+
+
+class Core:
+    def __init__(self, shm: mmap.mmap) -> None:
+        self.shm = shm
+        self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
+
+    def load(self, header: dict, payload: bytes) -> None:
+        import cloudpickle  # noqa: F401  (registers what by-value pickles need)
+
+        fn, reduce_fn = pickle.loads(payload)
+        self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False))
+
+    def run(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        loaded = self.jobs.get(header["job"])
+        if not isinstance(loaded, tuple):
+            return self._unloadable(header, loaded)
+        fn, reduce_fn, star = loaded
+        partial = bool(header.get("reduce"))
+        shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
+        loads = pickle.loads
+        blobs: list[bytes] = []
+        errors: list[list[Any]] = []
+        acc: Any = None
+        have_acc = False
+        captured = io.StringIO()
+        started = time.perf_counter()
+        with redirect_stdout(captured), redirect_stderr(captured):
+            for pos, blob in enumerate(split(header["sizes"], payload)):
+                pack_into(shm, 0, pos, clock())
+                try:
+                    arg = loads(blob)
+                    if star:
+                        result = fn(**arg) if isinstance(arg, dict) else fn(*arg)
+                    else:
+                        result = fn(arg)
+                    if partial:
+                        if have_acc:
+                            acc = reduce_fn(acc, result)
+                        else:
+                            acc, have_acc = result, True
+                    else:
+                        blobs.append(dumps(result))
+                except Exception as exc:
+                    errors.append(_error_entry(pos, exc))
+                    if not partial:
+                        blobs.append(_exception_blob(exc))
+        pack_into(shm, 0, -1, 0.0)
+        elapsed = time.perf_counter() - started
+        if partial:
+            blobs = [dumps(acc)] if have_acc else []
+        out = captured.getvalue()
+        if len(out) > MAX_OUTPUT:
+            out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
+        reply = {
+            "t": "result",
+            "task": header["task"],
+            "sizes": [len(b) for b in blobs],
+            "errors": errors,
+            "elapsed": elapsed,
+            "output": out,
+            "partial": partial,
+        }
+        return reply, b"".join(blobs)
+
+
+    @staticmethod
+    def _unloadable(header: dict, exc: BaseException | None) -> tuple[dict, bytes]:
+        """Every argument fails with the reason the function could not be loaded here."""
+        exc = exc or RuntimeError(f"job {header['job']} was never loaded on this core")
+        entry = _error_entry(0, exc)
+        entry[2] = f"the job's function could not be loaded on this node: {entry[2]}"
+        n = len(header["sizes"])
+        errors = [[pos, *entry[1:]] for pos in range(n)]
+        return {"t": "result", "task": header["task"], "sizes": [0] * n, "errors": errors,
+                "elapsed": 0.0, "output": "", "partial": False}, b""
+
+
+def main() -> None:
+    shm = mmap.mmap(SHM_FD, SLOT.size)
+    core = Core(shm)
+    write_frame(OUT_FD, {"t": "ready", "pid": os.getpid()})
+    while True:
+        try:
+            header, payload = read_command(CMD_FD)
+        except EOFError:
+            return
+        kind = header["t"]
+        if kind == "run":
+            reply, blob = core.run(header, payload)
+            write_frame(OUT_FD, reply, blob)
+        elif kind == "load":
+            try:
+                core.load(header, payload)
+            except Exception as exc:  # reported per argument when the job's batches run
+                core.jobs[header["job"]] = exc
+        elif kind == "drop":
+            core.jobs.pop(header["job"], None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The node's pool of cores: child processes it can always kill and replace.
+
+The pool owns the queue of tasks the server sent (up to its credit), starts each on
+an idle core, and turns a core's death into a ``TaskFailed`` naming the argument that
+was running, read from the core's shared slot. A watchdog enforces per-call timeouts
+by killing the core: user code that ignores signals or loops in C still stops.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from protocol import messages as m
+from protocol.framing import FrameDecoder
+
+from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
+
+_PREFIX = struct.Struct(">II")
+
+
+def _frame(header: dict, payload: bytes | memoryview = b"") -> bytes:
+    h = msgpack.packb(header, use_bin_type=True)
+    return b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
+
+
+@dataclass
+class JobInfo:
+    blob: bytes
+    star: bool
+    timeout: float | None
+    reduce: bool
+
+
+class CoreProcess(ProcessProtocol):
+    """One child process and what it is doing."""
+
+    log = Logger()
+
+    def __init__(self, pool: CorePool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.task: m.Task | None = None
+        self.loaded: set[int] = set()
+        self.ready = False
+        self.dead = False
+        self.killing: str | None = None  # why we kill it: "timeout", "cancel", "stop"
+        self.kill_at = -1
+        self.slot_at_death = -1
+        self._decoder = FrameDecoder(max_frame=1 << 40)
+        fd, path = tempfile.mkstemp(prefix="remap-core-")
+        os.unlink(path)
+        os.ftruncate(fd, SLOT.size)
+        self.shm_fd = fd
+        self.shm = mmap.mmap(fd, SLOT.size)
+        SLOT.pack_into(self.shm, 0, -1, 0.0)
+
+    def slot(self) -> tuple[int, float]:
+        return SLOT.unpack_from(self.shm, 0)
+
+    # ---------------------------------------------------------------- ProcessProtocol
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == OUT_FD:
+            for frame in self._decoder.feed(data):
+                header = msgpack.unpackb(frame.header, raw=False)
+                self.pool._core_message(self, header, frame.payload)
+        else:  # output from outside Python's sys.stdout (C code, subprocesses)
+            self.log.debug("core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip())
+
+    def processEnded(self, reason: Any) -> None:
+        self.dead = True
+        self.slot_at_death = self.slot()[0]
+        try:
+            self.shm.close()
+        except (BufferError, ValueError):
+            pass
+        os.close(self.shm_fd)
+        self.pool._core_ended(self, reason)
+
+    # ---------------------------------------------------------------- commands
+
+    def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
+        if self.transport is not None and not self.dead:
+            self.transport.writeToChild(CMD_FD, _frame(header, payload))
+
+    def kill(self, why: str) -> None:
+        if self.dead or self.killing:
+            return
+        self.killing = why
+        self.kill_at = self.slot()[0]
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:  # already gone: processEnded follows
+            pass
+
+
+class CorePool:
+    """Runs tasks on ``size`` cores; reports through ``on_result`` / ``on_failed``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        size: int,
+        on_result: Callable[[m.TaskResult], None],
+        on_failed: Callable[[m.TaskFailed], None],
+        *,
+        watchdog_interval: float = 0.1,
+    ) -> None:
+        self.reactor = reactor
+        self.size = size
+        self.on_result = on_result
+        self.on_failed = on_failed
+        self.jobs: dict[int, JobInfo] = {}
+        self.queue: deque[m.Task] = deque()
+        self.cores: list[CoreProcess] = []
+        self.stopping = False
+        self._watchdog = LoopingCall(self._check_timeouts)
+        self._watchdog.clock = reactor
+        self._watchdog_interval = watchdog_interval
+        self._stopped_waiters: list[Any] = []
+        self.started_at = time.monotonic()
+
+    def start(self) -> None:
+        for i in range(self.size):
+            self._spawn(i)
+        self._watchdog.start(self._watchdog_interval, now=False)
+
+    def _spawn(self, index: int) -> CoreProcess:
+        core = CoreProcess(self, index)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        self.reactor.spawnProcess(
+            core,
+            sys.executable,
+            [sys.executable, "-m", "remap.node.core"],
+            env=env,
+            childFDs={0: "w", 1: "r", 2: "r", CMD_FD: "w", OUT_FD: "r", SHM_FD: core.shm_fd},
+        )
+        if index < len(self.cores):
+            self.cores[index] = core
+        else:
+            self.cores.append(core)
+        return core
+
+    # ---------------------------------------------------------------- from the agent
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for c in self.cores if c.task is not None)
+
+    def load_job(self, msg: m.JobLoad) -> None:
+        self.jobs[msg.job] = JobInfo(msg.payload, msg.star, msg.timeout, msg.reduce)
+
+    def drop_job(self, job: int) -> None:
+        self.jobs.pop(job, None)
+        for core in self.cores:
+            if job in core.loaded:
+                core.loaded.discard(job)
+                core.send({"t": "drop", "job": job})
+
+    def submit(self, task: m.Task) -> None:
+        if task.job not in self.jobs:
+            self.on_failed(m.TaskFailed(task=task.task, reason="error", message="job was not loaded"))
+            return
+        self.queue.append(task)
+        self._dispatch()
+
+    def cancel_job(self, job: int) -> None:
+        """Forget queued tasks of a job and kill the cores running it (they are replaced)."""
+        self.queue = deque(t for t in self.queue if t.job != job)
+        for core in self.cores:
+            if core.task is not None and core.task.job == job:
+                core.kill("cancel")
+
+    def cancel_all(self) -> None:
+        """The server is gone: nothing running or queued can be delivered any more."""
+        self.queue.clear()
+        for core in self.cores:
+            if core.task is not None:
+                core.kill("cancel")
+        self.jobs.clear()
+
+    def stop(self) -> Any:
+        """Kill every core; the Deferred fires when all have exited."""
+        from twisted.internet.defer import Deferred, succeed
+
+        self.stopping = True
+        if self._watchdog.running:
+            self._watchdog.stop()
+        alive = [c for c in self.cores if not c.dead]
+        if not alive:
+            return succeed(None)
+        d = Deferred()
+        self._stopped_waiters.append(d)
+        for core in alive:
+            core.kill("stop")
+        return d
+
+    # ---------------------------------------------------------------- scheduling
+
+    def _dispatch(self) -> None:
+        for core in self.cores:
+            if not self.queue:
+                return
+            if core.ready and core.task is None and not core.killing and not core.dead:
+                self._start(core, self.queue.popleft())
+
+    def _start(self, core: CoreProcess, task: m.Task) -> None:
+        info = self.jobs.get(task.job)
+        if info is None:  # dropped while queued
+            self._dispatch()
+            return
+        if task.job not in core.loaded:
+            core.send({"t": "load", "job": task.job, "star": info.star}, info.blob)
+            core.loaded.add(task.job)
+        core.task = task
+        core.send({"t": "run", "task": task.task, "job": task.job, "sizes": task.sizes,
+                   "reduce": info.reduce}, task.payload)
+
+    def _core_message(self, core: CoreProcess, header: dict, payload: bytes) -> None:
+        kind = header.get("t")
+        if kind == "ready":
+            core.ready = True
+            self._dispatch()
+        elif kind == "result":
+            task, core.task = core.task, None
+            if task is not None and not core.killing:
+                self.on_result(m.TaskResult(
+                    task=header["task"], sizes=header["sizes"], errors=header["errors"],
+                    elapsed=header["elapsed"], output=header["output"], partial=header["partial"],
+                    payload=payload))
+            self._dispatch()
+
+    def _core_ended(self, core: CoreProcess, reason: Any) -> None:
+        task, core.task = core.task, None
+        if self.stopping:
+            if all(c.dead for c in self.cores):
+                waiters, self._stopped_waiters = self._stopped_waiters, []
+                for d in waiters:
+                    d.callback(None)
+            return
+        why = core.killing
+        if task is not None and why != "cancel":
+            at = core.kill_at if why else core.slot_at_death
+            if why == "timeout":
+                self.on_failed(m.TaskFailed(task=task.task, reason="timeout", at=at))
+            else:
+                code = getattr(reason.value, "exitCode", None)
+                sig = getattr(reason.value, "signal", None)
+                detail = f"signal {sig}" if sig else f"exit code {code}"
+                self.log.warn("core {i} died running task {t} ({detail}); replacing it",
+                              i=core.index, t=task.task, detail=detail)
+                self.on_failed(m.TaskFailed(task=task.task, reason="crash", at=at,
+                                            message=f"core process died with {detail}"))
+        self._spawn(core.index)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for core in self.cores:
+            task = core.task
+            if task is None or core.killing or core.dead:
+                continue
+            info = self.jobs.get(task.job)
+            if info is None or info.timeout is None:
+                continue
+            pos, started = core.slot()
+            if pos >= 0 and now - started > info.timeout:
+                self.log.info("task {t}: argument at position {pos} passed its {s}s timeout; killing core {i}",
+                              t=task.task, pos=pos, s=info.timeout, i=core.index)
+                core.kill("timeout")

@@ -1,0 +1,651 @@
+"""The server's scheduler: jobs, nodes, credits, retries. No sockets, no reactor.
+
+It talks to the world through *links* (anything with ``send(msg)`` and ``close()``)
+and reads time from an injected clock (``seconds()`` and ``callLater``), so every
+decision can be tested with fake links and ``twisted.internet.task.Clock``.
+
+Bookkeeping invariants, which make delivery exactly-once:
+
+* every argument index is in exactly one place: a job's ``pending`` queue, one
+  node's in-flight task, or counted as finished (``done``/``failed``);
+* a task id is answered at most once: its entry leaves ``node.inflight`` when the
+  answer arrives, when it is re-queued (node lost, crash) or when its job ends, so a
+  late or duplicate answer finds nothing and is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+from twisted.logger import Logger
+
+from protocol import messages as m
+
+#: seconds of work a batch should hold on one core, when call times are known
+TARGET_BATCH_SECONDS = 0.05
+MAX_BATCH_ARGS = 50_000
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
+PREFETCH = 2
+#: bound on argument bytes queued on the server per job (console windowing keeps to it)
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+MIN_WINDOW = 256
+MAX_WINDOW = 1_000_000
+
+Indices = range | list[int]
+
+
+@dataclass(slots=True)
+class Segment:
+    """Arguments travelling together: their indices, pickled sizes and payload."""
+
+    indices: Indices
+    sizes: list[int]
+    payload: memoryview
+    attempts: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def _merge_indices(parts: list[Indices]) -> Indices:
+    if all(type(p) is range for p in parts):
+        merged: list[range] = [parts[0]]  # type: ignore[list-item]
+        for p in parts[1:]:
+            last = merged[-1]
+            if p.start == last.stop and p.step == 1 and last.step == 1:  # type: ignore[union-attr]
+                merged[-1] = range(last.start, p.stop)  # type: ignore[union-attr]
+            else:
+                break
+        else:
+            return merged[0]
+    return [i for p in parts for i in p]
+
+
+def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
+    """Remove up to ``n`` arguments and ``max_bytes`` (but at least one argument) from the queue.
+
+    Retried segments (attempts > 0) never merge with others: a suspect travels alone.
+    Payloads are memoryviews, so cutting a segment copies nothing.
+    """
+    parts: list[Segment] = []
+    count = nbytes = 0
+    while queue and count < n:
+        seg = queue[0]
+        if parts and (seg.attempts or parts[0].attempts):
+            break
+        room, budget = n - count, max_bytes - nbytes
+        if len(seg) <= room and len(seg.payload) <= budget:
+            parts.append(queue.popleft())
+            count += len(seg)
+            nbytes += len(seg.payload)
+            continue
+        ends = list(accumulate(seg.sizes[:room]))
+        k = bisect_right(ends, budget)
+        if k == 0:
+            if parts:
+                break
+            k = 1
+        cut = ends[k - 1]
+        parts.append(Segment(seg.indices[:k], seg.sizes[:k], seg.payload[:cut], seg.attempts))
+        queue[0] = Segment(seg.indices[k:], seg.sizes[k:], seg.payload[cut:], seg.attempts)
+        count += k
+        break
+    if len(parts) == 1:
+        return parts[0]
+    return Segment(
+        _merge_indices([p.indices for p in parts]),
+        [s for p in parts for s in p.sizes],
+        memoryview(b"".join(p.payload for p in parts)),
+        0,
+    )
+
+
+@dataclass(eq=False)
+class NodeState:
+    id: str
+    link: Any
+    host: str
+    pid: int
+    cores: int
+    memory: int
+    group: str | None
+    connected_at: float
+    load: float = 0.0
+    busy: int = 0
+    draining: bool = False
+    inflight: dict[int, TaskState] = field(default_factory=dict)
+    loaded: set[int] = field(default_factory=set)
+    tasks_done: int = 0
+
+    @property
+    def credits(self) -> int:
+        return self.cores * PREFETCH
+
+    def has_credit(self) -> bool:
+        return not self.draining and len(self.inflight) < self.credits
+
+    def describe(self, now: float) -> dict:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "cores": self.cores,
+            "busy": min(self.cores, len(self.inflight)),
+            "tasks_in_flight": len(self.inflight),
+            "memory": self.memory,
+            "load": self.load,
+            "group": self.group,
+            "draining": self.draining,
+            "connected_for": round(now - self.connected_at, 1),
+            "tasks_done": self.tasks_done,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class TaskState:
+    id: int
+    job: JobState
+    node: NodeState
+    segment: Segment
+    sent_at: float
+
+
+@dataclass(eq=False)
+class JobState:
+    id: int
+    name: str
+    console: Any
+    fn_blob: bytes
+    mode: str = "object"
+    group: str | None = None
+    retries: int = 3
+    timeout: float | None = None
+    on_error: str = "fail"
+    chunksize: int = 0
+    priority: int = 0
+    detach: bool = False
+    star: bool = False
+    total: int = -1
+    submitted_at: float = 0.0
+    state: str = "running"
+    message: str = ""
+    received: int = 0
+    args_ended: bool = False
+    pending: deque[Segment] = field(default_factory=deque)
+    pending_count: int = 0
+    pending_bytes: int = 0
+    granted: int = 0  # arguments the console may still send
+    running: int = 0  # arguments in flight on nodes
+    done: int = 0
+    failed: int = 0
+    per_call: float | None = None  # EWMA of core seconds per argument
+    waiting: str = ""
+    stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
+    timers: list[Any] = field(default_factory=list)
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    def describe(self, now: float) -> dict:
+        end = self.finished_at or now
+        elapsed = max(end - self.submitted_at, 1e-9)
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "mode": self.mode,
+            "group": self.group,
+            "total": self.total if self.args_ended else None,
+            "received": self.received,
+            "queued": self.pending_count,
+            "running": self.running,
+            "done": self.done,
+            "failed": self.failed,
+            "rate": round((self.done + self.failed) / elapsed, 1),
+            "elapsed": round(elapsed, 2),
+            "waiting": self.waiting,
+            "detached": self.detach,
+            "attached": self.console is not None,
+            "message": self.message,
+        }
+
+
+class Scheduler:
+    """Owns every job and node; reacts to messages; sends through links."""
+
+    log = Logger()
+
+    def __init__(self, clock: Any, *, console_grace: float = 10.0, keep_finished: int = 50) -> None:
+        self.clock = clock
+        self.console_grace = console_grace
+        self.keep_finished = keep_finished
+        self.nodes: dict[str, NodeState] = {}
+        self.jobs: dict[int, JobState] = {}
+        self._job_ids = itertools.count(1)
+        self._task_ids = itertools.count(1)
+        self._ready: dict[str, NodeState] = {}  # nodes with free credit, in arrival order
+        self.started_at = clock.seconds()
+        self.on_shutdown: Callable[[], None] | None = None
+        self.cpu_started = time.process_time()
+
+    # ================================================================ nodes
+
+    def add_node(self, node_id: str, link: Any, info: m.NodeInfo) -> NodeState:
+        node = NodeState(
+            id=node_id,
+            link=link,
+            host=info.host,
+            pid=info.pid,
+            cores=max(1, info.cores),
+            memory=info.memory,
+            group=info.group or None,
+            connected_at=self.clock.seconds(),
+            load=info.load,
+        )
+        self.nodes[node_id] = node
+        self._ready[node_id] = node
+        self.log.info("node {id} joined: {host} with {cores} cores, group {group}", id=node_id,
+                      host=node.host, cores=node.cores, group=node.group)
+        for job in self.jobs.values():
+            if not job.finished and job.waiting and self._group_ok(node, job):
+                job.waiting = ""
+        self.pump()
+        return node
+
+    def node_heartbeat(self, node_id: str, msg: m.Heartbeat) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.load = msg.load
+            node.busy = msg.busy
+
+    def remove_node(self, node_id: str, reason: str) -> None:
+        """A node is lost: its in-flight work goes back to the front of its jobs' queues."""
+        node = self.nodes.pop(node_id, None)
+        self._ready.pop(node_id, None)
+        if node is None:
+            return
+        requeued = 0
+        for task in sorted(node.inflight.values(), key=lambda t: -t.id):
+            job = task.job
+            job.running -= len(task.segment)
+            if not job.finished:
+                self._requeue(job, task.segment)
+                requeued += len(task.segment)
+        node.inflight.clear()
+        self.log.warn("node {id} ({host}) lost: {reason}; {n} arguments re-queued",
+                      id=node_id, host=node.host, reason=reason, n=requeued)
+        for job in self.jobs.values():
+            if not job.finished:
+                self._check_capacity(job)
+        self.pump()
+
+    def drain(self, node_ref: str) -> NodeState | None:
+        for node in self.nodes.values():
+            if node_ref in (node.id, node.host, f"{node.host}:{node.pid}"):
+                node.draining = True
+                self._ready.pop(node.id, None)
+                return node
+        return None
+
+    # ================================================================ jobs
+
+    def submit(self, console: Any, msg: m.Submit) -> JobState:
+        now = self.clock.seconds()
+        job = JobState(
+            id=next(self._job_ids),
+            name=msg.name or "job",
+            console=console,
+            fn_blob=msg.payload,
+            mode=msg.mode,
+            group=msg.group or None,
+            retries=max(0, msg.retries),
+            timeout=msg.timeout,
+            on_error=msg.on_error,
+            chunksize=max(0, msg.chunksize),
+            priority=msg.priority,
+            detach=msg.detach,
+            star=msg.star,
+            total=msg.total,
+            submitted_at=now,
+        )
+        self.jobs[job.id] = job
+        job.granted = self._window(job)
+        self.log.info("job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode)
+        console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
+        self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
+        self._prune_finished()
+        return job
+
+    def _group_ok(self, node: NodeState, job: JobState) -> bool:
+        return job.group is None or node.group == job.group
+
+    def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
+        if any(self._group_ok(n, job) and not n.draining for n in self.nodes.values()):
+            job.waiting = ""
+            return
+        where = f"in group {job.group!r}" if job.group else "(no node is connected)"
+        note = f"waiting for nodes {where}"
+        if job.waiting != note:
+            job.waiting = note
+            if job.console is not None:
+                job.console.send(m.JobNotice(job=job.id, message=note))
+        if wait_for_nodes is not None:
+            def give_up() -> None:
+                if not job.finished and job.waiting:
+                    self.finish(job, "failed", f"no nodes {where} after {wait_for_nodes:g}s")
+            job.timers.append(self.clock.callLater(wait_for_nodes, give_up))
+
+    def args_received(self, console: Any, msg: m.Args) -> str | None:
+        """Queue a console's arguments; return an error text for a protocol violation."""
+        job = self.jobs.get(msg.job)
+        if job is None or job.console is not console:
+            return f"job {msg.job} is not yours"
+        if job.finished:
+            return None  # a race with kill/failure: drop silently
+        n = len(msg.sizes)
+        if msg.start != job.received:
+            return f"arguments out of order: expected start {job.received}, got {msg.start}"
+        if n > job.granted:
+            return f"sent {n} arguments with a window of {job.granted}"
+        if sum(msg.sizes) != len(msg.payload):
+            return "argument sizes do not add up to the payload"
+        job.granted -= n
+        job.received += n
+        if n:
+            job.pending.append(Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload)))
+            job.pending_count += n
+            job.pending_bytes += len(msg.payload)
+        self.pump()
+        return None
+
+    def args_ended(self, console: Any, msg: m.ArgsEnd) -> str | None:
+        job = self.jobs.get(msg.job)
+        if job is None or job.console is not console:
+            return f"job {msg.job} is not yours"
+        if msg.total != job.received:
+            return f"args_end says {msg.total} arguments, {job.received} were sent"
+        job.args_ended = True
+        job.total = msg.total
+        job.granted = 0
+        self._maybe_complete(job)
+        return None
+
+    def kill(self, job_id: int, reason: str = "killed on request") -> JobState | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if not job.finished:
+            self.finish(job, "killed", reason)
+        return job
+
+    def console_lost(self, console: Any) -> None:
+        for job in list(self.jobs.values()):
+            if job.console is not console:
+                continue
+            job.console = None
+            if job.finished or job.detach:
+                continue
+            self.log.info("console of job {id} left; cancelling in {grace}s unless it returns",
+                          id=job.id, grace=self.console_grace)
+
+            def cancel(job: JobState = job) -> None:
+                if not job.finished and job.console is None:
+                    self.finish(job, "cancelled", "its console disconnected")
+            job.timers.append(self.clock.callLater(self.console_grace, cancel))
+
+    def attach(self, console: Any, job_id: int) -> JobState | None:
+        """Make ``console`` the receiver of a job's results; replay what was kept."""
+        job = self.jobs.get(job_id)
+        if job is None or (job.console is not None and job.console is not console):
+            return None
+        job.console = console
+        for msg in job.stored:
+            console.send(msg)
+        job.stored.clear()
+        if job.finished:
+            console.send(self._done_message(job))
+        return job
+
+    def finish(self, job: JobState, state: str, message: str = "") -> None:
+        """End a job: drop its queue, stop its tasks on every node, tell its console."""
+        if job.finished:
+            return
+        job.state = state
+        job.message = message
+        job.finished_at = self.clock.seconds()
+        job.pending.clear()
+        job.pending_count = job.pending_bytes = 0
+        job.granted = 0
+        for timer in job.timers:
+            if timer.active():
+                timer.cancel()
+        job.timers.clear()
+        for node in self.nodes.values():
+            stale = [tid for tid, t in node.inflight.items() if t.job is job]
+            for tid in stale:
+                del node.inflight[tid]
+            if stale:
+                node.link.send(m.Cancel(job=job.id))
+                if node.has_credit():
+                    self._ready[node.id] = node
+            if job.id in node.loaded:
+                node.loaded.discard(job.id)
+                node.link.send(m.JobDrop(job=job.id))
+        job.running = 0
+        self.log.info("job {id} {state}: {done} done, {failed} failed {message}", id=job.id,
+                      state=state, done=job.done, failed=job.failed, message=message)
+        if job.console is not None:
+            job.console.send(self._done_message(job))
+        self.pump()
+
+    def _done_message(self, job: JobState) -> m.JobDone:
+        return m.JobDone(job=job.id, state=job.state, done=job.done, failed=job.failed, message=job.message)
+
+    def _prune_finished(self) -> None:
+        finished = [j for j in self.jobs.values() if j.finished and j.console is None]
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self.jobs[job.id]
+
+    def _maybe_complete(self, job: JobState) -> None:
+        if not job.finished and job.args_ended and job.done + job.failed >= job.total:
+            self.finish(job, "done")
+        else:
+            self._grant(job)
+
+    # ================================================================ windows and batches
+
+    def _window(self, job: JobState) -> int:
+        """How many arguments the server wants queued for a job, from the cluster's size."""
+        credits = sum(n.credits for n in self.nodes.values() if self._group_ok(n, job)) or PREFETCH
+        return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * self._batch_size(job, 1 << 30)))
+
+    def _grant(self, job: JobState) -> None:
+        if job.finished or job.args_ended or job.console is None:
+            return
+        if job.pending_bytes >= MAX_PENDING_BYTES:
+            return
+        want = self._window(job) - job.pending_count - job.granted
+        if want >= max(1, self._window(job) // 4):
+            job.granted += want
+            job.console.send(m.Grant(job=job.id, count=want))
+
+    def _batch_size(self, job: JobState, pending: int) -> int:
+        if job.chunksize:
+            return job.chunksize
+        if job.timeout is not None:
+            return 1 if job.per_call is None else max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
+        if job.per_call is None:
+            return 16  # a first small batch to measure call times
+        size = int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))
+        return max(1, min(MAX_BATCH_ARGS, size))
+
+    def _fair_share(self, job: JobState, size: int) -> int:
+        """Shrink batches near the end of a known-size job so every core gets some of the tail."""
+        if not job.args_ended:
+            return size
+        cores = sum(n.credits for n in self.nodes.values() if self._group_ok(n, job)) or 1
+        return max(1, min(size, -(-job.pending_count // cores)))
+
+    def _next_job(self, node: NodeState) -> JobState | None:
+        best: JobState | None = None
+        for job in self.jobs.values():
+            if job.pending_count and not job.finished and self._group_ok(node, job):
+                if best is None or (job.priority, -job.running) > (best.priority, -best.running):
+                    best = job
+        return best
+
+    def pump(self) -> None:
+        """Send batches to every node with credit while there is work it may run."""
+        if not self._ready or not any(j.pending_count for j in self.jobs.values()):
+            return
+        now = self.clock.seconds()
+        for node_id in list(self._ready):
+            node = self._ready.get(node_id)
+            if node is None:
+                continue
+            while node.has_credit():
+                job = self._next_job(node)
+                if job is None:
+                    break
+                self._dispatch(node, job, now)
+            if not node.has_credit():
+                self._ready.pop(node_id, None)
+        for job in self.jobs.values():
+            if not job.finished:
+                self._grant(job)
+
+    def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
+        size = self._fair_share(job, self._batch_size(job, job.pending_count))
+        seg = take_from(job.pending, size, MAX_BATCH_BYTES)
+        job.pending_count -= len(seg)
+        job.pending_bytes -= len(seg.payload)
+        job.running += len(seg)
+        if job.id not in node.loaded:
+            node.loaded.add(job.id)
+            node.link.send(m.JobLoad(job=job.id, star=job.star, timeout=job.timeout,
+                                     reduce=job.mode == "reduce", payload=job.fn_blob))
+        task = TaskState(next(self._task_ids), job, node, seg, now)
+        node.inflight[task.id] = task
+        node.link.send(m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload))
+
+    def _requeue(self, job: JobState, seg: Segment) -> None:
+        job.pending.appendleft(seg)
+        job.pending_count += len(seg)
+        job.pending_bytes += len(seg.payload)
+
+    def _release(self, node: NodeState, task_id: int) -> TaskState | None:
+        task = node.inflight.pop(task_id, None)
+        if task is None:
+            return None
+        task.job.running -= len(task.segment)
+        node.tasks_done += 1
+        if node.has_credit() and node.id in self.nodes:
+            self._ready[node.id] = node
+        return task
+
+    # ================================================================ answers from nodes
+
+    def task_result(self, node_id: str, msg: m.TaskResult) -> None:
+        node = self.nodes.get(node_id)
+        task = self._release(node, msg.task) if node is not None else None
+        if task is None:
+            return  # late answer for work already re-queued, cancelled or finished
+        job, seg = task.job, task.segment
+        if not msg.partial and len(msg.sizes) != len(seg):
+            self.log.error("node {id} answered task {t} with {n} results for {k} arguments",
+                           id=node_id, t=msg.task, n=len(msg.sizes), k=len(seg))
+            node.link.close()
+            return
+        if msg.elapsed > 0 and len(seg):
+            sample = msg.elapsed / len(seg)
+            job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
+        n_err = len(msg.errors)
+        job.done += len(seg) - n_err
+        job.failed += n_err
+        self._deliver(job, m.Results(job=job.id, indices=list(seg.indices), sizes=msg.sizes,
+                                     errors=msg.errors, output=msg.output, partial=msg.partial,
+                                     payload=msg.payload))
+        if n_err and job.on_error == "fail":
+            pos, type_name, text = msg.errors[0][:3]
+            self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
+            return
+        self._maybe_complete(job)
+        self.pump()
+
+    def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
+        """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
+        node = self.nodes.get(node_id)
+        task = self._release(node, msg.task) if node is not None else None
+        if task is None:
+            return
+        job, seg = task.job, task.segment
+        if job.finished:
+            return
+        at = msg.at if 0 <= msg.at < len(seg) else -1
+        if at < 0:
+            # unknown culprit: every argument is suspect, so each retries alone
+            suspects = [self._slice(seg, i, i + 1) for i in range(len(seg))]
+            innocent: list[Segment] = []
+        else:
+            suspects = [self._slice(seg, at, at + 1)]
+            innocent = [s for s in (self._slice(seg, 0, at), self._slice(seg, at + 1, len(seg))) if len(s)]
+        for part in reversed(innocent):
+            self._requeue(job, part)
+        errors = []
+        for s in suspects:
+            s.attempts += 1
+            if s.attempts > job.retries:
+                errors.append(s)
+            else:
+                self._requeue(job, s)
+        if errors:
+            what = {"timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
+                    "crash": "crashed its core"}.get(msg.reason, msg.reason)
+            type_name = "TaskTimeout" if msg.reason == "timeout" else "CoreCrashed"
+            for s in errors:
+                text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
+                if msg.message:
+                    text += f" ({msg.message})"
+                job.failed += 1
+                self._deliver(job, m.Results(job=job.id, indices=list(s.indices), sizes=[0],
+                                             errors=[[0, type_name, text, ""]]))
+                if job.on_error == "fail":
+                    self.finish(job, "failed", f"argument {s.indices[0]} {text}")
+                    return
+        self._maybe_complete(job)
+        self.pump()
+
+    @staticmethod
+    def _slice(seg: Segment, a: int, b: int) -> Segment:
+        start = sum(seg.sizes[:a])
+        end = start + sum(seg.sizes[a:b])
+        return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
+
+    def _deliver(self, job: JobState, msg: m.Results) -> None:
+        if job.console is not None:
+            job.console.send(msg)
+        elif job.detach:
+            job.stored.append(msg)
+
+    # ================================================================ status
+
+    def status(self) -> tuple[list[dict], list[dict], dict]:
+        now = self.clock.seconds()
+        nodes = [n.describe(now) for n in self.nodes.values()]
+        jobs = [j.describe(now) for j in self.jobs.values()]
+        server = {
+            "uptime": round(now - self.started_at, 1),
+            "cores": sum(n.cores for n in self.nodes.values()),
+            "cpu_seconds": round(time.process_time() - self.cpu_started, 2),
+        }
+        return nodes, jobs, server

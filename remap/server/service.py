@@ -1,0 +1,188 @@
+"""The server's network side: one handler per connection, routing messages to the scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from protocol import Authenticated, Connection, messages as m
+from protocol.errors import RemapError, RemoteProtocolError
+
+from ..wire import PeerProtocol
+from .scheduler import Scheduler
+
+MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
+
+
+class ServerConnection:
+    """Handler for one peer: a node or a console, known once authenticated."""
+
+    log = Logger()
+
+    def __init__(self, server: RemapServerFactory) -> None:
+        self.server = server
+        self.scheduler = server.scheduler
+        self.role: str | None = None
+        self.node_id: str | None = None
+
+    # ---------------------------------------------------------------- Handler
+
+    def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
+        self.role = event.peer_role
+        self.session = event.session
+        if self.role == "console":
+            self.server.consoles.add(link)
+
+    def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
+        if self.role == "node":
+            self._from_node(link, msg)
+        else:
+            self._from_console(link, msg)
+
+    def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
+        self.log.info("peer {peer} rejected: {error}", peer=link.peer, error=error)
+
+    def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
+        if self.node_id is not None:
+            self.scheduler.remove_node(self.node_id, str(error))
+            self.node_id = None
+        elif self.role == "console":
+            self.server.consoles.discard(link)
+            self.scheduler.console_lost(link)
+
+    def heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat()
+
+    # ---------------------------------------------------------------- nodes
+
+    def _from_node(self, link: PeerProtocol, msg: m.Message) -> None:
+        t = type(msg)
+        if t is m.TaskResult:
+            if self.node_id is not None:
+                self.scheduler.task_result(self.node_id, msg)
+        elif t is m.Heartbeat:
+            if self.node_id is not None:
+                self.scheduler.node_heartbeat(self.node_id, msg)
+        elif t is m.TaskFailed:
+            if self.node_id is not None:
+                self.scheduler.task_failed(self.node_id, msg)
+        elif t is m.NodeInfo and self.node_id is None:
+            self.node_id = self.session
+            self.scheduler.add_node(self.node_id, link, msg)
+        elif t is m.Error:
+            self.log.warn("node {peer} reported: {message}", peer=link.peer, message=msg.message)
+        else:
+            link.send(m.Error(code="unexpected", message=f"a node does not send {msg.TYPE}"))
+
+    # ---------------------------------------------------------------- consoles
+
+    def _from_console(self, link: PeerProtocol, msg: m.Message) -> None:
+        sched = self.scheduler
+        t = type(msg)
+        if t is m.Args:
+            self._violation(link, sched.args_received(link, msg))
+        elif t is m.Submit:
+            problem = self._check_submit(msg)
+            if problem:
+                link.send(m.Error(code="bad-request", message=problem, re=msg.id))
+            else:
+                sched.submit(link, msg)
+        elif t is m.ArgsEnd:
+            self._violation(link, sched.args_ended(link, msg))
+        elif t is m.StatusRequest:
+            nodes, jobs, server = sched.status()
+            link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
+        elif t is m.Kill:
+            job = sched.kill(msg.job)
+            if job is None:
+                link.send(m.Error(code="not-found", message=f"no job {msg.job}", re=msg.id))
+            else:
+                link.send(m.Ok(re=msg.id, info={"job": job.id, "state": job.state}))
+        elif t is m.Attach:
+            job = sched.attach(link, msg.job)
+            if job is None:
+                link.send(m.Error(code="not-found",
+                                  message=f"no job {msg.job} to attach to (unknown, or another console has it)",
+                                  re=msg.id))
+            else:
+                link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
+        elif t is m.Drain:
+            node = sched.drain(msg.node)
+            if node is None:
+                link.send(m.Error(code="not-found", message=f"no node {msg.node!r}", re=msg.id))
+            else:
+                link.send(m.Ok(re=msg.id, info={"node": node.id, "host": node.host}))
+        elif t is m.KillCluster:
+            link.send(m.Ok(re=msg.id, info={"nodes": len(sched.nodes)}))
+            self.server.shutdown_cluster("stopped by kill --cluster")
+        elif t is m.Heartbeat:
+            pass
+        else:
+            link.send(m.Error(code="unexpected", message=f"a console does not send {msg.TYPE}",
+                              re=getattr(msg, "id", None)))
+
+    @staticmethod
+    def _check_submit(msg: m.Submit) -> str:
+        if msg.mode not in MODES:
+            return f"unknown response mode {msg.mode!r}"
+        if msg.on_error not in ("fail", "continue"):
+            return f"on_error must be fail or continue, not {msg.on_error!r}"
+        if not msg.payload:
+            return "a job needs a function"
+        return ""
+
+    def _violation(self, link: PeerProtocol, problem: str | None) -> None:
+        if problem:
+            self.log.warn("console {peer} broke the protocol: {problem}", peer=link.peer, problem=problem)
+            link.close(RemoteProtocolError(problem))
+
+
+class RemapServerFactory(Factory):
+    """Builds one :class:`PeerProtocol` + :class:`ServerConnection` per accepted connection."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        secret: bytes,
+        *,
+        max_frame: int,
+        handshake_timeout: float = 5.0,
+        heartbeat_interval: float = 2.0,
+        heartbeat_misses: int = 3,
+        console_grace: float = 10.0,
+    ) -> None:
+        self.clock = clock
+        self.secret = secret
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.scheduler = Scheduler(clock, console_grace=console_grace)
+        self.consoles: set[PeerProtocol] = set()
+        self.on_stop: Any = None
+
+    def buildProtocol(self, addr: Any) -> PeerProtocol:
+        conn = Connection("server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval)
+        proto = PeerProtocol(
+            conn,
+            ServerConnection(self),
+            self.clock,
+            handshake_timeout=self.handshake_timeout,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_misses=self.heartbeat_misses,
+        )
+        proto.factory = self
+        return proto
+
+    def shutdown_cluster(self, reason: str) -> None:
+        """Tell every node to exit, end every job, then stop (the entry point decides how)."""
+        for job in list(self.scheduler.jobs.values()):
+            self.scheduler.finish(job, "killed", reason)
+        for node in list(self.scheduler.nodes.values()):
+            node.link.send(m.Shutdown(reason=reason))
+        if self.on_stop is not None:
+            self.clock.callLater(0.2, self.on_stop)
