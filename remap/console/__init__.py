@@ -1,0 +1,1 @@
+"""The console: one-shot commands and an interactive shell over the same parser."""

@@ -1,0 +1,370 @@
+"""``remap``: the console. One-shot commands, or an interactive shell with the same commands."""
+
+from __future__ import annotations
+
+import argparse
+import cmd
+import concurrent.futures
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError, JobFailed, JobKilled, RemapError
+
+from ..jobfile import load_job
+from ..logs import start_logging
+from ..settings import load_settings
+from . import render
+from .session import Session, make_job_sink
+
+COMMANDS = ("compute", "status", "nodes", "jobs", "kill", "drain", "attach", "results", "help", "quit")
+
+HELP = """\
+commands:
+  compute JOB.yaml [--json] [--detach] [--wait-for-nodes S]   run a job (embedded cluster if no server)
+  status [--json]                      cluster summary: nodes, cores busy/total, jobs
+  nodes [--json]                       connected nodes
+  jobs [--json]                        jobs, running and recent
+  kill JOB_ID | kill --cluster [--yes] stop a job, or every node and the server
+  drain NODE                           let a node finish its work and take no more
+  attach JOB_ID [--json]               collect a detached job's results (alias: results)
+  help [COMMAND]                       this text
+  quit                                 leave the shell
+"""
+
+
+class UsageError(RemapError):
+    exit_code = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so the shell survives a typo."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="remap", description="Run a Python function over many arguments on every core you own.",
+                    epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", help="HOST:PORT of the server (default: REMAP_SERVER; none = embedded cluster)")
+    parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
+    parser.add_argument("--cores", type=int, help="cores of the embedded cluster")
+    parser.add_argument("--log-level", help="debug, info, warn or error (logs go to stderr)")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    p = sub.add_parser("compute", help="run a job file")
+    p.add_argument("job", help="the job file (YAML)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--detach", action="store_true", help="let the job run on if this console leaves")
+    p.add_argument("--wait-for-nodes", type=float, metavar="SECONDS",
+                   help="fail if no node can run the job within this time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in ("status", "nodes", "jobs"):
+        sub.add_parser(name, help=f"show {name}").add_argument("--json", action="store_true")
+    p = sub.add_parser("kill", help="stop a job, or the whole cluster")
+    p.add_argument("job", nargs="?", type=int)
+    p.add_argument("--cluster", action="store_true", help="stop every node and the server")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub.add_parser("drain", help="drain a node").add_argument("node")
+    for name in ("attach", "results"):
+        p = sub.add_parser(name, help="collect a detached job's results")
+        p.add_argument("job", type=int)
+        p.add_argument("--json", action="store_true")
+    sub.add_parser("help", help="list the commands").add_argument("topic", nargs="?")
+    sub.add_parser("quit", help="leave the shell")
+    sub.add_parser("shell", help="interactive shell (the default on a terminal)")
+    return parser
+
+
+class Console:
+    """Runs parsed commands against a session and prints for a person or a program."""
+
+    def __init__(self, session: Session, out: Any = None, err: Any = None) -> None:
+        self.session = session
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def execute(self, args: argparse.Namespace) -> int:
+        handler = getattr(self, f"cmd_{args.command}")
+        return handler(args) or 0
+
+    # ------------------------------------------------------------------ compute
+
+    def cmd_compute(self, args: argparse.Namespace) -> int:
+        spec = load_job(args.job)
+        stream_json = args.json and spec.response_mode == "stream"
+        show_stream = spec.response_mode == "stream"
+
+        def on_item(index: int, result: Any, error: Any) -> None:
+            if stream_json:
+                line = {"index": index, "error": error.to_json()} if error else {"index": index, "result": result}
+                self.say(render.dumps_json(line))
+            elif show_stream:
+                self.say(f"{index}: " + (f"ERROR {error.type_name}: {error.message}" if error else repr(result)))
+
+        sink = make_job_sink(spec, on_item=on_item if show_stream else None)
+        progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
+        notes: list[str] = []
+
+        def on_notice(text: str) -> None:
+            notes.append(text)
+            if progress is None:
+                self.note(f"job: {text}")
+
+        def on_output(index: int, text: str) -> None:
+            if progress:
+                progress.clear()
+            self.note(text.rstrip("\n"))
+
+        run, future = self.session.start_job(spec, sink, detach=args.detach,
+                                             wait_for_nodes=args.wait_for_nodes,
+                                             on_notice=on_notice, on_output=on_output)
+        if args.detach:
+            return self._detached(run, future, args)
+        try:
+            outcome = self._wait(run, future, progress, notes)
+        except KeyboardInterrupt:
+            if progress:
+                progress.clear()
+            self.note(f"interrupted: killing job {run.job_id}")
+            self.session.kill_job(run.job_id)
+            return 130
+        finally:
+            if progress:
+                progress.clear()
+        return self._report(spec, sink, outcome, args)
+
+    def _wait(self, run: Any, future: Any, progress: Any, notes: list[str]) -> Any:
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if progress:
+                    progress.draw(run.done, run.failed, run.total_hint or (run.sent if run.exhausted else None),
+                                  notes[-1] if notes and not run.done else "")
+
+    def _detached(self, run: Any, future: Any, args: argparse.Namespace) -> int:
+        while run.job_id is None and not future.done():
+            try:
+                future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                continue
+        while not run.exhausted and not future.done():  # the arguments must reach the server first
+            try:
+                future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                continue
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+        if args.json:
+            self.say(json.dumps({"job": run.job_id, "detached": True}))
+        else:
+            self.say(f"job {run.job_id} runs detached; collect results with: remap attach {run.job_id}")
+        return 0
+
+    def _report(self, spec: Any, sink: Any, outcome: Any, args: argparse.Namespace) -> int:
+        mode = spec.response_mode
+        summary = sink.summary()
+        if mode == "object":
+            values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
+            self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+        elif mode == "reduce":
+            self.say(render.dumps_json(sink.value()))
+        elif mode == "stream":
+            pass  # already printed as it came
+        elif args.json:
+            self.say(json.dumps({**summary, "job": outcome.job, "state": outcome.state}))
+        else:
+            self.say(f"{summary.get('done', 0)} results"
+                     + (f", {summary['failed']} errors" if summary.get("failed") else "")
+                     + (f" written to {summary['output']}" if summary.get("output") else ""))
+        if outcome.failed:
+            self.note(f"{outcome.failed} argument(s) failed (on_error: continue)")
+        return 0
+
+    # ------------------------------------------------------------------ cluster commands
+
+    def cmd_status(self, args: argparse.Namespace) -> int:
+        status = self.session.request("status")
+        self.say(json.dumps(status) if args.json else render.status_text(status))
+        return 0
+
+    def cmd_nodes(self, args: argparse.Namespace) -> int:
+        nodes = self.session.request("status")["nodes"]
+        self.say(json.dumps(nodes) if args.json else render.nodes_table(nodes))
+        return 0
+
+    def cmd_jobs(self, args: argparse.Namespace) -> int:
+        jobs = self.session.request("status")["jobs"]
+        self.say(json.dumps(jobs) if args.json else render.jobs_table(jobs))
+        return 0
+
+    def cmd_kill(self, args: argparse.Namespace) -> int:
+        if args.cluster:
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    raise UsageError("kill --cluster stops every node and the server: add --yes to confirm")
+                answer = input("stop every node and the server? [y/N] ").strip().lower()
+                if answer not in ("y", "yes"):
+                    self.note("not stopped")
+                    return 1
+            info = self.session.request("kill_cluster")
+            self.say(f"stopping the cluster: {info.get('nodes', 0)} node(s) told to exit")
+            return 0
+        if args.job is None:
+            raise UsageError("kill: give a JOB_ID, or --cluster")
+        info = self.session.request("kill", args.job)
+        self.say(f"job {info['job']} {info['state']}")
+        return 0
+
+    def cmd_drain(self, args: argparse.Namespace) -> int:
+        info = self.session.request("drain", args.node)
+        self.say(f"node {info['host']} ({info['node'][:8]}) is draining")
+        return 0
+
+    def cmd_attach(self, args: argparse.Namespace) -> int:
+        from ..sinks import make_sink
+
+        sink = make_sink("object")
+        run, future = self.session.attach(args.job, sink)
+        outcome = future.result()
+        values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
+        self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+        if outcome.failed:
+            self.note(f"{outcome.failed} argument(s) failed")
+        return 0
+
+    cmd_results = cmd_attach
+
+    def cmd_help(self, args: argparse.Namespace) -> int:
+        self.say(HELP)
+        return 0
+
+    def cmd_quit(self, args: argparse.Namespace) -> int:
+        return 0
+
+
+class Shell(cmd.Cmd):
+    """The interactive console: history, tab completion, the one-shot commands."""
+
+    intro = "remap console: type help for the commands, quit to leave."
+    prompt = "remap> "
+
+    def __init__(self, console: Console, parser: Parser) -> None:
+        super().__init__()
+        self.console = console
+        self.parser = parser
+        self.history = Path(os.path.expanduser("~")) / ".remap_history"
+        try:
+            import readline
+
+            readline.set_completer_delims(" \t")
+            if self.history.exists():
+                readline.read_history_file(self.history)
+        except (ImportError, OSError):
+            pass
+
+    def default(self, line: str) -> bool:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            self.console.note(f"error: {exc}")
+            return False
+        if not words:
+            return False
+        if words[0] in ("quit", "exit"):
+            return True
+        try:
+            args = self.parser.parse_args(words)
+            if args.command in (None, "shell"):
+                return False
+            self.console.execute(args)
+        except SystemExit:
+            pass
+        except RemapError as exc:
+            self.console.note(f"error: {exc}")
+        except KeyboardInterrupt:
+            self.console.note("interrupted")
+        return False
+
+    def do_help(self, arg: str) -> bool:  # type: ignore[override]
+        self.console.say(HELP)
+        return False
+
+    def do_EOF(self, arg: str) -> bool:  # noqa: N802 - cmd's name
+        self.console.say("")
+        return True
+
+    def emptyline(self) -> bool:
+        return False
+
+    def completenames(self, text: str, *ignored: Any) -> list[str]:
+        return [c + " " for c in COMMANDS if c.startswith(text)]
+
+    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        base = Path(text).parent if "/" in text else Path(".")
+        prefix = Path(text).name
+        try:
+            names = sorted(p for p in base.iterdir() if p.name.startswith(prefix))
+        except OSError:
+            return []
+        return [str(p) + ("/" if p.is_dir() else "") for p in names if p.is_dir() or p.suffix in (".yaml", ".yml")]
+
+    def postloop(self) -> None:
+        try:
+            import readline
+
+            readline.write_history_file(self.history)
+        except (ImportError, OSError):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    session: Session | None = None
+    try:
+        args = parser.parse_args(argv)
+        settings = load_settings({"server": args.server, "cores": args.cores, "log_level": args.log_level},
+                                 dotenv_path=args.env_file)
+        start_logging(settings.log_level if args.log_level else "error")
+        session = Session(settings)
+        console = Console(session)
+        if args.command in (None, "shell"):
+            if args.command is None and not sys.stdin.isatty():
+                parser.print_help()
+                return 2
+            Shell(console, parser).cmdloop()
+            return 0
+        return console.execute(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (JobKilled, JobFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RemapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        if session is not None:
+            session.close()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the reactor thread is a daemon; do not wait on it

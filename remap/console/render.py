@@ -1,0 +1,110 @@
+"""How the console shows things to a person: progress, tables, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from ..sinks import to_jsonable
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+class Progress:
+    """A one-line progress bar with rate and ETA, redrawn in place on a terminal."""
+
+    def __init__(self, out: TextIO = sys.stderr, width: int = 28, clock: Any = time.monotonic) -> None:
+        self.out = out
+        self.width = width
+        self.clock = clock
+        self.started = clock()
+        self.shown = False
+
+    def draw(self, done: int, failed: int, total: int | None, note: str = "") -> None:
+        elapsed = max(self.clock() - self.started, 1e-6)
+        finished = done + failed
+        rate = finished / elapsed
+        if total:
+            frac = min(1.0, finished / total)
+            filled = int(frac * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            eta = (total - finished) / rate if rate > 0 else 0
+            line = f"[{bar}] {finished}/{total} {frac * 100:5.1f}% {rate:,.0f}/s ETA {fmt_duration(eta)}"
+        else:
+            line = f"{finished} done {rate:,.0f}/s {fmt_duration(elapsed)}"
+        if failed:
+            line += f" ({failed} failed)"
+        if note:
+            line += f"  {note}"
+        self.out.write("\r" + line[:160] + "\x1b[K")
+        self.out.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self.shown = False
+
+
+def dumps_json(value: Any) -> str:
+    safe, _ = to_jsonable(value)
+    return json.dumps(safe)
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    if not nodes:
+        return "no nodes connected"
+    rows = [[n["id"][:8], n["host"], f"{n['busy']}/{n['cores']}", fmt_bytes(n["memory"]),
+             f"{n['load']:.2f}", n["group"] or "-", "draining" if n["draining"] else "ready",
+             fmt_duration(n["connected_for"]), n["tasks_done"]] for n in nodes]
+    return table(rows, ["NODE", "HOST", "BUSY", "MEMORY", "LOAD", "GROUP", "STATE", "UP", "TASKS"])
+
+
+def jobs_table(jobs: list[dict]) -> str:
+    if not jobs:
+        return "no jobs"
+    rows = []
+    for j in jobs:
+        total = j["total"] if j["total"] is not None else f"{j['received']}+"
+        state = j["state"] + (f" ({j['waiting']})" if j["waiting"] else "")
+        rows.append([j["id"], j["name"], state, j["mode"], j["done"], j["failed"], j["running"],
+                     total, f"{j['rate']:,.0f}/s"])
+    return table(rows, ["JOB", "NAME", "STATE", "MODE", "DONE", "FAILED", "RUNNING", "TOTAL", "RATE"])
+
+
+def status_text(status: dict) -> str:
+    nodes, jobs = status["nodes"], status["jobs"]
+    cores = sum(n["cores"] for n in nodes)
+    busy = sum(n["busy"] for n in nodes)
+    running = [j for j in jobs if j["state"] == "running"]
+    rate = sum(j["rate"] for j in running)
+    head = (f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
+            f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s")
+    return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs)])

@@ -1,0 +1,118 @@
+"""A console session: one connection (or embedded cluster) reused by every command."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
+
+from .. import runtime
+from ..client import ClusterClient, JobOutcome, JobParams, JobRun
+from ..cluster import EmbeddedCluster, connect_console
+from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
+from ..settings import Settings
+from ..sinks import Sink, make_sink
+
+
+def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None) -> bytes:
+    """Pickle a job's callables by value, or say plainly which one cannot travel."""
+    try:
+        return cloudpickle.dumps((fn, reduce_fn))
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ConfigError(f"function {name} cannot be sent to the cluster: {type(exc).__name__}: {exc}") from None
+
+
+def params_for(spec: JobSpec, *, detach: bool = False, wait_for_nodes: float | None = None) -> JobParams:
+    return JobParams(name=spec.name, mode=spec.response_mode, group=spec.group, retries=spec.retries,
+                     timeout=spec.timeout, on_error=spec.on_error, chunksize=spec.chunksize or 0,
+                     priority=spec.priority, detach=detach or spec.detach, star=spec.star,
+                     wait_for_nodes=wait_for_nodes)
+
+
+class Session:
+    """Owns the reactor-side objects; every public method blocks the calling thread."""
+
+    def __init__(self, settings: Settings, *, announce: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.client: ClusterClient | None = None
+        self.embedded: EmbeddedCluster | None = None
+        self.announce = announce or (lambda text: print(text, file=sys.stderr))
+
+    # ------------------------------------------------------------------ connection
+
+    def connected(self) -> bool:
+        return self.client is not None and self.client.link is not None
+
+    def connect(self, *, allow_embedded: bool) -> ClusterClient:
+        if self.connected():
+            return self.client  # type: ignore[return-value]
+        if self.settings.server:
+            self.client = runtime.run(runtime.as_deferred(connect_console), runtime.reactor(),
+                                      self.settings, self.settings.server)
+        elif self.embedded is not None or allow_embedded:
+            if self.embedded is None:
+                self.embedded = EmbeddedCluster(runtime.reactor(), self.settings)
+                address = runtime.run(runtime.as_deferred(self.embedded.start))
+                self.announce(f"no server configured: started an embedded local cluster with "
+                              f"{self.embedded.cores} cores on {address}")
+            self.client = runtime.run(runtime.as_deferred(self.embedded.connect))
+        else:
+            raise ConfigError("no server configured: pass --server HOST:PORT or set REMAP_SERVER "
+                              "(compute alone runs on an embedded local cluster)")
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None and self.client.link is not None:
+            runtime.run(self.client.link.close, timeout=5)
+        if self.embedded is not None:
+            try:
+                runtime.run(runtime.as_deferred(self.embedded.stop), timeout=15)
+            except Exception:  # shutting down anyway; children die with us
+                pass
+            self.embedded = None
+        self.client = None
+
+    def request(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
+        client = self.connect(allow_embedded=False)
+        return runtime.run(lambda: getattr(client, method)(*args), timeout=timeout)
+
+    # ------------------------------------------------------------------ jobs
+
+    def start_job(self, spec: JobSpec, sink: Sink, *, detach: bool = False,
+                  wait_for_nodes: float | None = None,
+                  on_notice: Callable[[str], None] | None = None,
+                  on_output: Callable[[int, str], None] | None = None) -> tuple[JobRun, Any]:
+        """Submit a job; return the run (for progress) and a future of its outcome."""
+        fn, reduce_fn = load_callables(spec)
+        blob = function_blob(fn, reduce_fn)
+        client = self.connect(allow_embedded=True)
+        run = JobRun(params_for(spec, detach=detach, wait_for_nodes=wait_for_nodes), blob,
+                     iter_arguments(spec), sink, total_hint=count_arguments(spec),
+                     on_notice=on_notice, on_output=on_output)
+        return run, runtime.call(client.submit, run)
+
+    def attach(self, job: int, sink: Sink) -> tuple[JobRun, Any]:
+        client = self.connect(allow_embedded=False)
+        run = JobRun(JobParams(), b"", iter(()), sink)
+        return run, runtime.call(client.attach, job, run)
+
+    def kill_job(self, job: int | None) -> None:
+        if job is not None and self.connected():
+            try:
+                runtime.run(lambda: self.client.kill(job), timeout=5)  # type: ignore[union-attr]
+            except (RemapError, TimeoutError):
+                pass
+
+
+def make_job_sink(spec: JobSpec, *, on_item: Any = None, out: Any = None) -> Sink:
+    return make_sink(spec.response_mode, output=spec.output if spec.response_mode in ("sqlite", "file") else None,
+                     reduce_fn=load_callables(spec)[1] if spec.response_mode == "reduce" else None,
+                     on_item=on_item, out=out)
+
+
+__all__ = ["Session", "make_job_sink", "JobOutcome", "JobFailed", "ConnectionLost"]

@@ -1,0 +1,634 @@
+"""Strict loader for YAML job files, and the lazy readers a loaded job needs.
+
+A job file is user input: every mistake must come back as one :class:`ConfigError` line that
+names the file, the line and the key, before any work reaches the cluster.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import json
+import keyword
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+import yaml
+
+from protocol.errors import ConfigError
+
+RESPONSE_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
+ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "continue")
+ARG_SOURCES: tuple[str, ...] = ("args", "args_path", "args_range")
+#: modes that write to ``output`` and cannot run without it
+OUTPUT_REQUIRED: frozenset[str] = frozenset({"sqlite", "file"})
+#: modes for which ``output`` means something; for the others it would be silently ignored
+OUTPUT_ALLOWED: frozenset[str] = OUTPUT_REQUIRED | {"stream"}
+
+_REF_FORMS = "'FILE.py:NAME' or 'package.module:NAME'"
+_STR_TAG = "tag:yaml.org,2002:str"
+_MODULE_PREFIX = "remap_job_"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job file; paths are absolute, references are checked for form only.
+
+    ``function`` and ``reduce`` are kept as written so the job can be shown back to the user;
+    :func:`load_callables` resolves them. ``source`` and ``key_lines`` exist so errors found
+    after loading (a missing function file, say) still name the job file and line.
+    """
+
+    function: str
+    base_dir: Path
+    args: list[Any] | None = None
+    args_path: Path | None = None
+    args_range: tuple[int, int, int] | None = None
+    star: bool = False
+    response_mode: str = "object"
+    output: Path | None = None
+    reduce: str | None = None
+    chunksize: int | None = None
+    retries: int = 3
+    timeout: float | None = None
+    on_error: str = "fail"
+    group: str | None = None
+    name: str = ""
+    priority: int = 0
+    detach: bool = False
+    source: str = "<job>"
+    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job file; relative paths inside it are relative to its directory."""
+    source = str(path)
+    file = Path(path).expanduser()
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: job file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, not a job file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read job file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{source}:{line}: job file is not valid UTF-8 text") from None
+    return load_job_text(text, file.resolve().parent, source=source)
+
+
+def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> JobSpec:
+    """Validate job-file text; ``source`` is the name errors use, ``base_dir`` anchors paths."""
+    base_dir = Path(base_dir).expanduser().resolve()
+    entries, root_line = _read_mapping(text, source)
+    values = {key: _FIELDS[key](entry) for key, entry in entries.items()}
+
+    if "function" not in values:
+        raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")
+
+    given = [key for key in ARG_SOURCES if key in values]
+    if not given:
+        raise ConfigError(
+            f"{source}:{root_line}: no argument source: give exactly one of "
+            + ", ".join(f"'{key}'" for key in ARG_SOURCES)
+        )
+    if len(given) > 1:
+        last = max(given, key=lambda key: entries[key].key_line)
+        raise ConfigError(
+            f"{source}:{entries[last].key_line}: keys "
+            + ", ".join(f"'{key}'" for key in given)
+            + " each give the arguments: keep exactly one of them"
+        )
+
+    mode = values.get("response_mode", "object")
+    if mode in OUTPUT_REQUIRED and "output" not in values:
+        where = entries["response_mode"]
+        raise ConfigError(
+            f"{source}:{where.key_line}: key 'response_mode': {mode!r} needs key 'output' "
+            "(where to write the results)"
+        )
+    if "output" in values and mode not in OUTPUT_ALLOWED:
+        allowed = ", ".join(sorted(OUTPUT_ALLOWED))
+        raise ConfigError(
+            f"{source}:{entries['output'].key_line}: key 'output': not used when response_mode "
+            f"is {mode!r} (only {allowed})"
+        )
+    if mode == "reduce" and "reduce" not in values:
+        where = entries["response_mode"]
+        raise ConfigError(
+            f"{source}:{where.key_line}: key 'response_mode': 'reduce' needs key 'reduce' "
+            "(the function that combines two results)"
+        )
+    if "reduce" in values and mode != "reduce":
+        raise ConfigError(
+            f"{source}:{entries['reduce'].key_line}: key 'reduce': only used when "
+            f"response_mode is 'reduce', not {mode!r}"
+        )
+
+    if values.get("star"):
+        _check_star(entries, values)
+
+    args_path = None
+    if "args_path" in values:
+        args_path = _existing_file(entries["args_path"], base_dir, values["args_path"], source)
+    output = _resolve(base_dir, values["output"]) if "output" in values else None
+
+    return JobSpec(
+        function=values["function"],
+        base_dir=base_dir,
+        args=values.get("args"),
+        args_path=args_path,
+        args_range=values.get("args_range"),
+        star=values.get("star", False),
+        response_mode=mode,
+        output=output,
+        reduce=values.get("reduce"),
+        chunksize=values.get("chunksize"),
+        retries=values.get("retries", 3),
+        timeout=values.get("timeout"),
+        on_error=values.get("on_error", "fail"),
+        group=values.get("group"),
+        name=values.get("name") or _default_name(source),
+        priority=values.get("priority", 0),
+        detach=values.get("detach", False),
+        source=source,
+        key_lines={key: entry.key_line for key, entry in entries.items()},
+    )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One top-level key of a job file, its constructed value and where both were written."""
+
+    source: str
+    key: str
+    key_line: int
+    value_line: int
+    value: Any
+    node: yaml.Node
+
+    def fail(self, problem: str, line: int | None = None) -> ConfigError:
+        """An error about this key, at the value's line unless told otherwise."""
+        return ConfigError(f"{self.source}:{line or self.value_line}: key '{self.key}': {problem}")
+
+
+def _read_mapping(text: str, source: str) -> tuple[dict[str, _Entry], int]:
+    """Parse YAML keeping node marks, so every later error can name its line.
+
+    Returns the entries by key and the mapping's first line (for errors about missing keys).
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise ConfigError(f"{source}:1: job file is empty; expected a mapping with 'function'")
+        if not isinstance(root, yaml.MappingNode):
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            raise ConfigError(
+                f"{source}:{_line(root)}: expected a mapping of keys to values at the top level, "
+                f"got {kind}"
+            )
+        entries: dict[str, _Entry] = {}
+        for key_node, value_node in root.value:
+            key_line = _line(key_node)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                raise ConfigError(f"{source}:{key_line}: key {shown!r}: keys must be plain text")
+            key = key_node.value
+            if key in entries:
+                raise ConfigError(
+                    f"{source}:{key_line}: key '{key}': given twice "
+                    f"(first on line {entries[key].key_line})"
+                )
+            if key not in _FIELDS:
+                raise ConfigError(f"{source}:{key_line}: unknown key '{key}'{_suggest(key)}")
+            value = loader.construct_object(value_node, deep=True)
+            entries[key] = _Entry(source, key, key_line, _line(value_node), value, value_node)
+        return entries, _line(root)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(_yaml_problem(exc, source)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError, source: str) -> str:
+    """PyYAML's problem and context, reworded into one line that starts with ``source:line``."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{source}:{mark.line + 1}" if mark is not None else source
+    problem = exc.problem or "unreadable"
+    context = exc.context
+    if context and exc.context_mark is not None and exc.context_mark is not mark:
+        if exc.context_mark.line != mark.line:
+            context += f" started on line {exc.context_mark.line + 1}"
+    if context and problem.startswith("but "):
+        problem = f"{context} {problem}"
+    elif context:
+        problem = f"{problem} ({context})"
+    return f"{where}: invalid YAML: {problem}"
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return "; known keys: " + ", ".join(_FIELDS)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, short enough for one error line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _default_name(source: str) -> str:
+    if source.startswith("<") and source.endswith(">"):
+        return source[1:-1] or "job"
+    return Path(source).stem or "job"
+
+
+def _resolve(base_dir: Path, text: str) -> Path:
+    return (base_dir / Path(text).expanduser()).resolve()
+
+
+def _existing_file(entry: _Entry, base_dir: Path, text: str, source: str) -> Path:
+    """Check the argument file now: failing after the job started would waste the cluster."""
+    path = _resolve(base_dir, text)
+    if not path.exists():
+        raise entry.fail(f"file not found: {path}")
+    if path.is_dir():
+        raise entry.fail(f"is a directory, not a file of arguments: {path}")
+    if not os.access(path, os.R_OK):
+        raise entry.fail(f"file is not readable: {path}")
+    return path
+
+
+def _check_star(entries: dict[str, _Entry], values: dict[str, Any]) -> None:
+    """``star`` unpacks each argument, so only lists and mappings can be called that way."""
+    if "args_range" in values:
+        raise entries["star"].fail(
+            "cannot unpack the integers of 'args_range'; use 'args' or 'args_path' with "
+            "lists or mappings"
+        )
+    if "args" in values:
+        entry = entries["args"]
+        for index, (item, node) in enumerate(zip(values["args"], entry.node.value, strict=True)):
+            if not isinstance(item, (list, dict)):
+                raise entry.fail(
+                    f"item {index} must be a list or a mapping because 'star' is true, "
+                    f"got {_show(item)}",
+                    line=_line(node),
+                )
+
+
+# --- per-key validators --------------------------------------------------------------------------
+
+
+def _ref_problem(ref: str, *, bare_allowed: bool) -> str | None:
+    """Why ``ref`` is not a function reference, or None; checks form only, imports nothing."""
+    if bare_allowed and ":" not in ref:
+        name = ref
+        target = "x"
+    else:
+        if ref.count(":") != 1:
+            forms = _REF_FORMS + (" or a bare NAME" if bare_allowed else "")
+            return f"expected {forms} with exactly one ':', got {_show(ref)}"
+        target, _, name = ref.partition(":")
+    if not name.isidentifier() or keyword.iskeyword(name):
+        return f"expected a Python identifier after ':', got {_show(ref)}"
+    if not target:
+        return f"expected a file or module before ':', got {_show(ref)}"
+    if not target.endswith(".py") and not all(
+        part.isidentifier() and not keyword.iskeyword(part) for part in target.split(".")
+    ):
+        return f"expected {_REF_FORMS}: {target!r} is neither a .py file nor a module name"
+    return None
+
+
+def _text(entry: _Entry) -> str:
+    value = entry.value
+    if isinstance(value, str):
+        return value
+    hint = ""
+    if isinstance(value, bool):
+        hint = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
+    raise entry.fail(f"expected text, got {_show(value)}{hint}")
+
+
+def _nonempty_text(entry: _Entry) -> str:
+    value = _text(entry)
+    if not value.strip():
+        raise entry.fail("must not be empty")
+    return value
+
+
+def _optional_text(entry: _Entry) -> str | None:
+    return None if entry.value is None else _nonempty_text(entry)
+
+
+def _function(entry: _Entry) -> str:
+    value = _text(entry)
+    problem = _ref_problem(value, bare_allowed=False)
+    if problem:
+        raise entry.fail(problem)
+    return value
+
+
+def _reduce(entry: _Entry) -> str:
+    value = _text(entry)
+    problem = _ref_problem(value, bare_allowed=True)
+    if problem:
+        raise entry.fail(problem)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(entry: _Entry) -> bool:
+    if not isinstance(entry.value, bool):
+        raise entry.fail(f"expected true or false, got {_show(entry.value)}")
+    return entry.value
+
+
+def _integer(entry: _Entry) -> int:
+    if not _is_int(entry.value):
+        raise entry.fail(f"expected an integer, got {_show(entry.value)}")
+    return entry.value
+
+
+def _retries(entry: _Entry) -> int:
+    if not _is_int(entry.value) or entry.value < 0:
+        raise entry.fail(f"expected an integer >= 0, got {_show(entry.value)}")
+    return entry.value
+
+
+def _chunksize(entry: _Entry) -> int | None:
+    value = entry.value
+    if value is None or value == "auto":
+        return None
+    if not _is_int(value) or value < 1:
+        raise entry.fail(f"expected 'auto' or an integer >= 1, got {_show(value)}")
+    return value
+
+
+def _timeout(entry: _Entry) -> float | None:
+    value = entry.value
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise entry.fail(f"expected a number of seconds > 0, got {_show(value)}")
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[_Entry], str]:
+    def check(entry: _Entry) -> str:
+        if not isinstance(entry.value, str) or entry.value not in choices:
+            close = difflib.get_close_matches(str(entry.value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise entry.fail(
+                f"expected one of {', '.join(choices)}, got {_show(entry.value)}{hint}"
+            )
+        return entry.value
+
+    return check
+
+
+def _args(entry: _Entry) -> list[Any]:
+    if not isinstance(entry.value, list):
+        raise entry.fail(f"expected a list of arguments, got {_show(entry.value)}")
+    return entry.value
+
+
+def _args_range(entry: _Entry) -> tuple[int, int, int]:
+    value = entry.value
+    if not isinstance(value, list) or len(value) not in (2, 3):
+        raise entry.fail(
+            f"expected [start, stop] or [start, stop, step] of integers, got {_show(value)}"
+        )
+    for item, node in zip(value, entry.node.value, strict=True):
+        if not _is_int(item):
+            raise entry.fail(f"expected integers, got {_show(item)}", line=_line(node))
+    start, stop, step = (*value, 1) if len(value) == 2 else value
+    if step == 0:
+        raise entry.fail("step must not be 0", line=_line(entry.node.value[2]))
+    return (start, stop, step)
+
+
+_FIELDS: dict[str, Callable[[_Entry], Any]] = {
+    "function": _function,
+    "args": _args,
+    "args_path": _nonempty_text,
+    "args_range": _args_range,
+    "star": _flag,
+    "response_mode": _choice(RESPONSE_MODES),
+    "output": _nonempty_text,
+    "reduce": _reduce,
+    "chunksize": _chunksize,
+    "retries": _retries,
+    "timeout": _timeout,
+    "on_error": _choice(ON_ERROR_CHOICES),
+    "group": _optional_text,
+    "name": _nonempty_text,
+    "priority": _integer,
+    "detach": _flag,
+}
+
+#: every key a job file may contain, in the order the docs list them
+JOB_KEYS: tuple[str, ...] = tuple(_FIELDS)
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def iter_arguments(spec: JobSpec) -> Iterator[Any]:
+    """Yield the job's arguments one by one; an argument file is streamed, never read whole."""
+    if spec.args is not None:
+        return iter(spec.args)
+    if spec.args_range is not None:
+        return iter(range(*spec.args_range))
+    if spec.args_path is not None:
+        return _iter_json_lines(spec.args_path, star=spec.star)
+    raise ConfigError(f"{spec.source}: no argument source")
+
+
+def count_arguments(spec: JobSpec) -> int | None:
+    """The number of arguments if known without reading a file (for progress), else None."""
+    if spec.args is not None:
+        return len(spec.args)
+    if spec.args_range is not None:
+        return len(range(*spec.args_range))
+    return None
+
+
+def _iter_json_lines(path: Path, *, star: bool) -> Iterator[Any]:
+    """One JSON value per line; binary reads keep line numbers exact even for bad UTF-8."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read arguments: {exc.strerror or exc}") from None
+    with handle:
+        for lineno, raw in enumerate(handle.read().splitlines(keepends=True), start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}:{lineno}: not valid UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{path}:{lineno}: invalid JSON argument: {exc.msg} (column {exc.colno})"
+                ) from None
+            if star and not isinstance(value, (list, dict)):
+                raise ConfigError(
+                    f"{path}:{lineno}: 'star' is true, so each argument must be a list or an "
+                    f"object, got {_show(value)}"
+                )
+            yield value
+
+
+# --- callables -----------------------------------------------------------------------------------
+
+
+def load_callables(spec: JobSpec) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """Resolve the job's function and reducer; errors name the job file, key and line."""
+    function = _resolve_key(spec, "function", spec.function)
+    reducer = None
+    if spec.reduce is not None:
+        ref = spec.reduce
+        if ":" not in ref:
+            ref = f"{spec.function.rpartition(':')[0]}:{ref}"
+        reducer = _resolve_key(spec, "reduce", ref)
+    return function, reducer
+
+
+def _resolve_key(spec: JobSpec, key: str, ref: str) -> Callable[..., Any]:
+    try:
+        return resolve_function(ref, spec.base_dir)
+    except ConfigError as exc:
+        line = spec.key_lines.get(key)
+        where = f"{spec.source}:{line}" if line else spec.source
+        raise ConfigError(f"{where}: key '{key}': {exc}") from exc.__cause__
+
+
+def resolve_function(ref: str, base_dir: Path) -> Callable[..., Any]:
+    """Turn ``FILE.py:NAME`` or ``module:NAME`` into the callable.
+
+    A file is loaded once, under a name derived from its path, and registered with cloudpickle
+    so its code ships by value to nodes that do not have the file.
+    """
+    problem = _ref_problem(ref, bare_allowed=False)
+    if problem:
+        raise ConfigError(problem)
+    target, _, name = ref.partition(":")
+    if target.endswith(".py"):
+        path = _resolve(Path(base_dir), target)
+        module = _load_file_module(path)
+        where = str(path)
+    else:
+        module = _import_module(target)
+        where = f"module '{target}'"
+    try:
+        found = getattr(module, name)
+    except AttributeError:
+        candidates = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = difflib.get_close_matches(name, candidates, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{ref}: no name '{name}' in {where}{hint}") from None
+    if not callable(found):
+        raise ConfigError(
+            f"{ref}: '{name}' in {where} is not callable (it is {type(found).__name__})"
+        )
+    return found
+
+
+def module_name_for(path: Path) -> str:
+    """The stable, importable-looking name a job's Python file is loaded under."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8")).hexdigest()[:16]
+    return _MODULE_PREFIX + digest
+
+
+def _load_file_module(path: Path) -> ModuleType:
+    name = module_name_for(path)
+    existing = sys.modules.get(name)
+    if existing is not None:
+        return existing
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        del sys.modules[name]
+        raise ConfigError(
+            f"syntax error in {exc.filename or path}:{exc.lineno}: {exc.msg}"
+        ) from exc
+    except (Exception, SystemExit) as exc:  # user code: report it, do not crash the console
+        del sys.modules[name]
+        raise ConfigError(
+            f"error while importing {_where_raised(exc, path)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    cloudpickle.register_pickle_by_value(module)
+    return module
+
+
+def _import_module(target: str) -> ModuleType:
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
+            raise ConfigError(f"module '{target}' not found") from exc
+        raise ConfigError(f"error while importing module '{target}': {exc}") from exc
+    except SyntaxError as exc:
+        raise ConfigError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}") from exc
+    except (Exception, SystemExit) as exc:  # user code: report it, do not crash the console
+        raise ConfigError(
+            f"error while importing module '{target}': {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _where_raised(exc: BaseException, path: Path) -> str:
+    """``path:line`` of the deepest frame of the user's file, so they can find the bug."""
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename == str(path)
+    ]
+    return f"{path}:{lines[-1]}" if lines else str(path)

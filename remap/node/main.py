@@ -1,0 +1,73 @@
+"""``remap-node``: start cores, connect to the server, reconnect when it goes away."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twisted.internet import defer, task
+
+from protocol.errors import AuthError, RemapError, VersionMismatch
+
+from ..cluster import default_cores, start_node
+from ..logs import start_logging
+from ..settings import load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="remap-node", description="A remap node: runs tasks on this machine's cores.")
+    p.add_argument("--server", help="HOST:PORT of the server (REMAP_SERVER; default 127.0.0.1:7878)")
+    p.add_argument("--cores", type=int, help=f"cores to run (REMAP_CORES; default cpu count - 1 = {default_cores()})")
+    p.add_argument("--group", help="node group; jobs with `group:` run only on nodes of that group")
+    p.add_argument("--env-file", default=".env", help="settings file (default .env)")
+    p.add_argument("--log-level", help="debug, info, warn, error (default info)")
+    return p
+
+
+async def serve(reactor, args: argparse.Namespace) -> int:
+    settings = load_settings({"server": args.server, "cores": args.cores, "group": args.group,
+                              "log_level": args.log_level}, dotenv_path=args.env_file)
+    start_logging(settings.log_level)
+    stopped: defer.Deferred = defer.Deferred()
+    result = {"code": 0}
+
+    def shutdown(reason: str) -> None:
+        if not stopped.called:
+            stopped.callback(None)
+
+    def refused(error: RemapError) -> None:
+        # a wrong secret or version will not fix itself by retrying: stop with a clear line
+        if isinstance(error, (AuthError, VersionMismatch)) and not stopped.called:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            result["code"] = error.exit_code
+            stopped.callback(None)
+
+    node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused)
+    print(f"remap node: {node.pool.size} cores, connecting to {settings.server or '127.0.0.1:%d' % settings.port}",
+          file=sys.stderr, flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: shutdown("reactor stopping"))
+    await stopped
+    await node.stop()
+    return result["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = [0]
+
+    async def go(reactor) -> None:
+        try:
+            code[0] = await serve(reactor, args)
+        except RemapError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code[0] = exc.exit_code
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(go(r)))
+    except SystemExit:
+        pass
+    return code[0]
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``remap-server``: parse flags and settings, listen, run until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twisted.internet import defer, task
+
+from protocol.errors import RemapError
+
+from ..cluster import start_server
+from ..logs import start_logging
+from ..settings import load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="remap-server", description="The remap server: nodes and consoles connect here.")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; REMAP_HOST). A non-loopback "
+                                  "address needs REMAP_SECRET_KEY")
+    p.add_argument("--port", type=int, help="port (default 7878; REMAP_PORT; 0 picks a free one)")
+    p.add_argument("--env-file", default=".env", help="settings file (default .env)")
+    p.add_argument("--log-level", help="debug, info, warn, error (default info)")
+    p.add_argument("--port-file", help="write the bound port to this file once listening")
+    return p
+
+
+async def serve(reactor, args: argparse.Namespace) -> int:
+    settings = load_settings({"host": args.host, "port": args.port, "log_level": args.log_level},
+                             dotenv_path=args.env_file)
+    start_logging(settings.log_level)
+    server = await start_server(reactor, settings)
+    port = server.port.getHost().port
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(f"{port}\n")
+    print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
+    stopped: defer.Deferred = defer.Deferred()
+    server.factory.on_stop = lambda: stopped.called or stopped.callback(None)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: stopped.called or stopped.callback(None))
+    await stopped
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = [0]
+
+    async def go(reactor) -> None:
+        try:
+            code[0] = await serve(reactor, args)
+        except RemapError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code[0] = exc.exit_code
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(go(r)))
+    except SystemExit as exc:
+        return code[0] or (exc.code if isinstance(exc.code, int) else 0)
+    return code[0]
+
+
+def run() -> None:
+    sys.exit(main())

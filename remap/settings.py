@@ -1,0 +1,317 @@
+"""Settings for server, node and console: command line > process environment > ``.env`` file.
+
+One strict loader, so a typo in ``REMAP_PORT`` is one clear line at start-up rather than a
+refused connection later. Nothing here touches ``os.environ``; callers may pass their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from protocol.errors import ConfigError
+
+PREFIX = "REMAP_"
+DEFAULT_PORT = 7878
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error", "critical")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to find and trust its peers; defaults are safe on one machine."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    server: str | None = None
+    secret: str | None = dataclasses.field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    http_port: int | None = None
+    cores: int | None = None
+    group: str | None = None
+    heartbeat_interval: float = 2.0
+    heartbeat_misses: int = 3
+    handshake_timeout: float = 5.0
+    max_frame: int = 256 * 1024 * 1024
+    console_grace: float = 10.0
+    log_level: str = "info"
+
+
+class _Bad(Exception):
+    """A value's problem, before we know which variable and source to blame."""
+
+
+Converter = Callable[[Any], Any]
+
+
+def _integer(low: int, high: int | None = None) -> Converter:
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def convert(value: Any) -> int:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            number = int(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise _Bad(f"expected an integer, got {value!r}")
+        if number < low or (high is not None and number > high):
+            raise _Bad(f"expected {expected}, got {value!r}")
+        return number
+
+    return convert
+
+
+def _number(low: float, *, allow_equal: bool) -> Converter:
+    expected = f"a number {'>=' if allow_equal else '>'} {low:g}"
+
+    def convert(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise _Bad(f"expected a number, got {value!r}") from None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise _Bad(f"expected a number, got {value!r}")
+        if not math.isfinite(number) or number < low or (number == low and not allow_equal):
+            raise _Bad(f"expected {expected}, got {value!r}")
+        return number
+
+    return convert
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected text, got {value!r}")
+    return value.strip()
+
+
+def _bind_host(value: Any) -> str:
+    host = _text(value)
+    if any(ch.isspace() for ch in host):
+        raise _Bad(f"expected a host name or IP address, got {value!r}")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            raise _Bad(
+                f"expected a host without a port, got {value!r} (set the port with REMAP_PORT)"
+            ) from None
+        return host.strip("[]")
+    return host
+
+
+def _server(value: Any) -> str:
+    text = _text(value)
+    try:
+        parse_address(text)
+    except ConfigError as exc:
+        raise _Bad(str(exc)) from None
+    return text
+
+
+def _log_level(value: Any) -> str:
+    level = _text(value).lower()
+    level = {"warning": "warn", "fatal": "critical"}.get(level, level)
+    if level not in LOG_LEVELS:
+        raise _Bad(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+_PORT = _integer(0, 65535)
+_POSITIVE = _number(0, allow_equal=False)
+
+#: field -> (variable, converter, one-line comment); the order is the order of .env.example
+_TABLE: dict[str, tuple[str, Converter, str]] = {
+    "host": ("REMAP_HOST", _bind_host, "address the server listens on; 0.0.0.0 or :: lets other machines in"),
+    "port": ("REMAP_PORT", _PORT, "port the server listens on (0 = any free port)"),
+    "server": ("REMAP_SERVER", _server, "HOST:PORT of the server for nodes and the console; empty = the console runs its own cluster"),
+    "secret": ("REMAP_SECRET_KEY", _text, "shared secret that servers, nodes and consoles prove to each other"),
+    "tls_cert": ("REMAP_TLS_CERT", _text, "PEM certificate file the server presents (turns TLS on)"),
+    "tls_key": ("REMAP_TLS_KEY", _text, "PEM private key file for REMAP_TLS_CERT"),
+    "tls_ca": ("REMAP_TLS_CA", _text, "PEM CA certificate file used to verify the server"),
+    "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the optional dashboard and HTTP API; empty = off"),
+    "cores": ("REMAP_CORES", _integer(1), "cores a node uses; empty = CPU count - 1, at least 1"),
+    "group": ("REMAP_GROUP", _text, "group a node belongs to; jobs may ask for a group"),
+    "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
+    "heartbeat_misses": ("REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),
+    "handshake_timeout": ("REMAP_HANDSHAKE_TIMEOUT", _POSITIVE, "seconds a new connection has to finish the handshake"),
+    "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication"),
+    "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
+    "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
+}  # fmt: skip
+
+#: setting field -> environment variable
+ENV_VARS: dict[str, str] = {name: row[0] for name, row in _TABLE.items()}
+_FIELD_OF: dict[str, str] = {variable: name for name, variable in ENV_VARS.items()}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
+
+#: (variable, default as text, one-line comment), in the order .env.example lists them
+ENV_DOC: list[tuple[str, str, str]] = [
+    (variable, "" if _DEFAULTS[name] is None else str(_DEFAULTS[name]), comment)
+    for name, (variable, _, comment) in _TABLE.items()
+]
+
+_SECRET_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | Path | None = ".env",
+) -> Settings:
+    """Merge the three sources, validating every value given, wherever it was given.
+
+    ``overrides`` are keyed by field name (argparse's ``vars(args)`` after picking the setting
+    flags); None values are skipped so unset flags do not hide the environment. ``environ=None``
+    reads ``os.environ``; ``dotenv_path=None`` reads no file.
+    """
+    chosen: dict[str, Any] = {}
+    if dotenv_path is not None:
+        path = Path(dotenv_path)
+        for variable, value in dotenv_values(path).items():
+            if variable.startswith(PREFIX):
+                line = _dotenv_line(path, variable)
+                label = f"{variable} from {path}:{line}" if line else f"{variable} from {path}"
+                _take(chosen, variable, value, label)
+    env = os.environ if environ is None else environ
+    for variable, value in env.items():
+        if variable.startswith(PREFIX):
+            _take(chosen, variable, value, f"{variable} from environment")
+    for name, value in (overrides or {}).items():
+        if name not in _TABLE:
+            close = difflib.get_close_matches(name, list(_TABLE), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"setting '{name}' from command line: unknown setting{hint}")
+        _take(chosen, ENV_VARS[name], value, f"setting '{name}' from command line")
+    return Settings(**chosen)
+
+
+def _take(chosen: dict[str, Any], variable: str, value: Any, label: str) -> None:
+    """Convert one value and let it win over earlier (lower-precedence) sources."""
+    name = _FIELD_OF.get(variable)
+    if name is None:
+        close = difflib.get_close_matches(variable, list(_FIELD_OF), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{label}: unknown setting{hint}")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return  # unset: an empty line in .env or an argparse default must not clobber
+    try:
+        chosen[name] = _TABLE[name][1](value)
+    except _Bad as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def _dotenv_line(path: Path, variable: str) -> int | None:
+    """The line that set ``variable`` (the last one, as python-dotenv keeps the last)."""
+    pattern = re.compile(rf"^\s*(?:export\s+)?{re.escape(variable)}\s*=")
+    found = None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if pattern.match(line):
+                    found = number
+    except (OSError, UnicodeDecodeError):
+        return None
+    return found
+
+
+def secret_bytes(settings: Settings) -> bytes | None:
+    """The shared secret as the bytes the handshake's HMAC uses, or None when unset."""
+    return settings.secret.encode("utf-8") if settings.secret else None
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``HOST:PORT``, ``HOST`` or ``[IPv6]:PORT``; bare IPv6 is refused as ambiguous."""
+    raw = text.strip()
+    if not raw:
+        raise ConfigError("empty address; expected HOST:PORT")
+    if "://" in raw:
+        raise ConfigError(f"address {text!r}: expected HOST:PORT without a scheme")
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0:
+            raise ConfigError(f"address {text!r}: missing ']' after the IPv6 address")
+        host, rest = raw[1:end], raw[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"address {text!r}: {host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"address {text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+    elif raw.count(":") > 1:
+        example = f"[{raw}]:{default_port}" if _is_ipv6(raw) else f"[::1]:{default_port}"
+        raise ConfigError(f"address {text!r}: put an IPv6 address in brackets, like {example!r}")
+    else:
+        host, colon, port_text = raw.partition(":")
+        if not colon:
+            port_text = None
+        if not host:
+            raise ConfigError(f"address {text!r}: missing host before ':'")
+        if any(ch.isspace() for ch in host):
+            raise ConfigError(f"address {text!r}: host contains a space")
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ConfigError(f"address {text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` can only be reached from this machine (no secret needed there)."""
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def env_example_text() -> str:
+    """The text of ``.env.example``, generated from :data:`ENV_DOC` so the two cannot drift."""
+    lines = [
+        "# remap settings. Copy this file to .env and uncomment what you change.",
+        "# Precedence: command-line flags > process environment > .env file.",
+        "# Generated from ENV_DOC in remap/settings.py by `python -m remap.settings`; edit there.",
+    ]
+    for variable, default, comment in ENV_DOC:
+        lines.append("")
+        lines.append(f"# {comment}")
+        if variable == ENV_VARS["secret"]:
+            lines.append(f"# {_SECRET_HINT}")
+            lines.append(f"{variable}=")
+        else:
+            lines.append(f"# {variable}={default}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(env_example_text(), end="")

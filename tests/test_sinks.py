@@ -1,0 +1,615 @@
+"""Tests for the console-side result sinks (remap/sinks.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import random
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.errors import ConfigError, JobFailed, RemapError, RemoteTaskError
+from remap.sinks import (
+    MISSING,
+    SINK_MODES,
+    FileSink,
+    NoneSink,
+    ObjectSink,
+    ReduceSink,
+    Sink,
+    SqliteSink,
+    StreamSink,
+    TaskErrorInfo,
+    make_sink,
+    to_jsonable,
+)
+
+N = 50
+FAILING = {3, 17, 18, 41}
+
+
+def _error(index: int) -> TaskErrorInfo:
+    return TaskErrorInfo(index, "ValueError", f"bad {index}", f"Traceback for {index}\n")
+
+
+def _items(n: int = N, failing: set[int] = FAILING) -> list[tuple[int, Any, Any, Any]]:
+    """(index, argument, result, error) for a job squaring 0..n-1, in a fixed shuffled order."""
+    items = [(i, i, None, _error(i)) if i in failing else (i, i, i * i, None) for i in range(n)]
+    random.Random(1234).shuffle(items)
+    return items
+
+
+def _feed(sink: Sink, items: list[tuple[int, Any, Any, Any]]) -> None:
+    for item in items:
+        sink.add(*item)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _rows(path: Path) -> list[tuple[Any, ...]]:
+    """Rows as a second, independent connection sees them: only committed data."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(
+            "SELECT idx, argument, result, error, argument_repr, result_repr"
+            " FROM results ORDER BY idx"
+        ).fetchall()
+
+
+class Opaque:
+    """A result with no JSON form."""
+
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
+class BrokenRepr:
+    """A result whose __repr__ raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+# --- to_jsonable and TaskErrorInfo -------------------------------------------------------
+
+_self_ref: list[Any] = []
+_self_ref.append(_self_ref)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "was_repr"),
+    [
+        (None, None, False),
+        (True, True, False),
+        (7, 7, False),
+        ("héllo", "héllo", False),
+        ((1, (2, 3)), [1, [2, 3]], False),
+        ({"a": (1, None)}, {"a": [1, None]}, False),
+        ({1: "x"}, "{1: 'x'}", True),
+        ({"a": {2: 3}}, "{'a': {2: 3}}", True),
+        (b"\x00ab", "b'\\x00ab'", True),
+        ({1, 2}, "{1, 2}", True),
+        ([1, Opaque()], "[1, Opaque()]", True),
+        (_self_ref, "[[...]]", True),
+    ],
+)
+def test_to_jsonable_table(value: Any, expected: Any, was_repr: bool) -> None:
+    """JSON-safe values convert faithfully (tuples to lists); anything else is one whole repr."""
+    converted, flagged = to_jsonable(value)
+    assert (converted, flagged) == (expected, was_repr)
+    json.dumps(converted)
+
+
+def test_to_jsonable_nan_passes_through() -> None:
+    """Non-finite floats are kept as floats and survive a json round trip (documented NaN)."""
+    converted, flagged = to_jsonable([math.nan, math.inf])
+    assert not flagged
+    back = json.loads(json.dumps(converted))
+    assert math.isnan(back[0]) and back[1] == math.inf
+
+
+def test_to_jsonable_broken_repr_still_renders() -> None:
+    """A user object whose __repr__ raises is still recorded, by object.__repr__."""
+    converted, flagged = to_jsonable(BrokenRepr())
+    assert flagged
+    assert converted.startswith("<") and "BrokenRepr" in converted
+
+
+def test_task_error_info_json_and_exception() -> None:
+    """TaskErrorInfo serialises without its index and becomes a RemoteTaskError carrying all."""
+    info = _error(5)
+    assert info.to_json() == {"type": "ValueError", "message": "bad 5", "traceback": info.traceback}
+    exc = info.to_exception()
+    assert isinstance(exc, RemoteTaskError) and isinstance(exc, RemapError)
+    assert (exc.type_name, exc.message, exc.remote_traceback, exc.index) == (
+        "ValueError",
+        "bad 5",
+        "Traceback for 5\n",
+        5,
+    )
+
+
+# --- common Sink behaviour ---------------------------------------------------------------
+
+
+def _every_sink(tmp_path: Path) -> list[Sink]:
+    return [
+        ObjectSink(),
+        StreamSink(out=io.StringIO()),
+        SqliteSink(tmp_path / "r.db"),
+        FileSink(tmp_path / "r.jsonl"),
+        ReduceSink(lambda a, b: a + b),
+        NoneSink(),
+    ]
+
+
+def test_every_sink_counts_done_and_failed_disjointly(tmp_path: Path) -> None:
+    """Every mode reports done = successes and failed = errors, summing to all tasks."""
+    for sink in _every_sink(tmp_path):
+        _feed(sink, _items())
+        sink.close(complete=True)
+        summary = sink.summary()
+        assert summary["mode"] == sink.mode
+        assert (summary["done"], summary["failed"]) == (N - len(FAILING), len(FAILING))
+        json.dumps(summary)
+
+
+def test_add_after_close_is_refused(tmp_path: Path) -> None:
+    """A closed sink refuses more results instead of silently losing them; close is idempotent."""
+    for sink in _every_sink(tmp_path):
+        sink.close(complete=False)
+        sink.close(complete=True)
+        assert sink.complete is False
+        with pytest.raises(RuntimeError):
+            sink.add(0, 0, 0, None)
+
+
+def test_error_index_must_match(tmp_path: Path) -> None:
+    """An error delivered under another task's index is a caller bug and is rejected."""
+    for sink in _every_sink(tmp_path):
+        with pytest.raises(ValueError):
+            sink.add(1, 1, None, _error(2))
+        with pytest.raises(ValueError):
+            sink.add(-1, -1, 0, None)
+        assert (sink.done, sink.failed) == (0, 0)
+        sink.close(complete=False)
+
+
+@pytest.mark.parametrize("mode", [m for m in SINK_MODES if m != "reduce"])
+def test_add_partial_only_for_reduce(mode: str, tmp_path: Path) -> None:
+    """Partial folds make sense only for reduce; every other mode raises TypeError."""
+    output = tmp_path / "out" if mode in ("sqlite", "file") else None
+    sink = make_sink(mode, output=output, out=io.StringIO())
+    with pytest.raises(TypeError):
+        sink.add_partial(3, 42)
+    sink.close(complete=False)
+
+
+# --- object ------------------------------------------------------------------------------
+
+
+def test_object_sink_orders_shuffled_results() -> None:
+    """Out-of-order arrivals come back as one list in argument order, errors in place."""
+    sink = ObjectSink()
+    _feed(sink, _items())
+    sink.close(complete=True)
+    expected = [_error(i) if i in FAILING else i * i for i in range(N)]
+    assert sink.value() == expected
+    assert all(isinstance(sink.value()[i], TaskErrorInfo) for i in FAILING)
+    assert sink.summary()["missing"] == 0
+
+
+def test_object_sink_marks_gaps_of_failed_job() -> None:
+    """A job that stopped early leaves MISSING (not None) where results never came."""
+    sink = ObjectSink()
+    sink.add(2, 2, None, None)
+    sink.add(0, 0, "zero", None)
+    sink.close(complete=False)
+    assert sink.value() == ["zero", MISSING, None]
+    assert sink.value()[1] is MISSING and sink.value()[2] is None
+    assert sink.summary()["missing"] == 1
+    assert pickle.loads(pickle.dumps(MISSING)) is MISSING
+
+
+def test_object_sink_rejects_duplicates() -> None:
+    """A result delivered twice is a scheduler bug; the object sink catches it."""
+    sink = ObjectSink()
+    sink.add(0, 0, 1, None)
+    with pytest.raises(ValueError):
+        sink.add(0, 0, 1, None)
+    assert sink.done == 1
+
+
+# --- stream ------------------------------------------------------------------------------
+
+
+def test_stream_sink_writes_json_lines_in_arrival_order() -> None:
+    """Each item becomes one JSON line at once, in arrival order; odd results are flagged repr."""
+    out = io.StringIO()
+    sink = StreamSink(out=out)
+    sink.add(2, "a", (1, 2), None)
+    assert out.getvalue().count("\n") == 1
+    sink.add(0, "b", b"raw", None)
+    sink.add(1, "c", None, _error(1))
+    sink.add(3, "d", {1: Opaque()}, None)
+    sink.close(complete=True)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines == [
+        {"index": 2, "result": [1, 2]},
+        {"index": 0, "result": "b'raw'", "repr": True},
+        {"index": 1, "error": _error(1).to_json()},
+        {"index": 3, "result": "{1: Opaque()}", "repr": True},
+    ]
+    assert sink.value() == {"mode": "stream", "done": 3, "failed": 1}
+
+
+class CountingStream(io.StringIO):
+    """A text stream that records how many lines were written when each flush happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed_at: list[int] = []
+
+    def flush(self) -> None:
+        self.flushed_at.append(self.getvalue().count("\n"))
+        super().flush()
+
+
+def test_stream_sink_flushes_every_line() -> None:
+    """Each line is flushed as it is written, so a reader on a pipe sees it without waiting."""
+    out = CountingStream()
+    sink = StreamSink(out=out)
+    for i in range(3):
+        sink.add(i, i, i, None)
+        assert out.flushed_at[-1] == i + 1
+    sink.close(complete=True)
+
+
+def test_stream_sink_calls_back_immediately() -> None:
+    """With a callback, each add calls it before returning, with the error passed through."""
+    calls: list[tuple[int, Any, Any]] = []
+    sink = StreamSink(on_item=lambda i, r, e: calls.append((i, r, e)))
+    for n, item in enumerate(_items(10, {4})):
+        sink.add(*item)
+        assert len(calls) == n + 1
+        assert calls[-1] == (item[0], item[2], item[3])
+    sink.close(complete=True)
+
+
+def test_stream_sink_refuses_callback_and_stream_together() -> None:
+    """Giving both on_item and out is ambiguous, so it is refused."""
+    with pytest.raises(ValueError):
+        StreamSink(on_item=lambda i, r, e: None, out=io.StringIO())
+
+
+# --- sqlite ------------------------------------------------------------------------------
+
+
+def test_sqlite_sink_rows_all_committed_after_close(tmp_path: Path) -> None:
+    """After close every row, shuffled and with errors, is visible to another connection."""
+    path = tmp_path / "results.db"
+    sink = SqliteSink(path, batch_size=7)
+    assert sink.needs_arguments
+    items = _items()
+    items.append((N, {1: 2}, Opaque(), None))
+    _feed(sink, items)
+    sink.close(complete=True)
+    rows = _rows(path)
+    assert [row[0] for row in rows] == list(range(N + 1))
+    for idx, argument, result, error, arg_repr, result_repr in rows[:N]:
+        assert (json.loads(argument), arg_repr, result_repr) == (idx, 0, 0)
+        if idx in FAILING:
+            assert result is None
+            assert json.loads(error) == _error(idx).to_json()
+        else:
+            assert (json.loads(result), error) == (idx * idx, None)
+    assert rows[N][1:] == ('"{1: 2}"', '"Opaque()"', None, 1, 1)
+    assert sink.committed == N + 1
+    assert sink.summary() == {
+        "mode": "sqlite",
+        "done": N + 1 - len(FAILING),
+        "failed": len(FAILING),
+        "output": str(path),
+        "table": "results",
+    }
+
+
+def test_sqlite_sink_none_result_is_not_sql_null(tmp_path: Path) -> None:
+    """A task returning None stores JSON null, so SQL NULL in result means 'failed' only."""
+    path = tmp_path / "r.db"
+    sink = SqliteSink(path)
+    sink.add(0, 0, None, None)
+    sink.close(complete=True)
+    assert _rows(path) == [(0, "0", "null", None, 0, 0)]
+
+
+def test_sqlite_sink_commits_by_batch_size(tmp_path: Path) -> None:
+    """With a frozen clock, rows become visible exactly when a full batch is pending."""
+    path = tmp_path / "r.db"
+    sink = SqliteSink(path, batch_size=4, clock=FakeClock())
+    for i in range(3):
+        sink.add(i, i, i, None)
+    assert _rows(path) == []
+    sink.add(3, 3, 3, None)
+    assert len(_rows(path)) == 4
+    sink.add(4, 4, 4, None)
+    assert len(_rows(path)) == 4
+    sink.close(complete=True)
+    assert len(_rows(path)) == 5
+
+
+def test_sqlite_sink_commits_by_elapsed_time(tmp_path: Path) -> None:
+    """Pending rows are committed on the first add once the oldest has waited `interval`."""
+    path = tmp_path / "r.db"
+    clock = FakeClock()
+    sink = SqliteSink(path, batch_size=1000, interval=0.5, clock=clock)
+    sink.add(0, 0, 0, None)
+    clock.now += 0.3
+    sink.add(1, 1, 1, None)
+    assert _rows(path) == []
+    clock.now += 0.19
+    sink.add(2, 2, 2, None)
+    assert _rows(path) == []
+    clock.now += 0.01
+    sink.add(3, 3, 3, None)
+    assert len(_rows(path)) == 4
+    # The timer restarts with the next pending row, not at the last commit.
+    clock.now += 10
+    sink.add(4, 4, 4, None)
+    assert len(_rows(path)) == 4
+    clock.now += 0.5
+    sink.flush()
+    assert len(_rows(path)) == 5
+    sink.close(complete=True)
+
+
+def test_sqlite_sink_keeps_rows_of_failed_job(tmp_path: Path) -> None:
+    """close(complete=False) still commits everything that arrived."""
+    path = tmp_path / "r.db"
+    sink = SqliteSink(path, clock=FakeClock())
+    _feed(sink, _items()[:10])
+    sink.close(complete=False)
+    assert len(_rows(path)) == 10
+
+
+def test_sqlite_sink_replaces_results_table_only(tmp_path: Path) -> None:
+    """A rerun replaces an old results table but leaves the file's other tables alone."""
+    path = tmp_path / "r.db"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE results (idx INTEGER PRIMARY KEY, junk TEXT)")
+        conn.execute("INSERT INTO results VALUES (99, 'old')")
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+    sink = SqliteSink(path)
+    sink.add(0, "a", "b", None)
+    sink.close(complete=True)
+    assert _rows(path) == [(0, '"a"', '"b"', None, 0, 0)]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT text FROM notes").fetchall() == [("keep me",)]
+
+
+def test_sqlite_sink_bad_output_is_config_error(tmp_path: Path) -> None:
+    """An unopenable path or a non-database file is the user's mistake: ConfigError."""
+    with pytest.raises(ConfigError, match="no-such-dir"):
+        SqliteSink(tmp_path / "no-such-dir" / "r.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a sqlite database, just text" * 100)
+    with pytest.raises(ConfigError, match="junk.db"):
+        SqliteSink(junk)
+
+
+# --- file --------------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_file_sink_writes_shuffled_results_in_order(tmp_path: Path) -> None:
+    """Shuffled arrivals with errors end up as one JSON line per index, in index order."""
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(path)
+    _feed(sink, _items())
+    sink.add(N, N, Opaque(), None)
+    sink.close(complete=True)
+    expected = [
+        {"index": i, "error": _error(i).to_json()}
+        if i in FAILING
+        else {"index": i, "result": i * i}
+        for i in range(N)
+    ]
+    expected.append({"index": N, "result": "Opaque()", "repr": True})
+    assert _lines(path) == expected
+    assert sink.summary()["lines"] == N + 1
+    assert sink.buffered == 0
+
+
+def test_file_sink_buffer_bounded_by_reorder_window(tmp_path: Path) -> None:
+    """Arrivals reversed within windows of W hold at most W-1 items, and the prefix is written.
+
+    After each window completes, the file holds exactly the contiguous prefix so far;
+    a fully reversed run, by contrast, has to hold everything but one item.
+    """
+    window, n = 8, 64
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(path)
+    for start in range(0, n, window):
+        for i in reversed(range(start, start + window)):
+            sink.add(i, i, i, None)
+            assert sink.buffered <= window - 1
+        sink.flush()
+        assert [line["index"] for line in _lines(path)] == list(range(start + window))
+    assert sink.max_buffered == window - 1
+    sink.close(complete=True)
+
+    reversed_sink = FileSink(tmp_path / "reversed.jsonl")
+    for i in reversed(range(n)):
+        reversed_sink.add(i, i, i, None)
+    assert reversed_sink.max_buffered == n - 1
+    reversed_sink.close(complete=True)
+
+
+def test_file_sink_incomplete_job_writes_held_items_sorted(tmp_path: Path) -> None:
+    """close(complete=False) writes the in-order prefix, then held items by index, gaps left."""
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(path)
+    for i in (7, 1, 0, 5, 3):
+        sink.add(i, i, i, None)
+    assert sink.buffered == 3
+    sink.close(complete=False)
+    assert [line["index"] for line in _lines(path)] == [0, 1, 3, 5, 7]
+
+
+def test_file_sink_rejects_duplicates(tmp_path: Path) -> None:
+    """A repeated index (already written or still held) would break ordering and is refused."""
+    sink = FileSink(tmp_path / "out.jsonl")
+    sink.add(0, 0, 0, None)
+    sink.add(2, 2, 2, None)
+    for index in (0, 2):
+        with pytest.raises(ValueError):
+            sink.add(index, index, index, None)
+    sink.close(complete=False)
+
+
+def test_file_sink_bad_output_is_config_error(tmp_path: Path) -> None:
+    """An output path that cannot be opened is reported as ConfigError naming it."""
+    with pytest.raises(ConfigError, match="no-such-dir"):
+        FileSink(tmp_path / "no-such-dir" / "out.jsonl")
+
+
+# --- reduce and none ---------------------------------------------------------------------
+
+
+def test_reduce_sink_folds_shuffled_results() -> None:
+    """A commutative, associative fold gives the same value whatever the arrival order."""
+    sink = ReduceSink(lambda a, b: a + b)
+    _feed(sink, _items(failing=set()))
+    sink.close(complete=True)
+    assert sink.value() == sum(i * i for i in range(N))
+
+
+def test_reduce_sink_mixes_partials_and_adds() -> None:
+    """Node partials and single results fold together; a partial counts all it covers."""
+    sink = ReduceSink(lambda a, b: a + b)
+    sink.add(9, 9, 81, None)
+    sink.add_partial(5, sum(i * i for i in range(5)))
+    sink.add(5, 5, None, _error(5))
+    sink.add_partial(3, 36 + 49 + 64)
+    sink.close(complete=False)
+    assert sink.value() == sum(i * i for i in range(10) if i != 5)
+    assert (sink.done, sink.failed) == (9, 1)
+    assert sink.summary()["errors"] == [{"index": 5, **_error(5).to_json()}]
+
+
+def test_reduce_sink_partial_must_cover_something() -> None:
+    """A partial over zero results is a caller bug and does not touch the accumulator."""
+    sink = ReduceSink(lambda a, b: a + b)
+    with pytest.raises(ValueError):
+        sink.add_partial(0, 10)
+    with pytest.raises(JobFailed):
+        sink.value()
+
+
+def test_reduce_sink_keeps_at_most_100_errors() -> None:
+    """Errors are all counted, but only the first 100 are kept, so memory stays bounded."""
+    sink = ReduceSink(lambda a, b: a + b)
+    for i in range(250):
+        sink.add(i, i, None, _error(i))
+    sink.add(250, 250, 1, None)
+    assert sink.failed == 250
+    assert len(sink.errors) == ReduceSink.MAX_ERRORS_KEPT == 100
+    assert [e.index for e in sink.errors] == list(range(100))
+    assert sink.value() == 1
+
+
+def test_reduce_sink_nothing_to_reduce() -> None:
+    """With only failures, value() raises JobFailed chained to the first remote error."""
+    sink = ReduceSink(lambda a, b: a + b)
+    sink.add(0, 0, None, _error(0))
+    sink.close(complete=True)
+    with pytest.raises(JobFailed, match="no results to reduce") as caught:
+        sink.value()
+    assert isinstance(caught.value.__cause__, RemoteTaskError)
+    assert caught.value.__cause__.index == 0
+
+
+def test_reduce_sink_fn_error_propagates_and_keeps_accumulator() -> None:
+    """A failing reduce_fn raises to the caller and leaves the folded value unchanged."""
+
+    def picky(acc: int, value: int) -> int:
+        if value < 0:
+            raise ArithmeticError("negative")
+        return acc + value
+
+    sink = ReduceSink(picky)
+    sink.add(0, 0, 1, None)
+    with pytest.raises(ArithmeticError):
+        sink.add(1, 1, -1, None)
+    sink.add(2, 2, 2, None)
+    assert sink.value() == 3
+    assert sink.done == 2
+
+
+def test_none_sink_only_counts() -> None:
+    """The none mode's value is the number of successes; failures show in the summary."""
+    sink = NoneSink()
+    _feed(sink, _items())
+    sink.close(complete=True)
+    assert sink.value() == N - len(FAILING)
+    assert sink.summary() == {"mode": "none", "done": N - len(FAILING), "failed": len(FAILING)}
+
+
+# --- make_sink ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "cls"),
+    [
+        ("object", {}, ObjectSink),
+        ("stream", {"out": io.StringIO()}, StreamSink),
+        ("sqlite", {"output": "r.db"}, SqliteSink),
+        ("file", {"output": "r.jsonl"}, FileSink),
+        ("reduce", {"reduce_fn": max}, ReduceSink),
+        ("none", {"on_item": print}, NoneSink),
+    ],
+)
+def test_make_sink_builds_each_mode(
+    mode: str, kwargs: dict[str, Any], cls: type[Sink], tmp_path: Path
+) -> None:
+    """Each response mode name yields its sink class, with mode matching the name."""
+    if "output" in kwargs:
+        kwargs = {**kwargs, "output": tmp_path / kwargs["output"]}
+    sink = make_sink(mode, **kwargs)
+    assert type(sink) is cls and sink.mode == mode
+    sink.close(complete=False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "message"),
+    [
+        ("objects", {}, "unknown response mode 'objects'"),
+        ("", {}, "unknown response mode"),
+        ("sqlite", {}, "needs an output path"),
+        ("file", {}, "needs an output path"),
+        ("reduce", {}, "needs a reduce function"),
+        ("object", {"output": "x.db"}, "does not write an output file"),
+        ("file", {"output": "x", "reduce_fn": max}, "does not take a reduce function"),
+    ],
+)
+def test_make_sink_rejects_bad_settings(mode: str, kwargs: dict[str, Any], message: str) -> None:
+    """Unknown modes and settings a mode cannot honour are ConfigErrors naming the problem."""
+    with pytest.raises(ConfigError, match=message):
+        make_sink(mode, **kwargs)
