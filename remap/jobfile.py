@@ -101,52 +101,15 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> JobSpec:
 
     if "function" not in values:
         raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")
-
-    given = [key for key in ARG_SOURCES if key in values]
-    if not given:
-        raise ConfigError(
-            f"{source}:{root_line}: no argument source: give exactly one of "
-            + ", ".join(f"'{key}'" for key in ARG_SOURCES)
-        )
-    if len(given) > 1:
-        last = max(given, key=lambda key: entries[key].key_line)
-        raise ConfigError(
-            f"{source}:{entries[last].key_line}: keys "
-            + ", ".join(f"'{key}'" for key in given)
-            + " each give the arguments: keep exactly one of them"
-        )
-
+    _check_sources(entries, values, source, root_line)
     mode = values.get("response_mode", "object")
-    if mode in OUTPUT_REQUIRED and "output" not in values:
-        where = entries["response_mode"]
-        raise ConfigError(
-            f"{source}:{where.key_line}: key 'response_mode': {mode!r} needs key 'output' "
-            "(where to write the results)"
-        )
-    if "output" in values and mode not in OUTPUT_ALLOWED:
-        allowed = ", ".join(sorted(OUTPUT_ALLOWED))
-        raise ConfigError(
-            f"{source}:{entries['output'].key_line}: key 'output': not used when response_mode "
-            f"is {mode!r} (only {allowed})"
-        )
-    if mode == "reduce" and "reduce" not in values:
-        where = entries["response_mode"]
-        raise ConfigError(
-            f"{source}:{where.key_line}: key 'response_mode': 'reduce' needs key 'reduce' "
-            "(the function that combines two results)"
-        )
-    if "reduce" in values and mode != "reduce":
-        raise ConfigError(
-            f"{source}:{entries['reduce'].key_line}: key 'reduce': only used when "
-            f"response_mode is 'reduce', not {mode!r}"
-        )
-
+    _check_mode(entries, values, source, mode)
     if values.get("star"):
         _check_star(entries, values)
 
     args_path = None
     if "args_path" in values:
-        args_path = _existing_file(entries["args_path"], base_dir, values["args_path"], source)
+        args_path = _existing_file(entries["args_path"], base_dir, values["args_path"])
     output = _resolve(base_dir, values["output"]) if "output" in values else None
 
     return JobSpec(
@@ -276,7 +239,7 @@ def _resolve(base_dir: Path, text: str) -> Path:
     return (base_dir / Path(text).expanduser()).resolve()
 
 
-def _existing_file(entry: _Entry, base_dir: Path, text: str, source: str) -> Path:
+def _existing_file(entry: _Entry, base_dir: Path, text: str) -> Path:
     """Check the argument file now: failing after the job started would waste the cluster."""
     path = _resolve(base_dir, text)
     if not path.exists():
@@ -286,6 +249,52 @@ def _existing_file(entry: _Entry, base_dir: Path, text: str, source: str) -> Pat
     if not os.access(path, os.R_OK):
         raise entry.fail(f"file is not readable: {path}")
     return path
+
+
+def _check_sources(
+    entries: dict[str, _Entry], values: dict[str, Any], source: str, root_line: int
+) -> None:
+    """Exactly one argument source: two would leave it unclear which arguments run."""
+    given = [key for key in ARG_SOURCES if key in values]
+    if not given:
+        raise ConfigError(
+            f"{source}:{root_line}: no argument source: give exactly one of "
+            + ", ".join(f"'{key}'" for key in ARG_SOURCES)
+        )
+    if len(given) > 1:
+        last = max(given, key=lambda key: entries[key].key_line)
+        raise ConfigError(
+            f"{source}:{entries[last].key_line}: keys "
+            + ", ".join(f"'{key}'" for key in given)
+            + " each give the arguments: keep exactly one of them"
+        )
+
+
+def _check_mode(entries: dict[str, _Entry], values: dict[str, Any], source: str, mode: str) -> None:
+    """``output`` and ``reduce`` must be present exactly when the response mode uses them."""
+    if mode in OUTPUT_REQUIRED and "output" not in values:
+        where = entries["response_mode"]
+        raise ConfigError(
+            f"{source}:{where.key_line}: key 'response_mode': {mode!r} needs key 'output' "
+            "(where to write the results)"
+        )
+    if "output" in values and mode not in OUTPUT_ALLOWED:
+        allowed = ", ".join(sorted(OUTPUT_ALLOWED))
+        raise ConfigError(
+            f"{source}:{entries['output'].key_line}: key 'output': not used when response_mode "
+            f"is {mode!r} (only {allowed})"
+        )
+    if mode == "reduce" and "reduce" not in values:
+        where = entries["response_mode"]
+        raise ConfigError(
+            f"{source}:{where.key_line}: key 'response_mode': 'reduce' needs key 'reduce' "
+            "(the function that combines two results)"
+        )
+    if "reduce" in values and mode != "reduce":
+        raise ConfigError(
+            f"{source}:{entries['reduce'].key_line}: key 'reduce': only used when "
+            f"response_mode is 'reduce', not {mode!r}"
+        )
 
 
 def _check_star(entries: dict[str, _Entry], values: dict[str, Any]) -> None:
@@ -499,7 +508,7 @@ def _iter_json_lines(path: Path, *, star: bool) -> Iterator[Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read arguments: {exc.strerror or exc}") from None
     with handle:
-        for lineno, raw in enumerate(handle.read().splitlines(keepends=True), start=1):
+        for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:

@@ -37,7 +37,6 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
-    http_port: int | None = None
     cores: int | None = None
     group: str | None = None
     heartbeat_interval: float = 2.0
@@ -142,7 +141,6 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "tls_cert": ("REMAP_TLS_CERT", _text, "PEM certificate file the server presents (turns TLS on)"),
     "tls_key": ("REMAP_TLS_KEY", _text, "PEM private key file for REMAP_TLS_CERT"),
     "tls_ca": ("REMAP_TLS_CA", _text, "PEM CA certificate file used to verify the server"),
-    "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the optional dashboard and HTTP API; empty = off"),
     "cores": ("REMAP_CORES", _integer(1), "cores a node uses; empty = CPU count - 1, at least 1"),
     "group": ("REMAP_GROUP", _text, "group a node belongs to; jobs may ask for a group"),
     "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),

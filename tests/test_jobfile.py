@@ -11,6 +11,7 @@ import operator
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
 from remap.jobfile import (
@@ -374,6 +377,49 @@ def test_argument_file_deleted_after_load(base: Path) -> None:
     spec.args_path.unlink()
     with pytest.raises(ConfigError, match="cannot read arguments"):
         list(iter_arguments(spec))
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+NO_FIXTURE_CHECK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@NO_FIXTURE_CHECK
+@given(values=st.lists(JSON_VALUES, max_size=20))
+def test_argument_file_round_trips_any_json(values: list[Any]) -> None:
+    """Any JSON values written one per line come back equal and in order."""
+    with tempfile.TemporaryDirectory() as directory:
+        base = Path(directory)
+        content = "".join(json.dumps(value) + "\n" for value in values)
+        (base / "in.jsonl").write_text(content, encoding="utf-8")
+        spec = load_job_text(F + "args_path: in.jsonl\n", base)
+        assert list(iter_arguments(spec)) == values
+        assert count_arguments(spec) is None
+
+
+@NO_FIXTURE_CHECK
+@given(
+    start=st.integers(-1000, 1000),
+    stop=st.integers(-1000, 1000),
+    step=st.integers(-50, 50).filter(bool) | st.none(),
+)
+def test_args_range_matches_python_range(start: int, stop: int, step: int | None) -> None:
+    """args_range means exactly Python's range(), and its count is known without iterating."""
+    bounds = [start, stop] if step is None else [start, stop, step]
+    spec = load_job_text(F + f"args_range: {bounds}\n", Path("/"))
+    expected = list(range(*bounds))
+    assert list(iter_arguments(spec)) == expected
+    assert count_arguments(spec) == len(expected)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")

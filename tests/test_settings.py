@@ -57,7 +57,6 @@ def test_defaults_without_any_source() -> None:
         ("REMAP_TLS_CERT", "/etc/remap/cert.pem", "tls_cert", "/etc/remap/cert.pem"),
         ("REMAP_TLS_KEY", "key.pem", "tls_key", "key.pem"),
         ("REMAP_TLS_CA", "ca.pem", "tls_ca", "ca.pem"),
-        ("REMAP_HTTP_PORT", "8080", "http_port", 8080),
         ("REMAP_CORES", "4", "cores", 4),
         ("REMAP_GROUP", "gpu", "group", "gpu"),
         ("REMAP_HEARTBEAT_INTERVAL", "0.5", "heartbeat_interval", 0.5),
