@@ -86,7 +86,7 @@ def test_environment_values_are_converted(
         ({"REMAP_PORT": "1.5"}, "REMAP_PORT from environment: expected an integer, got '1.5'"),
         ({"REMAP_PORT": "70000"}, "REMAP_PORT from environment: expected an integer from 0 to 65535"),
         ({"REMAP_PORT": "-1"}, "REMAP_PORT from environment: expected an integer from 0 to 65535"),
-        ({"REMAP_HTTP_PORT": "65536"}, "REMAP_HTTP_PORT from environment: expected an integer from 0"),
+        ({"REMAP_PORT": "65536"}, "REMAP_PORT from environment: expected an integer from 0"),
         ({"REMAP_CORES": "0"}, "REMAP_CORES from environment: expected an integer >= 1, got '0'"),
         ({"REMAP_HEARTBEAT_MISSES": "0"}, "REMAP_HEARTBEAT_MISSES from environment: expected an integer >= 1"),
         ({"REMAP_MAX_FRAME": "lots"}, "REMAP_MAX_FRAME from environment: expected an integer"),
