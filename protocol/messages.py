@@ -349,6 +349,7 @@ class Submit(Message):
     star: bool = False
     total: int = -1
     wait_for_nodes: float | None = None
+    output: str | None = None
     payload: bytes = b""
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from protocol import Authenticated, messages as m
+from protocol import Authenticated
+from protocol import messages as m
 from protocol.errors import (
     ERROR_CODES,
     ConnectionLost,
@@ -49,6 +50,7 @@ class JobParams:
     detach: bool = False
     star: bool = False
     wait_for_nodes: float | None = None
+    output: str | None = None
 
 
 @dataclass
@@ -240,7 +242,8 @@ class ClusterClient:
                                timeout=p.timeout, on_error=p.on_error, chunksize=p.chunksize,
                                priority=p.priority, detach=p.detach, star=p.star,
                                total=run.total_hint if run.total_hint is not None else -1,
-                               wait_for_nodes=p.wait_for_nodes, payload=run.fn_blob))
+                               wait_for_nodes=p.wait_for_nodes, output=p.output,
+                               payload=run.fn_blob))
         except RemapError as exc:
             del self._submits[rid]
             run.fail(exc)

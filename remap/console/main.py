@@ -101,6 +101,10 @@ class Console:
 
     def cmd_compute(self, args: argparse.Namespace) -> int:
         spec = load_job(args.job)
+        detach = args.detach or spec.detach
+        if detach and not self.session.settings.server:
+            raise UsageError("compute --detach needs a server (--server or REMAP_SERVER): an embedded "
+                             "cluster ends with its console")
         stream_json = args.json and spec.response_mode == "stream"
         show_stream = spec.response_mode == "stream"
 
@@ -125,10 +129,10 @@ class Console:
                 progress.clear()
             self.note(text.rstrip("\n"))
 
-        run, future = self.session.start_job(spec, sink, detach=args.detach,
+        run, future = self.session.start_job(spec, sink, detach=detach,
                                              wait_for_nodes=args.wait_for_nodes,
                                              on_notice=on_notice, on_output=on_output)
-        if args.detach:
+        if detach:
             return self._detached(run, future, args)
         try:
             outcome = self._wait(run, future, progress, notes)
@@ -232,13 +236,29 @@ class Console:
         return 0
 
     def cmd_attach(self, args: argparse.Namespace) -> int:
+        """Collect a detached job's results into the sink its job file asked for."""
         from ..sinks import make_sink
 
-        sink = make_sink("object")
+        jobs = {j["id"]: j for j in self.session.request("status")["jobs"]}
+        job = jobs.get(args.job)
+        if job is None:
+            raise UsageError(f"no job {args.job} on the server (see: remap jobs)")
+        mode = job["mode"]
+        if mode == "reduce":
+            raise UsageError("attach cannot fold a reduce job's results: it has no reduce function; "
+                             "run reduce jobs attached")
+        output = job.get("output")
+        sink = make_sink(mode if mode != "stream" else "object",
+                         output=output if mode in ("sqlite", "file") else None)
         run, future = self.session.attach(args.job, sink)
         outcome = future.result()
-        values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
-        self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+        if mode in ("object", "stream"):
+            values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
+            self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+        else:
+            summary = {**sink.summary(), "job": outcome.job, "state": outcome.state}
+            self.say(json.dumps(summary) if args.json else
+                     f"{summary.get('done', 0)} results" + (f" written to {output}" if output else ""))
         if outcome.failed:
             self.note(f"{outcome.failed} argument(s) failed")
         return 0

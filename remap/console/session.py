@@ -31,7 +31,8 @@ def params_for(spec: JobSpec, *, detach: bool = False, wait_for_nodes: float | N
     return JobParams(name=spec.name, mode=spec.response_mode, group=spec.group, retries=spec.retries,
                      timeout=spec.timeout, on_error=spec.on_error, chunksize=spec.chunksize or 0,
                      priority=spec.priority, detach=detach or spec.detach, star=spec.star,
-                     wait_for_nodes=wait_for_nodes)
+                     wait_for_nodes=wait_for_nodes,
+                     output=str(spec.output) if spec.output else None)
 
 
 class Session:

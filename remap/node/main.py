@@ -43,7 +43,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             stopped.callback(None)
 
     node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused)
-    print(f"remap node: {node.pool.size} cores, connecting to {settings.server or '127.0.0.1:%d' % settings.port}",
+    print(f"remap node: {node.pool.size} cores, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
           file=sys.stderr, flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: shutdown("reactor stopping"))
     await stopped

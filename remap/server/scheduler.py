@@ -31,7 +31,8 @@ from protocol import messages as m
 #: seconds of work a batch should hold on one core, when call times are known
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH_ARGS = 50_000
-MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: bytes of arguments a batch may carry: an argument of more than half of this travels alone
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
 PREFETCH = 2
 #: bound on argument bytes queued on the server per job (console windowing keeps to it)
@@ -174,10 +175,12 @@ class JobState:
     detach: bool = False
     star: bool = False
     total: int = -1
+    output: str | None = None
     submitted_at: float = 0.0
     state: str = "running"
     message: str = ""
     received: int = 0
+    received_bytes: int = 0
     args_ended: bool = False
     pending: deque[Segment] = field(default_factory=deque)
     pending_count: int = 0
@@ -188,6 +191,7 @@ class JobState:
     failed: int = 0
     per_call: float | None = None  # EWMA of core seconds per argument
     waiting: str = ""
+    attached: bool = False  # a console asked for this detached job's results
     stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
@@ -215,6 +219,7 @@ class JobState:
             "elapsed": round(elapsed, 2),
             "waiting": self.waiting,
             "detached": self.detach,
+            "output": self.output,
             "attached": self.console is not None,
             "message": self.message,
         }
@@ -316,6 +321,7 @@ class Scheduler:
             detach=msg.detach,
             star=msg.star,
             total=msg.total,
+            output=msg.output,
             submitted_at=now,
         )
         self.jobs[job.id] = job
@@ -361,6 +367,7 @@ class Scheduler:
             return "argument sizes do not add up to the payload"
         job.granted -= n
         job.received += n
+        job.received_bytes += len(msg.payload)
         if n:
             job.pending.append(Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload)))
             job.pending_count += n
@@ -409,6 +416,7 @@ class Scheduler:
         if job is None or (job.console is not None and job.console is not console):
             return None
         job.console = console
+        job.attached = True
         for msg in job.stored:
             console.send(msg)
         job.stored.clear()
@@ -474,8 +482,13 @@ class Scheduler:
             return
         if job.pending_bytes >= MAX_PENDING_BYTES:
             return
-        want = self._window(job) - job.pending_count - job.granted
-        if want >= max(1, self._window(job) // 4):
+        window = self._window(job)
+        if job.received:
+            # once argument sizes are known, the window is also bounded in bytes
+            per_arg = max(1, job.received_bytes // job.received)
+            window = max(1, min(window, MAX_PENDING_BYTES // per_arg))
+        want = window - job.pending_count - job.granted
+        if want >= max(1, window // 4):
             job.granted += want
             job.console.send(m.Grant(job=job.id, count=want))
 
@@ -490,11 +503,17 @@ class Scheduler:
         return max(1, min(MAX_BATCH_ARGS, size))
 
     def _fair_share(self, job: JobState, size: int) -> int:
-        """Shrink batches near the end of a known-size job so every core gets some of the tail."""
-        if not job.args_ended:
+        """Shrink batches near the end of a known-size job so every core gets some of the tail.
+
+        The size is known from ``args_end`` or from the console's ``total`` hint; the hint
+        matters because a small job's arguments are dispatched before its ``args_end``
+        arrives. An explicit ``chunksize`` is kept as given.
+        """
+        if job.chunksize or job.total < 0:
             return size
+        left = job.pending_count + max(0, job.total - job.received)
         cores = sum(n.credits for n in self.nodes.values() if self._group_ok(n, job)) or 1
-        return max(1, min(size, -(-job.pending_count // cores)))
+        return max(1, min(size, -(-left // cores)))
 
     def _next_job(self, node: NodeState) -> JobState | None:
         best: JobState | None = None
@@ -561,9 +580,13 @@ class Scheduler:
         if task is None:
             return  # late answer for work already re-queued, cancelled or finished
         job, seg = task.job, task.segment
-        if not msg.partial and len(msg.sizes) != len(seg):
-            self.log.error("node {id} answered task {t} with {n} results for {k} arguments",
-                           id=node_id, t=msg.task, n=len(msg.sizes), k=len(seg))
+        problem = self._malformed(msg, len(seg))
+        if problem:
+            # the arguments go back to the queue and this node gets nothing more
+            self.log.error("node {id} answered task {t} wrongly: {problem}",
+                           id=node_id, t=msg.task, problem=problem)
+            self._requeue(job, seg)
+            self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
             node.link.close()
             return
         if msg.elapsed > 0 and len(seg):
@@ -581,6 +604,20 @@ class Scheduler:
             return
         self._maybe_complete(job)
         self.pump()
+
+    @staticmethod
+    def _malformed(msg: m.TaskResult, n: int) -> str:
+        """Why a node's answer to a task of ``n`` arguments cannot be delivered, or ''."""
+        if not msg.partial and len(msg.sizes) != n:
+            return f"{len(msg.sizes)} results for {n} arguments"
+        if msg.partial and len(msg.sizes) > 1:
+            return f"a partial fold of {len(msg.sizes)} pickles"
+        if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
+            return "result sizes do not add up to the payload"
+        positions = [e[0] if e else None for e in msg.errors]
+        if any(type(p) is not int or not 0 <= p < n for p in positions) or len(set(positions)) != len(positions):
+            return "error positions out of range or repeated"
+        return ""
 
     def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
         """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
@@ -632,10 +669,11 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
-        if job.console is not None:
-            job.console.send(msg)
-        elif job.detach:
+        # a detached job's submitter only feeds arguments: results wait for `attach`
+        if job.detach and not job.attached:
             job.stored.append(msg)
+        elif job.console is not None:
+            job.console.send(msg)
 
     # ================================================================ status
 
