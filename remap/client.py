@@ -98,9 +98,9 @@ class JobRun:
         self.send_arguments()
 
     def _next_chunk(self, limit: int) -> list[Any]:
-        items = self._peeked
-        self._peeked = []
-        items.extend(itertools.islice(self.arguments, limit - len(items)))
+        items, self._peeked = self._peeked[:limit], self._peeked[limit:]
+        if len(items) < limit:
+            items.extend(itertools.islice(self.arguments, limit - len(items)))
         return items
 
     def send_arguments(self) -> None:
@@ -111,7 +111,8 @@ class JobRun:
             while self._granted > 0:
                 items = self._next_chunk(min(self._granted, CHUNK_ARGS))
                 if items:
-                    blobs = [dumps(a) for a in items]
+                    blobs = self._pickle_chunk(items)
+                    items = items[: len(blobs)]
                     if self.sink.needs_arguments:
                         self._args.update(zip(range(self.sent, self.sent + len(items)), items))
                     self._client.send(m.Args(job=self.job_id, start=self.sent,
@@ -131,6 +132,19 @@ class JobRun:
             self.fail(error)
         finally:
             self._sending = False
+
+    def _pickle_chunk(self, items: list[Any]) -> list[bytes]:
+        """Pickle items until the chunk reaches CHUNK_BYTES; the rest wait for the next message."""
+        blobs: list[bytes] = []
+        size = 0
+        for k, item in enumerate(items):
+            blob = dumps(item)
+            blobs.append(blob)
+            size += len(blob)
+            if size >= CHUNK_BYTES and k + 1 < len(items):
+                self._peeked = items[k + 1 :] + self._peeked
+                break
+        return blobs
 
     # ------------------------------------------------------------- results in
 
@@ -154,7 +168,7 @@ class JobRun:
             if entry is None:
                 sink.add(index, pop(index, None), pickle.loads(blob), None)
             else:
-                sink.add(index, pop(index, None), None, _error_info(index, entry))
+                sink.add(index, pop(index, None), None, _error_info(index, entry, blob))
         self.failed += len(errors)
         self.done += len(msg.indices) - len(errors)
 
@@ -178,9 +192,21 @@ class JobRun:
             self.finished.errback(error)
 
 
-def _error_info(index: int, entry: list[Any]) -> TaskErrorInfo:
+def _error_info(index: int, entry: list[Any], blob: bytes | memoryview = b"") -> TaskErrorInfo:
     _, type_name, message, tb = (list(entry) + ["", "", ""])[:4]
-    return TaskErrorInfo(index=index, type_name=str(type_name), message=str(message), traceback=str(tb))
+    return TaskErrorInfo(index=index, type_name=str(type_name), message=str(message), traceback=str(tb),
+                         exception=_load_exception(blob))
+
+
+def _load_exception(blob: bytes | memoryview) -> BaseException | None:
+    """The pickled exception a core put in an error's result slot, if this process can rebuild it."""
+    if not blob:
+        return None
+    try:
+        exc = pickle.loads(blob)
+    except Exception:  # its class is not importable here: the type name and traceback still are
+        return None
+    return exc if isinstance(exc, BaseException) else None
 
 
 class ClusterClient:

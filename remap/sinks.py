@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
@@ -52,6 +52,9 @@ class TaskErrorInfo:
     type_name: str
     message: str
     traceback: str = ""
+    #: the exception object itself, when the core could pickle it and this process can rebuild
+    #: it (so the Python API can re-raise the same type); never stored or compared
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, str]:
         """The form written to JSON lines and sqlite (the index lives beside it, not inside)."""

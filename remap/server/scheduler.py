@@ -299,6 +299,9 @@ class Scheduler:
             if node_ref in (node.id, node.host, f"{node.host}:{node.pid}"):
                 node.draining = True
                 self._ready.pop(node.id, None)
+                for job in self.jobs.values():
+                    if not job.finished:
+                        self._check_capacity(job)  # tell consoles left without a node
                 return node
         return None
 
@@ -339,7 +342,10 @@ class Scheduler:
         if any(self._group_ok(n, job) and not n.draining for n in self.nodes.values()):
             job.waiting = ""
             return
-        where = f"in group {job.group!r}" if job.group else "(no node is connected)"
+        if job.group:
+            where = f"in group {job.group!r}"
+        else:
+            where = "(every node is draining)" if self.nodes else "(no node is connected)"
         note = f"waiting for nodes {where}"
         if job.waiting != note:
             job.waiting = note
@@ -396,18 +402,26 @@ class Scheduler:
         return job
 
     def console_lost(self, console: Any) -> None:
+        """Cancel the console's jobs after the grace period, unless detached or re-attached.
+
+        A job whose console left before ``args_end`` can never complete (only that console
+        had the rest of the arguments), so it is cancelled even if detached or attached again.
+        """
         for job in list(self.jobs.values()):
             if job.console is not console:
                 continue
             job.console = None
-            if job.finished or job.detach:
+            if job.finished or (job.detach and job.args_ended):
                 continue
             self.log.info("console of job {id} left; cancelling in {grace}s unless it returns",
                           id=job.id, grace=self.console_grace)
+            why = "its console disconnected"
+            if job.detach:
+                why += f" after sending {job.received} arguments, before the last"
 
-            def cancel(job: JobState = job) -> None:
-                if not job.finished and job.console is None:
-                    self.finish(job, "cancelled", "its console disconnected")
+            def cancel(job: JobState = job, why: str = why) -> None:
+                if not job.finished and (job.console is None or not job.args_ended):
+                    self.finish(job, "cancelled", why)
             job.timers.append(self.clock.callLater(self.console_grace, cancel))
 
     def attach(self, console: Any, job_id: int) -> JobState | None:
@@ -669,11 +683,12 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
-        # a detached job's submitter only feeds arguments: results wait for `attach`
-        if job.detach and not job.attached:
-            job.stored.append(msg)
-        elif job.console is not None:
+        # a detached job's submitter only feeds arguments: results wait for `attach`, and
+        # are kept again whenever no attached console is there to take them
+        if job.console is not None and (job.attached or not job.detach):
             job.console.send(msg)
+        elif job.detach:
+            job.stored.append(msg)
 
     # ================================================================ status
 

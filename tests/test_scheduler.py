@@ -1,0 +1,1050 @@
+"""The scheduler alone: fake links record what it sends, a Clock moves time.
+
+Every test drives :class:`remap.server.scheduler.Scheduler` with the wire messages a
+node or a console would send and reads back the messages it sends, so what is
+asserted is the behaviour a peer sees, not the scheduler's internals (except where a
+bound on internal memory is the point).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from protocol import messages as m
+from remap.blobs import dumps, split
+from remap.server import scheduler as sched_mod
+from remap.server.scheduler import (
+    MAX_BATCH_BYTES,
+    PREFETCH,
+    TARGET_BATCH_SECONDS,
+    Scheduler,
+)
+
+GRACE = 10.0
+
+
+# ============================================================================ fakes
+
+
+class FakeLink:
+    """A link that records every message it is asked to send."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sent: list[m.Message] = []
+        self.closed = False
+
+    def send(self, msg: m.Message) -> None:
+        self.sent.append(msg)
+
+    def close(self, error: Any = None) -> None:
+        self.closed = True
+
+    def of(self, cls: type, job: int | None = None) -> list[Any]:
+        return [x for x in self.sent if isinstance(x, cls) and (job is None or x.job == job)]
+
+    def __repr__(self) -> str:
+        return f"FakeLink({self.name})"
+
+
+def square(x: Any) -> Any:
+    return x * x
+
+
+class FakeNode:
+    """A node as the scheduler sees it: a link, the tasks it holds, and answers it sends."""
+
+    def __init__(
+        self, sched: Scheduler, node_id: str, cores: int = 2, group: str | None = None
+    ) -> None:
+        self.sched = sched
+        self.id = node_id
+        self.cores = cores
+        self.link = FakeLink(node_id)
+        self.tasks: dict[int, m.Task] = {}
+        self.max_held = 0
+        self._seen = 0
+        sched.add_node(
+            node_id,
+            self.link,
+            m.NodeInfo(host=f"host-{node_id}", pid=1000, cores=cores, memory=1 << 30, group=group),
+        )
+        self.poll()
+
+    def poll(self) -> list[m.Task]:
+        """Take in what the server sent since the last poll; a Cancel drops the job's tasks."""
+        for msg in self.link.sent[self._seen :]:
+            if isinstance(msg, m.Task):
+                self.tasks[msg.task] = msg
+            elif isinstance(msg, m.Cancel):
+                self.tasks = {t: task for t, task in self.tasks.items() if task.job != msg.job}
+        self._seen = len(self.link.sent)
+        self.max_held = max(self.max_held, len(self.tasks))
+        return list(self.tasks.values())
+
+    def held(self, job: int | None = None) -> list[m.Task]:
+        return [t for t in self.poll() if job is None or t.job == job]
+
+    def answer(
+        self,
+        task: m.Task,
+        fn: Callable[[Any], Any] = square,
+        *,
+        elapsed: float = 0.0,
+        raise_at: Iterable[int] = (),
+    ) -> m.TaskResult:
+        """Compute a task as a core would (positions in ``raise_at`` raise) and send the result."""
+        self.poll()
+        self.tasks.pop(task.task, None)
+        blobs, errors = [], []
+        fails = set(raise_at)
+        for pos, blob in enumerate(split(task.sizes, task.payload)):
+            if pos in fails:
+                errors.append([pos, "ValueError", f"bad {pos}", "Traceback ..."])
+                blobs.append(b"")
+            else:
+                blobs.append(dumps(fn(pickle.loads(blob))))
+        msg = m.TaskResult(
+            task=task.task,
+            sizes=[len(b) for b in blobs],
+            errors=errors,
+            elapsed=elapsed,
+            payload=b"".join(blobs),
+        )
+        self.sched.task_result(self.id, msg)
+        return msg
+
+    def crash(self, task: m.Task, at: int = -1, reason: str = "crash") -> None:
+        self.poll()
+        self.tasks.pop(task.task, None)
+        self.sched.task_failed(
+            self.id, m.TaskFailed(task=task.task, reason=reason, at=at, message="core died")
+        )
+
+    def answer_all(self, job: int | None = None, **kw: Any) -> int:
+        n = 0
+        for task in self.held(job):
+            self.answer(task, **kw)
+            n += 1
+        return n
+
+    def args_of(self, task: m.Task) -> list[Any]:
+        return [pickle.loads(b) for b in split(task.sizes, task.payload)]
+
+
+class FakeConsole:
+    """A console: submits one job and sends its arguments only as the server grants."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        values: Iterable[Any] = (),
+        *,
+        name: str = "console",
+        end: bool = True,
+        **params: Any,
+    ) -> None:
+        self.sched = sched
+        self.link = FakeLink(name)
+        self.values = list(values)
+        self.sent = 0
+        self.ended = False
+        self.end = end
+        self.errors: list[str] = []
+        params.setdefault("name", "test-job")
+        sched.submit(self.link, m.Submit(id=7, payload=b"fn-blob", **params))
+        (submitted,) = self.link.of(m.Submitted)
+        assert submitted.re == 7
+        self.job = submitted.job
+        self.window = submitted.window
+
+    @property
+    def granted_total(self) -> int:
+        return self.window + sum(g.count for g in self.link.of(m.Grant, self.job))
+
+    @property
+    def allowance(self) -> int:
+        return self.granted_total - self.sent
+
+    def feed(self, limit: int | None = None) -> int:
+        """Send as many arguments as granted (at most ``limit``); end when all are sent."""
+        n = min(self.allowance, len(self.values) - self.sent)
+        if limit is not None:
+            n = min(n, limit)
+        if n > 0:
+            self.send_args(self.values[self.sent : self.sent + n])
+        if self.end and not self.ended and self.sent == len(self.values):
+            self.ended = True
+            error = self.sched.args_ended(self.link, m.ArgsEnd(job=self.job, total=self.sent))
+            assert error is None, error
+        return n
+
+    def send_args(self, values: list[Any]) -> str | None:
+        blobs = [dumps(v) for v in values]
+        error = self.sched.args_received(
+            self.link,
+            m.Args(
+                job=self.job,
+                start=self.sent,
+                sizes=[len(b) for b in blobs],
+                payload=b"".join(blobs),
+            ),
+        )
+        if error is None:
+            self.sent += len(values)
+        else:
+            self.errors.append(error)
+        return error
+
+    def outcomes(self) -> dict[int, list[tuple[str, Any]]]:
+        """Every delivery per index: ("ok", value) or ("error", type name)."""
+        out: dict[int, list[tuple[str, Any]]] = {}
+        for r in self.link.of(m.Results, self.job):
+            errors = {e[0]: e for e in r.errors}
+            for pos, (index, blob) in enumerate(
+                zip(r.indices, split(r.sizes, r.payload), strict=True)
+            ):
+                entry = ("error", errors[pos][1]) if pos in errors else ("ok", pickle.loads(blob))
+                out.setdefault(index, []).append(entry)
+        return out
+
+    def done(self) -> m.JobDone | None:
+        dones = self.link.of(m.JobDone, self.job)
+        assert len(dones) <= 1, dones
+        return dones[0] if dones else None
+
+
+def make() -> tuple[Scheduler, Clock]:
+    clock = Clock()
+    clock.advance(1000)
+    return Scheduler(clock, console_grace=GRACE), clock
+
+
+def run_to_end(
+    nodes: list[FakeNode], consoles: list[FakeConsole], rounds: int = 10_000, **kw: Any
+) -> None:
+    """Answer every task and feed every console until no message moves."""
+    for _ in range(rounds):
+        moved = sum(c.feed() for c in consoles if not c.ended or c.allowance)
+        for node in nodes:
+            if node.id in node.sched.nodes:
+                moved += node.answer_all(**kw)
+        if not moved:
+            return
+    raise AssertionError("the job did not settle")
+
+
+def assert_exactly_once(console: FakeConsole, n: int) -> dict[int, tuple[str, Any]]:
+    outcomes = console.outcomes()
+    assert sorted(outcomes) == list(range(n)), f"missing {set(range(n)) - set(outcomes)}"
+    twice = {i: o for i, o in outcomes.items() if len(o) != 1}
+    assert not twice, f"delivered more than once: {twice}"
+    return {i: o[0] for i, o in outcomes.items()}
+
+
+# ============================================================================ credits
+
+
+def test_node_never_holds_more_than_its_credit() -> None:
+    """A node holds at most cores × PREFETCH tasks; each answer frees exactly one slot."""
+    sched, _ = make()
+    node = FakeNode(sched, "n1", cores=3)
+    console = FakeConsole(sched, range(200), chunksize=1)
+    console.feed()
+    limit = 3 * PREFETCH
+    assert len(node.held()) == limit
+    for _ in range(50):
+        first = node.held()[0]
+        node.answer(first)
+        held = node.held()
+        assert len(held) == limit, "an answer must free credit that is used again at once"
+        assert first.task not in {t.task for t in held}
+        console.feed()
+    assert node.max_held == limit
+
+
+def test_two_nodes_share_a_job_and_each_loads_the_function_once() -> None:
+    """Both nodes get tasks of one job; each receives the job's function exactly once."""
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=2), FakeNode(sched, "b", cores=2)
+    console = FakeConsole(sched, range(300), chunksize=5)
+    console.feed()
+    assert a.held() and b.held(), "both nodes must get work"
+    run_to_end([a, b], [console])
+    results = assert_exactly_once(console, 300)
+    assert results == {i: ("ok", i * i) for i in range(300)}
+    for node in (a, b):
+        loads = node.link.of(m.JobLoad, console.job)
+        assert len(loads) == 1 and loads[0].payload == b"fn-blob"
+        tasks = node.link.of(m.Task, console.job)
+        assert len(tasks) > 1
+        first_task = next(i for i, x in enumerate(node.link.sent) if isinstance(x, m.Task))
+        assert node.link.sent.index(loads[0]) < first_task, "the function must arrive before tasks"
+    assert console.done() == m.JobDone(
+        job=console.job, state="done", done=300, failed=0, message=""
+    )
+
+
+def test_function_shipped_once_per_node_per_job() -> None:
+    """Two jobs on one node: one JobLoad per job; a JobDrop when each job ends."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    c1 = FakeConsole(sched, range(40), chunksize=2, name="c1")
+    c2 = FakeConsole(sched, range(40), chunksize=2, name="c2")
+    run_to_end([node], [c1, c2])
+    assert c1.done().state == "done" and c2.done().state == "done"
+    for job in (c1.job, c2.job):
+        assert len(node.link.of(m.JobLoad, job)) == 1
+        assert len(node.link.of(m.JobDrop, job)) == 1
+        assert len(node.link.of(m.Task, job)) == 20
+
+
+# ============================================================================ batching
+
+
+def test_first_batches_are_small() -> None:
+    """Before any call time is known a batch is small (a measuring batch); with a timeout, one call."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(1000))
+    console.feed()
+    assert all(1 <= len(t.sizes) <= 16 for t in node.held())
+    timed = FakeConsole(sched, range(1000), name="timed", timeout=5.0, priority=1)
+    timed.feed()
+    node.answer_all(console.job)
+    assert [len(t.sizes) for t in node.held(timed.job)] == [1] * PREFETCH
+
+
+@pytest.mark.parametrize("per_call", [0.001, 0.0002, 0.02, 0.2])
+def test_batch_size_adapts_to_target_seconds(per_call: float) -> None:
+    """After results with elapsed times, batches hold about TARGET_BATCH_SECONDS of work."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(200_000), end=False)
+    console.feed()
+    for _ in range(30):
+        for task in node.held():
+            node.answer(task, elapsed=per_call * len(task.sizes))
+        console.feed()
+    expected = max(1, round(TARGET_BATCH_SECONDS / per_call))
+    sizes = [len(t.sizes) for t in node.held()]
+    assert sizes and all(abs(s - expected) <= max(1, expected * 0.05) for s in sizes), (
+        sizes,
+        expected,
+    )
+
+
+def test_chunksize_overrides_the_adaptive_size() -> None:
+    """With chunksize every batch has exactly that many arguments, whatever the call times."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(7 * 40), chunksize=7)
+    sizes = []
+    for _ in range(100):
+        console.feed()
+        held = node.held()
+        if not held:
+            break
+        for task in held:
+            sizes.append(len(task.sizes))
+            node.answer(task, elapsed=0.00001)
+    assert sizes == [7] * 40
+    assert console.done().state == "done"
+
+
+def test_big_arguments_travel_alone() -> None:
+    """A 3 MiB argument is never batched with another (MAX_BATCH_BYTES caps a batch's payload)."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    big = [bytes([i]) * (3 * 1024 * 1024) for i in range(6)]
+    console = FakeConsole(sched, big)
+    console.feed()
+    seen = 0
+    for _ in range(10):
+        for task in node.held():
+            assert len(task.sizes) == 1
+            node.answer(task, fn=len)
+            seen += 1
+    assert seen == 6
+    assert assert_exactly_once(console, 6) == {i: ("ok", 3 * 1024 * 1024) for i in range(6)}
+
+
+def test_batch_payload_stays_under_max_batch_bytes() -> None:
+    """Many mid-sized arguments are cut so a batch's payload stays within MAX_BATCH_BYTES."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    values = [b"x" * 300_000 for _ in range(40)]
+    console = FakeConsole(sched, values, chunksize=1000)
+    console.feed()
+    counts = []
+    for _ in range(20):
+        for task in node.held():
+            assert len(task.payload) <= MAX_BATCH_BYTES
+            counts.append(len(task.sizes))
+            node.answer(task, fn=len)
+    assert sum(counts) == 40 and max(counts) > 1
+    assert console.done().state == "done"
+
+
+def test_tail_is_shared_fairly() -> None:
+    """Near the end of a known-size job, batches shrink so every core's credit gets some work."""
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=2), FakeNode(sched, "b", cores=2)
+    console = FakeConsole(sched, range(40), total=40)  # the console's size hint, as JobRun sends
+    console.feed()
+    sizes = [len(t.sizes) for t in a.held() + b.held()]
+    assert len(sizes) == 4 * PREFETCH, "every credit slot gets a batch"
+    assert max(sizes) == 40 // (4 * PREFETCH), "no batch beyond an equal share of what is left"
+    run_to_end([a, b], [console])
+    assert_exactly_once(console, 40)
+
+
+def test_tail_share_after_args_end() -> None:
+    """Without a hint, the share applies once args_end has told the job's size."""
+    sched, _ = make()
+    a = FakeNode(sched, "a", cores=1)
+    console = FakeConsole(sched, range(1000))
+    console.feed()
+    for task in a.held():  # measure: 1 ms per call, so full batches would hold 50
+        a.answer(task, elapsed=0.001 * len(task.sizes))
+    b = FakeNode(sched, "b", cores=1)
+    run_to_end([a, b], [console], elapsed=0.0)
+    last = [len(t.sizes) for x in (a, b) for t in x.link.of(m.Task)][-6:]
+    assert max(last) < 50 and min(last) >= 1
+    assert b.link.of(m.Task), "the late node gets part of the tail"
+    assert_exactly_once(console, 1000)
+
+
+# ============================================================================ windowing
+
+
+def test_console_never_granted_more_than_the_window() -> None:
+    """Outstanding grant plus queued arguments never exceed the server's window."""
+    sched, _ = make()
+    console = FakeConsole(sched, range(100_000), end=False)
+    job = sched.jobs[console.job]
+    assert console.window == sched._window(job)
+    console.feed()
+    assert console.allowance == 0 and not console.link.of(m.Grant), "no node: nothing more granted"
+    node = FakeNode(sched, "n", cores=4)
+    for step in range(300):
+        outstanding = console.allowance
+        assert outstanding + job.pending_count <= sched._window(job), step
+        if step % 3 == 0:
+            console.feed(limit=37)
+        else:
+            for task in node.held()[:2]:
+                node.answer(task, elapsed=0.0001 * len(task.sizes))
+    assert console.link.of(m.Grant), "grants must follow as the queue drains"
+
+
+def test_sending_beyond_the_grant_is_a_violation() -> None:
+    """Arguments beyond the grant, out of order, or for another console's job are refused."""
+    sched, _ = make()
+    console = FakeConsole(sched, range(10_000), end=False)
+    window = console.window
+    assert console.send_args(list(range(window - 5))) is None
+    error = console.send_args(list(range(6)))
+    assert error is not None and "window" in error
+    assert sched.jobs[console.job].received == window - 5, "refused arguments are not queued"
+    bad_start = sched.args_received(
+        console.link, m.Args(job=console.job, start=3, sizes=[1], payload=b"x")
+    )
+    assert bad_start is not None and "order" in bad_start
+    other = FakeLink("intruder")
+    assert (
+        sched.args_received(
+            other, m.Args(job=console.job, start=window - 5, sizes=[1], payload=b"x")
+        )
+        is not None
+    )
+    assert sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=3)) is not None
+
+
+def test_pending_bytes_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once argument sizes are known, grants keep queued bytes within MAX_PENDING_BYTES."""
+    limit = 256 * 1024
+    monkeypatch.setattr(sched_mod, "MAX_PENDING_BYTES", limit)
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=32)  # a big window: 2 × 64 credits × 16
+    arg = b"y" * 1000
+    console = FakeConsole(sched, [arg] * 60_000, end=False)
+    job = sched.jobs[console.job]
+    console.feed()  # the first window is sized before any argument size is known
+    per_arg = len(dumps(arg))
+    worst = 0
+    for _ in range(200):
+        node.answer_all(fn=len, elapsed=0.00001)
+        console.feed()
+        worst = max(worst, job.pending_bytes + console.allowance * per_arg)
+    assert console.sent > 20_000, "the job must keep moving"
+    assert worst <= limit, f"{worst} bytes queued or granted, limit {limit}"
+
+
+# ============================================================================ exactly-once
+
+
+def test_node_lost_mid_job_requeues_and_late_answers_are_ignored() -> None:
+    """A lost node's tasks run elsewhere; its late answers afterwards deliver nothing twice."""
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=2), FakeNode(sched, "b", cores=2)
+    console = FakeConsole(sched, range(120), chunksize=5)
+    console.feed()
+    lost_tasks = a.held()
+    b.answer(b.held()[0])
+    assert lost_tasks
+    sched.remove_node("a", "test: connection dropped")
+    requeued = {i for t in lost_tasks for i in a.args_of(t)}
+    run_to_end([b], [console])
+    for task in lost_tasks:  # a's answers arrive after the server gave up on it
+        a.answer(task)
+        sched.task_failed("a", m.TaskFailed(task=task.task, reason="crash", at=0))
+    results = assert_exactly_once(console, 120)
+    assert results == {i: ("ok", i * i) for i in range(120)}
+    ran_on_b = {i for t in b.link.of(m.Task) for i in b.args_of(t)}
+    assert requeued <= ran_on_b
+    assert console.done().done == 120
+
+
+def test_duplicate_task_result_is_ignored() -> None:
+    """A second answer to the same task id delivers nothing and changes no count."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), chunksize=5)
+    console.feed()
+    first = node.held()[0]
+    msg = node.answer(first)
+    sched.task_result("n", msg)
+    sched.task_result("n", msg)
+    run_to_end([node], [console])
+    assert_exactly_once(console, 10)
+    assert console.done().done == 10
+
+
+def test_malformed_answer_requeues_and_drops_the_node() -> None:
+    """A node answering with the wrong number of results is closed; its arguments run elsewhere."""
+    sched, _ = make()
+    bad, good = FakeNode(sched, "bad", cores=1), FakeNode(sched, "good", cores=1)
+    console = FakeConsole(sched, range(20), chunksize=5)
+    console.feed()
+    task = bad.held()[0]
+    sched.task_result("bad", m.TaskResult(task=task.task, sizes=[1], payload=b"x"))
+    assert bad.link.closed and "bad" not in sched.nodes
+    run_to_end([good], [console])
+    assert_exactly_once(console, 20)
+    assert console.done().state == "done"
+
+
+# ============================================================================ crash attribution
+
+
+def test_crash_blames_only_the_running_argument() -> None:
+    """TaskFailed(at=k) charges argument k alone; its neighbours retry free and succeed."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(5), chunksize=5, retries=1, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.crash(task, at=2)
+    first, second = node.held()
+    assert node.args_of(first) == [2], "the suspect retries alone"
+    assert node.args_of(second) == [0, 1, 3, 4], "its neighbours travel on together"
+    node.crash(second, at=0)  # argument 0's first crash: with retries=1 it is retried again
+    node.crash(first, at=0)  # argument 2's second crash: beyond its retries
+    run_to_end([node], [console])
+    results = assert_exactly_once(console, 5)
+    assert results == {
+        0: ("ok", 0),
+        1: ("ok", 1),
+        2: ("error", "CoreCrashed"),
+        3: ("ok", 9),
+        4: ("ok", 16),
+    }
+    done = console.done()
+    assert (done.state, done.done, done.failed) == ("done", 4, 1)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_argument_fails_after_retries_plus_one_crashes(retries: int) -> None:
+    """The poison argument is reported as CoreCrashed exactly on crash number retries+1."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, [7], retries=retries, on_error="continue")
+    console.feed()
+    for crash in range(retries + 1):
+        assert not console.outcomes(), f"reported too early, after {crash} crashes"
+        (task,) = node.held()
+        node.crash(task, at=0)
+    assert console.outcomes() == {0: [("error", "CoreCrashed")]}
+    assert not node.held()
+    error = console.link.of(m.Results)[0].errors[0]
+    assert f"{retries + 1} time" in error[2]
+    assert console.done().state == "done"
+
+
+def test_timeout_reports_task_timeout_and_on_error_fail_fails_the_job() -> None:
+    """reason "timeout" gives a TaskTimeout error; with on_error fail the job ends failed."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(6), retries=0, timeout=2.0, on_error="fail")
+    console.feed()
+    task = node.held()[0]
+    culprit = node.args_of(task)[0]
+    node.crash(task, at=0, reason="timeout")
+    outcomes = console.outcomes()
+    assert outcomes[culprit] == [("error", "TaskTimeout")]
+    done = console.done()
+    assert done.state == "failed" and "timed out after 2s" in done.message
+    assert node.link.of(m.Cancel, console.job), "other running tasks of the job are cancelled"
+    assert node.link.of(m.JobDrop, console.job)
+
+
+def test_unknown_culprit_splits_the_batch() -> None:
+    """TaskFailed(at=-1) re-queues every argument of the batch as its own task."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=4)
+    console = FakeConsole(sched, range(4), chunksize=4, retries=1, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.crash(task, at=-1)
+    held = node.held()
+    assert sorted(node.args_of(t)[0] for t in held) == [0, 1, 2, 3]
+    assert all(len(t.sizes) == 1 for t in held)
+    run_to_end([node], [console])
+    assert assert_exactly_once(console, 4) == {i: ("ok", i * i) for i in range(4)}
+
+
+# ============================================================================ on_error
+
+
+def test_on_error_fail_stops_the_job_at_the_first_error() -> None:
+    """A raised error fails the job at once: JobDone(failed) and Cancel to nodes still running it."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(100), chunksize=10, on_error="fail")
+    console.feed()
+    first = node.held()[0]
+    node.answer(first, raise_at=[3])
+    done = console.done()
+    assert done.state == "failed"
+    assert f"argument {node.args_of(first)[3]} raised ValueError" in done.message
+    assert node.link.of(m.Cancel, console.job) and node.link.of(m.JobDrop, console.job)
+    assert not node.held(console.job)
+    assert sched.jobs[console.job].pending_count == 0
+
+
+def test_on_error_continue_counts_errors_and_completes() -> None:
+    """With continue, raised errors are delivered per argument and the job still completes."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(50), chunksize=10, on_error="continue")
+    run_to_end([node], [console], raise_at=[0])
+    results = assert_exactly_once(console, 50)
+    failed = {i for i, (kind, _) in results.items() if kind == "error"}
+    assert len(failed) == 5
+    done = console.done()
+    assert (done.state, done.done, done.failed) == ("done", 45, 5)
+
+
+# ============================================================================ kill
+
+
+def test_kill_drops_queue_cancels_nodes_and_frees_credit() -> None:
+    """Killing a job: its queue goes, its nodes get Cancel and JobDrop, the next job runs."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    first = FakeConsole(sched, range(500), chunksize=5, name="first", priority=5)
+    first.feed()
+    second = FakeConsole(sched, range(10), chunksize=5, name="second")
+    second.feed()
+    doomed = node.held()
+    assert {t.job for t in doomed} == {first.job}
+    assert sched.kill(first.job) is not None
+    assert first.done().state == "killed"
+    assert node.link.of(m.Cancel, first.job) and node.link.of(m.JobDrop, first.job)
+    assert sched.jobs[first.job].pending_count == 0
+    assert {t.job for t in node.held()} == {second.job}, "the freed credit goes to the next job"
+    for task in doomed:
+        node.answer(task)  # late answers of the killed job
+    run_to_end([node], [second])
+    assert second.done().state == "done"
+    assert not first.link.of(m.Results), "answers after the kill deliver nothing"
+    assert not any(r.job == first.job for r in second.link.of(m.Results))
+    assert sched.kill(12345) is None
+
+
+# ============================================================================ console lost
+
+
+def test_console_lost_cancels_after_grace() -> None:
+    """A job whose console left is cancelled after console_grace, not before."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(100), chunksize=5)
+    console.feed()
+    sched.console_lost(console.link)
+    clock.advance(GRACE - 0.5)
+    assert sched.jobs[console.job].state == "running"
+    clock.advance(1.0)
+    assert sched.jobs[console.job].state == "cancelled"
+    assert node.link.of(m.Cancel, console.job)
+    assert console.done() is None, "nobody is there to tell"
+
+
+def test_console_returning_within_grace_keeps_the_job() -> None:
+    """Attaching again inside the grace period stops the cancellation."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), chunksize=5)
+    console.feed()
+    sched.console_lost(console.link)
+    clock.advance(GRACE / 2)
+    assert sched.attach(console.link, console.job) is not None
+    clock.advance(GRACE * 2)
+    run_to_end([node], [console])
+    assert console.done().state == "done"
+
+
+def test_detached_job_survives_and_replays_on_attach() -> None:
+    """A detached job runs on without its console; attach replays stored results, then live ones."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(30), chunksize=5, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    clock.advance(GRACE * 3)
+    assert sched.jobs[console.job].state == "running"
+    node.answer(node.held()[0])
+    node.answer(node.held()[0])
+    later = FakeLink("later")
+    assert sched.attach(later, console.job) is not None
+    assert [len(r.indices) for r in later.of(m.Results)] == [5, 5]
+    assert sched.attach(FakeLink("third"), console.job) is None, "one console at a time"
+    console.link = later
+    run_to_end([node], [])
+    assert_exactly_once(console, 30)
+    assert console.done().state == "done"
+
+
+def test_finished_detached_job_replays_job_done_on_attach() -> None:
+    """Attaching to a detached job that already finished replays its results and its JobDone."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(12), chunksize=4, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    run_to_end([node], [])
+    assert sched.jobs[console.job].state == "done"
+    assert not console.link.of(m.Results)
+    console.link = FakeLink("later")
+    sched.attach(console.link, console.job)
+    assert_exactly_once(console, 12)
+    assert console.done() == m.JobDone(job=console.job, state="done", done=12, failed=0, message="")
+
+
+def test_detached_results_are_kept_again_after_the_attached_console_leaves() -> None:
+    """Results arriving while no attached console is connected wait for the next attach."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(12), chunksize=3, detach=True)
+    console.feed()
+    node.answer(node.held()[0])
+    assert not console.link.of(m.Results), "the submitter only feeds arguments"
+    sched.console_lost(console.link)
+    second = FakeLink("second")
+    assert sched.attach(second, console.job) is not None
+    assert len(second.of(m.Results)) == 1
+    sched.console_lost(second)
+    node.answer(node.held()[0])
+    third = FakeLink("third")
+    assert sched.attach(third, console.job) is not None
+    console.link = third
+    run_to_end([node], [])
+    outcomes = console.outcomes()
+    assert sorted(outcomes) == list(range(3, 12)), "what arrived after the second left is replayed"
+    assert all(len(o) == 1 for o in outcomes.values())
+    assert console.done().state == "done"
+
+
+def test_detached_job_whose_console_left_before_args_end_is_cancelled() -> None:
+    """Only the console had the arguments: a detached job it left unfed is cancelled after grace."""
+    sched, clock = make()
+    FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(1000), chunksize=5, detach=True, end=False)
+    console.feed(limit=100)
+    sched.console_lost(console.link)
+    assert sched.attach(FakeLink("later"), console.job) is not None  # cannot send the rest
+    clock.advance(GRACE + 1)
+    job = sched.jobs[console.job]
+    assert job.state == "cancelled" and "100 arguments" in job.message
+
+
+# ============================================================================ groups
+
+
+def test_job_waits_for_its_group_and_fails_after_wait_for_nodes() -> None:
+    """No node of the group: a notice, then failure after wait_for_nodes seconds."""
+    sched, clock = make()
+    other = FakeNode(sched, "cpu", cores=2, group="cpu")
+    console = FakeConsole(sched, range(10), group="gpu", wait_for_nodes=5.0)
+    console.feed()
+    notices = console.link.of(m.JobNotice, console.job)
+    assert [n.message for n in notices] == ["waiting for nodes in group 'gpu'"]
+    clock.advance(4.9)
+    assert console.done() is None
+    clock.advance(0.2)
+    done = console.done()
+    assert done.state == "failed" and "gpu" in done.message
+    assert not other.link.of(m.Task) and not other.link.of(m.JobLoad)
+
+
+def test_group_node_joining_lets_the_job_run_only_there() -> None:
+    """A node of the job's group joining runs it; nodes of other groups never get its tasks."""
+    sched, clock = make()
+    other = FakeNode(sched, "cpu", cores=2, group="cpu")
+    plain = FakeNode(sched, "plain", cores=2)
+    console = FakeConsole(sched, range(40), chunksize=2, group="gpu", wait_for_nodes=5.0)
+    console.feed()
+    clock.advance(3)
+    gpu = FakeNode(sched, "gpu", cores=1, group="gpu")
+    clock.advance(10)
+    assert console.done() is None, "the wait_for_nodes timer must not fire once a node came"
+    run_to_end([other, plain, gpu], [console])
+    assert console.done().state == "done"
+    assert not other.link.of(m.Task) and not plain.link.of(m.Task)
+    assert len(gpu.link.of(m.Task)) == 20
+
+
+# ============================================================================ drain and priority
+
+
+def test_draining_node_gets_no_new_tasks_but_its_results_count() -> None:
+    """After drain a node receives nothing new; answers to what it held are delivered."""
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=1), FakeNode(sched, "b", cores=1)
+    console = FakeConsole(sched, range(100), chunksize=5)
+    console.feed()
+    held = a.held()
+    assert sched.drain("host-a") is a.sched.nodes["a"]
+    tasks_before = len(a.link.of(m.Task))
+    for task in held:
+        a.answer(task)
+    run_to_end([b], [console])
+    assert len(a.link.of(m.Task)) == tasks_before
+    assert_exactly_once(console, 100)
+    assert sched.drain("nonexistent") is None
+
+
+def test_draining_the_last_node_tells_the_console() -> None:
+    """When every node drains, a running job's console hears that it waits for nodes."""
+    sched, _ = make()
+    FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(100), chunksize=5)
+    console.feed()
+    assert not console.link.of(m.JobNotice)
+    sched.drain("n")
+    notices = [n.message for n in console.link.of(m.JobNotice, console.job)]
+    assert notices == ["waiting for nodes (every node is draining)"]
+    FakeNode(sched, "fresh", cores=1)
+    assert sched.jobs[console.job].waiting == ""
+
+
+def test_higher_priority_job_goes_first() -> None:
+    """With two jobs queued, the higher priority job's batches are dispatched first."""
+    sched, _ = make()
+    low = FakeConsole(sched, range(50), chunksize=5, name="low", priority=0)
+    high = FakeConsole(sched, range(50), chunksize=5, name="high", priority=3)
+    low.feed()
+    high.feed()
+    node = FakeNode(sched, "n", cores=1)
+    order = []
+    for _ in range(30):
+        held = node.held()
+        if not held:
+            break
+        order.append(held[0].job)
+        node.answer(held[0])
+    assert order[:10] == [high.job] * 10
+    assert order[10:] == [low.job] * 10
+
+
+# ============================================================================ status
+
+
+def test_status_lists_nodes_and_jobs_with_documented_keys() -> None:
+    """status() describes every node and job with the keys the console and README rely on."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=3, group="g")
+    console = FakeConsole(sched, range(20), chunksize=2)
+    console.feed()
+    clock.advance(2)
+    node.answer(node.held()[0])
+    nodes, jobs, server = sched.status()
+    assert set(nodes[0]) >= {
+        "id",
+        "host",
+        "pid",
+        "cores",
+        "busy",
+        "tasks_in_flight",
+        "memory",
+        "load",
+        "group",
+        "draining",
+        "connected_for",
+        "tasks_done",
+    }
+    assert set(jobs[0]) >= {
+        "id",
+        "name",
+        "state",
+        "mode",
+        "group",
+        "total",
+        "received",
+        "queued",
+        "running",
+        "done",
+        "failed",
+        "rate",
+        "elapsed",
+        "waiting",
+        "detached",
+        "attached",
+        "message",
+    }
+    assert set(server) >= {"uptime", "cores", "cpu_seconds"}
+    n, j = nodes[0], jobs[0]
+    assert (n["id"], n["cores"], n["group"], n["tasks_done"], n["connected_for"]) == (
+        "n",
+        3,
+        "g",
+        1,
+        2.0,
+    )
+    assert n["tasks_in_flight"] == 3 * PREFETCH and n["busy"] == 3
+    assert (j["id"], j["name"], j["state"], j["total"], j["received"]) == (
+        console.job,
+        "test-job",
+        "running",
+        20,
+        20,
+    )
+    assert j["done"] == 2 and j["running"] == 12 and j["queued"] == 6 and j["attached"]
+    assert server["cores"] == 3
+
+
+# ============================================================================ property
+
+
+_ANSWER = st.tuples(st.just("answer"), st.integers(0, 9), st.integers(0, 9), st.floats(0, 0.01))
+_CRASH = st.tuples(
+    st.just("crash"),
+    st.integers(0, 9),
+    st.integers(0, 9),
+    st.integers(-1, 9),
+    st.sampled_from(["crash", "timeout"]),
+)
+_FEED = st.tuples(st.just("feed"), st.integers(1, 40))
+OPS = st.one_of(  # repeated entries weigh the common events
+    _ANSWER,
+    _ANSWER,
+    _ANSWER,
+    _CRASH,
+    _CRASH,
+    _FEED,
+    _FEED,
+    st.tuples(st.just("join"), st.integers(1, 3)),
+    st.tuples(st.just("lose"), st.integers(0, 9)),
+    st.tuples(st.just("raise"), st.integers(0, 9), st.integers(0, 9), st.integers(0, 20)),
+    st.tuples(st.just("replay"), st.integers(0, 99)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 80),
+    chunksize=st.sampled_from([0, 1, 3, 8]),
+    retries=st.integers(0, 2),
+    first_cores=st.integers(1, 3),
+    first_feed=st.integers(1, 80),
+    ops=st.lists(OPS, max_size=60),
+)
+def test_random_interleavings_deliver_every_index_exactly_once(
+    n: int, chunksize: int, retries: int, first_cores: int, first_feed: int, ops: list[tuple]
+) -> None:
+    """Whatever joins, losses, answers, crashes and stale replays happen, each index is delivered once."""
+    sched, _ = make()
+    console = FakeConsole(
+        sched, range(n), chunksize=chunksize, retries=retries, on_error="continue"
+    )
+    nodes: list[FakeNode] = []
+    stale: list[
+        tuple[str, m.Message]
+    ] = []  # answers that were already sent once, or from lost nodes
+    serial = 0
+
+    def live() -> list[FakeNode]:
+        return [x for x in nodes if x.id in sched.nodes]
+
+    nodes.append(FakeNode(sched, "n0", cores=first_cores))
+    console.feed(limit=first_feed)
+    for op in ops:
+        kind = op[0]
+        alive = live()
+        if kind == "join":
+            serial += 1
+            nodes.append(FakeNode(sched, f"n{serial}", cores=op[1]))
+        elif kind == "feed":
+            console.feed(limit=op[1])
+        elif kind == "replay" and stale:
+            node_id, msg = stale[op[1] % len(stale)]
+            if isinstance(msg, m.TaskResult):
+                sched.task_result(node_id, msg)
+            else:
+                sched.task_failed(node_id, msg)
+        elif alive and kind == "lose":
+            node = alive[op[1] % len(alive)]
+            for task in node.held():  # what it would have answered, arriving too late
+                stale.append((node.id, m.TaskFailed(task=task.task, reason="crash", at=0)))
+            sched.remove_node(node.id, "random loss")
+        elif alive and kind in ("answer", "raise", "crash"):
+            node = alive[op[1] % len(alive)]
+            held = node.held()
+            if not held:
+                continue
+            task = held[op[2] % len(held)]
+            if kind == "answer":
+                stale.append((node.id, node.answer(task, elapsed=op[3] * len(task.sizes))))
+            elif kind == "raise":
+                stale.append((node.id, node.answer(task, raise_at=[op[3] % len(task.sizes)])))
+            else:
+                node.crash(task, at=op[3], reason=op[4])  # an ``at`` beyond the batch means unknown
+                stale.append((node.id, m.TaskFailed(task=task.task, reason=op[4], at=0)))
+        # invariant at every step: nothing delivered twice, nothing counted twice
+        outcomes = console.outcomes()
+        assert all(len(o) == 1 for o in outcomes.values()), outcomes
+        job = sched.jobs[console.job]
+        if not job.finished:
+            held_args = sum(len(t.sizes) for x in live() for t in x.held())
+            assert job.pending_count + job.running + job.done + job.failed == job.received
+            assert job.running == held_args
+    # then a healthy node finishes whatever is left
+    serial += 1
+    nodes.append(FakeNode(sched, f"n{serial}", cores=2))
+    run_to_end(live(), [console])
+    for node_id, msg in stale:
+        if isinstance(msg, m.TaskResult):
+            sched.task_result(node_id, msg)
+    results = assert_exactly_once(console, n)
+    done = console.done()
+    assert done is not None and done.state == "done"
+    assert done.done + done.failed == n
+    assert done.failed == sum(1 for kind, _ in results.values() if kind == "error")
