@@ -110,8 +110,9 @@ class Console:
 
         def on_item(index: int, result: Any, error: Any) -> None:
             if stream_json:
-                line = {"index": index, "error": error.to_json()} if error else {"index": index, "result": result}
-                self.say(render.dumps_json(line))
+                line = ({"index": index, "error": error.to_json()} if error
+                        else {"index": index, "result": render.jsonable(result)})
+                self.say(json.dumps(line))
             elif show_stream:
                 self.say(f"{index}: " + (f"ERROR {error.type_name}: {error.message}" if error else repr(result)))
 
@@ -179,8 +180,7 @@ class Console:
         mode = spec.response_mode
         summary = sink.summary()
         if mode == "object":
-            values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
-            self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+            self._print_values(sink.value(), args.json)
         elif mode == "reduce":
             self.say(render.dumps_json(sink.value()))
         elif mode == "stream":
@@ -253,17 +253,28 @@ class Console:
         run, future = self.session.attach(args.job, sink)
         outcome = future.result()
         if mode in ("object", "stream"):
-            values = [e.to_json() if hasattr(e, "to_json") else e for e in sink.value()]
-            self.say(render.dumps_json(values) if args.json else "\n".join(render.dumps_json(v) for v in values))
+            self._print_values(sink.value(), args.json)
         else:
             summary = {**sink.summary(), "job": outcome.job, "state": outcome.state}
             self.say(json.dumps(summary) if args.json else
                      f"{summary.get('done', 0)} results" + (f" written to {output}" if output else ""))
         if outcome.failed:
             self.note(f"{outcome.failed} argument(s) failed")
+        missing = sink.summary().get("missing", 0)
+        if missing:
+            self.note(f"error: {missing} result(s) of job {args.job} are missing")
+            return 1
         return 0
 
     cmd_results = cmd_attach
+
+    def _print_values(self, values: list[Any], as_json: bool) -> None:
+        """One JSON array (``--json``) or one JSON value per line; errors as their JSON form."""
+        items = [render.jsonable(v.to_json() if hasattr(v, "to_json") else v) for v in values]
+        if as_json:
+            self.say(json.dumps(items))
+        else:
+            self.say("\n".join(json.dumps(v) for v in items))
 
     def cmd_help(self, args: argparse.Namespace) -> int:
         self.say(HELP)

@@ -65,9 +65,13 @@ class Progress:
             self.shown = False
 
 
+def jsonable(value: Any) -> Any:
+    """The JSON form of one value (its repr when JSON has none)."""
+    return to_jsonable(value)[0]
+
+
 def dumps_json(value: Any) -> str:
-    safe, _ = to_jsonable(value)
-    return json.dumps(safe)
+    return json.dumps(jsonable(value))
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:

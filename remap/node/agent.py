@@ -8,7 +8,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from protocol import Authenticated, messages as m
+from protocol import Authenticated
+from protocol import messages as m
 from protocol.errors import RemapError
 
 from ..wire import PeerProtocol

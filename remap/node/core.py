@@ -145,7 +145,22 @@ class Core:
                 "elapsed": 0.0, "output": "", "partial": False}, b""
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this core if its node dies, even mid-call in C code."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the node died before prctl took effect
+        os._exit(1)
+
+
 def main() -> None:
+    _die_with_parent()
     shm = mmap.mmap(SHM_FD, SLOT.size)
     core = Core(shm)
     write_frame(OUT_FD, {"t": "ready", "pid": os.getpid()})

@@ -97,11 +97,11 @@ class CoreProcess(ProcessProtocol):
         if self.transport is not None and not self.dead:
             self.transport.writeToChild(CMD_FD, _frame(header, payload))
 
-    def kill(self, why: str) -> None:
+    def kill(self, why: str, at: int | None = None) -> None:
         if self.dead or self.killing:
             return
         self.killing = why
-        self.kill_at = self.slot()[0]
+        self.kill_at = self.slot()[0] if at is None else at
         try:
             self.transport.signalProcess("KILL")
         except Exception:  # already gone: processEnded follows
@@ -195,6 +195,10 @@ class CorePool:
         for core in self.cores:
             if core.task is not None:
                 core.kill("cancel")
+            # job ids are per server session: a restarted server reuses them for other functions
+            for job in core.loaded:
+                core.send({"t": "drop", "job": job})
+            core.loaded.clear()
         self.jobs.clear()
 
     def stop(self) -> Any:
@@ -241,7 +245,8 @@ class CorePool:
             self._dispatch()
         elif kind == "result":
             task, core.task = core.task, None
-            if task is not None and not core.killing:
+            # a batch that finished just as its timeout fired still counts; a cancelled one does not
+            if task is not None and core.killing in (None, "timeout"):
                 self.on_result(m.TaskResult(
                     task=header["task"], sizes=header["sizes"], errors=header["errors"],
                     elapsed=header["elapsed"], output=header["output"], partial=header["partial"],
@@ -284,4 +289,4 @@ class CorePool:
             if pos >= 0 and now - started > info.timeout:
                 self.log.info("task {t}: argument at position {pos} passed its {s}s timeout; killing core {i}",
                               t=task.task, pos=pos, s=info.timeout, i=core.index)
-                core.kill("timeout")
+                core.kill("timeout", at=pos)

@@ -431,9 +431,9 @@ class Scheduler:
             return None
         job.console = console
         job.attached = True
+        # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
             console.send(msg)
-        job.stored.clear()
         if job.finished:
             console.send(self._done_message(job))
         return job
@@ -683,12 +683,14 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
-        # a detached job's submitter only feeds arguments: results wait for `attach`, and
-        # are kept again whenever no attached console is there to take them
-        if job.console is not None and (job.attached or not job.detach):
-            job.console.send(msg)
-        elif job.detach:
+        # a detached job keeps every result on the server, so any later `attach` (even after
+        # an earlier one died half-way) gets them all; its submitter only feeds arguments
+        if job.detach:
             job.stored.append(msg)
+            if job.attached and job.console is not None:
+                job.console.send(msg)
+        elif job.console is not None:
+            job.console.send(msg)
 
     # ================================================================ status
 

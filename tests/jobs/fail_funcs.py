@@ -1,0 +1,58 @@
+"""Functions for the failure tests (tests/test_failures.py): crash, exit, hang on purpose.
+
+Each misbehaves on one chosen argument only, so a test can check that the culprit gets the
+error and its batch neighbours still succeed. Shipped by value, so nodes need no copy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+#: the argument the crashing and hanging functions pick on
+CULPRIT = 7
+
+
+def segfault_on_culprit(x):
+    """Kills its own core with SIGSEGV (as a C extension bug would) on CULPRIT; else x * x."""
+    if x == CULPRIT:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return x * x
+
+
+def exit_on_culprit(x):
+    """Ends its core with ``os._exit(3)`` (no cleanup, no exception) on CULPRIT; else x * x."""
+    if x == CULPRIT:
+        os._exit(3)
+    return x * x
+
+
+def hang_on_culprit(x):
+    """Sleeps 30 s on CULPRIT (far past any test's timeout: only a killed core ends it); else x + 100."""
+    if x == CULPRIT:
+        time.sleep(30)
+    return x + 100
+
+
+def stuck(x):
+    """Sleeps 30 s on every argument: a job of these only ends if remap kills its cores."""
+    time.sleep(30)
+    return x
+
+
+def nap(x):
+    """0.1 s then x * x: a job of a few dozen lasts a couple of seconds."""
+    time.sleep(0.1)
+    return x * x
+
+
+def where(x):
+    """0.1 s then ``[x, TEST_NODE_NAME]``: which node ran each argument."""
+    time.sleep(0.1)
+    return [x, os.environ.get("TEST_NODE_NAME")]
+
+
+def square(x):
+    """x * x, instantly: the "next job" that proves the cluster still works."""
+    return x * x
