@@ -32,7 +32,6 @@ from .errors import (
     AuthError,
     HandshakeTimeout,
     LocalProtocolError,
-    ProtocolError,
     RemapError,
     RemoteProtocolError,
     VersionMismatch,
@@ -123,6 +122,8 @@ class Connection:
         self._out: list[bytes | memoryview] = []
         self.state = State.HANDSHAKE
         self.peer_role: str | None = None
+        #: the server's heartbeat interval, from its welcome (clients adapt to it)
+        self.peer_heartbeat: float | None = None
         self.session = ""
         self._hello_hash = b""
         self._my_nonce = b""
@@ -176,17 +177,22 @@ class Connection:
     # ------------------------------------------------------------------ incoming
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the transport; return what happened."""
+        """Feed bytes from the transport; return what happened.
+
+        Frames are taken one at a time, so a frame that follows the handshake in the
+        same read is held to the limit in force once the handshake is over, and the
+        events of frames before a bad one are still returned.
+        """
         if self.state is State.CLOSED:
             return []
         events: list[Event] = []
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            frames = None
-            failure = exc
-        for frame in frames or ():
+        decoder = self._decoder
+        decoder.add(data)
+        while self.state is not State.CLOSED:
             try:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
                 if self.state is State.OPEN:
                     try:
                         msg = m.decode(frame.header, frame.payload)
@@ -196,16 +202,12 @@ class Connection:
                         continue
                     events.append(MessageReceived(msg))
                 else:
-                    event = self._handshake(m.decode(frame.header, frame.payload, preauth=True), frame.header)
+                    msg = m.decode(frame.header, frame.payload, preauth=True)
+                    event = self._handshake(msg, frame.header)
                     if event is not None:
                         events.append(event)
             except RemapError as exc:
                 events.append(self._fail(exc))
-                return events
-            if self.state is State.CLOSED:
-                return events
-        if frames is None:
-            events.append(self._fail(failure))
         return events
 
     def _fail(self, error: RemapError) -> ConnectionFailed:
@@ -305,6 +307,8 @@ class Connection:
             return None
         if self._stage == "welcome" and isinstance(msg, m.Welcome):
             self.session = msg.session
+            if msg.heartbeat > 0:
+                self.peer_heartbeat = msg.heartbeat
             self._max_frame = min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
             self.peer_role = "server"
             self._open()

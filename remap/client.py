@@ -174,7 +174,11 @@ class JobRun:
 
     def ended(self, msg: m.JobDone) -> None:
         complete = msg.state == "done"
-        self.sink.close(complete=complete)
+        try:
+            self.sink.close(complete=complete)
+        except Exception as exc:  # the output could not be finished: say so, never hang
+            self.fail(JobFailed(f"job {msg.job} finished but its results could not be saved: {exc}"))
+            return
         outcome = JobOutcome(msg.job, msg.state, msg.done, msg.failed, msg.message)
         if complete:
             self.finished.callback(outcome)

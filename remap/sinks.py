@@ -324,7 +324,8 @@ class SqliteSink(Sink):
         #: rows committed so far; lets the console report progress that is really on disk
         self.committed = 0
         try:
-            self._conn = sqlite3.connect(self.output)
+            # made on the caller's thread, fed on the reactor's: access is serialised by the caller
+            self._conn = sqlite3.connect(self.output, check_same_thread=False)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open sqlite output {self.output}: {exc}") from exc
         try:

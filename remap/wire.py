@@ -15,7 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived, messages as m
+from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
+from protocol import messages as m
 from protocol.errors import ConnectionLost, RemapError
 
 
@@ -48,6 +49,7 @@ class PeerProtocol(Protocol):
         self.handshake_timeout = handshake_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
+        self._silence_limit: float | None = None
         self._deadline: IDelayedCall | None = None
         self._beat: IDelayedCall | None = None
         self._last_seen = 0.0
@@ -75,6 +77,7 @@ class PeerProtocol(Protocol):
                 self._cancel(self._deadline)
                 self._deadline = None
                 self.open = True
+                self._adopt_peer_heartbeat()
                 self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
                 self.handler.authenticated(self, event)
             elif isinstance(event, ConnectionFailed):
@@ -89,8 +92,24 @@ class PeerProtocol(Protocol):
         self._cancel(self._beat)
         self._deadline = self._beat = None
         self.conn.close()
-        self.open = False
-        self.handler.connection_lost(self, self.failure or ConnectionLost(f"connection to {self.peer} lost"))
+        was_open, self.open = self.open, False
+        self.handler.connection_lost(self, self.failure or self._lost_reason(reason, was_open))
+
+    def _lost_reason(self, reason: Failure | None, was_open: bool) -> ConnectionLost:
+        """Say why, when the transport knows: a failed TLS handshake is not a plain drop."""
+        tls = _tls_error_text(reason)
+        if tls is not None:
+            self.log.info("TLS with {peer} failed: {error}", peer=self.peer, error=tls)
+            return ConnectionLost(
+                f"TLS with {self.peer} failed: {tls} (check REMAP_TLS_CERT, REMAP_TLS_KEY and "
+                "REMAP_TLS_CA on both sides)"
+            )
+        if not was_open and not self.conn.is_server:
+            return ConnectionLost(
+                f"connection to {self.peer} closed before the handshake finished (if the server "
+                "uses TLS, set REMAP_TLS_CA, REMAP_TLS_CERT and REMAP_TLS_KEY here too)"
+            )
+        return ConnectionLost(f"connection to {self.peer} lost")
 
     # ---------------------------------------------------------------- sending
 
@@ -136,12 +155,19 @@ class PeerProtocol(Protocol):
         if event is not None:
             self._failed(event.error)
 
+    def _adopt_peer_heartbeat(self) -> None:
+        """Beat at least as often as the server expects; wait at least as long as it beats."""
+        theirs = self.conn.peer_heartbeat
+        if theirs:
+            self._silence_limit = max(self.heartbeat_interval, theirs) * self.heartbeat_misses
+            self.heartbeat_interval = min(self.heartbeat_interval, theirs)
+
     def _heartbeat(self) -> None:
         self._beat = None
         if self.transport is None:
             return
         silent = self.clock.seconds() - self._last_seen
-        if silent > self.heartbeat_interval * self.heartbeat_misses:
+        if silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses):
             self.failure = ConnectionLost(
                 f"no heartbeat from {self.peer} for {silent:.1f}s: declaring it lost"
             )
@@ -155,3 +181,21 @@ class PeerProtocol(Protocol):
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+def _tls_error_text(reason: Failure | None) -> str | None:
+    """The OpenSSL reason strings of a TLS failure, or None if ``reason`` is not one."""
+    if reason is None:
+        return None
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # no TLS support installed, so no TLS failure either
+        return None
+    error = reason.value
+    if not isinstance(error, SSL.Error):
+        return None
+    details = [
+        str(part[-1]) for part in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+        if isinstance(part, tuple) and part
+    ]
+    return "; ".join(d for d in details if d) or str(error) or "handshake failed"

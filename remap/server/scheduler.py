@@ -295,15 +295,19 @@ class Scheduler:
         self.pump()
 
     def drain(self, node_ref: str) -> NodeState | None:
-        for node in self.nodes.values():
-            if node_ref in (node.id, node.host, f"{node.host}:{node.pid}"):
-                node.draining = True
-                self._ready.pop(node.id, None)
-                for job in self.jobs.values():
-                    if not job.finished:
-                        self._check_capacity(job)  # tell consoles left without a node
-                return node
-        return None
+        """Drain the node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
+        matches = [n for n in self.nodes.values() if node_ref in (n.id, f"{n.host}:{n.pid}")]
+        if not matches:
+            matches = [n for n in self.nodes.values() if n.id.startswith(node_ref) or n.host == node_ref]
+        if len(matches) != 1:
+            return None
+        node = matches[0]
+        node.draining = True
+        self._ready.pop(node.id, None)
+        for job in self.jobs.values():
+            if not job.finished:
+                self._check_capacity(job)  # tell consoles left without a node
+        return node
 
     # ================================================================ jobs
 
@@ -444,6 +448,7 @@ class Scheduler:
             return
         job.state = state
         job.message = message
+        job.waiting = ""
         job.finished_at = self.clock.seconds()
         job.pending.clear()
         job.pending_count = job.pending_bytes = 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: a clean environment for every test, and real clusters on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_harness import Cluster, ClusterFactory, NodeSpec
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads the developer's REMAP_* variables or ~/.remap: HOME is a fresh directory."""
+    for name in list(os.environ):
+        if name.startswith("REMAP_"):
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """Factory: ``make_cluster(nodes=2, cores=1, heartbeat=0.5, ...)`` -> a started Cluster.
+
+    ``nodes`` is a count or a list of :class:`NodeSpec`. Every cluster made is stopped
+    (children SIGTERMed, then SIGKILLed) when the test ends, whatever its outcome.
+    """
+    factory = ClusterFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    """A server and two one-core nodes on 127.0.0.1, for one test."""
+    return make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])

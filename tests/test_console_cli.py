@@ -1,0 +1,176 @@
+"""The console as a user meets it: the embedded cluster, help, usage errors, the shell, kill --cluster.
+
+Commands run as real processes (``remap_console.py``) with a clean environment; the interactive
+``Shell`` is driven through ``onecmd`` with a ``Console`` writing to StringIO.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from remap.console.main import COMMANDS, Console, Shell, build_parser
+from remap.console.session import Session
+from remap.settings import load_settings
+from tests.cluster_harness import (
+    CONSOLE_SCRIPT,
+    JOBS,
+    NODE_SCRIPT,
+    ROOT,
+    SERVER_SCRIPT,
+    Cluster,
+    jobs_function,
+    load_module,
+    run_entry,
+    write_job,
+)
+
+funcs = load_module(JOBS / "funcs.py")
+
+
+def lines_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def console(tmp_path: Path, *args: object, timeout: float = 120.0):
+    """The console with no server configured (no REMAP_SERVER, no .env), in ``tmp_path``."""
+    return run_entry(CONSOLE_SCRIPT, "--env-file", "/nonexistent", *args, home=tmp_path, cwd=tmp_path,
+                     timeout=timeout)
+
+
+# ---------------------------------------------------------------------- embedded cluster
+
+
+@pytest.mark.slow
+def test_default_job_runs_on_an_embedded_cluster(tmp_path: Path) -> None:
+    """No server configured: compute remap_config.yaml says so in one line and prints 849666."""
+    done = console(tmp_path, "compute", ROOT / "remap_config.yaml")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "849666"  # sum of Collatz steps for 1..10000
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and "embedded" in notes[0], done.stderr
+
+
+@pytest.mark.slow
+def test_embedded_cluster_runs_a_job_file(tmp_path: Path) -> None:
+    """The embedded cluster (two cores) gives a job's exact results in argument order."""
+    job = write_job(tmp_path / "squares.yaml", {"function": jobs_function("funcs", "square"),
+                                                "args_range": [0, 300, 3]})
+    done = console(tmp_path, "--cores", "2", "compute", job, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [funcs.square(x) for x in range(0, 300, 3)]
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and "embedded local cluster with 2 cores" in notes[0], done.stderr
+
+
+def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Path) -> None:
+    """status with no server configured: exit 2 and one line naming --server / REMAP_SERVER."""
+    done = console(tmp_path, "status", timeout=30)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and "--server" in notes[0] and "REMAP_SERVER" in notes[0], done.stderr
+
+
+# ---------------------------------------------------------------------- help and usage
+
+
+@pytest.mark.parametrize(("script", "prog", "flags"), [
+    (SERVER_SCRIPT, "remap-server", ["--host", "--port", "--port-file", "--env-file"]),
+    (NODE_SCRIPT, "remap-node", ["--server", "--cores", "--group", "--env-file"]),
+    (CONSOLE_SCRIPT, "remap", ["--server", "--env-file", "compute", "status", "kill"]),
+])
+def test_help_of_each_entry_point(tmp_path: Path, script: str, prog: str, flags: list[str]) -> None:
+    """--help of server, node and console exits 0 and documents their flags."""
+    done = run_entry(script, "--help", home=tmp_path, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {prog}"), done.stdout
+    for flag in flags:
+        assert flag in done.stdout, f"{flag} missing from:\n{done.stdout}"
+
+
+def test_help_command_lists_every_command(tmp_path: Path) -> None:
+    """`remap help` needs no server and lists every command (or names it as an alias)."""
+    done = console(tmp_path, "help", timeout=30)
+    assert done.returncode == 0, done.stderr
+    for command in COMMANDS:  # each at the start of a line, or named as an alias
+        listed = f"\n  {command} " in "\n" + done.stdout or f"alias: {command}" in done.stdout
+        assert listed, f"{command} missing from:\n{done.stdout}"
+
+
+def test_unknown_command_exits_2_without_traceback(tmp_path: Path) -> None:
+    """An unknown command: exit 2 and one error line that names it."""
+    done = console(tmp_path, "frobnicate", timeout=30)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and notes[0].startswith("error:") and "frobnicate" in notes[0], done.stderr
+
+
+# ---------------------------------------------------------------------- the interactive shell
+
+
+def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
+    """Shell.onecmd: help prints the commands; errors become one line and the shell goes on; quit ends it."""
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    shell = Shell(Console(session, out=out, err=err), build_parser())
+    assert shell.onecmd("help") is False
+    assert "compute JOB.yaml" in out.getvalue() and "kill JOB_ID" in out.getvalue()
+    assert shell.onecmd("frobnicate now") is False
+    assert shell.onecmd("status") is False  # no server configured
+    assert shell.onecmd("kill") is False  # neither a job nor --cluster
+    assert shell.onecmd('compute "unclosed') is False
+    errors = lines_of(err.getvalue())
+    assert len(errors) == 4, errors
+    assert all(line.startswith("error:") for line in errors), errors
+    assert "frobnicate" in errors[0] and "no server configured" in errors[1] and "JOB_ID" in errors[2]
+    assert shell.onecmd("") is False
+    assert shell.onecmd("quit") is True
+    assert shell.onecmd("EOF") is True
+
+
+@pytest.mark.slow
+def test_shell_status_against_a_real_cluster(cluster: Cluster) -> None:
+    """Shell.onecmd('status') and ('nodes') against real processes show the two nodes."""
+    done = cluster.run_script(JOBS / "shell_driver.py", cluster.address, "status", "nodes", "jobs", "quit",
+                              timeout=60)
+    assert done.returncode == 0, cluster.explain(done)
+    said = json.loads(done.stdout)
+    assert said["stops"] == [False, False, False, True]
+    assert said["err"] == "", said["err"]
+    assert said["out"].startswith("2 nodes, 0/2 cores busy"), said["out"]
+    assert "no jobs" in said["out"]
+    for child in cluster.nodes:
+        assert str(child.pid) not in said["out"]  # tables show node ids, not pids
+    assert said["out"].count("NODE  ") == 2  # one table from status, one from nodes
+
+
+# ---------------------------------------------------------------------- kill --cluster
+
+
+@pytest.mark.slow
+def test_kill_cluster_yes_stops_server_and_nodes(cluster: Cluster) -> None:
+    """kill --cluster --yes: the server and every node exit by themselves within a deadline."""
+    done = cluster.console("kill", "--cluster", "--yes", timeout=30)
+    assert done.returncode == 0, cluster.explain(done)
+    assert "2 node(s)" in done.stdout
+    children = [cluster.server, *cluster.nodes]
+    cluster.wait_for(lambda: not any(c.alive() for c in children), 15, "the server and nodes to exit")
+    codes = {c.name: c.exit_code() for c in children}
+    assert set(codes.values()) == {0}, codes
+
+
+@pytest.mark.slow
+def test_kill_cluster_without_yes_refuses_without_a_tty(cluster: Cluster) -> None:
+    """kill --cluster with no --yes and no terminal: refused with a message; the cluster stays up."""
+    done = cluster.console("kill", "--cluster", timeout=30)
+    assert done.returncode == 2, cluster.explain(done)
+    assert "Traceback" not in done.stderr
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and "--yes" in notes[0], done.stderr
+    assert cluster.server.alive() and all(c.alive() for c in cluster.nodes)
+    assert len(cluster.status()["nodes"]) == 2

@@ -1,0 +1,444 @@
+"""End to end: a real server, two real nodes and console processes on 127.0.0.1.
+
+One cluster serves the whole module (tests that do not disturb it share it): a node
+``plain`` with two cores and a node ``gpu`` with one core in group ``gpu``; each node's
+processes carry ``TEST_NODE_NAME`` so a job can tell where it ran. Every expectation is
+computed locally by calling the same function the cluster runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster_harness import (
+    JOBS,
+    NODE_SCRIPT,
+    PYTHON,
+    Cluster,
+    ClusterFactory,
+    NodeSpec,
+    jobs_function,
+    load_module,
+    run_process,
+    write_job,
+)
+
+funcs = load_module(JOBS / "funcs.py")  # the functions the cluster runs, to compute expectations here
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The module's cluster: ``plain`` (2 cores) and ``gpu`` (1 core, group gpu)."""
+    nodes = [
+        NodeSpec(cores=2, env={"TEST_NODE_NAME": "plain"}),
+        NodeSpec(cores=1, group="gpu", env={"TEST_NODE_NAME": "gpu"}),
+    ]
+    with Cluster(tmp_path_factory.mktemp("e2e"), nodes) as cluster:
+        yield cluster
+
+
+def job(directory: Path, function: str, **keys: Any) -> Path:
+    """Write a job file for ``tests/jobs/funcs.py:FUNCTION`` with a unique name; return its path."""
+    name = keys.pop("name", None) or f"{function}-{uuid.uuid4().hex[:8]}"
+    return write_job(directory / f"{name}.yaml", {"function": jobs_function("funcs", function), "name": name, **keys})
+
+
+def compute(cluster: Cluster, job_file: Path, *flags: str, timeout: float = 60.0, ok: bool = True):
+    done = cluster.console("compute", str(job_file), *flags, timeout=timeout)
+    if ok:
+        cluster.assert_ok(done)
+    return done
+
+
+def no_traceback(done) -> None:
+    assert "Traceback" not in done.stderr, f"a Python traceback reached the user:\n{done.stderr}"
+
+
+def error_lines(done) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------- the cluster itself
+
+
+def test_status_json_lists_both_nodes(shared: Cluster) -> None:
+    """`status --json` has a `nodes` list with both node processes, their cores and groups."""
+    status = shared.status()
+    nodes = status["nodes"]
+    assert len(nodes) == 2, status
+    by_pid = {n["pid"]: n for n in nodes}
+    plain, gpu = (by_pid[child.pid] for child in shared.nodes)
+    assert (plain["cores"], plain["group"]) == (2, None)
+    assert (gpu["cores"], gpu["group"]) == (1, "gpu")
+    assert isinstance(status["jobs"], list)
+
+
+# ---------------------------------------------------------------------- response modes
+
+
+def test_object_mode_prints_one_json_array_in_argument_order(shared: Cluster, tmp_path: Path) -> None:
+    """object + --json: stdout is exactly one JSON array, results in argument order."""
+    args = list(range(-5, 60))
+    done = compute(shared, job(tmp_path, "square", args=args), "--json")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    assert json.loads(lines[0]) == [funcs.square(x) for x in args]
+
+
+def test_object_mode_text_prints_one_result_per_line(shared: Cluster, tmp_path: Path) -> None:
+    """object without --json: one JSON value per line, in argument order."""
+    args = [3, 1, 2]
+    done = compute(shared, job(tmp_path, "combine", args=args))
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [funcs.combine(x) for x in args]
+
+
+def test_stream_mode_json_gives_every_index_exactly_once(shared: Cluster, tmp_path: Path) -> None:
+    """stream + --json: one JSON object per line with index and result; all indices once."""
+    args = list(range(100, 180))
+    done = compute(shared, job(tmp_path, "square", args=args, response_mode="stream"), "--json")
+    items = [json.loads(line) for line in done.stdout.splitlines()]
+    indices = [item["index"] for item in items]
+    assert sorted(indices) == list(range(len(args))), f"indices not exactly once: {indices}"
+    assert {item["index"]: item["result"] for item in items} == {i: funcs.square(x) for i, x in enumerate(args)}
+
+
+def test_sqlite_mode_has_every_row_when_the_command_returns(shared: Cluster, tmp_path: Path) -> None:
+    """sqlite: when compute returns, `results` holds (idx, argument, result, error) for every argument."""
+    args = list(range(50, 90))
+    job_file = job(tmp_path, "fail_on_3_mod_7", args=args, response_mode="sqlite", output="out.sqlite",
+                   on_error="continue")
+    compute(shared, job_file, "--json", timeout=10)
+    with closing(sqlite3.connect(tmp_path / "out.sqlite")) as db:
+        rows = db.execute("SELECT idx, argument, result, error FROM results ORDER BY idx").fetchall()
+    assert [r[0] for r in rows] == list(range(len(args)))
+    for (_idx, argument, result, error), x in zip(rows, args, strict=True):
+        assert json.loads(argument) == x
+        if x % 7 == 3:
+            assert result is None
+            assert json.loads(error)["type"] == "ValueError"
+            assert json.loads(error)["message"] == f"{x} is 3 mod 7"
+        else:
+            assert error is None
+            assert json.loads(result) == funcs.fail_on_3_mod_7(x)
+
+
+def test_file_mode_writes_json_lines_in_argument_order(shared: Cluster, tmp_path: Path) -> None:
+    """file: the output file has one JSON line per argument, sorted by index."""
+    args = [{"k": i} for i in range(40)]
+    compute(shared, job(tmp_path, "identity", args=args, response_mode="file", output="out.jsonl"), "--json")
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"index": i, "result": x} for i, x in enumerate(args)]
+
+
+def test_reduce_mode_prints_the_folded_value(shared: Cluster, tmp_path: Path) -> None:
+    """reduce: stdout is the fold of every result."""
+    done = compute(shared, job(tmp_path, "square", args_range=[0, 500], response_mode="reduce", reduce="add"),
+                   "--json")
+    assert json.loads(done.stdout) == sum(funcs.square(x) for x in range(500))
+
+
+def test_none_mode_counts_results(shared: Cluster, tmp_path: Path) -> None:
+    """none: --json reports the count of results and nothing else of them; text says 'N results'."""
+    job_file = job(tmp_path, "square", args_range=[0, 77], response_mode="none")
+    summary = json.loads(compute(shared, job_file, "--json").stdout)
+    assert (summary["done"], summary["failed"], summary["state"]) == (77, 0, "done")
+    assert compute(shared, job_file).stdout.strip() == "77 results"
+
+
+# ---------------------------------------------------------------------- argument sources
+
+
+def test_args_path_large_file_is_fully_processed(shared: Cluster, tmp_path: Path) -> None:
+    """args_path with 200,000 lines: every line's result comes back, in order (file mode)."""
+    n = 200_000
+    path = tmp_path / "args.jsonl"
+    path.write_text("".join(f"{3 * i}\n" for i in range(n)))
+    compute(shared, job(tmp_path, "square", args_path=str(path), response_mode="file", output="big.jsonl"),
+            "--json", timeout=120)
+    with open(tmp_path / "big.jsonl") as f:
+        for i, line in enumerate(f):
+            assert json.loads(line) == {"index": i, "result": funcs.square(3 * i)}, f"line {i + 1}"
+    assert i == n - 1
+
+
+def test_args_inline_values_round_trip(shared: Cluster, tmp_path: Path) -> None:
+    """args given inline: strings, lists, mappings, null, booleans and floats come back unchanged."""
+    args = [1, "two", [3, 4], {"five": 5, "six": [6]}, None, True, False, 2.5, "üñíçødé", -7]
+    done = compute(shared, job(tmp_path, "identity", args=args), "--json")
+    assert json.loads(done.stdout) == args
+
+
+@pytest.mark.parametrize("bounds", [[3, 60, 7], [20, -5, -4], [0, 10]])
+def test_args_range_with_step(shared: Cluster, tmp_path: Path, bounds: list[int]) -> None:
+    """args_range [start, stop(, step)] runs exactly range(start, stop, step)."""
+    done = compute(shared, job(tmp_path, "square", args_range=bounds), "--json")
+    assert json.loads(done.stdout) == [funcs.square(x) for x in range(*bounds)]
+
+
+@pytest.mark.parametrize("source", ["args", "args_path"])
+def test_star_unpacks_lists_and_mappings(shared: Cluster, tmp_path: Path, source: str) -> None:
+    """star: true calls f(*list) and f(**mapping), from inline args and from an args file."""
+    args = [[1, 2], {"a": 5, "c": 7}, [1, 2, 3], {}, [], {"b": "x"}]
+    if source == "args":
+        job_file = job(tmp_path, "combine", args=args, star=True)
+    else:
+        path = tmp_path / "star.jsonl"
+        path.write_text("".join(json.dumps(a) + "\n" for a in args))
+        job_file = job(tmp_path, "combine", args_path=str(path), star=True)
+    done = compute(shared, job_file, "--json")
+    expected = [funcs.combine(**a) if isinstance(a, dict) else funcs.combine(*a) for a in args]
+    assert json.loads(done.stdout) == expected
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path) -> None:
+    """on_error: fail -> non-zero exit and one stderr line naming the argument and the exception."""
+    args = list(range(100, 130))  # 101, 108, 115, 122 raise
+    failing = {i: x for i, x in enumerate(args) if x % 7 == 3}
+    done = compute(shared, job(tmp_path, "fail_on_3_mod_7", args=args, on_error="fail"), "--json", ok=False)
+    assert done.returncode != 0, shared.explain(done)
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1, done.stderr
+    line = lines[0]
+    hits = [(i, x) for i, x in failing.items() if f"{x} is 3 mod 7" in line]
+    assert len(hits) == 1 and "ValueError" in line, line
+    i, x = hits[0]
+    named = line.replace(f"{x} is 3 mod 7", "")
+    assert f"argument {i}" in named or f"argument {x}" in named, f"the line does not name the argument: {line}"
+    assert done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("mode", ["object", "stream"])
+def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
+    """on_error: continue -> exit 0; each failing index carries its error type and message."""
+    args = list(range(0, 45))
+    done = compute(shared, job(tmp_path, "fail_on_3_mod_7", args=args, on_error="continue", response_mode=mode),
+                   "--json")
+    no_traceback(done)
+    if mode == "object":
+        values = dict(enumerate(json.loads(done.stdout)))
+    else:
+        items = [json.loads(line) for line in done.stdout.splitlines()]
+        assert sorted(item["index"] for item in items) == list(range(len(args)))
+        values = {item["index"]: item.get("error", item.get("result")) for item in items}
+    assert len(values) == len(args)
+    for i, x in enumerate(args):
+        if x % 7 == 3:
+            assert isinstance(values[i], dict), (i, values[i])
+            assert (values[i]["type"], values[i]["message"]) == ("ValueError", f"{x} is 3 mod 7")
+        else:
+            assert values[i] == funcs.fail_on_3_mod_7(x)
+    failed = sum(1 for x in args if x % 7 == 3)
+    assert f"{failed} argument(s) failed" in done.stderr
+
+
+@pytest.mark.parametrize(("name", "line", "key"), [
+    ("bad_unknown_key.yaml", 4, "respons_mode"),
+    ("bad_type.yaml", 5, "retries"),
+    ("bad_function.yaml", 2, "function"),
+])
+def test_bad_job_file_exits_2_naming_file_line_and_key(shared: Cluster, name: str, line: int, key: str) -> None:
+    """A bad job file: exit 2, one line naming the file, the line and the key; no traceback."""
+    done = compute(shared, JOBS / name, ok=False)
+    assert done.returncode == 2, shared.explain(done)
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1, done.stderr
+    assert f"{name}:{line}" in lines[0] and key in lines[0], lines[0]
+
+
+def test_wrong_secret_exits_3_with_a_clear_line(shared: Cluster) -> None:
+    """A console with the wrong secret: exit 3 and one line that talks about the secret."""
+    done = shared.console("status", env={"REMAP_SECRET_KEY": "not-the-secret"}, timeout=30)
+    assert done.returncode == 3, shared.explain(done)
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1 and "secret" in lines[0].lower(), done.stderr
+
+
+def test_node_with_a_wrong_secret_stops_with_exit_3(shared: Cluster) -> None:
+    """A node that cannot authenticate does not retry forever: exit 3 with one clear line."""
+    done = run_process([PYTHON, NODE_SCRIPT, "--server", shared.address, "--cores", "1", "--env-file", "/nonexistent"],
+                       shared.env({"REMAP_SECRET_KEY": "not-the-secret"}), cwd=shared.tmp, timeout=30)
+    assert done.returncode == 3, shared.explain(done)
+    no_traceback(done)
+    errors = [line for line in error_lines(done) if line.startswith("error:")]
+    assert len(errors) == 1 and "secret" in errors[0].lower(), done.stderr
+    assert len(shared.status()["nodes"]) == 2
+
+
+def test_unreachable_server_fails_with_a_clear_line(shared: Cluster) -> None:
+    """No server at the address: non-zero exit and one line saying it cannot be reached."""
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free now, and nothing listens on it once closed
+    done = shared.console("--server", f"127.0.0.1:{port}", "status", server=False, timeout=30)
+    assert done.returncode != 0
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "reach" in lines[0], done.stderr
+
+
+# ---------------------------------------------------------------------- cluster commands
+
+
+def test_status_shows_a_running_job_and_kill_stops_it(shared: Cluster, tmp_path: Path) -> None:
+    """A job shows as running in status; `kill JOB` ends it (its console says so), kills its busy
+    cores (every call sleeps 60 s) and the next job runs at once."""
+    stuck = job(tmp_path, "stuck", args_range=[0, 20])
+    computing = shared.console_popen("compute", str(stuck), "--json")
+
+    def running() -> dict | None:
+        status = shared.status()
+        found = [j for j in status["jobs"] if j["name"] == stuck.stem]
+        busy = sum(n["busy"] for n in status["nodes"])
+        return found[0] if found and found[0]["state"] == "running" and busy == 3 else None
+
+    running_job = shared.wait_for(running, 30, f"job {stuck.stem} to be running on all 3 cores")
+    killed = shared.console("kill", str(running_job["id"]), timeout=30)
+    shared.assert_ok(killed)
+    assert "killed" in killed.stdout
+    done = shared.finish(computing, timeout=10)
+    assert done.returncode != 0, shared.explain(done)
+    no_traceback(done)
+    assert "killed" in done.stderr.lower(), done.stderr
+    assert shared.job(running_job["id"])["state"] == "killed"
+    after = compute(shared, job(tmp_path, "square", args_range=[0, 30]), "--json", timeout=20)
+    assert json.loads(after.stdout) == [funcs.square(x) for x in range(30)]
+
+
+def test_interrupting_a_computing_console_kills_its_job(shared: Cluster, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in `compute`: the console exits 130 at once and the job is killed on the server."""
+    slow = job(tmp_path, "slow", args_range=[0, 200])
+    computing = shared.console_popen("compute", str(slow))
+
+    def running() -> dict | None:
+        found = [j for j in shared.status()["jobs"] if j["name"] == slow.stem]
+        return found[0] if found and found[0]["state"] == "running" else None
+
+    job_id = shared.wait_for(running, 30, f"job {slow.stem} to be running")["id"]
+    computing.send_signal(signal.SIGINT)
+    done = shared.finish(computing, timeout=10)
+    assert done.returncode == 130, shared.explain(done)
+    no_traceback(done)
+    assert "interrupted" in done.stderr
+    shared.wait_for(lambda: shared.job(job_id)["state"] == "killed", 10, f"job {job_id} to be killed")
+
+
+def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) -> None:
+    """`nodes` and `jobs`, as tables and as --json, show both nodes and a finished job."""
+    finished = job(tmp_path, "square", args=[1, 2, 3])
+    compute(shared, finished)
+    nodes = json.loads(shared.assert_ok(shared.console("nodes", "--json")).stdout)
+    assert sorted(n["pid"] for n in nodes) == sorted(c.pid for c in shared.nodes)
+    table = shared.assert_ok(shared.console("nodes")).stdout.splitlines()
+    assert table[0].split()[:2] == ["NODE", "HOST"] and len(table) == 4, table  # header, rule, 2 nodes
+    assert sum("gpu" in row for row in table[2:]) == 1
+    jobs = json.loads(shared.assert_ok(shared.console("jobs", "--json")).stdout)
+    mine = [j for j in jobs if j["name"] == finished.stem]
+    assert len(mine) == 1 and (mine[0]["state"], mine[0]["done"]) == ("done", 3), jobs
+    text = shared.assert_ok(shared.console("jobs")).stdout
+    assert text.splitlines()[0].split()[:3] == ["JOB", "NAME", "STATE"]
+    assert any(finished.stem in row and "done" in row for row in text.splitlines()), text
+
+
+def test_group_job_runs_only_on_the_group_node(shared: Cluster, tmp_path: Path) -> None:
+    """group: gpu -> every call runs on the node started with --group gpu."""
+    done = compute(shared, job(tmp_path, "node_name", args_range=[0, 30], group="gpu", chunksize=1), "--json")
+    assert json.loads(done.stdout) == ["gpu"] * 30
+
+
+def test_job_without_group_may_run_anywhere(shared: Cluster, tmp_path: Path) -> None:
+    """Control for the group test: a job with no group sees the nodes' markers (so they are set)."""
+    done = compute(shared, job(tmp_path, "node_name", args_range=[0, 30], chunksize=1), "--json")
+    assert set(json.loads(done.stdout)) <= {"plain", "gpu"} and json.loads(done.stdout)
+
+
+def test_wait_for_nodes_fails_for_an_empty_group(shared: Cluster, tmp_path: Path) -> None:
+    """compute --wait-for-nodes 1 on a group no node has: fails promptly, saying no node can run it."""
+    done = compute(shared, job(tmp_path, "square", args=[1], group="nothere"), "--wait-for-nodes", "1",
+                   ok=False, timeout=20)
+    assert done.returncode != 0, shared.explain(done)
+    no_traceback(done)
+    text = done.stderr.lower()
+    assert "no nodes" in text or "waiting for nodes" in text, done.stderr
+    assert "nothere" in done.stderr
+
+
+def test_user_function_stdout_is_shown_on_console_stderr(shared: Cluster) -> None:
+    """What the user function prints on a core reaches the console's stderr; stdout keeps the results."""
+    done = compute(shared, JOBS / "chatty.yaml", "--json")
+    assert json.loads(done.stdout) == [funcs.chatty(x) for x in (1, 2, 3)]
+    for x in (1, 2, 3):
+        assert f"chatty says hello from argument {x}" in done.stderr, done.stderr
+
+
+def test_console_with_a_different_heartbeat_setting_is_not_dropped(shared: Cluster, tmp_path: Path) -> None:
+    """A console whose REMAP_HEARTBEAT_INTERVAL (3 s) differs from the server's (0.5 s) still
+    finishes a 3 s job: peers must agree on the beat, not trust each side's own setting."""
+    job_file = job(tmp_path, "slow", args_range=[0, 30])
+    done = shared.console("compute", str(job_file), "--json", env={"REMAP_HEARTBEAT_INTERVAL": "3"}, timeout=60)
+    shared.assert_ok(done)
+    assert json.loads(done.stdout) == list(range(30))
+
+
+# ---------------------------------------------------------------------- failures (own clusters)
+
+
+def test_results_exactly_once_when_a_node_is_sigkilled(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+    """SIGKILL a node mid-job: its work is re-queued and every index is delivered exactly once."""
+    cluster = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
+    args = list(range(60))
+    job_file = job(tmp_path, "nap", args=args, response_mode="stream", chunksize=1)
+    computing = cluster.console_popen("compute", str(job_file), "--json")
+
+    def started() -> bool:
+        found = [j for j in cluster.status()["jobs"] if j["name"] == job_file.stem]
+        return bool(found) and found[0]["done"] >= 5
+
+    cluster.wait_for(started, 30, "the job to be under way")
+    cluster.kill_node(0, signal.SIGKILL)
+    done = cluster.finish(computing, timeout=60)
+    cluster.assert_ok(done)
+    items = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(item["index"] for item in items) == list(range(len(args)))
+    assert {item["index"]: item["result"] for item in items} == {i: funcs.square(x) for i, x in enumerate(args)}  # nap = square, slowly
+
+
+def test_drain_by_the_id_shown_in_nodes(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+    """`drain ID` with the id `nodes` shows: that node is draining and new work goes elsewhere."""
+    cluster = make_cluster([NodeSpec(cores=1, env={"TEST_NODE_NAME": "a"}),
+                            NodeSpec(cores=1, env={"TEST_NODE_NAME": "b"})])
+    status = cluster.status()
+    full_id = next(n["id"] for n in status["nodes"] if n["pid"] == cluster.nodes[0].pid)
+    shown = next(row.split()[0] for row in cluster.console("nodes").stdout.splitlines()[2:]
+                 if full_id.startswith(row.split()[0]))
+    cluster.assert_ok(cluster.console("drain", shown))
+    assert next(n for n in cluster.status()["nodes"] if n["id"] == full_id)["draining"] is True
+    done = compute(cluster, job(tmp_path, "node_name", args_range=[0, 20], chunksize=1), "--json")
+    assert json.loads(done.stdout) == ["b"] * 20
+
+
+def test_nodes_reconnect_after_a_server_restart(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+    """Server restart: the nodes reconnect by themselves and the next job runs on them."""
+    cluster = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
+    cluster.restart_server(signal.SIGKILL)
+    status = cluster.status()
+    assert sorted(n["pid"] for n in status["nodes"]) == sorted(c.pid for c in cluster.nodes)
+    done = compute(cluster, job(tmp_path, "square", args_range=[0, 40]), "--json")
+    assert json.loads(done.stdout) == [funcs.square(x) for x in range(40)]
