@@ -307,7 +307,7 @@ class Connection:
             return None
         if self._stage == "welcome" and isinstance(msg, m.Welcome):
             self.session = msg.session
-            if msg.heartbeat > 0:
+            if 0.05 <= msg.heartbeat <= 3600:  # ignore absurd values rather than spin or go deaf
                 self.peer_heartbeat = msg.heartbeat
             self._max_frame = min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
             self.peer_role = "server"

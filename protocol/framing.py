@@ -46,44 +46,65 @@ class FrameDecoder:
 
     The size limit is checked as soon as a length prefix is readable, before any
     of the body is buffered, so an oversized frame costs the receiver 4 bytes.
+
+    :meth:`next_frame` hands out one frame at a time so the owner can change
+    :attr:`max_frame` between two frames that arrived in the same read (the limit
+    grows once the handshake completes); :meth:`feed` is the batch form.
     """
 
     def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
-        self._need: int | None = None
+        self._pos = 0  # start of the first unconsumed byte in _buf
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes; return every frame now complete. Raises RemoteProtocolError."""
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes; frames come out of :meth:`next_frame`."""
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
         buf = self._buf
-        buf += data
-        pos = 0
-        end = len(buf)
+        pos = self._pos
+        available = len(buf) - pos
+        if available < 4:
+            self._compact()
+            return None
+        (length,) = _U32.unpack_from(buf, pos)
+        if length > self.max_frame:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes")
+        if length < 4:
+            raise RemoteProtocolError(f"frame length {length} is shorter than its header length field")
+        if available - 4 < length:
+            self._compact()
+            return None
+        (hlen,) = _U32.unpack_from(buf, pos + 4)
+        if hlen > length - 4 or hlen > MAX_HEADER:
+            raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {length}")
+        start = pos + PREFIX_SIZE
+        end = pos + 4 + length
+        with memoryview(buf) as view:  # one copy per part, and the view is released at once
+            header = bytes(view[start : start + hlen])
+            payload = bytes(view[start + hlen : end])
+        self._pos = end
+        return Frame(header, payload)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add bytes; return every frame now complete. Raises RemoteProtocolError."""
+        self.add(data)
         frames: list[Frame] = []
-        try:
-            while end - pos >= 4:
-                (length,) = _U32.unpack_from(buf, pos)
-                if length > self.max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
-                    )
-                if length < 4:
-                    raise RemoteProtocolError(f"frame length {length} is shorter than its header length field")
-                if end - pos - 4 < length:
-                    break
-                (hlen,) = _U32.unpack_from(buf, pos + 4)
-                if hlen > length - 4 or hlen > MAX_HEADER:
-                    raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {length}")
-                start = pos + PREFIX_SIZE
-                header = bytes(buf[start : start + hlen])
-                payload = bytes(buf[start + hlen : pos + 4 + length])
-                pos += 4 + length
-                frames.append(Frame(header, payload))
-        finally:
-            if pos:
-                del buf[:pos]
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
         return frames
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
+    HostnameEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    HostnameEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.protocol import Factory
 
-from protocol import Authenticated, Connection, messages as m
+from protocol import Authenticated, Connection
+from protocol import messages as m
 from protocol.errors import ConfigError, RemapError
 
 from .settings import Settings
 from .wire import PeerProtocol
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -29,45 +32,118 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _certificates(path: str, what: str) -> list[Any]:
+    """Every certificate in a PEM file, in order (a leaf and its chain, or a CA bundle)."""
+    from twisted.internet import ssl
+
+    blocks = _PEM_CERTIFICATE.findall(_read(path, what))
+    if not blocks:
+        raise ConfigError(f"{what} {path} holds no PEM certificate")
+    try:
+        return [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception as exc:  # OpenSSL's errors name no file: say which one
+        raise ConfigError(f"{what} {path} is not a valid PEM certificate: {exc}") from None
+
+
+def _identity(settings: Settings) -> tuple[Any, list[Any]]:
+    """(certificate with its private key, the rest of its chain) from REMAP_TLS_CERT/KEY."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    chain = _certificates(settings.tls_cert or "", "certificate")
+    key_pem = _read(settings.tls_key or "", "key")
+    try:
+        identity = ssl.PrivateCertificate.loadPEM(chain[0].dumpPEM() + b"\n" + key_pem)
+        check = SSL.Context(SSL.TLS_METHOD)
+        check.use_certificate(identity.original)
+        check.use_privatekey(identity.privateKey.original)
+        check.check_privatekey()
+    except Exception as exc:
+        raise ConfigError(
+            f"key {settings.tls_key} is not a valid PEM private key for certificate "
+            f"{settings.tls_cert}: {exc or type(exc).__name__}"
+        ) from None
+    return identity, chain[1:]
+
+
 def tls_enabled(settings: Settings) -> bool:
     return bool(settings.tls_cert or settings.tls_key or settings.tls_ca)
 
 
+class TLSServerEndpoint:
+    """A listening endpoint that wraps another in TLS, with timers on the given reactor.
+
+    Twisted's ``listenSSL`` (behind ``SSL4ServerEndpoint``) schedules TLS writes on the global
+    reactor, which is not the one running when remap lives in its own reactor (the console's
+    runtime); this wraps with ``TLSMemoryBIOFactory(..., clock=reactor)`` instead. It also
+    works for IPv6 addresses, which ``SSL4ServerEndpoint`` does not.
+    """
+
+    def __init__(self, reactor: Any, inner: Any, options: Any) -> None:
+        self.reactor = reactor
+        self.inner = inner
+        self.options = options
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return self.inner.listen(TLSMemoryBIOFactory(self.options, False, factory, clock=self.reactor))
+
+
 def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
-    """A listening endpoint: TLS when a certificate is configured (client certs checked with a CA)."""
+    """A listening endpoint: TLS when a certificate is configured (client certs checked with a CA).
+
+    REMAP_TLS_CERT may hold the server certificate followed by its intermediate CAs; they are
+    sent to clients. REMAP_TLS_CA may hold several CA certificates.
+    """
+    if ":" in host:
+        tcp = TCP6ServerEndpoint(reactor, port, interface=host)
+    else:
+        tcp = TCP4ServerEndpoint(reactor, port, interface=host)
     if not tls_enabled(settings):
-        if ":" in host:
-            return TCP6ServerEndpoint(reactor, port, interface=host)
-        return TCP4ServerEndpoint(reactor, port, interface=host)
-    from OpenSSL import SSL  # noqa: F401  (pyOpenSSL comes with twisted[tls])
+        return tcp
     from twisted.internet import ssl
 
     if not (settings.tls_cert and settings.tls_key):
         raise ConfigError("TLS on the server needs both REMAP_TLS_CERT and REMAP_TLS_KEY")
-    cert = ssl.PrivateCertificate.loadPEM(_read(settings.tls_cert, "certificate") + b"\n"
-                                          + _read(settings.tls_key, "key"))
+    identity, chain = _identity(settings)
     kwargs: dict[str, Any] = {}
     if settings.tls_ca:
-        ca = ssl.Certificate.loadPEM(_read(settings.tls_ca, "CA certificate"))
-        kwargs = {"verify": True, "caCerts": [ca.original], "requireCertificate": True}
-    options = ssl.CertificateOptions(privateKey=cert.privateKey.original,
-                                     certificate=cert.original, **kwargs)
-    return SSL4ServerEndpoint(reactor, port, options, interface=host)
+        cas = _certificates(settings.tls_ca, "CA certificate")
+        kwargs = {"verify": True, "caCerts": [ca.original for ca in cas], "requireCertificate": True}
+    options = ssl.CertificateOptions(
+        privateKey=identity.privateKey.original,
+        certificate=identity.original,
+        extraCertChain=[c.original for c in chain],
+        **kwargs,
+    )
+    return TLSServerEndpoint(reactor, tcp, options)
 
 
 def client_endpoint(reactor: Any, settings: Settings, host: str, port: int, timeout: float = 10) -> Any:
+    """A connecting endpoint: TLS verifying the server against REMAP_TLS_CA when TLS is configured.
+
+    TLS timers run on ``reactor`` (not Twisted's global one, which may not be running).
+    """
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if not tls_enabled(settings):
         return endpoint
     from twisted.internet import ssl
 
-    trust = ssl.Certificate.loadPEM(_read(settings.tls_ca, "CA certificate")) if settings.tls_ca else None
+    trust = None
+    if settings.tls_ca:
+        trust = ssl.trustRootFromCertificates(_certificates(settings.tls_ca, "CA certificate"))
     client_cert = None
+    extra: dict[str, Any] = {}
     if settings.tls_cert and settings.tls_key:
-        client_cert = ssl.PrivateCertificate.loadPEM(_read(settings.tls_cert, "certificate") + b"\n"
-                                                     + _read(settings.tls_key, "key"))
-    options = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
-    return wrapClientTLS(options, endpoint)
+        client_cert, chain = _identity(settings)
+        extra = {"extraCertChain": [c.original for c in chain]}
+    elif settings.tls_cert or settings.tls_key:
+        raise ConfigError("a client certificate needs both REMAP_TLS_CERT and REMAP_TLS_KEY")
+    options = ssl.optionsForClientTLS(
+        host, trustRoot=trust, clientCertificate=client_cert, extraCertificateOptions=extra or None
+    )
+    return wrapClientTLS(options, endpoint, clock=reactor)
 
 
 class PeerFactory(Factory):

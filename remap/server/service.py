@@ -7,7 +7,8 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from protocol import Authenticated, Connection, messages as m
+from protocol import Authenticated, Connection
+from protocol import messages as m
 from protocol.errors import RemapError, RemoteProtocolError
 
 from ..wire import PeerProtocol

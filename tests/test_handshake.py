@@ -1,0 +1,737 @@
+"""The handshake (protocol/connection.py): mutual HMAC proof, and every way it must fail.
+
+Pure tests: two sans-IO Connections talk through lists of bytes; no reactor, no sockets.
+The handshake timeout driven by a ``task.Clock`` is in test_wire.py (it is the adapter's timer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import msgpack
+import pytest
+
+from protocol import (
+    Authenticated,
+    Connection,
+    ConnectionFailed,
+    MessageReceived,
+    State,
+    local_versions,
+)
+from protocol import (
+    messages as m,
+)
+from protocol.connection import NONCE_SIZE
+from protocol.errors import (
+    AuthError,
+    FrameTooLarge,
+    HandshakeTimeout,
+    LocalProtocolError,
+    RemapError,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from protocol.framing import PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+
+KEY = b"the right secret"
+WRONG = b"not the secret"
+PY, CP = local_versions()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def out(conn: Connection) -> bytes:
+    return b"".join(bytes(part) for part in conn.data_to_send())
+
+
+def frames(data: bytes) -> list[tuple[dict, bytes]]:
+    """Parse bytes a Connection wrote: [(header map, payload)]."""
+    decoder = FrameDecoder(max_frame=1 << 30)
+    return [(msgpack.unpackb(f.header, raw=False), f.payload) for f in decoder.feed(data)]
+
+
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    raw = msgpack.packb(header, use_bin_type=True)
+    return b"".join(bytes(p) for p in encode_frame(raw, payload))
+
+
+def pair(role: str = "node", server_key: bytes = KEY, client_key: bytes = KEY, **kw):
+    server = Connection("server", server_key, **kw.get("server", {}))
+    client = Connection(role, client_key, **kw.get("client", {}))
+    client.initiate()
+    return server, client
+
+
+def run_handshake(server: Connection, client: Connection):
+    """Pump both ways until neither side has anything to say; return (server events, client events)."""
+    s_events: list = []
+    c_events: list = []
+    for _ in range(10):
+        to_server = out(client)
+        to_client = out(server)
+        if not to_server and not to_client:
+            break
+        if to_server:
+            s_events += server.receive_data(to_server)
+        if to_client:
+            c_events += client.receive_data(to_client)
+    return s_events, c_events
+
+
+def failure(events: list) -> RemapError:
+    failed = [e for e in events if isinstance(e, ConnectionFailed)]
+    assert len(failed) == 1, events
+    assert events[-1] is failed[0], "nothing may follow a failure"
+    return failed[0].error
+
+
+def hmac256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def counting_nonce(start: int = 0):
+    """Deterministic, distinct nonces (each call gives a new value)."""
+    state = {"n": start}
+
+    def nonce(size: int) -> bytes:
+        state["n"] += 1
+        return state["n"].to_bytes(size, "big")
+
+    return nonce
+
+
+# --------------------------------------------------------------------------- success
+
+
+@pytest.mark.parametrize("role", ["node", "console"])
+def test_handshake_succeeds_and_both_sides_agree(role):
+    """With the same secret both sides authenticate, agree on the session and open."""
+    server, client = pair(role, client={"name": "worker-7"})
+    s_events, c_events = run_handshake(server, client)
+    assert len(s_events) == 1 and isinstance(s_events[0], Authenticated)
+    assert len(c_events) == 1 and isinstance(c_events[0], Authenticated)
+    assert s_events[0].peer_role == role
+    assert s_events[0].peer_name == "worker-7"
+    assert c_events[0].peer_role == "server"
+    assert s_events[0].session == c_events[0].session == server.session == client.session
+    assert len(server.session) == 16
+    assert server.state is client.state is State.OPEN
+    assert server.peer_role == role and client.peer_role == "server"
+
+
+def test_messages_flow_both_ways_after_the_handshake():
+    """Once open, any catalogue message goes through in both directions, payload intact."""
+    server, client = pair()
+    run_handshake(server, client)
+    client.send(m.NodeInfo(host="h", pid=1, cores=2, memory=3))
+    server.send(m.Task(task=1, job=2, sizes=[3], payload=b"abc"))
+    assert server.receive_data(out(client)) == [
+        MessageReceived(m.NodeInfo(host="h", pid=1, cores=2, memory=3))
+    ]
+    assert client.receive_data(out(server)) == [
+        MessageReceived(m.Task(task=1, job=2, sizes=[3], payload=b"abc"))
+    ]
+
+
+def test_client_takes_the_smaller_frame_limit():
+    """The welcome's max_frame caps what the client accepts from then on."""
+    server, client = pair(server={"max_frame": 50_000}, client={"max_frame": 1 << 20})
+    run_handshake(server, client)
+    server.send(m.JobLoad(job=1, payload=b"x" * 60_000))
+    error = failure(client.receive_data(out(server)))
+    assert isinstance(error, FrameTooLarge)
+
+
+def test_every_split_point_of_the_whole_handshake():
+    """Each side's handshake bytes fed one byte at a time give the same outcome as one read."""
+    server, client = pair(
+        server={"nonce": counting_nonce(100)}, client={"nonce": counting_nonce(0)}
+    )
+    hello = out(client)
+    s_events: list = []
+    for i in range(len(hello)):
+        s_events += server.receive_data(hello[i : i + 1])
+    assert s_events == []
+    challenge = out(server)
+    assert challenge
+    c_events: list = []
+    for i in range(len(challenge)):
+        c_events += client.receive_data(challenge[i : i + 1])
+    auth = out(client)
+    for i in range(len(auth)):
+        s_events += server.receive_data(auth[i : i + 1])
+    welcome = out(server)
+    for i in range(len(welcome)):
+        c_events += client.receive_data(welcome[i : i + 1])
+    assert [type(e) for e in s_events] == [Authenticated]
+    assert [type(e) for e in c_events] == [Authenticated]
+
+
+@pytest.mark.parametrize("split", [0, 1, 4, 8, 20, -1])
+def test_welcome_and_a_large_message_in_one_read(split):
+    """A big message right behind the welcome (one TCP read) is accepted under the post-auth limit.
+
+    Regression: the decoder used to parse the whole read under the 8 KiB pre-auth limit and
+    fail the connection with FrameTooLarge, dropping the welcome too.
+    """
+    server, client = pair()
+    client_events = client.receive_data(b"")
+    server.receive_data(out(client))
+    client_events += client.receive_data(out(server))
+    server.receive_data(out(client))
+    server.send(m.JobLoad(job=1, payload=b"x" * 100_000))
+    data = out(server)
+    welcome_len = struct.unpack(">I", data[:4])[0] + 4
+    cut = welcome_len + split if split >= 0 else len(data)
+    events = client.receive_data(data[:cut]) + client.receive_data(data[cut:])
+    assert [type(e) for e in events] == [Authenticated, MessageReceived]
+    assert events[1].message == m.JobLoad(job=1, payload=b"x" * 100_000)
+
+
+def test_events_before_a_bad_frame_are_kept():
+    """A good message followed by garbage in the same read is delivered before the failure."""
+    server, client = pair()
+    run_handshake(server, client)
+    client.send(m.Heartbeat(load=1.0))
+    events = server.receive_data(out(client) + struct.pack(">I", 3) + b"junk")
+    assert isinstance(events[0], MessageReceived)
+    assert isinstance(failure(events), RemoteProtocolError)
+
+
+# --------------------------------------------------------------------------- wrong secret
+
+
+@pytest.mark.parametrize("role", ["node", "console"])
+def test_wrong_secret_detected_by_the_client(role):
+    """A server without the secret cannot prove itself: the client refuses and says so."""
+    server, client = pair(role, server_key=WRONG)
+    s_events, c_events = run_handshake(server, client)
+    error = failure(c_events)
+    assert isinstance(error, AuthError)
+    assert "REMAP_SECRET_KEY" in str(error)
+    assert error.exit_code == 3
+    # the client told the server why, and the server maps the code back to AuthError
+    peer_error = failure(s_events)
+    assert isinstance(peer_error, AuthError)
+    assert getattr(peer_error, "from_peer", False)
+    assert server.state is client.state is State.CLOSED
+    assert out(server) == b"", "a peer's error is never echoed back"
+
+
+def test_wrong_secret_detected_by_the_server():
+    """A client that skips checking the server and answers with the wrong key is refused by the server."""
+    server = Connection("server", KEY)
+    nonce = b"c" * NONCE_SIZE
+    hello_header = msgpack.packb(
+        {
+            "t": "hello",
+            "version": 1,
+            "role": "node",
+            "python": PY,
+            "cloudpickle": CP,
+            "nonce": nonce,
+            "name": "",
+        },
+        use_bin_type=True,
+    )
+    assert server.receive_data(b"".join(bytes(p) for p in encode_frame(hello_header))) == []
+    challenge_raw = FrameDecoder().feed(out(server))[0].header
+    proof = hmac256(WRONG, b"remap/1 client" + sha256(hello_header) + sha256(challenge_raw))
+    error = failure(server.receive_data(frame({"t": "auth", "proof": proof})))
+    assert isinstance(error, AuthError)
+    assert "REMAP_SECRET_KEY" in str(error)
+    ((reply, _),) = frames(out(server))
+    assert reply["t"] == "error" and reply["code"] == "auth"
+    assert server.state is State.CLOSED
+
+
+def test_client_receiving_an_auth_error_reports_auth_error():
+    """The error frame a refusing server sends surfaces on the client as AuthError (exit code 3)."""
+    client = Connection("console", KEY)
+    client.initiate()
+    out(client)
+    error = failure(
+        client.receive_data(frame({"t": "error", "code": "auth", "message": "go away"}))
+    )
+    assert isinstance(error, AuthError)
+    assert "server refused: go away" in str(error)
+
+
+# --------------------------------------------------------------------------- replay and reflection
+
+
+def test_replayed_client_transcript_is_refused():
+    """Bytes a genuine client sent cannot be replayed to a server: its nonce is new each time."""
+    server, client = pair()
+    transcript: list[bytes] = []
+    for _ in range(3):
+        data = out(client)
+        transcript.append(data)
+        server.receive_data(data)
+        client.receive_data(out(server))
+    assert server.state is State.OPEN
+    replay_server = Connection("server", KEY)
+    events = replay_server.receive_data(transcript[0])  # the old hello: accepted, new challenge
+    assert events == []
+    error = failure(
+        replay_server.receive_data(transcript[1])
+    )  # the old auth: wrong for the new nonce
+    assert isinstance(error, AuthError)
+
+
+def test_replayed_server_transcript_is_refused():
+    """A recorded challenge cannot be replayed to a client: the proof covers the client's fresh hello."""
+    server, client = pair()
+    server.receive_data(out(client))
+    old_challenge = out(server)
+    fresh = Connection("node", KEY)
+    fresh.initiate()
+    out(fresh)
+    error = failure(fresh.receive_data(old_challenge))
+    assert isinstance(error, AuthError)
+    assert fresh.state is State.CLOSED
+
+
+def test_same_nonce_twice_would_replay_so_nonces_must_be_fresh():
+    """Shows what freshness buys: with a repeated server nonce an old auth would pass (so os.urandom is used)."""
+    hello_nonce = counting_nonce(0)
+    client = Connection("node", KEY, nonce=hello_nonce)
+    server = Connection("server", KEY, nonce=lambda n: b"S" * n)
+    client.initiate()
+    hello = out(client)
+    server.receive_data(hello)
+    client.receive_data(out(server))
+    auth = out(client)
+    replay = Connection("server", KEY, nonce=lambda n: b"S" * n)
+    replay.receive_data(hello)
+    out(replay)
+    assert [type(e) for e in replay.receive_data(auth)] == [Authenticated]
+    assert Connection("server", KEY)._nonce_source.__name__ == "urandom"
+
+
+def test_server_refuses_a_reflected_nonce():
+    """A hello whose nonce equals the server's own fresh nonce is refused (reflection)."""
+    server = Connection("server", KEY, nonce=lambda n: b"R" * n)
+    client = Connection("node", KEY, nonce=lambda n: b"R" * n)
+    client.initiate()
+    error = failure(server.receive_data(out(client)))
+    assert isinstance(error, RemoteProtocolError)
+    assert "reflected" in str(error)
+
+
+def test_client_refuses_its_own_nonce_reflected():
+    """A challenge that reuses the client's nonce is refused even with a valid proof."""
+    client = Connection("node", KEY, nonce=lambda n: b"C" * n)
+    client.initiate()
+    hello_raw = FrameDecoder().feed(out(client))[0].header
+    proof = hmac256(KEY, b"remap/1 server" + sha256(hello_raw) + b"C" * NONCE_SIZE)
+    error = failure(
+        client.receive_data(
+            frame(
+                {
+                    "t": "challenge",
+                    "version": 1,
+                    "python": PY,
+                    "cloudpickle": CP,
+                    "nonce": b"C" * NONCE_SIZE,
+                    "proof": proof,
+                }
+            )
+        )
+    )
+    assert isinstance(error, AuthError)
+    assert "reflected" in str(error)
+
+
+# --------------------------------------------------------------------------- truncated, oversized, malformed
+
+
+def test_truncated_hello_yields_nothing_until_timeout():
+    """A hello cut anywhere produces no event and no reply; the timeout then fails the connection."""
+    client = Connection("node", KEY)
+    client.initiate()
+    hello = out(client)
+    for cut in range(len(hello)):
+        server = Connection("server", KEY)
+        assert server.receive_data(hello[:cut]) == []
+        assert out(server) == b""
+        assert server.state is State.HANDSHAKE
+    error = server.timeout().error
+    assert isinstance(error, HandshakeTimeout)
+    ((reply, _),) = frames(out(server))
+    assert reply["t"] == "error" and reply["code"] == "timeout"
+    assert server.state is State.CLOSED
+    assert server.timeout() is None
+
+
+def test_truncated_challenge_then_timeout_on_the_client():
+    """A client that received half a challenge times out cleanly."""
+    server, client = pair()
+    server.receive_data(out(client))
+    challenge = out(server)
+    assert client.receive_data(challenge[:-1]) == []
+    assert isinstance(client.timeout().error, HandshakeTimeout)
+
+
+def test_timeout_after_open_does_nothing():
+    """The handshake deadline firing late on an open connection is harmless."""
+    server, client = pair()
+    run_handshake(server, client)
+    assert server.timeout() is None and client.timeout() is None
+    assert server.state is State.OPEN
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_oversized_preauth_frame(side):
+    """Before authentication a frame over 8 KiB is refused from its length prefix alone."""
+    server, client = pair()
+    conn = server if side == "server" else client
+    out(conn)
+    error = failure(conn.receive_data(struct.pack(">I", PREAUTH_MAX_FRAME + 1)))
+    assert isinstance(error, FrameTooLarge)
+    ((reply, _),) = frames(out(conn))
+    assert reply["code"] == "frame-too-large"
+
+
+def test_length_2_31_frame_costs_four_bytes():
+    """A frame announcing 2**31 bytes is refused immediately; nothing is allocated for it."""
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(struct.pack(">I", 2**31) + b"x" * 100))
+    assert isinstance(error, FrameTooLarge)
+    assert "2147483648" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("hello", "match"),
+    [
+        (
+            {"version": 1, "role": "node", "python": PY, "cloudpickle": CP, "nonce": b"n" * 31},
+            "nonce length",
+        ),
+        ({"version": 1, "role": "node", "python": PY, "cloudpickle": CP}, "missing field 'nonce'"),
+        (
+            {"version": 1, "role": "server", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            "unknown role",
+        ),
+        (
+            {"version": 1, "role": "admin", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            "unknown role",
+        ),
+        (
+            {"version": "1", "role": "node", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            "hello.version",
+        ),
+        (
+            {"version": 1, "role": "node", "python": PY, "cloudpickle": CP, "nonce": "n" * 32},
+            "hello.nonce",
+        ),
+    ],
+)
+def test_malformed_hello(hello, match):
+    """Every malformed hello is a RemoteProtocolError, answered with an error frame."""
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame({"t": "hello", **hello})))
+    assert isinstance(error, RemoteProtocolError)
+    assert match in str(error)
+    assert frames(out(server))[0][0]["t"] == "error"
+
+
+def test_garbage_instead_of_hello():
+    """Random bytes are refused; an HTTP request is too (length prefix says 'GET ' = 1.1 GB)."""
+    server = Connection("server", KEY)
+    assert isinstance(failure(server.receive_data(b"GET / HTTP/1.1\r\n\r\n")), FrameTooLarge)
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(struct.pack(">II", 8, 4) + b"\xc1\xc1\xc1\xc1"))
+    assert isinstance(error, RemoteProtocolError)
+
+
+# --------------------------------------------------------------------------- wrong version
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("version", 2, "protocol version 2"),
+        ("version", 0, "protocol version 0"),
+        ("python", "2.7", "Python 2.7"),
+        ("cloudpickle", "0.1", "cloudpickle 0.1"),
+    ],
+)
+def test_server_refuses_a_different_version(field, value, match):
+    """The server refuses a hello from another protocol, Python or cloudpickle version, clearly."""
+    hello = {
+        "t": "hello",
+        "version": 1,
+        "role": "node",
+        "python": PY,
+        "cloudpickle": CP,
+        "nonce": b"n" * 32,
+    }
+    hello[field] = value
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame(hello)))
+    assert isinstance(error, VersionMismatch)
+    assert match in str(error)
+    assert error.exit_code == 3
+    ((reply, _),) = frames(out(server))
+    assert reply["code"] == "version"
+
+
+@pytest.mark.parametrize("versions", [("2.7", CP), (PY, "0.1")])
+def test_client_refuses_a_server_of_another_version(versions):
+    """A node refuses a server on another Python or cloudpickle; the server learns why."""
+    server, client = pair(server={"versions": versions})
+    s_events, c_events = run_handshake(server, client)
+    assert isinstance(failure(c_events), VersionMismatch)
+    assert isinstance(failure(s_events), VersionMismatch)
+
+
+def test_client_refuses_a_challenge_of_another_protocol_version():
+    """A challenge announcing protocol version 2 is refused as a version mismatch."""
+    client = Connection("node", KEY)
+    client.initiate()
+    out(client)
+    error = failure(
+        client.receive_data(
+            frame(
+                {
+                    "t": "challenge",
+                    "version": 2,
+                    "python": PY,
+                    "cloudpickle": CP,
+                    "nonce": b"s" * 32,
+                    "proof": b"p" * 32,
+                }
+            )
+        )
+    )
+    assert isinstance(error, VersionMismatch)
+
+
+# --------------------------------------------------------------------------- order and misuse
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"t": "auth", "proof": b"x" * 32},
+        {"t": "welcome", "session": "s", "max_frame": 1, "heartbeat": 1.0},
+        {
+            "t": "challenge",
+            "version": 1,
+            "python": PY,
+            "cloudpickle": CP,
+            "nonce": b"n" * 32,
+            "proof": b"p" * 32,
+        },
+        {"t": "grant", "job": 1, "count": 1},
+        {"t": "task", "task": 1, "job": 1, "sizes": []},
+        {"t": "no-such-type"},
+    ],
+)
+def test_server_refuses_anything_but_hello_first(first):
+    """The first frame to a server must be a hello; anything else closes the connection."""
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame(first)))
+    assert isinstance(error, RemoteProtocolError)
+    assert server.state is State.CLOSED
+
+
+def test_server_refuses_a_second_hello():
+    """A hello where the auth is expected is a protocol error."""
+    server, client = pair()
+    hello = out(client)
+    server.receive_data(hello)
+    assert isinstance(failure(server.receive_data(hello)), RemoteProtocolError)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"t": "welcome", "session": "s", "max_frame": 1 << 20, "heartbeat": 1.0},
+        {
+            "t": "hello",
+            "version": 1,
+            "role": "node",
+            "python": PY,
+            "cloudpickle": CP,
+            "nonce": b"n" * 32,
+        },
+        {"t": "auth", "proof": b"x" * 32},
+        {"t": "job_load", "job": 1},
+        {"t": "shutdown"},
+    ],
+)
+def test_client_refuses_anything_but_a_challenge_first(first):
+    """A server that skips the challenge (e.g. sends welcome or work at once) is refused."""
+    client = Connection("node", KEY)
+    client.initiate()
+    out(client)
+    error = failure(client.receive_data(frame(first)))
+    assert isinstance(error, RemoteProtocolError)
+    assert client.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("auth", AuthError),
+        ("version", VersionMismatch),
+        ("timeout", HandshakeTimeout),
+        ("frame-too-large", FrameTooLarge),
+        ("bad-frame", RemoteProtocolError),
+        ("weird", RemoteProtocolError),
+    ],
+)
+def test_error_frames_during_the_handshake_map_to_classes(code, cls):
+    """An error frame from the peer becomes the matching local exception class; it is not echoed."""
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame({"t": "error", "code": code, "message": "m"})))
+    assert type(error) is cls
+    assert out(server) == b""
+
+
+def test_local_misuse_raises_local_protocol_error():
+    """Sending before open, initiating twice or on the server: bugs on this side, said plainly."""
+    server, client = pair()
+    with pytest.raises(LocalProtocolError):
+        client.send(m.Heartbeat())
+    with pytest.raises(LocalProtocolError):
+        client.initiate()
+    with pytest.raises(LocalProtocolError):
+        server.initiate()
+    client.send(m.Error(code="x", message="errors may be sent any time"))
+
+
+def test_constructor_validation():
+    """Unknown roles and empty secrets are refused up front."""
+    with pytest.raises(ValueError):
+        Connection("admin", KEY)
+    with pytest.raises(ValueError):
+        Connection("node", b"")
+
+
+def test_closed_connection_ignores_input():
+    """After a failure nothing more is parsed or sent."""
+    server = Connection("server", KEY)
+    failure(server.receive_data(b"\xff\xff\xff\xff"))
+    out(server)
+    client = Connection("node", KEY)
+    client.initiate()
+    assert server.receive_data(out(client)) == []
+    assert out(server) == b""
+
+
+def test_unknown_message_after_auth_gets_an_error_reply_and_keeps_the_connection():
+    """A newer peer's unknown message is answered with an error carrying its id; the link stays open."""
+    server, client = pair()
+    run_handshake(server, client)
+    events = server.receive_data(frame({"t": "from_v2", "id": 41}))
+    assert events == []
+    ((reply, _),) = frames(out(server))
+    assert reply == {
+        "t": "error",
+        "code": "unknown-message",
+        "message": "unknown message type 'from_v2'",
+        "re": 41,
+    }
+    assert server.state is State.OPEN
+    client.send(m.Heartbeat())
+    assert [type(e) for e in server.receive_data(out(client))] == [MessageReceived]
+
+
+def test_malformed_known_message_after_auth_closes():
+    """A known message with a bad field after auth is a protocol violation: error frame, close."""
+    server, client = pair()
+    run_handshake(server, client)
+    error = failure(server.receive_data(frame({"t": "grant", "job": "one", "count": 1})))
+    assert isinstance(error, RemoteProtocolError)
+    assert frames(out(server))[0][0]["code"] == "bad-frame"
+
+
+# --------------------------------------------------------------------------- the spec's exact inputs
+
+
+def test_reference_client_written_from_the_spec_authenticates():
+    """A client built only from protocol/README.md (msgpack + struct + hmac) gets through.
+
+    This pins the HMAC inputs the README documents: the labels, SHA-256 of the raw hello and
+    challenge header bytes as they travelled, and the server's raw nonce.
+    """
+    server = Connection("server", KEY, max_frame=123_456, heartbeat=2.5)
+    client_nonce = bytes(range(32))
+    hello_header = msgpack.packb(
+        {
+            "t": "hello",
+            "version": 1,
+            "role": "console",
+            "python": PY,
+            "cloudpickle": CP,
+            "nonce": client_nonce,
+            "name": "ref",
+        },
+        use_bin_type=True,
+    )
+    assert (
+        server.receive_data(
+            struct.pack(">II", 4 + len(hello_header), len(hello_header)) + hello_header
+        )
+        == []
+    )
+    (challenge_frame,) = FrameDecoder().feed(out(server))
+    challenge = msgpack.unpackb(challenge_frame.header, raw=False)
+    assert challenge["t"] == "challenge" and challenge_frame.payload == b""
+    expected = hmac256(KEY, b"remap/1 server" + sha256(hello_header) + challenge["nonce"])
+    assert hmac.compare_digest(challenge["proof"], expected)
+    proof = hmac256(KEY, b"remap/1 client" + sha256(hello_header) + sha256(challenge_frame.header))
+    auth_header = msgpack.packb({"t": "auth", "proof": proof}, use_bin_type=True)
+    events = server.receive_data(
+        struct.pack(">II", 4 + len(auth_header), len(auth_header)) + auth_header
+    )
+    assert [type(e) for e in events] == [Authenticated]
+    ((welcome, _),) = frames(out(server))
+    assert welcome == {
+        "t": "welcome",
+        "session": server.session,
+        "max_frame": 123_456,
+        "heartbeat": 2.5,
+    }
+
+
+def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
+    """A server built only from the spec is accepted by a real client Connection."""
+    client = Connection("node", KEY, name="n1")
+    client.initiate()
+    (hello_frame,) = FrameDecoder().feed(out(client))
+    hello = msgpack.unpackb(hello_frame.header, raw=False)
+    assert hello["role"] == "node" and hello["name"] == "n1" and len(hello["nonce"]) == 32
+    server_nonce = b"\x42" * 32
+    proof = hmac256(KEY, b"remap/1 server" + sha256(hello_frame.header) + server_nonce)
+    challenge_header = msgpack.packb(
+        {
+            "t": "challenge",
+            "version": 1,
+            "python": PY,
+            "cloudpickle": CP,
+            "nonce": server_nonce,
+            "proof": proof,
+        },
+        use_bin_type=True,
+    )
+    assert client.receive_data(b"".join(bytes(p) for p in encode_frame(challenge_header))) == []
+    ((auth, _),) = frames(out(client))
+    assert auth["proof"] == hmac256(
+        KEY, b"remap/1 client" + sha256(hello_frame.header) + sha256(challenge_header)
+    )
+    events = client.receive_data(
+        frame({"t": "welcome", "session": "abc", "max_frame": 1 << 20, "heartbeat": 2.0})
+    )
+    assert events == [Authenticated("server", "", "abc")]

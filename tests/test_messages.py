@@ -1,0 +1,342 @@
+"""The message catalogue (protocol/messages.py): every message round-trips; malformed headers are refused.
+
+Pure tests: no reactor, no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from protocol import messages as m
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+
+README = Path(__file__).resolve().parent.parent / "protocol" / "README.md"
+CATALOGUE = m.message_types()
+
+#: one hand-written, non-default instance of every message: the table a reader checks against
+EXAMPLES: dict[str, m.Message] = {
+    "hello": m.Hello(
+        version=1, role="node", python="3.11", cloudpickle="3.1", nonce=b"n" * 32, name="host-a"
+    ),
+    "challenge": m.Challenge(
+        version=1, python="3.11", cloudpickle="3.1", nonce=b"s" * 32, proof=b"p" * 32
+    ),
+    "auth": m.Auth(proof=b"q" * 32),
+    "welcome": m.Welcome(session="0123456789abcdef", max_frame=1 << 20, heartbeat=1.5),
+    "error": m.Error(code="not-found", message="no job 7", re=12),
+    "heartbeat": m.Heartbeat(load=0.75, busy=3),
+    "node_info": m.NodeInfo(host="h", pid=42, cores=8, memory=1 << 34, group="gpu", load=1.25),
+    "job_load": m.JobLoad(job=3, star=True, timeout=2.5, reduce=True, payload=b"\x80\x05fn"),
+    "job_drop": m.JobDrop(job=3),
+    "task": m.Task(task=9, job=3, sizes=[2, 0, 3], payload=b"aabbb"),
+    "result": m.TaskResult(
+        task=9,
+        sizes=[1, 2],
+        errors=[[1, "ValueError", "bad", "tb"]],
+        elapsed=0.25,
+        output="printed\n",
+        partial=False,
+        payload=b"xyy",
+    ),
+    "task_failed": m.TaskFailed(task=9, reason="timeout", at=2, message="killed after 5s"),
+    "cancel": m.Cancel(job=3),
+    "shutdown": m.Shutdown(reason="kill --cluster"),
+    "submit": m.Submit(
+        id=1,
+        name="job",
+        mode="stream",
+        group="g",
+        retries=1,
+        timeout=3.0,
+        on_error="continue",
+        chunksize=10,
+        priority=5,
+        detach=True,
+        star=True,
+        total=100,
+        wait_for_nodes=2.0,
+        payload=b"\x80\x05fn",
+    ),
+    "submitted": m.Submitted(re=1, job=3, window=512),
+    "args": m.Args(job=3, start=10, sizes=[3, 3], payload=b"abcdef"),
+    "args_end": m.ArgsEnd(job=3, total=16),
+    "grant": m.Grant(job=3, count=64),
+    "results": m.Results(
+        job=3,
+        indices=[4, 5],
+        sizes=[1, 0],
+        errors=[[1, "E", "m", ""]],
+        output="o",
+        partial=False,
+        payload=b"r",
+    ),
+    "job_done": m.JobDone(job=3, state="done", done=16, failed=0, message="ok"),
+    "job_notice": m.JobNotice(job=3, message="waiting for a node of group gpu"),
+    "status": m.StatusRequest(id=2),
+    "status_reply": m.StatusReply(
+        re=2, nodes=[{"id": "n1", "cores": 2}], jobs=[{"id": 3}], server={"v": 1}
+    ),
+    "kill": m.Kill(id=4, job=3),
+    "kill_cluster": m.KillCluster(id=5),
+    "drain": m.Drain(id=6, node="n1"),
+    "attach": m.Attach(id=7, job=3),
+    "ok": m.Ok(re=4, info={"job": 3, "state": "killed"}),
+}
+
+
+def header_of(msg: m.Message) -> dict[str, Any]:
+    header, _ = m.encode(msg)
+    return msgpack.unpackb(header, raw=False)
+
+
+def fields_of(cls: type[m.Message]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "payload"]
+
+
+def test_examples_cover_the_whole_catalogue():
+    """The example table above names every registered message type (a new one must be added)."""
+    assert set(EXAMPLES) == set(CATALOGUE)
+    for type_name, msg in EXAMPLES.items():
+        assert type(msg).TYPE == type_name
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_round_trip(type_name):
+    """encode then decode gives back an equal message, payload included and untouched."""
+    msg = EXAMPLES[type_name]
+    header, payload = m.encode(msg)
+    assert isinstance(header, bytes)
+    assert payload == getattr(msg, "payload", b"")
+    assert m.decode(header, payload) == msg
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_header_is_a_map_of_t_and_the_fields(type_name):
+    """The header holds "t" and every non-payload field by name; the payload never enters it."""
+    msg = EXAMPLES[type_name]
+    data = header_of(msg)
+    assert data.pop("t") == type_name
+    assert set(data) == {f.name for f in fields_of(type(msg))}
+    assert "payload" not in data
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_defaults_fill_missing_optional_fields(type_name):
+    """A header carrying only the required fields decodes, with the documented defaults."""
+    cls = CATALOGUE[type_name]
+    full = header_of(EXAMPLES[type_name])
+    minimal = {"t": type_name}
+    for f in fields_of(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            minimal[f.name] = full[f.name]
+    msg = m.decode(msgpack.packb(minimal, use_bin_type=True), b"")
+    for f in fields_of(cls):
+        if f.name not in minimal:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(msg, f.name) == default
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_missing_required_field_refused(type_name):
+    """Dropping any required field is a RemoteProtocolError naming that field."""
+    cls = CATALOGUE[type_name]
+    required = [
+        f.name
+        for f in fields_of(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    full = header_of(EXAMPLES[type_name])
+    for name in required:
+        data = {k: v for k, v in full.items() if k != name}
+        with pytest.raises(RemoteProtocolError, match=re.escape(repr(name))):
+            m.decode(msgpack.packb(data, use_bin_type=True), b"")
+
+
+#: values of every msgpack kind; for each field at least one of them must be the wrong type
+_CANDIDATES: list[Any] = [5, 1.5, "text", b"bytes", True, None, [1.5], {"k": 1}]
+
+
+def _wrong_value(annotation: Any) -> Any:
+    """A msgpack value of a kind this annotation does not allow."""
+    allowed = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    kinds = {typing.get_origin(a) or a for a in allowed}
+    for value in _CANDIDATES:
+        kind = type(value)
+        if kind is type(None) and type(None) in kinds:
+            continue
+        if kind is int and (int in kinds or float in kinds):
+            continue
+        if kind in kinds:
+            continue
+        return value
+    raise AssertionError(f"no wrong value for {annotation!r}")
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_wrong_field_type_refused(type_name):
+    """Each field with a checkable type refuses a value of the wrong type."""
+    cls = CATALOGUE[type_name]
+    hints = typing.get_type_hints(cls)
+    full = header_of(EXAMPLES[type_name])
+    checked = 0
+    for f in fields_of(cls):
+        if hints[f.name] is Any:
+            continue
+        data = dict(full, **{f.name: _wrong_value(hints[f.name])})
+        with pytest.raises(RemoteProtocolError, match=f"{type_name}.{f.name}"):
+            m.decode(msgpack.packb(data, use_bin_type=True), b"")
+        checked += 1
+    assert checked == len(fields_of(cls))
+
+
+@pytest.mark.parametrize(
+    ("field_type", "good", "bad"),
+    [
+        (int, [0, -1, 2**63 - 1], [True, 1.0, "1", None]),
+        (float, [0.5, 3, -2], [True, "1.0", None]),
+        (bool, [True, False], [0, 1, "true", None]),
+        (str, ["", "x"], [b"x", 1, None]),
+        (bytes, [b"", b"x"], ["x", 1, None]),
+        (list[int], [[], [1, 2]], [[1.0], [True], ["1"], (1,), None]),
+        (int | None, [None, 3], [1.5, "3"]),
+        (dict, [{}, {"a": 1}], [[], None]),
+    ],
+)
+def test_field_checkers_are_strict(field_type, good, bad):
+    """bool is not an int, int is a float, lists are checked element by element."""
+    check = m._checker(field_type)
+    for value in good:
+        assert check(value), value
+    for value in bad:
+        assert not check(value), value
+
+
+def test_unknown_field_refused():
+    """A header with a field the message does not have is refused (no silent extras)."""
+    data = dict(header_of(EXAMPLES["grant"]), extra=1)
+    with pytest.raises(RemoteProtocolError, match="unknown field"):
+        m.decode(msgpack.packb(data), b"")
+
+
+def test_payload_on_a_payloadless_message_refused():
+    """Only messages with a payload field may carry payload bytes."""
+    header, _ = m.encode(EXAMPLES["grant"])
+    with pytest.raises(RemoteProtocolError, match="carries no payload"):
+        m.decode(header, b"unexpected")
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        (b"", "not valid msgpack"),
+        (b"\xc1", "not valid msgpack"),
+        (b"\x81\xa1t", "not valid msgpack"),
+        (msgpack.packb([1, 2]), "not a map"),
+        (msgpack.packb("t"), "not a map"),
+        (msgpack.packb({"x": 1}), "no message type"),
+        (msgpack.packb({"t": 5}), "no message type"),
+        (msgpack.packb({1: "x"}, use_bin_type=True), "not valid msgpack"),
+        (msgpack.packb({"t": "grant", "job": 1, "count": 1}) + b"\x00", "not valid msgpack"),
+        (b"\x81\xa1t\xa2\xff\xfe", "not valid msgpack"),
+    ],
+)
+def test_malformed_headers(header, match):
+    """Garbage, non-maps, missing/odd type, int keys, trailing bytes, bad UTF-8: one error type."""
+    with pytest.raises(RemoteProtocolError, match=match):
+        m.decode(header, b"")
+
+
+def test_unknown_type_carries_the_request_id():
+    """An unknown type raises UnknownMessageType with the request id, so the peer can be answered."""
+    with pytest.raises(m.UnknownMessageType) as info:
+        m.decode(msgpack.packb({"t": "from_the_future", "id": 17}), b"")
+    assert info.value.re == 17
+    assert info.value.code == "unknown-message"
+    assert isinstance(info.value, RemoteProtocolError)
+    with pytest.raises(m.UnknownMessageType) as info:
+        m.decode(msgpack.packb({"t": "x" * 1000, "id": "not-an-int"}), b"")
+    assert info.value.re is None
+    assert len(info.value.type_name) == 64
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_preauth_flag_gates_decoding(type_name):
+    """Before authentication only the handshake messages and error decode; everything else is refused."""
+    msg = EXAMPLES[type_name]
+    header, payload = m.encode(msg)
+    if type_name in ("hello", "challenge", "auth", "welcome", "error"):
+        assert type(msg).PREAUTH
+        assert m.decode(header, payload, preauth=True) == msg
+    else:
+        assert not type(msg).PREAUTH
+        with pytest.raises(RemoteProtocolError, match="not allowed before authentication"):
+            m.decode(header, payload, preauth=True)
+
+
+def test_encode_refuses_unregistered_and_unencodable():
+    """Encoding a foreign object or a value msgpack cannot carry is a LocalProtocolError."""
+
+    class NotAMessage(m.Message):
+        TYPE = "nope"
+
+    with pytest.raises(LocalProtocolError):
+        m.encode(NotAMessage())
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        m.encode(m.Ok(re=1, info={"x": object()}))
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        m.encode(m.Grant(job=1, count=2**70))
+
+
+def test_messages_are_frozen():
+    """Messages are immutable values (safe to queue and to share)."""
+    msg = EXAMPLES["grant"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.count = 3  # type: ignore[misc]
+
+
+def test_registering_a_type_twice_fails():
+    """Two messages cannot share a wire name."""
+    with pytest.raises(TypeError, match="registered twice"):
+
+        @m.message
+        class Duplicate(m.Message):
+            TYPE = "grant"
+            job: int
+
+
+def test_readme_documents_every_message_and_field():
+    """protocol/README.md names every message type and each of its fields (the spec cannot drift)."""
+    text = README.read_text(encoding="utf-8")
+    for type_name, cls in CATALOGUE.items():
+        section = re.search(
+            rf"^#### `{re.escape(type_name)}`.*?(?=^#### |^## |\Z)", text, re.M | re.S
+        )
+        assert section, f"README has no '#### `{type_name}`' section"
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in section.group(0), (
+                f"README section {type_name} lacks field {f.name}"
+            )
+
+
+def test_readme_frame_example_is_exact():
+    """The byte-level example in protocol/README.md is what this implementation puts on the wire."""
+    from protocol.framing import encode_frame
+
+    header, payload = m.encode(m.Grant(job=3, count=64))
+    wire = b"".join(bytes(p) for p in encode_frame(header, payload))
+    text = README.read_text(encoding="utf-8")
+    assert "(29 bytes on the wire)" in text and len(wire) == 29
+    groups = wire[:4].hex(" "), wire[4:8].hex(" "), wire[8:].hex(" ")
+    assert "  ".join(groups) in text
