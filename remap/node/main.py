@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from protocol.errors import AuthError, RemapError, VersionMismatch
 
 from ..cluster import default_cores, start_node
+from ..entry import react_main
 from ..logs import start_logging
 from ..settings import load_settings
 
@@ -52,21 +53,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code = [0]
-
-    async def go(reactor) -> None:
-        try:
-            code[0] = await serve(reactor, args)
-        except RemapError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            code[0] = exc.exit_code
-
-    try:
-        task.react(lambda r: defer.ensureDeferred(go(r)))
-    except SystemExit:
-        pass
-    return code[0]
+    return react_main(serve, build_parser().parse_args(argv))
 
 
 def run() -> None:

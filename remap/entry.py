@@ -1,0 +1,30 @@
+"""What every long-running entry point shares: run ``serve`` on the reactor, map errors to codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet import defer, task
+
+from protocol.errors import RemapError
+
+
+def react_main(serve: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    """Run ``serve(reactor, args)`` until it returns; a RemapError becomes one line and its exit code."""
+    code = [0]
+
+    async def go(reactor: Any) -> None:
+        try:
+            code[0] = await serve(reactor, args)
+        except RemapError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code[0] = exc.exit_code
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(go(r)))
+    except SystemExit:
+        pass
+    return code[0]
