@@ -39,6 +39,14 @@ _FIELDS: dict[type[Message], tuple[tuple[str, Any, Any], ...]] = {}
 _MISSING = dataclasses.MISSING
 
 
+_INT_ONLY = frozenset({int})
+
+
+def _int_list(value: Any) -> bool:
+    """A list of ints (not bools); ``map(type, ...)`` keeps the scan of long sizes lists in C."""
+    return type(value) is list and set(map(type, value)) <= _INT_ONLY
+
+
 def _checker(tp: Any):
     """Build a fast isinstance-style check for an annotation (plain data types only)."""
     origin = typing.get_origin(tp)
@@ -58,7 +66,7 @@ def _checker(tp: Any):
     if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
         if arg is int:
-            return lambda v: type(v) is list and all(type(x) is int for x in v)
+            return _int_list
         if arg is Any:
             return lambda v: type(v) is list
         inner_check = _checker(arg)

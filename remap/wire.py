@@ -60,6 +60,13 @@ class PeerProtocol(Protocol):
     # ---------------------------------------------------------------- Twisted API
 
     def connectionMade(self) -> None:
+        # small frames (a single call, a grant) must not wait ~40 ms for a delayed ACK
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket after all (e.g. a UNIX socket)
+                pass
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self._last_seen = self.clock.seconds()

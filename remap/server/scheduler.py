@@ -239,6 +239,8 @@ class Scheduler:
         self._job_ids = itertools.count(1)
         self._task_ids = itertools.count(1)
         self._ready: dict[str, NodeState] = {}  # nodes with free credit, in arrival order
+        self._all_credits = 0
+        self._group_credits: dict[str, int] = {}
         self.started_at = clock.seconds()
         self.on_shutdown: Callable[[], None] | None = None
         self.cpu_started = time.process_time()
@@ -259,6 +261,7 @@ class Scheduler:
         )
         self.nodes[node_id] = node
         self._ready[node_id] = node
+        self._add_credits(node, +1)
         self.log.info("node {id} joined: {host} with {cores} cores, group {group}", id=node_id,
                       host=node.host, cores=node.cores, group=node.group)
         for job in self.jobs.values():
@@ -266,6 +269,16 @@ class Scheduler:
                 job.waiting = ""
         self.pump()
         return node
+
+    def _add_credits(self, node: NodeState, sign: int) -> None:
+        """Keep credit totals (all nodes, per group) current, so sizing a window is O(1)."""
+        self._all_credits += sign * node.credits
+        if node.group is not None:
+            self._group_credits[node.group] = self._group_credits.get(node.group, 0) + sign * node.credits
+
+    def _credits_for(self, job: JobState) -> int:
+        """Total credits of the nodes that may run ``job``."""
+        return self._group_credits.get(job.group, 0) if job.group is not None else self._all_credits
 
     def node_heartbeat(self, node_id: str, msg: m.Heartbeat) -> None:
         node = self.nodes.get(node_id)
@@ -279,6 +292,7 @@ class Scheduler:
         self._ready.pop(node_id, None)
         if node is None:
             return
+        self._add_credits(node, -1)
         requeued = 0
         for task in sorted(node.inflight.values(), key=lambda t: -t.id):
             job = task.job
@@ -493,7 +507,7 @@ class Scheduler:
 
     def _window(self, job: JobState) -> int:
         """How many arguments the server wants queued for a job, from the cluster's size."""
-        credits = sum(n.credits for n in self.nodes.values() if self._group_ok(n, job)) or PREFETCH
+        credits = self._credits_for(job) or PREFETCH
         return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * self._batch_size(job, 1 << 30)))
 
     def _grant(self, job: JobState) -> None:
@@ -531,7 +545,7 @@ class Scheduler:
         if job.chunksize or job.total < 0:
             return size
         left = job.pending_count + max(0, job.total - job.received)
-        cores = sum(n.credits for n in self.nodes.values() if self._group_ok(n, job)) or 1
+        cores = self._credits_for(job) or 1
         return max(1, min(size, -(-left // cores)))
 
     def _next_job(self, node: NodeState) -> JobState | None:
