@@ -176,6 +176,12 @@ class Sink(abc.ABC):
         else:
             self.failed += 1
 
+    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+        """Take a batch of successful tasks at once (the console's hot path; modes may override)."""
+        args = arguments if arguments is not None else [None] * len(indices)
+        for index, argument, result in zip(indices, args, results):
+            self.add(index, argument, result, None)
+
     @abc.abstractmethod
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
         """Mode-specific part of :meth:`add`; counting and checks are done by the caller."""
@@ -232,6 +238,14 @@ class ObjectSink(Sink):
         if index in self._items:
             raise ValueError(f"result {index} delivered twice")
         self._items[index] = error if error is not None else result
+
+    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+        self._check_open()
+        before = len(self._items)
+        self._items.update(zip(indices, results))
+        if len(self._items) - before != len(indices):
+            raise ValueError("a result was delivered twice")
+        self.done += len(indices)
 
     def value(self) -> list[Any]:
         """Results by index; failures are :class:`TaskErrorInfo`, gaps are :data:`MISSING`.
@@ -507,6 +521,10 @@ class NoneSink(Sink):
 
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
         pass
+
+    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+        self._check_open()
+        self.done += len(indices)
 
     def value(self) -> int:
         """The number of tasks that succeeded."""

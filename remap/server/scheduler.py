@@ -19,7 +19,6 @@ import itertools
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -242,7 +241,6 @@ class Scheduler:
         self._all_credits = 0
         self._group_credits: dict[str, int] = {}
         self.started_at = clock.seconds()
-        self.on_shutdown: Callable[[], None] | None = None
         self.cpu_started = time.process_time()
 
     # ================================================================ nodes
