@@ -1,8 +1,16 @@
 """A Twisted reactor on a background thread, for synchronous callers (console shell, Python API).
 
 User code and blocking I/O stay on the caller's thread; networking stays on the reactor's.
-Child-process reaping needs SIGCHLD, which only the main thread may install, so it is
-installed here (when we are on the main thread) and forwarded to the reactor.
+
+The runtime drives a reactor instance of its own, never the global
+``twisted.internet.reactor``: that one stays free for whoever else runs it on their own
+thread (a Twisted application, pytest-twisted's greenlet), which would otherwise either
+find it already running or block the thread our waits depend on.
+
+Child processes (embedded cores) are reaped on SIGCHLD, which only the main thread may
+install, so a handler is installed here (when we are on the main thread; it also calls the
+handler it replaced) and forwarded to the reactor; a periodic reap covers a process whose
+signal went to someone else's handler.
 """
 
 from __future__ import annotations
@@ -17,28 +25,58 @@ from twisted.internet import defer
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+_reactor: Any = None
+#: seconds between reaps that do not wait for SIGCHLD
+REAP_INTERVAL = 0.25
 
 
-def reactor() -> Any:
-    from twisted.internet import reactor as r
-
+def _new_reactor() -> Any:
+    """A reactor that is not installed as the global one."""
+    try:
+        from twisted.internet.epollreactor import EPollReactor as factory
+    except ImportError:  # not Linux
+        try:
+            from twisted.internet.pollreactor import PollReactor as factory
+        except ImportError:
+            from twisted.internet.selectreactor import SelectReactor as factory
+    r = factory()
+    # registering our thread as "the" I/O thread is process-global; leave that to the global one
+    r._registerAsIOThread = False
     return r
 
 
+def reactor() -> Any:
+    """The runtime's reactor (created, not started, on first use)."""
+    global _reactor
+    with _lock:
+        if _reactor is None:
+            _reactor = _new_reactor()
+        return _reactor
+
+
 def ensure_running() -> Any:
-    """Start the global reactor on a daemon thread once; return it."""
+    """Start the runtime's reactor on a daemon thread once; return it."""
     global _thread
     r = reactor()
     with _lock:
-        if _thread is not None or r.running:
+        if _thread is not None:
             return r
+        from twisted.internet import process
+        from twisted.internet.task import LoopingCall
+
         if threading.current_thread() is threading.main_thread():
-            from twisted.internet import process
+            previous = signal.getsignal(signal.SIGCHLD)
 
             def on_sigchld(signum: int, frame: Any) -> None:
                 r.callFromThread(process.reapAllProcesses)
+                if callable(previous):
+                    previous(signum, frame)
 
             signal.signal(signal.SIGCHLD, on_sigchld)
+            signal.siginterrupt(signal.SIGCHLD, False)
+        reaper = LoopingCall(process.reapAllProcesses)
+        reaper.clock = r
+        r.callWhenRunning(reaper.start, REAP_INTERVAL, now=False)
         _thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False},
                                    name="remap-reactor", daemon=True)
         _thread.start()
@@ -53,8 +91,6 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.future
     def start() -> None:
         try:
             d = defer.maybeDeferred(fn, *args, **kwargs)
-            if isinstance(d.result if d.called else None, defer.Deferred):
-                pass
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller's thread
             future.set_exception(exc)
             return
@@ -75,7 +111,17 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.future
 
 def run(fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
     """Call in the reactor and wait for the result on this thread."""
+    check_not_reactor_thread()
     return call(fn, *args, **kwargs).result(timeout)
+
+
+def check_not_reactor_thread() -> None:
+    """Refuse to block the reactor's own thread (reactor code calling a blocking API)."""
+    if _thread is not None and threading.current_thread() is _thread:
+        raise RuntimeError(
+            "remap's blocking API was called on the thread that runs its reactor; "
+            "call it from another thread (the reactor would wait for itself forever)"
+        )
 
 
 def as_deferred(fn: Callable[..., Any]) -> Callable[..., defer.Deferred]:

@@ -62,7 +62,7 @@ def _error_entry(pos: int, exc: BaseException) -> list[Any]:
 
 def _exception_blob(exc: BaseException) -> bytes:
     try:
-        blob = pickle.dumps(exc, 5)
+        blob = dumps(exc)  # cloudpickle for exception classes defined in the job's own code
         pickle.loads(blob)  # only ship what the other side can rebuild
         return blob
     except Exception:

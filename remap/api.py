@@ -1,0 +1,1074 @@
+"""The Python API's core: a cluster handle, and jobs that stream arguments in and results out.
+
+``remap.connect()`` gives a :class:`Cluster`. Every call that runs work opens a
+:class:`JobStream`: a job on the server whose arguments come from a thread-safe feed that
+the caller's thread fills (pulling the user's iterable, pickling each argument) and the
+reactor's thread drains as the server grants window. Results come back as events on a
+queue. So user code (generators, pickling, reduce functions, done-callbacks) runs on the
+caller's threads, the reactor thread only moves bytes, and a generator of any length runs
+in bounded memory because the caller stays at most ``buffersize`` arguments ahead of the
+results it has consumed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import pickle
+import queue
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from protocol import messages as m
+from protocol.errors import (
+    ConfigError,
+    ConnectionLost,
+    JobFailed,
+    RemapError,
+    RemoteTaskError,
+    ServerUnreachable,
+)
+
+from . import runtime
+from .blobs import PICKLE_PROTOCOL
+from .client import CHUNK_ARGS, CHUNK_BYTES, ClusterClient, JobParams, JobRun
+from .cluster import EmbeddedCluster, connect_console
+from .settings import Settings, load_settings
+from .sinks import Sink, TaskErrorInfo
+
+if TYPE_CHECKING:
+    from .executor import Executor, RemoteFuture
+
+__all__ = [
+    "DEFAULT_BUFFERSIZE",
+    "Cluster",
+    "JobStream",
+    "PicklingError",
+    "RemoteTraceback",
+    "ResultIterator",
+    "connect",
+    "remote_exception",
+    "ship_by_value",
+]
+
+log = Logger()
+
+#: arguments ``imap`` may take from the iterable ahead of the results the caller consumed
+DEFAULT_BUFFERSIZE = 65536
+#: pickled arguments a stream may hold before they are sent (the server bounds the rest)
+FEED_MAX_BYTES = 64 * 1024 * 1024
+#: seconds to wait for the embedded cluster's node to join
+CONNECT_TIMEOUT = 30.0
+#: seconds ``close()`` waits for the connection to close and the embedded cluster to stop
+CLOSE_TIMEOUT = 15.0
+
+_PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+# ====================================================================== pickling
+
+
+class PicklingError(ConfigError, pickle.PicklingError):
+    """A function or argument cannot be sent to the cluster; the message names it."""
+
+
+def describe(fn: Any) -> str:
+    """A short name for a callable, for messages and job names."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        return type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("__main__", "builtins") else name
+
+
+def function_blob(
+    fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None = None, *, name: str | None = None
+) -> bytes:
+    """Pickle a job's callables by value where needed, or say plainly which one cannot travel."""
+    for what in (fn, reduce_fn):
+        if what is not None and not callable(what):
+            raise TypeError(f"{what!r} is not callable")
+    try:
+        return cloudpickle.dumps((fn, reduce_fn), PICKLE_PROTOCOL)
+    except Exception as exc:
+        culprit = name or describe(fn)
+        if reduce_fn is not None:
+            try:
+                cloudpickle.dumps(reduce_fn, PICKLE_PROTOCOL)
+            except Exception:
+                culprit = describe(reduce_fn)
+        raise PicklingError(
+            f"function {culprit} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def dumps_argument(value: Any, what: str) -> bytes:
+    """Pickle one argument; plain data takes the fast path, the rest goes through cloudpickle.
+
+    cloudpickle (not plain pickle) so that objects defined in ``__main__`` travel by value:
+    plain pickle would "succeed" by reference and the core would fail to find them.
+    """
+    kind = type(value)
+    try:
+        if kind in _PLAIN_TYPES or (kind is tuple and all(type(v) in _PLAIN_TYPES for v in value)):
+            return pickle.dumps(value, PICKLE_PROTOCOL)
+        return cloudpickle.dumps(value, PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise PicklingError(
+            f"{what} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def ship_by_value(module: types.ModuleType) -> None:
+    """Send a local module's functions by value, for nodes that cannot import it.
+
+    By default functions from importable modules travel by reference (the nodes import
+    the module); ``__main__`` always travels by value. Call this for a module of your own
+    that is not installed on the nodes. It applies to this whole process.
+    """
+    cloudpickle.register_pickle_by_value(module)
+
+
+# ====================================================================== remote errors
+
+
+class RemoteTraceback(RemoteTaskError):
+    """The ``__cause__`` of a re-raised remote exception; its text is the remote traceback."""
+
+    def __str__(self) -> str:
+        where = f" (argument {self.index})" if self.index is not None else ""
+        tb = self.remote_traceback.rstrip("\n")
+        if not tb:
+            return f"{self.type_name}: {self.message}{where}"
+        return f'remote traceback{where}:\n"""\n{tb}\n"""'
+
+
+def remote_exception(info: TaskErrorInfo) -> BaseException:
+    """The exception to raise for a failed task: its own type when it could be rebuilt here.
+
+    Either way ``__cause__`` is a :class:`RemoteTraceback` (a RemoteTaskError) carrying the
+    remote traceback, so a printed traceback shows where on the core it went wrong. When
+    the original cannot be rebuilt (its class is not importable here, or a core crashed or
+    timed out) the exception is a :class:`RemoteTaskError` naming the remote type.
+    """
+    cause = RemoteTraceback(info.type_name, info.message, info.traceback, info.index)
+    exc = info.exception
+    if exc is None:
+        exc = RemoteTaskError(info.type_name, info.message, info.traceback, info.index)
+    exc.__cause__ = cause
+    return exc
+
+
+# ====================================================================== streaming jobs
+
+
+class _ForwardSink(Sink):
+    """Collects the results of one ``results`` message and passes them on as one event."""
+
+    mode = "stream"
+
+    def __init__(self, stream: JobStream) -> None:
+        super().__init__()
+        self._stream = stream
+        self._batch: list[tuple[int, Any, TaskErrorInfo | None]] = []
+
+    def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
+        self._batch.append((index, result, error))
+
+    def add_partial(self, indices_count: int, partial: Any) -> None:
+        self._check_open()
+        self.done += indices_count
+        self.flush()
+        self._stream.events.put(("partial", self._stream, indices_count, partial))
+
+    def flush(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._stream.events.put(("items", self._stream, batch))
+
+
+@dataclass(eq=False)
+class _FeedRun(JobRun):
+    """A JobRun whose arguments are already pickled and may pause until the caller adds more.
+
+    JobRun pulls a plain iterator and takes "no item" as the end; here "no item" only means
+    "not yet" until the stream's input is closed.
+    """
+
+    stream: Any = None
+
+    def start(self, client: ClusterClient, job_id: int, window: int) -> None:
+        super().start(client, job_id, window)
+        if self.stream.kill_requested and not self.finished.called:
+            client.kill_quietly(job_id)
+
+    def results(self, msg: m.Results) -> None:
+        try:
+            super().results(msg)
+        finally:
+            self.sink.flush()
+
+    def send_arguments(self) -> None:
+        if self.exhausted or self._sending or self.finished.called or self._client is None:
+            return
+        self._sending = True
+        try:
+            while True:
+                blobs, ended = self.stream._take(min(self._granted, CHUNK_ARGS), self.sent)
+                if blobs:
+                    self._client.send(
+                        m.Args(
+                            job=self.job_id,
+                            start=self.sent,
+                            sizes=[len(b) for b in blobs],
+                            payload=b"".join(blobs),
+                        )
+                    )
+                    self.sent += len(blobs)
+                    self._granted -= len(blobs)
+                if ended:
+                    self.exhausted = True
+                    self._client.send(m.ArgsEnd(job=self.job_id, total=self.sent))
+                    return
+                if not blobs or self._granted <= 0:
+                    return
+        except RemapError as exc:  # the connection went away under us
+            self.fail(exc)
+        finally:
+            self._sending = False
+
+
+class JobStream:
+    """One job whose pickled arguments are fed from any thread and whose results become events.
+
+    Events on :attr:`events`, in the order the reactor saw them:
+    ``("items", stream, [(index, result, error), ...])``, ``("partial", stream, count, value)``
+    (reduce mode) and last ``("end", stream, error_or_None)``.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        fn_blob: bytes,
+        params: JobParams,
+        *,
+        events: queue.SimpleQueue | None = None,
+        on_send: Callable[[int, Any], bool] | None = None,
+        owner: Any = None,
+        total_hint: int | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
+        #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
+        #: sent with its argument index; False drops the item (a cancelled future)
+        self.on_send = on_send
+        self.owner = owner
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self.input_closed = False
+        self.killing = False
+        self.kill_requested = False
+        self.unsent_bytes = 0
+        self._items: deque[tuple[bytes, Any]] = deque()
+        self._wake_pending = False
+        self.run = _FeedRun(
+            params, fn_blob, iter(()), _ForwardSink(self), total_hint=total_hint, stream=self
+        )
+        cluster._track(self)
+        cluster._call_soon(self._submit)
+
+    # ------------------------------------------------------------ caller's side
+
+    def put_many(self, blobs: list[bytes], tags: list[Any] | None = None) -> None:
+        """Queue pickled arguments (and optional tags for :attr:`on_send`)."""
+        if not blobs:
+            return
+        with self.lock:
+            if self.killing:
+                return  # the job is being killed; its end reaches the consumer as an event
+            if self.input_closed:
+                raise RuntimeError("this job takes no more arguments")
+            self._items.extend(zip(blobs, tags if tags is not None else itertools.repeat(None)))
+            self.unsent_bytes += sum(len(b) for b in blobs)
+            self._wake_soon()
+
+    def close_input(self) -> None:
+        """No more arguments: the job ends once every queued one has run."""
+        with self.lock:
+            if not self.input_closed:
+                self.input_closed = True
+                self._wake_soon()
+
+    def withdraw(self, on_item: Callable[[Any], None] | None = None) -> list[Any]:
+        """Remove every unsent item; ``on_item(tag)`` runs for each under :attr:`lock`."""
+        with self.lock:
+            taken = list(self._items)
+            self._items.clear()
+            self.unsent_bytes = 0
+            if on_item is not None:
+                for _, tag in taken:
+                    on_item(tag)
+            if taken:
+                self._wake_soon()  # the end of input may now be reachable
+        return [tag for _, tag in taken]
+
+    def kill_soon(self) -> None:
+        """Like :meth:`kill` without taking the lock (for finalizers, which may run anywhere)."""
+        self.killing = True
+        self.input_closed = True
+        self.cluster._call_soon(self._kill_now)
+
+    def kill(self) -> None:
+        """Stop the job now: unsent arguments are dropped and running ones are cancelled."""
+        with self.lock:
+            self.killing = True  # no args_end now: the job must end killed, not done
+            self.input_closed = True
+            self._items.clear()
+            self.unsent_bytes = 0
+        self.cluster._call_soon(self._kill_now)
+
+    # ------------------------------------------------------------ reactor's side
+
+    def _wake_soon(self) -> None:
+        # called with self.lock held; one wake-up per batch of puts, not one per argument
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.cluster._call_soon(self._wake)
+
+    def _wake(self) -> None:
+        with self.lock:
+            self._wake_pending = False
+        self.run.send_arguments()
+
+    def _take(self, limit: int, start: int) -> tuple[list[bytes], bool]:
+        out: list[bytes] = []
+        nbytes = 0
+        with self.lock:
+            items = self._items
+            while items and len(out) < limit and nbytes < CHUNK_BYTES:
+                blob, tag = items.popleft()
+                self.unsent_bytes -= len(blob)
+                if (
+                    tag is not None
+                    and self.on_send is not None
+                    and not self.on_send(start + len(out), tag)
+                ):
+                    continue
+                out.append(blob)
+                nbytes += len(blob)
+            return out, self.input_closed and not items and not self.killing
+
+    def _submit(self) -> None:
+        client = self.cluster._client
+        if client is None:
+            self.run.fail(ConnectionLost("the cluster handle is closed"))
+            d = self.run.finished
+        else:
+            d = client.submit(self.run)
+        d.addCallbacks(self._ended, self._ended_badly)
+
+    def _kill_now(self) -> None:
+        self.kill_requested = True
+        run = self.run
+        if run.finished.called or self.cluster._client is None:
+            return
+        if run.job_id is not None:
+            self.cluster._client.kill_quietly(run.job_id)
+        # else: _FeedRun.start kills it the moment the server names it
+
+    def _ended(self, outcome: Any) -> None:
+        self.events.put(("end", self, None))
+        self.finished.set()
+
+    def _ended_badly(self, failure: Any) -> None:
+        self.error = failure.value
+        self.events.put(("end", self, failure.value))
+        self.finished.set()
+
+
+class _Feeder:
+    """Pulls a user's iterable on the caller's thread into a stream, at most ``limit`` ahead."""
+
+    #: arguments pickled before the reactor is woken, when many are taken at once
+    BATCH = 1024
+
+    def __init__(
+        self,
+        stream: JobStream,
+        source: Iterator[Any],
+        limit: int | None,
+        *,
+        star: bool,
+        fn_name: str,
+    ) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"buffersize must be at least 1, not {limit}")
+        self.stream = stream
+        self.source: Iterator[Any] | None = source
+        self.limit = limit
+        self.star = star
+        self.fn_name = fn_name
+        self.put = 0
+        self.done = False
+        # refill only once a few results were consumed: one reactor wake-up per refill
+        self._slack = 0 if limit is None else max(1, limit // 8) - 1
+
+    def top_up(self, consumed: int) -> None:
+        """Take arguments until ``limit`` are outstanding (or the iterable ends)."""
+        if self.done:
+            return
+        limit = self.limit
+        if limit is not None and self.put - consumed > limit - 1 - self._slack:
+            return
+        stream = self.stream
+        batch: list[bytes] = []
+        room = FEED_MAX_BYTES - stream.unsent_bytes
+        try:
+            while limit is None or self.put + len(batch) - consumed < limit:
+                if room <= 0:
+                    break
+                try:
+                    value = next(self.source)  # type: ignore[arg-type]
+                except StopIteration:
+                    self.done = True
+                    self.source = None
+                    break
+                if self.star:
+                    value = tuple(value)
+                blob = dumps_argument(value, f"argument {self.put + len(batch)} of {self.fn_name}")
+                batch.append(blob)
+                room -= len(blob)
+                if len(batch) >= self.BATCH:
+                    stream.put_many(batch)
+                    self.put += len(batch)
+                    batch = []
+        finally:
+            stream.put_many(batch)
+            self.put += len(batch)
+        if self.done:
+            stream.close_input()
+
+
+class ResultIterator(Iterator[Any]):
+    """Results of a streaming job, in argument order or as they complete.
+
+    ``next(timeout=)`` raises TimeoutError when no result comes in time. A remote error is
+    raised at its position with its remote traceback; with ``stop_on_error`` (the default)
+    the job is then killed and iteration ends, otherwise iteration may go on (like
+    ``multiprocessing.Pool.imap``). Closing the iterator (``close()``, ``with``, or dropping
+    it) kills the job if it is still running.
+    """
+
+    def __init__(
+        self,
+        stream: JobStream,
+        source: Iterator[Any],
+        *,
+        ordered: bool,
+        buffersize: int | None,
+        star: bool = False,
+        deadline: float | None = None,
+        stop_on_error: bool = True,
+        fn_name: str = "",
+        timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
+    ) -> None:
+        self._stream = stream
+        self._timeout_error = timeout_error
+        self._ordered = ordered
+        self._deadline = deadline
+        self._stop_on_error = stop_on_error
+        self._feeder = _Feeder(stream, source, buffersize, star=star, fn_name=fn_name)
+        self._consumed = 0
+        self._next_index = 0
+        self._buffer: dict[int, tuple[Any, TaskErrorInfo | None]] = {}
+        self._ready: deque[tuple[Any, TaskErrorInfo | None]] = deque()
+        self._ended = False
+        self._end_error: BaseException | None = None
+        self._closed = False
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._top_up()
+
+    @property
+    def job_id(self) -> int | None:
+        """The server's id of the job, once it has answered the submit."""
+        return self._stream.run.job_id
+
+    @property
+    def taken(self) -> int:
+        """How many arguments were taken from the iterable so far."""
+        return self._feeder.put
+
+    def __iter__(self) -> ResultIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next result; TimeoutError if none arrives within ``timeout`` seconds."""
+        with self._lock:
+            return self._next(timeout)
+
+    def _next(self, timeout: float | None) -> Any:
+        if self._cancelled:
+            raise _cancelled_error()
+        if self._closed:
+            raise StopIteration
+        deadline = self._deadline
+        if timeout is not None:
+            mine = time.monotonic() + timeout
+            deadline = mine if deadline is None else min(deadline, mine)
+        while True:
+            self._top_up()
+            item = self._pop_ready()
+            if item is not None:
+                return self._deliver(*item)
+            if self._feeder.done and self._consumed >= self._feeder.put:
+                self.close()
+                raise StopIteration
+            if self._ended:
+                error = self._end_error or JobFailed("the job ended before every result arrived")
+                self.close()
+                raise error
+            self._wait(deadline)
+
+    def _top_up(self) -> None:
+        try:
+            self._feeder.top_up(self._consumed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pop_ready(self) -> tuple[Any, TaskErrorInfo | None] | None:
+        if self._ordered:
+            item = self._buffer.pop(self._next_index, None)
+            if item is not None:
+                self._next_index += 1
+            return item
+        return self._ready.popleft() if self._ready else None
+
+    def _deliver(self, result: Any, error: TaskErrorInfo | None) -> Any:
+        self._consumed += 1
+        if error is None:
+            return result
+        if self._stop_on_error:
+            self.close()
+        raise remote_exception(error)
+
+    def _wait(self, deadline: float | None) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            if remaining is not None and remaining <= 0:
+                raise queue.Empty
+            event = self._stream.events.get(timeout=remaining)
+        except queue.Empty:
+            if self._stop_on_error:
+                self.close()
+            raise self._timeout_error("no result arrived in time") from None
+        self._handle(event)
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "items":
+            if self._ordered:
+                buffer = self._buffer
+                for index, result, error in event[2]:
+                    buffer[index] = (result, error)
+            else:
+                self._ready.extend((result, error) for _, result, error in event[2])
+        elif kind == "end":
+            self._ended = True
+            self._end_error = event[2]
+
+    def close(self) -> None:
+        """Stop: kill the job if it still runs and drop what was buffered. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        self._ready.clear()
+        self._feeder.source = None
+        self._feeder.done = True
+        if not self._stream.finished.is_set():
+            self._stream.kill()
+
+    def cancel(self) -> None:
+        """Close, and make every later ``next()`` raise CancelledError."""
+        self._cancelled = True
+        self.close()
+
+    def __enter__(self) -> ResultIterator:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._closed or self._stream.finished.is_set():
+            return
+        try:
+            self._stream.kill_soon()
+        except Exception:  # interpreter shutdown: the reactor may be gone already
+            pass
+
+
+def _cancelled_error() -> BaseException:
+    return concurrent.futures.CancelledError("the executor was shut down with cancel_futures=True")
+
+
+# ====================================================================== the handle
+
+
+class _NoInitial:
+    def __repr__(self) -> str:
+        return "<no initial value>"
+
+
+_NO_INITIAL: Any = _NoInitial()
+
+
+class Cluster:
+    """A connection to a remap cluster (or an embedded local one), usable from any thread.
+
+    Use it as a context manager or call :meth:`close`; closing an embedded cluster kills its
+    cores. Methods block the calling thread; the network runs on a shared reactor thread.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        secret: str | bytes | None = None,
+        cores: int | None = None,
+        settings: Settings | None = None,
+        env_file: str | None = ".env",
+        group: str | None = None,
+        priority: int = 0,
+        retries: int = 3,
+        task_timeout: float | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        if cores is not None and (not isinstance(cores, int) or cores < 1):
+            raise ValueError(f"cores must be a positive integer, not {cores!r}")
+        if settings is None:
+            settings = load_settings({"server": address, "cores": cores}, dotenv_path=env_file)
+        else:
+            settings = replace(
+                settings, server=address or settings.server, cores=cores or settings.cores
+            )
+        self.settings = settings
+        self.group = group
+        self.priority = priority
+        self.retries = retries
+        self.task_timeout = task_timeout
+        self.address: str | None = None
+        self._client: ClusterClient | None = None
+        self._embedded: EmbeddedCluster | None = None
+        self._streams: weakref.WeakSet[JobStream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor: Executor | None = None
+        key = secret.encode() if isinstance(secret, str) else secret
+        reactor = runtime.ensure_running()
+        runtime.check_not_reactor_thread()
+        self._reactor = reactor
+        try:
+            if settings.server:
+                self.address = settings.server
+                server = settings.server
+                self._client = runtime.run(
+                    lambda: defer.ensureDeferred(
+                        connect_console(
+                            reactor, settings, server, secret=key, timeout=connect_timeout
+                        )
+                    ),
+                    timeout=connect_timeout + 5,
+                )
+            else:
+                self._embedded = EmbeddedCluster(reactor, settings, cores)
+                self.address = runtime.run(
+                    runtime.as_deferred(self._embedded.start), timeout=connect_timeout
+                )
+                self._client = runtime.run(
+                    runtime.as_deferred(self._embedded.connect), timeout=connect_timeout
+                )
+                runtime.run(
+                    runtime.as_deferred(_until_node_joined),
+                    reactor,
+                    self._embedded,
+                    connect_timeout,
+                    timeout=connect_timeout + 5,
+                )
+        except BaseException:
+            self._stop_embedded()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def embedded(self) -> bool:
+        """True when this handle runs its own local cluster (no server was configured)."""
+        return self._embedded is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._reactor.callFromThread(fn, *args)
+
+    def _track(self, stream: JobStream) -> None:
+        self._streams.add(stream)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this cluster handle is closed")
+        if self._client is None or self._client.link is None:
+            error = self._client.error if self._client is not None else None
+            raise ConnectionLost(str(error) if error else "not connected to the server")
+
+    def _params(
+        self,
+        name: str,
+        *,
+        mode: str = "object",
+        star: bool = False,
+        chunksize: int | None = None,
+        on_error: str = "continue",
+    ) -> JobParams:
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
+        return JobParams(
+            name=name,
+            mode=mode,
+            group=self.group,
+            retries=self.retries,
+            timeout=self.task_timeout,
+            on_error=on_error,
+            chunksize=chunksize or 0,
+            priority=self.priority,
+            star=star,
+        )
+
+    def _iterate(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        star: bool,
+        ordered: bool,
+        chunksize: int | None,
+        buffersize: int | None,
+        kind: str,
+        deadline: float | None = None,
+        stop_on_error: bool = True,
+        timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
+    ) -> ResultIterator:
+        self._check_open()
+        blob = function_blob(fn)
+        # a known length lets the server share the last batches out over every core
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        source = iter(iterable)
+        name = f"{kind}:{describe(fn)}"
+        params = self._params(name, star=star, chunksize=chunksize)
+        stream = JobStream(self, blob, params, total_hint=total)
+        return ResultIterator(
+            stream,
+            source,
+            ordered=ordered,
+            buffersize=buffersize,
+            star=star,
+            deadline=deadline,
+            stop_on_error=stop_on_error,
+            fn_name=describe(fn),
+            timeout_error=timeout_error,
+        )
+
+    # ------------------------------------------------------------ mapping
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+    ) -> list[Any]:
+        """``[fn(x) for x in iterable]`` on the cluster; raises the first remote error.
+
+        The iterable is read (and pickled) at once, like ``multiprocessing.Pool.map``; use
+        :meth:`imap` for long or endless inputs. ``ordered=False`` returns the results in
+        the order they completed.
+        """
+        with self._iterate(
+            fn,
+            iterable,
+            star=False,
+            ordered=ordered,
+            chunksize=chunksize,
+            buffersize=None,
+            kind="map",
+        ) as results:
+            return list(results)
+
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+    ) -> list[Any]:
+        """``[fn(*args) for args in iterable]`` on the cluster."""
+        with self._iterate(
+            fn,
+            iterable,
+            star=True,
+            ordered=ordered,
+            chunksize=chunksize,
+            buffersize=None,
+            kind="starmap",
+        ) as results:
+            return list(results)
+
+    def imap(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        buffersize: int = DEFAULT_BUFFERSIZE,
+    ) -> ResultIterator:
+        """Lazy, ordered results; takes at most ``buffersize`` arguments ahead of what you consumed."""
+        return self._iterate(
+            fn,
+            iterable,
+            star=False,
+            ordered=True,
+            chunksize=chunksize,
+            buffersize=buffersize,
+            kind="imap",
+        )
+
+    def imap_unordered(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        buffersize: int = DEFAULT_BUFFERSIZE,
+    ) -> ResultIterator:
+        """Lazy results in completion order; bounded like :meth:`imap`."""
+        return self._iterate(
+            fn,
+            iterable,
+            star=False,
+            ordered=False,
+            chunksize=chunksize,
+            buffersize=buffersize,
+            kind="imap",
+        )
+
+    def reduce(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        combine: Callable[[Any, Any], Any],
+        *,
+        initial: Any = _NO_INITIAL,
+        chunksize: int | None = None,
+        buffersize: int = DEFAULT_BUFFERSIZE,
+    ) -> Any:
+        """Fold ``fn(x)`` for every x with ``combine``; nodes fold their batches first.
+
+        ``combine`` must be associative and commutative: results are folded in whatever
+        order they complete. ``initial`` (if given) is folded in once. An empty iterable
+        without ``initial`` raises TypeError, like :func:`functools.reduce`.
+        """
+        self._check_open()
+        blob = function_blob(fn, combine)
+        source = iter(iterable)
+        stream = JobStream(
+            self,
+            blob,
+            self._params(
+                f"reduce:{describe(fn)}", mode="reduce", chunksize=chunksize, on_error="fail"
+            ),
+        )
+        feeder = _Feeder(stream, source, buffersize, star=False, fn_name=describe(fn))
+        acc, have = initial, initial is not _NO_INITIAL
+        consumed = 0
+        try:
+            while True:
+                feeder.top_up(consumed)
+                if feeder.done and consumed >= feeder.put:
+                    break
+                event = stream.events.get()
+                kind = event[0]
+                if kind == "end":
+                    if event[2] is not None:
+                        raise event[2]
+                    break
+                if kind == "items":
+                    values = []
+                    for _, result, error in event[2]:
+                        if error is not None:
+                            raise remote_exception(error)
+                        values.append(result)
+                    consumed += len(event[2])
+                else:
+                    values = [event[3]]
+                    consumed += event[2]
+                for value in values:
+                    acc = combine(acc, value) if have else value
+                    have = True
+        finally:
+            if not stream.finished.is_set():
+                stream.kill()
+        if not have:
+            raise TypeError("reduce() of empty iterable with no initial value")
+        return acc
+
+    # ------------------------------------------------------------ futures
+
+    def executor(self) -> Executor:
+        """This handle's shared :class:`remap.Executor` (closed with the handle)."""
+        from .executor import Executor
+
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this cluster handle is closed")
+            if self._executor is None:
+                self._executor = Executor(cluster=self)
+            return self._executor
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
+        """Run ``fn(*args, **kwargs)`` on the cluster; return a concurrent.futures.Future."""
+        return self.executor().submit(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------ the cluster
+
+    def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``{"nodes": [...], "jobs": [...], "server": {...}}`` as the server reports it."""
+        self._check_open()
+        client = self._client
+        assert client is not None
+        return runtime.run(client.status, timeout=timeout)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The connected nodes: id, host, pid, cores, busy, group, ..."""
+        return self.status()["nodes"]
+
+    def cores(self) -> int:
+        """Cores on every connected node."""
+        return sum(int(n.get("cores", 0)) for n in self.nodes())
+
+    def close(self) -> None:
+        """Kill this handle's running jobs, disconnect, and stop the embedded cluster. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor._terminate()
+        for stream in list(self._streams):
+            if not stream.finished.is_set():
+                stream.kill()
+        if self._client is not None:
+            try:
+                runtime.run(_disconnect, self._client, timeout=5)
+            except Exception as exc:  # noqa: BLE001 - closing anyway; say why
+                log.warn("closing the connection failed: {error}", error=exc)
+        self._stop_embedded()
+
+    def _stop_embedded(self) -> None:
+        embedded, self._embedded = self._embedded, None
+        if embedded is not None:
+            try:
+                runtime.run(runtime.as_deferred(embedded.stop), timeout=CLOSE_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - cores die with their pipes anyway
+                log.warn("stopping the embedded cluster failed: {error}", error=exc)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "embedded" if self._embedded is not None else "remote"
+        state = "closed" if self._closed else "open"
+        return f"<remap.Cluster {kind} {self.address} {state}>"
+
+
+def _disconnect(client: ClusterClient) -> defer.Deferred | None:
+    """Close the console connection; fire once it is really gone."""
+    if client.link is None:
+        return None
+    gone: defer.Deferred = defer.Deferred()
+
+    def lost(result: Any) -> Any:
+        if not gone.called:
+            gone.callback(None)
+        return result
+
+    client.lost.addBoth(lost)
+    client.link.close()
+    return gone
+
+
+async def _until_node_joined(reactor: Any, embedded: EmbeddedCluster, timeout: float) -> None:
+    """Wait (on the reactor) until the embedded node registered, so the handle is ready."""
+    deadline = reactor.seconds() + timeout
+    assert embedded.server is not None
+    while not embedded.server.scheduler.nodes:
+        if reactor.seconds() > deadline:
+            raise ServerUnreachable(f"the embedded cluster's node did not join within {timeout:g}s")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+def connect(
+    address: str | None = None,
+    *,
+    secret: str | bytes | None = None,
+    cores: int | None = None,
+    settings: Settings | None = None,
+    env_file: str | None = ".env",
+    group: str | None = None,
+    priority: int = 0,
+    retries: int = 3,
+    task_timeout: float | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> Cluster:
+    """Connect to a remap server, or start an embedded local cluster when none is configured.
+
+    ``address`` is ``HOST:PORT``; without it ``REMAP_SERVER`` (environment or ``env_file``)
+    is used, and without that a server and a node with ``cores`` cores start inside this
+    process. ``secret`` defaults to ``REMAP_SECRET_KEY``. ``group``, ``priority``,
+    ``retries`` and ``task_timeout`` (seconds one call may run) apply to every job.
+    """
+    return Cluster(
+        address,
+        secret=secret,
+        cores=cores,
+        settings=settings,
+        env_file=env_file,
+        group=group,
+        priority=priority,
+        retries=retries,
+        task_timeout=task_timeout,
+        connect_timeout=connect_timeout,
+    )

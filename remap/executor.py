@@ -1,0 +1,397 @@
+"""``remap.Executor``: a concurrent.futures.Executor whose calls run on a remap cluster.
+
+Submits are batched: calls of the same function share one streaming job while any of them
+is outstanding (and for a short linger after), so ten thousand small submits cost one job,
+one function load per core, and batches sized by the server, not ten thousand round trips.
+A future is *pending* while its call waits in this process and *running* once its argument
+was handed to the server; only pending futures can be cancelled.
+
+This module is also imported by cores (to unpickle :class:`_Apply`), so it imports nothing
+heavy at module level; the machinery lives in :mod:`remap.api`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import Cluster, JobStream, ResultIterator
+    from .sinks import TaskErrorInfo
+
+__all__ = ["Executor", "RemoteFuture"]
+
+#: seconds a function's job stays open after its last outstanding call, for the next submit
+LINGER = 0.5
+_WAKE = ("wake",)
+
+
+class _Apply:
+    """The job function of submitted calls: one argument is ``(args, kwargs)``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, packed: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        args, kwargs = packed
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Apply, (self.fn,))
+
+
+class _SizedZip:
+    """``zip(*iterables)`` that also knows its length, when every iterable does."""
+
+    def __init__(self, iterables: tuple[Iterable[Any], ...]) -> None:
+        self._iterables = iterables
+
+    def __len__(self) -> int:
+        return min(len(it) for it in self._iterables)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return zip(*self._iterables)
+
+
+def _key(fn: Callable[..., Any]) -> Hashable:
+    """Identity of a function for batching; bound methods are made afresh on every access."""
+    if isinstance(fn, types.MethodType):
+        return ("method", id(fn.__self__), id(fn.__func__))
+    return ("fn", id(fn))
+
+
+class RemoteFuture(concurrent.futures.Future):
+    """A Future for a call on the cluster; cancellable while it still waits in this process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stream: _SubmitStream | None = None
+        #: set (under the stream's lock) once the call was handed to the server or withdrawn
+        self._claimed = False
+
+    def cancel(self) -> bool:
+        stream = self._stream
+        if stream is not None:
+            with stream.job.lock:
+                if self._claimed:
+                    return self.cancelled()
+                self._claimed = True  # the reactor will skip it; nobody else touches its state
+        return self._withdraw()
+
+    def _withdraw(self) -> bool:
+        if not concurrent.futures.Future.cancel(self):
+            return False
+        # wake wait() / as_completed() now rather than when the item would have been sent
+        self.set_running_or_notify_cancel()
+        return True
+
+
+class _SubmitStream:
+    """The open job of one function: pickled calls in, futures resolved as results come back."""
+
+    def __init__(
+        self, executor: Executor, fn: Callable[..., Any], key: Hashable, chunksize: int | None
+    ) -> None:
+        from . import api
+
+        self.fn = fn  # keeps id(fn) from being reused while the job is open
+        self.key = key
+        self.futures: dict[int, RemoteFuture] = {}
+        self.outstanding = 0  # calls put and neither resolved nor dropped (under job.lock)
+        self.idle_since: float | None = None
+        name = api.describe(fn)
+        blob = api.function_blob(_Apply(fn), name=name)
+        cluster = executor._cluster
+        params = cluster._params(f"submit:{name}", chunksize=chunksize)
+        self.job: JobStream = api.JobStream(
+            cluster, blob, params, events=executor._events, on_send=self._on_send, owner=self
+        )
+
+    def add(self, blob: bytes, future: RemoteFuture) -> None:
+        future._stream = self
+        with self.job.lock:
+            self.outstanding += 1
+            self.idle_since = None
+        self.job.put_many([blob], [future])
+
+    def _on_send(self, index: int, future: RemoteFuture) -> bool:
+        # reactor thread, under job.lock
+        if future._claimed or not future.set_running_or_notify_cancel():
+            future._claimed = True
+            self._settled()
+            return False
+        future._claimed = True
+        self.futures[index] = future
+        return True
+
+    def _settled(self) -> None:
+        # under job.lock
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.idle_since = time.monotonic()
+
+    def resolve(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
+        from . import api
+
+        future = self.futures.pop(index, None)
+        if future is None:
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(api.remote_exception(error))
+        with self.job.lock:
+            self._settled()
+
+    def idle_for(self, now: float) -> float:
+        with self.job.lock:
+            if self.outstanding or self.idle_since is None:
+                return 0.0
+            return now - self.idle_since
+
+    def withdraw_pending(self) -> list[RemoteFuture]:
+        """Take the calls not yet handed to the server out of the job; return their futures.
+
+        Futures already cancelled are dropped too but not returned: they are settled.
+        """
+        fresh: list[RemoteFuture] = []
+
+        def claim(future: RemoteFuture) -> None:
+            self._settled()
+            if not future._claimed:
+                future._claimed = True
+                fresh.append(future)
+
+        self.job.withdraw(claim)
+        return fresh
+
+    def fail_all(self, error: BaseException) -> None:
+        """The job ended before these calls came back: each future gets ``error``."""
+        running = list(self.futures.values())
+        self.futures.clear()
+        for future in running + self.withdraw_pending():
+            if not future.done():
+                future.set_exception(error)
+
+
+class Executor(concurrent.futures.Executor):
+    """Run calls on a remap cluster through the standard ``concurrent.futures`` interface.
+
+    ``Executor()`` connects like :func:`remap.connect` (an embedded local cluster when no
+    server is configured; ``max_workers``, or a lone integer as in ``Executor(4)``, is then
+    its number of cores) and closes that connection at shutdown. ``Executor(cluster=handle)``
+    borrows an open handle instead.
+    """
+
+    def __init__(
+        self,
+        address: str | int | None = None,
+        max_workers: int | None = None,
+        *,
+        cluster: Cluster | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        if isinstance(address, int) and not isinstance(address, bool) and max_workers is None:
+            address, max_workers = None, address  # Executor(4), as with ProcessPoolExecutor(4)
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if cluster is None:
+            from .api import connect
+
+            connect_kwargs.setdefault("cores", max_workers)
+            cluster = connect(address, **connect_kwargs)
+            self._owns_cluster = True
+        else:
+            if address is not None or connect_kwargs:
+                raise TypeError("give either cluster= or connection arguments, not both")
+            self._owns_cluster = False
+        self._cluster = cluster
+        self._lock = threading.Lock()
+        self._streams: dict[Hashable, _SubmitStream] = {}
+        self._open: set[_SubmitStream] = set()
+        self._maps: weakref.WeakSet[ResultIterator] = weakref.WeakSet()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._deliver, name="remap-executor", daemon=True)
+        self._thread.start()
+
+    @property
+    def cluster(self) -> Cluster:
+        return self._cluster
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
+        """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
+        from . import api
+
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        blob = api.dumps_argument((args, kwargs), f"the arguments of {api.describe(fn)}")
+        future = RemoteFuture()
+        key = _key(fn)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._cluster._check_open()
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = _SubmitStream(self, fn, key, None)
+                self._streams[key] = stream
+                self._open.add(stream)
+            stream.add(blob, future)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``, as one streaming job.
+
+        The iterables are collected at once (unless ``buffersize`` bounds how far ahead of
+        the consumer they are read); results come in order; ``timeout`` counts from this
+        call; ``chunksize`` fixes the server's batch size (default: adaptive).
+        """
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        args: Iterable[Any] = zip(*iterables)
+        if iterables and all(isinstance(it, Sized) for it in iterables):
+            args = _SizedZip(iterables)
+        results = self._cluster._iterate(
+            fn,
+            args,
+            star=True,
+            ordered=True,
+            chunksize=chunksize,
+            buffersize=buffersize,
+            kind="map",
+            deadline=deadline,
+        )
+        with self._lock:
+            self._maps.add(results)
+        return results
+
+    # ------------------------------------------------------------ shutting down
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; with ``cancel_futures`` the calls not yet sent are cancelled.
+
+        ``wait=True`` returns once every outstanding call finished (and, for an executor
+        that made its own connection, once that connection and its cluster are closed).
+        """
+        with self._lock:
+            self._shutdown = True
+            streams = list(self._streams.values())
+            self._streams.clear()
+            maps = list(self._maps)
+        withdrawn: list[RemoteFuture] = []
+        for stream in streams:
+            if cancel_futures:
+                withdrawn += stream.withdraw_pending()
+            stream.job.close_input()
+        for future in withdrawn:
+            future._withdraw()
+        if cancel_futures:
+            for results in maps:
+                results.cancel()
+        self._events.put(_WAKE)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()  # it waits for the map jobs and closes an owned cluster
+
+    def _terminate(self) -> None:
+        """Cancel everything, running calls included (their futures get JobKilled)."""
+        with self._lock:
+            self._shutdown = True
+            streams = list(self._open)
+            self._streams.clear()
+            maps = list(self._maps)
+        for stream in streams:
+            for future in stream.withdraw_pending():
+                future._withdraw()
+            stream.job.kill()
+        for results in maps:
+            results.cancel()
+        self._events.put(_WAKE)
+
+    def _close_cluster(self) -> None:
+        with self._lock:
+            owns, self._owns_cluster = self._owns_cluster, False
+        if owns:
+            self._cluster.close()
+
+    # ------------------------------------------------------------ delivery thread
+
+    def _deliver(self) -> None:
+        """Resolve futures off the reactor thread, so done-callbacks never block the network."""
+        events = self._events
+        while True:
+            try:
+                event = events.get(timeout=LINGER / 2 if self._open else None)
+            except queue.Empty:
+                event = None
+            if event is not None and event is not _WAKE:
+                try:
+                    self._handle(event)
+                except Exception:  # a bug here must not strand every later future
+                    from twisted.logger import Logger
+
+                    Logger().failure("delivering results failed")
+            self._reap_idle()
+            with self._lock:
+                if self._shutdown and not self._open:
+                    break
+        self._finish()
+
+    def _finish(self) -> None:
+        """After shutdown: wait for map jobs that have all their input, then close what we own."""
+        with self._lock:
+            maps = list(self._maps)
+        for results in maps:
+            if results._feeder.done:  # a lazy map still reading its iterable is not waited for
+                results._stream.finished.wait()
+        self._close_cluster()
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind, job = event[0], event[1]
+        stream: _SubmitStream = job.owner
+        if kind == "items":
+            for index, result, error in event[2]:
+                stream.resolve(index, result, error)
+        elif kind == "end":
+            self._ended(stream, event[2])
+
+    def _ended(self, stream: _SubmitStream, error: BaseException | None) -> None:
+        with self._lock:
+            if self._streams.get(stream.key) is stream:
+                del self._streams[stream.key]
+            self._open.discard(stream)
+        from protocol.errors import JobFailed
+
+        stream.fail_all(error or JobFailed("the job ended before this call's result arrived"))
+
+    def _reap_idle(self) -> None:
+        """End the job of a function nobody submitted to for a while."""
+        now = time.monotonic()
+        with self._lock:
+            for key, stream in list(self._streams.items()):
+                if stream.idle_for(now) >= LINGER:
+                    del self._streams[key]
+                    stream.job.close_input()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<remap.Executor {state} on {self._cluster!r}>"

@@ -1,0 +1,169 @@
+"""A joblib backend: ``import remap.joblib``, then ``with joblib.parallel_backend("remap"): ...``.
+
+Each joblib batch (a ``BatchedCalls``) becomes one call of a streaming job, so joblib's
+auto-batching sizes the batches and remap's scheduler spreads them over the cluster;
+``n_jobs=-1`` means every core of every connected node.
+
+Without arguments the backend uses one connection per process, made on first use like
+:func:`remap.connect` (an embedded local cluster when no server is configured) and closed
+at exit. ``parallel_backend("remap", cluster=handle)`` uses a handle of yours;
+``parallel_backend("remap", address="host:7878", secret=...)`` connects elsewhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Any
+
+import joblib
+from joblib._parallel_backends import (
+    AutoBatchingMixin,
+    ParallelBackendBase,
+    SequentialBackend,
+)
+
+from .executor import Executor
+
+__all__ = ["RemapBackend", "register"]
+
+_shared_lock = threading.Lock()
+_shared: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+
+def _run_batch(batch: Any) -> Any:
+    """The job function on the cores: run one joblib batch."""
+    return batch()
+
+
+def shared_cluster(**connect_kwargs: Any) -> Any:
+    """One connection per set of connection arguments, for this process's lifetime."""
+    from .api import connect
+
+    key = tuple(sorted(connect_kwargs.items()))
+    with _shared_lock:
+        cluster = _shared.get(key)
+        if cluster is None or cluster.closed:
+            cluster = connect(**connect_kwargs)
+            _shared[key] = cluster
+        return cluster
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        clusters = list(_shared.values())
+        _shared.clear()
+    for cluster in clusters:
+        try:
+            cluster.close()
+        except Exception:  # exiting anyway; cores also die with their pipes
+            pass
+
+
+class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib's ParallelBackendBase on a remap cluster, with joblib's auto-batching."""
+
+    supports_retrieve_callback = True
+    supports_timeout = True
+    supports_return_generator = True
+    supports_inner_max_num_threads = False
+    supports_sharedmem = False
+    uses_threads = False
+    default_n_jobs = -1
+    # a batch pays a network round trip, so aim for batches a bit longer than loky's
+    MIN_IDEAL_BATCH_DURATION = 0.2
+    MAX_IDEAL_BATCH_DURATION = 2.0
+
+    def __init__(
+        self,
+        cluster: Any = None,
+        *,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+        self._cluster_given = cluster
+        self._connect_kwargs = connect_kwargs
+        self._executor: Executor | None = None
+
+    @property
+    def cluster(self) -> Any:
+        if self._cluster_given is not None:
+            return self._cluster_given
+        return shared_cluster(**self._connect_kwargs)
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs < 0:
+            return max(self.cluster.cores() + 1 + n_jobs, 1)
+        return n_jobs
+
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        **backend_kwargs: Any,
+    ) -> int:
+        self.parallel = parallel
+        n = self.effective_n_jobs(n_jobs)
+        if self._executor is None:
+            self._executor = Executor(cluster=self.cluster)
+        return n
+
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        if self._executor is None:
+            self._executor = Executor(cluster=self.cluster)
+        future = self._executor.submit(_run_batch, func)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, out: Any) -> Any:
+        return out.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """A task failed: kill the batches still queued or running; they are not wanted."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor._terminate()
+        if ensure_ready and self.parallel is not None:
+            self.configure(
+                n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs
+            )
+
+    def terminate(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+        self.reset_batch_stats()
+
+    def get_nested_backend(self) -> tuple[Any, int | None]:
+        # a Parallel call inside a task runs on the core that runs the task: one CPU
+        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
+
+
+def register(
+    cluster: Any = None, *, name: str = "remap", make_default: bool = False, **connect_kwargs: Any
+) -> None:
+    """Register the backend under ``name`` (done once on import with the defaults).
+
+    ``cluster`` / ``connect_kwargs`` become the defaults of every ``parallel_backend(name)``;
+    arguments given to ``parallel_backend`` itself win.
+    """
+
+    def factory(**kwargs: Any) -> RemapBackend:
+        chosen = {**connect_kwargs, **kwargs}
+        chosen.setdefault("cluster", cluster)
+        return RemapBackend(**chosen)
+
+    joblib.register_parallel_backend(name, factory, make_default=make_default)
+
+
+register()

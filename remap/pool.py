@@ -1,0 +1,359 @@
+"""``remap.Pool``: the ``multiprocessing.Pool`` methods people use, running on a remap cluster."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .api import Cluster, ResultIterator, connect
+from .executor import Executor
+
+__all__ = ["AsyncResult", "Pool"]
+
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+
+class AsyncResult:
+    """The result of ``apply_async`` / ``map_async``, like ``multiprocessing.pool.AsyncResult``.
+
+    ``callback`` / ``error_callback`` run (on the pool's delivery thread) before ``get()``
+    returns, as in multiprocessing; they must not block.
+    """
+
+    def __init__(
+        self,
+        future: concurrent.futures.Future,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> None:
+        self._future = future
+        self._callback = callback
+        self._error_callback = error_callback
+        self._event = threading.Event()
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future) -> None:
+        try:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None and self._callback is not None:
+                self._callback(future.result())
+            elif error is not None and self._error_callback is not None:
+                self._error_callback(error)
+        finally:
+            self._event.set()
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return not self._future.cancelled() and self._future.exception() is None
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result, or the remote exception raised again; multiprocessing.TimeoutError if late."""
+        if not self._event.wait(timeout):
+            raise multiprocessing.TimeoutError
+        return self._future.result()
+
+
+ApplyResult = AsyncResult
+MapResult = AsyncResult
+
+
+class Pool:
+    """``multiprocessing.Pool`` on a cluster: map, imap, imap_unordered, starmap, apply, ...
+
+    ``Pool()`` connects like :func:`remap.connect` (an embedded local cluster with
+    ``processes`` cores when no server is configured) and closes the connection when the
+    pool is terminated or joined; ``Pool(cluster=handle)`` borrows an open handle. As in
+    multiprocessing, leaving the ``with`` block calls :meth:`terminate`.
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        *,
+        address: str | None = None,
+        cluster: Cluster | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None or tuple(initargs):
+            raise NotImplementedError(
+                "remap.Pool has no initializer: cores are shared by every job; "
+                "do the set-up inside the function (e.g. behind a cache)"
+            )
+        if maxtasksperchild is not None:
+            raise NotImplementedError(
+                "remap.Pool has no maxtasksperchild: cores are long-lived "
+                "and replaced only when they crash or time out"
+            )
+        if cluster is None:
+            connect_kwargs.setdefault("cores", processes)
+            cluster = connect(address, **connect_kwargs)
+            self._owns_cluster = True
+        else:
+            if address is not None or connect_kwargs:
+                raise TypeError("give either cluster= or connection arguments, not both")
+            self._owns_cluster = False
+        self._cluster = cluster
+        self._executor = Executor(cluster=cluster)
+        self._state = _RUN
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future] = set()
+        self._iterators: weakref.WeakSet[ResultIterator] = weakref.WeakSet()
+
+    @property
+    def cluster(self) -> Cluster:
+        return self._cluster
+
+    def _check_running(self) -> None:
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _track(self, future: concurrent.futures.Future) -> concurrent.futures.Future:
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._untrack)
+        return future
+
+    def _untrack(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _iterate(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        star: bool,
+        ordered: bool,
+        chunksize: int | None,
+        stop_on_error: bool,
+        buffersize: int | None,
+    ) -> ResultIterator:
+        self._check_running()
+        results = self._cluster._iterate(
+            func,
+            iterable,
+            star=star,
+            ordered=ordered,
+            chunksize=chunksize,
+            buffersize=buffersize,
+            kind="pool",
+            stop_on_error=stop_on_error,
+            timeout_error=multiprocessing.TimeoutError,
+        )
+        self._iterators.add(results)
+        return results
+
+    # ------------------------------------------------------------ one call
+
+    def apply(
+        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
+    ) -> Any:
+        """``func(*args, **kwds)`` on the cluster, waiting for the result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        self._check_running()
+        future = self._executor.submit(func, *tuple(args), **(kwds or {}))
+        return AsyncResult(self._track(future), callback, error_callback)
+
+    # ------------------------------------------------------------ many calls
+
+    def map(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        """``[func(x) for x in iterable]``; the first remote error is raised."""
+        with self._iterate(
+            func,
+            iterable,
+            star=False,
+            ordered=True,
+            chunksize=chunksize,
+            stop_on_error=True,
+            buffersize=None,
+        ) as results:
+            return list(results)
+
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+    ) -> list[Any]:
+        """``[func(*args) for args in iterable]``."""
+        with self._iterate(
+            func,
+            iterable,
+            star=True,
+            ordered=True,
+            chunksize=chunksize,
+            stop_on_error=True,
+            buffersize=None,
+        ) as results:
+            return list(results)
+
+    def map_async(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        star: bool,
+        chunksize: int | None,
+        callback: Callable[[Any], Any] | None,
+        error_callback: Callable[[BaseException], Any] | None,
+    ) -> AsyncResult:
+        # The iterable is read here, on the caller's thread (as multiprocessing does).
+        results = self._iterate(
+            func,
+            list(iterable),
+            star=star,
+            ordered=True,
+            chunksize=chunksize,
+            stop_on_error=True,
+            buffersize=None,
+        )
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+
+        def collect() -> None:
+            try:
+                with results:
+                    value = list(results)
+            except BaseException as exc:  # noqa: BLE001 - delivered through the AsyncResult
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
+
+        self._track(future)
+        threading.Thread(target=collect, name="remap-pool-map", daemon=True).start()
+        return AsyncResult(future, callback, error_callback)
+
+    def imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        buffersize: int | None = None,
+    ) -> ResultIterator:
+        """Lazy ordered results; ``next(timeout)`` works; a remote error is raised at its place
+        and iteration may go on."""
+        from .api import DEFAULT_BUFFERSIZE
+
+        return self._iterate(
+            func,
+            iterable,
+            star=False,
+            ordered=True,
+            chunksize=chunksize,
+            stop_on_error=False,
+            buffersize=buffersize or DEFAULT_BUFFERSIZE,
+        )
+
+    def imap_unordered(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        buffersize: int | None = None,
+    ) -> ResultIterator:
+        """Like :meth:`imap`, in completion order."""
+        from .api import DEFAULT_BUFFERSIZE
+
+        return self._iterate(
+            func,
+            iterable,
+            star=False,
+            ordered=False,
+            chunksize=chunksize,
+            stop_on_error=False,
+            buffersize=buffersize or DEFAULT_BUFFERSIZE,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Accept no more work; :meth:`join` then waits for what was submitted."""
+        if self._state == _RUN:
+            self._state = _CLOSE
+
+    def terminate(self) -> None:
+        """Stop now: running and queued work is killed, outstanding results fail."""
+        with self._lock:
+            if self._state == _TERMINATE:
+                return
+            self._state = _TERMINATE
+        for results in list(self._iterators):
+            results.close()
+        self._executor._terminate()
+        self._executor.shutdown(wait=True)
+        if self._owns_cluster:
+            self._owns_cluster = False
+            self._cluster.close()
+
+    def join(self) -> None:
+        """Wait for every ``apply_async`` / ``map_async`` result; call close() or terminate() first."""
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        with self._lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending)
+        if self._state == _CLOSE:
+            self._executor.shutdown(wait=True)
+            if self._owns_cluster:
+                self._owns_cluster = False
+                self._cluster.close()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        return f"<remap.Pool state={self._state} cluster={self._cluster!r}>"

@@ -1,0 +1,347 @@
+"""``remap.Executor``, the concurrent.futures interface: futures, batching of submits, remote
+exceptions, map with a timeout, cancellation before start, shutdown(cancel_futures=True),
+wait / as_completed, and done-callbacks off the reactor thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import remap
+from remap.api import PicklingError, RemoteTraceback
+from remap.errors import RemoteTaskError
+from remap.server.scheduler import MIN_WINDOW
+from remap.settings import Settings
+from tests.cluster_harness import Cluster as ProcessCluster
+from tests.cluster_harness import NodeSpec, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---------------------------------------------------------------- functions run on cores
+
+
+class CustomError(Exception):
+    """Importable on the cores and here, so it travels as itself."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def batched_square(x: int) -> int:
+    return x * x
+
+
+def power(base: int, exponent: int = 2) -> int:
+    return base**exponent
+
+
+def raise_custom(message: str) -> None:
+    raise CustomError(message)
+
+
+def sleep_then(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def noop(x: int) -> int:
+    return x
+
+
+def block_until(marker_dir: str, name: str, release: str, limit: float = 30.0) -> str:
+    """Say "started" with a file, then hold the core until ``release`` exists (at most ``limit``)."""
+    Path(marker_dir, name).touch()
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
+    return name
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[remap.Cluster]:
+    """An embedded cluster with two cores, shared by this module's tests."""
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def executor(embedded: remap.Cluster) -> Iterator[remap.Executor]:
+    """An Executor borrowing the module's cluster; shut down after the test."""
+    ex = remap.Executor(cluster=embedded)
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class BlockedCores:
+    """Holds every core of a cluster with a blocking call until released (always, at exit)."""
+
+    def __init__(self, executor: remap.Executor, tmp_path: Path, cores: int) -> None:
+        self.dir = tmp_path
+        self.release_file = tmp_path / "release"
+        self.futures = []
+        for i in range(cores):  # one at a time, so that each lands on its own core
+            self.futures.append(
+                executor.submit(block_until, str(tmp_path), f"b{i}", str(self.release_file))
+            )
+            wait_for(lambda i=i: (tmp_path / f"b{i}").exists(), 20, f"blocker {i} to start")
+
+    def release(self) -> None:
+        self.release_file.touch()
+
+
+@pytest.fixture
+def blocked(executor: remap.Executor, tmp_path: Path) -> Iterator[BlockedCores]:
+    """Both cores of the embedded cluster busy until the test releases them."""
+    holder = BlockedCores(executor, tmp_path, cores=2)
+    try:
+        yield holder
+    finally:
+        holder.release()
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_submit_returns_a_real_future(executor: remap.Executor) -> None:
+    """submit gives a concurrent.futures.Future with the result; args and kwargs both travel."""
+    future = executor.submit(power, 3, exponent=4)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=30) == 81
+    assert future.done() and not future.running() and not future.cancelled()
+    assert future.exception() is None
+
+
+def test_executor_is_a_concurrent_futures_executor(embedded: remap.Cluster) -> None:
+    """Executor subclasses concurrent.futures.Executor and works as a context manager."""
+    with remap.Executor(cluster=embedded) as ex:
+        assert isinstance(ex, concurrent.futures.Executor)
+        assert ex.submit(square, 9).result(timeout=30) == 81
+
+
+def test_many_small_submits_share_a_few_jobs(
+    executor: remap.Executor, embedded: remap.Cluster
+) -> None:
+    """3000 submits of one function travel as a handful of streaming jobs, not 3000."""
+    futures = [executor.submit(batched_square, i) for i in range(3000)]
+    assert [f.result(timeout=60) for f in futures] == [i * i for i in range(3000)]
+    jobs = [j for j in embedded.status()["jobs"] if j["name"].endswith("batched_square")]
+    assert 1 <= len(jobs) <= 5, jobs
+    assert sum(j["received"] for j in jobs) == 3000
+
+
+def test_remote_exception_is_reraised_as_its_own_type(executor: remap.Executor) -> None:
+    """A CustomError raised on a core is raised here as CustomError, with the remote traceback
+    as __cause__ (a RemoteTaskError)."""
+    future = executor.submit(raise_custom, "it broke")
+    with pytest.raises(CustomError, match="it broke") as info:
+        future.result(timeout=30)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback) and isinstance(cause, RemoteTaskError)
+    assert cause.type_name == "CustomError"
+    assert (
+        "raise_custom" in cause.remote_traceback
+        and "raise CustomError(message)" in cause.remote_traceback
+    )
+    assert future.exception() is info.value
+
+
+def test_unpicklable_argument_fails_at_submit(executor: remap.Executor) -> None:
+    """An argument that cannot be pickled raises at submit, naming the function."""
+    with pytest.raises(PicklingError, match="square"):
+        executor.submit(square, threading.Lock())
+
+
+def test_unpicklable_function_fails_at_submit(executor: remap.Executor) -> None:
+    """A function that cannot be pickled raises at submit with its name."""
+    lock = threading.Lock()
+
+    def locked_square(x: int) -> int:
+        with lock:
+            return x * x
+
+    with pytest.raises(PicklingError, match="locked_square"):
+        executor.submit(locked_square, 2)
+
+
+# ---------------------------------------------------------------- map
+
+
+def test_map_returns_results_in_order(executor: remap.Executor) -> None:
+    """map(fn, *iterables) zips its iterables and yields results in order."""
+    assert list(executor.map(power, [1, 2, 3], [3, 3, 3])) == [1, 8, 27]
+    assert list(executor.map(square, range(1000), chunksize=50)) == [x * x for x in range(1000)]
+
+
+def test_map_timeout_raises_timeout_error(executor: remap.Executor) -> None:
+    """map(..., timeout=) raises TimeoutError when a result is not there in time."""
+    started = time.monotonic()
+    results = executor.map(sleep_then, [5.0, 5.0], timeout=0.3)
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert time.monotonic() - started < 4
+    with pytest.raises(StopIteration):  # like the stdlib: the generator is finished
+        next(results)
+
+
+def test_map_raises_remote_error_at_its_position(executor: remap.Executor) -> None:
+    """Results before a failing call are yielded; the failure is raised at its place."""
+    results = executor.map(raise_or_return, [1, 2, 0, 4])
+    assert next(results) == 1 and next(results) == 2
+    with pytest.raises(CustomError):
+        next(results)
+
+
+def raise_or_return(x: int) -> int:
+    if x == 0:
+        raise CustomError("zero")
+    return x
+
+
+# ---------------------------------------------------------------- waiting
+
+
+def test_as_completed_yields_every_future(executor: remap.Executor) -> None:
+    """as_completed yields each future once, the quick ones before the slow one."""
+    slow = executor.submit(sleep_then, 2.0)
+    quick = [executor.submit(square, i) for i in range(20)]
+    seen = list(concurrent.futures.as_completed([slow, *quick], timeout=60))
+    assert len(seen) == 21 and set(seen) == {slow, *quick}
+    assert seen[-1] is slow
+
+
+def test_wait_first_completed_and_all(executor: remap.Executor) -> None:
+    """wait(FIRST_COMPLETED) returns before the slow call; wait(ALL_COMPLETED) returns all."""
+    slow = executor.submit(sleep_then, 1.5)
+    fast = executor.submit(square, 3)
+    done, not_done = concurrent.futures.wait(
+        [slow, fast], timeout=30, return_when=concurrent.futures.FIRST_COMPLETED
+    )
+    assert fast in done and slow in not_done
+    done, not_done = concurrent.futures.wait([slow, fast], timeout=30)
+    assert not not_done
+
+
+def test_done_callbacks_run_off_the_reactor_thread(executor: remap.Executor) -> None:
+    """add_done_callback runs the callback with the future, never on the reactor thread."""
+    seen: list[tuple[str, int]] = []
+    called = threading.Event()
+
+    def callback(future: concurrent.futures.Future) -> None:
+        seen.append((threading.current_thread().name, future.result()))
+        called.set()
+
+    executor.submit(square, 5).add_done_callback(callback)
+    assert called.wait(30)
+    assert seen[0][1] == 25
+    assert seen[0][0] != "remap-reactor"
+
+
+# ---------------------------------------------------------------- cancelling and shutdown
+
+
+def test_cancel_before_start(executor: remap.Executor, blocked: BlockedCores) -> None:
+    """While the cores are busy, a future still waiting in this process can be cancelled: it
+    never runs, wait() sees it at once, and the others still complete."""
+    futures = [executor.submit(noop, i) for i in range(2 * MIN_WINDOW)]
+    wait_for(lambda: futures[0].running(), 10, "the first calls to be handed to the server")
+    last = futures[-1]
+    assert not last.running(), "the last call should still be waiting for window"
+    assert last.cancel() is True
+    assert last.cancelled() and last.done()
+    done, _ = concurrent.futures.wait([last], timeout=5)
+    assert last in done
+    with pytest.raises(concurrent.futures.CancelledError):
+        last.result()
+    running = next(f for f in futures if f.running())
+    assert running.cancel() is False  # already handed to the cluster
+    blocked.release()
+    assert [f.result(timeout=60) for f in futures[:-1]] == list(range(2 * MIN_WINDOW - 1))
+
+
+def test_shutdown_cancel_futures(embedded: remap.Cluster, tmp_path: Path) -> None:
+    """shutdown(cancel_futures=True) cancels the calls not yet sent; sent ones still finish;
+    nothing is left pending and new submits are refused."""
+    ex = remap.Executor(cluster=embedded)
+    holder = BlockedCores(ex, tmp_path, cores=2)
+    try:
+        futures = [ex.submit(noop, i) for i in range(2 * MIN_WINDOW)]
+        wait_for(lambda: futures[0].running(), 10, "the first calls to be handed to the server")
+        ex.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            ex.submit(noop, 1)
+        cancelled = [f for f in futures if f.cancelled()]
+        assert cancelled, "some calls should have been waiting"
+        assert futures[-1].cancelled()
+    finally:
+        holder.release()
+    ex.shutdown(wait=True)
+    assert all(f.done() for f in futures)
+    for i, f in enumerate(futures):
+        if not f.cancelled():
+            assert f.result() == i
+
+
+def test_shutdown_wait_waits_for_outstanding_calls(embedded: remap.Cluster) -> None:
+    """shutdown(wait=True) returns only once every submitted call has finished."""
+    ex = remap.Executor(cluster=embedded)
+    futures = [ex.submit(sleep_then, 0.2) for _ in range(4)]
+    ex.shutdown(wait=True)
+    assert all(f.done() and f.result() == 0.2 for f in futures)
+
+
+def test_executor_with_its_own_embedded_cluster() -> None:
+    """Executor(2) starts an embedded cluster with two cores and stops it at shutdown."""
+    with remap.Executor(2, settings=Settings()) as ex:
+        assert ex.cluster.embedded and ex.cluster.cores() == 2
+        assert ex.submit(square, 4).result(timeout=30) == 16
+        cluster = ex.cluster
+    assert cluster.closed
+
+
+def test_shutdown_without_wait_still_closes_its_own_cluster() -> None:
+    """shutdown(wait=False) returns at once; the outstanding call still completes, and then the
+    executor's own cluster is closed."""
+    ex = remap.Executor(1, settings=Settings())
+    future = ex.submit(sleep_then, 0.3)
+    ex.shutdown(wait=False)
+    assert future.result(timeout=30) == 0.3
+    wait_for(lambda: ex.cluster.closed, 20, "the executor's cluster to be closed")
+
+
+def test_closing_the_cluster_fails_outstanding_futures() -> None:
+    """Futures still outstanding when their cluster goes away fail instead of hanging."""
+    cluster = remap.connect(cores=1, settings=Settings())
+    future = cluster.submit(sleep_then, 5.0)
+    wait_for(lambda: future.running(), 10, "the call to be sent")
+    cluster.close()
+    with pytest.raises(remap.RemapError):
+        future.result(timeout=15)
+
+
+# ---------------------------------------------------------------- on real processes
+
+
+def test_executor_on_a_server_with_two_nodes(tmp_path: Path) -> None:
+    """submit, map and remote errors work against a real server and two node processes."""
+    with ProcessCluster(tmp_path, nodes=[NodeSpec(cores=1), NodeSpec(cores=1)]) as procs:
+        settings = Settings()
+        with remap.Executor(procs.address, secret=procs.secret, settings=settings) as ex:
+            assert ex.submit(power, 2, 10).result(timeout=30) == 1024
+            assert list(ex.map(square, range(200))) == [x * x for x in range(200)]
+            with pytest.raises(CustomError):
+                ex.submit(raise_custom, "remote").result(timeout=30)

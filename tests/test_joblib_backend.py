@@ -1,0 +1,145 @@
+"""The "remap" joblib backend: Parallel runs on the cluster's cores, n_jobs=-1 means every core
+of the cluster, joblib's auto-batching groups small tasks, and errors come back as themselves."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+joblib = pytest.importorskip("joblib")
+
+from joblib import Parallel, delayed  # noqa: E402
+
+import remap  # noqa: E402
+import remap.joblib  # noqa: E402  (registers the backend)
+from remap.settings import Settings  # noqa: E402
+from tests.cluster_harness import Cluster as ProcessCluster  # noqa: E402
+from tests.cluster_harness import NodeSpec  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class JoblibTaskError(Exception):
+    """Raised by a task; importable on the cores, so it comes back as itself."""
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def where(x: int) -> int:
+    return os.getpid()
+
+
+def where_slowly(x: int) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def tiny(x: int) -> int:
+    return x + 1
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise JoblibTaskError(f"bad {x}")
+    return x
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[remap.Cluster]:
+    """An embedded cluster with two cores, shared by this module's tests."""
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+        yield cluster
+
+
+def core_pids(cluster: remap.Cluster) -> set[int]:
+    embedded = cluster._embedded
+    assert embedded is not None and embedded.node is not None
+    return {core.transport.pid for core in embedded.node.pool.cores if core.transport is not None}
+
+
+def test_importing_registers_the_backend() -> None:
+    """After import remap.joblib, "remap" is a registered joblib backend name."""
+    from joblib.parallel import BACKENDS
+
+    assert "remap" in BACKENDS
+
+
+def test_n_jobs_minus_one_means_every_cluster_core(embedded: remap.Cluster) -> None:
+    """Under the backend, effective_n_jobs(-1) is the cluster's core count, -2 one fewer."""
+    with joblib.parallel_backend("remap", cluster=embedded):
+        assert joblib.effective_n_jobs(-1) == embedded.cores() == 2
+        assert joblib.effective_n_jobs(-2) == 1
+        assert joblib.effective_n_jobs(5) == 5
+
+
+def test_parallel_runs_on_the_cluster_cores(embedded: remap.Cluster) -> None:
+    """Parallel(n_jobs=-1) returns ordered results computed in the cluster's core processes."""
+    with joblib.parallel_backend("remap", cluster=embedded):
+        assert Parallel(n_jobs=-1)(delayed(double)(i) for i in range(100)) == [
+            2 * i for i in range(100)
+        ]
+        pids = set(Parallel(n_jobs=-1)(delayed(where_slowly)(i) for i in range(20)))
+    assert pids and pids <= core_pids(embedded)
+    assert os.getpid() not in pids
+
+
+def test_auto_batching_groups_small_tasks(embedded: remap.Cluster) -> None:
+    """Thousands of tiny tasks travel in far fewer joblib batches (each batch is one call)."""
+    before = {j["id"] for j in embedded.status()["jobs"]}
+    n = 5000
+    with joblib.parallel_backend("remap", cluster=embedded):
+        out = Parallel(n_jobs=-1, batch_size="auto")(delayed(tiny)(i) for i in range(n))
+    assert out == [i + 1 for i in range(n)]
+    jobs = [
+        j for j in embedded.status()["jobs"] if j["id"] not in before and "_run_batch" in j["name"]
+    ]
+    batches = sum(j["received"] for j in jobs)
+    assert 0 < batches < n / 4, f"{batches} batches for {n} tasks: auto-batching did not batch"
+
+
+def test_task_error_is_raised_as_itself(embedded: remap.Cluster) -> None:
+    """A task's exception is raised by Parallel with its own type."""
+    with joblib.parallel_backend("remap", cluster=embedded):
+        with pytest.raises(JoblibTaskError, match="bad 7"):
+            Parallel(n_jobs=-1)(delayed(fail_on)(i, 7) for i in range(20))
+        # the backend stays usable after an aborted call
+        assert Parallel(n_jobs=-1)(delayed(double)(i) for i in range(5)) == [0, 2, 4, 6, 8]
+
+
+def test_generator_output(embedded: remap.Cluster) -> None:
+    """return_as="generator" yields results in order as they come."""
+    with joblib.parallel_backend("remap", cluster=embedded):
+        gen = Parallel(n_jobs=-1, return_as="generator")(delayed(double)(i) for i in range(30))
+        assert list(gen) == [2 * i for i in range(30)]
+
+
+def test_backend_with_connection_arguments(tmp_path: Path) -> None:
+    """parallel_backend("remap", address=..., secret=...) connects to a real server with two
+    node processes; n_jobs=-1 counts both nodes' cores."""
+    with ProcessCluster(tmp_path, nodes=[NodeSpec(cores=1), NodeSpec(cores=1)]) as procs:
+        settings = Settings()
+        with joblib.parallel_backend(
+            "remap", address=procs.address, secret=procs.secret, settings=settings
+        ):
+            assert joblib.effective_n_jobs(-1) == 2
+            pids = Parallel(n_jobs=-1, batch_size=1)(delayed(where_slowly)(i) for i in range(16))
+        assert len(set(pids)) == 2
+
+
+def test_scikit_learn_cross_val_score(embedded: remap.Cluster) -> None:
+    """scikit-learn's cross_val_score(n_jobs=-1) runs under the backend (if sklearn is installed)."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import cross_val_score
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = load_iris(return_X_y=True)
+    with joblib.parallel_backend("remap", cluster=embedded):
+        scores = cross_val_score(DecisionTreeClassifier(random_state=0), x, y, cv=4, n_jobs=-1)
+    assert len(scores) == 4 and all(0.5 < s <= 1.0 for s in scores)

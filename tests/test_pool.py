@@ -1,0 +1,217 @@
+"""``remap.Pool``, the multiprocessing.Pool surface: map, imap, imap_unordered, starmap, apply,
+apply_async, map_async, close/join, terminate and the context manager, on an embedded cluster
+and on a real server with two nodes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import remap
+from remap.settings import Settings
+from tests.cluster_harness import Cluster as ProcessCluster
+from tests.cluster_harness import NodeSpec, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class PoolError(Exception):
+    """Raised by tasks; importable on the cores, so it comes back as itself."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def power(base: int, exponent: int) -> int:
+    return base**exponent
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise PoolError("three")
+    return x
+
+
+def sleep_then(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[remap.Cluster]:
+    """An embedded cluster with two cores, shared by this module's tests."""
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pool(embedded: remap.Cluster) -> Iterator[remap.Pool]:
+    """A Pool borrowing the module's cluster, terminated after the test."""
+    with remap.Pool(cluster=embedded) as p:
+        yield p
+
+
+def test_map_and_starmap(pool: remap.Pool) -> None:
+    """map and starmap return ordered lists, like multiprocessing's."""
+    assert pool.map(square, range(500)) == [x * x for x in range(500)]
+    assert pool.map(square, range(100), chunksize=9) == [x * x for x in range(100)]
+    assert pool.starmap(power, [(2, 3), (3, 2), (10, 0)]) == [8, 9, 1]
+
+
+def test_map_raises_the_remote_error(pool: remap.Pool) -> None:
+    """A failing call makes map raise that exception type."""
+    with pytest.raises(PoolError, match="three"):
+        pool.map(fail_on_three, range(6))
+
+
+def test_imap_is_ordered_and_lazy(pool: remap.Pool) -> None:
+    """imap yields in order from an endless iterable without reading it all."""
+    source = itertools.count()
+    results = pool.imap(square, source, buffersize=50)
+    assert [next(results) for _ in range(120)] == [x * x for x in range(120)]
+    assert next(source) <= 120 + 50 + 1
+    results.close()
+
+
+def test_imap_goes_on_after_an_error(pool: remap.Pool) -> None:
+    """Like multiprocessing, an imap error is raised at its position and iteration continues."""
+    results = pool.imap(fail_on_three, range(6))
+    got: list[object] = []
+    for _ in range(6):
+        try:
+            got.append(next(results))
+        except PoolError as exc:
+            got.append(f"error {exc}")
+    assert got == [0, 1, 2, "error three", 4, 5]
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_imap_next_timeout_raises_multiprocessing_timeout(pool: remap.Pool) -> None:
+    """imap's next(timeout) raises multiprocessing.TimeoutError and the iterator stays usable."""
+    results = pool.imap(sleep_then, [0.5])
+    with pytest.raises(multiprocessing.TimeoutError):
+        results.next(timeout=0.05)
+    assert results.next(timeout=30) == 0.5
+
+
+def test_imap_unordered_yields_each_result_once(pool: remap.Pool) -> None:
+    """imap_unordered yields every result exactly once."""
+    assert sorted(pool.imap_unordered(square, range(300))) == [x * x for x in range(300)]
+
+
+def test_apply_and_apply_async(pool: remap.Pool) -> None:
+    """apply waits; apply_async returns an AsyncResult whose callback runs before get() returns."""
+    assert pool.apply(power, (2, 5)) == 32
+    assert pool.apply(power, (), {"base": 3, "exponent": 3}) == 27
+    seen: list[int] = []
+    result = pool.apply_async(power, (7, 2), callback=seen.append)
+    assert result.get(timeout=30) == 49
+    assert seen == [49]
+    assert result.ready() and result.successful()
+
+
+def test_apply_async_error_callback(pool: remap.Pool) -> None:
+    """A failing apply_async calls error_callback, get() raises, successful() is False."""
+    errors: list[BaseException] = []
+    result = pool.apply_async(fail_on_three, (3,), error_callback=errors.append)
+    with pytest.raises(PoolError):
+        result.get(timeout=30)
+    assert len(errors) == 1 and isinstance(errors[0], PoolError)
+    assert not result.successful()
+
+
+def test_async_result_get_timeout(pool: remap.Pool) -> None:
+    """get(timeout) on a slow result raises multiprocessing.TimeoutError; successful() before
+    ready raises ValueError."""
+    result = pool.apply_async(sleep_then, (1.0,))
+    with pytest.raises(multiprocessing.TimeoutError):
+        result.get(timeout=0.05)
+    with pytest.raises(ValueError):
+        result.successful()
+    assert result.get(timeout=30) == 1.0
+
+
+def test_map_async_and_starmap_async(pool: remap.Pool) -> None:
+    """map_async / starmap_async deliver the whole list (and call callback with it)."""
+    lists: list[list[int]] = []
+    done = threading.Event()
+
+    def callback(value: list[int]) -> None:
+        lists.append(value)
+        done.set()
+
+    result = pool.map_async(square, range(50), callback=callback)
+    assert result.get(timeout=30) == [x * x for x in range(50)]
+    assert done.wait(5) and lists == [[x * x for x in range(50)]]
+    assert pool.starmap_async(power, [(2, 2), (2, 3)]).get(timeout=30) == [4, 8]
+    failing = pool.map_async(fail_on_three, range(5))
+    with pytest.raises(PoolError):
+        failing.get(timeout=30)
+
+
+def test_close_and_join_wait_for_outstanding_work(embedded: remap.Cluster) -> None:
+    """After close(), new work is refused and join() returns once async results are ready."""
+    pool = remap.Pool(cluster=embedded)
+    results = [pool.apply_async(sleep_then, (0.2,)) for _ in range(3)]
+    with pytest.raises(ValueError, match="still running"):
+        pool.join()
+    pool.close()
+    with pytest.raises(ValueError, match="not running"):
+        pool.map(square, [1])
+    pool.join()
+    assert all(r.ready() for r in results)
+    assert not embedded.closed  # a borrowed cluster stays open
+
+
+def test_terminate_stops_outstanding_work(embedded: remap.Cluster) -> None:
+    """terminate() kills running calls and cancels queued ones: their results fail at once."""
+    pool = remap.Pool(cluster=embedded)
+    running = pool.apply_async(sleep_then, (30.0,))
+    wait_for(lambda: running._future.running(), 10, "the call to reach the cluster")
+    queued = [pool.apply_async(sleep_then, (30.0,)) for _ in range(3)]
+    started = time.monotonic()
+    pool.terminate()
+    with pytest.raises(remap.JobKilled):
+        running.get(timeout=20)
+    for result in queued:
+        with pytest.raises((remap.JobKilled, concurrent.futures.CancelledError)):
+            result.get(timeout=20)
+    assert time.monotonic() - started < 20
+
+
+def test_pool_with_its_own_cluster() -> None:
+    """Pool(2) starts an embedded cluster with two cores; leaving the with block closes it."""
+    with remap.Pool(2, settings=Settings()) as pool:
+        assert pool.cluster.cores() == 2
+        assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
+        cluster = pool.cluster
+    assert cluster.closed
+
+
+def test_unsupported_arguments_are_refused() -> None:
+    """initializer and maxtasksperchild are refused plainly rather than silently ignored."""
+    with pytest.raises(NotImplementedError, match="initializer"):
+        remap.Pool(initializer=print)
+    with pytest.raises(NotImplementedError, match="maxtasksperchild"):
+        remap.Pool(maxtasksperchild=10)
+    with pytest.raises(ValueError):
+        remap.Pool(0)
+
+
+def test_pool_on_a_server_with_two_nodes(tmp_path: Path) -> None:
+    """map, imap and apply_async against a real server and two node processes."""
+    with ProcessCluster(tmp_path, nodes=[NodeSpec(cores=1), NodeSpec(cores=1)]) as procs:
+        settings = Settings()
+        with remap.Pool(address=procs.address, secret=procs.secret, settings=settings) as pool:
+            assert pool.map(square, range(100)) == [x * x for x in range(100)]
+            assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
+            assert pool.apply_async(power, (2, 8)).get(timeout=30) == 256
