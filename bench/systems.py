@@ -1,0 +1,391 @@
+"""One adapter per system under test, all with the same four operations.
+
+``map_list(fn, args, n)`` returns results in argument order; ``map_reduce(fn, reduce_fn,
+args, chunksize)`` folds results in any order; ``call(fn, arg)`` is one round trip;
+``pids()`` names the processes whose memory the lazy workload reports. Setup (starting
+workers, a warm-up call) happens in ``start()`` and is never inside a timed region.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench import workloads as w
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """A wrong result or a system that would not run: the bench fails loudly."""
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except ImportError:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
+    except Exception:  # the process is gone
+        return []
+
+
+class System:
+    name = "?"
+    workers = 2
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        raise NotImplementedError
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        raise NotImplementedError
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, list[int]]:
+        return {"driver": [os.getpid()], "workers": children_of(os.getpid())}
+
+    def warm(self) -> None:
+        got = self.map_list(w.inc, list(range(64)), 64)
+        if got != [x + 1 for x in range(64)]:
+            raise BenchError(f"{self.name}: warm-up returned a wrong result")
+
+
+# ====================================================================== remap
+
+
+class RemapSystem(System):
+    """remap driven through its lower layers, the way the console does it.
+
+    ``embedded``: EmbeddedCluster (server and node in this process's reactor thread, cores
+    as child processes). ``procs``: ``remap_server.py`` and ``remap_node.py`` as separate
+    processes, the console client in this process.
+    """
+
+    def __init__(self, kind: str, workdir: Path, workers: int = 2) -> None:
+        self.kind = kind
+        self.name = f"remap-{kind}"
+        self.workdir = workdir
+        self.workers = workers
+        self.cluster: Any = None
+        self.client: Any = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.address = ""
+        self.secret = secrets.token_urlsafe(32)
+        self._blobs: dict[tuple[Any, Any], bytes] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        from remap import runtime
+        from remap.cluster import EmbeddedCluster, connect_console
+        from remap.settings import load_settings
+
+        self.runtime = runtime
+        settings = load_settings({}, environ={}, dotenv_path=None)
+        reactor = runtime.ensure_running()
+        if self.kind == "embedded":
+            self.cluster = EmbeddedCluster(reactor, settings, cores=self.workers)
+            self.address = runtime.run(runtime.as_deferred(self.cluster.start), timeout=30)
+            self.client = runtime.run(runtime.as_deferred(self.cluster.connect), timeout=30)
+        else:
+            self.address = self._spawn_processes()
+            self.client = runtime.run(runtime.as_deferred(connect_console), reactor, settings,
+                                      self.address, secret=self.secret.encode(), timeout=30)
+        wait_for(self._node_ready, 30, f"{self.name}: a node with {self.workers} cores")
+        self.warm()
+
+    def _env(self) -> dict[str, str]:
+        env = w.env_for_children()
+        env["HOME"] = str(self.workdir)
+        env["REMAP_SECRET_KEY"] = self.secret
+        return env
+
+    def _spawn_processes(self, node: bool = True) -> str:
+        port_file = self.workdir / f"port-{os.getpid()}-{time.monotonic_ns()}"
+        env = self._env()
+        log = open(self.workdir / "server.log", "ab")
+        self.procs["server"] = subprocess.Popen(
+            [sys.executable, str(ROOT / "remap_server.py"), "--port", "0", "--port-file", str(port_file),
+             "--env-file", "/nonexistent", "--log-level", "warn"],
+            cwd=self.workdir, env=env, stdout=log, stderr=log)
+
+        def port() -> int | None:
+            if self.procs["server"].poll() is not None:
+                raise BenchError(f"server exited with {self.procs['server'].returncode}; see {log.name}")
+            text = port_file.read_text().strip() if port_file.exists() else ""
+            return int(text) if text else None
+
+        address = f"127.0.0.1:{wait_for(port, 30, 'the server port file')}"
+        if node:
+            nlog = open(self.workdir / "node.log", "ab")
+            self.procs["node"] = subprocess.Popen(
+                [sys.executable, str(ROOT / "remap_node.py"), "--server", address, "--cores",
+                 str(self.workers), "--env-file", "/nonexistent", "--log-level", "warn"],
+                cwd=self.workdir, env=env, stdout=nlog, stderr=nlog)
+        return address
+
+    def status(self) -> dict[str, Any]:
+        return self.runtime.run(self.client.status, timeout=30)
+
+    def _node_ready(self) -> bool:
+        for role, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise BenchError(f"{self.name}: the {role} process exited with {proc.returncode}")
+        nodes = self.status()["nodes"]
+        return len(nodes) == 1 and nodes[0]["cores"] == self.workers
+
+    def close(self) -> None:
+        runtime = getattr(self, "runtime", None)
+        try:
+            if runtime is not None and self.client is not None and self.client.link is not None:
+                runtime.run(self.client.link.close, timeout=5)
+            if runtime is not None and self.cluster is not None:
+                runtime.run(runtime.as_deferred(self.cluster.stop), timeout=15)
+        except Exception as exc:  # still stop the processes below
+            print(f"warning: {self.name} close: {exc}", file=sys.stderr)
+        finally:
+            stop_processes(self.procs)
+
+    def pids(self) -> dict[str, list[int]]:
+        if self.kind == "embedded":
+            return {"console+server+node": [os.getpid()], "cores": children_of(os.getpid())}
+        node = self.procs["node"].pid
+        return {"console": [os.getpid()], "server": [self.procs["server"].pid], "node": [node],
+                "cores": children_of(node)}
+
+    def server_pid(self) -> int:
+        return self.procs["server"].pid if "server" in self.procs else os.getpid()
+
+    # ------------------------------------------------------------ jobs
+
+    def _blob(self, fn: Callable, reduce_fn: Callable | None) -> bytes:
+        import cloudpickle
+
+        key = (fn, reduce_fn)
+        if key not in self._blobs:
+            self._blobs[key] = cloudpickle.dumps((fn, reduce_fn))
+        return self._blobs[key]
+
+    def run_job(self, fn: Callable, args: Iterable[Any], mode: str, *, reduce_fn: Callable | None = None,
+                total: int | None = None, chunksize: int = 0, timeout: float = 3600) -> Any:
+        from remap.client import JobParams, JobRun
+        from remap.sinks import make_sink
+
+        sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
+        run = JobRun(JobParams(name="bench", mode=mode, chunksize=chunksize), self._blob(fn, reduce_fn),
+                     iter(args), sink, total_hint=total)
+        outcome = self.runtime.run(self.client.submit, run, timeout=timeout)
+        if outcome.state != "done" or outcome.failed:
+            raise BenchError(f"{self.name}: job ended {outcome.state} with {outcome.failed} failures: "
+                             f"{outcome.message}")
+        return sink.value()
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return self.run_job(fn, args, "object", total=n)
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        # chunksize is a hint for peers that need one; remap sizes its batches itself.
+        # A known length is passed on as the console does (the job file's count).
+        total = len(args) if hasattr(args, "__len__") else None
+        return self.run_job(fn, args, "reduce", reduce_fn=reduce_fn, total=total)
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.run_job(fn, (arg,), "object", total=1)[0]
+
+
+def stop_processes(procs: dict[str, subprocess.Popen], order: tuple[str, ...] = ("sim", "node", "server")) -> None:
+    """SIGTERM in order (nodes first, so cores go with them), then SIGKILL what is left."""
+    names = [n for n in order if n in procs] + [n for n in procs if n not in order]
+    for name in names:
+        proc = procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    procs.clear()
+
+
+# ====================================================================== peers
+
+
+class PoolSystem(System):
+    name = "mp.Pool"
+
+    def start(self) -> None:
+        self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+        self.warm()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return self.pool.map(fn, args)
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        return functools.reduce(reduce_fn, self.pool.imap_unordered(fn, args, chunksize=chunksize))
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.pool.apply(fn, (arg,))
+
+
+class ExecutorSystem(System):
+    name = "ProcessPoolExecutor"
+
+    def start(self) -> None:
+        self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        self.warm()
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return list(self.ex.map(fn, args, chunksize=w.pool_chunksize(n, self.workers)))
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        return functools.reduce(reduce_fn, self.ex.map(fn, args, chunksize=chunksize))
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.ex.submit(fn, arg).result()
+
+
+class DaskSystem(System):
+    """Dask distributed, 2 worker processes with one thread each; tiny calls travel in chunks."""
+
+    name = "dask"
+
+    def start(self) -> None:
+        import warnings
+
+        from dask.distributed import Client, LocalCluster
+
+        # arguments travel inside the task graph, as with any client.map over in-memory data
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                    dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = Client(self.cluster)
+        self.warm()
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+    def pids(self) -> dict[str, list[int]]:
+        info = self.client.scheduler_info()["workers"]
+        return {"driver+scheduler": [os.getpid()], "workers": [v["pid"] for v in info.values()]}
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        items = list(args)
+        if n <= 256:
+            return self.client.gather(self.client.map(fn, items, pure=False))
+        parts = self.client.map(functools.partial(w.apply_chunk, fn),
+                                w.chunks(items, w.pool_chunksize(n, self.workers)), pure=False)
+        return [x for part in self.client.gather(parts) for x in part]
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        from dask.distributed import as_completed
+
+        items = list(args)
+        if chunksize > 1:
+            futures = self.client.map(functools.partial(w.fold_chunk, fn, reduce_fn),
+                                      w.chunks(items, chunksize), pure=False)
+        else:
+            futures = self.client.map(fn, items, pure=False)
+        acc: Any = None
+        first = True
+        for fut in as_completed(futures):
+            value = fut.result()
+            acc, first = (value, False) if first else (reduce_fn(acc, value), False)
+            fut.release()
+        return acc
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.client.submit(fn, arg, pure=False).result()
+
+
+class RaySystem(System):
+    """Ray's multiprocessing.Pool replacement on a local Ray instance with 2 CPUs."""
+
+    name = "ray.Pool"
+
+    def start(self) -> None:
+        import ray
+        from ray.util.multiprocessing import Pool
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, configure_logging=False)
+        self.ray = ray
+        self.pool = Pool(processes=self.workers)
+        self.warm()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.ray.shutdown()
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return self.pool.map(fn, list(args))
+
+    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+        return functools.reduce(reduce_fn, self.pool.imap_unordered(fn, args, chunksize=chunksize))
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.pool.apply(fn, (arg,))
+
+
+def available(name: str) -> str:
+    """'' when the system can run here, else why not."""
+    module = {"dask": "distributed", "ray.Pool": "ray"}.get(name)
+    if module is None:
+        return ""
+    try:
+        __import__(module)
+    except Exception as exc:
+        return f"not installed ({type(exc).__name__})"
+    return ""
+
+
+def make_system(name: str, workdir: Path, workers: int = 2) -> System:
+    if name == "remap-embedded":
+        return RemapSystem("embedded", workdir, workers)
+    if name == "remap-procs":
+        return RemapSystem("procs", workdir, workers)
+    system = {"mp.Pool": PoolSystem, "ProcessPoolExecutor": ExecutorSystem, "dask": DaskSystem,
+              "ray.Pool": RaySystem}[name]()
+    system.workers = workers
+    return system
+
+
+SYSTEMS = ("remap-embedded", "remap-procs", "mp.Pool", "ProcessPoolExecutor", "dask", "ray.Pool")
