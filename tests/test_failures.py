@@ -232,6 +232,40 @@ def test_detached_jobs_outlive_their_console_and_attach_collects_them(make_clust
     assert lines == [{"index": x, "result": x * x} for x in range(n)], lines[:5]
 
 
+def test_detached_file_job_writes_its_output_without_an_attach(make_cluster, tmp_path):
+    """``compute --detach`` of a file-mode job leaves a background console that writes every
+    line of the output as the job runs, with nobody attaching by hand; it exits when done."""
+    c = _cluster(make_cluster, REMAP_CONSOLE_GRACE=str(GRACE))
+    n = 40
+    output = tmp_path / "background.jsonl"
+    job = _job(tmp_path, "away-bg", "nap", args_range=[0, n], response_mode="file", output=str(output))
+    done = c.assert_ok(c.console("compute", job, "--detach", "--json", timeout=QUICK))
+    writer = json.loads(done.stdout)["writer_pid"]
+    assert isinstance(writer, int), c.explain(done)
+    try:
+        def written() -> bool:
+            return output.exists() and len(output.read_text().splitlines()) == n
+
+        c.wait_for(written, 60, "the background console to write every line")
+        lines = [json.loads(line) for line in output.read_text().splitlines()]
+        assert lines == [{"index": x, "result": x * x} for x in range(n)], lines[:5]
+
+        def writer_gone() -> bool:
+            try:
+                os.kill(writer, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{writer}/stat") as f:  # a zombie has finished too
+                return f.read().split(")")[-1].split()[0] == "Z"
+
+        c.wait_for(writer_gone, 30, "the background console to exit")
+    finally:
+        try:
+            os.kill(writer, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tmp_path):
     """A detached job is attached by a console that is SIGKILLed mid-job; a second ``attach``
     must still return every result in order, as a JSON list: the results the dead console

@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,9 @@ def build_parser() -> Parser:
 class Console:
     """Runs parsed commands against a session and prints for a person or a program."""
 
-    def __init__(self, session: Session, out: Any = None, err: Any = None) -> None:
+    def __init__(self, session: Session, out: Any = None, err: Any = None, env_file: str = ".env") -> None:
         self.session = session
+        self.env_file = env_file
         self.out = out or sys.stdout
         self.err = err or sys.stderr
 
@@ -134,7 +136,7 @@ class Console:
                                              wait_for_nodes=args.wait_for_nodes,
                                              on_notice=on_notice, on_output=on_output)
         if detach:
-            return self._detached(run, future, args)
+            return self._detached(run, future, args, spec)
         try:
             outcome = self._wait(run, future, progress, notes)
         except KeyboardInterrupt:
@@ -157,24 +159,42 @@ class Console:
                     progress.draw(run.done, run.failed, run.total_hint or (run.sent if run.exhausted else None),
                                   notes[-1] if notes and not run.done else "")
 
-    def _detached(self, run: Any, future: Any, args: argparse.Namespace) -> int:
-        while run.job_id is None and not future.done():
-            try:
-                future.result(timeout=0.1)
-            except concurrent.futures.TimeoutError:
-                continue
-        while not run.exhausted and not future.done():  # the arguments must reach the server first
+    def _detached(self, run: Any, future: Any, args: argparse.Namespace, spec: Any) -> int:
+        # the arguments live here, so they must all reach the server before we may leave
+        while (run.job_id is None or not run.exhausted) and not future.done():
             try:
                 future.result(timeout=0.1)
             except concurrent.futures.TimeoutError:
                 continue
         if future.done() and future.exception() is not None:
             raise future.exception()
+        writer = None
+        if spec.response_mode in ("sqlite", "file"):
+            writer = self._spawn_writer(run.job_id, spec.output)
         if args.json:
-            self.say(json.dumps({"job": run.job_id, "detached": True}))
+            self.say(json.dumps({"job": run.job_id, "detached": True,
+                                 "writer_pid": writer.pid if writer else None}))
         else:
             self.say(f"job {run.job_id} runs detached; collect results with: remap attach {run.job_id}")
+            if writer is not None:
+                self.say(f"a background console (pid {writer.pid}) writes its results to {spec.output} "
+                         f"as they arrive")
         return 0
+
+    def _spawn_writer(self, job: int, output: Any) -> subprocess.Popen:
+        """A console of its own session that attaches and writes a file-mode job's output."""
+        settings = self.session.settings
+        log = Path(f"{output}.log")
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        if settings.secret:
+            env["REMAP_SECRET_KEY"] = settings.secret
+        argv = [sys.executable, "-c", "from remap.console.main import run; run()",
+                "--server", str(settings.server), "--env-file", self.env_file, "attach", str(job)]
+        with open(log, "ab") as out:
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True)
 
     def _report(self, spec: Any, sink: Any, outcome: Any, args: argparse.Namespace) -> int:
         mode = spec.response_mode
@@ -368,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                                  dotenv_path=args.env_file)
         start_logging(settings.log_level if args.log_level else "error")
         session = Session(settings)
-        console = Console(session)
+        console = Console(session, env_file=args.env_file)
         if args.command in (None, "shell"):
             if args.command is None and not sys.stdin.isatty():
                 parser.print_help()

@@ -443,7 +443,10 @@ class Scheduler:
     def attach(self, console: Any, job_id: int) -> JobState | None:
         """Make ``console`` the receiver of a job's results; replay what was kept."""
         job = self.jobs.get(job_id)
-        if job is None or (job.console is not None and job.console is not console):
+        if job is None:
+            return None
+        # a detached job's submitter has no role left once every argument is in
+        if job.console is not None and job.console is not console and not (job.detach and job.args_ended):
             return None
         job.console = console
         job.attached = True
