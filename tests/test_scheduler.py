@@ -1048,3 +1048,20 @@ def test_random_interleavings_deliver_every_index_exactly_once(
     assert done is not None and done.state == "done"
     assert done.done + done.failed == n
     assert done.failed == sum(1 for kind, _ in results.values() if kind == "error")
+
+
+def test_detached_submitter_does_not_block_an_attach_once_its_arguments_are_in() -> None:
+    """While the submitter of a detached job is still connected, an attach is refused until
+    every argument has arrived, then accepted; a second attacher is refused (one receiver)."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(6), chunksize=3, detach=True, end=False)
+    console.feed()
+    early = FakeLink("early")
+    assert sched.attach(early, console.job) is None, "the submitter still owes arguments"
+    assert sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=console.sent)) is None
+    writer = FakeLink("writer")
+    assert sched.attach(writer, console.job) is not None
+    assert sched.attach(FakeLink("other"), console.job) is None, "one attached console at a time"
+    node.answer(node.held()[0])
+    assert [len(r.indices) for r in writer.of(m.Results)] == [3]

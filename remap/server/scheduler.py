@@ -445,8 +445,10 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        # a detached job's submitter has no role left once every argument is in
-        if job.console is not None and job.console is not console and not (job.detach and job.args_ended):
+        # one receiver at a time; but a detached job's submitter (not an attached console) has
+        # no role left once every argument is in, so it does not block an attach
+        submitter_done = job.detach and job.args_ended and not job.attached
+        if job.console is not None and job.console is not console and not submitter_done:
             return None
         job.console = console
         job.attached = True
