@@ -8,7 +8,7 @@ from pathlib import Path
 
 from protocol.errors import ConfigError
 
-from .settings import Settings, is_loopback
+from .settings import Settings, is_loopback, secret_bytes
 
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
@@ -23,8 +23,9 @@ def server_secret(settings: Settings, host: str) -> bytes:
     A server reachable from the network must have an explicit secret: nodes execute
     what it sends and it executes nothing it cannot authenticate.
     """
-    if settings.secret:
-        return settings.secret.encode()
+    key = secret_bytes(settings)
+    if key:
+        return key
     if not is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host} without a secret: anyone who can reach it could run "
@@ -46,8 +47,9 @@ def server_secret(settings: Settings, host: str) -> bytes:
 
 def client_secret(settings: Settings) -> bytes:
     """A node's or console's secret: the setting, else the local server's private file."""
-    if settings.secret:
-        return settings.secret.encode()
+    key = secret_bytes(settings)
+    if key:
+        return key
     path = default_secret_file()
     try:
         return path.read_bytes().strip()

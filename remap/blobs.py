@@ -33,8 +33,3 @@ def split(sizes: list[int], payload: bytes | memoryview) -> Iterator[memoryview]
     for end in accumulate(sizes):
         yield view[start:end]
         start = end
-
-
-def check_sizes(sizes: list[int], payload: bytes) -> bool:
-    """True when the sizes are non-negative and add up to the payload's length."""
-    return sum(sizes) == len(payload) and (not sizes or min(sizes) >= 0)
