@@ -62,7 +62,8 @@ class FakeNode:
     """A node as the scheduler sees it: a link, the tasks it holds, and answers it sends."""
 
     def __init__(
-        self, sched: Scheduler, node_id: str, cores: int = 2, group: str | None = None
+        self, sched: Scheduler, node_id: str, cores: int = 2, group: str | None = None,
+        host: str | None = None, pid: int = 1000,
     ) -> None:
         self.sched = sched
         self.id = node_id
@@ -74,7 +75,7 @@ class FakeNode:
         sched.add_node(
             node_id,
             self.link,
-            m.NodeInfo(host=f"host-{node_id}", pid=1000, cores=cores, memory=1 << 30, group=group),
+            m.NodeInfo(host=host or f"host-{node_id}", pid=pid, cores=cores, memory=1 << 30, group=group),
         )
         self.poll()
 
@@ -1065,3 +1066,15 @@ def test_detached_submitter_does_not_block_an_attach_once_its_arguments_are_in()
     assert sched.attach(FakeLink("other"), console.job) is None, "one attached console at a time"
     node.answer(node.held()[0])
     assert [len(r.indices) for r in writer.of(m.Results)] == [3]
+
+
+def test_a_drained_node_that_reconnects_stays_drained() -> None:
+    """Draining is remembered per node process: its new session after a reconnect gets no work."""
+    sched, _ = make()
+    first = FakeNode(sched, "n", cores=1)
+    assert sched.drain(first.id) is not None
+    sched.remove_node(first.id, "connection dropped")
+    again = FakeNode(sched, "n2", cores=1, host="host-n", pid=1000)
+    FakeConsole(sched, range(10)).feed()
+    assert again.held() == [], "the drained process took work after reconnecting"
+    assert sched.nodes[again.id].draining

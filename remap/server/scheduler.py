@@ -239,6 +239,8 @@ class Scheduler:
         self._task_ids = itertools.count(1)
         self._ready: dict[str, NodeState] = {}  # nodes with free credit, in arrival order
         self._all_credits = 0
+        #: (host, pid) of drained node processes, so a reconnecting one stays drained
+        self._drained: set[tuple[str, int]] = set()
         self._group_credits: dict[str, int] = {}
         self.started_at = clock.seconds()
         self.cpu_started = time.process_time()
@@ -256,9 +258,11 @@ class Scheduler:
             group=info.group or None,
             connected_at=self.clock.seconds(),
             load=info.load,
+            draining=(info.host, info.pid) in self._drained,
         )
         self.nodes[node_id] = node
-        self._ready[node_id] = node
+        if not node.draining:
+            self._ready[node_id] = node
         self._add_credits(node, +1)
         self.log.info("node {id} joined: {host} with {cores} cores, group {group}", id=node_id,
                       host=node.host, cores=node.cores, group=node.group)
@@ -315,6 +319,7 @@ class Scheduler:
             return None
         node = matches[0]
         node.draining = True
+        self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)
         for job in self.jobs.values():
             if not job.finished:
