@@ -21,6 +21,10 @@ from .errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_VERSION = 1
 
+#: arguments a console may send right after ``submit``, before ``submitted`` names the job
+#: (with ``job = -submit.id``); saves a round trip on every job
+INITIAL_WINDOW = 256
+
 ROLES = ("node", "console")
 
 

@@ -84,13 +84,25 @@ class JobRun:
     _args: dict[int, Any] = field(default_factory=dict)
     _peeked: list[Any] = field(default_factory=list)
     _sending: bool = False
+    _kill_on_start: bool = False
 
     # ------------------------------------------------------------- arguments out
 
+    def begin(self, client: ClusterClient, submit_id: int) -> None:
+        """Right after `submit`: send the protocol's initial window under ``job = -submit_id``."""
+        self._client = client
+        self.job_id = -submit_id
+        self._granted = m.INITIAL_WINDOW
+        self.send_arguments()
+
     def start(self, client: ClusterClient, job_id: int, window: int) -> None:
+        """`submitted`: the job has its id; ``window`` counts what was already sent under -id."""
+        early = self.job_id is not None and self.job_id < 0
         self._client = client
         self.job_id = job_id
-        self._granted = window
+        self._granted = window - self.sent if early else window
+        if self._kill_on_start:
+            client.kill_quietly(job_id)
         self.send_arguments()
 
     def grant(self, count: int) -> None:
@@ -128,7 +140,10 @@ class JobRun:
         except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
             error = exc if isinstance(exc, RemapError) else JobFailed(
                 f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
-            self._client.kill_quietly(self.job_id)
+            if self.job_id is not None and self.job_id < 0:
+                self._kill_on_start = True  # no job id yet: kill it when `submitted` names it
+            else:
+                self._client.kill_quietly(self.job_id)
             self.fail(error)
         finally:
             self._sending = False
@@ -180,6 +195,8 @@ class JobRun:
         self.done += len(msg.indices) - len(errors)
 
     def ended(self, msg: m.JobDone) -> None:
+        if self.finished.called:  # failed here first (e.g. its argument source broke)
+            return
         complete = msg.state == "done"
         try:
             self.sink.close(complete=complete)
@@ -284,6 +301,8 @@ class ClusterClient:
         except RemapError as exc:
             del self._submits[rid]
             run.fail(exc)
+            return run.finished
+        run.begin(self, rid)
         return run.finished
 
     def attach(self, job: int, run: JobRun) -> defer.Deferred:

@@ -490,3 +490,36 @@ def test_big_arguments_fit_the_frame_limit() -> None:
     result = outcome(d)
     assert isinstance(result, JobOutcome), result
     assert run.sink.value() == [64 * 1024] * 300
+
+
+def test_first_window_travels_before_the_server_names_the_job() -> None:
+    """The console sends up to INITIAL_WINDOW arguments right after `submit`, as job -id,
+    without waiting a round trip for `submitted`; the server maps them to the new job."""
+    cluster = Cluster()
+    cluster.node("node-a", cores=2)
+    client, _ = cluster.console()
+    run = job_run(square, range(300), total=300)
+    d = client.submit(run)
+    assert run.job_id is not None and run.job_id < 0, "no `submitted` can have arrived yet"
+    assert run.sent == m.INITIAL_WINDOW, "the initial window went out with the submit"
+    cluster.settle()
+    result = outcome(d)
+    assert result.state == "done" and run.job_id == result.job > 0
+    assert run.sink.value() == [i * i for i in range(300)]
+
+
+def test_early_arguments_of_a_refused_submit_are_dropped_and_the_console_stays() -> None:
+    """A refused submit's early arguments are dropped quietly: the console is told why and
+    its connection keeps working for the next request."""
+    cluster = Cluster()
+    cluster.node("node-a", cores=1)
+    client, _ = cluster.console()
+    run = job_run(square, range(10), total=10)
+    run.params.on_error = "sometimes"  # the server refuses this submit
+    d = client.submit(run)
+    cluster.settle()
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and "refused" in str(failure.value)
+    asked = client.status()
+    cluster.settle()
+    assert outcome(asked)["jobs"] == [], "nothing was started, and the connection still answers"

@@ -36,7 +36,7 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 PREFETCH = 2
 #: bound on argument bytes queued on the server per job (console windowing keeps to it)
 MAX_PENDING_BYTES = 64 * 1024 * 1024
-MIN_WINDOW = 256
+MIN_WINDOW = m.INITIAL_WINDOW  # never below what a console may send before `submitted`
 MAX_WINDOW = 1_000_000
 
 Indices = range | list[int]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -27,6 +28,8 @@ class ServerConnection:
         self.scheduler = server.scheduler
         self.role: str | None = None
         self.node_id: str | None = None
+        #: this console's submit ids → job ids, for arguments sent before `submitted`
+        self._submits: dict[int, int | None] = {}
 
     # ---------------------------------------------------------------- Handler
 
@@ -83,15 +86,20 @@ class ServerConnection:
         sched = self.scheduler
         t = type(msg)
         if t is m.Args:
-            self._violation(link, sched.args_received(link, msg))
+            msg = self._early(msg)
+            if msg is not None:
+                self._violation(link, sched.args_received(link, msg))
         elif t is m.Submit:
             problem = self._check_submit(msg)
             if problem:
+                self._submits[msg.id] = None
                 link.send(m.Error(code="bad-request", message=problem, re=msg.id))
             else:
-                sched.submit(link, msg)
+                self._submits[msg.id] = sched.submit(link, msg).id
         elif t is m.ArgsEnd:
-            self._violation(link, sched.args_ended(link, msg))
+            msg = self._early(msg)
+            if msg is not None:
+                self._violation(link, sched.args_ended(link, msg))
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
             link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
@@ -123,6 +131,15 @@ class ServerConnection:
         else:
             link.send(m.Error(code="unexpected", message=f"a console does not send {msg.TYPE}",
                               re=getattr(msg, "id", None)))
+
+    def _early(self, msg: m.Args | m.ArgsEnd) -> m.Args | m.ArgsEnd | None:
+        """Resolve ``job = -submit id`` (sent before `submitted`); None for a refused submit's."""
+        if msg.job >= 0:
+            return msg
+        job = self._submits.get(-msg.job, -1)
+        if job is None:
+            return None  # the submit was refused and the console told so: drop quietly
+        return dataclasses.replace(msg, job=job)
 
     @staticmethod
     def _check_submit(msg: m.Submit) -> str:
