@@ -1078,3 +1078,21 @@ def test_a_drained_node_that_reconnects_stays_drained() -> None:
     FakeConsole(sched, range(10)).feed()
     assert again.held() == [], "the drained process took work after reconnecting"
     assert sched.nodes[again.id].draining
+
+
+def test_finished_jobs_are_pruned_even_while_their_console_stays() -> None:
+    """A long-lived console running job after job (the Python API, a bench) does not make the
+    server keep every job: only the newest keep_finished finished jobs remain."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    keep = sched.keep_finished
+    link = FakeLink("long-lived")
+    for i in range(keep + 20):
+        sched.submit(link, m.Submit(id=i, name=f"job{i}", payload=b"fn", total=1))
+        job = max(sched.jobs)
+        assert sched.args_received(link, m.Args(job=job, start=0, sizes=[len(dumps(i))],
+                                                 payload=dumps(i))) is None
+        assert sched.args_ended(link, m.ArgsEnd(job=job, total=1)) is None
+        node.answer_all(fn=lambda x: x)
+    assert len(sched.jobs) == keep and not sched.active
+    assert min(sched.jobs) == 21, "the oldest finished jobs went first"

@@ -234,7 +234,8 @@ class Scheduler:
         self.console_grace = console_grace
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
-        self.jobs: dict[int, JobState] = {}
+        self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
+        self.active: dict[int, JobState] = {}  # running only: what every dispatch looks at
         self._job_ids = itertools.count(1)
         self._task_ids = itertools.count(1)
         self._ready: dict[str, NodeState] = {}  # nodes with free credit, in arrival order
@@ -266,7 +267,7 @@ class Scheduler:
         self._add_credits(node, +1)
         self.log.info("node {id} joined: {host} with {cores} cores, group {group}", id=node_id,
                       host=node.host, cores=node.cores, group=node.group)
-        for job in self.jobs.values():
+        for job in self.active.values():
             if not job.finished and job.waiting and self._group_ok(node, job):
                 job.waiting = ""
         self.pump()
@@ -305,7 +306,7 @@ class Scheduler:
         node.inflight.clear()
         self.log.warn("node {id} ({host}) lost: {reason}; {n} arguments re-queued",
                       id=node_id, host=node.host, reason=reason, n=requeued)
-        for job in self.jobs.values():
+        for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
         self.pump()
@@ -321,7 +322,7 @@ class Scheduler:
         node.draining = True
         self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)
-        for job in self.jobs.values():
+        for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # tell consoles left without a node
         return node
@@ -349,6 +350,7 @@ class Scheduler:
             submitted_at=now,
         )
         self.jobs[job.id] = job
+        self.active[job.id] = job
         job.granted = self._window(job)
         self.log.info("job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode)
         console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
@@ -471,6 +473,7 @@ class Scheduler:
         job.state = state
         job.message = message
         job.waiting = ""
+        self.active.pop(job.id, None)
         job.finished_at = self.clock.seconds()
         job.pending.clear()
         job.pending_count = job.pending_bytes = 0
@@ -495,15 +498,18 @@ class Scheduler:
                       state=state, done=job.done, failed=job.failed, message=message)
         if job.console is not None:
             job.console.send(self._done_message(job))
+        self._prune_finished()
         self.pump()
 
     def _done_message(self, job: JobState) -> m.JobDone:
         return m.JobDone(job=job.id, state=job.state, done=job.done, failed=job.failed, message=job.message)
 
     def _prune_finished(self) -> None:
-        finished = [j for j in self.jobs.values() if j.finished and j.console is None]
-        for job in finished[: max(0, len(finished) - self.keep_finished)]:
-            del self.jobs[job.id]
+        """Keep the newest ``keep_finished`` finished jobs (for status and attach), forget older ones."""
+        excess = len(self.jobs) - len(self.active) - self.keep_finished
+        if excess > 0:
+            for job in [j for j in self.jobs.values() if j.finished][:excess]:
+                del self.jobs[job.id]
 
     def _maybe_complete(self, job: JobState) -> None:
         if not job.finished and job.args_ended and job.done + job.failed >= job.total:
@@ -558,7 +564,7 @@ class Scheduler:
 
     def _next_job(self, node: NodeState) -> JobState | None:
         best: JobState | None = None
-        for job in self.jobs.values():
+        for job in self.active.values():
             if job.pending_count and not job.finished and self._group_ok(node, job):
                 if best is None or (job.priority, -job.running) > (best.priority, -best.running):
                     best = job
@@ -566,7 +572,7 @@ class Scheduler:
 
     def pump(self) -> None:
         """Send batches to every node with credit while there is work it may run."""
-        if not self._ready or not any(j.pending_count for j in self.jobs.values()):
+        if not self._ready or not any(j.pending_count for j in self.active.values()):
             return
         now = self.clock.seconds()
         for node_id in list(self._ready):
@@ -580,7 +586,7 @@ class Scheduler:
                 self._dispatch(node, job, now)
             if not node.has_credit():
                 self._ready.pop(node_id, None)
-        for job in self.jobs.values():
+        for job in self.active.values():
             if not job.finished:
                 self._grant(job)
 
