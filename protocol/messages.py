@@ -297,7 +297,9 @@ class TaskResult(Message):
 
     ``errors`` lists ``[position, type, message, traceback]``; the payload slot at an
     error's position holds the pickled exception, or is empty. With ``partial`` the
-    payload is one pickle: the fold of the batch's successful results.
+    payload is one pickle: the fold of the batch's successful results. With ``packed``
+    the payload is one pickle of the list of every result (an error's slot holds its
+    exception, or None); nobody between the core and the console needs them apart.
     """
 
     TYPE = "result"
@@ -307,6 +309,7 @@ class TaskResult(Message):
     elapsed: float = 0.0
     output: str = ""
     partial: bool = False
+    packed: bool = False
     payload: bytes = b""
 
 
@@ -415,6 +418,7 @@ class Results(Message):
     errors: list[list[Any]] = field(default_factory=list)
     output: str = ""
     partial: bool = False
+    packed: bool = False
     payload: bytes = b""
 
 

@@ -178,21 +178,38 @@ class JobRun:
             self.done += len(msg.indices) - len(errors)
             return
         pop = self._args.pop
+        if msg.packed:
+            values, errors = self._unpack(msg, errors)
+        elif not errors:
+            values = [pickle.loads(blob) for blob in split(msg.sizes, msg.payload)]
+        else:
+            values = list(split(msg.sizes, msg.payload))  # error slots: pickled exceptions
         if not errors:  # the common case: one call into the sink per batch
-            loads = pickle.loads
-            results = [loads(blob) for blob in split(msg.sizes, msg.payload)]
             arguments = [pop(i, None) for i in msg.indices] if sink.needs_arguments else None
-            sink.add_results(msg.indices, arguments, results)
+            sink.add_results(msg.indices, arguments, values)
             self.done += len(msg.indices)
             return
-        for pos, (index, blob) in enumerate(zip(msg.indices, split(msg.sizes, msg.payload))):
+        for pos, (index, value) in enumerate(zip(msg.indices, values)):
             entry = errors.get(pos)
-            if entry is None:
-                sink.add(index, pop(index, None), pickle.loads(blob), None)
+            if entry is not None:
+                sink.add(index, pop(index, None), None, _error_info(index, entry, value))
             else:
-                sink.add(index, pop(index, None), None, _error_info(index, entry, blob))
+                sink.add(index, pop(index, None), value if msg.packed else pickle.loads(value), None)
         self.failed += len(errors)
         self.done += len(msg.indices) - len(errors)
+
+    @staticmethod
+    def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], dict[int, list[Any]]]:
+        """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
+        try:
+            values = pickle.loads(msg.payload)
+            if type(values) is not list or len(values) != len(msg.indices):
+                raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
+            return values, errors
+        except Exception as exc:
+            entry = ["", "ResultUnreadable", f"the batch's results could not be unpickled here: "
+                                             f"{type(exc).__name__}: {exc}", ""]
+            return [None] * len(msg.indices), {pos: [pos, *entry[1:]] for pos in range(len(msg.indices))}
 
     def ended(self, msg: m.JobDone) -> None:
         if self.finished.called:  # failed here first (e.g. its argument source broke)
@@ -220,10 +237,13 @@ class JobRun:
             self.finished.errback(error)
 
 
-def _error_info(index: int, entry: list[Any], blob: bytes | memoryview = b"") -> TaskErrorInfo:
+def _error_info(index: int, entry: list[Any], exc: Any = b"") -> TaskErrorInfo:
+    """``exc`` is the exception itself (a packed batch) or its pickle (one blob per result)."""
     _, type_name, message, tb = (list(entry) + ["", "", ""])[:4]
+    if not isinstance(exc, BaseException):
+        exc = _load_exception(exc) if exc is not None else None
     return TaskErrorInfo(index=index, type_name=str(type_name), message=str(message), traceback=str(tb),
-                         exception=_load_exception(blob))
+                         exception=exc)
 
 
 def _load_exception(blob: bytes | memoryview) -> BaseException | None:

@@ -114,6 +114,7 @@ class InProcessPool:
                 elapsed=reply["elapsed"],
                 output=reply["output"],
                 partial=reply["partial"],
+                packed=reply["packed"],
                 payload=blob,
             )
         )

@@ -69,6 +69,38 @@ def _exception_blob(exc: BaseException) -> bytes:
         return b""
 
 
+def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[bytes], bool]:
+    """One pickle for the whole batch when it round-trips; else one per result.
+
+    The single pickle costs a few tens of ns a result instead of ~0.7 µs for pickling and
+    unpickling each alone. An exception that would not unpickle on the console is replaced
+    by None (its type, message and traceback travel in ``errors`` anyway), so one odd
+    exception cannot make the whole batch unreadable.
+    """
+    for entry in errors:
+        exc = results[entry[0]]
+        if not _exception_blob(exc):
+            results[entry[0]] = None
+    try:
+        return [pickle.dumps(results, 5)], True
+    except Exception:  # something needs cloudpickle, or cannot travel at all: go one by one
+        pass
+    failed = {e[0] for e in errors}
+    blobs = []
+    for pos, value in enumerate(results):
+        if pos in failed:
+            blobs.append(_exception_blob(value) if value is not None else b"")
+            continue
+        try:
+            blobs.append(dumps(value))
+        except Exception as exc:
+            errors.append(_error_entry(pos, exc))
+            errors[-1][2] = f"the result could not be pickled: {errors[-1][2]}"
+            blobs.append(b"")
+    errors.sort(key=lambda e: e[0])
+    return blobs, False
+
+
 class Core:
     def __init__(self, shm: mmap.mmap) -> None:
         self.shm = shm
@@ -88,7 +120,7 @@ class Core:
         partial = bool(header.get("reduce"))
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
         loads = pickle.loads
-        blobs: list[bytes] = []
+        results: list[Any] = []
         errors: list[list[Any]] = []
         acc: Any = None
         have_acc = False
@@ -109,15 +141,18 @@ class Core:
                         else:
                             acc, have_acc = result, True
                     else:
-                        blobs.append(dumps(result))
+                        results.append(result)
                 except Exception as exc:
                     errors.append(_error_entry(pos, exc))
                     if not partial:
-                        blobs.append(_exception_blob(exc))
+                        results.append(exc)
         pack_into(shm, 0, -1, 0.0)
         elapsed = time.perf_counter() - started
+        packed = False
         if partial:
             blobs = [dumps(acc)] if have_acc else []
+        else:
+            blobs, packed = _pack_results(results, errors)
         out = captured.getvalue()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
@@ -129,6 +164,7 @@ class Core:
             "elapsed": elapsed,
             "output": out,
             "partial": partial,
+            "packed": packed,
         }
         return reply, b"".join(blobs)
 

@@ -250,7 +250,7 @@ class CorePool:
                 self.on_result(m.TaskResult(
                     task=header["task"], sizes=header["sizes"], errors=header["errors"],
                     elapsed=header["elapsed"], output=header["output"], partial=header["partial"],
-                    payload=payload))
+                    packed=header.get("packed", False), payload=payload))
             self._dispatch()
 
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:

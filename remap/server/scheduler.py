@@ -644,7 +644,7 @@ class Scheduler:
         job.failed += n_err
         self._deliver(job, m.Results(job=job.id, indices=list(seg.indices), sizes=msg.sizes,
                                      errors=msg.errors, output=msg.output, partial=msg.partial,
-                                     payload=msg.payload))
+                                     packed=msg.packed, payload=msg.payload))
         if n_err and job.on_error == "fail":
             pos, type_name, text = msg.errors[0][:3]
             self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
@@ -655,7 +655,9 @@ class Scheduler:
     @staticmethod
     def _malformed(msg: m.TaskResult, n: int) -> str:
         """Why a node's answer to a task of ``n`` arguments cannot be delivered, or ''."""
-        if not msg.partial and len(msg.sizes) != n:
+        if msg.packed and (msg.partial or len(msg.sizes) != 1):
+            return "a packed answer is one pickle and no partial fold"
+        if not msg.partial and not msg.packed and len(msg.sizes) != n:
             return f"{len(msg.sizes)} results for {n} arguments"
         if msg.partial and len(msg.sizes) > 1:
             return f"a partial fold of {len(msg.sizes)} pickles"

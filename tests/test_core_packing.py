@@ -1,0 +1,88 @@
+"""How a core packs a batch's results, and how the console unpacks them (no processes)."""
+
+from __future__ import annotations
+
+import mmap
+import pickle
+
+import cloudpickle
+
+from protocol import messages as m
+from remap.blobs import pack
+from remap.client import JobParams, JobRun
+from remap.node.core import SLOT, Core
+from remap.sinks import ObjectSink
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles, but does not unpickle: its __init__ wants two arguments."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def run_batch(fn, args) -> tuple[dict, bytes]:
+    core = Core(mmap.mmap(-1, SLOT.size))
+    core.load({"job": 1, "star": False}, cloudpickle.dumps((fn, None)))
+    sizes, payload = pack(args)
+    return core.run({"task": 9, "job": 1, "sizes": sizes}, payload)
+
+
+def to_console(reply: dict, blob: bytes, n: int) -> ObjectSink:
+    sink = ObjectSink()
+    run = JobRun(JobParams(), b"", iter(()), sink)
+    run.results(m.Results(job=1, indices=list(range(n)), sizes=reply["sizes"], errors=reply["errors"],
+                          packed=reply["packed"], payload=blob))
+    return sink
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def odd_fails(x: int) -> int:
+    if x % 2:
+        raise NeedsTwoArgs("odd", str(x))
+    return x
+
+
+def returns_a_lambda(x: int):
+    return lambda: x
+
+
+def test_plain_results_travel_as_one_pickle() -> None:
+    """Results plain pickle can carry go as one pickle of the list (one size entry)."""
+    reply, blob = run_batch(square, range(100))
+    assert reply["packed"] is True and len(reply["sizes"]) == 1
+    assert pickle.loads(blob) == [x * x for x in range(100)]
+    assert to_console(reply, blob, 100).value() == [x * x for x in range(100)]
+
+
+def test_an_exception_that_will_not_unpickle_does_not_spoil_the_batch() -> None:
+    """An exception that pickles but cannot be rebuilt is replaced by None in the packed list;
+    its neighbours' results and its type, message and traceback all still arrive."""
+    reply, blob = run_batch(odd_fails, range(6))
+    assert reply["packed"] is True
+    values = to_console(reply, blob, 6).value()
+    assert values[0::2] == [0, 2, 4]
+    errors = values[1::2]
+    assert [e.type_name for e in errors] == ["NeedsTwoArgs"] * 3
+    assert errors[0].message == "odd/1" and "odd_fails" in errors[0].traceback
+    assert all(e.exception is None for e in errors)
+
+
+def test_results_that_need_cloudpickle_fall_back_to_one_pickle_each() -> None:
+    """A batch whose results plain pickle refuses goes one pickle per result (cloudpickle)."""
+    reply, blob = run_batch(returns_a_lambda, range(3))
+    assert reply["packed"] is False and len(reply["sizes"]) == 3
+    values = to_console(reply, blob, 3).value()
+    assert [f() for f in values] == [0, 1, 2]
+
+
+def test_an_unreadable_packed_batch_becomes_errors_not_a_crash() -> None:
+    """If the console cannot unpickle a packed batch, every argument of it reports why."""
+    blob = b"\x80\x05not a pickle"
+    reply = {"sizes": [len(blob)], "errors": [], "packed": True}
+    sink = to_console(reply, blob, 2)
+    assert [e.type_name for e in sink.value()] == ["ResultUnreadable"] * 2
+    assert sink.failed == 2
