@@ -29,7 +29,7 @@ class Frame:
     """One decoded frame: raw msgpack header bytes and the opaque payload."""
 
     header: bytes
-    payload: bytes
+    payload: bytes | memoryview  # a view into the received bytes for large frames
 
 
 def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
@@ -39,6 +39,10 @@ def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes
     if payload:
         parts.append(payload)
     return parts
+
+
+#: frames at least this long are gathered read by read and joined once
+LARGE_FRAME = 256 * 1024
 
 
 class FrameDecoder:
@@ -56,21 +60,53 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._pos = 0  # start of the first unconsumed byte in _buf
+        # A large frame is gathered as a list of reads and joined once when complete: growing
+        # one bytearray read by read, then copying the payload out, costs ~20× more per MiB.
+        self._parts: list[bytes] = []
+        self._parts_len = 0
+        self._parts_need = 0  # bytes the large frame needs in total (prefix included)
+        self._ready: bytes | None = None  # a large frame, joined, not yet handed out
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._parts_len
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes; frames come out of :meth:`next_frame`."""
+        if self._parts_need:
+            self._parts.append(bytes(data))
+            self._parts_len += len(data)
+            if self._parts_len >= self._parts_need:
+                self._finish_large()
+            return
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         self._buf += data
 
+    def _finish_large(self) -> None:
+        self._ready = b"".join(self._parts)
+        self._parts, self._parts_len = [], 0
+
+    def _large_frame(self, joined: bytes) -> Frame:
+        need, self._parts_need = self._parts_need, 0
+        (hlen,) = _U32.unpack_from(joined, 4)
+        view = memoryview(joined)
+        self._buf = bytearray(view[need:])
+        self._pos = 0
+        if hlen > need - PREFIX_SIZE or hlen > MAX_HEADER:
+            raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {need - 4}")
+        # the payload stays a view into the joined frame: no second copy of a large payload
+        return Frame(bytes(view[PREFIX_SIZE : PREFIX_SIZE + hlen]), view[PREFIX_SIZE + hlen : need])
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
+        if self._ready is not None:
+            joined, self._ready = self._ready, None
+            return self._large_frame(joined)
+        if self._parts_need:
+            return None
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos
@@ -84,6 +120,11 @@ class FrameDecoder:
             raise RemoteProtocolError(f"frame length {length} is shorter than its header length field")
         if available - 4 < length:
             self._compact()
+            if length >= LARGE_FRAME:
+                self._parts = [bytes(buf)]
+                self._parts_len = len(buf)
+                self._parts_need = 4 + length
+                self._buf = bytearray()
             return None
         (hlen,) = _U32.unpack_from(buf, pos + 4)
         if hlen > length - 4 or hlen > MAX_HEADER:

@@ -8,6 +8,7 @@ by killing the core: user code that ignores signals or loops in C still stops.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -35,6 +36,19 @@ _PREFIX = struct.Struct(">II")
 def _frame(header: dict, payload: bytes | memoryview = b"") -> bytes:
     h = msgpack.packb(header, use_bin_type=True)
     return b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
+
+
+_F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
+PIPE_SIZE = 1024 * 1024
+
+
+def _widen_pipes(core: CoreProcess) -> None:
+    """A MiB pipe instead of 64 KiB: a 1 MiB argument or result crosses in one write, not 16."""
+    for pipe in getattr(core.transport, "pipes", {}).values():
+        try:
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError, ValueError):  # not Linux, or above pipe-max-size
+            return
 
 
 @dataclass
@@ -153,6 +167,7 @@ class CorePool:
             env=env,
             childFDs={0: "w", 1: "r", 2: "r", CMD_FD: "w", OUT_FD: "r", SHM_FD: core.shm_fd},
         )
+        _widen_pipes(core)
         if index < len(self.cores):
             self.cores[index] = core
         else:
