@@ -200,3 +200,32 @@ def test_partial_prefix_waits():
     assert decoder.feed(b"\x00\x00") == []
     assert decoder.buffered == 2
     assert decoder.feed(b"\x00\x05\x00\x00\x00\x01h") == [Frame(b"h", b"")]
+
+
+def test_large_frame_then_small_frame_in_the_same_read() -> None:
+    """A large frame gathered over many reads, whose last read also holds the start and end of
+    the next frame, yields both frames intact (the large payload is not corrupted by the view)."""
+    from protocol.framing import LARGE_FRAME
+
+    big = bytes(range(256)) * (LARGE_FRAME // 256 + 7)
+    stream = b"".join(encode_frame(b"\x81\xa1t\xa1a", big)) + b"".join(encode_frame(b"\x80", b"tail"))
+    decoder = FrameDecoder(max_frame=len(stream))
+    frames = []
+    step = 10_000
+    for i in range(0, len(stream) - 30, step):
+        frames += decoder.feed(stream[i : min(i + step, len(stream) - 30)])
+    frames += decoder.feed(stream[len(stream) - 30 :])
+    assert [bytes(f.payload) for f in frames] == [big, b"tail"]
+    assert decoder.buffered == 0
+
+
+def test_large_frame_with_a_lying_header_length_is_refused() -> None:
+    """A large frame whose header length exceeds the frame is refused once it is complete."""
+    from protocol.framing import LARGE_FRAME
+
+    length = LARGE_FRAME + 100
+    frame = struct.pack(">II", length, length + 1) + b"\0" * (length - 4)
+    decoder = FrameDecoder(max_frame=length)
+    decoder.feed(frame[:1000])
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed(frame[1000:])
