@@ -1040,6 +1040,17 @@ async def _until_node_joined(reactor: Any, embedded: EmbeddedCluster, timeout: f
         await task.deferLater(reactor, 0.02, lambda: None)
 
 
+def own_or_borrow(address: Any, cluster: Cluster | None, cores: int | None,
+                  connect_kwargs: dict[str, Any]) -> tuple[Cluster, bool]:
+    """The cluster an Executor or Pool runs on, and whether it made (and so must close) it."""
+    if cluster is not None:
+        if address is not None or connect_kwargs:
+            raise TypeError("give either cluster= or connection arguments, not both")
+        return cluster, False
+    connect_kwargs.setdefault("cores", cores)
+    return connect(address, **connect_kwargs), True
+
+
 def connect(
     address: str | None = None,
     *,

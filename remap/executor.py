@@ -203,17 +203,9 @@ class Executor(concurrent.futures.Executor):
             address, max_workers = None, address  # Executor(4), as with ProcessPoolExecutor(4)
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if cluster is None:
-            from .api import connect
+        from .api import own_or_borrow
 
-            connect_kwargs.setdefault("cores", max_workers)
-            cluster = connect(address, **connect_kwargs)
-            self._owns_cluster = True
-        else:
-            if address is not None or connect_kwargs:
-                raise TypeError("give either cluster= or connection arguments, not both")
-            self._owns_cluster = False
-        self._cluster = cluster
+        self._cluster, self._owns_cluster = own_or_borrow(address, cluster, max_workers, connect_kwargs)
         self._lock = threading.Lock()
         self._streams: dict[Hashable, _SubmitStream] = {}
         self._open: set[_SubmitStream] = set()

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .api import Cluster, ResultIterator, connect
+from .api import Cluster, ResultIterator, own_or_borrow
 from .executor import Executor
 
 __all__ = ["AsyncResult", "Pool"]
@@ -102,16 +102,8 @@ class Pool:
                 "remap.Pool has no maxtasksperchild: cores are long-lived "
                 "and replaced only when they crash or time out"
             )
-        if cluster is None:
-            connect_kwargs.setdefault("cores", processes)
-            cluster = connect(address, **connect_kwargs)
-            self._owns_cluster = True
-        else:
-            if address is not None or connect_kwargs:
-                raise TypeError("give either cluster= or connection arguments, not both")
-            self._owns_cluster = False
-        self._cluster = cluster
-        self._executor = Executor(cluster=cluster)
+        self._cluster, self._owns_cluster = own_or_borrow(address, cluster, processes, connect_kwargs)
+        self._executor = Executor(cluster=self._cluster)
         self._state = _RUN
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future] = set()
