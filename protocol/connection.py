@@ -160,6 +160,12 @@ class Connection:
         self._out.extend(encode_frame(header, payload))
         return header
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame this side will send or accept now (after the handshake: the
+        smaller of the two sides' limits, for a client)."""
+        return self._max_frame
+
     def data_to_send(self) -> list[bytes | memoryview]:
         """Return and forget the buffers queued for the transport."""
         out, self._out = self._out, []

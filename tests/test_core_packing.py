@@ -86,3 +86,15 @@ def test_an_unreadable_packed_batch_becomes_errors_not_a_crash() -> None:
     sink = to_console(reply, blob, 2)
     assert [e.type_name for e in sink.value()] == ["ResultUnreadable"] * 2
     assert sink.failed == 2
+
+
+def test_a_result_frame_over_the_limit_is_reported_not_sent() -> None:
+    """The node turns a result too large for the server's frame limit into task_failed
+    "too-large" (which the server retries argument by argument), and sends others as they are."""
+    from remap.node.agent import NodeAgent
+
+    big = m.TaskResult(task=3, sizes=[100_000], payload=b"x" * 100_000)
+    refused = NodeAgent._fits(big, 50_000)
+    assert isinstance(refused, m.TaskFailed) and refused.reason == "too-large" and refused.task == 3
+    assert "REMAP_MAX_FRAME" in refused.message
+    assert NodeAgent._fits(big, 1_000_000) is big

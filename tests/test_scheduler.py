@@ -1096,3 +1096,27 @@ def test_finished_jobs_are_pruned_even_while_their_console_stays() -> None:
         node.answer_all(fn=lambda x: x)
     assert len(sched.jobs) == keep and not sched.active
     assert min(sched.jobs) == 21, "the oldest finished jobs went first"
+
+
+def test_results_too_large_for_a_frame_retry_alone_then_fail_the_culprit() -> None:
+    """A node reports "too-large" for a batch: every argument retries alone; the ones still too
+    large after the retries end with ResultTooLarge, the others succeed; the job completes."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(4), chunksize=4, retries=1, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.crash(task, reason="too-large")
+    for _ in range(20):
+        held = node.held()
+        if not held:
+            break
+        for t in held:
+            if 2 in node.args_of(t):
+                node.crash(t, reason="too-large")
+            else:
+                node.answer(t)
+    outcomes = console.outcomes()
+    assert sorted(outcomes) == [0, 1, 2, 3] and all(len(v) == 1 for v in outcomes.values())
+    assert outcomes[2] == [("error", "ResultTooLarge")]
+    assert console.done().state == "done"

@@ -48,8 +48,23 @@ class NodeAgent:
         pool.on_failed = self._send
 
     def _send(self, msg: m.Message) -> None:
-        if self.link is not None:
-            self.link.send(msg)
+        if self.link is None:
+            return
+        if type(msg) is m.TaskResult and len(msg.payload) > self.link.conn.max_frame // 2:
+            msg = self._fits(msg, self.link.conn.max_frame)
+        self.link.send(msg)
+
+    @staticmethod
+    def _fits(msg: m.TaskResult, limit: int) -> m.Message:
+        """A result frame over the limit would get this node disconnected, and the batch re-run
+        forever; report it instead so the server retries its arguments alone, then fails the one
+        whose result is too large."""
+        header, payload = m.encode(msg)
+        size = 8 + len(header) + len(payload)
+        if size <= limit:
+            return msg
+        return m.TaskFailed(task=msg.task, reason="too-large", at=-1,
+                            message=f"{size} bytes of results, over REMAP_MAX_FRAME ({limit})")
 
     # ---------------------------------------------------------------- Handler
 

@@ -696,8 +696,9 @@ class Scheduler:
                 self._requeue(job, s)
         if errors:
             what = {"timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
-                    "crash": "crashed its core"}.get(msg.reason, msg.reason)
-            type_name = "TaskTimeout" if msg.reason == "timeout" else "CoreCrashed"
+                    "crash": "crashed its core",
+                    "too-large": "returned a result too large to send"}.get(msg.reason, msg.reason)
+            type_name = {"timeout": "TaskTimeout", "too-large": "ResultTooLarge"}.get(msg.reason, "CoreCrashed")
             for s in errors:
                 text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
                 if msg.message:
