@@ -15,6 +15,7 @@ from protocol.errors import AuthError, ConfigError, ServerUnreachable, VersionMi
 
 from .auth import client_secret, server_secret
 from .client import ClusterClient
+from .local import connect_local
 from .net import AuthWaiter, PeerFactory, client_endpoint, server_endpoint
 from .node.agent import NodeAgent
 from .node.cores import CorePool
@@ -73,12 +74,13 @@ async def start_server(reactor: Any, settings: Settings, *, secret: bytes | None
 
 @dataclass
 class RunningNode:
-    service: ClientService
+    service: ClientService | None  # None for the embedded cluster's in-process node
     pool: CorePool
     agent: NodeAgent
 
     async def stop(self) -> None:
-        await self.service.stopService()
+        if self.service is not None:
+            await self.service.stopService()
         await self.pool.stop()
 
 
@@ -137,8 +139,9 @@ def _reason(exc: BaseException) -> str:
 class EmbeddedCluster:
     """A server and a node inside this process's reactor, cores as child processes.
 
-    The secret is random per run and never leaves the process, and the server
-    listens on an ephemeral loopback port: zero setup, nothing exposed.
+    Its own node and console join the server over in-process links (no sockets); the server
+    also listens on an ephemeral loopback port with a random secret that never leaves the
+    process: zero setup, nothing exposed.
     """
 
     def __init__(self, reactor: Any, settings: Settings, cores: int | None = None) -> None:
@@ -151,17 +154,25 @@ class EmbeddedCluster:
         self.node: RunningNode | None = None
 
     async def start(self) -> str:
+        """Start the server and the node; the node joins over an in-process link (no sockets)."""
         self.server = await start_server(self.reactor, self.settings, secret=self.secret)
-        node_settings = replace(self.settings, server=self.server.address, cores=self.cores, group=None)
-        self.node = start_node(self.reactor, node_settings, secret=self.secret)
+        pool = CorePool(self.reactor, self.cores, lambda r: None, lambda r: None)
+        agent = NodeAgent(pool)
+        pool.start()
+        self.node = RunningNode(None, pool, agent)
+        self._node_link = connect_local(self.reactor, self.server.factory, agent, "node", agent.host)
         return self.server.address
 
     async def connect(self) -> ClusterClient:
+        """A console on an in-process link: no framing, no loopback round trips."""
         assert self.server is not None
-        return await connect_console(self.reactor, self.settings, self.server.address, secret=self.secret)
+        client = ClusterClient()
+        connect_local(self.reactor, self.server.factory, client, "console", "embedded console")
+        return client
 
     async def stop(self) -> None:
         if self.node is not None:
-            await self.node.stop()
+            self._node_link.close()
+            await self.node.pool.stop()
         if self.server is not None:
             await self.server.stop()

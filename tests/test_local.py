@@ -1,0 +1,76 @@
+"""The embedded cluster's in-process links: ordered, never re-entrant, closed on both ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from protocol import messages as m
+from remap.local import LocalLink
+
+
+class Recorder:
+    """A handler that records what arrives and answers every heartbeat once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.got: list[m.Message] = []
+        self.lost: list[Any] = []
+        self.depth = 0
+        self.max_depth = 0
+
+    def message_received(self, link: LocalLink, msg: m.Message) -> None:
+        self.depth += 1
+        self.max_depth = max(self.max_depth, self.depth)
+        self.got.append(msg)
+        if isinstance(msg, m.Heartbeat) and msg.busy == 0:
+            link.send(m.Heartbeat(busy=1))  # an answer sent from inside a delivery
+        self.depth -= 1
+
+    def connection_lost(self, link: LocalLink, error: Any) -> None:
+        self.lost.append(error)
+
+
+def pair(clock: Clock) -> tuple[LocalLink, LocalLink, Recorder, Recorder]:
+    a_handler, b_handler = Recorder("a"), Recorder("b")
+    a = LocalLink(clock, "b", a_handler, 1 << 20)
+    b = LocalLink(clock, "a", b_handler, 1 << 20)
+    a.other, b.other = b, a
+    return a, b, a_handler, b_handler
+
+
+def test_messages_arrive_in_order_on_a_later_turn() -> None:
+    """Nothing is delivered inside send(); on the next turn everything arrives in send order."""
+    clock = Clock()
+    a, _b, _ha, hb = pair(clock)
+    for i in range(5):
+        a.send(m.StatusRequest(id=i))
+    assert hb.got == [], "delivery must not happen inside send"
+    clock.advance(0)
+    assert [msg.id for msg in hb.got] == [0, 1, 2, 3, 4]
+
+
+def test_answers_sent_during_delivery_do_not_re_enter_the_handler() -> None:
+    """A handler that sends while handling is never called again before it returns."""
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    a.send(m.Heartbeat(busy=0))
+    b.send(m.Heartbeat(busy=0))
+    for _ in range(3):
+        clock.advance(0)
+    assert ha.max_depth == 1 and hb.max_depth == 1
+    assert [h.busy for h in hb.got] == [0, 1] and [h.busy for h in ha.got] == [0, 1]
+
+
+def test_close_tells_both_ends_and_drops_later_sends() -> None:
+    """close() on one end: both handlers hear connection_lost once; later sends go nowhere."""
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    a.send(m.StatusRequest(id=1))
+    b.close()
+    a.send(m.StatusRequest(id=2))
+    clock.advance(0)
+    assert len(ha.lost) == 1 and len(hb.lost) == 1
+    assert hb.got == [], "messages queued to a closed end are not delivered"
+    assert not a.open and not b.open
