@@ -1120,3 +1120,20 @@ def test_results_too_large_for_a_frame_retry_alone_then_fail_the_culprit() -> No
     assert sorted(outcomes) == [0, 1, 2, 3] and all(len(v) == 1 for v in outcomes.values())
     assert outcomes[2] == [("error", "ResultTooLarge")]
     assert console.done().state == "done"
+
+
+def test_a_finished_detached_job_replays_to_anyone_even_while_another_console_is_attached() -> None:
+    """Once a detached job is over, attach never waits for the attached console to leave:
+    every attacher gets every result and the job's end."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(3), chunksize=3, detach=True)
+    console.feed()
+    writer = FakeLink("writer")
+    assert sched.attach(writer, console.job) is not None
+    node.answer_all()
+    assert sched.jobs[console.job].finished and sched.jobs[console.job].console is writer
+    late = FakeLink("late")
+    assert sched.attach(late, console.job) is not None
+    assert [len(r.indices) for r in late.of(m.Results)] == [3]
+    assert [d.state for d in late.of(m.JobDone)] == ["done"]

@@ -452,6 +452,11 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None:
             return None
+        if job.finished:  # nothing more will come: anyone may have the replay, any number of times
+            for msg in job.stored:
+                console.send(msg)
+            console.send(self._done_message(job))
+            return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
         # no role left once every argument is in, so it does not block an attach
         submitter_done = job.detach and job.args_ended and not job.attached
@@ -462,8 +467,6 @@ class Scheduler:
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
             console.send(msg)
-        if job.finished:
-            console.send(self._done_message(job))
         return job
 
     def finish(self, job: JobState, state: str, message: str = "") -> None:
