@@ -11,6 +11,8 @@ from ..sinks import to_jsonable
 
 
 def fmt_duration(seconds: float) -> str:
+    if 0 < seconds < 1:
+        return "<1s"
     seconds = int(max(0, seconds))
     if seconds < 60:
         return f"{seconds}s"
