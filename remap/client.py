@@ -85,6 +85,8 @@ class JobRun:
     _peeked: list[Any] = field(default_factory=list)
     _sending: bool = False
     _kill_on_start: bool = False
+    #: the first error that arrived (with its remote traceback), for a console to show
+    first_error: TaskErrorInfo | None = None
 
     # ------------------------------------------------------------- arguments out
 
@@ -165,6 +167,9 @@ class JobRun:
 
     def results(self, msg: m.Results) -> None:
         errors = {e[0]: e for e in msg.errors}
+        if errors and self.first_error is None:
+            pos = min(errors)
+            self.first_error = _error_info(msg.indices[pos], errors[pos], None)
         sink = self.sink
         if msg.output and self.on_output is not None:
             self.on_output(msg.indices[0] if msg.indices else -1, msg.output)

@@ -174,3 +174,22 @@ def test_kill_cluster_without_yes_refuses_without_a_tty(cluster: Cluster) -> Non
     assert len(notes) == 1 and "--yes" in notes[0], done.stderr
     assert cluster.server.alive() and all(c.alive() for c in cluster.nodes)
     assert len(cluster.status()["nodes"]) == 2
+
+
+@pytest.mark.slow
+def test_a_failed_job_names_the_argument_and_traceback_shows_the_users_code(tmp_path: Path) -> None:
+    """on_error fail: one line naming the argument and exception, with a hint; with --traceback
+    the remote traceback of that call is printed, starting in the user's file."""
+    (tmp_path / "bad.py").write_text(
+        "def f(x):\n    if x == 7:\n        raise ValueError(f'seven is bad ({x})')\n    return x\n")
+    job = write_job(tmp_path / "bad.yaml", {"function": "bad.py:f", "args_range": [0, 20]})
+    plain = console(tmp_path, "compute", job)
+    assert plain.returncode == 1, plain.stderr
+    errors = [line for line in lines_of(plain.stderr) if line.startswith("error:")]
+    assert len(errors) == 1 and "argument 7 raised ValueError: seven is bad (7)" in errors[0]
+    assert "--traceback" in errors[0] and "Traceback" not in plain.stderr
+    shown = console(tmp_path, "compute", job, "--traceback")
+    assert shown.returncode == 1, shown.stderr
+    assert "remote traceback of argument 7" in shown.stderr
+    assert "bad.py\", line 3, in f" in shown.stderr
+    assert "remap/node/core.py" not in shown.stderr, "the core's own frame is not the user's business"

@@ -63,6 +63,8 @@ def build_parser() -> Parser:
     p.add_argument("--wait-for-nodes", type=float, metavar="SECONDS",
                    help="fail if no node can run the job within this time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--traceback", action="store_true",
+                   help="if the job fails, print the remote traceback of the first failing call")
     for name in ("status", "nodes", "jobs"):
         sub.add_parser(name, help=f"show {name}").add_argument("--json", action="store_true")
     p = sub.add_parser("kill", help="stop a job, or the whole cluster")
@@ -139,6 +141,10 @@ class Console:
             return self._detached(run, future, args, spec)
         try:
             outcome = self._wait(run, future, progress, notes)
+        except JobFailed as exc:
+            if progress:
+                progress.clear()
+            raise self._with_traceback(exc, run, args.traceback) from None
         except KeyboardInterrupt:
             if progress:
                 progress.clear()
@@ -158,6 +164,16 @@ class Console:
                 if progress:
                     progress.draw(run.done, run.failed, run.total_hint or (run.sent if run.exhausted else None),
                                   notes[-1] if notes and not run.done else "")
+
+    def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
+        """With ``--traceback``, print where the first failing call raised; else say how to see it."""
+        error = run.first_error
+        if error is None or not error.traceback or isinstance(exc, JobKilled):
+            return exc
+        if show:
+            self.note(f"remote traceback of argument {error.index}:\n{error.traceback.rstrip()}")
+            return exc
+        return type(exc)(f"{exc} (add --traceback to see where it was raised)")
 
     def _detached(self, run: Any, future: Any, args: argparse.Namespace, spec: Any) -> int:
         # the arguments live here, so they must all reach the server before we may leave

@@ -56,7 +56,11 @@ def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
 
 
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # start the traceback at the user's code: the core's own frame says nothing to them
+    start = exc.__traceback__
+    if start is not None and start.tb_next is not None and start.tb_frame.f_code.co_filename == __file__:
+        start = start.tb_next
+    tb = "".join(traceback.format_exception(type(exc), exc, start))
     return [pos, type(exc).__qualname__, str(exc)[:2000], tb[-8000:]]
 
 
