@@ -228,7 +228,7 @@ class _FeedRun(JobRun):
                 if blobs:
                     self._client.send(
                         m.Args(
-                            job=self.job_id,
+                            job=self.wire_job,
                             start=self.sent,
                             sizes=[len(b) for b in blobs],
                             payload=b"".join(blobs),
@@ -238,7 +238,7 @@ class _FeedRun(JobRun):
                     self._granted -= len(blobs)
                 if ended:
                     self.exhausted = True
-                    self._client.send(m.ArgsEnd(job=self.job_id, total=self.sent))
+                    self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
                     return
                 if not blobs or self._granted <= 0:
                     return

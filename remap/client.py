@@ -85,21 +85,27 @@ class JobRun:
     _peeked: list[Any] = field(default_factory=list)
     _sending: bool = False
     _kill_on_start: bool = False
+    _submit_id: int | None = None
     #: the first error that arrived (with its remote traceback), for a console to show
     first_error: TaskErrorInfo | None = None
 
     # ------------------------------------------------------------- arguments out
 
+    @property
+    def wire_job(self) -> int:
+        """The job id to put in `args`: the real one, or minus the submit id until it is known."""
+        return self.job_id if self.job_id is not None else -(self._submit_id or 0)
+
     def begin(self, client: ClusterClient, submit_id: int) -> None:
         """Right after `submit`: send the protocol's initial window under ``job = -submit_id``."""
         self._client = client
-        self.job_id = -submit_id
+        self._submit_id = submit_id
         self._granted = m.INITIAL_WINDOW
         self.send_arguments()
 
     def start(self, client: ClusterClient, job_id: int, window: int) -> None:
         """`submitted`: the job has its id; ``window`` counts what was already sent under -id."""
-        early = self.job_id is not None and self.job_id < 0
+        early = self.job_id is None and self._submit_id is not None
         self._client = client
         self.job_id = job_id
         self._granted = window - self.sent if early else window
@@ -129,7 +135,7 @@ class JobRun:
                     items = items[: len(blobs)]
                     if self.sink.needs_arguments:
                         self._args.update(zip(range(self.sent, self.sent + len(items)), items))
-                    self._client.send(m.Args(job=self.job_id, start=self.sent,
+                    self._client.send(m.Args(job=self.wire_job, start=self.sent,
                                              sizes=[len(b) for b in blobs], payload=b"".join(blobs)))
                     self.sent += len(items)
                     self._granted -= len(items)
@@ -137,12 +143,12 @@ class JobRun:
                     self._peeked = list(itertools.islice(self.arguments, 1))
                 if not items or (self._granted == 0 and not self._peeked):
                     self.exhausted = True
-                    self._client.send(m.ArgsEnd(job=self.job_id, total=self.sent))
+                    self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
                     break
         except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
             error = exc if isinstance(exc, RemapError) else JobFailed(
                 f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
-            if self.job_id is not None and self.job_id < 0:
+            if self.job_id is None:
                 self._kill_on_start = True  # no job id yet: kill it when `submitted` names it
             else:
                 self._client.kill_quietly(self.job_id)

@@ -501,7 +501,7 @@ def test_first_window_travels_before_the_server_names_the_job() -> None:
     client, _ = cluster.console()
     run = job_run(square, range(300), total=300)
     d = client.submit(run)
-    assert run.job_id is not None and run.job_id < 0, "no `submitted` can have arrived yet"
+    assert run.job_id is None and run.wire_job < 0, "no `submitted` can have arrived yet"
     assert run.sent == m.INITIAL_WINDOW, "the initial window went out with the submit"
     cluster.settle()
     result = outcome(d)
