@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pickle
 from collections.abc import Callable, Iterator
@@ -37,7 +38,10 @@ class RequestFailed(RemapError):
 
 @dataclass
 class JobParams:
-    """What the server needs to know about a job (the job file, minus its arguments)."""
+    """What the server needs to know about a job (the job file, minus its arguments).
+
+    Every field is a field of the ``submit`` message of the same name.
+    """
 
     name: str = "job"
     mode: str = "object"
@@ -320,15 +324,10 @@ class ClusterClient:
     def submit(self, run: JobRun) -> defer.Deferred:
         """Start a job; the returned Deferred is ``run.finished`` (a JobOutcome, or a failure)."""
         rid = next(self._ids)
-        p = run.params
         self._submits[rid] = run
         try:
-            self.send(m.Submit(id=rid, name=p.name, mode=p.mode, group=p.group, retries=p.retries,
-                               timeout=p.timeout, on_error=p.on_error, chunksize=p.chunksize,
-                               priority=p.priority, detach=p.detach, star=p.star,
-                               total=run.total_hint if run.total_hint is not None else -1,
-                               wait_for_nodes=p.wait_for_nodes, output=p.output,
-                               payload=run.fn_blob))
+            total = run.total_hint if run.total_hint is not None else -1
+            self.send(m.Submit(id=rid, total=total, payload=run.fn_blob, **dataclasses.asdict(run.params)))
         except RemapError as exc:
             del self._submits[rid]
             run.fail(exc)
