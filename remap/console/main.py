@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +113,20 @@ class Console:
         stream_json = args.json and spec.response_mode == "stream"
         show_stream = spec.response_mode == "stream"
 
+        last_flush = [0.0]
+
         def on_item(index: int, result: Any, error: Any) -> None:
             if stream_json:
-                line = ({"index": index, "error": error.to_json()} if error
-                        else {"index": index, "result": render.jsonable(result)})
-                self.say(json.dumps(line))
-            elif show_stream:
-                self.say(f"{index}: " + (f"ERROR {error.type_name}: {error.message}" if error else repr(result)))
+                line = json.dumps({"index": index, "error": error.to_json()} if error
+                                  else {"index": index, "result": render.jsonable(result)})
+            else:
+                line = f"{index}: " + (f"ERROR {error.type_name}: {error.message}" if error else repr(result))
+            self.out.write(line + "\n")
+            # a slow stream shows each result at once; a fast one flushes ten times a second
+            now = time.monotonic()
+            if now - last_flush[0] >= 0.1:
+                self.out.flush()
+                last_flush[0] = now
 
         sink = make_job_sink(spec, on_item=on_item if show_stream else None)
         progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
@@ -220,7 +228,7 @@ class Console:
         elif mode == "reduce":
             self.say(render.dumps_json(sink.value()))
         elif mode == "stream":
-            pass  # already printed as it came
+            self.out.flush()  # printed as it came; the last lines may still be buffered
         elif args.json:
             self.say(json.dumps({**summary, "job": outcome.job, "state": outcome.state}))
         else:
