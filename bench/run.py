@@ -32,7 +32,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
 
 from bench import workloads as w  # noqa: E402
 from bench.systems import (  # noqa: E402
@@ -66,12 +68,38 @@ TARGETS = {
 
 def params_for(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(trivial_n=50_000, trivial_reps=3, cpu_n=12, cpu_reps=2, lat_calls=30, lat_reps=3,
-                    mib_n=16, mib_reps=2, wc_bytes=40_000_000, wc_reps=2, lazy_n=1_000_000,
-                    sim_nodes=[10, 500], sim_n=100_000, sim_chunk=50)
-    return dict(trivial_n=200_000, trivial_reps=5, cpu_n=40, cpu_reps=3, lat_calls=100, lat_reps=3,
-                mib_n=64, mib_reps=3, wc_bytes=200_000_000, wc_reps=3, lazy_n=10_000_000,
-                sim_nodes=[10, 100, 500], sim_n=500_000, sim_chunk=50)
+        return dict(
+            trivial_n=50_000,
+            trivial_reps=3,
+            cpu_n=12,
+            cpu_reps=2,
+            lat_calls=30,
+            lat_reps=3,
+            mib_n=16,
+            mib_reps=2,
+            wc_bytes=40_000_000,
+            wc_reps=2,
+            lazy_n=1_000_000,
+            sim_nodes=[10, 500],
+            sim_n=100_000,
+            sim_chunk=50,
+        )
+    return dict(
+        trivial_n=200_000,
+        trivial_reps=5,
+        cpu_n=40,
+        cpu_reps=3,
+        lat_calls=100,
+        lat_reps=3,
+        mib_n=64,
+        mib_reps=3,
+        wc_bytes=200_000_000,
+        wc_reps=3,
+        lazy_n=10_000_000,
+        sim_nodes=[10, 100, 500],
+        sim_n=500_000,
+        sim_chunk=50,
+    )
 
 
 # ====================================================================== measuring helpers
@@ -122,10 +150,26 @@ def cpu_meter(out: list[float]):
     out.append(tree_cpu() - c)
 
 
-def row(workload: str, system: str, value: float, unit: str, better: str, reps: list[float],
-        details: str = "", **extra: Any) -> dict[str, Any]:
-    return {"workload": workload, "system": system, "value": value, "unit": unit, "better": better,
-            "reps": reps, "details": details, **extra}
+def row(
+    workload: str,
+    system: str,
+    value: float,
+    unit: str,
+    better: str,
+    reps: list[float],
+    details: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "workload": workload,
+        "system": system,
+        "value": value,
+        "unit": unit,
+        "better": better,
+        "reps": reps,
+        "details": details,
+        **extra,
+    }
 
 
 # ====================================================================== profiling
@@ -141,10 +185,29 @@ def profiling(system: Any, directory: str | None, label: str):
     for role, pids in system.pids().items():
         for i, pid in enumerate(pids):
             out = Path(directory) / f"{label}-{role}-{i}.txt"
-            procs.append((role, out, subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-                 "--nonblocking", "--output", str(out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            procs.append(
+                (
+                    role,
+                    out,
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--rate",
+                            "250",
+                            "--format",
+                            "raw",
+                            "--nonblocking",
+                            "--output",
+                            str(out),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+            )
     time.sleep(1.0)  # let py-spy attach before the timed region
     try:
         yield
@@ -182,9 +245,13 @@ def summarize_profile(path: Path, top: int = 12) -> str:
     lines.append("  own time:")
     lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
     lines.append("  inclusive (remap/protocol/twisted frames):")
-    interesting = [(name, n) for name, n in incl.most_common(200)
-                   if any(k in name for k in ("remap/", "protocol/", "twisted/", "bench/"))
-                   and "run.py" not in name and "runtime.py" not in name]
+    interesting = [
+        (name, n)
+        for name, n in incl.most_common(200)
+        if any(k in name for k in ("remap/", "protocol/", "twisted/", "bench/"))
+        and "run.py" not in name
+        and "runtime.py" not in name
+    ]
     lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in interesting[:top]]
     return "\n".join(lines)
 
@@ -212,8 +279,18 @@ def bench_trivial(system: Any, p: dict[str, Any]) -> list[dict]:
             check(got == expected, f"{system.name} trivial: results differ from x+1")
             reps.append(n / dt)
     per_task = statistics.median(cpu) / n * 1e6
-    return [row("trivial", system.name, statistics.median(reps), "tasks/s", "higher", reps,
-                f"{n} calls of x+1; CPU {per_task:.1f} µs/task", cpu_per_unit=per_task)]
+    return [
+        row(
+            "trivial",
+            system.name,
+            statistics.median(reps),
+            "tasks/s",
+            "higher",
+            reps,
+            f"{n} calls of x+1; CPU {per_task:.1f} µs/task",
+            cpu_per_unit=per_task,
+        )
+    ]
 
 
 def bench_cpu(system: Any, p: dict[str, Any]) -> list[dict]:
@@ -227,9 +304,18 @@ def bench_cpu(system: Any, p: dict[str, Any]) -> list[dict]:
         check([tuple(x) for x in got] == expected, f"{system.name} cpu100ms: wrong checksums")
         reps.append(dt)
     wall = statistics.median(reps)
-    return [row("cpu100ms", system.name, wall, "s wall", "lower", reps,
-                f"{n}×{p['burn_call']*1e3:.0f} ms; CPU {statistics.median(cpu):.2f}s for "
-                f"{p['burn_serial']:.2f}s serial; speedup {p['burn_serial'] / wall:.2f}×")]
+    return [
+        row(
+            "cpu100ms",
+            system.name,
+            wall,
+            "s wall",
+            "lower",
+            reps,
+            f"{n}×{p['burn_call'] * 1e3:.0f} ms; CPU {statistics.median(cpu):.2f}s for "
+            f"{p['burn_serial']:.2f}s serial; speedup {p['burn_serial'] / wall:.2f}×",
+        )
+    ]
 
 
 def bench_latency(system: Any, p: dict[str, Any]) -> list[dict]:
@@ -246,8 +332,17 @@ def bench_latency(system: Any, p: dict[str, Any]) -> list[dict]:
         times.sort()
         reps.append(statistics.median(times) * 1e3)
         p90s.append(times[int(0.9 * (len(times) - 1))] * 1e3)
-    return [row("latency", system.name, statistics.median(reps), "ms p50", "lower", reps,
-                f"{p['lat_reps']}×{p['lat_calls']} calls; p90 {statistics.median(p90s):.2f} ms")]
+    return [
+        row(
+            "latency",
+            system.name,
+            statistics.median(reps),
+            "ms p50",
+            "lower",
+            reps,
+            f"{p['lat_reps']}×{p['lat_calls']} calls; p90 {statistics.median(p90s):.2f} ms",
+        )
+    ]
 
 
 def bench_mib(system: Any, p: dict[str, Any]) -> list[dict]:
@@ -260,13 +355,25 @@ def bench_mib(system: Any, p: dict[str, Any]) -> list[dict]:
         for _ in range(p["mib_reps"]):
             with cpu_meter(cpu):
                 dt, got = timed(lambda: system.map_list(w.reverse_bytes, args, n))
-            check(len(got) == n and all(g == e for g, e in zip(got, expected)),
-                  f"{system.name} mib: a result is not its argument reversed")
+            check(
+                len(got) == n and all(g == e for g, e in zip(got, expected)),
+                f"{system.name} mib: a result is not its argument reversed",
+            )
             reps.append(n / dt)
             del got
     per = statistics.median(cpu) / n * 1e3
-    return [row("mib", system.name, statistics.median(reps), "MiB/s", "higher", reps,
-                f"{n} calls, 1 MiB in + 1 MiB out each; CPU {per:.1f} ms/call", cpu_per_unit=per)]
+    return [
+        row(
+            "mib",
+            system.name,
+            statistics.median(reps),
+            "MiB/s",
+            "higher",
+            reps,
+            f"{n} calls, 1 MiB in + 1 MiB out each; CPU {per:.1f} ms/call",
+            cpu_per_unit=per,
+        )
+    ]
 
 
 def bench_wordcount(system: Any, p: dict[str, Any]) -> list[dict]:
@@ -276,18 +383,32 @@ def bench_wordcount(system: Any, p: dict[str, Any]) -> list[dict]:
     cpu: list[float] = []
     for _ in range(p["wc_reps"]):
         with cpu_meter(cpu):
-            dt, got = timed(lambda: system.map_reduce(w.count_words, w.merge_counts, meta["paths"], 1))
+            dt, got = timed(
+                lambda: system.map_reduce(w.count_words, w.merge_counts, meta["paths"], 1)
+            )
         check(Counter(got) == expected, f"{system.name} wordcount: counts differ from the expected")
         reps.append(meta["bytes"] / 1e6 / dt)
-    return [row("wordcount", system.name, statistics.median(reps), "MB/s", "higher", reps,
-                f"{meta['bytes'] / 1e6:.0f} MB in {len(meta['paths'])} files, reduce; "
-                f"CPU {statistics.median(cpu):.2f}s")]
+    return [
+        row(
+            "wordcount",
+            system.name,
+            statistics.median(reps),
+            "MB/s",
+            "higher",
+            reps,
+            f"{meta['bytes'] / 1e6:.0f} MB in {len(meta['paths'])} files, reduce; "
+            f"CPU {statistics.median(cpu):.2f}s",
+        )
+    ]
 
 
 def bench_lazy(system: Any, p: dict[str, Any]) -> list[dict]:
     n = p["lazy_n"]
     dt, got = timed(lambda: system.map_reduce(w.double, w.add, w.lazy_arguments(n), 1000))
-    check(got == w.lazy_expected(n), f"{system.name} lazy: sum is {got}, expected {w.lazy_expected(n)}")
+    check(
+        got == w.lazy_expected(n),
+        f"{system.name} lazy: sum is {got}, expected {w.lazy_expected(n)}",
+    )
     peaks = {}
     for role, pids in system.pids().items():
         values = [v for v in (peak_rss_mb(pid) for pid in pids) if v is not None]
@@ -295,8 +416,19 @@ def bench_lazy(system: Any, p: dict[str, Any]) -> list[dict]:
             peaks[role] = max(values)
     worst = max(peaks.values()) if peaks else float("nan")
     text = ", ".join(f"{r} {v:.0f}" for r, v in peaks.items())
-    return [row("lazy10m", system.name, n / dt, "tasks/s", "higher", [n / dt],
-                f"{n:.0e} args in {dt:.0f}s; peak RSS MB: {text}", peak_rss=worst, seconds=dt)]
+    return [
+        row(
+            "lazy10m",
+            system.name,
+            n / dt,
+            "tasks/s",
+            "higher",
+            [n / dt],
+            f"{n:.0e} args in {dt:.0f}s; peak RSS MB: {text}",
+            peak_rss=worst,
+            seconds=dt,
+        )
+    ]
 
 
 def bench_nodes(p: dict[str, Any], workdir: Path) -> list[dict]:
@@ -315,19 +447,37 @@ def bench_nodes(p: dict[str, Any], workdir: Path) -> list[dict]:
         system.runtime = runtime
         reactor = runtime.ensure_running()
         system.address = system._spawn_processes(node=False)
-        system.client = runtime.run(runtime.as_deferred(connect_console), reactor,
-                                    load_settings({}, environ={}, dotenv_path=None), system.address,
-                                    secret=system.secret.encode(), timeout=30)
+        system.client = runtime.run(
+            runtime.as_deferred(connect_console),
+            reactor,
+            load_settings({}, environ={}, dotenv_path=None),
+            system.address,
+            secret=system.secret.encode(),
+            timeout=30,
+        )
         server = psutil.Process(system.server_pid())
         n, chunk = p["sim_n"], p["sim_chunk"]
         for count in p["sim_nodes"]:
-            sim = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sim_nodes.py"), "--server",
-                                    system.address, "--nodes", str(count)], env=system._env(),
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            sim = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "sim_nodes.py"),
+                    "--server",
+                    system.address,
+                    "--nodes",
+                    str(count),
+                ],
+                env=system._env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
             system.procs["sim"] = sim
             line = _readline(sim, 120)
             check(line.strip() == f"ready {count}", f"simulator said {line!r}")
-            wait_for(lambda count=count: len(system.status()["nodes"]) == count, 60, f"{count} nodes")
+            wait_for(
+                lambda count=count: len(system.status()["nodes"]) == count, 60, f"{count} nodes"
+            )
             c0 = sum(server.cpu_times()[:2])
             time.sleep(2.0)  # the idle cost of heartbeats, to subtract from the job's
             idle = (sum(server.cpu_times()[:2]) - c0) / 2.0
@@ -339,9 +489,19 @@ def bench_nodes(p: dict[str, Any], workdir: Path) -> list[dict]:
             check(got == list(range(n)), f"{count} simulated nodes: results are not the arguments")
             batches = -(-n // chunk)
             per_batch = max(cpu - idle * dt, 0.0) / batches * 1e6
-            rows.append(row("nodes500", f"remap-procs {count} sim nodes", n / dt, "tasks/s", "higher",
-                            [n / dt], f"server CPU {cpu:.2f}s ({idle:.2f} idle/s); {per_batch:.0f} µs/batch",
-                            per_batch=per_batch, nodes=count))
+            rows.append(
+                row(
+                    "nodes500",
+                    f"remap-procs {count} sim nodes",
+                    n / dt,
+                    "tasks/s",
+                    "higher",
+                    [n / dt],
+                    f"server CPU {cpu:.2f}s ({idle:.2f} idle/s); {per_batch:.0f} µs/batch",
+                    per_batch=per_batch,
+                    nodes=count,
+                )
+            )
             sim.stdin.close()
             sim.wait(30)
             system.procs.pop("sim")
@@ -358,8 +518,14 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().decode()
 
 
-BENCHES = {"trivial": bench_trivial, "cpu100ms": bench_cpu, "latency": bench_latency, "mib": bench_mib,
-           "wordcount": bench_wordcount, "lazy10m": bench_lazy}
+BENCHES = {
+    "trivial": bench_trivial,
+    "cpu100ms": bench_cpu,
+    "latency": bench_latency,
+    "mib": bench_mib,
+    "wordcount": bench_wordcount,
+    "lazy10m": bench_lazy,
+}
 
 
 def run_cell(system_name: str, names: list[str], p: dict[str, Any], result_path: Path) -> int:
@@ -417,15 +583,26 @@ def prepare(p: dict[str, Any], names: list[str], tmp: Path) -> None:
         t = time.process_time()  # CPU time: the serial baseline must not include others' load
         expected = [w.burn_expected(i, iters) for i in range(p["cpu_n"])]
         serial = time.process_time() - t
-        p.update(burn_iters=iters, burn_expected=expected, burn_serial=serial, burn_call=serial / p["cpu_n"])
-        print(f"cpu100ms: {iters} iterations ≈ {serial / p['cpu_n'] * 1e3:.0f} ms of CPU a call "
-              f"(serial {serial:.1f}s)", file=sys.stderr)
+        p.update(
+            burn_iters=iters,
+            burn_expected=expected,
+            burn_serial=serial,
+            burn_call=serial / p["cpu_n"],
+        )
+        print(
+            f"cpu100ms: {iters} iterations ≈ {serial / p['cpu_n'] * 1e3:.0f} ms of CPU a call "
+            f"(serial {serial:.1f}s)",
+            file=sys.stderr,
+        )
     if "wordcount" in names:
         t = time.perf_counter()
         meta = w.make_corpus(tmp / "corpus", p["wc_bytes"])
         p["corpus"] = str(tmp / "corpus" / "manifest.json")
-        print(f"wordcount: {meta['bytes'] / 1e6:.0f} MB in {len(meta['paths'])} files "
-              f"({time.perf_counter() - t:.1f}s to generate)", file=sys.stderr)
+        print(
+            f"wordcount: {meta['bytes'] / 1e6:.0f} MB in {len(meta['paths'])} files "
+            f"({time.perf_counter() - t:.1f}s to generate)",
+            file=sys.stderr,
+        )
 
 
 def run_in_child(system: str, names: list[str], p: dict[str, Any], tmp: Path) -> list[dict]:
@@ -435,9 +612,21 @@ def run_in_child(system: str, names: list[str], p: dict[str, Any], tmp: Path) ->
     print(f"-- {system}: {', '.join(names)}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     busy0, ours0 = _machine_busy(), _children_cpu()
-    proc = subprocess.Popen([sys.executable, __file__, "--cell", system, "--workloads", ",".join(names),
-                             "--params", str(params), "--result", str(result)],
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--cell",
+            system,
+            "--workloads",
+            ",".join(names),
+            "--params",
+            str(params),
+            "--result",
+            str(result),
+        ],
+        start_new_session=True,
+    )
     try:
         proc.wait(CELL_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -458,10 +647,18 @@ def run_in_child(system: str, names: list[str], p: dict[str, Any], tmp: Path) ->
     done = {r["workload"] for r in rows}
     for name in names:
         if name not in done:
-            rows.append({"workload": name, "system": system,
-                         "error": f"cell exited with {proc.returncode} after {time.perf_counter() - t:.0f}s"})
-    print(f"   {elapsed:.0f}s; other processes on the machine used {others:.2f} cores meanwhile",
-          file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "workload": name,
+                    "system": system,
+                    "error": f"cell exited with {proc.returncode} after {time.perf_counter() - t:.0f}s",
+                }
+            )
+    print(
+        f"   {elapsed:.0f}s; other processes on the machine used {others:.2f} cores meanwhile",
+        file=sys.stderr,
+        flush=True,
+    )
     return rows
 
 
@@ -521,7 +718,9 @@ def judge(rows: list[dict]) -> list[dict]:
         if wl == "trivial":
             ray = by.get(("trivial", "ray.Pool"))
             r["vs_ray"] = r["value"] / ray["value"] if ray else None
-            r["met"] = ratio is not None and ratio >= 0.5 and (r["vs_ray"] is None or r["vs_ray"] >= 2)
+            r["met"] = (
+                ratio is not None and ratio >= 0.5 and (r["vs_ray"] is None or r["vs_ray"] >= 2)
+            )
         elif wl == "cpu100ms":
             r["met"] = ratio is not None and ratio <= 1.03
         elif wl == "latency":
@@ -533,8 +732,10 @@ def judge(rows: list[dict]) -> list[dict]:
         elif wl == "lazy10m":
             r["met"] = r["peak_rss"] < 200
         elif wl == "nodes500":
-            base = min((x for x in rows if x["workload"] == "nodes500" and "error" not in x),
-                       key=lambda x: x["nodes"])
+            base = min(
+                (x for x in rows if x["workload"] == "nodes500" and "error" not in x),
+                key=lambda x: x["nodes"],
+            )
             r["met"] = r["per_batch"] <= 1.5 * max(base["per_batch"], 1.0)
     return rows
 
@@ -553,9 +754,17 @@ def fmt_value(r: dict) -> str:
 def render(rows: list[dict]) -> str:
     order = {name: i for i, name in enumerate(WORKLOADS)}
     sys_order = {name: i for i, name in enumerate(SYSTEMS)}
-    rows = sorted(rows, key=lambda r: (order.get(r["workload"], 99), sys_order.get(r["system"], 50),
-                                       r.get("nodes", 0)))
-    table = [("workload", "system", "figure", "ratio vs Pool", "target", "met?", "bg load", "details")]
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            order.get(r["workload"], 99),
+            sys_order.get(r["system"], 50),
+            r.get("nodes", 0),
+        ),
+    )
+    table = [
+        ("workload", "system", "figure", "ratio vs Pool", "target", "met?", "bg load", "details")
+    ]
     for r in rows:
         if "error" in r:
             table.append((r["workload"], r["system"], "ERROR", "", "", "", "", r["error"]))
@@ -566,7 +775,9 @@ def render(rows: list[dict]) -> str:
         target = TARGETS[r["workload"]] if r["system"].startswith("remap") else ""
         met = {None: "", True: "yes", False: "NO"}[r.get("met")]
         bg = f"{r['bg']:.2f}" if "bg" in r else ""
-        table.append((r["workload"], r["system"], fmt_value(r), ratio, target, met, bg, r.get("details", "")))
+        table.append(
+            (r["workload"], r["system"], fmt_value(r), ratio, target, met, bg, r.get("details", ""))
+        )
     widths = [max(len(str(line[i])) for line in table) for i in range(len(table[0]))]
     out = []
     for k, line in enumerate(table):
@@ -581,10 +792,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs and fewer repetitions")
     ap.add_argument("--only", help=f"comma-separated workloads: {', '.join(WORKLOADS)}")
     ap.add_argument("--systems", help=f"comma-separated systems: {', '.join(SYSTEMS)}")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run every cell this many times, interleaved, and take medians (default 1)")
-    ap.add_argument("--profile", action="store_true",
-                    help="run trivial and mib on remap under py-spy and print where time goes")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every cell this many times, interleaved, and take medians (default 1)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="run trivial and mib on remap under py-spy and print where time goes",
+    )
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--workloads", help=argparse.SUPPRESS)
@@ -601,7 +819,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [x.strip() for x in args.only.split(",") if x.strip()]
         unknown = [x for x in names if x not in WORKLOADS]
         if unknown:
-            ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+            ap.error(
+                f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}"
+            )
     systems = list(SYSTEMS)
     if args.systems:
         systems = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -637,15 +857,22 @@ def main(argv: list[str] | None = None) -> int:
         if "lazy10m" in names:  # minutes each: one round only
             for system in systems:
                 if system in LAZY_SYSTEMS:
-                    rows += [dict(r, bg=r.get("bg", 0.0)) for r in run_in_child(system, ["lazy10m"], p, tmp)]
+                    rows += [
+                        dict(r, bg=r.get("bg", 0.0))
+                        for r in run_in_child(system, ["lazy10m"], p, tmp)
+                    ]
         rows = judge(rows)
         print()
-        print(f"remap bench, {time.strftime('%Y-%m-%d')}, {platform.python_implementation()} "
-              f"{platform.python_version()}, {os.cpu_count()} cores, workers={WORKERS}"
-              f"{', --quick' if args.quick else ''}")
+        print(
+            f"remap bench, {time.strftime('%Y-%m-%d')}, {platform.python_implementation()} "
+            f"{platform.python_version()}, {os.cpu_count()} cores, workers={WORKERS}"
+            f"{', --quick' if args.quick else ''}"
+        )
         print(render(rows))
-        print("bg load: cores used by processes outside the bench while that system's cell ran "
-              "(other users of this machine); ratios are only as good as that is small.")
+        print(
+            "bg load: cores used by processes outside the bench while that system's cell ran "
+            "(other users of this machine); ratios are only as good as that is small."
+        )
         for line in skipped:
             print(f"not run: {line}")
         if args.profile:

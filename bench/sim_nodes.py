@@ -47,8 +47,14 @@ class EchoNode:
     def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
         if type(msg) is m.Task:
             self.tasks += 1
-            link.send(m.TaskResult(task=msg.task, sizes=list(msg.sizes), elapsed=1e-6 * len(msg.sizes),
-                                   payload=msg.payload))
+            link.send(
+                m.TaskResult(
+                    task=msg.task,
+                    sizes=list(msg.sizes),
+                    elapsed=1e-6 * len(msg.sizes),
+                    payload=msg.payload,
+                )
+            )
 
     def connection_failed(self, link: PeerProtocol, error: Exception) -> None:
         if not self.ready.called:
@@ -80,8 +86,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         waits = []
         for i in range(start, min(args.nodes, start + 50)):
             ready: defer.Deferred = defer.Deferred()
-            proto = PeerProtocol(Connection("node", secret, name=f"sim-{i}"), EchoNode(i, args.cores, ready),
-                                 reactor, handshake_timeout=30)
+            proto = PeerProtocol(
+                Connection("node", secret, name=f"sim-{i}"),
+                EchoNode(i, args.cores, ready),
+                reactor,
+                handshake_timeout=30,
+            )
             await connectProtocol(endpoint, proto)
             waits.append(ready)
         links += await defer.gatherResults(waits, consumeErrors=True)

@@ -64,7 +64,9 @@ class System:
     def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
         raise NotImplementedError
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         raise NotImplementedError
 
     def call(self, fn: Callable, arg: Any) -> Any:
@@ -118,8 +120,14 @@ class RemapSystem(System):
             self.client = runtime.run(runtime.as_deferred(self.cluster.connect), timeout=30)
         else:
             self.address = self._spawn_processes()
-            self.client = runtime.run(runtime.as_deferred(connect_console), reactor, settings,
-                                      self.address, secret=self.secret.encode(), timeout=30)
+            self.client = runtime.run(
+                runtime.as_deferred(connect_console),
+                reactor,
+                settings,
+                self.address,
+                secret=self.secret.encode(),
+                timeout=30,
+            )
         wait_for(self._node_ready, 30, f"{self.name}: a node with {self.workers} cores")
         self.warm()
 
@@ -134,13 +142,29 @@ class RemapSystem(System):
         env = self._env()
         log = open(self.workdir / "server.log", "ab")
         self.procs["server"] = subprocess.Popen(
-            [sys.executable, str(ROOT / "remap_server.py"), "--port", "0", "--port-file", str(port_file),
-             "--env-file", "/nonexistent", "--log-level", "warn"],
-            cwd=self.workdir, env=env, stdout=log, stderr=log)
+            [
+                sys.executable,
+                str(ROOT / "remap_server.py"),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--env-file",
+                "/nonexistent",
+                "--log-level",
+                "warn",
+            ],
+            cwd=self.workdir,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
 
         def port() -> int | None:
             if self.procs["server"].poll() is not None:
-                raise BenchError(f"server exited with {self.procs['server'].returncode}; see {log.name}")
+                raise BenchError(
+                    f"server exited with {self.procs['server'].returncode}; see {log.name}"
+                )
             text = port_file.read_text().strip() if port_file.exists() else ""
             return int(text) if text else None
 
@@ -148,9 +172,23 @@ class RemapSystem(System):
         if node:
             nlog = open(self.workdir / "node.log", "ab")
             self.procs["node"] = subprocess.Popen(
-                [sys.executable, str(ROOT / "remap_node.py"), "--server", address, "--cores",
-                 str(self.workers), "--env-file", "/nonexistent", "--log-level", "warn"],
-                cwd=self.workdir, env=env, stdout=nlog, stderr=nlog)
+                [
+                    sys.executable,
+                    str(ROOT / "remap_node.py"),
+                    "--server",
+                    address,
+                    "--cores",
+                    str(self.workers),
+                    "--env-file",
+                    "/nonexistent",
+                    "--log-level",
+                    "warn",
+                ],
+                cwd=self.workdir,
+                env=env,
+                stdout=nlog,
+                stderr=nlog,
+            )
         return address
 
     def status(self) -> dict[str, Any]:
@@ -179,8 +217,12 @@ class RemapSystem(System):
         if self.kind == "embedded":
             return {"console+server+node": [os.getpid()], "cores": children_of(os.getpid())}
         node = self.procs["node"].pid
-        return {"console": [os.getpid()], "server": [self.procs["server"].pid], "node": [node],
-                "cores": children_of(node)}
+        return {
+            "console": [os.getpid()],
+            "server": [self.procs["server"].pid],
+            "node": [node],
+            "cores": children_of(node),
+        }
 
     def server_pid(self) -> int:
         return self.procs["server"].pid if "server" in self.procs else os.getpid()
@@ -188,31 +230,49 @@ class RemapSystem(System):
     # ------------------------------------------------------------ jobs
 
     def _blob(self, fn: Callable, reduce_fn: Callable | None) -> bytes:
-        import cloudpickle
+        from remap.shipping import function_blob
 
         key = (fn, reduce_fn)
         if key not in self._blobs:
-            self._blobs[key] = cloudpickle.dumps((fn, reduce_fn))
+            self._blobs[key] = function_blob(fn, reduce_fn)
         return self._blobs[key]
 
-    def run_job(self, fn: Callable, args: Iterable[Any], mode: str, *, reduce_fn: Callable | None = None,
-                total: int | None = None, chunksize: int = 0, timeout: float = 3600) -> Any:
+    def run_job(
+        self,
+        fn: Callable,
+        args: Iterable[Any],
+        mode: str,
+        *,
+        reduce_fn: Callable | None = None,
+        total: int | None = None,
+        chunksize: int = 0,
+        timeout: float = 3600,
+    ) -> Any:
         from remap.client import JobParams, JobRun
         from remap.sinks import make_sink
 
         sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
-        run = JobRun(JobParams(name="bench", mode=mode, chunksize=chunksize), self._blob(fn, reduce_fn),
-                     iter(args), sink, total_hint=total)
+        run = JobRun(
+            JobParams(name="bench", mode=mode, chunksize=chunksize),
+            self._blob(fn, reduce_fn),
+            iter(args),
+            sink,
+            total_hint=total,
+        )
         outcome = self.runtime.run(self.client.submit, run, timeout=timeout)
         if outcome.state != "done" or outcome.failed:
-            raise BenchError(f"{self.name}: job ended {outcome.state} with {outcome.failed} failures: "
-                             f"{outcome.message}")
+            raise BenchError(
+                f"{self.name}: job ended {outcome.state} with {outcome.failed} failures: "
+                f"{outcome.message}"
+            )
         return sink.value()
 
     def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
         return self.run_job(fn, args, "object", total=n)
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         # chunksize is a hint for peers that need one; remap sizes its batches itself.
         # A known length is passed on as the console does (the job file's count).
         total = len(args) if hasattr(args, "__len__") else None
@@ -222,7 +282,9 @@ class RemapSystem(System):
         return self.run_job(fn, (arg,), "object", total=1)[0]
 
 
-def stop_processes(procs: dict[str, subprocess.Popen], order: tuple[str, ...] = ("sim", "node", "server")) -> None:
+def stop_processes(
+    procs: dict[str, subprocess.Popen], order: tuple[str, ...] = ("sim", "node", "server")
+) -> None:
     """SIGTERM in order (nodes first, so cores go with them), then SIGKILL what is left."""
     names = [n for n in order if n in procs] + [n for n in procs if n not in order]
     for name in names:
@@ -254,7 +316,9 @@ class PoolSystem(System):
     def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
         return self.pool.map(fn, args)
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         return functools.reduce(reduce_fn, self.pool.imap_unordered(fn, args, chunksize=chunksize))
 
     def call(self, fn: Callable, arg: Any) -> Any:
@@ -274,7 +338,9 @@ class ExecutorSystem(System):
     def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
         return list(self.ex.map(fn, args, chunksize=w.pool_chunksize(n, self.workers)))
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         return functools.reduce(reduce_fn, self.ex.map(fn, args, chunksize=chunksize))
 
     def call(self, fn: Callable, arg: Any) -> Any:
@@ -293,8 +359,13 @@ class DaskSystem(System):
 
         # arguments travel inside the task graph, as with any client.map over in-memory data
         warnings.filterwarnings("ignore", message="Sending large graph")
-        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=logging.ERROR)
+        self.cluster = LocalCluster(
+            n_workers=self.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
         self.client = Client(self.cluster)
         self.warm()
 
@@ -310,17 +381,25 @@ class DaskSystem(System):
         items = list(args)
         if n <= 256:
             return self.client.gather(self.client.map(fn, items, pure=False))
-        parts = self.client.map(functools.partial(w.apply_chunk, fn),
-                                w.chunks(items, w.pool_chunksize(n, self.workers)), pure=False)
+        parts = self.client.map(
+            functools.partial(w.apply_chunk, fn),
+            w.chunks(items, w.pool_chunksize(n, self.workers)),
+            pure=False,
+        )
         return [x for part in self.client.gather(parts) for x in part]
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         from dask.distributed import as_completed
 
         items = list(args)
         if chunksize > 1:
-            futures = self.client.map(functools.partial(w.fold_chunk, fn, reduce_fn),
-                                      w.chunks(items, chunksize), pure=False)
+            futures = self.client.map(
+                functools.partial(w.fold_chunk, fn, reduce_fn),
+                w.chunks(items, chunksize),
+                pure=False,
+            )
         else:
             futures = self.client.map(fn, items, pure=False)
         acc: Any = None
@@ -345,8 +424,13 @@ class RaySystem(System):
         from ray.util.multiprocessing import Pool
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, configure_logging=False)
+        ray.init(
+            num_cpus=self.workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=False,
+        )
         self.ray = ray
         self.pool = Pool(processes=self.workers)
         self.warm()
@@ -358,7 +442,9 @@ class RaySystem(System):
     def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
         return self.pool.map(fn, list(args))
 
-    def map_reduce(self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int) -> Any:
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
         return functools.reduce(reduce_fn, self.pool.imap_unordered(fn, args, chunksize=chunksize))
 
     def call(self, fn: Callable, arg: Any) -> Any:
@@ -382,8 +468,12 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
         return RemapSystem("embedded", workdir, workers)
     if name == "remap-procs":
         return RemapSystem("procs", workdir, workers)
-    system = {"mp.Pool": PoolSystem, "ProcessPoolExecutor": ExecutorSystem, "dask": DaskSystem,
-              "ray.Pool": RaySystem}[name]()
+    system = {
+        "mp.Pool": PoolSystem,
+        "ProcessPoolExecutor": ExecutorSystem,
+        "dask": DaskSystem,
+        "ray.Pool": RaySystem,
+    }[name]()
     system.workers = workers
     return system
 

@@ -127,7 +127,7 @@ def _vocabulary(rng: random.Random, size: int = 5000) -> list[bytes]:
 def _block(rng: random.Random, vocab: list[bytes], cum_weights: list[float]) -> bytes:
     """About 1 MiB of lines of 12 words, ending at a line break."""
     words = rng.choices(vocab, cum_weights=cum_weights, k=_BLOCK_BYTES // 4)
-    lines = [b" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+    lines = [b" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     return b"\n".join(lines)[:_BLOCK_BYTES].rsplit(b"\n", 1)[0] + b"\n"
 
 
@@ -164,8 +164,13 @@ def make_corpus(directory: Path, total_bytes: int, seed: int = 11) -> dict[str, 
         index += 1
     with open(directory / "expected.pickle", "wb") as f:
         pickle.dump(expected, f)
-    meta = {"total_bytes": total_bytes, "seed": seed, "bytes": written, "paths": paths,
-            "expected": str(directory / "expected.pickle")}
+    meta = {
+        "total_bytes": total_bytes,
+        "seed": seed,
+        "bytes": written,
+        "paths": paths,
+        "expected": str(directory / "expected.pickle"),
+    }
     manifest.write_text(json.dumps(meta))
     return meta
 
@@ -183,7 +188,9 @@ def apply_chunk(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     return [fn(x) for x in items]
 
 
-def fold_chunk(fn: Callable[[Any], Any], reduce_fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
+def fold_chunk(
+    fn: Callable[[Any], Any], reduce_fn: Callable[[Any, Any], Any], items: list[Any]
+) -> Any:
     it = iter(items)
     acc = fn(next(it))
     for x in it:
@@ -192,7 +199,7 @@ def fold_chunk(fn: Callable[[Any], Any], reduce_fn: Callable[[Any, Any], Any], i
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def pool_chunksize(n: int, workers: int) -> int:

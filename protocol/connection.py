@@ -269,7 +269,9 @@ class Connection:
             self._my_nonce = self._nonce_source(NONCE_SIZE)
             if self._my_nonce == msg.nonce:
                 raise RemoteProtocolError("peer reflected our nonce")
-            proof = hmac.new(self._key, _SERVER_LABEL + self._hello_hash + self._my_nonce, "sha256").digest()
+            proof = hmac.new(
+                self._key, _SERVER_LABEL + self._hello_hash + self._my_nonce, "sha256"
+            ).digest()
             challenge = self._queue(
                 m.Challenge(
                     version=m.PROTOCOL_VERSION,
@@ -291,15 +293,23 @@ class Connection:
                     "(check REMAP_SECRET_KEY on both sides)"
                 )
             self.session = self._nonce_source(8).hex()
-            self._queue(m.Welcome(session=self.session, max_frame=self._max_frame, heartbeat=self._heartbeat))
+            self._queue(
+                m.Welcome(
+                    session=self.session, max_frame=self._max_frame, heartbeat=self._heartbeat
+                )
+            )
             self._open()
             return Authenticated(self.peer_role or "", self._peer_name, self.session)
-        raise RemoteProtocolError(f"unexpected {msg.TYPE} during the handshake (expected {self._stage})")
+        raise RemoteProtocolError(
+            f"unexpected {msg.TYPE} during the handshake (expected {self._stage})"
+        )
 
     def _client_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if self._stage == "challenge" and isinstance(msg, m.Challenge):
             self._check_versions(msg.version, msg.python, msg.cloudpickle)
-            expected = hmac.new(self._key, _SERVER_LABEL + self._hello_hash + msg.nonce, "sha256").digest()
+            expected = hmac.new(
+                self._key, _SERVER_LABEL + self._hello_hash + msg.nonce, "sha256"
+            ).digest()
             if not hmac.compare_digest(msg.proof, expected):
                 raise AuthError(
                     "the server could not prove it holds this cluster's secret: refusing to "
@@ -307,7 +317,9 @@ class Connection:
                 )
             if msg.nonce == self._my_nonce:
                 raise AuthError("server reflected our nonce")
-            proof = hmac.new(self._key, _CLIENT_LABEL + self._hello_hash + _digest(raw_header), "sha256").digest()
+            proof = hmac.new(
+                self._key, _CLIENT_LABEL + self._hello_hash + _digest(raw_header), "sha256"
+            ).digest()
             self._queue(m.Auth(proof=proof))
             self._stage = "welcome"
             return None
@@ -315,11 +327,15 @@ class Connection:
             self.session = msg.session
             if 0.05 <= msg.heartbeat <= 3600:  # ignore absurd values rather than spin or go deaf
                 self.peer_heartbeat = msg.heartbeat
-            self._max_frame = min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
+            self._max_frame = (
+                min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
+            )
             self.peer_role = "server"
             self._open()
             return Authenticated("server", "", msg.session)
-        raise RemoteProtocolError(f"unexpected {msg.TYPE} during the handshake (expected {self._stage})")
+        raise RemoteProtocolError(
+            f"unexpected {msg.TYPE} during the handshake (expected {self._stage})"
+        )
 
     def _open(self) -> None:
         self.state = State.OPEN

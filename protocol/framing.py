@@ -115,9 +115,13 @@ class FrameDecoder:
             return None
         (length,) = _U32.unpack_from(buf, pos)
         if length > self.max_frame:
-            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes")
+            raise FrameTooLarge(
+                f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
+            )
         if length < 4:
-            raise RemoteProtocolError(f"frame length {length} is shorter than its header length field")
+            raise RemoteProtocolError(
+                f"frame length {length} is shorter than its header length field"
+            )
         if available - 4 < length:
             self._compact()
             if length >= LARGE_FRAME:

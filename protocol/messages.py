@@ -151,7 +151,9 @@ def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:
         if name in data:
             value = data.pop(name)
             if not check(value):
-                raise RemoteProtocolError(f"{type_name}.{name}: bad value of type {type(value).__name__}")
+                raise RemoteProtocolError(
+                    f"{type_name}.{name}: bad value of type {type(value).__name__}"
+                )
         elif default is _MISSING:
             raise RemoteProtocolError(f"{type_name}: missing field {name!r}")
         else:

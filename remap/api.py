@@ -39,7 +39,7 @@ from protocol.errors import (
     ServerUnreachable,
 )
 
-from . import runtime
+from . import runtime, shipping
 from .blobs import PICKLE_PROTOCOL
 from .client import CHUNK_ARGS, CHUNK_BYTES, ClusterClient, JobParams, JobRun
 from .cluster import EmbeddedCluster, connect_console
@@ -99,7 +99,7 @@ def function_blob(
         if what is not None and not callable(what):
             raise TypeError(f"{what!r} is not callable")
     try:
-        return cloudpickle.dumps((fn, reduce_fn), PICKLE_PROTOCOL)
+        return shipping.function_blob(fn, reduce_fn)
     except Exception as exc:
         culprit = name or describe(fn)
         if reduce_fn is not None:
@@ -1040,8 +1040,9 @@ async def _until_node_joined(reactor: Any, embedded: EmbeddedCluster, timeout: f
         await task.deferLater(reactor, 0.02, lambda: None)
 
 
-def own_or_borrow(address: Any, cluster: Cluster | None, cores: int | None,
-                  connect_kwargs: dict[str, Any]) -> tuple[Cluster, bool]:
+def own_or_borrow(
+    address: Any, cluster: Cluster | None, cores: int | None, connect_kwargs: dict[str, Any]
+) -> tuple[Cluster, bool]:
     """The cluster an Executor or Pool runs on, and whether it made (and so must close) it."""
     if cluster is not None:
         if address is not None or connect_kwargs:

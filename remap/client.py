@@ -139,8 +139,14 @@ class JobRun:
                     items = items[: len(blobs)]
                     if self.sink.needs_arguments:
                         self._args.update(zip(range(self.sent, self.sent + len(items)), items))
-                    self._client.send(m.Args(job=self.wire_job, start=self.sent,
-                                             sizes=[len(b) for b in blobs], payload=b"".join(blobs)))
+                    self._client.send(
+                        m.Args(
+                            job=self.wire_job,
+                            start=self.sent,
+                            sizes=[len(b) for b in blobs],
+                            payload=b"".join(blobs),
+                        )
+                    )
                     self.sent += len(items)
                     self._granted -= len(items)
                 if self._granted == 0 and not self._peeked:
@@ -150,8 +156,11 @@ class JobRun:
                     self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
                     break
         except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
-            error = exc if isinstance(exc, RemapError) else JobFailed(
-                f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, RemapError)
+                else JobFailed(f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
+            )
             if self.job_id is None:
                 self._kill_on_start = True  # no job id yet: kill it when `submitted` names it
             else:
@@ -185,8 +194,12 @@ class JobRun:
             self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
         if msg.partial:
             for pos, entry in errors.items():
-                sink.add(msg.indices[pos], self._args.pop(msg.indices[pos], None), None,
-                         _error_info(msg.indices[pos], entry))
+                sink.add(
+                    msg.indices[pos],
+                    self._args.pop(msg.indices[pos], None),
+                    None,
+                    _error_info(msg.indices[pos], entry),
+                )
             if msg.sizes:
                 sink.add_partial(len(msg.indices) - len(errors), pickle.loads(msg.payload))
             self.failed += len(errors)
@@ -209,12 +222,16 @@ class JobRun:
             if entry is not None:
                 sink.add(index, pop(index, None), None, _error_info(index, entry, value))
             else:
-                sink.add(index, pop(index, None), value if msg.packed else pickle.loads(value), None)
+                sink.add(
+                    index, pop(index, None), value if msg.packed else pickle.loads(value), None
+                )
         self.failed += len(errors)
         self.done += len(msg.indices) - len(errors)
 
     @staticmethod
-    def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], dict[int, list[Any]]]:
+    def _unpack(
+        msg: m.Results, errors: dict[int, list[Any]]
+    ) -> tuple[list[Any], dict[int, list[Any]]]:
         """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
         try:
             values = pickle.loads(msg.payload)
@@ -222,9 +239,15 @@ class JobRun:
                 raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
             return values, errors
         except Exception as exc:
-            entry = ["", "ResultUnreadable", f"the batch's results could not be unpickled here: "
-                                             f"{type(exc).__name__}: {exc}", ""]
-            return [None] * len(msg.indices), {pos: [pos, *entry[1:]] for pos in range(len(msg.indices))}
+            entry = [
+                "",
+                "ResultUnreadable",
+                f"the batch's results could not be unpickled here: {type(exc).__name__}: {exc}",
+                "",
+            ]
+            return [None] * len(msg.indices), {
+                pos: [pos, *entry[1:]] for pos in range(len(msg.indices))
+            }
 
     def ended(self, msg: m.JobDone) -> None:
         if self.finished.called:  # failed here first (e.g. its argument source broke)
@@ -233,7 +256,9 @@ class JobRun:
         try:
             self.sink.close(complete=complete)
         except Exception as exc:  # the output could not be finished: say so, never hang
-            self.fail(JobFailed(f"job {msg.job} finished but its results could not be saved: {exc}"))
+            self.fail(
+                JobFailed(f"job {msg.job} finished but its results could not be saved: {exc}")
+            )
             return
         outcome = JobOutcome(msg.job, msg.state, msg.done, msg.failed, msg.message)
         if complete:
@@ -257,8 +282,13 @@ def _error_info(index: int, entry: list[Any], exc: Any = b"") -> TaskErrorInfo:
     _, type_name, message, tb = (list(entry) + ["", "", ""])[:4]
     if not isinstance(exc, BaseException):
         exc = _load_exception(exc) if exc is not None else None
-    return TaskErrorInfo(index=index, type_name=str(type_name), message=str(message), traceback=str(tb),
-                         exception=exc)
+    return TaskErrorInfo(
+        index=index,
+        type_name=str(type_name),
+        message=str(message),
+        traceback=str(tb),
+        exception=exc,
+    )
 
 
 def _load_exception(blob: bytes | memoryview) -> BaseException | None:
@@ -327,7 +357,9 @@ class ClusterClient:
         self._submits[rid] = run
         try:
             total = run.total_hint if run.total_hint is not None else -1
-            self.send(m.Submit(id=rid, total=total, payload=run.fn_blob, **dataclasses.asdict(run.params)))
+            self.send(
+                m.Submit(id=rid, total=total, payload=run.fn_blob, **dataclasses.asdict(run.params))
+            )
         except RemapError as exc:
             del self._submits[rid]
             run.fail(exc)
@@ -401,8 +433,11 @@ class ClusterClient:
             if run is not None:
                 run.fail(JobFailed(f"the server refused the job: {msg.message}"))
                 return
-        self.error = error if not isinstance(error, RemoteProtocolError) else RemoteProtocolError(
-            f"the server closed the connection: {msg.message}")
+        self.error = (
+            error
+            if not isinstance(error, RemoteProtocolError)
+            else RemoteProtocolError(f"the server closed the connection: {msg.message}")
+        )
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.error = error

@@ -52,7 +52,9 @@ class RunningServer:
         return defer.maybeDeferred(self.port.stopListening)
 
 
-async def start_server(reactor: Any, settings: Settings, *, secret: bytes | None = None) -> RunningServer:
+async def start_server(
+    reactor: Any, settings: Settings, *, secret: bytes | None = None
+) -> RunningServer:
     """Listen on ``settings.host:settings.port``; refuses a public bind without a secret."""
     key = secret or server_secret(settings, settings.host)
     factory = RemapServerFactory(
@@ -65,10 +67,14 @@ async def start_server(reactor: Any, settings: Settings, *, secret: bytes | None
         console_grace=settings.console_grace,
     )
     try:
-        port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(factory)
+        port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(
+            factory
+        )
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
-    log.info("remap server listening on {host}:{port}", host=settings.host, port=port.getHost().port)
+    log.info(
+        "remap server listening on {host}:{port}", host=settings.host, port=port.getHost().port
+    )
     return RunningServer(factory, port, settings.host)
 
 
@@ -96,7 +102,9 @@ def start_node(
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
     key = secret or client_secret(settings)
     pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
-    agent = NodeAgent(pool, group=settings.group, on_shutdown=on_shutdown, on_auth_failure=on_auth_failure)
+    agent = NodeAgent(
+        pool, group=settings.group, on_shutdown=on_shutdown, on_auth_failure=on_auth_failure
+    )
     factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
     service = ClientService(
         client_endpoint(reactor, settings, host, port),
@@ -109,8 +117,14 @@ def start_node(
     return RunningNode(service, pool, agent)
 
 
-async def connect_console(reactor: Any, settings: Settings, address: str, *,
-                          secret: bytes | None = None, timeout: float = 10.0) -> ClusterClient:
+async def connect_console(
+    reactor: Any,
+    settings: Settings,
+    address: str,
+    *,
+    secret: bytes | None = None,
+    timeout: float = 10.0,
+) -> ClusterClient:
     """Connect and authenticate; raise one clear RemapError when that is impossible."""
     host, port = parse_address(address)
     key = secret or client_secret(settings)
@@ -126,8 +140,9 @@ async def connect_console(reactor: Any, settings: Settings, address: str, *,
     except (AuthError, VersionMismatch):
         raise
     except Exception as exc:
-        raise ServerUnreachable(f"server at {address} closed the connection during the handshake: "
-                                f"{_reason(exc)}") from None
+        raise ServerUnreachable(
+            f"server at {address} closed the connection during the handshake: {_reason(exc)}"
+        ) from None
     return client
 
 
@@ -147,8 +162,9 @@ class EmbeddedCluster:
     def __init__(self, reactor: Any, settings: Settings, cores: int | None = None) -> None:
         self.reactor = reactor
         self.secret = secrets.token_bytes(32)
-        self.settings = replace(settings, host="127.0.0.1", port=0, tls_cert=None, tls_key=None,
-                                tls_ca=None)
+        self.settings = replace(
+            settings, host="127.0.0.1", port=0, tls_cert=None, tls_key=None, tls_ca=None
+        )
         self.cores = cores or settings.cores or default_cores()
         self.server: RunningServer | None = None
         self.node: RunningNode | None = None
@@ -160,7 +176,9 @@ class EmbeddedCluster:
         agent = NodeAgent(pool)
         pool.start()
         self.node = RunningNode(None, pool, agent)
-        self._node_link = connect_local(self.reactor, self.server.factory, agent, "node", agent.host)
+        self._node_link = connect_local(
+            self.reactor, self.server.factory, agent, "node", agent.host
+        )
         return self.server.address
 
     async def connect(self) -> ClusterClient:

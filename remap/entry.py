@@ -12,7 +12,9 @@ from twisted.internet import defer, task
 from protocol.errors import RemapError
 
 
-def react_main(serve: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+def react_main(
+    serve: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
     """Run ``serve(reactor, args)`` until it returns; a RemapError becomes one line and its exit code."""
     code = [0]
 

@@ -205,7 +205,9 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("max_workers must be greater than 0")
         from .api import own_or_borrow
 
-        self._cluster, self._owns_cluster = own_or_borrow(address, cluster, max_workers, connect_kwargs)
+        self._cluster, self._owns_cluster = own_or_borrow(
+            address, cluster, max_workers, connect_kwargs
+        )
         self._lock = threading.Lock()
         self._streams: dict[Hashable, _SubmitStream] = {}
         self._open: set[_SubmitStream] = set()

@@ -67,8 +67,9 @@ class LocalLink:
         self.close()
 
 
-def connect_local(reactor: Any, server_factory: Any, client_handler: Any, role: str,
-                  name: str = "local") -> LocalLink:
+def connect_local(
+    reactor: Any, server_factory: Any, client_handler: Any, role: str, name: str = "local"
+) -> LocalLink:
     """Join ``client_handler`` (a NodeAgent or ClusterClient) to the server; return its end."""
     limit = server_factory.max_frame
     server_end = LocalLink(reactor, name, ServerConnection(server_factory), limit)

@@ -12,8 +12,14 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
-           "warning": LogLevel.warn, "error": LogLevel.error, "critical": LogLevel.critical}
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "warning": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
 
 
 def start_logging(level: str = "info", stream=None) -> None:

@@ -87,7 +87,9 @@ class TLSServerEndpoint:
     def listen(self, factory: Any) -> defer.Deferred:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        return self.inner.listen(TLSMemoryBIOFactory(self.options, False, factory, clock=self.reactor))
+        return self.inner.listen(
+            TLSMemoryBIOFactory(self.options, False, factory, clock=self.reactor)
+        )
 
 
 def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
@@ -110,7 +112,11 @@ def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> A
     kwargs: dict[str, Any] = {}
     if settings.tls_ca:
         cas = _certificates(settings.tls_ca, "CA certificate")
-        kwargs = {"verify": True, "caCerts": [ca.original for ca in cas], "requireCertificate": True}
+        kwargs = {
+            "verify": True,
+            "caCerts": [ca.original for ca in cas],
+            "requireCertificate": True,
+        }
     options = ssl.CertificateOptions(
         privateKey=identity.privateKey.original,
         certificate=identity.original,
@@ -120,7 +126,9 @@ def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> A
     return TLSServerEndpoint(reactor, tcp, options)
 
 
-def client_endpoint(reactor: Any, settings: Settings, host: str, port: int, timeout: float = 10) -> Any:
+def client_endpoint(
+    reactor: Any, settings: Settings, host: str, port: int, timeout: float = 10
+) -> Any:
     """A connecting endpoint: TLS verifying the server against REMAP_TLS_CA when TLS is configured.
 
     TLS timers run on ``reactor`` (not Twisted's global one, which may not be running).
@@ -149,8 +157,15 @@ def client_endpoint(reactor: Any, settings: Settings, host: str, port: int, time
 class PeerFactory(Factory):
     """Builds client-side PeerProtocols for a given role and handler."""
 
-    def __init__(self, reactor: Any, role: str, secret: bytes, handler: Any, settings: Settings,
-                 name: str = "") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        role: str,
+        secret: bytes,
+        handler: Any,
+        settings: Settings,
+        name: str = "",
+    ) -> None:
         self.reactor = reactor
         self.role = role
         self.secret = secret
@@ -159,12 +174,21 @@ class PeerFactory(Factory):
         self.name = name
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
-        conn = Connection(self.role, self.secret, max_frame=self.settings.max_frame,
-                          heartbeat=self.settings.heartbeat_interval, name=self.name)
-        proto = PeerProtocol(conn, self.handler, self.reactor,
-                             handshake_timeout=self.settings.handshake_timeout,
-                             heartbeat_interval=self.settings.heartbeat_interval,
-                             heartbeat_misses=self.settings.heartbeat_misses)
+        conn = Connection(
+            self.role,
+            self.secret,
+            max_frame=self.settings.max_frame,
+            heartbeat=self.settings.heartbeat_interval,
+            name=self.name,
+        )
+        proto = PeerProtocol(
+            conn,
+            self.handler,
+            self.reactor,
+            handshake_timeout=self.settings.handshake_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_misses=self.settings.heartbeat_misses,
+        )
         proto.factory = self
         return proto
 

@@ -102,7 +102,9 @@ class Pool:
                 "remap.Pool has no maxtasksperchild: cores are long-lived "
                 "and replaced only when they crash or time out"
             )
-        self._cluster, self._owns_cluster = own_or_borrow(address, cluster, processes, connect_kwargs)
+        self._cluster, self._owns_cluster = own_or_borrow(
+            address, cluster, processes, connect_kwargs
+        )
         self._executor = Executor(cluster=self._cluster)
         self._state = _RUN
         self._lock = threading.Lock()

@@ -77,8 +77,9 @@ def ensure_running() -> Any:
         reaper = LoopingCall(process.reapAllProcesses)
         reaper.clock = r
         r.callWhenRunning(reaper.start, REAP_INTERVAL, now=False)
-        _thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False},
-                                   name="remap-reactor", daemon=True)
+        _thread = threading.Thread(
+            target=r.run, kwargs={"installSignalHandlers": False}, name="remap-reactor", daemon=True
+        )
         _thread.start()
     return r
 

@@ -176,7 +176,9 @@ class Sink(abc.ABC):
         else:
             self.failed += 1
 
-    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+    def add_results(
+        self, indices: list[int], arguments: list[Any] | None, results: list[Any]
+    ) -> None:
         """Take a batch of successful tasks at once (the console's hot path; modes may override)."""
         args = arguments if arguments is not None else [None] * len(indices)
         for index, argument, result in zip(indices, args, results):
@@ -239,7 +241,9 @@ class ObjectSink(Sink):
             raise ValueError(f"result {index} delivered twice")
         self._items[index] = error if error is not None else result
 
-    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+    def add_results(
+        self, indices: list[int], arguments: list[Any] | None, results: list[Any]
+    ) -> None:
         self._check_open()
         before = len(self._items)
         self._items.update(zip(indices, results))
@@ -522,7 +526,9 @@ class NoneSink(Sink):
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
         pass
 
-    def add_results(self, indices: list[int], arguments: list[Any] | None, results: list[Any]) -> None:
+    def add_results(
+        self, indices: list[int], arguments: list[Any] | None, results: list[Any]
+    ) -> None:
         self._check_open()
         self.done += len(indices)
 

@@ -131,7 +131,9 @@ class PeerProtocol(Protocol):
         if error is not None and self.failure is None:
             self.failure = error
             if self.open:
-                self.conn.send(m.Error(code=getattr(error, "code", "protocol"), message=str(error)[:500]))
+                self.conn.send(
+                    m.Error(code=getattr(error, "code", "protocol"), message=str(error)[:500])
+                )
                 self._flush()
         if self.transport is not None:
             self.transport.loseConnection()
@@ -202,7 +204,8 @@ def _tls_error_text(reason: Failure | None) -> str | None:
     if not isinstance(error, SSL.Error):
         return None
     details = [
-        str(part[-1]) for part in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+        str(part[-1])
+        for part in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
         if isinstance(part, tuple) and part
     ]
     return "; ".join(d for d in details if d) or str(error) or "handshake failed"

@@ -70,8 +70,9 @@ def clean_env(home: Path | str, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str,
-             describe: Callable[[], str] | None = None) -> Any:
+def wait_for(
+    cond: Callable[[], Any], timeout: float, what: str, describe: Callable[[], str] | None = None
+) -> Any:
     """Poll ``cond`` every 50 ms until it returns something truthy; return that value.
 
     Fails with ``what`` (and ``describe()``, if given) when ``timeout`` seconds pass first.
@@ -238,7 +239,9 @@ class Cluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port_file = self.tmp / "server.port"
-        self.node_specs = [NodeSpec(cores=cores) for _ in range(nodes)] if isinstance(nodes, int) else list(nodes)
+        self.node_specs = (
+            [NodeSpec(cores=cores) for _ in range(nodes)] if isinstance(nodes, int) else list(nodes)
+        )
         self.secret = secret or secrets.token_urlsafe(24)
         self.heartbeat = heartbeat
         self.extra_env = dict(env or {})
@@ -267,13 +270,21 @@ class Cluster:
         env.update(extra or {})
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], spec: NodeSpec | None = None) -> Child:
+    def _spawn(
+        self, name: str, argv: list[str], env: Mapping[str, str], spec: NodeSpec | None = None
+    ) -> Child:
         self._counter += 1
         log = self.logs / f"{self._counter:02d}-{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=dict(env), cwd=self.tmp, start_new_session=True, preexec_fn=_PREEXEC,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                cwd=self.tmp,
+                start_new_session=True,
+                preexec_fn=_PREEXEC,
             )
         return Child(name, proc, log, spec)
 
@@ -302,8 +313,18 @@ class Cluster:
     def start_server(self, port: int = 0) -> None:
         """Start a server on ``port`` (0 = a free one) and wait until it wrote its port file."""
         self.port_file.unlink(missing_ok=True)
-        argv = [PYTHON, SERVER_SCRIPT, "--host", "127.0.0.1", "--port", str(port),
-                "--port-file", str(self.port_file), "--env-file", "/nonexistent"]
+        argv = [
+            PYTHON,
+            SERVER_SCRIPT,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-file",
+            str(self.port_file),
+            "--env-file",
+            "/nonexistent",
+        ]
         self.server = self._spawn("server", argv, self.env(self.server_env))
         server = self.server
 
@@ -320,8 +341,16 @@ class Cluster:
         self.port = self.wait_for(port_written, self.start_timeout, "the server's port file")
 
     def _start_node(self, spec: NodeSpec) -> Child:
-        argv = [PYTHON, NODE_SCRIPT, "--server", self.address, "--cores", str(spec.cores),
-                "--env-file", "/nonexistent"]
+        argv = [
+            PYTHON,
+            NODE_SCRIPT,
+            "--server",
+            self.address,
+            "--cores",
+            str(spec.cores),
+            "--env-file",
+            "/nonexistent",
+        ]
         if spec.group:
             argv += ["--group", spec.group]
         argv += list(spec.args)
@@ -329,8 +358,15 @@ class Cluster:
         self.nodes.append(child)
         return child
 
-    def add_node(self, cores: int = 1, group: str | None = None, env: Mapping[str, str] | None = None,
-                 *, wait: bool = True, timeout: float | None = None) -> int:
+    def add_node(
+        self,
+        cores: int = 1,
+        group: str | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> int:
         """Start one more node; return its index in :attr:`nodes` (after it joined, if ``wait``)."""
         child = self._start_node(NodeSpec(cores=cores, group=group, env=dict(env or {})))
         if wait:
@@ -352,14 +388,17 @@ class Cluster:
     def live_nodes(self) -> list[Child]:
         return [n for n in self.nodes if n.alive()]
 
-    def restart_server(self, sig: int = signal.SIGTERM, *, wait_nodes: bool = True,
-                       timeout: float = 30.0) -> None:
+    def restart_server(
+        self, sig: int = signal.SIGTERM, *, wait_nodes: bool = True, timeout: float = 30.0
+    ) -> None:
         """Stop the server with ``sig``, start a new one on the same port, wait for nodes to rejoin."""
         assert self.server is not None and self.port is not None
         old = self.server
         self._retired.append(old)
         _kill_group(old.proc, sig)
-        self.wait_for(lambda: _wait_exited(old.proc, 0), timeout, f"the server (pid {old.pid}) to exit")
+        self.wait_for(
+            lambda: _wait_exited(old.proc, 0), timeout, f"the server (pid {old.pid}) to exit"
+        )
         _kill_group(old.proc, signal.SIGKILL)
         old.proc.wait()
         self.start_server(self.port)
@@ -389,14 +428,19 @@ class Cluster:
             code = child.exit_code()
             state = "running" if code is None else f"exited {code}"
             lines = child.log_text().splitlines()[-LOG_TAIL:]
-            parts.append(f"--- {child.name} (pid {child.pid}, {state}) {child.log.name}:\n" + "\n".join(lines))
+            parts.append(
+                f"--- {child.name} (pid {child.pid}, {state}) {child.log.name}:\n"
+                + "\n".join(lines)
+            )
         return "\n".join(parts)
 
     def wait_for(self, cond: Callable[[], Any], timeout: float, what: str) -> Any:
         """Poll ``cond`` until truthy or fail with ``what`` and the children's logs."""
         return wait_for(cond, timeout, what, describe=self.diagnostics)
 
-    def wait_for_nodes(self, count: int, timeout: float | None = None, group: str | None = None) -> dict:
+    def wait_for_nodes(
+        self, count: int, timeout: float | None = None, group: str | None = None
+    ) -> dict:
         """Wait until status lists exactly ``count`` nodes (of ``group``, if given); return the status."""
 
         def enough() -> dict | None:
@@ -413,11 +457,15 @@ class Cluster:
         def joined() -> dict | None:
             dead = [n for n in self.nodes if n.pid in wanted and not n.alive()]
             if dead:
-                raise ClusterError(", ".join(f"{n.name} exited with code {n.exit_code()}" for n in dead))
+                raise ClusterError(
+                    ", ".join(f"{n.name} exited with code {n.exit_code()}" for n in dead)
+                )
             status = self.status(timeout=10)
             return status if wanted <= {n.get("pid") for n in status["nodes"]} else None
 
-        return self.wait_for(joined, timeout or self.start_timeout, f"nodes {sorted(wanted)} to connect")
+        return self.wait_for(
+            joined, timeout or self.start_timeout, f"nodes {sorted(wanted)} to connect"
+        )
 
     # ------------------------------------------------------------------ consoles
 
@@ -427,31 +475,55 @@ class Cluster:
             argv += ["--server", self.address]
         return argv + ["--env-file", "/nonexistent", *map(str, args)]
 
-    def console(self, *args: Any, timeout: float = 60.0, env: Mapping[str, str] | None = None,
-                input: str | None = None, server: bool = True, cwd: Path | str | None = None
-                ) -> subprocess.CompletedProcess:
+    def console(
+        self,
+        *args: Any,
+        timeout: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        server: bool = True,
+        cwd: Path | str | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run ``remap_console.py --server ADDRESS --env-file /nonexistent ARGS``; capture output.
 
         A console that outlives ``timeout`` is killed and the test fails with its output so far
         and the cluster's logs.
         """
-        proc = self.console_popen(*args, env=env, server=server, cwd=cwd,
-                                  stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        proc = self.console_popen(
+            *args,
+            env=env,
+            server=server,
+            cwd=cwd,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        )
         return self.finish(proc, timeout=timeout, input=input)
 
-    def console_popen(self, *args: Any, env: Mapping[str, str] | None = None, server: bool = True,
-                      cwd: Path | str | None = None, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    def console_popen(
+        self,
+        *args: Any,
+        env: Mapping[str, str] | None = None,
+        server: bool = True,
+        cwd: Path | str | None = None,
+        stdin: Any = subprocess.DEVNULL,
+    ) -> subprocess.Popen:
         """Start a console without waiting; stdout and stderr are pipes (text). See :meth:`finish`."""
         proc = subprocess.Popen(
-            self.console_argv(args, server=server), stdin=stdin, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=self.env(env), cwd=cwd or self.tmp,
-            start_new_session=True, preexec_fn=_PREEXEC,
+            self.console_argv(args, server=server),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(env),
+            cwd=cwd or self.tmp,
+            start_new_session=True,
+            preexec_fn=_PREEXEC,
         )
         self.consoles.append(proc)
         return proc
 
-    def finish(self, proc: subprocess.Popen, timeout: float = 60.0, input: str | None = None
-               ) -> subprocess.CompletedProcess:
+    def finish(
+        self, proc: subprocess.Popen, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Wait for a console started with :meth:`console_popen`; kill it and fail on timeout."""
         try:
             out, err = proc.communicate(input=input, timeout=timeout)
@@ -466,17 +538,26 @@ class Cluster:
 
     def explain(self, done: subprocess.CompletedProcess) -> str:
         """A console run and the cluster's logs, for an assertion message."""
-        return (f"console {done.args[2:]} exited {done.returncode}\n"
-                f"stdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}\n{self.diagnostics()}")
+        return (
+            f"console {done.args[2:]} exited {done.returncode}\n"
+            f"stdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}\n{self.diagnostics()}"
+        )
 
     def assert_ok(self, done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         assert done.returncode == 0, self.explain(done)
         return done
 
-    def run_script(self, script: Path | str, *args: Any, env: Mapping[str, str] | None = None,
-                   timeout: float = 60.0) -> subprocess.CompletedProcess:
+    def run_script(
+        self,
+        script: Path | str,
+        *args: Any,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess:
         """Run a Python script with this cluster's environment (secret, heartbeat, clean HOME)."""
-        return run_process([PYTHON, str(script), *map(str, args)], self.env(env), cwd=self.tmp, timeout=timeout)
+        return run_process(
+            [PYTHON, str(script), *map(str, args)], self.env(env), cwd=self.tmp, timeout=timeout
+        )
 
     def status(self, timeout: float = 20.0) -> dict:
         """``status --json``, parsed; fails (with logs) if the console does not succeed."""
@@ -509,31 +590,56 @@ class ClusterFactory:
             cluster.stop()
 
 
-def run_process(argv: Sequence[str], env: Mapping[str, str], *, cwd: Path | str, timeout: float = 60.0,
-                input: str | None = None) -> subprocess.CompletedProcess:
+def run_process(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    cwd: Path | str,
+    timeout: float = 60.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run a child to completion with captured text output; its process group dies on timeout."""
     proc = subprocess.Popen(
-        list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(env), cwd=cwd,
-        start_new_session=True, preexec_fn=_PREEXEC,
+        list(argv),
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=_PREEXEC,
     )
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc, signal.SIGKILL)
         out, err = proc.communicate(timeout=10)
-        raise ClusterError(f"{list(argv)[1:]} did not finish within {timeout:g}s\n"
-                           f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}") from None
+        raise ClusterError(
+            f"{list(argv)[1:]} did not finish within {timeout:g}s\n"
+            f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}"
+        ) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_entry(script: Path | str, *args: Any, home: Path | str, cwd: Path | str | None = None,
-              env: Mapping[str, str] | None = None, timeout: float = 60.0, input: str | None = None
-              ) -> subprocess.CompletedProcess:
+def run_entry(
+    script: Path | str,
+    *args: Any,
+    home: Path | str,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run an entry point (``SERVER_SCRIPT``, ``NODE_SCRIPT``, ``CONSOLE_SCRIPT``) or any script
     with a clean environment (plus ``env``), outside any cluster."""
-    return run_process([PYTHON, str(script), *map(str, args)], clean_env(home, env), cwd=cwd or home,
-                       timeout=timeout, input=input)
+    return run_process(
+        [PYTHON, str(script), *map(str, args)],
+        clean_env(home, env),
+        cwd=cwd or home,
+        timeout=timeout,
+        input=input,
+    )
 
 
 def write_job(path: Path | str, lines: str | Mapping[str, Any], **values: Any) -> Path:
@@ -542,7 +648,9 @@ def write_job(path: Path | str, lines: str | Mapping[str, Any], **values: Any) -
     if isinstance(lines, str):
         text = lines
     else:
-        text = "".join(f"{key}: {json.dumps(value)}\n" for key, value in {**lines, **values}.items())
+        text = "".join(
+            f"{key}: {json.dumps(value)}\n" for key, value in {**lines, **values}.items()
+        )
     path.write_text(text)
     return path
 

@@ -12,7 +12,9 @@ from tests.cluster_harness import Cluster, ClusterFactory, NodeSpec
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _isolated_settings(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """No test reads the developer's REMAP_* variables or ~/.remap: HOME is a fresh directory."""
     for name in list(os.environ):
         if name.startswith("REMAP_"):

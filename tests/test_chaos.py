@@ -36,13 +36,16 @@ DEADLINE = 60.0
 
 def _chaos_job(tmp_path: Path, name: str) -> tuple[Path, Path]:
     output = tmp_path / f"{name}.jsonl"
-    job = write_job(tmp_path / f"{name}.yaml", {
-        "name": name,
-        "function": jobs_function("chaos_funcs", "tick"),
-        "args_range": [0, N],
-        "response_mode": "file",
-        "output": str(output),
-    })
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        {
+            "name": name,
+            "function": jobs_function("chaos_funcs", "tick"),
+            "args_range": [0, N],
+            "response_mode": "file",
+            "output": str(output),
+        },
+    )
     return job, output
 
 
@@ -55,13 +58,17 @@ def _wait_progress(c: Cluster, console: subprocess.Popen, name: str, done: int) 
 
     def progressed() -> dict | None:
         if console.poll() is not None:
-            raise ClusterError(f"the console exited ({console.returncode}) before job {name} "
-                               f"passed {done} results: make the job longer")
+            raise ClusterError(
+                f"the console exited ({console.returncode}) before job {name} "
+                f"passed {done} results: make the job longer"
+            )
         job = _job(c, name)
         if job is None:
             return None
         if job["state"] != "running":
-            raise ClusterError(f"job {name} is {job['state']} before it passed {done} results: {job}")
+            raise ClusterError(
+                f"job {name} is {job['state']} before it passed {done} results: {job}"
+            )
         return job if job["done"] > done else None
 
     return c.wait_for(progressed, DEADLINE, f"job {name} to pass {done} results")
@@ -81,7 +88,9 @@ def _assert_exactly_once(output: Path, summary: dict) -> None:
     assert not twice, f"{len(twice)} indices delivered more than once, e.g. {twice[:10]}"
     assert not missing, f"{len(missing)} indices missing, e.g. {missing[:10]}"
     assert len(lines) == N, f"{len(lines)} lines for {N} arguments"
-    assert [item["index"] for item in items] == list(range(N)), "file mode must write in index order"
+    assert [item["index"] for item in items] == list(range(N)), (
+        "file mode must write in index order"
+    )
     errors = [item for item in items if "error" in item]
     assert not errors, f"{len(errors)} arguments failed, e.g. {errors[:3]}"
     wrong = [item for item in items if item["result"] != expected(item["index"])]
@@ -98,7 +107,12 @@ def _lost_lines(c: Cluster) -> list[str]:
 
 def _requeued(lines: list[str]) -> int:
     """Arguments the server re-queued from lost nodes, per its log."""
-    return sum(int(m.group(1)) for line in lines for m in [re.search(r"(\d+) arguments re-queued", line)] if m)
+    return sum(
+        int(m.group(1))
+        for line in lines
+        for m in [re.search(r"(\d+) arguments re-queued", line)]
+        if m
+    )
 
 
 def test_nodes_sigkilled_and_replaced_mid_job_lose_and_duplicate_nothing(make_cluster, tmp_path):
@@ -118,7 +132,9 @@ def test_nodes_sigkilled_and_replaced_mid_job_lose_and_duplicate_nothing(make_cl
     done = c.assert_ok(c.finish(console, timeout=DEADLINE))
     _assert_exactly_once(output, json.loads(done.stdout))
     lost = _lost_lines(c)
-    assert len(lost) >= 2 and _requeued(lost) > 0, "the kills hit no work in flight:\n" + c.diagnostics()
+    assert len(lost) >= 2 and _requeued(lost) > 0, (
+        "the kills hit no work in flight:\n" + c.diagnostics()
+    )
 
 
 def test_frozen_node_is_declared_lost_by_heartbeats_and_its_work_rerun_once(make_cluster, tmp_path):
@@ -135,8 +151,11 @@ def test_frozen_node_is_declared_lost_by_heartbeats_and_its_work_rerun_once(make
         old_ids = _node_ids_of(c, frozen.pid)
         assert len(old_ids) == 1, c.diagnostics()
         os.killpg(frozen.pid, signal.SIGSTOP)  # the node and its cores: a frozen machine
-        c.wait_for(lambda: not _node_ids_of(c, frozen.pid), 15,
-                   "the server to declare the frozen node lost")
+        c.wait_for(
+            lambda: not _node_ids_of(c, frozen.pid),
+            15,
+            "the server to declare the frozen node lost",
+        )
         lost = _lost_lines(c)
         assert any("no heartbeat" in line for line in lost), c.diagnostics()
         assert _requeued(lost) > 0, "the frozen node had no work in flight:\n" + c.diagnostics()

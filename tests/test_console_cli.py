@@ -37,8 +37,15 @@ def lines_of(text: str) -> list[str]:
 
 def console(tmp_path: Path, *args: object, timeout: float = 120.0):
     """The console with no server configured (no REMAP_SERVER, no .env), in ``tmp_path``."""
-    return run_entry(CONSOLE_SCRIPT, "--env-file", "/nonexistent", *args, home=tmp_path, cwd=tmp_path,
-                     timeout=timeout)
+    return run_entry(
+        CONSOLE_SCRIPT,
+        "--env-file",
+        "/nonexistent",
+        *args,
+        home=tmp_path,
+        cwd=tmp_path,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------- embedded cluster
@@ -57,8 +64,10 @@ def test_default_job_runs_on_an_embedded_cluster(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_embedded_cluster_runs_a_job_file(tmp_path: Path) -> None:
     """The embedded cluster (two cores) gives a job's exact results in argument order."""
-    job = write_job(tmp_path / "squares.yaml", {"function": jobs_function("funcs", "square"),
-                                                "args_range": [0, 300, 3]})
+    job = write_job(
+        tmp_path / "squares.yaml",
+        {"function": jobs_function("funcs", "square"), "args_range": [0, 300, 3]},
+    )
     done = console(tmp_path, "--cores", "2", "compute", job, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [funcs.square(x) for x in range(0, 300, 3)]
@@ -78,11 +87,14 @@ def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Pa
 # ---------------------------------------------------------------------- help and usage
 
 
-@pytest.mark.parametrize(("script", "prog", "flags"), [
-    (SERVER_SCRIPT, "remap-server", ["--host", "--port", "--port-file", "--env-file"]),
-    (NODE_SCRIPT, "remap-node", ["--server", "--cores", "--group", "--env-file"]),
-    (CONSOLE_SCRIPT, "remap", ["--server", "--env-file", "compute", "status", "kill"]),
-])
+@pytest.mark.parametrize(
+    ("script", "prog", "flags"),
+    [
+        (SERVER_SCRIPT, "remap-server", ["--host", "--port", "--port-file", "--env-file"]),
+        (NODE_SCRIPT, "remap-node", ["--server", "--cores", "--group", "--env-file"]),
+        (CONSOLE_SCRIPT, "remap", ["--server", "--env-file", "compute", "status", "kill"]),
+    ],
+)
 def test_help_of_each_entry_point(tmp_path: Path, script: str, prog: str, flags: list[str]) -> None:
     """--help of server, node and console exits 0 and documents their flags."""
     done = run_entry(script, "--help", home=tmp_path, timeout=30)
@@ -107,7 +119,9 @@ def test_unknown_command_exits_2_without_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     notes = lines_of(done.stderr)
-    assert len(notes) == 1 and notes[0].startswith("error:") and "frobnicate" in notes[0], done.stderr
+    assert len(notes) == 1 and notes[0].startswith("error:") and "frobnicate" in notes[0], (
+        done.stderr
+    )
 
 
 # ---------------------------------------------------------------------- the interactive shell
@@ -127,7 +141,9 @@ def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
     errors = lines_of(err.getvalue())
     assert len(errors) == 4, errors
     assert all(line.startswith("error:") for line in errors), errors
-    assert "frobnicate" in errors[0] and "no server configured" in errors[1] and "JOB_ID" in errors[2]
+    assert (
+        "frobnicate" in errors[0] and "no server configured" in errors[1] and "JOB_ID" in errors[2]
+    )
     assert shell.onecmd("") is False
     assert shell.onecmd("quit") is True
     assert shell.onecmd("EOF") is True
@@ -136,8 +152,9 @@ def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_shell_status_against_a_real_cluster(cluster: Cluster) -> None:
     """Shell.onecmd('status') and ('nodes') against real processes show the two nodes."""
-    done = cluster.run_script(JOBS / "shell_driver.py", cluster.address, "status", "nodes", "jobs", "quit",
-                              timeout=60)
+    done = cluster.run_script(
+        JOBS / "shell_driver.py", cluster.address, "status", "nodes", "jobs", "quit", timeout=60
+    )
     assert done.returncode == 0, cluster.explain(done)
     said = json.loads(done.stdout)
     assert said["stops"] == [False, False, False, True]
@@ -159,7 +176,9 @@ def test_kill_cluster_yes_stops_server_and_nodes(cluster: Cluster) -> None:
     assert done.returncode == 0, cluster.explain(done)
     assert "2 node(s)" in done.stdout
     children = [cluster.server, *cluster.nodes]
-    cluster.wait_for(lambda: not any(c.alive() for c in children), 15, "the server and nodes to exit")
+    cluster.wait_for(
+        lambda: not any(c.alive() for c in children), 15, "the server and nodes to exit"
+    )
     codes = {c.name: c.exit_code() for c in children}
     assert set(codes.values()) == {0}, codes
 
@@ -181,7 +200,8 @@ def test_a_failed_job_names_the_argument_and_traceback_shows_the_users_code(tmp_
     """on_error fail: one line naming the argument and exception, with a hint; with --traceback
     the remote traceback of that call is printed, starting in the user's file."""
     (tmp_path / "bad.py").write_text(
-        "def f(x):\n    if x == 7:\n        raise ValueError(f'seven is bad ({x})')\n    return x\n")
+        "def f(x):\n    if x == 7:\n        raise ValueError(f'seven is bad ({x})')\n    return x\n"
+    )
     job = write_job(tmp_path / "bad.yaml", {"function": "bad.py:f", "args_range": [0, 20]})
     plain = console(tmp_path, "compute", job)
     assert plain.returncode == 1, plain.stderr
@@ -191,5 +211,7 @@ def test_a_failed_job_names_the_argument_and_traceback_shows_the_users_code(tmp_
     shown = console(tmp_path, "compute", job, "--traceback")
     assert shown.returncode == 1, shown.stderr
     assert "remote traceback of argument 7" in shown.stderr
-    assert "bad.py\", line 3, in f" in shown.stderr
-    assert "remap/node/core.py" not in shown.stderr, "the core's own frame is not the user's business"
+    assert 'bad.py", line 3, in f' in shown.stderr
+    assert "remap/node/core.py" not in shown.stderr, (
+        "the core's own frame is not the user's business"
+    )

@@ -5,12 +5,11 @@ from __future__ import annotations
 import mmap
 import pickle
 
-import cloudpickle
-
 from protocol import messages as m
 from remap.blobs import pack
 from remap.client import JobParams, JobRun
 from remap.node.core import SLOT, Core
+from remap.shipping import function_blob
 from remap.sinks import ObjectSink
 
 
@@ -23,7 +22,7 @@ class NeedsTwoArgs(Exception):
 
 def run_batch(fn, args) -> tuple[dict, bytes]:
     core = Core(mmap.mmap(-1, SLOT.size))
-    core.load({"job": 1, "star": False}, cloudpickle.dumps((fn, None)))
+    core.load({"job": 1, "star": False}, function_blob(fn))
     sizes, payload = pack(args)
     return core.run({"task": 9, "job": 1, "sizes": sizes}, payload)
 
@@ -31,8 +30,16 @@ def run_batch(fn, args) -> tuple[dict, bytes]:
 def to_console(reply: dict, blob: bytes, n: int) -> ObjectSink:
     sink = ObjectSink()
     run = JobRun(JobParams(), b"", iter(()), sink)
-    run.results(m.Results(job=1, indices=list(range(n)), sizes=reply["sizes"], errors=reply["errors"],
-                          packed=reply["packed"], payload=blob))
+    run.results(
+        m.Results(
+            job=1,
+            indices=list(range(n)),
+            sizes=reply["sizes"],
+            errors=reply["errors"],
+            packed=reply["packed"],
+            payload=blob,
+        )
+    )
     return sink
 
 

@@ -33,7 +33,9 @@ from tests.cluster_harness import (
     write_job,
 )
 
-funcs = load_module(JOBS / "funcs.py")  # the functions the cluster runs, to compute expectations here
+funcs = load_module(
+    JOBS / "funcs.py"
+)  # the functions the cluster runs, to compute expectations here
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +54,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def job(directory: Path, function: str, **keys: Any) -> Path:
     """Write a job file for ``tests/jobs/funcs.py:FUNCTION`` with a unique name; return its path."""
     name = keys.pop("name", None) or f"{function}-{uuid.uuid4().hex[:8]}"
-    return write_job(directory / f"{name}.yaml", {"function": jobs_function("funcs", function), "name": name, **keys})
+    return write_job(
+        directory / f"{name}.yaml",
+        {"function": jobs_function("funcs", function), "name": name, **keys},
+    )
 
 
 def compute(cluster: Cluster, job_file: Path, *flags: str, timeout: float = 60.0, ok: bool = True):
@@ -88,7 +93,9 @@ def test_status_json_lists_both_nodes(shared: Cluster) -> None:
 # ---------------------------------------------------------------------- response modes
 
 
-def test_object_mode_prints_one_json_array_in_argument_order(shared: Cluster, tmp_path: Path) -> None:
+def test_object_mode_prints_one_json_array_in_argument_order(
+    shared: Cluster, tmp_path: Path
+) -> None:
     """object + --json: stdout is exactly one JSON array, results in argument order."""
     args = list(range(-5, 60))
     done = compute(shared, job(tmp_path, "square", args=args), "--json")
@@ -101,7 +108,9 @@ def test_object_mode_text_prints_one_result_per_line(shared: Cluster, tmp_path: 
     """object without --json: one JSON value per line, in argument order."""
     args = [3, 1, 2]
     done = compute(shared, job(tmp_path, "combine", args=args))
-    assert [json.loads(line) for line in done.stdout.splitlines()] == [funcs.combine(x) for x in args]
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        funcs.combine(x) for x in args
+    ]
 
 
 def test_stream_mode_json_gives_every_index_exactly_once(shared: Cluster, tmp_path: Path) -> None:
@@ -111,17 +120,29 @@ def test_stream_mode_json_gives_every_index_exactly_once(shared: Cluster, tmp_pa
     items = [json.loads(line) for line in done.stdout.splitlines()]
     indices = [item["index"] for item in items]
     assert sorted(indices) == list(range(len(args))), f"indices not exactly once: {indices}"
-    assert {item["index"]: item["result"] for item in items} == {i: funcs.square(x) for i, x in enumerate(args)}
+    assert {item["index"]: item["result"] for item in items} == {
+        i: funcs.square(x) for i, x in enumerate(args)
+    }
 
 
-def test_sqlite_mode_has_every_row_when_the_command_returns(shared: Cluster, tmp_path: Path) -> None:
+def test_sqlite_mode_has_every_row_when_the_command_returns(
+    shared: Cluster, tmp_path: Path
+) -> None:
     """sqlite: when compute returns, `results` holds (idx, argument, result, error) for every argument."""
     args = list(range(50, 90))
-    job_file = job(tmp_path, "fail_on_3_mod_7", args=args, response_mode="sqlite", output="out.sqlite",
-                   on_error="continue")
+    job_file = job(
+        tmp_path,
+        "fail_on_3_mod_7",
+        args=args,
+        response_mode="sqlite",
+        output="out.sqlite",
+        on_error="continue",
+    )
     compute(shared, job_file, "--json", timeout=10)
     with closing(sqlite3.connect(tmp_path / "out.sqlite")) as db:
-        rows = db.execute("SELECT idx, argument, result, error FROM results ORDER BY idx").fetchall()
+        rows = db.execute(
+            "SELECT idx, argument, result, error FROM results ORDER BY idx"
+        ).fetchall()
     assert [r[0] for r in rows] == list(range(len(args)))
     for (_idx, argument, result, error), x in zip(rows, args, strict=True):
         assert json.loads(argument) == x
@@ -137,15 +158,24 @@ def test_sqlite_mode_has_every_row_when_the_command_returns(shared: Cluster, tmp
 def test_file_mode_writes_json_lines_in_argument_order(shared: Cluster, tmp_path: Path) -> None:
     """file: the output file has one JSON line per argument, sorted by index."""
     args = [{"k": i} for i in range(40)]
-    compute(shared, job(tmp_path, "identity", args=args, response_mode="file", output="out.jsonl"), "--json")
+    compute(
+        shared,
+        job(tmp_path, "identity", args=args, response_mode="file", output="out.jsonl"),
+        "--json",
+    )
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"index": i, "result": x} for i, x in enumerate(args)]
+    assert [json.loads(line) for line in lines] == [
+        {"index": i, "result": x} for i, x in enumerate(args)
+    ]
 
 
 def test_reduce_mode_prints_the_folded_value(shared: Cluster, tmp_path: Path) -> None:
     """reduce: stdout is the fold of every result."""
-    done = compute(shared, job(tmp_path, "square", args_range=[0, 500], response_mode="reduce", reduce="add"),
-                   "--json")
+    done = compute(
+        shared,
+        job(tmp_path, "square", args_range=[0, 500], response_mode="reduce", reduce="add"),
+        "--json",
+    )
     assert json.loads(done.stdout) == sum(funcs.square(x) for x in range(500))
 
 
@@ -165,8 +195,12 @@ def test_args_path_large_file_is_fully_processed(shared: Cluster, tmp_path: Path
     n = 200_000
     path = tmp_path / "args.jsonl"
     path.write_text("".join(f"{3 * i}\n" for i in range(n)))
-    compute(shared, job(tmp_path, "square", args_path=str(path), response_mode="file", output="big.jsonl"),
-            "--json", timeout=120)
+    compute(
+        shared,
+        job(tmp_path, "square", args_path=str(path), response_mode="file", output="big.jsonl"),
+        "--json",
+        timeout=120,
+    )
     with open(tmp_path / "big.jsonl") as f:
         for i, line in enumerate(f):
             assert json.loads(line) == {"index": i, "result": funcs.square(3 * i)}, f"line {i + 1}"
@@ -209,7 +243,9 @@ def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path
     """on_error: fail -> non-zero exit and one stderr line naming the argument and the exception."""
     args = list(range(100, 130))  # 101, 108, 115, 122 raise
     failing = {i: x for i, x in enumerate(args) if x % 7 == 3}
-    done = compute(shared, job(tmp_path, "fail_on_3_mod_7", args=args, on_error="fail"), "--json", ok=False)
+    done = compute(
+        shared, job(tmp_path, "fail_on_3_mod_7", args=args, on_error="fail"), "--json", ok=False
+    )
     assert done.returncode != 0, shared.explain(done)
     no_traceback(done)
     lines = error_lines(done)
@@ -219,7 +255,9 @@ def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path
     assert len(hits) == 1 and "ValueError" in line, line
     i, x = hits[0]
     named = line.replace(f"{x} is 3 mod 7", "")
-    assert f"argument {i}" in named or f"argument {x}" in named, f"the line does not name the argument: {line}"
+    assert f"argument {i}" in named or f"argument {x}" in named, (
+        f"the line does not name the argument: {line}"
+    )
     assert done.stdout.strip() == ""
 
 
@@ -227,8 +265,11 @@ def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path
 def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
     """on_error: continue -> exit 0; each failing index carries its error type and message."""
     args = list(range(0, 45))
-    done = compute(shared, job(tmp_path, "fail_on_3_mod_7", args=args, on_error="continue", response_mode=mode),
-                   "--json")
+    done = compute(
+        shared,
+        job(tmp_path, "fail_on_3_mod_7", args=args, on_error="continue", response_mode=mode),
+        "--json",
+    )
     no_traceback(done)
     if mode == "object":
         values = dict(enumerate(json.loads(done.stdout)))
@@ -247,12 +288,17 @@ def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, m
     assert f"{failed} argument(s) failed" in done.stderr
 
 
-@pytest.mark.parametrize(("name", "line", "key"), [
-    ("bad_unknown_key.yaml", 4, "respons_mode"),
-    ("bad_type.yaml", 5, "retries"),
-    ("bad_function.yaml", 2, "function"),
-])
-def test_bad_job_file_exits_2_naming_file_line_and_key(shared: Cluster, name: str, line: int, key: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "line", "key"),
+    [
+        ("bad_unknown_key.yaml", 4, "respons_mode"),
+        ("bad_type.yaml", 5, "retries"),
+        ("bad_function.yaml", 2, "function"),
+    ],
+)
+def test_bad_job_file_exits_2_naming_file_line_and_key(
+    shared: Cluster, name: str, line: int, key: str
+) -> None:
     """A bad job file: exit 2, one line naming the file, the line and the key; no traceback."""
     done = compute(shared, JOBS / name, ok=False)
     assert done.returncode == 2, shared.explain(done)
@@ -273,8 +319,21 @@ def test_wrong_secret_exits_3_with_a_clear_line(shared: Cluster) -> None:
 
 def test_node_with_a_wrong_secret_stops_with_exit_3(shared: Cluster) -> None:
     """A node that cannot authenticate does not retry forever: exit 3 with one clear line."""
-    done = run_process([PYTHON, NODE_SCRIPT, "--server", shared.address, "--cores", "1", "--env-file", "/nonexistent"],
-                       shared.env({"REMAP_SECRET_KEY": "not-the-secret"}), cwd=shared.tmp, timeout=30)
+    done = run_process(
+        [
+            PYTHON,
+            NODE_SCRIPT,
+            "--server",
+            shared.address,
+            "--cores",
+            "1",
+            "--env-file",
+            "/nonexistent",
+        ],
+        shared.env({"REMAP_SECRET_KEY": "not-the-secret"}),
+        cwd=shared.tmp,
+        timeout=30,
+    )
     assert done.returncode == 3, shared.explain(done)
     no_traceback(done)
     errors = [line for line in error_lines(done) if line.startswith("error:")]
@@ -337,7 +396,9 @@ def test_interrupting_a_computing_console_kills_its_job(shared: Cluster, tmp_pat
     assert done.returncode == 130, shared.explain(done)
     no_traceback(done)
     assert "interrupted" in done.stderr
-    shared.wait_for(lambda: shared.job(job_id)["state"] == "killed", 10, f"job {job_id} to be killed")
+    shared.wait_for(
+        lambda: shared.job(job_id)["state"] == "killed", 10, f"job {job_id} to be killed"
+    )
 
 
 def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) -> None:
@@ -347,7 +408,9 @@ def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) 
     nodes = json.loads(shared.assert_ok(shared.console("nodes", "--json")).stdout)
     assert sorted(n["pid"] for n in nodes) == sorted(c.pid for c in shared.nodes)
     table = shared.assert_ok(shared.console("nodes")).stdout.splitlines()
-    assert table[0].split()[:2] == ["NODE", "HOST"] and len(table) == 4, table  # header, rule, 2 nodes
+    assert table[0].split()[:2] == ["NODE", "HOST"] and len(table) == 4, (
+        table
+    )  # header, rule, 2 nodes
     assert sum("gpu" in row for row in table[2:]) == 1
     jobs = json.loads(shared.assert_ok(shared.console("jobs", "--json")).stdout)
     mine = [j for j in jobs if j["name"] == finished.stem]
@@ -359,7 +422,9 @@ def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) 
 
 def test_group_job_runs_only_on_the_group_node(shared: Cluster, tmp_path: Path) -> None:
     """group: gpu -> every call runs on the node started with --group gpu."""
-    done = compute(shared, job(tmp_path, "node_name", args_range=[0, 30], group="gpu", chunksize=1), "--json")
+    done = compute(
+        shared, job(tmp_path, "node_name", args_range=[0, 30], group="gpu", chunksize=1), "--json"
+    )
     assert json.loads(done.stdout) == ["gpu"] * 30
 
 
@@ -371,8 +436,14 @@ def test_job_without_group_may_run_anywhere(shared: Cluster, tmp_path: Path) -> 
 
 def test_wait_for_nodes_fails_for_an_empty_group(shared: Cluster, tmp_path: Path) -> None:
     """compute --wait-for-nodes 1 on a group no node has: fails promptly, saying no node can run it."""
-    done = compute(shared, job(tmp_path, "square", args=[1], group="nothere"), "--wait-for-nodes", "1",
-                   ok=False, timeout=20)
+    done = compute(
+        shared,
+        job(tmp_path, "square", args=[1], group="nothere"),
+        "--wait-for-nodes",
+        "1",
+        ok=False,
+        timeout=20,
+    )
     assert done.returncode != 0, shared.explain(done)
     no_traceback(done)
     text = done.stderr.lower()
@@ -388,11 +459,15 @@ def test_user_function_stdout_is_shown_on_console_stderr(shared: Cluster) -> Non
         assert f"chatty says hello from argument {x}" in done.stderr, done.stderr
 
 
-def test_console_with_a_different_heartbeat_setting_is_not_dropped(shared: Cluster, tmp_path: Path) -> None:
+def test_console_with_a_different_heartbeat_setting_is_not_dropped(
+    shared: Cluster, tmp_path: Path
+) -> None:
     """A console whose REMAP_HEARTBEAT_INTERVAL (3 s) differs from the server's (0.5 s) still
     finishes a 3 s job: peers must agree on the beat, not trust each side's own setting."""
     job_file = job(tmp_path, "slow", args_range=[0, 30])
-    done = shared.console("compute", str(job_file), "--json", env={"REMAP_HEARTBEAT_INTERVAL": "3"}, timeout=60)
+    done = shared.console(
+        "compute", str(job_file), "--json", env={"REMAP_HEARTBEAT_INTERVAL": "3"}, timeout=60
+    )
     shared.assert_ok(done)
     assert json.loads(done.stdout) == list(range(30))
 
@@ -400,7 +475,9 @@ def test_console_with_a_different_heartbeat_setting_is_not_dropped(shared: Clust
 # ---------------------------------------------------------------------- failures (own clusters)
 
 
-def test_results_exactly_once_when_a_node_is_sigkilled(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+def test_results_exactly_once_when_a_node_is_sigkilled(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> None:
     """SIGKILL a node mid-job: its work is re-queued and every index is delivered exactly once."""
     cluster = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
     args = list(range(60))
@@ -417,24 +494,35 @@ def test_results_exactly_once_when_a_node_is_sigkilled(make_cluster: ClusterFact
     cluster.assert_ok(done)
     items = [json.loads(line) for line in done.stdout.splitlines()]
     assert sorted(item["index"] for item in items) == list(range(len(args)))
-    assert {item["index"]: item["result"] for item in items} == {i: funcs.square(x) for i, x in enumerate(args)}  # nap = square, slowly
+    assert {item["index"]: item["result"] for item in items} == {
+        i: funcs.square(x) for i, x in enumerate(args)
+    }  # nap = square, slowly
 
 
 def test_drain_by_the_id_shown_in_nodes(make_cluster: ClusterFactory, tmp_path: Path) -> None:
     """`drain ID` with the id `nodes` shows: that node is draining and new work goes elsewhere."""
-    cluster = make_cluster([NodeSpec(cores=1, env={"TEST_NODE_NAME": "a"}),
-                            NodeSpec(cores=1, env={"TEST_NODE_NAME": "b"})])
+    cluster = make_cluster(
+        [
+            NodeSpec(cores=1, env={"TEST_NODE_NAME": "a"}),
+            NodeSpec(cores=1, env={"TEST_NODE_NAME": "b"}),
+        ]
+    )
     status = cluster.status()
     full_id = next(n["id"] for n in status["nodes"] if n["pid"] == cluster.nodes[0].pid)
-    shown = next(row.split()[0] for row in cluster.console("nodes").stdout.splitlines()[2:]
-                 if full_id.startswith(row.split()[0]))
+    shown = next(
+        row.split()[0]
+        for row in cluster.console("nodes").stdout.splitlines()[2:]
+        if full_id.startswith(row.split()[0])
+    )
     cluster.assert_ok(cluster.console("drain", shown))
     assert next(n for n in cluster.status()["nodes"] if n["id"] == full_id)["draining"] is True
     done = compute(cluster, job(tmp_path, "node_name", args_range=[0, 20], chunksize=1), "--json")
     assert json.loads(done.stdout) == ["b"] * 20
 
 
-def test_nodes_reconnect_after_a_server_restart(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+def test_nodes_reconnect_after_a_server_restart(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> None:
     """Server restart: the nodes reconnect by themselves and the next job runs on them."""
     cluster = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
     cluster.restart_server(signal.SIGKILL)

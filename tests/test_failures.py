@@ -48,9 +48,10 @@ def _cluster(make_cluster: Any, nodes: Any = 2, **server_env: str) -> Cluster:
 
 def _job(tmp_path: Path, name: str, function: str, **keys: Any) -> Path:
     """A job file in the test's directory running ``fail_funcs.FUNCTION``."""
-    return write_job(tmp_path / f"{name}.yaml", {"name": name,
-                                                 "function": jobs_function("fail_funcs", function),
-                                                 **keys})
+    return write_job(
+        tmp_path / f"{name}.yaml",
+        {"name": name, "function": jobs_function("fail_funcs", function), **keys},
+    )
 
 
 def _jobs(c: Cluster) -> list[dict]:
@@ -64,7 +65,9 @@ def _job_named(c: Cluster, name: str) -> dict | None:
     return next((j for j in c.status()["jobs"] if j["name"] == name), None)
 
 
-def _wait_running(c: Cluster, console: subprocess.Popen, name: str, *, every_node: bool = False) -> dict:
+def _wait_running(
+    c: Cluster, console: subprocess.Popen, name: str, *, every_node: bool = False
+) -> dict:
     """Wait until job ``name`` has work on cores (on every node, if asked); fail if its console ended."""
 
     def started() -> dict | None:
@@ -101,19 +104,25 @@ def _next_job_works(c: Cluster, tmp_path: Path, name: str = "next", timeout: flo
 # ---------------------------------------------------------------------------------- cores
 
 
-@pytest.mark.parametrize(("function", "retries", "detail"), [
-    ("segfault_on_culprit", 1, "signal 11"),
-    ("exit_on_culprit", 0, "exit code 3"),
-])
+@pytest.mark.parametrize(
+    ("function", "retries", "detail"),
+    [
+        ("segfault_on_culprit", 1, "signal 11"),
+        ("exit_on_culprit", 0, "exit code 3"),
+    ],
+)
 def test_crashing_argument_gets_core_crashed_error_and_neighbours_succeed(
-        make_cluster, tmp_path, function, retries, detail):
+    make_cluster, tmp_path, function, retries, detail
+):
     """A call that kills its core (SIGSEGV, or os._exit(3)) on one argument: the core is
     replaced, that argument alone is retried ``retries`` times and then reported as a
     CoreCrashed error saying it crashed its core retries+1 times; every other argument of the
     job (its batch neighbours included) gets its correct result; with on_error: continue the
     console exits 0."""
     c = _cluster(make_cluster)
-    job = _job(tmp_path, "crash", function, args_range=[0, 20], retries=retries, on_error="continue")
+    job = _job(
+        tmp_path, "crash", function, args_range=[0, 20], retries=retries, on_error="continue"
+    )
     done = c.assert_ok(c.console("compute", job, "--json", timeout=60))
     values = json.loads(done.stdout)
     assert len(values) == 20, c.explain(done)
@@ -133,13 +142,22 @@ def test_call_past_timeout_is_stopped_and_only_its_argument_fails(make_cluster, 
     and that argument alone gets a TaskTimeout error "timed out after 0.5s"; the others get
     their results, and the whole command is over in seconds, not 30."""
     c = _cluster(make_cluster)
-    job = _job(tmp_path, "overrun", "hang_on_culprit", args_range=[0, 12], timeout=0.5, retries=1,
-               on_error="continue")
+    job = _job(
+        tmp_path,
+        "overrun",
+        "hang_on_culprit",
+        args_range=[0, 12],
+        timeout=0.5,
+        retries=1,
+        on_error="continue",
+    )
     started = time.monotonic()
     done = c.assert_ok(c.console("compute", job, "--json", timeout=60))
     elapsed = time.monotonic() - started
     values = json.loads(done.stdout)
-    assert [v for x, v in enumerate(values) if x != CULPRIT] == [x + 100 for x in range(12) if x != CULPRIT]
+    assert [v for x, v in enumerate(values) if x != CULPRIT] == [
+        x + 100 for x in range(12) if x != CULPRIT
+    ]
     error = values[CULPRIT]
     assert isinstance(error, dict) and error.get("type") == "TaskTimeout", c.explain(done)
     assert "timed out after 0.5s" in error["message"] and "2 times" in error["message"], error
@@ -205,7 +223,9 @@ def test_detached_jobs_outlive_their_console_and_attach_collects_them(make_clust
     n = 40  # 0.1 s each on two cores: about 2 s, longer than the grace
     output = tmp_path / "away.jsonl"
     obj = _job(tmp_path, "away-object", "nap", args_range=[0, n])
-    fil = _job(tmp_path, "away-file", "nap", args_range=[0, n], response_mode="file", output=str(output))
+    fil = _job(
+        tmp_path, "away-file", "nap", args_range=[0, n], response_mode="file", output=str(output)
+    )
     ids = []
     for job in (obj, fil):
         done = c.assert_ok(c.console("compute", job, "--detach", "--json", timeout=QUICK))
@@ -217,7 +237,9 @@ def test_detached_jobs_outlive_their_console_and_attach_collects_them(make_clust
         states = {j["id"]: j for j in _jobs(c)}
         for job_id in ids:
             if job_id in states and states[job_id]["state"] not in ("running", "done"):
-                raise ClusterError(f"detached job ended {states[job_id]['state']}: {states[job_id]}")
+                raise ClusterError(
+                    f"detached job ended {states[job_id]['state']}: {states[job_id]}"
+                )
         return all(job_id in states and states[job_id]["state"] == "done" for job_id in ids)
 
     c.wait_for(finished, 60, "both detached jobs to finish")
@@ -238,11 +260,14 @@ def test_detached_file_job_writes_its_output_without_an_attach(make_cluster, tmp
     c = _cluster(make_cluster, REMAP_CONSOLE_GRACE=str(GRACE))
     n = 40
     output = tmp_path / "background.jsonl"
-    job = _job(tmp_path, "away-bg", "nap", args_range=[0, n], response_mode="file", output=str(output))
+    job = _job(
+        tmp_path, "away-bg", "nap", args_range=[0, n], response_mode="file", output=str(output)
+    )
     done = c.assert_ok(c.console("compute", job, "--detach", "--json", timeout=QUICK))
     writer = json.loads(done.stdout)["writer_pid"]
     assert isinstance(writer, int), c.explain(done)
     try:
+
         def written() -> bool:
             return output.exists() and len(output.read_text().splitlines()) == n
 
@@ -282,6 +307,7 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
             if info is not None and info["state"] != "running":
                 raise ClusterError(f"the job ended ({info['state']}) before {what}: {info}")
             return info if info is not None and predicate(info) else None
+
         return c.wait_for(check, QUICK, what)
 
     state(lambda j: j["done"] >= 10, "some results to be kept for attach")
@@ -297,14 +323,18 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
     c.wait_for(finished, 60, "the detached job to finish")
     second = c.assert_ok(c.console("attach", job_id, "--json", timeout=QUICK))
     values = json.loads(second.stdout)
-    assert isinstance(values, list), f"attach --json printed {type(values).__name__}: {second.stdout[:300]}"
+    assert isinstance(values, list), (
+        f"attach --json printed {type(values).__name__}: {second.stdout[:300]}"
+    )
     assert values == [x * x for x in range(n)], second.stdout[:1000]
 
 
 # ---------------------------------------------------------------------------------- the server
 
 
-def test_server_killed_mid_job_fails_the_console_and_nodes_rejoin_its_restart(make_cluster, tmp_path):
+def test_server_killed_mid_job_fails_the_console_and_nodes_rejoin_its_restart(
+    make_cluster, tmp_path
+):
     """The server is SIGKILLed while a console computes a job of 30 s calls: the console exits
     non-zero within seconds with one ``error:`` line about the lost connection and no
     traceback. A new server on the same port then gets both nodes back without help
@@ -350,7 +380,9 @@ def test_restarted_server_jobs_never_run_the_old_servers_functions(make_cluster,
     c.wait_for(one_node_idle, QUICK, "one node to finish its share of job 1 and sit idle")
     c.restart_server(signal.SIGKILL, timeout=30)
     assert c.finish(console, timeout=QUICK).returncode != 0
-    new = _job(tmp_path, "new", "square", args_range=[10, 60])  # no CULPRIT: a stale core would hang
+    new = _job(
+        tmp_path, "new", "square", args_range=[10, 60]
+    )  # no CULPRIT: a stale core would hang
     done = c.assert_ok(c.console("compute", new, "--json", timeout=QUICK))
     assert json.loads(done.stdout) == [x * x for x in range(10, 60)], c.explain(done)
 
@@ -382,7 +414,11 @@ def test_job_for_an_empty_group_waits_visibly_or_gives_up(make_cluster, tmp_path
         if console.poll() is not None:
             raise ClusterError(f"the console exited ({console.returncode}) while it should wait")
         info = _job_named(c, "patient")
-        return info if info is not None and "waiting for nodes in group 'gpu'" in info["waiting"] else None
+        return (
+            info
+            if info is not None and "waiting for nodes in group 'gpu'" in info["waiting"]
+            else None
+        )
 
     info = c.wait_for(waiting, QUICK, "status to show the job waiting for group gpu")
     assert info["done"] == 0 and info["state"] == "running", info
@@ -397,8 +433,10 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
     the work it had in flight finishes there, the running job completes with every result
     exactly once, the drained node stays connected, and the next job runs on the other node
     only."""
-    c = _cluster(make_cluster, nodes=[NodeSpec(env={"TEST_NODE_NAME": "a"}),
-                                      NodeSpec(env={"TEST_NODE_NAME": "b"})])
+    c = _cluster(
+        make_cluster,
+        nodes=[NodeSpec(env={"TEST_NODE_NAME": "a"}), NodeSpec(env={"TEST_NODE_NAME": "b"})],
+    )
     a, b = c.nodes
     n = 40  # 0.1 s each, one per batch: about 2 s on two cores
     job = _job(tmp_path, "busy", "where", args_range=[0, n], chunksize=1)
@@ -406,7 +444,9 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
 
     def both_busy() -> dict | None:
         if console.poll() is not None:
-            raise ClusterError(f"the console exited ({console.returncode}) before both nodes got work")
+            raise ClusterError(
+                f"the console exited ({console.returncode}) before both nodes got work"
+            )
         nodes = {node["pid"]: node for node in c.status()["nodes"]}
         ok = all(nodes.get(p, {}).get("tasks_in_flight", 0) > 0 for p in (a.pid, b.pid))
         return nodes if ok else None
@@ -428,4 +468,6 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
     done = c.assert_ok(c.console("compute", after, "--json", timeout=QUICK))
     ran_on = {node for _, node in json.loads(done.stdout)}
     assert ran_on == {"b"}, f"a drained node ran work of a later job: {ran_on}"
-    assert a.pid in {node["pid"] for node in c.status()["nodes"]}, "drain must not disconnect the node"
+    assert a.pid in {node["pid"] for node in c.status()["nodes"]}, (
+        "drain must not disconnect the node"
+    )

@@ -208,7 +208,9 @@ def test_large_frame_then_small_frame_in_the_same_read() -> None:
     from protocol.framing import LARGE_FRAME
 
     big = bytes(range(256)) * (LARGE_FRAME // 256 + 7)
-    stream = b"".join(encode_frame(b"\x81\xa1t\xa1a", big)) + b"".join(encode_frame(b"\x80", b"tail"))
+    stream = b"".join(encode_frame(b"\x81\xa1t\xa1a", big)) + b"".join(
+        encode_frame(b"\x80", b"tail")
+    )
     decoder = FrameDecoder(max_frame=len(stream))
     frames = []
     step = 10_000

@@ -16,7 +16,6 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-import cloudpickle
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -28,6 +27,7 @@ from remap.client import ClusterClient, JobOutcome, JobParams, JobRun
 from remap.node.agent import NodeAgent
 from remap.node.core import SLOT, Core
 from remap.server.service import RemapServerFactory
+from remap.shipping import function_blob
 from remap.sinks import MISSING, ObjectSink, ReduceSink, TaskErrorInfo
 from remap.wire import PeerProtocol
 
@@ -219,7 +219,7 @@ def job_run(
 ) -> JobRun:
     return JobRun(
         JobParams(**params),
-        cloudpickle.dumps((fn, reduce_fn)),
+        function_blob(fn, reduce_fn),
         iter(args),
         sink if sink is not None else ObjectSink(),
         total_hint=total,

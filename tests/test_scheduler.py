@@ -62,8 +62,13 @@ class FakeNode:
     """A node as the scheduler sees it: a link, the tasks it holds, and answers it sends."""
 
     def __init__(
-        self, sched: Scheduler, node_id: str, cores: int = 2, group: str | None = None,
-        host: str | None = None, pid: int = 1000,
+        self,
+        sched: Scheduler,
+        node_id: str,
+        cores: int = 2,
+        group: str | None = None,
+        host: str | None = None,
+        pid: int = 1000,
     ) -> None:
         self.sched = sched
         self.id = node_id
@@ -75,7 +80,9 @@ class FakeNode:
         sched.add_node(
             node_id,
             self.link,
-            m.NodeInfo(host=host or f"host-{node_id}", pid=pid, cores=cores, memory=1 << 30, group=group),
+            m.NodeInfo(
+                host=host or f"host-{node_id}", pid=pid, cores=cores, memory=1 << 30, group=group
+            ),
         )
         self.poll()
 
@@ -1090,8 +1097,12 @@ def test_finished_jobs_are_pruned_even_while_their_console_stays() -> None:
     for i in range(keep + 20):
         sched.submit(link, m.Submit(id=i, name=f"job{i}", payload=b"fn", total=1))
         job = max(sched.jobs)
-        assert sched.args_received(link, m.Args(job=job, start=0, sizes=[len(dumps(i))],
-                                                 payload=dumps(i))) is None
+        assert (
+            sched.args_received(
+                link, m.Args(job=job, start=0, sizes=[len(dumps(i))], payload=dumps(i))
+            )
+            is None
+        )
         assert sched.args_ended(link, m.ArgsEnd(job=job, total=1)) is None
         node.answer_all(fn=lambda x: x)
     assert len(sched.jobs) == keep and not sched.active

@@ -22,7 +22,18 @@ from ..settings import load_settings
 from . import render
 from .session import Session, make_job_sink
 
-COMMANDS = ("compute", "status", "nodes", "jobs", "kill", "drain", "attach", "results", "help", "quit")
+COMMANDS = (
+    "compute",
+    "status",
+    "nodes",
+    "jobs",
+    "kill",
+    "drain",
+    "attach",
+    "results",
+    "help",
+    "quit",
+)
 
 HELP = """\
 commands:
@@ -50,9 +61,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="remap", description="Run a Python function over many arguments on every core you own.",
-                    epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", help="HOST:PORT of the server (default: REMAP_SERVER; none = embedded cluster)")
+    parser = Parser(
+        prog="remap",
+        description="Run a Python function over many arguments on every core you own.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--server", help="HOST:PORT of the server (default: REMAP_SERVER; none = embedded cluster)"
+    )
     parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
     parser.add_argument("--cores", type=int, help="cores of the embedded cluster")
     parser.add_argument("--log-level", help="debug, info, warn or error (logs go to stderr)")
@@ -60,12 +77,21 @@ def build_parser() -> Parser:
     p = sub.add_parser("compute", help="run a job file")
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--detach", action="store_true", help="let the job run on if this console leaves")
-    p.add_argument("--wait-for-nodes", type=float, metavar="SECONDS",
-                   help="fail if no node can run the job within this time")
+    p.add_argument(
+        "--detach", action="store_true", help="let the job run on if this console leaves"
+    )
+    p.add_argument(
+        "--wait-for-nodes",
+        type=float,
+        metavar="SECONDS",
+        help="fail if no node can run the job within this time",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--traceback", action="store_true",
-                   help="if the job fails, print the remote traceback of the first failing call")
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="if the job fails, print the remote traceback of the first failing call",
+    )
     for name in ("status", "nodes", "jobs"):
         sub.add_parser(name, help=f"show {name}").add_argument("--json", action="store_true")
     p = sub.add_parser("kill", help="stop a job, or the whole cluster")
@@ -86,7 +112,9 @@ def build_parser() -> Parser:
 class Console:
     """Runs parsed commands against a session and prints for a person or a program."""
 
-    def __init__(self, session: Session, out: Any = None, err: Any = None, env_file: str = ".env") -> None:
+    def __init__(
+        self, session: Session, out: Any = None, err: Any = None, env_file: str = ".env"
+    ) -> None:
         self.session = session
         self.env_file = env_file
         self.out = out or sys.stdout
@@ -108,8 +136,10 @@ class Console:
         spec = load_job(args.job)
         detach = args.detach or spec.detach
         if detach and not self.session.settings.server:
-            raise UsageError("compute --detach needs a server (--server or REMAP_SERVER): an embedded "
-                             "cluster ends with its console")
+            raise UsageError(
+                "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
+                "cluster ends with its console"
+            )
         stream_json = args.json and spec.response_mode == "stream"
         show_stream = spec.response_mode == "stream"
 
@@ -117,10 +147,15 @@ class Console:
 
         def on_item(index: int, result: Any, error: Any) -> None:
             if stream_json:
-                line = json.dumps({"index": index, "error": error.to_json()} if error
-                                  else {"index": index, "result": render.jsonable(result)})
+                line = json.dumps(
+                    {"index": index, "error": error.to_json()}
+                    if error
+                    else {"index": index, "result": render.jsonable(result)}
+                )
             else:
-                line = f"{index}: " + (f"ERROR {error.type_name}: {error.message}" if error else repr(result))
+                line = f"{index}: " + (
+                    f"ERROR {error.type_name}: {error.message}" if error else repr(result)
+                )
             self.out.write(line + "\n")
             # a slow stream shows each result at once; a fast one flushes ten times a second
             now = time.monotonic()
@@ -142,9 +177,14 @@ class Console:
                 progress.clear()
             self.note(text.rstrip("\n"))
 
-        run, future = self.session.start_job(spec, sink, detach=detach,
-                                             wait_for_nodes=args.wait_for_nodes,
-                                             on_notice=on_notice, on_output=on_output)
+        run, future = self.session.start_job(
+            spec,
+            sink,
+            detach=detach,
+            wait_for_nodes=args.wait_for_nodes,
+            on_notice=on_notice,
+            on_output=on_output,
+        )
         if detach:
             return self._detached(run, future, args, spec)
         try:
@@ -170,8 +210,12 @@ class Console:
                 return future.result(timeout=0.2)
             except concurrent.futures.TimeoutError:
                 if progress:
-                    progress.draw(run.done, run.failed, run.total_hint or (run.sent if run.exhausted else None),
-                                  notes[-1] if notes and not run.done else "")
+                    progress.draw(
+                        run.done,
+                        run.failed,
+                        run.total_hint or (run.sent if run.exhausted else None),
+                        notes[-1] if notes and not run.done else "",
+                    )
 
     def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
         """With ``--traceback``, print where the first failing call raised; else say how to see it."""
@@ -196,13 +240,24 @@ class Console:
         if spec.response_mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
         if args.json:
-            self.say(json.dumps({"job": run.job_id, "detached": True,
-                                 "writer_pid": writer.pid if writer else None}))
+            self.say(
+                json.dumps(
+                    {
+                        "job": run.job_id,
+                        "detached": True,
+                        "writer_pid": writer.pid if writer else None,
+                    }
+                )
+            )
         else:
-            self.say(f"job {run.job_id} runs detached; collect results with: remap attach {run.job_id}")
+            self.say(
+                f"job {run.job_id} runs detached; collect results with: remap attach {run.job_id}"
+            )
             if writer is not None:
-                self.say(f"a background console (pid {writer.pid}) writes its results to {spec.output} "
-                         f"as they arrive")
+                self.say(
+                    f"a background console (pid {writer.pid}) writes its results to {spec.output} "
+                    f"as they arrive"
+                )
         return 0
 
     def _spawn_writer(self, job: int, output: Any) -> subprocess.Popen:
@@ -214,11 +269,26 @@ class Console:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         if settings.secret:
             env["REMAP_SECRET_KEY"] = settings.secret
-        argv = [sys.executable, "-c", "from remap.console.main import run; run()",
-                "--server", str(settings.server), "--env-file", self.env_file, "attach", str(job)]
+        argv = [
+            sys.executable,
+            "-c",
+            "from remap.console.main import run; run()",
+            "--server",
+            str(settings.server),
+            "--env-file",
+            self.env_file,
+            "attach",
+            str(job),
+        ]
         with open(log, "ab") as out:
-            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
 
     def _report(self, spec: Any, sink: Any, outcome: Any, args: argparse.Namespace) -> int:
         mode = spec.response_mode
@@ -232,9 +302,11 @@ class Console:
         elif args.json:
             self.say(json.dumps({**summary, "job": outcome.job, "state": outcome.state}))
         else:
-            self.say(f"{summary.get('done', 0)} results"
-                     + (f", {summary['failed']} errors" if summary.get("failed") else "")
-                     + (f" written to {summary['output']}" if summary.get("output") else ""))
+            self.say(
+                f"{summary.get('done', 0)} results"
+                + (f", {summary['failed']} errors" if summary.get("failed") else "")
+                + (f" written to {summary['output']}" if summary.get("output") else "")
+            )
         if outcome.failed:
             self.note(f"{outcome.failed} argument(s) failed (on_error: continue)")
         return 0
@@ -260,7 +332,9 @@ class Console:
         if args.cluster:
             if not args.yes:
                 if not sys.stdin.isatty():
-                    raise UsageError("kill --cluster stops every node and the server: add --yes to confirm")
+                    raise UsageError(
+                        "kill --cluster stops every node and the server: add --yes to confirm"
+                    )
                 answer = input("stop every node and the server? [y/N] ").strip().lower()
                 if answer not in ("y", "yes"):
                     self.note("not stopped")
@@ -289,19 +363,27 @@ class Console:
             raise UsageError(f"no job {args.job} on the server (see: remap jobs)")
         mode = job["mode"]
         if mode == "reduce":
-            raise UsageError("attach cannot fold a reduce job's results: it has no reduce function; "
-                             "run reduce jobs attached")
+            raise UsageError(
+                "attach cannot fold a reduce job's results: it has no reduce function; "
+                "run reduce jobs attached"
+            )
         output = job.get("output")
-        sink = make_sink(mode if mode != "stream" else "object",
-                         output=output if mode in ("sqlite", "file") else None)
+        sink = make_sink(
+            mode if mode != "stream" else "object",
+            output=output if mode in ("sqlite", "file") else None,
+        )
         run, future = self.session.attach(args.job, sink)
         outcome = future.result()
         if mode in ("object", "stream"):
             self._print_values(sink.value(), args.json)
         else:
             summary = {**sink.summary(), "job": outcome.job, "state": outcome.state}
-            self.say(json.dumps(summary) if args.json else
-                     f"{summary.get('done', 0)} results" + (f" written to {output}" if output else ""))
+            self.say(
+                json.dumps(summary)
+                if args.json
+                else f"{summary.get('done', 0)} results"
+                + (f" written to {output}" if output else "")
+            )
         if outcome.failed:
             self.note(f"{outcome.failed} argument(s) failed")
         missing = sink.summary().get("missing", 0)
@@ -392,7 +474,11 @@ class Shell(cmd.Cmd):
             names = sorted(p for p in base.iterdir() if p.name.startswith(prefix))
         except OSError:
             return []
-        return [str(p) + ("/" if p.is_dir() else "") for p in names if p.is_dir() or p.suffix in (".yaml", ".yml")]
+        return [
+            str(p) + ("/" if p.is_dir() else "")
+            for p in names
+            if p.is_dir() or p.suffix in (".yaml", ".yml")
+        ]
 
     def postloop(self) -> None:
         try:
@@ -408,8 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     session: Session | None = None
     try:
         args = parser.parse_args(argv)
-        settings = load_settings({"server": args.server, "cores": args.cores, "log_level": args.log_level},
-                                 dotenv_path=args.env_file)
+        settings = load_settings(
+            {"server": args.server, "cores": args.cores, "log_level": args.log_level},
+            dotenv_path=args.env_file,
+        )
         start_logging(settings.log_level if args.log_level else "error")
         session = Session(settings)
         console = Console(session, env_file=args.env_file)

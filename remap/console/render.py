@@ -33,7 +33,9 @@ def fmt_bytes(n: int) -> str:
 class Progress:
     """A one-line progress bar with rate and ETA, redrawn in place on a terminal."""
 
-    def __init__(self, out: TextIO = sys.stderr, width: int = 28, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO = sys.stderr, width: int = 28, clock: Any = time.monotonic
+    ) -> None:
         self.out = out
         self.width = width
         self.clock = clock
@@ -87,9 +89,20 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 def nodes_table(nodes: list[dict]) -> str:
     if not nodes:
         return "no nodes connected"
-    rows = [[n["id"][:8], n["host"], f"{n['busy']}/{n['cores']}", fmt_bytes(n["memory"]),
-             f"{n['load']:.2f}", n["group"] or "-", "draining" if n["draining"] else "ready",
-             fmt_duration(n["connected_for"]), n["tasks_done"]] for n in nodes]
+    rows = [
+        [
+            n["id"][:8],
+            n["host"],
+            f"{n['busy']}/{n['cores']}",
+            fmt_bytes(n["memory"]),
+            f"{n['load']:.2f}",
+            n["group"] or "-",
+            "draining" if n["draining"] else "ready",
+            fmt_duration(n["connected_for"]),
+            n["tasks_done"],
+        ]
+        for n in nodes
+    ]
     return table(rows, ["NODE", "HOST", "BUSY", "MEMORY", "LOAD", "GROUP", "STATE", "UP", "TASKS"])
 
 
@@ -100,9 +113,22 @@ def jobs_table(jobs: list[dict]) -> str:
     for j in jobs:
         total = j["total"] if j["total"] is not None else f"{j['received']}+"
         state = j["state"] + (f" ({j['waiting']})" if j["waiting"] else "")
-        rows.append([j["id"], j["name"], state, j["mode"], j["done"], j["failed"], j["running"],
-                     total, f"{j['rate']:,.0f}/s"])
-    return table(rows, ["JOB", "NAME", "STATE", "MODE", "DONE", "FAILED", "RUNNING", "TOTAL", "RATE"])
+        rows.append(
+            [
+                j["id"],
+                j["name"],
+                state,
+                j["mode"],
+                j["done"],
+                j["failed"],
+                j["running"],
+                total,
+                f"{j['rate']:,.0f}/s",
+            ]
+        )
+    return table(
+        rows, ["JOB", "NAME", "STATE", "MODE", "DONE", "FAILED", "RUNNING", "TOTAL", "RATE"]
+    )
 
 
 def status_text(status: dict) -> str:
@@ -111,6 +137,8 @@ def status_text(status: dict) -> str:
     busy = sum(n["busy"] for n in nodes)
     running = [j for j in jobs if j["state"] == "running"]
     rate = sum(j["rate"] for j in running)
-    head = (f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
-            f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s")
+    head = (
+        f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
+        f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s"
+    )
     return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs)])

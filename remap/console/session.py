@@ -6,11 +6,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
-from .. import runtime
+from .. import runtime, shipping
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun
 from ..cluster import EmbeddedCluster, connect_console
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
@@ -21,24 +19,39 @@ from ..sinks import Sink, make_sink
 def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None) -> bytes:
     """Pickle a job's callables by value, or say plainly which one cannot travel."""
     try:
-        return cloudpickle.dumps((fn, reduce_fn))
+        return shipping.function_blob(fn, reduce_fn)
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
-        raise ConfigError(f"function {name} cannot be sent to the cluster: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"function {name} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
+        ) from None
 
 
-def params_for(spec: JobSpec, *, detach: bool = False, wait_for_nodes: float | None = None) -> JobParams:
-    return JobParams(name=spec.name, mode=spec.response_mode, group=spec.group, retries=spec.retries,
-                     timeout=spec.timeout, on_error=spec.on_error, chunksize=spec.chunksize or 0,
-                     priority=spec.priority, detach=detach or spec.detach, star=spec.star,
-                     wait_for_nodes=wait_for_nodes,
-                     output=str(spec.output) if spec.output else None)
+def params_for(
+    spec: JobSpec, *, detach: bool = False, wait_for_nodes: float | None = None
+) -> JobParams:
+    return JobParams(
+        name=spec.name,
+        mode=spec.response_mode,
+        group=spec.group,
+        retries=spec.retries,
+        timeout=spec.timeout,
+        on_error=spec.on_error,
+        chunksize=spec.chunksize or 0,
+        priority=spec.priority,
+        detach=detach or spec.detach,
+        star=spec.star,
+        wait_for_nodes=wait_for_nodes,
+        output=str(spec.output) if spec.output else None,
+    )
 
 
 class Session:
     """Owns the reactor-side objects; every public method blocks the calling thread."""
 
-    def __init__(self, settings: Settings, *, announce: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, announce: Callable[[str], None] | None = None
+    ) -> None:
         self.settings = settings
         self.client: ClusterClient | None = None
         self.embedded: EmbeddedCluster | None = None
@@ -53,18 +66,26 @@ class Session:
         if self.connected():
             return self.client  # type: ignore[return-value]
         if self.settings.server:
-            self.client = runtime.run(runtime.as_deferred(connect_console), runtime.reactor(),
-                                      self.settings, self.settings.server)
+            self.client = runtime.run(
+                runtime.as_deferred(connect_console),
+                runtime.reactor(),
+                self.settings,
+                self.settings.server,
+            )
         elif self.embedded is not None or allow_embedded:
             if self.embedded is None:
                 self.embedded = EmbeddedCluster(runtime.reactor(), self.settings)
                 address = runtime.run(runtime.as_deferred(self.embedded.start))
-                self.announce(f"no server configured: started an embedded local cluster with "
-                              f"{self.embedded.cores} cores on {address}")
+                self.announce(
+                    f"no server configured: started an embedded local cluster with "
+                    f"{self.embedded.cores} cores on {address}"
+                )
             self.client = runtime.run(runtime.as_deferred(self.embedded.connect))
         else:
-            raise ConfigError("no server configured: pass --server HOST:PORT or set REMAP_SERVER "
-                              "(compute alone runs on an embedded local cluster)")
+            raise ConfigError(
+                "no server configured: pass --server HOST:PORT or set REMAP_SERVER "
+                "(compute alone runs on an embedded local cluster)"
+            )
         return self.client
 
     def close(self) -> None:
@@ -84,17 +105,29 @@ class Session:
 
     # ------------------------------------------------------------------ jobs
 
-    def start_job(self, spec: JobSpec, sink: Sink, *, detach: bool = False,
-                  wait_for_nodes: float | None = None,
-                  on_notice: Callable[[str], None] | None = None,
-                  on_output: Callable[[int, str], None] | None = None) -> tuple[JobRun, Any]:
+    def start_job(
+        self,
+        spec: JobSpec,
+        sink: Sink,
+        *,
+        detach: bool = False,
+        wait_for_nodes: float | None = None,
+        on_notice: Callable[[str], None] | None = None,
+        on_output: Callable[[int, str], None] | None = None,
+    ) -> tuple[JobRun, Any]:
         """Submit a job; return the run (for progress) and a future of its outcome."""
         fn, reduce_fn = load_callables(spec)
         blob = function_blob(fn, reduce_fn)
         client = self.connect(allow_embedded=True)
-        run = JobRun(params_for(spec, detach=detach, wait_for_nodes=wait_for_nodes), blob,
-                     iter_arguments(spec), sink, total_hint=count_arguments(spec),
-                     on_notice=on_notice, on_output=on_output)
+        run = JobRun(
+            params_for(spec, detach=detach, wait_for_nodes=wait_for_nodes),
+            blob,
+            iter_arguments(spec),
+            sink,
+            total_hint=count_arguments(spec),
+            on_notice=on_notice,
+            on_output=on_output,
+        )
         return run, runtime.call(client.submit, run)
 
     def attach(self, job: int, sink: Sink) -> tuple[JobRun, Any]:
@@ -111,9 +144,13 @@ class Session:
 
 
 def make_job_sink(spec: JobSpec, *, on_item: Any = None, out: Any = None) -> Sink:
-    return make_sink(spec.response_mode, output=spec.output if spec.response_mode in ("sqlite", "file") else None,
-                     reduce_fn=load_callables(spec)[1] if spec.response_mode == "reduce" else None,
-                     on_item=on_item, out=out)
+    return make_sink(
+        spec.response_mode,
+        output=spec.output if spec.response_mode in ("sqlite", "file") else None,
+        reduce_fn=load_callables(spec)[1] if spec.response_mode == "reduce" else None,
+        on_item=on_item,
+        out=out,
+    )
 
 
 __all__ = ["Session", "make_job_sink", "JobOutcome", "JobFailed", "ConnectionLost"]

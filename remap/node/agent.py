@@ -35,8 +35,15 @@ class NodeAgent:
 
     log = Logger()
 
-    def __init__(self, pool: CorePool, *, group: str | None = None, host: str | None = None,
-                 on_shutdown: Any = None, on_auth_failure: Any = None) -> None:
+    def __init__(
+        self,
+        pool: CorePool,
+        *,
+        group: str | None = None,
+        host: str | None = None,
+        on_shutdown: Any = None,
+        on_auth_failure: Any = None,
+    ) -> None:
         self.pool = pool
         self.group = group
         self.host = host or socket.gethostname()
@@ -63,16 +70,28 @@ class NodeAgent:
         size = 8 + len(header) + len(payload)
         if size <= limit:
             return msg
-        return m.TaskFailed(task=msg.task, reason="too-large", at=-1,
-                            message=f"{size} bytes of results, over REMAP_MAX_FRAME ({limit})")
+        return m.TaskFailed(
+            task=msg.task,
+            reason="too-large",
+            at=-1,
+            message=f"{size} bytes of results, over REMAP_MAX_FRAME ({limit})",
+        )
 
     # ---------------------------------------------------------------- Handler
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.link = link
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
-        link.send(m.NodeInfo(host=self.host, pid=os.getpid(), cores=self.pool.size,
-                             memory=total_memory(), group=self.group, load=load_average()))
+        link.send(
+            m.NodeInfo(
+                host=self.host,
+                pid=os.getpid(),
+                cores=self.pool.size,
+                memory=total_memory(),
+                group=self.group,
+                load=load_average(),
+            )
+        )
 
     def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
         t = type(msg)
@@ -103,7 +122,9 @@ class NodeAgent:
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
         if self.link is link:
             self.link = None
-            self.log.warn("lost the server: {error}; dropping its work and reconnecting", error=error)
+            self.log.warn(
+                "lost the server: {error}; dropping its work and reconnecting", error=error
+            )
             self.pool.cancel_all()
 
     def heartbeat(self) -> m.Heartbeat:

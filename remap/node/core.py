@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 
 from remap.blobs import dumps, split
+from remap.shipping import load_function_blob
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
 SLOT = struct.Struct("<qd")  # position of the running argument (-1 idle), its start (monotonic)
@@ -52,13 +53,17 @@ def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
     data = b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
     # start the traceback at the user's code: the core's own frame says nothing to them
     start = exc.__traceback__
-    if start is not None and start.tb_next is not None and start.tb_frame.f_code.co_filename == __file__:
+    if (
+        start is not None
+        and start.tb_next is not None
+        and start.tb_frame.f_code.co_filename == __file__
+    ):
         start = start.tb_next
     tb = "".join(traceback.format_exception(type(exc), exc, start))
     return [pos, type(exc).__qualname__, str(exc)[:2000], tb[-8000:]]
@@ -111,9 +116,7 @@ class Core:
         self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
 
     def load(self, header: dict, payload: bytes) -> None:
-        import cloudpickle  # noqa: F401  (registers what by-value pickles need)
-
-        fn, reduce_fn = pickle.loads(payload)
+        fn, reduce_fn = load_function_blob(payload)
         self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False))
 
     def run(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
@@ -172,7 +175,6 @@ class Core:
         }
         return reply, b"".join(blobs)
 
-
     @staticmethod
     def _unloadable(header: dict, exc: BaseException | None) -> tuple[dict, bytes]:
         """Every argument fails with the reason the function could not be loaded here."""
@@ -181,8 +183,15 @@ class Core:
         entry[2] = f"the job's function could not be loaded on this node: {entry[2]}"
         n = len(header["sizes"])
         errors = [[pos, *entry[1:]] for pos in range(n)]
-        return {"t": "result", "task": header["task"], "sizes": [0] * n, "errors": errors,
-                "elapsed": 0.0, "output": "", "partial": False}, b""
+        return {
+            "t": "result",
+            "task": header["task"],
+            "sizes": [0] * n,
+            "errors": errors,
+            "elapsed": 0.0,
+            "output": "",
+            "partial": False,
+        }, b""
 
 
 def _die_with_parent() -> None:

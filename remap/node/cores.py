@@ -93,7 +93,9 @@ class CoreProcess(ProcessProtocol):
                 header = msgpack.unpackb(frame.header, raw=False)
                 self.pool._core_message(self, header, frame.payload)
         else:  # output from outside Python's sys.stdout (C code, subprocesses)
-            self.log.debug("core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip())
+            self.log.debug(
+                "core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip()
+            )
 
     def processEnded(self, reason: Any) -> None:
         self.dead = True
@@ -192,7 +194,9 @@ class CorePool:
 
     def submit(self, task: m.Task) -> None:
         if task.job not in self.jobs:
-            self.on_failed(m.TaskFailed(task=task.task, reason="error", message="job was not loaded"))
+            self.on_failed(
+                m.TaskFailed(task=task.task, reason="error", message="job was not loaded")
+            )
             return
         self.queue.append(task)
         self._dispatch()
@@ -250,8 +254,16 @@ class CorePool:
             core.send({"t": "load", "job": task.job, "star": info.star}, info.blob)
             core.loaded.add(task.job)
         core.task = task
-        core.send({"t": "run", "task": task.task, "job": task.job, "sizes": task.sizes,
-                   "reduce": info.reduce}, task.payload)
+        core.send(
+            {
+                "t": "run",
+                "task": task.task,
+                "job": task.job,
+                "sizes": task.sizes,
+                "reduce": info.reduce,
+            },
+            task.payload,
+        )
 
     def _core_message(self, core: CoreProcess, header: dict, payload: bytes) -> None:
         kind = header.get("t")
@@ -262,10 +274,18 @@ class CorePool:
             task, core.task = core.task, None
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
             if task is not None and core.killing in (None, "timeout"):
-                self.on_result(m.TaskResult(
-                    task=header["task"], sizes=header["sizes"], errors=header["errors"],
-                    elapsed=header["elapsed"], output=header["output"], partial=header["partial"],
-                    packed=header.get("packed", False), payload=payload))
+                self.on_result(
+                    m.TaskResult(
+                        task=header["task"],
+                        sizes=header["sizes"],
+                        errors=header["errors"],
+                        elapsed=header["elapsed"],
+                        output=header["output"],
+                        partial=header["partial"],
+                        packed=header.get("packed", False),
+                        payload=payload,
+                    )
+                )
             self._dispatch()
 
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:
@@ -285,10 +305,20 @@ class CorePool:
                 code = getattr(reason.value, "exitCode", None)
                 sig = getattr(reason.value, "signal", None)
                 detail = f"signal {sig}" if sig else f"exit code {code}"
-                self.log.warn("core {i} died running task {t} ({detail}); replacing it",
-                              i=core.index, t=task.task, detail=detail)
-                self.on_failed(m.TaskFailed(task=task.task, reason="crash", at=at,
-                                            message=f"core process died with {detail}"))
+                self.log.warn(
+                    "core {i} died running task {t} ({detail}); replacing it",
+                    i=core.index,
+                    t=task.task,
+                    detail=detail,
+                )
+                self.on_failed(
+                    m.TaskFailed(
+                        task=task.task,
+                        reason="crash",
+                        at=at,
+                        message=f"core process died with {detail}",
+                    )
+                )
         self._spawn(core.index)
 
     def _check_timeouts(self) -> None:
@@ -302,6 +332,11 @@ class CorePool:
                 continue
             pos, started = core.slot()
             if pos >= 0 and now - started > info.timeout:
-                self.log.info("task {t}: argument at position {pos} passed its {s}s timeout; killing core {i}",
-                              t=task.task, pos=pos, s=info.timeout, i=core.index)
+                self.log.info(
+                    "task {t}: argument at position {pos} passed its {s}s timeout; killing core {i}",
+                    t=task.task,
+                    pos=pos,
+                    s=info.timeout,
+                    i=core.index,
+                )
                 core.kill("timeout", at=pos)

@@ -16,9 +16,17 @@ from ..settings import load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="remap-node", description="A remap node: runs tasks on this machine's cores.")
-    p.add_argument("--server", help="HOST:PORT of the server (REMAP_SERVER; default 127.0.0.1:7878)")
-    p.add_argument("--cores", type=int, help=f"cores to run (REMAP_CORES; default cpu count - 1 = {default_cores()})")
+    p = argparse.ArgumentParser(
+        prog="remap-node", description="A remap node: runs tasks on this machine's cores."
+    )
+    p.add_argument(
+        "--server", help="HOST:PORT of the server (REMAP_SERVER; default 127.0.0.1:7878)"
+    )
+    p.add_argument(
+        "--cores",
+        type=int,
+        help=f"cores to run (REMAP_CORES; default cpu count - 1 = {default_cores()})",
+    )
     p.add_argument("--group", help="node group; jobs with `group:` run only on nodes of that group")
     p.add_argument("--env-file", default=".env", help="settings file (default .env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
@@ -26,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(reactor, args: argparse.Namespace) -> int:
-    settings = load_settings({"server": args.server, "cores": args.cores, "group": args.group,
-                              "log_level": args.log_level}, dotenv_path=args.env_file)
+    settings = load_settings(
+        {
+            "server": args.server,
+            "cores": args.cores,
+            "group": args.group,
+            "log_level": args.log_level,
+        },
+        dotenv_path=args.env_file,
+    )
     start_logging(settings.log_level)
     stopped: defer.Deferred = defer.Deferred()
     result = {"code": 0}
@@ -44,8 +59,11 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             stopped.callback(None)
 
     node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused)
-    print(f"remap node: {node.pool.size} cores, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
-          file=sys.stderr, flush=True)
+    print(
+        f"remap node: {node.pool.size} cores, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
+        file=sys.stderr,
+        flush=True,
+    )
     reactor.addSystemEventTrigger("before", "shutdown", lambda: shutdown("reactor stopping"))
     await stopped
     await node.stop()

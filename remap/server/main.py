@@ -14,9 +14,14 @@ from ..settings import load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="remap-server", description="The remap server: nodes and consoles connect here.")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1; REMAP_HOST). A non-loopback "
-                                  "address needs REMAP_SECRET_KEY")
+    p = argparse.ArgumentParser(
+        prog="remap-server", description="The remap server: nodes and consoles connect here."
+    )
+    p.add_argument(
+        "--host",
+        help="address to bind (default 127.0.0.1; REMAP_HOST). A non-loopback "
+        "address needs REMAP_SECRET_KEY",
+    )
     p.add_argument("--port", type=int, help="port (default 7878; REMAP_PORT; 0 picks a free one)")
     p.add_argument("--env-file", default=".env", help="settings file (default .env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
@@ -25,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(reactor, args: argparse.Namespace) -> int:
-    settings = load_settings({"host": args.host, "port": args.port, "log_level": args.log_level},
-                             dotenv_path=args.env_file)
+    settings = load_settings(
+        {"host": args.host, "port": args.port, "log_level": args.log_level},
+        dotenv_path=args.env_file,
+    )
     start_logging(settings.log_level)
     server = await start_server(reactor, settings)
     port = server.port.getHost().port
@@ -36,7 +43,9 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
     stopped: defer.Deferred = defer.Deferred()
     server.factory.on_stop = lambda: stopped.called or stopped.callback(None)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: stopped.called or stopped.callback(None))
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: stopped.called or stopped.callback(None)
+    )
     await stopped
     await server.stop()
     return 0

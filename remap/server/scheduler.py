@@ -265,8 +265,13 @@ class Scheduler:
         if not node.draining:
             self._ready[node_id] = node
         self._add_credits(node, +1)
-        self.log.info("node {id} joined: {host} with {cores} cores, group {group}", id=node_id,
-                      host=node.host, cores=node.cores, group=node.group)
+        self.log.info(
+            "node {id} joined: {host} with {cores} cores, group {group}",
+            id=node_id,
+            host=node.host,
+            cores=node.cores,
+            group=node.group,
+        )
         for job in self.active.values():
             if not job.finished and job.waiting and self._group_ok(node, job):
                 job.waiting = ""
@@ -277,7 +282,9 @@ class Scheduler:
         """Keep credit totals (all nodes, per group) current, so sizing a window is O(1)."""
         self._all_credits += sign * node.credits
         if node.group is not None:
-            self._group_credits[node.group] = self._group_credits.get(node.group, 0) + sign * node.credits
+            self._group_credits[node.group] = (
+                self._group_credits.get(node.group, 0) + sign * node.credits
+            )
 
     def _credits_for(self, job: JobState) -> int:
         """Total credits of the nodes that may run ``job``."""
@@ -304,8 +311,13 @@ class Scheduler:
                 self._requeue(job, task.segment)
                 requeued += len(task.segment)
         node.inflight.clear()
-        self.log.warn("node {id} ({host}) lost: {reason}; {n} arguments re-queued",
-                      id=node_id, host=node.host, reason=reason, n=requeued)
+        self.log.warn(
+            "node {id} ({host}) lost: {reason}; {n} arguments re-queued",
+            id=node_id,
+            host=node.host,
+            reason=reason,
+            n=requeued,
+        )
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
@@ -315,7 +327,9 @@ class Scheduler:
         """Drain the node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
         matches = [n for n in self.nodes.values() if node_ref in (n.id, f"{n.host}:{n.pid}")]
         if not matches:
-            matches = [n for n in self.nodes.values() if n.id.startswith(node_ref) or n.host == node_ref]
+            matches = [
+                n for n in self.nodes.values() if n.id.startswith(node_ref) or n.host == node_ref
+            ]
         if len(matches) != 1:
             return None
         node = matches[0]
@@ -352,7 +366,9 @@ class Scheduler:
         self.jobs[job.id] = job
         self.active[job.id] = job
         job.granted = self._window(job)
-        self.log.info("job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode)
+        self.log.info(
+            "job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode
+        )
         console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
         self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
         self._prune_finished()
@@ -375,9 +391,11 @@ class Scheduler:
             if job.console is not None:
                 job.console.send(m.JobNotice(job=job.id, message=note))
         if wait_for_nodes is not None:
+
             def give_up() -> None:
                 if not job.finished and job.waiting:
                     self.finish(job, "failed", f"no nodes {where} after {wait_for_nodes:g}s")
+
             job.timers.append(self.clock.callLater(wait_for_nodes, give_up))
 
     def args_received(self, console: Any, msg: m.Args) -> str | None:
@@ -398,7 +416,9 @@ class Scheduler:
         job.received += n
         job.received_bytes += len(msg.payload)
         if n:
-            job.pending.append(Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload)))
+            job.pending.append(
+                Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload))
+            )
             job.pending_count += n
             job.pending_bytes += len(msg.payload)
         self.pump()
@@ -436,8 +456,11 @@ class Scheduler:
             job.console = None
             if job.finished or (job.detach and job.args_ended):
                 continue
-            self.log.info("console of job {id} left; cancelling in {grace}s unless it returns",
-                          id=job.id, grace=self.console_grace)
+            self.log.info(
+                "console of job {id} left; cancelling in {grace}s unless it returns",
+                id=job.id,
+                grace=self.console_grace,
+            )
             why = "its console disconnected"
             if job.detach:
                 why += f" after sending {job.received} arguments, before the last"
@@ -445,6 +468,7 @@ class Scheduler:
             def cancel(job: JobState = job, why: str = why) -> None:
                 if not job.finished and (job.console is None or not job.args_ended):
                     self.finish(job, "cancelled", why)
+
             job.timers.append(self.clock.callLater(self.console_grace, cancel))
 
     def attach(self, console: Any, job_id: int) -> JobState | None:
@@ -497,15 +521,23 @@ class Scheduler:
                 node.loaded.discard(job.id)
                 node.link.send(m.JobDrop(job=job.id))
         job.running = 0
-        self.log.info("job {id} {state}: {done} done, {failed} failed {message}", id=job.id,
-                      state=state, done=job.done, failed=job.failed, message=message)
+        self.log.info(
+            "job {id} {state}: {done} done, {failed} failed {message}",
+            id=job.id,
+            state=state,
+            done=job.done,
+            failed=job.failed,
+            message=message,
+        )
         if job.console is not None:
             job.console.send(self._done_message(job))
         self._prune_finished()
         self.pump()
 
     def _done_message(self, job: JobState) -> m.JobDone:
-        return m.JobDone(job=job.id, state=job.state, done=job.done, failed=job.failed, message=job.message)
+        return m.JobDone(
+            job=job.id, state=job.state, done=job.done, failed=job.failed, message=job.message
+        )
 
     def _prune_finished(self) -> None:
         """Keep the newest ``keep_finished`` finished jobs (for status and attach), forget older ones."""
@@ -546,7 +578,13 @@ class Scheduler:
         if job.chunksize:
             return job.chunksize
         if job.timeout is not None:
-            return 1 if job.per_call is None else max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
+            return (
+                1
+                if job.per_call is None
+                else max(
+                    1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7)))
+                )
+            )
         if job.per_call is None:
             return 16  # a first small batch to measure call times
         size = int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))
@@ -601,8 +639,15 @@ class Scheduler:
         job.running += len(seg)
         if job.id not in node.loaded:
             node.loaded.add(job.id)
-            node.link.send(m.JobLoad(job=job.id, star=job.star, timeout=job.timeout,
-                                     reduce=job.mode == "reduce", payload=job.fn_blob))
+            node.link.send(
+                m.JobLoad(
+                    job=job.id,
+                    star=job.star,
+                    timeout=job.timeout,
+                    reduce=job.mode == "reduce",
+                    payload=job.fn_blob,
+                )
+            )
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
         node.link.send(m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload))
@@ -633,8 +678,12 @@ class Scheduler:
         problem = self._malformed(msg, len(seg))
         if problem:
             # the arguments go back to the queue and this node gets nothing more
-            self.log.error("node {id} answered task {t} wrongly: {problem}",
-                           id=node_id, t=msg.task, problem=problem)
+            self.log.error(
+                "node {id} answered task {t} wrongly: {problem}",
+                id=node_id,
+                t=msg.task,
+                problem=problem,
+            )
             self._requeue(job, seg)
             self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
             node.link.close()
@@ -645,9 +694,19 @@ class Scheduler:
         n_err = len(msg.errors)
         job.done += len(seg) - n_err
         job.failed += n_err
-        self._deliver(job, m.Results(job=job.id, indices=list(seg.indices), sizes=msg.sizes,
-                                     errors=msg.errors, output=msg.output, partial=msg.partial,
-                                     packed=msg.packed, payload=msg.payload))
+        self._deliver(
+            job,
+            m.Results(
+                job=job.id,
+                indices=list(seg.indices),
+                sizes=msg.sizes,
+                errors=msg.errors,
+                output=msg.output,
+                partial=msg.partial,
+                packed=msg.packed,
+                payload=msg.payload,
+            ),
+        )
         if n_err and job.on_error == "fail":
             pos, type_name, text = msg.errors[0][:3]
             self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
@@ -667,7 +726,9 @@ class Scheduler:
         if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
             return "result sizes do not add up to the payload"
         positions = [e[0] if e else None for e in msg.errors]
-        if any(type(p) is not int or not 0 <= p < n for p in positions) or len(set(positions)) != len(positions):
+        if any(type(p) is not int or not 0 <= p < n for p in positions) or len(
+            set(positions)
+        ) != len(positions):
             return "error positions out of range or repeated"
         return ""
 
@@ -687,7 +748,9 @@ class Scheduler:
             innocent: list[Segment] = []
         else:
             suspects = [self._slice(seg, at, at + 1)]
-            innocent = [s for s in (self._slice(seg, 0, at), self._slice(seg, at + 1, len(seg))) if len(s)]
+            innocent = [
+                s for s in (self._slice(seg, 0, at), self._slice(seg, at + 1, len(seg))) if len(s)
+            ]
         for part in reversed(innocent):
             self._requeue(job, part)
         errors = []
@@ -698,17 +761,28 @@ class Scheduler:
             else:
                 self._requeue(job, s)
         if errors:
-            what = {"timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
-                    "crash": "crashed its core",
-                    "too-large": "returned a result too large to send"}.get(msg.reason, msg.reason)
-            type_name = {"timeout": "TaskTimeout", "too-large": "ResultTooLarge"}.get(msg.reason, "CoreCrashed")
+            what = {
+                "timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
+                "crash": "crashed its core",
+                "too-large": "returned a result too large to send",
+            }.get(msg.reason, msg.reason)
+            type_name = {"timeout": "TaskTimeout", "too-large": "ResultTooLarge"}.get(
+                msg.reason, "CoreCrashed"
+            )
             for s in errors:
                 text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
                 if msg.message:
                     text += f" ({msg.message})"
                 job.failed += 1
-                self._deliver(job, m.Results(job=job.id, indices=list(s.indices), sizes=[0],
-                                             errors=[[0, type_name, text, ""]]))
+                self._deliver(
+                    job,
+                    m.Results(
+                        job=job.id,
+                        indices=list(s.indices),
+                        sizes=[0],
+                        errors=[[0, type_name, text, ""]],
+                    ),
+                )
                 if job.on_error == "fail":
                     self.finish(job, "failed", f"argument {s.indices[0]} {text}")
                     return

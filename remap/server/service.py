@@ -112,9 +112,13 @@ class ServerConnection:
         elif t is m.Attach:
             job = sched.attach(link, msg.job)
             if job is None:
-                link.send(m.Error(code="not-found",
-                                  message=f"no job {msg.job} to attach to (unknown, or another console has it)",
-                                  re=msg.id))
+                link.send(
+                    m.Error(
+                        code="not-found",
+                        message=f"no job {msg.job} to attach to (unknown, or another console has it)",
+                        re=msg.id,
+                    )
+                )
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
         elif t is m.Drain:
@@ -129,8 +133,13 @@ class ServerConnection:
         elif t is m.Heartbeat:
             pass
         else:
-            link.send(m.Error(code="unexpected", message=f"a console does not send {msg.TYPE}",
-                              re=getattr(msg, "id", None)))
+            link.send(
+                m.Error(
+                    code="unexpected",
+                    message=f"a console does not send {msg.TYPE}",
+                    re=getattr(msg, "id", None),
+                )
+            )
 
     def _early(self, msg: m.Args | m.ArgsEnd) -> m.Args | m.ArgsEnd | None:
         """Resolve ``job = -submit id`` (sent before `submitted`); None for a refused submit's."""
@@ -153,7 +162,9 @@ class ServerConnection:
 
     def _violation(self, link: PeerProtocol, problem: str | None) -> None:
         if problem:
-            self.log.warn("console {peer} broke the protocol: {problem}", peer=link.peer, problem=problem)
+            self.log.warn(
+                "console {peer} broke the protocol: {problem}", peer=link.peer, problem=problem
+            )
             link.close(RemoteProtocolError(problem))
 
 
@@ -184,7 +195,9 @@ class RemapServerFactory(Factory):
         self.on_stop: Any = None
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
-        conn = Connection("server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval)
+        conn = Connection(
+            "server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval
+        )
         proto = PeerProtocol(
             conn,
             ServerConnection(self),

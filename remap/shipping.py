@@ -1,0 +1,159 @@
+"""Shipping a job's callables to cores, with their file names and source lines intact.
+
+A function pickled by value loses where it came from: cloudpickle 3.1.3 and later name every
+such code object ``<dynamic-code>``, and a node rarely has the user's file anyway. So the
+blob carries, beside the callables, the origin of every code object reachable from them
+(file name by qualified name and first line) and the text of those files; the core puts the
+file names back and primes ``linecache`` with the text, so a remote traceback shows the
+user's file, line and source line whatever cloudpickle version is installed.
+
+This module is what cores import to unpickle a job: it stays small and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import pickle
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+PICKLE_PROTOCOL = 5
+MAX_SOURCE = 1 << 20  # bytes of one shipped source file
+MAX_SOURCES = 4 << 20  # bytes of all shipped source files
+MAX_VISITS = 20_000  # objects walked looking for code
+
+Origins = dict[tuple[str, int], str]
+
+
+def _code_key(code: types.CodeType) -> tuple[str, int]:
+    return (getattr(code, "co_qualname", code.co_name), code.co_firstlineno)
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    for c in _codes(code):
+        yield from c.co_names
+
+
+def _reachable(roots: tuple[Any, ...]) -> Iterator[types.FunctionType]:
+    """Every plain function reachable from the roots through closures, globals used by name,
+    defaults, ``functools.partial``, bound methods and the methods of classes (bounded walk)."""
+    seen: set[int] = set()
+    stack = [r for r in roots if r is not None]
+    visits = 0
+    while stack and visits < MAX_VISITS:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        visits += 1
+        if isinstance(obj, types.FunctionType):
+            yield obj
+            stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
+            glb = obj.__globals__
+            stack.extend(glb[n] for n in _names(obj.__code__) if n in glb)
+            stack.extend(obj.__defaults__ or ())
+            stack.extend((obj.__kwdefaults__ or {}).values())
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None:
+                stack.append(wrapped)
+        elif isinstance(obj, types.MethodType):
+            stack.extend((obj.__func__, obj.__self__))
+        elif isinstance(obj, type):
+            if obj.__module__ != "builtins":
+                stack.extend(vars(obj).values())
+        elif isinstance(obj, (staticmethod, classmethod)):
+            stack.append(obj.__func__)
+        elif isinstance(obj, property):
+            stack.extend(f for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+        elif hasattr(obj, "func") and hasattr(obj, "args") and callable(obj):  # functools.partial
+            stack.append(obj.func)
+            stack.extend(getattr(obj, "args", ()) or ())
+        elif callable(obj) and not isinstance(obj, types.BuiltinFunctionType):
+            stack.append(type(obj))  # an instance with __call__: its class's methods
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def capture(*roots: Any) -> tuple[Origins, dict[str, str]]:
+    """The origin of every code object reachable from the roots, and the text of their files."""
+    origins: Origins = {}
+    sources: dict[str, str] = {}
+    budget = MAX_SOURCES
+    for fn in _reachable(roots):
+        for code in _codes(fn.__code__):
+            filename = code.co_filename
+            if filename.startswith("<") or not filename:
+                continue
+            origins[_code_key(code)] = filename
+            if filename in sources or not os.path.isfile(filename):
+                continue
+            try:
+                if os.path.getsize(filename) > min(MAX_SOURCE, budget):
+                    continue
+                with open(filename, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            sources[filename] = text
+            budget -= len(text)
+    return origins, sources
+
+
+def _renamed(code: types.CodeType, origins: Origins) -> types.CodeType:
+    consts = tuple(
+        _renamed(c, origins) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    filename = code.co_filename
+    if filename.startswith("<"):  # pickled by value; code imported on the node keeps its own name
+        filename = origins.get(_code_key(code), filename)
+    if filename == code.co_filename and consts == code.co_consts:
+        return code
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def restore(roots: tuple[Any, ...], origins: Origins, sources: dict[str, str]) -> None:
+    """Put the file names back on the unpickled callables' code and prime ``linecache``."""
+    if origins:
+        for fn in list(_reachable(roots)):
+            code = fn.__code__
+            renamed = _renamed(code, origins)
+            if renamed is not code:
+                fn.__code__ = renamed
+    for filename, text in sources.items():
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        # mtime None: linecache.checkcache keeps the entry (the node may have no such file)
+        linecache.cache[filename] = (len(text), None, lines, filename)
+
+
+def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None = None) -> bytes:
+    """Pickle a job's callables by value where needed, with their origins; may raise."""
+    import cloudpickle
+
+    origins, sources = capture(fn, reduce_fn)
+    return cloudpickle.dumps((fn, reduce_fn, origins, sources), PICKLE_PROTOCOL)
+
+
+def load_function_blob(payload: bytes | memoryview) -> tuple[Any, Any]:
+    """The callables of a :func:`function_blob`, with file names and source lines restored."""
+    import cloudpickle  # noqa: F401  (registers what by-value pickles need)
+
+    fn, reduce_fn, origins, sources = pickle.loads(payload)
+    restore((fn, reduce_fn), origins, sources)
+    return fn, reduce_fn

@@ -1,0 +1,82 @@
+"""Callables shipped by value keep their file name and source lines on the core."""
+
+from __future__ import annotations
+
+import importlib.util
+import linecache
+import sys
+import traceback
+from pathlib import Path
+
+import cloudpickle
+
+from remap.shipping import function_blob, load_function_blob
+
+
+def _load_user_module(tmp_path: Path, name: str = "usermod"):
+    src = tmp_path / f"{name}.py"
+    src.write_text(
+        "def helper(x):\n"
+        "    raise ValueError(f'bad {x}')\n"
+        "\n"
+        "def f(x):\n"
+        "    return helper(x) + 1\n"
+        "\n"
+        "class Scaler:\n"
+        "    def __call__(self, x):\n"
+        "        raise KeyError(x)\n"
+    )
+    spec = importlib.util.spec_from_file_location(name, src)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)
+    return src, module
+
+
+def _remote_traceback(fn, arg, tmp_path: Path, src: Path) -> str:
+    """Unpickle as a core would, with the user's file gone and linecache cold."""
+    blob = function_blob(fn)
+    src.rename(tmp_path / "moved.py")  # the node has no copy of the file
+    linecache.clearcache()
+    loaded, _ = load_function_blob(blob)
+    try:
+        loaded(arg)
+    except Exception as exc:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    raise AssertionError("the shipped function did not raise")
+
+
+def test_a_function_shipped_by_value_names_its_file_line_and_source(tmp_path: Path) -> None:
+    """The traceback of a by-value function names the user's file, line and source text,
+    whatever file name the installed cloudpickle gives dynamic code."""
+    src, module = _load_user_module(tmp_path)
+    try:
+        tb = _remote_traceback(module.f, 3, tmp_path, src)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        del sys.modules["usermod"]
+    assert f'File "{src}", line 5, in f' in tb
+    assert f'File "{src}", line 2, in helper' in tb, "functions reached through globals too"
+    assert "raise ValueError(f'bad {x}')" in tb, "the source line comes with the blob"
+    assert "<dynamic-code>" not in tb
+
+
+def test_callable_instances_and_lambdas_keep_their_origin(tmp_path: Path) -> None:
+    """A callable object's method and a closure keep their file name too."""
+    src, module = _load_user_module(tmp_path, "usermod2")
+    try:
+        tb = _remote_traceback(module.Scaler(), 1, tmp_path, src)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        del sys.modules["usermod2"]
+    assert f'File "{src}", line 9, in __call__' in tb
+    assert "raise KeyError(x)" in tb
+
+
+def test_imported_functions_are_left_alone() -> None:
+    """A function imported by reference on the core keeps the core's own file name."""
+    import json
+
+    loaded, reduce_fn = load_function_blob(function_blob(json.dumps, json.loads))
+    assert loaded is json.dumps and reduce_fn is json.loads
