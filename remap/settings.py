@@ -45,6 +45,7 @@ class Settings:
     max_frame: int = 256 * 1024 * 1024
     console_grace: float = 10.0
     log_level: str = "info"
+    data_dir: str | None = None
 
 
 class _Bad(Exception):
@@ -149,6 +150,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication"),
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
     "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
+    "data_dir": ("REMAP_DATA_DIR", _text, "data directory of file jobs, the same path on every node (NFS on a LAN); empty = ~/.remap/data"),
 }  # fmt: skip
 
 #: setting field -> environment variable

@@ -1,0 +1,234 @@
+"""The data directory every node sees, and how files in it are committed exactly once.
+
+Layout (``REMAP_DATA_DIR``; a local folder on one machine, NFS or CephFS on a LAN)::
+
+    job/<jobid>/jobconfig.json            the resolved job (written first: the visibility token)
+    job/<jobid>/app/                      a copy of the job module as run
+    job/<jobid>/progress/<task>.json      one file per task (``mapper-0003``, ``reducer-0001``)
+    job/<jobid>/consolidated-progress.json
+    job/<jobid>/result                    ``INCOMPLETE``, ``FAIL`` or ``OK``
+    job/<jobid>/result.json               the state with counters and timings
+    im/<jobid>/<purpose>/reducer-NNNN/mapper-NNNN-part-NNNNN.<attempt>   intermediate runs
+
+An attempt writes ``<final>.<attempt>.tmp`` and commits it by ``os.replace`` once complete, so a
+reader never sees a partial file; which committed attempt counts is decided by whoever received
+the task's result (never by listing a directory), and the others are removed at the end.
+Every file here is written by :func:`write_atomic`, so a crash leaves either the old file, the
+new one, or a ``.tmp`` stray that :func:`remove_strays` deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+
+#: the states a job's ``result`` file may hold
+RESULT_STATES: tuple[str, ...] = ("INCOMPLETE", "FAIL", "OK")
+TMP_SUFFIX = ".tmp"
+SUCCESS_MARKER = "_SUCCESS"
+DEFAULT_DATA_DIR = "~/.remap/data"
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def new_job_id() -> str:
+    """A data job's id: sortable by start time, unique without asking anyone."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def attempt_token() -> str:
+    """A name for one attempt of one task; the host and pid say where a stray came from."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def task_name(kind: str, number: int) -> str:
+    """``mapper-0003``, ``reducer-0012``: the names tasks have in files and messages."""
+    return f"{kind}-{number:04d}"
+
+
+def check_name(what: str, name: str) -> str:
+    """A purpose or job id becomes a path component: refuse anything that could escape."""
+    pattern = _JOB_ID if what == "job id" else _NAME
+    if not isinstance(name, str) or not pattern.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{what} {name!r}: use letters, digits, '_', '-' and '.' (not starting with '.')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths inside one data directory; plain functions of their arguments (no I/O but mkdir)."""
+
+    root: Path
+
+    @classmethod
+    def from_setting(cls, value: str | os.PathLike[str] | None) -> DataDir:
+        """``REMAP_DATA_DIR`` as given, or ``~/.remap/data``; always absolute."""
+        return cls(Path(os.path.expanduser(os.fspath(value or DEFAULT_DATA_DIR))).resolve())
+
+    # ------------------------------------------------------------ job/<jobid>
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "job" / check_name("job id", job_id)
+
+    def jobconfig(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "jobconfig.json"
+
+    def app_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "app"
+
+    def progress_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "progress"
+
+    def progress_file(self, job_id: str, task: str) -> Path:
+        return self.progress_dir(job_id) / f"{task}.json"
+
+    def consolidated(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "consolidated-progress.json"
+
+    def result_file(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "result"
+
+    def result_json(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "result.json"
+
+    # ------------------------------------------------------------ im/<jobid>
+    def im_dir(self, job_id: str) -> Path:
+        return self.root / "im" / check_name("job id", job_id)
+
+    def run_dir(self, job_id: str, purpose: str, reducer: int) -> Path:
+        return self.im_dir(job_id) / check_name("purpose", purpose) / task_name("reducer", reducer)
+
+    def run_path(
+        self, job_id: str, purpose: str, reducer: int, mapper: int, part: int, attempt: str
+    ) -> Path:
+        """A committed intermediate run of one map attempt for one reducer."""
+        name = f"{task_name('mapper', mapper)}-part-{part:05d}.{attempt}"
+        return self.run_dir(job_id, purpose, reducer) / name
+
+    def jobs(self) -> list[str]:
+        """Job ids with a job directory, oldest first."""
+        try:
+            return sorted(p.name for p in (self.root / "job").iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+
+def output_part(output: Path, purpose: str, reducer: int, part: int = 0) -> Path:
+    """``OUTPUT/<purpose>/reducer-NNNN-part-NNNNN``: a reducer's committed output file."""
+    name = f"{task_name('reducer', reducer)}-part-{part:05d}"
+    return Path(output) / check_name("purpose", purpose) / name
+
+
+# ------------------------------------------------------------ committing
+
+
+def tmp_path(final: Path, attempt: str) -> Path:
+    """Where an attempt writes ``final`` before committing it."""
+    return final.with_name(f"{final.name}.{attempt}{TMP_SUFFIX}")
+
+
+def commit(tmp: Path, final: Path) -> Path:
+    """Publish a finished file by rename (atomic on one file system, NFS included)."""
+    os.replace(tmp, final)
+    return final
+
+
+def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write a whole file so readers see the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        return commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """:func:`write_atomic` of a JSON document (sorted keys, so files diff well)."""
+    text = json.dumps(value, indent=1, sort_keys=True, default=str) + "\n"
+    return write_atomic(path, text.encode("utf-8"))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by :func:`write_json`, or None if it is not there (yet)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def write_result(data: DataDir, job_id: str, state: str, **details: Any) -> None:
+    """The job's ``result`` (one word) and ``result.json`` (the word with counters, timings)."""
+    if state not in RESULT_STATES:
+        raise ValueError(f"result state {state!r} is not one of {RESULT_STATES}")
+    write_json(data.result_json(job_id), {"state": state, **details})
+    write_atomic(data.result_file(job_id), (state + "\n").encode("ascii"))
+
+
+def read_result(data: DataDir, job_id: str) -> str | None:
+    try:
+        return data.result_file(job_id).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+
+
+def walk_files(top: Path) -> Iterator[Path]:
+    """Every file below ``top`` (nothing if it does not exist)."""
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            yield Path(dirpath) / name
+
+
+def remove_strays(top: Path, keep: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+    """Delete every uncommitted (``.tmp``) file below ``top`` except ``keep``; return them."""
+    removed = []
+    for path in walk_files(top):
+        if path.name.endswith(TMP_SUFFIX) and path not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def remove_tree(top: Path) -> None:
+    """Remove a directory and everything in it; a missing one is fine."""
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def visible(data: DataDir, job_id: str) -> bool:
+    """True when this process sees the job's config: the check that a node shares the data dir."""
+    return data.jobconfig(job_id).is_file()
+
+
+def require_visible(data: DataDir, job_id: str) -> None:
+    """Raise one clear line when this machine does not see the job's data directory."""
+    if not visible(data, job_id):
+        raise DataDirNotShared(
+            f"host {socket.gethostname()} does not see the data directory {data.root} "
+            f"(no {data.jobconfig(job_id)}): mount the same directory on every node and point "
+            "REMAP_DATA_DIR at it"
+        )
+
+
+class DataDirNotShared(ConfigError):
+    """A node cannot see the data directory the job was written to."""
