@@ -34,14 +34,13 @@ from protocol.errors import (
     ConfigError,
     ConnectionLost,
     JobFailed,
-    RemapError,
     RemoteTaskError,
     ServerUnreachable,
 )
 
 from . import runtime, shipping
 from .blobs import PICKLE_PROTOCOL
-from .client import CHUNK_ARGS, CHUNK_BYTES, ClusterClient, JobParams, JobRun
+from .client import ClusterClient, JobParams, JobRun
 from .cluster import EmbeddedCluster, connect_console
 from .settings import Settings, load_settings
 from .sinks import Sink, TaskErrorInfo
@@ -218,34 +217,9 @@ class _FeedRun(JobRun):
         finally:
             self.sink.flush()
 
-    def send_arguments(self) -> None:
-        if self.exhausted or self._sending or self.finished.called or self._client is None:
-            return
-        self._sending = True
-        try:
-            while True:
-                blobs, ended = self.stream._take(min(self._granted, CHUNK_ARGS), self.sent)
-                if blobs:
-                    self._client.send(
-                        m.Args(
-                            job=self.wire_job,
-                            start=self.sent,
-                            sizes=[len(b) for b in blobs],
-                            payload=b"".join(blobs),
-                        )
-                    )
-                    self.sent += len(blobs)
-                    self._granted -= len(blobs)
-                if ended:
-                    self.exhausted = True
-                    self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
-                    return
-                if not blobs or self._granted <= 0:
-                    return
-        except RemapError as exc:  # the connection went away under us
-            self.fail(exc)
-        finally:
-            self._sending = False
+    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
+        blobs, ended = self.stream._take(limit, self.sent, room)
+        return blobs, None, ended
 
 
 class JobStream:
@@ -351,12 +325,12 @@ class JobStream:
             self._wake_pending = False
         self.run.send_arguments()
 
-    def _take(self, limit: int, start: int) -> tuple[list[bytes], bool]:
+    def _take(self, limit: int, start: int, room: int) -> tuple[list[bytes], bool]:
         out: list[bytes] = []
         nbytes = 0
         with self.lock:
             items = self._items
-            while items and len(out) < limit and nbytes < CHUNK_BYTES:
+            while items and len(out) < limit and (not out or nbytes + len(items[0][0]) <= room):
                 blob, tag = items.popleft()
                 self.unsent_bytes -= len(blob)
                 if (

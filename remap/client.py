@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pickle
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from protocol import Authenticated
+from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
 from protocol.errors import (
     ERROR_CODES,
@@ -30,10 +32,172 @@ from .wire import PeerProtocol
 #: arguments per ``args`` message, and the payload size at which a message is sent early
 CHUNK_ARGS = 4096
 CHUNK_BYTES = 4 * 1024 * 1024
+#: bytes of an ``args`` frame that are not arguments: prefix, header, a size per argument
+ARGS_OVERHEAD = 1024
+#: pickled arguments a reader thread keeps ready ahead of the server's window
+READ_AHEAD_BYTES = 64 * 1024 * 1024
+READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
 
 
 class RequestFailed(RemapError):
     """The server answered a request with an error."""
+
+
+class ArgumentTooLarge(JobFailed):
+    """One pickled argument does not fit in a frame: no peer would accept it."""
+
+    def __init__(self, index: int, size: int, room: int) -> None:
+        super().__init__(
+            f"argument {index} is {size:,} bytes pickled, over the {room:,} bytes an argument "
+            f"may have in one message (REMAP_MAX_FRAME): pass a file name or a smaller piece"
+        )
+        self.index = index
+        self.size = size
+
+
+class PulledArguments:
+    """Arguments pulled and pickled on the reactor thread as the window opens.
+
+    Only for sources that never block and hold small values (a list, a range, tests on a
+    fake clock): anything read from a file or pipe goes through :class:`ThreadedArguments`.
+    """
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self.source = source
+        self._keep = False
+        self._exhausted = False
+        #: pickled but not yet sent (read ahead, or they did not fit in the last message)
+        self._ready: deque[tuple[bytes, Any]] = deque()
+
+    def start(self, wake: Callable[[], None], *, keep_items: bool) -> None:
+        self._keep = keep_items
+
+    def take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
+        ready = self._ready
+        if not self._exhausted and len(ready) <= limit:  # one more: the end is known in time
+            want = limit + 1 - len(ready)
+            for value in itertools.islice(self.source, want):
+                ready.append((dumps(value), value if self._keep else None))
+                want -= 1
+            self._exhausted = want > 0
+        blobs, items = _pop_chunk(ready, limit, room, self._keep)
+        return blobs, items, self._exhausted and not ready
+
+    def stop(self) -> None:
+        self._ready.clear()
+
+
+class ThreadedArguments:
+    """Reads and pickles a job's arguments on a thread of its own, ahead of the window.
+
+    The reactor only takes what is ready, so a FIFO with no writer, a pipe giving a line a
+    second, or a huge line never stops heartbeats and results. At most ``max_bytes`` (or
+    ``max_items``) of pickled arguments wait here, plus the one being read.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        source: Iterator[Any],
+        *,
+        max_bytes: int = READ_AHEAD_BYTES,
+        max_items: int = READ_AHEAD_ITEMS,
+    ) -> None:
+        self.reactor = reactor
+        self.source = source
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self._cond = threading.Condition()
+        self._ready: deque[tuple[bytes, Any]] = deque()
+        self._bytes = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._wake_pending = False
+        self._wake: Callable[[], None] = lambda: None
+        self._keep = False
+        self.thread: threading.Thread | None = None
+
+    def start(self, wake: Callable[[], None], *, keep_items: bool) -> None:
+        self._wake = wake
+        self._keep = keep_items
+        self.thread = threading.Thread(target=self._read, name="remap-arguments", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        """The reader thread: pull, pickle, queue; wait while the queue is full."""
+        try:
+            for value in self.source:
+                blob = dumps(value)
+                with self._cond:
+                    while not self._stopped and (
+                        self._bytes >= self.max_bytes or len(self._ready) >= self.max_items
+                    ):
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    self._ready.append((blob, value if self._keep else None))
+                    self._bytes += len(blob)
+                    self._wake_soon()
+        except BaseException as exc:  # reported in order, after the arguments before it
+            with self._cond:
+                self._error = exc
+                self._wake_soon()
+            return
+        with self._cond:
+            self._ended = True
+            self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        # with the lock held; one reactor call per burst of arguments, not one per argument
+        if not self._wake_pending and not self._stopped:
+            self._wake_pending = True
+            self.reactor.callFromThread(self._woken)
+
+    def _woken(self) -> None:
+        with self._cond:
+            self._wake_pending = False
+        self._wake()
+
+    def take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
+        with self._cond:
+            if self._error is not None and not self._ready:
+                raise self._error
+            blobs, items = _pop_chunk(self._ready, limit, room, self._keep)
+            if blobs:
+                self._bytes -= sum(len(b) for b in blobs)
+                self._cond.notify()
+            return blobs, items, self._ended and not self._ready
+
+    def stop(self) -> None:
+        """The job ended: drop what is queued and let the thread leave (unless it is blocked
+        reading its source; it is a daemon and leaves at its next argument)."""
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+
+def _pop_chunk(
+    ready: deque[tuple[bytes, Any]], limit: int, room: int, keep: bool
+) -> tuple[list[bytes], list[Any] | None]:
+    """Up to ``limit`` queued arguments in at most ``room`` bytes (an argument over it goes alone).
+
+    Each argument also costs its entry in the header's ``sizes`` list (at most 9 bytes).
+    """
+    blobs: list[bytes] = []
+    items: list[Any] = []
+    size = 0
+    while ready and len(blobs) < limit:
+        cost = len(ready[0][0]) + 9
+        if blobs and size + cost > room:
+            break
+        blob, value = ready.popleft()
+        blobs.append(blob)
+        items.append(value)
+        size += cost
+    return blobs, items if keep else None
 
 
 @dataclass
@@ -72,7 +236,8 @@ class JobRun:
 
     params: JobParams
     fn_blob: bytes
-    arguments: Iterator[Any]
+    #: a plain iterator (pulled on the reactor thread: it must never block) or ThreadedArguments
+    arguments: Iterator[Any] | ThreadedArguments
     sink: Sink
     total_hint: int | None = None
     on_notice: Callable[[str], None] | None = None
@@ -86,7 +251,7 @@ class JobRun:
     _client: Any = None
     _granted: int = 0
     _args: dict[int, Any] = field(default_factory=dict)
-    _peeked: list[Any] = field(default_factory=list)
+    _source: PulledArguments | ThreadedArguments | None = None
     _sending: bool = False
     _kill_on_start: bool = False
     _submit_id: int | None = None
@@ -105,6 +270,12 @@ class JobRun:
         self._client = client
         self._submit_id = submit_id
         self._granted = m.INITIAL_WINDOW
+        if self._source is None:
+            source = self.arguments
+            self._source = (
+                source if isinstance(source, ThreadedArguments) else PulledArguments(source)
+            )
+            self._source.start(self.send_arguments, keep_items=self.sink.needs_arguments)
         self.send_arguments()
 
     def start(self, client: ClusterClient, job_id: int, window: int) -> None:
@@ -121,23 +292,27 @@ class JobRun:
         self._granted += count
         self.send_arguments()
 
-    def _next_chunk(self, limit: int) -> list[Any]:
-        items, self._peeked = self._peeked[:limit], self._peeked[limit:]
-        if len(items) < limit:
-            items.extend(itertools.islice(self.arguments, limit - len(items)))
-        return items
+    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
+        """Up to ``limit`` pickled arguments ready now (at most ``room`` bytes, or one), their
+        values if the sink keeps them, and whether the source has ended."""
+        assert self._source is not None
+        return self._source.take(limit, room)
 
     def send_arguments(self) -> None:
-        if self.exhausted or self._sending or self.finished.called:
+        if self.exhausted or self._sending or self.finished.called or self._client is None:
             return
         self._sending = True
         try:
-            while self._granted > 0:
-                items = self._next_chunk(min(self._granted, CHUNK_ARGS))
-                if items:
-                    blobs = self._pickle_chunk(items)
-                    items = items[: len(blobs)]
-                    if self.sink.needs_arguments:
+            room = self._client.frame_room()
+            while True:
+                blobs, items, ended = self._take(
+                    min(max(self._granted, 0), CHUNK_ARGS), min(room, CHUNK_BYTES)
+                )
+                if blobs:
+                    for k, blob in enumerate(blobs):
+                        if len(blob) > room:
+                            raise ArgumentTooLarge(self.sent + k, len(blob), room)
+                    if items is not None and self.sink.needs_arguments:
                         self._args.update(zip(range(self.sent, self.sent + len(items)), items))
                     self._client.send(
                         m.Args(
@@ -147,14 +322,14 @@ class JobRun:
                             payload=b"".join(blobs),
                         )
                     )
-                    self.sent += len(items)
-                    self._granted -= len(items)
-                if self._granted == 0 and not self._peeked:
-                    self._peeked = list(itertools.islice(self.arguments, 1))
-                if not items or (self._granted == 0 and not self._peeked):
+                    self.sent += len(blobs)
+                    self._granted -= len(blobs)
+                if ended:
                     self.exhausted = True
                     self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
-                    break
+                    return
+                if not blobs or self._granted <= 0:
+                    return
         except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
             error = (
                 exc
@@ -169,22 +344,11 @@ class JobRun:
         finally:
             self._sending = False
 
-    def _pickle_chunk(self, items: list[Any]) -> list[bytes]:
-        """Pickle items until the chunk reaches CHUNK_BYTES; the rest wait for the next message."""
-        blobs: list[bytes] = []
-        size = 0
-        for k, item in enumerate(items):
-            blob = dumps(item)
-            blobs.append(blob)
-            size += len(blob)
-            if size >= CHUNK_BYTES and k + 1 < len(items):
-                self._peeked = items[k + 1 :] + self._peeked
-                break
-        return blobs
-
     # ------------------------------------------------------------- results in
 
     def results(self, msg: m.Results) -> None:
+        if self.finished.called:  # failed here (its sink is closed); the kill is on its way
+            return
         errors = {e[0]: e for e in msg.errors}
         if errors and self.first_error is None:
             pos = min(errors)
@@ -252,6 +416,7 @@ class JobRun:
     def ended(self, msg: m.JobDone) -> None:
         if self.finished.called:  # failed here first (e.g. its argument source broke)
             return
+        self._stop_source()
         complete = msg.state == "done"
         try:
             self.sink.close(complete=complete)
@@ -268,8 +433,13 @@ class JobRun:
         else:
             self.finished.errback(JobFailed(f"job {msg.job} {msg.state}: {msg.message}"))
 
+    def _stop_source(self) -> None:
+        if self._source is not None:
+            self._source.stop()
+
     def fail(self, error: Exception) -> None:
         if not self.finished.called:
+            self._stop_source()
             try:
                 self.sink.close(complete=False)
             except Exception:  # keep the first error; the sink's own is secondary
@@ -315,6 +485,11 @@ class ClusterClient:
         self.runs: dict[int, JobRun] = {}
         self.lost: defer.Deferred = defer.Deferred()
         self.error: RemapError | None = None
+
+    def frame_room(self) -> int:
+        """Bytes one argument may take: the connection's frame limit less an ``args`` header."""
+        limit = self.link.conn.max_frame if self.link is not None else DEFAULT_MAX_FRAME
+        return max(limit - ARGS_OVERHEAD, 1)
 
     def send(self, msg: m.Message) -> None:
         if self.link is None:

@@ -481,14 +481,18 @@ JOB_KEYS: tuple[str, ...] = tuple(_FIELDS)
 # --- arguments -----------------------------------------------------------------------------------
 
 
-def iter_arguments(spec: JobSpec) -> Iterator[Any]:
-    """Yield the job's arguments one by one; an argument file is streamed, never read whole."""
+def iter_arguments(spec: JobSpec, *, max_line: int | None = None) -> Iterator[Any]:
+    """Yield the job's arguments one by one; an argument file is streamed, never read whole.
+
+    A line of the argument file longer than ``max_line`` bytes is refused without being
+    read into memory (it could not travel in one message anyway).
+    """
     if spec.args is not None:
         return iter(spec.args)
     if spec.args_range is not None:
         return iter(range(*spec.args_range))
     if spec.args_path is not None:
-        return _iter_json_lines(spec.args_path, star=spec.star)
+        return _iter_json_lines(spec.args_path, star=spec.star, max_line=max_line)
     raise ConfigError(f"{spec.source}: no argument source")
 
 
@@ -501,14 +505,22 @@ def count_arguments(spec: JobSpec) -> int | None:
     return None
 
 
-def _iter_json_lines(path: Path, *, star: bool) -> Iterator[Any]:
+def _iter_json_lines(path: Path, *, star: bool, max_line: int | None = None) -> Iterator[Any]:
     """One JSON value per line; binary reads keep line numbers exact even for bad UTF-8."""
     try:
         handle = open(path, "rb")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read arguments: {exc.strerror or exc}") from None
+    limit = -1 if max_line is None else max_line + 1
+    index = 0
     with handle:
-        for lineno, raw in enumerate(handle, start=1):
+        for lineno, raw in enumerate(iter(lambda: handle.readline(limit), b""), start=1):
+            if len(raw) == limit and not raw.endswith(b"\n"):
+                size = len(raw) + _skip_line(handle)
+                raise ConfigError(
+                    f"{path}:{lineno}: argument {index} is {size:,} bytes of JSON, over the "
+                    f"{max_line:,} bytes an argument may have in one message (REMAP_MAX_FRAME)"
+                )
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
@@ -526,7 +538,18 @@ def _iter_json_lines(path: Path, *, star: bool) -> Iterator[Any]:
                     f"{path}:{lineno}: 'star' is true, so each argument must be a list or an "
                     f"object, got {_show(value)}"
                 )
+            index += 1
             yield value
+
+
+def _skip_line(handle: Any, block: int = 1 << 20) -> int:
+    """Read past the rest of a line in blocks, never holding it whole; return its length."""
+    skipped = 0
+    while True:
+        chunk = handle.readline(block)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped - (1 if chunk.endswith(b"\n") else 0)
 
 
 # --- callables -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
 from .. import runtime, shipping
-from ..client import ClusterClient, JobOutcome, JobParams, JobRun
+from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
 from ..cluster import EmbeddedCluster, connect_console
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..settings import Settings
@@ -119,10 +119,14 @@ class Session:
         fn, reduce_fn = load_callables(spec)
         blob = function_blob(fn, reduce_fn)
         client = self.connect(allow_embedded=True)
+        # read and pickled on a thread of their own: a slow pipe must not stop the network
+        arguments = ThreadedArguments(
+            runtime.reactor(), iter_arguments(spec, max_line=client.frame_room())
+        )
         run = JobRun(
             params_for(spec, detach=detach, wait_for_nodes=wait_for_nodes),
             blob,
-            iter_arguments(spec),
+            arguments,
             sink,
             total_hint=count_arguments(spec),
             on_notice=on_notice,

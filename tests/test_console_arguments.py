@@ -1,0 +1,264 @@
+"""The console reads and pickles arguments off the reactor thread (issue 9, item 7).
+
+A FIFO with no writer, a pipe that gives a line a second, or one huge line must never stop
+the console's network thread: heartbeats and results keep flowing, Ctrl-C works, and an
+argument too large for one message is refused with a line naming its index and size.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.python.failure import Failure
+
+from remap.client import (
+    ArgumentTooLarge,
+    ClusterClient,
+    JobRun,
+    PulledArguments,
+    ThreadedArguments,
+)
+from remap.jobfile import ConfigError, iter_arguments, load_job
+from tests.cluster_harness import Cluster, NodeSpec, jobs_function, wait_for, write_job
+from tests.test_inmemory import Cluster as MemoryCluster
+from tests.test_inmemory import job_run, outcome
+
+
+class DirectReactor:
+    """callFromThread runs the call on a thread of ours that the test drains, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.cond = threading.Condition()
+
+    def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        with self.cond:
+            self.calls.append((fn, args))
+            self.cond.notify_all()
+
+    def run_pending(self) -> int:
+        with self.cond:
+            calls, self.calls = self.calls, []
+        for fn, args in calls:
+            fn(*args)
+        return len(calls)
+
+
+def drain(source: ThreadedArguments, reactor: DirectReactor, woken: threading.Event) -> list[Any]:
+    """Take every argument the reader thread produces, as the reactor would on wake-ups."""
+    taken: list[Any] = []
+    for _ in range(1000):
+        with reactor.cond:
+            reactor.cond.wait_for(lambda: reactor.calls, timeout=10)
+        reactor.run_pending()
+        blobs, items, ended = source.take(100, 1 << 20)
+        taken.extend(items or [])
+        if ended:
+            return taken
+    raise AssertionError("the reader never ended")
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_threaded_arguments_read_on_their_own_thread_and_end() -> None:
+    """The source is pulled on the reader thread (never the caller's), and the end is reported."""
+    pulled_on: set[str] = set()
+
+    def source() -> Iterator[int]:
+        for i in range(250):
+            pulled_on.add(threading.current_thread().name)
+            yield i
+
+    reactor = DirectReactor()
+    args = ThreadedArguments(reactor, source(), max_items=16)
+    woken = threading.Event()
+    args.start(woken.set, keep_items=True)
+    assert drain(args, reactor, woken) == list(range(250))
+    assert pulled_on == {"remap-arguments"}
+
+
+def test_threaded_arguments_stay_bounded_and_stop() -> None:
+    """The reader stays at most ``max_items`` ahead of what was taken, and leaves on stop()."""
+    pulled = []
+    ahead = threading.Event()
+
+    def source() -> Iterator[int]:
+        for i in range(10_000):
+            pulled.append(i)
+            if len(pulled) == 9:  # 8 queued and the 9th read, waiting for room
+                ahead.set()
+            yield i
+
+    reactor = DirectReactor()
+    args = ThreadedArguments(reactor, source(), max_items=8)
+    args.start(lambda: None, keep_items=False)
+    assert ahead.wait(10)
+    blobs, items, ended = args.take(3, 1 << 20)
+    assert (len(blobs), items, ended) == (3, None, False)
+    args.stop()
+    assert args.thread is not None
+    args.thread.join(10)
+    assert not args.thread.is_alive()
+    assert len(pulled) <= 8 + 3 + 1, "the reader ran ahead of its bound"
+
+
+def test_a_broken_source_fails_after_the_arguments_before_it() -> None:
+    """An error in the source reaches the reactor in order: first the good arguments, then it."""
+
+    def source() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ConfigError("args.jsonl:3: invalid JSON argument")
+
+    reactor = DirectReactor()
+    args = ThreadedArguments(reactor, source())
+    args.start(lambda: None, keep_items=True)
+    assert args.thread is not None
+    args.thread.join(10)
+    reactor.run_pending()
+    blobs, items, ended = args.take(10, 1 << 20)
+    assert items == [1, 2] and not ended
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        args.take(10, 1 << 20)
+
+
+def test_pulled_arguments_know_the_end_with_the_last_chunk() -> None:
+    """Reading one ahead, the chunk that empties a list also says the source ended."""
+    args = PulledArguments(iter(range(5)))
+    args.start(lambda: None, keep_items=True)
+    assert args.take(5, 1 << 20) == ([args_blob(i) for i in range(5)], list(range(5)), True)
+
+
+def args_blob(value: Any) -> bytes:
+    from remap.blobs import dumps
+
+    return dumps(value)
+
+
+def test_an_argument_too_large_for_a_frame_is_refused_by_index_and_size() -> None:
+    """Over the frame limit: the job fails naming argument 2 and its size; the link stays up.
+
+    Before, the frame went out anyway and the server dropped the whole connection.
+    """
+    cluster = MemoryCluster(max_frame=64 * 1024)
+    cluster.node("node-a", cores=1)
+    client, _ = cluster.console()
+    run = job_run(len, [b"a", b"b", b"x" * 100_000, b"c"])
+    d = client.submit(run)
+    cluster.settle()
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and isinstance(failure.value, ArgumentTooLarge), failure
+    assert failure.value.index == 2 and failure.value.size > 100_000
+    assert "argument 2 is 100,0" in str(failure.value) and "REMAP_MAX_FRAME" in str(failure.value)
+    assert client.link is not None, "the connection must survive a refused argument"
+    assert isinstance(client, ClusterClient) and isinstance(run, JobRun)
+
+
+def test_a_huge_argument_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """A 20 MB line over a 1000-byte limit: a clear line with its number and size, little memory."""
+    path = tmp_path / "args.jsonl"
+    with open(path, "w") as f:
+        f.write("1\n\n2\n")
+        f.write('"' + "x" * 20_000_000 + '"\n')
+        f.write("3\n")
+    job = write_job(tmp_path / "job.yaml", {"function": "math:sqrt", "args_path": str(path)})
+    arguments = iter_arguments(load_job(job), max_line=1000)
+    tracemalloc.start()
+    try:
+        assert [next(arguments), next(arguments)] == [1, 2]
+        with pytest.raises(ConfigError) as info:
+            next(arguments)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == (
+        f"{path}:4: argument 2 is 20,000,002 bytes of JSON, over the 1,000 bytes an argument "
+        f"may have in one message (REMAP_MAX_FRAME)"
+    )
+    assert peak < 4_000_000, f"reading the long line took {peak} bytes"
+
+
+# ------------------------------------------------------------------ real processes
+
+
+def fifo_job(tmp_path: Path, mode: str = "stream") -> tuple[Path, Path]:
+    fifo = tmp_path / "args.fifo"
+    os.mkfifo(fifo)
+    job = write_job(
+        tmp_path / "fifo.yaml",
+        {
+            "function": jobs_function("funcs", "square"),
+            "args_path": str(fifo),
+            "response_mode": mode,
+        },
+    )
+    return fifo, job
+
+
+@pytest.mark.slow
+def test_a_slow_pipe_keeps_the_console_alive(make_cluster: Any, tmp_path: Path) -> None:
+    """Arguments from a FIFO, one line per second (over the 0.6 s heartbeat deadline): the job
+    runs to the end with every result. Before, reading blocked the console's network thread,
+    the server missed its heartbeats and cancelled the job."""
+    cluster: Cluster = make_cluster(
+        [NodeSpec(cores=1)], heartbeat=0.2, server_env={"REMAP_CONSOLE_GRACE": "0"}
+    )
+    fifo, job = fifo_job(tmp_path)
+    console = cluster.console_popen("compute", job, "--json")
+    pace = threading.Event()  # never set: its wait paces the writer at one line a second
+
+    def writer() -> None:
+        with open(fifo, "w") as f:
+            for i in range(3):
+                f.write(f"{i + 5}\n")
+                f.flush()
+                pace.wait(1.0)
+
+    feeder = threading.Thread(target=writer, daemon=True)
+    feeder.start()
+    done = cluster.finish(console, timeout=60)
+    feeder.join(10)
+    assert done.returncode == 0, cluster.explain(done)
+    lines = sorted(done.stdout.splitlines())
+    assert lines == sorted(f'{{"index": {i}, "result": {(i + 5) ** 2}}}' for i in range(3)), (
+        cluster.explain(done)
+    )
+
+
+@pytest.mark.slow
+def test_a_fifo_without_a_writer_can_be_interrupted(make_cluster: Any, tmp_path: Path) -> None:
+    """No writer ever opens the FIFO: the job still reaches the server and stays alive
+    (heartbeats flow), and Ctrl-C ends the console at once, killing its job. Before, the
+    console blocked in open() on its network thread: the submit never left it."""
+    cluster: Cluster = make_cluster(
+        [NodeSpec(cores=1)], heartbeat=0.2, server_env={"REMAP_CONSOLE_GRACE": "0"}
+    )
+    _, job = fifo_job(tmp_path, mode="object")
+    console = cluster.console_popen("compute", job)
+    jobs = cluster.wait_for(lambda: cluster.status()["jobs"], 30, "the job on the server")
+    job_id = jobs[0]["id"]
+
+    def alive_past_the_heartbeat_deadline() -> bool:
+        job = cluster.job(job_id) or {}
+        if job.get("state") != "running":
+            raise AssertionError(f"the job ended: {job}")
+        return job["elapsed"] > 1.5 and job["attached"]
+
+    cluster.wait_for(alive_past_the_heartbeat_deadline, 30, "1.5 s of a waiting job")
+    os.kill(console.pid, signal.SIGINT)
+    done = cluster.finish(console, timeout=15)
+    assert done.returncode == 130, cluster.explain(done)
+    assert f"killing job {job_id}" in done.stderr
+    wait_for(
+        lambda: (cluster.job(job_id) or {}).get("state") in (None, "killed"),
+        15,
+        "the job killed",
+    )
