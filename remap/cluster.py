@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -16,13 +18,49 @@ from protocol.errors import AuthError, ConfigError, ServerUnreachable, VersionMi
 from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .local import connect_local
-from .net import AuthWaiter, PeerFactory, client_endpoint, server_endpoint
+from .net import AuthWaiter, PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
 from .server.service import RemapServerFactory
 from .settings import Settings, parse_address
 
 log = Logger()
+
+
+#: node reconnection: the first retry after about RETRY_FIRST s, growing by RETRY_FACTOR to RETRY_MAX
+RETRY_FIRST = 0.5
+RETRY_FACTOR = 1.6
+RETRY_MAX = 30.0
+
+
+def reconnect_delays(rng: random.Random | None = None) -> Callable[[int], float]:
+    """A retry policy for ``ClientService``: exponential backoff with "equal jitter".
+
+    Each delay is drawn between half and all of the backoff step, so a hundred nodes that lost
+    the same server spread their reconnects out instead of arriving in one burst; rounded to
+    0.1 s so the "Scheduling retry" log line stays readable.
+    """
+    draw = (rng or random.SystemRandom()).random
+
+    def delay(attempt: int) -> float:
+        step = min(RETRY_MAX, RETRY_FIRST * RETRY_FACTOR ** min(attempt, 64))
+        return max(0.1, round(step * (0.5 + 0.5 * draw()), 1))
+
+    return delay
+
+
+class NamedEndpoint:
+    """A client endpoint whose repr is ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` (for log lines)."""
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self.inner = inner
+        self.name = name
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        return self.inner.connect(factory)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def default_cores() -> int:
@@ -72,9 +110,6 @@ async def start_server(
         )
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
-    log.info(
-        "remap server listening on {host}:{port}", host=settings.host, port=port.getHost().port
-    )
     return RunningServer(factory, port, settings.host)
 
 
@@ -106,10 +141,11 @@ def start_node(
         pool, group=settings.group, on_shutdown=on_shutdown, on_auth_failure=on_auth_failure
     )
     factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
+    scheme = "tls" if tls_enabled(settings) else "tcp"
     service = ClientService(
-        client_endpoint(reactor, settings, host, port),
+        NamedEndpoint(client_endpoint(reactor, settings, host, port), f"{scheme}:{host}:{port}"),
         factory,
-        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=1.6, jitter=lambda: 0.5),
+        retryPolicy=reconnect_delays(),
         clock=reactor,
     )
     pool.start()
@@ -140,8 +176,11 @@ async def connect_console(
     except (AuthError, VersionMismatch):
         raise
     except Exception as exc:
+        reason = _reason(exc)
+        if reason.startswith("TLS with"):  # the TLS layer said why: no guessing about a close
+            raise ServerUnreachable(f"cannot connect to {address}: {reason}") from None
         raise ServerUnreachable(
-            f"server at {address} closed the connection during the handshake: {_reason(exc)}"
+            f"server at {address} closed the connection during the handshake: {reason}"
         ) from None
     return client
 

@@ -21,6 +21,10 @@ from protocol.errors import ConfigError, RemapError
 from .settings import Settings
 from .wire import PeerProtocol
 
+#: pending connections the kernel queues for the server: a burst of connects (a garbage flood,
+#: a hundred nodes restarting) must not push a console's connect into SYN retries
+LISTEN_BACKLOG = 1024
+
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -99,9 +103,9 @@ def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> A
     sent to clients. REMAP_TLS_CA may hold several CA certificates.
     """
     if ":" in host:
-        tcp = TCP6ServerEndpoint(reactor, port, interface=host)
+        tcp = TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     else:
-        tcp = TCP4ServerEndpoint(reactor, port, interface=host)
+        tcp = TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     if not tls_enabled(settings):
         return tcp
     from twisted.internet import ssl
@@ -156,6 +160,8 @@ def client_endpoint(
 
 class PeerFactory(Factory):
     """Builds client-side PeerProtocols for a given role and handler."""
+
+    noisy = False  # no "Starting factory <... at 0x...>" line per connection attempt
 
     def __init__(
         self,

@@ -8,9 +8,11 @@ nothing at all arrived for ``interval * misses``).
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -104,12 +106,30 @@ class PeerProtocol(Protocol):
 
     def _lost_reason(self, reason: Failure | None, was_open: bool) -> ConnectionLost:
         """Say why, when the transport knows: a failed TLS handshake is not a plain drop."""
+        mismatch = _name_mismatch_text(reason)
+        if mismatch is not None:
+            self.log.info("TLS with {peer} failed: {error}", peer=self.peer, error=mismatch)
+            return ConnectionLost(f"TLS with {self.peer} failed: {mismatch}")
         tls = _tls_error_text(reason)
         if tls is not None:
             self.log.info("TLS with {peer} failed: {error}", peer=self.peer, error=tls)
             return ConnectionLost(
                 f"TLS with {self.peer} failed: {tls} (check REMAP_TLS_CERT, REMAP_TLS_KEY and "
                 "REMAP_TLS_CA on both sides)"
+            )
+        if not was_open and self.conn.is_server:
+            # a client that rejects our certificate (a host-name mismatch, say) hangs up
+            # right after TLS setup without an alert this side can read: say so in the log
+            tls_note = (
+                " (over TLS: a client that rejects this server's certificate, e.g. because it "
+                "dialled a host name the certificate does not name, does this)"
+                if ISSLTransport.providedBy(self.transport)
+                else ""
+            )
+            self.log.info(
+                "connection from {peer} closed before the handshake finished{note}",
+                peer=self.peer,
+                note=tls_note,
             )
         if not was_open and not self.conn.is_server:
             return ConnectionLost(
@@ -192,16 +212,22 @@ class PeerProtocol(Protocol):
             call.cancel()
 
 
-def _tls_error_text(reason: Failure | None) -> str | None:
-    """The OpenSSL reason strings of a TLS failure, or None if ``reason`` is not one."""
+def _failure_of(reason: Failure | None, module: str, name: str) -> Any:
+    """``reason``'s exception if it is ``module.name``; None otherwise or without that module
+    (no TLS support installed, so no TLS failure either)."""
     if reason is None:
         return None
     try:
-        from OpenSSL import SSL
-    except ImportError:  # no TLS support installed, so no TLS failure either
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
         return None
-    error = reason.value
-    if not isinstance(error, SSL.Error):
+    return reason.value if isinstance(reason.value, cls) else None
+
+
+def _tls_error_text(reason: Failure | None) -> str | None:
+    """The OpenSSL reason strings of a TLS failure, or None if ``reason`` is not one."""
+    error = _failure_of(reason, "OpenSSL.SSL", "Error")
+    if error is None:
         return None
     details = [
         str(part[-1])
@@ -209,3 +235,25 @@ def _tls_error_text(reason: Failure | None) -> str | None:
         if isinstance(part, tuple) and part
     ]
     return "; ".join(d for d in details if d) or str(error) or "handshake failed"
+
+
+def _name_mismatch_text(reason: Failure | None) -> str | None:
+    """Name the mismatch when the server's certificate does not cover the name dialled."""
+    error = _failure_of(reason, "service_identity", "VerificationError")
+    if error is None:
+        return None
+    dialled = ", ".join(repr(_id_text(getattr(e, "mismatched_id", e))) for e in error.errors)
+    return (
+        f"host-name mismatch: the server's certificate does not name {dialled}, the address "
+        "dialled; connect with a name or address its certificate names (see its "
+        "subjectAltName), or give the server a certificate that includes it"
+    )
+
+
+def _id_text(ident: object) -> str:
+    """``localhost`` or ``127.0.0.1`` for a service_identity id."""
+    for attr in ("hostname", "ip"):
+        value = getattr(ident, attr, None)
+        if value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return str(ident)

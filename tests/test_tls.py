@@ -335,3 +335,37 @@ def test_tls_on_a_reactor_that_is_not_the_global_one(pki):
 
     status = runtime.run(runtime.as_deferred(scenario), timeout=30)
     assert status["nodes"] == [] and "uptime" in status["server"]
+
+
+@pytest.fixture(scope="module")
+def ip_only(tmp_path_factory) -> dict[str, Path]:
+    """A CA and a server certificate that names IP:127.0.0.1 only (no DNS name)."""
+    root = tmp_path_factory.mktemp("ip-only")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    return paths
+
+
+def test_host_name_mismatch_is_named_on_the_client_and_logged_by_the_server(cluster, ip_only):
+    """Dialling ``localhost`` when the certificate names only IP:127.0.0.1: the console says it is
+    a host-name mismatch for 'localhost' (not "set REMAP_TLS_*", which are set), and the server's
+    log shows the connection that failed before its handshake."""
+    server, port = cluster.server(REMAP_TLS_CERT=ip_only["cert"], REMAP_TLS_KEY=ip_only["key"])
+    done = cluster.console(
+        port, "--server", f"localhost:{port}", "status", REMAP_TLS_CA=ip_only["ca"]
+    )
+    assert done.returncode != 0
+    line = one_error_line(done.stderr)
+    assert "host-name mismatch" in line and "'localhost'" in line, line
+    assert "REMAP_TLS_CA" not in line, line
+    wait_for(
+        lambda: "closed before the handshake finished" in server.stderr(),
+        10,
+        "the server to log the failed handshake",
+    )
+    ok = cluster.console(port, "status", REMAP_TLS_CA=ip_only["ca"])
+    assert ok.returncode == 0, ok.stderr

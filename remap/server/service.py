@@ -172,6 +172,7 @@ class RemapServerFactory(Factory):
     """Builds one :class:`PeerProtocol` + :class:`ServerConnection` per accepted connection."""
 
     log = Logger()
+    noisy = False  # the entry point prints the one "listening" line
 
     def __init__(
         self,

@@ -1,0 +1,95 @@
+"""Readable server and node logs, reconnect jitter and the listen backlog (issue 9, small things).
+
+Unit tests check the log filter, the retry policy and the endpoint; one slow test reads the logs
+of a real server and a node that had to retry before the server came up.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+import socket
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogPublisher
+
+from remap.cluster import RETRY_MAX, reconnect_delays
+from remap.logs import log_observer
+from remap.net import LISTEN_BACKLOG, server_endpoint
+from remap.settings import Settings
+
+from .test_security_e2e import Cluster, wait_for
+
+
+def test_twisted_factory_and_port_noise_is_dropped_and_the_rest_kept():
+    """Twisted's "<Factory> starting on N" and "Starting factory <... at 0x...>" lines are not
+    shown; every other line is."""
+    buf = io.StringIO()
+    publisher = LogPublisher()
+    publisher.addObserver(log_observer("info", buf))
+    log = Logger(observer=publisher)
+    for text in (
+        "RemapServerFactory starting on 33947",  # as Twisted's legacy log.msg events arrive
+        "RemapServerFactory (TLS) starting on 1",
+        "Starting factory <remap.net.PeerFactory object at 0x7fbb995bf6d0>",
+        "Stopping factory <remap.net.PeerFactory object at 0x7fbb995bf6d0>",
+        "node abc joined: keep this",
+    ):
+        log.info("{log_text}", log_text=text)
+    log.info("Starting factory {factory!r}", factory=object())
+    text = buf.getvalue()
+    assert "keep this" in text
+    assert "starting on" not in text and "0x" not in text, text
+
+
+def test_reconnect_delays_grow_are_rounded_and_really_jittered():
+    """Delays grow to RETRY_MAX, are rounded to 0.1 s, and differ between two nodes (jitter is
+    drawn, not a constant), so nodes that lost the same server do not reconnect in lockstep."""
+    a, b = reconnect_delays(random.Random(1)), reconnect_delays(random.Random(2))
+    first = [a(n) for n in range(12)]
+    second = [b(n) for n in range(12)]
+    assert first != second
+    for delay in first + second:
+        assert 0.1 <= delay <= RETRY_MAX
+        assert delay == round(delay, 1)
+    assert max(first[-3:]) > 10 * max(first[:2]), first
+    same_step = {reconnect_delays(random.Random(seed))(3) for seed in range(20)}
+    assert len(same_step) > 5, same_step
+
+
+def test_the_server_listens_with_a_large_backlog():
+    """A burst of new connections (a garbage flood) must not overflow the accept queue and push a
+    console's connect into SYN retries: the listening endpoint asks for LISTEN_BACKLOG >= 1024."""
+    assert LISTEN_BACKLOG >= 1024
+    for host in ("127.0.0.1", "::1"):
+        endpoint = server_endpoint(Clock(), Settings(), host, 0)
+        assert endpoint._backlog == LISTEN_BACKLOG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_server_and_node_logs_are_readable(tmp_path):
+    """A node started before its server logs its retries with rounded delays and readable
+    endpoints; the server prints one "listening" line; neither log shows an object address."""
+    port = _free_port()
+    with Cluster(tmp_path) as cluster:
+        node = cluster.node(port)
+        wait_for(lambda: node.stderr().count("Scheduling retry") >= 2, 20, "two retries")
+        server, _ = cluster.server(args=["--port", str(port)])
+        cluster.wait_node_joined(server)
+        node_log, server_log = node.stderr(), server.stderr()
+    for text in (node_log, server_log):
+        assert " at 0x" not in text and "starting on" not in text, text
+    assert len([line for line in server_log.splitlines() if "listening" in line]) == 1, server_log
+    delays = re.findall(r"Scheduling retry \d+ to connect (\S+) in ([\d.]+) seconds", node_log)
+    assert delays, node_log
+    for endpoint, delay in delays:
+        assert endpoint == f"tcp:127.0.0.1:{port}"
+        assert re.fullmatch(r"\d+(\.\d)?", delay), delay
