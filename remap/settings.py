@@ -46,6 +46,10 @@ class Settings:
     console_grace: float = 10.0
     log_level: str = "info"
     data_dir: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    http_token: str | None = dataclasses.field(default=None, repr=False)
+    http_hosts: str | None = None
 
 
 class _Bad(Exception):
@@ -151,6 +155,10 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
     "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
     "data_dir": ("REMAP_DATA_DIR", _text, "data directory of file jobs, the same path on every node (NFS on a LAN); empty = ~/.remap/data"),
+    "http_host": ("REMAP_HTTP_HOST", _bind_host, "address the server's HTTP API and dashboard listen on"),
+    "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
+    "http_token": ("REMAP_HTTP_TOKEN", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY"),
+    "http_hosts": ("REMAP_HTTP_HOSTS", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)"),
 }  # fmt: skip
 
 #: setting field -> environment variable

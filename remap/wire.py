@@ -9,6 +9,7 @@ nothing at all arrived for ``interval * misses``).
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -30,6 +31,14 @@ class Handler(TypingProtocol):
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None: ...
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None: ...
     def heartbeat(self) -> m.Heartbeat: ...
+
+
+@dataclass
+class Traffic:
+    """Bytes through a connection's socket; a server shares one among all its connections."""
+
+    received: int = 0
+    sent: int = 0
 
 
 class PeerProtocol(Protocol):
@@ -58,6 +67,7 @@ class PeerProtocol(Protocol):
         self.failure: RemapError | None = None
         self.open = False
         self.peer = ""
+        self.traffic = Traffic()
 
     # ---------------------------------------------------------------- Twisted API
 
@@ -79,6 +89,7 @@ class PeerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._last_seen = self.clock.seconds()
+        self.traffic.received += len(data)
         for event in self.conn.receive_data(data):
             if isinstance(event, MessageReceived):
                 self.handler.message_received(self, event.message)
@@ -166,7 +177,9 @@ class PeerProtocol(Protocol):
         data = self.conn.data_to_send()
         if data and self.transport is not None:
             # transports take bytes only; one join is the single copy a payload makes here
-            self.transport.write(b"".join(data))
+            joined = b"".join(data)
+            self.traffic.sent += len(joined)
+            self.transport.write(joined)
 
     # ---------------------------------------------------------------- timers
 

@@ -11,6 +11,7 @@ from ..cluster import start_server
 from ..entry import react_main
 from ..logs import start_logging
 from ..settings import load_settings
+from .http import start_http
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
         "address needs REMAP_SECRET_KEY",
     )
     p.add_argument("--port", type=int, help="port (default 7878; REMAP_PORT; 0 picks a free one)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="serve the HTTP API and dashboard on this port (REMAP_HTTP_PORT; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--http-host", help="address the HTTP API binds (default 127.0.0.1; REMAP_HTTP_HOST)"
+    )
     p.add_argument("--env-file", default=".env", help="settings file (default .env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
     p.add_argument("--port-file", help="write the bound port to this file once listening")
@@ -31,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(reactor, args: argparse.Namespace) -> int:
     settings = load_settings(
-        {"host": args.host, "port": args.port, "log_level": args.log_level},
+        {
+            "host": args.host,
+            "port": args.port,
+            "log_level": args.log_level,
+            "http_port": args.http_port,
+            "http_host": args.http_host,
+        },
         dotenv_path=args.env_file,
     )
     start_logging(settings.log_level)
@@ -41,12 +56,23 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         with open(args.port_file, "w") as f:
             f.write(f"{port}\n")
     print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
+    web = None
+    if settings.http_port is not None:
+        web = await start_http(reactor, settings, server.factory, server.factory.secret)
+        print(
+            f"dashboard: {web.login_url()} (one-time login link; "
+            "`remap_console.py dashboard` prints a new one)",
+            file=sys.stderr,
+            flush=True,
+        )
     stopped: defer.Deferred = defer.Deferred()
     server.factory.on_stop = lambda: stopped.called or stopped.callback(None)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: stopped.called or stopped.callback(None)
     )
     await stopped
+    if web is not None:
+        await web.stop()
     await server.stop()
     return 0
 

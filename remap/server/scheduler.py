@@ -245,6 +245,9 @@ class Scheduler:
         self._group_credits: dict[str, int] = {}
         self.started_at = clock.seconds()
         self.cpu_started = time.process_time()
+        #: observers (metrics, the HTTP API) told ``batch_finished(job, n, seconds)`` and
+        #: ``results_delivered(job, msg)``; empty unless HTTP is on
+        self.watchers: list[Any] = []
 
     # ================================================================ nodes
 
@@ -663,6 +666,8 @@ class Scheduler:
             return None
         task.job.running -= len(task.segment)
         node.tasks_done += 1
+        for watcher in self.watchers:
+            watcher.batch_finished(task.job, len(task.segment), self.clock.seconds() - task.sent_at)
         if node.has_credit() and node.id in self.nodes:
             self._ready[node.id] = node
         return task
@@ -796,6 +801,8 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
+        for watcher in self.watchers:
+            watcher.results_delivered(job, msg)
         # a detached job keeps every result on the server, so any later `attach` (even after
         # an earlier one died half-way) gets them all; its submitter only feeds arguments
         if job.detach:

@@ -12,7 +12,7 @@ from protocol import Authenticated, Connection
 from protocol import messages as m
 from protocol.errors import RemapError, RemoteProtocolError
 
-from ..wire import PeerProtocol
+from ..wire import PeerProtocol, Traffic
 from .scheduler import Scheduler
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
@@ -194,6 +194,7 @@ class RemapServerFactory(Factory):
         self.scheduler = Scheduler(clock, console_grace=console_grace)
         self.consoles: set[PeerProtocol] = set()
         self.on_stop: Any = None
+        self.traffic = Traffic()  # bytes in and out over every socket (for metrics)
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         conn = Connection(
@@ -208,6 +209,7 @@ class RemapServerFactory(Factory):
             heartbeat_misses=self.heartbeat_misses,
         )
         proto.factory = self
+        proto.traffic = self.traffic
         return proto
 
     def shutdown_cluster(self, reason: str) -> None:

@@ -1,0 +1,97 @@
+"""The server's HTTP face: JSON API, event stream, Prometheus metrics and the dashboard.
+
+It runs on the server's reactor, on its own port (``REMAP_HTTP_PORT``), loopback unless told
+otherwise, with the cluster port's certificate when TLS is configured (browsers log in with a
+token rather than a client certificate, so no client certificate is asked for).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from protocol.errors import ConfigError
+
+from ...net import server_endpoint, tls_enabled
+from ...settings import Settings
+from .app import DispatchResource, HttpApp
+from .events import EventHub
+from .metrics import ServerStats
+from .security import HttpAuth, http_token
+from .views import snapshot
+
+log = Logger()
+
+
+def access_line(timestamp: str, request: Any) -> str:
+    """An access-log line without the query string or headers (a login token must not leak)."""
+    peer = getattr(request.getClientAddress(), "host", "-")
+    method = request.method.decode("ascii", "replace")
+    path = request.path.decode("ascii", "replace")[:200]
+    return f'{peer} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
+
+
+@dataclass
+class RunningHttp:
+    app: HttpApp
+    port: Any
+    url: str
+
+    def login_url(self) -> str:
+        """A fresh one-time login link for a browser."""
+        return f"{self.url}/login?token={self.app.auth.new_login_token()}"
+
+    async def stop(self) -> None:
+        self.app.hub.stop()
+        self.app.stats.close()
+        await defer.maybeDeferred(self.port.stopListening)
+
+
+def display_host(host: str) -> str:
+    """The host part of URLs we print: this machine's name for a wildcard bind."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
+async def start_http(
+    reactor: Any, settings: Settings, factory: Any, secret: bytes, *, tick: float = 1.0
+) -> RunningHttp:
+    """Listen on ``http_host:http_port`` serving the API for ``factory``'s scheduler."""
+    host, port = settings.http_host, settings.http_port or 0
+    tls = tls_enabled(settings)
+    stats = ServerStats(factory.scheduler, factory.traffic)
+    auth = HttpAuth(
+        reactor,
+        http_token(settings, secret),
+        (settings.http_hosts or "").split(","),
+    )
+    hub = EventHub(
+        reactor,
+        lambda: snapshot(factory.scheduler, stats),
+        stats.sample,
+        lambda: [list(point) for point in stats.history],
+        interval=tick,
+    )
+    app = HttpApp(factory, auth, stats, hub, tls=tls)
+    site = Site(DispatchResource(app), reactor=reactor, logFormatter=access_line)
+    site.displayTracebacks = False
+    try:
+        endpoint = server_endpoint(reactor, replace(settings, tls_ca=None), host, port)
+        listening = await endpoint.listen(site)
+    except ConfigError:
+        stats.close()
+        raise
+    except Exception as exc:
+        stats.close()
+        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc}") from None
+    hub.start()
+    bound = listening.getHost().port
+    url = f"{'https' if tls else 'http'}://{display_host(host)}:{bound}"
+    log.info("HTTP API and dashboard on {url}", url=url)
+    return RunningHttp(app, listening, url)

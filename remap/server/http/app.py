@@ -1,0 +1,238 @@
+"""The dispatcher: Host check, authentication, CSRF, then the route's handler. One leaf resource.
+
+Order matters: the Host check and authentication come before routing, so without credentials
+every path (known or not, any method) answers 401 and reveals nothing; only the health check is
+public. Handlers run on the reactor thread and only read the scheduler or call its
+non-blocking ``kill``/``drain``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from . import openapi, views
+from .events import EventHub
+from .metrics import ServerStats
+from .routes import JSON, MUTATING, PARAMS, Route, find, split_path
+from .security import SESSION_COOKIE, HttpAuth, Identity
+
+#: files under ``static/`` that may be served, and their media types (nothing else is reachable)
+STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
+SECURITY_HEADERS = {
+    b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
+    b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    b"form-action 'none'",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    b"X-Frame-Options": b"DENY",
+    b"Cache-Control": b"no-store",
+}
+UNAUTHORIZED_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>remap: log in</title>
+</head><body style="font-family:sans-serif;max-width:40em;margin:4em auto">
+<h1>remap dashboard</h1><p>This page needs a login link. Run
+<code>python remap_console.py dashboard</code> (or look at the server's output) and open the link
+it prints.</p></body></html>"""
+
+
+def _static(name: str) -> bytes:
+    return (resources.files(__package__) / "static" / name).read_bytes()
+
+
+class HttpApp:
+    """Everything the HTTP face needs: the scheduler, its stats, credentials and the event hub."""
+
+    log = Logger()
+
+    def __init__(
+        self, factory: Any, auth: HttpAuth, stats: ServerStats, hub: EventHub, *, tls: bool
+    ) -> None:
+        self.factory = factory
+        self.scheduler = factory.scheduler
+        self.auth = auth
+        self.stats = stats
+        self.hub = hub
+        self.tls = tls
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, request: Any) -> bytes | int:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        if not self.auth.host_allowed(request.getHeader(b"host")):
+            return self._error(request, 400, "bad-host", "this Host name is not allowed")
+        parts = split_path(request.path)
+        found = find(parts) if parts is not None else []
+        public = [(r, p) for r, p in found if r.auth != "required"]
+        method = request.method.decode("ascii", "replace")
+        for route, params in public:
+            if route.method == method:
+                return self._call(request, route, params, None)
+        identity = self.auth.identify(
+            request.getHeader(b"authorization"), request.getCookie(SESSION_COOKIE.encode())
+        )
+        if identity is None:
+            return self._unauthorized(request, found)
+        if not found:
+            return self._error(request, 404, "not-found", "no such path")
+        for route, params in found:
+            if route.method == method:
+                if method in MUTATING and not self._csrf_ok(request, identity):
+                    return self._error(
+                        request,
+                        403,
+                        "csrf",
+                        "a browser session must send its X-CSRF-Token and a JSON body",
+                    )
+                return self._call(request, route, params, identity)
+        request.setHeader(b"Allow", ", ".join(sorted({r.method for r, _ in found})).encode())
+        return self._error(request, 405, "method", f"{method} is not allowed here")
+
+    def _csrf_ok(self, request: Any, identity: Identity) -> bool:
+        """A program with the bearer token may write; a browser needs a header a form cannot send."""
+        if identity.kind == "bearer":
+            return True
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        return (
+            identity.session is not None
+            and content_type == JSON.encode()
+            and self.auth.csrf_ok(identity.session, request.getHeader(b"x-csrf-token"))
+        )
+
+    def _call(
+        self, request: Any, route: Route, params: dict[str, str], identity: Identity | None
+    ) -> bytes | int:
+        converted: dict[str, Any] = {}
+        for name, text in params.items():
+            try:
+                converted[name] = PARAMS.get(name, ("string", str))[1](text)
+            except ValueError:
+                return self._error(request, 404, "not-found", f"no such {name.split('_')[0]}")
+        return getattr(self, route.handler)(request, identity, **converted)
+
+    def _unauthorized(self, request: Any, found: list) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
+        if any(r.handler == "dashboard" for r, _ in found):
+            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+            return UNAUTHORIZED_PAGE.encode()
+        return self._body(request, {"error": "unauthorized", "message": "log in or send a token"})
+
+    @staticmethod
+    def _body(request: Any, value: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(value).encode()
+
+    def _error(self, request: Any, code: int, error: str, message: str) -> bytes:
+        request.setResponseCode(code)
+        return self._body(request, {"error": error, "message": message})
+
+    # ------------------------------------------------------------------ handlers (route table)
+
+    def health(self, request: Any, identity: None) -> bytes:
+        return self._body(request, {"ok": True})
+
+    def login(self, request: Any, identity: None) -> bytes:
+        token = (request.args.get(b"token") or [b""])[0].decode("ascii", "replace")
+        spent = self.auth.redeem(token)
+        if spent is None:
+            return self._unauthorized(request, [])
+        cookie, _ = spent
+        request.addCookie(
+            SESSION_COOKIE.encode(),
+            cookie.encode(),
+            path=b"/",
+            httpOnly=True,
+            sameSite="strict",
+            secure=self.tls,
+        )
+        request.setResponseCode(303)
+        request.setHeader(b"Location", b"/")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return b'<!doctype html><a href="/">open the dashboard</a>'
+
+    def login_link(self, request: Any, identity: Identity) -> bytes:
+        token = self.auth.new_login_token()
+        path = f"/login?token={token}"
+        host = (request.getHeader(b"host") or b"localhost").decode("ascii", "replace")
+        scheme = "https" if self.tls else "http"
+        return self._body(
+            request,
+            {"url": f"{scheme}://{host}{path}", "path": path, "expires_in": 600.0},
+        )
+
+    def dashboard(self, request: Any, identity: Identity) -> bytes:
+        csrf = identity.session.csrf if identity.session is not None else ""
+        page = _static("dashboard.html").decode("utf-8").replace("__CSRF__", html.escape(csrf))
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return page.encode("utf-8")
+
+    def static(self, request: Any, identity: Identity, name: str) -> bytes:
+        media = STATIC_FILES.get(name)
+        if media is None:
+            return self._error(request, 404, "not-found", "no such file")
+        request.setHeader(b"Content-Type", f"{media}; charset=utf-8".encode())
+        return _static(name)
+
+    def openapi(self, request: Any, identity: Identity) -> bytes:
+        return self._body(request, openapi.document())
+
+    def summary(self, request: Any, identity: Identity) -> bytes:
+        return self._body(request, views.summary_view(self.scheduler, self.stats))
+
+    def nodes(self, request: Any, identity: Identity) -> bytes:
+        return self._body(request, {"nodes": views.nodes_view(self.scheduler)})
+
+    def jobs(self, request: Any, identity: Identity) -> bytes:
+        return self._body(request, {"jobs": views.jobs_view(self.scheduler)})
+
+    def job(self, request: Any, identity: Identity, job_id: int) -> bytes:
+        job = self.scheduler.jobs.get(job_id)
+        if job is None:
+            return self._error(request, 404, "not-found", f"no job {job_id}")
+        return self._body(request, views.job_detail(self.scheduler, self.stats, job))
+
+    def kill(self, request: Any, identity: Identity, job_id: int) -> bytes:
+        job = self.scheduler.kill(job_id, "killed from the HTTP API")
+        if job is None:
+            return self._error(request, 404, "not-found", f"no job {job_id}")
+        self.log.info("job {id} killed over HTTP ({kind})", id=job_id, kind=identity.kind)
+        return self._body(request, {"job": job.id, "state": job.state})
+
+    def drain(self, request: Any, identity: Identity, node_id: str) -> bytes:
+        node = self.scheduler.drain(node_id)
+        if node is None:
+            return self._error(request, 404, "not-found", "no such node (or not unique)")
+        self.log.info("node {id} drained over HTTP ({kind})", id=node.id, kind=identity.kind)
+        return self._body(request, {"node": node.id, "host": node.host})
+
+    def events(self, request: Any, identity: Identity) -> bytes | int:
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        if not self.hub.add(request):
+            return self._error(request, 503, "busy", "too many open event streams")
+        return NOT_DONE_YET
+
+    def metrics(self, request: Any, identity: Identity) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return self.stats.prometheus_text()
+
+
+class DispatchResource(Resource):
+    """The whole site is one leaf: every request goes through :meth:`HttpApp.handle`."""
+
+    isLeaf = True
+
+    def __init__(self, app: HttpApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render(self, request: Any) -> bytes | int:
+        return self.app.handle(request)

@@ -1,0 +1,187 @@
+"""The OpenAPI 3.0 document, generated from the route table and the schemas below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .routes import JSON, PARAMS, ROUTES, Route
+
+
+def _obj(props: dict[str, Any], *, extra: bool = False) -> dict:
+    return {
+        "type": "object",
+        "required": sorted(props),
+        "properties": props,
+        "additionalProperties": extra,
+    }
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {**schema, "nullable": True}
+
+
+_NODE = _obj(
+    {
+        "id": _STR,
+        "host": _STR,
+        "pid": _INT,
+        "cores": _INT,
+        "busy": _INT,
+        "tasks_in_flight": _INT,
+        "memory": _INT,
+        "load": _NUM,
+        "group": _nullable(_STR),
+        "draining": _BOOL,
+        "connected_for": _NUM,
+        "tasks_done": _INT,
+    }
+)
+_JOB_FIELDS = {
+    "id": _INT,
+    "name": _STR,
+    "state": {"type": "string", "enum": ["running", "done", "failed", "killed", "cancelled"]},
+    "mode": _STR,
+    "group": _nullable(_STR),
+    "total": _nullable(_INT),
+    "received": _INT,
+    "queued": _INT,
+    "running": _INT,
+    "done": _INT,
+    "failed": _INT,
+    "rate": _NUM,
+    "elapsed": _NUM,
+    "waiting": _STR,
+    "detached": _BOOL,
+    "output": _nullable(_STR),
+    "attached": _BOOL,
+    "message": _STR,
+    "progress": _nullable(_NUM),
+    "eta": _nullable(_NUM),
+}
+_ERROR_ITEM = _obj(
+    {
+        "job": _INT,
+        "job_name": _STR,
+        "index": _nullable(_INT),
+        "type": _STR,
+        "message": _STR,
+        "time": _NUM,
+    }
+)
+
+SCHEMAS: dict[str, dict] = {
+    "Error": _obj({"error": _STR, "message": _STR}),
+    "Health": _obj({"ok": _BOOL}),
+    "Object": {"type": "object"},
+    "LoginLink": _obj({"url": _STR, "path": _STR, "expires_in": _NUM}),
+    "Summary": _obj(
+        {
+            "nodes": _INT,
+            "cores": _INT,
+            "cores_busy": _INT,
+            "jobs_running": _INT,
+            "jobs": _INT,
+            "queued": _INT,
+            "rate": _NUM,
+            "tasks_done": _INT,
+            "tasks_failed": _INT,
+            "uptime": _NUM,
+        }
+    ),
+    "Node": _NODE,
+    "NodeList": _obj({"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}),
+    "Job": _obj(_JOB_FIELDS),
+    "JobList": _obj({"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}),
+    "JobError": _ERROR_ITEM,
+    "JobDetail": _obj(
+        {
+            **_JOB_FIELDS,
+            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/JobError"}},
+        }
+    ),
+    "JobState": _obj({"job": _INT, "state": _STR}),
+    "NodeRef": _obj({"node": _STR, "host": _STR}),
+}
+
+
+def _error(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _operation(route: Route) -> dict:
+    ok: dict[str, Any] = {"description": "OK"}
+    if route.schema is not None:
+        ok["content"] = {route.media: {"schema": {"$ref": f"#/components/schemas/{route.schema}"}}}
+    else:
+        ok["content"] = {media: {"schema": {"type": "string"}} for media in route.media.split(",")}
+    responses: dict[str, Any] = {"200": ok}
+    if route.auth == "login":
+        responses = {"303": {"description": "Logged in: the session cookie is set"}}
+    if route.auth != "none":
+        responses["401"] = _error("No valid credentials")
+        responses["401"]["headers"] = {"WWW-Authenticate": {"schema": _STR}}
+    if route.not_found:
+        responses["404"] = _error("No such job, node or file")
+    if route.method == "POST":
+        responses["403"] = _error("A browser session without its CSRF token and JSON body")
+    responses["400"] = _error("Host not allowed, or a malformed request")
+    op: dict[str, Any] = {
+        "operationId": route.handler,
+        "summary": route.summary,
+        "tags": [route.tag],
+        "responses": responses,
+    }
+    params = [
+        {
+            "name": segment[1:-1],
+            "in": "path",
+            "required": True,
+            "schema": {"type": PARAMS.get(segment[1:-1], ("string", str))[0]},
+        }
+        for segment in route.segments
+        if segment.startswith("{")
+    ]
+    if route.auth == "login":
+        params.append({"name": "token", "in": "query", "required": True, "schema": _STR})
+    if params:
+        op["parameters"] = params
+    if route.auth == "none":
+        op["security"] = []
+    elif route.auth == "login":
+        op["security"] = []  # the one-time token in the query is the credential
+    return op
+
+
+def document(server_url: str | None = None) -> dict:
+    paths: dict[str, dict] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "remap cluster API",
+            "version": "1",
+            "description": "The remap server's HTTP API: what the console shows, and its controls.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "remap_session"},
+            },
+        },
+        "security": [{"bearer": []}, {"session": []}],
+    }
+    if server_url:
+        doc["servers"] = [{"url": server_url}]
+    return doc

@@ -1,0 +1,67 @@
+"""The JSON the API and the event stream show: the console's status, plus progress and ETA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .metrics import ServerStats
+
+
+def job_view(job: Any, now: float) -> dict:
+    """A job as the console describes it, plus progress (0..1) and ETA in seconds when known."""
+    view = job.describe(now)
+    total, finished = view["total"], view["done"] + view["failed"]
+    view["progress"] = round(finished / total, 4) if total else (1.0 if total == 0 else None)
+    left = (total - finished) if total is not None else None
+    view["eta"] = (
+        round(left / view["rate"], 1)
+        if view["state"] == "running" and left is not None and view["rate"] > 0
+        else None
+    )
+    return view
+
+
+def summary_view(sched: Any, stats: ServerStats) -> dict:
+    now = sched.clock.seconds()
+    nodes, running = list(sched.nodes.values()), list(sched.active.values())
+    return {
+        "nodes": len(nodes),
+        "cores": sum(n.cores for n in nodes),
+        "cores_busy": sum(min(n.cores, len(n.inflight)) for n in nodes),
+        "jobs_running": len(running),
+        "jobs": len(sched.jobs),
+        "queued": sum(j.pending_count for j in running),
+        "rate": round(sum(j.describe(now)["rate"] for j in running), 1),
+        "tasks_done": stats.done_total,
+        "tasks_failed": stats.failed_total,
+        "uptime": round(now - sched.started_at, 1),
+    }
+
+
+def nodes_view(sched: Any) -> list[dict]:
+    now = sched.clock.seconds()
+    return [n.describe(now) for n in sched.nodes.values()]
+
+
+def jobs_view(sched: Any) -> list[dict]:
+    now = sched.clock.seconds()
+    return [job_view(j, now) for j in sched.jobs.values()]
+
+
+def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
+    view = job_view(job, sched.clock.seconds())
+    view["errors"] = list(stats.job_errors.get(job.id, ()))
+    return view
+
+
+def snapshot(sched: Any, stats: ServerStats) -> dict:
+    """What every dashboard sees each tick (computed once per tick, shared by all viewers)."""
+    last = stats.history[-1] if stats.history else (sched.clock.seconds(), 0, 0)
+    return {
+        "time": round(sched.clock.seconds(), 3),
+        "summary": summary_view(sched, stats),
+        "nodes": nodes_view(sched),
+        "jobs": jobs_view(sched),
+        "errors": list(stats.errors)[-20:],
+        "sample": list(last),
+    }

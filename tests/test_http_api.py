@@ -1,0 +1,290 @@
+"""The HTTP API on a real port (127.0.0.1, port 0): authentication first, then the routes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from remap import runtime
+from remap.server.http.events import EventHub
+from remap.server.http.openapi import document
+from remap.server.http.routes import ROUTES
+from remap.server.http.security import HttpAuth, derive_token
+from remap.settings import Settings
+from tests.http_harness import Served
+
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _path(route_path: str, job: int, node: str) -> str:
+    return (
+        route_path.replace("{job_id}", str(job))
+        .replace("{node_id}", node)
+        .replace("{name}", "dashboard.js")
+    )
+
+
+def test_only_the_health_check_is_public() -> None:
+    """The route table marks exactly one route as needing no credentials: /healthz."""
+    assert [(r.method, r.path) for r in ROUTES if r.auth == "none"] == [("GET", "/healthz")]
+    assert {r.auth for r in ROUTES} <= {"none", "login", "required"}
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.auth != "none"], ids=lambda r: r.path)
+def test_every_route_and_method_without_auth_is_401(served: Served, route) -> None:
+    """Each route of the table, with every method, refuses a request without valid credentials.
+
+    Table-driven over ROUTES, so a route added to the table is checked too; wrong tokens and a
+    forged cookie count as no credentials.
+    """
+    job, node = served.add_job(), served.add_node()
+    path = _path(route.path, job, node)
+    for method in METHODS:
+        for creds in ({}, {"token": "wrong"}, {"headers": {"Cookie": "remap_session=forged"}}):
+            reply = served.request(method, path, **creds)
+            assert reply.status == 401, (method, path, creds, reply.status)
+    assert served.scheduler.jobs[job].state == "running"
+    assert not served.scheduler.nodes[node].draining
+
+
+def test_unknown_paths_are_401_before_404(served: Served) -> None:
+    """Without credentials an unknown path says 401 too: the route map is not revealed."""
+    assert served.request("GET", "/nope").status == 401
+    assert served.request("GET", "/nope", token=served.token).status == 404
+    assert served.request("GET", "/static/../../etc/passwd", token=served.token).status == 404
+
+
+def test_health_is_bare(served: Served) -> None:
+    """/healthz answers without credentials and says nothing about the cluster."""
+    reply = served.request("GET", "/healthz")
+    assert reply.status == 200 and reply.json() == {"ok": True}
+
+
+def test_wrong_host_is_refused(served: Served) -> None:
+    """A DNS-rebinding page reaches us under its own name: refused even with a valid token."""
+    for host in ("evil.example", f"evil.example:{served.port}", "127.0.0.1.evil.example", ""):
+        reply = served.request("GET", "/api/v1/summary", token=served.token, host=host)
+        assert reply.status == 400, host
+    for host in (f"localhost:{served.port}", f"[::1]:{served.port}", "127.0.0.1"):
+        assert served.request("GET", "/api/v1/summary", token=served.token, host=host).status == 200
+
+
+def test_host_allowlist_names() -> None:
+    """IP literals, localhost and configured names pass; anything else is refused."""
+    auth = HttpAuth(Clock(), "t", ["dash.lan"])
+    assert auth.host_allowed(b"192.168.1.10:8080")
+    assert auth.host_allowed(b"dash.lan:1") and auth.host_allowed(b"DASH.LAN.")
+    assert not auth.host_allowed(b"dash.lan:x") and not auth.host_allowed(b"other.lan")
+    assert not auth.host_allowed(b"[::1]junk") and not auth.host_allowed(None)
+
+
+def test_bearer_token_reads_everything(served: Served) -> None:
+    """With the bearer token every GET route answers 200 with the documented media type."""
+    job, node = served.add_job(), served.add_node()
+    for route in ROUTES:
+        if route.method != "GET" or route.auth != "required" or route.handler == "events":
+            continue
+        reply = served.request("GET", _path(route.path, job, node), token=served.token)
+        assert reply.status == 200, route.path
+        media = reply.headers["Content-Type"].split(";")[0]
+        assert media in route.media.split(","), (route.path, media)
+
+
+def test_token_is_derived_from_the_secret_unless_set() -> None:
+    """REMAP_HTTP_TOKEN wins; otherwise an HMAC of the secret, which does not contain it."""
+    from remap.server.http.security import http_token
+
+    secret = b"cluster-secret-value"
+    assert http_token(Settings(), secret) == derive_token(secret)
+    assert secret.decode() not in derive_token(secret)
+    assert derive_token(secret) != derive_token(secret + b"x")
+    assert http_token(Settings(http_token="mine"), secret) == "mine"
+
+
+def test_api_mirrors_the_console(served: Served) -> None:
+    """Summary, nodes, jobs and one job show what the scheduler knows."""
+    node = served.add_node(cores=3)
+    job = served.add_job(total=10)
+    summary = served.request("GET", "/api/v1/summary", token=served.token).json()
+    assert summary["nodes"] == 1 and summary["cores"] == 3 and summary["jobs_running"] == 1
+    nodes = served.request("GET", "/api/v1/nodes", token=served.token).json()["nodes"]
+    assert [n["id"] for n in nodes] == [node]
+    jobs = served.request("GET", "/api/v1/jobs", token=served.token).json()["jobs"]
+    assert [j["id"] for j in jobs] == [job]
+    one = served.request("GET", f"/api/v1/jobs/{job}", token=served.token).json()
+    assert one["name"] == "squares" and one["errors"] == [] and one["state"] == "running"
+    assert served.request("GET", "/api/v1/jobs/999", token=served.token).status == 404
+    assert served.request("GET", "/api/v1/jobs/abc", token=served.token).status == 404
+
+
+def test_kill_and_drain_with_the_token(served: Served) -> None:
+    """A program with the bearer token kills a job and drains a node."""
+    node, job = served.add_node(), served.add_job()
+    reply = served.request("POST", f"/api/v1/jobs/{job}/kill", token=served.token)
+    assert reply.status == 200 and reply.json() == {"job": job, "state": "killed"}
+    assert served.scheduler.jobs[job].state == "killed"
+    reply = served.request("POST", f"/api/v1/nodes/{node}/drain", token=served.token)
+    assert reply.status == 200 and served.scheduler.nodes[node].draining
+    assert served.request("POST", "/api/v1/nodes/nope/drain", token=served.token).status == 404
+    assert served.request("GET", f"/api/v1/jobs/{job}/kill", token=served.token).status == 405
+
+
+def test_login_link_is_one_time_and_sets_a_strict_cookie(served: Served) -> None:
+    """The link logs in once; its cookie is HttpOnly and SameSite=Strict; a reuse is refused."""
+    link = served.request("POST", "/api/v1/login-links", token=served.token).json()
+    assert link["url"] == f"http://{served.host}{link['path']}"
+    first = served.request("GET", link["path"])
+    assert first.status == 303 and first.headers["Location"] == "/"
+    cookie = first.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower() and "Path=/" in cookie
+    assert served.request("GET", link["path"]).status == 401
+    session = cookie.split(";")[0]
+    assert served.request("GET", "/api/v1/summary", headers={"Cookie": session}).status == 200
+    assert served.request("GET", "/login?token=made-up").status == 401
+
+
+def test_cross_site_form_post_cannot_kill_a_job(served: Served) -> None:
+    """A form on another site can send the cookie but not our header or a JSON content type."""
+    job = served.add_job()
+    cookie, csrf = served.login()
+    form = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+    for headers in (
+        form,
+        {**form, "X-CSRF-Token": csrf},  # even with the token, a form body is refused
+        {"Cookie": cookie, "Content-Type": "application/json"},  # no token
+        {"Cookie": cookie, "Content-Type": "application/json", "X-CSRF-Token": "guess"},
+        {"Cookie": cookie, "Content-Type": "text/plain", "X-CSRF-Token": csrf},
+    ):
+        reply = served.request("POST", f"/api/v1/jobs/{job}/kill", headers=headers, body=b"x=1")
+        assert reply.status == 403, headers
+        assert served.scheduler.jobs[job].state == "running"
+    ok = {"Cookie": cookie, "Content-Type": "application/json", "X-CSRF-Token": csrf}
+    reply = served.request("POST", f"/api/v1/jobs/{job}/kill", headers=ok, body=b"{}")
+    assert reply.status == 200 and served.scheduler.jobs[job].state == "killed"
+
+
+def test_tokens_never_reach_the_logs(served: Served) -> None:
+    """Bearer, login and session tokens appear in no log event, the access log included."""
+    seen: list[str] = []
+
+    def observe(event: dict) -> None:
+        seen.append(f"{formatEvent(event)} {event!r}")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        job = served.add_job()
+        cookie, csrf = served.login()
+        link = served.request("POST", "/api/v1/login-links", token=served.token).json()
+        served.request("GET", link["path"])
+        served.request("GET", "/login?token=" + link["path"].split("=")[1])  # spent: 401
+        served.request("POST", f"/api/v1/jobs/{job}/kill", token=served.token)
+        served.request("GET", "/api/v1/summary", token="wrong-" + served.token)
+        runtime.run(lambda: None, timeout=5)  # let the access log of the last request flush
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    text = "\n".join(seen)
+    assert "/api/v1/summary" in text and "/login" in text  # the access log was captured
+    secrets_ = [served.token, cookie.split("=", 1)[1], csrf, link["path"].split("=")[1]]
+    for secret in secrets_:
+        assert secret not in text
+
+
+def test_metrics_in_prometheus_text(served: Served) -> None:
+    """/metrics speaks Prometheus' text format with the cluster's figures."""
+    served.add_node(cores=4)
+    job = served.add_job()
+    reply = served.request("GET", "/metrics", token=served.token)
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+    text = reply.body.decode()
+    assert re.search(r"^remap_nodes 1\.0$", text, re.M)
+    assert re.search(r"^remap_cores 4\.0$", text, re.M)
+    assert f'remap_job_tasks_done_total{{job="{job}"}} 0.0' in text
+    for name in ("remap_batch_seconds_bucket", "remap_queue_depth", "remap_sent_bytes_total"):
+        assert name in text
+
+
+def test_openapi_document_covers_the_route_table(served: Served) -> None:
+    """The served document lists every route and method of the table, and nothing else."""
+    doc = served.request("GET", "/api/v1/openapi.json", token=served.token).json()
+    listed = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    assert listed == {(r.method, r.path) for r in ROUTES}
+    assert doc == document()
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.finished: defer.Deferred = defer.Deferred()
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def registerProducer(self, producer, streaming) -> None:  # noqa: N802
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        pass
+
+    def notifyFinish(self) -> defer.Deferred:  # noqa: N802
+        return self.finished
+
+    def finish(self) -> None:
+        self.finished.callback(None)
+
+
+def test_one_snapshot_per_tick_whatever_the_viewers() -> None:
+    """Ten viewers cost one snapshot per tick; a paused viewer skips ticks instead of buffering."""
+    clock, built = Clock(), []
+    hub = EventHub(clock, lambda: built.append(1) or {"n": len(built)}, lambda: None, list)
+    hub.start()
+    streams = [_FakeStream() for _ in range(10)]
+    for stream in streams:
+        assert hub.add(stream)
+    assert len(built) == 1  # the first viewer caused one; the others shared it
+    streams[0].producer.pauseProducing()
+    for _ in range(5):
+        clock.advance(1.0)
+    assert len(built) == 6 and hub.snapshots == 6
+    assert all(len(s.chunks) == 7 for s in streams[1:])  # history + first + 5 ticks
+    assert len(streams[0].chunks) == 2
+    streams[1].finish()
+    clock.advance(1.0)
+    assert len(hub.viewers) == 9 and len(built) == 7
+    hub.stop()
+    assert not hub.viewers
+
+
+def test_event_stream_over_http(served: Served) -> None:
+    """/api/v1/events sends the history then snapshots as server-sent events."""
+    import http.client
+
+    served.add_node()
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/api/v1/events", skip_host=True)
+        conn.putheader("Host", served.host)
+        conn.putheader("Authorization", f"Bearer {served.token}")
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "text/event-stream"
+        data = b""
+        while data.count(b"event: snapshot") < 1:
+            data += reply.read1(65536)
+        assert b"event: history" in data and b'"nodes":1' in data
+    finally:
+        conn.close()
