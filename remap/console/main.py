@@ -29,6 +29,7 @@ COMMANDS = (
     "jobs",
     "kill",
     "drain",
+    "dashboard",
     "attach",
     "results",
     "help",
@@ -43,6 +44,7 @@ commands:
   jobs [--json]                        jobs, running and recent
   kill JOB_ID | kill --cluster [--yes] stop a job, or every node and the server
   drain NODE                           let a node finish its work and take no more
+  dashboard [--http-port N]            print a one-time login link to the server's dashboard
   attach JOB_ID [--json]               collect a detached job's results (alias: results)
   help [COMMAND]                       this text
   quit                                 leave the shell
@@ -99,6 +101,8 @@ def build_parser() -> Parser:
     p.add_argument("--cluster", action="store_true", help="stop every node and the server")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("drain", help="drain a node").add_argument("node")
+    p = sub.add_parser("dashboard", help="print a login link to the server's dashboard")
+    p.add_argument("--http-port", type=int, help="the server's HTTP port (REMAP_HTTP_PORT)")
     for name in ("attach", "results"):
         p = sub.add_parser(name, help="collect a detached job's results")
         p.add_argument("job", type=int)
@@ -351,6 +355,12 @@ class Console:
     def cmd_drain(self, args: argparse.Namespace) -> int:
         info = self.session.request("drain", args.node)
         self.say(f"node {info['host']} ({info['node'][:8]}) is draining")
+        return 0
+
+    def cmd_dashboard(self, args: argparse.Namespace) -> int:
+        from .dashboard import login_link
+
+        self.say(login_link(self.session.settings, args.http_port))
         return 0
 
     def cmd_attach(self, args: argparse.Namespace) -> int:

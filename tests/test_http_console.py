@@ -1,0 +1,59 @@
+"""``remap dashboard``: the console mints a login link through the server's HTTP API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from protocol.errors import AuthError, ConfigError, ServerUnreachable
+from remap.console.dashboard import login_link
+from remap.console.main import main
+from remap.settings import Settings
+from tests.http_harness import SECRET, Served
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_dashboard_prints_a_working_login_link(served: Served) -> None:
+    """The link comes from the server, holds a one-time token, and logs a browser in once."""
+    settings = Settings(server="127.0.0.1:7878", http_port=served.port, secret=SECRET.decode())
+    url = login_link(settings)
+    assert url.startswith(f"http://127.0.0.1:{served.port}/login?token=")
+    path = url.split(str(served.port), 1)[1]
+    assert served.request("GET", path).status == 303
+    assert served.request("GET", path).status == 401
+
+
+def test_dashboard_command_line(
+    served: Served, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """`remap --server ... dashboard --http-port N` prints the link and exits 0."""
+    monkeypatch.setenv("REMAP_SECRET_KEY", SECRET.decode())
+    code = main(
+        ["--env-file", str(tmp_path / "none"), "--server", "127.0.0.1:7878", "dashboard",
+         "--http-port", str(served.port)]
+    )  # fmt: skip
+    assert code == 0
+    assert "/login?token=" in capsys.readouterr().out
+
+
+def test_dashboard_errors_are_one_line(served: Served) -> None:
+    """No server, no HTTP port, a wrong secret, nothing listening: each a clear RemapError."""
+    with pytest.raises(ConfigError, match="needs a server"):
+        login_link(Settings(http_port=1, secret="x"))
+    with pytest.raises(ConfigError, match="REMAP_HTTP_PORT"):
+        login_link(Settings(server="127.0.0.1:7878", secret="x"))
+    with pytest.raises(AuthError, match="refused our token"):
+        login_link(Settings(server="127.0.0.1", http_port=served.port, secret="wrong"))
+    served.stop()
+    with pytest.raises(ServerUnreachable, match="cannot reach"):
+        login_link(Settings(server="127.0.0.1", http_port=served.port, secret="x"))
+    served.stop = lambda: None  # already stopped
