@@ -38,7 +38,7 @@ from protocol.errors import (
     ServerUnreachable,
 )
 
-from . import runtime, shipping
+from . import runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
 from .client import ClusterClient, JobParams, JobRun
 from .cluster import EmbeddedCluster, connect_console
@@ -257,7 +257,13 @@ class JobStream:
         self._items: deque[tuple[bytes, Any]] = deque()
         self._wake_pending = False
         self.run = _FeedRun(
-            params, fn_blob, iter(()), _ForwardSink(self), total_hint=total_hint, stream=self
+            params,
+            fn_blob,
+            iter(()),
+            _ForwardSink(self),
+            total_hint=total_hint,
+            on_output=taskoutput.printer.put if cluster.task_output else None,
+            stream=self,
         )
         cluster._track(self)
         cluster._call_soon(self._submit)
@@ -633,6 +639,7 @@ class Cluster:
         retries: int = 3,
         task_timeout: float | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        task_output: bool | None = None,
     ) -> None:
         if cores is not None and (not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
@@ -643,6 +650,8 @@ class Cluster:
                 settings, server=address or settings.server, cores=cores or settings.cores
             )
         self.settings = settings
+        #: print what tasks print or log to this process's stderr (REMAP_TASK_OUTPUT)
+        self.task_output = settings.task_output if task_output is None else bool(task_output)
         self.group = group
         self.priority = priority
         self.retries = retries
@@ -1038,6 +1047,7 @@ def connect(
     retries: int = 3,
     task_timeout: float | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
+    task_output: bool | None = None,
 ) -> Cluster:
     """Connect to a remap server, or start an embedded local cluster when none is configured.
 
@@ -1045,6 +1055,8 @@ def connect(
     is used, and without that a server and a node with ``cores`` cores start inside this
     process. ``secret`` defaults to ``REMAP_SECRET_KEY``. ``group``, ``priority``,
     ``retries`` and ``task_timeout`` (seconds one call may run) apply to every job.
+    ``task_output`` (default ``REMAP_TASK_OUTPUT``, on) prints what tasks print or log to
+    this process's stderr, each line prefixed with its node and core.
     """
     return Cluster(
         address,
@@ -1057,4 +1069,5 @@ def connect(
         retries=retries,
         task_timeout=task_timeout,
         connect_timeout=connect_timeout,
+        task_output=task_output,
     )

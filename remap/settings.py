@@ -45,6 +45,7 @@ class Settings:
     max_frame: int = 256 * 1024 * 1024
     console_grace: float = 10.0
     log_level: str = "info"
+    task_output: bool = True
     data_dir: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int | None = None
@@ -134,6 +135,17 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _Bad(f"expected true or false, got {value!r}")
+
+
 _PORT = _integer(0, 65535)
 _POSITIVE = _number(0, allow_equal=False)
 
@@ -154,6 +166,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication"),
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
     "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
+    "task_output": ("REMAP_TASK_OUTPUT", _flag, "show what tasks print or log (stdout, stderr, logging) on the console and in the Python API, each line prefixed with its node and core"),
     "data_dir": ("REMAP_DATA_DIR", _text, "data directory of file jobs, the same path on every node (NFS on a LAN); empty = ~/.remap/data"),
     "http_host": ("REMAP_HTTP_HOST", _bind_host, "address the server's HTTP API and dashboard listen on"),
     "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
@@ -166,9 +179,14 @@ ENV_VARS: dict[str, str] = {name: row[0] for name, row in _TABLE.items()}
 _FIELD_OF: dict[str, str] = {variable: name for name, variable in ENV_VARS.items()}
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
 
+
+def _default_text(value: Any) -> str:
+    return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 #: (variable, default as text, one-line comment), in the order .env.example lists them
 ENV_DOC: list[tuple[str, str, str]] = [
-    (variable, "" if _DEFAULTS[name] is None else str(_DEFAULTS[name]), comment)
+    (variable, _default_text(_DEFAULTS[name]), comment)
     for name, (variable, _, comment) in _TABLE.items()
 ]
 

@@ -7,6 +7,7 @@ import cmd
 import concurrent.futures
 import json
 import os
+import queue
 import shlex
 import subprocess
 import sys
@@ -89,6 +90,11 @@ def build_parser() -> Parser:
         help="fail if no node can run the job within this time",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-task-output",
+        action="store_true",
+        help="do not show what tasks print or log (default: shown on stderr, REMAP_TASK_OUTPUT)",
+    )
     p.add_argument(
         "--traceback",
         action="store_true",
@@ -176,10 +182,9 @@ class Console:
             if progress is None:
                 self.note(f"job: {text}")
 
-        def on_output(index: int, text: str) -> None:
-            if progress:
-                progress.clear()
-            self.note(text.rstrip("\n"))
+        # task output is printed by this thread (with the progress bar), never the reactor's
+        output: queue.SimpleQueue[str] = queue.SimpleQueue()
+        show_output = self.session.settings.task_output and not args.no_task_output
 
         run, future = self.session.start_job(
             spec,
@@ -187,12 +192,12 @@ class Console:
             detach=detach,
             wait_for_nodes=args.wait_for_nodes,
             on_notice=on_notice,
-            on_output=on_output,
+            on_output=(lambda index, text: output.put(text)) if show_output else None,
         )
         if detach:
             return self._detached(run, future, args, spec)
         try:
-            outcome = self._wait(run, future, progress, notes)
+            outcome = self._wait(run, future, progress, notes, output)
         except JobFailed as exc:
             if progress:
                 progress.clear()
@@ -208,18 +213,36 @@ class Console:
                 progress.clear()
         return self._report(spec, sink, outcome, args)
 
-    def _wait(self, run: Any, future: Any, progress: Any, notes: list[str]) -> Any:
+    def _wait(
+        self, run: Any, future: Any, progress: Any, notes: list[str], output: queue.SimpleQueue
+    ) -> Any:
+        try:
+            while True:
+                self._print_task_output(output, progress)
+                try:
+                    return future.result(timeout=0.2)
+                except concurrent.futures.TimeoutError:
+                    if progress:
+                        progress.draw(
+                            run.done,
+                            run.failed,
+                            run.total_hint or (run.sent if run.exhausted else None),
+                            notes[-1] if notes and not run.done else "",
+                        )
+        finally:  # what arrived with the last results
+            self._print_task_output(output, progress)
+
+    def _print_task_output(self, output: queue.SimpleQueue, progress: Any) -> None:
+        """What tasks printed or logged since the last call, each line naming node and core."""
         while True:
             try:
-                return future.result(timeout=0.2)
-            except concurrent.futures.TimeoutError:
-                if progress:
-                    progress.draw(
-                        run.done,
-                        run.failed,
-                        run.total_hint or (run.sent if run.exhausted else None),
-                        notes[-1] if notes and not run.done else "",
-                    )
+                text = output.get_nowait()
+            except queue.Empty:
+                return
+            if progress:
+                progress.clear()
+            self.err.write(text)
+            self.err.flush()
 
     def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
         """With ``--traceback``, print where the first failing call raised; else say how to see it."""

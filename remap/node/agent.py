@@ -53,6 +53,7 @@ class NodeAgent:
         self.connected_once = None  # Deferred-like hook for tests/embedding
         pool.on_result = self._send
         pool.on_failed = self._send
+        pool.name = self.host
 
     def _send(self, msg: m.Message) -> None:
         if self.link is None:

@@ -110,10 +110,41 @@ def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[byt
     return blobs, False
 
 
+class _BatchOutput(io.TextIOBase):
+    """The core's stdout and stderr while a batch runs, one object for the core's whole life.
+
+    A ``logging.StreamHandler`` keeps the stream it was made with: if each batch had a fresh
+    buffer, a handler set up in the first batch would write into that batch's buffer forever
+    after, and later batches' log lines would never reach the caller.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        super().__init__()
+        self.fallback = fallback
+        self.buffer: io.StringIO | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        target = self.buffer if self.buffer is not None else self.fallback
+        return target.write(text)
+
+    def flush(self) -> None:
+        if self.buffer is None:
+            self.fallback.flush()
+
+    def take(self) -> str:
+        text = self.buffer.getvalue() if self.buffer is not None else ""
+        self.buffer = None
+        return text
+
+
 class Core:
     def __init__(self, shm: mmap.mmap) -> None:
         self.shm = shm
         self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
+        self.output = _BatchOutput(sys.__stderr__)
 
     def load(self, header: dict, payload: bytes) -> None:
         fn, reduce_fn = load_function_blob(payload)
@@ -131,7 +162,8 @@ class Core:
         errors: list[list[Any]] = []
         acc: Any = None
         have_acc = False
-        captured = io.StringIO()
+        captured = self.output
+        captured.buffer = io.StringIO()
         started = time.perf_counter()
         with redirect_stdout(captured), redirect_stderr(captured):
             for pos, blob in enumerate(split(header["sizes"], payload)):
@@ -160,7 +192,7 @@ class Core:
             blobs = [dumps(acc)] if have_acc else []
         else:
             blobs, packed = _pack_results(results, errors)
-        out = captured.getvalue()
+        out = captured.take()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
         reply = {

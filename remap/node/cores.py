@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from protocol import messages as m
 from protocol.framing import FrameDecoder
 
+from ..taskoutput import prefix_lines
 from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _PREFIX = struct.Struct(">II")
@@ -151,6 +152,8 @@ class CorePool:
         self._watchdog_interval = watchdog_interval
         self._stopped_waiters: list[Any] = []
         self.started_at = time.monotonic()
+        #: how task output names this node (the agent sets its host name)
+        self.name = "node"
 
     def start(self) -> None:
         for i in range(self.size):
@@ -280,7 +283,7 @@ class CorePool:
                         sizes=header["sizes"],
                         errors=header["errors"],
                         elapsed=header["elapsed"],
-                        output=header["output"],
+                        output=prefix_lines(header["output"], f"[{self.name} core {core.index}] "),
                         partial=header["partial"],
                         packed=header.get("packed", False),
                         payload=payload,

@@ -64,3 +64,18 @@ def chatty(x):
     """Prints a line per call: the console must show it on its stderr."""
     print(f"chatty says hello from argument {x}")
     return x + 1
+
+
+def talkative(x):
+    """Says one line each through print, stderr and logging (a handler made on first use)."""
+    import logging
+    import sys
+
+    log = logging.getLogger("remap.tests.talkative")
+    if not log.handlers:  # bound to sys.stderr as it is now: the first batch's
+        log.addHandler(logging.StreamHandler())
+        log.propagate = False
+    print(f"print {x}")
+    print(f"stderr {x}", file=sys.stderr)
+    log.warning("logging %s", x)
+    return x
