@@ -180,13 +180,9 @@ _FIELD_OF: dict[str, str] = {variable: name for name, variable in ENV_VARS.items
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
-def _default_text(value: Any) -> str:
-    return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 #: (variable, default as text, one-line comment), in the order .env.example lists them
 ENV_DOC: list[tuple[str, str, str]] = [
-    (variable, _default_text(_DEFAULTS[name]), comment)
+    (variable, "" if _DEFAULTS[name] is None else str(_DEFAULTS[name]), comment)
     for name, (variable, _, comment) in _TABLE.items()
 ]
 
