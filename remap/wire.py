@@ -91,6 +91,12 @@ class PeerProtocol(Protocol):
         self._last_seen = self.clock.seconds()
         self.traffic.received += len(data)
         for event in self.conn.receive_data(data):
+            if isinstance(event, ConnectionFailed):
+                # always acted on, even after messages of the same read: the peer is told why
+                self._failed(event.error)
+                return
+            if self._closing():
+                continue  # the handler closed this peer: the rest of the read goes unheard
             if isinstance(event, MessageReceived):
                 self.handler.message_received(self, event.message)
             elif isinstance(event, Authenticated):
@@ -100,12 +106,11 @@ class PeerProtocol(Protocol):
                 self._adopt_peer_heartbeat()
                 self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
                 self.handler.authenticated(self, event)
-            elif isinstance(event, ConnectionFailed):
-                self._failed(event.error)
-                return
-            if self.transport is None or self.conn.state.value == "closed":
-                break
         self._flush()
+
+    def _closing(self) -> bool:
+        transport = self.transport
+        return transport is None or bool(getattr(transport, "disconnecting", False))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: B006
         self._cancel(self._deadline)
@@ -152,7 +157,9 @@ class PeerProtocol(Protocol):
     # ---------------------------------------------------------------- sending
 
     def send(self, msg: m.Message) -> None:
-        if self.transport is None or not self.open:
+        """Send, or drop quietly once the connection is closing: a handler may still answer a
+        message that arrived in the same read as the frame that ended the connection."""
+        if self.transport is None or not self.open or self.conn.state.value != "open":
             return
         self.conn.send(msg)
         self._flush()

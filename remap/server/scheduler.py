@@ -108,6 +108,17 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
     )
 
 
+def _error_entry_ok(entry: Any, n: int) -> bool:
+    """``[position, type, message, traceback]`` with the position inside a batch of ``n``."""
+    return (
+        type(entry) is list
+        and len(entry) == 4
+        and type(entry[0]) is int
+        and 0 <= entry[0] < n
+        and all(type(x) is str for x in entry[1:])
+    )
+
+
 @dataclass(eq=False)
 class NodeState:
     id: str
@@ -697,8 +708,6 @@ class Scheduler:
             sample = msg.elapsed / len(seg)
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
-        job.done += len(seg) - n_err
-        job.failed += n_err
         self._deliver(
             job,
             m.Results(
@@ -712,6 +721,9 @@ class Scheduler:
                 payload=msg.payload,
             ),
         )
+        # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
+        job.done += len(seg) - n_err
+        job.failed += n_err
         if n_err and job.on_error == "fail":
             pos, type_name, text = msg.errors[0][:3]
             self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
@@ -730,11 +742,12 @@ class Scheduler:
             return f"a partial fold of {len(msg.sizes)} pickles"
         if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
             return "result sizes do not add up to the payload"
-        positions = [e[0] if e else None for e in msg.errors]
-        if any(type(p) is not int or not 0 <= p < n for p in positions) or len(
-            set(positions)
-        ) != len(positions):
-            return "error positions out of range or repeated"
+        for entry in msg.errors:
+            if not _error_entry_ok(entry, n):
+                return f"malformed error entry {str(entry)[:80]}"
+        positions = [e[0] for e in msg.errors]
+        if len(set(positions)) != len(positions):
+            return "error positions repeated"
         return ""
 
     def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
@@ -811,6 +824,33 @@ class Scheduler:
                 job.console.send(msg)
         elif job.console is not None:
             job.console.send(msg)
+
+    # ================================================================ repair
+
+    def repair(self) -> None:
+        """After a message handler failed half-way: make each job's counts agree with where its
+        arguments really are, and end a job whose arguments were lost rather than let it wait
+        forever for them."""
+        held: dict[int, int] = {}
+        for node in self.nodes.values():
+            for task in node.inflight.values():
+                held[task.job.id] = held.get(task.job.id, 0) + len(task.segment)
+        for job in list(self.active.values()):
+            job.running = held.get(job.id, 0)
+            job.pending_count = sum(len(seg) for seg in job.pending)
+            job.pending_bytes = sum(len(seg.payload) for seg in job.pending)
+            lost = job.received - job.done - job.failed - job.pending_count - job.running
+            if lost > 0:
+                self.log.error("job {id} lost track of {n} arguments", id=job.id, n=lost)
+                self.finish(
+                    job,
+                    "failed",
+                    f"server error: {lost} argument(s) lost after a failed message (see the "
+                    "server log)",
+                )
+            else:
+                self._maybe_complete(job)
+        self.pump()
 
     # ================================================================ status
 

@@ -40,10 +40,27 @@ class ServerConnection:
             self.server.consoles.add(link)
 
     def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
-        if self.role == "node":
-            self._from_node(link, msg)
-        else:
-            self._from_console(link, msg)
+        try:
+            if self.role == "node":
+                self._from_node(link, msg)
+            else:
+                self._from_console(link, msg)
+        except Exception:  # noqa: BLE001 - one peer's bad message must not wedge the others
+            # a bug, or a message the checks let through: whatever it left half-done, this peer
+            # goes (its in-flight work is re-queued) and every job's counts are put right
+            self.log.failure(
+                "handling {type} from {role} {peer} failed; closing that connection",
+                type=msg.TYPE,
+                role=self.role,
+                peer=link.peer,
+            )
+            link.close(
+                RemoteProtocolError(
+                    f"the server could not handle a {msg.TYPE} message from this peer; "
+                    "closing the connection (the server log has the details)"
+                )
+            )
+            self.scheduler.repair()
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.log.info("peer {peer} rejected: {error}", peer=link.peer, error=error)
