@@ -41,6 +41,20 @@ MAX_WINDOW = 1_000_000
 
 Indices = range | list[int]
 
+#: 2026-01-01T00:00:00Z: job ids count milliseconds from here (see :func:`first_job_id`)
+JOB_ID_EPOCH = 1_767_225_600
+
+
+def first_job_id(now: float | None = None) -> int:
+    """The first job id of a server started at ``now`` (wall-clock seconds; default: now).
+
+    Ids of one server run are consecutive from its start time in milliseconds, so a restarted
+    server never hands out an id an earlier run used (that would need the earlier run to have
+    averaged more than one job per millisecond), and ``attach 7`` after a restart says "no such
+    job" instead of returning another job's results. Nothing needs to be stored to keep this.
+    """
+    return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
+
 
 @dataclass(slots=True)
 class Segment:
@@ -240,14 +254,22 @@ class Scheduler:
 
     log = Logger()
 
-    def __init__(self, clock: Any, *, console_grace: float = 10.0, keep_finished: int = 50) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        *,
+        console_grace: float = 10.0,
+        keep_finished: int = 50,
+        job_ids_from: int = 1,
+    ) -> None:
         self.clock = clock
         self.console_grace = console_grace
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
         self.active: dict[int, JobState] = {}  # running only: what every dispatch looks at
-        self._job_ids = itertools.count(1)
+        self._job_ids = itertools.count(job_ids_from)
+        self.job_ids_from = job_ids_from
         self._task_ids = itertools.count(1)
         self._ready: dict[str, NodeState] = {}  # nodes with free credit, in arrival order
         self._all_credits = 0

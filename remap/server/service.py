@@ -13,7 +13,7 @@ from protocol import messages as m
 from protocol.errors import RemapError, RemoteProtocolError
 
 from ..wire import PeerProtocol, Traffic
-from .scheduler import Scheduler
+from .scheduler import Scheduler, first_job_id
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
 
@@ -129,13 +129,7 @@ class ServerConnection:
         elif t is m.Attach:
             job = sched.attach(link, msg.job)
             if job is None:
-                link.send(
-                    m.Error(
-                        code="not-found",
-                        message=f"no job {msg.job} to attach to (unknown, or another console has it)",
-                        re=msg.id,
-                    )
-                )
+                link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
         elif t is m.Drain:
@@ -166,6 +160,17 @@ class ServerConnection:
         if job is None:
             return None  # the submit was refused and the console told so: drop quietly
         return dataclasses.replace(msg, job=job)
+
+    def _no_attach(self, job_id: int) -> str:
+        sched = self.scheduler
+        if job_id in sched.jobs:
+            return f"job {job_id} has another console attached"
+        if 0 < job_id < sched.job_ids_from:
+            return (
+                f"no job {job_id} on this server: it is from an earlier run of the server "
+                "(restarted since), whose jobs are gone"
+            )
+        return f"no job {job_id} on this server (unknown, or finished and forgotten)"
 
     @staticmethod
     def _check_submit(msg: m.Submit) -> str:
@@ -201,6 +206,7 @@ class RemapServerFactory(Factory):
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
         console_grace: float = 10.0,
+        job_ids_from: int | None = None,
     ) -> None:
         self.clock = clock
         self.secret = secret
@@ -208,7 +214,11 @@ class RemapServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
-        self.scheduler = Scheduler(clock, console_grace=console_grace)
+        self.scheduler = Scheduler(
+            clock,
+            console_grace=console_grace,
+            job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
+        )
         self.consoles: set[PeerProtocol] = set()
         self.on_stop: Any = None
         self.traffic = Traffic()  # bytes in and out over every socket (for metrics)
