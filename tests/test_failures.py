@@ -362,9 +362,9 @@ def test_server_killed_mid_job_fails_the_console_and_nodes_rejoin_its_restart(
 
 def test_restarted_server_jobs_never_run_the_old_servers_functions(make_cluster, tmp_path):
     """The server is SIGKILLed while one node is stuck in a 30 s call of job 1 and the other
-    node sits idle with job 1's function loaded on its core; the restarted server numbers
-    its jobs from 1 again. Job 1 of the new server (x * x) must compute x * x on every node,
-    never the old job 1's function (x + 100)."""
+    node sits idle with job 1's function loaded on its core. The new server's job (x * x) must
+    compute x * x on every node, never the old job's function (x + 100), even if a server
+    ever numbered its jobs like the old one did."""
     c = _cluster(make_cluster)
     old = _job(tmp_path, "old", "hang_on_culprit", args_range=[0, 12], chunksize=1)
     console = c.console_popen("compute", old, "--json")
