@@ -435,7 +435,7 @@ def bench_nodes(p: dict[str, Any], workdir: Path) -> list[dict]:
     """One real server process; simulated nodes (echoing) in one other process; console here."""
     import psutil
 
-    from remap.cluster import connect_console
+    from remap.dial import connect_console
     from remap.settings import load_settings
 
     system = RemapSystem("procs", workdir)

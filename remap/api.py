@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from protocol import messages as m
@@ -35,17 +35,17 @@ from protocol.errors import (
     ConnectionLost,
     JobFailed,
     RemoteTaskError,
-    ServerUnreachable,
 )
 
 from . import runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
 from .client import ClusterClient, JobParams, JobRun
-from .cluster import EmbeddedCluster, connect_console
+from .dial import connect_console
 from .settings import Settings, load_settings
 from .sinks import Sink, TaskErrorInfo
 
 if TYPE_CHECKING:
+    from .cluster import EmbeddedCluster
     from .executor import Executor, RemoteFuture
 
 __all__ = [
@@ -680,6 +680,8 @@ class Cluster:
                     timeout=connect_timeout + 5,
                 )
             else:
+                from .cluster import EmbeddedCluster  # the composition root: only when embedded
+
                 self._embedded = EmbeddedCluster(reactor, settings, cores)
                 self.address = runtime.run(
                     runtime.as_deferred(self._embedded.start), timeout=connect_timeout
@@ -688,9 +690,7 @@ class Cluster:
                     runtime.as_deferred(self._embedded.connect), timeout=connect_timeout
                 )
                 runtime.run(
-                    runtime.as_deferred(_until_node_joined),
-                    reactor,
-                    self._embedded,
+                    runtime.as_deferred(self._embedded.until_node_joined),
                     connect_timeout,
                     timeout=connect_timeout + 5,
                 )
@@ -1011,16 +1011,6 @@ def _disconnect(client: ClusterClient) -> defer.Deferred | None:
     client.lost.addBoth(lost)
     client.link.close()
     return gone
-
-
-async def _until_node_joined(reactor: Any, embedded: EmbeddedCluster, timeout: float) -> None:
-    """Wait (on the reactor) until the embedded node registered, so the handle is ready."""
-    deadline = reactor.seconds() + timeout
-    assert embedded.server is not None
-    while not embedded.server.scheduler.nodes:
-        if reactor.seconds() > deadline:
-            raise ServerUnreachable(f"the embedded cluster's node did not join within {timeout:g}s")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def own_or_borrow(

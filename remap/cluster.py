@@ -1,4 +1,5 @@
-"""Assembling the pieces: a server, a node, a console connection, an embedded cluster."""
+"""The composition root: a server, a node, an embedded cluster. The only module that imports both
+the server and the node side; clients that dial a remote cluster never load it."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from protocol.errors import AuthError, ConfigError, ServerUnreachable, VersionMismatch
+from protocol.errors import ConfigError, ServerUnreachable
 
 from .auth import client_secret, server_secret
 from .client import ClusterClient
+from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .local import connect_local
-from .net import AuthWaiter, PeerFactory, client_endpoint, server_endpoint, tls_enabled
+from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
 from .server.service import RemapServerFactory
@@ -64,7 +66,14 @@ class NamedEndpoint:
 
 
 def default_cores() -> int:
+    """A node's default: every CPU but one, left for the machine's owner and the node itself."""
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def embedded_cores() -> int:
+    """The embedded cluster's default: every CPU, like multiprocessing.Pool and loky (its server
+    and node cost little CPU, and on a 2-CPU laptop cpu - 1 would mean no speed-up at all)."""
+    return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -153,43 +162,6 @@ def start_node(
     return RunningNode(service, pool, agent)
 
 
-async def connect_console(
-    reactor: Any,
-    settings: Settings,
-    address: str,
-    *,
-    secret: bytes | None = None,
-    timeout: float = 10.0,
-) -> ClusterClient:
-    """Connect and authenticate; raise one clear RemapError when that is impossible."""
-    host, port = parse_address(address)
-    key = secret or client_secret(settings)
-    client = ClusterClient()
-    waiter = AuthWaiter(client)
-    factory = PeerFactory(reactor, "console", key, waiter, settings, name="console")
-    try:
-        await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(factory)
-    except Exception as exc:
-        raise ServerUnreachable(f"cannot reach the server at {address}: {_reason(exc)}") from None
-    try:
-        await waiter.ready
-    except (AuthError, VersionMismatch):
-        raise
-    except Exception as exc:
-        reason = _reason(exc)
-        if reason.startswith("TLS with"):  # the TLS layer said why: no guessing about a close
-            raise ServerUnreachable(f"cannot connect to {address}: {reason}") from None
-        raise ServerUnreachable(
-            f"server at {address} closed the connection during the handshake: {reason}"
-        ) from None
-    return client
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 class EmbeddedCluster:
     """A server and a node inside this process's reactor, cores as child processes.
 
@@ -204,7 +176,7 @@ class EmbeddedCluster:
         self.settings = replace(
             settings, host="127.0.0.1", port=0, tls_cert=None, tls_key=None, tls_ca=None
         )
-        self.cores = cores or settings.cores or default_cores()
+        self.cores = cores or settings.cores or embedded_cores()
         self.server: RunningServer | None = None
         self.node: RunningNode | None = None
 
@@ -233,3 +205,14 @@ class EmbeddedCluster:
             await self.node.pool.stop()
         if self.server is not None:
             await self.server.stop()
+
+    async def until_node_joined(self, timeout: float) -> None:
+        """Wait (on the reactor) until the embedded node registered, so the handle is ready."""
+        deadline = self.reactor.seconds() + timeout
+        assert self.server is not None
+        while not self.server.scheduler.nodes:
+            if self.reactor.seconds() > deadline:
+                raise ServerUnreachable(
+                    f"the embedded cluster's node did not join within {timeout:g}s"
+                )
+            await task.deferLater(self.reactor, 0.02, lambda: None)

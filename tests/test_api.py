@@ -21,7 +21,7 @@ from remap.settings import Settings
 from tests.cluster_harness import ROOT, NodeSpec, clean_env, wait_for
 from tests.cluster_harness import Cluster as ProcessCluster
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # embedded clusters: cores are processes
 
 EXAMPLES = ROOT / "examples"
 

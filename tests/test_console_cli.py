@@ -75,6 +75,7 @@ def test_embedded_cluster_runs_a_job_file(tmp_path: Path) -> None:
     assert len(notes) == 1 and "embedded local cluster with 2 cores" in notes[0], done.stderr
 
 
+@pytest.mark.slow
 def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Path) -> None:
     """status with no server configured: exit 2 and one line naming --server / REMAP_SERVER."""
     done = console(tmp_path, "status", timeout=30)
@@ -87,6 +88,7 @@ def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Pa
 # ---------------------------------------------------------------------- help and usage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "prog", "flags"),
     [
@@ -104,6 +106,7 @@ def test_help_of_each_entry_point(tmp_path: Path, script: str, prog: str, flags:
         assert flag in done.stdout, f"{flag} missing from:\n{done.stdout}"
 
 
+@pytest.mark.slow
 def test_help_command_lists_every_command(tmp_path: Path) -> None:
     """`remap help` needs no server and lists every command (or names it as an alias)."""
     done = console(tmp_path, "help", timeout=30)
@@ -113,6 +116,7 @@ def test_help_command_lists_every_command(tmp_path: Path) -> None:
         assert listed, f"{command} missing from:\n{done.stdout}"
 
 
+@pytest.mark.slow
 def test_unknown_command_exits_2_without_traceback(tmp_path: Path) -> None:
     """An unknown command: exit 2 and one error line that names it."""
     done = console(tmp_path, "frobnicate", timeout=30)
@@ -127,6 +131,7 @@ def test_unknown_command_exits_2_without_traceback(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- the interactive shell
 
 
+@pytest.mark.slow
 def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
     """Shell.onecmd: help prints the commands; errors become one line and the shell goes on; quit ends it."""
     out, err = io.StringIO(), io.StringIO()

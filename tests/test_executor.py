@@ -21,7 +21,7 @@ from remap.settings import Settings
 from tests.cluster_harness import Cluster as ProcessCluster
 from tests.cluster_harness import NodeSpec, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # embedded clusters: cores are processes
 
 
 # ---------------------------------------------------------------- functions run on cores

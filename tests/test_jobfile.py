@@ -568,6 +568,7 @@ def test_fixed_file_loads_after_failure(base: Path) -> None:
     assert resolve_function("fix.py:f", base)(2) == -2
 
 
+@pytest.mark.slow
 def test_file_function_ships_by_value(base: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """A function from a job's .py file runs in a process that has neither the file nor module.
 

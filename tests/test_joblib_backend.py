@@ -20,7 +20,7 @@ from remap.settings import Settings  # noqa: E402
 from tests.cluster_harness import Cluster as ProcessCluster  # noqa: E402
 from tests.cluster_harness import NodeSpec  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # embedded clusters: cores are processes
 
 
 class JoblibTaskError(Exception):

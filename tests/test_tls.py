@@ -19,7 +19,8 @@ from twisted.internet.task import Clock
 
 from protocol.errors import ConfigError
 from remap import runtime
-from remap.cluster import connect_console, start_server
+from remap.cluster import start_server
+from remap.dial import connect_console
 from remap.net import TLSServerEndpoint, client_endpoint, server_endpoint, tls_enabled
 from remap.settings import Settings
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
 from .. import runtime, shipping
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
-from ..cluster import EmbeddedCluster, connect_console
+from ..dial import connect_console
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..settings import Settings
 from ..sinks import Sink, make_sink
+
+if TYPE_CHECKING:
+    from ..cluster import EmbeddedCluster
 
 
 def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None) -> bytes:
@@ -74,6 +77,8 @@ class Session:
             )
         elif self.embedded is not None or allow_embedded:
             if self.embedded is None:
+                from ..cluster import EmbeddedCluster  # the composition root: only when embedded
+
                 self.embedded = EmbeddedCluster(runtime.reactor(), self.settings)
                 address = runtime.run(runtime.as_deferred(self.embedded.start))
                 self.announce(

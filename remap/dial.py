@@ -1,0 +1,52 @@
+"""Dialling a cluster as a console: connect, authenticate, one clear error when impossible.
+
+Client side only: importing this loads no server or node module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.errors import AuthError, ServerUnreachable, VersionMismatch
+
+from .auth import client_secret
+from .client import ClusterClient
+from .net import AuthWaiter, PeerFactory, client_endpoint
+from .settings import Settings, parse_address
+
+
+async def connect_console(
+    reactor: Any,
+    settings: Settings,
+    address: str,
+    *,
+    secret: bytes | None = None,
+    timeout: float = 10.0,
+) -> ClusterClient:
+    """Connect and authenticate; raise one clear RemapError when that is impossible."""
+    host, port = parse_address(address)
+    key = secret or client_secret(settings)
+    client = ClusterClient()
+    waiter = AuthWaiter(client)
+    factory = PeerFactory(reactor, "console", key, waiter, settings, name="console")
+    try:
+        await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(factory)
+    except Exception as exc:
+        raise ServerUnreachable(f"cannot reach the server at {address}: {_reason(exc)}") from None
+    try:
+        await waiter.ready
+    except (AuthError, VersionMismatch):
+        raise
+    except Exception as exc:
+        reason = _reason(exc)
+        if reason.startswith("TLS with"):  # the TLS layer said why: no guessing about a close
+            raise ServerUnreachable(f"cannot connect to {address}: {reason}") from None
+        raise ServerUnreachable(
+            f"server at {address} closed the connection during the handshake: {reason}"
+        ) from None
+    return client
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
