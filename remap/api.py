@@ -16,6 +16,7 @@ import concurrent.futures
 import itertools
 import pickle
 import queue
+import sys
 import threading
 import time
 import types
@@ -663,7 +664,9 @@ class Cluster:
         self._lock = threading.Lock()
         self._closed = False
         self._executor: Executor | None = None
+        self.dashboard_url: str | None = None
         key = secret.encode() if isinstance(secret, str) else secret
+        self._secret = key
         reactor = runtime.ensure_running()
         runtime.check_not_reactor_thread()
         self._reactor = reactor
@@ -697,6 +700,22 @@ class Cluster:
         except BaseException:
             self._stop_embedded()
             raise
+
+    def open_dashboard(self, out: Any = None) -> str:
+        """A one-time login link to this cluster's dashboard, also printed to ``out`` (stderr)."""
+        embedded = self._embedded
+        if embedded is not None:
+            url = runtime.run(runtime.as_deferred(embedded.start_dashboard), timeout=10)
+        else:
+            from .console.dashboard import login_link
+
+            settings = self.settings
+            if self._secret:
+                settings = replace(settings, secret=self._secret.decode("utf-8", "replace"))
+            url = login_link(settings)
+        self.dashboard_url = url
+        print(f"remap dashboard: {url}", file=out or sys.stderr, flush=True)
+        return url
 
     # ------------------------------------------------------------ plumbing
 
@@ -1038,6 +1057,7 @@ def connect(
     task_timeout: float | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     task_output: bool | None = None,
+    dashboard: bool = False,
 ) -> Cluster:
     """Connect to a remap server, or start an embedded local cluster when none is configured.
 
@@ -1047,8 +1067,10 @@ def connect(
     ``retries`` and ``task_timeout`` (seconds one call may run) apply to every job.
     ``task_output`` (default ``REMAP_TASK_OUTPUT``, on) prints what tasks print or log to
     this process's stderr, each line prefixed with its node and core.
+    ``dashboard=True`` prints a login link to the dashboard (an embedded cluster serves one on
+    loopback; a server must run with ``--http-port``) and keeps it in ``dashboard_url``.
     """
-    return Cluster(
+    cluster = Cluster(
         address,
         secret=secret,
         cores=cores,
@@ -1061,3 +1083,10 @@ def connect(
         connect_timeout=connect_timeout,
         task_output=task_output,
     )
+    if dashboard:
+        try:
+            cluster.open_dashboard()
+        except BaseException:
+            cluster.close()
+            raise
+    return cluster

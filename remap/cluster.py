@@ -179,6 +179,7 @@ class EmbeddedCluster:
         self.cores = cores or settings.cores or embedded_cores()
         self.server: RunningServer | None = None
         self.node: RunningNode | None = None
+        self.http: Any = None  # the HTTP API and dashboard, once start_dashboard is called
 
     async def start(self) -> str:
         """Start the server and the node; the node joins over an in-process link (no sockets)."""
@@ -199,7 +200,26 @@ class EmbeddedCluster:
         connect_local(self.reactor, self.server.factory, client, "console", "embedded console")
         return client
 
+    async def start_dashboard(self) -> str:
+        """Serve the HTTP API and dashboard on loopback (REMAP_HTTP_PORT, or a free port).
+
+        Returns a one-time login link; the bearer token is derived from this cluster's
+        private secret unless REMAP_HTTP_TOKEN is set.
+        """
+        from .server.http import start_http
+
+        assert self.server is not None
+        if self.http is None:
+            settings = replace(
+                self.settings, http_host="127.0.0.1", http_port=self.settings.http_port or 0
+            )
+            self.http = await start_http(self.reactor, settings, self.server.factory, self.secret)
+        return self.http.login_url()
+
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.node is not None:
             self._node_link.close()
             await self.node.pool.stop()

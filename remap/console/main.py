@@ -39,7 +39,7 @@ COMMANDS = (
 
 HELP = """\
 commands:
-  compute JOB.yaml [--json] [--detach] [--wait-for-nodes S]   run a job (embedded cluster if no server)
+  compute JOB.yaml [--json] [--detach] [--wait-for-nodes S] [--dashboard]   run a job (embedded cluster if no server)
   status [--json]                      cluster summary: nodes, cores busy/total, jobs
   nodes [--json]                       connected nodes
   jobs [--json]                        jobs, running and recent
@@ -94,6 +94,11 @@ def build_parser() -> Parser:
         "--no-task-output",
         action="store_true",
         help="do not show what tasks print or log (default: shown on stderr, REMAP_TASK_OUTPUT)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="print a login link to the live dashboard (the embedded cluster serves one)",
     )
     p.add_argument(
         "--traceback",
@@ -186,6 +191,9 @@ class Console:
         output: queue.SimpleQueue[str] = queue.SimpleQueue()
         show_output = self.session.settings.task_output and not args.no_task_output
 
+        if args.dashboard:
+            self.session.connect(allow_embedded=True)
+            self.note(f"dashboard: {self.session.dashboard_link()}")
         run, future = self.session.start_job(
             spec,
             sink,
@@ -381,9 +389,7 @@ class Console:
         return 0
 
     def cmd_dashboard(self, args: argparse.Namespace) -> int:
-        from .dashboard import login_link
-
-        self.say(login_link(self.session.settings, args.http_port))
+        self.say(self.session.dashboard_link(args.http_port))
         return 0
 
     def cmd_attach(self, args: argparse.Namespace) -> int:

@@ -93,6 +93,14 @@ class Session:
             )
         return self.client
 
+    def dashboard_link(self, http_port: int | None = None) -> str:
+        """A one-time login link: the embedded cluster serves a dashboard; a server is asked."""
+        if self.embedded is not None:
+            return runtime.run(runtime.as_deferred(self.embedded.start_dashboard), timeout=10)
+        from .dashboard import login_link
+
+        return login_link(self.settings, http_port)
+
     def close(self) -> None:
         if self.client is not None and self.client.link is not None:
             runtime.run(self.client.link.close, timeout=5)

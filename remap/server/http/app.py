@@ -36,7 +36,7 @@ SECURITY_HEADERS = {
     b"Cache-Control": b"no-store",
 }
 UNAUTHORIZED_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>remap: log in</title>
-</head><body style="font-family:sans-serif;max-width:40em;margin:4em auto">
+</head><body>
 <h1>remap dashboard</h1><p>This page needs a login link. Run
 <code>python remap_console.py dashboard</code> (or look at the server's output) and open the link
 it prints.</p></body></html>"""
