@@ -57,3 +57,43 @@ def test_dashboard_errors_are_one_line(served: Served) -> None:
     with pytest.raises(ServerUnreachable, match="cannot reach"):
         login_link(Settings(server="127.0.0.1", http_port=served.port, secret="x"))
     served.stop = lambda: None  # already stopped
+
+
+@pytest.mark.slow
+def test_embedded_cluster_serves_the_dashboard(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """remap.connect(dashboard=True) on an embedded cluster prints a working login link."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    import remap
+
+    with remap.connect(cores=1, env_file=None, dashboard=True) as cluster:
+        url = urlsplit(cluster.dashboard_url)
+        assert url.hostname == "127.0.0.1" and f"remap dashboard: {cluster.dashboard_url}" in (
+            capsys.readouterr().err
+        )
+        assert cluster.map(abs, [-1, -2]) == [1, 2]
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn.request("GET", f"{url.path}?{url.query}")
+        reply = conn.getresponse()
+        assert reply.status == 303 and "remap_session=" in reply.headers["Set-Cookie"]
+        conn.close()
+
+
+@pytest.mark.slow
+def test_compute_dashboard_prints_the_link(tmp_path) -> None:
+    """`compute JOB --dashboard` on the embedded cluster prints a login link on stderr."""
+    from tests.cluster_harness import CONSOLE_SCRIPT, jobs_function, run_entry, write_job
+
+    job = write_job(
+        tmp_path / "j.yaml", {"function": jobs_function("funcs", "square"), "args": [3]}
+    )
+    done = run_entry(
+        CONSOLE_SCRIPT, "--env-file", "/nonexistent", "--cores", "1", "compute", job,
+        "--dashboard", "--json", home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[9]"
+    assert "dashboard: http://127.0.0.1:" in done.stderr and "/login?token=" in done.stderr

@@ -61,6 +61,7 @@ _JOB_FIELDS = {
     "output": _nullable(_STR),
     "attached": _BOOL,
     "message": _STR,
+    "expected": _nullable(_INT),
     "progress": _nullable(_NUM),
     "eta": _nullable(_NUM),
 }

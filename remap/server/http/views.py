@@ -8,9 +8,15 @@ from .metrics import ServerStats
 
 
 def job_view(job: Any, now: float) -> dict:
-    """A job as the console describes it, plus progress (0..1) and ETA in seconds when known."""
+    """A job as the console describes it, plus progress (0..1) and ETA in seconds when known.
+
+    ``expected`` is the argument count once known, or the console's hint before the last
+    argument arrives (a range or a list has one), so progress shows from the start.
+    """
     view = job.describe(now)
-    total, finished = view["total"], view["done"] + view["failed"]
+    total = view["total"] if view["total"] is not None else (job.total if job.total >= 0 else None)
+    view["expected"] = total
+    finished = view["done"] + view["failed"]
     view["progress"] = round(finished / total, 4) if total else (1.0 if total == 0 else None)
     left = (total - finished) if total is not None else None
     view["eta"] = (

@@ -132,12 +132,14 @@
     const points = rates();
     const W = 1000, H = 180, top = 10;
     const now = samples.length ? samples[samples.length - 1][0] : 0;
-    const start = now - WINDOW;
+    // show at least a minute, up to WINDOW, so a young server's chart is not a sliver
+    const span = samples.length ? Math.min(WINDOW, Math.max(60, now - samples[0][0])) : 60;
+    const start = now - span;
     const visible = points.filter((p) => p[0] >= start);
     let max = Math.max(1, ...visible.map((p) => p[1] + p[2]));
     const magnitude = Math.pow(10, Math.floor(Math.log10(max)));
     max = Math.ceil(max / magnitude) * magnitude;
-    const x = (t) => ((t - start) / WINDOW) * W;
+    const x = (t) => ((t - start) / span) * W;
     const y = (v) => H - (v / max) * (H - top);
     const grid = $("chart-grid");
     grid.textContent = "";
@@ -163,6 +165,7 @@
       $("chart-fail").setAttribute("d", visible.some((p) => p[2] > 0) ? fail : "");
     }
     $("chart-max").textContent = "max " + rate(max) + "/s";
+    $("chart-note").textContent = "last " + duration(span);
   }
 
   // ------------------------------------------------------------------ jobs
@@ -219,13 +222,14 @@
         (job.waiting ? " · " + job.waiting : "") + (job.message && job.state !== "running" ? " · " + job.message : "");
       row.badge.textContent = job.state;
       row.badge.className = "badge " + job.state;
-      const total = job.total;
+      const total = job.expected;
       const finished = job.done + job.failed;
       const known = total !== null && total !== undefined;
       row.bar.className = "progress" + (known ? "" : " unknown");
+      // an unknown total: the share of what arrived so far, striped
       const denom = known ? Math.max(total, 1) : Math.max(job.received, 1);
-      const donePct = known ? (100 * job.done) / denom : 100;
-      const failPct = known ? (100 * job.failed) / denom : 0;
+      const donePct = (100 * job.done) / denom;
+      const failPct = (100 * job.failed) / denom;
       row.done.style.width = Math.min(100, donePct) + "%";
       row.failed.style.left = Math.min(100, donePct) + "%";
       row.failed.style.width = Math.min(100 - donePct, failPct) + "%";

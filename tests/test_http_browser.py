@@ -1,0 +1,84 @@
+"""The dashboard in headless Chromium (Debian's package, driven by Playwright): log in, watch, kill.
+
+Skipped, saying why, when /usr/bin/chromium or the playwright package is missing (CI installs
+both: ``apt-get install chromium`` and ``pip install playwright``; never ``playwright install``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_harness import NodeSpec, jobs_function, write_job
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+]
+
+
+def _progress(page, job: int) -> int:
+    text = page.locator(f'tr[data-job="{job}"] .progress-text span').first.inner_text()
+    return int(text.split("/")[0].replace(",", "").strip())
+
+
+def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
+    """Log in through the printed link, see two nodes and the job's progress move, kill it with
+    the button (confirming), see it marked killed; save a screenshot of the page."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    cluster = make_cluster(
+        [NodeSpec(cores=1), NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"}
+    )
+    link = cluster.wait_for(
+        lambda: re.search(r"dashboard: (http://\S+/login\?token=\S+)", cluster.server.log_text()),
+        10,
+        "the server's login link",
+    ).group(1)
+    job_file = write_job(
+        tmp_path / "slow.yaml",
+        {"function": jobs_function("funcs", "slow"), "args_range": [0, 400], "chunksize": 1},
+        name="slow squares",
+    )
+    console = cluster.console_popen("compute", str(job_file), "--quiet")
+    job = cluster.wait_for(
+        lambda: next((j["id"] for j in cluster.status()["jobs"] if j["state"] == "running"), None),
+        20,
+        "the job to start",
+    )
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(link)
+            assert page.url.endswith("/")  # the login redirected to the dashboard
+            page.wait_for_selector(".node >> nth=1", timeout=15_000)
+            assert page.locator(".node").count() == 2
+            row = page.locator(f'tr[data-job="{job}"]')
+            row.wait_for(timeout=15_000)
+            first = _progress(page, job)
+            page.wait_for_function(
+                f"""() => {{
+                    const s = document.querySelector('tr[data-job="{job}"] .progress-text span');
+                    return s && parseInt(s.textContent.replace(/,/g, '')) > {first};
+                }}""",
+                timeout=20_000,
+            )
+            page.screenshot(path=str(tmp_path / "dashboard-running.png"), full_page=True)
+            row.locator('button[data-action="kill"]').click()
+            page.locator("#confirm-ok").click()
+            row.locator(".badge.killed").wait_for(timeout=15_000)
+            page.screenshot(path=str(tmp_path / "dashboard-killed.png"), full_page=True)
+            assert page.locator("#jobs-body tr").count() >= 1
+            assert "slow squares" in page.locator("#jobs").inner_text()
+        finally:
+            browser.close()
+    assert (tmp_path / "dashboard-killed.png").stat().st_size > 10_000
+    done = cluster.finish(console, timeout=30)
+    assert done.returncode != 0 and "killed" in done.stderr, cluster.explain(done)
+    assert cluster.job(job)["state"] == "killed"
