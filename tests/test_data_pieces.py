@@ -1,0 +1,261 @@
+"""The pure pieces of data jobs: key encoding, splits, line reading, spills and merges."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ConfigError
+from remap.data import inputs, keys, runs
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 900), max_value=1 << 900)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+)
+_keys = st.recursive(_scalars, lambda inner: st.tuples(inner, inner) | st.lists(inner, max_size=3))
+
+
+def _rank(key: object) -> tuple:
+    """The documented order, computed the slow way: type rank, then the natural order."""
+    if key is None:
+        return (0,)
+    if isinstance(key, bool):
+        return (1, key)
+    if isinstance(key, int):
+        return (2, key)
+    if isinstance(key, float):
+        return (3, key)
+    if isinstance(key, str):
+        return (4, [ord(c) for c in key])
+    if isinstance(key, bytes):
+        return (5, list(key))
+    return (6 if isinstance(key, tuple) else 7, [_rank(k) for k in key])
+
+
+@given(_keys)
+def test_keys_round_trip(key: object) -> None:
+    """Every supported key decodes to an equal key of the same type."""
+    back = keys.decode_key(keys.encode_key(key))
+    assert back == key and type(back) is type(key)
+
+
+@given(_keys, _keys)
+@settings(max_examples=300)
+def test_byte_order_is_the_documented_order(a: object, b: object) -> None:
+    """Comparing encodings compares keys: type rank first, then the type's own order."""
+    if a == b and type(a) is type(b):
+        assert keys.encode_key(a) == keys.encode_key(b)
+        return
+    ra, rb = _rank(a), _rank(b)
+    if ra == rb:  # e.g. 0.0 and -0.0: equal ranks, both orders fine
+        return
+    assert (keys.encode_key(a) < keys.encode_key(b)) == (ra < rb)
+
+
+def test_other_keys_pickle_and_separators_survive() -> None:
+    """Frozensets and keys full of separators round-trip; str fast path handles NULs."""
+    for key in [frozenset({1, 2}), "a\tb,c\nd\x00e", ("x\x00", b"\x00\xff"), 1 << 2000]:
+        assert keys.decode_key(keys.encode_key(key)) == key
+
+
+def test_partition_is_stable_and_spread() -> None:
+    """The default partitioner is a fixed function of the key bytes (not salted hash())."""
+    assert keys.default_partition(keys.encode_key("hello"), 7) == keys.default_partition(
+        keys.encode_key("hello"), 7
+    )
+    assert (
+        keys.default_partition(keys.encode_key("hello"), 1 << 30) == 588977036
+    )  # pinned: a change re-partitions old data
+    counts = defaultdict(int)
+    for i in range(7000):
+        counts[keys.default_partition(keys.encode_key(f"w{i}"), 7)] += 1
+    assert min(counts.values()) > 800
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 64, 10_000])
+def test_every_line_read_once_whatever_the_split(tmp_path: Path, split: int) -> None:
+    """Lines crossing split boundaries are read once, by the split they start in."""
+    data = b"alpha\nbe\n\n\r\ngamma delta\nlast-without-newline"
+    path = _write(tmp_path / "f.txt", data)
+    got = []
+    for s in inputs.make_splits([path], split, splittable=True):
+        got.extend(inputs.read_lines(s))
+    lines = ["alpha", "be", "", "", "gamma delta", "last-without-newline"]
+    assert [line for _, line in got] == lines
+    for offset, line in got:
+        assert inputs.line_number(str(path), offset) == lines.index(line) + 1 or line == ""
+
+
+def test_random_files_and_splits(tmp_path: Path) -> None:
+    """Random contents and split sizes: the concatenated reads equal the file's lines."""
+    rng = random.Random(7)
+    for trial in range(30):
+        parts = [
+            "".join(rng.choice("ab \t,é") for _ in range(rng.randrange(0, 12)))
+            for _ in range(rng.randrange(0, 40))
+        ]
+        text = "\n".join(parts) + rng.choice(["", "\n"])
+        path = _write(tmp_path / f"r{trial}", text.encode())
+        splits = inputs.make_splits([path], rng.randrange(1, 50), splittable=True)
+        got = [line for s in splits for _, line in inputs.read_lines(s)]
+        assert got == text.splitlines()
+
+
+def test_splits_skip_empty_files_and_keep_unsplittable_whole(tmp_path: Path) -> None:
+    """An empty file has no split; ``splittable=False`` gives one split per file."""
+    empty = _write(tmp_path / "e", b"")
+    big = _write(tmp_path / "b", b"x\n" * 100)
+    assert inputs.make_splits([empty], 10, splittable=True) == []
+    assert len(inputs.make_splits([big], 10, splittable=True)) == 20
+    whole = inputs.make_splits([empty, big], 10, splittable=False)
+    assert [(s.start, s.end) for s in whole] == [(0, 200)]
+
+
+def test_resolve_inputs(tmp_path: Path) -> None:
+    """Directories (hidden skipped), globs and files, in order, each once; typos are errors."""
+    a = _write(tmp_path / "in" / "a.txt", b"1")
+    b = _write(tmp_path / "in" / "sub" / "b.txt", b"2")
+    _write(tmp_path / "in" / ".hidden", b"3")
+    c = _write(tmp_path / "other.csv", b"4")
+    got = inputs.resolve_inputs(["in", "*.csv", "in/a.txt"], tmp_path)
+    assert got == [a.resolve(), b.resolve(), c.resolve()]
+    with pytest.raises(ConfigError, match="no such file"):
+        inputs.resolve_inputs("nope", tmp_path)
+    with pytest.raises(ConfigError, match="no file matches"):
+        inputs.resolve_inputs("*.nothing", tmp_path)
+
+
+def test_bad_utf8_survives(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 are kept (surrogate escapes), not a crash."""
+    path = _write(tmp_path / "bin", b"ok\n\xff\xfe\n")
+    (split,) = inputs.make_splits([path], 100, splittable=True)
+    lines = [line for _, line in inputs.read_lines(split)]
+    assert lines[1].encode("utf-8", "surrogateescape") == b"\xff\xfe"
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _spill_all(records, spill_bytes, combine=None, tmp_path=None):
+    """Feed records through a SpillBuffer; return the runs per bucket as lists of records."""
+    out: dict[int, list[list[tuple[bytes, bytes]]]] = defaultdict(list)
+    buffer = runs.SpillBuffer(
+        spill_bytes,
+        lambda bucket, recs: out[bucket].append(list(recs)),
+        (lambda bucket: combine) if combine else None,
+    )
+    for bucket, key, value in records:
+        buffer.add(bucket, keys.encode_key(key), value)
+    buffer.flush()
+    return out, buffer
+
+
+def test_spills_are_sorted_and_bounded() -> None:
+    """A small buffer spills often; each run is sorted; nothing is lost or reordered per key."""
+    rng = random.Random(1)
+    records = [(rng.randrange(3), rng.choice("abcdefgh"), i) for i in range(2000)]
+    out, buffer = _spill_all(records, 4000)
+    assert buffer.spills > 5
+    for bucket, bucket_runs in out.items():
+        for run in bucket_runs:
+            assert [k for k, _ in run] == sorted(k for k, _ in run)
+        merged = [(k, list(vs)) for k, vs in runs.grouped(runs.merge(iter(r) for r in bucket_runs))]
+        want = defaultdict(list)
+        for b, k, v in records:
+            if b == bucket:
+                want[k].append(v)
+        assert merged == sorted(want.items())
+
+
+def test_combine_runs_per_spill_and_early() -> None:
+    """combine folds each key's values in a spill (and early for hot keys); sums are right."""
+
+    def combine(key, values):
+        yield sum(values)
+
+    records = [(0, "hot", 1)] * 5000 + [(0, "cold", 2)] * 3
+    out, _ = _spill_all(records, 1 << 30, combine)
+    (run,) = out[0]
+    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in run] == [
+        ("cold", 6),
+        ("hot", 5000),
+    ]
+
+
+def test_mutable_values_are_captured_when_emitted() -> None:
+    """A list value mutated after it was emitted is spilled as it was when emitted."""
+    value = [1]
+    out: list = []
+    buffer = runs.SpillBuffer(1 << 20, lambda b, recs: out.extend(recs))
+    buffer.add(0, keys.encode_key("k"), value)
+    value.append(2)
+    buffer.flush()
+    assert keys.decode_value(out[0][1]) == [1]
+
+
+def test_run_files_round_trip_and_truncation(tmp_path: Path) -> None:
+    """Run files hold exactly what was written; a cut file is an error."""
+    records = [(keys.encode_key(i), keys.encode_value("v" * i)) for i in range(100)]
+    path = tmp_path / "run"
+    assert runs.write_run(path, records)[0] == 100
+    assert list(runs.read_run(path)) == records
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        list(runs.read_run(path))
+
+
+@pytest.mark.parametrize("fanin", [2, 3, 5, 64])
+def test_premerge_bounds_fanin_and_keeps_order(tmp_path: Path, fanin: int) -> None:
+    """Many runs are pre-merged to at most ``fanin``; the result equals one big merge."""
+    rng = random.Random(fanin)
+    paths = []
+    for n in range(23):
+        recs = sorted(
+            ((keys.encode_key(rng.randrange(50)), keys.encode_value((n, i))) for i in range(30)),
+            key=lambda r: r[0],
+        )
+        paths.append(str(tmp_path / f"run{n}"))
+        runs.write_run(paths[-1], recs)
+    expect = list(runs.merge(runs.read_run(p) for p in paths))
+    left, merges = runs.premerge(paths, fanin, lambda i: tmp_path / f"scratch{i}")
+    assert len(left) <= fanin and (merges > 0) == (fanin < 23)
+    assert list(runs.merge(runs.read_run(p) for p in left)) == expect
+    scratch = {p.name for p in tmp_path.iterdir() if p.name.startswith("scratch")}
+    assert scratch == {Path(p).name for p in left if "scratch" in p}
+
+
+def test_grouped_reduces_the_last_key_and_skips_unread_values() -> None:
+    """Every key is grouped, the last included, even when reduce reads no values."""
+    stream = iter(
+        [(keys.encode_key(k), keys.encode_value(v)) for k, v in [("a", 1), ("a", 2), ("b", 3)]]
+    )
+    assert [k for k, _ in runs.grouped(stream)] == ["a", "b"]
+
+
+def test_grouped_secondary_sort() -> None:
+    """With ``group``, keys (g, x) group by g and values come in x order."""
+    pairs = sorted(
+        [(("g1", -5), "e"), (("g1", -9), "n"), (("g2", 1), "o"), (("g1", -7), "s")],
+        key=lambda kv: keys.encode_key(kv[0]),
+    )
+    stream = iter([(keys.encode_key(k), keys.encode_value(v)) for k, v in pairs])
+    got = [(g, list(vs)) for g, vs in runs.grouped(stream, group=lambda k: k[0])]
+    assert got == [("g1", ["n", "s", "e"]), ("g2", ["o"])]
