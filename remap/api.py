@@ -943,6 +943,39 @@ class Cluster:
             raise TypeError("reduce() of empty iterable with no initial value")
         return acc
 
+    # ------------------------------------------------------------ data jobs
+
+    def mapreduce(
+        self,
+        functions: Any,
+        input: Any,
+        output: Any,
+        *,
+        reducers: int | dict[str, int] = 1,
+        data_dir: str | None = None,
+        on_progress: Callable[[Any], None] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Run a data job (map/reduce over files; see the README) and return its summary.
+
+        ``functions`` is a module or a dict with ``map`` and ``reduce`` (and optionally
+        ``combine``, ``read``, ``write``, ``partition``, ``group``). ``options`` are the job
+        file's keys: ``split_mb``, ``spill_mb``, ``fanin``, ``on_error``, ``name``.
+        Raises JobFailed or JobKilled (nothing published) when the job does not finish.
+        """
+        from .data.driver import job_from_functions, run_data_job
+        from .data.layout import DataDir
+
+        self._check_open()
+        options.setdefault("retries", self.retries)
+        options.setdefault("timeout", self.task_timeout)
+        options.setdefault("group", self.group)
+        options.setdefault("priority", self.priority)
+        job = job_from_functions(functions, input, output, reducers=reducers, **options)
+        data = DataDir.from_setting(data_dir or self.settings.data_dir)
+        assert self._client is not None
+        return run_data_job(self._client, job, data, on_progress=on_progress)
+
     # ------------------------------------------------------------ futures
 
     def executor(self) -> Executor:

@@ -118,8 +118,7 @@ def read_lines(split: Split) -> Iterator[tuple[int, str]]:
 
 def read_custom(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
     """Records of a user ``read(path)``: the whole file is one split; positions are ordinals."""
-    for ordinal, record in enumerate(reader(split.path)):
-        yield ordinal, record
+    yield from enumerate(reader(split.path))
 
 
 def line_number(path: str, offset: int) -> int:

@@ -1,0 +1,464 @@
+"""Running a data job: a map phase and a reduce phase, each one function job, then commit.
+
+The driver runs beside the console or the Python API (it needs the data directory too). It
+writes the job directory, runs the map tasks over the splits, waits for all of them (the
+barrier), gives each reducer exactly the runs the *delivered* map results listed, runs the
+reduce tasks, renames each delivered reduce attempt to its final name, and publishes the
+output directory by one rename. On failure or kill nothing is published, intermediate files
+are removed, and ``result`` says ``FAIL`` or ``INCOMPLETE``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
+
+from .. import runtime, shipping
+from ..client import ClusterClient, JobParams, JobRun
+from ..sinks import StreamSink, TaskErrorInfo
+from . import counters, layout
+from .inputs import Split, make_splits, resolve_inputs
+from .layout import DataDir
+from .runs import DEFAULT_FANIN
+from .tasks import DEFAULT_PURPOSE, JobFunctions, TaskContext, map_task, reduce_task
+
+MB = 1024 * 1024
+#: seconds between progress callbacks while a phase runs
+POLL_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class DataJob:
+    """A resolved data job: the functions to run and where their files come from and go."""
+
+    name: str
+    functions: JobFunctions
+    inputs: tuple[str, ...]
+    output: Path
+    reducers: dict[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
+    base_dir: Path = Path(".")
+    split_mb: float = 64.0
+    spill_mb: float = 64.0
+    fanin: int = DEFAULT_FANIN
+    on_error: str = "fail"
+    retries: int = 3
+    timeout: float | None = None
+    group: str | None = None
+    priority: int = 0
+    module_path: Path | None = None
+
+
+@dataclass
+class DataProgress:
+    """What a console shows while a data job runs."""
+
+    job_id: str
+    phase: str = "starting"
+    tasks_done: int = 0
+    tasks_total: int = 0
+    files: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    records: int = 0
+    started: float = field(default_factory=time.monotonic)
+    phase_job: int | None = None
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        text = f"{self.phase} {self.tasks_done}/{self.tasks_total} tasks"
+        if self.phase == "map" and self.bytes_total:
+            text += f", {self.bytes_done / MB:.1f}/{self.bytes_total / MB:.1f} MB of {self.files} files"
+        if self.records:
+            text += f", {self.records / elapsed:,.0f} records/s"
+        return text
+
+
+class _Phase:
+    """One phase as a function job whose results are collected by task index."""
+
+    def __init__(
+        self, client: ClusterClient, params: JobParams, blob: bytes, args: list[Any]
+    ) -> None:
+        self.results: dict[int, Any] = {}
+        self.errors: list[TaskErrorInfo] = []
+        sink = StreamSink(on_item=self._item)
+        self.run = JobRun(params, blob, iter(args), sink, total_hint=len(args))
+        self.total = len(args)
+        self.future = runtime.call(client.submit, self.run)
+
+    def _item(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        else:
+            self.results[index] = result
+
+    def wait(self, tick: Callable[[], None]) -> dict[int, Any]:
+        while True:
+            try:
+                self.future.result(timeout=POLL_INTERVAL)
+                break
+            except concurrent.futures.TimeoutError:
+                tick()
+        missing = self.total - len(self.results)
+        if missing:
+            raise JobFailed(f"{missing} task(s) delivered no result")
+        return self.results
+
+
+class DataJobRunner:
+    """Runs one :class:`DataJob` on a cluster through a console connection."""
+
+    def __init__(
+        self,
+        client: ClusterClient,
+        job: DataJob,
+        data: DataDir,
+        *,
+        on_progress: Callable[[DataProgress], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.job = job
+        self.data = data
+        self.job_id = layout.new_job_id()
+        self.progress = DataProgress(self.job_id)
+        self.on_progress = on_progress or (lambda p: None)
+        self.on_notice = on_notice or (lambda text: None)
+        self.phase: _Phase | None = None
+        self.counters: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.error_lines: list[str] = []
+        self.staging = job.output.parent / f".{job.output.name}.remap-{self.job_id}"
+
+    # ------------------------------------------------------------ the whole job
+
+    def run(self) -> dict[str, Any]:
+        """Run to the end; return the summary. Raises JobFailed/JobKilled with nothing published."""
+        job = self.job
+        started = time.monotonic()
+        files, splits = self._plan()
+        self._write_job_dir(files, splits)
+        state = "FAIL"
+        try:
+            map_results = self._map(splits)
+            reduce_results = self._reduce(map_results)
+            self._publish(reduce_results)
+            state = "OK"
+        except (JobKilled, KeyboardInterrupt, ConnectionLost) as exc:
+            state = "INCOMPLETE"
+            self._kill_phase()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise JobKilled(f"data job {self.job_id} ({job.name}) was killed: {exc}") from None
+        except JobFailed as exc:
+            raise JobFailed(f"data job {self.job_id} ({job.name}) failed: {exc}") from None
+        finally:
+            if state != "OK":
+                self._kill_phase()
+            self.timings["total"] = round(time.monotonic() - started, 3)
+            self._finish(state)
+        return self.summary(state)
+
+    def summary(self, state: str) -> dict[str, Any]:
+        return {
+            "job": self.job_id,
+            "name": self.job.name,
+            "state": state,
+            "output": str(self.job.output),
+            "job_dir": str(self.data.job_dir(self.job_id)),
+            "files": self.progress.files,
+            "bytes": self.progress.bytes_total,
+            "splits": self._splits,
+            "reducers": dict(self.job.reducers),
+            "counters": dict(self.counters),
+            "timings": dict(self.timings),
+            "errors": list(self.error_lines),
+        }
+
+    # ------------------------------------------------------------ steps
+
+    def _plan(self) -> tuple[list[Path], list[Split]]:
+        job = self.job
+        if job.output.exists() or job.output.is_symlink():
+            raise ConfigError(
+                f"output {job.output} already exists: a data job never overwrites results "
+                "(remove it or choose another output)"
+            )
+        files = resolve_inputs(job.inputs, job.base_dir)
+        splits = make_splits(
+            files, max(1, int(job.split_mb * MB)), splittable=job.functions.read is None
+        )
+        self.progress.files = len(files)
+        self.progress.bytes_total = sum(s.size for s in splits)
+        self._splits = len(splits)
+        return files, splits
+
+    def _write_job_dir(self, files: list[Path], splits: list[Split]) -> None:
+        job, data = self.job, self.data
+        try:
+            status = runtime.run(self.client.status, timeout=30)
+        except Exception:  # noqa: BLE001 - the config is informative; the job can still run
+            status = {"nodes": []}
+        config = {
+            "job": self.job_id,
+            "name": job.name,
+            "inputs": list(job.inputs),
+            "files": [str(f) for f in files],
+            "splits": [[s.index, s.path, s.start, s.end] for s in splits],
+            "output": str(job.output),
+            "staging": str(self.staging),
+            "reducers": dict(job.reducers),
+            "split_mb": job.split_mb,
+            "spill_mb": job.spill_mb,
+            "fanin": job.fanin,
+            "on_error": job.on_error,
+            "retries": job.retries,
+            "timeout": job.timeout,
+            "group": job.group,
+            "nodes": [
+                {"host": n.get("host"), "cores": n.get("cores"), "group": n.get("group")}
+                for n in status.get("nodes", [])
+            ],
+            "cores": sum(int(n.get("cores", 0)) for n in status.get("nodes", [])),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        layout.write_json(data.jobconfig(self.job_id), config)
+        app = data.app_dir(self.job_id)
+        app.mkdir(parents=True, exist_ok=True)
+        if job.module_path is not None and job.module_path.is_file():
+            shutil.copy2(job.module_path, app / job.module_path.name)
+        layout.write_result(data, self.job_id, "INCOMPLETE")
+        # tasks create no directories: a late attempt of a finished job fails instead of
+        # leaving strays behind
+        for purpose, n in job.reducers.items():
+            (self.staging / purpose).mkdir(parents=True, exist_ok=True)
+            for reducer in range(n):
+                data.run_dir(self.job_id, purpose, reducer).mkdir(parents=True, exist_ok=True)
+        data.progress_dir(self.job_id).mkdir(parents=True, exist_ok=True)
+
+    def _context(self) -> TaskContext:
+        job = self.job
+        return TaskContext(
+            data_root=str(self.data.root),
+            job_id=self.job_id,
+            reducers=dict(job.reducers),
+            spill_bytes=max(1, int(job.spill_mb * MB)),
+            output=str(self.staging),
+            functions=job.functions,
+            on_error=job.on_error,
+            fanin=job.fanin,
+        )
+
+    def _params(self, phase: str) -> JobParams:
+        job = self.job
+        return JobParams(
+            name=f"{job.name} [{phase} {self.job_id}]",
+            mode="stream",
+            group=job.group,
+            retries=job.retries,
+            timeout=job.timeout,
+            on_error="fail",
+            chunksize=1,
+            priority=job.priority,
+        )
+
+    def _blob(self, task: Callable[..., Any]) -> bytes:
+        try:
+            return shipping.function_blob(functools.partial(task, self._context()))
+        except Exception as exc:
+            raise ConfigError(
+                f"the job's functions cannot be sent to the cluster: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _run_phase(self, phase: str, task: Callable[..., Any], args: list[Any]) -> dict[int, Any]:
+        started = time.monotonic()
+        self.progress.phase = phase
+        self.progress.tasks_done = 0
+        self.progress.tasks_total = len(args)
+        self.on_progress(self.progress)
+        if not args:
+            return {}
+        self.phase = _Phase(self.client, self._params(phase), self._blob(task), args)
+        try:
+            results = self.phase.wait(lambda: self._tick(phase))
+        except JobFailed as exc:
+            raise self._explain(phase, exc) from None
+        finally:
+            self.phase = None
+            self.timings[phase] = round(time.monotonic() - started, 3)
+        for result in results.values():
+            counters.add(self.counters, result["counters"])
+            self.error_lines.extend(result.get("errors", ()))
+        self.progress.tasks_done = len(results)
+        self.on_progress(self.progress)
+        return results
+
+    def _explain(self, phase: str, exc: JobFailed) -> RemapError:
+        if isinstance(exc, JobKilled):
+            return exc
+        assert self.phase is not None
+        first = self.phase.run.first_error
+        if first is not None:
+            return JobFailed(f"{phase} task {first.index}: {first.type_name}: {first.message}")
+        return JobFailed(f"{phase} phase: {exc}")
+
+    def _tick(self, phase: str) -> None:
+        current = self.phase
+        if current is None:
+            return
+        self.progress.phase_job = current.run.job_id
+        done = dict(current.results)
+        self.progress.tasks_done = len(done)
+        records = sum(r["counters"].get(f"{phase}_records_in", 0) for r in done.values())
+        if phase == "map":
+            self.progress.bytes_done = sum(r["counters"]["map_bytes_in"] for r in done.values())
+        self.progress.records = self.counters.get("map_records_in", 0) + records
+        self.on_progress(self.progress)
+
+    def _map(self, splits: list[Split]) -> dict[int, Any]:
+        args = [(s.index, s.path, s.start, s.end) for s in splits]
+        return self._run_phase("map", map_task, args)
+
+    def _reduce(self, map_results: dict[int, Any]) -> dict[int, Any]:
+        runs: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+        for mapper, result in map_results.items():
+            for purpose, reducer, path, _count, _size in result["runs"]:
+                part = len(runs.setdefault((purpose, reducer), []))
+                runs[(purpose, reducer)].append((mapper, part, path))
+        args = []
+        for purpose in sorted(self.job.reducers, key=lambda p: (p != DEFAULT_PURPOSE, p)):
+            for reducer in range(self.job.reducers[purpose]):
+                ordered = sorted(runs.get((purpose, reducer), []))  # input order: mapper, part
+                args.append((len(args), purpose, reducer, [path for _, _, path in ordered]))
+        return self._run_phase("reduce", reduce_task, args)
+
+    def _publish(self, reduce_results: dict[int, Any]) -> None:
+        """Delivered attempts take their final names; everything else is a stray; one rename."""
+        finals = set()
+        for result in reduce_results.values():
+            os.replace(result["path"], result["final"])
+            finals.add(Path(result["final"]))
+        for path in list(layout.walk_files(self.staging)):
+            if path not in finals:
+                path.unlink(missing_ok=True)
+        layout.write_atomic(self.staging / layout.SUCCESS_MARKER, b"")
+        if self.job.output.exists():
+            raise JobFailed(f"output {self.job.output} appeared while the job ran; left it alone")
+        os.rename(self.staging, self.job.output)
+
+    def _kill_phase(self) -> None:
+        current = self.phase
+        if current is not None and current.run.job_id is not None and not current.future.done():
+            job_id = current.run.job_id
+            try:
+                runtime.run(lambda: self.client.kill(job_id), timeout=5)
+            except (RemapError, TimeoutError, concurrent.futures.TimeoutError):
+                pass
+
+    def _finish(self, state: str) -> None:
+        """Remove intermediate files (and the unpublished output), write progress and result."""
+        data = self.data
+        layout.remove_tree(data.im_dir(self.job_id))
+        if state != "OK":
+            layout.remove_tree(self.staging)
+        layout.remove_strays(data.job_dir(self.job_id))
+        progress = {
+            "job": self.job_id,
+            "state": state,
+            "phase": self.progress.phase,
+            "tasks": {
+                path.stem: layout.read_json(path)
+                for path in sorted(data.progress_dir(self.job_id).glob("*.json"))
+            },
+            "counters": self.counters,
+            "timings": self.timings,
+        }
+        layout.write_json(data.consolidated(self.job_id), progress)
+        if self.error_lines:
+            errors = data.job_dir(self.job_id) / "errors.log"
+            layout.write_atomic(errors, ("\n".join(self.error_lines) + "\n").encode())
+        layout.write_result(
+            data,
+            self.job_id,
+            state,
+            name=self.job.name,
+            counters=self.counters,
+            timings=self.timings,
+            output=str(self.job.output) if state == "OK" else None,
+        )
+
+
+def run_data_job(
+    client: ClusterClient,
+    job: DataJob,
+    data: DataDir,
+    *,
+    on_progress: Callable[[DataProgress], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a data job to the end and return its summary (see :class:`DataJobRunner`)."""
+    return DataJobRunner(client, job, data, on_progress=on_progress, on_notice=on_notice).run()
+
+
+def job_from_functions(
+    functions: Any,
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    reducers: int | dict[str, int] = 1,
+    base_dir: Path | str = ".",
+    name: str | None = None,
+    **options: Any,
+) -> DataJob:
+    """A :class:`DataJob` from a module (or a mapping of role -> function) and paths."""
+    import types
+
+    from .tasks import functions_from
+
+    module_path = None
+    if isinstance(functions, types.ModuleType):
+        namespace = vars(functions)
+        file = getattr(functions, "__file__", None)
+        module_path = Path(file) if file else None
+        if functions.__name__ != "__main__":
+            shipping_by_value(functions)
+        default_name = functions.__name__.rpartition(".")[2]
+    elif isinstance(functions, dict):
+        namespace = functions
+        default_name = getattr(functions.get("map"), "__module__", None) or "mapreduce"
+    else:
+        raise TypeError("give the job's functions as a module or a dict of role -> function")
+    counts = {DEFAULT_PURPOSE: reducers} if isinstance(reducers, int) else dict(reducers)
+    for purpose, n in counts.items():
+        layout.check_name("purpose", purpose)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"reducers for {purpose!r} must be a positive integer, not {n!r}")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    base = Path(base_dir).expanduser().resolve()
+    return DataJob(
+        name=name or default_name,
+        functions=functions_from(namespace, counts),
+        inputs=tuple(os.fspath(i) for i in inputs),
+        output=(base / Path(os.fspath(output)).expanduser()).resolve(),
+        reducers=counts,
+        base_dir=base,
+        module_path=module_path,
+        **options,
+    )
+
+
+def shipping_by_value(module: Any) -> None:
+    """Nodes need not have the job module: its functions travel by value."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,329 @@
+"""The two tasks a data job runs on cores: map one split, reduce one reducer's runs.
+
+Both run as ordinary function-job calls, so they inherit retries, crash attribution, kill and
+exactly-once *delivery* of their result. Exactly-once *output* comes from naming: an attempt
+writes ``.tmp`` files, commits them by rename under names that carry its attempt token, and
+returns those names; the driver uses only the names delivered to it and deletes the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import counters, layout
+from .inputs import Split, line_number, read_custom, read_lines
+from .keys import default_partition, encode_key
+from .layout import DataDir
+from .runs import DEFAULT_FANIN, SpillBuffer, grouped, merge, premerge, read_run, write_run
+
+DEFAULT_PURPOSE = "default"
+#: error lines a task keeps for the job's errors file (the count is always exact)
+MAX_ERROR_LINES = 50
+#: seconds between a running task's progress-file updates
+PROGRESS_EVERY = 1.0
+_CHECK_EVERY = 4096  # records between clock checks
+
+
+class RecordError(Exception):
+    """User code raised for one record; the message names the file and line (or the key)."""
+
+
+class JobCodeError(Exception):
+    """User code broke the data-job contract (bad yield shape, unknown purpose, ...)."""
+
+
+def default_write(record: Any, file: TextIO) -> None:
+    """One line per record; a pair is written ``key<TAB>value``."""
+    if type(record) is tuple and len(record) == 2:
+        file.write(f"{record[0]}\t{record[1]}\n")
+    else:
+        file.write(f"{record}\n")
+
+
+@dataclass(frozen=True)
+class JobFunctions:
+    """The user's functions, by role; per-purpose ``reduce_<purpose>`` and ``combine_<purpose>``
+    override ``reduce`` and ``combine`` for a named reducer set."""
+
+    map: Callable[[Any], Iterable[Any]]
+    reduce: Mapping[str, Callable[[Any, Iterator[Any]], Iterable[Any]]]
+    combine: Mapping[str, Callable[[Any, Iterator[Any]], Iterable[Any]] | None] = field(
+        default_factory=dict
+    )
+    read: Callable[[str], Iterable[Any]] | None = None
+    write: Callable[[Any, TextIO], None] | None = None
+    partition: Callable[[Any, int], int] | None = None
+    group: Callable[[Any], Any] | None = None
+
+
+ROLES = ("map", "reduce", "combine", "read", "write", "partition", "group")
+
+
+def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> JobFunctions:
+    """Pick the job's functions from a module's namespace (or a dict); check what is needed."""
+    from protocol.errors import ConfigError
+
+    def get(name: str) -> Any:
+        value = namespace.get(name)
+        if value is not None and not callable(value):
+            raise ConfigError(f"'{name}' must be a function, not {type(value).__name__}")
+        return value
+
+    if get("map") is None:
+        raise ConfigError("the job module has no 'map' function (map(record) yields pairs)")
+    reduce: dict[str, Any] = {}
+    combine: dict[str, Any] = {}
+    for purpose in purposes:
+        reducer = get(f"reduce_{purpose}") or get("reduce")
+        if reducer is None:
+            raise ConfigError(
+                "the job module has no 'reduce' function"
+                + (f" (nor 'reduce_{purpose}')" if purpose != DEFAULT_PURPOSE else "")
+            )
+        reduce[purpose] = reducer
+        combine[purpose] = get(f"combine_{purpose}") or get("combine")
+    return JobFunctions(
+        map=get("map"),
+        reduce=reduce,
+        combine=combine,
+        read=get("read"),
+        write=get("write"),
+        partition=get("partition"),
+        group=get("group"),
+    )
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything a task needs, shipped once per phase with the task function."""
+
+    data_root: str
+    job_id: str
+    reducers: Mapping[str, int]
+    spill_bytes: int
+    output: str  # the staging directory the job publishes by rename at the end
+    functions: JobFunctions
+    on_error: str = "fail"
+    fanin: int = DEFAULT_FANIN
+
+    @property
+    def data(self) -> DataDir:
+        return DataDir(Path(self.data_root))
+
+
+class _Progress:
+    """A task's progress file, rewritten at most once a second while it runs."""
+
+    def __init__(self, ctx: TaskContext, task: str, attempt: str, **fixed: Any) -> None:
+        self.path = ctx.data.progress_file(ctx.job_id, task)
+        self.fixed = {"task": task, "attempt": attempt, "host": socket.gethostname(), **fixed}
+        self.started = time.time()
+        self.last = 0.0
+
+    def update(self, state: str = "running", force: bool = False, **values: Any) -> None:
+        now = time.time()
+        if not force and now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        layout.write_json(
+            self.path,
+            {**self.fixed, "state": state, "seconds": round(now - self.started, 3), **values},
+        )
+
+
+def _errors_line(where: str, exc: BaseException) -> str:
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------ map
+
+
+def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, Any]:
+    """Map one split into sorted runs per reducer; return the committed runs and counters."""
+    data = ctx.data
+    layout.require_visible(data, ctx.job_id)
+    s = Split(*split)
+    attempt = layout.attempt_token()
+    task = layout.task_name("mapper", s.index)
+    progress = _Progress(ctx, task, attempt, path=s.path, start=s.start, end=s.end)
+    progress.update(force=True, bytes_read=0, records_in=0)
+    counters.take()
+    fns = ctx.functions
+    user_map = fns.map
+    reducers = dict(ctx.reducers)
+    partition = fns.partition
+    group = fns.group
+    pending: list[tuple[Path, Path, str, int, int, int]] = []  # tmp, final, purpose, r, recs, bytes
+
+    def spill(bucket: tuple[str, int], records: Iterator[tuple[bytes, bytes]]) -> None:
+        purpose, reducer = bucket
+        final = data.run_path(ctx.job_id, purpose, reducer, s.index, buffer.spills, attempt)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = layout.tmp_path(final, "w")
+        count, size = write_run(tmp, records)
+        pending.append((tmp, final, purpose, reducer, count, size))
+
+    combine_of = {(p): ctx.functions.combine.get(p) for p in reducers}
+    buffer = SpillBuffer(ctx.spill_bytes, spill, lambda bucket: combine_of[bucket[0]])
+    records_in = errors = 0
+    error_lines: list[str] = []
+    bytes_read = 0
+    source = read_custom(s, fns.read) if fns.read is not None else read_lines(s)
+    for offset, record in source:
+        records_in += 1
+        try:
+            for out in user_map(record):
+                if type(out) is not tuple or len(out) not in (2, 3):
+                    raise JobCodeError(
+                        "map must yield (key, value) or (purpose, key, value) tuples, "
+                        f"got {_short(out)}"
+                    )
+                if len(out) == 2:
+                    purpose = DEFAULT_PURPOSE
+                    key, value = out
+                else:
+                    purpose, key, value = out
+                n = reducers.get(purpose)
+                if n is None:
+                    raise JobCodeError(
+                        f"map yielded purpose {purpose!r}, but the job's reducers are "
+                        + ", ".join(sorted(reducers))
+                    )
+                encoded = encode_key(key)
+                if partition is not None:
+                    r = partition(key, n)
+                    if type(r) is not int or not 0 <= r < n:
+                        raise JobCodeError(f"partition({_short(key)}, {n}) returned {r!r}")
+                elif group is not None:
+                    r = default_partition(encode_key(group(key)), n)
+                else:
+                    r = default_partition(encoded, n)
+                buffer.add((purpose, r), encoded, value)
+        except JobCodeError:
+            raise
+        except Exception as exc:  # the user's map: report with where the record came from
+            where = _where(s, offset, fns.read is not None)
+            if ctx.on_error != "continue":
+                raise RecordError(_errors_line(f"{where}: map raised", exc)) from exc
+            errors += 1
+            if len(error_lines) < MAX_ERROR_LINES:
+                error_lines.append(_errors_line(where, exc))
+        if records_in % _CHECK_EVERY == 0:
+            bytes_read = offset - s.start
+            progress.update(bytes_read=bytes_read, records_in=records_in)
+    buffer.flush()
+    runs = []
+    for tmp, final, purpose, reducer, count, size in pending:
+        layout.commit(tmp, final)
+        runs.append([purpose, reducer, str(final), count, size])
+    user_counts = counters.take()
+    result = {
+        "task": task,
+        "attempt": attempt,
+        "runs": runs,
+        "counters": {
+            "map_records_in": records_in,
+            "map_records_out": buffer.records,
+            "map_bytes_in": s.size if fns.read is None else os.path.getsize(s.path),
+            "map_spills": buffer.spills,
+            "map_errors": errors,
+            **user_counts,
+        },
+        "errors": error_lines,
+        "seconds": round(time.time() - progress.started, 3),
+    }
+    progress.update("done", force=True, bytes_read=s.size, records_in=records_in)
+    return result
+
+
+def _where(split: Split, offset: int, custom: bool) -> str:
+    if custom:
+        return f"{split.path}: record {offset + 1}"
+    return f"{split.path}:{line_number(split.path, offset)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------ reduce
+
+
+def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict[str, Any]:
+    """Merge one reducer's committed runs and reduce them into an attempt-named output file."""
+    data = ctx.data
+    layout.require_visible(data, ctx.job_id)
+    index, purpose, reducer, paths = work
+    attempt = layout.attempt_token()
+    task = layout.task_name("reducer", index)
+    progress = _Progress(ctx, task, attempt, purpose=purpose, reducer=reducer, runs=len(paths))
+    progress.update(force=True, records_out=0)
+    counters.take()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"committed run {path} is missing from the data directory")
+    fns = ctx.functions
+    combine = fns.combine.get(purpose)
+    scratch_dir = data.run_dir(ctx.job_id, purpose, reducer)
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+
+    def scratch(n: int) -> Path:
+        return scratch_dir / f"premerge-{n:05d}.{attempt}{layout.TMP_SUFFIX}"
+
+    inputs, merges = premerge(list(paths), ctx.fanin, scratch, combine)
+    final = layout.output_part(Path(ctx.output), purpose, reducer)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.tmp_path(final, attempt)
+    committed = final.with_name(f"{final.name}.{attempt}")
+    user_reduce = fns.reduce[purpose]
+    write = fns.write or default_write
+    keys_reduced = records_out = errors = 0
+    error_lines: list[str] = []
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
+            for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
+                keys_reduced += 1
+                try:
+                    for record in user_reduce(key, values):
+                        write(record, out)
+                        records_out += 1
+                except Exception as exc:  # the user's reduce or write: report with its key
+                    where = f"{task} ({purpose} reducer {reducer}) key {_short(key)}"
+                    if ctx.on_error != "continue":
+                        raise RecordError(_errors_line(f"{where}: reduce raised", exc)) from exc
+                    errors += 1
+                    if len(error_lines) < MAX_ERROR_LINES:
+                        error_lines.append(_errors_line(where, exc))
+                if keys_reduced % _CHECK_EVERY == 0:
+                    progress.update(keys=keys_reduced, records_out=records_out)
+        layout.commit(tmp, committed)
+    finally:
+        tmp.unlink(missing_ok=True)
+        for p in inputs:
+            if p not in paths:
+                Path(p).unlink(missing_ok=True)
+    progress.update("done", force=True, keys=keys_reduced, records_out=records_out)
+    return {
+        "task": task,
+        "attempt": attempt,
+        "purpose": purpose,
+        "reducer": reducer,
+        "path": str(committed),
+        "final": str(final),
+        "counters": {
+            "reduce_keys": keys_reduced,
+            "reduce_records_out": records_out,
+            "reduce_premerges": merges,
+            "reduce_errors": errors,
+            **counters.take(),
+        },
+        "errors": error_lines,
+        "seconds": round(time.time() - progress.started, 3),
+    }
