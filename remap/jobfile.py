@@ -28,6 +28,7 @@ import yaml
 from protocol.errors import ConfigError
 
 RESPONSE_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
+JOB_KINDS: tuple[str, ...] = ("function", "mapreduce")
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "continue")
 ARG_SOURCES: tuple[str, ...] = ("args", "args_path", "args_range")
 #: modes that write to ``output`` and cannot run without it
@@ -69,6 +70,8 @@ class JobSpec:
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
+    kind = "function"
+
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -93,11 +96,27 @@ def load_job(path: str | Path) -> JobSpec:
     return load_job_text(text, file.resolve().parent, source=source)
 
 
-def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> JobSpec:
-    """Validate job-file text; ``source`` is the name errors use, ``base_dir`` anchors paths."""
+def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
+    """Validate job-file text; ``source`` is the name errors use, ``base_dir`` anchors paths.
+
+    A function job gives a :class:`JobSpec`; ``kind: mapreduce`` gives the data job's spec
+    (:class:`remap.data.jobspec.MapReduceSpec`).
+    """
+    from .data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, load_mapreduce
+
     base_dir = Path(base_dir).expanduser().resolve()
-    entries, root_line = _read_mapping(text, source)
-    values = {key: _FIELDS[key](entry) for key, entry in entries.items()}
+    known = {**_FIELDS, **MAPREDUCE_FIELDS, "kind": _choice(JOB_KINDS)}
+    entries, root_line = _read_mapping(text, source, known)
+    kind = known["kind"](entries.pop("kind")) if "kind" in entries else "function"
+    own = (set(MAPREDUCE_FIELDS) | SHARED_KEYS) if kind == "mapreduce" else set(_FIELDS)
+    for key, entry in entries.items():
+        if key not in own:
+            raise ConfigError(
+                f"{source}:{entry.key_line}: key '{key}': not used by 'kind: {kind}' jobs"
+            )
+    values = {key: known[key](entry) for key, entry in entries.items()}
+    if kind == "mapreduce":
+        return load_mapreduce(entries, values, root_line, base_dir, source)
 
     if "function" not in values:
         raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")
@@ -151,7 +170,9 @@ class _Entry:
         return ConfigError(f"{self.source}:{line or self.value_line}: key '{self.key}': {problem}")
 
 
-def _read_mapping(text: str, source: str) -> tuple[dict[str, _Entry], int]:
+def _read_mapping(
+    text: str, source: str, known: Mapping[str, Any]
+) -> tuple[dict[str, _Entry], int]:
     """Parse YAML keeping node marks, so every later error can name its line.
 
     Returns the entries by key and the mapping's first line (for errors about missing keys).
@@ -179,8 +200,8 @@ def _read_mapping(text: str, source: str) -> tuple[dict[str, _Entry], int]:
                     f"{source}:{key_line}: key '{key}': given twice "
                     f"(first on line {entries[key].key_line})"
                 )
-            if key not in _FIELDS:
-                raise ConfigError(f"{source}:{key_line}: unknown key '{key}'{_suggest(key)}")
+            if key not in known:
+                raise ConfigError(f"{source}:{key_line}: unknown key '{key}'{_suggest(key, known)}")
             value = loader.construct_object(value_node, deep=True)
             entries[key] = _Entry(source, key, key_line, _line(value_node), value, value_node)
         return entries, _line(root)
@@ -212,8 +233,8 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+def _suggest(key: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
     if close:
         return f"; did you mean '{close[0]}'?"
     return "; known keys: " + ", ".join(_FIELDS)
@@ -586,13 +607,7 @@ def resolve_function(ref: str, base_dir: Path) -> Callable[..., Any]:
     if problem:
         raise ConfigError(problem)
     target, _, name = ref.partition(":")
-    if target.endswith(".py"):
-        path = _resolve(Path(base_dir), target)
-        module = _load_file_module(path)
-        where = str(path)
-    else:
-        module = _import_module(target)
-        where = f"module '{target}'"
+    module, where = load_module(target, base_dir)
     try:
         found = getattr(module, name)
     except AttributeError:
@@ -605,6 +620,14 @@ def resolve_function(ref: str, base_dir: Path) -> Callable[..., Any]:
             f"{ref}: '{name}' in {where} is not callable (it is {type(found).__name__})"
         )
     return found
+
+
+def load_module(target: str, base_dir: Path) -> tuple[ModuleType, str]:
+    """A job's ``FILE.py`` (shipped by value) or importable module, and how to name it."""
+    if target.endswith(".py"):
+        path = _resolve(Path(base_dir), target)
+        return _load_file_module(path), str(path)
+    return _import_module(target), f"module '{target}'"
 
 
 def module_name_for(path: Path) -> str:

@@ -149,6 +149,10 @@ class Console:
 
     def cmd_compute(self, args: argparse.Namespace) -> int:
         spec = load_job(args.job)
+        if spec.kind == "mapreduce":
+            from .datajob import compute_data
+
+            return compute_data(self, spec, args)
         detach = args.detach or spec.detach
         if detach and not self.session.settings.server:
             raise UsageError(

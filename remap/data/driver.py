@@ -76,7 +76,9 @@ class DataProgress:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         text = f"{self.phase} {self.tasks_done}/{self.tasks_total} tasks"
         if self.phase == "map" and self.bytes_total:
-            text += f", {self.bytes_done / MB:.1f}/{self.bytes_total / MB:.1f} MB of {self.files} files"
+            text += (
+                f", {self.bytes_done / MB:.1f}/{self.bytes_total / MB:.1f} MB of {self.files} files"
+            )
         if self.records:
             text += f", {self.records / elapsed:,.0f} records/s"
         return text
@@ -308,7 +310,8 @@ class DataJobRunner:
         assert self.phase is not None
         first = self.phase.run.first_error
         if first is not None:
-            return JobFailed(f"{phase} task {first.index}: {first.type_name}: {first.message}")
+            what = "" if first.type_name == "RecordError" else f"{first.type_name}: "
+            return JobFailed(f"{phase} task {first.index}: {what}{first.message}")
         return JobFailed(f"{phase} phase: {exc}")
 
     def _tick(self, phase: str) -> None:

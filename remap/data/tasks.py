@@ -137,8 +137,8 @@ class _Progress:
         )
 
 
-def _errors_line(where: str, exc: BaseException) -> str:
-    return f"{where}: {type(exc).__name__}: {exc}"
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------ map
@@ -210,10 +210,10 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         except Exception as exc:  # the user's map: report with where the record came from
             where = _where(s, offset, fns.read is not None)
             if ctx.on_error != "continue":
-                raise RecordError(_errors_line(f"{where}: map raised", exc)) from exc
+                raise RecordError(f"{where}: map raised {_describe(exc)}") from exc
             errors += 1
             if len(error_lines) < MAX_ERROR_LINES:
-                error_lines.append(_errors_line(where, exc))
+                error_lines.append(f"{where}: {_describe(exc)}")
         if records_in % _CHECK_EVERY == 0:
             bytes_read = offset - s.start
             progress.update(bytes_read=bytes_read, records_in=records_in)
@@ -297,10 +297,10 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
                 except Exception as exc:  # the user's reduce or write: report with its key
                     where = f"{task} ({purpose} reducer {reducer}) key {_short(key)}"
                     if ctx.on_error != "continue":
-                        raise RecordError(_errors_line(f"{where}: reduce raised", exc)) from exc
+                        raise RecordError(f"{where}: reduce raised {_describe(exc)}") from exc
                     errors += 1
                     if len(error_lines) < MAX_ERROR_LINES:
-                        error_lines.append(_errors_line(where, exc))
+                        error_lines.append(f"{where}: {_describe(exc)}")
                 if keys_reduced % _CHECK_EVERY == 0:
                     progress.update(keys=keys_reduced, records_out=records_out)
         layout.commit(tmp, committed)

@@ -1,0 +1,63 @@
+"""``compute`` for ``kind: mapreduce`` job files: run the data job's driver with progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from protocol.errors import RemapError
+
+from ..data.driver import DataProgress, run_data_job
+from ..data.jobspec import MapReduceSpec, to_job
+from ..data.layout import DataDir
+from . import render
+
+
+class DataUsageError(RemapError):
+    exit_code = 2
+
+
+def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) -> int:
+    """Run a data job attached to this console; print its summary (``--json``: one object)."""
+    if args.detach:
+        raise DataUsageError(
+            "compute --detach: data jobs run attached (their driver runs in this console)"
+        )
+    job = to_job(spec)
+    session = console.session
+    data = DataDir.from_setting(session.settings.data_dir)
+    client = session.connect(allow_embedded=True)
+    bar = render.Progress(console.err) if (console.err.isatty() and not args.quiet) else None
+    last = [time.monotonic()]
+
+    def on_progress(progress: DataProgress) -> None:
+        if bar is not None:
+            bar.draw(progress.tasks_done, 0, progress.tasks_total or None, progress.line())
+        elif not args.json and not args.quiet and time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            console.note(f"job {progress.job_id}: {progress.line()}")
+
+    try:
+        summary = run_data_job(client, job, data, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.clear()
+    if args.json:
+        console.say(json.dumps(summary))
+        return 0
+    c = summary["counters"]
+    console.say(
+        f"{summary['state']}: {c.get('map_records_in', 0)} records in "
+        f"{summary['files']} files ({render.fmt_bytes(summary['bytes'])}) -> "
+        f"{c.get('reduce_records_out', 0)} records in {summary['output']} "
+        f"in {render.fmt_duration(summary['timings'].get('total', 0))}"
+    )
+    console.say(f"job directory: {summary['job_dir']}")
+    errors = c.get("map_errors", 0) + c.get("reduce_errors", 0)
+    if errors:
+        console.note(
+            f"{errors} record(s) failed (on_error: continue); see {summary['job_dir']}/errors.log"
+        )
+    return 0

@@ -1,0 +1,190 @@
+"""``kind: mapreduce`` job files: their keys, validated as strictly as function jobs'.
+
+The YAML reading, line tracking and shared keys (``output``, ``retries``, ``timeout``,
+``on_error``, ``group``, ``name``, ``priority``) are :mod:`remap.jobfile`'s; this module adds
+the data job's own keys and turns a validated file into a :class:`~.driver.DataJob`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+
+from .layout import check_name
+from .runs import DEFAULT_FANIN
+from .tasks import DEFAULT_PURPOSE
+
+#: keys function jobs also have, with the same meaning
+SHARED_KEYS: frozenset[str] = frozenset(
+    {"output", "retries", "timeout", "on_error", "group", "name", "priority"}
+)
+
+
+@dataclass(frozen=True)
+class MapReduceSpec:
+    """A validated ``kind: mapreduce`` job file; ``module`` is resolved by :func:`to_job`."""
+
+    module: str
+    inputs: tuple[str, ...]
+    output: Path
+    base_dir: Path
+    reducers: Mapping[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
+    split_mb: float = 64.0
+    spill_mb: float = 64.0
+    fanin: int = DEFAULT_FANIN
+    on_error: str = "fail"
+    retries: int = 3
+    timeout: float | None = None
+    group: str | None = None
+    priority: int = 0
+    name: str = ""
+    source: str = "<job>"
+    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    kind = "mapreduce"
+    detach = False
+
+
+def _module(entry: Any) -> str:
+    value = entry.value
+    if not isinstance(value, str) or not value.strip():
+        raise entry.fail(f"expected FILE.py or package.module, got {value!r}")
+    if not value.endswith(".py") and not all(p.isidentifier() for p in value.split(".")):
+        raise entry.fail(f"expected FILE.py or package.module, got {value!r}")
+    return value
+
+
+def _input(entry: Any) -> tuple[str, ...]:
+    value = entry.value
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise entry.fail("expected a directory, a glob, or a list of them")
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise entry.fail(f"expected paths or globs as text, got {item!r}")
+    return tuple(items)
+
+
+def _positive_int(entry: Any, value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise entry.fail(f"expected {what} >= 1, got {value!r}")
+    return value
+
+
+def _reducers(entry: Any) -> dict[str, int]:
+    value = entry.value
+    if isinstance(value, dict):
+        if not value:
+            raise entry.fail("expected at least one reducer set")
+        counts = {}
+        for purpose, n in value.items():
+            try:
+                check_name("purpose", purpose)
+            except ConfigError as exc:
+                raise entry.fail(str(exc)) from None
+            counts[purpose] = _positive_int(entry, n, f"a reducer count for {purpose!r}")
+        return counts
+    return {DEFAULT_PURPOSE: _positive_int(entry, value, "a reducer count")}
+
+
+def _megabytes(entry: Any) -> float:
+    value = entry.value
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise entry.fail(f"expected a number of megabytes > 0, got {value!r}")
+    return float(value)
+
+
+def _fanin(entry: Any) -> int:
+    value = entry.value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise entry.fail(f"expected an integer >= 2, got {value!r}")
+    return value
+
+
+#: the data job's own keys -> validator (jobfile merges them into its table)
+MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "module": _module,
+    "input": _input,
+    "reducers": _reducers,
+    "split_mb": _megabytes,
+    "spill_mb": _megabytes,
+    "fanin": _fanin,
+}
+
+
+def load_mapreduce(
+    entries: Mapping[str, Any],
+    values: Mapping[str, Any],
+    root_line: int,
+    base_dir: Path,
+    source: str,
+) -> MapReduceSpec:
+    """The spec of a validated mapreduce job file (called by :func:`remap.jobfile.load_job_text`)."""
+    from ..jobfile import _default_name
+
+    for key in ("module", "input", "output"):
+        if key not in values:
+            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: mapreduce")
+    output = (base_dir / Path(values["output"]).expanduser()).resolve()
+    return MapReduceSpec(
+        module=values["module"],
+        inputs=values["input"],
+        output=output,
+        base_dir=base_dir,
+        reducers=values.get("reducers", {DEFAULT_PURPOSE: 1}),
+        split_mb=values.get("split_mb", 64.0),
+        spill_mb=values.get("spill_mb", 64.0),
+        fanin=values.get("fanin", DEFAULT_FANIN),
+        on_error=values.get("on_error", "fail"),
+        retries=values.get("retries", 3),
+        timeout=values.get("timeout"),
+        group=values.get("group"),
+        priority=values.get("priority", 0),
+        name=values.get("name") or _default_name(source),
+        source=source,
+        key_lines={key: entry.key_line for key, entry in entries.items()},
+    )
+
+
+def to_job(spec: MapReduceSpec) -> Any:
+    """Import the module and build the :class:`~.driver.DataJob`; errors name file:line:key."""
+    from ..jobfile import load_module
+    from .driver import job_from_functions
+
+    def where(key: str) -> str:
+        line = spec.key_lines.get(key)
+        return f"{spec.source}:{line}: key '{key}'" if line else spec.source
+
+    try:
+        module, _ = load_module(spec.module, spec.base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{where('module')}: {exc}") from exc.__cause__
+    try:
+        return job_from_functions(
+            module,
+            spec.inputs,
+            spec.output,
+            reducers=dict(spec.reducers),
+            base_dir=spec.base_dir,
+            name=spec.name,
+            split_mb=spec.split_mb,
+            spill_mb=spec.spill_mb,
+            fanin=spec.fanin,
+            on_error=spec.on_error,
+            retries=spec.retries,
+            timeout=spec.timeout,
+            group=spec.group,
+            priority=spec.priority,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where('module')}: {exc}") from None

@@ -1,0 +1,128 @@
+"""``kind: mapreduce`` job files: strict keys with file:line:key errors, and module resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ConfigError
+from remap.data.jobspec import MapReduceSpec, to_job
+from remap.jobfile import JobSpec, load_job_text
+
+SOURCE = "jobs/mr.yaml"
+K = "kind: mapreduce\nmodule: wc.py\ninput: in/\noutput: out/\n"
+KO = "kind: mapreduce\noutput: out/\n"
+
+WC = """\
+def map(line):
+    for w in line.split():
+        yield w, 1
+
+def reduce(word, counts):
+    yield word, sum(counts)
+
+def reduce_lengths(n, ones):
+    yield n, sum(ones)
+"""
+
+
+def marked_line(text: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if "#!" in line)
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    (tmp_path / "wc.py").write_text(WC)
+    (tmp_path / "nomap.py").write_text("def reduce(k, v):\n    yield k\n")
+    (tmp_path / "broken.py").write_text("def map(:\n")
+    (tmp_path / "in").mkdir()
+    return tmp_path
+
+
+def test_full_job_file(base: Path) -> None:
+    """Every key, resolved: paths against the job file, reducers per purpose, numbers as given."""
+    text = (
+        "kind: mapreduce\nmodule: wc.py\ninput: [in/, 'logs/*.txt']\noutput: out/\n"
+        "reducers: {default: 8, lengths: 2}\nsplit_mb: 16\nspill_mb: 0.5\nfanin: 8\n"
+        "on_error: continue\nretries: 1\ntimeout: 60\ngroup: big\npriority: 2\nname: wc\n"
+    )
+    spec = load_job_text(text, base, source=SOURCE)
+    assert isinstance(spec, MapReduceSpec) and spec.kind == "mapreduce"
+    assert spec.inputs == ("in/", "logs/*.txt")
+    assert spec.output == (base / "out").resolve()
+    assert dict(spec.reducers) == {"default": 8, "lengths": 2}
+    assert (spec.split_mb, spec.spill_mb, spec.fanin) == (16.0, 0.5, 8)
+    assert (spec.on_error, spec.retries, spec.timeout, spec.group, spec.priority, spec.name) == (
+        "continue",
+        1,
+        60.0,
+        "big",
+        2,
+        "wc",
+    )
+    job = to_job(spec)
+    assert set(job.functions.reduce) == {"default", "lengths"}
+    assert job.functions.reduce["lengths"].__name__ == "reduce_lengths"
+
+
+def test_defaults_and_function_jobs_unchanged(base: Path) -> None:
+    """Only the three required keys: one reducer, 64 MB splits and spills; no kind = function job."""
+    spec = load_job_text(K, base, source=SOURCE)
+    assert dict(spec.reducers) == {"default": 1} and spec.split_mb == 64.0 == spec.spill_mb
+    assert spec.name == "mr"
+    plain = load_job_text("function: wc.py:map\nargs: [1]\n", base, source=SOURCE)
+    assert isinstance(plain, JobSpec) and plain.kind == "function"
+    explicit = load_job_text("kind: function\nfunction: wc.py:map\nargs: [1]\n", base, SOURCE)
+    assert isinstance(explicit, JobSpec)
+
+
+ERROR_CASES = [
+    pytest.param("kind: mapreduc  #!\nmodule: wc.py\n", ["key 'kind'", "did you mean 'mapreduce'"], id="kind-typo"),
+    pytest.param("kind: mapreduce  #!\nmodule: wc.py\noutput: out/\n", ["key 'input' is required"], id="no-input"),
+    pytest.param("kind: mapreduce  #!\ninput: in/\noutput: out/\n", ["key 'module' is required"], id="no-module"),
+    pytest.param(K + "reducers: 0  #!\n", ["key 'reducers'", "reducer count >= 1, got 0"], id="reducers-zero"),
+    pytest.param(K + "reducers: {default: 2, bad/name: 1}  #!\n", ["key 'reducers'", "purpose 'bad/name'"], id="purpose-path"),
+    pytest.param(K + "reducers: {}  #!\n", ["key 'reducers'", "at least one"], id="reducers-empty"),
+    pytest.param(K + "reducers: {a: true}  #!\n", ["key 'reducers'", "got True"], id="reducers-bool"),
+    pytest.param(K + "split_mb: -1  #!\n", ["key 'split_mb'", "megabytes > 0"], id="split-negative"),
+    pytest.param(K + "spill_mb: lots  #!\n", ["key 'spill_mb'", "megabytes > 0"], id="spill-text"),
+    pytest.param(K + "fanin: 1  #!\n", ["key 'fanin'", "integer >= 2"], id="fanin-one"),
+    pytest.param(KO + "module: wc.py\ninput: []  #!\n", ["key 'input'", "a directory, a glob"], id="input-empty"),
+    pytest.param(KO + "module: wc.py\ninput: [a, 3]  #!\n", ["key 'input'", "got 3"], id="input-number"),
+    pytest.param(KO + "input: in/\nmodule: 'not a module!'  #!\n", ["key 'module'", "FILE.py or package.module"], id="module-form"),
+    pytest.param(K + "args: [1]  #!\n", ["key 'args'", "not used by 'kind: mapreduce' jobs"], id="function-key"),
+    pytest.param(K + "reducer: 3  #!\n", ["unknown key 'reducer'", "did you mean 'reducers'"], id="typo"),
+    pytest.param("function: wc.py:map\nargs: [1]\nsplit_mb: 3  #!\n", ["key 'split_mb'", "not used by 'kind: function'"], id="data-key-in-function-job"),
+    pytest.param(K + "on_error: ignore  #!\n", ["key 'on_error'", "fail, continue"], id="on-error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), ERROR_CASES)
+def test_bad_mapreduce_job_names_line_and_key(base: Path, text: str, expected: list[str]) -> None:
+    """Each mistake is one ConfigError line starting ``source:line:``."""
+    with pytest.raises(ConfigError) as info:
+        load_job_text(text, base, source=SOURCE)
+    message = str(info.value)
+    assert message.startswith(f"{SOURCE}:{marked_line(text)}: "), message
+    for part in expected:
+        assert part in message, message
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("missing.py", "file not found"),
+        ("nomap.py", "no 'map' function"),
+        ("broken.py", "syntax error"),
+        ("no_such_pkg.mod", "not found"),
+    ],
+)
+def test_module_problems_name_the_module_key(base: Path, module: str, expected: str) -> None:
+    """A module that is missing, broken or lacks map is an error at the 'module' key's line."""
+    text = f"kind: mapreduce\ninput: in/\noutput: out/\nmodule: {module}\n"
+    spec = load_job_text(text, base, source=SOURCE)
+    with pytest.raises(ConfigError) as info:
+        to_job(spec)
+    assert str(info.value).startswith(f"{SOURCE}:4: key 'module': "), str(info.value)
+    assert expected in str(info.value)

@@ -1,0 +1,432 @@
+"""Data jobs end to end on an embedded cluster: examples and randomized jobs against serial
+references, failures, kill, and the job directory they leave behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+import shutil
+import sys
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import remap
+from protocol.errors import ConfigError, JobFailed, JobKilled
+from remap import runtime
+from remap.data import layout
+from remap.data.keys import encode_key
+from remap.data.layout import DataDir
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[remap.Cluster]:
+    """One embedded two-core cluster for every job of this module (each job has its own dirs)."""
+    with remap.connect(cores=2, env_file=None) as c:
+        yield c
+
+
+def _lines(output: Path, purpose: str = "default") -> list[str]:
+    """Every output line of a purpose, in reducer order (each file in the order written)."""
+    lines: list[str] = []
+    for part in sorted((output / purpose).iterdir()):
+        lines.extend(part.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
+    return lines
+
+
+def _assert_clean(data: DataDir, summary: dict, output: Path) -> None:
+    """OK result, _SUCCESS, no intermediate or uncommitted files anywhere."""
+    job = summary["job"]
+    assert summary["state"] == "OK"
+    assert layout.read_result(data, job) == "OK"
+    assert (output / "_SUCCESS").exists()
+    assert not data.im_dir(job).exists()
+    strays = [p for p in layout.walk_files(output) if "." in p.name and p.name != "_SUCCESS"]
+    assert strays == []
+    assert not list(output.parent.glob(f".{output.name}.remap-*"))
+    assert not [p for p in layout.walk_files(data.job_dir(job)) if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ examples
+
+
+def test_wordcount_example(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Word count equals a Counter over the same words; each reducer's keys come sorted."""
+    wc = _example("wordcount")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    words = ["light", "Dark", "water's", "earth", "void", "x"]
+    for i in range(4):
+        text = "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randrange(0, 15))) for _ in range(300)
+        )
+        (corpus / f"part{i}.txt").write_text(text)
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "counts"
+    summary = cluster.mapreduce(
+        wc, corpus, out, reducers=3, data_dir=str(data.root), split_mb=0.002, spill_mb=0.01
+    )
+    expect = Counter(
+        w for p in sorted(corpus.iterdir()) for w in wc.WORD.findall(p.read_text().lower())
+    )
+    got = {}
+    for part in sorted((out / "default").iterdir()):
+        keys = [line.split("\t")[0] for line in part.read_text().splitlines()]
+        assert keys == sorted(keys)
+        got.update(
+            (k, int(v)) for k, v in (line.split("\t") for line in part.read_text().splitlines())
+        )
+    assert got == dict(expect)
+    assert summary["splits"] > 4
+    assert summary["counters"]["blank_lines"] == sum(
+        1 for p in corpus.iterdir() for line in p.read_text().splitlines() if not line.split()
+    )
+    _assert_clean(data, summary, out)
+
+
+def test_inverted_index_two_reducer_sets(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Two purposes, two reduce functions, each with its own reducer count and directory."""
+    ii = _example("inverted_index")
+    docs = EXAMPLES / "data" / "docs"
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "index"
+    summary = cluster.mapreduce(
+        ii, docs, out, reducers={"default": 3, "lengths": 1}, data_dir=str(data.root)
+    )
+    index: dict[str, set[str]] = defaultdict(set)
+    lengths: Counter[int] = Counter()
+    for doc in sorted(docs.iterdir()):
+        words = ii.WORD.findall(doc.read_text().lower())
+        for word in words:
+            index[word].add(doc.name)
+        lengths[len(words) // 10 * 10] += 1
+    assert sorted(_lines(out)) == sorted(f"{w}\t{' '.join(sorted(d))}" for w, d in index.items())
+    assert _lines(out, "lengths") == [f"{b}-{b + 9} words\t{n}" for b, n in sorted(lengths.items())]
+    assert len(list((out / "default").iterdir())) == 3
+    _assert_clean(data, summary, out)
+
+
+def test_join_example(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """The join equals a nested-loop inner join; the secondary sort puts each user first."""
+    join = _example("join")
+    shop = EXAMPLES / "data" / "shop"
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "joined"
+    summary = cluster.mapreduce(
+        join, [shop / "users.csv", shop / "orders.csv"], out, reducers=2, data_dir=str(data.root)
+    )
+    users = dict(line.split(",") for line in (shop / "users.csv").read_text().splitlines())
+    expect = [
+        f"{uid},{users[uid]},{oid},{amount}"
+        for oid, uid, amount in (
+            l.split(",") for l in (shop / "orders.csv").read_text().splitlines()
+        )
+        if uid in users
+    ]
+    assert sorted(_lines(out)) == sorted(expect)
+    _assert_clean(data, summary, out)
+
+
+def test_topn_example(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Top N per category equals sorting each category's rows by score (ties by item)."""
+    topn = _example("topn")
+    scores = EXAMPLES / "data" / "shop" / "scores.csv"
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "top"
+    summary = cluster.mapreduce(topn, scores, out, reducers=2, data_dir=str(data.root))
+    rows: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for line in scores.read_text().splitlines():
+        cat, item, score = line.split(",")
+        rows[cat].append((-int(score), item))
+    expect = [
+        f"{cat}\t" + " ".join(f"{item}:{-neg}" for neg, item in sorted(r)[: topn.N])
+        for cat, r in rows.items()
+    ]
+    assert sorted(_lines(out)) == sorted(expect)
+    _assert_clean(data, summary, out)
+
+
+# ------------------------------------------------------------------ randomized
+
+
+def _tricky_map(line: str):
+    """Keys with tabs, commas and newlines (decoded from escapes); values that are tuples."""
+    for field in line.split(" "):
+        if field:
+            key = field.replace("\\t", "\t").replace("\\n", "\n")
+            yield key, (len(field), field[:1])
+
+
+def _tricky_reduce(key, values):
+    vals = list(values)
+    yield key, len(vals), sorted(vals)
+
+
+def _tricky_write(record, file):
+    file.write(json.dumps(record) + "\n")
+
+
+TRICKY = {"map": _tricky_map, "reduce": _tricky_reduce, "write": _tricky_write}
+
+
+def _tricky_corpus(root: Path, seed: int) -> list[Path]:
+    rng = random.Random(seed)
+    alphabet = ["a", "b", ",", "\\t", "\\n", "é", "zz"]
+    files = []
+    for i in range(5):
+        path = root / f"f{i}.txt"
+        if i == 2:
+            path.write_text("")  # an empty file
+        else:
+            lines = (
+                " ".join(
+                    "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4)))
+                    for _ in range(rng.randrange(0, 8))
+                )
+                for _ in range(rng.randrange(50, 400))
+            )
+            path.write_text("\n".join(lines))
+        files.append(path)
+    return files
+
+
+def _tricky_reference(files: list[Path]) -> list[list]:
+    groups: dict[str, list] = defaultdict(list)
+    for path in files:
+        for line in path.read_text().splitlines():
+            for key, value in _tricky_map(line):
+                groups[key].append(list(value))
+    return [[k, len(v), sorted(v)] for k, v in groups.items()]
+
+
+def test_randomized_jobs_identical_whatever_the_sizes(
+    cluster: remap.Cluster, tmp_path: Path
+) -> None:
+    """Reducer counts, split sizes, spill sizes and fan-ins change nothing in the output:
+    per reducer count the files are byte-identical, and every run equals the serial result."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    files = _tricky_corpus(corpus, seed=5)
+    expect = sorted(map(json.dumps, _tricky_reference(files)))
+    assert max(f.stat().st_size for f in files) > 2000  # bigger than the smallest split
+    rng = random.Random(9)
+    by_reducers: dict[int, dict[str, bytes]] = {}
+    configs = [(1, 64, 64, 64), (3, 0.001, 0.0005, 2), (3, 0.0037, 64, 3)] + [
+        (
+            rng.choice([1, 2, 5]),
+            rng.choice([0.0005, 0.002, 1]),
+            rng.choice([0.0004, 0.003, 8]),
+            rng.choice([2, 4, 64]),
+        )
+        for _ in range(3)
+    ]
+    for n, (reducers, split_mb, spill_mb, fanin) in enumerate(configs):
+        data = DataDir(tmp_path / "data")
+        out = tmp_path / f"out{n}"
+        summary = cluster.mapreduce(
+            TRICKY,
+            corpus,
+            out,
+            reducers=reducers,
+            data_dir=str(data.root),
+            split_mb=split_mb,
+            spill_mb=spill_mb,
+            fanin=fanin,
+        )
+        _assert_clean(data, summary, out)
+        lines = _lines(out)
+        assert sorted(lines) == expect, (reducers, split_mb, spill_mb, fanin)
+        for part in sorted((out / "default").iterdir()):  # each reducer's keys in byte order
+            keys = [json.loads(line)[0] for line in part.read_text().splitlines()]
+            assert [encode_key(k) for k in keys] == sorted(encode_key(k) for k in keys)
+        files_now = {p.name: p.read_bytes() for p in (out / "default").iterdir()}
+        if reducers in by_reducers:
+            assert files_now == by_reducers[reducers], (reducers, split_mb, spill_mb, fanin)
+        by_reducers[reducers] = files_now
+        if spill_mb < 0.001:
+            assert summary["counters"]["map_spills"] > summary["splits"]
+        if fanin == 2 and split_mb < 0.002:
+            assert summary["counters"]["reduce_premerges"] > 0
+
+
+def test_empty_input_gives_empty_reducer_files(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Only empty files: no map task, every reducer still writes its (empty) part."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.txt").write_text("")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    summary = cluster.mapreduce(TRICKY, tmp_path / "in", out, reducers=2, data_dir=str(data.root))
+    assert sorted(p.name for p in (out / "default").iterdir()) == [
+        "reducer-0000-part-00000",
+        "reducer-0001-part-00000",
+    ]
+    assert _lines(out) == []
+    _assert_clean(data, summary, out)
+
+
+# ------------------------------------------------------------------ failures
+
+
+def _failing_map(line: str):
+    if "bad" in line:
+        raise ValueError(f"cannot parse {line!r}")
+    yield line, 1
+
+
+def _sum_reduce(key, values):
+    yield key, sum(values)
+
+
+def test_failing_map_fails_the_job_and_publishes_nothing(
+    cluster: remap.Cluster, tmp_path: Path
+) -> None:
+    """on_error fail: JobFailed naming file and line; no output; result FAIL; im/ removed."""
+    src = tmp_path / "in.txt"
+    src.write_text("ok\nok\nbad one\nok\n")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    with pytest.raises(JobFailed, match=re.escape(f"{src}:3: map raised ValueError")):
+        cluster.mapreduce(
+            {"map": _failing_map, "reduce": _sum_reduce}, src, out, data_dir=str(data.root)
+        )
+    assert not out.exists() and not list(tmp_path.glob(".out.remap-*"))
+    (job,) = data.jobs()
+    assert layout.read_result(data, job) == "FAIL"
+    assert not data.im_dir(job).exists()
+
+
+def test_on_error_continue_counts_and_names_lines(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """on_error continue: bad records are counted and listed with file:line; the rest runs."""
+    src = tmp_path / "in.txt"
+    src.write_text("ok\nbad\nok\nbad\n")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    summary = cluster.mapreduce(
+        {"map": _failing_map, "reduce": _sum_reduce},
+        src,
+        out,
+        data_dir=str(data.root),
+        on_error="continue",
+    )
+    assert summary["counters"]["map_errors"] == 2
+    assert [e.split(": ")[0] for e in summary["errors"]] == [f"{src}:2", f"{src}:4"]
+    assert _lines(out) == ["ok\t2"]
+    assert (data.job_dir(summary["job"]) / "errors.log").read_text().count("ValueError") == 2
+
+
+def _slow_map(line: str):
+    import time
+
+    time.sleep(30)
+    yield line, 1
+
+
+def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Killing the running phase's job: JobKilled within seconds, INCOMPLETE, nothing left."""
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    caught: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cluster.mapreduce(
+                {"map": _slow_map, "reduce": _sum_reduce},
+                src,
+                out,
+                data_dir=str(data.root),
+                name="sleepy",
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            caught.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client = cluster._client
+    assert client is not None
+
+    def running_job() -> int | None:
+        for job in cluster.status()["jobs"]:
+            if job["name"].startswith("sleepy [map") and job["state"] == "running":
+                return job["id"]
+        return None
+
+    from tests.cluster_harness import wait_for
+
+    job_id = wait_for(running_job, 20, "the map phase to start")
+    wait_for(lambda: list((data.root / "job").glob("*/progress/mapper-0000.json")), 20, "a task")
+    runtime.run(lambda: client.kill(job_id), timeout=10)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert len(caught) == 1 and isinstance(caught[0], JobKilled), caught
+    (job,) = data.jobs()
+    assert layout.read_result(data, job) == "INCOMPLETE"
+    assert not out.exists() and not data.im_dir(job).exists()
+
+
+def test_output_that_exists_is_refused(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """A job never overwrites results: an existing output is a ConfigError before any work."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in.txt").write_text("x\n")
+    with pytest.raises(ConfigError, match="already exists"):
+        cluster.mapreduce(
+            TRICKY, tmp_path / "in.txt", tmp_path / "out", data_dir=str(tmp_path / "d")
+        )
+    assert not (tmp_path / "d" / "job").exists()
+
+
+# ------------------------------------------------------------------ the console
+
+
+def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
+    """``compute job.yaml`` runs a data job; ``--json`` is one summary object; exit codes hold."""
+    from tests.cluster_harness import CONSOLE_SCRIPT, run_entry
+
+    shutil.copy(EXAMPLES / "wordcount.py", tmp_path / "wordcount.py")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("the cat\nthe dog\n")
+    (tmp_path / "job.yaml").write_text(
+        "kind: mapreduce\nmodule: wordcount.py\ninput: in/\noutput: out/\nreducers: 2\n"
+    )
+    env = {"REMAP_DATA_DIR": str(tmp_path / "data"), "REMAP_CORES": "1"}
+
+    def console(*args: object):
+        return run_entry(
+            CONSOLE_SCRIPT, "--env-file", "/nonexistent", *args, home=tmp_path, env=env, timeout=120
+        )
+
+    done = console("compute", "job.yaml", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "OK" and summary["counters"]["reduce_records_out"] == 3
+    assert sorted(_lines(tmp_path / "out")) == ["cat\t1", "dog\t1", "the\t2"]
+    assert (tmp_path / "data" / "job" / summary["job"] / "result").read_text() == "OK\n"
+
+    again = console("compute", "job.yaml")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    (tmp_path / "bad.yaml").write_text("kind: mapreduce\nmodule: wordcount.py\ninput: in/\n")
+    bad = console("compute", "bad.yaml")
+    assert bad.returncode == 2 and "bad.yaml:1: key 'output' is required" in bad.stderr
