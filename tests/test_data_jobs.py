@@ -26,7 +26,7 @@ from remap.data.layout import DataDir
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "mapreduce"
 
 
 def _example(name: str) -> ModuleType:
@@ -139,7 +139,7 @@ def test_join_example(cluster: remap.Cluster, tmp_path: Path) -> None:
     expect = [
         f"{uid},{users[uid]},{oid},{amount}"
         for oid, uid, amount in (
-            l.split(",") for l in (shop / "orders.csv").read_text().splitlines()
+            row.split(",") for row in (shop / "orders.csv").read_text().splitlines()
         )
         if uid in users
     ]

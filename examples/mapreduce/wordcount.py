@@ -1,4 +1,4 @@
-"""Word count: the data-job hello world (``remap compute examples/wordcount.yaml``)."""
+"""Word count: the data-job hello world (``remap compute examples/mapreduce/wordcount.yaml``)."""
 
 import re
 
