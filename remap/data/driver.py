@@ -11,6 +11,7 @@ are removed, and ``result`` says ``FAIL`` or ``INCOMPLETE``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import shutil
@@ -37,6 +38,20 @@ POLL_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
+class DataOptions:
+    """How a data job runs: the job file's keys beyond what and where (same names)."""
+
+    split_mb: float = 64.0
+    spill_mb: float = 64.0
+    fanin: int = DEFAULT_FANIN
+    on_error: str = "fail"
+    retries: int = 3
+    timeout: float | None = None
+    group: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
 class DataJob:
     """A resolved data job: the functions to run and where their files come from and go."""
 
@@ -46,14 +61,7 @@ class DataJob:
     output: Path
     reducers: dict[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
     base_dir: Path = Path(".")
-    split_mb: float = 64.0
-    spill_mb: float = 64.0
-    fanin: int = DEFAULT_FANIN
-    on_error: str = "fail"
-    retries: int = 3
-    timeout: float | None = None
-    group: str | None = None
-    priority: int = 0
+    options: DataOptions = DataOptions()
     module_path: Path | None = None
 
 
@@ -197,7 +205,7 @@ class DataJobRunner:
             )
         files = resolve_inputs(job.inputs, job.base_dir)
         splits = make_splits(
-            files, max(1, int(job.split_mb * MB)), splittable=job.functions.read is None
+            files, max(1, int(job.options.split_mb * MB)), splittable=job.functions.read is None
         )
         self.progress.files = len(files)
         self.progress.bytes_total = sum(s.size for s in splits)
@@ -219,13 +227,7 @@ class DataJobRunner:
             "output": str(job.output),
             "staging": str(self.staging),
             "reducers": dict(job.reducers),
-            "split_mb": job.split_mb,
-            "spill_mb": job.spill_mb,
-            "fanin": job.fanin,
-            "on_error": job.on_error,
-            "retries": job.retries,
-            "timeout": job.timeout,
-            "group": job.group,
+            **dataclasses.asdict(job.options),
             "nodes": [
                 {"host": n.get("host"), "cores": n.get("cores"), "group": n.get("group")}
                 for n in status.get("nodes", [])
@@ -253,11 +255,11 @@ class DataJobRunner:
             data_root=str(self.data.root),
             job_id=self.job_id,
             reducers=dict(job.reducers),
-            spill_bytes=max(1, int(job.spill_mb * MB)),
+            spill_bytes=max(1, int(job.options.spill_mb * MB)),
             output=str(self.staging),
             functions=job.functions,
-            on_error=job.on_error,
-            fanin=job.fanin,
+            on_error=job.options.on_error,
+            fanin=job.options.fanin,
         )
 
     def _params(self, phase: str) -> JobParams:
@@ -265,12 +267,12 @@ class DataJobRunner:
         return JobParams(
             name=f"{job.name} [{phase} {self.job_id}]",
             mode="stream",
-            group=job.group,
-            retries=job.retries,
-            timeout=job.timeout,
+            group=job.options.group,
+            retries=job.options.retries,
+            timeout=job.options.timeout,
             on_error="fail",
             chunksize=1,
-            priority=job.priority,
+            priority=job.options.priority,
         )
 
     def _blob(self, task: Callable[..., Any]) -> bytes:
@@ -456,7 +458,7 @@ def job_from_functions(
         reducers=counts,
         base_dir=base,
         module_path=module_path,
-        **options,
+        options=DataOptions(**options),
     )
 
 

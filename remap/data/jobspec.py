@@ -7,6 +7,7 @@ the data job's own keys and turns a validated file into a :class:`~.driver.DataJ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from typing import Any
 
 from protocol.errors import ConfigError
 
+from .driver import DataOptions, job_from_functions
 from .layout import check_name
-from .runs import DEFAULT_FANIN
 from .tasks import DEFAULT_PURPOSE
 
 #: keys function jobs also have, with the same meaning
@@ -34,14 +35,7 @@ class MapReduceSpec:
     output: Path
     base_dir: Path
     reducers: Mapping[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
-    split_mb: float = 64.0
-    spill_mb: float = 64.0
-    fanin: int = DEFAULT_FANIN
-    on_error: str = "fail"
-    retries: int = 3
-    timeout: float | None = None
-    group: str | None = None
-    priority: int = 0
+    options: DataOptions = DataOptions()
     name: str = ""
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -122,6 +116,9 @@ MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
 def load_mapreduce(
     entries: Mapping[str, Any],
     values: Mapping[str, Any],
@@ -142,14 +139,7 @@ def load_mapreduce(
         output=output,
         base_dir=base_dir,
         reducers=values.get("reducers", {DEFAULT_PURPOSE: 1}),
-        split_mb=values.get("split_mb", 64.0),
-        spill_mb=values.get("spill_mb", 64.0),
-        fanin=values.get("fanin", DEFAULT_FANIN),
-        on_error=values.get("on_error", "fail"),
-        retries=values.get("retries", 3),
-        timeout=values.get("timeout"),
-        group=values.get("group"),
-        priority=values.get("priority", 0),
+        options=DataOptions(**{k: values[k] for k in _OPTION_KEYS if k in values}),
         name=values.get("name") or _default_name(source),
         source=source,
         key_lines={key: entry.key_line for key, entry in entries.items()},
@@ -159,7 +149,6 @@ def load_mapreduce(
 def to_job(spec: MapReduceSpec) -> Any:
     """Import the module and build the :class:`~.driver.DataJob`; errors name file:line:key."""
     from ..jobfile import load_module
-    from .driver import job_from_functions
 
     def where(key: str) -> str:
         line = spec.key_lines.get(key)
@@ -177,14 +166,7 @@ def to_job(spec: MapReduceSpec) -> Any:
             reducers=dict(spec.reducers),
             base_dir=spec.base_dir,
             name=spec.name,
-            split_mb=spec.split_mb,
-            spill_mb=spec.spill_mb,
-            fanin=spec.fanin,
-            on_error=spec.on_error,
-            retries=spec.retries,
-            timeout=spec.timeout,
-            group=spec.group,
-            priority=spec.priority,
+            **dataclasses.asdict(spec.options),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where('module')}: {exc}") from None

@@ -141,6 +141,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Failures:
+    """``on_error`` for one task: raise a RecordError naming the record, or count and list it."""
+
+    def __init__(self, on_error: str) -> None:
+        self.go_on = on_error == "continue"
+        self.count = 0
+        self.lines: list[str] = []
+
+    def record(self, where: str, what: str, exc: Exception) -> None:
+        if not self.go_on:
+            raise RecordError(f"{where}: {what} raised {_describe(exc)}") from exc
+        self.count += 1
+        if len(self.lines) < MAX_ERROR_LINES:
+            self.lines.append(f"{where}: {_describe(exc)}")
+
+
 # ------------------------------------------------------------------ map
 
 
@@ -171,9 +187,8 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
 
     combine_of = {(p): ctx.functions.combine.get(p) for p in reducers}
     buffer = SpillBuffer(ctx.spill_bytes, spill, lambda bucket: combine_of[bucket[0]])
-    records_in = errors = 0
-    error_lines: list[str] = []
-    bytes_read = 0
+    records_in = 0
+    failures = _Failures(ctx.on_error)
     source = read_custom(s, fns.read) if fns.read is not None else read_lines(s)
     for offset, record in source:
         records_in += 1
@@ -208,15 +223,9 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         except JobCodeError:
             raise
         except Exception as exc:  # the user's map: report with where the record came from
-            where = _where(s, offset, fns.read is not None)
-            if ctx.on_error != "continue":
-                raise RecordError(f"{where}: map raised {_describe(exc)}") from exc
-            errors += 1
-            if len(error_lines) < MAX_ERROR_LINES:
-                error_lines.append(f"{where}: {_describe(exc)}")
+            failures.record(_where(s, offset, fns.read is not None), "map", exc)
         if records_in % _CHECK_EVERY == 0:
-            bytes_read = offset - s.start
-            progress.update(bytes_read=bytes_read, records_in=records_in)
+            progress.update(bytes_read=offset - s.start, records_in=records_in)
     buffer.flush()
     runs = []
     for tmp, final, purpose, reducer, count, size in pending:
@@ -232,10 +241,10 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
             "map_records_out": buffer.records,
             "map_bytes_in": s.size if fns.read is None else os.path.getsize(s.path),
             "map_spills": buffer.spills,
-            "map_errors": errors,
+            "map_errors": failures.count,
             **user_counts,
         },
-        "errors": error_lines,
+        "errors": failures.lines,
         "seconds": round(time.time() - progress.started, 3),
     }
     progress.update("done", force=True, bytes_read=s.size, records_in=records_in)
@@ -284,8 +293,8 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
     committed = final.with_name(f"{final.name}.{attempt}")
     user_reduce = fns.reduce[purpose]
     write = fns.write or default_write
-    keys_reduced = records_out = errors = 0
-    error_lines: list[str] = []
+    keys_reduced = records_out = 0
+    failures = _Failures(ctx.on_error)
     try:
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
             for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
@@ -296,11 +305,7 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
                         records_out += 1
                 except Exception as exc:  # the user's reduce or write: report with its key
                     where = f"{task} ({purpose} reducer {reducer}) key {_short(key)}"
-                    if ctx.on_error != "continue":
-                        raise RecordError(f"{where}: reduce raised {_describe(exc)}") from exc
-                    errors += 1
-                    if len(error_lines) < MAX_ERROR_LINES:
-                        error_lines.append(f"{where}: {_describe(exc)}")
+                    failures.record(where, "reduce", exc)
                 if keys_reduced % _CHECK_EVERY == 0:
                     progress.update(keys=keys_reduced, records_out=records_out)
         layout.commit(tmp, committed)
@@ -321,9 +326,9 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
             "reduce_keys": keys_reduced,
             "reduce_records_out": records_out,
             "reduce_premerges": merges,
-            "reduce_errors": errors,
+            "reduce_errors": failures.count,
             **counters.take(),
         },
-        "errors": error_lines,
+        "errors": failures.lines,
         "seconds": round(time.time() - progress.started, 3),
     }
