@@ -84,6 +84,7 @@ class PicklingError(ConfigError, pickle.PicklingError):
 
 def describe(fn: Any) -> str:
     """A short name for a callable, for messages and job names."""
+    fn = getattr(fn, "__wrapped__", fn)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     if name is None:
         return type(fn).__qualname__

@@ -6,8 +6,8 @@ one function load per core, and batches sized by the server, not ten thousand ro
 A future is *pending* while its call waits in this process and *running* once its argument
 was handed to the server; only pending futures can be cancelled.
 
-This module is also imported by cores (to unpickle :class:`_Apply`), so it imports nothing
-heavy at module level; the machinery lives in :mod:`remap.api`.
+What cores unpickle around the function lives in :mod:`remap.calls`; the machinery in
+:mod:`remap.api`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
+from .calls import Apply, Initialized, Initializer
+
 if TYPE_CHECKING:
     from .api import Cluster, JobStream, ResultIterator
     from .sinks import TaskErrorInfo
@@ -30,22 +32,6 @@ __all__ = ["Executor", "RemoteFuture"]
 #: seconds a function's job stays open after its last outstanding call, for the next submit
 LINGER = 0.5
 _WAKE = ("wake",)
-
-
-class _Apply:
-    """The job function of submitted calls: one argument is ``(args, kwargs)``."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, packed: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-        args, kwargs = packed
-        return self.fn(*args, **kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Apply, (self.fn,))
 
 
 class _SizedZip:
@@ -108,7 +94,7 @@ class _SubmitStream:
         self.outstanding = 0  # calls put and neither resolved nor dropped (under job.lock)
         self.idle_since: float | None = None
         name = api.describe(fn)
-        blob = api.function_blob(_Apply(fn), name=name)
+        blob = api.function_blob(Apply(fn, executor._initializer), name=name)
         cluster = executor._cluster
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
         self.job: JobStream = api.JobStream(
@@ -188,7 +174,10 @@ class Executor(concurrent.futures.Executor):
     ``Executor()`` connects like :func:`remap.connect` (an embedded local cluster when no
     server is configured; ``max_workers``, or a lone integer as in ``Executor(4)``, is then
     its number of cores) and closes that connection at shutdown. ``Executor(cluster=handle)``
-    borrows an open handle instead.
+    borrows an open handle instead. ``initializer(*initargs)``, as in ``ProcessPoolExecutor``,
+    runs once in each core process before the first of this executor's calls that lands there
+    (cores are long-lived and shared, so "once per core per executor"); if it raises, the call
+    that needed it fails with that exception.
     """
 
     def __init__(
@@ -197,14 +186,20 @@ class Executor(concurrent.futures.Executor):
         max_workers: int | None = None,
         *,
         cluster: Cluster | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
         **connect_kwargs: Any,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool) and max_workers is None:
             address, max_workers = None, address  # Executor(4), as with ProcessPoolExecutor(4)
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
         from .api import own_or_borrow
 
+        #: run once per core process before the first call of this executor that lands there
+        self._initializer = Initializer(initializer, initargs) if initializer is not None else None
         self._cluster, self._owns_cluster = own_or_borrow(
             address, cluster, max_workers, connect_kwargs
         )
@@ -266,7 +261,7 @@ class Executor(concurrent.futures.Executor):
         if iterables and all(isinstance(it, Sized) for it in iterables):
             args = _SizedZip(iterables)
         results = self._cluster._iterate(
-            fn,
+            Initialized(fn, self._initializer) if self._initializer is not None else fn,
             args,
             star=True,
             ordered=True,

@@ -81,12 +81,19 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         *,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
         **connect_kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
         self._cluster_given = cluster
         self._connect_kwargs = connect_kwargs
         self._executor: Executor | None = None
+        self._init: tuple[Any, tuple[Any, ...]] = (initializer, tuple(initargs))
+
+    def _new_executor(self) -> Executor:
+        initializer, initargs = self._init
+        return Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
 
     @property
     def cluster(self) -> Any:
@@ -112,14 +119,17 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         **backend_kwargs: Any,
     ) -> int:
         self.parallel = parallel
+        if "initializer" in backend_kwargs or "initargs" in backend_kwargs:
+            # Parallel(..., initializer=f, initargs=(...)): once per core process, as with loky
+            self._init = (backend_kwargs["initializer"], tuple(backend_kwargs.get("initargs", ())))
         n = self.effective_n_jobs(n_jobs)
         if self._executor is None:
-            self._executor = Executor(cluster=self.cluster)
+            self._executor = self._new_executor()
         return n
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         if self._executor is None:
-            self._executor = Executor(cluster=self.cluster)
+            self._executor = self._new_executor()
         future = self._executor.submit(_run_batch, func)
         if callback is not None:
             future.add_done_callback(callback)

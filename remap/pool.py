@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .api import Cluster, ResultIterator, own_or_borrow
+from .calls import Initialized
 from .executor import Executor
 
 __all__ = ["AsyncResult", "Pool"]
@@ -76,7 +77,8 @@ class Pool:
     ``Pool()`` connects like :func:`remap.connect` (an embedded local cluster with
     ``processes`` cores when no server is configured) and closes the connection when the
     pool is terminated or joined; ``Pool(cluster=handle)`` borrows an open handle. As in
-    multiprocessing, leaving the ``with`` block calls :meth:`terminate`.
+    multiprocessing, leaving the ``with`` block calls :meth:`terminate`. ``initializer(*initargs)``
+    runs once in each core process before the first of this pool's calls that lands there.
     """
 
     def __init__(
@@ -92,11 +94,8 @@ class Pool:
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
-        if initializer is not None or tuple(initargs):
-            raise NotImplementedError(
-                "remap.Pool has no initializer: cores are shared by every job; "
-                "do the set-up inside the function (e.g. behind a cache)"
-            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
         if maxtasksperchild is not None:
             raise NotImplementedError(
                 "remap.Pool has no maxtasksperchild: cores are long-lived "
@@ -105,7 +104,14 @@ class Pool:
         self._cluster, self._owns_cluster = own_or_borrow(
             address, cluster, processes, connect_kwargs
         )
-        self._executor = Executor(cluster=self._cluster)
+        self._executor = Executor(
+            cluster=self._cluster,
+            initializer=initializer,
+            initargs=tuple(initargs),
+        )
+        #: as in multiprocessing: runs once in each core process, before its first call of this
+        #: pool (shared by map and apply, so it never runs twice in one core for one pool)
+        self._initializer = self._executor._initializer
         self._state = _RUN
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future] = set()
@@ -142,7 +148,7 @@ class Pool:
     ) -> ResultIterator:
         self._check_running()
         results = self._cluster._iterate(
-            func,
+            Initialized(func, self._initializer) if self._initializer is not None else func,
             iterable,
             star=star,
             ordered=ordered,

@@ -119,6 +119,38 @@ def test_generator_output(embedded: remap.Cluster) -> None:
         assert list(gen) == [2 * i for i in range(30)]
 
 
+_state: dict[str, object] = {}
+
+
+def setup_core(path: str, value: object) -> None:
+    _state["value"] = value
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def read_state(x: int) -> tuple[object, int]:
+    return _state.get("value"), os.getpid()
+
+
+def test_parallel_initializer_runs_once_per_core(embedded: remap.Cluster, tmp_path: Path) -> None:
+    """Parallel(initializer=..., initargs=...) (and parallel_backend's) run once in each core
+    process before its first task, instead of being ignored."""
+    log = tmp_path / "init.log"
+    with joblib.parallel_backend("remap", cluster=embedded):
+        out = Parallel(n_jobs=2, initializer=setup_core, initargs=(str(log), "on"))(
+            delayed(read_state)(i) for i in range(30)
+        )
+    assert {v for v, _ in out} == {"on"}
+    runs = log.read_text().split()
+    assert len(runs) == len(set(runs)) and {pid for _, pid in out} <= {int(p) for p in runs}
+    with joblib.parallel_backend(
+        "remap", cluster=embedded, initializer=setup_core, initargs=(str(log), "again")
+    ):
+        assert {v for v, _ in Parallel(n_jobs=2)(delayed(read_state)(i) for i in range(6))} == {
+            "again"
+        }
+
+
 def test_backend_with_connection_arguments(tmp_path: Path) -> None:
     """parallel_backend("remap", address=..., secret=...) connects to a real server with two
     node processes; n_jobs=-1 counts both nodes' cores."""

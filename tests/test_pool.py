@@ -198,13 +198,59 @@ def test_pool_with_its_own_cluster() -> None:
 
 
 def test_unsupported_arguments_are_refused() -> None:
-    """initializer and maxtasksperchild are refused plainly rather than silently ignored."""
-    with pytest.raises(NotImplementedError, match="initializer"):
-        remap.Pool(initializer=print)
+    """maxtasksperchild is refused plainly rather than silently ignored; bad values as stdlib."""
     with pytest.raises(NotImplementedError, match="maxtasksperchild"):
         remap.Pool(maxtasksperchild=10)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        remap.Pool(initializer=3)
     with pytest.raises(ValueError):
         remap.Pool(0)
+
+
+_marker: dict[str, object] = {}
+
+
+def remember(path: str, value: object) -> None:
+    """A pool initializer: records that it ran in this process, and sets a global for tasks."""
+    import os
+
+    _marker["value"] = value
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def marked(x: int) -> tuple[object, int]:
+    import os
+
+    return _marker.get("value"), os.getpid()
+
+
+def test_initializer_runs_once_per_core_before_the_pools_calls(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """Pool(initializer, initargs): every call sees what the initializer set up, and it ran
+    once in each core process that ran calls, shared by map, imap and apply."""
+    log = tmp_path / "init.log"
+    with remap.Pool(cluster=embedded, initializer=remember, initargs=(str(log), "ready")) as p:
+        results = p.map(marked, range(40), chunksize=1)
+        results += list(p.imap_unordered(marked, range(10)))
+        results.append(p.apply(marked, (1,)))
+    assert {value for value, _ in results} == {"ready"}
+    runs = log.read_text().split()
+    assert len(runs) == len(set(runs)), "the initializer ran twice in one core"
+    assert {pid for _, pid in results} <= {int(pid) for pid in runs}
+
+
+def test_executor_initializer_and_a_failing_one(embedded: remap.Cluster, tmp_path: Path) -> None:
+    """Executor(initializer=...) as ProcessPoolExecutor; an initializer that raises fails the
+    calls that needed it with its exception."""
+    log = tmp_path / "init.log"
+    with remap.Executor(cluster=embedded, initializer=remember, initargs=(str(log), 7)) as ex:
+        assert ex.submit(marked, 1).result()[0] == 7
+        assert {v for v, _ in ex.map(marked, range(8))} == {7}
+    with remap.Executor(cluster=embedded, initializer=fail_on_three, initargs=(3,)) as ex:
+        with pytest.raises(PoolError, match="three"):
+            ex.submit(square, 2).result()
 
 
 def test_pool_on_a_server_with_two_nodes(tmp_path: Path) -> None:

@@ -1,0 +1,77 @@
+"""Wrappers that cores unpickle around a user's function: kept tiny and free of heavy imports.
+
+``Apply`` runs an ``Executor.submit`` call (one argument is ``(args, kwargs)``);
+``Initialized`` runs a pool's ``initializer(*initargs)`` once per core process before the
+first call that needs it, the way ``multiprocessing.Pool`` runs it once per worker process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+#: initializer tokens already run in this (core) process
+_initialized: set[str] = set()
+
+
+class Initializer:
+    """``initializer(*initargs)``, identified by a token so each core runs it once."""
+
+    __slots__ = ("fn", "args", "token")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...] = (), token: str = "") -> None:
+        if not callable(fn):
+            raise TypeError("initializer must be a callable")
+        self.fn = fn
+        self.args = tuple(args)
+        self.token = token or uuid.uuid4().hex
+
+    def ensure(self) -> None:
+        if self.token not in _initialized:
+            self.fn(*self.args)  # raises into the call that needed it, as a task error
+            _initialized.add(self.token)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Initializer, (self.fn, self.args, self.token))
+
+
+class Initialized:
+    """``fn`` behind an :class:`Initializer`."""
+
+    __slots__ = ("fn", "init")
+
+    def __init__(self, fn: Callable[..., Any], init: Initializer) -> None:
+        self.fn = fn
+        self.init = init
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.init.ensure()
+        return self.fn(*args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The user's function, for the names shown in ``status`` (functools' convention)."""
+        return self.fn
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Initialized, (self.fn, self.init))
+
+
+class Apply:
+    """The job function of submitted calls: one argument is ``(args, kwargs)``."""
+
+    __slots__ = ("fn", "init")
+
+    def __init__(self, fn: Callable[..., Any], init: Initializer | None = None) -> None:
+        self.fn = fn
+        self.init = init
+
+    def __call__(self, packed: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        if self.init is not None:
+            self.init.ensure()
+        args, kwargs = packed
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Apply, (self.fn, self.init))
