@@ -491,6 +491,15 @@ class Drain(Message):
 
 
 @message
+class Undrain(Message):
+    """Console → server: let a drained node take work again."""
+
+    TYPE = "undrain"
+    id: int
+    node: str
+
+
+@message
 class Attach(Message):
     """Console → server: become the receiver of a (detached) job's results."""
 

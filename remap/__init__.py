@@ -21,6 +21,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: the package version (pyproject.toml reads it from here)
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from .api import Cluster, PicklingError, RemoteTraceback, connect, ship_by_value
     from .errors import (

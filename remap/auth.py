@@ -13,6 +13,10 @@ from .settings import Settings, is_loopback, secret_bytes
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
+class SecretMissing(ConfigError):
+    """No shared secret anywhere this process looked."""
+
+
 def default_secret_file() -> Path:
     return Path(os.path.expanduser("~")) / ".remap" / "secret"
 
@@ -54,7 +58,8 @@ def client_secret(settings: Settings) -> bytes:
     try:
         return path.read_bytes().strip()
     except FileNotFoundError:
-        raise ConfigError(
-            "no secret configured: set REMAP_SECRET_KEY to the server's secret "
-            f"(generate one with {GENERATE_HINT})"
+        raise SecretMissing(
+            f"no secret configured: REMAP_SECRET_KEY is not set and there is no {path} (made by "
+            f"a server on this machine); set REMAP_SECRET_KEY to the server's secret, in the "
+            f"environment or a .env file (generate one with {GENERATE_HINT})"
         ) from None

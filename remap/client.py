@@ -526,6 +526,9 @@ class ClusterClient:
     def drain(self, node: str) -> defer.Deferred:
         return self._request(lambda rid: m.Drain(id=rid, node=node)).addCallback(lambda r: r.info)
 
+    def undrain(self, node: str) -> defer.Deferred:
+        return self._request(lambda rid: m.Undrain(id=rid, node=node)).addCallback(lambda r: r.info)
+
     def submit(self, run: JobRun) -> defer.Deferred:
         """Start a job; the returned Deferred is ``run.finished`` (a JobOutcome, or a failure)."""
         rid = next(self._ids)

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,17 +190,53 @@ ENV_DOC: list[tuple[str, str, str]] = [
 _SECRET_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
+def env_file_candidates(job_file: str | Path | None = None) -> list[Path]:
+    """Where a ``.env`` is looked for, in order; the first that exists is read, and only it.
+
+    The current directory, then next to the job file (so a project's jobs find its secret
+    from anywhere), then ``~/.remap/.env`` (one file for every project of this user).
+    """
+    places = [Path(".env")]
+    if job_file is not None:
+        places.append(Path(job_file).parent / ".env")
+    places.append(Path(os.path.expanduser("~")) / ".remap" / ".env")
+    unique: list[Path] = []
+    for place in places:
+        if all(place.resolve() != seen.resolve() for seen in unique):
+            unique.append(place)
+    return unique
+
+
+def locate_env_file(
+    explicit: str | Path | None, job_file: str | Path | None = None
+) -> tuple[Path | None, list[Path]]:
+    """The ``.env`` to read (``explicit`` if given, else the first candidate that exists) and
+    every place looked, for an error that has to say where the secret was not found."""
+    if explicit is not None:
+        return Path(explicit), [Path(explicit)]
+    candidates = env_file_candidates(job_file)
+    return next((p for p in candidates if p.is_file()), None), candidates
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | Path | None = ".env",
+    warn: Callable[[str], None] = _warn,
 ) -> Settings:
     """Merge the three sources, validating every value given, wherever it was given.
 
     ``overrides`` are keyed by field name (argparse's ``vars(args)`` after picking the setting
     flags); None values are skipped so unset flags do not hide the environment. ``environ=None``
     reads ``os.environ``; ``dotenv_path=None`` reads no file.
+
+    An unknown ``REMAP_*`` variable is an error in a ``.env`` file (it was written for remap)
+    but only a warning in the environment, which other tools share.
     """
     chosen: dict[str, Any] = {}
     if dotenv_path is not None:
@@ -212,7 +249,11 @@ def load_settings(
     env = os.environ if environ is None else environ
     for variable, value in env.items():
         if variable.startswith(PREFIX):
-            _take(chosen, variable, value, f"{variable} from environment")
+            label = f"{variable} from environment"
+            if variable not in _FIELD_OF:
+                warn(f"{label}: {_unknown(variable)}; ignored")
+                continue
+            _take(chosen, variable, value, label)
     for name, value in (overrides or {}).items():
         if name not in _TABLE:
             close = difflib.get_close_matches(name, list(_TABLE), n=1)
@@ -226,15 +267,18 @@ def _take(chosen: dict[str, Any], variable: str, value: Any, label: str) -> None
     """Convert one value and let it win over earlier (lower-precedence) sources."""
     name = _FIELD_OF.get(variable)
     if name is None:
-        close = difflib.get_close_matches(variable, list(_FIELD_OF), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{label}: unknown setting{hint}")
+        raise ConfigError(f"{label}: {_unknown(variable)}")
     if value is None or (isinstance(value, str) and not value.strip()):
         return  # unset: an empty line in .env or an argparse default must not clobber
     try:
         chosen[name] = _TABLE[name][1](value)
     except _Bad as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def _unknown(variable: str) -> str:
+    close = difflib.get_close_matches(variable, list(_FIELD_OF), n=1)
+    return "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def _dotenv_line(path: Path, variable: str) -> int | None:

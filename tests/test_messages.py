@@ -87,6 +87,7 @@ EXAMPLES: dict[str, m.Message] = {
     "kill": m.Kill(id=4, job=3),
     "kill_cluster": m.KillCluster(id=5),
     "drain": m.Drain(id=6, node="n1"),
+    "undrain": m.Undrain(id=8, node="n1"),
     "attach": m.Attach(id=7, job=3),
     "ok": m.Ok(re=4, info={"job": 3, "state": "killed"}),
 }

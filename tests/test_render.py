@@ -28,3 +28,24 @@ def test_progress_line_has_count_percent_rate_and_eta() -> None:
     line = out.getvalue()
     assert "500/1000" in line and "50.0%" in line and "50/s" in line and "ETA 10s" in line
     assert "(20 failed)" in line
+
+
+def test_no_eta_before_a_rate_is_known() -> None:
+    """Before the first result there is no rate, so the ETA is unknown, not "0s"."""
+    now = [100.0]
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: now[0])
+    now[0] += 3
+    bar.draw(done=0, failed=0, total=1000, note="")
+    line = out.getvalue()
+    assert "0/1000" in line and "ETA ?" in line and "ETA 0s" not in line
+
+
+def test_the_job_table_shows_a_known_total() -> None:
+    """A job whose total the server knows shows it, one still receiving shows what came so far."""
+    from remap.console.render import jobs_table
+
+    base = {"name": "j", "state": "running", "mode": "object", "done": 1, "failed": 0}
+    base |= {"running": 1, "rate": 1.0, "waiting": "", "received": 256}
+    text = jobs_table([{**base, "id": 1, "total": 1000}, {**base, "id": 2, "total": None}])
+    assert " 1000 " in text and " 256+ " in text

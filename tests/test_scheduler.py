@@ -864,6 +864,36 @@ def test_draining_the_last_node_tells_the_console() -> None:
     assert sched.jobs[console.job].waiting == ""
 
 
+def test_the_job_table_shows_the_hinted_total_before_the_arguments_end() -> None:
+    """A job submitted with a known size (an args_range) shows that total while its arguments are
+    still arriving; one without a hint shows none until args_end."""
+    sched, _ = make()
+    FakeNode(sched, "n", cores=1)
+    hinted = FakeConsole(sched, range(1000), total=1000, end=False)
+    hinted.feed(limit=10)
+    unknown = FakeConsole(sched, range(1000), end=False, name="other")
+    unknown.feed(limit=10)
+    now = sched.clock.seconds()
+    assert sched.jobs[hinted.job].describe(now)["total"] == 1000
+    assert sched.jobs[unknown.job].describe(now)["total"] is None
+
+
+def test_an_undrained_node_takes_work_again() -> None:
+    """undrain reverses drain: the waiting job's only node gets batches again and it finishes;
+    the node process is no longer remembered as drained, and an unknown node is None."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    sched.drain("n")
+    console = FakeConsole(sched, range(20), chunksize=5)
+    console.feed()
+    assert node.held() == []
+    assert sched.undrain("host-n") is sched.nodes["n"]
+    assert not sched.nodes["n"].draining and sched.jobs[console.job].waiting == ""
+    run_to_end([node], [console])
+    assert_exactly_once(console, 20)
+    assert sched.undrain("nonexistent") is None
+
+
 def test_higher_priority_job_goes_first() -> None:
     """With two jobs queued, the higher priority job's batches are dispatched first."""
     sched, _ = make()

@@ -23,6 +23,7 @@ from remap.settings import (
     env_example_text,
     is_loopback,
     load_settings,
+    locate_env_file,
     parse_address,
     secret_bytes,
 )
@@ -99,8 +100,6 @@ def test_environment_values_are_converted(
         ({"REMAP_SERVER": "::1"}, "REMAP_SERVER from environment: address '::1': put an IPv6 address in brackets"),
         ({"REMAP_SERVER": "host:port"}, "REMAP_SERVER from environment: address 'host:port': port must be a number"),
         ({"REMAP_HOST": "0.0.0.0:7878"}, "REMAP_HOST from environment: expected a host without a port"),
-        ({"REMAP_PROT": "7878"}, "REMAP_PROT from environment: unknown setting (did you mean REMAP_PORT?)"),
-        ({"REMAP_SECRET": "x"}, "REMAP_SECRET from environment: unknown setting (did you mean REMAP_SECRET_KEY?)"),
     ],
 )  # fmt: skip
 def test_bad_environment_value_names_variable_and_source(
@@ -110,6 +109,48 @@ def test_bad_environment_value_names_variable_and_source(
     with pytest.raises(ConfigError) as info:
         load_settings(environ=environ, dotenv_path=None)
     assert expected in str(info.value)
+
+
+def test_unknown_environment_variable_only_warns() -> None:
+    """Another tool's REMAP_* variable in the environment is a warning naming it, not an error
+    (the environment is shared); the known ones still apply."""
+    warnings: list[str] = []
+    settings = load_settings(
+        environ={"REMAP_PROT": "7878", "REMAP_SECRET": "x", "REMAP_PORT": "9000"},
+        dotenv_path=None,
+        warn=warnings.append,
+    )
+    assert settings.port == 9000
+    assert warnings == [
+        "REMAP_PROT from environment: unknown setting (did you mean REMAP_PORT?); ignored",
+        "REMAP_SECRET from environment: unknown setting (did you mean REMAP_SECRET_KEY?); ignored",
+    ]
+
+
+def test_env_file_is_looked_for_here_then_next_to_the_job_then_in_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --env-file: ./.env wins, else the job file's directory, else ~/.remap/.env; every
+    place looked is returned, in order. An explicit file is the only one."""
+    here, project, home = tmp_path / "here", tmp_path / "project", tmp_path / "home"
+    for d in (here, project, home / ".remap"):
+        d.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(home))
+    job = project / "job.yaml"
+    expected = [Path(".env"), project / ".env", home / ".remap" / ".env"]
+    assert locate_env_file(None, job) == (None, expected)
+    (home / ".remap" / ".env").write_text("REMAP_PORT=1\n")
+    assert locate_env_file(None, job)[0] == home / ".remap" / ".env"
+    (project / ".env").write_text("REMAP_PORT=2\n")
+    assert locate_env_file(None, job)[0] == project / ".env"
+    assert locate_env_file(None)[0] == home / ".remap" / ".env", "no job: not the project's"
+    (here / ".env").write_text("REMAP_PORT=3\n")
+    found, searched = locate_env_file(None, job)
+    assert found == Path(".env") and searched == expected
+    assert load_settings(environ={}, dotenv_path=found).port == 3
+    assert locate_env_file("other.env", job) == (Path("other.env"), [Path("other.env")])
+    assert locate_env_file(None, here / "job.yaml")[1] == [Path(".env"), home / ".remap" / ".env"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -17,9 +18,10 @@ from typing import Any
 
 from protocol.errors import ConfigError, JobFailed, JobKilled, RemapError
 
+from .. import __version__
 from ..jobfile import load_job
 from ..logs import start_logging
-from ..settings import load_settings
+from ..settings import load_settings, locate_env_file
 from . import render
 from .session import Session, make_job_sink
 
@@ -30,6 +32,7 @@ COMMANDS = (
     "jobs",
     "kill",
     "drain",
+    "undrain",
     "dashboard",
     "attach",
     "results",
@@ -45,11 +48,29 @@ commands:
   jobs [--json]                        jobs, running and recent
   kill JOB_ID | kill --cluster [--yes] stop a job, or every node and the server
   drain NODE                           let a node finish its work and take no more
+  undrain NODE                         let a drained node take work again
   dashboard [--http-port N]            print a one-time login link to the server's dashboard
   attach JOB_ID [--json]               collect a detached job's results (alias: results)
-  help [COMMAND]                       this text
+  help [COMMAND]                       this text, or one command's options
   quit                                 leave the shell
 """
+
+
+#: commands whose argument is a job or node id, completed from the server's status
+ID_COMMANDS = {
+    "kill": "jobs",
+    "attach": "jobs",
+    "results": "jobs",
+    "drain": "nodes",
+    "undrain": "nodes",
+}
+
+
+def _python_on_path() -> str:
+    """``python`` when that name runs this interpreter's environment, else its full path."""
+    found = shutil.which("python")
+    same = found is not None and Path(found).parent == Path(sys.executable).parent
+    return "python" if same else sys.executable
 
 
 class UsageError(RemapError):
@@ -63,6 +84,65 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options every command takes, before or after its name (``remap status --server H:P``).
+
+    Under a command they default to SUPPRESS, so a flag given before the command stays.
+    """
+    default = None if top else argparse.SUPPRESS
+    group = parser.add_argument_group("global options") if not top else parser
+    group.add_argument(
+        "--server",
+        default=default,
+        help="HOST:PORT of the server (default: REMAP_SERVER; none = embedded cluster)",
+    )
+    group.add_argument(
+        "--env-file",
+        default=default,
+        help="settings file to read (default: the first of ./.env, .env next to the job file, "
+        "~/.remap/.env)",
+    )
+    group.add_argument("--cores", type=int, default=default, help="cores of the embedded cluster")
+    group.add_argument(
+        "--log-level", default=default, help="debug, info, warn or error (logs go to stderr)"
+    )
+
+
+#: command -> (one-line help, description shown by ``COMMAND --help`` and ``help COMMAND``)
+DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "compute": (
+        "run a job file",
+        "Run the job a YAML job file describes and print or write its results. With no "
+        "server configured, an embedded local cluster runs it.",
+    ),
+    "status": ("cluster summary", "Nodes, cores busy/total, and jobs with done/failed/total."),
+    "nodes": ("the node table", "Every connected node: host, cores, load, state."),
+    "jobs": ("the job table", "Jobs running and recently finished."),
+    "kill": (
+        "stop a job, or the whole cluster",
+        "Stop a job's queued and running work (its cores are killed and replaced), or with "
+        "--cluster every node and the server.",
+    ),
+    "drain": (
+        "let a node finish and take no more work",
+        "The node finishes the batches it runs and gets no new ones (undrain reverses it).",
+    ),
+    "undrain": ("let a drained node take work again", "Undo drain: the node gets batches again."),
+    "dashboard": (
+        "print a login link to the server's dashboard",
+        "Print a one-time login link to the server's HTTP dashboard.",
+    ),
+    "attach": (
+        "collect a detached job's results",
+        "Collect a detached job's results into what its job file asked for (alias: results).",
+    ),
+    "results": ("collect a detached job's results", "Same as attach."),
+    "help": ("list the commands, or one command's help", "help [COMMAND]"),
+    "quit": ("leave the shell", "Leave the interactive shell."),
+    "shell": ("interactive shell (the default on a terminal)", "History and tab completion."),
+}
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="remap",
@@ -70,14 +150,17 @@ def build_parser() -> Parser:
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--server", help="HOST:PORT of the server (default: REMAP_SERVER; none = embedded cluster)"
-    )
-    parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
-    parser.add_argument("--cores", type=int, help="cores of the embedded cluster")
-    parser.add_argument("--log-level", help="debug, info, warn or error (logs go to stderr)")
-    sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    p = sub.add_parser("compute", help="run a job file")
+    parser.add_argument("--version", action="version", version=f"remap {__version__}")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+
+    def command(name: str) -> Parser:
+        short, description = DESCRIPTIONS[name]
+        p = sub.add_parser(name, help=short, description=description)
+        _global_options(p, top=False)
+        return p
+
+    p = command("compute")
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -106,21 +189,24 @@ def build_parser() -> Parser:
         help="if the job fails, print the remote traceback of the first failing call",
     )
     for name in ("status", "nodes", "jobs"):
-        sub.add_parser(name, help=f"show {name}").add_argument("--json", action="store_true")
-    p = sub.add_parser("kill", help="stop a job, or the whole cluster")
-    p.add_argument("job", nargs="?", type=int)
+        command(name).add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("kill")
+    p.add_argument("job", nargs="?", type=int, help="the job id (see: remap jobs)")
     p.add_argument("--cluster", action="store_true", help="stop every node and the server")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    sub.add_parser("drain", help="drain a node").add_argument("node")
-    p = sub.add_parser("dashboard", help="print a login link to the server's dashboard")
+    for name in ("drain", "undrain"):
+        command(name).add_argument(
+            "node", help="the node id, or a unique prefix (see: remap nodes)"
+        )
+    p = command("dashboard")
     p.add_argument("--http-port", type=int, help="the server's HTTP port (REMAP_HTTP_PORT)")
     for name in ("attach", "results"):
-        p = sub.add_parser(name, help="collect a detached job's results")
-        p.add_argument("job", type=int)
-        p.add_argument("--json", action="store_true")
-    sub.add_parser("help", help="list the commands").add_argument("topic", nargs="?")
-    sub.add_parser("quit", help="leave the shell")
-    sub.add_parser("shell", help="interactive shell (the default on a terminal)")
+        p = command(name)
+        p.add_argument("job", type=int, help="the job id (see: remap jobs)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    command("help").add_argument("topic", nargs="?", help="a command")
+    command("quit")
+    command("shell")
     return parser
 
 
@@ -128,10 +214,17 @@ class Console:
     """Runs parsed commands against a session and prints for a person or a program."""
 
     def __init__(
-        self, session: Session, out: Any = None, err: Any = None, env_file: str = ".env"
+        self,
+        session: Session,
+        out: Any = None,
+        err: Any = None,
+        env_file: str | Path | None = None,
+        parser: Parser | None = None,
     ) -> None:
         self.session = session
+        #: the settings file this console read (None: none was found)
         self.env_file = env_file
+        self.parser = parser
         self.out = out or sys.stdout
         self.err = err or sys.stderr
 
@@ -290,7 +383,8 @@ class Console:
             )
         else:
             self.say(
-                f"job {run.job_id} runs detached; collect results with: remap attach {run.job_id}"
+                f"job {run.job_id} runs detached; collect results with: "
+                f"{self.command_line('attach', str(run.job_id))}"
             )
             if writer is not None:
                 self.say(
@@ -298,6 +392,20 @@ class Console:
                     f"as they arrive"
                 )
         return 0
+
+    def command_line(self, *words: str) -> str:
+        """A command for the user to paste later: how this console was started, the server it
+        used, and the settings file if a plain start from here would not find the same one."""
+        argv0 = sys.argv[0] if sys.argv else ""
+        prefix = [_python_on_path(), argv0] if argv0.endswith(".py") else ["remap"]
+        flags = []
+        if self.session.settings.server:
+            flags += ["--server", self.session.settings.server]
+        if self.env_file is not None:
+            found = locate_env_file(None)[0]
+            if found is None or found.resolve() != Path(self.env_file).resolve():
+                flags += ["--env-file", str(Path(self.env_file).absolute())]
+        return shlex.join([*prefix, *flags, *words])
 
     def _spawn_writer(self, job: int, output: Any) -> subprocess.Popen:
         """A console of its own session that attaches and writes a file-mode job's output."""
@@ -314,8 +422,7 @@ class Console:
             "from remap.console.main import run; run()",
             "--server",
             str(settings.server),
-            "--env-file",
-            self.env_file,
+            *(["--env-file", str(self.env_file)] if self.env_file is not None else []),
             "attach",
             str(job),
         ]
@@ -392,6 +499,11 @@ class Console:
         self.say(f"node {info['host']} ({info['node'][:8]}) is draining")
         return 0
 
+    def cmd_undrain(self, args: argparse.Namespace) -> int:
+        info = self.session.request("undrain", args.node)
+        self.say(f"node {info['host']} ({info['node'][:8]}) takes work again")
+        return 0
+
     def cmd_dashboard(self, args: argparse.Namespace) -> int:
         self.say(self.session.dashboard_link(args.http_port))
         return 0
@@ -446,8 +558,20 @@ class Console:
             self.say("\n".join(json.dumps(v) for v in items))
 
     def cmd_help(self, args: argparse.Namespace) -> int:
-        self.say(HELP)
+        self.say(self.help_text(args.topic))
         return 0
+
+    def help_text(self, topic: str | None) -> str:
+        """The command list, or one command's usage, description and options."""
+        if not topic:
+            return HELP
+        if topic not in DESCRIPTIONS:
+            raise UsageError(f"help: no command {topic!r} (commands: {', '.join(COMMANDS)})")
+        parser = self.parser or build_parser()
+        choices = next(
+            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        ).choices
+        return choices[topic].format_help().rstrip("\n")
 
     def cmd_quit(self, args: argparse.Namespace) -> int:
         return 0
@@ -497,7 +621,10 @@ class Shell(cmd.Cmd):
         return False
 
     def do_help(self, arg: str) -> bool:  # type: ignore[override]
-        self.console.say(HELP)
+        try:
+            self.console.say(self.console.help_text(arg.strip() or None))
+        except RemapError as exc:
+            self.console.note(f"error: {exc}")
         return False
 
     def do_EOF(self, arg: str) -> bool:  # noqa: N802 - cmd's name
@@ -511,6 +638,11 @@ class Shell(cmd.Cmd):
         return [c + " " for c in COMMANDS if c.startswith(text)]
 
     def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        command = line.split()[0] if line.split() else ""
+        if command in ID_COMMANDS:
+            return [i + " " for i in self.ids(ID_COMMANDS[command]) if i.startswith(text)]
+        if command == "help":
+            return [c + " " for c in COMMANDS if c.startswith(text)]
         base = Path(text).parent if "/" in text else Path(".")
         prefix = Path(text).name
         try:
@@ -522,6 +654,18 @@ class Shell(cmd.Cmd):
             for p in names
             if p.is_dir() or p.suffix in (".yaml", ".yml")
         ]
+
+    def ids(self, kind: str) -> list[str]:
+        """Job or node ids the server knows, for completion; none when it cannot be asked."""
+        if not self.console.session.can_request():
+            return []
+        try:
+            status = self.console.session.request("status", timeout=2.0)
+        except (RemapError, TimeoutError):
+            return []
+        if kind == "jobs":
+            return [str(j["id"]) for j in status["jobs"]]
+        return [n["id"] for n in status["nodes"]]
 
     def postloop(self) -> None:
         try:
@@ -537,14 +681,18 @@ def main(argv: list[str] | None = None) -> int:
     session: Session | None = None
     try:
         args = parser.parse_args(argv)
+        job_file = args.job if args.command == "compute" else None
+        env_file, searched = locate_env_file(args.env_file, job_file)
         settings = load_settings(
             {"server": args.server, "cores": args.cores, "log_level": args.log_level},
-            dotenv_path=args.env_file,
+            dotenv_path=env_file,
         )
         start_logging(settings.log_level if args.log_level else "error")
-        session = Session(settings)
-        console = Console(session, env_file=args.env_file)
-        if args.command in (None, "shell"):
+        shell = args.command in (None, "shell")
+        # in the shell, status and friends start the embedded cluster as compute would
+        session = Session(settings, env_searched=searched, embedded_for_requests=shell)
+        console = Console(session, env_file=env_file, parser=parser)
+        if shell:
             if args.command is None and not sys.stdin.isatty():
                 parser.print_help()
                 return 2

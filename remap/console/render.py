@@ -50,8 +50,9 @@ class Progress:
             frac = min(1.0, finished / total)
             filled = int(frac * self.width)
             bar = "#" * filled + "-" * (self.width - filled)
-            eta = (total - finished) / rate if rate > 0 else 0
-            line = f"[{bar}] {finished}/{total} {frac * 100:5.1f}% {rate:,.0f}/s ETA {fmt_duration(eta)}"
+            # no rate before the first result: an ETA would be a made-up "0s"
+            eta = f"ETA {fmt_duration((total - finished) / rate)}" if rate > 0 else "ETA ?"
+            line = f"[{bar}] {finished}/{total} {frac * 100:5.1f}% {rate:,.0f}/s {eta}"
         else:
             line = f"{finished} done {rate:,.0f}/s {fmt_duration(elapsed)}"
         if failed:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
 from .. import runtime, shipping
+from ..auth import SecretMissing
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
 from ..dial import connect_console
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
@@ -53,9 +55,18 @@ class Session:
     """Owns the reactor-side objects; every public method blocks the calling thread."""
 
     def __init__(
-        self, settings: Settings, *, announce: Callable[[str], None] | None = None
+        self,
+        settings: Settings,
+        *,
+        announce: Callable[[str], None] | None = None,
+        env_searched: Sequence[Path] = (),
+        embedded_for_requests: bool = False,
     ) -> None:
         self.settings = settings
+        #: where a .env was looked for, in order (for the "no secret" error)
+        self.env_searched = list(env_searched)
+        #: the shell: status before any compute starts the embedded cluster rather than failing
+        self.embedded_for_requests = embedded_for_requests
         self.client: ClusterClient | None = None
         self.embedded: EmbeddedCluster | None = None
         self.announce = announce or (lambda text: print(text, file=sys.stderr))
@@ -69,12 +80,15 @@ class Session:
         if self.connected():
             return self.client  # type: ignore[return-value]
         if self.settings.server:
-            self.client = runtime.run(
-                runtime.as_deferred(connect_console),
-                runtime.reactor(),
-                self.settings,
-                self.settings.server,
-            )
+            try:
+                self.client = runtime.run(
+                    runtime.as_deferred(connect_console),
+                    runtime.reactor(),
+                    self.settings,
+                    self.settings.server,
+                )
+            except SecretMissing as exc:
+                raise SecretMissing(f"{exc}; {self._where_env_was_looked_for()}") from None
         elif self.embedded is not None or allow_embedded:
             if self.embedded is None:
                 from ..cluster import EmbeddedCluster  # the composition root: only when embedded
@@ -101,6 +115,19 @@ class Session:
 
         return login_link(self.settings, http_port)
 
+    def _where_env_was_looked_for(self) -> str:
+        if not self.env_searched:
+            return "no .env file was read"
+        places = []
+        for path in self.env_searched:
+            state = "read, no REMAP_SECRET_KEY" if path.is_file() else "missing"
+            places.append(f"{path.absolute()} ({state})")
+        return "looked for .env in order: " + ", ".join(places)
+
+    def can_request(self) -> bool:
+        """Whether a request would reach a cluster without starting anything new."""
+        return self.connected() or (self.settings.server is None and self.embedded is not None)
+
     def close(self) -> None:
         if self.client is not None and self.client.link is not None:
             runtime.run(self.client.link.close, timeout=5)
@@ -113,7 +140,7 @@ class Session:
         self.client = None
 
     def request(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
-        client = self.connect(allow_embedded=False)
+        client = self.connect(allow_embedded=self.embedded_for_requests)
         return runtime.run(lambda: getattr(client, method)(*args), timeout=timeout)
 
     # ------------------------------------------------------------------ jobs

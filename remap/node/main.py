@@ -12,7 +12,7 @@ from protocol.errors import AuthError, RemapError, VersionMismatch
 from ..cluster import default_cores, start_node
 from ..entry import react_main
 from ..logs import start_logging
-from ..settings import load_settings
+from ..settings import load_settings, locate_env_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cores to run (REMAP_CORES; default cpu count - 1 = {default_cores()})",
     )
     p.add_argument("--group", help="node group; jobs with `group:` run only on nodes of that group")
-    p.add_argument("--env-file", default=".env", help="settings file (default .env)")
+    p.add_argument("--env-file", help="settings file (default: the first of ./.env, ~/.remap/.env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
     return p
 
@@ -41,7 +41,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             "group": args.group,
             "log_level": args.log_level,
         },
-        dotenv_path=args.env_file,
+        dotenv_path=locate_env_file(args.env_file)[0],
     )
     start_logging(settings.log_level)
     stopped: defer.Deferred = defer.Deferred()

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from ..cluster import start_server
 from ..entry import react_main
 from ..logs import start_logging
-from ..settings import load_settings
+from ..settings import load_settings, locate_env_file
 from .http import start_http
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--http-host", help="address the HTTP API binds (default 127.0.0.1; REMAP_HTTP_HOST)"
     )
-    p.add_argument("--env-file", default=".env", help="settings file (default .env)")
+    p.add_argument("--env-file", help="settings file (default: the first of ./.env, ~/.remap/.env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
     p.add_argument("--port-file", help="write the bound port to this file once listening")
     return p
@@ -47,7 +47,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             "http_port": args.http_port,
             "http_host": args.http_host,
         },
-        dotenv_path=args.env_file,
+        dotenv_path=locate_env_file(args.env_file)[0],
     )
     start_logging(settings.log_level)
     server = await start_server(reactor, settings)

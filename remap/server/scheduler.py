@@ -233,7 +233,8 @@ class JobState:
             "state": self.state,
             "mode": self.mode,
             "group": self.group,
-            "total": self.total if self.args_ended else None,
+            # the console's hint (a job file's args_range, a sized iterable) until args_end
+            "total": self.total if self.args_ended or self.total >= 0 else None,
             "received": self.received,
             "queued": self.pending_count,
             "running": self.running,
@@ -359,16 +360,35 @@ class Scheduler:
                 self._check_capacity(job)
         self.pump()
 
-    def drain(self, node_ref: str) -> NodeState | None:
-        """Drain the node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
+    def find_node(self, node_ref: str) -> NodeState | None:
+        """The node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
         matches = [n for n in self.nodes.values() if node_ref in (n.id, f"{n.host}:{n.pid}")]
         if not matches:
             matches = [
                 n for n in self.nodes.values() if n.id.startswith(node_ref) or n.host == node_ref
             ]
-        if len(matches) != 1:
+        return matches[0] if len(matches) == 1 else None
+
+    def undrain(self, node_ref: str) -> NodeState | None:
+        """Let a drained node take work again (see :meth:`find_node` for ``node_ref``)."""
+        node = self.find_node(node_ref)
+        if node is None:
             return None
-        node = matches[0]
+        node.draining = False
+        self._drained.discard((node.host, node.pid))
+        if node.has_credit():
+            self._ready[node.id] = node
+        for job in self.active.values():
+            if not job.finished:
+                self._check_capacity(job)  # a job that waited for a node has one again
+        self.pump()
+        return node
+
+    def drain(self, node_ref: str) -> NodeState | None:
+        """Drain a node (see :meth:`find_node` for ``node_ref``)."""
+        node = self.find_node(node_ref)
+        if node is None:
+            return None
         node.draining = True
         self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)

@@ -132,8 +132,8 @@ class ServerConnection:
                 link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
-        elif t is m.Drain:
-            node = sched.drain(msg.node)
+        elif t is m.Drain or t is m.Undrain:
+            node = sched.drain(msg.node) if t is m.Drain else sched.undrain(msg.node)
             if node is None:
                 link.send(m.Error(code="not-found", message=f"no node {msg.node!r}", re=msg.id))
             else:

@@ -1,0 +1,218 @@
+"""What a new user's first hour with the console hits (issue 9, item 13 and "small things").
+
+Settings files found where a user keeps them, errors that say where they looked, hints that
+work when pasted, --version, per-command help, flags after the command, tab completion of
+ids, status in a fresh shell, undrain.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import remap
+from remap.console.main import Console, Shell, build_parser
+from tests.cluster_harness import (
+    CONSOLE_SCRIPT,
+    PYTHON,
+    Cluster,
+    NodeSpec,
+    clean_env,
+    jobs_function,
+    run_entry,
+    run_process,
+    write_job,
+)
+
+
+def console(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **kw: Any):
+    """The console in ``tmp_path`` with HOME there too, and no settings of the developer's."""
+    return run_entry(CONSOLE_SCRIPT, *args, home=tmp_path, cwd=tmp_path, env=env, **kw)
+
+
+# ---------------------------------------------------------------------- version and help
+
+
+def test_version_flag_and_attribute(tmp_path: Path) -> None:
+    """`remap --version` and `remap.__version__` give the installed package's version."""
+    version = importlib.metadata.version("remap")
+    assert remap.__version__ == version
+    done = console(tmp_path, "--version", timeout=30)
+    assert (done.returncode, done.stdout.strip()) == (0, f"remap {version}")
+
+
+def test_each_command_help_has_a_description(tmp_path: Path) -> None:
+    """`remap status --help` says what status does, and lists the global options too."""
+    done = console(tmp_path, "status", "--help", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "Nodes, cores busy/total" in done.stdout and "--server" in done.stdout
+
+
+def test_help_command_shows_one_commands_help() -> None:
+    """`help compute` (one-shot or in the shell) shows compute's options, not the list."""
+    out = io.StringIO()
+    parser = build_parser()
+    shell = Shell(Console(StubSession(), out=out, err=io.StringIO(), parser=parser), parser)
+    shell.onecmd("help compute")
+    assert "usage: remap compute" in out.getvalue() and "--no-task-output" in out.getvalue()
+    out.truncate(0)
+    shell.onecmd("compute --help")  # argparse prints and exits; the shell goes on
+    args = parser.parse_args(["help", "undrain"])
+    Console(StubSession(), out=out, parser=parser).execute(args)
+    assert "usage: remap undrain" in out.getvalue()
+
+
+def test_global_flags_are_accepted_after_the_command() -> None:
+    """`remap status --server H:P` works as `remap --server H:P status`; a flag before the
+    command is kept when none follows it."""
+    parser = build_parser()
+    assert parser.parse_args(["status", "--server", "h:1"]).server == "h:1"
+    assert parser.parse_args(["--server", "a:1", "status"]).server == "a:1"
+    after = parser.parse_args(["--server", "a:1", "compute", "j.yaml", "--env-file", "x", "--json"])
+    assert (after.server, after.env_file, after.json) == ("a:1", "x", True)
+
+
+def test_a_flag_after_the_command_reaches_the_server(tmp_path: Path) -> None:
+    """End to end: the --server given after `status` is the one dialled."""
+    env = {"REMAP_SECRET_KEY": "s"}
+    done = console(tmp_path, "status", "--server", "127.0.0.1:9", env=env, timeout=30)
+    assert done.returncode == 4 and "127.0.0.1:9" in done.stderr, done.stderr
+
+
+def test_unknown_remap_variable_in_the_environment_only_warns(tmp_path: Path) -> None:
+    """Another tool's REMAP_FOO warns and the command goes on (here to its own error)."""
+    done = console(tmp_path, "status", env={"REMAP_FOO": "1"}, timeout=30)
+    assert "warning: REMAP_FOO from environment: unknown setting" in done.stderr, done.stderr
+    assert "no server configured" in done.stderr and done.returncode == 2
+
+
+# ---------------------------------------------------------------------- .env and the secret
+
+
+def test_no_secret_error_says_where_it_looked(tmp_path: Path) -> None:
+    """With a server but no secret anywhere, the error names every .env it looked for, in order."""
+    job_dir = tmp_path / "project"
+    job_dir.mkdir()
+    job = write_job(job_dir / "job.yaml", {"function": "math:sqrt", "args": [1]})
+    done = console(tmp_path, "--server", "127.0.0.1:9", "compute", job, timeout=60)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: no secret configured"), line
+    where = line[line.index("looked for .env in order:") :]
+    assert where == (
+        f"looked for .env in order: {tmp_path}/.env (missing), {job_dir}/.env (missing), "
+        f"{tmp_path}/.remap/.env (missing)"
+    )
+
+
+@pytest.mark.slow
+def test_a_secret_next_to_the_job_file_is_found(make_cluster: Any, tmp_path: Path) -> None:
+    """Run from another directory, compute finds the secret in the job's directory's .env.
+    Before, only ./.env was read: "no secret configured"."""
+    cluster: Cluster = make_cluster([NodeSpec(cores=1)])
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".env").write_text(f"REMAP_SECRET_KEY={cluster.secret}\n")
+    job = write_job(
+        project / "job.yaml",
+        {"function": jobs_function("funcs", "square"), "args_range": [0, 5]},
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_process(
+        [PYTHON, CONSOLE_SCRIPT, "--server", cluster.address, "compute", str(job), "--json"],
+        clean_env(tmp_path / "home"),
+        cwd=elsewhere,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.slow
+def test_the_detach_hint_works_when_pasted(make_cluster: Any, tmp_path: Path) -> None:
+    """`compute --detach` prints an attach command with the --server used; pasted into a shell
+    it collects the results. Before, it said `remap attach N` with no server."""
+    cluster: Cluster = make_cluster([NodeSpec(cores=1)])
+    job = write_job(
+        tmp_path / "job.yaml",
+        {"function": jobs_function("funcs", "square"), "args_range": [0, 5]},
+    )
+    done = cluster.assert_ok(cluster.console("compute", job, "--detach"))
+    hint = re.search(r"collect results with: (.*)$", done.stdout.strip())
+    assert hint, done.stdout
+    command = hint.group(1)
+    assert f"--server {cluster.address}" in command and command.endswith(" attach 1"), command
+    pasted = subprocess.run(
+        command, shell=True, env=cluster.env(), cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert pasted.returncode == 0, pasted.stderr
+    assert [json.loads(line) for line in pasted.stdout.split()] == [0, 1, 4, 9, 16]
+    assert shlex.split(command)[-2:] == ["attach", "1"]
+
+
+# ---------------------------------------------------------------------- the shell
+
+
+class StubSession:
+    """A session that answers status from a fixed dict (for completion)."""
+
+    settings = None
+
+    def __init__(self, status: dict | None = None) -> None:
+        self.status = status or {"jobs": [], "nodes": []}
+
+    def can_request(self) -> bool:
+        return True
+
+    def request(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
+        assert method == "status"
+        return self.status
+
+
+def test_tab_completion_of_job_and_node_ids() -> None:
+    """After kill/attach the shell completes job ids, after drain/undrain node ids, after help
+    command names."""
+    status = {
+        "jobs": [{"id": 12}, {"id": 13}, {"id": 7}],
+        "nodes": [{"id": "abcdef0123"}, {"id": "abd0000000"}, {"id": "ff00000000"}],
+    }
+    parser = build_parser()
+    shell = Shell(Console(StubSession(status), out=io.StringIO(), parser=parser), parser)
+    assert shell.completedefault("1", "kill 1", 5, 6) == ["12 ", "13 "]
+    assert shell.completedefault("", "attach ", 7, 7) == ["12 ", "13 ", "7 "]
+    assert shell.completedefault("ab", "drain ab", 6, 8) == ["abcdef0123 ", "abd0000000 "]
+    assert shell.completedefault("f", "undrain f", 8, 9) == ["ff00000000 "]
+    assert shell.completedefault("com", "help com", 5, 8) == ["compute "]
+
+
+@pytest.mark.slow
+def test_status_works_in_a_fresh_shell(tmp_path: Path) -> None:
+    """In the shell with no server, status before any compute shows the embedded cluster.
+    Before, it said "no server configured" until the first compute."""
+    done = console(
+        tmp_path, "--env-file", "/none", "--cores", "1", "shell", input="status\nquit\n", timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 node, 0/1 cores busy" in done.stdout, done.stdout + done.stderr
+    assert "error" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_undrain_lets_a_node_take_work_again(cluster: Cluster) -> None:
+    """drain then undrain: the node is ready again and runs jobs."""
+    node = cluster.status()["nodes"][0]["id"]
+    cluster.assert_ok(cluster.console("drain", node[:8]))
+    assert next(n for n in cluster.status()["nodes"] if n["id"] == node)["draining"]
+    done = cluster.assert_ok(cluster.console("undrain", node[:8]))
+    assert f"({node[:8]}) takes work again" in done.stdout
+    assert not next(n for n in cluster.status()["nodes"] if n["id"] == node)["draining"]
