@@ -18,26 +18,26 @@ def test_durations(seconds: float, shown: str) -> None:
     assert fmt_duration(seconds) == shown
 
 
-def test_progress_line_has_count_percent_rate_and_eta() -> None:
-    """The bar shows done/total, the percentage, the rate and an ETA from that rate."""
+def drawn(after: float, done: int, failed: int, total: int) -> str:
+    """The progress line drawn ``after`` seconds from the start."""
     now = [100.0]
     out = io.StringIO()
     bar = Progress(out, clock=lambda: now[0])
-    now[0] += 10
-    bar.draw(done=480, failed=20, total=1000, note="")
-    line = out.getvalue()
+    now[0] += after
+    bar.draw(done=done, failed=failed, total=total, note="")
+    return out.getvalue()
+
+
+def test_progress_line_has_count_percent_rate_and_eta() -> None:
+    """The bar shows done/total, the percentage, the rate and an ETA from that rate."""
+    line = drawn(10, 480, 20, 1000)
     assert "500/1000" in line and "50.0%" in line and "50/s" in line and "ETA 10s" in line
     assert "(20 failed)" in line
 
 
 def test_no_eta_before_a_rate_is_known() -> None:
     """Before the first result there is no rate, so the ETA is unknown, not "0s"."""
-    now = [100.0]
-    out = io.StringIO()
-    bar = Progress(out, clock=lambda: now[0])
-    now[0] += 3
-    bar.draw(done=0, failed=0, total=1000, note="")
-    line = out.getvalue()
+    line = drawn(3, 0, 0, 1000)
     assert "0/1000" in line and "ETA ?" in line and "ETA 0s" not in line
 
 
