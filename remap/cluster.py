@@ -96,6 +96,7 @@ class RunningServer:
             link.abort()
         for node in list(self.factory.scheduler.nodes.values()):
             node.link.abort()
+        self.factory.scheduler.stop()
         return defer.maybeDeferred(self.port.stopListening)
 
 

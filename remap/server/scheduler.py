@@ -36,6 +36,14 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 PREFETCH = 2
 #: bound on argument bytes queued on the server per job (console windowing keeps to it)
 MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: a task's server-side deadline, past which its node is presumed stuck: with a job ``timeout``,
+#: calls × timeout + TASK_SLACK (the node's own timer, a core restart, the network); without one,
+#: NO_TIMEOUT_FACTOR × the measured time of its calls, at least NO_TIMEOUT_MIN seconds
+TASK_SLACK = 5.0
+NO_TIMEOUT_FACTOR = 100
+NO_TIMEOUT_MIN = 600.0
+#: how often in-flight tasks are checked against their deadlines
+SWEEP_INTERVAL = 1.0
 MIN_WINDOW = m.INITIAL_WINDOW  # never below what a console may send before `submitted`
 MAX_WINDOW = 1_000_000
 
@@ -154,8 +162,11 @@ class NodeState:
     def credits(self) -> int:
         return self.cores * PREFETCH
 
+    #: the node let a task pass its deadline: no new work until it answers something
+    suspect: bool = False
+
     def has_credit(self) -> bool:
-        return not self.draining and len(self.inflight) < self.credits
+        return not self.draining and not self.suspect and len(self.inflight) < self.credits
 
     def describe(self, now: float) -> dict:
         return {
@@ -169,6 +180,7 @@ class NodeState:
             "load": self.load,
             "group": self.group,
             "draining": self.draining,
+            "suspect": self.suspect,
             "connected_for": round(now - self.connected_at, 1),
             "tasks_done": self.tasks_done,
         }
@@ -277,6 +289,7 @@ class Scheduler:
         #: (host, pid) of drained node processes, so a reconnecting one stays drained
         self._drained: set[tuple[str, int]] = set()
         self._group_credits: dict[str, int] = {}
+        self._sweep: Any = None  # the pending deadline check, while tasks are in flight
         self.started_at = clock.seconds()
         self.cpu_started = time.process_time()
         #: observers (metrics, the HTTP API) told ``batch_finished(job, n, seconds)`` and
@@ -707,6 +720,92 @@ class Scheduler:
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
         node.link.send(m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload))
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(SWEEP_INTERVAL, self._check_deadlines)
+
+    # ================================================================ task deadlines
+
+    @staticmethod
+    def _task_limit(task: TaskState) -> float | None:
+        """Seconds a task may take on its core, or None when nothing bounds it yet."""
+        job, n = task.job, len(task.segment)
+        if job.timeout is not None:
+            return n * job.timeout + TASK_SLACK
+        if job.per_call is None:
+            return None  # no call of this job was measured yet: nothing to go by
+        return max(NO_TIMEOUT_MIN, NO_TIMEOUT_FACTOR * n * job.per_call)
+
+    def task_deadline(self, task: TaskState) -> float | None:
+        """When the server gives up waiting for ``task``: its own limit, after the longest task
+        sent to the node before it (which it may queue behind on a core), or None."""
+        own = self._task_limit(task)
+        if own is None:
+            return None
+        wait = 0.0
+        for other in task.node.inflight.values():
+            if other.id < task.id:
+                limit = self._task_limit(other)
+                if limit is None:
+                    return None
+                wait = max(wait, limit)
+        return task.sent_at + wait + own
+
+    def _check_deadlines(self) -> None:
+        """A node that heartbeats but never answers must not hold its tasks forever: a task past
+        its deadline is re-queued (each argument then retries alone, counting an attempt) and
+        the node is marked suspect, taking no new work until it answers something."""
+        self._sweep = None
+        now = self.clock.seconds()
+        expired = [
+            task
+            for node in list(self.nodes.values())
+            for task in list(node.inflight.values())
+            if (deadline := self.task_deadline(task)) is not None and now > deadline
+        ]
+        for task in expired:
+            node = task.node
+            if task.id not in node.inflight or node.id not in self.nodes:
+                continue
+            waited = now - task.sent_at
+            if not node.suspect:
+                self.log.warn(
+                    "node {id} ({host}) gave no answer to task {t} of job {job} in {s:.0f}s: "
+                    "re-queued, node marked suspect",
+                    id=node.id,
+                    host=node.host,
+                    t=task.id,
+                    job=task.job.id,
+                    s=waited,
+                )
+            node.suspect = True
+            self._ready.pop(node.id, None)
+            self.task_failed(
+                node.id,
+                m.TaskFailed(
+                    task=task.id,
+                    reason="no-answer",
+                    at=-1,
+                    message=f"no answer from node {node.host} in {waited:.0f}s",
+                ),
+            )
+        if any(node.inflight for node in self.nodes.values()):
+            self._sweep = self.clock.callLater(SWEEP_INTERVAL, self._check_deadlines)
+
+    def _heard_from(self, node: NodeState | None) -> bool:
+        """Any answer proves a suspect node is working again; True if it was suspect."""
+        if node is None or not node.suspect:
+            return False
+        node.suspect = False
+        self.log.info("node {id} answered again: no longer suspect", id=node.id)
+        if node.has_credit():
+            self._ready[node.id] = node
+        return True
+
+    def stop(self) -> None:
+        """Cancel the scheduler's own timer (the server is stopping)."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
 
     def _requeue(self, job: JobState, seg: Segment) -> None:
         job.pending.appendleft(seg)
@@ -729,9 +828,12 @@ class Scheduler:
 
     def task_result(self, node_id: str, msg: m.TaskResult) -> None:
         node = self.nodes.get(node_id)
+        cleared = self._heard_from(node)
         task = self._release(node, msg.task) if node is not None else None
-        if task is None:
-            return  # late answer for work already re-queued, cancelled or finished
+        if task is None:  # a late answer for work already re-queued, cancelled or finished
+            if cleared:
+                self.pump()
+            return
         job, seg = task.job, task.segment
         problem = self._malformed(msg, len(seg))
         if problem:
@@ -795,8 +897,11 @@ class Scheduler:
     def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
         """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
         node = self.nodes.get(node_id)
+        cleared = msg.reason != "no-answer" and self._heard_from(node)
         task = self._release(node, msg.task) if node is not None else None
         if task is None:
+            if cleared:
+                self.pump()
             return
         job, seg = task.job, task.segment
         if job.finished:
@@ -825,10 +930,13 @@ class Scheduler:
                 "timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
                 "crash": "crashed its core",
                 "too-large": "returned a result too large to send",
+                "no-answer": "got no answer from its node",
             }.get(msg.reason, msg.reason)
-            type_name = {"timeout": "TaskTimeout", "too-large": "ResultTooLarge"}.get(
-                msg.reason, "CoreCrashed"
-            )
+            type_name = {
+                "timeout": "TaskTimeout",
+                "too-large": "ResultTooLarge",
+                "no-answer": "TaskTimeout",
+            }.get(msg.reason, "CoreCrashed")
             for s in errors:
                 text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
                 if msg.message:
