@@ -147,17 +147,17 @@ def test_the_detach_hint_works_when_pasted(make_cluster: Any, tmp_path: Path) ->
         {"function": jobs_function("funcs", "square"), "args_range": [0, 5]},
     )
     done = cluster.assert_ok(cluster.console("compute", job, "--detach"))
-    hint = re.search(r"collect results with: (.*)$", done.stdout.strip())
+    hint = re.search(r"job (\d+) runs detached; collect results with: (.*)$", done.stdout.strip())
     assert hint, done.stdout
-    command = hint.group(1)
-    assert f"--server {cluster.address}" in command and command.endswith(" attach 1"), command
+    job_id, command = hint.groups()
+    assert f"--server {cluster.address}" in command, command
     pasted = subprocess.run(
         command, shell=True, env=cluster.env(), cwd=tmp_path, capture_output=True, text=True,
         timeout=60,
     )  # fmt: skip
     assert pasted.returncode == 0, pasted.stderr
     assert [json.loads(line) for line in pasted.stdout.split()] == [0, 1, 4, 9, 16]
-    assert shlex.split(command)[-2:] == ["attach", "1"]
+    assert shlex.split(command)[-2:] == ["attach", job_id]
 
 
 # ---------------------------------------------------------------------- the shell
