@@ -1,0 +1,1 @@
+"""Vertex jobs: Pregel-style supersteps over a partitioned graph (issue 12)."""

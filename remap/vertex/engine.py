@@ -1,0 +1,369 @@
+"""The pure Pregel engine: partitions, one superstep, messages as bytes. No processes, no files.
+
+Everything a worker does between two barriers lives here, so the semantics (delivery in the
+next superstep, waking halted vertices, combiners, aggregators) are tested without a cluster.
+Messages between partitions are pickled by the worker that sends them and unpickled by the
+worker that receives them; nothing in between (server, files) ever looks inside.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.errors import JobFailed
+
+from .program import Program
+
+PICKLE_PROTOCOL = 5
+_MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive ids over partitions
+_MASK = (1 << 64) - 1
+
+Tag = tuple[int, int]  # (input file index, byte offset of the line): orders merges stably
+
+
+def partition_of(vertex_id: Any, count: int) -> int:
+    """The partition owning ``vertex_id``: stable across processes and runs (not ``hash()``)."""
+    if count == 1:
+        return 0
+    if type(vertex_id) is int:
+        return (((vertex_id * _MIX) & _MASK) >> 32) % count
+    if type(vertex_id) is str:
+        return zlib.crc32(vertex_id.encode("utf-8", "surrogatepass")) % count
+    return zlib.crc32(repr(vertex_id).encode("utf-8", "surrogatepass")) % count
+
+
+class VertexError(JobFailed):
+    """User code of a vertex job raised; the message names the vertex and superstep."""
+
+
+# --------------------------------------------------------------------------- input
+
+
+Record = tuple[Any, Any, list[Any], list[Any] | None]  # id, value, targets, edge values
+
+
+def _edges(raw: Any) -> tuple[list[Any], list[Any] | None]:
+    targets: list[Any] = []
+    values: list[Any] = []
+    weighted = False
+    for edge in raw or ():
+        if type(edge) is tuple and len(edge) == 2:
+            targets.append(edge[0])
+            values.append(edge[1])
+            weighted = True
+        else:
+            targets.append(edge)
+            values.append(None)
+    return targets, (values if weighted else None)
+
+
+def _record(item: Any, line: str) -> Record:
+    if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
+        raise VertexError(
+            f"prepare({line!r}) must return (id, value, edges), a list of them or None; "
+            f"got {type(item).__name__}"
+        )
+    vid = item[0]
+    value = item[1] if len(item) > 1 else None
+    targets, weights = _edges(item[2] if len(item) > 2 else ())
+    return vid, value, targets, weights
+
+
+def prepare_line(program: Program, line: str) -> list[Record]:
+    """The vertex records of one input line: ``prepare`` may return one, a list, or None."""
+    try:
+        out = program.prepare(line)
+    except Exception as exc:
+        raise VertexError(f"prepare({line!r}) raised {type(exc).__name__}: {exc}") from exc
+    if out is None:
+        return []
+    if isinstance(out, list):
+        return [_record(item, line) for item in out]
+    return [_record(out, line)]
+
+
+def bucket_records(
+    program: Program, lines: Iterable[tuple[Tag, str]], count: int
+) -> list[list[tuple[Tag, Record]]]:
+    """Parse tagged lines and sort their records into one list per owning partition."""
+    buckets: list[list[tuple[Tag, Record]]] = [[] for _ in range(count)]
+    for tag, line in lines:
+        for rec in prepare_line(program, line):
+            buckets[partition_of(rec[0], count)].append((tag, rec))
+    return buckets
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Outbox:
+    """Messages sent in one superstep, one bucket per destination partition, combined at once."""
+
+    def __init__(self, count: int, combine: Callable[[list[Any]], Any] | None) -> None:
+        self.count = count
+        self.combine = combine
+        self.buckets: list[dict[Any, Any]] = [{} for _ in range(count)]
+        self.sent = 0  # calls to send, before combining
+
+    def send(self, to: Any, message: Any) -> None:
+        self.sent += 1
+        bucket = self.buckets[partition_of(to, self.count)]
+        if self.combine is None:
+            box = bucket.get(to)
+            if box is None:
+                bucket[to] = [message]
+            else:
+                box.append(message)
+        elif to in bucket:
+            bucket[to] = self.combine([bucket[to], message])
+        else:
+            bucket[to] = message
+
+    def counts(self) -> list[int]:
+        """Messages that will be delivered, per destination partition (after combining)."""
+        if self.combine is not None:
+            return [len(b) for b in self.buckets]
+        return [sum(len(box) for box in b.values()) for b in self.buckets]
+
+    def encode(self, partition: int) -> bytes:
+        return encode_bucket(self.buckets[partition], self.combine is not None)
+
+
+def encode_bucket(bucket: Mapping[Any, Any], combined: bool) -> bytes:
+    return pickle.dumps((combined, list(bucket.items())), PICKLE_PROTOCOL)
+
+
+def deliver(inbox: dict[Any, list[Any]], bucket: Mapping[Any, Any], combined: bool) -> None:
+    """Add one sender's bucket to a partition's inbox (vertex id → list of messages)."""
+    for vid, msg in bucket.items():
+        box = inbox.get(vid)
+        if combined:
+            if box is None:
+                inbox[vid] = [msg]
+            else:
+                box.append(msg)
+        elif box is None:
+            inbox[vid] = list(msg)
+        else:
+            box.extend(msg)
+
+
+def deliver_bytes(inbox: dict[Any, list[Any]], blob: bytes) -> None:
+    combined, items = pickle.loads(blob)
+    deliver(inbox, dict(items), combined)
+
+
+# --------------------------------------------------------------------------- aggregators
+
+
+def fold_into(
+    folds: Mapping[str, Callable[[Any, Any], Any]], acc: dict[str, Any], more: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Fold partial aggregates ``more`` into ``acc`` (in place) with each aggregator's fold."""
+    for name, value in more.items():
+        acc[name] = folds[name](acc[name], value) if name in acc else value
+    return acc
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+class Context:
+    """What ``compute`` sees besides the vertex's value: the ``ctx`` argument."""
+
+    __slots__ = (
+        "_part",
+        "_outbox",
+        "_partial",
+        "_aggregated",
+        "_vid",
+        "superstep",
+        "num_vertices",
+    )
+
+    def __init__(
+        self,
+        part: Partition,
+        outbox: Outbox,
+        superstep: int,
+        num_vertices: int,
+        aggregated: Mapping[str, Any],
+        partial: dict[str, Any],
+    ) -> None:
+        self._part = part
+        self._outbox = outbox
+        self._aggregated = aggregated
+        self._partial = partial
+        self._vid: Any = None
+        self.superstep = superstep
+        self.num_vertices = num_vertices
+
+    def send(self, to: Any, message: Any) -> None:
+        """Deliver ``message`` to vertex ``to`` in the next superstep."""
+        self._outbox.send(to, message)
+
+    def send_to_neighbors(self, message: Any) -> None:
+        for to in self._part.targets.get(self._vid, ()):
+            self._outbox.send(to, message)
+
+    @property
+    def targets(self) -> list[Any]:
+        """The ids this vertex's out-edges point to (in input order)."""
+        return self._part.targets.get(self._vid, [])
+
+    @property
+    def edges(self) -> list[tuple[Any, Any]]:
+        """``(target, edge value)`` pairs; the value is None for edges given without one."""
+        targets = self._part.targets.get(self._vid, [])
+        values = self._part.weights.get(self._vid)
+        return list(zip(targets, values if values is not None else [None] * len(targets)))
+
+    def aggregate(self, name: str, value: Any) -> None:
+        """Fold ``value`` into aggregator ``name``; every vertex sees the total next superstep."""
+        folds = self._part.program.aggregators
+        if name not in folds:
+            raise KeyError(f"no aggregator named {name!r} (declare it in 'aggregators')")
+        partial = self._partial
+        partial[name] = folds[name](partial[name], value) if name in partial else value
+
+    def aggregated(self, name: str, default: Any = None) -> Any:
+        """The folded value of aggregator ``name`` from the previous superstep."""
+        return self._aggregated.get(name, default)
+
+
+@dataclass
+class StepStats:
+    """What one partition reports at the barrier after a superstep."""
+
+    active: int = 0  # vertices that did not vote to halt
+    computed: int = 0  # vertices compute ran for
+    sent: int = 0  # messages sent (before combining)
+    delivered: list[int] = field(default_factory=list)  # per destination partition
+    aggregates: dict[str, Any] = field(default_factory=dict)
+    errors: int = 0
+    first_error: str = ""
+    vertices: int = 0
+
+
+class Partition:
+    """The vertices one partition owns: values, out-edges and halted flags, kept between steps."""
+
+    def __init__(self, index: int, count: int, program: Program) -> None:
+        self.index = index
+        self.count = count
+        self.program = program
+        self.values: dict[Any, Any] = {}
+        self.targets: dict[Any, list[Any]] = {}
+        self.weights: dict[Any, list[Any]] = {}
+        self.halted: set[Any] = set()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def load(self, tagged: Iterable[tuple[Tag, Record]]) -> None:
+        """Merge records in tag order: edges of one id from several lines are concatenated,
+        the first value that is not None wins; the result does not depend on who read what."""
+        for _tag, (vid, value, targets, weights) in sorted(tagged, key=lambda tr: tr[0]):
+            if vid not in self.values:
+                self.values[vid] = value
+                self.targets[vid] = list(targets)
+                if weights is not None:
+                    self.weights[vid] = list(weights)
+                continue
+            if self.values[vid] is None:
+                self.values[vid] = value
+            old = self.targets[vid]
+            if weights is not None or vid in self.weights:
+                self.weights.setdefault(vid, [None] * len(old)).extend(
+                    weights if weights is not None else [None] * len(targets)
+                )
+            old.extend(targets)
+
+    def step(
+        self,
+        superstep: int,
+        inbox: Mapping[Any, list[Any]],
+        outbox: Outbox,
+        num_vertices: int,
+        aggregated: Mapping[str, Any],
+        on_error: str = "fail",
+    ) -> StepStats:
+        """Run ``compute`` for every active vertex and every vertex with messages."""
+        program = self.program
+        compute = program.compute
+        stats = StepStats()
+        ctx = Context(self, outbox, superstep, num_vertices, aggregated, stats.aggregates)
+        values = self.values
+        halted = self.halted
+        for vid in [v for v in inbox if v not in values]:  # a message creates its vertex
+            values[vid] = None
+            self.targets[vid] = []
+        sent_before = outbox.sent
+        for vid in list(values):
+            msgs = inbox.get(vid)
+            if msgs is None:
+                if vid in halted:
+                    continue
+                msgs = []
+            ctx._vid = vid
+            stats.computed += 1
+            try:
+                out = compute(ctx, vid, values[vid], msgs)
+            except Exception as exc:
+                self._failed(stats, vid, superstep, f"{type(exc).__name__}: {exc}", on_error, exc)
+                continue
+            if type(out) is not tuple or len(out) != 2:
+                problem = f"compute must return (value, halt), got {type(out).__name__}"
+                self._failed(stats, vid, superstep, problem, on_error, None)
+                continue
+            value, halt = out
+            values[vid] = value
+            if halt:
+                halted.add(vid)
+            else:
+                halted.discard(vid)
+                stats.active += 1
+        stats.sent = outbox.sent - sent_before
+        stats.vertices = len(values)
+        return stats
+
+    def _failed(
+        self,
+        stats: StepStats,
+        vid: Any,
+        superstep: int,
+        problem: str,
+        on_error: str,
+        exc: BaseException | None,
+    ) -> None:
+        """A vertex raised: stop the job, or (``on_error: continue``) keep its value and halt it."""
+        where = f"vertex {vid!r} in superstep {superstep}: {problem}"
+        if on_error != "continue":
+            raise VertexError(where) from exc
+        stats.errors += 1
+        stats.first_error = stats.first_error or where
+        self.halted.add(vid)
+
+    def output_lines(self) -> Iterator[str]:
+        """The job's output for this partition: one line per vertex, ``output`` may skip one."""
+        output = self.program.output
+        for vid, value in self.values.items():
+            line = output(vid, value)
+            if line is not None:
+                yield str(line)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def dump(self, inbox: Mapping[Any, list[Any]]) -> bytes:
+        """The partition and its pending inbox as bytes: a checkpoint before a superstep."""
+        state = (self.values, self.targets, self.weights, self.halted, dict(inbox))
+        return pickle.dumps(state, PICKLE_PROTOCOL)
+
+    def restore(self, blob: bytes) -> dict[Any, list[Any]]:
+        """Replace this partition's state with a checkpoint; returns the inbox it held."""
+        self.values, self.targets, self.weights, self.halted, inbox = pickle.loads(blob)
+        return inbox
