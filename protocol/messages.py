@@ -367,6 +367,7 @@ class Submit(Message):
     total: int = -1
     wait_for_nodes: float | None = None
     output: str | None = None
+    gang: bool = False
     payload: bytes = b""
 
 

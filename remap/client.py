@@ -219,6 +219,9 @@ class JobParams:
     star: bool = False
     wait_for_nodes: float | None = None
     output: str | None = None
+    #: every call must run at once on a core of its own (vertex workers): one call per task,
+    #: dispatched only to a node with an idle core, never queued behind another call
+    gang: bool = False
 
 
 @dataclass

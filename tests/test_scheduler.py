@@ -1178,3 +1178,37 @@ def test_a_finished_detached_job_replays_to_anyone_even_while_another_console_is
     assert sched.attach(late, console.job) is not None
     assert [len(r.indices) for r in late.of(m.Results)] == [3]
     assert [d.state for d in late.of(m.JobDone)] == ["done"]
+
+
+# ============================================================================ gang jobs
+
+
+def test_gang_calls_go_one_per_idle_core_never_queued_behind_another_call() -> None:
+    """A gang job (vertex workers) gets one call per task, only onto a node with an idle core:
+    with two one-core nodes, both calls run at once instead of one waiting behind the other."""
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=1), FakeNode(sched, "b", cores=1)
+    console = FakeConsole(sched, range(3), gang=True)
+    console.feed()
+    assert [len(t.sizes) for t in a.held()] == [1] and [len(t.sizes) for t in b.held()] == [1]
+    (lost,) = b.held()
+    sched.remove_node("b", "gone")
+    assert len(a.held()) == 1, "the lost call waits for an idle core, not on a busy one"
+    a.answer(a.held()[0])
+    assert len(a.held()) == 1
+    run_to_end([a], [console])
+    assert_exactly_once(console, 3)
+    assert lost.task not in {t.task for t in a.held()}
+
+
+def test_gang_call_waits_for_a_node_whose_cores_run_other_jobs() -> None:
+    """A node whose cores are all taken by another job's calls gets no gang call until one ends."""
+    sched, _ = make()
+    node = FakeNode(sched, "a", cores=1)
+    other = FakeConsole(sched, range(1), chunksize=1)
+    other.feed()
+    gang = FakeConsole(sched, range(1), gang=True)
+    gang.feed()
+    assert [t.job for t in node.held()] == [other.job]
+    node.answer_all()
+    assert [t.job for t in node.held()] == [gang.job]

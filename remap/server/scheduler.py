@@ -212,6 +212,7 @@ class JobState:
     star: bool = False
     total: int = -1
     output: str | None = None
+    gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
     submitted_at: float = 0.0
     state: str = "running"
     message: str = ""
@@ -430,6 +431,7 @@ class Scheduler:
             star=msg.star,
             total=msg.total,
             output=msg.output,
+            gang=msg.gang,
             submitted_at=now,
         )
         self.jobs[job.id] = job
@@ -644,6 +646,8 @@ class Scheduler:
             job.console.send(m.Grant(job=job.id, count=want))
 
     def _batch_size(self, job: JobState, pending: int) -> int:
+        if job.gang:
+            return 1
         if job.chunksize:
             return job.chunksize
         if job.timeout is not None:
@@ -675,6 +679,8 @@ class Scheduler:
     def _next_job(self, node: NodeState) -> JobState | None:
         best: JobState | None = None
         for job in self.active.values():
+            if job.gang and len(node.inflight) >= node.cores:
+                continue  # a gang call queued behind another call on a node could wait forever
             if job.pending_count and not job.finished and self._group_ok(node, job):
                 if best is None or (job.priority, -job.running) > (best.priority, -best.running):
                     best = job
