@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import pickle
 import queue
 import sys
@@ -24,6 +25,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -976,6 +978,51 @@ class Cluster:
         data = DataDir.from_setting(data_dir or self.settings.data_dir)
         assert self._client is not None
         return run_data_job(self._client, job, data, on_progress=on_progress)
+
+    # ------------------------------------------------------------ vertex jobs
+
+    def vertex(
+        self,
+        module: Any,
+        input: str | os.PathLike[str] | list[str | os.PathLike[str]],
+        output: str | os.PathLike[str],
+        *,
+        partitions: int | None = None,
+        max_supersteps: int = 30,
+        checkpoint_every: int = 0,
+        on_error: str = "fail",
+        data_dir: str | os.PathLike[str] | None = None,
+        on_superstep: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run a vertex (Pregel) job and return its summary (``remap.vertex.VertexResult``).
+
+        ``module`` is a module (or dict) with ``prepare`` and ``compute`` and optionally
+        ``combine``, ``output`` and ``aggregators`` (see the README). ``input`` is a file, a
+        directory of files or a list of them; ``output`` a directory that must not exist.
+        ``on_superstep(report)`` is called after every superstep's barrier.
+        """
+        from .vertex.driver import VertexConfig
+        from .vertex.program import program_from_module, program_from_namespace
+        from .vertex.run import run_vertex
+
+        self._check_open()
+        if isinstance(module, types.ModuleType):
+            if module.__name__ != "__main__":
+                ship_by_value(module)
+            program = program_from_module(module)
+        else:
+            program = program_from_namespace(module, "vertex job")
+        inputs = input if isinstance(input, (list, tuple)) else [input]
+        config = VertexConfig(
+            input=[Path(p).expanduser().resolve() for p in inputs],
+            output=Path(output).expanduser().resolve(),
+            partitions=partitions,
+            max_supersteps=max_supersteps,
+            checkpoint_every=checkpoint_every,
+            on_error=on_error,
+            name=Path(getattr(module, "__file__", None) or "vertex").stem,
+        )
+        return run_vertex(self, program, config, data_dir=data_dir, on_report=on_superstep)
 
     # ------------------------------------------------------------ futures
 

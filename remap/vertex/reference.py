@@ -27,6 +27,7 @@ class SuperstepReport:
     vertices: int
     aggregates: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
+    first_error: str = ""
 
 
 @dataclass

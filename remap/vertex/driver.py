@@ -1,0 +1,432 @@
+"""The driver of a vertex job: counts every barrier and decides what comes next.
+
+It runs on the client (the console or the Python API), starts one gang call per worker,
+and talks to the workers only through files in the job directory: it writes numbered
+commands and waits for every member's ack. Counting acks is the barrier (no timeout ends a
+superstep); heartbeats only detect a lost worker, which triggers a rollback: a new epoch,
+the partitions re-dealt over the workers still alive, restored from the last complete
+checkpoint (or re-read from the input if there is none yet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from protocol.errors import ConfigError, JobFailed
+
+from .engine import fold_into
+from .files import Layout, input_splits, read_pickle, remove_tree, write_pickle
+from .program import Program
+from .reference import SuperstepReport
+from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
+
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class VertexConfig:
+    """What a vertex job needs besides its program: the YAML keys, resolved."""
+
+    input: list[Path]
+    output: Path
+    partitions: int | None = None  # None: one per worker
+    max_supersteps: int = 30
+    checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
+    on_error: str = "fail"
+    name: str = "vertex"
+    lost_after: float = 30.0  # seconds without a heartbeat before a worker counts as lost
+    heartbeat: float = 0.5
+
+
+@dataclass
+class VertexResult:
+    """The summary of a finished vertex job (also written as the job's ``result`` file)."""
+
+    state: str
+    supersteps: int
+    vertices: int
+    partitions: int
+    workers: int
+    messages: int
+    bytes_moved: int
+    rollbacks: int
+    elapsed: float
+    output: str
+    job_dir: str
+    aggregates: dict[str, Any] = field(default_factory=dict)
+    errors: int = 0
+    first_error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["aggregates"] = {k: _jsonable(v) for k, v in self.aggregates.items()}
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class Launch(Protocol):
+    """The worker calls as the driver sees them, wherever they run."""
+
+    def events(self) -> list[tuple[str, Any]]:
+        """New events since the last call: ("error", text) or ("end", error_or_None)."""
+
+    def kill(self) -> None: ...
+
+
+class WorkerLost(Exception):
+    def __init__(self, slot: int, why: str) -> None:
+        super().__init__(f"worker {slot} {why}")
+        self.slot = slot
+
+
+def find_inputs(paths: list[Path]) -> list[Path]:
+    """The input files: each path is a file or a directory of files (hidden ones skipped)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ConfigError(f"input not found: {path}")
+    if not found:
+        raise ConfigError(f"no input files in {', '.join(map(str, paths))}")
+    return found
+
+
+def new_job_dir(data_dir: Path, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "vertex"
+    return Path(data_dir) / "job" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class Driver:
+    """One vertex job from submission to ``_SUCCESS`` (run :meth:`run` on a plain thread)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        program: Program,
+        config: VertexConfig,
+        root: Path,
+        workers: int,
+        start: Callable[[list[WorkerArgs]], Launch],
+        on_report: Callable[[SuperstepReport], None] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError("a vertex job needs at least one core")
+        if config.output.exists():
+            raise ConfigError(f"output {config.output} already exists")
+        self.program = program
+        self.config = config
+        self.layout = Layout(root)
+        self.inputs = find_inputs(config.input)
+        self.workers = workers
+        self.partitions = config.partitions or workers
+        self._start = start
+        self.on_report = on_report
+        self.members: dict[int, str] = {}
+        self.seen: dict[int, str] = {}  # slot → newest attempt seen
+        self.seq = 0
+        self.epoch = 0
+        self.rollbacks = 0
+        self.bytes_moved = 0
+        self._stop = threading.Event()
+        self.launch: Launch | None = None
+        self.owners: list[int] = []
+        self.step: int | None = None  # the next superstep; None: (re)load the input first
+        self.checkpoint: int | None = None  # the last complete checkpoint
+        self.restore_pending = False
+        self.history: dict[int, tuple[int, dict[str, Any]]] = {}  # step → (vertices, aggregated)
+        self.reports: dict[int, SuperstepReport] = {}
+
+    # ------------------------------------------------------------ liveness
+
+    def _beat(self) -> None:
+        path = self.layout.driver_heartbeat
+        while not self._stop.wait(self.config.heartbeat):
+            path.touch()
+
+    def _heartbeats(self) -> dict[int, tuple[str, float]]:
+        """slot → (newest attempt, its heartbeat time)."""
+        out: dict[int, tuple[str, float]] = {}
+        try:
+            entries = list(os.scandir(self.layout.alive))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            slot, _, attempt = entry.name.partition(".")
+            if not slot.isdigit():
+                continue
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            s = int(slot)
+            if s not in out or mtime > out[s][1]:
+                out[s] = (attempt, mtime)
+        return out
+
+    def _check(self) -> None:
+        """Raise if the job failed, was killed, or a member worker is gone."""
+        assert self.launch is not None
+        for kind, info in self.launch.events():
+            if kind == "error":
+                raise JobFailed(f"a vertex worker failed: {info}")
+            if kind == "end":
+                raise info if isinstance(info, BaseException) else JobFailed("workers ended early")
+        now = time.time()
+        beats = self._heartbeats()
+        for slot, attempt in self.members.items():
+            newest, mtime = beats.get(slot, (attempt, now))
+            if newest != attempt and self.layout.heartbeat(slot, newest).exists():
+                raise WorkerLost(slot, "was restarted elsewhere")
+            if now - mtime > self.config.lost_after:
+                raise WorkerLost(slot, f"sent no heartbeat for {now - mtime:.0f}s")
+
+    # ------------------------------------------------------------ commands
+
+    def _command(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
+        """Issue one command and wait for every member's ack: the barrier."""
+        cmd = Command(
+            seq=self.seq,
+            kind=kind,
+            epoch=self.epoch,
+            members=dict(self.members),
+            owners=self.owners,
+            on_error=self.config.on_error,
+            **fields,
+        )
+        self.seq += 1
+        write_pickle(self.layout.command(cmd.seq), cmd)
+        if kind == "stop":
+            return []
+        waiting = dict(self.members)
+        acks: list[dict[str, Any]] = []
+        delay = POLL_MIN
+        while waiting:
+            for slot in list(waiting):
+                path = self.layout.ack(cmd.seq, slot)
+                if path.exists():
+                    ack = read_pickle(path)
+                    if ack["attempt"] == waiting[slot]:
+                        acks.append(ack)
+                        del waiting[slot]
+                        delay = POLL_MIN
+            if waiting:
+                self._check()
+                time.sleep(delay)
+                delay = min(POLL_MAX, delay * 2)
+        errors = [a["error"] for a in acks if "error" in a]
+        if errors:
+            raise JobFailed(errors[0])
+        return acks
+
+    def _wait_for_workers(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            beats = self._heartbeats()
+            if len(beats) >= self.workers:
+                self.members = {slot: beats[slot][0] for slot in sorted(beats)[: self.workers]}
+                return
+            assert self.launch is not None
+            for kind, info in self.launch.events():
+                if kind == "error":
+                    raise JobFailed(f"a vertex worker failed: {info}")
+                if kind == "end":
+                    raise info if isinstance(info, BaseException) else JobFailed("workers ended")
+            if time.monotonic() > deadline:
+                raise JobFailed(
+                    f"only {len(beats)} of {self.workers} vertex workers started within "
+                    f"{START_TIMEOUT:.0f}s (are other jobs holding the cores?)"
+                )
+            time.sleep(POLL_MAX)
+
+    def _deal(self) -> None:
+        """Give every partition to a live worker, round robin over their slots."""
+        slots = sorted(self.members)
+        self.owners = [slots[p % len(slots)] for p in range(self.partitions)]
+
+    # ------------------------------------------------------------ the job
+
+    def run(self) -> VertexResult:
+        started = time.monotonic()
+        root = self.layout.root
+        root.mkdir(parents=True, exist_ok=False)
+        self.layout.alive.mkdir()
+        self.layout.driver_heartbeat.touch()
+        config = {k: str(v) for k, v in asdict(self.config).items()}
+        config.update(kind="vertex", partitions=self.partitions, workers=self.workers)
+        self.layout.config.write_text(json.dumps(config, indent=2) + "\n")
+        beat = threading.Thread(target=self._beat, name="vertex-driver-heartbeat", daemon=True)
+        beat.start()
+        args = [
+            WorkerArgs(
+                str(root),
+                slot,
+                self.program,
+                heartbeat=self.config.heartbeat,
+                lost_after=self.config.lost_after,
+            )
+            for slot in range(self.workers)
+        ]
+        self.launch = self._start(args)
+        try:
+            self._wait_for_workers()
+            result = self._supersteps(started)
+            self._command("stop")
+            return result
+        except BaseException:
+            self._command_quietly_stop()
+            raise
+        finally:
+            self._stop.set()
+
+    def _command_quietly_stop(self) -> None:
+        try:
+            self._command("stop")
+        except OSError:
+            pass
+        if self.launch is not None:
+            self.launch.kill()
+
+    def _load(self) -> int:
+        splits = input_splits(self.inputs, len(self.members))
+        by_slot = dict(zip(sorted(self.members), splits))
+        self._command("read", splits=by_slot)
+        acks = self._command("merge")
+        remove_tree(self.layout.epoch(self.epoch) / "load")
+        return sum(a["vertices"] for a in acks)
+
+    def _supersteps(self, started: float) -> VertexResult:
+        """Load, run supersteps to the end, write the output; roll back whenever a worker is lost."""
+        self._deal()
+        while True:
+            try:
+                if self.step is None:
+                    self.history[0] = (self._load(), {})
+                    self.step = 0
+                elif self.restore_pending:
+                    self._command("restore", superstep=self.step)
+                    self.restore_pending = False
+                last = self._run_to_end()
+                self._output()
+                break
+            except WorkerLost as lost:
+                self._lose(lost)
+        reports = [self.reports[s] for s in sorted(self.reports)]
+        first_error = next((r.first_error for r in reports if r.first_error), "")
+        result = VertexResult(
+            state="done",
+            supersteps=last.superstep + 1,
+            vertices=last.vertices,
+            partitions=self.partitions,
+            workers=self.workers,
+            messages=sum(r.delivered for r in reports),
+            bytes_moved=self.bytes_moved,
+            rollbacks=self.rollbacks,
+            elapsed=round(time.monotonic() - started, 3),
+            output=str(self.config.output),
+            job_dir=str(self.layout.root),
+            aggregates=last.aggregates,
+            errors=sum(r.errors for r in reports),
+            first_error=first_error,
+        )
+        self.layout.result.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        for scratch in ("ckpt", f"e{self.epoch}"):
+            remove_tree(self.layout.root / scratch)
+        return result
+
+    def _run_to_end(self) -> SuperstepReport:
+        cfg = self.config
+        every = cfg.checkpoint_every
+        while True:
+            step = self.step
+            assert step is not None
+            num_vertices, aggregated = self.history[step]
+            take = bool(every) and step > 0 and step % every == 0 and step != self.checkpoint
+            acks = self._command(
+                "step",
+                superstep=step,
+                num_vertices=num_vertices,
+                aggregated=aggregated,
+                checkpoint=take,
+            )
+            if take:
+                if self.checkpoint is not None:
+                    remove_tree(self.layout.checkpoint(self.checkpoint))
+                self.checkpoint = step
+            report = self._report(step, acks)
+            self.history[step + 1] = (report.vertices, report.aggregates)
+            remove_tree(self.layout.step(self.epoch, step - 1))
+            self.step = step + 1
+            if (report.active == 0 and report.delivered == 0) or self.step >= cfg.max_supersteps:
+                return report
+
+    def _report(self, step: int, acks: list[dict[str, Any]]) -> SuperstepReport:
+        folded: dict[str, Any] = {}
+        for ack in sorted(acks, key=lambda a: a["slot"]):
+            fold_into(self.program.aggregators, folded, ack["aggregates"])
+        report = SuperstepReport(
+            superstep=step,
+            active=sum(a["active"] for a in acks),
+            sent=sum(a["sent"] for a in acks),
+            delivered=sum(a["delivered"] for a in acks),
+            vertices=sum(a["vertices"] for a in acks),
+            aggregates=folded,
+            errors=sum(a["errors"] for a in acks),
+            first_error=next((a["first_error"] for a in acks if a["first_error"]), ""),
+        )
+        self.reports[step] = report
+        self.bytes_moved += sum(a["bytes_moved"] for a in acks)
+        progress = asdict(report)
+        progress["aggregates"] = {k: _jsonable(v) for k, v in folded.items()}
+        self.layout.progress.write_text(json.dumps(progress) + "\n")
+        if self.on_report is not None:
+            self.on_report(report)
+        return report
+
+    def _lose(self, lost: WorkerLost) -> None:
+        """A member is gone: new epoch, partitions re-dealt, back to the last checkpoint.
+
+        A retried call of the lost worker that is already running takes its slot; otherwise
+        the workers still alive share its partitions.
+        """
+        self.log.warn("vertex job rolls back: {why}", why=str(lost))
+        self.rollbacks += 1
+        old = self.members.pop(lost.slot, None)
+        fresh = self._heartbeats().get(lost.slot)
+        if fresh and fresh[0] != old and time.time() - fresh[1] < self.config.lost_after:
+            self.members[lost.slot] = fresh[0]
+        if not self.members:
+            raise JobFailed(f"every vertex worker was lost (last: {lost})")
+        remove_tree(self.layout.epoch(self.epoch))
+        self.epoch += 1
+        self._deal()
+        self.step = self.checkpoint
+        self.restore_pending = self.checkpoint is not None
+
+    def _output(self) -> None:
+        out = self.config.output
+        out.mkdir(parents=True, exist_ok=True)  # a rollback may write the output again
+        self._command("output", output=str(out))
+        (out / "_SUCCESS").write_text("")

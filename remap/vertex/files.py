@@ -1,0 +1,145 @@
+"""Where a vertex job keeps its files in the data directory, and how they are committed.
+
+Every file is written under a temporary name and renamed into place, so a reader sees a
+whole file or none. Paths carry the epoch (bumped at every rollback), so a worker left over
+from before a rollback can only write where nobody reads any more.
+
+    <job>/jobconfig.json             the job as submitted (for people and tools)
+    <job>/progress.json              the last superstep's report
+    <job>/result                     the final summary (JSON), written last
+    <job>/control/cmd-<seq>.pkl      the driver's commands, in order
+    <job>/acks/<seq>/<slot>.pkl      each worker's answer to one command
+    <job>/alive/<slot>.<attempt>     worker heartbeats (mtime); driver.alive the driver's
+    <job>/e<epoch>/load/to<p>/from<slot>       vertex records read by another worker
+    <job>/e<epoch>/s<step>/to<p>/from<slot>    messages sent in superstep <step>
+    <job>/ckpt/s<step>/p<p>                    partition p (and its inbox) before <step>
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+PICKLE_PROTOCOL = 5
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see all of it or nothing (rename commits it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_pickle(path: Path, value: Any) -> None:
+    atomic_write(path, pickle.dumps(value, PICKLE_PROTOCOL))
+
+
+def read_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Layout:
+    """The paths of one vertex job's directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def command(self, seq: int) -> Path:
+        return self.root / "control" / f"cmd-{seq:06d}.pkl"
+
+    def ack(self, seq: int, slot: int) -> Path:
+        return self.root / "acks" / f"{seq:06d}" / f"{slot}.pkl"
+
+    def acks(self, seq: int) -> Path:
+        return self.root / "acks" / f"{seq:06d}"
+
+    @property
+    def alive(self) -> Path:
+        return self.root / "alive"
+
+    def heartbeat(self, slot: int, attempt: str) -> Path:
+        return self.alive / f"{slot}.{attempt}"
+
+    @property
+    def driver_heartbeat(self) -> Path:
+        return self.alive / "driver.alive"
+
+    def epoch(self, epoch: int) -> Path:
+        return self.root / f"e{epoch}"
+
+    def loaded(self, epoch: int, partition: int) -> Path:
+        return self.epoch(epoch) / "load" / f"to{partition}"
+
+    def step(self, epoch: int, superstep: int) -> Path:
+        return self.epoch(epoch) / f"s{superstep}"
+
+    def inbox(self, epoch: int, superstep: int, partition: int) -> Path:
+        """Messages sent in ``superstep`` to ``partition`` (read in the next superstep)."""
+        return self.step(epoch, superstep) / f"to{partition}"
+
+    def checkpoint(self, superstep: int) -> Path:
+        return self.root / "ckpt" / f"s{superstep}"
+
+    def part_checkpoint(self, superstep: int, partition: int) -> Path:
+        return self.checkpoint(superstep) / f"p{partition}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "jobconfig.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result"
+
+
+def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, int, int]]]:
+    """Cut the input files into ``pieces`` runs of byte ranges of about equal size.
+
+    Each range is ``(file index, path, start, end)``; a line belongs to the range its first
+    byte is in, so ranges can cut anywhere.
+    """
+    sizes = [os.path.getsize(p) for p in paths]
+    total = sum(sizes)
+    out: list[list[tuple[int, str, int, int]]] = [[] for _ in range(pieces)]
+    pos = 0  # global byte position
+    for i, (path, size) in enumerate(zip(paths, sizes)):
+        start = 0
+        while start < size:
+            piece = min(pieces - 1, (pos + start) * pieces // max(total, 1))
+            piece_end = -(-(piece + 1) * total // pieces) - pos  # ceil, in this file's offsets
+            end = min(size, max(piece_end, start + 1))
+            out[piece].append((i, str(path), start, end))
+            start = end
+        pos += size
+    return out
+
+
+def read_split(index: int, path: str, start: int, end: int):
+    """The lines whose first byte lies in ``[start, end)``, tagged ``(index, offset)``."""
+    with open(path, "rb") as f:
+        offset = start
+        if start > 0:
+            f.seek(start - 1)
+            skipped = f.readline()  # the rest of the line that started before us
+            offset = start - 1 + len(skipped)
+        while offset < end:
+            raw = f.readline()
+            if not raw:
+                return
+            yield (index, offset), raw.decode("utf-8").rstrip("\r\n")
+            offset += len(raw)

@@ -1,0 +1,277 @@
+"""A vertex worker: one long-running call of a gang function job, owning some partitions.
+
+The worker keeps its partitions in memory for the whole job and follows the driver's numbered
+commands (read input, merge, restore, superstep, output, stop), answering each with an ack
+file. Messages to partitions it owns stay in memory; messages to other workers' partitions
+are written as one file per destination partition and superstep. A worker that sees its slot
+given to another attempt (after a rollback) or the driver gone stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engine import (
+    Outbox,
+    Partition,
+    VertexError,
+    bucket_records,
+    deliver,
+    deliver_bytes,
+    encode_bucket,
+    fold_into,
+)
+from .files import PICKLE_PROTOCOL, Layout, atomic_write, read_pickle, read_split, write_pickle
+from .program import Program
+
+POLL_MIN = 0.0005
+POLL_MAX = 0.02
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """The argument of one worker call (pickled by the client, the same for every attempt)."""
+
+    root: str
+    slot: int
+    program: Program
+    heartbeat: float = 0.5  # seconds between heartbeats
+    lost_after: float = 30.0  # the driver's heartbeat older than this: give up
+
+
+@dataclass
+class Command:
+    """One instruction of the driver to every member worker."""
+
+    seq: int
+    kind: str  # read | merge | restore | step | output | stop
+    epoch: int
+    members: dict[int, str]  # slot → attempt id
+    owners: list[int]  # partition → slot
+    superstep: int = 0
+    splits: dict[int, list[tuple[int, str, int, int]]] = field(default_factory=dict)
+    num_vertices: int = 0
+    aggregated: dict[str, Any] = field(default_factory=dict)
+    checkpoint: bool = False
+    output: str = ""
+    on_error: str = "fail"
+
+
+class _Superseded(Exception):
+    """This attempt's slot belongs to another attempt now, or the job is over for it."""
+
+
+def wait_for(path: Path, give_up: Any) -> None:
+    """Poll for ``path`` with a short, growing interval; ``give_up()`` may raise."""
+    delay = POLL_MIN
+    while not path.exists():
+        give_up()
+        time.sleep(delay)
+        delay = min(POLL_MAX, delay * 2)
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs) -> None:
+        self.args = args
+        self.slot = args.slot
+        self.program = args.program
+        self.layout = Layout(args.root)
+        self.attempt = uuid.uuid4().hex[:12]
+        self.member = False
+        self.epoch = -1
+        self.parts: dict[int, Partition] = {}
+        self.records: dict[int, list[Any]] = {}
+        self.local: dict[int, dict[int, dict[Any, Any]]] = {}  # superstep → partition → bucket
+        self.restored: dict[int, dict[Any, list[Any]]] = {}
+        self.stats = {"supersteps": 0, "bytes_written": 0, "bytes_read": 0}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ liveness
+
+    def _beat(self) -> None:
+        path = self.layout.heartbeat(self.slot, self.attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        while not self._stop.wait(self.args.heartbeat):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                path.touch()
+
+    def _check_driver(self) -> None:
+        try:
+            age = time.time() - self.layout.driver_heartbeat.stat().st_mtime
+        except FileNotFoundError:
+            age = 0.0
+        if age > self.args.lost_after:
+            raise _Superseded("the driver stopped answering")
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> dict[str, Any]:
+        beat = threading.Thread(target=self._beat, name="vertex-heartbeat", daemon=True)
+        beat.start()
+        try:
+            seq = 0
+            while True:
+                wait_for(self.layout.command(seq), self._check_driver)
+                cmd: Command = read_pickle(self.layout.command(seq))
+                if cmd.kind == "stop":
+                    return {"slot": self.slot, "attempt": self.attempt, **self.stats}
+                mine = cmd.members.get(self.slot) == self.attempt
+                if not mine:
+                    if self.member:
+                        raise _Superseded("slot taken over after a rollback")
+                    seq += 1
+                    continue
+                self.member = True
+                write_pickle(self.layout.ack(seq, self.slot), self._execute(cmd))
+                seq += 1
+        except _Superseded as why:
+            return {"slot": self.slot, "attempt": self.attempt, "left": str(why), **self.stats}
+        finally:
+            self._stop.set()
+
+    def _execute(self, cmd: Command) -> dict[str, Any]:
+        ack: dict[str, Any] = {"attempt": self.attempt, "seq": cmd.seq, "slot": self.slot}
+        try:
+            ack.update(getattr(self, f"_do_{cmd.kind}")(cmd))
+        except VertexError as exc:
+            ack["error"] = str(exc)
+        return ack
+
+    def _mine(self, cmd: Command) -> list[int]:
+        return [p for p, slot in enumerate(cmd.owners) if slot == self.slot]
+
+    def _reset(self, cmd: Command) -> None:
+        count = len(cmd.owners)
+        self.epoch = cmd.epoch
+        self.parts = {p: Partition(p, count, self.program) for p in self._mine(cmd)}
+        self.records = {p: [] for p in self.parts}
+        self.local = {}
+        self.restored = {}
+
+    # ------------------------------------------------------------ commands
+
+    def _do_read(self, cmd: Command) -> dict[str, Any]:
+        self._reset(cmd)
+        lines = (line for split in cmd.splits.get(self.slot, ()) for line in read_split(*split))
+        buckets = bucket_records(self.program, lines, len(cmd.owners))
+        for p, bucket in enumerate(buckets):
+            if p in self.parts:
+                self.records[p].extend(bucket)
+            elif bucket:
+                self._write(self.layout.loaded(cmd.epoch, p) / f"from{self.slot}", bucket)
+        return {"records": sum(len(b) for b in buckets)}
+
+    def _do_merge(self, cmd: Command) -> dict[str, Any]:
+        for p, part in self.parts.items():
+            records = self.records.pop(p)
+            for blob in self._read_dir(self.layout.loaded(cmd.epoch, p)):
+                records.extend(pickle.loads(blob))
+            part.load(records)
+        return {"vertices": sum(len(p) for p in self.parts.values())}
+
+    def _do_restore(self, cmd: Command) -> dict[str, Any]:
+        self._reset(cmd)
+        for p, part in self.parts.items():
+            blob = self.layout.part_checkpoint(cmd.superstep, p).read_bytes()
+            self.stats["bytes_read"] += len(blob)
+            self.restored[p] = part.restore(blob)
+        return {"vertices": sum(len(p) for p in self.parts.values())}
+
+    def _inbox(self, cmd: Command, p: int) -> dict[Any, list[Any]]:
+        if p in self.restored:
+            return self.restored.pop(p)
+        inbox: dict[Any, list[Any]] = {}
+        before = cmd.superstep - 1
+        for blob in self._read_dir(self.layout.inbox(cmd.epoch, before, p)):
+            deliver_bytes(inbox, blob)
+        bucket = self.local.get(before, {}).pop(p, None)
+        if bucket:
+            deliver(inbox, bucket, self.program.combine is not None)
+        return inbox
+
+    def _do_step(self, cmd: Command) -> dict[str, Any]:
+        s = cmd.superstep
+        count = len(cmd.owners)
+        inboxes = {p: self._inbox(cmd, p) for p in self.parts}
+        self.local.pop(s - 1, None)
+        if cmd.checkpoint:
+            for p, part in self.parts.items():
+                self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inboxes[p]))
+        outbox = Outbox(count, self.program.combine)
+        ack: dict[str, Any] = {"active": 0, "sent": 0, "errors": 0, "first_error": ""}
+        aggregates: dict[str, Any] = {}
+        vertices = 0
+        for p, part in self.parts.items():
+            st = part.step(s, inboxes[p], outbox, cmd.num_vertices, cmd.aggregated, cmd.on_error)
+            ack["active"] += st.active
+            ack["sent"] += st.sent
+            ack["errors"] += st.errors
+            ack["first_error"] = ack["first_error"] or st.first_error
+            vertices += st.vertices
+            fold_into(self.program.aggregators, aggregates, st.aggregates)
+        del inboxes
+        combined = self.program.combine is not None
+        local: dict[int, dict[Any, Any]] = {}
+        moved = 0
+        for p, bucket in enumerate(outbox.buckets):
+            if not bucket:
+                continue
+            if p in self.parts:
+                local[p] = bucket
+            else:
+                path = self.layout.inbox(cmd.epoch, s, p) / f"from{self.slot}"
+                moved += self._write_bytes(path, encode_bucket(bucket, combined))
+        self.local[s] = local
+        self.stats["supersteps"] += 1
+        ack.update(
+            delivered=sum(outbox.counts()),
+            vertices=vertices,
+            aggregates=aggregates,
+            bytes_moved=moved,
+        )
+        return ack
+
+    def _do_output(self, cmd: Command) -> dict[str, Any]:
+        lines = 0
+        for p, part in self.parts.items():
+            text = "".join(line + "\n" for line in part.output_lines())
+            lines += text.count("\n")
+            atomic_write(Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8"))
+        return {"lines": lines}
+
+    # ------------------------------------------------------------ files
+
+    def _write(self, path: Path, value: Any) -> int:
+        return self._write_bytes(path, pickle.dumps(value, PICKLE_PROTOCOL))
+
+    def _write_bytes(self, path: Path, blob: bytes) -> int:
+        atomic_write(path, blob)
+        self.stats["bytes_written"] += len(blob)
+        return len(blob)
+
+    def _read_dir(self, directory: Path) -> list[bytes]:
+        try:
+            names = sorted((n for n in os.listdir(directory) if n[0] != "."), key=lambda n: (len(n), n))
+        except FileNotFoundError:
+            return []
+        blobs = []
+        for name in names:
+            blob = (directory / name).read_bytes()
+            self.stats["bytes_read"] += len(blob)
+            blobs.append(blob)
+        return blobs
+
+
+def run_worker(args: WorkerArgs) -> dict[str, Any]:
+    """The function every worker call runs (shipped once per node, like any job function)."""
+    return Worker(args).run()
