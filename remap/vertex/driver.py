@@ -115,7 +115,9 @@ def find_inputs(paths: list[Path]) -> list[Path]:
 
 def new_job_dir(data_dir: Path, name: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "vertex"
-    return Path(data_dir) / "job" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return (
+        Path(data_dir) / "job" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
 
 
 class Driver:

@@ -20,7 +20,9 @@ class ThreadLaunch:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.results: list[Any] = []
         self.threads = [
-            threading.Thread(target=self._run, args=(a,), name=f"vertex-worker-{a.slot}", daemon=True)
+            threading.Thread(
+                target=self._run, args=(a,), name=f"vertex-worker-{a.slot}", daemon=True
+            )
             for a in args
         ]
         for t in self.threads:

@@ -261,7 +261,9 @@ class Worker:
 
     def _read_dir(self, directory: Path) -> list[bytes]:
         try:
-            names = sorted((n for n in os.listdir(directory) if n[0] != "."), key=lambda n: (len(n), n))
+            names = sorted(
+                (n for n in os.listdir(directory) if n[0] != "."), key=lambda n: (len(n), n)
+            )
         except FileNotFoundError:
             return []
         blobs = []

@@ -1,0 +1,187 @@
+"""The vertex driver and workers over the job directory, with workers as threads: barriers,
+message files, checkpoints and rollback after a lost worker, without starting processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from protocol.errors import ConfigError, JobFailed
+from remap.vertex import worker as worker_mod
+from remap.vertex.driver import Driver, VertexConfig
+from remap.vertex.files import input_splits, read_split
+from remap.vertex.launch import ThreadLaunch
+from remap.vertex.program import program_from_namespace
+from remap.vertex.reference import read_tagged_lines, run_local
+from tests.vertex_graphs import edge_lines, example, parse_output, write_files
+
+
+def run_threads(program, tmp_path: Path, workers: int, *, name="run", release=None, **cfg):
+    launches: list[ThreadLaunch] = []
+
+    def start(args):
+        launches.append(ThreadLaunch(args))
+        return launches[-1]
+
+    cfg.setdefault("max_supersteps", 200)
+    config = VertexConfig(input=[tmp_path / "in"], output=tmp_path / f"out-{name}", **cfg)
+    reports = []
+    try:
+        result = Driver(
+            program, config, tmp_path / f"job-{name}", workers, start, reports.append
+        ).run()
+    finally:
+        if release is not None:
+            release.set()  # a frozen worker wakes, sees its slot taken over, and returns
+    for launch in launches:
+        launch.join(10)
+        assert not any(t.is_alive() for t in launch.threads), "a worker did not stop"
+    out = config.output
+    assert (out / "_SUCCESS").exists()
+    lines = sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), [])
+    return parse_output(lines), result, reports
+
+
+def graph_input(tmp_path: Path, files: int = 3, weighted: bool = False) -> nx.DiGraph:
+    g = nx.gnp_random_graph(250, 0.02, seed=9, directed=True)
+    for u, v in g.edges:
+        g[u][v]["w"] = (u * 5 + v) % 7 + 1
+    write_files(tmp_path / "in", edge_lines(g, weight="w" if weighted else None), files)
+    return g
+
+
+def test_input_splits_cover_every_line_once(tmp_path: Path):
+    """Byte-range splits cut anywhere, yet every line is read exactly once, by one split."""
+    lines = [f"{i} {'x' * (i % 13)}" for i in range(500)]
+    paths = write_files(tmp_path / "in", lines, 3)
+    paths.append(tmp_path / "empty.txt")
+    paths[-1].write_text("")
+    want = sorted(line for _, line in read_tagged_lines(paths))
+    for pieces in (1, 2, 5, 64):
+        splits = input_splits(paths, pieces)
+        got = sorted(line for piece in splits for s in piece for _, line in read_split(*s))
+        assert got == want, pieces
+
+
+@pytest.mark.parametrize("name", ["connected_components", "sssp", "propagate_max"])
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2), (3, 7)])
+def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, partitions):
+    """Workers exchanging message files give exactly the reference runner's output."""
+    graph_input(tmp_path, weighted=name == "sssp")
+    got, result, reports = run_threads(
+        example(name), tmp_path, workers, partitions=partitions, checkpoint_every=2
+    )
+    ref = run_local(example(name), read_tagged_lines(sorted((tmp_path / "in").iterdir())), 1, 200)
+    assert got == parse_output(sum(ref.partitions, []))
+    assert result.supersteps == ref.supersteps == len(reports)
+    assert [(r.sent, r.active) for r in reports] == [(r.sent, r.active) for r in ref.reports]
+    assert (Path(result.job_dir) / "result").exists()
+
+
+def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
+    """Aggregates fold across workers at the barrier: PageRank matches networkx."""
+    g = graph_input(tmp_path)
+    got, result, _ = run_threads(example("pagerank"), tmp_path, 3, partitions=5)
+    want = nx.pagerank(g, alpha=0.85, tol=1e-12, max_iter=1000, weight=None)
+    assert all(math.isclose(float(got[v]), want[v], rel_tol=1e-4) for v in want)
+    assert result.bytes_moved > 0 and result.messages > 0
+
+
+def _freeze_at(monkeypatch, superstep: int):
+    """The worker computing the first vertex of ``superstep`` stops heartbeating and hangs:
+    what the driver sees of a node that was SIGKILLed. Returns the program, the event that
+    releases the hung worker, and the set naming the frozen attempt."""
+    frozen: set[str] = set()
+    release = threading.Event()
+    workers: list[worker_mod.Worker] = []
+    init = worker_mod.Worker.__init__
+
+    def tracking_init(self, args):
+        init(self, args)
+        workers.append(self)
+
+    def beat(self):
+        path = self.layout.heartbeat(self.slot, self.attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        while not self._stop.wait(self.args.heartbeat):
+            if self.attempt not in frozen:
+                path.touch()
+
+    monkeypatch.setattr(worker_mod.Worker, "__init__", tracking_init)
+    monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
+    program = example("sssp")
+    compute = program.compute
+
+    def frozen_compute(ctx, vid, value, messages):
+        if ctx.superstep == superstep and not frozen:
+            owner = next(w for w in workers if any(vid in p.values for p in w.parts.values()))
+            frozen.add(owner.attempt)
+            release.wait(30)
+        return compute(ctx, vid, value, messages)
+
+    return dataclasses.replace(program, compute=frozen_compute), release, frozen
+
+
+@pytest.mark.parametrize("superstep,checkpoint_every", [(5, 2), (1, 3), (0, 0)])
+def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
+    tmp_path: Path, monkeypatch, superstep, checkpoint_every
+):
+    """A worker that stops heartbeating mid-job (after a checkpoint, before the first one, or
+    with none) is dropped; its partitions are re-dealt and restored; the output is identical."""
+    graph_input(tmp_path, weighted=True)
+    want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
+    assert clean.supersteps > 6
+    program, release, frozen = _freeze_at(monkeypatch, superstep)
+    try:
+        got, result, reports = run_threads(
+            program,
+            tmp_path,
+            3,
+            name="lost",
+            release=release,
+            partitions=6,
+            checkpoint_every=checkpoint_every,
+            lost_after=0.6,
+            heartbeat=0.05,
+        )
+    finally:
+        release.set()
+    assert frozen, "the victim was never computed"
+    assert result.rollbacks == 1
+    steps = [r.superstep for r in reports]
+    if superstep > 0:  # supersteps run again from the last complete checkpoint, or from 0
+        restart = next(b for a, b in zip(steps, steps[1:]) if b <= a)
+        assert restart == (superstep // checkpoint_every) * checkpoint_every, steps
+    assert got == want
+    assert result.supersteps == clean.supersteps
+
+
+def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
+    """A raising vertex ends the job with JobFailed naming vertex and superstep; no output."""
+    graph_input(tmp_path)
+
+    def compute(ctx, vid, value, messages):
+        if ctx.superstep == 2 and vid == 7:
+            raise ZeroDivisionError("oops")
+        return value, False
+
+    prog = program_from_namespace(
+        {"prepare": example("propagate_max").prepare, "compute": compute}, "t"
+    )
+    with pytest.raises(JobFailed, match=r"vertex 7 in superstep 2: ZeroDivisionError: oops"):
+        run_threads(prog, tmp_path, 2, partitions=3, max_supersteps=5)
+    assert not (tmp_path / "out-run" / "_SUCCESS").exists()
+
+
+def test_existing_output_is_refused(tmp_path: Path):
+    """The output directory must not exist (nothing is ever overwritten)."""
+    graph_input(tmp_path)
+    (tmp_path / "out-run").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        run_threads(example("sssp"), tmp_path, 1)
