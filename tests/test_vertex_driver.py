@@ -12,6 +12,7 @@ import networkx as nx
 import pytest
 
 from protocol.errors import ConfigError, JobFailed
+from remap.data.layout import DataDir, read_result
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
 from remap.vertex.files import input_splits, read_split
@@ -33,7 +34,7 @@ def run_threads(program, tmp_path: Path, workers: int, *, name="run", release=No
     reports = []
     try:
         result = Driver(
-            program, config, tmp_path / f"job-{name}", workers, start, reports.append
+            program, config, DataDir(tmp_path / "data"), workers, start, reports.append
         ).run()
     finally:
         if release is not None:
@@ -80,7 +81,8 @@ def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, 
     assert got == parse_output(sum(ref.partitions, []))
     assert result.supersteps == ref.supersteps == len(reports)
     assert [(r.sent, r.active) for r in reports] == [(r.sent, r.active) for r in ref.reports]
-    assert (Path(result.job_dir) / "result").exists()
+    assert read_result(DataDir(tmp_path / "data"), result.job_id) == "OK"
+    assert not (tmp_path / "data" / "im" / result.job_id).exists(), "scratch files are removed"
 
 
 def test_pagerank_with_aggregators_across_workers(tmp_path: Path):

@@ -24,8 +24,9 @@ from twisted.logger import Logger
 
 from protocol.errors import ConfigError, JobFailed
 
+from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
 from .engine import fold_into
-from .files import Layout, input_splits, read_pickle, remove_tree, write_pickle
+from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
 from .reference import SuperstepReport
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
@@ -62,6 +63,7 @@ class VertexResult:
     rollbacks: int
     elapsed: float
     output: str
+    job_id: str
     job_dir: str
     aggregates: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
@@ -129,7 +131,7 @@ class Driver:
         self,
         program: Program,
         config: VertexConfig,
-        root: Path,
+        data: DataDir,
         workers: int,
         start: Callable[[list[WorkerArgs]], Launch],
         on_report: Callable[[SuperstepReport], None] | None = None,
@@ -140,7 +142,9 @@ class Driver:
             raise ConfigError(f"output {config.output} already exists")
         self.program = program
         self.config = config
-        self.layout = Layout(root)
+        self.data = data
+        self.job_id = new_job_id()
+        self.layout = Layout(data, self.job_id)
         self.inputs = find_inputs(config.input)
         self.workers = workers
         self.partitions = config.partitions or workers
@@ -272,18 +276,18 @@ class Driver:
 
     def run(self) -> VertexResult:
         started = time.monotonic()
-        root = self.layout.root
-        root.mkdir(parents=True, exist_ok=False)
-        self.layout.alive.mkdir()
+        self.layout.alive.mkdir(parents=True)
         self.layout.driver_heartbeat.touch()
         config = {k: str(v) for k, v in asdict(self.config).items()}
         config.update(kind="vertex", partitions=self.partitions, workers=self.workers)
-        self.layout.config.write_text(json.dumps(config, indent=2) + "\n")
+        write_json(self.data.jobconfig(self.job_id), config)
+        write_result(self.data, self.job_id, "INCOMPLETE")
         beat = threading.Thread(target=self._beat, name="vertex-driver-heartbeat", daemon=True)
         beat.start()
         args = [
             WorkerArgs(
-                str(root),
+                str(self.data.root),
+                self.job_id,
                 slot,
                 self.program,
                 heartbeat=self.config.heartbeat,
@@ -297,8 +301,10 @@ class Driver:
             result = self._supersteps(started)
             self._command("stop")
             return result
-        except BaseException:
+        except BaseException as exc:
             self._command_quietly_stop()
+            write_result(self.data, self.job_id, "FAIL", message=str(exc))
+            remove_tree(self.layout.scratch)
             raise
         finally:
             self._stop.set()
@@ -348,14 +354,17 @@ class Driver:
             rollbacks=self.rollbacks,
             elapsed=round(time.monotonic() - started, 3),
             output=str(self.config.output),
+            job_id=self.job_id,
             job_dir=str(self.layout.root),
             aggregates=last.aggregates,
             errors=sum(r.errors for r in reports),
             first_error=first_error,
         )
-        self.layout.result.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        for scratch in ("ckpt", f"e{self.epoch}"):
-            remove_tree(self.layout.root / scratch)
+        details = result.to_json()
+        for key in ("state", "job_id"):  # given to write_result by position
+            del details[key]
+        write_result(self.data, self.job_id, "OK", **details)
+        remove_tree(self.layout.scratch)
         return result
 
     def _run_to_end(self) -> SuperstepReport:
@@ -402,7 +411,7 @@ class Driver:
         self.bytes_moved += sum(a["bytes_moved"] for a in acks)
         progress = asdict(report)
         progress["aggregates"] = {k: _jsonable(v) for k, v in folded.items()}
-        self.layout.progress.write_text(json.dumps(progress) + "\n")
+        write_json(self.data.consolidated(self.job_id), progress)
         if self.on_report is not None:
             self.on_report(report)
         return report
@@ -431,4 +440,4 @@ class Driver:
         out = self.config.output
         out.mkdir(parents=True, exist_ok=True)  # a rollback may write the output again
         self._command("output", output=str(out))
-        (out / "_SUCCESS").write_text("")
+        (out / SUCCESS_MARKER).write_text("")

@@ -1,43 +1,33 @@
-"""Where a vertex job keeps its files in the data directory, and how they are committed.
+"""Where a vertex job keeps its files in the data directory (``remap.data.layout``).
 
-Every file is written under a temporary name and renamed into place, so a reader sees a
-whole file or none. Paths carry the epoch (bumped at every rollback), so a worker left over
-from before a rollback can only write where nobody reads any more.
+Every file is committed by rename (``write_atomic``), so a reader sees a whole file or none.
+Scratch paths carry the epoch (bumped at every rollback), so a worker left over from before a
+rollback can only write where nobody reads any more.
 
-    <job>/jobconfig.json             the job as submitted (for people and tools)
-    <job>/progress.json              the last superstep's report
-    <job>/result                     the final summary (JSON), written last
-    <job>/control/cmd-<seq>.pkl      the driver's commands, in order
-    <job>/acks/<seq>/<slot>.pkl      each worker's answer to one command
-    <job>/alive/<slot>.<attempt>     worker heartbeats (mtime); driver.alive the driver's
-    <job>/e<epoch>/load/to<p>/from<slot>       vertex records read by another worker
-    <job>/e<epoch>/s<step>/to<p>/from<slot>    messages sent in superstep <step>
-    <job>/ckpt/s<step>/p<p>                    partition p (and its inbox) before <step>
+    job/<jobid>/jobconfig.json, consolidated-progress.json, result, result.json
+    job/<jobid>/control/cmd-<seq>.pkl       the driver's commands, in order
+    job/<jobid>/acks/<seq>/<slot>.pkl       each worker's answer to one command
+    job/<jobid>/alive/<slot>.<attempt>      worker heartbeats (mtime); driver.alive the driver's
+    im/<jobid>/e<epoch>/load/to<p>/from<slot>      vertex records read by another worker
+    im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>   messages sent in superstep <step>
+    im/<jobid>/ckpt/s<step>/p<p>                   partition p (and its inbox) before <step>
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import shutil
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..data.layout import TMP_SUFFIX, DataDir, write_atomic
 
 PICKLE_PROTOCOL = 5
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see all of it or nothing (rename commits it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_pickle(path: Path, value: Any) -> None:
-    atomic_write(path, pickle.dumps(value, PICKLE_PROTOCOL))
+    write_atomic(path, pickle.dumps(value, PICKLE_PROTOCOL))
 
 
 def read_pickle(path: Path) -> Any:
@@ -45,24 +35,29 @@ def read_pickle(path: Path) -> Any:
         return pickle.load(f)
 
 
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def committed(directory: Path) -> list[Path]:
+    """The committed files of a directory (no temporaries), in a stable order."""
+    try:
+        names = [n for n in os.listdir(directory) if not n.endswith(TMP_SUFFIX)]
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in sorted(names, key=lambda n: (len(n), n))]
 
 
 class Layout:
-    """The paths of one vertex job's directory."""
+    """The paths of one vertex job inside a data directory."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, data: DataDir, job_id: str) -> None:
+        self.data = data
+        self.job_id = job_id
+        self.root = data.job_dir(job_id)
+        self.scratch = data.im_dir(job_id)
 
     def command(self, seq: int) -> Path:
         return self.root / "control" / f"cmd-{seq:06d}.pkl"
 
     def ack(self, seq: int, slot: int) -> Path:
         return self.root / "acks" / f"{seq:06d}" / f"{slot}.pkl"
-
-    def acks(self, seq: int) -> Path:
-        return self.root / "acks" / f"{seq:06d}"
 
     @property
     def alive(self) -> Path:
@@ -76,7 +71,7 @@ class Layout:
         return self.alive / "driver.alive"
 
     def epoch(self, epoch: int) -> Path:
-        return self.root / f"e{epoch}"
+        return self.scratch / f"e{epoch}"
 
     def loaded(self, epoch: int, partition: int) -> Path:
         return self.epoch(epoch) / "load" / f"to{partition}"
@@ -89,22 +84,10 @@ class Layout:
         return self.step(epoch, superstep) / f"to{partition}"
 
     def checkpoint(self, superstep: int) -> Path:
-        return self.root / "ckpt" / f"s{superstep}"
+        return self.scratch / "ckpt" / f"s{superstep}"
 
     def part_checkpoint(self, superstep: int, partition: int) -> Path:
         return self.checkpoint(superstep) / f"p{partition}"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "jobconfig.json"
-
-    @property
-    def progress(self) -> Path:
-        return self.root / "progress.json"
-
-    @property
-    def result(self) -> Path:
-        return self.root / "result"
 
 
 def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, int, int]]]:
@@ -129,7 +112,9 @@ def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, in
     return out
 
 
-def read_split(index: int, path: str, start: int, end: int):
+def read_split(
+    index: int, path: str, start: int, end: int
+) -> Iterator[tuple[tuple[int, int], str]]:
     """The lines whose first byte lies in ``[start, end)``, tagged ``(index, offset)``."""
     with open(path, "rb") as f:
         offset = start

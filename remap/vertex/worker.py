@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.layout import DataDir, require_visible, write_atomic
 from .engine import (
     Outbox,
     Partition,
@@ -28,7 +29,7 @@ from .engine import (
     encode_bucket,
     fold_into,
 )
-from .files import PICKLE_PROTOCOL, Layout, atomic_write, read_pickle, read_split, write_pickle
+from .files import PICKLE_PROTOCOL, Layout, committed, read_pickle, read_split, write_pickle
 from .program import Program
 
 POLL_MIN = 0.0005
@@ -39,7 +40,8 @@ POLL_MAX = 0.02
 class WorkerArgs:
     """The argument of one worker call (pickled by the client, the same for every attempt)."""
 
-    root: str
+    data_dir: str
+    job_id: str
     slot: int
     program: Program
     heartbeat: float = 0.5  # seconds between heartbeats
@@ -82,7 +84,8 @@ class Worker:
         self.args = args
         self.slot = args.slot
         self.program = args.program
-        self.layout = Layout(args.root)
+        self.data = DataDir(Path(args.data_dir))
+        self.layout = Layout(self.data, args.job_id)
         self.attempt = uuid.uuid4().hex[:12]
         self.member = False
         self.epoch = -1
@@ -116,6 +119,7 @@ class Worker:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> dict[str, Any]:
+        require_visible(self.data, self.args.job_id)  # one clear line if the mount is missing
         beat = threading.Thread(target=self._beat, name="vertex-heartbeat", daemon=True)
         beat.start()
         try:
@@ -246,7 +250,7 @@ class Worker:
         for p, part in self.parts.items():
             text = "".join(line + "\n" for line in part.output_lines())
             lines += text.count("\n")
-            atomic_write(Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8"))
+            write_atomic(Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8"))
         return {"lines": lines}
 
     # ------------------------------------------------------------ files
@@ -255,22 +259,13 @@ class Worker:
         return self._write_bytes(path, pickle.dumps(value, PICKLE_PROTOCOL))
 
     def _write_bytes(self, path: Path, blob: bytes) -> int:
-        atomic_write(path, blob)
+        write_atomic(path, blob)
         self.stats["bytes_written"] += len(blob)
         return len(blob)
 
     def _read_dir(self, directory: Path) -> list[bytes]:
-        try:
-            names = sorted(
-                (n for n in os.listdir(directory) if n[0] != "."), key=lambda n: (len(n), n)
-            )
-        except FileNotFoundError:
-            return []
-        blobs = []
-        for name in names:
-            blob = (directory / name).read_bytes()
-            self.stats["bytes_read"] += len(blob)
-            blobs.append(blob)
+        blobs = [path.read_bytes() for path in committed(directory)]
+        self.stats["bytes_read"] += sum(len(b) for b in blobs)
         return blobs
 
 
