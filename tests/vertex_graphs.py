@@ -11,7 +11,7 @@ import networkx as nx
 
 from remap.vertex.program import Program, program_from_module
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "vertex"
 
 
 def example(name: str) -> Program:

@@ -1,4 +1,4 @@
-"""PageRank as a vertex job: ``python remap_console.py compute examples/pagerank.yaml``.
+"""PageRank as a vertex job: ``python remap_console.py compute examples/vertex/pagerank.yaml``.
 
 Input: edge-list lines ``SRC DST`` (``#`` comments allowed). Every vertex starts at 1/N; a
 vertex without out-edges (dangling) gives its rank to everyone through the ``dangling``
