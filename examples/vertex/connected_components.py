@@ -4,15 +4,16 @@ Input: edge-list lines ``A B``; each edge joins both ends. Every vertex ends wit
 vertex id of its component as its label.
 """
 
+from remap.vertex import parse_edge
+
 
 def prepare(line):
-    fields = line.split()
-    if not fields or fields[0].startswith("#"):
+    edge = parse_edge(line)
+    if edge is None:
         return None
-    a = int(fields[0])
-    if len(fields) == 1:
+    a, b, _ = edge
+    if b is None:
         return (a, a, [])
-    b = int(fields[1])
     return [(a, a, [b]), (b, b, [a])]
 
 

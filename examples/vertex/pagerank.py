@@ -6,6 +6,8 @@ aggregator, as networkx does. The job stops when the ranks stop changing (the ``
 aggregator) or at ``max_supersteps``.
 """
 
+from remap.vertex import parse_edge
+
 DAMPING = 0.85
 TOLERANCE = 1e-13  # total absolute change of all ranks below which every vertex halts
 
@@ -13,13 +15,12 @@ aggregators = {"dangling": "sum", "change": "sum"}
 
 
 def prepare(line):
-    fields = line.split()
-    if not fields or fields[0].startswith("#"):
+    edge = parse_edge(line)
+    if edge is None:
         return None
-    src = int(fields[0])
-    if len(fields) == 1:
+    src, dst, _ = edge
+    if dst is None:
         return (src, None, [])
-    dst = int(fields[1])
     return [(src, None, [dst]), (dst, None, [])]
 
 

@@ -4,15 +4,16 @@ Input: edge-list lines ``SRC DST`` (directed). A vertex's starting value is its 
 vertex ends with the largest id among the vertices with a path to it (itself included).
 """
 
+from remap.vertex import parse_edge
+
 
 def prepare(line):
-    fields = line.split()
-    if not fields or fields[0].startswith("#"):
+    edge = parse_edge(line)
+    if edge is None:
         return None
-    src = int(fields[0])
-    if len(fields) == 1:
+    src, dst, _ = edge
+    if dst is None:
         return (src, src, [])
-    dst = int(fields[1])
     return [(src, src, [dst]), (dst, dst, [])]
 
 

@@ -6,24 +6,19 @@ vertices it cannot reach are written as ``unreachable``.
 
 import math
 
+from remap.vertex import parse_edge
+
 SOURCE = 0
 
 
-def _number(text):
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
 def prepare(line):
-    fields = line.split()
-    if not fields or fields[0].startswith("#"):
+    edge = parse_edge(line)
+    if edge is None:
         return None
-    src = int(fields[0])
-    if len(fields) == 1:
+    src, dst, weight = edge
+    if dst is None:
         return (src, math.inf, [])
-    dst = int(fields[1])
-    weight = _number(fields[2]) if len(fields) > 2 else 1
-    return [(src, math.inf, [(dst, weight)]), (dst, math.inf, [])]
+    return [(src, math.inf, [(dst, 1 if weight is None else weight)]), (dst, math.inf, [])]
 
 
 def compute(ctx, vertex_id, value, messages):

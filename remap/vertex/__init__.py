@@ -1,1 +1,21 @@
 """Vertex jobs: Pregel-style supersteps over a partitioned graph (issue 12)."""
+
+from __future__ import annotations
+
+
+def parse_edge(line: str) -> tuple[int, int | None, float | int | None] | None:
+    """``SRC [DST [WEIGHT]]`` of an edge-list line as numbers; None for blank and ``#`` lines.
+
+    The helper every example's ``prepare`` starts with: ids are integers, a weight that is
+    a whole number stays an ``int`` (so sums of weights stay exact).
+    """
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    src = int(fields[0])
+    dst = int(fields[1]) if len(fields) > 1 else None
+    weight = None
+    if len(fields) > 2:
+        value = float(fields[2])
+        weight = int(value) if value.is_integer() else value
+    return src, dst, weight

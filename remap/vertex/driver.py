@@ -192,14 +192,18 @@ class Driver:
                 out[s] = (attempt, mtime)
         return out
 
-    def _check(self) -> None:
-        """Raise if the job failed, was killed, or a member worker is gone."""
+    def _check_launch(self) -> None:
+        """Raise if a worker call raised, or the gang job ended (killed, failed) under us."""
         assert self.launch is not None
         for kind, info in self.launch.events():
             if kind == "error":
                 raise JobFailed(f"a vertex worker failed: {info}")
             if kind == "end":
                 raise info if isinstance(info, BaseException) else JobFailed("workers ended early")
+
+    def _check(self) -> None:
+        """Raise if the job failed, was killed, or a member worker is gone."""
+        self._check_launch()
         now = time.time()
         beats = self._heartbeats()
         for slot, attempt in self.members.items():
@@ -254,12 +258,7 @@ class Driver:
             if len(beats) >= self.workers:
                 self.members = {slot: beats[slot][0] for slot in sorted(beats)[: self.workers]}
                 return
-            assert self.launch is not None
-            for kind, info in self.launch.events():
-                if kind == "error":
-                    raise JobFailed(f"a vertex worker failed: {info}")
-                if kind == "end":
-                    raise info if isinstance(info, BaseException) else JobFailed("workers ended")
+            self._check_launch()
             if time.monotonic() > deadline:
                 raise JobFailed(
                     f"only {len(beats)} of {self.workers} vertex workers started within "
