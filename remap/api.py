@@ -993,13 +993,15 @@ class Cluster:
         on_error: str = "fail",
         data_dir: str | os.PathLike[str] | None = None,
         on_superstep: Callable[[Any], None] | None = None,
+        lost_after: float = 10.0,
     ) -> Any:
         """Run a vertex (Pregel) job and return its summary (``remap.vertex.VertexResult``).
 
         ``module`` is a module (or dict) with ``prepare`` and ``compute`` and optionally
         ``combine``, ``output`` and ``aggregators`` (see the README). ``input`` is a file, a
         directory of files or a list of them; ``output`` a directory that must not exist.
-        ``on_superstep(report)`` is called after every superstep's barrier.
+        ``on_superstep(report)`` is called after every superstep's barrier; a worker without
+        a heartbeat for ``lost_after`` seconds counts as lost (rollback to the last checkpoint).
         """
         from .vertex.driver import VertexConfig
         from .vertex.program import program_from_module, program_from_namespace
@@ -1021,6 +1023,7 @@ class Cluster:
             checkpoint_every=checkpoint_every,
             on_error=on_error,
             name=Path(getattr(module, "__file__", None) or "vertex").stem,
+            lost_after=lost_after,
         )
         return run_vertex(self, program, config, data_dir=data_dir, on_report=on_superstep)
 

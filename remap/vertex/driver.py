@@ -45,7 +45,7 @@ class VertexConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
-    lost_after: float = 30.0  # seconds without a heartbeat before a worker counts as lost
+    lost_after: float = 10.0  # seconds without a heartbeat before a worker counts as lost
     heartbeat: float = 0.5
 
 

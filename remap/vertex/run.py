@@ -19,6 +19,41 @@ STOP_GRACE = 30.0  # seconds the worker calls get to return after the stop comma
 log = Logger()
 
 
+class ClientHandle:
+    """What a vertex job needs of ``remap.Cluster``, over the console's own client.
+
+    :class:`~remap.api.JobStream` drives a job through ``_client``, ``_call_soon`` and
+    ``_track``; the driver asks for ``nodes()`` and the job options.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        settings: Any,
+        *,
+        group: str | None = None,
+        retries: int = 3,
+        priority: int = 0,
+    ) -> None:
+        from .. import runtime
+
+        self._runtime = runtime
+        self._client = client
+        self.settings = settings
+        self.group = group
+        self.retries = retries
+        self.priority = priority
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._runtime.reactor().callFromThread(fn, *args)
+
+    def _track(self, stream: Any) -> None:
+        """The console ends with its job; nothing to close later."""
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._runtime.run(self._client.status, timeout=30)["nodes"]
+
+
 def workers_for(cluster: Any, config: VertexConfig, workers: int | None) -> int:
     """One worker per core that may run the job, at most one per partition."""
     if workers is None:

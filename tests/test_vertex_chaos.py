@@ -1,0 +1,77 @@
+"""Chaos for vertex jobs: a node SIGKILLed mid-job (after a checkpoint, and before the first
+one); the job rolls back, goes on with the node left, and writes the undisturbed output.
+
+Real server and node processes on 127.0.0.1; the driver runs in this process through the
+Python API. The kill is triggered by the job's own progress (a superstep's barrier), never by
+a timer.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+import remap
+from remap.settings import Settings
+from remap.vertex.reference import read_tagged_lines, run_local
+from tests.cluster_harness import NodeSpec
+from tests.vertex_graphs import EXAMPLES, edge_lines, example, parse_output, write_files
+
+pytestmark = pytest.mark.slow
+
+
+def _sssp_module():
+    import sys
+
+    from remap.jobfile import resolve_function
+
+    return sys.modules[resolve_function("sssp.py:compute", EXAMPLES).__module__]
+
+
+def _grid_input(tmp_path: Path) -> list[Path]:
+    """A weighted 14x14 grid (both directions): SSSP from a corner takes ~30 supersteps."""
+    g = nx.DiGraph(nx.convert_node_labels_to_integers(nx.grid_2d_graph(14, 14)))
+    rnd = random.Random(1)
+    for u, v in g.edges:
+        g[u][v]["w"] = rnd.randint(1, 9)
+    return write_files(tmp_path / "in", edge_lines(g, weight="w"), 3)
+
+
+@pytest.mark.parametrize("kill_after,checkpoint_every", [(7, 3), (1, 5)])
+def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
+    make_cluster, tmp_path: Path, kill_after: int, checkpoint_every: int
+):
+    """SIGKILL one of two nodes right after superstep ``kill_after``: the job goes on with one
+    worker from the last checkpoint (or from the input) and its output equals the reference."""
+    paths = _grid_input(tmp_path)
+    ref = run_local(example("sssp"), read_tagged_lines(paths), 1, 500)
+    want = parse_output(sum(ref.partitions, []))
+    c = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)], heartbeat=0.3)
+    killed: list[int] = []
+
+    def on_superstep(report) -> None:
+        if report.superstep == kill_after and not killed:
+            c.kill_node(1)
+            killed.append(report.superstep)
+
+    with remap.connect(c.address, secret=c.secret, settings=Settings()) as cluster:
+        result = cluster.vertex(
+            _sssp_module(),
+            tmp_path / "in",
+            tmp_path / "out",
+            partitions=4,
+            max_supersteps=500,
+            checkpoint_every=checkpoint_every,
+            data_dir=tmp_path / "data",
+            on_superstep=on_superstep,
+            lost_after=2.0,
+        )
+    assert killed == [kill_after]
+    assert result.workers == 2 and result.rollbacks == 1
+    assert result.supersteps == ref.supersteps > kill_after + 3
+    out = tmp_path / "out"
+    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
+    assert got == want
