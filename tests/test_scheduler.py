@@ -1212,3 +1212,17 @@ def test_gang_call_waits_for_a_node_whose_cores_run_other_jobs() -> None:
     assert [t.job for t in node.held()] == [other.job]
     node.answer_all()
     assert [t.job for t in node.held()] == [gang.job]
+
+
+def test_gang_calls_have_no_server_side_deadline() -> None:
+    """A gang call runs for its whole job: no deadline, even once other calls were measured."""
+    sched, clock = make()
+    node = FakeNode(sched, "a", cores=2)
+    console = FakeConsole(sched, range(2), gang=True)
+    console.feed()
+    first, second = node.held()
+    clock.advance(5)
+    node.answer(first, elapsed=0.001)
+    clock.advance(100_000)
+    assert [t.task for t in node.held()] == [second.task]
+    assert not sched.nodes["a"].suspect

@@ -735,6 +735,10 @@ class Scheduler:
     def _task_limit(task: TaskState) -> float | None:
         """Seconds a task may take on its core, or None when nothing bounds it yet."""
         job, n = task.job, len(task.segment)
+        if job.gang:
+            return (
+                None  # a gang call (vertex worker) runs as long as its job; its driver watches it
+            )
         if job.timeout is not None:
             return n * job.timeout + TASK_SLACK
         if job.per_call is None:
