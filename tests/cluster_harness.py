@@ -60,8 +60,12 @@ class ConsoleFailed(RuntimeError):
 
 
 def clean_env(home: Path | str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """os.environ minus every REMAP_* variable, with HOME, PYTHONPATH and ``extra`` set."""
+    """os.environ minus every REMAP_* variable, with HOME, PYTHONPATH and ``extra`` set.
+
+    Discovery is off unless ``extra`` turns it on: tests never multicast on the host's network.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+    env["REMAP_DISCOVERY"] = "off"
     env["HOME"] = str(home)
     env["PYTHONPATH"] = str(ROOT)
     env["PYTHONUNBUFFERED"] = "1"

@@ -15,10 +15,14 @@ from tests.cluster_harness import Cluster, ClusterFactory, NodeSpec
 def _isolated_settings(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
-    """No test reads the developer's REMAP_* variables or ~/.remap: HOME is a fresh directory."""
+    """No test reads the developer's REMAP_* variables or ~/.remap: HOME is a fresh directory.
+
+    Discovery is off unless a test turns it on: no test multicasts on the machine's network.
+    """
     for name in list(os.environ):
         if name.startswith("REMAP_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("REMAP_DISCOVERY", "off")
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     return home

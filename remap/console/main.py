@@ -247,7 +247,7 @@ class Console:
 
             return compute_data(self, spec, args)
         detach = args.detach or spec.detach
-        if detach and not self.session.settings.server:
+        if detach and not self.session.locate():
             raise UsageError(
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
                 "cluster ends with its console"

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
-from .. import runtime, shipping
+from .. import discovery, runtime, shipping
 from ..auth import SecretMissing
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
 from ..dial import connect_console
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
+from ..net import tls_enabled
 from ..settings import Settings
 from ..sinks import Sink, make_sink
 
@@ -70,6 +72,27 @@ class Session:
         self.client: ClusterClient | None = None
         self.embedded: EmbeddedCluster | None = None
         self.announce = announce or (lambda text: print(text, file=sys.stderr))
+        self.found: discovery.Found | None = None
+
+    def locate(self) -> str | None:
+        """The server's address: configured, or found once by discovery (see discovery.wanted)."""
+        if self.settings.server or self.found is not None or not discovery.wanted(self.settings):
+            return self.settings.server
+        network = discovery.ZeroconfNetwork(
+            discovery.interface_addresses(self.settings.discovery_interfaces)
+        )
+        # blocking, on the calling thread (never the reactor's): zeroconf has threads of its own
+        self.found = discovery.browse(
+            network,
+            self.settings.secret.encode(),  # type: ignore[union-attr]
+            timeout=self.settings.discovery_timeout,
+            want_tls=tls_enabled(self.settings),
+        )
+        for line in self.found.lines():
+            self.announce(line)
+        if self.found.chosen is not None:
+            self.settings = replace(self.settings, server=self.found.chosen.address)
+        return self.settings.server
 
     # ------------------------------------------------------------------ connection
 
@@ -79,7 +102,7 @@ class Session:
     def connect(self, *, allow_embedded: bool) -> ClusterClient:
         if self.connected():
             return self.client  # type: ignore[return-value]
-        if self.settings.server:
+        if self.locate():
             try:
                 self.client = runtime.run(
                     runtime.as_deferred(connect_console),
@@ -95,11 +118,16 @@ class Session:
 
                 self.embedded = EmbeddedCluster(runtime.reactor(), self.settings)
                 address = runtime.run(runtime.as_deferred(self.embedded.start))
+                why = "no server configured"
+                if self.found is not None:
+                    why = self.found.failure().partition("; pass")[0]
                 self.announce(
-                    f"no server configured: started an embedded local cluster with "
+                    f"{why}: started an embedded local cluster with "
                     f"{self.embedded.cores} cores on {address}"
                 )
             self.client = runtime.run(runtime.as_deferred(self.embedded.connect))
+        elif self.found is not None:
+            raise ConfigError(self.found.failure())
         else:
             raise ConfigError(
                 "no server configured: pass --server HOST:PORT or set REMAP_SERVER "

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from twisted.internet import defer
 
-from protocol.errors import AuthError, RemapError, VersionMismatch
+from protocol.errors import AuthError, RemapError, ServerUnreachable, VersionMismatch
 
+from .. import discovery
 from ..cluster import default_cores, start_node
 from ..entry import react_main
 from ..logs import start_logging
-from ..settings import load_settings, locate_env_file
+from ..net import tls_enabled
+from ..settings import Settings, load_settings, locate_env_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remap-node", description="A remap node: runs tasks on this machine's cores."
     )
     p.add_argument(
-        "--server", help="HOST:PORT of the server (REMAP_SERVER; default 127.0.0.1:7878)"
+        "--server",
+        help="HOST:PORT of the server (REMAP_SERVER; default: found by discovery when "
+        "REMAP_SECRET_KEY is set, else 127.0.0.1:7878)",
     )
     p.add_argument(
         "--cores",
@@ -44,6 +49,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         dotenv_path=locate_env_file(args.env_file)[0],
     )
     start_logging(settings.log_level)
+    settings = await locate(reactor, settings)
     stopped: defer.Deferred = defer.Deferred()
     result = {"code": 0}
 
@@ -68,6 +74,27 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     await stopped
     await node.stop()
     return result["code"]
+
+
+async def locate(reactor, settings: Settings) -> Settings:
+    """Settings with the server to dial: as configured, or found by discovery (one clear line
+    and exit code 4 when discovery finds none of this cluster's servers in time)."""
+    if not discovery.wanted(settings):
+        return settings
+    print(
+        f"remap node: looking for this cluster's server on the LAN "
+        f"(up to {settings.discovery_timeout:g}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    found = await discovery.discover(
+        reactor, settings, settings.secret.encode(), want_tls=tls_enabled(settings)
+    )
+    for line in found.lines():
+        print(line, file=sys.stderr, flush=True)
+    if found.chosen is None:
+        raise ServerUnreachable(found.failure())
+    return replace(settings, server=found.chosen.address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,10 @@ import sys
 from twisted.internet import defer
 
 from ..cluster import start_server
+from ..discovery import Advertiser
 from ..entry import react_main
 from ..logs import start_logging
+from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
 from .http import start_http
 
@@ -56,6 +58,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         with open(args.port_file, "w") as f:
             f.write(f"{port}\n")
     print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
+    advertiser = await advertise(reactor, settings, server.factory.secret, port)
     web = None
     if settings.http_port is not None:
         web = await start_http(reactor, settings, server.factory, server.factory.secret)
@@ -73,8 +76,37 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     await stopped
     if web is not None:
         await web.stop()
+    if advertiser is not None:
+        await advertiser.stop()
     await server.stop()
     return 0
+
+
+async def advertise(reactor, settings, secret: bytes, port: int) -> Advertiser | None:
+    """Advertise on the LAN unless told not to; a network without multicast is not fatal."""
+    if not settings.discovery:
+        return None
+    advertiser = Advertiser(reactor, settings, secret, port)
+    try:
+        name = await advertiser.start(tls_enabled(settings))
+    except Exception as exc:  # noqa: BLE001 - discovery is a convenience; the server still serves
+        print(
+            f"warning: not advertised on the LAN ({type(exc).__name__}: {exc}); "
+            "nodes need --server",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    if not name:
+        print("not advertised on the LAN: listening on loopback only", file=sys.stderr, flush=True)
+        return None
+    print(
+        f"advertised on the LAN as {name!r} ({', '.join(advertiser.addresses)}; "
+        "REMAP_DISCOVERY=off to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return advertiser
 
 
 def main(argv: list[str] | None = None) -> int:
