@@ -328,6 +328,11 @@ class Advertiser:
             "cid": cluster_id(self.secret),
         }
 
+    def instance_name(self) -> str:
+        """Unique on the LAN (address and port), readable (the machine's name), at most 63 bytes."""
+        where = f"{self.addresses[0]}:{self.port}"
+        return f"remap {socket.gethostname()[: 56 - len(where)]} {where}"
+
     def _register(self, tls: bool) -> str:
         from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
@@ -340,7 +345,7 @@ class Advertiser:
         unique = f"remap-{uuid.uuid4().hex[:12]}.local."
         self.info = ServiceInfo(
             SERVICE_TYPE,
-            f"remap on {socket.gethostname()} port {self.port}.{SERVICE_TYPE}",
+            f"{self.instance_name()}.{SERVICE_TYPE}",
             port=self.port,
             properties=self._properties(tls),
             server=unique,
