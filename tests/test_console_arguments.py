@@ -262,3 +262,18 @@ def test_a_fifo_without_a_writer_can_be_interrupted(make_cluster: Any, tmp_path:
         15,
         "the job killed",
     )
+
+
+@pytest.mark.slow
+def test_the_python_api_refuses_a_too_large_argument_and_goes_on(make_cluster: Any) -> None:
+    """Through remap.connect to a server whose frame limit is 64 KiB, the same check names the
+    argument and the handle stays usable. Before, the oversized frame went out and the server
+    dropped the connection."""
+    import remap
+    from remap.settings import Settings
+
+    cluster: Cluster = make_cluster([NodeSpec(cores=1)], server_env={"REMAP_MAX_FRAME": "65536"})
+    with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as handle:
+        with pytest.raises(ArgumentTooLarge, match=r"argument 1 is 100,0\d\d bytes pickled"):
+            handle.map(len, [b"a", b"x" * 100_000])
+        assert handle.map(len, [b"a", b"bb"]) == [1, 2]
