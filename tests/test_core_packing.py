@@ -105,3 +105,23 @@ def test_a_result_frame_over_the_limit_is_reported_not_sent() -> None:
     assert isinstance(refused, m.TaskFailed) and refused.reason == "too-large" and refused.task == 3
     assert "REMAP_MAX_FRAME" in refused.message
     assert NodeAgent._fits(big, 1_000_000) is big
+
+
+def stop_on(x: int) -> int:
+    if x == 1:
+        raise KeyboardInterrupt("stop")
+    if x == 2:
+        raise SystemExit(4)
+    return x
+
+
+def test_keyboard_interrupt_and_system_exit_fail_only_their_call() -> None:
+    """A task raising KeyboardInterrupt or SystemExit fails that call with it (as in
+    multiprocessing); the core goes on with the rest of the batch instead of dying."""
+    reply, blob = run_batch(stop_on, [0, 1, 2, 3])
+    sink = to_console(reply, blob, 4)
+    assert [e[1] for e in reply["errors"]] == ["KeyboardInterrupt", "SystemExit"]
+    assert [e[0] for e in reply["errors"]] == [1, 2]
+    values = sink.value()
+    assert values[0] == 0 and values[3] == 3
+    assert [values[1].type_name, values[2].type_name] == ["KeyboardInterrupt", "SystemExit"]

@@ -13,6 +13,7 @@ import io
 import mmap
 import os
 import pickle
+import signal
 import struct
 import sys
 import time
@@ -181,7 +182,9 @@ class Core:
                             acc, have_acc = result, True
                     else:
                         results.append(result)
-                except Exception as exc:
+                except (Exception, KeyboardInterrupt, SystemExit) as exc:
+                    # a task that raises KeyboardInterrupt or calls sys.exit() fails that
+                    # call with it, as in multiprocessing; the core itself lives on
                     errors.append(_error_entry(pos, exc))
                     if not partial:
                         results.append(exc)
@@ -242,6 +245,9 @@ def _die_with_parent() -> None:
 
 def main() -> None:
     _die_with_parent()
+    # Ctrl-C at a terminal reaches the whole process group: the node decides about its cores
+    # (and PR_SET_PDEATHSIG ends them with it), so a core never takes SIGINT for itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = mmap.mmap(SHM_FD, SLOT.size)
     core = Core(shm)
     write_frame(OUT_FD, {"t": "ready", "pid": os.getpid()})
