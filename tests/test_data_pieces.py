@@ -52,7 +52,7 @@ def test_keys_round_trip(key: object) -> None:
 @settings(max_examples=300)
 def test_byte_order_is_the_documented_order(a: object, b: object) -> None:
     """Comparing encodings compares keys: type rank first, then the type's own order."""
-    if a == b and type(a) is type(b):
+    if repr(a) == repr(b):  # the same key (== alone would match (False,) and (0,))
         assert keys.encode_key(a) == keys.encode_key(b)
         return
     ra, rb = _rank(a), _rank(b)
