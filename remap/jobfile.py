@@ -28,7 +28,7 @@ import yaml
 from protocol.errors import ConfigError
 
 RESPONSE_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
-JOB_KINDS: tuple[str, ...] = ("function", "mapreduce")
+JOB_KINDS: tuple[str, ...] = ("function", "mapreduce", "vertex")
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "continue")
 ARG_SOURCES: tuple[str, ...] = ("args", "args_path", "args_range")
 #: modes that write to ``output`` and cannot run without it
@@ -100,15 +100,20 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     """Validate job-file text; ``source`` is the name errors use, ``base_dir`` anchors paths.
 
     A function job gives a :class:`JobSpec`; ``kind: mapreduce`` gives the data job's spec
-    (:class:`remap.data.jobspec.MapReduceSpec`).
+    (:class:`remap.data.jobspec.MapReduceSpec`), ``kind: vertex`` the vertex job's
+    (:class:`remap.vertex.jobspec.VertexSpec`).
     """
     from .data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, load_mapreduce
+    from .vertex.jobspec import VERTEX_FIELDS, VERTEX_SHARED_KEYS, load_vertex
 
     base_dir = Path(base_dir).expanduser().resolve()
-    known = {**_FIELDS, **MAPREDUCE_FIELDS, "kind": _choice(JOB_KINDS)}
+    known = {**_FIELDS, **MAPREDUCE_FIELDS, **VERTEX_FIELDS, "kind": _choice(JOB_KINDS)}
     entries, root_line = _read_mapping(text, source, known)
     kind = known["kind"](entries.pop("kind")) if "kind" in entries else "function"
-    own = (set(MAPREDUCE_FIELDS) | SHARED_KEYS) if kind == "mapreduce" else set(_FIELDS)
+    own = {
+        "mapreduce": set(MAPREDUCE_FIELDS) | SHARED_KEYS,
+        "vertex": set(VERTEX_FIELDS) | VERTEX_SHARED_KEYS,
+    }.get(kind, set(_FIELDS))
     for key, entry in entries.items():
         if key not in own:
             raise ConfigError(
@@ -117,6 +122,8 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     values = {key: known[key](entry) for key, entry in entries.items()}
     if kind == "mapreduce":
         return load_mapreduce(entries, values, root_line, base_dir, source)
+    if kind == "vertex":
+        return load_vertex(entries, values, root_line, base_dir, source)
 
     if "function" not in values:
         raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")

@@ -246,6 +246,10 @@ class Console:
             from .datajob import compute_data
 
             return compute_data(self, spec, args)
+        if spec.kind == "vertex":
+            from .vertexjob import compute_vertex
+
+            return compute_vertex(self, spec, args)
         detach = args.detach or spec.detach
         if detach and not self.session.locate():
             raise UsageError(

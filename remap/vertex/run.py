@@ -22,9 +22,11 @@ log = Logger()
 class ClientHandle:
     """What a vertex job needs of ``remap.Cluster``, over the console's own client.
 
-    :class:`~remap.api.JobStream` drives a job through ``_client``, ``_call_soon`` and
-    ``_track``; the driver asks for ``nodes()`` and the job options.
+    :class:`~remap.api.JobStream` drives a job through ``_client``, ``_call_soon``,
+    ``_track`` and ``task_output``; the driver asks for ``nodes()`` and the job options.
     """
+
+    task_output = False  # a worker's prints are not forwarded to the console
 
     def __init__(
         self,

@@ -1,0 +1,74 @@
+"""``compute`` for ``kind: vertex`` job files: run the vertex driver with progress by superstep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from protocol.errors import RemapError
+
+from ..vertex.jobspec import VertexSpec, to_run
+from ..vertex.reference import SuperstepReport
+from ..vertex.run import ClientHandle, run_vertex
+from . import render
+
+
+class VertexUsageError(RemapError):
+    exit_code = 2
+
+
+def report_line(report: SuperstepReport) -> str:
+    """``superstep 12: 300 active, 570 messages, dangling=0.0123``: one barrier, one line."""
+    text = f"superstep {report.superstep}: {report.active} active, {report.delivered} messages"
+    for name, value in sorted(report.aggregates.items()):
+        shown = f"{value:.6g}" if isinstance(value, float) else repr(value)
+        text += f", {name}={shown[:40]}"
+    if report.errors:
+        text += f", {report.errors} errors"
+    return text
+
+
+def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> int:
+    """Run a vertex job attached to this console; print its summary (``--json``: one object)."""
+    if args.detach:
+        raise VertexUsageError(
+            "compute --detach: vertex jobs run attached (their driver runs in this console)"
+        )
+    program, config = to_run(spec)
+    session = console.session
+    client = session.connect(allow_embedded=True)
+    handle = ClientHandle(
+        client, session.settings, group=spec.group, retries=spec.retries, priority=spec.priority
+    )
+    bar = render.Progress(console.err) if (console.err.isatty() and not args.quiet) else None
+    last = [time.monotonic()]
+
+    def on_report(report: SuperstepReport) -> None:
+        line = report_line(report)
+        if bar is not None:
+            bar.draw(report.superstep + 1, 0, spec.max_supersteps, line)
+        elif not args.json and not args.quiet and time.monotonic() - last[0] >= 2:
+            last[0] = time.monotonic()
+            console.note(line)
+
+    try:
+        result = run_vertex(handle, program, config, on_report=on_report)
+    finally:
+        if bar is not None:
+            bar.clear()
+    if args.json:
+        console.say(json.dumps(result.to_json()))
+        return 0
+    console.say(
+        f"{result.state}: {result.supersteps} supersteps, {result.vertices} vertices, "
+        f"{result.messages} messages ({render.fmt_bytes(result.bytes_moved)} between workers) "
+        f"on {result.workers} workers -> {result.output} in {render.fmt_duration(result.elapsed)}"
+    )
+    if result.rollbacks:
+        console.note(f"{result.rollbacks} rollback(s) after lost workers")
+    if result.errors:
+        console.note(f"{result.errors} vertex error(s) (on_error: continue): {result.first_error}")
+    console.say(f"job directory: {result.job_dir}")
+    return 0

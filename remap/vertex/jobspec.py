@@ -1,0 +1,153 @@
+"""``kind: vertex`` job files: their own keys, validated as strictly as every job file's.
+
+YAML reading, line tracking and the shared keys are :mod:`remap.jobfile`'s (``module`` and
+``input`` are validated as for map/reduce jobs); this module adds the vertex keys and turns a
+validated file into a program and a :class:`~.driver.VertexConfig`.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+
+from ..data.jobspec import MAPREDUCE_FIELDS
+from .driver import VertexConfig
+from .program import Program, program_from_module
+
+#: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
+VERTEX_SHARED_KEYS: frozenset[str] = frozenset(
+    {"output", "retries", "on_error", "group", "name", "priority"}
+)
+DEFAULT_MAX_SUPERSTEPS = 30
+
+
+@dataclass(frozen=True)
+class VertexSpec:
+    """A validated ``kind: vertex`` job file; ``module`` is resolved by :func:`to_run`."""
+
+    module: str
+    inputs: tuple[str, ...]
+    output: Path
+    base_dir: Path
+    partitions: int | None = None  # None: auto, one per worker
+    max_supersteps: int = DEFAULT_MAX_SUPERSTEPS
+    checkpoint_every: int = 0
+    on_error: str = "fail"
+    retries: int = 3
+    group: str | None = None
+    priority: int = 0
+    name: str = ""
+    source: str = "<job>"
+    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    kind = "vertex"
+    detach = False
+
+    def where(self, key: str) -> str:
+        line = self.key_lines.get(key)
+        return f"{self.source}:{line}: key '{key}'" if line else self.source
+
+
+def _count(minimum: int, what: str) -> Callable[[Any], int]:
+    def check(entry: Any) -> int:
+        value = entry.value
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise entry.fail(f"expected {what}, got {value!r}")
+        return value
+
+    return check
+
+
+def _partitions(entry: Any) -> int | None:
+    if entry.value == "auto":
+        return None
+    return _count(1, "an integer >= 1 or auto")(entry)
+
+
+#: the vertex job's own keys -> validator (jobfile merges them into its table); ``module``
+#: and ``input`` mean what they mean for map/reduce jobs
+VERTEX_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "module": MAPREDUCE_FIELDS["module"],
+    "input": MAPREDUCE_FIELDS["input"],
+    "partitions": _partitions,
+    "max_supersteps": _count(1, "an integer >= 1"),
+    "checkpoint_every": _count(0, "an integer >= 0 (0: no checkpoints)"),
+}
+
+
+def load_vertex(
+    entries: Mapping[str, Any],
+    values: Mapping[str, Any],
+    root_line: int,
+    base_dir: Path,
+    source: str,
+) -> VertexSpec:
+    """The spec of a validated vertex job file (called by :func:`remap.jobfile.load_job_text`)."""
+    from ..jobfile import _default_name
+
+    for key in ("module", "input", "output"):
+        if key not in values:
+            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: vertex")
+    return VertexSpec(
+        module=values["module"],
+        inputs=values["input"],
+        output=(base_dir / Path(values["output"]).expanduser()).resolve(),
+        base_dir=base_dir,
+        partitions=values.get("partitions"),
+        max_supersteps=values.get("max_supersteps", DEFAULT_MAX_SUPERSTEPS),
+        checkpoint_every=values.get("checkpoint_every", 0),
+        on_error=values.get("on_error", "fail"),
+        retries=values.get("retries", 3),
+        group=values.get("group"),
+        priority=values.get("priority", 0),
+        name=values.get("name") or _default_name(source),
+        source=source,
+        key_lines={key: entry.key_line for key, entry in entries.items()},
+    )
+
+
+def resolve_inputs(items: tuple[str, ...], base_dir: Path) -> list[Path]:
+    """Paths and globs (relative to the job file) as paths; a glob matching nothing is an error."""
+    found: list[Path] = []
+    for item in items:
+        path = (base_dir / Path(item).expanduser()).resolve()
+        if glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise ConfigError(f"no input matches {item}")
+            found += matches
+        else:
+            found.append(path)
+    return found
+
+
+def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
+    """Import the module and build the program and config; errors name file:line:key."""
+    from ..jobfile import load_module
+
+    try:
+        module, _ = load_module(spec.module, spec.base_dir)
+        program = program_from_module(module)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.where('module')}: {exc}") from exc.__cause__
+    if spec.output.exists():
+        raise ConfigError(f"{spec.where('output')}: {spec.output} already exists")
+    try:
+        inputs = resolve_inputs(spec.inputs, spec.base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.where('input')}: {exc}") from None
+    config = VertexConfig(
+        input=inputs,
+        output=spec.output,
+        partitions=spec.partitions,
+        max_supersteps=spec.max_supersteps,
+        checkpoint_every=spec.checkpoint_every,
+        on_error=spec.on_error,
+        name=spec.name,
+    )
+    return program, config
