@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,6 +66,24 @@ class AsyncResult:
         if not self._event.wait(timeout):
             raise multiprocessing.TimeoutError
         return self._future.result()
+
+
+def _all_then_first_error(results: ResultIterator) -> list[Any]:
+    """Every result in order; if calls failed, raise the first failure once all have ended."""
+    values: list[Any] = []
+    first: Exception | None = None
+    with results:
+        while True:
+            try:
+                values.append(next(results))
+            except StopIteration:
+                break
+            except Exception as exc:  # a remote error: remember it and let the others finish
+                first = first or exc
+                values.append(None)
+    if first is not None:
+        raise first
+    return values
 
 
 ApplyResult = AsyncResult
@@ -186,17 +205,19 @@ class Pool:
     def map(
         self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
     ) -> list[Any]:
-        """``[func(x) for x in iterable]``; the first remote error is raised."""
-        with self._iterate(
-            func,
-            iterable,
-            star=False,
-            ordered=True,
-            chunksize=chunksize,
-            stop_on_error=True,
-            buffersize=None,
-        ) as results:
-            return list(results)
+        """``[func(x) for x in iterable]``; as in multiprocessing, every call runs to its end,
+        then the first remote error (in argument order) is raised."""
+        return _all_then_first_error(
+            self._iterate(
+                func,
+                iterable,
+                star=False,
+                ordered=True,
+                chunksize=chunksize,
+                stop_on_error=False,
+                buffersize=None,
+            )
+        )
 
     def starmap(
         self,
@@ -204,17 +225,18 @@ class Pool:
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
     ) -> list[Any]:
-        """``[func(*args) for args in iterable]``."""
-        with self._iterate(
-            func,
-            iterable,
-            star=True,
-            ordered=True,
-            chunksize=chunksize,
-            stop_on_error=True,
-            buffersize=None,
-        ) as results:
-            return list(results)
+        """``[func(*args) for args in iterable]``, with :meth:`map`'s error semantics."""
+        return _all_then_first_error(
+            self._iterate(
+                func,
+                iterable,
+                star=True,
+                ordered=True,
+                chunksize=chunksize,
+                stop_on_error=False,
+                buffersize=None,
+            )
+        )
 
     def map_async(
         self,
@@ -252,7 +274,7 @@ class Pool:
             star=star,
             ordered=True,
             chunksize=chunksize,
-            stop_on_error=True,
+            stop_on_error=False,
             buffersize=None,
         )
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -260,8 +282,7 @@ class Pool:
 
         def collect() -> None:
             try:
-                with results:
-                    value = list(results)
+                value = _all_then_first_error(results)
             except BaseException as exc:  # noqa: BLE001 - delivered through the AsyncResult
                 future.set_exception(exc)
             else:
@@ -354,6 +375,18 @@ class Pool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.terminate()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # as multiprocessing.Pool: a pool dropped while running is a leak worth a warning; its
+        # own embedded cluster (and so its cores) is closed rather than left running until exit
+        if getattr(self, "_state", None) == _RUN:
+            _warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+            if getattr(self, "_owns_cluster", False):
+                self._owns_cluster = False
+                try:
+                    self._cluster.close()
+                except Exception:  # interpreter shutdown: the cores die with their pipes anyway
+                    pass
 
     def __repr__(self) -> str:
         return f"<remap.Pool state={self._state} cluster={self._cluster!r}>"

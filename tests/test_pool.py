@@ -72,6 +72,38 @@ def test_map_raises_the_remote_error(pool: remap.Pool) -> None:
         pool.map(fail_on_three, range(6))
 
 
+def logged_fail_on_three(path: str, x: int) -> int:
+    if x > 3:
+        time.sleep(0.05)  # the later calls are still queued or running when three fails
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return fail_on_three(x)
+
+
+def test_map_lets_every_call_finish_then_raises_the_first_error(
+    pool: remap.Pool, tmp_path: Path
+) -> None:
+    """As multiprocessing.Pool.map: a failing call does not cancel the others; once every call
+    has ended, the first error is raised (map_async and starmap alike)."""
+    log = tmp_path / "calls.log"
+    with pytest.raises(PoolError, match="three"):
+        pool.starmap(logged_fail_on_three, [(str(log), x) for x in range(40)], chunksize=1)
+    assert sorted(int(x) for x in log.read_text().split()) == list(range(40))
+    with pytest.raises(PoolError, match="three"):
+        pool.map_async(fail_on_three, range(10)).get(timeout=60)
+
+
+def test_a_dropped_running_pool_warns(embedded: remap.Cluster) -> None:
+    """Like multiprocessing: a running pool that is garbage collected gives a ResourceWarning."""
+    import gc
+
+    p = remap.Pool(cluster=embedded)
+    assert p.map(square, [2]) == [4]
+    with pytest.warns(ResourceWarning, match="unclosed running pool"):
+        del p
+        gc.collect()
+
+
 def test_imap_is_ordered_and_lazy(pool: remap.Pool) -> None:
     """imap yields in order from an endless iterable without reading it all."""
     source = itertools.count()
