@@ -166,6 +166,11 @@ class Connection:
         smaller of the two sides' limits, for a client)."""
         return self._max_frame
 
+    @property
+    def partial_frame(self) -> int:
+        """Bytes of the large frame being received, when complete (0 when none is)."""
+        return self._decoder.gathering
+
     def data_to_send(self) -> list[bytes | memoryview]:
         """Return and forget the buffers queued for the transport."""
         out, self._out = self._out, []

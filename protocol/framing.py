@@ -68,6 +68,12 @@ class FrameDecoder:
         self._ready: bytes | None = None  # a large frame, joined, not yet handed out
 
     @property
+    def gathering(self) -> int:
+        """The full size of the large frame being received (prefix included), or 0: what the
+        receiver must be ready to hold once it completes (small frames are not counted)."""
+        return self._parts_need
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
         return len(self._buf) - self._pos + self._parts_len

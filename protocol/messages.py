@@ -24,6 +24,11 @@ PROTOCOL_VERSION = 1
 #: arguments a console may send right after ``submit``, before ``submitted`` names the job
 #: (with ``job = -submit.id``); saves a round trip on every job
 INITIAL_WINDOW = 256
+#: bytes of arguments a console may send before the server's first ``grant``: once its ``args``
+#: messages reach this many payload bytes (the message that crosses it is the last), the rest of
+#: its count window is forfeited and it waits for a ``grant``, which the server sizes in bytes
+#: now that it has seen the arguments. Without this, 256 arguments of 4 MB each would be 1 GB.
+INITIAL_WINDOW_BYTES = 16 * 1024 * 1024
 
 ROLES = ("node", "console")
 

@@ -253,6 +253,8 @@ class JobRun:
     finished: defer.Deferred = field(default_factory=defer.Deferred)
     _client: Any = None
     _granted: int = 0
+    #: bytes the first window may still carry; None once a `grant` came or it was spent
+    _first_bytes: int | None = None
     _args: dict[int, Any] = field(default_factory=dict)
     _source: PulledArguments | ThreadedArguments | None = None
     _sending: bool = False
@@ -273,6 +275,7 @@ class JobRun:
         self._client = client
         self._submit_id = submit_id
         self._granted = m.INITIAL_WINDOW
+        self._first_bytes = m.INITIAL_WINDOW_BYTES
         if self._source is None:
             source = self.arguments
             self._source = (
@@ -287,11 +290,14 @@ class JobRun:
         self._client = client
         self.job_id = job_id
         self._granted = window - self.sent if early else window
+        if self._first_bytes is not None and self._first_bytes <= 0:
+            self._granted = 0  # the first window was spent in bytes: wait for a grant
         if self._kill_on_start:
             client.kill_quietly(job_id)
         self.send_arguments()
 
     def grant(self, count: int) -> None:
+        self._first_bytes = None  # the server knows the sizes now: its grants bound the bytes
         self._granted += count
         self.send_arguments()
 
@@ -308,9 +314,10 @@ class JobRun:
         try:
             room = self._client.frame_room()
             while True:
-                blobs, items, ended = self._take(
-                    min(max(self._granted, 0), CHUNK_ARGS), min(room, CHUNK_BYTES)
-                )
+                chunk_room = min(room, CHUNK_BYTES)
+                if self._first_bytes is not None:
+                    chunk_room = min(chunk_room, max(1, self._first_bytes))
+                blobs, items, ended = self._take(min(max(self._granted, 0), CHUNK_ARGS), chunk_room)
                 if blobs:
                     for k, blob in enumerate(blobs):
                         if len(blob) > room:
@@ -327,6 +334,10 @@ class JobRun:
                     )
                     self.sent += len(blobs)
                     self._granted -= len(blobs)
+                    if self._first_bytes is not None:
+                        self._first_bytes -= sum(len(b) for b in blobs)
+                        if self._first_bytes <= 0:
+                            self._granted = 0  # forfeited: the server counts the same bytes
                 if ended:
                     self.exhausted = True
                     self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))

@@ -9,6 +9,7 @@ nothing at all arrived for ``interval * misses``).
 from __future__ import annotations
 
 import importlib
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -20,7 +21,46 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
-from protocol.errors import ConnectionLost, RemapError
+from protocol.errors import ConnectionLost, FrameTooLarge, RemapError
+
+
+class ReadBudget:
+    """Bytes that all of a server's connections may hold, together, in frames being received.
+
+    A connection that starts receiving a large frame reserves the frame's whole size; when the
+    budget cannot cover it, the connection stops reading (TCP then holds the peer back) until
+    other frames complete. Reserving whole frames means every holder can finish, so pausing
+    never deadlocks; a frame larger than the whole budget is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._waiting: deque[PeerProtocol] = deque()
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+        while self._waiting:
+            proto = self._waiting[0]
+            if not proto.try_resume():
+                return  # first come, first served: a big frame is not overtaken forever
+            self._waiting.popleft()
+
+    def wait(self, proto: PeerProtocol) -> None:
+        if proto not in self._waiting:
+            self._waiting.append(proto)
+
+    def forget(self, proto: PeerProtocol) -> None:
+        if proto in self._waiting:
+            self._waiting.remove(proto)
 
 
 class Handler(TypingProtocol):
@@ -53,8 +93,12 @@ class PeerProtocol(Protocol):
         handshake_timeout: float = 5.0,
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
+        budget: ReadBudget | None = None,
     ) -> None:
         self.conn = connection
+        self.budget = budget
+        self._reserved = 0  # bytes of the budget this connection holds for its partial frame
+        self._paused = False
         self.handler = handler
         self.clock = clock
         self.handshake_timeout = handshake_timeout
@@ -107,12 +151,60 @@ class PeerProtocol(Protocol):
                 self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
                 self.handler.authenticated(self, event)
         self._flush()
+        if self.budget is not None:
+            self._account()
+
+    # ---------------------------------------------------------------- read budget
+
+    def _account(self) -> None:
+        """Reserve the budget for a large frame being received, or stop reading until it fits."""
+        budget, need = self.budget, self.conn.partial_frame
+        assert budget is not None
+        if self.transport is None:
+            return
+        if need < self._reserved:
+            budget.give_back(self._reserved - need)
+            self._reserved = need
+        elif need > self._reserved and not self._paused:
+            if need > budget.limit:
+                self.close(
+                    FrameTooLarge(
+                        f"frame of {need} bytes exceeds the {budget.limit} bytes this server "
+                        "buffers for all connections together"
+                    )
+                )
+            elif budget.take(need - self._reserved):
+                self._reserved = need
+            else:
+                self._paused = True
+                self.transport.pauseProducing()
+                budget.wait(self)
+
+    def try_resume(self) -> bool:
+        """Called by the budget when bytes came back: resume reading if this frame now fits."""
+        budget = self.budget
+        assert budget is not None
+        if self.transport is None:
+            return True  # gone: nothing to resume
+        need = self.conn.partial_frame
+        if need > self._reserved and not budget.take(need - self._reserved):
+            return False
+        self._reserved = max(need, self._reserved)
+        self._paused = False
+        self._last_seen = self.clock.seconds()  # the silence was ours, not the peer's
+        self.transport.resumeProducing()
+        return True
 
     def _closing(self) -> bool:
         transport = self.transport
         return transport is None or bool(getattr(transport, "disconnecting", False))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: B006
+        if self.budget is not None:
+            self.budget.forget(self)
+            reserved, self._reserved = self._reserved, 0
+            if reserved:
+                self.budget.give_back(reserved)
         self._cancel(self._deadline)
         self._cancel(self._beat)
         self._deadline = self._beat = None
@@ -215,6 +307,8 @@ class PeerProtocol(Protocol):
         self._beat = None
         if self.transport is None:
             return
+        if self._paused:  # not reading is this side's doing: the peer is not silent
+            self._last_seen = self.clock.seconds()
         silent = self.clock.seconds() - self._last_seen
         if silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses):
             self.failure = ConnectionLost(

@@ -223,6 +223,8 @@ class JobState:
     pending_count: int = 0
     pending_bytes: int = 0
     granted: int = 0  # arguments the console may still send
+    #: the console's first window is open (neither spent nor forfeited at INITIAL_WINDOW_BYTES)
+    first_window: bool = True
     running: int = 0  # arguments in flight on nodes
     done: int = 0
     failed: int = 0
@@ -486,6 +488,10 @@ class Scheduler:
         job.granted -= n
         job.received += n
         job.received_bytes += len(msg.payload)
+        if job.first_window and (job.granted == 0 or job.received_bytes >= m.INITIAL_WINDOW_BYTES):
+            # the console stops here too (protocol README, section 5): what is left is forfeited
+            job.first_window = False
+            job.granted = 0
         if n:
             job.pending.append(
                 Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload))
@@ -631,7 +637,7 @@ class Scheduler:
         return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * self._batch_size(job, 1 << 30)))
 
     def _grant(self, job: JobState) -> None:
-        if job.finished or job.args_ended or job.console is None:
+        if job.finished or job.args_ended or job.console is None or job.first_window:
             return
         if job.pending_bytes >= MAX_PENDING_BYTES:
             return

@@ -12,7 +12,7 @@ from protocol import Authenticated, Connection
 from protocol import messages as m
 from protocol.errors import RemapError, RemoteProtocolError
 
-from ..wire import PeerProtocol, Traffic
+from ..wire import PeerProtocol, ReadBudget, Traffic
 from .scheduler import Scheduler, first_job_id
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
@@ -207,8 +207,11 @@ class RemapServerFactory(Factory):
         heartbeat_misses: int = 3,
         console_grace: float = 10.0,
         job_ids_from: int | None = None,
+        max_buffered: int | None = None,
     ) -> None:
         self.clock = clock
+        #: frames being received, over all connections: 2 × max_frame unless told
+        self.read_budget = ReadBudget(max_buffered or 2 * max_frame)
         self.secret = secret
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
@@ -234,6 +237,7 @@ class RemapServerFactory(Factory):
             handshake_timeout=self.handshake_timeout,
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_misses=self.heartbeat_misses,
+            budget=self.read_budget,
         )
         proto.factory = self
         proto.traffic = self.traffic
