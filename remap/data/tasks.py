@@ -1,5 +1,8 @@
 """The two tasks a data job runs on cores: map one split, reduce one reducer's runs.
 
+Tasks create no directories (the driver does, before the phase): an attempt still running after
+its job ended fails on a missing directory instead of leaving strays behind.
+
 Both run as ordinary function-job calls, so they inherit retries, crash attribution, kill and
 exactly-once *delivery* of their result. Exactly-once *output* comes from naming: an attempt
 writes ``.tmp`` files, commits them by rename under names that carry its attempt token, and
@@ -122,7 +125,14 @@ class _Progress:
 
     def __init__(self, ctx: TaskContext, task: str, attempt: str, **fixed: Any) -> None:
         self.path = ctx.data.progress_file(ctx.job_id, task)
-        self.fixed = {"task": task, "attempt": attempt, "host": socket.gethostname(), **fixed}
+        self.fixed = {
+            "task": task,
+            "attempt": attempt,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "node_pid": os.getppid(),  # a core's parent is its node
+            **fixed,
+        }
         self.started = time.time()
         self.last = 0.0
 
@@ -180,7 +190,6 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     def spill(bucket: tuple[str, int], records: Iterator[tuple[bytes, bytes]]) -> None:
         purpose, reducer = bucket
         final = data.run_path(ctx.job_id, purpose, reducer, s.index, buffer.spills, attempt)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = layout.tmp_path(final, "w")
         count, size = write_run(tmp, records)
         pending.append((tmp, final, purpose, reducer, count, size))
@@ -281,14 +290,12 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
     fns = ctx.functions
     combine = fns.combine.get(purpose)
     scratch_dir = data.run_dir(ctx.job_id, purpose, reducer)
-    scratch_dir.mkdir(parents=True, exist_ok=True)
 
     def scratch(n: int) -> Path:
         return scratch_dir / f"premerge-{n:05d}.{attempt}{layout.TMP_SUFFIX}"
 
     inputs, merges = premerge(list(paths), ctx.fanin, scratch, combine)
     final = layout.output_part(Path(ctx.output), purpose, reducer)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.tmp_path(final, attempt)
     committed = final.with_name(f"{final.name}.{attempt}")
     user_reduce = fns.reduce[purpose]

@@ -1,0 +1,115 @@
+"""Chaos for data jobs: nodes SIGKILLed mid-map and mid-reduce of a real job.
+
+Real server, node and console processes on 127.0.0.1, sharing one data directory. Each kill
+is triggered by the job's own progress files (a task of the phase running on that node),
+never by a timer. The output must be byte-identical to what an undisturbed run writes,
+``result`` must say OK, and no intermediate, uncommitted or duplicate file may remain.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from remap.data import layout
+from remap.data.keys import default_partition, encode_key
+from remap.data.layout import DataDir
+from tests.cluster_harness import JOBS, Cluster, ClusterError
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT = 0.3
+DEADLINE = 90.0
+REDUCERS = 6
+FILES = 12
+LINES = 250
+
+
+def _corpus(root: Path) -> Counter[str]:
+    rng = random.Random(17)
+    words = [f"w{i:03d}" for i in range(400)]
+    counts: Counter[str] = Counter()
+    root.mkdir()
+    for n in range(FILES):
+        lines = [
+            " ".join(rng.choice(words) for _ in range(rng.randrange(1, 9))) for _ in range(LINES)
+        ]
+        for line in lines:
+            counts.update(line.split())
+        (root / f"part{n:02d}.txt").write_text("\n".join(lines) + "\n")
+    return counts
+
+
+def _undisturbed_files(counts: Counter[str]) -> dict[str, bytes]:
+    """What an undisturbed run writes: each reducer's keys in byte order, ``word\\tcount``."""
+    parts: dict[int, list[str]] = {r: [] for r in range(REDUCERS)}
+    for word in sorted(counts, key=encode_key):
+        parts[default_partition(encode_key(word), REDUCERS)].append(f"{word}\t{counts[word]}\n")
+    return {f"reducer-{r:04d}-part-00000": "".join(lines).encode() for r, lines in parts.items()}
+
+
+def _running_task_node(c: Cluster, data: DataDir, kind: str, console) -> int:
+    """Index of a live node running a ``kind`` task now, found from the progress files."""
+
+    def find() -> int | None:
+        if console.poll() is not None:
+            raise ClusterError(f"the console exited ({console.returncode}) before a {kind} ran")
+        for path in (data.root / "job").glob(f"*/progress/{kind}-*.json"):
+            info = layout.read_json(path) or {}
+            if info.get("state") != "running":
+                continue
+            for index, node in enumerate(c.nodes):
+                if node.alive() and node.pid == info.get("node_pid"):
+                    return index
+        return None
+
+    return c.wait_for(find, DEADLINE, f"a {kind} task running on a live node")
+
+
+def test_nodes_killed_mid_map_and_mid_reduce_change_nothing(make_cluster, tmp_path: Path) -> None:
+    """Three one-core nodes; the node running a mapper is SIGKILLed, then the node running a
+    reducer. The job ends OK, the output equals an undisturbed run's byte for byte, and the
+    data directory holds no run, attempt, temporary or staging file."""
+    counts = _corpus(tmp_path / "in")
+    data = DataDir(tmp_path / "data")
+    job = tmp_path / "wc.yaml"
+    job.write_text(
+        "kind: mapreduce\n"
+        f"module: {JOBS / 'slow_wordcount.py'}\n"
+        f"input: {tmp_path / 'in'}\n"
+        f"output: {tmp_path / 'out'}\n"
+        f"reducers: {REDUCERS}\n"
+        "split_mb: 0.002\n"
+        "spill_mb: 0.01\n"
+        "fanin: 3\n"
+    )
+    c = make_cluster(3, cores=1, heartbeat=HEARTBEAT, env={"REMAP_HEARTBEAT_MISSES": "3"})
+    console = c.console_popen("compute", job, "--json", env={"REMAP_DATA_DIR": str(data.root)})
+
+    c.kill_node(_running_task_node(c, data, "mapper", console), signal.SIGKILL)
+    c.add_node(cores=1)
+    c.kill_node(_running_task_node(c, data, "reducer", console), signal.SIGKILL)
+
+    done = c.assert_ok(c.finish(console, timeout=DEADLINE))
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "OK", summary
+    out = tmp_path / "out"
+    files = {p.name: p.read_bytes() for p in (out / "default").iterdir()}
+    assert files == _undisturbed_files(counts)
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "default"]
+    (job_id,) = data.jobs()
+    assert layout.read_result(data, job_id) == "OK"
+    assert not data.im_dir(job_id).exists()
+    assert not [p for p in layout.walk_files(data.root) if p.name.endswith(".tmp")]
+    assert not list(tmp_path.glob(".out.remap-*"))
+    lost = [line for line in c.server.log_text().splitlines() if " lost: " in line]
+    requeued = [
+        int(m.group(1)) for line in lost for m in [re.search(r"(\d+) arguments re-q", line)] if m
+    ]
+    assert len(requeued) >= 2 and all(requeued), "a kill hit no task:\n" + c.diagnostics()
