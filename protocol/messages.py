@@ -506,6 +506,24 @@ class Undrain(Message):
 
 
 @message
+class Exclude(Message):
+    """Console → server: put a node's host on the persistent exclusion list (no more work)."""
+
+    TYPE = "exclude"
+    id: int
+    node: str
+
+
+@message
+class Include(Message):
+    """Console → server: take a host off the exclusion list (its nodes get work again)."""
+
+    TYPE = "include"
+    id: int
+    node: str
+
+
+@message
 class Attach(Message):
     """Console → server: become the receiver of a (detached) job's results."""
 

@@ -543,6 +543,12 @@ class ClusterClient:
     def undrain(self, node: str) -> defer.Deferred:
         return self._request(lambda rid: m.Undrain(id=rid, node=node)).addCallback(lambda r: r.info)
 
+    def exclude(self, node: str) -> defer.Deferred:
+        return self._request(lambda rid: m.Exclude(id=rid, node=node)).addCallback(lambda r: r.info)
+
+    def include(self, node: str) -> defer.Deferred:
+        return self._request(lambda rid: m.Include(id=rid, node=node)).addCallback(lambda r: r.info)
+
     def submit(self, run: JobRun) -> defer.Deferred:
         """Start a job; the returned Deferred is ``run.finished`` (a JobOutcome, or a failure)."""
         rid = next(self._ids)

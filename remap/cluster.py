@@ -148,7 +148,11 @@ def start_node(
     key = secret or client_secret(settings)
     pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
     agent = NodeAgent(
-        pool, group=settings.group, on_shutdown=on_shutdown, on_auth_failure=on_auth_failure
+        pool,
+        group=settings.group,
+        host=settings.node_name,
+        on_shutdown=on_shutdown,
+        on_auth_failure=on_auth_failure,
     )
     factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
     scheme = "tls" if tls_enabled(settings) else "tcp"

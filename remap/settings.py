@@ -56,6 +56,7 @@ class Settings:
     discovery_interfaces: str | None = None
     discovery_timeout: float = 3.0
     state_dir: str | None = None
+    node_name: str | None = None
 
 
 class _Bad(Exception):
@@ -180,6 +181,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "discovery": ("REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),
     "discovery_interfaces": ("REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),
     "discovery_timeout": ("REMAP_DISCOVERY_TIMEOUT", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up"),
+    "node_name": ("REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
     "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list); empty = ~/.remap"),
 }  # fmt: skip
 

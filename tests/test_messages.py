@@ -88,6 +88,8 @@ EXAMPLES: dict[str, m.Message] = {
     "kill_cluster": m.KillCluster(id=5),
     "drain": m.Drain(id=6, node="n1"),
     "undrain": m.Undrain(id=8, node="n1"),
+    "exclude": m.Exclude(id=9, node="n1"),
+    "include": m.Include(id=10, node="box1"),
     "attach": m.Attach(id=7, job=3),
     "ok": m.Ok(re=4, info={"job": 3, "state": "killed"}),
 }

@@ -33,6 +33,8 @@ COMMANDS = (
     "kill",
     "drain",
     "undrain",
+    "exclude",
+    "include",
     "dashboard",
     "attach",
     "results",
@@ -49,6 +51,7 @@ commands:
   kill JOB_ID | kill --cluster [--yes] stop a job, or every node and the server
   drain NODE                           let a node finish its work and take no more
   undrain NODE                         let a drained node take work again
+  exclude NODE | include NODE          keep a node's host out of all work (kept across restarts), or let it back
   dashboard [--http-port N]            print a one-time login link to the server's dashboard
   attach JOB_ID [--json]               collect a detached job's results (alias: results)
   help [COMMAND]                       this text, or one command's options
@@ -63,6 +66,8 @@ ID_COMMANDS = {
     "results": "jobs",
     "drain": "nodes",
     "undrain": "nodes",
+    "exclude": "nodes",
+    "include": "nodes",
 }
 
 
@@ -128,6 +133,13 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "The node finishes the batches it runs and gets no new ones (undrain reverses it).",
     ),
     "undrain": ("let a drained node take work again", "Undo drain: the node gets batches again."),
+    "exclude": (
+        "keep a node's host out of all work, across restarts",
+        "Put the node's host on the server's exclusion list (a file in REMAP_STATE_DIR): its "
+        "nodes stay connected but get no work until `include`. NODE is a node id, a unique "
+        "prefix, host:pid, or a host name (connected or not).",
+    ),
+    "include": ("let an excluded host's nodes work again", "Take a host off the exclusion list."),
     "dashboard": (
         "print a login link to the server's dashboard",
         "Print a one-time login link to the server's HTTP dashboard.",
@@ -194,7 +206,7 @@ def build_parser() -> Parser:
     p.add_argument("job", nargs="?", type=int, help="the job id (see: remap jobs)")
     p.add_argument("--cluster", action="store_true", help="stop every node and the server")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    for name in ("drain", "undrain"):
+    for name in ("drain", "undrain", "exclude", "include"):
         command(name).add_argument(
             "node", help="the node id, or a unique prefix (see: remap nodes)"
         )
@@ -507,6 +519,18 @@ class Console:
         info = self.session.request("undrain", args.node)
         self.say(f"node {info['host']} ({info['node'][:8]}) takes work again")
         return 0
+
+    def cmd_exclude(self, args: argparse.Namespace) -> int:
+        info = self.session.request(args.command, args.node)
+        state = "excluded: its nodes get no work" if info["excluded"] else "included again"
+        connected = f"{info['nodes']} node(s) connected" if info["nodes"] else "no node connected"
+        self.say(
+            f"host {info['host']} {state} ({connected}; excluded now: "
+            f"{', '.join(info['list']) or 'none'})"
+        )
+        return 0
+
+    cmd_include = cmd_exclude
 
     def cmd_dashboard(self, args: argparse.Namespace) -> int:
         self.say(self.session.dashboard_link(args.http_port))

@@ -98,13 +98,21 @@ def nodes_table(nodes: list[dict]) -> str:
             fmt_bytes(n["memory"]),
             f"{n['load']:.2f}",
             n["group"] or "-",
-            "draining" if n["draining"] else "ready",
+            node_state(n),
             fmt_duration(n["connected_for"]),
             n["tasks_done"],
         ]
         for n in nodes
     ]
     return table(rows, ["NODE", "HOST", "BUSY", "MEMORY", "LOAD", "GROUP", "STATE", "UP", "TASKS"])
+
+
+def node_state(node: dict) -> str:
+    if node.get("excluded"):
+        return "excluded"
+    if node.get("suspect"):
+        return "suspect"
+    return "draining" if node["draining"] else "ready"
 
 
 def jobs_table(jobs: list[dict]) -> str:
@@ -142,4 +150,7 @@ def status_text(status: dict) -> str:
         f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
         f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s"
     )
+    excluded = status.get("server", {}).get("excluded") or []
+    if excluded:
+        head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"
     return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs)])

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"cores to run (REMAP_CORES; default cpu count - 1 = {default_cores()})",
     )
+    p.add_argument(
+        "--name",
+        help="this node's name in status and exclude/include (REMAP_NODE_NAME; "
+        "default: the host name)",
+    )
     p.add_argument("--group", help="node group; jobs with `group:` run only on nodes of that group")
     p.add_argument("--env-file", help="settings file (default: the first of ./.env, ~/.remap/.env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
@@ -44,6 +49,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             "server": args.server,
             "cores": args.cores,
             "group": args.group,
+            "node_name": args.name,
             "log_level": args.log_level,
         },
         dotenv_path=locate_env_file(args.env_file)[0],

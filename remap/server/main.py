@@ -13,6 +13,7 @@ from ..entry import react_main
 from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
+from .exclusion import ExclusionList
 from .http import start_http
 
 
@@ -53,6 +54,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     )
     start_logging(settings.log_level)
     server = await start_server(reactor, settings)
+    server.factory.use_exclusions(ExclusionList.for_settings(settings))
     port = server.port.getHost().port
     if args.port_file:
         with open(args.port_file, "w") as f:

@@ -164,9 +164,16 @@ class NodeState:
 
     #: the node let a task pass its deadline: no new work until it answers something
     suspect: bool = False
+    #: on the server's persistent exclusion list: connected, but never given work
+    excluded: bool = False
 
     def has_credit(self) -> bool:
-        return not self.draining and not self.suspect and len(self.inflight) < self.credits
+        return (
+            not self.draining
+            and not self.suspect
+            and not self.excluded
+            and len(self.inflight) < self.credits
+        )
 
     def describe(self, now: float) -> dict:
         return {
@@ -181,6 +188,7 @@ class NodeState:
             "group": self.group,
             "draining": self.draining,
             "suspect": self.suspect,
+            "excluded": self.excluded,
             "connected_for": round(now - self.connected_at, 1),
             "tasks_done": self.tasks_done,
         }
@@ -291,6 +299,8 @@ class Scheduler:
         self._all_credits = 0
         #: (host, pid) of drained node processes, so a reconnecting one stays drained
         self._drained: set[tuple[str, int]] = set()
+        #: host names on the exclusion list (see :meth:`set_excluded`)
+        self.excluded_hosts: frozenset[str] = frozenset()
         self._group_credits: dict[str, int] = {}
         self._sweep: Any = None  # the pending deadline check, while tasks are in flight
         self.started_at = clock.seconds()
@@ -313,9 +323,10 @@ class Scheduler:
             connected_at=self.clock.seconds(),
             load=info.load,
             draining=(info.host, info.pid) in self._drained,
+            excluded=info.host in self.excluded_hosts,
         )
         self.nodes[node_id] = node
-        if not node.draining:
+        if node.has_credit():
             self._ready[node_id] = node
         self._add_credits(node, +1)
         self.log.info(
@@ -400,6 +411,20 @@ class Scheduler:
         self.pump()
         return node
 
+    def set_excluded(self, hosts: frozenset[str]) -> None:
+        """Nodes on these hosts stay connected but get no new work (in-flight work finishes)."""
+        self.excluded_hosts = hosts
+        for node in self.nodes.values():
+            node.excluded = node.host in hosts
+            if node.has_credit():
+                self._ready[node.id] = node
+            else:
+                self._ready.pop(node.id, None)
+        for job in self.active.values():
+            if not job.finished:
+                self._check_capacity(job)
+        self.pump()
+
     def drain(self, node_ref: str) -> NodeState | None:
         """Drain a node (see :meth:`find_node` for ``node_ref``)."""
         node = self.find_node(node_ref)
@@ -451,11 +476,15 @@ class Scheduler:
         return job.group is None or node.group == job.group
 
     def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
-        if any(self._group_ok(n, job) and not n.draining for n in self.nodes.values()):
+        if any(
+            self._group_ok(n, job) and not (n.draining or n.excluded) for n in self.nodes.values()
+        ):
             job.waiting = ""
             return
         if job.group:
             where = f"in group {job.group!r}"
+        elif any(n.excluded for n in self.nodes.values()):
+            where = "(every node is draining or excluded)"
         else:
             where = "(every node is draining)" if self.nodes else "(no node is connected)"
         note = f"waiting for nodes {where}"

@@ -10,9 +10,10 @@ from twisted.logger import Logger
 
 from protocol import Authenticated, Connection
 from protocol import messages as m
-from protocol.errors import RemapError, RemoteProtocolError
+from protocol.errors import ConfigError, RemapError, RemoteProtocolError
 
 from ..wire import PeerProtocol, ReadBudget, Traffic
+from .exclusion import ExclusionList
 from .scheduler import Scheduler, first_job_id
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
@@ -119,6 +120,7 @@ class ServerConnection:
                 self._violation(link, sched.args_ended(link, msg))
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
+            server["excluded"] = sorted(self.server.exclusions.hosts)
             link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
         elif t is m.Kill:
             job = sched.kill(msg.job)
@@ -138,6 +140,8 @@ class ServerConnection:
                 link.send(m.Error(code="not-found", message=f"no node {msg.node!r}", re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info={"node": node.id, "host": node.host}))
+        elif t is m.Exclude or t is m.Include:
+            self._exclude(link, msg, t is m.Exclude)
         elif t is m.KillCluster:
             link.send(m.Ok(re=msg.id, info={"nodes": len(sched.nodes)}))
             self.server.shutdown_cluster("stopped by kill --cluster")
@@ -151,6 +155,36 @@ class ServerConnection:
                     re=getattr(msg, "id", None),
                 )
             )
+
+    def _exclude(self, link: PeerProtocol, msg: m.Exclude | m.Include, excluded: bool) -> None:
+        """Change the persistent exclusion list by host; a host need not be connected."""
+        exclusions = self.server.exclusions
+        node = self.scheduler.find_node(msg.node)
+        host = node.host if node is not None else msg.node.strip()
+        if not excluded and node is None and host not in exclusions.hosts:
+            link.send(
+                m.Error(code="not-found", message=f"no node or excluded host {host!r}", re=msg.id)
+            )
+            return
+        try:
+            changed = exclusions.change(host, excluded)
+        except ConfigError as exc:
+            link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+            return
+        self.scheduler.set_excluded(exclusions.hosts)
+        self.log.info(
+            "host {host} {what} by a console",
+            host=host,
+            what="excluded" if excluded else "included",
+        )
+        info = {
+            "host": host,
+            "excluded": excluded,
+            "changed": changed,
+            "nodes": sum(n.host == host for n in self.scheduler.nodes.values()),
+            "list": sorted(exclusions.hosts),
+        }
+        link.send(m.Ok(re=msg.id, info=info))
 
     def _early(self, msg: m.Args | m.ArgsEnd) -> m.Args | m.ArgsEnd | None:
         """Resolve ``job = -submit id`` (sent before `submitted`); None for a refused submit's."""
@@ -223,8 +257,14 @@ class RemapServerFactory(Factory):
             job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
         )
         self.consoles: set[PeerProtocol] = set()
+        #: in memory unless :meth:`use_exclusions` gives it a file (the server entry point does)
+        self.exclusions = ExclusionList()
         self.on_stop: Any = None
         self.traffic = Traffic()  # bytes in and out over every socket (for metrics)
+
+    def use_exclusions(self, exclusions: ExclusionList) -> None:
+        self.exclusions = exclusions
+        self.scheduler.set_excluded(exclusions.hosts)
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         conn = Connection(

@@ -1,0 +1,70 @@
+"""The server's persistent list of excluded hosts: connected nodes there get no work.
+
+A file in the state directory (``REMAP_STATE_DIR``, default ``~/.remap``) keeps the list across
+server restarts, so a machine someone needs back stays out of the cluster until included again.
+Hosts are node host names (what ``status`` shows), which survive a node's restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from protocol.errors import ConfigError
+
+from ..settings import Settings
+
+FILE_NAME = "excluded-nodes.json"
+
+
+def state_dir(settings: Settings) -> Path:
+    return Path(settings.state_dir or "~/.remap").expanduser()
+
+
+class ExclusionList:
+    """Host names, kept in ``path`` (None: in memory only, as for the embedded cluster)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.hosts: frozenset[str] = frozenset()
+        if path is not None and path.exists():
+            self.hosts = self._read(path)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ExclusionList:
+        return cls(state_dir(settings) / FILE_NAME)
+
+    @staticmethod
+    def _read(path: Path) -> frozenset[str]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read the excluded-node list {path}: {exc}") from None
+        hosts = data.get("excluded") if isinstance(data, dict) else None
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise ConfigError(
+                f'excluded-node list {path}: expected {{"excluded": [host names]}}; fix or delete it'
+            )
+        return frozenset(hosts)
+
+    def change(self, host: str, excluded: bool) -> bool:
+        """Add or remove ``host``; save; True if the list changed."""
+        hosts = self.hosts | {host} if excluded else self.hosts - {host}
+        if hosts == self.hosts:
+            return False
+        if self.path is not None:
+            self._write(self.path, hosts)
+        self.hosts = hosts
+        return True
+
+    @staticmethod
+    def _write(path: Path, hosts: frozenset[str]) -> None:
+        """Write whole or not at all (rename), so a crash never leaves half a list."""
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"excluded": sorted(hosts)}, indent=1) + "\n", "utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot save the excluded-node list {path}: {exc}") from None
