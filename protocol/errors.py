@@ -87,6 +87,10 @@ class JobKilled(JobFailed):
     """A job was killed on request."""
 
 
+class OutputError(JobFailed):
+    """The console could not write a job's output (disk full, output in use by another job)."""
+
+
 class RemoteTaskError(RemapError):
     """A task raised on a core; carries the remote type name and traceback."""
 

@@ -39,6 +39,9 @@ READ_AHEAD_BYTES = 64 * 1024 * 1024
 READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
 
 
+log = Logger()
+
+
 class RequestFailed(RemapError):
     """The server answered a request with an error."""
 
@@ -361,8 +364,30 @@ class JobRun:
     # ------------------------------------------------------------- results in
 
     def results(self, msg: m.Results) -> None:
-        if self.finished.called:  # failed here (its sink is closed); the kill is on its way
+        """Deliver one ``results`` message to the sink; a failure here fails this job only.
+
+        A sink that cannot write (disk full), a result that will not unpickle under
+        ``on_error: fail``, or any other console-side failure kills the job on the server and
+        fails the run with an error that says what went wrong, instead of escaping into the
+        connection (which would be reported as a lost connection).
+        """
+        if self.finished.called:  # already failed here: later results have nowhere to go
             return
+        try:
+            self._deliver(msg)
+            self.sink.flush()
+        except Exception as exc:
+            if not isinstance(exc, RemapError):
+                log.failure("saving the results of job {job} failed", job=self.job_id)
+                exc = JobFailed(
+                    f"job {self.job_id} failed on this console while saving its results: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+            if self._client is not None:
+                self._client.kill_quietly(self.job_id)
+            self.fail(exc)
+
+    def _deliver(self, msg: m.Results) -> None:
         errors = {e[0]: e for e in msg.errors}
         if errors and self.first_error is None:
             pos = min(errors)
@@ -370,6 +395,7 @@ class JobRun:
         sink = self.sink
         if msg.output and self.on_output is not None:
             self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
+        unreadable: set[int] = set()
         if msg.partial:
             for pos, entry in errors.items():
                 sink.add(
@@ -379,17 +405,28 @@ class JobRun:
                     _error_info(msg.indices[pos], entry),
                 )
             if msg.sizes:
-                sink.add_partial(len(msg.indices) - len(errors), pickle.loads(msg.payload))
+                try:
+                    partial = pickle.loads(msg.payload)
+                except Exception as exc:
+                    unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
+                    for pos in sorted(unreadable):
+                        index = msg.indices[pos]
+                        entry = _unreadable_entry(pos, exc, "partial result")
+                        errors[pos] = entry
+                        sink.add(
+                            index, self._args.pop(index, None), None, _error_info(index, entry)
+                        )
+                else:
+                    sink.add_partial(len(msg.indices) - len(errors), partial)
             self.failed += len(errors)
             self.done += len(msg.indices) - len(errors)
+            self._check_unreadable(msg, errors, unreadable)
             return
         pop = self._args.pop
         if msg.packed:
-            values, errors = self._unpack(msg, errors)
-        elif not errors:
-            values = [pickle.loads(blob) for blob in split(msg.sizes, msg.payload)]
+            values, unreadable = self._unpack(msg, errors)
         else:
-            values = list(split(msg.sizes, msg.payload))  # error slots: pickled exceptions
+            values, unreadable = self._load_each(msg, errors)
         if not errors:  # the common case: one call into the sink per batch
             arguments = [pop(i, None) for i in msg.indices] if sink.needs_arguments else None
             sink.add_results(msg.indices, arguments, values)
@@ -400,32 +437,62 @@ class JobRun:
             if entry is not None:
                 sink.add(index, pop(index, None), None, _error_info(index, entry, value))
             else:
-                sink.add(
-                    index, pop(index, None), value if msg.packed else pickle.loads(value), None
-                )
+                sink.add(index, pop(index, None), value, None)
         self.failed += len(errors)
         self.done += len(msg.indices) - len(errors)
+        self._check_unreadable(msg, errors, unreadable)
+
+    def _check_unreadable(
+        self, msg: m.Results, errors: dict[int, list[Any]], unreadable: set[int]
+    ) -> None:
+        """Results this console cannot unpickle are errors; under ``on_error: fail`` they end
+        the job like a remote error would (the server counted them as successes)."""
+        if not unreadable:
+            return
+        pos = min(unreadable)
+        info = _error_info(msg.indices[pos], errors[pos], None)
+        if self.first_error is None:
+            self.first_error = info
+        if self.params.on_error == "fail":
+            raise JobFailed(
+                f"job {self.job_id} failed: argument {info.index}: {info.type_name}: {info.message}"
+            )
 
     @staticmethod
-    def _unpack(
-        msg: m.Results, errors: dict[int, list[Any]]
-    ) -> tuple[list[Any], dict[int, list[Any]]]:
+    def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
+        """One pickle per result: a result that will not load becomes that argument's error.
+
+        Error slots keep their blob (the pickled exception); ``errors`` gains an entry per
+        unreadable result, whose positions are returned.
+        """
+        values: list[Any] = []
+        unreadable: set[int] = set()
+        for pos, blob in enumerate(split(msg.sizes, msg.payload)):
+            if pos in errors:
+                values.append(blob)
+                continue
+            try:
+                values.append(pickle.loads(blob))
+            except Exception as exc:
+                errors[pos] = _unreadable_entry(pos, exc, "result")
+                unreadable.add(pos)
+                values.append(None)
+        return values, unreadable
+
+    @staticmethod
+    def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
         """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
         try:
             values = pickle.loads(msg.payload)
             if type(values) is not list or len(values) != len(msg.indices):
                 raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
-            return values, errors
+            return values, set()
         except Exception as exc:
-            entry = [
-                "",
-                "ResultUnreadable",
-                f"the batch's results could not be unpickled here: {type(exc).__name__}: {exc}",
-                "",
-            ]
-            return [None] * len(msg.indices), {
-                pos: [pos, *entry[1:]] for pos in range(len(msg.indices))
-            }
+            # the remote errors keep their type, message and traceback; the rest is unreadable
+            unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
+            for pos in unreadable:
+                errors[pos] = _unreadable_entry(pos, exc, "batch's results")
+            return [None] * len(msg.indices), unreadable
 
     def ended(self, msg: m.JobDone) -> None:
         if self.finished.called:  # failed here first (e.g. its argument source broke)
@@ -459,6 +526,20 @@ class JobRun:
             except Exception:  # keep the first error; the sink's own is secondary
                 pass
             self.finished.errback(error)
+
+
+#: the type name of the error given to a result this console could not unpickle
+UNREADABLE = "ResultUnreadable"
+
+
+def _unreadable_entry(pos: int, exc: BaseException, what: str) -> list[Any]:
+    """An ``errors`` entry for a result that arrived but could not be unpickled here."""
+    return [
+        pos,
+        UNREADABLE,
+        f"the {what} could not be unpickled here: {type(exc).__name__}: {exc}",
+        "",
+    ]
 
 
 def _error_info(index: int, entry: list[Any], exc: Any = b"") -> TaskErrorInfo:

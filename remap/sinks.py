@@ -13,7 +13,10 @@ finished tasks is ``done + failed``.
 from __future__ import annotations
 
 import abc
+import errno
+import fcntl
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from protocol.errors import ConfigError, JobFailed, RemoteTaskError
+from protocol.errors import ConfigError, JobFailed, OutputError, RemoteTaskError
 
 __all__ = [
     "MISSING",
@@ -30,6 +33,7 @@ __all__ = [
     "FileSink",
     "NoneSink",
     "ObjectSink",
+    "OutputLock",
     "ReduceSink",
     "Sink",
     "SqliteSink",
@@ -37,6 +41,7 @@ __all__ = [
     "TaskErrorInfo",
     "make_sink",
     "render_line",
+    "sql_value",
     "to_jsonable",
 ]
 
@@ -211,6 +216,15 @@ class Sink(abc.ABC):
     def _close(self, *, complete: bool) -> None:
         self.flush()
 
+    def abandon(self) -> None:
+        """Stop taking results without delivering them anywhere (they are collected elsewhere)."""
+        self.closed = True
+        self.complete = False
+
+    def kept(self) -> str | None:
+        """After an incomplete job, what was kept and where (for the closing line); else None."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """JSON-able account of the job's results for the console's final report."""
         return {"mode": self.mode, "done": self.done, "failed": self.failed, **self._extra()}
@@ -299,26 +313,211 @@ class StreamSink(Sink):
             self._out.flush()
 
 
-class SqliteSink(Sink):
-    """Writes one row per task to a sqlite ``results`` table, committed in batches.
+class OutputLock:
+    """``OUTPUT.lock``, held with ``flock`` while a job writes OUTPUT, so two jobs never mix.
 
-    At start the ``results`` table is dropped and recreated (other tables in the file are
-    left alone): a rerun of a job replaces its results instead of failing or mixing runs.
-    Columns hold JSON text; a value with no JSON form is stored as the JSON string of its
-    repr with ``argument_repr``/``result_repr`` set to 1. ``result`` is SQL NULL exactly
-    when ``error`` is not (a task returning None stores the text ``null``).
+    The kernel drops the lock when its process dies, so a crashed console never blocks the
+    next run; the file itself is removed on release (and a stale one is simply taken over).
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = output.with_name(output.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`OutputError` saying who holds it."""
+        while self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the lock file {self.path} for output {self.output}: "
+                    f"{_os_reason(exc)}"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(
+                    f"{self.output} is being written by another job (console pid {holder}, "
+                    f"lock {self.path}): wait for it to finish or choose another output"
+                ) from None
+            try:  # the holder may have released (and removed) it between our open and flock
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still held, so nobody locks a file about to vanish
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _os_reason(exc: BaseException) -> str:
+    """A short reason for a failed write, naming a full disk plainly."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk full (no space left on device)"
+        if exc.errno == errno.EDQUOT:
+            return "disk quota exceeded"
+        return exc.strerror or str(exc)
+    text = str(exc)
+    return "disk full (database or disk is full)" if "disk is full" in text else text
+
+
+def _check_directory(output: Path, what: str) -> None:
+    """Refuse an output whose directory is missing before anything is created."""
+    if not output.parent.is_dir():
+        raise ConfigError(f"cannot write {what} {output}: directory {output.parent} does not exist")
+    if output.is_dir():
+        raise ConfigError(f"cannot write {what} {output}: it is a directory")
+
+
+class _OutputSink(Sink):
+    """A sink that writes a file: staged under a temporary name, committed only when complete.
+
+    Nothing next to OUTPUT is touched before the first result arrives (only ``OUTPUT.lock``
+    is taken), so a job that fails to start leaves an existing output exactly as it was. A
+    complete job replaces OUTPUT atomically; an incomplete one (failed, killed, interrupted,
+    a write error) leaves OUTPUT unchanged and keeps what arrived in the staging place,
+    which :meth:`kept` names for the console's closing line.
+    """
+
+    #: how the staging place is named in messages (a file, or a table in the output)
+    staging_name: str = ""
+
+    def __init__(self, output: Path | str) -> None:
+        super().__init__()
+        self.output = Path(output)
+        self._lock = OutputLock(self.output)
+        #: rows or lines safely in the staging place (what an incomplete job keeps)
+        self.kept_count = 0
+        self.committed_output = False
+
+    def close(self, *, complete: bool) -> None:
+        try:
+            super().close(complete=complete)
+        finally:
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """Stop without committing or keeping anything (the results go elsewhere)."""
+        if not self.closed:
+            self.closed = True
+            self.complete = False
+            self._discard()
+        self._lock.release()
+
+    @abc.abstractmethod
+    def _discard(self) -> None:
+        """Release resources and remove the staging place."""
+
+    def kept(self) -> str | None:
+        """After an incomplete close: what was kept and where, in words; else None."""
+        if not self.closed or self.committed_output:
+            return None
+        if not self.kept_count:
+            return f"no results kept; {self.output} left unchanged"
+        return (
+            f"kept {self.kept_count} result(s) in {self.staging_name}; {self.output} left unchanged"
+        )
+
+    def _extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"output": str(self.output)}
+        if self.closed and not self.committed_output:
+            extra["kept"] = self.kept_count
+            extra["kept_in"] = self.staging_name if self.kept_count else None
+        return extra
+
+
+#: ``results`` columns; ``*_type`` says how to read the value beside it (see sql_value)
+_SQLITE_COLUMNS = (
+    "idx INTEGER PRIMARY KEY, argument, argument_type TEXT NOT NULL,"
+    " result, result_type TEXT, error TEXT"
+)
+_INT64 = 1 << 63
+
+
+def sql_value(value: Any) -> tuple[Any, str]:
+    """``(stored, type)`` for one value in a ``results`` row: native SQLite types first.
+
+    int (64-bit) -> INTEGER ``int``; bool -> INTEGER 0/1 ``bool``; float -> REAL ``float``;
+    str -> TEXT ``str``; bytes -> BLOB ``bytes``; None -> NULL ``null``; lists, tuples and
+    dicts with str keys (and ints too big or NaN) -> JSON TEXT ``json``; anything else ->
+    TEXT of its repr() ``repr``. So ``ORDER BY result`` and ``WHERE result > 20`` compare
+    numbers as numbers.
+    """
+    if value is None:
+        return None, "null"
+    if isinstance(value, bool):
+        return int(value), "bool"
+    if isinstance(value, int):
+        if -_INT64 <= value < _INT64:
+            return int(value), "int"
+    elif isinstance(value, float):
+        if value == value:  # SQLite would store NaN as NULL
+            return float(value), "float"
+    elif isinstance(value, str):
+        if value.isascii():
+            return str(value), "str"
+        try:
+            value.encode("utf-8")
+            return str(value), "str"
+        except UnicodeEncodeError:  # lone surrogates: SQLite text must be valid UTF-8
+            return _safe_repr(value), "repr"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), "bytes"
+    plain, was_repr = to_jsonable(value)
+    if was_repr:
+        return plain, "repr"
+    return json.dumps(plain), "json"
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo a failed transaction; a rollback that fails too leaves sqlite to recover."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+class SqliteSink(_OutputSink):
+    """Writes one row per task to the ``results`` table of a sqlite file, committed in batches.
+
+    Rows go to a staging table, ``results_partial``, in the same file; a complete job
+    swaps it in as ``results`` in one transaction (other tables in the file are left
+    alone), so readers see the old results or the new ones, never a mix. An incomplete job
+    leaves ``results`` as it was and keeps what arrived in ``results_partial``. Values are
+    stored in native SQLite types where they have one (see :func:`sql_value`); ``result``
+    and ``result_type`` are NULL exactly when ``error`` (JSON text) is not.
 
     A batch is committed when ``batch_size`` rows are pending or when the oldest pending
     row has waited ``interval`` seconds by ``clock`` (checked on each :meth:`add`; call
-    :meth:`flush` from a timer to bound latency when results stop coming). :meth:`close`
-    commits the rest and closes the connection, so every row is on disk when it returns.
+    :meth:`flush` to bound latency when results stop coming). :meth:`close` commits the
+    rest and closes the connection, so every row is on disk when it returns.
     """
 
     mode = "sqlite"
     needs_arguments = True
+    TABLE = "results"
+    STAGING = "results_partial"
 
     _INSERT = (
-        "INSERT INTO results (idx, argument, result, error, argument_repr, result_repr)"
+        f"INSERT INTO {STAGING} (idx, argument, argument_type, result, result_type, error)"
         " VALUES (?, ?, ?, ?, ?, ?)"
     )
 
@@ -330,97 +529,166 @@ class SqliteSink(Sink):
         interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
+        super().__init__(output)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.output = Path(output)
+        self.staging_name = f"table {self.STAGING} of {self.output}"
         self.batch_size = batch_size
         self.interval = interval
         self._clock = clock
-        self._rows: list[tuple[int, str, str | None, str | None, int, int]] = []
+        self._rows: list[tuple[int, Any, str, Any, str | None, str | None]] = []
         self._oldest_pending = 0.0
+        self._conn: sqlite3.Connection | None = None
+        self._broken = False
         #: rows committed so far; lets the console report progress that is really on disk
         self.committed = 0
+        _check_directory(self.output, "sqlite output")
+        if self.output.exists():
+            self._check_database()
+        self._lock.acquire()
+
+    def _check_database(self) -> None:
+        """Read-only look at an existing output: is it a database we may write to later?"""
+        try:
+            conn = sqlite3.connect(f"file:{self.output}?mode=ro", uri=True)
+            try:
+                conn.execute("PRAGMA schema_version").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot use {self.output} as sqlite output: {exc}") from None
+
+    def _error(self, exc: BaseException) -> OutputError:
+        self._broken = True
+        self._rows.clear()  # not on disk and never will be: kept() counts committed rows only
+        return OutputError(f"could not write {self.staging_name}: {_os_reason(exc)}")
+
+    def _open(self) -> sqlite3.Connection:
+        """Open the output and (re)create the staging table: the first write of the job."""
+        if self._conn is not None:
+            return self._conn
         try:
             # made on the caller's thread, fed on the reactor's: access is serialised by the caller
-            self._conn = sqlite3.connect(self.output, check_same_thread=False)
+            conn = sqlite3.connect(self.output, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open sqlite output {self.output}: {exc}") from exc
+            raise OutputError(f"cannot open sqlite output {self.output}: {exc}") from None
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA journal_mode=WAL")
             # With WAL, NORMAL loses nothing on a crash of this process; close() checkpoints.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("DROP TABLE IF EXISTS results")
-            self._conn.execute(
-                "CREATE TABLE results (idx INTEGER PRIMARY KEY, argument TEXT, result TEXT,"
-                " error TEXT, argument_repr INTEGER NOT NULL DEFAULT 0,"
-                " result_repr INTEGER NOT NULL DEFAULT 0)"
-            )
-            self._conn.commit()
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"DROP TABLE IF EXISTS {self.STAGING}")
+            conn.execute(f"CREATE TABLE {self.STAGING} ({_SQLITE_COLUMNS})")
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._conn.close()
-            raise ConfigError(f"cannot use {self.output} as sqlite output: {exc}") from exc
+            _rollback(conn)
+            conn.close()
+            raise self._error(exc) from None
+        self._conn = conn
+        return conn
 
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
-        arg_value, arg_repr = to_jsonable(argument)
+        arg_value, arg_type = sql_value(argument)
         if error is not None:
-            result_text, result_repr, error_text = None, False, json.dumps(error.to_json())
+            row = (index, arg_value, arg_type, None, None, json.dumps(error.to_json()))
         else:
-            result_value, result_repr = to_jsonable(result)
-            result_text, error_text = json.dumps(result_value), None
+            result_value, result_type = sql_value(result)
+            row = (index, arg_value, arg_type, result_value, result_type, None)
         if not self._rows:
             self._oldest_pending = self._clock()
-        self._rows.append(
-            (index, json.dumps(arg_value), result_text, error_text, int(arg_repr), int(result_repr))
-        )
+        self._rows.append(row)
         if len(self._rows) >= self.batch_size or (
             self._clock() - self._oldest_pending >= self.interval
         ):
             self.flush()
 
     def flush(self) -> None:
-        """Commit every pending row now."""
+        """Commit every pending row now (to the staging table)."""
         self._check_open()
         if not self._rows:
             return
-        self._conn.executemany(self._INSERT, self._rows)
-        self._conn.commit()
+        if self._broken:
+            raise OutputError(f"{self.staging_name} could not be written earlier")
+        conn = self._open()
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(self._INSERT, self._rows)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise self._error(exc) from None
         self.committed += len(self._rows)
+        self.kept_count = self.committed
         self._rows.clear()
 
     def _close(self, *, complete: bool) -> None:
         try:
+            if self._broken:
+                return
             self.flush()
+            if complete:
+                conn = self._open()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(f"DROP TABLE IF EXISTS {self.TABLE}")
+                    conn.execute(f"ALTER TABLE {self.STAGING} RENAME TO {self.TABLE}")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    _rollback(conn)
+                    raise OutputError(
+                        f"could not replace table {self.TABLE} of {self.output}: "
+                        f"{_os_reason(exc)} (the results are in {self.staging_name})"
+                    ) from None
+                self.committed_output = True
         finally:
+            self._rows.clear()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _discard(self) -> None:
+        self._rows.clear()
+        if self._conn is not None:
+            try:
+                self._conn.execute(f"DROP TABLE IF EXISTS {self.STAGING}")
+            except sqlite3.Error:
+                pass
             self._conn.close()
+            self._conn = None
 
     def _extra(self) -> dict[str, Any]:
-        return {"output": str(self.output), "table": "results"}
+        return {**super()._extra(), "table": self.TABLE}
 
 
-class FileSink(Sink):
-    """Writes JSON lines in argument order, holding back only results that arrived early.
+class FileSink(_OutputSink):
+    """Writes JSON lines in argument order to ``OUTPUT.partial``, renamed to OUTPUT when complete.
 
     An item is written as soon as every lower index has been written, so memory holds the
     reordering window (``buffered``; high-water mark ``max_buffered``), not the job. The
-    file is truncated at start and is always sorted by index; after an incomplete job the
-    held-back items are written at close, in index order, leaving gaps where results
-    never came.
+    file is always sorted by index. A complete job's file replaces OUTPUT atomically (after
+    an fsync); after an incomplete job OUTPUT is unchanged and ``OUTPUT.partial`` keeps
+    what arrived, the held-back items written last in index order, with gaps where
+    results never came. If a write fails (disk full), the partial file is cut back to the
+    last line known to be whole.
     """
 
     mode = "file"
 
     def __init__(self, output: Path | str) -> None:
-        super().__init__()
-        self.output = Path(output)
-        try:
-            self._file = open(self.output, "w", encoding="utf-8", newline="\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot open output file {self.output}: {exc}") from exc
+        super().__init__(output)
+        self.partial = self.output.with_name(self.output.name + ".partial")
+        self.staging_name = str(self.partial)
+        _check_directory(self.output, "output file")
+        self._file: Any = None
         self._next = 0
         self._pending: dict[int, str] = {}
         self.max_buffered = 0
         self.lines_written = 0
+        self._bytes = 0
+        #: (bytes, lines) on disk at the last successful flush
+        self._flushed = (0, 0)
+        self._broken = False
+        self._lock.acquire()
 
     @property
     def buffered(self) -> int:
@@ -442,27 +710,92 @@ class FileSink(Sink):
             self._write(self._pending.pop(self._next))
             self._next += 1
 
+    def _error(self, exc: BaseException) -> OutputError:
+        self._broken = True
+        return OutputError(f"could not write {self.partial}: {_os_reason(exc)}")
+
+    def _open(self) -> Any:
+        if self._file is None:
+            try:
+                self._file = open(self.partial, "wb")
+            except OSError as exc:
+                raise self._error(exc) from None
+        return self._file
+
     def _write(self, line: str) -> None:
-        self._file.write(line + "\n")
+        if self._broken:
+            raise OutputError(f"{self.partial} could not be written earlier")
+        data = line.encode("utf-8") + b"\n"
+        try:
+            self._open().write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._bytes += len(data)
         self.lines_written += 1
 
     def flush(self) -> None:
         """Push the written prefix to the OS so another reader sees it."""
         self._check_open()
-        self._file.flush()
+        if self._file is None or self._broken:
+            return
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._flushed = (self._bytes, self.lines_written)
+        self.kept_count = self.lines_written
 
     def _close(self, *, complete: bool) -> None:
         # With complete=True nothing should be held back; if something is, it is still
         # written rather than lost, and the file stays sorted by index either way.
         try:
+            if self._broken:
+                return
             for index in sorted(self._pending):
                 self._write(self._pending[index])
             self._pending.clear()
+            self.flush()
+            if complete:
+                file = self._open()
+                try:
+                    os.fsync(file.fileno())
+                    file.close()
+                    os.replace(self.partial, self.output)
+                except OSError as exc:
+                    raise self._error(exc) from None
+                self.committed_output = True
         finally:
-            self._file.close()
+            self._pending.clear()
+            self._finish_file()
+
+    def _finish_file(self) -> None:
+        """Close the partial file; after a failed write, cut it back to its last whole line."""
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:
+            pass  # the buffer could not be written; the truncate below drops its remains
+        if self._broken and not self.committed_output:
+            try:
+                os.truncate(self.partial, self._flushed[0])
+            except OSError:
+                pass
+            self.kept_count = self._flushed[1]
+        if not self.committed_output and self.kept_count == 0:
+            try:
+                os.unlink(self.partial)
+            except OSError:
+                pass
+
+    def _discard(self) -> None:
+        self._pending.clear()
+        self.kept_count = 0
+        self._finish_file()
 
     def _extra(self) -> dict[str, Any]:
-        return {"output": str(self.output), "lines": self.lines_written}
+        return {**super()._extra(), "lines": self.lines_written}
 
 
 class ReduceSink(Sink):

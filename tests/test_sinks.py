@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
 import random
+import shutil
 import sqlite3
+import subprocess
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from protocol.errors import ConfigError, JobFailed, RemapError, RemoteTaskError
+from protocol.errors import ConfigError, JobFailed, OutputError, RemapError, RemoteTaskError
 from remap.sinks import (
     MISSING,
     SINK_MODES,
@@ -60,13 +63,22 @@ class FakeClock:
         return self.now
 
 
-def _rows(path: Path) -> list[tuple[Any, ...]]:
+def _rows(path: Path, table: str = "results") -> list[tuple[Any, ...]]:
     """Rows as a second, independent connection sees them: only committed data."""
     with closing(sqlite3.connect(path)) as conn:
         return conn.execute(
-            "SELECT idx, argument, result, error, argument_repr, result_repr"
-            " FROM results ORDER BY idx"
+            f"SELECT idx, argument, argument_type, result, result_type, error"
+            f" FROM {table} ORDER BY idx"
         ).fetchall()
+
+
+def _staged(path: Path) -> list[tuple[Any, ...]]:
+    """Rows committed so far by a running job (its staging table), [] before the first."""
+    if not path.exists():
+        return []
+    with closing(sqlite3.connect(path)) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return _rows(path, SqliteSink.STAGING) if SqliteSink.STAGING in names else []
 
 
 class Opaque:
@@ -309,14 +321,14 @@ def test_sqlite_sink_rows_all_committed_after_close(tmp_path: Path) -> None:
     sink.close(complete=True)
     rows = _rows(path)
     assert [row[0] for row in rows] == list(range(N + 1))
-    for idx, argument, result, error, arg_repr, result_repr in rows[:N]:
-        assert (json.loads(argument), arg_repr, result_repr) == (idx, 0, 0)
+    for idx, argument, arg_type, result, result_type, error in rows[:N]:
+        assert (argument, arg_type) == (idx, "int")
         if idx in FAILING:
-            assert result is None
+            assert (result, result_type) == (None, None)
             assert json.loads(error) == _error(idx).to_json()
         else:
-            assert (json.loads(result), error) == (idx * idx, None)
-    assert rows[N][1:] == ('"{1: 2}"', '"Opaque()"', None, 1, 1)
+            assert (result, result_type, error) == (idx * idx, "int", None)
+    assert rows[N][1:] == ("{1: 2}", "repr", "Opaque()", "repr", None)
     assert sink.committed == N + 1
     assert sink.summary() == {
         "mode": "sqlite",
@@ -325,15 +337,68 @@ def test_sqlite_sink_rows_all_committed_after_close(tmp_path: Path) -> None:
         "output": str(path),
         "table": "results",
     }
+    assert sink.kept() is None
 
 
-def test_sqlite_sink_none_result_is_not_sql_null(tmp_path: Path) -> None:
-    """A task returning None stores JSON null, so SQL NULL in result means 'failed' only."""
+def test_sqlite_sink_none_result_is_null_of_type_null(tmp_path: Path) -> None:
+    """A task returning None stores NULL typed 'null'; a failure has no result_type at all."""
     path = tmp_path / "r.db"
     sink = SqliteSink(path)
     sink.add(0, 0, None, None)
+    sink.add(1, 1, None, _error(1))
     sink.close(complete=True)
-    assert _rows(path) == [(0, "0", "null", None, 0, 0)]
+    assert _rows(path)[0] == (0, 0, "int", None, "null", None)
+    assert _rows(path)[1][2:5] == ("int", None, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "stored", "kind"),
+    [
+        (7, 7, "int"),
+        (-(2**63), -(2**63), "int"),
+        (2**70, str(2**70), "json"),
+        (True, 1, "bool"),
+        (2.5, 2.5, "float"),
+        (math.inf, math.inf, "float"),
+        (math.nan, "NaN", "json"),
+        ("ünï", "ünï", "str"),
+        ("20", "20", "str"),
+        ("\udc80", "'\\udc80'", "repr"),
+        (b"\x00\xff", b"\x00\xff", "bytes"),
+        (bytearray(b"ab"), b"ab", "bytes"),
+        (None, None, "null"),
+        ([1, "a", None], '[1, "a", null]', "json"),
+        ((1, 2), "[1, 2]", "json"),
+        ({"k": [1.5]}, '{"k": [1.5]}', "json"),
+        ({1, 2}, "{1, 2}", "repr"),
+    ],
+)
+def test_sqlite_sink_stores_native_types(
+    tmp_path: Path, value: Any, stored: Any, kind: str
+) -> None:
+    """Numbers, strings and bytes are stored as SQLite's own types; JSON only for structures."""
+    path = tmp_path / "r.db"
+    sink = SqliteSink(path)
+    sink.add(0, value, value, None)
+    sink.close(complete=True)
+    assert _rows(path) == [(0, stored, kind, stored, kind, None)]
+
+
+def test_sqlite_sink_numbers_sort_and_compare_as_numbers(tmp_path: Path) -> None:
+    """ORDER BY result and WHERE result > 20 give the right answer (JSON text would not)."""
+    values = [3, 100, 25, 9.5, 20, 21.25, -4]
+    path = tmp_path / "r.db"
+    sink = SqliteSink(path)
+    for i, v in enumerate(values):
+        sink.add(i, i, v, None)
+    sink.close(complete=True)
+    with closing(sqlite3.connect(path)) as conn:
+        ordered = [r[0] for r in conn.execute("SELECT result FROM results ORDER BY result")]
+        over = [r[0] for r in conn.execute("SELECT result FROM results WHERE result > 20")]
+        total = conn.execute("SELECT sum(result) FROM results").fetchone()[0]
+    assert ordered == sorted(values)
+    assert sorted(over) == [21.25, 25, 100]
+    assert total == sum(values)
 
 
 def test_sqlite_sink_commits_by_batch_size(tmp_path: Path) -> None:
@@ -342,11 +407,11 @@ def test_sqlite_sink_commits_by_batch_size(tmp_path: Path) -> None:
     sink = SqliteSink(path, batch_size=4, clock=FakeClock())
     for i in range(3):
         sink.add(i, i, i, None)
-    assert _rows(path) == []
+    assert _staged(path) == []
     sink.add(3, 3, 3, None)
-    assert len(_rows(path)) == 4
+    assert len(_staged(path)) == 4
     sink.add(4, 4, 4, None)
-    assert len(_rows(path)) == 4
+    assert len(_staged(path)) == 4
     sink.close(complete=True)
     assert len(_rows(path)) == 5
 
@@ -359,46 +424,79 @@ def test_sqlite_sink_commits_by_elapsed_time(tmp_path: Path) -> None:
     sink.add(0, 0, 0, None)
     clock.now += 0.3
     sink.add(1, 1, 1, None)
-    assert _rows(path) == []
+    assert _staged(path) == []
     clock.now += 0.19
     sink.add(2, 2, 2, None)
-    assert _rows(path) == []
+    assert _staged(path) == []
     clock.now += 0.01
     sink.add(3, 3, 3, None)
-    assert len(_rows(path)) == 4
+    assert len(_staged(path)) == 4
     # The timer restarts with the next pending row, not at the last commit.
     clock.now += 10
     sink.add(4, 4, 4, None)
-    assert len(_rows(path)) == 4
+    assert len(_staged(path)) == 4
     clock.now += 0.5
     sink.flush()
-    assert len(_rows(path)) == 5
+    assert len(_staged(path)) == 5
     sink.close(complete=True)
 
 
-def test_sqlite_sink_keeps_rows_of_failed_job(tmp_path: Path) -> None:
-    """close(complete=False) still commits everything that arrived."""
+def _old_results(path: Path) -> None:
+    """An output of a previous good run: 1,000 rows in results, and a table of the user's."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE results (idx INTEGER PRIMARY KEY, result)")
+        conn.executemany("INSERT INTO results VALUES (?, ?)", [(i, i) for i in range(1000)])
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+
+
+def _old_table(path: Path) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT * FROM results ORDER BY idx").fetchall()
+
+
+def test_sqlite_sink_failed_job_keeps_old_results_and_its_rows_apart(tmp_path: Path) -> None:
+    """An incomplete job leaves `results` as it was; what arrived is kept in results_partial."""
     path = tmp_path / "r.db"
+    _old_results(path)
     sink = SqliteSink(path, clock=FakeClock())
     _feed(sink, _items()[:10])
     sink.close(complete=False)
-    assert len(_rows(path)) == 10
+    assert _old_table(path) == [(i, i) for i in range(1000)]
+    assert len(_rows(path, SqliteSink.STAGING)) == 10
+    assert sink.kept() == (
+        f"kept 10 result(s) in table results_partial of {path}; {path} left unchanged"
+    )
+    assert sink.summary()["kept"] == 10
+
+
+@pytest.mark.parametrize("end", ["close", "abandon"])
+def test_sqlite_sink_job_that_never_starts_changes_nothing(tmp_path: Path, end: str) -> None:
+    """A sink made and closed with no result (the server was unreachable) writes nothing:
+    the old output is byte for byte the same, and a missing one is not created."""
+    path = tmp_path / "r.db"
+    _old_results(path)
+    before = path.read_bytes()
+    for output in (path, tmp_path / "new.db"):
+        sink = SqliteSink(output)
+        sink.close(complete=False) if end == "close" else sink.abandon()
+    assert path.read_bytes() == before
+    assert not (tmp_path / "new.db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db"]
 
 
 def test_sqlite_sink_replaces_results_table_only(tmp_path: Path) -> None:
-    """A rerun replaces an old results table but leaves the file's other tables alone."""
+    """A complete rerun replaces the old results table but leaves the file's other tables alone."""
     path = tmp_path / "r.db"
-    with closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute("CREATE TABLE results (idx INTEGER PRIMARY KEY, junk TEXT)")
-        conn.execute("INSERT INTO results VALUES (99, 'old')")
-        conn.execute("CREATE TABLE notes (text TEXT)")
-        conn.execute("INSERT INTO notes VALUES ('keep me')")
+    _old_results(path)
     sink = SqliteSink(path)
     sink.add(0, "a", "b", None)
     sink.close(complete=True)
-    assert _rows(path) == [(0, '"a"', '"b"', None, 0, 0)]
+    assert _rows(path) == [(0, "a", "str", "b", "str", None)]
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT text FROM notes").fetchall() == [("keep me",)]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"results", "notes"}
 
 
 def test_sqlite_sink_bad_output_is_config_error(tmp_path: Path) -> None:
@@ -409,6 +507,7 @@ def test_sqlite_sink_bad_output_is_config_error(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a sqlite database, just text" * 100)
     with pytest.raises(ConfigError, match="junk.db"):
         SqliteSink(junk)
+    assert junk.read_bytes() == b"this is not a sqlite database, just text" * 100
 
 
 # --- file --------------------------------------------------------------------------------
@@ -435,13 +534,14 @@ def test_file_sink_writes_shuffled_results_in_order(tmp_path: Path) -> None:
     assert _lines(path) == expected
     assert sink.summary()["lines"] == N + 1
     assert sink.buffered == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
 def test_file_sink_buffer_bounded_by_reorder_window(tmp_path: Path) -> None:
     """Arrivals reversed within windows of W hold at most W-1 items, and the prefix is written.
 
-    After each window completes, the file holds exactly the contiguous prefix so far;
-    a fully reversed run, by contrast, has to hold everything but one item.
+    After each window completes, the staging file holds exactly the contiguous prefix so
+    far; a fully reversed run, by contrast, has to hold everything but one item.
     """
     window, n = 8, 64
     path = tmp_path / "out.jsonl"
@@ -451,7 +551,7 @@ def test_file_sink_buffer_bounded_by_reorder_window(tmp_path: Path) -> None:
             sink.add(i, i, i, None)
             assert sink.buffered <= window - 1
         sink.flush()
-        assert [line["index"] for line in _lines(path)] == list(range(start + window))
+        assert [line["index"] for line in _lines(sink.partial)] == list(range(start + window))
     assert sink.max_buffered == window - 1
     sink.close(complete=True)
 
@@ -462,15 +562,42 @@ def test_file_sink_buffer_bounded_by_reorder_window(tmp_path: Path) -> None:
     reversed_sink.close(complete=True)
 
 
-def test_file_sink_incomplete_job_writes_held_items_sorted(tmp_path: Path) -> None:
-    """close(complete=False) writes the in-order prefix, then held items by index, gaps left."""
+def test_file_sink_incomplete_job_keeps_its_lines_beside_the_old_output(tmp_path: Path) -> None:
+    """close(complete=False) leaves OUTPUT as it was and keeps the in-order prefix, then the
+    held items by index (gaps left), in OUTPUT.partial; kept() says so in words."""
     path = tmp_path / "out.jsonl"
+    path.write_text("old\n" * 1000)
     sink = FileSink(path)
     for i in (7, 1, 0, 5, 3):
         sink.add(i, i, i, None)
     assert sink.buffered == 3
     sink.close(complete=False)
-    assert [line["index"] for line in _lines(path)] == [0, 1, 3, 5, 7]
+    assert path.read_text() == "old\n" * 1000
+    assert [line["index"] for line in _lines(sink.partial)] == [0, 1, 3, 5, 7]
+    assert sink.kept() == f"kept 5 result(s) in {sink.partial}; {path} left unchanged"
+
+
+@pytest.mark.parametrize("end", ["close", "abandon"])
+def test_file_sink_job_that_never_starts_changes_nothing(tmp_path: Path, end: str) -> None:
+    """No result ever came (the server was unreachable): the old output keeps every line and
+    no file is left beside it; kept() says that nothing was kept."""
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n" * 1000)
+    sink = FileSink(path)
+    sink.close(complete=False) if end == "close" else sink.abandon()
+    assert path.read_text() == "old\n" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    if end == "close":
+        assert sink.kept() == f"no results kept; {path} left unchanged"
+
+
+def test_file_sink_empty_complete_job_writes_an_empty_output(tmp_path: Path) -> None:
+    """A job with no arguments that completes does replace the output (with nothing)."""
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    sink = FileSink(path)
+    sink.close(complete=True)
+    assert path.read_text() == ""
 
 
 def test_file_sink_rejects_duplicates(tmp_path: Path) -> None:
@@ -488,6 +615,106 @@ def test_file_sink_bad_output_is_config_error(tmp_path: Path) -> None:
     """An output path that cannot be opened is reported as ConfigError naming it."""
     with pytest.raises(ConfigError, match="no-such-dir"):
         FileSink(tmp_path / "no-such-dir" / "out.jsonl")
+    with pytest.raises(ConfigError, match="is a directory"):
+        FileSink(tmp_path)
+
+
+# --- two jobs, one output ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [FileSink, SqliteSink])
+def test_a_second_job_on_the_same_output_is_refused(tmp_path: Path, cls: type) -> None:
+    """While one job writes OUTPUT, a second sink for it is refused with one line naming the
+    output, the holder's pid and the lock file; once the first is done the output is free."""
+    path = tmp_path / "out"
+    first = cls(path)
+    first.add(0, 0, "first", None)
+    with pytest.raises(OutputError) as refused:
+        cls(path)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{path} is being written by another job" in message
+    assert f"pid {os.getpid()}" in message and f"{path}.lock" in message
+    first.close(complete=True)
+    assert not Path(f"{path}.lock").exists()
+    second = cls(path)
+    second.close(complete=False)
+
+
+def test_a_stale_lock_file_from_a_dead_console_does_not_block(tmp_path: Path) -> None:
+    """A lock file left by a SIGKILLed console holds no lock: the next job takes it over."""
+    path = tmp_path / "out.jsonl"
+    Path(f"{path}.lock").write_text("12345\n")
+    sink = FileSink(path)
+    sink.add(0, 0, 1, None)
+    sink.close(complete=True)
+    assert _lines(path) == [{"index": 0, "result": 1}]
+    assert not Path(f"{path}.lock").exists()
+
+
+# --- the disk fills up -------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs (root only): writes beyond it fail with ENOSPC like a full disk."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+def _fill(sink: Sink, line_bytes: int = 1000, limit: int = 100_000) -> OutputError:
+    """Add results of ~line_bytes each (flushing per batch, as the console does) until a
+    write fails; return that error."""
+    for i in range(limit):
+        try:
+            sink.add(i, i, "x" * line_bytes, None)
+            if i % 10 == 9:
+                sink.flush()
+        except OutputError as exc:
+            return exc
+    raise AssertionError("the disk never filled up")
+
+
+def test_file_sink_disk_full_names_the_file_and_keeps_whole_lines(small_disk: Path) -> None:
+    """ENOSPC while writing: an OutputError saying 'disk full' and naming the file; the old
+    output is untouched and the partial file keeps only whole lines, as many as kept() says."""
+    path = small_disk / "out.jsonl"
+    path.write_text("old\n")
+    sink = FileSink(path)
+    error = _fill(sink)
+    assert "disk full" in str(error) and str(sink.partial) in str(error)
+    sink.close(complete=False)
+    assert path.read_text() == "old\n"
+    kept = _lines(sink.partial)
+    assert kept and [line["index"] for line in kept] == list(range(len(kept)))
+    assert sink.kept() == f"kept {len(kept)} result(s) in {sink.partial}; {path} left unchanged"
+
+
+def test_sqlite_sink_disk_full_names_the_file_and_keeps_committed_rows(small_disk: Path) -> None:
+    """A full disk under sqlite: OutputError naming the output and 'disk full'; the rows
+    committed before stay readable in results_partial."""
+    path = small_disk / "out.db"
+    sink = SqliteSink(path, batch_size=10)
+    error = _fill(sink)
+    assert "disk full" in str(error) and str(path) in str(error)
+    sink.close(complete=False)
+    rows = _rows(path, SqliteSink.STAGING)
+    assert rows and len(rows) == sink.kept_count
+    assert [r[0] for r in rows] == list(range(len(rows)))
 
 
 # --- reduce and none ---------------------------------------------------------------------

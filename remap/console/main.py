@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,22 @@ def _python_on_path() -> str:
     found = shutil.which("python")
     same = found is not None and Path(found).parent == Path(sys.executable).parent
     return "python" if same else sys.executable
+
+
+#: exit codes beyond the error classes' own (RemapError.exit_code: 1, 2, 3, 4)
+EXIT_FAILED_ARGUMENTS = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = f"""\
+exit codes:
+  0    the job finished and every argument succeeded
+  1    the job failed or was killed, or its output could not be written
+  2    a bad job file, setting or command line
+  3    authentication or version mismatch with the server
+  4    the server is unreachable or the connection was lost
+  {EXIT_FAILED_ARGUMENTS}    the job finished but some arguments failed (on_error: continue)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job was killed
+"""
 
 
 class UsageError(RemapError):
@@ -159,7 +176,7 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="remap",
         description="Run a Python function over many arguments on every core you own.",
-        epilog=HELP,
+        epilog=HELP + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"remap {__version__}")
@@ -270,6 +287,10 @@ class Console:
             )
         stream_json = args.json and spec.response_mode == "stream"
         show_stream = spec.response_mode == "stream"
+        progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
+        # result lines come from the reactor thread, the progress bar from this one: one at a
+        # time, so the bar is cleared before a line and stdout is flushed before a redraw
+        screen = threading.Lock()
 
         last_flush = [0.0]
 
@@ -284,15 +305,17 @@ class Console:
                 line = f"{index}: " + (
                     f"ERROR {error.type_name}: {error.message}" if error else repr(result)
                 )
-            self.out.write(line + "\n")
-            # a slow stream shows each result at once; a fast one flushes ten times a second
-            now = time.monotonic()
-            if now - last_flush[0] >= 0.1:
-                self.out.flush()
-                last_flush[0] = now
+            with screen:
+                if progress is not None:
+                    progress.clear()
+                self.out.write(line + "\n")
+                # a slow stream shows each result at once; a fast one flushes ten times a second
+                now = time.monotonic()
+                if now - last_flush[0] >= 0.1:
+                    self.out.flush()
+                    last_flush[0] = now
 
         sink = make_job_sink(spec, on_item=on_item if show_stream else None)
-        progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
         notes: list[str] = []
 
         def on_notice(text: str) -> None:
@@ -304,66 +327,115 @@ class Console:
         output: queue.SimpleQueue[str] = queue.SimpleQueue()
         show_output = self.session.settings.task_output and not args.no_task_output
 
-        if args.dashboard:
-            self.session.connect(allow_embedded=True)
-            self.note(f"dashboard: {self.session.dashboard_link()}")
-        run, future = self.session.start_job(
-            spec,
-            sink,
-            detach=detach,
-            wait_for_nodes=args.wait_for_nodes,
-            on_notice=on_notice,
-            on_output=(lambda index, text: output.put(text)) if show_output else None,
-        )
+        try:
+            if args.dashboard:
+                self.session.connect(allow_embedded=True)
+                self.note(f"dashboard: {self.session.dashboard_link()}")
+            run, future = self.session.start_job(
+                spec,
+                sink,
+                detach=detach,
+                wait_for_nodes=args.wait_for_nodes,
+                on_notice=on_notice,
+                on_output=(lambda index, text: output.put(text)) if show_output else None,
+            )
+        except RemapError as exc:  # it never started: the output is left as it was
+            sink.abandon()
+            raise self._closing(exc, None, sink, args.json) from None
+        except BaseException:
+            sink.abandon()
+            raise
         if detach:
             return self._detached(run, future, args, spec)
         try:
-            outcome = self._wait(run, future, progress, notes, output)
-        except JobFailed as exc:
+            outcome = self._wait(run, future, progress, notes, output, screen)
+        except RemapError as exc:
             if progress:
                 progress.clear()
-            raise self._with_traceback(exc, run, args.traceback) from None
+            if isinstance(exc, JobFailed):
+                exc = self._with_traceback(exc, run, args.traceback)
+            raise self._closing(exc, run, sink, args.json) from None
         except KeyboardInterrupt:
             if progress:
                 progress.clear()
-            self.note(f"interrupted: killing job {run.job_id}")
-            self.session.kill_job(run.job_id)
-            return 130
+            return self._interrupted(run, future, sink)
         finally:
             if progress:
                 progress.clear()
-        return self._report(spec, sink, outcome, args)
+        return self._report(spec, sink, run, outcome, args)
 
     def _wait(
-        self, run: Any, future: Any, progress: Any, notes: list[str], output: queue.SimpleQueue
+        self,
+        run: Any,
+        future: Any,
+        progress: Any,
+        notes: list[str],
+        output: queue.SimpleQueue,
+        screen: threading.Lock,
     ) -> Any:
         try:
             while True:
-                self._print_task_output(output, progress)
+                self._print_task_output(output, progress, screen)
                 try:
                     return future.result(timeout=0.2)
                 except concurrent.futures.TimeoutError:
                     if progress:
-                        progress.draw(
-                            run.done,
-                            run.failed,
-                            run.total_hint or (run.sent if run.exhausted else None),
-                            notes[-1] if notes and not run.done else "",
-                        )
+                        with screen:
+                            self.out.flush()
+                            progress.draw(
+                                run.done,
+                                run.failed,
+                                run.total_hint or (run.sent if run.exhausted else None),
+                                notes[-1] if notes and not run.done else "",
+                            )
         finally:  # what arrived with the last results
-            self._print_task_output(output, progress)
+            self._print_task_output(output, progress, screen)
 
-    def _print_task_output(self, output: queue.SimpleQueue, progress: Any) -> None:
+    def _print_task_output(
+        self, output: queue.SimpleQueue, progress: Any, screen: threading.Lock
+    ) -> None:
         """What tasks printed or logged since the last call, each line naming node and core."""
         while True:
             try:
                 text = output.get_nowait()
             except queue.Empty:
                 return
-            if progress:
-                progress.clear()
-            self.err.write(text)
-            self.err.flush()
+            with screen:
+                if progress:
+                    progress.clear()
+                self.err.write(text)
+                self.err.flush()
+
+    def _closing(self, exc: RemapError, run: Any, sink: Any, as_json: bool) -> RemapError:
+        """The job ended badly: add what was kept (and where) to its line; ``--json`` still
+        prints the summary, on stdout, with the state and the error."""
+        kept = sink.kept()
+        if kept:
+            exc.args = (f"{str(exc).rstrip('.')}; {kept}",)
+        if as_json:
+            summary = {
+                **sink.summary(),
+                "job": run.job_id if run is not None else None,
+                "state": "killed" if isinstance(exc, JobKilled) else "failed",
+                "error": str(exc),
+                "exit_code": exc.exit_code,
+            }
+            self.say(json.dumps(render.jsonable(summary)))
+        return exc
+
+    def _interrupted(self, run: Any, future: Any, sink: Any) -> int:
+        """Ctrl-C: kill the job, keep what arrived, say what was kept and where."""
+        self.note(f"interrupted: killing job {run.job_id}")
+        self.session.kill_job(run.job_id)
+        try:  # the server's "killed" closes the sink on the reactor thread
+            future.exception(timeout=5)
+        except concurrent.futures.TimeoutError:
+            pass
+        self.session.stop_collecting(run, JobKilled(f"job {run.job_id} was interrupted"))
+        kept = sink.kept()
+        if kept:
+            self.note(f"job {run.job_id} killed; {kept}")
+        return EXIT_INTERRUPTED
 
     def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
         """With ``--traceback``, print where the first failing call raised; else say how to see it."""
@@ -384,6 +456,8 @@ class Console:
                 continue
         if future.done() and future.exception() is not None:
             raise future.exception()
+        # results are collected by attach (or the writer below), not here: free the output
+        self.session.stop_collecting(run, None)
         writer = None
         if spec.response_mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
@@ -452,7 +526,9 @@ class Console:
                 start_new_session=True,
             )
 
-    def _report(self, spec: Any, sink: Any, outcome: Any, args: argparse.Namespace) -> int:
+    def _report(
+        self, spec: Any, sink: Any, run: Any, outcome: Any, args: argparse.Namespace
+    ) -> int:
         mode = spec.response_mode
         summary = sink.summary()
         if mode == "object":
@@ -469,9 +545,16 @@ class Console:
                 + (f", {summary['failed']} errors" if summary.get("failed") else "")
                 + (f" written to {summary['output']}" if summary.get("output") else "")
             )
-        if outcome.failed:
-            self.note(f"{outcome.failed} argument(s) failed (on_error: continue)")
-        return 0
+        return self._failed_arguments(max(run.failed, outcome.failed))
+
+    def _failed_arguments(self, failed: int) -> int:
+        """A job that finished with failed arguments (on_error: continue) has its own exit code."""
+        if not failed:
+            return 0
+        self.note(
+            f"{failed} argument(s) failed (on_error: continue): exit code {EXIT_FAILED_ARGUMENTS}"
+        )
+        return EXIT_FAILED_ARGUMENTS
 
     # ------------------------------------------------------------------ cluster commands
 
@@ -555,8 +638,15 @@ class Console:
             mode if mode != "stream" else "object",
             output=output if mode in ("sqlite", "file") else None,
         )
-        run, future = self.session.attach(args.job, sink)
-        outcome = future.result()
+        try:
+            run, future = self.session.attach(args.job, sink)
+        except BaseException:
+            sink.abandon()
+            raise
+        try:
+            outcome = future.result()
+        except RemapError as exc:
+            raise self._closing(exc, run, sink, args.json) from None
         if mode in ("object", "stream"):
             self._print_values(sink.value(), args.json)
         else:
@@ -567,13 +657,11 @@ class Console:
                 else f"{summary.get('done', 0)} results"
                 + (f" written to {output}" if output else "")
             )
-        if outcome.failed:
-            self.note(f"{outcome.failed} argument(s) failed")
         missing = sink.summary().get("missing", 0)
         if missing:
             self.note(f"error: {missing} result(s) of job {args.job} are missing")
             return 1
-        return 0
+        return self._failed_arguments(max(run.failed, outcome.failed))
 
     cmd_results = cmd_attach
 
@@ -729,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         return console.execute(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (JobKilled, JobFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -207,6 +207,27 @@ class Session:
         run = JobRun(JobParams(), b"", iter(()), sink)
         return run, runtime.call(client.attach, job, run)
 
+    def stop_collecting(self, run: JobRun, error: Exception | None) -> None:
+        """Take no more results for ``run`` in this console.
+
+        With an error, the run fails with it (its sink keeps what arrived); with None, its
+        sink is abandoned unwritten because another console collects the results.
+        """
+
+        def stop() -> None:
+            if self.client is not None and run.job_id is not None:
+                if self.client.runs.get(run.job_id) is run:
+                    del self.client.runs[run.job_id]
+            if error is None:
+                run.sink.abandon()
+            else:
+                run.fail(error)
+
+        try:
+            runtime.run(stop, timeout=5)
+        except (RemapError, TimeoutError):
+            pass
+
     def kill_job(self, job: int | None) -> None:
         if job is not None and self.connected():
             try:
