@@ -6,12 +6,17 @@ Commands run as real processes (``remap_console.py``) with a clean environment; 
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from remap.client import JobOutcome
 from remap.console.main import COMMANDS, Console, Shell, build_parser
 from remap.console.session import Session
 from remap.settings import load_settings
@@ -220,3 +225,112 @@ def test_a_failed_job_names_the_argument_and_traceback_shows_the_users_code(tmp_
     assert "remap/node/core.py" not in shown.stderr, (
         "the core's own frame is not the user's business"
     )
+
+
+# ---------------------------------------------------------------------- stream mode on a terminal
+
+
+class _Screen:
+    """One terminal that a console's stdout and stderr both write to, rendered as lines.
+
+    ``\\r`` returns to the line's start, ``ESC[K`` erases to its end, ``\\n`` starts a new
+    line; other text overwrites what is under the cursor, as on a real terminal.
+    """
+
+    def __init__(self) -> None:
+        self.lines = [""]
+        self.col = 0
+        self.lock = threading.Lock()
+
+    def put(self, text: str) -> None:
+        with self.lock:
+            text = text.replace("\x1b[K", "\0")
+            for ch in text:
+                row = self.lines[-1]
+                if ch == "\r":
+                    self.col = 0
+                elif ch == "\n":
+                    self.lines.append("")
+                    self.col = 0
+                elif ch == "\0":
+                    self.lines[-1] = row[: self.col]
+                else:
+                    self.lines[-1] = row[: self.col] + ch + row[self.col + 1 :]
+                    self.col += 1
+
+
+class _Tty(io.StringIO):
+    """A terminal stream: stdout is buffered until flush (as Python's is), stderr is not."""
+
+    def __init__(self, screen: _Screen, buffered: bool, on_write: Any = None) -> None:
+        super().__init__()
+        self.screen, self.buffered, self.on_write = screen, buffered, on_write
+        self.pending = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.buffered:
+            self.pending += text
+        else:
+            self.screen.put(text)
+            if self.on_write is not None:
+                self.on_write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        text, self.pending = self.pending, ""
+        if text:
+            self.screen.put(text)
+
+
+class _StreamingSession:
+    """Feeds a stream job's sink from another thread, one result after each progress redraw."""
+
+    def __init__(self, results: int, drawn: threading.Event) -> None:
+        self.settings = SimpleNamespace(server=None, task_output=False)
+        self.results = results
+        self.drawn = drawn
+
+    def start_job(self, spec: Any, sink: Any, **_: Any) -> tuple[Any, Any]:
+        run = SimpleNamespace(
+            job_id=1, done=0, failed=0, total_hint=self.results, sent=0, exhausted=True
+        )
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def feed() -> None:
+            for i in range(self.results):
+                if not self.drawn.wait(10):
+                    future.set_exception(AssertionError("the progress bar was never drawn"))
+                    return
+                self.drawn.clear()
+                sink.add(i, i, i * i, None)
+                run.done += 1
+            sink.close(complete=True)
+            future.set_result(JobOutcome(1, "done", self.results, 0, ""))
+
+        threading.Thread(target=feed, daemon=True).start()
+        return run, future
+
+
+def test_stream_mode_on_a_terminal_keeps_progress_out_of_the_result_lines(tmp_path: Path) -> None:
+    """Stream mode with stdout and stderr on one terminal: the progress bar (stderr) is
+    cleared before each result line, so every line on screen is exactly one result and the
+    bar is gone at the end."""
+    job = write_job(
+        tmp_path / "stream.yaml",
+        {
+            "function": jobs_function("funcs", "square"),
+            "args_range": [0, 4],
+            "response_mode": "stream",
+        },
+    )
+    screen = _Screen()
+    drawn = threading.Event()
+    out = _Tty(screen, buffered=True)
+    err = _Tty(screen, buffered=False, on_write=lambda text: "/s" in text and drawn.set())
+    console = Console(_StreamingSession(4, drawn), out=out, err=err)  # type: ignore[arg-type]
+    assert console.execute(build_parser().parse_args(["compute", str(job)])) == 0
+    out.flush()
+    assert screen.lines == ["0: 0", "1: 1", "2: 4", "3: 9", ""], screen.lines

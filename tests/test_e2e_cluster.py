@@ -128,7 +128,8 @@ def test_stream_mode_json_gives_every_index_exactly_once(shared: Cluster, tmp_pa
 def test_sqlite_mode_has_every_row_when_the_command_returns(
     shared: Cluster, tmp_path: Path
 ) -> None:
-    """sqlite: when compute returns, `results` holds (idx, argument, result, error) for every argument."""
+    """sqlite: when compute returns, `results` holds every argument's row, numbers stored as
+    SQLite numbers (so SQL compares them as numbers), errors as JSON with a NULL result."""
     args = list(range(50, 90))
     job_file = job(
         tmp_path,
@@ -138,21 +139,26 @@ def test_sqlite_mode_has_every_row_when_the_command_returns(
         output="out.sqlite",
         on_error="continue",
     )
-    compute(shared, job_file, "--json", timeout=10)
+    done = compute(shared, job_file, "--json", timeout=10, ok=False)
+    assert done.returncode == 5, shared.explain(done)  # finished, with failed arguments
     with closing(sqlite3.connect(tmp_path / "out.sqlite")) as db:
         rows = db.execute(
-            "SELECT idx, argument, result, error FROM results ORDER BY idx"
+            "SELECT idx, argument, argument_type, result, result_type, error"
+            " FROM results ORDER BY idx"
         ).fetchall()
+        over = db.execute("SELECT count(*) FROM results WHERE result > 150").fetchone()[0]
     assert [r[0] for r in rows] == list(range(len(args)))
-    for (_idx, argument, result, error), x in zip(rows, args, strict=True):
-        assert json.loads(argument) == x
+    for (_idx, argument, arg_type, result, result_type, error), x in zip(rows, args, strict=True):
+        assert (argument, arg_type) == (x, "int")
         if x % 7 == 3:
-            assert result is None
+            assert (result, result_type) == (None, None)
             assert json.loads(error)["type"] == "ValueError"
             assert json.loads(error)["message"] == f"{x} is 3 mod 7"
         else:
             assert error is None
-            assert json.loads(result) == funcs.fail_on_3_mod_7(x)
+            assert (result, result_type) == (funcs.fail_on_3_mod_7(x), "int")
+    expected = [funcs.fail_on_3_mod_7(x) for x in args if x % 7 != 3]
+    assert over == sum(1 for v in expected if v > 150)  # JSON text would count them all
 
 
 def test_file_mode_writes_json_lines_in_argument_order(shared: Cluster, tmp_path: Path) -> None:
@@ -258,18 +264,23 @@ def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path
     assert f"argument {i}" in named or f"argument {x}" in named, (
         f"the line does not name the argument: {line}"
     )
-    assert done.stdout.strip() == ""
+    summary = json.loads(done.stdout)  # --json still prints its summary, saying it failed
+    assert (summary["state"], summary["exit_code"]) == ("failed", done.returncode), summary
+    assert summary["error"] in line
 
 
 @pytest.mark.parametrize("mode", ["object", "stream"])
 def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
-    """on_error: continue -> exit 0; each failing index carries its error type and message."""
+    """on_error: continue -> exit 5 (finished with failed arguments); each failing index
+    carries its error type and message."""
     args = list(range(0, 45))
     done = compute(
         shared,
         job(tmp_path, "fail_on_3_mod_7", args=args, on_error="continue", response_mode=mode),
         "--json",
+        ok=False,
     )
+    assert done.returncode == 5, shared.explain(done)
     no_traceback(done)
     if mode == "object":
         values = dict(enumerate(json.loads(done.stdout)))
@@ -351,6 +362,151 @@ def test_unreachable_server_fails_with_a_clear_line(shared: Cluster) -> None:
     no_traceback(done)
     lines = error_lines(done)
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "reach" in lines[0], done.stderr
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free now, and nothing listens on it once closed
+
+
+def test_a_rerun_that_cannot_reach_the_server_leaves_the_outputs_alone(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    """A good run's outputs (1,000 JSON lines; a results table beside a table of the user's)
+    are byte for byte the same after a rerun against an unreachable server, which exits 4
+    with one line saying the output was left unchanged; nothing is left beside them."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"index": i, "result": i}) + "\n" for i in range(1000)))
+    db = tmp_path / "out.sqlite"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE results (idx INTEGER PRIMARY KEY, result)")
+        conn.executemany("INSERT INTO results VALUES (?, ?)", [(i, i) for i in range(1000)])
+        conn.execute("CREATE TABLE notes (text)")
+    jobs = [
+        job(tmp_path, "square", args_range=[0, 10], response_mode="file", output=str(out)),
+        job(tmp_path, "square", args_range=[0, 10], response_mode="sqlite", output=str(db)),
+    ]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    port = _free_port()
+    for job_file in jobs:
+        done = shared.console(
+            "--server", f"127.0.0.1:{port}", "compute", str(job_file), server=False, timeout=30
+        )
+        assert done.returncode == 4, shared.explain(done)
+        no_traceback(done)
+        lines = error_lines(done)
+        assert len(lines) == 1 and "reach" in lines[0] and "left unchanged" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_path: Path) -> None:
+    """While one console writes out.jsonl, a second job with the same output exits 1 with one
+    line naming the output and the lock; Ctrl-C then stops the first, whose closing line
+    says how many results it kept and where, and out.jsonl was never written by either."""
+    out = tmp_path / "out.jsonl"
+    first = job(tmp_path, "slow", args_range=[0, 200], response_mode="file", output=str(out))
+    second = job(tmp_path, "square", args_range=[0, 10], response_mode="file", output=str(out))
+    computing = shared.console_popen("compute", str(first))
+
+    def first_has_results() -> bool:
+        found = [j for j in shared.status()["jobs"] if j["name"] == first.stem]
+        return bool(found) and found[0]["done"] >= 3
+
+    shared.wait_for(first_has_results, 30, "the first job to have results")
+    refused = compute(shared, second, timeout=30, ok=False)
+    assert refused.returncode == 1, shared.explain(refused)
+    no_traceback(refused)
+    lines = error_lines(refused)
+    assert len(lines) == 1, refused.stderr
+    assert f"{out} is being written by another job" in lines[0] and f"{out}.lock" in lines[0]
+
+    computing.send_signal(signal.SIGINT)
+    done = shared.finish(computing, timeout=15)
+    assert done.returncode == 130, shared.explain(done)
+    no_traceback(done)
+    kept = [line for line in error_lines(done) if "kept" in line]
+    assert len(kept) == 1, done.stderr
+    count = int(kept[0].split("kept ")[1].split(" ")[0])
+    assert f"in {out}.partial; {out} left unchanged" in kept[0], kept[0]
+    lines = Path(f"{out}.partial").read_text().splitlines()
+    assert count >= 3 and len(lines) == count
+    assert [json.loads(line)["index"] for line in lines] == sorted(
+        json.loads(line)["index"] for line in lines
+    )
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
+def test_a_bad_args_path_line_says_what_was_kept(shared: Cluster, tmp_path: Path) -> None:
+    """A bad line in args_path stops the job: one line naming it and saying what was kept
+    and where; the kept partial file holds exactly that many lines."""
+    path = tmp_path / "args.jsonl"
+    path.write_text("".join(f"{i}\n" for i in range(3000)) + "{oops\n")
+    out = tmp_path / "out.jsonl"
+    job_file = job(tmp_path, "square", args_path=str(path), response_mode="file", output=str(out))
+    done = compute(shared, job_file, timeout=30, ok=False)
+    assert done.returncode == 2, shared.explain(done)  # the user's file is bad
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1 and f"{path}:3001: invalid JSON" in lines[0], done.stderr
+    assert f"{out} left unchanged" in lines[0], lines[0]
+    if "no results kept" in lines[0]:
+        assert not Path(f"{out}.partial").exists()
+    else:
+        count = int(lines[0].split("kept ")[1].split(" ")[0])
+        assert len(Path(f"{out}.partial").read_text().splitlines()) == count
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_results_the_console_cannot_unpickle_are_errors(
+    shared: Cluster, tmp_path: Path, on_error: str
+) -> None:
+    """A result that will not unpickle on the console is an error, never a success: on_error
+    fail exits 1 naming the argument; continue exits 5 with each unreadable one an error."""
+    args = list(range(20))
+    job_file = job(tmp_path, "unreadable_on_3_mod_7", args=args, on_error=on_error, chunksize=1)
+    done = compute(shared, job_file, "--json", timeout=30, ok=False)
+    no_traceback(done)
+    if on_error == "fail":
+        assert done.returncode == 1, shared.explain(done)
+        lines = error_lines(done)
+        assert len(lines) == 1 and "ResultUnreadable" in lines[0], done.stderr
+        assert json.loads(done.stdout)["state"] == "failed"
+        return
+    assert done.returncode == 5, shared.explain(done)
+    values = json.loads(done.stdout)
+    for x, value in zip(args, values, strict=True):
+        if x % 7 == 3:
+            assert value["type"] == "ResultUnreadable", value
+        else:
+            assert value == x
+    assert "3 argument(s) failed" in done.stderr
+
+
+def test_disk_full_says_which_file_and_keeps_what_was_written(
+    shared: Cluster, tmp_path: Path, small_disk: Path
+) -> None:
+    """3 MB of results into a 1 MiB file system: exit 1 with one line saying the disk is full
+    and naming the file (not "lost the connection"); the partial file keeps whole lines."""
+    out = small_disk / "out.jsonl"
+    job_file = job(
+        tmp_path, "ten_kilobytes", args_range=[0, 300], response_mode="file", output=str(out)
+    )
+    done = compute(shared, job_file, timeout=30, ok=False)
+    assert done.returncode == 1, shared.explain(done)
+    no_traceback(done)
+    lines = error_lines(done)
+    assert len(lines) == 1, done.stderr
+    assert "disk full" in lines[0] and f"{out}.partial" in lines[0], lines[0]
+    assert "connection" not in lines[0], lines[0]
+    kept = Path(f"{out}.partial").read_text().splitlines()
+    assert kept and [json.loads(line)["index"] for line in kept] == list(range(len(kept)))
+    assert f"kept {len(kept)} result(s)" in lines[0], lines[0]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------- cluster commands

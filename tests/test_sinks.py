@@ -8,9 +8,7 @@ import math
 import os
 import pickle
 import random
-import shutil
 import sqlite3
-import subprocess
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -653,27 +651,6 @@ def test_a_stale_lock_file_from_a_dead_console_does_not_block(tmp_path: Path) ->
 
 
 # --- the disk fills up -------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 1 MiB tmpfs (root only): writes beyond it fail with ENOSPC like a full disk."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
 
 
 def _fill(sink: Sink, line_bytes: int = 1000, limit: int = 100_000) -> OutputError:

@@ -79,3 +79,20 @@ def talkative(x):
     print(f"stderr {x}", file=sys.stderr)
     log.warning("logging %s", x)
     return x
+
+
+class Unreadable:
+    """Pickles fine on the core but raises when unpickled (on the console)."""
+
+    def __reduce__(self):
+        return (int, ("not a number",))
+
+
+def unreadable_on_3_mod_7(x):
+    """Returns x, except an object the console cannot unpickle for x % 7 == 3."""
+    return Unreadable() if x % 7 == 3 else x
+
+
+def ten_kilobytes(x):
+    """A 10 kB string: a few hundred of these fill a small disk."""
+    return f"{x}:" + "x" * 10_000
