@@ -334,3 +334,12 @@ def test_stream_mode_on_a_terminal_keeps_progress_out_of_the_result_lines(tmp_pa
     assert console.execute(build_parser().parse_args(["compute", str(job)])) == 0
     out.flush()
     assert screen.lines == ["0: 0", "1: 1", "2: 4", "3: 9", ""], screen.lines
+
+
+def test_help_documents_the_exit_codes() -> None:
+    """`remap --help` and `remap help compute` list the exit codes, 5 for failed arguments."""
+    parser = build_parser()
+    compute_help = Console(None, parser=parser).help_text("compute")  # type: ignore[arg-type]
+    for text in (parser.format_help(), compute_help):
+        assert "exit codes:" in text
+        assert "5    the job finished but some arguments failed (on_error: continue)" in text

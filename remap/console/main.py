@@ -190,6 +190,8 @@ def build_parser() -> Parser:
         return p
 
     p = command("compute")
+    p.epilog = EXIT_CODES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
