@@ -307,6 +307,10 @@ class TaskResult(Message):
     payload is one pickle: the fold of the batch's successful results. With ``packed``
     the payload is one pickle of the list of every result (an error's slot holds its
     exception, or None); nobody between the core and the console needs them apart.
+
+    With ``part`` > 0 this is a streamed part of a batch still running: it answers the
+    task's next ``part`` arguments not answered before (positions count from the first of
+    them), and the task stays in flight until its plain answer covers the rest.
     """
 
     TYPE = "result"
@@ -317,6 +321,7 @@ class TaskResult(Message):
     output: str = ""
     partial: bool = False
     packed: bool = False
+    part: int = 0
     payload: bytes = b""
 
 

@@ -335,7 +335,8 @@ def test_status_over_the_wire() -> None:
     (job,) = status["jobs"]
     assert (node["host"], node["cores"], node["group"]) == ("node-a", 3, "g1")
     assert (job["name"], job["state"], job["total"], job["received"]) == ("held", "running", 10, 10)
-    assert job["running"] == 10 and node["tasks_in_flight"] >= 1
+    # one call per credit (3 cores, 2 each) until call times are measured
+    assert job["running"] == 6 and node["tasks_in_flight"] == 6
 
 
 def test_kill_stops_a_running_job() -> None:

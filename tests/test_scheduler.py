@@ -330,6 +330,103 @@ def test_first_batches_are_small() -> None:
     assert [len(t.sizes) for t in node.held(timed.job)] == [1] * PREFETCH
 
 
+def test_first_calls_spread_over_every_core() -> None:
+    """Until a call is measured, a job of unknown size sends one call per credit, on every node.
+
+    (It used to send a batch of 16 to one core: 8 slow calls then ran one after another.)
+    """
+    sched, _ = make()
+    a, b = FakeNode(sched, "a", cores=2), FakeNode(sched, "b", cores=2)
+    console = FakeConsole(sched, range(8), end=False)
+    console.feed()
+    sizes = {x.id: [len(t.sizes) for t in x.held()] for x in (a, b)}
+    assert sizes == {"a": [1] * (2 * PREFETCH), "b": [1] * (2 * PREFETCH)}
+
+
+def test_known_size_first_batches_are_the_job_shared_by_the_cores() -> None:
+    """A job of known size starts with its share per credit (no ramp), capped while unmeasured."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    small = FakeConsole(sched, range(8), total=8)
+    small.feed()
+    sizes = [len(t.sizes) for t in node.held(small.job)]
+    assert len(sizes) == 2 * PREFETCH and max(sizes) == 8 // (2 * PREFETCH), sizes
+    run_to_end([node], [small], elapsed=1.0)
+    assert small.done().state == "done"
+    big = FakeConsole(sched, range(100_000), name="big", total=100_000)
+    big.feed()
+    sizes = [len(t.sizes) for t in node.held(big.job)]
+    assert sizes == [sched_mod.FIRST_BATCH_MAX] * (2 * PREFETCH)
+
+
+def answer_part(node: FakeNode, task: m.Task, first: int, count: int, **kw: Any) -> None:
+    """Stream the answer for arguments ``first .. first + count - 1`` of a running task."""
+    blobs = [
+        dumps(square(pickle.loads(b)))
+        for b in list(split(task.sizes, task.payload))[first : first + count]
+    ]
+    node.sched.task_result(
+        node.id,
+        m.TaskResult(
+            task=task.task,
+            sizes=[len(b) for b in blobs],
+            elapsed=0.5 * count,
+            part=count,
+            payload=b"".join(blobs),
+            **kw,
+        ),
+    )
+
+
+def test_streamed_parts_reach_the_console_while_the_batch_runs() -> None:
+    """Parts of a running batch are delivered at once; the task keeps its credit until the end."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(6), chunksize=6)
+    console.feed()
+    (task,) = node.held()
+    answer_part(node, task, 0, 2)
+    assert console.outcomes() == {0: [("ok", 0)], 1: [("ok", 1)]}
+    assert sched.jobs[console.job].running == 4 and console.done() is None
+    answer_part(node, task, 2, 1)
+    blobs = [dumps(square(v)) for v in (3, 4, 5)]
+    sched.task_result(
+        "n", m.TaskResult(task=task.task, sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    )
+    assert assert_exactly_once(console, 6) == {i: ("ok", i * i) for i in range(6)}
+    assert console.done().state == "done"
+
+
+def test_crash_after_parts_blames_the_argument_the_node_named() -> None:
+    """A crash position counts from the task's first argument, parts already answered or not."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(6), chunksize=6, retries=0, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    answer_part(node, task, 0, 3)
+    node.crash(task, at=4)
+    run_to_end([node], [console])
+    results = assert_exactly_once(console, 6)
+    assert results[4] == ("error", "CoreCrashed")
+    assert all(results[i] == ("ok", i * i) for i in (0, 1, 2, 3, 5))
+
+
+def test_a_part_covering_the_whole_rest_is_malformed() -> None:
+    """A part must leave something running: one that does not drops the node, nothing is lost."""
+    sched, _ = make()
+    bad = FakeNode(sched, "bad", cores=1)
+    console = FakeConsole(sched, range(4), chunksize=4)
+    console.feed()
+    (task,) = bad.held()
+    answer_part(bad, task, 0, 1)
+    answer_part(bad, task, 1, 3)
+    assert bad.link.closed and "bad" not in sched.nodes
+    good = FakeNode(sched, "good", cores=1)
+    run_to_end([good], [console])
+    assert assert_exactly_once(console, 4) == {i: ("ok", i * i) for i in range(4)}
+
+
 @pytest.mark.parametrize("per_call", [0.001, 0.0002, 0.02, 0.2])
 def test_batch_size_adapts_to_target_seconds(per_call: float) -> None:
     """After results with elapsed times, batches hold about TARGET_BATCH_SECONDS of work."""

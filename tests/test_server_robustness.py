@@ -69,7 +69,7 @@ def test_a_handler_that_raises_closes_the_peer_and_a_job_that_lost_arguments_end
     handler.role, handler.session = "node", "n1"
     handler.message_received(link, m.NodeInfo(host="h", pid=1, cores=1, memory=1))
     node = sched.nodes["n1"]
-    console = FakeConsole(sched, [1, 2])
+    console = FakeConsole(sched, [1, 2], chunksize=2)  # one task holds both arguments
     console.feed()
     (task_id,) = node.inflight
 

@@ -29,6 +29,8 @@ from remap.shipping import load_function_blob
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
 SLOT = struct.Struct("<qd")  # position of the running argument (-1 idle), its start (monotonic)
 MAX_OUTPUT = 64 * 1024
+#: a running batch sends what it has finished at most this often, so results stream back
+STREAM_SECONDS = 0.05
 _PREFIX = struct.Struct(">II")
 
 
@@ -142,10 +144,12 @@ class _BatchOutput(io.TextIOBase):
 
 
 class Core:
-    def __init__(self, shm: mmap.mmap) -> None:
+    def __init__(self, shm: mmap.mmap, emit: Any = None) -> None:
         self.shm = shm
         self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
         self.output = _BatchOutput(sys.__stderr__)
+        #: ``emit(header, payload)`` sends a streamed part of a running batch; None: no parts
+        self.emit = emit
 
     def load(self, header: dict, payload: bytes) -> None:
         fn, reduce_fn = load_function_blob(payload)
@@ -165,10 +169,19 @@ class Core:
         have_acc = False
         captured = self.output
         captured.buffer = io.StringIO()
-        started = time.perf_counter()
+        emit, first, flushed = self.emit, 0, clock()
         with redirect_stdout(captured), redirect_stderr(captured):
             for pos, blob in enumerate(split(header["sizes"], payload)):
-                pack_into(shm, 0, pos, clock())
+                now = clock()
+                if emit is not None and now - flushed >= STREAM_SECONDS and pos > first:
+                    # send what is done so far: results reach the caller as they complete
+                    reply, blob_out = self._reply(
+                        header, results, errors, acc, have_acc, now - flushed, pos - first
+                    )
+                    emit(reply, blob_out)
+                    results, errors, acc, have_acc = [], [], None, False
+                    first, flushed = pos, now
+                pack_into(shm, 0, pos, now)
                 try:
                     arg = loads(blob)
                     if star:
@@ -185,17 +198,32 @@ class Core:
                 except (Exception, KeyboardInterrupt, SystemExit) as exc:
                     # a task that raises KeyboardInterrupt or calls sys.exit() fails that
                     # call with it, as in multiprocessing; the core itself lives on
-                    errors.append(_error_entry(pos, exc))
+                    errors.append(_error_entry(pos - first, exc))
                     if not partial:
                         results.append(exc)
         pack_into(shm, 0, -1, 0.0)
-        elapsed = time.perf_counter() - started
+        return self._reply(header, results, errors, acc, have_acc, clock() - flushed, 0)
+
+    def _reply(
+        self,
+        header: dict,
+        results: list[Any],
+        errors: list[list[Any]],
+        acc: Any,
+        have_acc: bool,
+        elapsed: float,
+        part: int,
+    ) -> tuple[dict, bytes]:
+        """The answer for the calls run since the last part (``part`` > 0: more will follow)."""
+        partial = bool(header.get("reduce"))
         packed = False
         if partial:
             blobs = [dumps(acc)] if have_acc else []
         else:
             blobs, packed = _pack_results(results, errors)
-        out = captured.take()
+        out = self.output.take()
+        if part:
+            self.output.buffer = io.StringIO()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
         reply = {
@@ -207,6 +235,7 @@ class Core:
             "output": out,
             "partial": partial,
             "packed": packed,
+            "part": part,
         }
         return reply, b"".join(blobs)
 
@@ -249,7 +278,7 @@ def main() -> None:
     # (and PR_SET_PDEATHSIG ends them with it), so a core never takes SIGINT for itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = mmap.mmap(SHM_FD, SLOT.size)
-    core = Core(shm)
+    core = Core(shm, emit=lambda header, payload: write_frame(OUT_FD, header, payload))
     write_frame(OUT_FD, {"t": "ready", "pid": os.getpid()})
     while True:
         try:

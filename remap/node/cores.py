@@ -274,7 +274,10 @@ class CorePool:
             core.ready = True
             self._dispatch()
         elif kind == "result":
-            task, core.task = core.task, None
+            part = header.get("part", 0)
+            task = core.task
+            if not part:  # a streamed part leaves the batch running on this core
+                core.task = None
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
             if task is not None and core.killing in (None, "timeout"):
                 self.on_result(
@@ -286,10 +289,12 @@ class CorePool:
                         output=prefix_lines(header["output"], f"[{self.name} core {core.index}] "),
                         partial=header["partial"],
                         packed=header.get("packed", False),
+                        part=part,
                         payload=payload,
                     )
                 )
-            self._dispatch()
+            if not part:
+                self._dispatch()
 
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:
         task, core.task = core.task, None

@@ -30,6 +30,9 @@ from protocol import messages as m
 #: seconds of work a batch should hold on one core, when call times are known
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH_ARGS = 50_000
+#: most arguments in a batch of a known-size job before its call times are measured: enough
+#: that a small job of trivial calls needs no ramp, few enough that slow calls still rebalance
+FIRST_BATCH_MAX = 1000
 #: bytes of arguments a batch may carry: an argument of more than half of this travels alone
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
@@ -199,8 +202,9 @@ class TaskState:
     id: int
     job: JobState
     node: NodeState
-    segment: Segment
+    segment: Segment  # the arguments not answered yet (streamed parts leave from the front)
     sent_at: float
+    answered: int = 0  # arguments answered by streamed parts: positions the node names count them
 
 
 @dataclass(eq=False)
@@ -663,7 +667,8 @@ class Scheduler:
     def _window(self, job: JobState) -> int:
         """How many arguments the server wants queued for a job, from the cluster's size."""
         credits = self._credits_for(job) or PREFETCH
-        return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * self._batch_size(job, 1 << 30)))
+        size = max(16, self._batch_size(job, 1 << 30))
+        return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * size))
 
     def _grant(self, job: JobState) -> None:
         if job.finished or job.args_ended or job.console is None or job.first_window:
@@ -681,22 +686,20 @@ class Scheduler:
             job.console.send(m.Grant(job=job.id, count=want))
 
     def _batch_size(self, job: JobState, pending: int) -> int:
+        """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work.
+
+        Before any call is measured, a job of unknown size (or with a timeout) sends one call
+        per batch, so its first calls spread over every free core instead of queueing on one;
+        a job of known size sends up to ``FIRST_BATCH_MAX`` and :meth:`_fair_share` cuts that
+        to its share of the cores, so a small job runs in one round without a ramp.
+        """
         if job.gang:
             return 1
         if job.chunksize:
             return job.chunksize
-        if job.timeout is not None:
-            return (
-                1
-                if job.per_call is None
-                else max(
-                    1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7)))
-                )
-            )
         if job.per_call is None:
-            return 16  # a first small batch to measure call times
-        size = int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))
-        return max(1, min(MAX_BATCH_ARGS, size))
+            return 1 if job.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
+        return max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
 
     def _fair_share(self, job: JobState, size: int) -> int:
         """Shrink batches near the end of a known-size job so every core gets some of the tail.
@@ -864,7 +867,9 @@ class Scheduler:
         task.job.running -= len(task.segment)
         node.tasks_done += 1
         for watcher in self.watchers:
-            watcher.batch_finished(task.job, len(task.segment), self.clock.seconds() - task.sent_at)
+            watcher.batch_finished(
+                task.job, task.answered + len(task.segment), self.clock.seconds() - task.sent_at
+            )
         if node.has_credit() and node.id in self.nodes:
             self._ready[node.id] = node
         return task
@@ -874,13 +879,17 @@ class Scheduler:
     def task_result(self, node_id: str, msg: m.TaskResult) -> None:
         node = self.nodes.get(node_id)
         cleared = self._heard_from(node)
-        task = self._release(node, msg.task) if node is not None else None
-        if task is None:  # a late answer for work already re-queued, cancelled or finished
+        if msg.part:
+            task, seg = self._take_part(node, msg.task, msg.part)
+        else:
+            task = self._release(node, msg.task) if node is not None else None
+            seg = task.segment if task is not None else None
+        if task is None or seg is None:  # a late answer for work re-queued, cancelled or finished
             if cleared:
                 self.pump()
             return
-        job, seg = task.job, task.segment
-        problem = self._malformed(msg, len(seg))
+        job = task.job
+        problem = self._malformed(msg, len(seg)) if len(seg) else f"a part of {msg.part} arguments"
         if problem:
             # the arguments go back to the queue and this node gets nothing more
             self.log.error(
@@ -889,7 +898,8 @@ class Scheduler:
                 t=msg.task,
                 problem=problem,
             )
-            self._requeue(job, seg)
+            if len(seg):
+                self._requeue(job, seg)
             self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
             node.link.close()
             return
@@ -919,6 +929,26 @@ class Scheduler:
             return
         self._maybe_complete(job)
         self.pump()
+
+    def _take_part(
+        self, node: NodeState | None, task_id: int, part: int
+    ) -> tuple[TaskState | None, Segment | None]:
+        """A streamed part answers the task's next ``part`` arguments; the rest stay in flight.
+
+        A part as long as what is left (or longer) is malformed: the last answer is the plain
+        result, which frees the node's credit.
+        """
+        task = node.inflight.get(task_id) if node is not None else None
+        if task is None:
+            return None, None
+        seg = task.segment
+        if not 0 < part < len(seg):
+            return task, self._slice(seg, 0, 0)
+        task.segment = self._slice(seg, part, len(seg))
+        task.answered += part
+        task.job.running -= part
+        task.sent_at = self.clock.seconds()  # the rest's deadline counts from its first call
+        return task, self._slice(seg, 0, part)
 
     @staticmethod
     def _malformed(msg: m.TaskResult, n: int) -> str:
@@ -951,7 +981,8 @@ class Scheduler:
         job, seg = task.job, task.segment
         if job.finished:
             return
-        at = msg.at if 0 <= msg.at < len(seg) else -1
+        at = msg.at - task.answered  # the node counts positions from the task's first argument
+        at = at if 0 <= at < len(seg) else -1
         if at < 0:
             # unknown culprit: every argument is suspect, so each retries alone
             suspects = [self._slice(seg, i, i + 1) for i in range(len(seg))]
