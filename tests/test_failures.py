@@ -302,7 +302,7 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
     must still return every result in order, as a JSON list: the results the dead console
     had been sent were never delivered to anyone who kept them."""
     c = _cluster(make_cluster, REMAP_CONSOLE_GRACE=str(GRACE))
-    n = 80  # 0.1 s each on two cores: about 4 s
+    n = 160  # 0.1 s each on two cores: about 8 s, time for a console to start and attach
     job = _job(tmp_path, "resumable", "nap", args_range=[0, n])
     submitted = c.assert_ok(c.console("compute", job, "--detach", "--json", timeout=QUICK))
     job_id = json.loads(submitted.stdout)["job"]
