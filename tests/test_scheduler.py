@@ -412,6 +412,23 @@ def test_crash_after_parts_blames_the_argument_the_node_named() -> None:
     assert all(results[i] == ("ok", i * i) for i in (0, 1, 2, 3, 5))
 
 
+def test_a_streamed_part_restarts_the_deadline_of_the_rest() -> None:
+    """The calls left after a part get their own deadline from the part's arrival: a batch that
+    keeps streaming is never taken for a stuck one."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(20), chunksize=20, timeout=1.0)
+    console.feed()
+    (task,) = node.held()
+    for _ in range(14):
+        clock.advance(1)
+    answer_part(node, task, 0, 10)
+    for _ in range(10):  # the rest may take 10 x 1 s + slack from here
+        clock.advance(1)
+    assert not node.link.of(m.Cancel) and not sched.nodes["n"].suspect
+    assert sched.jobs[console.job].running == 10
+
+
 def test_a_part_covering_the_whole_rest_is_malformed() -> None:
     """A part must leave something running: one that does not drops the node, nothing is lost."""
     sched, _ = make()
