@@ -155,6 +155,11 @@ class RemoteTraceback(RemoteTaskError):
             return f"{self.type_name}: {self.message}{where}"
         return f'remote traceback{where}:\n"""\n{tb}\n"""'
 
+    @property
+    def tb(self) -> str:
+        """The remote traceback's text, under the name ``multiprocessing.pool`` uses."""
+        return self.remote_traceback
+
 
 def remote_exception(info: TaskErrorInfo) -> BaseException:
     """The exception to raise for a failed task: its own type when it could be rebuilt here.
@@ -395,6 +400,7 @@ class _Feeder:
         *,
         star: bool,
         fn_name: str,
+        defer_errors: bool = False,
     ) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"buffersize must be at least 1, not {limit}")
@@ -405,6 +411,10 @@ class _Feeder:
         self.fn_name = fn_name
         self.put = 0
         self.done = False
+        #: with ``defer_errors``, an exception the iterable raised: it takes the position of the
+        #: argument it failed to give and is raised when the caller's iteration reaches it
+        self.defer_errors = defer_errors
+        self.error: BaseException | None = None
         # refill only once a few results were consumed: one reactor wake-up per refill
         self._slack = 0 if limit is None else max(1, limit // 8) - 1
 
@@ -427,6 +437,11 @@ class _Feeder:
                 except StopIteration:
                     self.done = True
                     self.source = None
+                    break
+                except Exception as exc:
+                    if not self.defer_errors:
+                        raise
+                    self.error, self.done, self.source = exc, True, None
                     break
                 if self.star:
                     value = tuple(value)
@@ -466,13 +481,16 @@ class ResultIterator(Iterator[Any]):
         stop_on_error: bool = True,
         fn_name: str = "",
         timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
+        defer_source_errors: bool = False,
     ) -> None:
         self._stream = stream
         self._timeout_error = timeout_error
         self._ordered = ordered
         self._deadline = deadline
         self._stop_on_error = stop_on_error
-        self._feeder = _Feeder(stream, source, buffersize, star=star, fn_name=fn_name)
+        self._feeder = _Feeder(
+            stream, source, buffersize, star=star, fn_name=fn_name, defer_errors=defer_source_errors
+        )
         self._consumed = 0
         self._next_index = 0
         self._buffer: dict[int, tuple[Any, TaskErrorInfo | None]] = {}
@@ -521,6 +539,9 @@ class ResultIterator(Iterator[Any]):
                 return self._deliver(*item)
             if self._feeder.done and self._consumed >= self._feeder.put:
                 self.close()
+                error, self._feeder.error = self._feeder.error, None
+                if error is not None:  # the iterable failed here: raise it at its position
+                    raise error
                 raise StopIteration
             if self._ended:
                 error = self._end_error or JobFailed("the job ended before every result arrived")
@@ -780,6 +801,7 @@ class Cluster:
         deadline: float | None = None,
         stop_on_error: bool = True,
         timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
+        defer_source_errors: bool = False,
     ) -> ResultIterator:
         self._check_open()
         blob = function_blob(fn)
@@ -799,6 +821,7 @@ class Cluster:
             stop_on_error=stop_on_error,
             fn_name=describe(fn),
             timeout_error=timeout_error,
+            defer_source_errors=defer_source_errors,
         )
 
     # ------------------------------------------------------------ mapping

@@ -176,6 +176,9 @@ class Pool:
             kind="pool",
             stop_on_error=stop_on_error,
             timeout_error=multiprocessing.TimeoutError,
+            # as multiprocessing: an exception from the iterable is raised where it happened,
+            # after the results before it
+            defer_source_errors=True,
         )
         self._iterators.add(results)
         return results
@@ -380,7 +383,7 @@ class Pool:
         # as multiprocessing.Pool: a pool dropped while running is a leak worth a warning; its
         # own embedded cluster (and so its cores) is closed rather than left running until exit
         if getattr(self, "_state", None) == _RUN:
-            _warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
             if getattr(self, "_owns_cluster", False):
                 self._owns_cluster = False
                 try:

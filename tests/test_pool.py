@@ -99,7 +99,7 @@ def test_a_dropped_running_pool_warns(embedded: remap.Cluster) -> None:
 
     p = remap.Pool(cluster=embedded)
     assert p.map(square, [2]) == [4]
-    with pytest.warns(ResourceWarning, match="unclosed running pool"):
+    with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
         del p
         gc.collect()
 

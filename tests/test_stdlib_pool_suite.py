@@ -1,0 +1,82 @@
+"""CPython's own multiprocessing.Pool test cases, run against remap.Pool.
+
+The cases come from the running interpreter's ``test._test_multiprocessing`` (shipped with
+CPython; Debian packages it as ``libpython3.X-testsuite``); only the pool is swapped for
+remap's, on one shared embedded cluster. Cases that test what remap deliberately does
+differently are listed in ``DIFFERENCES`` with the reason, and the README's table of
+differences is checked against that list, so the table stays the contract.
+"""
+
+from __future__ import annotations
+
+import atexit
+import unittest
+from pathlib import Path
+
+import pytest
+
+mp_tests = pytest.importorskip(
+    "test._test_multiprocessing", reason="this Python has no test suite (libpython3.X-testsuite)"
+)
+
+import remap  # noqa: E402
+from remap.settings import Settings  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+_cluster: list[remap.Cluster] = []
+
+
+def _shared() -> remap.Cluster:
+    if not _cluster:
+        _cluster.append(remap.connect(cores=4, settings=Settings()))
+        atexit.register(_cluster[0].close)
+    return _cluster[0]
+
+
+def _pool(processes=None, initializer=None, initargs=(), maxtasksperchild=None, context=None):
+    return remap.Pool(processes, initializer, initargs, maxtasksperchild, cluster=_shared())
+
+
+class RemapMixin(mp_tests.ProcessesMixin):
+    Pool = staticmethod(_pool)
+
+
+#: case name -> why remap differs (the README's table of differences lists the same)
+DIFFERENCES: dict[str, str] = {
+    "TestRemapPool.test_imap_handle_iterable_exception": (
+        "an exception from the iterable is raised exactly at its position; multiprocessing "
+        "raises it at the start of the chunk that holds it (chunksize > 1)"
+    ),
+    "TestRemapPool.test_make_pool": (
+        "reads the private worker list `Pool._pool`; remap's cores belong to the cluster"
+    ),
+    "TestRemapPool.test_map_unplicklable": (
+        "an argument that cannot be pickled raises remap.PicklingError (a pickle.PicklingError "
+        "naming the argument) with the original error as its __cause__, not the original error"
+    ),
+    "TestRemapPool.test_traceback": (
+        "the remote traceback (with a `.tb` text, as multiprocessing's) is a "
+        "remap.RemoteTraceback, not a multiprocessing.pool.RemoteTraceback"
+    ),
+}
+
+
+class TestRemapPool(mp_tests._TestPool, RemapMixin, unittest.TestCase):
+    """multiprocessing's _TestPool on remap.Pool."""
+
+
+for _name, _why in DIFFERENCES.items():
+    _cls_name, _, _method = _name.partition(".")
+    _cls = globals()[_cls_name]
+    setattr(_cls, _method, unittest.expectedFailure(getattr(_cls, _method)))
+del _cls  # not a second copy of the test case for pytest to collect
+
+
+def test_the_readme_lists_every_difference() -> None:
+    """The README's table of differences is the contract: it names every case expected to fail
+    here (and each of those still fails: ``expectedFailure`` turns a pass into a failure)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Differences from the standard library", 1)[1].split("\n## ", 1)[0]
+    for name in DIFFERENCES:
+        assert f"`{name.partition('.')[2]}`" in table, f"README's differences lack {name}"
