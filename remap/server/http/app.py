@@ -21,11 +21,9 @@ from twisted.web.server import NOT_DONE_YET
 from . import openapi, views
 from .events import EventHub
 from .metrics import ServerStats
-from .routes import JSON, MUTATING, PARAMS, Route, find, split_path
+from .routes import JSON, MUTATING, PARAMS, STATIC_FILES, Route, find, split_path
 from .security import SESSION_COOKIE, HttpAuth, Identity
 
-#: files under ``static/`` that may be served, and their media types (nothing else is reachable)
-STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
     b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "

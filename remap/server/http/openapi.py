@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .routes import JSON, PARAMS, ROUTES, Route
+from .routes import EVENTS, JSON, PARAMS, ROUTES, STATIC_FILES, Route
 
 
 def _obj(props: dict[str, Any], *, extra: bool = False) -> dict:
@@ -118,6 +118,12 @@ def _error(description: str) -> dict:
     }
 
 
+def _param_schema(name: str) -> dict:
+    if name == "name":  # the static files: the only names there are
+        return {"type": "string", "enum": sorted(STATIC_FILES)}
+    return {"type": PARAMS.get(name, ("string", str))[0]}
+
+
 def _operation(route: Route) -> dict:
     ok: dict[str, Any] = {"description": "OK"}
     if route.schema is not None:
@@ -134,6 +140,8 @@ def _operation(route: Route) -> dict:
         responses["404"] = _error("No such job, node or file")
     if route.method == "POST":
         responses["403"] = _error("A browser session without its CSRF token and JSON body")
+    if route.media == EVENTS:
+        responses["503"] = _error("Too many open event streams")
     responses["400"] = _error("Host not allowed, or a malformed request")
     op: dict[str, Any] = {
         "operationId": route.handler,
@@ -146,7 +154,7 @@ def _operation(route: Route) -> dict:
             "name": segment[1:-1],
             "in": "path",
             "required": True,
-            "schema": {"type": PARAMS.get(segment[1:-1], ("string", str))[0]},
+            "schema": _param_schema(segment[1:-1]),
         }
         for segment in route.segments
         if segment.startswith("{")

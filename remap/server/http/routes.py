@@ -17,6 +17,8 @@ EVENTS = "text/event-stream"
 CSS = "text/css"
 JS = "text/javascript"
 
+#: files under ``static/`` that may be served, and their media types (nothing else is reachable)
+STATIC_FILES = {"dashboard.css": CSS, "dashboard.js": JS}
 #: path parameter -> (OpenAPI type, converter)
 PARAMS: dict[str, tuple[str, type]] = {"job_id": ("integer", int), "node_id": ("string", str)}
 #: methods that change state: a browser session must show its CSRF token and a JSON content type
