@@ -38,9 +38,11 @@ _NODE = _obj(
         "load": _NUM,
         "group": _nullable(_STR),
         "draining": _BOOL,
+        "suspect": _BOOL,
         "connected_for": _NUM,
         "tasks_done": _INT,
-    }
+    },
+    extra=True,  # clients ignore fields they do not know: the scheduler may add some
 )
 _JOB_FIELDS = {
     "id": _INT,
@@ -97,14 +99,15 @@ SCHEMAS: dict[str, dict] = {
     ),
     "Node": _NODE,
     "NodeList": _obj({"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}),
-    "Job": _obj(_JOB_FIELDS),
+    "Job": _obj(_JOB_FIELDS, extra=True),
     "JobList": _obj({"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}),
     "JobError": _ERROR_ITEM,
     "JobDetail": _obj(
         {
             **_JOB_FIELDS,
             "errors": {"type": "array", "items": {"$ref": "#/components/schemas/JobError"}},
-        }
+        },
+        extra=True,
     ),
     "JobState": _obj({"job": _INT, "state": _STR}),
     "NodeRef": _obj({"node": _STR, "host": _STR}),
