@@ -41,8 +41,10 @@ SOON = 8.0
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _cluster(make_cluster: Any, nodes: Any = 2, **server_env: str) -> Cluster:
-    env = {"REMAP_HEARTBEAT_MISSES": "3"}
+def _cluster(
+    make_cluster: Any, nodes: Any = 2, node_env: dict[str, str] | None = None, **server_env: str
+) -> Cluster:
+    env = {"REMAP_HEARTBEAT_MISSES": "3", **(node_env or {})}
     return make_cluster(nodes, cores=1, heartbeat=HEARTBEAT, env=env, server_env=server_env)
 
 
@@ -301,9 +303,10 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
     """A detached job is attached by a console that is SIGKILLed mid-job; a second ``attach``
     must still return every result in order, as a JSON list: the results the dead console
     had been sent were never delivered to anyone who kept them."""
-    c = _cluster(make_cluster, REMAP_CONSOLE_GRACE=str(GRACE))
-    n = 160  # 0.1 s each on two cores: about 8 s, time for a console to start and attach
-    job = _job(tmp_path, "resumable", "nap", args_range=[0, n])
+    gate = tmp_path / "gate"
+    c = _cluster(make_cluster, node_env={"TEST_GATE": str(gate)}, REMAP_CONSOLE_GRACE=str(GRACE))
+    n = 160  # held at the gate until the first attach is dead, however slow the machine
+    job = _job(tmp_path, "resumable", "gated_nap", args_range=[0, n], chunksize=1)
     submitted = c.assert_ok(c.console("compute", job, "--detach", "--json", timeout=QUICK))
     job_id = json.loads(submitted.stdout)["job"]
 
@@ -316,11 +319,12 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
 
         return c.wait_for(check, QUICK, what)
 
-    state(lambda j: j["done"] >= 10, "some results to be kept for attach")
+    state(lambda j: j["done"] >= 2, "some results to be kept for attach")
     first = c.console_popen("attach", job_id, "--json")
     state(lambda j: j["attached"], "the first attach to take the job")
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(10)
+    gate.touch()
 
     def finished() -> bool:
         info = _job_named(c, "resumable")
@@ -439,13 +443,15 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
     the work it had in flight finishes there, the running job completes with every result
     exactly once, the drained node stays connected, and the next job runs on the other node
     only."""
+    gate = tmp_path / "gate"
     c = _cluster(
         make_cluster,
         nodes=[NodeSpec(env={"TEST_NODE_NAME": "a"}), NodeSpec(env={"TEST_NODE_NAME": "b"})],
+        node_env={"TEST_GATE": str(gate)},
     )
     a, b = c.nodes
-    n = 40  # 0.1 s each, one per batch: about 2 s on two cores
-    job = _job(tmp_path, "busy", "where", args_range=[0, n], chunksize=1)
+    n = 40  # one per batch; held at the gate until the drain is checked, however slow the machine
+    job = _job(tmp_path, "busy", "gated_where", args_range=[0, n], chunksize=1)
     console = c.console_popen("compute", job, "--json")
 
     def both_busy() -> dict | None:
@@ -465,6 +471,7 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
     flags = {node["pid"]: node["draining"] for node in json.loads(listed.stdout)}
     assert flags == {a.pid: True, b.pid: False}, flags
 
+    gate.touch()
     done = c.assert_ok(c.finish(console, timeout=60))
     values = json.loads(done.stdout)
     assert [v[0] for v in values] == list(range(n)), c.explain(done)

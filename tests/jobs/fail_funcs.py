@@ -56,3 +56,31 @@ def where(x):
 def square(x):
     """x * x, instantly: the "next job" that proves the cluster still works."""
     return x * x
+
+
+#: gated functions run their first GATE_AFTER arguments at once, then wait for the file named
+#: by TEST_GATE to exist: a test holds a job mid-run for as long as it needs, whatever the load
+GATE_AFTER = 4
+
+
+def _wait_for_gate(x):
+    gate = os.environ.get("TEST_GATE")
+    if gate and x >= GATE_AFTER:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the test never opened the gate {gate}")
+            time.sleep(0.02)
+
+
+def gated_nap(x):
+    """x * x, after the gate for arguments from GATE_AFTER on."""
+    _wait_for_gate(x)
+    return x * x
+
+
+def gated_where(x):
+    """``[x, TEST_NODE_NAME]``, after the gate for arguments from GATE_AFTER on."""
+    _wait_for_gate(x)
+    time.sleep(0.01)
+    return [x, os.environ.get("TEST_NODE_NAME")]
