@@ -37,6 +37,7 @@ from protocol.errors import (
     ConfigError,
     ConnectionLost,
     JobFailed,
+    RemapError,
     RemoteTaskError,
 )
 
@@ -694,6 +695,7 @@ class Cluster:
         reactor = runtime.ensure_running()
         runtime.check_not_reactor_thread()
         self._reactor = reactor
+        self._generation = runtime.generation
         try:
             if settings.server:
                 self.address = settings.server
@@ -761,6 +763,11 @@ class Cluster:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this cluster handle is closed")
+        if self._generation != runtime.generation:
+            raise RemapError(
+                "this cluster handle was opened before os.fork(): its network thread stayed "
+                "in the parent; call remap.connect() again in this process"
+            )
         if self._client is None or self._client.link is None:
             error = self._client.error if self._client is not None else None
             raise ConnectionLost(str(error) if error else "not connected to the server")
@@ -1091,6 +1098,8 @@ class Cluster:
                 return
             self._closed = True
             executor, self._executor = self._executor, None
+        if self._generation != runtime.generation:
+            return  # opened before fork(): the connection and cores are the parent's to close
         if executor is not None:
             executor._terminate()
         for stream in list(self._streams):

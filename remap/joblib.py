@@ -13,6 +13,7 @@ at exit. ``parallel_backend("remap", cluster=handle)`` uses a handle of yours;
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from typing import Any
 
@@ -50,6 +51,18 @@ def shared_cluster(**connect_kwargs: Any) -> Any:
 
 
 @atexit.register
+def _forget_shared_after_fork() -> None:
+    """A forked child (joblib's own workers, say) connects afresh instead of hanging on a
+    handle whose network thread stayed in the parent."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_shared_after_fork)
+
+
 def _close_shared() -> None:
     with _shared_lock:
         clusters = list(_shared.values())

@@ -16,6 +16,7 @@ signal went to someone else's handler.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -28,6 +29,21 @@ _thread: threading.Thread | None = None
 _reactor: Any = None
 #: seconds between reaps that do not wait for SIGCHLD
 REAP_INTERVAL = 0.25
+#: bumped in a child process after fork(): handles opened before it belong to the parent
+generation = 0
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has the parent's reactor object but not its thread: start afresh."""
+    global _lock, _thread, _reactor, generation
+    _lock = threading.Lock()
+    _thread = None
+    _reactor = None
+    generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _new_reactor() -> Any:

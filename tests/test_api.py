@@ -445,3 +445,31 @@ def test_examples_run(example: str, tmp_path: Path) -> None:
     done = run_python([str(EXAMPLES / example)], tmp_path, timeout=120)
     assert done.returncode == 0, f"{example} failed:\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip(), f"{example} printed nothing"
+
+
+def test_a_forked_child_gets_a_clear_error_and_can_connect_afresh(tmp_path: Path) -> None:
+    """After os.fork() the parent's handle has no network thread in the child: using it raises
+    one clear error instead of hanging, and remap.connect() in the child works."""
+    import os
+
+    with remap.connect(cores=1, settings=Settings()) as cluster:
+        assert cluster.map(abs, [-1]) == [1]
+        report = tmp_path / "child.txt"
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 1
+            try:
+                try:
+                    cluster.map(abs, [-2])
+                    report.write_text("no error")
+                except remap.RemapError as exc:
+                    with remap.connect(cores=1, settings=Settings()) as fresh:
+                        report.write_text(f"{exc}|{fresh.map(abs, [-3])}")
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, report.read_text() if report.exists() else ""
+        error, fresh = report.read_text().split("|")
+        assert "before os.fork()" in error and fresh == "[3]"
+        assert cluster.map(abs, [-4]) == [4], "the parent's handle still works"

@@ -293,3 +293,24 @@ def test_pool_on_a_server_with_two_nodes(tmp_path: Path) -> None:
             assert pool.map(square, range(100)) == [x * x for x in range(100)]
             assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
             assert pool.apply_async(power, (2, 8)).get(timeout=30) == 256
+
+
+def thread_env(x: int) -> str | None:
+    import os
+
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def test_cores_limit_native_thread_pools(embedded: remap.Cluster) -> None:
+    """As loky does: each core's OpenMP/BLAS pools get CPUs / cores threads, so numpy on N
+    cores does not start N × CPUs threads; a value the node was given wins."""
+    import os
+
+    from remap.node.cores import thread_limits
+
+    # (a value this test process was given reaches the cores instead, as the node's would)
+    expected = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    with remap.Pool(cluster=embedded) as p:
+        assert set(p.map(thread_env, range(4))) == {expected}
+    assert thread_limits({"OMP_NUM_THREADS": "3"}, 2).get("OMP_NUM_THREADS") is None
+    assert thread_limits({}, 64)["MKL_NUM_THREADS"] == "1"

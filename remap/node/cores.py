@@ -52,6 +52,25 @@ def _widen_pipes(core: CoreProcess) -> None:
             return
 
 
+#: the native thread pools (OpenMP, BLAS, ...) a core's numerical libraries start
+THREAD_LIMIT_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def thread_limits(env: dict[str, str], cores: int) -> dict[str, str]:
+    """CPUs / cores threads for each native pool, as loky does for its workers: N cores each
+    starting a pool of every CPU would oversubscribe the machine N times. A value already set
+    in the node's environment wins."""
+    per_core = str(max(1, (os.cpu_count() or 1) // max(1, cores)))
+    return {name: per_core for name in THREAD_LIMIT_VARIABLES if name not in env}
+
+
 @dataclass
 class JobInfo:
     blob: bytes
@@ -165,6 +184,7 @@ class CorePool:
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env.update(thread_limits(env, self.size))
         self.reactor.spawnProcess(
             core,
             sys.executable,
