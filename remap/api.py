@@ -70,6 +70,8 @@ log = Logger()
 DEFAULT_BUFFERSIZE = 65536
 #: pickled arguments a stream may hold before they are sent (the server bounds the rest)
 FEED_MAX_BYTES = 64 * 1024 * 1024
+#: seconds a result waits for the task output that came before it to be written
+OUTPUT_FLUSH_TIMEOUT = 1.0
 #: seconds to wait for the embedded cluster's node to join
 CONNECT_TIMEOUT = 30.0
 #: seconds ``close()`` waits for the connection to close and the embedded cluster to stop
@@ -586,6 +588,8 @@ class ResultIterator(Iterator[Any]):
         self._handle(event)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
+        # what the tasks printed came before their results: show it before handing them out
+        taskoutput.printer.flush(OUTPUT_FLUSH_TIMEOUT)
         kind = event[0]
         if kind == "items":
             if self._ordered:

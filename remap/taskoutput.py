@@ -8,11 +8,15 @@ thread: the reactor hands text to a printer thread.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+#: seconds the process's exit waits for task output still queued
+EXIT_FLUSH_TIMEOUT = 2.0
 
 
 def prefix_lines(text: str, prefix: str) -> str:
@@ -46,6 +50,7 @@ class OutputPrinter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="remap-output", daemon=True)
                 self._thread.start()
+                atexit.register(self.flush, EXIT_FLUSH_TIMEOUT)  # a script's last lines too
         with self._idle:
             self._pending += 1
         self._queue.put(text)
@@ -66,6 +71,8 @@ class OutputPrinter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far was written; False if ``timeout`` passed first."""
+        if not self._pending:  # the common case, without the lock
+            return True
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
