@@ -195,6 +195,18 @@ def test_tab_completion_of_job_and_node_ids() -> None:
     assert shell.completedefault("com", "help com", 5, 8) == ["compute "]
 
 
+def test_the_shell_refuses_global_flags_it_cannot_apply() -> None:
+    """In the shell the connection is already made: `status --server X` says so instead of
+    silently asking the old server."""
+    err = io.StringIO()
+    parser = build_parser()
+    shell = Shell(Console(StubSession(), out=io.StringIO(), err=err, parser=parser), parser)
+    shell.onecmd("status --server h:1")
+    assert err.getvalue().startswith("error: --server: the shell's settings are fixed"), (
+        err.getvalue()
+    )
+
+
 @pytest.mark.slow
 def test_status_works_in_a_fresh_shell(tmp_path: Path) -> None:
     """In the shell with no server, status before any compute shows the embedded cluster.

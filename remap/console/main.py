@@ -106,6 +106,10 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+#: the global options' names in an argparse Namespace
+GLOBAL_FLAGS = ("server", "env_file", "cores", "log_level")
+
+
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """Options every command takes, before or after its name (``remap status --server H:P``).
 
@@ -729,6 +733,12 @@ class Shell(cmd.Cmd):
             args = self.parser.parse_args(words)
             if args.command in (None, "shell"):
                 return False
+            fixed = [f"--{k.replace('_', '-')}" for k in GLOBAL_FLAGS if getattr(args, k, None)]
+            if fixed:
+                raise UsageError(
+                    f"{', '.join(fixed)}: the shell's settings are fixed when it starts "
+                    f"(restart it with them: remap {' '.join(fixed)} ...)"
+                )
             self.console.execute(args)
         except SystemExit:
             pass
