@@ -265,6 +265,7 @@ class NodeInfo(Message):
     memory: int
     group: str | None = None
     load: float = 0.0
+    modules: list[str] | None = None
 
 
 @message
@@ -378,6 +379,7 @@ class Submit(Message):
     wait_for_nodes: float | None = None
     output: str | None = None
     gang: bool = False
+    requires: list[str] = field(default_factory=list)
     payload: bytes = b""
 
 

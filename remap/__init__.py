@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .api import Cluster, PicklingError, RemoteTraceback, connect, ship_by_value
+    from .bundle import job_dir, job_file
     from .errors import (
         ConfigError,
         ConnectionLost,
@@ -55,6 +56,8 @@ _LAZY: dict[str, str] = {
     "ServerUnreachable": "errors",
     "JobFailed": "errors",
     "JobKilled": "errors",
+    "job_dir": "bundle",
+    "job_file": "bundle",
 }
 
 __all__ = [
@@ -73,6 +76,8 @@ __all__ = [
     "RemoteTraceback",
     "ServerUnreachable",
     "connect",
+    "job_dir",
+    "job_file",
     "ship_by_value",
 ]
 

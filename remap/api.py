@@ -23,7 +23,7 @@ import time
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from protocol.errors import (
     RemoteTaskError,
 )
 
-from . import runtime, shipping, taskoutput
+from . import bundle, runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
 from .client import ClusterClient, JobParams, JobRun
 from .dial import connect_console
@@ -270,7 +270,7 @@ class JobStream:
         self._wake_pending = False
         self.run = _FeedRun(
             params,
-            fn_blob,
+            bundle.wrap(fn_blob, cluster.bundle),  # the handle's modules and files travel along
             iter(()),
             _ForwardSink(self),
             total_hint=total_hint,
@@ -670,7 +670,13 @@ class Cluster:
         task_timeout: float | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         task_output: bool | None = None,
+        modules: Sequence[str | types.ModuleType] = (),
+        files: Sequence[str | os.PathLike] = (),
+        requires: Sequence[str] = (),
     ) -> None:
+        #: local modules and small files every job of this handle ships (see remap.bundle)
+        self.bundle = bundle.collect(list(modules), list(files), ".")
+        self.requires = [str(name) for name in requires]
         if cores is not None and (not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
         if settings is None:
@@ -797,6 +803,7 @@ class Cluster:
             chunksize=chunksize or 0,
             priority=self.priority,
             star=star,
+            requires=list(self.requires),
         )
 
     def _iterate(
@@ -1178,6 +1185,9 @@ def connect(
     connect_timeout: float = CONNECT_TIMEOUT,
     task_output: bool | None = None,
     dashboard: bool = False,
+    modules: Sequence[str | types.ModuleType] = (),
+    files: Sequence[str | os.PathLike] = (),
+    requires: Sequence[str] = (),
 ) -> Cluster:
     """Connect to a remap server, or start an embedded local cluster when none is configured.
 
@@ -1189,6 +1199,9 @@ def connect(
     this process's stderr, each line prefixed with its node and core.
     ``dashboard=True`` prints a login link to the dashboard (an embedded cluster serves one on
     loopback; a server must run with ``--http-port``) and keeps it in ``dashboard_url``.
+    ``modules`` (module objects, names, ``FILE.py`` or package paths) travel with every job so
+    nodes need no copy; ``files`` are copied into each job's directory on every node (read them
+    with ``remap.job_file(NAME)``); nodes lacking a module named in ``requires`` are left out.
     """
     cluster = Cluster(
         address,
@@ -1202,6 +1215,9 @@ def connect(
         task_timeout=task_timeout,
         connect_timeout=connect_timeout,
         task_output=task_output,
+        modules=modules,
+        files=files,
+        requires=requires,
     )
     if dashboard:
         try:

@@ -225,6 +225,8 @@ class JobParams:
     #: every call must run at once on a core of its own (vertex workers): one call per task,
     #: dispatched only to a node with an idle core, never queued behind another call
     gang: bool = False
+    #: importable names a node must have to run the job (nodes without them are left out)
+    requires: list[str] = field(default_factory=list)
 
 
 @dataclass

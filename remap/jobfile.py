@@ -67,6 +67,9 @@ class JobSpec:
     name: str = ""
     priority: int = 0
     detach: bool = False
+    modules: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+    requires: tuple[str, ...] = ()
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -137,6 +140,7 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     if "args_path" in values:
         args_path = _existing_file(entries["args_path"], base_dir, values["args_path"])
     output = _resolve(base_dir, values["output"]) if "output" in values else None
+    modules, files = _check_shipped(entries, values, base_dir)
 
     return JobSpec(
         function=values["function"],
@@ -156,9 +160,35 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
         name=values.get("name") or _default_name(source),
         priority=values.get("priority", 0),
         detach=values.get("detach", False),
+        modules=modules,
+        files=files,
+        requires=tuple(values.get("requires", ())),
         source=source,
         key_lines={key: entry.key_line for key, entry in entries.items()},
     )
+
+
+def _check_shipped(
+    entries: dict[str, _Entry], values: dict[str, Any], base_dir: Path
+) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+    """``modules:`` must name files, packages or importable modules; ``files:`` files."""
+    from .bundle import module_root
+
+    modules = tuple(values.get("modules", ()))
+    for name in modules:
+        try:
+            module_root(name, base_dir)
+        except ConfigError as exc:
+            raise entries["modules"].fail(str(exc).removeprefix("modules: ")) from None
+    files = []
+    for name in values.get("files", ()):
+        path = _resolve(base_dir, name)
+        if not path.is_file():
+            raise entries["files"].fail(f"{name!r}: no such file ({path})")
+        if path.name in {f.name for f in files}:
+            raise entries["files"].fail(f"two files are named {path.name!r}; names must differ")
+        files.append(path)
+    return modules, tuple(files)
 
 
 @dataclass(frozen=True)
@@ -404,6 +434,23 @@ def _reduce(entry: _Entry) -> str:
     return value
 
 
+def _text_list(entry: _Entry) -> list[str]:
+    value = entry.value
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise entry.fail(f"expected a list of names, got {_show(entry.value)}")
+    return [v.strip() for v in value]
+
+
+def _module_names(entry: _Entry) -> list[str]:
+    names = _text_list(entry)
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise entry.fail(f"{name!r} is not a module name (like numpy or scipy.signal)")
+    return names
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -500,6 +547,9 @@ _FIELDS: dict[str, Callable[[_Entry], Any]] = {
     "name": _nonempty_text,
     "priority": _integer,
     "detach": _flag,
+    "modules": _text_list,
+    "files": _text_list,
+    "requires": _module_names,
 }
 
 #: every key a job file may contain, in the order the docs list them
@@ -585,6 +635,10 @@ def _skip_line(handle: Any, block: int = 1 << 20) -> int:
 
 def load_callables(spec: JobSpec) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
     """Resolve the job's function and reducer; errors name the job file, key and line."""
+    if spec.modules:  # the function's file may import them: make them importable here too
+        from .bundle import make_importable
+
+        make_importable(spec.modules, spec.base_dir)
     function = _resolve_key(spec, "function", spec.function)
     reducer = None
     if spec.reduce is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import linecache
 import os
-import pickle
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -150,10 +149,13 @@ def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None =
     return cloudpickle.dumps((fn, reduce_fn, origins, sources), PICKLE_PROTOCOL)
 
 
-def load_function_blob(payload: bytes | memoryview) -> tuple[Any, Any]:
-    """The callables of a :func:`function_blob`, with file names and source lines restored."""
+def load_function_blob(payload: bytes | memoryview, job: int | None = None) -> tuple[Any, Any]:
+    """The callables of a :func:`function_blob`, with file names and source lines restored;
+    a job's shipped modules and files (see :mod:`remap.bundle`) are installed first."""
     import cloudpickle  # noqa: F401  (registers what by-value pickles need)
 
-    fn, reduce_fn, origins, sources = pickle.loads(payload)
+    from .bundle import unwrap
+
+    fn, reduce_fn, origins, sources = unwrap(payload, job)
     restore((fn, reduce_fn), origins, sources)
     return fn, reduce_fn

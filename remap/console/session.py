@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
 
-from .. import discovery, runtime, shipping
+from .. import bundle, discovery, runtime, shipping
 from ..auth import SecretMissing
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
 from ..dial import connect_console
@@ -50,6 +50,7 @@ def params_for(
         star=spec.star,
         wait_for_nodes=wait_for_nodes,
         output=str(spec.output) if spec.output else None,
+        requires=list(spec.requires),
     )
 
 
@@ -185,7 +186,9 @@ class Session:
     ) -> tuple[JobRun, Any]:
         """Submit a job; return the run (for progress) and a future of its outcome."""
         fn, reduce_fn = load_callables(spec)
-        blob = function_blob(fn, reduce_fn)
+        blob = bundle.wrap(
+            function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
+        )
         client = self.connect(allow_embedded=True)
         # read and pickled on a thread of their own: a slow pipe must not stop the network
         arguments = ThreadedArguments(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import pkgutil
 import socket
+import sys
 from typing import Any
 
 from twisted.logger import Logger
@@ -28,6 +31,13 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except OSError:
         return 0.0
+
+
+@functools.cache
+def importable_names() -> list[str]:
+    """Top-level modules this node's Python can import (for jobs' ``requires:``), found once."""
+    names = {name for _, name, _ in pkgutil.iter_modules()} | set(sys.builtin_module_names)
+    return sorted(names)
 
 
 class NodeAgent:
@@ -91,6 +101,7 @@ class NodeAgent:
                 memory=total_memory(),
                 group=self.group,
                 load=load_average(),
+                modules=importable_names(),
             )
         )
 

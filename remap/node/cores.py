@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from protocol import messages as m
 from protocol.framing import FrameDecoder
 
+from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
 from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
@@ -210,6 +212,7 @@ class CorePool:
 
     def drop_job(self, job: int) -> None:
         self.jobs.pop(job, None)
+        shutil.rmtree(job_path(os.getpid(), job), ignore_errors=True)  # its modules and files
         for core in self.cores:
             if job in core.loaded:
                 core.loaded.discard(job)
@@ -242,12 +245,14 @@ class CorePool:
                 core.send({"t": "drop", "job": job})
             core.loaded.clear()
         self.jobs.clear()
+        shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
 
     def stop(self) -> Any:
         """Kill every core; the Deferred fires when all have exited."""
         from twisted.internet.defer import Deferred, succeed
 
         self.stopping = True
+        shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
         if self._watchdog.running:
             self._watchdog.stop()
         alive = [c for c in self.cores if not c.dead]

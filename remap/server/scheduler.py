@@ -56,6 +56,13 @@ Indices = range | list[int]
 JOB_ID_EPOCH = 1_767_225_600
 
 
+def missing(node: NodeState, job: JobState) -> list[str]:
+    """The modules ``job`` requires that ``node`` said it cannot import."""
+    if not job.requires or node.modules is None:
+        return []
+    return sorted(job.requires - node.modules)
+
+
 def first_job_id(now: float | None = None) -> int:
     """The first job id of a server started at ``now`` (wall-clock seconds; default: now).
 
@@ -169,6 +176,8 @@ class NodeState:
     suspect: bool = False
     #: on the server's persistent exclusion list: connected, but never given work
     excluded: bool = False
+    #: top-level modules the node can import (None: it did not say)
+    modules: frozenset[str] | None = None
 
     def has_credit(self) -> bool:
         return (
@@ -225,6 +234,7 @@ class JobState:
     total: int = -1
     output: str | None = None
     gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
+    requires: frozenset[str] = frozenset()  # top-level modules a node must have
     submitted_at: float = 0.0
     state: str = "running"
     message: str = ""
@@ -328,6 +338,7 @@ class Scheduler:
             load=info.load,
             draining=(info.host, info.pid) in self._drained,
             excluded=info.host in self.excluded_hosts,
+            modules=None if info.modules is None else frozenset(info.modules),
         )
         self.nodes[node_id] = node
         if node.has_credit():
@@ -463,6 +474,7 @@ class Scheduler:
             total=msg.total,
             output=msg.output,
             gang=msg.gang,
+            requires=frozenset(name.split(".")[0] for name in msg.requires),
             submitted_at=now,
         )
         self.jobs[job.id] = job
@@ -477,7 +489,7 @@ class Scheduler:
         return job
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
-        return job.group is None or node.group == job.group
+        return (job.group is None or node.group == job.group) and not missing(node, job)
 
     def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
         if any(

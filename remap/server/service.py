@@ -14,7 +14,7 @@ from protocol.errors import ConfigError, RemapError, RemoteProtocolError
 
 from ..wire import PeerProtocol, ReadBudget, Traffic
 from .exclusion import ExclusionList
-from .scheduler import Scheduler, first_job_id
+from .scheduler import Scheduler, first_job_id, missing
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
 
@@ -113,7 +113,10 @@ class ServerConnection:
                 self._submits[msg.id] = None
                 link.send(m.Error(code="bad-request", message=problem, re=msg.id))
             else:
-                self._submits[msg.id] = sched.submit(link, msg).id
+                job = sched.submit(link, msg)
+                self._submits[msg.id] = job.id
+                if job.requires:
+                    self._left_out(job)
         elif t is m.ArgsEnd:
             msg = self._early(msg)
             if msg is not None:
@@ -155,6 +158,19 @@ class ServerConnection:
                     re=getattr(msg, "id", None),
                 )
             )
+
+    def _left_out(self, job: Any) -> None:
+        """Say which nodes lack the job's ``requires``; fail at once a job none can run."""
+        sched = self.scheduler
+        candidates = [n for n in sched.nodes.values() if job.group is None or n.group == job.group]
+        lacking = [(n.host, missing(n, job)) for n in candidates if missing(n, job)]
+        for host, names in lacking:
+            if job.console is not None:
+                text = f"node {host} left out: cannot import {', '.join(names)}"
+                job.console.send(m.JobNotice(job=job.id, message=text))
+        if candidates and len(lacking) == len(candidates) and not job.finished:
+            why = "; ".join(f"{host} lacks {', '.join(names)}" for host, names in lacking)
+            sched.finish(job, "failed", f"no node can run this job (requires): {why}")
 
     def _exclude(self, link: PeerProtocol, msg: m.Exclude | m.Include, excluded: bool) -> None:
         """Change the persistent exclusion list by host; a host need not be connected."""
