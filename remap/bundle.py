@@ -27,6 +27,7 @@ from typing import Any
 from protocol.errors import ConfigError
 
 MARK = "remap-bundle-1"
+_MARK_BYTES = MARK.encode()
 #: bytes of modules and files one job may carry (they travel in one message to every node)
 MAX_BUNDLE = 64 << 20
 MODULES_DIR = "__modules__"
@@ -175,14 +176,17 @@ def install(job: int, modules: dict[str, bytes], files: dict[str, bytes]) -> Pat
     return final
 
 
-def unwrap(payload: Any, job: int | None) -> Any:
-    """The unpickled payload, with a bundle installed first: ``(fn, reduce_fn, ...)``."""
+def unwrap(payload: Any, job: int) -> Any:
+    """The function's pickle: ``payload`` itself, or the one behind a bundle, installed first
+    (the bundle's layer holds only bytes and strings, so unpickling it runs no user code)."""
+    if _MARK_BYTES not in bytes(payload[:64]):
+        return payload
     obj = pickle.loads(payload)
-    if type(obj) is tuple and len(obj) == 4 and obj[0] == MARK:
-        _, modules, files, inner = obj
-        enter(install(job if job is not None else 0, modules, files))
-        obj = pickle.loads(inner)
-    return obj
+    if type(obj) is not tuple or len(obj) != 4 or obj[0] != MARK:
+        return payload
+    _, modules, files, inner = obj
+    enter(install(job, modules, files))
+    return inner
 
 
 def enter(path: Path | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import pickle
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -149,13 +150,10 @@ def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None =
     return cloudpickle.dumps((fn, reduce_fn, origins, sources), PICKLE_PROTOCOL)
 
 
-def load_function_blob(payload: bytes | memoryview, job: int | None = None) -> tuple[Any, Any]:
-    """The callables of a :func:`function_blob`, with file names and source lines restored;
-    a job's shipped modules and files (see :mod:`remap.bundle`) are installed first."""
+def load_function_blob(payload: bytes | memoryview) -> tuple[Any, Any]:
+    """The callables of a :func:`function_blob`, with file names and source lines restored."""
     import cloudpickle  # noqa: F401  (registers what by-value pickles need)
 
-    from .bundle import unwrap
-
-    fn, reduce_fn, origins, sources = unwrap(payload, job)
+    fn, reduce_fn, origins, sources = pickle.loads(payload)
     restore((fn, reduce_fn), origins, sources)
     return fn, reduce_fn

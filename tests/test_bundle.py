@@ -100,7 +100,8 @@ def test_unwrap_installs_once_and_the_function_finds_its_modules(
     modules = {"shipped_mod_x.py": b"VALUE = 41\n"}
     payload = bundle.wrap(pickle.dumps(("inner",)), bundle.Bundle(modules, {"d.txt": b"hi"}))
     try:
-        assert bundle.unwrap(payload, 5) == ("inner",)
+        assert pickle.loads(bundle.unwrap(payload, 5)) == ("inner",)
+        assert bundle.unwrap(b"plain", 5) == b"plain"
         import shipped_mod_x
 
         assert shipped_mod_x.VALUE == 41

@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from remap.blobs import dumps, split
-from remap.bundle import enter_job
+from remap.bundle import enter_job, unwrap
 from remap.shipping import load_function_blob
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
@@ -153,7 +153,7 @@ class Core:
         self.emit = emit
 
     def load(self, header: dict, payload: bytes) -> None:
-        fn, reduce_fn = load_function_blob(payload, header["job"])
+        fn, reduce_fn = load_function_blob(unwrap(payload, header["job"]))
         self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False))
 
     def run(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
