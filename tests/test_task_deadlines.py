@@ -16,6 +16,7 @@ import pytest
 
 from protocol import Authenticated, Connection, MessageReceived
 from protocol import messages as m
+from remap.console.render import nodes_table
 from remap.server.scheduler import NO_TIMEOUT_MIN, SWEEP_INTERVAL, TASK_SLACK
 from tests.cluster_harness import jobs_function, write_job
 
@@ -166,6 +167,17 @@ def test_the_deadline_timer_stops_when_nothing_is_in_flight(answer: str) -> None
         node.answer_all()
     clock.advance(SWEEP_INTERVAL * 2)
     assert clock.getDelayedCalls() == []
+
+
+def test_the_nodes_table_shows_a_suspect_node() -> None:
+    """``nodes``/``status`` text names the state, so an operator sees which node is stuck."""
+    sched, clock = make()
+    silent = FakeNode(sched, "silent", cores=1)
+    console = FakeConsole(sched, [1], timeout=1.0)
+    console.feed()
+    _beat(sched, clock, silent, 1.0 + TASK_SLACK + 2)
+    text = nodes_table(sched.status()[0])
+    assert "suspect" in text.splitlines()[2].split(), text
 
 
 # --------------------------------------------------------------------------- a real server
