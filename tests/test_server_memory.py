@@ -7,10 +7,12 @@ protocol lets them.
 
 from __future__ import annotations
 
+from collections import deque
+
 from twisted.internet.task import Clock
 
 from protocol import messages as m
-from remap.server.scheduler import MAX_BATCH_BYTES, MAX_PENDING_BYTES
+from remap.server.scheduler import MAX_BATCH_BYTES, MAX_PENDING_BYTES, Segment, take_from
 from remap.server.service import RemapServerFactory
 
 from .test_inmemory import Cluster, job_run, outcome
@@ -130,3 +132,16 @@ def test_a_paused_peer_is_not_dropped_for_silence_and_a_frame_over_the_budget_is
     proto.dataReceived(_submit_frame(6 * MB)[:MB])
     assert transport.disconnecting
     assert "exceeds" in _headers(transport.value())[-1]["message"]
+
+
+def test_an_argument_over_the_batch_byte_limit_travels_alone_and_leaves_no_empty_segment() -> None:
+    """A 4 MiB-and-a-bit argument (over MAX_BATCH_BYTES) is taken alone, and the queue holds no
+    empty segment afterwards (one would become a task of no arguments, which a node's answer
+    cannot match)."""
+    big = MAX_BATCH_BYTES + 100
+    queue = deque([Segment(range(0, 1), [big], memoryview(bytes(big)))])
+    queue.append(Segment(range(1, 3), [10, 10], memoryview(bytes(20))))
+    first = take_from(queue, 20, MAX_BATCH_BYTES)
+    assert list(first.indices) == [0] and len(first.payload) == big
+    assert [len(seg) for seg in queue] == [2]
+    assert list(take_from(queue, 20, MAX_BATCH_BYTES).indices) == [1, 2] and not queue

@@ -125,6 +125,10 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
             if parts:
                 break
             k = 1
+        if k == len(seg):  # one argument over max_bytes, travelling alone: leave no empty rest
+            parts.append(queue.popleft())
+            count += k
+            break
         cut = ends[k - 1]
         parts.append(Segment(seg.indices[:k], seg.sizes[:k], seg.payload[:cut], seg.attempts))
         queue[0] = Segment(seg.indices[k:], seg.sizes[k:], seg.payload[cut:], seg.attempts)
