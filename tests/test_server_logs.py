@@ -87,7 +87,10 @@ def test_server_and_node_logs_are_readable(tmp_path):
         node_log, server_log = node.stderr(), server.stderr()
     for text in (node_log, server_log):
         assert " at 0x" not in text and "starting on" not in text, text
-    assert len([line for line in server_log.splitlines() if "listening" in line]) == 1, server_log
+    listening = [
+        line for line in server_log.splitlines() if re.search(r"listening on \S+:\d+", line)
+    ]
+    assert len(listening) == 1, server_log
     delays = re.findall(r"Scheduling retry \d+ to connect (\S+) in ([\d.]+) seconds", node_log)
     assert delays, node_log
     for endpoint, delay in delays:
