@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 import errno
-import fcntl
 import json
 import os
 import sqlite3
@@ -24,6 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are still staged and renamed, but not locked
+    fcntl = None  # type: ignore[assignment]
 
 from protocol.errors import ConfigError, JobFailed, OutputError, RemoteTaskError
 
@@ -327,7 +331,7 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`OutputError` saying who holds it."""
-        while self._fd is None:
+        while self._fd is None and fcntl is not None:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
@@ -398,6 +402,8 @@ class _OutputSink(Sink):
 
     #: how the staging place is named in messages (a file, or a table in the output)
     staging_name: str = ""
+    #: what a failed job leaves as it was, in messages (the file, or its results table)
+    kept_apart_from: str = ""
 
     def __init__(self, output: Path | str) -> None:
         super().__init__()
@@ -431,9 +437,8 @@ class _OutputSink(Sink):
             return None
         if not self.kept_count:
             return f"no results kept; {self.output} left unchanged"
-        return (
-            f"kept {self.kept_count} result(s) in {self.staging_name}; {self.output} left unchanged"
-        )
+        kept = f"kept {self.kept_count} result(s) in {self.staging_name}"
+        return f"{kept}; {self.kept_apart_from} left unchanged"
 
     def _extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"output": str(self.output)}
@@ -533,6 +538,7 @@ class SqliteSink(_OutputSink):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.staging_name = f"table {self.STAGING} of {self.output}"
+        self.kept_apart_from = f"table {self.TABLE}"
         self.batch_size = batch_size
         self.interval = interval
         self._clock = clock
@@ -678,6 +684,7 @@ class FileSink(_OutputSink):
         super().__init__(output)
         self.partial = self.output.with_name(self.output.name + ".partial")
         self.staging_name = str(self.partial)
+        self.kept_apart_from = str(self.output)
         _check_directory(self.output, "output file")
         self._file: Any = None
         self._next = 0

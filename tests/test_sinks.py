@@ -463,7 +463,7 @@ def test_sqlite_sink_failed_job_keeps_old_results_and_its_rows_apart(tmp_path: P
     assert _old_table(path) == [(i, i) for i in range(1000)]
     assert len(_rows(path, SqliteSink.STAGING)) == 10
     assert sink.kept() == (
-        f"kept 10 result(s) in table results_partial of {path}; {path} left unchanged"
+        f"kept 10 result(s) in table results_partial of {path}; table results left unchanged"
     )
     assert sink.summary()["kept"] == 10
 
