@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import mmap
 import pickle
+from typing import Any
 
 from protocol import messages as m
+from protocol.errors import JobFailed, OutputError
 from remap.blobs import pack
 from remap.client import JobParams, JobRun
 from remap.node.core import SLOT, Core
@@ -125,3 +127,81 @@ def test_keyboard_interrupt_and_system_exit_fail_only_their_call() -> None:
     values = sink.value()
     assert values[0] == 0 and values[3] == 3
     assert [values[1].type_name, values[2].type_name] == ["KeyboardInterrupt", "SystemExit"]
+
+
+class _WontLoad:
+    """Pickles, but loading it calls int("not a number") and raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (int, ("not a number",))
+
+
+class _Killer:
+    """Stands in for the ClusterClient: records the jobs it was told to kill."""
+
+    def __init__(self) -> None:
+        self.killed: list[int | None] = []
+
+    def kill_quietly(self, job: int | None) -> None:
+        self.killed.append(job)
+
+
+def _unreadable_one_each(on_error: str) -> tuple[JobRun, ObjectSink, _Killer, list[Any]]:
+    """A batch sent one pickle per result whose middle result will not unpickle here."""
+    blobs = [pickle.dumps(0), pickle.dumps(_WontLoad()), pickle.dumps(2)]
+    sink, killer, outcome = ObjectSink(), _Killer(), []
+    run = JobRun(JobParams(on_error=on_error), b"", iter(()), sink, job_id=4)
+    run._client = killer
+    run.finished.addBoth(outcome.append)
+    run.results(
+        m.Results(
+            job=4,
+            indices=[0, 1, 2],
+            sizes=[len(b) for b in blobs],
+            errors=[],
+            packed=False,
+            payload=b"".join(blobs),
+        )
+    )
+    return run, sink, killer, outcome
+
+
+def test_a_result_that_will_not_unpickle_is_that_arguments_error() -> None:
+    """One pickle per result: an unreadable one is a ResultUnreadable error for its argument
+    alone (on_error: continue), counted as failed, and its neighbours arrive."""
+    run, sink, killer, outcome = _unreadable_one_each("continue")
+    values = sink.value()
+    assert values[0] == 0 and values[2] == 2
+    assert values[1].type_name == "ResultUnreadable" and "unpickled here" in values[1].message
+    assert (run.done, run.failed, sink.failed) == (2, 1, 1)
+    assert outcome == [] and killer.killed == []
+
+
+def test_an_unreadable_result_under_on_error_fail_fails_and_kills_the_job() -> None:
+    """on_error: fail: a result the console cannot unpickle ends the job like a remote error
+    (the server counted it a success): the job is killed and the run fails naming it."""
+    run, sink, killer, outcome = _unreadable_one_each("fail")
+    assert killer.killed == [4]
+    assert len(outcome) == 1 and isinstance(outcome[0].value, JobFailed)
+    assert "argument 1: ResultUnreadable" in str(outcome[0].value)
+    assert sink.closed and sink.complete is False
+    outcome[0].trap(JobFailed)
+
+
+def test_a_sink_that_cannot_write_fails_the_job_not_the_connection() -> None:
+    """A sink raising (a full disk) inside results(): the job is killed and the run fails
+    with the sink's own error; nothing escapes to the connection's handler."""
+
+    class FullDisk(ObjectSink):
+        def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
+            raise OutputError("could not write out.jsonl.partial: disk full")
+
+    sink, killer, outcome = FullDisk(), _Killer(), []
+    run = JobRun(JobParams(), b"", iter(()), sink, job_id=5)
+    run._client = killer
+    run.finished.addBoth(outcome.append)
+    sizes, payload = pack([1, 2])
+    run.results(m.Results(job=5, indices=[0, 1], sizes=sizes, errors=[], payload=payload))
+    assert killer.killed == [5]
+    assert isinstance(outcome[0].value, OutputError) and "disk full" in str(outcome[0].value)
+    outcome[0].trap(OutputError)
