@@ -140,6 +140,8 @@ def test_kill_and_drain_with_the_token(served: Served) -> None:
     reply = served.request("POST", f"/api/v1/nodes/{node}/drain", token=served.token)
     assert reply.status == 200 and served.scheduler.nodes[node].draining
     assert served.request("POST", "/api/v1/nodes/nope/drain", token=served.token).status == 404
+    reply = served.request("POST", f"/api/v1/nodes/{node}/undrain", token=served.token)
+    assert reply.status == 200 and not served.scheduler.nodes[node].draining
     assert served.request("GET", f"/api/v1/jobs/{job}/kill", token=served.token).status == 405
 
 

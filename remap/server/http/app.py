@@ -205,10 +205,20 @@ class HttpApp:
         return self._body(request, {"job": job.id, "state": job.state})
 
     def drain(self, request: Any, identity: Identity, node_id: str) -> bytes:
-        node = self.scheduler.drain(node_id)
+        return self._node_action(request, identity, node_id, self.scheduler.drain, "drained")
+
+    def undrain(self, request: Any, identity: Identity, node_id: str) -> bytes:
+        return self._node_action(request, identity, node_id, self.scheduler.undrain, "undrained")
+
+    def _node_action(
+        self, request: Any, identity: Identity, node_id: str, action: Any, done: str
+    ) -> bytes:
+        node = action(node_id)
         if node is None:
             return self._error(request, 404, "not-found", "no such node (or not unique)")
-        self.log.info("node {id} drained over HTTP ({kind})", id=node.id, kind=identity.kind)
+        self.log.info(
+            "node {id} {done} over HTTP ({kind})", id=node.id, done=done, kind=identity.kind
+        )
         return self._body(request, {"node": node.id, "host": node.host})
 
     def events(self, request: Any, identity: Identity) -> bytes | int:

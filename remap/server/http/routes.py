@@ -75,6 +75,8 @@ ROUTES: tuple[Route, ...] = (
           "JobState", not_found=True),
     Route("POST", "/api/v1/nodes/{node_id}/drain", "drain",
           "Let a node finish its in-flight work and take no more", "NodeRef", not_found=True),
+    Route("POST", "/api/v1/nodes/{node_id}/undrain", "undrain", "Let a drained node take work "
+          "again", "NodeRef", not_found=True),
     Route("GET", "/api/v1/events", "events", "Server-sent events: one snapshot per second",
           media=EVENTS),
     Route("GET", "/metrics", "metrics", "Prometheus metrics", media=TEXT, tag="meta"),

@@ -83,6 +83,13 @@
     });
   }
 
+  async function undrainNode(node) {
+    try {
+      const r = await post("/api/v1/nodes/" + encodeURIComponent(node.id) + "/undrain");
+      toast("Node " + r.host + " takes work again");
+    } catch (e) { toast("Undrain failed: " + e.message, true); }
+  }
+
   function drainNode(node) {
     confirmThen("Drain " + node.host + "?", "The node finishes the work it holds and takes no more " +
       "(it stays drained if it reconnects).", "Drain node", async () => {
@@ -279,10 +286,9 @@
       }
       const foot = el("div", "node-foot");
       foot.append(el("span", "muted", num(node.tasks_done) + " batches · up " + duration(node.connected_for)));
-      const drain = el("button", "btn", node.draining ? "Draining" : "Drain");
-      drain.dataset.action = "drain";
-      drain.disabled = node.draining;
-      drain.addEventListener("click", () => drainNode(node));
+      const drain = el("button", "btn", node.draining ? "Undrain" : "Drain");
+      drain.dataset.action = node.draining ? "undrain" : "drain";
+      drain.addEventListener("click", () => (node.draining ? undrainNode(node) : drainNode(node)));
       foot.appendChild(drain);
       card.append(head, cores, stats, foot);
       box.appendChild(card);
