@@ -177,7 +177,8 @@ class EmbeddedCluster:
 
     def __init__(self, reactor: Any, settings: Settings, cores: int | None = None) -> None:
         self.reactor = reactor
-        self.secret = secrets.token_bytes(32)
+        # text, so a console child (a job submitted over HTTP) can be given it in its environment
+        self.secret = secrets.token_urlsafe(32).encode()
         self.settings = replace(
             settings, host="127.0.0.1", port=0, tls_cert=None, tls_key=None, tls_ca=None
         )
@@ -218,7 +219,13 @@ class EmbeddedCluster:
             settings = replace(
                 self.settings, http_host="127.0.0.1", http_port=self.settings.http_port or 0
             )
-            self.http = await start_http(self.reactor, settings, self.server.factory, self.secret)
+            self.http = await start_http(
+                self.reactor,
+                settings,
+                self.server.factory,
+                self.secret,
+                cluster_port=self.server.port.getHost().port,
+            )
         return self.http.login_url()
 
     async def stop(self) -> None:

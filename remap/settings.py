@@ -52,6 +52,7 @@ class Settings:
     http_port: int | None = None
     http_token: str | None = dataclasses.field(default=None, repr=False)
     http_hosts: str | None = None
+    apps_dir: str | None = None
     discovery: bool = True
     discovery_interfaces: str | None = None
     discovery_timeout: float = 3.0
@@ -178,6 +179,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
     "http_token": ("REMAP_HTTP_TOKEN", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY"),
     "http_hosts": ("REMAP_HTTP_HOSTS", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)"),
+    "apps_dir": ("REMAP_APPS_DIR", _text, "directory of the functions jobs submitted over HTTP may run; empty = no submitting over HTTP"),
     "discovery": ("REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),
     "discovery_interfaces": ("REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),
     "discovery_timeout": ("REMAP_DISCOVERY_TIMEOUT", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up"),

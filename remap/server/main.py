@@ -63,7 +63,9 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     advertiser = await advertise(reactor, settings, server.factory.secret, port)
     web = None
     if settings.http_port is not None:
-        web = await start_http(reactor, settings, server.factory, server.factory.secret)
+        web = await start_http(
+            reactor, settings, server.factory, server.factory.secret, cluster_port=port
+        )
         print(
             f"dashboard: {web.login_url()} (one-time login link; "
             "`remap_console.py dashboard` prints a new one)",

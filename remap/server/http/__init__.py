@@ -7,6 +7,7 @@ token rather than a client certificate, so no client certificate is asked for).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,12 +18,14 @@ from twisted.web.server import Site
 
 from protocol.errors import ConfigError
 
+from ...data.layout import DataDir
 from ...net import server_endpoint, tls_enabled
 from ...settings import Settings
 from .app import DispatchResource, HttpApp
 from .events import EventHub
 from .metrics import ServerStats
 from .security import HttpAuth, http_token
+from .submit import Submitter
 from .views import snapshot
 
 log = Logger()
@@ -59,10 +62,39 @@ def display_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _child_env(settings: Settings, secret: bytes) -> dict[str, str]:
+    """What a console child needs to join this server: the secret and the TLS files."""
+    env = {"REMAP_SECRET_KEY": secret.decode("utf-8", "replace")}
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(settings, name)
+        if value:
+            env[f"REMAP_{name.upper()}"] = os.path.abspath(value)
+    return env
+
+
+def dial_host(host: str) -> str:
+    """Where a local child reaches a server bound to ``host`` (a wildcard means loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if ":" in host:
+        return "[::1]" if host == "::" else f"[{host}]"
+    return host
+
+
 async def start_http(
-    reactor: Any, settings: Settings, factory: Any, secret: bytes, *, tick: float = 1.0
+    reactor: Any,
+    settings: Settings,
+    factory: Any,
+    secret: bytes,
+    *,
+    tick: float = 1.0,
+    cluster_port: int | None = None,
 ) -> RunningHttp:
-    """Listen on ``http_host:http_port`` serving the API for ``factory``'s scheduler."""
+    """Listen on ``http_host:http_port`` serving the API for ``factory``'s scheduler.
+
+    ``cluster_port`` is where the server takes consoles: jobs submitted over HTTP (when
+    ``REMAP_APPS_DIR`` is set) run in a console child that connects there.
+    """
     host, port = settings.http_host, settings.http_port or 0
     tls = tls_enabled(settings)
     stats = ServerStats(factory.scheduler, factory.traffic)
@@ -78,7 +110,17 @@ async def start_http(
         lambda: [list(point) for point in stats.history],
         interval=tick,
     )
-    app = HttpApp(factory, auth, stats, hub, tls=tls)
+    submitter = Submitter(
+        reactor,
+        factory.scheduler,
+        apps_dir=settings.apps_dir,
+        data_dir=DataDir.from_setting(settings.data_dir).root,
+        cluster_address=(
+            f"{dial_host(settings.host)}:{cluster_port}" if cluster_port is not None else None
+        ),
+        child_env=_child_env(settings, secret),
+    )
+    app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
     site = Site(DispatchResource(app), reactor=reactor, logFormatter=access_line)
     site.displayTracebacks = False
     try:

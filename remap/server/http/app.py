@@ -15,14 +15,26 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import openapi, views
 from .events import EventHub
 from .metrics import ServerStats
-from .routes import JSON, MUTATING, PARAMS, STATIC_FILES, Route, find, split_path
+from .routes import (
+    JOB_FILE_TYPES,
+    JSON,
+    MUTATING,
+    NDJSON,
+    PARAMS,
+    STATIC_FILES,
+    Route,
+    find,
+    split_path,
+)
 from .security import SESSION_COOKIE, HttpAuth, Identity
+from .submit import MAX_BODY, SubmitError, Submitter, parse_body, prepare
 
 SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -50,8 +62,16 @@ class HttpApp:
     log = Logger()
 
     def __init__(
-        self, factory: Any, auth: HttpAuth, stats: ServerStats, hub: EventHub, *, tls: bool
+        self,
+        factory: Any,
+        auth: HttpAuth,
+        stats: ServerStats,
+        hub: EventHub,
+        submitter: Submitter,
+        *,
+        tls: bool,
     ) -> None:
+        self.submitter = submitter
         self.factory = factory
         self.scheduler = factory.scheduler
         self.auth = auth
@@ -97,10 +117,9 @@ class HttpApp:
         """A program with the bearer token may write; a browser needs a header a form cannot send."""
         if identity.kind == "bearer":
             return True
-        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         return (
             identity.session is not None
-            and content_type == JSON.encode()
+            and _media_type(request) == JSON
             and self.auth.csrf_ok(identity.session, request.getHeader(b"x-csrf-token"))
         )
 
@@ -221,6 +240,75 @@ class HttpApp:
         )
         return self._body(request, {"node": node.id, "host": node.host})
 
+    def submit(self, request: Any, identity: Identity) -> bytes | int:
+        if not self.submitter.enabled:
+            return self._error(
+                request, 403, "disabled", "submitting jobs over HTTP is off: set REMAP_APPS_DIR"
+            )
+        media = _media_type(request)
+        if media not in JOB_FILE_TYPES:
+            return self._error(request, 415, "media-type", "send the job file as JSON or YAML")
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            return self._error(request, 413, "too-large", f"a job file is at most {MAX_BODY} bytes")
+        try:
+            assert self.submitter.apps_dir is not None
+            submission = prepare(
+                parse_body(body, media), self.submitter.apps_dir, self.submitter.data_dir
+            )
+        except SubmitError as exc:
+            return self._error(request, 400, "bad-job", str(exc))
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def started(job_id: int) -> None:
+            self.log.info("job {id} submitted over HTTP ({kind})", id=job_id, kind=identity.kind)
+            if not gone:
+                request.setResponseCode(201)
+                request.write(
+                    self._body(
+                        request,
+                        {
+                            "job": job_id,
+                            "name": submission.name,
+                            "results": f"/api/v1/jobs/{job_id}/results",
+                        },
+                    )
+                )
+                request.finish()
+
+        def failed(message: str) -> None:
+            if not gone:
+                request.write(self._error(request, 400, "bad-job", message))
+                request.finish()
+
+        self.submitter.start(submission, started, failed)
+        return NOT_DONE_YET
+
+    def results(self, request: Any, identity: Identity, job_id: int) -> bytes | int:
+        submission = self.submitter.by_job.get(job_id)
+        if submission is None:
+            return self._error(
+                request,
+                404,
+                "not-found",
+                f"job {job_id} was not submitted over HTTP (its results went to its console)",
+            )
+        request.setHeader(b"Content-Type", NDJSON.encode())
+        try:
+            handle = open(submission.results, "rb")  # noqa: SIM115 - closed when sent
+        except FileNotFoundError:
+            return b""  # response_mode none, or nothing written yet
+        done = FileSender().beginFileTransfer(handle, request)
+
+        def close(_: Any) -> None:
+            handle.close()
+            if not request.finished and not request._disconnected:
+                request.finish()
+
+        done.addBoth(close)
+        return NOT_DONE_YET
+
     def events(self, request: Any, identity: Identity) -> bytes | int:
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"X-Accel-Buffering", b"no")
@@ -231,6 +319,11 @@ class HttpApp:
     def metrics(self, request: Any, identity: Identity) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         return self.stats.prometheus_text()
+
+
+def _media_type(request: Any) -> str:
+    raw = request.getHeader(b"content-type") or b""
+    return raw.split(b";")[0].strip().lower().decode("ascii", "replace")
 
 
 class DispatchResource(Resource):

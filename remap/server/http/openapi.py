@@ -110,6 +110,28 @@ SCHEMAS: dict[str, dict] = {
         extra=True,
     ),
     "JobState": _obj({"job": _INT, "state": _STR}),
+    "Submitted": _obj({"job": _INT, "name": _STR, "results": _STR}),
+    "JobFile": {
+        "type": "object",
+        "required": ["function"],
+        "description": "A job file (see the README's job file reference) without args_path, "
+        "output, detach or kind; functions are FILE.py:NAME or module:NAME in the apps dir",
+        "properties": {
+            "function": _STR,
+            "args": {"type": "array"},
+            "args_range": {"type": "array", "items": _INT, "minItems": 2, "maxItems": 3},
+            "star": _BOOL,
+            "response_mode": {"type": "string", "enum": ["file", "none"]},
+            "reduce": _STR,
+            "chunksize": {"oneOf": [{"type": "integer", "minimum": 1}, {"enum": ["auto"]}]},
+            "retries": {"type": "integer", "minimum": 0},
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            "on_error": {"type": "string", "enum": ["fail", "continue"]},
+            "group": _STR,
+            "priority": _INT,
+            "name": _STR,
+        },
+    },
     "NodeRef": _obj({"node": _STR, "host": _STR}),
 }
 
@@ -143,9 +165,14 @@ def _operation(route: Route) -> dict:
         responses["404"] = _error("No such job, node or file")
     if route.method == "POST":
         responses["403"] = _error("A browser session without its CSRF token and JSON body")
+    if route.body is not None:
+        responses["400"] = _error("The job file is refused (the message says why)")
+        responses["403"] = _error("Submitting is off (no REMAP_APPS_DIR), or a CSRF failure")
+        responses["413"] = _error("The job file is too large")
+        responses["415"] = _error("Not a JSON or YAML body")
     if route.media == EVENTS:
         responses["503"] = _error("Too many open event streams")
-    responses["400"] = _error("Host not allowed, or a malformed request")
+    responses.setdefault("400", _error("Host not allowed, or a malformed request"))
     op: dict[str, Any] = {
         "operationId": route.handler,
         "summary": route.summary,
@@ -166,6 +193,12 @@ def _operation(route: Route) -> dict:
         params.append({"name": "token", "in": "query", "required": True, "schema": _STR})
     if params:
         op["parameters"] = params
+    if route.body is not None:
+        ref = {"$ref": f"#/components/schemas/{route.body}"}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}, "application/yaml": {"schema": _STR}},
+        }
     if route.auth == "none":
         op["security"] = []
     elif route.auth == "login":

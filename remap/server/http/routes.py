@@ -16,6 +16,9 @@ TEXT = "text/plain"
 EVENTS = "text/event-stream"
 CSS = "text/css"
 JS = "text/javascript"
+NDJSON = "application/x-ndjson"
+#: media types a submitted job file may have
+JOB_FILE_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml")
 
 #: files under ``static/`` that may be served, and their media types (nothing else is reachable)
 STATIC_FILES = {"dashboard.css": CSS, "dashboard.js": JS}
@@ -35,6 +38,7 @@ class Route:
     media: str = JSON  # the 200 response's media type(s), comma-separated
     auth: str = "required"  # "required", "login" (one-time token in the query) or "none"
     not_found: bool = False  # may answer 404 (an unknown job, node or file)
+    body: str | None = None  # the request body's schema (a name in openapi.SCHEMAS)
     tag: str = "cluster"
 
     @property
@@ -69,6 +73,10 @@ ROUTES: tuple[Route, ...] = (
           "Summary"),
     Route("GET", "/api/v1/nodes", "nodes", "Connected nodes", "NodeList"),
     Route("GET", "/api/v1/jobs", "jobs", "Running and recent jobs", "JobList"),
+    Route("POST", "/api/v1/jobs", "submit", "Submit a job file (JSON or YAML) whose functions are "
+          "in the server's apps directory (REMAP_APPS_DIR)", "Submitted", body="JobFile"),
+    Route("GET", "/api/v1/jobs/{job_id}/results", "results", "A job submitted over HTTP: its "
+          "results so far, as JSON lines in argument order", media=NDJSON, not_found=True),
     Route("GET", "/api/v1/jobs/{job_id}", "job", "One job with its recent errors", "JobDetail",
           not_found=True),
     Route("POST", "/api/v1/jobs/{job_id}/kill", "kill", "Stop a job's queued and running work",

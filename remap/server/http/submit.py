@@ -1,0 +1,243 @@
+"""Jobs submitted over HTTP: a job file whose functions live in the apps directory.
+
+Only functions in ``REMAP_APPS_DIR`` can run (a ``FILE.py`` inside it, or a module whose file
+is inside it); a job naming anything else (``os:system``, ``../x.py``) is refused before any
+import, so the HTTP token lets its holder run what the operator installed, never arbitrary code.
+No server-side path comes from the request: ``args_path`` and ``output`` are refused, and the
+results go to ``<data dir>/http/<submission>/results.jsonl`` (the ``file`` mode's JSON lines).
+
+The job runs in a console child process (the same ``compute`` as the command line), so the
+user's module is imported and its arguments pickled outside the server's reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from protocol.errors import ConfigError
+
+from ...jobfile import load_job_text
+
+MAX_BODY = 64 * 1024
+#: submissions remembered (for their results); the oldest finished ones are forgotten
+MAX_KEPT = 100
+#: keys a submitted job may not have: they name server paths or outlive the request's intent
+REFUSED_KEYS = {
+    "args_path": "args_path names a file on the server: send args or args_range",
+    "output": "the server chooses where results go (read them from the results URL)",
+    "detach": "every job submitted over HTTP runs detached from the request",
+    "kind": "only function jobs can be submitted over HTTP",
+}
+MODES = ("file", "none")
+#: seconds to wait for the submitted job to reach the scheduler
+START_TIMEOUT = 60.0
+
+
+class SubmitError(Exception):
+    """A submission refused with a reason the client sees (HTTP 400)."""
+
+
+@dataclass
+class Submission:
+    id: str
+    name: str
+    directory: Path
+    job_id: int | None = None
+    exit_code: int | None = None
+    stderr: bytearray = field(default_factory=bytearray)
+
+    @property
+    def results(self) -> Path:
+        return self.directory / "results.jsonl"
+
+    def last_error(self) -> str:
+        lines = [ln for ln in self.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        text = lines[-1] if lines else f"the job's console exited with code {self.exit_code}"
+        return text.removeprefix("error: ")[:500]
+
+
+def parse_body(body: bytes, content_type: str) -> dict:
+    """The job file as a mapping, from JSON or YAML (JSON is YAML, so one parser would do;
+    JSON is parsed as JSON so its errors read as JSON errors)."""
+    if len(body) > MAX_BODY:
+        raise SubmitError(f"a job file is at most {MAX_BODY // 1024} KiB")
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text) if content_type == "application/json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise SubmitError(f"the job file is not valid {content_type}: {exc}") from None
+    if not isinstance(value, dict):
+        raise SubmitError("the job file must be a mapping of keys to values")
+    return value
+
+
+def _inside(apps: Path, ref: str, key: str) -> str:
+    """``ref`` rewritten as ``/abs/FILE.py:NAME`` inside ``apps``, or SubmitError."""
+    target, colon, name = ref.partition(":")
+    if not colon:
+        if key == "reduce":  # a bare NAME: a function in the job's own file
+            return ref
+        raise SubmitError(f"key '{key}': expected FILE.py:NAME or module:NAME, got {ref!r}")
+    if target.endswith(".py"):
+        path = (apps / target).resolve()
+    else:
+        parts = target.split(".")
+        if not all(p.isidentifier() for p in parts):
+            raise SubmitError(f"key '{key}': {target!r} is neither a .py file nor a module name")
+        path = (apps / Path(*parts)).with_suffix(".py").resolve()
+        if not path.is_file():
+            path = (apps / Path(*parts) / "__init__.py").resolve()
+    if not path.is_relative_to(apps) or not path.is_file():
+        raise SubmitError(
+            f"key '{key}': {target!r} is not a file in the server's apps directory "
+            "(only functions installed there can run)"
+        )
+    return f"{path}:{name}"
+
+
+def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
+    """Check a job file and write the one the console child will run."""
+    for key, why in REFUSED_KEYS.items():
+        if key in raw:
+            raise SubmitError(f"key '{key}' is not allowed over HTTP: {why}")
+    mode = raw.get("response_mode", "file")
+    if mode not in MODES:
+        raise SubmitError(f"response_mode must be one of {', '.join(MODES)} over HTTP")
+    apps = apps_dir.resolve()
+    job = dict(raw)
+    if not isinstance(job.get("function"), str):
+        raise SubmitError("key 'function' is required: FILE.py:NAME or module:NAME in the apps dir")
+    job["function"] = _inside(apps, job["function"], "function")
+    if isinstance(job.get("reduce"), str):
+        job["reduce"] = _inside(apps, job["reduce"], "reduce")
+    sub_id = secrets.token_hex(4)
+    name = str(job.get("name") or Path(job["function"].rpartition(":")[0]).stem)[:80]
+    job["name"] = f"{name} [http {sub_id}]"
+    directory = data_dir / "http" / sub_id
+    job["response_mode"] = mode
+    if mode == "file":
+        job["output"] = str(directory / "results.jsonl")
+    text = json.dumps(job)
+    try:
+        load_job_text(text, apps, "<submitted job>")
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "job.json").write_text(text)
+    return Submission(sub_id, job["name"], directory)
+
+
+class _ConsoleProcess(protocol.ProcessProtocol):
+    def __init__(self, submission: Submission, ended: Any) -> None:
+        self.submission = submission
+        self.ended = ended
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        buf = self.submission.stderr
+        buf += data
+        del buf[: max(0, len(buf) - 8192)]  # keep the tail: the error line is last
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.submission.exit_code = getattr(reason.value, "exitCode", None)
+        self.ended(self.submission)
+
+
+class Submitter:
+    """Starts console children for submitted jobs and remembers where their results are."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        scheduler: Any,
+        *,
+        apps_dir: str | None,
+        data_dir: Path,
+        cluster_address: str | None,
+        child_env: dict[str, str],
+    ) -> None:
+        self.reactor = reactor
+        self.scheduler = scheduler
+        self.apps_dir = Path(apps_dir).expanduser() if apps_dir else None
+        self.data_dir = data_dir
+        self.cluster_address = cluster_address
+        self.child_env = child_env
+        self.by_job: OrderedDict[int, Submission] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.apps_dir is not None and self.cluster_address is not None
+
+    def start(self, submission: Submission, on_started: Any, on_failed: Any) -> None:
+        """Run the job; call ``on_started(job_id)`` once the scheduler has it, or ``on_failed``."""
+        argv = [
+            sys.executable,
+            "-c",
+            "import sys; from remap.console.main import main; sys.exit(main())",
+            "--server",
+            str(self.cluster_address),
+            "--env-file",
+            os.devnull,
+            "compute",
+            str(submission.directory / "job.json"),
+            "--quiet",
+            "--json",
+            "--no-task-output",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+        env.update(self.child_env)
+        state = {"done": False}
+
+        def ended(sub: Submission) -> None:
+            if not state["done"]:
+                state["done"] = True
+                on_failed(sub.last_error())
+            self.log.info(
+                "HTTP job {name} ended (console exit {code})", name=sub.name, code=sub.exit_code
+            )
+
+        self.reactor.spawnProcess(
+            _ConsoleProcess(submission, ended),
+            sys.executable,
+            argv,
+            env=env,
+            path=str(self.apps_dir),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        deadline = self.reactor.seconds() + START_TIMEOUT
+
+        def look() -> None:
+            if state["done"]:
+                return
+            for job in self.scheduler.jobs.values():
+                if job.name == submission.name:
+                    state["done"] = True
+                    submission.job_id = job.id
+                    self._keep(submission)
+                    on_started(job.id)
+                    return
+            if self.reactor.seconds() > deadline:
+                state["done"] = True
+                on_failed("the job did not reach the scheduler in time")
+                return
+            self.reactor.callLater(0.05, look)
+
+        look()
+
+    def _keep(self, submission: Submission) -> None:
+        assert submission.job_id is not None
+        self.by_job[submission.job_id] = submission
+        while len(self.by_job) > MAX_KEPT:
+            self.by_job.popitem(last=False)

@@ -1,0 +1,140 @@
+"""Jobs submitted over HTTP: only functions in the apps directory, results as JSON lines."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from remap.server.http.security import derive_token
+from remap.server.http.submit import SubmitError, parse_body, prepare
+from tests.cluster_harness import NodeSpec
+from tests.http_harness import Served
+
+
+@pytest.fixture
+def apps(tmp_path: Path) -> Path:
+    apps = tmp_path / "apps"
+    (apps / "pkg").mkdir(parents=True)
+    (apps / "squares.py").write_text("def square(x):\n    return x * x\n")
+    (apps / "pkg" / "__init__.py").write_text("")
+    (apps / "pkg" / "tools.py").write_text("def neg(x):\n    return -x\n")
+    (tmp_path / "outside.py").write_text("def f(x):\n    return x\n")
+    return apps
+
+
+@pytest.mark.parametrize(
+    ("job", "problem"),
+    [
+        ({"function": "os:system", "args": ["id"]}, "not a file in the server's apps directory"),
+        ({"function": "subprocess:call", "args": [["id"]]}, "apps directory"),
+        ({"function": "../outside.py:f", "args": [1]}, "apps directory"),
+        ({"function": "/etc/passwd.py:f", "args": [1]}, "apps directory"),
+        ({"function": "squares.py:square", "args_path": "/etc/passwd"}, "args_path"),
+        ({"function": "squares.py:square", "args": [1], "output": "/tmp/x"}, "output"),
+        ({"function": "squares.py:square", "args": [1], "kind": "vertex"}, "kind"),
+        (
+            {"function": "squares.py:square", "args": [1], "response_mode": "sqlite"},
+            "response_mode",
+        ),
+        ({"function": "squares.py:square", "args": [1], "reduce": "os:getcwd"}, "apps directory"),
+        ({"function": "squares.py:square"}, "args"),  # the job-file loader's own check
+        ({"args": [1]}, "function"),
+    ],
+)
+def test_refused_jobs(apps: Path, tmp_path: Path, job: dict, problem: str) -> None:
+    """Anything naming code or files outside the apps directory is refused before any import."""
+    with pytest.raises(SubmitError, match=re.escape(problem)):
+        prepare(job, apps, tmp_path / "data")
+
+
+def test_accepted_jobs_run_from_the_apps_directory(apps: Path, tmp_path: Path) -> None:
+    """FILE.py and module references become absolute paths inside the apps directory."""
+    sub = prepare({"function": "pkg.tools:neg", "args_range": [0, 3]}, apps, tmp_path / "d")
+    written = json.loads((sub.directory / "job.json").read_text())
+    assert written["function"] == f"{apps / 'pkg' / 'tools.py'}:neg"
+    assert written["output"] == str(sub.results) and written["response_mode"] == "file"
+    assert sub.name.startswith("tools [http ")
+
+
+def test_bodies() -> None:
+    """JSON and YAML bodies parse to a mapping; anything else is one clear error."""
+    assert parse_body(b'{"function": "a.py:f"}', "application/json") == {"function": "a.py:f"}
+    assert parse_body(b"function: a.py:f\n", "application/yaml") == {"function": "a.py:f"}
+    for body, kind in (
+        (b"[1]", "application/json"),
+        (b"{", "application/json"),
+        (b"x" * 70000, "text/yaml"),
+    ):
+        with pytest.raises(SubmitError):
+            parse_body(body, kind)
+
+
+def test_submit_is_off_without_an_apps_dir() -> None:
+    """With no REMAP_APPS_DIR the route answers 403 and starts nothing."""
+    served = Served()
+    try:
+        reply = served.request(
+            "POST", "/api/v1/jobs", token=served.token,
+            headers={"Content-Type": "application/json"}, body=b'{"function": "a.py:f"}',
+        )  # fmt: skip
+        assert reply.status == 403 and "REMAP_APPS_DIR" in reply.json()["message"]
+        assert served.scheduler.jobs == {}
+    finally:
+        served.stop()
+
+
+@pytest.mark.slow
+def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_path: Path) -> None:
+    """A YAML job file posted with the token runs on the cluster; its results come back as
+    JSON lines in argument order; a refused job says why; a cross-site form cannot submit."""
+    cluster = make_cluster(
+        [NodeSpec(cores=1)],
+        server_env={
+            "REMAP_HTTP_PORT": "0",
+            "REMAP_APPS_DIR": str(apps),
+            "REMAP_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    port = int(
+        cluster.wait_for(
+            lambda: re.search(r"dashboard: http://[^:]+:(\d+)/", cluster.server.log_text()),
+            10,
+            "the HTTP port",
+        ).group(1)
+    )
+    token = derive_token(cluster.secret.encode())
+
+    def call(method: str, path: str, body: bytes | None = None, **headers: str):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(
+            method, path, body=body, headers={"Authorization": f"Bearer {token}", **headers}
+        )
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        return reply.status, data
+
+    job = b"function: squares.py:square\nargs_range: [0, 50]\nname: sq\n"
+    status, data = call("POST", "/api/v1/jobs", job, **{"Content-Type": "application/yaml"})
+    assert status == 201, data
+    made = json.loads(data)
+    assert made["name"].startswith("sq [http ")
+    cluster.wait_for(lambda: (cluster.job(made["job"]) or {}).get("state") == "done", 60, "done")
+    status, data = call("GET", made["results"])
+    assert status == 200
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    assert [line["result"] for line in lines] == [i * i for i in range(50)]
+
+    status, data = call(
+        "POST", "/api/v1/jobs", b'{"function": "squares.py:nope", "args": [1]}',
+        **{"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert status == 400 and "nope" in json.loads(data)["message"]
+    status, _ = call(
+        "POST", "/api/v1/jobs", b"function=os:system", **{"Content-Type": "text/plain"}
+    )
+    assert status == 415
