@@ -282,6 +282,55 @@ class RemapSystem(System):
         return self.run_job(fn, (arg,), "object", total=1)[0]
 
 
+class RemapApiSystem(RemapSystem):
+    """remap through its public API, as a user calls it: ``remap.connect()`` (embedded: a
+    server and node in this process; ``procs``: the server and node processes of
+    :class:`RemapSystem`), ``Cluster.map``, ``Cluster.reduce`` and ``Cluster.submit``."""
+
+    def __init__(self, kind: str, workdir: Path, workers: int = 2) -> None:
+        super().__init__(kind, workdir, workers)
+        self.name = f"api-{kind}"
+        self.api: Any = None
+
+    def start(self) -> None:
+        import remap
+        from remap.settings import load_settings
+
+        settings = load_settings({}, environ={}, dotenv_path=None)
+        if self.kind == "embedded":
+            self.api = remap.connect(cores=self.workers, settings=settings, task_output=False)
+        else:
+            address = self._spawn_processes()
+            self.api = remap.connect(
+                address, secret=self.secret, settings=settings, task_output=False
+            )
+        wait_for(self._node_ready, 30, f"{self.name}: a node with {self.workers} cores")
+        self.warm()
+
+    def status(self) -> dict[str, Any]:
+        return self.api.status()
+
+    def close(self) -> None:
+        try:
+            if self.api is not None:
+                self.api.close()
+        except Exception as exc:  # still stop the processes below
+            print(f"warning: {self.name} close: {exc}", file=sys.stderr)
+        finally:
+            stop_processes(self.procs)
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return self.api.map(fn, args)
+
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
+        return self.api.reduce(fn, args, reduce_fn)
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.api.submit(fn, arg).result()
+
+
 def stop_processes(
     procs: dict[str, subprocess.Popen], order: tuple[str, ...] = ("sim", "node", "server")
 ) -> None:
@@ -468,6 +517,8 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
         return RemapSystem("embedded", workdir, workers)
     if name == "remap-procs":
         return RemapSystem("procs", workdir, workers)
+    if name in ("api-embedded", "api-procs"):
+        return RemapApiSystem(name.split("-")[1], workdir, workers)
     system = {
         "mp.Pool": PoolSystem,
         "ProcessPoolExecutor": ExecutorSystem,
@@ -478,4 +529,13 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
     return system
 
 
-SYSTEMS = ("remap-embedded", "remap-procs", "mp.Pool", "ProcessPoolExecutor", "dask", "ray.Pool")
+SYSTEMS = (
+    "api-embedded",
+    "api-procs",
+    "remap-embedded",
+    "remap-procs",
+    "mp.Pool",
+    "ProcessPoolExecutor",
+    "dask",
+    "ray.Pool",
+)

@@ -224,7 +224,7 @@ class Executor(concurrent.futures.Executor):
 
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        blob = api.dumps_argument((args, kwargs), f"the arguments of {api.describe(fn)}")
+        blob = api.dumps_argument((args, kwargs), lambda: f"the arguments of {api.describe(fn)}")
         future = RemoteFuture()
         key = _key(fn)
         with self._lock:

@@ -75,8 +75,7 @@ def _all_then_first_error(results: ResultIterator) -> list[Any]:
     with results:
         while True:
             try:
-                values.append(next(results))
-            except StopIteration:
+                results.rest(values)
                 break
             except Exception as exc:  # a remote error: remember it and let the others finish
                 first = first or exc

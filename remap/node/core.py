@@ -54,10 +54,12 @@ def read_command(fd: int) -> tuple[dict, bytes]:
 
 def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
     h = msgpack.packb(header, use_bin_type=True)
-    data = b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    head = _PREFIX.pack(4 + len(h) + len(payload), len(h)) + h
+    sent = os.writev(fd, [head, payload])  # one system call, the payload not copied
+    if sent < len(head) + len(payload):
+        view = memoryview(head + payload)[sent:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:

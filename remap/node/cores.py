@@ -36,9 +36,21 @@ from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 _PREFIX = struct.Struct(">II")
 
 
-def _frame(header: dict, payload: bytes | memoryview = b"") -> bytes:
+def _frame_parts(header: dict, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """A command frame as [prefix and header, payload]: written together, the payload uncopied."""
     h = msgpack.packb(header, use_bin_type=True)
-    return b"".join((_PREFIX.pack(4 + len(h) + len(payload), len(h)), h, payload))
+    return [_PREFIX.pack(4 + len(h) + len(payload), len(h)) + h, payload]
+
+
+def _pipe_idle(writer: Any) -> bool:
+    """Nothing of ours is waiting in Twisted's buffer for this pipe (so writing now keeps order).
+
+    Reads FileDescriptor's buffer attributes; if a Twisted release renames them, every write
+    simply goes through the buffer as before.
+    """
+    return not getattr(writer, "_tempDataBuffer", True) and getattr(writer, "offset", -1) == len(
+        getattr(writer, "dataBuffer", b"?")
+    )
 
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
@@ -132,8 +144,21 @@ class CoreProcess(ProcessProtocol):
     # ---------------------------------------------------------------- commands
 
     def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
-        if self.transport is not None and not self.dead:
-            self.transport.writeToChild(CMD_FD, _frame(header, payload))
+        """Write a command now when the pipe takes it (no reactor turn, no copy of the payload);
+        what does not fit goes through the transport's buffer."""
+        if self.transport is None or self.dead:
+            return
+        parts = _frame_parts(header, payload)
+        total = len(parts[0]) + len(payload)
+        writer = getattr(self.transport, "pipes", {}).get(CMD_FD)
+        sent = 0
+        if writer is not None and _pipe_idle(writer):
+            try:
+                sent = os.writev(writer.fileno(), parts)
+            except OSError:  # full (EAGAIN) or gone: the transport takes it and reports a loss
+                sent = 0
+        if sent < total:
+            self.transport.writeToChild(CMD_FD, b"".join(parts)[sent:])
 
     def kill(self, why: str, at: int | None = None) -> None:
         if self.dead or self.killing:
