@@ -52,7 +52,8 @@ commands:
   kill JOB_ID | kill --cluster [--yes] stop a job, or every node and the server
   drain NODE                           let a node finish its work and take no more
   undrain NODE                         let a drained node take work again
-  exclude NODE | include NODE          keep a node's host out of all work (kept across restarts), or let it back
+  exclude NODE                         keep a node's host out of all work (kept across restarts)
+  include NODE                         let an excluded host's nodes work again
   dashboard [--http-port N]            print a one-time login link to the server's dashboard
   attach JOB_ID [--json]               collect a detached job's results (alias: results)
   help [COMMAND]                       this text, or one command's options
