@@ -159,11 +159,15 @@ def _spill_all(records, spill_bytes, combine=None, tmp_path=None):
     out: dict[int, list[list[tuple[bytes, bytes]]]] = defaultdict(list)
     buffer = runs.SpillBuffer(
         spill_bytes,
-        lambda bucket, recs: out[bucket].append(list(recs)),
-        (lambda bucket: combine) if combine else None,
+        lambda bucket, recs: out[bucket[1]].append(list(recs)),
+        lambda purpose, key, encoded: int(purpose),
+        (lambda purpose: combine) if combine else None,
+        purposes=[str(b) for b in range(3)],
     )
     for bucket, key, value in records:
-        buffer.add(bucket, keys.encode_key(key), value)
+        buffer.add(str(bucket), key, value)
+        if buffer.full:
+            buffer.flush()
     buffer.flush()
     return out, buffer
 
@@ -204,8 +208,10 @@ def test_mutable_values_are_captured_when_emitted() -> None:
     """A list value mutated after it was emitted is spilled as it was when emitted."""
     value = [1]
     out: list = []
-    buffer = runs.SpillBuffer(1 << 20, lambda b, recs: out.extend(recs))
-    buffer.add(0, keys.encode_key("k"), value)
+    buffer = runs.SpillBuffer(
+        1 << 20, lambda b, recs: out.extend(recs), lambda p, k, e: 0, purposes=["p"]
+    )
+    buffer.add("p", "k", value)
     value.append(2)
     buffer.flush()
     assert keys.decode_value(out[0][1]) == [1]
@@ -259,3 +265,29 @@ def test_grouped_secondary_sort() -> None:
     stream = iter([(keys.encode_key(k), keys.encode_value(v)) for k, v in pairs])
     got = [(g, list(vs)) for g, vs in runs.grouped(stream, group=lambda k: k[0])]
     assert got == [("g1", ["n", "s", "e"]), ("g2", ["o"])]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("word", "must yield (key, value) or (purpose, key, value) tuples, got 'word'"),
+        (("k", 1, 2, 3), "tuples, got ('k', 1, 2, 3)"),
+        (("nope", "k", 1), "purpose 'nope', but the job's reducer sets are default, lengths"),
+    ],
+)
+def test_bad_map_output_is_named(out: object, message: str) -> None:
+    """What map yields is checked: shape and purpose, with the value in the message."""
+    buffer = runs.SpillBuffer(
+        1 << 20, lambda b, r: None, lambda p, k, e: 0, purposes=["default", "lengths"]
+    )
+    with pytest.raises(runs.BadOutput) as info:
+        buffer.extend([("ok", 1), out])
+    assert message in str(info.value)
+    assert buffer.records == 1  # what came before the bad output is kept and counted
+
+
+def test_pairs_without_a_default_set_are_refused() -> None:
+    """A (key, value) pair when every reducer set is named says to yield a purpose."""
+    buffer = runs.SpillBuffer(1 << 20, lambda b, r: None, lambda p, k, e: 0, purposes=["a"])
+    with pytest.raises(runs.BadOutput, match="no 'default' reducer set"):
+        buffer.extend([("k", 1)])

@@ -18,7 +18,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .keys import decode_key, decode_value, encode_value
+from .keys import decode_key, decode_value, encode_key, encode_value
 
 Record = tuple[bytes, bytes]
 #: combine(key, values) -> iterable of values for the same key
@@ -85,76 +85,159 @@ def _values(values: list[Any]) -> Iterator[Any]:
         yield decode_value(value) if type(value) is _Encoded else value
 
 
-def _encoded(value: Any) -> bytes:
-    return bytes(value) if type(value) is _Encoded else encode_value(value)
+class BadOutput(ValueError):
+    """``map`` yielded something that is not a (key, value) or (purpose, key, value) tuple."""
 
 
 class SpillBuffer:
-    """Map output for many buckets (one per reducer), spilled as sorted runs when full.
+    """Map output by purpose, spilled as one sorted run per (purpose, reducer) when full.
 
-    ``spill(bucket, records)`` is called once per non-empty bucket per spill, with the
-    bucket's records in key order; it writes them wherever the caller keeps runs.
+    Keys are buffered by identity: a text key as itself (the common case, with no encoding
+    per record), any other key by its encoding. Encoding and ``locate`` (the partitioner)
+    run once per distinct key per spill. ``spill((purpose, reducer), records)`` is called
+    for each non-empty run with its records in key order.
     """
 
     def __init__(
         self,
         spill_bytes: int,
-        spill: Callable[[Any, Iterator[Record]], None],
-        combine: Callable[[Any], Combiner | None] | None = None,
+        spill: Callable[[tuple[str, int], Iterator[Record]], None],
+        locate: Callable[[str, Any, bytes], int],
+        combine: Callable[[str], Combiner | None] | None = None,
+        purposes: Iterable[str] = ("default",),
+        default: str = "default",
     ) -> None:
         self.spill_bytes = spill_bytes
         self._spill = spill
-        self._combine_for = combine or (lambda bucket: None)
-        self._buckets: dict[Any, dict[bytes, list[Any]]] = {}
+        self._locate = locate
+        self._combine_for = combine or (lambda purpose: None)
+        self._purposes = tuple(purposes)
+        self._default = default
+        self._fresh()
         self.size = 0
         self.spills = 0
         self.records = 0
 
-    def add(self, bucket: Any, key: bytes, value: Any) -> None:
-        """Buffer one record; spills everything when the buffer is full."""
-        keys = self._buckets.get(bucket)
-        if keys is None:
-            keys = self._buckets[bucket] = {}
-        values = keys.get(key)
-        if values is None:
-            values = keys[key] = []
-            self.size += len(key) + KEY_OVERHEAD
-        if type(value) in _PLAIN:
-            values.append(value)
-            self.size += VALUE_OVERHEAD
-        else:
-            encoded = _Encoded(encode_value(value))
-            values.append(encoded)
-            self.size += VALUE_OVERHEAD + len(encoded)
-        self.records += 1
-        if len(values) >= COMBINE_EVERY:
-            combine = self._combine_for(bucket)
-            if combine is not None:
-                folded = list(combine(decode_key(key), _values(values)))
-                self.size -= VALUE_OVERHEAD * (len(values) - len(folded))
-                keys[key] = folded
-        if self.size >= self.spill_bytes:
-            self.flush()
+    def _fresh(self) -> None:
+        self._slots: dict[str, dict[Any, list[Any]]] = {p: {} for p in self._purposes}
+        self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
+        self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
+
+    def add(self, purpose: str, key: Any, value: Any) -> None:
+        """Buffer one record of a purpose."""
+        self.extend(((purpose, key, value),))
+
+    def extend(self, outputs: Iterable[Any]) -> None:
+        """Buffer everything one ``map`` call yields: ``(key, value)`` for the default purpose,
+        ``(purpose, key, value)`` for a named one. The caller spills (:meth:`flush`) once
+        :attr:`full`, so an error in user code while spilling (a partitioner, say) is never
+        mistaken for an error of the record being mapped."""
+        all_slots = self._slots
+        default = all_slots.get(self._default)
+        plain = _PLAIN
+        size = count = 0
+        try:
+            for out in outputs:
+                if type(out) is tuple and len(out) == 2 and default is not None:
+                    key, value = out
+                    slots = default
+                    purpose = self._default
+                elif type(out) is tuple and len(out) == 3 and out[0] in all_slots:
+                    purpose, key, value = out
+                    slots = all_slots[purpose]
+                else:
+                    raise BadOutput(self._bad(out))
+                if type(key) is str:
+                    ident = key
+                else:
+                    ident = encode_key(key)
+                    self._keys[purpose].setdefault(ident, key)
+                values = slots.get(ident)
+                if values is None:
+                    values = slots[ident] = []
+                    size += len(ident) + KEY_OVERHEAD
+                if type(value) in plain:
+                    values.append(value)
+                    size += VALUE_OVERHEAD
+                else:
+                    encoded = _Encoded(encode_value(value))
+                    values.append(encoded)
+                    size += VALUE_OVERHEAD + len(encoded)
+                    self._mixed.add((purpose, ident))
+                count += 1
+                if len(values) >= COMBINE_EVERY:
+                    size -= self._fold(purpose, ident, slots)
+        finally:
+            self.size += size
+            self.records += count
+
+    def _bad(self, out: Any) -> str:
+        if type(out) is tuple and len(out) == 3:
+            return f"map yielded purpose {out[0]!r}, but the job's reducer sets are " + ", ".join(
+                sorted(self._purposes)
+            )
+        if type(out) is tuple and len(out) == 2:
+            return (
+                f"map yielded a (key, value) pair, but the job has no {self._default!r} "
+                "reducer set: yield (purpose, key, value)"
+            )
+        text = repr(out)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        return f"map must yield (key, value) or (purpose, key, value) tuples, got {text}"
+
+    def _fold(self, purpose: str, ident: Any, slots: dict[Any, list[Any]]) -> int:
+        """Combine a hot key's values early; return the estimated bytes freed."""
+        combine = self._combine_for(purpose)
+        if combine is None:
+            return 0
+        values = slots[ident]
+        key = ident if type(ident) is str else self._keys[purpose][ident]
+        mixed = (purpose, ident) in self._mixed
+        folded = list(combine(key, _values(values) if mixed else iter(values)))
+        slots[ident] = folded
+        return VALUE_OVERHEAD * (len(values) - len(folded))
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.spill_bytes
 
     def flush(self) -> None:
-        """Spill every bucket as one sorted run each (nothing if the buffer is empty)."""
-        if not self._buckets:
+        """Spill every (purpose, reducer) as one sorted run (nothing if the buffer is empty)."""
+        if not any(self._slots.values()):
             return
-        buckets, self._buckets = self._buckets, {}
-        for bucket in sorted(buckets):
-            keys = buckets[bucket]
-            self._spill(bucket, self._sorted(keys, self._combine_for(bucket)))
+        slots_by_purpose, keys_by_purpose, mixed = self._slots, self._keys, self._mixed
+        self._fresh()
+        for purpose in sorted(slots_by_purpose):
+            keys = keys_by_purpose[purpose]
+            runs: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
+            for ident, values in slots_by_purpose[purpose].items():
+                if type(ident) is str:
+                    key, encoded = ident, encode_key(ident)
+                else:
+                    key, encoded = keys[ident], ident
+                reducer = self._locate(purpose, key, encoded)
+                runs.setdefault(reducer, []).append(
+                    (encoded, key, values, (purpose, ident) in mixed)
+                )
+            combine = self._combine_for(purpose)
+            for reducer in sorted(runs):
+                items = runs[reducer]
+                items.sort(key=itemgetter(0))
+                self._spill((purpose, reducer), self._records(items, combine))
         self.size = 0
         self.spills += 1
 
     @staticmethod
-    def _sorted(keys: dict[bytes, list[Any]], combine: Combiner | None) -> Iterator[Record]:
-        for key in sorted(keys):
-            values = keys[key]
+    def _records(
+        items: list[tuple[bytes, Any, list[Any], bool]], combine: Combiner | None
+    ) -> Iterator[Record]:
+        for encoded, key, values, mixed in items:
             if combine is not None:
-                values = list(combine(decode_key(key), _values(values)))
-            for value in values:
-                yield key, _encoded(value)
+                for value in list(combine(key, _values(values) if mixed else iter(values))):
+                    yield encoded, encode_value(value)
+            else:
+                for value in values:
+                    yield encoded, bytes(value) if type(value) is _Encoded else encode_value(value)
 
 
 # ------------------------------------------------------------------ reduce side

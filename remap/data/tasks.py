@@ -23,7 +23,16 @@ from . import counters, layout
 from .inputs import Split, line_number, read_custom, read_lines
 from .keys import default_partition, encode_key
 from .layout import DataDir
-from .runs import DEFAULT_FANIN, SpillBuffer, grouped, merge, premerge, read_run, write_run
+from .runs import (
+    DEFAULT_FANIN,
+    BadOutput,
+    SpillBuffer,
+    grouped,
+    merge,
+    premerge,
+    read_run,
+    write_run,
+)
 
 DEFAULT_PURPOSE = "default"
 #: error lines a task keeps for the job's errors file (the count is always exact)
@@ -63,9 +72,15 @@ class JobFunctions:
     write: Callable[[Any, TextIO], None] | None = None
     partition: Callable[[Any, int], int] | None = None
     group: Callable[[Any], Any] | None = None
+    map_init: Callable[[], Any] | None = None
+    map_final: Callable[[], Iterable[Any] | None] | None = None
+    reduce_init: Callable[[], Any] | None = None
+    reduce_final: Callable[[], Iterable[Any] | None] | None = None
 
 
-ROLES = ("map", "reduce", "combine", "read", "write", "partition", "group")
+#: optional hooks: ``*_init()`` runs before a task's first record, ``map_final()`` may yield
+#: more map output (in-mapper combining), ``reduce_final()`` more output records
+HOOKS = ("map_init", "map_final", "reduce_init", "reduce_final")
 
 
 def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> JobFunctions:
@@ -99,6 +114,7 @@ def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> Job
         write=get("write"),
         partition=get("partition"),
         group=get("group"),
+        **{hook: get(hook) for hook in HOOKS},
     )
 
 
@@ -194,47 +210,46 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         count, size = write_run(tmp, records)
         pending.append((tmp, final, purpose, reducer, count, size))
 
-    combine_of = {(p): ctx.functions.combine.get(p) for p in reducers}
-    buffer = SpillBuffer(ctx.spill_bytes, spill, lambda bucket: combine_of[bucket[0]])
+    def locate(purpose: str, key: Any, encoded: bytes) -> int:
+        n = reducers[purpose]
+        if partition is not None:
+            r = partition(key, n)
+            if type(r) is not int or not 0 <= r < n:
+                raise JobCodeError(f"partition({_short(key)}, {n}) returned {r!r}")
+            return r
+        if group is not None:
+            return default_partition(encode_key(group(key)), n)
+        return default_partition(encoded, n)
+
+    combine_of = {p: ctx.functions.combine.get(p) for p in reducers}
+    buffer = SpillBuffer(
+        ctx.spill_bytes, spill, locate, combine_of.__getitem__, reducers, DEFAULT_PURPOSE
+    )
+    extend = buffer.extend
+    spill_bytes = ctx.spill_bytes
     records_in = 0
     failures = _Failures(ctx.on_error)
     source = read_custom(s, fns.read) if fns.read is not None else read_lines(s)
+    _hook(fns.map_init, "map_init")
     for offset, record in source:
         records_in += 1
         try:
-            for out in user_map(record):
-                if type(out) is not tuple or len(out) not in (2, 3):
-                    raise JobCodeError(
-                        "map must yield (key, value) or (purpose, key, value) tuples, "
-                        f"got {_short(out)}"
-                    )
-                if len(out) == 2:
-                    purpose = DEFAULT_PURPOSE
-                    key, value = out
-                else:
-                    purpose, key, value = out
-                n = reducers.get(purpose)
-                if n is None:
-                    raise JobCodeError(
-                        f"map yielded purpose {purpose!r}, but the job's reducers are "
-                        + ", ".join(sorted(reducers))
-                    )
-                encoded = encode_key(key)
-                if partition is not None:
-                    r = partition(key, n)
-                    if type(r) is not int or not 0 <= r < n:
-                        raise JobCodeError(f"partition({_short(key)}, {n}) returned {r!r}")
-                elif group is not None:
-                    r = default_partition(encode_key(group(key)), n)
-                else:
-                    r = default_partition(encoded, n)
-                buffer.add((purpose, r), encoded, value)
-        except JobCodeError:
-            raise
+            outputs = user_map(record)
+            if outputs is not None and outputs != ():  # in-mapper combining yields at the end
+                extend(outputs)
+        except BadOutput as exc:
+            raise JobCodeError(str(exc)) from None
         except Exception as exc:  # the user's map: report with where the record came from
             failures.record(_where(s, offset, fns.read is not None), "map", exc)
+        if buffer.size >= spill_bytes:
+            buffer.flush()
         if records_in % _CHECK_EVERY == 0:
             progress.update(bytes_read=offset - s.start, records_in=records_in)
+    if fns.map_final is not None:
+        try:
+            extend(_hook(fns.map_final, "map_final") or ())
+        except BadOutput as exc:
+            raise JobCodeError(f"map_final: {exc}") from None
     buffer.flush()
     runs = []
     for tmp, final, purpose, reducer, count, size in pending:
@@ -258,6 +273,17 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     }
     progress.update("done", force=True, bytes_read=s.size, records_in=records_in)
     return result
+
+
+def _hook(hook: Callable[[], Any] | None, name: str) -> Any:
+    """Call an optional hook; what it raises fails the task, named."""
+    if hook is None:
+        return None
+    try:
+        result = hook()
+        return list(result) if result is not None else None
+    except Exception as exc:
+        raise RecordError(f"{name} raised {_describe(exc)}") from exc
 
 
 def _where(split: Split, offset: int, custom: bool) -> str:
@@ -303,6 +329,7 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
     keys_reduced = records_out = 0
     failures = _Failures(ctx.on_error)
     try:
+        _hook(fns.reduce_init, "reduce_init")
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
             for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
                 keys_reduced += 1
@@ -315,6 +342,9 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
                     failures.record(where, "reduce", exc)
                 if keys_reduced % _CHECK_EVERY == 0:
                     progress.update(keys=keys_reduced, records_out=records_out)
+            for record in _hook(fns.reduce_final, "reduce_final") or ():
+                write(record, out)
+                records_out += 1
         layout.commit(tmp, committed)
     finally:
         tmp.unlink(missing_ok=True)

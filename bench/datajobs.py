@@ -1,0 +1,404 @@
+"""Data jobs against their peers: one command, one table.
+
+    python bench/datajobs.py [--mb 200] [--big-gb 2] [--sort-records 10000000]
+                             [--only wordcount,spill,sort] [--dir DIR]
+
+- ``wordcount``: word count of ~``--mb`` MB of the King James Bible (Debian's ``bible-kjv``:
+  ``apt-get install bible-kjv``; its ``bible`` program prints the text), replicated into
+  files of 16 MB, on an embedded remap cluster with 2 cores, against a serial Python loop with
+  the same tokenizer, GNU ``tr | sort --parallel=2 | uniq -c`` (LC_ALL=C), and Dask bag
+  (``read_text().str.split().flatten().frequencies()``) when dask is installed. Every result
+  but Dask's (a different tokenizer) is checked against the serial loop's.
+- ``spill``: the same word count with ``spill_mb: 8`` on ``--big-gb`` GB: the peak RSS (VmHWM)
+  of the bench process (server, node and console of the embedded cluster) and of each core.
+- ``sort``: ``--sort-records`` 100-byte records (10-byte random key, TeraSort-style) sorted
+  with a range partitioner from a sample, against ``LC_ALL=C sort --parallel=2``; the
+  concatenated reducer files must equal GNU sort's output byte for byte.
+
+Ratios are against the serial loop (word count) and GNU sort (sort) in the same run. Load from
+other processes on the machine changes every figure: the 1-minute load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import remap  # noqa: E402
+
+WORD = re.compile(r"[a-z']+")
+CORES = 2
+
+WORDCOUNT_MODULE = """\
+import re
+
+WORD = re.compile(r"[a-z']+")
+
+
+def map(line):
+    for word in WORD.findall(line.lower()):
+        yield word, 1
+
+
+def combine(word, counts):
+    yield sum(counts)
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
+
+SORT_MODULE = """\
+import bisect
+
+BOUNDS = {bounds!r}
+
+
+def map(line):
+    yield line[:10], line[10:]
+
+
+def partition(key, n):
+    return bisect.bisect_right(BOUNDS, key)
+
+
+def reduce(key, values):
+    for value in values:
+        yield key + value
+
+
+def write(record, file):
+    file.write(record + "\\n")
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def bible_text() -> str:
+    if shutil.which("bible") is None:
+        raise BenchError("the corpus needs Debian's bible-kjv: apt-get install bible-kjv")
+    out = subprocess.run(
+        ["bible", "-f", "gen1:1-rev22:21"], capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
+def corpus(root: Path, megabytes: float, file_mb: int = 16) -> list[Path]:
+    """The Bible replicated into files of ``file_mb`` MB until ``megabytes`` MB (cached)."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".complete-{megabytes:g}"
+    files = sorted(root.glob("kjv-*.txt"))
+    if marker.exists():
+        return files
+    for f in files:
+        f.unlink()
+    text = bible_text()
+    per_file = max(1, int(file_mb * 1e6 // len(text)))
+    total = int(megabytes * 1e6)
+    written = n = 0
+    while written < total:
+        copies = min(per_file, -(-(total - written) // len(text)))
+        path = root / f"kjv-{n:04d}.txt"
+        path.write_text(text * copies)
+        written += copies * len(text)
+        n += 1
+    marker.write_text("")
+    return sorted(root.glob("kjv-*.txt"))
+
+
+def read_counts(output: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for part in (output / "default").iterdir():
+        for line in part.read_text().splitlines():
+            word, n = line.split("\t")
+            counts[word] = int(n)
+    return counts
+
+
+# ------------------------------------------------------------------ runs
+
+
+def run_serial(files: list[Path]) -> tuple[float, Counter[str]]:
+    start = time.perf_counter()
+    counts: Counter[str] = Counter()
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                counts.update(WORD.findall(line.lower()))
+    return time.perf_counter() - start, counts
+
+
+def run_gnu_wordcount(files: list[Path]) -> tuple[float, Counter[str]]:
+    script = (
+        "cat \"$@\" | tr 'A-Z' 'a-z' | tr -cs \"a-z'\" '\\n' | sort --parallel=2 -S 25% | uniq -c"
+    )
+    start = time.perf_counter()
+    out = subprocess.run(
+        ["bash", "-c", script, "wc", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    seconds = time.perf_counter() - start
+    counts: Counter[str] = Counter()
+    for line in out.stdout.splitlines():
+        n, _, word = line.strip().partition(" ")
+        if word:
+            counts[word] = int(n)
+    return seconds, counts
+
+
+def run_dask(files: list[Path]) -> float | None:
+    try:
+        import dask.bag as db
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        return None
+    with LocalCluster(n_workers=CORES, threads_per_worker=1, processes=True) as cluster:
+        with Client(cluster):
+            start = time.perf_counter()
+            db.read_text(
+                [str(f) for f in files], blocksize="16MB"
+            ).str.split().flatten().frequencies().compute()
+            return time.perf_counter() - start
+
+
+def run_remap(
+    cluster: remap.Cluster, module: Any, inputs: Any, work: Path, **options: Any
+) -> tuple[float, dict[str, Any], Path]:
+    output = work / f"out-{time.monotonic_ns()}"
+    start = time.perf_counter()
+    summary = cluster.mapreduce(module, inputs, output, data_dir=str(work / "data"), **options)
+    return time.perf_counter() - start, summary, output
+
+
+def module_from(text: str, path: Path) -> Any:
+    import importlib.util
+
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def bench_wordcount(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
+    files = corpus(work / "corpus", args.mb)
+    size = sum(f.stat().st_size for f in files) / 1e6
+    module = module_from(WORDCOUNT_MODULE, work / "wc_module.py")
+    serial_s, expect = run_serial(files)
+    rows.append(
+        [
+            "wordcount",
+            "serial Python loop",
+            f"{serial_s:.1f} s",
+            "1.00",
+            f"{size / serial_s:.1f} MB/s",
+            f"{load():.1f}",
+        ]
+    )
+    gnu_s, gnu = run_gnu_wordcount(files)
+    if gnu != expect:
+        raise BenchError("WRONG RESULT: GNU word count differs from the serial loop")
+    rows.append(
+        [
+            "wordcount",
+            "GNU tr|sort --parallel=2|uniq -c",
+            f"{gnu_s:.1f} s",
+            f"{serial_s / gnu_s:.2f}",
+            f"{size / gnu_s:.1f} MB/s",
+            f"{load():.1f}",
+        ]
+    )
+    with remap.connect(cores=CORES, env_file=None) as cluster:
+        seconds, summary, output = run_remap(
+            cluster, module, work / "corpus", work, reducers=CORES, split_mb=16, spill_mb=64
+        )
+        if read_counts(output) != expect:
+            raise BenchError("WRONG RESULT: remap word count differs from the serial loop")
+        shutil.rmtree(output)
+    rows.append(
+        [
+            "wordcount",
+            f"remap embedded, {CORES} cores",
+            f"{seconds:.1f} s",
+            f"{serial_s / seconds:.2f}",
+            f"{size / seconds:.1f} MB/s; map {summary['timings']['map']:.1f} s, reduce {summary['timings']['reduce']:.1f} s",
+            f"{load():.1f}",
+        ]
+    )
+    dask_s = run_dask(files)
+    rows.append(
+        [
+            "wordcount",
+            "dask bag (split tokenizer)",
+            "not installed" if dask_s is None else f"{dask_s:.1f} s",
+            "" if dask_s is None else f"{serial_s / dask_s:.2f}",
+            "" if dask_s is None else f"{size / dask_s:.1f} MB/s",
+            f"{load():.1f}",
+        ]
+    )
+
+
+def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
+    big = work / "big"
+    files = corpus(big, args.big_gb * 1000, file_mb=64)
+    size = sum(f.stat().st_size for f in files) / 1e6
+    module = module_from(WORDCOUNT_MODULE, work / "wc_module.py")
+    with remap.connect(cores=CORES, env_file=None) as cluster:
+        seconds, summary, output = run_remap(
+            cluster, module, big, work, reducers=CORES, split_mb=64, spill_mb=8
+        )
+        cores = children(os.getpid())
+        peaks = {pid: peak_rss_mb(pid) for pid in cores}
+        own = peak_rss_mb(os.getpid())
+        shutil.rmtree(output)
+    worst_core = max((v for v in peaks.values() if v), default=0.0)
+    rows.append(
+        [
+            "spill_mb 8",
+            f"remap embedded, {size / 1000:.1f} GB",
+            f"{seconds:.1f} s",
+            "",
+            f"peak RSS: bench process (server+node+console) {own:.0f} MB, cores max {worst_core:.0f} MB ({len(peaks)} cores); spills {summary['counters']['map_spills']}",
+            f"{load():.1f}",
+        ]
+    )
+
+
+def bench_sort(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
+    n = args.sort_records
+    src = work / f"sort-{n}.txt"
+    rng = random.Random(42)
+    alphabet = string.ascii_letters + string.digits
+    if not src.exists():
+        with open(src, "w") as f:
+            for i in range(n):
+                key = "".join(rng.choices(alphabet, k=10))
+                f.write(key + f"{i:010d}" + "x" * 79 + "\n")
+    sample = sorted(
+        line[:10] for line in (src.read_text(encoding="ascii")[: 101 * 20000].splitlines())
+    )
+    reducers = CORES * 2
+    bounds = [sample[len(sample) * k // reducers] for k in range(1, reducers)]
+    module = module_from(SORT_MODULE.format(bounds=bounds), work / "sort_module.py")
+    start = time.perf_counter()
+    gnu = subprocess.run(
+        ["sort", "--parallel=2", "-S", "25%", str(src)],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C"},
+    ).stdout
+    gnu_s = time.perf_counter() - start
+    rows.append(
+        [
+            "sort",
+            f"GNU sort --parallel=2, {n:,} × 100 B",
+            f"{gnu_s:.1f} s",
+            "1.00",
+            "",
+            f"{load():.1f}",
+        ]
+    )
+    with remap.connect(cores=CORES, env_file=None) as cluster:
+        seconds, summary, output = run_remap(
+            cluster, module, src, work, reducers=reducers, split_mb=32, spill_mb=64
+        )
+        parts = sorted((output / "default").iterdir())
+        got = b"".join(p.read_bytes() for p in parts)
+        shutil.rmtree(output)
+    if got != gnu:
+        raise BenchError("WRONG RESULT: remap sort differs from GNU sort")
+    rows.append(
+        [
+            "sort",
+            f"remap embedded, {CORES} cores, {reducers} reducers",
+            f"{seconds:.1f} s",
+            f"{seconds / gnu_s:.2f}× GNU's time",
+            f"map {summary['timings']['map']:.1f} s, reduce {summary['timings']['reduce']:.1f} s",
+            f"{load():.1f}",
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=200)
+    parser.add_argument("--big-gb", type=float, default=2)
+    parser.add_argument("--sort-records", type=int, default=10_000_000)
+    parser.add_argument("--only", default="wordcount,spill,sort")
+    parser.add_argument("--dir", help="keep inputs here between runs (default: a temp dir)")
+    args = parser.parse_args()
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="remap-databench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[list[str]] = []
+    try:
+        for name in args.only.split(","):
+            {"wordcount": bench_wordcount, "spill": bench_spill, "sort": bench_sort}[name](
+                args, work, rows
+            )
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print_table(rows)
+        shutil.rmtree(work / "data", ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(rows: list[list[str]]) -> None:
+    head = ["workload", "system", "time", "ratio", "details", "load"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, ["-" * w for w in widths], *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
