@@ -35,6 +35,7 @@ class Settings:
     port: int = DEFAULT_PORT
     server: str | None = None
     secret: str | None = dataclasses.field(default=None, repr=False)
+    secret_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -162,6 +163,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "port": ("REMAP_PORT", _PORT, "port the server listens on (0 = any free port)"),
     "server": ("REMAP_SERVER", _server, "HOST:PORT of the server for nodes and the console; empty = the console runs its own cluster"),
     "secret": ("REMAP_SECRET_KEY", _text, "shared secret that servers, nodes and consoles prove to each other"),
+    "secret_file": ("REMAP_SECRET_FILE", _text, "file holding the secret instead (mode 0600: refused if group or others can read it); REMAP_SECRET_KEY wins"),
     "tls_cert": ("REMAP_TLS_CERT", _text, "PEM certificate this process presents (turns TLS on; nodes and consoles too)"),
     "tls_key": ("REMAP_TLS_KEY", _text, "PEM private key file for REMAP_TLS_CERT"),
     "tls_ca": ("REMAP_TLS_CA", _text, "PEM CA that signed the peers' certificates (verified both ways)"),
@@ -272,7 +274,27 @@ def load_settings(
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"setting '{name}' from command line: unknown setting{hint}")
         _take(chosen, ENV_VARS[name], value, f"setting '{name}' from command line")
+    if chosen.get("secret_file") and not chosen.get("secret"):
+        chosen["secret"] = read_secret_file(chosen["secret_file"])
     return Settings(**chosen)
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in ``path``, which only its owner may read (like ssh's private keys)."""
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"REMAP_SECRET_FILE: cannot read {file}: {exc}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"REMAP_SECRET_FILE: {file} can be read by others (mode {mode & 0o777:04o}); "
+            f"run: chmod 600 {file}"
+        )
+    if not text:
+        raise ConfigError(f"REMAP_SECRET_FILE: {file} is empty")
+    return text
 
 
 def _take(chosen: dict[str, Any], variable: str, value: Any, label: str) -> None:

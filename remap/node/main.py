@@ -16,6 +16,7 @@ from ..entry import react_main
 from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import Settings, load_settings, locate_env_file
+from ..systemd import unit_args, unit_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="node group; jobs with `group:` run only on nodes of that group")
     p.add_argument("--env-file", help="settings file (default: the first of ./.env, ~/.remap/.env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
+    p.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help="print a systemd unit that runs this command as a service, and exit",
+    )
     return p
 
 
@@ -104,7 +110,11 @@ async def locate(reactor, settings: Settings) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return react_main(serve, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.print_systemd_unit:
+        print(unit_text("node", unit_args(argv)), end="")
+        return 0
+    return react_main(serve, args)
 
 
 def run() -> None:

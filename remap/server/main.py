@@ -13,6 +13,7 @@ from ..entry import react_main
 from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
+from ..systemd import unit_args, unit_text
 from .exclusion import ExclusionList
 from .http import start_http
 
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--env-file", help="settings file (default: the first of ./.env, ~/.remap/.env)")
     p.add_argument("--log-level", help="debug, info, warn, error (default info)")
+    p.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help="print a systemd unit that runs this command as a service, and exit",
+    )
     p.add_argument("--port-file", help="write the bound port to this file once listening")
     return p
 
@@ -114,7 +120,11 @@ async def advertise(reactor, settings, secret: bytes, port: int) -> Advertiser |
 
 
 def main(argv: list[str] | None = None) -> int:
-    return react_main(serve, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.print_systemd_unit:
+        print(unit_text("server", unit_args(argv)), end="")
+        return 0
+    return react_main(serve, args)
 
 
 def run() -> None:
