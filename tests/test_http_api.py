@@ -316,3 +316,72 @@ def test_schemathesis_against_the_served_document(served: Served, tmp_path) -> N
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "generated" in done.stdout
+
+
+def test_request_bodies_are_bounded(served: Served) -> None:
+    """A body past the bound (declared or chunked) drops the connection before it is stored."""
+    import http.client
+    import socket
+
+    from remap.server.http import MAX_REQUEST_BODY
+
+    with pytest.raises((ConnectionError, http.client.HTTPException, socket.timeout, OSError)):
+        reply = served.request(
+            "POST", "/api/v1/jobs", body=b"x" * (MAX_REQUEST_BODY + 1),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        raise AssertionError(f"answered {reply.status}")  # pragma: no cover
+    conn = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    try:
+        conn.sendall(
+            f"POST /api/v1/jobs HTTP/1.1\r\nHost: {served.host}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"%x\r\n%s\r\n" % (65536, b"y" * 65536)
+        with pytest.raises(OSError):
+            for _ in range(MAX_REQUEST_BODY // 65536 + 50):
+                conn.sendall(chunk)
+            assert conn.recv(100) == b""  # closed without an answer
+            raise ConnectionResetError
+    finally:
+        conn.close()
+    assert served.request("GET", "/healthz").status == 200
+
+
+def test_errors_counts_and_latency_follow_the_scheduler(served: Served) -> None:
+    """A batch answered with one error shows in the job's errors, the recent errors, the
+    totals and the batch latency histogram (through the scheduler's watcher hooks)."""
+    from protocol import messages as m
+
+    node = served.add_node(cores=1)
+    job = served.add_job(total=2)
+
+    def run_batch() -> int:
+        sched = served.scheduler
+        state = sched.jobs[job]
+        sched.args_received(state.console, m.Args(job=job, start=0, sizes=[1, 1], payload=b"ab"))
+        tasks = [msg for msg in sched.nodes[node].link.sent if isinstance(msg, m.Task)]
+        for number, task in enumerate(tasks):  # the last argument's batch raises
+            n = len(task.sizes)
+            errors = (
+                [[n - 1, "ValueError", "bad argument 1", ""]] if number == len(tasks) - 1 else []
+            )
+            sched.task_result(
+                node,
+                m.TaskResult(
+                    task=task.task, sizes=[1] * n, payload=b"x" * n, elapsed=0.01, errors=errors
+                ),
+            )
+
+    batches = runtime.run(run_batch, timeout=5)
+    one = served.request("GET", f"/api/v1/jobs/{job}", token=served.token).json()
+    assert one["state"] == "failed" and one["done"] == 1 and one["failed"] == 1, one
+    assert [(e["index"], e["type"], e["message"]) for e in one["errors"]] == [
+        (1, "ValueError", "bad argument 1")
+    ]
+    summary = served.request("GET", "/api/v1/summary", token=served.token).json()
+    assert (summary["tasks_done"], summary["tasks_failed"]) == (1, 1)
+    text = served.request("GET", "/metrics", token=served.token).body.decode()
+    assert f"remap_batch_seconds_count {float(batches)}" in text
+    assert "remap_tasks_failed_total 1.0" in text
+    assert f'remap_job_tasks_failed_total{{job="{job}"}} 1.0' in text

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from protocol.errors import ConfigError
 
@@ -37,6 +37,29 @@ def access_line(timestamp: str, request: Any) -> str:
     method = request.method.decode("ascii", "replace")
     path = request.path.decode("ascii", "replace")[:200]
     return f'{peer} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
+
+
+#: bytes a request body may have (a job file is at most 64 KiB); a larger one drops the connection
+MAX_REQUEST_BODY = 256 * 1024
+
+
+class BoundedRequest(Request):
+    """A request whose body is bounded before anything is authenticated (no memory to fill)."""
+
+    _body_bytes = 0
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        if length is not None and length > MAX_REQUEST_BODY:
+            self.channel.transport.abortConnection()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_REQUEST_BODY:  # chunked bodies have no length up front
+            self.channel.transport.abortConnection()
+            return
+        super().handleContentChunk(data)
 
 
 @dataclass
@@ -122,6 +145,7 @@ async def start_http(
     )
     app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
     site = Site(DispatchResource(app), reactor=reactor, logFormatter=access_line)
+    site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     try:
         endpoint = server_endpoint(reactor, replace(settings, tls_ca=None), host, port)
