@@ -372,6 +372,7 @@ def test_errors_counts_and_latency_follow_the_scheduler(served: Served) -> None:
                     task=task.task, sizes=[1] * n, payload=b"x" * n, elapsed=0.01, errors=errors
                 ),
             )
+        return len(tasks)
 
     batches = runtime.run(run_batch, timeout=5)
     one = served.request("GET", f"/api/v1/jobs/{job}", token=served.token).json()
