@@ -6,11 +6,16 @@ objects to the other end's handler directly: no framing, no copies, no loopback 
 queued to the next reactor turn, in order, so a handler is never re-entered from its own ``send``
 (the same ordering guarantee one TCP connection gives). There is nothing to authenticate: both
 ends live in this process.
+
+All links of one reactor share one :class:`_DeliveryLoop`: a message and the messages its handler
+sends on (console → server → node) are delivered on the same reactor turn, one after the other,
+instead of one turn per hop.
 """
 
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +32,44 @@ class _Limits:
     max_frame: int
 
 
+class _DeliveryLoop:
+    """Runs the links that have messages waiting, in the order they got them, until none has."""
+
+    #: messages delivered on one turn at most, so sockets and timers are never starved
+    MAX_PER_TURN = 10_000
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.ready: deque[LocalLink] = deque()
+        self.scheduled = False
+
+    def add(self, link: LocalLink) -> None:
+        self.ready.append(link)
+        if not self.scheduled:
+            self.scheduled = True
+            self.reactor.callLater(0, self.run)
+
+    def run(self) -> None:
+        ready, delivered = self.ready, 0
+        try:
+            while ready and delivered < self.MAX_PER_TURN:
+                delivered += ready.popleft()._deliver()
+        finally:
+            self.scheduled = bool(ready)
+            if ready:
+                self.reactor.callLater(0, self.run)
+
+
+_loops: weakref.WeakKeyDictionary[Any, _DeliveryLoop] = weakref.WeakKeyDictionary()
+
+
+def _loop_of(reactor: Any) -> _DeliveryLoop:
+    loop = _loops.get(reactor)
+    if loop is None:
+        loop = _loops[reactor] = _DeliveryLoop(reactor)
+    return loop
+
+
 class LocalLink:
     """One end of an in-process connection."""
 
@@ -39,6 +82,7 @@ class LocalLink:
         self.open = True
         self._inbox: deque[m.Message] = deque()
         self._scheduled = False
+        self._loop = _loop_of(reactor)
 
     def send(self, msg: m.Message) -> None:
         other = self.other
@@ -47,13 +91,16 @@ class LocalLink:
         other._inbox.append(msg)
         if not other._scheduled:
             other._scheduled = True
-            self.reactor.callLater(0, other._deliver)
+            other._loop.add(other)
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> int:
+        """Hand every waiting message to the handler; how many."""
         self._scheduled = False
-        inbox = self._inbox
+        inbox, n = self._inbox, 0
         while inbox and self.open:
             self.handler.message_received(self, inbox.popleft())
+            n += 1
+        return n
 
     def close(self, error: RemapError | None = None) -> None:
         """Close both ends; each handler hears ``connection_lost`` on a later turn."""

@@ -74,3 +74,24 @@ def test_close_tells_both_ends_and_drops_later_sends() -> None:
     assert len(ha.lost) == 1 and len(hb.lost) == 1
     assert hb.got == [], "messages queued to a closed end are not delivered"
     assert not a.open and not b.open
+
+
+def test_a_chain_of_hops_is_delivered_on_one_turn() -> None:
+    """A message and the answers its handler sends are all delivered on the same reactor turn
+    (the embedded cluster's console → server → node path), still never inside send()."""
+    clock = Clock()
+    turns: list[float] = []
+    call_later = clock.callLater
+
+    def counted(delay: float, fn: Any, *args: Any) -> Any:
+        turns.append(delay)
+        return call_later(delay, fn, *args)
+
+    clock.callLater = counted  # type: ignore[method-assign]
+    a, b, ha, hb = pair(clock)
+    a.send(m.Heartbeat(busy=0))  # b answers with busy=1 from inside its delivery
+    assert hb.got == []
+    clock.advance(0)
+    assert [h.busy for h in hb.got] == [0] and [h.busy for h in ha.got] == [1]
+    assert ha.max_depth == 1 and hb.max_depth == 1
+    assert turns == [0], "the answer took a reactor turn of its own"
