@@ -82,8 +82,10 @@ def test_stops_when_all_halted_and_no_message_in_flight_or_at_max_supersteps():
     assert forever.supersteps == 5 and sum(forever.partitions, []) == ["0\t5"]
 
 
-def test_combiner_and_aggregators_fold_per_superstep():
-    """The combiner merges at the sender; an aggregator's fold is visible in the next superstep."""
+@pytest.mark.parametrize("combine", [sum, "sum", lambda messages: sum(messages)])
+def test_combiner_and_aggregators_fold_per_superstep(combine):
+    """The combiner (a fold by name or builtin, or any function of a list) merges at the
+    sender; an aggregator's fold is visible in the next superstep."""
     got = {}
 
     def compute(ctx, vid, value, messages):
@@ -104,7 +106,7 @@ def test_combiner_and_aggregators_fold_per_superstep():
 
     prog = program(
         compute=compute,
-        combine=sum,
+        combine=combine,
         aggregators={"total": "sum", "low": "min", "custom": lambda a, b: a | b},
     )
     lines = [str(i) for i in range(1, 11)] + ["0"]

@@ -38,15 +38,13 @@ def compute(ctx, vertex_id, value, messages):
     targets = ctx.targets
     if targets:
         share = rank / len(targets)
-        for target in targets:
-            ctx.send(target, share)
+        ctx.send_to_neighbors(share)
     else:
         ctx.aggregate("dangling", rank)
     return rank, False
 
 
-def combine(messages):
-    return sum(messages)
+combine = "sum"  # or any function of a list of messages; sum/min/max fold as they are sent
 
 
 def output(vertex_id, value):

@@ -8,6 +8,7 @@ worker that receives them; nothing in between (server, files) ever looks inside.
 
 from __future__ import annotations
 
+import operator
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -47,18 +48,11 @@ Record = tuple[Any, Any, list[Any], list[Any] | None]  # id, value, targets, edg
 
 
 def _edges(raw: Any) -> tuple[list[Any], list[Any] | None]:
-    targets: list[Any] = []
-    values: list[Any] = []
-    weighted = False
-    for edge in raw or ():
-        if type(edge) is tuple and len(edge) == 2:
-            targets.append(edge[0])
-            values.append(edge[1])
-            weighted = True
-        else:
-            targets.append(edge)
-            values.append(None)
-    return targets, (values if weighted else None)
+    """Targets and edge values; a record's edges are all bare targets or all (target, value)."""
+    edges = list(raw or ())
+    if not edges or type(edges[0]) is not tuple or len(edges[0]) != 2:
+        return edges, None
+    return [e[0] for e in edges], [e[1] for e in edges]
 
 
 def _record(item: Any, line: str) -> Record:
@@ -101,36 +95,136 @@ def bucket_records(
 
 
 class Outbox:
-    """Messages sent in one superstep, one bucket per destination partition, combined at once."""
+    """Messages sent in one superstep, one bucket per destination partition.
 
-    def __init__(self, count: int, combine: Callable[[list[Any]], Any] | None) -> None:
+    With a fold (``combine`` is sum, min or max) every message is folded into its vertex's
+    slot as it is sent; with any other ``combine`` the messages are kept per vertex and
+    combined once, in :meth:`finish`; without one they are kept as lists. ``send`` and
+    ``send_many`` are closures over local names: they are the hottest code of a vertex job.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        combine: Callable[[list[Any]], Any] | None,
+        fold: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
         self.count = count
         self.combine = combine
         self.buckets: list[dict[Any, Any]] = [{} for _ in range(count)]
-        self.sent = 0  # calls to send, before combining
+        self._sent = [0]
+        self._finished = False
+        self.send, self.send_many = self._senders(fold)
 
-    def send(self, to: Any, message: Any) -> None:
-        self.sent += 1
-        bucket = self.buckets[partition_of(to, self.count)]
-        if self.combine is None:
-            box = bucket.get(to)
-            if box is None:
-                bucket[to] = [message]
-            else:
-                box.append(message)
-        elif to in bucket:
-            bucket[to] = self.combine([bucket[to], message])
+    @property
+    def combined(self) -> bool:
+        """Whether a bucket maps a vertex to one (combined) message rather than a list."""
+        return self.combine is not None
+
+    @property
+    def sent(self) -> int:
+        """Calls to send so far (before combining)."""
+        return self._sent[0]
+
+    def _senders(self, fold: Callable[[Any, Any], Any] | None) -> tuple[Any, Any]:
+        buckets, count, sent = self.buckets, self.count, self._sent
+        only = buckets[0]
+
+        def bucket_of(to: Any) -> dict[Any, Any]:
+            if count == 1:
+                return only
+            if type(to) is int:
+                return buckets[(((to * _MIX) & _MASK) >> 32) % count]
+            return buckets[partition_of(to, count)]
+
+        if fold is None:
+
+            def send(to: Any, message: Any) -> None:
+                sent[0] += 1
+                bucket = bucket_of(to)
+                box = bucket.get(to)
+                if box is None:
+                    bucket[to] = [message]
+                else:
+                    box.append(message)
+
+        elif fold is operator.add:
+
+            def send(to: Any, message: Any) -> None:
+                sent[0] += 1
+                bucket = bucket_of(to)
+                if to in bucket:
+                    bucket[to] += message
+                else:
+                    bucket[to] = message
+
+        elif fold is min:
+
+            def send(to: Any, message: Any) -> None:
+                sent[0] += 1
+                bucket = bucket_of(to)
+                if to not in bucket or message < bucket[to]:
+                    bucket[to] = message
+
+        elif fold is max:
+
+            def send(to: Any, message: Any) -> None:
+                sent[0] += 1
+                bucket = bucket_of(to)
+                if to not in bucket or message > bucket[to]:
+                    bucket[to] = message
+
         else:
-            bucket[to] = message
+
+            def send(to: Any, message: Any) -> None:
+                sent[0] += 1
+                bucket = bucket_of(to)
+                bucket[to] = fold(bucket[to], message) if to in bucket else message
+
+        def send_many(targets: list[Any], message: Any) -> None:
+            if fold is not operator.add:
+                for to in targets:
+                    send(to, message)
+                return
+            # the PageRank loop, inlined: one message along every out-edge, summed
+            sent[0] += len(targets)
+            for to in targets:
+                if count == 1:
+                    bucket = only
+                elif type(to) is int:
+                    bucket = buckets[(((to * _MIX) & _MASK) >> 32) % count]
+                else:
+                    bucket = buckets[partition_of(to, count)]
+                if to in bucket:
+                    bucket[to] += message
+                else:
+                    bucket[to] = message
+
+        return send, send_many
+
+    def finish(self) -> None:
+        """Apply a (non-fold) combiner once per vertex: call before reading the buckets."""
+        if self._finished:
+            return
+        self._finished = True
+        combine = self.combine
+        if combine is None:
+            return
+        for bucket in self.buckets:
+            for vid, box in bucket.items():
+                if type(box) is list:
+                    bucket[vid] = combine(box)
 
     def counts(self) -> list[int]:
         """Messages that will be delivered, per destination partition (after combining)."""
+        self.finish()
         if self.combine is not None:
             return [len(b) for b in self.buckets]
         return [sum(len(box) for box in b.values()) for b in self.buckets]
 
     def encode(self, partition: int) -> bytes:
-        return encode_bucket(self.buckets[partition], self.combine is not None)
+        self.finish()
+        return encode_bucket(self.buckets[partition], self.combined)
 
 
 def encode_bucket(bucket: Mapping[Any, Any], combined: bool) -> bytes:
@@ -183,6 +277,7 @@ class Context:
         "_vid",
         "superstep",
         "num_vertices",
+        "send",
     )
 
     def __init__(
@@ -201,14 +296,12 @@ class Context:
         self._vid: Any = None
         self.superstep = superstep
         self.num_vertices = num_vertices
-
-    def send(self, to: Any, message: Any) -> None:
-        """Deliver ``message`` to vertex ``to`` in the next superstep."""
-        self._outbox.send(to, message)
+        #: ``send(to, message)``: deliver ``message`` to vertex ``to`` in the next superstep
+        self.send = outbox.send
 
     def send_to_neighbors(self, message: Any) -> None:
-        for to in self._part.targets.get(self._vid, ()):
-            self._outbox.send(to, message)
+        """Send ``message`` along every out-edge of this vertex."""
+        self._outbox.send_many(self._part.targets.get(self._vid, ()), message)
 
     @property
     def targets(self) -> list[Any]:

@@ -33,6 +33,19 @@ class Program:
     combine: Callable[[list[Any]], Any] | None = None
     output: Callable[[Any, Any], Any] = default_output
     aggregators: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    #: the two-argument form of ``combine`` when it is sum, min or max: folded per message
+    fold: Callable[[Any, Any], Any] | None = None
+
+
+#: combiners known by name (``combine = "sum"``) or as the builtins themselves
+_COMBINERS: dict[Any, tuple[Callable[[list[Any]], Any], Callable[[Any, Any], Any]]] = {
+    "sum": (sum, operator.add),
+    "min": (min, min),
+    "max": (max, max),
+    sum: (sum, operator.add),
+    min: (min, min),
+    max: (max, max),
+}
 
 
 def _fold(name: str, spec: Any) -> Callable[[Any, Any], Any]:
@@ -52,18 +65,25 @@ def program_from_namespace(ns: Mapping[str, Any], where: str) -> Program:
     for required in ("prepare", "compute"):
         if not callable(ns.get(required)):
             raise ConfigError(f"{where}: a vertex job module must define {required}()")
-    for optional in ("combine", "output"):
-        if ns.get(optional) is not None and not callable(ns[optional]):
-            raise ConfigError(f"{where}: '{optional}' must be a function")
+    combine = ns.get("combine")
+    fold = None
+    if isinstance(combine, str) or combine in (sum, min, max):
+        if combine not in _COMBINERS:
+            raise ConfigError(f"{where}: combine must be sum, min, max or a function")
+        combine, fold = _COMBINERS[combine]
+    for name, value in (("combine", combine), ("output", ns.get("output"))):
+        if value is not None and not callable(value):
+            raise ConfigError(f"{where}: '{name}' must be a function")
     aggs = ns.get("aggregators") or {}
     if not isinstance(aggs, Mapping):
         raise ConfigError(f"{where}: 'aggregators' must be a dict of name: fold")
     return Program(
         prepare=ns["prepare"],
         compute=ns["compute"],
-        combine=ns.get("combine"),
+        combine=combine,
         output=ns.get("output") or default_output,
         aggregators={str(k): _fold(str(k), v) for k, v in aggs.items()},
+        fold=fold,
     )
 
 

@@ -63,7 +63,7 @@ def run_local(
     reports: list[SuperstepReport] = []
     for superstep in range(max_supersteps):
         num_vertices = sum(len(p) for p in parts)
-        outboxes = [Outbox(partitions, program.combine) for _ in parts]
+        outboxes = [Outbox(partitions, program.combine, program.fold) for _ in parts]
         folded: dict[str, Any] = {}
         report = SuperstepReport(superstep, 0, 0, 0, 0)
         for part, outbox in zip(parts, outboxes):

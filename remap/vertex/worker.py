@@ -211,7 +211,7 @@ class Worker:
         if cmd.checkpoint:
             for p, part in self.parts.items():
                 self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inboxes[p]))
-        outbox = Outbox(count, self.program.combine)
+        outbox = Outbox(count, self.program.combine, self.program.fold)
         ack: dict[str, Any] = {"active": 0, "sent": 0, "errors": 0, "first_error": ""}
         aggregates: dict[str, Any] = {}
         vertices = 0
@@ -224,7 +224,8 @@ class Worker:
             vertices += st.vertices
             fold_into(self.program.aggregators, aggregates, st.aggregates)
         del inboxes
-        combined = self.program.combine is not None
+        outbox.finish()
+        combined = outbox.combined
         local: dict[int, dict[Any, Any]] = {}
         moved = 0
         for p, bucket in enumerate(outbox.buckets):
