@@ -75,3 +75,53 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
     out = tmp_path / "out"
     got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
     assert got == want
+
+
+def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: Path):
+    """``kill JOB_ID`` on the workers' gang job: the driver raises JobKilled at once, the
+    job directory's result is FAIL and the output has no _SUCCESS."""
+    import threading
+
+    from protocol.errors import JobKilled
+    from remap.data.layout import DataDir
+
+    _grid_input(tmp_path)
+    c = make_cluster([NodeSpec(cores=2)], heartbeat=0.3)
+    started = threading.Event()
+    outcome: list[BaseException] = []
+
+    def slow_compute(ctx, vid, value, messages):
+        import time as t
+
+        t.sleep(0.02)  # a slow superstep, so the job is surely running when killed
+        return value, False
+
+    module = {"prepare": example("sssp").prepare, "compute": slow_compute}
+    with remap.connect(c.address, secret=c.secret, settings=Settings()) as cluster:
+
+        def run() -> None:
+            try:
+                cluster.vertex(
+                    module,
+                    tmp_path / "in",
+                    tmp_path / "out",
+                    max_supersteps=1000,
+                    data_dir=tmp_path / "data",
+                    on_superstep=lambda r: started.set(),
+                )
+            except BaseException as exc:  # the test asserts on it
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert started.wait(60), "the vertex job never finished a superstep"
+        (job,) = [j for j in c.status()["jobs"] if j["name"].startswith("vertex:")]
+        done = c.console("kill", str(job["id"]))
+        assert done.returncode == 0, done.stderr
+        thread.join(30)
+        assert not thread.is_alive()
+    assert outcome and isinstance(outcome[0], JobKilled), outcome
+    data = DataDir(tmp_path / "data")
+    (job_id,) = data.jobs()
+    assert (data.job_dir(job_id) / "result").read_text().strip() == "FAIL"
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
