@@ -1141,7 +1141,18 @@ class Cluster:
             name=Path(getattr(module, "__file__", None) or "vertex").stem,
             lost_after=lost_after,
         )
-        return run_vertex(self, program, config, data_dir=data_dir, on_report=on_superstep)
+        return run_vertex(
+            self._client,
+            self.settings,
+            program,
+            config,
+            group=self.group,
+            retries=self.retries,
+            priority=self.priority,
+            bundle=self.bundle,
+            data_dir=data_dir,
+            on_report=on_superstep,
+        )
 
     # ------------------------------------------------------------ futures
 

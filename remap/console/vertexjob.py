@@ -11,7 +11,7 @@ from protocol.errors import RemapError
 
 from ..vertex.jobspec import VertexSpec, to_run
 from ..vertex.reference import SuperstepReport
-from ..vertex.run import ClientHandle, run_vertex
+from ..vertex.run import run_vertex
 from . import render
 
 
@@ -39,9 +39,6 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
     program, config = to_run(spec)
     session = console.session
     client = session.connect(allow_embedded=True)
-    handle = ClientHandle(
-        client, session.settings, group=spec.group, retries=spec.retries, priority=spec.priority
-    )
     bar = render.Progress(console.err) if (console.err.isatty() and not args.quiet) else None
     last = [time.monotonic()]
 
@@ -54,7 +51,16 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
             console.note(line)
 
     try:
-        result = run_vertex(handle, program, config, on_report=on_report)
+        result = run_vertex(
+            client,
+            session.settings,
+            program,
+            config,
+            group=spec.group,
+            retries=spec.retries,
+            priority=spec.priority,
+            on_report=on_report,
+        )
     finally:
         if bar is not None:
             bar.clear()

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 from typing import Any
 
+import cloudpickle
+
+from ..sinks import Sink, TaskErrorInfo
+from .files import PICKLE_PROTOCOL
 from .worker import WorkerArgs, run_worker
 
 
@@ -50,52 +55,89 @@ class ThreadLaunch:
             t.join(timeout)
 
 
-class ClusterLaunch:
-    """The workers as one gang function job on a cluster handle (``remap.Cluster``)."""
+class _ErrorSink(Sink):
+    """The worker calls' results matter only as errors: each becomes an event for the driver."""
 
-    def __init__(self, cluster: Any, args: list[WorkerArgs], name: str) -> None:
-        from ..api import JobStream, dumps_argument
-        from ..client import JobParams
+    mode = "none"
+
+    def __init__(self, events: queue.SimpleQueue) -> None:
+        super().__init__()
+        self.events = events
+
+    def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
+        if error is not None:
+            self.events.put(("error", f"{error.type_name}: {error.message}"))
+
+
+class ClusterLaunch:
+    """The workers as one gang function job, submitted on a cluster client.
+
+    Every call runs at once on a core of its own (``gang``), without a timeout (a worker runs
+    as long as its job); an error is reported (``on_error: continue``) and the driver decides.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        args: list[WorkerArgs],
+        name: str,
+        *,
+        group: str | None = None,
+        retries: int = 3,
+        priority: int = 0,
+        bundle: Any = None,
+    ) -> None:
+        from .. import runtime
+        from ..bundle import wrap
+        from ..client import JobParams, JobRun
         from ..shipping import function_blob
 
         params = JobParams(
             name=name,
-            mode="stream",
-            group=cluster.group,
-            retries=cluster.retries,
-            timeout=None,  # a worker runs for the whole job
-            on_error="continue",  # an error reaches the driver, which stops the job
-            priority=cluster.priority,
+            mode="none",
+            group=group,
+            retries=retries,
+            timeout=None,
+            on_error="continue",
+            priority=priority,
             gang=True,
         )
-        self.stream = JobStream(cluster, function_blob(run_worker), params, total_hint=len(args))
-        self.stream.put_many([dumps_argument(a, "a vertex worker's argument") for a in args])
-        self.stream.close_input()
-        self.ended = threading.Event()
-        self.end_error: BaseException | None = None
+        program = cloudpickle.dumps(args[0].program, PICKLE_PROTOCOL) if args else b""
+        args = [replace(a, program=program) for a in args]
+        blob = function_blob(run_worker)
+        if bundle:
+            blob = wrap(blob, bundle)
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._runtime = runtime
+        self._client = client
+        self.run = JobRun(params, blob, iter(args), _ErrorSink(self._events), total_hint=len(args))
+        self.future = runtime.call(client.submit, self.run)
+        self.future.add_done_callback(self._ended)
+
+    def _ended(self, future: Any) -> None:
+        self._events.put(("end", future.exception()))
 
     def events(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
+        out = []
         while True:
             try:
-                event = self.stream.events.get_nowait()
+                out.append(self._events.get_nowait())
             except queue.Empty:
                 return out
-            if event[0] == "items":
-                out += [
-                    ("error", f"{error.type_name}: {error.message}")
-                    for _, _, error in event[2]
-                    if error is not None
-                ]
-            elif event[0] == "end":
-                self.ended.set()
-                self.end_error = event[2]
-                out.append(("end", event[2]))
 
     def wait(self, timeout: float) -> bool:
         """Wait for every worker call to return (after the stop command)."""
-        self.events()
-        return self.stream.finished.wait(timeout)
+        try:
+            self.future.exception(timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def kill(self) -> None:
-        self.stream.kill()
+        def kill_now() -> None:
+            if self.run.job_id is None:
+                self.run._kill_on_start = True  # not named yet: killed when `submitted` comes
+            else:
+                self._client.kill_quietly(self.run.job_id)
+
+        self._runtime.reactor().callFromThread(kill_now)

@@ -19,74 +19,53 @@ STOP_GRACE = 30.0  # seconds the worker calls get to return after the stop comma
 log = Logger()
 
 
-class ClientHandle:
-    """What a vertex job needs of ``remap.Cluster``, over the console's own client.
-
-    :class:`~remap.api.JobStream` drives a job through ``_client``, ``_call_soon``,
-    ``_track`` and ``task_output``; the driver asks for ``nodes()`` and the job options.
-    """
-
-    task_output = False  # a worker's prints are not forwarded to the console
-
-    def __init__(
-        self,
-        client: Any,
-        settings: Any,
-        *,
-        group: str | None = None,
-        retries: int = 3,
-        priority: int = 0,
-    ) -> None:
-        from .. import runtime
-
-        self._runtime = runtime
-        self._client = client
-        self.settings = settings
-        self.group = group
-        self.retries = retries
-        self.priority = priority
-
-    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._runtime.reactor().callFromThread(fn, *args)
-
-    def _track(self, stream: Any) -> None:
-        """The console ends with its job; nothing to close later."""
-
-    def nodes(self) -> list[dict[str, Any]]:
-        return self._runtime.run(self._client.status, timeout=30)["nodes"]
-
-
-def workers_for(cluster: Any, config: VertexConfig, workers: int | None) -> int:
+def workers_for(nodes: list[dict[str, Any]], group: str | None, partitions: int | None) -> int:
     """One worker per core that may run the job, at most one per partition."""
-    if workers is None:
-        nodes = cluster.nodes()
-        if cluster.group is not None:
-            nodes = [n for n in nodes if n.get("group") == cluster.group]
-        workers = sum(int(n.get("cores", 0)) for n in nodes if not n.get("draining"))
-    if config.partitions:
-        workers = min(workers, config.partitions)
-    return max(1, workers)
+    if group is not None:
+        nodes = [n for n in nodes if n.get("group") == group]
+    cores = sum(int(n.get("cores", 0)) for n in nodes if not n.get("draining"))
+    return max(1, min(cores, partitions) if partitions else cores)
 
 
 def run_vertex(
-    cluster: Any,
+    client: Any,
+    settings: Any,
     program: Program,
     config: VertexConfig,
     *,
+    group: str | None = None,
+    retries: int = 3,
+    priority: int = 0,
+    bundle: Any = None,
     data_dir: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     on_report: Callable[[SuperstepReport], None] | None = None,
 ) -> VertexResult:
-    """Run one vertex job to the end on ``cluster``; raises JobFailed / ConfigError."""
-    data = DataDir.from_setting(data_dir or cluster.settings.data_dir)
+    """Run one vertex job to the end on a connected ``ClusterClient``; raises JobFailed,
+    JobKilled or ConfigError. Blocks the calling thread (never call it on the reactor's)."""
+    from .. import runtime
+
+    data = DataDir.from_setting(data_dir or settings.data_dir)
+    if workers is None:
+        workers = workers_for(
+            runtime.run(client.status, timeout=30)["nodes"], group, config.partitions
+        )
     launches: list[ClusterLaunch] = []
 
     def start(args: list[Any]) -> ClusterLaunch:
-        launches.append(ClusterLaunch(cluster, args, f"vertex:{config.name}"))
-        return launches[0]
+        launch = ClusterLaunch(
+            client,
+            args,
+            f"vertex:{config.name}",
+            group=group,
+            retries=retries,
+            priority=priority,
+            bundle=bundle,
+        )
+        launches.append(launch)
+        return launch
 
-    count = workers_for(cluster, config, workers)
-    driver = Driver(program, config, data, count, start, on_report=on_report)
+    driver = Driver(program, config, data, workers, start, on_report=on_report)
     result = driver.run()
     if launches and not launches[0].wait(STOP_GRACE):
         log.warn("vertex workers did not return after the stop command; killing them")

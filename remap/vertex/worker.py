@@ -43,7 +43,9 @@ class WorkerArgs:
     data_dir: str
     job_id: str
     slot: int
-    program: Program
+    #: the Program, or (to a cluster) its cloudpickle, made once: the user's functions then
+    #: travel by value whatever pickler carries the argument
+    program: Program | bytes
     heartbeat: float = 0.5  # seconds between heartbeats
     lost_after: float = 30.0  # the driver's heartbeat older than this: give up
 
@@ -83,7 +85,8 @@ class Worker:
     def __init__(self, args: WorkerArgs) -> None:
         self.args = args
         self.slot = args.slot
-        self.program = args.program
+        program = args.program
+        self.program: Program = pickle.loads(program) if isinstance(program, bytes) else program
         self.data = DataDir(Path(args.data_dir))
         self.layout = Layout(self.data, args.job_id)
         self.attempt = uuid.uuid4().hex[:12]
