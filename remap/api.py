@@ -1109,15 +1109,16 @@ class Cluster:
         on_error: str = "fail",
         data_dir: str | os.PathLike[str] | None = None,
         on_superstep: Callable[[Any], None] | None = None,
-        lost_after: float = 10.0,
+        lost_after: float = 60.0,
     ) -> Any:
         """Run a vertex (Pregel) job and return its summary (``remap.vertex.VertexResult``).
 
         ``module`` is a module (or dict) with ``prepare`` and ``compute`` and optionally
         ``combine``, ``output`` and ``aggregators`` (see the README). ``input`` is a file, a
         directory of files or a list of them; ``output`` a directory that must not exist.
-        ``on_superstep(report)`` is called after every superstep's barrier; a worker without
-        a heartbeat for ``lost_after`` seconds counts as lost (rollback to the last checkpoint).
+        ``on_superstep(report)`` is called after every superstep's barrier. A worker whose
+        node or core the server lost, or without a heartbeat for ``lost_after`` seconds,
+        counts as lost (rollback to the last checkpoint).
         """
         from .vertex.driver import VertexConfig
         from .vertex.program import program_from_module, program_from_namespace

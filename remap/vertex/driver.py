@@ -32,6 +32,7 @@ from .reference import SuperstepReport
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
 START_TIMEOUT = 120.0
+STATUS_INTERVAL = 1.0  # seconds between asking the server how many worker calls still run
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class VertexConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
-    lost_after: float = 10.0  # seconds without a heartbeat before a worker counts as lost
+    #: seconds without a heartbeat before a worker counts as lost. The server's own count of
+    #: running calls finds a lost node or core at once; this only catches a hung worker, so it
+    #: is long enough for a core starved of CPU or deep in one long C call
+    lost_after: float = 60.0
     heartbeat: float = 0.5
 
 
@@ -90,6 +94,9 @@ class Launch(Protocol):
         """New events since the last call: ("error", text) or ("end", error_or_None)."""
 
     def kill(self) -> None: ...
+
+    def running(self) -> int | None:
+        """Worker calls running on cores as the server sees them, or None if unknown."""
 
 
 class WorkerLost(Exception):
@@ -156,6 +163,7 @@ class Driver:
         self.epoch = 0
         self.rollbacks = 0
         self.bytes_moved = 0
+        self._asked_at = 0.0
         self._stop = threading.Event()
         self.launch: Launch | None = None
         self.owners: list[int] = []
@@ -206,6 +214,14 @@ class Driver:
         self._check_launch()
         now = time.time()
         beats = self._heartbeats()
+        if now - self._asked_at >= STATUS_INTERVAL:
+            self._asked_at = now
+            assert self.launch is not None
+            running = self.launch.running()
+            if running is not None and running < len(self.members):
+                # the server took a member's call back: the member whose heartbeat is stalest
+                slot = min(self.members, key=lambda s: beats.get(s, ("", 0.0))[1])
+                raise WorkerLost(slot, "lost its node or core (the server took its call back)")
         for slot, attempt in self.members.items():
             newest, mtime = beats.get(slot, (attempt, now))
             if newest != attempt and self.layout.heartbeat(slot, newest).exists():

@@ -50,6 +50,10 @@ class ThreadLaunch:
     def kill(self) -> None:
         """Threads cannot be killed: the stop command (or a missing driver) ends them."""
 
+    def running(self) -> int | None:
+        """Threads are never taken back: nothing to report."""
+        return None
+
     def join(self, timeout: float) -> None:
         for t in self.threads:
             t.join(timeout)
@@ -132,6 +136,18 @@ class ClusterLaunch:
         except TimeoutError:
             return False
         return True
+
+    def running(self) -> int | None:
+        """How many worker calls the server has running on cores now (None: not known yet).
+
+        The server notices a lost node (connection drop, missed heartbeats) or a dead core and
+        takes the call back; its count then falls below the driver's members.
+        """
+        job_id = self.run.job_id
+        if job_id is None:
+            return None
+        jobs = self._runtime.run(self._client.status, timeout=30)["jobs"]
+        return next((int(j["running"]) for j in jobs if j["id"] == job_id), None)
 
     def kill(self) -> None:
         def kill_now() -> None:
