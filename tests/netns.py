@@ -103,6 +103,16 @@ class Lab:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
+    def netem_missing(self) -> str:
+        """Why ``tc netem`` cannot be used here ("" when it can); tried on the hub's loopback."""
+        argv = ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
+        if shutil.which("tc") is None:
+            return "the tc command (iproute2) is not installed"
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.hub, *argv], capture_output=True, text=True, timeout=20
+        )
+        return "" if done.returncode == 0 else done.stderr.strip()
+
     def close(self) -> None:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
