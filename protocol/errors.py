@@ -71,6 +71,12 @@ class ServerUnreachable(ConnectionLost):
     """The server could not be reached."""
 
 
+class CertificateMismatch(ConnectionLost):
+    """The server's TLS certificate does not name the address dialled: retrying cannot help."""
+
+    exit_code = 3
+
+
 class ConfigError(RemapError):
     """A job file or a setting is invalid; the message names the key and line."""
 

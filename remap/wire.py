@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
-from protocol.errors import ConnectionLost, FrameTooLarge, RemapError
+from protocol.errors import CertificateMismatch, ConnectionLost, FrameTooLarge, RemapError
 
 
 class ReadBudget:
@@ -217,7 +217,7 @@ class PeerProtocol(Protocol):
         mismatch = _name_mismatch_text(reason)
         if mismatch is not None:
             self.log.info("TLS with {peer} failed: {error}", peer=self.peer, error=mismatch)
-            return ConnectionLost(f"TLS with {self.peer} failed: {mismatch}")
+            return CertificateMismatch(f"TLS with {self.peer} failed: {mismatch}")
         tls = _tls_error_text(reason)
         if tls is not None:
             self.log.info("TLS with {peer} failed: {error}", peer=self.peer, error=tls)

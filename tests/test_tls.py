@@ -370,3 +370,20 @@ def test_host_name_mismatch_is_named_on_the_client_and_logged_by_the_server(clus
     )
     ok = cluster.console(port, "status", REMAP_TLS_CA=ip_only["ca"])
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_node_dialling_a_name_its_server_certificate_lacks_stops_with_one_line(cluster, ip_only):
+    """A node told ``--server localhost:PORT`` when the certificate names only IP:127.0.0.1
+    cannot succeed by retrying (like a wrong secret): it exits 3 with one line naming the
+    host-name mismatch, instead of reconnecting every second forever."""
+    _server, port = cluster.server(REMAP_TLS_CERT=ip_only["cert"], REMAP_TLS_KEY=ip_only["key"])
+    node = cluster.spawn(
+        "node",
+        "remap_node.py",
+        ["--server", f"localhost:{port}", "--cores", "1"],
+        cluster.env(REMAP_TLS_CA=ip_only["ca"]),
+    )
+    assert node.wait(30) == 3
+    errors = [line for line in node.stderr().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "host-name mismatch" in errors[0], node.stderr()
+    assert "Traceback" not in node.stderr()

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from protocol import Authenticated
 from protocol import messages as m
-from protocol.errors import RemapError
+from protocol.errors import CertificateMismatch, RemapError
 
 from ..wire import PeerProtocol
 from .cores import CorePool
@@ -132,6 +132,8 @@ class NodeAgent:
             self.on_auth_failure(error)
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
+        if isinstance(error, CertificateMismatch):  # a configuration error, like a wrong secret
+            self.connection_failed(link, error)
         if self.link is link:
             self.link = None
             self.log.warn(

@@ -8,7 +8,13 @@ from dataclasses import replace
 
 from twisted.internet import defer
 
-from protocol.errors import AuthError, RemapError, ServerUnreachable, VersionMismatch
+from protocol.errors import (
+    AuthError,
+    CertificateMismatch,
+    RemapError,
+    ServerUnreachable,
+    VersionMismatch,
+)
 
 from .. import discovery
 from ..cluster import default_cores, start_node
@@ -70,8 +76,12 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             stopped.callback(None)
 
     def refused(error: RemapError) -> None:
-        # a wrong secret or version will not fix itself by retrying: stop with a clear line
-        if isinstance(error, (AuthError, VersionMismatch)) and not stopped.called:
+        # a wrong secret, version or server name will not fix itself by retrying: stop with
+        # a clear line
+        if (
+            isinstance(error, (AuthError, VersionMismatch, CertificateMismatch))
+            and not stopped.called
+        ):
             print(f"error: {error}", file=sys.stderr, flush=True)
             result["code"] = error.exit_code
             stopped.callback(None)
