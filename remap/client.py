@@ -21,12 +21,13 @@ from protocol.errors import (
     ConnectionLost,
     JobFailed,
     JobKilled,
+    OutputError,
     RemapError,
     RemoteProtocolError,
 )
 
 from .blobs import dumps, split
-from .sinks import Sink, TaskErrorInfo
+from .sinks import Sink, TaskErrorInfo, os_reason
 from .wire import PeerProtocol
 
 #: arguments per ``args`` message, and the payload size at which a message is sent early
@@ -379,7 +380,11 @@ class JobRun:
             self._deliver(msg)
             self.sink.flush()
         except Exception as exc:
-            if not isinstance(exc, RemapError):
+            if isinstance(exc, OSError):  # a write the sink did not name (stdout, a pipe)
+                exc = OutputError(
+                    f"job {self.job_id}: this console could not write its results: {os_reason(exc)}"
+                )
+            elif not isinstance(exc, RemapError):  # a bug: its traceback goes to the log
                 log.failure("saving the results of job {job} failed", job=self.job_id)
                 exc = JobFailed(
                     f"job {self.job_id} failed on this console while saving its results: "

@@ -44,6 +44,7 @@ __all__ = [
     "StreamSink",
     "TaskErrorInfo",
     "make_sink",
+    "os_reason",
     "render_line",
     "sql_value",
     "to_jsonable",
@@ -337,7 +338,7 @@ class OutputLock:
             except OSError as exc:
                 raise ConfigError(
                     f"cannot create the lock file {self.path} for output {self.output}: "
-                    f"{_os_reason(exc)}"
+                    f"{os_reason(exc)}"
                 ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -370,7 +371,7 @@ class OutputLock:
         self._fd = None
 
 
-def _os_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
     """A short reason for a failed write, naming a full disk plainly."""
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
@@ -567,7 +568,7 @@ class SqliteSink(_OutputSink):
     def _error(self, exc: BaseException) -> OutputError:
         self._broken = True
         self._rows.clear()  # not on disk and never will be: kept() counts committed rows only
-        return OutputError(f"could not write {self.staging_name}: {_os_reason(exc)}")
+        return OutputError(f"could not write {self.staging_name}: {os_reason(exc)}")
 
     def _open(self) -> sqlite3.Connection:
         """Open the output and (re)create the staging table: the first write of the job."""
@@ -643,7 +644,7 @@ class SqliteSink(_OutputSink):
                     _rollback(conn)
                     raise OutputError(
                         f"could not replace table {self.TABLE} of {self.output}: "
-                        f"{_os_reason(exc)} (the results are in {self.staging_name})"
+                        f"{os_reason(exc)} (the results are in {self.staging_name})"
                     ) from None
                 self.committed_output = True
         finally:
@@ -719,7 +720,7 @@ class FileSink(_OutputSink):
 
     def _error(self, exc: BaseException) -> OutputError:
         self._broken = True
-        return OutputError(f"could not write {self.partial}: {_os_reason(exc)}")
+        return OutputError(f"could not write {self.partial}: {os_reason(exc)}")
 
     def _open(self) -> Any:
         if self._file is None:

@@ -205,3 +205,34 @@ def test_a_sink_that_cannot_write_fails_the_job_not_the_connection() -> None:
     assert killer.killed == [5]
     assert isinstance(outcome[0].value, OutputError) and "disk full" in str(outcome[0].value)
     outcome[0].trap(OutputError)
+
+
+def test_an_os_error_while_saving_results_is_named_without_a_traceback(capsys) -> None:
+    """An OSError no sink named (ENOSPC on a pipe or stdout) becomes one OutputError that
+    says 'disk full'; the job is killed and no traceback is logged for it."""
+    import errno
+
+    from twisted.logger import globalLogPublisher
+
+    class FullPipe(ObjectSink):
+        def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        sink, killer, outcome = FullPipe(), _Killer(), []
+        run = JobRun(JobParams(), b"", iter(()), sink, job_id=6)
+        run._client = killer
+        run.finished.addBoth(outcome.append)
+        sizes, payload = pack([1])
+        run.results(m.Results(job=6, indices=[0], sizes=sizes, errors=[], payload=payload))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert killer.killed == [6]
+    error = outcome[0].trap(OutputError) and outcome[0].value
+    assert (
+        str(error)
+        == "job 6: this console could not write its results: disk full (no space left on device)"
+    )
+    assert not [e for e in logged if e.get("log_failure") is not None]

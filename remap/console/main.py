@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError, JobFailed, JobKilled, RemapError
+from protocol.errors import ConfigError, JobFailed, JobKilled, OutputError, RemapError
 
 from .. import __version__
 from ..jobfile import load_job
 from ..logs import start_logging
 from ..settings import load_settings, locate_env_file
+from ..sinks import os_reason
 from . import render
 from .session import Session, make_job_sink
 
@@ -315,12 +316,17 @@ class Console:
             with screen:
                 if progress is not None:
                     progress.clear()
-                self.out.write(line + "\n")
-                # a slow stream shows each result at once; a fast one flushes ten times a second
-                now = time.monotonic()
-                if now - last_flush[0] >= 0.1:
-                    self.out.flush()
-                    last_flush[0] = now
+                try:
+                    self.out.write(line + "\n")
+                    # a slow stream shows each result at once; a fast one flushes 10 times a second
+                    now = time.monotonic()
+                    if now - last_flush[0] >= 0.1:
+                        self.out.flush()
+                        last_flush[0] = now
+                except OSError as exc:  # stdout is a closed pipe or a full disk
+                    raise OutputError(
+                        f"could not write results to standard output: {os_reason(exc)}"
+                    ) from None
 
         sink = make_job_sink(spec, on_item=on_item if show_stream else None)
         notes: list[str] = []
@@ -447,7 +453,7 @@ class Console:
     def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
         """With ``--traceback``, print where the first failing call raised; else say how to see it."""
         error = run.first_error
-        if error is None or not error.traceback or isinstance(exc, JobKilled):
+        if error is None or not error.traceback or isinstance(exc, (JobKilled, OutputError)):
             return exc
         if show:
             self.note(f"remote traceback of argument {error.index}:\n{error.traceback.rstrip()}")
