@@ -43,6 +43,8 @@ def test_dashboard_command_line(
     )  # fmt: skip
     assert code == 0
     assert "/login?token=" in capsys.readouterr().out
+    code = main(["--env-file", str(tmp_path / "none"), "dashboard", "--token"])
+    assert code == 0 and capsys.readouterr().out.strip() == served.token
 
 
 def test_dashboard_errors_are_one_line(served: Served) -> None:

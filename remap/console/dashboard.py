@@ -37,10 +37,15 @@ def http_base(settings: Settings, http_port: int | None = None) -> str:
     return f"{'https' if tls_enabled(settings) else 'http'}://{host}:{port}"
 
 
+def bearer_token(settings: Settings) -> str:
+    """The HTTP API's bearer token, computed here from the settings (no server contacted)."""
+    return http_token(settings, client_secret(settings))
+
+
 def login_link(settings: Settings, http_port: int | None = None, timeout: float = 10.0) -> str:
     """A fresh one-time login URL from the server."""
     base = http_base(settings, http_port)
-    token = http_token(settings, client_secret(settings))
+    token = bearer_token(settings)
     request = urllib.request.Request(
         f"{base}/api/v1/login-links",
         method="POST",

@@ -55,7 +55,7 @@ commands:
   undrain NODE                         let a drained node take work again
   exclude NODE                         keep a node's host out of all work (kept across restarts)
   include NODE                         let an excluded host's nodes work again
-  dashboard [--http-port N]            print a one-time login link to the server's dashboard
+  dashboard [--http-port N] [--token]  print a one-time login link to the server's dashboard
   attach JOB_ID [--json]               collect a detached job's results (alias: results)
   help [COMMAND]                       this text, or one command's options
   quit                                 leave the shell
@@ -237,6 +237,11 @@ def build_parser() -> Parser:
         )
     p = command("dashboard")
     p.add_argument("--http-port", type=int, help="the server's HTTP port (REMAP_HTTP_PORT)")
+    p.add_argument(
+        "--token",
+        action="store_true",
+        help="print the API's bearer token instead (for scripts and Prometheus)",
+    )
     for name in ("attach", "results"):
         p = command(name)
         p.add_argument("job", type=int, help="the job id (see: remap jobs)")
@@ -629,7 +634,12 @@ class Console:
     cmd_include = cmd_exclude
 
     def cmd_dashboard(self, args: argparse.Namespace) -> int:
-        self.say(self.session.dashboard_link(args.http_port))
+        if args.token:
+            from .dashboard import bearer_token
+
+            self.say(bearer_token(self.session.settings))
+        else:
+            self.say(self.session.dashboard_link(args.http_port))
         return 0
 
     def cmd_attach(self, args: argparse.Namespace) -> int:
