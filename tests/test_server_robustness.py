@@ -6,6 +6,8 @@ Scheduler-level tests use the fakes of test_scheduler; wire-level tests put a re
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import msgpack
@@ -17,8 +19,10 @@ from protocol import messages as m
 from protocol.framing import FrameDecoder
 from remap.blobs import dumps
 from remap.server.service import RemapServerFactory, ServerConnection
+from tests.cluster_harness import jobs_function, write_job
 
 from .test_scheduler import FakeConsole, FakeNode, assert_exactly_once, make, run_to_end
+from .test_task_deadlines import SilentNode
 from .test_wire import KEY, connect, frame
 
 BAD_ENTRIES = [
@@ -164,3 +168,59 @@ def test_a_submit_then_an_oversized_frame_leaves_the_job_to_be_cancelled() -> No
     (job,) = factory.scheduler.jobs.values()
     clock.advance(6)
     assert job.state == "cancelled"
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+@pytest.mark.slow
+def test_a_real_server_survives_a_bad_node_and_a_bad_console(make_cluster, tmp_path) -> None:
+    """Against a real server: a node answering every task with a malformed error entry is
+    dropped and its work runs on the real node (the job completes, exactly once); a console
+    sending a valid request and a fatal frame in one write gets an error and is closed; and
+    the server goes on serving."""
+    c = make_cluster(1, cores=1, heartbeat=0.3)
+    assert c.port is not None
+
+    def malformed(task: m.Task) -> m.Message:
+        blob = dumps(0)
+        return m.TaskResult(
+            task=task.task,
+            sizes=[len(blob)] * len(task.sizes),
+            errors=[[0]],
+            payload=blob * len(task.sizes),
+        )
+
+    bad = SilentNode(c.port, c.secret, cores=2, answer=malformed)
+    bad.start()
+    try:
+        c.wait_for(lambda: len(c.status()["nodes"]) == 2, 20, "the bad node to join")
+        job = write_job(
+            tmp_path / "survive.yaml",
+            {
+                "name": "survive",
+                "function": jobs_function("fail_funcs", "square"),
+                "args_range": [0, 40],
+                "chunksize": 1,
+            },
+        )
+        done = c.assert_ok(c.console("compute", job, "--json", timeout=60))
+        assert json.loads(done.stdout) == [x * x for x in range(40)]
+        assert bad.tasks >= 1, "the bad node must have been given work"
+    finally:
+        bad.stopped.set()
+        bad.join(5)
+
+    sock = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+    client = Connection("console", c.secret.encode())
+    client.initiate()
+    while client.state.value != "open":
+        sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+        client.receive_data(sock.recv(1 << 16))
+    sock.sendall(frame({"t": "status", "id": 1}) + b"\xff\xff\xff\xff")
+    received = b""
+    while chunk := sock.recv(1 << 16):
+        received += chunk
+    sock.close()
+    assert "error" in [h["t"] for h in _headers(received)]
+    assert c.status()["nodes"], "the server still answers"

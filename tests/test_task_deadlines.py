@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -184,10 +185,18 @@ def test_the_nodes_table_shows_a_suspect_node() -> None:
 
 
 class SilentNode(threading.Thread):
-    """A node that authenticates, takes tasks and heartbeats, and never answers one."""
+    """A node that authenticates, takes tasks and heartbeats, and never answers one (unless
+    ``answer`` makes a reply for a task)."""
 
-    def __init__(self, port: int, secret: str, cores: int = 4) -> None:
+    def __init__(
+        self,
+        port: int,
+        secret: str,
+        cores: int = 4,
+        answer: Callable[[m.Task], m.Message | None] | None = None,
+    ) -> None:
         super().__init__(daemon=True)
+        self.answer = answer
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.conn = Connection("node", secret.encode(), heartbeat=0.3, name="silent")
         self.cores = cores
@@ -216,6 +225,9 @@ class SilentNode(threading.Thread):
                         )
                     elif isinstance(event, MessageReceived) and type(event.message) is m.Task:
                         self.tasks += 1
+                        reply = self.answer(event.message) if self.answer else None
+                        if reply is not None and conn.state.value == "open":
+                            conn.send(reply)
                 if conn.state.value == "open" and time.monotonic() - last_beat > 0.3:
                     conn.send(m.Heartbeat(load=0.0, busy=self.cores))
                     last_beat = time.monotonic()
