@@ -799,20 +799,20 @@ class Scheduler:
             return None  # no call of this job was measured yet: nothing to go by
         return max(NO_TIMEOUT_MIN, NO_TIMEOUT_FACTOR * n * job.per_call)
 
-    def task_deadline(self, task: TaskState) -> float | None:
-        """When the server gives up waiting for ``task``: its own limit, after the longest task
-        sent to the node before it (which it may queue behind on a core), or None."""
-        own = self._task_limit(task)
-        if own is None:
-            return None
+    def _expired(self, node: NodeState, now: float) -> list[TaskState]:
+        """The node's tasks past their deadline: a task's own limit, counted after the longest
+        task sent to the node before it (which it may queue behind on a core); none once a task
+        without a limit is ahead. One pass in the order tasks were sent."""
+        expired: list[TaskState] = []
         wait = 0.0
-        for other in task.node.inflight.values():
-            if other.id < task.id:
-                limit = self._task_limit(other)
-                if limit is None:
-                    return None
-                wait = max(wait, limit)
-        return task.sent_at + wait + own
+        for task in node.inflight.values():  # a dict keeps the order tasks were sent in
+            own = self._task_limit(task)
+            if own is None:
+                break
+            if now > task.sent_at + wait + own:
+                expired.append(task)
+            wait = max(wait, own)
+        return expired
 
     def _check_deadlines(self) -> None:
         """A node that heartbeats but never answers must not hold its tasks forever: a task past
@@ -820,12 +820,7 @@ class Scheduler:
         the node is marked suspect, taking no new work until it answers something."""
         self._sweep = None
         now = self.clock.seconds()
-        expired = [
-            task
-            for node in list(self.nodes.values())
-            for task in list(node.inflight.values())
-            if (deadline := self.task_deadline(task)) is not None and now > deadline
-        ]
+        expired = [task for node in list(self.nodes.values()) for task in self._expired(node, now)]
         for task in expired:
             node = task.node
             if task.id not in node.inflight or node.id not in self.nodes:
