@@ -28,9 +28,39 @@ def _progress(page, job: int) -> int:
     return int(text.split("/")[0].replace(",", "").strip())
 
 
+def _cross_site_form_cannot_kill(context, link: str, job: int, tmp_path: Path) -> None:
+    """Another origin's page auto-submits a form at the kill URL, in the logged-in browser."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    base = link.split("/login")[0]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "index.html").write_text(
+        f'<form method="POST" action="{base}/api/v1/jobs/{job}/kill" enctype="text/plain">'
+        "<input name='{\"x\":\"' value='\"}'></form>"
+        "<script>document.forms[0].submit()</script>"
+    )
+    handler = partial(SimpleHTTPRequestHandler, directory=str(evil))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        attacker = context.new_page()
+        with attacker.expect_response(lambda r: "/kill" in r.url, timeout=15_000) as answer:
+            attacker.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+        assert answer.value.status == 403  # the session cookie went along; the CSRF check held
+        attacker.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
-    """Log in through the printed link, see two nodes and the job's progress move, kill it with
-    the button (confirming), see it marked killed; save a screenshot of the page."""
+    """Log in through the printed link, see two nodes and the job's progress move; a form on
+    another origin cannot kill the job; kill it with the button (confirming), see it marked
+    killed; save screenshots of the page."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     cluster = make_cluster(
         [NodeSpec(cores=1), NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"}
@@ -54,7 +84,8 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = context.new_page()
             page.goto(link)
             assert page.url.endswith("/")  # the login redirected to the dashboard
             page.wait_for_selector(".node >> nth=1", timeout=15_000)
@@ -70,6 +101,8 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
                 timeout=20_000,
             )
             page.screenshot(path=str(tmp_path / "dashboard-running.png"), full_page=True)
+            _cross_site_form_cannot_kill(context, link, job, tmp_path)
+            assert cluster.job(job)["state"] == "running"
             row.locator('button[data-action="kill"]').click()
             page.locator("#confirm-ok").click()
             row.locator(".badge.killed").wait_for(timeout=15_000)
