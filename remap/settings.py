@@ -58,6 +58,10 @@ class Settings:
     discovery_interfaces: str | None = None
     discovery_timeout: float = 3.0
     state_dir: str | None = None
+    journal: bool = True
+    journal_sync: str = "normal"
+    journal_keep_jobs: int = 1000
+    journal_keep_hours: float = 168.0
     node_name: str | None = None
 
 
@@ -143,6 +147,13 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _sync_level(value: Any) -> str:
+    level = _text(value).lower()
+    if level not in ("normal", "full"):
+        raise _Bad(f"expected normal or full, got {value!r}")
+    return level
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -186,7 +197,11 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "discovery_interfaces": ("REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),
     "discovery_timeout": ("REMAP_DISCOVERY_TIMEOUT", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up"),
     "node_name": ("REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
-    "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list); empty = ~/.remap"),
+    "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap"),
+    "journal": ("REMAP_JOURNAL", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job"),
+    "journal_sync": ("REMAP_JOURNAL_SYNC", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit"),
+    "journal_keep_jobs": ("REMAP_JOURNAL_KEEP_JOBS", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned"),
+    "journal_keep_hours": ("REMAP_JOURNAL_KEEP_HOURS", _number(0, allow_equal=True), "hours a finished job stays in the journal at most"),
 }  # fmt: skip
 
 #: setting field -> environment variable

@@ -16,6 +16,7 @@ from ..settings import load_settings, locate_env_file
 from ..systemd import unit_args, unit_text
 from .exclusion import ExclusionList
 from .http import start_http
+from .journal import Journal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     start_logging(settings.log_level)
     server = await start_server(reactor, settings)
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
+    journal = Journal.for_settings(settings, reactor)
+    server.factory.use_journal(journal)
     port = server.port.getHost().port
     if args.port_file:
         with open(args.port_file, "w") as f:
@@ -89,6 +92,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     if advertiser is not None:
         await advertiser.stop()
     await server.stop()
+    if journal is not None:
+        journal.close()
     return 0
 
 

@@ -326,6 +326,8 @@ class Scheduler:
         #: observers (metrics, the HTTP API) told ``batch_finished(job, n, seconds)`` and
         #: ``results_delivered(job, msg)``; empty unless HTTP is on
         self.watchers: list[Any] = []
+        #: the server's journal (:mod:`remap.server.journal`), once :meth:`restore` gave one
+        self.journal: Any = None
 
     # ================================================================ nodes
 
@@ -461,8 +463,25 @@ class Scheduler:
 
     def submit(self, console: Any, msg: m.Submit) -> JobState:
         now = self.clock.seconds()
-        job = JobState(
-            id=next(self._job_ids),
+        job = self._new_job(next(self._job_ids), console, msg, now)
+        if self.journal is not None:
+            self.journal.job_submitted(job.id, msg, now)  # before the console hears "accepted"
+        self.jobs[job.id] = job
+        self.active[job.id] = job
+        job.granted = self._window(job)
+        self.log.info(
+            "job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode
+        )
+        console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
+        self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
+        self._prune_finished()
+        return job
+
+    @staticmethod
+    def _new_job(job_id: int, console: Any, msg: m.Submit, now: float) -> JobState:
+        """The job a submit message describes (a new one, or one a journal recorded)."""
+        return JobState(
+            id=job_id,
             name=msg.name or "job",
             console=console,
             fn_blob=msg.payload,
@@ -481,16 +500,70 @@ class Scheduler:
             requires=frozenset(name.split(".")[0] for name in msg.requires),
             submitted_at=now,
         )
-        self.jobs[job.id] = job
-        self.active[job.id] = job
-        job.granted = self._window(job)
-        self.log.info(
-            "job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode
-        )
-        console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
-        self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
+
+    def restore(self, journal: Any) -> None:
+        """Take back the jobs ``journal`` recorded (the server restarted), then journal on.
+
+        A finished job comes back with its stored results, so ``attach`` works. A running
+        detached job whose arguments are all stored resumes with the arguments whose outcome
+        was not delivered. Any other running job was fed by its console's stream, which a
+        restart cut: it ends failed with the reason, never silently.
+        """
+        self.journal = journal
+        top = 0
+        for rec in journal.recover(self.keep_finished):
+            top = max(top, rec.id)
+            job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
+            job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
+            job.first_window = False
+            if rec.args_total is not None:
+                job.args_ended, job.total = True, rec.args_total
+            self.jobs[job.id] = job
+            if rec.finished_at is not None:
+                job.state, job.message, job.finished_at = rec.state, rec.message, rec.finished_at
+                job.received = job.done + job.failed
+                continue
+            self.active[job.id] = job
+            if not job.args_ended:
+                why = (
+                    "before its console had sent every argument"
+                    if job.detach
+                    else "and its arguments came from its console's stream, which cannot be "
+                    "replayed"
+                )
+                self.finish(job, "failed", f"the server restarted {why}: submit it again")
+                continue
+            job.received = job.total
+            for start, sizes, payload in rec.args:
+                job.received_bytes += len(payload)
+                whole = Segment(range(start, start + len(sizes)), sizes, memoryview(payload))
+                a = 0
+                while a < len(sizes):  # runs of indices whose outcome was not delivered
+                    if start + a in rec.delivered:
+                        a += 1
+                        continue
+                    b = a
+                    while b < len(sizes) and start + b not in rec.delivered:
+                        b += 1
+                    self._requeue_last(job, self._slice(whole, a, b))
+                    a = b
+            self.log.info(
+                "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",
+                id=job.id,
+                name=job.name,
+                left=job.pending_count,
+                total=job.total,
+            )
+            self._check_capacity(job)
+            self._maybe_complete(job)
+        self._job_ids = itertools.count(max(self.job_ids_from, top + 1))
         self._prune_finished()
-        return job
+        self.pump()
+
+    def _requeue_last(self, job: JobState, seg: Segment) -> None:
+        job.pending.append(seg)
+        job.pending_count += len(seg)
+        job.pending_bytes += len(seg.payload)
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
         return (job.group is None or node.group == job.group) and not missing(node, job)
@@ -547,6 +620,8 @@ class Scheduler:
             )
             job.pending_count += n
             job.pending_bytes += len(msg.payload)
+            if job.detach and self.journal is not None:
+                self.journal.args_received(job.id, msg.start, msg.sizes, msg.payload)
         self.pump()
         return None
 
@@ -559,6 +634,9 @@ class Scheduler:
         job.args_ended = True
         job.total = msg.total
         job.granted = 0
+        if self.journal is not None and job.detach and not job.finished:
+            # committed at once: the console of a detached job leaves after this message
+            self.journal.args_ended(job.id, msg.total, now=True)
         self._maybe_complete(job)
         return None
 
@@ -647,6 +725,8 @@ class Scheduler:
                 node.loaded.discard(job.id)
                 node.link.send(m.JobDrop(job=job.id))
         job.running = 0
+        if self.journal is not None:
+            self.journal.finished(job.id, state, message, job.done, job.failed, job.finished_at)
         self.log.info(
             "job {id} {state}: {done} done, {failed} failed {message}",
             id=job.id,
@@ -1051,6 +1131,8 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
+        if self.journal is not None:
+            self.journal.delivered(job.id, msg, store=job.detach)
         for watcher in self.watchers:
             watcher.results_delivered(job, msg)
         # a detached job keeps every result on the server, so any later `attach` (even after

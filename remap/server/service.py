@@ -278,6 +278,11 @@ class RemapServerFactory(Factory):
         self.on_stop: Any = None
         self.traffic = Traffic()  # bytes in and out over every socket (for metrics)
 
+    def use_journal(self, journal: Any) -> None:
+        """Resume what ``journal`` recorded and record from now on (None: no journal)."""
+        if journal is not None:
+            self.scheduler.restore(journal)
+
     def use_exclusions(self, exclusions: ExclusionList) -> None:
         self.exclusions = exclusions
         self.scheduler.set_excluded(exclusions.hosts)

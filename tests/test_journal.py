@@ -1,0 +1,221 @@
+"""The server's journal alone (a temporary directory), then a scheduler restarted from it.
+
+A "crash" here is a scheduler and journal dropped without ``close``: whatever the journal had
+buffered but not committed is lost, as in a SIGKILL. The real-process version (SIGKILL of a
+server process mid-job) is in ``tests/test_journal_restart.py``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from protocol import messages as m
+from protocol.errors import ConfigError
+from remap.blobs import split
+from remap.server.journal import FLUSH_INTERVAL, Journal
+from remap.server.scheduler import Scheduler
+from remap.settings import Settings
+from tests.test_scheduler import GRACE, FakeConsole, FakeLink, FakeNode, run_to_end
+
+
+def _journal(tmp_path: Path, clock: Clock | None = None, **kw) -> tuple[Journal, Clock]:
+    clock = clock or Clock()
+    return Journal(tmp_path / "state" / "journal.sqlite", clock, **kw), clock
+
+
+def _submit(detach: bool = True, name: str = "j") -> m.Submit:
+    return m.Submit(id=1, name=name, detach=detach, payload=b"fn-blob")
+
+
+def _results(job: int, indices: list[int], errors: list[list] | None = None) -> m.Results:
+    blobs = [pickle.dumps(i * i) for i in indices]
+    return m.Results(
+        job=job,
+        indices=indices,
+        sizes=[len(b) for b in blobs],
+        errors=errors or [],
+        payload=b"".join(blobs),
+    )
+
+
+def _peek(journal: Journal, sql: str) -> list[tuple]:
+    """Read the file through a second connection: only what was committed is there."""
+    with sqlite3.connect(journal.path) as other:
+        return other.execute(sql).fetchall()
+
+
+# ============================================================================ the journal alone
+
+
+def test_file_is_wal_and_synchronous_level_is_a_setting(tmp_path: Path) -> None:
+    journal, _ = _journal(tmp_path)
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    journal.close()
+    full, _ = _journal(tmp_path, synchronous="full")
+    assert full._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    full.close()
+    with pytest.raises(ConfigError):
+        _journal(tmp_path, synchronous="sometimes")
+
+
+def test_a_submit_is_committed_before_it_returns(tmp_path: Path) -> None:
+    journal, _ = _journal(tmp_path)
+    journal.job_submitted(5, _submit(), 1.0)
+    assert _peek(journal, "SELECT id, detach FROM jobs") == [(5, 1)]
+
+
+def test_outcomes_are_group_committed_in_one_transaction(tmp_path: Path) -> None:
+    """A thousand deliveries wait for one commit ``FLUSH_INTERVAL`` later, not one each."""
+    journal, clock = _journal(tmp_path)
+    journal.job_submitted(5, _submit(), 1.0)
+    before = journal.transactions
+    for i in range(1000):
+        journal.delivered(5, _results(5, [i]), store=True)
+    assert _peek(journal, "SELECT COUNT(*) FROM outcomes") == [(0,)]  # nothing committed yet
+    clock.advance(FLUSH_INTERVAL)
+    assert journal.transactions == before + 1
+    assert _peek(journal, "SELECT COUNT(*), COUNT(DISTINCT idx) FROM outcomes") == [(1000, 1000)]
+    assert _peek(journal, "SELECT COUNT(*) FROM results") == [(1000,)]
+
+
+def test_a_full_buffer_is_committed_at_once(tmp_path: Path) -> None:
+    journal, _ = _journal(tmp_path, flush_bytes=1000)
+    journal.job_submitted(5, _submit(), 1.0)
+    journal.args_received(5, 0, [600, 600], b"x" * 1200)
+    assert _peek(journal, "SELECT start FROM args") == [(0,)]
+
+
+def test_an_outcome_is_recorded_once(tmp_path: Path) -> None:
+    journal, clock = _journal(tmp_path)
+    journal.job_submitted(5, _submit(), 1.0)
+    journal.delivered(5, _results(5, [0, 1]), store=False)
+    journal.delivered(5, _results(5, [1]), store=False)
+    clock.advance(FLUSH_INTERVAL)
+    assert _peek(journal, "SELECT idx FROM outcomes ORDER BY idx") == [(0,), (1,)]
+    assert journal.duplicates == 1
+
+
+def test_recover_returns_what_was_committed_and_nothing_else(tmp_path: Path) -> None:
+    journal, clock = _journal(tmp_path)
+    journal.job_submitted(5, _submit(name="kept"), 1.0)
+    journal.args_received(5, 0, [1, 1, 1], b"abc")
+    journal.args_ended(5, 3, now=True)
+    journal.delivered(5, _results(5, [0, 2], errors=[[1, "ValueError", "bad", ""]]), store=True)
+    clock.advance(FLUSH_INTERVAL)
+    journal.delivered(5, _results(5, [1]), store=True)  # buffered: lost in the "crash"
+    (job,) = Journal(journal.path, Clock()).recover()
+    assert (job.id, job.submit.name, job.submit.payload) == (5, "kept", b"fn-blob")
+    assert (job.args_total, job.args) == (3, [(0, [1, 1, 1], b"abc")])
+    assert (job.delivered, job.done, job.failed) == ({0, 2}, 1, 1)
+    assert [r.indices for r in job.stored] == [[0, 2]]
+    assert job.stored[0].errors == [[1, "ValueError", "bad", ""]]
+
+
+def test_finished_jobs_are_pruned_by_count_and_age(tmp_path: Path) -> None:
+    journal, clock = _journal(tmp_path, keep_jobs=2, keep_seconds=100.0)
+    for job in range(1, 5):
+        journal.job_submitted(job, _submit(), clock.seconds())
+        journal.delivered(job, _results(job, [0]), store=True)
+        journal.finished(job, "done", "", 1, 0, clock.seconds())
+    clock.advance(FLUSH_INTERVAL)
+    assert _peek(journal, "SELECT id FROM jobs ORDER BY id") == [(3,), (4,)]
+    assert _peek(journal, "SELECT DISTINCT job FROM results ORDER BY job") == [(3,), (4,)]
+    journal.job_submitted(9, _submit(), clock.seconds())  # running: never pruned
+    clock.advance(150)
+    journal.job_submitted(10, _submit(), clock.seconds())
+    journal.finished(10, "done", "", 0, 0, clock.seconds())
+    clock.advance(FLUSH_INTERVAL)
+    assert _peek(journal, "SELECT id FROM jobs ORDER BY id") == [(9,), (10,)]
+
+
+def test_settings_turn_the_journal_off_or_place_it(tmp_path: Path) -> None:
+    assert Journal.for_settings(Settings(journal=False), Clock()) is None
+    journal = Journal.for_settings(Settings(state_dir=str(tmp_path), journal_sync="full"), Clock())
+    assert journal is not None and journal.path == tmp_path / "journal.sqlite"
+    journal.close()
+
+
+# ============================================================================ a restarted scheduler
+
+
+def _scheduler(path: Path, clock: Clock) -> Scheduler:
+    sched = Scheduler(clock, console_grace=GRACE, job_ids_from=1)
+    sched.restore(Journal(path, clock))
+    return sched
+
+
+def _stored_outcomes(sched: Scheduler, job_id: int) -> dict[int, list]:
+    """What ``attach`` replays, per index (a list, so a duplicate shows)."""
+    out: dict[int, list] = {}
+    attacher = FakeLink("attach")
+    sched.attach(attacher, job_id)
+    for r in attacher.of(m.Results, job_id):
+        for index, blob in zip(r.indices, split(r.sizes, r.payload), strict=True):
+            out.setdefault(index, []).append(pickle.loads(blob))
+    return out
+
+
+def test_a_detached_job_resumes_after_a_crash_with_every_argument_delivered_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite"
+    clock = Clock()
+    clock.advance(1000)
+    sched = _scheduler(path, clock)
+    n = 300
+    console = FakeConsole(sched, range(n), detach=True, total=n)
+    node = FakeNode(sched, "n1", cores=2)
+    while console.feed():
+        pass
+    assert console.ended
+    for task in node.held()[:2]:
+        node.answer(task)
+    clock.advance(FLUSH_INTERVAL)  # committed
+    for task in node.held()[:1]:
+        node.answer(task)  # delivered but not committed: lost with the server
+    assert 0 < sched.jobs[console.job].done < n
+
+    clock2 = Clock()
+    clock2.advance(2000)
+    again = _scheduler(path, clock2)  # the "restarted server"
+    job = again.jobs[console.job]
+    assert job.state == "running" and job.total == n
+    node2 = FakeNode(again, "n2", cores=2)
+    run_to_end([node2], [])
+    assert job.state == "done", job.message
+    outcomes = _stored_outcomes(again, console.job)
+    assert sorted(outcomes) == list(range(n))
+    assert all(v == [i * i] for i, v in outcomes.items()), "an argument delivered twice"
+    clock2.advance(FLUSH_INTERVAL)
+    assert again.journal.duplicates == 0
+    # after another restart the finished job still answers attach with every result
+    third = _scheduler(path, Clock())
+    assert third.jobs[console.job].state == "done"
+    assert sorted(_stored_outcomes(third, console.job)) == list(range(n))
+    assert third._job_ids.__next__() > console.job  # never reuses a journaled id
+
+
+def test_jobs_fed_by_a_console_end_with_a_reason_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    clock = Clock()
+    sched = _scheduler(path, clock)
+    attached = FakeConsole(sched, range(10), name="a")
+    unfinished = FakeConsole(sched, range(10), name="b", detach=True, end=False)
+    FakeNode(sched, "n1")
+    attached.feed()
+    unfinished.feed()
+    clock.advance(FLUSH_INTERVAL)
+    again = _scheduler(path, Clock())
+    a, b = again.jobs[attached.job], again.jobs[unfinished.job]
+    assert a.state == b.state == "failed"
+    assert "console's stream" in a.message and "submit it again" in a.message
+    assert "before its console had sent every argument" in b.message
+    # the reasons are journaled too: a third start shows the same, not "running"
+    third = _scheduler(path, Clock())
+    assert third.jobs[attached.job].message == a.message

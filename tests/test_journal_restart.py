@@ -1,0 +1,98 @@
+"""A real server process SIGKILLed mid-job and restarted on its journal.
+
+The journal lives in the server's default state directory (``$HOME/.remap``, the harness's
+temporary home). Jobs are held mid-run by a gate file (``fail_funcs.gated_nap``), so the kill
+lands mid-job however slow the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from tests.cluster_harness import Cluster, ClusterError
+from tests.test_failures import GRACE, HEARTBEAT, QUICK, _job
+
+pytestmark = pytest.mark.slow
+
+
+def _journal_rows(c: Cluster, sql: str, *params: Any) -> list[tuple]:
+    with sqlite3.connect(c.home / ".remap" / "journal.sqlite") as db:
+        return db.execute(sql, params).fetchall()
+
+
+def _job_info(c: Cluster, job_id: int) -> dict | None:
+    return next((j for j in c.status()["jobs"] if j["id"] == job_id), None)
+
+
+def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_result(
+    make_cluster: Any, tmp_path: Path
+) -> None:
+    """A detached job (60 arguments, 4 done, the rest held at a gate) and an attached job are
+    running when the server is SIGKILLed. The restarted server resumes the detached job from
+    its journal (not from the start), ends the attached one with a reason, and once the gate
+    opens the detached job finishes: the journal holds each argument's outcome once, its stored
+    results cover each index once, and ``attach`` returns every result in order."""
+    gate = tmp_path / "gate"
+    c = make_cluster(
+        2,
+        cores=1,
+        heartbeat=HEARTBEAT,
+        env={"REMAP_HEARTBEAT_MISSES": "3", "TEST_GATE": str(gate)},
+        server_env={"REMAP_CONSOLE_GRACE": str(GRACE)},
+    )
+    n = 60
+    detached = _job(tmp_path, "survivor", "gated_nap", args_range=[0, n], chunksize=1)
+    submitted = c.assert_ok(c.console("compute", detached, "--detach", "--json", timeout=QUICK))
+    job_id = json.loads(submitted.stdout)["job"]
+    streamed = _job(tmp_path, "streamed", "gated_nap", args_range=[100, 110], chunksize=1)
+    console = c.console_popen("compute", streamed, "--json")
+
+    def mid_job() -> bool:
+        info = _job_info(c, job_id)
+        if info is None or info["state"] != "running":
+            raise ClusterError(f"the detached job is not running: {info}")
+        names = {j["name"] for j in c.status()["jobs"] if j["state"] == "running"}
+        recorded = _journal_rows(c, "SELECT COUNT(*) FROM outcomes WHERE job=?", job_id)[0][0]
+        return info["done"] >= 4 and recorded >= 4 and "streamed" in names
+
+    c.wait_for(mid_job, QUICK, "4 results of the detached job in the journal, both jobs running")
+    c.restart_server(signal.SIGKILL, timeout=30)
+    assert c.finish(console, timeout=QUICK).returncode != 0  # its server died under it
+
+    def resumed() -> dict | None:
+        info = _job_info(c, job_id)
+        return info if info is not None and info["state"] == "running" else None
+
+    info = c.wait_for(resumed, QUICK, "the restarted server to show the detached job running")
+    assert info["done"] >= 4, f"resumed from the start, not from the journal: {info}"
+    lost = next(j for j in c.status()["jobs"] if j["name"] == "streamed")
+    assert lost["state"] == "failed" and "server restarted" in lost["message"], lost
+    gate.touch()
+
+    def finished() -> bool:
+        info = _job_info(c, job_id)
+        if info is not None and info["state"] not in ("running", "done"):
+            raise ClusterError(f"the detached job ended {info['state']}: {info}")
+        return info is not None and info["state"] == "done"
+
+    c.wait_for(finished, 60, "the resumed detached job to finish")
+    attached = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=QUICK))
+    assert json.loads(attached.stdout) == [x * x for x in range(n)], c.explain(attached)
+
+    outcomes = _journal_rows(
+        c, "SELECT COUNT(*), COUNT(DISTINCT idx) FROM outcomes WHERE job=?", job_id
+    )
+    assert outcomes == [(n, n)]
+    stored = [
+        i
+        for (header,) in _journal_rows(c, "SELECT header FROM results WHERE job=?", job_id)
+        for i in msgpack.unpackb(header)["indices"]
+    ]
+    assert sorted(stored) == list(range(n)), "a result stored twice or missing"
