@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from protocol import messages as m
 from protocol.errors import ConfigError
 from remap.blobs import split
-from remap.server.journal import FLUSH_INTERVAL, Journal
+from remap.server.journal import FLUSH_INTERVAL, Journal, JournalError
 from remap.server.scheduler import Scheduler
 from remap.settings import Settings
 from tests.test_scheduler import GRACE, FakeConsole, FakeLink, FakeNode, run_to_end
@@ -219,3 +219,14 @@ def test_jobs_fed_by_a_console_end_with_a_reason_after_a_restart(tmp_path: Path)
     # the reasons are journaled too: a third start shows the same, not "running"
     third = _scheduler(path, Clock())
     assert third.jobs[attached.job].message == a.message
+
+
+def test_a_job_the_journal_cannot_record_is_not_accepted(tmp_path: Path) -> None:
+    """A journal that cannot be written (here: its file closed under it) refuses the submit
+    with one line; no job is registered and the console is not told it was accepted."""
+    sched = _scheduler(tmp_path / "journal.sqlite", Clock())
+    sched.journal._db.close()
+    link = FakeLink("c")
+    with pytest.raises(JournalError, match="cannot write the journal"):
+        sched.submit(link, _submit())
+    assert not sched.jobs and not link.of(m.Submitted)

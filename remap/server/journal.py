@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+class JournalError(Exception):
+    """The journal file could not be written (full disk, lost directory): one clear line."""
+
+
 @dataclass
 class JournaledJob:
     """One job as the journal recorded it (see :meth:`Journal.recover`)."""
@@ -227,8 +231,12 @@ class Journal:
             self._timer = self.clock.callLater(self.flush_interval, self.flush)
 
     def flush(self) -> None:
-        """Write everything buffered in one transaction."""
-        self._flush([])
+        """Write everything buffered in one transaction (on a timer: a failure is logged, and
+        what it held runs again after a restart, as if the server had died before it)."""
+        try:
+            self._flush([])
+        except JournalError:
+            self.log.failure("the journal could not be written")
 
     def _flush(self, extra: list[tuple[str, tuple]]) -> None:
         if self._timer is not None:
@@ -241,6 +249,13 @@ class Journal:
         self._args, self._outcomes, self._ends, self._finished = [], [], [], []
         self._buffered_bytes = 0
         rows, stored = self._outcome_rows(outcomes)
+        try:
+            self._write(extra, args, rows, stored, ends, finished)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot write the journal {self.path}: {exc}") from None
+        self.transactions += 1
+
+    def _write(self, extra, args, rows, stored, ends, finished) -> None:  # noqa: ANN001
         db = self._db
         db.execute("BEGIN")
         try:
@@ -275,9 +290,9 @@ class Journal:
                 self._prune(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        self.transactions += 1
 
     def _outcome_rows(
         self, outcomes: list[tuple[int, m.Results, bool]]

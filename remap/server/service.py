@@ -14,6 +14,7 @@ from protocol.errors import ConfigError, RemapError, RemoteProtocolError
 
 from ..wire import PeerProtocol, ReadBudget, Traffic
 from .exclusion import ExclusionList
+from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, missing
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
@@ -113,7 +114,12 @@ class ServerConnection:
                 self._submits[msg.id] = None
                 link.send(m.Error(code="bad-request", message=problem, re=msg.id))
             else:
-                job = sched.submit(link, msg)
+                try:
+                    job = sched.submit(link, msg)
+                except JournalError as exc:  # not accepted: nothing would survive a restart
+                    self._submits[msg.id] = None
+                    link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+                    return
                 self._submits[msg.id] = job.id
                 if job.requires:
                     self._left_out(job)
@@ -218,7 +224,7 @@ class ServerConnection:
         if 0 < job_id < sched.job_ids_from:
             return (
                 f"no job {job_id} on this server: it is from an earlier run of the server "
-                "(restarted since), whose jobs are gone"
+                "and not in its journal (pruned, or REMAP_JOURNAL is off)"
             )
         return f"no job {job_id} on this server (unknown, or finished and forgotten)"
 
