@@ -22,11 +22,13 @@ from remap.vertex.reference import read_tagged_lines, run_local
 from tests.vertex_graphs import edge_lines, example, parse_output, write_files
 
 
-def run_threads(program, tmp_path: Path, workers: int, *, name="run", release=None, **cfg):
+def run_threads(
+    program, tmp_path: Path, workers: int, *, name="run", release=None, launch=ThreadLaunch, **cfg
+):
     launches: list[ThreadLaunch] = []
 
     def start(args):
-        launches.append(ThreadLaunch(args))
+        launches.append(launch(args))
         return launches[-1]
 
     cfg.setdefault("max_supersteps", 200)
@@ -130,16 +132,26 @@ def _freeze_at(monkeypatch, superstep: int):
     return dataclasses.replace(program, compute=frozen_compute), release, frozen
 
 
-@pytest.mark.parametrize("superstep,checkpoint_every", [(5, 2), (1, 3), (0, 0)])
+@pytest.mark.parametrize(
+    "superstep,checkpoint_every,told",
+    [(5, 2, False), (1, 3, False), (0, 0, False), (5, 2, True)],
+)
 def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
-    tmp_path: Path, monkeypatch, superstep, checkpoint_every
+    tmp_path: Path, monkeypatch, superstep, checkpoint_every, told
 ):
     """A worker that stops heartbeating mid-job (after a checkpoint, before the first one, or
-    with none) is dropped; its partitions are re-dealt and restored; the output is identical."""
+    with none) is dropped; its partitions are re-dealt and restored; the output is identical.
+    ``told``: the server's count of running calls reveals the loss long before the heartbeat
+    timeout would."""
     graph_input(tmp_path, weighted=True)
     want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
     assert clean.supersteps > 6
     program, release, frozen = _freeze_at(monkeypatch, superstep)
+
+    class ServerTells(ThreadLaunch):
+        def running(self):
+            return len(self.threads) - len(frozen)
+
     try:
         got, result, reports = run_threads(
             program,
@@ -147,9 +159,10 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
             3,
             name="lost",
             release=release,
+            launch=ServerTells if told else ThreadLaunch,
             partitions=6,
             checkpoint_every=checkpoint_every,
-            lost_after=0.6,
+            lost_after=600 if told else 0.6,
             heartbeat=0.05,
         )
     finally:
