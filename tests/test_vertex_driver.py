@@ -85,6 +85,7 @@ def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, 
     assert [(r.sent, r.active) for r in reports] == [(r.sent, r.active) for r in ref.reports]
     assert read_result(DataDir(tmp_path / "data"), result.job_id) == "OK"
     assert not (tmp_path / "data" / "im" / result.job_id).exists(), "scratch files are removed"
+    assert not (tmp_path / "data" / "job" / result.job_id / "acks").exists()
 
 
 def test_pagerank_with_aggregators_across_workers(tmp_path: Path):

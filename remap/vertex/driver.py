@@ -380,6 +380,7 @@ class Driver:
             del details[key]
         write_result(self.data, self.job_id, "OK", **details)
         remove_tree(self.layout.scratch)
+        remove_tree(self.layout.root / "acks")  # commands stay: a late worker call reads "stop"
         return result
 
     def _run_to_end(self) -> SuperstepReport:
