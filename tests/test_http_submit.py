@@ -19,7 +19,10 @@ from tests.http_harness import Served
 def apps(tmp_path: Path) -> Path:
     apps = tmp_path / "apps"
     (apps / "pkg").mkdir(parents=True)
-    (apps / "squares.py").write_text("def square(x):\n    return x * x\n")
+    (apps / "squares.py").write_text(
+        "import time\n\ndef square(x):\n    return x * x\n\n"
+        "def slow(x):\n    time.sleep(0.2)\n    return x\n"
+    )
     (apps / "pkg" / "__init__.py").write_text("")
     (apps / "pkg" / "tools.py").write_text("def neg(x):\n    return -x\n")
     (tmp_path / "outside.py").write_text("def f(x):\n    return x\n")
@@ -123,9 +126,8 @@ def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_pat
     assert status == 201, data
     made = json.loads(data)
     assert made["name"].startswith("sq [http ")
-    cluster.wait_for(lambda: (cluster.job(made["job"]) or {}).get("state") == "done", 60, "done")
-    status, data = call("GET", made["results"])
-    assert status == 200
+    status, data = call("GET", made["results"] + "?wait=true")
+    assert status == 200 and cluster.job(made["job"])["state"] == "done"
     lines = [json.loads(line) for line in data.decode().splitlines()]
     assert [line["result"] for line in lines] == [i * i for i in range(50)]
 

@@ -294,11 +294,34 @@ class HttpApp:
                 "not-found",
                 f"job {job_id} was not submitted over HTTP (its results went to its console)",
             )
+        wait = (request.args.get(b"wait") or [b""])[0].lower() in (b"1", b"true", b"yes")
+        if not submission.ended:
+            if not wait:
+                request.setResponseCode(202)
+                return self._body(
+                    request,
+                    {
+                        "error": "not-ready",
+                        "message": "the job is still running: its results appear when it "
+                        "ends (add ?wait=true to wait for them)",
+                    },
+                )
+            submission.when_ended(lambda: self._send_results(request, submission))
+            return NOT_DONE_YET
+        self._send_results(request, submission)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _send_results(request: Any, submission: Any) -> None:
+        """Stream the committed JSON-lines file (empty for response_mode none or a failure)."""
+        if request._disconnected or request.finished:
+            return
         request.setHeader(b"Content-Type", NDJSON.encode())
         try:
             handle = open(submission.results, "rb")  # noqa: SIM115 - closed when sent
         except FileNotFoundError:
-            return b""  # response_mode none, or nothing written yet
+            request.finish()
+            return
         done = FileSender().beginFileTransfer(handle, request)
 
         def close(_: Any) -> None:
@@ -307,7 +330,6 @@ class HttpApp:
                 request.finish()
 
         done.addBoth(close)
-        return NOT_DONE_YET
 
     def events(self, request: Any, identity: Identity) -> bytes | int:
         request.setHeader(b"Content-Type", b"text/event-stream")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .routes import EVENTS, JSON, PARAMS, ROUTES, STATIC_FILES, Route
+from .routes import EVENTS, JSON, NDJSON, PARAMS, ROUTES, STATIC_FILES, Route
 
 
 def _obj(props: dict[str, Any], *, extra: bool = False) -> dict:
@@ -170,6 +170,8 @@ def _operation(route: Route) -> dict:
         responses["403"] = _error("Submitting is off (no REMAP_APPS_DIR), or a CSRF failure")
         responses["413"] = _error("The job file is too large")
         responses["415"] = _error("Not a JSON or YAML body")
+    if route.media == NDJSON:
+        responses["202"] = _error("The job is still running (its results are not committed yet)")
     if route.media == EVENTS:
         responses["503"] = _error("Too many open event streams")
     responses.setdefault("400", _error("Host not allowed, or a malformed request"))
@@ -191,6 +193,8 @@ def _operation(route: Route) -> dict:
     ]
     if route.auth == "login":
         params.append({"name": "token", "in": "query", "required": True, "schema": _STR})
+    if route.media == NDJSON:
+        params.append({"name": "wait", "in": "query", "required": False, "schema": _BOOL})
     if params:
         op["parameters"] = params
     if route.body is not None:

@@ -55,7 +55,16 @@ class Submission:
     directory: Path
     job_id: int | None = None
     exit_code: int | None = None
+    ended: bool = False
     stderr: bytearray = field(default_factory=bytearray)
+    #: called once the console child has exited (its output file is committed by then)
+    waiters: list[Any] = field(default_factory=list)
+
+    def when_ended(self, callback: Any) -> None:
+        if self.ended:
+            callback()
+        else:
+            self.waiters.append(callback)
 
     @property
     def results(self) -> Path:
@@ -201,6 +210,10 @@ class Submitter:
         state = {"done": False}
 
         def ended(sub: Submission) -> None:
+            sub.ended = True
+            waiters, sub.waiters = sub.waiters, []
+            for waiter in waiters:
+                waiter()
             if not state["done"]:
                 state["done"] = True
                 on_failed(sub.last_error())
