@@ -63,6 +63,30 @@ def reduce(word, counts):
     yield word, sum(counts)
 """
 
+INMAPPER_MODULE = """\
+import re
+from collections import Counter
+
+WORD = re.compile(r"[a-z']+")
+COUNTS = Counter()
+
+
+def map_init():
+    COUNTS.clear()
+
+
+def map(line):
+    COUNTS.update(WORD.findall(line.lower()))
+
+
+def map_final():
+    return COUNTS.items()
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
+
 SORT_MODULE = """\
 import bisect
 
@@ -230,59 +254,39 @@ def module_from(text: str, path: Path) -> Any:
 def bench_wordcount(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
     files = corpus(work / "corpus", args.mb)
     size = sum(f.stat().st_size for f in files) / 1e6
-    module = module_from(WORDCOUNT_MODULE, work / "wc_module.py")
+
+    def row(system: str, seconds: float | None, details: str = "") -> None:
+        if seconds is None:
+            rows.append(["wordcount", system, "not installed", "", "", f"{load():.1f}"])
+            return
+        rate = f"{size / seconds:.1f} MB/s"
+        ratio = f"{serial_s / seconds:.2f}"
+        rows.append(
+            ["wordcount", system, f"{seconds:.1f} s", ratio, f"{rate}{details}", f"{load():.1f}"]
+        )
+
     serial_s, expect = run_serial(files)
-    rows.append(
-        [
-            "wordcount",
-            "serial Python loop",
-            f"{serial_s:.1f} s",
-            "1.00",
-            f"{size / serial_s:.1f} MB/s",
-            f"{load():.1f}",
-        ]
-    )
+    row("serial Python loop", serial_s)
     gnu_s, gnu = run_gnu_wordcount(files)
     if gnu != expect:
         raise BenchError("WRONG RESULT: GNU word count differs from the serial loop")
-    rows.append(
-        [
-            "wordcount",
-            "GNU tr|sort --parallel=2|uniq -c",
-            f"{gnu_s:.1f} s",
-            f"{serial_s / gnu_s:.2f}",
-            f"{size / gnu_s:.1f} MB/s",
-            f"{load():.1f}",
-        ]
-    )
+    row("GNU tr|sort --parallel=2|uniq -c", gnu_s)
     with remap.connect(cores=CORES, env_file=None) as cluster:
-        seconds, summary, output = run_remap(
-            cluster, module, work / "corpus", work, reducers=CORES, split_mb=16, spill_mb=64
-        )
-        if read_counts(output) != expect:
-            raise BenchError("WRONG RESULT: remap word count differs from the serial loop")
-        shutil.rmtree(output)
-    rows.append(
-        [
-            "wordcount",
-            f"remap embedded, {CORES} cores",
-            f"{seconds:.1f} s",
-            f"{serial_s / seconds:.2f}",
-            f"{size / seconds:.1f} MB/s; map {summary['timings']['map']:.1f} s, reduce {summary['timings']['reduce']:.1f} s",
-            f"{load():.1f}",
-        ]
-    )
-    dask_s = run_dask(files)
-    rows.append(
-        [
-            "wordcount",
-            "dask bag (split tokenizer)",
-            "not installed" if dask_s is None else f"{dask_s:.1f} s",
-            "" if dask_s is None else f"{serial_s / dask_s:.2f}",
-            "" if dask_s is None else f"{size / dask_s:.1f} MB/s",
-            f"{load():.1f}",
-        ]
-    )
+        for label, text in (("", WORDCOUNT_MODULE), (", in-mapper combining", INMAPPER_MODULE)):
+            module = module_from(text, work / f"wc_module{len(label)}.py")
+            seconds, summary, output = run_remap(
+                cluster, module, work / "corpus", work, reducers=CORES, split_mb=16, spill_mb=64
+            )
+            if read_counts(output) != expect:
+                raise BenchError(f"WRONG RESULT: remap word count{label} differs from serial")
+            shutil.rmtree(output)
+            t = summary["timings"]
+            row(
+                f"remap embedded, {CORES} cores{label}",
+                seconds,
+                f"; map {t['map']:.1f} s, reduce {t['reduce']:.1f} s",
+            )
+    row("dask bag (split tokenizer)", run_dask(files))
 
 
 def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
