@@ -380,6 +380,8 @@ class Submit(Message):
     output: str | None = None
     gang: bool = False
     requires: list[str] = field(default_factory=list)
+    max_cores: int = 0
+    min_cores: int = 0
     payload: bytes = b""
 
 

@@ -219,6 +219,8 @@ class JobParams:
     on_error: str = "fail"
     chunksize: int = 0
     priority: int = 0
+    max_cores: int = 0
+    min_cores: int = 0
     detach: bool = False
     star: bool = False
     wait_for_nodes: float | None = None

@@ -66,6 +66,8 @@ class JobSpec:
     group: str | None = None
     name: str = ""
     priority: int = 0
+    max_cores: int = 0
+    min_cores: int = 0
     detach: bool = False
     modules: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
@@ -137,6 +139,10 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
         _check_star(entries, values)
 
     args_path = None
+    if values.get("min_cores", 0) > values.get("max_cores", values.get("min_cores", 0)):
+        raise entries["min_cores"].fail(
+            f"min_cores {values['min_cores']} is more than max_cores {values['max_cores']}"
+        )
     if "args_path" in values:
         args_path = _existing_file(entries["args_path"], base_dir, values["args_path"])
     output = _resolve(base_dir, values["output"]) if "output" in values else None
@@ -159,6 +165,8 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
         group=values.get("group"),
         name=values.get("name") or _default_name(source),
         priority=values.get("priority", 0),
+        max_cores=values.get("max_cores", 0),
+        min_cores=values.get("min_cores", 0),
         detach=values.get("detach", False),
         modules=modules,
         files=files,
@@ -473,6 +481,12 @@ def _retries(entry: _Entry) -> int:
     return entry.value
 
 
+def _cores(entry: _Entry) -> int:
+    if not _is_int(entry.value) or entry.value < 1:
+        raise entry.fail(f"expected a number of cores >= 1, got {_show(entry.value)}")
+    return entry.value
+
+
 def _chunksize(entry: _Entry) -> int | None:
     value = entry.value
     if value is None or value == "auto":
@@ -546,6 +560,8 @@ _FIELDS: dict[str, Callable[[_Entry], Any]] = {
     "group": _optional_text,
     "name": _nonempty_text,
     "priority": _integer,
+    "max_cores": _cores,
+    "min_cores": _cores,
     "detach": _flag,
     "modules": _text_list,
     "files": _text_list,

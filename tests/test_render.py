@@ -49,3 +49,12 @@ def test_the_job_table_shows_a_known_total() -> None:
     base |= {"running": 1, "rate": 1.0, "waiting": "", "received": 256}
     text = jobs_table([{**base, "id": 1, "total": 1000}, {**base, "id": 2, "total": None}])
     assert " 1000 " in text and " 256+ " in text
+
+
+def test_the_job_table_shows_cores_share_and_weight() -> None:
+    from remap.console.render import jobs_table
+
+    job = {"id": 1, "name": "j", "state": "running", "mode": "object", "done": 1, "failed": 0}
+    job |= {"running": 1, "rate": 1.0, "waiting": "", "received": 1, "total": 9}
+    job |= {"cores": 4, "share": 0.5, "weight": 2.0, "max_cores": 6}
+    assert "4 (50% w2 max 6)" in jobs_table([job])

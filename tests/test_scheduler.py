@@ -1340,3 +1340,71 @@ def test_gang_calls_have_no_server_side_deadline() -> None:
     clock.advance(100_000)
     assert [t.task for t in node.held()] == [second.task]
     assert not sched.nodes["a"].suspect
+
+
+# ============================================================================ fair share by weight
+
+
+def _run_shares(
+    sched: Scheduler, nodes: list[FakeNode], consoles: list[FakeConsole], steps: int
+) -> dict[int, list[int]]:
+    """Advance time in steps: each node runs the first ``cores`` tasks it holds (one step each,
+    as FIFO cores would), answers them, and the scheduler refills. Returns, per job, the cores
+    it had busy at each step, and checks every step's count of tasks in flight per job."""
+    busy: dict[int, list[int]] = {c.job: [] for c in consoles}
+    for _ in range(steps):
+        for c in consoles:
+            c.feed()
+        running: list[tuple[FakeNode, m.Task]] = []
+        for node in nodes:
+            running += [(node, t) for t in node.held()[: node.cores]]
+        for job in busy:
+            busy[job].append(sum(t.job == job for _, t in running))
+            held = sum(t.job == job for n in nodes for t in n.held())
+            assert held == sched.jobs[job].tasks
+            cap = sched.jobs[job].max_cores
+            assert not cap or held <= cap, f"job {job} holds {held} tasks, max_cores {cap}"
+        for node, task in running:
+            node.answer(task)
+    return busy
+
+
+def test_three_jobs_of_weights_1_1_2_get_2_2_4_of_8_cores_over_time() -> None:
+    sched, _clock = make()
+    nodes = [FakeNode(sched, "a", cores=4), FakeNode(sched, "b", cores=4)]
+    n = 5000
+    jobs = [
+        FakeConsole(sched, range(n), name=f"c{p}{i}", chunksize=1, priority=p)
+        for i, p in enumerate((0, 0, 1))
+    ]
+    assert [sched.jobs[c.job].weight for c in jobs] == [1.0, 1.0, 2.0]
+    busy = _run_shares(sched, nodes, jobs, steps=200)
+    means = [sum(b[20:]) / len(b[20:]) for b in busy.values()]  # after the first few steps
+    assert [round(x, 1) for x in means] == [2.0, 2.0, 4.0], means
+    status = {j["id"]: j for j in sched.status()[1]}
+    assert [status[c.job]["share"] for c in jobs] == [0.25, 0.25, 0.5]
+    assert [status[c.job]["weight"] for c in jobs] == [1.0, 1.0, 2.0]
+    assert sum(status[c.job]["cores"] for c in jobs) == 8
+
+
+def test_max_cores_is_never_exceeded_and_the_rest_goes_to_others() -> None:
+    """A heavy job (weight 4) capped at 3 cores holds at most 3 tasks in flight at every step;
+    the light job takes the other 5 cores, so no core idles."""
+    sched, _clock = make()
+    nodes = [FakeNode(sched, "a", cores=4), FakeNode(sched, "b", cores=4)]
+    capped = FakeConsole(sched, range(3000), name="h", chunksize=1, priority=2, max_cores=3)
+    light = FakeConsole(sched, range(3000), name="l", chunksize=1)
+    busy = _run_shares(sched, nodes, [capped, light], steps=100)
+    assert max(busy[capped.job]) == 3
+    assert all(a + b == 8 for a, b in zip(busy[capped.job], busy[light.job], strict=True))
+
+
+def test_min_cores_comes_before_weight() -> None:
+    """A job of weight 1/32 with ``min_cores: 4`` still holds 4 tasks beside a weight-32 job."""
+    sched, _clock = make()
+    nodes = [FakeNode(sched, "a", cores=8)]
+    big = FakeConsole(sched, range(3000), name="big", chunksize=1, priority=5)
+    small = FakeConsole(sched, range(3000), name="small", chunksize=1, priority=-5, min_cores=4)
+    _run_shares(sched, nodes, [big, small], steps=30)
+    assert sched.jobs[small.job].tasks == 4
+    assert sched.jobs[big.job].tasks == 8 * PREFETCH - 4

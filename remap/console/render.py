@@ -133,11 +133,23 @@ def jobs_table(jobs: list[dict]) -> str:
                 j["running"],
                 total,
                 f"{j['rate']:,.0f}/s",
+                _share(j),
             ]
         )
     return table(
-        rows, ["JOB", "NAME", "STATE", "MODE", "DONE", "FAILED", "RUNNING", "TOTAL", "RATE"]
+        rows,
+        ["JOB", "NAME", "STATE", "MODE", "DONE", "FAILED", "RUNNING", "TOTAL", "RATE", "CORES"],
     )
+
+
+def _share(job: dict) -> str:
+    """Cores in use, the share the job is entitled to, its weight: ``3 (25% w2)``; ``-``
+    from a server that does not say."""
+    if "cores" not in job:
+        return "-"
+    cap = f" max {job['max_cores']}" if job.get("max_cores") else ""
+    share = f"{job['share'] * 100:.0f}%" if job.get("share") else "-"
+    return f"{job['cores']} ({share} w{job['weight']:g}{cap})"
 
 
 def status_text(status: dict) -> str:

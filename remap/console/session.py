@@ -46,6 +46,8 @@ def params_for(
         on_error=spec.on_error,
         chunksize=spec.chunksize or 0,
         priority=spec.priority,
+        max_cores=spec.max_cores,
+        min_cores=spec.min_cores,
         detach=detach or spec.detach,
         star=spec.star,
         wait_for_nodes=wait_for_nodes,

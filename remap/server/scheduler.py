@@ -238,6 +238,8 @@ class JobState:
     total: int = -1
     output: str | None = None
     gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
+    max_cores: int = 0  # at most this many tasks in flight (0: no cap)
+    min_cores: int = 0  # served before weights until this many tasks are in flight
     requires: frozenset[str] = frozenset()  # top-level modules a node must have
     submitted_at: float = 0.0
     state: str = "running"
@@ -252,6 +254,7 @@ class JobState:
     #: the console's first window is open (neither spent nor forfeited at INITIAL_WINDOW_BYTES)
     first_window: bool = True
     running: int = 0  # arguments in flight on nodes
+    tasks: int = 0  # tasks (batches) in flight on nodes: the job's slots in the fair share
     done: int = 0
     failed: int = 0
     per_call: float | None = None  # EWMA of core seconds per argument
@@ -264,6 +267,12 @@ class JobState:
     @property
     def finished(self) -> bool:
         return self.state != "running"
+
+    @property
+    def weight(self) -> float:
+        """Share weight: 2 ** priority (clamped to ±20), so each priority step doubles a job's
+        share, equal priorities share equally, and a large gap approaches strict priority."""
+        return 2.0 ** max(-20, min(20, self.priority))
 
     def describe(self, now: float) -> dict:
         end = self.finished_at or now
@@ -392,6 +401,7 @@ class Scheduler:
         for task in sorted(node.inflight.values(), key=lambda t: -t.id):
             job = task.job
             job.running -= len(task.segment)
+            job.tasks -= 1
             if not job.finished:
                 self._requeue(job, task.segment)
                 requeued += len(task.segment)
@@ -497,6 +507,8 @@ class Scheduler:
             total=msg.total,
             output=msg.output,
             gang=msg.gang,
+            max_cores=max(0, msg.max_cores),
+            min_cores=max(0, msg.min_cores),
             requires=frozenset(name.split(".")[0] for name in msg.requires),
             submitted_at=now,
         )
@@ -724,7 +736,7 @@ class Scheduler:
             if job.id in node.loaded:
                 node.loaded.discard(job.id)
                 node.link.send(m.JobDrop(job=job.id))
-        job.running = 0
+        job.running = job.tasks = 0
         if self.journal is not None:
             self.journal.finished(job.id, state, message, job.done, job.failed, job.finished_at)
         self.log.info(
@@ -811,13 +823,29 @@ class Scheduler:
         return max(1, min(size, -(-left // cores)))
 
     def _next_job(self, node: NodeState) -> JobState | None:
+        """Fair share by weight: the job furthest below its ``min_cores``, else the one whose
+        tasks in flight per weight would be lowest with one more; ``max_cores`` is a hard cap.
+
+        Over time each job holds task slots (and so cores) in proportion to its weight; ties go
+        to the higher priority, then the older job.
+        """
         best: JobState | None = None
+        best_key: tuple = ()
         for job in self.active.values():
             if job.gang and len(node.inflight) >= node.cores:
                 continue  # a gang call queued behind another call on a node could wait forever
-            if job.pending_count and not job.finished and self._group_ok(node, job):
-                if best is None or (job.priority, -job.running) > (best.priority, -best.running):
-                    best = job
+            if not job.pending_count or job.finished or not self._group_ok(node, job):
+                continue
+            if job.max_cores and job.tasks >= job.max_cores:
+                continue
+            key = (
+                job.tasks >= job.min_cores,
+                (job.tasks + 1) / (job.min_cores if job.tasks < job.min_cores else job.weight),
+                -job.priority,
+                job.id,
+            )
+            if best is None or key < best_key:
+                best, best_key = job, key
         return best
 
     def pump(self) -> None:
@@ -846,6 +874,7 @@ class Scheduler:
         job.pending_count -= len(seg)
         job.pending_bytes -= len(seg.payload)
         job.running += len(seg)
+        job.tasks += 1
         if job.id not in node.loaded:
             node.loaded.add(job.id)
             node.link.send(
@@ -956,6 +985,7 @@ class Scheduler:
         if task is None:
             return None
         task.job.running -= len(task.segment)
+        task.job.tasks -= 1
         node.tasks_done += 1
         for watcher in self.watchers:
             watcher.batch_finished(
@@ -1151,11 +1181,14 @@ class Scheduler:
         arguments really are, and end a job whose arguments were lost rather than let it wait
         forever for them."""
         held: dict[int, int] = {}
+        tasks: dict[int, int] = {}
         for node in self.nodes.values():
             for task in node.inflight.values():
                 held[task.job.id] = held.get(task.job.id, 0) + len(task.segment)
+                tasks[task.job.id] = tasks.get(task.job.id, 0) + 1
         for job in list(self.active.values()):
             job.running = held.get(job.id, 0)
+            job.tasks = tasks.get(job.id, 0)
             job.pending_count = sum(len(seg) for seg in job.pending)
             job.pending_bytes = sum(len(seg.payload) for seg in job.pending)
             lost = job.received - job.done - job.failed - job.pending_count - job.running
@@ -1173,10 +1206,29 @@ class Scheduler:
 
     # ================================================================ status
 
+    def _describe_shares(self, jobs: list[dict]) -> None:
+        """Add each job's weight, its share of the cluster (its weight over the weights of the
+        running jobs with work) and its cores in use (the first ``cores`` tasks a node holds are
+        the ones running; the rest wait on the node)."""
+        cores: dict[int, int] = {}
+        for node in self.nodes.values():
+            for task in itertools.islice(node.inflight.values(), node.cores):
+                cores[task.job.id] = cores.get(task.job.id, 0) + 1
+        busy = {j.id: j for j in self.active.values() if j.pending_count or j.tasks}
+        total = sum(j.weight for j in busy.values())
+        for info in jobs:
+            job = self.jobs[info["id"]]
+            info["weight"] = job.weight
+            info["share"] = round(job.weight / total, 3) if job.id in busy else 0.0
+            info["cores"] = cores.get(job.id, 0)
+            info["max_cores"] = job.max_cores or None
+            info["min_cores"] = job.min_cores
+
     def status(self) -> tuple[list[dict], list[dict], dict]:
         now = self.clock.seconds()
         nodes = [n.describe(now) for n in self.nodes.values()]
         jobs = [j.describe(now) for j in self.jobs.values()]
+        self._describe_shares(jobs)
         server = {
             "uptime": round(now - self.started_at, 1),
             "cores": sum(n.cores for n in self.nodes.values()),
