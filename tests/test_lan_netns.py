@@ -308,3 +308,19 @@ def test_a_slow_lossy_link(net: Net, tmp_path: Path) -> None:
                        server=address, timeout=90)  # fmt: skip
     assert done.returncode == 0, done.stderr + net.logs()
     _exactly_once(done.stdout, n)
+
+
+def test_a_node_with_no_server_to_find_gives_up_with_one_line(net: Net) -> None:
+    """No server on the wire: the node says it looks, then exits 4 after the bound with one
+    clear line (a service manager restarts it)."""
+    alone = net.lab.add_host("alone")
+    argv = net.lab.argv(alone, [PYTHON, NODE_SCRIPT, "--cores", "1", "--env-file", "/nonexistent"])
+    env = net.env(SECRET, REMAP_DISCOVERY_TIMEOUT="1")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 4, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: no server of this cluster found by discovery within 1s (no remap server "
+        "answered); pass --server HOST:PORT or set REMAP_SERVER"
+    ], done.stderr
+    assert "Traceback" not in done.stderr
