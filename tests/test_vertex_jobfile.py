@@ -120,3 +120,14 @@ def test_compute_runs_a_vertex_job_file_with_json_summary(tmp_path: Path) -> Non
     again = console(tmp_path, "compute", job)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_progress_line_shows_active_messages_and_aggregates() -> None:
+    """One line per barrier: superstep, active vertices, messages delivered, each aggregate."""
+    from remap.console.vertexjob import report_line
+    from remap.vertex.reference import SuperstepReport
+
+    report = SuperstepReport(3, 120, 900, 450, 500, {"dangling": 0.0123456789, "seen": {1}}, 2)
+    assert report_line(report) == (
+        "superstep 3: 120 active, 450 messages, dangling=0.0123457, seen={1}, 2 errors"
+    )
