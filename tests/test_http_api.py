@@ -386,3 +386,31 @@ def test_errors_counts_and_latency_follow_the_scheduler(served: Served) -> None:
     assert f"remap_batch_seconds_count {float(batches)}" in text
     assert "remap_tasks_failed_total 1.0" in text
     assert f'remap_job_tasks_failed_total{{job="{job}"}} 1.0' in text
+
+
+def test_idle_connections_time_out_but_event_streams_do_not(monkeypatch) -> None:
+    """A half-sent request is dropped after the idle timeout; an event stream outlives it."""
+    import socket
+    import time
+
+    import remap.server.http as web
+
+    monkeypatch.setattr(web, "IDLE_TIMEOUT", 1)
+    served = Served(tick=0.2)
+    try:
+        slow = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        stream = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        stream.sendall(
+            f"GET /api/v1/events HTTP/1.1\r\nHost: {served.host}\r\n"
+            f"Authorization: Bearer {served.token}\r\n\r\n".encode()
+        )
+        start, seen = time.monotonic(), b""
+        while time.monotonic() - start < 2.5:  # past the timeout, snapshots keep coming
+            seen += stream.recv(65536)
+        assert seen.count(b"event: snapshot") >= 8
+        assert slow.recv(100) == b""  # the half-sent request was closed by then
+        slow.close()
+        stream.close()
+    finally:
+        served.stop()

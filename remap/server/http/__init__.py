@@ -39,6 +39,10 @@ def access_line(timestamp: str, request: Any) -> str:
     return f'{peer} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
 
 
+#: seconds a connection may sit idle or half-sent (a slow request cannot hold a connection for
+#: Twisted's default of 12 hours); a response being written, an event stream too, is not idle
+IDLE_TIMEOUT = 60
+
 #: bytes a request body may have (a job file is at most 64 KiB); a larger one drops the connection
 MAX_REQUEST_BODY = 256 * 1024
 
@@ -144,7 +148,9 @@ async def start_http(
         child_env=_child_env(settings, secret),
     )
     app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
-    site = Site(DispatchResource(app), reactor=reactor, logFormatter=access_line)
+    site = Site(
+        DispatchResource(app), reactor=reactor, logFormatter=access_line, timeout=IDLE_TIMEOUT
+    )
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     try:
