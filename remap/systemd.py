@@ -40,7 +40,7 @@ def unit_text(role: str, args: list[str], *, user: str | None = None) -> str:
     )
     return f"""\
 # {_WHAT[role]} as a systemd service. Install (as root):
-#   install -d -m 700 /etc/remap
+#   install -d -m 755 /etc/remap
 #   install -m 600 -o {user or getpass.getuser()} /dev/null {SECRET_FILE}
 #   echo 'THE SECRET' > {SECRET_FILE}     # the same secret on every machine
 #   remap-{role} ... --print-systemd-unit > /etc/systemd/system/remap-{role}.service
