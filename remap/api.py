@@ -42,10 +42,11 @@ from protocol.errors import (
     RemoteTaskError,
 )
 
-from . import bundle, runtime, shipping, taskoutput
+from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
 from .client import ClusterClient, JobParams, JobRun
 from .dial import connect_console
+from .net import tls_enabled
 from .settings import Settings, load_settings
 from .sinks import Sink, TaskErrorInfo
 
@@ -781,6 +782,14 @@ class Cluster:
         runtime.check_not_reactor_thread()
         self._reactor = reactor
         self._generation = runtime.generation
+        if not settings.server:  # a secret but no address: look for this cluster's server
+            say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+            settings, found = discovery.locate(
+                settings, say, want_tls=tls_enabled(settings), secret=key
+            )
+            if found is not None and found.chosen is None:
+                say(found.failure().partition("; pass")[0] + ": starting an embedded local cluster")
+            self.settings = settings
         try:
             if settings.server:
                 self.address = settings.server

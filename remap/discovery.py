@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from twisted.internet import threads
@@ -250,6 +250,33 @@ async def discover(
         reactor.getThreadPool(),
         lambda: browse(make(), secret, timeout=settings.discovery_timeout, want_tls=want_tls),
     )
+
+
+def locate(
+    settings: Settings,
+    announce: Callable[[str], None],
+    *,
+    want_tls: bool,
+    secret: bytes | None = None,
+) -> tuple[Settings, Found | None]:
+    """Blocking, on the caller's thread (never the reactor's): the settings with the server
+    discovery chose, and what it found (None when discovery was not wanted). ``secret``
+    overrides the settings' (the Python API's ``connect(secret=...)``)."""
+    key = secret or (settings.secret.encode() if settings.secret else None)
+    if settings.server or not settings.discovery or not key:
+        return settings, None
+    network = ZeroconfNetwork(interface_addresses(settings.discovery_interfaces))
+    found = browse(
+        network,
+        key,
+        timeout=settings.discovery_timeout,
+        want_tls=want_tls,
+    )
+    for line in found.lines():
+        announce(line)
+    if found.chosen is not None:
+        settings = replace(settings, server=found.chosen.address)
+    return settings, found
 
 
 def wanted(settings: Settings) -> bool:

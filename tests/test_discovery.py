@@ -222,3 +222,18 @@ def test_advert_from_txt_record():
     got = discovery.advert_from("x", ["fe80::1", "10.0.0.7"], 7000, props)
     assert got == Advert("x", "10.0.0.7", 7000, cluster="abcd", version=1, tls=True)
     assert discovery.advert_from("x", [], 7000, props) is None
+
+
+def test_python_api_dials_the_server_discovery_chose(monkeypatch, capsys):
+    """connect() with a secret and no address browses too, and dials what it chose (here a
+    closed loopback port, so the error names the discovered address)."""
+    import remap
+    from protocol.errors import ServerUnreachable
+
+    net = FakeNetwork([Advert(f"ours.{discovery.SERVICE_TYPE}", "127.0.0.1", 1,
+                              cluster=cluster_id(SECRET), version=PROTOCOL_VERSION)])  # fmt: skip
+    monkeypatch.setattr(discovery, "ZeroconfNetwork", lambda interfaces: net)
+    monkeypatch.setenv("REMAP_DISCOVERY", "on")
+    with pytest.raises(ServerUnreachable, match=r"127\.0\.0\.1:1"):
+        remap.connect(secret=SECRET, env_file=None, connect_timeout=5)
+    assert "discovery: chose server 'ours' at 127.0.0.1:1" in capsys.readouterr().err

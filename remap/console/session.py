@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,22 +78,10 @@ class Session:
 
     def locate(self) -> str | None:
         """The server's address: configured, or found once by discovery (see discovery.wanted)."""
-        if self.settings.server or self.found is not None or not discovery.wanted(self.settings):
-            return self.settings.server
-        network = discovery.ZeroconfNetwork(
-            discovery.interface_addresses(self.settings.discovery_interfaces)
-        )
-        # blocking, on the calling thread (never the reactor's): zeroconf has threads of its own
-        self.found = discovery.browse(
-            network,
-            self.settings.secret.encode(),  # type: ignore[union-attr]
-            timeout=self.settings.discovery_timeout,
-            want_tls=tls_enabled(self.settings),
-        )
-        for line in self.found.lines():
-            self.announce(line)
-        if self.found.chosen is not None:
-            self.settings = replace(self.settings, server=self.found.chosen.address)
+        if self.found is None:
+            self.settings, self.found = discovery.locate(
+                self.settings, self.announce, want_tls=tls_enabled(self.settings)
+            )
         return self.settings.server
 
     # ------------------------------------------------------------------ connection
