@@ -99,3 +99,25 @@ def test_compute_dashboard_prints_the_link(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[9]"
     assert "dashboard: http://127.0.0.1:" in done.stderr and "/login?token=" in done.stderr
+
+
+@pytest.mark.slow
+def test_shell_dashboard_starts_the_embedded_cluster() -> None:
+    """In the shell with no server, `dashboard` starts the embedded cluster and serves it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from remap.console.session import Session
+
+    session = Session(Settings(cores=1), embedded_for_requests=True)
+    try:
+        url = urlsplit(session.dashboard_link())
+        assert session.embedded is not None and url.hostname == "127.0.0.1"
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn.request("GET", f"{url.path}?{url.query}")
+        assert conn.getresponse().status == 303
+        conn.close()
+    finally:
+        session.close()
+    with pytest.raises(ConfigError, match="needs a server"):  # one-shot: nothing would stay up
+        Session(Settings(cores=1)).dashboard_link()

@@ -126,7 +126,13 @@ class Session:
         return self.client
 
     def dashboard_link(self, http_port: int | None = None) -> str:
-        """A one-time login link: the embedded cluster serves a dashboard; a server is asked."""
+        """A one-time login link: the embedded cluster serves a dashboard; a server is asked.
+
+        In the shell with no server configured, the embedded cluster starts (as for status)
+        and serves the dashboard for as long as the shell runs.
+        """
+        if self.embedded is None and not self.settings.server and self.embedded_for_requests:
+            self.connect(allow_embedded=True)
         if self.embedded is not None:
             return runtime.run(runtime.as_deferred(self.embedded.start_dashboard), timeout=10)
         from .dashboard import login_link
