@@ -225,6 +225,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="if the job fails, print the remote traceback of the first failing call",
     )
+    p.add_argument(
+        "--engine",
+        default="remap",
+        metavar="URL",
+        help="remap (default), dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local",
+    )
     for name in ("status", "nodes", "jobs"):
         command(name).add_argument("--json", action="store_true", help="machine-readable output")
     p = command("kill")
@@ -284,6 +290,8 @@ class Console:
 
     def cmd_compute(self, args: argparse.Namespace) -> int:
         spec = load_job(args.job)
+        if args.engine != "remap" and spec.kind != "function":
+            raise UsageError(f"--engine runs plain jobs only, not kind: {spec.kind}")
         if spec.kind == "mapreduce":
             from .datajob import compute_data
 
@@ -293,6 +301,8 @@ class Console:
 
             return compute_vertex(self, spec, args)
         detach = args.detach or spec.detach
+        if args.engine != "remap" and (detach or args.dashboard):
+            raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
         if detach and not self.session.locate():
             raise UsageError(
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
@@ -349,14 +359,21 @@ class Console:
             if args.dashboard:
                 self.session.connect(allow_embedded=True)
                 self.note(f"dashboard: {self.session.dashboard_link()}")
-            run, future = self.session.start_job(
-                spec,
-                sink,
-                detach=detach,
-                wait_for_nodes=args.wait_for_nodes,
-                on_notice=on_notice,
-                on_output=(lambda index, text: output.put(text)) if show_output else None,
-            )
+            if args.engine != "remap":
+                from .. import engines
+
+                run, future = engines.start_job(
+                    args.engine, spec, sink, workers=self.session.settings.cores
+                )
+            else:
+                run, future = self.session.start_job(
+                    spec,
+                    sink,
+                    detach=detach,
+                    wait_for_nodes=args.wait_for_nodes,
+                    on_notice=on_notice,
+                    on_output=(lambda index, text: output.put(text)) if show_output else None,
+                )
         except RemapError as exc:  # it never started: the output is left as it was
             sink.abandon()
             raise self._closing(exc, None, sink, args.json) from None

@@ -1,0 +1,451 @@
+"""Other engines for a job file: the same function and arguments on a Dask or Ray cluster.
+
+The seam is :meth:`Engine.outcomes`: it takes the function blob (``shipping.function_blob``,
+possibly behind a ``bundle``) and an iterator of chunks of ``(index, argument)`` and yields
+each argument's outcome ``(index, result, error)`` as chunks finish. remap's own server is the
+default engine (``--engine remap``: the console's usual path); Dask and Ray run one task per
+*chunk*, never per argument (both pay milliseconds per task), with a bounded number of chunks
+in flight (``Client.map`` is not lazy: it would submit every task at once).
+
+The response-mode sinks stay on the console: :class:`EngineRun` feeds them from a thread of
+its own, so the console's progress, report and exit codes are the same as with remap.
+
+Neither engine can stop a call that runs too long the way remap does (by killing its core):
+a call over the job's ``timeout`` runs to its end and is then reported as a ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from protocol.errors import ConfigError, JobFailed, ServerUnreachable
+
+from .sinks import Sink, TaskErrorInfo
+
+Chunk = list[tuple[int, Any]]
+Outcome = tuple[int, Any, TaskErrorInfo | None]
+
+#: chunks in flight per worker: enough to hide a round trip, few enough to bound memory
+WINDOW_PER_WORKER = 2
+#: the largest automatic chunk
+MAX_AUTO_CHUNK = 2000
+
+# ----------------------------------------------------------------------- worker side
+
+#: functions already unpickled in this worker process, by blob digest
+_loaded: dict[str, tuple[Any, Any]] = {}
+
+
+def run_chunk(
+    key: str, blob: bytes, star: bool, timeout: float | None, chunk: Chunk
+) -> tuple[list[int], list[Any], list[list[Any]]]:
+    """Call the job's function on one chunk (runs on a Dask or Ray worker).
+
+    Returns the indices, the results (None where a call failed) and remap's error entries
+    ``[position, type, message, traceback]``; the user's exceptions never fail the task, so an
+    engine's own retries only ever re-run chunks whose worker died.
+    """
+    from .bundle import unwrap
+    from .node.core import _error_entry
+    from .shipping import load_function_blob
+
+    loaded = _loaded.get(key)
+    if loaded is None:
+        loaded = _loaded[key] = load_function_blob(unwrap(blob, int(key[:8], 16)))
+    fn = loaded[0]
+    indices: list[int] = []
+    results: list[Any] = []
+    errors: list[list[Any]] = []
+    clock = time.monotonic
+    for pos, (index, arg) in enumerate(chunk):
+        indices.append(index)
+        started = clock()
+        try:
+            if star:
+                value = fn(**arg) if isinstance(arg, dict) else fn(*arg)
+            else:
+                value = fn(arg)
+        except Exception as exc:
+            tb = exc.__traceback__
+            errors.append(_error_entry(pos, exc.with_traceback(tb.tb_next if tb else None)))
+            results.append(None)
+            continue
+        took = clock() - started
+        if timeout is not None and took > timeout:
+            errors.append(
+                [pos, "TimeoutError", f"the call took {took:.1f}s, over the timeout of "
+                 f"{timeout:g}s (this engine cannot stop a running call)", ""]
+            )  # fmt: skip
+            results.append(None)
+            continue
+        results.append(value)
+    return indices, results, errors
+
+
+# ----------------------------------------------------------------------- console side
+
+
+class Engine:
+    """A cluster that runs chunks: subclasses say how to submit, wait, cancel and close."""
+
+    name = "engine"
+    workers = 1
+
+    def outcomes(
+        self,
+        blob: bytes,
+        chunks: Iterable[Chunk],
+        *,
+        star: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[Outcome]:
+        """Each argument's ``(index, result, error)``, chunk by chunk as chunks finish.
+
+        At most ``WINDOW_PER_WORKER * workers`` chunks are in flight; closing the generator
+        early (``on_error: fail``, Ctrl-C) cancels the chunks still pending.
+        """
+        key = hashlib.sha256(blob).hexdigest()[:16]
+        shared = self._share(blob)
+        window = max(1, WINDOW_PER_WORKER * self.workers)
+        source = iter(chunks)
+        pending: dict[Any, Chunk] = {}
+        try:
+            while True:
+                while len(pending) < window:
+                    chunk = next(source, None)
+                    if chunk is None:
+                        break
+                    pending[self._submit(key, shared, star, timeout, chunk)] = chunk
+                if not pending:
+                    return
+                for handle in self._wait(list(pending)):
+                    chunk = pending.pop(handle)
+                    yield from self._collect(handle, chunk)
+        finally:
+            if pending:
+                self._cancel(list(pending))
+
+    def _collect(self, handle: Any, chunk: Chunk) -> Iterator[Outcome]:
+        try:
+            indices, results, errors = self._result(handle)
+        except Exception as exc:  # the chunk itself failed: its worker died past the retries
+            for index, _ in chunk:
+                yield index, None, TaskErrorInfo(index, type(exc).__name__, str(exc)[:2000])
+            return
+        failed = {e[0]: e for e in errors}
+        for pos, (index, value) in enumerate(zip(indices, results)):
+            entry = failed.get(pos)
+            if entry is None:
+                yield index, value, None
+            else:
+                yield index, None, TaskErrorInfo(index, entry[1], entry[2], entry[3])
+
+    def _share(self, blob: bytes) -> Any:
+        return blob
+
+    def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
+        raise NotImplementedError
+
+    def _wait(self, handles: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _result(self, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def _cancel(self, handles: list[Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Disconnect; a local cluster this engine started is stopped."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _need(module: str, scheme: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"--engine {scheme}:// needs {module.split('.')[0]}: pip install 'remap[engines]'"
+        ) from None
+
+
+class DaskEngine(Engine):
+    """``dask://HOST:PORT`` (a running scheduler) or ``dask://local`` (a LocalCluster).
+
+    ``retries`` maps to the scheduler's ``allowed-failures`` (how often a task whose worker
+    died is re-run) on a local cluster only; a running scheduler keeps its own setting.
+    """
+
+    name = "dask"
+
+    def __init__(self, address: str, *, workers: int, retries: int = 3) -> None:
+        dask = _need("dask", "dask")
+        distributed = _need("distributed", "dask")
+        self._distributed = distributed
+        self._cluster = None
+        try:
+            if address == "local":
+                with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=None,
+                        silence_logs=40,
+                    )
+                self.client = distributed.Client(self._cluster)
+            else:
+                self.client = distributed.Client(address, timeout=10)
+        except OSError as exc:
+            self.close()
+            raise ServerUnreachable(
+                f"could not reach the dask scheduler at {address}: {exc}"
+            ) from None
+        self.workers = max(1, sum(self.client.nthreads().values())) if address != "local" else (
+            workers
+        )  # fmt: skip
+
+    def _share(self, blob: bytes) -> Any:
+        return self.client.scatter(blob, broadcast=True, hash=False)
+
+    def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
+        return self.client.submit(run_chunk, key, blob, star, timeout, chunk, pure=False)
+
+    def _wait(self, handles: list[Any]) -> list[Any]:
+        done, _ = self._distributed.wait(handles, return_when="FIRST_COMPLETED")
+        return list(done)
+
+    def _result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def _cancel(self, handles: list[Any]) -> None:
+        self.client.cancel(handles)
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+class RayEngine(Engine):
+    """``ray://HOST:PORT`` (a Ray client server, port 10001 by default) or ``ray://local``.
+
+    ``retries`` is the task's ``max_retries``: a chunk whose worker process died is re-run.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str, *, workers: int, retries: int = 3) -> None:
+        ray = self._ray = _need("ray", "ray")
+        try:
+            if address == "local":
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            else:
+                ray.init(address=f"ray://{address}", log_to_driver=False)
+        except (OSError, ConnectionError) as exc:
+            raise ServerUnreachable(
+                f"could not reach the ray cluster at {address}: {exc}"
+            ) from None
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
+        self._remote = ray.remote(run_chunk).options(max_retries=retries, num_cpus=1)
+
+    def _share(self, blob: bytes) -> Any:
+        return self._ray.put(blob)
+
+    def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
+        return self._remote.remote(key, blob, star, timeout, chunk)
+
+    def _wait(self, handles: list[Any]) -> list[Any]:
+        done, _ = self._ray.wait(handles, num_returns=1)
+        return done
+
+    def _result(self, handle: Any) -> Any:
+        return self._ray.get(handle)
+
+    def _cancel(self, handles: list[Any]) -> None:
+        for handle in handles:
+            self._ray.cancel(handle)
+
+    def close(self) -> None:
+        self._ray.shutdown()
+
+
+ENGINES = {"dask": DaskEngine, "ray": RayEngine}
+
+
+def parse(url: str) -> tuple[str, str]:
+    """``dask://HOST:PORT`` → ``("dask", "HOST:PORT")``; ``remap`` → ``("remap", "")``."""
+    if url == "remap":
+        return "remap", ""
+    scheme, sep, address = url.partition("://")
+    if not sep or scheme not in ENGINES or not address:
+        raise ConfigError(
+            f"unknown engine {url!r}: expected remap, dask://HOST:PORT, dask://local, "
+            "ray://HOST:PORT or ray://local"
+        )
+    return scheme, address
+
+
+def open_engine(url: str, *, workers: int | None = None, retries: int = 3) -> Engine:
+    """Connect to (or start) the engine a URL names; the caller closes it."""
+    scheme, address = parse(url)
+    if scheme == "remap":
+        raise ConfigError("--engine remap is the console's own path, not an Engine")
+    return ENGINES[scheme](
+        address, workers=workers or max(1, (os.cpu_count() or 2) - 1), retries=retries
+    )
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[Chunk]:
+    """``(index, item)`` lists of ``size``."""
+    numbered = enumerate(items)
+    while True:
+        chunk = list(itertools.islice(numbered, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def auto_chunksize(total: int | None, workers: int) -> int:
+    """About eight chunks per worker for a known count (fewer tasks, still balanced)."""
+    if total is None:
+        return 256
+    return max(1, min(MAX_AUTO_CHUNK, math.ceil(total / (workers * 8))))
+
+
+class EngineRun:
+    """A job file run on an engine, seen by the console like a remap ``JobRun``.
+
+    A thread of its own reads the arguments, ships chunks and feeds the job's sink (the same
+    sinks as remap's); :meth:`start` returns a future of the job's ``JobOutcome``.
+    """
+
+    job_id = None  # nothing on remap's server to kill or attach to
+
+    def __init__(self, engine_url: str, spec: Any, sink: Sink, *, workers: int | None) -> None:
+        self.engine_url = engine_url
+        self.spec = spec
+        self.sink = sink
+        self.workers = workers
+        self.done = 0
+        self.failed = 0
+        self.sent = 0
+        self.exhausted = False
+        self.total_hint: int | None = None
+        self.first_error: TaskErrorInfo | None = None
+        self._stop: Exception | None = None
+        #: arguments in flight, kept only for sinks that store them (sqlite)
+        self._args: dict[int, Any] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> concurrent.futures.Future:
+        from . import bundle
+        from .console.session import function_blob
+        from .jobfile import count_arguments, load_callables
+
+        fn, reduce_fn = load_callables(self.spec)
+        blob = bundle.wrap(
+            function_blob(fn, reduce_fn),
+            bundle.collect(self.spec.modules, self.spec.files, self.spec.base_dir),
+        )
+        self.total_hint = count_arguments(self.spec)
+        engine = open_engine(self.engine_url, workers=self.workers, retries=self.spec.retries)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(engine, blob, future), name="remap-engine", daemon=True
+        )
+        self._thread.start()
+        return future
+
+    def _chunks(self, size: int) -> Iterator[Chunk]:
+        from .jobfile import iter_arguments
+
+        for chunk in chunked(iter_arguments(self.spec), size):
+            if self._stop is not None:
+                return
+            self.sent += len(chunk)
+            if self.sink.needs_arguments:
+                self._args.update(chunk)
+            yield chunk
+        self.exhausted = True
+
+    def _run(self, engine: Engine, blob: bytes, future: concurrent.futures.Future) -> None:
+        from .client import JobOutcome
+
+        spec, sink = self.spec, self.sink
+        size = spec.chunksize or auto_chunksize(self.total_hint, engine.workers)
+        outcomes = engine.outcomes(blob, self._chunks(size), star=spec.star, timeout=spec.timeout)
+        error: Exception | None = None
+        try:
+            for index, result, info in outcomes:
+                if self._stop is not None:
+                    error = self._stop
+                    break
+                sink.add(index, self._args.pop(index, None), result, info)
+                if info is None:
+                    self.done += 1
+                    continue
+                self.failed += 1
+                if self.first_error is None:
+                    self.first_error = info
+                if spec.on_error == "fail":
+                    error = JobFailed(
+                        f"job failed on {engine.name}: argument {index} raised "
+                        f"{info.type_name}: {info.message}"
+                    )
+                    break
+            sink.flush()
+        except Exception as exc:  # a bad argument line, a sink that cannot write, the engine
+            error = exc if isinstance(exc, (JobFailed, ConfigError)) else JobFailed(
+                f"job failed on {engine.name}: {type(exc).__name__}: {exc}"
+            )  # fmt: skip
+        finally:
+            outcomes.close()  # cancels what is still pending
+            engine.close()
+        try:
+            sink.close(complete=error is None)
+        except Exception as exc:
+            error = error or JobFailed(
+                f"the job finished but its results could not be saved: {exc}"
+            )
+        if error is None:
+            future.set_result(JobOutcome(None, "done", self.done, self.failed, ""))  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
+
+    def fail(self, error: Exception) -> None:
+        """Stop (Ctrl-C): pending chunks are cancelled; what arrived is kept."""
+        self._stop = error
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def start_job(
+    engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None
+) -> tuple[EngineRun, concurrent.futures.Future]:
+    """Run a job file on the engine ``engine_url`` names; the console waits on the future."""
+    run = EngineRun(engine_url, spec, sink, workers=workers)
+    return run, run.start()
