@@ -1,0 +1,298 @@
+"""The same job file on remap, Dask and Ray: same outputs in every response mode, same errors.
+
+The engine tests start one ``LocalCluster`` and one local Ray (2 workers each) per module and
+skip when dask or ray is not installed (``pip install -e ".[engines]"``); the seam's own tests
+(chunks, window, cancelling) run everywhere with a fake engine.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remap import engines
+from remap.console.main import main
+from remap.shipping import function_blob
+
+FUNCTION = """\
+def sq(x):
+    if x == 7:
+        raise ValueError("seven")
+    return x * x
+
+
+def add(a, b):
+    return a + b
+"""
+
+MODES = {
+    "object": "",
+    "stream": "",
+    "sqlite": "output: out.sqlite\n",
+    "file": "output: out.jsonl\n",
+    "reduce": "reduce: f.py:add\n",
+    "none": "",
+}
+
+
+# ----------------------------------------------------------------------- the seam, faked
+
+
+class FakeEngine(engines.Engine):
+    """Runs chunks in this process when the test says so; counts what is in flight."""
+
+    name = "fake"
+    workers = 2
+
+    def __init__(self) -> None:
+        self.submitted: list[list[tuple[int, Any]]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.cancelled: list[Any] = []
+        self.ran: dict[int, Any] = {}
+
+    def _submit(self, key: str, blob: Any, star: bool, timeout: Any, chunk: Any) -> Any:
+        self.submitted.append(chunk)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.ran[len(self.submitted)] = engines.run_chunk(key, blob, star, timeout, chunk)
+        return len(self.submitted)
+
+    def _wait(self, handles: list[Any]) -> list[Any]:
+        return [min(handles)]
+
+    def _result(self, handle: Any) -> Any:
+        self.in_flight -= 1
+        return self.ran.pop(handle)
+
+    def _cancel(self, handles: list[Any]) -> None:
+        self.cancelled.extend(handles)
+
+
+def _sq(x: int) -> int:
+    if x == 7:
+        raise ValueError("seven")
+    return x * x
+
+
+def test_outcomes_ship_chunks_within_a_bounded_window() -> None:
+    engine = FakeEngine()
+    out = list(engine.outcomes(function_blob(_sq), engines.chunked(range(100), 10)))
+    assert len(engine.submitted) == 10  # one task per chunk, never one per argument
+    assert engine.most_in_flight == engines.WINDOW_PER_WORKER * engine.workers
+    assert sorted(i for i, _, _ in out) == list(range(100))
+    (error,) = [e for _, _, e in out if e is not None]
+    assert (error.index, error.type_name, error.message) == (7, "ValueError", "seven")
+    assert "in _sq" in error.traceback and "run_chunk" not in error.traceback
+
+
+def test_closing_the_outcomes_early_cancels_what_is_pending() -> None:
+    engine = FakeEngine()
+    out = engine.outcomes(function_blob(_sq), engines.chunked(range(100), 10))
+    next(out)
+    out.close()
+    assert len(engine.cancelled) == engine.most_in_flight - 1
+    assert len(engine.submitted) < 10
+
+
+def test_an_overlong_call_is_reported_as_a_timeout_after_it_ran() -> None:
+    import time
+
+    def slow(x: float) -> float:
+        time.sleep(x)
+        return x
+
+    indices, results, errors = engines.run_chunk("0" * 16, function_blob(slow), False, 0.05,
+                                                 [(0, 0.0), (1, 0.2)])  # fmt: skip
+    assert indices == [0, 1] and results == [0.0, None]
+    assert errors[0][:2] == [1, "TimeoutError"] and "cannot stop" in errors[0][2]
+
+
+@pytest.mark.parametrize("url", ["spark://x", "dask://", "dask:local", "ray"])
+def test_an_unknown_engine_is_one_line_and_exit_2(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = _job(tmp_path, "object")
+    assert main(["compute", str(job), "--engine", url, "--env-file", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown engine" in err and "Traceback" not in err
+
+
+def test_auto_chunks_give_each_worker_several() -> None:
+    assert engines.auto_chunksize(100, 2) == 7
+    assert engines.auto_chunksize(10**9, 2) == engines.MAX_AUTO_CHUNK
+    assert engines.auto_chunksize(None, 2) == 256
+
+
+# ----------------------------------------------------------------------- real engines
+
+
+class _Shared(engines.Engine):
+    """One module-wide engine behind the console: the run's close() leaves it running."""
+
+    def __init__(self, inner: engines.Engine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.workers = inner.workers
+
+    def outcomes(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self.inner.outcomes(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dask_engine() -> Iterator[engines.Engine]:
+    pytest.importorskip("distributed")
+    engine = engines.DaskEngine("local", workers=2)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ray_engine() -> Iterator[engines.Engine]:
+    pytest.importorskip("ray")
+    engine = engines.RayEngine("local", workers=2)
+    yield engine
+    engine.close()
+
+
+def _job(tmp_path: Path, mode: str, on_error: str = "continue", n: int = 40) -> Path:
+    (tmp_path / "f.py").write_text(FUNCTION)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"function: f.py:sq\nargs_range: [0, {n}]\nchunksize: 3\nresponse_mode: {mode}\n"
+        f"on_error: {on_error}\n{MODES[mode]}"
+    )
+    return job
+
+
+def _run(
+    tmp_path: Path,
+    mode: str,
+    url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    engine: engines.Engine | None = None,
+    on_error: str = "continue",
+) -> tuple[int, list[str], str, Any]:
+    """Exit code, stdout lines (sorted for stream: arrival order is the cluster's), stderr,
+    and the output file's content."""
+    tmp_path.mkdir(exist_ok=True)
+    job = _job(tmp_path, mode, on_error)
+    if engine is not None:
+        monkeypatch.setattr(engines, "open_engine", lambda *a, **k: _Shared(engine))
+    argv = ["compute", str(job), "--cores", "2", "--env-file", "/nonexistent", "--engine", url]
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    if mode == "stream":
+        lines.sort()
+    content: Any = None
+    if mode == "sqlite" and (tmp_path / "out.sqlite").exists():
+        with sqlite3.connect(tmp_path / "out.sqlite") as db:
+            content = db.execute("SELECT * FROM results ORDER BY idx").fetchall()
+    if mode == "file" and (tmp_path / "out.jsonl").exists():
+        content = (tmp_path / "out.jsonl").read_text()
+    return code, lines, err, content
+
+
+ENGINES = [
+    pytest.param("dask://local", "dask_engine", marks=[pytest.mark.slow, pytest.mark.engines]),
+    pytest.param("ray://local", "ray_engine", marks=[pytest.mark.slow, pytest.mark.engines]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
+    mode: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("distributed")
+    pytest.importorskip("ray")
+    want = _run(tmp_path / "remap", mode, "remap", capsys, monkeypatch)
+    assert want[0] == 5, want  # argument 7 failed under on_error: continue
+    assert want[1] and (mode not in ("sqlite", "file") or want[3])
+    for url, fixture in (("dask://local", "dask_engine"), ("ray://local", "ray_engine")):
+        engine = request.getfixturevalue(fixture)
+        got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine)
+        assert got[0] == want[0], (url, got)
+        if mode in ("sqlite", "file", "none", "reduce"):
+            # the summary line names the output path, which differs by directory
+            assert [s.replace(fixture, "remap") for s in got[1]] == want[1], url
+        else:
+            assert got[1] == want[1], url
+        if mode == "file":
+            assert [json.loads(x) for x in got[3].splitlines()] == [
+                json.loads(x) for x in want[3].splitlines()
+            ]
+        else:
+            assert got[3] == want[3], url
+        assert "1 argument(s) failed" in got[2]
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["object", "sqlite"])
+def test_an_error_under_fail_fails_the_job_the_same_way(
+    mode: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("distributed")
+    pytest.importorskip("ray")
+    want = _run(tmp_path / "remap", mode, "remap", capsys, monkeypatch, on_error="fail")
+    assert want[0] == 1 and "argument 7 raised ValueError: seven" in want[2], want
+    assert want[3] is None  # the output was never swapped in
+    for url, fixture in (("dask://local", "dask_engine"), ("ray://local", "ray_engine")):
+        engine = request.getfixturevalue(fixture)
+        got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine, on_error="fail")
+        assert got[0] == 1, (url, got)
+        assert "argument 7 raised ValueError: seven" in got[2], url
+        assert "Traceback" not in got[2]
+        assert got[1] == [] and got[3] is None, url
+        if mode == "sqlite":
+            with sqlite3.connect(tmp_path / fixture / "out.sqlite") as db:
+                kept = db.execute("SELECT idx, error FROM results_partial").fetchall()
+            assert 7 in [idx for idx, error in kept if error]
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+@pytest.mark.timeout(300)
+def test_the_console_starts_and_stops_a_local_dask_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path once, no shared engine: ``--engine dask://local`` from the console."""
+    pytest.importorskip("distributed")
+    before = {t.name for t in threading.enumerate()}
+    code, lines, err, _ = _run(tmp_path, "reduce", "dask://local", capsys, monkeypatch)
+    assert (code, lines) == (5, [str(sum(x * x for x in range(40) if x != 7))]), err
+    assert "remap-engine" not in {t.name for t in threading.enumerate()} - before
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+def test_a_scheduler_nobody_listens_on_is_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("distributed")
+    job = _job(tmp_path, "object")
+    argv = ["compute", str(job), "--engine", "dask://127.0.0.1:9", "--env-file", "/nonexistent"]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "could not reach the dask scheduler at 127.0.0.1:9" in err and "Traceback" not in err
