@@ -196,7 +196,9 @@ def _run(
     content: Any = None
     if mode == "sqlite" and (tmp_path / "out.sqlite").exists():
         with sqlite3.connect(tmp_path / "out.sqlite") as db:
-            content = db.execute("SELECT * FROM results ORDER BY idx").fetchall()
+            tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master")}
+            if "results" in tables:
+                content = db.execute("SELECT * FROM results ORDER BY idx").fetchall()
     if mode == "file" and (tmp_path / "out.jsonl").exists():
         content = (tmp_path / "out.jsonl").read_text()
     return code, lines, err, content
@@ -228,17 +230,9 @@ def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
         engine = request.getfixturevalue(fixture)
         got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine)
         assert got[0] == want[0], (url, got)
-        if mode in ("sqlite", "file", "none", "reduce"):
-            # the summary line names the output path, which differs by directory
-            assert [s.replace(fixture, "remap") for s in got[1]] == want[1], url
-        else:
-            assert got[1] == want[1], url
-        if mode == "file":
-            assert [json.loads(x) for x in got[3].splitlines()] == [
-                json.loads(x) for x in want[3].splitlines()
-            ]
-        else:
-            assert got[3] == want[3], url
+        # tracebacks and summaries name the job's directory, which differs by engine
+        same = json.dumps(got[1:4:2]).replace(f"/{fixture}/", "/remap/")
+        assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), url
         assert "1 argument(s) failed" in got[2]
 
 
