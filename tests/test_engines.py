@@ -146,20 +146,21 @@ class _Shared(engines.Engine):
         return self.inner.outcomes(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def dask_engine() -> Iterator[engines.Engine]:
-    pytest.importorskip("distributed")
-    engine = engines.DaskEngine("local", workers=2)
+def _local(module: str, kind: type[engines.Engine]) -> Iterator[engines.Engine]:
+    pytest.importorskip(module)
+    engine = kind("local", workers=2)  # type: ignore[call-arg]
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def dask_engine() -> Iterator[engines.Engine]:
+    yield from _local("distributed", engines.DaskEngine)
 
 
 @pytest.fixture(scope="module")
 def ray_engine() -> Iterator[engines.Engine]:
-    pytest.importorskip("ray")
-    engine = engines.RayEngine("local", workers=2)
-    yield engine
-    engine.close()
+    yield from _local("ray", engines.RayEngine)
 
 
 def _job(tmp_path: Path, mode: str, on_error: str = "continue", n: int = 40) -> Path:
@@ -205,15 +206,20 @@ def _run(
     return code, lines, err, content
 
 
-ENGINES = [
-    pytest.param("dask://local", "dask_engine", marks=[pytest.mark.slow, pytest.mark.engines]),
-    pytest.param("ray://local", "ray_engine", marks=[pytest.mark.slow, pytest.mark.engines]),
-]
+def on_engines(test: Any) -> Any:
+    """Slow, ``engines``, and a timeout that allows a local Ray to start on a loaded machine."""
+    return pytest.mark.slow(pytest.mark.engines(pytest.mark.timeout(300)(test)))
 
 
-@pytest.mark.slow
-@pytest.mark.engines
-@pytest.mark.timeout(300)
+def each_engine(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, engines.Engine]]:
+    """``(url, fixture name, engine)`` for Dask then Ray; skips unless both are installed."""
+    pytest.importorskip("distributed")
+    pytest.importorskip("ray")
+    for url, fixture in (("dask://local", "dask_engine"), ("ray://local", "ray_engine")):
+        yield url, fixture, request.getfixturevalue(fixture)
+
+
+@on_engines
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
     mode: str,
@@ -222,13 +228,10 @@ def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pytest.importorskip("distributed")
-    pytest.importorskip("ray")
     want = _run(tmp_path / "remap", mode, "remap", capsys, monkeypatch)
     assert want[0] == 5, want  # argument 7 failed under on_error: continue
     assert want[1] and (mode not in ("sqlite", "file") or want[3])
-    for url, fixture in (("dask://local", "dask_engine"), ("ray://local", "ray_engine")):
-        engine = request.getfixturevalue(fixture)
+    for url, fixture, engine in each_engine(request):
         got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine)
         assert got[0] == want[0], (url, got)
         # tracebacks and summaries name the job's directory, which differs by engine
@@ -237,9 +240,7 @@ def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
         assert "1 argument(s) failed" in got[2]
 
 
-@pytest.mark.slow
-@pytest.mark.engines
-@pytest.mark.timeout(300)
+@on_engines
 @pytest.mark.parametrize("mode", ["object", "sqlite"])
 def test_an_error_under_fail_fails_the_job_the_same_way(
     mode: str,
@@ -248,13 +249,10 @@ def test_an_error_under_fail_fails_the_job_the_same_way(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pytest.importorskip("distributed")
-    pytest.importorskip("ray")
     want = _run(tmp_path / "remap", mode, "remap", capsys, monkeypatch, on_error="fail")
     assert want[0] == 1 and "argument 7 raised ValueError: seven" in want[2], want
     assert want[3] is None  # the output was never swapped in
-    for url, fixture in (("dask://local", "dask_engine"), ("ray://local", "ray_engine")):
-        engine = request.getfixturevalue(fixture)
+    for url, fixture, engine in each_engine(request):
         got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine, on_error="fail")
         assert got[0] == 1, (url, got)
         assert "argument 7 raised ValueError: seven" in got[2], url
@@ -266,9 +264,7 @@ def test_an_error_under_fail_fails_the_job_the_same_way(
             assert 7 in [idx for idx, error in kept if error]
 
 
-@pytest.mark.slow
-@pytest.mark.engines
-@pytest.mark.timeout(300)
+@on_engines
 def test_the_console_starts_and_stops_a_local_dask_cluster(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
