@@ -8,8 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.cluster_harness import Cluster, ClusterFactory, NodeSpec
+
+# property tests check correctness, not speed: on a loaded 2-core machine a single example can
+# take seconds, and hypothesis' default 200 ms deadline then fails a correct test
+hypothesis_settings.register_profile("remap", deadline=None)
+hypothesis_settings.load_profile("remap")
 
 
 @pytest.fixture(autouse=True)
