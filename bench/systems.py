@@ -92,9 +92,10 @@ class RemapSystem(System):
     processes, the console client in this process.
     """
 
-    def __init__(self, kind: str, workdir: Path, workers: int = 2) -> None:
+    def __init__(self, kind: str, workdir: Path, workers: int = 2, journal: bool = True) -> None:
         self.kind = kind
-        self.name = f"remap-{kind}"
+        self.name = f"remap-{kind}" + ("" if journal else "-nojournal")
+        self.journal = journal
         self.workdir = workdir
         self.workers = workers
         self.cluster: Any = None
@@ -135,6 +136,8 @@ class RemapSystem(System):
         env = w.env_for_children()
         env["HOME"] = str(self.workdir)
         env["REMAP_SECRET_KEY"] = self.secret
+        if not self.journal:  # the server's journal is on unless told (bench: its cost)
+            env["REMAP_JOURNAL"] = "off"
         return env
 
     def _spawn_processes(self, node: bool = True) -> str:
@@ -517,6 +520,8 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
         return RemapSystem("embedded", workdir, workers)
     if name == "remap-procs":
         return RemapSystem("procs", workdir, workers)
+    if name == "remap-procs-nojournal":
+        return RemapSystem("procs", workdir, workers, journal=False)
     if name in ("api-embedded", "api-procs"):
         return RemapApiSystem(name.split("-")[1], workdir, workers)
     system = {
@@ -534,6 +539,7 @@ SYSTEMS = (
     "api-procs",
     "remap-embedded",
     "remap-procs",
+    "remap-procs-nojournal",
     "mp.Pool",
     "ProcessPoolExecutor",
     "dask",

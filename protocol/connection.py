@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,18 @@ from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_
 NONCE_SIZE = 32
 _SERVER_LABEL = b"remap/1 server"
 _CLIENT_LABEL = b"remap/1 client"
+_PERSON_LABEL = b"remap/1 person "
+#: a person's name: what ``--issue-key`` takes and ``hello.user`` carries
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def person_key(secret: bytes, user: str) -> bytes:
+    """The key a person authenticates with: a keyed hash of their name under the cluster
+    secret, so the server recomputes it and needs no user database. As text (hex), it is what
+    that person puts in ``REMAP_SECRET_KEY``; its UTF-8 bytes are the handshake key."""
+    if not USER_NAME.fullmatch(user):
+        raise ValueError(f"a user name is letters, digits and ._@- (up to 64), not {user!r}")
+    return hmac.new(secret, _PERSON_LABEL + user.encode(), "sha256").hexdigest().encode()
 
 
 def local_versions() -> tuple[str, str]:
@@ -67,6 +80,8 @@ class Authenticated:
     peer_role: str
     peer_name: str
     session: str
+    #: the person a console authenticated as ("": it holds the cluster secret itself)
+    peer_user: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,7 @@ class Connection:
         max_frame: int = DEFAULT_MAX_FRAME,
         heartbeat: float = 2.0,
         name: str = "",
+        user: str = "",
         nonce: Callable[[int], bytes] = os.urandom,
         versions: tuple[str, str] | None = None,
     ) -> None:
@@ -117,6 +133,7 @@ class Connection:
         self._max_frame = max_frame
         self._heartbeat = heartbeat
         self._name = name
+        self._user = user
         self._python, self._cloudpickle = versions or local_versions()
         self._decoder = FrameDecoder(PREAUTH_MAX_FRAME)
         self._out: list[bytes | memoryview] = []
@@ -144,6 +161,7 @@ class Connection:
             cloudpickle=self._cloudpickle,
             nonce=self._my_nonce,
             name=self._name[:200],
+            user=self._user,
         )
         header = self._queue(hello)
         self._hello_hash = _digest(header)
@@ -270,6 +288,17 @@ class Connection:
             self._check_versions(msg.version, msg.python, msg.cloudpickle)
             self.peer_role = msg.role
             self._peer_name = msg.name
+            self._user = msg.user
+            if msg.user:
+                if msg.role != "console":
+                    raise AuthError(
+                        "only a console may authenticate with a person's key; nodes use the "
+                        "cluster secret"
+                    )
+                try:
+                    self._key = person_key(self._key, msg.user)
+                except ValueError as exc:
+                    raise AuthError(str(exc)) from None
             self._hello_hash = _digest(raw_header)
             self._my_nonce = self._nonce_source(NONCE_SIZE)
             if self._my_nonce == msg.nonce:
@@ -293,9 +322,10 @@ class Connection:
             return None
         if self._stage == "auth" and isinstance(msg, m.Auth):
             if not hmac.compare_digest(msg.proof, self._expected_client_proof):
+                who = f"{self._user!r}'s key" if self._user else "this cluster's secret"
                 raise AuthError(
-                    "authentication failed: the peer does not hold this cluster's secret "
-                    "(check REMAP_SECRET_KEY on both sides)"
+                    f"authentication failed: the peer does not hold {who} "
+                    "(check REMAP_SECRET_KEY and REMAP_USER)"
                 )
             self.session = self._nonce_source(8).hex()
             self._queue(
@@ -304,7 +334,7 @@ class Connection:
                 )
             )
             self._open()
-            return Authenticated(self.peer_role or "", self._peer_name, self.session)
+            return Authenticated(self.peer_role or "", self._peer_name, self.session, self._user)
         raise RemoteProtocolError(
             f"unexpected {msg.TYPE} during the handshake (expected {self._stage})"
         )

@@ -193,6 +193,9 @@ class Hello(Message):
     cloudpickle: str
     nonce: bytes
     name: str = ""
+    #: a console authenticating with a person's key (see ``connection.person_key``); "" for the
+    #: cluster secret itself
+    user: str = ""
 
 
 @message

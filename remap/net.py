@@ -186,6 +186,8 @@ class PeerFactory(Factory):
             max_frame=self.settings.max_frame,
             heartbeat=self.settings.heartbeat_interval,
             name=self.name,
+            # a console may be a person (their key in REMAP_SECRET_KEY); a node never is
+            user=(self.settings.user or "") if self.role == "console" else "",
         )
         proto = PeerProtocol(
             conn,

@@ -63,6 +63,7 @@ class Settings:
     journal_keep_jobs: int = 1000
     journal_keep_hours: float = 168.0
     node_name: str | None = None
+    user: str | None = None
 
 
 class _Bad(Exception):
@@ -196,6 +197,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "discovery": ("REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),
     "discovery_interfaces": ("REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),
     "discovery_timeout": ("REMAP_DISCOVERY_TIMEOUT", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up"),
+    "user": ("REMAP_USER", _text, "name a console authenticates as, with the key `remap-server --issue-key NAME` printed in REMAP_SECRET_KEY; empty = the cluster secret itself (may do everything)"),
     "node_name": ("REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
     "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap"),
     "journal": ("REMAP_JOURNAL", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job"),

@@ -12,8 +12,9 @@ What is written, and when:
   of a detached job goes away, so the server is the only holder of its arguments and keeps them
   where a restart can read them. An attached job's arguments are not stored: its console holds
   them, and a restart ends that job with a reason instead;
-* every delivered outcome (result or error), one row per (job, argument index) under a unique key,
-  and a detached job's result messages (what ``attach`` replays);
+* every delivered outcome (result or error) of a detached job, one row per (job, argument index)
+  under a unique key, and its result messages (what ``attach`` replays). An attached job's
+  outcomes are not recorded: its console has them, and a restart ends that job with a reason;
 * a job's end (state, message, counts).
 
 Everything but a submit and a detached ``args_end`` is *group committed*: buffered and written in
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     message TEXT NOT NULL DEFAULT '',
     done INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS args (
     job INTEGER NOT NULL,
@@ -101,6 +103,7 @@ class JournaledJob:
     done: int
     failed: int
     finished_at: float | None
+    owner: str
     #: (start, sizes, payload) of a detached job's stored arguments (running jobs only)
     args: list[tuple[int, list[int], bytes]] = field(default_factory=list)
     #: argument indices whose outcome was delivered (running jobs only)
@@ -178,6 +181,8 @@ class Journal:
                     "move it away to start with an empty journal"
                 )
             db.executescript(_SCHEMA)
+            if "owner" not in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]:
+                db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the journal {path}: {exc}") from None
@@ -185,14 +190,15 @@ class Journal:
 
     # ---------------------------------------------------------------- writes
 
-    def job_submitted(self, job_id: int, msg: m.Submit, now: float) -> None:
+    def job_submitted(self, job_id: int, msg: m.Submit, now: float, owner: str = "") -> None:
         """Commit a new job before its console hears it was accepted (and what was buffered)."""
         header, fn = m.encode(msg)
         self._flush(
             [
                 (
-                    "INSERT INTO jobs (id, submit, fn, detach, submitted_at) VALUES (?,?,?,?,?)",
-                    (job_id, header, fn, int(msg.detach), now),
+                    "INSERT INTO jobs (id, submit, fn, detach, submitted_at, owner) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (job_id, header, fn, int(msg.detach), now, owner),
                 )
             ]
         )
@@ -355,7 +361,7 @@ class Journal:
         for (job_id,) in sorted(with_ids):
             row = db.execute(
                 "SELECT submit, fn, submitted_at, state, message, args_total, done, failed, "
-                "finished_at FROM jobs WHERE id=?",
+                "finished_at, owner FROM jobs WHERE id=?",
                 (job_id,),
             ).fetchone()
             submit = m.decode(row[0], row[1])

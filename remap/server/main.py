@@ -7,6 +7,10 @@ import sys
 
 from twisted.internet import defer
 
+from protocol.connection import person_key
+from protocol.errors import RemapError
+
+from ..auth import client_secret
 from ..cluster import start_server
 from ..discovery import Advertiser
 from ..entry import react_main
@@ -45,7 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a systemd unit that runs this command as a service, and exit",
     )
     p.add_argument("--port-file", help="write the bound port to this file once listening")
+    p.add_argument(
+        "--issue-key",
+        metavar="NAME",
+        help="print the key person NAME puts in REMAP_SECRET_KEY (with REMAP_USER=NAME), derived "
+        "from the cluster secret, and exit",
+    )
     return p
+
+
+def issue_key(args: argparse.Namespace) -> int:
+    """Print a person's key: a keyed hash of the name the server recomputes at each handshake."""
+    try:
+        settings = load_settings({}, dotenv_path=locate_env_file(args.env_file)[0])
+        key = person_key(client_secret(settings), args.issue_key)
+    except (RemapError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key.decode())
+    print(
+        f"give it to {args.issue_key} with REMAP_USER={args.issue_key}; it can run, kill and "
+        "attach to its own jobs only",
+        file=sys.stderr,
+    )
+    return 0
 
 
 async def serve(reactor, args: argparse.Namespace) -> int:
@@ -129,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_systemd_unit:
         print(unit_text("server", unit_args(argv)), end="")
         return 0
+    if args.issue_key is not None:
+        return issue_key(args)
     return react_main(serve, args)
 
 

@@ -241,6 +241,7 @@ class JobState:
     max_cores: int = 0  # at most this many tasks in flight (0: no cap)
     min_cores: int = 0  # served before weights until this many tasks are in flight
     requires: frozenset[str] = frozenset()  # top-level modules a node must have
+    owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
     submitted_at: float = 0.0
     state: str = "running"
     message: str = ""
@@ -297,6 +298,7 @@ class JobState:
             "output": self.output,
             "attached": self.console is not None,
             "message": self.message,
+            "owner": self.owner or None,
         }
 
 
@@ -471,11 +473,15 @@ class Scheduler:
 
     # ================================================================ jobs
 
-    def submit(self, console: Any, msg: m.Submit) -> JobState:
+    def submit(self, console: Any, msg: m.Submit, owner: str = "") -> JobState:
+        """A new job; ``owner`` is the person whose key the console used ("": cluster secret)."""
         now = self.clock.seconds()
         job = self._new_job(next(self._job_ids), console, msg, now)
+        job.owner = owner
         if self.journal is not None:
-            self.journal.job_submitted(job.id, msg, now)  # before the console hears "accepted"
+            self.journal.job_submitted(
+                job.id, msg, now, owner
+            )  # before the console hears "accepted"
         self.jobs[job.id] = job
         self.active[job.id] = job
         job.granted = self._window(job)
@@ -527,6 +533,7 @@ class Scheduler:
             top = max(top, rec.id)
             job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
             job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
+            job.owner = rec.owner
             job.first_window = False
             if rec.args_total is not None:
                 job.args_ended, job.total = True, rec.args_total
@@ -1161,8 +1168,10 @@ class Scheduler:
         return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
-        if self.journal is not None:
-            self.journal.delivered(job.id, msg, store=job.detach)
+        if job.detach and self.journal is not None:
+            # only a detached job resumes after a restart; an attached one's console has its
+            # results and the job ends with a reason, so its outcomes would cost and serve nothing
+            self.journal.delivered(job.id, msg, store=True)
         for watcher in self.watchers:
             watcher.results_delivered(job, msg)
         # a detached job keeps every result on the server, so any later `attach` (even after

@@ -38,6 +38,8 @@ class ServerConnection:
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.role = event.peer_role
         self.session = event.session
+        #: the person this console authenticated as; "" holds the cluster secret (may do all)
+        self.user = event.peer_user
         if self.role == "console":
             self.server.consoles.add(link)
 
@@ -115,7 +117,7 @@ class ServerConnection:
                 link.send(m.Error(code="bad-request", message=problem, re=msg.id))
             else:
                 try:
-                    job = sched.submit(link, msg)
+                    job = sched.submit(link, msg, owner=self.user)
                 except JournalError as exc:  # not accepted: nothing would survive a restart
                     self._submits[msg.id] = None
                     link.send(m.Error(code="failed", message=str(exc), re=msg.id))
@@ -131,6 +133,8 @@ class ServerConnection:
             nodes, jobs, server = sched.status()
             server["excluded"] = sorted(self.server.exclusions.hosts)
             link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
+        elif (t is m.Kill or t is m.Attach) and not self._may_touch(link, msg):
+            return
         elif t is m.Kill:
             job = sched.kill(msg.job)
             if job is None:
@@ -143,6 +147,14 @@ class ServerConnection:
                 link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
+        elif self.user and t in (m.Drain, m.Undrain, m.Exclude, m.Include, m.KillCluster):
+            link.send(
+                m.Error(
+                    code="forbidden",
+                    message=f"{msg.TYPE} needs the cluster secret; {self.user!r}'s key may not",
+                    re=msg.id,
+                )
+            )
         elif t is m.Drain or t is m.Undrain:
             node = sched.drain(msg.node) if t is m.Drain else sched.undrain(msg.node)
             if node is None:
@@ -164,6 +176,22 @@ class ServerConnection:
                     re=getattr(msg, "id", None),
                 )
             )
+
+    def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> bool:
+        """A person may kill or attach to their own jobs only; the cluster secret to any."""
+        job = self.scheduler.jobs.get(msg.job)
+        if not self.user or job is None or job.owner == self.user:
+            return True
+        whose = f"{job.owner!r}" if job.owner else "the cluster administrator"
+        link.send(
+            m.Error(
+                code="forbidden",
+                message=f"job {job.id} belongs to {whose}: {self.user!r} may {msg.TYPE} only "
+                "their own jobs (the cluster secret may touch any)",
+                re=msg.id,
+            )
+        )
+        return False
 
     def _left_out(self, job: Any) -> None:
         """Say which nodes lack the job's ``requires``; fail at once a job none can run."""
