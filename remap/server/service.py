@@ -30,6 +30,7 @@ class ServerConnection:
         self.scheduler = server.scheduler
         self.role: str | None = None
         self.node_id: str | None = None
+        self.user = ""  # set by authenticated(): the person of a console with a person's key
         #: this console's submit ids → job ids, for arguments sent before `submitted`
         self._submits: dict[int, int | None] = {}
 
