@@ -19,6 +19,7 @@ from protocol.errors import AuthError
 from remap.server.main import main as server_main
 from remap.server.service import RemapServerFactory, ServerConnection
 from tests.test_handshake import failure, run_handshake
+from tests.test_scheduler import FakeLink
 
 SECRET = b"the cluster secret"
 
@@ -69,21 +70,9 @@ def test_issue_key_prints_the_derived_key(capsys, tmp_path, monkeypatch) -> None
 # ============================================================================ permissions
 
 
-class Link:
-    def __init__(self, name: str) -> None:
-        self.peer = name
-        self.sent: list[m.Message] = []
-        self.closed = False
-
-    def send(self, msg: m.Message) -> None:
-        self.sent.append(msg)
-
-    def close(self, error: Any = None) -> None:
-        self.closed = True
-
-    def reply(self, re: int) -> m.Message:
-        (answer,) = [x for x in self.sent if getattr(x, "re", None) == re]
-        return answer
+def _reply(link: FakeLink, re: int) -> m.Message:
+    (answer,) = [x for x in link.sent if getattr(x, "re", None) == re]
+    return answer
 
 
 class Console:
@@ -92,14 +81,15 @@ class Console:
     ids = iter(range(1, 10_000))
 
     def __init__(self, factory: RemapServerFactory, user: str) -> None:
-        self.link = Link(user or "admin")
+        self.link = FakeLink(user or "admin")
+        self.link.peer = self.link.name  # type: ignore[attr-defined]
         self.handler = ServerConnection(factory)
         self.handler.authenticated(self.link, Authenticated("console", "c", "s", user))
 
     def ask(self, msg_type: type, **fields: Any) -> m.Message:
         rid = next(self.ids)
         self.handler.message_received(self.link, msg_type(id=rid, **fields))
-        return self.link.reply(rid)
+        return _reply(self.link, rid)
 
     def submit(self) -> int:
         answer = self.ask(m.Submit, name="j", detach=True, payload=b"fn")
