@@ -9,7 +9,7 @@ import pytest
 from protocol.errors import ConfigError
 from remap.data.jobspec import MapReduceSpec, to_job
 from remap.jobfile import JobSpec, load_job_text
-from tests.test_jobfile import marked_line
+from tests.test_jobfile import assert_bad_job
 
 SOURCE = "jobs/mr.yaml"
 K = "kind: mapreduce\nmodule: wc.py\ninput: in/\noutput: out/\n"
@@ -99,12 +99,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("text", "expected"), ERROR_CASES)
 def test_bad_mapreduce_job_names_line_and_key(base: Path, text: str, expected: list[str]) -> None:
     """Each mistake is one ConfigError line starting ``source:line:``."""
-    with pytest.raises(ConfigError) as info:
-        load_job_text(text, base, source=SOURCE)
-    message = str(info.value)
-    assert message.startswith(f"{SOURCE}:{marked_line(text)}: "), message
-    for part in expected:
-        assert part in message, message
+    assert_bad_job(text, base, SOURCE, expected)
 
 
 @pytest.mark.parametrize(

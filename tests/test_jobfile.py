@@ -94,6 +94,18 @@ def marked_line(text: str) -> int:
     return lines[0]
 
 
+def assert_bad_job(text: str, base: Path, source: str, expected: list[str]) -> None:
+    """Loading ``text`` raises one ConfigError line starting ``source:line:`` (the line marked
+    ``#!``) and containing every part of ``expected`` (shared by every kind's error table)."""
+    with pytest.raises(ConfigError) as info:
+        load_job_text(text, base, source=source)
+    message = str(info.value)
+    assert message.startswith(f"{source}:{marked_line(text)}: "), message
+    for part in expected:
+        assert part in message, message
+    assert "\n" not in message
+
+
 F = "function: funcs.py:square\n"
 A = "args: [1, 2]\n"
 
@@ -185,13 +197,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("text", "expected"), ERROR_CASES)
 def test_bad_job_names_source_line_and_key(base: Path, text: str, expected: list[str]) -> None:
     """Each mistake is one ConfigError starting ``source:line:``, naming the key and the problem."""
-    with pytest.raises(ConfigError) as info:
-        load_job_text(text, base, source=SOURCE)
-    message = str(info.value)
-    assert message.startswith(f"{SOURCE}:{marked_line(text)}: "), message
-    for part in expected:
-        assert part in message, message
-    assert "\n" not in message
+    assert_bad_job(text, base, SOURCE, expected)
 
 
 @pytest.mark.parametrize(

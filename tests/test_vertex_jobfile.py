@@ -12,7 +12,7 @@ from protocol.errors import ConfigError
 from remap.jobfile import load_job_text
 from remap.vertex.jobspec import VertexSpec, to_run
 from tests.test_console_cli import console
-from tests.test_jobfile import marked_line
+from tests.test_jobfile import assert_bad_job
 from tests.vertex_graphs import EXAMPLES, parse_output
 
 SOURCE = "jobs/pr.yaml"
@@ -64,12 +64,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("text", "expected"), ERROR_CASES)
 def test_bad_vertex_job_names_line_and_key(base: Path, text: str, expected: list[str]) -> None:
     """Each mistake is one ConfigError line starting ``source:line:``."""
-    with pytest.raises(ConfigError) as info:
-        load_job_text(text, base, source=SOURCE)
-    message = str(info.value)
-    assert message.startswith(f"{SOURCE}:{marked_line(text)}: "), message
-    for part in expected:
-        assert part in message, message
+    assert_bad_job(text, base, SOURCE, expected)
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,32 @@ MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
 _OPTION_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
 
 
+def file_job_basics(
+    kind: str,
+    entries: Mapping[str, Any],
+    values: Mapping[str, Any],
+    root_line: int,
+    base_dir: Path,
+    source: str,
+) -> dict[str, Any]:
+    """What every job over files has (data and vertex jobs): module, inputs, output (resolved
+    against the job file), name, and where each key stands; a missing one is an error."""
+    from ..jobfile import _default_name
+
+    for key in ("module", "input", "output"):
+        if key not in values:
+            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: {kind}")
+    return {
+        "module": values["module"],
+        "inputs": values["input"],
+        "output": (base_dir / Path(values["output"]).expanduser()).resolve(),
+        "base_dir": base_dir,
+        "name": values.get("name") or _default_name(source),
+        "source": source,
+        "key_lines": {key: entry.key_line for key, entry in entries.items()},
+    }
+
+
 def load_mapreduce(
     entries: Mapping[str, Any],
     values: Mapping[str, Any],
@@ -127,22 +153,10 @@ def load_mapreduce(
     source: str,
 ) -> MapReduceSpec:
     """The spec of a validated mapreduce job file (called by :func:`remap.jobfile.load_job_text`)."""
-    from ..jobfile import _default_name
-
-    for key in ("module", "input", "output"):
-        if key not in values:
-            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: mapreduce")
-    output = (base_dir / Path(values["output"]).expanduser()).resolve()
     return MapReduceSpec(
-        module=values["module"],
-        inputs=values["input"],
-        output=output,
-        base_dir=base_dir,
+        **file_job_basics("mapreduce", entries, values, root_line, base_dir, source),
         reducers=values.get("reducers", {DEFAULT_PURPOSE: 1}),
         options=DataOptions(**{k: values[k] for k in _OPTION_KEYS if k in values}),
-        name=values.get("name") or _default_name(source),
-        source=source,
-        key_lines={key: entry.key_line for key, entry in entries.items()},
     )
 
 

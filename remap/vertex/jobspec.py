@@ -15,7 +15,7 @@ from typing import Any
 
 from protocol.errors import ConfigError
 
-from ..data.jobspec import MAPREDUCE_FIELDS
+from ..data.jobspec import MAPREDUCE_FIELDS, file_job_basics
 from .driver import VertexConfig
 from .program import Program, program_from_module
 
@@ -88,16 +88,8 @@ def load_vertex(
     source: str,
 ) -> VertexSpec:
     """The spec of a validated vertex job file (called by :func:`remap.jobfile.load_job_text`)."""
-    from ..jobfile import _default_name
-
-    for key in ("module", "input", "output"):
-        if key not in values:
-            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: vertex")
     return VertexSpec(
-        module=values["module"],
-        inputs=values["input"],
-        output=(base_dir / Path(values["output"]).expanduser()).resolve(),
-        base_dir=base_dir,
+        **file_job_basics("vertex", entries, values, root_line, base_dir, source),
         partitions=values.get("partitions"),
         max_supersteps=values.get("max_supersteps", DEFAULT_MAX_SUPERSTEPS),
         checkpoint_every=values.get("checkpoint_every", 0),
@@ -105,9 +97,6 @@ def load_vertex(
         retries=values.get("retries", 3),
         group=values.get("group"),
         priority=values.get("priority", 0),
-        name=values.get("name") or _default_name(source),
-        source=source,
-        key_lines={key: entry.key_line for key, entry in entries.items()},
     )
 
 
