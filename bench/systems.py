@@ -503,9 +503,68 @@ class RaySystem(System):
         return self.pool.apply(fn, (arg,))
 
 
+class EngineSystem(System):
+    """remap's console path on another engine: ``--engine dask://local`` / ``ray://local``.
+
+    The job's function blob and argument chunks go through ``remap.engines`` (EngineRun and
+    the console's sinks) exactly as ``remap compute --engine`` sends them; only the local
+    cluster's start is outside the timed region.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = f"engine-{kind}"
+
+    def start(self) -> None:
+        from remap import engines
+
+        self.engine = engines.open_engine(f"{self.kind}://local", workers=self.workers)
+        self.warm()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def run_job(self, fn: Callable, args: Iterable[Any], mode: str, total: int | None,
+                reduce_fn: Callable | None = None) -> Any:  # fmt: skip
+        from remap.engines import EngineRun
+        from remap.shipping import function_blob
+        from remap.sinks import make_sink
+
+        sink = make_sink(mode, reduce_fn=reduce_fn)
+        run = EngineRun(
+            self.engine,
+            function_blob(fn, reduce_fn),
+            args,
+            sink,
+            total_hint=total,
+            close_engine=False,
+        )
+        outcome = run.start().result()
+        if outcome.failed:
+            raise BenchError(f"{self.name}: {outcome.failed} failures")
+        return sink.value()
+
+    def map_list(self, fn: Callable, args: Iterable[Any], n: int) -> list[Any]:
+        return self.run_job(fn, args, "object", n)
+
+    def map_reduce(
+        self, fn: Callable, reduce_fn: Callable, args: Iterable[Any], chunksize: int
+    ) -> Any:
+        total = len(args) if hasattr(args, "__len__") else None
+        return self.run_job(fn, args, "reduce", total, reduce_fn)
+
+    def call(self, fn: Callable, arg: Any) -> Any:
+        return self.run_job(fn, (arg,), "object", 1)[0]
+
+
 def available(name: str) -> str:
     """'' when the system can run here, else why not."""
-    module = {"dask": "distributed", "ray.Pool": "ray"}.get(name)
+    module = {
+        "dask": "distributed",
+        "ray.Pool": "ray",
+        "engine-dask": "distributed",
+        "engine-ray": "ray",
+    }.get(name)
     if module is None:
         return ""
     try:
@@ -524,6 +583,10 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
         return RemapSystem("procs", workdir, workers, journal=False)
     if name in ("api-embedded", "api-procs"):
         return RemapApiSystem(name.split("-")[1], workdir, workers)
+    if name in ("engine-dask", "engine-ray"):
+        engine = EngineSystem(name.split("-")[1])
+        engine.workers = workers
+        return engine
     system = {
         "mp.Pool": PoolSystem,
         "ProcessPoolExecutor": ExecutorSystem,
@@ -544,4 +607,6 @@ SYSTEMS = (
     "ProcessPoolExecutor",
     "dask",
     "ray.Pool",
+    "engine-dask",
+    "engine-ray",
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import itertools
+import logging
 import math
 import os
 import threading
@@ -261,7 +262,7 @@ class RayEngine(Engine):
                     num_cpus=workers,
                     include_dashboard=False,
                     log_to_driver=False,
-                    configure_logging=False,
+                    logging_level=logging.ERROR,
                 )
             else:
                 ray.init(address=f"ray://{address}", log_to_driver=False)
@@ -337,7 +338,7 @@ def auto_chunksize(total: int | None, workers: int) -> int:
 
 
 class EngineRun:
-    """A job file run on an engine, seen by the console like a remap ``JobRun``.
+    """A job run on an engine, seen by the console like a remap ``JobRun``.
 
     A thread of its own reads the arguments, ships chunks and feeds the job's sink (the same
     sinks as remap's); :meth:`start` returns a future of the job's ``JobOutcome``.
@@ -345,16 +346,34 @@ class EngineRun:
 
     job_id = None  # nothing on remap's server to kill or attach to
 
-    def __init__(self, engine_url: str, spec: Any, sink: Sink, *, workers: int | None) -> None:
-        self.engine_url = engine_url
-        self.spec = spec
+    def __init__(
+        self,
+        engine: Engine,
+        blob: bytes,
+        arguments: Iterable[Any],
+        sink: Sink,
+        *,
+        star: bool = False,
+        on_error: str = "fail",
+        timeout: float | None = None,
+        chunksize: int = 0,
+        total_hint: int | None = None,
+        close_engine: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.blob = blob
+        self.arguments = arguments
         self.sink = sink
-        self.workers = workers
+        self.star = star
+        self.on_error = on_error
+        self.timeout = timeout
+        self.chunksize = chunksize or auto_chunksize(total_hint, engine.workers)
+        self.total_hint = total_hint
+        self.close_engine = close_engine
         self.done = 0
         self.failed = 0
         self.sent = 0
         self.exhausted = False
-        self.total_hint: int | None = None
         self.first_error: TaskErrorInfo | None = None
         self._stop: Exception | None = None
         #: arguments in flight, kept only for sinks that store them (sqlite)
@@ -362,28 +381,15 @@ class EngineRun:
         self._thread: threading.Thread | None = None
 
     def start(self) -> concurrent.futures.Future:
-        from . import bundle
-        from .console.session import function_blob
-        from .jobfile import count_arguments, load_callables
-
-        fn, reduce_fn = load_callables(self.spec)
-        blob = bundle.wrap(
-            function_blob(fn, reduce_fn),
-            bundle.collect(self.spec.modules, self.spec.files, self.spec.base_dir),
-        )
-        self.total_hint = count_arguments(self.spec)
-        engine = open_engine(self.engine_url, workers=self.workers, retries=self.spec.retries)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(
-            target=self._run, args=(engine, blob, future), name="remap-engine", daemon=True
+            target=self._run, args=(future,), name="remap-engine", daemon=True
         )
         self._thread.start()
         return future
 
-    def _chunks(self, size: int) -> Iterator[Chunk]:
-        from .jobfile import iter_arguments
-
-        for chunk in chunked(iter_arguments(self.spec), size):
+    def _chunks(self) -> Iterator[Chunk]:
+        for chunk in chunked(self.arguments, self.chunksize):
             if self._stop is not None:
                 return
             self.sent += len(chunk)
@@ -392,12 +398,11 @@ class EngineRun:
             yield chunk
         self.exhausted = True
 
-    def _run(self, engine: Engine, blob: bytes, future: concurrent.futures.Future) -> None:
+    def _run(self, future: concurrent.futures.Future) -> None:
         from .client import JobOutcome
 
-        spec, sink = self.spec, self.sink
-        size = spec.chunksize or auto_chunksize(self.total_hint, engine.workers)
-        outcomes = engine.outcomes(blob, self._chunks(size), star=spec.star, timeout=spec.timeout)
+        engine, sink = self.engine, self.sink
+        outcomes = engine.outcomes(self.blob, self._chunks(), star=self.star, timeout=self.timeout)
         error: Exception | None = None
         try:
             for index, result, info in outcomes:
@@ -411,7 +416,7 @@ class EngineRun:
                 self.failed += 1
                 if self.first_error is None:
                     self.first_error = info
-                if spec.on_error == "fail":
+                if self.on_error == "fail":
                     error = JobFailed(
                         f"job failed on {engine.name}: argument {index} raised "
                         f"{info.type_name}: {info.message}"
@@ -424,7 +429,8 @@ class EngineRun:
             )  # fmt: skip
         finally:
             outcomes.close()  # cancels what is still pending
-            engine.close()
+            if self.close_engine:
+                engine.close()
         try:
             sink.close(complete=error is None)
         except Exception as exc:
@@ -447,5 +453,24 @@ def start_job(
     engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None
 ) -> tuple[EngineRun, concurrent.futures.Future]:
     """Run a job file on the engine ``engine_url`` names; the console waits on the future."""
-    run = EngineRun(engine_url, spec, sink, workers=workers)
+    from . import bundle
+    from .console.session import function_blob
+    from .jobfile import count_arguments, iter_arguments, load_callables
+
+    fn, reduce_fn = load_callables(spec)
+    blob = bundle.wrap(
+        function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
+    )
+    engine = open_engine(engine_url, workers=workers, retries=spec.retries)
+    run = EngineRun(
+        engine,
+        blob,
+        iter_arguments(spec),
+        sink,
+        star=spec.star,
+        on_error=spec.on_error,
+        timeout=spec.timeout,
+        chunksize=spec.chunksize or 0,
+        total_hint=count_arguments(spec),
+    )
     return run, run.start()
