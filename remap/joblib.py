@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import joblib
@@ -87,6 +89,8 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
     # a batch pays a network round trip, so aim for batches a bit longer than loky's
     MIN_IDEAL_BATCH_DURATION = 0.2
     MAX_IDEAL_BATCH_DURATION = 2.0
+    #: connection defaults of a backend registered by :func:`register` under another name
+    _defaults: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -99,8 +103,10 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         **connect_kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
-        self._cluster_given = cluster
-        self._connect_kwargs = connect_kwargs
+        defaults = dict(self._defaults)
+        self._cluster_given = cluster if cluster is not None else defaults.pop("cluster", None)
+        defaults.pop("cluster", None)
+        self._connect_kwargs = {**defaults, **connect_kwargs}
         self._executor: Executor | None = None
         self._init: tuple[Any, tuple[Any, ...]] = (initializer, tuple(initargs))
 
@@ -181,12 +187,15 @@ def register(
     arguments given to ``parallel_backend`` itself win.
     """
 
-    def factory(**kwargs: Any) -> RemapBackend:
-        chosen = {**connect_kwargs, **kwargs}
-        chosen.setdefault("cluster", cluster)
-        return RemapBackend(**chosen)
-
-    joblib.register_parallel_backend(name, factory, make_default=make_default)
+    if cluster is None and not connect_kwargs and name == "remap":
+        backend: type[RemapBackend] = RemapBackend
+    else:  # a subclass carrying these defaults: joblib keeps backend classes, not factories
+        backend = type(
+            f"RemapBackend_{name}",
+            (RemapBackend,),
+            {"_defaults": {"cluster": cluster, **connect_kwargs}},
+        )
+    joblib.register_parallel_backend(name, backend, make_default=make_default)
 
 
 register()

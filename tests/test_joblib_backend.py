@@ -63,6 +63,22 @@ def core_pids(cluster: remap.Cluster) -> set[int]:
     return {core.transport.pid for core in embedded.node.pool.cores if core.transport is not None}
 
 
+def test_the_backend_is_registered_as_its_class_with_defaults_by_name(
+    embedded: remap.Cluster,
+) -> None:
+    """joblib keeps backend classes (its own code reads class attributes): "remap" is
+    RemapBackend itself, and register(name=..., cluster=...) makes a subclass with defaults."""
+    from joblib.parallel import BACKENDS
+
+    assert BACKENDS["remap"] is remap.joblib.RemapBackend
+    remap.joblib.register(embedded, name="remap-test-defaults")
+    backend = BACKENDS["remap-test-defaults"]
+    assert issubclass(backend, remap.joblib.RemapBackend) and backend.supports_timeout
+    with joblib.parallel_backend("remap-test-defaults"):
+        assert Parallel(n_jobs=2)(delayed(double)(i) for i in range(4)) == [0, 2, 4, 6]
+    assert backend().cluster is embedded
+
+
 def test_importing_registers_the_backend() -> None:
     """After import remap.joblib, "remap" is a registered joblib backend name."""
     from joblib.parallel import BACKENDS
