@@ -231,6 +231,10 @@ class _ForwardSink(Sink):
     def flush(self) -> None:
         if self._batch:
             batch, self._batch = self._batch, []
+            if self._stream.on_items is not None:
+                batch = self._stream.on_items(batch)
+                if not batch:
+                    return
             self._stream.events.put(("items", self._stream, batch))
 
 
@@ -276,6 +280,7 @@ class JobStream:
         *,
         events: queue.SimpleQueue | None = None,
         on_send: Callable[[int, Any], bool] | None = None,
+        on_items: Callable[[list[Any]], list[Any]] | None = None,
         owner: Any = None,
         total_hint: int | None = None,
     ) -> None:
@@ -284,6 +289,9 @@ class JobStream:
         #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
         #: sent with its argument index; False drops the item (a cancelled future)
         self.on_send = on_send
+        #: called on the reactor thread with each batch of ``(index, result, error)``: it may
+        #: settle some at once and returns the rest, which go on as an ``items`` event
+        self.on_items = on_items
         self.owner = owner
         self.lock = threading.Lock()
         self.finished = threading.Event()

@@ -98,7 +98,13 @@ class _SubmitStream:
         cluster = executor._cluster
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
         self.job: JobStream = api.JobStream(
-            cluster, blob, params, events=executor._events, on_send=self._on_send, owner=self
+            cluster,
+            blob,
+            params,
+            events=executor._events,
+            on_send=self._on_send,
+            on_items=self._resolve_now,
+            owner=self,
         )
 
     def add(self, blob: bytes, future: RemoteFuture) -> None:
@@ -123,6 +129,31 @@ class _SubmitStream:
         self.outstanding -= 1
         if self.outstanding == 0:
             self.idle_since = time.monotonic()
+
+    def _resolve_now(self, batch: list[Any]) -> list[Any]:
+        """Reactor thread: set the results of futures that have no done-callback at once (a
+        waiting caller wakes without a hop through the delivery thread); return the rest.
+
+        Callbacks are user code and may block, so a future with one (or an error to rebuild)
+        still goes through the delivery thread. Holding the future's condition while looking
+        keeps a callback from being added between the look and the result.
+        """
+        rest = []
+        for item in batch:
+            index, result, error = item
+            future = self.futures.get(index)
+            if future is None or error is not None:
+                rest.append(item)
+                continue
+            with future._condition:
+                if future._done_callbacks:
+                    rest.append(item)
+                    continue
+                del self.futures[index]
+                future.set_result(result)
+            with self.job.lock:
+                self._settled()
+        return rest
 
     def resolve(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
         from . import api

@@ -251,6 +251,27 @@ def test_done_callbacks_run_off_the_reactor_thread(executor: remap.Executor) -> 
     assert seen[0][0] != "remap-reactor"
 
 
+def test_a_result_nobody_called_back_for_is_set_without_the_delivery_thread(
+    executor: remap.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A future with no done-callback gets its result on the reactor thread (one thread hop
+    less per call); results, errors and callbacks are unchanged."""
+    from remap.executor import RemoteFuture
+
+    setters: list[str] = []
+    original = RemoteFuture.set_result
+
+    def recording(self: RemoteFuture, result: object) -> None:
+        setters.append(threading.current_thread().name)
+        original(self, result)
+
+    monkeypatch.setattr(RemoteFuture, "set_result", recording)
+    assert [executor.submit(square, i).result(timeout=30) for i in range(5)] == [
+        i * i for i in range(5)
+    ]
+    assert setters and set(setters) == {"remap-reactor"}, setters
+
+
 # ---------------------------------------------------------------- cancelling and shutdown
 
 
