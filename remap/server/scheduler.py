@@ -1215,7 +1215,7 @@ class Scheduler:
 
     # ================================================================ status
 
-    def _describe_shares(self, jobs: list[dict]) -> None:
+    def describe_shares(self, jobs: list[dict]) -> None:
         """Add each job's weight, its share of the cluster (its weight over the weights of the
         running jobs with work) and its cores in use (the first ``cores`` tasks a node holds are
         the ones running; the rest wait on the node)."""
@@ -1237,7 +1237,7 @@ class Scheduler:
         now = self.clock.seconds()
         nodes = [n.describe(now) for n in self.nodes.values()]
         jobs = [j.describe(now) for j in self.jobs.values()]
-        self._describe_shares(jobs)
+        self.describe_shares(jobs)
         server = {
             "uptime": round(now - self.started_at, 1),
             "cores": sum(n.cores for n in self.nodes.values()),

@@ -66,6 +66,12 @@ _JOB_FIELDS = {
     "expected": _nullable(_INT),
     "progress": _nullable(_NUM),
     "eta": _nullable(_NUM),
+    "owner": _nullable(_STR),
+    "weight": _NUM,
+    "share": _NUM,
+    "cores": _INT,
+    "max_cores": _nullable(_INT),
+    "min_cores": _INT,
 }
 _ERROR_ITEM = _obj(
     {

@@ -51,11 +51,14 @@ def nodes_view(sched: Any) -> list[dict]:
 
 def jobs_view(sched: Any) -> list[dict]:
     now = sched.clock.seconds()
-    return [job_view(j, now) for j in sched.jobs.values()]
+    views = [job_view(j, now) for j in sched.jobs.values()]
+    sched.describe_shares(views)
+    return views
 
 
 def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
     view = job_view(job, sched.clock.seconds())
+    sched.describe_shares([view])
     view["errors"] = list(stats.job_errors.get(job.id, ()))
     return view
 
