@@ -113,6 +113,7 @@ async def start_server(
         heartbeat_interval=settings.heartbeat_interval,
         heartbeat_misses=settings.heartbeat_misses,
         console_grace=settings.console_grace,
+        preempt_grace=settings.preempt_grace,
     )
     try:
         port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(

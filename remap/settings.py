@@ -64,6 +64,7 @@ class Settings:
     journal_keep_hours: float = 168.0
     node_name: str | None = None
     user: str | None = None
+    preempt_grace: float | None = None
 
 
 class _Bad(Exception):
@@ -200,6 +201,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "user": ("REMAP_USER", _text, "name a console authenticates as, with the key `remap-server --issue-key NAME` printed in REMAP_SECRET_KEY; empty = the cluster secret itself (may do everything)"),
     "node_name": ("REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
     "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap"),
+    "preempt_grace": ("REMAP_PREEMPT_GRACE", _number(0, allow_equal=True), "seconds a job below its fair share waits before lower-priority jobs' running calls are killed and re-queued to make room; empty = no preemption"),
     "journal": ("REMAP_JOURNAL", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job"),
     "journal_sync": ("REMAP_JOURNAL_SYNC", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit"),
     "journal_keep_jobs": ("REMAP_JOURNAL_KEEP_JOBS", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned"),

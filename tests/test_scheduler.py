@@ -1408,3 +1408,30 @@ def test_min_cores_comes_before_weight() -> None:
     _run_shares(sched, nodes, [big, small], steps=30)
     assert sched.jobs[small.job].tasks == 4
     assert sched.jobs[big.job].tasks == 8 * PREFETCH - 4
+
+
+def test_preemption_frees_cores_for_a_higher_priority_job_within_its_grace() -> None:
+    """A low job fills every slot with calls that never end; a job of priority 3 (weight 8)
+    arrives. Without preemption it gets nothing; with a 5 s grace it gets nothing for 5 s, then
+    the low job's tasks are cancelled on the node and re-queued, and the high job takes its share
+    (8 of 9 parts of 8 slots: 7). Every argument still ends delivered exactly once."""
+    for grace in (None, 5.0):
+        clock = Clock()
+        sched = Scheduler(clock, console_grace=GRACE, preempt_grace=grace)
+        node = FakeNode(sched, "n", cores=4)
+        low = FakeConsole(sched, range(100), name="low", chunksize=1)
+        low.feed()
+        assert sched.jobs[low.job].tasks == 8
+        high = FakeConsole(sched, range(40), name="high", chunksize=1, priority=3)
+        high.feed()
+        clock.advance(4.9)
+        assert sched.jobs[high.job].tasks == 0
+        clock.advance(0.2)
+        if grace is None:
+            assert sched.jobs[high.job].tasks == 0 and not node.link.of(m.Cancel)
+            continue
+        assert node.link.of(m.Cancel, low.job)
+        assert sched.jobs[high.job].tasks >= 7  # its share (the tie at 8 goes to priority)
+        run_to_end([node], [low, high])
+        assert_exactly_once(low, 100)
+        assert_exactly_once(high, 40)

@@ -312,11 +312,16 @@ class Scheduler:
         clock: Any,
         *,
         console_grace: float = 10.0,
+        preempt_grace: float | None = None,
         keep_finished: int = 50,
         job_ids_from: int = 1,
     ) -> None:
         self.clock = clock
         self.console_grace = console_grace
+        #: seconds a job below its share waits for lower-priority jobs' tasks to end before they
+        #: are cancelled and re-queued to make room; None: no preemption (the default)
+        self.preempt_grace = preempt_grace
+        self._preempt_timer: Any = None
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
@@ -857,6 +862,8 @@ class Scheduler:
 
     def pump(self) -> None:
         """Send batches to every node with credit while there is work it may run."""
+        if self.preempt_grace is not None and self._preempt_timer is None and self._starved():
+            self._preempt_timer = self.clock.callLater(self.preempt_grace, self._preempt)
         if not self._ready or not any(j.pending_count for j in self.active.values()):
             return
         now = self.clock.seconds()
@@ -874,6 +881,64 @@ class Scheduler:
         for job in self.active.values():
             if not job.finished:
                 self._grant(job)
+
+    # ================================================================ preemption
+
+    def _entitled(self, job: JobState) -> int:
+        """Task slots ``job`` is entitled to now: its weight's part of the slots it may use."""
+        busy = [j for j in self.active.values() if j.pending_count or j.tasks]
+        total = sum(j.weight for j in busy) or job.weight
+        share = int(self._credits_for(job) * job.weight / total)
+        return min(share, job.max_cores) if job.max_cores else share
+
+    def _starved(self) -> list[JobState]:
+        """Jobs with work, below their share, while a lower-priority job holds tasks."""
+        holders = [j for j in self.active.values() if j.tasks]
+        return [
+            job
+            for job in self.active.values()
+            if job.pending_count
+            and job.tasks < self._entitled(job)
+            and any(h.priority < job.priority for h in holders)
+        ]
+
+    def _preempt(self) -> None:
+        """The grace passed: cancel lower-priority jobs' tasks (on whole nodes, lowest priority
+        first) until each starved job's share is free; they re-queue without counting an
+        attempt (execution is at-least-once). Their cores are killed and replaced."""
+        self._preempt_timer = None
+        for job in sorted(self._starved(), key=lambda j: -j.priority):
+            need = self._entitled(job) - job.tasks
+            victims = sorted(
+                (v for v in self.active.values() if v.priority < job.priority and v.tasks),
+                key=lambda v: v.priority,
+            )
+            for victim in victims:
+                for node in self.nodes.values():
+                    if need <= 0:
+                        break
+                    if not self._group_ok(node, job):
+                        continue
+                    stale = [t for t in node.inflight.values() if t.job is victim]
+                    if not stale:
+                        continue
+                    for task in reversed(stale):
+                        del node.inflight[task.id]
+                        victim.running -= len(task.segment)
+                        victim.tasks -= 1
+                        self._requeue(victim, task.segment)
+                    need -= len(stale)
+                    node.link.send(m.Cancel(job=victim.id))
+                    if node.has_credit():
+                        self._ready[node.id] = node
+                    self.log.info(
+                        "job {v} preempted on node {n} ({k} tasks re-queued) for job {j}",
+                        v=victim.id,
+                        n=node.id,
+                        k=len(stale),
+                        j=job.id,
+                    )
+        self.pump()
 
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
         size = self._fair_share(job, self._batch_size(job, job.pending_count))
@@ -977,7 +1042,10 @@ class Scheduler:
         return True
 
     def stop(self) -> None:
-        """Cancel the scheduler's own timer (the server is stopping)."""
+        """Cancel the scheduler's own timers (the server is stopping)."""
+        if self._preempt_timer is not None and self._preempt_timer.active():
+            self._preempt_timer.cancel()
+        self._preempt_timer = None
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None

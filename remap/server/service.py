@@ -293,6 +293,7 @@ class RemapServerFactory(Factory):
         console_grace: float = 10.0,
         job_ids_from: int | None = None,
         max_buffered: int | None = None,
+        preempt_grace: float | None = None,
     ) -> None:
         self.clock = clock
         #: frames being received, over all connections: 2 × max_frame unless told
@@ -305,6 +306,7 @@ class RemapServerFactory(Factory):
         self.scheduler = Scheduler(
             clock,
             console_grace=console_grace,
+            preempt_grace=preempt_grace,
             job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
         )
         self.consoles: set[PeerProtocol] = set()
