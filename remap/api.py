@@ -1306,7 +1306,17 @@ def connect(
     ``modules`` (module objects, names, ``FILE.py`` or package paths) travel with every job so
     nodes need no copy; ``files`` are copied into each job's directory on every node (read them
     with ``remap.job_file(NAME)``); nodes lacking a module named in ``requires`` are left out.
+
+    ``address`` may also be ``dask://HOST:PORT``, ``dask://local``, ``ray://HOST:PORT`` or
+    ``ray://local``: a :class:`remap.engines.EngineCluster` with ``map``, ``starmap``,
+    ``imap_unordered`` and ``reduce`` on that engine (``cores``, ``retries``, ``task_timeout``).
     """
+    if address is not None and address.startswith(("dask://", "ray://")):
+        from .engines import EngineCluster
+
+        return EngineCluster(  # type: ignore[return-value]
+            address, cores=cores, retries=retries, task_timeout=task_timeout
+        )
     cluster = Cluster(
         address,
         secret=secret,

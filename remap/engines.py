@@ -17,11 +17,14 @@ a call over the job's ``timeout`` runs to its end and is then reported as a ``Ti
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import itertools
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -50,12 +53,13 @@ def run_chunk(
 ) -> tuple[list[int], list[Any], list[list[Any]]]:
     """Call the job's function on one chunk (runs on a Dask or Ray worker).
 
-    Returns the indices, the results (None where a call failed) and remap's error entries
+    Returns the indices, the results (where a call failed: the pickled exception if it
+    round-trips, else None) and remap's error entries
     ``[position, type, message, traceback]``; the user's exceptions never fail the task, so an
     engine's own retries only ever re-run chunks whose worker died.
     """
     from .bundle import unwrap
-    from .node.core import _error_entry
+    from .node.core import _error_entry, _exception_blob
     from .shipping import load_function_blob
 
     loaded = _loaded.get(key)
@@ -77,7 +81,7 @@ def run_chunk(
         except Exception as exc:
             tb = exc.__traceback__
             errors.append(_error_entry(pos, exc.with_traceback(tb.tb_next if tb else None)))
-            results.append(None)
+            results.append(_exception_blob(exc) or None)  # for the Python API to re-raise
             continue
         took = clock() - started
         if timeout is not None and took > timeout:
@@ -147,7 +151,7 @@ class Engine:
             if entry is None:
                 yield index, value, None
             else:
-                yield index, None, TaskErrorInfo(index, entry[1], entry[2], entry[3])
+                yield index, None, TaskErrorInfo(index, *entry[1:4], _exception(value))
 
     def _share(self, blob: bytes) -> Any:
         return blob
@@ -172,6 +176,13 @@ class Engine:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _exception(blob: bytes | None) -> BaseException | None:
+    try:
+        return pickle.loads(blob) if blob else None
+    except Exception:  # its class is not importable here: the type name still says what it was
+        return None
 
 
 def _need(module: str, scheme: str) -> Any:
@@ -206,7 +217,7 @@ class DaskEngine(Engine):
                         n_workers=workers,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=None,
+                        dashboard_address=":0",  # a free port: never clash with 8787
                         silence_logs=40,
                     )
                 self.client = distributed.Client(self._cluster)
@@ -474,3 +485,77 @@ def start_job(
         total_hint=count_arguments(spec),
     )
     return run, run.start()
+
+
+class EngineCluster:
+    """``remap.connect("dask://...")`` / ``("ray://...")``: the cluster handle's map-shaped
+    calls on another engine (``map``, ``starmap``, ``imap_unordered``, ``reduce``).
+
+    The first failing call raises its own exception (or a ``RemoteTaskError``), as with remap;
+    ``task_timeout`` reports an overlong call only after it ran (see :func:`run_chunk`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cores: int | None = None,
+        retries: int = 3,
+        task_timeout: float | None = None,
+    ) -> None:
+        self.url = url
+        self.task_timeout = task_timeout
+        self.engine = open_engine(url, workers=cores, retries=retries)
+
+    def _results(
+        self, fn: Any, iterable: Iterable[Any], star: bool, chunksize: int | None
+    ) -> Iterator[tuple[int, Any]]:
+        from .api import function_blob, remote_exception
+
+        blob = function_blob(fn)
+        total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        size = chunksize or auto_chunksize(total, self.engine.workers)
+        outcomes = self.engine.outcomes(
+            blob, chunked(iterable, size), star=star, timeout=self.task_timeout
+        )
+        with contextlib.closing(outcomes):  # an error cancels the chunks still pending
+            for index, result, info in outcomes:
+                if info is not None:
+                    raise remote_exception(info)
+                yield index, result
+
+    def map(self, fn: Any, iterable: Iterable[Any], *, chunksize: int | None = None) -> list[Any]:
+        """``[fn(x) for x in iterable]`` in argument order."""
+        return _in_order(self._results(fn, iterable, False, chunksize))
+
+    def starmap(
+        self, fn: Any, iterable: Iterable[Any], *, chunksize: int | None = None
+    ) -> list[Any]:
+        """``[fn(*args) for args in iterable]`` in argument order."""
+        return _in_order(self._results(fn, iterable, True, chunksize))
+
+    def imap_unordered(
+        self, fn: Any, iterable: Iterable[Any], *, chunksize: int | None = None
+    ) -> Iterator[Any]:
+        """Results as chunks finish; the iterable is read only as far as the window needs."""
+        return (value for _, value in self._results(fn, iterable, False, chunksize))
+
+    def reduce(
+        self, fn: Any, iterable: Iterable[Any], combine: Any, *, chunksize: int | None = None
+    ) -> Any:
+        """Fold ``fn(x)`` with ``combine`` (associative and commutative), here as results come."""
+        return functools.reduce(combine, self.imap_unordered(fn, iterable, chunksize=chunksize))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> EngineCluster:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _in_order(pairs: Iterator[tuple[int, Any]]) -> list[Any]:
+    got = dict(pairs)
+    return [got[i] for i in range(len(got))]

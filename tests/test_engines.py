@@ -287,3 +287,36 @@ def test_a_scheduler_nobody_listens_on_is_exit_4(
     assert main(argv) == 4
     err = capsys.readouterr().err
     assert "could not reach the dask scheduler at 127.0.0.1:9" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------- the Python API
+
+
+def test_connect_with_an_engine_url_maps_on_that_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import remap
+
+    fake = FakeEngine()
+    monkeypatch.setattr(engines, "open_engine", lambda *a, **k: fake)
+    with remap.connect("dask://local") as cluster:
+        assert cluster.map(_sq, range(7)) == [x * x for x in range(7)]
+        assert sorted(cluster.imap_unordered(_sq, range(3))) == [0, 1, 4]
+        assert cluster.reduce(_sq, range(5), lambda a, b: a + b) == 30
+        with pytest.raises(ValueError, match="seven") as raised:
+            cluster.map(_sq, range(20), chunksize=2)
+    assert "in _sq" in str(raised.value.__cause__)  # the remote traceback
+    assert fake.cancelled  # the error cancelled the chunks still in flight
+
+
+@on_engines
+def test_connect_maps_on_dask_and_ray(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import remap
+
+    for url, _, engine in each_engine(request):
+        monkeypatch.setattr(engines, "open_engine", lambda *a, **k: _Shared(engine))  # noqa: B023
+        with remap.connect(url) as cluster:
+            assert cluster.map(_sq, range(7), chunksize=2) == [x * x for x in range(7)], url
+            assert cluster.starmap(pow, [(2, 3), (3, 2)]) == [8, 9], url
+            with pytest.raises(ValueError, match="seven"):
+                cluster.map(_sq, range(20), chunksize=2)
