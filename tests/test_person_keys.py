@@ -138,3 +138,46 @@ def test_cluster_wide_actions_need_the_cluster_secret(msg_type: type, fields: di
     assert "needs the cluster secret" in refused.message
     if msg_type is not m.KillCluster:  # the admin's request is carried out (or: no such node)
         assert getattr(admin.ask(msg_type, **fields), "code", "") != "forbidden"
+
+
+@pytest.mark.slow
+def test_real_consoles_with_person_keys(make_cluster, tmp_path) -> None:
+    """Real processes: ``remap-server --issue-key`` prints keys; Alice's console runs a detached
+    job recorded as hers; Bob's console cannot kill it (exit non-zero, one line, no traceback)
+    nor drain a node; Alice can kill it; a key issued for bob used as alice is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.cluster_harness import ROOT, SERVER_SCRIPT, clean_env
+    from tests.test_failures import QUICK, _job
+
+    c = make_cluster(1, cores=1)
+
+    def issue(name: str) -> str:
+        done = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--issue-key", name, "--env-file", "/nonexistent"],
+            env=clean_env(c.home, {"REMAP_SECRET_KEY": c.secret}),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=QUICK,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    alice = {"REMAP_SECRET_KEY": issue("alice"), "REMAP_USER": "alice"}
+    bob = {"REMAP_SECRET_KEY": issue("bob"), "REMAP_USER": "bob"}
+    job = _job(tmp_path, "alices", "nap", args_range=[0, 200], chunksize=1)  # 20 s on one core
+    submitted = c.assert_ok(c.console("compute", job, "--detach", "--json", env=alice))
+    job_id = json.loads(submitted.stdout)["job"]
+    info = next(j for j in c.status()["jobs"] if j["id"] == job_id)
+    assert info["owner"] == "alice", info
+    refused = c.console("kill", str(job_id), env=bob, timeout=QUICK)
+    assert refused.returncode != 0 and "belongs to 'alice'" in refused.stderr, c.explain(refused)
+    assert "Traceback" not in refused.stderr
+    drain = c.console("drain", c.status()["nodes"][0]["id"], env=bob, timeout=QUICK)
+    assert drain.returncode != 0 and "needs the cluster secret" in drain.stderr, c.explain(drain)
+    wrong = c.console("status", env={**bob, "REMAP_USER": "alice"}, timeout=QUICK)
+    assert wrong.returncode == 3, c.explain(wrong)  # authentication
+    c.assert_ok(c.console("kill", str(job_id), env=alice, timeout=QUICK))
