@@ -230,3 +230,22 @@ def test_a_job_the_journal_cannot_record_is_not_accepted(tmp_path: Path) -> None
     with pytest.raises(JournalError, match="cannot write the journal"):
         sched.submit(link, _submit())
     assert not sched.jobs and not link.of(m.Submitted)
+
+
+def test_attach_finds_a_finished_job_only_the_journal_still_keeps(tmp_path: Path) -> None:
+    """The scheduler keeps the newest finished jobs in memory; an older one the journal keeps
+    comes back for ``attach`` with every result."""
+    clock = Clock()
+    sched = _scheduler(tmp_path / "journal.sqlite", clock)
+    sched.keep_finished = 1
+    node = FakeNode(sched, "n1")
+    consoles = []
+    for name in ("old", "new"):
+        console = FakeConsole(sched, range(5), name=name, detach=True, total=5)
+        run_to_end([node], [console])
+        consoles.append(console)
+    old = consoles[0].job
+    assert old not in sched.jobs  # pruned from memory, not from the journal
+    assert sorted(_stored_outcomes(sched, old)) == []  # attach alone does not look further
+    assert sched.recall(old) is not None and sched.jobs[old].state == "done"
+    assert sorted(_stored_outcomes(sched, old)) == list(range(5))

@@ -357,36 +357,38 @@ class Journal:
             "(SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT ?)",
             (finished_limit,),
         ).fetchall()
-        jobs = []
-        for (job_id,) in sorted(with_ids):
-            row = db.execute(
-                "SELECT submit, fn, submitted_at, state, message, args_total, done, failed, "
-                "finished_at, owner FROM jobs WHERE id=?",
-                (job_id,),
-            ).fetchone()
-            submit = m.decode(row[0], row[1])
-            assert isinstance(submit, m.Submit)
-            job = JournaledJob(job_id, submit, *row[2:])
-            if job.finished_at is None:
-                for idx, error in db.execute(
-                    "SELECT idx, error FROM outcomes WHERE job=?", (job_id,)
-                ):
-                    job.delivered.add(idx)
-                    job.failed += error
-                job.done = len(job.delivered) - job.failed
-                job.args = [
-                    (start, msgpack.unpackb(sizes), payload)
-                    for start, sizes, payload in db.execute(
-                        "SELECT start, sizes, payload FROM args WHERE job=? ORDER BY start",
-                        (job_id,),
-                    )
-                ]
-            if submit.detach:
-                job.stored = [
-                    m.decode(header, payload)  # type: ignore[misc]
-                    for header, payload in db.execute(
-                        "SELECT header, payload FROM results WHERE job=? ORDER BY seq", (job_id,)
-                    )
-                ]
-            jobs.append(job)
-        return jobs
+        return [job for (job_id,) in sorted(with_ids) if (job := self.job(job_id)) is not None]
+
+    def job(self, job_id: int) -> JournaledJob | None:
+        """One job as recorded (see :meth:`recover`), or None if the journal has no such job."""
+        db = self._db
+        row = db.execute(
+            "SELECT submit, fn, submitted_at, state, message, args_total, done, failed, "
+            "finished_at, owner FROM jobs WHERE id=?",
+            (job_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        submit = m.decode(row[0], row[1])
+        assert isinstance(submit, m.Submit)
+        job = JournaledJob(job_id, submit, *row[2:])
+        if job.finished_at is None:
+            for idx, error in db.execute("SELECT idx, error FROM outcomes WHERE job=?", (job_id,)):
+                job.delivered.add(idx)
+                job.failed += error
+            job.done = len(job.delivered) - job.failed
+            job.args = [
+                (start, msgpack.unpackb(sizes), payload)
+                for start, sizes, payload in db.execute(
+                    "SELECT start, sizes, payload FROM args WHERE job=? ORDER BY start",
+                    (job_id,),
+                )
+            ]
+        if submit.detach:
+            job.stored = [
+                m.decode(header, payload)  # type: ignore[misc]
+                for header, payload in db.execute(
+                    "SELECT header, payload FROM results WHERE job=? ORDER BY seq", (job_id,)
+                )
+            ]
+        return job

@@ -536,16 +536,9 @@ class Scheduler:
         top = 0
         for rec in journal.recover(self.keep_finished):
             top = max(top, rec.id)
-            job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
-            job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
-            job.owner = rec.owner
-            job.first_window = False
-            if rec.args_total is not None:
-                job.args_ended, job.total = True, rec.args_total
+            job = self._restored(rec)
             self.jobs[job.id] = job
-            if rec.finished_at is not None:
-                job.state, job.message, job.finished_at = rec.state, rec.message, rec.finished_at
-                job.received = job.done + job.failed
+            if job.finished:
                 continue
             self.active[job.id] = job
             if not job.args_ended:
@@ -583,6 +576,30 @@ class Scheduler:
         self._job_ids = itertools.count(max(self.job_ids_from, top + 1))
         self._prune_finished()
         self.pump()
+
+    def _restored(self, rec: Any) -> JobState:
+        """The job a journal record describes (finished, or running with no queue yet)."""
+        job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
+        job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
+        job.owner = rec.owner
+        job.first_window = False
+        if rec.args_total is not None:
+            job.args_ended, job.total = True, rec.args_total
+        if rec.finished_at is not None:
+            job.state, job.message, job.finished_at = rec.state, rec.message, rec.finished_at
+            job.received = job.done + job.failed
+        return job
+
+    def recall(self, job_id: int) -> JobState | None:
+        """A job by id: in memory, or a finished one only the journal still keeps (it comes
+        back into memory, so ``attach`` and ``results`` work for every journaled job)."""
+        job = self.jobs.get(job_id)
+        if job is None and self.journal is not None:
+            self.journal.flush()
+            rec = self.journal.job(job_id)
+            if rec is not None and rec.finished_at is not None:
+                job = self.jobs[job_id] = self._restored(rec)
+        return job
 
     def _requeue_last(self, job: JobState, seg: Segment) -> None:
         job.pending.append(seg)

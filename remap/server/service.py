@@ -143,6 +143,7 @@ class ServerConnection:
             else:
                 link.send(m.Ok(re=msg.id, info={"job": job.id, "state": job.state}))
         elif t is m.Attach:
+            sched.recall(msg.job)
             job = sched.attach(link, msg.job)
             if job is None:
                 link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
@@ -180,7 +181,7 @@ class ServerConnection:
 
     def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> bool:
         """A person may kill or attach to their own jobs only; the cluster secret to any."""
-        job = self.scheduler.jobs.get(msg.job)
+        job = self.scheduler.recall(msg.job)  # a finished job only the journal keeps, too
         if not self.user or job is None or job.owner == self.user:
             return True
         whose = f"{job.owner!r}" if job.owner else "the cluster administrator"
