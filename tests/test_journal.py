@@ -80,7 +80,9 @@ def test_outcomes_are_group_committed_in_one_transaction(tmp_path: Path) -> None
     assert _peek(journal, "SELECT COUNT(*) FROM outcomes") == [(0,)]  # nothing committed yet
     clock.advance(FLUSH_INTERVAL)
     assert journal.transactions == before + 1
-    assert _peek(journal, "SELECT COUNT(*), COUNT(DISTINCT idx) FROM outcomes") == [(1000, 1000)]
+    assert _peek(journal, "SELECT SUM(stop - start), MIN(start), MAX(stop) FROM outcomes") == [
+        (1000, 0, 1000)
+    ]
     assert _peek(journal, "SELECT COUNT(*) FROM results") == [(1000,)]
 
 
@@ -97,8 +99,15 @@ def test_an_outcome_is_recorded_once(tmp_path: Path) -> None:
     journal.delivered(5, _results(5, [0, 1]), store=False)
     journal.delivered(5, _results(5, [1]), store=False)
     clock.advance(FLUSH_INTERVAL)
-    assert _peek(journal, "SELECT idx FROM outcomes ORDER BY idx") == [(0,), (1,)]
-    assert journal.duplicates == 1
+    journal.delivered(5, _results(5, [7, 3, 4]), store=False)  # two runs: 3..4 and 7
+    journal.delivered(5, _results(5, [2, 3]), store=False)  # 3 again: refused whole
+    clock.advance(FLUSH_INTERVAL)
+    assert _peek(journal, "SELECT start, stop FROM outcomes ORDER BY start") == [
+        (0, 2),
+        (3, 5),
+        (7, 8),
+    ]
+    assert journal.duplicates == 2
 
 
 def test_recover_returns_what_was_committed_and_nothing_else(tmp_path: Path) -> None:
@@ -249,3 +258,11 @@ def test_attach_finds_a_finished_job_only_the_journal_still_keeps(tmp_path: Path
     assert sorted(_stored_outcomes(sched, old)) == []  # attach alone does not look further
     assert sched.recall(old) is not None and sched.jobs[old].state == "done"
     assert sorted(_stored_outcomes(sched, old)) == list(range(5))
+
+
+def test_a_journal_of_another_schema_is_refused_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=1")
+    with pytest.raises(ConfigError, match="move it away"):
+        Journal(path, Clock())

@@ -12,8 +12,10 @@ What is written, and when:
   of a detached job goes away, so the server is the only holder of its arguments and keeps them
   where a restart can read them. An attached job's arguments are not stored: its console holds
   them, and a restart ends that job with a reason instead;
-* every delivered outcome (result or error) of a detached job, one row per (job, argument index)
-  under a unique key, and its result messages (what ``attach`` replays). An attached job's
+* every delivered outcome (result or error) of a detached job, as runs of argument indices
+  keyed by (job, first index) that are checked never to overlap, so each (job, index) is recorded
+  at most once (a row per index cost ~3 µs of SQLite each, as much as the whole server spends
+  on a trivial call), and its result messages (what ``attach`` replays). An attached job's
   outcomes are not recorded: its console has them, and a restart ends that job with a reason;
 * a job's end (state, message, counts).
 
@@ -46,7 +48,7 @@ FLUSH_INTERVAL = 0.05
 FLUSH_BYTES = 8 * 1024 * 1024
 SYNC_LEVELS = ("normal", "full")
 #: bumped when the tables change; an older journal is refused with a clear line
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,9 +74,10 @@ CREATE TABLE IF NOT EXISTS args (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outcomes (
     job INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    error INTEGER NOT NULL,
-    PRIMARY KEY (job, idx)
+    start INTEGER NOT NULL,        -- a run of argument indices start .. stop - 1, delivered
+    stop INTEGER NOT NULL,         -- (runs of a job never overlap: checked on every insert)
+    errors BLOB NOT NULL,          -- msgpack list of the run's indices whose outcome is an error
+    PRIMARY KEY (job, start)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     job INTEGER NOT NULL,
@@ -272,12 +275,8 @@ class Journal:
                     "INSERT OR REPLACE INTO args (job, start, sizes, payload) VALUES (?,?,?,?)",
                     args,
                 )
-            if rows:
-                before = db.total_changes
-                db.executemany(
-                    "INSERT OR IGNORE INTO outcomes (job, idx, error) VALUES (?,?,?)", rows
-                )
-                self.duplicates += len(rows) - (db.total_changes - before)
+            for row in rows:
+                self._insert_run(db, row)
             if stored:
                 db.executemany(
                     "INSERT INTO results (job, seq, header, payload) VALUES (?,?,?,?)", stored
@@ -300,14 +299,53 @@ class Journal:
                 db.execute("ROLLBACK")
             raise
 
+    def _insert_run(self, db: sqlite3.Connection, row: tuple[int, int, int, bytes]) -> None:
+        """Record a run of delivered indices unless it overlaps one recorded before (a bug:
+        counted in ``duplicates`` and logged, never recorded twice)."""
+        job_id, start, stop, _errors = row
+        before = db.execute(
+            "SELECT start, stop FROM outcomes WHERE job=? AND start<? ORDER BY start DESC LIMIT 1",
+            (job_id, stop),
+        ).fetchone()
+        if before is not None and before[1] > start:
+            self.duplicates += 1
+            self.log.error(
+                "journal: job {job} arguments {a}..{b} were already recorded as delivered",
+                job=job_id,
+                a=start,
+                b=stop - 1,
+            )
+            return
+        db.execute("INSERT INTO outcomes (job, start, stop, errors) VALUES (?,?,?,?)", row)
+
+    @staticmethod
+    def _runs(job_id: int, msg: m.Results) -> list[tuple[int, int, int, bytes]]:
+        """The message's indices as runs ``(job, start, stop, errors)`` (one run, usually)."""
+        indices = msg.indices
+        if not indices:
+            return []
+        bad = sorted(indices[e[0]] for e in msg.errors)
+        low, high = min(indices), max(indices)
+        if high - low + 1 == len(indices):  # unique indices spanning their range: one run
+            return [(job_id, low, high + 1, msgpack.packb(bad))]
+        runs = []
+        ordered = sorted(indices)
+        first = 0
+        for k in range(1, len(ordered) + 1):
+            if k == len(ordered) or ordered[k] != ordered[k - 1] + 1:
+                start, stop = ordered[first], ordered[k - 1] + 1
+                errors = [i for i in bad if start <= i < stop]
+                runs.append((job_id, start, stop, msgpack.packb(errors)))
+                first = k
+        return runs
+
     def _outcome_rows(
         self, outcomes: list[tuple[int, m.Results, bool]]
-    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, bytes, Any]]]:
-        rows: list[tuple[int, int, int]] = []
+    ) -> tuple[list[tuple[int, int, int, bytes]], list[tuple[int, int, bytes, Any]]]:
+        rows: list[tuple[int, int, int, bytes]] = []
         stored: list[tuple[int, int, bytes, Any]] = []
         for job_id, msg, store in outcomes:
-            bad = {msg.indices[e[0]] for e in msg.errors} if msg.errors else ()
-            rows.extend((job_id, i, i in bad) for i in msg.indices)
+            rows.extend(self._runs(job_id, msg))
             if store:
                 seq = self._seq.get(job_id)
                 if seq is None:
@@ -373,9 +411,11 @@ class Journal:
         assert isinstance(submit, m.Submit)
         job = JournaledJob(job_id, submit, *row[2:])
         if job.finished_at is None:
-            for idx, error in db.execute("SELECT idx, error FROM outcomes WHERE job=?", (job_id,)):
-                job.delivered.add(idx)
-                job.failed += error
+            for start, stop, errors in db.execute(
+                "SELECT start, stop, errors FROM outcomes WHERE job=?", (job_id,)
+            ):
+                job.delivered.update(range(start, stop))
+                job.failed += len(msgpack.unpackb(errors))
             job.done = len(job.delivered) - job.failed
             job.args = [
                 (start, msgpack.unpackb(sizes), payload)
