@@ -36,7 +36,8 @@ def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_resul
 ) -> None:
     """A detached job (60 arguments, 4 done, the rest held at a gate) and an attached job are
     running when the server is SIGKILLed. The restarted server resumes the detached job from
-    its journal (not from the start), ends the attached one with a reason, and once the gate
+    its journal (not from the start), ends the attached one with a reason; it is SIGKILLed and
+    restarted once more while the job is held at the gate; once the gate
     opens the detached job finishes: the journal holds each argument's outcome once, its stored
     results cover each index once, and ``attach`` returns every result in order."""
     gate = tmp_path / "gate"
@@ -76,6 +77,9 @@ def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_resul
     assert info["done"] >= 4, f"resumed from the start, not from the journal: {info}"
     lost = next(j for j in c.status()["jobs"] if j["name"] == "streamed")
     assert lost["state"] == "failed" and "server restarted" in lost["message"], lost
+    c.restart_server(signal.SIGKILL, timeout=30)  # and again, mid-resume
+    info = c.wait_for(resumed, QUICK, "the twice restarted server to show the job running")
+    assert info["done"] >= 4, f"resumed from the start, not from the journal: {info}"
     gate.touch()
 
     def finished() -> bool:
