@@ -62,14 +62,21 @@ def test_attach_to_an_id_of_an_earlier_run_says_so() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("journal", ["off", "on"])
 def test_attach_after_a_server_restart_never_returns_another_jobs_results(
-    make_cluster: Any, tmp_path
+    make_cluster: Any, tmp_path, journal: str
 ) -> None:
     """A detached job finishes; the server is killed and restarted and runs another detached
-    job. The new job's id differs from the old one, ``attach OLD`` exits non-zero saying the
-    server has no such job (instead of printing the new job's results with exit 0), and
-    ``attach NEW`` returns the new job's results."""
-    c = make_cluster(1, cores=1, heartbeat=0.3)
+    job. The new job's id differs from the old one, and ``attach OLD`` never prints the new
+    job's results: without a journal it exits non-zero saying the server has no such job; with
+    the journal (the default) it returns the old job's own results. ``attach NEW`` returns the
+    new job's results."""
+    c = make_cluster(
+        1,
+        cores=1,
+        heartbeat=0.3,
+        server_env={"REMAP_JOURNAL": journal, "REMAP_STATE_DIR": str(tmp_path / "state")},
+    )
 
     def detached(name: str, start: int) -> int:
         job = write_job(
@@ -89,8 +96,12 @@ def test_attach_after_a_server_restart_never_returns_another_jobs_results(
     new = detached("new", 100)
     assert new != old
     stale = c.console("attach", old, "--json", timeout=20)
-    assert stale.returncode != 0, c.explain(stale)
-    assert f"no job {old}" in stale.stderr and "Traceback" not in stale.stderr, stale.stderr
     assert "10000" not in stale.stdout  # 100 * 100: none of the new job's results
+    if journal == "off":
+        assert stale.returncode != 0, c.explain(stale)
+        assert f"no job {old}" in stale.stderr and "Traceback" not in stale.stderr, stale.stderr
+    else:
+        c.assert_ok(stale)
+        assert json.loads(stale.stdout) == [x * x for x in range(5)], stale.stdout
     fresh = c.assert_ok(c.console("attach", new, "--json", timeout=20))
     assert json.loads(fresh.stdout) == [x * x for x in range(100, 105)]
