@@ -320,3 +320,34 @@ def test_connect_maps_on_dask_and_ray(
             assert cluster.starmap(pow, [(2, 3), (3, 2)]) == [8, 9], url
             with pytest.raises(ValueError, match="seven"):
                 cluster.map(_sq, range(20), chunksize=2)
+
+
+def test_stopping_a_run_cancels_its_chunks_and_keeps_what_arrived(tmp_path: Path) -> None:
+    """Ctrl-C on ``--engine``: the console calls ``fail``; the sink keeps what came, unswapped."""
+    from remap.sinks import FileSink
+
+    reached, gate = threading.Event(), threading.Event()
+
+    class Slow(FakeEngine):
+        def _wait(self, handles: list[Any]) -> list[Any]:
+            if len(self.submitted) > 4:  # the fifth chunk "runs" until the run is stopped
+                reached.set()
+                gate.wait(10)
+            return super()._wait(handles)
+
+    engine, sink = Slow(), FileSink(tmp_path / "out.jsonl")
+    run = engines.EngineRun(engine, function_blob(_sq), iter(range(10, 100)), sink, chunksize=1)
+    future = run.start()
+    assert reached.wait(10)
+    stopper = threading.Thread(target=run.fail, args=(RuntimeError("interrupted"),))
+    stopper.start()  # sets the stop flag, then waits for the run's thread
+    while run._stop is None:
+        stopper.join(0.01)
+    gate.set()
+    stopper.join(10)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        future.result(10)
+    assert len(engine.cancelled) == 3 and len(engine.submitted) == 5
+    assert not (tmp_path / "out.jsonl").exists() and sink.complete is False
+    assert (run.done, run.failed) == (1, 0)
+    assert (tmp_path / "out.jsonl.partial").read_text().count("\n") == 1

@@ -460,16 +460,22 @@ class Console:
 
     def _interrupted(self, run: Any, future: Any, sink: Any) -> int:
         """Ctrl-C: kill the job, keep what arrived, say what was kept and where."""
-        self.note(f"interrupted: killing job {run.job_id}")
-        self.session.kill_job(run.job_id)
-        try:  # the server's "killed" closes the sink on the reactor thread
-            future.exception(timeout=5)
-        except concurrent.futures.TimeoutError:
-            pass
-        self.session.stop_collecting(run, JobKilled(f"job {run.job_id} was interrupted"))
+        from ..engines import EngineRun
+
+        name = f"job {run.job_id}" if run.job_id is not None else "the job"
+        self.note(f"interrupted: killing {name}")
+        if isinstance(run, EngineRun):  # nothing on a server: cancel its chunks from here
+            run.fail(JobKilled(f"{name} was interrupted"))
+        else:
+            self.session.kill_job(run.job_id)
+            try:  # the server's "killed" closes the sink on the reactor thread
+                future.exception(timeout=5)
+            except concurrent.futures.TimeoutError:
+                pass
+            self.session.stop_collecting(run, JobKilled(f"{name} was interrupted"))
         kept = sink.kept()
         if kept:
-            self.note(f"job {run.job_id} killed; {kept}")
+            self.note(f"{name} killed; {kept}")
         return EXIT_INTERRUPTED
 
     def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
