@@ -177,3 +177,86 @@ def test_a_job_file_path_is_read(server: FakeServer, tmp_path: Any) -> None:
     with pytest.raises(TaskDeferred):
         RemapJobOperator(task_id="t", job=str(path)).execute(context={})
     assert server.calls[0][2] == ("application/yaml", JOB_YAML)
+
+
+DAG_FILE = """\
+import datetime
+
+from airflow.sdk import DAG
+
+from remap.airflow.operators import RemapJobOperator
+
+with DAG("remap_e2e", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+    RemapJobOperator(
+        task_id="squares",
+        job="function: squares.py:square\\nargs_range: [0, 50]\\n",
+        poll_interval=0.2,
+    )
+
+if __name__ == "__main__":
+    import json
+
+    run = dag.test()
+    print("STATE", run.state)
+    print("XCOM", json.dumps(run.get_task_instance("squares").xcom_pull(task_ids="squares")))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dag_runs_a_job_on_a_real_server(make_cluster: Any, tmp_path: Any) -> None:
+    """``dag.test()`` (SQLite metadata, no scheduler): the operator defers, the trigger runs
+    inline, and the job's summary from a real server lands in XCom."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from remap.server.http.security import derive_token
+    from tests.cluster_harness import NodeSpec
+
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "squares.py").write_text("def square(x):\n    return x * x\n")
+    cluster = make_cluster(
+        [NodeSpec(cores=1)],
+        server_env={
+            "REMAP_HTTP_PORT": "0",
+            "REMAP_APPS_DIR": str(apps),
+            "REMAP_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    port = cluster.wait_for(
+        lambda: re.search(r"dashboard: http://[^:]+:(\d+)/", cluster.server.log_text()),
+        10,
+        "the HTTP port",
+    ).group(1)
+    home = tmp_path / "airflow"
+    (home / "dags").mkdir(parents=True)
+    (home / "dags" / "remap_e2e.py").write_text(DAG_FILE)
+    conn = {
+        "conn_type": "remap",
+        "host": "127.0.0.1",
+        "port": int(port),
+        "schema": "http",
+        "password": derive_token(cluster.secret.encode()),
+    }
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_REMAP_DEFAULT": json.dumps(conn),
+    }
+    airflow = [sys.executable, "-m", "airflow"]
+    done = subprocess.run([*airflow, "db", "migrate"], env=env, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(
+        [sys.executable, str(home / "dags" / "remap_e2e.py")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert "STATE success" in done.stdout, (done.stdout[-3000:], done.stderr[-3000:])
+    xcom = json.loads(done.stdout.split("XCOM ", 1)[1].splitlines()[0])
+    assert (xcom["state"], xcom["done"], xcom["failed"]) == ("done", 50, 0)
+    assert cluster.job(xcom["job"])["state"] == "done"
+    assert xcom["results"] == f"/api/v1/jobs/{xcom['job']}/results"
