@@ -276,7 +276,7 @@ class RayEngine(Engine):
                     logging_level=logging.ERROR,
                 )
             else:
-                ray.init(address=f"ray://{address}", log_to_driver=False)
+                ray.init(address=f"ray://{address}", logging_level=logging.ERROR)
         except (OSError, ConnectionError) as exc:
             raise ServerUnreachable(
                 f"could not reach the ray cluster at {address}: {exc}"
