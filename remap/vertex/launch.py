@@ -18,6 +18,16 @@ from .files import PICKLE_PROTOCOL
 from .worker import WorkerArgs, run_worker
 
 
+def _drain(events: queue.Queue) -> list[tuple[str, Any]]:
+    """Everything queued so far, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class ThreadLaunch:
     """Each worker in a thread of this process (tests, and a quick look without a cluster)."""
 
@@ -40,12 +50,7 @@ class ThreadLaunch:
             self._events.put(("error", f"{type(exc).__name__}: {exc}"))
 
     def events(self) -> list[tuple[str, Any]]:
-        out = []
-        while True:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                return out
+        return _drain(self._events)
 
     def kill(self) -> None:
         """Threads cannot be killed: the stop command (or a missing driver) ends them."""
@@ -122,12 +127,7 @@ class ClusterLaunch:
         self._events.put(("end", future.exception()))
 
     def events(self) -> list[tuple[str, Any]]:
-        out = []
-        while True:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                return out
+        return _drain(self._events)
 
     def wait(self, timeout: float) -> bool:
         """Wait for every worker call to return (after the stop command)."""
