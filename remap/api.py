@@ -757,7 +757,10 @@ class Cluster:
         modules: Sequence[str | types.ModuleType] = (),
         files: Sequence[str | os.PathLike] = (),
         requires: Sequence[str] = (),
+        max_cores: int = 0,
+        min_cores: int = 0,
     ) -> None:
+        self.max_cores, self.min_cores = check_cores(max_cores, min_cores)
         #: local modules and small files every job of this handle ships (see remap.bundle)
         self.bundle = bundle.collect(list(modules), list(files), ".")
         self.requires = [str(name) for name in requires]
@@ -894,6 +897,8 @@ class Cluster:
             on_error=on_error,
             chunksize=chunksize or 0,
             priority=self.priority,
+            max_cores=self.max_cores,
+            min_cores=self.min_cores,
             star=star,
             requires=list(self.requires),
         )
@@ -1263,6 +1268,16 @@ def _disconnect(client: ClusterClient) -> defer.Deferred | None:
     return gone
 
 
+def check_cores(max_cores: Any, min_cores: Any) -> tuple[int, int]:
+    """``max_cores`` and ``min_cores`` as the job file takes them, or one clear ValueError."""
+    for name, value in (("max_cores", max_cores), ("min_cores", min_cores)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    if max_cores and min_cores > max_cores:
+        raise ValueError(f"min_cores {min_cores} is more than max_cores {max_cores}")
+    return max_cores, min_cores
+
+
 def own_or_borrow(
     address: Any, cluster: Cluster | None, cores: int | None, connect_kwargs: dict[str, Any]
 ) -> tuple[Cluster, bool]:
@@ -1292,13 +1307,17 @@ def connect(
     modules: Sequence[str | types.ModuleType] = (),
     files: Sequence[str | os.PathLike] = (),
     requires: Sequence[str] = (),
+    max_cores: int = 0,
+    min_cores: int = 0,
 ) -> Cluster:
     """Connect to a remap server, or start an embedded local cluster when none is configured.
 
     ``address`` is ``HOST:PORT``; without it ``REMAP_SERVER`` (environment or ``env_file``)
     is used, and without that a server and a node with ``cores`` cores start inside this
     process. ``secret`` defaults to ``REMAP_SECRET_KEY``. ``group``, ``priority``,
-    ``retries`` and ``task_timeout`` (seconds one call may run) apply to every job.
+    ``retries``, ``task_timeout`` (seconds one call may run), ``max_cores`` (at most this many
+    cores at once; 0: no cap) and ``min_cores`` (served first until it has this many) apply to
+    every job.
     ``task_output`` (default ``REMAP_TASK_OUTPUT``, on) prints what tasks print or log to
     this process's stderr, each line prefixed with its node and core.
     ``dashboard=True`` prints a login link to the dashboard (an embedded cluster serves one on
@@ -1332,6 +1351,8 @@ def connect(
         modules=modules,
         files=files,
         requires=requires,
+        max_cores=max_cores,
+        min_cores=min_cores,
     )
     if dashboard:
         try:
