@@ -593,7 +593,7 @@ def test_sending_beyond_the_grant_is_a_violation() -> None:
 def test_pending_bytes_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once argument sizes are known, grants keep queued bytes within MAX_PENDING_BYTES."""
     limit = 256 * 1024
-    monkeypatch.setattr(sched_mod, "MAX_PENDING_BYTES", limit)
+    monkeypatch.setattr(sched_mod.policy, "MAX_PENDING_BYTES", limit)
     sched, _ = make()
     node = FakeNode(sched, "n", cores=32)  # a big window: 2 × 64 credits × 16
     arg = b"y" * 1000

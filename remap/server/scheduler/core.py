@@ -1,4 +1,4 @@
-"""The server's scheduler: jobs, nodes, credits, retries. No sockets, no reactor.
+"""The scheduler core: jobs, nodes, credits, retries. No sockets, no reactor.
 
 It talks to the world through *links* (anything with ``send(msg)`` and ``close()``)
 and reads time from an injected clock (``seconds()`` and ``callLater``), so every
@@ -17,50 +17,19 @@ from __future__ import annotations
 
 import itertools
 import time
-from bisect import bisect_right
-from collections import deque
-from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any
 
 from twisted.logger import Logger
 
 from protocol import messages as m
 
-#: seconds of work a batch should hold on one core, when call times are known
-TARGET_BATCH_SECONDS = 0.05
-MAX_BATCH_ARGS = 50_000
-#: most arguments in a batch of a known-size job before its call times are measured: enough
-#: that a small job of trivial calls needs no ramp, few enough that slow calls still rebalance
-FIRST_BATCH_MAX = 1000
-#: bytes of arguments a batch may carry: an argument of more than half of this travels alone
-MAX_BATCH_BYTES = 4 * 1024 * 1024
-#: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
-PREFETCH = 2
-#: bound on argument bytes queued on the server per job (console windowing keeps to it)
-MAX_PENDING_BYTES = 64 * 1024 * 1024
-#: a task's server-side deadline, past which its node is presumed stuck: with a job ``timeout``,
-#: calls × timeout + TASK_SLACK (the node's own timer, a core restart, the network); without one,
-#: NO_TIMEOUT_FACTOR × the measured time of its calls, at least NO_TIMEOUT_MIN seconds
-TASK_SLACK = 5.0
-NO_TIMEOUT_FACTOR = 100
-NO_TIMEOUT_MIN = 600.0
-#: how often in-flight tasks are checked against their deadlines
-SWEEP_INTERVAL = 1.0
-MIN_WINDOW = m.INITIAL_WINDOW  # never below what a console may send before `submitted`
-MAX_WINDOW = 1_000_000
-
-Indices = range | list[int]
+from . import policy
+from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
+from .segments import Segment, cut, take_from
+from .state import JobPhase, JobState, NodeState, TaskState, missing
 
 #: 2026-01-01T00:00:00Z: job ids count milliseconds from here (see :func:`first_job_id`)
 JOB_ID_EPOCH = 1_767_225_600
-
-
-def missing(node: NodeState, job: JobState) -> list[str]:
-    """The modules ``job`` requires that ``node`` said it cannot import."""
-    if not job.requires or node.modules is None:
-        return []
-    return sorted(job.requires - node.modules)
 
 
 def first_job_id(now: float | None = None) -> int:
@@ -74,76 +43,6 @@ def first_job_id(now: float | None = None) -> int:
     return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
 
 
-@dataclass(slots=True)
-class Segment:
-    """Arguments travelling together: their indices, pickled sizes and payload."""
-
-    indices: Indices
-    sizes: list[int]
-    payload: memoryview
-    attempts: int = 0
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-
-def _merge_indices(parts: list[Indices]) -> Indices:
-    if all(type(p) is range for p in parts):
-        merged: list[range] = [parts[0]]  # type: ignore[list-item]
-        for p in parts[1:]:
-            last = merged[-1]
-            if p.start == last.stop and p.step == 1 and last.step == 1:  # type: ignore[union-attr]
-                merged[-1] = range(last.start, p.stop)  # type: ignore[union-attr]
-            else:
-                break
-        else:
-            return merged[0]
-    return [i for p in parts for i in p]
-
-
-def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
-    """Remove up to ``n`` arguments and ``max_bytes`` (but at least one argument) from the queue.
-
-    Retried segments (attempts > 0) never merge with others: a suspect travels alone.
-    Payloads are memoryviews, so cutting a segment copies nothing.
-    """
-    parts: list[Segment] = []
-    count = nbytes = 0
-    while queue and count < n:
-        seg = queue[0]
-        if parts and (seg.attempts or parts[0].attempts):
-            break
-        room, budget = n - count, max_bytes - nbytes
-        if len(seg) <= room and len(seg.payload) <= budget:
-            parts.append(queue.popleft())
-            count += len(seg)
-            nbytes += len(seg.payload)
-            continue
-        ends = list(accumulate(seg.sizes[:room]))
-        k = bisect_right(ends, budget)
-        if k == 0:
-            if parts:
-                break
-            k = 1
-        if k == len(seg):  # one argument over max_bytes, travelling alone: leave no empty rest
-            parts.append(queue.popleft())
-            count += k
-            break
-        cut = ends[k - 1]
-        parts.append(Segment(seg.indices[:k], seg.sizes[:k], seg.payload[:cut], seg.attempts))
-        queue[0] = Segment(seg.indices[k:], seg.sizes[k:], seg.payload[cut:], seg.attempts)
-        count += k
-        break
-    if len(parts) == 1:
-        return parts[0]
-    return Segment(
-        _merge_indices([p.indices for p in parts]),
-        [s for p in parts for s in p.sizes],
-        memoryview(b"".join(p.payload for p in parts)),
-        0,
-    )
-
-
 def _error_entry_ok(entry: Any, n: int) -> bool:
     """``[position, type, message, traceback]`` with the position inside a batch of ``n``."""
     return (
@@ -153,153 +52,6 @@ def _error_entry_ok(entry: Any, n: int) -> bool:
         and 0 <= entry[0] < n
         and all(type(x) is str for x in entry[1:])
     )
-
-
-@dataclass(eq=False)
-class NodeState:
-    id: str
-    link: Any
-    host: str
-    pid: int
-    cores: int
-    memory: int
-    group: str | None
-    connected_at: float
-    load: float = 0.0
-    busy: int = 0
-    draining: bool = False
-    inflight: dict[int, TaskState] = field(default_factory=dict)
-    loaded: set[int] = field(default_factory=set)
-    tasks_done: int = 0
-
-    @property
-    def credits(self) -> int:
-        return self.cores * PREFETCH
-
-    #: the node let a task pass its deadline: no new work until it answers something
-    suspect: bool = False
-    #: on the server's persistent exclusion list: connected, but never given work
-    excluded: bool = False
-    #: top-level modules the node can import (None: it did not say)
-    modules: frozenset[str] | None = None
-
-    def has_credit(self) -> bool:
-        return (
-            not self.draining
-            and not self.suspect
-            and not self.excluded
-            and len(self.inflight) < self.credits
-        )
-
-    def describe(self, now: float) -> dict:
-        return {
-            "id": self.id,
-            "host": self.host,
-            "pid": self.pid,
-            "cores": self.cores,
-            "busy": min(self.cores, len(self.inflight)),
-            "tasks_in_flight": len(self.inflight),
-            "memory": self.memory,
-            "load": self.load,
-            "group": self.group,
-            "draining": self.draining,
-            "suspect": self.suspect,
-            "excluded": self.excluded,
-            "connected_for": round(now - self.connected_at, 1),
-            "tasks_done": self.tasks_done,
-        }
-
-
-@dataclass(eq=False, slots=True)
-class TaskState:
-    id: int
-    job: JobState
-    node: NodeState
-    segment: Segment  # the arguments not answered yet (streamed parts leave from the front)
-    sent_at: float
-    answered: int = 0  # arguments answered by streamed parts: positions the node names count them
-
-
-@dataclass(eq=False)
-class JobState:
-    id: int
-    name: str
-    console: Any
-    fn_blob: bytes
-    mode: str = "object"
-    group: str | None = None
-    retries: int = 3
-    timeout: float | None = None
-    on_error: str = "fail"
-    chunksize: int = 0
-    priority: int = 0
-    detach: bool = False
-    star: bool = False
-    total: int = -1
-    output: str | None = None
-    gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
-    max_cores: int = 0  # at most this many tasks in flight (0: no cap)
-    min_cores: int = 0  # served before weights until this many tasks are in flight
-    requires: frozenset[str] = frozenset()  # top-level modules a node must have
-    owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
-    submitted_at: float = 0.0
-    state: str = "running"
-    message: str = ""
-    received: int = 0
-    received_bytes: int = 0
-    args_ended: bool = False
-    pending: deque[Segment] = field(default_factory=deque)
-    pending_count: int = 0
-    pending_bytes: int = 0
-    granted: int = 0  # arguments the console may still send
-    #: the console's first window is open (neither spent nor forfeited at INITIAL_WINDOW_BYTES)
-    first_window: bool = True
-    running: int = 0  # arguments in flight on nodes
-    tasks: int = 0  # tasks (batches) in flight on nodes: the job's slots in the fair share
-    done: int = 0
-    failed: int = 0
-    per_call: float | None = None  # EWMA of core seconds per argument
-    waiting: str = ""
-    attached: bool = False  # a console asked for this detached job's results
-    stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
-    timers: list[Any] = field(default_factory=list)
-    finished_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.state != "running"
-
-    @property
-    def weight(self) -> float:
-        """Share weight: 2 ** priority (clamped to ±20), so each priority step doubles a job's
-        share, equal priorities share equally, and a large gap approaches strict priority."""
-        return 2.0 ** max(-20, min(20, self.priority))
-
-    def describe(self, now: float) -> dict:
-        end = self.finished_at or now
-        elapsed = max(end - self.submitted_at, 1e-9)
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "mode": self.mode,
-            "group": self.group,
-            # the console's hint (a job file's args_range, a sized iterable) until args_end
-            "total": self.total if self.args_ended or self.total >= 0 else None,
-            "received": self.received,
-            "queued": self.pending_count,
-            "running": self.running,
-            "done": self.done,
-            "failed": self.failed,
-            "rate": round((self.done + self.failed) / elapsed, 1),
-            "elapsed": round(elapsed, 2),
-            "waiting": self.waiting,
-            "detached": self.detach,
-            "output": self.output,
-            "attached": self.console is not None,
-            "message": self.message,
-            "owner": self.owner or None,
-        }
 
 
 class Scheduler:
@@ -541,7 +293,7 @@ class Scheduler:
             if job.finished:
                 continue
             self.active[job.id] = job
-            if not job.args_ended:
+            if job.receiving:
                 why = (
                     "before its console had sent every argument"
                     if job.detach
@@ -562,7 +314,7 @@ class Scheduler:
                     b = a
                     while b < len(sizes) and start + b not in rec.delivered:
                         b += 1
-                    self._requeue_last(job, self._slice(whole, a, b))
+                    self._requeue_last(job, cut(whole, a, b))
                     a = b
             self.log.info(
                 "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",
@@ -584,9 +336,13 @@ class Scheduler:
         job.owner = rec.owner
         job.first_window = False
         if rec.args_total is not None:
-            job.args_ended, job.total = True, rec.args_total
-        if rec.finished_at is not None:
-            job.state, job.message, job.finished_at = rec.state, rec.message, rec.finished_at
+            job.phase, job.total = JobPhase.COMPLETING, rec.args_total
+        if rec.finished_at is not None:  # a record rebuilt, not a move: set the final phase
+            job.phase, job.message, job.finished_at = (
+                JobPhase(rec.state),
+                rec.message,
+                rec.finished_at,
+            )
             job.received = job.done + job.failed
         return job
 
@@ -672,7 +428,8 @@ class Scheduler:
             return f"job {msg.job} is not yours"
         if msg.total != job.received:
             return f"args_end says {msg.total} arguments, {job.received} were sent"
-        job.args_ended = True
+        if job.receiving:  # a late args_end (the job was killed meanwhile) changes nothing
+            job.move(JobPhase.COMPLETING)
         job.total = msg.total
         job.granted = 0
         if self.journal is not None and job.detach and not job.finished:
@@ -699,7 +456,7 @@ class Scheduler:
             if job.console is not console:
                 continue
             job.console = None
-            if job.finished or (job.detach and job.args_ended):
+            if job.finished or (job.detach and not job.receiving):
                 continue
             self.log.info(
                 "console of job {id} left; cancelling in {grace}s unless it returns",
@@ -711,7 +468,7 @@ class Scheduler:
                 why += f" after sending {job.received} arguments, before the last"
 
             def cancel(job: JobState = job, why: str = why) -> None:
-                if not job.finished and (job.console is None or not job.args_ended):
+                if not job.finished and (job.console is None or job.receiving):
                     self.finish(job, "cancelled", why)
 
             job.timers.append(self.clock.callLater(self.console_grace, cancel))
@@ -728,7 +485,7 @@ class Scheduler:
             return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
         # no role left once every argument is in, so it does not block an attach
-        submitter_done = job.detach and job.args_ended and not job.attached
+        submitter_done = job.detach and not job.receiving and not job.attached
         if job.console is not None and job.console is not console and not submitter_done:
             return None
         job.console = console
@@ -738,11 +495,11 @@ class Scheduler:
             console.send(msg)
         return job
 
-    def finish(self, job: JobState, state: str, message: str = "") -> None:
+    def finish(self, job: JobState, state: str | JobPhase, message: str = "") -> None:
         """End a job: drop its queue, stop its tasks on every node, tell its console."""
         if job.finished:
             return
-        job.state = state
+        job.move(JobPhase(state))
         job.message = message
         job.waiting = ""
         self.active.pop(job.id, None)
@@ -771,7 +528,7 @@ class Scheduler:
         self.log.info(
             "job {id} {state}: {done} done, {failed} failed {message}",
             id=job.id,
-            state=state,
+            state=job.state,
             done=job.done,
             failed=job.failed,
             message=message,
@@ -794,7 +551,7 @@ class Scheduler:
                 del self.jobs[job.id]
 
     def _maybe_complete(self, job: JobState) -> None:
-        if not job.finished and job.args_ended and job.done + job.failed >= job.total:
+        if job.phase is JobPhase.COMPLETING and job.done + job.failed >= job.total:
             self.finish(job, "done")
         else:
             self._grant(job)
@@ -803,79 +560,13 @@ class Scheduler:
 
     def _window(self, job: JobState) -> int:
         """How many arguments the server wants queued for a job, from the cluster's size."""
-        credits = self._credits_for(job) or PREFETCH
-        size = max(16, self._batch_size(job, 1 << 30))
-        return max(MIN_WINDOW, min(MAX_WINDOW, 2 * credits * size))
+        return policy.window(job, self._credits_for(job))
 
     def _grant(self, job: JobState) -> None:
-        if job.finished or job.args_ended or job.console is None or job.first_window:
-            return
-        if job.pending_bytes >= MAX_PENDING_BYTES:
-            return
-        window = self._window(job)
-        if job.received:
-            # once argument sizes are known, the window is also bounded in bytes
-            per_arg = max(1, job.received_bytes // job.received)
-            window = max(1, min(window, MAX_PENDING_BYTES // per_arg))
-        want = window - job.pending_count - job.granted
-        if want >= max(1, window // 4):
-            job.granted += want
-            job.console.send(m.Grant(job=job.id, count=want))
-
-    def _batch_size(self, job: JobState, pending: int) -> int:
-        """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work.
-
-        Before any call is measured, a job of unknown size (or with a timeout) sends one call
-        per batch, so its first calls spread over every free core instead of queueing on one;
-        a job of known size sends up to ``FIRST_BATCH_MAX`` and :meth:`_fair_share` cuts that
-        to its share of the cores, so a small job runs in one round without a ramp.
-        """
-        if job.gang:
-            return 1
-        if job.chunksize:
-            return job.chunksize
-        if job.per_call is None:
-            return 1 if job.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
-        return max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
-
-    def _fair_share(self, job: JobState, size: int) -> int:
-        """Shrink batches near the end of a known-size job so every core gets some of the tail.
-
-        The size is known from ``args_end`` or from the console's ``total`` hint; the hint
-        matters because a small job's arguments are dispatched before its ``args_end``
-        arrives. An explicit ``chunksize`` is kept as given.
-        """
-        if job.chunksize or job.total < 0:
-            return size
-        left = job.pending_count + max(0, job.total - job.received)
-        cores = self._credits_for(job) or 1
-        return max(1, min(size, -(-left // cores)))
-
-    def _next_job(self, node: NodeState) -> JobState | None:
-        """Fair share by weight: the job furthest below its ``min_cores``, else the one whose
-        tasks in flight per weight would be lowest with one more; ``max_cores`` is a hard cap.
-
-        Over time each job holds task slots (and so cores) in proportion to its weight; ties go
-        to the higher priority, then the older job.
-        """
-        best: JobState | None = None
-        best_key: tuple = ()
-        for job in self.active.values():
-            if job.gang and len(node.inflight) >= node.cores:
-                continue  # a gang call queued behind another call on a node could wait forever
-            if not job.pending_count or job.finished or not self._group_ok(node, job):
-                continue
-            if job.max_cores and job.tasks >= job.max_cores:
-                continue
-            key = (
-                job.tasks >= job.min_cores,
-                (job.tasks + 1) / (job.min_cores if job.tasks < job.min_cores else job.weight),
-                -job.priority,
-                job.id,
-            )
-            if best is None or key < best_key:
-                best, best_key = job, key
-        return best
+        more = policy.grant(job, self._credits_for(job))
+        if more:
+            job.granted += more
+            job.console.send(m.Grant(job=job.id, count=more))
 
     def pump(self) -> None:
         """Send batches to every node with credit while there is work it may run."""
@@ -889,7 +580,7 @@ class Scheduler:
             if node is None:
                 continue
             while node.has_credit():
-                job = self._next_job(node)
+                job = policy.next_job(self.active.values(), node, self._group_ok)
                 if job is None:
                     break
                 self._dispatch(node, job, now)
@@ -902,11 +593,7 @@ class Scheduler:
     # ================================================================ preemption
 
     def _entitled(self, job: JobState) -> int:
-        """Task slots ``job`` is entitled to now: its weight's part of the slots it may use."""
-        busy = [j for j in self.active.values() if j.pending_count or j.tasks]
-        total = sum(j.weight for j in busy) or job.weight
-        share = int(self._credits_for(job) * job.weight / total)
-        return min(share, job.max_cores) if job.max_cores else share
+        return policy.entitled(job, self.active.values(), self._credits_for(job))
 
     def _starved(self) -> list[JobState]:
         """Jobs with work, below their share, while a lower-priority job holds tasks."""
@@ -958,7 +645,8 @@ class Scheduler:
         self.pump()
 
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
-        size = self._fair_share(job, self._batch_size(job, job.pending_count))
+        credits = self._credits_for(job)
+        size = policy.tail_share(job, policy.batch_size(job), credits)
         seg = take_from(job.pending, size, MAX_BATCH_BYTES)
         job.pending_count -= len(seg)
         job.pending_bytes -= len(seg.payload)
@@ -983,42 +671,13 @@ class Scheduler:
 
     # ================================================================ task deadlines
 
-    @staticmethod
-    def _task_limit(task: TaskState) -> float | None:
-        """Seconds a task may take on its core, or None when nothing bounds it yet."""
-        job, n = task.job, len(task.segment)
-        if job.gang:
-            return (
-                None  # a gang call (vertex worker) runs as long as its job; its driver watches it
-            )
-        if job.timeout is not None:
-            return n * job.timeout + TASK_SLACK
-        if job.per_call is None:
-            return None  # no call of this job was measured yet: nothing to go by
-        return max(NO_TIMEOUT_MIN, NO_TIMEOUT_FACTOR * n * job.per_call)
-
-    def _expired(self, node: NodeState, now: float) -> list[TaskState]:
-        """The node's tasks past their deadline: a task's own limit, counted after the longest
-        task sent to the node before it (which it may queue behind on a core); none once a task
-        without a limit is ahead. One pass in the order tasks were sent."""
-        expired: list[TaskState] = []
-        wait = 0.0
-        for task in node.inflight.values():  # a dict keeps the order tasks were sent in
-            own = self._task_limit(task)
-            if own is None:
-                break
-            if now > task.sent_at + wait + own:
-                expired.append(task)
-            wait = max(wait, own)
-        return expired
-
     def _check_deadlines(self) -> None:
         """A node that heartbeats but never answers must not hold its tasks forever: a task past
         its deadline is re-queued (each argument then retries alone, counting an attempt) and
         the node is marked suspect, taking no new work until it answers something."""
         self._sweep = None
         now = self.clock.seconds()
-        expired = [task for node in list(self.nodes.values()) for task in self._expired(node, now)]
+        expired = [task for node in list(self.nodes.values()) for task in policy.expired(node, now)]
         for task in expired:
             node = task.node
             if task.id not in node.inflight or node.id not in self.nodes:
@@ -1156,12 +815,12 @@ class Scheduler:
             return None, None
         seg = task.segment
         if not 0 < part < len(seg):
-            return task, self._slice(seg, 0, 0)
-        task.segment = self._slice(seg, part, len(seg))
+            return task, cut(seg, 0, 0)
+        task.segment = cut(seg, part, len(seg))
         task.answered += part
         task.job.running -= part
         task.sent_at = self.clock.seconds()  # the rest's deadline counts from its first call
-        return task, self._slice(seg, 0, part)
+        return task, cut(seg, 0, part)
 
     @staticmethod
     def _malformed(msg: m.TaskResult, n: int) -> str:
@@ -1198,13 +857,11 @@ class Scheduler:
         at = at if 0 <= at < len(seg) else -1
         if at < 0:
             # unknown culprit: every argument is suspect, so each retries alone
-            suspects = [self._slice(seg, i, i + 1) for i in range(len(seg))]
+            suspects = [cut(seg, i, i + 1) for i in range(len(seg))]
             innocent: list[Segment] = []
         else:
-            suspects = [self._slice(seg, at, at + 1)]
-            innocent = [
-                s for s in (self._slice(seg, 0, at), self._slice(seg, at + 1, len(seg))) if len(s)
-            ]
+            suspects = [cut(seg, at, at + 1)]
+            innocent = [s for s in (cut(seg, 0, at), cut(seg, at + 1, len(seg))) if len(s)]
         for part in reversed(innocent):
             self._requeue(job, part)
         errors = []
@@ -1245,12 +902,6 @@ class Scheduler:
                     return
         self._maybe_complete(job)
         self.pump()
-
-    @staticmethod
-    def _slice(seg: Segment, a: int, b: int) -> Segment:
-        start = sum(seg.sizes[:a])
-        end = start + sum(seg.sizes[a:b])
-        return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
         if job.detach and self.journal is not None:

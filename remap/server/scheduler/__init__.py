@@ -1,0 +1,56 @@
+"""The server's scheduler, in rooms: segments (argument runs), state (records and job phases),
+policy (batch sizes, fair share, deadlines) and core (the :class:`Scheduler` itself)."""
+
+from .core import JOB_ID_EPOCH, Scheduler, first_job_id
+from .policy import (
+    FIRST_BATCH_MAX,
+    MAX_BATCH_ARGS,
+    MAX_BATCH_BYTES,
+    MAX_PENDING_BYTES,
+    MAX_WINDOW,
+    MIN_WINDOW,
+    NO_TIMEOUT_FACTOR,
+    NO_TIMEOUT_MIN,
+    SWEEP_INTERVAL,
+    TARGET_BATCH_SECONDS,
+    TASK_SLACK,
+)
+from .segments import Segment, cut, take_from
+from .state import (
+    PREFETCH,
+    TRANSITIONS,
+    IllegalTransition,
+    JobPhase,
+    JobState,
+    NodeState,
+    TaskState,
+    missing,
+)
+
+__all__ = [
+    "FIRST_BATCH_MAX",
+    "JOB_ID_EPOCH",
+    "MAX_BATCH_ARGS",
+    "MAX_BATCH_BYTES",
+    "MAX_PENDING_BYTES",
+    "MAX_WINDOW",
+    "MIN_WINDOW",
+    "NO_TIMEOUT_FACTOR",
+    "NO_TIMEOUT_MIN",
+    "PREFETCH",
+    "SWEEP_INTERVAL",
+    "TARGET_BATCH_SECONDS",
+    "TASK_SLACK",
+    "TRANSITIONS",
+    "IllegalTransition",
+    "JobPhase",
+    "JobState",
+    "NodeState",
+    "Scheduler",
+    "Segment",
+    "TaskState",
+    "cut",
+    "first_job_id",
+    "missing",
+    "take_from",
+]

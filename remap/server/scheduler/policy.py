@@ -1,0 +1,159 @@
+"""Batch policy: how big a batch is, which job a free slot serves, how long a task may take.
+
+Pure functions of the scheduler's records (no sending, no clock): the scheduler core asks
+them and acts on the answer. Fair share by weight lives here, as do the console's windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from protocol import messages as m
+
+from .state import PREFETCH, JobState, NodeState, TaskState
+
+#: seconds of work a batch should hold on one core, when call times are known
+TARGET_BATCH_SECONDS = 0.05
+MAX_BATCH_ARGS = 50_000
+#: most arguments in a batch of a known-size job before its call times are measured: enough
+#: that a small job of trivial calls needs no ramp, few enough that slow calls still rebalance
+FIRST_BATCH_MAX = 1000
+#: bytes of arguments a batch may carry: an argument of more than half of this travels alone
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: bound on argument bytes queued on the server per job (console windowing keeps to it)
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: a task's server-side deadline, past which its node is presumed stuck: with a job ``timeout``,
+#: calls × timeout + TASK_SLACK (the node's own timer, a core restart, the network); without one,
+#: NO_TIMEOUT_FACTOR × the measured time of its calls, at least NO_TIMEOUT_MIN seconds
+TASK_SLACK = 5.0
+NO_TIMEOUT_FACTOR = 100
+NO_TIMEOUT_MIN = 600.0
+#: how often in-flight tasks are checked against their deadlines
+SWEEP_INTERVAL = 1.0
+MIN_WINDOW = m.INITIAL_WINDOW  # never below what a console may send before `submitted`
+MAX_WINDOW = 1_000_000
+
+
+# ==================================================================== windows and batch sizes
+
+
+def window(job: JobState, credits: int) -> int:
+    """How many arguments the server wants queued for a job, from the credits that may run it."""
+    size = max(16, batch_size(job))
+    return max(MIN_WINDOW, min(MAX_WINDOW, 2 * (credits or PREFETCH) * size))
+
+
+def grant(job: JobState, credits: int) -> int:
+    """More arguments the console may send now (0: none), bounded in count and in bytes."""
+    if not job.receiving or job.console is None or job.first_window:
+        return 0
+    if job.pending_bytes >= MAX_PENDING_BYTES:
+        return 0
+    want = window(job, credits)
+    if job.received:
+        # once argument sizes are known, the window is also bounded in bytes
+        per_arg = max(1, job.received_bytes // job.received)
+        want = max(1, min(want, MAX_PENDING_BYTES // per_arg))
+    more = want - job.pending_count - job.granted
+    return more if more >= max(1, want // 4) else 0
+
+
+def batch_size(job: JobState) -> int:
+    """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work.
+
+    Before any call is measured, a job of unknown size (or with a timeout) sends one call
+    per batch, so its first calls spread over every free core instead of queueing on one;
+    a job of known size sends up to ``FIRST_BATCH_MAX`` and :func:`tail_share` cuts that
+    to its share of the cores, so a small job runs in one round without a ramp.
+    """
+    if job.gang:
+        return 1
+    if job.chunksize:
+        return job.chunksize
+    if job.per_call is None:
+        return 1 if job.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
+    return max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
+
+
+def tail_share(job: JobState, size: int, credits: int) -> int:
+    """Shrink batches near the end of a known-size job so every core gets some of the tail.
+
+    The size is known from ``args_end`` or from the console's ``total`` hint; the hint
+    matters because a small job's arguments are dispatched before its ``args_end``
+    arrives. An explicit ``chunksize`` is kept as given.
+    """
+    if job.chunksize or job.total < 0:
+        return size
+    left = job.pending_count + max(0, job.total - job.received)
+    return max(1, min(size, -(-left // (credits or 1))))
+
+
+# ==================================================================== fair share
+
+
+def next_job(
+    jobs: Iterable[JobState], node: NodeState, may_run: Callable[[NodeState, JobState], bool]
+) -> JobState | None:
+    """Fair share by weight: the job furthest below its ``min_cores``, else the one whose
+    tasks in flight per weight would be lowest with one more; ``max_cores`` is a hard cap.
+
+    Over time each job holds task slots (and so cores) in proportion to its weight; ties go
+    to the higher priority, then the older job.
+    """
+    best: JobState | None = None
+    best_key: tuple = ()
+    for job in jobs:
+        if job.gang and len(node.inflight) >= node.cores:
+            continue  # a gang call queued behind another call on a node could wait forever
+        if not job.pending_count or job.finished or not may_run(node, job):
+            continue
+        if job.max_cores and job.tasks >= job.max_cores:
+            continue
+        key = (
+            job.tasks >= job.min_cores,
+            (job.tasks + 1) / (job.min_cores if job.tasks < job.min_cores else job.weight),
+            -job.priority,
+            job.id,
+        )
+        if best is None or key < best_key:
+            best, best_key = job, key
+    return best
+
+
+def entitled(job: JobState, active: Iterable[JobState], credits: int) -> int:
+    """Task slots ``job`` is entitled to now: its weight's part of the slots it may use."""
+    busy = [j for j in active if j.pending_count or j.tasks]
+    total = sum(j.weight for j in busy) or job.weight
+    share = int(credits * job.weight / total)
+    return min(share, job.max_cores) if job.max_cores else share
+
+
+# ==================================================================== task deadlines
+
+
+def task_limit(task: TaskState) -> float | None:
+    """Seconds a task may take on its core, or None when nothing bounds it yet."""
+    job, n = task.job, len(task.segment)
+    if job.gang:
+        return None  # a gang call (vertex worker) runs as long as its job; its driver watches it
+    if job.timeout is not None:
+        return n * job.timeout + TASK_SLACK
+    if job.per_call is None:
+        return None  # no call of this job was measured yet: nothing to go by
+    return max(NO_TIMEOUT_MIN, NO_TIMEOUT_FACTOR * n * job.per_call)
+
+
+def expired(node: NodeState, now: float) -> list[TaskState]:
+    """The node's tasks past their deadline: a task's own limit, counted after the longest
+    task sent to the node before it (which it may queue behind on a core); none once a task
+    without a limit is ahead. One pass in the order tasks were sent."""
+    late: list[TaskState] = []
+    wait = 0.0
+    for task in node.inflight.values():  # a dict keeps the order tasks were sent in
+        own = task_limit(task)
+        if own is None:
+            break
+        if now > task.sent_at + wait + own:
+            late.append(task)
+        wait = max(wait, own)
+    return late

@@ -1,0 +1,229 @@
+"""What the scheduler knows: nodes, tasks in flight, jobs, and the phases a job moves through.
+
+A job's lifecycle is :class:`JobPhase`, changed only by :meth:`JobState.move`, which
+checks :data:`TRANSITIONS`: a move the table does not list is a bug and raises
+:class:`IllegalTransition` instead of leaving a job half in two phases.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import messages as m
+
+from .segments import Segment
+
+#: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
+PREFETCH = 2
+
+
+class JobPhase(enum.Enum):
+    """Where a job is in its life; the last four are final."""
+
+    #: arguments are still arriving from the console (no ``args_end`` yet); tasks run meanwhile
+    RECEIVING = "receiving"
+    #: every argument is in (``args_end``): the job ends once each has an outcome
+    COMPLETING = "completing"
+    DONE = "done"
+    FAILED = "failed"
+    KILLED = "killed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (JobPhase.RECEIVING, JobPhase.COMPLETING)
+
+
+_ENDS = frozenset({JobPhase.FAILED, JobPhase.KILLED, JobPhase.CANCELLED})
+
+#: the only moves a job makes; DONE needs every argument, so it is reached from COMPLETING only
+TRANSITIONS: dict[JobPhase, frozenset[JobPhase]] = {
+    JobPhase.RECEIVING: _ENDS | {JobPhase.COMPLETING},
+    JobPhase.COMPLETING: _ENDS | {JobPhase.DONE},
+    JobPhase.DONE: frozenset(),
+    JobPhase.FAILED: frozenset(),
+    JobPhase.KILLED: frozenset(),
+    JobPhase.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state machine was asked for a move its table does not allow (a bug, never a user's)."""
+
+
+def check_move(what: str, table: dict, old: Any, new: Any) -> None:
+    """Raise :class:`IllegalTransition` unless ``table`` lets ``old`` become ``new``."""
+    if new not in table[old]:
+        raise IllegalTransition(f"{what}: {old.value} → {new.value} is not a legal move")
+
+
+def missing(node: NodeState, job: JobState) -> list[str]:
+    """The modules ``job`` requires that ``node`` said it cannot import."""
+    if not job.requires or node.modules is None:
+        return []
+    return sorted(job.requires - node.modules)
+
+
+@dataclass(eq=False)
+class NodeState:
+    id: str
+    link: Any
+    host: str
+    pid: int
+    cores: int
+    memory: int
+    group: str | None
+    connected_at: float
+    load: float = 0.0
+    busy: int = 0
+    draining: bool = False
+    inflight: dict[int, TaskState] = field(default_factory=dict)
+    loaded: set[int] = field(default_factory=set)
+    tasks_done: int = 0
+
+    @property
+    def credits(self) -> int:
+        return self.cores * PREFETCH
+
+    #: the node let a task pass its deadline: no new work until it answers something
+    suspect: bool = False
+    #: on the server's persistent exclusion list: connected, but never given work
+    excluded: bool = False
+    #: top-level modules the node can import (None: it did not say)
+    modules: frozenset[str] | None = None
+
+    def has_credit(self) -> bool:
+        return (
+            not self.draining
+            and not self.suspect
+            and not self.excluded
+            and len(self.inflight) < self.credits
+        )
+
+    def describe(self, now: float) -> dict:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "cores": self.cores,
+            "busy": min(self.cores, len(self.inflight)),
+            "tasks_in_flight": len(self.inflight),
+            "memory": self.memory,
+            "load": self.load,
+            "group": self.group,
+            "draining": self.draining,
+            "suspect": self.suspect,
+            "excluded": self.excluded,
+            "connected_for": round(now - self.connected_at, 1),
+            "tasks_done": self.tasks_done,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class TaskState:
+    id: int
+    job: JobState
+    node: NodeState
+    segment: Segment  # the arguments not answered yet (streamed parts leave from the front)
+    sent_at: float
+    answered: int = 0  # arguments answered by streamed parts: positions the node names count them
+
+
+@dataclass(eq=False)
+class JobState:
+    id: int
+    name: str
+    console: Any
+    fn_blob: bytes
+    mode: str = "object"
+    group: str | None = None
+    retries: int = 3
+    timeout: float | None = None
+    on_error: str = "fail"
+    chunksize: int = 0
+    priority: int = 0
+    detach: bool = False
+    star: bool = False
+    total: int = -1
+    output: str | None = None
+    gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
+    max_cores: int = 0  # at most this many tasks in flight (0: no cap)
+    min_cores: int = 0  # served before weights until this many tasks are in flight
+    requires: frozenset[str] = frozenset()  # top-level modules a node must have
+    owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
+    submitted_at: float = 0.0
+    phase: JobPhase = JobPhase.RECEIVING
+    message: str = ""
+    received: int = 0
+    received_bytes: int = 0
+    pending: deque[Segment] = field(default_factory=deque)
+    pending_count: int = 0
+    pending_bytes: int = 0
+    granted: int = 0  # arguments the console may still send
+    #: the console's first window is open (neither spent nor forfeited at INITIAL_WINDOW_BYTES)
+    first_window: bool = True
+    running: int = 0  # arguments in flight on nodes
+    tasks: int = 0  # tasks (batches) in flight on nodes: the job's slots in the fair share
+    done: int = 0
+    failed: int = 0
+    per_call: float | None = None  # EWMA of core seconds per argument
+    waiting: str = ""
+    attached: bool = False  # a console asked for this detached job's results
+    stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
+    timers: list[Any] = field(default_factory=list)
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase.final
+
+    @property
+    def state(self) -> str:
+        """What status shows and ``job_done`` says: running until a final phase names the end."""
+        return self.phase.value if self.phase.final else "running"
+
+    @property
+    def receiving(self) -> bool:
+        """The console is still sending arguments (no ``args_end`` yet)."""
+        return self.phase is JobPhase.RECEIVING
+
+    def move(self, phase: JobPhase) -> None:
+        """Change phase along :data:`TRANSITIONS` (anything else raises)."""
+        check_move(f"job {self.id}", TRANSITIONS, self.phase, phase)
+        self.phase = phase
+
+    @property
+    def weight(self) -> float:
+        """Share weight: 2 ** priority (clamped to ±20), so each priority step doubles a job's
+        share, equal priorities share equally, and a large gap approaches strict priority."""
+        return 2.0 ** max(-20, min(20, self.priority))
+
+    def describe(self, now: float) -> dict:
+        end = self.finished_at or now
+        elapsed = max(end - self.submitted_at, 1e-9)
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "phase": self.phase.value,
+            "mode": self.mode,
+            "group": self.group,
+            # the console's hint (a job file's args_range, a sized iterable) until args_end
+            "total": self.total if self.total >= 0 else None,
+            "received": self.received,
+            "queued": self.pending_count,
+            "running": self.running,
+            "done": self.done,
+            "failed": self.failed,
+            "rate": round((self.done + self.failed) / elapsed, 1),
+            "elapsed": round(elapsed, 2),
+            "waiting": self.waiting,
+            "detached": self.detach,
+            "output": self.output,
+            "attached": self.console is not None,
+            "message": self.message,
+            "owner": self.owner or None,
+        }
