@@ -243,18 +243,17 @@ class Connection:
         """Close with an error frame to the peer where the protocol still allows one."""
         if self.state is not State.CLOSED:
             code = getattr(error, "code", "protocol")
-            # never echo a peer's error back at it, and say little to unauthenticated peers
-            if not getattr(error, "from_peer", False):
-                self._queue(m.Error(code=code, message=str(error)[:500]))
+            self._queue(m.Error(code=code, message=str(error)[:500]))
             self.state = State.CLOSED
         return ConnectionFailed(error)
 
-    def _peer_error(self, msg: m.Error) -> RemapError:
+    def _closed_by_peer(self, msg: m.Error) -> ConnectionFailed:
+        """The peer ended the handshake with an error: fail with its code's class, answer nothing
+        (a peer's error is never echoed back at it)."""
         cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
         who = "server" if not self.is_server else "peer"
-        err = cls(f"{who} refused: {msg.message}")
-        err.from_peer = True  # type: ignore[attr-defined]
-        return err
+        self.state = State.CLOSED
+        return ConnectionFailed(cls.from_wire(f"{who} refused: {msg.message}"))
 
     def _check_versions(self, version: int, python: str, cloudpickle: str) -> None:
         if version != m.PROTOCOL_VERSION:
@@ -274,7 +273,7 @@ class Connection:
 
     def _handshake(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if isinstance(msg, m.Error):
-            raise self._peer_error(msg)
+            return self._closed_by_peer(msg)
         if self.is_server:
             return self._server_step(msg, raw_header)
         return self._client_step(msg, raw_header)

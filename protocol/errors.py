@@ -1,7 +1,10 @@
-"""The one error hierarchy of remap.
+"""The protocol's errors: the root of remap's hierarchy and what the wire itself can go wrong with.
 
-Every error the product raises on purpose derives from :class:`RemapError`, so the
-console can turn any of them into one clear line and an exit code in one place.
+Every error remap raises on purpose derives from :class:`RemapError`. The product's own errors
+(job files, jobs, lost connections, refused requests) live in ``remap/errors.py``; only what
+this package raises lives here, because ``protocol/`` never imports ``remap``. An error that
+travels in an ``error`` message is named by its class's ``code``: :func:`error_codes` derives
+the code → class table from the classes, so a code is declared once, next to its class.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ class RemapError(Exception):
 
     exit_code = 1
 
+    @classmethod
+    def from_wire(cls, message: str) -> RemapError:
+        """The error a peer's ``error`` message with this class's code stands for."""
+        return cls(message)
+
 
 class ProtocolError(RemapError):
     """The wire protocol was violated."""
@@ -21,8 +29,6 @@ class ProtocolError(RemapError):
 
 class LocalProtocolError(ProtocolError):
     """We were asked to send something the protocol forbids (a bug on this side)."""
-
-    code = "local-protocol"
 
 
 class RemoteProtocolError(ProtocolError):
@@ -35,6 +41,23 @@ class FrameTooLarge(RemoteProtocolError):
     """A frame's declared length exceeds this connection's limit."""
 
     code = "frame-too-large"
+
+
+class UnknownMessageType(RemoteProtocolError):
+    """A well-formed header named a message type this side does not know."""
+
+    code = "unknown-message"
+
+    def __init__(self, type_name: str, re: int | None):
+        super().__init__(f"unknown message type {type_name!r}")
+        self.type_name = type_name
+        self.re = re
+
+    @classmethod
+    def from_wire(cls, message: str) -> RemapError:
+        error = cls("", None)
+        error.args = (message,)
+        return error
 
 
 class AuthError(RemapError):
@@ -57,66 +80,21 @@ class HandshakeTimeout(RemapError):
     code = "timeout"
 
 
-class ConnectionLost(RemapError):
-    """The connection to the peer closed while something was still waiting on it."""
+def error_codes(root: type[RemapError] = RemapError) -> dict[str, type[RemapError]]:
+    """Code → class for every subclass of ``root`` (loaded so far) that declares its own code.
 
-    exit_code = 4
-
-
-class NodeLost(ConnectionLost):
-    """A node disconnected or stopped answering heartbeats."""
-
-
-class ServerUnreachable(ConnectionLost):
-    """The server could not be reached."""
-
-
-class CertificateMismatch(ConnectionLost):
-    """The server's TLS certificate does not name the address dialled: retrying cannot help."""
-
-    exit_code = 3
+    A parent declares a code before its children (the most general class answers for it).
+    """
+    table: dict[str, type[RemapError]] = {}
+    todo = [root]
+    while todo:
+        cls = todo.pop(0)
+        code = cls.__dict__.get("code")
+        if isinstance(code, str):
+            table.setdefault(code, cls)
+        todo.extend(cls.__subclasses__())
+    return table
 
 
-class ConfigError(RemapError):
-    """A job file or a setting is invalid; the message names the key and line."""
-
-    exit_code = 2
-
-
-class JobFailed(RemapError):
-    """A job ended without producing all its results."""
-
-    exit_code = 1
-
-
-class JobKilled(JobFailed):
-    """A job was killed on request."""
-
-
-class OutputError(JobFailed):
-    """The console could not write a job's output (disk full, output in use by another job)."""
-
-
-class RemoteTaskError(RemapError):
-    """A task raised on a core; carries the remote type name and traceback."""
-
-    def __init__(self, type_name: str, message: str, traceback: str = "", index: int | None = None):
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
-        self.message = message
-        self.remote_traceback = traceback
-        self.index = index
-
-    def __reduce__(self):
-        return (type(self), (self.type_name, self.message, self.remote_traceback, self.index))
-
-
-#: error codes carried by the ``error`` message, mapped to the class raised locally
-ERROR_CODES: dict[str, type[RemapError]] = {
-    "protocol": RemoteProtocolError,
-    "bad-frame": RemoteProtocolError,
-    "frame-too-large": FrameTooLarge,
-    "auth": AuthError,
-    "version": VersionMismatch,
-    "timeout": HandshakeTimeout,
-}
+#: the codes of the errors above: what a peer may close a connection with during the handshake
+ERROR_CODES: dict[str, type[RemapError]] = error_codes()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, UnknownMessageType
 
 PROTOCOL_VERSION = 1
 
@@ -121,17 +121,6 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {cls.TYPE}: {exc}") from exc
     return packed, getattr(msg, "payload", b"")
-
-
-class UnknownMessageType(RemoteProtocolError):
-    """A well-formed header named a message type this side does not know."""
-
-    code = "unknown-message"
-
-    def __init__(self, type_name: str, re: int | None):
-        super().__init__(f"unknown message type {type_name!r}")
-        self.type_name = type_name
-        self.re = re
 
 
 def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:

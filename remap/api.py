@@ -34,18 +34,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from protocol import messages as m
-from protocol.errors import (
+
+from . import bundle, discovery, runtime, shipping, taskoutput
+from .blobs import PICKLE_PROTOCOL
+from .client import ClusterClient, JobParams, JobRun
+from .dial import connect_console
+from .errors import (
     ConfigError,
     ConnectionLost,
     JobFailed,
     RemapError,
     RemoteTaskError,
 )
-
-from . import bundle, discovery, runtime, shipping, taskoutput
-from .blobs import PICKLE_PROTOCOL
-from .client import ClusterClient, JobParams, JobRun
-from .dial import connect_console
 from .net import tls_enabled
 from .settings import Settings, load_settings
 from .sinks import Sink, TaskErrorInfo

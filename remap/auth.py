@@ -6,8 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-from protocol.errors import ConfigError
-
+from .errors import ConfigError
 from .settings import Settings, is_loopback, secret_bytes
 
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from protocol.errors import ConfigError
+from .errors import ConfigError
 
 MARK = "remap-bundle-1"
 _MARK_BYTES = MARK.encode()

@@ -16,17 +16,19 @@ from twisted.logger import Logger
 
 from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
-from protocol.errors import (
-    ERROR_CODES,
+
+from .blobs import dumps, split
+from .errors import (
     ConnectionLost,
     JobFailed,
     JobKilled,
+    JobRefused,
     OutputError,
+    ProtocolError,
     RemapError,
     RemoteProtocolError,
+    error_from_wire,
 )
-
-from .blobs import dumps, split
 from .sinks import Sink, TaskErrorInfo, os_reason
 from .wire import PeerProtocol
 
@@ -41,10 +43,6 @@ READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
 
 
 log = Logger()
-
-
-class RequestFailed(RemapError):
-    """The server answered a request with an error."""
 
 
 class ArgumentTooLarge(JobFailed):
@@ -711,19 +709,20 @@ class ClusterClient:
             self.log.warn("unexpected {type} from the server", type=msg.TYPE)
 
     def _error(self, msg: m.Error) -> None:
-        error = ERROR_CODES.get(msg.code, RequestFailed)(msg.message)
+        """A request's error keeps the server's code (its class, or ``.code``) to the caller."""
+        error = error_from_wire(msg.code, msg.message)
         if msg.re is not None:
             d = self._waiters.pop(msg.re, None)
             if d is not None:
-                d.errback(RequestFailed(msg.message))
+                d.errback(error)
                 return
             run = self._submits.pop(msg.re, None)
             if run is not None:
-                run.fail(JobFailed(f"the server refused the job: {msg.message}"))
+                run.fail(JobRefused(f"the server refused the job: {msg.message}", msg.code))
                 return
         self.error = (
             error
-            if not isinstance(error, RemoteProtocolError)
+            if not isinstance(error, ProtocolError)
             else RemoteProtocolError(f"the server closed the connection: {msg.message}")
         )
 

@@ -14,11 +14,10 @@ from twisted.application.internet import ClientService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from protocol.errors import ConfigError, ServerUnreachable
-
 from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
+from .errors import ConfigError, ServerUnreachable
 from .local import connect_local
 from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.errors import AuthError, ServerUnreachable, VersionMismatch
-
 from .auth import client_secret
 from .client import ClusterClient
+from .errors import AuthError, ServerUnreachable, VersionMismatch
 from .net import AuthWaiter, PeerFactory, client_endpoint
 from .settings import Settings, parse_address
 

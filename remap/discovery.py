@@ -28,9 +28,9 @@ from typing import Any, Protocol
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from protocol.errors import ConfigError
 from protocol.messages import PROTOCOL_VERSION
 
+from .errors import ConfigError
 from .settings import Settings, is_loopback
 
 SERVICE_TYPE = "_remap._tcp.local."

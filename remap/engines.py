@@ -30,8 +30,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from protocol.errors import ConfigError, JobFailed, ServerUnreachable
-
+from .errors import ConfigError, JobFailed, ServerUnreachable
 from .sinks import Sink, TaskErrorInfo
 
 Chunk = list[tuple[int, Any]]

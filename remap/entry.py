@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from protocol.errors import RemapError
+from .errors import RemapError, one_line
 
 
 def react_main(
@@ -22,8 +22,8 @@ def react_main(
         try:
             code[0] = await serve(reactor, args)
         except RemapError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            code[0] = exc.exit_code
+            line, code[0] = one_line(exc)
+            print(line, file=sys.stderr)
 
     try:
         task.react(lambda r: defer.ensureDeferred(go(r)))

@@ -399,7 +399,7 @@ class Executor(concurrent.futures.Executor):
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
             self._open.discard(stream)
-        from protocol.errors import JobFailed
+        from .errors import JobFailed
 
         stream.fail_all(error or JobFailed("the job ended before this call's result arrived"))
 

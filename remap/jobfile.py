@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 import yaml
 
-from protocol.errors import ConfigError
+from .errors import ConfigError
 
 RESPONSE_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
 JOB_KINDS: tuple[str, ...] = ("function", "mapreduce", "vertex")

@@ -22,8 +22,8 @@ from typing import Any
 
 from protocol import Authenticated
 from protocol import messages as m
-from protocol.errors import ConnectionLost, RemapError
 
+from .errors import ConnectionLost, RemapError
 from .server.service import ServerConnection
 
 

@@ -16,8 +16,8 @@ from twisted.internet.protocol import Factory
 
 from protocol import Authenticated, Connection
 from protocol import messages as m
-from protocol.errors import ConfigError, RemapError
 
+from .errors import ConfigError, RemapError
 from .settings import Settings
 from .wire import PeerProtocol
 

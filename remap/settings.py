@@ -20,7 +20,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from protocol.errors import ConfigError
+from .errors import ConfigError
 
 PREFIX = "REMAP_"
 DEFAULT_PORT = 7878

@@ -29,7 +29,7 @@ try:
 except ImportError:  # not POSIX: outputs are still staged and renamed, but not locked
     fcntl = None  # type: ignore[assignment]
 
-from protocol.errors import ConfigError, JobFailed, OutputError, RemoteTaskError
+from .errors import ConfigError, JobFailed, OutputError, RemoteTaskError
 
 __all__ = [
     "MISSING",

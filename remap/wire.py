@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
-from protocol.errors import CertificateMismatch, ConnectionLost, FrameTooLarge, RemapError
+
+from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
 
 
 class ReadBudget:
@@ -244,7 +245,11 @@ class PeerProtocol(Protocol):
                 f"connection to {self.peer} closed before the handshake finished (if the server "
                 "uses TLS, set REMAP_TLS_CA, REMAP_TLS_CERT and REMAP_TLS_KEY here too)"
             )
-        return ConnectionLost(f"connection to {self.peer} lost")
+        return self._peer_lost(f"connection to {self.peer} lost")
+
+    def _peer_lost(self, text: str) -> ConnectionLost:
+        """A lost peer: a node's loss is a :class:`NodeLost` (the server's link to it)."""
+        return NodeLost(text) if self.conn.peer_role == "node" else ConnectionLost(text)
 
     # ---------------------------------------------------------------- sending
 
@@ -311,7 +316,7 @@ class PeerProtocol(Protocol):
             self._last_seen = self.clock.seconds()
         silent = self.clock.seconds() - self._last_seen
         if silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses):
-            self.failure = ConnectionLost(
+            self.failure = self._peer_lost(
                 f"no heartbeat from {self.peer} for {silent:.1f}s: declaring it lost"
             )
             self.log.warn("{error}", error=self.failure)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from protocol import messages as m
-from protocol.errors import ConfigError
 from remap import bundle
+from remap.errors import ConfigError
 from remap.jobfile import load_job
 from remap.server.service import RemapServerFactory, ServerConnection
 from tests.test_scheduler import FakeLink

@@ -7,9 +7,9 @@ import pickle
 from typing import Any
 
 from protocol import messages as m
-from protocol.errors import JobFailed, OutputError
 from remap.blobs import pack
 from remap.client import JobParams, JobRun
+from remap.errors import JobFailed, OutputError
 from remap.node.core import SLOT, Core
 from remap.shipping import function_blob
 from remap.sinks import ObjectSink

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
 from remap.data.jobspec import MapReduceSpec, to_job
+from remap.errors import ConfigError
 from remap.jobfile import JobSpec, load_job_text
 from tests.test_jobfile import assert_bad_job
 

@@ -18,11 +18,11 @@ from types import ModuleType
 import pytest
 
 import remap
-from protocol.errors import ConfigError, JobFailed, JobKilled
 from remap import runtime
 from remap.data import layout
 from remap.data.keys import encode_key
 from remap.data.layout import DataDir
+from remap.errors import ConfigError, JobFailed, JobKilled
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
 from remap.data import layout
 from remap.data.layout import DataDir
+from remap.errors import ConfigError
 
 
 def test_paths_follow_the_documented_layout(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ConfigError
 from remap.data import inputs, keys, runs
+from remap.errors import ConfigError
 
 _scalars = (
     st.none()

@@ -188,7 +188,7 @@ def test_hooks_run_around_the_task(tmp_path: Path) -> None:
 
 def test_functions_from_checks_the_module() -> None:
     """map is required, reduce per purpose (reduce_<purpose> wins), non-callables refused."""
-    from protocol.errors import ConfigError
+    from remap.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no 'map' function"):
         functions_from({"reduce": _sum}, ["default"])

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from protocol.errors import ConfigError
 from protocol.messages import PROTOCOL_VERSION
 from remap import discovery
 from remap.console.session import Session
 from remap.discovery import Advert, browse, cluster_id
+from remap.errors import ConfigError
 from remap.settings import load_settings
 
 SECRET = b"the right secret"
@@ -228,7 +228,7 @@ def test_python_api_dials_the_server_discovery_chose(monkeypatch, capsys):
     """connect() with a secret and no address browses too, and dials what it chose (here a
     closed loopback port, so the error names the discovered address)."""
     import remap
-    from protocol.errors import ServerUnreachable
+    from remap.errors import ServerUnreachable
 
     net = FakeNetwork([Advert(f"ours.{discovery.SERVICE_TYPE}", "127.0.0.1", 1,
                               cluster=cluster_id(SECRET), version=PROTOCOL_VERSION)])  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from protocol import messages as m
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.server.exclusion import ExclusionList
 from remap.server.service import RemapServerFactory, ServerConnection
 from tests.test_scheduler import (

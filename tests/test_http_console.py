@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.errors import AuthError, ConfigError, ServerUnreachable
 from remap.console.dashboard import login_link
 from remap.console.main import main
+from remap.errors import AuthError, ConfigError, ServerUnreachable
 from remap.settings import Settings
 from tests.http_harness import SECRET, Served
 

@@ -22,8 +22,8 @@ from twisted.test import iosim
 
 from protocol import Connection
 from protocol import messages as m
-from protocol.errors import JobKilled
 from remap.client import ClusterClient, JobOutcome, JobParams, JobRun
+from remap.errors import JobKilled, JobRefused, NodeLost, NotFound, RequestFailed
 from remap.node.agent import NodeAgent
 from remap.node.core import SLOT, Core
 from remap.server.service import RemapServerFactory
@@ -382,6 +382,7 @@ def test_heartbeat_timeout_drops_a_silent_node_and_requeues_its_work() -> None:
     cluster.tick(HEARTBEAT + 0.5, [pump_b, pump_c])
     assert a_server_side.transport.disconnecting, "the server must drop a silent node"
     assert "no heartbeat" in str(a_server_side.failure)
+    assert isinstance(a_server_side.failure, NodeLost), "the server's link to a node loses a node"
 
     # the network hole swallows whatever was in flight; the drop is then seen by both ends
     pump_a.clientIO.stream.clear()
@@ -522,6 +523,23 @@ def test_early_arguments_of_a_refused_submit_are_dropped_and_the_console_stays()
     cluster.settle()
     failure = outcome(d)
     assert isinstance(failure, Failure) and "refused" in str(failure.value)
+    assert isinstance(failure.value, JobRefused) and failure.value.code == "bad-request"
     asked = client.status()
     cluster.settle()
     assert outcome(asked)["jobs"] == [], "nothing was started, and the connection still answers"
+
+
+def test_error_codes_reach_the_caller_as_classes() -> None:
+    """A request the server answers with an error fails with the class of its code: a caller
+    tells "no such job" (NotFound) from a refused request by class or ``.code``, not by text."""
+    cluster = Cluster()
+    cluster.node("node-a", cores=1)
+    client, _ = cluster.console()
+    missing = [client.kill(999), client.attach(999, job_run(square, []))]
+    drained = client.drain("no-such-node")
+    cluster.settle()
+    for d in missing + [drained]:
+        failure = outcome(d)
+        assert isinstance(failure, Failure), failure
+        assert isinstance(failure.value, NotFound) and isinstance(failure.value, RequestFailed)
+        assert failure.value.code == "not-found"

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.jobfile import (
     JOB_KEYS,
     RESPONSE_MODES,

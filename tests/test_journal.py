@@ -15,8 +15,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from protocol import messages as m
-from protocol.errors import ConfigError
 from remap.blobs import split
+from remap.errors import ConfigError
 from remap.server.journal import FLUSH_INTERVAL, Journal, JournalError
 from remap.server.scheduler import Scheduler
 from remap.settings import Settings

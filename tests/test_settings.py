@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.settings import (
     ENV_DOC,
     ENV_VARS,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from protocol.errors import ConfigError, JobFailed, OutputError, RemapError, RemoteTaskError
+from remap.errors import ConfigError, JobFailed, OutputError, RemapError, RemoteTaskError
 from remap.sinks import (
     MISSING,
     SINK_MODES,

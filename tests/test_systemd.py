@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.node.main import main as node_main
 from remap.server.main import main as server_main
 from remap.settings import load_settings

@@ -17,10 +17,10 @@ import trustme
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import Clock
 
-from protocol.errors import ConfigError
 from remap import runtime
 from remap.cluster import start_server
 from remap.dial import connect_console
+from remap.errors import ConfigError
 from remap.net import TLSServerEndpoint, client_endpoint, server_endpoint, tls_enabled
 from remap.settings import Settings
 

@@ -82,8 +82,8 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     job directory's result is FAIL and the output has no _SUCCESS."""
     import threading
 
-    from protocol.errors import JobKilled
     from remap.data.layout import DataDir
+    from remap.errors import JobKilled
 
     _grid_input(tmp_path)
     c = make_cluster([NodeSpec(cores=2)], heartbeat=0.3)

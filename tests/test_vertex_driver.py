@@ -11,8 +11,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from protocol.errors import ConfigError, JobFailed
 from remap.data.layout import DataDir, read_result
+from remap.errors import ConfigError, JobFailed
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
 from remap.vertex.files import input_splits, read_split

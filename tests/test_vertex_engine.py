@@ -11,7 +11,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.vertex.engine import (
     Outbox,
     Partition,

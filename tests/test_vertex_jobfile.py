@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
+from remap.errors import ConfigError
 from remap.jobfile import load_job_text
 from remap.vertex.jobspec import VertexSpec, to_run
 from tests.test_console_cli import console

@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection
 from protocol import messages as m
-from protocol.errors import (
+from protocol.framing import FrameDecoder, encode_frame
+from remap.errors import (
     AuthError,
     ConnectionLost,
     FrameTooLarge,
@@ -30,7 +31,6 @@ from protocol.errors import (
     RemapError,
     RemoteProtocolError,
 )
-from protocol.framing import FrameDecoder, encode_frame
 from remap.net import PeerFactory
 from remap.node.agent import NodeAgent
 from remap.server.service import RemapServerFactory

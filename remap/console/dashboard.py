@@ -11,9 +11,8 @@ import ssl
 import urllib.error
 import urllib.request
 
-from protocol.errors import AuthError, ConfigError, ServerUnreachable
-
 from ..auth import client_secret
+from ..errors import AuthError, ConfigError, ServerUnreachable
 from ..net import tls_enabled
 from ..server.http.security import http_token
 from ..settings import Settings, parse_address

@@ -7,11 +7,10 @@ import json
 import time
 from typing import Any
 
-from protocol.errors import RemapError
-
 from ..data.driver import DataProgress, run_data_job
 from ..data.jobspec import MapReduceSpec, to_job
 from ..data.layout import DataDir
+from ..errors import RemapError
 from . import render
 
 

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError, JobFailed, JobKilled, OutputError, RemapError
-
 from .. import __version__
+from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, OutputError, RemapError, one_line
 from ..jobfile import load_job
 from ..logs import start_logging
 from ..settings import load_settings, locate_env_file
@@ -83,7 +82,6 @@ def _python_on_path() -> str:
 
 #: exit codes beyond the error classes' own (RemapError.exit_code: 1, 2, 3, 4)
 EXIT_FAILED_ARGUMENTS = 5
-EXIT_INTERRUPTED = 130
 
 EXIT_CODES = f"""\
 exit codes:
@@ -763,7 +761,7 @@ class Shell(cmd.Cmd):
         try:
             words = shlex.split(line)
         except ValueError as exc:
-            self.console.note(f"error: {exc}")
+            self.console.note(one_line(UsageError(str(exc)))[0])
             return False
         if not words:
             return False
@@ -782,17 +780,15 @@ class Shell(cmd.Cmd):
             self.console.execute(args)
         except SystemExit:
             pass
-        except RemapError as exc:
-            self.console.note(f"error: {exc}")
-        except KeyboardInterrupt:
-            self.console.note("interrupted")
+        except (RemapError, KeyboardInterrupt) as exc:
+            self.console.note(one_line(exc)[0])
         return False
 
     def do_help(self, arg: str) -> bool:  # type: ignore[override]
         try:
             self.console.say(self.console.help_text(arg.strip() or None))
         except RemapError as exc:
-            self.console.note(f"error: {exc}")
+            self.console.note(one_line(exc)[0])
         return False
 
     def do_EOF(self, arg: str) -> bool:  # noqa: N802 - cmd's name
@@ -867,18 +863,10 @@ def main(argv: list[str] | None = None) -> int:
             Shell(console, parser).cmdloop()
             return 0
         return console.execute(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (JobKilled, JobFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except RemapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (KeyboardInterrupt, RemapError) as exc:
+        line, code = one_line(exc)
+        print(line, file=sys.stderr)
+        return code
     finally:
         if session is not None:
             session.close()

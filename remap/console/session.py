@@ -7,12 +7,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.errors import ConfigError, ConnectionLost, JobFailed, RemapError
-
 from .. import bundle, discovery, runtime, shipping
 from ..auth import SecretMissing
 from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
 from ..dial import connect_console
+from ..errors import ConfigError, ConnectionLost, JobFailed, RemapError
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..net import tls_enabled
 from ..settings import Settings

@@ -7,8 +7,7 @@ import json
 import time
 from typing import Any
 
-from protocol.errors import RemapError
-
+from ..errors import RemapError
 from ..vertex.jobspec import VertexSpec, to_run
 from ..vertex.reference import SuperstepReport
 from ..vertex.run import run_vertex

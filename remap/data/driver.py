@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
-
 from .. import runtime, shipping
 from ..client import ClusterClient, JobParams, JobRun
+from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo
 from . import counters, layout
 from .inputs import Split, make_splits, resolve_inputs

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
+from ..errors import ConfigError
 
 #: bytes read at a time when counting lines to name the line of a bad record
 _COUNT_BLOCK = 1 << 20

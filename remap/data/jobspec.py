@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
-
+from ..errors import ConfigError
 from .driver import DataOptions, job_from_functions
 from .layout import check_name
 from .tasks import DEFAULT_PURPOSE

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
+from ..errors import ConfigError
 
 #: the states a job's ``result`` file may hold
 RESULT_STATES: tuple[str, ...] = ("INCOMPLETE", "FAIL", "OK")

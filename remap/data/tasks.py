@@ -85,7 +85,7 @@ HOOKS = ("map_init", "map_final", "reduce_init", "reduce_final")
 
 def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> JobFunctions:
     """Pick the job's functions from a module's namespace (or a dict); check what is needed."""
-    from protocol.errors import ConfigError
+    from ..errors import ConfigError
 
     def get(name: str) -> Any:
         value = namespace.get(name)

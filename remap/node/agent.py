@@ -13,8 +13,8 @@ from twisted.logger import Logger
 
 from protocol import Authenticated
 from protocol import messages as m
-from protocol.errors import CertificateMismatch, RemapError
 
+from ..errors import CertificateMismatch, RemapError
 from ..wire import PeerProtocol
 from .cores import CorePool
 

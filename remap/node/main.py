@@ -8,17 +8,17 @@ from dataclasses import replace
 
 from twisted.internet import defer
 
-from protocol.errors import (
+from .. import discovery
+from ..cluster import default_cores, start_node
+from ..entry import react_main
+from ..errors import (
     AuthError,
     CertificateMismatch,
     RemapError,
     ServerUnreachable,
     VersionMismatch,
+    one_line,
 )
-
-from .. import discovery
-from ..cluster import default_cores, start_node
-from ..entry import react_main
 from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import Settings, load_settings, locate_env_file
@@ -82,8 +82,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             isinstance(error, (AuthError, VersionMismatch, CertificateMismatch))
             and not stopped.called
         ):
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            result["code"] = error.exit_code
+            line, result["code"] = one_line(error)
+            print(line, file=sys.stderr, flush=True)
             stopped.callback(None)
 
     node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused)

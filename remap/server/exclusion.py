@@ -11,8 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from protocol.errors import ConfigError
-
+from ..errors import ConfigError
 from ..settings import Settings
 
 FILE_NAME = "excluded-nodes.json"

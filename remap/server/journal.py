@@ -36,8 +36,8 @@ import msgpack
 from twisted.logger import Logger
 
 from protocol import messages as m
-from protocol.errors import ConfigError
 
+from ..errors import ConfigError
 from ..settings import Settings
 from .exclusion import state_dir
 

@@ -8,12 +8,12 @@ import sys
 from twisted.internet import defer
 
 from protocol.connection import person_key
-from protocol.errors import RemapError
 
 from ..auth import client_secret
 from ..cluster import start_server
 from ..discovery import Advertiser
 from ..entry import react_main
+from ..errors import ConfigError, RemapError, one_line
 from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
@@ -64,7 +64,7 @@ def issue_key(args: argparse.Namespace) -> int:
         settings = load_settings({}, dotenv_path=locate_env_file(args.env_file)[0])
         key = person_key(client_secret(settings), args.issue_key)
     except (RemapError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(one_line(ConfigError(str(exc)))[0], file=sys.stderr)
         return 2
     print(key.decode())
     print(

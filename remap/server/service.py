@@ -10,8 +10,8 @@ from twisted.logger import Logger
 
 from protocol import Authenticated, Connection
 from protocol import messages as m
-from protocol.errors import ConfigError, RemapError, RemoteProtocolError
 
+from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol, ReadBudget, Traffic
 from .exclusion import ExclusionList
 from .journal import JournalError

@@ -22,9 +22,8 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from protocol.errors import ConfigError, JobFailed
-
 from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
+from ..errors import ConfigError, JobFailed
 from .engine import fold_into
 from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program

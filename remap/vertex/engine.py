@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.errors import JobFailed
-
+from ..errors import JobFailed
 from .program import Program
 
 PICKLE_PROTOCOL = 5

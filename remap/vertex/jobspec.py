@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
-
 from ..data.jobspec import MAPREDUCE_FIELDS, file_job_basics
+from ..errors import ConfigError
 from .driver import VertexConfig
 from .program import Program, program_from_module
 

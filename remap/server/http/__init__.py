@@ -16,9 +16,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
-from protocol.errors import ConfigError
-
 from ...data.layout import DataDir
+from ...errors import ConfigError
 from ...net import server_endpoint, tls_enabled
 from ...settings import Settings
 from .app import DispatchResource, HttpApp

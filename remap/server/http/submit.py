@@ -25,8 +25,7 @@ import yaml
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from protocol.errors import ConfigError
-
+from ...errors import ConfigError
 from ...jobfile import load_job_text
 
 MAX_BODY = 64 * 1024
