@@ -258,6 +258,9 @@ class NodeInfo(Message):
     group: str | None = None
     load: float = 0.0
     modules: list[str] | None = None
+    data_dir: str | None = None
+    data_id: str | None = None
+    data_error: str | None = None
 
 
 @message
@@ -374,6 +377,8 @@ class Submit(Message):
     requires: list[str] = field(default_factory=list)
     max_cores: int = 0
     min_cores: int = 0
+    data_dir: str | None = None
+    data_id: str | None = None
     payload: bytes = b""
 
 

@@ -228,6 +228,9 @@ class JobParams:
     gang: bool = False
     #: importable names a node must have to run the job (nodes without them are left out)
     requires: list[str] = field(default_factory=list)
+    #: a file job's data directory and its token: nodes that do not see it are left out
+    data_dir: str | None = None
+    data_id: str | None = None
 
 
 @dataclass

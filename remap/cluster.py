@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from .auth import client_secret, server_secret
 from .client import ClusterClient
+from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ConfigError, ServerUnreachable
 from .local import connect_local
@@ -142,6 +143,7 @@ def start_node(
     secret: bytes | None = None,
     on_shutdown: Any = None,
     on_auth_failure: Any = None,
+    data: DataDirReport | None = None,
 ) -> RunningNode:
     """Start cores and keep a connection to the server, reconnecting with backoff and jitter."""
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
@@ -153,6 +155,7 @@ def start_node(
         host=settings.node_name,
         on_shutdown=on_shutdown,
         on_auth_failure=on_auth_failure,
+        data=data,
     )
     factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
     scheme = "tls" if tls_enabled(settings) else "tcp"

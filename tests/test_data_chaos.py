@@ -89,7 +89,9 @@ def test_nodes_killed_mid_map_and_mid_reduce_change_nothing(make_cluster, tmp_pa
         "spill_mb: 0.01\n"
         "fanin: 3\n"
     )
-    c = make_cluster(3, cores=1, heartbeat=HEARTBEAT, env={"REMAP_HEARTBEAT_MISSES": "3"})
+    # every node sees the data directory (a node that does not is left out of file jobs)
+    env = {"REMAP_HEARTBEAT_MISSES": "3", "REMAP_DATA_DIR": str(data.root)}
+    c = make_cluster(3, cores=1, heartbeat=HEARTBEAT, env=env)
     console = c.console_popen("compute", job, "--json", env={"REMAP_DATA_DIR": str(data.root)})
 
     c.kill_node(_running_task_node(c, data, "mapper", console), signal.SIGKILL)

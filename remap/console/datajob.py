@@ -39,7 +39,7 @@ def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) ->
             console.note(f"job {progress.job_id}: {progress.line()}")
 
     try:
-        summary = run_data_job(client, job, data, on_progress=on_progress)
+        summary = run_data_job(client, job, data, on_progress=on_progress, on_notice=console.note)
     finally:
         if bar is not None:
             bar.clear()

@@ -165,4 +165,21 @@ def status_text(status: dict) -> str:
     excluded = status.get("server", {}).get("excluded") or []
     if excluded:
         head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"
-    return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs)])
+    return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs), *file_job_lines(nodes, jobs)])
+
+
+def file_job_lines(nodes: list[dict], jobs: list[dict]) -> list[str]:
+    """Nodes left out of file jobs and why; running file jobs' counters (empty: nothing)."""
+    lines = [
+        f"node {n['host']}: left out of file jobs: cannot use its data directory "
+        f"{n.get('data_dir')}: {n['data_error']}"
+        for n in nodes
+        if n.get("data_error")
+    ]
+    for j in jobs:
+        for host, why in sorted((j.get("left_out") or {}).items()):
+            lines.append(f"job {j['id']}: node {host} left out: {why}")
+        if j.get("counters"):
+            counts = ", ".join(f"{k} {v:,}" for k, v in sorted(j["counters"].items()))
+            lines.append(f"job {j['id']} counters: {counts}")
+    return ["\n".join(lines)] if lines else []

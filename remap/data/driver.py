@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import queue
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -95,12 +96,17 @@ class _Phase:
     """One phase as a function job whose results are collected by task index."""
 
     def __init__(
-        self, client: ClusterClient, params: JobParams, blob: bytes, args: list[Any]
+        self,
+        client: ClusterClient,
+        params: JobParams,
+        blob: bytes,
+        args: list[Any],
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         self.results: dict[int, Any] = {}
         self.errors: list[TaskErrorInfo] = []
         sink = StreamSink(on_item=self._item)
-        self.run = JobRun(params, blob, iter(args), sink, total_hint=len(args))
+        self.run = JobRun(params, blob, iter(args), sink, total_hint=len(args), on_notice=on_notice)
         self.total = len(args)
         self.future = runtime.call(client.submit, self.run)
 
@@ -146,6 +152,10 @@ class DataJobRunner:
         self.counters: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.error_lines: list[str] = []
+        #: what the server said while the job ran (nodes left out, waiting for nodes)
+        self.notices: list[str] = []
+        self.data_id: str | None = None
+        self._inbox: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.staging = job.output.parent / f".{job.output.name}.remap-{self.job_id}"
 
     # ------------------------------------------------------------ the whole job
@@ -191,6 +201,7 @@ class DataJobRunner:
             "counters": dict(self.counters),
             "timings": dict(self.timings),
             "errors": list(self.error_lines),
+            "notices": list(self.notices),
         }
 
     # ------------------------------------------------------------ steps
@@ -213,6 +224,7 @@ class DataJobRunner:
 
     def _write_job_dir(self, files: list[Path], splits: list[Split]) -> None:
         job, data = self.job, self.data
+        self.data_id = layout.data_id(data.root)  # nodes must see this token (or be left out)
         try:
             status = runtime.run(self.client.status, timeout=30)
         except Exception:  # noqa: BLE001 - the config is informative; the job can still run
@@ -272,6 +284,8 @@ class DataJobRunner:
             on_error="fail",
             chunksize=1,
             priority=job.options.priority,
+            data_dir=str(self.data.root),
+            data_id=self.data_id,
         )
 
     def _blob(self, task: Callable[..., Any]) -> bytes:
@@ -290,13 +304,14 @@ class DataJobRunner:
         self.on_progress(self.progress)
         if not args:
             return {}
-        self.phase = _Phase(self.client, self._params(phase), self._blob(task), args)
+        self.phase = _Phase(self.client, self._params(phase), self._blob(task), args, self._notice)
         try:
             results = self.phase.wait(lambda: self._tick(phase))
         except JobFailed as exc:
             raise self._explain(phase, exc) from None
         finally:
             self.phase = None
+            self._tell()
             self.timings[phase] = round(time.monotonic() - started, 3)
         for result in results.values():
             counters.add(self.counters, result["counters"])
@@ -304,6 +319,18 @@ class DataJobRunner:
         self.progress.tasks_done = len(results)
         self.on_progress(self.progress)
         return results
+
+    def _notice(self, text: str) -> None:
+        """A server notice, on the reactor thread: kept for :meth:`_tell` (the driver's thread)."""
+        self._inbox.put(text)
+
+    def _tell(self) -> None:
+        """Pass new server notices on, each distinct line once per job."""
+        while not self._inbox.empty():
+            text = self._inbox.get()
+            if text not in self.notices:
+                self.notices.append(text)
+                self.on_notice(text)
 
     def _explain(self, phase: str, exc: JobFailed) -> RemapError:
         if isinstance(exc, JobKilled):
@@ -316,6 +343,7 @@ class DataJobRunner:
         return JobFailed(f"{phase} phase: {exc}")
 
     def _tick(self, phase: str) -> None:
+        self._tell()
         current = self.phase
         if current is None:
             return

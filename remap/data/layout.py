@@ -215,6 +215,76 @@ def remove_tree(top: Path) -> None:
     shutil.rmtree(top, ignore_errors=True)
 
 
+#: the data directory's identity: a random token written once, read back by every user of it
+DATA_ID_FILE = ".remap-data-id"
+#: seconds a node waits for its data directory to answer before reporting it unusable
+PROBE_TIMEOUT = 10.0
+
+
+def data_id(root: Path) -> str:
+    """The token naming the data directory at ``root``, written by whoever comes first.
+
+    Two machines that read the same token see the same directory; two local folders at one
+    path give two tokens. The token is written whole under a private name and linked into
+    place (atomic and exclusive, NFS included), so nobody ever reads half of one."""
+    path = Path(root) / DATA_ID_FILE
+    try:
+        token = path.read_text(encoding="ascii").strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
+    tmp.write_text(secrets.token_hex(8) + "\n", encoding="ascii")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # someone else was first: theirs is the token
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text(encoding="ascii").strip()
+
+
+@dataclass(frozen=True)
+class DataDirReport:
+    """What a node says about its data directory when it joins (``node_info``)."""
+
+    path: str
+    token: str | None
+    error: str | None = None
+
+
+def probe(setting: str | os.PathLike[str] | None) -> DataDirReport:
+    """This machine's data directory and its token, or why it cannot be used (never raises)."""
+    data = DataDir.from_setting(setting)
+    try:
+        return DataDirReport(str(data.root), data_id(data.root))
+    except OSError as exc:
+        return DataDirReport(str(data.root), None, f"{type(exc).__name__}: {exc.strerror or exc}")
+
+
+def mismatch(
+    node_dir: str | None, node_token: str | None, node_error: str | None, job_dir: str, token: str
+) -> str:
+    """Why a node cannot take part in a file job (empty: it can, or it did not say)."""
+    if node_error:
+        return f"cannot use its data directory {node_dir}: {node_error}"
+    if node_dir is None or node_token is None:
+        return ""  # a node that did not report (the embedded node shares the driver's files)
+    if node_token != token:
+        return (
+            f"its data directory {node_dir} is not the job's {job_dir} (a different directory "
+            "there): mount the same directory on every node and point REMAP_DATA_DIR at it"
+        )
+    if node_dir != job_dir:
+        return (
+            f"sees the job's data directory at {node_dir}, but tasks use {job_dir}: mount it "
+            "at the same path on every node"
+        )
+    return ""
+
+
 def visible(data: DataDir, job_id: str) -> bool:
     """True when this process sees the job's config: the check that a node shares the data dir."""
     return data.jobconfig(job_id).is_file()

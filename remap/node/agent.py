@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from protocol import Authenticated
 from protocol import messages as m
 
+from ..data.layout import DataDirReport
 from ..errors import CertificateMismatch, RemapError
 from ..wire import PeerProtocol
 from .cores import CorePool
@@ -53,8 +54,11 @@ class NodeAgent:
         host: str | None = None,
         on_shutdown: Any = None,
         on_auth_failure: Any = None,
+        data: DataDirReport | None = None,
     ) -> None:
         self.pool = pool
+        #: the data directory this node reported (None: it says nothing, never left out)
+        self.data = data
         self.group = group
         self.host = host or socket.gethostname()
         self.link: PeerProtocol | None = None
@@ -102,6 +106,9 @@ class NodeAgent:
                 group=self.group,
                 load=load_average(),
                 modules=importable_names(),
+                data_dir=self.data.path if self.data else None,
+                data_id=self.data.token if self.data else None,
+                data_error=self.data.error if self.data else None,
             )
         )
 

@@ -6,10 +6,11 @@ import argparse
 import sys
 from dataclasses import replace
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from .. import discovery
 from ..cluster import default_cores, start_node
+from ..data.layout import PROBE_TIMEOUT, DataDir, DataDirReport, probe
 from ..entry import react_main
 from ..errors import (
     AuthError,
@@ -86,7 +87,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
             stopped.callback(None)
 
-    node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused)
+    data = await probe_data_dir(reactor, settings)
+    node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused, data=data)
     print(
         f"remap node: {node.pool.size} cores, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
         file=sys.stderr,
@@ -96,6 +98,26 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     await stopped
     await node.stop()
     return result["code"]
+
+
+async def probe_data_dir(reactor, settings: Settings) -> DataDirReport:
+    """The data directory this node reports (read off the reactor thread: it may be NFS);
+    one that does not answer in time is reported unusable, so file jobs leave this node out."""
+    root = str(DataDir.from_setting(settings.data_dir).root)
+    d = threads.deferToThread(probe, settings.data_dir)
+    d.addTimeout(PROBE_TIMEOUT, reactor)
+    try:
+        report = await d
+    except defer.TimeoutError:
+        report = DataDirReport(root, None, f"no answer in {PROBE_TIMEOUT:g}s")
+    if report.error:
+        print(
+            f"remap node: left out of file jobs: cannot use the data directory {root}: "
+            f"{report.error}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return report
 
 
 async def locate(reactor, settings: Settings) -> Settings:

@@ -15,7 +15,7 @@ from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol, ReadBudget, Traffic
 from .exclusion import ExclusionList
 from .journal import JournalError
-from .scheduler import Scheduler, first_job_id, missing
+from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
 
@@ -124,7 +124,7 @@ class ServerConnection:
                     link.send(m.Error(code="failed", message=str(exc), re=msg.id))
                     return
                 self._submits[msg.id] = job.id
-                if job.requires:
+                if job.requires or job.data_id is not None:
                     self._left_out(job)
         elif t is m.ArgsEnd:
             msg = self._early(msg)
@@ -196,17 +196,27 @@ class ServerConnection:
         return False
 
     def _left_out(self, job: Any) -> None:
-        """Say which nodes lack the job's ``requires``; fail at once a job none can run."""
+        """Say which nodes lack the job's ``requires`` or do not see its data directory; fail
+        at once a job none can run."""
         sched = self.scheduler
         candidates = [n for n in sched.nodes.values() if job.group is None or n.group == job.group]
-        lacking = [(n.host, missing(n, job)) for n in candidates if missing(n, job)]
-        for host, names in lacking:
-            if job.console is not None:
-                text = f"node {host} left out: cannot import {', '.join(names)}"
+        notices, short, kinds = [], [], set()
+        for n in candidates:
+            names = missing(n, job)
+            if names:
+                notices.append(f"node {n.host} left out: cannot import {', '.join(names)}")
+                short.append(f"{n.host} lacks {', '.join(names)}")
+                kinds.add("requires")
+            elif why := left_out_of_files(n, job):
+                notices.append(f"node {n.host} left out of file jobs: {why}")
+                short.append(f"{n.host} {why}")
+                kinds.add("data directory")
+        if job.console is not None:
+            for text in notices:
                 job.console.send(m.JobNotice(job=job.id, message=text))
-        if candidates and len(lacking) == len(candidates) and not job.finished:
-            why = "; ".join(f"{host} lacks {', '.join(names)}" for host, names in lacking)
-            sched.finish(job, "failed", f"no node can run this job (requires): {why}")
+        if candidates and len(short) == len(candidates) and not job.finished:
+            what = ", ".join(sorted(kinds, reverse=True))
+            sched.finish(job, "failed", f"no node can run this job ({what}): {'; '.join(short)}")
 
     def _exclude(self, link: PeerProtocol, msg: m.Exclude | m.Include, excluded: bool) -> None:
         """Change the persistent exclusion list by host; a host need not be connected."""

@@ -24,6 +24,7 @@ from .state import (
     JobState,
     NodeState,
     TaskState,
+    left_out_of_files,
     missing,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "TaskState",
     "cut",
     "first_job_id",
+    "left_out_of_files",
     "missing",
     "take_from",
 ]

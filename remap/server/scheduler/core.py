@@ -26,7 +26,7 @@ from protocol import messages as m
 from . import policy
 from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
 from .segments import Segment, cut, take_from
-from .state import JobPhase, JobState, NodeState, TaskState, missing
+from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
 
 #: 2026-01-01T00:00:00Z: job ids count milliseconds from here (see :func:`first_job_id`)
 JOB_ID_EPOCH = 1_767_225_600
@@ -113,6 +113,9 @@ class Scheduler:
             draining=(info.host, info.pid) in self._drained,
             excluded=info.host in self.excluded_hosts,
             modules=None if info.modules is None else frozenset(info.modules),
+            data_dir=info.data_dir,
+            data_id=info.data_id,
+            data_error=info.data_error,
         )
         self.nodes[node_id] = node
         if node.has_credit():
@@ -273,6 +276,8 @@ class Scheduler:
             max_cores=max(0, msg.max_cores),
             min_cores=max(0, msg.min_cores),
             requires=frozenset(name.split(".")[0] for name in msg.requires),
+            data_dir=msg.data_dir,
+            data_id=msg.data_id,
             submitted_at=now,
         )
 
@@ -363,7 +368,11 @@ class Scheduler:
         job.pending_bytes += len(seg.payload)
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
-        return (job.group is None or node.group == job.group) and not missing(node, job)
+        return (
+            (job.group is None or node.group == job.group)
+            and not missing(node, job)
+            and not left_out_of_files(node, job)
+        )
 
     def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
         if any(
@@ -974,6 +983,12 @@ class Scheduler:
         nodes = [n.describe(now) for n in self.nodes.values()]
         jobs = [j.describe(now) for j in self.jobs.values()]
         self.describe_shares(jobs)
+        for info in jobs:
+            job = self.jobs[info["id"]]
+            if job.data_id is not None and not job.finished:
+                info["left_out"] = {
+                    n.host: why for n in self.nodes.values() if (why := left_out_of_files(n, job))
+                }
         server = {
             "uptime": round(now - self.started_at, 1),
             "cores": sum(n.cores for n in self.nodes.values()),

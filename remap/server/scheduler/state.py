@@ -14,6 +14,7 @@ from typing import Any
 
 from protocol import messages as m
 
+from ...data.layout import mismatch
 from .segments import Segment
 
 #: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
@@ -60,6 +61,13 @@ def check_move(what: str, table: dict, old: Any, new: Any) -> None:
         raise IllegalTransition(f"{what}: {old.value} → {new.value} is not a legal move")
 
 
+def left_out_of_files(node: NodeState, job: JobState) -> str:
+    """Why ``node`` may not run file job ``job`` (it does not see the job's data directory)."""
+    if job.data_id is None or job.data_dir is None:
+        return ""
+    return mismatch(node.data_dir, node.data_id, node.data_error, job.data_dir, job.data_id)
+
+
 def missing(node: NodeState, job: JobState) -> list[str]:
     """The modules ``job`` requires that ``node`` said it cannot import."""
     if not job.requires or node.modules is None:
@@ -94,6 +102,10 @@ class NodeState:
     excluded: bool = False
     #: top-level modules the node can import (None: it did not say)
     modules: frozenset[str] | None = None
+    #: the node's data directory for file jobs, its token, or why it cannot use it
+    data_dir: str | None = None
+    data_id: str | None = None
+    data_error: str | None = None
 
     def has_credit(self) -> bool:
         return (
@@ -119,6 +131,9 @@ class NodeState:
             "excluded": self.excluded,
             "connected_for": round(now - self.connected_at, 1),
             "tasks_done": self.tasks_done,
+            "data_dir": self.data_dir,
+            "data_id": self.data_id,
+            "data_error": self.data_error,
         }
 
 
@@ -153,6 +168,8 @@ class JobState:
     max_cores: int = 0  # at most this many tasks in flight (0: no cap)
     min_cores: int = 0  # served before weights until this many tasks are in flight
     requires: frozenset[str] = frozenset()  # top-level modules a node must have
+    data_dir: str | None = None  # a file job: nodes must see this data directory ...
+    data_id: str | None = None  # ... with this token in it
     owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
     submitted_at: float = 0.0
     phase: JobPhase = JobPhase.RECEIVING
