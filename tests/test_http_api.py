@@ -414,3 +414,11 @@ def test_idle_connections_time_out_but_event_streams_do_not(monkeypatch) -> None
         stream.close()
     finally:
         served.stop()
+
+
+def test_debug_view_shows_the_schedulers_recent_events(served: Served) -> None:
+    """/api/v1/debug/scheduler lists the scheduler's event log: the node joining is there."""
+    served.add_node(host="box7")
+    events = served.request("GET", "/api/v1/debug/scheduler", token=served.token).json()["events"]
+    assert any(e["event"] == "add_node 'node-box7'" for e in events), events
+    assert all(set(e) == {"time", "event"} for e in events)

@@ -16,6 +16,7 @@ from ..wire import PeerProtocol, ReadBudget, Traffic
 from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
+from .scheduler.effects import ConsoleLost, ConsoleSaid, NodeJoined, NodeLost, NodeSaid
 
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
 
@@ -72,11 +73,15 @@ class ServerConnection:
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
         if self.node_id is not None:
-            self.scheduler.remove_node(self.node_id, str(error))
-            self.node_id = None
+            node, self.node_id = self.node_id, None
+            self._event(NodeLost(node, str(error)))
         elif self.role == "console":
             self.server.consoles.discard(link)
-            self.scheduler.console_lost(link)
+            self._event(ConsoleLost(link))
+
+    def _event(self, event: Any) -> None:
+        """The scheduler decides; this side performs what it decided."""
+        self.scheduler.runner.apply(self.scheduler.handle(event))
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat()
@@ -85,18 +90,12 @@ class ServerConnection:
 
     def _from_node(self, link: PeerProtocol, msg: m.Message) -> None:
         t = type(msg)
-        if t is m.TaskResult:
+        if t is m.TaskResult or t is m.Heartbeat or t is m.TaskFailed:
             if self.node_id is not None:
-                self.scheduler.task_result(self.node_id, msg)
-        elif t is m.Heartbeat:
-            if self.node_id is not None:
-                self.scheduler.node_heartbeat(self.node_id, msg)
-        elif t is m.TaskFailed:
-            if self.node_id is not None:
-                self.scheduler.task_failed(self.node_id, msg)
+                self._event(NodeSaid(self.node_id, msg))
         elif t is m.NodeInfo and self.node_id is None:
             self.node_id = self.session
-            self.scheduler.add_node(self.node_id, link, msg)
+            self._event(NodeJoined(self.node_id, link, msg))
         elif t is m.Error:
             self.log.warn("node {peer} reported: {message}", peer=link.peer, message=msg.message)
         else:
@@ -107,10 +106,10 @@ class ServerConnection:
     def _from_console(self, link: PeerProtocol, msg: m.Message) -> None:
         sched = self.scheduler
         t = type(msg)
-        if t is m.Args:
+        if t is m.Args or t is m.ArgsEnd:
             msg = self._early(msg)
             if msg is not None:
-                self._violation(link, sched.args_received(link, msg))
+                self._event(ConsoleSaid(link, msg))
         elif t is m.Submit:
             problem = self._check_submit(msg)
             if problem:
@@ -126,10 +125,6 @@ class ServerConnection:
                 self._submits[msg.id] = job.id
                 if job.requires or job.data_id is not None:
                     self._left_out(job)
-        elif t is m.ArgsEnd:
-            msg = self._early(msg)
-            if msg is not None:
-                self._violation(link, sched.args_ended(link, msg))
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
             server["excluded"] = sorted(self.server.exclusions.hosts)
@@ -277,13 +272,6 @@ class ServerConnection:
         if not msg.payload:
             return "a job needs a function"
         return ""
-
-    def _violation(self, link: PeerProtocol, problem: str | None) -> None:
-        if problem:
-            self.log.warn(
-                "console {peer} broke the protocol: {problem}", peer=link.peer, problem=problem
-            )
-            link.close(RemoteProtocolError(problem))
 
 
 class RemapServerFactory(Factory):

@@ -204,6 +204,10 @@ class HttpApp:
     def summary(self, request: Any, identity: Identity) -> bytes:
         return self._body(request, views.summary_view(self.scheduler, self.stats))
 
+    def scheduler_events(self, request: Any, identity: Identity) -> bytes:
+        events = [{"time": round(t, 3), "event": e} for t, e in self.scheduler.events.recent()]
+        return self._body(request, {"events": events})
+
     def nodes(self, request: Any, identity: Identity) -> bytes:
         return self._body(request, {"nodes": views.nodes_view(self.scheduler)})
 

@@ -89,6 +89,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/events", "events", "Server-sent events: one snapshot per second",
           media=EVENTS),
     Route("GET", "/metrics", "metrics", "Prometheus metrics", media=TEXT, tag="meta"),
+    Route("GET", "/api/v1/debug/scheduler", "scheduler_events", "The scheduler's last events "
+          "and commands (oldest first), for debugging", "Object", tag="meta"),
 )  # fmt: skip
 
 

@@ -1,8 +1,11 @@
 """The scheduler core: jobs, nodes, credits, retries. No sockets, no reactor.
 
-It talks to the world through *links* (anything with ``send(msg)`` and ``close()``)
-and reads time from an injected clock (``seconds()`` and ``callLater``), so every
-decision can be tested with fake links and ``twisted.internet.task.Clock``.
+Events go in through :meth:`Scheduler.handle`, which returns the effects decided on
+(send or close on a link, start or cancel a timer) without performing them; the
+service performs them with an :class:`~.effects.EffectRunner`. Commands that answer
+with a value (submit, kill, attach, drain, ...) are methods; their effects go through
+the same runner when they return. Time is read from an injected clock (``seconds()``),
+so every decision can be tested with fake links and ``twisted.internet.task.Clock``.
 
 Bookkeeping invariants, which make delivery exactly-once:
 
@@ -15,15 +18,35 @@ Bookkeeping invariants, which make delivery exactly-once:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
 from protocol import messages as m
+from protocol.errors import RemoteProtocolError
 
 from . import policy
+from .effects import (
+    CancelTimer,
+    Close,
+    ConsoleLost,
+    ConsoleSaid,
+    Effect,
+    EffectRunner,
+    EventLog,
+    NodeJoined,
+    NodeLost,
+    NodeSaid,
+    Send,
+    StartTimer,
+    Timer,
+    TimerFired,
+    describe,
+)
 from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
 from .segments import Segment, cut, take_from
 from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
@@ -54,8 +77,32 @@ def _error_entry_ok(entry: Any, n: int) -> bool:
     )
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(fn: F) -> F:
+    """A method callers use directly: when the outermost one returns (or raises), the effects
+    it decided on are performed by the scheduler's runner. Called inside :meth:`handle` or
+    another command, it only adds to their effects."""
+
+    @functools.wraps(fn)
+    def run(self: Scheduler, *args: Any, **kwargs: Any) -> Any:
+        if not self._depth:
+            note = " ".join(repr(a)[:40] for a in args if isinstance(a, (int, str)))
+            self.events.add(self.clock.seconds(), f"{fn.__name__} {note}".rstrip())
+        self._depth += 1
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if not self._depth and self._outbox:
+                self.runner.apply(self.take_effects())
+
+    return run  # type: ignore[return-value]
+
+
 class Scheduler:
-    """Owns every job and node; reacts to messages; sends through links."""
+    """Owns every job and node; takes events, returns effects (see the module docstring)."""
 
     log = Logger()
 
@@ -67,13 +114,23 @@ class Scheduler:
         preempt_grace: float | None = None,
         keep_finished: int = 50,
         job_ids_from: int = 1,
+        event_log: int = 1000,
     ) -> None:
         self.clock = clock
+        self._outbox: list[Effect] = []
+        self._depth = 0  # commands running (see :func:`command`)
+        #: performs the effects of commands and of timers that run out; the service uses it too
+        self.runner = EffectRunner(clock, self)
+        #: the last ``event_log`` events and commands, for debugging (``remap status --events``)
+        self.events = EventLog(event_log)
+        self._timer_serials = itertools.count(1)
+        #: what a job's timer does when it runs out: the failure message it ends the job with
+        self._timer_notes: dict[Timer, str] = {}
         self.console_grace = console_grace
         #: seconds a job below its share waits for lower-priority jobs' tasks to end before they
         #: are cancelled and re-queued to make room; None: no preemption (the default)
         self.preempt_grace = preempt_grace
-        self._preempt_timer: Any = None
+        self._preempt_timer: Timer | None = None
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
@@ -88,7 +145,7 @@ class Scheduler:
         #: host names on the exclusion list (see :meth:`set_excluded`)
         self.excluded_hosts: frozenset[str] = frozenset()
         self._group_credits: dict[str, int] = {}
-        self._sweep: Any = None  # the pending deadline check, while tasks are in flight
+        self._sweep: Timer | None = None  # the pending deadline check, while tasks are in flight
         self.started_at = clock.seconds()
         self.cpu_started = time.process_time()
         #: observers (metrics, the HTTP API) told ``batch_finished(job, n, seconds)`` and
@@ -97,8 +154,86 @@ class Scheduler:
         #: the server's journal (:mod:`remap.server.journal`), once :meth:`restore` gave one
         self.journal: Any = None
 
+    # ================================================================ events in, effects out
+
+    def handle(self, event: Any) -> list[Effect]:
+        """Take one event; return the effects decided on, performing none of them."""
+        self.events.add(self.clock.seconds(), describe(event))
+        self._depth += 1
+        try:
+            t = type(event)
+            if t is NodeSaid:
+                msg = event.msg
+                if type(msg) is m.TaskResult:
+                    self.task_result(event.node, msg)
+                elif type(msg) is m.TaskFailed:
+                    self.task_failed(event.node, msg)
+                else:
+                    self.node_heartbeat(event.node, msg)
+            elif t is ConsoleSaid:
+                msg = event.msg
+                if type(msg) is m.Args:
+                    problem = self.args_received(event.link, msg)
+                else:
+                    problem = self.args_ended(event.link, msg)
+                if problem:
+                    self.log.warn(
+                        "console {peer} broke the protocol: {problem}",
+                        peer=getattr(event.link, "peer", event.link),
+                        problem=problem,
+                    )
+                    self._outbox.append(Close(event.link, RemoteProtocolError(problem)))
+            elif t is NodeJoined:
+                self.add_node(event.node, event.link, event.info)
+            elif t is NodeLost:
+                self.remove_node(event.node, event.reason)
+            elif t is ConsoleLost:
+                self.console_lost(event.link)
+            elif t is TimerFired:
+                self._timer_fired(event.timer)
+            else:
+                raise TypeError(f"the scheduler takes no {t.__name__} event")
+        finally:
+            self._depth -= 1
+        return self.take_effects()
+
+    def take_effects(self) -> list[Effect]:
+        """The effects decided on since the last call (and forget them)."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _send(self, link: Any, msg: m.Message) -> None:
+        self._outbox.append(Send(link, msg))
+
+    def _start_timer(self, kind: str, delay: float, job: int = 0, note: str = "") -> Timer:
+        timer = Timer(kind, job, next(self._timer_serials))
+        if note:
+            self._timer_notes[timer] = note
+        self._outbox.append(StartTimer(timer, delay))
+        return timer
+
+    def _timer_fired(self, timer: Timer) -> None:
+        kind = timer.kind
+        if kind == "sweep":
+            if timer == self._sweep:
+                self._check_deadlines()
+            return
+        if kind == "preempt":
+            if timer == self._preempt_timer:
+                self._preempt()
+            return
+        note = self._timer_notes.pop(timer, "")
+        job = self.jobs.get(timer.job)
+        if job is None or job.finished:
+            return
+        if kind == "wait-for-nodes" and job.waiting:
+            self.finish(job, "failed", note)
+        elif kind == "console-grace" and (job.console is None or job.receiving):
+            self.finish(job, "cancelled", note)
+
     # ================================================================ nodes
 
+    @command
     def add_node(self, node_id: str, link: Any, info: m.NodeInfo) -> NodeState:
         node = NodeState(
             id=node_id,
@@ -146,12 +281,14 @@ class Scheduler:
         """Total credits of the nodes that may run ``job``."""
         return self._group_credits.get(job.group, 0) if job.group is not None else self._all_credits
 
+    @command
     def node_heartbeat(self, node_id: str, msg: m.Heartbeat) -> None:
         node = self.nodes.get(node_id)
         if node is not None:
             node.load = msg.load
             node.busy = msg.busy
 
+    @command
     def remove_node(self, node_id: str, reason: str) -> None:
         """A node is lost: its in-flight work goes back to the front of its jobs' queues."""
         node = self.nodes.pop(node_id, None)
@@ -189,6 +326,7 @@ class Scheduler:
             ]
         return matches[0] if len(matches) == 1 else None
 
+    @command
     def undrain(self, node_ref: str) -> NodeState | None:
         """Let a drained node take work again (see :meth:`find_node` for ``node_ref``)."""
         node = self.find_node(node_ref)
@@ -204,6 +342,7 @@ class Scheduler:
         self.pump()
         return node
 
+    @command
     def set_excluded(self, hosts: frozenset[str]) -> None:
         """Nodes on these hosts stay connected but get no new work (in-flight work finishes)."""
         self.excluded_hosts = hosts
@@ -218,6 +357,7 @@ class Scheduler:
                 self._check_capacity(job)
         self.pump()
 
+    @command
     def drain(self, node_ref: str) -> NodeState | None:
         """Drain a node (see :meth:`find_node` for ``node_ref``)."""
         node = self.find_node(node_ref)
@@ -233,6 +373,7 @@ class Scheduler:
 
     # ================================================================ jobs
 
+    @command
     def submit(self, console: Any, msg: m.Submit, owner: str = "") -> JobState:
         """A new job; ``owner`` is the person whose key the console used ("": cluster secret)."""
         now = self.clock.seconds()
@@ -248,7 +389,7 @@ class Scheduler:
         self.log.info(
             "job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode
         )
-        console.send(m.Submitted(re=msg.id, job=job.id, window=job.granted))
+        self._send(console, m.Submitted(re=msg.id, job=job.id, window=job.granted))
         self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
         self._prune_finished()
         return job
@@ -281,6 +422,7 @@ class Scheduler:
             submitted_at=now,
         )
 
+    @command
     def restore(self, journal: Any) -> None:
         """Take back the jobs ``journal`` recorded (the server restarted), then journal on.
 
@@ -390,15 +532,12 @@ class Scheduler:
         if job.waiting != note:
             job.waiting = note
             if job.console is not None:
-                job.console.send(m.JobNotice(job=job.id, message=note))
+                self._send(job.console, m.JobNotice(job=job.id, message=note))
         if wait_for_nodes is not None:
+            why = f"no nodes {where} after {wait_for_nodes:g}s"
+            job.timers.append(self._start_timer("wait-for-nodes", wait_for_nodes, job.id, why))
 
-            def give_up() -> None:
-                if not job.finished and job.waiting:
-                    self.finish(job, "failed", f"no nodes {where} after {wait_for_nodes:g}s")
-
-            job.timers.append(self.clock.callLater(wait_for_nodes, give_up))
-
+    @command
     def args_received(self, console: Any, msg: m.Args) -> str | None:
         """Queue a console's arguments; return an error text for a protocol violation."""
         job = self.jobs.get(msg.job)
@@ -431,6 +570,7 @@ class Scheduler:
         self.pump()
         return None
 
+    @command
     def args_ended(self, console: Any, msg: m.ArgsEnd) -> str | None:
         job = self.jobs.get(msg.job)
         if job is None or job.console is not console:
@@ -447,6 +587,7 @@ class Scheduler:
         self._maybe_complete(job)
         return None
 
+    @command
     def kill(self, job_id: int, reason: str = "killed on request") -> JobState | None:
         job = self.jobs.get(job_id)
         if job is None:
@@ -455,6 +596,7 @@ class Scheduler:
             self.finish(job, "killed", reason)
         return job
 
+    @command
     def console_lost(self, console: Any) -> None:
         """Cancel the console's jobs after the grace period, unless detached or re-attached.
 
@@ -476,12 +618,9 @@ class Scheduler:
             if job.detach:
                 why += f" after sending {job.received} arguments, before the last"
 
-            def cancel(job: JobState = job, why: str = why) -> None:
-                if not job.finished and (job.console is None or job.receiving):
-                    self.finish(job, "cancelled", why)
+            job.timers.append(self._start_timer("console-grace", self.console_grace, job.id, why))
 
-            job.timers.append(self.clock.callLater(self.console_grace, cancel))
-
+    @command
     def attach(self, console: Any, job_id: int) -> JobState | None:
         """Make ``console`` the receiver of a job's results; replay what was kept."""
         job = self.jobs.get(job_id)
@@ -489,8 +628,8 @@ class Scheduler:
             return None
         if job.finished:  # nothing more will come: anyone may have the replay, any number of times
             for msg in job.stored:
-                console.send(msg)
-            console.send(self._done_message(job))
+                self._send(console, msg)
+            self._send(console, self._done_message(job))
             return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
         # no role left once every argument is in, so it does not block an attach
@@ -501,9 +640,10 @@ class Scheduler:
         job.attached = True
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
-            console.send(msg)
+            self._send(console, msg)
         return job
 
+    @command
     def finish(self, job: JobState, state: str | JobPhase, message: str = "") -> None:
         """End a job: drop its queue, stop its tasks on every node, tell its console."""
         if job.finished:
@@ -517,20 +657,20 @@ class Scheduler:
         job.pending_count = job.pending_bytes = 0
         job.granted = 0
         for timer in job.timers:
-            if timer.active():
-                timer.cancel()
+            self._timer_notes.pop(timer, None)
+            self._outbox.append(CancelTimer(timer))
         job.timers.clear()
         for node in self.nodes.values():
             stale = [tid for tid, t in node.inflight.items() if t.job is job]
             for tid in stale:
                 del node.inflight[tid]
             if stale:
-                node.link.send(m.Cancel(job=job.id))
+                self._send(node.link, m.Cancel(job=job.id))
                 if node.has_credit():
                     self._ready[node.id] = node
             if job.id in node.loaded:
                 node.loaded.discard(job.id)
-                node.link.send(m.JobDrop(job=job.id))
+                self._send(node.link, m.JobDrop(job=job.id))
         job.running = job.tasks = 0
         if self.journal is not None:
             self.journal.finished(job.id, state, message, job.done, job.failed, job.finished_at)
@@ -543,7 +683,7 @@ class Scheduler:
             message=message,
         )
         if job.console is not None:
-            job.console.send(self._done_message(job))
+            self._send(job.console, self._done_message(job))
         self._prune_finished()
         self.pump()
 
@@ -575,12 +715,13 @@ class Scheduler:
         more = policy.grant(job, self._credits_for(job))
         if more:
             job.granted += more
-            job.console.send(m.Grant(job=job.id, count=more))
+            self._send(job.console, m.Grant(job=job.id, count=more))
 
+    @command
     def pump(self) -> None:
         """Send batches to every node with credit while there is work it may run."""
         if self.preempt_grace is not None and self._preempt_timer is None and self._starved():
-            self._preempt_timer = self.clock.callLater(self.preempt_grace, self._preempt)
+            self._preempt_timer = self._start_timer("preempt", self.preempt_grace)
         if not self._ready or not any(j.pending_count for j in self.active.values()):
             return
         now = self.clock.seconds()
@@ -641,7 +782,7 @@ class Scheduler:
                         victim.tasks -= 1
                         self._requeue(victim, task.segment)
                     need -= len(stale)
-                    node.link.send(m.Cancel(job=victim.id))
+                    self._send(node.link, m.Cancel(job=victim.id))
                     if node.has_credit():
                         self._ready[node.id] = node
                     self.log.info(
@@ -663,20 +804,23 @@ class Scheduler:
         job.tasks += 1
         if job.id not in node.loaded:
             node.loaded.add(job.id)
-            node.link.send(
+            self._send(
+                node.link,
                 m.JobLoad(
                     job=job.id,
                     star=job.star,
                     timeout=job.timeout,
                     reduce=job.mode == "reduce",
                     payload=job.fn_blob,
-                )
+                ),
             )
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
-        node.link.send(m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload))
+        self._send(
+            node.link, m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
+        )
         if self._sweep is None:
-            self._sweep = self.clock.callLater(SWEEP_INTERVAL, self._check_deadlines)
+            self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
 
     # ================================================================ task deadlines
 
@@ -714,7 +858,7 @@ class Scheduler:
                 ),
             )
         if any(node.inflight for node in self.nodes.values()):
-            self._sweep = self.clock.callLater(SWEEP_INTERVAL, self._check_deadlines)
+            self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
 
     def _heard_from(self, node: NodeState | None) -> bool:
         """Any answer proves a suspect node is working again; True if it was suspect."""
@@ -726,14 +870,13 @@ class Scheduler:
             self._ready[node.id] = node
         return True
 
+    @command
     def stop(self) -> None:
         """Cancel the scheduler's own timers (the server is stopping)."""
-        if self._preempt_timer is not None and self._preempt_timer.active():
-            self._preempt_timer.cancel()
-        self._preempt_timer = None
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep = None
+        for timer in (self._preempt_timer, self._sweep):
+            if timer is not None:
+                self._outbox.append(CancelTimer(timer))
+        self._preempt_timer = self._sweep = None
 
     def _requeue(self, job: JobState, seg: Segment) -> None:
         job.pending.appendleft(seg)
@@ -757,6 +900,7 @@ class Scheduler:
 
     # ================================================================ answers from nodes
 
+    @command
     def task_result(self, node_id: str, msg: m.TaskResult) -> None:
         node = self.nodes.get(node_id)
         cleared = self._heard_from(node)
@@ -782,7 +926,7 @@ class Scheduler:
             if len(seg):
                 self._requeue(job, seg)
             self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
-            node.link.close()
+            self._outbox.append(Close(node.link))
             return
         if msg.elapsed > 0 and len(seg):
             sample = msg.elapsed / len(seg)
@@ -850,6 +994,7 @@ class Scheduler:
             return "error positions repeated"
         return ""
 
+    @command
     def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
         """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
         node = self.nodes.get(node_id)
@@ -924,12 +1069,13 @@ class Scheduler:
         if job.detach:
             job.stored.append(msg)
             if job.attached and job.console is not None:
-                job.console.send(msg)
+                self._send(job.console, msg)
         elif job.console is not None:
-            job.console.send(msg)
+            self._send(job.console, msg)
 
     # ================================================================ repair
 
+    @command
     def repair(self) -> None:
         """After a message handler failed half-way: make each job's counts agree with where its
         arguments really are, and end a job whose arguments were lost rather than let it wait

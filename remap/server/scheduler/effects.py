@@ -1,0 +1,183 @@
+"""What goes into the scheduler and what comes out: events in, effects out, and their runner.
+
+:meth:`Scheduler.handle` takes one event (a peer's message, a node joined or lost, a
+console lost, a timer fired) and returns the effects it decided on (send, close, start
+or cancel a timer) without performing any of them; :class:`EffectRunner` performs them
+with real links and a clock. A test can assert on the effects alone: no links, no time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from protocol import messages as m
+from protocol.errors import RemapError
+
+# ==================================================================== events
+
+
+@dataclass(frozen=True, slots=True)
+class NodeJoined:
+    """A node authenticated and described itself."""
+
+    node: str
+    link: Any
+    info: m.NodeInfo
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLost:
+    """A node's connection ended (or it was dropped)."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSaid:
+    """A node's answer or heartbeat: ``TaskResult``, ``TaskFailed`` or ``Heartbeat``."""
+
+    node: str
+    msg: m.TaskResult | m.TaskFailed | m.Heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSaid:
+    """A console's arguments for a job: ``Args`` or ``ArgsEnd`` (job ids already resolved)."""
+
+    link: Any
+    msg: m.Args | m.ArgsEnd
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleLost:
+    """A console's connection ended."""
+
+    link: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A timer's name: its kind, the job it is for (0: the scheduler's own) and a serial."""
+
+    kind: str  # "sweep", "preempt", "wait-for-nodes", "console-grace"
+    job: int = 0
+    serial: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """A timer the scheduler started (and did not cancel) ran out."""
+
+    timer: Timer
+
+
+Event = NodeJoined | NodeLost | NodeSaid | ConsoleSaid | ConsoleLost | TimerFired
+
+# ==================================================================== effects
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    link: Any
+    msg: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close a peer's connection; ``error`` (if any) is what it is told and why."""
+
+    link: Any
+    error: RemapError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    timer: Timer
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    timer: Timer
+
+
+Effect = Send | Close | StartTimer | CancelTimer
+
+
+def describe(event: Any) -> str:
+    """One short line for the event log (never a payload: the log is kept in memory)."""
+    t = type(event)
+    if t is NodeSaid:
+        msg = event.msg
+        task = f" task={msg.task}" if hasattr(msg, "task") else ""
+        return f"node {event.node} {msg.TYPE}{task}"
+    if t is ConsoleSaid:
+        msg = event.msg
+        n = f" n={len(msg.sizes)}" if type(msg) is m.Args else f" total={msg.total}"
+        return f"console {msg.TYPE} job={msg.job}{n}"
+    if t is NodeJoined:
+        return f"node {event.node} joined ({event.info.host}, {event.info.cores} cores)"
+    if t is NodeLost:
+        return f"node {event.node} lost: {event.reason}"
+    if t is ConsoleLost:
+        return "console lost"
+    if t is TimerFired:
+        return f"timer {event.timer.kind} job={event.timer.job} fired"
+    return str(event)
+
+
+class EventLog:
+    """The last ``size`` events and commands with their time: what the scheduler was told."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.entries: deque[tuple[float, str]] = deque(maxlen=size)
+
+    def add(self, now: float, text: str) -> None:
+        self.entries.append((now, text))
+
+    def recent(self, n: int | None = None) -> list[tuple[float, str]]:
+        items = list(self.entries)
+        return items if n is None else items[-n:]
+
+
+class EffectRunner:
+    """Performs effects: sends and closes on links, timers on a clock; a timer that runs out
+    goes back to the scheduler as :class:`TimerFired`, and its effects are performed too."""
+
+    log = Logger()
+
+    def __init__(self, clock: Any, scheduler: Any) -> None:
+        self.clock = clock
+        self.scheduler = scheduler
+        self.timers: dict[Timer, Any] = {}
+
+    def apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            t = type(effect)
+            if t is Send:
+                effect.link.send(effect.msg)
+            elif t is StartTimer:
+                old = self.timers.pop(effect.timer, None)
+                if old is not None and old.active():
+                    old.cancel()
+                self.timers[effect.timer] = self.clock.callLater(
+                    effect.delay, self._fire, effect.timer
+                )
+            elif t is CancelTimer:
+                call = self.timers.pop(effect.timer, None)
+                if call is not None and call.active():
+                    call.cancel()
+            elif t is Close:
+                if effect.error is None:
+                    effect.link.close()
+                else:
+                    effect.link.close(effect.error)
+
+    def _fire(self, timer: Timer) -> None:
+        self.timers.pop(timer, None)
+        self.apply(self.scheduler.handle(TimerFired(timer)))

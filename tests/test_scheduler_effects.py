@@ -1,0 +1,156 @@
+"""The scheduler's one entry point: an event in, the effects it decided on out, none performed.
+
+Pure: a Clock and links that cannot send (a bare ``object()``), so an effect that was
+performed instead of returned fails the test. The runner that performs effects is tested
+through the deadline and grace tests, which advance the clock.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from protocol import messages as m
+from protocol.errors import RemoteProtocolError
+from remap.blobs import dumps
+from remap.server.scheduler import JobPhase, Scheduler
+from remap.server.scheduler.effects import (
+    CancelTimer,
+    Close,
+    ConsoleLost,
+    ConsoleSaid,
+    NodeJoined,
+    NodeLost,
+    NodeSaid,
+    Send,
+    StartTimer,
+    TimerFired,
+)
+from tests.test_scheduler import GRACE, FakeConsole, FakeNode, make
+
+INFO = m.NodeInfo(host="h", pid=1, cores=1, memory=1 << 30)
+
+
+def _sent(effects: list, link: object) -> list[m.Message]:
+    return [e.msg for e in effects if type(e) is Send and e.link is link]
+
+
+def _queued_job(sched: Scheduler, n: int = 4) -> FakeConsole:
+    """A job whose arguments are all in and queued, with no node to run them yet."""
+    console = FakeConsole(sched, range(n), chunksize=n)
+    console.feed()
+    assert sched.jobs[console.job].pending_count == n
+    return console
+
+
+def test_node_joined_returns_the_function_a_task_and_the_deadline_sweep() -> None:
+    """A node joining a cluster with queued work: the job's function, then a task with every
+    argument, then the sweep timer — returned in that order, nothing sent."""
+    sched, _ = make()
+    console = _queued_job(sched)
+    link = object()  # no send(): performing an effect would raise
+    effects = sched.handle(NodeJoined("n1", link, INFO))
+    load, task = _sent(effects, link)
+    assert type(load) is m.JobLoad and load.job == console.job and load.payload == b"fn-blob"
+    assert type(task) is m.Task and [pickle.loads(dumps(i)) for i in range(4)] == [0, 1, 2, 3]
+    assert len(task.sizes) == 4
+    (timer,) = [e for e in effects if type(e) is StartTimer]
+    assert timer.timer.kind == "sweep"
+    assert "n1" in sched.nodes and sched.jobs[console.job].running == 4
+
+
+def test_a_result_becomes_results_for_the_console_and_the_end_of_the_job() -> None:
+    """The last answer: results and job_done to the console, job_drop to the node."""
+    sched, _ = make()
+    console = _queued_job(sched, 2)
+    node_link = object()
+    (task,) = [msg for msg in _sent(sched.handle(NodeJoined("n1", node_link, INFO)), node_link)
+               if type(msg) is m.Task]  # fmt: skip
+    blobs = [dumps(0), dumps(1)]
+    answer = m.TaskResult(task=task.task, sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    before = len(console.link.sent)
+    effects = sched.handle(NodeSaid("n1", answer))
+    assert len(console.link.sent) == before, "returned, not sent"
+    results, done = _sent(effects, console.link)
+    assert type(results) is m.Results and results.indices == [0, 1]
+    assert done == m.JobDone(job=console.job, state="done", done=2, failed=0, message="")
+    assert [type(x) for x in _sent(effects, node_link)] == [m.JobDrop]
+    assert sched.jobs[console.job].phase is JobPhase.DONE
+
+
+def test_a_console_over_its_window_is_closed_by_an_effect() -> None:
+    """Arguments beyond the grant: a Close with the protocol error, the link left alone."""
+    sched, _ = make()
+    console = FakeConsole(sched, range(10), end=False)
+    payload = dumps(1)
+    too_many = console.window + 1
+    msg = m.Args(job=console.job, start=0, sizes=[len(payload)] * too_many,
+                 payload=payload * too_many)  # fmt: skip
+    (effect,) = sched.handle(ConsoleSaid(console.link, msg))
+    assert type(effect) is Close and effect.link is console.link
+    assert isinstance(effect.error, RemoteProtocolError) and "window" in str(effect.error)
+    assert not console.link.closed
+
+
+def test_node_lost_moves_its_task_to_another_node() -> None:
+    """The lost node's task goes back to the queue and out to the other node at once."""
+    sched, _ = make()
+    console = _queued_job(sched, 3)
+    a, b = object(), object()
+    sched.handle(NodeJoined("a", a, INFO))
+    first = sched.handle(NodeJoined("b", b, INFO))
+    assert not _sent(first, b), "all three arguments went to a in one task"
+    effects = sched.handle(NodeLost("a", "cable cut"))
+    assert [type(x) for x in _sent(effects, b)] == [m.JobLoad, m.Task]
+    assert not _sent(effects, a) and sched.jobs[console.job].running == 3
+
+
+def test_console_lost_starts_the_grace_timer_and_its_firing_cancels_the_job() -> None:
+    """Console lost → a grace timer; the timer fired → the job is cancelled: the node told to
+    cancel and drop it, the timer not cancelled twice. Time never moves in this test."""
+    sched, clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), end=False)
+    console.feed(limit=3)
+    (start,) = sched.handle(ConsoleLost(console.link))
+    assert type(start) is StartTimer and start.delay == GRACE
+    assert start.timer.kind == "console-grace" and start.timer.job == console.job
+    assert sched.jobs[console.job].phase is JobPhase.RECEIVING
+    effects = sched.handle(TimerFired(start.timer))
+    assert [type(x) for x in _sent(effects, node.link)] == [m.Cancel, m.JobDrop]
+    assert CancelTimer(start.timer) in effects
+    job = sched.jobs[console.job]
+    assert job.phase is JobPhase.CANCELLED and "disconnected" in job.message
+    on_clock = [call.args[0].kind for call in clock.getDelayedCalls()]
+    assert on_clock == ["sweep"], "the grace timer was returned, never started on the clock"
+    assert sched.handle(TimerFired(start.timer)) == [], "a second firing changes nothing"
+
+
+def test_commands_perform_their_effects_through_the_runner() -> None:
+    """Called directly (as the HTTP API and the tests do), a command performs what it decided:
+    kill sends job_done to the console at once."""
+    sched, _ = make()
+    console = FakeConsole(sched, range(5), end=False)
+    sched.kill(console.job)
+    assert console.done().state == "killed"
+
+
+def test_the_event_log_is_bounded_and_names_each_event() -> None:
+    """The log keeps the newest events only, one short line each, with the clock's time."""
+    sched = Scheduler(make()[1], event_log=5)
+    sched.handle(NodeJoined("n1", object(), INFO))
+    for _ in range(10):
+        sched.handle(NodeSaid("n1", m.Heartbeat(load=0.5)))
+    entries = sched.events.recent()
+    assert len(entries) == 5
+    assert all(text == "node n1 heartbeat" for _, text in entries)
+    sched.kill(999)
+    assert sched.events.recent(1)[0][1] == "kill 999"
+
+
+def test_an_unknown_event_is_refused() -> None:
+    """Anything but an event type the scheduler knows raises (a bug in the caller)."""
+    sched, _ = make()
+    with pytest.raises(TypeError, match="no str event"):
+        sched.handle("hello")
