@@ -36,11 +36,52 @@ def _not_noise(event: dict) -> PredicateResult:
     return PredicateResult.maybe
 
 
-def log_observer(level: str = "info", stream=None) -> FilteringLogObserver:
-    """Text lines at ``level`` and above to ``stream`` (stderr), without Twisted's noise."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level.lower(), LogLevel.info))
-    return FilteringLogObserver(textFileLogObserver(stream or sys.stderr), [_not_noise, predicate])
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is when a line is written, not when logging began.
+
+    An in-process caller of an entry point (a test capturing stderr, a notebook) swaps and
+    later closes that stream; an observer holding the old one would raise on every event.
+    """
+
+    def write(self, text: str) -> None:
+        stream = sys.stderr or sys.__stderr__
+        try:
+            stream.write(text)
+        except ValueError:  # closed: nowhere left to say it
+            pass
+
+    def flush(self) -> None:
+        try:
+            (sys.stderr or sys.__stderr__).flush()
+        except ValueError:
+            pass
+
+
+def log_observer(
+    level: str = "info", stream=None, predicate: LogLevelFilterPredicate | None = None
+) -> FilteringLogObserver:
+    """Text lines at ``level`` and above to ``stream`` (the current stderr), without noise."""
+    predicate = predicate or LogLevelFilterPredicate(defaultLogLevel=_level(level))
+    observer = textFileLogObserver(stream or _CurrentStderr())
+    return FilteringLogObserver(observer, [_not_noise, predicate])
+
+
+def _level(name: str) -> LogLevel:
+    return _LEVELS.get(name.lower(), LogLevel.info)
+
+
+#: the level filter of the one observer this process installed (entry points may run again
+#: in one process — tests, a console called from Python — and must not add another)
+_installed: LogLevelFilterPredicate | None = None
 
 
 def start_logging(level: str = "info", stream=None) -> None:
-    globalLogBeginner.beginLoggingTo([log_observer(level, stream)], redirectStandardIO=False)
+    """Log to stderr at ``level``; a second call only changes the level."""
+    global _installed
+    if _installed is not None:
+        _installed.defaultLogLevel = _level(level)
+        _installed.clearLogLevels()  # the namespace table holds a copy of the default
+        return
+    _installed = LogLevelFilterPredicate(defaultLogLevel=_level(level))
+    observer = log_observer(level, stream, _installed)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

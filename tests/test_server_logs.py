@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher
 
 from remap.cluster import RETRY_MAX, reconnect_delays
-from remap.logs import log_observer
+from remap.logs import log_observer, start_logging
 from remap.net import LISTEN_BACKLOG, server_endpoint
 from remap.settings import Settings
 
@@ -96,3 +96,22 @@ def test_server_and_node_logs_are_readable(tmp_path):
     for endpoint, delay in delays:
         assert endpoint == f"tcp:127.0.0.1:{port}"
         assert re.fullmatch(r"\d+(\.\d)?", delay), delay
+
+
+def test_an_entry_point_run_again_in_one_process_keeps_one_observer_on_the_current_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Tests and notebooks call ``main()`` many times: each call used to add an observer bound
+    to that call's stderr; once those streams closed, every event raised in each observer and
+    the observers logged each other's failures, stalling the reactor for seconds."""
+    from twisted.logger import globalLogPublisher
+
+    start_logging("error")
+    observers = len(globalLogPublisher._observers)
+    start_logging("info")
+    assert len(globalLogPublisher._observers) == observers
+    Logger().info("seen {n}", n=1)
+    assert "seen 1" in capsys.readouterr().err  # the level changed; the stream is today's
+    start_logging("error")
+    Logger().info("hidden")
+    assert "hidden" not in capsys.readouterr().err

@@ -50,19 +50,26 @@ class BoundedRequest(Request):
     """A request whose body is bounded before anything is authenticated (no memory to fill)."""
 
     _body_bytes = 0
+    _refused = False
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
         if length is not None and length > MAX_REQUEST_BODY:
-            self.channel.transport.abortConnection()
+            self._refuse()
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:  # the rest of the bytes already read in this turn: dropped
+            return
         self._body_bytes += len(data)
         if self._body_bytes > MAX_REQUEST_BODY:  # chunked bodies have no length up front
-            self.channel.transport.abortConnection()
+            self._refuse()
             return
         super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.channel.transport.abortConnection()
 
 
 @dataclass
