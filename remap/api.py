@@ -528,9 +528,12 @@ class ResultIterator(Iterator[Any]):
         fn_name: str = "",
         timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
         defer_source_errors: bool = False,
+        wrap_error: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
         self._stream = stream
         self._timeout_error = timeout_error
+        #: turns a remote error into what the caller's API raises (the Pool's MaybeEncodingError)
+        self._wrap_error = wrap_error
         self._ordered = ordered
         self._deadline = deadline
         self._stop_on_error = stop_on_error
@@ -653,7 +656,8 @@ class ResultIterator(Iterator[Any]):
             return result
         if self._stop_on_error:
             self.close()
-        raise remote_exception(error)
+        exc = remote_exception(error)
+        raise exc if self._wrap_error is None else self._wrap_error(exc)
 
     def _wait(self, deadline: float | None) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -917,6 +921,7 @@ class Cluster:
         stop_on_error: bool = True,
         timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
         defer_source_errors: bool = False,
+        wrap_error: Callable[[BaseException], BaseException] | None = None,
     ) -> ResultIterator:
         self._check_open()
         blob = function_blob(fn)
@@ -937,6 +942,7 @@ class Cluster:
             fn_name=describe(fn),
             timeout_error=timeout_error,
             defer_source_errors=defer_source_errors,
+            wrap_error=wrap_error,
         )
 
     # ------------------------------------------------------------ mapping

@@ -11,6 +11,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+#: how the message of a task whose result could not be pickled begins (the Pool raises
+#: ``multiprocessing.pool.MaybeEncodingError`` for those, as multiprocessing does)
+UNPICKLABLE_RESULT = "the result could not be pickled: "
+#: the attribute of that pickling error holding ``repr(result)`` (shortened)
+RESULT_REPR = "remap_result_repr"
+
 #: initializer tokens already run in this (core) process
 _initialized: set[str] = set()
 

@@ -8,10 +8,11 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from multiprocessing.pool import MaybeEncodingError
 from typing import Any
 
-from .api import Cluster, ResultIterator, own_or_borrow
-from .calls import Initialized
+from .api import Cluster, RemoteTaskError, ResultIterator, own_or_borrow
+from .calls import RESULT_REPR, UNPICKLABLE_RESULT, Initialized
 from .executor import Executor
 
 __all__ = ["AsyncResult", "Pool"]
@@ -35,6 +36,7 @@ class AsyncResult:
         self._future = future
         self._callback = callback
         self._error_callback = error_callback
+        self._error: BaseException | None = None
         self._event = threading.Event()
         future.add_done_callback(self._done)
 
@@ -43,6 +45,8 @@ class AsyncResult:
             if future.cancelled():
                 return
             error = future.exception()
+            if error is not None:
+                error = self._error = _encoding_error(error)
             if error is None and self._callback is not None:
                 self._callback(future.result())
             elif error is not None and self._error_callback is not None:
@@ -65,7 +69,24 @@ class AsyncResult:
         """The result, or the remote exception raised again; multiprocessing.TimeoutError if late."""
         if not self._event.wait(timeout):
             raise multiprocessing.TimeoutError
+        if self._error is not None:
+            raise self._error
         return self._future.result()
+
+
+def _encoding_error(exc: BaseException) -> BaseException:
+    """A result that could not be pickled on its core raises ``MaybeEncodingError`` from a
+    Pool, as multiprocessing's does (its ``exc`` and ``value`` are reprs, as there)."""
+    cause = exc.__cause__
+    if not (
+        isinstance(cause, RemoteTaskError) and cause.message.startswith(UNPICKLABLE_RESULT)
+    ) or isinstance(exc, MaybeEncodingError):
+        return exc
+    wrapped = MaybeEncodingError(exc, None)
+    wrapped.value = getattr(exc, RESULT_REPR, "<a result of unknown type>")
+    wrapped.args = (wrapped.exc, wrapped.value)
+    wrapped.__cause__ = cause
+    return wrapped
 
 
 def _all_then_first_error(results: ResultIterator) -> list[Any]:
@@ -178,6 +199,7 @@ class Pool:
             # as multiprocessing: an exception from the iterable is raised where it happened,
             # after the results before it
             defer_source_errors=True,
+            wrap_error=_encoding_error,
         )
         self._iterators.add(results)
         return results

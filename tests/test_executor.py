@@ -166,6 +166,20 @@ def test_unpicklable_argument_fails_at_submit(executor: remap.Executor) -> None:
         executor.submit(square, threading.Lock())
 
 
+def make_lock(_: int) -> object:
+    return threading.Lock()
+
+
+def test_an_unpicklable_result_raises_the_pickling_error(executor: remap.Executor) -> None:
+    """As ProcessPoolExecutor: the future raises the error pickling the result gave (here a
+    TypeError), its remote traceback as the cause."""
+    future = executor.submit(make_lock, 1)
+    with pytest.raises(TypeError, match="_thread.lock") as info:
+        future.result(timeout=30)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "could not be pickled" in info.value.__cause__.message
+
+
 def test_unpicklable_function_fails_at_submit(executor: remap.Executor) -> None:
     """A function that cannot be pickled raises at submit with its name."""
     lock = threading.Lock()

@@ -161,6 +161,31 @@ def test_apply_async_error_callback(pool: remap.Pool) -> None:
     assert not result.successful()
 
 
+def unpicklable_result(x: int) -> object:
+    return threading.Lock() if x == 2 else x
+
+
+def test_an_unpicklable_result_raises_maybe_encoding_error(pool: remap.Pool) -> None:
+    """As multiprocessing: a result the core cannot pickle raises MaybeEncodingError (its
+    ``exc`` and ``value`` are reprs) from map, imap and apply_async, and the pool goes on."""
+    from multiprocessing.pool import MaybeEncodingError
+
+    with pytest.raises(MaybeEncodingError, match="Error sending result: '<unlocked _thread.lock"):
+        pool.map(unpicklable_result, range(4))
+    results = pool.imap(unpicklable_result, range(4))
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(MaybeEncodingError) as raised:
+        next(results)
+    assert "_thread.lock" in raised.value.exc and "_thread.lock" in raised.value.value
+    assert next(results) == 3
+    errors: list[BaseException] = []
+    result = pool.apply_async(unpicklable_result, (2,), error_callback=errors.append)
+    with pytest.raises(MaybeEncodingError) as raised:
+        result.get(timeout=30)
+    assert errors == [raised.value]
+    assert pool.apply(unpicklable_result, (5,)) == 5
+
+
 def test_async_result_get_timeout(pool: remap.Pool) -> None:
     """get(timeout) on a slow result raises multiprocessing.TimeoutError; successful() before
     ready raises ValueError."""

@@ -25,6 +25,7 @@ import msgpack
 
 from remap.blobs import dumps, split
 from remap.bundle import enter_job, unwrap
+from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.shipping import load_function_blob
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
@@ -84,6 +85,14 @@ def _exception_blob(exc: BaseException) -> bytes:
         return b""
 
 
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not lose the real error
+        text = f"<{type(value).__qualname__} object (repr failed: {exc!r})>"
+    return text if len(text) <= 500 else text[:500] + "..."
+
+
 def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[bytes], bool]:
     """One pickle for the whole batch when it round-trips; else one per result.
 
@@ -110,8 +119,11 @@ def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[byt
             blobs.append(dumps(value))
         except Exception as exc:
             errors.append(_error_entry(pos, exc))
-            errors[-1][2] = f"the result could not be pickled: {errors[-1][2]}"
-            blobs.append(b"")
+            errors[-1][2] = f"{UNPICKLABLE_RESULT}{errors[-1][2]}"
+            # the pickling error itself travels (as ProcessPoolExecutor raises it), with what
+            # the result looked like for the Pool's MaybeEncodingError
+            setattr(exc, RESULT_REPR, _short_repr(value))
+            blobs.append(_exception_blob(exc))
     errors.sort(key=lambda e: e[0])
     return blobs, False
 
