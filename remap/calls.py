@@ -17,6 +17,9 @@ UNPICKLABLE_RESULT = "the result could not be pickled: "
 #: the attribute of that pickling error holding ``repr(result)`` (shortened)
 RESULT_REPR = "remap_result_repr"
 
+#: the attribute marking an exception raised by an initializer (it travels with the exception)
+INITIALIZER_FAILED = "remap_initializer_failed"
+
 #: initializer tokens already run in this (core) process
 _initialized: set[str] = set()
 
@@ -35,7 +38,12 @@ class Initializer:
 
     def ensure(self) -> None:
         if self.token not in _initialized:
-            self.fn(*self.args)  # raises into the call that needed it, as a task error
+            try:
+                self.fn(*self.args)  # raises into the call that needed it, as a task error
+            except BaseException as exc:
+                # marked, so an Executor can break as ProcessPoolExecutor does
+                setattr(exc, INITIALIZER_FAILED, True)
+                raise
             _initialized.add(self.token)
 
     def __reduce__(self) -> tuple[Any, ...]:

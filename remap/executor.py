@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
-from .calls import Apply, Initialized, Initializer
+from .calls import INITIALIZER_FAILED, Apply, Initialized, Initializer
 
 if TYPE_CHECKING:
     from .api import Cluster, JobStream, ResultIterator
@@ -32,6 +32,30 @@ __all__ = ["Executor", "RemoteFuture"]
 #: seconds a function's job stays open after its last outstanding call, for the next submit
 LINGER = 0.5
 _WAKE = ("wake",)
+
+#: executors whose calls may still run; the interpreter's exit waits for them, as the stdlib's
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+_exiting = False
+_exit_hook = threading.Lock()
+_exit_registered = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit (before atexit hooks, while daemon threads still run), let every
+    live executor finish its outstanding calls, as ``concurrent.futures`` does; later
+    submits raise RuntimeError."""
+    global _exiting
+    _exiting = True
+    for executor in list(_live):
+        executor.shutdown(wait=True)
+
+
+def _register_exit() -> None:
+    global _exit_registered
+    with _exit_hook:
+        if not _exit_registered:
+            threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+            _exit_registered = True
 
 
 class _SizedZip:
@@ -88,7 +112,8 @@ class _SubmitStream:
     ) -> None:
         from . import api
 
-        self.fn = fn  # keeps id(fn) from being reused while the job is open
+        self.executor = executor
+        self.fn: Callable[..., Any] | None = fn  # keeps id(fn) from being reused while open
         self.key = key
         self.futures: dict[int, RemoteFuture] = {}
         self.outstanding = 0  # calls put and neither resolved nor dropped (under job.lock)
@@ -164,7 +189,7 @@ class _SubmitStream:
         if error is None:
             future.set_result(result)
         else:
-            future.set_exception(api.remote_exception(error))
+            future.set_exception(self.executor._broken_by(api.remote_exception(error)))
         with self.job.lock:
             self._settled()
 
@@ -240,8 +265,14 @@ class Executor(concurrent.futures.Executor):
         self._maps: weakref.WeakSet[ResultIterator] = weakref.WeakSet()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._shutdown = False
+        #: why the executor is broken (an initializer raised), as ProcessPoolExecutor._broken
+        self._broken: str | bool = False
+        #: False for a Pool's executor: multiprocessing has no broken state, the call just fails
+        self._breaks = True
         self._thread = threading.Thread(target=self._deliver, name="remap-executor", daemon=True)
         self._thread.start()
+        _register_exit()
+        _live.add(self)
 
     @property
     def cluster(self) -> Cluster:
@@ -253,6 +284,10 @@ class Executor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
         from . import api
 
+        if self._broken:
+            raise concurrent.futures.BrokenExecutor(self._broken)
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         blob = api.dumps_argument((args, kwargs), lambda: f"the arguments of {api.describe(fn)}")
@@ -267,6 +302,10 @@ class Executor(concurrent.futures.Executor):
                 stream = _SubmitStream(self, fn, key, None)
                 self._streams[key] = stream
                 self._open.add(stream)
+                # the delivery thread may be waiting with no timeout (nothing was open): it
+                # must start counting this job's idle time, or the job (and the function,
+                # with whatever it holds) would stay until some other event came
+                self._events.put(_WAKE)
             stream.add(blob, future)
         return future
 
@@ -300,10 +339,35 @@ class Executor(concurrent.futures.Executor):
             buffersize=buffersize,
             kind="map",
             deadline=deadline,
+            wrap_error=self._broken_by,
         )
         with self._lock:
             self._maps.add(results)
         return results
+
+    def _broken_by(self, exc: BaseException) -> BaseException:
+        """An initializer that raised breaks the executor, as in ProcessPoolExecutor: the call
+        fails with ``BrokenExecutor`` (the initializer's exception as its cause), the failure
+        is logged on ``concurrent.futures``'s logger and later submits raise ``BrokenExecutor``."""
+        if not self._breaks or not getattr(exc, INITIALIZER_FAILED, False):
+            return exc
+        with self._lock:
+            first = not self._broken
+            if first:
+                self._broken = (
+                    "a core's initializer raised "
+                    f"{type(exc).__name__}: {exc}; the executor can no longer be used"
+                )
+        if first:
+            import logging
+
+            cause = exc.__cause__
+            logging.getLogger("concurrent.futures").critical(
+                "Exception in initializer:\n%s", getattr(cause, "remote_traceback", "") or exc
+            )
+        broken = concurrent.futures.BrokenExecutor(self._broken)
+        broken.__cause__ = exc
+        return broken
 
     # ------------------------------------------------------------ shutting down
 
@@ -370,6 +434,7 @@ class Executor(concurrent.futures.Executor):
                     from twisted.logger import Logger
 
                     Logger().failure("delivering results failed")
+                event = None  # waiting for the next one must not keep this job (and its fn) alive
             self._reap_idle()
             with self._lock:
                 if self._shutdown and not self._open:
@@ -384,6 +449,7 @@ class Executor(concurrent.futures.Executor):
             if results._feeder.done:  # a lazy map still reading its iterable is not waited for
                 results._stream.finished.wait()
         self._close_cluster()
+        _live.discard(self)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind, job = event[0], event[1]
@@ -402,6 +468,7 @@ class Executor(concurrent.futures.Executor):
         from .errors import JobFailed
 
         stream.fail_all(error or JobFailed("the job ended before this call's result arrived"))
+        stream.fn = None  # the job and stream form a cycle: drop the user's function now, not at gc
 
     def _reap_idle(self) -> None:
         """End the job of a function nobody submitted to for a while."""

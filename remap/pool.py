@@ -148,6 +148,7 @@ class Pool:
             initializer=initializer,
             initargs=tuple(initargs),
         )
+        self._executor._breaks = False
         #: as in multiprocessing: runs once in each core process, before its first call of this
         #: pool (shared by map and apply, so it never runs twice in one core for one pool)
         self._initializer = self._executor._initializer

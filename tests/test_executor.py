@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -380,3 +382,44 @@ def test_executor_on_a_server_with_two_nodes(tmp_path: Path) -> None:
             assert list(ex.map(square, range(200))) == [x * x for x in range(200)]
             with pytest.raises(CustomError):
                 ex.submit(raise_custom, "remote").result(timeout=30)
+
+
+EXIT_SCRIPT = """
+import atexit, sys, time
+from pathlib import Path
+import remap
+
+def write_later(path):
+    time.sleep(1.0)
+    Path(path).write_text("done")
+
+@atexit.register
+def submit_too_late():
+    try:
+        executor.submit(id, None)
+    except RuntimeError as exc:
+        print(exc)
+
+executor = remap.Executor(2)
+executor.submit(write_later, sys.argv[1])
+if sys.argv[2] == "nowait":
+    executor.shutdown(wait=False)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "nowait"])
+def test_interpreter_exit_waits_for_outstanding_calls(tmp_path: Path, how: str) -> None:
+    """As concurrent.futures: a script that submits and exits (or shuts down with wait=False)
+    still runs its calls before the interpreter ends; a submit from an atexit hook raises
+    RuntimeError("cannot schedule new futures after interpreter shutdown")."""
+    marker = tmp_path / "marker"
+    run = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(marker), how],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert marker.read_text() == "done"
+    assert "cannot schedule new futures after interpreter shutdown" in run.stdout

@@ -298,16 +298,30 @@ def test_initializer_runs_once_per_core_before_the_pools_calls(
     assert {pid for _, pid in results} <= {int(pid) for pid in runs}
 
 
-def test_executor_initializer_and_a_failing_one(embedded: remap.Cluster, tmp_path: Path) -> None:
-    """Executor(initializer=...) as ProcessPoolExecutor; an initializer that raises fails the
-    calls that needed it with its exception."""
+def test_executor_initializer_and_a_failing_one(
+    embedded: remap.Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Executor(initializer=...) as ProcessPoolExecutor; an initializer that raises breaks the
+    executor: the call fails with BrokenExecutor (the initializer's error as its cause), the
+    error is logged on concurrent.futures' logger, and later submits raise BrokenExecutor."""
     log = tmp_path / "init.log"
     with remap.Executor(cluster=embedded, initializer=remember, initargs=(str(log), 7)) as ex:
         assert ex.submit(marked, 1).result()[0] == 7
         assert {v for v, _ in ex.map(marked, range(8))} == {7}
     with remap.Executor(cluster=embedded, initializer=fail_on_three, initargs=(3,)) as ex:
-        with pytest.raises(PoolError, match="three"):
-            ex.submit(square, 2).result()
+        with caplog.at_level("CRITICAL", logger="concurrent.futures"):
+            with pytest.raises(concurrent.futures.BrokenExecutor, match="three") as broken:
+                ex.submit(square, 2).result()
+        assert isinstance(broken.value.__cause__, PoolError)
+        assert "PoolError: three" in caplog.text and "fail_on_three" in caplog.text
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(square, 3)
+    with remap.Executor(cluster=embedded, initializer=fail_on_three, initargs=(3,)) as ex:
+        with pytest.raises(concurrent.futures.BrokenExecutor, match="three"):
+            list(ex.map(square, range(3)))
+    with remap.Pool(cluster=embedded, initializer=fail_on_three, initargs=(3,)) as pool:
+        with pytest.raises(PoolError, match="three"):  # a Pool's calls fail with the error itself
+            pool.apply(square, (2,))
 
 
 def test_pool_on_a_server_with_two_nodes(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import unittest
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,9 @@ mp_tests = pytest.importorskip(
 
 import remap  # noqa: E402
 from remap.settings import Settings  # noqa: E402
+from tests.suites import assert_readme_lists, mark_cases  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.suites, pytest.mark.timeout(300)]
 
 _cluster: list[remap.Cluster] = []
 
@@ -66,17 +66,10 @@ class TestRemapPool(mp_tests._TestPool, RemapMixin, unittest.TestCase):
     """multiprocessing's _TestPool on remap.Pool."""
 
 
-for _name, _why in DIFFERENCES.items():
-    _cls_name, _, _method = _name.partition(".")
-    _cls = globals()[_cls_name]
-    setattr(_cls, _method, unittest.expectedFailure(getattr(_cls, _method)))
-del _cls  # not a second copy of the test case for pytest to collect
+mark_cases(globals(), DIFFERENCES)
 
 
 def test_the_readme_lists_every_difference() -> None:
     """The README's table of differences is the contract: it names every case expected to fail
     here (and each of those still fails: ``expectedFailure`` turns a pass into a failure)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("### Differences from the standard library", 1)[1].split("\n## ", 1)[0]
-    for name in DIFFERENCES:
-        assert f"`{name.partition('.')[2]}`" in table, f"README's differences lack {name}"
+    assert_readme_lists("Differences from the standard library", DIFFERENCES)

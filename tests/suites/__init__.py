@@ -1,0 +1,59 @@
+"""Where the standard libraries' own test suites are found (fetched by ``tests/suites/fetch.sh``
+into ``.suites/``, never committed) and how a difference from them is declared."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+import unittest
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+FETCHED = ROOT / ".suites"
+FETCH_HINT = "run tests/suites/fetch.sh first (needs apt and pip)"
+
+
+def load_module(name: str, path: Path) -> types.ModuleType:
+    """Import ``path`` as module ``name`` (the suites import themselves by that name)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_differences(heading: str) -> str:
+    """The README's table of differences under ``heading`` (a ``###`` section)."""
+    readme = (ROOT / "README.md").read_text()
+    return readme.split(f"### {heading}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+
+
+def skip_unless_fetched(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(ROOT)} is missing: {FETCH_HINT}", allow_module_level=True)
+
+
+def mark_cases(
+    namespace: dict[str, object],
+    differences: dict[str, str],
+    not_applicable: dict[str, str] | None = None,
+) -> None:
+    """``Class.method`` of ``differences`` become expected failures (a pass fails the suite, so
+    the list stays true); those of ``not_applicable`` are skipped with their reason."""
+    for name, why in [*differences.items(), *(not_applicable or {}).items()]:
+        cls_name, _, method = name.partition(".")
+        cls = namespace[cls_name]
+        wrap = unittest.expectedFailure if name in differences else unittest.skip(why)
+        setattr(cls, method, wrap(getattr(cls, method)))
+
+
+def assert_readme_lists(heading: str, *cases: dict[str, str]) -> None:
+    """The README's table under ``heading`` names every listed case (it is the contract)."""
+    table = readme_differences(heading)
+    for listed in cases:
+        for name in listed:
+            assert f"`{name.partition('.')[2]}`" in table, f"README's {heading!r} lacks {name}"
