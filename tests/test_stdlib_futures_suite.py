@@ -11,7 +11,6 @@ deliberately does differently are listed in ``DIFFERENCES`` (expected to fail) o
 
 from __future__ import annotations
 
-import atexit
 import sys
 
 import cloudpickle
@@ -22,6 +21,7 @@ from tests.suites import (
     assert_readme_lists,
     load_module,
     mark_cases,
+    shared_cluster,
     skip_unless_fetched,
 )
 
@@ -36,27 +36,17 @@ if sys.version_info[:2] != (3, 11):
 skip_unless_fetched(SOURCE)
 
 import remap  # noqa: E402
-from remap.settings import Settings  # noqa: E402
 
 cf = load_module("test.test_concurrent_futures", SOURCE)
 # the cores have no copy of the suite's module: its helpers (mul, init, MyObject...) travel by value
 cloudpickle.register_pickle_by_value(cf)
-
-_cluster: list[remap.Cluster] = []
-
-
-def _shared() -> remap.Cluster:
-    if not _cluster:
-        _cluster.append(remap.connect(cores=4, settings=Settings()))
-        atexit.register(_cluster[0].close)
-    return _cluster[0]
 
 
 def remote_executor(max_workers: int | None = None, **kwargs: object) -> remap.Executor:
     """``remap.Executor`` as the suite constructs its executors, on the shared cluster."""
     if max_workers is not None and max_workers <= 0:
         return remap.Executor(max_workers=max_workers)  # raises ValueError as the stdlib does
-    return remap.Executor(cluster=_shared(), **kwargs)  # type: ignore[arg-type]
+    return remap.Executor(cluster=shared_cluster(), **kwargs)  # type: ignore[arg-type]
 
 
 class RemapMixin(cf.ExecutorMixin):

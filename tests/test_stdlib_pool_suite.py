@@ -9,7 +9,6 @@ differences is checked against that list, so the table stays the contract.
 
 from __future__ import annotations
 
-import atexit
 import unittest
 
 import pytest
@@ -19,23 +18,13 @@ mp_tests = pytest.importorskip(
 )
 
 import remap  # noqa: E402
-from remap.settings import Settings  # noqa: E402
-from tests.suites import assert_readme_lists, mark_cases  # noqa: E402
+from tests.suites import assert_readme_lists, mark_cases, shared_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.suites, pytest.mark.timeout(300)]
 
-_cluster: list[remap.Cluster] = []
-
-
-def _shared() -> remap.Cluster:
-    if not _cluster:
-        _cluster.append(remap.connect(cores=4, settings=Settings()))
-        atexit.register(_cluster[0].close)
-    return _cluster[0]
-
 
 def _pool(processes=None, initializer=None, initargs=(), maxtasksperchild=None, context=None):
-    return remap.Pool(processes, initializer, initargs, maxtasksperchild, cluster=_shared())
+    return remap.Pool(processes, initializer, initargs, maxtasksperchild, cluster=shared_cluster())
 
 
 class RemapMixin(mp_tests.ProcessesMixin):

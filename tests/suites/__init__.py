@@ -3,11 +3,13 @@ into ``.suites/``, never committed) and how a difference from them is declared."
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import sys
 import types
 import unittest
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +59,17 @@ def assert_readme_lists(heading: str, *cases: dict[str, str]) -> None:
     for listed in cases:
         for name in listed:
             assert f"`{name.partition('.')[2]}`" in table, f"README's {heading!r} lacks {name}"
+
+
+_cluster: list[Any] = []
+
+
+def shared_cluster() -> Any:
+    """One embedded 4-core cluster for every suite in this process (cores are processes)."""
+    if not _cluster:
+        import remap
+        from remap.settings import Settings
+
+        _cluster.append(remap.connect(cores=4, settings=Settings()))
+        atexit.register(_cluster[0].close)
+    return _cluster[0]
