@@ -458,6 +458,15 @@ class JobNotice(Message):
 
 
 @message
+class JobCounters(Message):
+    """Console → server: the counts a file job's tasks added up so far (shown in status)."""
+
+    TYPE = "job_counters"
+    job: int
+    counters: dict
+
+
+@message
 class StatusRequest(Message):
     """Console → server: describe the cluster."""
 

@@ -131,6 +131,32 @@ def test_a_file_job_no_node_can_run_fails_at_once_with_the_reasons() -> None:
     assert "node b: left out of file jobs: cannot use its data directory /data" in text
 
 
+def test_counters_from_the_jobs_console_show_in_status_bounded() -> None:
+    """The job's console sets its counters (the latest replace the earlier); another console
+    cannot; malformed entries are dropped and at most MAX_COUNTERS are kept."""
+    from remap.server.service import MAX_COUNTERS
+
+    factory, handler, console = _server()
+    _node(factory, "n")
+    handler.message_received(console, m.Submit(id=1, name="wc [map]", payload=b"f"))
+    job = console.of(m.Submitted)[0].job
+    handler.message_received(console, m.JobCounters(job=job, counters={"map_records_in": 5}))
+    handler.message_received(
+        console, m.JobCounters(job=job, counters={"map_records_in": 9, "blank": 1, "x" * 99: 1})
+    )
+    stranger = ServerConnection(factory)
+    stranger.role = "console"
+    stranger.message_received(FakeLink("other"), m.JobCounters(job=job, counters={"evil": 1}))
+    nodes, jobs, _ = factory.scheduler.status()
+    (info,) = [j for j in jobs if j["id"] == job]
+    assert info["counters"] == {"map_records_in": 9, "blank": 1}
+    text = render.status_text({"nodes": nodes, "jobs": jobs, "server": {}})
+    assert f"job {job} counters: blank 1, map_records_in 9" in text
+    many = {f"c{i}": i for i in range(MAX_COUNTERS + 10)}
+    handler.message_received(console, m.JobCounters(job=job, counters=many))
+    assert len(factory.scheduler.status()[1][0]["counters"]) == MAX_COUNTERS
+
+
 # ------------------------------------------------------------------ real processes
 
 
@@ -143,8 +169,8 @@ def test_a_node_that_sees_another_directory_is_left_out(make_cluster, tmp_path: 
     data = DataDir(tmp_path / "data")
     elsewhere = tmp_path / "elsewhere"
     (tmp_path / "in").mkdir()
-    for n in range(4):
-        (tmp_path / "in" / f"f{n}.txt").write_text("a b c\nb c\nc\n" * 30)
+    for n in range(10):  # 10 map tasks of 150 lines, 0.6 s each: status sees them add up
+        (tmp_path / "in" / f"f{n}.txt").write_text("a b c\nb c\nc\n" * 50)
     job = tmp_path / "wc.yaml"
     job.write_text(
         "kind: mapreduce\n"
@@ -171,9 +197,20 @@ def test_a_node_that_sees_another_directory_is_left_out(make_cluster, tmp_path: 
 
     line = c.wait_for(left_out_in_status, 60, "status to name the node left out")
     assert str(elsewhere) in line and str(data.root) in line
+
+    def counting() -> int | None:  # counts of finished map tasks, before the job ended
+        for job in c.status()["jobs"]:
+            seen = (job.get("counters") or {}).get("map_records_in", 0)
+            if "[map " in job["name"] and job["state"] == "running" and 0 < seen < 1500:
+                return seen
+        return None
+
+    c.wait_for(counting, 60, "status to show the map counters adding up while the job runs")
     done = c.assert_ok(c.finish(console, timeout=90))
     summary = json.loads(done.stdout)
     assert summary["state"] == "OK"
+    (last,) = [j for j in c.status()["jobs"] if "[reduce " in j["name"]]
+    assert last["counters"] == summary["counters"]
     assert "node other left out of file jobs: its data directory" in done.stderr, c.explain(done)
     assert any("node other left out" in n for n in summary["notices"])
     (job_id,) = data.jobs()

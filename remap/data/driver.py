@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol import messages as m
+
 from .. import runtime, shipping
 from ..client import ClusterClient, JobParams, JobRun
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
@@ -79,6 +81,8 @@ class DataProgress:
     records: int = 0
     started: float = field(default_factory=time.monotonic)
     phase_job: int | None = None
+    #: counts of the tasks whose results arrived so far (every phase)
+    counters: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -156,6 +160,7 @@ class DataJobRunner:
         self.notices: list[str] = []
         self.data_id: str | None = None
         self._inbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._shared: tuple[int, dict[str, int]] | None = None  # counters the server has
         self.staging = job.output.parent / f".{job.output.name}.remap-{self.job_id}"
 
     # ------------------------------------------------------------ the whole job
@@ -304,7 +309,9 @@ class DataJobRunner:
         self.on_progress(self.progress)
         if not args:
             return {}
-        self.phase = _Phase(self.client, self._params(phase), self._blob(task), args, self._notice)
+        self.phase = current = _Phase(
+            self.client, self._params(phase), self._blob(task), args, self._notice
+        )
         try:
             results = self.phase.wait(lambda: self._tick(phase))
         except JobFailed as exc:
@@ -316,6 +323,8 @@ class DataJobRunner:
         for result in results.values():
             counters.add(self.counters, result["counters"])
             self.error_lines.extend(result.get("errors", ()))
+        self.progress.counters = dict(self.counters)
+        self._share_counters(current.run.job_id, self.counters)
         self.progress.tasks_done = len(results)
         self.on_progress(self.progress)
         return results
@@ -354,7 +363,20 @@ class DataJobRunner:
         if phase == "map":
             self.progress.bytes_done = sum(r["counters"]["map_bytes_in"] for r in done.values())
         self.progress.records = self.counters.get("map_records_in", 0) + records
+        running = dict(self.counters)
+        for result in done.values():
+            counters.add(running, result["counters"])
+        self.progress.counters = running
+        self._share_counters(current.run.job_id, running)
         self.on_progress(self.progress)
+
+    def _share_counters(self, job_id: int | None, counts: dict[str, int]) -> None:
+        """Tell the server the counts so far (``status`` shows them) when they changed."""
+        if job_id is None or (job_id, counts) == self._shared:
+            return
+        self._shared = (job_id, dict(counts))
+        msg = m.JobCounters(job=job_id, counters=dict(counts))
+        runtime.call(self.client.send, msg).add_done_callback(_ignore_outcome)
 
     def _map(self, splits: list[Split]) -> dict[int, Any]:
         args = [(s.index, s.path, s.start, s.end) for s in splits]
@@ -427,6 +449,11 @@ class DataJobRunner:
             timings=self.timings,
             output=str(self.job.output) if state == "OK" else None,
         )
+
+
+def _ignore_outcome(future: concurrent.futures.Future) -> None:
+    """Counters are informative: a lost connection shows up where the phase waits."""
+    future.exception()
 
 
 def run_data_job(

@@ -21,6 +21,22 @@ from .scheduler.effects import ConsoleLost, ConsoleSaid, NodeJoined, NodeLost, N
 MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
 
 
+#: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
+MAX_COUNTERS = 64
+MAX_COUNTER_NAME = 80
+
+
+def bounded_counters(counters: dict) -> dict[str, int]:
+    """The first MAX_COUNTERS well-formed entries of a console's counters (others ignored)."""
+    kept: dict[str, int] = {}
+    for name, value in counters.items():
+        if len(kept) >= MAX_COUNTERS:
+            break
+        if type(name) is str and len(name) <= MAX_COUNTER_NAME and type(value) is int:
+            kept[name] = value
+    return kept
+
+
 class ServerConnection:
     """Handler for one peer: a node or a console, known once authenticated."""
 
@@ -131,6 +147,10 @@ class ServerConnection:
             link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
         elif (t is m.Kill or t is m.Attach) and not self._may_touch(link, msg):
             return
+        elif t is m.JobCounters:
+            job = sched.jobs.get(msg.job)
+            if job is not None and job.console is link:
+                job.counters = bounded_counters(msg.counters)
         elif t is m.Kill:
             job = sched.kill(msg.job)
             if job is None:

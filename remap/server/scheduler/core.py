@@ -1135,6 +1135,8 @@ class Scheduler:
                 info["left_out"] = {
                     n.host: why for n in self.nodes.values() if (why := left_out_of_files(n, job))
                 }
+            if job.counters:
+                info["counters"] = dict(job.counters)
         server = {
             "uptime": round(now - self.started_at, 1),
             "cores": sum(n.cores for n in self.nodes.values()),

@@ -170,6 +170,7 @@ class JobState:
     requires: frozenset[str] = frozenset()  # top-level modules a node must have
     data_dir: str | None = None  # a file job: nodes must see this data directory ...
     data_id: str | None = None  # ... with this token in it
+    counters: dict[str, int] = field(default_factory=dict)  # a file job's, from its console
     owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
     submitted_at: float = 0.0
     phase: JobPhase = JobPhase.RECEIVING
