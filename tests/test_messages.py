@@ -80,6 +80,7 @@ EXAMPLES: dict[str, m.Message] = {
     ),
     "job_done": m.JobDone(job=3, state="done", done=16, failed=0, message="ok"),
     "job_notice": m.JobNotice(job=3, message="waiting for a node of group gpu"),
+    "job_counters": m.JobCounters(job=3, counters={"map_records_in": 12, "blank_lines": 1}),
     "status": m.StatusRequest(id=2),
     "status_reply": m.StatusReply(
         re=2, nodes=[{"id": "n1", "cores": 2}], jobs=[{"id": 3}], server={"v": 1}
