@@ -548,6 +548,18 @@ class Attach(Message):
 
 
 @message
+class Drive(Message):
+    """Console → server: run a data or vertex job's driver on the server, detached."""
+
+    TYPE = "drive"
+    id: int
+    kind: str
+    name: str
+    job: str
+    files: dict = field(default_factory=dict)
+
+
+@message
 class Ok(Message):
     """Server → console: a request succeeded."""
 

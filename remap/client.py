@@ -621,6 +621,12 @@ class ClusterClient:
     def kill(self, job: int) -> defer.Deferred:
         return self._request(lambda rid: m.Kill(id=rid, job=job)).addCallback(lambda r: r.info)
 
+    def drive(self, kind: str, name: str, job: str, files: dict[str, str]) -> defer.Deferred:
+        """Have the server run a data or vertex job's driver, detached; fires with its id."""
+        return self._request(
+            lambda rid: m.Drive(id=rid, kind=kind, name=name, job=job, files=files)
+        ).addCallback(lambda r: r.info["job"])
+
     def kill_quietly(self, job: int | None) -> None:
         if job is not None and self.link is not None:
             self.kill(job).addErrback(lambda _f: None)

@@ -97,6 +97,7 @@ class RunningServer:
         for node in list(self.factory.scheduler.nodes.values()):
             node.link.abort()
         self.factory.scheduler.stop()
+        self.factory.drivers.stop()
         return defer.maybeDeferred(self.port.stopListening)
 
 
@@ -121,6 +122,18 @@ async def start_server(
         )
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    from .data.layout import DataDir
+    from .server.drivers import Drivers, child_env, dial_host
+
+    factory.use_drivers(
+        Drivers(
+            reactor,
+            factory.scheduler,
+            data_dir=DataDir.from_setting(settings.data_dir).root,
+            cluster_address=f"{dial_host(settings.host)}:{port.getHost().port}",
+            child_env=child_env(settings, key),
+        )
+    )
     return RunningServer(factory, port, settings.host)
 
 

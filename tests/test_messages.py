@@ -92,6 +92,9 @@ EXAMPLES: dict[str, m.Message] = {
     "exclude": m.Exclude(id=9, node="n1"),
     "include": m.Include(id=10, node="box1"),
     "attach": m.Attach(id=7, job=3),
+    "drive": m.Drive(
+        id=8, kind="vertex", name="pr", job='{"kind": "vertex"}', files={"pr.py": "x = 1"}
+    ),
     "ok": m.Ok(re=4, info={"job": 3, "state": "killed"}),
 }
 

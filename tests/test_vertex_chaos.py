@@ -79,7 +79,7 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
 
 def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: Path):
     """``kill JOB_ID`` on the workers' gang job: the driver raises JobKilled at once, the
-    job directory's result is FAIL and the output has no _SUCCESS."""
+    job directory's result is INCOMPLETE, no output and no scratch files are left."""
     import threading
 
     from remap.data.layout import DataDir
@@ -123,5 +123,6 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     assert outcome and isinstance(outcome[0], JobKilled), outcome
     data = DataDir(tmp_path / "data")
     (job_id,) = data.jobs()
-    assert (data.job_dir(job_id) / "result").read_text().strip() == "FAIL"
-    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert (data.job_dir(job_id) / "result").read_text().strip() == "INCOMPLETE"
+    assert not (tmp_path / "out").exists()
+    assert not data.im_dir(job_id).exists()

@@ -10,20 +10,15 @@ from typing import Any
 from ..data.driver import DataProgress, run_data_job
 from ..data.jobspec import MapReduceSpec, to_job
 from ..data.layout import DataDir
-from ..errors import RemapError
 from . import render
-
-
-class DataUsageError(RemapError):
-    exit_code = 2
 
 
 def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) -> int:
     """Run a data job attached to this console; print its summary (``--json``: one object)."""
     if args.detach:
-        raise DataUsageError(
-            "compute --detach: data jobs run attached (their driver runs in this console)"
-        )
+        from .detached import start_detached
+
+        return start_detached(console, spec, args)
     job = to_job(spec)
     session = console.session
     data = DataDir.from_setting(session.settings.data_dir)
@@ -43,9 +38,15 @@ def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) ->
     finally:
         if bar is not None:
             bar.clear()
-    if args.json:
+    print_summary(console, summary, args.json)
+    return 0
+
+
+def print_summary(console: Any, summary: dict[str, Any], as_json: bool) -> None:
+    """A finished data job's summary: one JSON object, or a line for a person."""
+    if as_json:
         console.say(json.dumps(summary))
-        return 0
+        return
     c = summary["counters"]
     console.say(
         f"{summary['state']}: {c.get('map_records_in', 0)} records in "
@@ -59,4 +60,3 @@ def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) ->
         console.note(
             f"{errors} record(s) failed (on_error: continue); see {summary['job_dir']}/errors.log"
         )
-    return 0

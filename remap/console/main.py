@@ -671,6 +671,10 @@ class Console:
         job = jobs.get(args.job)
         if job is None:
             raise UsageError(f"no job {args.job} on the server (see: remap jobs)")
+        if job.get("kind") in ("mapreduce", "vertex"):  # a detached driver on the server
+            from .detached import attach_detached
+
+            return attach_detached(self, job, args)
         mode = job["mode"]
         if mode == "reduce":
             raise UsageError(

@@ -7,15 +7,10 @@ import json
 import time
 from typing import Any
 
-from ..errors import RemapError
 from ..vertex.jobspec import VertexSpec, to_run
 from ..vertex.reference import SuperstepReport
 from ..vertex.run import run_vertex
 from . import render
-
-
-class VertexUsageError(RemapError):
-    exit_code = 2
 
 
 def report_line(report: SuperstepReport) -> str:
@@ -32,9 +27,9 @@ def report_line(report: SuperstepReport) -> str:
 def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> int:
     """Run a vertex job attached to this console; print its summary (``--json``: one object)."""
     if args.detach:
-        raise VertexUsageError(
-            "compute --detach: vertex jobs run attached (their driver runs in this console)"
-        )
+        from .detached import start_detached
+
+        return start_detached(console, spec, args)
     program, config = to_run(spec)
     session = console.session
     client = session.connect(allow_embedded=True)
@@ -63,17 +58,25 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
     finally:
         if bar is not None:
             bar.clear()
-    if args.json:
-        console.say(json.dumps(result.to_json()))
-        return 0
-    console.say(
-        f"{result.state}: {result.supersteps} supersteps, {result.vertices} vertices, "
-        f"{result.messages} messages ({render.fmt_bytes(result.bytes_moved)} between workers) "
-        f"on {result.workers} workers -> {result.output} in {render.fmt_duration(result.elapsed)}"
-    )
-    if result.rollbacks:
-        console.note(f"{result.rollbacks} rollback(s) after lost workers")
-    if result.errors:
-        console.note(f"{result.errors} vertex error(s) (on_error: continue): {result.first_error}")
-    console.say(f"job directory: {result.job_dir}")
+    print_summary(console, result.to_json(), args.json)
     return 0
+
+
+def print_summary(console: Any, result: dict[str, Any], as_json: bool) -> None:
+    """A finished vertex job's summary (``VertexResult.to_json()``): JSON, or lines."""
+    if as_json:
+        console.say(json.dumps(result))
+        return
+    console.say(
+        f"{result['state']}: {result['supersteps']} supersteps, {result['vertices']} vertices, "
+        f"{result['messages']} messages ({render.fmt_bytes(result['bytes_moved'])} between "
+        f"workers) on {result['workers']} workers -> {result['output']} in "
+        f"{render.fmt_duration(result['elapsed'])}"
+    )
+    if result["rollbacks"]:
+        console.note(f"{result['rollbacks']} rollback(s) after lost workers")
+    if result["errors"]:
+        console.note(
+            f"{result['errors']} vertex error(s) (on_error: continue): {result['first_error']}"
+        )
+    console.say(f"job directory: {result['job_dir']}")

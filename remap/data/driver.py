@@ -144,11 +144,12 @@ class DataJobRunner:
         *,
         on_progress: Callable[[DataProgress], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        job_id: str | None = None,
     ) -> None:
         self.client = client
         self.job = job
         self.data = data
-        self.job_id = layout.new_job_id()
+        self.job_id = job_id or layout.new_job_id()
         self.progress = DataProgress(self.job_id)
         self.on_progress = on_progress or (lambda p: None)
         self.on_notice = on_notice or (lambda text: None)

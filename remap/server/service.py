@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -13,6 +14,7 @@ from protocol import messages as m
 
 from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol, ReadBudget, Traffic
+from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
@@ -143,8 +145,13 @@ class ServerConnection:
                     self._left_out(job)
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
+            jobs += self.server.drivers.describe(sched.clock.seconds())
             server["excluded"] = sorted(self.server.exclusions.hosts)
             link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
+        elif t is m.Drive:
+            self._drive(link, msg)
+        elif (t is m.Kill or t is m.Attach) and msg.job in self.server.drivers.jobs:
+            self._driven(link, msg)
         elif (t is m.Kill or t is m.Attach) and not self._may_touch(link, msg):
             return
         elif t is m.JobCounters:
@@ -192,6 +199,44 @@ class ServerConnection:
                     message=f"a console does not send {msg.TYPE}",
                     re=getattr(msg, "id", None),
                 )
+            )
+
+    def _drive(self, link: PeerProtocol, msg: m.Drive) -> None:
+        """Run a data or vertex job's driver on the server (``compute --detach``)."""
+        if self.user:
+            link.send(
+                m.Error(
+                    code="forbidden",
+                    message="a detached data or vertex job's driver runs on the server with the "
+                    f"cluster secret; {self.user!r}'s key may not start one (run it attached)",
+                    re=msg.id,
+                )
+            )
+            return
+        try:
+            job = self.server.drivers.start(msg.kind, msg.name, msg.job, msg.files, self.user)
+        except (DriveError, OSError) as exc:
+            link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+            return
+        link.send(m.Ok(re=msg.id, info={"job": job.id}))
+
+    def _driven(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> None:
+        """``kill`` of a detached data or vertex job answers once its driver has exited."""
+        job = self.server.drivers.jobs[msg.job]
+        if self.user and job.owner != self.user:
+            link.send(m.Error(code="forbidden", message=f"job {job.id} is not yours", re=msg.id))
+        elif type(msg) is m.Attach:
+            link.send(
+                m.Error(
+                    code="unexpected",
+                    message=f"job {job.id} is a detached {job.kind} job: its summary is in "
+                    "status once it ends (remap attach waits for it)",
+                    re=msg.id,
+                )
+            )
+        else:
+            self.server.drivers.kill(
+                job, lambda j: link.send(m.Ok(re=msg.id, info={"job": j.id, "state": j.state}))
             )
 
     def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> bool:
@@ -333,11 +378,18 @@ class RemapServerFactory(Factory):
         self.exclusions = ExclusionList()
         self.on_stop: Any = None
         self.traffic = Traffic()  # bytes in and out over every socket (for metrics)
+        #: detached data and vertex jobs; :meth:`use_drivers` lets it start them
+        self.drivers = Drivers(
+            clock, self.scheduler, data_dir=Path("."), cluster_address=None, child_env={}
+        )
 
     def use_journal(self, journal: Any) -> None:
         """Resume what ``journal`` recorded and record from now on (None: no journal)."""
         if journal is not None:
             self.scheduler.restore(journal)
+
+    def use_drivers(self, drivers: Drivers) -> None:
+        self.drivers = drivers
 
     def use_exclusions(self, exclusions: ExclusionList) -> None:
         self.exclusions = exclusions
@@ -362,6 +414,7 @@ class RemapServerFactory(Factory):
 
     def shutdown_cluster(self, reason: str) -> None:
         """Tell every node to exit, end every job, then stop (the entry point decides how)."""
+        self.drivers.stop()
         for job in list(self.scheduler.jobs.values()):
             self.scheduler.finish(job, "killed", reason)
         for node in list(self.scheduler.nodes.values()):

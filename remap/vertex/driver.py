@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
-from ..errors import ConfigError, JobFailed
+from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from .engine import fold_into
 from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
@@ -141,6 +141,7 @@ class Driver:
         workers: int,
         start: Callable[[list[WorkerArgs]], Launch],
         on_report: Callable[[SuperstepReport], None] | None = None,
+        job_id: str | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("a vertex job needs at least one core")
@@ -149,7 +150,7 @@ class Driver:
         self.program = program
         self.config = config
         self.data = data
-        self.job_id = new_job_id()
+        self.job_id = job_id or new_job_id()
         self.layout = Layout(data, self.job_id)
         self.inputs = find_inputs(config.input)
         self.workers = workers
@@ -317,8 +318,15 @@ class Driver:
             return result
         except BaseException as exc:
             self._command_quietly_stop()
-            write_result(self.data, self.job_id, "FAIL", message=str(exc))
+            # killed, interrupted or cut off: INCOMPLETE; anything else: FAIL
+            killed = isinstance(exc, (JobKilled, ConnectionLost, KeyboardInterrupt))
+            write_result(
+                self.data, self.job_id, "INCOMPLETE" if killed else "FAIL", message=str(exc)
+            )
             remove_tree(self.layout.scratch)
+            out = self.config.output
+            if out.is_dir() and not (out / SUCCESS_MARKER).exists():
+                remove_tree(out)  # part files of an output never finished (we created it)
             raise
         finally:
             self._stop.set()

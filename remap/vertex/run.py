@@ -40,6 +40,8 @@ def run_vertex(
     data_dir: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     on_report: Callable[[SuperstepReport], None] | None = None,
+    job_id: str | None = None,
+    on_launch: Callable[[ClusterLaunch], None] | None = None,
 ) -> VertexResult:
     """Run one vertex job to the end on a connected ``ClusterClient``; raises JobFailed,
     JobKilled or ConfigError. Blocks the calling thread (never call it on the reactor's)."""
@@ -63,9 +65,11 @@ def run_vertex(
             bundle=bundle,
         )
         launches.append(launch)
+        if on_launch is not None:
+            on_launch(launch)
         return launch
 
-    driver = Driver(program, config, data, workers, start, on_report=on_report)
+    driver = Driver(program, config, data, workers, start, on_report=on_report, job_id=job_id)
     result = driver.run()
     if launches and not launches[0].wait(STOP_GRACE):
         log.warn("vertex workers did not return after the stop command; killing them")

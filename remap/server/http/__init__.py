@@ -7,7 +7,6 @@ token rather than a client certificate, so no client certificate is asked for).
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +19,7 @@ from ...data.layout import DataDir
 from ...errors import ConfigError
 from ...net import server_endpoint, tls_enabled
 from ...settings import Settings
+from ..drivers import child_env, dial_host
 from .app import DispatchResource, HttpApp
 from .events import EventHub
 from .metrics import ServerStats
@@ -95,25 +95,6 @@ def display_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _child_env(settings: Settings, secret: bytes) -> dict[str, str]:
-    """What a console child needs to join this server: the secret and the TLS files."""
-    env = {"REMAP_SECRET_KEY": secret.decode("utf-8", "replace")}
-    for name in ("tls_cert", "tls_key", "tls_ca"):
-        value = getattr(settings, name)
-        if value:
-            env[f"REMAP_{name.upper()}"] = os.path.abspath(value)
-    return env
-
-
-def dial_host(host: str) -> str:
-    """Where a local child reaches a server bound to ``host`` (a wildcard means loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if ":" in host:
-        return "[::1]" if host == "::" else f"[{host}]"
-    return host
-
-
 async def start_http(
     reactor: Any,
     settings: Settings,
@@ -151,7 +132,7 @@ async def start_http(
         cluster_address=(
             f"{dial_host(settings.host)}:{cluster_port}" if cluster_port is not None else None
         ),
-        child_env=_child_env(settings, secret),
+        child_env=child_env(settings, secret),
     )
     app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
     site = Site(

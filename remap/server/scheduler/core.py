@@ -493,6 +493,10 @@ class Scheduler:
             job.received = job.done + job.failed
         return job
 
+    def take_job_id(self) -> int:
+        """A fresh job id for a job the scheduler does not run itself (a detached driver)."""
+        return next(self._job_ids)
+
     def recall(self, job_id: int) -> JobState | None:
         """A job by id: in memory, or a finished one only the journal still keeps (it comes
         back into memory, so ``attach`` and ``results`` work for every journaled job)."""

@@ -1,0 +1,248 @@
+"""Detached data and vertex jobs, both ends: the console that starts or waits for one, and the
+driver process the server runs for it (``python -m remap.console.detached DIR``).
+
+``compute JOB.yaml --detach`` of a ``kind: mapreduce`` or ``kind: vertex`` job checks the job
+here (so its mistakes are one line on this console), then sends it with its module *by value*
+(``drive``): paths absolute, the module's text beside it. The server writes both to
+``<data dir>/detached/<id>/`` and starts this module's :func:`main` there, which runs the same
+driver ``compute`` runs attached and reports on stdout, one JSON object a line: ``started`` (the
+data-directory job id), ``progress`` (phase, done, total, a line), ``end`` (state, message,
+summary). ``attach ID`` reads the job's map in ``status`` until it has ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, JobFailed, JobKilled, RemapError
+from . import render
+
+KINDS = ("mapreduce", "vertex")
+#: seconds between progress lines a driver sends the server
+PROGRESS_EVERY = 0.5
+#: seconds between looks at a detached job's status while attached to it
+ATTACH_POLL = 0.5
+
+
+# ---------------------------------------------------------------- the console's side
+
+
+def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """The job file as JSON with absolute paths, and the module's text when it is a file."""
+    raw = yaml.safe_load(Path(job_file).read_text(encoding="utf-8"))
+    files: dict[str, str] = {}
+    if spec.module.endswith(".py"):
+        path = (spec.base_dir / Path(spec.module).expanduser()).resolve()
+        files[path.name] = path.read_text(encoding="utf-8")
+        raw["module"] = path.name
+    raw["input"] = [str((spec.base_dir / Path(i).expanduser()).absolute()) for i in spec.inputs]
+    raw["output"] = str(spec.output)
+    raw["name"] = spec.name
+    return json.dumps(raw), files
+
+
+def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
+    """``compute --detach`` of a data or vertex job: the server runs its driver; print the id."""
+    from .main import UsageError
+
+    session = console.session
+    if not session.locate():
+        raise UsageError(
+            "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
+            "cluster ends with its console"
+        )
+    if spec.kind == "mapreduce":  # the job's own mistakes, as one line here
+        from ..data.jobspec import to_job
+
+        to_job(spec)
+    else:
+        from ..vertex.jobspec import to_run
+
+        to_run(spec)
+    job_text, files = shipped_job(spec, args.job)
+    job_id = session.request("drive", spec.kind, spec.name, job_text, files)
+    if args.json:
+        console.say(json.dumps({"job": job_id, "detached": True, "kind": spec.kind}))
+    else:
+        console.say(
+            f"job {job_id} ({spec.kind}) runs detached on the server; see it in "
+            f"{console.command_line('jobs')}; wait for its summary with: "
+            f"{console.command_line('attach', str(job_id))}"
+        )
+    return 0
+
+
+def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace) -> int:
+    """Wait for a detached data or vertex job to end (progress on a terminal); print its
+    summary as ``compute`` would have, or raise its error."""
+    quiet = args.json or getattr(args, "quiet", False)
+    bar = render.Progress(console.err) if (console.err.isatty() and not quiet) else None
+    try:
+        while job["state"] == "running":
+            if bar is not None:
+                bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
+            time.sleep(ATTACH_POLL)
+            jobs = {j["id"]: j for j in console.session.request("status")["jobs"]}
+            if job["id"] not in jobs:
+                raise RemapError(f"job {job['id']} is no longer on the server (restarted?)")
+            job = jobs[job["id"]]
+    finally:
+        if bar is not None:
+            bar.clear()
+    summary = job.get("summary")
+    if job["state"] == "done" and isinstance(summary, dict):
+        print_summary(console, job["kind"], summary, args.json)
+        return 0
+    error = JobKilled if job["state"] == "killed" else JobFailed
+    text = f"job {job['id']} {job['state']}: {job.get('message') or 'no reason given'}"
+    if args.json:
+        console.say(json.dumps({"job": job["id"], "state": job["state"], "error": text}))
+    raise error(text)
+
+
+def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> None:
+    if kind == "mapreduce":
+        from .datajob import print_summary as show
+    else:
+        from .vertexjob import print_summary as show
+    show(console, summary, as_json)
+
+
+# ---------------------------------------------------------------- the driver process
+
+
+class _Out:
+    """The driver's report lines, on a private copy of stdout (what user code prints goes to
+    stderr, so it cannot be taken for a report)."""
+
+    def __init__(self) -> None:
+        self.stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self.last = 0.0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+        self.stream.flush()
+
+    def progress(self, force: bool = False, **fields: Any) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            self.emit("progress", **fields)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the drivers end a job on it: kill the phase, clean up, INCOMPLETE
+
+
+def _run_data(client: Any, spec: Any, settings: Any, out: _Out) -> dict[str, Any]:
+    from ..data.driver import DataJobRunner
+    from ..data.jobspec import to_job
+    from ..data.layout import DataDir
+
+    data = DataDir.from_setting(settings.data_dir)
+    runner = DataJobRunner(
+        client,
+        to_job(spec),
+        data,
+        on_progress=lambda p: out.progress(
+            phase=p.phase,
+            done=p.tasks_done,
+            total=p.tasks_total or None,
+            line=p.line(),
+            sub_job=p.phase_job,
+        ),
+    )
+    out.emit("started", data_job=runner.job_id, job_dir=str(data.job_dir(runner.job_id)))
+    summary = runner.run()
+    summary["errors"] = summary.get("errors", [])[:20]
+    return summary
+
+
+def _run_vertex(client: Any, spec: Any, settings: Any, out: _Out) -> dict[str, Any]:
+    from ..data.layout import DataDir, new_job_id
+    from ..vertex.jobspec import to_run
+    from ..vertex.run import run_vertex
+    from .vertexjob import report_line
+
+    program, config = to_run(spec)
+    job_id = new_job_id()
+    data = DataDir.from_setting(settings.data_dir)
+    out.emit("started", data_job=job_id, job_dir=str(data.job_dir(job_id)))
+    launched: list[Any] = []
+    result = run_vertex(
+        client,
+        settings,
+        program,
+        config,
+        group=spec.group,
+        retries=spec.retries,
+        priority=spec.priority,
+        job_id=job_id,
+        on_launch=launched.append,
+        on_report=lambda r: out.progress(
+            phase=f"superstep {r.superstep}",
+            done=r.superstep + 1,
+            total=spec.max_supersteps,
+            line=report_line(r),
+            sub_job=launched[0].run.job_id if launched else None,
+        ),
+    )
+    return result.to_json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The driver of one detached job, run by the server in the job's directory."""
+    from ..jobfile import load_job
+    from ..logs import start_logging
+    from ..settings import load_settings
+    from .session import Session
+
+    ap = argparse.ArgumentParser(prog="remap-detached-driver")
+    ap.add_argument("--server", required=True)
+    ap.add_argument("directory", type=Path)
+    args = ap.parse_args(argv)
+    out = _Out()
+    signal.signal(signal.SIGTERM, _terminate)
+    session = None
+    state, message, summary = "failed", "", None
+    try:
+        settings = load_settings({"server": args.server}, dotenv_path=None)
+        start_logging(settings.log_level)
+        spec = load_job(args.directory / "job.json")
+        if spec.kind not in KINDS:
+            raise ConfigError(f"a detached driver runs data and vertex jobs, not {spec.kind}")
+        session = Session(settings)
+        client = session.connect(allow_embedded=False)
+        run = _run_data if spec.kind == "mapreduce" else _run_vertex
+        summary = run(client, spec, settings, out)
+        state = "done"
+    except (JobKilled, KeyboardInterrupt) as exc:
+        state, message = "killed", str(exc) or "killed on request"
+    except RemapError as exc:
+        message = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported to the server as the job's reason
+        message = f"{type(exc).__name__}: {exc}"
+    out.emit("end", state=state, message=message, summary=summary)
+    print(f"detached job {state}{': ' + message if message else ''}", file=sys.stderr)
+    sys.stderr.flush()
+    if session is not None:
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+    os._exit(0 if state == "done" else 1)  # the reactor thread is a daemon: do not wait on it
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Detached data and vertex jobs: their drivers run as child processes of the server.
+
+A data job (map, barrier, reduce) or a vertex job (supersteps) is steered by a driver that
+must live as long as the job. Detached, that driver cannot live in the console that started
+it, and a node's core would cost the job a worker; the server is the one process that
+outlives consoles and already knows every job. So ``drive`` makes the server start
+``python -m remap.console.detached DIR`` with its own secret: a console child (as HTTP
+submissions are) that runs the same driver code as ``compute`` and reports JSON lines on its
+stdout (started, progress, end), which this module turns into a job in ``status``.
+
+Everything a driver needs is in ``<data dir>/detached/<id>/`` (``job.json``, the module shipped
+by value, ``ended.json`` once it ended), so a restarted server can find an unfinished one again
+and start its driver anew under the same id (see :meth:`Drivers.unfinished`). A driver that
+dies without saying how it ended leaves ``result`` = ``INCOMPLETE`` with the reason, and its
+intermediate files are removed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import protocol, threads
+from twisted.logger import Logger
+
+from ..data import layout
+
+KINDS = ("mapreduce", "vertex")
+#: bytes of shipped files a ``drive`` may carry (the job module, by value)
+MAX_FILES_BYTES = 4 * 1024 * 1024
+#: seconds a killed driver gets to clean up before it is SIGKILLed (and cleaned up after)
+KILL_GRACE = 20.0
+#: longest JSON line read from a driver; longer ones are dropped
+MAX_LINE = 256 * 1024
+#: finished detached jobs remembered (for status and attach); the oldest are forgotten
+MAX_KEPT = 100
+_FILE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\.py$")
+CHILD_MODULE = "remap.console.detached"
+
+
+class DriveError(Exception):
+    """A ``drive`` refused with a reason the console sees."""
+
+
+def child_env(settings: Any, secret: bytes) -> dict[str, str]:
+    """What a console child needs to join this server: the secret and the TLS files."""
+    env = {"REMAP_SECRET_KEY": secret.decode("utf-8", "replace")}
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(settings, name)
+        if value:
+            env[f"REMAP_{name.upper()}"] = os.path.abspath(value)
+    return env
+
+
+def dial_host(host: str) -> str:
+    """Where a local child reaches a server bound to ``host`` (a wildcard means loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if ":" in host:
+        return "[::1]" if host == "::" else f"[{host}]"
+    return host
+
+
+@dataclass(eq=False)
+class DrivenJob:
+    """One detached data or vertex job as the server sees it."""
+
+    id: int
+    kind: str
+    name: str
+    owner: str
+    directory: Path
+    started_at: float
+    state: str = "running"
+    progress: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    message: str = ""
+    data_job: str | None = None
+    job_dir: str | None = None
+    output: str | None = None
+    finished_at: float | None = None
+    killing: bool = False
+    stderr: bytearray = field(default_factory=bytearray)
+    transport: Any = None
+    waiters: list[Callable[[DrivenJob], None]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The job's map in ``status``: the keys function jobs have, plus phase and summary."""
+        p = self.progress
+        done = int(p.get("done", 0))
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "mode": self.kind,
+            "kind": self.kind,
+            "group": None,
+            "total": p.get("total"),
+            "received": done,
+            "queued": 0,
+            "running": 0 if self.finished else 1,
+            "done": done,
+            "failed": 0,
+            "rate": 0.0,
+            "elapsed": round((self.finished_at or now) - self.started_at, 2),
+            "waiting": "" if self.finished else str(p.get("line", "starting")),
+            "detached": True,
+            "output": self.output,
+            "attached": False,
+            "message": self.message,
+            "owner": self.owner or None,
+            "phase": p.get("phase", ""),
+            "data_job": self.data_job,
+            "job_dir": self.job_dir,
+            "summary": self.summary,
+        }
+
+
+class _DriverProcess(protocol.ProcessProtocol):
+    """Reads a driver child's JSON lines (stdout) and the tail of its stderr."""
+
+    def __init__(self, drivers: Drivers, job: DrivenJob) -> None:
+        self.drivers = drivers
+        self.job = job
+        self.buffer = bytearray()
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    self.buffer.clear()
+                return
+            line = bytes(self.buffer[:end])
+            del self.buffer[: end + 1]
+            if len(line) <= MAX_LINE:
+                self.drivers.event(self.job, line)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        buf = self.job.stderr
+        buf += data
+        del buf[: max(0, len(buf) - 8192)]  # keep the tail: the error line is last
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.drivers.ended(self.job, getattr(reason.value, "exitCode", None))
+
+
+class Drivers:
+    """The detached data and vertex jobs of one server and their driver processes."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        scheduler: Any,
+        *,
+        data_dir: Path,
+        cluster_address: str | None,
+        child_env: dict[str, str],
+    ) -> None:
+        self.reactor = reactor
+        self.scheduler = scheduler
+        self.data_dir = Path(data_dir)
+        self.cluster_address = cluster_address
+        self.child_env = child_env
+        self.jobs: OrderedDict[int, DrivenJob] = OrderedDict()
+
+    # ------------------------------------------------------------ requests
+
+    def start(self, kind: str, name: str, job_text: str, files: dict, owner: str) -> DrivenJob:
+        """Write the job's directory and start its driver; DriveError says why not."""
+        if self.cluster_address is None:
+            raise DriveError("this server cannot run detached drivers (it listens nowhere)")
+        if kind not in KINDS:
+            raise DriveError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        try:
+            job = json.loads(job_text)
+        except ValueError as exc:
+            raise DriveError(f"the job is not JSON: {exc}") from None
+        if not isinstance(job, dict) or job.get("kind") != kind:
+            raise DriveError(f"the job must be a mapping with kind: {kind}")
+        size = 0
+        for file_name, text in files.items():
+            if not isinstance(text, str) or not _FILE_NAME.match(str(file_name)):
+                raise DriveError(f"shipped file {str(file_name)[:80]!r}: expected NAME.py: text")
+            size += len(text.encode("utf-8"))
+        if size > MAX_FILES_BYTES:
+            raise DriveError(f"the shipped files exceed {MAX_FILES_BYTES // 1024 // 1024} MiB")
+        job_id = self.scheduler.take_job_id()
+        directory = self.data_dir / "detached" / str(job_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        for file_name, text in files.items():
+            (directory / file_name).write_text(text, encoding="utf-8")
+        (directory / "job.json").write_text(
+            json.dumps({**job, "name": name}, indent=1), encoding="utf-8"
+        )
+        (directory / "owner").write_text(owner, encoding="utf-8")
+        driven = DrivenJob(job_id, kind, name, owner, directory, self.reactor.seconds())
+        driven.output = str(job.get("output") or "") or None
+        self.jobs[job_id] = driven
+        self._spawn(driven)
+        self.log.info("detached {kind} job {id} ({name}) started", kind=kind, id=job_id, name=name)
+        return driven
+
+    def unfinished(self) -> list[tuple[int, Path]]:
+        """Detached jobs an earlier run of the server started and never saw end (id, directory):
+        what a restarted server may hand to :meth:`resume`."""
+        found = []
+        try:
+            entries = list((self.data_dir / "detached").iterdir())
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name.isdigit() and not (entry / "ended.json").exists():
+                found.append((int(entry.name), entry))
+        return sorted(found)
+
+    def resume(self, job_id: int, directory: Path) -> DrivenJob:
+        """Start the driver of an unfinished detached job again, under its id (the job runs
+        from its start: a new data-directory job; the abandoned run was cleaned up by its
+        driver, or is cleaned up here when the driver left a ``started`` line behind)."""
+        job = json.loads((directory / "job.json").read_text(encoding="utf-8"))
+        owner_file = directory / "owner"
+        owner = owner_file.read_text(encoding="utf-8") if owner_file.exists() else ""
+        driven = DrivenJob(
+            job_id, job["kind"], str(job.get("name", "")), owner, directory, self.reactor.seconds()
+        )
+        driven.output = str(job.get("output") or "") or None
+        self.jobs[job_id] = driven
+        self._spawn(driven)
+        return driven
+
+    def kill(self, job: DrivenJob, done: Callable[[DrivenJob], None]) -> None:
+        """End a running job: SIGTERM (the driver kills its phase, cleans up, writes
+        ``INCOMPLETE``), SIGKILL after :data:`KILL_GRACE`; ``done`` once it has ended."""
+        if job.finished or job.transport is None:
+            done(job)
+            return
+        job.waiters.append(done)
+        if job.killing:
+            return
+        job.killing = True
+        self._signal(job, "TERM")
+
+        def hard() -> None:
+            if not job.finished:
+                self.log.warn("driver of job {id} ignored SIGTERM; SIGKILL", id=job.id)
+                self._signal(job, "KILL")
+
+        self.reactor.callLater(KILL_GRACE, hard)
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        return [job.describe(now) for job in self.jobs.values()]
+
+    def stop(self) -> None:
+        """The server is stopping: its drivers end (each cleans up and writes ``INCOMPLETE``)."""
+        for job in self.jobs.values():
+            if not job.finished:
+                job.killing = True
+                self._signal(job, "TERM")
+
+    # ------------------------------------------------------------ the child
+
+    def _spawn(self, job: DrivenJob) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            CHILD_MODULE,
+            "--server",
+            str(self.cluster_address),
+            str(job.directory),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+        env.update(self.child_env)
+        env["REMAP_DATA_DIR"] = str(self.data_dir)
+        root = str(Path(__file__).resolve().parents[2])  # remap importable as the server has it
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        job.transport = self.reactor.spawnProcess(
+            _DriverProcess(self, job),
+            sys.executable,
+            argv,
+            env=env,
+            path=str(job.directory),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+
+    def _signal(self, job: DrivenJob, sig: str) -> None:
+        try:
+            job.transport.signalProcess(sig)
+        except Exception:  # noqa: BLE001 - ProcessExitedAlready: processEnded follows
+            pass
+
+    def event(self, job: DrivenJob, line: bytes) -> None:
+        """One JSON line from a driver: ``started``, ``progress`` or ``end``."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return  # something the user's module printed
+        if not isinstance(event, dict):
+            return
+        kind = event.get("event")
+        if kind == "started":
+            job.data_job = str(event.get("data_job") or "") or None
+            job.job_dir = str(event.get("job_dir") or "") or None
+        elif kind == "progress" and not job.finished:
+            job.progress = {k: event.get(k) for k in ("phase", "done", "total", "line", "sub_job")}
+        elif kind == "end" and not job.finished:
+            state = event.get("state")
+            job.state = state if state in ("done", "failed", "killed") else "failed"
+            job.message = str(event.get("message") or "")[:2000]
+            summary = event.get("summary")
+            job.summary = summary if isinstance(summary, dict) else None
+            job.finished_at = self.reactor.seconds()
+
+    def ended(self, job: DrivenJob, code: int | None) -> None:
+        """The driver process exited: finish the job (and clean up after a driver that died)."""
+        job.transport = None
+        clean = None
+        if not job.finished:
+            lines = [s for s in job.stderr.decode("utf-8", "replace").splitlines() if s.strip()]
+            why = lines[-1].removeprefix("error: ") if lines else ""
+            exit_text = f"exit code {code}" if code is not None else "killed by a signal"
+            job.state = "killed" if job.killing else "failed"
+            job.message = (
+                "killed on request"
+                if job.killing
+                else f"the job's driver died ({exit_text}){': ' + why[:500] if why else ''}"
+            )
+            job.finished_at = self.reactor.seconds()
+            if job.data_job is not None:
+                clean = job.data_job
+            sub = job.progress.get("sub_job")
+            if isinstance(sub, int):
+                self.scheduler.kill(sub, "its detached driver died")
+        self.log.info(
+            "detached {kind} job {id} {state}{why}",
+            kind=job.kind,
+            id=job.id,
+            state=job.state,
+            why=f": {job.message}" if job.message else "",
+        )
+        record = {"state": job.state, "message": job.message, "summary": job.summary}
+
+        def finish(_: Any = None) -> None:
+            waiters, job.waiters = job.waiters, []
+            for waiter in waiters:
+                waiter(job)
+            self._forget_old()
+
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            _after_driver,
+            job.directory,
+            record,
+            self.data_dir,
+            job.kind,
+            clean,
+            job.message,
+        )
+        d.addErrback(lambda f: self.log.failure("cleaning up after job {id}", f, id=job.id))
+        d.addBoth(finish)
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self.jobs.values() if j.finished]
+        for job in finished[: max(0, len(finished) - MAX_KEPT)]:
+            del self.jobs[job.id]
+
+
+def _after_driver(
+    directory: Path, record: dict, data_root: Path, kind: str, data_job: str | None, why: str
+) -> None:
+    """(A thread.) Remember how the job ended; after a driver that died, do its cleanup."""
+    if data_job is not None:
+        abandon(layout.DataDir(data_root), kind, data_job, why)
+    layout.write_json(directory / "ended.json", record)
+
+
+def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
+    """What a dead driver did not do: remove intermediate files and anything unpublished,
+    and make ``result`` say ``INCOMPLETE`` with the reason (a finished result is left alone)."""
+    if layout.read_result(data, job_id) not in (None, "INCOMPLETE"):
+        return
+    config = layout.read_json(data.jobconfig(job_id)) or {}
+    layout.remove_tree(data.im_dir(job_id))  # both kinds' scratch (runs, messages, checkpoints)
+    if kind == "mapreduce":
+        if config.get("staging"):
+            layout.remove_tree(Path(config["staging"]))
+    else:
+        output = Path(config.get("output", ""))
+        if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
+            layout.remove_tree(output)
+    layout.remove_strays(data.job_dir(job_id))
+    if data.job_dir(job_id).is_dir():
+        layout.write_result(data, job_id, "INCOMPLETE", message=why)

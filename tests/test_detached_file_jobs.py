@@ -1,0 +1,188 @@
+"""Detached data and vertex jobs (``compute --detach``): the server runs their drivers.
+
+Real server and node processes on 127.0.0.1. The console that starts a job exits at once; the
+job goes on in a driver the server started, shows in ``jobs``, is waited for by ``attach``,
+ends ``INCOMPLETE`` with its intermediate files removed when killed, and a driver SIGKILLed
+mid-job leaves ``INCOMPLETE`` with the reason, never a silent half job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+import networkx as nx
+import psutil
+import pytest
+
+from remap.data import layout
+from remap.data.layout import DataDir
+from remap.vertex.reference import read_tagged_lines, run_local
+from tests.cluster_harness import NodeSpec, wait_for
+from tests.vertex_graphs import EXAMPLES, edge_lines, example, parse_output, write_files
+
+pytestmark = pytest.mark.slow
+
+MAPREDUCE = Path(__file__).resolve().parent.parent / "examples" / "mapreduce"
+SLOW_MAP = """
+import time
+
+
+def map(line):
+    time.sleep(0.05)
+    for word in line.split():
+        yield word, 1
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
+
+
+def _start(c, tmp_path: Path, job: str) -> int:
+    """``compute JOB --detach --json``: the console exits at once with the job's id."""
+    done = c.assert_ok(c.console("compute", job, "--detach", "--json", cwd=tmp_path))
+    info = json.loads(done.stdout)
+    assert info["detached"] is True
+    return int(info["job"])
+
+
+def _words(tmp_path: Path, lines: int) -> Counter:
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
+    text = "".join(f"{names[i % 7]} {names[i % 3]} the\n" for i in range(lines))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text)
+    return Counter(text.split())
+
+
+def _output_counts(out: Path) -> Counter:
+    got: Counter = Counter()
+    for part in out.rglob("reducer-*"):
+        for line in part.read_text().splitlines():
+            word, count = line.split("\t")
+            got[word] += int(count)
+    return got
+
+
+def _cluster(make_cluster, tmp_path: Path):
+    data = tmp_path / "data"
+    return make_cluster([NodeSpec(cores=2)], env={"REMAP_DATA_DIR": str(data)}), DataDir(data)
+
+
+def test_detached_data_job_runs_on_after_its_console_and_attach_gets_the_summary(
+    make_cluster, tmp_path: Path
+) -> None:
+    c, data = _cluster(make_cluster, tmp_path)
+    want = _words(tmp_path, 400)
+    shutil.copy(MAPREDUCE / "wordcount.py", tmp_path / "wordcount.py")
+    (tmp_path / "job.yaml").write_text(
+        "kind: mapreduce\nmodule: wordcount.py\ninput: in/\noutput: out/\nreducers: 2\n"
+    )
+    job_id = _start(c, tmp_path, "job.yaml")
+    listed = wait_for(lambda: c.job(job_id), 20, "the detached job in status")
+    assert listed["mode"] == "mapreduce" and listed["detached"] is True
+    done = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=120))
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "OK"
+    assert _output_counts(tmp_path / "out") == want
+    assert layout.read_result(data, summary["job"]) == "OK"
+    assert not data.im_dir(summary["job"]).exists()
+    shown = c.job(job_id)
+    assert shown["state"] == "done" and shown["summary"]["job"] == summary["job"]
+    text = c.assert_ok(c.console("attach", str(job_id)))
+    assert text.stdout.startswith("OK: ") and "records in" in text.stdout
+
+
+def test_detached_vertex_job_shows_its_superstep_and_gives_the_reference_output(
+    make_cluster, tmp_path: Path
+) -> None:
+    c, data = _cluster(make_cluster, tmp_path)
+    graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(12, 12))
+    paths = write_files(tmp_path / "in", edge_lines(graph.to_directed()), 2)
+    ref = run_local(example("connected_components"), read_tagged_lines(paths), 1, 200)
+    shutil.copy(EXAMPLES / "connected_components.py", tmp_path / "cc.py")
+    (tmp_path / "job.yaml").write_text(
+        "kind: vertex\nmodule: cc.py\ninput: in/\noutput: out/\npartitions: 3\n"
+        "max_supersteps: 200\n"
+    )
+    job_id = _start(c, tmp_path, "job.yaml")
+
+    def superstep_shown() -> dict | None:
+        job = c.job(job_id)
+        return job if job and (job["phase"].startswith("superstep") or job["summary"]) else None
+
+    job = wait_for(superstep_shown, 60, "a superstep in the detached job's status")
+    assert job["mode"] == "vertex"
+    done = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=120))
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "done" and summary["supersteps"] == ref.supersteps
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
+    assert got == parse_output(sum(ref.partitions, []))
+    assert layout.read_result(data, summary["job_id"]) == "OK"
+
+
+def _slow_job(c, tmp_path: Path, data: DataDir) -> tuple[int, str]:
+    """A detached data job whose map phase runs for a while; returns (id, data-dir job id)."""
+    _words(tmp_path, 600)
+    (tmp_path / "slow.py").write_text(SLOW_MAP)
+    (tmp_path / "job.yaml").write_text(
+        "kind: mapreduce\nmodule: slow.py\ninput: in/\noutput: out/\nreducers: 2\nsplit_mb: 0.001\n"
+    )
+    job_id = _start(c, tmp_path, "job.yaml")
+
+    def mapping() -> str | None:
+        job = c.job(job_id)
+        if job and job["phase"] == "map" and job["data_job"]:
+            if list(data.progress_dir(job["data_job"]).glob("mapper-*.json")):
+                return job["data_job"]
+        return None
+
+    return job_id, wait_for(mapping, 60, "the detached job's map phase to make progress")
+
+
+def test_kill_ends_a_detached_data_job_incomplete_and_cleans_up(
+    make_cluster, tmp_path: Path
+) -> None:
+    c, data = _cluster(make_cluster, tmp_path)
+    job_id, data_job = _slow_job(c, tmp_path, data)
+    done = c.assert_ok(c.console("kill", str(job_id)))
+    assert done.stdout.strip() == f"job {job_id} killed"
+    assert layout.read_result(data, data_job) == "INCOMPLETE"
+    assert not data.im_dir(data_job).exists()
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.remap-*"))  # the unpublished staging output
+    gone = c.console("attach", str(job_id))
+    assert gone.returncode == 1 and "killed" in gone.stderr
+
+
+def test_a_driver_that_dies_leaves_incomplete_with_the_reason(make_cluster, tmp_path: Path) -> None:
+    """SIGKILL the driver process itself: the server notices, kills its phase, removes the
+    intermediate files and writes INCOMPLETE with why."""
+    c, data = _cluster(make_cluster, tmp_path)
+    job_id, data_job = _slow_job(c, tmp_path, data)
+    server = psutil.Process(c.server.pid)
+    (driver,) = [p for p in server.children() if "remap.console.detached" in " ".join(p.cmdline())]
+    os.kill(driver.pid, signal.SIGKILL)
+
+    def ended() -> dict | None:
+        job = c.job(job_id)
+        return job if job and job["state"] != "running" else None
+
+    job = wait_for(ended, 30, "the server to notice the dead driver")
+    assert job["state"] == "failed" and "driver died" in job["message"]
+
+    def why() -> str:
+        return (layout.read_json(data.result_json(data_job)) or {}).get("message", "")
+
+    wait_for(lambda: "driver died" in why(), 20, "the result to say why")
+    assert layout.read_result(data, data_job) == "INCOMPLETE"
+    assert not data.im_dir(data_job).exists()
+    assert not (tmp_path / "out").exists()
+    failed = c.console("attach", str(job_id))
+    assert failed.returncode == 1 and "driver died" in failed.stderr
