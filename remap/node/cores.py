@@ -4,10 +4,14 @@ The pool owns the queue of tasks the server sent (up to its credit), starts each
 an idle core, and turns a core's death into a ``TaskFailed`` naming the argument that
 was running, read from the core's shared slot. A watchdog enforces per-call timeouts
 by killing the core: user code that ignores signals or loops in C still stops.
+
+A core's life is :class:`CoreLife` (starting, idle, busy, killing, dead), changed only
+along :data:`CORE_TRANSITIONS`; the pool starts a batch on an idle core only.
 """
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import mmap
 import os
@@ -31,6 +35,7 @@ from protocol.framing import FrameDecoder
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
+from ..transitions import check_move
 from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _PREFIX = struct.Struct(">II")
@@ -85,6 +90,27 @@ def thread_limits(env: dict[str, str], cores: int) -> dict[str, str]:
     return {name: per_core for name in THREAD_LIMIT_VARIABLES if name not in env}
 
 
+class CoreLife(enum.Enum):
+    """Where a core process is in its life."""
+
+    STARTING = "starting"  # spawned; has not said "ready" yet
+    IDLE = "idle"  # ready for a batch
+    BUSY = "busy"  # running a batch (``CoreProcess.task``)
+    KILLING = "killing"  # SIGKILL sent (``kill_reason`` says why); its exit follows
+    DEAD = "dead"  # exited: the pool starts another in its place unless stopping
+
+
+#: the only moves a core makes: anything alive may be killed or die on its own; a killed core
+#: only dies; a dead one is replaced by a new process, never revived
+CORE_TRANSITIONS: dict[CoreLife, frozenset[CoreLife]] = {
+    CoreLife.STARTING: frozenset({CoreLife.IDLE, CoreLife.KILLING, CoreLife.DEAD}),
+    CoreLife.IDLE: frozenset({CoreLife.BUSY, CoreLife.KILLING, CoreLife.DEAD}),
+    CoreLife.BUSY: frozenset({CoreLife.IDLE, CoreLife.KILLING, CoreLife.DEAD}),
+    CoreLife.KILLING: frozenset({CoreLife.DEAD}),
+    CoreLife.DEAD: frozenset(),
+}
+
+
 @dataclass
 class JobInfo:
     blob: bytes
@@ -101,11 +127,11 @@ class CoreProcess(ProcessProtocol):
     def __init__(self, pool: CorePool, index: int) -> None:
         self.pool = pool
         self.index = index
+        self.life = CoreLife.STARTING
+        #: the batch it runs; kept while KILLING, so its death can be blamed on the batch
         self.task: m.Task | None = None
         self.loaded: set[int] = set()
-        self.ready = False
-        self.dead = False
-        self.killing: str | None = None  # why we kill it: "timeout", "cancel", "stop"
+        self.kill_reason: str | None = None  # why we kill it: "timeout", "cancel", "stop"
         self.kill_at = -1
         self.slot_at_death = -1
         self._decoder = FrameDecoder(max_frame=1 << 40)
@@ -118,6 +144,11 @@ class CoreProcess(ProcessProtocol):
 
     def slot(self) -> tuple[int, float]:
         return SLOT.unpack_from(self.shm, 0)
+
+    def move(self, life: CoreLife) -> None:
+        """Change life along :data:`CORE_TRANSITIONS` (anything else raises)."""
+        check_move(f"core {self.index}", CORE_TRANSITIONS, self.life, life)
+        self.life = life
 
     # ---------------------------------------------------------------- ProcessProtocol
 
@@ -132,7 +163,7 @@ class CoreProcess(ProcessProtocol):
             )
 
     def processEnded(self, reason: Any) -> None:
-        self.dead = True
+        self.move(CoreLife.DEAD)
         self.slot_at_death = self.slot()[0]
         try:
             self.shm.close()
@@ -146,7 +177,7 @@ class CoreProcess(ProcessProtocol):
     def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
         """Write a command now when the pipe takes it (no reactor turn, no copy of the payload);
         what does not fit goes through the transport's buffer."""
-        if self.transport is None or self.dead:
+        if self.transport is None or self.life is CoreLife.DEAD:
             return
         parts = _frame_parts(header, payload)
         total = len(parts[0]) + len(payload)
@@ -161,9 +192,10 @@ class CoreProcess(ProcessProtocol):
             self.transport.writeToChild(CMD_FD, b"".join(parts)[sent:])
 
     def kill(self, why: str, at: int | None = None) -> None:
-        if self.dead or self.killing:
+        if self.life is CoreLife.KILLING or self.life is CoreLife.DEAD:
             return
-        self.killing = why
+        self.move(CoreLife.KILLING)
+        self.kill_reason = why
         self.kill_at = self.slot()[0] if at is None else at
         try:
             self.transport.signalProcess("KILL")
@@ -280,7 +312,7 @@ class CorePool:
         shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
         if self._watchdog.running:
             self._watchdog.stop()
-        alive = [c for c in self.cores if not c.dead]
+        alive = [c for c in self.cores if c.life is not CoreLife.DEAD]
         if not alive:
             return succeed(None)
         d = Deferred()
@@ -295,7 +327,7 @@ class CorePool:
         for core in self.cores:
             if not self.queue:
                 return
-            if core.ready and core.task is None and not core.killing and not core.dead:
+            if core.life is CoreLife.IDLE:
                 self._start(core, self.queue.popleft())
 
     def _start(self, core: CoreProcess, task: m.Task) -> None:
@@ -306,6 +338,7 @@ class CorePool:
         if task.job not in core.loaded:
             core.send({"t": "load", "job": task.job, "star": info.star}, info.blob)
             core.loaded.add(task.job)
+        core.move(CoreLife.BUSY)
         core.task = task
         core.send(
             {
@@ -321,15 +354,18 @@ class CorePool:
     def _core_message(self, core: CoreProcess, header: dict, payload: bytes) -> None:
         kind = header.get("t")
         if kind == "ready":
-            core.ready = True
+            if core.life is CoreLife.STARTING:  # a core killed while starting stays killing
+                core.move(CoreLife.IDLE)
             self._dispatch()
         elif kind == "result":
             part = header.get("part", 0)
             task = core.task
             if not part:  # a streamed part leaves the batch running on this core
                 core.task = None
+                if core.life is CoreLife.BUSY:
+                    core.move(CoreLife.IDLE)
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
-            if task is not None and core.killing in (None, "timeout"):
+            if task is not None and core.kill_reason in (None, "timeout"):
                 self.on_result(
                     m.TaskResult(
                         task=header["task"],
@@ -349,12 +385,12 @@ class CorePool:
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:
         task, core.task = core.task, None
         if self.stopping:
-            if all(c.dead for c in self.cores):
+            if all(c.life is CoreLife.DEAD for c in self.cores):
                 waiters, self._stopped_waiters = self._stopped_waiters, []
                 for d in waiters:
                     d.callback(None)
             return
-        why = core.killing
+        why = core.kill_reason
         if task is not None and why != "cancel":
             at = core.kill_at if why else core.slot_at_death
             if why == "timeout":
@@ -383,7 +419,7 @@ class CorePool:
         now = time.monotonic()
         for core in self.cores:
             task = core.task
-            if task is None or core.killing or core.dead:
+            if task is None or core.life is not CoreLife.BUSY:
                 continue
             info = self.jobs.get(task.job)
             if info is None or info.timeout is None:

@@ -1,6 +1,7 @@
 """The server's scheduler, in rooms: segments (argument runs), state (records and job phases),
 policy (batch sizes, fair share, deadlines) and core (the :class:`Scheduler` itself)."""
 
+from ...transitions import IllegalTransition
 from .core import JOB_ID_EPOCH, Scheduler, first_job_id
 from .policy import (
     FIRST_BATCH_MAX,
@@ -19,7 +20,6 @@ from .segments import Segment, cut, take_from
 from .state import (
     PREFETCH,
     TRANSITIONS,
-    IllegalTransition,
     JobPhase,
     JobState,
     NodeState,

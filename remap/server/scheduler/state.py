@@ -15,6 +15,7 @@ from typing import Any
 from protocol import messages as m
 
 from ...data.layout import mismatch
+from ...transitions import check_move
 from .segments import Segment
 
 #: tasks a node may hold per core: one running plus prefetch, so a core never waits a round trip
@@ -49,16 +50,6 @@ TRANSITIONS: dict[JobPhase, frozenset[JobPhase]] = {
     JobPhase.KILLED: frozenset(),
     JobPhase.CANCELLED: frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A state machine was asked for a move its table does not allow (a bug, never a user's)."""
-
-
-def check_move(what: str, table: dict, old: Any, new: Any) -> None:
-    """Raise :class:`IllegalTransition` unless ``table`` lets ``old`` become ``new``."""
-    if new not in table[old]:
-        raise IllegalTransition(f"{what}: {old.value} → {new.value} is not a legal move")
 
 
 def left_out_of_files(node: NodeState, job: JobState) -> str:

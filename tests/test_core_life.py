@@ -1,0 +1,120 @@
+"""A core process's life on the node: starting, idle, busy, killing, dead, along a table.
+
+No process is started: a Clock that records ``spawnProcess`` stands in for the reactor, and
+the test plays the core's side (``ready``, ``result``, its exit) into the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from protocol import messages as m
+from remap.node.cores import CORE_TRANSITIONS, CoreLife, CorePool, CoreProcess
+from remap.transitions import IllegalTransition
+
+
+class SpawnRecorder(Clock):
+    """A reactor that records the processes it is asked to start and starts none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[CoreProcess] = []
+
+    def spawnProcess(self, proto: CoreProcess, *args: Any, **kwargs: Any) -> None:
+        self.spawned.append(proto)
+
+
+def _pool() -> tuple[CorePool, SpawnRecorder, list, list]:
+    reactor = SpawnRecorder()
+    results: list[m.TaskResult] = []
+    failures: list[m.TaskFailed] = []
+    pool = CorePool(reactor, 1, results.append, failures.append)
+    pool.start()
+    pool.load_job(m.JobLoad(job=1, star=False, timeout=None, reduce=False, payload=b"fn"))
+    return pool, reactor, results, failures
+
+
+def _result(task: int) -> dict:
+    return {"t": "result", "task": task, "sizes": [1], "errors": [], "elapsed": 0.1,
+            "output": "", "partial": False}  # fmt: skip
+
+
+def _ended(core: CoreProcess, signal: int | None = 9) -> None:
+    core.processEnded(Failure(ProcessTerminated(signal=signal)))
+
+
+def test_table_names_every_state_and_dead_is_final() -> None:
+    """Every state has a row; dead leads nowhere; a killed core can only die."""
+    assert set(CORE_TRANSITIONS) == set(CoreLife)
+    assert CORE_TRANSITIONS[CoreLife.DEAD] == frozenset()
+    assert CORE_TRANSITIONS[CoreLife.KILLING] == {CoreLife.DEAD}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (CoreLife.STARTING, CoreLife.BUSY),  # a batch before "ready"
+        (CoreLife.KILLING, CoreLife.IDLE),  # a killed core taking work again
+        (CoreLife.DEAD, CoreLife.STARTING),  # revived instead of replaced
+        (CoreLife.IDLE, CoreLife.IDLE),
+    ],
+)
+def test_illegal_core_moves_raise(old: CoreLife, new: CoreLife) -> None:
+    """A move the table does not list raises and leaves the core as it was."""
+    pool, reactor, _, _ = _pool()
+    core = reactor.spawned[0]
+    core.life = old
+    with pytest.raises(IllegalTransition, match=f"{old.value} → {new.value}"):
+        core.move(new)
+    assert core.life is old
+
+
+def test_a_core_starts_takes_a_batch_after_ready_and_goes_idle_after_its_result() -> None:
+    """A task waits while the core is starting; ready → busy with it; the result → idle."""
+    pool, reactor, results, _ = _pool()
+    (core,) = reactor.spawned
+    assert core.life is CoreLife.STARTING
+    pool.submit(m.Task(task=5, job=1, sizes=[1], payload=b"x"))
+    assert core.life is CoreLife.STARTING and len(pool.queue) == 1, "no batch before ready"
+    pool._core_message(core, {"t": "ready"}, b"")
+    assert core.life is CoreLife.BUSY and core.task.task == 5 and not pool.queue
+    pool._core_message(core, _result(5), b"r")
+    assert core.life is CoreLife.IDLE and core.task is None
+    assert [r.task for r in results] == [5]
+
+
+def test_a_timed_out_core_is_killed_dies_and_is_replaced_by_a_starting_one() -> None:
+    """Killing: no new batch; its exit reports the batch as timed out; a new core starts."""
+    pool, reactor, _, failures = _pool()
+    (core,) = reactor.spawned
+    pool._core_message(core, {"t": "ready"}, b"")
+    pool.submit(m.Task(task=6, job=1, sizes=[1], payload=b"x"))
+    pool.submit(m.Task(task=7, job=1, sizes=[1], payload=b"x"))
+    core.kill("timeout", at=0)
+    assert core.life is CoreLife.KILLING
+    core.kill("cancel")  # a second kill changes nothing
+    assert core.kill_reason == "timeout"
+    pool._dispatch()
+    assert core.task.task == 6 and [t.task for t in pool.queue] == [7], "nothing new starts"
+    _ended(core)
+    assert core.life is CoreLife.DEAD
+    assert [(f.task, f.reason) for f in failures] == [(6, "timeout")]
+    new = reactor.spawned[-1]
+    assert new is not core and new.life is CoreLife.STARTING and pool.cores == [new]
+    pool._core_message(new, {"t": "ready"}, b"")
+    assert new.life is CoreLife.BUSY and new.task.task == 7
+
+
+def test_a_core_killed_while_starting_stays_killing_when_it_says_ready() -> None:
+    """A ``ready`` that crosses the kill does not make the core idle (no batch goes to it)."""
+    pool, reactor, _, _ = _pool()
+    (core,) = reactor.spawned
+    core.kill("stop")
+    pool.submit(m.Task(task=8, job=1, sizes=[1], payload=b"x"))
+    pool._core_message(core, {"t": "ready"}, b"")
+    assert core.life is CoreLife.KILLING and core.task is None and len(pool.queue) == 1
