@@ -3,7 +3,9 @@
 Every test drives :class:`remap.server.scheduler.Scheduler` with the wire messages a
 node or a console would send and reads back the messages it sends, so what is
 asserted is the behaviour a peer sees, not the scheduler's internals (except where a
-bound on internal memory is the point).
+bound on internal memory is the point). Nodes speak through the scheduler's events
+(``handle`` returns effects, the runner performs them, as the service does); consoles
+call its commands, whose error answers the tests read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from remap.server.scheduler import (
     TARGET_BATCH_SECONDS,
     Scheduler,
 )
+from remap.server.scheduler.effects import NodeJoined, NodeLost, NodeSaid
 
 GRACE = 10.0
 
@@ -58,6 +61,11 @@ def square(x: Any) -> Any:
     return x * x
 
 
+def event(sched: Scheduler, ev: Any) -> None:
+    """What the service does with a peer's event: hand it in, perform the effects returned."""
+    sched.runner.apply(sched.handle(ev))
+
+
 class FakeNode:
     """A node as the scheduler sees it: a link, the tasks it holds, and answers it sends."""
 
@@ -77,13 +85,10 @@ class FakeNode:
         self.tasks: dict[int, m.Task] = {}
         self.max_held = 0
         self._seen = 0
-        sched.add_node(
-            node_id,
-            self.link,
-            m.NodeInfo(
-                host=host or f"host-{node_id}", pid=pid, cores=cores, memory=1 << 30, group=group
-            ),
+        info = m.NodeInfo(
+            host=host or f"host-{node_id}", pid=pid, cores=cores, memory=1 << 30, group=group
         )
+        event(sched, NodeJoined(node_id, self.link, info))
         self.poll()
 
     def poll(self) -> list[m.Task]:
@@ -126,15 +131,14 @@ class FakeNode:
             elapsed=elapsed,
             payload=b"".join(blobs),
         )
-        self.sched.task_result(self.id, msg)
+        event(self.sched, NodeSaid(self.id, msg))
         return msg
 
     def crash(self, task: m.Task, at: int = -1, reason: str = "crash") -> None:
         self.poll()
         self.tasks.pop(task.task, None)
-        self.sched.task_failed(
-            self.id, m.TaskFailed(task=task.task, reason=reason, at=at, message="core died")
-        )
+        failed = m.TaskFailed(task=task.task, reason=reason, at=at, message="core died")
+        event(self.sched, NodeSaid(self.id, failed))
 
     def answer_all(self, job: int | None = None, **kw: Any) -> int:
         n = 0
@@ -365,15 +369,18 @@ def answer_part(node: FakeNode, task: m.Task, first: int, count: int, **kw: Any)
         dumps(square(pickle.loads(b)))
         for b in list(split(task.sizes, task.payload))[first : first + count]
     ]
-    node.sched.task_result(
-        node.id,
-        m.TaskResult(
-            task=task.task,
-            sizes=[len(b) for b in blobs],
-            elapsed=0.5 * count,
-            part=count,
-            payload=b"".join(blobs),
-            **kw,
+    event(
+        node.sched,
+        NodeSaid(
+            node.id,
+            m.TaskResult(
+                task=task.task,
+                sizes=[len(b) for b in blobs],
+                elapsed=0.5 * count,
+                part=count,
+                payload=b"".join(blobs),
+                **kw,
+            ),
         ),
     )
 
@@ -390,8 +397,12 @@ def test_streamed_parts_reach_the_console_while_the_batch_runs() -> None:
     assert sched.jobs[console.job].running == 4 and console.done() is None
     answer_part(node, task, 2, 1)
     blobs = [dumps(square(v)) for v in (3, 4, 5)]
-    sched.task_result(
-        "n", m.TaskResult(task=task.task, sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    event(
+        sched,
+        NodeSaid(
+            "n",
+            m.TaskResult(task=task.task, sizes=[len(b) for b in blobs], payload=b"".join(blobs)),
+        ),
     )
     assert assert_exactly_once(console, 6) == {i: ("ok", i * i) for i in range(6)}
     assert console.done().state == "done"
@@ -622,12 +633,12 @@ def test_node_lost_mid_job_requeues_and_late_answers_are_ignored() -> None:
     lost_tasks = a.held()
     b.answer(b.held()[0])
     assert lost_tasks
-    sched.remove_node("a", "test: connection dropped")
+    event(sched, NodeLost("a", "test: connection dropped"))
     requeued = {i for t in lost_tasks for i in a.args_of(t)}
     run_to_end([b], [console])
     for task in lost_tasks:  # a's answers arrive after the server gave up on it
         a.answer(task)
-        sched.task_failed("a", m.TaskFailed(task=task.task, reason="crash", at=0))
+        event(sched, NodeSaid("a", m.TaskFailed(task=task.task, reason="crash", at=0)))
     results = assert_exactly_once(console, 120)
     assert results == {i: ("ok", i * i) for i in range(120)}
     ran_on_b = {i for t in b.link.of(m.Task) for i in b.args_of(t)}
@@ -643,8 +654,8 @@ def test_duplicate_task_result_is_ignored() -> None:
     console.feed()
     first = node.held()[0]
     msg = node.answer(first)
-    sched.task_result("n", msg)
-    sched.task_result("n", msg)
+    event(sched, NodeSaid("n", msg))
+    event(sched, NodeSaid("n", msg))
     run_to_end([node], [console])
     assert_exactly_once(console, 10)
     assert console.done().done == 10
@@ -657,7 +668,7 @@ def test_malformed_answer_requeues_and_drops_the_node() -> None:
     console = FakeConsole(sched, range(20), chunksize=5)
     console.feed()
     task = bad.held()[0]
-    sched.task_result("bad", m.TaskResult(task=task.task, sizes=[1], payload=b"x"))
+    event(sched, NodeSaid("bad", m.TaskResult(task=task.task, sizes=[1], payload=b"x")))
     assert bad.link.closed and "bad" not in sched.nodes
     run_to_end([good], [console])
     assert_exactly_once(console, 20)
@@ -1159,14 +1170,14 @@ def test_random_interleavings_deliver_every_index_exactly_once(
         elif kind == "replay" and stale:
             node_id, msg = stale[op[1] % len(stale)]
             if isinstance(msg, m.TaskResult):
-                sched.task_result(node_id, msg)
+                event(sched, NodeSaid(node_id, msg))
             else:
-                sched.task_failed(node_id, msg)
+                event(sched, NodeSaid(node_id, msg))
         elif alive and kind == "lose":
             node = alive[op[1] % len(alive)]
             for task in node.held():  # what it would have answered, arriving too late
                 stale.append((node.id, m.TaskFailed(task=task.task, reason="crash", at=0)))
-            sched.remove_node(node.id, "random loss")
+            event(sched, NodeLost(node.id, "random loss"))
         elif alive and kind in ("answer", "raise", "crash"):
             node = alive[op[1] % len(alive)]
             held = node.held()
@@ -1194,7 +1205,7 @@ def test_random_interleavings_deliver_every_index_exactly_once(
     run_to_end(live(), [console])
     for node_id, msg in stale:
         if isinstance(msg, m.TaskResult):
-            sched.task_result(node_id, msg)
+            event(sched, NodeSaid(node_id, msg))
     results = assert_exactly_once(console, n)
     done = console.done()
     assert done is not None and done.state == "done"
@@ -1224,7 +1235,7 @@ def test_a_drained_node_that_reconnects_stays_drained() -> None:
     sched, _ = make()
     first = FakeNode(sched, "n", cores=1)
     assert sched.drain(first.id) is not None
-    sched.remove_node(first.id, "connection dropped")
+    event(sched, NodeLost(first.id, "connection dropped"))
     again = FakeNode(sched, "n2", cores=1, host="host-n", pid=1000)
     FakeConsole(sched, range(10)).feed()
     assert again.held() == [], "the drained process took work after reconnecting"
@@ -1306,7 +1317,7 @@ def test_gang_calls_go_one_per_idle_core_never_queued_behind_another_call() -> N
     console.feed()
     assert [len(t.sizes) for t in a.held()] == [1] and [len(t.sizes) for t in b.held()] == [1]
     (lost,) = b.held()
-    sched.remove_node("b", "gone")
+    event(sched, NodeLost("b", "gone"))
     assert len(a.held()) == 1, "the lost call waits for an idle core, not on a busy one"
     a.answer(a.held()[0])
     assert len(a.held()) == 1

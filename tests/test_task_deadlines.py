@@ -19,9 +19,10 @@ from protocol import Authenticated, Connection, MessageReceived
 from protocol import messages as m
 from remap.console.render import nodes_table
 from remap.server.scheduler import NO_TIMEOUT_MIN, SWEEP_INTERVAL, TASK_SLACK
+from remap.server.scheduler.effects import NodeSaid
 from tests.cluster_harness import jobs_function, write_job
 
-from .test_scheduler import FakeConsole, FakeNode, assert_exactly_once, make, run_to_end
+from .test_scheduler import FakeConsole, FakeNode, assert_exactly_once, event, make, run_to_end
 
 
 def _beat(
@@ -35,7 +36,7 @@ def _beat(
     """Let ``seconds`` pass in sweep-sized steps, the node heartbeating all along (and the
     ``answering`` node answering whatever it holds at each step)."""
     for _ in range(int(seconds / step)):
-        sched.node_heartbeat(node.id, m.Heartbeat(load=0.1, busy=1))
+        event(sched, NodeSaid(node.id, m.Heartbeat(load=0.1, busy=1)))
         if answering is not None:
             answering.answer_all(elapsed=0.01)
         clock.advance(step)

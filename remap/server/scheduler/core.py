@@ -121,7 +121,7 @@ class Scheduler:
         self._depth = 0  # commands running (see :func:`command`)
         #: performs the effects of commands and of timers that run out; the service uses it too
         self.runner = EffectRunner(clock, self)
-        #: the last ``event_log`` events and commands, for debugging (``remap status --events``)
+        #: the last ``event_log`` events and commands, for debugging (GET /api/v1/debug/scheduler)
         self.events = EventLog(event_log)
         self._timer_serials = itertools.count(1)
         #: what a job's timer does when it runs out: the failure message it ends the job with
