@@ -560,6 +560,22 @@ class Drive(Message):
 
 
 @message
+class Resume(Message):
+    """Console → server, after reconnecting: take back a job this console feeds (its connection
+    was cut, or the server restarted). It had sent ``sent`` arguments; ``missing`` are the runs
+    ``[start, stop)`` among them whose outcome it never received (it sends those again, in
+    order, then continues from ``sent``); it holds ``done`` results and ``failed`` errors."""
+
+    TYPE = "resume"
+    id: int
+    job: int
+    sent: int
+    missing: list[list[int]]
+    done: int
+    failed: int
+
+
+@message
 class Ok(Message):
     """Server → console: a request succeeded."""
 

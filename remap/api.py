@@ -1261,6 +1261,7 @@ class Cluster:
 def _disconnect(client: ClusterClient) -> defer.Deferred | None:
     """Close the console connection; fire once it is really gone."""
     if client.link is None:
+        client.close()  # stops a reconnection under way
         return None
     gone: defer.Deferred = defer.Deferred()
 
@@ -1270,7 +1271,7 @@ def _disconnect(client: ClusterClient) -> defer.Deferred | None:
         return result
 
     client.lost.addBoth(lost)
-    client.link.close()
+    client.close()
     return gone
 
 

@@ -19,6 +19,7 @@ from protocol import messages as m
 
 from .blobs import dumps, split
 from .errors import (
+    AuthError,
     ConnectionLost,
     JobFailed,
     JobKilled,
@@ -27,6 +28,7 @@ from .errors import (
     ProtocolError,
     RemapError,
     RemoteProtocolError,
+    VersionMismatch,
     error_from_wire,
 )
 from .sinks import Sink, TaskErrorInfo, os_reason
@@ -269,6 +271,11 @@ class JobRun:
     _sending: bool = False
     _kill_on_start: bool = False
     _submit_id: int | None = None
+    #: pickled arguments sent whose outcome has not arrived, by index (None: the run cannot
+    #: be resumed, so nothing is kept): what a reconnected console sends again
+    _unanswered: dict[int, bytes] | None = None
+    #: (index, pickle) to send again after a ``resume``, before any new argument
+    _replay: deque[tuple[int, bytes]] = field(default_factory=deque)
     #: the first error that arrived (with its remote traceback), for a console to show
     first_error: TaskErrorInfo | None = None
 
@@ -285,6 +292,8 @@ class JobRun:
         self._submit_id = submit_id
         self._granted = m.INITIAL_WINDOW
         self._first_bytes = m.INITIAL_WINDOW_BYTES
+        if client.redial is not None and not self.params.detach:
+            self._unanswered = {}
         if self._source is None:
             source = self.arguments
             self._source = (
@@ -305,6 +314,55 @@ class JobRun:
             client.kill_quietly(job_id)
         self.send_arguments()
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a reconnected console can take this job back (see :meth:`resume_message`)."""
+        return self._unanswered is not None and self.job_id is not None and not self.finished.called
+
+    def resume_message(self, request_id: int) -> m.Resume:
+        """What the server needs to take the job back: the runs of arguments sent whose
+        outcome never arrived (this console sends them again) and the outcomes it holds."""
+        assert self._unanswered is not None and self.job_id is not None
+        missing: list[list[int]] = []
+        for index in sorted(self._unanswered):
+            if missing and missing[-1][1] == index:
+                missing[-1][1] = index + 1
+            else:
+                missing.append([index, index + 1])
+        return m.Resume(
+            id=request_id,
+            job=self.job_id,
+            sent=self.sent,
+            missing=missing,
+            done=self.done,
+            failed=self.failed,
+        )
+
+    def resumed(self, window: int) -> None:
+        """The server took the job back: send the unanswered arguments again, then the rest
+        (and ``args_end`` again), under a fresh first window."""
+        assert self._unanswered is not None
+        self._replay = deque(sorted(self._unanswered.items()))
+        self._granted = window
+        self._first_bytes = m.INITIAL_WINDOW_BYTES
+        self.exhausted = False
+        self.send_arguments()
+
+    def _take_replay(self, limit: int, room: int) -> tuple[int, list[bytes]]:
+        """The next run of consecutive indices to send again: at most ``limit`` arguments and
+        ``room`` bytes (or one)."""
+        replay = self._replay
+        start = replay[0][0]
+        blobs: list[bytes] = []
+        size = 0
+        while replay and len(blobs) < limit and replay[0][0] == start + len(blobs):
+            cost = len(replay[0][1]) + 9
+            if blobs and size + cost > room:
+                break
+            blobs.append(replay.popleft()[1])
+            size += cost
+        return start, blobs
+
     def grant(self, count: int) -> None:
         self._first_bytes = None  # the server knows the sizes now: its grants bound the bytes
         self._granted += count
@@ -319,6 +377,8 @@ class JobRun:
     def send_arguments(self) -> None:
         if self.exhausted or self._sending or self.finished.called or self._client is None:
             return
+        if self._client.link is None:
+            return  # reconnecting: what is ready waits for the resumed job's window
         self._sending = True
         try:
             room = self._client.frame_room()
@@ -326,22 +386,33 @@ class JobRun:
                 chunk_room = min(room, CHUNK_BYTES)
                 if self._first_bytes is not None:
                     chunk_room = min(chunk_room, max(1, self._first_bytes))
-                blobs, items, ended = self._take(min(max(self._granted, 0), CHUNK_ARGS), chunk_room)
+                limit = min(max(self._granted, 0), CHUNK_ARGS)
+                if self._replay:
+                    if limit <= 0:
+                        return
+                    start, blobs = self._take_replay(limit, chunk_room)
+                    items, ended = None, False
+                else:
+                    start = self.sent
+                    blobs, items, ended = self._take(limit, chunk_room)
                 if blobs:
                     for k, blob in enumerate(blobs):
                         if len(blob) > room:
-                            raise ArgumentTooLarge(self.sent + k, len(blob), room)
+                            raise ArgumentTooLarge(start + k, len(blob), room)
                     if items is not None and self.sink.needs_arguments:
-                        self._args.update(zip(range(self.sent, self.sent + len(items)), items))
+                        self._args.update(zip(range(start, start + len(items)), items))
                     self._client.send(
                         m.Args(
                             job=self.wire_job,
-                            start=self.sent,
+                            start=start,
                             sizes=[len(b) for b in blobs],
                             payload=b"".join(blobs),
                         )
                     )
-                    self.sent += len(blobs)
+                    if start == self.sent:  # new arguments (not sent again after a resume)
+                        if self._unanswered is not None:
+                            self._unanswered.update(zip(range(start, start + len(blobs)), blobs))
+                        self.sent += len(blobs)
                     self._granted -= len(blobs)
                     if self._first_bytes is not None:
                         self._first_bytes -= sum(len(b) for b in blobs)
@@ -379,6 +450,11 @@ class JobRun:
         """
         if self.finished.called:  # already failed here: later results have nowhere to go
             return
+        unanswered = self._unanswered
+        if unanswered is not None:
+            pop = unanswered.pop
+            for index in msg.indices:
+                pop(index, None)
         try:
             self._deliver(msg)
             self.sink.flush()
@@ -578,11 +654,23 @@ def _load_exception(blob: bytes | memoryview) -> BaseException | None:
 
 
 class ClusterClient:
-    """Handler of a console connection: correlates requests by id, routes job traffic."""
+    """Handler of a console connection: correlates requests by id, routes job traffic.
+
+    With ``redial`` (a callable connecting this handler again, firing once authenticated), a
+    lost connection is dialled again with backoff for up to ``grace`` seconds and every job
+    this console feeds is resumed (``resume``) rather than failed: the server restarted or
+    the network blinked, and the job goes on without a result lost or delivered twice.
+    """
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        redial: Callable[[], defer.Deferred] | None = None,
+        grace: float = 0.0,
+        clock: Any = None,
+    ) -> None:
         self.link: PeerProtocol | None = None
         self._ids = itertools.count(1)
         self._waiters: dict[int, defer.Deferred] = {}
@@ -590,6 +678,15 @@ class ClusterClient:
         self.runs: dict[int, JobRun] = {}
         self.lost: defer.Deferred = defer.Deferred()
         self.error: RemapError | None = None
+        self.redial = redial
+        self.grace = grace
+        self.clock = clock
+        #: set by :meth:`close`: a connection closed on purpose is not dialled again
+        self.closing = False
+        self._redial_deadline = 0.0
+        self._redialing = False
+        #: times the connection was lost and dialled again (for tests and logs)
+        self.reconnects = 0
 
     def frame_room(self) -> int:
         """Bytes one argument may take: the connection's frame limit less an ``args`` header."""
@@ -738,21 +835,113 @@ class ClusterClient:
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.error = error
 
+    def close(self) -> None:
+        """Close the connection on purpose: no job is resumed, nothing is dialled again."""
+        self.closing = True
+        if self.link is not None:
+            self.link.close()
+
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
-        """Fail every waiter at once with one error: nothing waits on a dead connection."""
+        """Fail every waiter at once with one error: nothing waits on a dead connection.
+
+        Jobs this console feeds are kept when it can dial again: they are resumed once it is
+        back (see the class docstring), or fail if it is not back within the grace.
+        """
+        if self._redialing and link is not self.link:
+            return  # a new connection that failed before it was up: the redial loop goes on
         self.link = None
         err = self.error or ConnectionLost(f"lost the connection to the server ({error})")
         self.error = err
         waiters, self._waiters = self._waiters, {}
         for d in waiters.values():
             d.errback(err)
-        runs = list(self._submits.values()) + list(self.runs.values())
+        keep = {}
+        if self.redial is not None and self.grace > 0 and not self.closing:
+            keep = {job: run for job, run in self.runs.items() if run.resumable}
+        runs = list(self._submits.values()) + [
+            run for job, run in self.runs.items() if job not in keep
+        ]
         self._submits.clear()
-        self.runs.clear()
+        self.runs = keep
         for run in runs:
             run.fail(err)
-        if not self.lost.called:
+        if keep:
+            self._redial_deadline = self.clock.seconds() + self.grace
+            for run in keep.values():
+                if run.on_notice is not None:
+                    run.on_notice(
+                        f"lost the connection to the server ({error}): reconnecting for up to "
+                        f"{self.grace:g}s (REMAP_CONSOLE_GRACE)"
+                    )
+            self.log.warn(
+                "lost the server ({error}); reconnecting to resume job(s) {jobs}",
+                error=error,
+                jobs=sorted(keep),
+            )
+            self._redialing = True
+            self._redial_soon(0.1)
+        elif not self.lost.called:
             self.lost.callback(err)
+
+    def _redial_soon(self, delay: float) -> None:
+        self.clock.callLater(delay, self._redial_now, delay)
+
+    def _redial_now(self, delay: float) -> None:
+        if self.closing or not self.runs:
+            self._give_up(self.error or ConnectionLost("closed while reconnecting"))
+            return
+        assert self.redial is not None
+        d = defer.maybeDeferred(self.redial)
+        d.addCallbacks(lambda _link: self._resume_runs(), lambda f: self._redial_failed(f, delay))
+
+    def _redial_failed(self, failure: Any, delay: float) -> None:
+        exc = failure.value
+        left = self._redial_deadline - self.clock.seconds()
+        if isinstance(exc, (AuthError, VersionMismatch)) or left <= 0:
+            reason = str(exc) or type(exc).__name__
+            self._give_up(
+                ConnectionLost(
+                    f"lost the connection to the server and could not resume within "
+                    f"{self.grace:g}s (REMAP_CONSOLE_GRACE): {reason}"
+                )
+            )
+            return
+        self._redial_soon(min(delay * 2, 0.5, left))
+
+    def _give_up(self, error: RemapError) -> None:
+        self._redialing = False
+        self.error = error
+        runs, self.runs = list(self.runs.values()), {}
+        for run in runs:
+            run.fail(error)
+        if not self.lost.called:
+            self.lost.callback(error)
+
+    def _resume_runs(self) -> None:
+        """Connected again: ask the server to take back each job this console feeds."""
+        self.reconnects += 1
+        self._redialing = False
+        self.error = None
+        for job, run in list(self.runs.items()):
+            d = self._request(run.resume_message)
+
+            def resumed(reply: m.Ok, run: JobRun = run) -> None:
+                if run.finished.called:
+                    return
+                if run.on_notice is not None:
+                    run.on_notice("reconnected: the job goes on")
+                run.resumed(int(reply.info.get("window", 0)))
+
+            def refused(f: Any, job: int = job, run: JobRun = run) -> None:
+                if self.runs.get(job) is run:
+                    del self.runs[job]
+                run.fail(
+                    JobFailed(
+                        f"job {job} could not be resumed after the connection was lost: {f.value}"
+                    )
+                )
+
+            d.addCallbacks(resumed, refused)
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat()

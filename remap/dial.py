@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+
 from .auth import client_secret
 from .client import ClusterClient
 from .errors import AuthError, ServerUnreachable, VersionMismatch
@@ -22,10 +24,30 @@ async def connect_console(
     secret: bytes | None = None,
     timeout: float = 10.0,
 ) -> ClusterClient:
-    """Connect and authenticate; raise one clear RemapError when that is impossible."""
-    host, port = parse_address(address)
+    """Connect and authenticate; raise one clear RemapError when that is impossible.
+
+    The client dials the same way again when the connection is lost while it feeds a job
+    (for up to ``REMAP_CONSOLE_GRACE`` seconds), and resumes that job.
+    """
     key = secret or client_secret(settings)
-    client = ClusterClient()
+    client = ClusterClient(clock=reactor, grace=settings.console_grace)
+    await _dial(reactor, settings, address, key, client, timeout)
+    client.redial = lambda: defer.ensureDeferred(
+        _dial(reactor, settings, address, key, client, timeout)
+    )
+    return client
+
+
+async def _dial(
+    reactor: Any,
+    settings: Settings,
+    address: str,
+    key: bytes,
+    client: ClusterClient,
+    timeout: float,
+) -> None:
+    """One connection of ``client`` to ``address``, authenticated."""
+    host, port = parse_address(address)
     waiter = AuthWaiter(client)
     factory = PeerFactory(reactor, "console", key, waiter, settings, name="console")
     try:
@@ -43,7 +65,6 @@ async def connect_console(
         raise ServerUnreachable(
             f"server at {address} closed the connection during the handshake: {reason}"
         ) from None
-    return client
 
 
 def _reason(exc: BaseException) -> str:

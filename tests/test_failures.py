@@ -345,15 +345,15 @@ def test_reattach_after_an_interrupted_attach_gets_every_result(make_cluster, tm
 def test_server_killed_mid_job_fails_the_console_and_nodes_rejoin_its_restart(
     make_cluster, tmp_path
 ):
-    """The server is SIGKILLed while a console computes a job of 30 s calls: the console exits
-    non-zero within seconds with one ``error:`` line about the lost connection and no
-    traceback. A new server on the same port then gets both nodes back without help
+    """The server is SIGKILLed while a console computes a job of 30 s calls: the console tries
+    to get back for its grace (1 s here), then exits non-zero within seconds with one ``error:``
+    line about the lost connection and no traceback. A new server on the same port then gets both nodes back without help
     (they reconnect with backoff), and they drop the dead server's work and run the next
     job promptly and correctly."""
     c = _cluster(make_cluster)
     pids = [n.pid for n in c.nodes]
     job = _job(tmp_path, "stranded", "stuck", args_range=[0, 40])
-    console = c.console_popen("compute", job, "--json")
+    console = c.console_popen("compute", job, "--json", env={"REMAP_CONSOLE_GRACE": str(GRACE)})
     _wait_running(c, console, "stranded", every_node=True)
     assert c.server is not None
     c.server.proc.send_signal(signal.SIGKILL)
@@ -377,7 +377,8 @@ def test_restarted_server_jobs_never_run_the_old_servers_functions(make_cluster,
     ever numbered its jobs like the old one did."""
     c = _cluster(make_cluster)
     old = _job(tmp_path, "old", "hang_on_culprit", args_range=[0, 12], chunksize=1)
-    console = c.console_popen("compute", old, "--json")
+    # a grace of 0: the console does not resume job 1 on the new server (it would hang there)
+    console = c.console_popen("compute", old, "--json", env={"REMAP_CONSOLE_GRACE": "0"})
 
     def one_node_idle() -> dict | None:
         if console.poll() is not None:

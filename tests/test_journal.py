@@ -220,11 +220,16 @@ def test_jobs_fed_by_a_console_end_with_a_reason_after_a_restart(tmp_path: Path)
     attached.feed()
     unfinished.feed()
     clock.advance(FLUSH_INTERVAL)
-    again = _scheduler(path, Clock())
+    clock = Clock()
+    again = _scheduler(path, clock)
     a, b = again.jobs[attached.job], again.jobs[unfinished.job]
-    assert a.state == b.state == "failed"
-    assert "console's stream" in a.message and "submit it again" in a.message
-    assert "before its console had sent every argument" in b.message
+    assert b.state == "failed" and "before its console had sent every argument" in b.message
+    # the attached job waits for its console to resume it (tests/test_resume.py), for the grace
+    assert a.state == "running" and "waiting for its console" in a.waiting
+    clock.advance(again.console_grace + 1)
+    assert a.state == "failed"
+    assert "did not come back" in a.message and "submit it again" in a.message
+    again.journal.flush()
     # the reasons are journaled too: a third start shows the same, not "running"
     third = _scheduler(path, Clock())
     assert third.jobs[attached.job].message == a.message

@@ -95,6 +95,7 @@ EXAMPLES: dict[str, m.Message] = {
     "drive": m.Drive(
         id=8, kind="vertex", name="pr", job='{"kind": "vertex"}', files={"pr.py": "x = 1"}
     ),
+    "resume": m.Resume(id=8, job=3, sent=10, missing=[[2, 4], [7, 8]], done=6, failed=1),
     "ok": m.Ok(re=4, info={"job": 3, "state": "killed"}),
 }
 

@@ -30,7 +30,8 @@ def test_table_names_every_phase_and_final_phases_have_no_way_out() -> None:
     ("old", "new"),
     [
         (JobPhase.RECEIVING, JobPhase.DONE),  # done before every argument arrived
-        (JobPhase.COMPLETING, JobPhase.RECEIVING),  # arguments again after args_end
+        # (COMPLETING → RECEIVING is legal: a resumed job's console sends arguments again)
+        (JobPhase.DONE, JobPhase.RECEIVING),  # an ended job takes arguments again
         (JobPhase.DONE, JobPhase.FAILED),  # an ended job ends again
         (JobPhase.KILLED, JobPhase.COMPLETING),
         (JobPhase.CANCELLED, JobPhase.CANCELLED),

@@ -152,8 +152,8 @@ class Session:
         return self.connected() or (self.settings.server is None and self.embedded is not None)
 
     def close(self) -> None:
-        if self.client is not None and self.client.link is not None:
-            runtime.run(self.client.link.close, timeout=5)
+        if self.client is not None:
+            runtime.run(self.client.close, timeout=5)
         if self.embedded is not None:
             try:
                 runtime.run(runtime.as_deferred(self.embedded.stop), timeout=15)

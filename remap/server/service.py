@@ -152,7 +152,7 @@ class ServerConnection:
             self._drive(link, msg)
         elif (t is m.Kill or t is m.Attach) and msg.job in self.server.drivers.jobs:
             self._driven(link, msg)
-        elif (t is m.Kill or t is m.Attach) and not self._may_touch(link, msg):
+        elif (t is m.Kill or t is m.Attach or t is m.Resume) and not self._may_touch(link, msg):
             return
         elif t is m.JobCounters:
             job = sched.jobs.get(msg.job)
@@ -171,6 +171,13 @@ class ServerConnection:
                 link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
+        elif t is m.Resume:
+            job, problem = sched.resume(link, msg)
+            if job is None:
+                code = "bad-request" if problem.startswith("resume:") else "not-found"
+                link.send(m.Error(code=code, message=problem, re=msg.id))
+            else:
+                link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
         elif self.user and t in (m.Drain, m.Undrain, m.Exclude, m.Include, m.KillCluster):
             link.send(
                 m.Error(
@@ -239,7 +246,7 @@ class ServerConnection:
                 job, lambda j: link.send(m.Ok(re=msg.id, info={"job": j.id, "state": j.state}))
             )
 
-    def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> bool:
+    def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume) -> bool:
         """A person may kill or attach to their own jobs only; the cluster secret to any."""
         job = self.scheduler.recall(msg.job)  # a finished job only the journal keeps, too
         if not self.user or job is None or job.owner == self.user:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -230,6 +231,8 @@ class Scheduler:
             self.finish(job, "failed", note)
         elif kind == "console-grace" and (job.console is None or job.receiving):
             self.finish(job, "cancelled", note)
+        elif kind == "restart-grace" and (job.console is None or job.receiving):
+            self.finish(job, "failed", note)
 
     # ================================================================ nodes
 
@@ -440,13 +443,17 @@ class Scheduler:
             if job.finished:
                 continue
             self.active[job.id] = job
-            if job.receiving:
-                why = (
-                    "before its console had sent every argument"
-                    if job.detach
-                    else "and its arguments came from its console's stream, which cannot be "
-                    "replayed"
+            if not job.detach:  # its console holds its arguments and results: it resumes it
+                job.waiting = "waiting for its console to reconnect (the server restarted)"
+                self._orphan(
+                    job,
+                    "the server restarted and the console feeding this job did not come back "
+                    f"within {self.console_grace:g}s (REMAP_CONSOLE_GRACE): submit it again",
+                    "restart-grace",
                 )
+                continue
+            if job.receiving:
+                why = "before its console had sent every argument"
                 self.finish(job, "failed", f"the server restarted {why}: submit it again")
                 continue
             job.received = job.total
@@ -550,8 +557,17 @@ class Scheduler:
         if job.finished:
             return None  # a race with kill/failure: drop silently
         n = len(msg.sizes)
-        if msg.start != job.received:
-            return f"arguments out of order: expected start {job.received}, got {msg.start}"
+        expect = job.expect
+        first = expect[0][0] if expect else job.received
+        if msg.start != first:
+            return f"arguments out of order: expected start {first}, got {msg.start}"
+        if expect:  # resent after a resume: a run the console lacks results for
+            run = expect[0]
+            if msg.start + n > run[1]:
+                return f"arguments {msg.start}..{msg.start + n - 1} cross index {run[1]}"
+            run[0] += n
+            if run[0] == run[1]:
+                expect.popleft()
         if n > job.granted:
             return f"sent {n} arguments with a window of {job.granted}"
         if sum(msg.sizes) != len(msg.payload):
@@ -579,7 +595,7 @@ class Scheduler:
         job = self.jobs.get(msg.job)
         if job is None or job.console is not console:
             return f"job {msg.job} is not yours"
-        if msg.total != job.received:
+        if msg.total != job.received or job.expect:
             return f"args_end says {msg.total} arguments, {job.received} were sent"
         if job.receiving:  # a late args_end (the job was killed meanwhile) changes nothing
             job.move(JobPhase.COMPLETING)
@@ -621,8 +637,76 @@ class Scheduler:
             why = "its console disconnected"
             if job.detach:
                 why += f" after sending {job.received} arguments, before the last"
+            self._orphan(job, why)
 
-            job.timers.append(self._start_timer("console-grace", self.console_grace, job.id, why))
+    def _orphan(self, job: JobState, why: str, kind: str = "console-grace") -> None:
+        """End ``job`` after the console grace unless its console resumes it (or, once every
+        argument is in, a console attaches): ``console-grace`` cancels it, ``restart-grace``
+        (the server restarted) fails it."""
+        self._stop_orphan_timer(job)
+        job.orphan_timer = self._start_timer(kind, self.console_grace, job.id, why)
+        job.timers.append(job.orphan_timer)
+
+    def _stop_orphan_timer(self, job: JobState) -> None:
+        timer, job.orphan_timer = job.orphan_timer, None
+        if timer is not None and timer in job.timers:
+            job.timers.remove(timer)
+            self._timer_notes.pop(timer, None)
+            self._outbox.append(CancelTimer(timer))
+
+    @command
+    def resume(self, console: Any, msg: m.Resume) -> tuple[JobState | None, str]:
+        """A reconnected console takes back the job it feeds: the server drops what it holds of
+        the job and lacks every argument the console has no outcome for (see the protocol's
+        ``resume``); returns the job, or None and why not."""
+        job = self.jobs.get(msg.job)
+        if job is None:
+            return None, f"no job {msg.job} on this server (unknown, or finished and forgotten)"
+        if job.finished:
+            return None, f"job {job.id} ended while its console was away: {job.state} {job.message}"
+        if job.detach:
+            return None, f"job {job.id} is detached: attach to it for its results"
+        problem = self._resume_problem(msg)
+        if problem:
+            return None, problem
+        self._recall_tasks(job)
+        job.pending.clear()
+        job.pending_count = job.pending_bytes = 0
+        job.console = console
+        job.done, job.failed = msg.done, msg.failed
+        job.received, job.received_bytes = msg.done + msg.failed, 0
+        job.expect = deque([a, b] for a, b in msg.missing if a < b)
+        if job.phase is JobPhase.COMPLETING:  # it sends every argument and args_end again
+            job.move(JobPhase.RECEIVING)
+        job.first_window = True
+        job.granted = self._window(job)
+        self._stop_orphan_timer(job)
+        self._check_capacity(job)
+        self.log.info(
+            "job {id} resumed by its console: {n} arguments to send again, new ones from {sent}",
+            id=job.id,
+            n=msg.sent - job.received,
+            sent=msg.sent,
+        )
+        self.pump()
+        return job, ""
+
+    @staticmethod
+    def _resume_problem(msg: m.Resume) -> str:
+        """Why a ``resume`` does not add up, or ''."""
+        end = 0
+        lacking = 0
+        for run in msg.missing:
+            if len(run) != 2 or not end <= run[0] <= run[1] <= msg.sent:
+                return f"resume: missing run {run} is out of order or beyond {msg.sent}"
+            end = run[1]
+            lacking += run[1] - run[0]
+        if min(msg.done, msg.failed) < 0 or msg.done + msg.failed + lacking != msg.sent:
+            return (
+                f"resume: {msg.done} done + {msg.failed} failed + {lacking} missing is not the "
+                f"{msg.sent} arguments sent"
+            )
+        return ""
 
     @command
     def attach(self, console: Any, job_id: int) -> JobState | None:
@@ -645,6 +729,7 @@ class Scheduler:
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
             self._send(console, msg)
+        self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
 
     @command
@@ -664,18 +749,11 @@ class Scheduler:
             self._timer_notes.pop(timer, None)
             self._outbox.append(CancelTimer(timer))
         job.timers.clear()
+        self._recall_tasks(job)
         for node in self.nodes.values():
-            stale = [tid for tid, t in node.inflight.items() if t.job is job]
-            for tid in stale:
-                del node.inflight[tid]
-            if stale:
-                self._send(node.link, m.Cancel(job=job.id))
-                if node.has_credit():
-                    self._ready[node.id] = node
             if job.id in node.loaded:
                 node.loaded.discard(job.id)
                 self._send(node.link, m.JobDrop(job=job.id))
-        job.running = job.tasks = 0
         if self.journal is not None:
             self.journal.finished(job.id, state, message, job.done, job.failed, job.finished_at)
         self.log.info(
@@ -691,6 +769,18 @@ class Scheduler:
         self._prune_finished()
         self.pump()
 
+    def _recall_tasks(self, job: JobState) -> None:
+        """Take every task of ``job`` off the nodes (cancelled there; late answers dropped)."""
+        for node in self.nodes.values():
+            stale = [tid for tid, t in node.inflight.items() if t.job is job]
+            for tid in stale:
+                del node.inflight[tid]
+            if stale:
+                self._send(node.link, m.Cancel(job=job.id))
+                if node.has_credit():
+                    self._ready[node.id] = node
+        job.running = job.tasks = 0
+
     def _done_message(self, job: JobState) -> m.JobDone:
         return m.JobDone(
             job=job.id, state=job.state, done=job.done, failed=job.failed, message=job.message
@@ -704,7 +794,11 @@ class Scheduler:
                 del self.jobs[job.id]
 
     def _maybe_complete(self, job: JobState) -> None:
-        if job.phase is JobPhase.COMPLETING and job.done + job.failed >= job.total:
+        if (
+            job.phase is JobPhase.COMPLETING
+            and job.done + job.failed >= job.total
+            and (job.console is not None or job.detach)  # else its console may resume it
+        ):
             self.finish(job, "done")
         else:
             self._grant(job)

@@ -64,7 +64,7 @@ class ConsoleLost:
 class Timer:
     """A timer's name: its kind, the job it is for (0: the scheduler's own) and a serial."""
 
-    kind: str  # "sweep", "preempt", "wait-for-nodes", "console-grace"
+    kind: str  # "sweep", "preempt", "wait-for-nodes", "console-grace", "restart-grace"
     job: int = 0
     serial: int = 0
 

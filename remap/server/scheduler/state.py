@@ -44,7 +44,8 @@ _ENDS = frozenset({JobPhase.FAILED, JobPhase.KILLED, JobPhase.CANCELLED})
 #: the only moves a job makes; DONE needs every argument, so it is reached from COMPLETING only
 TRANSITIONS: dict[JobPhase, frozenset[JobPhase]] = {
     JobPhase.RECEIVING: _ENDS | {JobPhase.COMPLETING},
-    JobPhase.COMPLETING: _ENDS | {JobPhase.DONE},
+    # back to RECEIVING: a console resumed the job and sends its missing arguments again
+    JobPhase.COMPLETING: _ENDS | {JobPhase.DONE, JobPhase.RECEIVING},
     JobPhase.DONE: frozenset(),
     JobPhase.FAILED: frozenset(),
     JobPhase.KILLED: frozenset(),
@@ -184,6 +185,11 @@ class JobState:
     stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
+    #: ends the job unless its console comes back (see :meth:`Scheduler.console_lost`)
+    orphan_timer: Any = None
+    #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again, in order,
+    #: before it continues from its ``sent`` (then ``received`` is the next index again)
+    expect: deque[list[int]] = field(default_factory=deque)
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,221 @@
+"""A console resumes the job it feeds after its connection is cut or the server restarts.
+
+In memory (real protocol bytes over iosim pumps, one Clock): the console's client dials again
+by itself, sends ``resume`` with the arguments whose outcome it lacks, and sends those again;
+the server (the same one, or a new one reading the old one's journal) drops what it held of
+the job. Every result reaches the sink exactly once (an ObjectSink raises on a duplicate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+
+from protocol import messages as m
+from remap.client import ClusterClient, JobOutcome
+from remap.errors import ConnectionLost
+from remap.server.journal import Journal
+from remap.server.service import RemapServerFactory
+from tests.test_inmemory import (
+    GRACE,
+    HEARTBEAT,
+    MISSES,
+    SECRET,
+    Cluster,
+    job_run,
+    outcome,
+    square,
+)
+
+
+class RestartableCluster(Cluster):
+    """The in-memory cluster whose server can die (SIGKILL-like) and start again on its journal."""
+
+    def __init__(self, journal_path: Path | None = None) -> None:
+        super().__init__()
+        self.journal_path = journal_path
+        self.up = True
+        self._use_journal()
+
+    def _use_journal(self) -> None:
+        if self.journal_path is not None:
+            self.journal = Journal(self.journal_path, self.clock)
+            self.factory.use_journal(self.journal)
+
+    def redialling_console(self, name: str = "console") -> ClusterClient:
+        """A console whose client dials this cluster's current server again when cut off."""
+        client = ClusterClient(clock=self.clock, grace=GRACE)
+
+        def redial() -> defer.Deferred:
+            if not self.up:
+                return defer.fail(ConnectionRefusedError("the server is down"))
+            link, _ = self._join("console", client, name)
+            return defer.succeed(link)
+
+        client.redial = redial
+        self._join("console", client, name)
+        return client
+
+    def cut(self, client: ClusterClient) -> None:
+        """Drop one console's connection (the network blinked)."""
+        assert client.link is not None
+        client.link.transport.loseConnection()
+        self.settle()
+
+    def kill_server(self) -> None:
+        """The server dies: nothing more reaches its journal, every connection drops."""
+        old = self.factory
+        if self.journal_path is not None:
+            journal = old.scheduler.journal
+            if journal._timer is not None and journal._timer.active():
+                journal._timer.cancel()  # what was not committed is lost, as on SIGKILL
+            journal._db.close()
+            old.scheduler.journal = None
+        old.scheduler.stop()
+        self.up = False
+        for pump in self.pumps:
+            pump.client.transport.loseConnection()
+        self.settle()
+        self.pumps = []
+
+    def start_server(self) -> None:
+        self.factory = RemapServerFactory(
+            self.clock,
+            SECRET,
+            max_frame=self.max_frame,
+            handshake_timeout=5.0,
+            heartbeat_interval=HEARTBEAT,
+            heartbeat_misses=MISSES,
+            console_grace=GRACE,
+        )
+        self.scheduler = self.factory.scheduler
+        self._use_journal()
+        self.up = True
+
+
+def wait_until(cluster: Cluster, cond: Any, seconds: float = 20.0) -> None:
+    """Let fake time pass (pumping) until ``cond()``; fail if it never holds."""
+    for _ in range(int(seconds / 0.1)):
+        if cond():
+            cluster.settle()
+            return
+        cluster.tick(0.1, cluster.pumps, step=0.1)
+    assert cond(), "condition not reached in fake time"
+
+
+def test_a_cut_connection_is_resumed_and_every_result_arrives_once() -> None:
+    cluster = RestartableCluster()
+    pool, _, _ = cluster.node("node-a", cores=2, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(2000), chunksize=50)
+    d = client.submit(run)
+    cluster.settle()
+    for _ in range(3):  # some results arrive, some arguments stay in flight
+        pool.run_held()
+        cluster.settle()
+    delivered = run.done
+    assert 0 < delivered < 2000 and pool.held
+    cluster.cut(client)
+    assert not d.called, "the job waits for the console to come back"
+    wait_until(cluster, lambda: client.reconnects == 1)
+    job = cluster.scheduler.jobs[run.job_id]
+    assert job.console is not None and job.state == "running"
+    assert pool.cancels == [run.job_id], "what the node held for the old connection was dropped"
+    while not d.called:
+        pool.run_held()
+        cluster.tick(0.1, cluster.pumps)
+    result = outcome(d)
+    assert isinstance(result, JobOutcome), result
+    assert (result.state, result.done) == ("done", 2000)
+    assert run.sink.value() == [i * i for i in range(2000)]
+
+
+def test_a_restarted_server_waits_for_the_console_which_resumes(tmp_path: Path) -> None:
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    pool, _, _ = cluster.node("node-a", cores=2, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(3000), chunksize=40, name="streamed")
+    d = client.submit(run)
+    cluster.settle()
+    pool.run_held()
+    cluster.settle()
+    job_id = run.job_id
+    assert 0 < run.done < 3000
+    for restart in range(3):
+        cluster.kill_server()
+        cluster.tick(1.0, [])  # down a while: the console's first redials are refused
+        assert not d.called and client.reconnects == restart
+        cluster.start_server()
+        job = cluster.scheduler.jobs[job_id]
+        assert job.state == "running" and "waiting for its console" in job.waiting
+        pool, _, _ = cluster.node(f"node-{restart}", cores=2, hold=True)
+        wait_until(cluster, lambda n=restart + 1: client.reconnects == n)
+        pool.run_held()
+        cluster.settle()
+    while not d.called:
+        pool.run_held()
+        cluster.tick(0.1, cluster.pumps)
+    result = outcome(d)
+    assert isinstance(result, JobOutcome), result
+    assert (result.state, result.done, result.failed) == ("done", 3000, 0)
+    assert run.sink.value() == [i * i for i in range(3000)]
+    assert cluster.journal.duplicates == 0
+
+
+def test_a_console_that_does_not_come_back_ends_the_job_with_the_reason(tmp_path: Path) -> None:
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    cluster.node("node-a", cores=1, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(100), chunksize=10)
+    d = client.submit(run)
+    cluster.settle()
+    job_id = run.job_id
+    cluster.kill_server()
+    cluster.tick(GRACE + 1, [])  # the console gives up: the server is still down
+    failure = outcome(d)
+    assert failure.check(Exception) and "REMAP_CONSOLE_GRACE" in str(failure.value)
+    cluster.start_server()
+    assert cluster.scheduler.jobs[job_id].state == "running"
+    cluster.tick(GRACE + 1, cluster.pumps)
+    job = cluster.scheduler.jobs[job_id]
+    assert job.state == "failed"
+    assert "did not come back" in job.message and "submit it again" in job.message
+
+
+def test_a_resume_that_does_not_add_up_is_refused() -> None:
+    cluster = RestartableCluster()
+    cluster.node("node-a", cores=1, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(100), chunksize=10)
+    client.submit(run)
+    cluster.settle()
+    sched = cluster.scheduler
+    bad = [
+        m.Resume(id=1, job=run.job_id, sent=10, missing=[[5, 3]], done=8, failed=0),
+        m.Resume(id=1, job=run.job_id, sent=10, missing=[[0, 4]], done=8, failed=0),
+        m.Resume(id=1, job=run.job_id, sent=10, missing=[[0, 11]], done=0, failed=0),
+    ]
+    for msg in bad:
+        job, problem = sched.resume(object(), msg)
+        assert job is None and problem.startswith("resume:"), problem
+    job, problem = sched.resume(
+        object(), m.Resume(id=1, job=999, sent=0, missing=[], done=0, failed=0)
+    )
+    assert job is None and "no job 999" in problem
+
+
+def test_a_detached_job_is_not_resumed() -> None:
+    """A detached job's console keeps nothing to send again: a cut fails its run at once."""
+    cluster = RestartableCluster()
+    cluster.node("node-a", cores=1, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(10), detach=True)
+    d = client.submit(run)
+    cluster.settle()
+    assert not run.resumable
+    cluster.cut(client)
+    assert outcome(d).check(ConnectionLost)
+    assert client.reconnects == 0
