@@ -504,7 +504,8 @@ class RaySystem(System):
 
 
 class EngineSystem(System):
-    """remap's console path on another engine: ``--engine dask://local`` / ``ray://local``.
+    """remap's console path on an engine of the seam: ``--engine dask://local``, ``ray://local``
+    or ``remap://local`` (remap's embedded cluster behind the same seam).
 
     The job's function blob and argument chunks go through ``remap.engines`` (EngineRun and
     the console's sinks) exactly as ``remap compute --engine`` sends them; only the local
@@ -583,7 +584,7 @@ def make_system(name: str, workdir: Path, workers: int = 2) -> System:
         return RemapSystem("procs", workdir, workers, journal=False)
     if name in ("api-embedded", "api-procs"):
         return RemapApiSystem(name.split("-")[1], workdir, workers)
-    if name in ("engine-dask", "engine-ray"):
+    if name in ("engine-dask", "engine-ray", "engine-remap"):
         engine = EngineSystem(name.split("-")[1])
         engine.workers = workers
         return engine
@@ -609,4 +610,5 @@ SYSTEMS = (
     "ray.Pool",
     "engine-dask",
     "engine-ray",
+    "engine-remap",
 )

@@ -3,9 +3,10 @@
 The seam is :meth:`Engine.outcomes`: it takes the function blob (``shipping.function_blob``,
 possibly behind a ``bundle``) and an iterator of chunks of ``(index, argument)`` and yields
 each argument's outcome ``(index, result, error)`` as chunks finish. remap's own server is the
-default engine (``--engine remap``: the console's usual path); Dask and Ray run one task per
-*chunk*, never per argument (both pay milliseconds per task), with a bounded number of chunks
-in flight (``Client.map`` is not lazy: it would submit every task at once).
+default engine (``--engine remap``: the console's usual path) and one implementation of the
+seam (``remap://``: :class:`RemapEngine`); Dask and Ray are others. Each runs one task per
+*chunk*, never per argument (Dask and Ray pay milliseconds per task), with a bounded number of
+chunks in flight (``Client.map`` is not lazy: it would submit every task at once).
 
 The response-mode sinks stay on the console: :class:`EngineRun` feeds them from a thread of
 its own, so the console's progress, report and exit codes are the same as with remap.
@@ -304,7 +305,58 @@ class RayEngine(Engine):
         self._ray.shutdown()
 
 
-ENGINES = {"dask": DaskEngine, "ray": RayEngine}
+class RemapEngine(Engine):
+    """``remap://HOST:PORT`` (a running remap server) or ``remap://local`` (an embedded
+    cluster): remap itself behind the seam, one remap call per chunk through the public API.
+
+    The console's default path (``--engine remap``) speaks remap's job protocol instead —
+    server-side progress, ``--detach``, ``attach``, resume after a restart, a timeout that
+    kills the core — which a chunk-shaped seam cannot carry; this engine is the same job on
+    the same cluster through the seam every other engine uses, and a test keeps the two
+    paths' outputs identical.
+    """
+
+    name = "remap"
+
+    def __init__(
+        self, address: str, *, workers: int, retries: int = 3, settings: Any = None
+    ) -> None:
+        from dataclasses import replace
+
+        from .api import connect
+        from .settings import Settings
+
+        settings = settings or Settings()
+        if address == "local":  # this process's own cluster, whatever REMAP_SERVER says
+            settings = replace(settings, server=None, discovery=False)
+            self.cluster = connect(settings=settings, cores=workers, retries=retries)
+        else:
+            self.cluster = connect(address, settings=settings, retries=retries)
+        try:
+            self.workers = max(1, self.cluster.cores())
+        except BaseException:
+            self.cluster.close()
+            raise
+
+    def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
+        return self.cluster.submit(run_chunk, key, blob, star, timeout, chunk)
+
+    def _wait(self, handles: list[Any]) -> list[Any]:
+        done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+        return list(done)
+
+    def _result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def _cancel(self, handles: list[Any]) -> None:
+        for handle in handles:
+            handle.cancel()
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+ENGINES = {"dask": DaskEngine, "ray": RayEngine, "remap": RemapEngine}
 
 
 def parse(url: str) -> tuple[str, str]:
@@ -314,20 +366,23 @@ def parse(url: str) -> tuple[str, str]:
     scheme, sep, address = url.partition("://")
     if not sep or scheme not in ENGINES or not address:
         raise ConfigError(
-            f"unknown engine {url!r}: expected remap, dask://HOST:PORT, dask://local, "
-            "ray://HOST:PORT or ray://local"
+            f"unknown engine {url!r}: expected remap, remap://HOST:PORT, remap://local, "
+            "dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local"
         )
     return scheme, address
 
 
-def open_engine(url: str, *, workers: int | None = None, retries: int = 3) -> Engine:
+def open_engine(
+    url: str, *, workers: int | None = None, retries: int = 3, settings: Any = None
+) -> Engine:
     """Connect to (or start) the engine a URL names; the caller closes it."""
     scheme, address = parse(url)
-    if scheme == "remap":
+    if not address:
         raise ConfigError("--engine remap is the console's own path, not an Engine")
-    return ENGINES[scheme](
-        address, workers=workers or max(1, (os.cpu_count() or 2) - 1), retries=retries
-    )
+    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    if scheme == "remap":
+        return RemapEngine(address, workers=workers, retries=retries, settings=settings)
+    return ENGINES[scheme](address, workers=workers, retries=retries)
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[Chunk]:
@@ -460,7 +515,7 @@ class EngineRun:
 
 
 def start_job(
-    engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None
+    engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None, settings: Any = None
 ) -> tuple[EngineRun, concurrent.futures.Future]:
     """Run a job file on the engine ``engine_url`` names; the console waits on the future."""
     from . import bundle
@@ -471,7 +526,7 @@ def start_job(
     blob = bundle.wrap(
         function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
     )
-    engine = open_engine(engine_url, workers=workers, retries=spec.retries)
+    engine = open_engine(engine_url, workers=workers, retries=spec.retries, settings=settings)
     run = EngineRun(
         engine,
         blob,

@@ -184,7 +184,7 @@ def _run(
 ) -> tuple[int, list[str], str, Any]:
     """Exit code, stdout lines (sorted for stream: arrival order is the cluster's), stderr,
     and the output file's content."""
-    tmp_path.mkdir(exist_ok=True)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     job = _job(tmp_path, mode, on_error)
     if engine is not None:
         monkeypatch.setattr(engines, "open_engine", lambda *a, **k: _Shared(engine))
@@ -238,6 +238,52 @@ def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
         same = json.dumps(got[1:4:2]).replace(f"/{fixture}/", "/remap/")
         assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), url
         assert "1 argument(s) failed" in got[2]
+
+
+@pytest.fixture(scope="module")
+def remap_engine() -> Iterator[engines.Engine]:
+    engine = engines.RemapEngine("local", workers=2)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_remap_behind_the_seam_gives_the_consoles_own_output(
+    mode: str,
+    tmp_path: Path,
+    remap_engine: engines.Engine,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--engine remap://local`` (remap as one implementation of the seam) and the console's
+    own path agree in every response mode, under ``continue`` and under ``fail``."""
+    for on_error, code in (("continue", 5), ("fail", 1)):
+        want = _run(tmp_path / "own" / on_error, mode, "remap", capsys, monkeypatch, None, on_error)
+        assert want[0] == code, want
+        got = _run(
+            tmp_path / "seam" / on_error, mode, "remap://local", capsys, monkeypatch,
+            remap_engine, on_error,
+        )  # fmt: skip
+        assert got[0] == code, got
+        same = json.dumps(got[1:4:2]).replace("/seam/", "/own/")
+        if not (mode == "stream" and on_error == "fail"):  # what streamed before it: timing
+            assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), (mode, on_error)
+        assert "argument 7 raised ValueError: seven" in got[2] or on_error == "continue", got[2]
+
+
+@pytest.mark.slow
+def test_a_remap_server_nobody_listens_on_is_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``remap://HOST:PORT`` with nobody listening is one line and exit 4, like the others."""
+    monkeypatch.setenv("REMAP_SECRET_KEY", "engine-test-secret-" + "x" * 16)
+    job = _job(tmp_path, "object")
+    argv = ["compute", str(job), "--engine", "remap://127.0.0.1:9", "--env-file", "/nonexistent"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "127.0.0.1:9" in err and "Traceback" not in err, err
 
 
 @on_engines
@@ -351,3 +397,130 @@ def test_stopping_a_run_cancels_its_chunks_and_keeps_what_arrived(tmp_path: Path
     assert not (tmp_path / "out.jsonl").exists() and sink.complete is False
     assert (run.done, run.failed) == (1, 0)
     assert (tmp_path / "out.jsonl.partial").read_text().count("\n") == 1
+
+
+@pytest.mark.slow
+def test_remap_engine_url_runs_the_job_on_a_running_server_and_node(tmp_path: Path) -> None:
+    """``--engine remap://HOST:PORT`` from a console process against a real server and node:
+    the same results as the console's own path, and the server saw the chunk calls."""
+    from .test_security_e2e import Cluster
+
+    with Cluster(tmp_path) as cluster:
+        server, port = cluster.server()
+        cluster.node(port, cores=2)
+        cluster.wait_node_joined(server)
+        job = cluster.job_file(30)
+        own = cluster.console(port, "compute", str(job), "--json")
+        seam = cluster.console(
+            port, "compute", str(job), "--json", "--engine", f"remap://127.0.0.1:{port}"
+        )
+        assert own.returncode == 0 and seam.returncode == 0, (own.stderr, seam.stderr)
+        assert json.loads(seam.stdout) == json.loads(own.stdout) == [x * x for x in range(30)]
+        jobs = cluster.console(port, "jobs", "--json")
+        names = [j.get("name", "") for j in json.loads(jobs.stdout)]
+        assert any("run_chunk" in name for name in names), names
+
+
+# ----------------------------------------------------------------------- remote engines
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _console(tmp_path: Path, job: Path, url: str) -> Any:
+    import subprocess
+    import sys
+
+    from .test_security_e2e import REPO, child_env
+
+    argv = [sys.executable, str(REPO / "remap_console.py"), "compute", str(job), "--json"]
+    argv += ["--engine", url, "--env-file", str(tmp_path / "no.env")]
+    env = child_env(tmp_path / "home")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+
+
+def _check(stdout: str, n: int = 40) -> None:
+    """The object-mode output: squares, argument 7 as its error record."""
+    got = json.loads(stdout)
+    assert [g for i, g in enumerate(got) if i != 7] == [x * x for x in range(n) if x != 7], got
+    assert (got[7]["type"], got[7]["message"]) == ("ValueError", "seven"), got[7]
+
+
+@on_engines
+def test_a_running_dask_scheduler_with_workers_of_its_own(tmp_path: Path) -> None:
+    """``dask://HOST:PORT``: a scheduler and a worker started as their own processes (as on a
+    real cluster); the console connects, runs the job and leaves them running."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .test_security_e2e import wait_for
+
+    pytest.importorskip("distributed")
+    bindir = Path(sys.executable).parent
+    dask = str(bindir / "dask") if (bindir / "dask").exists() else shutil.which("dask")
+    assert dask, "the dask command comes with dask[distributed]"
+    info = tmp_path / "scheduler.json"
+    common = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(info)], **common,
+    )  # fmt: skip
+    worker = None
+    try:
+        wait_for(lambda: info.exists() and info.stat().st_size > 0, 120, "the scheduler file")
+        address = json.loads(info.read_text())["address"].removeprefix("tcp://")
+        worker = subprocess.Popen(
+            [dask, "worker", "--scheduler-file", str(info), "--nworkers", "2", "--nthreads", "1",
+             "--no-dashboard"], **common,
+        )  # fmt: skip
+        job = _job(tmp_path, "object")
+        done = _console(tmp_path, job, f"dask://{address}")
+        assert done.returncode == 5, done.stderr  # argument 7 failed under on_error: continue
+        _check(done.stdout)
+        assert scheduler.poll() is None  # not ours to stop
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@on_engines
+def test_a_running_ray_cluster_through_its_client_server(tmp_path: Path) -> None:
+    """``ray://HOST:PORT``: a Ray head started with ``ray start`` (a cluster of its own, with
+    its client server on a free port); the console is a Ray client, as against a remote one."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    bindir = Path(sys.executable).parent
+    ray = str(bindir / "ray") if (bindir / "ray").exists() else shutil.which("ray")
+    assert ray, "the ray command comes with ray"
+    gcs, client = _free_port(), _free_port()
+    env = {**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = Path("/tmp") / f"ray-{client}"  # Ray's socket paths must stay short
+    started = subprocess.run(
+        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard",
+         "false", "--disable-usage-stats", "--temp-dir", str(temp)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        job = _job(tmp_path, "object")
+        done = _console(tmp_path, job, f"ray://127.0.0.1:{client}")
+        assert done.returncode == 5, done.stderr
+        _check(done.stdout)
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)

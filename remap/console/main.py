@@ -227,7 +227,8 @@ def build_parser() -> Parser:
         "--engine",
         default="remap",
         metavar="URL",
-        help="remap (default), dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local",
+        help="remap (default), remap://HOST:PORT or remap://local (remap through the engine "
+        "seam), dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local",
     )
     for name in ("status", "nodes", "jobs"):
         command(name).add_argument("--json", action="store_true", help="machine-readable output")
@@ -361,7 +362,11 @@ class Console:
                 from .. import engines
 
                 run, future = engines.start_job(
-                    args.engine, spec, sink, workers=self.session.settings.cores
+                    args.engine,
+                    spec,
+                    sink,
+                    workers=self.session.settings.cores,
+                    settings=self.session.settings,
                 )
             else:
                 run, future = self.session.start_job(
