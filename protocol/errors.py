@@ -80,6 +80,25 @@ class HandshakeTimeout(RemapError):
     code = "timeout"
 
 
+class InvalidOption(RemapError, ValueError):
+    """A job option's value is not allowed (see ``protocol/options.py``); ``key`` names it.
+
+    A ValueError too, so Python callers passing a bad argument get the exception they expect.
+    The job file turns it into a ConfigError naming the file and line; on the wire it is a
+    protocol violation (our own consoles check before sending).
+    """
+
+    exit_code = 2
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.problem))
+
+
 def error_codes(root: type[RemapError] = RemapError) -> dict[str, type[RemapError]]:
     """Code → class for every subclass of ``root`` (loaded so far) that declares its own code.
 

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from .errors import LocalProtocolError, RemoteProtocolError, UnknownMessageType
+from .errors import InvalidOption, LocalProtocolError, RemoteProtocolError, UnknownMessageType
+from .options import JobOptions
 
 PROTOCOL_VERSION = 1
 
@@ -85,6 +86,10 @@ def _checker(tp: Any):
     raise TypeError(f"unsupported field type {tp!r}")
 
 
+def _anything(value: Any) -> bool:
+    return True
+
+
 def message(cls):
     """Class decorator: make a frozen dataclass and register it in the catalogue."""
     cls = dataclass(frozen=True, slots=True)(cls)
@@ -98,7 +103,9 @@ def message(cls):
         default = f.default
         if f.default_factory is not _MISSING:
             default = f.default_factory
-        specs.append((f.name, _checker(hints[f.name]), default))
+        # a field with its own rule (a job option) is judged by that rule when the class is built
+        check = _anything if "rule" in f.metadata else _checker(hints[f.name])
+        specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
     _FIELDS[cls] = tuple(specs)
     return cls
@@ -159,7 +166,10 @@ def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:
         raise RemoteProtocolError(f"{type_name} carries no payload")
     if "payload" in cls.__dataclass_fields__:
         kwargs["payload"] = payload
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidOption as exc:  # a value its own rules refuse (``submit``'s options)
+        raise RemoteProtocolError(f"{type_name}.{exc}") from None
 
 
 def message_types() -> dict[str, type[Message]]:
@@ -355,31 +365,22 @@ class Shutdown(Message):
 
 
 @message
-class Submit(Message):
-    """Console → server: start a job; payload is the cloudpickled ``(fn, reduce_fn)``."""
+class Submit(JobOptions, Message):
+    """Console → server: start a job; payload is the cloudpickled ``(fn, reduce_fn)``.
+
+    Its fields are the job's options (:class:`protocol.options.JobOptions`, declared and
+    checked there) plus the request id and the argument count if known (-1 if not).
+    """
 
     TYPE = "submit"
     id: int
-    name: str
-    mode: str = "object"
-    group: str | None = None
-    retries: int = 3
-    timeout: float | None = None
-    on_error: str = "fail"
-    chunksize: int = 0
-    priority: int = 0
-    detach: bool = False
-    star: bool = False
     total: int = -1
-    wait_for_nodes: float | None = None
-    output: str | None = None
-    gang: bool = False
-    requires: list[str] = field(default_factory=list)
-    max_cores: int = 0
-    min_cores: int = 0
-    data_dir: str | None = None
-    data_id: str | None = None
     payload: bytes = b""
+
+    @classmethod
+    def of(cls, options: JobOptions, *, id: int, total: int = -1, payload: bytes = b"") -> Submit:
+        """The submit message for ``options``."""
+        return cls(id=id, total=total, payload=payload, **options.fields())
 
 
 @message

@@ -34,10 +34,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from protocol import messages as m
+from protocol.options import JobOptions
 
 from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
-from .client import ClusterClient, JobParams, JobRun
+from .client import ClusterClient, JobRun
 from .dial import connect_console
 from .errors import (
     ConfigError,
@@ -276,7 +277,7 @@ class JobStream:
         self,
         cluster: Cluster,
         fn_blob: bytes,
-        params: JobParams,
+        params: JobOptions,
         *,
         events: queue.SimpleQueue | None = None,
         on_send: Callable[[int, Any], bool] | None = None,
@@ -764,7 +765,17 @@ class Cluster:
         max_cores: int = 0,
         min_cores: int = 0,
     ) -> None:
-        self.max_cores, self.min_cores = check_cores(max_cores, min_cores)
+        # checked now, by the one validator, so a bad option fails here and not at the first map
+        JobOptions(
+            group=group,
+            priority=priority,
+            retries=retries,
+            timeout=task_timeout,
+            requires=tuple(requires),
+            max_cores=max_cores,
+            min_cores=min_cores,
+        )
+        self.max_cores, self.min_cores = max_cores, min_cores
         #: local modules and small files every job of this handle ships (see remap.bundle)
         self.bundle = bundle.collect(list(modules), list(files), ".")
         self.requires = [str(name) for name in requires]
@@ -889,22 +900,22 @@ class Cluster:
         star: bool = False,
         chunksize: int | None = None,
         on_error: str = "continue",
-    ) -> JobParams:
-        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
-        return JobParams(
+    ) -> JobOptions:
+        """A job's options from this handle's and the call's; a bad one is an InvalidOption
+        (a ValueError) from the same validator the job file and the server use."""
+        return JobOptions(
             name=name,
             mode=mode,
             group=self.group,
             retries=self.retries,
             timeout=self.task_timeout,
             on_error=on_error,
-            chunksize=chunksize or 0,
+            chunksize=chunksize,
             priority=self.priority,
             max_cores=self.max_cores,
             min_cores=self.min_cores,
             star=star,
-            requires=list(self.requires),
+            requires=tuple(self.requires),
         )
 
     def _iterate(
@@ -1273,16 +1284,6 @@ def _disconnect(client: ClusterClient) -> defer.Deferred | None:
     client.lost.addBoth(lost)
     client.close()
     return gone
-
-
-def check_cores(max_cores: Any, min_cores: Any) -> tuple[int, int]:
-    """``max_cores`` and ``min_cores`` as the job file takes them, or one clear ValueError."""
-    for name, value in (("max_cores", max_cores), ("min_cores", min_cores)):
-        if type(value) is not int or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
-    if max_cores and min_cores > max_cores:
-        raise ValueError(f"min_cores {min_cores} is more than max_cores {max_cores}")
-    return max_cores, min_cores
 
 
 def own_or_borrow(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import pickle
 import threading
@@ -16,6 +15,7 @@ from twisted.logger import Logger
 
 from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
+from protocol.options import JobOptions
 
 from .blobs import dumps, split
 from .errors import (
@@ -205,37 +205,6 @@ def _pop_chunk(
 
 
 @dataclass
-class JobParams:
-    """What the server needs to know about a job (the job file, minus its arguments).
-
-    Every field is a field of the ``submit`` message of the same name.
-    """
-
-    name: str = "job"
-    mode: str = "object"
-    group: str | None = None
-    retries: int = 3
-    timeout: float | None = None
-    on_error: str = "fail"
-    chunksize: int = 0
-    priority: int = 0
-    max_cores: int = 0
-    min_cores: int = 0
-    detach: bool = False
-    star: bool = False
-    wait_for_nodes: float | None = None
-    output: str | None = None
-    #: every call must run at once on a core of its own (vertex workers): one call per task,
-    #: dispatched only to a node with an idle core, never queued behind another call
-    gang: bool = False
-    #: importable names a node must have to run the job (nodes without them are left out)
-    requires: list[str] = field(default_factory=list)
-    #: a file job's data directory and its token: nodes that do not see it are left out
-    data_dir: str | None = None
-    data_id: str | None = None
-
-
-@dataclass
 class JobOutcome:
     job: int
     state: str
@@ -248,7 +217,7 @@ class JobOutcome:
 class JobRun:
     """One job as the console sees it: feeds arguments as the server grants, collects results."""
 
-    params: JobParams
+    params: JobOptions
     fn_blob: bytes
     #: a plain iterator (pulled on the reactor thread: it must never block) or ThreadedArguments
     arguments: Iterator[Any] | ThreadedArguments
@@ -749,9 +718,7 @@ class ClusterClient:
         self._submits[rid] = run
         try:
             total = run.total_hint if run.total_hint is not None else -1
-            self.send(
-                m.Submit(id=rid, total=total, payload=run.fn_blob, **dataclasses.asdict(run.params))
-            )
+            self.send(m.Submit.of(run.params, id=rid, total=total, payload=run.fn_blob))
         except RemapError as exc:
             del self._submits[rid]
             run.fail(exc)

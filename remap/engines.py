@@ -526,16 +526,16 @@ def start_job(
     blob = bundle.wrap(
         function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
     )
-    engine = open_engine(engine_url, workers=workers, retries=spec.retries, settings=settings)
+    engine = open_engine(engine_url, workers=workers, retries=spec.options.retries, settings=settings)
     run = EngineRun(
         engine,
         blob,
         iter_arguments(spec),
         sink,
-        star=spec.star,
-        on_error=spec.on_error,
-        timeout=spec.timeout,
-        chunksize=spec.chunksize or 0,
+        star=spec.options.star,
+        on_error=spec.options.on_error,
+        timeout=spec.options.timeout,
+        chunksize=spec.options.chunksize or 0,
         total_hint=count_arguments(spec),
     )
     return run, run.start()

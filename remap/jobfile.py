@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import json
 import keyword
-import math
 import os
 import sys
 import traceback
@@ -25,16 +24,17 @@ from typing import Any
 import cloudpickle
 import yaml
 
-from .errors import ConfigError
+from protocol.options import OPTION_FIELDS, JobOptions, ResponseMode, check_option
+from protocol.options import show as _show
 
-RESPONSE_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
+from .errors import ConfigError, InvalidOption
+
+RESPONSE_MODES: tuple[str, ...] = tuple(mode.value for mode in ResponseMode)
 JOB_KINDS: tuple[str, ...] = ("function", "mapreduce", "vertex")
-ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "continue")
 ARG_SOURCES: tuple[str, ...] = ("args", "args_path", "args_range")
-#: modes that write to ``output`` and cannot run without it
-OUTPUT_REQUIRED: frozenset[str] = frozenset({"sqlite", "file"})
-#: modes for which ``output`` means something; for the others it would be silently ignored
-OUTPUT_ALLOWED: frozenset[str] = OUTPUT_REQUIRED | {"stream"}
+#: job-file keys named differently from the option they set
+_OPTION_OF: dict[str, str] = {"response_mode": "mode"}
+_KEY_OF: dict[str, str] = {option: key for key, option in _OPTION_OF.items()}
 
 _REF_FORMS = "'FILE.py:NAME' or 'package.module:NAME'"
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -52,30 +52,23 @@ class JobSpec:
 
     function: str
     base_dir: Path
+    #: what the server needs (``options.output`` is the absolute path of ``output:``)
+    options: JobOptions = JobOptions()
     args: list[Any] | None = None
     args_path: Path | None = None
     args_range: tuple[int, int, int] | None = None
-    star: bool = False
-    response_mode: str = "object"
-    output: Path | None = None
     reduce: str | None = None
-    chunksize: int | None = None
-    retries: int = 3
-    timeout: float | None = None
-    on_error: str = "fail"
-    group: str | None = None
-    name: str = ""
-    priority: int = 0
-    max_cores: int = 0
-    min_cores: int = 0
-    detach: bool = False
     modules: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
-    requires: tuple[str, ...] = ()
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     kind = "function"
+
+    @property
+    def output(self) -> Path | None:
+        """The file the sqlite and file modes write (absolute)."""
+        return Path(self.options.output) if self.options.output is not None else None
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -133,47 +126,46 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     if "function" not in values:
         raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")
     _check_sources(entries, values, source, root_line)
-    mode = values.get("response_mode", "object")
-    _check_mode(entries, values, source, mode)
-    if values.get("star"):
+    options = job_options(entries, values, base_dir, source, root_line)
+    _check_reduce(entries, values, source, options.mode)
+    if options.star:
         _check_star(entries, values)
 
     args_path = None
-    if values.get("min_cores", 0) > values.get("max_cores", values.get("min_cores", 0)):
-        raise entries["min_cores"].fail(
-            f"min_cores {values['min_cores']} is more than max_cores {values['max_cores']}"
-        )
     if "args_path" in values:
         args_path = _existing_file(entries["args_path"], base_dir, values["args_path"])
-    output = _resolve(base_dir, values["output"]) if "output" in values else None
     modules, files = _check_shipped(entries, values, base_dir)
 
     return JobSpec(
         function=values["function"],
         base_dir=base_dir,
+        options=options,
         args=values.get("args"),
         args_path=args_path,
         args_range=values.get("args_range"),
-        star=values.get("star", False),
-        response_mode=mode,
-        output=output,
         reduce=values.get("reduce"),
-        chunksize=values.get("chunksize"),
-        retries=values.get("retries", 3),
-        timeout=values.get("timeout"),
-        on_error=values.get("on_error", "fail"),
-        group=values.get("group"),
-        name=values.get("name") or _default_name(source),
-        priority=values.get("priority", 0),
-        max_cores=values.get("max_cores", 0),
-        min_cores=values.get("min_cores", 0),
-        detach=values.get("detach", False),
         modules=modules,
         files=files,
-        requires=tuple(values.get("requires", ())),
         source=source,
         key_lines={key: entry.key_line for key, entry in entries.items()},
     )
+
+
+def job_options(
+    entries: dict[str, _Entry], values: dict[str, Any], base_dir: Path, source: str, root_line: int
+) -> JobOptions:
+    """The job's options, judged by the one validator; an error names the key and its line."""
+    given = {_OPTION_OF.get(key, key): value for key, value in values.items()}
+    given = {f.name: given[f.name] for f in OPTION_FIELDS if f.name in given}
+    if given.get("output") is not None:
+        given["output"] = str(_resolve(base_dir, given["output"]))
+    given.setdefault("name", _default_name(source))
+    try:
+        return JobOptions(**given)
+    except InvalidOption as exc:  # a rule between keys: point at the key to change
+        key = _KEY_OF.get(exc.key, exc.key)
+        line = entries[key].key_line if key in entries else root_line
+        raise ConfigError(f"{source}:{line}: key '{key}': {exc.problem}") from None
 
 
 def _check_shipped(
@@ -285,16 +277,6 @@ def _suggest(key: str, known: Mapping[str, Any]) -> str:
     return "; known keys: " + ", ".join(_FIELDS)
 
 
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML, short enough for one error line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _default_name(source: str) -> str:
     if source.startswith("<") and source.endswith(">"):
         return source[1:-1] or "job"
@@ -336,20 +318,11 @@ def _check_sources(
         )
 
 
-def _check_mode(entries: dict[str, _Entry], values: dict[str, Any], source: str, mode: str) -> None:
-    """``output`` and ``reduce`` must be present exactly when the response mode uses them."""
-    if mode in OUTPUT_REQUIRED and "output" not in values:
-        where = entries["response_mode"]
-        raise ConfigError(
-            f"{source}:{where.key_line}: key 'response_mode': {mode!r} needs key 'output' "
-            "(where to write the results)"
-        )
-    if "output" in values and mode not in OUTPUT_ALLOWED:
-        allowed = ", ".join(sorted(OUTPUT_ALLOWED))
-        raise ConfigError(
-            f"{source}:{entries['output'].key_line}: key 'output': not used when response_mode "
-            f"is {mode!r} (only {allowed})"
-        )
+def _check_reduce(
+    entries: dict[str, _Entry], values: dict[str, Any], source: str, mode: ResponseMode
+) -> None:
+    """``reduce`` must be present exactly when the response mode uses it (``output`` is the
+    options' own rule)."""
     if mode == "reduce" and "reduce" not in values:
         where = entries["response_mode"]
         raise ConfigError(
@@ -359,7 +332,7 @@ def _check_mode(entries: dict[str, _Entry], values: dict[str, Any], source: str,
     if "reduce" in values and mode != "reduce":
         raise ConfigError(
             f"{source}:{entries['reduce'].key_line}: key 'reduce': only used when "
-            f"response_mode is 'reduce', not {mode!r}"
+            f"response_mode is 'reduce', not {mode.value!r}"
         )
 
 
@@ -422,10 +395,6 @@ def _nonempty_text(entry: _Entry) -> str:
     return value
 
 
-def _optional_text(entry: _Entry) -> str | None:
-    return None if entry.value is None else _nonempty_text(entry)
-
-
 def _function(entry: _Entry) -> str:
     value = _text(entry)
     problem = _ref_problem(value, bare_allowed=False)
@@ -451,63 +420,23 @@ def _text_list(entry: _Entry) -> list[str]:
     return [v.strip() for v in value]
 
 
-def _module_names(entry: _Entry) -> list[str]:
-    names = _text_list(entry)
-    for name in names:
-        if not all(part.isidentifier() for part in name.split(".")):
-            raise entry.fail(f"{name!r} is not a module name (like numpy or scipy.signal)")
-    return names
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _flag(entry: _Entry) -> bool:
-    if not isinstance(entry.value, bool):
-        raise entry.fail(f"expected true or false, got {_show(entry.value)}")
-    return entry.value
+def _option(name: str) -> Callable[[_Entry], Any]:
+    """A key that sets job option ``name``: judged by the options' own rule for it."""
 
+    def check(entry: _Entry) -> Any:
+        try:
+            return check_option(name, entry.value)
+        except InvalidOption as exc:
+            hint = ""
+            if isinstance(entry.value, bool) and exc.problem.startswith("expected text"):
+                hint = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
+            raise entry.fail(exc.problem + hint) from None
 
-def _integer(entry: _Entry) -> int:
-    if not _is_int(entry.value):
-        raise entry.fail(f"expected an integer, got {_show(entry.value)}")
-    return entry.value
-
-
-def _retries(entry: _Entry) -> int:
-    if not _is_int(entry.value) or entry.value < 0:
-        raise entry.fail(f"expected an integer >= 0, got {_show(entry.value)}")
-    return entry.value
-
-
-def _cores(entry: _Entry) -> int:
-    if not _is_int(entry.value) or entry.value < 1:
-        raise entry.fail(f"expected a number of cores >= 1, got {_show(entry.value)}")
-    return entry.value
-
-
-def _chunksize(entry: _Entry) -> int | None:
-    value = entry.value
-    if value is None or value == "auto":
-        return None
-    if not _is_int(value) or value < 1:
-        raise entry.fail(f"expected 'auto' or an integer >= 1, got {_show(value)}")
-    return value
-
-
-def _timeout(entry: _Entry) -> float | None:
-    value = entry.value
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise entry.fail(f"expected a number of seconds > 0, got {_show(value)}")
-    return float(value)
+    return check
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[_Entry], str]:
@@ -549,23 +478,23 @@ _FIELDS: dict[str, Callable[[_Entry], Any]] = {
     "args": _args,
     "args_path": _nonempty_text,
     "args_range": _args_range,
-    "star": _flag,
-    "response_mode": _choice(RESPONSE_MODES),
-    "output": _nonempty_text,
+    "star": _option("star"),
+    "response_mode": _option("mode"),
+    "output": _option("output"),
     "reduce": _reduce,
-    "chunksize": _chunksize,
-    "retries": _retries,
-    "timeout": _timeout,
-    "on_error": _choice(ON_ERROR_CHOICES),
-    "group": _optional_text,
-    "name": _nonempty_text,
-    "priority": _integer,
-    "max_cores": _cores,
-    "min_cores": _cores,
-    "detach": _flag,
+    "chunksize": _option("chunksize"),
+    "retries": _option("retries"),
+    "timeout": _option("timeout"),
+    "on_error": _option("on_error"),
+    "group": _option("group"),
+    "name": _option("name"),
+    "priority": _option("priority"),
+    "max_cores": _option("max_cores"),
+    "min_cores": _option("min_cores"),
+    "detach": _option("detach"),
     "modules": _text_list,
     "files": _text_list,
-    "requires": _module_names,
+    "requires": _option("requires"),
 }
 
 #: every key a job file may contain, in the order the docs list them
@@ -586,7 +515,7 @@ def iter_arguments(spec: JobSpec, *, max_line: int | None = None) -> Iterator[An
     if spec.args_range is not None:
         return iter(range(*spec.args_range))
     if spec.args_path is not None:
-        return _iter_json_lines(spec.args_path, star=spec.star, max_line=max_line)
+        return _iter_json_lines(spec.args_path, star=spec.options.star, max_line=max_line)
     raise ConfigError(f"{spec.source}: no argument source")
 
 

@@ -24,8 +24,8 @@ def gated(path: str) -> int:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_cores": -1}, "max_cores must be a non-negative integer"),
-        ({"min_cores": 1.5}, "min_cores must be a non-negative integer"),
+        ({"max_cores": -1}, r"max_cores: expected a number of cores >= 0 \(0: no limit\), got -1"),
+        ({"min_cores": 1.5}, "min_cores: expected a number of cores >= 0"),
         ({"max_cores": 2, "min_cores": 3}, "min_cores 3 is more than max_cores 2"),
     ],
 )

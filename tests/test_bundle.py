@@ -59,7 +59,7 @@ def test_job_file_keys_are_checked_with_their_line(tmp_path: Path) -> None:
     spec = load_job(d / "job.yaml")
     assert spec.modules == ("helpers.py", "shippedpkg")
     assert spec.files == (d / "data.txt",)
-    assert spec.requires == ("json", "os.path")
+    assert spec.options.requires == ("json", "os.path")
     cases = {
         "modules: [nothere.py]\n": r"bad.yaml:2: key 'modules': 'nothere.py' is not a \.py file",
         "modules: [no_such_module_qq]\n": "neither a file here nor an importable module",

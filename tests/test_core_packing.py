@@ -7,8 +7,9 @@ import pickle
 from typing import Any
 
 from protocol import messages as m
+from protocol.options import JobOptions
 from remap.blobs import pack
-from remap.client import JobParams, JobRun
+from remap.client import JobRun
 from remap.errors import JobFailed, OutputError
 from remap.node.core import SLOT, Core
 from remap.shipping import function_blob
@@ -31,7 +32,7 @@ def run_batch(fn, args) -> tuple[dict, bytes]:
 
 def to_console(reply: dict, blob: bytes, n: int) -> ObjectSink:
     sink = ObjectSink()
-    run = JobRun(JobParams(), b"", iter(()), sink)
+    run = JobRun(JobOptions(), b"", iter(()), sink)
     run.results(
         m.Results(
             job=1,
@@ -150,7 +151,7 @@ def _unreadable_one_each(on_error: str) -> tuple[JobRun, ObjectSink, _Killer, li
     """A batch sent one pickle per result whose middle result will not unpickle here."""
     blobs = [pickle.dumps(0), pickle.dumps(_WontLoad()), pickle.dumps(2)]
     sink, killer, outcome = ObjectSink(), _Killer(), []
-    run = JobRun(JobParams(on_error=on_error), b"", iter(()), sink, job_id=4)
+    run = JobRun(JobOptions(on_error=on_error), b"", iter(()), sink, job_id=4)
     run._client = killer
     run.finished.addBoth(outcome.append)
     run.results(
@@ -197,7 +198,7 @@ def test_a_sink_that_cannot_write_fails_the_job_not_the_connection() -> None:
             raise OutputError("could not write out.jsonl.partial: disk full")
 
     sink, killer, outcome = FullDisk(), _Killer(), []
-    run = JobRun(JobParams(), b"", iter(()), sink, job_id=5)
+    run = JobRun(JobOptions(), b"", iter(()), sink, job_id=5)
     run._client = killer
     run.finished.addBoth(outcome.append)
     sizes, payload = pack([1, 2])
@@ -222,7 +223,7 @@ def test_an_os_error_while_saving_results_is_named_without_a_traceback(capsys) -
     globalLogPublisher.addObserver(logged.append)
     try:
         sink, killer, outcome = FullPipe(), _Killer(), []
-        run = JobRun(JobParams(), b"", iter(()), sink, job_id=6)
+        run = JobRun(JobOptions(), b"", iter(()), sink, job_id=6)
         run._client = killer
         run.finished.addBoth(outcome.append)
         sizes, payload = pack([1])

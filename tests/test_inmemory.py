@@ -22,7 +22,8 @@ from twisted.test import iosim
 
 from protocol import Connection
 from protocol import messages as m
-from remap.client import ClusterClient, JobOutcome, JobParams, JobRun
+from protocol.options import JobOptions
+from remap.client import ClusterClient, JobOutcome, JobRun
 from remap.errors import JobKilled, JobRefused, NodeLost, NotFound, RequestFailed
 from remap.node.agent import NodeAgent
 from remap.node.core import SLOT, Core
@@ -218,7 +219,7 @@ def job_run(
     **params: Any,
 ) -> JobRun:
     return JobRun(
-        JobParams(**params),
+        JobOptions(**params),
         function_blob(fn, reduce_fn),
         iter(args),
         sink if sink is not None else ObjectSink(),
@@ -518,7 +519,7 @@ def test_early_arguments_of_a_refused_submit_are_dropped_and_the_console_stays()
     cluster.node("node-a", cores=1)
     client, _ = cluster.console()
     run = job_run(square, range(10), total=10)
-    run.params.on_error = "sometimes"  # the server refuses this submit
+    run.fn_blob = b""  # the server refuses a job without a function
     d = client.submit(run)
     cluster.settle()
     failure = outcome(d)

@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ ERROR_CASES = [
     pytest.param(F + A + "retries: -1  #!\n", ["key 'retries'", "expected an integer >= 0, got -1"], id="retries-negative"),
     pytest.param(F + A + "priority: 1.5  #!\n", ["key 'priority'", "expected an integer, got 1.5"], id="priority-float"),
     pytest.param(F + A + "priority: false  #!\n", ["key 'priority'", "expected an integer, got false"], id="priority-bool"),
-    pytest.param(F + A + "max_cores: 0  #!\n", ["key 'max_cores'", "expected a number of cores >= 1, got 0"], id="max-cores-zero"),
+    pytest.param(F + A + "max_cores: -1  #!\n", ["key 'max_cores'", "expected a number of cores >= 0 (0: no limit), got -1"], id="max-cores-negative"),
     pytest.param(F + A + "min_cores: two  #!\n", ["key 'min_cores'", "got 'two'"], id="min-cores-text"),
     pytest.param(F + A + "max_cores: 2\nmin_cores: 3  #!\n", ["key 'min_cores'", "min_cores 3 is more than max_cores 2"], id="min-over-max"),
     pytest.param(F + A + "chunksize: 0  #!\n", ["key 'chunksize'", "expected 'auto' or an integer >= 1, got 0"], id="chunksize-zero"),
@@ -144,6 +145,9 @@ ERROR_CASES = [
     pytest.param(F + A + "reduce: add  #!\n", ["key 'reduce'", "only used when response_mode is 'reduce', not 'object'"], id="reduce-in-object-mode"),
     pytest.param(F + A + "response_mode: stream\nreduce: add  #!\n", ["key 'reduce'", "not 'stream'"], id="reduce-in-stream-mode"),
     pytest.param(F + A + "output: out.db  #!\n", ["key 'output'", "not used when response_mode is 'object'"], id="output-in-object-mode"),
+    # a stream goes to stdout: an output file would be silently ignored, so it is refused
+    pytest.param(F + A + "response_mode: stream\noutput: out/r.jsonl  #!\n", ["key 'output'", "not used when response_mode is 'stream' (only file, sqlite)"], id="output-in-stream-mode"),
+    pytest.param(F + A + "output: out/r.jsonl  #!\nresponse_mode: stream\n", ["key 'output'", "'stream'"], id="output-before-stream-mode"),
     pytest.param(F + A + "response_mode: none\noutput: o  #!\n", ["key 'output'", "not used when response_mode is 'none'"], id="output-in-none-mode"),
     pytest.param(F + A + "response_mode: reduce\nreduce: add\noutput: o  #!\n", ["key 'output'", "'reduce'"], id="output-in-reduce-mode"),
     # function and reduce references
@@ -251,7 +255,6 @@ GOOD_CASES = [
         F + "args: [[1, 2], {a: 1}]\nstar: true\n", {"star": True}, [[1, 2], {"a": 1}], 2, id="star"
     ),
     pytest.param(F + A + "response_mode: stream\n", {"response_mode": "stream", "output": None}, [1, 2], 2, id="stream"),
-    pytest.param(F + A + "response_mode: stream\noutput: out/r.jsonl\n", {"response_mode": "stream"}, [1, 2], 2, id="stream-output"),
     pytest.param(F + A + "response_mode: sqlite\noutput: r.db\n", {"response_mode": "sqlite"}, [1, 2], 2, id="sqlite"),
     pytest.param(F + A + "response_mode: file\noutput: results\n", {"response_mode": "file"}, [1, 2], 2, id="file"),
     pytest.param(F + A + "response_mode: reduce\nreduce: add\n", {"response_mode": "reduce", "reduce": "add"}, [1, 2], 2, id="reduce-bare"),
@@ -267,11 +270,19 @@ GOOD_CASES = [
         id="every-option",
     ),
     pytest.param(F + A + "max_cores: 8\nmin_cores: 2\n", {"max_cores": 8, "min_cores": 2}, [1, 2], 2, id="cores"),
+    pytest.param(F + A + "max_cores: 0\n", {"max_cores": 0}, [1, 2], 2, id="cores-no-limit"),
     pytest.param(F + A + "chunksize: 64\ntimeout: 0.25\ngroup: null\n", {"chunksize": 64, "timeout": 0.25, "group": None}, [1, 2], 2, id="numbers"),
     pytest.param("function: json:dumps\n" + A, {"function": "json:dumps"}, [1, 2], 2, id="module-function"),
     pytest.param("function: pkg.sub_mod:run_it\n" + A, {"function": "pkg.sub_mod:run_it"}, [1, 2], 2, id="dotted-module"),
     pytest.param("# a job\n\n" + F + A, {"name": "x"}, [1, 2], 2, id="name-from-source"),
 ]  # fmt: skip
+
+
+def option_or_field(spec: JobSpec, key: str) -> Any:
+    """A job-file key's value: a JobSpec field, or the job option it sets."""
+    if hasattr(spec, key):
+        return getattr(spec, key)
+    return getattr(spec.options, {"response_mode": "mode"}.get(key, key))
 
 
 @pytest.mark.parametrize(("text", "fields", "arguments", "count"), GOOD_CASES)
@@ -281,8 +292,9 @@ def test_good_job(
     """Valid files load into the expected JobSpec, and their arguments and count come out right."""
     spec = load_job_text(text, base, source=SOURCE)
     for key, value in fields.items():
-        assert getattr(spec, key) == value, key
-        assert type(getattr(spec, key)) is type(value), key
+        got = option_or_field(spec, key)
+        assert got == value, key
+        assert type(got.value if isinstance(got, Enum) else got) is type(value), key
     assert list(iter_arguments(spec)) == arguments
     assert count_arguments(spec) == count
 
@@ -298,7 +310,7 @@ def test_paths_resolve_against_job_directory(
     assert spec.base_dir == base.resolve()
     assert spec.args_path == (base / "args.jsonl").resolve()
     assert spec.output == (base / "out" / "r.db").resolve()
-    assert (spec.name, spec.source, spec.function) == ("job", str(job), "funcs.py:square")
+    assert (spec.options.name, spec.source, spec.function) == ("job", str(job), "funcs.py:square")
 
 
 def test_load_job_relative_path_keeps_source_as_given(
@@ -314,7 +326,7 @@ def test_load_job_relative_path_keeps_source_as_given(
         load_job("jobs/nightly.yaml")
     (base / "jobs" / "nightly.yaml").write_text("function: ../funcs.py:square\nargs: [1]\n")
     spec = load_job("jobs/nightly.yaml")
-    assert (spec.name, spec.source) == ("nightly", "jobs/nightly.yaml")
+    assert (spec.options.name, spec.source) == ("nightly", "jobs/nightly.yaml")
     assert spec.base_dir == (base / "jobs").resolve()
     assert load_callables(spec)[0](3) == 9
 
@@ -330,15 +342,26 @@ def test_text_job_defaults() -> None:
     """A job given as text is named after its source and keeps the given base directory."""
     spec = load_job_text("function: json:dumps\nargs: []\n", Path("/"))
     assert isinstance(spec, JobSpec)
-    assert (spec.name, spec.source, spec.base_dir, spec.args) == ("job", "<job>", Path("/"), [])
+    assert (spec.options.name, spec.source, spec.base_dir, spec.args) == (
+        "job",
+        "<job>",
+        Path("/"),
+        [],
+    )
 
 
 def test_every_key_is_known() -> None:
-    """The loader accepts exactly the JobSpec fields that come from YAML (not base_dir etc.)."""
+    """The loader accepts exactly the JobSpec fields that come from YAML (not base_dir etc.)
+    and the job options (declared once, in protocol/options.py), but not the options a console
+    sets at submit time (wait_for_nodes) nor the ones for vertex workers (gang)."""
     from dataclasses import fields
 
-    internal = {"base_dir", "source", "key_lines"}
-    assert set(JOB_KEYS) == {f.name for f in fields(JobSpec)} - internal
+    from protocol.options import OPTION_FIELDS
+
+    internal = {"base_dir", "source", "key_lines", "options"}
+    options = {f.name for f in OPTION_FIELDS} - {"wait_for_nodes", "gang", "mode"}
+    expected = ({f.name for f in fields(JobSpec)} - internal) | options | {"response_mode"}
+    assert set(JOB_KEYS) == expected
     assert RESPONSE_MODES == ("object", "stream", "sqlite", "file", "reduce", "none")
 
 

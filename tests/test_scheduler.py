@@ -1134,14 +1134,14 @@ OPS = st.one_of(  # repeated entries weigh the common events
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(0, 80),
-    chunksize=st.sampled_from([0, 1, 3, 8]),
+    chunksize=st.sampled_from([None, 1, 3, 8]),  # None: the adaptive size
     retries=st.integers(0, 2),
     first_cores=st.integers(1, 3),
     first_feed=st.integers(1, 80),
     ops=st.lists(OPS, max_size=60),
 )
 def test_random_interleavings_deliver_every_index_exactly_once(
-    n: int, chunksize: int, retries: int, first_cores: int, first_feed: int, ops: list[tuple]
+    n: int, chunksize: int | None, retries: int, first_cores: int, first_feed: int, ops: list[tuple]
 ) -> None:
     """Whatever joins, losses, answers, crashes and stale replays happen, each index is delivered once."""
     sched, _ = make()
@@ -1373,7 +1373,7 @@ def _run_shares(
             busy[job].append(sum(t.job == job for _, t in running))
             held = sum(t.job == job for n in nodes for t in n.held())
             assert held == sched.jobs[job].tasks
-            cap = sched.jobs[job].max_cores
+            cap = sched.jobs[job].options.max_cores
             assert not cap or held <= cap, f"job {job} holds {held} tasks, max_cores {cap}"
         for node, task in running:
             node.answer(task)

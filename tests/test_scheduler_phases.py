@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from protocol import messages as m
+from protocol.options import JobOptions
 from remap.server.scheduler import TRANSITIONS, IllegalTransition, JobPhase, JobState
 from tests.test_scheduler import FakeConsole, FakeNode, make, run_to_end
 
@@ -15,7 +16,7 @@ FINAL = [JobPhase.DONE, JobPhase.FAILED, JobPhase.KILLED, JobPhase.CANCELLED]
 
 
 def _job(phase: JobPhase) -> JobState:
-    return JobState(id=1, name="j", console=None, fn_blob=b"f", phase=phase)
+    return JobState(id=1, console=None, fn_blob=b"f", options=JobOptions(name="j"), phase=phase)
 
 
 def test_table_names_every_phase_and_final_phases_have_no_way_out() -> None:

@@ -299,7 +299,7 @@ class Console:
             from .vertexjob import compute_vertex
 
             return compute_vertex(self, spec, args)
-        detach = args.detach or spec.detach
+        detach = args.detach or spec.options.detach
         if args.engine != "remap" and (detach or args.dashboard):
             raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
         if detach and not self.session.locate():
@@ -307,8 +307,8 @@ class Console:
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
                 "cluster ends with its console"
             )
-        stream_json = args.json and spec.response_mode == "stream"
-        show_stream = spec.response_mode == "stream"
+        stream_json = args.json and spec.options.mode == "stream"
+        show_stream = spec.options.mode == "stream"
         progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
         # result lines come from the reactor thread, the progress bar from this one: one at a
         # time, so the bar is cleared before a line and stdout is flushed before a redraw
@@ -503,7 +503,7 @@ class Console:
         # results are collected by attach (or the writer below), not here: free the output
         self.session.stop_collecting(run, None)
         writer = None
-        if spec.response_mode in ("sqlite", "file"):
+        if spec.options.mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
         if args.json:
             self.say(
@@ -573,7 +573,7 @@ class Console:
     def _report(
         self, spec: Any, sink: Any, run: Any, outcome: Any, args: argparse.Namespace
     ) -> int:
-        mode = spec.response_mode
+        mode = spec.options.mode
         summary = sink.summary()
         if mode == "object":
             self._print_values(sink.value(), args.json)

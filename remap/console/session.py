@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.options import JobOptions
+
 from .. import bundle, discovery, runtime, shipping
 from ..auth import SecretMissing
-from ..client import ClusterClient, JobOutcome, JobParams, JobRun, ThreadedArguments
+from ..client import ClusterClient, JobOutcome, JobRun, ThreadedArguments
 from ..dial import connect_console
 from ..errors import ConfigError, ConnectionLost, JobFailed, RemapError
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
@@ -30,28 +33,6 @@ def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None) 
         raise ConfigError(
             f"function {name} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
         ) from None
-
-
-def params_for(
-    spec: JobSpec, *, detach: bool = False, wait_for_nodes: float | None = None
-) -> JobParams:
-    return JobParams(
-        name=spec.name,
-        mode=spec.response_mode,
-        group=spec.group,
-        retries=spec.retries,
-        timeout=spec.timeout,
-        on_error=spec.on_error,
-        chunksize=spec.chunksize or 0,
-        priority=spec.priority,
-        max_cores=spec.max_cores,
-        min_cores=spec.min_cores,
-        detach=detach or spec.detach,
-        star=spec.star,
-        wait_for_nodes=wait_for_nodes,
-        output=str(spec.output) if spec.output else None,
-        requires=list(spec.requires),
-    )
 
 
 class Session:
@@ -189,7 +170,9 @@ class Session:
             runtime.reactor(), iter_arguments(spec, max_line=client.frame_room())
         )
         run = JobRun(
-            params_for(spec, detach=detach, wait_for_nodes=wait_for_nodes),
+            replace(
+                spec.options, detach=detach or spec.options.detach, wait_for_nodes=wait_for_nodes
+            ),
             blob,
             arguments,
             sink,
@@ -201,7 +184,7 @@ class Session:
 
     def attach(self, job: int, sink: Sink) -> tuple[JobRun, Any]:
         client = self.connect(allow_embedded=False)
-        run = JobRun(JobParams(), b"", iter(()), sink)
+        run = JobRun(JobOptions(), b"", iter(()), sink)
         return run, runtime.call(client.attach, job, run)
 
     def stop_collecting(self, run: JobRun, error: Exception | None) -> None:
@@ -234,10 +217,11 @@ class Session:
 
 
 def make_job_sink(spec: JobSpec, *, on_item: Any = None, out: Any = None) -> Sink:
+    mode = spec.options.mode
     return make_sink(
-        spec.response_mode,
-        output=spec.output if spec.response_mode in ("sqlite", "file") else None,
-        reduce_fn=load_callables(spec)[1] if spec.response_mode == "reduce" else None,
+        mode,
+        output=spec.output,
+        reduce_fn=load_callables(spec)[1] if mode == "reduce" else None,
         on_item=on_item,
         out=out,
     )

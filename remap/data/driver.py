@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from protocol import messages as m
+from protocol.options import JobOptions
 
 from .. import runtime, shipping
-from ..client import ClusterClient, JobParams, JobRun
+from ..client import ClusterClient, JobRun
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo
 from . import counters, layout
@@ -102,7 +103,7 @@ class _Phase:
     def __init__(
         self,
         client: ClusterClient,
-        params: JobParams,
+        params: JobOptions,
         blob: bytes,
         args: list[Any],
         on_notice: Callable[[str], None] | None = None,
@@ -279,9 +280,9 @@ class DataJobRunner:
             fanin=job.options.fanin,
         )
 
-    def _params(self, phase: str) -> JobParams:
+    def _params(self, phase: str) -> JobOptions:
         job = self.job
-        return JobParams(
+        return JobOptions(
             name=f"{job.name} [{phase} {self.job_id}]",
             mode="stream",
             group=job.options.group,

@@ -20,9 +20,6 @@ from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, ConsoleSaid, NodeJoined, NodeLost, NodeSaid
 
-MODES = ("object", "stream", "sqlite", "file", "reduce", "none")
-
-
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64
 MAX_COUNTER_NAME = 80
@@ -141,7 +138,7 @@ class ServerConnection:
                     link.send(m.Error(code="failed", message=str(exc), re=msg.id))
                     return
                 self._submits[msg.id] = job.id
-                if job.requires or job.data_id is not None:
+                if job.requires or job.options.data_id is not None:
                     self._left_out(job)
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
@@ -266,7 +263,11 @@ class ServerConnection:
         """Say which nodes lack the job's ``requires`` or do not see its data directory; fail
         at once a job none can run."""
         sched = self.scheduler
-        candidates = [n for n in sched.nodes.values() if job.group is None or n.group == job.group]
+        candidates = [
+            n
+            for n in sched.nodes.values()
+            if job.options.group is None or n.group == job.options.group
+        ]
         notices, short, kinds = [], [], set()
         for n in candidates:
             names = missing(n, job)
@@ -337,10 +338,7 @@ class ServerConnection:
 
     @staticmethod
     def _check_submit(msg: m.Submit) -> str:
-        if msg.mode not in MODES:
-            return f"unknown response mode {msg.mode!r}"
-        if msg.on_error not in ("fail", "continue"):
-            return f"on_error must be fail or continue, not {msg.on_error!r}"
+        """What the options cannot say about themselves (they were checked when decoded)."""
         if not msg.payload:
             return "a job needs a function"
         return ""

@@ -96,12 +96,14 @@ class ClusterLaunch:
         priority: int = 0,
         bundle: Any = None,
     ) -> None:
+        from protocol.options import JobOptions
+
         from .. import runtime
         from ..bundle import wrap
-        from ..client import JobParams, JobRun
+        from ..client import JobRun
         from ..shipping import function_blob
 
-        params = JobParams(
+        params = JobOptions(
             name=name,
             mode="none",
             group=group,

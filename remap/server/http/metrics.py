@@ -70,7 +70,7 @@ class ServerStats:
             pos, type_name, text = error[0], error[1], error[2]
             entry = {
                 "job": job.id,
-                "job_name": job.name,
+                "job_name": job.options.name,
                 "index": msg.indices[pos] if 0 <= pos < len(msg.indices) else None,
                 "type": str(type_name)[:200],
                 "message": str(text)[:500],

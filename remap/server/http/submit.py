@@ -234,7 +234,7 @@ class Submitter:
             if state["done"]:
                 return
             for job in self.scheduler.jobs.values():
-                if job.name == submission.name:
+                if job.options.name == submission.name:
                     state["done"] = True
                     submission.job_id = job.id
                     self._keep(submission)

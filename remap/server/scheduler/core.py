@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
+from protocol.options import JobOptions
 
 from . import policy
 from .effects import (
@@ -282,7 +283,11 @@ class Scheduler:
 
     def _credits_for(self, job: JobState) -> int:
         """Total credits of the nodes that may run ``job``."""
-        return self._group_credits.get(job.group, 0) if job.group is not None else self._all_credits
+        return (
+            self._group_credits.get(job.options.group, 0)
+            if job.options.group is not None
+            else self._all_credits
+        )
 
     @command
     def node_heartbeat(self, node_id: str, msg: m.Heartbeat) -> None:
@@ -390,7 +395,10 @@ class Scheduler:
         self.active[job.id] = job
         job.granted = self._window(job)
         self.log.info(
-            "job {id} ({name}) submitted, mode {mode}", id=job.id, name=job.name, mode=job.mode
+            "job {id} ({name}) submitted, mode {mode}",
+            id=job.id,
+            name=job.options.name,
+            mode=job.options.mode,
         )
         self._send(console, m.Submitted(re=msg.id, job=job.id, window=job.granted))
         self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
@@ -400,28 +408,14 @@ class Scheduler:
     @staticmethod
     def _new_job(job_id: int, console: Any, msg: m.Submit, now: float) -> JobState:
         """The job a submit message describes (a new one, or one a journal recorded)."""
+        options = JobOptions.of(msg)
         return JobState(
             id=job_id,
-            name=msg.name or "job",
             console=console,
             fn_blob=msg.payload,
-            mode=msg.mode,
-            group=msg.group or None,
-            retries=max(0, msg.retries),
-            timeout=msg.timeout,
-            on_error=msg.on_error,
-            chunksize=max(0, msg.chunksize),
-            priority=msg.priority,
-            detach=msg.detach,
-            star=msg.star,
+            options=options,
             total=msg.total,
-            output=msg.output,
-            gang=msg.gang,
-            max_cores=max(0, msg.max_cores),
-            min_cores=max(0, msg.min_cores),
-            requires=frozenset(name.split(".")[0] for name in msg.requires),
-            data_dir=msg.data_dir,
-            data_id=msg.data_id,
+            requires=frozenset(name.split(".")[0] for name in options.requires),
             submitted_at=now,
         )
 
@@ -443,7 +437,7 @@ class Scheduler:
             if job.finished:
                 continue
             self.active[job.id] = job
-            if not job.detach:  # its console holds its arguments and results: it resumes it
+            if not job.options.detach:  # its console holds its arguments and results: it resumes it
                 job.waiting = "waiting for its console to reconnect (the server restarted)"
                 self._orphan(
                     job,
@@ -473,7 +467,7 @@ class Scheduler:
             self.log.info(
                 "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",
                 id=job.id,
-                name=job.name,
+                name=job.options.name,
                 left=job.pending_count,
                 total=job.total,
             )
@@ -522,7 +516,7 @@ class Scheduler:
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
         return (
-            (job.group is None or node.group == job.group)
+            (job.options.group is None or node.group == job.options.group)
             and not missing(node, job)
             and not left_out_of_files(node, job)
         )
@@ -533,8 +527,8 @@ class Scheduler:
         ):
             job.waiting = ""
             return
-        if job.group:
-            where = f"in group {job.group!r}"
+        if job.options.group:
+            where = f"in group {job.options.group!r}"
         elif any(n.excluded for n in self.nodes.values()):
             where = "(every node is draining or excluded)"
         else:
@@ -585,7 +579,7 @@ class Scheduler:
             )
             job.pending_count += n
             job.pending_bytes += len(msg.payload)
-            if job.detach and self.journal is not None:
+            if job.options.detach and self.journal is not None:
                 self.journal.args_received(job.id, msg.start, msg.sizes, msg.payload)
         self.pump()
         return None
@@ -601,7 +595,7 @@ class Scheduler:
             job.move(JobPhase.COMPLETING)
         job.total = msg.total
         job.granted = 0
-        if self.journal is not None and job.detach and not job.finished:
+        if self.journal is not None and job.options.detach and not job.finished:
             # committed at once: the console of a detached job leaves after this message
             self.journal.args_ended(job.id, msg.total, now=True)
         self._maybe_complete(job)
@@ -627,7 +621,7 @@ class Scheduler:
             if job.console is not console:
                 continue
             job.console = None
-            if job.finished or (job.detach and not job.receiving):
+            if job.finished or (job.options.detach and not job.receiving):
                 continue
             self.log.info(
                 "console of job {id} left; cancelling in {grace}s unless it returns",
@@ -635,7 +629,7 @@ class Scheduler:
                 grace=self.console_grace,
             )
             why = "its console disconnected"
-            if job.detach:
+            if job.options.detach:
                 why += f" after sending {job.received} arguments, before the last"
             self._orphan(job, why)
 
@@ -664,7 +658,7 @@ class Scheduler:
             return None, f"no job {msg.job} on this server (unknown, or finished and forgotten)"
         if job.finished:
             return None, f"job {job.id} ended while its console was away: {job.state} {job.message}"
-        if job.detach:
+        if job.options.detach:
             return None, f"job {job.id} is detached: attach to it for its results"
         problem = self._resume_problem(msg)
         if problem:
@@ -721,7 +715,7 @@ class Scheduler:
             return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
         # no role left once every argument is in, so it does not block an attach
-        submitter_done = job.detach and not job.receiving and not job.attached
+        submitter_done = job.options.detach and not job.receiving and not job.attached
         if job.console is not None and job.console is not console and not submitter_done:
             return None
         job.console = console
@@ -797,7 +791,7 @@ class Scheduler:
         if (
             job.phase is JobPhase.COMPLETING
             and job.done + job.failed >= job.total
-            and (job.console is not None or job.detach)  # else its console may resume it
+            and (job.console is not None or job.options.detach)  # else its console may resume it
         ):
             self.finish(job, "done")
         else:
@@ -851,7 +845,7 @@ class Scheduler:
             for job in self.active.values()
             if job.pending_count
             and job.tasks < self._entitled(job)
-            and any(h.priority < job.priority for h in holders)
+            and any(h.options.priority < job.options.priority for h in holders)
         ]
 
     def _preempt(self) -> None:
@@ -859,11 +853,15 @@ class Scheduler:
         first) until each starved job's share is free; they re-queue without counting an
         attempt (execution is at-least-once). Their cores are killed and replaced."""
         self._preempt_timer = None
-        for job in sorted(self._starved(), key=lambda j: -j.priority):
+        for job in sorted(self._starved(), key=lambda j: -j.options.priority):
             need = self._entitled(job) - job.tasks
             victims = sorted(
-                (v for v in self.active.values() if v.priority < job.priority and v.tasks),
-                key=lambda v: v.priority,
+                (
+                    v
+                    for v in self.active.values()
+                    if v.options.priority < job.options.priority and v.tasks
+                ),
+                key=lambda v: v.options.priority,
             )
             for victim in victims:
                 for node in self.nodes.values():
@@ -906,9 +904,9 @@ class Scheduler:
                 node.link,
                 m.JobLoad(
                     job=job.id,
-                    star=job.star,
-                    timeout=job.timeout,
-                    reduce=job.mode == "reduce",
+                    star=job.options.star,
+                    timeout=job.options.timeout,
+                    reduce=job.options.mode == "reduce",
                     payload=job.fn_blob,
                 ),
             )
@@ -1046,7 +1044,7 @@ class Scheduler:
         # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
         job.done += len(seg) - n_err
         job.failed += n_err
-        if n_err and job.on_error == "fail":
+        if n_err and job.options.on_error == "fail":
             pos, type_name, text = msg.errors[0][:3]
             self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
             return
@@ -1119,13 +1117,15 @@ class Scheduler:
         errors = []
         for s in suspects:
             s.attempts += 1
-            if s.attempts > job.retries:
+            if s.attempts > job.options.retries:
                 errors.append(s)
             else:
                 self._requeue(job, s)
         if errors:
             what = {
-                "timeout": f"timed out after {job.timeout:g}s" if job.timeout else "timed out",
+                "timeout": f"timed out after {job.options.timeout:g}s"
+                if job.options.timeout
+                else "timed out",
                 "crash": "crashed its core",
                 "too-large": "returned a result too large to send",
                 "no-answer": "got no answer from its node",
@@ -1149,14 +1149,14 @@ class Scheduler:
                         errors=[[0, type_name, text, ""]],
                     ),
                 )
-                if job.on_error == "fail":
+                if job.options.on_error == "fail":
                     self.finish(job, "failed", f"argument {s.indices[0]} {text}")
                     return
         self._maybe_complete(job)
         self.pump()
 
     def _deliver(self, job: JobState, msg: m.Results) -> None:
-        if job.detach and self.journal is not None:
+        if job.options.detach and self.journal is not None:
             # only a detached job resumes after a restart; an attached one's console has its
             # results and the job ends with a reason, so its outcomes would cost and serve nothing
             self.journal.delivered(job.id, msg, store=True)
@@ -1164,7 +1164,7 @@ class Scheduler:
             watcher.results_delivered(job, msg)
         # a detached job keeps every result on the server, so any later `attach` (even after
         # an earlier one died half-way) gets them all; its submitter only feeds arguments
-        if job.detach:
+        if job.options.detach:
             job.stored.append(msg)
             if job.attached and job.console is not None:
                 self._send(job.console, msg)
@@ -1219,8 +1219,8 @@ class Scheduler:
             info["weight"] = job.weight
             info["share"] = round(job.weight / total, 3) if job.id in busy else 0.0
             info["cores"] = cores.get(job.id, 0)
-            info["max_cores"] = job.max_cores or None
-            info["min_cores"] = job.min_cores
+            info["max_cores"] = job.options.max_cores or None
+            info["min_cores"] = job.options.min_cores
 
     def status(self) -> tuple[list[dict], list[dict], dict]:
         now = self.clock.seconds()
@@ -1229,7 +1229,7 @@ class Scheduler:
         self.describe_shares(jobs)
         for info in jobs:
             job = self.jobs[info["id"]]
-            if job.data_id is not None and not job.finished:
+            if job.options.data_id is not None and not job.finished:
                 info["left_out"] = {
                     n.host: why for n in self.nodes.values() if (why := left_out_of_files(n, job))
                 }

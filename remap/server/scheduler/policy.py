@@ -66,12 +66,12 @@ def batch_size(job: JobState) -> int:
     a job of known size sends up to ``FIRST_BATCH_MAX`` and :func:`tail_share` cuts that
     to its share of the cores, so a small job runs in one round without a ramp.
     """
-    if job.gang:
+    if job.options.gang:
         return 1
-    if job.chunksize:
-        return job.chunksize
+    if job.options.chunksize:
+        return job.options.chunksize
     if job.per_call is None:
-        return 1 if job.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
+        return 1 if job.options.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
     return max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
 
 
@@ -82,7 +82,7 @@ def tail_share(job: JobState, size: int, credits: int) -> int:
     matters because a small job's arguments are dispatched before its ``args_end``
     arrives. An explicit ``chunksize`` is kept as given.
     """
-    if job.chunksize or job.total < 0:
+    if job.options.chunksize or job.total < 0:
         return size
     left = job.pending_count + max(0, job.total - job.received)
     return max(1, min(size, -(-left // (credits or 1))))
@@ -103,16 +103,17 @@ def next_job(
     best: JobState | None = None
     best_key: tuple = ()
     for job in jobs:
-        if job.gang and len(node.inflight) >= node.cores:
+        if job.options.gang and len(node.inflight) >= node.cores:
             continue  # a gang call queued behind another call on a node could wait forever
         if not job.pending_count or job.finished or not may_run(node, job):
             continue
-        if job.max_cores and job.tasks >= job.max_cores:
+        if job.options.max_cores and job.tasks >= job.options.max_cores:
             continue
         key = (
-            job.tasks >= job.min_cores,
-            (job.tasks + 1) / (job.min_cores if job.tasks < job.min_cores else job.weight),
-            -job.priority,
+            job.tasks >= job.options.min_cores,
+            (job.tasks + 1)
+            / (job.options.min_cores if job.tasks < job.options.min_cores else job.weight),
+            -job.options.priority,
             job.id,
         )
         if best is None or key < best_key:
@@ -125,7 +126,7 @@ def entitled(job: JobState, active: Iterable[JobState], credits: int) -> int:
     busy = [j for j in active if j.pending_count or j.tasks]
     total = sum(j.weight for j in busy) or job.weight
     share = int(credits * job.weight / total)
-    return min(share, job.max_cores) if job.max_cores else share
+    return min(share, job.options.max_cores) if job.options.max_cores else share
 
 
 # ==================================================================== task deadlines
@@ -134,10 +135,10 @@ def entitled(job: JobState, active: Iterable[JobState], credits: int) -> int:
 def task_limit(task: TaskState) -> float | None:
     """Seconds a task may take on its core, or None when nothing bounds it yet."""
     job, n = task.job, len(task.segment)
-    if job.gang:
+    if job.options.gang:
         return None  # a gang call (vertex worker) runs as long as its job; its driver watches it
-    if job.timeout is not None:
-        return n * job.timeout + TASK_SLACK
+    if job.options.timeout is not None:
+        return n * job.options.timeout + TASK_SLACK
     if job.per_call is None:
         return None  # no call of this job was measured yet: nothing to go by
     return max(NO_TIMEOUT_MIN, NO_TIMEOUT_FACTOR * n * job.per_call)

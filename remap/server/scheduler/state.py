@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import messages as m
+from protocol.options import JobOptions
 
 from ...data.layout import mismatch
 from ...transitions import check_move
@@ -55,9 +56,11 @@ TRANSITIONS: dict[JobPhase, frozenset[JobPhase]] = {
 
 def left_out_of_files(node: NodeState, job: JobState) -> str:
     """Why ``node`` may not run file job ``job`` (it does not see the job's data directory)."""
-    if job.data_id is None or job.data_dir is None:
+    if job.options.data_id is None or job.options.data_dir is None:
         return ""
-    return mismatch(node.data_dir, node.data_id, node.data_error, job.data_dir, job.data_id)
+    return mismatch(
+        node.data_dir, node.data_id, node.data_error, job.options.data_dir, job.options.data_id
+    )
 
 
 def missing(node: NodeState, job: JobState) -> list[str]:
@@ -142,26 +145,12 @@ class TaskState:
 @dataclass(eq=False)
 class JobState:
     id: int
-    name: str
     console: Any
     fn_blob: bytes
-    mode: str = "object"
-    group: str | None = None
-    retries: int = 3
-    timeout: float | None = None
-    on_error: str = "fail"
-    chunksize: int = 0
-    priority: int = 0
-    detach: bool = False
-    star: bool = False
+    #: what the console asked for (see protocol/options.py: every field documented there)
+    options: JobOptions = JobOptions()
     total: int = -1
-    output: str | None = None
-    gang: bool = False  # one call per task, only onto an idle core (see Submit.gang)
-    max_cores: int = 0  # at most this many tasks in flight (0: no cap)
-    min_cores: int = 0  # served before weights until this many tasks are in flight
-    requires: frozenset[str] = frozenset()  # top-level modules a node must have
-    data_dir: str | None = None  # a file job: nodes must see this data directory ...
-    data_id: str | None = None  # ... with this token in it
+    requires: frozenset[str] = frozenset()  # top-level modules of options.requires
     counters: dict[str, int] = field(default_factory=dict)  # a file job's, from its console
     owner: str = ""  # the person who submitted it ("": a console with the cluster secret)
     submitted_at: float = 0.0
@@ -214,18 +203,18 @@ class JobState:
     def weight(self) -> float:
         """Share weight: 2 ** priority (clamped to ±20), so each priority step doubles a job's
         share, equal priorities share equally, and a large gap approaches strict priority."""
-        return 2.0 ** max(-20, min(20, self.priority))
+        return 2.0 ** max(-20, min(20, self.options.priority))
 
     def describe(self, now: float) -> dict:
         end = self.finished_at or now
         elapsed = max(end - self.submitted_at, 1e-9)
         return {
             "id": self.id,
-            "name": self.name,
+            "name": self.options.name,
             "state": self.state,
             "phase": self.phase.value,
-            "mode": self.mode,
-            "group": self.group,
+            "mode": self.options.mode,
+            "group": self.options.group,
             # the console's hint (a job file's args_range, a sized iterable) until args_end
             "total": self.total if self.total >= 0 else None,
             "received": self.received,
@@ -236,8 +225,8 @@ class JobState:
             "rate": round((self.done + self.failed) / elapsed, 1),
             "elapsed": round(elapsed, 2),
             "waiting": self.waiting,
-            "detached": self.detach,
-            "output": self.output,
+            "detached": self.options.detach,
+            "output": self.options.output,
             "attached": self.console is not None,
             "message": self.message,
             "owner": self.owner or None,
