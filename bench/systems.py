@@ -251,12 +251,13 @@ class RemapSystem(System):
         chunksize: int = 0,
         timeout: float = 3600,
     ) -> Any:
-        from remap.client import JobParams, JobRun
+        from protocol.options import JobOptions
+        from remap.client import JobRun
         from remap.sinks import make_sink
 
         sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
         run = JobRun(
-            JobParams(name="bench", mode=mode, chunksize=chunksize),
+            JobOptions(name="bench", mode=mode, chunksize=chunksize or None),
             self._blob(fn, reduce_fn),
             iter(args),
             sink,

@@ -353,13 +353,19 @@ def test_text_job_defaults() -> None:
 def test_every_key_is_known() -> None:
     """The loader accepts exactly the JobSpec fields that come from YAML (not base_dir etc.)
     and the job options (declared once, in protocol/options.py), but not the options a console
-    sets at submit time (wait_for_nodes) nor the ones for vertex workers (gang)."""
+    sets at submit time (wait_for_nodes) nor the ones for vertex workers and file jobs."""
     from dataclasses import fields
 
     from protocol.options import OPTION_FIELDS
 
     internal = {"base_dir", "source", "key_lines", "options"}
-    options = {f.name for f in OPTION_FIELDS} - {"wait_for_nodes", "gang", "mode"}
+    options = {f.name for f in OPTION_FIELDS} - {
+        "wait_for_nodes",
+        "gang",
+        "mode",
+        "data_dir",
+        "data_id",
+    }
     expected = ({f.name for f in fields(JobSpec)} - internal) | options | {"response_mode"}
     assert set(JOB_KEYS) == expected
     assert RESPONSE_MODES == ("object", "stream", "sqlite", "file", "reduce", "none")
