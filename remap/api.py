@@ -765,20 +765,13 @@ class Cluster:
         max_cores: int = 0,
         min_cores: int = 0,
     ) -> None:
-        # checked now, by the one validator, so a bad option fails here and not at the first map
-        JobOptions(
-            group=group,
-            priority=priority,
-            retries=retries,
-            timeout=task_timeout,
-            requires=tuple(requires),
-            max_cores=max_cores,
-            min_cores=min_cores,
-        )
+        #: options every job of this handle takes (attributes: a caller may change them later)
+        self.group, self.priority, self.retries = group, priority, retries
+        self.task_timeout, self.requires = task_timeout, [str(name) for name in requires]
         self.max_cores, self.min_cores = max_cores, min_cores
+        self._params("job")  # checked now by the one validator, not at the first map
         #: local modules and small files every job of this handle ships (see remap.bundle)
         self.bundle = bundle.collect(list(modules), list(files), ".")
-        self.requires = [str(name) for name in requires]
         if cores is not None and (not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
         if settings is None:
@@ -790,10 +783,6 @@ class Cluster:
         self.settings = settings
         #: print what tasks print or log to this process's stderr (REMAP_TASK_OUTPUT)
         self.task_output = settings.task_output if task_output is None else bool(task_output)
-        self.group = group
-        self.priority = priority
-        self.retries = retries
-        self.task_timeout = task_timeout
         self.address: str | None = None
         self._client: ClusterClient | None = None
         self._embedded: EmbeddedCluster | None = None
