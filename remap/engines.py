@@ -526,7 +526,9 @@ def start_job(
     blob = bundle.wrap(
         function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
     )
-    engine = open_engine(engine_url, workers=workers, retries=spec.options.retries, settings=settings)
+    engine = open_engine(
+        engine_url, workers=workers, retries=spec.options.retries, settings=settings
+    )
     run = EngineRun(
         engine,
         blob,
