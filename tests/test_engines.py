@@ -424,6 +424,17 @@ def test_remap_engine_url_runs_the_job_on_a_running_server_and_node(tmp_path: Pa
 # ----------------------------------------------------------------------- remote engines
 
 
+def _command(name: str) -> str:
+    """The engine's command line tool, from this interpreter's environment first."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"the {name} command comes with the [engines] extra"
+    return found
+
+
 def _free_port() -> int:
     import socket
 
@@ -455,16 +466,12 @@ def _check(stdout: str, n: int = 40) -> None:
 def test_a_running_dask_scheduler_with_workers_of_its_own(tmp_path: Path) -> None:
     """``dask://HOST:PORT``: a scheduler and a worker started as their own processes (as on a
     real cluster); the console connects, runs the job and leaves them running."""
-    import shutil
     import subprocess
-    import sys
 
     from .test_security_e2e import wait_for
 
     pytest.importorskip("distributed")
-    bindir = Path(sys.executable).parent
-    dask = str(bindir / "dask") if (bindir / "dask").exists() else shutil.which("dask")
-    assert dask, "the dask command comes with dask[distributed]"
+    dask = _command("dask")
     info = tmp_path / "scheduler.json"
     common = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
     scheduler = subprocess.Popen(
@@ -500,12 +507,9 @@ def test_a_running_ray_cluster_through_its_client_server(tmp_path: Path) -> None
     its client server on a free port); the console is a Ray client, as against a remote one."""
     import shutil
     import subprocess
-    import sys
 
     pytest.importorskip("ray")
-    bindir = Path(sys.executable).parent
-    ray = str(bindir / "ray") if (bindir / "ray").exists() else shutil.which("ray")
-    assert ray, "the ray command comes with ray"
+    ray = _command("ray")
     gcs, client = _free_port(), _free_port()
     env = {**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"}
     temp = Path("/tmp") / f"ray-{client}"  # Ray's socket paths must stay short
