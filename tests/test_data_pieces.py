@@ -291,3 +291,76 @@ def test_pairs_without_a_default_set_are_refused() -> None:
     buffer = runs.SpillBuffer(1 << 20, lambda b, r: None, lambda p, k, e: 0, purposes=["a"])
     with pytest.raises(runs.BadOutput, match="no 'default' reducer set"):
         buffer.extend([("k", 1)])
+
+
+# ------------------------------------------------------------------ the fast paths
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 64, 1 << 20])
+def test_line_blocks_read_what_read_lines_reads(tmp_path: Path, block: int) -> None:
+    """Lines read a block at a time (decoded and cut in C) are the lines read one by one,
+    whatever the split and block sizes, CRs and a last line without newline included; each
+    block's offset is its first line's."""
+    rng = random.Random(block)
+    for trial in range(60):
+        parts = [
+            "".join(rng.choice("ab \t,é\r") for _ in range(rng.randrange(0, 12)))
+            for _ in range(rng.randrange(0, 30))
+        ]
+        text = "\n".join(parts) + rng.choice(["", "\n", "\r\n", "\r"])
+        path = _write(tmp_path / f"r{trial}", text.encode())
+        for s in inputs.make_splits([path], rng.randrange(1, 40), splittable=True):
+            one = list(inputs.read_lines(s))
+            blocks = list(inputs.read_line_blocks(s, block))
+            assert [line for _, lines in blocks for line in lines] == [line for _, line in one]
+            starts = {offset for offset, _ in one}
+            assert all(offset in starts for offset, lines in blocks if lines)
+
+
+def test_pairs_without_combine_keep_emission_order_with_mixed_keys() -> None:
+    """Without a combiner pairs are sorted stably at the spill: text, number, tuple and None
+    keys come out in encoded order, each key's values in the order they were emitted."""
+    out: list = []
+    buffer = runs.SpillBuffer(1 << 20, lambda b, recs: out.extend(recs), lambda p, k, e: 0)
+    emitted = [("b", 1), (2, "x"), ("a", [1]), ("b", 2), (None, 3), ((1, "t"), 4), (2, "y")]
+    emitted += [("a", 5), ("é", 6), (1.5, 7)]
+    buffer.extend(iter(emitted))
+    buffer.flush()
+    got = [(keys.decode_key(k), keys.decode_value(v)) for k, v in out]
+    want = sorted(emitted, key=lambda kv: keys.encode_key(kv[0]))  # a stable sort
+    assert got == want
+
+
+def test_a_hot_key_folds_in_memory_instead_of_spilling() -> None:
+    """When the buffer fills, combine folds each key first; it spills only if that did not
+    free half of it. One hot key never spills; the sum is exact."""
+
+    def combine(key, values):
+        yield sum(values)
+
+    out: list = []
+    buffer = runs.SpillBuffer(
+        4000, lambda b, recs: out.extend(recs), lambda p, k, e: 0, lambda p: combine
+    )
+    for _ in range(300):
+        buffer.extend([("hot", 1)] * 10)
+        if buffer.full:
+            buffer.relieve()
+    assert buffer.spills == 0
+    buffer.flush()
+    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in out] == [("hot", 3000)]
+    assert buffer.records == 3000
+
+
+def test_run_records_larger_than_a_read_block(tmp_path: Path) -> None:
+    """A record bigger than the reader's block (text and pickled values) reads back whole."""
+    big = "x" * (3 * runs._BUFFER + 17)
+    records = [
+        (keys.encode_key("a"), keys.encode_value(big)),
+        (keys.encode_key("b"), keys.encode_value(b"y" * 5)),
+        (keys.encode_key("c"), keys.encode_value([big])),
+    ]
+    path = tmp_path / "run"
+    runs.write_run(path, records)
+    assert list(runs.read_run(path)) == records
+    assert keys.decode_value(records[0][1]) == big

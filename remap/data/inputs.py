@@ -116,6 +116,47 @@ def read_lines(split: Split) -> Iterator[tuple[int, str]]:
             yield offset, raw.decode("utf-8", "surrogateescape")
 
 
+#: bytes read and decoded at a time by :func:`read_line_blocks`
+LINE_BLOCK = 1 << 20
+
+
+def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[int, list[str]]]:
+    """``(offset, lines)``: the split's lines (as :func:`read_lines`) a block at a time, with
+    the byte offset of each block's first line; decoded and cut in C, not line by line."""
+    with open(split.path, "rb") as handle:
+        pos = split.start
+        if pos > 0:
+            handle.seek(pos - 1)
+            pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
+        end = split.end
+        buf = b""
+        while pos < end:
+            chunk = handle.read(block)
+            buf += chunk
+            cut = len(buf) if not chunk else buf.rfind(b"\n") + 1
+            if cut == 0:
+                continue  # no whole line yet: a line longer than a block
+            whole, buf = buf[:cut], buf[cut:]
+            last = pos + cut > end
+            if last:  # keep the lines that start before the split's end
+                newline = whole.find(b"\n", end - pos - 1)
+                if newline >= 0:
+                    whole = whole[: newline + 1]
+            text = whole.decode("utf-8", "surrogateescape")
+            lines = text.split("\n")
+            ended = not lines[-1]
+            if ended:
+                lines.pop()
+            if "\r" in text:  # a CR before a newline ends the line with it
+                for i in range(len(lines) - (0 if ended else 1)):
+                    if lines[i].endswith("\r"):
+                        lines[i] = lines[i][:-1]
+            yield pos, lines
+            pos += len(whole)
+            if last or not chunk:
+                return
+
+
 def read_custom(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
     """Records of a user ``read(path)``: the whole file is one split; positions are ordinals."""
     yield from enumerate(reader(split.path))

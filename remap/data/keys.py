@@ -152,11 +152,23 @@ def decode_key(data: bytes) -> Any:
     return key
 
 
+#: a value's first byte: text is stored as UTF-8 after this tag (no pickle per record); every
+#: other value is a pickle, whose first byte is always the PROTO opcode (0x80)
+TEXT_VALUE = b"S"
+_TEXT_TAG = TEXT_VALUE[0]
+
+
 def encode_value(value: Any) -> bytes:
+    """A value's bytes in a run file: text as tagged UTF-8, anything else pickled."""
+    if type(value) is str:
+        return TEXT_VALUE + value.encode("utf-8", "surrogatepass")
     return pickle.dumps(value, PICKLE_PROTOCOL)
 
 
 def decode_value(data: bytes) -> Any:
+    """The value :func:`encode_value` encoded."""
+    if data[0] == _TEXT_TAG:
+        return data[1:].decode("utf-8", "surrogatepass")
     return pickle.loads(data)
 
 

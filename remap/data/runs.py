@@ -33,8 +33,12 @@ VALUE_OVERHEAD = 40
 #: values one key may gather in the buffer before ``combine`` folds them early
 COMBINE_EVERY = 512
 DEFAULT_FANIN = 64
+#: estimated bytes a buffered pair costs without a combiner (tuple, list slot, two objects)
+PAIR_OVERHEAD = 170
 #: immutable values kept as objects in the buffer; others are pickled when emitted
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+#: plain values whose length counts towards the buffer's size
+_SIZED = frozenset({str, bytes})
 
 
 class _Encoded(bytes):
@@ -51,30 +55,40 @@ def write_run(path: Path | str, records: Iterable[Record]) -> tuple[int, int]:
     with open(path, "wb", buffering=_BUFFER) as handle:
         write = handle.write
         for key, value in records:
-            write(pack(len(key), len(value)))
-            write(key)
-            write(value)
+            write(pack(len(key), len(value)) + key + value)
             count += 1
         size = handle.tell()
     return count, size
 
 
 def read_run(path: Path | str) -> Iterator[Record]:
-    """The records of a run file, in order; a truncated file is an error, not a short run."""
-    unpack = _HEADER.unpack
-    with open(path, "rb", buffering=_BUFFER) as handle:
+    """The records of a run file, in order; a truncated file is an error, not a short run.
+
+    Read in blocks of ``_BUFFER`` bytes (more for a record that does not fit in one)."""
+    unpack_from = _HEADER.unpack_from
+    with open(path, "rb", buffering=0) as handle:
         read = handle.read
+        data = read(_BUFFER)
+        pos = 0
         while True:
-            header = read(8)
-            if not header:
+            end = len(data)
+            need = 8
+            while pos + 8 <= end:
+                klen, vlen = unpack_from(data, pos)
+                mid = pos + 8 + klen
+                stop = mid + vlen
+                if stop > end:
+                    need = stop - pos
+                    break
+                yield data[pos + 8 : mid], data[mid:stop]
+                pos = stop
+            more = read(max(_BUFFER, need - (end - pos)))
+            if not more:
+                if pos != end:
+                    raise ValueError(f"run file {path} is truncated")
                 return
-            if len(header) < 8:
-                raise ValueError(f"run file {path} is truncated")
-            klen, vlen = unpack(header)
-            body = read(klen + vlen)
-            if len(body) < klen + vlen:
-                raise ValueError(f"run file {path} is truncated")
-            yield body[:klen], body[klen:]
+            data = data[pos:] + more
+            pos = 0
 
 
 # ------------------------------------------------------------------ map side
@@ -85,6 +99,13 @@ def _values(values: list[Any]) -> Iterator[Any]:
         yield decode_value(value) if type(value) is _Encoded else value
 
 
+def _encode_text_key(key: str) -> bytes:
+    """:func:`encode_key` of a text key, inline in the spill loops."""
+    return (
+        b"\x05" + key.encode("utf-8", "surrogatepass").replace(b"\x00", b"\x00\xff") + b"\x00\x00"
+    )
+
+
 class BadOutput(ValueError):
     """``map`` yielded something that is not a (key, value) or (purpose, key, value) tuple."""
 
@@ -92,10 +113,13 @@ class BadOutput(ValueError):
 class SpillBuffer:
     """Map output by purpose, spilled as one sorted run per (purpose, reducer) when full.
 
-    Keys are buffered by identity: a text key as itself (the common case, with no encoding
-    per record), any other key by its encoding. Encoding and ``locate`` (the partitioner)
-    run once per distinct key per spill. ``spill((purpose, reducer), records)`` is called
-    for each non-empty run with its records in key order.
+    A purpose with a combiner keeps a dict of key -> values (so hot keys fold early and each
+    spill combines); one without keeps the pairs in emission order and sorts them at the spill
+    (stable, so a key's values keep their order). Text keys are buffered as themselves (text
+    order is the order of their encodings), any other key by its encoding; the encoding and
+    ``locate`` (the partitioner) run once per distinct key per spill. Values that are not plain
+    (numbers, text, bytes, None) are pickled when emitted. ``spill((purpose, reducer), records)``
+    is called for each non-empty run with its records in key order.
     """
 
     def __init__(
@@ -112,6 +136,7 @@ class SpillBuffer:
         self._locate = locate
         self._combine_for = combine or (lambda purpose: None)
         self._purposes = tuple(purposes)
+        self._grouping = {p: self._combine_for(p) is not None for p in self._purposes}
         self._default = default
         self._fresh()
         self.size = 0
@@ -119,7 +144,9 @@ class SpillBuffer:
         self.records = 0
 
     def _fresh(self) -> None:
-        self._slots: dict[str, dict[Any, list[Any]]] = {p: {} for p in self._purposes}
+        self._stores: dict[str, dict[Any, list[Any]] | list[tuple[Any, Any]]] = {
+            p: {} if self._grouping[p] else [] for p in self._purposes
+        }
         self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
 
@@ -131,45 +158,106 @@ class SpillBuffer:
         """Buffer everything one ``map`` call yields: ``(key, value)`` for the default purpose,
         ``(purpose, key, value)`` for a named one. The caller spills (:meth:`flush`) once
         :attr:`full`, so an error in user code while spilling (a partitioner, say) is never
-        mistaken for an error of the record being mapped."""
-        all_slots = self._slots
-        default = all_slots.get(self._default)
-        plain = _PLAIN
+        mistaken for an error of the record being mapped.
+
+        The common shape (a text key and a plain value for the default purpose) takes a short
+        path: one type check per field and an append; anything else goes through :meth:`_add`.
+        """
+        fast = self._stores.get(self._default)
+        plain, sized = _PLAIN, _SIZED
         size = count = 0
         try:
-            for out in outputs:
-                if type(out) is tuple and len(out) == 2 and default is not None:
-                    key, value = out
-                    slots = default
-                    purpose = self._default
-                elif type(out) is tuple and len(out) == 3 and out[0] in all_slots:
-                    purpose, key, value = out
-                    slots = all_slots[purpose]
-                else:
-                    raise BadOutput(self._bad(out))
-                if type(key) is str:
-                    ident = key
-                else:
-                    ident = encode_key(key)
-                    self._keys[purpose].setdefault(ident, key)
-                values = slots.get(ident)
-                if values is None:
-                    values = slots[ident] = []
-                    size += len(ident) + KEY_OVERHEAD
-                if type(value) in plain:
-                    values.append(value)
-                    size += VALUE_OVERHEAD
-                else:
-                    encoded = _Encoded(encode_value(value))
-                    values.append(encoded)
-                    size += VALUE_OVERHEAD + len(encoded)
-                    self._mixed.add((purpose, ident))
-                count += 1
-                if len(values) >= COMBINE_EVERY:
-                    size -= self._fold(purpose, ident, slots)
+            if type(fast) is list:
+                append = fast.append
+                for out in outputs:
+                    if type(out) is tuple:
+                        try:
+                            key, value = out
+                        except ValueError:  # a (purpose, key, value) triple, or a bad one
+                            pass
+                        else:
+                            kind = type(value)
+                            if type(key) is str and kind in plain:
+                                append(out)
+                                size += PAIR_OVERHEAD + len(key)
+                                if kind in sized:
+                                    size += len(value)
+                                count += 1
+                                continue
+                    size += self._add(out)
+                    count += 1
+            elif fast is not None:
+                # hot keys are folded by relieve() when the buffer fills, not per value
+                get = fast.get
+                fast_count = 0
+                try:
+                    for out in outputs:
+                        if type(out) is tuple:
+                            try:
+                                key, value = out
+                            except ValueError:
+                                pass
+                            else:
+                                kind = type(value)
+                                if type(key) is str and kind in plain:
+                                    values = get(key)
+                                    if values is None:
+                                        fast[key] = [value]
+                                        size += len(key) + KEY_OVERHEAD
+                                    else:
+                                        values.append(value)
+                                    if kind in sized:
+                                        size += len(value)
+                                    fast_count += 1
+                                    continue
+                        size += self._add(out)
+                        count += 1
+                finally:
+                    size += fast_count * VALUE_OVERHEAD
+                    count += fast_count
+            else:
+                for out in outputs:
+                    size += self._add(out)
+                    count += 1
         finally:
             self.size += size
             self.records += count
+
+    def _add(self, out: Any) -> int:
+        """Buffer one record of any shape; return its estimated size."""
+        stores = self._stores
+        if type(out) is tuple and len(out) == 2 and self._default in stores:
+            key, value = out
+            purpose = self._default
+        elif type(out) is tuple and len(out) == 3 and out[0] in stores:
+            purpose, key, value = out
+        else:
+            raise BadOutput(self._bad(out))
+        store = stores[purpose]
+        if type(key) is str:
+            ident = key
+        else:
+            ident = encode_key(key)
+            self._keys[purpose].setdefault(ident, key)
+        kind = type(value)
+        if kind in _PLAIN:
+            size = len(value) if kind in _SIZED else 0
+        else:
+            value = _Encoded(encode_value(value))
+            size = len(value)
+            self._mixed.add((purpose, ident))
+        if type(store) is list:
+            store.append((ident, value))
+            return size + PAIR_OVERHEAD + len(ident)
+        values = store.get(ident)
+        if values is None:
+            values = store[ident] = []
+            size += len(ident) + KEY_OVERHEAD
+        values.append(value)
+        size += VALUE_OVERHEAD
+        if len(values) >= COMBINE_EVERY:
+            size -= self._fold(purpose, ident, store)
+        return size
 
     def _bad(self, out: Any) -> str:
         if type(out) is tuple and len(out) == 3:
@@ -201,31 +289,101 @@ class SpillBuffer:
     def full(self) -> bool:
         return self.size >= self.spill_bytes
 
+    def relieve(self) -> None:
+        """The buffer is full: combine every key's values in memory first (hot keys fold to
+        one value), and spill only if that did not free half of it."""
+        if self._fold_all() and self.size < self.spill_bytes // 2:
+            return
+        self.flush()
+
+    def _fold_all(self) -> bool:
+        """Combine each key holding more than one value; return whether anything could fold."""
+        folded = False
+        for purpose, store in self._stores.items():
+            if type(store) is not dict or not self._grouping[purpose]:
+                continue
+            for ident, values in list(store.items()):
+                if len(values) > 1:
+                    self.size -= self._fold(purpose, ident, store)
+                    folded = True
+        self.size = max(self.size, 0)
+        return folded
+
     def flush(self) -> None:
         """Spill every (purpose, reducer) as one sorted run (nothing if the buffer is empty)."""
-        if not any(self._slots.values()):
+        if not any(self._stores.values()):
             return
-        slots_by_purpose, keys_by_purpose, mixed = self._slots, self._keys, self._mixed
+        stores, keys_by_purpose, mixed = self._stores, self._keys, self._mixed
         self._fresh()
-        for purpose in sorted(slots_by_purpose):
-            keys = keys_by_purpose[purpose]
-            runs: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
-            for ident, values in slots_by_purpose[purpose].items():
-                if type(ident) is str:
-                    key, encoded = ident, encode_key(ident)
-                else:
-                    key, encoded = keys[ident], ident
-                reducer = self._locate(purpose, key, encoded)
-                runs.setdefault(reducer, []).append(
-                    (encoded, key, values, (purpose, ident) in mixed)
-                )
-            combine = self._combine_for(purpose)
+        for purpose in sorted(stores):
+            store = stores[purpose]
+            if not store:
+                continue
+            if type(store) is list:
+                runs = self._sorted_pairs(purpose, store, keys_by_purpose[purpose])
+            else:
+                runs = self._combined_slots(purpose, store, keys_by_purpose[purpose], mixed)
             for reducer in sorted(runs):
-                items = runs[reducer]
-                items.sort(key=itemgetter(0))
-                self._spill((purpose, reducer), self._records(items, combine))
+                self._spill((purpose, reducer), iter(runs[reducer]))
         self.size = 0
         self.spills += 1
+
+    def _sorted_pairs(
+        self, purpose: str, pairs: list[tuple[Any, Any]], keys: dict[bytes, Any]
+    ) -> dict[int, list[Record]]:
+        """A purpose without a combiner: a stable sort of its pairs, cut by reducer."""
+        locate, encode_text = self._locate, _encode_text_key
+        if keys:  # some keys are encoded: sort everything by encoding
+
+            def order(pair: tuple[Any, Any]) -> bytes:
+                ident = pair[0]
+                return ident if type(ident) is bytes else encode_text(ident)
+
+            pairs.sort(key=order)
+        else:  # text only: text order is the order of the encodings
+            pairs.sort(key=itemgetter(0))
+        runs: dict[int, list[Record]] = {}
+        previous: Any = None
+        out: list[Record] = []
+        encoded = b""
+        for ident, value in pairs:
+            if ident != previous:  # a str never equals the bytes of an encoded key
+                previous = ident
+                if type(ident) is str:
+                    key, encoded = ident, encode_text(ident)
+                else:
+                    key, encoded = keys[ident], ident
+                reducer = locate(purpose, key, encoded)
+                out = runs.get(reducer)  # type: ignore[assignment]
+                if out is None:
+                    out = runs[reducer] = []
+            out.append((encoded, bytes(value) if type(value) is _Encoded else encode_value(value)))
+        return runs
+
+    def _combined_slots(
+        self,
+        purpose: str,
+        slots: dict[Any, list[Any]],
+        keys: dict[bytes, Any],
+        mixed: set[tuple[str, Any]],
+    ) -> dict[int, Iterator[Record]]:
+        """A purpose with a combiner: each key's values combined, keys sorted per reducer."""
+        by_reducer: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
+        for ident, values in slots.items():
+            if type(ident) is str:
+                key, encoded = ident, _encode_text_key(ident)
+            else:
+                key, encoded = keys[ident], ident
+            reducer = self._locate(purpose, key, encoded)
+            by_reducer.setdefault(reducer, []).append(
+                (encoded, key, values, (purpose, ident) in mixed)
+            )
+        combine = self._combine_for(purpose)
+        runs = {}
+        for reducer, items in by_reducer.items():
+            items.sort(key=itemgetter(0))
+            runs[reducer] = self._records(items, combine)
+        return runs
 
     @staticmethod
     def _records(
@@ -245,6 +403,9 @@ class SpillBuffer:
 
 def merge(runs: Iterable[Iterator[Record]]) -> Iterator[Record]:
     """One sorted stream from sorted runs; equal keys keep the runs' order (stable)."""
+    runs = list(runs)
+    if len(runs) == 1:
+        return runs[0]
     return heapq.merge(*runs, key=itemgetter(0))
 
 

@@ -11,6 +11,7 @@ returns those names; the driver uses only the names delivered to it and deletes 
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import counters, layout
-from .inputs import Split, line_number, read_custom, read_lines
+from .inputs import Split, line_number, read_custom, read_line_blocks
 from .keys import default_partition, encode_key
 from .layout import DataDir
 from .runs import (
@@ -229,22 +230,23 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     spill_bytes = ctx.spill_bytes
     records_in = 0
     failures = _Failures(ctx.on_error)
-    source = read_custom(s, fns.read) if fns.read is not None else read_lines(s)
+    custom = fns.read is not None
+    blocks = _in_blocks(read_custom(s, fns.read)) if custom else read_line_blocks(s)
     _hook(fns.map_init, "map_init")
-    for offset, record in source:
-        records_in += 1
-        try:
-            outputs = user_map(record)
-            if outputs is not None and outputs != ():  # in-mapper combining yields at the end
-                extend(outputs)
-        except BadOutput as exc:
-            raise JobCodeError(str(exc)) from None
-        except Exception as exc:  # the user's map: report with where the record came from
-            failures.record(_where(s, offset, fns.read is not None), "map", exc)
-        if buffer.size >= spill_bytes:
-            buffer.flush()
-        if records_in % _CHECK_EVERY == 0:
-            progress.update(bytes_read=offset - s.start, records_in=records_in)
+    for offset, records in blocks:
+        for index, record in enumerate(records):
+            try:
+                outputs = user_map(record)
+                if outputs is not None:  # None: in-mapper combining yields at the end
+                    extend(outputs)
+            except BadOutput as exc:
+                raise JobCodeError(str(exc)) from None
+            except Exception as exc:  # the user's map: report with where the record came from
+                failures.record(_where(s, offset, index, custom), "map", exc)
+            if buffer.size >= spill_bytes:
+                buffer.relieve()
+        records_in += len(records)
+        progress.update(bytes_read=offset - s.start, records_in=records_in)
     if fns.map_final is not None:
         try:
             extend(_hook(fns.map_final, "map_final") or ())
@@ -286,10 +288,22 @@ def _hook(hook: Callable[[], Any] | None, name: str) -> Any:
         raise RecordError(f"{name} raised {_describe(exc)}") from exc
 
 
-def _where(split: Split, offset: int, custom: bool) -> str:
+def _in_blocks(
+    records: Iterator[tuple[int, Any]], size: int = _CHECK_EVERY
+) -> Iterator[tuple[int, list[Any]]]:
+    """``(ordinal of the first, records)`` in lists of ``size``, like :func:`read_line_blocks`."""
+    while True:
+        block = list(itertools.islice(records, size))
+        if not block:
+            return
+        yield block[0][0], [record for _, record in block]
+
+
+def _where(split: Split, offset: int, index: int, custom: bool) -> str:
+    """The record's place: ``file: record N`` (a custom reader) or ``file:LINE``."""
     if custom:
-        return f"{split.path}: record {offset + 1}"
-    return f"{split.path}:{line_number(split.path, offset)}"
+        return f"{split.path}: record {offset + index + 1}"
+    return f"{split.path}:{line_number(split.path, offset) + index}"
 
 
 def _short(value: Any) -> str:
