@@ -206,6 +206,13 @@ def _run(
     return code, lines, err, content
 
 
+def _assert_same_output(got: Any, want: Any, folder: str, wanted_folder: str) -> None:
+    """stdout and the output file agree; tracebacks and summaries name the job's folder, which
+    differs by run."""
+    same = json.dumps(got[1:4:2]).replace(folder, wanted_folder)
+    assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), (got, want)
+
+
 def on_engines(test: Any) -> Any:
     """Slow, ``engines``, and a timeout that allows a local Ray to start on a loaded machine."""
     return pytest.mark.slow(pytest.mark.engines(pytest.mark.timeout(300)(test)))
@@ -234,9 +241,7 @@ def test_every_response_mode_gives_remaps_output_on_dask_and_ray(
     for url, fixture, engine in each_engine(request):
         got = _run(tmp_path / fixture, mode, url, capsys, monkeypatch, engine)
         assert got[0] == want[0], (url, got)
-        # tracebacks and summaries name the job's directory, which differs by engine
-        same = json.dumps(got[1:4:2]).replace(f"/{fixture}/", "/remap/")
-        assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), url
+        _assert_same_output(got, want, f"/{fixture}/", "/remap/")
         assert "1 argument(s) failed" in got[2]
 
 
@@ -266,9 +271,8 @@ def test_remap_behind_the_seam_gives_the_consoles_own_output(
             remap_engine, on_error,
         )  # fmt: skip
         assert got[0] == code, got
-        same = json.dumps(got[1:4:2]).replace("/seam/", "/own/")
         if not (mode == "stream" and on_error == "fail"):  # what streamed before it: timing
-            assert json.loads(same) == json.loads(json.dumps(want[1:4:2])), (mode, on_error)
+            _assert_same_output(got, want, "/seam/", "/own/")
         assert "argument 7 raised ValueError: seven" in got[2] or on_error == "continue", got[2]
 
 
