@@ -88,6 +88,24 @@ def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, 
     assert not (tmp_path / "data" / "job" / result.job_id / "acks").exists()
 
 
+@pytest.mark.parametrize("spill", [1, 7, 10**9])
+def test_loading_in_spilled_chunks_keeps_every_partition_in_input_order(
+    tmp_path: Path, monkeypatch, spill: int
+):
+    """Readers write other workers' records in chunks of ``spill`` edges; merged by (reader,
+    chunk) they give each partition file exactly the reference's lines in the same order, and
+    every edge keeps its own value (sssp's weights)."""
+    monkeypatch.setattr(worker_mod, "LOAD_SPILL", spill)
+    graph_input(tmp_path, files=4, weighted=True)
+    _, result, _ = run_threads(example("sssp"), tmp_path, 3, partitions=7, checkpoint_every=0)
+    paths = sorted((tmp_path / "in").iterdir())
+    ref = run_local(example("sssp"), read_tagged_lines(paths), 7, 200)
+    out = tmp_path / "out-run"
+    got = [(out / f"part-{p:05d}").read_text().splitlines() for p in range(7)]
+    assert got == ref.partitions
+    assert result.supersteps == ref.supersteps
+
+
 def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
     """Aggregates fold across workers at the barrier: PageRank matches networkx."""
     g = graph_input(tmp_path)

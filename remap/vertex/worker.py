@@ -23,15 +23,18 @@ from .engine import (
     Outbox,
     Partition,
     VertexError,
-    bucket_records,
     deliver,
     deliver_bytes,
     encode_bucket,
     fold_into,
+    partition_of,
+    prepare_line,
 )
 from .files import PICKLE_PROTOCOL, Layout, committed, read_pickle, read_split, write_pickle
 from .program import Program
 
+#: edges (and vertices) read for other workers' partitions before they are written out
+LOAD_SPILL = 200_000
 POLL_MIN = 0.0005
 POLL_MAX = 0.02
 
@@ -93,7 +96,7 @@ class Worker:
         self.member = False
         self.epoch = -1
         self.parts: dict[int, Partition] = {}
-        self.records: dict[int, list[Any]] = {}
+        self.records: dict[int, Partition] = {}  # own partitions' records read by this worker
         self.local: dict[int, dict[int, dict[Any, Any]]] = {}  # superstep → partition → bucket
         self.restored: dict[int, dict[Any, list[Any]]] = {}
         self.stats = {"supersteps": 0, "bytes_written": 0, "bytes_read": 0}
@@ -161,29 +164,63 @@ class Worker:
         count = len(cmd.owners)
         self.epoch = cmd.epoch
         self.parts = {p: Partition(p, count, self.program) for p in self._mine(cmd)}
-        self.records = {p: [] for p in self.parts}
+        self.records = {}
         self.local = {}
         self.restored = {}
 
     # ------------------------------------------------------------ commands
 
     def _do_read(self, cmd: Command) -> dict[str, Any]:
+        """Parse this worker's splits straight into compact per-partition records; those of
+        other workers' partitions are written out every :data:`LOAD_SPILL` edges, so reading
+        holds at most that much besides this worker's own partitions."""
         self._reset(cmd)
-        lines = (line for split in cmd.splits.get(self.slot, ()) for line in read_split(*split))
-        buckets = bucket_records(self.program, lines, len(cmd.owners))
-        for p, bucket in enumerate(buckets):
-            if p in self.parts:
-                self.records[p].extend(bucket)
-            elif bucket:
-                self._write(self.layout.loaded(cmd.epoch, p) / f"from{self.slot}", bucket)
-        return {"records": sum(len(b) for b in buckets)}
+        count = len(cmd.owners)
+        program = self.program
+        acc = [Partition(p, count, program) for p in range(count)]
+        held = records = chunk = 0
+
+        def spill() -> None:
+            nonlocal chunk
+            for p in range(count):
+                if p not in self.parts and acc[p].values:
+                    name = f"from{self.slot:05d}-{chunk:06d}"
+                    self._write(self.layout.loaded(cmd.epoch, p) / name, acc[p].pieces())
+                    acc[p] = Partition(p, count, program)
+            chunk += 1
+
+        for split in cmd.splits.get(self.slot, ()):
+            for _tag, line in read_split(*split):
+                for vid, value, targets, weights in prepare_line(program, line):
+                    records += 1
+                    p = partition_of(vid, count)
+                    acc[p].add(vid, value, targets, weights)
+                    if p not in self.parts:
+                        held += 1 + len(targets)
+                if held >= LOAD_SPILL:
+                    spill()
+                    held = 0
+        spill()
+        self.records = {p: acc[p] for p in self.parts}
+        return {"records": records}
 
     def _do_merge(self, cmd: Command) -> dict[str, Any]:
-        for p, part in self.parts.items():
-            records = self.records.pop(p)
-            for blob in self._read_dir(self.layout.loaded(cmd.epoch, p)):
-                records.extend(pickle.loads(blob))
-            part.load(records)
+        """Each own partition from every reader's records in input order: readers' splits
+        are consecutive pieces of the input in slot order, so chunks merged by (slot, chunk)
+        with this worker's own records in its place equal a merge by line position."""
+        for p in list(self.parts):
+            own = self.records.pop(p)
+            chunks = committed(self.layout.loaded(cmd.epoch, p))
+            before = [c for c in chunks if int(c.name[4:9]) < self.slot]
+            part = self.parts[p] if before else own
+            for path in before:
+                part.absorb(self._read_one(path))
+            if before:
+                part.absorb(own.pieces())
+            del own
+            for path in chunks[len(before) :]:
+                part.absorb(self._read_one(path))
+            self.parts[p] = part
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
     def _do_restore(self, cmd: Command) -> dict[str, Any]:
@@ -266,6 +303,11 @@ class Worker:
         write_atomic(path, blob)
         self.stats["bytes_written"] += len(blob)
         return len(blob)
+
+    def _read_one(self, path: Path) -> Any:
+        blob = path.read_bytes()
+        self.stats["bytes_read"] += len(blob)
+        return pickle.loads(blob)
 
     def _read_dir(self, directory: Path) -> list[bytes]:
         blobs = [path.read_bytes() for path in committed(directory)]
