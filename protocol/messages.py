@@ -30,6 +30,10 @@ INITIAL_WINDOW = 256
 #: its count window is forfeited and it waits for a ``grant``, which the server sizes in bytes
 #: now that it has seen the arguments. Without this, 256 arguments of 4 MB each would be 1 GB.
 INITIAL_WINDOW_BYTES = 16 * 1024 * 1024
+#: most arguments one pickle of an argument group may hold (``args.groups``): at most the
+#: first window, and the server keeps every later window at least as large as the largest
+#: group a job has sent, so a console holding a whole group can always send it
+MAX_GROUP = INITIAL_WINDOW
 
 ROLES = ("node", "console")
 
@@ -295,12 +299,20 @@ class JobDrop(Message):
 
 @message
 class Task(Message):
-    """Server → node: a batch of pickled arguments (``sizes`` gives each one's length)."""
+    """Server → node: a batch of pickled arguments (``sizes`` gives each pickle's length).
+
+    With ``groups`` each pickle is a list of ``groups[i]`` arguments (an argument group); the
+    batch is then the run of ``count`` arguments after the first ``skip`` of those lists, so a
+    retry can name single arguments of a group without the server unpickling anything.
+    """
 
     TYPE = "task"
     task: int
     job: int
     sizes: list[int]
+    groups: list[int] = field(default_factory=list)
+    skip: int = 0
+    count: int = -1
     payload: bytes = b""
 
 
@@ -335,13 +347,15 @@ class TaskResult(Message):
 class TaskFailed(Message):
     """Node → server: a batch did not finish: its core crashed, timed out or was killed.
 
-    ``at`` is the position of the argument that was running (-1 when unknown).
+    ``at`` is the position of the argument that was running (-1 when unknown); ``span`` > 1:
+    the core was running an argument group, one of ``at .. at + span - 1``.
     """
 
     TYPE = "task_failed"
     task: int
     reason: str
     at: int = -1
+    span: int = 1
     message: str = ""
 
 
@@ -395,13 +409,23 @@ class Submitted(Message):
 
 @message
 class Args(Message):
-    """Console → server: arguments ``start .. start+len(sizes)-1``, pickled back to back."""
+    """Console → server: arguments from ``start`` on, pickled back to back.
+
+    Without ``groups`` each pickle is one argument; with it, pickle ``i`` is a list of
+    ``groups[i]`` arguments (an argument group: one pickle for several small arguments).
+    """
 
     TYPE = "args"
     job: int
     start: int
     sizes: list[int]
+    groups: list[int] = field(default_factory=list)
     payload: bytes = b""
+
+    @property
+    def count(self) -> int:
+        """How many arguments the message carries."""
+        return sum(self.groups) if self.groups else len(self.sizes)
 
 
 @message

@@ -80,6 +80,13 @@ CONNECT_TIMEOUT = 30.0
 #: seconds ``close()`` waits for the connection to close and the embedded cluster to stop
 CLOSE_TIMEOUT = 15.0
 
+#: argument groups: a known-size job's small arguments travel this many to a pickle at most...
+GROUP_ARGS = 64
+#: ...and in at least this many groups, so every core of a large cluster gets some early on
+GROUP_SPREAD = 256
+#: ...and a group holds about this many bytes at most (larger arguments travel in smaller ones)
+GROUP_BYTES = 64 * 1024
+
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
@@ -152,6 +159,33 @@ def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
         raise PicklingError(
             f"{name} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def group_target(total: int | None, chunksize: int) -> int:
+    """Arguments per pickle for a job of ``total`` arguments (1: no argument groups).
+
+    A job of unknown size gets none: its first calls must spread one per core until the
+    server has measured them, and a group only runs on one core. A known-size job gets groups
+    small enough that at least ``GROUP_SPREAD`` of them share out its arguments.
+    """
+    if total is None:
+        return 1
+    target = min(GROUP_ARGS, m.MAX_GROUP, total // GROUP_SPREAD)
+    if chunksize:
+        target = min(target, chunksize)
+    return max(1, target)
+
+
+def dumps_group(values: list[Any], first: int, fn_name: str) -> bytes:
+    """One pickle of a list of arguments; an argument that will not pickle is named alone."""
+    try:
+        if all(type(v) in _PLAIN_TYPES or _plain(v) for v in values):
+            return pickle.dumps(values, PICKLE_PROTOCOL)
+        return cloudpickle.dumps(values, PICKLE_PROTOCOL)
+    except Exception:
+        for k, value in enumerate(values):
+            dumps_argument(value, lambda k=k: f"argument {first + k} of {fn_name}")
+        raise
 
 
 def ship_by_value(module: types.ModuleType) -> None:
@@ -260,9 +294,9 @@ class _FeedRun(JobRun):
         finally:
             self.sink.flush()
 
-    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
-        blobs, ended = self.stream._take(limit, self.sent, room)
-        return blobs, None, ended
+    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[int], list[Any] | None, bool]:
+        blobs, groups, ended = self.stream._take(limit, self.sent, room)
+        return blobs, groups, None, ended
 
 
 class JobStream:
@@ -301,7 +335,8 @@ class JobStream:
         self.killing = False
         self.kill_requested = False
         self.unsent_bytes = 0
-        self._items: deque[tuple[bytes, Any]] = deque()
+        #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
+        self._items: deque[tuple[bytes, Any, int]] = deque()
         self._wake_pending = False
         self.run = _FeedRun(
             params,
@@ -317,8 +352,11 @@ class JobStream:
 
     # ------------------------------------------------------------ caller's side
 
-    def put_many(self, blobs: list[bytes], tags: list[Any] | None = None) -> None:
-        """Queue pickled arguments (and optional tags for :attr:`on_send`)."""
+    def put_many(
+        self, blobs: list[bytes], tags: list[Any] | None = None, counts: list[int] | None = None
+    ) -> None:
+        """Queue pickled arguments (and optional tags for :attr:`on_send`); ``counts[i]`` > 0:
+        pickle ``i`` is an argument group of that many (untagged) arguments."""
         if not blobs:
             return
         with self.lock:
@@ -326,7 +364,13 @@ class JobStream:
                 return  # the job is being killed; its end reaches the consumer as an event
             if self.input_closed:
                 raise RuntimeError("this job takes no more arguments")
-            self._items.extend(zip(blobs, tags if tags is not None else itertools.repeat(None)))
+            self._items.extend(
+                zip(
+                    blobs,
+                    tags if tags is not None else itertools.repeat(None),
+                    counts if counts is not None else itertools.repeat(0),
+                )
+            )
             self.unsent_bytes += sum(map(len, blobs))
             self._wake_soon()
 
@@ -344,11 +388,11 @@ class JobStream:
             self._items.clear()
             self.unsent_bytes = 0
             if on_item is not None:
-                for _, tag in taken:
+                for _, tag, _ in taken:
                     on_item(tag)
             if taken:
                 self._wake_soon()  # the end of input may now be reachable
-        return [tag for _, tag in taken]
+        return [tag for _, tag, _ in taken]
 
     def kill_soon(self) -> None:
         """Like :meth:`kill` without taking the lock (for finalizers, which may run anywhere)."""
@@ -378,23 +422,32 @@ class JobStream:
             self._wake_pending = False
         self.run.send_arguments()
 
-    def _take(self, limit: int, start: int, room: int) -> tuple[list[bytes], bool]:
+    def _take(self, limit: int, start: int, room: int) -> tuple[list[bytes], list[int], bool]:
+        """Up to ``limit`` arguments in at most ``room`` bytes (or one pickle): pickles of one
+        kind (bare arguments, or argument groups with their sizes) and whether input ended."""
         out: list[bytes] = []
-        nbytes = 0
+        groups: list[int] = []
+        count = nbytes = 0
         with self.lock:
             items = self._items
-            while items and len(out) < limit and (not out or nbytes + len(items[0][0]) <= room):
-                blob, tag = items.popleft()
+            while items and (not out or nbytes + len(items[0][0]) <= room):
+                blob, tag, n = items[0]
+                if count + max(n, 1) > limit or (out and bool(n) != bool(groups)):
+                    break  # a group never passes the window; one message, one kind
+                items.popleft()
                 self.unsent_bytes -= len(blob)
                 if (
                     tag is not None
                     and self.on_send is not None
-                    and not self.on_send(start + len(out), tag)
+                    and not self.on_send(start + count, tag)
                 ):
                     continue
                 out.append(blob)
                 nbytes += len(blob)
-            return out, self.input_closed and not items and not self.killing
+                count += max(n, 1)
+                if n:
+                    groups.append(n)
+            return out, groups, self.input_closed and not items and not self.killing
 
     def _submit(self) -> None:
         client = self.cluster._client
@@ -455,6 +508,10 @@ class _Feeder:
         self.error: BaseException | None = None
         # refill only once a few results were consumed: one reactor wake-up per refill
         self._slack = 0 if limit is None else max(1, limit // 8) - 1
+        run = stream.run
+        #: arguments per pickle wanted (1: none grouped), and now (bounded by their bytes)
+        self.group = 1 if run.params.gang else group_target(run.total_hint, run.params.chunksize)
+        self._group_now = 1  # the first argument alone: its size tells how many fit a group
 
     def top_up(self, consumed: int) -> None:
         """Take arguments until ``limit`` are outstanding (or the iterable ends)."""
@@ -465,12 +522,16 @@ class _Feeder:
             return
         stream = self.stream
         batch: list[bytes] = []
+        counts: list[int] = []  # arguments in each pickle of the batch (0: a bare argument)
+        group: list[Any] = []
+        taken = 0  # arguments in the batch and the open group
         room = FEED_MAX_BYTES - stream.unsent_bytes
-        source, star, append = self.source, self.star, batch.append
+        source, star, grouped = self.source, self.star, self.group > 1
+        append, count = batch.append, counts.append
         # the hot loop of every map: plain values skip dumps_argument (and its message)
         dumps, plain, protocol = pickle.dumps, _PLAIN_TYPES, PICKLE_PROTOCOL
         try:
-            while limit is None or self.put + len(batch) - consumed < limit:
+            while limit is None or self.put + taken - consumed < limit:
                 if room <= 0:
                     break
                 try:
@@ -486,24 +547,45 @@ class _Feeder:
                     break
                 if star:
                     value = tuple(value)
-                if type(value) in plain:
+                taken += 1
+                if grouped:
+                    group.append(value)
+                    if len(group) < self._group_now:
+                        continue
+                    blob = self._close_group(group, self.put + taken - len(group))
+                    count(len(group))
+                    group = []
+                elif type(value) in plain:
                     blob = dumps(value, protocol)
+                    count(0)
                 else:
                     blob = dumps_argument(
-                        value, f"argument {self.put + len(batch)} of {self.fn_name}"
+                        value, f"argument {self.put + taken - 1} of {self.fn_name}"
                     )
+                    count(0)
                 append(blob)
                 room -= len(blob)
                 if len(batch) >= self.BATCH:
-                    stream.put_many(batch)
-                    self.put += len(batch)
-                    batch = []
-                    append = batch.append
+                    stream.put_many(batch, counts=counts)
+                    self.put += sum(counts) if grouped else len(counts)
+                    taken = 0  # the open group is empty here: every argument taken is sent
+                    batch, counts = [], []
+                    append, count = batch.append, counts.append
         finally:
-            stream.put_many(batch)
-            self.put += len(batch)
+            if group:  # the open group goes now: what was taken is outstanding
+                append(self._close_group(group, self.put + taken - len(group)))
+                count(len(group))
+            stream.put_many(batch, counts=counts)
+            self.put += sum(counts) if grouped else len(counts)
         if self.done:
             stream.close_input()
+
+    def _close_group(self, group: list[Any], first: int) -> bytes:
+        """Pickle a group; size the next from the bytes per argument of this one."""
+        blob = dumps_group(group, first, self.fn_name)
+        per_argument = max(1, len(blob) // len(group))
+        self._group_now = max(1, min(self.group, GROUP_BYTES // per_argument))
+        return blob
 
 
 class ResultIterator(Iterator[Any]):

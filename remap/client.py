@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -17,7 +18,7 @@ from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
 from protocol.options import JobOptions
 
-from .blobs import dumps, split
+from .blobs import PICKLE_PROTOCOL, dumps, split
 from .errors import (
     AuthError,
     ConnectionLost,
@@ -183,6 +184,22 @@ class ThreadedArguments:
             self._cond.notify_all()
 
 
+def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
+    """``(index, pickle)`` of each argument to send again after a resume, one pickle each: an
+    argument kept as part of a group (this console's own pickle) is taken out of it."""
+    groups: dict[int, list[Any]] = {}
+    out = []
+    for index, item in kept:
+        if type(item) is tuple:
+            blob, first = item
+            values = groups.get(first)
+            if values is None:
+                values = groups[first] = pickle.loads(blob)
+            item = cloudpickle.dumps(values[index - first], PICKLE_PROTOCOL)
+        out.append((index, item))
+    return out
+
+
 def _pop_chunk(
     ready: deque[tuple[bytes, Any]], limit: int, room: int, keep: bool
 ) -> tuple[list[bytes], list[Any] | None]:
@@ -235,6 +252,8 @@ class JobRun:
     _granted: int = 0
     #: bytes the first window may still carry; None once a `grant` came or it was spent
     _first_bytes: int | None = None
+    #: the last ``args`` sent carried argument groups (see :meth:`_group_leaves_no_room`)
+    _last_grouped: bool = False
     _args: dict[int, Any] = field(default_factory=dict)
     _source: PulledArguments | ThreadedArguments | None = None
     _sending: bool = False
@@ -242,7 +261,7 @@ class JobRun:
     _submit_id: int | None = None
     #: pickled arguments sent whose outcome has not arrived, by index (None: the run cannot
     #: be resumed, so nothing is kept): what a reconnected console sends again
-    _unanswered: dict[int, bytes] | None = None
+    _unanswered: dict[int, bytes | tuple[bytes, int]] | None = None
     #: (index, pickle) to send again after a ``resume``, before any new argument
     _replay: deque[tuple[int, bytes]] = field(default_factory=deque)
     #: the first error that arrived (with its remote traceback), for a console to show
@@ -277,7 +296,9 @@ class JobRun:
         self._client = client
         self.job_id = job_id
         self._granted = window - self.sent if early else window
-        if self._first_bytes is not None and self._first_bytes <= 0:
+        if self._first_bytes is not None and (
+            self._first_bytes <= 0 or self._group_leaves_no_room()
+        ):
             self._granted = 0  # the first window was spent in bytes: wait for a grant
         if self._kill_on_start:
             client.kill_quietly(job_id)
@@ -311,11 +332,30 @@ class JobRun:
         """The server took the job back: send the unanswered arguments again, then the rest
         (and ``args_end`` again), under a fresh first window."""
         assert self._unanswered is not None
-        self._replay = deque(sorted(self._unanswered.items()))
+        self._replay = deque(_bare(sorted(self._unanswered.items())))
         self._granted = window
         self._first_bytes = m.INITIAL_WINDOW_BYTES
+        self._last_grouped = False
         self.exhausted = False
         self.send_arguments()
+
+    def _keep_unanswered(self, start: int, blobs: list[bytes], groups: list[int]) -> None:
+        """Keep what a resume would send again: each argument's pickle, or (an argument
+        group) the group's pickle and its first index, shared by its arguments."""
+        unanswered = self._unanswered
+        assert unanswered is not None
+        if not groups:
+            unanswered.update(zip(range(start, start + len(blobs)), blobs))
+            return
+        for blob, n in zip(blobs, groups):
+            kept = (blob, start)
+            unanswered.update(zip(range(start, start + n), itertools.repeat(kept)))
+            start += n
+
+    def _group_leaves_no_room(self) -> bool:
+        """The first window closes after a message with argument groups that leaves less than
+        ``MAX_GROUP`` of it (protocol README, section 5): the next group might not fit."""
+        return self._last_grouped and self._granted < m.MAX_GROUP
 
     def _take_replay(self, limit: int, room: int) -> tuple[int, list[bytes]]:
         """The next run of consecutive indices to send again: at most ``limit`` arguments and
@@ -337,11 +377,14 @@ class JobRun:
         self._granted += count
         self.send_arguments()
 
-    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
-        """Up to ``limit`` pickled arguments ready now (at most ``room`` bytes, or one), their
-        values if the sink keeps them, and whether the source has ended."""
+    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[int], list[Any] | None, bool]:
+        """Up to ``limit`` arguments ready now (at most ``room`` bytes, or one pickle): their
+        pickles, the arguments in each pickle (``[]``: one each; else argument groups, never
+        one that would pass ``limit``), their values if the sink keeps them, and whether the
+        source has ended."""
         assert self._source is not None
-        return self._source.take(limit, room)
+        blobs, items, ended = self._source.take(limit, room)
+        return blobs, [], items, ended
 
     def send_arguments(self) -> None:
         if self.exhausted or self._sending or self.finished.called or self._client is None:
@@ -360,32 +403,35 @@ class JobRun:
                     if limit <= 0:
                         return
                     start, blobs = self._take_replay(limit, chunk_room)
+                    groups: list[int] = []
                     items, ended = None, False
                 else:
                     start = self.sent
-                    blobs, items, ended = self._take(limit, chunk_room)
+                    blobs, groups, items, ended = self._take(limit, chunk_room)
                 if blobs:
                     for k, blob in enumerate(blobs):
                         if len(blob) > room:
-                            raise ArgumentTooLarge(start + k, len(blob), room)
+                            index = start + (sum(groups[:k]) if groups else k)
+                            raise ArgumentTooLarge(index, len(blob), room)
                     if items is not None and self.sink.needs_arguments:
                         self._args.update(zip(range(start, start + len(items)), items))
-                    self._client.send(
-                        m.Args(
-                            job=self.wire_job,
-                            start=start,
-                            sizes=[len(b) for b in blobs],
-                            payload=b"".join(blobs),
-                        )
+                    msg = m.Args(
+                        job=self.wire_job,
+                        start=start,
+                        sizes=[len(b) for b in blobs],
+                        groups=groups,
+                        payload=b"".join(blobs),
                     )
+                    self._client.send(msg)
                     if start == self.sent:  # new arguments (not sent again after a resume)
                         if self._unanswered is not None:
-                            self._unanswered.update(zip(range(start, start + len(blobs)), blobs))
-                        self.sent += len(blobs)
-                    self._granted -= len(blobs)
+                            self._keep_unanswered(start, blobs, groups)
+                        self.sent += msg.count
+                    self._granted -= msg.count
+                    self._last_grouped = bool(groups)
                     if self._first_bytes is not None:
                         self._first_bytes -= sum(len(b) for b in blobs)
-                        if self._first_bytes <= 0:
+                        if self._first_bytes <= 0 or self._group_leaves_no_room():
                             self._granted = 0  # forfeited: the server counts the same bytes
                 if ended:
                     self.exhausted = True

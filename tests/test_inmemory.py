@@ -26,7 +26,7 @@ from protocol.options import JobOptions
 from remap.client import ClusterClient, JobOutcome, JobRun
 from remap.errors import JobKilled, JobRefused, NodeLost, NotFound, RequestFailed
 from remap.node.agent import NodeAgent
-from remap.node.core import SLOT, Core
+from remap.node.core import SLOT, Core, task_count
 from remap.server.service import RemapServerFactory
 from remap.shipping import function_blob
 from remap.sinks import MISSING, ObjectSink, ReduceSink, TaskErrorInfo
@@ -105,8 +105,10 @@ class InProcessPool:
     def _run(self, task: m.Task) -> None:
         info = self._job_info[task.job]
         header = {"task": task.task, "job": task.job, "sizes": task.sizes, "reduce": info.reduce}
+        if task.groups:
+            header.update(groups=task.groups, skip=task.skip, count=task.count)
         reply, blob = self.core.run(header, bytes(task.payload))
-        self.ran.append(len(task.sizes))
+        self.ran.append(task_count(header))
         self.on_result(
             m.TaskResult(
                 task=reply["task"],

@@ -120,7 +120,7 @@ def test_recover_returns_what_was_committed_and_nothing_else(tmp_path: Path) -> 
     journal.delivered(5, _results(5, [1]), store=True)  # buffered: lost in the "crash"
     (job,) = Journal(journal.path, Clock()).recover()
     assert (job.id, job.submit.name, job.submit.payload) == (5, "kept", b"fn-blob")
-    assert (job.args_total, job.args) == (3, [(0, [1, 1, 1], b"abc")])
+    assert (job.args_total, job.args) == (3, [(0, [1, 1, 1], b"abc", [])])
     assert (job.delivered, job.done, job.failed) == ({0, 2}, 1, 1)
     assert [r.indices for r in job.stored] == [[0, 2]]
     assert job.stored[0].errors == [[1, "ValueError", "bad", ""]]

@@ -29,10 +29,16 @@ from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.shipping import load_function_blob
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
-SLOT = struct.Struct("<qd")  # position of the running argument (-1 idle), its start (monotonic)
+#: what is running: the position of its first argument (-1 idle), when it started (monotonic),
+#: and how many arguments from that position (> 1: an argument group, marked once)
+SLOT = struct.Struct("<qdq")
 MAX_OUTPUT = 64 * 1024
 #: a running batch sends what it has finished at most this often, so results stream back
 STREAM_SECONDS = 0.05
+#: an argument group that took longer than this makes the rest of its batch run one argument at
+#: a time (a mark per call, results streamed from any call): a crash then names its argument,
+#: at a cost (~0.3 µs a call) that calls this slow never notice
+FINE_SECONDS = 0.001
 _PREFIX = struct.Struct(">II")
 
 
@@ -61,6 +67,22 @@ def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
         view = memoryview(head + payload)[sent:]
         while view:
             view = view[os.write(fd, view) :]
+
+
+def task_count(header: dict) -> int:
+    """How many arguments a ``run`` command (or a ``task``) carries."""
+    groups = header.get("groups")
+    if not groups:
+        return len(header["sizes"])
+    count = header.get("count", -1)
+    return count if count >= 0 else sum(groups) - header.get("skip", 0)
+
+
+def _groups(header: dict, payload: bytes) -> Any:
+    """``(pickle, arguments in it)`` for each pickle of a batch; 0: a bare argument."""
+    blobs = split(header["sizes"], payload)
+    groups = header.get("groups")
+    return zip(blobs, groups) if groups else ((blob, 0) for blob in blobs)
 
 
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
@@ -168,13 +190,13 @@ class Core:
 
     def load(self, header: dict, payload: bytes) -> None:
         fn, reduce_fn = load_function_blob(unwrap(payload, header["job"]))
-        self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False))
+        self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False), header.get("timed"))
 
     def run(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         loaded = self.jobs.get(header["job"])
         if not isinstance(loaded, tuple):
             return self._unloadable(header, loaded)
-        fn, reduce_fn, star = loaded
+        fn, reduce_fn, star, timed = loaded
         enter_job(header["job"])
         partial = bool(header.get("reduce"))
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
@@ -186,38 +208,66 @@ class Core:
         captured = self.output
         captured.buffer = io.StringIO()
         emit, first, flushed = self.emit, 0, clock()
+        skip, left = header.get("skip", 0), task_count(header)
+        # a job with a timeout marks every call (the node times each); others mark a group once
+        fine = bool(timed)
+        pos = 0
         with redirect_stdout(captured), redirect_stderr(captured):
-            for pos, blob in enumerate(split(header["sizes"], payload)):
-                now = clock()
-                if emit is not None and now - flushed >= STREAM_SECONDS and pos > first:
-                    # send what is done so far: results reach the caller as they complete
-                    reply, blob_out = self._reply(
-                        header, results, errors, acc, have_acc, now - flushed, pos - first
-                    )
-                    emit(reply, blob_out)
-                    results, errors, acc, have_acc = [], [], None, False
-                    first, flushed = pos, now
-                pack_into(shm, 0, pos, now)
+            for blob, n in _groups(header, payload):
+                if left <= 0:
+                    break
+                bad: BaseException | None = None
                 try:
-                    arg = loads(blob)
-                    if star:
-                        result = fn(**arg) if isinstance(arg, dict) else fn(*arg)
-                    else:
-                        result = fn(arg)
-                    if partial:
-                        if have_acc:
-                            acc = reduce_fn(acc, result)
-                        else:
-                            acc, have_acc = result, True
-                    else:
-                        results.append(result)
-                except (Exception, KeyboardInterrupt, SystemExit) as exc:
-                    # a task that raises KeyboardInterrupt or calls sys.exit() fails that
-                    # call with it, as in multiprocessing; the core itself lives on
-                    errors.append(_error_entry(pos - first, exc))
-                    if not partial:
-                        results.append(exc)
-        pack_into(shm, 0, -1, 0.0)
+                    group = loads(blob) if n else [loads(blob)]
+                    if n and (type(group) is not list or len(group) != n):
+                        raise ValueError(
+                            f"an argument group of {n} did not unpickle as a list of {n}"
+                        )
+                except Exception as exc:  # every argument of the pickle fails with it
+                    bad, group = exc, [None] * max(n, 1)
+                if skip:
+                    group, skip = group[skip:], 0
+                if len(group) > left:
+                    group = group[:left]
+                left -= len(group)
+                began = clock()
+                pieces = [group[k : k + 1] for k in range(len(group))] if fine else (group,)
+                for piece in pieces:
+                    now = clock()
+                    if emit is not None and now - flushed >= STREAM_SECONDS and pos > first:
+                        # send what is done so far: results reach the caller as they complete
+                        reply, blob_out = self._reply(
+                            header, results, errors, acc, have_acc, now - flushed, pos - first
+                        )
+                        emit(reply, blob_out)
+                        results, errors, acc, have_acc = [], [], None, False
+                        first, flushed = pos, now
+                    pack_into(shm, 0, pos, now, len(piece))
+                    for arg in piece:
+                        try:
+                            if bad is not None:
+                                raise bad
+                            if star:
+                                result = fn(**arg) if isinstance(arg, dict) else fn(*arg)
+                            else:
+                                result = fn(arg)
+                            if partial:
+                                if have_acc:
+                                    acc = reduce_fn(acc, result)
+                                else:
+                                    acc, have_acc = result, True
+                            else:
+                                results.append(result)
+                        except (Exception, KeyboardInterrupt, SystemExit) as exc:
+                            # a task that raises KeyboardInterrupt or calls sys.exit() fails that
+                            # call with it, as in multiprocessing; the core itself lives on
+                            errors.append(_error_entry(pos - first, exc))
+                            if not partial:
+                                results.append(exc)
+                        pos += 1
+                if not fine and clock() - began > FINE_SECONDS:
+                    fine = True  # slow calls: mark each from now on
+        pack_into(shm, 0, -1, 0.0, 0)
         return self._reply(header, results, errors, acc, have_acc, clock() - flushed, 0)
 
     def _reply(
@@ -261,7 +311,7 @@ class Core:
         exc = exc or RuntimeError(f"job {header['job']} was never loaded on this core")
         entry = _error_entry(0, exc)
         entry[2] = f"the job's function could not be loaded on this node: {entry[2]}"
-        n = len(header["sizes"])
+        n = task_count(header)
         errors = [[pos, *entry[1:]] for pos in range(n)]
         return {
             "t": "result",

@@ -132,23 +132,30 @@ class CoreProcess(ProcessProtocol):
         self.task: m.Task | None = None
         self.loaded: set[int] = set()
         self.kill_reason: str | None = None  # why we kill it: "timeout", "cancel", "stop"
-        self.kill_at = -1
-        self.slot_at_death = -1
+        #: (position, span) of what was running when it was killed, or when it died
+        self.kill_at = (-1, 1)
+        self.slot_at_death = (-1, 1)
         self._decoder = FrameDecoder(max_frame=1 << 40)
         fd, path = tempfile.mkstemp(prefix="remap-core-")
         os.unlink(path)
         os.ftruncate(fd, SLOT.size)
         self.shm_fd = fd
         self.shm = mmap.mmap(fd, SLOT.size)
-        SLOT.pack_into(self.shm, 0, -1, 0.0)
+        SLOT.pack_into(self.shm, 0, -1, 0.0, 0)
 
-    def slot(self) -> tuple[int, float]:
+    def slot(self) -> tuple[int, float, int]:
+        """(position, start, span) of what the core runs: see ``core.SLOT``."""
         return SLOT.unpack_from(self.shm, 0)
 
     def move(self, life: CoreLife) -> None:
         """Change life along :data:`CORE_TRANSITIONS` (anything else raises)."""
         check_move(f"core {self.index}", CORE_TRANSITIONS, self.life, life)
         self.life = life
+
+    def running(self) -> tuple[int, int]:
+        """(position, span) of the argument or argument group running now."""
+        pos, _, span = self.slot()
+        return pos, max(1, span)
 
     # ---------------------------------------------------------------- ProcessProtocol
 
@@ -164,7 +171,7 @@ class CoreProcess(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.move(CoreLife.DEAD)
-        self.slot_at_death = self.slot()[0]
+        self.slot_at_death = self.running()
         try:
             self.shm.close()
         except (BufferError, ValueError):
@@ -196,7 +203,7 @@ class CoreProcess(ProcessProtocol):
             return
         self.move(CoreLife.KILLING)
         self.kill_reason = why
-        self.kill_at = self.slot()[0] if at is None else at
+        self.kill_at = self.running() if at is None else (at, 1)
         try:
             self.transport.signalProcess("KILL")
         except Exception:  # already gone: processEnded follows
@@ -336,20 +343,28 @@ class CorePool:
             self._dispatch()
             return
         if task.job not in core.loaded:
-            core.send({"t": "load", "job": task.job, "star": info.star}, info.blob)
+            core.send(
+                {
+                    "t": "load",
+                    "job": task.job,
+                    "star": info.star,
+                    "timed": info.timeout is not None,
+                },
+                info.blob,
+            )
             core.loaded.add(task.job)
         core.move(CoreLife.BUSY)
         core.task = task
-        core.send(
-            {
-                "t": "run",
-                "task": task.task,
-                "job": task.job,
-                "sizes": task.sizes,
-                "reduce": info.reduce,
-            },
-            task.payload,
-        )
+        header = {
+            "t": "run",
+            "task": task.task,
+            "job": task.job,
+            "sizes": task.sizes,
+            "reduce": info.reduce,
+        }
+        if task.groups:
+            header.update(groups=task.groups, skip=task.skip, count=task.count)
+        core.send(header, task.payload)
 
     def _core_message(self, core: CoreProcess, header: dict, payload: bytes) -> None:
         kind = header.get("t")
@@ -392,9 +407,9 @@ class CorePool:
             return
         why = core.kill_reason
         if task is not None and why != "cancel":
-            at = core.kill_at if why else core.slot_at_death
+            at, span = core.kill_at if why else core.slot_at_death
             if why == "timeout":
-                self.on_failed(m.TaskFailed(task=task.task, reason="timeout", at=at))
+                self.on_failed(m.TaskFailed(task=task.task, reason="timeout", at=at, span=span))
             else:
                 code = getattr(reason.value, "exitCode", None)
                 sig = getattr(reason.value, "signal", None)
@@ -410,6 +425,7 @@ class CorePool:
                         task=task.task,
                         reason="crash",
                         at=at,
+                        span=span,
                         message=f"core process died with {detail}",
                     )
                 )
@@ -424,7 +440,7 @@ class CorePool:
             info = self.jobs.get(task.job)
             if info is None or info.timeout is None:
                 continue
-            pos, started = core.slot()
+            pos, started, _ = core.slot()
             if pos >= 0 and now - started > info.timeout:
                 self.log.info(
                     "task {t}: argument at position {pos} passed its {s}s timeout; killing core {i}",

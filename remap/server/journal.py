@@ -107,12 +107,20 @@ class JournaledJob:
     failed: int
     finished_at: float | None
     owner: str
-    #: (start, sizes, payload) of a detached job's stored arguments (running jobs only)
-    args: list[tuple[int, list[int], bytes]] = field(default_factory=list)
+    #: (start, sizes, payload, groups) of a detached job's stored arguments (running jobs only;
+    #: ``groups`` is ``[]`` unless the pickles are argument groups)
+    args: list[tuple[int, list[int], bytes, list[int]]] = field(default_factory=list)
     #: argument indices whose outcome was delivered (running jobs only)
     delivered: set[int] = field(default_factory=set)
     #: a detached job's delivered result messages, in delivery order
     stored: list[m.Results] = field(default_factory=list)
+
+
+def _args_row(start: int, column: Any, payload: bytes) -> tuple[int, list[int], bytes, list[int]]:
+    """A stored ``args`` row; its ``sizes`` column is a sizes list or ``{"sizes", "groups"}``."""
+    if type(column) is dict:
+        return start, column["sizes"], payload, column["groups"]
+    return start, column, payload, []
 
 
 class Journal:
@@ -206,9 +214,14 @@ class Journal:
             ]
         )
 
-    def args_received(self, job_id: int, start: int, sizes: list[int], payload: Any) -> None:
-        """Keep a detached job's arguments ``start ..``; group committed."""
-        packed = msgpack.packb(sizes)
+    def args_received(
+        self, job_id: int, start: int, sizes: list[int], payload: Any, groups: list[int] = ()
+    ) -> None:
+        """Keep a detached job's arguments ``start ..``; group committed.
+
+        The ``sizes`` column holds the sizes list, or a map with the argument groups too.
+        """
+        packed = msgpack.packb({"sizes": sizes, "groups": list(groups)} if groups else sizes)
         self._args.append((job_id, start, packed, payload))
         self._buffered(len(payload))
 
@@ -418,7 +431,7 @@ class Journal:
                 job.failed += len(msgpack.unpackb(errors))
             job.done = len(job.delivered) - job.failed
             job.args = [
-                (start, msgpack.unpackb(sizes), payload)
+                _args_row(start, msgpack.unpackb(sizes), payload)
                 for start, sizes, payload in db.execute(
                     "SELECT start, sizes, payload FROM args WHERE job=? ORDER BY start",
                     (job_id,),

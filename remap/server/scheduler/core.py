@@ -451,16 +451,21 @@ class Scheduler:
                 self.finish(job, "failed", f"the server restarted {why}: submit it again")
                 continue
             job.received = job.total
-            for start, sizes, payload in rec.args:
+            for start, sizes, payload, groups in rec.args:
                 job.received_bytes += len(payload)
-                whole = Segment(range(start, start + len(sizes)), sizes, memoryview(payload))
+                count = sum(groups) if groups else len(sizes)
+                whole = Segment(
+                    range(start, start + count), sizes, memoryview(payload), groups=groups or None
+                )
+                if groups:
+                    job.group_max = max(job.group_max, max(groups))
                 a = 0
-                while a < len(sizes):  # runs of indices whose outcome was not delivered
+                while a < count:  # runs of indices whose outcome was not delivered
                     if start + a in rec.delivered:
                         a += 1
                         continue
                     b = a
-                    while b < len(sizes) and start + b not in rec.delivered:
+                    while b < count and start + b not in rec.delivered:
                         b += 1
                     self._requeue_last(job, cut(whole, a, b))
                     a = b
@@ -550,7 +555,12 @@ class Scheduler:
             return f"job {msg.job} is not yours"
         if job.finished:
             return None  # a race with kill/failure: drop silently
-        n = len(msg.sizes)
+        groups = msg.groups
+        if groups and (
+            len(groups) != len(msg.sizes) or not 1 <= min(groups) <= max(groups) <= m.MAX_GROUP
+        ):
+            return f"argument groups must give 1 to {m.MAX_GROUP} arguments for each pickle"
+        n = msg.count
         expect = job.expect
         first = expect[0][0] if expect else job.received
         if msg.start != first:
@@ -566,21 +576,33 @@ class Scheduler:
             return f"sent {n} arguments with a window of {job.granted}"
         if sum(msg.sizes) != len(msg.payload):
             return "argument sizes do not add up to the payload"
+        if groups:
+            job.group_max = max(job.group_max, max(groups))
         job.granted -= n
         job.received += n
         job.received_bytes += len(msg.payload)
-        if job.first_window and (job.granted == 0 or job.received_bytes >= m.INITIAL_WINDOW_BYTES):
+        if job.first_window and (
+            job.granted == 0
+            or (groups and job.granted < m.MAX_GROUP)
+            or job.received_bytes >= m.INITIAL_WINDOW_BYTES
+        ):
             # the console stops here too (protocol README, section 5): what is left is forfeited
+            # (spent, maybe too small for the next argument group, or past its bytes)
             job.first_window = False
             job.granted = 0
         if n:
             job.pending.append(
-                Segment(range(msg.start, msg.start + n), msg.sizes, memoryview(msg.payload))
+                Segment(
+                    range(msg.start, msg.start + n),
+                    msg.sizes,
+                    memoryview(msg.payload),
+                    groups=groups or None,
+                )
             )
             job.pending_count += n
             job.pending_bytes += len(msg.payload)
             if job.options.detach and self.journal is not None:
-                self.journal.args_received(job.id, msg.start, msg.sizes, msg.payload)
+                self.journal.args_received(job.id, msg.start, msg.sizes, msg.payload, groups)
         self.pump()
         return None
 
@@ -912,9 +934,19 @@ class Scheduler:
             )
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
-        self._send(
-            node.link, m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
-        )
+        if seg.groups is None:
+            msg = m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
+        else:
+            msg = m.Task(
+                task=task.id,
+                job=job.id,
+                sizes=seg.sizes,
+                groups=seg.groups,
+                skip=seg.skip,
+                count=len(seg),
+                payload=seg.payload,
+            )
+        self._send(node.link, msg)
         if self._sweep is None:
             self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
 
@@ -1105,10 +1137,20 @@ class Scheduler:
             return
         at = msg.at - task.answered  # the node counts positions from the task's first argument
         at = at if 0 <= at < len(seg) else -1
+        span = min(max(1, msg.span), len(seg) - at) if at >= 0 else 1
         if at < 0:
             # unknown culprit: every argument is suspect, so each retries alone
             suspects = [cut(seg, i, i + 1) for i in range(len(seg))]
             innocent: list[Segment] = []
+        elif span > 1:
+            # the core was running an argument group: explode it, each of its arguments re-runs
+            # alone (no attempt counted: which one crashed is not known yet), so the culprit's
+            # own crash is the one that counts and the others are delivered once
+            suspects = []
+            innocent = [cut(seg, 0, at)]
+            innocent += [cut(seg, i, i + 1) for i in range(at, at + span)]
+            innocent.append(cut(seg, at + span, len(seg)))
+            innocent = [s for s in innocent if len(s)]
         else:
             suspects = [cut(seg, at, at + 1)]
             innocent = [s for s in (cut(seg, 0, at), cut(seg, at + 1, len(seg))) if len(s)]

@@ -54,8 +54,11 @@ def grant(job: JobState, credits: int) -> int:
         # once argument sizes are known, the window is also bounded in bytes
         per_arg = max(1, job.received_bytes // job.received)
         want = max(1, min(want, MAX_PENDING_BYTES // per_arg))
+    # the console sends whole argument groups: one must always fit, or it waits forever
+    want = max(want, job.group_max)
     more = want - job.pending_count - job.granted
-    return more if more >= max(1, want // 4) else 0
+    short = job.group_max - job.granted  # > 0: the largest group would not fit now
+    return more if more >= max(1, want // 4) or 0 < short <= more else 0
 
 
 def batch_size(job: JobState) -> int:

@@ -1,7 +1,9 @@
 """Arguments travelling together: segments of a job's queue, cut and merged without copies.
 
-A segment is a run of argument indices with their pickled sizes and one payload; the
-queue of a job is a deque of them. Payloads are memoryviews, so cutting copies nothing.
+A segment is a run of argument indices with their pickles' sizes and one payload; the
+queue of a job is a deque of them. Payloads are memoryviews, so cutting copies nothing. With
+argument groups a pickle holds several arguments: cuts then fall between pickles, except for
+retries inside a group (``skip``/``tail``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,30 @@ Indices = range | list[int]
 
 @dataclass(slots=True)
 class Segment:
-    """Arguments travelling together: their indices, pickled sizes and payload."""
+    """Arguments travelling together: their indices, pickles and payload.
+
+    Without ``groups`` each pickle is one argument. With ``groups`` pickle ``i`` is a list of
+    ``groups[i]`` arguments (an argument group); the segment is then the run of arguments that
+    starts ``skip`` arguments into the first pickle and ends ``tail`` arguments before the end
+    of the last. ``skip`` and ``tail`` are zero except for retries inside a group: the queue
+    cuts and merges only at group boundaries.
+    """
 
     indices: Indices
     sizes: list[int]
     payload: memoryview
     attempts: int = 0
+    groups: list[int] | None = None
+    skip: int = 0
+    tail: int = 0
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return len(self.indices)
+
+    @property
+    def alone(self) -> bool:
+        """Travels alone: a retried argument, or part of a group (never merged with others)."""
+        return bool(self.attempts or self.skip or self.tail)
 
 
 def _merge_indices(parts: list[Indices]) -> Indices:
@@ -41,38 +58,108 @@ def _merge_indices(parts: list[Indices]) -> Indices:
     return [i for p in parts for i in p]
 
 
-def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
-    """Remove up to ``n`` arguments and ``max_bytes`` (but at least one argument) from the queue.
+def _pickles_fitting(seg: Segment, room: int, budget: int) -> int:
+    """How many of the segment's first whole pickles hold at most ``room`` arguments and
+    ``budget`` bytes."""
+    if seg.groups is None:
+        return bisect_right(list(accumulate(seg.sizes[:room])), budget)
+    count = nbytes = 0
+    last = len(seg.sizes) - 1
+    for k, (n, size) in enumerate(zip(seg.groups, seg.sizes)):
+        count += n - (seg.skip if k == 0 else 0) - (seg.tail if k == last else 0)
+        nbytes += size
+        if count > room or nbytes > budget:
+            return k
+    return len(seg.sizes)
 
-    Retried segments (attempts > 0) never merge with others: a suspect travels alone.
-    Payloads are memoryviews, so cutting a segment copies nothing.
+
+def _split(seg: Segment, k: int) -> tuple[Segment, Segment]:
+    """The segment's first ``k`` pickles and the rest (a cut at a pickle boundary)."""
+    at = sum(seg.sizes[:k])
+    if seg.groups is None:
+        return (
+            Segment(seg.indices[:k], seg.sizes[:k], seg.payload[:at], seg.attempts),
+            Segment(seg.indices[k:], seg.sizes[k:], seg.payload[at:], seg.attempts),
+        )
+    h = sum(seg.groups[:k]) - seg.skip
+    head = Segment(
+        seg.indices[:h], seg.sizes[:k], seg.payload[:at], seg.attempts, seg.groups[:k], seg.skip
+    )
+    rest = Segment(
+        seg.indices[h:], seg.sizes[k:], seg.payload[at:], seg.attempts, seg.groups[k:], 0, seg.tail
+    )
+    return head, rest
+
+
+def cut(seg: Segment, a: int, b: int) -> Segment:
+    """Arguments ``a .. b-1`` of a segment (positions count arguments), copying no payload.
+
+    Inside an argument group the slice keeps the group's whole pickle and says which of its
+    arguments run (``skip``, ``tail``): the server never unpickles.
+    """
+    if seg.groups is None:
+        start = sum(seg.sizes[:a])
+        end = start + sum(seg.sizes[a:b])
+        return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)
+    if b <= a:
+        return Segment(seg.indices[a:a], [], seg.payload[:0], seg.attempts, [])
+    lo, hi = seg.skip + a, seg.skip + b  # positions in the pickles' arguments
+    first = last = -1
+    begin = start = nbytes = 0
+    for k, (n, size) in enumerate(zip(seg.groups, seg.sizes)):
+        if first < 0 and lo < begin + n:
+            first, skip, start = k, lo - begin, nbytes
+        if hi <= begin + n:
+            last, tail = k, begin + n - hi
+            break
+        begin += n
+        nbytes += size
+    end = nbytes + seg.sizes[last]
+    return Segment(
+        seg.indices[a:b],
+        seg.sizes[first : last + 1],
+        seg.payload[start:end],
+        seg.attempts,
+        seg.groups[first : last + 1],
+        skip,
+        tail,
+    )
+
+
+def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
+    """Remove up to ``n`` arguments and ``max_bytes`` (but at least one pickle) from the queue.
+
+    Cuts fall between pickles only, so an argument group is never split (one larger than
+    what is left of ``n`` travels whole). Retried arguments and pieces of groups never merge
+    with others: a suspect travels alone. Payloads are memoryviews, so cutting a segment
+    copies nothing.
     """
     parts: list[Segment] = []
     count = nbytes = 0
+    grouped = False
     while queue and count < n:
         seg = queue[0]
-        if parts and (seg.attempts or parts[0].attempts):
-            break
+        if parts and (seg.alone or parts[0].alone or (seg.groups is not None) != grouped):
+            break  # a message is grouped or not: the two kinds never share a batch
+        grouped = seg.groups is not None
         room, budget = n - count, max_bytes - nbytes
         if len(seg) <= room and len(seg.payload) <= budget:
             parts.append(queue.popleft())
             count += len(seg)
             nbytes += len(seg.payload)
             continue
-        ends = list(accumulate(seg.sizes[:room]))
-        k = bisect_right(ends, budget)
+        k = _pickles_fitting(seg, room, budget)
         if k == 0:
             if parts:
                 break
             k = 1
-        if k == len(seg):  # one argument over max_bytes, travelling alone: leave no empty rest
+        if k == len(seg.sizes):  # one pickle over the limits, travelling alone: no empty rest
             parts.append(queue.popleft())
-            count += k
+            count += len(seg)
             break
-        cut = ends[k - 1]
-        parts.append(Segment(seg.indices[:k], seg.sizes[:k], seg.payload[:cut], seg.attempts))
-        queue[0] = Segment(seg.indices[k:], seg.sizes[k:], seg.payload[cut:], seg.attempts)
-        count += k
+        head, queue[0] = _split(seg, k)
+        parts.append(head)
+        count += len(head)
         break
     if len(parts) == 1:
         return parts[0]
@@ -81,11 +168,5 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
         [s for p in parts for s in p.sizes],
         memoryview(b"".join(p.payload for p in parts)),
         0,
+        [g for p in parts for g in p.groups] if grouped else None,  # type: ignore[union-attr]
     )
-
-
-def cut(seg: Segment, a: int, b: int) -> Segment:
-    """Arguments ``a`` to ``b`` of a segment (a view: the payload is not copied)."""
-    start = sum(seg.sizes[:a])
-    end = start + sum(seg.sizes[a:b])
-    return Segment(seg.indices[a:b], seg.sizes[a:b], seg.payload[start:end], seg.attempts)

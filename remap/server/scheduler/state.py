@@ -158,6 +158,7 @@ class JobState:
     message: str = ""
     received: int = 0
     received_bytes: int = 0
+    group_max: int = 1  # the most arguments one pickle of the job held (argument groups)
     pending: deque[Segment] = field(default_factory=deque)
     pending_count: int = 0
     pending_bytes: int = 0
