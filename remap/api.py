@@ -179,7 +179,7 @@ def group_target(total: int | None, chunksize: int) -> int:
 def dumps_group(values: list[Any], first: int, fn_name: str) -> bytes:
     """One pickle of a list of arguments; an argument that will not pickle is named alone."""
     try:
-        if all(type(v) in _PLAIN_TYPES or _plain(v) for v in values):
+        if set(map(type, values)) <= _PLAIN_TYPES or all(map(_plain, values)):
             return pickle.dumps(values, PICKLE_PROTOCOL)
         return cloudpickle.dumps(values, PICKLE_PROTOCOL)
     except Exception:
@@ -245,6 +245,7 @@ class _ForwardSink(Sink):
         super().__init__()
         self._stream = stream
         self._batch: list[tuple[int, Any, TaskErrorInfo | None]] = []
+        self._runs: list[tuple[int, list[Any]]] = []
 
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
         self._batch.append((index, result, error))
@@ -254,8 +255,17 @@ class _ForwardSink(Sink):
     ) -> None:
         """An error-free batch in one step: the console's hot path for every map."""
         self._check_open()
-        self._batch.extend(zip(indices, results, itertools.repeat(None)))
         self.done += len(indices)
+        first = indices[0] if indices else 0
+        if (
+            self._stream.runs
+            and indices
+            and indices[-1] - first == len(indices) - 1
+            and indices == list(range(first, first + len(indices)))
+        ):
+            self._runs.append((first, results))  # consecutive indices: passed on as one run
+            return
+        self._batch.extend(zip(indices, results, itertools.repeat(None)))
 
     def add_partial(self, indices_count: int, partial: Any) -> None:
         self._check_open()
@@ -264,6 +274,9 @@ class _ForwardSink(Sink):
         self._stream.events.put(("partial", self._stream, indices_count, partial))
 
     def flush(self) -> None:
+        if self._runs:
+            runs, self._runs = self._runs, []
+            self._stream.events.put(("runs", self._stream, runs))
         if self._batch:
             batch, self._batch = self._batch, []
             if self._stream.on_items is not None:
@@ -303,7 +316,9 @@ class JobStream:
     """One job whose pickled arguments are fed from any thread and whose results become events.
 
     Events on :attr:`events`, in the order the reactor saw them:
-    ``("items", stream, [(index, result, error), ...])``, ``("partial", stream, count, value)``
+    ``("items", stream, [(index, result, error), ...])``, ``("partial", stream, count, value)``,
+    with ``runs``: ``("runs", stream, [(first index, [result, ...]), ...])`` for results of
+    consecutive arguments without errors,
     (reduce mode) and last ``("end", stream, error_or_None)``.
     """
 
@@ -318,8 +333,11 @@ class JobStream:
         on_items: Callable[[list[Any]], list[Any]] | None = None,
         owner: Any = None,
         total_hint: int | None = None,
+        runs: bool = False,
     ) -> None:
         self.cluster = cluster
+        #: the consumer takes ``runs`` events (results of consecutive arguments as one list)
+        self.runs = runs
         self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
         #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
         #: sent with its argument index; False drops the item (a cancelled future)
@@ -520,18 +538,17 @@ class _Feeder:
         limit = self.limit
         if limit is not None and self.put - consumed > limit - 1 - self._slack:
             return
+        if self.group > 1:
+            self._top_up_groups(consumed)
+            return
         stream = self.stream
         batch: list[bytes] = []
-        counts: list[int] = []  # arguments in each pickle of the batch (0: a bare argument)
-        group: list[Any] = []
-        taken = 0  # arguments in the batch and the open group
         room = FEED_MAX_BYTES - stream.unsent_bytes
-        source, star, grouped = self.source, self.star, self.group > 1
-        append, count = batch.append, counts.append
-        # the hot loop of every map: plain values skip dumps_argument (and its message)
+        source, star, append = self.source, self.star, batch.append
+        # the hot loop of a map of unknown length: plain values skip dumps_argument
         dumps, plain, protocol = pickle.dumps, _PLAIN_TYPES, PICKLE_PROTOCOL
         try:
-            while limit is None or self.put + taken - consumed < limit:
+            while limit is None or self.put + len(batch) - consumed < limit:
                 if room <= 0:
                     break
                 try:
@@ -541,42 +558,72 @@ class _Feeder:
                     self.source = None
                     break
                 except Exception as exc:
-                    if not self.defer_errors:
+                    if not self._source_failed(exc):
                         raise
-                    self.error, self.done, self.source = exc, True, None
                     break
                 if star:
                     value = tuple(value)
-                taken += 1
-                if grouped:
-                    group.append(value)
-                    if len(group) < self._group_now:
-                        continue
-                    blob = self._close_group(group, self.put + taken - len(group))
-                    count(len(group))
-                    group = []
-                elif type(value) in plain:
+                if type(value) in plain:
                     blob = dumps(value, protocol)
-                    count(0)
                 else:
                     blob = dumps_argument(
-                        value, f"argument {self.put + taken - 1} of {self.fn_name}"
+                        value, f"argument {self.put + len(batch)} of {self.fn_name}"
                     )
-                    count(0)
                 append(blob)
                 room -= len(blob)
                 if len(batch) >= self.BATCH:
-                    stream.put_many(batch, counts=counts)
-                    self.put += sum(counts) if grouped else len(counts)
-                    taken = 0  # the open group is empty here: every argument taken is sent
-                    batch, counts = [], []
-                    append, count = batch.append, counts.append
+                    stream.put_many(batch)
+                    self.put += len(batch)
+                    batch = []
+                    append = batch.append
         finally:
-            if group:  # the open group goes now: what was taken is outstanding
-                append(self._close_group(group, self.put + taken - len(group)))
-                count(len(group))
+            stream.put_many(batch)
+            self.put += len(batch)
+        if self.done:
+            stream.close_input()
+
+    def _source_failed(self, exc: Exception) -> bool:
+        """The iterable raised: with ``defer_errors`` keep it for its position (True)."""
+        if not self.defer_errors:
+            return False
+        self.error, self.done, self.source = exc, True, None
+        return True
+
+    def _top_up_groups(self, consumed: int) -> None:
+        """:meth:`top_up` in argument groups: each taken and pickled in one C call."""
+        stream, limit, star = self.stream, self.limit, self.star
+        batch: list[bytes] = []
+        counts: list[int] = []
+        room = FEED_MAX_BYTES - stream.unsent_bytes
+        try:
+            while room > 0 and not self.done:
+                want = self._group_now
+                if limit is not None:
+                    want = min(want, limit - (self.put - consumed))
+                    if want <= 0:
+                        break
+                group: list[Any] = []
+                try:
+                    group.extend(itertools.islice(self.source, want))  # type: ignore[arg-type]
+                    if len(group) < want:
+                        self.done, self.source = True, None
+                except Exception as exc:  # what came before the error still goes
+                    if not self._source_failed(exc):
+                        raise
+                if not group:
+                    break
+                if star:
+                    group = [tuple(v) for v in group]
+                blob = self._close_group(group, self.put)
+                batch.append(blob)
+                counts.append(len(group))
+                self.put += len(group)
+                room -= len(blob)
+                if len(batch) >= self.BATCH:
+                    stream.put_many(batch, counts=counts)
+                    batch, counts = [], []
+        finally:
             stream.put_many(batch, counts=counts)
-            self.put += sum(counts) if grouped else len(counts)
         if self.done:
             stream.close_input()
 
@@ -626,6 +673,8 @@ class ResultIterator(Iterator[Any]):
         self._consumed = 0
         self._next_index = 0
         self._buffer: dict[int, tuple[Any, TaskErrorInfo | None]] = {}
+        #: ordered runs of results: first index not yet taken -> (results, offset of it)
+        self._runs: dict[int, tuple[list[Any], int]] = {}
         self._ready: deque[tuple[Any, TaskErrorInfo | None]] = deque()
         self._ended = False
         self._end_error: BaseException | None = None
@@ -699,8 +748,14 @@ class ResultIterator(Iterator[Any]):
         append, taken = out.append, 0
         if self._ordered:
             buffer, index = self._buffer, self._next_index
-            pop = buffer.pop
+            pop, runs = buffer.pop, self._runs
             while True:
+                run = runs.pop(index, None) if runs else None
+                if run is not None:  # a whole run in one step
+                    values, offset = run
+                    out.extend(values[offset:] if offset else values)
+                    index += len(values) - offset
+                    continue
                 item = pop(index, None)
                 if item is None:
                     break
@@ -727,7 +782,15 @@ class ResultIterator(Iterator[Any]):
 
     def _pop_ready(self) -> tuple[Any, TaskErrorInfo | None] | None:
         if self._ordered:
-            item = self._buffer.pop(self._next_index, None)
+            index = self._next_index
+            run = self._runs.pop(index, None) if self._runs else None
+            if run is not None:
+                values, offset = run
+                if offset + 1 < len(values):
+                    self._runs[index + 1] = (values, offset + 1)
+                self._next_index += 1
+                return values[offset], None
+            item = self._buffer.pop(index, None)
             if item is not None:
                 self._next_index += 1
             return item
@@ -765,6 +828,12 @@ class ResultIterator(Iterator[Any]):
                 self._buffer.update(zip(map(_INDEX, batch), pairs))
             else:
                 self._ready.extend(pairs)
+        elif kind == "runs":
+            for first, values in event[2]:
+                if self._ordered:
+                    self._runs[first] = (values, 0)
+                else:
+                    self._ready.extend(zip(values, itertools.repeat(None)))
         elif kind == "end":
             self._ended = True
             self._end_error = event[2]
@@ -775,6 +844,7 @@ class ResultIterator(Iterator[Any]):
             return
         self._closed = True
         self._buffer.clear()
+        self._runs.clear()
         self._ready.clear()
         self._feeder.source = None
         self._feeder.done = True
@@ -1012,7 +1082,7 @@ class Cluster:
         source = iter(iterable)
         name = f"{kind}:{describe(fn)}"
         params = self._params(name, star=star, chunksize=chunksize)
-        stream = JobStream(self, blob, params, total_hint=total)
+        stream = JobStream(self, blob, params, total_hint=total, runs=True)
         return ResultIterator(
             stream,
             source,

@@ -35,10 +35,12 @@ SLOT = struct.Struct("<qdq")
 MAX_OUTPUT = 64 * 1024
 #: a running batch sends what it has finished at most this often, so results stream back
 STREAM_SECONDS = 0.05
-#: an argument group that took longer than this makes the rest of its batch run one argument at
-#: a time (a mark per call, results streamed from any call): a crash then names its argument,
-#: at a cost (~0.3 µs a call) that calls this slow never notice
+#: two argument groups in a row that took longer than this (or one that took FINE_ONCE_SECONDS)
+#: make the rest of the batch run one argument at a time (a mark per call, results streamed from
+#: any call): a crash then names its argument, at a cost (~0.3 µs a call) that calls this slow
+#: never notice. Two in a row, so a core descheduled once on a busy machine stays on groups.
 FINE_SECONDS = 0.001
+FINE_ONCE_SECONDS = 0.05
 _PREFIX = struct.Struct(">II")
 
 
@@ -210,7 +212,7 @@ class Core:
         emit, first, flushed = self.emit, 0, clock()
         skip, left = header.get("skip", 0), task_count(header)
         # a job with a timeout marks every call (the node times each); others mark a group once
-        fine = bool(timed)
+        fine, slow = bool(timed), False
         pos = 0
         with redirect_stdout(captured), redirect_stderr(captured):
             for blob, n in _groups(header, payload):
@@ -243,6 +245,21 @@ class Core:
                         results, errors, acc, have_acc = [], [], None, False
                         first, flushed = pos, now
                     pack_into(shm, 0, pos, now, len(piece))
+                    if bad is None and not star and not partial:
+                        # the common case in C: a call's error resumes the map after it
+                        done, size = 0, len(piece)
+                        while done < size:
+                            before = len(results)
+                            try:
+                                results.extend(map(fn, piece[done:] if done else piece))
+                                done = size
+                            except (Exception, KeyboardInterrupt, SystemExit) as exc:
+                                done += len(results) - before
+                                errors.append(_error_entry(pos + done - first, exc))
+                                results.append(exc)
+                                done += 1
+                        pos += size
+                        continue
                     for arg in piece:
                         try:
                             if bad is not None:
@@ -265,8 +282,10 @@ class Core:
                             if not partial:
                                 results.append(exc)
                         pos += 1
-                if not fine and clock() - began > FINE_SECONDS:
-                    fine = True  # slow calls: mark each from now on
+                if not fine:
+                    took = clock() - began
+                    fine = took > FINE_ONCE_SECONDS or (slow and took > FINE_SECONDS)
+                    slow = took > FINE_SECONDS  # slow calls: mark each from now on
         pack_into(shm, 0, -1, 0.0, 0)
         return self._reply(header, results, errors, acc, have_acc, clock() - flushed, 0)
 
