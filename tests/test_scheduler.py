@@ -200,17 +200,20 @@ class FakeConsole:
 
     def send_args(self, values: list[Any]) -> str | None:
         blobs = [dumps(v) for v in values]
-        error = self.sched.args_received(
-            self.link,
+        return self.send(
             m.Args(
                 job=self.job,
                 start=self.sent,
                 sizes=[len(b) for b in blobs],
                 payload=b"".join(blobs),
-            ),
+            )
         )
+
+    def send(self, msg: m.Args) -> str | None:
+        """Send one ``args`` message; count its arguments as sent unless it was refused."""
+        error = self.sched.args_received(self.link, msg)
         if error is None:
-            self.sent += len(values)
+            self.sent += msg.count
         else:
             self.errors.append(error)
         return error
