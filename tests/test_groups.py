@@ -335,3 +335,39 @@ def test_a_console_sending_groups_never_waits_forever_for_window() -> None:
     assert (result.state, result.done) == ("done", n), result
     assert run.sink.value() == [i * i for i in range(n)]
     assert sum(pool.ran) == n
+
+
+def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -> None:
+    """The console keeps each group it sent until its results arrive; after a server restart it
+    sends the arguments still lacking results again (one pickle each, taken out of its own
+    groups), then new groups: every result arrives once."""
+    from tests.test_resume import RestartableCluster, wait_until
+
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    pool, _, _ = cluster.node("node-a", cores=2, hold=True)
+    client = cluster.redialling_console()
+    n = 3000
+    run = GroupedRun(
+        JobParams(name="grouped", chunksize=80), function_blob(square), list(range(n)), ObjectSink()
+    )
+    run.size = 7
+    d = client.submit(run)
+    cluster.settle()
+    pool.run_held()
+    cluster.settle()
+    assert 0 < run.done < n
+    for restart in range(2):
+        cluster.kill_server()
+        cluster.tick(1.0, [])
+        cluster.start_server()
+        pool, _, _ = cluster.node(f"node-{restart}", cores=2, hold=True)
+        wait_until(cluster, lambda k=restart + 1: client.reconnects == k)
+        pool.run_held()
+        cluster.settle()
+    while not d.called:
+        pool.run_held()
+        cluster.tick(0.1, cluster.pumps)
+    result = outcome(d)
+    assert (result.state, result.done, result.failed) == ("done", n, 0), result
+    assert run.sink.value() == [i * i for i in range(n)]
+    assert cluster.journal.duplicates == 0
