@@ -161,7 +161,7 @@ def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
         ) from exc
 
 
-def group_target(total: int | None, chunksize: int) -> int:
+def group_target(total: int | None, chunksize: int | None) -> int:
     """Arguments per pickle for a job of ``total`` arguments (1: no argument groups).
 
     A job of unknown size gets none: its first calls must spread one per core until the

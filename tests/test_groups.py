@@ -18,8 +18,9 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from protocol import messages as m
+from protocol.options import JobOptions
 from remap.blobs import split
-from remap.client import JobParams, JobRun
+from remap.client import JobRun
 from remap.node.core import SLOT, Core
 from remap.server.journal import FLUSH_INTERVAL, Journal
 from remap.server.scheduler import Scheduler
@@ -138,7 +139,7 @@ def drive(
 def test_batches_are_cut_only_at_group_boundaries() -> None:
     """Whatever the batch size (adaptive, a chunksize smaller than a group, the tail shared out),
     every task carries whole groups, byte for byte as the console pickled them."""
-    for chunksize in (0, 3, 10):
+    for chunksize in (None, 3, 10):
         sched, _ = make()
         nodes = [GroupNode(sched, f"n{i}", cores=2) for i in range(3)]
         console = GroupConsole(sched, range(700), size=7, total=700, chunksize=chunksize)
@@ -327,7 +328,9 @@ def test_a_console_sending_groups_never_waits_forever_for_window() -> None:
     pool, _, _ = cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     n = 5000
-    run = GroupedRun(JobParams(name="grouped"), function_blob(square), list(range(n)), ObjectSink())
+    run = GroupedRun(
+        JobOptions(name="grouped"), function_blob(square), list(range(n)), ObjectSink()
+    )
     run.total_hint = n
     d = client.submit(run)
     cluster.settle()
@@ -348,7 +351,10 @@ def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -
     client = cluster.redialling_console()
     n = 3000
     run = GroupedRun(
-        JobParams(name="grouped", chunksize=80), function_blob(square), list(range(n)), ObjectSink()
+        JobOptions(name="grouped", chunksize=80),
+        function_blob(square),
+        list(range(n)),
+        ObjectSink(),
     )
     run.size = 7
     d = client.submit(run)
