@@ -87,17 +87,21 @@ def command(fn: F) -> F:
     it decided on are performed by the scheduler's runner. Called inside :meth:`handle` or
     another command, it only adds to their effects."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     def run(self: Scheduler, *args: Any, **kwargs: Any) -> Any:
-        if not self._depth:
-            note = " ".join(repr(a)[:40] for a in args if isinstance(a, (int, str)))
-            self.events.add(self.clock.seconds(), f"{fn.__name__} {note}".rstrip())
+        if self._depth:  # inside another command or an event: theirs to perform
+            return fn(self, *args, **kwargs)
+        first = args[0] if args else None
+        note = f"{name} {first!r:.40}" if type(first) is int or type(first) is str else name
+        self.events.add(self.clock.seconds(), note)
         self._depth += 1
         try:
             return fn(self, *args, **kwargs)
         finally:
             self._depth -= 1
-            if not self._depth and self._outbox:
+            if self._outbox:
                 self.runner.apply(self.take_effects())
 
     return run  # type: ignore[return-value]

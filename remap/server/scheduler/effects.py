@@ -79,15 +79,16 @@ class TimerFired:
 Event = NodeJoined | NodeLost | NodeSaid | ConsoleSaid | ConsoleLost | TimerFired
 
 # ==================================================================== effects
+# (not frozen: one is made per message sent, and a frozen dataclass is slower to build)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     link: Any
     msg: m.Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close a peer's connection; ``error`` (if any) is what it is told and why."""
 
@@ -95,13 +96,13 @@ class Close:
     error: RemapError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTimer:
     timer: Timer
     delay: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelTimer:
     timer: Timer
 

@@ -183,7 +183,8 @@ class JobState:
 
     @property
     def finished(self) -> bool:
-        return self.phase.final
+        phase = self.phase  # identity tests: this runs for every job on every dispatch
+        return phase is not JobPhase.RECEIVING and phase is not JobPhase.COMPLETING
 
     @property
     def state(self) -> str:
