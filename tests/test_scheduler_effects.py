@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from twisted.internet.task import Clock
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
@@ -27,7 +28,10 @@ from remap.server.scheduler.effects import (
     StartTimer,
     TimerFired,
 )
+from remap.server.service import RemapServerFactory, ServerConnection
 from tests.test_scheduler import GRACE, FakeConsole, FakeNode, make
+from tests.test_server_robustness import _Link
+from tests.test_wire import KEY
 
 INFO = m.NodeInfo(host="h", pid=1, cores=1, memory=1 << 30)
 
@@ -154,3 +158,32 @@ def test_an_unknown_event_is_refused() -> None:
     sched, _ = make()
     with pytest.raises(TypeError, match="no str event"):
         sched.handle("hello")
+
+
+def test_the_service_hands_peers_messages_in_as_events_and_performs_the_effects() -> None:
+    """A node's and a console's messages through the server's connection handler: each is an
+    event in the scheduler's log, and what it decided reached the links (a console over its
+    window is closed with the protocol error by the runner, not by the handler)."""
+    factory = RemapServerFactory(Clock(), KEY, max_frame=1 << 20)
+    node_link, console_link = _Link(), _Link()
+    node = ServerConnection(factory)
+    node.role, node.session = "node", "n1"
+    node.message_received(node_link, INFO)
+    console = ServerConnection(factory)
+    console.role = "console"
+    console.message_received(console_link, m.Submit(id=3, payload=b"fn", name="j"))
+    (submitted,) = [x for x in console_link.sent if type(x) is m.Submitted]
+    blob = dumps(5)
+    args = m.Args(job=-3, start=0, sizes=[len(blob)], payload=blob)  # before `submitted`
+    console.message_received(console_link, args)
+    task = next(x for x in node_link.sent if type(x) is m.Task)
+    answer = m.TaskResult(task=task.task, sizes=[len(blob)], payload=blob)
+    node.message_received(node_link, answer)
+    assert [x.indices for x in console_link.sent if type(x) is m.Results] == [[0]]
+    over = m.Args(job=submitted.job, start=1, sizes=[1] * 10**6, payload=b"x" * 10**6)
+    console.message_received(console_link, over)
+    assert isinstance(console_link.closed_with, RemoteProtocolError)
+    log = [text for _, text in factory.scheduler.events.recent()]
+    assert "node n1 joined (h, 1 cores)" in log
+    assert f"console args job={submitted.job} n=1" in log
+    assert f"node n1 result task={task.task}" in log
