@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..scheduler.state import JobPhase
 from .routes import EVENTS, JSON, NDJSON, PARAMS, ROUTES, STATIC_FILES, Route
 
 
@@ -48,6 +49,8 @@ _JOB_FIELDS = {
     "id": _INT,
     "name": _STR,
     "state": {"type": "string", "enum": ["running", "done", "failed", "killed", "cancelled"]},
+    # receiving: arguments still arriving; completing: all in, outcomes pending; then the end
+    "phase": {"type": "string", "enum": [phase.value for phase in JobPhase]},
     "mode": _STR,
     "group": _nullable(_STR),
     "total": _nullable(_INT),
