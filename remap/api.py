@@ -1253,19 +1253,40 @@ class Cluster:
         reducers: int | dict[str, int] = 1,
         data_dir: str | None = None,
         on_progress: Callable[[Any], None] | None = None,
+        detach: bool = False,
         **options: Any,
-    ) -> dict[str, Any]:
+    ) -> Any:
         """Run a data job (map/reduce over files; see the README) and return its summary.
 
         ``functions`` is a module or a dict with ``map`` and ``reduce`` (and optionally
         ``combine``, ``read``, ``write``, ``partition``, ``group``). ``options`` are the job
         file's keys: ``split_mb``, ``spill_mb``, ``fanin``, ``on_error``, ``name``.
         Raises JobFailed or JobKilled (nothing published) when the job does not finish.
+        ``detach=True`` (a module from a ``.py`` file, on a server): the server runs the
+        job; returns a handle with ``id``, ``status()``, ``wait()`` (the summary) and ``kill()``.
         """
         from .data.driver import job_from_functions, run_data_job
         from .data.layout import DataDir
 
         self._check_open()
+        if detach:
+            from .console.detached import drive_module
+
+            return drive_module(
+                self,
+                "mapreduce",
+                functions,
+                input,
+                output,
+                {
+                    "reducers": reducers,
+                    "retries": self.retries,
+                    "timeout": self.task_timeout,
+                    "group": self.group,
+                    "priority": self.priority,
+                    **options,
+                },
+            )
         options.setdefault("retries", self.retries)
         options.setdefault("timeout", self.task_timeout)
         options.setdefault("group", self.group)
@@ -1290,6 +1311,7 @@ class Cluster:
         data_dir: str | os.PathLike[str] | None = None,
         on_superstep: Callable[[Any], None] | None = None,
         lost_after: float = 60.0,
+        detach: bool = False,
     ) -> Any:
         """Run a vertex (Pregel) job and return its summary (``remap.vertex.VertexResult``).
 
@@ -1298,13 +1320,27 @@ class Cluster:
         directory of files or a list of them; ``output`` a directory that must not exist.
         ``on_superstep(report)`` is called after every superstep's barrier. A worker whose
         node or core the server lost, or without a heartbeat for ``lost_after`` seconds,
-        counts as lost (rollback to the last checkpoint).
+        counts as lost (rollback to the last checkpoint). ``detach=True``: as for
+        :meth:`mapreduce`, a handle to the job the server runs.
         """
         from .vertex.driver import VertexConfig
         from .vertex.program import program_from_module, program_from_namespace
         from .vertex.run import run_vertex
 
         self._check_open()
+        if detach:
+            from .console.detached import drive_module
+
+            keys = {
+                "partitions": partitions or "auto",
+                "max_supersteps": max_supersteps,
+                "checkpoint_every": checkpoint_every,
+                "on_error": on_error,
+                "retries": self.retries,
+                "group": self.group,
+                "priority": self.priority,
+            }
+            return drive_module(self, "vertex", module, input, output, keys)
         if isinstance(module, types.ModuleType):
             if module.__name__ != "__main__":
                 ship_by_value(module)

@@ -186,3 +186,47 @@ def test_a_driver_that_dies_leaves_incomplete_with_the_reason(make_cluster, tmp_
     assert not (tmp_path / "out").exists()
     failed = c.console("attach", str(job_id))
     assert failed.returncode == 1 and "driver died" in failed.stderr
+
+
+def test_python_api_detach_returns_a_handle_to_wait_for_or_kill(
+    make_cluster, tmp_path: Path
+) -> None:
+    """``cluster.vertex(..., detach=True)`` / ``cluster.mapreduce(..., detach=True)``: the
+    server runs the job; the handle's wait() gives the summary, kill() ends it INCOMPLETE."""
+    import remap
+    from remap.errors import ConfigError, JobKilled
+    from remap.jobfile import load_module
+    from remap.settings import Settings
+
+    c, data = _cluster(make_cluster, tmp_path)
+    graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(8, 8))
+    paths = write_files(tmp_path / "in-graph", edge_lines(graph.to_directed()), 2)
+    ref = run_local(example("connected_components"), read_tagged_lines(paths), 1, 200)
+    module, _ = load_module("connected_components.py", EXAMPLES)
+    _words(tmp_path, 600)
+    (tmp_path / "slow.py").write_text(SLOW_MAP)
+    slow, _ = load_module("slow.py", tmp_path)
+    with remap.connect(c.address, secret=c.secret, settings=Settings()) as cluster:
+        handle = cluster.vertex(
+            module, tmp_path / "in-graph", tmp_path / "out-graph", partitions=2, detach=True
+        )
+        summary = handle.wait(timeout=120)
+        assert summary["state"] == "done" and summary["supersteps"] == ref.supersteps
+        assert handle.status()["state"] == "done"
+        out = tmp_path / "out-graph"
+        lines = sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), [])
+        assert parse_output(lines) == parse_output(sum(ref.partitions, []))
+
+        job = cluster.mapreduce(
+            slow, tmp_path / "in", tmp_path / "out", reducers=2, split_mb=0.001, detach=True
+        )
+        wait_for(lambda: (job.status() or {}).get("phase") == "map", 60, "the map phase")
+        assert job.kill()["state"] == "killed"
+        with pytest.raises(JobKilled):
+            job.wait(timeout=30)
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(ConfigError, match="module loaded from a .py file"):
+            cluster.mapreduce({"map": len}, tmp_path / "in", tmp_path / "o2", detach=True)
+    with remap.connect(cores=1, settings=Settings(data_dir=str(tmp_path / "d2"))) as local:
+        with pytest.raises(ConfigError, match="needs a server"):
+            local.vertex(module, tmp_path / "in-graph", tmp_path / "o3", detach=True)

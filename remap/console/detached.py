@@ -39,15 +39,109 @@ ATTACH_POLL = 0.5
 def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
     """The job file as JSON with absolute paths, and the module's text when it is a file."""
     raw = yaml.safe_load(Path(job_file).read_text(encoding="utf-8"))
-    files: dict[str, str] = {}
+    module = None
     if spec.module.endswith(".py"):
-        path = (spec.base_dir / Path(spec.module).expanduser()).resolve()
-        files[path.name] = path.read_text(encoding="utf-8")
-        raw["module"] = path.name
+        module = (spec.base_dir / Path(spec.module).expanduser()).resolve()
     raw["input"] = [str((spec.base_dir / Path(i).expanduser()).absolute()) for i in spec.inputs]
     raw["output"] = str(spec.output)
     raw["name"] = spec.name
-    return json.dumps(raw), files
+    return ship(raw, module)
+
+
+def ship(job: dict[str, Any], module: Path | None) -> tuple[str, dict[str, str]]:
+    """``job`` as JSON with its module file (if any) by value, named by its file name."""
+    files: dict[str, str] = {}
+    if module is not None:
+        files[module.name] = module.read_text(encoding="utf-8")
+        job = {**job, "module": module.name}
+    return json.dumps(job), files
+
+
+def wait_ended(
+    status: Any, job_id: int, on_tick: Any = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """Poll ``status()`` (the server's job list) until detached job ``job_id`` has ended."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = next((j for j in status() if j["id"] == job_id), None)
+        if job is None:
+            raise RemapError(f"job {job_id} is no longer on the server (restarted?)")
+        if job["state"] != "running":
+            return job
+        if on_tick is not None:
+            on_tick(job)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"detached job {job_id} still runs after {timeout:g}s")
+        time.sleep(ATTACH_POLL)
+
+
+def outcome(job: dict[str, Any]) -> dict[str, Any]:
+    """A finished detached job's summary, or its error raised (JobKilled, JobFailed)."""
+    summary = job.get("summary")
+    if job["state"] == "done" and isinstance(summary, dict):
+        return summary
+    error = JobKilled if job["state"] == "killed" else JobFailed
+    raise error(f"job {job['id']} {job['state']}: {job.get('message') or 'no reason given'}")
+
+
+class DetachedJob:
+    """A data or vertex job whose driver runs on the server (``detach=True`` in the API)."""
+
+    def __init__(self, cluster: Any, job_id: int, kind: str) -> None:
+        self.cluster = cluster
+        self.id = job_id
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"<DetachedJob {self.id} ({self.kind})>"
+
+    def status(self) -> dict[str, Any] | None:
+        """The job as ``status`` shows it (state, phase, done, total, summary), or None."""
+        return next((j for j in self.cluster.status()["jobs"] if j["id"] == self.id), None)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the job to end; its summary, or JobFailed / JobKilled / TimeoutError."""
+        return outcome(wait_ended(lambda: self.cluster.status()["jobs"], self.id, None, timeout))
+
+    def kill(self) -> dict[str, Any]:
+        """End the job (``INCOMPLETE``, intermediate files removed); returns once it has."""
+        from .. import runtime
+
+        client = self.cluster._client
+        return runtime.run(lambda: client.kill(self.id), timeout=60)
+
+
+def drive_module(
+    cluster: Any, kind: str, module: Any, inputs: Any, output: Any, keys: dict[str, Any]
+) -> DetachedJob:
+    """The Python API's ``detach=True``: ship ``module`` (a module with a ``.py`` file) and
+    the job's keys to the server, which runs the driver; a handle to wait for or kill it."""
+    import types
+
+    from .. import runtime
+    from ..jobfile import load_job_text
+
+    if cluster.embedded:
+        raise ConfigError("detach=True needs a server: an embedded cluster ends with its handle")
+    file = getattr(module, "__file__", None) if isinstance(module, types.ModuleType) else None
+    if not file or not str(file).endswith(".py"):
+        raise ConfigError(
+            "detach=True ships the job's module by value: give a module loaded from a .py file"
+        )
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    job = {
+        "kind": kind,
+        "input": [str(Path(i).expanduser().absolute()) for i in inputs],
+        "output": str(Path(output).expanduser().absolute()),
+        **{k: v for k, v in keys.items() if v is not None},
+    }
+    job.setdefault("name", Path(file).stem)
+    job_text, files = ship(job, Path(file))
+    load_job_text(job_text, Path(file).parent, "<detached job>")  # its mistakes, here
+    client = cluster._client
+    job_id = runtime.run(lambda: client.drive(kind, job["name"], job_text, files), timeout=60)
+    return DetachedJob(cluster, job_id, kind)
 
 
 def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
@@ -86,27 +180,24 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
     summary as ``compute`` would have, or raise its error."""
     quiet = args.json or getattr(args, "quiet", False)
     bar = render.Progress(console.err) if (console.err.isatty() and not quiet) else None
+
+    def tick(job: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
+
     try:
-        while job["state"] == "running":
-            if bar is not None:
-                bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
-            time.sleep(ATTACH_POLL)
-            jobs = {j["id"]: j for j in console.session.request("status")["jobs"]}
-            if job["id"] not in jobs:
-                raise RemapError(f"job {job['id']} is no longer on the server (restarted?)")
-            job = jobs[job["id"]]
+        job = wait_ended(lambda: console.session.request("status")["jobs"], job["id"], tick)
     finally:
         if bar is not None:
             bar.clear()
-    summary = job.get("summary")
-    if job["state"] == "done" and isinstance(summary, dict):
-        print_summary(console, job["kind"], summary, args.json)
-        return 0
-    error = JobKilled if job["state"] == "killed" else JobFailed
-    text = f"job {job['id']} {job['state']}: {job.get('message') or 'no reason given'}"
-    if args.json:
-        console.say(json.dumps({"job": job["id"], "state": job["state"], "error": text}))
-    raise error(text)
+    try:
+        summary = outcome(job)
+    except JobFailed as exc:
+        if args.json:
+            console.say(json.dumps({"job": job["id"], "state": job["state"], "error": str(exc)}))
+        raise
+    print_summary(console, job["kind"], summary, args.json)
+    return 0
 
 
 def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> None:
