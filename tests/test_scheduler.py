@@ -1449,3 +1449,19 @@ def test_preemption_frees_cores_for_a_higher_priority_job_within_its_grace() -> 
         run_to_end([node], [low, high])
         assert_exactly_once(low, 100)
         assert_exactly_once(high, 40)
+
+
+def test_a_detached_job_gets_a_window_for_all_its_arguments() -> None:
+    """A detached job's console leaves once every argument is in: its window is not held to a
+    few batches (an attached job's is), only to the bytes bound, so ``compute --detach`` returns
+    early in a long job rather than near its end."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    detached = FakeConsole(sched, range(50_000), name="d", detach=True, total=50_000)
+    attached = FakeConsole(sched, range(50_000), name="a", total=50_000)
+    for _ in range(3):
+        detached.feed()
+        attached.feed()
+        node.answer_all()
+    assert detached.ended, "every argument of the detached job is on the server"
+    assert attached.sent < 50_000 // 2, "an attached job's window stays a few batches"

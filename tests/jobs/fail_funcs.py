@@ -84,3 +84,18 @@ def gated_where(x):
     _wait_for_gate(x)
     time.sleep(0.01)
     return [x, os.environ.get("TEST_NODE_NAME")]
+
+
+def paced_gated(x):
+    """x * x after a nap of TEST_PACE_SMALL seconds for x < 200000, TEST_PACE_LARGE above (so
+    jobs of different sizes last as long); the arguments listed in TEST_GATED (comma-separated)
+    first wait for the TEST_GATE file, so no job finishes before the test opens the gate. Every
+    call first waits for TEST_START_GATE (if set): jobs submitted one after another start at once."""
+    start = os.environ.get("TEST_START_GATE")
+    while start and not os.path.exists(start):
+        time.sleep(0.02)
+    key = "TEST_PACE_SMALL" if x < 200_000 else "TEST_PACE_LARGE"
+    time.sleep(float(os.environ.get(key, "0")))
+    if str(x) in os.environ.get("TEST_GATED", "").split(","):
+        _wait_for_gate(GATE_AFTER)
+    return x * x

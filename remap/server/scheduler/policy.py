@@ -38,7 +38,13 @@ MAX_WINDOW = 1_000_000
 
 
 def window(job: JobState, credits: int) -> int:
-    """How many arguments the server wants queued for a job, from the credits that may run it."""
+    """How many arguments the server wants queued for a job, from the credits that may run it.
+
+    A detached job takes all it can (bounded in bytes by :func:`grant`): its console leaves
+    once every argument is on the server (and in the journal), not when the job nears its end.
+    """
+    if job.detach:
+        return MAX_WINDOW
     size = max(16, batch_size(job))
     return max(MIN_WINDOW, min(MAX_WINDOW, 2 * (credits or PREFETCH) * size))
 
