@@ -43,7 +43,7 @@ def window(job: JobState, credits: int) -> int:
     A detached job takes all it can (bounded in bytes by :func:`grant`): its console leaves
     once every argument is on the server (and in the journal), not when the job nears its end.
     """
-    if job.detach:
+    if job.options.detach:
         return MAX_WINDOW
     size = max(16, batch_size(job))
     return max(MIN_WINDOW, min(MAX_WINDOW, 2 * (credits or PREFETCH) * size))
