@@ -41,6 +41,11 @@ def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes
     return parts
 
 
+def frame_length(prefix: bytes) -> tuple[int, int]:
+    """``(length, hlen)`` from a frame's prefix, for readers that read the body themselves."""
+    return _PREFIX.unpack(prefix)
+
+
 #: frames at least this long are gathered read by read and joined once
 LARGE_FRAME = 256 * 1024
 

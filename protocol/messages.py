@@ -44,6 +44,9 @@ class Message:
     TYPE: ClassVar[str] = ""
     #: messages allowed before both sides are authenticated
     PREAUTH: ClassVar[bool] = False
+    #: where the message travels: "wire" (a network connection), "pipe" (a node and its
+    #: core processes) or "both"; a message is refused (as unknown) on the other channel
+    CHANNEL: ClassVar[str] = "wire"
     payload: bytes
 
 
@@ -134,7 +137,9 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
     return packed, getattr(msg, "payload", b"")
 
 
-def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:
+def decode(
+    header: bytes, payload: bytes, *, preauth: bool = False, channel: str = "wire"
+) -> Message:
     """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
     try:
         data = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
@@ -146,7 +151,7 @@ def decode(header: bytes, payload: bytes, *, preauth: bool = False) -> Message:
     if type(type_name) is not str:
         raise RemoteProtocolError("header has no message type")
     cls = _REGISTRY.get(type_name)
-    if cls is None:
+    if cls is None or (cls.CHANNEL != channel and cls.CHANNEL != "both"):
         re = data.get("id")
         raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
     if preauth and not cls.PREAUTH:
@@ -332,6 +337,7 @@ class TaskResult(Message):
     """
 
     TYPE = "result"
+    CHANNEL = "both"  # a core answers its node with it; the node passes it on
     task: int
     sizes: list[int]
     errors: list[list[Any]] = field(default_factory=list)
@@ -373,6 +379,55 @@ class Shutdown(Message):
 
     TYPE = "shutdown"
     reason: str = ""
+
+
+# --------------------------------------------------------------------------- node ↔ core (a pipe)
+
+
+@message
+class CoreReady(Message):
+    """Core → node, once: the process started and waits for commands."""
+
+    TYPE = "core_ready"
+    CHANNEL = "pipe"
+    pid: int
+
+
+@message
+class CoreLoad(Message):
+    """Node → core: a job's function blob (``job_load``'s payload), before its first batch here."""
+
+    TYPE = "core_load"
+    CHANNEL = "pipe"
+    job: int
+    star: bool = False
+    timed: bool = False  # the job has a timeout: mark every call (the node times each)
+    payload: bytes = b""
+
+
+@message
+class CoreRun(Message):
+    """Node → core: run a batch (a ``task``'s arguments); answered by ``result``, maybe in parts."""
+
+    TYPE = "core_run"
+    CHANNEL = "pipe"
+    task: int
+    job: int
+    sizes: list[int]
+    groups: list[int] = field(default_factory=list)  # as in ``task``
+    skip: int = 0
+    count: int = -1
+    reduce: bool = False
+    payload: bytes = b""
+
+
+@message
+class CoreDrop(Message):
+    """Node → core: forget a job's function."""
+
+    TYPE = "core_drop"
+    CHANNEL = "pipe"
+    job: int
 
 
 # --------------------------------------------------------------------------- console ↔ server

@@ -39,9 +39,8 @@ def _pool() -> tuple[CorePool, SpawnRecorder, list, list]:
     return pool, reactor, results, failures
 
 
-def _result(task: int) -> dict:
-    return {"t": "result", "task": task, "sizes": [1], "errors": [], "elapsed": 0.1,
-            "output": "", "partial": False}  # fmt: skip
+def _result(task: int) -> m.TaskResult:
+    return m.TaskResult(task=task, sizes=[1], elapsed=0.1, payload=b"r")
 
 
 def _ended(core: CoreProcess, signal: int | None = 9) -> None:
@@ -81,9 +80,9 @@ def test_a_core_starts_takes_a_batch_after_ready_and_goes_idle_after_its_result(
     assert core.life is CoreLife.STARTING
     pool.submit(m.Task(task=5, job=1, sizes=[1], payload=b"x"))
     assert core.life is CoreLife.STARTING and len(pool.queue) == 1, "no batch before ready"
-    pool._core_message(core, {"t": "ready"}, b"")
+    pool._core_message(core, m.CoreReady(pid=1))
     assert core.life is CoreLife.BUSY and core.task.task == 5 and not pool.queue
-    pool._core_message(core, _result(5), b"r")
+    pool._core_message(core, _result(5))
     assert core.life is CoreLife.IDLE and core.task is None
     assert [r.task for r in results] == [5]
 
@@ -92,7 +91,7 @@ def test_a_timed_out_core_is_killed_dies_and_is_replaced_by_a_starting_one() -> 
     """Killing: no new batch; its exit reports the batch as timed out; a new core starts."""
     pool, reactor, _, failures = _pool()
     (core,) = reactor.spawned
-    pool._core_message(core, {"t": "ready"}, b"")
+    pool._core_message(core, m.CoreReady(pid=1))
     pool.submit(m.Task(task=6, job=1, sizes=[1], payload=b"x"))
     pool.submit(m.Task(task=7, job=1, sizes=[1], payload=b"x"))
     core.kill("timeout", at=0)
@@ -106,7 +105,7 @@ def test_a_timed_out_core_is_killed_dies_and_is_replaced_by_a_starting_one() -> 
     assert [(f.task, f.reason) for f in failures] == [(6, "timeout")]
     new = reactor.spawned[-1]
     assert new is not core and new.life is CoreLife.STARTING and pool.cores == [new]
-    pool._core_message(new, {"t": "ready"}, b"")
+    pool._core_message(new, m.CoreReady(pid=1))
     assert new.life is CoreLife.BUSY and new.task.task == 7
 
 
@@ -116,5 +115,32 @@ def test_a_core_killed_while_starting_stays_killing_when_it_says_ready() -> None
     (core,) = reactor.spawned
     core.kill("stop")
     pool.submit(m.Task(task=8, job=1, sizes=[1], payload=b"x"))
-    pool._core_message(core, {"t": "ready"}, b"")
+    pool._core_message(core, m.CoreReady(pid=1))
     assert core.life is CoreLife.KILLING and core.task is None and len(pool.queue) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        (b"\xc1 not msgpack", b""),  # garbage (user code writing to fd 4, say)
+        (m.encode(m.Submit(id=1, payload=b"f"))[0], b"f"),  # a network message on the pipe
+        (m.encode(m.TaskResult(task=5, sizes=[1]))[0].replace(b"sizes", b"sizez"), b""),
+    ],
+    ids=["garbage", "wire-message", "bad-field"],
+)
+def test_a_core_that_breaks_the_pipe_protocol_is_killed_and_its_batch_reported(
+    header: bytes, payload: bytes
+) -> None:
+    """A core's answers are checked like any message: one that breaks the catalogue is not
+    trusted; the core is killed and its exit reports the batch as a crash (run again)."""
+    from protocol.framing import encode_frame
+    from remap.node.core import OUT_FD
+
+    pool, reactor, results, failures = _pool()
+    (core,) = reactor.spawned
+    pool._core_message(core, m.CoreReady(pid=1))
+    pool.submit(m.Task(task=5, job=1, sizes=[1], payload=b"x"))
+    core.childDataReceived(OUT_FD, b"".join(bytes(p) for p in encode_frame(header, payload)))
+    assert core.life is CoreLife.KILLING and core.kill_reason == "error"
+    _ended(core)
+    assert [(f.task, f.reason) for f in failures] == [(5, "crash")] and not results

@@ -23,23 +23,24 @@ class NeedsTwoArgs(Exception):
         super().__init__(f"{a}/{b}")
 
 
-def run_batch(fn, args) -> tuple[dict, bytes]:
+def run_batch(fn, args) -> tuple[m.TaskResult, bytes]:
     core = Core(mmap.mmap(-1, SLOT.size))
-    core.load({"job": 1, "star": False}, function_blob(fn))
+    core.load(m.CoreLoad(job=1, payload=function_blob(fn)))
     sizes, payload = pack(args)
-    return core.run({"task": 9, "job": 1, "sizes": sizes}, payload)
+    reply = core.run(m.CoreRun(task=9, job=1, sizes=sizes, payload=payload))
+    return reply, reply.payload
 
 
-def to_console(reply: dict, blob: bytes, n: int) -> ObjectSink:
+def to_console(reply: m.TaskResult, blob: bytes, n: int) -> ObjectSink:
     sink = ObjectSink()
     run = JobRun(JobOptions(), b"", iter(()), sink)
     run.results(
         m.Results(
             job=1,
             indices=list(range(n)),
-            sizes=reply["sizes"],
-            errors=reply["errors"],
-            packed=reply["packed"],
+            sizes=reply.sizes,
+            errors=reply.errors,
+            packed=reply.packed,
             payload=blob,
         )
     )
@@ -63,7 +64,7 @@ def returns_a_lambda(x: int):
 def test_plain_results_travel_as_one_pickle() -> None:
     """Results plain pickle can carry go as one pickle of the list (one size entry)."""
     reply, blob = run_batch(square, range(100))
-    assert reply["packed"] is True and len(reply["sizes"]) == 1
+    assert reply.packed is True and len(reply.sizes) == 1
     assert pickle.loads(blob) == [x * x for x in range(100)]
     assert to_console(reply, blob, 100).value() == [x * x for x in range(100)]
 
@@ -72,7 +73,7 @@ def test_an_exception_that_will_not_unpickle_does_not_spoil_the_batch() -> None:
     """An exception that pickles but cannot be rebuilt is replaced by None in the packed list;
     its neighbours' results and its type, message and traceback all still arrive."""
     reply, blob = run_batch(odd_fails, range(6))
-    assert reply["packed"] is True
+    assert reply.packed is True
     values = to_console(reply, blob, 6).value()
     assert values[0::2] == [0, 2, 4]
     errors = values[1::2]
@@ -84,7 +85,7 @@ def test_an_exception_that_will_not_unpickle_does_not_spoil_the_batch() -> None:
 def test_results_that_need_cloudpickle_fall_back_to_one_pickle_each() -> None:
     """A batch whose results plain pickle refuses goes one pickle per result (cloudpickle)."""
     reply, blob = run_batch(returns_a_lambda, range(3))
-    assert reply["packed"] is False and len(reply["sizes"]) == 3
+    assert reply.packed is False and len(reply.sizes) == 3
     values = to_console(reply, blob, 3).value()
     assert [f() for f in values] == [0, 1, 2]
 
@@ -92,7 +93,7 @@ def test_results_that_need_cloudpickle_fall_back_to_one_pickle_each() -> None:
 def test_an_unreadable_packed_batch_becomes_errors_not_a_crash() -> None:
     """If the console cannot unpickle a packed batch, every argument of it reports why."""
     blob = b"\x80\x05not a pickle"
-    reply = {"sizes": [len(blob)], "errors": [], "packed": True}
+    reply = m.TaskResult(task=9, sizes=[len(blob)], packed=True, payload=blob)
     sink = to_console(reply, blob, 2)
     assert [e.type_name for e in sink.value()] == ["ResultUnreadable"] * 2
     assert sink.failed == 2
@@ -123,8 +124,8 @@ def test_keyboard_interrupt_and_system_exit_fail_only_their_call() -> None:
     multiprocessing); the core goes on with the rest of the batch instead of dying."""
     reply, blob = run_batch(stop_on, [0, 1, 2, 3])
     sink = to_console(reply, blob, 4)
-    assert [e[1] for e in reply["errors"]] == ["KeyboardInterrupt", "SystemExit"]
-    assert [e[0] for e in reply["errors"]] == [1, 2]
+    assert [e[1] for e in reply.errors] == ["KeyboardInterrupt", "SystemExit"]
+    assert [e[0] for e in reply.errors] == [1, 2]
     values = sink.value()
     assert values[0] == 0 and values[3] == 3
     assert [values[1].type_name, values[2].type_name] == ["KeyboardInterrupt", "SystemExit"]

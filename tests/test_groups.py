@@ -9,6 +9,7 @@ never sends a group past its window and never waits forever for room for one.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import pickle
 import random
@@ -268,7 +269,7 @@ def test_the_journal_resumes_grouped_arguments_exactly_once(tmp_path: Path) -> N
 
 def _core(fn: Any) -> Core:
     core = Core(mmap.mmap(-1, SLOT.size))
-    core.load({"job": 1, "star": False}, function_blob(fn))
+    core.load(m.CoreLoad(job=1, payload=function_blob(fn)))
     return core
 
 
@@ -279,24 +280,25 @@ def inverse(x: int) -> float:
 def test_a_core_runs_groups_and_the_arguments_a_retry_names() -> None:
     groups = [[1, 2, 3], [0, 5], [6, 7, 8, 9]]
     blobs = [pickle.dumps(g) for g in groups]
-    header = {"task": 3, "job": 1, "sizes": [len(b) for b in blobs], "groups": [3, 2, 4]}
     payload = b"".join(blobs)
-    reply, blob = _core(inverse).run(header, payload)
-    assert reply["packed"] and len(pickle.loads(blob)) == 9
-    assert [e[:2] for e in reply["errors"]] == [[3, "ZeroDivisionError"]]
+    cmd = m.CoreRun(task=3, job=1, sizes=[len(b) for b in blobs], groups=[3, 2, 4], payload=payload)
+    reply = _core(inverse).run(cmd)
+    assert reply.packed and len(pickle.loads(reply.payload)) == 9
+    assert [e[:2] for e in reply.errors] == [[3, "ZeroDivisionError"]]
     # a retry inside groups: skip 2 of the first, run 4 (3 | 0, 5 | 6)
-    reply, blob = _core(inverse).run({**header, "skip": 2, "count": 4}, payload)
-    values = pickle.loads(blob)
+    reply = _core(inverse).run(dataclasses.replace(cmd, skip=2, count=4))
+    values = pickle.loads(reply.payload)
     assert len(values) == 4 and values[0] == 1 / 3 and values[3] == 1 / 6
-    assert [e[:2] for e in reply["errors"]] == [[1, "ZeroDivisionError"]]
+    assert [e[:2] for e in reply.errors] == [[1, "ZeroDivisionError"]]
     # a group that is not a list of its size fails each of its arguments, not the batch
     bad = pickle.dumps("not a list")
-    reply, blob = _core(square).run(
-        {"task": 4, "job": 1, "sizes": [len(bad), len(blobs[0])], "groups": [2, 3]},
-        bad + blobs[0],
+    reply = _core(square).run(
+        m.CoreRun(
+            task=4, job=1, sizes=[len(bad), len(blobs[0])], groups=[2, 3], payload=bad + blobs[0]
+        )
     )
-    assert [e[0] for e in reply["errors"]] == [0, 1]
-    assert pickle.loads(blob)[2:] == [1, 4, 9]
+    assert [e[0] for e in reply.errors] == [0, 1]
+    assert pickle.loads(reply.payload)[2:] == [1, 4, 9]
 
 
 # ============================================================================ console ↔ server

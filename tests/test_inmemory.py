@@ -11,6 +11,7 @@ results, errors, partial folds, kills, heartbeats.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import operator
 from collections.abc import Iterable
@@ -80,7 +81,7 @@ class InProcessPool:
     def load_job(self, msg: m.JobLoad) -> None:
         self.loads.append(msg.job)
         self._job_info[msg.job] = msg
-        self.core.load({"job": msg.job, "star": msg.star}, msg.payload)
+        self.core.load(m.CoreLoad(job=msg.job, star=msg.star, payload=msg.payload))
 
     def drop_job(self, job: int) -> None:
         self.drops.append(job)
@@ -104,23 +105,19 @@ class InProcessPool:
 
     def _run(self, task: m.Task) -> None:
         info = self._job_info[task.job]
-        header = {"task": task.task, "job": task.job, "sizes": task.sizes, "reduce": info.reduce}
-        if task.groups:
-            header.update(groups=task.groups, skip=task.skip, count=task.count)
-        reply, blob = self.core.run(header, bytes(task.payload))
-        self.ran.append(task_count(header))
-        self.on_result(
-            m.TaskResult(
-                task=reply["task"],
-                sizes=reply["sizes"],
-                errors=reply["errors"],
-                elapsed=reply["elapsed"],
-                output=reply["output"],
-                partial=reply["partial"],
-                packed=reply["packed"],
-                payload=blob,
-            )
+        run = m.CoreRun(
+            task=task.task,
+            job=task.job,
+            sizes=task.sizes,
+            groups=task.groups,
+            skip=task.skip,
+            count=task.count,
+            reduce=info.reduce,
+            payload=bytes(task.payload),
         )
+        result = self.core.run(run)
+        self.ran.append(task_count(run))
+        self.on_result(dataclasses.replace(result, part=0))
 
     def cancel_job(self, job: int) -> None:
         self.cancels.append(job)

@@ -48,6 +48,10 @@ EXAMPLES: dict[str, m.Message] = {
     ),
     "task_failed": m.TaskFailed(task=9, reason="timeout", at=2, message="killed after 5s"),
     "cancel": m.Cancel(job=3),
+    "core_ready": m.CoreReady(pid=4242),
+    "core_load": m.CoreLoad(job=3, star=True, payload=b"\x80\x05fn"),
+    "core_run": m.CoreRun(task=9, job=3, sizes=[1, 2], reduce=True, payload=b"xyy"),
+    "core_drop": m.CoreDrop(job=3),
     "shutdown": m.Shutdown(reason="kill --cluster"),
     "submit": m.Submit(
         id=1,
@@ -109,6 +113,25 @@ def fields_of(cls: type[m.Message]) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name != "payload"]
 
 
+def channel_of(type_name: str) -> str:
+    """Where a message travels: a node's pipe to its cores, or the network."""
+    return "pipe" if CATALOGUE[type_name].CHANNEL == "pipe" else "wire"
+
+
+@pytest.mark.parametrize("type_name", sorted(CATALOGUE))
+def test_each_channel_takes_its_own_messages_only(type_name):
+    """Core commands are refused on a network connection (as unknown, so a peer cannot drive a
+    node's cores), and network messages on a core pipe; ``result`` travels both."""
+    header, payload = m.encode(EXAMPLES[type_name])
+    channel = CATALOGUE[type_name].CHANNEL
+    for other in ("wire", "pipe"):
+        if channel in (other, "both"):
+            assert m.decode(header, payload, channel=other) == EXAMPLES[type_name]
+        else:
+            with pytest.raises(m.UnknownMessageType):
+                m.decode(header, payload, channel=other)
+
+
 def test_examples_cover_the_whole_catalogue():
     """The example table above names every registered message type (a new one must be added)."""
     assert set(EXAMPLES) == set(CATALOGUE)
@@ -123,7 +146,7 @@ def test_round_trip(type_name):
     header, payload = m.encode(msg)
     assert isinstance(header, bytes)
     assert payload == getattr(msg, "payload", b"")
-    assert m.decode(header, payload) == msg
+    assert m.decode(header, payload, channel=channel_of(type_name)) == msg
 
 
 @pytest.mark.parametrize("type_name", sorted(CATALOGUE))
@@ -145,7 +168,7 @@ def test_defaults_fill_missing_optional_fields(type_name):
     for f in fields_of(cls):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             minimal[f.name] = full[f.name]
-    msg = m.decode(msgpack.packb(minimal, use_bin_type=True), b"")
+    msg = m.decode(msgpack.packb(minimal, use_bin_type=True), b"", channel=channel_of(type_name))
     for f in fields_of(cls):
         if f.name not in minimal:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -165,7 +188,7 @@ def test_missing_required_field_refused(type_name):
     for name in required:
         data = {k: v for k, v in full.items() if k != name}
         with pytest.raises(RemoteProtocolError, match=re.escape(repr(name))):
-            m.decode(msgpack.packb(data, use_bin_type=True), b"")
+            m.decode(msgpack.packb(data, use_bin_type=True), b"", channel=channel_of(type_name))
 
 
 #: values of every msgpack kind; for each field at least one of them must be the wrong type
@@ -204,7 +227,7 @@ def test_wrong_field_type_refused(type_name):
             continue
         data = dict(full, **{f.name: _wrong_value(hints[f.name])})
         with pytest.raises(RemoteProtocolError, match=f"{type_name}.{f.name}"):
-            m.decode(msgpack.packb(data, use_bin_type=True), b"")
+            m.decode(msgpack.packb(data, use_bin_type=True), b"", channel=channel_of(type_name))
         checked += 1
     assert checked == len(fields_of(cls))
 
@@ -286,11 +309,11 @@ def test_preauth_flag_gates_decoding(type_name):
     header, payload = m.encode(msg)
     if type_name in ("hello", "challenge", "auth", "welcome", "error"):
         assert type(msg).PREAUTH
-        assert m.decode(header, payload, preauth=True) == msg
+        assert m.decode(header, payload, preauth=True, channel=channel_of(type_name)) == msg
     else:
         assert not type(msg).PREAUTH
         with pytest.raises(RemoteProtocolError, match="not allowed before authentication"):
-            m.decode(header, payload, preauth=True)
+            m.decode(header, payload, preauth=True, channel=channel_of(type_name))
 
 
 def test_encode_refuses_unregistered_and_unencodable():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import remap
+from protocol import messages as m
 from remap import taskoutput
 from remap.blobs import dumps
 from remap.node.core import SLOT, Core
@@ -46,12 +47,12 @@ def test_a_logging_handler_made_in_one_batch_is_captured_in_the_next() -> None:
     """Three batches on one core: each batch's output has its own print, stderr and log line.
     Before, the handler made in batch 1 kept writing into batch 1's buffer."""
     core = Core(mmap.mmap(-1, SLOT.size))
-    core.load({"job": 1, "star": False}, function_blob(funcs.talkative, None))
+    core.load(m.CoreLoad(job=1, payload=function_blob(funcs.talkative, None)))
     outputs = []
     for x in range(3):
         payload = dumps(x)
-        reply, _ = core.run({"task": x, "job": 1, "sizes": [len(payload)]}, payload)
-        outputs.append(reply["output"])
+        reply = core.run(m.CoreRun(task=x, job=1, sizes=[len(payload)], payload=payload))
+        outputs.append(reply.output)
     for x, out in enumerate(outputs):
         assert out == f"print {x}\nstderr {x}\nlogging {x}\n", outputs
     assert sys.stderr is not core.output, "the batch's streams are put back"

@@ -1,7 +1,8 @@
 """A core: a long-lived child process that loads job functions and runs batches.
 
-Runs as ``python -m remap.node.core``. It reads commands on fd 3, writes answers on
-fd 4 (both length-prefixed frames with msgpack headers, like the wire), and before
+Runs as ``python -m remap.node.core``. It reads commands on fd 3 and writes answers on
+fd 4: messages of the protocol catalogue (``core_*`` and ``result``, checked like any
+other) in the wire's frames, and before
 each call writes ``(position, start time)`` into a shared 16-byte file on fd 5, so the
 node can tell which argument was running when it must kill the core (timeout) or
 when the core dies (crash). stdout/stderr of user code are captured per batch.
@@ -21,8 +22,8 @@ import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-import msgpack
-
+from protocol import messages as m
+from protocol.framing import PREFIX_SIZE, encode_frame, frame_length
 from remap.blobs import dumps, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -41,7 +42,6 @@ STREAM_SECONDS = 0.05
 #: never notice. Two in a row, so a core descheduled once on a busy machine stays on groups.
 FINE_SECONDS = 0.001
 FINE_ONCE_SECONDS = 0.05
-_PREFIX = struct.Struct(">II")
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -55,36 +55,34 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_command(fd: int) -> tuple[dict, bytes]:
-    length, hlen = _PREFIX.unpack(_read_exact(fd, 8))
+def read_command(fd: int) -> m.Message:
+    """The node's next command (blocking: a core has nothing else to do)."""
+    length, hlen = frame_length(_read_exact(fd, PREFIX_SIZE))
     body = _read_exact(fd, length - 4)
-    return msgpack.unpackb(body[:hlen], raw=False), body[hlen:]
+    return m.decode(body[:hlen], body[hlen:], channel="pipe")
 
 
-def write_frame(fd: int, header: dict, payload: bytes = b"") -> None:
-    h = msgpack.packb(header, use_bin_type=True)
-    head = _PREFIX.pack(4 + len(h) + len(payload), len(h)) + h
-    sent = os.writev(fd, [head, payload])  # one system call, the payload not copied
-    if sent < len(head) + len(payload):
-        view = memoryview(head + payload)[sent:]
+def write_frame(fd: int, msg: m.Message) -> None:
+    """Send ``msg`` to the node in one system call, the payload not copied."""
+    parts = encode_frame(*m.encode(msg))
+    sent = os.writev(fd, parts)
+    if sent < sum(map(len, parts)):
+        view = memoryview(b"".join(parts))[sent:]
         while view:
             view = view[os.write(fd, view) :]
 
 
-def task_count(header: dict) -> int:
-    """How many arguments a ``run`` command (or a ``task``) carries."""
-    groups = header.get("groups")
-    if not groups:
-        return len(header["sizes"])
-    count = header.get("count", -1)
-    return count if count >= 0 else sum(groups) - header.get("skip", 0)
+def task_count(batch: m.Task | m.CoreRun) -> int:
+    """How many arguments a ``core_run`` command (or a ``task``) carries."""
+    if not batch.groups:
+        return len(batch.sizes)
+    return batch.count if batch.count >= 0 else sum(batch.groups) - batch.skip
 
 
-def _groups(header: dict, payload: bytes) -> Any:
+def _groups(cmd: m.CoreRun) -> Any:
     """``(pickle, arguments in it)`` for each pickle of a batch; 0: a bare argument."""
-    blobs = split(header["sizes"], payload)
-    groups = header.get("groups")
-    return zip(blobs, groups) if groups else ((blob, 0) for blob in blobs)
+    blobs = split(cmd.sizes, cmd.payload)
+    return zip(blobs, cmd.groups) if cmd.groups else ((blob, 0) for blob in blobs)
 
 
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
@@ -187,20 +185,20 @@ class Core:
         self.shm = shm
         self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
         self.output = _BatchOutput(sys.__stderr__)
-        #: ``emit(header, payload)`` sends a streamed part of a running batch; None: no parts
+        #: ``emit(result)`` sends a streamed part of a running batch; None: no parts
         self.emit = emit
 
-    def load(self, header: dict, payload: bytes) -> None:
-        fn, reduce_fn = load_function_blob(unwrap(payload, header["job"]))
-        self.jobs[header["job"]] = (fn, reduce_fn, header.get("star", False), header.get("timed"))
+    def load(self, cmd: m.CoreLoad) -> None:
+        fn, reduce_fn = load_function_blob(unwrap(cmd.payload, cmd.job))
+        self.jobs[cmd.job] = (fn, reduce_fn, cmd.star, cmd.timed)
 
-    def run(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
-        loaded = self.jobs.get(header["job"])
+    def run(self, cmd: m.CoreRun) -> m.TaskResult:
+        loaded = self.jobs.get(cmd.job)
         if not isinstance(loaded, tuple):
-            return self._unloadable(header, loaded)
+            return self._unloadable(cmd, loaded)
         fn, reduce_fn, star, timed = loaded
-        enter_job(header["job"])
-        partial = bool(header.get("reduce"))
+        enter_job(cmd.job)
+        partial = cmd.reduce
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
         loads = pickle.loads
         results: list[Any] = []
@@ -210,12 +208,12 @@ class Core:
         captured = self.output
         captured.buffer = io.StringIO()
         emit, first, flushed = self.emit, 0, clock()
-        skip, left = header.get("skip", 0), task_count(header)
+        skip, left = cmd.skip, task_count(cmd)
         # a job with a timeout marks every call (the node times each); others mark a group once
         fine, slow = bool(timed), False
         pos = 0
         with redirect_stdout(captured), redirect_stderr(captured):
-            for blob, n in _groups(header, payload):
+            for blob, n in _groups(cmd):
                 if left <= 0:
                     break
                 bad: BaseException | None = None
@@ -238,10 +236,11 @@ class Core:
                     now = clock()
                     if emit is not None and now - flushed >= STREAM_SECONDS and pos > first:
                         # send what is done so far: results reach the caller as they complete
-                        reply, blob_out = self._reply(
-                            header, results, errors, acc, have_acc, now - flushed, pos - first
+                        emit(
+                            self._reply(
+                                cmd, results, errors, acc, have_acc, now - flushed, pos - first
+                            )
                         )
-                        emit(reply, blob_out)
                         results, errors, acc, have_acc = [], [], None, False
                         first, flushed = pos, now
                     pack_into(shm, 0, pos, now, len(piece))
@@ -287,20 +286,20 @@ class Core:
                     fine = took > FINE_ONCE_SECONDS or (slow and took > FINE_SECONDS)
                     slow = took > FINE_SECONDS  # slow calls: mark each from now on
         pack_into(shm, 0, -1, 0.0, 0)
-        return self._reply(header, results, errors, acc, have_acc, clock() - flushed, 0)
+        return self._reply(cmd, results, errors, acc, have_acc, clock() - flushed, 0)
 
     def _reply(
         self,
-        header: dict,
+        cmd: m.CoreRun,
         results: list[Any],
         errors: list[list[Any]],
         acc: Any,
         have_acc: bool,
         elapsed: float,
         part: int,
-    ) -> tuple[dict, bytes]:
+    ) -> m.TaskResult:
         """The answer for the calls run since the last part (``part`` > 0: more will follow)."""
-        partial = bool(header.get("reduce"))
+        partial = cmd.reduce
         packed = False
         if partial:
             blobs = [dumps(acc)] if have_acc else []
@@ -311,36 +310,27 @@ class Core:
             self.output.buffer = io.StringIO()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
-        reply = {
-            "t": "result",
-            "task": header["task"],
-            "sizes": [len(b) for b in blobs],
-            "errors": errors,
-            "elapsed": elapsed,
-            "output": out,
-            "partial": partial,
-            "packed": packed,
-            "part": part,
-        }
-        return reply, b"".join(blobs)
+        return m.TaskResult(
+            task=cmd.task,
+            sizes=[len(b) for b in blobs],
+            errors=errors,
+            elapsed=elapsed,
+            output=out,
+            partial=partial,
+            packed=packed,
+            part=part,
+            payload=b"".join(blobs),
+        )
 
     @staticmethod
-    def _unloadable(header: dict, exc: BaseException | None) -> tuple[dict, bytes]:
+    def _unloadable(cmd: m.CoreRun, exc: BaseException | None) -> m.TaskResult:
         """Every argument fails with the reason the function could not be loaded here."""
-        exc = exc or RuntimeError(f"job {header['job']} was never loaded on this core")
+        exc = exc or RuntimeError(f"job {cmd.job} was never loaded on this core")
         entry = _error_entry(0, exc)
         entry[2] = f"the job's function could not be loaded on this node: {entry[2]}"
-        n = task_count(header)
+        n = task_count(cmd)
         errors = [[pos, *entry[1:]] for pos in range(n)]
-        return {
-            "t": "result",
-            "task": header["task"],
-            "sizes": [0] * n,
-            "errors": errors,
-            "elapsed": 0.0,
-            "output": "",
-            "partial": False,
-        }, b""
+        return m.TaskResult(task=cmd.task, sizes=[0] * n, errors=errors)
 
 
 def _die_with_parent() -> None:
@@ -363,24 +353,23 @@ def main() -> None:
     # (and PR_SET_PDEATHSIG ends them with it), so a core never takes SIGINT for itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = mmap.mmap(SHM_FD, SLOT.size)
-    core = Core(shm, emit=lambda header, payload: write_frame(OUT_FD, header, payload))
-    write_frame(OUT_FD, {"t": "ready", "pid": os.getpid()})
+    core = Core(shm, emit=lambda result: write_frame(OUT_FD, result))
+    write_frame(OUT_FD, m.CoreReady(pid=os.getpid()))
     while True:
         try:
-            header, payload = read_command(CMD_FD)
+            cmd = read_command(CMD_FD)
         except EOFError:
             return
-        kind = header["t"]
-        if kind == "run":
-            reply, blob = core.run(header, payload)
-            write_frame(OUT_FD, reply, blob)
-        elif kind == "load":
+        t = type(cmd)
+        if t is m.CoreRun:
+            write_frame(OUT_FD, core.run(cmd))
+        elif t is m.CoreLoad:
             try:
-                core.load(header, payload)
+                core.load(cmd)
             except Exception as exc:  # reported per argument when the job's batches run
-                core.jobs[header["job"]] = exc
-        elif kind == "drop":
-            core.jobs.pop(header["job"], None)
+                core.jobs[cmd.job] = exc
+        elif t is m.CoreDrop:
+            core.jobs.pop(cmd.job, None)
 
 
 if __name__ == "__main__":

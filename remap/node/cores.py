@@ -16,35 +16,26 @@ import fcntl
 import mmap
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import msgpack
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from protocol import messages as m
-from protocol.framing import FrameDecoder
+from protocol.errors import RemoteProtocolError
+from protocol.framing import FrameDecoder, encode_frame
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
 from ..transitions import check_move
 from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
-
-_PREFIX = struct.Struct(">II")
-
-
-def _frame_parts(header: dict, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
-    """A command frame as [prefix and header, payload]: written together, the payload uncopied."""
-    h = msgpack.packb(header, use_bin_type=True)
-    return [_PREFIX.pack(4 + len(h) + len(payload), len(h)) + h, payload]
 
 
 def _pipe_idle(writer: Any) -> bool:
@@ -131,7 +122,7 @@ class CoreProcess(ProcessProtocol):
         #: the batch it runs; kept while KILLING, so its death can be blamed on the batch
         self.task: m.Task | None = None
         self.loaded: set[int] = set()
-        self.kill_reason: str | None = None  # why we kill it: "timeout", "cancel", "stop"
+        self.kill_reason: str | None = None  # why: "timeout", "cancel", "stop", "error"
         #: (position, span) of what was running when it was killed, or when it died
         self.kill_at = (-1, 1)
         self.slot_at_death = (-1, 1)
@@ -162,8 +153,13 @@ class CoreProcess(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
             for frame in self._decoder.feed(data):
-                header = msgpack.unpackb(frame.header, raw=False)
-                self.pool._core_message(self, header, frame.payload)
+                try:
+                    msg = m.decode(frame.header, frame.payload, channel="pipe")
+                except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
+                    self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
+                    self.kill("error")
+                    return
+                self.pool._core_message(self, msg)
         else:  # output from outside Python's sys.stdout (C code, subprocesses)
             self.log.debug(
                 "core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip()
@@ -181,13 +177,13 @@ class CoreProcess(ProcessProtocol):
 
     # ---------------------------------------------------------------- commands
 
-    def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
+    def send(self, msg: m.Message) -> None:
         """Write a command now when the pipe takes it (no reactor turn, no copy of the payload);
         what does not fit goes through the transport's buffer."""
         if self.transport is None or self.life is CoreLife.DEAD:
             return
-        parts = _frame_parts(header, payload)
-        total = len(parts[0]) + len(payload)
+        parts = encode_frame(*m.encode(msg))
+        total = sum(map(len, parts))
         writer = getattr(self.transport, "pipes", {}).get(CMD_FD)
         sent = 0
         if writer is not None and _pipe_idle(writer):
@@ -280,7 +276,7 @@ class CorePool:
         for core in self.cores:
             if job in core.loaded:
                 core.loaded.discard(job)
-                core.send({"t": "drop", "job": job})
+                core.send(m.CoreDrop(job=job))
 
     def submit(self, task: m.Task) -> None:
         if task.job not in self.jobs:
@@ -306,7 +302,7 @@ class CorePool:
                 core.kill("cancel")
             # job ids are per server session: a restarted server reuses them for other functions
             for job in core.loaded:
-                core.send({"t": "drop", "job": job})
+                core.send(m.CoreDrop(job=job))
             core.loaded.clear()
         self.jobs.clear()
         shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
@@ -343,37 +339,31 @@ class CorePool:
             self._dispatch()
             return
         if task.job not in core.loaded:
-            core.send(
-                {
-                    "t": "load",
-                    "job": task.job,
-                    "star": info.star,
-                    "timed": info.timeout is not None,
-                },
-                info.blob,
-            )
+            timed = info.timeout is not None
+            core.send(m.CoreLoad(job=task.job, star=info.star, timed=timed, payload=info.blob))
             core.loaded.add(task.job)
         core.move(CoreLife.BUSY)
         core.task = task
-        header = {
-            "t": "run",
-            "task": task.task,
-            "job": task.job,
-            "sizes": task.sizes,
-            "reduce": info.reduce,
-        }
-        if task.groups:
-            header.update(groups=task.groups, skip=task.skip, count=task.count)
-        core.send(header, task.payload)
+        core.send(
+            m.CoreRun(
+                task=task.task,
+                job=task.job,
+                sizes=task.sizes,
+                groups=task.groups,
+                skip=task.skip,
+                count=task.count,
+                reduce=info.reduce,
+                payload=task.payload,
+            )
+        )
 
-    def _core_message(self, core: CoreProcess, header: dict, payload: bytes) -> None:
-        kind = header.get("t")
-        if kind == "ready":
+    def _core_message(self, core: CoreProcess, msg: m.Message) -> None:
+        if type(msg) is m.CoreReady:
             if core.life is CoreLife.STARTING:  # a core killed while starting stays killing
                 core.move(CoreLife.IDLE)
             self._dispatch()
-        elif kind == "result":
-            part = header.get("part", 0)
+        elif type(msg) is m.TaskResult:
+            part = msg.part
             task = core.task
             if not part:  # a streamed part leaves the batch running on this core
                 core.task = None
@@ -381,19 +371,8 @@ class CorePool:
                     core.move(CoreLife.IDLE)
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
             if task is not None and core.kill_reason in (None, "timeout"):
-                self.on_result(
-                    m.TaskResult(
-                        task=header["task"],
-                        sizes=header["sizes"],
-                        errors=header["errors"],
-                        elapsed=header["elapsed"],
-                        output=prefix_lines(header["output"], f"[{self.name} core {core.index}] "),
-                        partial=header["partial"],
-                        packed=header.get("packed", False),
-                        part=part,
-                        payload=payload,
-                    )
-                )
+                prefix = f"[{self.name} core {core.index}] "
+                self.on_result(replace(msg, output=prefix_lines(msg.output, prefix)))
             if not part:
                 self._dispatch()
 
