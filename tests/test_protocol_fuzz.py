@@ -35,8 +35,11 @@ FUZZ = settings(
 )
 FUZZ_FEW = settings(FUZZ, max_examples=150)
 CATALOGUE = m.message_types()
+#: network messages that carry a payload (the core pipe's never reach a network connection)
 PAYLOAD_TYPES = sorted(
-    name for name, cls in CATALOGUE.items() if "payload" in cls.__dataclass_fields__
+    name
+    for name, cls in CATALOGUE.items()
+    if "payload" in cls.__dataclass_fields__ and cls.CHANNEL != "pipe"
 )
 
 
