@@ -153,7 +153,7 @@ def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
     try:
         if _plain(value):
             return pickle.dumps(value, PICKLE_PROTOCOL)
-        return cloudpickle.dumps(value, PICKLE_PROTOCOL)
+        return shipping.dumps_for_cores(value)
     except Exception as exc:
         name = what if isinstance(what, str) else what()
         raise PicklingError(

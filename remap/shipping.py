@@ -12,9 +12,12 @@ This module is what cores import to unpickle a job: it stays small and imports n
 
 from __future__ import annotations
 
+import functools
+import io
 import linecache
 import os
 import pickle
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,12 +145,43 @@ def restore(roots: tuple[Any, ...], origins: Origins, sources: dict[str, str]) -
         linecache.cache[filename] = (len(text), None, lines, filename)
 
 
+def _proxy_reduce(obj: Any) -> Any:
+    """A ``multiprocessing.Manager`` proxy pickled with its manager's authkey, as
+    multiprocessing pickles it for a child it spawns: without it the core (whose own authkey
+    is random) is refused by the manager. Only proxies carry the key, and only to the cores
+    that run the calls holding them, over the cluster's authenticated links."""
+    managers = sys.modules.get("multiprocessing.managers")
+    if managers is None or not isinstance(obj, managers.BaseProxy):
+        return NotImplemented
+    rebuild, (func, token, serializer, kwds) = obj.__reduce__()
+    return rebuild, (func, token, serializer, {**kwds, "authkey": bytes(obj._authkey)})
+
+
+@functools.cache
+def _pickler() -> type:
+    import cloudpickle  # the client's; cores only unpickle
+
+    class Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = _proxy_reduce(obj)
+            if reduced is not NotImplemented:
+                return reduced
+            return super().reducer_override(obj)
+
+    return Pickler
+
+
+def dumps_for_cores(obj: Any) -> bytes:
+    """cloudpickle, and Manager proxies keep working on the cores (:func:`_proxy_reduce`)."""
+    out = io.BytesIO()
+    _pickler()(out, protocol=PICKLE_PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
 def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None = None) -> bytes:
     """Pickle a job's callables by value where needed, with their origins; may raise."""
-    import cloudpickle
-
     origins, sources = capture(fn, reduce_fn)
-    return cloudpickle.dumps((fn, reduce_fn, origins, sources), PICKLE_PROTOCOL)
+    return dumps_for_cores((fn, reduce_fn, origins, sources))
 
 
 def load_function_blob(payload: bytes | memoryview) -> tuple[Any, Any]:

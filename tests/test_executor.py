@@ -423,3 +423,38 @@ def test_interpreter_exit_waits_for_outstanding_calls(tmp_path: Path, how: str) 
     assert run.returncode == 0, run.stderr
     assert marker.read_text() == "done"
     assert "cannot schedule new futures after interpreter shutdown" in run.stdout
+
+
+def record(shared: dict, key: int) -> int:
+    shared[key] = key * 2
+    return len(shared)
+
+
+def test_manager_proxies_work_on_cores(executor: remap.Executor) -> None:
+    """A multiprocessing.Manager proxy passed to calls works on the cores: it travels with its
+    manager's authkey (the core's own is random, so the manager refused it before), as
+    multiprocessing sends it to a child it spawns; the Pool takes the same path."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        shared = manager.dict()
+        futures = [executor.submit(record, shared, i) for i in range(4)]
+        assert all(1 <= f.result(timeout=60) <= 4 for f in futures)
+        assert dict(shared) == {0: 0, 1: 2, 2: 4, 3: 6}
+        assert len(list(executor.map(record, [shared] * 2, [10, 11]))) == 2
+        assert dict(shared) == {0: 0, 1: 2, 2: 4, 3: 6, 10: 20, 11: 22}
+
+
+def test_only_arguments_holding_a_proxy_carry_the_authkey() -> None:
+    """The authkey is in the pickle of a proxy sent to cores and nowhere else."""
+    import multiprocessing
+    import pickle
+
+    from remap.shipping import dumps_for_cores
+
+    key = bytes(multiprocessing.current_process().authkey)
+    with multiprocessing.Manager() as manager:
+        shared = manager.list()
+        assert key in dumps_for_cores(("x", shared))
+        assert key not in dumps_for_cores(("x", [1, 2], record))
+        assert key not in pickle.dumps(shared)  # plain pickling still leaves it out
