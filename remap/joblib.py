@@ -22,6 +22,7 @@ from typing import Any
 import joblib
 from joblib._parallel_backends import (
     AutoBatchingMixin,
+    FallbackToBackend,
     ParallelBackendBase,
     SequentialBackend,
 )
@@ -85,7 +86,7 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_inner_max_num_threads = False
     supports_sharedmem = False
     uses_threads = False
-    default_n_jobs = -1
+    default_n_jobs = 1  # joblib's convention: Parallel() without n_jobs is one job
     # a batch pays a network round trip, so aim for batches a bit longer than loky's
     MIN_IDEAL_BATCH_DURATION = 0.2
     MAX_IDEAL_BATCH_DURATION = 2.0
@@ -110,6 +111,12 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         self._executor: Executor | None = None
         self._init: tuple[Any, tuple[Any, ...]] = (initializer, tuple(initargs))
 
+    @property
+    def _workers(self) -> Executor | None:
+        """Where joblib's own tests look for a backend's worker pool: the executor, replaced
+        after an abort and None once terminated, as loky's workers are."""
+        return self._executor
+
     def _new_executor(self) -> Executor:
         initializer, initargs = self._init
         return Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
@@ -124,7 +131,7 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
-            n_jobs = self.default_n_jobs
+            return 1  # joblib's contract: None outside a parallel_config(n_jobs=...) is one job
         if n_jobs < 0:
             return max(self.cluster.cores() + 1 + n_jobs, 1)
         return n_jobs
@@ -142,6 +149,9 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
             # Parallel(..., initializer=f, initargs=(...)): once per core process, as with loky
             self._init = (backend_kwargs["initializer"], tuple(backend_kwargs.get("initargs", ())))
         n = self.effective_n_jobs(n_jobs)
+        if n == 1:
+            # as loky and multiprocessing: one job runs here, in this process
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         if self._executor is None:
             self._executor = self._new_executor()
         return n
@@ -172,10 +182,6 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         if executor is not None:
             executor.shutdown(wait=False)
         self.reset_batch_stats()
-
-    def get_nested_backend(self) -> tuple[Any, int | None]:
-        # a Parallel call inside a task runs on the core that runs the task: one CPU
-        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 
 
 def register(

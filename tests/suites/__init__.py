@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import sys
 import types
 import unittest
@@ -58,10 +59,13 @@ def assert_readme_lists(heading: str, *cases: dict[str, str]) -> None:
     table = readme_differences(heading)
     for listed in cases:
         for name in listed:
-            assert f"`{name.partition('.')[2]}`" in table, f"README's {heading!r} lacks {name}"
+            case = name.split(".", 1)[1] if name[:1].isupper() else name  # Class.method: method
+            assert f"`{case}`" in table, f"README's {heading!r} lacks {name}"
 
 
 _cluster: list[Any] = []
+if hasattr(os, "register_at_fork"):  # a forked child (joblib's multiprocessing) starts its own
+    os.register_at_fork(after_in_child=_cluster.clear)
 
 
 def shared_cluster() -> Any:
