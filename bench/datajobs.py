@@ -1,22 +1,28 @@
 """Data jobs against their peers: one command, one table.
 
     python bench/datajobs.py [--mb 200] [--big-gb 2] [--sort-records 10000000]
-                             [--only wordcount,spill,sort] [--dir DIR]
+                             [--only wordcount,spill,sort] [--dir DIR] [--quick]
+
+``--quick`` is a smaller run of everything (50 MB, 0.5 GB, 10^6 records) for a busy machine.
 
 - ``wordcount``: word count of ~``--mb`` MB of the King James Bible (Debian's ``bible-kjv``:
   ``apt-get install bible-kjv``; its ``bible`` program prints the text), replicated into
   files of 16 MB, on an embedded remap cluster with 2 cores, against a serial Python loop with
   the same tokenizer, GNU ``tr | sort --parallel=2 | uniq -c`` (LC_ALL=C), and Dask bag
-  (``read_text().str.split().flatten().frequencies()``) when dask is installed. Every result
-  but Dask's (a different tokenizer) is checked against the serial loop's.
+  (``read_text().str.split().flatten().frequencies()``, a local cluster of 2 one-thread worker
+  processes) when dask is installed. Every result but Dask's (a different tokenizer) is checked
+  against the serial loop's.
 - ``spill``: the same word count with ``spill_mb: 8`` on ``--big-gb`` GB: the peak RSS (VmHWM)
-  of the bench process (server, node and console of the embedded cluster) and of each core.
+  of every process — the bench process (the embedded cluster's server, node and console, which
+  also runs the driver) and each core — against the 300 MB target.
 - ``sort``: ``--sort-records`` 100-byte records (10-byte random key, TeraSort-style) sorted
   with a range partitioner from a sample, against ``LC_ALL=C sort --parallel=2``; the
   concatenated reducer files must equal GNU sort's output byte for byte.
 
 Ratios are against the serial loop (word count) and GNU sort (sort) in the same run. Load from
-other processes on the machine changes every figure: the 1-minute load average is printed.
+other processes on the machine changes every wall-clock figure: the 1-minute load average is
+printed beside each, and so is the CPU time every process of the run used (the bench process,
+its children and theirs), which load changes much less.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import remap  # noqa: E402
 
 WORD = re.compile(r"[a-z']+")
 CORES = 2
+RSS_TARGET_MB = 300
 
 WORDCOUNT_MODULE = """\
 import re
@@ -134,6 +141,34 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process, its live descendants, and reaped children."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += c.user + c.system
+    return total
+
+
+class Measured:
+    """Wall and CPU seconds of a block (CPU of the whole process tree)."""
+
+    def __enter__(self) -> Measured:
+        self.wall, self.cpu = time.perf_counter(), tree_cpu()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = tree_cpu() - self.cpu
+
+
 # ------------------------------------------------------------------ inputs
 
 
@@ -181,29 +216,28 @@ def read_counts(output: Path) -> Counter[str]:
 # ------------------------------------------------------------------ runs
 
 
-def run_serial(files: list[Path]) -> tuple[float, Counter[str]]:
-    start = time.perf_counter()
+def run_serial(files: list[Path]) -> tuple[Measured, Counter[str]]:
     counts: Counter[str] = Counter()
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                counts.update(WORD.findall(line.lower()))
-    return time.perf_counter() - start, counts
+    with Measured() as took:
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    counts.update(WORD.findall(line.lower()))
+    return took, counts
 
 
-def run_gnu_wordcount(files: list[Path]) -> tuple[float, Counter[str]]:
+def run_gnu_wordcount(files: list[Path]) -> tuple[Measured, Counter[str]]:
     script = (
         "cat \"$@\" | tr 'A-Z' 'a-z' | tr -cs \"a-z'\" '\\n' | sort --parallel=2 -S 25% | uniq -c"
     )
-    start = time.perf_counter()
-    out = subprocess.run(
-        ["bash", "-c", script, "wc", *map(str, files)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "LC_ALL": "C"},
-    )
-    seconds = time.perf_counter() - start
+    with Measured() as seconds:
+        out = subprocess.run(
+            ["bash", "-c", script, "wc", *map(str, files)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
     counts: Counter[str] = Counter()
     for line in out.stdout.splitlines():
         n, _, word = line.strip().partition(" ")
@@ -212,28 +246,29 @@ def run_gnu_wordcount(files: list[Path]) -> tuple[float, Counter[str]]:
     return seconds, counts
 
 
-def run_dask(files: list[Path]) -> float | None:
+def run_dask(files: list[Path]) -> Measured | None:
     try:
         import dask.bag as db
         from dask.distributed import Client, LocalCluster
     except ImportError:
         return None
-    with LocalCluster(n_workers=CORES, threads_per_worker=1, processes=True) as cluster:
-        with Client(cluster):
-            start = time.perf_counter()
+    with LocalCluster(
+        n_workers=CORES, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with Client(cluster), Measured() as took:
             db.read_text(
                 [str(f) for f in files], blocksize="16MB"
             ).str.split().flatten().frequencies().compute()
-            return time.perf_counter() - start
+    return took
 
 
 def run_remap(
     cluster: remap.Cluster, module: Any, inputs: Any, work: Path, **options: Any
-) -> tuple[float, dict[str, Any], Path]:
+) -> tuple[Measured, dict[str, Any], Path]:
     output = work / f"out-{time.monotonic_ns()}"
-    start = time.perf_counter()
-    summary = cluster.mapreduce(module, inputs, output, data_dir=str(work / "data"), **options)
-    return time.perf_counter() - start, summary, output
+    with Measured() as took:
+        summary = cluster.mapreduce(module, inputs, output, data_dir=str(work / "data"), **options)
+    return took, summary, output
 
 
 def module_from(text: str, path: Path) -> Any:
@@ -255,18 +290,18 @@ def bench_wordcount(args: argparse.Namespace, work: Path, rows: list[list[str]])
     files = corpus(work / "corpus", args.mb)
     size = sum(f.stat().st_size for f in files) / 1e6
 
-    def row(system: str, seconds: float | None, details: str = "") -> None:
-        if seconds is None:
+    def row(system: str, took: Measured | None, details: str = "") -> None:
+        if took is None:
             rows.append(["wordcount", system, "not installed", "", "", f"{load():.1f}"])
             return
-        rate = f"{size / seconds:.1f} MB/s"
-        ratio = f"{serial_s / seconds:.2f}"
+        rate = f"{size / took.wall:.1f} MB/s, CPU {took.cpu:.1f} s ({took.cpu / size * 100:.2f} s/100 MB)"
+        ratio = f"{serial.wall / took.wall:.2f}"
         rows.append(
-            ["wordcount", system, f"{seconds:.1f} s", ratio, f"{rate}{details}", f"{load():.1f}"]
+            ["wordcount", system, f"{took.wall:.1f} s", ratio, f"{rate}{details}", f"{load():.1f}"]
         )
 
-    serial_s, expect = run_serial(files)
-    row("serial Python loop", serial_s)
+    serial, expect = run_serial(files)
+    row(f"serial Python loop, {size:.0f} MB", serial)
     gnu_s, gnu = run_gnu_wordcount(files)
     if gnu != expect:
         raise BenchError("WRONG RESULT: GNU word count differs from the serial loop")
@@ -286,7 +321,21 @@ def bench_wordcount(args: argparse.Namespace, work: Path, rows: list[list[str]])
                 seconds,
                 f"; map {t['map']:.1f} s, reduce {t['reduce']:.1f} s",
             )
-    row("dask bag (split tokenizer)", run_dask(files))
+            if not label:
+                remap_wall = seconds.wall
+    dask = run_dask(files)
+    row("dask bag (split tokenizer)", dask)
+    if dask is not None:
+        rows.append(
+            [
+                "wordcount",
+                "remap (pairs) vs dask bag",
+                "",
+                f"{dask.wall / remap_wall:.2f}",
+                "> 1: remap ahead",
+                f"{load():.1f}",
+            ]
+        )
 
 
 def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> None:
@@ -300,16 +349,20 @@ def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> 
         )
         cores = children(os.getpid())
         peaks = {pid: peak_rss_mb(pid) for pid in cores}
-        own = peak_rss_mb(os.getpid())
+        own = peak_rss_mb(os.getpid()) or 0.0
         shutil.rmtree(output)
-    worst_core = max((v for v in peaks.values() if v), default=0.0)
+    core_peaks = ", ".join(f"{v:.0f}" for v in peaks.values() if v)
+    worst = max([own, *(v for v in peaks.values() if v)])
+    verdict = "under" if worst < RSS_TARGET_MB else "OVER"
     rows.append(
         [
             "spill_mb 8",
             f"remap embedded, {size / 1000:.1f} GB",
-            f"{seconds:.1f} s",
+            f"{seconds.wall:.1f} s",
             "",
-            f"peak RSS: bench process (server+node+console) {own:.0f} MB, cores max {worst_core:.0f} MB ({len(peaks)} cores); spills {summary['counters']['map_spills']}",
+            f"peak RSS: bench process (server+node+console+driver) {own:.0f} MB, cores "
+            f"{core_peaks} MB: {verdict} {RSS_TARGET_MB} MB; spills "
+            f"{summary['counters']['map_spills']}, CPU {seconds.cpu:.0f} s",
             f"{load():.1f}",
         ]
     )
@@ -325,49 +378,63 @@ def bench_sort(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> N
             for i in range(n):
                 key = "".join(rng.choices(alphabet, k=10))
                 f.write(key + f"{i:010d}" + "x" * 79 + "\n")
-    sample = sorted(
-        line[:10] for line in (src.read_text(encoding="ascii")[: 101 * 20000].splitlines())
-    )
+    with open(src, encoding="ascii") as f:
+        sample = sorted(line[:10] for line in f.read(101 * 20000).splitlines())
     reducers = CORES * 2
     bounds = [sample[len(sample) * k // reducers] for k in range(1, reducers)]
     module = module_from(SORT_MODULE.format(bounds=bounds), work / "sort_module.py")
-    start = time.perf_counter()
-    gnu = subprocess.run(
-        ["sort", "--parallel=2", "-S", "25%", str(src)],
-        capture_output=True,
-        check=True,
-        env={**os.environ, "LC_ALL": "C"},
-    ).stdout
-    gnu_s = time.perf_counter() - start
+    gnu_out = work / f"sort-{n}.gnu"
+    with Measured() as gnu:
+        subprocess.run(
+            ["sort", "--parallel=2", "-S", "25%", "-o", str(gnu_out), str(src)],
+            check=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
     rows.append(
         [
             "sort",
             f"GNU sort --parallel=2, {n:,} × 100 B",
-            f"{gnu_s:.1f} s",
+            f"{gnu.wall:.1f} s",
             "1.00",
-            "",
+            f"CPU {gnu.cpu:.1f} s",
             f"{load():.1f}",
         ]
     )
     with remap.connect(cores=CORES, env_file=None) as cluster:
-        seconds, summary, output = run_remap(
+        took, summary, output = run_remap(
             cluster, module, src, work, reducers=reducers, split_mb=32, spill_mb=64
         )
+    try:
         parts = sorted((output / "default").iterdir())
-        got = b"".join(p.read_bytes() for p in parts)
-        shutil.rmtree(output)
-    if got != gnu:
-        raise BenchError("WRONG RESULT: remap sort differs from GNU sort")
+        if not same_bytes(parts, gnu_out):
+            raise BenchError("WRONG RESULT: remap sort differs from GNU sort")
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+        gnu_out.unlink(missing_ok=True)
+    t = summary["timings"]
     rows.append(
         [
             "sort",
             f"remap embedded, {CORES} cores, {reducers} reducers",
-            f"{seconds:.1f} s",
-            f"{seconds / gnu_s:.2f}× GNU's time",
-            f"map {summary['timings']['map']:.1f} s, reduce {summary['timings']['reduce']:.1f} s",
+            f"{took.wall:.1f} s",
+            f"{took.wall / gnu.wall:.2f}× GNU's time",
+            f"map {t['map']:.1f} s, reduce {t['reduce']:.1f} s, CPU {took.cpu:.1f} s "
+            f"({took.cpu / gnu.cpu:.1f}× GNU's)",
             f"{load():.1f}",
         ]
     )
+
+
+def same_bytes(parts: list[Path], whole: Path) -> bool:
+    """Whether the concatenated ``parts`` equal ``whole``, compared a block at a time."""
+    block = 1 << 20
+    with open(whole, "rb") as expect:
+        for part in parts:
+            with open(part, "rb") as got:
+                while chunk := got.read(block):
+                    if expect.read(len(chunk)) != chunk:
+                        return False
+        return not expect.read(1)
 
 
 def main() -> int:
@@ -377,10 +444,13 @@ def main() -> int:
     parser.add_argument("--sort-records", type=int, default=10_000_000)
     parser.add_argument("--only", default="wordcount,spill,sort")
     parser.add_argument("--dir", help="keep inputs here between runs (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="50 MB, 0.5 GB, 10^6 records")
     args = parser.parse_args()
+    if args.quick:
+        args.mb, args.big_gb, args.sort_records = 50, 0.5, 1_000_000
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="remap-databench-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows: list[list[str]] = []
+    rows: list[list[str]] = Rows()
     try:
         for name in args.only.split(","):
             {"wordcount": bench_wordcount, "spill": bench_spill, "sort": bench_sort}[name](
@@ -390,11 +460,22 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        print(
+            f"python bench/datajobs.py {' '.join(sys.argv[1:])}  (load average {os.getloadavg()})"
+        )
         print_table(rows)
         shutil.rmtree(work / "data", ignore_errors=True)
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+class Rows(list):
+    """The table's rows; each is also printed (to stderr) as it is measured."""
+
+    def append(self, row: list[str]) -> None:
+        print(" | ".join(row), file=sys.stderr, flush=True)
+        super().append(row)
 
 
 def print_table(rows: list[list[str]]) -> None:

@@ -2,7 +2,7 @@
 
 ``map_init`` runs before a task's first record and ``map_final`` after its last; what
 ``map_final`` returns is map output like ``map``'s. Counting in C (``Counter.update``) instead
-of yielding one pair per word makes the map side several times cheaper.
+of yielding one pair per word takes about half the CPU on the map side.
 """
 
 import re

@@ -18,7 +18,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .keys import decode_key, decode_value, encode_key, encode_value
+from .keys import TEXT_VALUE, decode_key, decode_value, encode_key, encode_value
 
 Record = tuple[bytes, bytes]
 #: combine(key, values) -> iterable of values for the same key
@@ -149,6 +149,7 @@ class SpillBuffer:
         }
         self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
+        self._fast = self._stores.get(self._default)  # where plain pairs go
 
     def add(self, purpose: str, key: Any, value: Any) -> None:
         """Buffer one record of a purpose."""
@@ -163,7 +164,7 @@ class SpillBuffer:
         The common shape (a text key and a plain value for the default purpose) takes a short
         path: one type check per field and an append; anything else goes through :meth:`_add`.
         """
-        fast = self._stores.get(self._default)
+        fast = self._fast
         plain, sized = _PLAIN, _SIZED
         size = count = 0
         try:
@@ -344,7 +345,7 @@ class SpillBuffer:
             pairs.sort(key=itemgetter(0))
         runs: dict[int, list[Record]] = {}
         previous: Any = None
-        out: list[Record] = []
+        append = [].append
         encoded = b""
         for ident, value in pairs:
             if ident != previous:  # a str never equals the bytes of an encoded key
@@ -354,10 +355,15 @@ class SpillBuffer:
                 else:
                     key, encoded = keys[ident], ident
                 reducer = locate(purpose, key, encoded)
-                out = runs.get(reducer)  # type: ignore[assignment]
+                out = runs.get(reducer)
                 if out is None:
                     out = runs[reducer] = []
-            out.append((encoded, bytes(value) if type(value) is _Encoded else encode_value(value)))
+                append = out.append
+            kind = type(value)
+            if kind is str:  # encode_value, inline for the common case
+                append((encoded, TEXT_VALUE + value.encode("utf-8", "surrogatepass")))
+            else:
+                append((encoded, bytes(value) if kind is _Encoded else encode_value(value)))
         return runs
 
     def _combined_slots(
