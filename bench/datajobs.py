@@ -132,6 +132,16 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Forget this process's peak RSS so far (Linux: ``5`` into ``clear_refs``), so the spill
+    run's peak is its own, not that of earlier workloads in the same process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
@@ -343,6 +353,10 @@ def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> 
     files = corpus(big, args.big_gb * 1000, file_mb=64)
     size = sum(f.stat().st_size for f in files) / 1e6
     module = module_from(WORDCOUNT_MODULE, work / "wc_module.py")
+    import gc
+
+    gc.collect()
+    fresh = reset_peak_rss()
     with remap.connect(cores=CORES, env_file=None) as cluster:
         seconds, summary, output = run_remap(
             cluster, module, big, work, reducers=CORES, split_mb=64, spill_mb=8
@@ -360,7 +374,8 @@ def bench_spill(args: argparse.Namespace, work: Path, rows: list[list[str]]) -> 
             f"remap embedded, {size / 1000:.1f} GB",
             f"{seconds.wall:.1f} s",
             "",
-            f"peak RSS: bench process (server+node+console+driver) {own:.0f} MB, cores "
+            f"peak RSS: bench process (server+node+console+driver"
+            f"{'' if fresh else ', and earlier workloads'}) {own:.0f} MB, cores "
             f"{core_peaks} MB: {verdict} {RSS_TARGET_MB} MB; spills "
             f"{summary['counters']['map_spills']}, CPU {seconds.cpu:.0f} s",
             f"{load():.1f}",
