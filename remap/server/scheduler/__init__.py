@@ -1,5 +1,6 @@
 """The server's scheduler, in rooms: segments (argument runs), state (records and job phases),
-policy (batch sizes, fair share, deadlines) and core (the :class:`Scheduler` itself)."""
+policy (batch sizes, fair share, deadlines), effects (events in, effects out), answers (results
+and failures from nodes), recovery (journal, resume, repair) and core (the :class:`Scheduler`)."""
 
 from ...transitions import IllegalTransition
 from .core import JOB_ID_EPOCH, Scheduler, first_job_id

@@ -18,12 +18,9 @@ Bookkeeping invariants, which make delivery exactly-once:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -32,6 +29,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.options import JobOptions
 
 from . import policy
+from .answers import NodeAnswers
 from .effects import (
     CancelTimer,
     Close,
@@ -47,10 +45,12 @@ from .effects import (
     StartTimer,
     Timer,
     TimerFired,
+    command,
     describe,
 )
 from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
-from .segments import Segment, cut, take_from
+from .recovery import Recovery
+from .segments import Segment, take_from
 from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
 
 #: 2026-01-01T00:00:00Z: job ids count milliseconds from here (see :func:`first_job_id`)
@@ -68,46 +68,7 @@ def first_job_id(now: float | None = None) -> int:
     return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
 
 
-def _error_entry_ok(entry: Any, n: int) -> bool:
-    """``[position, type, message, traceback]`` with the position inside a batch of ``n``."""
-    return (
-        type(entry) is list
-        and len(entry) == 4
-        and type(entry[0]) is int
-        and 0 <= entry[0] < n
-        and all(type(x) is str for x in entry[1:])
-    )
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def command(fn: F) -> F:
-    """A method callers use directly: when the outermost one returns (or raises), the effects
-    it decided on are performed by the scheduler's runner. Called inside :meth:`handle` or
-    another command, it only adds to their effects."""
-
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    def run(self: Scheduler, *args: Any, **kwargs: Any) -> Any:
-        if self._depth:  # inside another command or an event: theirs to perform
-            return fn(self, *args, **kwargs)
-        first = args[0] if args else None
-        note = f"{name} {first!r:.40}" if type(first) is int or type(first) is str else name
-        self.events.add(self.clock.seconds(), note)
-        self._depth += 1
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            self._depth -= 1
-            if self._outbox:
-                self.runner.apply(self.take_effects())
-
-    return run  # type: ignore[return-value]
-
-
-class Scheduler:
+class Scheduler(NodeAnswers, Recovery):
     """Owns every job and node; takes events, returns effects (see the module docstring)."""
 
     log = Logger()
@@ -423,100 +384,9 @@ class Scheduler:
             submitted_at=now,
         )
 
-    @command
-    def restore(self, journal: Any) -> None:
-        """Take back the jobs ``journal`` recorded (the server restarted), then journal on.
-
-        A finished job comes back with its stored results, so ``attach`` works. A running
-        detached job whose arguments are all stored resumes with the arguments whose outcome
-        was not delivered. Any other running job was fed by its console's stream, which a
-        restart cut: it ends failed with the reason, never silently.
-        """
-        self.journal = journal
-        top = 0
-        for rec in journal.recover(self.keep_finished):
-            top = max(top, rec.id)
-            job = self._restored(rec)
-            self.jobs[job.id] = job
-            if job.finished:
-                continue
-            self.active[job.id] = job
-            if not job.options.detach:  # its console holds its arguments and results: it resumes it
-                job.waiting = "waiting for its console to reconnect (the server restarted)"
-                self._orphan(
-                    job,
-                    "the server restarted and the console feeding this job did not come back "
-                    f"within {self.console_grace:g}s (REMAP_CONSOLE_GRACE): submit it again",
-                    "restart-grace",
-                )
-                continue
-            if job.receiving:
-                why = "before its console had sent every argument"
-                self.finish(job, "failed", f"the server restarted {why}: submit it again")
-                continue
-            job.received = job.total
-            for start, sizes, payload, groups in rec.args:
-                job.received_bytes += len(payload)
-                count = sum(groups) if groups else len(sizes)
-                whole = Segment(
-                    range(start, start + count), sizes, memoryview(payload), groups=groups or None
-                )
-                if groups:
-                    job.group_max = max(job.group_max, max(groups))
-                a = 0
-                while a < count:  # runs of indices whose outcome was not delivered
-                    if start + a in rec.delivered:
-                        a += 1
-                        continue
-                    b = a
-                    while b < count and start + b not in rec.delivered:
-                        b += 1
-                    self._requeue_last(job, cut(whole, a, b))
-                    a = b
-            self.log.info(
-                "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",
-                id=job.id,
-                name=job.options.name,
-                left=job.pending_count,
-                total=job.total,
-            )
-            self._check_capacity(job)
-            self._maybe_complete(job)
-        self._job_ids = itertools.count(max(self.job_ids_from, top + 1))
-        self._prune_finished()
-        self.pump()
-
-    def _restored(self, rec: Any) -> JobState:
-        """The job a journal record describes (finished, or running with no queue yet)."""
-        job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
-        job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
-        job.owner = rec.owner
-        job.first_window = False
-        if rec.args_total is not None:
-            job.phase, job.total = JobPhase.COMPLETING, rec.args_total
-        if rec.finished_at is not None:  # a record rebuilt, not a move: set the final phase
-            job.phase, job.message, job.finished_at = (
-                JobPhase(rec.state),
-                rec.message,
-                rec.finished_at,
-            )
-            job.received = job.done + job.failed
-        return job
-
     def take_job_id(self) -> int:
         """A fresh job id for a job the scheduler does not run itself (a detached driver)."""
         return next(self._job_ids)
-
-    def recall(self, job_id: int) -> JobState | None:
-        """A job by id: in memory, or a finished one only the journal still keeps (it comes
-        back into memory, so ``attach`` and ``results`` work for every journaled job)."""
-        job = self.jobs.get(job_id)
-        if job is None and self.journal is not None:
-            self.journal.flush()
-            rec = self.journal.job(job_id)
-            if rec is not None and rec.finished_at is not None:
-                job = self.jobs[job_id] = self._restored(rec)
-        return job
 
     def _requeue_last(self, job: JobState, seg: Segment) -> None:
         job.pending.append(seg)
@@ -673,60 +543,6 @@ class Scheduler:
             job.timers.remove(timer)
             self._timer_notes.pop(timer, None)
             self._outbox.append(CancelTimer(timer))
-
-    @command
-    def resume(self, console: Any, msg: m.Resume) -> tuple[JobState | None, str]:
-        """A reconnected console takes back the job it feeds: the server drops what it holds of
-        the job and lacks every argument the console has no outcome for (see the protocol's
-        ``resume``); returns the job, or None and why not."""
-        job = self.jobs.get(msg.job)
-        if job is None:
-            return None, f"no job {msg.job} on this server (unknown, or finished and forgotten)"
-        if job.finished:
-            return None, f"job {job.id} ended while its console was away: {job.state} {job.message}"
-        if job.options.detach:
-            return None, f"job {job.id} is detached: attach to it for its results"
-        problem = self._resume_problem(msg)
-        if problem:
-            return None, problem
-        self._recall_tasks(job)
-        job.pending.clear()
-        job.pending_count = job.pending_bytes = 0
-        job.console = console
-        job.done, job.failed = msg.done, msg.failed
-        job.received, job.received_bytes = msg.done + msg.failed, 0
-        job.expect = deque([a, b] for a, b in msg.missing if a < b)
-        if job.phase is JobPhase.COMPLETING:  # it sends every argument and args_end again
-            job.move(JobPhase.RECEIVING)
-        job.first_window = True
-        job.granted = self._window(job)
-        self._stop_orphan_timer(job)
-        self._check_capacity(job)
-        self.log.info(
-            "job {id} resumed by its console: {n} arguments to send again, new ones from {sent}",
-            id=job.id,
-            n=msg.sent - job.received,
-            sent=msg.sent,
-        )
-        self.pump()
-        return job, ""
-
-    @staticmethod
-    def _resume_problem(msg: m.Resume) -> str:
-        """Why a ``resume`` does not add up, or ''."""
-        end = 0
-        lacking = 0
-        for run in msg.missing:
-            if len(run) != 2 or not end <= run[0] <= run[1] <= msg.sent:
-                return f"resume: missing run {run} is out of order or beyond {msg.sent}"
-            end = run[1]
-            lacking += run[1] - run[0]
-        if min(msg.done, msg.failed) < 0 or msg.done + msg.failed + lacking != msg.sent:
-            return (
-                f"resume: {msg.done} done + {msg.failed} failed + {lacking} missing is not the "
-                f"{msg.sent} arguments sent"
-            )
-        return ""
 
     @command
     def attach(self, console: Any, job_id: int) -> JobState | None:
@@ -954,54 +770,6 @@ class Scheduler:
         if self._sweep is None:
             self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
 
-    # ================================================================ task deadlines
-
-    def _check_deadlines(self) -> None:
-        """A node that heartbeats but never answers must not hold its tasks forever: a task past
-        its deadline is re-queued (each argument then retries alone, counting an attempt) and
-        the node is marked suspect, taking no new work until it answers something."""
-        self._sweep = None
-        now = self.clock.seconds()
-        expired = [task for node in list(self.nodes.values()) for task in policy.expired(node, now)]
-        for task in expired:
-            node = task.node
-            if task.id not in node.inflight or node.id not in self.nodes:
-                continue
-            waited = now - task.sent_at
-            if not node.suspect:
-                self.log.warn(
-                    "node {id} ({host}) gave no answer to task {t} of job {job} in {s:.0f}s: "
-                    "re-queued, node marked suspect",
-                    id=node.id,
-                    host=node.host,
-                    t=task.id,
-                    job=task.job.id,
-                    s=waited,
-                )
-            node.suspect = True
-            self._ready.pop(node.id, None)
-            self.task_failed(
-                node.id,
-                m.TaskFailed(
-                    task=task.id,
-                    reason="no-answer",
-                    at=-1,
-                    message=f"no answer from node {node.host} in {waited:.0f}s",
-                ),
-            )
-        if any(node.inflight for node in self.nodes.values()):
-            self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
-
-    def _heard_from(self, node: NodeState | None) -> bool:
-        """Any answer proves a suspect node is working again; True if it was suspect."""
-        if node is None or not node.suspect:
-            return False
-        node.suspect = False
-        self.log.info("node {id} answered again: no longer suspect", id=node.id)
-        if node.has_credit():
-            self._ready[node.id] = node
-        return True
-
     @command
     def stop(self) -> None:
         """Cancel the scheduler's own timers (the server is stopping)."""
@@ -1009,244 +777,6 @@ class Scheduler:
             if timer is not None:
                 self._outbox.append(CancelTimer(timer))
         self._preempt_timer = self._sweep = None
-
-    def _requeue(self, job: JobState, seg: Segment) -> None:
-        job.pending.appendleft(seg)
-        job.pending_count += len(seg)
-        job.pending_bytes += len(seg.payload)
-
-    def _release(self, node: NodeState, task_id: int) -> TaskState | None:
-        task = node.inflight.pop(task_id, None)
-        if task is None:
-            return None
-        task.job.running -= len(task.segment)
-        task.job.tasks -= 1
-        node.tasks_done += 1
-        for watcher in self.watchers:
-            watcher.batch_finished(
-                task.job, task.answered + len(task.segment), self.clock.seconds() - task.sent_at
-            )
-        if node.has_credit() and node.id in self.nodes:
-            self._ready[node.id] = node
-        return task
-
-    # ================================================================ answers from nodes
-
-    @command
-    def task_result(self, node_id: str, msg: m.TaskResult) -> None:
-        node = self.nodes.get(node_id)
-        cleared = self._heard_from(node)
-        if msg.part:
-            task, seg = self._take_part(node, msg.task, msg.part)
-        else:
-            task = self._release(node, msg.task) if node is not None else None
-            seg = task.segment if task is not None else None
-        if task is None or seg is None:  # a late answer for work re-queued, cancelled or finished
-            if cleared:
-                self.pump()
-            return
-        job = task.job
-        problem = self._malformed(msg, len(seg)) if len(seg) else f"a part of {msg.part} arguments"
-        if problem:
-            # the arguments go back to the queue and this node gets nothing more
-            self.log.error(
-                "node {id} answered task {t} wrongly: {problem}",
-                id=node_id,
-                t=msg.task,
-                problem=problem,
-            )
-            if len(seg):
-                self._requeue(job, seg)
-            self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
-            self._outbox.append(Close(node.link))
-            return
-        if msg.elapsed > 0 and len(seg):
-            sample = msg.elapsed / len(seg)
-            job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
-        n_err = len(msg.errors)
-        self._deliver(
-            job,
-            m.Results(
-                job=job.id,
-                indices=list(seg.indices),
-                sizes=msg.sizes,
-                errors=msg.errors,
-                output=msg.output,
-                partial=msg.partial,
-                packed=msg.packed,
-                payload=msg.payload,
-            ),
-        )
-        # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
-        job.done += len(seg) - n_err
-        job.failed += n_err
-        if n_err and job.options.on_error == "fail":
-            pos, type_name, text = msg.errors[0][:3]
-            self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
-            return
-        self._maybe_complete(job)
-        self.pump()
-
-    def _take_part(
-        self, node: NodeState | None, task_id: int, part: int
-    ) -> tuple[TaskState | None, Segment | None]:
-        """A streamed part answers the task's next ``part`` arguments; the rest stay in flight.
-
-        A part as long as what is left (or longer) is malformed: the last answer is the plain
-        result, which frees the node's credit.
-        """
-        task = node.inflight.get(task_id) if node is not None else None
-        if task is None:
-            return None, None
-        seg = task.segment
-        if not 0 < part < len(seg):
-            return task, cut(seg, 0, 0)
-        task.segment = cut(seg, part, len(seg))
-        task.answered += part
-        task.job.running -= part
-        task.sent_at = self.clock.seconds()  # the rest's deadline counts from its first call
-        return task, cut(seg, 0, part)
-
-    @staticmethod
-    def _malformed(msg: m.TaskResult, n: int) -> str:
-        """Why a node's answer to a task of ``n`` arguments cannot be delivered, or ''."""
-        if msg.packed and (msg.partial or len(msg.sizes) != 1):
-            return "a packed answer is one pickle and no partial fold"
-        if not msg.partial and not msg.packed and len(msg.sizes) != n:
-            return f"{len(msg.sizes)} results for {n} arguments"
-        if msg.partial and len(msg.sizes) > 1:
-            return f"a partial fold of {len(msg.sizes)} pickles"
-        if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
-            return "result sizes do not add up to the payload"
-        for entry in msg.errors:
-            if not _error_entry_ok(entry, n):
-                return f"malformed error entry {str(entry)[:80]}"
-        positions = [e[0] for e in msg.errors]
-        if len(set(positions)) != len(positions):
-            return "error positions repeated"
-        return ""
-
-    @command
-    def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
-        """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
-        node = self.nodes.get(node_id)
-        cleared = msg.reason != "no-answer" and self._heard_from(node)
-        task = self._release(node, msg.task) if node is not None else None
-        if task is None:
-            if cleared:
-                self.pump()
-            return
-        job, seg = task.job, task.segment
-        if job.finished:
-            return
-        at = msg.at - task.answered  # the node counts positions from the task's first argument
-        at = at if 0 <= at < len(seg) else -1
-        span = min(max(1, msg.span), len(seg) - at) if at >= 0 else 1
-        if at < 0:
-            # unknown culprit: every argument is suspect, so each retries alone
-            suspects = [cut(seg, i, i + 1) for i in range(len(seg))]
-            innocent: list[Segment] = []
-        elif span > 1:
-            # the core was running an argument group: explode it, each of its arguments re-runs
-            # alone (no attempt counted: which one crashed is not known yet), so the culprit's
-            # own crash is the one that counts and the others are delivered once
-            suspects = []
-            innocent = [cut(seg, 0, at)]
-            innocent += [cut(seg, i, i + 1) for i in range(at, at + span)]
-            innocent.append(cut(seg, at + span, len(seg)))
-            innocent = [s for s in innocent if len(s)]
-        else:
-            suspects = [cut(seg, at, at + 1)]
-            innocent = [s for s in (cut(seg, 0, at), cut(seg, at + 1, len(seg))) if len(s)]
-        for part in reversed(innocent):
-            self._requeue(job, part)
-        errors = []
-        for s in suspects:
-            s.attempts += 1
-            if s.attempts > job.options.retries:
-                errors.append(s)
-            else:
-                self._requeue(job, s)
-        if errors:
-            what = {
-                "timeout": f"timed out after {job.options.timeout:g}s"
-                if job.options.timeout
-                else "timed out",
-                "crash": "crashed its core",
-                "too-large": "returned a result too large to send",
-                "no-answer": "got no answer from its node",
-            }.get(msg.reason, msg.reason)
-            type_name = {
-                "timeout": "TaskTimeout",
-                "too-large": "ResultTooLarge",
-                "no-answer": "TaskTimeout",
-            }.get(msg.reason, "CoreCrashed")
-            for s in errors:
-                text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
-                if msg.message:
-                    text += f" ({msg.message})"
-                job.failed += 1
-                self._deliver(
-                    job,
-                    m.Results(
-                        job=job.id,
-                        indices=list(s.indices),
-                        sizes=[0],
-                        errors=[[0, type_name, text, ""]],
-                    ),
-                )
-                if job.options.on_error == "fail":
-                    self.finish(job, "failed", f"argument {s.indices[0]} {text}")
-                    return
-        self._maybe_complete(job)
-        self.pump()
-
-    def _deliver(self, job: JobState, msg: m.Results) -> None:
-        if job.options.detach and self.journal is not None:
-            # only a detached job resumes after a restart; an attached one's console has its
-            # results and the job ends with a reason, so its outcomes would cost and serve nothing
-            self.journal.delivered(job.id, msg, store=True)
-        for watcher in self.watchers:
-            watcher.results_delivered(job, msg)
-        # a detached job keeps every result on the server, so any later `attach` (even after
-        # an earlier one died half-way) gets them all; its submitter only feeds arguments
-        if job.options.detach:
-            job.stored.append(msg)
-            if job.attached and job.console is not None:
-                self._send(job.console, msg)
-        elif job.console is not None:
-            self._send(job.console, msg)
-
-    # ================================================================ repair
-
-    @command
-    def repair(self) -> None:
-        """After a message handler failed half-way: make each job's counts agree with where its
-        arguments really are, and end a job whose arguments were lost rather than let it wait
-        forever for them."""
-        held: dict[int, int] = {}
-        tasks: dict[int, int] = {}
-        for node in self.nodes.values():
-            for task in node.inflight.values():
-                held[task.job.id] = held.get(task.job.id, 0) + len(task.segment)
-                tasks[task.job.id] = tasks.get(task.job.id, 0) + 1
-        for job in list(self.active.values()):
-            job.running = held.get(job.id, 0)
-            job.tasks = tasks.get(job.id, 0)
-            job.pending_count = sum(len(seg) for seg in job.pending)
-            job.pending_bytes = sum(len(seg.payload) for seg in job.pending)
-            lost = job.received - job.done - job.failed - job.pending_count - job.running
-            if lost > 0:
-                self.log.error("job {id} lost track of {n} arguments", id=job.id, n=lost)
-                self.finish(
-                    job,
-                    "failed",
-                    f"server error: {lost} argument(s) lost after a failed message (see the "
-                    "server log)",
-                )
-            else:
-                self._maybe_complete(job)
-        self.pump()
 
     # ================================================================ status
 

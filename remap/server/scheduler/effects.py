@@ -8,9 +8,11 @@ with real links and a clock. A test can assert on the effects alone: no links, n
 
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
@@ -182,3 +184,31 @@ class EffectRunner:
     def _fire(self, timer: Timer) -> None:
         self.timers.pop(timer, None)
         self.apply(self.scheduler.handle(TimerFired(timer)))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(fn: F) -> F:
+    """A method callers use directly: when the outermost one returns (or raises), the effects
+    it decided on are performed by the scheduler's runner. Called inside :meth:`handle` or
+    another command, it only adds to their effects."""
+
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._depth:  # inside another command or an event: theirs to perform
+            return fn(self, *args, **kwargs)
+        first = args[0] if args else None
+        note = f"{name} {first!r:.40}" if type(first) is int or type(first) is str else name
+        self.events.add(self.clock.seconds(), note)
+        self._depth += 1
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._outbox:
+                self.runner.apply(self.take_effects())
+
+    return run  # type: ignore[return-value]

@@ -1,0 +1,284 @@
+"""Answers from nodes: results and failures of tasks, and the deadlines of tasks nodes hold.
+
+A mixin of :class:`~.core.Scheduler` (it uses the scheduler's records and effects): a result
+is checked, delivered and counted once; a failure blames the running argument and re-queues
+the rest; a task past its deadline is failed as ``no-answer`` and its node marked suspect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import messages as m
+
+from . import policy
+from .effects import Close, command
+from .policy import SWEEP_INTERVAL
+from .segments import Segment, cut
+from .state import JobState, NodeState, TaskState
+
+
+def _error_entry_ok(entry: Any, n: int) -> bool:
+    """``[position, type, message, traceback]`` with the position inside a batch of ``n``."""
+    return (
+        type(entry) is list
+        and len(entry) == 4
+        and type(entry[0]) is int
+        and 0 <= entry[0] < n
+        and all(type(x) is str for x in entry[1:])
+    )
+
+
+class NodeAnswers:
+    """What the scheduler does with a node's answers (mixed into the scheduler)."""
+
+    def _check_deadlines(self) -> None:
+        """A node that heartbeats but never answers must not hold its tasks forever: a task past
+        its deadline is re-queued (each argument then retries alone, counting an attempt) and
+        the node is marked suspect, taking no new work until it answers something."""
+        self._sweep = None
+        now = self.clock.seconds()
+        expired = [task for node in list(self.nodes.values()) for task in policy.expired(node, now)]
+        for task in expired:
+            node = task.node
+            if task.id not in node.inflight or node.id not in self.nodes:
+                continue
+            waited = now - task.sent_at
+            if not node.suspect:
+                self.log.warn(
+                    "node {id} ({host}) gave no answer to task {t} of job {job} in {s:.0f}s: "
+                    "re-queued, node marked suspect",
+                    id=node.id,
+                    host=node.host,
+                    t=task.id,
+                    job=task.job.id,
+                    s=waited,
+                )
+            node.suspect = True
+            self._ready.pop(node.id, None)
+            self.task_failed(
+                node.id,
+                m.TaskFailed(
+                    task=task.id,
+                    reason="no-answer",
+                    at=-1,
+                    message=f"no answer from node {node.host} in {waited:.0f}s",
+                ),
+            )
+        if any(node.inflight for node in self.nodes.values()):
+            self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
+
+    def _heard_from(self, node: NodeState | None) -> bool:
+        """Any answer proves a suspect node is working again; True if it was suspect."""
+        if node is None or not node.suspect:
+            return False
+        node.suspect = False
+        self.log.info("node {id} answered again: no longer suspect", id=node.id)
+        if node.has_credit():
+            self._ready[node.id] = node
+        return True
+
+    def _requeue(self, job: JobState, seg: Segment) -> None:
+        job.pending.appendleft(seg)
+        job.pending_count += len(seg)
+        job.pending_bytes += len(seg.payload)
+
+    def _release(self, node: NodeState, task_id: int) -> TaskState | None:
+        task = node.inflight.pop(task_id, None)
+        if task is None:
+            return None
+        task.job.running -= len(task.segment)
+        task.job.tasks -= 1
+        node.tasks_done += 1
+        for watcher in self.watchers:
+            watcher.batch_finished(
+                task.job, task.answered + len(task.segment), self.clock.seconds() - task.sent_at
+            )
+        if node.has_credit() and node.id in self.nodes:
+            self._ready[node.id] = node
+        return task
+
+    @command
+    def task_result(self, node_id: str, msg: m.TaskResult) -> None:
+        node = self.nodes.get(node_id)
+        cleared = self._heard_from(node)
+        if msg.part:
+            task, seg = self._take_part(node, msg.task, msg.part)
+        else:
+            task = self._release(node, msg.task) if node is not None else None
+            seg = task.segment if task is not None else None
+        if task is None or seg is None:  # a late answer for work re-queued, cancelled or finished
+            if cleared:
+                self.pump()
+            return
+        job = task.job
+        problem = self._malformed(msg, len(seg)) if len(seg) else f"a part of {msg.part} arguments"
+        if problem:
+            # the arguments go back to the queue and this node gets nothing more
+            self.log.error(
+                "node {id} answered task {t} wrongly: {problem}",
+                id=node_id,
+                t=msg.task,
+                problem=problem,
+            )
+            if len(seg):
+                self._requeue(job, seg)
+            self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
+            self._outbox.append(Close(node.link))
+            return
+        if msg.elapsed > 0 and len(seg):
+            sample = msg.elapsed / len(seg)
+            job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
+        n_err = len(msg.errors)
+        self._deliver(
+            job,
+            m.Results(
+                job=job.id,
+                indices=list(seg.indices),
+                sizes=msg.sizes,
+                errors=msg.errors,
+                output=msg.output,
+                partial=msg.partial,
+                packed=msg.packed,
+                payload=msg.payload,
+            ),
+        )
+        # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
+        job.done += len(seg) - n_err
+        job.failed += n_err
+        if n_err and job.options.on_error == "fail":
+            pos, type_name, text = msg.errors[0][:3]
+            self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
+            return
+        self._maybe_complete(job)
+        self.pump()
+
+    def _take_part(
+        self, node: NodeState | None, task_id: int, part: int
+    ) -> tuple[TaskState | None, Segment | None]:
+        """A streamed part answers the task's next ``part`` arguments; the rest stay in flight.
+
+        A part as long as what is left (or longer) is malformed: the last answer is the plain
+        result, which frees the node's credit.
+        """
+        task = node.inflight.get(task_id) if node is not None else None
+        if task is None:
+            return None, None
+        seg = task.segment
+        if not 0 < part < len(seg):
+            return task, cut(seg, 0, 0)
+        task.segment = cut(seg, part, len(seg))
+        task.answered += part
+        task.job.running -= part
+        task.sent_at = self.clock.seconds()  # the rest's deadline counts from its first call
+        return task, cut(seg, 0, part)
+
+    @staticmethod
+    def _malformed(msg: m.TaskResult, n: int) -> str:
+        """Why a node's answer to a task of ``n`` arguments cannot be delivered, or ''."""
+        if msg.packed and (msg.partial or len(msg.sizes) != 1):
+            return "a packed answer is one pickle and no partial fold"
+        if not msg.partial and not msg.packed and len(msg.sizes) != n:
+            return f"{len(msg.sizes)} results for {n} arguments"
+        if msg.partial and len(msg.sizes) > 1:
+            return f"a partial fold of {len(msg.sizes)} pickles"
+        if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
+            return "result sizes do not add up to the payload"
+        for entry in msg.errors:
+            if not _error_entry_ok(entry, n):
+                return f"malformed error entry {str(entry)[:80]}"
+        positions = [e[0] for e in msg.errors]
+        if len(set(positions)) != len(positions):
+            return "error positions repeated"
+        return ""
+
+    @command
+    def task_failed(self, node_id: str, msg: m.TaskFailed) -> None:
+        """A batch's core crashed or timed out: blame the running argument, re-queue the rest."""
+        node = self.nodes.get(node_id)
+        cleared = msg.reason != "no-answer" and self._heard_from(node)
+        task = self._release(node, msg.task) if node is not None else None
+        if task is None:
+            if cleared:
+                self.pump()
+            return
+        job, seg = task.job, task.segment
+        if job.finished:
+            return
+        at = msg.at - task.answered  # the node counts positions from the task's first argument
+        at = at if 0 <= at < len(seg) else -1
+        span = min(max(1, msg.span), len(seg) - at) if at >= 0 else 1
+        if at < 0:
+            # unknown culprit: every argument is suspect, so each retries alone
+            suspects = [cut(seg, i, i + 1) for i in range(len(seg))]
+            innocent: list[Segment] = []
+        elif span > 1:
+            # the core was running an argument group: explode it, each of its arguments re-runs
+            # alone (no attempt counted: which one crashed is not known yet), so the culprit's
+            # own crash is the one that counts and the others are delivered once
+            suspects = []
+            innocent = [cut(seg, 0, at)]
+            innocent += [cut(seg, i, i + 1) for i in range(at, at + span)]
+            innocent.append(cut(seg, at + span, len(seg)))
+            innocent = [s for s in innocent if len(s)]
+        else:
+            suspects = [cut(seg, at, at + 1)]
+            innocent = [s for s in (cut(seg, 0, at), cut(seg, at + 1, len(seg))) if len(s)]
+        for part in reversed(innocent):
+            self._requeue(job, part)
+        errors = []
+        for s in suspects:
+            s.attempts += 1
+            if s.attempts > job.options.retries:
+                errors.append(s)
+            else:
+                self._requeue(job, s)
+        if errors:
+            what = {
+                "timeout": f"timed out after {job.options.timeout:g}s"
+                if job.options.timeout
+                else "timed out",
+                "crash": "crashed its core",
+                "too-large": "returned a result too large to send",
+                "no-answer": "got no answer from its node",
+            }.get(msg.reason, msg.reason)
+            type_name = {
+                "timeout": "TaskTimeout",
+                "too-large": "ResultTooLarge",
+                "no-answer": "TaskTimeout",
+            }.get(msg.reason, "CoreCrashed")
+            for s in errors:
+                text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
+                if msg.message:
+                    text += f" ({msg.message})"
+                job.failed += 1
+                self._deliver(
+                    job,
+                    m.Results(
+                        job=job.id,
+                        indices=list(s.indices),
+                        sizes=[0],
+                        errors=[[0, type_name, text, ""]],
+                    ),
+                )
+                if job.options.on_error == "fail":
+                    self.finish(job, "failed", f"argument {s.indices[0]} {text}")
+                    return
+        self._maybe_complete(job)
+        self.pump()
+
+    def _deliver(self, job: JobState, msg: m.Results) -> None:
+        if job.options.detach and self.journal is not None:
+            # only a detached job resumes after a restart; an attached one's console has its
+            # results and the job ends with a reason, so its outcomes would cost and serve nothing
+            self.journal.delivered(job.id, msg, store=True)
+        for watcher in self.watchers:
+            watcher.results_delivered(job, msg)
+        # a detached job keeps every result on the server, so any later `attach` (even after
+        # an earlier one died half-way) gets them all; its submitter only feeds arguments
+        if job.options.detach:
+            job.stored.append(msg)
+            if job.attached and job.console is not None:
+                self._send(job.console, msg)
+        elif job.console is not None:
+            self._send(job.console, msg)
