@@ -420,6 +420,20 @@ class CoreRun(Message):
     reduce: bool = False
     payload: bytes = b""
 
+    @classmethod
+    def of(cls, task: Task, *, reduce: bool) -> CoreRun:
+        """The command that runs the server's ``task`` on a core."""
+        return cls(
+            task=task.task,
+            job=task.job,
+            sizes=task.sizes,
+            groups=task.groups,
+            skip=task.skip,
+            count=task.count,
+            reduce=reduce,
+            payload=task.payload,
+        )
+
 
 @message
 class CoreDrop(Message):

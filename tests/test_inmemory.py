@@ -105,16 +105,7 @@ class InProcessPool:
 
     def _run(self, task: m.Task) -> None:
         info = self._job_info[task.job]
-        run = m.CoreRun(
-            task=task.task,
-            job=task.job,
-            sizes=task.sizes,
-            groups=task.groups,
-            skip=task.skip,
-            count=task.count,
-            reduce=info.reduce,
-            payload=bytes(task.payload),
-        )
+        run = m.CoreRun.of(task, reduce=info.reduce)
         result = self.core.run(run)
         self.ran.append(task_count(run))
         self.on_result(dataclasses.replace(result, part=0))

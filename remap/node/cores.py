@@ -344,18 +344,7 @@ class CorePool:
             core.loaded.add(task.job)
         core.move(CoreLife.BUSY)
         core.task = task
-        core.send(
-            m.CoreRun(
-                task=task.task,
-                job=task.job,
-                sizes=task.sizes,
-                groups=task.groups,
-                skip=task.skip,
-                count=task.count,
-                reduce=info.reduce,
-                payload=task.payload,
-            )
-        )
+        core.send(m.CoreRun.of(task, reduce=info.reduce))
 
     def _core_message(self, core: CoreProcess, msg: m.Message) -> None:
         if type(msg) is m.CoreReady:
