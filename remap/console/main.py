@@ -712,8 +712,9 @@ class Console:
             )
         missing = sink.summary().get("missing", 0)
         if missing:
-            self.note(f"error: {missing} result(s) of job {args.job} are missing")
-            return 1
+            line, code = one_line(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
+            self.note(line)
+            return code
         return self._failed_arguments(max(run.failed, outcome.failed))
 
     cmd_results = cmd_attach
