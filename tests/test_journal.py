@@ -271,3 +271,19 @@ def test_a_journal_of_another_schema_is_refused_with_one_line(tmp_path: Path) ->
         db.execute("PRAGMA user_version=1")
     with pytest.raises(ConfigError, match="move it away"):
         Journal(path, Clock())
+
+
+def test_a_submit_recorded_with_chunksize_0_reads_back_as_automatic(tmp_path: Path) -> None:
+    """Journals written before job options had None for an automatic chunksize hold 0 there,
+    which the options' rules now refuse: a restarted server still reads those jobs back."""
+    import msgpack
+
+    journal, _ = _journal(tmp_path)
+    journal.job_submitted(5, _submit(), 1.0)
+    journal.flush()
+    header = msgpack.unpackb(journal._db.execute("SELECT submit FROM jobs").fetchone()[0])
+    header["chunksize"] = 0  # what an older console sent for "automatic"
+    with journal._db:
+        journal._db.execute("UPDATE jobs SET submit=?", (msgpack.packb(header),))
+    job = journal.job(5)
+    assert job is not None and job.submit.chunksize is None and job.submit.name == "j"

@@ -420,8 +420,7 @@ class Journal:
         ).fetchone()
         if row is None:
             return None
-        submit = m.decode(row[0], row[1])
-        assert isinstance(submit, m.Submit)
+        submit = _submit_of(row[0], row[1])
         job = JournaledJob(job_id, submit, *row[2:])
         if job.finished_at is None:
             for start, stop, errors in db.execute(
@@ -445,3 +444,15 @@ class Journal:
                 )
             ]
         return job
+
+
+def _submit_of(header: bytes, fn: bytes) -> m.Submit:
+    """A recorded ``submit``; one recorded before options had ``None`` for an automatic
+    chunksize says ``0`` for it, which today's rules refuse: read it as ``None``."""
+    data = msgpack.unpackb(header, raw=False)
+    if data.get("chunksize") == 0:
+        data["chunksize"] = None
+        header = msgpack.packb(data, use_bin_type=True)
+    submit = m.decode(header, fn)
+    assert isinstance(submit, m.Submit)
+    return submit
