@@ -789,7 +789,9 @@ class ResultIterator(Iterator[Any]):
                 if offset + 1 < len(values):
                     self._runs[index + 1] = (values, offset + 1)
                 self._next_index += 1
-                return values[offset], None
+                # hand the result over without keeping it (the caller may drop it at once)
+                value, values[offset] = values[offset], None
+                return value, None
             item = self._buffer.pop(index, None)
             if item is not None:
                 self._next_index += 1

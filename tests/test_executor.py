@@ -458,3 +458,24 @@ def test_only_arguments_holding_a_proxy_carry_the_authkey() -> None:
         assert key in dumps_for_cores(("x", shared))
         assert key not in dumps_for_cores(("x", [1, 2], record))
         assert key not in pickle.dumps(shared)  # plain pickling still leaves it out
+
+
+class Dropped:
+    """A result whose lifetime the test watches."""
+
+
+def make_dropped(_: int) -> Dropped:
+    return Dropped()
+
+
+def test_map_keeps_no_reference_to_yielded_results(executor: remap.Executor) -> None:
+    """As concurrent.futures (its test_free_reference): a result the caller dropped is freed;
+    the iterator does not keep the run of results it came in."""
+    import gc
+    import weakref
+
+    for obj in executor.map(make_dropped, range(10)):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None
