@@ -110,7 +110,6 @@ class Forbidden(RequestFailed):
     """The request is not allowed for this console's key (another person's job, say)."""
 
     code = "forbidden"
-    exit_code = 3
 
 
 class Unexpected(RequestFailed):

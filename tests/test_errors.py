@@ -85,7 +85,7 @@ def test_an_unknown_code_still_reaches_the_caller() -> None:
             2,
         ),
         (AuthError("wrong secret"), "error: wrong secret", 3),
-        (Forbidden("not your job"), "error: not your job", 3),
+        (Forbidden("not your job"), "error: not your job", 1),
         (ConnectionLost("lost the server"), "error: lost the server", 4),
         (JobKilled("job 3 killed"), "error: job 3 killed", 1),
         (RemoteProtocolError("bad frame"), "error: bad frame", 1),
