@@ -19,7 +19,6 @@ import struct
 import sys
 import time
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from protocol import messages as m
@@ -161,20 +160,26 @@ class _BatchOutput(io.TextIOBase):
     def __init__(self, fallback: Any) -> None:
         super().__init__()
         self.fallback = fallback
+        #: a batch is running: what is written is its output (a buffer made at the first write)
+        self.capturing = False
         self.buffer: io.StringIO | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        target = self.buffer if self.buffer is not None else self.fallback
-        return target.write(text)
+        if not self.capturing:
+            return self.fallback.write(text)
+        if self.buffer is None:
+            self.buffer = io.StringIO()
+        return self.buffer.write(text)
 
     def flush(self) -> None:
-        if self.buffer is None:
+        if not self.capturing:
             self.fallback.flush()
 
     def take(self) -> str:
+        """What the batch wrote since the last take."""
         text = self.buffer.getvalue() if self.buffer is not None else ""
         self.buffer = None
         return text
@@ -187,6 +192,9 @@ class Core:
         self.output = _BatchOutput(sys.__stderr__)
         #: ``emit(result)`` sends a streamed part of a running batch; None: no parts
         self.emit = emit
+        #: the job whose directory the environment names (entered once, not per batch: its
+        #: bundle, if any, is installed when the job loads)
+        self._entered: int | None = None
 
     def load(self, cmd: m.CoreLoad) -> None:
         fn, reduce_fn = load_function_blob(unwrap(cmd.payload, cmd.job))
@@ -197,7 +205,9 @@ class Core:
         if not isinstance(loaded, tuple):
             return self._unloadable(cmd, loaded)
         fn, reduce_fn, star, timed = loaded
-        enter_job(cmd.job)
+        if cmd.job != self._entered:
+            enter_job(cmd.job)
+            self._entered = cmd.job
         partial = cmd.reduce
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
         loads = pickle.loads
@@ -206,13 +216,15 @@ class Core:
         acc: Any = None
         have_acc = False
         captured = self.output
-        captured.buffer = io.StringIO()
+        captured.capturing, captured.buffer = True, None
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = captured
         emit, first, flushed = self.emit, 0, clock()
         skip, left = cmd.skip, task_count(cmd)
         # a job with a timeout marks every call (the node times each); others mark a group once
         fine, slow = bool(timed), False
         pos = 0
-        with redirect_stdout(captured), redirect_stderr(captured):
+        try:
             for blob, n in _groups(cmd):
                 if left <= 0:
                     break
@@ -285,6 +297,9 @@ class Core:
                     took = clock() - began
                     fine = took > FINE_ONCE_SECONDS or (slow and took > FINE_SECONDS)
                     slow = took > FINE_SECONDS  # slow calls: mark each from now on
+        finally:
+            sys.stdout, sys.stderr = saved
+            captured.capturing = False
         pack_into(shm, 0, -1, 0.0, 0)
         return self._reply(cmd, results, errors, acc, have_acc, clock() - flushed, 0)
 
@@ -306,8 +321,6 @@ class Core:
         else:
             blobs, packed = _pack_results(results, errors)
         out = self.output.take()
-        if part:
-            self.output.buffer = io.StringIO()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
         return m.TaskResult(

@@ -67,6 +67,10 @@ def grant(job: JobState, credits: int) -> int:
     return more if more >= max(1, want // 4) or 0 < short <= more else 0
 
 
+#: the tail of a known-size job is shared out in batches of at least this much measured work
+TAIL_MIN_SECONDS = 0.002
+
+
 def batch_size(job: JobState) -> int:
     """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work.
 
@@ -94,7 +98,12 @@ def tail_share(job: JobState, size: int, credits: int) -> int:
     if job.options.chunksize or job.total < 0:
         return size
     left = job.pending_count + max(0, job.total - job.received)
-    return max(1, min(size, -(-left // (credits or 1))))
+    share = -(-left // (credits or 1))
+    if job.per_call is not None:
+        # never below TAIL_MIN_SECONDS of measured work: a batch costs ~0.1 ms to send and
+        # answer, so sharing out the last few ms of trivial calls would cost more than it saves
+        share = max(share, int(TAIL_MIN_SECONDS / max(job.per_call, 1e-7)))
+    return max(1, min(size, share))
 
 
 # ==================================================================== fair share
