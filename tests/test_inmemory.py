@@ -234,7 +234,9 @@ def test_job_runs_end_to_end_in_memory() -> None:
     pool_a, _, _ = cluster.node("node-a", cores=2)
     pool_b, _, _ = cluster.node("node-b", cores=1)
     client, _ = cluster.console()
-    run = job_run(square, range(1000), total=1000, name="squares")
+    # batches of 100: trivial calls measured in microseconds would otherwise go in batches of
+    # 2 ms of work (the tail floor), all to the first node
+    run = job_run(square, range(1000), total=1000, name="squares", chunksize=100)
     d = client.submit(run)
     cluster.settle()
     result = outcome(d)
