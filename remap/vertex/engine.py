@@ -236,12 +236,27 @@ class Outbox:
 
 
 def encode_bucket(bucket: Mapping[Any, Any], combined: bool) -> bytes:
-    return pickle.dumps((combined, list(bucket.items())), PICKLE_PROTOCOL)
+    """A bucket as bytes: its ids and its messages as two lists (no tuple per message)."""
+    return pickle.dumps((combined, list(bucket), list(bucket.values())), PICKLE_PROTOCOL)
 
 
 def deliver(inbox: dict[Any, list[Any]], bucket: Mapping[Any, Any], combined: bool) -> None:
     """Add one sender's bucket to a partition's inbox (vertex id → list of messages)."""
-    for vid, msg in bucket.items():
+    _deliver(inbox, bucket.keys(), bucket.values(), combined)
+
+
+def deliver_bytes(inbox: dict[Any, list[Any]], blob: bytes) -> None:
+    combined, ids, messages = pickle.loads(blob)
+    _deliver(inbox, ids, messages, combined)
+
+
+def _deliver(
+    inbox: dict[Any, list[Any]], ids: Iterable[Any], messages: Iterable[Any], combined: bool
+) -> None:
+    if combined and not inbox:  # the first sender's bucket: build the lists in one go
+        inbox.update({vid: [msg] for vid, msg in zip(ids, messages)})
+        return
+    for vid, msg in zip(ids, messages):
         box = inbox.get(vid)
         if combined:
             if box is None:
@@ -252,11 +267,6 @@ def deliver(inbox: dict[Any, list[Any]], bucket: Mapping[Any, Any], combined: bo
             inbox[vid] = list(msg)
         else:
             box.extend(msg)
-
-
-def deliver_bytes(inbox: dict[Any, list[Any]], blob: bytes) -> None:
-    combined, items = pickle.loads(blob)
-    deliver(inbox, dict(items), combined)
 
 
 # --------------------------------------------------------------------------- aggregators
