@@ -240,19 +240,40 @@ def encode_bucket(bucket: Mapping[Any, Any], combined: bool) -> bytes:
     return pickle.dumps((combined, list(bucket), list(bucket.values())), PICKLE_PROTOCOL)
 
 
-def deliver(inbox: dict[Any, list[Any]], bucket: Mapping[Any, Any], combined: bool) -> None:
-    """Add one sender's bucket to a partition's inbox (vertex id → list of messages)."""
-    _deliver(inbox, bucket.keys(), bucket.values(), combined)
+def deliver(
+    inbox: dict[Any, Any],
+    bucket: Mapping[Any, Any],
+    combined: bool,
+    fold: Callable[[Any, Any], Any] | None = None,
+) -> None:
+    """Add one sender's bucket to a partition's inbox: vertex id → list of messages, or
+    with a ``fold`` (combine is sum, min or max) vertex id → the one folded message."""
+    _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
 
 
-def deliver_bytes(inbox: dict[Any, list[Any]], blob: bytes) -> None:
+def deliver_bytes(
+    inbox: dict[Any, Any], blob: bytes, fold: Callable[[Any, Any], Any] | None = None
+) -> None:
     combined, ids, messages = pickle.loads(blob)
-    _deliver(inbox, ids, messages, combined)
+    _deliver(inbox, ids, messages, combined, fold)
 
 
 def _deliver(
-    inbox: dict[Any, list[Any]], ids: Iterable[Any], messages: Iterable[Any], combined: bool
+    inbox: dict[Any, Any],
+    ids: Iterable[Any],
+    messages: Iterable[Any],
+    combined: bool,
+    fold: Callable[[Any, Any], Any] | None,
 ) -> None:
+    if combined and fold is not None:
+        # senders folded their messages; folding theirs in arrival order gives what sum(),
+        # min() or max() over the list of them would (the same bits: sum starts from 0)
+        if not inbox:
+            inbox.update(zip(ids, messages))
+            return
+        for vid, msg in zip(ids, messages):
+            inbox[vid] = fold(inbox[vid], msg) if vid in inbox else msg
+        return
     if combined and not inbox:  # the first sender's bucket: build the lists in one go
         inbox.update({vid: [msg] for vid, msg in zip(ids, messages)})
         return
@@ -471,12 +492,15 @@ class Partition:
             values[vid] = None
             self.targets[vid] = []
         sent_before = outbox.sent
+        folded = program.fold is not None  # the inbox holds one folded message per vertex
         for vid in list(values):
             msgs = inbox.get(vid)
             if msgs is None:
                 if vid in halted:
                     continue
                 msgs = []
+            elif folded:
+                msgs = [msgs]
             ctx._vid = vid
             stats.computed += 1
             try:

@@ -80,7 +80,7 @@ def run_local(
             report.delivered += sum(outbox.counts())
             for dst in range(partitions):
                 if outbox.buckets[dst]:
-                    deliver_bytes(inboxes[dst], outbox.encode(dst))
+                    deliver_bytes(inboxes[dst], outbox.encode(dst), program.fold)
         aggregated = folded
         report.aggregates = dict(folded)
         reports.append(report)

@@ -231,16 +231,16 @@ class Worker:
             self.restored[p] = part.restore(blob)
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
-    def _inbox(self, cmd: Command, p: int) -> dict[Any, list[Any]]:
+    def _inbox(self, cmd: Command, p: int) -> dict[Any, Any]:
         if p in self.restored:
             return self.restored.pop(p)
-        inbox: dict[Any, list[Any]] = {}
+        inbox: dict[Any, Any] = {}
         before = cmd.superstep - 1
         for blob in self._read_dir(self.layout.inbox(cmd.epoch, before, p)):
-            deliver_bytes(inbox, blob)
+            deliver_bytes(inbox, blob, self.program.fold)
         bucket = self.local.get(before, {}).pop(p, None)
         if bucket:
-            deliver(inbox, bucket, self.program.combine is not None)
+            deliver(inbox, bucket, self.program.combine is not None, self.program.fold)
         return inbox
 
     def _do_step(self, cmd: Command) -> dict[str, Any]:
