@@ -488,9 +488,10 @@ class Partition:
             fan.start()
         values = self.values
         halted = self.halted
-        for vid in [v for v in inbox if v not in values]:  # a message creates its vertex
-            values[vid] = None
-            self.targets[vid] = []
+        if inbox.keys() - values.keys():  # a message creates its vertex (in inbox order)
+            for vid in [v for v in inbox if v not in values]:
+                values[vid] = None
+                self.targets[vid] = []
         sent_before = outbox.sent
         folded = program.fold is not None  # the inbox holds one folded message per vertex
         for vid in list(values):
