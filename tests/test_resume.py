@@ -219,3 +219,22 @@ def test_a_detached_job_is_not_resumed() -> None:
     cluster.cut(client)
     assert outcome(d).check(ConnectionLost)
     assert client.reconnects == 0
+
+
+def test_a_server_restarted_without_its_journal_refuses_the_resume_with_the_reason() -> None:
+    """With no journal a restarted server knows no earlier job: the console's run fails with
+    one line saying so, rather than waiting or starting the job afresh."""
+    cluster = RestartableCluster()  # no journal
+    cluster.node("node-a", cores=1, hold=True)
+    client = cluster.redialling_console()
+    run = job_run(square, range(100), chunksize=10)
+    d = client.submit(run)
+    cluster.settle()
+    cluster.kill_server()
+    cluster.start_server()
+    cluster.scheduler.job_ids_from = run.job_id + 1  # a later run of the server numbers later
+    cluster.node("node-b", cores=1)
+    wait_until(cluster, lambda: d.called)
+    failure = outcome(d)
+    assert "could not be resumed" in str(failure.value), failure
+    assert "earlier run of the server" in str(failure.value), failure

@@ -172,6 +172,8 @@ class ServerConnection:
             job, problem = sched.resume(link, msg)
             if job is None:
                 code = "bad-request" if problem.startswith("resume:") else "not-found"
+                if msg.job not in sched.jobs and code == "not-found":
+                    problem = self._no_attach(msg.job)  # says when an earlier run had it
                 link.send(m.Error(code=code, message=problem, re=msg.id))
             else:
                 link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
