@@ -151,6 +151,8 @@ def test_the_event_log_is_bounded_and_names_each_event() -> None:
     assert all(text == "node n1 heartbeat" for _, text in entries)
     sched.kill(999)
     assert sched.events.recent(1)[0][1] == "kill 999"
+    sched.handle(NodeLost("n1", "x" * 100_000))  # a peer's error text: bounded per entry too
+    assert len(sched.events.recent(1)[0][1]) <= 300
 
 
 def test_an_unknown_event_is_refused() -> None:

@@ -141,7 +141,7 @@ class EventLog:
         self.entries: deque[tuple[float, str]] = deque(maxlen=size)
 
     def add(self, now: float, text: str) -> None:
-        self.entries.append((now, text))
+        self.entries.append((now, text[:300]))  # a peer's error text can be long
 
     def recent(self, n: int | None = None) -> list[tuple[float, str]]:
         items = list(self.entries)
