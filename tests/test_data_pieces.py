@@ -364,3 +364,10 @@ def test_run_records_larger_than_a_read_block(tmp_path: Path) -> None:
     runs.write_run(path, records)
     assert list(runs.read_run(path)) == records
     assert keys.decode_value(records[0][1]) == big
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec=None, exclude_categories=()))))
+def test_text_order_is_the_order_of_text_encodings(texts: list[str]) -> None:
+    """The spill sorts text keys as text: that must be the order of their encodings
+    (surrogates and NULs included)."""
+    assert sorted(texts) == sorted(texts, key=keys.encode_key)
