@@ -466,10 +466,11 @@ def grouped(
     With ``group``, consecutive keys with the same ``group(key)`` form one group (a secondary
     sort: values arrive in the order of their full keys) and the group's key is ``group(key)``.
     """
+    second = itemgetter(1)
     if group is None:
         for key, items in itertools.groupby(records, key=itemgetter(0)):
-            yield decode_key(key), (decode_value(v) for _, v in items)
+            yield decode_key(key), map(decode_value, map(second, items))
         return
     decoded = ((decode_key(k), v) for k, v in records)
     for key, items in itertools.groupby(decoded, key=lambda kv: group(kv[0])):
-        yield key, (decode_value(v) for _, v in items)
+        yield key, map(decode_value, map(second, items))
