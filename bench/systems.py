@@ -251,19 +251,21 @@ class RemapSystem(System):
         chunksize: int = 0,
         timeout: float = 3600,
     ) -> Any:
+        import time
+
         from protocol.options import JobOptions
-        from remap.client import JobRun
+        from remap.client import JobStream, read_into
         from remap.sinks import make_sink
 
         sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
-        run = JobRun(
-            JobOptions(name="bench", mode=mode, chunksize=chunksize or None),
+        run = JobStream(
             self._blob(fn, reduce_fn),
-            iter(args),
-            sink,
+            JobOptions(name="bench", mode=mode, chunksize=chunksize or None),
+            call_soon=self.runtime.reactor().callFromThread,
             total_hint=total,
-        )
-        outcome = self.runtime.run(self.client.submit, run, timeout=timeout)
+        ).start(self.client)
+        read_into(run, iter(args))  # as the console reads a job file's arguments
+        outcome = run.collect(sink, until=time.monotonic() + timeout)
         if outcome.state != "done" or outcome.failed:
             raise BenchError(
                 f"{self.name}: job ended {outcome.state} with {outcome.failed} failures: "

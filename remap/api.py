@@ -25,7 +25,7 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from protocol.options import JobOptions
 
 from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import PICKLE_PROTOCOL
-from .client import ClusterClient, JobRun
+from .client import ClusterClient, JobStream
 from .dial import connect_console
 from .errors import (
     ConfigError,
@@ -49,7 +49,7 @@ from .errors import (
 )
 from .net import tls_enabled
 from .settings import Settings, load_settings
-from .sinks import Sink, TaskErrorInfo
+from .sinks import TaskErrorInfo
 
 if TYPE_CHECKING:
     from .cluster import EmbeddedCluster
@@ -236,265 +236,6 @@ def remote_exception(info: TaskErrorInfo) -> BaseException:
 # ====================================================================== streaming jobs
 
 
-class _ForwardSink(Sink):
-    """Collects the results of one ``results`` message and passes them on as one event."""
-
-    mode = "stream"
-
-    def __init__(self, stream: JobStream) -> None:
-        super().__init__()
-        self._stream = stream
-        self._batch: list[tuple[int, Any, TaskErrorInfo | None]] = []
-        self._runs: list[tuple[int, list[Any]]] = []
-
-    def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
-        self._batch.append((index, result, error))
-
-    def add_results(
-        self, indices: list[int], arguments: list[Any] | None, results: list[Any]
-    ) -> None:
-        """An error-free batch in one step: the console's hot path for every map."""
-        self._check_open()
-        self.done += len(indices)
-        first = indices[0] if indices else 0
-        if (
-            self._stream.runs
-            and indices
-            and indices[-1] - first == len(indices) - 1
-            and indices == list(range(first, first + len(indices)))
-        ):
-            self._runs.append((first, results))  # consecutive indices: passed on as one run
-            return
-        self._batch.extend(zip(indices, results, itertools.repeat(None)))
-
-    def add_partial(self, indices_count: int, partial: Any) -> None:
-        self._check_open()
-        self.done += indices_count
-        self.flush()
-        self._stream.events.put(("partial", self._stream, indices_count, partial))
-
-    def flush(self) -> None:
-        if self._runs:
-            runs, self._runs = self._runs, []
-            self._stream.events.put(("runs", self._stream, runs))
-        if self._batch:
-            batch, self._batch = self._batch, []
-            if self._stream.on_items is not None:
-                batch = self._stream.on_items(batch)
-                if not batch:
-                    return
-            self._stream.events.put(("items", self._stream, batch))
-
-
-@dataclass(eq=False)
-class _FeedRun(JobRun):
-    """A JobRun whose arguments are already pickled and may pause until the caller adds more.
-
-    JobRun pulls a plain iterator and takes "no item" as the end; here "no item" only means
-    "not yet" until the stream's input is closed.
-    """
-
-    stream: Any = None
-
-    def start(self, client: ClusterClient, job_id: int, window: int) -> None:
-        super().start(client, job_id, window)
-        if self.stream.kill_requested and not self.finished.called:
-            client.kill_quietly(job_id)
-
-    def results(self, msg: m.Results) -> None:
-        try:
-            super().results(msg)
-        finally:
-            self.sink.flush()
-
-    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[int], list[Any] | None, bool]:
-        blobs, groups, ended = self.stream._take(limit, self.sent, room)
-        return blobs, groups, None, ended
-
-
-class JobStream:
-    """One job whose pickled arguments are fed from any thread and whose results become events.
-
-    Events on :attr:`events`, in the order the reactor saw them:
-    ``("items", stream, [(index, result, error), ...])``, ``("partial", stream, count, value)``,
-    with ``runs``: ``("runs", stream, [(first index, [result, ...]), ...])`` for results of
-    consecutive arguments without errors,
-    (reduce mode) and last ``("end", stream, error_or_None)``.
-    """
-
-    def __init__(
-        self,
-        cluster: Cluster,
-        fn_blob: bytes,
-        params: JobOptions,
-        *,
-        events: queue.SimpleQueue | None = None,
-        on_send: Callable[[int, Any], bool] | None = None,
-        on_items: Callable[[list[Any]], list[Any]] | None = None,
-        owner: Any = None,
-        total_hint: int | None = None,
-        runs: bool = False,
-    ) -> None:
-        self.cluster = cluster
-        #: the consumer takes ``runs`` events (results of consecutive arguments as one list)
-        self.runs = runs
-        self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
-        #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
-        #: sent with its argument index; False drops the item (a cancelled future)
-        self.on_send = on_send
-        #: called on the reactor thread with each batch of ``(index, result, error)``: it may
-        #: settle some at once and returns the rest, which go on as an ``items`` event
-        self.on_items = on_items
-        self.owner = owner
-        self.lock = threading.Lock()
-        self.finished = threading.Event()
-        self.error: BaseException | None = None
-        self.input_closed = False
-        self.killing = False
-        self.kill_requested = False
-        self.unsent_bytes = 0
-        #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
-        self._items: deque[tuple[bytes, Any, int]] = deque()
-        self._wake_pending = False
-        self.run = _FeedRun(
-            params,
-            bundle.wrap(fn_blob, cluster.bundle),  # the handle's modules and files travel along
-            iter(()),
-            _ForwardSink(self),
-            total_hint=total_hint,
-            on_output=taskoutput.printer.put if cluster.task_output else None,
-            stream=self,
-        )
-        cluster._track(self)
-        cluster._call_soon(self._submit)
-
-    # ------------------------------------------------------------ caller's side
-
-    def put_many(
-        self, blobs: list[bytes], tags: list[Any] | None = None, counts: list[int] | None = None
-    ) -> None:
-        """Queue pickled arguments (and optional tags for :attr:`on_send`); ``counts[i]`` > 0:
-        pickle ``i`` is an argument group of that many (untagged) arguments."""
-        if not blobs:
-            return
-        with self.lock:
-            if self.killing:
-                return  # the job is being killed; its end reaches the consumer as an event
-            if self.input_closed:
-                raise RuntimeError("this job takes no more arguments")
-            self._items.extend(
-                zip(
-                    blobs,
-                    tags if tags is not None else itertools.repeat(None),
-                    counts if counts is not None else itertools.repeat(0),
-                )
-            )
-            self.unsent_bytes += sum(map(len, blobs))
-            self._wake_soon()
-
-    def close_input(self) -> None:
-        """No more arguments: the job ends once every queued one has run."""
-        with self.lock:
-            if not self.input_closed:
-                self.input_closed = True
-                self._wake_soon()
-
-    def withdraw(self, on_item: Callable[[Any], None] | None = None) -> list[Any]:
-        """Remove every unsent item; ``on_item(tag)`` runs for each under :attr:`lock`."""
-        with self.lock:
-            taken = list(self._items)
-            self._items.clear()
-            self.unsent_bytes = 0
-            if on_item is not None:
-                for _, tag, _ in taken:
-                    on_item(tag)
-            if taken:
-                self._wake_soon()  # the end of input may now be reachable
-        return [tag for _, tag, _ in taken]
-
-    def kill_soon(self) -> None:
-        """Like :meth:`kill` without taking the lock (for finalizers, which may run anywhere)."""
-        self.killing = True
-        self.input_closed = True
-        self.cluster._call_soon(self._kill_now)
-
-    def kill(self) -> None:
-        """Stop the job now: unsent arguments are dropped and running ones are cancelled."""
-        with self.lock:
-            self.killing = True  # no args_end now: the job must end killed, not done
-            self.input_closed = True
-            self._items.clear()
-            self.unsent_bytes = 0
-        self.cluster._call_soon(self._kill_now)
-
-    # ------------------------------------------------------------ reactor's side
-
-    def _wake_soon(self) -> None:
-        # called with self.lock held; one wake-up per batch of puts, not one per argument
-        if not self._wake_pending:
-            self._wake_pending = True
-            self.cluster._call_soon(self._wake)
-
-    def _wake(self) -> None:
-        with self.lock:
-            self._wake_pending = False
-        self.run.send_arguments()
-
-    def _take(self, limit: int, start: int, room: int) -> tuple[list[bytes], list[int], bool]:
-        """Up to ``limit`` arguments in at most ``room`` bytes (or one pickle): pickles of one
-        kind (bare arguments, or argument groups with their sizes) and whether input ended."""
-        out: list[bytes] = []
-        groups: list[int] = []
-        count = nbytes = 0
-        with self.lock:
-            items = self._items
-            while items and (not out or nbytes + len(items[0][0]) <= room):
-                blob, tag, n = items[0]
-                if count + max(n, 1) > limit or (out and bool(n) != bool(groups)):
-                    break  # a group never passes the window; one message, one kind
-                items.popleft()
-                self.unsent_bytes -= len(blob)
-                if (
-                    tag is not None
-                    and self.on_send is not None
-                    and not self.on_send(start + count, tag)
-                ):
-                    continue
-                out.append(blob)
-                nbytes += len(blob)
-                count += max(n, 1)
-                if n:
-                    groups.append(n)
-            return out, groups, self.input_closed and not items and not self.killing
-
-    def _submit(self) -> None:
-        client = self.cluster._client
-        if client is None:
-            self.run.fail(ConnectionLost("the cluster handle is closed"))
-            d = self.run.finished
-        else:
-            d = client.submit(self.run)
-        d.addCallbacks(self._ended, self._ended_badly)
-
-    def _kill_now(self) -> None:
-        self.kill_requested = True
-        run = self.run
-        if run.finished.called or self.cluster._client is None:
-            return
-        if run.job_id is not None:
-            self.cluster._client.kill_quietly(run.job_id)
-        # else: _FeedRun.start kills it the moment the server names it
-
-    def _ended(self, outcome: Any) -> None:
-        self.events.put(("end", self, None))
-        self.finished.set()
-
-    def _ended_badly(self, failure: Any) -> None:
-        self.error = failure.value
-        self.events.put(("end", self, failure.value))
-        self.finished.set()
-
-
 class _Feeder:
     """Pulls a user's iterable on the caller's thread into a stream, at most ``limit`` ahead."""
 
@@ -526,9 +267,9 @@ class _Feeder:
         self.error: BaseException | None = None
         # refill only once a few results were consumed: one reactor wake-up per refill
         self._slack = 0 if limit is None else max(1, limit // 8) - 1
-        run = stream.run
+        job = stream.session
         #: arguments per pickle wanted (1: none grouped), and now (bounded by their bytes)
-        self.group = 1 if run.params.gang else group_target(run.total_hint, run.params.chunksize)
+        self.group = 1 if job.params.gang else group_target(job.total_hint, job.params.chunksize)
         self._group_now = 1  # the first argument alone: its size tells how many fit a group
 
     def top_up(self, consumed: int) -> None:
@@ -686,7 +427,7 @@ class ResultIterator(Iterator[Any]):
     @property
     def job_id(self) -> int | None:
         """The server's id of the job, once it has answered the submit."""
-        return self._stream.run.job_id
+        return self._stream.job_id
 
     @property
     def taken(self) -> int:
@@ -1020,8 +761,18 @@ class Cluster:
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._reactor.callFromThread(fn, *args)
 
-    def _track(self, stream: JobStream) -> None:
+    def _stream(self, fn_blob: bytes, params: JobOptions, **options: Any) -> JobStream:
+        """Start a job of this handle: its modules and files travel along, its task output is
+        printed here (by the printer thread)."""
+        stream = JobStream(
+            bundle.wrap(fn_blob, self.bundle),
+            params,
+            call_soon=self._call_soon,
+            on_output=taskoutput.printer.put if self.task_output else None,
+            **options,
+        )
         self._streams.add(stream)
+        return stream.start(self._client)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1084,7 +835,7 @@ class Cluster:
         source = iter(iterable)
         name = f"{kind}:{describe(fn)}"
         params = self._params(name, star=star, chunksize=chunksize)
-        stream = JobStream(self, blob, params, total_hint=total, runs=True)
+        stream = self._stream(blob, params, total_hint=total, runs=True)
         return ResultIterator(
             stream,
             source,
@@ -1203,8 +954,7 @@ class Cluster:
         self._check_open()
         blob = function_blob(fn, combine)
         source = iter(iterable)
-        stream = JobStream(
-            self,
+        stream = self._stream(
             blob,
             self._params(
                 f"reduce:{describe(fn)}", mode="reduce", chunksize=chunksize, on_error="fail"
@@ -1231,9 +981,11 @@ class Cluster:
                             raise remote_exception(error)
                         values.append(result)
                     consumed += len(event[2])
-                else:
+                elif kind == "partial":
                     values = [event[3]]
                     consumed += event[2]
+                else:
+                    continue
                 for value in values:
                     acc = combine(acc, value) if have else value
                     have = True

@@ -1,13 +1,21 @@
-"""The console's connection to a server: requests by id, and job runs with windowed arguments."""
+"""The client side of a job: a pure job session, the thread bridge that drives it, and the
+connection to a server (requests by id, each job's traffic routed to its stream).
+
+Shared by the console and the Python API: both feed pickled arguments into a
+:class:`JobStream` and take its results on a thread of their own.
+"""
 
 from __future__ import annotations
 
 import itertools
+import operator
 import pickle
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -60,167 +68,6 @@ class ArgumentTooLarge(JobFailed):
         self.size = size
 
 
-class PulledArguments:
-    """Arguments pulled and pickled on the reactor thread as the window opens.
-
-    Only for sources that never block and hold small values (a list, a range, tests on a
-    fake clock): anything read from a file or pipe goes through :class:`ThreadedArguments`.
-    """
-
-    def __init__(self, source: Iterator[Any]) -> None:
-        self.source = source
-        self._keep = False
-        self._exhausted = False
-        #: pickled but not yet sent (read ahead, or they did not fit in the last message)
-        self._ready: deque[tuple[bytes, Any]] = deque()
-
-    def start(self, wake: Callable[[], None], *, keep_items: bool) -> None:
-        self._keep = keep_items
-
-    def take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
-        ready = self._ready
-        if not self._exhausted and len(ready) <= limit:  # one more: the end is known in time
-            want = limit + 1 - len(ready)
-            for value in itertools.islice(self.source, want):
-                ready.append((dumps(value), value if self._keep else None))
-                want -= 1
-            self._exhausted = want > 0
-        blobs, items = _pop_chunk(ready, limit, room, self._keep)
-        return blobs, items, self._exhausted and not ready
-
-    def stop(self) -> None:
-        self._ready.clear()
-
-
-class ThreadedArguments:
-    """Reads and pickles a job's arguments on a thread of its own, ahead of the window.
-
-    The reactor only takes what is ready, so a FIFO with no writer, a pipe giving a line a
-    second, or a huge line never stops heartbeats and results. At most ``max_bytes`` (or
-    ``max_items``) of pickled arguments wait here, plus the one being read.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        source: Iterator[Any],
-        *,
-        max_bytes: int = READ_AHEAD_BYTES,
-        max_items: int = READ_AHEAD_ITEMS,
-    ) -> None:
-        self.reactor = reactor
-        self.source = source
-        self.max_bytes = max_bytes
-        self.max_items = max_items
-        self._cond = threading.Condition()
-        self._ready: deque[tuple[bytes, Any]] = deque()
-        self._bytes = 0
-        self._ended = False
-        self._error: BaseException | None = None
-        self._stopped = False
-        self._wake_pending = False
-        self._wake: Callable[[], None] = lambda: None
-        self._keep = False
-        self.thread: threading.Thread | None = None
-
-    def start(self, wake: Callable[[], None], *, keep_items: bool) -> None:
-        self._wake = wake
-        self._keep = keep_items
-        self.thread = threading.Thread(target=self._read, name="remap-arguments", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        """The reader thread: pull, pickle, queue; wait while the queue is full."""
-        try:
-            for value in self.source:
-                blob = dumps(value)
-                with self._cond:
-                    while not self._stopped and (
-                        self._bytes >= self.max_bytes or len(self._ready) >= self.max_items
-                    ):
-                        self._cond.wait()
-                    if self._stopped:
-                        return
-                    self._ready.append((blob, value if self._keep else None))
-                    self._bytes += len(blob)
-                    self._wake_soon()
-        except BaseException as exc:  # reported in order, after the arguments before it
-            with self._cond:
-                self._error = exc
-                self._wake_soon()
-            return
-        with self._cond:
-            self._ended = True
-            self._wake_soon()
-
-    def _wake_soon(self) -> None:
-        # with the lock held; one reactor call per burst of arguments, not one per argument
-        if not self._wake_pending and not self._stopped:
-            self._wake_pending = True
-            self.reactor.callFromThread(self._woken)
-
-    def _woken(self) -> None:
-        with self._cond:
-            self._wake_pending = False
-        self._wake()
-
-    def take(self, limit: int, room: int) -> tuple[list[bytes], list[Any] | None, bool]:
-        with self._cond:
-            if self._error is not None and not self._ready:
-                raise self._error
-            blobs, items = _pop_chunk(self._ready, limit, room, self._keep)
-            if blobs:
-                self._bytes -= sum(len(b) for b in blobs)
-                self._cond.notify()
-            return blobs, items, self._ended and not self._ready
-
-    def stop(self) -> None:
-        """The job ended: drop what is queued and let the thread leave (unless it is blocked
-        reading its source; it is a daemon and leaves at its next argument)."""
-        with self._cond:
-            self._stopped = True
-            self._ready.clear()
-            self._bytes = 0
-            self._cond.notify_all()
-
-
-def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
-    """``(index, pickle)`` of each argument to send again after a resume, one pickle each: an
-    argument kept as part of a group (this console's own pickle) is taken out of it."""
-    groups: dict[int, list[Any]] = {}
-    out = []
-    for index, item in kept:
-        if type(item) is tuple:
-            blob, first = item
-            values = groups.get(first)
-            if values is None:
-                values = groups[first] = pickle.loads(blob)
-            item = cloudpickle.dumps(values[index - first], PICKLE_PROTOCOL)
-        out.append((index, item))
-    return out
-
-
-def _pop_chunk(
-    ready: deque[tuple[bytes, Any]], limit: int, room: int, keep: bool
-) -> tuple[list[bytes], list[Any] | None]:
-    """Up to ``limit`` queued arguments in at most ``room`` bytes (an argument over it goes alone).
-
-    Each argument also costs its entry in the header's ``sizes`` list (at most 9 bytes).
-    """
-    blobs: list[bytes] = []
-    items: list[Any] = []
-    size = 0
-    while ready and len(blobs) < limit:
-        cost = len(ready[0][0]) + 9
-        if blobs and size + cost > room:
-            break
-        blob, value = ready.popleft()
-        blobs.append(blob)
-        items.append(value)
-        size += cost
-    return blobs, items if keep else None
-
-
 @dataclass
 class JobOutcome:
     job: int
@@ -230,88 +77,107 @@ class JobOutcome:
     message: str
 
 
-@dataclass
-class JobRun:
-    """One job as the console sees it: feeds arguments as the server grants, collects results."""
+#: an ``outbox`` entry ``(KILL, job)``: ask the server to kill the job (a request of its own)
+KILL = "kill"
 
-    params: JobOptions
-    fn_blob: bytes
-    #: a plain iterator (pulled on the reactor thread: it must never block) or ThreadedArguments
-    arguments: Iterator[Any] | ThreadedArguments
-    sink: Sink
-    total_hint: int | None = None
-    on_notice: Callable[[str], None] | None = None
-    on_output: Callable[[int, str], None] | None = None
-    job_id: int | None = None
-    sent: int = 0
-    done: int = 0
-    failed: int = 0
-    exhausted: bool = False
-    finished: defer.Deferred = field(default_factory=defer.Deferred)
-    _client: Any = None
-    _granted: int = 0
-    #: bytes the first window may still carry; None once a `grant` came or it was spent
-    _first_bytes: int | None = None
-    #: the last ``args`` sent carried argument groups (see :meth:`_group_leaves_no_room`)
-    _last_grouped: bool = False
-    _args: dict[int, Any] = field(default_factory=dict)
-    _source: PulledArguments | ThreadedArguments | None = None
-    _sending: bool = False
-    _kill_on_start: bool = False
-    _submit_id: int | None = None
-    #: pickled arguments sent whose outcome has not arrived, by index (None: the run cannot
-    #: be resumed, so nothing is kept): what a reconnected console sends again
-    _unanswered: dict[int, bytes | tuple[bytes, int]] | None = None
-    #: (index, pickle) to send again after a ``resume``, before any new argument
-    _replay: deque[tuple[int, bytes]] = field(default_factory=deque)
-    #: the first error that arrived (with its remote traceback), for a console to show
-    first_error: TaskErrorInfo | None = None
 
-    # ------------------------------------------------------------- arguments out
+class JobSession:
+    """One job as a client sees it, pure: events in, messages and result events out.
+
+    It never pulls a user iterator, pickles a user object or calls a sink: arguments come
+    already pickled through ``take``, results leave as events a caller's thread hands to its
+    sink. So the same session serves the console and the Python API, and a test drives it
+    with plain calls. After each call, :attr:`outbox` holds what to send (messages, or
+    ``(KILL, job)``) and :attr:`events` what to deliver: ``("items", indices, results,
+    errors or None, arguments or None)`` and ``("partial", count, value)``. :attr:`finished` is set once, with
+    :attr:`outcome` (the job ended done) or :attr:`error`.
+    """
+
+    def __init__(
+        self,
+        params: JobOptions,
+        fn_blob: bytes = b"",
+        *,
+        total_hint: int | None = None,
+        keep_arguments: bool = False,
+    ) -> None:
+        self.params = params
+        self.fn_blob = fn_blob
+        self.total_hint = total_hint
+        #: the sink stores arguments: keep each (as its tag) until its result comes
+        self.keep_arguments = keep_arguments
+        self.job_id: int | None = None
+        self.submit_id: int | None = None
+        self.sent = 0
+        self.done = 0
+        self.failed = 0
+        self.exhausted = False
+        #: bytes one argument may take (the connection's frame limit less a header)
+        self.frame_room = DEFAULT_MAX_FRAME - ARGS_OVERHEAD
+        #: the first error that arrived (with its remote traceback), for a console to show
+        self.first_error: TaskErrorInfo | None = None
+        self.finished = False
+        self.outcome: JobOutcome | None = None
+        self.error: Exception | None = None
+        self.outbox: list[Any] = []
+        self.events: list[tuple[Any, ...]] = []
+        self._granted = 0
+        #: bytes the first window may still carry; None once a `grant` came or it was spent
+        self._first_bytes: int | None = None
+        self._args: dict[int, Any] = {}
+        self._kill_on_start = False
+        #: pickled arguments sent whose outcome has not arrived, by index, or (an argument
+        #: group) the group's pickle and first index (None: the job cannot be resumed, so
+        #: nothing is kept): what a reconnected client sends again
+        self._unanswered: dict[int, bytes | tuple[bytes, int]] | None = None
+        #: the last ``args`` sent carried argument groups (see :meth:`_group_leaves_no_room`)
+        self._last_grouped = False
+        #: (index, pickle) to send again after a ``resume``, before any new argument
+        self._replay: deque[tuple[int, bytes]] = deque()
 
     @property
     def wire_job(self) -> int:
         """The job id to put in `args`: the real one, or minus the submit id until it is known."""
-        return self.job_id if self.job_id is not None else -(self._submit_id or 0)
+        return self.job_id if self.job_id is not None else -(self.submit_id or 0)
 
-    def begin(self, client: ClusterClient, submit_id: int) -> None:
-        """Right after `submit`: send the protocol's initial window under ``job = -submit_id``."""
-        self._client = client
-        self._submit_id = submit_id
+    # ------------------------------------------------------------- events in
+
+    def submit(self, rid: int, *, resumable: bool = False) -> None:
+        """Send `submit`; the protocol's initial window may follow at once under ``-rid``.
+        ``resumable``: the client dials again when cut off, so keep what a resume needs."""
+        self.submit_id = rid
+        if resumable and not self.params.detach:
+            self._unanswered = {}
         self._granted = m.INITIAL_WINDOW
         self._first_bytes = m.INITIAL_WINDOW_BYTES
-        if client.redial is not None and not self.params.detach:
-            self._unanswered = {}
-        if self._source is None:
-            source = self.arguments
-            self._source = (
-                source if isinstance(source, ThreadedArguments) else PulledArguments(source)
-            )
-            self._source.start(self.send_arguments, keep_items=self.sink.needs_arguments)
-        self.send_arguments()
+        total = self.total_hint if self.total_hint is not None else -1
+        self.outbox.append(m.Submit.of(self.params, id=rid, total=total, payload=self.fn_blob))
 
-    def start(self, client: ClusterClient, job_id: int, window: int) -> None:
-        """`submitted`: the job has its id; ``window`` counts what was already sent under -id."""
-        early = self.job_id is None and self._submit_id is not None
-        self._client = client
-        self.job_id = job_id
+    def attach(self, job: int) -> None:
+        """Receive a running or finished job's results; it takes no arguments from here."""
+        self.job_id = job
+        self.exhausted = True
+
+    def submitted(self, job: int, window: int) -> None:
+        """The job has its id; ``window`` counts what was already sent under -id."""
+        early = self.job_id is None and self.submit_id is not None
+        self.job_id = job
         self._granted = window - self.sent if early else window
         if self._first_bytes is not None and (
             self._first_bytes <= 0 or self._group_leaves_no_room()
         ):
             self._granted = 0  # the first window was spent in bytes: wait for a grant
         if self._kill_on_start:
-            client.kill_quietly(job_id)
-        self.send_arguments()
+            self.outbox.append((KILL, job))
 
     @property
     def resumable(self) -> bool:
-        """Whether a reconnected console can take this job back (see :meth:`resume_message`)."""
-        return self._unanswered is not None and self.job_id is not None and not self.finished.called
+        """Whether a reconnected client can take this job back (see :meth:`resume_message`)."""
+        return self._unanswered is not None and self.job_id is not None and not self.finished
 
     def resume_message(self, request_id: int) -> m.Resume:
         """What the server needs to take the job back: the runs of arguments sent whose
-        outcome never arrived (this console sends them again) and the outcomes it holds."""
+        outcome never arrived (this client sends them again) and the outcomes it holds."""
         assert self._unanswered is not None and self.job_id is not None
         missing: list[list[int]] = []
         for index in sorted(self._unanswered):
@@ -329,7 +195,7 @@ class JobRun:
         )
 
     def resumed(self, window: int) -> None:
-        """The server took the job back: send the unanswered arguments again, then the rest
+        """The server took the job back: the unanswered arguments go again, then the rest
         (and ``args_end`` again), under a fresh first window."""
         assert self._unanswered is not None
         self._replay = deque(_bare(sorted(self._unanswered.items())))
@@ -337,7 +203,6 @@ class JobRun:
         self._first_bytes = m.INITIAL_WINDOW_BYTES
         self._last_grouped = False
         self.exhausted = False
-        self.send_arguments()
 
     def _keep_unanswered(self, start: int, blobs: list[bytes], groups: list[int]) -> None:
         """Keep what a resume would send again: each argument's pickle, or (an argument
@@ -375,25 +240,17 @@ class JobRun:
     def grant(self, count: int) -> None:
         self._first_bytes = None  # the server knows the sizes now: its grants bound the bytes
         self._granted += count
-        self.send_arguments()
 
-    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[int], list[Any] | None, bool]:
-        """Up to ``limit`` arguments ready now (at most ``room`` bytes, or one pickle): their
-        pickles, the arguments in each pickle (``[]``: one each; else argument groups, never
-        one that would pass ``limit``), their values if the sink keeps them, and whether the
-        source has ended."""
-        assert self._source is not None
-        blobs, items, ended = self._source.take(limit, room)
-        return blobs, [], items, ended
-
-    def send_arguments(self) -> None:
-        if self.exhausted or self._sending or self.finished.called or self._client is None:
+    def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
+        """Send what the window allows. ``take(limit, room, start)`` gives up to ``limit``
+        arguments ready now (at most ``room`` bytes, or one pickle): their pickles, the
+        arguments in each (``[]``: one each; else argument groups, never one that would pass
+        ``limit``), their tags, and whether the input has ended; it raises what broke the
+        input, after the arguments before it."""
+        if self.exhausted or self.finished or (self.job_id is None and self.submit_id is None):
             return
-        if self._client.link is None:
-            return  # reconnecting: what is ready waits for the resumed job's window
-        self._sending = True
+        room = self.frame_room
         try:
-            room = self._client.frame_room()
             while True:
                 chunk_room = min(room, CHUNK_BYTES)
                 if self._first_bytes is not None:
@@ -404,17 +261,15 @@ class JobRun:
                         return
                     start, blobs = self._take_replay(limit, chunk_room)
                     groups: list[int] = []
-                    items, ended = None, False
+                    tags, ended = [], False
                 else:
                     start = self.sent
-                    blobs, groups, items, ended = self._take(limit, chunk_room)
+                    blobs, groups, tags, ended = take(limit, chunk_room, start)
                 if blobs:
                     for k, blob in enumerate(blobs):
                         if len(blob) > room:
                             index = start + (sum(groups[:k]) if groups else k)
                             raise ArgumentTooLarge(index, len(blob), room)
-                    if items is not None and self.sink.needs_arguments:
-                        self._args.update(zip(range(start, start + len(items)), items))
                     msg = m.Args(
                         job=self.wire_job,
                         start=start,
@@ -422,8 +277,10 @@ class JobRun:
                         groups=groups,
                         payload=b"".join(blobs),
                     )
-                    self._client.send(msg)
+                    self.outbox.append(msg)
                     if start == self.sent:  # new arguments (not sent again after a resume)
+                        if self.keep_arguments and not groups:
+                            self._args.update(zip(range(start, start + len(tags)), tags))
                         if self._unanswered is not None:
                             self._keep_unanswered(start, blobs, groups)
                         self.sent += msg.count
@@ -435,123 +292,124 @@ class JobRun:
                             self._granted = 0  # forfeited: the server counts the same bytes
                 if ended:
                     self.exhausted = True
-                    self._client.send(m.ArgsEnd(job=self.wire_job, total=self.sent))
+                    self.outbox.append(m.ArgsEnd(job=self.wire_job, total=self.sent))
                     return
                 if not blobs or self._granted <= 0:
                     return
-        except Exception as exc:  # the argument source failed (bad line, unpicklable object...)
-            error = (
+        except Exception as exc:  # the input failed (bad line, unpicklable object...)
+            self.abort(
                 exc
                 if isinstance(exc, RemapError)
                 else JobFailed(f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
             )
-            if self.job_id is None:
-                self._kill_on_start = True  # no job id yet: kill it when `submitted` names it
-            else:
-                self._client.kill_quietly(self.job_id)
-            self.fail(error)
-        finally:
-            self._sending = False
-
-    # ------------------------------------------------------------- results in
 
     def results(self, msg: m.Results) -> None:
-        """Deliver one ``results`` message to the sink; a failure here fails this job only.
+        """Decode one ``results`` message into events; a failure here fails this job only.
 
-        A sink that cannot write (disk full), a result that will not unpickle under
-        ``on_error: fail``, or any other console-side failure kills the job on the server and
-        fails the run with an error that says what went wrong, instead of escaping into the
+        A result that will not unpickle under ``on_error: fail`` kills the job on the server
+        and fails it with a line saying what went wrong, instead of escaping into the
         connection (which would be reported as a lost connection).
         """
-        if self.finished.called:  # already failed here: later results have nowhere to go
+        if self.finished:  # already failed here: later results have nowhere to go
             return
-        unanswered = self._unanswered
-        if unanswered is not None:
-            pop = unanswered.pop
+        if self._unanswered is not None:
+            pop = self._unanswered.pop
             for index in msg.indices:
                 pop(index, None)
         try:
-            self._deliver(msg)
-            self.sink.flush()
+            self._decode(msg)
         except Exception as exc:
-            if isinstance(exc, OSError):  # a write the sink did not name (stdout, a pipe)
-                exc = OutputError(
-                    f"job {self.job_id}: this console could not write its results: {os_reason(exc)}"
-                )
-            elif not isinstance(exc, RemapError):  # a bug: its traceback goes to the log
-                log.failure("saving the results of job {job} failed", job=self.job_id)
+            if not isinstance(exc, RemapError):  # a bug: its traceback goes to the log
+                log.failure("reading the results of job {job} failed", job=self.job_id)
                 exc = JobFailed(
-                    f"job {self.job_id} failed on this console while saving its results: "
+                    f"job {self.job_id} failed on this console while reading its results: "
                     f"{type(exc).__name__}: {exc}"
                 )
-            if self._client is not None:
-                self._client.kill_quietly(self.job_id)
-            self.fail(exc)
+            self.abort(exc)
 
-    def _deliver(self, msg: m.Results) -> None:
+    def ended(self, msg: m.JobDone) -> None:
+        if self.finished:  # failed here first (e.g. its input broke)
+            return
+        self.finished = True
+        if msg.state == "done":
+            self.outcome = JobOutcome(msg.job, msg.state, msg.done, msg.failed, msg.message)
+        elif msg.state == "killed":
+            self.error = JobKilled(f"job {msg.job} was killed: {msg.message}")
+        else:
+            self.error = JobFailed(f"job {msg.job} {msg.state}: {msg.message}")
+
+    def kill(self) -> None:
+        """Ask the server to kill the job, now or as soon as it is named."""
+        if self.job_id is None:
+            self._kill_on_start = True
+        elif not self.finished:
+            self.outbox.append((KILL, self.job_id))
+
+    def abort(self, error: Exception) -> None:
+        """Kill the job on the server and fail it here with ``error``."""
+        if not self.finished:
+            self.kill()
+            self.fail(error)
+
+    def fail(self, error: Exception) -> None:
+        """End the job here with ``error`` (the connection is lost, the server refused it...)."""
+        if not self.finished:
+            self.finished = True
+            self.error = error
+
+    # ------------------------------------------------------------- decoding results
+
+    def _decode(self, msg: m.Results) -> None:
         errors = {e[0]: e for e in msg.errors}
         if errors and self.first_error is None:
             pos = min(errors)
             self.first_error = _error_info(msg.indices[pos], errors[pos], None)
-        sink = self.sink
-        if msg.output and self.on_output is not None:
-            self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
+        indices = msg.indices
         unreadable: set[int] = set()
         if msg.partial:
-            for pos, entry in errors.items():
-                sink.add(
-                    msg.indices[pos],
-                    self._args.pop(msg.indices[pos], None),
-                    None,
-                    _error_info(msg.indices[pos], entry),
-                )
+            partial: Any = None
             if msg.sizes:
                 try:
-                    partial = pickle.loads(msg.payload)
+                    partial = (pickle.loads(msg.payload),)
                 except Exception as exc:
-                    unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
-                    for pos in sorted(unreadable):
-                        index = msg.indices[pos]
-                        entry = _unreadable_entry(pos, exc, "partial result")
-                        errors[pos] = entry
-                        sink.add(
-                            index, self._args.pop(index, None), None, _error_info(index, entry)
-                        )
-                else:
-                    sink.add_partial(len(msg.indices) - len(errors), partial)
-            self.failed += len(errors)
-            self.done += len(msg.indices) - len(errors)
-            self._check_unreadable(msg, errors, unreadable)
-            return
-        pop = self._args.pop
-        if msg.packed:
-            values, unreadable = self._unpack(msg, errors)
+                    unreadable = {pos for pos in range(len(indices)) if pos not in errors}
+                    for pos in unreadable:
+                        errors[pos] = _unreadable_entry(pos, exc, "partial result")
+            bad = sorted(errors)
+            if bad:
+                info = [_error_info(indices[p], errors[p]) for p in bad]
+                self._items([indices[p] for p in bad], [None] * len(bad), info)
+            if partial is not None:
+                self.events.append(("partial", len(indices) - len(errors), partial[0]))
         else:
-            values, unreadable = self._load_each(msg, errors)
-        if not errors:  # the common case: one call into the sink per batch
-            arguments = [pop(i, None) for i in msg.indices] if sink.needs_arguments else None
-            sink.add_results(msg.indices, arguments, values)
-            self.done += len(msg.indices)
-            return
-        for pos, (index, value) in enumerate(zip(msg.indices, values)):
-            entry = errors.get(pos)
-            if entry is not None:
-                sink.add(index, pop(index, None), None, _error_info(index, entry, value))
+            if msg.packed:
+                values, unreadable = _unpack(msg, errors)
             else:
-                sink.add(index, pop(index, None), value, None)
+                values, unreadable = _load_each(msg, errors)
+            if not errors:  # the common case: the batch goes on in one step
+                self._items(indices, values, None)
+            else:
+                infos = [
+                    _error_info(index, errors[pos], values[pos]) if pos in errors else None
+                    for pos, index in enumerate(indices)
+                ]
+                self._items(indices, [None if e else v for v, e in zip(values, infos)], infos)
         self.failed += len(errors)
-        self.done += len(msg.indices) - len(errors)
-        self._check_unreadable(msg, errors, unreadable)
+        self.done += len(indices) - len(errors)
+        if unreadable:
+            self._check_unreadable(indices, errors, unreadable)
+
+    def _items(self, indices: list[int], values: list[Any], infos: list[Any] | None) -> None:
+        arguments = [self._args.pop(i, None) for i in indices] if self.keep_arguments else None
+        self.events.append(("items", indices, values, infos, arguments))
 
     def _check_unreadable(
-        self, msg: m.Results, errors: dict[int, list[Any]], unreadable: set[int]
+        self, indices: list[int], errors: dict[int, list[Any]], unreadable: set[int]
     ) -> None:
-        """Results this console cannot unpickle are errors; under ``on_error: fail`` they end
+        """Results this client cannot unpickle are errors; under ``on_error: fail`` they end
         the job like a remote error would (the server counted them as successes)."""
-        if not unreadable:
-            return
         pos = min(unreadable)
-        info = _error_info(msg.indices[pos], errors[pos], None)
+        info = _error_info(indices[pos], errors[pos], None)
         if self.first_error is None:
             self.first_error = info
         if self.params.on_error == "fail":
@@ -559,74 +417,514 @@ class JobRun:
                 f"job {self.job_id} failed: argument {info.index}: {info.type_name}: {info.message}"
             )
 
-    @staticmethod
-    def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
-        """One pickle per result: a result that will not load becomes that argument's error.
 
-        Error slots keep their blob (the pickled exception); ``errors`` gains an entry per
-        unreadable result, whose positions are returned.
-        """
-        values: list[Any] = []
-        unreadable: set[int] = set()
-        for pos, blob in enumerate(split(msg.sizes, msg.payload)):
-            if pos in errors:
-                values.append(blob)
-                continue
-            try:
-                values.append(pickle.loads(blob))
-            except Exception as exc:
-                errors[pos] = _unreadable_entry(pos, exc, "result")
-                unreadable.add(pos)
-                values.append(None)
-        return values, unreadable
+def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
+    """One pickle per result: a result that will not load becomes that argument's error.
 
-    @staticmethod
-    def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
-        """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
+    Error slots keep their blob (the pickled exception); ``errors`` gains an entry per
+    unreadable result, whose positions are returned.
+    """
+    values: list[Any] = []
+    unreadable: set[int] = set()
+    for pos, blob in enumerate(split(msg.sizes, msg.payload)):
+        if pos in errors:
+            values.append(blob)
+            continue
         try:
-            values = pickle.loads(msg.payload)
-            if type(values) is not list or len(values) != len(msg.indices):
-                raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
-            return values, set()
+            values.append(pickle.loads(blob))
         except Exception as exc:
-            # the remote errors keep their type, message and traceback; the rest is unreadable
-            unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
-            for pos in unreadable:
-                errors[pos] = _unreadable_entry(pos, exc, "batch's results")
-            return [None] * len(msg.indices), unreadable
+            errors[pos] = _unreadable_entry(pos, exc, "result")
+            unreadable.add(pos)
+            values.append(None)
+    return values, unreadable
 
-    def ended(self, msg: m.JobDone) -> None:
-        if self.finished.called:  # failed here first (e.g. its argument source broke)
+
+def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
+    """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
+    try:
+        values = pickle.loads(msg.payload)
+        if type(values) is not list or len(values) != len(msg.indices):
+            raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
+        return values, set()
+    except Exception as exc:
+        # the remote errors keep their type, message and traceback; the rest is unreadable
+        unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
+        for pos in unreadable:
+            errors[pos] = _unreadable_entry(pos, exc, "batch's results")
+        return [None] * len(msg.indices), unreadable
+
+
+def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
+    """``(index, pickle)`` of each argument to send again after a resume, one pickle each: an
+    argument kept as part of a group (this client's own pickle) is taken out of it."""
+    groups: dict[int, list[Any]] = {}
+    out = []
+    for index, item in kept:
+        if type(item) is tuple:
+            blob, first = item
+            values = groups.get(first)
+            if values is None:
+                values = groups[first] = pickle.loads(blob)
+            item = cloudpickle.dumps(values[index - first], PICKLE_PROTOCOL)
+        out.append((index, item))
+    return out
+
+
+class JobStream:
+    """The thread bridge: drives one :class:`JobSession` on the reactor thread, fed and
+    consumed from any other threads.
+
+    Pickled arguments come from any thread (:meth:`put_many`, or :func:`read_into` for a
+    source that may block) into a bounded queue the reactor drains as the server grants
+    window. Results become events on :attr:`events`, in the order the reactor saw them:
+    ``("items", stream, [(index, result, error), ...], arguments or None)``, with ``runs``
+    ``("runs", stream, [(first index, [result, ...])])`` for results of consecutive arguments
+    without errors, ``("partial", stream, count, value)`` (reduce mode) and last ``("end",
+    stream, error_or_None)``. The caller's thread takes them (:meth:`collect` feeds a sink), so user
+    code (folds, sinks, done-callbacks) never runs on the reactor thread.
+    """
+
+    def __init__(
+        self,
+        fn_blob: bytes,
+        params: JobOptions,
+        *,
+        call_soon: Callable[..., None],
+        events: queue.SimpleQueue | None = None,
+        on_send: Callable[[int, Any], bool] | None = None,
+        on_items: Callable[[list[Any]], list[Any]] | None = None,
+        on_output: Callable[[int, str], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+        owner: Any = None,
+        total_hint: int | None = None,
+        keep_arguments: bool = False,
+        runs: bool = False,
+    ) -> None:
+        #: the consumer takes ``runs`` events (results of consecutive arguments as one list)
+        self.runs = runs
+        self.session = JobSession(
+            params, fn_blob, total_hint=total_hint, keep_arguments=keep_arguments
+        )
+        #: runs a function on the reactor thread (``reactor.callFromThread``)
+        self.call_soon = call_soon
+        self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
+        #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
+        #: sent with its argument index; False drops the item (a cancelled future)
+        self.on_send = on_send
+        #: called on the reactor thread with each batch of ``(index, result, error)``: it may
+        #: settle some at once and returns the rest, which go on as an ``items`` event
+        self.on_items = on_items
+        #: what tasks printed (thread-safe: it only queues the text)
+        self.on_output = on_output
+        #: a notice from the server (thread-safe: it only queues the text)
+        self.on_notice = on_notice
+        self.owner = owner
+        self.client: ClusterClient | None = None
+        self.lock = threading.Lock()
+        self._room = threading.Condition(self.lock)
+        self.finished = threading.Event()
+        self.error: Exception | None = None
+        self.outcome: JobOutcome | None = None
+        self.input_closed = False
+        self.killing = False
+        self.unsent_bytes = 0
+        self._input_error: BaseException | None = None
+        #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
+        self._items: deque[tuple[bytes, Any, int]] = deque()
+        self._wake_pending = False
+
+    @property
+    def job_id(self) -> int | None:
+        return self.session.job_id
+
+    # ------------------------------------------------------------ any thread
+
+    def start(self, client: ClusterClient | None) -> JobStream:
+        """Submit the job on ``client``'s connection."""
+        self.call_soon(self._start, client)
+        return self
+
+    def attach(self, client: ClusterClient, job: int) -> JobStream:
+        """Receive a running or finished job's results."""
+        self.call_soon(client.attach, job, self)
+        return self
+
+    def put_many(
+        self, blobs: list[bytes], tags: list[Any] | None = None, counts: list[int] | None = None
+    ) -> None:
+        """Queue pickled arguments (and optional tags, for :attr:`on_send` or the sink);
+        ``counts[i]`` > 0: pickle ``i`` is an argument group of that many (untagged) arguments."""
+        if not blobs:
             return
-        self._stop_source()
-        complete = msg.state == "done"
-        try:
-            self.sink.close(complete=complete)
-        except Exception as exc:  # the output could not be finished: say so, never hang
-            self.fail(
-                JobFailed(f"job {msg.job} finished but its results could not be saved: {exc}")
+        with self.lock:
+            if self.killing:
+                return  # the job is being killed; its end reaches the consumer as an event
+            if self.input_closed:
+                raise RuntimeError("this job takes no more arguments")
+            self._items.extend(
+                zip(
+                    blobs,
+                    tags if tags is not None else itertools.repeat(None),
+                    counts if counts is not None else itertools.repeat(0),
+                )
             )
-            return
-        outcome = JobOutcome(msg.job, msg.state, msg.done, msg.failed, msg.message)
-        if complete:
-            self.finished.callback(outcome)
-        elif msg.state == "killed":
-            self.finished.errback(JobKilled(f"job {msg.job} was killed: {msg.message}"))
-        else:
-            self.finished.errback(JobFailed(f"job {msg.job} {msg.state}: {msg.message}"))
+            self.unsent_bytes += sum(map(len, blobs))
+            self._wake_soon()
 
-    def _stop_source(self) -> None:
-        if self._source is not None:
-            self._source.stop()
+    def put_waiting(self, blob: bytes, tag: Any, max_bytes: int, max_items: int) -> bool:
+        """Queue one argument once fewer than ``max_bytes``/``max_items`` wait; False once the
+        job takes no more (it ended or is being killed)."""
+        with self._room:
+            while not self.killing and (
+                self.unsent_bytes >= max_bytes or len(self._items) >= max_items
+            ):
+                self._room.wait()
+            if self.killing or self.input_closed:
+                return False
+            self._items.append((blob, tag, 0))
+            self.unsent_bytes += len(blob)
+            self._wake_soon()
+            return True
+
+    def close_input(self, error: BaseException | None = None) -> None:
+        """No more arguments: the job ends once every queued one has run. With ``error``,
+        the input broke: the job fails with it after the arguments queued before it."""
+        with self.lock:
+            if not self.input_closed:
+                self.input_closed = True
+                self._input_error = error
+                self._wake_soon()
+
+    def withdraw(self, on_item: Callable[[Any], None] | None = None) -> list[Any]:
+        """Remove every unsent item; ``on_item(tag)`` runs for each under :attr:`lock`."""
+        with self.lock:
+            taken = list(self._items)
+            self._items.clear()
+            self.unsent_bytes = 0
+            self._room.notify_all()
+            if on_item is not None:
+                for _, tag, _ in taken:
+                    on_item(tag)
+            if taken:
+                self._wake_soon()  # the end of input may now be reachable
+        return [tag for _, tag, _ in taken]
+
+    def kill_soon(self) -> None:
+        """Like :meth:`kill` without taking the lock (for finalizers, which may run anywhere)."""
+        self.killing = True
+        self.input_closed = True
+        self.call_soon(self._kill_now)
+
+    def kill(self) -> None:
+        """Stop the job now: unsent arguments are dropped and running ones are cancelled."""
+        self._stop_input()
+        self.call_soon(self._kill_now)
+
+    def detach(self) -> None:
+        """Take no more results here (another console collects them); the job runs on."""
+        self._stop_input()
+        self.call_soon(self._forget)
+
+    def collect(
+        self,
+        sink: Sink,
+        *,
+        tick: Callable[[], None] | None = None,
+        interval: float = 0.2,
+        until: float | None = None,
+    ) -> JobOutcome:
+        """Feed the job's results into ``sink`` on the calling thread until it ends.
+
+        A sink is user code and blocking I/O (a fold, a database, a file, stdout): it runs
+        here, never on the reactor thread. ``tick`` runs every ``interval`` seconds (progress,
+        task output); past ``until`` (``time.monotonic()``) TimeoutError is raised. A sink
+        that cannot write kills the job with one line saying why. Returns the outcome of a
+        job that finished, after closing the sink; else raises the job's error, the sink
+        closed incomplete (it keeps what arrived).
+        """
+        get, next_tick = self.events.get, time.monotonic() + interval
+        while True:
+            wait = interval if until is None else min(interval, max(until - time.monotonic(), 0))
+            try:
+                event = get(timeout=wait)
+            except queue.Empty:
+                event = None
+            if tick is not None and time.monotonic() >= next_tick:
+                tick()
+                next_tick = time.monotonic() + interval
+            if event is None:
+                if until is not None and time.monotonic() >= until:
+                    raise TimeoutError("the job did not end in time")
+                continue
+            if event[0] == "end":
+                return self._close_sink(sink)
+            try:
+                _to_sink(event, sink)
+            except Exception as exc:
+                error = self._output_error(exc)
+                self.kill()
+                _close_quietly(sink)
+                raise error from None
+
+    def _output_error(self, exc: Exception) -> RemapError:
+        job = self.session.job_id
+        if isinstance(exc, OSError):  # a write the sink did not name (stdout, a pipe)
+            return OutputError(
+                f"job {job}: this console could not write its results: {os_reason(exc)}"
+            )
+        if isinstance(exc, RemapError):
+            return exc
+        log.failure("saving the results of job {job} failed", job=job)  # a bug: log its traceback
+        return JobFailed(
+            f"job {job} failed on this console while saving its results: {type(exc).__name__}: {exc}"
+        )
+
+    def _close_sink(self, sink: Sink) -> JobOutcome:
+        if self.error is not None:
+            _close_quietly(sink)
+            raise self.error
+        try:
+            sink.close(complete=True)
+        except Exception as exc:  # the output could not be finished: say so, never hang
+            raise JobFailed(
+                f"job {self.session.job_id} finished but its results could not be saved: {exc}"
+            ) from None
+        assert self.outcome is not None
+        return self.outcome
+
+    # ------------------------------------------------------------ reactor thread
+
+    def _start(self, client: ClusterClient | None) -> None:
+        if client is None:
+            self.session.fail(ConnectionLost("the cluster handle is closed"))
+            self._flush()
+        else:
+            client.submit(self)
+
+    def submitting(self, client: ClusterClient, rid: int) -> None:
+        self.client = client
+        self.session.frame_room = client.frame_room()
+        self.session.submit(rid, resumable=client.redial is not None)
+        self._pump()
+
+    def attaching(self, client: ClusterClient, job: int) -> None:
+        self.client = client
+        self.session.attach(job)
+
+    def submitted(self, job: int, window: int) -> None:
+        self.session.submitted(job, window)
+        self._pump()
+
+    def grant(self, count: int) -> None:
+        self.session.grant(count)
+        self._pump()
+
+    def resumed(self, window: int) -> None:
+        """Connected again and the server took the job back."""
+        self.session.resumed(window)
+        self._pump()
+
+    def results(self, msg: m.Results) -> None:
+        if msg.output and self.on_output is not None:
+            self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
+        self.session.results(msg)
+        self._flush()
+
+    def job_done(self, msg: m.JobDone) -> None:
+        self.session.ended(msg)
+        self._flush()
+
+    def notice(self, text: str) -> None:
+        if self.on_notice is not None:
+            self.on_notice(text)
 
     def fail(self, error: Exception) -> None:
-        if not self.finished.called:
-            self._stop_source()
-            try:
-                self.sink.close(complete=False)
-            except Exception:  # keep the first error; the sink's own is secondary
-                pass
-            self.finished.errback(error)
+        """The connection was lost, or the server refused the job."""
+        self.session.fail(error)
+        self._flush()
+
+    def _wake(self) -> None:
+        with self.lock:
+            self._wake_pending = False
+        self._pump()
+
+    def _pump(self) -> None:
+        if self.client is not None and self.client.link is None:
+            return  # reconnecting: what is ready waits for the resumed job's window
+        self.session.pump(self._take)
+        self._flush()
+
+    def _kill_now(self) -> None:
+        self.session.kill()
+        self._flush()
+
+    def _forget(self) -> None:
+        if self.client is not None:
+            self.client.forget(self)
+
+    def _flush(self) -> None:
+        """Send the session's messages, queue its events, and end once it has finished."""
+        session, client = self.session, self.client
+        while session.outbox:
+            out, session.outbox = session.outbox, []
+            for msg in out:
+                if client is None:
+                    break
+                if type(msg) is tuple:
+                    client.kill_quietly(msg[1])
+                    continue
+                try:
+                    client.send(msg)
+                except RemapError as exc:  # not connected: nothing more goes out
+                    session.fail(exc)
+                    break
+        if session.events:
+            events, session.events = session.events, []
+            put = self.events.put
+            for event in events:
+                if event[0] == "items":
+                    _, indices, values, infos, arguments = event
+                    if infos is None and self.runs and _consecutive(indices):
+                        put(("runs", self, [(indices[0], values)]))
+                        continue
+                    batch = list(zip(indices, values, infos or itertools.repeat(None)))
+                    if self.on_items is not None:
+                        batch = self.on_items(batch)
+                        if not batch:
+                            continue
+                    put(("items", self, batch, arguments))
+                else:
+                    put((event[0], self, *event[1:]))
+        if session.finished and not self.finished.is_set():
+            self._stop_input()
+            if client is not None:
+                client.forget(self)
+            self.error, self.outcome = session.error, session.outcome
+            self.events.put(("end", self, session.error))
+            self.finished.set()
+
+    def _wake_soon(self) -> None:
+        # called with self.lock held; one wake-up per batch of puts, not one per argument
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.call_soon(self._wake)
+
+    def _stop_input(self) -> None:
+        with self.lock:
+            self.killing = True  # no args_end now: the job must end killed, not done
+            self.input_closed = True
+            self._items.clear()
+            self.unsent_bytes = 0
+            self._room.notify_all()
+
+    def _take(
+        self, limit: int, room: int, start: int
+    ) -> tuple[list[bytes], list[int], list[Any], bool]:
+        """Up to ``limit`` arguments in at most ``room`` bytes (or one pickle), each pickle
+        also costing its entry in the header's ``sizes`` (at most 9 bytes): pickles of one
+        kind (bare arguments, or argument groups with their sizes), their tags, and whether
+        the input ended."""
+        out: list[bytes] = []
+        groups: list[int] = []
+        tags: list[Any] = []
+        count = nbytes = 0
+        with self.lock:
+            items = self._items
+            while items:
+                blob, tag, n = items[0]
+                cost = len(blob) + 9
+                if out and nbytes + cost > room:
+                    break
+                if count + max(n, 1) > limit or (out and bool(n) != bool(groups)):
+                    break  # a group never passes the window; one message, one kind
+                items.popleft()
+                self.unsent_bytes -= len(blob)
+                if (
+                    tag is not None
+                    and self.on_send is not None
+                    and not self.on_send(start + count, tag)
+                ):
+                    continue
+                out.append(blob)
+                tags.append(tag)
+                nbytes += cost
+                count += max(n, 1)
+                if n:
+                    groups.append(n)
+            if out:
+                self._room.notify()
+            ended = self.input_closed and not items and not self.killing
+            if ended and not out and self._input_error is not None:
+                raise self._input_error
+            return out, groups, tags, ended and self._input_error is None
+
+
+def _consecutive(indices: list[int]) -> bool:
+    first = indices[0] if indices else 0
+    return (
+        bool(indices)
+        and indices[-1] - first == len(indices) - 1
+        and indices == list(range(first, first + len(indices)))
+    )
+
+
+def _to_sink(event: tuple[Any, ...], sink: Sink) -> None:
+    """One event's results into a sink: an error-free batch in one call (the hot path)."""
+    if event[0] == "items":
+        batch, arguments = event[2], event[3]
+        if not any(map(_ERROR, batch)):
+            sink.add_results([i for i, _, _ in batch], arguments, [r for _, r, _ in batch])
+        else:
+            args = arguments if arguments is not None else itertools.repeat(None)
+            for (index, result, error), argument in zip(batch, args):
+                sink.add(index, argument, result, error)
+    elif event[0] == "partial":
+        sink.add_partial(event[2], event[3])
+    sink.flush()
+
+
+_ERROR = operator.itemgetter(2)
+
+
+def _close_quietly(sink: Sink) -> None:
+    try:
+        sink.close(complete=False)
+    except Exception:  # keep the first error; the sink's own is secondary
+        pass
+
+
+def read_into(
+    stream: JobStream,
+    source: Iterator[Any],
+    *,
+    max_bytes: int = READ_AHEAD_BYTES,
+    max_items: int = READ_AHEAD_ITEMS,
+) -> threading.Thread:
+    """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window.
+
+    The reactor only takes what is ready, so a FIFO with no writer, a pipe giving a line a
+    second, or a huge line never stops heartbeats and results. At most ``max_bytes`` (or
+    ``max_items``) of pickled arguments wait, plus the one being read. Each argument is also
+    its own tag when the sink stores arguments. An error in the source fails the job after
+    the arguments before it.
+    """
+    keep = stream.session.keep_arguments
+
+    def read() -> None:
+        try:
+            for value in source:
+                if not stream.put_waiting(
+                    dumps(value), value if keep else None, max_bytes, max_items
+                ):
+                    return  # the job ended or is being killed
+        except BaseException as exc:  # reported in order, after the arguments before it
+            stream.close_input(exc)
+            return
+        stream.close_input()
+
+    thread = threading.Thread(target=read, name="remap-arguments", daemon=True)
+    thread.start()
+    return thread
 
 
 #: the type name of the error given to a result this console could not unpickle
@@ -689,8 +987,8 @@ class ClusterClient:
         self.link: PeerProtocol | None = None
         self._ids = itertools.count(1)
         self._waiters: dict[int, defer.Deferred] = {}
-        self._submits: dict[int, JobRun] = {}
-        self.runs: dict[int, JobRun] = {}
+        self._submits: dict[int, JobStream] = {}
+        self.runs: dict[int, JobStream] = {}
         self.lost: defer.Deferred = defer.Deferred()
         self.error: RemapError | None = None
         self.redial = redial
@@ -758,35 +1056,32 @@ class ClusterClient:
     def include(self, node: str) -> defer.Deferred:
         return self._request(lambda rid: m.Include(id=rid, node=node)).addCallback(lambda r: r.info)
 
-    def submit(self, run: JobRun) -> defer.Deferred:
-        """Start a job; the returned Deferred is ``run.finished`` (a JobOutcome, or a failure)."""
+    def submit(self, stream: JobStream) -> None:
+        """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event."""
         rid = next(self._ids)
-        self._submits[rid] = run
-        try:
-            total = run.total_hint if run.total_hint is not None else -1
-            self.send(m.Submit.of(run.params, id=rid, total=total, payload=run.fn_blob))
-        except RemapError as exc:
-            del self._submits[rid]
-            run.fail(exc)
-            return run.finished
-        run.begin(self, rid)
-        return run.finished
+        self._submits[rid] = stream
+        stream.submitting(self, rid)
 
-    def attach(self, job: int, run: JobRun) -> defer.Deferred:
-        """Receive a running or finished job's results into ``run``."""
-        run._client = self
-        run.job_id = job
-        run.exhausted = True
-        self.runs[job] = run
+    def attach(self, job: int, stream: JobStream) -> None:
+        """Receive a running or finished job's results into ``stream`` (reactor thread)."""
+        stream.attaching(self, job)
+        self.runs[job] = stream
         d = self._request(lambda rid: m.Attach(id=rid, job=job))
 
-        def refused(f: Any) -> Any:
+        def refused(f: Any) -> None:
             self.runs.pop(job, None)
-            run.fail(f.value)
-            return None
+            stream.fail(f.value)
 
         d.addErrback(refused)
-        return run.finished
+
+    def forget(self, stream: JobStream) -> None:
+        """Route no more of a job's traffic to ``stream``."""
+        job = stream.session.job_id
+        if job is not None and self.runs.get(job) is stream:
+            del self.runs[job]
+        rid = stream.session.submit_id
+        if rid is not None and self._submits.get(rid) is stream:
+            del self._submits[rid]
 
     # ------------------------------------------------------------- Handler
 
@@ -807,15 +1102,15 @@ class ClusterClient:
             run = self._submits.pop(msg.re, None)
             if run is not None:
                 self.runs[msg.job] = run
-                run.start(self, msg.job, msg.window)
+                run.submitted(msg.job, msg.window)
         elif t is m.JobDone:
             run = self.runs.pop(msg.job, None)
             if run is not None:
-                run.ended(msg)
+                run.job_done(msg)
         elif t is m.JobNotice:
             run = self.runs.get(msg.job)
-            if run is not None and run.on_notice is not None:
-                run.on_notice(msg.message)
+            if run is not None:
+                run.notice(msg.message)
         elif t in (m.Ok, m.StatusReply):
             d = self._waiters.pop(msg.re, None)
             if d is not None:
@@ -870,7 +1165,7 @@ class ClusterClient:
             d.errback(err)
         keep = {}
         if self.redial is not None and self.grace > 0 and not self.closing:
-            keep = {job: run for job, run in self.runs.items() if run.resumable}
+            keep = {job: run for job, run in self.runs.items() if run.session.resumable}
         runs = list(self._submits.values()) + [
             run for job, run in self.runs.items() if job not in keep
         ]
@@ -881,11 +1176,10 @@ class ClusterClient:
         if keep:
             self._redial_deadline = self.clock.seconds() + self.grace
             for run in keep.values():
-                if run.on_notice is not None:
-                    run.on_notice(
-                        f"lost the connection to the server ({error}): reconnecting for up to "
-                        f"{self.grace:g}s (REMAP_CONSOLE_GRACE)"
-                    )
+                run.notice(
+                    f"lost the connection to the server ({error}): reconnecting for up to "
+                    f"{self.grace:g}s (REMAP_CONSOLE_GRACE)"
+                )
             self.log.warn(
                 "lost the server ({error}); reconnecting to resume job(s) {jobs}",
                 error=error,
@@ -936,16 +1230,15 @@ class ClusterClient:
         self._redialing = False
         self.error = None
         for job, run in list(self.runs.items()):
-            d = self._request(run.resume_message)
+            d = self._request(run.session.resume_message)
 
-            def resumed(reply: m.Ok, run: JobRun = run) -> None:
-                if run.finished.called:
+            def resumed(reply: m.Ok, run: JobStream = run) -> None:
+                if run.finished.is_set():
                     return
-                if run.on_notice is not None:
-                    run.on_notice("reconnected: the job goes on")
+                run.notice("reconnected: the job goes on")
                 run.resumed(int(reply.info.get("window", 0)))
 
-            def refused(f: Any, job: int = job, run: JobRun = run) -> None:
+            def refused(f: Any, job: int = job, run: JobStream = run) -> None:
                 if self.runs.get(job) is run:
                     del self.runs[job]
                 run.fail(

@@ -403,7 +403,7 @@ def auto_chunksize(total: int | None, workers: int) -> int:
 
 
 class EngineRun:
-    """A job run on an engine, seen by the console like a remap ``JobRun``.
+    """A job run on an engine, seen by the console like a remap job (its counts, first error).
 
     A thread of its own reads the arguments, ships chunks and feeds the job's sink (the same
     sinks as remap's); :meth:`start` returns a future of the job's ``JobOutcome``.

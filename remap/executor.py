@@ -122,8 +122,7 @@ class _SubmitStream:
         blob = api.function_blob(Apply(fn, executor._initializer), name=name)
         cluster = executor._cluster
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
-        self.job: JobStream = api.JobStream(
-            cluster,
+        self.job: JobStream = cluster._stream(
             blob,
             params,
             events=executor._events,

@@ -11,136 +11,20 @@ import os
 import signal
 import threading
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.python.failure import Failure
 
-from remap.client import (
-    ArgumentTooLarge,
-    ClusterClient,
-    JobRun,
-    PulledArguments,
-    ThreadedArguments,
-)
+from remap.client import ArgumentTooLarge, ClusterClient, JobStream
 from remap.jobfile import ConfigError, iter_arguments, load_job
 from tests.cluster_harness import Cluster, NodeSpec, jobs_function, wait_for, write_job
 from tests.test_inmemory import Cluster as MemoryCluster
-from tests.test_inmemory import job_run, outcome
-
-
-class DirectReactor:
-    """callFromThread runs the call on a thread of ours that the test drains, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-        self.cond = threading.Condition()
-
-    def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
-        with self.cond:
-            self.calls.append((fn, args))
-            self.cond.notify_all()
-
-    def run_pending(self) -> int:
-        with self.cond:
-            calls, self.calls = self.calls, []
-        for fn, args in calls:
-            fn(*args)
-        return len(calls)
-
-
-def drain(source: ThreadedArguments, reactor: DirectReactor, woken: threading.Event) -> list[Any]:
-    """Take every argument the reader thread produces, as the reactor would on wake-ups."""
-    taken: list[Any] = []
-    for _ in range(1000):
-        with reactor.cond:
-            reactor.cond.wait_for(lambda: reactor.calls, timeout=10)
-        reactor.run_pending()
-        blobs, items, ended = source.take(100, 1 << 20)
-        taken.extend(items or [])
-        if ended:
-            return taken
-    raise AssertionError("the reader never ended")
-
+from tests.test_inmemory import job_run, outcome, submit
 
 # ------------------------------------------------------------------ units
-
-
-def test_threaded_arguments_read_on_their_own_thread_and_end() -> None:
-    """The source is pulled on the reader thread (never the caller's), and the end is reported."""
-    pulled_on: set[str] = set()
-
-    def source() -> Iterator[int]:
-        for i in range(250):
-            pulled_on.add(threading.current_thread().name)
-            yield i
-
-    reactor = DirectReactor()
-    args = ThreadedArguments(reactor, source(), max_items=16)
-    woken = threading.Event()
-    args.start(woken.set, keep_items=True)
-    assert drain(args, reactor, woken) == list(range(250))
-    assert pulled_on == {"remap-arguments"}
-
-
-def test_threaded_arguments_stay_bounded_and_stop() -> None:
-    """The reader stays at most ``max_items`` ahead of what was taken, and leaves on stop()."""
-    pulled = []
-    ahead = threading.Event()
-
-    def source() -> Iterator[int]:
-        for i in range(10_000):
-            pulled.append(i)
-            if len(pulled) == 9:  # 8 queued and the 9th read, waiting for room
-                ahead.set()
-            yield i
-
-    reactor = DirectReactor()
-    args = ThreadedArguments(reactor, source(), max_items=8)
-    args.start(lambda: None, keep_items=False)
-    assert ahead.wait(10)
-    blobs, items, ended = args.take(3, 1 << 20)
-    assert (len(blobs), items, ended) == (3, None, False)
-    args.stop()
-    assert args.thread is not None
-    args.thread.join(10)
-    assert not args.thread.is_alive()
-    assert len(pulled) <= 8 + 3 + 1, "the reader ran ahead of its bound"
-
-
-def test_a_broken_source_fails_after_the_arguments_before_it() -> None:
-    """An error in the source reaches the reactor in order: first the good arguments, then it."""
-
-    def source() -> Iterator[int]:
-        yield 1
-        yield 2
-        raise ConfigError("args.jsonl:3: invalid JSON argument")
-
-    reactor = DirectReactor()
-    args = ThreadedArguments(reactor, source())
-    args.start(lambda: None, keep_items=True)
-    assert args.thread is not None
-    args.thread.join(10)
-    reactor.run_pending()
-    blobs, items, ended = args.take(10, 1 << 20)
-    assert items == [1, 2] and not ended
-    with pytest.raises(ConfigError, match="invalid JSON"):
-        args.take(10, 1 << 20)
-
-
-def test_pulled_arguments_know_the_end_with_the_last_chunk() -> None:
-    """Reading one ahead, the chunk that empties a list also says the source ended."""
-    args = PulledArguments(iter(range(5)))
-    args.start(lambda: None, keep_items=True)
-    assert args.take(5, 1 << 20) == ([args_blob(i) for i in range(5)], list(range(5)), True)
-
-
-def args_blob(value: Any) -> bytes:
-    from remap.blobs import dumps
-
-    return dumps(value)
+# (the reader thread itself: tests/test_job_stream.py)
 
 
 def test_an_argument_too_large_for_a_frame_is_refused_by_index_and_size() -> None:
@@ -152,14 +36,14 @@ def test_an_argument_too_large_for_a_frame_is_refused_by_index_and_size() -> Non
     cluster.node("node-a", cores=1)
     client, _ = cluster.console()
     run = job_run(len, [b"a", b"b", b"x" * 100_000, b"c"])
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     failure = outcome(d)
     assert isinstance(failure, Failure) and isinstance(failure.value, ArgumentTooLarge), failure
     assert failure.value.index == 2 and failure.value.size > 100_000
     assert "argument 2 is 100,0" in str(failure.value) and "REMAP_MAX_FRAME" in str(failure.value)
     assert client.link is not None, "the connection must survive a refused argument"
-    assert isinstance(client, ClusterClient) and isinstance(run, JobRun)
+    assert isinstance(client, ClusterClient) and isinstance(run.stream, JobStream)
 
 
 def test_a_huge_argument_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ Commands run as real processes (``remap_console.py``) with a clean environment; 
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import json
 import threading
@@ -16,9 +15,11 @@ from typing import Any
 
 import pytest
 
-from remap.client import JobOutcome
+from protocol.options import JobOptions
+from remap.client import JobOutcome, JobStream
 from remap.console.main import COMMANDS, Console, Shell, build_parser
 from remap.console.session import Session
+from remap.errors import JobFailed
 from remap.settings import load_settings
 from tests.cluster_harness import (
     CONSOLE_SCRIPT,
@@ -286,32 +287,31 @@ class _Tty(io.StringIO):
 
 
 class _StreamingSession:
-    """Feeds a stream job's sink from another thread, one result after each progress redraw."""
+    """A stream job whose results arrive from another thread, one after each progress redraw."""
 
     def __init__(self, results: int, drawn: threading.Event) -> None:
         self.settings = SimpleNamespace(server=None, task_output=False)
         self.results = results
         self.drawn = drawn
 
-    def start_job(self, spec: Any, sink: Any, **_: Any) -> tuple[Any, Any]:
-        run = SimpleNamespace(
-            job_id=1, done=0, failed=0, total_hint=self.results, sent=0, exhausted=True
-        )
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def start_job(self, spec: Any, **_: Any) -> JobStream:
+        stream = JobStream(b"", JobOptions(), call_soon=lambda fn, *a: None)
+        stream.session.total_hint = self.results
 
         def feed() -> None:
             for i in range(self.results):
                 if not self.drawn.wait(10):
-                    future.set_exception(AssertionError("the progress bar was never drawn"))
+                    stream.error = JobFailed("the progress bar was never drawn")
+                    stream.events.put(("end", stream, stream.error))
                     return
                 self.drawn.clear()
-                sink.add(i, i, i * i, None)
-                run.done += 1
-            sink.close(complete=True)
-            future.set_result(JobOutcome(1, "done", self.results, 0, ""))
+                stream.session.done += 1
+                stream.events.put(("items", stream, [(i, i * i, None)], None))
+            stream.outcome = JobOutcome(1, "done", self.results, 0, "")
+            stream.events.put(("end", stream, None))
 
         threading.Thread(target=feed, daemon=True).start()
-        return run, future
+        return stream
 
 
 def test_stream_mode_on_a_terminal_keeps_progress_out_of_the_result_lines(tmp_path: Path) -> None:

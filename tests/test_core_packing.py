@@ -9,7 +9,7 @@ from typing import Any
 from protocol import messages as m
 from protocol.options import JobOptions
 from remap.blobs import pack
-from remap.client import JobRun
+from remap.client import JobStream
 from remap.errors import JobFailed, OutputError
 from remap.node.core import SLOT, Core
 from remap.shipping import function_blob
@@ -31,10 +31,41 @@ def run_batch(fn, args) -> tuple[m.TaskResult, bytes]:
     return reply, reply.payload
 
 
+class _Client:
+    """Stands in for the ClusterClient: records the jobs it was told to kill."""
+
+    def __init__(self) -> None:
+        self.killed: list[int | None] = []
+
+    def kill_quietly(self, job: int | None) -> None:
+        self.killed.append(job)
+
+    def forget(self, stream: JobStream) -> None:
+        pass
+
+
+def attached(job: int, on_error: str = "continue") -> tuple[JobStream, _Client]:
+    """A stream receiving job ``job``'s results; what it schedules runs at once."""
+    client = _Client()
+    stream = JobStream(b"", JobOptions(on_error=on_error), call_soon=lambda fn, *a: fn(*a))
+    stream.attaching(client, job)  # type: ignore[arg-type]
+    return stream, client
+
+
+def collect(stream: JobStream, sink: Any) -> Any:
+    """What has arrived, into the sink on this thread; the job's error if it ended badly."""
+    try:
+        return stream.collect(sink, until=0)
+    except TimeoutError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
+
+
 def to_console(reply: m.TaskResult, blob: bytes, n: int) -> ObjectSink:
     sink = ObjectSink()
-    run = JobRun(JobOptions(), b"", iter(()), sink)
-    run.results(
+    stream, _ = attached(1)
+    stream.results(
         m.Results(
             job=1,
             indices=list(range(n)),
@@ -44,6 +75,7 @@ def to_console(reply: m.TaskResult, blob: bytes, n: int) -> ObjectSink:
             payload=blob,
         )
     )
+    collect(stream, sink)
     return sink
 
 
@@ -138,24 +170,12 @@ class _WontLoad:
         return (int, ("not a number",))
 
 
-class _Killer:
-    """Stands in for the ClusterClient: records the jobs it was told to kill."""
-
-    def __init__(self) -> None:
-        self.killed: list[int | None] = []
-
-    def kill_quietly(self, job: int | None) -> None:
-        self.killed.append(job)
-
-
-def _unreadable_one_each(on_error: str) -> tuple[JobRun, ObjectSink, _Killer, list[Any]]:
+def _unreadable_one_each(on_error: str) -> tuple[JobStream, ObjectSink, _Client, Any]:
     """A batch sent one pickle per result whose middle result will not unpickle here."""
     blobs = [pickle.dumps(0), pickle.dumps(_WontLoad()), pickle.dumps(2)]
-    sink, killer, outcome = ObjectSink(), _Killer(), []
-    run = JobRun(JobOptions(on_error=on_error), b"", iter(()), sink, job_id=4)
-    run._client = killer
-    run.finished.addBoth(outcome.append)
-    run.results(
+    sink = ObjectSink()
+    stream, client = attached(4, on_error)
+    stream.results(
         m.Results(
             job=4,
             indices=[0, 1, 2],
@@ -165,48 +185,43 @@ def _unreadable_one_each(on_error: str) -> tuple[JobRun, ObjectSink, _Killer, li
             payload=b"".join(blobs),
         )
     )
-    return run, sink, killer, outcome
+    return stream, sink, client, collect(stream, sink)
 
 
 def test_a_result_that_will_not_unpickle_is_that_arguments_error() -> None:
     """One pickle per result: an unreadable one is a ResultUnreadable error for its argument
     alone (on_error: continue), counted as failed, and its neighbours arrive."""
-    run, sink, killer, outcome = _unreadable_one_each("continue")
+    stream, sink, client, error = _unreadable_one_each("continue")
     values = sink.value()
     assert values[0] == 0 and values[2] == 2
     assert values[1].type_name == "ResultUnreadable" and "unpickled here" in values[1].message
-    assert (run.done, run.failed, sink.failed) == (2, 1, 1)
-    assert outcome == [] and killer.killed == []
+    assert (stream.session.done, stream.session.failed, sink.failed) == (2, 1, 1)
+    assert error is None and client.killed == []
 
 
 def test_an_unreadable_result_under_on_error_fail_fails_and_kills_the_job() -> None:
     """on_error: fail: a result the console cannot unpickle ends the job like a remote error
     (the server counted it a success): the job is killed and the run fails naming it."""
-    run, sink, killer, outcome = _unreadable_one_each("fail")
-    assert killer.killed == [4]
-    assert len(outcome) == 1 and isinstance(outcome[0].value, JobFailed)
-    assert "argument 1: ResultUnreadable" in str(outcome[0].value)
+    stream, sink, client, error = _unreadable_one_each("fail")
+    assert client.killed == [4]
+    assert isinstance(error, JobFailed) and "argument 1: ResultUnreadable" in str(error)
     assert sink.closed and sink.complete is False
-    outcome[0].trap(JobFailed)
 
 
 def test_a_sink_that_cannot_write_fails_the_job_not_the_connection() -> None:
-    """A sink raising (a full disk) inside results(): the job is killed and the run fails
-    with the sink's own error; nothing escapes to the connection's handler."""
+    """A sink raising (a full disk) while taking results: the job is killed and the run
+    fails with the sink's own error; nothing reaches the connection's handler."""
 
     class FullDisk(ObjectSink):
         def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
             raise OutputError("could not write out.jsonl.partial: disk full")
 
-    sink, killer, outcome = FullDisk(), _Killer(), []
-    run = JobRun(JobOptions(), b"", iter(()), sink, job_id=5)
-    run._client = killer
-    run.finished.addBoth(outcome.append)
+    stream, client = attached(5)
     sizes, payload = pack([1, 2])
-    run.results(m.Results(job=5, indices=[0, 1], sizes=sizes, errors=[], payload=payload))
-    assert killer.killed == [5]
-    assert isinstance(outcome[0].value, OutputError) and "disk full" in str(outcome[0].value)
-    outcome[0].trap(OutputError)
+    stream.results(m.Results(job=5, indices=[0, 1], sizes=sizes, errors=[], payload=payload))
+    error = collect(stream, FullDisk())
+    assert client.killed == [5]
+    assert isinstance(error, OutputError) and "disk full" in str(error)
 
 
 def test_an_os_error_while_saving_results_is_named_without_a_traceback(capsys) -> None:
@@ -223,16 +238,14 @@ def test_an_os_error_while_saving_results_is_named_without_a_traceback(capsys) -
     logged: list[dict] = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        sink, killer, outcome = FullPipe(), _Killer(), []
-        run = JobRun(JobOptions(), b"", iter(()), sink, job_id=6)
-        run._client = killer
-        run.finished.addBoth(outcome.append)
+        stream, client = attached(6)
         sizes, payload = pack([1])
-        run.results(m.Results(job=6, indices=[0], sizes=sizes, errors=[], payload=payload))
+        stream.results(m.Results(job=6, indices=[0], sizes=sizes, errors=[], payload=payload))
+        error = collect(stream, FullPipe())
     finally:
         globalLogPublisher.removeObserver(logged.append)
-    assert killer.killed == [6]
-    error = outcome[0].trap(OutputError) and outcome[0].value
+    assert client.killed == [6]
+    assert isinstance(error, OutputError)
     assert (
         str(error)
         == "job 6: this console could not write its results: disk full (no space left on device)"

@@ -24,7 +24,8 @@ from twisted.test import iosim
 from protocol import Connection
 from protocol import messages as m
 from protocol.options import JobOptions
-from remap.client import ClusterClient, JobOutcome, JobRun
+from remap.blobs import dumps
+from remap.client import ClusterClient, JobOutcome, JobStream
 from remap.errors import JobKilled, JobRefused, NodeLost, NotFound, RequestFailed
 from remap.node.agent import NodeAgent
 from remap.node.core import SLOT, Core, task_count
@@ -185,7 +186,7 @@ class Cluster:
         """Move bytes on the given (default: every) connection until none moves."""
         pumps = list(self.pumps if pumps is None else pumps)
         for _ in range(10_000):
-            if not any([p.pump() for p in pumps]):
+            if not any([p.pump() for p in pumps]) and not run_soon():
                 return
         raise AssertionError("traffic did not settle")
 
@@ -199,6 +200,66 @@ class Cluster:
             self.settle(pumps)
 
 
+#: what JobStreams asked to run "on the reactor": run by settle(), on the test's thread
+SOON: list[tuple[Any, tuple[Any, ...]]] = []
+
+
+#: runs whose arguments are still being read
+RUNS: list[Any] = []
+
+
+def call_soon(fn: Any, *args: Any) -> None:
+    SOON.append((fn, args))
+
+
+def run_soon() -> int:
+    """Run the calls streams asked for (and those they ask for meanwhile); how many ran."""
+    ran = 0
+    for run in RUNS:
+        run.top_up()
+    while SOON:
+        fn, args = SOON.pop(0)
+        fn(*args)
+        ran += 1
+    return ran
+
+
+class SinkRun:
+    """A job as the console runs it: a JobStream whose results this thread takes into a sink,
+    its arguments pickled here a little ahead of what was sent (as ``read_into`` does)."""
+
+    AHEAD = 16 * 1024 * 1024
+
+    def __init__(self, stream: JobStream, sink: Any, source: Iterable[Any]) -> None:
+        self.stream = stream
+        self.sink = sink
+        self.session = stream.session
+        self.source: Any = iter(source)
+        RUNS.append(self)
+        self.top_up()
+
+    def top_up(self) -> None:
+        stream = self.stream
+        while self.source is not None and stream.unsent_bytes < self.AHEAD:
+            value = next(self.source, RUNS) if not stream.input_closed else RUNS
+            if value is RUNS:
+                self.source = None
+                stream.close_input()
+                RUNS.remove(self)
+            else:
+                tag = value if self.session.keep_arguments else None
+                stream.put_many([dumps(value)], [tag])
+
+    def __getattr__(self, name: str) -> Any:  # sent, job_id, wire_job, params, ...
+        return getattr(self.session, name)
+
+    @property
+    def called(self) -> bool:
+        """Whether the job has ended (like a fired Deferred)."""
+        run_soon()
+        return self.stream.finished.is_set()
+
+
 def job_run(
     fn: Any,
     args: Iterable[Any],
@@ -207,18 +268,38 @@ def job_run(
     reduce_fn: Any = None,
     total: int | None = None,
     **params: Any,
-) -> JobRun:
-    return JobRun(
-        JobOptions(**params),
+) -> SinkRun:
+    sink = sink if sink is not None else ObjectSink()
+    stream = JobStream(
         function_blob(fn, reduce_fn),
-        iter(args),
-        sink if sink is not None else ObjectSink(),
+        JobOptions(**params),
+        call_soon=call_soon,
         total_hint=total,
+        keep_arguments=sink.needs_arguments,
     )
+    return SinkRun(stream, sink, args)
+
+
+def submit(client: ClusterClient, run: SinkRun) -> SinkRun:
+    """What ``stream.start(client)`` does once on the reactor thread."""
+    client.submit(run.stream)
+    return run
+
+
+def attach(client: ClusterClient, job: int, run: SinkRun) -> SinkRun:
+    client.attach(job, run.stream)
+    return run
 
 
 def outcome(d: Any) -> Any:
-    """The result of a fired Deferred (a Failure for an errback), failing if it has not fired."""
+    """The result of a fired Deferred or an ended run (a Failure for an error), failing if it
+    has not fired; a run's results are taken into its sink first, as a console does."""
+    if isinstance(d, SinkRun):
+        assert d.called, "the job has not ended"
+        try:
+            return d.stream.collect(d.sink, until=0)
+        except Exception as exc:  # noqa: BLE001 - returned like an errback's Failure
+            return Failure(exc)
     box: list[Any] = []
     d.addBoth(box.append)
     assert box, "the Deferred has not fired"
@@ -237,7 +318,7 @@ def test_job_runs_end_to_end_in_memory() -> None:
     # batches of 100: trivial calls measured in microseconds would otherwise go in batches of
     # 2 ms of work (the tail floor), all to the first node
     run = job_run(square, range(1000), total=1000, name="squares", chunksize=100)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     result = outcome(d)
     assert isinstance(result, JobOutcome), result
@@ -256,7 +337,7 @@ def test_many_arguments_flow_through_several_windows() -> None:
     client, _ = cluster.console()
     n = 20_000
     run = job_run(square, range(n))
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     assert outcome(d).state == "done"
     assert run.sink.value() == [i * i for i in range(n)]
@@ -270,7 +351,7 @@ def test_task_errors_reach_the_sink_with_on_error_continue() -> None:
     cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     run = job_run(fragile, range(50), on_error="continue", chunksize=4)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     result = outcome(d)
     assert (result.state, result.done, result.failed) == ("done", 43, 7)
@@ -290,7 +371,7 @@ def test_on_error_fail_fails_the_run() -> None:
     cluster.node("node-a", cores=1)
     client, _ = cluster.console()
     run = job_run(fragile, range(50), chunksize=1)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     failure = outcome(d)
     assert isinstance(failure, Failure)
@@ -307,7 +388,7 @@ def test_reduce_mode_folds_partials_from_nodes() -> None:
     run = job_run(
         square, range(500), ReduceSink(operator.add), reduce_fn=operator.add, mode="reduce"
     )
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     assert outcome(d).state == "done"
     assert run.sink.value() == sum(i * i for i in range(500))
@@ -319,7 +400,7 @@ def test_status_over_the_wire() -> None:
     cluster.node("node-a", cores=3, hold=True, group="g1")
     client, _ = cluster.console()
     run = job_run(square, range(10), name="held")
-    client.submit(run)
+    submit(client, run)
     cluster.settle()
     asked = client.status()
     cluster.settle()
@@ -338,7 +419,7 @@ def test_kill_stops_a_running_job() -> None:
     pool, _, _ = cluster.node("node-a", cores=1, hold=True)
     client, _ = cluster.console()
     run = job_run(square, range(100), chunksize=5)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     assert pool.held, "the node holds work of the job"
     job = run.job_id
@@ -358,7 +439,7 @@ def test_heartbeat_timeout_drops_a_silent_node_and_requeues_its_work() -> None:
     pool_a, agent_a, pump_a = cluster.node("node-a", cores=2, hold=True)
     client, pump_c = cluster.console()
     run = job_run(square, range(40), chunksize=4, total=40)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     stranded = sum(len(t.sizes) for t in pool_a.held)
     assert stranded == 16, "node-a holds four batches and runs none"
@@ -397,7 +478,7 @@ def test_connection_drop_requeues_and_late_node_output_is_ignored() -> None:
     pool_b, _, _ = cluster.node("node-b", cores=1, hold=True)
     client, _ = cluster.console()
     run = job_run(square, range(30), chunksize=3)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     assert pool_a.held and pool_b.held
     pump_a.server.transport.loseConnection()  # the server side drops node-a
@@ -417,7 +498,7 @@ def test_detached_job_is_attached_from_a_new_console() -> None:
     pool, _, _ = cluster.node("node-a", cores=1, hold=True)
     first, pump_first = cluster.console("first")
     run = job_run(square, range(12), chunksize=3, detach=True)
-    lost = first.submit(run)
+    lost = submit(first, run)
     cluster.settle()
     job = run.job_id
     pump_first.client.transport.loseConnection()
@@ -431,7 +512,7 @@ def test_detached_job_is_attached_from_a_new_console() -> None:
     assert cluster.scheduler.jobs[job].state == "done"
     second, _ = cluster.console("second")
     again = job_run(square, [], ObjectSink())
-    d = second.attach(job, again)
+    d = attach(second, job, again)
     cluster.settle()
     assert outcome(d).state == "done"
     assert again.sink.value() == [i * i for i in range(12)]
@@ -444,7 +525,7 @@ def test_console_lost_cancels_its_job_after_grace() -> None:
     pool, _, pump_node = cluster.node("node-a", cores=1, hold=True)
     client, pump_c = cluster.console()
     run = job_run(square, range(12), chunksize=3)
-    client.submit(run)
+    submit(client, run)
     cluster.settle()
     job = run.job_id
     pump_c.client.transport.loseConnection()
@@ -464,8 +545,8 @@ def test_job_for_a_group_waits_for_its_node() -> None:
     client, _ = cluster.console()
     notices: list[str] = []
     run = job_run(square, range(20), group=group, wait_for_nodes=30.0)
-    run.on_notice = notices.append
-    d = client.submit(run)
+    run.stream.on_notice = notices.append
+    d = submit(client, run)
     cluster.settle()
     assert notices == [f"waiting for nodes in group {group!r}"]
     cluster.tick(3, cluster.pumps)
@@ -481,7 +562,7 @@ def test_big_arguments_fit_the_frame_limit() -> None:
     cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     run = job_run(len, [bytes(64 * 1024)] * 300)  # the first window of 256 is 16 MiB
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     result = outcome(d)
     assert isinstance(result, JobOutcome), result
@@ -495,7 +576,7 @@ def test_first_window_travels_before_the_server_names_the_job() -> None:
     cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     run = job_run(square, range(300), total=300)
-    d = client.submit(run)
+    d = submit(client, run)
     assert run.job_id is None and run.wire_job < 0, "no `submitted` can have arrived yet"
     assert run.sent == m.INITIAL_WINDOW, "the initial window went out with the submit"
     cluster.settle()
@@ -511,8 +592,8 @@ def test_early_arguments_of_a_refused_submit_are_dropped_and_the_console_stays()
     cluster.node("node-a", cores=1)
     client, _ = cluster.console()
     run = job_run(square, range(10), total=10)
-    run.fn_blob = b""  # the server refuses a job without a function
-    d = client.submit(run)
+    run.session.fn_blob = b""  # the server refuses a job without a function
+    d = submit(client, run)
     cluster.settle()
     failure = outcome(d)
     assert isinstance(failure, Failure) and "refused" in str(failure.value)
@@ -528,7 +609,7 @@ def test_error_codes_reach_the_caller_as_classes() -> None:
     cluster = Cluster()
     cluster.node("node-a", cores=1)
     client, _ = cluster.console()
-    missing = [client.kill(999), client.attach(999, job_run(square, []))]
+    missing = [client.kill(999), attach(client, 999, job_run(square, []))]
     drained = client.drain("no-such-node")
     cluster.settle()
     for d in missing + [drained]:

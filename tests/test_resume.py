@@ -28,6 +28,7 @@ from tests.test_inmemory import (
     job_run,
     outcome,
     square,
+    submit,
 )
 
 
@@ -111,7 +112,7 @@ def test_a_cut_connection_is_resumed_and_every_result_arrives_once() -> None:
     pool, _, _ = cluster.node("node-a", cores=2, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(2000), chunksize=50)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     for _ in range(3):  # some results arrive, some arguments stay in flight
         pool.run_held()
@@ -138,7 +139,7 @@ def test_a_restarted_server_waits_for_the_console_which_resumes(tmp_path: Path) 
     pool, _, _ = cluster.node("node-a", cores=2, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(3000), chunksize=40, name="streamed")
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     pool.run_held()
     cluster.settle()
@@ -170,7 +171,7 @@ def test_a_console_that_does_not_come_back_ends_the_job_with_the_reason(tmp_path
     cluster.node("node-a", cores=1, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(100), chunksize=10)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     job_id = run.job_id
     cluster.kill_server()
@@ -190,7 +191,7 @@ def test_a_resume_that_does_not_add_up_is_refused() -> None:
     cluster.node("node-a", cores=1, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(100), chunksize=10)
-    client.submit(run)
+    submit(client, run)
     cluster.settle()
     sched = cluster.scheduler
     bad = [
@@ -213,7 +214,7 @@ def test_a_detached_job_is_not_resumed() -> None:
     cluster.node("node-a", cores=1, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(10), detach=True)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     assert not run.resumable
     cluster.cut(client)

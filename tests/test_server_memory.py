@@ -1,6 +1,6 @@
 """The server's memory stays bounded however large the arguments (issue 9, item 8).
 
-In memory: the real console JobRun, server and node adapters joined by iosim pumps (the
+In memory: the real console JobStream, server and node adapters joined by iosim pumps (the
 harness of test_inmemory), with the node holding its tasks so arguments pile up wherever the
 protocol lets them.
 """
@@ -15,7 +15,7 @@ from protocol import messages as m
 from remap.server.scheduler import MAX_BATCH_BYTES, MAX_PENDING_BYTES, Segment, take_from
 from remap.server.service import RemapServerFactory
 
-from .test_inmemory import Cluster, job_run, outcome
+from .test_inmemory import Cluster, job_run, outcome, submit
 from .test_server_robustness import _console, _headers
 from .test_wire import KEY, frame
 
@@ -43,7 +43,7 @@ def test_a_job_of_4_mb_arguments_keeps_the_server_bounded() -> None:
     client, _ = cluster.console()
     n, size = 40, 4 * MB
     run = job_run(len, (bytes(size) for _ in range(n)), total=n)
-    d = client.submit(run)
+    d = submit(client, run)
     first = run.sent
     assert first * size <= m.INITIAL_WINDOW_BYTES + size, f"first window sent {first} arguments"
     bound = MAX_PENDING_BYTES + m.INITIAL_WINDOW_BYTES + 2 * MAX_BATCH_BYTES + size
@@ -66,7 +66,7 @@ def test_small_arguments_still_fill_a_large_first_window() -> None:
     cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     run = job_run(len, [b"x"] * 1000, total=1000)
-    d = client.submit(run)
+    d = submit(client, run)
     assert run.sent == m.INITIAL_WINDOW
     cluster.settle()
     assert outcome(d).state == "done"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +311,9 @@ class Console:
         stream_json = args.json and spec.options.mode == "stream"
         show_stream = spec.options.mode == "stream"
         progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
-        # result lines come from the reactor thread, the progress bar from this one: one at a
-        # time, so the bar is cleared before a line and stdout is flushed before a redraw
+        # result lines come from this thread (an engine's job: from its thread), the progress
+        # bar from this one: one at a time, so the bar is cleared before a line and stdout is
+        # flushed before a redraw
         screen = threading.Lock()
 
         last_flush = [0.0]
@@ -344,16 +346,11 @@ class Console:
 
         sink = make_job_sink(spec, on_item=on_item if show_stream else None)
         notes: list[str] = []
-
-        def on_notice(text: str) -> None:
-            notes.append(text)
-            if progress is None:
-                self.note(f"job: {text}")
-
-        # task output is printed by this thread (with the progress bar), never the reactor's
+        # the reactor thread only queues notices and task output; this thread prints them
+        notices: queue.SimpleQueue[str] = queue.SimpleQueue()
         output: queue.SimpleQueue[str] = queue.SimpleQueue()
         show_output = self.session.settings.task_output and not args.no_task_output
-
+        future = None
         try:
             if args.dashboard:
                 self.session.connect(allow_embedded=True)
@@ -369,12 +366,12 @@ class Console:
                     settings=self.session.settings,
                 )
             else:
-                run, future = self.session.start_job(
+                run = self.session.start_job(
                     spec,
-                    sink,
+                    keep_arguments=sink.needs_arguments,
                     detach=detach,
                     wait_for_nodes=args.wait_for_nodes,
-                    on_notice=on_notice,
+                    on_notice=notices.put,
                     on_output=(lambda index, text: output.put(text)) if show_output else None,
                 )
         except RemapError as exc:  # it never started: the output is left as it was
@@ -384,50 +381,54 @@ class Console:
             sink.abandon()
             raise
         if detach:
-            return self._detached(run, future, args, spec)
+            return self._detached(run, sink, args, spec)
+        state = getattr(run, "session", run)  # the counts: a remap job's session, or the engine run
+
+        def tick() -> None:
+            self._print_task_output(output, progress, screen)
+            while not notices.empty():
+                notes.append(notices.get())
+                if progress is None:
+                    self.note(f"job: {notes[-1]}")
+            if progress:
+                with screen:
+                    self.out.flush()
+                    progress.draw(
+                        state.done,
+                        state.failed,
+                        state.total_hint or (state.sent if state.exhausted else None),
+                        notes[-1] if notes and not state.done else "",
+                    )
+
         try:
-            outcome = self._wait(run, future, progress, notes, output, screen)
+            if future is None:  # the sink is fed here, on this thread, never the reactor's
+                outcome = run.collect(sink, tick=tick)
+            else:
+                outcome = self._wait(future, tick)
         except RemapError as exc:
             if progress:
                 progress.clear()
             if isinstance(exc, JobFailed):
-                exc = self._with_traceback(exc, run, args.traceback)
+                exc = self._with_traceback(exc, state, args.traceback)
             raise self._closing(exc, run, sink, args.json) from None
         except KeyboardInterrupt:
             if progress:
                 progress.clear()
-            return self._interrupted(run, future, sink)
+            return self._interrupted(run, sink)
         finally:
+            tick()  # notices and task output that arrived with the last results
             if progress:
                 progress.clear()
-        return self._report(spec, sink, run, outcome, args)
+        return self._report(spec, sink, state, outcome, args)
 
-    def _wait(
-        self,
-        run: Any,
-        future: Any,
-        progress: Any,
-        notes: list[str],
-        output: queue.SimpleQueue,
-        screen: threading.Lock,
-    ) -> Any:
-        try:
-            while True:
-                self._print_task_output(output, progress, screen)
-                try:
-                    return future.result(timeout=0.2)
-                except concurrent.futures.TimeoutError:
-                    if progress:
-                        with screen:
-                            self.out.flush()
-                            progress.draw(
-                                run.done,
-                                run.failed,
-                                run.total_hint or (run.sent if run.exhausted else None),
-                                notes[-1] if notes and not run.done else "",
-                            )
-        finally:  # what arrived with the last results
-            self._print_task_output(output, progress, screen)
+    @staticmethod
+    def _wait(future: Any, tick: Callable[[], None]) -> Any:
+        """An engine's job: its own thread feeds the sink; this one shows progress."""
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                tick()
 
     def _print_task_output(
         self, output: queue.SimpleQueue, progress: Any, screen: threading.Lock
@@ -461,7 +462,7 @@ class Console:
             self.say(json.dumps(render.jsonable(summary)))
         return exc
 
-    def _interrupted(self, run: Any, future: Any, sink: Any) -> int:
+    def _interrupted(self, run: Any, sink: Any) -> int:
         """Ctrl-C: kill the job, keep what arrived, say what was kept and where."""
         from ..engines import EngineRun
 
@@ -470,12 +471,17 @@ class Console:
         if isinstance(run, EngineRun):  # nothing on a server: cancel its chunks from here
             run.fail(JobKilled(f"{name} was interrupted"))
         else:
-            self.session.kill_job(run.job_id)
-            try:  # the server's "killed" closes the sink on the reactor thread
-                future.exception(timeout=5)
-            except concurrent.futures.TimeoutError:
+            run.kill()
+            try:  # what arrives until the server's "killed" still goes into the sink
+                run.collect(sink, until=time.monotonic() + 5)
+            except (RemapError, TimeoutError):
                 pass
-            self.session.stop_collecting(run, JobKilled(f"{name} was interrupted"))
+            run.detach()
+            if not sink.closed:
+                try:
+                    sink.close(complete=False)
+                except Exception:  # noqa: BLE001 - exiting interrupted anyway
+                    pass
         kept = sink.kept()
         if kept:
             self.note(f"{name} killed; {kept}")
@@ -491,17 +497,18 @@ class Console:
             return exc
         return type(exc)(f"{exc} (add --traceback to see where it was raised)")
 
-    def _detached(self, run: Any, future: Any, args: argparse.Namespace, spec: Any) -> int:
+    def _detached(self, run: Any, sink: Any, args: argparse.Namespace, spec: Any) -> int:
         # the arguments live here, so they must all reach the server before we may leave
-        while (run.job_id is None or not run.exhausted) and not future.done():
-            try:
-                future.result(timeout=0.1)
-            except concurrent.futures.TimeoutError:
-                continue
-        if future.done() and future.exception() is not None:
-            raise future.exception()
+        state = run.session
+        while state.job_id is None or not state.exhausted:
+            if run.finished.wait(0.1):
+                break
+        if run.error is not None:
+            sink.abandon()
+            raise run.error
         # results are collected by attach (or the writer below), not here: free the output
-        self.session.stop_collecting(run, None)
+        run.detach()
+        sink.abandon()
         writer = None
         if spec.options.mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
@@ -692,12 +699,12 @@ class Console:
             output=output if mode in ("sqlite", "file") else None,
         )
         try:
-            run, future = self.session.attach(args.job, sink)
+            run = self.session.attach(args.job)
         except BaseException:
             sink.abandon()
             raise
         try:
-            outcome = future.result()
+            outcome = run.collect(sink)
         except RemapError as exc:
             raise self._closing(exc, run, sink, args.json) from None
         if mode in ("object", "stream"):
@@ -715,7 +722,7 @@ class Console:
             line, code = one_line(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
             self.note(line)
             return code
-        return self._failed_arguments(max(run.failed, outcome.failed))
+        return self._failed_arguments(max(run.session.failed, outcome.failed))
 
     cmd_results = cmd_attach
 

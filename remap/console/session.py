@@ -12,9 +12,9 @@ from protocol.options import JobOptions
 
 from .. import bundle, discovery, runtime, shipping
 from ..auth import SecretMissing
-from ..client import ClusterClient, JobOutcome, JobRun, ThreadedArguments
+from ..client import ClusterClient, JobOutcome, JobStream, read_into
 from ..dial import connect_console
-from ..errors import ConfigError, ConnectionLost, JobFailed, RemapError
+from ..errors import ConfigError, ConnectionLost, JobFailed
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..net import tls_enabled
 from ..settings import Settings
@@ -152,68 +152,42 @@ class Session:
     def start_job(
         self,
         spec: JobSpec,
-        sink: Sink,
         *,
+        keep_arguments: bool = False,
         detach: bool = False,
         wait_for_nodes: float | None = None,
         on_notice: Callable[[str], None] | None = None,
         on_output: Callable[[int, str], None] | None = None,
-    ) -> tuple[JobRun, Any]:
-        """Submit a job; return the run (for progress) and a future of its outcome."""
+    ) -> JobStream:
+        """Submit a job; its results are taken on the caller's thread (``stream.collect``).
+
+        ``keep_arguments``: the sink stores arguments; ``on_notice`` and ``on_output`` run on
+        the reactor thread and must only queue their text.
+        """
         fn, reduce_fn = load_callables(spec)
         blob = bundle.wrap(
             function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
         )
         client = self.connect(allow_embedded=True)
-        # read and pickled on a thread of their own: a slow pipe must not stop the network
-        arguments = ThreadedArguments(
-            runtime.reactor(), iter_arguments(spec, max_line=client.frame_room())
-        )
-        run = JobRun(
+        stream = JobStream(
+            blob,
             replace(
                 spec.options, detach=detach or spec.options.detach, wait_for_nodes=wait_for_nodes
             ),
-            blob,
-            arguments,
-            sink,
+            call_soon=runtime.reactor().callFromThread,
             total_hint=count_arguments(spec),
+            keep_arguments=keep_arguments,
             on_notice=on_notice,
             on_output=on_output,
-        )
-        return run, runtime.call(client.submit, run)
+        ).start(client)
+        # read and pickled on a thread of their own: a slow pipe must not stop the network
+        read_into(stream, iter_arguments(spec, max_line=client.frame_room()))
+        return stream
 
-    def attach(self, job: int, sink: Sink) -> tuple[JobRun, Any]:
+    def attach(self, job: int) -> JobStream:
         client = self.connect(allow_embedded=False)
-        run = JobRun(JobOptions(), b"", iter(()), sink)
-        return run, runtime.call(client.attach, job, run)
-
-    def stop_collecting(self, run: JobRun, error: Exception | None) -> None:
-        """Take no more results for ``run`` in this console.
-
-        With an error, the run fails with it (its sink keeps what arrived); with None, its
-        sink is abandoned unwritten because another console collects the results.
-        """
-
-        def stop() -> None:
-            if self.client is not None and run.job_id is not None:
-                if self.client.runs.get(run.job_id) is run:
-                    del self.client.runs[run.job_id]
-            if error is None:
-                run.sink.abandon()
-            else:
-                run.fail(error)
-
-        try:
-            runtime.run(stop, timeout=5)
-        except (RemapError, TimeoutError):
-            pass
-
-    def kill_job(self, job: int | None) -> None:
-        if job is not None and self.connected():
-            try:
-                runtime.run(lambda: self.client.kill(job), timeout=5)  # type: ignore[union-attr]
-            except (RemapError, TimeoutError):
-                pass
+        stream = JobStream(b"", JobOptions(), call_soon=runtime.reactor().callFromThread)
+        return stream.attach(client, job)
 
 
 def make_job_sink(spec: JobSpec, *, on_item: Any = None, out: Any = None) -> Sink:

@@ -26,7 +26,8 @@ from protocol import messages as m
 from protocol.options import JobOptions
 
 from .. import runtime, shipping
-from ..client import ClusterClient, JobRun
+from ..blobs import dumps
+from ..client import ClusterClient, JobStream
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo
 from . import counters, layout
@@ -110,10 +111,13 @@ class _Phase:
     ) -> None:
         self.results: dict[int, Any] = {}
         self.errors: list[TaskErrorInfo] = []
-        sink = StreamSink(on_item=self._item)
-        self.run = JobRun(params, blob, iter(args), sink, total_hint=len(args), on_notice=on_notice)
+        call_soon = runtime.reactor().callFromThread
+        self.run = JobStream(
+            blob, params, call_soon=call_soon, total_hint=len(args), on_notice=on_notice
+        )
+        self.run.start(client).put_many([dumps(a) for a in args])
+        self.run.close_input()
         self.total = len(args)
-        self.future = runtime.call(client.submit, self.run)
 
     def _item(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
         if error is not None:
@@ -122,12 +126,7 @@ class _Phase:
             self.results[index] = result
 
     def wait(self, tick: Callable[[], None]) -> dict[int, Any]:
-        while True:
-            try:
-                self.future.result(timeout=POLL_INTERVAL)
-                break
-            except concurrent.futures.TimeoutError:
-                tick()
+        self.run.collect(StreamSink(on_item=self._item), tick=tick, interval=POLL_INTERVAL)
         missing = self.total - len(self.results)
         if missing:
             raise JobFailed(f"{missing} task(s) delivered no result")
@@ -347,7 +346,7 @@ class DataJobRunner:
         if isinstance(exc, JobKilled):
             return exc
         assert self.phase is not None
-        first = self.phase.run.first_error
+        first = self.phase.run.session.first_error
         if first is not None:
             what = "" if first.type_name == "RecordError" else f"{first.type_name}: "
             return JobFailed(f"{phase} task {first.index}: {what}{first.message}")
@@ -413,7 +412,11 @@ class DataJobRunner:
 
     def _kill_phase(self) -> None:
         current = self.phase
-        if current is not None and current.run.job_id is not None and not current.future.done():
+        if (
+            current is not None
+            and current.run.job_id is not None
+            and not current.run.finished.is_set()
+        ):
             job_id = current.run.job_id
             try:
                 runtime.run(lambda: self.client.kill(job_id), timeout=5)

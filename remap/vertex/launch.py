@@ -13,7 +13,6 @@ from typing import Any
 
 import cloudpickle
 
-from ..sinks import Sink, TaskErrorInfo
 from .files import PICKLE_PROTOCOL
 from .worker import WorkerArgs, run_worker
 
@@ -64,20 +63,6 @@ class ThreadLaunch:
             t.join(timeout)
 
 
-class _ErrorSink(Sink):
-    """The worker calls' results matter only as errors: each becomes an event for the driver."""
-
-    mode = "none"
-
-    def __init__(self, events: queue.SimpleQueue) -> None:
-        super().__init__()
-        self.events = events
-
-    def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
-        if error is not None:
-            self.events.put(("error", f"{error.type_name}: {error.message}"))
-
-
 class ClusterLaunch:
     """The workers as one gang function job, submitted on a cluster client.
 
@@ -99,8 +84,9 @@ class ClusterLaunch:
         from protocol.options import JobOptions
 
         from .. import runtime
+        from ..blobs import dumps
         from ..bundle import wrap
-        from ..client import JobRun
+        from ..client import JobStream
         from ..shipping import function_blob
 
         params = JobOptions(
@@ -118,26 +104,26 @@ class ClusterLaunch:
         blob = function_blob(run_worker)
         if bundle:
             blob = wrap(blob, bundle)
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._runtime = runtime
         self._client = client
-        self.run = JobRun(params, blob, iter(args), _ErrorSink(self._events), total_hint=len(args))
-        self.future = runtime.call(client.submit, self.run)
-        self.future.add_done_callback(self._ended)
-
-    def _ended(self, future: Any) -> None:
-        self._events.put(("end", future.exception()))
+        call_soon = runtime.reactor().callFromThread
+        self.run = JobStream(blob, params, call_soon=call_soon, total_hint=len(args))
+        self.run.start(client).put_many([dumps(a) for a in args])
+        self.run.close_input()
 
     def events(self) -> list[tuple[str, Any]]:
-        return _drain(self._events)
+        """The worker calls' results matter only as errors; then the job's end."""
+        out: list[tuple[str, Any]] = []
+        for event in _drain(self.run.events):
+            if event[0] == "items":
+                out += [("error", f"{e.type_name}: {e.message}") for _, _, e in event[2] if e]
+            elif event[0] == "end":
+                out.append(("end", event[2]))
+        return out
 
     def wait(self, timeout: float) -> bool:
         """Wait for every worker call to return (after the stop command)."""
-        try:
-            self.future.exception(timeout)
-        except TimeoutError:
-            return False
-        return True
+        return self.run.finished.wait(timeout)
 
     def running(self) -> int | None:
         """How many worker calls the server has running on cores now (None: not known yet).
@@ -152,10 +138,4 @@ class ClusterLaunch:
         return next((int(j["running"]) for j in jobs if j["id"] == job_id), None)
 
     def kill(self) -> None:
-        def kill_now() -> None:
-            if self.run.job_id is None:
-                self.run._kill_on_start = True  # not named yet: killed when `submitted` comes
-            else:
-                self._client.kill_quietly(self.run.job_id)
-
-        self._runtime.reactor().callFromThread(kill_now)
+        self.run.kill()

@@ -1,0 +1,443 @@
+"""The client's job engine without processes or sockets: the pure JobSession, and the
+JobStream bridge driven by a stand-in reactor thread and an in-memory server (issue 10, item 1).
+
+The session is plain calls in, messages and result events out. The stream is tested across
+real threads: a "reactor" thread of our own runs what the stream schedules, a caller's
+thread feeds arguments and takes results into a sink, and a fake client records what goes
+to the server.
+"""
+
+from __future__ import annotations
+
+import operator
+import pickle
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from protocol import messages as m
+from protocol.options import JobOptions
+from remap.blobs import dumps, pack
+from remap.client import (
+    ARGS_OVERHEAD,
+    KILL,
+    ArgumentTooLarge,
+    JobSession,
+    JobStream,
+    read_into,
+)
+from remap.errors import ConfigError, ConnectionLost, JobFailed, JobKilled, OutputError
+from remap.sinks import ObjectSink, ReduceSink
+
+# ============================================================================ the session
+
+
+def take_from(blobs: list[bytes], ended: bool = True) -> Callable[..., Any]:
+    """A ``take`` over a fixed list of pickled arguments."""
+    queue_ = list(blobs)
+
+    def take(limit: int, room: int, start: int) -> tuple[list[bytes], list[Any], bool]:
+        out = queue_[:limit]
+        del queue_[:limit]
+        return out, [None] * len(out), ended and not queue_
+
+    return take
+
+
+def test_the_first_window_goes_with_the_submit_under_minus_its_id() -> None:
+    """submit: the Submit message, then INITIAL_WINDOW arguments as job -rid; `submitted`
+    counts them in the window; grants send the rest and args_end gives the total."""
+    session = JobSession(JobOptions(name="j"), b"fn", total_hint=300)
+    session.submit(7)
+    take = take_from([dumps(i) for i in range(300)])
+    session.pump(take)
+    submit, *args = session.outbox
+    assert isinstance(submit, m.Submit) and (submit.id, submit.total, submit.name) == (7, 300, "j")
+    assert {a.job for a in args} == {-7} and session.sent == m.INITIAL_WINDOW
+    session.outbox.clear()
+    session.submitted(42, m.INITIAL_WINDOW)  # the server took the whole first window
+    session.pump(take)
+    assert session.outbox == [], "no window left until a grant"
+    session.grant(100)
+    session.pump(take)
+    *more, end = session.outbox
+    assert [a.job for a in more] == [42] and sum(len(a.sizes) for a in more) == 44
+    assert end == m.ArgsEnd(job=42, total=300) and session.exhausted
+
+
+def test_a_kill_before_the_job_is_named_goes_out_when_it_is() -> None:
+    session = JobSession(JobOptions())
+    session.submit(1)
+    session.kill()
+    assert all(not isinstance(x, tuple) for x in session.outbox)
+    session.submitted(5, 0)
+    assert session.outbox[-1] == (KILL, 5)
+
+
+def test_an_argument_over_the_frame_is_refused_by_index_and_the_job_killed() -> None:
+    session = JobSession(JobOptions())
+    session.frame_room = 1000
+    session.submit(1)
+    session.submitted(3, 10)
+    session.outbox.clear()
+    session.pump(take_from([dumps(1), dumps(b"x" * 5000)]))
+    assert isinstance(session.error, ArgumentTooLarge) and session.error.index == 1
+    assert session.finished and session.outbox[-1] == (KILL, 3)
+
+
+def test_a_broken_input_fails_after_the_arguments_before_it() -> None:
+    """The input raises after two arguments: they go out, then the job fails naming it."""
+    session = JobSession(JobOptions())
+    session.submit(1)
+    session.submitted(3, 10)
+    sent: list[bytes] = [dumps(1), dumps(2)]
+
+    def take(limit: int, room: int, start: int) -> tuple[list[bytes], list[Any], bool]:
+        if sent:
+            out = sent[:]
+            sent.clear()
+            return out, [None, None], False
+        raise ValueError("line 3: not JSON")
+
+    session.pump(take)
+    args = [x for x in session.outbox if isinstance(x, m.Args)]
+    assert sum(len(a.sizes) for a in args) == 2
+    assert str(session.error) == "could not send argument 2: ValueError: line 3: not JSON"
+
+
+def results(job: int, values: list[Any], start: int = 0, **fields: Any) -> m.Results:
+    sizes, payload = pack(values)
+    indices = list(range(start, start + len(values)))
+    return m.Results(job=job, indices=indices, sizes=sizes, payload=payload, **fields)
+
+
+def test_results_become_one_items_event_with_the_kept_arguments() -> None:
+    session = JobSession(JobOptions(), keep_arguments=True)
+    session.submit(1)
+    session.submitted(2, 10)
+    session.pump(take_with_tags(["a", "b"]))
+    session.results(results(2, [10, 20]))
+    assert session.events == [("items", [0, 1], [10, 20], None, ["a", "b"])]
+    assert (session.done, session.failed) == (2, 0)
+
+
+def take_with_tags(tags: list[Any]) -> Callable[..., Any]:
+    def take(limit: int, room: int, start: int) -> tuple[list[bytes], list[Any], bool]:
+        out, tags[:] = tags[:], []
+        return [dumps(t) for t in out], out, True
+
+    return take
+
+
+def test_partial_folds_and_their_errors_become_events() -> None:
+    """Reduce mode: a node's partial is one event with the count it covers; a failed
+    argument of the batch comes first as an items event carrying its error."""
+    session = JobSession(JobOptions(mode="reduce", on_error="continue"))
+    session.attach(9)
+    msg = m.Results(
+        job=9,
+        indices=[0, 1, 2],
+        sizes=[1],
+        errors=[[1, "ValueError", "no 1", "tb"]],
+        partial=True,
+        payload=pickle.dumps(5),
+    )
+    session.results(msg)
+    (items, partial) = session.events
+    assert items[:3] == ("items", [1], [None])
+    assert [e.type_name for e in items[3]] == ["ValueError"]
+    assert partial == ("partial", 2, 5)
+    assert (session.done, session.failed) == (2, 1)
+
+
+def test_the_end_gives_the_outcome_or_the_error() -> None:
+    done, killed = JobSession(JobOptions()), JobSession(JobOptions())
+    done.attach(1)
+    killed.attach(2)
+    done.ended(m.JobDone(job=1, state="done", done=3, failed=0))
+    killed.ended(m.JobDone(job=2, state="killed", done=0, failed=0, message="by alice"))
+    assert done.outcome is not None and done.outcome.done == 3 and done.error is None
+    assert isinstance(killed.error, JobKilled) and "by alice" in str(killed.error)
+
+
+# ============================================================================ the stream
+
+
+class Reactor:
+    """Runs what streams schedule, in order, on a thread of its own (the reactor's role)."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="fake-reactor", daemon=True)
+        self.thread.start()
+
+    def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        self.calls.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self.calls.get()
+            if fn is None:
+                return
+            fn(*args)
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the reactor thread and wait for its result."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self.callFromThread(lambda: box.put(fn(*args)))
+        return box.get(timeout=10)
+
+    def stop(self) -> None:
+        self.calls.put((None, ()))
+        self.thread.join(10)
+
+
+class MemoryServer:
+    """Stands in for ClusterClient and the server behind it: grants every argument it gets
+    (runs ``fn`` on it) and answers with results, all on the reactor thread."""
+
+    redial = None  # a lost connection is not dialled again
+    link = "up"
+
+    def __init__(self, fn: Callable[[Any], Any] = lambda x: x, *, max_frame: int = 1 << 20):
+        self.fn = fn
+        self.max_frame = max_frame
+        self.sent: list[Any] = []
+        self.killed: list[int | None] = []
+        self.forgotten: list[JobStream] = []
+        self.stream: JobStream | None = None
+        self.received = 0
+        self.threads: set[str] = set()
+
+    def frame_room(self) -> int:
+        return self.max_frame - ARGS_OVERHEAD
+
+    def submit(self, stream: JobStream) -> None:
+        self.stream = stream
+        stream.submitting(self, 1)  # type: ignore[arg-type]
+        stream.submitted(50, m.INITIAL_WINDOW)  # what the server allows under -id
+
+    def forget(self, stream: JobStream) -> None:
+        self.forgotten.append(stream)
+
+    def kill_quietly(self, job: int | None) -> None:
+        self.killed.append(job)
+        assert self.stream is not None
+        self.stream.job_done(m.JobDone(job=50, state="killed", done=0, failed=0, message="asked"))
+
+    def send(self, msg: m.Message) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.sent.append(msg)
+        assert self.stream is not None
+        if isinstance(msg, m.Args):
+            values = [pickle.loads(b) for b in _split(msg)]
+            self.received += len(values)
+            self.stream.results(results(50, [self.fn(v) for v in values], msg.start))
+            self.stream.grant(len(values))
+        elif isinstance(msg, m.ArgsEnd):
+            self.stream.job_done(m.JobDone(job=50, state="done", done=msg.total, failed=0))
+
+
+def _split(msg: m.Args) -> list[bytes]:
+    out, pos = [], 0
+    for size in msg.sizes:
+        out.append(msg.payload[pos : pos + size])
+        pos += size
+    return out
+
+
+class ThreadSink(ObjectSink):
+    """Records the thread of every call the stream's consumer makes into it."""
+
+    needs_arguments = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+        self.arguments: list[Any] = []
+
+    def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.arguments += arguments
+        super().add_results(indices, arguments, results)
+
+    def close(self, *, complete: bool) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().close(complete=complete)
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    r = Reactor()
+    yield r
+    r.stop()
+
+
+def stream_on(reactor: Reactor, server: MemoryServer, **options: Any) -> JobStream:
+    return JobStream(b"fn", JobOptions(), call_soon=reactor.callFromThread, **options).start(
+        server  # type: ignore[arg-type]
+    )
+
+
+def test_arguments_fed_from_one_thread_come_back_on_it(reactor: Reactor) -> None:
+    """put_many from this thread, the window on the reactor's, the sink back on this one:
+    every result, in order, with the argument it was kept with; the sink never ran on the
+    reactor thread and the server never heard from this one."""
+    server = MemoryServer(lambda x: x * x)
+    stream = stream_on(reactor, server, keep_arguments=True, total_hint=1000)
+    values = list(range(1000))
+    for k in range(0, 1000, 100):
+        stream.put_many([dumps(v) for v in values[k : k + 100]], values[k : k + 100])
+    stream.close_input()
+    sink = ThreadSink()
+    outcome = stream.collect(sink, until=_soon())
+    assert outcome.state == "done" and sink.value() == [v * v for v in values]
+    assert sink.arguments == values
+    assert sink.threads == {threading.current_thread().name}
+    assert server.threads == {"fake-reactor"}
+    assert server.forgotten == [stream], "the client routes nothing more to an ended job"
+
+
+def test_a_reduce_folds_on_the_consumers_thread(reactor: Reactor) -> None:
+    folded_on: set[str] = set()
+
+    def add(a: int, b: int) -> int:
+        folded_on.add(threading.current_thread().name)
+        return a + b
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    stream.put_many([dumps(i) for i in range(100)])
+    stream.close_input()
+    sink = ReduceSink(add)
+    stream.collect(sink, until=_soon())
+    assert sink.value() == sum(range(100)) and folded_on == {threading.current_thread().name}
+
+
+def test_a_sink_that_cannot_write_kills_the_job_with_one_line(reactor: Reactor) -> None:
+    class FullDisk(ObjectSink):
+        def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
+            raise OSError(28, "No space left on device")
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    stream.put_many([dumps(1)])
+    sink = FullDisk()
+    with pytest.raises(OutputError, match="could not write its results: disk full"):
+        stream.collect(sink, until=_soon())
+    assert stream.finished.wait(10) and server.killed == [50]
+    assert sink.closed and sink.complete is False
+
+
+def test_kill_drops_unsent_arguments_and_ends_killed(reactor: Reactor) -> None:
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    stream.kill()
+    stream.put_many([dumps(1)])  # ignored: the job is being killed
+    with pytest.raises(JobKilled):
+        stream.collect(ObjectSink(), until=_soon())
+    assert stream.unsent_bytes == 0 and server.killed == [50]
+
+
+def test_a_closed_handle_fails_the_stream_at_once(reactor: Reactor) -> None:
+    stream = JobStream(b"", JobOptions(), call_soon=reactor.callFromThread).start(None)
+    with pytest.raises(ConnectionLost, match="closed"):
+        stream.collect(ObjectSink(), until=_soon())
+
+
+def test_on_items_settles_some_results_on_the_reactor_thread(reactor: Reactor) -> None:
+    """The Executor's hook: it may take results at once; the rest go on as events."""
+    server = MemoryServer()
+    taken: list[int] = []
+
+    def odd_only(batch: list[Any]) -> list[Any]:
+        taken.extend(i for i, _, _ in batch if i % 2 == 0)
+        return [item for item in batch if item[0] % 2]
+
+    stream = stream_on(reactor, server, on_items=odd_only)
+    stream.put_many([dumps(i) for i in range(10)])
+    stream.close_input()
+    events = []
+    while not events or events[-1][0] != "end":
+        events.append(stream.events.get(timeout=10))
+    assert sorted(i for e in events[:-1] for i, _, _ in e[2]) == [1, 3, 5, 7, 9]
+    assert sorted(taken) == [0, 2, 4, 6, 8]
+
+
+def _soon() -> float:
+    import time
+
+    return time.monotonic() + 10
+
+
+# ============================================================================ read_into
+
+
+def test_arguments_are_read_on_their_own_thread_and_end(reactor: Reactor) -> None:
+    """The source is pulled on the reader thread (never the caller's or the reactor's)."""
+    pulled_on: set[str] = set()
+
+    def source() -> Iterator[int]:
+        for i in range(250):
+            pulled_on.add(threading.current_thread().name)
+            yield i
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    read_into(stream, source(), max_items=16)
+    sink = ObjectSink()
+    assert stream.collect(sink, until=_soon()).done == 250
+    assert sink.value() == list(range(250)) and pulled_on == {"remap-arguments"}
+
+
+def test_the_reader_stays_bounded_and_leaves_when_the_job_ends(reactor: Reactor) -> None:
+    """Nothing is sent (no window): the reader stays ``max_items`` ahead, then leaves on kill."""
+    pulled: list[int] = []
+    ahead = threading.Event()
+
+    def source() -> Iterator[int]:
+        for i in range(10_000):
+            pulled.append(i)
+            if len(pulled) == 9:  # 8 queued and the 9th read, waiting for room
+                ahead.set()
+            yield i
+
+    stream = JobStream(b"", JobOptions(), call_soon=reactor.callFromThread)  # never submitted
+    thread = read_into(stream, source(), max_items=8)
+    assert ahead.wait(10)
+    stream.kill()
+    thread.join(10)
+    assert not thread.is_alive() and len(pulled) == 9, "the reader ran ahead of its bound"
+
+
+def test_a_broken_source_fails_the_job_after_the_arguments_before_it(reactor: Reactor) -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ConfigError("args.jsonl:3: invalid JSON argument")
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    read_into(stream, source())
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        stream.collect(ObjectSink(), until=_soon())
+    sent = [pickle.loads(b) for msg in server.sent if isinstance(msg, m.Args) for b in _split(msg)]
+    assert sent == [1, 2] and server.killed == [50]
+
+
+def test_results_that_will_not_unpickle_fail_the_job_under_on_error_fail() -> None:
+    """Decoding stays in the session: an unreadable result under on_error: fail aborts it."""
+    session = JobSession(JobOptions(on_error="fail"))
+    session.attach(4)
+    blobs = [pickle.dumps(0), b"not a pickle"]
+    session.results(
+        m.Results(job=4, indices=[0, 1], sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    )
+    assert isinstance(session.error, JobFailed) and "argument 1: ResultUnreadable" in str(
+        session.error
+    )
+    assert session.outbox == [(KILL, 4)]
+    assert operator.itemgetter(0)(session.events[0]) == "items"
