@@ -21,13 +21,13 @@ from twisted.internet.task import Clock
 from protocol import messages as m
 from protocol.options import JobOptions
 from remap.blobs import split
-from remap.client import JobRun
+from remap.client import JobStream
 from remap.node.core import SLOT, Core
 from remap.server.journal import FLUSH_INTERVAL, Journal
 from remap.server.scheduler import Scheduler
 from remap.shipping import function_blob
 from remap.sinks import ObjectSink
-from tests.test_inmemory import Cluster, outcome
+from tests.test_inmemory import Cluster, SinkRun, call_soon, outcome, submit
 from tests.test_scheduler import GRACE, FakeConsole, FakeLink, FakeNode, make, square
 
 
@@ -304,23 +304,12 @@ def test_a_core_runs_groups_and_the_arguments_a_retry_names() -> None:
 # ============================================================================ console ↔ server
 
 
-class GroupedRun(JobRun):
+def grouped_run(options: JobOptions, values: list[Any], size: int = 40) -> SinkRun:
     """A console job whose arguments travel in groups of ``size`` (as ``remap.api`` sends)."""
-
-    size = 40
-
-    def _take(self, limit: int, room: int) -> tuple[list[bytes], list[int], Any, bool]:
-        values = self.arguments  # a list here
-        blobs, groups = [], []
-        at = self.sent
-        while at < len(values):
-            g = values[at : at + self.size]
-            if sum(groups) + len(g) > limit:
-                break
-            blobs.append(pickle.dumps(g))
-            groups.append(len(g))
-            at += len(g)
-        return blobs, groups, None, at >= len(values)
+    stream = JobStream(function_blob(square), options, call_soon=call_soon, total_hint=len(values))
+    groups = [values[at : at + size] for at in range(0, len(values), size)]
+    stream.put_many([pickle.dumps(g) for g in groups], counts=[len(g) for g in groups])
+    return SinkRun(stream, ObjectSink(), [])
 
 
 def test_a_console_sending_groups_never_waits_forever_for_window() -> None:
@@ -330,11 +319,8 @@ def test_a_console_sending_groups_never_waits_forever_for_window() -> None:
     pool, _, _ = cluster.node("node-a", cores=2)
     client, _ = cluster.console()
     n = 5000
-    run = GroupedRun(
-        JobOptions(name="grouped"), function_blob(square), list(range(n)), ObjectSink()
-    )
-    run.total_hint = n
-    d = client.submit(run)
+    run = grouped_run(JobOptions(name="grouped"), list(range(n)))
+    d = submit(client, run)
     cluster.settle()
     result = outcome(d)
     assert (result.state, result.done) == ("done", n), result
@@ -352,14 +338,8 @@ def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -
     pool, _, _ = cluster.node("node-a", cores=2, hold=True)
     client = cluster.redialling_console()
     n = 3000
-    run = GroupedRun(
-        JobOptions(name="grouped", chunksize=80),
-        function_blob(square),
-        list(range(n)),
-        ObjectSink(),
-    )
-    run.size = 7
-    d = client.submit(run)
+    run = grouped_run(JobOptions(name="grouped", chunksize=80), list(range(n)), size=7)
+    d = submit(client, run)
     cluster.settle()
     pool.run_held()
     cluster.settle()
