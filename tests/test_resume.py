@@ -229,7 +229,7 @@ def test_a_server_restarted_without_its_journal_refuses_the_resume_with_the_reas
     cluster.node("node-a", cores=1, hold=True)
     client = cluster.redialling_console()
     run = job_run(square, range(100), chunksize=10)
-    d = client.submit(run)
+    d = submit(client, run)
     cluster.settle()
     cluster.kill_server()
     cluster.start_server()
