@@ -10,6 +10,7 @@ differences is checked against that list, so the table stays the contract.
 from __future__ import annotations
 
 import unittest
+from unittest import mock
 
 import pytest
 
@@ -44,6 +45,10 @@ DIFFERENCES: dict[str, str] = {
         "an argument that cannot be pickled raises remap.PicklingError (a pickle.PicklingError "
         "naming the argument) with the original error as its __cause__, not the original error"
     ),
+    "TestRemapPoolWorkerErrors.test_unpickleable_result": (
+        "its unpicklable result is a lambda, which remap's cores send back with cloudpickle; "
+        "a result nothing can pickle raises MaybeEncodingError (tests/test_pool.py)"
+    ),
     "TestRemapPool.test_traceback": (
         "the remote traceback (with a `.tb` text, as multiprocessing's) is a "
         "remap.RemoteTraceback, not a multiprocessing.pool.RemoteTraceback"
@@ -53,6 +58,17 @@ DIFFERENCES: dict[str, str] = {
 
 class TestRemapPool(mp_tests._TestPool, RemapMixin, unittest.TestCase):
     """multiprocessing's _TestPool on remap.Pool."""
+
+
+class TestRemapPoolWorkerErrors(mp_tests._TestPoolWorkerErrors, RemapMixin, unittest.TestCase):
+    """multiprocessing's _TestPoolWorkerErrors: its cases call ``multiprocessing.Pool(2)``,
+    which is remap.Pool on the shared cluster while each runs."""
+
+    def setUp(self) -> None:
+        patcher = mock.patch.object(mp_tests.multiprocessing, "Pool", _pool)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
 
 
 mark_cases(globals(), DIFFERENCES)
