@@ -230,3 +230,27 @@ def test_python_api_detach_returns_a_handle_to_wait_for_or_kill(
     with remap.connect(cores=1, settings=Settings(data_dir=str(tmp_path / "d2"))) as local:
         with pytest.raises(ConfigError, match="needs a server"):
             local.vertex(module, tmp_path / "in-graph", tmp_path / "o3", detach=True)
+
+
+def test_a_detached_job_runs_again_after_a_server_restart(make_cluster, tmp_path: Path) -> None:
+    """The server is SIGKILLed (its driver child with it, as a service stop would) mid-map:
+    the restarted server cleans up the earlier run and runs the job again under its id."""
+    c, data = _cluster(make_cluster, tmp_path)
+    job_id, earlier = _slow_job(c, tmp_path, data)
+    c.restart_server(signal.SIGKILL)
+
+    def running_again() -> dict | None:
+        job = c.job(job_id)
+        return job if job and job["data_job"] not in (None, earlier) else None
+
+    job = wait_for(running_again, 60, "the job to run again on the restarted server")
+    done = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=180))
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "OK" and summary["job"] == job["data_job"]
+    assert _output_counts(tmp_path / "out") == _output_counts_of_input(tmp_path / "in")
+    assert layout.read_result(data, earlier) == "INCOMPLETE"
+    assert not data.im_dir(earlier).exists()
+
+
+def _output_counts_of_input(directory: Path) -> Counter:
+    return Counter(w for p in directory.iterdir() for w in p.read_text().split())

@@ -231,10 +231,22 @@ class Drivers:
                 found.append((int(entry.name), entry))
         return sorted(found)
 
+    def resume_unfinished(self) -> None:
+        """(A restarted server, journal on.) Run again every detached job an earlier run of
+        the server started and never saw end, under its id; its earlier run is cleaned up
+        (intermediate files, unpublished output, ``result`` = INCOMPLETE) first."""
+        for job_id, directory in self.unfinished():
+            try:
+                job = self.resume(job_id, directory)
+            except (OSError, ValueError, KeyError) as exc:
+                self.log.warn("cannot resume detached job {id}: {why}", id=job_id, why=str(exc))
+                continue
+            self.log.info("detached {kind} job {id} runs again", kind=job.kind, id=job_id)
+
     def resume(self, job_id: int, directory: Path) -> DrivenJob:
         """Start the driver of an unfinished detached job again, under its id (the job runs
-        from its start: a new data-directory job; the abandoned run was cleaned up by its
-        driver, or is cleaned up here when the driver left a ``started`` line behind)."""
+        from its start, as a new data-directory job, once the earlier run is cleaned up)."""
+        earlier = layout.read_json(directory / "started.json") or {}
         job = json.loads((directory / "job.json").read_text(encoding="utf-8"))
         owner_file = directory / "owner"
         owner = owner_file.read_text(encoding="utf-8") if owner_file.exists() else ""
@@ -243,7 +255,16 @@ class Drivers:
         )
         driven.output = str(job.get("output") or "") or None
         self.jobs[job_id] = driven
-        self._spawn(driven)
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            _clean_earlier,
+            self.data_dir,
+            driven.kind,
+            earlier.get("data_job"),
+        )
+        d.addErrback(lambda f: self.log.failure("cleaning up job {id}", f, id=job_id))
+        d.addCallback(lambda _: self._spawn(driven))
         return driven
 
     def kill(self, job: DrivenJob, done: Callable[[DrivenJob], None]) -> None:
@@ -318,6 +339,14 @@ class Drivers:
         if kind == "started":
             job.data_job = str(event.get("data_job") or "") or None
             job.job_dir = str(event.get("job_dir") or "") or None
+            record = {"data_job": job.data_job, "job_dir": job.job_dir}
+            threads.deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                layout.write_json,
+                job.directory / "started.json",
+                record,
+            ).addErrback(lambda f: self.log.failure("recording job {id}", f, id=job.id))
         elif kind == "progress" and not job.finished:
             job.progress = {k: event.get(k) for k in ("phase", "done", "total", "line", "sub_job")}
         elif kind == "end" and not job.finished:
@@ -381,6 +410,14 @@ class Drivers:
         finished = [j for j in self.jobs.values() if j.finished]
         for job in finished[: max(0, len(finished) - MAX_KEPT)]:
             del self.jobs[job.id]
+
+
+def _clean_earlier(data_root: Path, kind: str, data_job: str | None) -> None:
+    """(A thread.) Before a resumed job runs again: what its earlier run left behind."""
+    if data_job:
+        abandon(
+            layout.DataDir(data_root), kind, data_job, "the server restarted; the job ran again"
+        )
 
 
 def _after_driver(

@@ -91,6 +91,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
     journal = Journal.for_settings(settings, reactor)
     server.factory.use_journal(journal)
+    if journal is not None:  # detached data and vertex jobs survive a restart, as others do
+        server.factory.drivers.resume_unfinished()
     port = server.port.getHost().port
     if args.port_file:
         with open(args.port_file, "w") as f:
