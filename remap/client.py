@@ -84,13 +84,12 @@ KILL = "kill"
 class JobSession:
     """One job as a client sees it, pure: events in, messages and result events out.
 
-    It never pulls a user iterator, pickles a user object or calls a sink: arguments come
-    already pickled through ``take``, results leave as events a caller's thread hands to its
-    sink. So the same session serves the console and the Python API, and a test drives it
-    with plain calls. After each call, :attr:`outbox` holds what to send (messages, or
+    It never pulls a user iterator, pickles a user object or calls a sink (arguments come
+    pickled through ``take``), so the console and the Python API share it and tests drive it
+    with plain calls. After each call :attr:`outbox` holds what to send (messages, or
     ``(KILL, job)``) and :attr:`events` what to deliver: ``("items", indices, results,
-    errors or None, arguments or None)`` and ``("partial", count, value)``. :attr:`finished` is set once, with
-    :attr:`outcome` (the job ended done) or :attr:`error`.
+    errors or None, arguments or None)``, ``("partial", count, value)``. :attr:`finished`
+    is set once, with :attr:`outcome` (done) or :attr:`error`.
     """
 
     def __init__(
@@ -242,11 +241,8 @@ class JobSession:
         self._granted += count
 
     def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
-        """Send what the window allows. ``take(limit, room, start)`` gives up to ``limit``
-        arguments ready now (at most ``room`` bytes, or one pickle): their pickles, the
-        arguments in each (``[]``: one each; else argument groups, never one that would pass
-        ``limit``), their tags, and whether the input has ended; it raises what broke the
-        input, after the arguments before it."""
+        """Send what the window allows; ``take(limit, room, start)`` pops arguments ready now
+        (see :meth:`JobStream._take`) or raises what broke the input."""
         if self.exhausted or self.finished or (self.job_id is None and self.submit_id is None):
             return
         room = self.frame_room
@@ -304,12 +300,9 @@ class JobSession:
             )
 
     def results(self, msg: m.Results) -> None:
-        """Decode one ``results`` message into events; a failure here fails this job only.
-
-        A result that will not unpickle under ``on_error: fail`` kills the job on the server
-        and fails it with a line saying what went wrong, instead of escaping into the
-        connection (which would be reported as a lost connection).
-        """
+        """Decode one ``results`` message into events. A failure here (a result that will not
+        unpickle under ``on_error: fail``) kills this job with one line, instead of escaping
+        into the connection (which would be reported as a lost connection)."""
         if self.finished:  # already failed here: later results have nowhere to go
             return
         if self._unanswered is not None:
@@ -472,11 +465,11 @@ def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
 
 class JobStream:
     """The thread bridge: drives one :class:`JobSession` on the reactor thread, fed and
-    consumed from any other threads.
+    consumed from other threads.
 
-    Pickled arguments come from any thread (:meth:`put_many`, or :func:`read_into` for a
-    source that may block) into a bounded queue the reactor drains as the server grants
-    window. Results become events on :attr:`events`, in the order the reactor saw them:
+    Pickled arguments come from any thread (:meth:`put_many`; :func:`read_into` for a source
+    that may block) into a queue the reactor drains as the server grants window. Results
+    become events on :attr:`events`, in the order the reactor saw them:
     ``("items", stream, [(index, result, error), ...], arguments or None)``, with ``runs``
     ``("runs", stream, [(first index, [result, ...])])`` for results of consecutive arguments
     without errors, ``("partial", stream, count, value)`` (reduce mode) and last ``("end",
@@ -539,9 +532,9 @@ class JobStream:
 
     # ------------------------------------------------------------ any thread
 
-    def start(self, client: ClusterClient | None) -> JobStream:
+    def start(self, client: ClusterClient) -> JobStream:
         """Submit the job on ``client``'s connection."""
-        self.call_soon(self._start, client)
+        self.call_soon(client.submit, self)
         return self
 
     def attach(self, client: ClusterClient, job: int) -> JobStream:
@@ -613,17 +606,18 @@ class JobStream:
         """Like :meth:`kill` without taking the lock (for finalizers, which may run anywhere)."""
         self.killing = True
         self.input_closed = True
-        self.call_soon(self._kill_now)
+        self.call_soon(self.apply, "kill")
 
     def kill(self) -> None:
         """Stop the job now: unsent arguments are dropped and running ones are cancelled."""
         self._stop_input()
-        self.call_soon(self._kill_now)
+        self.call_soon(self.apply, "kill")
 
     def detach(self) -> None:
         """Take no more results here (another console collects them); the job runs on."""
         self._stop_input()
-        self.call_soon(self._forget)
+        if self.client is not None:
+            self.call_soon(self.client.forget, self)
 
     def collect(
         self,
@@ -633,14 +627,12 @@ class JobStream:
         interval: float = 0.2,
         until: float | None = None,
     ) -> JobOutcome:
-        """Feed the job's results into ``sink`` on the calling thread until it ends.
+        """Feed the job's results into ``sink`` on this thread until it ends; its outcome.
 
-        A sink is user code and blocking I/O (a fold, a database, a file, stdout): it runs
-        here, never on the reactor thread. ``tick`` runs every ``interval`` seconds (progress,
-        task output); past ``until`` (``time.monotonic()``) TimeoutError is raised. A sink
-        that cannot write kills the job with one line saying why. Returns the outcome of a
-        job that finished, after closing the sink; else raises the job's error, the sink
-        closed incomplete (it keeps what arrived).
+        A sink is user code and blocking I/O (a fold, a database, a file, stdout): never on
+        the reactor thread. ``tick`` runs every ``interval`` s; past ``until`` (monotonic)
+        TimeoutError. A sink that cannot write kills the job with one line; a job that did not
+        finish raises its error, the sink closed incomplete (it keeps what arrived).
         """
         get, next_tick = self.events.get, time.monotonic() + interval
         while True:
@@ -669,15 +661,13 @@ class JobStream:
     def _output_error(self, exc: Exception) -> RemapError:
         job = self.session.job_id
         if isinstance(exc, OSError):  # a write the sink did not name (stdout, a pipe)
-            return OutputError(
-                f"job {job}: this console could not write its results: {os_reason(exc)}"
-            )
+            reason = os_reason(exc)
+            return OutputError(f"job {job}: this console could not write its results: {reason}")
         if isinstance(exc, RemapError):
             return exc
         log.failure("saving the results of job {job} failed", job=job)  # a bug: log its traceback
-        return JobFailed(
-            f"job {job} failed on this console while saving its results: {type(exc).__name__}: {exc}"
-        )
+        why = f"{type(exc).__name__}: {exc}"
+        return JobFailed(f"job {job} failed on this console while saving its results: {why}")
 
     def _close_sink(self, sink: Sink) -> JobOutcome:
         if self.error is not None:
@@ -694,45 +684,23 @@ class JobStream:
 
     # ------------------------------------------------------------ reactor thread
 
-    def _start(self, client: ClusterClient | None) -> None:
-        if client is None:
-            self.session.fail(ConnectionLost("the cluster handle is closed"))
-            self._flush()
-        else:
-            client.submit(self)
-
     def submitting(self, client: ClusterClient, rid: int) -> None:
         self.client = client
         self.session.frame_room = client.frame_room()
-        self.session.submit(rid, resumable=client.redial is not None)
-        self._pump()
+        self.apply("submit", rid, resumable=client.redial is not None)
 
-    def attaching(self, client: ClusterClient, job: int) -> None:
-        self.client = client
-        self.session.attach(job)
-
-    def submitted(self, job: int, window: int) -> None:
-        self.session.submitted(job, window)
-        self._pump()
-
-    def grant(self, count: int) -> None:
-        self.session.grant(count)
-        self._pump()
-
-    def resumed(self, window: int) -> None:
-        """Connected again and the server took the job back."""
-        self.session.resumed(window)
-        self._pump()
+    def apply(self, event: str, *args: Any, **kwargs: Any) -> None:
+        """Hand the session one event (``submitted``, ``grant``, ``results``, ``ended``,
+        ``resumed``, ``fail``, ``kill``...), send what the window allows, deliver the rest."""
+        getattr(self.session, event)(*args, **kwargs)
+        if self.client is None or self.client.link is not None:  # else reconnecting: it waits
+            self.session.pump(self._take)
+        self._flush()
 
     def results(self, msg: m.Results) -> None:
         if msg.output and self.on_output is not None:
             self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
-        self.session.results(msg)
-        self._flush()
-
-    def job_done(self, msg: m.JobDone) -> None:
-        self.session.ended(msg)
-        self._flush()
+        self.apply("results", msg)
 
     def notice(self, text: str) -> None:
         if self.on_notice is not None:
@@ -740,27 +708,12 @@ class JobStream:
 
     def fail(self, error: Exception) -> None:
         """The connection was lost, or the server refused the job."""
-        self.session.fail(error)
-        self._flush()
+        self.apply("fail", error)
 
     def _wake(self) -> None:
         with self.lock:
             self._wake_pending = False
-        self._pump()
-
-    def _pump(self) -> None:
-        if self.client is not None and self.client.link is None:
-            return  # reconnecting: what is ready waits for the resumed job's window
-        self.session.pump(self._take)
-        self._flush()
-
-    def _kill_now(self) -> None:
-        self.session.kill()
-        self._flush()
-
-    def _forget(self) -> None:
-        if self.client is not None:
-            self.client.forget(self)
+        self.apply("pump", self._take)
 
     def _flush(self) -> None:
         """Send the session's messages, queue its events, and end once it has finished."""
@@ -820,10 +773,9 @@ class JobStream:
     def _take(
         self, limit: int, room: int, start: int
     ) -> tuple[list[bytes], list[int], list[Any], bool]:
-        """Up to ``limit`` arguments in at most ``room`` bytes (or one pickle), each pickle
-        also costing its entry in the header's ``sizes`` (at most 9 bytes): pickles of one
-        kind (bare arguments, or argument groups with their sizes), their tags, and whether
-        the input ended."""
+        """Up to ``limit`` arguments in ``room`` bytes (or one pickle; each also costs up to 9
+        bytes of header): pickles of one kind (bare, or groups with their sizes), their tags,
+        and whether the input ended."""
         out: list[bytes] = []
         groups: list[int] = []
         tags: list[Any] = []
@@ -861,11 +813,7 @@ class JobStream:
 
 def _consecutive(indices: list[int]) -> bool:
     first = indices[0] if indices else 0
-    return (
-        bool(indices)
-        and indices[-1] - first == len(indices) - 1
-        and indices == list(range(first, first + len(indices)))
-    )
+    return bool(indices) and indices == list(range(first, first + len(indices)))
 
 
 def _to_sink(event: tuple[Any, ...], sink: Sink) -> None:
@@ -900,14 +848,10 @@ def read_into(
     max_bytes: int = READ_AHEAD_BYTES,
     max_items: int = READ_AHEAD_ITEMS,
 ) -> threading.Thread:
-    """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window.
-
-    The reactor only takes what is ready, so a FIFO with no writer, a pipe giving a line a
-    second, or a huge line never stops heartbeats and results. At most ``max_bytes`` (or
-    ``max_items``) of pickled arguments wait, plus the one being read. Each argument is also
-    its own tag when the sink stores arguments. An error in the source fails the job after
-    the arguments before it.
-    """
+    """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window:
+    a FIFO with no writer, a pipe giving a line a second or a huge line never stops the
+    network. At most ``max_bytes`` (or ``max_items``) wait, plus the one being read; an
+    error in the source fails the job after the arguments before it."""
     keep = stream.session.keep_arguments
 
     def read() -> None:
@@ -1064,7 +1008,8 @@ class ClusterClient:
 
     def attach(self, job: int, stream: JobStream) -> None:
         """Receive a running or finished job's results into ``stream`` (reactor thread)."""
-        stream.attaching(self, job)
+        stream.client = self
+        stream.session.attach(job)
         self.runs[job] = stream
         d = self._request(lambda rid: m.Attach(id=rid, job=job))
 
@@ -1097,16 +1042,16 @@ class ClusterClient:
         elif t is m.Grant:
             run = self.runs.get(msg.job)
             if run is not None:
-                run.grant(msg.count)
+                run.apply("grant", msg.count)
         elif t is m.Submitted:
             run = self._submits.pop(msg.re, None)
             if run is not None:
                 self.runs[msg.job] = run
-                run.submitted(msg.job, msg.window)
+                run.apply("submitted", msg.job, msg.window)
         elif t is m.JobDone:
             run = self.runs.pop(msg.job, None)
             if run is not None:
-                run.job_done(msg)
+                run.apply("ended", msg)
         elif t is m.JobNotice:
             run = self.runs.get(msg.job)
             if run is not None:
@@ -1236,7 +1181,7 @@ class ClusterClient:
                 if run.finished.is_set():
                     return
                 run.notice("reconnected: the job goes on")
-                run.resumed(int(reply.info.get("window", 0)))
+                run.apply("resumed", int(reply.info.get("window", 0)))
 
             def refused(f: Any, job: int = job, run: JobStream = run) -> None:
                 if self.runs.get(job) is run:

@@ -34,6 +34,8 @@ def run_batch(fn, args) -> tuple[m.TaskResult, bytes]:
 class _Client:
     """Stands in for the ClusterClient: records the jobs it was told to kill."""
 
+    link = "up"
+
     def __init__(self) -> None:
         self.killed: list[int | None] = []
 
@@ -48,7 +50,8 @@ def attached(job: int, on_error: str = "continue") -> tuple[JobStream, _Client]:
     """A stream receiving job ``job``'s results; what it schedules runs at once."""
     client = _Client()
     stream = JobStream(b"", JobOptions(on_error=on_error), call_soon=lambda fn, *a: fn(*a))
-    stream.attaching(client, job)  # type: ignore[arg-type]
+    stream.client = client  # type: ignore[assignment]
+    stream.session.attach(job)
     return stream, client
 
 

@@ -29,7 +29,7 @@ from remap.client import (
     JobStream,
     read_into,
 )
-from remap.errors import ConfigError, ConnectionLost, JobFailed, JobKilled, OutputError
+from remap.errors import ConfigError, JobFailed, JobKilled, OutputError
 from remap.sinks import ObjectSink, ReduceSink
 
 # ============================================================================ the session
@@ -218,7 +218,7 @@ class MemoryServer:
     def submit(self, stream: JobStream) -> None:
         self.stream = stream
         stream.submitting(self, 1)  # type: ignore[arg-type]
-        stream.submitted(50, m.INITIAL_WINDOW)  # what the server allows under -id
+        stream.apply("submitted", 50, m.INITIAL_WINDOW)  # what the server allows under -id
 
     def forget(self, stream: JobStream) -> None:
         self.forgotten.append(stream)
@@ -226,7 +226,7 @@ class MemoryServer:
     def kill_quietly(self, job: int | None) -> None:
         self.killed.append(job)
         assert self.stream is not None
-        self.stream.job_done(m.JobDone(job=50, state="killed", done=0, failed=0, message="asked"))
+        self.stream.apply("ended", m.JobDone(job=50, state="killed", done=0, failed=0, message="x"))
 
     def send(self, msg: m.Message) -> None:
         self.threads.add(threading.current_thread().name)
@@ -236,9 +236,9 @@ class MemoryServer:
             values = [pickle.loads(b) for b in _split(msg)]
             self.received += len(values)
             self.stream.results(results(50, [self.fn(v) for v in values], msg.start))
-            self.stream.grant(len(values))
+            self.stream.apply("grant", len(values))
         elif isinstance(msg, m.ArgsEnd):
-            self.stream.job_done(m.JobDone(job=50, state="done", done=msg.total, failed=0))
+            self.stream.apply("ended", m.JobDone(job=50, state="done", done=msg.total, failed=0))
 
 
 def _split(msg: m.Args) -> list[bytes]:
@@ -340,12 +340,6 @@ def test_kill_drops_unsent_arguments_and_ends_killed(reactor: Reactor) -> None:
     with pytest.raises(JobKilled):
         stream.collect(ObjectSink(), until=_soon())
     assert stream.unsent_bytes == 0 and server.killed == [50]
-
-
-def test_a_closed_handle_fails_the_stream_at_once(reactor: Reactor) -> None:
-    stream = JobStream(b"", JobOptions(), call_soon=reactor.callFromThread).start(None)
-    with pytest.raises(ConnectionLost, match="closed"):
-        stream.collect(ObjectSink(), until=_soon())
 
 
 def test_on_items_settles_some_results_on_the_reactor_thread(reactor: Reactor) -> None:
