@@ -268,6 +268,8 @@ class Executor(concurrent.futures.Executor):
         self._broken: str | bool = False
         #: False for a Pool's executor: multiprocessing has no broken state, the call just fails
         self._breaks = True
+        #: calls of a submit job per server batch (None: adaptive); joblib's backend sets 1
+        self._submit_chunksize: int | None = None
         self._thread = threading.Thread(target=self._deliver, name="remap-executor", daemon=True)
         self._thread.start()
         _register_exit()
@@ -298,7 +300,7 @@ class Executor(concurrent.futures.Executor):
             self._cluster._check_open()
             stream = self._streams.get(key)
             if stream is None:
-                stream = _SubmitStream(self, fn, key, None)
+                stream = _SubmitStream(self, fn, key, self._submit_chunksize)
                 self._streams[key] = stream
                 self._open.add(stream)
                 # the delivery thread may be waiting with no timeout (nothing was open): it

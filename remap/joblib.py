@@ -119,7 +119,11 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def _new_executor(self) -> Executor:
         initializer, initargs = self._init
-        return Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
+        executor = Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
+        # a joblib batch is already sized (0.2-2 s of work): batching batches would put one
+        # behind a slow one on the same core while other cores idle
+        executor._submit_chunksize = 1
+        return executor
 
     @property
     def cluster(self) -> Any:

@@ -191,3 +191,34 @@ def test_scikit_learn_cross_val_score(embedded: remap.Cluster) -> None:
     with joblib.parallel_backend("remap", cluster=embedded):
         scores = cross_val_score(DecisionTreeClassifier(random_state=0), x, y, cv=4, n_jobs=-1)
     assert len(scores) == 4 and all(0.5 < s <= 1.0 for s in scores)
+
+
+def held_until(release: str, x: int) -> int:
+    """Call 1 waits (up to a minute) for the release file; the others return at once."""
+    deadline = time.monotonic() + 60
+    while x == 1 and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+def test_a_slow_batch_holds_back_no_other(embedded: remap.Cluster, tmp_path: Path) -> None:
+    """Each joblib batch is a call of its own on the cluster (joblib already sized it): the
+    others come back while one is still running. With adaptive batching, calls measured as
+    fast are sent many to a server batch, and those behind a slow one on its core wait for it
+    while the other core idles (joblib's test_parallel_unordered_generator_returns_fastest_first
+    failed that way)."""
+    import concurrent.futures
+
+    release = str(tmp_path / "release")
+    executor = remap.joblib.RemapBackend(cluster=embedded)._new_executor()
+    try:
+        # measured as fast: adaptive batching would now put many calls in one server batch
+        warm = [executor.submit(held_until, release, 0) for _ in range(20)]
+        assert [f.result(timeout=60) for f in warm] == [0] * 20
+        futures = [executor.submit(held_until, release, x) for x in range(40)]
+        fast = [f for x, f in enumerate(futures) if x != 1]
+        done, _ = concurrent.futures.wait(fast, timeout=20)
+        assert len(done) == len(fast), f"{len(fast) - len(done)} calls waited behind call 1"
+    finally:
+        Path(release).touch()
+        executor.shutdown()
