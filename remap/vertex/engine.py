@@ -216,7 +216,7 @@ class Outbox:
             return
         self._finished = True
         combine = self.combine
-        if combine is None:
+        if combine is None or self.fold is not None:  # a fold left no lists to combine
             return
         for bucket in self.buckets:
             for vid, box in bucket.items():
@@ -270,6 +270,10 @@ def _deliver(
         # min() or max() over the list of them would (the same bits: sum starts from 0)
         if not inbox:
             inbox.update(zip(ids, messages))
+            return
+        if fold is operator.add:
+            for vid, msg in zip(ids, messages):
+                inbox[vid] = inbox[vid] + msg if vid in inbox else msg
             return
         for vid, msg in zip(ids, messages):
             inbox[vid] = fold(inbox[vid], msg) if vid in inbox else msg
