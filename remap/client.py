@@ -51,6 +51,9 @@ ARGS_OVERHEAD = 1024
 #: pickled arguments a reader thread keeps ready ahead of the server's window
 READ_AHEAD_BYTES = 64 * 1024 * 1024
 READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
+#: arguments a reader thread may take ahead of the results the consumer took: a sink slower
+#: than the cluster slows the reading, instead of results piling up in memory
+READ_AHEAD_RESULTS = 65536
 
 
 log = Logger()
@@ -521,6 +524,8 @@ class JobStream:
         self.input_closed = False
         self.killing = False
         self.unsent_bytes = 0
+        #: arguments put by :meth:`put_waiting`, and results the consumer took (:meth:`collect`)
+        self._read = self.taken = 0
         self._input_error: BaseException | None = None
         #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
         self._items: deque[tuple[bytes, Any, int]] = deque()
@@ -564,16 +569,22 @@ class JobStream:
             self.unsent_bytes += sum(map(len, blobs))
             self._wake_soon()
 
-    def put_waiting(self, blob: bytes, tag: Any, max_bytes: int, max_items: int) -> bool:
-        """Queue one argument once fewer than ``max_bytes``/``max_items`` wait; False once the
-        job takes no more (it ended or is being killed)."""
+    def put_waiting(
+        self, blob: bytes, tag: Any, max_bytes: int, max_items: int, ahead: int
+    ) -> bool:
+        """Queue one argument once fewer than ``max_bytes``/``max_items`` wait and fewer than
+        ``ahead`` have no result taken yet; False once the job takes no more (it ended or is
+        being killed)."""
         with self._room:
             while not self.killing and (
-                self.unsent_bytes >= max_bytes or len(self._items) >= max_items
+                self.unsent_bytes >= max_bytes
+                or len(self._items) >= max_items
+                or self._read - self.taken >= ahead
             ):
                 self._room.wait()
             if self.killing or self.input_closed:
                 return False
+            self._read += 1
             self._items.append((blob, tag, 0))
             self.unsent_bytes += len(blob)
             self._wake_soon()
@@ -652,6 +663,9 @@ class JobStream:
                 return self._close_sink(sink)
             try:
                 _to_sink(event, sink)
+                with self._room:  # a reader waiting for results to be taken may go on
+                    self.taken += len(event[2]) if event[0] == "items" else event[2]
+                    self._room.notify()
             except Exception as exc:
                 error = self._output_error(exc)
                 self.kill()
@@ -847,18 +861,20 @@ def read_into(
     *,
     max_bytes: int = READ_AHEAD_BYTES,
     max_items: int = READ_AHEAD_ITEMS,
+    ahead: int = READ_AHEAD_RESULTS,
 ) -> threading.Thread:
     """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window:
     a FIFO with no writer, a pipe giving a line a second or a huge line never stops the
-    network. At most ``max_bytes`` (or ``max_items``) wait, plus the one being read; an
-    error in the source fails the job after the arguments before it."""
+    network. At most ``max_bytes`` (or ``max_items``) wait, plus the one being read, and at
+    most ``ahead`` have no result taken by :meth:`JobStream.collect`; an error in the source
+    fails the job after the arguments before it."""
     keep = stream.session.keep_arguments
 
     def read() -> None:
         try:
             for value in source:
                 if not stream.put_waiting(
-                    dumps(value), value if keep else None, max_bytes, max_items
+                    dumps(value), value if keep else None, max_bytes, max_items, ahead
                 ):
                     return  # the job ended or is being killed
         except BaseException as exc:  # reported in order, after the arguments before it

@@ -407,6 +407,30 @@ def test_the_reader_stays_bounded_and_leaves_when_the_job_ends(reactor: Reactor)
     assert not thread.is_alive() and len(pulled) == 9, "the reader ran ahead of its bound"
 
 
+def test_the_reader_waits_for_the_consumer_to_take_results(reactor: Reactor) -> None:
+    """A sink slower than the cluster: the reader stays at most ``ahead`` arguments ahead of
+    the results taken, so results do not pile up in memory; then every result arrives."""
+    stream: JobStream | None = None
+    most_ahead = [0]
+    blocked = threading.Event()
+
+    def source() -> Iterator[int]:
+        for i in range(500):
+            assert stream is not None
+            most_ahead[0] = max(most_ahead[0], i - stream.taken)
+            if i == 20:
+                blocked.set()  # 20 read, none taken: the reader waits until results are
+            yield i
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server)
+    read_into(stream, source(), ahead=20)
+    assert blocked.wait(10) and stream.taken == 0
+    sink = ObjectSink()
+    stream.collect(sink, until=_soon())
+    assert sink.value() == list(range(500)) and most_ahead[0] <= 20
+
+
 def test_a_broken_source_fails_the_job_after_the_arguments_before_it(reactor: Reactor) -> None:
     def source() -> Iterator[int]:
         yield 1
