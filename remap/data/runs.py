@@ -39,6 +39,8 @@ PAIR_OVERHEAD = 170
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 #: plain values whose length counts towards the buffer's size
 _SIZED = frozenset({str, bytes})
+#: every plain type -> whether its length counts (one lookup answers both questions)
+_SIZED_PLAIN = {kind: kind in _SIZED for kind in _PLAIN}
 
 
 class _Encoded(bytes):
@@ -165,7 +167,7 @@ class SpillBuffer:
         path: one type check per field and an append; anything else goes through :meth:`_add`.
         """
         fast = self._fast
-        plain, sized = _PLAIN, _SIZED
+        sized = _SIZED_PLAIN.get  # a plain value's type -> whether its length counts
         size = count = 0
         try:
             if type(fast) is list:
@@ -177,11 +179,11 @@ class SpillBuffer:
                         except ValueError:  # a (purpose, key, value) triple, or a bad one
                             pass
                         else:
-                            kind = type(value)
-                            if type(key) is str and kind in plain:
+                            counts = sized(type(value))
+                            if counts is not None and type(key) is str:
                                 append(out)
                                 size += PAIR_OVERHEAD + len(key)
-                                if kind in sized:
+                                if counts:
                                     size += len(value)
                                 count += 1
                                 continue
@@ -199,15 +201,15 @@ class SpillBuffer:
                             except ValueError:
                                 pass
                             else:
-                                kind = type(value)
-                                if type(key) is str and kind in plain:
+                                counts = sized(type(value))
+                                if counts is not None and type(key) is str:
                                     values = get(key)
                                     if values is None:
                                         fast[key] = [value]
                                         size += len(key) + KEY_OVERHEAD
                                     else:
                                         values.append(value)
-                                    if kind in sized:
+                                    if counts:
                                         size += len(value)
                                     fast_count += 1
                                     continue
