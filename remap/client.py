@@ -131,7 +131,7 @@ class JobSession:
         #: pickled arguments sent whose outcome has not arrived, by index, or (an argument
         #: group) the group's pickle and first index (None: the job cannot be resumed, so
         #: nothing is kept): what a reconnected client sends again
-        self._unanswered: dict[int, bytes | tuple[bytes, int]] | None = None
+        self._unanswered: Unanswered | None = None
         #: the last ``args`` sent carried argument groups (see :meth:`_group_leaves_no_room`)
         self._last_grouped = False
         #: (index, pickle) to send again after a ``resume``, before any new argument
@@ -149,7 +149,7 @@ class JobSession:
         ``resumable``: the client dials again when cut off, so keep what a resume needs."""
         self.submit_id = rid
         if resumable and not self.params.detach:
-            self._unanswered = {}
+            self._unanswered = Unanswered()
         self._granted = m.INITIAL_WINDOW
         self._first_bytes = m.INITIAL_WINDOW_BYTES
         total = self.total_hint if self.total_hint is not None else -1
@@ -181,12 +181,7 @@ class JobSession:
         """What the server needs to take the job back: the runs of arguments sent whose
         outcome never arrived (this client sends them again) and the outcomes it holds."""
         assert self._unanswered is not None and self.job_id is not None
-        missing: list[list[int]] = []
-        for index in sorted(self._unanswered):
-            if missing and missing[-1][1] == index:
-                missing[-1][1] = index + 1
-            else:
-                missing.append([index, index + 1])
+        missing = self._unanswered.missing()
         return m.Resume(
             id=request_id,
             job=self.job_id,
@@ -200,24 +195,11 @@ class JobSession:
         """The server took the job back: the unanswered arguments go again, then the rest
         (and ``args_end`` again), under a fresh first window."""
         assert self._unanswered is not None
-        self._replay = deque(_bare(sorted(self._unanswered.items())))
+        self._replay = deque(_bare(self._unanswered.kept()))
         self._granted = window
         self._first_bytes = m.INITIAL_WINDOW_BYTES
         self._last_grouped = False
         self.exhausted = False
-
-    def _keep_unanswered(self, start: int, blobs: list[bytes], groups: list[int]) -> None:
-        """Keep what a resume would send again: each argument's pickle, or (an argument
-        group) the group's pickle and its first index, shared by its arguments."""
-        unanswered = self._unanswered
-        assert unanswered is not None
-        if not groups:
-            unanswered.update(zip(range(start, start + len(blobs)), blobs))
-            return
-        for blob, n in zip(blobs, groups):
-            kept = (blob, start)
-            unanswered.update(zip(range(start, start + n), itertools.repeat(kept)))
-            start += n
 
     def _group_leaves_no_room(self) -> bool:
         """The first window closes after a message with argument groups that leaves less than
@@ -281,7 +263,7 @@ class JobSession:
                         if self.keep_arguments and not groups:
                             self._args.update(zip(range(start, start + len(tags)), tags))
                         if self._unanswered is not None:
-                            self._keep_unanswered(start, blobs, groups)
+                            self._unanswered.sent(start, msg.count, blobs, groups)
                         self.sent += msg.count
                     self._granted -= msg.count
                     self._last_grouped = bool(groups)
@@ -309,9 +291,7 @@ class JobSession:
         if self.finished:  # already failed here: later results have nowhere to go
             return
         if self._unanswered is not None:
-            pop = self._unanswered.pop
-            for index in msg.indices:
-                pop(index, None)
+            self._unanswered.answered(msg.indices)
         try:
             self._decode(msg)
         except Exception as exc:
@@ -448,6 +428,72 @@ def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], se
         for pos in unreadable:
             errors[pos] = _unreadable_entry(pos, exc, "batch's results")
         return [None] * len(msg.indices), unreadable
+
+
+class Unanswered:
+    """What a client keeps to resume a job: the pickles of the arguments it sent whose outcome
+    has not arrived, per ``args`` message, and which indices were answered, as one byte each
+    from the first unanswered index on. Both hot paths (a message sent, a run of results
+    answered) are C loops, not a dict entry per argument."""
+
+    #: an answered prefix at least this long is cut off the bitmap (and its messages dropped)
+    TRIM = 4096
+
+    def __init__(self) -> None:
+        self.base = 0  # the index of answered[0]
+        self.done = bytearray()  # 1: the outcome arrived
+        #: per ``args`` message not wholly answered: (start, count, pickles, groups)
+        self.chunks: deque[tuple[int, int, list[bytes], list[int]]] = deque()
+
+    def sent(self, start: int, count: int, blobs: list[bytes], groups: list[int]) -> None:
+        self.done.extend(bytes(count))
+        self.chunks.append((start, count, blobs, groups))
+
+    def answered(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        done, base = self.done, self.base
+        lo, hi = min(indices), max(indices)
+        if hi - lo == len(indices) - 1 and lo >= base:  # a run (indices never repeat)
+            done[lo - base : hi - base + 1] = b"\x01" * len(indices)
+        else:
+            for index in indices:
+                if index >= base:
+                    done[index - base] = 1
+        first = done.find(0)
+        cut = len(done) if first < 0 else first
+        if cut >= self.TRIM or first < 0:
+            del done[:cut]
+            self.base += cut
+            chunks = self.chunks
+            while chunks and chunks[0][0] + chunks[0][1] <= self.base:
+                chunks.popleft()
+
+    def missing(self) -> list[list[int]]:
+        """Runs ``[start, stop)`` of indices sent whose outcome has not arrived."""
+        done, base, runs, at = self.done, self.base, [], 0
+        while True:
+            start = done.find(0, at)
+            if start < 0:
+                return runs
+            stop = done.find(1, start)
+            stop = len(done) if stop < 0 else stop
+            runs.append([base + start, base + stop])
+            at = stop
+
+    def kept(self) -> list[tuple[int, Any]]:
+        """``(index, pickle)`` for each unanswered argument, or ``(index, (group pickle, its
+        first index))`` for one sent in an argument group; in index order."""
+        done, base, out = self.done, self.base, []
+        for start, _count, blobs, groups in self.chunks:
+            index = start
+            for k, blob in enumerate(blobs):
+                n = groups[k] if groups else 1
+                for i in range(index, index + n):
+                    if i >= base and not done[i - base]:
+                        out.append((i, (blob, index) if groups else blob))
+                index += n
+        return out
 
 
 def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
