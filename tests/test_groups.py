@@ -359,3 +359,27 @@ def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -
     assert (result.state, result.done, result.failed) == ("done", n, 0), result
     assert run.sink.value() == [i * i for i in range(n)]
     assert cluster.journal.duplicates == 0
+
+
+def test_a_client_keeps_what_a_resume_needs_and_forgets_what_was_answered() -> None:
+    """Unanswered: the runs a resume names and the pickles it sends again (an argument of a
+    group as its group's pickle and first index); an answered prefix is dropped."""
+    from remap.client import Unanswered
+
+    kept = Unanswered()
+    kept.sent(0, 5, [b"a", b"b", b"c", b"d", b"e"], [])
+    kept.sent(5, 6, [b"G1", b"G2"], [3, 3])
+    kept.answered([0, 1, 2])
+    kept.answered([7, 5])  # not in order, not a run
+    assert kept.missing() == [[3, 5], [6, 7], [8, 11]]
+    assert kept.kept() == [
+        (3, b"d"),
+        (4, b"e"),
+        (6, (b"G1", 5)),
+        (8, (b"G2", 8)),
+        (9, (b"G2", 8)),
+        (10, (b"G2", 8)),
+    ]
+    kept.answered([3, 4, 6, 8, 9, 10])
+    assert kept.missing() == [] and kept.kept() == []
+    assert not kept.chunks and not kept.done, "what was answered is not kept"
