@@ -264,19 +264,21 @@ class Drivers:
             earlier.get("data_job"),
         )
         d.addErrback(lambda f: self.log.failure("cleaning up job {id}", f, id=job_id))
-        d.addCallback(lambda _: self._spawn(driven))
+        d.addCallback(lambda _: self.ended(driven, None) if driven.killing else self._spawn(driven))
         return driven
 
     def kill(self, job: DrivenJob, done: Callable[[DrivenJob], None]) -> None:
         """End a running job: SIGTERM (the driver kills its phase, cleans up, writes
         ``INCOMPLETE``), SIGKILL after :data:`KILL_GRACE`; ``done`` once it has ended."""
-        if job.finished or job.transport is None:
+        if job.finished:
             done(job)
             return
         job.waiters.append(done)
         if job.killing:
             return
         job.killing = True
+        if job.transport is None:
+            return  # a resumed job not started yet: it ends instead of starting
         self._signal(job, "TERM")
 
         def hard() -> None:
