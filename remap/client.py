@@ -453,12 +453,12 @@ class Unanswered:
         if not indices:
             return
         done, base = self.done, self.base
-        lo, hi = min(indices), max(indices)
-        if hi - lo == len(indices) - 1 and lo >= base:  # a run (indices never repeat)
+        lo, hi, end = min(indices), max(indices), base + len(done)
+        if hi - lo == len(indices) - 1 and base <= lo and hi < end:  # a run (never repeated)
             done[lo - base : hi - base + 1] = b"\x01" * len(indices)
         else:
             for index in indices:
-                if index >= base:
+                if base <= index < end:  # below: answered and forgotten; above: never sent
                     done[index - base] = 1
         first = done.find(0)
         cut = len(done) if first < 0 else first
