@@ -254,7 +254,8 @@ class RemapSystem(System):
         import time
 
         from protocol.options import JobOptions
-        from remap.client import JobStream, read_into
+        from remap.blobs import dumps
+        from remap.client import JobStream
         from remap.sinks import make_sink
 
         sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
@@ -263,8 +264,11 @@ class RemapSystem(System):
             JobOptions(name="bench", mode=mode, chunksize=chunksize or None),
             call_soon=self.runtime.reactor().callFromThread,
             total_hint=total,
+            runs=True,
         ).start(self.client)
-        read_into(run, iter(args))  # as the console reads a job file's arguments
+        # pickled here, ahead of the window (the console reads a file on a thread: read_into)
+        run.put_many([dumps(a) for a in args])
+        run.close_input()
         outcome = run.collect(sink, until=time.monotonic() + timeout)
         if outcome.state != "done" or outcome.failed:
             raise BenchError(

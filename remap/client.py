@@ -520,8 +520,8 @@ class JobStream:
     that may block) into a queue the reactor drains as the server grants window. Results
     become events on :attr:`events`, in the order the reactor saw them:
     ``("items", stream, [(index, result, error), ...], arguments or None)``, with ``runs``
-    ``("runs", stream, [(first index, [result, ...])])`` for results of consecutive arguments
-    without errors, ``("partial", stream, count, value)`` (reduce mode) and last ``("end",
+    ``("runs", stream, [(first index, [result, ...])], arguments or None)`` for results of
+    consecutive arguments without errors, ``("partial", stream, count, value)`` (reduce mode) and last ``("end",
     stream, error_or_None)``. The caller's thread takes them (:meth:`collect` feeds a sink), so user
     code (folds, sinks, done-callbacks) never runs on the reactor thread.
     """
@@ -708,9 +708,9 @@ class JobStream:
             if event[0] == "end":
                 return self._close_sink(sink)
             try:
-                _to_sink(event, sink)
+                taken = _to_sink(event, sink)
                 with self._room:  # a reader waiting for results to be taken may go on
-                    self.taken += len(event[2]) if event[0] == "items" else event[2]
+                    self.taken += taken
                     self._room.notify()
             except Exception as exc:
                 error = self._output_error(exc)
@@ -798,7 +798,7 @@ class JobStream:
                 if event[0] == "items":
                     _, indices, values, infos, arguments = event
                     if infos is None and self.runs and _consecutive(indices):
-                        put(("runs", self, [(indices[0], values)]))
+                        put(("runs", self, [(indices[0], values)], arguments))
                         continue
                     batch = list(zip(indices, values, infos or itertools.repeat(None)))
                     if self.on_items is not None:
@@ -876,9 +876,15 @@ def _consecutive(indices: list[int]) -> bool:
     return bool(indices) and indices == list(range(first, first + len(indices)))
 
 
-def _to_sink(event: tuple[Any, ...], sink: Sink) -> None:
-    """One event's results into a sink: an error-free batch in one call (the hot path)."""
-    if event[0] == "items":
+def _to_sink(event: tuple[Any, ...], sink: Sink) -> int:
+    """One event's results into a sink (an error-free run in one call: the hot path); how
+    many arguments they answer."""
+    kind, count = event[0], 0
+    if kind == "runs":
+        for first, values in event[2]:
+            sink.add_results(list(range(first, first + len(values))), event[3], values)
+            count += len(values)
+    elif kind == "items":
         batch, arguments = event[2], event[3]
         if not any(map(_ERROR, batch)):
             sink.add_results([i for i, _, _ in batch], arguments, [r for _, r, _ in batch])
@@ -886,9 +892,12 @@ def _to_sink(event: tuple[Any, ...], sink: Sink) -> None:
             args = arguments if arguments is not None else itertools.repeat(None)
             for (index, result, error), argument in zip(batch, args):
                 sink.add(index, argument, result, error)
-    elif event[0] == "partial":
+        count = len(batch)
+    elif kind == "partial":
         sink.add_partial(event[2], event[3])
+        count = event[2]
     sink.flush()
+    return count
 
 
 _ERROR = operator.itemgetter(2)

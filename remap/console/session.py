@@ -177,6 +177,7 @@ class Session:
             call_soon=runtime.reactor().callFromThread,
             total_hint=count_arguments(spec),
             keep_arguments=keep_arguments,
+            runs=True,
             on_notice=on_notice,
             on_output=on_output,
         ).start(client)
