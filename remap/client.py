@@ -11,6 +11,7 @@ import itertools
 import operator
 import pickle
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -922,8 +923,11 @@ def read_into(
     a FIFO with no writer, a pipe giving a line a second or a huge line never stops the
     network. At most ``max_bytes`` (or ``max_items``) wait, plus the one being read, and at
     most ``ahead`` have no result taken by :meth:`JobStream.collect`; an error in the source
-    fails the job after the arguments before it."""
+    fails the job after the arguments before it. A detached job's results are not taken here
+    (the server keeps them), so only the waiting bound applies to it."""
     keep = stream.session.keep_arguments
+    if stream.session.params.detach:
+        ahead = sys.maxsize
 
     def read() -> None:
         try:

@@ -431,6 +431,21 @@ def test_the_reader_waits_for_the_consumer_to_take_results(reactor: Reactor) -> 
     assert sink.value() == list(range(500)) and most_ahead[0] <= 20
 
 
+def test_a_detached_jobs_reader_does_not_wait_for_results_nobody_takes(reactor: Reactor) -> None:
+    """``compute --detach`` returns once the server holds every argument; its results stay on
+    the server, so the read-ahead bound on results not taken must not stop the reader (a
+    100,000-argument detached job hung at 65,536 arguments)."""
+    server = MemoryServer()
+    stream = JobStream(b"fn", JobOptions(detach=True), call_soon=reactor.callFromThread).start(
+        server
+    )  # type: ignore[arg-type]
+    thread = read_into(stream, iter(range(100)), ahead=20)
+    thread.join(10)
+    assert not thread.is_alive() and stream.taken == 0
+    reactor.run(lambda: None)  # what the reader queued has been sent
+    assert server.received == 100
+
+
 def test_a_broken_source_fails_the_job_after_the_arguments_before_it(reactor: Reactor) -> None:
     def source() -> Iterator[int]:
         yield 1
