@@ -447,7 +447,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _console(tmp_path: Path, job: Path, url: str) -> Any:
+def _console(tmp_path: Path, job: Path, url: str, **extra: str) -> Any:
     import subprocess
     import sys
 
@@ -455,8 +455,17 @@ def _console(tmp_path: Path, job: Path, url: str) -> Any:
 
     argv = [sys.executable, str(REPO / "remap_console.py"), "compute", str(job), "--json"]
     argv += ["--engine", url, "--env-file", str(tmp_path / "no.env")]
-    env = child_env(tmp_path / "home")
+    env = {**_without_ray_state(child_env(tmp_path / "home")), **extra}
     return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+
+
+def _without_ray_state(env: dict[str, str]) -> dict[str, str]:
+    """``ray.init`` in this process (the ``ray://local`` fixture) exports ``RAY_AUTH_MODE=token``
+    and friends into ``os.environ``; a cluster of its own started from here must not inherit
+    them (``ray start`` then refuses: token auth on, no token)."""
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
 
 
 def _check(stdout: str, n: int = 40) -> None:
@@ -515,7 +524,10 @@ def test_a_running_ray_cluster_through_its_client_server(tmp_path: Path) -> None
     pytest.importorskip("ray")
     ray = _command("ray")
     gcs, client = _free_port(), _free_port()
-    env = {**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the cluster asks for a token (Ray's token authentication); the console, a Ray client,
+    # presents the same one from its environment
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": __import__("secrets").token_hex(32)}
+    env = {**_without_ray_state(dict(__import__("os").environ)), **auth}
     temp = Path("/tmp") / f"ray-{client}"  # Ray's socket paths must stay short
     started = subprocess.run(
         [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -526,7 +538,7 @@ def test_a_running_ray_cluster_through_its_client_server(tmp_path: Path) -> None
     try:
         assert started.returncode == 0, started.stderr[-2000:]
         job = _job(tmp_path, "object")
-        done = _console(tmp_path, job, f"ray://127.0.0.1:{client}")
+        done = _console(tmp_path, job, f"ray://127.0.0.1:{client}", **auth)
         assert done.returncode == 5, done.stderr
         _check(done.stdout)
     finally:
