@@ -332,7 +332,7 @@ def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -
     """The console keeps each group it sent until its results arrive; after a server restart it
     sends the arguments still lacking results again (one pickle each, taken out of its own
     groups), then new groups: every result arrives once."""
-    from tests.test_resume import RestartableCluster, wait_until
+    from tests.test_resume import RestartableCluster, rejoin, run_to_end
 
     cluster = RestartableCluster(tmp_path / "journal.sqlite")
     pool, _, _ = cluster.node("node-a", cores=2, hold=True)
@@ -348,14 +348,8 @@ def test_a_console_resumes_a_grouped_job_after_server_restarts(tmp_path: Path) -
         cluster.kill_server()
         cluster.tick(1.0, [])
         cluster.start_server()
-        pool, _, _ = cluster.node(f"node-{restart}", cores=2, hold=True)
-        wait_until(cluster, lambda k=restart + 1: client.reconnects == k)
-        pool.run_held()
-        cluster.settle()
-    while not d.called:
-        pool.run_held()
-        cluster.tick(0.1, cluster.pumps)
-    result = outcome(d)
+        pool = rejoin(cluster, f"node-{restart}", restart + 1, client)
+    result = run_to_end(cluster, pool, d)
     assert (result.state, result.done, result.failed) == ("done", n, 0), result
     assert run.sink.value() == [i * i for i in range(n)]
     assert cluster.journal.duplicates == 0

@@ -97,6 +97,24 @@ class RestartableCluster(Cluster):
         self.up = True
 
 
+def rejoin(cluster: Cluster, name: str, reconnects: int, client: Any) -> Any:
+    """After a restart: a node joins again (holding its calls), the console has reconnected
+    ``reconnects`` times, the held calls run and the cluster settles; returns the node's pool."""
+    pool, _, _ = cluster.node(name, cores=2, hold=True)
+    wait_until(cluster, lambda: client.reconnects == reconnects)
+    pool.run_held()
+    cluster.settle()
+    return pool
+
+
+def run_to_end(cluster: Cluster, pool: Any, d: Any) -> Any:
+    """Run held calls and pump the links until the job's Deferred fires; its outcome."""
+    while not d.called:
+        pool.run_held()
+        cluster.tick(0.1, cluster.pumps)
+    return outcome(d)
+
+
 def wait_until(cluster: Cluster, cond: Any, seconds: float = 20.0) -> None:
     """Let fake time pass (pumping) until ``cond()``; fail if it never holds."""
     for _ in range(int(seconds / 0.1)):
@@ -152,14 +170,8 @@ def test_a_restarted_server_waits_for_the_console_which_resumes(tmp_path: Path) 
         cluster.start_server()
         job = cluster.scheduler.jobs[job_id]
         assert job.state == "running" and "waiting for its console" in job.waiting
-        pool, _, _ = cluster.node(f"node-{restart}", cores=2, hold=True)
-        wait_until(cluster, lambda n=restart + 1: client.reconnects == n)
-        pool.run_held()
-        cluster.settle()
-    while not d.called:
-        pool.run_held()
-        cluster.tick(0.1, cluster.pumps)
-    result = outcome(d)
+        pool = rejoin(cluster, f"node-{restart}", restart + 1, client)
+    result = run_to_end(cluster, pool, d)
     assert isinstance(result, JobOutcome), result
     assert (result.state, result.done, result.failed) == ("done", 3000, 0)
     assert run.sink.value() == [i * i for i in range(3000)]
