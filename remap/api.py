@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cloudpickle
 from twisted.internet import defer
@@ -57,7 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BUFFERSIZE",
+    "MAP_CALLS",
     "Cluster",
+    "MapStyle",
     "JobStream",
     "PicklingError",
     "RemoteTraceback",
@@ -633,6 +635,43 @@ class _NoInitial:
 _NO_INITIAL: Any = _NoInitial()
 
 
+class MapCall(NamedTuple):
+    """What one method of the map family means (a row of :data:`MAP_CALLS`)."""
+
+    kind: str  #: the job's name prefix
+    star: bool  #: ``fn(*args)`` rather than ``fn(x)``
+    ordered: bool  #: results in argument order, else as they complete
+    lazy: bool  #: an iterator bounded by ``buffersize``, else a list (the input read at once)
+
+
+#: the map family of :class:`Cluster` and :class:`remap.Pool`, declared once
+MAP_CALLS: dict[str, MapCall] = {
+    "map": MapCall("map", star=False, ordered=True, lazy=False),
+    "starmap": MapCall("starmap", star=True, ordered=True, lazy=False),
+    "imap": MapCall("imap", star=False, ordered=True, lazy=True),
+    "imap_unordered": MapCall("imap", star=False, ordered=False, lazy=True),
+}
+
+
+def _rest(results: ResultIterator) -> list[Any]:
+    with results:
+        return results.rest()
+
+
+class MapStyle(NamedTuple):
+    """What a facade changes in the map family (``remap.Pool`` follows multiprocessing)."""
+
+    kind: str | None = None  #: one job-name prefix for every method (None: the table's)
+    gather: Callable[[ResultIterator], list[Any]] = _rest  #: how map and starmap collect
+    stop_on_error: bool = True
+    timeout_error: type[BaseException] = concurrent.futures.TimeoutError
+    defer_source_errors: bool = False
+    wrap_error: Callable[[BaseException], BaseException] | None = None
+
+
+CLUSTER_MAPS = MapStyle()
+
+
 class Cluster:
     """A connection to a remap cluster (or an embedded local one), usable from any thread.
 
@@ -852,6 +891,41 @@ class Cluster:
 
     # ------------------------------------------------------------ mapping
 
+    def _map(
+        self,
+        method: str,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None,
+        buffersize: int | None = None,
+        ordered: bool | None = None,
+        style: MapStyle = CLUSTER_MAPS,
+        opened: Callable[[ResultIterator], Any] | None = None,
+        collect: bool = True,
+    ) -> Any:
+        """The one implementation of ``map``, ``starmap``, ``imap`` and ``imap_unordered`` for
+        :class:`Cluster` and :class:`remap.Pool`: the method's row of :data:`MAP_CALLS`, the
+        facade's :class:`MapStyle`. ``opened`` sees the iterator before anything is gathered;
+        ``collect=False`` returns the iterator of an eager method (``map_async``)."""
+        call = MAP_CALLS[method]
+        results = self._iterate(
+            fn,
+            iterable,
+            star=call.star,
+            ordered=call.ordered if ordered is None else ordered,
+            chunksize=chunksize,
+            buffersize=(buffersize or DEFAULT_BUFFERSIZE) if call.lazy else None,
+            kind=style.kind or call.kind,
+            stop_on_error=style.stop_on_error,
+            timeout_error=style.timeout_error,
+            defer_source_errors=style.defer_source_errors,
+            wrap_error=style.wrap_error,
+        )
+        if opened is not None:
+            opened(results)
+        return results if call.lazy or not collect else style.gather(results)
+
     def map(
         self,
         fn: Callable[[Any], Any],
@@ -866,16 +940,7 @@ class Cluster:
         :meth:`imap` for long or endless inputs. ``ordered=False`` returns the results in
         the order they completed.
         """
-        with self._iterate(
-            fn,
-            iterable,
-            star=False,
-            ordered=ordered,
-            chunksize=chunksize,
-            buffersize=None,
-            kind="map",
-        ) as results:
-            return results.rest()
+        return self._map("map", fn, iterable, chunksize=chunksize, ordered=ordered)
 
     def starmap(
         self,
@@ -886,16 +951,7 @@ class Cluster:
         ordered: bool = True,
     ) -> list[Any]:
         """``[fn(*args) for args in iterable]`` on the cluster."""
-        with self._iterate(
-            fn,
-            iterable,
-            star=True,
-            ordered=ordered,
-            chunksize=chunksize,
-            buffersize=None,
-            kind="starmap",
-        ) as results:
-            return results.rest()
+        return self._map("starmap", fn, iterable, chunksize=chunksize, ordered=ordered)
 
     def imap(
         self,
@@ -906,15 +962,7 @@ class Cluster:
         buffersize: int = DEFAULT_BUFFERSIZE,
     ) -> ResultIterator:
         """Lazy, ordered results; takes at most ``buffersize`` arguments ahead of what you consumed."""
-        return self._iterate(
-            fn,
-            iterable,
-            star=False,
-            ordered=True,
-            chunksize=chunksize,
-            buffersize=buffersize,
-            kind="imap",
-        )
+        return self._map("imap", fn, iterable, chunksize=chunksize, buffersize=buffersize)
 
     def imap_unordered(
         self,
@@ -925,15 +973,7 @@ class Cluster:
         buffersize: int = DEFAULT_BUFFERSIZE,
     ) -> ResultIterator:
         """Lazy results in completion order; bounded like :meth:`imap`."""
-        return self._iterate(
-            fn,
-            iterable,
-            star=False,
-            ordered=False,
-            chunksize=chunksize,
-            buffersize=buffersize,
-            kind="imap",
-        )
+        return self._map("imap_unordered", fn, iterable, chunksize=chunksize, buffersize=buffersize)
 
     def reduce(
         self,

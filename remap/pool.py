@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from multiprocessing.pool import MaybeEncodingError
 from typing import Any
 
-from .api import Cluster, RemoteTaskError, ResultIterator, own_or_borrow
+from .api import Cluster, MapStyle, RemoteTaskError, ResultIterator, own_or_borrow
 from .calls import RESULT_REPR, UNPICKLABLE_RESULT, Initialized
 from .executor import Executor
 
@@ -106,6 +106,17 @@ def _all_then_first_error(results: ResultIterator) -> list[Any]:
     return values
 
 
+#: multiprocessing's map family: every call runs to its end, errors where they happen
+_POOL_MAPS = MapStyle(
+    kind="pool",
+    gather=_all_then_first_error,
+    stop_on_error=False,
+    timeout_error=multiprocessing.TimeoutError,
+    # an exception from the iterable is raised where it happened, after the results before it
+    defer_source_errors=True,
+    wrap_error=_encoding_error,
+)
+
 ApplyResult = AsyncResult
 MapResult = AsyncResult
 
@@ -175,35 +186,28 @@ class Pool:
         with self._lock:
             self._pending.discard(future)
 
-    def _iterate(
+    def _map(
         self,
+        method: str,
         func: Callable[..., Any],
         iterable: Iterable[Any],
-        *,
-        star: bool,
-        ordered: bool,
         chunksize: int | None,
-        stop_on_error: bool,
-        buffersize: int | None,
-    ) -> ResultIterator:
+        buffersize: int | None = None,
+        collect: bool = True,
+    ) -> Any:
+        """The cluster's one map implementation in multiprocessing's style (:data:`_POOL_MAPS`),
+        each call after this pool's initializer; iterators are closed by :meth:`terminate`."""
         self._check_running()
-        results = self._cluster._iterate(
+        return self._cluster._map(
+            method,
             Initialized(func, self._initializer) if self._initializer is not None else func,
             iterable,
-            star=star,
-            ordered=ordered,
             chunksize=chunksize,
             buffersize=buffersize,
-            kind="pool",
-            stop_on_error=stop_on_error,
-            timeout_error=multiprocessing.TimeoutError,
-            # as multiprocessing: an exception from the iterable is raised where it happened,
-            # after the results before it
-            defer_source_errors=True,
-            wrap_error=_encoding_error,
+            style=_POOL_MAPS,
+            opened=self._iterators.add,
+            collect=collect,
         )
-        self._iterators.add(results)
-        return results
 
     # ------------------------------------------------------------ one call
 
@@ -232,17 +236,7 @@ class Pool:
     ) -> list[Any]:
         """``[func(x) for x in iterable]``; as in multiprocessing, every call runs to its end,
         then the first remote error (in argument order) is raised."""
-        return _all_then_first_error(
-            self._iterate(
-                func,
-                iterable,
-                star=False,
-                ordered=True,
-                chunksize=chunksize,
-                stop_on_error=False,
-                buffersize=None,
-            )
-        )
+        return self._map("map", func, iterable, chunksize)
 
     def starmap(
         self,
@@ -251,17 +245,7 @@ class Pool:
         chunksize: int | None = None,
     ) -> list[Any]:
         """``[func(*args) for args in iterable]``, with :meth:`map`'s error semantics."""
-        return _all_then_first_error(
-            self._iterate(
-                func,
-                iterable,
-                star=True,
-                ordered=True,
-                chunksize=chunksize,
-                stop_on_error=False,
-                buffersize=None,
-            )
-        )
+        return self._map("starmap", func, iterable, chunksize)
 
     def map_async(
         self,
@@ -293,14 +277,8 @@ class Pool:
         error_callback: Callable[[BaseException], Any] | None,
     ) -> AsyncResult:
         # The iterable is read here, on the caller's thread (as multiprocessing does).
-        results = self._iterate(
-            func,
-            list(iterable),
-            star=star,
-            ordered=True,
-            chunksize=chunksize,
-            stop_on_error=False,
-            buffersize=None,
+        results = self._map(
+            "starmap" if star else "map", func, list(iterable), chunksize, collect=False
         )
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
@@ -327,17 +305,7 @@ class Pool:
     ) -> ResultIterator:
         """Lazy ordered results; ``next(timeout)`` works; a remote error is raised at its place
         and iteration may go on."""
-        from .api import DEFAULT_BUFFERSIZE
-
-        return self._iterate(
-            func,
-            iterable,
-            star=False,
-            ordered=True,
-            chunksize=chunksize,
-            stop_on_error=False,
-            buffersize=buffersize or DEFAULT_BUFFERSIZE,
-        )
+        return self._map("imap", func, iterable, chunksize, buffersize)
 
     def imap_unordered(
         self,
@@ -348,17 +316,7 @@ class Pool:
         buffersize: int | None = None,
     ) -> ResultIterator:
         """Like :meth:`imap`, in completion order."""
-        from .api import DEFAULT_BUFFERSIZE
-
-        return self._iterate(
-            func,
-            iterable,
-            star=False,
-            ordered=False,
-            chunksize=chunksize,
-            stop_on_error=False,
-            buffersize=buffersize or DEFAULT_BUFFERSIZE,
-        )
+        return self._map("imap_unordered", func, iterable, chunksize, buffersize)
 
     # ------------------------------------------------------------ lifecycle
 

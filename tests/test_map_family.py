@@ -1,0 +1,95 @@
+"""The map family of ``Cluster`` and ``Pool`` is one table and one implementation (issue 10's
+done-when): no processes, ``Cluster._iterate`` (what opens a job) is recorded instead."""
+
+from __future__ import annotations
+
+import multiprocessing
+import weakref
+from typing import Any
+
+import pytest
+
+from remap.api import MAP_CALLS, Cluster, MapCall
+from remap.pool import Pool
+
+
+class FakeResults:
+    """Stands for a ResultIterator: what the facades do with it, without a job."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def rest(self, out: list[Any] | None = None) -> list[Any]:
+        return out if out is not None else []
+
+    def __enter__(self) -> FakeResults:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every job the facades open: ``_iterate``'s keyword arguments."""
+    calls: list[dict[str, Any]] = []
+
+    def record(self: Cluster, fn: Any, iterable: Any, **kwargs: Any) -> FakeResults:
+        calls.append(kwargs)
+        return FakeResults()
+
+    monkeypatch.setattr(Cluster, "_iterate", record)
+    return calls
+
+
+def handles() -> tuple[Cluster, Pool]:
+    """A cluster handle and a pool over it, built without connecting."""
+    cluster = object.__new__(Cluster)
+    pool = object.__new__(Pool)
+    pool._cluster, pool._owns_cluster, pool._initializer = cluster, False, None
+    pool._state, pool._iterators = "RUN", weakref.WeakSet()
+    return cluster, pool
+
+
+@pytest.mark.parametrize("method", sorted(MAP_CALLS))
+def test_cluster_and_pool_read_each_method_from_the_one_table(
+    opened: list[dict[str, Any]], method: str
+) -> None:
+    """Both facades' method of one name opens the same kind of job: the table's row."""
+    cluster, pool = handles()
+    getattr(cluster, method)(abs, [1])
+    getattr(pool, method)(abs, [1])
+    pool._state = "TERMINATE"
+    row = MAP_CALLS[method]
+    for seen in opened:
+        assert (seen["star"], seen["ordered"]) == (row.star, row.ordered)
+        assert (seen["buffersize"] is not None) is row.lazy
+    assert [seen["kind"] for seen in opened] == [row.kind, "pool"]
+    # what only the facade decides: multiprocessing's semantics for the pool
+    assert opened[0]["stop_on_error"] and not opened[1]["stop_on_error"]
+    assert opened[1]["timeout_error"] is multiprocessing.TimeoutError
+
+
+def test_a_changed_row_changes_both_facades(
+    opened: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One table: change imap's row and Cluster.imap and Pool.imap both follow (with copies
+    of the wrappers, only the copy reading the changed place would)."""
+    monkeypatch.setitem(MAP_CALLS, "imap", MapCall("probe", star=True, ordered=False, lazy=True))
+    cluster, pool = handles()
+    cluster.imap(abs, [1])
+    pool.imap(abs, [1])
+    pool._state = "TERMINATE"
+    assert [(seen["star"], seen["ordered"]) for seen in opened] == [(True, False)] * 2
+    assert opened[0]["kind"] == "probe"
+
+
+def test_eager_methods_gather_through_the_facades_style(opened: list[dict[str, Any]]) -> None:
+    """map returns a list gathered inside ``with`` (the job is killed if the caller leaves);
+    map_async takes the same row without gathering; a pool's iterators are tracked."""
+    cluster, pool = handles()
+    assert cluster.map(abs, [1]) == [] and pool.map(abs, [1]) == []
+    results = pool._map("map", abs, [1], None, collect=False)
+    assert isinstance(results, FakeResults) and not results.closed
+    assert results in pool._iterators
+    pool._state = "TERMINATE"
