@@ -118,9 +118,19 @@ def run_remap(graph_dir: Path, work: Path, cores: int, iterations: int) -> dict[
         "load": steps[0] - t if steps else 0.0,
         "vertices": result.vertices,
         "bytes_moved": result.bytes_moved,
+        "phases": result.phases,
         "rss": rss,
         "output": str(work / f"out-{cores}"),
     }
+
+
+PHASES = ("read", "merge", "receive", "compute", "send", "checkpoint", "output", "wait")
+
+
+def phase_line(times: dict[str, list[float]]) -> str:
+    """``read 1.2/1.1, compute ...``: a worker's phases in the order a job runs them."""
+    order = [p for p in PHASES if p in times] + sorted(set(times) - set(PHASES))
+    return ", ".join(f"{p} {times[p][0]:.2f}/{times[p][1]:.2f}" for p in order)
 
 
 def ranks_of(out: Path) -> dict[int, float]:
@@ -204,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:32} {cores:>5} {wall:>8.2f} {cpu:>7.2f} {rate:>13,.0f} {per_cpu:>12,.0f} "
                 f"{rss or 0:>12.0f}  {details}"
             )
+        print("where each worker's time went (wall/CPU s of its main thread; wait = between its")
+        print("ack and the next command: the barrier, the other worker, the driver's poll):")
+        for r in runs:
+            for slot, times in r["phases"].items():
+                print(f"  {r['cores']} core(s), worker {slot}: {phase_line(times)}")
         ratio = runs[0]["wall"] / runs[1]["wall"]
         print(
             f"scaling 1 -> 2 cores: {ratio:.2f}x (target >= 1.6); vs networkx (2 cores): {nx_result['seconds'] / runs[1]['wall']:.2f}x faster"

@@ -71,6 +71,9 @@ class VertexResult:
     aggregates: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     first_error: str = ""
+    #: per worker slot: phase → [wall s, CPU s] of its main thread (read, merge, receive,
+    #: compute, send, checkpoint, output, wait: between its ack and the next command)
+    phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -163,6 +166,7 @@ class Driver:
         self.epoch = 0
         self.rollbacks = 0
         self.bytes_moved = 0
+        self.phases: dict[str, dict[str, list[float]]] = {}
         self._asked_at = 0.0
         self._stop = threading.Event()
         self.launch: Launch | None = None
@@ -262,6 +266,12 @@ class Driver:
                 self._check()
                 time.sleep(delay)
                 delay = min(POLL_MAX, delay * 2)
+        for ack in acks:
+            slot = self.phases.setdefault(str(ack["slot"]), {})
+            for phase, (wall, cpu) in ack.get("times", {}).items():
+                spent = slot.setdefault(phase, [0.0, 0.0])
+                spent[0] += wall
+                spent[1] += cpu
         errors = [a["error"] for a in acks if "error" in a]
         if errors:
             raise JobFailed(errors[0])
@@ -381,6 +391,10 @@ class Driver:
             aggregates=last.aggregates,
             errors=sum(r.errors for r in reports),
             first_error=first_error,
+            phases={
+                slot: {k: [round(v, 3) for v in t] for k, t in times.items()}
+                for slot, times in sorted(self.phases.items())
+            },
         )
         details = result.to_json()
         for key in ("state", "job_id"):  # given to write_result by position

@@ -121,7 +121,11 @@ class Outbox:
         self.count = count
         self.combine = combine
         self.fold = fold
-        self.buckets: list[dict[Any, Any]] = [{} for _ in range(count)]
+        #: per destination partition: vertex id → message(s); after :meth:`finish` a bucket
+        #: of summed floats from :class:`Fanout` alone may be a :class:`Sums` instead
+        self.buckets: list[Any] = [{} for _ in range(count)]
+        #: per destination partition: :class:`Sums` pieces noted by ``Fanout.flush``
+        self.pieces: list[list[Sums]] = [[] for _ in range(count)]
         self._sent = [0]
         self._finished = False
         self.send, self.send_many = self._senders(fold)
@@ -215,6 +219,9 @@ class Outbox:
         if self._finished:
             return
         self._finished = True
+        for d, pieces in enumerate(self.pieces):
+            if pieces:
+                self.buckets[d] = _with_sums(self.buckets[d], pieces)
         combine = self.combine
         if combine is None or self.fold is not None:  # a fold left no lists to combine
             return
@@ -235,8 +242,11 @@ class Outbox:
         return encode_bucket(self.buckets[partition], self.combined)
 
 
-def encode_bucket(bucket: Mapping[Any, Any], combined: bool) -> bytes:
-    """A bucket as bytes: its ids and its messages as two lists (no tuple per message)."""
+def encode_bucket(bucket: Mapping[Any, Any] | Sums, combined: bool) -> bytes:
+    """A bucket as bytes: its ids and its messages as two lists (no tuple per message), or
+    a :class:`Sums` as its two raw arrays."""
+    if type(bucket) is Sums:
+        return bucket.to_bytes()
     return pickle.dumps((combined, list(bucket), list(bucket.values())), PICKLE_PROTOCOL)
 
 
@@ -251,11 +261,59 @@ def deliver(
     _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
 
 
+def decode_bucket(blob: bytes) -> tuple[bool, Any]:
+    """``(combined, bucket)`` from :func:`encode_bucket`'s bytes (a bucket is a dict of lists
+    of ids and messages as (keys, values), or a :class:`Sums`)."""
+    if blob[: len(Sums.MAGIC)] == Sums.MAGIC:
+        return True, Sums.from_bytes(blob)
+    combined, ids, messages = pickle.loads(blob)
+    return combined, _Pairs(ids, messages)
+
+
 def deliver_bytes(
     inbox: dict[Any, Any], blob: bytes, fold: Callable[[Any, Any], Any] | None = None
 ) -> None:
-    combined, ids, messages = pickle.loads(blob)
-    _deliver(inbox, ids, messages, combined, fold)
+    combined, bucket = decode_bucket(blob)
+    _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
+
+
+class _Pairs:
+    """Decoded ids and messages, read like a bucket (``keys()``, ``values()``)."""
+
+    __slots__ = ("ids", "messages")
+
+    def __init__(self, ids: list[Any], messages: list[Any]) -> None:
+        self.ids, self.messages = ids, messages
+
+    def keys(self) -> list[Any]:
+        return self.ids
+
+    def values(self) -> list[Any]:
+        return self.messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def gather(
+    part: Partition, sources: Iterable[bytes | Mapping[Any, Any] | Sums], combined: bool
+) -> dict[Any, Any] | DenseInbox:
+    """A partition's inbox for the next superstep from what every sender sent it, in order
+    (encoded buckets from other workers, buckets of this one). Summed floats to known
+    vertices, from :class:`Fanout` alone, add up in arrays into a :class:`DenseInbox` (no
+    Python call per message, the same additions in the same order); anything else folds
+    into a dict as :func:`deliver` does."""
+    fold = part.program.fold
+    buckets = [decode_bucket(s) if isinstance(s, bytes) else (combined, s) for s in sources]
+    buckets = [(c, b) for c, b in buckets if len(b)]
+    if buckets and all(type(b) is Sums for _, b in buckets) and fold is operator.add:
+        dense = DenseInbox.of(part, [b for _, b in buckets])
+        if dense is not None:
+            return dense
+    inbox: dict[Any, Any] = {}
+    for c, bucket in buckets:
+        _deliver(inbox, bucket.keys(), bucket.values(), c, fold)
+    return inbox
 
 
 def _deliver(
@@ -292,6 +350,120 @@ def _deliver(
             inbox[vid] = list(msg)
         else:
             box.extend(msg)
+
+
+class Sums:
+    """Summed float messages to integer vertex ids as two arrays (ids unique, in the order
+    they were first sent to): what :class:`Fanout` sends, encoded as the raw arrays."""
+
+    MAGIC = b"remap-sums-1\n"
+    __slots__ = ("ids", "sums")
+
+    def __init__(self, ids: Any, sums: Any) -> None:
+        self.ids = ids  # int64
+        self.sums = sums  # float64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keys(self) -> list[int]:
+        return self.ids.tolist()
+
+    def values(self) -> list[float]:
+        return self.sums.tolist()
+
+    def to_bytes(self) -> bytes:
+        count = len(self.ids).to_bytes(8, "little")
+        ids, sums = self.ids.astype("<i8", copy=False), self.sums.astype("<f8", copy=False)
+        return b"".join((self.MAGIC, count, ids.tobytes(), sums.tobytes()))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Sums:
+        head = len(cls.MAGIC) + 8
+        count = int.from_bytes(blob[len(cls.MAGIC) : head], "little")
+        if len(blob) != head + 16 * count:
+            raise ValueError(f"a message file of {len(blob)} bytes does not hold {count} sums")
+        ids = _np.frombuffer(blob, dtype="<i8", count=count, offset=head)
+        sums = _np.frombuffer(blob, dtype="<f8", count=count, offset=head + 8 * count)
+        return cls(ids, sums)
+
+    @classmethod
+    def concat(cls, pieces: list[Sums]) -> Sums:
+        """One Sums of several senders' (one worker's partitions): each id's sums added in
+        piece order, ids in first-sent order, as the dict of a shared outbox would hold them."""
+        ids = _np.concatenate([p.ids for p in pieces])
+        sums = _np.concatenate([p.sums for p in pieces])
+        uniq, first, inverse = _np.unique(ids, return_index=True, return_inverse=True)
+        perm = _np.argsort(first, kind="stable")
+        rank = _np.empty_like(perm)
+        rank[perm] = _np.arange(len(perm))
+        slot = rank[inverse.reshape(-1)]
+        out = _np.zeros(len(uniq))
+        seen = _np.zeros(len(uniq), dtype=_np.bool_)
+        for piece_slot, piece_sums in _split(slot, sums, [len(p) for p in pieces]):
+            # per piece, not one bincount: a first sum is taken as is (0.0 + -0.0 is 0.0)
+            out[piece_slot] = _np.where(seen[piece_slot], out[piece_slot] + piece_sums, piece_sums)
+            seen[piece_slot] = True
+        return cls(uniq[perm], out)
+
+
+def _split(slot: Any, sums: Any, sizes: list[int]) -> Iterator[tuple[Any, Any]]:
+    start = 0
+    for size in sizes:
+        yield slot[start : start + size], sums[start : start + size]
+        start += size
+
+
+def _with_sums(bucket: dict[Any, Any], pieces: list[Sums]) -> dict[Any, Any] | Sums:
+    """A destination's bucket with the Fanout sums noted for it: arrays if nothing else was
+    sent there, else folded into the dict (what ``send`` did per message)."""
+    if not bucket:
+        return pieces[0] if len(pieces) == 1 else Sums.concat(pieces)
+    for piece in pieces:
+        for to, total in zip(piece.keys(), piece.values()):
+            bucket[to] = bucket[to] + total if to in bucket else total
+    return bucket
+
+
+class DenseInbox:
+    """A partition's summed float messages as arrays in its vertices' order (the Fanout's):
+    ``hit`` marks the vertices with a message, ``sums`` holds it."""
+
+    __slots__ = ("order", "sums", "hit")
+
+    def __init__(self, order: list[Any], sums: Any, hit: Any) -> None:
+        self.order, self.sums, self.hit = order, sums, hit
+
+    @classmethod
+    def of(cls, part: Partition, buckets: list[Sums]) -> DenseInbox | None:
+        """Add the senders' sums in order (a first one taken as is, like the dict inbox);
+        None if a message goes to a vertex the partition does not hold yet."""
+        fan = part.fanout()
+        sums = _np.zeros(fan.n)
+        hit = _np.zeros(fan.n, dtype=_np.bool_)
+        for bucket in buckets:
+            pos = fan.locate(bucket.ids)
+            if pos is None:
+                return None
+            sums[pos] = _np.where(hit[pos], sums[pos] + bucket.sums, bucket.sums)
+            hit[pos] = True
+        return cls(fan.order, sums, hit)
+
+    def __len__(self) -> int:
+        return int(self.hit.sum())
+
+    def per_vertex(self, total: int) -> list[Any]:
+        """Each vertex's folded message or None, for ``total`` vertices (later ones: None)."""
+        boxed = self.sums.astype(object)
+        boxed[~self.hit] = None
+        out = boxed.tolist()
+        return out + [None] * (total - len(out))
+
+    def to_dict(self) -> dict[Any, float]:
+        """vertex id → folded message: what a dict inbox holds (checkpoints)."""
+        idx = _np.flatnonzero(self.hit).tolist()
+        order = self.order
+        return dict(zip([order[i] for i in idx], self.sums[idx].tolist()))
 
 
 # --------------------------------------------------------------------------- aggregators
@@ -475,7 +647,7 @@ class Partition:
     def step(
         self,
         superstep: int,
-        inbox: Mapping[Any, list[Any]],
+        inbox: Mapping[Any, Any] | DenseInbox,
         outbox: Outbox,
         num_vertices: int,
         aggregated: Mapping[str, Any],
@@ -492,14 +664,18 @@ class Partition:
             fan.start()
         values = self.values
         halted = self.halted
-        if inbox.keys() - values.keys():  # a message creates its vertex (in inbox order)
-            for vid in [v for v in inbox if v not in values]:
-                values[vid] = None
-                self.targets[vid] = []
+        if type(inbox) is DenseInbox:  # every message is to a vertex held (see DenseInbox.of)
+            pending = inbox.per_vertex(len(values))
+        else:
+            if inbox.keys() - values.keys():  # a message creates its vertex (in inbox order)
+                for vid in [v for v in inbox if v not in values]:
+                    values[vid] = None
+                    self.targets[vid] = []
+            get = inbox.get
+            pending = [get(vid) for vid in values]
         sent_before = outbox.sent
         folded = program.fold is not None  # the inbox holds one folded message per vertex
-        for vid in list(values):
-            msgs = inbox.get(vid)
+        for vid, msgs in zip(list(values), pending):
             if msgs is None:
                 if vid in halted:
                     continue
@@ -557,9 +733,10 @@ class Partition:
 
     # ------------------------------------------------------------ checkpoints
 
-    def dump(self, inbox: Mapping[Any, list[Any]]) -> bytes:
+    def dump(self, inbox: Mapping[Any, Any] | DenseInbox) -> bytes:
         """The partition and its pending inbox as bytes: a checkpoint before a superstep."""
-        state = (self.values, self.targets, self.weights, self.halted, dict(inbox))
+        pending = inbox.to_dict() if type(inbox) is DenseInbox else dict(inbox)
+        state = (self.values, self.targets, self.weights, self.halted, pending)
         return pickle.dumps(state, PICKLE_PROTOCOL)
 
     def restore(self, blob: bytes) -> dict[Any, list[Any]]:
@@ -587,8 +764,9 @@ class Fanout:
     def __init__(self, part: Partition) -> None:
         assert _np is not None
         count = part.count
-        order = list(part.values)
+        order = self.order = list(part.values)
         self.pos = {vid: i for i, vid in enumerate(order)}
+        self._sorted: tuple[Any, Any] | None = None  # see locate
         n = len(order)
         #: per destination partition: its target ids, and per edge the target's index there
         universe: list[list[Any]] = [[] for _ in range(count)]
@@ -608,14 +786,35 @@ class Fanout:
         self.dests = []
         for d in range(count):
             if universe[d]:
-                ids = _np.empty(len(universe[d]), dtype=object)
-                ids[:] = universe[d]
+                ids = _int_array(universe[d])
+                if ids is None:
+                    ids = _np.empty(len(universe[d]), dtype=object)
+                    ids[:] = universe[d]
                 self.dests.append(
                     (d, ids, _np.array(flat[d], dtype=_np.intp), _np.array(degree[d], _np.intp))
                 )
         self.n = n
         self.msgs: list[float] = []
         self.sent = bytearray()
+
+    def locate(self, ids: Any) -> Any:
+        """The positions of vertex ``ids`` (an int64 array) in :attr:`order`, or None if one
+        is not held here (or this partition's ids are not all int64)."""
+        if self._sorted is None:
+            keys = _int_array(self.order) if self.n else None
+            if keys is None:
+                self._sorted = (None, None)
+            else:
+                by = _np.argsort(keys, kind="stable")
+                self._sorted = (keys[by], by)
+        keys, by = self._sorted
+        if keys is None:
+            return None
+        at = _np.searchsorted(keys, ids)
+        _np.minimum(at, len(keys) - 1, out=at)
+        if not _np.array_equal(keys[at], ids):
+            return None
+        return by[at]
 
     def start(self) -> None:
         self.msgs = [0.0] * self.n
@@ -636,6 +835,9 @@ class Fanout:
             hit[flat[live]] = True
             chosen = _np.flatnonzero(hit)
             outbox._sent[0] += int(live.sum())
+            if ids.dtype != object:  # integer ids: the sums travel as arrays
+                outbox.pieces[d].append(Sums(ids[chosen], sums[chosen]))
+                continue
             bucket = outbox.buckets[d]
             pairs = zip(ids[chosen].tolist(), sums[chosen].tolist())
             if not bucket:
@@ -643,3 +845,13 @@ class Fanout:
                 continue
             for to, total in pairs:
                 bucket[to] = bucket[to] + total if to in bucket else total
+
+
+def _int_array(ids: list[Any]) -> Any:
+    """``ids`` as an int64 array if they are all plain ints that fit, else None."""
+    if not all(type(i) is int for i in ids):
+        return None
+    try:
+        return _np.array(ids, dtype=_np.int64)
+    except OverflowError:
+        return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Outbox, Partition, Tag, bucket_records, deliver_bytes, fold_into
+from .engine import Outbox, Partition, Tag, bucket_records, fold_into, gather
 from .program import Program
 
 
@@ -58,7 +58,7 @@ def run_local(
     parts = [Partition(i, partitions, program) for i in range(partitions)]
     for part, bucket in zip(parts, bucket_records(program, lines, partitions)):
         part.load(bucket)
-    inboxes: list[dict[Any, list[Any]]] = [{} for _ in parts]
+    inboxes: list[Any] = [{} for _ in parts]
     aggregated: dict[str, Any] = {}
     reports: list[SuperstepReport] = []
     for superstep in range(max_supersteps):
@@ -75,12 +75,15 @@ def run_local(
             report.sent += stats.sent
             report.errors += stats.errors
             report.vertices += stats.vertices
-        inboxes = [{} for _ in parts]
         for outbox in outboxes:
             report.delivered += sum(outbox.counts())
-            for dst in range(partitions):
-                if outbox.buckets[dst]:
-                    deliver_bytes(inboxes[dst], outbox.encode(dst), program.fold)
+        combined = program.combine is not None
+        inboxes = [
+            gather(
+                part, [o.encode(part.index) for o in outboxes if o.buckets[part.index]], combined
+            )
+            for part in parts
+        ]
         aggregated = folded
         report.aggregates = dict(folded)
         reports.append(report)

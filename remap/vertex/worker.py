@@ -23,10 +23,9 @@ from .engine import (
     Outbox,
     Partition,
     VertexError,
-    deliver,
-    deliver_bytes,
     encode_bucket,
     fold_into,
+    gather,
     partition_of,
     prepare_line,
 )
@@ -75,6 +74,29 @@ class _Superseded(Exception):
     """This attempt's slot belongs to another attempt now, or the job is over for it."""
 
 
+class Phases:
+    """Wall and CPU seconds of this thread per phase of the worker's work, reported with
+    each ack (where a superstep's time goes: receiving, computing, sending, waiting)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+        self._wall = time.perf_counter()
+        self._cpu = time.thread_time()
+
+    def mark(self, phase: str) -> None:
+        """The time since the previous mark was spent in ``phase``."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        spent = self.times.setdefault(phase, [0.0, 0.0])
+        spent[0] += wall - self._wall
+        spent[1] += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+    def take(self) -> dict[str, list[float]]:
+        """The phases marked since the last take."""
+        times, self.times = self.times, {}
+        return times
+
+
 def wait_for(path: Path, give_up: Any) -> None:
     """Poll for ``path`` with a short, growing interval; ``give_up()`` may raise."""
     delay = POLL_MIN
@@ -100,6 +122,7 @@ class Worker:
         self.local: dict[int, dict[int, dict[Any, Any]]] = {}  # superstep → partition → bucket
         self.restored: dict[int, dict[Any, list[Any]]] = {}
         self.stats = {"supersteps": 0, "bytes_written": 0, "bytes_read": 0}
+        self.phases = Phases()
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ liveness
@@ -133,6 +156,7 @@ class Worker:
             while True:
                 wait_for(self.layout.command(seq), self._check_driver)
                 cmd: Command = read_pickle(self.layout.command(seq))
+                self.phases.mark("wait")
                 if cmd.kind == "stop":
                     return {"slot": self.slot, "attempt": self.attempt, **self.stats}
                 mine = cmd.members.get(self.slot) == self.attempt
@@ -155,6 +179,8 @@ class Worker:
             ack.update(getattr(self, f"_do_{cmd.kind}")(cmd))
         except VertexError as exc:
             ack["error"] = str(exc)
+        self.phases.mark(cmd.kind)  # what a command did not mark itself
+        ack["times"] = self.phases.take()
         return ack
 
     def _mine(self, cmd: Command) -> list[int]:
@@ -231,26 +257,26 @@ class Worker:
             self.restored[p] = part.restore(blob)
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
-    def _inbox(self, cmd: Command, p: int) -> dict[Any, Any]:
+    def _inbox(self, cmd: Command, p: int) -> Any:
         if p in self.restored:
             return self.restored.pop(p)
-        inbox: dict[Any, Any] = {}
         before = cmd.superstep - 1
-        for blob in self._read_dir(self.layout.inbox(cmd.epoch, before, p)):
-            deliver_bytes(inbox, blob, self.program.fold)
+        sources: list[Any] = self._read_dir(self.layout.inbox(cmd.epoch, before, p))
         bucket = self.local.get(before, {}).pop(p, None)
         if bucket:
-            deliver(inbox, bucket, self.program.combine is not None, self.program.fold)
-        return inbox
+            sources.append(bucket)
+        return gather(self.parts[p], sources, self.program.combine is not None)
 
     def _do_step(self, cmd: Command) -> dict[str, Any]:
         s = cmd.superstep
         count = len(cmd.owners)
         inboxes = {p: self._inbox(cmd, p) for p in self.parts}
         self.local.pop(s - 1, None)
+        self.phases.mark("receive")
         if cmd.checkpoint:
             for p, part in self.parts.items():
                 self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inboxes[p]))
+            self.phases.mark("checkpoint")
         outbox = Outbox(count, self.program.combine, self.program.fold)
         ack: dict[str, Any] = {"active": 0, "sent": 0, "errors": 0, "first_error": ""}
         aggregates: dict[str, Any] = {}
@@ -264,6 +290,7 @@ class Worker:
             vertices += st.vertices
             fold_into(self.program.aggregators, aggregates, st.aggregates)
         del inboxes
+        self.phases.mark("compute")
         outbox.finish()
         combined = outbox.combined
         local: dict[int, dict[Any, Any]] = {}
@@ -278,6 +305,7 @@ class Worker:
                 moved += self._write_bytes(path, encode_bucket(bucket, combined))
         self.local[s] = local
         self.stats["supersteps"] += 1
+        self.phases.mark("send")
         ack.update(
             delivered=sum(outbox.counts()),
             vertices=vertices,
