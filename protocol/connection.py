@@ -214,9 +214,24 @@ class Connection:
         """
         if self.state is State.CLOSED:
             return []
+        self._decoder.add(data)
+        return self._events()
+
+    def read_buffer(self) -> memoryview | None:
+        """Where the transport may read the next bytes directly (the rest of a large frame);
+        None: read as usual and call :meth:`receive_data`."""
+        if self.state is State.CLOSED:
+            return None
+        return self._decoder.read_buffer()
+
+    def received_into(self, n: int) -> list[Event]:
+        """``n`` bytes were read into :meth:`read_buffer`'s view; return what happened."""
+        self._decoder.wrote(n)
+        return self._events()
+
+    def _events(self) -> list[Event]:
         events: list[Event] = []
         decoder = self._decoder
-        decoder.add(data)
         while self.state is not State.CLOSED:
             try:
                 frame = decoder.next_frame()

@@ -7,6 +7,7 @@ The header is a small msgpack map (control data); the payload is an opaque blob
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -41,13 +42,41 @@ def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes
     return parts
 
 
+def unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` after the first ``sent`` bytes were written (views, no copy)."""
+    rest: list[bytes | memoryview] = []
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+        elif sent:
+            rest.append(memoryview(part)[sent:])
+            sent = 0
+        else:
+            rest.append(part)
+    return rest
+
+
 def frame_length(prefix: bytes) -> tuple[int, int]:
     """``(length, hlen)`` from a frame's prefix, for readers that read the body themselves."""
     return _PREFIX.unpack(prefix)
 
 
-#: frames at least this long are gathered read by read and joined once
+#: frames at least this long are received into a buffer of their own, allocated once
 LARGE_FRAME = 256 * 1024
+
+
+#: frames at least this long get anonymous memory of their own (see :func:`frame_buffer`)
+HUGE_FRAME = 32 * 1024 * 1024
+
+
+def frame_buffer(size: int) -> memoryview:
+    """A writable buffer for a large frame. Up to :data:`HUGE_FRAME` from the heap: the
+    allocator hands the same resident memory back frame after frame (fresh pages cost a
+    page fault each, and returning them an ``munmap``); above it anonymous memory, whose
+    pages are only taken as the frame arrives."""
+    if size < HUGE_FRAME:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
 
 
 class FrameDecoder:
@@ -59,65 +88,85 @@ class FrameDecoder:
     :meth:`next_frame` hands out one frame at a time so the owner can change
     :attr:`max_frame` between two frames that arrived in the same read (the limit
     grows once the handshake completes); :meth:`feed` is the batch form.
+
+    A large frame is received into one buffer of its size (:func:`frame_buffer`); a reader
+    that can read into memory (``recv_into``, ``readv``) asks :meth:`read_buffer` where the
+    next bytes go and reports them with :meth:`wrote`: no read of a large frame is copied, and
+    its payload is handed out as a view of that buffer.
     """
 
     def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._pos = 0  # start of the first unconsumed byte in _buf
-        # A large frame is gathered as a list of reads and joined once when complete: growing
-        # one bytearray read by read, then copying the payload out, costs ~20× more per MiB.
-        self._parts: list[bytes] = []
-        self._parts_len = 0
-        self._parts_need = 0  # bytes the large frame needs in total (prefix included)
-        self._ready: bytes | None = None  # a large frame, joined, not yet handed out
+        self._large: memoryview | None = None  # the large frame being received, in place
+        self._filled = 0  # bytes of it received
+        self._need = 0  # its full size (prefix included)
 
     @property
     def gathering(self) -> int:
         """The full size of the large frame being received (prefix included), or 0: what the
         receiver must be ready to hold once it completes (small frames are not counted)."""
-        return self._parts_need
+        return self._need
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos + self._parts_len
+        return len(self._buf) - self._pos + (self._filled if self._large is not None else 0)
+
+    def read_buffer(self) -> memoryview | None:
+        """Where the next bytes may be read directly: the rest of the large frame being
+        received; None when none is (read as usual and :meth:`add` the bytes)."""
+        if not self._need or self._filled >= self._need:
+            return None
+        return self._frame()[self._filled :]
+
+    def wrote(self, n: int) -> None:
+        """``n`` bytes were read into :meth:`read_buffer`'s view."""
+        self._filled += n
+
+    def _frame(self) -> memoryview:
+        """The large frame's buffer, allocated on the first bytes after its prefix (so a peer
+        whose reading is paused on that prefix pins nothing more), with what came before."""
+        if self._large is None:
+            self._large = frame_buffer(self._need)
+            self._large[: len(self._buf)] = self._buf
+            self._filled = len(self._buf)
+            self._buf = bytearray()
+        return self._large
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes; frames come out of :meth:`next_frame`."""
-        if self._parts_need:
-            self._parts.append(bytes(data))
-            self._parts_len += len(data)
-            if self._parts_len >= self._parts_need:
-                self._finish_large()
-            return
+        if self._need and self._filled < self._need:
+            large = self._frame()
+            n = min(len(data), self._need - self._filled)
+            large[self._filled : self._filled + n] = memoryview(data)[:n]
+            self._filled += n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]  # the start of the next frame
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         self._buf += data
 
-    def _finish_large(self) -> None:
-        self._ready = b"".join(self._parts)
-        self._parts, self._parts_len = [], 0
-
-    def _large_frame(self, joined: bytes) -> Frame:
-        need, self._parts_need = self._parts_need, 0
-        (hlen,) = _U32.unpack_from(joined, 4)
-        view = memoryview(joined)
-        self._buf = bytearray(view[need:])
-        self._pos = 0
+    def _large_frame(self) -> Frame:
+        view, need = self._large, self._need
+        assert view is not None
+        self._large, self._filled, self._need = None, 0, 0
+        (hlen,) = _U32.unpack_from(view, 4)
         if hlen > need - PREFIX_SIZE or hlen > MAX_HEADER:
             raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {need - 4}")
-        # the payload stays a view into the joined frame: no second copy of a large payload
+        # the payload stays a view into the frame's own buffer: never copied
+        view = view.toreadonly()
         return Frame(bytes(view[PREFIX_SIZE : PREFIX_SIZE + hlen]), view[PREFIX_SIZE + hlen : need])
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
-        if self._ready is not None:
-            joined, self._ready = self._ready, None
-            return self._large_frame(joined)
-        if self._parts_need:
-            return None
+        if self._need:
+            if self._large is None or self._filled < self._need:
+                return None
+            return self._large_frame()
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos
@@ -136,10 +185,7 @@ class FrameDecoder:
         if available - 4 < length:
             self._compact()
             if length >= LARGE_FRAME:
-                self._parts = [bytes(buf)]
-                self._parts_len = len(buf)
-                self._parts_need = 4 + length
-                self._buf = bytearray()
+                self._need = 4 + length
             return None
         (hlen,) = _U32.unpack_from(buf, pos + 4)
         if hlen > length - 4 or hlen > MAX_HEADER:
@@ -155,6 +201,11 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add bytes; return every frame now complete. Raises RemoteProtocolError."""
         self.add(data)
+        return self.frames()
+
+    def frames(self) -> list[Frame]:
+        """Every frame complete now (after :meth:`add` or :meth:`wrote`). Raises
+        RemoteProtocolError."""
         frames: list[Frame] = []
         while (frame := self.next_frame()) is not None:
             frames.append(frame)

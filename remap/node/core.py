@@ -22,7 +22,14 @@ import traceback
 from typing import Any
 
 from protocol import messages as m
-from protocol.framing import PREFIX_SIZE, encode_frame, frame_length
+from protocol.framing import (
+    LARGE_FRAME,
+    PREFIX_SIZE,
+    encode_frame,
+    frame_buffer,
+    frame_length,
+    unsent,
+)
 from remap.blobs import dumps, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -43,32 +50,31 @@ FINE_SECONDS = 0.001
 FINE_ONCE_SECONDS = 0.05
 
 
-def _read_exact(fd: int, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
+def _read_exact(fd: int, n: int) -> memoryview:
+    """``n`` bytes read into one buffer (a large one is never joined or sliced: the payload is
+    a view of it)."""
+    view = memoryview(bytearray(n)) if n < LARGE_FRAME else frame_buffer(n)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if not k:
             raise EOFError
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+        got += k
+    return view.toreadonly()
 
 
 def read_command(fd: int) -> m.Message:
     """The node's next command (blocking: a core has nothing else to do)."""
     length, hlen = frame_length(_read_exact(fd, PREFIX_SIZE))
     body = _read_exact(fd, length - 4)
-    return m.decode(body[:hlen], body[hlen:], channel="pipe")
+    return m.decode(bytes(body[:hlen]), body[hlen:], channel="pipe")
 
 
 def write_frame(fd: int, msg: m.Message) -> None:
-    """Send ``msg`` to the node in one system call, the payload not copied."""
+    """Send ``msg`` to the node from its own buffers (a large answer is not copied)."""
     parts = encode_frame(*m.encode(msg))
-    sent = os.writev(fd, parts)
-    if sent < sum(map(len, parts)):
-        view = memoryview(b"".join(parts))[sent:]
-        while view:
-            view = view[os.write(fd, view) :]
+    while parts:
+        parts = unsent(parts, os.writev(fd, parts))
 
 
 def task_count(batch: m.Task | m.CoreRun) -> int:

@@ -30,27 +30,18 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import FrameDecoder, encode_frame
+from protocol.framing import FrameDecoder, encode_frame, unsent
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
 from ..transitions import check_move
+from ..wire import read_directly, transport_idle
 from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
-
-
-def _pipe_idle(writer: Any) -> bool:
-    """Nothing of ours is waiting in Twisted's buffer for this pipe (so writing now keeps order).
-
-    Reads FileDescriptor's buffer attributes; if a Twisted release renames them, every write
-    simply goes through the buffer as before.
-    """
-    return not getattr(writer, "_tempDataBuffer", True) and getattr(writer, "offset", -1) == len(
-        getattr(writer, "dataBuffer", b"?")
-    )
-
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
 PIPE_SIZE = 1024 * 1024
+#: bytes read from a core's answer pipe at a time (outside large frames)
+PIPE_READ = 64 * 1024
 
 
 def _widen_pipes(core: CoreProcess) -> None:
@@ -150,20 +141,40 @@ class CoreProcess(ProcessProtocol):
 
     # ---------------------------------------------------------------- ProcessProtocol
 
+    def read_results_directly(self) -> None:
+        """Read the answer pipe in 64 KiB reads, and a large answer straight into its frame
+        buffer (Twisted reads a pipe 8 KiB per reactor turn: 128 turns and a join per MiB)."""
+        reader = getattr(self.transport, "pipes", {}).get(OUT_FD)
+        if reader is None:
+            return
+        fd = reader.fileno()
+        decoder = self._decoder
+        read_directly(
+            reader,
+            decoder.read_buffer,
+            lambda view: os.readv(fd, [view]),
+            lambda n: (decoder.wrote(n), self._answers(decoder.frames())),
+            read=lambda: os.read(fd, PIPE_READ),
+            data_received=lambda data: self._answers(decoder.feed(data)),
+        )
+
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
-            for frame in self._decoder.feed(data):
-                try:
-                    msg = m.decode(frame.header, frame.payload, channel="pipe")
-                except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
-                    self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
-                    self.kill("error")
-                    return
-                self.pool._core_message(self, msg)
+            self._answers(self._decoder.feed(data))
         else:  # output from outside Python's sys.stdout (C code, subprocesses)
             self.log.debug(
                 "core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip()
             )
+
+    def _answers(self, frames: list[Any]) -> None:
+        for frame in frames:
+            try:
+                msg = m.decode(frame.header, frame.payload, channel="pipe")
+            except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
+                self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
+                self.kill("error")
+                return
+            self.pool._core_message(self, msg)
 
     def processEnded(self, reason: Any) -> None:
         self.move(CoreLife.DEAD)
@@ -186,13 +197,13 @@ class CoreProcess(ProcessProtocol):
         total = sum(map(len, parts))
         writer = getattr(self.transport, "pipes", {}).get(CMD_FD)
         sent = 0
-        if writer is not None and _pipe_idle(writer):
+        if writer is not None and transport_idle(writer):
             try:
                 sent = os.writev(writer.fileno(), parts)
             except OSError:  # full (EAGAIN) or gone: the transport takes it and reports a loss
                 sent = 0
-        if sent < total:
-            self.transport.writeToChild(CMD_FD, b"".join(parts)[sent:])
+        if sent < total:  # only what the pipe did not take is copied
+            self.transport.writeToChild(CMD_FD, b"".join(unsent(parts, sent)))
 
     def kill(self, why: str, at: int | None = None) -> None:
         if self.life is CoreLife.KILLING or self.life is CoreLife.DEAD:
@@ -255,6 +266,7 @@ class CorePool:
             childFDs={0: "w", 1: "r", 2: "r", CMD_FD: "w", OUT_FD: "r", SHM_FD: core.shm_fd},
         )
         _widen_pipes(core)
+        core.read_results_directly()
         if index < len(self.cores):
             self.cores[index] = core
         else:
