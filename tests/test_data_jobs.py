@@ -71,7 +71,7 @@ def _assert_clean(data: DataDir, summary: dict, output: Path) -> None:
 
 @pytest.mark.parametrize("example", ["wordcount", "wordcount_inmapper"])
 def test_wordcount_example(cluster: remap.Cluster, tmp_path: Path, example: str) -> None:
-    """Word count (per-word pairs, or in-mapper combining with map_init/map_final hooks)
+    """Word count (per-word pairs, or map_batch with in-mapper combining: map_init/map_final)
     equals a Counter over the same words; each reducer's keys come sorted."""
     wc = _example(example)
     corpus = tmp_path / "corpus"

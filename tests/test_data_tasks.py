@@ -3,12 +3,15 @@ user-code errors, hooks, and the data-directory check."""
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from remap.data import count, layout
+from remap.data import count, inputs, layout, tasks
 from remap.data.layout import DataDir
 from remap.data.tasks import (
     JobCodeError,
@@ -198,3 +201,169 @@ def test_functions_from_checks_the_module() -> None:
         functions_from({"map": _wc_map, "reduce": _sum, "combine": 3}, ["default"])
     fns = functions_from({"map": _wc_map, "reduce": _sum, "reduce_b": _wc_map}, ["default", "b"])
     assert fns.reduce == {"default": _sum, "b": _wc_map}
+
+
+# ------------------------------------------------------------------ map_batch
+
+
+def _words_corpus(tmp_path: Path, seed: int) -> list[Path]:
+    """Three files of random words (one empty, one without a final newline, CRLF lines)."""
+    rng = random.Random(seed)
+    words = ["a", "bb", "Ccc", "d'd", "é", "x,y", "tab\there"]
+    files = []
+    for i, (lines, ending) in enumerate([(400, "\n"), (0, "\n"), (250, "\r\n")]):
+        text = ending.join(
+            " ".join(rng.choice(words) for _ in range(rng.randrange(0, 12))) for _ in range(lines)
+        )
+        path = tmp_path / f"words{i}.txt"
+        path.write_text(text + ("" if i == 2 else ending) if text else "", newline="")
+        files.append(path)
+    return files
+
+
+def _serial_counts(files: list[Path]) -> Counter:
+    counts: Counter = Counter()
+    for path in files:
+        for line in path.read_text().splitlines():
+            counts.update(line.lower().split())
+    return counts
+
+
+def _batch_pairs(lines):  # a generator over the whole batch: spills may happen inside it
+    for word in " ".join(lines).lower().split():
+        yield word, 1
+
+
+def _batch_counter(lines):  # a dict per batch, folded by the combiner
+    return Counter(" ".join(lines).lower().split())
+
+
+_STATE: Counter = Counter()
+
+
+def _batch_into_state(lines):  # in-mapper combining: nothing per batch, all at map_final
+    _STATE.update(" ".join(lines).lower().split())
+
+
+def _combine_sum(key, values):
+    yield sum(values)
+
+
+def _reduce_sum(key, values):
+    yield key, sum(values)
+
+
+_BATCH_JOBS = {
+    "pairs": {"map_batch": _batch_pairs},
+    "pairs+combine": {"map_batch": _batch_pairs, "combine": _combine_sum},
+    "counter+combine": {"map_batch": _batch_counter, "combine": _combine_sum},
+    "in-mapper": {
+        "map_batch": _batch_into_state,
+        "map_init": _STATE.clear,
+        "map_final": lambda: _STATE,
+    },
+}
+
+
+@pytest.mark.parametrize("job", sorted(_BATCH_JOBS))
+@pytest.mark.parametrize(
+    ("reducers", "split_bytes", "spill_bytes", "batch_bytes"),
+    [(1, 1 << 20, 1 << 20, 1 << 16), (3, 700, 300, 64), (2, 3000, 5000, 1000)],
+)
+def test_map_batch_equals_the_serial_count(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    job: str,
+    reducers: int,
+    split_bytes: int,
+    spill_bytes: int,
+    batch_bytes: int,
+) -> None:
+    """map_batch (pairs, a dict per batch, in-mapper combining) gives the serial counts
+    whatever the reducers, split, spill and batch sizes; every line is in exactly one batch."""
+    monkeypatch.setattr(tasks, "BATCH_BYTES", batch_bytes)
+    files = _words_corpus(tmp_path, seed=reducers)
+    namespace = {"map": None, "reduce": _reduce_sum, **_BATCH_JOBS[job]}
+    ctx = dataclasses.replace(
+        _context(tmp_path, {"default": reducers}, **namespace), spill_bytes=spill_bytes
+    )
+    splits = inputs.make_splits(files, split_bytes, splittable=True)
+    results = [map_task(ctx, (s.index, s.path, s.start, s.end)) for s in splits]
+    got = Counter()
+    for line in _reduce_all(ctx, results):
+        word, n = line.rsplit("\t", 1)
+        got[word] += int(n)
+    assert got == _serial_counts(files)
+    lines = sum(len(p.read_text().splitlines()) for p in files)
+    assert sum(r["counters"]["map_records_in"] for r in results) == lines
+    if spill_bytes < 1000 and job == "pairs":
+        assert sum(r["counters"]["map_spills"] for r in results) > len(splits)
+
+
+def test_map_batch_gets_lists_of_lines_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call gets a list of whole lines (no line endings); together they are the split's
+    lines in order, cut into blocks of about BATCH_BYTES."""
+    monkeypatch.setattr(tasks, "BATCH_BYTES", 50)
+    seen: list[list[str]] = []
+
+    def record(lines):
+        assert type(lines) is list
+        seen.append(list(lines))
+
+    text = "".join(f"line {i}\r\n" if i % 3 else f"line {i}\n" for i in range(40))
+    ctx = _context(tmp_path, map=None, map_batch=record)
+    map_task(ctx, _split(tmp_path, text))
+    assert len(seen) > 5
+    assert [line for batch in seen for line in batch] == [f"line {i}" for i in range(40)]
+
+
+def _bad_batch(lines):
+    if "bad" in lines:
+        raise ValueError("no good")
+    count("good_batches")
+    return {line: 1 for line in lines}
+
+
+def test_map_batch_errors_name_the_block_or_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raising map_batch names the file, the block's first line and its size; on continue
+    the block is counted as one error and the other blocks' output is kept."""
+    monkeypatch.setattr(tasks, "BATCH_BYTES", 8)  # about two lines a block
+    split = _split(tmp_path, "ok1\nok2\nbad\nok3\nok4\nok5\n")
+    with pytest.raises(
+        RecordError, match=r"in0\.txt:3 \(a batch of 2 records\): map_batch raised ValueError"
+    ):
+        map_task(_context(tmp_path, map=None, map_batch=_bad_batch), split)
+    ctx = _context(tmp_path, {"default": 1}, map=None, map_batch=_bad_batch, on_error="continue")
+    result = map_task(ctx, split)
+    assert result["counters"]["map_errors"] == 1
+    assert result["counters"]["good_batches"] == 2
+    assert result["errors"] == [f"{split[1]}:3 (a batch of 2 records): ValueError: no good"]
+    assert _reduce_all(ctx, [result]) == ["ok1\t1", "ok2\t1", "ok4\t1", "ok5\t1"]
+
+
+def test_map_may_return_a_dict(tmp_path: Path) -> None:
+    """map (per record) and map_final may return a dict of key -> value (a Counter, say)."""
+    ctx = _context(
+        tmp_path,
+        {"default": 1},
+        map=lambda line: Counter(line.split()),
+        combine=_combine_sum,
+        map_final=lambda: {"end": 1},
+    )
+    result = map_task(ctx, _split(tmp_path, "a b a\nb\n"))
+    assert _reduce_all(ctx, [result]) == ["a\t2", "b\t2", "end\t1"]
+
+
+def test_map_and_map_batch_are_one_or_the_other() -> None:
+    """A module needs map or map_batch, not both."""
+    from remap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no 'map' function .*map_batch"):
+        functions_from({"reduce": _sum}, ["default"])
+    with pytest.raises(ConfigError, match="both 'map' and 'map_batch'"):
+        functions_from({"map": _wc_map, "map_batch": _batch_pairs, "reduce": _sum}, ["default"])
+    assert functions_from({"map_batch": _batch_pairs, "reduce": _sum}, ["default"]).map is None

@@ -1,8 +1,10 @@
-"""Word count with in-mapper combining: each map task counts in a Counter and emits it once.
+"""Word count, the fast way: a block of lines per call, counted in one Counter per map task.
 
-``map_init`` runs before a task's first record and ``map_final`` after its last; what
-``map_final`` returns is map output like ``map``'s. Counting in C (``Counter.update``) instead
-of yielding one pair per word takes about half the CPU on the map side.
+``map_batch(lines)`` gets a list of lines (about 64 KiB of them) instead of one line per
+``map`` call, so the regular expression and ``Counter.update`` run once per block, in C.
+``map_init`` runs before a task's first block and ``map_final`` after its last; what
+``map_final`` returns (a dict, or (key, value) pairs) is map output: one pair per distinct word
+of the task (in-mapper combining) instead of one per word, so no ``combine`` is needed.
 """
 
 import re
@@ -16,16 +18,12 @@ def map_init():
     COUNTS.clear()
 
 
-def map(line):
-    COUNTS.update(WORD.findall(line.lower()))  # yields nothing: None is fine
+def map_batch(lines):
+    COUNTS.update(WORD.findall("\n".join(lines).lower()))  # returns nothing: None is fine
 
 
 def map_final():
-    return COUNTS.items()
-
-
-def combine(word, counts):
-    yield sum(counts)
+    return COUNTS
 
 
 def reduce(word, counts):
