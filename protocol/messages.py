@@ -10,15 +10,16 @@ unpickling anything.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
+from .checks import checker as _checker
 from .errors import InvalidOption, LocalProtocolError, RemoteProtocolError, UnknownMessageType
 from .options import JobOptions
+from .status import JobStatus, NodeStatus, ServerStatus
 
 PROTOCOL_VERSION = 1
 
@@ -56,43 +57,6 @@ _FIELDS: dict[type[Message], tuple[tuple[str, Any, Any], ...]] = {}
 _MISSING = dataclasses.MISSING
 
 
-_INT_ONLY = frozenset({int})
-
-
-def _int_list(value: Any) -> bool:
-    """A list of ints (not bools); ``map(type, ...)`` keeps the scan of long sizes lists in C."""
-    return type(value) is list and set(map(type, value)) <= _INT_ONLY
-
-
-def _checker(tp: Any):
-    """Build a fast isinstance-style check for an annotation (plain data types only)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [_checker(a) for a in typing.get_args(tp)]
-        return lambda v: any(c(v) for c in inner)
-    if tp is type(None):
-        return lambda v: v is None
-    if tp is float:
-        return lambda v: type(v) in (float, int)
-    if tp is int:
-        return lambda v: type(v) is int
-    if tp in (str, bytes, bool):
-        return lambda v, t=tp: type(v) is t
-    if tp is Any:
-        return lambda v: True
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        if arg is int:
-            return _int_list
-        if arg is Any:
-            return lambda v: type(v) is list
-        inner_check = _checker(arg)
-        return lambda v: type(v) is list and all(inner_check(x) for x in v)
-    if origin is dict or tp is dict:
-        return lambda v: type(v) is dict
-    raise TypeError(f"unsupported field type {tp!r}")
-
-
 def _anything(value: Any) -> bool:
     return True
 
@@ -111,7 +75,16 @@ def message(cls):
         if f.default_factory is not _MISSING:
             default = f.default_factory
         # a field with its own rule (a job option) is judged by that rule when the class is built
-        check = _anything if "rule" in f.metadata else _checker(hints[f.name])
+        # a status record's map (or list of them) is checked against the record's fields
+        record = f.metadata.get("record")
+        if "rule" in f.metadata:
+            check = _anything
+        elif record is None:
+            check = _checker(hints[f.name])
+        elif typing.get_origin(hints[f.name]) is list:
+            check = lambda v, r=record: type(v) is list and not any(map(r.problem, v))  # noqa: E731
+        else:
+            check = lambda v, r=record: not r.problem(v)  # noqa: E731
         specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
     _FIELDS[cls] = tuple(specs)
@@ -570,13 +543,13 @@ class StatusRequest(Message):
 
 @message
 class StatusReply(Message):
-    """Server → console: ``nodes`` and ``jobs`` are lists of plain maps (see README)."""
+    """Server → console: the maps of ``protocol.status``' records (see README)."""
 
     TYPE = "status_reply"
     re: int
-    nodes: list[dict]
-    jobs: list[dict]
-    server: dict = field(default_factory=dict)
+    nodes: list[dict] = field(metadata={"record": NodeStatus})
+    jobs: list[dict] = field(metadata={"record": JobStatus})
+    server: dict = field(default_factory=dict, metadata={"record": ServerStatus})
 
 
 @message

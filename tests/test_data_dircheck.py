@@ -102,9 +102,9 @@ def test_a_node_with_another_data_directory_gets_no_file_task() -> None:
     handler.message_received(console, m.Args(job=job, start=0, sizes=[1] * 6, payload=b"abcdef"))
     assert other.of(m.Task) == [] and sees.of(m.Task) and silent.of(m.Task)
     nodes, jobs, _ = factory.scheduler.status()
-    (info,) = [j for j in jobs if j["id"] == job]
-    assert list(info["left_out"]) == ["other"]
-    text = render.status_text({"nodes": nodes, "jobs": jobs, "server": {}})
+    (info,) = [j for j in jobs if j.id == job]
+    assert list(info.left_out) == ["other"]
+    text = render.status_text(nodes, jobs)
     assert f"job {job}: node other left out: its data directory /data2" in text
     # a function job (no data directory) still runs everywhere
     handler.message_received(console, m.Submit(id=2, name="f", chunksize=1, payload=b"f"))
@@ -127,7 +127,7 @@ def test_a_file_job_no_node_can_run_fails_at_once_with_the_reasons() -> None:
     assert done.message.startswith("no node can run this job (data directory): a its data")
     assert "b cannot use its data directory /data: PermissionError: denied" in done.message
     nodes, jobs, _ = factory.scheduler.status()
-    text = render.status_text({"nodes": nodes, "jobs": jobs, "server": {}})
+    text = render.status_text(nodes, jobs)
     assert "node b: left out of file jobs: cannot use its data directory /data" in text
 
 
@@ -148,13 +148,13 @@ def test_counters_from_the_jobs_console_show_in_status_bounded() -> None:
     stranger.role = "console"
     stranger.message_received(FakeLink("other"), m.JobCounters(job=job, counters={"evil": 1}))
     nodes, jobs, _ = factory.scheduler.status()
-    (info,) = [j for j in jobs if j["id"] == job]
-    assert info["counters"] == {"map_records_in": 9, "blank": 1}
-    text = render.status_text({"nodes": nodes, "jobs": jobs, "server": {}})
+    (info,) = [j for j in jobs if j.id == job]
+    assert info.counters == {"map_records_in": 9, "blank": 1}
+    text = render.status_text(nodes, jobs)
     assert f"job {job} counters: blank 1, map_records_in 9" in text
     many = {f"c{i}": i for i in range(MAX_COUNTERS + 10)}
     handler.message_received(console, m.JobCounters(job=job, counters=many))
-    assert len(factory.scheduler.status()[1][0]["counters"]) == MAX_COUNTERS
+    assert len(factory.scheduler.status()[1][0].counters) == MAX_COUNTERS
 
 
 # ------------------------------------------------------------------ real processes

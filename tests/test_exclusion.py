@@ -40,8 +40,8 @@ def test_excluded_node_stays_connected_gets_no_work_and_its_results_count() -> N
     run_to_end([b], [console])
     assert len(a.link.of(m.Task)) == tasks_before
     assert_exactly_once(console, 100)
-    described = {n["id"]: n for n in sched.status()[0]}
-    assert described["a"]["excluded"] and not described["b"]["excluded"]
+    described = {n.id: n for n in sched.status()[0]}
+    assert described["a"].excluded and not described["b"].excluded
 
 
 def test_a_node_joining_from_an_excluded_host_is_excluded_and_include_lets_it_work() -> None:

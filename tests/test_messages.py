@@ -17,9 +17,58 @@ import pytest
 
 from protocol import messages as m
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.status import JobStatus, NodeStatus, ServerStatus
 
 README = Path(__file__).resolve().parent.parent / "protocol" / "README.md"
 CATALOGUE = m.message_types()
+
+NODE_STATUS = NodeStatus(
+    id="n1",
+    host="h",
+    pid=9,
+    cores=2,
+    busy=1,
+    tasks_in_flight=3,
+    memory=1 << 30,
+    load=0.5,
+    group=None,
+    draining=False,
+    suspect=False,
+    excluded=False,
+    connected_for=2.0,
+    tasks_done=7,
+    data_dir="/data",
+    data_id="t1",
+    data_error=None,
+)
+JOB_STATUS = JobStatus(
+    id=3,
+    name="j",
+    state="running",
+    phase="receiving",
+    mode="object",
+    group=None,
+    total=None,
+    received=5,
+    queued=1,
+    running=2,
+    done=2,
+    failed=0,
+    rate=1.5,
+    elapsed=2.0,
+    waiting="",
+    detached=False,
+    output=None,
+    attached=True,
+    message="",
+    owner=None,
+    weight=1.0,
+    share=1.0,
+    cores=2,
+    max_cores=None,
+    min_cores=0,
+    counters={"map_records_in": 12},
+)
 
 #: one hand-written, non-default instance of every message: the table a reader checks against
 EXAMPLES: dict[str, m.Message] = {
@@ -87,7 +136,10 @@ EXAMPLES: dict[str, m.Message] = {
     "job_counters": m.JobCounters(job=3, counters={"map_records_in": 12, "blank_lines": 1}),
     "status": m.StatusRequest(id=2),
     "status_reply": m.StatusReply(
-        re=2, nodes=[{"id": "n1", "cores": 2}], jobs=[{"id": 3}], server={"v": 1}
+        re=2,
+        nodes=[NODE_STATUS.to_wire()],
+        jobs=[JOB_STATUS.to_wire()],
+        server=ServerStatus(uptime=1.5, cores=2, cpu_seconds=0.2, excluded=["b"]).to_wire(),
     ),
     "kill": m.Kill(id=4, job=3),
     "kill_cluster": m.KillCluster(id=5),

@@ -118,7 +118,7 @@ def test_a_person_may_not_kill_or_attach_to_anothers_job_but_may_their_own() -> 
     # the cluster secret may touch anyone's job
     assert isinstance(admin.ask(m.Kill, job=bobs), m.Ok)
     nodes, jobs, _ = factory.scheduler.status()
-    assert {j["id"]: j["owner"] for j in jobs} == {bobs: "bob", alices: "alice"}
+    assert {j.id: j.owner for j in jobs} == {bobs: "bob", alices: "alice"}
 
 
 @pytest.mark.parametrize(

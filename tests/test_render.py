@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 
-from remap.console.render import Progress, fmt_duration
+from protocol.status import JobStatus
+from remap.console.render import Progress, fmt_duration, jobs_table
 
 
 @pytest.mark.parametrize(
@@ -41,20 +43,22 @@ def test_no_eta_before_a_rate_is_known() -> None:
     assert "0/1000" in line and "ETA ?" in line and "ETA 0s" not in line
 
 
+def _job(**fields: Any) -> JobStatus:
+    """A function job's status record: the fields these tests do not care about filled in."""
+    base = {"id": 1, "name": "j", "state": "running", "phase": "receiving", "mode": "object"}
+    base |= {"group": None, "total": 9, "received": 1, "queued": 0, "running": 1, "done": 1}
+    base |= {"failed": 0, "rate": 1.0, "elapsed": 1.0, "waiting": "", "detached": False}
+    base |= {"output": None, "attached": True, "message": "", "owner": None}
+    return JobStatus(**(base | fields))
+
+
 def test_the_job_table_shows_a_known_total() -> None:
     """A job whose total the server knows shows it, one still receiving shows what came so far."""
-    from remap.console.render import jobs_table
-
-    base = {"name": "j", "state": "running", "mode": "object", "done": 1, "failed": 0}
-    base |= {"running": 1, "rate": 1.0, "waiting": "", "received": 256}
-    text = jobs_table([{**base, "id": 1, "total": 1000}, {**base, "id": 2, "total": None}])
+    text = jobs_table([_job(id=1, total=1000, received=256), _job(id=2, total=None, received=256)])
     assert " 1000 " in text and " 256+ " in text
 
 
 def test_the_job_table_shows_cores_share_and_weight() -> None:
-    from remap.console.render import jobs_table
-
-    job = {"id": 1, "name": "j", "state": "running", "mode": "object", "done": 1, "failed": 0}
-    job |= {"running": 1, "rate": 1.0, "waiting": "", "received": 1, "total": 9}
-    job |= {"cores": 4, "share": 0.5, "weight": 2.0, "max_cores": 6}
+    job = _job(cores=4, share=0.5, weight=2.0, max_cores=6, min_cores=0)
     assert "4 (50% w2 max 6)" in jobs_table([job])
+    assert jobs_table([_job()]).splitlines()[2].endswith(" -"), "no share said: a driver's job"

@@ -1002,8 +1002,8 @@ def test_the_job_table_shows_the_hinted_total_before_the_arguments_end() -> None
     unknown = FakeConsole(sched, range(1000), end=False, name="other")
     unknown.feed(limit=10)
     now = sched.clock.seconds()
-    assert sched.jobs[hinted.job].describe(now)["total"] == 1000
-    assert sched.jobs[unknown.job].describe(now)["total"] is None
+    assert sched.jobs[hinted.job].describe(now).total == 1000
+    assert sched.jobs[unknown.job].describe(now).total is None
 
 
 def test_an_undrained_node_takes_work_again() -> None:
@@ -1052,7 +1052,9 @@ def test_status_lists_nodes_and_jobs_with_documented_keys() -> None:
     console.feed()
     clock.advance(2)
     node.answer(node.held()[0])
-    nodes, jobs, server = sched.status()
+    records = sched.status()  # the maps status_reply carries
+    nodes, jobs = [n.to_wire() for n in records[0]], [j.to_wire() for j in records[1]]
+    server = records[2].to_wire()
     assert set(nodes[0]) >= {
         "id",
         "host",
@@ -1395,10 +1397,10 @@ def test_three_jobs_of_weights_1_1_2_get_2_2_4_of_8_cores_over_time() -> None:
     busy = _run_shares(sched, nodes, jobs, steps=200)
     means = [sum(b[20:]) / len(b[20:]) for b in busy.values()]  # after the first few steps
     assert [round(x, 1) for x in means] == [2.0, 2.0, 4.0], means
-    status = {j["id"]: j for j in sched.status()[1]}
-    assert [status[c.job]["share"] for c in jobs] == [0.25, 0.25, 0.5]
-    assert [status[c.job]["weight"] for c in jobs] == [1.0, 1.0, 2.0]
-    assert sum(status[c.job]["cores"] for c in jobs) == 8
+    status = {j.id: j for j in sched.status()[1]}
+    assert [status[c.job].share for c in jobs] == [0.25, 0.25, 0.5]
+    assert [status[c.job].weight for c in jobs] == [1.0, 1.0, 2.0]
+    assert sum(status[c.job].cores for c in jobs) == 8
 
 
 def test_max_cores_is_never_exceeded_and_the_rest_goes_to_others() -> None:

@@ -66,11 +66,11 @@ def test_a_job_walks_receiving_completing_done_and_status_shows_it() -> None:
     console.feed()
     assert job.phase is JobPhase.COMPLETING, "every argument sent and args_end with them"
     (info,) = sched.status()[1]
-    assert (info["state"], info["phase"]) == ("running", "completing")
+    assert (info.state, info.phase) == ("running", "completing")
     run_to_end([node], [console])
     assert job.phase is JobPhase.DONE
     (info,) = sched.status()[1]
-    assert (info["state"], info["phase"]) == ("done", "done")
+    assert (info.state, info.phase) == ("done", "done")
 
 
 def test_kill_while_receiving_then_a_late_args_end_changes_nothing() -> None:

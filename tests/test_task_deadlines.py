@@ -60,7 +60,7 @@ def test_tasks_of_a_silent_node_are_requeued_after_the_jobs_timeout_and_it_is_su
     assert not healthy.held() and not sched.nodes["silent"].suspect
     _beat(sched, clock, silent, 2)
     assert sched.nodes["silent"].suspect
-    assert sched.status()[0][0]["suspect"] is True
+    assert sched.status()[0][0].suspect is True
     assert len(healthy.held()) == 1
     healthy.answer_all()
     assert not healthy.held(), "the second task is not past its deadline yet"

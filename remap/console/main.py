@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from protocol.status import read_status
+
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, OutputError, RemapError, one_line
 from ..jobfile import load_job
@@ -611,17 +613,25 @@ class Console:
 
     def cmd_status(self, args: argparse.Namespace) -> int:
         status = self.session.request("status")
-        self.say(json.dumps(status) if args.json else render.status_text(status))
+        if args.json:
+            self.say(json.dumps(status))
+        else:
+            nodes, jobs, server = read_status(status)
+            self.say(render.status_text(nodes, jobs, server.excluded or []))
         return 0
 
     def cmd_nodes(self, args: argparse.Namespace) -> int:
-        nodes = self.session.request("status")["nodes"]
-        self.say(json.dumps(nodes) if args.json else render.nodes_table(nodes))
+        status = self.session.request("status")
+        self.say(
+            json.dumps(status["nodes"]) if args.json else render.nodes_table(read_status(status)[0])
+        )
         return 0
 
     def cmd_jobs(self, args: argparse.Namespace) -> int:
-        jobs = self.session.request("status")["jobs"]
-        self.say(json.dumps(jobs) if args.json else render.jobs_table(jobs))
+        status = self.session.request("status")
+        self.say(
+            json.dumps(status["jobs"]) if args.json else render.jobs_table(read_status(status)[1])
+        )
         return 0
 
     def cmd_kill(self, args: argparse.Namespace) -> int:

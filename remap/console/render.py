@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
+
+from protocol.status import JobStatus, NodeStatus
 
 from ..sinks import to_jsonable
 
@@ -87,52 +90,44 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def nodes_table(nodes: list[dict]) -> str:
+def nodes_table(nodes: list[NodeStatus]) -> str:
     if not nodes:
         return "no nodes connected"
     rows = [
         [
-            n["id"][:8],
-            n["host"],
-            f"{n['busy']}/{n['cores']}",
-            fmt_bytes(n["memory"]),
-            f"{n['load']:.2f}",
-            n["group"] or "-",
-            node_state(n),
-            fmt_duration(n["connected_for"]),
-            n["tasks_done"],
+            n.id[:8],
+            n.host,
+            f"{n.busy}/{n.cores}",
+            fmt_bytes(n.memory),
+            f"{n.load:.2f}",
+            n.group or "-",
+            n.state,
+            fmt_duration(n.connected_for),
+            n.tasks_done,
         ]
         for n in nodes
     ]
     return table(rows, ["NODE", "HOST", "BUSY", "MEMORY", "LOAD", "GROUP", "STATE", "UP", "TASKS"])
 
 
-def node_state(node: dict) -> str:
-    if node.get("excluded"):
-        return "excluded"
-    if node.get("suspect"):
-        return "suspect"
-    return "draining" if node["draining"] else "ready"
-
-
-def jobs_table(jobs: list[dict]) -> str:
+def jobs_table(jobs: list[JobStatus]) -> str:
     if not jobs:
         return "no jobs"
     rows = []
     for j in jobs:
-        total = j["total"] if j["total"] is not None else f"{j['received']}+"
-        state = j["state"] + (f" ({j['waiting']})" if j["waiting"] else "")
+        total = j.total if j.total is not None else f"{j.received}+"
+        state = j.state + (f" ({j.waiting})" if j.waiting else "")
         rows.append(
             [
-                j["id"],
-                j["name"],
+                j.id,
+                j.name,
                 state,
-                j["mode"],
-                j["done"],
-                j["failed"],
-                j["running"],
+                j.mode,
+                j.done,
+                j.failed,
+                j.running,
                 total,
-                f"{j['rate']:,.0f}/s",
+                f"{j.rate:,.0f}/s",
                 _share(j),
             ]
         )
@@ -142,44 +137,44 @@ def jobs_table(jobs: list[dict]) -> str:
     )
 
 
-def _share(job: dict) -> str:
+def _share(job: JobStatus) -> str:
     """Cores in use, the share the job is entitled to, its weight: ``3 (25% w2)``; ``-``
-    from a server that does not say."""
-    if "cores" not in job:
+    for a job the server gives no share (a detached job's driver)."""
+    if not job.shared:
         return "-"
-    cap = f" max {job['max_cores']}" if job.get("max_cores") else ""
-    share = f"{job['share'] * 100:.0f}%" if job.get("share") else "-"
-    return f"{job['cores']} ({share} w{job['weight']:g}{cap})"
+    cap = f" max {job.max_cores}" if job.max_cores else ""
+    share = f"{job.share * 100:.0f}%" if job.share else "-"
+    return f"{job.cores} ({share} w{job.weight:g}{cap})"
 
 
-def status_text(status: dict) -> str:
-    nodes, jobs = status["nodes"], status["jobs"]
-    cores = sum(n["cores"] for n in nodes)
-    busy = sum(n["busy"] for n in nodes)
-    running = [j for j in jobs if j["state"] == "running"]
-    rate = sum(j["rate"] for j in running)
+def status_text(
+    nodes: list[NodeStatus], jobs: list[JobStatus], excluded: Sequence[str] = ()
+) -> str:
+    cores = sum(n.cores for n in nodes)
+    busy = sum(n.busy for n in nodes)
+    running = [j for j in jobs if j.state == "running"]
+    rate = sum(j.rate for j in running)
     head = (
         f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
         f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s"
     )
-    excluded = status.get("server", {}).get("excluded") or []
     if excluded:
         head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"
     return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs), *file_job_lines(nodes, jobs)])
 
 
-def file_job_lines(nodes: list[dict], jobs: list[dict]) -> list[str]:
+def file_job_lines(nodes: list[NodeStatus], jobs: list[JobStatus]) -> list[str]:
     """Nodes left out of file jobs and why; running file jobs' counters (empty: nothing)."""
     lines = [
-        f"node {n['host']}: left out of file jobs: cannot use its data directory "
-        f"{n.get('data_dir')}: {n['data_error']}"
+        f"node {n.host}: left out of file jobs: cannot use its data directory "
+        f"{n.data_dir}: {n.data_error}"
         for n in nodes
-        if n.get("data_error")
+        if n.data_error
     ]
     for j in jobs:
-        for host, why in sorted((j.get("left_out") or {}).items()):
-            lines.append(f"job {j['id']}: node {host} left out: {why}")
-        if j.get("counters"):
-            counts = ", ".join(f"{k} {v:,}" for k, v in sorted(j["counters"].items()))
-            lines.append(f"job {j['id']} counters: {counts}")
+        for host, why in sorted((j.left_out or {}).items()):
+            lines.append(f"job {j.id}: node {host} left out: {why}")
+        if j.counters:
+            counts = ", ".join(f"{k} {v:,}" for k, v in sorted(j.counters.items()))
+            lines.append(f"job {j.id} counters: {counts}")
     return ["\n".join(lines)] if lines else []

@@ -30,6 +30,8 @@ from typing import Any
 from twisted.internet import protocol, threads
 from twisted.logger import Logger
 
+from protocol.status import JobStatus
+
 from ..data import layout
 
 KINDS = ("mapreduce", "vertex")
@@ -95,36 +97,36 @@ class DrivenJob:
     def finished(self) -> bool:
         return self.state != "running"
 
-    def describe(self, now: float) -> dict[str, Any]:
-        """The job's map in ``status``: the keys function jobs have, plus phase and summary."""
+    def describe(self, now: float) -> JobStatus:
+        """The job's status record: what function jobs have, plus phase and summary."""
         p = self.progress
         done = int(p.get("done", 0))
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "mode": self.kind,
-            "kind": self.kind,
-            "group": None,
-            "total": p.get("total"),
-            "received": done,
-            "queued": 0,
-            "running": 0 if self.finished else 1,
-            "done": done,
-            "failed": 0,
-            "rate": 0.0,
-            "elapsed": round((self.finished_at or now) - self.started_at, 2),
-            "waiting": "" if self.finished else str(p.get("line", "starting")),
-            "detached": True,
-            "output": self.output,
-            "attached": False,
-            "message": self.message,
-            "owner": self.owner or None,
-            "phase": p.get("phase", ""),
-            "data_job": self.data_job,
-            "job_dir": self.job_dir,
-            "summary": self.summary,
-        }
+        return JobStatus(
+            id=self.id,
+            name=self.name,
+            state=self.state,
+            phase=str(p.get("phase", "")),
+            mode=self.kind,
+            group=None,
+            total=p["total"] if type(p.get("total")) is int else None,
+            received=done,
+            queued=0,
+            running=0 if self.finished else 1,
+            done=done,
+            failed=0,
+            rate=0.0,
+            elapsed=round((self.finished_at or now) - self.started_at, 2),
+            waiting="" if self.finished else str(p.get("line", "starting")),
+            detached=True,
+            output=self.output,
+            attached=False,
+            message=self.message,
+            owner=self.owner or None,
+            kind=self.kind,
+            data_job=self.data_job,
+            job_dir=self.job_dir,
+            summary=self.summary,
+        )
 
 
 class _DriverProcess(protocol.ProcessProtocol):
@@ -288,7 +290,7 @@ class Drivers:
 
         self.reactor.callLater(KILL_GRACE, hard)
 
-    def describe(self, now: float) -> list[dict[str, Any]]:
+    def describe(self, now: float) -> list[JobStatus]:
         return [job.describe(now) for job in self.jobs.values()]
 
     def stop(self) -> None:

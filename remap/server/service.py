@@ -143,8 +143,15 @@ class ServerConnection:
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
             jobs += self.server.drivers.describe(sched.clock.seconds())
-            server["excluded"] = sorted(self.server.exclusions.hosts)
-            link.send(m.StatusReply(re=msg.id, nodes=nodes, jobs=jobs, server=server))
+            server = dataclasses.replace(server, excluded=sorted(self.server.exclusions.hosts))
+            link.send(
+                m.StatusReply(
+                    re=msg.id,
+                    nodes=[node.to_wire() for node in nodes],
+                    jobs=[job.to_wire() for job in jobs],
+                    server=server.to_wire(),
+                )
+            )
         elif t is m.Drive:
             self._drive(link, msg)
         elif (t is m.Kill or t is m.Attach) and msg.job in self.server.drivers.jobs:
@@ -167,7 +174,7 @@ class ServerConnection:
             if job is None:
                 link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
             else:
-                link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds())))
+                link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds()).to_wire()))
         elif t is m.Resume:
             job, problem = sched.resume(link, msg)
             if job is None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Iterable
 from typing import Any
+
+from protocol.status import JobStatus, NodeStatus, Record
 
 from ..scheduler.state import JobPhase
 from .routes import EVENTS, JSON, NDJSON, PARAMS, ROUTES, STATIC_FILES, Route
 
 
-def _obj(props: dict[str, Any], *, extra: bool = False) -> dict:
+def _obj(props: dict[str, Any], *, extra: bool = False, optional: Iterable[str] = ()) -> dict:
     return {
         "type": "object",
-        "required": sorted(props),
+        "required": sorted(props.keys() - set(optional)),
         "properties": props,
         "additionalProperties": extra,
     }
@@ -21,61 +26,46 @@ _INT = {"type": "integer"}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
+_PLAIN = {int: _INT, float: _NUM, str: _STR, bool: _BOOL}
 
 
 def _nullable(schema: dict) -> dict:
     return {**schema, "nullable": True}
 
 
-_NODE = _obj(
-    {
-        "id": _STR,
-        "host": _STR,
-        "pid": _INT,
-        "cores": _INT,
-        "busy": _INT,
-        "tasks_in_flight": _INT,
-        "memory": _INT,
-        "load": _NUM,
-        "group": _nullable(_STR),
-        "draining": _BOOL,
-        "suspect": _BOOL,
-        "connected_for": _NUM,
-        "tasks_done": _INT,
-    },
-    extra=True,  # clients ignore fields they do not know: the scheduler may add some
-)
-_JOB_FIELDS = {
-    "id": _INT,
-    "name": _STR,
-    "state": {"type": "string", "enum": ["running", "done", "failed", "killed", "cancelled"]},
+def _schema(tp: Any) -> dict:
+    """The OpenAPI schema of a status record field's annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _nullable(_schema(args[0]))
+    if typing.get_origin(tp) is list:
+        return {"type": "array", "items": _schema(args[0])}
+    return _PLAIN.get(tp) or {"type": "object"}
+
+
+def _record(cls: type[Record], **override: dict) -> dict:
+    """The schema of a status record's map, derived from its fields (``override``: a
+    field's narrower schema, an enum); fields left out when unknown are not required."""
+    hints = typing.get_type_hints(cls)
+    props = {name: override.get(name) or _schema(hints[name]) for name, _, _ in cls.WIRE}
+    return _obj(props, extra=True, optional=[name for name, _, optional in cls.WIRE if optional])
+
+
+# clients ignore fields they do not know (a later server may add some)
+_NODE = _record(NodeStatus)
+_JOB = _record(
+    JobStatus,
+    state={"type": "string", "enum": ["running", "done", "failed", "killed", "cancelled"]},
     # receiving: arguments still arriving; completing: all in, outcomes pending; then the end
-    "phase": {"type": "string", "enum": [phase.value for phase in JobPhase]},
-    "mode": _STR,
-    "group": _nullable(_STR),
-    "total": _nullable(_INT),
-    "received": _INT,
-    "queued": _INT,
-    "running": _INT,
-    "done": _INT,
-    "failed": _INT,
-    "rate": _NUM,
-    "elapsed": _NUM,
-    "waiting": _STR,
-    "detached": _BOOL,
-    "output": _nullable(_STR),
-    "attached": _BOOL,
-    "message": _STR,
+    phase={"type": "string", "enum": [phase.value for phase in JobPhase]},
+)
+#: what the HTTP API adds to a job's status map (see views.job_view)
+_JOB["properties"] |= {
     "expected": _nullable(_INT),
     "progress": _nullable(_NUM),
     "eta": _nullable(_NUM),
-    "owner": _nullable(_STR),
-    "weight": _NUM,
-    "share": _NUM,
-    "cores": _INT,
-    "max_cores": _nullable(_INT),
-    "min_cores": _INT,
 }
+_JOB["required"] = sorted([*_JOB["required"], "expected", "progress", "eta"])
 _ERROR_ITEM = _obj(
     {
         "job": _INT,
@@ -108,16 +98,17 @@ SCHEMAS: dict[str, dict] = {
     ),
     "Node": _NODE,
     "NodeList": _obj({"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}),
-    "Job": _obj(_JOB_FIELDS, extra=True),
+    "Job": _JOB,
     "JobList": _obj({"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}),
     "JobError": _ERROR_ITEM,
-    "JobDetail": _obj(
-        {
-            **_JOB_FIELDS,
+    "JobDetail": {
+        **_JOB,
+        "required": sorted([*_JOB["required"], "errors"]),
+        "properties": {
+            **_JOB["properties"],
             "errors": {"type": "array", "items": {"$ref": "#/components/schemas/JobError"}},
         },
-        extra=True,
-    ),
+    },
     "JobState": _obj({"job": _INT, "state": _STR}),
     "Submitted": _obj({"job": _INT, "name": _STR, "results": _STR}),
     "JobFile": {

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from protocol.status import JobStatus
+
 from .metrics import ServerStats
 
 
-def job_view(job: Any, now: float) -> dict:
-    """A job as the console describes it, plus progress (0..1) and ETA in seconds when known.
+def job_view(status: JobStatus) -> dict:
+    """A job's status map plus progress (0..1) and ETA in seconds when known.
 
     ``expected`` is the argument count once known, or the console's hint before the last
     argument arrives (a range or a list has one), so progress shows from the start.
     """
-    view = job.describe(now)
-    total = view["total"] if view["total"] is not None else (job.total if job.total >= 0 else None)
-    view["expected"] = total
-    finished = view["done"] + view["failed"]
+    view = status.to_wire()
+    total = view["expected"] = status.total
+    finished = status.done + status.failed
     view["progress"] = round(finished / total, 4) if total else (1.0 if total == 0 else None)
     left = (total - finished) if total is not None else None
     view["eta"] = (
-        round(left / view["rate"], 1)
-        if view["state"] == "running" and left is not None and view["rate"] > 0
+        round(left / status.rate, 1)
+        if status.state == "running" and left is not None and status.rate > 0
         else None
     )
     return view
@@ -37,7 +38,7 @@ def summary_view(sched: Any, stats: ServerStats) -> dict:
         "jobs_running": len(running),
         "jobs": len(sched.jobs),
         "queued": sum(j.pending_count for j in running),
-        "rate": round(sum(j.describe(now)["rate"] for j in running), 1),
+        "rate": round(sum(j.describe(now).rate for j in running), 1),
         "tasks_done": stats.done_total,
         "tasks_failed": stats.failed_total,
         "uptime": round(now - sched.started_at, 1),
@@ -46,19 +47,15 @@ def summary_view(sched: Any, stats: ServerStats) -> dict:
 
 def nodes_view(sched: Any) -> list[dict]:
     now = sched.clock.seconds()
-    return [n.describe(now) for n in sched.nodes.values()]
+    return [n.describe(now).to_wire() for n in sched.nodes.values()]
 
 
 def jobs_view(sched: Any) -> list[dict]:
-    now = sched.clock.seconds()
-    views = [job_view(j, now) for j in sched.jobs.values()]
-    sched.describe_shares(views)
-    return views
+    return [job_view(status) for status in sched.job_statuses()]
 
 
 def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
-    view = job_view(job, sched.clock.seconds())
-    sched.describe_shares([view])
+    view = job_view(sched.job_statuses([job])[0])
     view["errors"] = list(stats.job_errors.get(job.id, ()))
     return view
 

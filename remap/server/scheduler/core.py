@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.logger import Logger
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
 from protocol.options import JobOptions
+from protocol.status import JobStatus, NodeStatus, ServerStatus
 
 from . import policy
 from .answers import NodeAnswers
@@ -780,40 +782,45 @@ class Scheduler(NodeAnswers, Recovery):
 
     # ================================================================ status
 
-    def describe_shares(self, jobs: list[dict]) -> None:
-        """Add each job's weight, its share of the cluster (its weight over the weights of the
-        running jobs with work) and its cores in use (the first ``cores`` tasks a node holds are
-        the ones running; the rest wait on the node)."""
+    def job_statuses(self, jobs: Iterable[JobState] | None = None) -> list[JobStatus]:
+        """The status records of ``jobs`` (default: every job) with what only the scheduler
+        knows: each job's weight, its share of the cluster (its weight over the weights of the
+        running jobs with work), its cores in use (the first ``cores`` tasks a node holds are
+        the ones running; the rest wait on the node), a file job's left-out nodes and counters."""
+        now = self.clock.seconds()
         cores: dict[int, int] = {}
         for node in self.nodes.values():
             for task in itertools.islice(node.inflight.values(), node.cores):
                 cores[task.job.id] = cores.get(task.job.id, 0) + 1
-        busy = {j.id: j for j in self.active.values() if j.pending_count or j.tasks}
-        total = sum(j.weight for j in busy.values())
-        for info in jobs:
-            job = self.jobs[info["id"]]
-            info["weight"] = job.weight
-            info["share"] = round(job.weight / total, 3) if job.id in busy else 0.0
-            info["cores"] = cores.get(job.id, 0)
-            info["max_cores"] = job.options.max_cores or None
-            info["min_cores"] = job.options.min_cores
-
-    def status(self) -> tuple[list[dict], list[dict], dict]:
-        now = self.clock.seconds()
-        nodes = [n.describe(now) for n in self.nodes.values()]
-        jobs = [j.describe(now) for j in self.jobs.values()]
-        self.describe_shares(jobs)
-        for info in jobs:
-            job = self.jobs[info["id"]]
+        busy = {j.id for j in self.active.values() if j.pending_count or j.tasks}
+        total = sum(self.jobs[i].weight for i in busy)
+        records = []
+        for job in self.jobs.values() if jobs is None else jobs:
+            more: dict[str, Any] = {}
             if job.options.data_id is not None and not job.finished:
-                info["left_out"] = {
+                more["left_out"] = {
                     n.host: why for n in self.nodes.values() if (why := left_out_of_files(n, job))
                 }
             if job.counters:
-                info["counters"] = dict(job.counters)
-        server = {
-            "uptime": round(now - self.started_at, 1),
-            "cores": sum(n.cores for n in self.nodes.values()),
-            "cpu_seconds": round(time.process_time() - self.cpu_started, 2),
-        }
-        return nodes, jobs, server
+                more["counters"] = dict(job.counters)
+            records.append(
+                job.describe(
+                    now,
+                    weight=job.weight,
+                    share=round(job.weight / total, 3) if job.id in busy else 0.0,
+                    cores=cores.get(job.id, 0),
+                    max_cores=job.options.max_cores or None,
+                    min_cores=job.options.min_cores,
+                    **more,
+                )
+            )
+        return records
+
+    def status(self) -> tuple[list[NodeStatus], list[JobStatus], ServerStatus]:
+        now = self.clock.seconds()
+        server = ServerStatus(
+            uptime=round(now - self.started_at, 1),
+            cores=sum(n.cores for n in self.nodes.values()),
+            cpu_seconds=round(time.process_time() - self.cpu_started, 2),
+        )
+        return [n.describe(now) for n in self.nodes.values()], self.job_statuses(), server

@@ -14,6 +14,7 @@ from typing import Any
 
 from protocol import messages as m
 from protocol.options import JobOptions
+from protocol.status import JobStatus, NodeStatus
 
 from ...data.layout import mismatch
 from ...transitions import check_move
@@ -110,26 +111,26 @@ class NodeState:
             and len(self.inflight) < self.credits
         )
 
-    def describe(self, now: float) -> dict:
-        return {
-            "id": self.id,
-            "host": self.host,
-            "pid": self.pid,
-            "cores": self.cores,
-            "busy": min(self.cores, len(self.inflight)),
-            "tasks_in_flight": len(self.inflight),
-            "memory": self.memory,
-            "load": self.load,
-            "group": self.group,
-            "draining": self.draining,
-            "suspect": self.suspect,
-            "excluded": self.excluded,
-            "connected_for": round(now - self.connected_at, 1),
-            "tasks_done": self.tasks_done,
-            "data_dir": self.data_dir,
-            "data_id": self.data_id,
-            "data_error": self.data_error,
-        }
+    def describe(self, now: float) -> NodeStatus:
+        return NodeStatus(
+            id=self.id,
+            host=self.host,
+            pid=self.pid,
+            cores=self.cores,
+            busy=min(self.cores, len(self.inflight)),
+            tasks_in_flight=len(self.inflight),
+            memory=self.memory,
+            load=self.load,
+            group=self.group,
+            draining=self.draining,
+            suspect=self.suspect,
+            excluded=self.excluded,
+            connected_for=round(now - self.connected_at, 1),
+            tasks_done=self.tasks_done,
+            data_dir=self.data_dir,
+            data_id=self.data_id,
+            data_error=self.data_error,
+        )
 
 
 @dataclass(eq=False, slots=True)
@@ -207,29 +208,31 @@ class JobState:
         share, equal priorities share equally, and a large gap approaches strict priority."""
         return 2.0 ** max(-20, min(20, self.options.priority))
 
-    def describe(self, now: float) -> dict:
+    def describe(self, now: float, **more: Any) -> JobStatus:
+        """The job's status record (``more``: what only the scheduler knows, its share)."""
         end = self.finished_at or now
         elapsed = max(end - self.submitted_at, 1e-9)
-        return {
-            "id": self.id,
-            "name": self.options.name,
-            "state": self.state,
-            "phase": self.phase.value,
-            "mode": self.options.mode,
-            "group": self.options.group,
+        return JobStatus(
+            id=self.id,
+            name=self.options.name,
+            state=self.state,
+            phase=self.phase.value,
+            mode=self.options.mode.value,
+            group=self.options.group,
             # the console's hint (a job file's args_range, a sized iterable) until args_end
-            "total": self.total if self.total >= 0 else None,
-            "received": self.received,
-            "queued": self.pending_count,
-            "running": self.running,
-            "done": self.done,
-            "failed": self.failed,
-            "rate": round((self.done + self.failed) / elapsed, 1),
-            "elapsed": round(elapsed, 2),
-            "waiting": self.waiting,
-            "detached": self.options.detach,
-            "output": self.options.output,
-            "attached": self.console is not None,
-            "message": self.message,
-            "owner": self.owner or None,
-        }
+            total=self.total if self.total >= 0 else None,
+            received=self.received,
+            queued=self.pending_count,
+            running=self.running,
+            done=self.done,
+            failed=self.failed,
+            rate=round((self.done + self.failed) / elapsed, 1),
+            elapsed=round(elapsed, 2),
+            waiting=self.waiting,
+            detached=self.options.detach,
+            output=self.options.output,
+            attached=self.console is not None,
+            message=self.message,
+            owner=self.owner or None,
+            **more,
+        )
