@@ -1,25 +1,32 @@
-"""Where one ``Cluster.submit(f, x).result()`` spends its time, hop by hop (embedded cluster).
+"""Where one ``Cluster.submit(f, x).result()`` spends its time, hop by hop.
 
-    python bench/call_hops.py [CALLS]
+    python bench/call_hops.py [CALLS]            # the embedded cluster
+    python bench/call_hops.py --procs [CALLS]    # a server and a node process, over TCP
 
 Wraps a few of remap's methods to timestamp each hop (caller → reactor → scheduler → node →
 core pipe → the function in the core → back) and prints the median time of each, from the
-submit, over CALLS calls (default 300). The function returns its own timestamp (the core and the
-caller read the same monotonic clock). A measuring aid: the wrappers themselves cost ~1 µs each.
+submit, over CALLS calls (default 300). The function returns its own timestamp. With
+``--procs`` the server and the node run as processes of their own (started through this file
+with the same wrappers, marks written at exit); every process reads the same monotonic clock,
+so a mark is given to the call whose submit and return enclose it. A measuring aid: the
+wrappers themselves cost ~1 µs each.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import secrets
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import remap
-from remap import api, client
-from remap import executor as ex
-from remap.node import cores
-from remap.server.scheduler import core as scheduler
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 MARKS: list[tuple[str, int]] = []
 
@@ -42,38 +49,180 @@ def now(_: Any) -> int:
     return time.perf_counter_ns()
 
 
-def main(calls: int) -> None:
-    _wrap(api.JobStream, "_wake", "reactor: the stream woken")
+def _wrap_server() -> None:
+    from remap.server.scheduler import core as scheduler
+
     _wrap(scheduler.Scheduler, "args_received", "server: args")
+    _wrap(scheduler.Scheduler, "task_result", "server: result")
+
+
+def _wrap_node() -> None:
+    from remap.node import agent, cores
+
+    _wrap(agent.NodeAgent, "message_received", "node: a message")
     _wrap(cores.CoreProcess, "send", "node: written to the core's pipe")
     _wrap(cores.CoreProcess, "childDataReceived", "node: read from the core's pipe")
-    _wrap(scheduler.Scheduler, "task_result", "server: result")
-    _wrap(client.JobRun, "results", "console: results")
+
+
+def _wrap_console() -> None:
+    from remap import api, client
+    from remap import executor as ex
+
+    _wrap(api.JobStream, "_wake", "reactor: the stream woken")
+    _wrap(client.JobStream, "results", "console: results")
     _wrap(ex._SubmitStream, "_resolve_now", "console: future resolved")
+
+
+def _wrap_bytes_in(role: str) -> None:
+    from remap import wire
+
+    _wrap(wire.PeerProtocol, "dataReceived", f"{role}: bytes in")
+
+
+def serve(role: str, marks_file: str, argv: list[str]) -> None:
+    """Run ``remap-server`` or ``remap-node`` with the wrappers; write the marks at exit."""
+    _wrap_bytes_in(role)
+    if role == "server":
+        _wrap_server()
+        from remap.server.main import main as entry
+    else:
+        _wrap_node()
+        from remap.node.main import main as entry
+
+    def dump() -> None:
+        with open(marks_file, "w") as f:
+            f.writelines(f"{t} {label}\n" for label, t in MARKS)
+
+    atexit.register(dump)
+    sys.exit(entry(argv))
+
+
+def _spawn(role: str, marks: Path, argv: list[str], env: dict[str, str], log: Path) -> Any:
+    cmd = [sys.executable, __file__, "--serve", role, str(marks), *argv]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise SystemExit(f"call_hops: {what} did not come up in {timeout:.0f} s")
+
+
+def _calls(cluster: Any, calls: int) -> list[list[tuple[str, int]]]:
+    for _ in range(20):
+        cluster.submit(now, 1).result()
     rows = []
-    with remap.connect(cores=2) as c:
-        for _ in range(20):
-            c.submit(now, 1).result()
-        for _ in range(calls):
-            MARKS.clear()
-            _mark("caller: submit")
-            future = c.submit(now, 1)
-            _mark("caller: submit returned")
-            ran = future.result()
-            _mark("caller: woke with the result")
-            MARKS.append(("core: the function runs", ran))
-            rows.append(sorted(MARKS, key=lambda m: m[1]))
+    for _ in range(calls):
+        MARKS.clear()
+        _mark("caller: submit")
+        future = cluster.submit(now, 1)
+        _mark("caller: submit returned")
+        ran = future.result()
+        _mark("caller: woke with the result")
+        MARKS.append(("core: the function runs", ran))
+        rows.append(list(MARKS))
+    return rows
+
+
+def run_procs(calls: int) -> list[list[tuple[str, int]]]:
+    import remap
+    from remap.settings import load_settings
+
+    _wrap_console()
+    _wrap_bytes_in("console")
+    secret = secrets.token_urlsafe(32)
+    work = Path(tempfile.mkdtemp(prefix="remap-hops-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+    env.update(REMAP_SECRET_KEY=secret, HOME=str(work), REMAP_STATE_DIR=str(work / "state"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    port_file = work / "port"
+    common = ["--env-file", "/nonexistent", "--log-level", "warn"]
+    procs = {
+        "server": _spawn(
+            "server",
+            work / "server.marks",
+            ["--port", "0", "--port-file", str(port_file), *common],
+            env,
+            work / "server.log",
+        )
+    }
+    try:
+        port = _wait(lambda: port_file.exists() and port_file.read_text().strip(), "the server")
+        address = f"127.0.0.1:{port}"
+        procs["node"] = _spawn(
+            "node",
+            work / "node.marks",
+            ["--server", address, "--cores", "2", *common],
+            env,
+            work / "node.log",
+        )
+        settings = load_settings({}, environ={}, dotenv_path=None)
+        with remap.connect(address, secret=secret, settings=settings, task_output=False) as c:
+            _wait(lambda: c.cores() >= 2, "a node with 2 cores")
+            rows = _calls(c, calls)
+    finally:
+        for name in ("node", "server"):
+            if name in procs:
+                procs[name].terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+    remote: list[tuple[str, int]] = []
+    for name in ("server", "node"):
+        path = work / f"{name}.marks"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                t, label = line.split(" ", 1)
+                remote.append((label, int(t)))
+    remote.sort(key=lambda m: m[1])
+    for row in rows:
+        start, end = row[0][1], row[-2][1]  # submit .. the caller woke
+        row.extend(m for m in remote if start <= m[1] <= end)
+    return rows
+
+
+def run_embedded(calls: int) -> list[list[tuple[str, int]]]:
+    import remap
+
+    _wrap_console()
+    _wrap_server()
+    _wrap_node()
+    with remap.connect(cores=2, task_output=False) as c:
+        return _calls(c, calls)
+
+
+def report(rows: list[list[tuple[str, int]]]) -> None:
     times: dict[str, list[float]] = {}
     for row in rows:
-        start = row[0][1]
+        row = sorted(row, key=lambda m: m[1])
+        start, seen = row[0][1], {}
         for label, t in row:
-            times.setdefault(label, []).append((t - start) / 1000)
+            seen[label] = seen.get(label, 0) + 1
+            key = label if seen[label] == 1 else f"{label} #{seen[label]}"
+            times.setdefault(key, []).append((t - start) / 1000)
     previous = 0.0
     for label in sorted(times, key=lambda k: statistics.median(times[k])):
+        if len(times[label]) < len(rows) // 2:
+            continue  # a heartbeat or a timer, not part of every call
         median = statistics.median(times[label])
         print(f"{median:8.1f} µs  (+{median - previous:6.1f})  {label}")
         previous = median
 
 
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], argv[2], argv[3:])
+        return
+    procs = "--procs" in argv
+    rest = [a for a in argv if a != "--procs"]
+    calls = int(rest[0]) if rest else 300
+    print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    report(run_procs(calls) if procs else run_embedded(calls))
+    print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
+    main(sys.argv[1:])

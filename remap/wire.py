@@ -93,6 +93,37 @@ def _plain_tcp(transport: Any) -> Any:
     return None
 
 
+def write_now(transport: Any, sock: Any, data: list[bytes | memoryview]) -> None:
+    """Write one message's buffers: on a plain TCP socket (``sock``) with nothing queued, in
+    this call; else through the transport's buffer.
+
+    Twisted's ``write`` only queues: the bytes leave on the next reactor turn, once epoll says
+    the socket is writable (and two ``epoll_ctl`` later), a turn on every hop of a single
+    call's path. A large message goes from its own buffers (``sendmsg``: no join of a payload),
+    a small one joined; what the socket does not take now is queued after all, in order.
+    """
+    if (
+        sock is not None
+        and transport.connected
+        and not transport.disconnecting
+        and transport_idle(transport)
+    ):
+        total = sum(map(len, data))
+        try:
+            if total > SCATTER_MIN:
+                sent = sock.sendmsg(data)
+            else:
+                data = [b"".join(data)]
+                sent = sock.send(data[0])
+        except OSError:  # full, or gone: Twisted's write path finds out and reports it
+            sent = 0
+        if sent >= total:
+            return
+        data = unsent(data, sent)
+    # transports take bytes only; one join is the single copy a payload makes here
+    transport.write(b"".join(data))
+
+
 class ReadBudget:
     """Bytes that all of a server's connections may hold, together, in frames being received.
 
@@ -365,27 +396,8 @@ class PeerProtocol(Protocol):
         transport = self.transport
         if not data or transport is None:
             return
-        total = sum(map(len, data))
-        self.traffic.sent += total
-        sock = self._socket
-        if (
-            sock is not None
-            and total > SCATTER_MIN
-            and transport.connected
-            and not transport.disconnecting
-            and transport_idle(transport)
-        ):
-            # straight to the socket from the message's own buffers (no join of a payload);
-            # only what the socket does not take now goes through Twisted's buffer
-            try:
-                sent = sock.sendmsg(data)
-            except OSError:  # full, or gone: Twisted's write path finds out and reports it
-                sent = 0
-            if sent >= total:
-                return
-            data = unsent(data, sent)
-        # transports take bytes only; one join is the single copy a payload makes here
-        transport.write(b"".join(data))
+        self.traffic.sent += sum(map(len, data))
+        write_now(transport, self._socket, data)
 
     # ---------------------------------------------------------------- timers
 

@@ -520,3 +520,52 @@ def test_events_reach_the_handler_in_order_within_one_read(clock):
     client.dataReceived(b"".join(bytes(p) for p in server.data_to_send()))
     assert handler.kinds() == ["authenticated", "message"]
     assert isinstance(handler.events[0][1], Authenticated)
+
+
+# ---------------------------------------------------------------- writing without a reactor turn
+
+
+def _tcp_pair() -> tuple[Any, Any, Any]:
+    """A Twisted TCP transport on one end of a socket pair (never run by a reactor), the other
+    end non-blocking, and the fake reactor: what arrives on the peer arrived without a turn."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactor
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)
+    return transport, theirs, reactor
+
+
+def test_a_message_leaves_in_the_call_that_sends_it():
+    from remap.wire import write_now
+
+    transport, peer, reactor = _tcp_pair()
+    try:
+        write_now(transport, transport.socket, [b"one ", b"frame"])
+        assert peer.recv(100) == b"one frame"  # Twisted's write() would wait for a turn
+        assert transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_bytes_already_queued_keep_their_order():
+    from remap.wire import write_now
+
+    transport, peer, reactor = _tcp_pair()
+    try:
+        transport.write(b"first ")
+        write_now(transport, transport.socket, [b"second"])
+        with pytest.raises(BlockingIOError):
+            peer.recv(100)  # nothing jumped the queue
+        transport.doWrite()
+        assert peer.recv(100) == b"first second"
+    finally:
+        transport.socket.close()
+        peer.close()
