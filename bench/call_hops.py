@@ -112,10 +112,23 @@ def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
     raise SystemExit(f"call_hops: {what} did not come up in {timeout:.0f} s")
 
 
-def _calls(cluster: Any, calls: int) -> list[list[tuple[str, int]]]:
+#: CPU seconds per call, by who spent them (load-independent, unlike the wall times)
+CPU: dict[str, float] = {}
+
+
+def _reactor_cpu(cluster: Any) -> float:
+    """CPU time of the reactor thread (console; and the server and node when embedded)."""
+    from remap import runtime
+
+    return runtime.run(lambda: time.thread_time(), timeout=10)
+
+
+def _calls(cluster: Any, calls: int, others: Any = dict) -> list[list[tuple[str, int]]]:
+    """``others()``: CPU seconds spent so far by other processes, by name."""
     for _ in range(20):
         cluster.submit(now, 1).result()
     rows = []
+    reactor0, caller0, others0 = _reactor_cpu(cluster), time.thread_time(), others()
     for _ in range(calls):
         MARKS.clear()
         _mark("caller: submit")
@@ -125,10 +138,16 @@ def _calls(cluster: Any, calls: int) -> list[list[tuple[str, int]]]:
         _mark("caller: woke with the result")
         MARKS.append(("core: the function runs", ran))
         rows.append(list(MARKS))
+    CPU["calling thread"] = (time.thread_time() - caller0) / calls
+    CPU["reactor thread"] = (_reactor_cpu(cluster) - reactor0) / calls
+    for name, spent in others().items():
+        CPU[name] = (spent - others0[name]) / calls
     return rows
 
 
 def run_procs(calls: int) -> list[list[tuple[str, int]]]:
+    import psutil
+
     import remap
     from remap.settings import load_settings
 
@@ -163,7 +182,14 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
         settings = load_settings({}, environ={}, dotenv_path=None)
         with remap.connect(address, secret=secret, settings=settings, task_output=False) as c:
             _wait(lambda: c.cores() >= 2, "a node with 2 cores")
-            rows = _calls(c, calls)
+
+            def others() -> dict[str, float]:
+                return {
+                    f"{name} process (not its cores)": sum(psutil.Process(p.pid).cpu_times()[:2])
+                    for name, p in procs.items()
+                }
+
+            rows = _calls(c, calls, others)
     finally:
         for name in ("node", "server"):
             if name in procs:
@@ -221,6 +247,8 @@ def main(argv: list[str]) -> None:
     calls = int(rest[0]) if rest else 300
     print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     report(run_procs(calls) if procs else run_embedded(calls))
+    for name, seconds in CPU.items():
+        print(f"CPU per call: {seconds * 1e6:6.1f} µs  {name}")
     print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 

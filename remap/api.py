@@ -730,6 +730,8 @@ class Cluster:
         reactor = runtime.ensure_running()
         runtime.check_not_reactor_thread()
         self._reactor = reactor
+        #: runs a function on the reactor thread (see :func:`runtime.thread_caller`)
+        self._call_soon = runtime.thread_caller(reactor)
         self._generation = runtime.generation
         if not settings.server:  # a secret but no address: look for this cluster's server
             say = lambda text: print(text, file=sys.stderr)  # noqa: E731
@@ -796,9 +798,6 @@ class Cluster:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._reactor.callFromThread(fn, *args)
 
     def _stream(self, fn_blob: bytes, params: JobOptions, **options: Any) -> JobStream:
         """Start a job of this handle: its modules and files travel along, its task output is

@@ -754,14 +754,19 @@ class JobStream:
         """Hand the session one event (``submitted``, ``grant``, ``results``, ``ended``,
         ``resumed``, ``fail``, ``kill``...), send what the window allows, deliver the rest."""
         getattr(self.session, event)(*args, **kwargs)
-        if self.client is None or self.client.link is not None:  # else reconnecting: it waits
-            self.session.pump(self._take)
+        self._pump()
         self._flush()
 
+    def _pump(self) -> None:
+        if self.client is None or self.client.link is not None:  # else reconnecting: it waits
+            self.session.pump(self._take)
+
     def results(self, msg: m.Results) -> None:
+        """Results open no window (grants do): deliver them without looking for arguments."""
         if msg.output and self.on_output is not None:
             self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
-        self.apply("results", msg)
+        self.session.results(msg)
+        self._flush()
 
     def notice(self, text: str) -> None:
         if self.on_notice is not None:
@@ -774,7 +779,8 @@ class JobStream:
     def _wake(self) -> None:
         with self.lock:
             self._wake_pending = False
-        self.apply("pump", self._take)
+        self._pump()
+        self._flush()
 
     def _flush(self) -> None:
         """Send the session's messages, queue its events, and end once it has finished."""

@@ -3,6 +3,7 @@ the server and the node side; clients that dial a remote cluster never load it."
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import secrets
@@ -19,7 +20,7 @@ from .client import ClusterClient
 from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ConfigError, ServerUnreachable
-from .local import connect_local
+from .local import connect_local, deliver_now
 from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
@@ -208,6 +209,7 @@ class EmbeddedCluster:
         self.server = await start_server(self.reactor, self.settings, secret=self.secret)
         pool = CorePool(self.reactor, self.cores, lambda r: None, lambda r: None)
         agent = NodeAgent(pool)
+        pool.after_read = functools.partial(deliver_now, self.reactor)
         pool.start()
         self.node = RunningNode(None, pool, agent)
         self._node_link = connect_local(

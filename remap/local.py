@@ -42,22 +42,32 @@ class _DeliveryLoop:
         self.reactor = reactor
         self.ready: deque[LocalLink] = deque()
         self.scheduled = False
+        self.running = False
+        self._call: Any = None
 
     def add(self, link: LocalLink) -> None:
         self.ready.append(link)
         if not self.scheduled:
             self.scheduled = True
-            self.reactor.callLater(0, self.run)
+            self._call = self.reactor.callLater(0, self.run)
+
+    def run_now(self) -> None:
+        """Deliver now what waits for the next turn (see :func:`deliver_now`)."""
+        if self.scheduled and not self.running:
+            if self._call is not None and self._call.active():
+                self._call.cancel()  # not yet in the reactor's heap: the turn is saved
+            self.run()
 
     def run(self) -> None:
         ready, delivered = self.ready, 0
+        self.running = True
         try:
             while ready and delivered < self.MAX_PER_TURN:
                 delivered += ready.popleft()._deliver()
         finally:
+            self.running = False
             self.scheduled = bool(ready)
-            if ready:
-                self.reactor.callLater(0, self.run)
+            self._call = self.reactor.callLater(0, self.run) if ready else None
 
 
 _loops: weakref.WeakKeyDictionary[Any, _DeliveryLoop] = weakref.WeakKeyDictionary()
@@ -68,6 +78,19 @@ def _loop_of(reactor: Any) -> _DeliveryLoop:
     if loop is None:
         loop = _loops[reactor] = _DeliveryLoop(reactor)
     return loop
+
+
+def deliver_now(reactor: Any) -> None:
+    """Deliver what the links of ``reactor`` hold now instead of on the next reactor turn.
+
+    Only for a caller at the top of a reactor callback, where no handler is mid-call (a
+    core's pipe was just read): nothing is re-entered, and a result goes on to the server and
+    the console in the turn that read it, not one turn (an ``epoll_wait`` and the reactor's
+    timer bookkeeping) later.
+    """
+    loop = _loops.get(reactor)
+    if loop is not None:
+        loop.run_now()
 
 
 class LocalLink:

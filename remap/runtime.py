@@ -100,6 +100,31 @@ def ensure_running() -> Any:
     return r
 
 
+def thread_caller(r: Any) -> Callable[..., None]:
+    """``r.callFromThread`` for a hot path: the same queue and wake-up pipe, without Twisted's
+    waker looking ``os.write`` up through a deprecation proxy on every call (~4 µs of the ~30
+    a single ``submit`` spends on the calling thread). Any other waker: ``callFromThread``."""
+    queue = r.threadCallQueue
+    write = os.write
+
+    def call_soon(fn: Callable[..., Any], *args: Any) -> None:
+        queue.append((fn, args, {}))
+        fd = getattr(r.waker, "o", None)  # None: the reactor has not started (it will drain)
+        if fd is None or type(r.waker).__name__ != "_UnixWaker":
+            r.wakeUp()
+            return
+        while True:
+            try:
+                write(fd, b"x")
+                return
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return  # the pipe is full of wake-ups: the reactor is woken already
+
+    return call_soon
+
+
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
     """Run ``fn`` (sync, a coroutine function, or one returning a Deferred) in the reactor."""
     r = ensure_running()

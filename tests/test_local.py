@@ -95,3 +95,69 @@ def test_a_chain_of_hops_is_delivered_on_one_turn() -> None:
     assert [h.busy for h in hb.got] == [0] and [h.busy for h in ha.got] == [1]
     assert ha.max_depth == 1 and hb.max_depth == 1
     assert turns == [0], "the answer took a reactor turn of its own"
+
+
+def test_deliver_now_saves_the_turn_and_cancels_it() -> None:
+    """A core's answer read at the top of a reactor callback goes on in that turn: what waits
+    is delivered by ``deliver_now`` and the turn it was waiting for is never taken."""
+    from remap.local import deliver_now
+
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    a.send(m.Heartbeat(busy=0))  # b answers from inside the delivery: same run, no new turn
+    assert clock.getDelayedCalls(), "a turn is booked"
+    deliver_now(clock)
+    assert [type(x) for x in hb.got] == [m.Heartbeat]
+    assert [type(x) for x in ha.got] == [m.Heartbeat]
+    assert clock.getDelayedCalls() == [], "the booked turn was cancelled"
+    deliver_now(clock)  # nothing waits: nothing happens
+    clock.advance(0)
+    assert len(hb.got) == 1 and len(ha.got) == 1
+
+
+def test_deliver_now_inside_a_delivery_waits_for_the_turn() -> None:
+    """Called from a handler (it must not be), it re-enters nothing: the loop is running."""
+    from remap.local import deliver_now
+
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    seen: list[int] = []
+
+    class Nested(Recorder):
+        def message_received(self, link: LocalLink, msg: m.Message) -> None:
+            super().message_received(link, msg)
+            link.send(m.StatusRequest(id=len(self.got)))
+            deliver_now(clock)
+            seen.append(ha.max_depth)
+
+    b.handler = Nested("b")
+    a.send(m.Heartbeat(busy=1))
+    clock.advance(0)
+    assert ha.max_depth == 1 and seen == [0]
+    assert [type(x) for x in ha.got] == [m.StatusRequest]
+
+
+def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
+    """The node reads a core's pipe, hands the answer to the pool, then calls ``after_read``
+    (the embedded cluster's :func:`deliver_now`), in that order."""
+    from protocol.framing import encode_frame
+    from remap.node.cores import OUT_FD, CoreProcess
+
+    calls: list[str] = []
+
+    class Pool:
+        after_read = staticmethod(lambda: calls.append("after_read"))
+
+        def _core_message(self, core: Any, msg: m.Message) -> None:
+            calls.append(type(msg).__name__)
+
+    core = CoreProcess(Pool(), 0)  # type: ignore[arg-type]
+    try:
+        frames = [b"".join(encode_frame(*m.encode(m.CoreReady(pid=i)))) for i in (1, 2)]
+        core.childDataReceived(OUT_FD, b"".join(frames))
+        assert calls == ["CoreReady", "CoreReady", "after_read"]
+    finally:
+        core.shm.close()
+        import os
+
+        os.close(core.shm_fd)

@@ -19,17 +19,11 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from protocol import messages as m
-from protocol.framing import (
-    LARGE_FRAME,
-    PREFIX_SIZE,
-    encode_frame,
-    frame_buffer,
-    frame_length,
-    unsent,
-)
+from protocol.framing import FrameDecoder, encode_frame, unsent
 from remap.blobs import dumps, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -50,24 +44,34 @@ FINE_SECONDS = 0.001
 FINE_ONCE_SECONDS = 0.05
 
 
-def _read_exact(fd: int, n: int) -> memoryview:
-    """``n`` bytes read into one buffer (a large one is never joined or sliced: the payload is
-    a view of it)."""
-    view = memoryview(bytearray(n)) if n < LARGE_FRAME else frame_buffer(n)
-    got = 0
-    while got < n:
-        k = os.readv(fd, [view[got:]])
-        if not k:
-            raise EOFError
-        got += k
-    return view.toreadonly()
+#: bytes asked of the pipe per read: a small command comes whole in one read (below malloc's
+#: mmap threshold, so a read costs no mmap)
+READ_SMALL = 1 << 16
 
 
-def read_command(fd: int) -> m.Message:
-    """The node's next command (blocking: a core has nothing else to do)."""
-    length, hlen = frame_length(_read_exact(fd, PREFIX_SIZE))
-    body = _read_exact(fd, length - 4)
-    return m.decode(bytes(body[:hlen]), body[hlen:], channel="pipe")
+def commands(fd: int) -> Iterator[m.Message]:
+    """The node's commands, until it closes the pipe (blocking: a core has nothing else to do).
+
+    A small command comes in one ``read`` (a prefix, then the body, was two system calls); the
+    rest of a large one is read straight into its own buffer, its payload a view of it.
+    """
+    decoder = FrameDecoder(max_frame=1 << 40)
+    read, readv = os.read, os.readv
+    while True:
+        view = decoder.read_buffer()
+        if view is not None:
+            n = readv(fd, [view])
+            if not n:
+                return
+            decoder.wrote(n)
+            frames = decoder.frames()
+        else:
+            data = read(fd, READ_SMALL)
+            if not data:
+                return
+            frames = decoder.feed(data)
+        for frame in frames:
+            yield m.decode(frame.header, frame.payload, channel="pipe")
 
 
 def write_frame(fd: int, msg: m.Message) -> None:
@@ -374,11 +378,7 @@ def main() -> None:
     shm = mmap.mmap(SHM_FD, SLOT.size)
     core = Core(shm, emit=lambda result: write_frame(OUT_FD, result))
     write_frame(OUT_FD, m.CoreReady(pid=os.getpid()))
-    while True:
-        try:
-            cmd = read_command(CMD_FD)
-        except EOFError:
-            return
+    for cmd in commands(CMD_FD):
         t = type(cmd)
         if t is m.CoreRun:
             write_frame(OUT_FD, core.run(cmd))

@@ -175,6 +175,8 @@ class CoreProcess(ProcessProtocol):
                 self.kill("error")
                 return
             self.pool._core_message(self, msg)
+        if self.pool.after_read is not None:
+            self.pool.after_read()
 
     def processEnded(self, reason: Any) -> None:
         self.move(CoreLife.DEAD)
@@ -246,6 +248,9 @@ class CorePool:
         self.started_at = time.monotonic()
         #: how task output names this node (the agent sets its host name)
         self.name = "node"
+        #: called once a core's answers were read and handled (the embedded cluster delivers
+        #: them to its server in this turn: :func:`remap.local.deliver_now`)
+        self.after_read: Callable[[], None] | None = None
 
     def start(self) -> None:
         for i in range(self.size):
@@ -372,8 +377,10 @@ class CorePool:
                     core.move(CoreLife.IDLE)
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
             if task is not None and core.kill_reason in (None, "timeout"):
-                prefix = f"[{self.name} core {core.index}] "
-                self.on_result(replace(msg, output=prefix_lines(msg.output, prefix)))
+                if msg.output:
+                    prefix = f"[{self.name} core {core.index}] "
+                    msg = replace(msg, output=prefix_lines(msg.output, prefix))
+                self.on_result(msg)
             if not part:
                 self._dispatch()
 

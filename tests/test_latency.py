@@ -1,0 +1,176 @@
+"""A single call's path does no more work than it needs (issue 16, latency): each test counts
+what one ``submit(f, x).result()`` costs at one hop (system calls, reactor wake-ups, passes
+over the argument queue) and fails if the saved work comes back. No timings are asserted."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any
+
+import pytest
+
+from protocol import messages as m
+from protocol.framing import encode_frame
+from protocol.options import JobOptions
+from remap import runtime
+from remap.blobs import dumps
+from remap.client import JobStream
+from remap.node import core as core_module
+
+# ============================================================================ caller → reactor
+
+
+def test_the_caller_wakes_the_reactor_without_twisteds_waker(monkeypatch) -> None:
+    """``thread_caller`` queues the call and writes the wake-up byte itself: the reactor runs
+    it, and ``wakeUp`` (an ``os.write`` looked up through a deprecation proxy) is not used."""
+    r = runtime.ensure_running()
+    runtime.run(lambda: None, timeout=10)  # the reactor runs: its waker is installed
+    wakes: list[int] = []
+    monkeypatch.setattr(r, "wakeUp", lambda: wakes.append(1))
+    ran: queue.SimpleQueue = queue.SimpleQueue()
+    call_soon = runtime.thread_caller(r)
+    for i in range(3):
+        call_soon(lambda i=i: ran.put((i, threading.current_thread().name)))
+    got = [ran.get(timeout=10) for _ in range(3)]
+    assert got == [(i, "remap-reactor") for i in range(3)]
+    assert wakes == []
+
+
+def test_another_waker_is_woken_the_usual_way() -> None:
+    class FakeReactor:
+        def __init__(self) -> None:
+            self.threadCallQueue: list[Any] = []
+            self.waker = object()
+            self.wakes = 0
+
+        def wakeUp(self) -> None:
+            self.wakes += 1
+
+    r = FakeReactor()
+    runtime.thread_caller(r)(print, 1)
+    assert r.threadCallQueue == [(print, (1,), {})] and r.wakes == 1
+
+
+# ============================================================================ the console's stream
+
+
+class Client:
+    """What a JobStream needs of a ClusterClient: a link, a frame size, a send."""
+
+    redial = None
+    link = object()
+
+    def __init__(self) -> None:
+        self.sent: list[m.Message] = []
+
+    def frame_room(self) -> int:
+        return 1 << 20
+
+    def send(self, msg: m.Message) -> None:
+        self.sent.append(msg)
+
+    def forget(self, stream: JobStream) -> None:
+        pass
+
+    def kill_quietly(self, job: int | None) -> None:
+        pass
+
+
+class CountingStream(JobStream):
+    takes = 0
+
+    def _take(self, limit: int, room: int, start: int) -> Any:
+        self.takes += 1
+        return super()._take(limit, room, start)
+
+
+def test_one_call_takes_from_the_queue_twice_and_its_result_not_at_all() -> None:
+    """A put wakes the stream once: one pass sends the argument, one finds the queue empty.
+    A result opens no window, so nothing looks at the queue for it (it used to: 3 + 1)."""
+    scheduled: list[Any] = []  # the reactor's queue: run by hand, never under the caller's lock
+    stream = CountingStream(b"fn", JobOptions(), call_soon=lambda *call: scheduled.append(call))
+    client = Client()
+    stream.submitting(client, 1)  # type: ignore[arg-type]
+    stream.apply("submitted", 5, 100)
+    client.sent.clear()
+    stream.takes = 0
+    stream.put_many([dumps(41)])
+    assert len(scheduled) == 1, "one wake-up"
+    fn, *args = scheduled.pop()
+    fn(*args)
+    assert [type(x) for x in client.sent] == [m.Args] and stream.takes == 2
+    stream.takes = 0
+    stream.results(m.Results(job=5, indices=[0], sizes=[2], payload=dumps([42])[:2]))
+    assert stream.takes == 0
+    kind, _, batch, _ = stream.events.get_nowait()
+    assert kind == "items" and batch[0][0] == 0
+
+
+# ============================================================================ node → core
+
+
+def _frame(msg: m.Message) -> bytes:
+    return b"".join(encode_frame(*m.encode(msg)))
+
+
+def test_a_core_reads_a_small_command_in_one_system_call(monkeypatch) -> None:
+    """A prefix read then a body read was two ``read`` calls per command."""
+    r, w = os.pipe()
+    reads: list[int] = []
+    real_read = os.read
+
+    def read(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    try:
+        run = m.CoreRun(task=1, job=2, sizes=[3], payload=b"abc")
+        os.write(w, _frame(run))
+        commands = core_module.commands(r)
+        assert next(commands) == run
+        assert len(reads) == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_core_reads_commands_in_any_split_and_large_ones_whole() -> None:
+    r, w = os.pipe()
+    big = os.urandom(600_000)  # over the pipe's size and the decoder's large-frame mark
+    sent = [
+        m.CoreLoad(job=1, star=False, payload=b"f"),
+        m.CoreRun(task=1, job=1, sizes=[1, 2], payload=b"xyz"),
+        m.CoreRun(task=2, job=1, sizes=[len(big)], payload=big),
+        m.CoreDrop(job=1),
+    ]
+    data = b"".join(map(_frame, sent))
+
+    def writer() -> None:
+        for k in range(0, len(data), 7777):  # splits land inside prefixes and headers
+            os.write(w, data[k : k + 7777])
+        os.close(w)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        got = list(core_module.commands(r))
+    finally:
+        thread.join(timeout=30)
+        os.close(r)
+    assert [type(x) for x in got] == [type(x) for x in sent]
+    assert bytes(got[2].payload) == big and got[1].sizes == [1, 2]
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x00\x00\x09\x00\x00\x00\x05garbage!!"])
+def test_a_core_refuses_a_malformed_command(junk: bytes) -> None:
+    r, w = os.pipe()
+    os.write(w, junk)
+    os.close(w)
+    try:
+        with pytest.raises(Exception):
+            list(core_module.commands(r))
+    finally:
+        os.close(r)
