@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from protocol import messages as m
+from protocol.errors import RemoteProtocolError
 from protocol.framing import encode_frame
 from protocol.options import JobOptions
 from remap import runtime
@@ -170,7 +171,7 @@ def test_a_core_refuses_a_malformed_command(junk: bytes) -> None:
     os.write(w, junk)
     os.close(w)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(RemoteProtocolError):
             list(core_module.commands(r))
     finally:
         os.close(r)
