@@ -102,16 +102,6 @@ def _spawn(role: str, marks: Path, argv: list[str], env: dict[str, str], log: Pa
     return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise SystemExit(f"call_hops: {what} did not come up in {timeout:.0f} s")
-
-
 #: CPU seconds per call, by who spent them (load-independent, unlike the wall times)
 CPU: dict[str, float] = {}
 
@@ -149,6 +139,7 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
     import psutil
 
     import remap
+    from bench.systems import wait_for
     from remap.settings import load_settings
 
     _wrap_console()
@@ -170,7 +161,9 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
         )
     }
     try:
-        port = _wait(lambda: port_file.exists() and port_file.read_text().strip(), "the server")
+        port = wait_for(
+            lambda: port_file.exists() and port_file.read_text().strip(), 30, "the server"
+        )
         address = f"127.0.0.1:{port}"
         procs["node"] = _spawn(
             "node",
@@ -181,7 +174,7 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
         )
         settings = load_settings({}, environ={}, dotenv_path=None)
         with remap.connect(address, secret=secret, settings=settings, task_output=False) as c:
-            _wait(lambda: c.cores() >= 2, "a node with 2 cores")
+            wait_for(lambda: c.cores() >= 2, 30, "a node with 2 cores")
 
             def others() -> dict[str, float]:
                 return {
