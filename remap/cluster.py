@@ -8,10 +8,12 @@ import os
 import random
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
+from automat import NoTransition
 from twisted.application.internet import ClientService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -53,17 +55,47 @@ def reconnect_delays(rng: random.Random | None = None) -> Callable[[int], float]
 
 
 class NamedEndpoint:
-    """A client endpoint whose repr is ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` (for log lines)."""
+    """A client endpoint whose repr is ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` (for log lines).
+
+    It also keeps ``ClientService`` quiet about a connection its ``prepareConnection`` refused:
+    that attempt already counted as failed (the next waits longer), but Twisted still reports
+    the connection's loss to its state machine, which has no move for it in ``Waiting`` and
+    raises ``NoTransition`` out of ``connectionLost``: a traceback on every failed handshake.
+    """
 
     def __init__(self, inner: Any, name: str) -> None:
         self.inner = inner
         self.name = name
 
     def connect(self, factory: Any) -> defer.Deferred:
-        return self.inner.connect(factory)
+        return self.inner.connect(_RefusedQuietly(factory))
 
     def __repr__(self) -> str:
         return self.name
+
+
+class _RefusedQuietly:
+    """Wraps the factory ``ClientService`` hands its endpoint (see :class:`NamedEndpoint`)."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
+        proto = self.factory.buildProtocol(addr)
+        if proto is not None:
+            lost = proto.connectionLost
+
+            def connection_lost(reason: Any) -> Any:
+                try:
+                    return lost(reason)
+                except NoTransition:  # refused while being prepared: counted already
+                    log.debug("connection to the server lost before it was ready")
+
+            proto.connectionLost = connection_lost
+        return proto
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factory, name)
 
 
 def default_cores() -> int:
@@ -77,11 +109,27 @@ def embedded_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class RunningServer:
-    factory: RemapServerFactory
-    port: Any
-    host: str
+class Stopping(Service):
+    """A part of a server that only needs stopping (the HTTP face, the LAN advert, the
+    journal), as a child service: ``stop`` may return a Deferred or a coroutine."""
+
+    def __init__(self, name: str, stop: Callable[[], Any]) -> None:
+        self.setName(name)
+        self._stop = stop
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return defer.maybeDeferred(self._stop)  # a coroutine too
+
+
+class ServerService(MultiService):
+    """A listening server and what hangs off it. Stopping it drops every connection, stops the
+    scheduler's timers and the detached jobs' drivers, stops listening, then stops its children
+    one at a time, the last added first (so the journal, added first, closes last)."""
+
+    def __init__(self, factory: RemapServerFactory, port: Any, host: str) -> None:
+        super().__init__()
+        self.factory, self.port, self.host = factory, port, host
 
     @property
     def address(self) -> str:
@@ -92,19 +140,28 @@ class RunningServer:
     def scheduler(self) -> Any:
         return self.factory.scheduler
 
-    def stop(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        Service.stopService(self)
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
         for link in list(self.factory.consoles):
             link.abort()
         for node in list(self.factory.scheduler.nodes.values()):
             node.link.abort()
         self.factory.scheduler.stop()
         self.factory.drivers.stop()
-        return defer.maybeDeferred(self.port.stopListening)
+        await defer.maybeDeferred(self.port.stopListening)
+        for child in reversed(list(self)):
+            await defer.maybeDeferred(child.stopService)
+
+    async def stop(self) -> None:
+        await self.stopService()
 
 
 async def start_server(
     reactor: Any, settings: Settings, *, secret: bytes | None = None
-) -> RunningServer:
+) -> ServerService:
     """Listen on ``settings.host:settings.port``; refuses a public bind without a secret."""
     key = secret or server_secret(settings, settings.host)
     factory = RemapServerFactory(
@@ -135,19 +192,41 @@ async def start_server(
             child_env=child_env(settings, key),
         )
     )
-    return RunningServer(factory, port, settings.host)
+    server = ServerService(factory, port, settings.host)
+    server.startService()
+    return server
 
 
-@dataclass
-class RunningNode:
-    service: ClientService | None  # None for the embedded cluster's in-process node
-    pool: CorePool
-    agent: NodeAgent
+class Cores(Service):
+    """A node's core processes as a service: started with the node, stopped after its
+    connection (their work is the server's to reassign)."""
+
+    def __init__(self, pool: CorePool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return defer.maybeDeferred(self.pool.stop)
+
+
+class NodeService(MultiService):
+    """A node: its cores and (unless it is the embedded cluster's, joined in-process) its
+    connection to the server, a ``ClientService`` that counts a connection as made once it
+    has authenticated; stopping it drops the connection, then the cores."""
+
+    def __init__(self, pool: CorePool, agent: NodeAgent, connection: ClientService | None) -> None:
+        super().__init__()
+        self.pool, self.agent, self.connection = pool, agent, connection
+        Cores(pool).setServiceParent(self)
+        if connection is not None:
+            connection.setServiceParent(self)
 
     async def stop(self) -> None:
-        if self.service is not None:
-            await self.service.stopService()
-        await self.pool.stop()
+        await self.stopService()
 
 
 def start_node(
@@ -158,8 +237,9 @@ def start_node(
     on_shutdown: Any = None,
     on_auth_failure: Any = None,
     data: DataDirReport | None = None,
-) -> RunningNode:
-    """Start cores and keep a connection to the server, reconnecting with backoff and jitter."""
+) -> NodeService:
+    """Start cores and keep a connection to the server, reconnecting with backoff and jitter;
+    an attempt that does not authenticate counts as failed (the next one waits longer)."""
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
     key = secret or client_secret(settings)
     pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
@@ -173,15 +253,16 @@ def start_node(
     )
     factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
     scheme = "tls" if tls_enabled(settings) else "tcp"
-    service = ClientService(
+    connection = ClientService(
         NamedEndpoint(client_endpoint(reactor, settings, host, port), f"{scheme}:{host}:{port}"),
         factory,
         retryPolicy=reconnect_delays(),
         clock=reactor,
+        prepareConnection=agent.until_authenticated,
     )
-    pool.start()
-    service.startService()
-    return RunningNode(service, pool, agent)
+    node = NodeService(pool, agent, connection)
+    node.startService()
+    return node
 
 
 class EmbeddedCluster:
@@ -200,8 +281,8 @@ class EmbeddedCluster:
             settings, host="127.0.0.1", port=0, tls_cert=None, tls_key=None, tls_ca=None
         )
         self.cores = cores or settings.cores or embedded_cores()
-        self.server: RunningServer | None = None
-        self.node: RunningNode | None = None
+        self.server: ServerService | None = None
+        self.node: NodeService | None = None
         self.http: Any = None  # the HTTP API and dashboard, once start_dashboard is called
 
     async def start(self) -> str:
@@ -210,8 +291,8 @@ class EmbeddedCluster:
         pool = CorePool(self.reactor, self.cores, lambda r: None, lambda r: None)
         agent = NodeAgent(pool)
         pool.after_read = functools.partial(deliver_now, self.reactor)
-        pool.start()
-        self.node = RunningNode(None, pool, agent)
+        self.node = NodeService(pool, agent, None)
+        self.node.startService()
         self._node_link = connect_local(
             self.reactor, self.server.factory, agent, "node", agent.host
         )
@@ -252,7 +333,7 @@ class EmbeddedCluster:
             self.http = None
         if self.node is not None:
             self._node_link.close()
-            await self.node.pool.stop()
+            await self.node.stop()
         if self.server is not None:
             await self.server.stop()
 

@@ -9,6 +9,7 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from protocol import Authenticated
@@ -64,7 +65,8 @@ class NodeAgent:
         self.link: PeerProtocol | None = None
         self.on_shutdown = on_shutdown
         self.on_auth_failure = on_auth_failure
-        self.connected_once = None  # Deferred-like hook for tests/embedding
+        #: the connection ClientService is preparing (its transport) and what waits for it
+        self._preparing: tuple[Any, defer.Deferred] | None = None
         pool.on_result = self._send
         pool.on_failed = self._send
         pool.name = self.host
@@ -92,10 +94,31 @@ class NodeAgent:
             message=f"{size} bytes of results, over REMAP_MAX_FRAME ({limit})",
         )
 
+    def until_authenticated(self, protocol: Any) -> defer.Deferred:
+        """``ClientService``'s ``prepareConnection``: fires once this new connection has
+        authenticated, fails if it is refused or lost first, so a server that accepts TCP but
+        never completes a handshake is retried with growing delays, not at once."""
+        if self.link is not None and self.link.transport is protocol.transport:
+            return defer.succeed(self.link)
+        ready: defer.Deferred = defer.Deferred()
+        self._preparing = (protocol.transport, ready)
+        return ready
+
+    def _prepared(self, link: PeerProtocol, error: RemapError | None = None) -> None:
+        preparing = self._preparing
+        if preparing is None or preparing[0] is not link.transport:
+            return
+        self._preparing = None
+        if error is None:
+            preparing[1].callback(link)
+        else:
+            preparing[1].errback(error)
+
     # ---------------------------------------------------------------- Handler
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.link = link
+        self._prepared(link)
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
         link.send(
             m.NodeInfo(
@@ -135,12 +158,14 @@ class NodeAgent:
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.log.error("connection to server refused: {error}", error=error)
+        self._prepared(link, error)
         if self.on_auth_failure is not None:
             self.on_auth_failure(error)
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
         if isinstance(error, CertificateMismatch):  # a configuration error, like a wrong secret
             self.connection_failed(link, error)
+        self._prepared(link, error)
         if self.link is link:
             self.link = None
             self.log.warn(

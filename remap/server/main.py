@@ -10,7 +10,7 @@ from twisted.internet import defer
 from protocol.connection import person_key
 
 from ..auth import client_secret
-from ..cluster import start_server
+from ..cluster import Stopping, start_server
 from ..discovery import Advertiser
 from ..entry import react_main
 from ..errors import ConfigError, RemapError, one_line
@@ -92,6 +92,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     journal = Journal.for_settings(settings, reactor)
     server.factory.use_journal(journal)
     if journal is not None:  # detached data and vertex jobs survive a restart, as others do
+        Stopping("journal", journal.close).setServiceParent(server)  # added first: closed last
         server.factory.drivers.resume_unfinished()
     port = server.port.getHost().port
     if args.port_file:
@@ -99,11 +100,13 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             f.write(f"{port}\n")
     print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
     advertiser = await advertise(reactor, settings, server.factory.secret, port)
-    web = None
+    if advertiser is not None:
+        Stopping("advert", advertiser.stop).setServiceParent(server)
     if settings.http_port is not None:
         web = await start_http(
             reactor, settings, server.factory, server.factory.secret, cluster_port=port
         )
+        Stopping("http", web.stop).setServiceParent(server)
         print(
             f"dashboard: {web.login_url()} (one-time login link; "
             "`remap_console.py dashboard` prints a new one)",
@@ -116,13 +119,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         "before", "shutdown", lambda: stopped.called or stopped.callback(None)
     )
     await stopped
-    if web is not None:
-        await web.stop()
-    if advertiser is not None:
-        await advertiser.stop()
-    await server.stop()
-    if journal is not None:
-        journal.close()
+    await server.stopService()
     return 0
 
 

@@ -1,0 +1,123 @@
+"""The node as Twisted services (issue 10, item 5): its connection is a ``ClientService`` that
+counts a connection as made only once it has authenticated (``prepareConnection``). On a fake
+clock and fake transports: no sockets, no processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from remap.cluster import Cores, NamedEndpoint, NodeService
+from remap.net import PeerFactory
+from remap.node.agent import NodeAgent
+from remap.server.service import RemapServerFactory
+from remap.settings import load_settings
+from tests.test_wire import RecordingPool, pump
+
+KEY = b"k" * 32
+
+
+class FakeEndpoint:
+    """Every connect succeeds at once over a StringTransport (the TCP part always works)."""
+
+    def __init__(self) -> None:
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 7878)))
+        self.protocols.append(proto)
+        return defer.succeed(proto)
+
+
+def node_connection(clock: Clock) -> tuple[ClientService, FakeEndpoint, NodeAgent, list[int]]:
+    """A node's connection as start_node builds it, with a recording retry policy."""
+    settings = load_settings({}, dotenv_path=None)
+    agent = NodeAgent(RecordingPool(), host="n1")
+    endpoint, attempts = FakeEndpoint(), []
+    service = ClientService(
+        NamedEndpoint(endpoint, "tcp:10.0.0.1:7878"),
+        PeerFactory(clock, "node", KEY, agent, settings, name="n1"),
+        retryPolicy=lambda n: attempts.append(n) or 1.0,
+        clock=clock,
+        prepareConnection=agent.until_authenticated,
+    )
+    return service, endpoint, agent, attempts
+
+
+def test_a_server_that_never_authenticates_is_retried_with_growing_delays() -> None:
+    """TCP connects but the connection drops before the handshake ends: each attempt counts
+    as failed, so the retry policy sees 1, 2, 3 (a plain ClientService saw 1, 1, 1: TCP alone
+    reset it, and a broken server was hammered at the first delay forever). The loss of a
+    refused connection raises nothing (Twisted's NoTransition is kept quiet)."""
+    clock = Clock()
+    service, endpoint, _, attempts = node_connection(clock)
+    connected = service.whenConnected()
+    service.startService()
+    for expected in (1, 2, 3):
+        assert len(endpoint.protocols) == expected
+        endpoint.protocols[-1].connectionLost(Failure(ConnectionDone()))
+        assert attempts == list(range(1, expected + 1))
+        clock.advance(1.0)
+    assert not connected.called, "never authenticated: not connected"
+    service.stopService()
+
+
+def test_a_handshake_that_expires_counts_as_a_failed_attempt() -> None:
+    """A peer that says nothing: the handshake deadline closes the connection, refused."""
+    clock = Clock()
+    service, endpoint, _, attempts = node_connection(clock)
+    service.startService()
+    clock.advance(load_settings({}, dotenv_path=None).handshake_timeout)
+    assert attempts == [1] and len(endpoint.protocols) == 1
+    assert endpoint.protocols[0].transport.disconnecting
+    endpoint.protocols[0].connectionLost(Failure(ConnectionDone()))
+    assert attempts == [1]
+    service.stopService()
+
+
+def test_connected_once_authenticated_and_the_count_starts_again() -> None:
+    """Against a real server handler the connection is made when the handshake ends (the
+    node has joined); a drop after that is the first failure again, not the fourth."""
+    clock = Clock()
+    service, endpoint, agent, attempts = node_connection(clock)
+    server = RemapServerFactory(clock, KEY, max_frame=1 << 20)
+    connected = service.whenConnected()
+    service.startService()
+    endpoint.protocols[0].connectionLost(Failure(ConnectionDone()))  # one refused attempt
+    clock.advance(1.0)
+    client = endpoint.protocols[1]
+    server_side = server.buildProtocol(IPv4Address("TCP", "10.0.0.2", 5000))
+    server_side.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 5000)))
+    assert not connected.called, "TCP is up, the handshake is not done"
+    pump(client, server_side)
+    assert connected.called and agent.link is not None
+    assert [n.host for n in server.scheduler.nodes.values()] == ["n1"]
+    server_side.transport.loseConnection()
+    pump(client, server_side)
+    assert attempts == [1, 1], "a connection that authenticated resets the count"
+    service.stopService()
+
+
+def test_the_node_service_stops_its_connection_then_its_cores() -> None:
+    """One stopService: the connection is dropped first, then the cores are stopped."""
+    clock, order = Clock(), []
+    service, _, agent, _ = node_connection(clock)
+    pool = agent.pool
+    pool.start = lambda: order.append("cores started")
+    pool.stop = lambda: order.append("cores stopped")
+    stop_connection = service.stopService
+    service.stopService = lambda: order.append("connection stopped") or stop_connection()
+    node = NodeService(pool, agent, service)
+    assert isinstance(next(iter(node)), Cores)
+    node.startService()
+    assert service.running and order == ["cores started"]
+    node.stopService()
+    assert order == ["cores started", "connection stopped", "cores stopped"]
