@@ -183,3 +183,24 @@ def test_workers_with_several_partitions_match_networkx_with_checkpoints(tmp_pat
     want = nx.pagerank(g, alpha=0.85, tol=1e-12, max_iter=1000, weight=None)
     assert all(math.isclose(float(got[v]), want[v], rel_tol=1e-4) for v in want)
     assert result.bytes_moved > 0
+
+
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_fanout_arrays_built_in_numpy_equal_the_loop(count):
+    """Integer ids: the edge arrays come from numpy (partitions_of, first-seen order), equal
+    to the per-edge loop's; partitions_of gives partition_of's numbers for any int64."""
+    rnd = np.random.default_rng(3)
+    ids = rnd.integers(-(2**63), 2**63 - 1, size=500).tolist() + list(range(-40, 40))
+    assert engine.partitions_of(np.array(ids, dtype=np.int64), count).tolist() == [
+        engine.partition_of(i, count) for i in ids
+    ]
+    part = Partition(0, count, example("pagerank"))
+    for v in range(300):
+        part.add(v * 7919 - 10**6, None, [ids[(v * k) % len(ids)] for k in range(v % 5)], None)
+    fan = engine.Fanout(part)
+    edges = [part.targets[v] for v in fan.order]
+    loop = engine.Fanout._dests_by_loop(fan.order, edges, count)
+    assert len(fan.dests) == len(loop)
+    for (d, ids_a, flat_a, deg_a), (e, ids_b, flat_b, deg_b) in zip(fan.dests, loop):
+        assert d == e and ids_a.tolist() == ids_b.tolist()
+        assert flat_a.tolist() == flat_b.tolist() and deg_a.tolist() == deg_b.tolist()

@@ -4,6 +4,7 @@ message files, checkpoints and rollback after a lost worker, without starting pr
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from remap.data.layout import DataDir, read_result
 from remap.errors import ConfigError, JobFailed
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
-from remap.vertex.files import input_splits, read_split
+from remap.vertex.files import input_splits, read_lines, read_split
 from remap.vertex.launch import ThreadLaunch
 from remap.vertex.program import program_from_namespace
 from remap.vertex.reference import read_tagged_lines, run_local
@@ -71,6 +72,21 @@ def test_input_splits_cover_every_line_once(tmp_path: Path):
         assert got == want, pieces
 
 
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 22])
+def test_block_reader_gives_the_lines_of_read_split(tmp_path: Path, block: int):
+    """A worker's loader reads blocks (any size), not lines: the same lines for every split,
+    with CR LF ends, a last line without its newline, empty and non-ASCII lines."""
+    paths = write_files(tmp_path / "in", [f"{i} {'é' * (i % 5)}" for i in range(300)], 2)
+    paths[0].write_bytes(paths[0].read_bytes().replace(b"\n", b"\r\n") + b"\n\ntail")
+    paths.append(tmp_path / "one.txt")
+    paths[-1].write_bytes(b"no newline")
+    for pieces in (1, 2, 7, 300):
+        for piece in input_splits(paths, pieces):
+            for split in piece:
+                want = [line for _, line in read_split(*split)]
+                assert list(read_lines(*split, block=block)) == want, (split, block)
+
+
 @pytest.mark.parametrize("name", ["connected_components", "sssp", "propagate_max"])
 @pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2), (3, 7)])
 def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, partitions):
@@ -88,18 +104,19 @@ def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, 
     assert not (tmp_path / "data" / "job" / result.job_id / "acks").exists()
 
 
+@pytest.mark.parametrize("name", ["sssp", "connected_components"])
 @pytest.mark.parametrize("spill", [1, 7, 10**9])
 def test_loading_in_spilled_chunks_keeps_every_partition_in_input_order(
-    tmp_path: Path, monkeypatch, spill: int
+    tmp_path: Path, monkeypatch, spill: int, name: str
 ):
     """Readers write other workers' records in chunks of ``spill`` edges; merged by (reader,
     chunk) they give each partition file exactly the reference's lines in the same order, and
-    every edge keeps its own value (sssp's weights)."""
+    every edge keeps its own value (sssp's weights; components: merged without edge values)."""
     monkeypatch.setattr(worker_mod, "LOAD_SPILL", spill)
-    graph_input(tmp_path, files=4, weighted=True)
-    _, result, _ = run_threads(example("sssp"), tmp_path, 3, partitions=7, checkpoint_every=0)
+    graph_input(tmp_path, files=4, weighted=name == "sssp")
+    _, result, _ = run_threads(example(name), tmp_path, 3, partitions=7, checkpoint_every=0)
     paths = sorted((tmp_path / "in").iterdir())
-    ref = run_local(example("sssp"), read_tagged_lines(paths), 7, 200)
+    ref = run_local(example(name), read_tagged_lines(paths), 7, 200)
     out = tmp_path / "out-run"
     got = [(out / f"part-{p:05d}").read_text().splitlines() for p in range(7)]
     assert got == ref.partitions
@@ -220,3 +237,24 @@ def test_existing_output_is_refused(tmp_path: Path):
     (tmp_path / "out-run").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         run_threads(example("sssp"), tmp_path, 1)
+
+
+def test_input_is_loaded_without_the_cyclic_collector(tmp_path: Path):
+    """Loading builds millions of containers: the collector is off while it runs (its passes
+    find nothing to free) and on again for the supersteps."""
+    graph_input(tmp_path)
+    seen: dict[str, set[bool]] = {"prepare": set(), "compute": set()}
+    base = example("propagate_max")
+
+    def prepare(line):
+        seen["prepare"].add(gc.isenabled())
+        return base.prepare(line)
+
+    def compute(ctx, vid, value, messages):
+        seen["compute"].add(gc.isenabled())
+        return base.compute(ctx, vid, value, messages)
+
+    program = dataclasses.replace(base, prepare=prepare, compute=compute)
+    assert gc.isenabled()
+    run_threads(program, tmp_path, 1)
+    assert seen == {"prepare": {False}, "compute": {True}} and gc.isenabled()

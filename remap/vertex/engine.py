@@ -8,6 +8,7 @@ worker that receives them; nothing in between (server, files) ever looks inside.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import pickle
 import zlib
@@ -391,20 +392,15 @@ class Sums:
     def concat(cls, pieces: list[Sums]) -> Sums:
         """One Sums of several senders' (one worker's partitions): each id's sums added in
         piece order, ids in first-sent order, as the dict of a shared outbox would hold them."""
-        ids = _np.concatenate([p.ids for p in pieces])
+        ids, slot = _first_seen(_np.concatenate([p.ids for p in pieces]))
         sums = _np.concatenate([p.sums for p in pieces])
-        uniq, first, inverse = _np.unique(ids, return_index=True, return_inverse=True)
-        perm = _np.argsort(first, kind="stable")
-        rank = _np.empty_like(perm)
-        rank[perm] = _np.arange(len(perm))
-        slot = rank[inverse.reshape(-1)]
-        out = _np.zeros(len(uniq))
-        seen = _np.zeros(len(uniq), dtype=_np.bool_)
+        out = _np.zeros(len(ids))
+        seen = _np.zeros(len(ids), dtype=_np.bool_)
         for piece_slot, piece_sums in _split(slot, sums, [len(p) for p in pieces]):
             # per piece, not one bincount: a first sum is taken as is (0.0 + -0.0 is 0.0)
             out[piece_slot] = _np.where(seen[piece_slot], out[piece_slot] + piece_sums, piece_sums)
             seen[piece_slot] = True
-        return cls(uniq[perm], out)
+        return cls(ids, out)
 
 
 def _split(slot: Any, sums: Any, sizes: list[int]) -> Iterator[tuple[Any, Any]]:
@@ -623,11 +619,25 @@ class Partition:
         return self.values, self.targets, self.weights
 
     def absorb(self, pieces: tuple[dict, dict, dict]) -> None:
-        """Merge another partition's :meth:`pieces` as if its records were added after ours."""
+        """Merge another partition's :meth:`pieces` as if its records were added after ours
+        (taking over its lists: the pieces are not used again)."""
         values, targets, weights = pieces
-        add = self.add
-        for vid, value in values.items():
-            add(vid, value, targets[vid], weights.get(vid))
+        if weights or self.weights:  # edge values to line up: record by record
+            add = self.add
+            for vid, value in values.items():
+                add(vid, value, targets[vid], weights.get(vid))
+            return
+        # dict operations in C; Python only for the ids both hold (order does not matter there)
+        mine, own_targets = self.values, self.targets
+        shared = mine.keys() & values.keys()
+        for vid in shared:
+            if mine[vid] is None:
+                mine[vid] = values[vid]
+            own_targets[vid].extend(targets[vid])
+        if shared:
+            values = {vid: value for vid, value in values.items() if vid not in shared}
+        mine.update(values)
+        own_targets.update({vid: targets[vid] for vid in values})
 
     def route(self, vid: Any) -> tuple[tuple[int, list[Any]], ...]:
         """``vid``'s out-edges as (destination partition, targets) groups, kept for later
@@ -768,14 +778,36 @@ class Fanout:
         self.pos = {vid: i for i, vid in enumerate(order)}
         self._sorted: tuple[Any, Any] | None = None  # see locate
         n = len(order)
-        #: per destination partition: its target ids, and per edge the target's index there
+        targets = part.targets
+        edges = [targets.get(vid, ()) for vid in order]
+        flat_ids = _int_array(list(itertools.chain.from_iterable(edges)))
+        if flat_ids is None:
+            self.dests = self._dests_by_loop(order, edges, count)
+        else:  # the same arrays, built in numpy
+            sender = _np.repeat(_np.arange(n), [len(e) for e in edges])
+            owner = partitions_of(flat_ids, count)
+            self.dests = []
+            for d in range(count):
+                mine = owner == d
+                if mine.any():
+                    ids, flat = _first_seen(flat_ids[mine])
+                    degree = _np.bincount(sender[mine], minlength=n).astype(_np.intp)
+                    self.dests.append((d, ids, flat.astype(_np.intp), degree))
+        self.n = n
+        self.msgs: list[float] = []
+        self.sent = bytearray()
+
+    @staticmethod
+    def _dests_by_loop(order: list[Any], edges: list[Any], count: int) -> list[tuple]:
+        """Per destination partition: its target ids (in first-seen order), per edge the
+        target's index among them, per sender its number of edges there."""
+        n = len(order)
         universe: list[list[Any]] = [[] for _ in range(count)]
         index: list[dict[Any, int]] = [{} for _ in range(count)]
         flat: list[list[int]] = [[] for _ in range(count)]
         degree = [[0] * n for _ in range(count)]
-        targets = part.targets
-        for i, vid in enumerate(order):
-            for to in targets.get(vid, ()):
+        for i, targets in enumerate(edges):
+            for to in targets:
                 d = 0 if count == 1 else partition_of(to, count)
                 j = index[d].get(to)
                 if j is None:
@@ -783,19 +815,17 @@ class Fanout:
                     universe[d].append(to)
                 flat[d].append(j)
                 degree[d][i] += 1
-        self.dests = []
+        dests = []
         for d in range(count):
             if universe[d]:
                 ids = _int_array(universe[d])
                 if ids is None:
                     ids = _np.empty(len(universe[d]), dtype=object)
                     ids[:] = universe[d]
-                self.dests.append(
+                dests.append(
                     (d, ids, _np.array(flat[d], dtype=_np.intp), _np.array(degree[d], _np.intp))
                 )
-        self.n = n
-        self.msgs: list[float] = []
-        self.sent = bytearray()
+        return dests
 
     def locate(self, ids: Any) -> Any:
         """The positions of vertex ``ids`` (an int64 array) in :attr:`order`, or None if one
@@ -855,3 +885,21 @@ def _int_array(ids: list[Any]) -> Any:
         return _np.array(ids, dtype=_np.int64)
     except OverflowError:
         return None
+
+
+def _first_seen(ids: Any) -> tuple[Any, Any]:
+    """The distinct ``ids`` in the order they first occur, and each element's index among
+    them (what a dict filled in order would number them)."""
+    uniq, first, inverse = _np.unique(ids, return_index=True, return_inverse=True)
+    perm = _np.argsort(first, kind="stable")
+    rank = _np.empty_like(perm)
+    rank[perm] = _np.arange(len(perm))
+    return uniq[perm], rank[inverse.reshape(-1)]
+
+
+def partitions_of(ids: Any, count: int) -> Any:
+    """:func:`partition_of` of every id of an int64 array, in numpy (the same numbers)."""
+    if count == 1:
+        return _np.zeros(len(ids), dtype=_np.int64)
+    mixed = ids.view(_np.uint64) * _np.uint64(_MIX)  # wraps mod 2**64 like ``& _MASK``
+    return ((mixed >> _np.uint64(32)) % _np.uint64(count)).astype(_np.int64)

@@ -128,3 +128,45 @@ def read_split(
                 return
             yield (index, offset), raw.decode("utf-8").rstrip("\r\n")
             offset += len(raw)
+
+
+READ_BLOCK = 1 << 22  # bytes read at a time by read_lines
+
+
+def read_lines(
+    index: int, path: str, start: int, end: int, block: int = READ_BLOCK
+) -> Iterator[str]:
+    """The lines of :func:`read_split` without their tags, read and decoded a block at a time
+    (a worker's load needs no line positions: its splits are already in input order)."""
+    del index  # the split's file index: only read_split's tags need it
+    with open(path, "rb") as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())  # the line that started before us is not ours
+        rest = b""
+        while pos < end:
+            data = f.read(min(block, end - pos))
+            if not data:
+                break
+            pos += len(data)
+            if pos >= end and not data.endswith(b"\n"):
+                data += f.readline()  # our last line runs on past ``end``
+            if rest:
+                data = rest + data
+            cut = data.rfind(b"\n") + 1
+            whole, rest = data[:cut], data[cut:]
+            if whole:
+                yield from _lines(whole)
+        if rest:
+            yield from _lines(rest + b"\n")
+
+
+def _lines(raw: bytes) -> list[str]:
+    """Newline-terminated ``raw`` as lines without their line ends (as ``rstrip("\r\n")``)."""
+    text = raw.decode("utf-8")
+    lines = text.split("\n")
+    lines.pop()  # after the last newline
+    if "\r" in text:
+        lines = [line.rstrip("\r") for line in lines]
+    return lines
