@@ -10,6 +10,18 @@ from typing import Any
 from twisted.internet import defer, task
 
 from .errors import RemapError, one_line
+from .logs import start_logging
+from .settings import Settings, load_settings, locate_env_file
+
+
+def daemon_settings(args: argparse.Namespace, **flags: Any) -> Settings:
+    """A server's or node's settings (its flags, then the environment, then the ``.env`` file
+    ``--env-file`` names or the first found), with logging started at their level."""
+    settings = load_settings(
+        {**flags, "log_level": args.log_level}, dotenv_path=locate_env_file(args.env_file)[0]
+    )
+    start_logging(settings.log_level)
+    return settings
 
 
 def react_main(

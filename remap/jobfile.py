@@ -395,20 +395,17 @@ def _nonempty_text(entry: _Entry) -> str:
     return value
 
 
-def _function(entry: _Entry) -> str:
-    value = _text(entry)
-    problem = _ref_problem(value, bare_allowed=False)
-    if problem:
-        raise entry.fail(problem)
-    return value
+def _ref(bare_allowed: bool) -> Callable[[_Entry], str]:
+    """A reference to a function (``reduce`` may also name a built-in fold, bare)."""
 
+    def check(entry: _Entry) -> str:
+        value = _text(entry)
+        problem = _ref_problem(value, bare_allowed=bare_allowed)
+        if problem:
+            raise entry.fail(problem)
+        return value
 
-def _reduce(entry: _Entry) -> str:
-    value = _text(entry)
-    problem = _ref_problem(value, bare_allowed=True)
-    if problem:
-        raise entry.fail(problem)
-    return value
+    return check
 
 
 def _text_list(entry: _Entry) -> list[str]:
@@ -474,14 +471,14 @@ def _args_range(entry: _Entry) -> tuple[int, int, int]:
 
 
 _FIELDS: dict[str, Callable[[_Entry], Any]] = {
-    "function": _function,
+    "function": _ref(bare_allowed=False),
     "args": _args,
     "args_path": _nonempty_text,
     "args_range": _args_range,
     "star": _option("star"),
     "response_mode": _option("mode"),
     "output": _option("output"),
-    "reduce": _reduce,
+    "reduce": _ref(bare_allowed=True),
     "chunksize": _option("chunksize"),
     "retries": _option("retries"),
     "timeout": _option("timeout"),

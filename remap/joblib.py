@@ -53,7 +53,6 @@ def shared_cluster(**connect_kwargs: Any) -> Any:
         return cluster
 
 
-@atexit.register
 def _forget_shared_after_fork() -> None:
     """A forked child (joblib's own workers, say) connects afresh instead of hanging on a
     handle whose network thread stayed in the parent."""
@@ -66,6 +65,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_shared_after_fork)
 
 
+@atexit.register
 def _close_shared() -> None:
     with _shared_lock:
         clusters = list(_shared.values())

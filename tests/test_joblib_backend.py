@@ -222,3 +222,23 @@ def test_a_slow_batch_holds_back_no_other(embedded: remap.Cluster, tmp_path: Pat
     finally:
         Path(release).touch()
         executor.shutdown()
+
+
+def test_the_shared_connections_are_closed_at_exit() -> None:
+    """The module's own connections (made on first use) are closed when the interpreter exits,
+    as its docstring says; a fork only forgets them (the atexit hook once sat on the latter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import remap.joblib as j\n"
+        "class Handle:\n"
+        "    closed = False\n"
+        "    def close(self):\n"
+        "        print('closed', flush=True)\n"
+        "j._shared[('k',)] = Handle()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout == "closed\n", done.stderr[-2000:]

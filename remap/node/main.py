@@ -11,7 +11,7 @@ from twisted.internet import defer, threads
 from .. import discovery
 from ..cluster import default_cores, start_node
 from ..data.layout import PROBE_TIMEOUT, DataDir, DataDirReport, probe
-from ..entry import react_main
+from ..entry import daemon_settings, react_main
 from ..errors import (
     AuthError,
     CertificateMismatch,
@@ -20,9 +20,8 @@ from ..errors import (
     VersionMismatch,
     one_line,
 )
-from ..logs import start_logging
 from ..net import tls_enabled
-from ..settings import Settings, load_settings, locate_env_file
+from ..settings import Settings
 from ..systemd import unit_args, unit_text
 
 
@@ -57,17 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(reactor, args: argparse.Namespace) -> int:
-    settings = load_settings(
-        {
-            "server": args.server,
-            "cores": args.cores,
-            "group": args.group,
-            "node_name": args.name,
-            "log_level": args.log_level,
-        },
-        dotenv_path=locate_env_file(args.env_file)[0],
+    settings = daemon_settings(
+        args, server=args.server, cores=args.cores, group=args.group, node_name=args.name
     )
-    start_logging(settings.log_level)
     settings = await locate(reactor, settings)
     stopped: defer.Deferred = defer.Deferred()
     result = {"code": 0}

@@ -61,6 +61,25 @@ def child_env(settings: Any, secret: bytes) -> dict[str, str]:
     return env
 
 
+def spawn_console_child(
+    reactor: Any, proto: Any, args: list[str], child_env: dict[str, str], path: str, **env: str
+) -> Any:
+    """Start a console child of the server (a detached job's driver, an HTTP job's console):
+    this Python with ``args``, the server's environment without its own REMAP_* settings but
+    with what joins this cluster (``child_env``: the secret, the TLS files) and ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+    full.update(child_env)
+    full.update(env)
+    return reactor.spawnProcess(
+        proto,
+        sys.executable,
+        [sys.executable, *args],
+        env=full,
+        path=path,
+        childFDs={0: "w", 1: "r", 2: "r"},
+    )
+
+
 def dial_host(host: str) -> str:
     """Where a local child reaches a server bound to ``host`` (a wildcard means loopback)."""
     if host in ("0.0.0.0", ""):
@@ -303,26 +322,15 @@ class Drivers:
     # ------------------------------------------------------------ the child
 
     def _spawn(self, job: DrivenJob) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            CHILD_MODULE,
-            "--server",
-            str(self.cluster_address),
-            str(job.directory),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
-        env.update(self.child_env)
-        env["REMAP_DATA_DIR"] = str(self.data_dir)
         root = str(Path(__file__).resolve().parents[2])  # remap importable as the server has it
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        job.transport = self.reactor.spawnProcess(
+        job.transport = spawn_console_child(
+            self.reactor,
             _DriverProcess(self, job),
-            sys.executable,
-            argv,
-            env=env,
-            path=str(job.directory),
-            childFDs={0: "w", 1: "r", 2: "r"},
+            ["-m", CHILD_MODULE, "--server", str(self.cluster_address), str(job.directory)],
+            self.child_env,
+            str(job.directory),
+            REMAP_DATA_DIR=str(self.data_dir),
+            PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
         )
 
     def _signal(self, job: DrivenJob, sig: str) -> None:

@@ -12,9 +12,8 @@ from protocol.connection import person_key
 from ..auth import client_secret
 from ..cluster import Stopping, start_server
 from ..discovery import Advertiser
-from ..entry import react_main
+from ..entry import daemon_settings, react_main
 from ..errors import ConfigError, RemapError, one_line
-from ..logs import start_logging
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
 from ..systemd import unit_args, unit_text
@@ -76,17 +75,9 @@ def issue_key(args: argparse.Namespace) -> int:
 
 
 async def serve(reactor, args: argparse.Namespace) -> int:
-    settings = load_settings(
-        {
-            "host": args.host,
-            "port": args.port,
-            "log_level": args.log_level,
-            "http_port": args.http_port,
-            "http_host": args.http_host,
-        },
-        dotenv_path=locate_env_file(args.env_file)[0],
+    settings = daemon_settings(
+        args, host=args.host, port=args.port, http_port=args.http_port, http_host=args.http_host
     )
-    start_logging(settings.log_level)
     server = await start_server(reactor, settings)
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
     journal = Journal.for_settings(settings, reactor)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 
 from ...errors import ConfigError
 from ...jobfile import load_job_text
+from ..drivers import spawn_console_child
 
 MAX_BODY = 64 * 1024
 #: submissions remembered (for their results); the oldest finished ones are forgotten
@@ -190,8 +190,7 @@ class Submitter:
 
     def start(self, submission: Submission, on_started: Any, on_failed: Any) -> None:
         """Run the job; call ``on_started(job_id)`` once the scheduler has it, or ``on_failed``."""
-        argv = [
-            sys.executable,
+        args = [
             "-c",
             "import sys; from remap.console.main import main; sys.exit(main())",
             "--server",
@@ -204,8 +203,6 @@ class Submitter:
             "--json",
             "--no-task-output",
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
-        env.update(self.child_env)
         state = {"done": False}
 
         def ended(sub: Submission) -> None:
@@ -220,13 +217,12 @@ class Submitter:
                 "HTTP job {name} ended (console exit {code})", name=sub.name, code=sub.exit_code
             )
 
-        self.reactor.spawnProcess(
+        spawn_console_child(
+            self.reactor,
             _ConsoleProcess(submission, ended),
-            sys.executable,
-            argv,
-            env=env,
-            path=str(self.apps_dir),
-            childFDs={0: "w", 1: "r", 2: "r"},
+            args,
+            self.child_env,
+            str(self.apps_dir),
         )
         deadline = self.reactor.seconds() + START_TIMEOUT
 
