@@ -367,3 +367,35 @@ def test_map_and_map_batch_are_one_or_the_other() -> None:
     with pytest.raises(ConfigError, match="both 'map' and 'map_batch'"):
         functions_from({"map": _wc_map, "map_batch": _batch_pairs, "reduce": _sum}, ["default"])
     assert functions_from({"map_batch": _batch_pairs, "reduce": _sum}, ["default"]).map is None
+
+
+def test_map_batch_with_a_custom_reader(tmp_path: Path) -> None:
+    """With read(path), map_batch gets the reader's records in lists of 4,096, in order; an
+    error names the batch's first record."""
+    seen: list[int] = []
+
+    def numbers(path):
+        yield from range(10_000)
+
+    def batch(records):
+        seen.extend(records)
+        if 9_999 in records:
+            raise ValueError("last batch")
+        return {"n": len(records)}
+
+    ctx = _context(
+        tmp_path,
+        {"default": 1},
+        map=None,
+        map_batch=batch,
+        read=numbers,
+        combine=_combine_sum,
+        on_error="continue",
+    )
+    result = map_task(ctx, _split(tmp_path, "unused"))
+    assert seen == list(range(10_000))
+    assert result["counters"]["map_records_in"] == 10_000
+    assert result["errors"] == [
+        f"{tmp_path / 'in0.txt'}: record 8193 (a batch of 1808 records): ValueError: last batch"
+    ]
+    assert _reduce_all(ctx, [result]) == ["n\t8192"]
