@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
+
 from protocol import Authenticated
 from protocol import messages as m
 
@@ -34,6 +36,8 @@ class _Limits:
 
 class _DeliveryLoop:
     """Runs the links that have messages waiting, in the order they got them, until none has."""
+
+    log = Logger()
 
     #: messages delivered on one turn at most, so sockets and timers are never starved
     MAX_PER_TURN = 10_000
@@ -52,11 +56,18 @@ class _DeliveryLoop:
             self._call = self.reactor.callLater(0, self.run)
 
     def run_now(self) -> None:
-        """Deliver now what waits for the next turn (see :func:`deliver_now`)."""
+        """Deliver now what waits for the next turn (see :func:`deliver_now`).
+
+        A handler's error is logged, as the reactor logs one from a turn of its own: it must
+        not escape into whoever called (a core's pipe reader would take it for a broken pipe).
+        """
         if self.scheduled and not self.running:
             if self._call is not None and self._call.active():
                 self._call.cancel()  # not yet in the reactor's heap: the turn is saved
-            self.run()
+            try:
+                self.run()
+            except Exception:
+                self.log.failure("delivering an in-process message failed")
 
     def run(self) -> None:
         ready, delivered = self.ready, 0
@@ -120,9 +131,14 @@ class LocalLink:
         """Hand every waiting message to the handler; how many."""
         self._scheduled = False
         inbox, n = self._inbox, 0
-        while inbox and self.open:
-            self.handler.message_received(self, inbox.popleft())
-            n += 1
+        try:
+            while inbox and self.open:
+                self.handler.message_received(self, inbox.popleft())
+                n += 1
+        finally:  # a handler raised: what came after it still goes, on a later turn
+            if inbox and self.open and not self._scheduled:
+                self._scheduled = True
+                self._loop.add(self)
         return n
 
     def close(self, error: RemapError | None = None) -> None:

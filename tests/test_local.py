@@ -161,3 +161,33 @@ def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
         import os
 
         os.close(core.shm_fd)
+
+
+def test_a_handler_error_during_deliver_now_is_logged_not_raised() -> None:
+    """deliver_now runs inside a core's pipe reader: an error there would look like a broken
+    pipe. It is logged (as the reactor logs a failed turn) and what follows still arrives."""
+    from twisted.logger import globalLogPublisher
+
+    from remap.local import deliver_now
+
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+
+    class Broken(Recorder):
+        def message_received(self, link: LocalLink, msg: m.Message) -> None:
+            super().message_received(link, msg)
+            if isinstance(msg, m.StatusRequest) and msg.id == 0:
+                raise RuntimeError("a bug in a handler")
+
+    b.handler = Broken("b")
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        a.send(m.StatusRequest(id=0))
+        a.send(m.StatusRequest(id=1))
+        deliver_now(clock)  # does not raise
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any("in-process message failed" in str(e.get("log_format")) for e in logged)
+    clock.advance(0)
+    assert [x.id for x in b.handler.got] == [0, 1]
