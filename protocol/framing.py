@@ -56,11 +56,6 @@ def unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryvie
     return rest
 
 
-def frame_length(prefix: bytes) -> tuple[int, int]:
-    """``(length, hlen)`` from a frame's prefix, for readers that read the body themselves."""
-    return _PREFIX.unpack(prefix)
-
-
 #: frames at least this long are received into a buffer of their own, allocated once
 LARGE_FRAME = 256 * 1024
 
