@@ -366,6 +366,22 @@ def test_known_size_first_batches_are_the_job_shared_by_the_cores() -> None:
     assert sizes == [sched_mod.FIRST_BATCH_MAX] * (2 * PREFETCH)
 
 
+def test_queued_calls_of_a_job_of_unknown_size_are_shared_by_the_credits() -> None:
+    """Calls measured as fast and queued together (``Executor.submit``) go out as one share per
+    credit, not one batch: a slow call among them holds back at most its share on its core
+    while the other cores run the rest (they all waited behind it in one batch)."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(10_000), end=False)
+    console.feed(limit=4)
+    for task in node.held():  # measured: 0.1 ms a call, so a full batch would hold 500
+        node.answer(task, elapsed=0.0001 * len(task.sizes))
+    console.feed(limit=40)
+    sizes = [len(t.sizes) for t in node.held()]
+    assert sum(sizes) == 40 and len(sizes) == 2 * PREFETCH, sizes
+    assert max(sizes) == 40 // (2 * PREFETCH), sizes
+
+
 def answer_part(node: FakeNode, task: m.Task, first: int, count: int, **kw: Any) -> None:
     """Stream the answer for arguments ``first .. first + count - 1`` of a running task."""
     blobs = [

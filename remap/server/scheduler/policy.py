@@ -93,10 +93,18 @@ def tail_share(job: JobState, size: int, credits: int) -> int:
 
     The size is known from ``args_end`` or from the console's ``total`` hint; the hint
     matters because a small job's arguments are dispatched before its ``args_end``
-    arrives. An explicit ``chunksize`` is kept as given.
+    arrives. A job of unknown size shares what is queued. An explicit ``chunksize`` is kept
+    as given.
     """
-    if job.options.chunksize or job.total < 0:
+    if job.options.chunksize:
         return size
+    if job.total < 0:
+        # unknown size (``Executor.submit``, a lazy ``imap``): what is queued now, shared by the
+        # credits it does not hold yet, so calls behind an unexpectedly slow one on its core are
+        # at most its share while other cores take the rest (a lazy map's window, twice its
+        # credits' batches, still makes full batches)
+        free = max(1, credits - job.tasks)
+        return max(1, min(size, -(-job.pending_count // free)))
     left = job.pending_count + max(0, job.total - job.received)
     share = -(-left // (credits or 1))
     if job.per_call is not None:
