@@ -577,6 +577,17 @@ def test_tail_share_after_args_end() -> None:
 # ============================================================================ windowing
 
 
+def test_a_small_job_of_known_size_is_granted_whole_at_submit() -> None:
+    """A 10^4-call map may send every argument once ``submitted`` names its job: no round trip
+    for a grant in the middle of a small job. A large one still gets a window of batches."""
+    sched, _ = make()
+    FakeNode(sched, "n", cores=2)
+    small = FakeConsole(sched, range(10_000), total=10_000)
+    assert small.window >= 10_000
+    large = FakeConsole(sched, range(10), name="large", total=10_000_000)
+    assert large.window < 100_000
+
+
 def test_console_never_granted_more_than_the_window() -> None:
     """Outstanding grant plus queued arguments never exceed the server's window."""
     sched, _ = make()

@@ -32,6 +32,8 @@ NO_TIMEOUT_MIN = 600.0
 SWEEP_INTERVAL = 1.0
 MIN_WINDOW = m.INITIAL_WINDOW  # never below what a console may send before `submitted`
 MAX_WINDOW = 1_000_000
+#: a job of known size up to this many arguments is granted whole from the start
+SMALL_JOB = 16_384
 
 
 # ==================================================================== windows and batch sizes
@@ -41,12 +43,18 @@ def window(job: JobState, credits: int) -> int:
     """How many arguments the server wants queued for a job, from the credits that may run it.
 
     A detached job takes all it can (bounded in bytes by :func:`grant`): its console leaves
-    once every argument is on the server (and in the journal), not when the job nears its end.
+    once every argument is on the server (and in the journal), not when the job nears its end;
+    a small job of known size is taken whole.
     """
     if job.options.detach:
         return MAX_WINDOW
     size = max(16, batch_size(job))
-    return max(MIN_WINDOW, min(MAX_WINDOW, 2 * (credits or PREFETCH) * size))
+    want = 2 * (credits or PREFETCH) * size
+    if job.total > 0:
+        # a small job of known size comes whole: its console never waits for a grant (a round
+        # trip mid-job); bounded in bytes by the first window and then by :func:`grant`
+        want = max(want, min(job.total, SMALL_JOB))
+    return max(MIN_WINDOW, min(MAX_WINDOW, want))
 
 
 def grant(job: JobState, credits: int) -> int:
