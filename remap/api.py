@@ -37,7 +37,7 @@ from protocol import messages as m
 from protocol.options import JobOptions
 
 from . import bundle, discovery, runtime, shipping, taskoutput
-from .blobs import PICKLE_PROTOCOL
+from .blobs import LARGE_PICKLE, PICKLE_PROTOCOL, dumps_buffered
 from .client import ClusterClient, JobStream
 from .dial import connect_console
 from .errors import (
@@ -90,6 +90,7 @@ GROUP_SPREAD = 256
 GROUP_BYTES = 64 * 1024
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+_SIZED = frozenset({str, bytes})
 
 
 # ====================================================================== pickling
@@ -145,6 +146,13 @@ def _plain(value: Any, depth: int = 2) -> bool:
     return False
 
 
+def _dumps_plain(value: Any, protocol: int) -> bytes:
+    """Plain data's pickle; a long str or bytes through a BytesIO (20× faster a MiB)."""
+    if type(value) in _SIZED and len(value) >= LARGE_PICKLE:
+        return dumps_buffered(value)
+    return pickle.dumps(value, protocol)
+
+
 def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
     """Pickle one argument; plain data takes the fast path, the rest goes through cloudpickle.
 
@@ -154,7 +162,7 @@ def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
     """
     try:
         if _plain(value):
-            return pickle.dumps(value, PICKLE_PROTOCOL)
+            return _dumps_plain(value, PICKLE_PROTOCOL)
         return shipping.dumps_for_cores(value)
     except Exception as exc:
         name = what if isinstance(what, str) else what()
@@ -289,7 +297,7 @@ class _Feeder:
         room = FEED_MAX_BYTES - stream.unsent_bytes
         source, star, append = self.source, self.star, batch.append
         # the hot loop of a map of unknown length: plain values skip dumps_argument
-        dumps, plain, protocol = pickle.dumps, _PLAIN_TYPES, PICKLE_PROTOCOL
+        dumps, plain, protocol = _dumps_plain, _PLAIN_TYPES, PICKLE_PROTOCOL
         try:
             while limit is None or self.put + len(batch) - consumed < limit:
                 if room <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
@@ -12,10 +13,24 @@ import cloudpickle
 PICKLE_PROTOCOL = 5
 
 
-def dumps(obj: Any) -> bytes:
-    """Plain pickle for data (fast); cloudpickle only for what plain pickle refuses."""
+#: a str or bytes at least this long is pickled through :func:`dumps_buffered`
+LARGE_PICKLE = 64 * 1024
+
+
+def dumps_buffered(obj: Any) -> bytes:
+    """``pickle.dumps`` through a BytesIO: for a pickle of a MiB or more ~25 µs instead of
+    ~0.5 ms (``pickle.dumps`` grows its output by reallocation, touching fresh pages each
+    time); ~1 µs slower for a small one."""
+    out = io.BytesIO()
+    pickle.Pickler(out, PICKLE_PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
+def dumps(obj: Any, *, large: bool = False) -> bytes:
+    """Plain pickle for data (fast); cloudpickle only for what plain pickle refuses. ``large``:
+    the pickle may be large (one per batch), so it goes through :func:`dumps_buffered`."""
     try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
+        return dumps_buffered(obj) if large else pickle.dumps(obj, PICKLE_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
         return cloudpickle.dumps(obj, PICKLE_PROTOCOL)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from protocol import messages as m
 from protocol.framing import FrameDecoder, encode_frame, unsent
-from remap.blobs import dumps, split
+from remap.blobs import dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.shipping import load_function_blob
@@ -137,7 +137,7 @@ def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[byt
         if not _exception_blob(exc):
             results[entry[0]] = None
     try:
-        return [pickle.dumps(results, 5)], True
+        return [dumps_buffered(results)], True
     except Exception:  # something needs cloudpickle, or cannot travel at all: go one by one
         pass
     failed = {e[0] for e in errors}
@@ -327,7 +327,7 @@ class Core:
         partial = cmd.reduce
         packed = False
         if partial:
-            blobs = [dumps(acc)] if have_acc else []
+            blobs = [dumps(acc, large=True)] if have_acc else []
         else:
             blobs, packed = _pack_results(results, errors)
         out = self.output.take()
