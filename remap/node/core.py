@@ -27,6 +27,7 @@ from protocol.framing import FrameDecoder, encode_frame, unsent
 from remap.blobs import dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
+from remap.malloc import keep_freed_memory
 from remap.shipping import load_function_blob
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
@@ -372,6 +373,7 @@ def _die_with_parent() -> None:
 
 def main() -> None:
     _die_with_parent()
+    keep_freed_memory()
     # Ctrl-C at a terminal reaches the whole process group: the node decides about its cores
     # (and PR_SET_PDEATHSIG ends them with it), so a core never takes SIGINT for itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,6 +20,7 @@ from ..errors import (
     VersionMismatch,
     one_line,
 )
+from ..malloc import keep_freed_memory
 from ..net import tls_enabled
 from ..settings import Settings
 from ..systemd import unit_args, unit_text
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_systemd_unit:
         print(unit_text("node", unit_args(argv)), end="")
         return 0
+    keep_freed_memory()
     return react_main(serve, args)
 
 

@@ -14,6 +14,7 @@ from ..cluster import Stopping, start_server
 from ..discovery import Advertiser
 from ..entry import daemon_settings, react_main
 from ..errors import ConfigError, RemapError, one_line
+from ..malloc import keep_freed_memory
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
 from ..systemd import unit_args, unit_text
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.issue_key is not None:
         return issue_key(args)
+    keep_freed_memory()
     return react_main(serve, args)
 
 
