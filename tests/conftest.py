@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,19 @@ from tests.cluster_harness import Cluster, ClusterFactory, NodeSpec
 # take seconds, and hypothesis' default 200 ms deadline then fails a correct test
 hypothesis_settings.register_profile("remap", deadline=None)
 hypothesis_settings.load_profile("remap")
+
+
+def _default_sigterm_in_forked_child() -> None:
+    """pytest-twisted runs the global reactor in this process with Twisted's signal handlers,
+    so SIGTERM here means "stop the reactor". A child a test forks (multiprocessing's fork
+    workers, joblib's ``multiprocessing`` backend) inherits that handler and then survives
+    ``Pool.terminate()``'s SIGTERM: the pool's join, and pytest's exit, wait forever. Forked
+    children get the default disposition, as under a plain Python process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
 
 
 @pytest.fixture(autouse=True)

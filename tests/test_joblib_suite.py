@@ -87,10 +87,6 @@ _SCRIPT = (
     "runs a child interpreter with backend='remap' that never imports remap.joblib, so joblib "
     "does not know the name"
 )
-_FORK = (
-    "forks multiprocessing workers while remap's threads (the embedded cluster's reactor) run "
-    "in the process; a forked worker then hung at exit once in three runs (fork with threads)"
-)
 _MEMMAP = (
     "remap does not memory-map large numpy arrays (cores may be on other machines): "
     "arrays travel pickled"
@@ -101,8 +97,6 @@ NOT_APPLICABLE: dict[str, str] = {
     "test_nested_loop[loky-remap]": _LOKY_CHILD,
     "test_backend_nesting_level[parallel_config-remap-loky]": _LOKY_CHILD,
     "test_backend_nesting_level[parallel_backend-remap-loky]": _LOKY_CHILD,
-    "test_backend_nesting_level[parallel_config-multiprocessing-remap]": _FORK,
-    "test_backend_nesting_level[parallel_backend-multiprocessing-remap]": _FORK,
     "test_parallel_with_interactively_defined_functions": _SCRIPT,
     "test_parallel_with_unpicklable_functions_in_args": _SCRIPT,
     "test_auto_memmap_on_arrays_from_generator": _MEMMAP,
