@@ -1,11 +1,12 @@
 """The graph table: PageRank as a vertex job against networkx's pure-Python PageRank.
 
-    python bench/graph.py [--edges 1000000] [--iterations 20] [--json FILE]
+    python bench/graph.py [--edges 1000000] [--iterations 20] [--rounds 2] [--json FILE]
 
 One run: a generated power-law digraph (~10^6 edges, written as 4 edge-list files), then
 networkx's own pure-Python PageRank (``_pagerank_python``, the same iteration count, in a child
 process so its peak RSS is its own), then the vertex job on an embedded cluster with 1 core
-and with 2 cores (partitions = cores). Prints wall seconds, edges/s per core (edges x
+and with 2 cores (partitions = cores), alternately, ``--rounds`` times (the table shows each
+one's fastest run). Prints wall seconds, edges/s per core (edges x
 iterations / wall / cores), the 1 -> 2 core ratio, and every process's peak RSS (VmHWM).
 Ranks are checked against networkx's (max relative difference).
 """
@@ -83,7 +84,9 @@ def tree_cpu(proc: Any) -> float:
     return total
 
 
-def run_remap(graph_dir: Path, work: Path, cores: int, iterations: int) -> dict[str, Any]:
+def run_remap(
+    graph_dir: Path, work: Path, cores: int, iterations: int, name: str = ""
+) -> dict[str, Any]:
     import psutil
 
     import remap
@@ -100,7 +103,7 @@ def run_remap(graph_dir: Path, work: Path, cores: int, iterations: int) -> dict[
         result = cluster.vertex(
             module,
             graph_dir,
-            work / f"out-{cores}",
+            work / f"out-{cores}{name}",
             partitions=cores,
             max_supersteps=iterations + 1,  # superstep 0 sets 1/N; each later one is an update
             on_superstep=lambda r: steps.append(time.perf_counter()),
@@ -120,7 +123,7 @@ def run_remap(graph_dir: Path, work: Path, cores: int, iterations: int) -> dict[
         "bytes_moved": result.bytes_moved,
         "phases": result.phases,
         "rss": rss,
-        "output": str(work / f"out-{cores}"),
+        "output": str(work / f"out-{cores}{name}"),
     }
 
 
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edges", type=int, default=1_000_000)
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of 1 and of 2 cores (best wall)")
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--networkx-child", nargs=2, metavar=("GRAPH_DIR", "OUT"), help=argparse.SUPPRESS
@@ -173,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         nx_result = json.loads(nx_out.read_text())
-        runs = [run_remap(work / "graph", work, cores, args.iterations) for cores in (1, 2)]
+        # 1 and 2 cores alternately, ``rounds`` times; the table shows each one's fastest run
+        rounds = [
+            [run_remap(work / "graph", work, cores, args.iterations, f"-{r}") for cores in (1, 2)]
+            for r in range(args.rounds)
+        ]
+        runs = [min((rd[i] for rd in rounds), key=lambda r: r["wall"]) for i in range(2)]
         one, two = (ranks_of(Path(r["output"])) for r in runs)
         worst = max(abs(one[v] - two[v]) / one[v] for v in one)
         rows = [
@@ -220,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             for slot, times in r["phases"].items():
                 print(f"  {r['cores']} core(s), worker {slot}: {phase_line(times)}")
         ratio = runs[0]["wall"] / runs[1]["wall"]
+        for i, cores in enumerate((1, 2)):
+            walls = ", ".join(f"{rd[i]['wall']:.2f}" for rd in rounds)
+            cpus = ", ".join(f"{rd[i]['cpu']:.2f}" for rd in rounds)
+            print(f"{cores} core(s) by round: wall s {walls}; CPU s {cpus}")
         print(
             f"scaling 1 -> 2 cores: {ratio:.2f}x (target >= 1.6); vs networkx (2 cores): {nx_result['seconds'] / runs[1]['wall']:.2f}x faster"
         )
@@ -235,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(
                 json.dumps(
-                    {"edges": m, "networkx": nx_result, "remap": runs, "scaling": ratio}, indent=1
+                    {
+                        "edges": m,
+                        "networkx": nx_result,
+                        "remap": runs,
+                        "rounds": rounds,
+                        "scaling": ratio,
+                    },
+                    indent=1,
                 )
             )
     return 0
