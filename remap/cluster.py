@@ -293,9 +293,8 @@ class EmbeddedCluster:
         pool.after_read = functools.partial(deliver_now, self.reactor)
         self.node = NodeService(pool, agent, None)
         self.node.startService()
-        self._node_link = connect_local(
-            self.reactor, self.server.factory, agent, "node", agent.host
-        )
+        link = connect_local(self.reactor, self.server.factory, agent, "node", agent.host)
+        Stopping("in-process link", link.close).setServiceParent(self.node)
         return self.server.address
 
     async def connect(self) -> ClusterClient:
@@ -325,14 +324,12 @@ class EmbeddedCluster:
                 self.secret,
                 cluster_port=self.server.port.getHost().port,
             )
+            Stopping("http", self.http.stop).setServiceParent(self.server)
         return self.http.login_url()
 
     async def stop(self) -> None:
-        if self.http is not None:
-            await self.http.stop()
-            self.http = None
+        """The node (its link, then its cores), then the server (with its HTTP face)."""
         if self.node is not None:
-            self._node_link.close()
             await self.node.stop()
         if self.server is not None:
             await self.server.stop()

@@ -121,3 +121,26 @@ def test_shell_dashboard_starts_the_embedded_cluster() -> None:
         session.close()
     with pytest.raises(ConfigError, match="needs a server"):  # one-shot: nothing would stay up
         Session(Settings(cores=1)).dashboard_link()
+
+
+@pytest.mark.slow
+def test_an_embedded_clusters_dashboard_stops_with_it() -> None:
+    """The embedded cluster's HTTP face is a child service of its server: it answers while the
+    handle is open and its port is closed once the handle is."""
+    import io
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    import remap
+
+    cluster = remap.connect(cores=1)
+    try:
+        url = cluster.open_dashboard(out=io.StringIO())
+        port = urllib.parse.urlsplit(url).port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        cluster.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
