@@ -44,6 +44,8 @@ def test_full_job_file(base: Path) -> None:
         "reducers: {default: 8, lengths: 2}\nsplit_mb: 16\nspill_mb: 0.5\nfanin: 8\n"
         "on_error: continue\nretries: 1\ntimeout: 60\ngroup: big\npriority: 2\nname: wc\n"
     )
+    (base / "logs").mkdir()
+    (base / "logs" / "a.txt").write_text("x\n")
     spec = load_job_text(text, base, source=SOURCE)
     assert isinstance(spec, MapReduceSpec) and spec.kind == "mapreduce"
     assert spec.inputs == ("in/", "logs/*.txt")
@@ -118,4 +120,27 @@ def test_module_problems_name_the_module_key(base: Path, module: str, expected: 
     with pytest.raises(ConfigError) as info:
         to_job(spec)
     assert str(info.value).startswith(f"{SOURCE}:4: key 'module': "), str(info.value)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "line", "text", "expected"),
+    [
+        ("output", 4, K, "already exists: a data job never overwrites"),
+        ("input", 3, K.replace("in/", "nope/"), "no such file or directory"),
+        ("input", 3, K.replace("in/", "'nope/*.txt'"), "no file matches"),
+    ],
+)
+def test_output_and_input_problems_name_their_key(
+    base: Path, key: str, line: int, text: str, expected: str
+) -> None:
+    """An existing output or a missing input is refused by to_job (before a cluster starts,
+    which the console does after it), naming the file, line and key."""
+    (base / "out").mkdir()
+    if key == "input":
+        (base / "out").rmdir()
+    spec = load_job_text(text, base, source=SOURCE)
+    with pytest.raises(ConfigError) as info:
+        to_job(spec)
+    assert str(info.value).startswith(f"{SOURCE}:{line}: key '{key}': "), str(info.value)
     assert expected in str(info.value)

@@ -26,6 +26,7 @@ def base(tmp_path: Path) -> Path:
     (tmp_path / "badfold.py").write_text(
         "def prepare(l):\n    return None\n\ndef compute(*a):\n    pass\n\naggregators = {'x': 'avg'}\n"
     )
+    (tmp_path / "empty").mkdir()
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("1 2\n2 1\n")
     return tmp_path
@@ -74,6 +75,8 @@ def test_bad_vertex_job_names_line_and_key(base: Path, text: str, expected: list
         ("module", "module: badfold.py", "unknown fold 'avg'"),
         ("module", "module: missing.py", "file not found"),
         ("input", "input: 'nothing/*.txt'", "no input matches"),
+        ("input", "input: nothing/", "input not found"),
+        ("input", "input: empty/", "no input files"),
     ],
 )
 def test_resolution_problems_name_their_key(base: Path, key: str, text: str, expected: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .driver import DataOptions, job_from_functions
+from .inputs import resolve_inputs
 from .layout import check_name
 from .tasks import DEFAULT_PURPOSE
 
@@ -172,7 +173,7 @@ def to_job(spec: MapReduceSpec) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"{where('module')}: {exc}") from exc.__cause__
     try:
-        return job_from_functions(
+        job = job_from_functions(
             module,
             spec.inputs,
             spec.output,
@@ -183,3 +184,14 @@ def to_job(spec: MapReduceSpec) -> Any:
         )
     except ConfigError as exc:
         raise ConfigError(f"{where('module')}: {exc}") from None
+    # the driver checks these again; here they fail before a cluster starts, naming the key
+    if spec.output.exists() or spec.output.is_symlink():
+        raise ConfigError(
+            f"{where('output')}: {spec.output} already exists: a data job never overwrites "
+            "results (remove it or choose another output)"
+        )
+    try:
+        resolve_inputs(spec.inputs, spec.base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{where('input')}: {exc}") from None
+    return job

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data.jobspec import MAPREDUCE_FIELDS, file_job_basics
 from ..errors import ConfigError
-from .driver import VertexConfig
+from .driver import VertexConfig, find_inputs
 from .program import Program, program_from_module
 
 #: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
@@ -127,6 +127,7 @@ def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
         raise ConfigError(f"{spec.where('output')}: {spec.output} already exists")
     try:
         inputs = resolve_inputs(spec.inputs, spec.base_dir)
+        find_inputs(inputs)  # a missing or empty input fails here, before a cluster starts
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('input')}: {exc}") from None
     config = VertexConfig(
