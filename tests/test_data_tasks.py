@@ -268,7 +268,7 @@ _BATCH_JOBS = {
 @pytest.mark.parametrize("job", sorted(_BATCH_JOBS))
 @pytest.mark.parametrize(
     ("reducers", "split_bytes", "spill_bytes", "batch_bytes"),
-    [(1, 1 << 20, 1 << 20, 1 << 16), (3, 700, 300, 64), (2, 3000, 5000, 1000)],
+    [(1, 1 << 20, 1 << 20, 1 << 14), (3, 700, 300, 64), (2, 3000, 5000, 1000)],
 )
 def test_map_batch_equals_the_serial_count(
     tmp_path: Path,

@@ -1,6 +1,6 @@
 """Word count, the fast way: a block of lines per call, counted in one Counter per map task.
 
-``map_batch(lines)`` gets a list of lines (about 64 KiB of them) instead of one line per
+``map_batch(lines)`` gets a list of lines (about 16 KiB of them) instead of one line per
 ``map`` call, so the regular expression and ``Counter.update`` run once per block, in C.
 ``map_init`` runs before a task's first block and ``map_final`` after its last; what
 ``map_final`` returns (a dict, or (key, value) pairs) is map output: one pair per distinct word
