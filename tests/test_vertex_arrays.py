@@ -204,3 +204,22 @@ def test_fanout_arrays_built_in_numpy_equal_the_loop(count):
     for (d, ids_a, flat_a, deg_a), (e, ids_b, flat_b, deg_b) in zip(fan.dests, loop):
         assert d == e and ids_a.tolist() == ids_b.tolist()
         assert flat_a.tolist() == flat_b.tolist() and deg_a.tolist() == deg_b.tolist()
+
+
+def test_a_senders_positions_are_kept_while_its_ids_repeat():
+    """The positions of a sender's ids are searched once while they repeat, and searched
+    again when they change (never the last superstep's positions for other ids)."""
+    part = pagerank_partition(0, 1, range(40))
+    fan = part.fanout()
+    first = fan.locate(np.array([3, 5, 7], dtype=np.int64), 0)
+    again = fan.locate(np.array([3, 5, 7], dtype=np.int64), 0)
+    assert again is first
+    order = fan.order
+    moved = fan.locate(np.array([7, 5, 9], dtype=np.int64), 0)
+    assert [order[i] for i in moved.tolist()] == [7, 5, 9]
+    for ids in ([9, 3], [3, 999]):
+        sums = Sums(np.array(ids, dtype=np.int64), np.array([0.5, 0.25]))
+        got = gather(part, [sums.to_bytes()], True)
+        want: dict = {}
+        deliver(want, sums, True, operator.add)
+        assert (got.to_dict() if type(got) is DenseInbox else got) == want

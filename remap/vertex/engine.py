@@ -437,8 +437,8 @@ class DenseInbox:
         fan = part.fanout()
         sums = _np.zeros(fan.n)
         hit = _np.zeros(fan.n, dtype=_np.bool_)
-        for bucket in buckets:
-            pos = fan.locate(bucket.ids)
+        for source, bucket in enumerate(buckets):
+            pos = fan.locate(bucket.ids, source)
             if pos is None:
                 return None
             sums[pos] = _np.where(hit[pos], sums[pos] + bucket.sums, bucket.sums)
@@ -777,6 +777,7 @@ class Fanout:
         order = self.order = list(part.values)
         self.pos = {vid: i for i, vid in enumerate(order)}
         self._sorted: tuple[Any, Any] | None = None  # see locate
+        self._located: dict[int, tuple[Any, Any]] = {}  # sender → its last ids, their positions
         n = len(order)
         targets = part.targets
         edges = [targets.get(vid, ()) for vid in order]
@@ -827,9 +828,19 @@ class Fanout:
                 )
         return dests
 
-    def locate(self, ids: Any) -> Any:
+    def locate(self, ids: Any, source: int | None = None) -> Any:
         """The positions of vertex ``ids`` (an int64 array) in :attr:`order`, or None if one
-        is not held here (or this partition's ids are not all int64)."""
+        is not held here (or this partition's ids are not all int64). With ``source`` (which
+        sender, in delivery order) the answer is kept: a sender's ids repeat superstep after
+        superstep (PageRank's every one), and comparing them is cheaper than a search."""
+        if source is not None:
+            known = self._located.get(source)
+            if known is not None and _np.array_equal(known[0], ids):
+                return known[1]
+            pos = self.locate(ids)
+            if pos is not None:
+                self._located[source] = (_np.array(ids), pos)  # a copy: ids may be a view
+            return pos
         if self._sorted is None:
             keys = _int_array(self.order) if self.n else None
             if keys is None:
