@@ -22,6 +22,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -573,6 +574,15 @@ class Cluster:
     def job(self, job_id: int) -> dict | None:
         """The job ``job_id`` as ``status`` shows it, or None."""
         return next((j for j in self.status()["jobs"] if j["id"] == job_id), None)
+
+    def http_port(self, timeout: float = 10.0) -> int:
+        """The port of the server's HTTP face (started with ``REMAP_HTTP_PORT=0``), from its log."""
+        found = self.wait_for(
+            lambda: re.search(r"dashboard: http://[^:]+:(\d+)/", self.server.log_text()),
+            timeout,
+            "the HTTP port in the server's log",
+        )
+        return int(found.group(1))
 
 
 class ClusterFactory:

@@ -119,7 +119,7 @@ async def start_http(
     )
     hub = EventHub(
         reactor,
-        lambda: snapshot(factory.scheduler, stats),
+        lambda: snapshot(factory.scheduler, stats, factory.drivers),
         stats.sample,
         lambda: [list(point) for point in stats.history],
         interval=tick,

@@ -202,7 +202,9 @@ class HttpApp:
         return self._body(request, openapi.document())
 
     def summary(self, request: Any, identity: Identity) -> bytes:
-        return self._body(request, views.summary_view(self.scheduler, self.stats))
+        return self._body(
+            request, views.summary_view(self.scheduler, self.stats, self.factory.drivers)
+        )
 
     def scheduler_events(self, request: Any, identity: Identity) -> bytes:
         events = [{"time": round(t, 3), "event": e} for t, e in self.scheduler.events.recent()]
@@ -212,20 +214,40 @@ class HttpApp:
         return self._body(request, {"nodes": views.nodes_view(self.scheduler)})
 
     def jobs(self, request: Any, identity: Identity) -> bytes:
-        return self._body(request, {"jobs": views.jobs_view(self.scheduler)})
+        return self._body(request, {"jobs": views.jobs_view(self.scheduler, self.factory.drivers)})
 
     def job(self, request: Any, identity: Identity, job_id: int) -> bytes:
-        job = self.scheduler.jobs.get(job_id)
+        job = self.scheduler.jobs.get(job_id) or self.factory.drivers.jobs.get(job_id)
         if job is None:
             return self._error(request, 404, "not-found", f"no job {job_id}")
         return self._body(request, views.job_detail(self.scheduler, self.stats, job))
 
-    def kill(self, request: Any, identity: Identity, job_id: int) -> bytes:
+    def kill(self, request: Any, identity: Identity, job_id: int) -> bytes | int:
+        driven = self.factory.drivers.jobs.get(job_id)
+        if driven is not None:
+            return self._kill_detached(request, identity, driven)
         job = self.scheduler.kill(job_id, "killed from the HTTP API")
         if job is None:
             return self._error(request, 404, "not-found", f"no job {job_id}")
         self.log.info("job {id} killed over HTTP ({kind})", id=job_id, kind=identity.kind)
         return self._body(request, {"job": job.id, "state": job.state})
+
+    def _kill_detached(self, request: Any, identity: Identity, driven: Any) -> bytes | int:
+        """A detached data or vertex job ends as the console's ``kill`` ends it (its driver
+        kills its phase, cleans up, writes INCOMPLETE): the answer comes once it has ended."""
+        if driven.finished:
+            return self._body(request, {"job": driven.id, "state": driven.state})
+        self.log.info("job {id} killed over HTTP ({kind})", id=driven.id, kind=identity.kind)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def ended(job: Any) -> None:
+            if not gone:
+                request.write(self._body(request, {"job": job.id, "state": job.state}))
+                request.finish()
+
+        self.factory.drivers.kill(driven, ended)
+        return NOT_DONE_YET
 
     def drain(self, request: Any, identity: Identity, node_id: str) -> bytes:
         return self._node_action(request, identity, node_id, self.scheduler.drain, "drained")

@@ -56,8 +56,14 @@ _NODE = _record(NodeStatus)
 _JOB = _record(
     JobStatus,
     state={"type": "string", "enum": ["running", "done", "failed", "killed", "cancelled"]},
-    # receiving: arguments still arriving; completing: all in, outcomes pending; then the end
-    phase={"type": "string", "enum": [phase.value for phase in JobPhase]},
+    # a function job's: receiving (arguments still arriving), completing (all in, outcomes
+    # pending), then its end; a detached data job's: map, reduce...; a vertex job's: superstep N
+    phase={
+        "type": "string",
+        "description": "function jobs: "
+        + ", ".join(phase.value for phase in JobPhase)
+        + "; detached data jobs: their phase (map, reduce); vertex jobs: superstep N",
+    },
 )
 #: what the HTTP API adds to a job's status map (see views.job_view)
 _JOB["properties"] |= {

@@ -80,7 +80,8 @@ ROUTES: tuple[Route, ...] = (
           media=NDJSON, not_found=True),
     Route("GET", "/api/v1/jobs/{job_id}", "job", "One job with its recent errors", "JobDetail",
           not_found=True),
-    Route("POST", "/api/v1/jobs/{job_id}/kill", "kill", "Stop a job's queued and running work",
+    Route("POST", "/api/v1/jobs/{job_id}/kill", "kill", "Stop a job's queued and running work "
+          "(a detached data or vertex job: answers once its driver has cleaned up and ended)",
           "JobState", not_found=True),
     Route("POST", "/api/v1/nodes/{node_id}/drain", "drain",
           "Let a node finish its in-flight work and take no more", "NodeRef", not_found=True),

@@ -1,4 +1,8 @@
-"""The JSON the API and the event stream show: the console's status, plus progress and ETA."""
+"""The JSON the API and the event stream show: the console's status, plus progress and ETA.
+
+Jobs are the scheduler's function jobs and the server's detached data and vertex jobs (their
+drivers, ``drivers.py``), the same records ``status`` shows the console.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from protocol.status import JobStatus
 
+from ..drivers import DrivenJob
 from .metrics import ServerStats
 
 
@@ -19,6 +24,8 @@ def job_view(status: JobStatus) -> dict:
     total = view["expected"] = status.total
     finished = status.done + status.failed
     view["progress"] = round(finished / total, 4) if total else (1.0 if total == 0 else None)
+    if status.detached and status.state == "done":
+        view["progress"] = 1.0  # its last report was of its last phase's tasks or superstep
     left = (total - finished) if total is not None else None
     view["eta"] = (
         round(left / status.rate, 1)
@@ -28,15 +35,16 @@ def job_view(status: JobStatus) -> dict:
     return view
 
 
-def summary_view(sched: Any, stats: ServerStats) -> dict:
+def summary_view(sched: Any, stats: ServerStats, drivers: Any = None) -> dict:
     now = sched.clock.seconds()
     nodes, running = list(sched.nodes.values()), list(sched.active.values())
+    driven = list(drivers.jobs.values()) if drivers is not None else []
     return {
         "nodes": len(nodes),
         "cores": sum(n.cores for n in nodes),
         "cores_busy": sum(min(n.cores, len(n.inflight)) for n in nodes),
-        "jobs_running": len(running),
-        "jobs": len(sched.jobs),
+        "jobs_running": len(running) + sum(not j.finished for j in driven),
+        "jobs": len(sched.jobs) + len(driven),
         "queued": sum(j.pending_count for j in running),
         "rate": round(sum(j.describe(now).rate for j in running), 1),
         "tasks_done": stats.done_total,
@@ -50,24 +58,33 @@ def nodes_view(sched: Any) -> list[dict]:
     return [n.describe(now).to_wire() for n in sched.nodes.values()]
 
 
-def jobs_view(sched: Any) -> list[dict]:
-    return [job_view(status) for status in sched.job_statuses()]
+def jobs_view(sched: Any, drivers: Any = None) -> list[dict]:
+    """Function jobs, then the detached data and vertex jobs of ``drivers`` (kind, phase)."""
+    statuses = sched.job_statuses()
+    if drivers is not None:
+        statuses += drivers.describe(sched.clock.seconds())
+    return [job_view(status) for status in statuses]
 
 
 def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
-    view = job_view(sched.job_statuses([job])[0])
+    """A function job (a scheduler's JobState) or a detached job (a DrivenJob) in full."""
+    if isinstance(job, DrivenJob):
+        status = job.describe(sched.clock.seconds())
+    else:
+        status = sched.job_statuses([job])[0]
+    view = job_view(status)
     view["errors"] = list(stats.job_errors.get(job.id, ()))
     return view
 
 
-def snapshot(sched: Any, stats: ServerStats) -> dict:
+def snapshot(sched: Any, stats: ServerStats, drivers: Any = None) -> dict:
     """What every dashboard sees each tick (computed once per tick, shared by all viewers)."""
     last = stats.history[-1] if stats.history else (sched.clock.seconds(), 0, 0)
     return {
         "time": round(sched.clock.seconds(), 3),
-        "summary": summary_view(sched, stats),
+        "summary": summary_view(sched, stats, drivers),
         "nodes": nodes_view(sched),
-        "jobs": jobs_view(sched),
+        "jobs": jobs_view(sched, drivers),
         "errors": list(stats.errors)[-20:],
         "sample": list(last),
     }

@@ -74,8 +74,10 @@
   }
 
   function killJob(job) {
-    confirmThen("Kill job " + job.id + "?", "“" + job.name + "” stops now: queued work is dropped " +
-      "and its running calls are killed.", "Kill job", async () => {
+    const what = job.detached && job.kind ? "its driver stops its " + job.kind + " job, removes " +
+      "its intermediate files and marks its result INCOMPLETE." :
+      "queued work is dropped and its running calls are killed.";
+    confirmThen("Kill job " + job.id + "?", "“" + job.name + "” stops now: " + what, "Kill job", async () => {
       try {
         const r = await post("/api/v1/jobs/" + job.id + "/kill");
         toast("Job " + r.job + " " + r.state);
@@ -225,8 +227,13 @@
       const c = row.cells;
       c.id.textContent = "#" + job.id;
       row.nameMain.textContent = job.name;
-      row.nameSub.textContent = job.mode + (job.group ? " · group " + job.group : "") +
-        (job.waiting ? " · " + job.waiting : "") + (job.message && job.state !== "running" ? " · " + job.message : "");
+      // a detached data or vertex job: its kind, its phase or superstep, its result once done
+      const driven = job.detached && job.kind;
+      const result = driven && job.summary ? " · result " + (job.summary.state || job.state) +
+        (job.output ? " in " + job.output : "") : "";
+      row.nameSub.textContent = job.mode + (driven ? " (detached)" : "") + (job.group ? " · group " + job.group : "") +
+        (job.waiting ? " · " + job.waiting : "") + (job.message && job.state !== "running" ? " · " + job.message : "") +
+        result;
       row.badge.textContent = job.state;
       row.badge.className = "badge " + job.state;
       const total = job.expected;
@@ -235,15 +242,17 @@
       row.bar.className = "progress" + (known ? "" : " unknown");
       // an unknown total: the share of what arrived so far, striped
       const denom = known ? Math.max(total, 1) : Math.max(job.received, 1);
-      const donePct = (100 * job.done) / denom;
+      // a detached job that ended done is complete, whatever its last phase's report said
+      const donePct = driven && job.state === "done" ? 100 : (100 * job.done) / denom;
       const failPct = (100 * job.failed) / denom;
       row.done.style.width = Math.min(100, donePct) + "%";
       row.failed.style.left = Math.min(100, donePct) + "%";
       row.failed.style.width = Math.min(100 - donePct, failPct) + "%";
-      row.left.textContent = num(finished) + " / " + (known ? num(total) : num(job.received) + "+") +
+      row.left.textContent = (driven && job.phase ? job.phase + " · " : "") +
+        num(finished) + " / " + (known ? num(total) : num(job.received) + "+") +
         (job.failed ? " · " + num(job.failed) + " failed" : "");
       row.right.textContent = known && total ? ((100 * finished) / total).toFixed(1) + "%" : "";
-      c.rate.textContent = rate(job.rate) + "/s";
+      c.rate.textContent = driven ? "–" : rate(job.rate) + "/s";
       c.eta.textContent = job.state === "running" ? duration(job.eta) : "–";
       c.elapsed.textContent = duration(job.elapsed);
       row.kill.hidden = job.state !== "running";
