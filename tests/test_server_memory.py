@@ -145,3 +145,22 @@ def test_an_argument_over_the_batch_byte_limit_travels_alone_and_leaves_no_empty
     assert list(first.indices) == [0] and len(first.payload) == big
     assert [len(seg) for seg in queue] == [2]
     assert list(take_from(queue, 20, MAX_BATCH_BYTES).indices) == [1, 2] and not queue
+
+
+def test_large_arguments_are_not_joined_from_two_messages() -> None:
+    """A batch takes MiB arguments from one ``args`` message only: its payload is a view of that
+    message's (it used to join the rest of one message with the start of the next, a copy)."""
+    blob = b"z" * MB
+    first = memoryview(b"".join([blob] * 2))
+    second = memoryview(b"".join([blob] * 2))
+    queue = deque([Segment(range(0, 2), [MB, MB], first), Segment(range(2, 4), [MB, MB], second)])
+    taken = [take_from(queue, 3, MAX_BATCH_BYTES) for _ in range(2)]
+    assert [list(t.indices) for t in taken] == [[0, 1], [2, 3]]
+    assert taken[0].payload.obj is first.obj and taken[1].payload.obj is second.obj
+    small = deque(
+        [
+            Segment(range(0, 2), [3, 3], memoryview(b"a" * 6)),
+            Segment(range(2, 4), [3, 3], memoryview(b"b" * 6)),
+        ]
+    )
+    assert list(take_from(small, 4, MAX_BATCH_BYTES).indices) == [0, 1, 2, 3]  # small ones merge

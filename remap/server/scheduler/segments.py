@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 Indices = range | list[int]
+#: a batch takes arguments from a second segment (joining their payloads) only while what it
+#: holds is smaller than this: large arguments travel as views of the message they came in
+MERGE_MAX_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -132,7 +135,8 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
     Cuts fall between pickles only, so an argument group is never split (one larger than
     what is left of ``n`` travels whole). Retried arguments and pieces of groups never merge
     with others: a suspect travels alone. Payloads are memoryviews, so cutting a segment
-    copies nothing.
+    copies nothing; segments are joined only while the batch holds less than
+    ``MERGE_MAX_BYTES``.
     """
     parts: list[Segment] = []
     count = nbytes = 0
@@ -141,6 +145,8 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
         seg = queue[0]
         if parts and (seg.alone or parts[0].alone or (seg.groups is not None) != grouped):
             break  # a message is grouped or not: the two kinds never share a batch
+        if nbytes >= MERGE_MAX_BYTES:
+            break  # merging would join (copy) large payloads: the rest goes in the next batch
         grouped = seg.groups is not None
         room, budget = n - count, max_bytes - nbytes
         if len(seg) <= room and len(seg.payload) <= budget:
