@@ -558,6 +558,21 @@ def test_tail_is_shared_fairly() -> None:
     assert_exactly_once(console, 40)
 
 
+def test_the_rest_of_a_small_job_of_trivial_calls_is_shared_by_both_cores() -> None:
+    """After its first round a 10^4-call map of 0.25 µs calls (6,000 left, 1.5 ms of work) goes
+    out in shares of at least 0.5 ms, not as one batch to one core while the other idles."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    console = FakeConsole(sched, range(10_000), total=10_000)
+    console.feed()
+    first = node.held()
+    assert sum(len(t.sizes) for t in first) == 2 * PREFETCH * sched_mod.FIRST_BATCH_MAX
+    for task in first:
+        node.answer(task, elapsed=2.5e-7 * len(task.sizes))
+    sizes = [len(t.sizes) for t in node.held()]
+    assert sum(sizes) == 6_000 and len(sizes) >= 2, sizes
+
+
 def test_tail_share_after_args_end() -> None:
     """Without a hint, the share applies once args_end has told the job's size."""
     sched, _ = make()
