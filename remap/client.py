@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
+from protocol.framing import LARGE_FRAME
 from protocol.options import JobOptions
 
 from .blobs import PICKLE_PROTOCOL, dumps, split
@@ -852,8 +853,8 @@ class JobStream:
             while items:
                 blob, tag, n = items[0]
                 cost = len(blob) + 9
-                if out and nbytes + cost > room:
-                    break
+                if out and (nbytes + cost > room or max(cost, nbytes) >= LARGE_FRAME):
+                    break  # a large pickle goes in a message of its own: sent as is, not joined
                 if count + max(n, 1) > limit or (out and bool(n) != bool(groups)):
                     break  # a group never passes the window; one message, one kind
                 items.popleft()

@@ -249,3 +249,22 @@ def test_a_core_writes_a_large_answer_from_its_pickle_without_joining(monkeypatc
     assert all(buf is payload or memoryview(buf).obj is payload for buf in big)
     (frame,) = FrameDecoder(DEFAULT_MAX_FRAME).feed(b"".join(out))
     assert frame.payload == payload
+
+
+# --------------------------------------------------------------------------- the caller
+
+
+def test_a_large_argument_leaves_the_caller_in_a_message_of_its_own() -> None:
+    """The console sends a MiB pickle as the ``args`` payload itself: one per message, never
+    joined with its neighbours into a new 3 MiB bytes object; small ones still share one."""
+    from protocol.options import JobOptions
+    from remap.client import JobStream
+
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda fn, *a: None)
+    big = [os.urandom(MIB) for _ in range(3)]
+    stream.put_many([b"a", b"b", *big, b"c"])
+    taken = [stream._take(100, 4 * MIB, 0)[0] for _ in range(5)]
+    assert taken[0] == [b"a", b"b"]
+    assert [t[0] is b for t, b in zip(taken[1:4], big)] == [True] * 3
+    assert all(len(t) == 1 for t in taken[1:4]) and taken[4] == [b"c"]
+    assert b"".join(taken[1]) is big[0], "a message of one pickle is that pickle"
