@@ -144,3 +144,38 @@ def test_output_and_input_problems_name_their_key(
         to_job(spec)
     assert str(info.value).startswith(f"{SOURCE}:{line}: key '{key}': "), str(info.value)
     assert expected in str(info.value)
+
+
+class _Lines:
+    """A console that keeps what it would print."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+
+    def say(self, text: str) -> None:
+        self.out.append(text)
+
+    def note(self, text: str) -> None:
+        self.err.append(text)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_failed_records_under_continue_exit_5(as_json: bool) -> None:
+    """Records that raised under on_error: continue exit 5, as a function job's failed
+    arguments do (``compute --help``), also through ``attach``; a clean job exits 0."""
+    from remap.console.datajob import print_summary
+    from remap.console.detached import print_summary as attached_summary
+
+    summary = {
+        "job": "j", "state": "OK", "output": "/o", "job_dir": "/d", "files": 1, "bytes": 3,
+        "counters": {"map_records_in": 3, "map_errors": 1, "reduce_records_out": 2},
+        "timings": {"total": 0.1},
+    }  # fmt: skip
+    console = _Lines()
+    assert print_summary(console, summary, as_json) == 5
+    assert attached_summary(_Lines(), "mapreduce", summary, as_json) == 5
+    if not as_json:
+        assert "errors.log (exit code 5)" in console.err[-1]
+    summary["counters"]["map_errors"] = 0
+    assert print_summary(_Lines(), summary, as_json) == 0

@@ -129,3 +129,23 @@ def test_progress_line_shows_active_messages_and_aggregates() -> None:
     assert report_line(report) == (
         "superstep 3: 120 active, 450 messages, dangling=0.0123457, seen={1}, 2 errors"
     )
+
+
+def test_vertex_errors_under_continue_exit_5() -> None:
+    """Vertices that raised under on_error: continue exit 5 (as failed arguments do), also
+    through ``attach``; none: 0."""
+    from remap.console.detached import print_summary as attached_summary
+    from remap.console.vertexjob import print_summary
+    from tests.test_data_jobfile import _Lines
+
+    result = {
+        "state": "done", "supersteps": 3, "vertices": 6, "messages": 9, "bytes_moved": 95,
+        "workers": 2, "output": "/o", "elapsed": 0.2, "rollbacks": 0, "errors": 1,
+        "first_error": "vertex 3 in superstep 1: ValueError", "job_dir": "/d",
+    }  # fmt: skip
+    console = _Lines()
+    assert print_summary(console, result, False) == 5
+    assert "(exit code 5)" in console.err[-1]
+    assert attached_summary(_Lines(), "vertex", result, True) == 5
+    result["errors"] = 0
+    assert print_summary(_Lines(), result, True) == 0

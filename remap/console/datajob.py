@@ -38,16 +38,20 @@ def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) ->
     finally:
         if bar is not None:
             bar.clear()
-    print_summary(console, summary, args.json)
-    return 0
+    return print_summary(console, summary, args.json)
 
 
-def print_summary(console: Any, summary: dict[str, Any], as_json: bool) -> None:
-    """A finished data job's summary: one JSON object, or a line for a person."""
+def print_summary(console: Any, summary: dict[str, Any], as_json: bool) -> int:
+    """A finished data job's summary: one JSON object, or a line for a person. Returns the
+    exit code: 5 (as a function job with failed arguments) if records failed under continue."""
+    from .main import EXIT_FAILED_ARGUMENTS
+
+    c = summary["counters"]
+    errors = c.get("map_errors", 0) + c.get("reduce_errors", 0)
+    code = EXIT_FAILED_ARGUMENTS if errors else 0
     if as_json:
         console.say(json.dumps(summary))
-        return
-    c = summary["counters"]
+        return code
     console.say(
         f"{summary['state']}: {c.get('map_records_in', 0)} records in "
         f"{summary['files']} files ({render.fmt_bytes(summary['bytes'])}) -> "
@@ -55,8 +59,9 @@ def print_summary(console: Any, summary: dict[str, Any], as_json: bool) -> None:
         f"in {render.fmt_duration(summary['timings'].get('total', 0))}"
     )
     console.say(f"job directory: {summary['job_dir']}")
-    errors = c.get("map_errors", 0) + c.get("reduce_errors", 0)
     if errors:
         console.note(
             f"{errors} record(s) failed (on_error: continue); see {summary['job_dir']}/errors.log"
+            f" (exit code {code})"
         )
+    return code

@@ -196,16 +196,15 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
         if args.json:
             console.say(json.dumps({"job": job["id"], "state": job["state"], "error": str(exc)}))
         raise
-    print_summary(console, job["kind"], summary, args.json)
-    return 0
+    return print_summary(console, job["kind"], summary, args.json)
 
 
-def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> None:
+def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> int:
     if kind == "mapreduce":
         from .datajob import print_summary as show
     else:
         from .vertexjob import print_summary as show
-    show(console, summary, as_json)
+    return show(console, summary, as_json)
 
 
 # ---------------------------------------------------------------- the driver process

@@ -58,15 +58,18 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
     finally:
         if bar is not None:
             bar.clear()
-    print_summary(console, result.to_json(), args.json)
-    return 0
+    return print_summary(console, result.to_json(), args.json)
 
 
-def print_summary(console: Any, result: dict[str, Any], as_json: bool) -> None:
-    """A finished vertex job's summary (``VertexResult.to_json()``): JSON, or lines."""
+def print_summary(console: Any, result: dict[str, Any], as_json: bool) -> int:
+    """A finished vertex job's summary (``VertexResult.to_json()``): JSON, or lines. Returns
+    the exit code: 5 (as a function job with failed arguments) if vertices failed."""
+    from .main import EXIT_FAILED_ARGUMENTS
+
+    code = EXIT_FAILED_ARGUMENTS if result["errors"] else 0
     if as_json:
         console.say(json.dumps(result))
-        return
+        return code
     console.say(
         f"{result['state']}: {result['supersteps']} supersteps, {result['vertices']} vertices, "
         f"{result['messages']} messages ({render.fmt_bytes(result['bytes_moved'])} between "
@@ -78,5 +81,7 @@ def print_summary(console: Any, result: dict[str, Any], as_json: bool) -> None:
     if result["errors"]:
         console.note(
             f"{result['errors']} vertex error(s) (on_error: continue): {result['first_error']}"
+            f" (exit code {code})"
         )
     console.say(f"job directory: {result['job_dir']}")
+    return code
