@@ -433,3 +433,39 @@ def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: mapreduce\nmodule: wordcount.py\ninput: in/\n")
     bad = console("compute", "bad.yaml")
     assert bad.returncode == 2 and "bad.yaml:1: key 'output' is required" in bad.stderr
+
+
+def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Ctrl-C in an attached driver (SIGTERM in a detached one) kills the running phase's job
+    at once; it went on running (and failing on removed files) until the server noticed the
+    console had left."""
+    from remap.data.driver import DataJobRunner, DataProgress, job_from_functions
+    from tests.cluster_harness import wait_for
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    data = DataDir(tmp_path / "data")
+    job = job_from_functions(
+        {"map": _slow_map, "reduce": _sum_reduce}, src, tmp_path / "out", name="interrupted"
+    )
+    seen: list[int] = []
+
+    def on_progress(progress: DataProgress) -> None:
+        if progress.phase_job is not None:
+            seen.append(progress.phase_job)
+            if list((data.root / "job").glob("*/progress/mapper-0000.json")):
+                raise KeyboardInterrupt
+
+    client = cluster._client
+    assert client is not None
+    runner = DataJobRunner(client, job, data, on_progress=on_progress)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    phase = seen[-1]
+
+    def phase_state() -> str | None:
+        states = [j["state"] for j in cluster.status()["jobs"] if j["id"] == phase]
+        return states[0] if states and states[0] != "running" else None
+
+    assert wait_for(phase_state, 3, "the phase job to end") == "killed"
+    assert layout.read_result(data, runner.job_id) == "INCOMPLETE"

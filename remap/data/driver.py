@@ -317,6 +317,9 @@ class DataJobRunner:
             results = self.phase.wait(lambda: self._tick(phase))
         except JobFailed as exc:
             raise self._explain(phase, exc) from None
+        except BaseException:  # Ctrl-C, SIGTERM (kill of a detached job), a lost connection
+            self._kill_phase()  # now: run()'s own cleanup no longer sees the phase
+            raise
         finally:
             self.phase = None
             self._tell()
