@@ -23,6 +23,14 @@ pytestmark = [
 ]
 
 
+def _login_link(cluster) -> str:
+    return cluster.wait_for(
+        lambda: re.search(r"dashboard: (http://\S+/login\?token=\S+)", cluster.server.log_text()),
+        10,
+        "the server's login link",
+    ).group(1)
+
+
 def _progress(page, job: int) -> int:
     text = page.locator(f'tr[data-job="{job}"] .progress-text span').first.inner_text()
     return int(text.split("/")[0].replace(",", "").strip())
@@ -65,11 +73,7 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
     cluster = make_cluster(
         [NodeSpec(cores=1), NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"}
     )
-    link = cluster.wait_for(
-        lambda: re.search(r"dashboard: (http://\S+/login\?token=\S+)", cluster.server.log_text()),
-        10,
-        "the server's login link",
-    ).group(1)
+    link = _login_link(cluster)
     job_file = write_job(
         tmp_path / "slow.yaml",
         {"function": jobs_function("funcs", "slow"), "args_range": [0, 400], "chunksize": 1},
@@ -115,3 +119,35 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
     done = cluster.finish(console, timeout=30)
     assert done.returncode != 0 and "killed" in done.stderr, cluster.explain(done)
     assert cluster.job(job)["state"] == "killed"
+
+
+def test_a_detached_data_job_on_the_dashboard(make_cluster, tmp_path: Path) -> None:
+    """A detached data job's row says its kind and phase; its Kill button ends it INCOMPLETE."""
+    from remap.data import layout
+    from remap.data.layout import DataDir
+    from tests.test_detached_file_jobs import _slow_job
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    data = DataDir(tmp_path / "data")
+    cluster = make_cluster(
+        [NodeSpec(cores=2)],
+        env={"REMAP_DATA_DIR": str(data.root)},
+        server_env={"REMAP_HTTP_PORT": "0"},
+    )
+    link = _login_link(cluster)
+    job, data_job = _slow_job(cluster, tmp_path, data)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(link)
+            row = page.locator(f'tr[data-job="{job}"]')
+            row.wait_for(timeout=15_000)
+            assert "mapreduce (detached)" in row.inner_text()
+            assert row.locator(".progress-text span").first.inner_text().startswith("map · ")
+            row.locator('button[data-action="kill"]').click()
+            page.locator("#confirm-ok").click()
+            row.locator(".badge.killed").wait_for(timeout=30_000)
+        finally:
+            browser.close()
+    assert layout.read_result(data, data_job) == "INCOMPLETE"
