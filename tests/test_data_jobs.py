@@ -107,6 +107,39 @@ def test_wordcount_example(cluster: remap.Cluster, tmp_path: Path, example: str)
     _assert_clean(data, summary, out)
 
 
+def test_the_last_wave_of_map_tasks_is_cut_finer(
+    cluster: remap.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 2 cores the last 2 splits are halved (when big enough): 2 more map tasks, the same
+    output as the serial count."""
+    from remap.data import inputs
+
+    monkeypatch.setattr(inputs, "TAIL_MIN_BYTES", 100)
+    wc = _example("wordcount")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(4)
+    for i in range(3):
+        text = "\n".join(
+            " ".join(rng.choice(["a", "bb", "c's"]) for _ in range(rng.randrange(0, 9)))
+            for _ in range(400)
+        )
+        (corpus / f"part{i}.txt").write_text(text)
+    files = sorted(corpus.iterdir())
+    planned = inputs.make_splits(files, int(0.002 * 1024 * 1024), splittable=True)
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "counts"
+    summary = cluster.mapreduce(
+        wc, corpus, out, reducers=2, data_dir=str(data.root), split_mb=0.002
+    )
+    assert summary["splits"] == len(planned) + 2
+    assert summary["counters"]["map_bytes_in"] == sum(f.stat().st_size for f in files)
+    expect = Counter(w for p in files for w in wc.WORD.findall(p.read_text().lower()))
+    got = Counter({k: int(v) for k, v in (line.split("\t") for line in _lines(out))})
+    assert got == expect
+    _assert_clean(data, summary, out)
+
+
 def test_inverted_index_two_reducer_sets(cluster: remap.Cluster, tmp_path: Path) -> None:
     """Two purposes, two reduce functions, each with its own reducer count and directory."""
     ii = _example("inverted_index")

@@ -119,6 +119,34 @@ def test_random_files_and_splits(tmp_path: Path) -> None:
         assert got == text.splitlines()
 
 
+def test_finer_tail_cuts_the_last_wave_in_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last ``cores`` splits (big enough) are halved, in order and renumbered; every line
+    is still read exactly once; small splits and zero cores change nothing."""
+    rng = random.Random(11)
+    files = []
+    for i in range(3):
+        text = "\n".join("w" * rng.randrange(0, 30) for _ in range(rng.randrange(20, 200)))
+        files.append(_write(tmp_path / f"f{i}", text.encode()))
+    expect = [line for f in files for line in f.read_text().splitlines()]
+    splits = inputs.make_splits(files, 400, splittable=True)
+    assert inputs.finer_tail(splits, 2) == splits  # each split is far below TAIL_MIN_BYTES
+    assert inputs.finer_tail(splits, 0) == splits
+    monkeypatch.setattr(inputs, "TAIL_MIN_BYTES", 50)
+    for cores in (1, 2, 3, len(splits) + 4):
+        finer = inputs.finer_tail(splits, cores)
+        halved = [s for s in splits[-cores:] if s.size >= 100]
+        assert len(finer) == len(splits) + len(halved)
+        assert finer[: len(splits) - min(cores, len(splits))] == splits[:-cores]
+        assert [s.index for s in finer] == list(range(len(finer)))
+        assert [(s.path, s.start) for s in finer] == sorted(
+            ((s.path, s.start) for s in finer), key=lambda ps: (files.index(Path(ps[0])), ps[1])
+        )
+        got = [line for s in finer for _, line in inputs.read_lines(s)]
+        assert got == expect
+
+
 def test_splits_skip_empty_files_and_keep_unsplittable_whole(tmp_path: Path) -> None:
     """An empty file has no split; ``splittable=False`` gives one split per file."""
     empty = _write(tmp_path / "e", b"")

@@ -31,7 +31,7 @@ from ..client import ClusterClient, JobStream
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo
 from . import counters, layout
-from .inputs import Split, make_splits, resolve_inputs
+from .inputs import Split, finer_tail, make_splits, resolve_inputs
 from .layout import DataDir
 from .runs import DEFAULT_FANIN
 from .tasks import DEFAULT_PURPOSE, JobFunctions, TaskContext, map_task, reduce_task
@@ -171,7 +171,7 @@ class DataJobRunner:
         job = self.job
         started = time.monotonic()
         files, splits = self._plan()
-        self._write_job_dir(files, splits)
+        splits = self._write_job_dir(files, splits)
         state = "FAIL"
         try:
             map_results = self._map(splits)
@@ -228,13 +228,22 @@ class DataJobRunner:
         self._splits = len(splits)
         return files, splits
 
-    def _write_job_dir(self, files: list[Path], splits: list[Split]) -> None:
+    def _write_job_dir(self, files: list[Path], splits: list[Split]) -> list[Split]:
+        """Write the job directory; return the splits to map (the last wave cut finer)."""
         job, data = self.job, self.data
         self.data_id = layout.data_id(data.root)  # nodes must see this token (or be left out)
         try:
             status = runtime.run(self.client.status, timeout=30)
         except Exception:  # noqa: BLE001 - the config is informative; the job can still run
             status = {"nodes": []}
+        if job.functions.read is None:
+            cores = sum(
+                int(n.get("cores", 0))
+                for n in status.get("nodes", [])
+                if job.options.group is None or n.get("group") == job.options.group
+            )
+            splits = finer_tail(splits, cores)
+            self._splits = len(splits)
         config = {
             "job": self.job_id,
             "name": job.name,
@@ -265,6 +274,7 @@ class DataJobRunner:
             for reducer in range(n):
                 data.run_dir(self.job_id, purpose, reducer).mkdir(parents=True, exist_ok=True)
         data.progress_dir(self.job_id).mkdir(parents=True, exist_ok=True)
+        return splits
 
     def _context(self) -> TaskContext:
         job = self.job
