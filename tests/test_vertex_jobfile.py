@@ -149,3 +149,13 @@ def test_vertex_errors_under_continue_exit_5() -> None:
     assert attached_summary(_Lines(), "vertex", result, True) == 5
     result["errors"] = 0
     assert print_summary(_Lines(), result, True) == 0
+
+
+@pytest.mark.parametrize("functions", ["pagerank.py", None, 3])
+def test_functions_that_are_not_a_namespace_are_one_clear_error(functions: object) -> None:
+    """``cluster.vertex("pagerank.py", ...)`` is a TypeError saying what to give, as for
+    ``cluster.mapreduce``; it was an AttributeError from deep inside ('str' has no 'get')."""
+    from remap.vertex.program import program_from_namespace
+
+    with pytest.raises(TypeError, match="a module or a dict of role -> function"):
+        program_from_namespace(functions, "vertex job")  # type: ignore[arg-type]

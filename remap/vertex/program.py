@@ -62,6 +62,8 @@ def _fold(name: str, spec: Any) -> Callable[[Any, Any], Any]:
 
 def program_from_namespace(ns: Mapping[str, Any], where: str) -> Program:
     """Build a :class:`Program` from a module's names; errors say what is missing and where."""
+    if not isinstance(ns, Mapping):  # cluster.vertex("job.py", ...): one line, as mapreduce's
+        raise TypeError("give the job's functions as a module or a dict of role -> function")
     for required in ("prepare", "compute"):
         if not callable(ns.get(required)):
             raise ConfigError(f"{where}: a vertex job module must define {required}()")
