@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,24 @@ def test_failed_records_under_continue_exit_5(as_json: bool) -> None:
         assert "errors.log (exit code 5)" in console.err[-1]
     summary["counters"]["map_errors"] = 0
     assert print_summary(_Lines(), summary, as_json) == 0
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_failed_job_with_json_prints_one_object(killed: bool) -> None:
+    """``compute --json`` of a data or vertex job that failed or was killed prints one JSON
+    object on stdout (as a function job does); nothing without --json (the error line is
+    main's)."""
+    from remap.console.datajob import print_failure
+    from remap.errors import JobFailed, JobKilled
+
+    exc = JobKilled("killed on request") if killed else JobFailed("map raised ValueError")
+    console = _Lines()
+    print_failure(console, True, "vertex", "j1", exc)
+    (line,) = console.out
+    assert json.loads(line) == {
+        "job": "j1", "kind": "vertex", "state": "killed" if killed else "failed",
+        "error": str(exc), "exit_code": 1,
+    }  # fmt: skip
+    quiet = _Lines()
+    print_failure(quiet, False, "vertex", "j1", exc)
+    assert quiet.out == [] and quiet.err == []

@@ -435,6 +435,9 @@ def test_output_that_exists_is_refused(cluster: remap.Cluster, tmp_path: Path) -
 # ------------------------------------------------------------------ the console
 
 
+REDUCE = "def reduce(key, values):\n    yield key, sum(values)\n"
+
+
 def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
     """``compute job.yaml`` runs a data job; ``--json`` is one summary object; exit codes hold."""
     from tests.cluster_harness import CONSOLE_SCRIPT, run_entry
@@ -466,6 +469,20 @@ def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: mapreduce\nmodule: wordcount.py\ninput: in/\n")
     bad = console("compute", "bad.yaml")
     assert bad.returncode == 2 and "bad.yaml:1: key 'output' is required" in bad.stderr
+
+    # --json on a failed job: still one object on stdout (as function jobs), the line on stderr
+    (tmp_path / "boom.py").write_text("def map(line):\n    raise ValueError(line)\n\n" + REDUCE)
+    (tmp_path / "boom.yaml").write_text(
+        "kind: mapreduce\nmodule: boom.py\ninput: in/\noutput: o2/\n"
+    )
+    boom = console("compute", "boom.yaml", "--json")
+    assert boom.returncode == 1 and "map raised ValueError" in boom.stderr, boom.stderr
+    failed = json.loads(boom.stdout)
+    assert (
+        failed["state"] == "failed" and failed["exit_code"] == 1 and failed["kind"] == "mapreduce"
+    )
+    assert "map raised ValueError" in failed["error"] and failed["job"] in failed["error"]
+    assert not (tmp_path / "o2").exists()
 
 
 def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Path) -> None:

@@ -7,9 +7,10 @@ import json
 import time
 from typing import Any
 
-from ..data.driver import DataProgress, run_data_job
+from ..data.driver import DataJobRunner, DataProgress
 from ..data.jobspec import MapReduceSpec, to_job
 from ..data.layout import DataDir
+from ..errors import JobFailed, JobKilled
 from . import render
 
 
@@ -33,12 +34,34 @@ def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) ->
             last[0] = time.monotonic()
             console.note(f"job {progress.job_id}: {progress.line()}")
 
+    runner = DataJobRunner(client, job, data, on_progress=on_progress, on_notice=console.note)
     try:
-        summary = run_data_job(client, job, data, on_progress=on_progress, on_notice=console.note)
+        summary = runner.run()
+    except JobFailed as exc:
+        print_failure(console, args.json, "mapreduce", runner.job_id, exc)
+        raise
     finally:
         if bar is not None:
             bar.clear()
     return print_summary(console, summary, args.json)
+
+
+def print_failure(console: Any, as_json: bool, kind: str, job_id: str, exc: JobFailed) -> None:
+    """``--json``: a data or vertex job that failed or was killed still prints one object on
+    stdout, as a function job does (its error line goes to stderr as usual)."""
+    if as_json:
+        state = "killed" if isinstance(exc, JobKilled) else "failed"
+        console.say(
+            json.dumps(
+                {
+                    "job": job_id,
+                    "kind": kind,
+                    "state": state,
+                    "error": str(exc),
+                    "exit_code": exc.exit_code,
+                }
+            )
+        )
 
 
 def print_summary(console: Any, summary: dict[str, Any], as_json: bool) -> int:

@@ -7,10 +7,13 @@ import json
 import time
 from typing import Any
 
+from ..data.layout import new_job_id
+from ..errors import JobFailed
 from ..vertex.jobspec import VertexSpec, to_run
 from ..vertex.reference import SuperstepReport
 from ..vertex.run import run_vertex
 from . import render
+from .datajob import print_failure
 
 
 def report_line(report: SuperstepReport) -> str:
@@ -44,6 +47,7 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
             last[0] = time.monotonic()
             console.note(line)
 
+    job_id = new_job_id()
     try:
         result = run_vertex(
             client,
@@ -54,7 +58,11 @@ def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> 
             retries=spec.retries,
             priority=spec.priority,
             on_report=on_report,
+            job_id=job_id,
         )
+    except JobFailed as exc:
+        print_failure(console, args.json, "vertex", job_id, exc)
+        raise
     finally:
         if bar is not None:
             bar.clear()
