@@ -258,3 +258,32 @@ def test_input_is_loaded_without_the_cyclic_collector(tmp_path: Path):
     assert gc.isenabled()
     run_threads(program, tmp_path, 1)
     assert seen == {"prepare": {False}, "compute": {True}} and gc.isenabled()
+
+
+def _split_prepare(line: str):
+    src, dst = line.split()
+    return [(src, src, [dst]), (dst, dst, [])]
+
+
+def _halt(ctx, vertex_id, value, messages):
+    return value, True
+
+
+def test_input_bytes_that_are_not_utf8_reach_the_output_unchanged(tmp_path: Path):
+    """Bytes that are not UTF-8 reach ``prepare`` as surrogate escapes and are written back as
+    they were, as in data jobs; a worker failed with UnicodeDecodeError on them."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "g.txt").write_bytes(b"caf\xe9 ol\xe9\nol\xe9 \xff\xfe\n")
+    program = program_from_namespace({"prepare": _split_prepare, "compute": _halt}, "test")
+    config = VertexConfig(input=[tmp_path / "in"], output=tmp_path / "out", max_supersteps=5)
+    launches: list[ThreadLaunch] = []
+
+    def start(args):
+        launches.append(ThreadLaunch(args))
+        return launches[-1]
+
+    Driver(program, config, DataDir(tmp_path / "data"), 2, start).run()
+    for launch in launches:
+        launch.join(10)
+    got = sorted(b"".join(p.read_bytes() for p in (tmp_path / "out").glob("part-*")).splitlines())
+    assert got == sorted([b"caf\xe9\tcaf\xe9", b"ol\xe9\tol\xe9", b"\xff\xfe\t\xff\xfe"])

@@ -126,7 +126,7 @@ def read_split(
             raw = f.readline()
             if not raw:
                 return
-            yield (index, offset), raw.decode("utf-8").rstrip("\r\n")
+            yield (index, offset), raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             offset += len(raw)
 
 
@@ -164,7 +164,7 @@ def read_lines(
 
 def _lines(raw: bytes) -> list[str]:
     """Newline-terminated ``raw`` as lines without their line ends (as ``rstrip("\r\n")``)."""
-    text = raw.decode("utf-8")
+    text = raw.decode("utf-8", "surrogateescape")  # bytes that are not UTF-8 survive
     lines = text.split("\n")
     lines.pop()  # after the last newline
     if "\r" in text:

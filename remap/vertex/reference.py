@@ -43,7 +43,7 @@ def read_tagged_lines(paths: Iterable[Path]) -> Iterator[tuple[Tag, str]]:
         with open(path, "rb") as f:
             offset = 0
             for raw in f:
-                yield (i, offset), raw.decode("utf-8").rstrip("\r\n")
+                yield (i, offset), raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
                 offset += len(raw)
 
 

@@ -343,7 +343,9 @@ class Worker:
         for p, part in self.parts.items():
             text = "".join(line + "\n" for line in part.output_lines())
             lines += text.count("\n")
-            write_atomic(Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8"))
+            write_atomic(
+                Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8", "surrogateescape")
+            )
         return {"lines": lines}
 
     # ------------------------------------------------------------ files
