@@ -225,6 +225,12 @@ def test_python_api_detach_returns_a_handle_to_wait_for_or_kill(
         with pytest.raises(JobKilled):
             job.wait(timeout=30)
         assert not (tmp_path / "out").exists()
+        jobs = len(cluster.status()["jobs"])
+        with pytest.raises(ConfigError, match="key 'output': .* already exists"):
+            cluster.vertex(module, tmp_path / "in-graph", out, detach=True)  # nothing started
+        with pytest.raises(ConfigError, match="key 'input': .* no such file"):
+            cluster.mapreduce(slow, tmp_path / "nope", tmp_path / "o4", detach=True)
+        assert len(cluster.status()["jobs"]) == jobs
         with pytest.raises(ConfigError, match="module loaded from a .py file"):
             cluster.mapreduce({"map": len}, tmp_path / "in", tmp_path / "o2", detach=True)
     with remap.connect(cores=1, settings=Settings(data_dir=str(tmp_path / "d2"))) as local:

@@ -111,6 +111,19 @@ class DetachedJob:
         return runtime.run(lambda: client.kill(self.id), timeout=60)
 
 
+def check_here(spec: Any) -> None:
+    """The job's own mistakes (its module, an output that exists, a missing input) as one
+    error here, not as a job that fails on the server."""
+    if spec.kind == "mapreduce":
+        from ..data.jobspec import to_job
+
+        to_job(spec)
+    else:
+        from ..vertex.jobspec import to_run
+
+        to_run(spec)
+
+
 def drive_module(
     cluster: Any, kind: str, module: Any, inputs: Any, output: Any, keys: dict[str, Any]
 ) -> DetachedJob:
@@ -138,7 +151,7 @@ def drive_module(
     }
     job.setdefault("name", Path(file).stem)
     job_text, files = ship(job, Path(file))
-    load_job_text(job_text, Path(file).parent, "<detached job>")  # its mistakes, here
+    check_here(load_job_text(job_text, Path(file).parent, "<detached job>"))
     client = cluster._client
     job_id = runtime.run(lambda: client.drive(kind, job["name"], job_text, files), timeout=60)
     return DetachedJob(cluster, job_id, kind)
@@ -154,14 +167,7 @@ def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
             "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
             "cluster ends with its console"
         )
-    if spec.kind == "mapreduce":  # the job's own mistakes, as one line here
-        from ..data.jobspec import to_job
-
-        to_job(spec)
-    else:
-        from ..vertex.jobspec import to_run
-
-        to_run(spec)
+    check_here(spec)
     job_text, files = shipped_job(spec, args.job)
     job_id = session.request("drive", spec.kind, spec.name, job_text, files)
     if args.json:
