@@ -18,7 +18,7 @@ import remap  # noqa: E402
 import remap.joblib  # noqa: E402  (registers the backend)
 from remap.settings import Settings  # noqa: E402
 from tests.cluster_harness import Cluster as ProcessCluster  # noqa: E402
-from tests.cluster_harness import NodeSpec  # noqa: E402
+from tests.cluster_harness import NodeSpec, held_until  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # embedded clusters: cores are processes
 
@@ -191,14 +191,6 @@ def test_scikit_learn_cross_val_score(embedded: remap.Cluster) -> None:
     with joblib.parallel_backend("remap", cluster=embedded):
         scores = cross_val_score(DecisionTreeClassifier(random_state=0), x, y, cv=4, n_jobs=-1)
     assert len(scores) == 4 and all(0.5 < s <= 1.0 for s in scores)
-
-
-def held_until(release: str, x: int) -> int:
-    """Call 1 waits (up to a minute) for the release file; the others return at once."""
-    deadline = time.monotonic() + 60
-    while x == 1 and not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return x
 
 
 def test_a_slow_batch_holds_back_no_other(embedded: remap.Cluster, tmp_path: Path) -> None:
