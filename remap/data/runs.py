@@ -201,6 +201,14 @@ class SpillBuffer:
                             except ValueError:
                                 pass
                             else:
+                                if type(key) is str and type(value) is int:  # a count: shortest
+                                    try:
+                                        fast[key].append(value)
+                                    except KeyError:
+                                        fast[key] = [value]
+                                        size += len(key) + KEY_OVERHEAD
+                                    fast_count += 1
+                                    continue
                                 counts = sized(type(value))
                                 if counts is not None and type(key) is str:
                                     values = get(key)
