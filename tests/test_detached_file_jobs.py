@@ -159,6 +159,18 @@ def test_kill_ends_a_detached_data_job_incomplete_and_cleans_up(
     assert not list(tmp_path.glob(".out.remap-*"))  # the unpublished staging output
     gone = c.console("attach", str(job_id))
     assert gone.returncode == 1 and "killed" in gone.stderr
+    shown = c.console("attach", str(job_id), "--json")  # one object, as compute --json's
+    assert shown.returncode == 1 and "killed" in shown.stderr
+    assert json.loads(shown.stdout) == {
+        "job": job_id, "kind": "mapreduce", "state": "killed", "exit_code": 1,
+        "error": f"job {job_id} killed: killed on request",
+    }  # fmt: skip
+
+    def phase_ended() -> list[str] | None:  # killed by the driver, not failing on lost files
+        states = [j["state"] for j in c.status()["jobs"] if "[map " in j["name"]]
+        return states if states and "running" not in states else None
+
+    assert wait_for(phase_ended, 5, "the map phase to end") == ["killed"]
 
 
 def test_a_driver_that_dies_leaves_incomplete_with_the_reason(make_cluster, tmp_path: Path) -> None:

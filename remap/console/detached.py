@@ -199,8 +199,9 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
     try:
         summary = outcome(job)
     except JobFailed as exc:
-        if args.json:
-            console.say(json.dumps({"job": job["id"], "state": job["state"], "error": str(exc)}))
+        from .datajob import print_failure
+
+        print_failure(console, args.json, job["kind"], job["id"], exc)  # as compute --json
         raise
     return print_summary(console, job["kind"], summary, args.json)
 
