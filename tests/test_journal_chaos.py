@@ -177,7 +177,10 @@ def test_three_jobs_survive_three_server_sigkills_exactly_once(tmp_path: Path) -
         stop.set()
         assert "error" not in outcome, outcome.get("error")
         assert outcome["results"] == [x * x for x in range(STREAM_FROM, STREAM_FROM + N_STREAM)]
-        assert outcome["reconnects"] == KILLS
+        # one reconnect per kill at least; with heartbeats of 0.3 s on a loaded 2-core machine a
+        # stall of 0.9 s can also end a connection (seen in CI at load 10: 4 for 3 kills), and
+        # the handle then dials again and resumes: the exactly-once results above are the promise
+        assert outcome["reconnects"] >= KILLS
 
         for name, n, first in (("big", N_DETACHED, 0), ("from-path", N_PATH, PATH_FROM)):
             job_id = ids[name]
