@@ -519,3 +519,24 @@ def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Pat
 
     assert wait_for(phase_state, 3, "the phase job to end") == "killed"
     assert layout.read_result(data, runner.job_id) == "INCOMPLETE"
+
+
+def _plain_map(line: str):
+    yield line  # not a (key, value) pair
+
+
+def test_a_broken_contract_is_one_line_naming_file_and_line(
+    cluster: remap.Cluster, tmp_path: Path
+) -> None:
+    """A map that yields the wrong shape: the job's error names the record's file and line,
+    without the internal exception's class name."""
+    (tmp_path / "in.txt").write_text("a\n")
+    with pytest.raises(JobFailed) as info:
+        cluster.mapreduce(
+            {"map": _plain_map, "reduce": _sum_reduce},
+            tmp_path / "in.txt",
+            tmp_path / "out",
+            data_dir=str(tmp_path / "data"),
+        )
+    assert re.search(r"map task 0: \S+in\.txt:1: map must yield \(key, value\)", str(info.value))
+    assert "JobCodeError" not in str(info.value)

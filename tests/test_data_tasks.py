@@ -147,6 +147,17 @@ def test_broken_contracts_fail_the_task(tmp_path: Path, fns: dict, message: str)
         map_task(ctx, _split(tmp_path, "a\n"))
 
 
+def _bad_on_line_two(line: str):
+    yield (line, 1) if line != "b" else line
+
+
+def test_a_broken_contract_names_file_and_line(tmp_path: Path) -> None:
+    """A wrong yield names the record's file:line, as a raising map does (it named nothing)."""
+    split = _split(tmp_path, "a\nb\nc\n")
+    with pytest.raises(JobCodeError, match=r"in0\.txt:2: map must yield \(key, value\)"):
+        map_task(_context(tmp_path, map=_bad_on_line_two), split)
+
+
 def test_reduce_errors_name_the_key(tmp_path: Path) -> None:
     """A reduce that raises names its reducer and key."""
 

@@ -361,7 +361,8 @@ class DataJobRunner:
         assert self.phase is not None
         first = self.phase.run.session.first_error
         if first is not None:
-            what = "" if first.type_name == "RecordError" else f"{first.type_name}: "
+            ours = ("RecordError", "JobCodeError")  # their messages say what and where
+            what = "" if first.type_name in ours else f"{first.type_name}: "
             return JobFailed(f"{phase} task {first.index}: {what}{first.message}")
         return JobFailed(f"{phase} phase: {exc}")
 

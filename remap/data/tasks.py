@@ -262,7 +262,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                 chunk = list(itertools.islice(items, _FEED))  # a generator's code runs here
                 extend(chunk)
             except BadOutput as exc:
-                raise JobCodeError(f"{what}: {exc}") from None
+                raise JobCodeError(f"{where()}: {what}: {exc}") from None
             except Exception as exc:  # the user's code: report with where its input came from
                 failures.record(where(), what, exc)
                 return
@@ -290,8 +290,8 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                     outputs = user_map(record)
                     if outputs is not None:  # None: in-mapper combining yields at the end
                         extend(outputs.items() if isinstance(outputs, dict) else outputs)
-                except BadOutput as exc:
-                    raise JobCodeError(str(exc)) from None
+                except BadOutput as exc:  # a broken contract fails even on continue: say where
+                    raise JobCodeError(f"{_where(s, offset, index, custom)}: {exc}") from None
                 except Exception as exc:  # the user's map: report with the record's place
                     failures.record(_where(s, offset, index, custom), "map", exc)
                 if buffer.size >= spill_bytes:
