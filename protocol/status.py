@@ -138,6 +138,9 @@ class JobStatus(Record):
     min_cores: int = ABSENT
     left_out: dict[str, str] = ABSENT  #: a file job's: nodes that cannot see its data, and why
     counters: dict[str, int] = ABSENT  #: a file job's counters so far
+    #: a gang job's (a vertex job's workers): the argument indices of its calls in flight, so
+    #: its driver knows which call a lost node took back
+    calls: list[int] = ABSENT
     # a detached data or vertex job's
     kind: str = ABSENT
     data_job: str | None = ABSENT

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
 import threading
+import time
 from pathlib import Path
 
 import networkx as nx
@@ -135,7 +137,7 @@ def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
 def _freeze_at(monkeypatch, superstep: int):
     """The worker computing the first vertex of ``superstep`` stops heartbeating and hangs:
     what the driver sees of a node that was SIGKILLed. Returns the program, the event that
-    releases the hung worker, and the set naming the frozen attempt."""
+    releases the hung worker, the set naming the frozen attempt, and every worker made."""
     frozen: set[str] = set()
     release = threading.Event()
     workers: list[worker_mod.Worker] = []
@@ -165,7 +167,7 @@ def _freeze_at(monkeypatch, superstep: int):
             release.wait(30)
         return compute(ctx, vid, value, messages)
 
-    return dataclasses.replace(program, compute=frozen_compute), release, frozen
+    return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
 
 
 @pytest.mark.parametrize(
@@ -177,16 +179,16 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
 ):
     """A worker that stops heartbeating mid-job (after a checkpoint, before the first one, or
     with none) is dropped; its partitions are re-dealt and restored; the output is identical.
-    ``told``: the server's count of running calls reveals the loss long before the heartbeat
-    timeout would."""
+    ``told``: the server's list of the calls in flight reveals the loss long before the
+    heartbeat timeout would."""
     graph_input(tmp_path, weighted=True)
     want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
     assert clean.supersteps > 6
-    program, release, frozen = _freeze_at(monkeypatch, superstep)
+    program, release, frozen, workers = _freeze_at(monkeypatch, superstep)
 
     class ServerTells(ThreadLaunch):
-        def running(self):
-            return len(self.threads) - len(frozen)
+        def calls(self):
+            return {w.slot for w in workers if w.attempt not in frozen}
 
     try:
         got, result, reports = run_threads(
@@ -210,6 +212,72 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
     if superstep > 0:  # supersteps run again from the last complete checkpoint, or from 0
         restart = next(b for a, b in zip(steps, steps[1:]) if b <= a)
         assert restart == (superstep // checkpoint_every) * checkpoint_every, steps
+    assert got == want
+    assert result.supersteps == clean.supersteps
+
+
+def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
+    tmp_path: Path, monkeypatch
+):
+    """The server reports a worker's call taken back while that worker's heartbeat is the
+    freshest (it beat just before its node died; the live workers' beats are a second old):
+    the driver drops exactly that worker, rolls back once to the checkpoint, and the output
+    equals the undisturbed run's. Guessing by the stalest heartbeat drops a live worker, then
+    loses the real one too by its heartbeat timeout: two rollbacks."""
+    graph_input(tmp_path, weighted=True)
+    want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
+    program, release, frozen, workers = _freeze_at(monkeypatch, 5)
+    dead: set[str] = set()  # attempts whose heartbeats stopped (their node is gone)
+
+    def beat(self):
+        path = self.layout.heartbeat(self.slot, self.attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        while not self._stop.wait(self.args.heartbeat):
+            if self.attempt not in dead:
+                # once the victim is frozen the live workers' beats look a second old, its own fresh
+                t = time.time() - (1.0 if frozen and self.attempt not in frozen else 0.0)
+                os.utime(path, (t, t))
+
+    monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
+    reported: list[dict[int, float]] = []  # heartbeat times when the loss was first reported
+
+    class ServerTells(ThreadLaunch):
+        def calls(self):
+            alive = {w.slot for w in workers if w.attempt not in frozen}
+            if frozen and not reported:
+                victim = next(w for w in workers if w.attempt in frozen)
+                reported.append(
+                    {w.slot: w.layout.heartbeat(w.slot, w.attempt).stat().st_mtime for w in workers}
+                )
+                reported.append({"victim": victim.slot})
+                dead.add(victim.attempt)  # it never beats again
+            return alive
+
+        def running(self):  # the same report as a count (what the driver once asked for)
+            return len(self.calls())
+
+    try:
+        got, result, reports = run_threads(
+            program,
+            tmp_path,
+            3,
+            name="lost",
+            release=release,
+            launch=ServerTells,
+            partitions=6,
+            checkpoint_every=2,
+            lost_after=6.0,  # well above the live workers' 1 s lag
+            heartbeat=0.05,
+        )
+    finally:
+        release.set()
+    assert frozen and reported, "the victim was never reported lost"
+    beats, victim = reported[0], reported[1]["victim"]
+    assert all(beats[victim] > t for slot, t in beats.items() if slot != victim), beats
+    assert result.rollbacks == 1
+    steps = [r.superstep for r in reports]
+    assert next(b for a, b in zip(steps, steps[1:]) if b <= a) == 4, steps
     assert got == want
     assert result.supersteps == clean.supersteps
 

@@ -3,9 +3,11 @@
 It runs on the client (the console or the Python API), starts one gang call per worker,
 and talks to the workers only through files in the job directory: it writes numbered
 commands and waits for every member's ack. Counting acks is the barrier (no timeout ends a
-superstep); heartbeats only detect a lost worker, which triggers a rollback: a new epoch,
-the partitions re-dealt over the workers still alive, restored from the last complete
-checkpoint (or re-read from the input if there is none yet).
+superstep). A lost worker triggers a rollback: a new epoch, the partitions re-dealt over the
+workers still alive, restored from the last complete checkpoint (or re-read from the input if
+there is none yet). The server names the calls it has in flight (a worker's argument index is
+its slot), so a call its lost node took back names the lost worker exactly; heartbeats only
+catch a hung worker, or one whose call was retried elsewhere.
 """
 
 from __future__ import annotations
@@ -97,14 +99,19 @@ class Launch(Protocol):
 
     def kill(self) -> None: ...
 
-    def running(self) -> int | None:
-        """Worker calls running on cores as the server sees them, or None if unknown."""
+    def calls(self) -> set[int] | None:
+        """The slots (argument indices) of the worker calls the server has in flight, or
+        None if unknown: a member missing from it was taken back (its node or core lost)."""
 
 
 class WorkerLost(Exception):
-    def __init__(self, slot: int, why: str) -> None:
-        super().__init__(f"worker {slot} {why}")
-        self.slot = slot
+    """Member workers (by slot) are gone: one rollback drops them all."""
+
+    def __init__(self, slots: list[int], why: str) -> None:
+        super().__init__(
+            f"worker{'s' if len(slots) > 1 else ''} {', '.join(map(str, slots))} {why}"
+        )
+        self.slots = slots
 
 
 def find_inputs(paths: list[Path]) -> list[Path]:
@@ -221,17 +228,19 @@ class Driver:
         if now - self._asked_at >= STATUS_INTERVAL:
             self._asked_at = now
             assert self.launch is not None
-            running = self.launch.running()
-            if running is not None and running < len(self.members):
-                # the server took a member's call back: the member whose heartbeat is stalest
-                slot = min(self.members, key=lambda s: beats.get(s, ("", 0.0))[1])
-                raise WorkerLost(slot, "lost its node or core (the server took its call back)")
+            calls = self.launch.calls()
+            # the server names the calls it has in flight: a member's missing call was taken
+            # back (never guessed from heartbeat ages: within one interval of a kill the lost
+            # worker's heartbeat can be the freshest)
+            taken = sorted(set(self.members) - calls) if calls is not None else []
+            if taken:
+                raise WorkerLost(taken, "lost its node or core (the server took its call back)")
         for slot, attempt in self.members.items():
             newest, mtime = beats.get(slot, (attempt, now))
             if newest != attempt and self.layout.heartbeat(slot, newest).exists():
-                raise WorkerLost(slot, "was restarted elsewhere")
+                raise WorkerLost([slot], "was restarted elsewhere")
             if now - mtime > self.config.lost_after:
-                raise WorkerLost(slot, f"sent no heartbeat for {now - mtime:.0f}s")
+                raise WorkerLost([slot], f"sent no heartbeat for {now - mtime:.0f}s")
 
     # ------------------------------------------------------------ commands
 
@@ -461,10 +470,12 @@ class Driver:
         """
         self.log.warn("vertex job rolls back: {why}", why=str(lost))
         self.rollbacks += 1
-        old = self.members.pop(lost.slot, None)
-        fresh = self._heartbeats().get(lost.slot)
-        if fresh and fresh[0] != old and time.time() - fresh[1] < self.config.lost_after:
-            self.members[lost.slot] = fresh[0]
+        beats = self._heartbeats()
+        for slot in lost.slots:
+            old = self.members.pop(slot, None)
+            fresh = beats.get(slot)
+            if fresh and fresh[0] != old and time.time() - fresh[1] < self.config.lost_after:
+                self.members[slot] = fresh[0]
         if not self.members:
             raise JobFailed(f"every vertex worker was lost (last: {lost})")
         remove_tree(self.layout.epoch(self.epoch))

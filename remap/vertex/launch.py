@@ -54,7 +54,7 @@ class ThreadLaunch:
     def kill(self) -> None:
         """Threads cannot be killed: the stop command (or a missing driver) ends them."""
 
-    def running(self) -> int | None:
+    def calls(self) -> set[int] | None:
         """Threads are never taken back: nothing to report."""
         return None
 
@@ -108,6 +108,7 @@ class ClusterLaunch:
         self._client = client
         call_soon = runtime.reactor().callFromThread
         self.run = JobStream(blob, params, call_soon=call_soon, total_hint=len(args))
+        assert [a.slot for a in args] == list(range(len(args)))  # argument index == slot
         self.run.start(client).put_many([dumps(a) for a in args])
         self.run.close_input()
 
@@ -125,17 +126,20 @@ class ClusterLaunch:
         """Wait for every worker call to return (after the stop command)."""
         return self.run.finished.wait(timeout)
 
-    def running(self) -> int | None:
-        """How many worker calls the server has running on cores now (None: not known yet).
+    def calls(self) -> set[int] | None:
+        """The argument indices of the worker calls the server has in flight now (None: not
+        known yet, or a server that does not say).
 
-        The server notices a lost node (connection drop, missed heartbeats) or a dead core and
-        takes the call back; its count then falls below the driver's members.
+        A worker's argument index is its slot. The server notices a lost node (connection
+        drop, missed heartbeats) or a dead core and takes that call back: its index is then
+        missing (until a retry of it starts elsewhere, which the driver sees by its heartbeat).
         """
         job_id = self.run.job_id
         if job_id is None:
             return None
         jobs = self._runtime.run(self._client.status, timeout=30)["jobs"]
-        return next((int(j["running"]) for j in jobs if j["id"] == job_id), None)
+        calls = next((j.get("calls") for j in jobs if j["id"] == job_id), None)
+        return None if calls is None else set(calls)
 
     def kill(self) -> None:
         self.run.kill()

@@ -786,12 +786,17 @@ class Scheduler(NodeAnswers, Recovery):
         """The status records of ``jobs`` (default: every job) with what only the scheduler
         knows: each job's weight, its share of the cluster (its weight over the weights of the
         running jobs with work), its cores in use (the first ``cores`` tasks a node holds are
-        the ones running; the rest wait on the node), a file job's left-out nodes and counters."""
+        the ones running; the rest wait on the node), a file job's left-out nodes and counters, a
+        gang job's calls in flight (its driver tells exactly which call a lost node took)."""
         now = self.clock.seconds()
         cores: dict[int, int] = {}
+        calls: dict[int, list[int]] = {}  # a gang job's argument indices in flight
         for node in self.nodes.values():
             for task in itertools.islice(node.inflight.values(), node.cores):
                 cores[task.job.id] = cores.get(task.job.id, 0) + 1
+            for task in node.inflight.values():
+                if task.job.options.gang:
+                    calls.setdefault(task.job.id, []).extend(task.segment.indices)
         busy = {j.id for j in self.active.values() if j.pending_count or j.tasks}
         total = sum(self.jobs[i].weight for i in busy)
         records = []
@@ -803,6 +808,8 @@ class Scheduler(NodeAnswers, Recovery):
                 }
             if job.counters:
                 more["counters"] = dict(job.counters)
+            if job.options.gang and not job.finished:
+                more["calls"] = sorted(calls.get(job.id, ()))
             records.append(
                 job.describe(
                     now,
