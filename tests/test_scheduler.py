@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from protocol import messages as m
+from protocol.status import ABSENT
 from remap.blobs import dumps, split
 from remap.server import scheduler as sched_mod
 from remap.server.scheduler import (
@@ -1371,6 +1372,26 @@ def test_gang_calls_go_one_per_idle_core_never_queued_behind_another_call() -> N
     run_to_end([a], [console])
     assert_exactly_once(console, 3)
     assert lost.task not in {t.task for t in a.held()}
+
+
+def test_gang_job_status_names_its_calls_in_flight_and_not_one_a_lost_node_took() -> None:
+    """A gang job's status lists the argument index of each call in flight (a vertex worker's
+    slot): the call a lost node took back is missing, so its driver knows exactly which worker
+    was lost. Other jobs' records have no such list."""
+    sched, _ = make()
+    for host in "ab":
+        FakeNode(sched, host, cores=1)
+    console = FakeConsole(sched, range(2), gang=True)
+    plain = FakeConsole(sched, range(1))
+    console.feed()
+    plain.feed()
+    calls = {j.id: j.calls for j in sched.status()[1]}
+    assert calls[console.job] == [0, 1] and calls[plain.job] is ABSENT
+    (index,) = (t.segment.indices[0] for t in sched.nodes["b"].inflight.values())
+    event(sched, NodeLost("b", "gone"))
+    status = {j.id: j for j in sched.status()[1]}
+    assert status[console.job].calls == [1 - index] and status[console.job].running == 1
+    assert status[console.job].to_wire()["calls"] == [1 - index]
 
 
 def test_gang_call_waits_for_a_node_whose_cores_run_other_jobs() -> None:

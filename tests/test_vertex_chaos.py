@@ -67,7 +67,7 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
             checkpoint_every=checkpoint_every,
             data_dir=tmp_path / "data",
             on_superstep=on_superstep,
-            lost_after=600.0,  # found by the server's count of running calls, not by a timer
+            lost_after=600.0,  # found by the server's list of calls in flight, not by a timer
         )
     assert killed == [kill_after]
     assert result.workers == 2 and result.rollbacks == 1

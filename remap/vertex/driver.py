@@ -47,8 +47,8 @@ class VertexConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
-    #: seconds without a heartbeat before a worker counts as lost. The server's own count of
-    #: running calls finds a lost node or core at once; this only catches a hung worker, so it
+    #: seconds without a heartbeat before a worker counts as lost. The server's list of the
+    #: calls in flight finds a lost node or core at once; this only catches a hung worker, so it
     #: is long enough for a core starved of CPU or deep in one long C call
     lost_after: float = 60.0
     heartbeat: float = 0.5
