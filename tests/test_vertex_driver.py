@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -170,6 +171,31 @@ def _freeze_at(monkeypatch, superstep: int):
     return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
 
 
+def _lose_one_worker(program, tmp_path: Path, release, launch, clean, want, restart, **cfg):
+    """Run ``program`` on 3 workers over 6 partitions while one is lost; it must roll back
+    once, rerun from superstep ``restart`` (None: not checked) and give the clean output."""
+    try:
+        got, result, reports = run_threads(
+            program,
+            tmp_path,
+            3,
+            name="lost",
+            release=release,
+            launch=launch,
+            partitions=6,
+            heartbeat=0.05,
+            **cfg,
+        )
+    finally:
+        release.set()
+    assert result.rollbacks == 1
+    steps = [r.superstep for r in reports]
+    if restart is not None:  # supersteps run again from the last complete checkpoint, or from 0
+        assert next(b for a, b in zip(steps, steps[1:]) if b <= a) == restart, steps
+    assert got == want
+    assert result.supersteps == clean.supersteps
+
+
 @pytest.mark.parametrize(
     "superstep,checkpoint_every,told",
     [(5, 2, False), (1, 3, False), (0, 0, False), (5, 2, True)],
@@ -190,30 +216,19 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
         def calls(self):
             return {w.slot for w in workers if w.attempt not in frozen}
 
-    try:
-        got, result, reports = run_threads(
-            program,
-            tmp_path,
-            3,
-            name="lost",
-            release=release,
-            launch=ServerTells if told else ThreadLaunch,
-            partitions=6,
-            checkpoint_every=checkpoint_every,
-            # long enough that a healthy worker thread on a loaded machine is never taken for lost
-            lost_after=600 if told else 3.0,
-            heartbeat=0.05,
-        )
-    finally:
-        release.set()
+    _lose_one_worker(
+        program,
+        tmp_path,
+        release,
+        ServerTells if told else ThreadLaunch,
+        clean,
+        want,
+        (superstep // checkpoint_every) * checkpoint_every if superstep > 0 else None,
+        checkpoint_every=checkpoint_every,
+        # long enough that a healthy worker thread on a loaded machine is never taken for lost
+        lost_after=600 if told else 3.0,
+    )
     assert frozen, "the victim was never computed"
-    assert result.rollbacks == 1
-    steps = [r.superstep for r in reports]
-    if superstep > 0:  # supersteps run again from the last complete checkpoint, or from 0
-        restart = next(b for a, b in zip(steps, steps[1:]) if b <= a)
-        assert restart == (superstep // checkpoint_every) * checkpoint_every, steps
-    assert got == want
-    assert result.supersteps == clean.supersteps
 
 
 def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
@@ -240,46 +255,36 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
                 os.utime(path, (t, t))
 
     monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
-    reported: list[dict[int, float]] = []  # heartbeat times when the loss was first reported
+    reported: dict[str, Any] = {}  # the victim, and every heartbeat's time, when first reported
 
     class ServerTells(ThreadLaunch):
         def calls(self):
-            alive = {w.slot for w in workers if w.attempt not in frozen}
             if frozen and not reported:
                 victim = next(w for w in workers if w.attempt in frozen)
-                reported.append(
-                    {w.slot: w.layout.heartbeat(w.slot, w.attempt).stat().st_mtime for w in workers}
-                )
-                reported.append({"victim": victim.slot})
+                reported["victim"] = victim.slot
+                reported["beats"] = {
+                    w.slot: w.layout.heartbeat(w.slot, w.attempt).stat().st_mtime for w in workers
+                }
                 dead.add(victim.attempt)  # it never beats again
-            return alive
+            return {w.slot for w in workers if w.attempt not in frozen}
 
         def running(self):  # the same report as a count (what the driver once asked for)
             return len(self.calls())
 
-    try:
-        got, result, reports = run_threads(
-            program,
-            tmp_path,
-            3,
-            name="lost",
-            release=release,
-            launch=ServerTells,
-            partitions=6,
-            checkpoint_every=2,
-            lost_after=6.0,  # well above the live workers' 1 s lag
-            heartbeat=0.05,
-        )
-    finally:
-        release.set()
-    assert frozen and reported, "the victim was never reported lost"
-    beats, victim = reported[0], reported[1]["victim"]
+    _lose_one_worker(
+        program,
+        tmp_path,
+        release,
+        ServerTells,
+        clean,
+        want,
+        4,
+        checkpoint_every=2,
+        lost_after=6.0,  # well above the live workers' 1 s lag
+    )
+    assert reported, "the victim was never reported lost"
+    victim, beats = reported["victim"], reported["beats"]
     assert all(beats[victim] > t for slot, t in beats.items() if slot != victim), beats
-    assert result.rollbacks == 1
-    steps = [r.superstep for r in reports]
-    assert next(b for a, b in zip(steps, steps[1:]) if b <= a) == 4, steps
-    assert got == want
-    assert result.supersteps == clean.supersteps
 
 
 def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
