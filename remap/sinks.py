@@ -680,6 +680,9 @@ class FileSink(_OutputSink):
     """
 
     mode = "file"
+    #: written bytes pushed to the OS at least this often, so that a disk that fills up
+    #: keeps (and ``kept()`` counts) everything that fit, not only what the caller flushed
+    PUSH_BYTES = 64 * 1024
 
     def __init__(self, output: Path | str) -> None:
         super().__init__(output)
@@ -740,10 +743,15 @@ class FileSink(_OutputSink):
             raise self._error(exc) from None
         self._bytes += len(data)
         self.lines_written += 1
+        if self._bytes - self._flushed[0] >= self.PUSH_BYTES:
+            self._push()
 
     def flush(self) -> None:
         """Push the written prefix to the OS so another reader sees it."""
         self._check_open()
+        self._push()
+
+    def _push(self) -> None:
         if self._file is None or self._broken:
             return
         try:

@@ -681,6 +681,21 @@ def test_file_sink_disk_full_names_the_file_and_keeps_whole_lines(small_disk: Pa
     assert sink.kept() == f"kept {len(kept)} result(s) in {sink.partial}; {path} left unchanged"
 
 
+def test_file_sink_disk_full_keeps_what_fit_without_a_flush(small_disk: Path) -> None:
+    """Results that arrive in one long run (no flush between them) into a 1 MiB disk: what fit
+    is kept as whole lines and counted, not dropped because no flush came before ENOSPC."""
+    path = small_disk / "out.jsonl"
+    sink = FileSink(path)
+    with pytest.raises(OutputError, match="disk full"):
+        for i in range(300):
+            sink.add(i, i, "x" * 10_000, None)
+    sink.close(complete=False)
+    kept = _lines(sink.partial)
+    assert len(kept) > 50, len(kept)  # ~100 lines of 10 kB fit in 1 MiB
+    assert [line["index"] for line in kept] == list(range(len(kept)))
+    assert sink.kept_count == len(kept)
+
+
 def test_sqlite_sink_disk_full_names_the_file_and_keeps_committed_rows(small_disk: Path) -> None:
     """A full disk under sqlite: OutputError naming the output and 'disk full'; the rows
     committed before stay readable in results_partial."""
