@@ -262,8 +262,13 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--serve"]:
         serve(argv[1], argv[2], argv[3:])
         return
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     procs = "--procs" in argv
     rest = [a for a in argv if a != "--procs"]
+    if rest and not rest[0].isdigit():
+        sys.exit(f"call_hops: CALLS must be a whole number, not {rest[0]!r} (see --help)")
     calls = int(rest[0]) if rest else 300
     print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     report(run_procs(calls) if procs else run_embedded(calls))
