@@ -98,12 +98,14 @@ class BadRequest(RequestFailed):
     """The server found the request malformed or its options invalid."""
 
     code = "bad-request"
+    exit_code = 2  # what the user typed or wrote, as a bad job file or command line
 
 
 class NotFound(RequestFailed):
     """The request named a job or node the server does not have."""
 
     code = "not-found"
+    exit_code = 2  # `kill 999` exits as `attach 999` does: the command line named nothing
 
 
 class Forbidden(RequestFailed):

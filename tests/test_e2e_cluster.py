@@ -512,6 +512,17 @@ def test_disk_full_says_which_file_and_keeps_what_was_written(
 # ---------------------------------------------------------------------- cluster commands
 
 
+def test_kill_and_attach_of_an_unknown_job_exit_2_with_one_line(shared: Cluster) -> None:
+    """A job id the server does not have is a mistake on the command line: exit 2 for `kill`
+    as for `attach`, one line naming the id, no traceback."""
+    for command in ("kill", "attach"):
+        done = shared.console(command, "987654321", timeout=30)
+        assert done.returncode == 2, shared.explain(done)
+        no_traceback(done)
+        lines = error_lines(done)
+        assert len(lines) == 1 and "987654321" in lines[0], done.stderr
+
+
 def test_status_shows_a_running_job_and_kill_stops_it(shared: Cluster, tmp_path: Path) -> None:
     """A job shows as running in status; `kill JOB` ends it (its console says so), kills its busy
     cores (every call sleeps 60 s) and the next job runs at once."""

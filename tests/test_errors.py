@@ -86,6 +86,8 @@ def test_an_unknown_code_still_reaches_the_caller() -> None:
         ),
         (AuthError("wrong secret"), "error: wrong secret", 3),
         (Forbidden("not your job"), "error: not your job", 1),
+        (NotFound("no job 999"), "error: no job 999", 2),
+        (BadRequest("bad options"), "error: bad options", 2),
         (ConnectionLost("lost the server"), "error: lost the server", 4),
         (JobKilled("job 3 killed"), "error: job 3 killed", 1),
         (RemoteProtocolError("bad frame"), "error: bad frame", 1),
