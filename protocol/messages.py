@@ -490,17 +490,35 @@ class Grant(Message):
 
 @message
 class Results(Message):
-    """Server → console: results for ``indices`` (same layout as :class:`TaskResult`)."""
+    """Server → console: results for ``indices`` (same layout as :class:`TaskResult`).
+
+    A contiguous run travels as ``start``/``count`` with ``indices`` empty: no list of 10^5
+    integers to build, encode, decode and check on the hot path. Read :attr:`answered`.
+    """
 
     TYPE = "results"
     job: int
-    indices: list[int]
-    sizes: list[int]
+    indices: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     errors: list[list[Any]] = field(default_factory=list)
     output: str = ""
     partial: bool = False
     packed: bool = False
+    start: int = 0
+    count: int = 0
     payload: bytes = b""
+
+    @property
+    def answered(self) -> list[int] | range:
+        """The argument indices answered, in the order of ``sizes`` (a range for a run)."""
+        return range(self.start, self.start + self.count) if self.count else self.indices
+
+    @classmethod
+    def of(cls, job: int, indices: list[int] | range, **fields: Any) -> Results:
+        """Results for ``indices``: a run ``range(a, b)`` as ``start``/``count``."""
+        if type(indices) is range and indices.step == 1 and len(indices):
+            return cls(job=job, start=indices.start, count=len(indices), **fields)
+        return cls(job=job, indices=list(indices), **fields)
 
 
 @message

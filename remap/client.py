@@ -293,7 +293,7 @@ class JobSession:
         if self.finished:  # already failed here: later results have nowhere to go
             return
         if self._unanswered is not None:
-            self._unanswered.answered(msg.indices)
+            self._unanswered.answered(msg.answered)
         try:
             self._decode(msg)
         except Exception as exc:
@@ -341,8 +341,8 @@ class JobSession:
         errors = {e[0]: e for e in msg.errors}
         if errors and self.first_error is None:
             pos = min(errors)
-            self.first_error = _error_info(msg.indices[pos], errors[pos], None)
-        indices = msg.indices
+            self.first_error = _error_info(msg.answered[pos], errors[pos], None)
+        indices = msg.answered
         unreadable: set[int] = set()
         if msg.partial:
             partial: Any = None
@@ -377,7 +377,9 @@ class JobSession:
         if unreadable:
             self._check_unreadable(indices, errors, unreadable)
 
-    def _items(self, indices: list[int], values: list[Any], infos: list[Any] | None) -> None:
+    def _items(
+        self, indices: list[int] | range, values: list[Any], infos: list[Any] | None
+    ) -> None:
         arguments = [self._args.pop(i, None) for i in indices] if self.keep_arguments else None
         self.events.append(("items", indices, values, infos, arguments))
 
@@ -421,15 +423,15 @@ def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], se
     """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
     try:
         values = pickle.loads(msg.payload)
-        if type(values) is not list or len(values) != len(msg.indices):
-            raise ValueError(f"{len(values)} results for {len(msg.indices)} arguments")
+        if type(values) is not list or len(values) != len(msg.answered):
+            raise ValueError(f"{len(values)} results for {len(msg.answered)} arguments")
         return values, set()
     except Exception as exc:
         # the remote errors keep their type, message and traceback; the rest is unreadable
-        unreadable = {pos for pos in range(len(msg.indices)) if pos not in errors}
+        unreadable = {pos for pos in range(len(msg.answered)) if pos not in errors}
         for pos in unreadable:
             errors[pos] = _unreadable_entry(pos, exc, "batch's results")
-        return [None] * len(msg.indices), unreadable
+        return [None] * len(msg.answered), unreadable
 
 
 class Unanswered:
@@ -451,11 +453,14 @@ class Unanswered:
         self.done.extend(bytes(count))
         self.chunks.append((start, count, blobs, groups))
 
-    def answered(self, indices: list[int]) -> None:
+    def answered(self, indices: list[int] | range) -> None:
         if not indices:
             return
         done, base = self.done, self.base
-        lo, hi, end = min(indices), max(indices), base + len(done)
+        if type(indices) is range:  # a run from the server (``start``/``count``)
+            lo, hi, end = indices[0], indices[-1], base + len(done)
+        else:
+            lo, hi, end = min(indices), max(indices), base + len(done)
         if hi - lo == len(indices) - 1 and base <= lo and hi < end:  # a run (never repeated)
             done[lo - base : hi - base + 1] = b"\x01" * len(indices)
         else:
@@ -765,7 +770,7 @@ class JobStream:
     def results(self, msg: m.Results) -> None:
         """Results open no window (grants do): deliver them without looking for arguments."""
         if msg.output and self.on_output is not None:
-            self.on_output(msg.indices[0] if msg.indices else -1, msg.output)
+            self.on_output(msg.answered[0] if msg.answered else -1, msg.output)
         self.session.results(msg)
         self._flush()
 
@@ -879,7 +884,9 @@ class JobStream:
             return out, groups, tags, ended and self._input_error is None
 
 
-def _consecutive(indices: list[int]) -> bool:
+def _consecutive(indices: list[int] | range) -> bool:
+    if type(indices) is range:  # a run as the server sent it: nothing to compare
+        return bool(indices)
     first = indices[0] if indices else 0
     return bool(indices) and indices == list(range(first, first + len(indices)))
 

@@ -114,7 +114,7 @@ class GroupConsole(FakeConsole):
                 if r.packed
                 else [pickle.loads(b) if len(b) else None for b in split(r.sizes, r.payload)]
             )
-            for pos, (index, value) in enumerate(zip(r.indices, values, strict=True)):
+            for pos, (index, value) in enumerate(zip(r.answered, values, strict=True)):
                 entry = ("error", errors[pos][1]) if pos in errors else ("ok", value)
                 out.setdefault(index, []).append(entry)
         return out
@@ -234,7 +234,7 @@ def test_the_journal_resumes_grouped_arguments_exactly_once(tmp_path: Path) -> N
                 node.run(task)
     clock.advance(FLUSH_INTERVAL)  # ...and commit it
     job = sched.jobs[console.job]
-    committed = {i for r in job.stored for i in r.indices}
+    committed = {i for r in job.stored for i in r.answered}
     assert {0, 1, 2, 4, 5} <= committed and 3 not in committed
     late = next(t for t in node.held() if 3 not in [v for g in task_groups(t) for v in g])
     node.run(late)  # delivered, not committed: lost with the server
@@ -257,7 +257,7 @@ def test_the_journal_resumes_grouped_arguments_exactly_once(tmp_path: Path) -> N
     again.attach(attacher, console.job)
     for r in attacher.of(m.Results, console.job):
         values = pickle.loads(r.payload) if r.packed else [pickle.loads(r.payload)]
-        for index, value in zip(r.indices, values, strict=True):
+        for index, value in zip(r.answered, values, strict=True):
             stored.setdefault(index, []).append(value)
     assert stored == {i: [i * i] for i in range(n)}, "an argument lost or delivered twice"
     clock2.advance(FLUSH_INTERVAL)

@@ -124,6 +124,20 @@ def test_results_become_one_items_event_with_the_kept_arguments() -> None:
     assert (session.done, session.failed) == (2, 0)
 
 
+def test_a_run_of_results_is_answered_without_listing_its_indices() -> None:
+    """Results sent as ``start``/``count`` are one items event over that range, marked
+    answered (a resume sends none of them again), in order."""
+    session = JobSession(JobOptions(), keep_arguments=True)
+    session.submit(1, resumable=True)
+    session.submitted(2, 10)
+    session.pump(take_with_tags(["a", "b", "c"]))
+    sizes, payload = pack([10, 20])
+    session.results(m.Results.of(2, range(1, 3), sizes=sizes, payload=payload))
+    assert session.events == [("items", range(1, 3), [10, 20], None, ["b", "c"])]
+    assert session.resume_message(9).missing == [[0, 1]]
+    assert (session.done, session.failed) == (2, 0)
+
+
 def take_with_tags(tags: list[Any]) -> Callable[..., Any]:
     def take(limit: int, room: int, start: int) -> tuple[Any, ...]:
         out, tags[:] = tags[:], []

@@ -122,7 +122,7 @@ def test_recover_returns_what_was_committed_and_nothing_else(tmp_path: Path) -> 
     assert (job.id, job.submit.name, job.submit.payload) == (5, "kept", b"fn-blob")
     assert (job.args_total, job.args) == (3, [(0, [1, 1, 1], b"abc", [])])
     assert (job.delivered, job.done, job.failed) == ({0, 2}, 1, 1)
-    assert [r.indices for r in job.stored] == [[0, 2]]
+    assert [list(r.answered) for r in job.stored] == [[0, 2]]
     assert job.stored[0].errors == [[1, "ValueError", "bad", ""]]
 
 
@@ -165,7 +165,7 @@ def _stored_outcomes(sched: Scheduler, job_id: int) -> dict[int, list]:
     attacher = FakeLink("attach")
     sched.attach(attacher, job_id)
     for r in attacher.of(m.Results, job_id):
-        for index, blob in zip(r.indices, split(r.sizes, r.payload), strict=True):
+        for index, blob in zip(r.answered, split(r.sizes, r.payload), strict=True):
             out.setdefault(index, []).append(pickle.loads(blob))
     return out
 

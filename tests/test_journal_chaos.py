@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
 import remap
+from protocol import messages as m
 from remap.settings import Settings
 from tests.cluster_harness import Cluster, ClusterError, NodeSpec, jobs_function, write_job
 from tests.jobs.fail_funcs import paced_gated
@@ -193,7 +193,7 @@ def test_three_jobs_survive_three_server_sigkills_exactly_once(tmp_path: Path) -
             stored = sorted(
                 i
                 for (header,) in _journal(c, "SELECT header FROM results WHERE job=?", job_id)
-                for i in msgpack.unpackb(header)["indices"]
+                for i in m.decode(header, b"").answered
             )
             assert stored == list(range(n)), f"{name}: a result stored twice or missing"
             attached = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=60))

@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
+from protocol import messages as m
 from tests.cluster_harness import Cluster, ClusterError
 from tests.test_failures import HEARTBEAT, QUICK, _job
 
@@ -109,6 +109,6 @@ def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_resul
     stored = [
         i
         for (header,) in _journal_rows(c, "SELECT header FROM results WHERE job=?", job_id)
-        for i in msgpack.unpackb(header)["indices"]
+        for i in m.decode(header, b"").answered
     ]
     assert sorted(stored) == list(range(n)), "a result stored twice or missing"

@@ -423,3 +423,17 @@ def test_readme_frame_example_is_exact():
     assert "(29 bytes on the wire)" in text and len(wire) == 29
     groups = wire[:4].hex(" "), wire[4:8].hex(" "), wire[8:].hex(" ")
     assert "  ".join(groups) in text
+
+
+def test_contiguous_results_travel_as_a_run_and_gaps_as_a_list():
+    """200,000 answered indices cost two integers in the header, not a list of them; a batch
+    with gaps (a retry, a requeued argument) still lists its indices."""
+    run = m.Results.of(7, range(100, 200_100), sizes=[1] * 200_000)
+    header, _ = m.encode(run)
+    assert "indices" not in msgpack.unpackb(header) or msgpack.unpackb(header)["indices"] == []
+    assert len(header) < 200_000 + 100  # the sizes, one byte each, and little more
+    back = m.decode(header, b"")
+    assert back.answered == range(100, 200_100) and back.indices == []
+    gaps = m.decode(*m.encode(m.Results.of(7, [3, 5, 6], sizes=[1, 1, 1])))
+    assert (gaps.indices, gaps.count, list(gaps.answered)) == ([3, 5, 6], 0, [3, 5, 6])
+    assert m.Results.of(7, range(0), sizes=[]).answered == []

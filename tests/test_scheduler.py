@@ -225,7 +225,7 @@ class FakeConsole:
         for r in self.link.of(m.Results, self.job):
             errors = {e[0]: e for e in r.errors}
             for pos, (index, blob) in enumerate(
-                zip(r.indices, split(r.sizes, r.payload), strict=True)
+                zip(r.answered, split(r.sizes, r.payload), strict=True)
             ):
                 entry = ("error", errors[pos][1]) if pos in errors else ("ok", pickle.loads(blob))
                 out.setdefault(index, []).append(entry)
@@ -904,7 +904,7 @@ def test_detached_job_survives_and_replays_on_attach() -> None:
     node.answer(node.held()[0])
     later = FakeLink("later")
     assert sched.attach(later, console.job) is not None
-    assert [len(r.indices) for r in later.of(m.Results)] == [5, 5]
+    assert [len(r.answered) for r in later.of(m.Results)] == [5, 5]
     assert sched.attach(FakeLink("third"), console.job) is None, "one console at a time"
     console.link = later
     run_to_end([node], [])
@@ -1275,7 +1275,7 @@ def test_detached_submitter_does_not_block_an_attach_once_its_arguments_are_in()
     assert sched.attach(writer, console.job) is not None
     assert sched.attach(FakeLink("other"), console.job) is None, "one attached console at a time"
     node.answer(node.held()[0])
-    assert [len(r.indices) for r in writer.of(m.Results)] == [3]
+    assert [len(r.answered) for r in writer.of(m.Results)] == [3]
 
 
 def test_a_drained_node_that_reconnects_stays_drained() -> None:
@@ -1349,7 +1349,7 @@ def test_a_finished_detached_job_replays_to_anyone_even_while_another_console_is
     assert sched.jobs[console.job].finished and sched.jobs[console.job].console is writer
     late = FakeLink("late")
     assert sched.attach(late, console.job) is not None
-    assert [len(r.indices) for r in late.of(m.Results)] == [3]
+    assert [len(r.answered) for r in late.of(m.Results)] == [3]
     assert [d.state for d in late.of(m.JobDone)] == ["done"]
 
 

@@ -77,7 +77,8 @@ def test_a_result_becomes_results_for_the_console_and_the_end_of_the_job() -> No
     effects = sched.handle(NodeSaid("n1", answer))
     assert len(console.link.sent) == before, "returned, not sent"
     results, done = _sent(effects, console.link)
-    assert type(results) is m.Results and results.indices == [0, 1]
+    assert type(results) is m.Results and list(results.answered) == [0, 1]
+    assert (results.indices, results.start, results.count) == ([], 0, 2), "a run, not a list"
     assert done == m.JobDone(job=console.job, state="done", done=2, failed=0, message="")
     assert [type(x) for x in _sent(effects, node_link)] == [m.JobDrop]
     assert sched.jobs[console.job].phase is JobPhase.DONE
@@ -181,7 +182,7 @@ def test_the_service_hands_peers_messages_in_as_events_and_performs_the_effects(
     task = next(x for x in node_link.sent if type(x) is m.Task)
     answer = m.TaskResult(task=task.task, sizes=[len(blob)], payload=blob)
     node.message_received(node_link, answer)
-    assert [x.indices for x in console_link.sent if type(x) is m.Results] == [[0]]
+    assert [list(x.answered) for x in console_link.sent if type(x) is m.Results] == [[0]]
     over = m.Args(job=submitted.job, start=1, sizes=[1] * 10**6, payload=b"x" * 10**6)
     console.message_received(console_link, over)
     assert isinstance(console_link.closed_with, RemoteProtocolError)

@@ -334,10 +334,12 @@ class Journal:
     @staticmethod
     def _runs(job_id: int, msg: m.Results) -> list[tuple[int, int, int, bytes]]:
         """The message's indices as runs ``(job, start, stop, errors)`` (one run, usually)."""
-        indices = msg.indices
+        indices = msg.answered
         if not indices:
             return []
         bad = sorted(indices[e[0]] for e in msg.errors)
+        if type(indices) is range:  # a run (``start``/``count``): nothing to sort
+            return [(job_id, indices.start, indices.stop, msgpack.packb(bad))]
         low, high = min(indices), max(indices)
         if high - low + 1 == len(indices):  # unique indices spanning their range: one run
             return [(job_id, low, high + 1, msgpack.packb(bad))]

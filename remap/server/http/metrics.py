@@ -57,7 +57,7 @@ class ServerStats:
     def results_delivered(self, job: Any, msg: m.Results) -> None:
         failed = len(msg.errors)
         self.failed_total += failed
-        self.done_total += len(msg.indices) - failed  # a fold's partial covers its batch too
+        self.done_total += len(msg.answered) - failed  # a fold's partial covers its batch too
         if not failed:
             return
         now = self.scheduler.clock.seconds()
@@ -71,7 +71,7 @@ class ServerStats:
             entry = {
                 "job": job.id,
                 "job_name": job.options.name,
-                "index": msg.indices[pos] if 0 <= pos < len(msg.indices) else None,
+                "index": msg.answered[pos] if 0 <= pos < len(msg.answered) else None,
                 "type": str(type_name)[:200],
                 "message": str(text)[:500],
                 "time": round(now, 3),

@@ -132,9 +132,9 @@ class NodeAnswers:
         n_err = len(msg.errors)
         self._deliver(
             job,
-            m.Results(
-                job=job.id,
-                indices=list(seg.indices),
+            m.Results.of(
+                job.id,
+                seg.indices,
                 sizes=msg.sizes,
                 errors=msg.errors,
                 output=msg.output,
@@ -254,9 +254,9 @@ class NodeAnswers:
                 job.failed += 1
                 self._deliver(
                     job,
-                    m.Results(
-                        job=job.id,
-                        indices=list(s.indices),
+                    m.Results.of(
+                        job.id,
+                        s.indices,
                         sizes=[0],
                         errors=[[0, type_name, text, ""]],
                     ),
