@@ -304,6 +304,35 @@ def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
     assert not (tmp_path / "out-run" / "_SUCCESS").exists()
 
 
+def _picky_prepare(line: str):
+    if line.split()[0] == "13":
+        raise ValueError(f"no vertex 13 ({line})")
+    return example("propagate_max").prepare(line)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_prepare_that_raises_under_continue_skips_the_line_and_counts_it(
+    tmp_path: Path, workers: int
+):
+    """on_error: continue: every line whose ``prepare`` raised is left out and counted among
+    the job's errors (exit 5 on the console), the rest runs to the reference's output; under
+    fail the same input fails the job quoting the line."""
+    graph = graph_input(tmp_path)
+    bad = sum(1 for src, _ in graph.edges if src == 13)
+    assert bad, "the test graph has no edge out of vertex 13"
+    base = example("propagate_max")
+    prog = dataclasses.replace(base, prepare=_picky_prepare)
+    got, result, _ = run_threads(prog, tmp_path, workers, on_error="continue", partitions=3)
+    assert result.errors == bad and "no vertex 13" in result.first_error
+    want = run_local(
+        prog, read_tagged_lines(sorted((tmp_path / "in").iterdir())), 3, 200, on_error="continue"
+    )
+    assert want.load_errors == bad
+    assert got == parse_output(sum(want.partitions, []))
+    with pytest.raises(JobFailed, match="no vertex 13"):
+        run_threads(prog, tmp_path, workers, name="fail", partitions=3)
+
+
 def test_existing_output_is_refused(tmp_path: Path):
     """The output directory must not exist (nothing is ever overwritten)."""
     graph_input(tmp_path)

@@ -88,7 +88,7 @@ def print_summary(console: Any, result: dict[str, Any], as_json: bool) -> int:
         console.note(f"{result['rollbacks']} rollback(s) after lost workers")
     if result["errors"]:
         console.note(
-            f"{result['errors']} vertex error(s) (on_error: continue): {result['first_error']}"
+            f"{result['errors']} error(s) in vertices or input lines (on_error: continue): {result['first_error']}"
             f" (exit code {code})"
         )
     console.say(f"job directory: {result['job_dir']}")

@@ -183,6 +183,9 @@ class Driver:
         self.restore_pending = False
         self.history: dict[int, tuple[int, dict[str, Any]]] = {}  # step → (vertices, aggregated)
         self.reports: dict[int, SuperstepReport] = {}
+        #: input lines whose ``prepare`` raised under ``on_error: continue`` (skipped), and the
+        #: first one's error; set by each load (a rollback to the input loads again)
+        self.load_errors, self.load_first_error = 0, ""
 
     # ------------------------------------------------------------ liveness
 
@@ -361,7 +364,9 @@ class Driver:
     def _load(self) -> int:
         splits = input_splits(self.inputs, len(self.members))
         by_slot = dict(zip(sorted(self.members), splits))
-        self._command("read", splits=by_slot)
+        read = self._command("read", splits=by_slot)
+        self.load_errors = sum(a.get("errors", 0) for a in read)
+        self.load_first_error = next((a["first_error"] for a in read if a.get("first_error")), "")
         acks = self._command("merge")
         remove_tree(self.layout.epoch(self.epoch) / "load")
         return sum(a["vertices"] for a in acks)
@@ -383,7 +388,9 @@ class Driver:
             except WorkerLost as lost:
                 self._lose(lost)
         reports = [self.reports[s] for s in sorted(self.reports)]
-        first_error = next((r.first_error for r in reports if r.first_error), "")
+        first_error = self.load_first_error or next(
+            (r.first_error for r in reports if r.first_error), ""
+        )
         result = VertexResult(
             state="done",
             supersteps=last.superstep + 1,
@@ -398,7 +405,7 @@ class Driver:
             job_id=self.job_id,
             job_dir=str(self.layout.root),
             aggregates=last.aggregates,
-            errors=sum(r.errors for r in reports),
+            errors=self.load_errors + sum(r.errors for r in reports),
             first_error=first_error,
             phases={
                 slot: {k: [round(v, 3) for v in t] for k, t in times.items()}

@@ -91,12 +91,24 @@ def prepare_line(program: Program, line: str) -> list[Record]:
 
 
 def bucket_records(
-    program: Program, lines: Iterable[tuple[Tag, str]], count: int
+    program: Program,
+    lines: Iterable[tuple[Tag, str]],
+    count: int,
+    skipped: list[str] | None = None,
 ) -> list[list[tuple[Tag, Record]]]:
-    """Parse tagged lines and sort their records into one list per owning partition."""
+    """Parse tagged lines and sort their records into one list per owning partition; with
+    ``skipped`` (``on_error: continue``) a line whose ``prepare`` raised is left out and its
+    error appended there."""
     buckets: list[list[tuple[Tag, Record]]] = [[] for _ in range(count)]
     for tag, line in lines:
-        for rec in prepare_line(program, line):
+        try:
+            records = prepare_line(program, line)
+        except VertexError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+            continue
+        for rec in records:
             buckets[partition_of(rec[0], count)].append((tag, rec))
     return buckets
 

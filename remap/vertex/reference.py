@@ -35,6 +35,8 @@ class LocalResult:
     supersteps: int
     partitions: list[list[str]]  # output lines per partition
     reports: list[SuperstepReport]
+    #: input lines whose ``prepare`` raised under ``on_error: continue`` (left out)
+    load_errors: int = 0
 
 
 def read_tagged_lines(paths: Iterable[Path]) -> Iterator[tuple[Tag, str]]:
@@ -56,7 +58,8 @@ def run_local(
 ) -> LocalResult:
     """Run a vertex program to the end over ``partitions`` in-memory partitions."""
     parts = [Partition(i, partitions, program) for i in range(partitions)]
-    for part, bucket in zip(parts, bucket_records(program, lines, partitions)):
+    skipped: list[str] | None = [] if on_error == "continue" else None
+    for part, bucket in zip(parts, bucket_records(program, lines, partitions, skipped)):
         part.load(bucket)
     inboxes: list[Any] = [{} for _ in parts]
     aggregated: dict[str, Any] = {}
@@ -89,4 +92,6 @@ def run_local(
         reports.append(report)
         if report.active == 0 and report.delivered == 0:
             break
-    return LocalResult(len(reports), [list(p.output_lines()) for p in parts], reports)
+    return LocalResult(
+        len(reports), [list(p.output_lines()) for p in parts], reports, len(skipped or ())
+    )

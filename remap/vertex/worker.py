@@ -239,9 +239,19 @@ class Worker:
                     acc[p] = Partition(p, count, program)
             chunk += 1
 
+        skip = cmd.on_error == "continue"
+        failed, first_error = 0, ""
         for split in cmd.splits.get(self.slot, ()):
             for line in read_lines(*split):
-                for vid, value, targets, weights in prepare_line(program, line):
+                try:
+                    prepared = prepare_line(program, line)
+                except VertexError as exc:
+                    if not skip:
+                        raise
+                    failed += 1  # on_error: continue: the line is skipped and counted
+                    first_error = first_error or str(exc)
+                    continue
+                for vid, value, targets, weights in prepared:
                     records += 1
                     p = partition_of(vid, count)
                     acc[p].add(vid, value, targets, weights)
@@ -252,7 +262,7 @@ class Worker:
                     held = 0
         spill()
         self.records = {p: acc[p] for p in self.parts}
-        return {"records": records}
+        return {"records": records, "errors": failed, "first_error": first_error}
 
     def _do_merge(self, cmd: Command) -> dict[str, Any]:
         """Each own partition from every reader's records in input order: readers' splits
