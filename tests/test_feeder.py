@@ -18,11 +18,13 @@ class RecordingStream:
         )
         self.unsent_bytes = 0
         self.puts: list[int] = []
+        self.groups: list[int] = []
         self.closed = False
 
     def put_many(self, blobs: list[bytes], tags: Any = None, counts: Any = None) -> None:
         if blobs:
             self.puts.append(sum(counts) if counts else len(blobs))
+            self.groups += counts or []
 
     def close_input(self) -> None:
         self.closed = True
@@ -37,3 +39,15 @@ def test_the_first_window_is_queued_before_the_rest_of_a_map_is_pickled() -> Non
     assert stream.closed and sum(stream.puts) == 10_000
     assert len(stream.puts) >= 2, stream.puts
     assert m.INITIAL_WINDOW <= stream.puts[0] < m.INITIAL_WINDOW + 64, stream.puts
+
+
+def test_a_large_map_travels_in_groups_of_128() -> None:
+    """2·10^5 trivial calls: per-group costs (a pickle, a sizes entry, a core's loop turn and
+    its slot mark) halve against groups of 64; the first argument still goes alone (its size
+    sizes the groups) and a whole group fits the first window beside it."""
+    stream = RecordingStream(200_000)
+    feeder = _Feeder(stream, iter(range(200_000)), None, star=False, fn_name="f")  # type: ignore[arg-type]
+    feeder.top_up(0)
+    assert stream.closed and sum(stream.groups) == 200_000
+    assert stream.groups[0] == 1 and set(stream.groups[1:-1]) == {128}, stream.groups[:4]
+    assert 1 + 128 <= m.INITIAL_WINDOW
