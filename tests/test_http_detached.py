@@ -86,6 +86,11 @@ def test_detached_jobs_are_listed_shown_and_killed_over_http(served, tmp_path: P
         lambda: snapshot(s.scheduler, s.http.app.stats, s.factory.drivers), timeout=5
     )
     assert [j["id"] for j in snap["jobs"]] == [function_job, job.id]
+    # the detached job's running phase is a function job of its own: still one running job
+    phase = s.add_job(total=4)
+    runtime.run(lambda: job.progress.update(sub_job=phase), timeout=5)
+    summary = s.request("GET", "/api/v1/summary", token=s.token).json()
+    assert summary["jobs_running"] == 2 and summary["jobs"] == 3, summary
 
     reply = s.request("POST", f"/api/v1/jobs/{job.id}/kill", token=s.token)
     assert reply.status == 200 and reply.json() == {"job": job.id, "state": "killed"}

@@ -39,11 +39,14 @@ def summary_view(sched: Any, stats: ServerStats, drivers: Any = None) -> dict:
     now = sched.clock.seconds()
     nodes, running = list(sched.nodes.values()), list(sched.active.values())
     driven = list(drivers.jobs.values()) if drivers is not None else []
+    # a running detached job's current phase is a function job of its own: one job to the user
+    phases = {j.progress.get("sub_job") for j in driven if not j.finished}
     return {
         "nodes": len(nodes),
         "cores": sum(n.cores for n in nodes),
         "cores_busy": sum(min(n.cores, len(n.inflight)) for n in nodes),
-        "jobs_running": len(running) + sum(not j.finished for j in driven),
+        "jobs_running": sum(j.id not in phases for j in running)
+        + sum(not j.finished for j in driven),
         "jobs": len(sched.jobs) + len(driven),
         "queued": sum(j.pending_count for j in running),
         "rate": round(sum(j.describe(now).rate for j in running), 1),
