@@ -93,43 +93,7 @@ def remap_figures(path: str, only: set[str]) -> None:
                 }
 
         c = system.api
-        meter = Meter(roles)
-        for size, reps in SIZES:
-            if str(size) not in only:
-                continue
-            xs = list(range(size))
-            c.map(inc, xs)
-            meter.start()
-            t = time.perf_counter()
-            for _ in range(reps):
-                c.map(inc, xs)
-            wall = time.perf_counter() - t
-            print(_line(f"{path} map of {size}", meter.stop(), size * reps, wall, 1e6, "µs"))
-        args = w.mib_arguments(MIB_CALLS) if "mib" in only else []
-        c.map(w.reverse_bytes, args[:4])
-        meter.start()
-        t = time.perf_counter()
-        for _ in range(2):
-            got = c.map(w.reverse_bytes, args)
-        wall = time.perf_counter() - t
-        assert not args or got[0] == args[0][::-1]
-        del got
-        if args:
-            print(_line(f"{path} 1 MiB in+out", meter.stop(), MIB_CALLS * 2, wall, 1e3, "ms"))
-        if "submit" in only:
-            for _ in range(50):
-                c.submit(inc, 1).result()
-            meter.start()
-            times = []
-            for i in range(2000):
-                t = time.perf_counter()
-                c.submit(inc, i).result()
-                times.append(time.perf_counter() - t)
-            used = meter.stop()
-            print(
-                _line(f"{path} submit().result()", used, 2000, sum(times), 1e6, "µs")
-                + f", p50 {statistics.median(times) * 1e6:.0f} µs"
-            )
+        _figures(path, Meter(roles), c.map, lambda i: c.submit(inc, i).result(), only, warm=50)
     finally:
         system.close()
 
@@ -138,37 +102,62 @@ def pool_figures(only: set[str]) -> None:
     me = psutil.Process()
     meter = Meter(lambda: {"tree": [me.pid, *children_of(me.pid)]})
     with mp.Pool(2) as pool:
-        for size, reps in SIZES:
-            if str(size) not in only:
-                continue
-            xs = list(range(size))
-            pool.map(inc, xs)
-            meter.start()
+        _figures("Pool", meter, pool.map, lambda i: pool.apply(inc, (i,)), only, call_name="apply")
+
+
+def _figures(
+    label: str,
+    meter: Meter,
+    map_fn: Callable[..., list],
+    call: Callable[[int], object],
+    only: set[str],
+    *,
+    warm: int = 0,
+    call_name: str = "",
+) -> None:
+    """The same measurements for every system: maps of SIZES, 1 MiB calls, single calls."""
+    for size, reps in SIZES:
+        if str(size) not in only:
+            continue
+        xs = list(range(size))
+        map_fn(inc, xs)
+        meter.start()
+        t = time.perf_counter()
+        for _ in range(reps):
+            map_fn(inc, xs)
+        wall = time.perf_counter() - t
+        print(_line(f"{label} map of {size}", meter.stop(), size * reps, wall, 1e6, "µs"))
+    if "mib" in only:
+        args = w.mib_arguments(MIB_CALLS)
+        map_fn(w.reverse_bytes, args[:4])
+        meter.start()
+        t = time.perf_counter()
+        for _ in range(2):
+            got = map_fn(w.reverse_bytes, args)
+        wall = time.perf_counter() - t
+        assert got[0] == args[0][::-1]
+        del got
+        print(_line(f"{label} 1 MiB in+out", meter.stop(), MIB_CALLS * 2, wall, 1e3, "ms"))
+    if "submit" in only:
+        for _ in range(warm):
+            call(1)
+        meter.start()
+        times = []
+        for i in range(2000):
             t = time.perf_counter()
-            for _ in range(reps):
-                pool.map(inc, xs)
-            wall = time.perf_counter() - t
-            print(_line(f"Pool map of {size}", meter.stop(), size * reps, wall, 1e6, "µs"))
-        if "mib" in only:
-            args = w.mib_arguments(MIB_CALLS)
-            pool.map(w.reverse_bytes, args[:4])
-            meter.start()
-            t = time.perf_counter()
-            for _ in range(2):
-                pool.map(w.reverse_bytes, args)
-            wall = time.perf_counter() - t
-            print(_line("Pool 1 MiB in+out", meter.stop(), MIB_CALLS * 2, wall, 1e3, "ms"))
-        if "submit" in only:
-            meter.start()
-            times = []
-            for i in range(2000):
-                t = time.perf_counter()
-                pool.apply(inc, (i,))
-                times.append(time.perf_counter() - t)
-            print(
-                _line("Pool apply", meter.stop(), 2000, sum(times), 1e6, "µs")
-                + f", p50 {statistics.median(times) * 1e6:.0f} µs"
+            call(i)
+            times.append(time.perf_counter() - t)
+        print(
+            _line(
+                f"{label} {call_name or 'submit().result()'}",
+                meter.stop(),
+                2000,
+                sum(times),
+                1e6,
+                "µs",
             )
+            + f", p50 {statistics.median(times) * 1e6:.0f} µs"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
