@@ -276,7 +276,7 @@ class RayEngine(Engine):
                     logging_level=logging.ERROR,
                 )
             else:
-                ray.init(address=f"ray://{address}", logging_level=logging.ERROR)
+                _connect_ray_client(ray, address)
         except (OSError, ConnectionError) as exc:
             raise ServerUnreachable(
                 f"could not reach the ray cluster at {address}: {exc}"
@@ -303,6 +303,30 @@ class RayEngine(Engine):
 
     def close(self) -> None:
         self._ray.shutdown()
+
+
+#: attempts at a ``ray://`` connection whose server-side session died while starting
+RAY_CLIENT_ATTEMPTS = 3
+
+
+def _connect_ray_client(ray: Any, address: str, attempts: int = RAY_CLIENT_ATTEMPTS) -> None:
+    """``ray.init("ray://ADDRESS")``, tried again when the cluster's client server reports
+    "Initialization failure from server": the per-client server process it forks died while
+    starting (a known Ray bug, ray-project/ray#63202, a few percent of connections), so a new
+    attempt starts a new one. Anything else (nobody listening, a wrong token) is not retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=f"ray://{address}", logging_level=logging.ERROR)
+            return
+        except ConnectionAbortedError as exc:
+            if "initialization failure" not in str(exc).lower() or attempt == attempts:
+                raise
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            logging.getLogger(__name__).info(
+                "ray client server at %s failed to start a session (attempt %d of %d): %s",
+                address, attempt, attempts, exc,
+            )  # fmt: skip
 
 
 class RemapEngine(Engine):
