@@ -26,8 +26,19 @@ SHARED_KEYS: frozenset[str] = frozenset(
 )
 
 
+class FileJobSpec:
+    """What data and vertex job specs share: errors that name the job file, line and key."""
+
+    source: str
+    key_lines: Mapping[str, int]
+
+    def where(self, key: str) -> str:
+        line = self.key_lines.get(key)
+        return f"{self.source}:{line}: key '{key}'" if line else self.source
+
+
 @dataclass(frozen=True)
-class MapReduceSpec:
+class MapReduceSpec(FileJobSpec):
     """A validated ``kind: mapreduce`` job file; ``module`` is resolved by :func:`to_job`."""
 
     module: str
@@ -64,10 +75,15 @@ def _input(entry: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _positive_int(entry: Any, value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise entry.fail(f"expected {what} >= 1, got {value!r}")
+def _int_at_least(entry: Any, value: Any, minimum: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise entry.fail(f"expected {what}, got {value!r}")
     return value
+
+
+def count(minimum: int, what: str) -> Callable[[Any], int]:
+    """A key whose value is an integer >= ``minimum`` (``what`` says so in the error)."""
+    return lambda entry: _int_at_least(entry, entry.value, minimum, what)
 
 
 def _reducers(entry: Any) -> dict[str, int]:
@@ -81,9 +97,9 @@ def _reducers(entry: Any) -> dict[str, int]:
                 check_name("purpose", purpose)
             except ConfigError as exc:
                 raise entry.fail(str(exc)) from None
-            counts[purpose] = _positive_int(entry, n, f"a reducer count for {purpose!r}")
+            counts[purpose] = _int_at_least(entry, n, 1, f"a reducer count for {purpose!r} >= 1")
         return counts
-    return {DEFAULT_PURPOSE: _positive_int(entry, value, "a reducer count")}
+    return {DEFAULT_PURPOSE: _int_at_least(entry, value, 1, "a reducer count >= 1")}
 
 
 def _megabytes(entry: Any) -> float:
@@ -98,13 +114,6 @@ def _megabytes(entry: Any) -> float:
     return float(value)
 
 
-def _fanin(entry: Any) -> int:
-    value = entry.value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise entry.fail(f"expected an integer >= 2, got {value!r}")
-    return value
-
-
 #: the data job's own keys -> validator (jobfile merges them into its table)
 MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "module": _module,
@@ -112,7 +121,7 @@ MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "reducers": _reducers,
     "split_mb": _megabytes,
     "spill_mb": _megabytes,
-    "fanin": _fanin,
+    "fanin": count(2, "an integer >= 2"),
 }
 
 
@@ -164,14 +173,10 @@ def to_job(spec: MapReduceSpec) -> Any:
     """Import the module and build the :class:`~.driver.DataJob`; errors name file:line:key."""
     from ..jobfile import load_module
 
-    def where(key: str) -> str:
-        line = spec.key_lines.get(key)
-        return f"{spec.source}:{line}: key '{key}'" if line else spec.source
-
     try:
         module, _ = load_module(spec.module, spec.base_dir)
     except ConfigError as exc:
-        raise ConfigError(f"{where('module')}: {exc}") from exc.__cause__
+        raise ConfigError(f"{spec.where('module')}: {exc}") from exc.__cause__
     try:
         job = job_from_functions(
             module,
@@ -183,15 +188,15 @@ def to_job(spec: MapReduceSpec) -> Any:
             **dataclasses.asdict(spec.options),
         )
     except ConfigError as exc:
-        raise ConfigError(f"{where('module')}: {exc}") from None
+        raise ConfigError(f"{spec.where('module')}: {exc}") from None
     # the driver checks these again; here they fail before a cluster starts, naming the key
     if spec.output.exists() or spec.output.is_symlink():
         raise ConfigError(
-            f"{where('output')}: {spec.output} already exists: a data job never overwrites "
+            f"{spec.where('output')}: {spec.output} already exists: a data job never overwrites "
             "results (remove it or choose another output)"
         )
     try:
         resolve_inputs(spec.inputs, spec.base_dir)
     except ConfigError as exc:
-        raise ConfigError(f"{where('input')}: {exc}") from None
+        raise ConfigError(f"{spec.where('input')}: {exc}") from None
     return job

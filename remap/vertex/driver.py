@@ -16,7 +16,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,13 +128,6 @@ def find_inputs(paths: list[Path]) -> list[Path]:
     if not found:
         raise ConfigError(f"no input files in {', '.join(map(str, paths))}")
     return found
-
-
-def new_job_dir(data_dir: Path, name: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "vertex"
-    return (
-        Path(data_dir) / "job" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    )
 
 
 class Driver:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.jobspec import MAPREDUCE_FIELDS, file_job_basics
+from ..data.jobspec import MAPREDUCE_FIELDS, FileJobSpec, count, file_job_basics
 from ..errors import ConfigError
 from .driver import VertexConfig, find_inputs
 from .program import Program, program_from_module
@@ -26,7 +26,7 @@ DEFAULT_MAX_SUPERSTEPS = 30
 
 
 @dataclass(frozen=True)
-class VertexSpec:
+class VertexSpec(FileJobSpec):
     """A validated ``kind: vertex`` job file; ``module`` is resolved by :func:`to_run`."""
 
     module: str
@@ -47,25 +47,11 @@ class VertexSpec:
     kind = "vertex"
     detach = False
 
-    def where(self, key: str) -> str:
-        line = self.key_lines.get(key)
-        return f"{self.source}:{line}: key '{key}'" if line else self.source
-
-
-def _count(minimum: int, what: str) -> Callable[[Any], int]:
-    def check(entry: Any) -> int:
-        value = entry.value
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise entry.fail(f"expected {what}, got {value!r}")
-        return value
-
-    return check
-
 
 def _partitions(entry: Any) -> int | None:
     if entry.value == "auto":
         return None
-    return _count(1, "an integer >= 1 or auto")(entry)
+    return count(1, "an integer >= 1 or auto")(entry)
 
 
 #: the vertex job's own keys -> validator (jobfile merges them into its table); ``module``
@@ -74,8 +60,8 @@ VERTEX_FIELDS: dict[str, Callable[[Any], Any]] = {
     "module": MAPREDUCE_FIELDS["module"],
     "input": MAPREDUCE_FIELDS["input"],
     "partitions": _partitions,
-    "max_supersteps": _count(1, "an integer >= 1"),
-    "checkpoint_every": _count(0, "an integer >= 0 (0: no checkpoints)"),
+    "max_supersteps": count(1, "an integer >= 1"),
+    "checkpoint_every": count(0, "an integer >= 0 (0: no checkpoints)"),
 }
 
 
