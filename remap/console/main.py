@@ -587,7 +587,7 @@ class Console:
         if mode == "object":
             self._print_values(sink.value(), args.json)
         elif mode == "reduce":
-            self.say(render.dumps_json(sink.value()))
+            self.say(json.dumps(render.jsonable(sink.value())))
         elif mode == "stream":
             self.out.flush()  # printed as it came; the last lines may still be buffered
         elif args.json:
@@ -620,19 +620,18 @@ class Console:
             self.say(render.status_text(nodes, jobs, server.excluded or []))
         return 0
 
-    def cmd_nodes(self, args: argparse.Namespace) -> int:
-        status = self.session.request("status")
-        self.say(
-            json.dumps(status["nodes"]) if args.json else render.nodes_table(read_status(status)[0])
-        )
-        return 0
-
     def cmd_jobs(self, args: argparse.Namespace) -> int:
         status = self.session.request("status")
-        self.say(
-            json.dumps(status["jobs"]) if args.json else render.jobs_table(read_status(status)[1])
-        )
+        if args.json:
+            self.say(json.dumps(status[args.command]))
+        else:
+            nodes, jobs, _ = read_status(status)
+            self.say(
+                render.jobs_table(jobs) if args.command == "jobs" else render.nodes_table(nodes)
+            )
         return 0
+
+    cmd_nodes = cmd_jobs
 
     def cmd_kill(self, args: argparse.Namespace) -> int:
         if args.cluster:
@@ -655,14 +654,12 @@ class Console:
         return 0
 
     def cmd_drain(self, args: argparse.Namespace) -> int:
-        info = self.session.request("drain", args.node)
-        self.say(f"node {info['host']} ({info['node'][:8]}) is draining")
+        info = self.session.request(args.command, args.node)
+        now = "is draining" if args.command == "drain" else "takes work again"
+        self.say(f"node {info['host']} ({info['node'][:8]}) {now}")
         return 0
 
-    def cmd_undrain(self, args: argparse.Namespace) -> int:
-        info = self.session.request("undrain", args.node)
-        self.say(f"node {info['host']} ({info['node'][:8]}) takes work again")
-        return 0
+    cmd_undrain = cmd_drain
 
     def cmd_exclude(self, args: argparse.Namespace) -> int:
         info = self.session.request(args.command, args.node)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -76,10 +75,6 @@ class Progress:
 def jsonable(value: Any) -> Any:
     """The JSON form of one value (its repr when JSON has none)."""
     return to_jsonable(value)[0]
-
-
-def dumps_json(value: Any) -> str:
-    return json.dumps(jsonable(value))
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
