@@ -263,6 +263,17 @@ def encode_bucket(bucket: Mapping[Any, Any] | Sums, combined: bool) -> bytes:
     return pickle.dumps((combined, list(bucket), list(bucket.values())), PICKLE_PROTOCOL)
 
 
+def deliver(
+    inbox: dict[Any, Any],
+    bucket: Mapping[Any, Any],
+    combined: bool,
+    fold: Callable[[Any, Any], Any] | None = None,
+) -> None:
+    """Add one sender's bucket to a partition's inbox: vertex id → list of messages, or
+    with a ``fold`` (combine is sum, min or max) vertex id → the one folded message."""
+    _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
+
+
 def decode_bucket(blob: bytes) -> tuple[bool, Any]:
     """``(combined, bucket)`` from :func:`encode_bucket`'s bytes (a bucket is a dict of lists
     of ids and messages as (keys, values), or a :class:`Sums`)."""
