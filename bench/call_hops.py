@@ -2,6 +2,7 @@
 
     python bench/call_hops.py [CALLS]            # the embedded cluster
     python bench/call_hops.py --procs [CALLS]    # a server and a node process, over TCP
+    CALL_HOPS_CPROFILE=/tmp/hops python bench/call_hops.py --procs   # + cProfile of both
 
 Wraps a few of remap's methods to timestamp each hop (caller → reactor → scheduler → node →
 core pipe → the function in the core → back) and prints the median time of each, from the
@@ -9,7 +10,9 @@ submit, over CALLS calls (default 300). The function returns its own timestamp. 
 ``--procs`` the server and the node run as processes of their own (started through this file
 with the same wrappers, marks written at exit); every process reads the same monotonic clock,
 so a mark is given to the call whose submit and return enclose it. A measuring aid: the
-wrappers themselves cost ~1 µs each.
+wrappers themselves cost ~1 µs each. With ``--procs`` the Python functions entered per call
+are also counted in the server's and the node's main thread (over up to 200 calls, after the
+timed ones); ``CALL_HOPS_CPROFILE`` profiles the same calls there instead of counting.
 """
 
 from __future__ import annotations
@@ -81,9 +84,48 @@ def _wrap_bytes_in(role: str) -> None:
     _wrap(wire.PeerProtocol, "dataReceived", f"{role}: bytes in")
 
 
+def _count_on_signals(role: str, marks_file: str) -> None:
+    """SIGUSR1 starts counting the Python functions the main (reactor) thread enters, SIGUSR2
+    stops and writes the count to ``MARKS_FILE.calls``; with ``CALL_HOPS_CPROFILE=PREFIX`` in
+    the environment the same window is profiled instead (``PREFIX.ROLE.prof``, for pstats)."""
+    import signal
+
+    count = [0]
+    prefix = os.environ.get("CALL_HOPS_CPROFILE")
+    profiler: Any = None
+    if prefix:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            count[0] += 1
+
+    def start(*_: Any) -> None:
+        count[0] = 0
+        if profiler is not None:
+            profiler.enable()
+        else:
+            sys.setprofile(profile)
+        Path(f"{marks_file}.counting").write_text("1")
+
+    def stop(*_: Any) -> None:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{prefix}.{role}.prof")
+        else:
+            sys.setprofile(None)
+        Path(f"{marks_file}.calls").write_text(str(count[0]))
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
 def serve(role: str, marks_file: str, argv: list[str]) -> None:
     """Run ``remap-server`` or ``remap-node`` with the wrappers; write the marks at exit."""
     _wrap_bytes_in(role)
+    _count_on_signals(role, marks_file)
     if role == "server":
         _wrap_server()
         from remap.server.main import main as entry
@@ -119,9 +161,12 @@ def _reactor_cpu(cluster: Any) -> float:
 PY_CALLS: dict[str, float] = {}
 
 
-def _python_calls(cluster: Any, calls: int) -> float:
+def _python_calls(cluster: Any, calls: int, counters: Any = None) -> float:
     """Python functions the reactor thread enters per call (``sys.setprofile``): the work on
-    the reactor that no wall time can hide, whatever the load."""
+    the reactor that no wall time can hide, whatever the load. ``counters``: a context manager
+    counting the same in other processes over the same calls."""
+    import contextlib
+
     from remap import runtime
 
     count = [0]
@@ -130,17 +175,21 @@ def _python_calls(cluster: Any, calls: int) -> float:
         if event == "call":
             count[0] += 1
 
-    runtime.run(sys.setprofile, profile, timeout=10)
-    try:
-        for _ in range(calls):
-            cluster.submit(now, 1).result()
-    finally:
-        runtime.run(sys.setprofile, None, timeout=10)
+    with counters or contextlib.nullcontext():
+        runtime.run(sys.setprofile, profile, timeout=10)
+        try:
+            for _ in range(calls):
+                cluster.submit(now, 1).result()
+        finally:
+            runtime.run(sys.setprofile, None, timeout=10)
     return count[0] / calls
 
 
-def _calls(cluster: Any, calls: int, others: Any = dict) -> list[list[tuple[str, int]]]:
-    """``others()``: CPU seconds spent so far by other processes, by name."""
+def _calls(
+    cluster: Any, calls: int, others: Any = dict, counters: Any = None
+) -> list[list[tuple[str, int]]]:
+    """``others()``: CPU seconds spent so far by other processes, by name; ``counters``: see
+    :func:`_python_calls`."""
     for _ in range(20):
         cluster.submit(now, 1).result()
     rows = []
@@ -158,8 +207,44 @@ def _calls(cluster: Any, calls: int, others: Any = dict) -> list[list[tuple[str,
     CPU["reactor thread"] = (_reactor_cpu(cluster) - reactor0) / calls
     for name, spent in others().items():
         CPU[name] = (spent - others0[name]) / calls
-    PY_CALLS["reactor thread"] = _python_calls(cluster, min(calls, 200))
+    n = min(calls, 200)
+    PY_CALLS["reactor thread"] = _python_calls(cluster, n, counters)
+    for name, count in COUNTED.items():
+        PY_CALLS[name] = count / n
     return rows
+
+
+#: Python function calls in the server's and node's main threads over the counted calls
+COUNTED: dict[str, int] = {}
+
+
+class _ProcessCounters:
+    """Count Python calls in the server and node processes (see :func:`_count_on_signals`)."""
+
+    def __init__(self, procs: dict[str, Any], work: Path) -> None:
+        self.procs, self.work = procs, work
+
+    def _signal_all(self, sig: int, suffix: str) -> None:
+        from bench.systems import wait_for
+
+        for name, proc in self.procs.items():
+            done = self.work / f"{name}.marks.{suffix}"
+            done.unlink(missing_ok=True)
+            proc.send_signal(sig)
+            wait_for(done.exists, 30, f"the {name} to answer a signal")
+
+    def __enter__(self) -> None:
+        import signal
+
+        self._signal_all(signal.SIGUSR1, "counting")
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        self._signal_all(signal.SIGUSR2, "calls")
+        for name in self.procs:
+            text = (self.work / f"{name}.marks.calls").read_text()
+            COUNTED[f"{name} process (main thread)"] = int(text)
 
 
 def run_procs(calls: int) -> list[list[tuple[str, int]]]:
@@ -209,7 +294,7 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
                     for name, p in procs.items()
                 }
 
-            rows = _calls(c, calls, others)
+            rows = _calls(c, calls, others, _ProcessCounters(procs, work))
     finally:
         for name in ("node", "server"):
             if name in procs:

@@ -10,13 +10,16 @@ unpickling anything.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
+from .checks import NAMESPACE as _CHECK_NAMES
 from .checks import checker as _checker
+from .checks import expression as _expression
 from .errors import InvalidOption, LocalProtocolError, RemoteProtocolError, UnknownMessageType
 from .options import JobOptions
 from .status import JobStatus, NodeStatus, ServerStatus
@@ -68,6 +71,7 @@ def message(cls):
         raise TypeError(f"message type {cls.TYPE!r} missing or registered twice")
     hints = typing.get_type_hints(cls)
     specs = []
+    inline: dict[str, str | None] = {}
     for f in dataclasses.fields(cls):
         if f.name == "payload":
             continue
@@ -77,10 +81,13 @@ def message(cls):
         # a field with its own rule (a job option) is judged by that rule when the class is built
         # a status record's map (or list of them) is checked against the record's fields
         record = f.metadata.get("record")
+        inline[f.name] = None
         if "rule" in f.metadata:
             check = _anything
+            inline[f.name] = "True"
         elif record is None:
             check = _checker(hints[f.name])
+            inline[f.name] = _expression(hints[f.name], "v")
         elif typing.get_origin(hints[f.name]) is list:
             check = lambda v, r=record: type(v) is list and not any(map(r.problem, v))  # noqa: E731
         else:
@@ -88,26 +95,102 @@ def message(cls):
         specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
     _FIELDS[cls] = tuple(specs)
+    _ENCODERS[cls], _DECODERS[cls] = _codecs(cls, tuple(specs), inline)
     return cls
 
 
-_packer_default = None
+#: per class: msg → header bytes, and (header map without "t", payload) → msg; generated
+#: (as dataclasses generates ``__init__``) so a message costs one call each way, not one per field
+_ENCODERS: dict[type[Message], Any] = {}
+_DECODERS: dict[type[Message], Any] = {}
+_THREAD = threading.local()  # a msgpack Packer per thread: building one per message costs more
+
+
+def _new_packer() -> msgpack.Packer:
+    _THREAD.packer = msgpack.Packer(use_bin_type=True)
+    return _THREAD.packer
+
+
+def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any]:
+    """Generate ``cls``'s encoder and decoder: the same checks, errors and defaults as the
+    field table ``specs`` (name, check, default) says, written out field by field."""
+    name = cls.TYPE
+    namespace: dict[str, Any] = {
+        **_CHECK_NAMES,
+        "_cls": cls,
+        "_MISSING": _MISSING,
+        "_Remote": RemoteProtocolError,
+        "_THREAD": _THREAD,
+        "_new_packer": _new_packer,
+        "_NAMES": frozenset(f for f, _, _ in specs),
+    }
+    fields = [f for f, _, _ in specs]
+    header = ", ".join([f"'t': {name!r}", *(f"{f!r}: msg.{f}" for f in fields)])
+    has_payload = "payload" in cls.__dataclass_fields__
+    payload = "msg.payload" if has_payload else "b''"
+    encoder = [
+        "def encode(msg):",
+        "    packer = getattr(_THREAD, 'packer', None) or _new_packer()",
+        f"    return packer.pack({{{header}}}), {payload}",
+    ]
+    decoder = ["def decode(data, payload):", "    found = 0"]
+    for field_name, check, default in specs:
+        namespace[f"_check_{field_name}"] = check
+        namespace[f"_default_{field_name}"] = default
+        test = inline[field_name] or f"_check_{field_name}(v)"
+        bad = f"{name}.{field_name}: bad value of type "
+        decoder += [
+            f"    v = data.get({field_name!r}, _MISSING)",
+            "    if v is _MISSING:",
+        ]
+        if default is _MISSING:
+            decoder.append(f"        raise _Remote({f'{name}: missing field {field_name!r}'!r})")
+        elif callable(default):
+            decoder.append(f"        v = _default_{field_name}()")
+        else:
+            decoder.append(f"        v = _default_{field_name}")
+        decoder += [
+            "    else:",
+            f"        if not ({test}):",
+            f"            raise _Remote({bad!r} + type(v).__name__)",
+            "        found += 1",
+            f"    f_{field_name} = v",
+        ]
+    decoder += [
+        "    if found != len(data):",
+        "        unknown = sorted(map(str, (k for k in data if k not in _NAMES)))[:5]",
+        f"        raise _Remote({f'{name}: unknown field(s) '!r} + str(unknown))",
+    ]
+    if not has_payload:
+        decoder += ["    if payload:", f"        raise _Remote({f'{name} carries no payload'!r})"]
+    values = [f"f_{f}" for f in fields] + (["payload"] if has_payload else [])
+    if hasattr(cls, "__post_init__"):  # its own rules judge the values: through __init__
+        names = [*fields, "payload"] if has_payload else fields
+        args = ", ".join(f"{f}={v}" for f, v in zip(names, values, strict=True))
+        decoder.append(f"    return _cls({args})")
+    else:  # a frozen dataclass's __init__ sets each slot through object.__setattr__: direct
+        decoder.append("    msg = _new(_cls)")
+        for i, value in enumerate(values):
+            decoder.append(f"    _set{i}(msg, {value})")
+        decoder.append("    return msg")
+        slots = [*fields, "payload"] if has_payload else fields
+        for i, slot in enumerate(slots):
+            namespace[f"_set{i}"] = cls.__dict__[slot].__set__
+        namespace["_new"] = object.__new__
+    exec("\n".join(encoder), namespace)  # noqa: S102 - our own source text, as dataclasses does
+    exec("\n".join(decoder), namespace)  # noqa: S102
+    return namespace["encode"], namespace["decode"]
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:
     """Return ``(header, payload)`` for a message."""
-    cls = type(msg)
-    specs = _FIELDS.get(cls)
-    if specs is None:
-        raise LocalProtocolError(f"{cls.__name__} is not a registered message")
-    header = {"t": cls.TYPE}
-    for name, _check, _default in specs:
-        header[name] = getattr(msg, name)
+    encoder = _ENCODERS.get(type(msg))
+    if encoder is None:
+        raise LocalProtocolError(f"{type(msg).__name__} is not a registered message")
     try:
-        packed = msgpack.packb(header, use_bin_type=True)
+        return encoder(msg)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"cannot encode {cls.TYPE}: {exc}") from exc
-    return packed, getattr(msg, "payload", b"")
+        raise LocalProtocolError(f"cannot encode {msg.TYPE}: {exc}") from exc
 
 
 def decode(
@@ -129,27 +212,8 @@ def decode(
         raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
     if preauth and not cls.PREAUTH:
         raise RemoteProtocolError(f"message {type_name!r} is not allowed before authentication")
-    kwargs = {}
-    for name, check, default in _FIELDS[cls]:
-        if name in data:
-            value = data.pop(name)
-            if not check(value):
-                raise RemoteProtocolError(
-                    f"{type_name}.{name}: bad value of type {type(value).__name__}"
-                )
-        elif default is _MISSING:
-            raise RemoteProtocolError(f"{type_name}: missing field {name!r}")
-        else:
-            value = default() if callable(default) else default
-        kwargs[name] = value
-    if data:
-        raise RemoteProtocolError(f"{type_name}: unknown field(s) {sorted(map(str, data))[:5]}")
-    if payload and "payload" not in cls.__dataclass_fields__:
-        raise RemoteProtocolError(f"{type_name} carries no payload")
-    if "payload" in cls.__dataclass_fields__:
-        kwargs["payload"] = payload
     try:
-        return cls(**kwargs)
+        return _DECODERS[cls](data, payload)
     except InvalidOption as exc:  # a value its own rules refuse (``submit``'s options)
         raise RemoteProtocolError(f"{type_name}.{exc}") from None
 

@@ -1,0 +1,81 @@
+"""What one message costs at each hop of the server + node path, counted, never timed.
+
+A single call crosses six codecs (console, server twice, node twice, core) and four TCP hops;
+each Python function entered on the way is CPU on the call's critical path. These tests count
+the functions (``sys.setprofile``: Python calls and calls into C) a message's encode and decode
+enter, so a change that brings back a per-field loop fails here rather than in a benchmark.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from protocol import messages as m
+
+
+def entered(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(Python functions, C functions) ``fn`` enters, itself excluded."""
+    fn()  # warm: a first call may build per-thread state
+    counts = {"call": 0, "c_call": 0}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event in counts:
+            counts[event] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    # the profile sees fn's own call and the call of setprofile(None)
+    return counts["call"] - 1, counts["c_call"] - 1
+
+
+HOT = {
+    "args": m.Args(job=3, start=5, sizes=[20], payload=b"x" * 20),
+    "task": m.Task(task=3, job=5, sizes=[20], payload=b"x" * 20),
+    "core_run": m.CoreRun(task=3, job=5, sizes=[20], payload=b"x" * 20),
+    "result": m.TaskResult(task=5, sizes=[20], elapsed=0.001, payload=b"x" * 20),
+    "results": m.Results.of(3, range(5, 6), sizes=[20], payload=b"x" * 20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOT))
+def test_decoding_a_hot_message_checks_its_fields_inline(name: str) -> None:
+    """Every field is checked in one generated function: no check function per field, no
+    per-field ``__setattr__`` of a frozen dataclass (the old loop entered ~12 functions)."""
+    msg = HOT[name]
+    header, payload = m.encode(msg)
+    channel = msg.CHANNEL if msg.CHANNEL != "both" else "pipe"
+    assert m.decode(header, payload, channel=channel) == msg
+    python, c = entered(lambda: m.decode(header, payload, channel=channel))
+    # decode, its generated decoder and ``_int_list`` for ``sizes``
+    assert python <= 3, python
+    assert c <= 8 + len(m.message_types()[name].__dataclass_fields__), c
+
+
+@pytest.mark.parametrize("name", sorted(HOT))
+def test_encoding_a_hot_message_builds_its_header_in_one_expression(name: str) -> None:
+    """No ``getattr`` per field, no msgpack ``Packer`` built per message."""
+    msg = HOT[name]
+    python, c = entered(lambda: m.encode(msg))
+    assert python <= 2, python  # encode and its generated encoder
+    assert c <= 4, c  # the encoder lookup, the thread's packer, pack
+
+
+def test_generated_codecs_write_and_read_the_same_bytes_as_the_field_table() -> None:
+    """The header is the map of ``t`` and every field in declaration order (the spec's
+    example bytes depend on it), for every message in the catalogue."""
+    import msgpack
+
+    from tests.test_messages import EXAMPLES
+
+    for msg in EXAMPLES.values():
+        header, _ = m.encode(msg)
+        fields = [f for f in msg.__dataclass_fields__ if f != "payload"]
+        expected = {"t": msg.TYPE, **{f: getattr(msg, f) for f in fields}}
+        assert header == msgpack.packb(expected, use_bin_type=True)
