@@ -542,14 +542,10 @@ def start_job(
     engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None, settings: Any = None
 ) -> tuple[EngineRun, concurrent.futures.Future]:
     """Run a job file on the engine ``engine_url`` names; the console waits on the future."""
-    from . import bundle
-    from .console.session import function_blob
-    from .jobfile import count_arguments, iter_arguments, load_callables
+    from .console.session import job_blob
+    from .jobfile import count_arguments, iter_arguments
 
-    fn, reduce_fn = load_callables(spec)
-    blob = bundle.wrap(
-        function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
-    )
+    blob = job_blob(spec)
     engine = open_engine(
         engine_url, workers=workers, retries=spec.options.retries, settings=settings
     )

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.options import JobOptions
 
-from .. import bundle, discovery, runtime, shipping
+from .. import bundle, discovery, runtime
+from ..api import function_blob
 from ..auth import SecretMissing
 from ..client import ClusterClient, JobOutcome, JobStream, read_into
 from ..dial import connect_console
@@ -24,15 +25,12 @@ if TYPE_CHECKING:
     from ..cluster import EmbeddedCluster
 
 
-def function_blob(fn: Callable[..., Any], reduce_fn: Callable[..., Any] | None) -> bytes:
-    """Pickle a job's callables by value, or say plainly which one cannot travel."""
-    try:
-        return shipping.function_blob(fn, reduce_fn)
-    except Exception as exc:
-        name = getattr(fn, "__qualname__", repr(fn))
-        raise ConfigError(
-            f"function {name} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
-        ) from None
+def job_blob(spec: JobSpec) -> bytes:
+    """A job file's callables pickled (or one line saying which cannot travel), with its
+    modules and files (see :mod:`remap.bundle`)."""
+    fn, reduce_fn = load_callables(spec)
+    blob = function_blob(fn, reduce_fn, name=getattr(fn, "__qualname__", repr(fn)))
+    return bundle.wrap(blob, bundle.collect(spec.modules, spec.files, spec.base_dir))
 
 
 class Session:
@@ -164,10 +162,7 @@ class Session:
         ``keep_arguments``: the sink stores arguments; ``on_notice`` and ``on_output`` run on
         the reactor thread and must only queue their text.
         """
-        fn, reduce_fn = load_callables(spec)
-        blob = bundle.wrap(
-            function_blob(fn, reduce_fn), bundle.collect(spec.modules, spec.files, spec.base_dir)
-        )
+        blob = job_blob(spec)
         client = self.connect(allow_embedded=True)
         stream = JobStream(
             blob,
