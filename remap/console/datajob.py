@@ -16,10 +16,6 @@ from . import render
 
 def compute_data(console: Any, spec: MapReduceSpec, args: argparse.Namespace) -> int:
     """Run a data job attached to this console; print its summary (``--json``: one object)."""
-    if args.detach:
-        from .detached import start_detached
-
-        return start_detached(console, spec, args)
     job = to_job(spec)
     session = console.session
     data = DataDir.from_setting(session.settings.data_dir)

@@ -159,17 +159,9 @@ def drive_module(
 
 def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
     """``compute --detach`` of a data or vertex job: the server runs its driver; print the id."""
-    from .main import UsageError
-
-    session = console.session
-    if not session.locate():
-        raise UsageError(
-            "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
-            "cluster ends with its console"
-        )
     check_here(spec)
     job_text, files = shipped_job(spec, args.job)
-    job_id = session.request("drive", spec.kind, spec.name, job_text, files)
+    job_id = console.session.request("drive", spec.kind, spec.name, job_text, files)
     if args.json:
         console.say(json.dumps({"job": job_id, "detached": True, "kind": spec.kind}))
     else:

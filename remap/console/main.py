@@ -294,15 +294,7 @@ class Console:
         spec = load_job(args.job)
         if args.engine != "remap" and spec.kind != "function":
             raise UsageError(f"--engine runs plain jobs only, not kind: {spec.kind}")
-        if spec.kind == "mapreduce":
-            from .datajob import compute_data
-
-            return compute_data(self, spec, args)
-        if spec.kind == "vertex":
-            from .vertexjob import compute_vertex
-
-            return compute_vertex(self, spec, args)
-        detach = args.detach or spec.options.detach
+        detach = args.detach or (spec.kind == "function" and spec.options.detach)
         if args.engine != "remap" and (detach or args.dashboard):
             raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
         if detach and not self.session.locate():
@@ -310,6 +302,14 @@ class Console:
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
                 "cluster ends with its console"
             )
+        if spec.kind != "function":
+            from .datajob import compute_data
+            from .detached import start_detached
+            from .vertexjob import compute_vertex
+
+            if detach:
+                return start_detached(self, spec, args)
+            return (compute_data if spec.kind == "mapreduce" else compute_vertex)(self, spec, args)
         stream_json = args.json and spec.options.mode == "stream"
         show_stream = spec.options.mode == "stream"
         progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None

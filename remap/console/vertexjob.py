@@ -29,10 +29,6 @@ def report_line(report: SuperstepReport) -> str:
 
 def compute_vertex(console: Any, spec: VertexSpec, args: argparse.Namespace) -> int:
     """Run a vertex job attached to this console; print its summary (``--json``: one object)."""
-    if args.detach:
-        from .detached import start_detached
-
-        return start_detached(console, spec, args)
     program, config = to_run(spec)
     session = console.session
     client = session.connect(allow_embedded=True)
