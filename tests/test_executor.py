@@ -146,6 +146,45 @@ def test_many_small_submits_share_a_few_jobs(
     assert sum(j["received"] for j in jobs) == 3000
 
 
+def test_the_functions_used_last_keep_their_job_open_between_calls(
+    executor: remap.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interactive session calls again seconds later: the function's job is still open (the
+    same job, no new function load: it closed after 0.5 s and the next call paid ~1 ms for a
+    new one). Only the ``KEEP_IDLE`` functions idle the shortest keep theirs; an older idle job
+    closes after ``LINGER``, and a kept one after ``IDLE_KEEP``."""
+    from remap import executor as executor_module
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(executor_module, "_now", lambda: clock[0])
+    functions = [noop, square, batched_square, power, sleep_then]
+    assert len(functions) == executor_module.KEEP_IDLE + 1
+
+    def call(fn, x: int = 0):
+        executor.submit(fn, x).result(timeout=60)
+        return executor._streams.get(executor_module._key(fn))
+
+    first = call(noop)
+    assert first is not None
+    clock[0] += executor_module.LINGER + 5.0  # a person reads the result, then calls again
+    executor._reap_idle()
+    assert call(noop) is first, "the job closed between two interactive calls"
+    assert first.job.session.job_id is not None and not first.job.input_closed
+
+    for fn in functions[1:]:  # noop is now the function idle the longest
+        clock[0] += 1.0
+        call(fn)
+    clock[0] += executor_module.LINGER
+    executor._reap_idle()
+    open_now = {executor_module._key(fn) for fn in functions} & set(executor._streams)
+    assert open_now == {executor_module._key(fn) for fn in functions[1:]}
+    assert first.job.input_closed, "the oldest idle job beyond KEEP_IDLE was not closed"
+
+    clock[0] += executor_module.IDLE_KEEP
+    executor._reap_idle()
+    assert not {executor_module._key(fn) for fn in functions} & set(executor._streams)
+
+
 def test_remote_exception_is_reraised_as_its_own_type(executor: remap.Executor) -> None:
     """A CustomError raised on a core is raised here as CustomError, with the remote traceback
     as __cause__ (a RemoteTaskError)."""
