@@ -772,6 +772,8 @@ class Cluster:
                 from .cluster import EmbeddedCluster  # the composition root: only when embedded
 
                 self._embedded = EmbeddedCluster(reactor, settings, cores)
+                # what a call from here sends reaches the server and the node in that turn
+                self._call_soon = runtime.thread_caller(reactor, self._embedded.in_one_turn)
                 self.address = runtime.run(
                     runtime.as_deferred(self._embedded.start), timeout=connect_timeout
                 )

@@ -22,7 +22,7 @@ from .client import ClusterClient
 from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ConfigError, ServerUnreachable
-from .local import connect_local, deliver_now
+from .local import connect_local, deliver_now, in_one_turn
 from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
@@ -284,6 +284,8 @@ class EmbeddedCluster:
         self.server: ServerService | None = None
         self.node: NodeService | None = None
         self.http: Any = None  # the HTTP API and dashboard, once start_dashboard is called
+        #: ``in_one_turn(fn, *args)``, for calls from other threads (see :func:`in_one_turn`)
+        self.in_one_turn = in_one_turn(reactor)
 
     async def start(self) -> str:
         """Start the server and the node; the node joins over an in-process link (no sockets)."""

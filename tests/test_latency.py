@@ -175,3 +175,59 @@ def test_a_core_refuses_a_malformed_command(junk: bytes) -> None:
             list(core_module.commands(r))
     finally:
         os.close(r)
+
+
+# ============================================================================ the reactor
+
+
+def test_the_runtime_reactor_hands_a_ready_descriptor_to_its_handler_directly(
+    monkeypatch,
+) -> None:
+    """No ``log.callWithLogger`` around each read (a log context pushed three calls deep, ~9
+    Python calls per event, two events per call); an error escaping a handler is still logged
+    and the reactor goes on."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log
+
+    r = runtime.ensure_running()
+    runtime.run(lambda: None, timeout=10)
+    wrapped: list[Any] = []
+    monkeypatch.setattr(log, "callWithLogger", lambda *a, **k: wrapped.append(a))
+    read_fd, write_fd = os.pipe()
+
+    class Reader:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+            self.reads: queue.SimpleQueue = queue.SimpleQueue()
+
+        def fileno(self) -> int:
+            return read_fd
+
+        def logPrefix(self) -> str:
+            return "reader"
+
+        def doRead(self) -> None:
+            os.read(read_fd, 1)
+            self.reads.put(threading.current_thread().name)
+            if self.fail:
+                raise RuntimeError("a bug in a reader")
+
+        def connectionLost(self, reason: Any) -> None:
+            pass
+
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        for fail in (False, True):
+            reader = Reader(fail)
+            runtime.run(r.addReader, reader, timeout=10)
+            os.write(write_fd, b"x")
+            assert reader.reads.get(timeout=10) == "remap-reactor"
+            runtime.run(r.removeReader, reader, timeout=10)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        os.close(read_fd)
+        os.close(write_fd)
+    assert wrapped == []
+    assert any("a bug in a reader" in str(e) for e in logged)
+    assert runtime.run(lambda: 42, timeout=10) == 42

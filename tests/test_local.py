@@ -191,3 +191,48 @@ def test_a_handler_error_during_deliver_now_is_logged_not_raised() -> None:
     assert any("in-process message failed" in str(e.get("log_format")) for e in logged)
     clock.advance(0)
     assert [x.id for x in b.handler.got] == [0, 1]
+
+
+def test_a_call_from_another_thread_is_delivered_when_it_returns_without_a_timed_call() -> None:
+    """``in_one_turn`` (how the embedded cluster runs a caller's calls): what the call sends
+    is delivered, hops included, when it returns; no timed call is booked for it meanwhile
+    (a submit booked one, and Twisted's timed-call machinery ran it, ~9 Python calls)."""
+    from remap.local import in_one_turn
+
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    booked: list[int] = []
+
+    def call() -> None:
+        a.send(m.Heartbeat(busy=0))  # b answers from inside the delivery
+        a.send(m.StatusRequest(id=7))
+        booked.append(len(clock.getDelayedCalls()))
+        assert hb.got == [], "delivered inside send"
+
+    in_one_turn(clock)(call)
+    assert booked == [0], "a timed call was booked"
+    assert [type(x) for x in hb.got] == [m.Heartbeat, m.StatusRequest]
+    assert [type(x) for x in ha.got] == [m.Heartbeat]
+    assert ha.max_depth == 1 and hb.max_depth == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_in_one_turn_inside_a_delivery_leaves_it_to_the_running_loop() -> None:
+    """Run from a handler (not the top of a turn), the call's messages wait for the loop that
+    is delivering: nothing is re-entered."""
+    from remap.local import in_one_turn
+
+    clock = Clock()
+    a, b, ha, hb = pair(clock)
+    run = in_one_turn(clock)
+
+    class Nested(Recorder):
+        def message_received(self, link: LocalLink, msg: m.Message) -> None:
+            super().message_received(link, msg)
+            run(link.send, m.StatusRequest(id=1))
+            assert ha.got == []
+
+    b.handler = Nested("b")
+    a.send(m.Heartbeat(busy=1))
+    clock.advance(0)
+    assert [type(x) for x in ha.got] == [m.StatusRequest] and ha.max_depth == 1
