@@ -19,7 +19,7 @@ from remap.data.layout import DataDir, read_result
 from remap.errors import ConfigError, JobFailed
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
-from remap.vertex.files import input_splits, read_lines, read_split
+from remap.vertex.files import input_splits, read_lines, read_pickle, read_split
 from remap.vertex.launch import ThreadLaunch
 from remap.vertex.program import program_from_namespace
 from remap.vertex.reference import read_tagged_lines, run_local
@@ -389,3 +389,76 @@ def test_input_bytes_that_are_not_utf8_reach_the_output_unchanged(tmp_path: Path
         launch.join(10)
     got = sorted(b"".join(p.read_bytes() for p in (tmp_path / "out").glob("part-*")).splitlines())
     assert got == sorted([b"caf\xe9\tcaf\xe9", b"ol\xe9\tol\xe9", b"\xff\xfe\t\xff\xfe"])
+
+
+def _slow_compute(ctx, vertex_id, value, messages):
+    """A superstep of about a tenth of a second: the driver waits at every barrier."""
+    time.sleep(0.001)
+    return value, ctx.superstep >= 3
+
+
+def test_the_driver_checks_liveness_every_interval_not_every_poll(tmp_path: Path, monkeypatch):
+    """Waiting at a barrier, the driver polls the acks with one stat and looks at heartbeats
+    and the server's calls every CHECK_INTERVAL: it shares the CPUs with the workers (it
+    scanned the heartbeat directory every 0.5-5 ms poll, a second of CPU in a 10 s job)."""
+    from remap.vertex import driver as driver_mod
+
+    graph_input(tmp_path)
+    checks = []
+    real_check = Driver._check
+    monkeypatch.setattr(Driver, "_check", lambda self: checks.append(real_check(self)))
+    program = program_from_namespace({"prepare": _split_prepare, "compute": _slow_compute}, "t")
+    started = time.monotonic()
+    _, result, _ = run_threads(program, tmp_path, 2)
+    elapsed = time.monotonic() - started
+    assert result.supersteps == 4
+    # at most one check an interval (and one more per command), never one per poll
+    assert len(checks) <= elapsed / driver_mod.CHECK_INTERVAL + 10, (len(checks), elapsed)
+
+
+def test_a_waiting_worker_looks_at_the_driver_every_interval_not_every_poll(tmp_path: Path):
+    """A worker waiting for the next command stats the command file each poll, and looks at
+    the driver's heartbeat only every GIVE_UP_INTERVAL (it did every poll)."""
+    target = tmp_path / "cmd"
+    calls: list[float] = []
+    start = time.monotonic()
+
+    def give_up() -> None:
+        calls.append(time.monotonic())
+        if calls[-1] - start >= 0.3:
+            target.touch()  # the command arrives
+
+    worker_mod.wait_for(target, give_up)
+    assert 2 <= len(calls) <= 0.3 / worker_mod.GIVE_UP_INTERVAL + 2, len(calls)
+
+
+def test_the_next_superstep_starts_before_the_progress_is_published(tmp_path: Path):
+    """The driver writes the next superstep's command as soon as the barrier's counts are in;
+    the progress file and ``on_report`` follow while the workers compute (they were on the
+    path between two supersteps, and replacing the progress file can wait for the disk)."""
+    graph_input(tmp_path)
+    config = VertexConfig(
+        input=[tmp_path / "in"], output=tmp_path / "out", max_supersteps=6, checkpoint_every=2
+    )
+    issued: list[tuple[int, bool]] = []
+    drivers: list[Driver] = []
+
+    def on_report(report) -> None:
+        control = drivers[0].layout.root / "control"
+        steps = {c.superstep for c in map(read_pickle, control.iterdir()) if c.kind == "step"}
+        issued.append((report.superstep, report.superstep + 1 in steps))
+
+    launches: list[ThreadLaunch] = []
+
+    def start(args):
+        launches.append(ThreadLaunch(args))
+        return launches[-1]
+
+    program = program_from_namespace({"prepare": _split_prepare, "compute": _slow_compute}, "t")
+    drivers.append(Driver(program, config, DataDir(tmp_path / "data"), 2, start, on_report))
+    result = drivers[0].run()
+    for launch in launches:
+        launch.join(10)
+    assert result.supersteps == 4
+    # every superstep but the last had its successor's command out before its report
+    assert issued == [(0, True), (1, True), (2, True), (3, False)]

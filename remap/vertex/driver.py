@@ -33,6 +33,7 @@ from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
 START_TIMEOUT = 120.0
 STATUS_INTERVAL = 1.0  # seconds between asking the server how many worker calls still run
+CHECK_INTERVAL = 0.05  # seconds between liveness checks while the driver waits at a barrier
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,11 @@ class Driver:
 
     def _command(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
         """Issue one command and wait for every member's ack: the barrier."""
+        cmd = self._issue(kind, **fields)
+        return [] if kind == "stop" else self._await(cmd)
+
+    def _issue(self, kind: str, **fields: Any) -> Command:
+        """Write the next numbered command for every member worker."""
         cmd = Command(
             seq=self.seq,
             kind=kind,
@@ -252,22 +258,30 @@ class Driver:
         )
         self.seq += 1
         write_pickle(self.layout.command(cmd.seq), cmd)
-        if kind == "stop":
-            return []
+        return cmd
+
+    def _await(self, cmd: Command) -> list[dict[str, Any]]:
+        """Every member's ack of ``cmd``. A poll is one stat per missing ack; the liveness
+        checks (a directory scan, the server's list of calls) run every CHECK_INTERVAL: the
+        driver shares the CPUs with the workers, and each of its wake-ups takes one from them."""
         waiting = dict(self.members)
+        paths = {slot: str(self.layout.ack(cmd.seq, slot)) for slot in waiting}
         acks: list[dict[str, Any]] = []
         delay = POLL_MIN
+        checked = time.monotonic()
         while waiting:
             for slot in list(waiting):
-                path = self.layout.ack(cmd.seq, slot)
-                if path.exists():
-                    ack = read_pickle(path)
+                if os.path.exists(paths[slot]):
+                    ack = read_pickle(Path(paths[slot]))
                     if ack["attempt"] == waiting[slot]:
                         acks.append(ack)
                         del waiting[slot]
                         delay = POLL_MIN
             if waiting:
-                self._check()
+                now = time.monotonic()
+                if now - checked >= CHECK_INTERVAL:
+                    checked = now
+                    self._check()
                 time.sleep(delay)
                 delay = min(POLL_MAX, delay * 2)
         for ack in acks:
@@ -413,32 +427,49 @@ class Driver:
         return result
 
     def _run_to_end(self) -> SuperstepReport:
+        """Supersteps until every vertex halted with no message in flight, or the last one.
+
+        The next superstep's command goes out as soon as the barrier's counts allow it; the
+        bookkeeping (old checkpoint and message files removed, the progress file, the
+        ``on_report`` callback) runs while the workers compute it, not between two supersteps.
+        """
         cfg = self.config
-        every = cfg.checkpoint_every
+        cmd = self._issue_step()
         while True:
-            step = self.step
-            assert step is not None
-            num_vertices, aggregated = self.history[step]
-            take = bool(every) and step > 0 and step % every == 0 and step != self.checkpoint
-            acks = self._command(
-                "step",
-                superstep=step,
-                num_vertices=num_vertices,
-                aggregated=aggregated,
-                checkpoint=take,
-            )
-            if take:
-                if self.checkpoint is not None:
-                    remove_tree(self.layout.checkpoint(self.checkpoint))
-                self.checkpoint = step
-            report = self._report(step, acks)
+            step, take, old = cmd.superstep, cmd.checkpoint, self.checkpoint
+            acks = self._await(cmd)
+            report = self._tally(step, acks)
             self.history[step + 1] = (report.vertices, report.aggregates)
-            remove_tree(self.layout.step(self.epoch, step - 1))
             self.step = step + 1
-            if (report.active == 0 and report.delivered == 0) or self.step >= cfg.max_supersteps:
+            if take:
+                self.checkpoint = step
+            done = (report.active == 0 and report.delivered == 0) or self.step >= cfg.max_supersteps
+            if not done:
+                cmd = self._issue_step()
+            if take and old is not None:
+                remove_tree(self.layout.checkpoint(old))
+            self._publish(report)
+            remove_tree(self.layout.step(self.epoch, step - 1))
+            if done:
                 return report
 
-    def _report(self, step: int, acks: list[dict[str, Any]]) -> SuperstepReport:
+    def _issue_step(self) -> Command:
+        """The command for superstep ``self.step`` (a checkpoint first every ``checkpoint_every``)."""
+        step = self.step
+        assert step is not None
+        every = self.config.checkpoint_every
+        num_vertices, aggregated = self.history[step]
+        take = bool(every) and step > 0 and step % every == 0 and step != self.checkpoint
+        return self._issue(
+            "step",
+            superstep=step,
+            num_vertices=num_vertices,
+            aggregated=aggregated,
+            checkpoint=take,
+        )
+
+    def _tally(self, step: int, acks: list[dict[str, Any]]) -> SuperstepReport:
+        """The barrier's counts of one superstep (aggregates folded in slot order)."""
         folded: dict[str, Any] = {}
         for ack in sorted(acks, key=lambda a: a["slot"]):
             fold_into(self.program.aggregators, folded, ack["aggregates"])
@@ -454,12 +485,15 @@ class Driver:
         )
         self.reports[step] = report
         self.bytes_moved += sum(a["bytes_moved"] for a in acks)
+        return report
+
+    def _publish(self, report: SuperstepReport) -> None:
+        """The progress file and the ``on_report`` callback of one superstep."""
         progress = asdict(report)
-        progress["aggregates"] = {k: _jsonable(v) for k, v in folded.items()}
+        progress["aggregates"] = {k: _jsonable(v) for k, v in report.aggregates.items()}
         write_json(self.data.consolidated(self.job_id), progress)
         if self.on_report is not None:
             self.on_report(report)
-        return report
 
     def _lose(self, lost: WorkerLost) -> None:
         """A member is gone: new epoch, partitions re-dealt, back to the last checkpoint.

@@ -41,6 +41,7 @@ from .program import Program
 LOAD_SPILL = 1_000_000
 POLL_MIN = 0.0005
 POLL_MAX = 0.005  # a barrier noticed within 5 ms: a stat per poll costs next to nothing
+GIVE_UP_INTERVAL = 0.1  # seconds between a waiting worker's looks at the driver's heartbeat
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,17 @@ class Phases:
         return times
 
 
-def wait_for(path: Path, give_up: Any) -> None:
-    """Poll for ``path`` with a short, growing interval; ``give_up()`` may raise."""
+def wait_for(path: Path, give_up: Any, every: float = GIVE_UP_INTERVAL) -> None:
+    """Poll for ``path`` with a short, growing interval (one stat a poll); ``give_up()``,
+    which may raise, runs every ``every`` seconds."""
+    name = str(path)
     delay = POLL_MIN
-    while not path.exists():
-        give_up()
+    checked = time.monotonic()
+    while not os.path.exists(name):
+        now = time.monotonic()
+        if now - checked >= every:
+            checked = now
+            give_up()
         time.sleep(delay)
         delay = min(POLL_MAX, delay * 2)
 
