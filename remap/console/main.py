@@ -29,23 +29,6 @@ from ..sinks import os_reason
 from . import render
 from .session import Session, make_job_sink
 
-COMMANDS = (
-    "compute",
-    "status",
-    "nodes",
-    "jobs",
-    "kill",
-    "drain",
-    "undrain",
-    "exclude",
-    "include",
-    "dashboard",
-    "attach",
-    "results",
-    "help",
-    "quit",
-)
-
 HELP = """\
 commands:
   compute JOB.yaml [--json] [--detach] [--wait-for-nodes S] [--dashboard]   run a job (embedded cluster if no server)
@@ -177,6 +160,10 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "quit": ("leave the shell", "Leave the interactive shell."),
     "shell": ("interactive shell (the default on a terminal)", "History and tab completion."),
 }
+
+
+#: the commands, as the shell completes them
+COMMANDS = tuple(name for name in DESCRIPTIONS if name != "shell")
 
 
 def build_parser() -> Parser:
