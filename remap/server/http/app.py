@@ -332,7 +332,7 @@ class HttpApp:
                         "ends (add ?wait=true to wait for them)",
                     },
                 )
-            submission.when_ended(lambda: self._send_results(request, submission))
+            submission.waiters.append(lambda: self._send_results(request, submission))
             return NOT_DONE_YET
         self._send_results(request, submission)
         return NOT_DONE_YET

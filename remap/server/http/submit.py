@@ -59,12 +59,6 @@ class Submission:
     #: called once the console child has exited (its output file is committed by then)
     waiters: list[Any] = field(default_factory=list)
 
-    def when_ended(self, callback: Any) -> None:
-        if self.ended:
-            callback()
-        else:
-            self.waiters.append(callback)
-
     @property
     def results(self) -> Path:
         return self.directory / "results.jsonl"
