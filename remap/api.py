@@ -1185,6 +1185,9 @@ class Cluster:
 
     def executor(self) -> Executor:
         """This handle's shared :class:`remap.Executor` (closed with the handle)."""
+        executor = self._executor  # every submit asks: the common case takes no lock, no import
+        if executor is not None and not self._closed:
+            return executor
         from .executor import Executor
 
         with self._lock:

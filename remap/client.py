@@ -261,16 +261,17 @@ class JobSession:
                         payload=b"".join(blobs),
                     )
                     self.outbox.append(msg)
+                    count = sum(groups) if groups else len(blobs)  # msg.count
                     if start == self.sent:  # new arguments (not sent again after a resume)
                         if self.keep_arguments and not groups:
                             self._args.update(zip(range(start, start + len(tags)), tags))
                         if self._unanswered is not None:
-                            self._unanswered.sent(start, msg.count, blobs, groups)
-                        self.sent += msg.count
-                    self._granted -= msg.count
+                            self._unanswered.sent(start, count, blobs, groups)
+                        self.sent += count
+                    self._granted -= count
                     self._last_grouped = bool(groups)
                     if self._first_bytes is not None:
-                        self._first_bytes -= sum(len(b) for b in blobs)
+                        self._first_bytes -= sum(map(len, blobs))
                         if self._first_bytes <= 0 or self._group_leaves_no_room():
                             self._granted = 0  # forfeited: the server counts the same bytes
                 if ended:

@@ -16,6 +16,7 @@ What cores unpickle around the function lives in :mod:`remap.calls`; the machine
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import queue
 import threading
 import time
@@ -24,6 +25,9 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
+from . import api
+from .api import _PLAIN_TYPES
+from .blobs import PICKLE_PROTOCOL
 from .calls import INITIALIZER_FAILED, Apply, Initialized, Initializer
 
 if TYPE_CHECKING:
@@ -38,6 +42,8 @@ LINGER = 0.5
 #: again seconds later, and a loop over fresh lambdas still holds only a few idle jobs open
 IDLE_KEEP = 60.0
 KEEP_IDLE = 4
+#: a future's states, as ``concurrent.futures`` names them
+_RUNNING, _FINISHED = concurrent.futures._base.RUNNING, concurrent.futures._base.FINISHED
 #: the clock idle times are read from (a test moves it)
 _now = time.monotonic
 _WAKE = ("wake",)
@@ -119,8 +125,6 @@ class _SubmitStream:
     def __init__(
         self, executor: Executor, fn: Callable[..., Any], key: Hashable, chunksize: int | None
     ) -> None:
-        from . import api
-
         self.executor = executor
         self.fn: Callable[..., Any] | None = fn  # keeps id(fn) from being reused while open
         self.key = key
@@ -178,19 +182,22 @@ class _SubmitStream:
             if future is None or error is not None:
                 rest.append(item)
                 continue
-            with future._condition:
-                if future._done_callbacks:
+            condition = future._condition
+            with condition:  # Future.set_result's work, under the one hold that looked
+                if future._done_callbacks or future._state != _RUNNING:
                     rest.append(item)
                     continue
                 del self.futures[index]
-                future.set_result(result)
+                future._result = result
+                future._state = _FINISHED
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+                condition.notify_all()
             with self.job.lock:
                 self._settled()
         return rest
 
     def resolve(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
-        from . import api
-
         future = self.futures.pop(index, None)
         if future is None:
             return
@@ -292,15 +299,18 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
         """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
-        from . import api
-
         if self._broken:
             raise concurrent.futures.BrokenExecutor(self._broken)
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        blob = api.dumps_argument((args, kwargs), lambda: f"the arguments of {api.describe(fn)}")
+        if not kwargs and _PLAIN_TYPES.issuperset(map(type, args)):
+            blob = pickle.dumps((args, kwargs), PICKLE_PROTOCOL)  # plain scalars: pickle exactly
+        else:
+            blob = api.dumps_argument(
+                (args, kwargs), lambda: f"the arguments of {api.describe(fn)}"
+            )
         future = RemoteFuture()
         key = _key(fn)
         with self._lock:

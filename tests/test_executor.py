@@ -311,20 +311,27 @@ def test_a_result_nobody_called_back_for_is_set_without_the_delivery_thread(
 ) -> None:
     """A future with no done-callback gets its result on the reactor thread (one thread hop
     less per call); results, errors and callbacks are unchanged."""
-    from remap.executor import RemoteFuture
+    from remap.executor import _SubmitStream
 
-    setters: list[str] = []
-    original = RemoteFuture.set_result
+    set_on: list[str] = []  # the thread each result was set on, there and then
+    delivered: list[int] = []  # results handed to the delivery thread instead
+    resolve_now, resolve = _SubmitStream._resolve_now, _SubmitStream.resolve
 
-    def recording(self: RemoteFuture, result: object) -> None:
-        setters.append(threading.current_thread().name)
-        original(self, result)
+    def recording_now(self: _SubmitStream, batch: list) -> list:
+        rest = resolve_now(self, batch)
+        set_on.extend([threading.current_thread().name] * (len(batch) - len(rest)))
+        return rest
 
-    monkeypatch.setattr(RemoteFuture, "set_result", recording)
+    def recording(self: _SubmitStream, index: int, result: object, error: object) -> None:
+        delivered.append(index)
+        resolve(self, index, result, error)
+
+    monkeypatch.setattr(_SubmitStream, "_resolve_now", recording_now)
+    monkeypatch.setattr(_SubmitStream, "resolve", recording)
     assert [executor.submit(square, i).result(timeout=30) for i in range(5)] == [
         i * i for i in range(5)
     ]
-    assert setters and set(setters) == {"remap-reactor"}, setters
+    assert set_on == ["remap-reactor"] * 5 and delivered == [], (set_on, delivered)
 
 
 # ---------------------------------------------------------------- cancelling and shutdown

@@ -87,12 +87,14 @@ class NodeAnswers:
         task = node.inflight.pop(task_id, None)
         if task is None:
             return None
-        task.job.running -= len(task.segment)
+        task.job.running -= len(task.segment.indices)
         task.job.tasks -= 1
         node.tasks_done += 1
         for watcher in self.watchers:
             watcher.batch_finished(
-                task.job, task.answered + len(task.segment), self.clock.seconds() - task.sent_at
+                task.job,
+                task.answered + len(task.segment.indices),
+                self.clock.seconds() - task.sent_at,
             )
         if node.has_credit() and node.id in self.nodes:
             self._ready[node.id] = node
@@ -111,8 +113,8 @@ class NodeAnswers:
             if cleared:
                 self.pump()
             return
-        job = task.job
-        problem = self._malformed(msg, len(seg)) if len(seg) else f"a part of {msg.part} arguments"
+        job, n = task.job, len(seg)
+        problem = self._malformed(msg, n) if n else f"a part of {msg.part} arguments"
         if problem:
             # the arguments go back to the queue and this node gets nothing more
             self.log.error(
@@ -121,13 +123,13 @@ class NodeAnswers:
                 t=msg.task,
                 problem=problem,
             )
-            if len(seg):
+            if n:
                 self._requeue(job, seg)
             self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
             self._outbox.append(Close(node.link))
             return
-        if msg.elapsed > 0 and len(seg):
-            sample = msg.elapsed / len(seg)
+        if msg.elapsed > 0 and n:
+            sample = msg.elapsed / n
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
         self._deliver(
@@ -144,7 +146,7 @@ class NodeAnswers:
             ),
         )
         # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
-        job.done += len(seg) - n_err
+        job.done += n - n_err
         job.failed += n_err
         if n_err and job.options.on_error == "fail":
             pos, type_name, text = msg.errors[0][:3]
@@ -182,7 +184,7 @@ class NodeAnswers:
             return f"{len(msg.sizes)} results for {n} arguments"
         if msg.partial and len(msg.sizes) > 1:
             return f"a partial fold of {len(msg.sizes)} pickles"
-        if sum(msg.sizes) != len(msg.payload) or any(s < 0 for s in msg.sizes):
+        if sum(msg.sizes) != len(msg.payload) or min(msg.sizes, default=0) < 0:
             return "result sizes do not add up to the payload"
         for entry in msg.errors:
             if not _error_entry_ok(entry, n):

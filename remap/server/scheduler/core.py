@@ -658,7 +658,12 @@ class Scheduler(NodeAnswers, Recovery):
         """Send batches to every node with credit while there is work it may run."""
         if self.preempt_grace is not None and self._preempt_timer is None and self._starved():
             self._preempt_timer = self._start_timer("preempt", self.preempt_grace)
-        if not self._ready or not any(j.pending_count for j in self.active.values()):
+        if not self._ready:
+            return
+        for job in self.active.values():  # any job with work? (a loop: no generator frames)
+            if job.pending_count:
+                break
+        else:
             return
         now = self.clock.seconds()
         for node_id in list(self._ready):
@@ -738,9 +743,10 @@ class Scheduler(NodeAnswers, Recovery):
         credits = self._credits_for(job)
         size = policy.tail_share(job, policy.batch_size(job), credits)
         seg = take_from(job.pending, size, MAX_BATCH_BYTES)
-        job.pending_count -= len(seg)
+        n = len(seg)
+        job.pending_count -= n
         job.pending_bytes -= len(seg.payload)
-        job.running += len(seg)
+        job.running += n
         job.tasks += 1
         if job.id not in node.loaded:
             node.loaded.add(job.id)
@@ -765,7 +771,7 @@ class Scheduler(NodeAnswers, Recovery):
                 sizes=seg.sizes,
                 groups=seg.groups,
                 skip=seg.skip,
-                count=len(seg),
+                count=n,
                 payload=seg.payload,
             )
         self._send(node.link, msg)

@@ -149,9 +149,10 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
             break  # merging would join (copy) large payloads: the rest goes in the next batch
         grouped = seg.groups is not None
         room, budget = n - count, max_bytes - nbytes
-        if len(seg) <= room and len(seg.payload) <= budget:
+        length = len(seg.indices)  # len(seg), without a Python call: every dispatch passes here
+        if length <= room and len(seg.payload) <= budget:
             parts.append(queue.popleft())
-            count += len(seg)
+            count += length
             nbytes += len(seg.payload)
             continue
         k = _pickles_fitting(seg, room, budget)

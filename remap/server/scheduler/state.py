@@ -108,7 +108,7 @@ class NodeState:
             not self.draining
             and not self.suspect
             and not self.excluded
-            and len(self.inflight) < self.credits
+            and len(self.inflight) < self.cores * PREFETCH  # self.credits, inlined: hot
         )
 
     def describe(self, now: float) -> NodeStatus:
