@@ -250,7 +250,8 @@ def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
     entered there is CPU on the call's path (issue 16: the gap to Pool is Python work).
     Before this round: ~250 on the reactor (Twisted's log context per read, a timed call per
     submit, the scheduler's properties and generators, ``Future.set_result`` re-taking the
-    condition) and 33 on the caller (an import and a lock per submit, a recursive plain check)."""
+    condition, Enum's Python ``__hash__`` per core move, the waker's four calls) and 33 on the
+    caller (an import and a lock per submit, a recursive plain check); now ~182 and 18."""
     import sys
 
     import remap
@@ -277,5 +278,5 @@ def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
             sys.setprofile(None)
             runtime.run(sys.setprofile, None, timeout=10)
     per_call = {who: n / calls for who, n in counts.items()}
-    assert per_call["reactor"] <= 200, per_call
+    assert per_call["reactor"] <= 192, per_call
     assert per_call["caller"] <= 20, per_call

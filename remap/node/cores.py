@@ -81,6 +81,10 @@ class CoreLife(enum.Enum):
     KILLING = "killing"  # SIGKILL sent (``kill_reason`` says why); its exit follows
     DEAD = "dead"  # exited: the pool starts another in its place unless stopping
 
+    #: members are singletons, equal only to themselves: hashed in C (Enum's own __hash__ is a
+    #: Python call, and a core's two moves per call check two transitions each)
+    __hash__ = object.__hash__
+
 
 #: the only moves a core makes: anything alive may be killed or die on its own; a killed core
 #: only dies; a dead one is replaced by a new process, never revived
