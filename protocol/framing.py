@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 
 from .errors import FrameTooLarge, RemoteProtocolError
@@ -64,13 +65,87 @@ LARGE_FRAME = 256 * 1024
 HUGE_FRAME = 32 * 1024 * 1024
 
 
+#: bytes of large-frame buffers a process keeps for reuse (see :class:`BufferPool`)
+POOL_BYTES = 16 * 1024 * 1024
+
+
+class BufferPool:
+    """Large-frame buffers, reused once nothing refers to them any more.
+
+    A fresh ``bytearray`` of a MiB is zero-filled by the allocator's caller (a memset of every
+    byte) and, where the allocator maps fresh memory (any process whose glibc is not tuned, the
+    caller's among them), faults in 256 new pages; the frame's bytes then overwrite all of it.
+    A buffer whose every view (payloads, segments cut from them) is gone is handed out again
+    instead (a bytearray knows whether views of it exist: see :meth:`_free`). The pool refers
+    to at most :data:`POOL_BYTES`; a frame that arrives while it is full of buffers still in
+    use gets a buffer of its own, as before. A frame is handed out only once every byte of it
+    was received, so nothing of an earlier frame is ever seen in a later one.
+    """
+
+    def __init__(self, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self._buffers: list[bytearray] = []
+        self._lock = threading.Lock()  # decoders on several threads (a client's and a test's)
+        #: buffers handed out again, and buffers made (for tests and benches)
+        self.reused = 0
+        self.made = 0
+
+    @staticmethod
+    def _free(buf: bytearray) -> bool:
+        """Nothing uses ``buf``: it has no view left (a bytearray with one cannot change size;
+        growing by one byte fits in the byte :func:`_new` allocated beyond it, so no copy)."""
+        try:
+            buf.append(0)
+        except BufferError:
+            return False
+        del buf[-1]
+        return True
+
+    @staticmethod
+    def _new(size: int) -> bytearray:
+        buf = bytearray(size + 1)
+        del buf[-1]  # the allocation keeps the spare byte: see _free
+        return buf
+
+    def take(self, size: int) -> memoryview:
+        """A writable buffer of exactly ``size`` bytes (contents undefined)."""
+        with self._lock:
+            buffers = self._buffers
+            for buf in buffers:
+                if size <= len(buf) <= 2 * size and self._free(buf):
+                    self.reused += 1
+                    return memoryview(buf)[:size]
+            self.made += 1
+            new = self._new(size)
+            total = sum(map(len, buffers)) + size
+            if total > self.limit:  # make room: forget free buffers, oldest first
+                for buf in list(buffers):
+                    if total <= self.limit:
+                        break
+                    if self._free(buf):
+                        buffers.remove(buf)
+                        total -= len(buf)
+            if total <= self.limit:
+                buffers.append(new)
+            return memoryview(new)
+
+    def held(self) -> int:
+        """Bytes the pool refers to (in use or free)."""
+        return sum(map(len, self._buffers))
+
+
+#: this process's pool of large-frame buffers
+POOL = BufferPool()
+
+
 def frame_buffer(size: int) -> memoryview:
-    """A writable buffer for a large frame. Up to :data:`HUGE_FRAME` from the heap: the
-    allocator hands the same resident memory back frame after frame (fresh pages cost a
-    page fault each, and returning them an ``munmap``); above it anonymous memory, whose
-    pages are only taken as the frame arrives."""
+    """A writable buffer for a large frame. Up to :data:`HUGE_FRAME` from :data:`POOL` (a buffer
+    no one uses any more, else a new one from the heap: the allocator hands the same resident
+    memory back frame after frame, where fresh pages cost a page fault each, and returning them
+    an ``munmap``); above it anonymous memory, whose pages are only taken as the frame
+    arrives."""
     if size < HUGE_FRAME:
-        return memoryview(bytearray(size))
+        return POOL.take(size)
     return memoryview(mmap.mmap(-1, size))
 
 

@@ -79,3 +79,57 @@ def test_generated_codecs_write_and_read_the_same_bytes_as_the_field_table() -> 
         fields = [f for f in msg.__dataclass_fields__ if f != "payload"]
         expected = {"t": msg.TYPE, **{f: getattr(msg, f) for f in fields}}
         assert header == msgpack.packb(expected, use_bin_type=True)
+
+
+# ----------------------------------------------------------------------------- large frames
+
+
+def _receive(decoder: Any, payload: bytes) -> Any:
+    """A large frame as a socket delivers it: its first bytes, then the rest."""
+    from protocol.framing import encode_frame
+
+    data = b"".join(encode_frame(b"\x80", payload))
+    assert decoder.feed(data[:100]) == []
+    (frame,) = decoder.feed(data[100:])
+    return frame
+
+
+def test_a_large_frame_reuses_the_buffer_of_one_nobody_holds(monkeypatch) -> None:
+    """A MiB frame is received into the buffer of an earlier one once all views of that one are
+    gone: no new allocation (a memset of the MiB, and 256 page faults where the allocator maps
+    fresh memory), and the new frame's bytes are exactly its own."""
+    from protocol import framing
+
+    pool = framing.BufferPool()
+    monkeypatch.setattr(framing, "POOL", pool)
+    decoder = framing.FrameDecoder(max_frame=1 << 30)
+    first, second = b"a" * (1 << 20), b"b" * ((1 << 20) - 3)
+    frame = _receive(decoder, first)
+    assert frame.payload == first and pool.made == 1
+    held = frame.payload
+    del frame
+    frame2 = _receive(decoder, second)  # the first is still held: a new buffer
+    assert pool.made == 2 and pool.reused == 0
+    assert frame2.payload == second and held == first
+    del held, frame2
+    frame3 = _receive(decoder, first)
+    assert pool.reused == 1 and pool.made == 2
+    assert frame3.payload == first
+
+
+def test_the_buffer_pool_refers_to_a_bounded_number_of_bytes() -> None:
+    """Buffers in use are never taken back; free ones beyond the limit are forgotten."""
+    from protocol.framing import BufferPool
+
+    pool = BufferPool(limit=3 << 20)
+    views = [pool.take(1 << 20) for _ in range(5)]  # 5 MiB in use: the pool refers to 3
+    assert pool.held() == 3 << 20 and pool.made == 5
+    for i, view in enumerate(views):
+        view[:1] = bytes([i])
+    del views[:4]  # the 3 pooled buffers are free (the 4th and 5th were not pooled)
+    again = pool.take(1 << 20)
+    assert pool.reused == 1 and again[0] in (0, 1, 2)
+    assert views[0][0] == 4  # the view still held is never handed out
+    big = pool.take(2 << 20)  # makes room by forgetting free buffers
+    assert pool.held() <= 3 << 20
+    assert len(big) == 2 << 20
