@@ -135,8 +135,10 @@ class Connection:
         self._name = name
         self._user = user
         self._python, self._cloudpickle = versions or local_versions()
-        self._decoder = FrameDecoder(PREAUTH_MAX_FRAME)
-        self._out: list[bytes | memoryview] = []
+        #: the frames coming in (a transport may read a large frame straight into its buffer)
+        self.decoder = FrameDecoder(PREAUTH_MAX_FRAME)
+        #: buffers queued for the transport (:meth:`data_to_send` takes them)
+        self.outgoing: list[bytes | memoryview] = []
         self.state = State.HANDSHAKE
         self.peer_role: str | None = None
         #: the server's heartbeat interval, from its welcome (clients adapt to it)
@@ -175,7 +177,7 @@ class Connection:
 
     def _queue(self, msg: m.Message) -> bytes:
         header, payload = m.encode(msg)
-        self._out.extend(encode_frame(header, payload))
+        self.outgoing.extend(encode_frame(header, payload))
         return header
 
     @property
@@ -187,11 +189,11 @@ class Connection:
     @property
     def partial_frame(self) -> int:
         """Bytes of the large frame being received, when complete (0 when none is)."""
-        return self._decoder.gathering
+        return self.decoder.gathering
 
     def data_to_send(self) -> list[bytes | memoryview]:
         """Return and forget the buffers queued for the transport."""
-        out, self._out = self._out, []
+        out, self.outgoing = self.outgoing, []
         return out
 
     def timeout(self) -> ConnectionFailed | None:
@@ -214,7 +216,7 @@ class Connection:
         """
         if self.state is State.CLOSED:
             return []
-        self._decoder.add(data)
+        self.decoder.add(data)
         return self._events()
 
     def read_buffer(self) -> memoryview | None:
@@ -222,16 +224,16 @@ class Connection:
         None: read as usual and call :meth:`receive_data`."""
         if self.state is State.CLOSED:
             return None
-        return self._decoder.read_buffer()
+        return self.decoder.read_buffer()
 
     def received_into(self, n: int) -> list[Event]:
         """``n`` bytes were read into :meth:`read_buffer`'s view; return what happened."""
-        self._decoder.wrote(n)
+        self.decoder.wrote(n)
         return self._events()
 
     def _events(self) -> list[Event]:
         events: list[Event] = []
-        decoder = self._decoder
+        decoder = self.decoder
         while self.state is not State.CLOSED:
             try:
                 frame = decoder.next_frame()
@@ -389,4 +391,4 @@ class Connection:
     def _open(self) -> None:
         self.state = State.OPEN
         self._stage = "open"
-        self._decoder.max_frame = self._max_frame
+        self.decoder.max_frame = self._max_frame

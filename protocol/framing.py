@@ -171,13 +171,10 @@ class FrameDecoder:
         self._pos = 0  # start of the first unconsumed byte in _buf
         self._large: memoryview | None = None  # the large frame being received, in place
         self._filled = 0  # bytes of it received
-        self._need = 0  # its full size (prefix included)
-
-    @property
-    def gathering(self) -> int:
-        """The full size of the large frame being received (prefix included), or 0: what the
-        receiver must be ready to hold once it completes (small frames are not counted)."""
-        return self._need
+        #: the full size of the large frame being received (prefix included), or 0: what the
+        #: receiver must be ready to hold once it completes (small frames are not counted); an
+        #: attribute, not a property, as a reader asks it on every read
+        self.gathering = 0
 
     @property
     def buffered(self) -> int:
@@ -187,7 +184,7 @@ class FrameDecoder:
     def read_buffer(self) -> memoryview | None:
         """Where the next bytes may be read directly: the rest of the large frame being
         received; None when none is (read as usual and :meth:`add` the bytes)."""
-        if not self._need or self._filled >= self._need:
+        if not self.gathering or self._filled >= self.gathering:
             return None
         return self._frame()[self._filled :]
 
@@ -199,7 +196,7 @@ class FrameDecoder:
         """The large frame's buffer, allocated on the first bytes after its prefix (so a peer
         whose reading is paused on that prefix pins nothing more), with what came before."""
         if self._large is None:
-            self._large = frame_buffer(self._need)
+            self._large = frame_buffer(self.gathering)
             self._large[: len(self._buf)] = self._buf
             self._filled = len(self._buf)
             self._buf = bytearray()
@@ -207,9 +204,9 @@ class FrameDecoder:
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes; frames come out of :meth:`next_frame`."""
-        if self._need and self._filled < self._need:
+        if self.gathering and self._filled < self.gathering:
             large = self._frame()
-            n = min(len(data), self._need - self._filled)
+            n = min(len(data), self.gathering - self._filled)
             large[self._filled : self._filled + n] = memoryview(data)[:n]
             self._filled += n
             if n == len(data):
@@ -221,9 +218,9 @@ class FrameDecoder:
         self._buf += data
 
     def _large_frame(self) -> Frame:
-        view, need = self._large, self._need
+        view, need = self._large, self.gathering
         assert view is not None
-        self._large, self._filled, self._need = None, 0, 0
+        self._large, self._filled, self.gathering = None, 0, 0
         (hlen,) = _U32.unpack_from(view, 4)
         if hlen > need - PREFIX_SIZE or hlen > MAX_HEADER:
             raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {need - 4}")
@@ -233,15 +230,17 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
-        if self._need:
-            if self._large is None or self._filled < self._need:
+        if self.gathering:
+            if self._large is None or self._filled < self.gathering:
                 return None
             return self._large_frame()
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos
-        if available < 4:
-            self._compact()
+        if available < 4:  # compacted here, not by a call: this ends every read
+            if pos:
+                del buf[:pos]
+                self._pos = 0
             return None
         (length,) = _U32.unpack_from(buf, pos)
         if length > self.max_frame:
@@ -255,7 +254,7 @@ class FrameDecoder:
         if available - 4 < length:
             self._compact()
             if length >= LARGE_FRAME:
-                self._need = 4 + length
+                self.gathering = 4 + length
             return None
         (hlen,) = _U32.unpack_from(buf, pos + 4)
         if hlen > length - 4 or hlen > MAX_HEADER:

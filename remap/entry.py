@@ -24,11 +24,31 @@ def daemon_settings(args: argparse.Namespace, **flags: Any) -> Settings:
     return settings
 
 
+def install_lean_reactor() -> bool:
+    """Make the runtime's lean epoll reactor (each ready descriptor handed to its handler without
+    Twisted's legacy log context: ~9 Python calls less per event) this process's global reactor.
+    The server and node wake twice for every single call they pass on. False where a reactor is
+    installed already or epoll is missing: Twisted's default then."""
+    if "twisted.internet.reactor" in sys.modules:
+        return False
+    try:
+        from .runtime import _lean_epoll_reactor
+
+        factory = _lean_epoll_reactor()
+    except ImportError:  # not Linux
+        return False
+    from twisted.internet.main import installReactor
+
+    installReactor(factory())
+    return True
+
+
 def react_main(
     serve: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
 ) -> int:
     """Run ``serve(reactor, args)`` until it returns; a RemapError becomes one line and its exit code."""
     code = [0]
+    install_lean_reactor()
 
     async def go(reactor: Any) -> None:
         try:

@@ -8,6 +8,7 @@ nothing at all arrived for ``interval * misses``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections import deque
 from collections.abc import Callable
@@ -23,12 +24,15 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
+from protocol.connection import State
 from protocol.framing import unsent
 
 from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
 
 #: messages at least this long are written with ``sendmsg`` from their own buffers
 SCATTER_MIN = 64 * 1024
+#: bytes asked of a plain TCP socket per read outside large frames (Twisted's own read size)
+READ_SIZE = 64 * 1024
 
 
 def transport_idle(transport: Any) -> bool:
@@ -226,8 +230,15 @@ class PeerProtocol(Protocol):
                 pass
         self._socket = _plain_tcp(self.transport)
         if self._socket is not None:
+            # small frames too: a recv handed to dataReceived, not Twisted's doRead and the
+            # wrappers between it and this protocol (2-3 Python calls per read)
             read_directly(
-                self.transport, self.conn.read_buffer, self._socket.recv_into, self._received_into
+                self.transport,
+                self.conn.decoder.read_buffer,
+                self._socket.recv_into,
+                self._received_into,
+                read=functools.partial(self._socket.recv, READ_SIZE),
+                data_received=self.dataReceived,
             )
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
@@ -265,8 +276,9 @@ class PeerProtocol(Protocol):
                 self._adopt_peer_heartbeat()
                 self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
                 self.handler.authenticated(self, event)
-        self._flush()
-        if self.budget is not None:
+        if self.conn.outgoing:  # what the connection answered itself (errors, the handshake)
+            self._flush()
+        if self.budget is not None and self.conn.decoder.gathering != self._reserved:
             self._account()
 
     # ---------------------------------------------------------------- read budget
@@ -370,7 +382,7 @@ class PeerProtocol(Protocol):
     def send(self, msg: m.Message) -> None:
         """Send, or drop quietly once the connection is closing: a handler may still answer a
         message that arrived in the same read as the frame that ended the connection."""
-        if self.transport is None or not self.open or self.conn.state.value != "open":
+        if self.transport is None or not self.open or self.conn.state is not State.OPEN:
             return
         self.conn.send(msg)
         self._flush()

@@ -133,3 +133,86 @@ def test_the_buffer_pool_refers_to_a_bounded_number_of_bytes() -> None:
     big = pool.take(2 << 20)  # makes room by forgetting free buffers
     assert pool.held() <= 3 << 20
     assert len(big) == 2 << 20
+
+
+# ----------------------------------------------------------------------------- wake-ups
+
+
+@pytest.mark.slow
+def test_server_and_node_run_on_the_lean_reactor() -> None:
+    """The server's and node's global reactor hands a ready socket to its handler without
+    Twisted's legacy log context (~9 Python calls per event; each runs twice per call): what
+    their entry points import leaves the reactor uninstalled until ``react_main`` installs it."""
+    import subprocess
+
+    code = (
+        "import remap.server.main, remap.node.main\n"
+        "from remap.entry import install_lean_reactor\n"
+        "print(install_lean_reactor())\n"
+        "from twisted.internet import reactor\n"
+        "print(type(reactor).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["True", "LeanEPollReactor"]
+
+
+def _counted(fn: Callable[[], Any]) -> list[str]:
+    """The Python functions ``fn`` enters (``module:function``), itself excluded."""
+    names: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            code = frame.f_code
+            names.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return names[1:]
+
+
+def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
+    """A server's read of one small message over plain TCP: the socket's bytes go to the
+    protocol without Twisted's doRead and its wrappers, the connection's replies are flushed
+    only when there are some, and the read budget is asked only while a large frame comes."""
+    from protocol import Connection
+    from protocol.framing import DEFAULT_MAX_FRAME
+    from remap.wire import PeerProtocol, ReadBudget
+    from tests.test_large_frames import KEY, FakeReactor, Recorder, SocketTransport, _pump
+    from tests.test_large_frames import _tcp_pair as tcp_pair
+
+    a, b = tcp_pair()
+    try:
+        peers = {}
+        for role, sock, budget in (("server", a, ReadBudget(1 << 30)), ("console", b, None)):
+            sock.setblocking(False)
+            conn = Connection(role, KEY, max_frame=DEFAULT_MAX_FRAME)
+            recorder = Recorder()
+            from twisted.internet.task import Clock
+
+            proto = PeerProtocol(conn, recorder, Clock(), budget=budget)
+            transport = SocketTransport(sock, proto, FakeReactor())
+            transport.connected = 1
+            proto.makeConnection(transport)
+            peers[role] = (proto, transport, recorder)
+        (server, st, seen), (console, ct, _) = peers["server"], peers["console"]
+        _pump(st, ct, until=lambda: console.open and server.open)
+        console.send(m.Args(job=1, start=0, sizes=[3], payload=b"abc"))
+        import select
+
+        select.select([a], [], [], 5)
+        calls = _counted(st.doRead)
+        assert seen.kinds()[-1] == "message"
+        assert "tcp.py:doRead" not in calls and "tcp.py:_dataReceived" not in calls
+        assert "wire.py:_account" not in calls and "connection.py:data_to_send" not in calls
+        # read_directly's reader, the decoder's buffer check, dataReceived, receive_data, add,
+        # _events, next_frame twice, the Frame, decode and its decoder, the event, _handle,
+        # _closing, the handler: the rest is gone
+        assert len(calls) <= 16, calls
+    finally:
+        a.close()
+        b.close()

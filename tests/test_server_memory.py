@@ -96,7 +96,7 @@ def test_peers_holding_huge_partial_frames_cannot_pin_unbounded_memory() -> None
     assert budget.used <= budget.limit
     paused = [t for _, t, _ in peers if t.producerState == "paused"]
     assert len(paused) == 4, [t.producerState for _, t, _ in peers]
-    held = sum(p.conn._decoder.buffered for p, _, _ in peers)
+    held = sum(p.conn.decoder.buffered for p, _, _ in peers)
     assert held <= budget.limit + 6 * MB  # the read that found no room is all a paused peer costs
     remaining = list(peers)
     for _ in range(6):
