@@ -59,7 +59,10 @@ def _lean_epoll_reactor() -> Any:
 
     from twisted.internet._signals import _UnixWaker
     from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import Logger, LogLevel
     from twisted.python import log
+
+    failures = Logger(namespace="twisted.internet.base")
 
     class LeanWaker(_UnixWaker):
         """Twisted's self-pipe waker, emptied in one call (its ``doRead`` took four: a
@@ -74,6 +77,20 @@ def _lean_epoll_reactor() -> Any:
     class LeanEPollReactor(EPollReactor):
         def _wakerFactory(self) -> Any:
             return LeanWaker()
+
+        def mainLoop(self) -> None:
+            """Twisted's loop with its error handler around the inner loop, not entered and
+            left on every turn (two Python calls a turn, two turns a single call): an error
+            is logged the same way and the loop goes on."""
+            while self._started:
+                try:
+                    while self._started:
+                        self.runUntilCurrent()
+                        timeout = self.timeout()
+                        self.doIteration(self.running and timeout)
+                except BaseException:
+                    failures.failure("Unexpected error in main loop", level=LogLevel.critical)
+            failures.info("Main loop terminated.")
 
         def doPoll(self, timeout: float | None) -> None:
             if timeout is None:

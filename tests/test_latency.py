@@ -233,6 +233,37 @@ def test_the_runtime_reactor_hands_a_ready_descriptor_to_its_handler_directly(
     assert runtime.run(lambda: 42, timeout=10) == 42
 
 
+def test_an_error_in_the_runtime_reactors_loop_is_logged_and_the_loop_goes_on(
+    monkeypatch,
+) -> None:
+    """The lean main loop holds its error handler around the inner loop (not entered and left
+    every turn): an error escaping a turn is still logged as Twisted logs it, then the next
+    turn runs."""
+    from twisted.logger import globalLogPublisher
+
+    r = runtime.ensure_running()
+    runtime.run(lambda: None, timeout=10)
+    raised: list[int] = []
+    timeout = type(r).timeout
+
+    def broken(self: Any = r) -> Any:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("a bug in a turn")
+        return timeout(self)
+
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        monkeypatch.setattr(r, "timeout", broken)
+        assert runtime.run(lambda: 7, timeout=10) == 7
+        assert runtime.run(lambda: 8, timeout=10) == 8
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert raised == [1]
+    assert any("a bug in a turn" in str(e.get("log_failure", "")) for e in logged)
+
+
 # ============================================================================ the whole call
 
 
