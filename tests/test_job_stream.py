@@ -211,7 +211,13 @@ class Reactor:
 
 class MemoryServer:
     """Stands in for ClusterClient and the server behind it: grants every argument it gets
-    (runs ``fn`` on it) and answers with results, all on the reactor thread."""
+    (runs ``fn`` on it) and answers with results, all on the reactor thread.
+
+    Like a real connection, it answers in a later turn of the reactor, never inside ``send``:
+    an answer given inside ``send`` re-entered the stream's flush, which then sent later
+    arguments (and ``args_end``) before earlier ones, and a ``submitted`` counted after grants
+    left the window negative (the job hung), depending on how the caller's puts raced the
+    reactor thread."""
 
     redial = None  # a lost connection is not dialled again
     link = "up"
@@ -232,27 +238,35 @@ class MemoryServer:
     def submit(self, stream: JobStream) -> None:
         self.stream = stream
         stream.submitting(self, 1)  # type: ignore[arg-type]
-        stream.apply("submitted", 50, m.INITIAL_WINDOW)  # what the server allows under -id
 
     def forget(self, stream: JobStream) -> None:
         self.forgotten.append(stream)
 
     def kill_quietly(self, job: int | None) -> None:
         self.killed.append(job)
-        assert self.stream is not None
-        self.stream.apply("ended", m.JobDone(job=50, state="killed", done=0, failed=0, message="x"))
+        self._later("ended", m.JobDone(job=50, state="killed", done=0, failed=0, message="x"))
 
     def send(self, msg: m.Message) -> None:
         self.threads.add(threading.current_thread().name)
         self.sent.append(msg)
-        assert self.stream is not None
-        if isinstance(msg, m.Args):
+        if isinstance(msg, m.Submit):
+            self._later("submitted", 50, m.INITIAL_WINDOW)  # what the server allows under -id
+        elif isinstance(msg, m.Args):
             values = [pickle.loads(b) for b in _split(msg)]
             self.received += len(values)
-            self.stream.results(results(50, [self.fn(v) for v in values], msg.start))
-            self.stream.apply("grant", len(values))
+            self._later("results", results(50, [self.fn(v) for v in values], msg.start))
+            self._later("grant", len(values))
         elif isinstance(msg, m.ArgsEnd):
-            self.stream.apply("ended", m.JobDone(job=50, state="done", done=msg.total, failed=0))
+            self._later("ended", m.JobDone(job=50, state="done", done=msg.total, failed=0))
+
+    def _later(self, event: str, *args: Any) -> None:
+        """Hand the stream ``event`` in a later turn of the reactor thread, in order."""
+        stream = self.stream
+        assert stream is not None
+        if event == "results":
+            stream.call_soon(stream.results, *args)
+        else:
+            stream.call_soon(stream.apply, event, *args)
 
 
 def _split(msg: m.Args) -> list[bytes]:
