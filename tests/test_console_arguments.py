@@ -23,6 +23,14 @@ from tests.cluster_harness import Cluster, NodeSpec, jobs_function, wait_for, wr
 from tests.test_inmemory import Cluster as MemoryCluster
 from tests.test_inmemory import job_run, outcome, submit
 
+#: the processes' heartbeat interval in the FIFO tests: three missed (1.5 s) lose a peer. Short
+#: enough that a console whose network thread blocks on a read is dropped, long enough that a
+#: console starved for a moment on a loaded 2-core machine is not
+HEARTBEAT = 0.5
+DEADLINE = 3 * HEARTBEAT
+#: the writer's pause between lines: a blocked read would keep the console silent this long
+PACE = DEADLINE + 1.0
+
 # ------------------------------------------------------------------ units
 # (the reader thread itself: tests/test_job_stream.py)
 
@@ -89,22 +97,23 @@ def fifo_job(tmp_path: Path, mode: str = "stream") -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_a_slow_pipe_keeps_the_console_alive(make_cluster: Any, tmp_path: Path) -> None:
-    """Arguments from a FIFO, one line per second (over the 0.6 s heartbeat deadline): the job
+    """Arguments from a FIFO, one line every 2.5 s (over the 1.5 s heartbeat deadline): the job
     runs to the end with every result. Before, reading blocked the console's network thread,
-    the server missed its heartbeats and cancelled the job."""
+    the server missed its heartbeats and cancelled the job. (A 0.6 s deadline, 0.2 s beats,
+    also caught a console merely starved that long on a loaded 2-core CI machine.)"""
     cluster: Cluster = make_cluster(
-        [NodeSpec(cores=1)], heartbeat=0.2, server_env={"REMAP_CONSOLE_GRACE": "0"}
+        [NodeSpec(cores=1)], heartbeat=HEARTBEAT, server_env={"REMAP_CONSOLE_GRACE": "0"}
     )
     fifo, job = fifo_job(tmp_path)
     console = cluster.console_popen("compute", job, "--json")
-    pace = threading.Event()  # never set: its wait paces the writer at one line a second
+    pace = threading.Event()  # never set: its wait paces the writer past the deadline
 
     def writer() -> None:
         with open(fifo, "w") as f:
             for i in range(3):
                 f.write(f"{i + 5}\n")
                 f.flush()
-                pace.wait(1.0)
+                pace.wait(PACE)
 
     feeder = threading.Thread(target=writer, daemon=True)
     feeder.start()
@@ -123,7 +132,7 @@ def test_a_fifo_without_a_writer_can_be_interrupted(make_cluster: Any, tmp_path:
     (heartbeats flow), and Ctrl-C ends the console at once, killing its job. Before, the
     console blocked in open() on its network thread: the submit never left it."""
     cluster: Cluster = make_cluster(
-        [NodeSpec(cores=1)], heartbeat=0.2, server_env={"REMAP_CONSOLE_GRACE": "0"}
+        [NodeSpec(cores=1)], heartbeat=HEARTBEAT, server_env={"REMAP_CONSOLE_GRACE": "0"}
     )
     _, job = fifo_job(tmp_path, mode="object")
     console = cluster.console_popen("compute", job)
@@ -134,9 +143,9 @@ def test_a_fifo_without_a_writer_can_be_interrupted(make_cluster: Any, tmp_path:
         job = cluster.job(job_id) or {}
         if job.get("state") != "running":
             raise AssertionError(f"the job ended: {job}")
-        return job["elapsed"] > 1.5 and job["attached"]
+        return job["elapsed"] > 2 * DEADLINE and job["attached"]
 
-    cluster.wait_for(alive_past_the_heartbeat_deadline, 30, "1.5 s of a waiting job")
+    cluster.wait_for(alive_past_the_heartbeat_deadline, 30, "twice the deadline of a waiting job")
     os.kill(console.pid, signal.SIGINT)
     done = cluster.finish(console, timeout=15)
     assert done.returncode == 130, cluster.explain(done)
