@@ -22,7 +22,8 @@ from remap.data.keys import default_partition, encode_key
 from remap.data.layout import DataDir
 from tests.cluster_harness import JOBS, Cluster, ClusterError
 
-pytestmark = pytest.mark.slow
+#: its own waits take up to 3 x DEADLINE; pytest's default 120 s would cut them short
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HEARTBEAT = 0.3
 DEADLINE = 90.0
@@ -114,4 +115,6 @@ def test_nodes_killed_mid_map_and_mid_reduce_change_nothing(make_cluster, tmp_pa
     requeued = [
         int(m.group(1)) for line in lost for m in [re.search(r"(\d+) arguments re-q", line)] if m
     ]
-    assert len(requeued) >= 2 and all(requeued), "a kill hit no task:\n" + c.diagnostics()
+    # each kill re-queued its task; a node with nothing in flight may also be lost by silence
+    # (0.3 s heartbeats on a loaded 2-core machine) and re-queue nothing: not the kills' doing
+    assert sum(1 for n in requeued if n) >= 2, "a kill hit no task:\n" + c.diagnostics()
