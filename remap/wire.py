@@ -209,6 +209,8 @@ class PeerProtocol(Protocol):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self._silence_limit: float | None = None
+        #: the last check found the peer silent but ran late: the next one judges
+        self._verdict_deferred = False
         self._deadline: IDelayedCall | None = None
         self._beat: IDelayedCall | None = None
         self._last_seen = 0.0
@@ -435,19 +437,29 @@ class PeerProtocol(Protocol):
             self.heartbeat_interval = min(self.heartbeat_interval, theirs)
 
     def _heartbeat(self) -> None:
-        self._beat = None
+        beat, self._beat = self._beat, None
         if self.transport is None:
             return
+        now = self.clock.seconds()
         if self._paused:  # not reading is this side's doing: the peer is not silent
-            self._last_seen = self.clock.seconds()
-        silent = self.clock.seconds() - self._last_seen
-        if silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses):
+            self._last_seen = now
+        silent = now - self._last_seen
+        overdue = silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses)
+        # run over an interval late, this check finds this process was stalled (a loaded
+        # machine): the peer's beats may wait unread, as a reactor runs due timers before it
+        # reads. The next check judges (once: a process late every time still does)
+        if overdue and (
+            self._verdict_deferred
+            or beat is None
+            or now - beat.getTime() <= self.heartbeat_interval
+        ):
             self.failure = self._peer_lost(
                 f"no heartbeat from {self.peer} for {silent:.1f}s: declaring it lost"
             )
             self.log.warn("{error}", error=self.failure)
             self.transport.abortConnection()
             return
+        self._verdict_deferred = overdue
         self.send(self.handler.heartbeat())
         self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
 

@@ -319,6 +319,38 @@ def test_silent_peer_is_declared_lost(clock):
     assert isinstance(lost, ConnectionLost) and "no heartbeat" in str(lost)
 
 
+def test_a_stalled_process_reads_before_it_judges_its_peer(clock):
+    """This process stalled past the silence limit (a loaded machine): its late check cannot
+    tell a silent peer from beats still unread in the socket (a reactor runs due timers before
+    it reads), so it waits for the next check; the beats read meanwhile keep the peer."""
+    server, client = peer("server", Recorder(), clock), peer("node", Recorder(), clock)
+    s_transport, c_transport = connect(server), connect(client)
+    pump(client, server)
+    clock.advance(INTERVAL * (MISSES + 2))  # one check each, far over the limit: both stalled
+    assert not s_transport.disconnecting and not c_transport.disconnecting
+    pump(client, server)  # the reactor reads what waited
+    for _ in range(MISSES * 2):
+        clock.advance(INTERVAL)
+        pump(client, server)
+    assert not s_transport.disconnecting and not c_transport.disconnecting
+
+
+def test_a_stalled_process_still_loses_a_silent_peer(clock):
+    """After a late check, the next one judges, late or not: a peer that sent nothing is lost."""
+    handler = Recorder()
+    server, client = peer("server", handler, clock), peer("node", Recorder(), clock)
+    s_transport = connect(server)
+    connect(client)
+    pump(client, server)
+    client.transport.clear()
+    clock.advance(INTERVAL * (MISSES + 2))
+    assert not s_transport.disconnecting
+    clock.advance(INTERVAL * (MISSES + 2))  # late again: no more waiting
+    assert s_transport.disconnected
+    server.connectionLost(Failure(net_error.ConnectionLost()))
+    assert "no heartbeat" in str(handler.last("lost"))
+
+
 def test_any_bytes_count_as_a_sign_of_life(clock):
     """A peer that keeps sending anything (not only heartbeats) is never declared lost."""
     s_handler = Recorder()
