@@ -339,11 +339,11 @@ class JobSession:
     # ------------------------------------------------------------- decoding results
 
     def _decode(self, msg: m.Results) -> None:
-        errors = {e[0]: e for e in msg.errors}
+        indices = msg.answered
+        errors = {e[0]: e for e in msg.errors} if msg.errors else {}  # no comprehension call
         if errors and self.first_error is None:
             pos = min(errors)
-            self.first_error = _error_info(msg.answered[pos], errors[pos], None)
-        indices = msg.answered
+            self.first_error = _error_info(indices[pos], errors[pos], None)
         unreadable: set[int] = set()
         if msg.partial:
             partial: Any = None
