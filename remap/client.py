@@ -572,6 +572,9 @@ class JobStream:
         self.client: ClusterClient | None = None
         self.lock = threading.Lock()
         self._room = threading.Condition(self.lock)
+        #: readers waiting in :meth:`put_waiting` for room (under :attr:`lock`): a take that
+        #: frees room notifies only when one waits (the executor's and a map's never do)
+        self._waiting = 0
         self.finished = threading.Event()
         self.error: Exception | None = None
         self.outcome: JobOutcome | None = None
@@ -635,7 +638,11 @@ class JobStream:
                 or len(self._items) >= max_items
                 or self._read - self.taken >= ahead
             ):
-                self._room.wait()
+                self._waiting += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._waiting -= 1
             if self.killing or self.input_closed:
                 return False
             self._read += 1
@@ -877,7 +884,7 @@ class JobStream:
                 count += max(n, 1)
                 if n:
                     groups.append(n)
-            if out:
+            if out and self._waiting:
                 self._room.notify()
             ended = self.input_closed and not items and not self.killing
             if ended and not out and self._input_error is not None:
