@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,14 +98,20 @@ def _plain_tcp(transport: Any) -> Any:
     return None
 
 
-def write_now(transport: Any, sock: Any, data: list[bytes | memoryview]) -> None:
+def write_now(
+    transport: Any,
+    sock: Any,
+    data: list[bytes | memoryview],
+    rest: Callable[[list[bytes | memoryview]], None] | None = None,
+) -> None:
     """Write one message's buffers: on a plain TCP socket (``sock``) with nothing queued, in
     this call; else through the transport's buffer.
 
     Twisted's ``write`` only queues: the bytes leave on the next reactor turn, once epoll says
     the socket is writable (and two ``epoll_ctl`` later), a turn on every hop of a single
     call's path. A large message goes from its own buffers (``sendmsg``: no join of a payload),
-    a small one joined; what the socket does not take now is queued after all, in order.
+    a small one joined; what the socket does not take now goes to ``rest`` (views of the same
+    buffers), or without one is queued in the transport after all, in order.
     """
     if (
         sock is not None
@@ -124,8 +131,72 @@ def write_now(transport: Any, sock: Any, data: list[bytes | memoryview]) -> None
         if sent >= total:
             return
         data = unsent(data, sent)
-    # transports take bytes only; one join is the single copy a payload makes here
+        if rest is not None:
+            rest(data)
+            return
+    # transports take bytes only: one join is the single copy a payload makes here
     transport.write(b"".join(data))
+
+
+#: buffers handed to one ``sendmsg`` at most (Linux takes up to 1024)
+SEND_PARTS = 64
+
+
+class SendQueue:
+    """A plain TCP transport's messages the socket did not take at once, kept as their own
+    buffers until it does.
+
+    Twisted's ``write`` takes bytes only: the rest of a MiB the socket could not take at once
+    was joined into a copy and then sent 128 KiB per reactor turn, and every message after it
+    took the same way until that buffer drained (a console slower to read than its server
+    writes stays so for a whole job). Here the rest waits as views, leaves by ``sendmsg`` as the
+    socket drains (the transport's ``doWrite`` sends this queue first, then does its own work:
+    its buffer, closing once all is sent), and messages behind it join it without a copy.
+    """
+
+    def __init__(self, transport: Any, sock: Any) -> None:
+        self.transport = transport
+        self.sock = sock
+        self.parts: deque[bytes | memoryview] = deque()
+        plain = transport.doWrite
+
+        def do_write() -> Any:
+            if self.parts:
+                lost = self._send()
+                if lost is not None or self.parts:
+                    return lost
+            return plain()
+
+        transport.doWrite = do_write
+
+    def write(self, data: list[bytes | memoryview]) -> None:
+        """Send one message now if the socket takes it, else queue what is left in order."""
+        transport = self.transport
+        if not self.parts:
+            write_now(transport, self.sock, data, self._queue)
+        elif transport.connected:  # behind what waits already
+            self._queue(data)
+
+    def _queue(self, data: list[bytes | memoryview]) -> None:
+        self.parts.extend(data)
+        self.transport.startWriting()
+
+    def _send(self) -> Any:
+        parts = self.parts
+        try:
+            sent = self.sock.sendmsg(list(itertools.islice(parts, SEND_PARTS)))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        while sent:
+            first = parts[0]
+            if sent < len(first):
+                parts[0] = memoryview(first)[sent:]
+                break
+            sent -= len(first)
+            parts.popleft()
+        return None
 
 
 class ReadBudget:
@@ -219,6 +290,7 @@ class PeerProtocol(Protocol):
         self.peer = ""
         self.traffic = Traffic()
         self._socket: Any = None  # a plain TCP transport's socket: large frames skip copies
+        self._sending: SendQueue | None = None  # and what it did not take at once
 
     # ---------------------------------------------------------------- Twisted API
 
@@ -232,6 +304,7 @@ class PeerProtocol(Protocol):
                 pass
         self._socket = _plain_tcp(self.transport)
         if self._socket is not None:
+            self._sending = SendQueue(self.transport, self._socket)
             # small frames too: a recv handed to dataReceived, not Twisted's doRead and the
             # wrappers between it and this protocol (2-3 Python calls per read)
             read_directly(
@@ -411,7 +484,10 @@ class PeerProtocol(Protocol):
         if not data or transport is None:
             return
         self.traffic.sent += sum(map(len, data))
-        write_now(transport, self._socket, data)
+        if self._sending is not None:
+            self._sending.write(data)
+        else:
+            write_now(transport, None, data)
 
     # ---------------------------------------------------------------- timers
 

@@ -216,3 +216,43 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_what_the_socket_cannot_take_waits_as_the_messages_own_buffers() -> None:
+    """MiB messages faster than the peer reads: what the socket does not take at once waits as
+    views of the messages' buffers and leaves by sendmsg as it drains, in order, never joined
+    into a copy for Twisted's buffer (which then sent 128 KiB per turn, and took every message
+    after it the same way)."""
+    import os
+    import select
+    import socket
+
+    from tests.test_large_frames import Recorder, _peer, _pump
+    from tests.test_large_frames import _tcp_pair as tcp_pair
+
+    a, b = tcp_pair()
+    try:
+        server_rec = Recorder()
+        server, st = _peer("server", a, server_rec)
+        console, ct = _peer("console", b, Recorder())
+        _pump(st, ct, until=lambda: console.open and server.open)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        joined: list[int] = []
+        write = ct.write
+        ct.write = lambda data: (joined.append(len(data)), write(data))  # type: ignore[method-assign]
+        payloads = [os.urandom(1 << 20) for _ in range(6)]
+        for i, payload in enumerate(payloads):
+            console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+        for _ in range(100_000):
+            if len(server_rec.kinds()) >= len(payloads) + 1:
+                break
+            ct.doWrite()
+            if select.select([a], [], [], 0.01)[0]:
+                st.doRead()
+        got = [msg.payload for kind, msg in server_rec.events if kind == "message"]
+        assert got == payloads
+        assert not [n for n in joined if n >= 64 * 1024], joined
+        assert console._sending is not None and not console._sending.parts
+    finally:
+        a.close()
+        b.close()
