@@ -151,7 +151,8 @@ class SendQueue:
     took the same way until that buffer drained (a console slower to read than its server
     writes stays so for a whole job). Here the rest waits as views, leaves by ``sendmsg`` as the
     socket drains (the transport's ``doWrite`` sends this queue first, then does its own work:
-    its buffer, closing once all is sent), and messages behind it join it without a copy.
+    its buffer, closing once all is sent), and messages behind it join it without a copy
+    (:meth:`PeerProtocol._flush` writes through it).
     """
 
     def __init__(self, transport: Any, sock: Any) -> None:
@@ -169,15 +170,8 @@ class SendQueue:
 
         transport.doWrite = do_write
 
-    def write(self, data: list[bytes | memoryview]) -> None:
-        """Send one message now if the socket takes it, else queue what is left in order."""
-        transport = self.transport
-        if not self.parts:
-            write_now(transport, self.sock, data, self._queue)
-        elif transport.connected:  # behind what waits already
-            self._queue(data)
-
-    def _queue(self, data: list[bytes | memoryview]) -> None:
+    def queue(self, data: list[bytes | memoryview]) -> None:
+        """Send ``data`` once what waits is sent (in order, as the socket drains)."""
         self.parts.extend(data)
         self.transport.startWriting()
 
@@ -479,15 +473,20 @@ class PeerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        transport = self.transport
+        conn, transport = self.conn, self.transport
+        data = conn.outgoing
         if not data or transport is None:
             return
+        conn.outgoing = []
         self.traffic.sent += sum(map(len, data))
-        if self._sending is not None:
-            self._sending.write(data)
-        else:
+        sending = self._sending
+        if sending is None:
             write_now(transport, None, data)
+        elif sending.parts:  # behind what waits already
+            if transport.connected:
+                sending.queue(data)
+        else:
+            write_now(transport, sending.sock, data, sending.queue)
 
     # ---------------------------------------------------------------- timers
 

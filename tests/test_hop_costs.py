@@ -256,3 +256,46 @@ def test_what_the_socket_cannot_take_waits_as_the_messages_own_buffers() -> None
     finally:
         a.close()
         b.close()
+
+
+def test_closing_sends_what_waits_then_the_reason_then_closes() -> None:
+    """A peer closed with messages still waiting for the socket: they leave first, in order,
+    then the error frame saying why, and only then does the transport close."""
+    import os
+    import select
+    import socket
+
+    from twisted.internet import main
+
+    from remap.errors import RemoteProtocolError
+    from tests.test_large_frames import Recorder, _peer, _pump
+    from tests.test_large_frames import _tcp_pair as tcp_pair
+
+    a, b = tcp_pair()
+    try:
+        server_rec = Recorder()
+        server, st = _peer("server", a, server_rec)
+        console, ct = _peer("console", b, Recorder())
+        _pump(st, ct, until=lambda: console.open and server.open)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        payloads = [os.urandom(1 << 20) for _ in range(3)]
+        for i, payload in enumerate(payloads):
+            console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+        assert console._sending is not None and console._sending.parts
+        console.close(RemoteProtocolError("going away"))
+        assert ct.disconnecting
+        closed = None
+        for _ in range(100_000):
+            if closed is None:
+                closed = ct.doWrite()
+            if select.select([a], [], [], 0.01)[0]:
+                st.doRead()
+            if closed is not None and len(server_rec.events) >= len(payloads) + 2:
+                break
+        assert closed is main.CONNECTION_DONE
+        kinds = [(kind, type(msg).__name__) for kind, msg in server_rec.events[1:]]
+        assert kinds == [("message", "Args")] * 3 + [("message", "Error")], kinds
+        assert [msg.payload for _, msg in server_rec.events[1:4]] == payloads
+    finally:
+        a.close()
+        b.close()
