@@ -218,31 +218,50 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
         b.close()
 
 
-def test_what_the_socket_cannot_take_waits_as_the_messages_own_buffers() -> None:
-    """MiB messages faster than the peer reads: what the socket does not take at once waits as
-    views of the messages' buffers and leaves by sendmsg as it drains, in order, never joined
-    into a copy for Twisted's buffer (which then sent 128 KiB per turn, and took every message
-    after it the same way)."""
-    import os
-    import select
+def _slow_reader(sockets: list[Any]) -> tuple[Any, Any, Any, Any, Any]:
+    """A console and a server over real loopback TCP, authenticated, the console's send buffer
+    small (so MiB messages outrun the socket): (console, its transport, server, its transport,
+    the server's recorder); ``sockets`` gets both sockets, to close."""
     import socket
 
     from tests.test_large_frames import Recorder, _peer, _pump
     from tests.test_large_frames import _tcp_pair as tcp_pair
 
     a, b = tcp_pair()
+    sockets += [a, b]
+    server_rec = Recorder()
+    server, st = _peer("server", a, server_rec)
+    console, ct = _peer("console", b, Recorder())
+    _pump(st, ct, until=lambda: console.open and server.open)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    return console, ct, server, st, server_rec
+
+
+def _args(console: Any, count: int) -> list[bytes]:
+    """Send ``count`` MiB ``args`` messages; return their payloads."""
+    import os
+
+    payloads = [os.urandom(1 << 20) for _ in range(count)]
+    for i, payload in enumerate(payloads):
+        console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+    return payloads
+
+
+def test_what_the_socket_cannot_take_waits_as_the_messages_own_buffers() -> None:
+    """MiB messages faster than the peer reads: what the socket does not take at once waits as
+    views of the messages' buffers and leaves by sendmsg as it drains, in order, never joined
+    into a copy for Twisted's buffer (which then sent 128 KiB per turn, and took every message
+    after it the same way)."""
+    import select
+
+    sockets: list[Any] = []
     try:
-        server_rec = Recorder()
-        server, st = _peer("server", a, server_rec)
-        console, ct = _peer("console", b, Recorder())
-        _pump(st, ct, until=lambda: console.open and server.open)
-        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        console, ct, server, st, server_rec = _slow_reader(sockets)
+        a = sockets[0]
         joined: list[int] = []
         write = ct.write
         ct.write = lambda data: (joined.append(len(data)), write(data))  # type: ignore[method-assign]
-        payloads = [os.urandom(1 << 20) for _ in range(6)]
-        for i, payload in enumerate(payloads):
-            console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+        payloads = _args(console, 6)
         for _ in range(100_000):
             if len(server_rec.kinds()) >= len(payloads) + 1:
                 break
@@ -254,33 +273,24 @@ def test_what_the_socket_cannot_take_waits_as_the_messages_own_buffers() -> None
         assert not [n for n in joined if n >= 64 * 1024], joined
         assert console._sending is not None and not console._sending.parts
     finally:
-        a.close()
-        b.close()
+        for sock in sockets:
+            sock.close()
 
 
 def test_closing_sends_what_waits_then_the_reason_then_closes() -> None:
     """A peer closed with messages still waiting for the socket: they leave first, in order,
     then the error frame saying why, and only then does the transport close."""
-    import os
     import select
-    import socket
 
     from twisted.internet import main
 
     from remap.errors import RemoteProtocolError
-    from tests.test_large_frames import Recorder, _peer, _pump
-    from tests.test_large_frames import _tcp_pair as tcp_pair
 
-    a, b = tcp_pair()
+    sockets: list[Any] = []
     try:
-        server_rec = Recorder()
-        server, st = _peer("server", a, server_rec)
-        console, ct = _peer("console", b, Recorder())
-        _pump(st, ct, until=lambda: console.open and server.open)
-        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        payloads = [os.urandom(1 << 20) for _ in range(3)]
-        for i, payload in enumerate(payloads):
-            console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+        console, ct, server, st, server_rec = _slow_reader(sockets)
+        a = sockets[0]
+        payloads = _args(console, 3)
         assert console._sending is not None and console._sending.parts
         console.close(RemoteProtocolError("going away"))
         assert ct.disconnecting
@@ -297,5 +307,5 @@ def test_closing_sends_what_waits_then_the_reason_then_closes() -> None:
         assert kinds == [("message", "Args")] * 3 + [("message", "Error")], kinds
         assert [msg.payload for _, msg in server_rec.events[1:4]] == payloads
     finally:
-        a.close()
-        b.close()
+        for sock in sockets:
+            sock.close()
