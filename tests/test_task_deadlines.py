@@ -244,7 +244,9 @@ def test_a_real_server_requeues_the_tasks_of_a_node_that_never_answers(make_clus
     """A real server and one real node, plus a node that heartbeats and takes tasks but never
     answers. A job with ``timeout: 1`` still completes with every result (the silent node's
     tasks are re-queued after their deadline), and ``status`` shows that node as suspect."""
-    c = make_cluster(1, cores=1, heartbeat=0.3)
+    # the silent node (a thread of this process) must stay connected to be shown suspect:
+    # with 0.3 s beats a starved moment (0.9 s of silence) could drop it instead
+    c = make_cluster(1, cores=1, heartbeat=2.0)
     assert c.port is not None
     silent = SilentNode(c.port, c.secret)
     silent.start()

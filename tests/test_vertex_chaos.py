@@ -49,7 +49,9 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
     paths = _grid_input(tmp_path)
     ref = run_local(example("sssp"), read_tagged_lines(paths), 1, 500)
     want = parse_output(sum(ref.partitions, []))
-    c = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)], heartbeat=0.3)
+    # a SIGKILLed node's connection closes at once: no heartbeat is needed to find it, and
+    # 0.3 s ones could also lose the other node on a loaded machine (a second rollback)
+    c = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)], heartbeat=2.0)
     killed: list[int] = []
 
     def on_superstep(report) -> None:
@@ -86,7 +88,7 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     from remap.errors import JobKilled
 
     _grid_input(tmp_path)
-    c = make_cluster([NodeSpec(cores=2)], heartbeat=0.3)
+    c = make_cluster([NodeSpec(cores=2)], heartbeat=2.0)  # nothing here waits on a heartbeat
     started = threading.Event()
     outcome: list[BaseException] = []
 
