@@ -223,3 +223,34 @@ def test_a_senders_positions_are_kept_while_its_ids_repeat():
         want: dict = {}
         deliver(want, sums, True, operator.add)
         assert (got.to_dict() if type(got) is DenseInbox else got) == want
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_when_every_vertex_with_an_edge_sent_the_short_flush_gives_the_same_sums(count):
+    """PageRank's supersteps: every vertex with an out-edge sends (a dangling one cannot).
+    The flush then skips marking live edges and hit targets; its sums and counts are the
+    masked path's to the bit (ids in the same order, -0.0 kept)."""
+    part = pagerank_partition(0, count, range(60))
+    fan = part.fanout()
+    dangling = [i for i, v in enumerate(fan.order) if not part.targets[v]]
+    assert dangling and len(fan.senders) == fan.n - len(dangling)
+
+    def flush(force_masked: bool) -> tuple[list, int]:
+        fan.start()
+        for i in fan.senders.tolist():
+            fan.msgs[i] += -0.0 if i % 7 == 0 else 1.0 / (i + 3)
+            fan.sent[i] = 1
+        outbox = Outbox(count, sum, operator.add)
+        if force_masked:  # one more "sender" that did not send: the masked path
+            fan.senders = np.append(fan.senders, dangling[0])
+        try:
+            fan.flush(outbox)
+        finally:
+            fan.senders = fan.senders[: fan.n - len(dangling)]
+        got = [
+            (d, p.ids.tobytes(), p.sums.tobytes()) for d in range(count) for p in outbox.pieces[d]
+        ]
+        return got, outbox.sent
+
+    short, masked = flush(False), flush(True)
+    assert short == masked and short[1] > 0

@@ -462,10 +462,13 @@ class DenseInbox:
 
     def per_vertex(self, total: int) -> list[Any]:
         """Each vertex's folded message or None, for ``total`` vertices (later ones: None)."""
-        boxed = self.sums.astype(object)
-        boxed[~self.hit] = None
-        out = boxed.tolist()
-        return out + [None] * (total - len(out))
+        out = self.sums.tolist()
+        missed = _np.flatnonzero(~self.hit)
+        for i in missed.tolist():
+            out[i] = None
+        if total > len(out):
+            out.extend([None] * (total - len(out)))
+        return out
 
     def to_dict(self) -> dict[Any, float]:
         """vertex id → folded message: what a dict inbox holds (checkpoints)."""
@@ -498,6 +501,7 @@ class Context:
         "_partial",
         "_aggregated",
         "_vid",
+        "_at",
         "_targets",
         "_route",
         "_send_many",
@@ -522,6 +526,7 @@ class Context:
         self._aggregated = aggregated
         self._partial = partial
         self._vid: Any = None
+        self._at = -1  # the vertex's position in the partition (the Fanout's order)
         self.superstep = superstep
         self.num_vertices = num_vertices
         #: ``send(to, message)``: deliver ``message`` to vertex ``to`` in the next superstep
@@ -537,8 +542,8 @@ class Context:
         """Send ``message`` along every out-edge of this vertex."""
         fan = self._fan
         if fan is not None and type(message) is float:
-            i = fan.pos.get(self._vid)
-            if i is not None:
+            i = self._at
+            if i < fan.n:  # a vertex the Fanout knows: its position, not a dict lookup
                 fan.msgs[i] += message
                 fan.sent[i] = 1
                 return
@@ -610,6 +615,10 @@ class Partition:
             self.targets[vid] = list(targets)
             if weights is not None:
                 self.weights[vid] = list(weights)
+            return
+        if not targets and weights is None:  # no edge (an edge's target): a value at most
+            if value is not None and values[vid] is None:
+                values[vid] = value
             return
         if values[vid] is None:
             values[vid] = value
@@ -697,7 +706,10 @@ class Partition:
             pending = [get(vid) for vid in values]
         sent_before = outbox.sent
         folded = program.fold is not None  # the inbox holds one folded message per vertex
-        for vid, msgs in zip(list(values), pending):
+        # the vertices in order: the Fanout's list when it holds them all (no copy per step)
+        order = fan.order if fan is not None and fan.n == len(values) else list(values)
+        computed = active = 0
+        for at, (vid, msgs) in enumerate(zip(order, pending)):
             if msgs is None:
                 if vid in halted:
                     continue
@@ -705,7 +717,8 @@ class Partition:
             elif folded:
                 msgs = [msgs]
             ctx._vid = vid
-            stats.computed += 1
+            ctx._at = at
+            computed += 1
             try:
                 out = compute(ctx, vid, values[vid], msgs)
             except Exception as exc:
@@ -721,7 +734,9 @@ class Partition:
                 halted.add(vid)
             else:
                 halted.discard(vid)
-                stats.active += 1
+                active += 1
+        stats.computed += computed
+        stats.active += active
         if fan is not None:
             fan.flush(outbox)
         stats.sent = outbox.sent - sent_before
@@ -787,7 +802,6 @@ class Fanout:
         assert _np is not None
         count = part.count
         order = self.order = list(part.values)
-        self.pos = {vid: i for i, vid in enumerate(order)}
         self._sorted: tuple[Any, Any] | None = None  # see locate
         self._located: dict[int, tuple[Any, Any]] = {}  # sender → its last ids, their positions
         n = len(order)
@@ -807,6 +821,8 @@ class Fanout:
                     degree = _np.bincount(sender[mine], minlength=n).astype(_np.intp)
                     self.dests.append((d, ids, flat.astype(_np.intp), degree))
         self.n = n
+        #: the vertices with an out-edge: when each of them sent, every edge carries a sum
+        self.senders = _np.flatnonzero(sum(degree for _, _, _, degree in self.dests) > 0)
         self.msgs: list[float] = []
         self.sent = bytearray()
 
@@ -879,25 +895,40 @@ class Fanout:
             return
         msgs = _np.array(self.msgs, dtype=_np.float64)
         senders = _np.frombuffer(bytes(self.sent), dtype=_np.bool_)
+        if senders[self.senders].all():
+            # every vertex with an edge sent (PageRank): every target has a sum, so no pass
+            # marks the live edges and the targets hit, and no array is copied to pick them
+            senders = None
         for d, ids, flat, degree in self.dests:
+            weights = _np.repeat(msgs, degree)
+            if senders is None:
+                sums = _np.bincount(flat, weights=weights, minlength=len(ids))
+                outbox._sent[0] += len(flat)
+                self._put(outbox, d, ids, sums)
+                continue
             live = _np.repeat(senders, degree)
             if not live.any():
                 continue
-            sums = _np.bincount(flat, weights=_np.repeat(msgs, degree), minlength=len(ids))
+            sums = _np.bincount(flat, weights=weights, minlength=len(ids))
             hit = _np.zeros(len(ids), dtype=_np.bool_)
             hit[flat[live]] = True
             chosen = _np.flatnonzero(hit)
             outbox._sent[0] += int(live.sum())
-            if ids.dtype != object:  # integer ids: the sums travel as arrays
-                outbox.pieces[d].append(Sums(ids[chosen], sums[chosen]))
-                continue
-            bucket = outbox.buckets[d]
-            pairs = zip(ids[chosen].tolist(), sums[chosen].tolist())
-            if not bucket:
-                bucket.update(pairs)
-                continue
-            for to, total in pairs:
-                bucket[to] = bucket[to] + total if to in bucket else total
+            self._put(outbox, d, ids[chosen], sums[chosen])
+
+    @staticmethod
+    def _put(outbox: Outbox, d: int, ids: Any, sums: Any) -> None:
+        """Sums to destination ``d``: as arrays for integer ids, else into its bucket."""
+        if ids.dtype != object:  # integer ids: the sums travel as arrays
+            outbox.pieces[d].append(Sums(ids, sums))
+            return
+        bucket = outbox.buckets[d]
+        pairs = zip(ids.tolist(), sums.tolist())
+        if not bucket:
+            bucket.update(pairs)
+            return
+        for to, total in pairs:
+            bucket[to] = bucket[to] + total if to in bucket else total
 
 
 def _int_array(ids: list[Any]) -> Any:
