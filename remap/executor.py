@@ -417,7 +417,8 @@ class Executor(concurrent.futures.Executor):
             self._thread.join()  # it waits for the map jobs and closes an owned cluster
 
     def _terminate(self) -> None:
-        """Cancel everything, running calls included (their futures get JobKilled)."""
+        """Cancel everything, running calls included (their futures get JobKilled); a job with
+        no call outstanding (one kept open for the next submit) is closed instead."""
         with self._lock:
             self._shutdown = True
             streams = list(self._open)
@@ -426,7 +427,12 @@ class Executor(concurrent.futures.Executor):
         for stream in streams:
             for future in stream.withdraw_pending():
                 future._withdraw()
-            stream.job.kill()
+            with stream.job.lock:
+                idle = stream.outstanding == 0
+            if idle:  # a lingering job with nothing running ends as done, not killed
+                stream.job.close_input()
+            else:
+                stream.job.kill()
         for results in maps:
             results.cancel()
         self._events.put(_WAKE)

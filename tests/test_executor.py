@@ -185,6 +185,30 @@ def test_the_functions_used_last_keep_their_job_open_between_calls(
     assert not {executor_module._key(fn) for fn in functions} & set(executor._streams)
 
 
+def test_closing_ends_a_lingering_job_as_done_and_kills_a_busy_one(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """A job kept open for the next submit, with nothing outstanding, is not killed when its
+    executor is terminated (as ``Cluster.close`` does): the server's record says it ended
+    done; a job with a call still running is killed."""
+    before = {j["id"] for j in embedded.status()["jobs"]}
+    ex = remap.Executor(cluster=embedded)
+    assert ex.submit(noop, 1).result(timeout=30) == 1
+    busy = ex.submit(block_until, str(tmp_path), "b", str(tmp_path / "release"), 30.0)
+    wait_for(lambda: (tmp_path / "b").exists(), 20, "the busy call to start")
+    ex._terminate()
+    (tmp_path / "release").touch()
+
+    def states() -> dict[str, str]:
+        jobs = [j for j in embedded.status()["jobs"] if j["id"] not in before]
+        return {j["name"].rsplit(".", 1)[-1]: j["state"] for j in jobs if j["state"] != "running"}
+
+    wait_for(lambda: {"noop", "block_until"} <= set(states()), 20, "both jobs to end")
+    assert states() == {"noop": "done", "block_until": "killed"}
+    with pytest.raises(Exception):  # noqa: B017 - JobKilled or CancelledError, either way not a result
+        busy.result(timeout=20)
+
+
 def test_remote_exception_is_reraised_as_its_own_type(executor: remap.Executor) -> None:
     """A CustomError raised on a core is raised here as CustomError, with the remote traceback
     as __cause__ (a RemoteTaskError)."""
