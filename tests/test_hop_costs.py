@@ -309,3 +309,23 @@ def test_closing_sends_what_waits_then_the_reason_then_closes() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_core_moves_along_its_table_without_a_call_per_move() -> None:
+    """A core moves twice per call (idle → busy → idle): a legal move is one lookup in the
+    table, no function; an illegal one still raises, naming the core."""
+    from remap.node.cores import CoreLife, CoreProcess
+    from remap.transitions import IllegalTransition
+
+    core = CoreProcess(pool=None, index=3)  # type: ignore[arg-type]
+    try:
+        core.move(CoreLife.IDLE)
+        assert _counted(lambda: core.move(CoreLife.BUSY)) == ["cores.py:move"]
+        assert core.life is CoreLife.BUSY
+        with pytest.raises(IllegalTransition, match="core 3: busy → starting"):
+            core.move(CoreLife.STARTING)
+    finally:
+        core.shm.close()
+        import os
+
+        os.close(core.shm_fd)

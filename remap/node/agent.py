@@ -63,6 +63,7 @@ class NodeAgent:
         self.group = group
         self.host = host or socket.gethostname()
         self.link: PeerProtocol | None = None
+        self._max_frame = 0
         self.on_shutdown = on_shutdown
         self.on_auth_failure = on_auth_failure
         #: the connection ClientService is preparing (its transport) and what waits for it
@@ -72,11 +73,12 @@ class NodeAgent:
         pool.name = self.host
 
     def _send(self, msg: m.Message) -> None:
-        if self.link is None:
+        link = self.link
+        if link is None:
             return
-        if type(msg) is m.TaskResult and len(msg.payload) > self.link.conn.max_frame // 2:
-            msg = self._fits(msg, self.link.conn.max_frame)
-        self.link.send(msg)
+        if type(msg) is m.TaskResult and 2 * len(msg.payload) > self._max_frame:
+            msg = self._fits(msg, self._max_frame)
+        link.send(msg)
 
     @staticmethod
     def _fits(msg: m.TaskResult, limit: int) -> m.Message:
@@ -118,6 +120,8 @@ class NodeAgent:
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.link = link
+        #: the largest frame the server takes (fixed once authenticated; read on every result)
+        self._max_frame = link.conn.max_frame
         self._prepared(link)
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
         link.send(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import functools
 import mmap
 import os
 import shutil
@@ -135,7 +136,8 @@ class CoreProcess(ProcessProtocol):
 
     def move(self, life: CoreLife) -> None:
         """Change life along :data:`CORE_TRANSITIONS` (anything else raises)."""
-        check_move(f"core {self.index}", CORE_TRANSITIONS, self.life, life)
+        if life not in CORE_TRANSITIONS[self.life]:  # checked here: two moves on every call
+            check_move(f"core {self.index}", CORE_TRANSITIONS, self.life, life)
         self.life = life
 
     def running(self) -> tuple[int, int]:
@@ -158,7 +160,7 @@ class CoreProcess(ProcessProtocol):
             decoder.read_buffer,
             lambda view: os.readv(fd, [view]),
             lambda n: (decoder.wrote(n), self._answers(decoder.frames())),
-            read=lambda: os.read(fd, PIPE_READ),
+            read=functools.partial(os.read, fd, PIPE_READ),
             data_received=lambda data: self._answers(decoder.feed(data)),
         )
 
