@@ -170,7 +170,9 @@ def test_kill_ends_a_detached_data_job_incomplete_and_cleans_up(
         states = [j["state"] for j in c.status()["jobs"] if "[map " in j["name"]]
         return states if states and "running" not in states else None
 
-    assert wait_for(phase_ended, 5, "the map phase to end") == ["killed"]
+    # stopping the phase's cores took 2 s at load 6.6 in a like test: 5 s was tight on a loaded
+    # CI machine; the bug shows as the state ("failed" on the removed files), not the time
+    assert wait_for(phase_ended, 20, "the map phase to end") == ["killed"]
 
 
 def test_a_driver_that_dies_leaves_incomplete_with_the_reason(make_cluster, tmp_path: Path) -> None:
