@@ -42,10 +42,14 @@ SOON = 8.0
 
 
 def _cluster(
-    make_cluster: Any, nodes: Any = 2, node_env: dict[str, str] | None = None, **server_env: str
+    make_cluster: Any,
+    nodes: Any = 2,
+    node_env: dict[str, str] | None = None,
+    heartbeat: float = HEARTBEAT,
+    **server_env: str,
 ) -> Cluster:
     env = {"REMAP_HEARTBEAT_MISSES": "3", **(node_env or {})}
-    return make_cluster(nodes, cores=1, heartbeat=HEARTBEAT, env=env, server_env=server_env)
+    return make_cluster(nodes, cores=1, heartbeat=heartbeat, env=env, server_env=server_env)
 
 
 def _job(tmp_path: Path, name: str, function: str, **keys: Any) -> Path:
@@ -449,6 +453,9 @@ def test_drained_node_finishes_its_work_and_takes_no_more(make_cluster, tmp_path
         make_cluster,
         nodes=[NodeSpec(env={"TEST_NODE_NAME": "a"}), NodeSpec(env={"TEST_NODE_NAME": "b"})],
         node_env={"TEST_GATE": str(gate)},
+        # nothing here waits on a heartbeat, and a node lost to 0.9 s of silence on a loaded
+        # machine comes back a new session, not draining: its work and the next job's move
+        heartbeat=2.0,
     )
     a, b = c.nodes
     n = 40  # one per batch; held at the gate until the drain is checked, however slow the machine
