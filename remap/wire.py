@@ -404,6 +404,8 @@ class PeerProtocol(Protocol):
         self._cancel(self._deadline)
         self._cancel(self._beat)
         self._deadline = self._beat = None
+        if self._sending is not None:  # what never left: its frame buffers are free again
+            self._sending.parts.clear()
         self.conn.close()
         was_open, self.open = self.open, False
         self.handler.connection_lost(self, self.failure or self._lost_reason(reason, was_open))

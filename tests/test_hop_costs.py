@@ -329,3 +329,21 @@ def test_a_core_moves_along_its_table_without_a_call_per_move() -> None:
         import os
 
         os.close(core.shm_fd)
+
+
+def test_a_lost_connection_lets_go_of_what_never_left() -> None:
+    """Messages still waiting when the connection is lost are dropped at once, so the frame
+    buffers they view are free for the next frames (not pinned until garbage collection)."""
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    sockets: list[Any] = []
+    try:
+        console, ct, *_ = _slow_reader(sockets)
+        _args(console, 3)
+        assert console._sending is not None and console._sending.parts
+        console.connectionLost(Failure(error.ConnectionLost()))
+        assert not console._sending.parts
+    finally:
+        for sock in sockets:
+            sock.close()
