@@ -643,6 +643,9 @@ class Partition:
         """Merge another partition's :meth:`pieces` as if its records were added after ours
         (taking over its lists: the pieces are not used again)."""
         values, targets, weights = pieces
+        if not self.values:  # nothing to merge with (the first reader's chunk): take them over
+            self.values, self.targets, self.weights = values, targets, weights
+            return
         if weights or self.weights:  # edge values to line up: record by record
             add = self.add
             for vid, value in values.items():
