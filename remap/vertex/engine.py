@@ -651,17 +651,19 @@ class Partition:
             for vid, value in values.items():
                 add(vid, value, targets[vid], weights.get(vid))
             return
-        # dict operations in C; Python only for the ids both hold (order does not matter there)
+        # one pass over their records, in their order (a new id is appended, as add would)
         mine, own_targets = self.values, self.targets
-        shared = mine.keys() & values.keys()
-        for vid in shared:
+        held = own_targets.get
+        for vid, edges in targets.items():
+            old = held(vid)
+            if old is None:
+                mine[vid] = values[vid]
+                own_targets[vid] = edges
+                continue
+            if edges:
+                old.extend(edges)
             if mine[vid] is None:
                 mine[vid] = values[vid]
-            own_targets[vid].extend(targets[vid])
-        if shared:
-            values = {vid: value for vid, value in values.items() if vid not in shared}
-        mine.update(values)
-        own_targets.update({vid: targets[vid] for vid in values})
 
     def route(self, vid: Any) -> tuple[tuple[int, list[Any]], ...]:
         """``vid``'s out-edges as (destination partition, targets) groups, kept for later
