@@ -86,11 +86,17 @@ class _SizedZip:
         return zip(*self._iterables)
 
 
-def _key(fn: Callable[..., Any]) -> Hashable:
-    """Identity of a function for batching; bound methods are made afresh on every access."""
+def _parts(fn: Callable[..., Any]) -> tuple[Any, ...]:
+    """The objects a function's batching identity is made of (bound methods are made afresh
+    on every access: their object and function)."""
     if isinstance(fn, types.MethodType):
-        return ("method", id(fn.__self__), id(fn.__func__))
-    return ("fn", id(fn))
+        return (fn.__self__, fn.__func__)
+    return (fn,)
+
+
+def _key(fn: Callable[..., Any]) -> Hashable:
+    """Identity of a function for batching."""
+    return tuple(map(id, _parts(fn)))
 
 
 class RemoteFuture(concurrent.futures.Future):
@@ -127,6 +133,8 @@ class _SubmitStream:
     ) -> None:
         self.executor = executor
         self.fn: Callable[..., Any] | None = fn  # keeps id(fn) from being reused while open
+        #: while kept open idle: the function's parts, held weakly (see ``loosen``)
+        self.weak: tuple[weakref.ref[Any], ...] | None = None
         self.key = key
         self.futures: dict[int, RemoteFuture] = {}
         self.outstanding = 0  # calls put and neither resolved nor dropped (under job.lock)
@@ -207,6 +215,29 @@ class _SubmitStream:
             future.set_exception(self.executor._broken_by(api.remote_exception(error)))
         with self.job.lock:
             self._settled()
+
+    def loosen(self) -> bool:
+        """Hold the function only weakly while the job is kept open idle, so that the job
+        never keeps the caller's objects (a bound method's instance, a closure's cells) alive;
+        False if that cannot be done (then the job must close)."""
+        if self.fn is not None:
+            try:
+                self.weak = tuple(weakref.ref(part) for part in _parts(self.fn))
+            except TypeError:  # not weakly referable: closing is the only way to let go
+                return False
+            self.fn = None
+        return self.weak is not None and all(ref() is not None for ref in self.weak)
+
+    def take_back(self, fn: Callable[..., Any]) -> bool:
+        """Hold ``fn`` again for a new call, if this job was opened for that very function
+        (its parts are the objects held weakly, not others that reused their ids)."""
+        if self.fn is not None:
+            return True
+        parts = _parts(fn)
+        if self.weak is None or any(r() is not p for r, p in zip(self.weak, parts, strict=True)):
+            return False
+        self.fn, self.weak = fn, None
+        return True
 
     def idle_for(self, now: float) -> float:
         with self.job.lock:
@@ -318,6 +349,10 @@ class Executor(concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._cluster._check_open()
             stream = self._streams.get(key)
+            if stream is not None and not stream.take_back(fn):
+                del self._streams[key]  # its function is gone and the id reused: a new job
+                stream.job.close_input()
+                stream = None
             if stream is None:
                 stream = _SubmitStream(self, fn, key, self._submit_chunksize)
                 self._streams[key] = stream
@@ -494,11 +529,12 @@ class Executor(concurrent.futures.Executor):
         from .errors import JobFailed
 
         stream.fail_all(error or JobFailed("the job ended before this call's result arrived"))
-        stream.fn = None  # the job and stream form a cycle: drop the user's function now, not at gc
+        stream.fn = stream.weak = None  # the job and stream form a cycle: drop the function now
 
     def _reap_idle(self) -> None:
         """End the job of a function nobody submitted to for a while: ``IDLE_KEEP`` seconds
-        for the ``KEEP_IDLE`` idle the shortest, ``LINGER`` for the others."""
+        for the ``KEEP_IDLE`` idle the shortest, ``LINGER`` for the others. A job kept past
+        ``LINGER`` holds its function weakly and ends as soon as the function is gone."""
         now = _now()
         with self._lock:
             idle = sorted(
@@ -507,7 +543,9 @@ class Executor(concurrent.futures.Executor):
             )
             idle = [entry for entry in idle if entry[0] > 0.0]  # 0: calls outstanding
             for rank, (seconds, key, stream) in enumerate(idle):
-                if seconds >= (IDLE_KEEP if rank < KEEP_IDLE else LINGER):
+                if seconds < LINGER:
+                    continue
+                if seconds >= IDLE_KEEP or rank >= KEEP_IDLE or not stream.loosen():
                     del self._streams[key]
                     stream.job.close_input()
 

@@ -185,6 +185,67 @@ def test_the_functions_used_last_keep_their_job_open_between_calls(
     assert not {executor_module._key(fn) for fn in functions} & set(executor._streams)
 
 
+class Holder:
+    def method(self) -> int:
+        return 7
+
+
+def test_a_job_kept_open_does_not_keep_the_callers_objects_alive(
+    executor: remap.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job kept open for the next call holds its function weakly once idle past ``LINGER``:
+    the instance behind a bound method is collected (CPython's test_no_stale_references
+    waits for that), the kept job then ends, and a call on a new instance opens a new job."""
+    import gc
+    import weakref
+
+    from remap import executor as executor_module
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(executor_module, "_now", lambda: clock[0])
+    holder = Holder()
+    collected = threading.Event()
+    ref = weakref.ref(holder, lambda _: collected.set())
+    assert executor.submit(holder.method).result(timeout=30) == 7
+    key = executor_module._key(holder.method)
+    kept = executor._streams[key]
+    clock[0] += executor_module.LINGER + 1.0
+    executor._reap_idle()
+    assert executor._streams.get(key) is kept, "a kept job closed at LINGER"
+    assert executor.submit(holder.method).result(timeout=30) == 7  # the same object: same job
+    assert executor._streams.get(key) is kept
+    clock[0] += executor_module.LINGER + 1.0
+    executor._reap_idle()
+    del holder
+    gc.collect()
+    assert collected.is_set() and ref() is None, "the kept job kept the caller's object alive"
+    executor._reap_idle()
+    assert key not in executor._streams and kept.job.input_closed
+
+
+def test_a_kept_job_is_not_reused_for_another_function_at_the_same_id() -> None:
+    """Ids are reused once an object is gone: a kept job held weakly is taken back only for
+    the very objects it was opened for."""
+    from remap import executor as executor_module
+
+    class Slotted:  # a callable that cannot be weakly referenced
+        __slots__ = ()
+
+        def __call__(self) -> None: ...
+
+    def first() -> None: ...
+
+    def second() -> None: ...
+
+    stream = executor_module._SubmitStream.__new__(executor_module._SubmitStream)
+    stream.fn, stream.weak = first, None
+    assert stream.loosen() and stream.fn is None
+    assert not stream.take_back(second) and stream.fn is None
+    assert stream.take_back(first) and stream.fn is first
+    stream.fn = Slotted()  # not weakly referable: such a job closes at LINGER, as before
+    assert not stream.loosen()
+
+
 def test_closing_ends_a_lingering_job_as_done_and_kills_a_busy_one(
     embedded: remap.Cluster, tmp_path: Path
 ) -> None:
