@@ -223,7 +223,7 @@ def test_a_job_kept_open_does_not_keep_the_callers_objects_alive(
     assert key not in executor._streams and kept.job.input_closed
 
 
-def test_a_kept_job_is_not_reused_for_another_function_at_the_same_id() -> None:
+def test_a_kept_job_is_taken_back_only_for_the_objects_it_was_opened_for() -> None:
     """Ids are reused once an object is gone: a kept job held weakly is taken back only for
     the very objects it was opened for."""
     from remap import executor as executor_module
