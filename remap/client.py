@@ -571,6 +571,11 @@ class JobStream:
         self.owner = owner
         self.client: ClusterClient | None = None
         self.lock = threading.Lock()
+        #: held while the session is driven: by the reactor thread for every event, by a
+        #: calling thread that sends its own arguments (:meth:`_send_now`); taken after
+        #: nothing and before :attr:`lock` and the connection's write lock
+        self._drive = threading.RLock()
+        self._direct = 0  # messages at the head of the outbox a calling thread is sending
         self._room = threading.Condition(self.lock)
         #: readers waiting in :meth:`put_waiting` for room (under :attr:`lock`): a take that
         #: frees room notifies only when one waits (the executor's and a map's never do)
@@ -605,10 +610,18 @@ class JobStream:
         return self
 
     def put_many(
-        self, blobs: list[bytes], tags: list[Any] | None = None, counts: list[int] | None = None
+        self,
+        blobs: list[bytes],
+        tags: list[Any] | None = None,
+        counts: list[int] | None = None,
+        *,
+        now: bool = False,
     ) -> None:
         """Queue pickled arguments (and optional tags, for :attr:`on_send` or the sink);
-        ``counts[i]`` > 0: pickle ``i`` is an argument group of that many (untagged) arguments."""
+        ``counts[i]`` > 0: pickle ``i`` is an argument group of that many (untagged) arguments.
+        ``now``: send them from this thread if the connection allows it (see :meth:`_send_now`):
+        for a lone call, whose latency is the reactor's hop; a stream of puts sends fewer,
+        larger messages through the reactor."""
         if not blobs:
             return
         with self.lock:
@@ -624,7 +637,53 @@ class JobStream:
                 )
             )
             self.unsent_bytes += sum(map(len, blobs))
-            self._wake_soon()
+            if not now or self._wake_pending:  # the reactor takes them (with others) anyway
+                self._wake_soon()
+                return
+        if not self._send_now():
+            with self.lock:
+                self._wake_soon()
+
+    def _send_now(self) -> bool:
+        """Calling thread: pump the session and write its ``args`` to the socket here, as the
+        reactor would (same window, same accounting, whole frames under the connection's write
+        lock); False if the reactor must: it is driving this job now, the connection is not a
+        plain open TCP one with nothing waiting, or it is being dialled again. Anything but
+        ``args`` the pump made (a kill, an error, the end) is left to the reactor, woken for it.
+        """
+        client = self.client
+        link = client.steady_link() if client is not None else None
+        send = getattr(link, "send_from_thread", None)
+        if send is None or not self._drive.acquire(blocking=False):
+            return False
+        session = self.session
+        self._direct = 0
+        try:
+            if not send(self._pumped, self.call_soon):
+                return False
+            del session.outbox[: self._direct]  # written (until then the reactor would send them)
+            return True
+        finally:
+            leftover = bool(
+                session.outbox
+                or session.events
+                or (session.finished and not self.finished.is_set())
+            )
+            self._drive.release()
+            if leftover:
+                self.call_soon(self._wake)
+
+    def _pumped(self) -> list[m.Message]:
+        """The session's ``args`` (and ``args_end``) the window allows now, from the head of
+        its outbox (under :attr:`_drive`); what follows the first other message stays there."""
+        session = self.session
+        session.pump(self._take)
+        out = session.outbox
+        n = 0
+        while n < len(out) and type(out[n]) in _ARGS_MESSAGES:
+            n += 1
+        self._direct = n
+        return out[:n]
 
     def put_waiting(
         self, blob: bytes, tag: Any, max_bytes: int, max_items: int, ahead: int
@@ -767,9 +826,10 @@ class JobStream:
     def apply(self, event: str, *args: Any, **kwargs: Any) -> None:
         """Hand the session one event (``submitted``, ``grant``, ``results``, ``ended``,
         ``resumed``, ``fail``, ``kill``...), send what the window allows, deliver the rest."""
-        getattr(self.session, event)(*args, **kwargs)
-        self._pump()
-        self._flush()
+        with self._drive:
+            getattr(self.session, event)(*args, **kwargs)
+            self._pump()
+            self._flush()
 
     def _pump(self) -> None:
         if self.client is None or self.client.link is not None:  # else reconnecting: it waits
@@ -779,8 +839,9 @@ class JobStream:
         """Results open no window (grants do): deliver them without looking for arguments."""
         if msg.output and self.on_output is not None:
             self.on_output(msg.answered[0] if msg.answered else -1, msg.output)
-        self.session.results(msg)
-        self._flush()
+        with self._drive:
+            self.session.results(msg)
+            self._flush()
 
     def notice(self, text: str) -> None:
         if self.on_notice is not None:
@@ -791,10 +852,11 @@ class JobStream:
         self.apply("fail", error)
 
     def _wake(self) -> None:
-        with self.lock:
-            self._wake_pending = False
-        self._pump()
-        self._flush()
+        with self._drive:
+            with self.lock:
+                self._wake_pending = False
+            self._pump()
+            self._flush()
 
     def _flush(self) -> None:
         """Send the session's messages, queue its events, and end once it has finished."""
@@ -890,6 +952,10 @@ class JobStream:
             if ended and not out and self._input_error is not None:
                 raise self._input_error
             return out, groups, tags, ended and self._input_error is None
+
+
+#: what a calling thread sends itself (see :meth:`JobStream._pumped`)
+_ARGS_MESSAGES = (m.Args, m.ArgsEnd)
 
 
 def _consecutive(indices: list[int] | range) -> bool:
@@ -1046,6 +1112,11 @@ class ClusterClient:
         """Bytes one argument may take: the connection's frame limit less an ``args`` header."""
         limit = self.link.conn.max_frame if self.link is not None else DEFAULT_MAX_FRAME
         return max(limit - ARGS_OVERHEAD, 1)
+
+    def steady_link(self) -> PeerProtocol | None:
+        """The connection, unless there is none or it is being dialled again (a job's traffic
+        must wait for its ``resume``)."""
+        return None if self._redialing else self.link
 
     def send(self, msg: m.Message) -> None:
         if self.link is None:

@@ -157,10 +157,13 @@ class _SubmitStream:
         with self.job.lock:
             self.outstanding += 1
             self.idle_since = None
-        self.job.put_many([blob], [future])
+            alone = self.outstanding == 1
+        # a lone call leaves from this thread (no hop through the reactor); calls that come
+        # while others are out go through the reactor, many to a message
+        self.job.put_many([blob], [future], now=alone)
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
-        # reactor thread, under job.lock
+        # under job.lock, on the reactor thread or the submitting one (a lone call)
         if future._claimed or not future.set_running_or_notify_cancel():
             future._claimed = True
             self._settled()

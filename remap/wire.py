@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
 from protocol.connection import State
-from protocol.framing import unsent
+from protocol.framing import encode_frame, unsent
 
 from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
 
@@ -175,6 +176,11 @@ class SendQueue:
         self.parts.extend(data)
         self.transport.startWriting()
 
+    def resume(self) -> None:
+        """Reactor thread: send what another thread left in :attr:`parts` as the socket drains."""
+        if self.parts and self.transport.connected:
+            self.transport.startWriting()
+
     def _send(self) -> Any:
         parts = self.parts
         try:
@@ -285,6 +291,9 @@ class PeerProtocol(Protocol):
         self.traffic = Traffic()
         self._socket: Any = None  # a plain TCP transport's socket: large frames skip copies
         self._sending: SendQueue | None = None  # and what it did not take at once
+        #: held around every write to the transport, so that :meth:`send_from_thread` (another
+        #: thread) and the reactor never interleave bytes: each writes whole frames, in turn
+        self._write_lock = threading.Lock()
 
     # ---------------------------------------------------------------- Twisted API
 
@@ -480,15 +489,66 @@ class PeerProtocol(Protocol):
         if not data or transport is None:
             return
         conn.outgoing = []
-        self.traffic.sent += sum(map(len, data))
-        sending = self._sending
-        if sending is None:
-            write_now(transport, None, data)
-        elif sending.parts:  # behind what waits already
-            if transport.connected:
-                sending.queue(data)
-        else:
-            write_now(transport, sending.sock, data, sending.queue)
+        with self._write_lock:
+            self.traffic.sent += sum(map(len, data))
+            sending = self._sending
+            if sending is None:
+                write_now(transport, None, data)
+            elif sending.parts:  # behind what waits already
+                if transport.connected:
+                    sending.queue(data)
+            else:
+                write_now(transport, sending.sock, data, sending.queue)
+
+    def send_from_thread(
+        self,
+        produce: Callable[[], list[m.Message]],
+        call_soon: Callable[..., None],
+    ) -> bool:
+        """Another thread's messages, written to the socket in this call: a single call's
+        arguments leave from the caller's thread, without a hop through the reactor (its
+        wake-up, a turn, two thread switches).
+
+        Only on a plain TCP connection that is open with nothing of ours waiting to be
+        written; then, holding the write lock the reactor's writes also take, ``produce()``
+        makes the messages and they are written whole. What the socket does not take at once
+        waits in the send queue (the reactor sends it, ``call_soon`` wakes it), ahead of
+        anything written later. False: nothing was produced; send through the reactor.
+        """
+        with self._write_lock:
+            sending, transport = self._sending, self.transport
+            if (
+                sending is None
+                or sending.parts
+                or transport is None
+                or not self.open
+                or self.conn.state is not State.OPEN
+                or not transport.connected
+                or transport.disconnecting
+                or not transport_idle(transport)
+            ):
+                return False
+            data: list[bytes | memoryview] = []
+            for msg in produce():
+                data += encode_frame(*m.encode(msg))
+            if not data:
+                return True
+            total = sum(map(len, data))
+            self.traffic.sent += total
+            try:
+                sent = (
+                    sending.sock.sendmsg(data)
+                    if total > SCATTER_MIN
+                    else sending.sock.send(b"".join(data))
+                )
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the connection is going: the reactor finds out and says so
+                return True
+            if sent < total:
+                sending.parts.extend(unsent(data, sent))
+                call_soon(sending.resume)
+            return True
 
     # ---------------------------------------------------------------- timers
 

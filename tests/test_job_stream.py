@@ -502,3 +502,120 @@ def test_results_that_will_not_unpickle_fail_the_job_under_on_error_fail() -> No
     )
     assert session.outbox == [(KILL, 4)]
     assert operator.itemgetter(0)(session.events[0]) == "items"
+
+
+# ============================================================================ a lone call's arguments
+
+
+class ThreadLink:
+    """A connection that lets a calling thread write (as ``PeerProtocol.send_from_thread``):
+    what ``produce`` makes goes to the server, recorded with the thread that sent it."""
+
+    def __init__(self, server: MemoryServer) -> None:
+        self.server = server
+
+    def send_from_thread(self, produce: Callable[[], list[Any]], call_soon: Any) -> bool:
+        for msg in produce():
+            self.server.send(msg)
+        return True
+
+
+class DirectServer(MemoryServer):
+    """A MemoryServer whose connection takes a calling thread's writes; records which thread
+    sent each ``args``."""
+
+    def __init__(self, fn: Callable[[Any], Any] = lambda x: x) -> None:
+        super().__init__(fn)
+        self.link = ThreadLink(self)  # type: ignore[assignment]
+        self.redialing = False
+        self.args_threads: list[str] = []
+
+    def steady_link(self) -> Any:
+        return None if self.redialing else self.link
+
+    def send(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Args):
+            self.args_threads.append(threading.current_thread().name)
+        super().send(msg)
+
+
+def _one_call(stream: JobStream, value: int, *, now: bool = True) -> Any:
+    """Put one argument and wait for its result event."""
+    stream.put_many([dumps(value)], [value], now=now)
+    event = stream.events.get(timeout=10)
+    assert event[0] == "items", event
+    return event[2][0][1]
+
+
+def _named(stream: JobStream, reactor: Reactor) -> None:
+    """Wait until the job has its id (the first window's arguments went with the submit)."""
+    reactor.run(lambda: None)  # the submit went out on the reactor
+    reactor.run(lambda: None)  # and `submitted` came back
+
+
+def test_a_lone_call_leaves_from_the_calling_thread() -> None:
+    """put_many(now=True) on a steady connection: the argument is sent by the thread that put
+    it, with the session's window and accounting; its result comes back as usual."""
+    reactor, server = Reactor(), DirectServer(lambda x: x * 10)
+    try:
+        stream = stream_on(reactor, server)
+        _named(stream, reactor)
+        me = threading.current_thread().name
+        assert [_one_call(stream, v) for v in (1, 2, 3)] == [10, 20, 30]
+        assert server.args_threads == [me, me, me]
+        assert stream.session.sent == 3 and stream.session.done == 3
+        assert [(a.start, len(a.sizes)) for a in server.sent if isinstance(a, m.Args)] == [
+            (0, 1),
+            (1, 1),
+            (2, 1),
+        ]
+    finally:
+        reactor.stop()
+
+
+def test_calls_put_without_now_and_while_redialing_go_through_the_reactor() -> None:
+    """Without ``now``, and on a connection being dialled again (a job's traffic waits for its
+    resume), arguments go as before: from the reactor thread."""
+    reactor, server = Reactor(), DirectServer()
+    try:
+        stream = stream_on(reactor, server)
+        _named(stream, reactor)
+        assert _one_call(stream, 1, now=False) == 1
+        server.redialing = True
+        assert _one_call(stream, 2) == 2
+        assert server.args_threads == ["fake-reactor", "fake-reactor"]
+    finally:
+        reactor.stop()
+
+
+def test_a_call_put_while_the_reactor_drives_the_job_goes_through_it() -> None:
+    """While the reactor thread drives the job (an event for it being handled), a calling
+    thread never touches the session: the argument waits and the reactor sends it."""
+    reactor, server = Reactor(), DirectServer()
+    try:
+        stream = stream_on(reactor, server)
+        _named(stream, reactor)
+        reactor.run(stream._drive.acquire)
+        stream.put_many([dumps(5)], [5], now=True)
+        assert server.args_threads == [] and stream.session.sent == 0
+        reactor.run(stream._drive.release)
+        event = stream.events.get(timeout=10)
+        assert event[2][0][1] == 5 and server.args_threads == ["fake-reactor"]
+    finally:
+        reactor.stop()
+
+
+def test_what_a_calling_thread_cannot_send_is_left_to_the_reactor() -> None:
+    """An argument over the frame, put by a calling thread: the session kills the job; the
+    kill and the failure are the reactor's to deliver (woken for them)."""
+    reactor, server = Reactor(), DirectServer()
+    try:
+        stream = stream_on(reactor, server)
+        _named(stream, reactor)
+        stream.session.frame_room = 10
+        stream.put_many([dumps("x" * 100)], [None], now=True)
+        assert stream.finished.wait(10)
+        assert isinstance(stream.error, ArgumentTooLarge)
+        assert server.killed == [50] and server.args_threads == []
+    finally:
+        reactor.stop()

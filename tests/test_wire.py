@@ -601,3 +601,106 @@ def test_bytes_already_queued_keep_their_order():
     finally:
         transport.socket.close()
         peer.close()
+
+
+# ---------------------------------------------------------------- writing from a calling thread
+
+
+def _open_over_tcp(clock: Clock) -> tuple[PeerProtocol, Any, Any]:
+    """A PeerProtocol on a Twisted TCP transport over a socket pair, taken as open (the
+    handshake is not what these tests are about), and the other end of the pair."""
+    from protocol.connection import State
+
+    transport, theirs, reactor = _tcp_pair()
+    proto = peer("server", Recorder(), clock)
+    transport.protocol = proto
+    proto.makeConnection(transport)
+    proto.open, proto.conn.state = True, State.OPEN
+    return proto, theirs, reactor
+
+
+def _frames_from(sock: Any) -> list[dict]:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [msgpack.unpackb(f.header, raw=False) for f in FrameDecoder(1 << 30).feed(data)]
+
+
+def test_a_thread_writes_its_messages_whole_when_nothing_waits(clock):
+    proto, theirs, reactor = _open_over_tcp(clock)
+    try:
+        later: list[Any] = []
+        assert proto.send_from_thread(
+            lambda: [m.Heartbeat(), m.Grant(job=3, count=2)], later.append
+        )
+        assert [f["t"] for f in _frames_from(theirs)] == ["heartbeat", "grant"]
+        assert later == [] and proto.transport not in reactor.getWriters()
+    finally:
+        proto.transport.socket.close()
+        theirs.close()
+
+
+def test_a_thread_never_jumps_bytes_the_reactor_queued(clock):
+    """Bytes waiting in the transport's buffer or the send queue: the thread produces nothing
+    and says so (its messages then go through the reactor, behind them)."""
+    proto, theirs, reactor = _open_over_tcp(clock)
+    try:
+        made: list[int] = []
+
+        def produce() -> list[m.Message]:
+            made.append(1)
+            return [m.Heartbeat()]
+
+        proto.transport.write(b"queued by the reactor")
+        assert not proto.send_from_thread(produce, lambda fn: None) and made == []
+        proto.transport.doWrite()
+        assert proto._sending is not None
+        proto._sending.parts.append(b"left by a large message")
+        assert not proto.send_from_thread(produce, lambda fn: None) and made == []
+        proto._sending.parts.clear()
+        proto.open = False
+        assert not proto.send_from_thread(produce, lambda fn: None) and made == []
+    finally:
+        proto.transport.socket.close()
+        theirs.close()
+
+
+def test_what_the_socket_does_not_take_from_a_thread_leaves_first(clock):
+    """A thread's message larger than the socket takes at once: the rest waits in the send
+    queue (the reactor is asked to drain it) and what the reactor sends next goes after it."""
+    proto, theirs, reactor = _open_over_tcp(clock)
+    try:
+        later: list[Any] = []
+        big = m.Args(job=1, start=0, sizes=[4 << 20], payload=bytes(4 << 20))
+        assert proto.send_from_thread(lambda: [big], later.append)
+        assert proto._sending is not None and proto._sending.parts
+        assert later == [proto._sending.resume]
+        proto.send(m.Heartbeat())  # the reactor's next message queues behind
+        later[0]()
+        assert proto.transport in reactor.getWriters()
+        data = b""
+        for _ in range(10_000):
+            proto.transport.doWrite()
+            try:
+                data += theirs.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if not proto._sending.parts and len(data) >= (4 << 20):
+                break
+        while True:
+            try:
+                data += theirs.recv(1 << 20)
+            except BlockingIOError:
+                break
+        frames = list(FrameDecoder(1 << 30).feed(data))
+        kinds = [msgpack.unpackb(f.header, raw=False)["t"] for f in frames]
+        assert kinds == ["args", "heartbeat"] and len(frames[0].payload) == 4 << 20
+    finally:
+        proto.transport.socket.close()
+        theirs.close()
