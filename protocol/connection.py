@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from . import messages as m
 from .errors import (
@@ -73,6 +74,12 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# members read on every message: a module global is a dict lookup, where ``State.OPEN`` goes
+# through EnumType's ``__getattr__`` hook (~1k instructions per read in Python 3.11)
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+
+
 @dataclass(frozen=True, slots=True)
 class Authenticated:
     """Both sides proved the secret; ``peer_role`` is node, console or server."""
@@ -84,9 +91,13 @@ class Authenticated:
     peer_user: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
+class MessageReceived(NamedTuple):
+    """A message arrived (a tuple: built with ``tuple.__new__`` per message, a C call)."""
+
     message: m.Message
+
+
+_new_event = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +182,7 @@ class Connection:
 
     def send(self, msg: m.Message) -> None:
         """Queue a message; only once the connection is open (errors excepted)."""
-        if self.state is not State.OPEN and not isinstance(msg, m.Error):
+        if self.state is not _OPEN and not isinstance(msg, m.Error):
             raise LocalProtocolError(f"cannot send {msg.TYPE} in state {self.state.value}")
         self._queue(msg)
 
@@ -214,7 +225,7 @@ class Connection:
         same read is held to the limit in force once the handshake is over, and the
         events of frames before a bad one are still returned.
         """
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return []
         self.decoder.add(data)
         return self._events()
@@ -234,19 +245,19 @@ class Connection:
     def _events(self) -> list[Event]:
         events: list[Event] = []
         decoder = self.decoder
-        while self.state is not State.CLOSED:
+        while self.state is not _CLOSED:
             try:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
-                if self.state is State.OPEN:
+                if self.state is _OPEN:
                     try:
-                        msg = m.decode(frame.header, frame.payload)
+                        msg = m.decode(frame[0], frame[1])
                     except m.UnknownMessageType as exc:
                         # a newer peer may know more messages: answer, keep the connection
                         self._queue(m.Error(code=exc.code, message=str(exc), re=exc.re))
                         continue
-                    events.append(MessageReceived(msg))
+                    events.append(_new_event(MessageReceived, (msg,)))
                 else:
                     msg = m.decode(frame.header, frame.payload, preauth=True)
                     event = self._handshake(msg, frame.header)

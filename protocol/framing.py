@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import FrameTooLarge, RemoteProtocolError
 
@@ -26,12 +26,18 @@ DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_HEADER = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame: raw msgpack header bytes and the opaque payload."""
+class Frame(NamedTuple):
+    """One decoded frame: raw msgpack header bytes and the opaque payload.
+
+    A tuple: the decoder builds one per frame with ``tuple.__new__`` (a C call; a frozen
+    dataclass's ``__init__`` was a Python call setting each field through ``object.__setattr__``).
+    """
 
     header: bytes
     payload: bytes | memoryview  # a view into the received bytes for large frames
+
+
+_new_frame = tuple.__new__
 
 
 def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
@@ -226,7 +232,8 @@ class FrameDecoder:
             raise RemoteProtocolError(f"header length {hlen} does not fit in frame of {need - 4}")
         # the payload stays a view into the frame's own buffer: never copied
         view = view.toreadonly()
-        return Frame(bytes(view[PREFIX_SIZE : PREFIX_SIZE + hlen]), view[PREFIX_SIZE + hlen : need])
+        header = bytes(view[PREFIX_SIZE : PREFIX_SIZE + hlen])
+        return _new_frame(Frame, (header, view[PREFIX_SIZE + hlen : need]))
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
@@ -265,7 +272,7 @@ class FrameDecoder:
             header = bytes(view[start : start + hlen])
             payload = bytes(view[start + hlen : end])
         self._pos = end
-        return Frame(header, payload)
+        return _new_frame(Frame, (header, payload))
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add bytes; return every frame now complete. Raises RemoteProtocolError."""

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
-from protocol.connection import State
+from protocol.connection import _OPEN
 from protocol.framing import encode_frame, unsent
 
 from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
@@ -339,14 +339,16 @@ class PeerProtocol(Protocol):
 
     def _handle(self, events: list[Any]) -> None:
         for event in events:
-            if isinstance(event, ConnectionFailed):
+            t = type(event)
+            if t is ConnectionFailed:
                 # always acted on, even after messages of the same read: the peer is told why
                 self._failed(event.error)
                 return
-            if self._closing():
+            transport = self.transport  # self._closing(), inlined: once per message
+            if transport is None or getattr(transport, "disconnecting", False):
                 continue  # the handler closed this peer: the rest of the read goes unheard
-            if isinstance(event, MessageReceived):
-                self.handler.message_received(self, event.message)
+            if t is MessageReceived:
+                self.handler.message_received(self, event[0])
             elif isinstance(event, Authenticated):
                 self._cancel(self._deadline)
                 self._deadline = None
@@ -462,7 +464,7 @@ class PeerProtocol(Protocol):
     def send(self, msg: m.Message) -> None:
         """Send, or drop quietly once the connection is closing: a handler may still answer a
         message that arrived in the same read as the frame that ended the connection."""
-        if self.transport is None or not self.open or self.conn.state is not State.OPEN:
+        if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
         self.conn.send(msg)
         self._flush()
@@ -522,7 +524,7 @@ class PeerProtocol(Protocol):
                 or sending.parts
                 or transport is None
                 or not self.open
-                or self.conn.state is not State.OPEN
+                or self.conn.state is not _OPEN
                 or not transport.connected
                 or transport.disconnecting
                 or not transport_idle(transport)

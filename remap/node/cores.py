@@ -87,6 +87,10 @@ class CoreLife(enum.Enum):
     __hash__ = object.__hash__
 
 
+# members read on every call: module globals are dict lookups, where ``CoreLife.IDLE`` goes
+# through EnumType's ``__getattr__`` hook (~1k instructions per read in Python 3.11)
+_STARTING, _IDLE, _BUSY, _DEAD = CoreLife.STARTING, CoreLife.IDLE, CoreLife.BUSY, CoreLife.DEAD
+
 #: the only moves a core makes: anything alive may be killed or die on its own; a killed core
 #: only dies; a dead one is replaced by a new process, never revived
 CORE_TRANSITIONS: dict[CoreLife, frozenset[CoreLife]] = {
@@ -199,7 +203,7 @@ class CoreProcess(ProcessProtocol):
     def send(self, msg: m.Message) -> None:
         """Write a command now when the pipe takes it (no reactor turn, no copy of the payload);
         what does not fit goes through the transport's buffer."""
-        if self.transport is None or self.life is CoreLife.DEAD:
+        if self.transport is None or self.life is _DEAD:
             return
         parts = encode_frame(*m.encode(msg))
         total = sum(map(len, parts))
@@ -353,7 +357,7 @@ class CorePool:
         for core in self.cores:
             if not self.queue:
                 return
-            if core.life is CoreLife.IDLE:
+            if core.life is _IDLE:
                 self._start(core, self.queue.popleft())
 
     def _start(self, core: CoreProcess, task: m.Task) -> None:
@@ -365,22 +369,22 @@ class CorePool:
             timed = info.timeout is not None
             core.send(m.CoreLoad(job=task.job, star=info.star, timed=timed, payload=info.blob))
             core.loaded.add(task.job)
-        core.move(CoreLife.BUSY)
+        core.move(_BUSY)
         core.task = task
         core.send(m.CoreRun.of(task, reduce=info.reduce))
 
     def _core_message(self, core: CoreProcess, msg: m.Message) -> None:
         if type(msg) is m.CoreReady:
-            if core.life is CoreLife.STARTING:  # a core killed while starting stays killing
-                core.move(CoreLife.IDLE)
+            if core.life is _STARTING:  # a core killed while starting stays killing
+                core.move(_IDLE)
             self._dispatch()
         elif type(msg) is m.TaskResult:
             part = msg.part
             task = core.task
             if not part:  # a streamed part leaves the batch running on this core
                 core.task = None
-                if core.life is CoreLife.BUSY:
-                    core.move(CoreLife.IDLE)
+                if core.life is _BUSY:
+                    core.move(_IDLE)
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
             if task is not None and core.kill_reason in (None, "timeout"):
                 if msg.output:

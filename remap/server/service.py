@@ -18,7 +18,7 @@ from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
-from .scheduler.effects import ConsoleLost, ConsoleSaid, NodeJoined, NodeLost, NodeSaid
+from .scheduler.effects import ConsoleLost, NodeJoined, NodeLost
 
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64
@@ -107,7 +107,7 @@ class ServerConnection:
         t = type(msg)
         if t is m.TaskResult or t is m.Heartbeat or t is m.TaskFailed:
             if self.node_id is not None:
-                self._event(NodeSaid(self.node_id, msg))
+                self.scheduler.node_said(self.node_id, msg)
         elif t is m.NodeInfo and self.node_id is None:
             self.node_id = self.session
             self._event(NodeJoined(self.node_id, link, msg))
@@ -122,9 +122,10 @@ class ServerConnection:
         sched = self.scheduler
         t = type(msg)
         if t is m.Args or t is m.ArgsEnd:
-            msg = self._early(msg)
+            if msg.job < 0:  # sent before `submitted`
+                msg = self._early(msg)
             if msg is not None:
-                self._event(ConsoleSaid(link, msg))
+                sched.console_said(link, msg)
         elif t is m.Submit:
             problem = self._check_submit(msg)
             if problem:

@@ -48,7 +48,6 @@ from .effects import (
     Timer,
     TimerFired,
     command,
-    describe,
 )
 from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
 from .recovery import Recovery
@@ -127,32 +126,15 @@ class Scheduler(NodeAnswers, Recovery):
 
     def handle(self, event: Any) -> list[Effect]:
         """Take one event; return the effects decided on, performing none of them."""
-        self.events.add(self.clock.seconds(), describe(event))
+        t = type(event)
+        if t is NodeSaid:
+            return self._node_said(event.node, event.msg)
+        if t is ConsoleSaid:
+            return self._console_said(event.link, event.msg)
+        self.events.event(self.clock.seconds(), event)
         self._depth += 1
         try:
-            t = type(event)
-            if t is NodeSaid:
-                msg = event.msg
-                if type(msg) is m.TaskResult:
-                    self.task_result(event.node, msg)
-                elif type(msg) is m.TaskFailed:
-                    self.task_failed(event.node, msg)
-                else:
-                    self.node_heartbeat(event.node, msg)
-            elif t is ConsoleSaid:
-                msg = event.msg
-                if type(msg) is m.Args:
-                    problem = self.args_received(event.link, msg)
-                else:
-                    problem = self.args_ended(event.link, msg)
-                if problem:
-                    self.log.warn(
-                        "console {peer} broke the protocol: {problem}",
-                        peer=getattr(event.link, "peer", event.link),
-                        problem=problem,
-                    )
-                    self._outbox.append(Close(event.link, RemoteProtocolError(problem)))
-            elif t is NodeJoined:
+            if t is NodeJoined:
                 self.add_node(event.node, event.link, event.info)
             elif t is NodeLost:
                 self.remove_node(event.node, event.reason)
@@ -162,6 +144,50 @@ class Scheduler(NodeAnswers, Recovery):
                 self._timer_fired(event.timer)
             else:
                 raise TypeError(f"the scheduler takes no {t.__name__} event")
+        finally:
+            self._depth -= 1
+        return self.take_effects()
+
+    # the two events of every call, without building the event: the service's entries
+
+    def node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> None:
+        """:class:`NodeSaid`, its effects performed (what ``runner.apply(handle(...))`` does)."""
+        self.runner.apply(self._node_said(node, msg))
+
+    def console_said(self, link: Any, msg: m.Args | m.ArgsEnd) -> None:
+        """:class:`ConsoleSaid`, its effects performed."""
+        self.runner.apply(self._console_said(link, msg))
+
+    def _node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> list[Effect]:
+        self.events.node_said(self.clock.seconds(), node, msg)
+        self._depth += 1
+        try:
+            t = type(msg)
+            if t is m.TaskResult:
+                self.task_result(node, msg)
+            elif t is m.TaskFailed:
+                self.task_failed(node, msg)
+            else:
+                self.node_heartbeat(node, msg)
+        finally:
+            self._depth -= 1
+        return self.take_effects()
+
+    def _console_said(self, link: Any, msg: m.Args | m.ArgsEnd) -> list[Effect]:
+        self.events.console_said(self.clock.seconds(), msg)
+        self._depth += 1
+        try:
+            if type(msg) is m.Args:
+                problem = self.args_received(link, msg)
+            else:
+                problem = self.args_ended(link, msg)
+            if problem:
+                self.log.warn(
+                    "console {peer} broke the protocol: {problem}",
+                    peer=getattr(link, "peer", link),
+                    problem=problem,
+                )
+                self._outbox.append(Close(link, RemoteProtocolError(problem)))
         finally:
             self._depth -= 1
         return self.take_effects()

@@ -112,17 +112,29 @@ class CancelTimer:
 Effect = Send | Close | StartTimer | CancelTimer
 
 
+def _node_said(node: str, type_name: str, task: int | None) -> str:
+    return f"node {node} {type_name}" + (f" task={task}" if task is not None else "")
+
+
+def _console_said(type_name: str, job: int, what: str, n: int) -> str:
+    return f"console {type_name} job={job} {what}={n}"
+
+
+def _console_fields(msg: m.Args | m.ArgsEnd) -> tuple:
+    if type(msg) is m.Args:
+        return _console_said, msg.TYPE, msg.job, "n", len(msg.sizes)
+    return _console_said, msg.TYPE, msg.job, "total", msg.total
+
+
 def describe(event: Any) -> str:
     """One short line for the event log (never a payload: the log is kept in memory)."""
     t = type(event)
     if t is NodeSaid:
         msg = event.msg
-        task = f" task={msg.task}" if hasattr(msg, "task") else ""
-        return f"node {event.node} {msg.TYPE}{task}"
+        return _node_said(event.node, msg.TYPE, getattr(msg, "task", None))
     if t is ConsoleSaid:
-        msg = event.msg
-        n = f" n={len(msg.sizes)}" if type(msg) is m.Args else f" total={msg.total}"
-        return f"console {msg.TYPE} job={msg.job}{n}"
+        fn, *args = _console_fields(event.msg)
+        return fn(*args)
     if t is NodeJoined:
         return f"node {event.node} joined ({event.info.host}, {event.info.cores} cores)"
     if t is NodeLost:
@@ -138,14 +150,34 @@ class EventLog:
     """The last ``size`` events and commands with their time: what the scheduler was told."""
 
     def __init__(self, size: int = 1000) -> None:
-        self.entries: deque[tuple[float, str]] = deque(maxlen=size)
+        #: (time, text) or (time, (formatter, its arguments)): see :meth:`event`
+        self.entries: deque[tuple[float, Any]] = deque(maxlen=size)
 
     def add(self, now: float, text: str) -> None:
         self.entries.append((now, text[:300]))  # a peer's error text can be long
 
+    def event(self, now: float, event: Any) -> None:
+        """Log an event (:func:`describe` says how it reads)."""
+        t = type(event)
+        if t is NodeSaid:
+            self.node_said(now, event.node, event.msg)
+        elif t is ConsoleSaid:
+            self.console_said(now, event.msg)
+        else:
+            self.add(now, describe(event))
+
+    # a message from a node or a console (the two events of every call) is kept as the few
+    # fields its line needs, formatted only when read
+
+    def node_said(self, now: float, node: str, msg: m.Message) -> None:
+        self.entries.append((now, (_node_said, node, msg.TYPE, getattr(msg, "task", None))))
+
+    def console_said(self, now: float, msg: m.Args | m.ArgsEnd) -> None:
+        self.entries.append((now, _console_fields(msg)))
+
     def recent(self, n: int | None = None) -> list[tuple[float, str]]:
-        items = list(self.entries)
-        return items if n is None else items[-n:]
+        items = list(self.entries) if n is None else list(self.entries)[-n:]
+        return [(t, text if type(text) is str else text[0](*text[1:])[:300]) for t, text in items]
 
 
 class EffectRunner:

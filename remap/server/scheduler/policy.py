@@ -48,13 +48,18 @@ def window(job: JobState, credits: int) -> int:
     """
     if job.options.detach:
         return MAX_WINDOW
-    size = max(16, batch_size(job))
-    want = 2 * (credits or PREFETCH) * size
-    if job.total > 0:
+    # (conditional expressions, not min/max: each builtin call parses keywords, ~800
+    # instructions, and this runs twice per answer on a single call's path)
+    size = batch_size(job)
+    want = 2 * (credits or PREFETCH) * (size if size > 16 else 16)
+    total = job.total
+    if total > 0:
         # a small job of known size comes whole: its console never waits for a grant (a round
         # trip mid-job); bounded in bytes by the first window and then by :func:`grant`
-        want = max(want, min(job.total, SMALL_JOB))
-    return max(MIN_WINDOW, min(MAX_WINDOW, want))
+        whole = total if total < SMALL_JOB else SMALL_JOB
+        if whole > want:
+            want = whole
+    return MIN_WINDOW if want < MIN_WINDOW else MAX_WINDOW if want > MAX_WINDOW else want
 
 
 def grant(job: JobState, credits: int) -> int:
@@ -66,13 +71,17 @@ def grant(job: JobState, credits: int) -> int:
     want = window(job, credits)
     if job.received:
         # once argument sizes are known, the window is also bounded in bytes
-        per_arg = max(1, job.received_bytes // job.received)
-        want = max(1, min(want, MAX_PENDING_BYTES // per_arg))
+        per_arg = job.received_bytes // job.received or 1
+        fits = MAX_PENDING_BYTES // per_arg
+        if fits < want:
+            want = fits or 1
     # the console sends whole argument groups: one must always fit, or it waits forever
-    want = max(want, job.group_max)
+    group_max = job.group_max
+    if group_max > want:
+        want = group_max
     more = want - job.pending_count - job.granted
-    short = job.group_max - job.granted  # > 0: the largest group would not fit now
-    return more if more >= max(1, want // 4) or 0 < short <= more else 0
+    short = group_max - job.granted  # > 0: the largest group would not fit now
+    return more if more >= (want // 4 or 1) or 0 < short <= more else 0
 
 
 #: the tail of a known-size job is shared out in batches of at least this much measured work
@@ -91,9 +100,11 @@ def batch_size(job: JobState) -> int:
         return 1
     if job.options.chunksize:
         return job.options.chunksize
-    if job.per_call is None:
+    per_call = job.per_call
+    if per_call is None:
         return 1 if job.options.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
-    return max(1, min(MAX_BATCH_ARGS, int(TARGET_BATCH_SECONDS / max(job.per_call, 1e-7))))
+    size = int(TARGET_BATCH_SECONDS / (per_call if per_call > 1e-7 else 1e-7))
+    return 1 if size < 1 else MAX_BATCH_ARGS if size > MAX_BATCH_ARGS else size
 
 
 def tail_share(job: JobState, size: int, credits: int) -> int:
@@ -111,8 +122,10 @@ def tail_share(job: JobState, size: int, credits: int) -> int:
         # credits it does not hold yet, so calls behind an unexpectedly slow one on its core are
         # at most its share while other cores take the rest (a lazy map's window, twice its
         # credits' batches, still makes full batches)
-        free = max(1, credits - job.tasks)
-        return max(1, min(size, -(-job.pending_count // free)))
+        free = credits - job.tasks
+        share = -(-job.pending_count // (free if free > 1 else 1))
+        share = size if size < share else share
+        return share if share > 1 else 1
     left = job.pending_count + max(0, job.total - job.received)
     share = -(-left // (credits or 1))
     if job.per_call is not None:
@@ -136,7 +149,7 @@ def next_job(
     to the higher priority, then the older job.
     """
     best: JobState | None = None
-    best_key: tuple = ()
+    best_key: tuple | None = None  # computed once a second job competes (one job: no key)
     for job in jobs:
         if job.options.gang and len(node.inflight) >= node.cores:
             continue  # a gang call queued behind another call on a node could wait forever
@@ -144,16 +157,26 @@ def next_job(
             continue
         if job.options.max_cores and job.tasks >= job.options.max_cores:
             continue
-        key = (
-            job.tasks >= job.options.min_cores,
-            (job.tasks + 1)
-            / (job.options.min_cores if job.tasks < job.options.min_cores else job.weight),
-            -job.options.priority,
-            job.id,
-        )
-        if best is None or key < best_key:
+        if best is None:
+            best = job
+            continue
+        if best_key is None:
+            best_key = _share_key(best)
+        key = _share_key(job)
+        if key < best_key:
             best, best_key = job, key
     return best
+
+
+def _share_key(job: JobState) -> tuple:
+    """Lowest first: under ``min_cores``, then tasks per weight with one more, priority, age."""
+    options = job.options
+    return (
+        job.tasks >= options.min_cores,
+        (job.tasks + 1) / (options.min_cores if job.tasks < options.min_cores else job.weight),
+        -options.priority,
+        job.id,
+    )
 
 
 def entitled(job: JobState, active: Iterable[JobState], credits: int) -> int:

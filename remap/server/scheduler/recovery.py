@@ -90,13 +90,11 @@ class Recovery:
         job.owner = rec.owner
         job.first_window = False
         if rec.args_total is not None:
-            job.phase, job.total = JobPhase.COMPLETING, rec.args_total
+            job.rebuilt(JobPhase.COMPLETING)
+            job.total = rec.args_total
         if rec.finished_at is not None:  # a record rebuilt, not a move: set the final phase
-            job.phase, job.message, job.finished_at = (
-                JobPhase(rec.state),
-                rec.message,
-                rec.finished_at,
-            )
+            job.rebuilt(JobPhase(rec.state))
+            job.message, job.finished_at = rec.message, rec.finished_at
             job.received = job.done + job.failed
         return job
 

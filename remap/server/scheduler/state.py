@@ -182,25 +182,32 @@ class JobState:
     #: before it continues from its ``sent`` (then ``received`` is the next index again)
     expect: deque[list[int]] = field(default_factory=deque)
 
-    @property
-    def finished(self) -> bool:
-        phase = self.phase  # identity tests: this runs for every job on every dispatch
-        return phase is not JobPhase.RECEIVING and phase is not JobPhase.COMPLETING
+    #: ``phase`` is final; and ``phase`` is RECEIVING: the console is still sending arguments
+    #: (no ``args_end`` yet). Attributes :meth:`move` keeps, not properties: they are read on
+    #: every dispatch and answer (a property is a Python call per read)
+    finished: bool = field(default=False, init=False)
+    receiving: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        self.finished = self.phase.final
+        self.receiving = self.phase is JobPhase.RECEIVING
 
     @property
     def state(self) -> str:
         """What status shows and ``job_done`` says: running until a final phase names the end."""
         return self.phase.value if self.phase.final else "running"
 
-    @property
-    def receiving(self) -> bool:
-        """The console is still sending arguments (no ``args_end`` yet)."""
-        return self.phase is JobPhase.RECEIVING
-
     def move(self, phase: JobPhase) -> None:
         """Change phase along :data:`TRANSITIONS` (anything else raises)."""
         check_move(f"job {self.id}", TRANSITIONS, self.phase, phase)
+        self.rebuilt(phase)
+
+    def rebuilt(self, phase: JobPhase) -> None:
+        """Set the phase without a move (a job rebuilt from the journal); with :meth:`move`,
+        the only ways ``phase`` changes, so ``finished`` and ``receiving`` follow it here."""
         self.phase = phase
+        self.finished = phase.final
+        self.receiving = phase is JobPhase.RECEIVING
 
     @property
     def weight(self) -> float:
