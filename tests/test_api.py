@@ -4,6 +4,7 @@ status, shipping ``__main__`` code by value, and handles opened and closed repea
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
@@ -18,7 +19,7 @@ import remap
 from remap.api import DEFAULT_BUFFERSIZE, PicklingError, RemoteTraceback
 from remap.errors import ConnectionLost, RemoteTaskError
 from remap.settings import Settings
-from tests.cluster_harness import ROOT, NodeSpec, clean_env, wait_for
+from tests.cluster_harness import ROOT, NodeSpec, clean_env, held_until, wait_for
 from tests.cluster_harness import Cluster as ProcessCluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # embedded clusters: cores are processes
@@ -179,13 +180,20 @@ def test_imap_unordered_yields_every_result_once(cluster: remap.Cluster) -> None
     assert sorted(got) == [x * x for x in range(700)]
 
 
-def test_imap_next_with_timeout_raises_timeout_error(embedded: remap.Cluster) -> None:
-    """next(timeout=) gives up with TimeoutError when no result arrives in time."""
-    results = embedded.imap(slow_identity, [5.0])
-    with pytest.raises(TimeoutError):
-        results.next(timeout=0.2)
-    with pytest.raises(StopIteration):  # the iterator stopped and its job was killed
-        next(results)
+def test_imap_next_with_timeout_raises_timeout_error(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """next(timeout=) gives up with TimeoutError when no result arrives in time (the call is
+    held until the test releases it, so it is never done before the timeout)."""
+    release = tmp_path / "release"
+    try:
+        results = embedded.imap(functools.partial(held_until, str(release)), [1])
+        with pytest.raises(TimeoutError):
+            results.next(timeout=0.2)
+        with pytest.raises(StopIteration):  # the iterator stopped and its job was killed
+            next(results)
+    finally:
+        release.touch()
 
 
 def test_map_raises_the_remote_exception_with_its_traceback(cluster: remap.Cluster) -> None:

@@ -17,7 +17,7 @@ import pytest
 import remap
 from remap.settings import Settings
 from tests.cluster_harness import Cluster as ProcessCluster
-from tests.cluster_harness import NodeSpec, wait_for
+from tests.cluster_harness import NodeSpec, held_until, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # embedded clusters: cores are processes
 
@@ -43,6 +43,11 @@ def fail_on_three(x: int) -> int:
 def sleep_then(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def held(release: str) -> int:
+    """1 once the test creates ``release`` (or a minute passed): never done before that."""
+    return held_until(release, 1)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +132,17 @@ def test_imap_goes_on_after_an_error(pool: remap.Pool) -> None:
         next(results)
 
 
-def test_imap_next_timeout_raises_multiprocessing_timeout(pool: remap.Pool) -> None:
-    """imap's next(timeout) raises multiprocessing.TimeoutError and the iterator stays usable."""
-    results = pool.imap(sleep_then, [0.5])
-    with pytest.raises(multiprocessing.TimeoutError):
-        results.next(timeout=0.05)
-    assert results.next(timeout=30) == 0.5
+def test_imap_next_timeout_raises_multiprocessing_timeout(pool: remap.Pool, tmp_path: Path) -> None:
+    """imap's next(timeout) raises multiprocessing.TimeoutError and the iterator stays usable
+    (the call is held until the test releases it: it cannot be done before the timeout)."""
+    release = tmp_path / "release"
+    try:
+        results = pool.imap(held, [str(release)])
+        with pytest.raises(multiprocessing.TimeoutError):
+            results.next(timeout=0.05)
+    finally:
+        release.touch()
+    assert results.next(timeout=30) == 1
 
 
 def test_imap_unordered_yields_each_result_once(pool: remap.Pool) -> None:
@@ -186,15 +196,19 @@ def test_an_unpicklable_result_raises_maybe_encoding_error(pool: remap.Pool) -> 
     assert pool.apply(unpicklable_result, (5,)) == 5
 
 
-def test_async_result_get_timeout(pool: remap.Pool) -> None:
+def test_async_result_get_timeout(pool: remap.Pool, tmp_path: Path) -> None:
     """get(timeout) on a slow result raises multiprocessing.TimeoutError; successful() before
     ready raises ValueError."""
-    result = pool.apply_async(sleep_then, (1.0,))
-    with pytest.raises(multiprocessing.TimeoutError):
-        result.get(timeout=0.05)
-    with pytest.raises(ValueError):
-        result.successful()
-    assert result.get(timeout=30) == 1.0
+    release = tmp_path / "release"
+    try:
+        result = pool.apply_async(held, (str(release),))  # held until released below
+        with pytest.raises(multiprocessing.TimeoutError):
+            result.get(timeout=0.05)
+        with pytest.raises(ValueError):
+            result.successful()
+    finally:
+        release.touch()
+    assert result.get(timeout=30) == 1
 
 
 def test_map_async_and_starmap_async(pool: remap.Pool) -> None:
