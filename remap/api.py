@@ -1134,6 +1134,7 @@ class Cluster:
         :meth:`mapreduce`, a handle to the job the server runs.
         """
         from .vertex.driver import VertexConfig
+        from .vertex.jobspec import resolve_inputs
         from .vertex.program import program_from_module, program_from_namespace
         from .vertex.run import run_vertex
 
@@ -1159,7 +1160,7 @@ class Cluster:
             program = program_from_namespace(module, "vertex job")
         inputs = input if isinstance(input, (list, tuple)) else [input]
         config = VertexConfig(
-            input=[Path(p).expanduser().resolve() for p in inputs],
+            input=resolve_inputs(tuple(os.fspath(p) for p in inputs), Path.cwd()),
             output=Path(output).expanduser().resolve(),
             partitions=partitions,
             max_supersteps=max_supersteps,

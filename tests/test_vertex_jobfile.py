@@ -74,13 +74,13 @@ def test_bad_vertex_job_names_line_and_key(base: Path, text: str, expected: list
         ("module", "module: nocompute.py", "must define compute()"),
         ("module", "module: badfold.py", "unknown fold 'avg'"),
         ("module", "module: missing.py", "file not found"),
-        ("input", "input: 'nothing/*.txt'", "no input matches"),
-        ("input", "input: nothing/", "input not found"),
-        ("input", "input: empty/", "no input files"),
+        ("input", "input: 'nothing/*.txt'", "input 'nothing/*.txt': no file matches"),
+        ("input", "input: nothing/", "input 'nothing/': no such file or directory"),
     ],
 )
 def test_resolution_problems_name_their_key(base: Path, key: str, text: str, expected: str) -> None:
-    """A module without compute, a bad aggregator or an empty glob: an error at its key's line."""
+    """A module without compute, a bad aggregator, a missing input or an empty glob: an
+    error at its key's line (an existing empty directory is not one: tests/test_empty_inputs.py)."""
     lines = {"module": "module: pr.py", "input": "input: in/"}
     lines[key] = text
     job = f"kind: vertex\n{lines['module']}\n{lines['input']}\noutput: out/\n"

@@ -34,10 +34,20 @@ class Split:
         return self.end - self.start
 
 
+def nothing_named(entry: str | os.PathLike[str], path: Path | str) -> ConfigError:
+    """The one-line error for an input entry that names nothing that exists (a missing path,
+    a glob matching nothing): a typo must not run an empty job. The rule of data and vertex
+    jobs alike; an existing directory with no files is not this error but an empty job."""
+    if glob.has_magic(os.fspath(entry)):
+        return ConfigError(f"input {entry!r}: no file matches")
+    return ConfigError(f"input {entry!r}: no such file or directory ({path})")
+
+
 def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> list[Path]:
     """Every input file: a directory means the files under it (hidden ones skipped), a glob
     its matches, a file itself. Sorted within each entry, entries in the given order, each
-    file once. An entry that matches nothing is an error: a typo must not run an empty job."""
+    file once. An entry that matches nothing is an error (:func:`nothing_named`); an
+    existing directory with no files gives none (an empty job)."""
     entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not entries:
         raise ConfigError("no input given")
@@ -50,14 +60,11 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
             matches = sorted(_files_under(path))
         elif path.is_file():
             matches = [path]
-        elif glob.has_magic(text):
-            matches = sorted(
-                Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)
-            )
-            if not matches:
-                raise ConfigError(f"input {entry!r}: no file matches")
         else:
-            raise ConfigError(f"input {entry!r}: no such file or directory ({path})")
+            pattern = glob.glob(str(path), recursive=True) if glob.has_magic(text) else []
+            matches = sorted(Path(p) for p in pattern if os.path.isfile(p))
+            if not matches:
+                raise nothing_named(entry, path)
         for match in matches:
             resolved = match.resolve()
             if resolved not in seen:

@@ -115,7 +115,8 @@ class WorkerLost(Exception):
 
 
 def find_inputs(paths: list[Path]) -> list[Path]:
-    """The input files: each path is a file or a directory of files (hidden ones skipped)."""
+    """The input files: each path is a file or a directory of files (hidden ones skipped).
+    A directory with no files adds none: no files at all is an empty job, as a data job's."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -126,8 +127,6 @@ def find_inputs(paths: list[Path]) -> list[Path]:
             found.append(path)
         else:
             raise ConfigError(f"input not found: {path}")
-    if not found:
-        raise ConfigError(f"no input files in {', '.join(map(str, paths))}")
     return found
 
 

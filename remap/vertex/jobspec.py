@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.inputs import nothing_named
 from ..data.jobspec import MAPREDUCE_FIELDS, FileJobSpec, count, file_job_basics
 from ..errors import ConfigError
 from .driver import VertexConfig, find_inputs
@@ -86,17 +87,20 @@ def load_vertex(
 
 
 def resolve_inputs(items: tuple[str, ...], base_dir: Path) -> list[Path]:
-    """Paths and globs (relative to the job file) as paths; a glob matching nothing is an error."""
+    """Paths and globs (relative to ``base_dir``, the job file's directory or the caller's)
+    as paths. As for data jobs, an entry naming nothing that exists is an error
+    (:func:`~remap.data.inputs.nothing_named`); an existing directory with no files is not
+    (the job is empty)."""
     found: list[Path] = []
     for item in items:
         path = (base_dir / Path(item).expanduser()).resolve()
         if glob.has_magic(item):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            if not matches:
-                raise ConfigError(f"no input matches {item}")
-            found += matches
         else:
-            found.append(path)
+            matches = [path] if path.exists() else []
+        if not matches:
+            raise nothing_named(item, path)
+        found += matches
     return found
 
 
@@ -113,7 +117,7 @@ def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
         raise ConfigError(f"{spec.where('output')}: {spec.output} already exists")
     try:
         inputs = resolve_inputs(spec.inputs, spec.base_dir)
-        find_inputs(inputs)  # a missing or empty input fails here, before a cluster starts
+        find_inputs(inputs)  # a missing input fails here, before a cluster starts
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('input')}: {exc}") from None
     config = VertexConfig(
