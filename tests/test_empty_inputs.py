@@ -76,6 +76,29 @@ def test_an_existing_empty_directory_is_no_error(base: Path, kind: str) -> None:
     prepare(kind, job_text(kind, "empty/"), base)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_globs_and_paths_under_a_directory_named_like_a_glob(tmp_path: Path, kind: str) -> None:
+    """Only the entry is a pattern: under a directory named ``run[1]`` (as pytest names a
+    parametrized test's), a glob entry and the directory's own absolute path both find the
+    file, and a glob that matches nothing is still the one-line error."""
+    from remap.data.inputs import resolve_inputs as data_inputs
+    from remap.vertex.jobspec import resolve_inputs as vertex_inputs
+
+    base = tmp_path / "run[1]"
+    (base / "in").mkdir(parents=True)
+    (base / "in" / "a.txt").write_text("1 2\n")
+    if kind == "mapreduce":
+        found = [data_inputs([entry], base) for entry in ("in/*.txt", str(base / "in"))]
+        assert found == [[base / "in" / "a.txt"]] * 2
+        with pytest.raises(ConfigError, match="no file matches"):
+            data_inputs(["in/*.csv"], base)
+    else:
+        assert vertex_inputs(("in/*.txt",), base) == [base / "in" / "a.txt"]
+        assert vertex_inputs((str(base / "in"),), Path.cwd()) == [base / "in"]
+        with pytest.raises(ConfigError, match="no file matches"):
+            vertex_inputs(("in/*.csv",), base)
+
+
 def assert_empty_output(output: Path) -> None:
     assert (output / "_SUCCESS").exists()
     parts = [p for p in output.rglob("*") if p.is_file() and p.name != "_SUCCESS"]

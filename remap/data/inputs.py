@@ -43,6 +43,15 @@ def nothing_named(entry: str | os.PathLike[str], path: Path | str) -> ConfigErro
     return ConfigError(f"input {entry!r}: no such file or directory ({path})")
 
 
+def glob_input(entry: str, base_dir: Path | str) -> list[str]:
+    """What a glob entry matches, relative to ``base_dir`` (whose own name may hold ``[``, as
+    pytest's parametrized directories do: only the entry is a pattern); [] if not a glob."""
+    entry = os.path.expanduser(entry)
+    if not glob.has_magic(entry):
+        return []
+    return glob.glob(os.path.join(glob.escape(os.fspath(base_dir)), entry), recursive=True)
+
+
 def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> list[Path]:
     """Every input file: a directory means the files under it (hidden ones skipped), a glob
     its matches, a file itself. Sorted within each entry, entries in the given order, each
@@ -61,8 +70,7 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
         elif path.is_file():
             matches = [path]
         else:
-            pattern = glob.glob(str(path), recursive=True) if glob.has_magic(text) else []
-            matches = sorted(Path(p) for p in pattern if os.path.isfile(p))
+            matches = sorted(Path(p) for p in glob_input(text, base_dir) if os.path.isfile(p))
             if not matches:
                 raise nothing_named(entry, path)
         for match in matches:

@@ -7,13 +7,12 @@ validated file into a program and a :class:`~.driver.VertexConfig`.
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.inputs import nothing_named
+from ..data.inputs import glob_input, nothing_named
 from ..data.jobspec import MAPREDUCE_FIELDS, FileJobSpec, count, file_job_basics
 from ..errors import ConfigError
 from .driver import VertexConfig, find_inputs
@@ -94,10 +93,10 @@ def resolve_inputs(items: tuple[str, ...], base_dir: Path) -> list[Path]:
     found: list[Path] = []
     for item in items:
         path = (base_dir / Path(item).expanduser()).resolve()
-        if glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        if path.exists():  # a name with [ ] or * in it is itself before it is a glob
+            matches = [path]
         else:
-            matches = [path] if path.exists() else []
+            matches = sorted(Path(p).resolve() for p in glob_input(item, base_dir))
         if not matches:
             raise nothing_named(item, path)
         found += matches
