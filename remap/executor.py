@@ -16,6 +16,7 @@ What cores unpickle around the function lives in :mod:`remap.calls`; the machine
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import pickle
 import queue
 import threading
@@ -25,7 +26,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
-from . import api
+from . import api, runtime
 from .api import _PLAIN_TYPES
 from .blobs import PICKLE_PROTOCOL
 from .calls import INITIALIZER_FAILED, Apply, Initialized, Initializer
@@ -125,6 +126,14 @@ class RemoteFuture(concurrent.futures.Future):
         return True
 
 
+def _wake_waiters(future: RemoteFuture) -> None:
+    """What ``Future.set_result`` does after setting the state: wake whoever waits."""
+    with future._condition:
+        for waiter in future._waiters:
+            waiter.add_result(future)
+        future._condition.notify_all()
+
+
 class _SubmitStream:
     """The open job of one function: pickled calls in, futures resolved as results come back."""
 
@@ -142,6 +151,10 @@ class _SubmitStream:
         name = api.describe(fn)
         blob = api.function_blob(Apply(fn, executor._initializer), name=name)
         cluster = executor._cluster
+        #: where the reactor wakes waiters once its turn is over (None: at once; embedded, the
+        #: same turn runs the server and the node too, so the waiter is woken at once, and a
+        #: call is sent in that turn: no call leaves from the calling thread)
+        self.wake_later = None if cluster.embedded else runtime.before_sleep(cluster._reactor)
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
         self.job: JobStream = cluster._stream(
             blob,
@@ -157,9 +170,9 @@ class _SubmitStream:
         with self.job.lock:
             self.outstanding += 1
             self.idle_since = None
-            alone = self.outstanding == 1
-        # a lone call leaves from this thread (no hop through the reactor); calls that come
-        # while others are out go through the reactor, many to a message
+            alone = self.outstanding == 1 and self.wake_later is not None
+        # a lone call to a server leaves from this thread (no hop through the reactor); calls
+        # that come while others are out go through the reactor, many to a message
         self.job.put_many([blob], [future], now=alone)
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
@@ -201,9 +214,10 @@ class _SubmitStream:
                 del self.futures[index]
                 future._result = result
                 future._state = _FINISHED
-                for waiter in future._waiters:
-                    waiter.add_result(future)
-                condition.notify_all()
+                if self.wake_later is None:
+                    _wake_waiters(future)
+                else:  # the caller wakes as the reactor sleeps: it finds the GIL free
+                    self.wake_later.append(functools.partial(_wake_waiters, future))
             with self.job.lock:
                 self._settled()
         return rest

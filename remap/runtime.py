@@ -75,8 +75,23 @@ def _lean_epoll_reactor() -> Any:
                 pass
 
     class LeanEPollReactor(EPollReactor):
+        def __init__(self) -> None:
+            #: run once each, right before the reactor next sleeps in epoll (see
+            #: :func:`before_sleep`)
+            self.before_sleep: list[Callable[[], None]] = []
+            super().__init__()
+
         def _wakerFactory(self) -> Any:
             return LeanWaker()
+
+        def _run_before_sleep(self) -> None:
+            hooks = self.before_sleep.copy()  # the list itself stays: callers hold it
+            self.before_sleep.clear()
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:
+                    failures.failure("a call before the reactor sleeps failed")
 
         def mainLoop(self) -> None:
             """Twisted's loop with its error handler around the inner loop, not entered and
@@ -90,9 +105,12 @@ def _lean_epoll_reactor() -> Any:
                         self.doIteration(self.running and timeout)
                 except BaseException:
                     failures.failure("Unexpected error in main loop", level=LogLevel.critical)
+            self._run_before_sleep()  # nothing may wait for a wake-up that never comes
             failures.info("Main loop terminated.")
 
         def doPoll(self, timeout: float | None) -> None:
+            if self.before_sleep:
+                self._run_before_sleep()
             if timeout is None:
                 timeout = -1
             try:
@@ -116,6 +134,15 @@ def _lean_epoll_reactor() -> Any:
         doIteration = doPoll
 
     return LeanEPollReactor
+
+
+def before_sleep(r: Any) -> list[Callable[[], None]] | None:
+    """The list of callables ``r`` runs right before it next sleeps, or None (another reactor).
+
+    For waking another thread from the reactor: woken at once, the thread would only find the
+    reactor holding the GIL for the rest of its turn and sleep again (two more thread switches);
+    woken as the reactor is about to sleep, it runs at once. Reactor thread only."""
+    return getattr(r, "before_sleep", None)
 
 
 def _new_reactor() -> Any:
