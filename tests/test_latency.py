@@ -295,6 +295,30 @@ def _now(_: Any) -> int:
     return time.perf_counter_ns()
 
 
+def _counter(counts: dict[str, int], who: str) -> Any:
+    """A ``sys.setprofile`` function adding the Python functions entered to ``counts[who]``,
+    leaving out what wall time drives, not the calls: periodic checks (the node's watchdog,
+    Twisted's process reaper) and the timer heap's upkeep. A loaded machine stretches the
+    calls' wall time and these with it: 200 calls over 5 s counted ~8.5 more per call."""
+    from twisted.internet.base import DelayedCall
+    from twisted.internet.task import LoopingCall
+
+    ticks = LoopingCall.__call__.__code__
+    upkeep = {DelayedCall.__lt__.__code__, DelayedCall.activate_delay.__code__}
+    counts.setdefault(who, 0)
+    in_tick = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal in_tick
+        code = frame.f_code
+        if code is ticks:
+            in_tick += 1 if event == "call" else -1 if event == "return" else 0
+        elif event == "call" and not in_tick and code not in upkeep:
+            counts[who] += 1
+
+    return profile
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
@@ -307,37 +331,15 @@ def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
     caller (an import and a lock per submit, a recursive plain check); now ~182 and 18."""
     import sys
 
-    from twisted.internet.base import DelayedCall
-    from twisted.internet.task import LoopingCall
-
     import remap
 
     calls = 200
     with remap.connect(cores=2, task_output=False) as cluster:
         for _ in range(50):  # the job is open, both cores have loaded the function
             cluster.submit(_now, 1).result(timeout=30)
-        counts = {"reactor": 0, "caller": 0}
-        # what wall time drives, not the calls: periodic checks (the node's watchdog, Twisted's
-        # process reaper) and the timer heap's upkeep. A loaded machine stretches the calls'
-        # wall time and these with it: 200 calls over 5 s counted ~8.5 more per call
-        ticks = LoopingCall.__call__.__code__
-        upkeep = {DelayedCall.__lt__.__code__, DelayedCall.activate_delay.__code__}
-
-        def counter(who: str) -> Any:
-            in_tick = 0
-
-            def profile(frame: Any, event: str, arg: Any) -> None:
-                nonlocal in_tick
-                code = frame.f_code
-                if code is ticks:
-                    in_tick += 1 if event == "call" else -1 if event == "return" else 0
-                elif event == "call" and not in_tick and code not in upkeep:
-                    counts[who] += 1
-
-            return profile
-
-        runtime.run(sys.setprofile, counter("reactor"), timeout=10)
-        sys.setprofile(counter("caller"))
+        counts: dict[str, int] = {}
+        runtime.run(sys.setprofile, _counter(counts, "reactor"), timeout=10)
+        sys.setprofile(_counter(counts, "caller"))
         try:
             for _ in range(calls):
                 cluster.submit(_now, 1).result(timeout=30)
@@ -359,9 +361,6 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
     done-callback)."""
     import concurrent.futures
     import sys
-
-    from twisted.internet.base import DelayedCall
-    from twisted.internet.task import LoopingCall
 
     import remap
     from remap.client import JobStream
@@ -396,23 +395,11 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
                 JobStream._send_now = send_now  # type: ignore[method-assign]
             assert sent_from == {threading.current_thread().name}
 
-            calls, count = 100, [0]
-            ticks = LoopingCall.__call__.__code__
-            upkeep = {DelayedCall.__lt__.__code__, DelayedCall.activate_delay.__code__}
-            in_tick = 0
-
-            def profile(frame: Any, event: str, arg: Any) -> None:
-                nonlocal in_tick
-                code = frame.f_code
-                if code is ticks:
-                    in_tick += 1 if event == "call" else -1 if event == "return" else 0
-                elif event == "call" and not in_tick and code not in upkeep:
-                    count[0] += 1
-
-            runtime.run(sys.setprofile, profile, timeout=10)
+            calls, counts = 100, {}
+            runtime.run(sys.setprofile, _counter(counts, "reactor"), timeout=10)
             try:
                 for _ in range(calls):
                     cluster.submit(_now, 1).result(timeout=30)
             finally:
                 runtime.run(sys.setprofile, None, timeout=10)
-    assert count[0] / calls <= 60, count[0] / calls
+    assert counts["reactor"] / calls <= 60, counts["reactor"] / calls
