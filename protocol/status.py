@@ -141,6 +141,10 @@ class JobStatus(Record):
     #: a gang job's (a vertex job's workers): the argument indices of its calls in flight, so
     #: its driver knows which call a lost node took back
     calls: list[int] = ABSENT
+    #: a function job its console keeps open with nothing queued or running (no last argument
+    #: yet): state stays "running"; an Executor keeps a function's job so for its next call.
+    #: Left out by servers before it (read as not idle) and by a detached job's driver
+    idle: bool = ABSENT
     # a detached data or vertex job's
     kind: str = ABSENT
     data_job: str | None = ABSENT
@@ -151,6 +155,11 @@ class JobStatus(Record):
     def shared(self) -> bool:
         """The server said how many cores the job holds (not a detached job's driver)."""
         return self.cores is not ABSENT
+
+    @property
+    def shown_state(self) -> str:
+        """What a person reads for ``state``: a running job with nothing to do is said idle."""
+        return "idle, kept open for reuse" if self.idle and self.state == "running" else self.state
 
 
 @record

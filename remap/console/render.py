@@ -111,7 +111,7 @@ def jobs_table(jobs: list[JobStatus]) -> str:
     rows = []
     for j in jobs:
         total = j.total if j.total is not None else f"{j.received}+"
-        state = j.state + (f" ({j.waiting})" if j.waiting else "")
+        state = j.shown_state + (f" ({j.waiting})" if j.waiting else "")
         rows.append(
             [
                 j.id,
@@ -149,9 +149,12 @@ def status_text(
     busy = sum(n.busy for n in nodes)
     running = [j for j in jobs if j.state == "running"]
     rate = sum(j.rate for j in running)
+    idle = sum(1 for j in running if j.idle)
     head = (
         f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
-        f"{len(running)} job{'s' if len(running) != 1 else ''} running, {rate:,.0f} tasks/s"
+        f"{len(running)} job{'s' if len(running) != 1 else ''} running"
+        + (f" ({idle} idle)" if idle else "")
+        + f", {rate:,.0f} tasks/s"
     )
     if excluded:
         head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"

@@ -241,5 +241,10 @@ class JobState:
             attached=self.console is not None,
             message=self.message,
             owner=self.owner or None,
+            # its console may still send arguments and none is queued or in flight
+            idle=self.receiving
+            and self.console is not None
+            and not self.pending_count
+            and not self.tasks,
             **more,
         )

@@ -234,8 +234,11 @@
       row.nameSub.textContent = job.mode + (driven ? " (detached)" : "") + (job.group ? " · group " + job.group : "") +
         (job.waiting ? " · " + job.waiting : "") + (job.message && job.state !== "running" ? " · " + job.message : "") +
         result;
-      row.badge.textContent = job.state;
-      row.badge.className = "badge " + job.state;
+      // a running job its console keeps open with nothing to do (an Executor's, between calls)
+      const idle = job.idle && job.state === "running";
+      row.badge.textContent = idle ? "idle" : job.state;
+      row.badge.title = idle ? "idle, kept open for reuse" : "";
+      row.badge.className = "badge " + (idle ? "idle" : job.state);
       const total = job.expected;
       const finished = job.done + job.failed;
       const known = total !== null && total !== undefined;
