@@ -38,7 +38,7 @@ from .errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
-from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
 NONCE_SIZE = 32
 _SERVER_LABEL = b"remap/1 server"
@@ -225,8 +225,18 @@ class Connection:
         same read is held to the limit in force once the handshake is over, and the
         events of frames before a bad one are still returned.
         """
-        if self.state is _CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return []
+        if state is _OPEN:
+            frame = self.decoder.whole(data)
+            if frame is not None:  # one whole message: none of the buffer's work
+                events: list[Event] = []
+                try:
+                    self._open_frame(frame, events)
+                except RemapError as exc:
+                    events.append(self._fail(exc))
+                return events
         self.decoder.add(data)
         return self._events()
 
@@ -251,13 +261,7 @@ class Connection:
                 if frame is None:
                     break
                 if self.state is _OPEN:
-                    try:
-                        msg = m.decode(frame[0], frame[1])
-                    except m.UnknownMessageType as exc:
-                        # a newer peer may know more messages: answer, keep the connection
-                        self._queue(m.Error(code=exc.code, message=str(exc), re=exc.re))
-                        continue
-                    events.append(_new_event(MessageReceived, (msg,)))
+                    self._open_frame(frame, events)
                 else:
                     msg = m.decode(frame.header, frame.payload, preauth=True)
                     event = self._handshake(msg, frame.header)
@@ -266,6 +270,16 @@ class Connection:
             except RemapError as exc:
                 events.append(self._fail(exc))
         return events
+
+    def _open_frame(self, frame: Frame, events: list[Event]) -> None:
+        """A frame once authenticated: its message, as an event (raises RemapError)."""
+        try:
+            msg = m.decode(frame[0], frame[1])
+        except m.UnknownMessageType as exc:
+            # a newer peer may know more messages: answer, keep the connection
+            self._queue(m.Error(code=exc.code, message=str(exc), re=exc.re))
+            return
+        events.append(_new_event(MessageReceived, (msg,)))
 
     def _fail(self, error: RemapError) -> ConnectionFailed:
         """Close with an error frame to the peer where the protocol still allows one."""

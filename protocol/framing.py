@@ -235,6 +235,22 @@ class FrameDecoder:
         header = bytes(view[PREFIX_SIZE : PREFIX_SIZE + hlen])
         return _new_frame(Frame, (header, view[PREFIX_SIZE + hlen : need]))
 
+    def whole(self, data: bytes) -> Frame | None:
+        """``data`` as one frame, when it is exactly one whole small frame and nothing is
+        buffered (a single call's message, read at once): the frame without copying ``data``
+        into the buffer and out again. None: :meth:`add` it (and take :meth:`next_frame`),
+        as for any other read; a frame over the limits also goes that way, to be refused."""
+        if self.gathering or self._pos != len(self._buf) or len(data) < PREFIX_SIZE:
+            return None
+        length, hlen = _PREFIX.unpack_from(data)
+        if length + 4 != len(data) or length > self.max_frame or hlen > length - 4:
+            return None
+        if hlen > MAX_HEADER or length >= LARGE_FRAME:
+            return None
+        return _new_frame(
+            Frame, (data[PREFIX_SIZE : PREFIX_SIZE + hlen], data[PREFIX_SIZE + hlen :])
+        )
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive. Raises RemoteProtocolError."""
         if self.gathering:

@@ -209,10 +209,12 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
         assert seen.kinds()[-1] == "message"
         assert "tcp.py:doRead" not in calls and "tcp.py:_dataReceived" not in calls
         assert "wire.py:_account" not in calls and "connection.py:data_to_send" not in calls
-        # read_directly's reader, the decoder's buffer check, dataReceived, receive_data, add,
-        # _events, next_frame twice, the Frame, decode and its decoder, the event, _handle,
-        # _closing, the handler: the rest is gone
-        assert len(calls) <= 16, calls
+        # a read that is one whole frame never enters the decoder's buffer
+        assert "framing.py:add" not in calls and "framing.py:next_frame" not in calls
+        assert "connection.py:_events" not in calls and "wire.py:_closing" not in calls
+        # read_directly's reader, the decoder's buffer check, dataReceived, receive_data,
+        # whole, the message, decode and its decoder, _handle, the handler: the rest is gone
+        assert len(calls) <= 11, calls
     finally:
         a.close()
         b.close()
@@ -347,3 +349,54 @@ def test_a_lost_connection_lets_go_of_what_never_left() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_read_of_one_whole_frame_skips_the_buffer_and_keeps_every_check() -> None:
+    """``whole`` takes a read that is exactly one small frame with nothing buffered; anything
+    else (a part, two frames, bytes already waiting, a frame over the limit, a large frame)
+    goes through the buffer as before, where the limits are enforced."""
+    from protocol.errors import FrameTooLarge
+    from protocol.framing import Frame, FrameDecoder, encode_frame
+
+    one = b"".join(encode_frame(b"head", b"payload"))
+    decoder = FrameDecoder(max_frame=1024)
+    assert decoder.whole(one) == Frame(b"head", b"payload")
+    assert decoder.buffered == 0
+    assert decoder.whole(one[:5]) is None and decoder.whole(one + one) is None
+    decoder.add(one[:5])  # a frame begun: the next read completes it, through the buffer
+    assert decoder.whole(one) is None
+    decoder.add(one[5:])
+    assert decoder.next_frame() == Frame(b"head", b"payload")
+    assert decoder.next_frame() is None
+    assert decoder.whole(one) == Frame(b"head", b"payload")  # consumed: whole reads again
+    big = b"".join(encode_frame(b"h", b"x" * 2000))
+    assert decoder.whole(big) is None
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(big)
+
+
+def test_a_whole_frame_read_gives_the_same_events_as_a_split_one() -> None:
+    """An open connection's read of one whole message: the same message event; an unknown
+    type is answered and the connection stays open; garbage fails the connection, as when the
+    frame came in pieces."""
+    from protocol import ConnectionFailed, MessageReceived
+    from protocol.framing import encode_frame
+    from tests.test_handshake import pair, run_handshake
+
+    server, console = pair("console")
+    run_handshake(server, console)
+    msg = m.Args(job=3, start=5, sizes=[20], payload=b"x" * 20)
+    wire = b"".join(encode_frame(*m.encode(msg)))
+    assert server.receive_data(wire) == [MessageReceived(msg)]
+    split = server.receive_data(wire[:7]) + server.receive_data(wire[7:])
+    assert split == [MessageReceived(msg)]
+    import msgpack
+
+    unknown = b"".join(encode_frame(msgpack.packb({"t": "from_the_future"}), b""))
+    assert server.receive_data(unknown) == []
+    assert server.outgoing  # the error answering it
+    server.outgoing.clear()
+    garbage = b"".join(encode_frame(b"\xc1", b""))
+    events = server.receive_data(garbage)
+    assert len(events) == 1 and isinstance(events[0], ConnectionFailed)
+    assert server.receive_data(wire) == []  # closed
