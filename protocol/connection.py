@@ -186,6 +186,13 @@ class Connection:
             raise LocalProtocolError(f"cannot send {msg.TYPE} in state {self.state.value}")
         self._queue(msg)
 
+    def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
+        """Queue a message encoded already (``messages.encode``'s header and payload, e.g. a
+        decoded and checked answer passed on as it came); only once the connection is open."""
+        if self.state is not _OPEN:
+            raise LocalProtocolError(f"cannot send in state {self.state.value}")
+        self.outgoing.extend(encode_frame(header, payload))
+
     def _queue(self, msg: m.Message) -> bytes:
         header, payload = m.encode(msg)
         self.outgoing.extend(encode_frame(header, payload))

@@ -469,6 +469,14 @@ class PeerProtocol(Protocol):
         self.conn.send(msg)
         self._flush()
 
+    def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
+        """:meth:`send` of a message already encoded (a core's answer, forwarded as the core
+        framed it: its header is the one encoding the same message here would make)."""
+        if self.transport is None or not self.open or self.conn.state is not _OPEN:
+            return
+        self.conn.send_encoded(header, payload)
+        self._flush()
+
     def close(self, error: RemapError | None = None) -> None:
         """Close after telling the peer why (if an error is given)."""
         if error is not None and self.failure is None:

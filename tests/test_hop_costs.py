@@ -400,3 +400,55 @@ def test_a_whole_frame_read_gives_the_same_events_as_a_split_one() -> None:
     events = server.receive_data(garbage)
     assert len(events) == 1 and isinstance(events[0], ConnectionFailed)
     assert server.receive_data(wire) == []  # closed
+
+
+def test_a_core_result_leaves_the_node_as_the_core_framed_it() -> None:
+    """The pool hands a result it passes on unchanged to ``on_result_frame`` with the core's own
+    frame; the agent writes that frame as it is (no encode of the same message again) and the
+    server reads the very message the core sent. A result whose output the node prefixes is
+    changed, so it is encoded again."""
+    from twisted.internet.task import Clock
+
+    from protocol import MessageReceived
+    from protocol.framing import Frame
+    from remap.node.agent import NodeAgent
+    from remap.node.cores import CoreLife, CorePool, CoreProcess
+    from tests.test_handshake import pair, run_handshake
+
+    plain, changed = [], []
+    pool = CorePool(Clock(), 0, on_result=changed.append, on_failed=changed.append)
+    pool.on_result_frame = lambda msg, frame: plain.append((msg, frame))
+    core = CoreProcess(pool, 0)
+    try:
+        task = m.Task(task=7, job=1, sizes=[1], payload=b"x")
+        result = m.TaskResult(task=7, sizes=[3], elapsed=0.001, payload=b"abc")
+        frame = Frame(*m.encode(result))
+        core.life, core.task = CoreLife.BUSY, task
+        pool._core_message(core, result, frame)
+        assert plain == [(result, frame)] and not changed
+        core.life, core.task = CoreLife.BUSY, task
+        noisy = m.TaskResult(task=7, sizes=[3], output="hi\n", payload=b"abc")
+        pool._core_message(core, noisy, Frame(*m.encode(noisy)))
+        assert len(plain) == 1 and changed[0].output.endswith("hi\n")
+        assert changed[0].output != noisy.output  # prefixed by the node
+    finally:
+        core.shm.close()
+        import os
+
+        os.close(core.shm_fd)
+
+    server, node = pair("node")
+    run_handshake(server, node)
+    sent: list[tuple[bytes, Any]] = []
+
+    class Link:
+        def send_encoded(self, header: bytes, payload: Any) -> None:
+            sent.append((header, payload))
+            node.send_encoded(header, payload)
+
+    agent = NodeAgent(pool)
+    agent.link, agent._max_frame = Link(), 1 << 20  # type: ignore[assignment]
+    entered_functions = _counted(lambda: agent._forward(result, frame))
+    assert sent == [(frame.header, frame.payload)]
+    assert "messages.py:encode" not in entered_functions
+    assert server.receive_data(b"".join(node.data_to_send())) == [MessageReceived(result)]

@@ -148,7 +148,7 @@ def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
     class Pool:
         after_read = staticmethod(lambda: calls.append("after_read"))
 
-        def _core_message(self, core: Any, msg: m.Message) -> None:
+        def _core_message(self, core: Any, msg: m.Message, frame: Any = None) -> None:
             calls.append(type(msg).__name__)
 
     core = CoreProcess(Pool(), 0)  # type: ignore[arg-type]

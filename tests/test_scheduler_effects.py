@@ -141,6 +141,41 @@ def test_commands_perform_their_effects_through_the_runner() -> None:
     assert console.done().state == "killed"
 
 
+def test_a_command_keeps_its_signature_and_runs_inside_another_without_its_own_effects() -> None:
+    """``command`` generates its wrapper with the method's own parameters (defaults and
+    keywords as declared, so a command inside another is a plain call): outermost, the effects
+    are performed and the call logged; inside an event, only added to the event's effects."""
+    import inspect
+
+    from remap.server.scheduler.effects import EventLog, command
+
+    class Tiny:
+        def __init__(self) -> None:
+            self._depth, self._outbox, self.performed = 0, [], []
+            self.events = EventLog(10)
+            self.clock = Clock()
+            self.runner = type("R", (), {"apply": lambda _, e: self.performed.extend(e)})()
+
+        def take_effects(self) -> list:
+            out, self._outbox = self._outbox, []
+            return out
+
+        @command
+        def act(self, a: int, b: str = "b", *, c: int = 3) -> tuple:
+            self._outbox.append((a, b, c))
+            return a, b, c
+
+    assert str(inspect.signature(Tiny.act)) == str(inspect.signature(Tiny.act.__wrapped__))
+    assert "<string>" in Tiny.act.__code__.co_filename  # generated, not ``*args, **kwargs``
+    tiny = Tiny()
+    assert tiny.act(1) == (1, "b", 3) and tiny.performed == [(1, "b", 3)]
+    assert tiny.act(2, c=5) == (2, "b", 5) and tiny.performed[-1] == (2, "b", 5)
+    assert [text for _, text in tiny.events.recent()] == ["act 1", "act 2"]
+    tiny._depth = 1  # inside an event: its effects wait for the event's runner
+    assert tiny.act(a=7, b="x") == (7, "x", 3)
+    assert tiny._outbox == [(7, "x", 3)] and len(tiny.performed) == 2
+
+
 def test_the_event_log_is_bounded_and_names_each_event() -> None:
     """The log keeps the newest events only, one short line each, with the clock's time."""
     sched = Scheduler(make()[1], event_log=5)
@@ -154,6 +189,11 @@ def test_the_event_log_is_bounded_and_names_each_event() -> None:
     assert sched.events.recent(1)[0][1] == "kill 999"
     sched.handle(NodeLost("n1", "x" * 100_000))  # a peer's error text: bounded per entry too
     assert len(sched.events.recent(1)[0][1]) <= 300
+    # a message's line is formatted when read; what is kept holds no message (nor its payload)
+    sched.node_said("n1", m.TaskResult(task=99, sizes=[3], payload=b"abc"))
+    kept = sched.events.entries[-1][1]
+    assert not any(isinstance(x, (m.Message, bytes, memoryview)) for x in kept)
+    assert sched.events.recent(1)[0][1] == "node n1 result task=99"
 
 
 def test_an_unknown_event_is_refused() -> None:

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from protocol import Authenticated
 from protocol import messages as m
+from protocol.framing import Frame
 
 from ..data.layout import DataDirReport
 from ..errors import CertificateMismatch, RemapError
@@ -80,6 +81,16 @@ class NodeAgent:
             msg = self._fits(msg, self._max_frame)
         link.send(msg)
 
+    def _forward(self, msg: m.TaskResult, frame: Frame) -> None:
+        """A core's result as the core framed it (decoded and checked by the pool already)."""
+        link = self.link
+        if link is None:
+            return
+        if 2 * len(msg.payload) > self._max_frame:
+            self._send(msg)  # may be too large: checked and reported there
+            return
+        link.send_encoded(frame[0], frame[1])
+
     @staticmethod
     def _fits(msg: m.TaskResult, limit: int) -> m.Message:
         """A result frame over the limit would get this node disconnected, and the batch re-run
@@ -122,6 +133,9 @@ class NodeAgent:
         self.link = link
         #: the largest frame the server takes (fixed once authenticated; read on every result)
         self._max_frame = link.conn.max_frame
+        # over a network connection a core's result leaves as the core framed it (an embedded
+        # cluster's in-process link takes the message itself)
+        self.pool.on_result_frame = self._forward if isinstance(link, PeerProtocol) else None
         self._prepared(link)
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
         link.send(

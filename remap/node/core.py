@@ -70,7 +70,8 @@ def commands(fd: int) -> Iterator[m.Message]:
             data = read(fd, READ_SMALL)
             if not data:
                 return
-            frames = decoder.feed(data)
+            frame = decoder.whole(data)  # a whole small command, the usual read: unbuffered
+            frames = [frame] if frame is not None else decoder.feed(data)
         for frame in frames:
             yield m.decode(frame.header, frame.payload, channel="pipe")
 

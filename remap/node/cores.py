@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import FrameDecoder, encode_frame, unsent
+from protocol.framing import Frame, FrameDecoder, encode_frame, unsent
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
@@ -165,8 +165,13 @@ class CoreProcess(ProcessProtocol):
             lambda view: os.readv(fd, [view]),
             lambda n: (decoder.wrote(n), self._answers(decoder.frames())),
             read=functools.partial(os.read, fd, PIPE_READ),
-            data_received=lambda data: self._answers(decoder.feed(data)),
+            data_received=self._read,
         )
+
+    def _read(self, data: bytes) -> None:
+        """Bytes from the answer pipe (a whole small frame, the usual answer, unbuffered)."""
+        frame = self._decoder.whole(data)
+        self._answers([frame] if frame is not None else self._decoder.feed(data))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
@@ -184,7 +189,7 @@ class CoreProcess(ProcessProtocol):
                 self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
                 self.kill("error")
                 return
-            self.pool._core_message(self, msg)
+            self.pool._core_message(self, msg, frame)
         if self.pool.after_read is not None:
             self.pool.after_read()
 
@@ -258,6 +263,9 @@ class CorePool:
         self.started_at = time.monotonic()
         #: how task output names this node (the agent sets its host name)
         self.name = "node"
+        #: when set, a result passed on unchanged goes here with the core's own frame (the
+        #: agent forwards its bytes: no encoding of the same message again)
+        self.on_result_frame: Callable[[m.TaskResult, Frame], None] | None = None
         #: called once a core's answers were read and handled (the embedded cluster delivers
         #: them to its server in this turn: :func:`remap.local.deliver_now`)
         self.after_read: Callable[[], None] | None = None
@@ -373,7 +381,7 @@ class CorePool:
         core.task = task
         core.send(m.CoreRun.of(task, reduce=info.reduce))
 
-    def _core_message(self, core: CoreProcess, msg: m.Message) -> None:
+    def _core_message(self, core: CoreProcess, msg: m.Message, frame: Frame | None = None) -> None:
         if type(msg) is m.CoreReady:
             if core.life is _STARTING:  # a core killed while starting stays killing
                 core.move(_IDLE)
@@ -390,7 +398,11 @@ class CorePool:
                 if msg.output:
                     prefix = f"[{self.name} core {core.index}] "
                     msg = replace(msg, output=prefix_lines(msg.output, prefix))
-                self.on_result(msg)
+                    frame = None  # changed: encoded again
+                if frame is not None and self.on_result_frame is not None:
+                    self.on_result_frame(msg, frame)
+                else:
+                    self.on_result(msg)
             if not part:
                 self._dispatch()
 

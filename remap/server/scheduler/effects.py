@@ -9,6 +9,7 @@ with real links and a clock. A test can assert on the effects alone: no links, n
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,6 +222,38 @@ class EffectRunner:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _same_signature(fn: Callable[..., Any], outermost: Callable[..., Any]) -> Callable[..., Any]:
+    """``command``'s wrapper with ``fn``'s own parameters, generated (as dataclasses generates
+    ``__init__``): a command called inside another (``pump`` in every answer) is then a plain
+    call of ``fn`` with the same arguments, not a pack into ``*args``/``**kwargs`` and out."""
+    params, passed, namespace = [], [], {"_fn": fn, "_outermost": outermost}
+    keyword_only = False
+    for i, p in enumerate(inspect.signature(fn).parameters.values()):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            return lambda self, *a, **k: (
+                fn(self, *a, **k) if self._depth else outermost(self, *a, **k)
+            )
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            keyword_only = True
+            params.append("*")
+        text = p.name
+        if p.default is not p.empty:
+            namespace[f"_d{i}"] = p.default
+            text += f"=_d{i}"
+        params.append(text)
+        if i:
+            passed.append(f"{p.name}={p.name}" if keyword_only else p.name)
+    first, args = params[0], ", ".join([params[0], *passed])
+    source = (
+        f"def run({', '.join(params)}):\n"
+        f"    if {first}._depth:  # inside another command or an event: theirs to perform\n"
+        f"        return _fn({args})\n"
+        f"    return _outermost({args})\n"
+    )
+    exec(source, namespace)  # noqa: S102 - our own source text, as dataclasses does
+    return namespace["run"]
+
+
 def command(fn: F) -> F:
     """A method callers use directly: when the outermost one returns (or raises), the effects
     it decided on are performed by the scheduler's runner. Called inside :meth:`handle` or
@@ -228,10 +261,7 @@ def command(fn: F) -> F:
 
     name = fn.__name__
 
-    @functools.wraps(fn)
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._depth:  # inside another command or an event: theirs to perform
-            return fn(self, *args, **kwargs)
+    def outermost(self: Any, *args: Any, **kwargs: Any) -> Any:
         first = args[0] if args else None
         note = f"{name} {first!r:.40}" if type(first) is int or type(first) is str else name
         self.events.add(self.clock.seconds(), note)
@@ -243,4 +273,6 @@ def command(fn: F) -> F:
             if self._outbox:
                 self.runner.apply(self.take_effects())
 
+    run = _same_signature(fn, outermost)
+    functools.update_wrapper(run, fn)
     return run  # type: ignore[return-value]
