@@ -543,7 +543,7 @@ def test_node_refuses_work_from_a_server_without_the_secret(cluster, mode):
             # a protocol violation is not a credential problem: the node drops it and reconnects
             wait_for(lambda: fake.connections >= 2, START_TIMEOUT, "the node to reconnect")
             node.stop()
-        wait_for(lambda: fake.received, 5, "the fake server to finish with the first connection")
+        wait_for(lambda: fake.received, 30, "the fake server to finish with the first connection")
         sent_back = [h for h in headers_of(fake.received[0])]
         assert [h["t"] for h in sent_back] == ["hello", "error"], sent_back
         assert sent_back[1]["code"] == ("auth" if mode == "wrong-key" else "bad-frame")
