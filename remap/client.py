@@ -293,10 +293,11 @@ class JobSession:
         into the connection (which would be reported as a lost connection)."""
         if self.finished:  # already failed here: later results have nowhere to go
             return
+        indices = msg.answered
         if self._unanswered is not None:
-            self._unanswered.answered(msg.answered)
+            self._unanswered.answered(indices)
         try:
-            self._decode(msg)
+            self._decode(msg, indices)
         except Exception as exc:
             if not isinstance(exc, RemapError):  # a bug: its traceback goes to the log
                 log.failure("reading the results of job {job} failed", job=self.job_id)
@@ -338,8 +339,7 @@ class JobSession:
 
     # ------------------------------------------------------------- decoding results
 
-    def _decode(self, msg: m.Results) -> None:
-        indices = msg.answered
+    def _decode(self, msg: m.Results, indices: list[int] | range) -> None:
         errors = {e[0]: e for e in msg.errors} if msg.errors else {}  # no comprehension call
         if errors and self.first_error is None:
             pos = min(errors)
@@ -362,7 +362,7 @@ class JobSession:
                 self.events.append(("partial", len(indices) - len(errors), partial[0]))
         else:
             if msg.packed:
-                values, unreadable = _unpack(msg, errors)
+                values, unreadable = _unpack(msg, errors, len(indices))
             else:
                 values, unreadable = _load_each(msg, errors)
             if not errors:  # the common case: the batch goes on in one step
@@ -420,19 +420,20 @@ def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any],
     return values, unreadable
 
 
-def _unpack(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
-    """A packed batch: one pickle of every result; if it will not load, each becomes an error."""
+def _unpack(msg: m.Results, errors: dict[int, list[Any]], count: int) -> tuple[list[Any], set[int]]:
+    """A packed batch of ``count`` results: one pickle of every result; if it will not load,
+    each becomes an error."""
     try:
         values = pickle.loads(msg.payload)
-        if type(values) is not list or len(values) != len(msg.answered):
-            raise ValueError(f"{len(values)} results for {len(msg.answered)} arguments")
+        if type(values) is not list or len(values) != count:
+            raise ValueError(f"{len(values)} results for {count} arguments")
         return values, set()
     except Exception as exc:
         # the remote errors keep their type, message and traceback; the rest is unreadable
-        unreadable = {pos for pos in range(len(msg.answered)) if pos not in errors}
+        unreadable = {pos for pos in range(count) if pos not in errors}
         for pos in unreadable:
             errors[pos] = _unreadable_entry(pos, exc, "batch's results")
-        return [None] * len(msg.answered), unreadable
+        return [None] * count, unreadable
 
 
 class Unanswered:

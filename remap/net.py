@@ -210,6 +210,9 @@ class AuthWaiter:
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.inner.authenticated(link, event)
+        # from now on this wrapper only passes each event on (a Python call per message):
+        # the connection hands them to the handler itself
+        link.handler = self.inner
         if not self.ready.called:
             self.ready.callback(link)
 

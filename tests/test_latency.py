@@ -180,6 +180,31 @@ def test_a_core_refuses_a_malformed_command(junk: bytes) -> None:
 # ============================================================================ the reactor
 
 
+class PipeReader:
+    """A reader of one byte per event from a pipe, for the runtime's reactor; records the
+    thread it read on; ``fail``: then raises, as a bug in a handler would."""
+
+    def __init__(self, read_fd: int, fail: bool = False) -> None:
+        self.read_fd = read_fd
+        self.fail = fail
+        self.reads: queue.SimpleQueue = queue.SimpleQueue()
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        os.read(self.read_fd, 1)
+        self.reads.put(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError("a bug in a reader")
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
 def test_the_runtime_reactor_hands_a_ready_descriptor_to_its_handler_directly(
     monkeypatch,
 ) -> None:
@@ -195,31 +220,11 @@ def test_the_runtime_reactor_hands_a_ready_descriptor_to_its_handler_directly(
     monkeypatch.setattr(log, "callWithLogger", lambda *a, **k: wrapped.append(a))
     read_fd, write_fd = os.pipe()
 
-    class Reader:
-        def __init__(self, fail: bool) -> None:
-            self.fail = fail
-            self.reads: queue.SimpleQueue = queue.SimpleQueue()
-
-        def fileno(self) -> int:
-            return read_fd
-
-        def logPrefix(self) -> str:
-            return "reader"
-
-        def doRead(self) -> None:
-            os.read(read_fd, 1)
-            self.reads.put(threading.current_thread().name)
-            if self.fail:
-                raise RuntimeError("a bug in a reader")
-
-        def connectionLost(self, reason: Any) -> None:
-            pass
-
     logged: list[dict] = []
     globalLogPublisher.addObserver(logged.append)
     try:
         for fail in (False, True):
-            reader = Reader(fail)
+            reader = PipeReader(read_fd, fail)
             runtime.run(r.addReader, reader, timeout=10)
             os.write(write_fd, b"x")
             assert reader.reads.get(timeout=10) == "remap-reactor"
@@ -262,6 +267,40 @@ def test_an_error_in_the_runtime_reactors_loop_is_logged_and_the_loop_goes_on(
         globalLogPublisher.removeObserver(logged.append)
     assert raised == [1]
     assert any("a bug in a turn" in str(e.get("log_failure", "")) for e in logged)
+
+
+def test_a_turn_with_nothing_due_skips_the_timed_calls(monkeypatch) -> None:
+    """A turn woken only by a descriptor (no call from a thread, no timed call due) does not
+    run ``runUntilCurrent`` or ``timeout`` (four Python calls finding nothing to do); a timed
+    call and a thread's call still run on time."""
+    r = runtime.ensure_running()
+    runtime.run(lambda: None, timeout=10)
+    read_fd, write_fd = os.pipe()
+
+    turns = [0]
+    run_until_current = r.runUntilCurrent
+
+    def counted() -> None:
+        turns[0] += 1
+        run_until_current()
+
+    reader = PipeReader(read_fd)
+    runtime.run(r.addReader, reader, timeout=10)
+    try:
+        monkeypatch.setattr(r, "runUntilCurrent", counted)
+        runtime.run(lambda: None, timeout=10)  # the loop now calls the counting one
+        turns[0] = 0
+        for _ in range(20):
+            os.write(write_fd, b"x")
+            reader.reads.get(timeout=10)
+        assert turns[0] <= 3, turns  # the process reaper's tick may fall in
+        fired: queue.SimpleQueue = queue.SimpleQueue()
+        runtime.run(r.callLater, 0.05, fired.put, "timed", timeout=10)
+        assert fired.get(timeout=10) == "timed"
+    finally:
+        runtime.run(r.removeReader, reader, timeout=10)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def test_the_runtime_reactor_runs_what_waits_for_its_sleep_once_before_every_sleep() -> None:
