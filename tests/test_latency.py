@@ -442,3 +442,50 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
             finally:
                 runtime.run(sys.setprofile, None, timeout=10)
     assert counts["reactor"] / calls <= 60, counts["reactor"] / calls
+
+
+def _triple(x: int) -> int:
+    return 3 * x
+
+
+def _plus_one(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_lone_calls_of_many_threads_share_one_connection_with_the_reactor(tmp_path) -> None:
+    """Threads each sending their own lone calls (a job each: every call is its job's only
+    one, so each leaves from its thread) on the one connection, while the reactor writes a
+    map's large arguments on it: every frame arrives whole (the connection is never closed
+    for a garbled frame) and every result is the call's own."""
+    import functools
+
+    import remap
+    from remap.settings import Settings
+    from tests.cluster_harness import Cluster as ProcessCluster
+    from tests.cluster_harness import NodeSpec
+
+    with ProcessCluster(tmp_path, nodes=[NodeSpec(cores=2)]) as procs:
+        with remap.connect(procs.address, secret=procs.secret, settings=Settings()) as cluster:
+            errors: list[BaseException] = []
+
+            def caller(k: int) -> None:
+                fn = functools.partial(pow, k)  # a function (and a job) of this thread's own
+                try:
+                    for i in range(60):
+                        assert cluster.submit(fn, 2).result(timeout=60) == k**2, (k, i)
+                except BaseException as exc:  # reported below, on the test's thread
+                    errors.append(exc)
+
+            big = [bytes(200_000) + bytes([i]) for i in range(40)]
+            threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+            for t in threads:
+                t.start()
+            sizes = cluster.map(len, big)
+            for t in threads:
+                t.join(120)
+            assert not errors, errors[0]
+            assert sizes == [200_001] * 40
+            assert cluster.submit(_triple, 5).result(timeout=60) == 15
+            assert cluster.map(_plus_one, range(1000)) == list(range(1, 1001))
