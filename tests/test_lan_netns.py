@@ -63,7 +63,9 @@ class Net:
             {
                 "REMAP_SECRET_KEY": secret,
                 "REMAP_DISCOVERY": "on",
-                "REMAP_DISCOVERY_TIMEOUT": "6",
+                # a browse ends once a match settles (0.5 s): the bound only costs time when
+                # nothing answers, and multicast on a loaded machine may take seconds
+                "REMAP_DISCOVERY_TIMEOUT": "30",
                 "REMAP_HEARTBEAT_INTERVAL": str(HEARTBEAT),
                 "REMAP_HEARTBEAT_MISSES": str(MISSES),
                 **self.common,
