@@ -1341,7 +1341,6 @@ class ClusterClient:
     def _resume_runs(self) -> None:
         """Connected again: ask the server to take back each job this console feeds."""
         self.reconnects += 1
-        self._redialing = False
         self.error = None
         for job, run in list(self.runs.items()):
             d = self._request(run.session.resume_message)
@@ -1362,6 +1361,9 @@ class ClusterClient:
                 )
 
             d.addCallbacks(resumed, refused)
+        # only now may a calling thread send a job's arguments itself (steady_link): each
+        # job's resume request is out before any of its new arguments
+        self._redialing = False
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat()

@@ -619,3 +619,33 @@ def test_what_a_calling_thread_cannot_send_is_left_to_the_reactor() -> None:
         assert server.killed == [50] and server.args_threads == []
     finally:
         reactor.stop()
+
+
+def test_no_calling_thread_sends_before_every_jobs_resume_request_is_out() -> None:
+    """Dialled again, the client asks the server to take back each job; until the last of
+    those requests is written, the connection is not steady: a calling thread must not send
+    a job's new arguments ahead of that job's own resume request."""
+    from twisted.internet.task import Clock
+
+    from remap.client import ClusterClient
+
+    client = ClusterClient(redial=lambda: None, grace=5.0, clock=Clock())
+    seen: list[tuple[str, Any]] = []
+
+    class Link:
+        def send(self, msg: m.Message) -> None:
+            seen.append((msg.TYPE, client.steady_link()))
+
+    link = Link()
+    for job in (7, 8):
+        stream = JobStream(b"fn", JobOptions(), call_soon=lambda *call: None)
+        stream.session.submit(job, resumable=True)
+        stream.session.submitted(job, 10)
+        client.runs[job] = stream
+    client.link = link  # type: ignore[assignment]
+    client._redialing = True
+    assert client.steady_link() is None
+    client._resume_runs()
+    assert [kind for kind, _ in seen] == ["resume", "resume"]
+    assert [steady for _, steady in seen] == [None, None]
+    assert client.steady_link() is link
