@@ -21,7 +21,7 @@ from remap.errors import ConfigError
 from remap.jobfile import load_job_text
 from remap.settings import Settings
 from remap.vertex.jobspec import to_run
-from tests.cluster_harness import ROOT
+from tests.cluster_harness import ROOT, NodeSpec
 from tests.test_console_cli import console
 
 SOURCE = "jobs/j.yaml"
@@ -178,3 +178,19 @@ def test_the_api_follows_the_same_rule_for_both_kinds(base: Path, monkeypatch) -
                 assert str(info.value).startswith(says), (kind, str(info.value))
                 assert "\n" not in str(info.value)
                 assert not (base / f"{kind}-nothing").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_detached_job_over_an_empty_directory_ends_ok(
+    make_cluster: Any, base: Path, kind: str
+) -> None:
+    """``compute --detach`` (the server runs the job's driver): over an existing empty
+    directory the job ends done, ``attach`` gets a successful summary, the output is empty."""
+    c = make_cluster([NodeSpec(cores=2)], env={"REMAP_DATA_DIR": str(base / "data")})
+    (base / "job.yaml").write_text(job_text(kind, "empty/"))
+    started = c.assert_ok(c.console("compute", "job.yaml", "--detach", "--json", cwd=base))
+    job_id = json.loads(started.stdout)["job"]
+    done = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=120))
+    assert json.loads(done.stdout)["state"] in ("OK", "done"), done.stdout
+    assert_empty_output(base / "out")
