@@ -44,7 +44,11 @@ LINGER = 0.5
 IDLE_KEEP = 60.0
 KEEP_IDLE = 4
 #: a future's states, as ``concurrent.futures`` names them
-_RUNNING, _FINISHED = concurrent.futures._base.RUNNING, concurrent.futures._base.FINISHED
+_PENDING, _RUNNING, _FINISHED = (
+    concurrent.futures._base.PENDING,
+    concurrent.futures._base.RUNNING,
+    concurrent.futures._base.FINISHED,
+)
 #: the clock idle times are read from (a test moves it)
 _now = time.monotonic
 _WAKE = ("wake",)
@@ -177,7 +181,12 @@ class _SubmitStream:
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
-        if future._claimed or not future.set_running_or_notify_cancel():
+        if not future._claimed and future._state == _PENDING:
+            # what set_running_or_notify_cancel does for a pending future, without taking its
+            # condition (three Python calls an argument): nothing else changes the state of an
+            # unclaimed future (cancel claims it first, under this lock) and RUNNING wakes nobody
+            future._state = _RUNNING
+        elif future._claimed or not future.set_running_or_notify_cancel():
             future._claimed = True
             self._settled()
             return False

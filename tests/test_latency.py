@@ -109,6 +109,36 @@ def test_one_call_takes_from_the_queue_twice_and_its_result_not_at_all() -> None
     assert kind == "items" and batch[0][0] == 0
 
 
+def test_sending_a_pending_future_takes_no_lock_of_its_own() -> None:
+    """A call handed to the server becomes running without its future's condition (three
+    Python calls an argument, on the reactor or the submitting thread); a future cancelled
+    first is still dropped, and its waiters told."""
+    import concurrent.futures
+    import types
+
+    from remap.executor import RemoteFuture, _SubmitStream
+
+    class NoCondition:
+        def __enter__(self) -> None:
+            raise AssertionError("the future's condition was taken")
+
+        def __exit__(self, *exc: Any) -> None:
+            pass
+
+    settled: list[int] = []
+    stream = types.SimpleNamespace(futures={}, _settled=lambda: settled.append(1))
+    future = RemoteFuture()
+    condition, future._condition = future._condition, NoCondition()  # type: ignore[assignment]
+    assert _SubmitStream._on_send(stream, 3, future)  # type: ignore[arg-type]
+    future._condition = condition
+    assert future.running() and stream.futures == {3: future} and future._claimed
+    cancelled = RemoteFuture()
+    assert concurrent.futures.Future.cancel(cancelled)  # cancelled, its waiters not yet told
+    assert not _SubmitStream._on_send(stream, 4, cancelled)  # type: ignore[arg-type]
+    assert cancelled.cancelled() and settled == [1] and 4 not in stream.futures
+    assert concurrent.futures.wait([cancelled], timeout=1).done == {cancelled}
+
+
 # ============================================================================ node → core
 
 
