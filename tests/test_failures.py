@@ -35,8 +35,9 @@ HEARTBEAT = 1.0
 GRACE = 1.0
 #: a bound for console commands that should be quick
 QUICK = 20.0
-#: "within seconds": generous for a loaded CI machine, far below the 30 s a stuck call takes
-SOON = 8.0
+#: "within seconds": generous for a loaded CI machine (a console stalled for seconds there must
+#: not fail a test), still half the 30 s a stuck call takes
+SOON = 15.0
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -419,7 +420,7 @@ def test_job_for_an_empty_group_waits_visibly_or_gives_up(make_cluster, tmp_path
     assert "waiting for nodes in group 'gpu'" in done.stderr, c.explain(done)
     line = _one_clear_line(done.stderr)
     assert "gpu" in line, line
-    assert took < 3 * SOON, f"--wait-for-nodes 1 took {took:.1f}s to give up"
+    assert took < SOON, f"--wait-for-nodes 1 took {took:.1f}s to give up"
 
     patient = _job(tmp_path, "patient", "square", args_range=[0, 30], group="gpu")
     console = c.console_popen("compute", patient, "--json")
