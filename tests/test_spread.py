@@ -14,7 +14,7 @@ import pytest
 
 import remap
 from remap.settings import Settings
-from tests.cluster_harness import wait_for
+from tests.cluster_harness import held_until, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -31,9 +31,7 @@ def timed_call(x: int) -> tuple[int, int, float, float]:
 def start_and_hold(where: str, x: int, release: str) -> int:
     """Say "started" with a file, then hold the core until ``release`` exists (a minute at most)."""
     Path(where, f"started-{x}").touch()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    held_until(release, 1)
     return os.getpid()
 
 
