@@ -34,6 +34,20 @@ from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 START_TIMEOUT = 120.0
 STATUS_INTERVAL = 1.0  # seconds between asking the server how many worker calls still run
 CHECK_INTERVAL = 0.05  # seconds between liveness checks while the driver waits at a barrier
+#: the share of the shorter of the last two supersteps a barrier wait sleeps through before its
+#: fine polls (a superstep much shorter than those two is noticed at most that much later)
+QUIET_SHARE = 0.75
+
+
+def quiet_for(durations: list[float]) -> float:
+    """Seconds from a superstep's command before the driver starts polling for its acks.
+
+    Each fine poll (a wake-up every 0.5–5 ms) takes a CPU from a worker for a moment, and
+    with one worker per CPU the slowest worker sets every barrier's time: supersteps of a
+    job take much the same time, so the driver sleeps through most of the expected one."""
+    if len(durations) < 2:
+        return 0.0
+    return QUIET_SHARE * min(durations[-2:])
 
 
 @dataclass(frozen=True)
@@ -259,15 +273,18 @@ class Driver:
         write_pickle(self.layout.command(cmd.seq), cmd)
         return cmd
 
-    def _await(self, cmd: Command) -> list[dict[str, Any]]:
+    def _await(self, cmd: Command, quiet: float = 0.0) -> list[dict[str, Any]]:
         """Every member's ack of ``cmd``. A poll is one stat per missing ack; the liveness
         checks (a directory scan, the server's list of calls) run every CHECK_INTERVAL: the
-        driver shares the CPUs with the workers, and each of its wake-ups takes one from them."""
+        driver shares the CPUs with the workers, and each of its wake-ups takes one from them.
+        For ``quiet`` seconds (most of the time the barrier is expected to take) it wakes
+        only for those checks; the fine polls start after (see :func:`quiet_for`)."""
         waiting = dict(self.members)
         paths = {slot: str(self.layout.ack(cmd.seq, slot)) for slot in waiting}
         acks: list[dict[str, Any]] = []
         delay = POLL_MIN
         checked = time.monotonic()
+        quiet_until = checked + quiet
         while waiting:
             for slot in list(waiting):
                 if os.path.exists(paths[slot]):
@@ -281,6 +298,9 @@ class Driver:
                 if now - checked >= CHECK_INTERVAL:
                     checked = now
                     self._check()
+                if now < quiet_until:
+                    time.sleep(min(CHECK_INTERVAL, quiet_until - now))
+                    continue
                 time.sleep(delay)
                 delay = min(POLL_MAX, delay * 2)
         for ack in acks:
@@ -434,9 +454,13 @@ class Driver:
         """
         cfg = self.config
         cmd = self._issue_step()
+        issued = time.monotonic()
+        durations: list[float] = []  # issue to last ack, per superstep so far
         while True:
             step, take, old = cmd.superstep, cmd.checkpoint, self.checkpoint
-            acks = self._await(cmd)
+            quiet = issued + quiet_for(durations) - time.monotonic()
+            acks = self._await(cmd, quiet)
+            durations.append(time.monotonic() - issued)
             report = self._tally(step, acks)
             self.history[step + 1] = (report.vertices, report.aggregates)
             self.step = step + 1
@@ -445,6 +469,7 @@ class Driver:
             done = (report.active == 0 and report.delivered == 0) or self.step >= cfg.max_supersteps
             if not done:
                 cmd = self._issue_step()
+                issued = time.monotonic()
             if take and old is not None:
                 remove_tree(self.layout.checkpoint(old))
             self._publish(report)
