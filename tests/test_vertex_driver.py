@@ -506,3 +506,24 @@ def test_the_driver_sleeps_through_most_of_a_superstep_instead_of_polling(
     # knows how long one takes
     later = sorted(polls[seq] for seq in range(4, 12))
     assert later[len(later) // 2] <= 50, polls
+
+
+def test_the_loaded_partitions_are_kept_out_of_the_collectors_reach_until_the_end(tmp_path: Path):
+    """The containers a load builds are frozen (``gc.freeze``) when it ends: the collections
+    after it visited each of them once per generation, a pass over all the memory a partition
+    holds, to free nothing. The worker unfreezes when it returns (its core runs other jobs)."""
+    graph_input(tmp_path)
+    frozen: list[int] = []
+    base = example("propagate_max")
+
+    def compute(ctx, vid, value, messages):
+        if len(frozen) == ctx.superstep:  # once a superstep (the count walks a list)
+            frozen.append(gc.get_freeze_count())
+        return base.compute(ctx, vid, value, messages)
+
+    program = dataclasses.replace(base, compute=compute)
+    before = gc.get_freeze_count()
+    _, result, _ = run_threads(program, tmp_path, 1)
+    # every vertex's id, value and edge list was built by the load: all of them frozen
+    assert min(frozen) >= before + result.vertices, (min(frozen), result.vertices)
+    assert gc.get_freeze_count() == 0
