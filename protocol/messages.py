@@ -125,14 +125,39 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
         "_NAMES": frozenset(f for f, _, _ in specs),
     }
     fields = [f for f, _, _ in specs]
-    header = ", ".join([f"'t': {name!r}", *(f"{f!r}: msg.{f}" for f in fields)])
+    # the fields before the first optional one go in the dict display; the rest in order
+    leading = 0
+    while leading < len(specs) and specs[leading][2] is _MISSING:
+        leading += 1
+    header = ", ".join([f"'t': {name!r}", *(f"{f!r}: msg.{f}" for f in fields[:leading])])
     has_payload = "payload" in cls.__dataclass_fields__
     payload = "msg.payload" if has_payload else "b''"
     encoder = [
         "def encode(msg):",
         "    packer = getattr(_THREAD, 'packer', None) or _new_packer()",
-        f"    return packer.pack({{{header}}}), {payload}",
+        f"    header = {{{header}}}",
     ]
+    # a field at its default is left out (the spec: optional fields may be omitted and take
+    # their defaults): fewer keys to pack here and, above all, to unpack, intern and check on
+    # the other side (``result`` carried five such fields on every call, ``results`` six)
+    for field_name, _, default in specs[leading:]:
+        if default is _MISSING:
+            encoder.append(f"    header[{field_name!r}] = msg.{field_name}")
+            continue
+        if default in (list, dict):
+            test = "v"
+        elif callable(default):
+            test = f"v != _default_{field_name}()"
+        elif default is None or type(default) is bool:
+            test = f"v is not {default!r}"
+        else:
+            test = f"v != _default_{field_name}"
+        encoder += [
+            f"    v = msg.{field_name}",
+            f"    if {test}:",
+            f"        header[{field_name!r}] = v",
+        ]
+    encoder.append(f"    return packer.pack(header), {payload}")
     decoder = ["def decode(data, payload):", "    found = 0"]
     for field_name, check, default in specs:
         namespace[f"_check_{field_name}"] = check
