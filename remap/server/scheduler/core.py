@@ -48,6 +48,7 @@ from .effects import (
     Timer,
     TimerFired,
     command,
+    new_send,
 )
 from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
 from .recovery import Recovery
@@ -198,7 +199,7 @@ class Scheduler(NodeAnswers, Recovery):
         return out
 
     def _send(self, link: Any, msg: m.Message) -> None:
-        self._outbox.append(Send(link, msg))
+        self._outbox.append(new_send(Send, (link, msg)))
 
     def _start_timer(self, kind: str, delay: float, job: int = 0, note: str = "") -> Timer:
         timer = Timer(kind, job, next(self._timer_serials))

@@ -13,7 +13,7 @@ import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from twisted.logger import Logger
 
@@ -85,10 +85,15 @@ Event = NodeJoined | NodeLost | NodeSaid | ConsoleSaid | ConsoleLost | TimerFire
 # (not frozen: one is made per message sent, and a frozen dataclass is slower to build)
 
 
-@dataclass(slots=True)
-class Send:
+class Send(NamedTuple):
+    """Send ``msg`` on ``link``: a tuple, built with ``tuple.__new__`` (a C call) by the
+    scheduler, two or three per single call (a dataclass's ``__init__`` is a Python call)."""
+
     link: Any
     msg: m.Message
+
+
+new_send = tuple.__new__
 
 
 @dataclass(slots=True)
