@@ -131,11 +131,15 @@ class RemoteFuture(concurrent.futures.Future):
 
 
 def _wake_waiters(future: RemoteFuture) -> None:
-    """What ``Future.set_result`` does after setting the state: wake whoever waits."""
-    with future._condition:
+    """What ``Future.set_result`` does after setting the state: wake whoever waits.
+
+    Holds the condition's own lock (a C lock) rather than entering the condition, whose
+    ``__enter__``/``__exit__`` and ``notify_all`` are Python functions: four calls a result."""
+    condition = future._condition
+    with condition._lock:  # type: ignore[attr-defined]
         for waiter in future._waiters:
             waiter.add_result(future)
-        future._condition.notify_all()
+        condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
 
 
 class _SubmitStream:
@@ -215,8 +219,9 @@ class _SubmitStream:
             if future is None or error is not None:
                 rest.append(item)
                 continue
-            condition = future._condition
-            with condition:  # Future.set_result's work, under the one hold that looked
+            # Future.set_result's work, under the one hold that looked (the condition's own
+            # lock: see _wake_waiters)
+            with future._condition._lock:  # type: ignore[attr-defined]
                 if future._done_callbacks or future._state != _RUNNING:
                     rest.append(item)
                     continue

@@ -139,6 +139,37 @@ def test_sending_a_pending_future_takes_no_lock_of_its_own() -> None:
     assert concurrent.futures.wait([cancelled], timeout=1).done == {cancelled}
 
 
+def test_a_result_is_set_and_its_waiter_woken_without_entering_the_condition() -> None:
+    """The reactor sets a future's result and wakes its waiters holding the condition's own
+    lock: entering the condition and ``notify_all`` are four Python calls a result."""
+    import threading as threads
+    import types
+
+    from remap.executor import RemoteFuture, _SubmitStream
+
+    class Watched(threads.Condition):
+        entered_by: list[str] = []
+
+        def __enter__(self) -> bool:
+            Watched.entered_by.append(threads.current_thread().name)
+            return super().__enter__()
+
+    future = RemoteFuture()
+    future._condition = Watched(future._condition._lock)  # type: ignore[attr-defined]
+    future._state = "RUNNING"
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    waiter = threads.Thread(target=lambda: got.put(future.result(timeout=30)), name="waiter")
+    waiter.start()
+    job = types.SimpleNamespace(lock=threads.Lock())
+    stream = types.SimpleNamespace(
+        futures={3: future}, job=job, wake_later=None, _settled=lambda: None
+    )
+    assert _SubmitStream._resolve_now(stream, [(3, 42, None)]) == []  # type: ignore[arg-type]
+    assert got.get(timeout=30) == 42
+    waiter.join(30)
+    assert set(Watched.entered_by) <= {"waiter"}  # only the waiter's own result() entered it
+
+
 # ============================================================================ node → core
 
 
