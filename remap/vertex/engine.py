@@ -651,19 +651,21 @@ class Partition:
             for vid, value in values.items():
                 add(vid, value, targets[vid], weights.get(vid))
             return
-        # one pass over their records, in their order (a new id is appended, as add would)
+        # one pass over their records, in their order (a new id is appended, as add would);
+        # values and targets hold the same ids in the same order (add appends to both), so
+        # no id is looked up in theirs, and ours only when theirs has a value to give
         mine, own_targets = self.values, self.targets
         held = own_targets.get
-        for vid, edges in targets.items():
+        for (vid, value), edges in zip(values.items(), targets.values()):
             old = held(vid)
             if old is None:
-                mine[vid] = values[vid]
+                mine[vid] = value
                 own_targets[vid] = edges
                 continue
             if edges:
                 old.extend(edges)
-            if mine[vid] is None:
-                mine[vid] = values[vid]
+            if value is not None and mine[vid] is None:
+                mine[vid] = value
 
     def route(self, vid: Any) -> tuple[tuple[int, list[Any]], ...]:
         """``vid``'s out-edges as (destination partition, targets) groups, kept for later
