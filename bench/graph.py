@@ -146,6 +146,21 @@ def worker_cpu(run: dict[str, Any]) -> float:
     )
 
 
+def split_cost(one: dict[str, Any], two: dict[str, Any]) -> str:
+    """Per phase, the busier of 2 workers' CPU s against half of 1 worker's: the same work
+    split in two, so what is over 1.00x is work only a split does (partitioning records, the
+    merge) or the cost of running both at once on the machine's CPUs (shared core resources,
+    cache, memory; other load)."""
+    (alone,) = one["phases"].values()
+    parts = []
+    for phase in ("read", "compute"):
+        half = alone.get(phase, [0.0, 0.0])[1] / 2
+        busier = max(t.get(phase, [0.0, 0.0])[1] for t in two["phases"].values())
+        if half > 0:
+            parts.append(f"{phase} {busier:.2f}/{half:.2f} = {busier / half:.2f}x")
+    return ", ".join(parts)
+
+
 def ranks_of(out: Path) -> dict[int, float]:
     ranks = {}
     for path in out.glob("part-*"):
@@ -253,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(median {statistics.median(by_round):.2f}x); by the workers' CPU s (1 worker's / "
             f"the busier of 2, waits left out): {', '.join(f'{r:.2f}x' for r in projected)} "
             f"(median {statistics.median(projected):.2f}x)"
+        )
+        print(
+            "the busier of 2 workers' CPU s against half of 1 worker's, by round: "
+            + "; ".join(split_cost(rd[0], rd[1]) for rd in rounds)
         )
         # on a shared machine wall time is noise; CPU time says what an idle one would do
         cpu_ratio = 2 * runs[0]["cpu"] / runs[1]["cpu"]
