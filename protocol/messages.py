@@ -51,6 +51,9 @@ class Message:
     #: where the message travels: "wire" (a network connection), "pipe" (a node and its
     #: core processes) or "both"; a message is refused (as unknown) on the other channel
     CHANNEL: ClassVar[str] = "wire"
+    #: ``cls.make(**fields)``: ``cls(**fields)`` without ``__init__`` (see :func:`_maker`);
+    #: messages whose own rules judge their values (``__post_init__``) have none
+    make: ClassVar[Any]
     payload: bytes
 
 
@@ -96,7 +99,34 @@ def message(cls):
     _REGISTRY[cls.TYPE] = cls
     _FIELDS[cls] = tuple(specs)
     _ENCODERS[cls], _DECODERS[cls] = _codecs(cls, tuple(specs), inline)
+    if not hasattr(cls, "__post_init__"):
+        cls.make = staticmethod(_maker(cls))
     return cls
+
+
+def _maker(cls: type) -> Any:
+    """Generate ``cls.make(**fields)``: the message ``cls(**fields)`` builds, made as the
+    decoders make theirs (``object.__new__``, each slot set directly): no ``type.__call__`` to
+    ``__init__`` and no ``object.__setattr__`` per field of a frozen dataclass, for the
+    messages built on every call (``task``, ``results``, ``core_run``). Keywords only."""
+    namespace: dict[str, Any] = {"_cls": cls, "_new": object.__new__, "_MISSING": _MISSING}
+    params, body = [], ["    msg = _new(_cls)"]
+    for i, f in enumerate(dataclasses.fields(cls)):
+        namespace[f"_set{i}"] = cls.__dict__[f.name].__set__
+        if f.default_factory is not _MISSING:
+            namespace[f"_factory{i}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+            body.append(f"    _set{i}(msg, _factory{i}() if {f.name} is _MISSING else {f.name})")
+            continue
+        if f.default is not _MISSING:
+            namespace[f"_default{i}"] = f.default
+            params.append(f"{f.name}=_default{i}")
+        else:
+            params.append(f.name)
+        body.append(f"    _set{i}(msg, {f.name})")
+    source = "\n".join([f"def make(*, {', '.join(params)}):", *body, "    return msg"])
+    exec(source, namespace)  # noqa: S102 - our own source text, as dataclasses does
+    return namespace["make"]
 
 
 #: per class: msg → header bytes, and (header map without "t", payload) → msg; generated
@@ -485,7 +515,7 @@ class CoreRun(Message):
     @classmethod
     def of(cls, task: Task, *, reduce: bool) -> CoreRun:
         """The command that runs the server's ``task`` on a core."""
-        return cls(
+        return cls.make(
             task=task.task,
             job=task.job,
             sizes=task.sizes,
@@ -606,8 +636,8 @@ class Results(Message):
     def of(cls, job: int, indices: list[int] | range, **fields: Any) -> Results:
         """Results for ``indices``: a run ``range(a, b)`` as ``start``/``count``."""
         if type(indices) is range and indices.step == 1 and len(indices):
-            return cls(job=job, start=indices.start, count=len(indices), **fields)
-        return cls(job=job, indices=list(indices), **fields)
+            return cls.make(job=job, start=indices.start, count=len(indices), **fields)
+        return cls.make(job=job, indices=list(indices), **fields)
 
 
 @message

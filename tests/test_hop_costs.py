@@ -481,3 +481,34 @@ def test_a_core_result_leaves_the_node_as_the_core_framed_it() -> None:
     assert sent == [(frame.header, frame.payload)]
     assert "messages.py:encode" not in entered_functions
     assert server.receive_data(b"".join(node.data_to_send())) == [MessageReceived(result)]
+
+
+def test_a_message_made_without_init_equals_the_one_init_makes() -> None:
+    """``make`` sets the slots directly (no ``__init__``, no ``object.__setattr__`` per field):
+    the same message for every example of the catalogue, defaults filled (a fresh list each
+    time), unknown or missing fields refused as ``__init__`` refuses them; messages with rules of
+    their own (``__post_init__``) keep ``__init__`` only."""
+    import dataclasses
+
+    from tests.test_messages import EXAMPLES
+
+    made = 0
+    for msg in EXAMPLES.values():
+        cls = type(msg)
+        if hasattr(cls, "__post_init__"):
+            assert "make" not in cls.__dict__
+            continue
+        fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+        assert cls.make(**fields) == msg
+        made += 1
+    assert made >= 30
+    a, b = m.Task.make(task=1, job=2, sizes=[3]), m.Task.make(task=1, job=2, sizes=[3])
+    assert a == m.Task(task=1, job=2, sizes=[3]) and a.groups == [] and a.groups is not b.groups
+    with pytest.raises(TypeError):
+        m.Task.make(task=1, job=2, sizes=[3], nonsense=1)
+    with pytest.raises(TypeError):
+        m.Task.make(task=1, job=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.task = 5  # type: ignore[misc]
+    python, _ = entered(lambda: m.Task.make(task=1, job=2, sizes=[3], payload=b"x"))
+    assert python == 1, python  # make itself: no __init__

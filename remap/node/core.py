@@ -335,7 +335,7 @@ class Core:
         out = self.output.take()
         if len(out) > MAX_OUTPUT:
             out = out[:MAX_OUTPUT] + f"\n... ({len(out) - MAX_OUTPUT} more characters cut)"
-        return m.TaskResult(
+        return m.TaskResult.make(
             task=cmd.task,
             sizes=[len(b) for b in blobs],
             errors=errors,

@@ -790,9 +790,9 @@ class Scheduler(NodeAnswers, Recovery):
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
         if seg.groups is None:
-            msg = m.Task(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
+            msg = m.Task.make(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
         else:
-            msg = m.Task(
+            msg = m.Task.make(
                 task=task.id,
                 job=job.id,
                 sizes=seg.sizes,
