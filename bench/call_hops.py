@@ -70,10 +70,12 @@ def _wrap_node() -> None:
 
 
 def _wrap_console() -> None:
-    from remap import api, client
+    from remap import api, client, wire
     from remap import executor as ex
 
     _wrap(api.JobStream, "_wake", "reactor: the stream woken")
+    # a lone call to a server: its arguments leave from the calling thread instead
+    _wrap(wire.PeerProtocol, "send_from_thread", "caller: writes its args")
     _wrap(client.JobStream, "results", "console: results")
     _wrap(ex._SubmitStream, "_resolve_now", "console: future resolved")
 
