@@ -130,15 +130,12 @@ class RemoteFuture(concurrent.futures.Future):
         return True
 
 
-def _wake_waiters(future: RemoteFuture) -> None:
-    """What ``Future.set_result`` does after setting the state: wake whoever waits.
+def _notify(condition: threading.Condition) -> None:
+    """``notify_all`` from outside the condition: wake the threads in ``result()``.
 
     Holds the condition's own lock (a C lock) rather than entering the condition, whose
-    ``__enter__``/``__exit__`` and ``notify_all`` are Python functions: four calls a result."""
-    condition = future._condition
+    ``__enter__``/``__exit__`` and ``notify_all`` are Python functions."""
     with condition._lock:  # type: ignore[attr-defined]
-        for waiter in future._waiters:
-            waiter.add_result(future)
         condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
 
 
@@ -220,7 +217,7 @@ class _SubmitStream:
                 rest.append(item)
                 continue
             # Future.set_result's work, under the one hold that looked (the condition's own
-            # lock: see _wake_waiters)
+            # lock: see _notify)
             with future._condition._lock:  # type: ignore[attr-defined]
                 if future._done_callbacks or future._state != _RUNNING:
                     rest.append(item)
@@ -228,10 +225,15 @@ class _SubmitStream:
                 del self.futures[index]
                 future._result = result
                 future._state = _FINISHED
+                # wait()/as_completed() waiters hear of it with the state, as set_result
+                # does (one that saw FINISHED must never get the future again)
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+                condition = future._condition
                 if self.wake_later is None:
-                    _wake_waiters(future)
-                else:  # the caller wakes as the reactor sleeps: it finds the GIL free
-                    self.wake_later.append(functools.partial(_wake_waiters, future))
+                    condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
+                else:  # a thread in result() wakes as the reactor sleeps: the GIL is free
+                    self.wake_later.append(functools.partial(_notify, condition))
             with self.job.lock:
                 self._settled()
         return rest

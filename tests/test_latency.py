@@ -170,6 +170,37 @@ def test_a_result_is_set_and_its_waiter_woken_without_entering_the_condition() -
     assert set(Watched.entered_by) <= {"waiter"}  # only the waiter's own result() entered it
 
 
+def test_a_waiter_that_saw_the_result_never_gets_it_again() -> None:
+    """Waking a thread in ``result()`` waits for the reactor's sleep, but ``wait()`` and
+    ``as_completed()`` waiters hear of a result with its state, as ``set_result`` does: one
+    installed after it saw the future finished (as_completed yields it at once) is never
+    handed it again (as_completed would yield it twice and fail)."""
+    import concurrent.futures
+    import threading as threads
+    import types
+
+    from remap.executor import RemoteFuture, _SubmitStream
+
+    hooks: list[Any] = []
+    future = RemoteFuture()
+    future._state = "RUNNING"
+    stream = types.SimpleNamespace(
+        futures={3: future},
+        job=types.SimpleNamespace(lock=threads.Lock()),
+        wake_later=hooks,
+        _settled=lambda: None,
+    )
+    assert _SubmitStream._resolve_now(stream, [(3, 42, None)]) == []  # type: ignore[arg-type]
+    assert future.done() and hooks, "the result is set; the wake-up waits for the sleep"
+    late = concurrent.futures._base._AsCompletedWaiter()
+    with future._condition:
+        future._waiters.append(late)  # as as_completed installs it, having seen FINISHED
+    for hook in hooks:
+        hook()
+    assert late.finished_futures == []
+    assert future.result(timeout=0) == 42
+
+
 # ============================================================================ node → core
 
 
