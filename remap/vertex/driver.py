@@ -50,6 +50,19 @@ def quiet_for(durations: list[float]) -> float:
     return QUIET_SHARE * min(durations[-2:])
 
 
+def busy_for(acks: list[dict[str, Any]]) -> float:
+    """The wall seconds the slowest worker spent on its command (its phases but the wait
+    before it): what a superstep took, not counting how late the driver looked (a duration
+    that counted the driver's sleep would keep it sleeping long after supersteps got short)."""
+    return max(
+        (
+            sum(wall for phase, (wall, _) in ack.get("times", {}).items() if phase != "wait")
+            for ack in acks
+        ),
+        default=0.0,
+    )
+
+
 @dataclass(frozen=True)
 class VertexConfig:
     """What a vertex job needs besides its program: the YAML keys, resolved."""
@@ -455,12 +468,12 @@ class Driver:
         cfg = self.config
         cmd = self._issue_step()
         issued = time.monotonic()
-        durations: list[float] = []  # issue to last ack, per superstep so far
+        durations: list[float] = []  # the slowest worker's busy time, per superstep so far
         while True:
             step, take, old = cmd.superstep, cmd.checkpoint, self.checkpoint
             quiet = issued + quiet_for(durations) - time.monotonic()
             acks = self._await(cmd, quiet)
-            durations.append(time.monotonic() - issued)
+            durations.append(busy_for(acks))
             report = self._tally(step, acks)
             self.history[step + 1] = (report.vertices, report.aggregates)
             self.step = step + 1
