@@ -316,7 +316,8 @@ class Worker:
         worker's own, then spilled and freed: its vertices' objects end up strewn over twice
         the memory, and every superstep pays for it (two workers' halves made the same calls
         as one whole partition, 15-30 % slower). Built again once the old objects are gone,
-        they lie in order in fresh memory (supersteps 7-11 % cheaper for ~0.1 s here)."""
+        they lie in order in fresh memory (supersteps 7-12 % cheaper, for 0.16 s of merge
+        per worker on 10^6 edges)."""
         blobs = {p: pickle.dumps(part.pieces(), PICKLE_PROTOCOL) for p, part in self.parts.items()}
         for p in blobs:
             old = self.parts[p]
