@@ -543,21 +543,13 @@ class PeerProtocol(Protocol):
                 data += encode_frame(*m.encode(msg))
             if not data:
                 return True
-            total = sum(map(len, data))
-            self.traffic.sent += total
-            try:
-                sent = (
-                    sending.sock.sendmsg(data)
-                    if total > SCATTER_MIN
-                    else sending.sock.send(b"".join(data))
-                )
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # the connection is going: the reactor finds out and says so
-                return True
-            if sent < total:
-                sending.parts.extend(unsent(data, sent))
+            self.traffic.sent += sum(map(len, data))
+
+            def later(rest: list[bytes | memoryview]) -> None:
+                sending.parts.extend(rest)
                 call_soon(sending.resume)
+
+            write_now(transport, sending.sock, data, later)
             return True
 
     # ---------------------------------------------------------------- timers
