@@ -3,6 +3,7 @@
     python bench/call_hops.py [CALLS]            # the embedded cluster
     python bench/call_hops.py --procs [CALLS]    # a server and a node process, over TCP
     CALL_HOPS_CPROFILE=/tmp/hops python bench/call_hops.py --procs   # + cProfile of both
+    CALL_HOPS_OPCODES=/tmp/ops python bench/call_hops.py --procs    # + bytecodes per function
 
 Wraps a few of remap's methods to timestamp each hop (caller → reactor → scheduler → node →
 core pipe → the function in the core → back) and prints the median time of each, from the
@@ -12,7 +13,9 @@ with the same wrappers, marks written at exit); every process reads the same mon
 so a mark is given to the call whose submit and return enclose it. A measuring aid: the
 wrappers themselves cost ~1 µs each. With ``--procs`` the Python functions entered per call
 are also counted in the server's and the node's main thread (over up to 200 calls, after the
-timed ones); ``CALL_HOPS_CPROFILE`` profiles the same calls there instead of counting.
+timed ones); ``CALL_HOPS_CPROFILE`` profiles the same calls there instead of counting, and
+``CALL_HOPS_OPCODES`` counts the bytecodes each function executes (``PREFIX.ROLE.txt``, the
+busiest first): a cost measure that cProfile's per-call overhead does not distort.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def _count_on_signals(role: str, marks_file: str) -> None:
     import signal
 
     count = [0]
+    opcodes: dict[str, int] = {}
+    op_prefix = os.environ.get("CALL_HOPS_OPCODES")
     prefix = os.environ.get("CALL_HOPS_CPROFILE")
     profiler: Any = None
     if prefix:
@@ -104,10 +109,22 @@ def _count_on_signals(role: str, marks_file: str) -> None:
         if event == "call":
             count[0] += 1
 
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        key = f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            opcodes[key] = opcodes.get(key, 0) + 1
+        return trace
+
     def start(*_: Any) -> None:
         count[0] = 0
         if profiler is not None:
             profiler.enable()
+        elif op_prefix:
+            opcodes.clear()
+            sys.settrace(trace)
         else:
             sys.setprofile(profile)
         Path(f"{marks_file}.counting").write_text("1")
@@ -116,6 +133,10 @@ def _count_on_signals(role: str, marks_file: str) -> None:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(f"{prefix}.{role}.prof")
+        elif op_prefix:
+            sys.settrace(None)
+            rows = sorted(opcodes.items(), key=lambda kv: -kv[1])
+            Path(f"{op_prefix}.{role}.txt").write_text("".join(f"{n} {k}\n" for k, n in rows))
         else:
             sys.setprofile(None)
         Path(f"{marks_file}.calls").write_text(str(count[0]))
