@@ -383,6 +383,9 @@ def main(argv: list[str]) -> None:
     for name, seconds in CPU.items():
         print(f"CPU per call: {seconds * 1e6:6.1f} µs  {name}")
     for name, count in PY_CALLS.items():
+        if "process" in name and os.environ.get("CALL_HOPS_OPCODES"):
+            print(f"bytecodes per function, all calls: {os.environ['CALL_HOPS_OPCODES']}.*.txt")
+            break
         print(f"Python function calls per call: {count:6.1f}  {name}")
     print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
