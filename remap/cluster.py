@@ -3,7 +3,6 @@ the server and the node side; clients that dial a remote cluster never load it."
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import secrets
@@ -22,7 +21,7 @@ from .client import ClusterClient
 from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ConfigError, ServerUnreachable
-from .local import connect_local, deliver_now, in_one_turn
+from .local import connect_local, in_one_turn
 from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
@@ -292,7 +291,7 @@ class EmbeddedCluster:
         self.server = await start_server(self.reactor, self.settings, secret=self.secret)
         pool = CorePool(self.reactor, self.cores, lambda r: None, lambda r: None)
         agent = NodeAgent(pool)
-        pool.after_read = functools.partial(deliver_now, self.reactor)
+        pool.read_turn = self.in_one_turn
         self.node = NodeService(pool, agent, None)
         self.node.startService()
         link = connect_local(self.reactor, self.server.factory, agent, "node", agent.host)

@@ -60,7 +60,7 @@ class _DeliveryLoop:
                 self._call = self.reactor.callLater(0, self.run)
 
     def run_now(self) -> None:
-        """Deliver now what waits for the next turn (see :func:`deliver_now`).
+        """Deliver now what waits for the next turn (see :func:`in_one_turn`).
 
         A handler's error is logged, as the reactor logs one from a turn of its own: it must
         not escape into whoever called (a core's pipe reader would take it for a broken pipe).
@@ -95,25 +95,14 @@ def _loop_of(reactor: Any) -> _DeliveryLoop:
     return loop
 
 
-def deliver_now(reactor: Any) -> None:
-    """Deliver what the links of ``reactor`` hold now instead of on the next reactor turn.
-
-    Only for a caller at the top of a reactor callback, where no handler is mid-call (a
-    core's pipe was just read): nothing is re-entered, and a result goes on to the server and
-    the console in the turn that read it, not one turn (an ``epoll_wait`` and the reactor's
-    timer bookkeeping) later.
-    """
-    loop = _loops.get(reactor)
-    if loop is not None:
-        loop.run_now()
-
-
 def in_one_turn(reactor: Any) -> Callable[..., None]:
     """``run(fn, *args)``: call ``fn`` and deliver the messages it sent on in-process links
-    when it returns, as :func:`deliver_now` does, without putting a timed call on the reactor
-    for them meanwhile. For calls from other threads (each starts at the top of a reactor
-    turn): a submit's arguments reach the server and its task the core in the turn that took
-    them, with no timed call made and run for it (~9 Python calls of Twisted's)."""
+    when it returns, without putting a timed call on the reactor for them meanwhile (one booked
+    before is cancelled: its messages go now). Only at the top of a reactor turn, where no
+    handler is mid-call: for calls from other threads (a submit's arguments reach the server
+    and its task the core in the turn that took them) and for a core's answers read from its
+    pipe (the result reaches the server and the console in the turn that read it). Twisted's
+    timed-call machinery costs ~330 bytecodes per booked and cancelled turn."""
     loop = _loop_of(reactor)
 
     def run(fn: Callable[..., Any], *args: Any) -> None:

@@ -97,56 +97,39 @@ def test_a_chain_of_hops_is_delivered_on_one_turn() -> None:
     assert turns == [0], "the answer took a reactor turn of its own"
 
 
-def test_deliver_now_saves_the_turn_and_cancels_it() -> None:
-    """A core's answer read at the top of a reactor callback goes on in that turn: what waits
-    is delivered by ``deliver_now`` and the turn it was waiting for is never taken."""
-    from remap.local import deliver_now
+def test_in_one_turn_delivers_what_a_booked_turn_waited_for_and_cancels_it() -> None:
+    """What was sent before (a turn booked for it) goes when ``in_one_turn``'s call returns,
+    answers included; the booked turn is cancelled, never taken."""
+    from remap.local import in_one_turn
 
     clock = Clock()
     a, b, ha, hb = pair(clock)
     a.send(m.Heartbeat(busy=0))  # b answers from inside the delivery: same run, no new turn
     assert clock.getDelayedCalls(), "a turn is booked"
-    deliver_now(clock)
+    in_one_turn(clock)(lambda: None)
     assert [type(x) for x in hb.got] == [m.Heartbeat]
     assert [type(x) for x in ha.got] == [m.Heartbeat]
     assert clock.getDelayedCalls() == [], "the booked turn was cancelled"
-    deliver_now(clock)  # nothing waits: nothing happens
+    in_one_turn(clock)(lambda: None)  # nothing waits: nothing happens
     clock.advance(0)
     assert len(hb.got) == 1 and len(ha.got) == 1
 
 
-def test_deliver_now_inside_a_delivery_waits_for_the_turn() -> None:
-    """Called from a handler (it must not be), it re-enters nothing: the loop is running."""
-    from remap.local import deliver_now
-
-    clock = Clock()
-    a, b, ha, hb = pair(clock)
-    seen: list[int] = []
-
-    class Nested(Recorder):
-        def message_received(self, link: LocalLink, msg: m.Message) -> None:
-            super().message_received(link, msg)
-            link.send(m.StatusRequest(id=len(self.got)))
-            deliver_now(clock)
-            seen.append(ha.max_depth)
-
-    b.handler = Nested("b")
-    a.send(m.Heartbeat(busy=1))
-    clock.advance(0)
-    assert ha.max_depth == 1 and seen == [0]
-    assert [type(x) for x in ha.got] == [m.StatusRequest]
-
-
 def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
-    """The node reads a core's pipe, hands the answer to the pool, then calls ``after_read``
-    (the embedded cluster's :func:`deliver_now`), in that order."""
+    """The node hands the answers it read from a core's pipe to the pool inside ``read_turn``
+    (the embedded cluster's :func:`in_one_turn`: what they send goes on when it returns)."""
     from protocol.framing import encode_frame
     from remap.node.cores import OUT_FD, CoreProcess
 
     calls: list[str] = []
 
+    def turn(handle: Any, frames: Any) -> None:
+        calls.append("turn")
+        handle(frames)
+        calls.append("turn ends")
+
     class Pool:
-        after_read = staticmethod(lambda: calls.append("after_read"))
+        read_turn = staticmethod(turn)
 
         def _core_message(self, core: Any, msg: m.Message, frame: Any = None) -> None:
             calls.append(type(msg).__name__)
@@ -155,7 +138,7 @@ def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
     try:
         frames = [b"".join(encode_frame(*m.encode(m.CoreReady(pid=i)))) for i in (1, 2)]
         core.childDataReceived(OUT_FD, b"".join(frames))
-        assert calls == ["CoreReady", "CoreReady", "after_read"]
+        assert calls == ["turn", "CoreReady", "CoreReady", "turn ends"]
     finally:
         core.shm.close()
         import os
@@ -163,12 +146,12 @@ def test_a_core_answer_is_handed_on_in_the_turn_that_read_it() -> None:
         os.close(core.shm_fd)
 
 
-def test_a_handler_error_during_deliver_now_is_logged_not_raised() -> None:
-    """deliver_now runs inside a core's pipe reader: an error there would look like a broken
-    pipe. It is logged (as the reactor logs a failed turn) and what follows still arrives."""
+def test_a_handler_error_during_in_one_turn_is_logged_not_raised() -> None:
+    """``in_one_turn`` runs inside a core's pipe reader: an error there would look like a
+    broken pipe. It is logged (as the reactor logs a failed turn) and what follows arrives."""
     from twisted.logger import globalLogPublisher
 
-    from remap.local import deliver_now
+    from remap.local import in_one_turn
 
     clock = Clock()
     a, b, ha, hb = pair(clock)
@@ -185,7 +168,7 @@ def test_a_handler_error_during_deliver_now_is_logged_not_raised() -> None:
     try:
         a.send(m.StatusRequest(id=0))
         a.send(m.StatusRequest(id=1))
-        deliver_now(clock)  # does not raise
+        in_one_turn(clock)(lambda: None)  # does not raise
     finally:
         globalLogPublisher.removeObserver(logged.append)
     assert any("in-process message failed" in str(e.get("log_format")) for e in logged)

@@ -182,6 +182,13 @@ class CoreProcess(ProcessProtocol):
             )
 
     def _answers(self, frames: list[Any]) -> None:
+        turn = self.pool.read_turn
+        if turn is None:
+            self._handle_answers(frames)
+        else:
+            turn(self._handle_answers, frames)
+
+    def _handle_answers(self, frames: list[Any]) -> None:
         for frame in frames:
             try:
                 msg = m.decode(frame.header, frame.payload, channel="pipe")
@@ -190,8 +197,6 @@ class CoreProcess(ProcessProtocol):
                 self.kill("error")
                 return
             self.pool._core_message(self, msg, frame)
-        if self.pool.after_read is not None:
-            self.pool.after_read()
 
     def processEnded(self, reason: Any) -> None:
         self.move(CoreLife.DEAD)
@@ -266,9 +271,10 @@ class CorePool:
         #: when set, a result passed on unchanged goes here with the core's own frame (the
         #: agent forwards its bytes: no encoding of the same message again)
         self.on_result_frame: Callable[[m.TaskResult, Frame], None] | None = None
-        #: called once a core's answers were read and handled (the embedded cluster delivers
-        #: them to its server in this turn: :func:`remap.local.deliver_now`)
-        self.after_read: Callable[[], None] | None = None
+        #: ``read_turn(handle, frames)`` runs the handling of a core's answers: the embedded
+        #: cluster's :func:`remap.local.in_one_turn`, which delivers what they send on to its
+        #: server when ``handle`` returns, in the turn that read them, with no timed call booked
+        self.read_turn: Callable[..., None] | None = None
 
     def start(self) -> None:
         for i in range(self.size):
