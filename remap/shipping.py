@@ -26,6 +26,8 @@ PICKLE_PROTOCOL = 5
 MAX_SOURCE = 1 << 20  # bytes of one shipped source file
 MAX_SOURCES = 4 << 20  # bytes of all shipped source files
 MAX_VISITS = 20_000  # objects walked looking for code
+#: the module of the wrappers cores unpickle around a user's function (walked into)
+WRAPPERS = "remap.calls"
 
 Origins = dict[tuple[str, int], str]
 
@@ -80,8 +82,28 @@ def _reachable(roots: tuple[Any, ...]) -> Iterator[types.FunctionType]:
         elif hasattr(obj, "func") and hasattr(obj, "args") and callable(obj):  # functools.partial
             stack.append(obj.func)
             stack.extend(getattr(obj, "args", ()) or ())
-        elif callable(obj) and not isinstance(obj, types.BuiltinFunctionType):
-            stack.append(type(obj))  # an instance with __call__: its class's methods
+        elif (callable(obj) and not isinstance(obj, types.BuiltinFunctionType)) or (
+            type(obj).__module__ == WRAPPERS
+        ):
+            # an instance with __call__: its class's methods, and what it holds (remap's own
+            # wrappers around a user's function and initializer, a user's callable object)
+            stack.append(type(obj))
+            stack.extend(_attributes(obj))
+
+
+def _attributes(obj: Any) -> list[Any]:
+    """An instance's attribute values (``__dict__`` and ``__slots__``), read without code."""
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            descriptor = cls.__dict__.get(name)
+            if isinstance(descriptor, types.MemberDescriptorType):
+                try:
+                    values.append(descriptor.__get__(obj, cls))
+                except AttributeError:  # an empty slot
+                    pass
+    return values
 
 
 def _filled(cell: types.CellType) -> bool:

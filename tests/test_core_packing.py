@@ -260,3 +260,18 @@ def test_an_os_error_while_saving_results_is_named_without_a_traceback(capsys) -
         if e.get("log_failure") is not None
         and str(e.get("log_namespace", "")).startswith("remap.client")
     ]
+
+
+def test_a_remote_traceback_starts_at_the_users_frame_not_remaps_wrappers() -> None:
+    """``Executor.submit`` and ``Pool`` calls go through remap's wrappers (``Apply``,
+    ``Initialized``); their frames say nothing to the user, so the traceback starts at the
+    user's own function, as it does for ``cluster.map``."""
+    from remap.calls import Apply, Initialized, Initializer
+
+    for fn in (Apply(odd_fails), Initialized(odd_fails, Initializer(int))):
+        arg = ((1,), {}) if isinstance(fn, Apply) else 1
+        reply, _ = run_batch(fn, [arg])
+        ((_, _, _, tb),) = reply.errors
+        first_frame = tb.splitlines()[1]
+        assert "odd_fails" in first_frame, tb
+        assert "calls.py" not in tb, tb

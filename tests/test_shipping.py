@@ -80,3 +80,20 @@ def test_imported_functions_are_left_alone() -> None:
 
     loaded, reduce_fn = load_function_blob(function_blob(json.dumps, json.loads))
     assert loaded is json.dumps and reduce_fn is json.loads
+
+
+def test_functions_inside_remaps_call_wrappers_keep_their_origin(tmp_path: Path) -> None:
+    """``Executor.submit`` and ``Pool`` ship the user's function inside remap's wrappers
+    (``Apply``, ``Initialized``): the traceback still names the user's file and source line,
+    never ``<dynamic-code>``."""
+    from remap.calls import Apply
+
+    src, module = _load_user_module(tmp_path, "usermod3")
+    try:
+        tb = _remote_traceback(Apply(module.f), ((3,), {}), tmp_path, src)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        del sys.modules["usermod3"]
+    assert f'File "{src}", line 5, in f' in tb
+    assert "raise ValueError(f'bad {x}')" in tb
+    assert "<dynamic-code>" not in tb

@@ -24,6 +24,7 @@ from typing import Any
 
 from protocol import messages as m
 from protocol.framing import FrameDecoder, encode_frame, unsent
+from remap import calls
 from remap.blobs import dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -96,13 +97,17 @@ def _groups(cmd: m.CoreRun) -> Any:
     return zip(blobs, cmd.groups) if cmd.groups else ((blob, 0) for blob in blobs)
 
 
+#: files of remap's own frames above the user's code: the core's, and its call wrappers'
+_OWN_FRAMES = (__file__, calls.__file__)
+
+
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
-    # start the traceback at the user's code: the core's own frame says nothing to them
+    # start the traceback at the user's code: remap's own frames say nothing to them
     start = exc.__traceback__
-    if (
+    while (
         start is not None
         and start.tb_next is not None
-        and start.tb_frame.f_code.co_filename == __file__
+        and start.tb_frame.f_code.co_filename in _OWN_FRAMES
     ):
         start = start.tb_next
     tb = "".join(traceback.format_exception(type(exc), exc, start))
