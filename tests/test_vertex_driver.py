@@ -15,11 +15,13 @@ from typing import Any
 import networkx as nx
 import pytest
 
+from remap.data.inputs import Split
+from remap.data.inputs import read_lines as read_split_lines
 from remap.data.layout import DataDir, read_result
 from remap.errors import ConfigError, JobFailed
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
-from remap.vertex.files import input_splits, read_lines, read_pickle, read_split
+from remap.vertex.files import input_splits, read_lines, read_pickle
 from remap.vertex.launch import ThreadLaunch
 from remap.vertex.program import program_from_namespace
 from remap.vertex.reference import read_tagged_lines, run_local
@@ -71,13 +73,16 @@ def test_input_splits_cover_every_line_once(tmp_path: Path):
     want = sorted(line for _, line in read_tagged_lines(paths))
     for pieces in (1, 2, 5, 64):
         splits = input_splits(paths, pieces)
-        got = sorted(line for piece in splits for s in piece for _, line in read_split(*s))
+        got = sorted(
+            line for piece in splits for s in piece for _, line in read_split_lines(Split(*s))
+        )
         assert got == want, pieces
 
 
 @pytest.mark.parametrize("block", [1, 3, 64, 1 << 22])
-def test_block_reader_gives_the_lines_of_read_split(tmp_path: Path, block: int):
-    """A worker's loader reads blocks (any size), not lines: the same lines for every split,
+def test_block_reader_gives_the_lines_of_a_split(tmp_path: Path, block: int):
+    """A worker's loader reads blocks (any size), not lines: the same lines for every range
+    (read as a data job's split),
     with CR LF ends, a last line without its newline, empty and non-ASCII lines."""
     paths = write_files(tmp_path / "in", [f"{i} {'é' * (i % 5)}" for i in range(300)], 2)
     paths[0].write_bytes(paths[0].read_bytes().replace(b"\n", b"\r\n") + b"\n\ntail")
@@ -86,7 +91,7 @@ def test_block_reader_gives_the_lines_of_read_split(tmp_path: Path, block: int):
     for pieces in (1, 2, 7, 300):
         for piece in input_splits(paths, pieces):
             for split in piece:
-                want = [line for _, line in read_split(*split)]
+                want = [line for _, line in read_split_lines(Split(*split))]
                 assert list(read_lines(*split, block=block)) == want, (split, block)
 
 

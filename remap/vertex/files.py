@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..data.inputs import Split, read_line_blocks
 from ..data.layout import TMP_SUFFIX, DataDir, write_atomic
 
 PICKLE_PROTOCOL = 5
@@ -112,61 +113,15 @@ def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, in
     return out
 
 
-def read_split(
-    index: int, path: str, start: int, end: int
-) -> Iterator[tuple[tuple[int, int], str]]:
-    """The lines whose first byte lies in ``[start, end)``, tagged ``(index, offset)``."""
-    with open(path, "rb") as f:
-        offset = start
-        if start > 0:
-            f.seek(start - 1)
-            skipped = f.readline()  # the rest of the line that started before us
-            offset = start - 1 + len(skipped)
-        while offset < end:
-            raw = f.readline()
-            if not raw:
-                return
-            yield (index, offset), raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
-            offset += len(raw)
-
-
-READ_BLOCK = 1 << 22  # bytes read at a time by read_lines
+#: bytes read at a time by :func:`read_lines`
+READ_BLOCK = 1 << 22
 
 
 def read_lines(
     index: int, path: str, start: int, end: int, block: int = READ_BLOCK
 ) -> Iterator[str]:
-    """The lines of :func:`read_split` without their tags, read and decoded a block at a time
-    (a worker's load needs no line positions: its splits are already in input order)."""
-    del index  # the split's file index: only read_split's tags need it
-    with open(path, "rb") as f:
-        pos = start
-        if start > 0:
-            f.seek(start - 1)
-            pos = start - 1 + len(f.readline())  # the line that started before us is not ours
-        rest = b""
-        while pos < end:
-            data = f.read(min(block, end - pos))
-            if not data:
-                break
-            pos += len(data)
-            if pos >= end and not data.endswith(b"\n"):
-                data += f.readline()  # our last line runs on past ``end``
-            if rest:
-                data = rest + data
-            cut = data.rfind(b"\n") + 1
-            whole, rest = data[:cut], data[cut:]
-            if whole:
-                yield from _lines(whole)
-        if rest:
-            yield from _lines(rest + b"\n")
-
-
-def _lines(raw: bytes) -> list[str]:
-    """Newline-terminated ``raw`` as lines without their line ends (as ``rstrip("\r\n")``)."""
-    text = raw.decode("utf-8", "surrogateescape")  # bytes that are not UTF-8 survive
-    lines = text.split("\n")
-    lines.pop()  # after the last newline
-    if "\r" in text:
-        lines = [line.rstrip("\r") for line in lines]
-    return lines
+    """The lines of one range of :func:`input_splits` without their line ends: a data job's
+    split, read and decoded a block at a time (a worker's load needs no line positions: its
+    ranges are already in input order)."""
+    for _, lines in read_line_blocks(Split(index, path, start, end), block):
+        yield from lines

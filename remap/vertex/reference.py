@@ -7,11 +7,13 @@ distributed workers use.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.inputs import Split, read_lines
 from .engine import Outbox, Partition, Tag, bucket_records, fold_into, gather
 from .program import Program
 
@@ -42,11 +44,8 @@ class LocalResult:
 def read_tagged_lines(paths: Iterable[Path]) -> Iterator[tuple[Tag, str]]:
     """Every line of every file, tagged with (file index, byte offset) for a stable merge."""
     for i, path in enumerate(paths):
-        with open(path, "rb") as f:
-            offset = 0
-            for raw in f:
-                yield (i, offset), raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
-                offset += len(raw)
+        for offset, line in read_lines(Split(i, str(path), 0, os.path.getsize(path))):
+            yield (i, offset), line
 
 
 def run_local(
