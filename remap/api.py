@@ -411,22 +411,16 @@ class ResultIterator(Iterator[Any]):
         ordered: bool,
         buffersize: int | None,
         star: bool = False,
+        style: MapStyle,
         deadline: float | None = None,
-        stop_on_error: bool = True,
         fn_name: str = "",
-        timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
-        defer_source_errors: bool = False,
-        wrap_error: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
         self._stream = stream
-        self._timeout_error = timeout_error
-        #: turns a remote error into what the caller's API raises (the Pool's MaybeEncodingError)
-        self._wrap_error = wrap_error
+        self._style = style
         self._ordered = ordered
         self._deadline = deadline
-        self._stop_on_error = stop_on_error
         self._feeder = _Feeder(
-            stream, source, buffersize, star=star, fn_name=fn_name, defer_errors=defer_source_errors
+            stream, source, buffersize, star=star, fn_name=fn_name, defer_errors=style.defer_errors
         )
         self._consumed = 0
         self._next_index = 0
@@ -560,10 +554,10 @@ class ResultIterator(Iterator[Any]):
         self._consumed += 1
         if error is None:
             return result
-        if self._stop_on_error:
+        if self._style.stop_on_error:
             self.close()
         exc = remote_exception(error)
-        raise exc if self._wrap_error is None else self._wrap_error(exc)
+        raise exc if self._style.wrap_error is None else self._style.wrap_error(exc)
 
     def _wait(self, deadline: float | None) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -572,9 +566,9 @@ class ResultIterator(Iterator[Any]):
                 raise queue.Empty
             event = self._stream.events.get(timeout=remaining)
         except queue.Empty:
-            if self._stop_on_error:
+            if self._style.stop_on_error:
                 self.close()
-            raise self._timeout_error("no result arrived in time") from None
+            raise self._style.timeout_error("no result arrived in time") from None
         self._handle(event)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
@@ -674,13 +668,17 @@ def _rest(results: ResultIterator) -> list[Any]:
 
 
 class MapStyle(NamedTuple):
-    """What a facade changes in the map family (``remap.Pool`` follows multiprocessing)."""
+    """What a facade changes in the map family (``remap.Pool`` follows multiprocessing;
+    ``remap.Executor`` breaks on an initializer's error)."""
 
     kind: str | None = None  #: one job-name prefix for every method (None: the table's)
     gather: Callable[[ResultIterator], list[Any]] = _rest  #: how map and starmap collect
+    #: a remote error closes the iterator (kills the job), else iteration may go on
     stop_on_error: bool = True
     timeout_error: type[BaseException] = concurrent.futures.TimeoutError
-    defer_source_errors: bool = False
+    #: an exception from the iterable is raised where it happened, after the results before it
+    defer_errors: bool = False
+    #: turns a remote error into what the caller's API raises (the Pool's MaybeEncodingError)
     wrap_error: Callable[[BaseException], BaseException] | None = None
 
 
@@ -878,10 +876,7 @@ class Cluster:
         buffersize: int | None,
         kind: str,
         deadline: float | None = None,
-        stop_on_error: bool = True,
-        timeout_error: type[BaseException] = concurrent.futures.TimeoutError,
-        defer_source_errors: bool = False,
-        wrap_error: Callable[[BaseException], BaseException] | None = None,
+        style: MapStyle = CLUSTER_MAPS,
     ) -> ResultIterator:
         self._check_open()
         blob = function_blob(fn)
@@ -897,12 +892,9 @@ class Cluster:
             ordered=ordered,
             buffersize=buffersize,
             star=star,
+            style=style,
             deadline=deadline,
-            stop_on_error=stop_on_error,
             fn_name=describe(fn),
-            timeout_error=timeout_error,
-            defer_source_errors=defer_source_errors,
-            wrap_error=wrap_error,
         )
 
     # ------------------------------------------------------------ mapping
@@ -933,10 +925,7 @@ class Cluster:
             chunksize=chunksize,
             buffersize=(buffersize or DEFAULT_BUFFERSIZE) if call.lazy else None,
             kind=style.kind or call.kind,
-            stop_on_error=style.stop_on_error,
-            timeout_error=style.timeout_error,
-            defer_source_errors=style.defer_source_errors,
-            wrap_error=style.wrap_error,
+            style=style,
         )
         if opened is not None:
             opened(results)

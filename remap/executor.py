@@ -427,7 +427,7 @@ class Executor(concurrent.futures.Executor):
             buffersize=buffersize,
             kind="map",
             deadline=deadline,
-            wrap_error=self._broken_by,
+            style=api.MapStyle(wrap_error=self._broken_by),
         )
         with self._lock:
             self._maps.add(results)

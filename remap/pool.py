@@ -112,8 +112,7 @@ _POOL_MAPS = MapStyle(
     gather=_all_then_first_error,
     stop_on_error=False,
     timeout_error=multiprocessing.TimeoutError,
-    # an exception from the iterable is raised where it happened, after the results before it
-    defer_source_errors=True,
+    defer_errors=True,
     wrap_error=_encoding_error,
 )
 

@@ -66,8 +66,8 @@ def test_cluster_and_pool_read_each_method_from_the_one_table(
         assert (seen["buffersize"] is not None) is row.lazy
     assert [seen["kind"] for seen in opened] == [row.kind, "pool"]
     # what only the facade decides: multiprocessing's semantics for the pool
-    assert opened[0]["stop_on_error"] and not opened[1]["stop_on_error"]
-    assert opened[1]["timeout_error"] is multiprocessing.TimeoutError
+    assert opened[0]["style"].stop_on_error and not opened[1]["style"].stop_on_error
+    assert opened[1]["style"].timeout_error is multiprocessing.TimeoutError
 
 
 def test_a_changed_row_changes_both_facades(
