@@ -165,8 +165,7 @@ class _Lines:
 def test_failed_records_under_continue_exit_5(as_json: bool) -> None:
     """Records that raised under on_error: continue exit 5, as a function job's failed
     arguments do (``compute --help``), also through ``attach``; a clean job exits 0."""
-    from remap.console.datajob import print_summary
-    from remap.console.detached import print_summary as attached_summary
+    from remap.console.filejob import print_summary
 
     summary = {
         "job": "j", "state": "OK", "output": "/o", "job_dir": "/d", "files": 1, "bytes": 3,
@@ -174,12 +173,11 @@ def test_failed_records_under_continue_exit_5(as_json: bool) -> None:
         "timings": {"total": 0.1},
     }  # fmt: skip
     console = _Lines()
-    assert print_summary(console, summary, as_json) == 5
-    assert attached_summary(_Lines(), "mapreduce", summary, as_json) == 5
+    assert print_summary(console, "mapreduce", summary, as_json) == 5
     if not as_json:
         assert "errors.log (exit code 5)" in console.err[-1]
     summary["counters"]["map_errors"] = 0
-    assert print_summary(_Lines(), summary, as_json) == 0
+    assert print_summary(_Lines(), "mapreduce", summary, as_json) == 0
 
 
 @pytest.mark.parametrize("killed", [False, True])
@@ -187,7 +185,7 @@ def test_failed_job_with_json_prints_one_object(killed: bool) -> None:
     """``compute --json`` of a data or vertex job that failed or was killed prints one JSON
     object on stdout (as a function job does); nothing without --json (the error line is
     main's)."""
-    from remap.console.datajob import print_failure
+    from remap.console.filejob import print_failure
     from remap.errors import JobFailed, JobKilled
 
     exc = JobKilled("killed on request") if killed else JobFailed("map raised ValueError")

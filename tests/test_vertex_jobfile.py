@@ -122,7 +122,7 @@ def test_compute_runs_a_vertex_job_file_with_json_summary(tmp_path: Path) -> Non
 
 def test_progress_line_shows_active_messages_and_aggregates() -> None:
     """One line per barrier: superstep, active vertices, messages delivered, each aggregate."""
-    from remap.console.vertexjob import report_line
+    from remap.console.filejob import report_line
     from remap.vertex.reference import SuperstepReport
 
     report = SuperstepReport(3, 120, 900, 450, 500, {"dangling": 0.0123456789, "seen": {1}}, 2)
@@ -134,8 +134,7 @@ def test_progress_line_shows_active_messages_and_aggregates() -> None:
 def test_vertex_errors_under_continue_exit_5() -> None:
     """Vertices that raised under on_error: continue exit 5 (as failed arguments do), also
     through ``attach``; none: 0."""
-    from remap.console.detached import print_summary as attached_summary
-    from remap.console.vertexjob import print_summary
+    from remap.console.filejob import print_summary
     from tests.test_data_jobfile import _Lines
 
     result = {
@@ -144,11 +143,11 @@ def test_vertex_errors_under_continue_exit_5() -> None:
         "first_error": "vertex 3 in superstep 1: ValueError", "job_dir": "/d",
     }  # fmt: skip
     console = _Lines()
-    assert print_summary(console, result, False) == 5
+    assert print_summary(console, "vertex", result, False) == 5
     assert "(exit code 5)" in console.err[-1]
-    assert attached_summary(_Lines(), "vertex", result, True) == 5
+    assert print_summary(_Lines(), "vertex", result, True) == 5
     result["errors"] = 0
-    assert print_summary(_Lines(), result, True) == 0
+    assert print_summary(_Lines(), "vertex", result, True) == 0
 
 
 @pytest.mark.parametrize("functions", ["pagerank.py", None, 3])

@@ -25,6 +25,7 @@ import yaml
 
 from ..errors import ConfigError, JobFailed, JobKilled, RemapError
 from . import render
+from .filejob import print_failure, print_summary, run_file_job
 
 KINDS = ("mapreduce", "vertex")
 #: seconds between progress lines a driver sends the server
@@ -191,19 +192,9 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
     try:
         summary = outcome(job)
     except JobFailed as exc:
-        from .datajob import print_failure
-
         print_failure(console, args.json, job["kind"], job["id"], exc)  # as compute --json
         raise
     return print_summary(console, job["kind"], summary, args.json)
-
-
-def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> int:
-    if kind == "mapreduce":
-        from .datajob import print_summary as show
-    else:
-        from .vertexjob import print_summary as show
-    return show(console, summary, as_json)
 
 
 # ---------------------------------------------------------------- the driver process
@@ -234,64 +225,9 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the drivers end a job on it: kill the phase, clean up, INCOMPLETE
 
 
-def _run_data(client: Any, spec: Any, settings: Any, out: _Out) -> dict[str, Any]:
-    from ..data.driver import DataJobRunner
-    from ..data.jobspec import to_job
-    from ..data.layout import DataDir
-
-    data = DataDir.from_setting(settings.data_dir)
-    runner = DataJobRunner(
-        client,
-        to_job(spec),
-        data,
-        on_progress=lambda p: out.progress(
-            phase=p.phase,
-            done=p.tasks_done,
-            total=p.tasks_total or None,
-            line=p.line(),
-            sub_job=p.phase_job,
-        ),
-    )
-    out.emit("started", data_job=runner.job_id, job_dir=str(data.job_dir(runner.job_id)))
-    summary = runner.run()
-    summary["errors"] = summary.get("errors", [])[:20]
-    return summary
-
-
-def _run_vertex(client: Any, spec: Any, settings: Any, out: _Out) -> dict[str, Any]:
-    from ..data.layout import DataDir, new_job_id
-    from ..vertex.jobspec import to_run
-    from ..vertex.run import run_vertex
-    from .vertexjob import report_line
-
-    program, config = to_run(spec)
-    job_id = new_job_id()
-    data = DataDir.from_setting(settings.data_dir)
-    out.emit("started", data_job=job_id, job_dir=str(data.job_dir(job_id)))
-    launched: list[Any] = []
-    result = run_vertex(
-        client,
-        settings,
-        program,
-        config,
-        group=spec.group,
-        retries=spec.retries,
-        priority=spec.priority,
-        job_id=job_id,
-        on_launch=launched.append,
-        on_report=lambda r: out.progress(
-            phase=f"superstep {r.superstep}",
-            done=r.superstep + 1,
-            total=spec.max_supersteps,
-            line=report_line(r),
-            sub_job=launched[0].run.job_id if launched else None,
-        ),
-    )
-    return result.to_json()
-
-
 def main(argv: list[str] | None = None) -> int:
     """The driver of one detached job, run by the server in the job's directory."""
+    from ..data.layout import DataDir, new_job_id
     from ..jobfile import load_job
     from ..logs import start_logging
     from ..settings import load_settings
@@ -311,10 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_job(args.directory / "job.json")
         if spec.kind not in KINDS:
             raise ConfigError(f"a detached driver runs data and vertex jobs, not {spec.kind}")
+        job_id = new_job_id()
+        job_dir = DataDir.from_setting(settings.data_dir).job_dir(job_id)
+        out.emit("started", data_job=job_id, job_dir=str(job_dir))
         session = Session(settings)
-        client = session.connect(allow_embedded=False)
-        run = _run_data if spec.kind == "mapreduce" else _run_vertex
-        summary = run(client, spec, settings, out)
+        summary = run_file_job(
+            spec, settings, lambda: session.connect(allow_embedded=False), job_id, out.progress
+        )
+        if spec.kind == "mapreduce":
+            summary["errors"] = summary.get("errors", [])[:20]
         state = "done"
     except (JobKilled, KeyboardInterrupt) as exc:
         state, message = "killed", str(exc) or "killed on request"

@@ -290,13 +290,10 @@ class Console:
                 "cluster ends with its console"
             )
         if spec.kind != "function":
-            from .datajob import compute_data
             from .detached import start_detached
-            from .vertexjob import compute_vertex
+            from .filejob import compute_file_job
 
-            if detach:
-                return start_detached(self, spec, args)
-            return (compute_data if spec.kind == "mapreduce" else compute_vertex)(self, spec, args)
+            return (start_detached if detach else compute_file_job)(self, spec, args)
         stream_json = args.json and spec.options.mode == "stream"
         show_stream = spec.options.mode == "stream"
         progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None

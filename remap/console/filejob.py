@@ -1,0 +1,183 @@
+"""``compute`` of ``kind: mapreduce`` and ``kind: vertex`` job files: the job's driver with
+progress, then its summary (``--json``: one object). A detached job's driver process runs the
+same driver (:func:`run_file_job`) and reports its progress to the server instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..data.layout import new_job_id
+from ..errors import JobFailed, JobKilled
+from ..vertex.reference import SuperstepReport
+from . import render
+
+
+def report_line(report: SuperstepReport) -> str:
+    """``superstep 12: 300 active, 570 messages, dangling=0.0123``: one barrier, one line."""
+    text = f"superstep {report.superstep}: {report.active} active, {report.delivered} messages"
+    for name, value in sorted(report.aggregates.items()):
+        shown = f"{value:.6g}" if isinstance(value, float) else repr(value)
+        text += f", {name}={shown[:40]}"
+    if report.errors:
+        text += f", {report.errors} errors"
+    return text
+
+
+def run_file_job(
+    spec: Any,
+    settings: Any,
+    connect: Callable[[], Any],
+    job_id: str,
+    on_progress: Callable[..., None],
+    on_notice: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a data or vertex job file's driver here to its end; its summary (JobFailed,
+    JobKilled). The job's own mistakes are raised before ``connect()`` is called;
+    ``on_progress(phase=, done=, total=, line=, sub_job=)`` runs at every report."""
+    if spec.kind == "mapreduce":
+        from ..data.driver import DataJobRunner
+        from ..data.jobspec import to_job
+        from ..data.layout import DataDir
+
+        job, data = to_job(spec), DataDir.from_setting(settings.data_dir)
+        runner = DataJobRunner(
+            connect(),
+            job,
+            data,
+            on_progress=lambda p: on_progress(
+                phase=p.phase,
+                done=p.tasks_done,
+                total=p.tasks_total or None,
+                line=p.line(),
+                sub_job=p.phase_job,
+            ),
+            on_notice=on_notice,
+            job_id=job_id,
+        )
+        return runner.run()
+    from ..vertex.jobspec import to_run
+    from ..vertex.run import run_vertex
+
+    program, config = to_run(spec)
+    launched: list[Any] = []
+    result = run_vertex(
+        connect(),
+        settings,
+        program,
+        config,
+        group=spec.group,
+        retries=spec.retries,
+        priority=spec.priority,
+        job_id=job_id,
+        on_launch=launched.append,
+        on_report=lambda r: on_progress(
+            phase=f"superstep {r.superstep}",
+            done=r.superstep + 1,
+            total=spec.max_supersteps,
+            line=report_line(r),
+            sub_job=launched[0].run.job_id if launched else None,
+        ),
+    )
+    return result.to_json()
+
+
+def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
+    """Run a data or vertex job attached to this console; print its summary (``--json``: one
+    object). A progress bar on a terminal, else a line now and then (none with --json)."""
+    session = console.session
+    bar = render.Progress(console.err) if (console.err.isatty() and not args.quiet) else None
+    job_id = new_job_id()
+    every, prefix = (5.0, f"job {job_id}: ") if spec.kind == "mapreduce" else (2.0, "")
+    last = [time.monotonic()]
+
+    def on_progress(done: int, total: int | None, line: str, **_: Any) -> None:
+        if bar is not None:
+            bar.draw(done, 0, total, line)
+        elif not args.json and not args.quiet and time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            console.note(prefix + line)
+
+    try:
+        summary = run_file_job(
+            spec,
+            session.settings,
+            lambda: session.connect(allow_embedded=True),
+            job_id,
+            on_progress,
+            console.note if spec.kind == "mapreduce" else None,
+        )
+    except JobFailed as exc:
+        print_failure(console, args.json, spec.kind, job_id, exc)
+        raise
+    finally:
+        if bar is not None:
+            bar.clear()
+    return print_summary(console, spec.kind, summary, args.json)
+
+
+def print_failure(console: Any, as_json: bool, kind: str, job_id: str, exc: JobFailed) -> None:
+    """``--json``: a data or vertex job that failed or was killed still prints one object on
+    stdout, as a function job does (its error line goes to stderr as usual)."""
+    if as_json:
+        state = "killed" if isinstance(exc, JobKilled) else "failed"
+        console.say(
+            json.dumps(
+                {
+                    "job": job_id,
+                    "kind": kind,
+                    "state": state,
+                    "error": str(exc),
+                    "exit_code": exc.exit_code,
+                }
+            )
+        )
+
+
+def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> int:
+    """A finished data job's summary or a vertex job's (``VertexResult.to_json()``): one JSON
+    object, or lines for a person. Returns the exit code: 5 (as a function job with failed
+    arguments) if records or vertices failed under ``on_error: continue``."""
+    from .main import EXIT_FAILED_ARGUMENTS
+
+    if kind == "mapreduce":
+        c = summary["counters"]
+        errors = c.get("map_errors", 0) + c.get("reduce_errors", 0)
+    else:
+        errors = summary["errors"]
+    code = EXIT_FAILED_ARGUMENTS if errors else 0
+    if as_json:
+        console.say(json.dumps(summary))
+    elif kind == "mapreduce":
+        console.say(
+            f"{summary['state']}: {c.get('map_records_in', 0)} records in "
+            f"{summary['files']} files ({render.fmt_bytes(summary['bytes'])}) -> "
+            f"{c.get('reduce_records_out', 0)} records in {summary['output']} "
+            f"in {render.fmt_duration(summary['timings'].get('total', 0))}"
+        )
+        console.say(f"job directory: {summary['job_dir']}")
+        if errors:
+            console.note(
+                f"{errors} record(s) failed (on_error: continue); see "
+                f"{summary['job_dir']}/errors.log (exit code {code})"
+            )
+    else:
+        console.say(
+            f"{summary['state']}: {summary['supersteps']} supersteps, {summary['vertices']} "
+            f"vertices, {summary['messages']} messages "
+            f"({render.fmt_bytes(summary['bytes_moved'])} between workers) on "
+            f"{summary['workers']} workers -> {summary['output']} in "
+            f"{render.fmt_duration(summary['elapsed'])}"
+        )
+        if summary["rollbacks"]:
+            console.note(f"{summary['rollbacks']} rollback(s) after lost workers")
+        if errors:
+            console.note(
+                f"{errors} error(s) in vertices or input lines (on_error: continue): "
+                f"{summary['first_error']} (exit code {code})"
+            )
+        console.say(f"job directory: {summary['job_dir']}")
+    return code
