@@ -257,17 +257,22 @@ def test_closing_ends_a_lingering_job_as_done_and_kills_a_busy_one(
     assert ex.submit(noop, 1).result(timeout=30) == 1
     busy = ex.submit(block_until, str(tmp_path), "b", str(tmp_path / "release"), 30.0)
     wait_for(lambda: (tmp_path / "b").exists(), 20, "the busy call to start")
-    ex._terminate()
-    (tmp_path / "release").touch()
 
     def states() -> dict[str, str]:
         jobs = [j for j in embedded.status()["jobs"] if j["id"] not in before]
         return {j["name"].rsplit(".", 1)[-1]: j["state"] for j in jobs if j["state"] != "running"}
 
-    wait_for(lambda: {"noop", "block_until"} <= set(states()), 20, "both jobs to end")
-    assert states() == {"noop": "done", "block_until": "killed"}
-    with pytest.raises(Exception):  # noqa: B017 - JobKilled or CancelledError, either way not a result
-        busy.result(timeout=20)
+    # the busy call is released only once the test is over: _terminate asks the reactor to
+    # kill, and a release right after it let the call return (the job ended "done") whenever
+    # the kill reached the core later than the release (a stalled reactor thread)
+    try:
+        ex._terminate()
+        wait_for(lambda: {"noop", "block_until"} <= set(states()), 20, "both jobs to end")
+        assert states() == {"noop": "done", "block_until": "killed"}
+        with pytest.raises(Exception):  # noqa: B017 - JobKilled or CancelledError, either way not a result
+            busy.result(timeout=20)
+    finally:
+        (tmp_path / "release").touch()
 
 
 def test_remote_exception_is_reraised_as_its_own_type(executor: remap.Executor) -> None:
@@ -359,23 +364,38 @@ def raise_or_return(x: int) -> int:
 # ---------------------------------------------------------------- waiting
 
 
-def test_as_completed_yields_every_future(executor: remap.Executor) -> None:
-    """as_completed yields each future once, the quick ones before the slow one."""
-    slow = executor.submit(sleep_then, 2.0)
-    quick = [executor.submit(square, i) for i in range(20)]
-    seen = list(concurrent.futures.as_completed([slow, *quick], timeout=60))
+def test_as_completed_yields_every_future(executor: remap.Executor, tmp_path: Path) -> None:
+    """as_completed yields each future once, the quick ones before the slow one: the slow
+    call is held (on one core; the quick ones run on the other) until the test has seen all
+    twenty quick ones, so no machine is too slow for them to finish first."""
+    release = tmp_path / "release"
+    seen: list[concurrent.futures.Future] = []
+    try:
+        slow = executor.submit(held_until, str(release), 1)
+        quick = [executor.submit(square, i) for i in range(20)]
+        for future in concurrent.futures.as_completed([slow, *quick], timeout=60):
+            seen.append(future)
+            if len(seen) == len(quick):
+                release.touch()
+    finally:
+        release.touch()
     assert len(seen) == 21 and set(seen) == {slow, *quick}
     assert seen[-1] is slow
 
 
-def test_wait_first_completed_and_all(executor: remap.Executor) -> None:
-    """wait(FIRST_COMPLETED) returns before the slow call; wait(ALL_COMPLETED) returns all."""
-    slow = executor.submit(sleep_then, 1.5)
-    fast = executor.submit(square, 3)
-    done, not_done = concurrent.futures.wait(
-        [slow, fast], timeout=30, return_when=concurrent.futures.FIRST_COMPLETED
-    )
-    assert fast in done and slow in not_done
+def test_wait_first_completed_and_all(executor: remap.Executor, tmp_path: Path) -> None:
+    """wait(FIRST_COMPLETED) returns before the slow call (held until the test releases it,
+    so it cannot finish first however slow the machine); wait(ALL_COMPLETED) returns all."""
+    release = tmp_path / "release"
+    try:
+        slow = executor.submit(held_until, str(release), 1)
+        fast = executor.submit(square, 3)
+        done, not_done = concurrent.futures.wait(
+            [slow, fast], timeout=30, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        assert fast in done and slow in not_done
+    finally:
+        release.touch()
     done, not_done = concurrent.futures.wait([slow, fast], timeout=30)
     assert not not_done
 
@@ -496,9 +516,11 @@ def test_shutdown_without_wait_still_closes_its_own_cluster() -> None:
 
 
 def test_closing_the_cluster_fails_outstanding_futures() -> None:
-    """Futures still outstanding when their cluster goes away fail instead of hanging."""
+    """Futures still outstanding when their cluster goes away fail instead of hanging. The
+    call sleeps 30 s (it was 5 s: a stall that long between sending it and closing would let
+    it return its result), longer than the 15 s the failure may take."""
     cluster = remap.connect(cores=1, settings=Settings())
-    future = cluster.submit(sleep_then, 5.0)
+    future = cluster.submit(sleep_then, 30.0)
     wait_for(lambda: future.running(), 10, "the call to be sent")
     cluster.close()
     with pytest.raises(remap.RemapError):
