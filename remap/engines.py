@@ -25,7 +25,6 @@ import itertools
 import logging
 import math
 import os
-import pickle
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -139,6 +138,8 @@ class Engine:
                 self._cancel(list(pending))
 
     def _collect(self, handle: Any, chunk: Chunk) -> Iterator[Outcome]:
+        from .client import _error_info  # a remap result's error entry, read the same way
+
         try:
             indices, results, errors = self._result(handle)
         except Exception as exc:  # the chunk itself failed: its worker died past the retries
@@ -151,7 +152,7 @@ class Engine:
             if entry is None:
                 yield index, value, None
             else:
-                yield index, None, TaskErrorInfo(index, *entry[1:4], _exception(value))
+                yield index, None, _error_info(index, entry, value)
 
     def _share(self, blob: bytes) -> Any:
         return blob
@@ -176,13 +177,6 @@ class Engine:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-
-def _exception(blob: bytes | None) -> BaseException | None:
-    try:
-        return pickle.loads(blob) if blob else None
-    except Exception:  # its class is not importable here: the type name still says what it was
-        return None
 
 
 def _need(module: str, scheme: str) -> Any:

@@ -148,10 +148,34 @@ class DrivenJob:
         )
 
 
-class _DriverProcess(protocol.ProcessProtocol):
-    """Reads a driver child's JSON lines (stdout) and the tail of its stderr."""
+class ConsoleChild(protocol.ProcessProtocol):
+    """A console child of the server: keeps the tail of its stderr in ``stderr`` (where its
+    error line is) and calls ``ended(exit code or None)`` once it has exited."""
+
+    def __init__(self, stderr: bytearray, ended: Callable[[int | None], None]) -> None:
+        self.stderr = stderr
+        self.ended = ended
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        buf = self.stderr
+        buf += data
+        del buf[: max(0, len(buf) - 8192)]  # keep the tail: the error line is last
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.ended(getattr(reason.value, "exitCode", None))
+
+
+def last_error(stderr: bytearray) -> str:
+    """The last line a console child wrote to stderr, without its "error: " ("" if none)."""
+    lines = [s for s in stderr.decode("utf-8", "replace").splitlines() if s.strip()]
+    return lines[-1].removeprefix("error: ") if lines else ""
+
+
+class _DriverProcess(ConsoleChild):
+    """Also reads a driver child's JSON lines (stdout)."""
 
     def __init__(self, drivers: Drivers, job: DrivenJob) -> None:
+        super().__init__(job.stderr, lambda code: drivers.ended(job, code))
         self.drivers = drivers
         self.job = job
         self.buffer = bytearray()
@@ -171,14 +195,6 @@ class _DriverProcess(protocol.ProcessProtocol):
             del self.buffer[: end + 1]
             if len(line) <= MAX_LINE:
                 self.drivers.event(self.job, line)
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
-        buf = self.job.stderr
-        buf += data
-        del buf[: max(0, len(buf) - 8192)]  # keep the tail: the error line is last
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.drivers.ended(self.job, getattr(reason.value, "exitCode", None))
 
 
 class Drivers:
@@ -374,8 +390,7 @@ class Drivers:
         job.transport = None
         clean = None
         if not job.finished:
-            lines = [s for s in job.stderr.decode("utf-8", "replace").splitlines() if s.strip()]
-            why = lines[-1].removeprefix("error: ") if lines else ""
+            why = last_error(job.stderr)
             exit_text = f"exit code {code}" if code is not None else "killed by a signal"
             job.state = "killed" if job.killing else "failed"
             job.message = (

@@ -12,7 +12,6 @@ catch a hung worker, or one whose call was retried elsewhere.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 
 from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
+from ..sinks import to_jsonable
 from .engine import fold_into
 from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
@@ -106,16 +106,8 @@ class VertexResult:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["aggregates"] = {k: _jsonable(v) for k, v in self.aggregates.items()}
+        out["aggregates"] = {k: to_jsonable(v)[0] for k, v in self.aggregates.items()}
         return out
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 class Launch(Protocol):
@@ -527,7 +519,7 @@ class Driver:
     def _publish(self, report: SuperstepReport) -> None:
         """The progress file and the ``on_report`` callback of one superstep."""
         progress = asdict(report)
-        progress["aggregates"] = {k: _jsonable(v) for k, v in report.aggregates.items()}
+        progress["aggregates"] = {k: to_jsonable(v)[0] for k, v in report.aggregates.items()}
         write_json(self.data.consolidated(self.job_id), progress)
         if self.on_report is not None:
             self.on_report(report)

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from twisted.internet import protocol
 from twisted.logger import Logger
 
 from ...errors import ConfigError
 from ...jobfile import load_job_text
-from ..drivers import spawn_console_child
+from ..drivers import ConsoleChild, last_error, spawn_console_child
 
 MAX_BODY = 64 * 1024
 #: submissions remembered (for their results); the oldest finished ones are forgotten
@@ -64,9 +63,8 @@ class Submission:
         return self.directory / "results.jsonl"
 
     def last_error(self) -> str:
-        lines = [ln for ln in self.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-        text = lines[-1] if lines else f"the job's console exited with code {self.exit_code}"
-        return text.removeprefix("error: ")[:500]
+        text = last_error(self.stderr) or f"the job's console exited with code {self.exit_code}"
+        return text[:500]
 
 
 def parse_body(body: bytes, content_type: str) -> dict:
@@ -140,21 +138,6 @@ def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
     return Submission(sub_id, job["name"], directory)
 
 
-class _ConsoleProcess(protocol.ProcessProtocol):
-    def __init__(self, submission: Submission, ended: Any) -> None:
-        self.submission = submission
-        self.ended = ended
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        buf = self.submission.stderr
-        buf += data
-        del buf[: max(0, len(buf) - 8192)]  # keep the tail: the error line is last
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.submission.exit_code = getattr(reason.value, "exitCode", None)
-        self.ended(self.submission)
-
-
 class Submitter:
     """Starts console children for submitted jobs and remembers where their results are."""
 
@@ -199,21 +182,21 @@ class Submitter:
         ]
         state = {"done": False}
 
-        def ended(sub: Submission) -> None:
-            sub.ended = True
-            waiters, sub.waiters = sub.waiters, []
+        def ended(code: int | None) -> None:
+            submission.exit_code, submission.ended = code, True
+            waiters, submission.waiters = submission.waiters, []
             for waiter in waiters:
                 waiter()
             if not state["done"]:
                 state["done"] = True
-                on_failed(sub.last_error())
+                on_failed(submission.last_error())
             self.log.info(
-                "HTTP job {name} ended (console exit {code})", name=sub.name, code=sub.exit_code
+                "HTTP job {name} ended (console exit {code})", name=submission.name, code=code
             )
 
         spawn_console_child(
             self.reactor,
-            _ConsoleProcess(submission, ended),
+            ConsoleChild(submission.stderr, ended),
             args,
             self.child_env,
             str(self.apps_dir),
