@@ -58,8 +58,6 @@ class Message:
 
 
 _REGISTRY: dict[str, type[Message]] = {}
-# per class: tuple of (field name, checker, default-or-MISSING) excluding payload
-_FIELDS: dict[type[Message], tuple[tuple[str, Any, Any], ...]] = {}
 _MISSING = dataclasses.MISSING
 
 
@@ -97,7 +95,6 @@ def message(cls):
             check = lambda v, r=record: not r.problem(v)  # noqa: E731
         specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
-    _FIELDS[cls] = tuple(specs)
     _ENCODERS[cls], _DECODERS[cls] = _codecs(cls, tuple(specs), inline)
     if not hasattr(cls, "__post_init__"):
         cls.make = staticmethod(_maker(cls))
