@@ -4,6 +4,7 @@ HTTP API's schema is derived from them. No processes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,31 @@ def test_keys_a_record_does_not_know_are_ignored() -> None:
     assert NodeStatus.from_wire(node).to_wire() == {
         k: v for k, v in node.items() if k != "gpu_count"
     }
+
+
+def test_a_finished_detached_job_is_shown_done_not_at_its_last_progress_line() -> None:
+    """Drivers send progress every few seconds, so the last line before ``end`` may be a
+    phase ago: once the job ended well, ``jobs`` shows it done with every step counted (a
+    vertex job: the supersteps it ran), not ``map 0/1`` or ``superstep 12 13/100``."""
+    factory, _, _ = _server()
+    drivers = factory.drivers
+    runs = {
+        "mapreduce": ({"phase": "map", "done": 0, "total": 1}, {"state": "OK"}, (1, 1)),
+        "vertex": ({"phase": "superstep 12", "done": 13, "total": 100}, {"supersteps": 32}, (32, 32)),
+    }  # fmt: skip
+    for number, (kind, (progress, summary, shown)) in enumerate(runs.items()):
+        job = drivers.jobs[number] = DrivenJob(
+            id=number, kind=kind, name=kind, owner="", directory=Path("/nowhere"),
+            started_at=0.0, progress=progress,
+        )  # fmt: skip
+        end = {"event": "end", "state": "done", "message": "", "summary": summary}
+        drivers.event(job, json.dumps(end).encode())
+        status = job.describe(1.0)
+        assert (status.state, status.phase) == ("done", "done")
+        assert (status.done, status.total) == shown
+    failed = drivers.jobs[9] = DrivenJob(
+        id=9, kind="mapreduce", name="m", owner="", directory=Path("/nowhere"), started_at=0.0,
+        progress={"phase": "reduce", "done": 1, "total": 2},
+    )  # fmt: skip
+    drivers.event(failed, b'{"event": "end", "state": "failed", "message": "boom"}')
+    assert (failed.describe(1.0).phase, failed.describe(1.0).done) == ("reduce", 1)

@@ -384,6 +384,8 @@ class Drivers:
             summary = event.get("summary")
             job.summary = summary if isinstance(summary, dict) else None
             job.finished_at = self.reactor.seconds()
+            if job.state == "done":  # the last progress line may be seconds old: show the end
+                job.progress = _finished(job.progress, job.summary)
 
     def ended(self, job: DrivenJob, code: int | None) -> None:
         """The driver process exited: finish the job (and clean up after a driver that died)."""
@@ -437,6 +439,17 @@ class Drivers:
         finished = [j for j in self.jobs.values() if j.finished]
         for job in finished[: max(0, len(finished) - MAX_KEPT)]:
             del self.jobs[job.id]
+
+
+def _finished(progress: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
+    """A job that ended well is ``done`` with every step counted (a vertex job: the
+    supersteps it ran, not its ``max_supersteps``)."""
+    steps = (summary or {}).get("supersteps")
+    total = steps if type(steps) is int else progress.get("total")
+    ended = {**progress, "phase": "done", "line": ""}
+    if type(total) is int:
+        ended.update(done=total, total=total)
+    return ended
 
 
 def _clean_earlier(data_root: Path, kind: str, data_job: str | None) -> None:
