@@ -20,9 +20,9 @@ from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
-from .errors import ConfigError, ServerUnreachable
+from .errors import ServerUnreachable
 from .local import connect_local, in_one_turn
-from .net import PeerFactory, client_endpoint, server_endpoint, tls_enabled
+from .net import PeerFactory, cannot_listen, client_endpoint, server_endpoint, tls_enabled
 from .node.agent import NodeAgent
 from .node.cores import CorePool
 from .server.service import RemapServerFactory
@@ -178,7 +178,7 @@ async def start_server(
             factory
         )
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
-        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+        raise cannot_listen("", settings.host, settings.port, exc) from None
     from .data.layout import DataDir
     from .server.drivers import Drivers, child_env, dial_host
 

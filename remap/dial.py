@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, error
+
+from protocol.errors import HandshakeTimeout, RemoteProtocolError
 
 from .auth import client_secret
 from .client import ClusterClient
@@ -58,6 +60,11 @@ async def _dial(
         await waiter.ready
     except (AuthError, VersionMismatch):
         raise
+    except (HandshakeTimeout, RemoteProtocolError) as exc:  # it answers, but not in remap
+        raise ServerUnreachable(
+            f"{address} did not answer as a remap server ({_reason(exc)}): is that the "
+            "server's port (7878 by default), not its HTTP port?"
+        ) from None
     except Exception as exc:
         reason = _reason(exc)
         if reason.startswith("TLS with"):  # the TLS layer said why: no guessing about a close
@@ -68,5 +75,7 @@ async def _dial(
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, error.ConnectionRefusedError):  # Twisted's text says it twice
+        return "connection refused (is the server running, and on that port?)"
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

@@ -55,6 +55,7 @@ def react_main(
             code[0] = await serve(reactor, args)
         except RemapError as exc:
             line, code[0] = one_line(exc)
+            start_logging("error")  # the error is the last line, not "Main loop terminated."
             print(line, file=sys.stderr)
 
     try:

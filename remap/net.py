@@ -96,6 +96,15 @@ class TLSServerEndpoint:
         )
 
 
+def cannot_listen(what: str, host: str, port: int, exc: Exception) -> ConfigError:
+    """One line for a failed listen (Twisted's text repeats the address; a busy port gets
+    what to do about it)."""
+    reason = getattr(exc, "socketError", None) or exc
+    text = getattr(reason, "strerror", None) or str(reason)
+    hint = " (another server running? choose another port)" if "in use" in text else ""
+    return ConfigError(f"cannot listen{what} on {host}:{port}: {text[:1].lower()}{text[1:]}{hint}")
+
+
 def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
     """A listening endpoint: TLS when a certificate is configured (client certs checked with a CA).
 

@@ -107,3 +107,55 @@ def test_product_errors_live_in_remap_errors() -> None:
     for name in ("ConfigError", "JobFailed", "NodeLost", "RemoteTaskError", "NotFound"):
         assert not hasattr(protocol_errors, name), name
         assert getattr(errors, name).__module__ == "remap.errors"
+
+
+def _dial(answer: bytes | None) -> str:
+    """The console's error line for dialling a listener that answers ``answer`` to a new
+    connection and then says nothing (None: a port where nothing listens)."""
+    from twisted.internet import protocol
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from remap import runtime
+    from remap.dial import connect_console
+    from remap.settings import Settings
+
+    class Answer(protocol.Protocol):
+        def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+            self.transport.write(answer or b"")
+
+    async def scenario() -> str:
+        reactor = runtime.reactor()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Answer)
+        )
+        address = f"127.0.0.1:{port.getHost().port}"
+        if answer is None:
+            await port.stopListening()
+        try:
+            settings = Settings(handshake_timeout=0.5)
+            await connect_console(reactor, settings, address, secret=b"k" * 32, timeout=5)
+        except RemapError as exc:
+            return one_line(exc)[0]
+        finally:
+            if answer is not None:
+                await port.stopListening()
+        raise AssertionError("the dial did not fail")
+
+    return runtime.run(runtime.as_deferred(scenario), timeout=30)
+
+
+def test_dialling_something_that_is_not_a_remap_server_says_so() -> None:
+    """``--server`` pointing at the HTTP port (which waits for a request) or at anything that
+    answers in another protocol: one line asking whether that is the server's port, not a
+    frame length or a "closed the connection" that never happened."""
+    for answer in (b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"):
+        line = _dial(answer)
+        assert "did not answer as a remap server" in line, line
+        assert "not its HTTP port" in line and "closed the connection" not in line, line
+
+
+def test_dialling_a_port_where_nothing_listens_says_it_once() -> None:
+    """Connection refused is said once, with what to check (Twisted's text says it twice)."""
+    line = _dial(None)
+    assert line.startswith("error: cannot reach the server at 127.0.0.1:"), line
+    assert line.count("refused") == 1 and "is the server running" in line, line

@@ -115,3 +115,32 @@ def test_an_entry_point_run_again_in_one_process_keeps_one_observer_on_the_curre
     start_logging("error")
     Logger().info("hidden")
     assert "hidden" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_listen_ends_on_one_clear_line(tmp_path):
+    """A busy port is the last line of the server's output, said once and with what to do
+    (not Twisted's "Couldn't listen on ..." inside our line, nor "Main loop terminated."
+    after it), exit code 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "HOME": str(tmp_path), "REMAP_STATE_DIR": str(tmp_path)}
+        done = subprocess.run(
+            [sys.executable, str(root / "remap_server.py"), "--port", str(port)],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: address already in use "
+        "(another server running? choose another port)"
+    ), done.stderr
+    assert [line for line in lines if "error" in line] == lines[-1:], done.stderr

@@ -17,7 +17,7 @@ from twisted.web.server import Request, Site
 
 from ...data.layout import DataDir
 from ...errors import ConfigError
-from ...net import server_endpoint, tls_enabled
+from ...net import cannot_listen, server_endpoint, tls_enabled
 from ...settings import Settings
 from ..drivers import child_env, dial_host
 from .app import DispatchResource, HttpApp
@@ -148,7 +148,7 @@ async def start_http(
         raise
     except Exception as exc:
         stats.close()
-        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc}") from None
+        raise cannot_listen(" for HTTP", host, port, exc) from None
     hub.start()
     bound = listening.getHost().port
     url = f"{'https' if tls else 'http'}://{display_host(host)}:{bound}"
