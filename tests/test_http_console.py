@@ -144,3 +144,25 @@ def test_an_embedded_clusters_dashboard_stops_with_it() -> None:
         cluster.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.slow
+def test_the_command_the_server_prints_for_a_new_link_works(make_cluster) -> None:
+    """The server's dashboard line names a console command for a new link; run as printed
+    (with the cluster's address), it prints one: it names the HTTP port, which the console
+    cannot know otherwise."""
+    import re
+    import shlex
+
+    from tests.cluster_harness import NodeSpec
+
+    cluster = make_cluster([NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"})
+    printed = cluster.wait_for(
+        lambda: re.search(r"`remap_console\.py (dashboard[^`]*)` prints a new one",
+                          cluster.server.log_text()),
+        10,
+        "the server's dashboard line",
+    ).group(1)  # fmt: skip
+    done = cluster.console(*shlex.split(printed))
+    assert done.returncode == 0, cluster.explain(done)
+    assert "/login?token=" in done.stdout, done.stdout

@@ -100,8 +100,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         )
         Stopping("http", web.stop).setServiceParent(server)
         print(
-            f"dashboard: {web.login_url()} (one-time login link; "
-            "`remap_console.py dashboard` prints a new one)",
+            f"dashboard: {web.login_url()} (one-time login link; `remap_console.py "
+            f"dashboard --http-port {web.port.getHost().port}` prints a new one)",
             file=sys.stderr,
             flush=True,
         )
