@@ -228,3 +228,38 @@ def test_undrain_lets_a_node_take_work_again(cluster: Cluster) -> None:
     done = cluster.assert_ok(cluster.console("undrain", node[:8]))
     assert f"({node[:8]}) takes work again" in done.stdout
     assert not next(n for n in cluster.status()["nodes"] if n["id"] == node)["draining"]
+
+
+def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compute --json`` prints one JSON object on stdout whatever stopped the job: a YAML
+    typo, or a data or vertex job whose output exists (a function job whose function is
+    missing already did); stdout was empty for those, so a script read nothing at all."""
+    from remap.console.main import main
+
+    (tmp_path / "m.py").write_text(
+        "def map(line):\n    yield line, 1\n\ndef reduce(k, vs):\n    yield k, 1\n"
+    )
+    (tmp_path / "v.py").write_text(
+        "def prepare(line):\n    return None\n\ndef compute(ctx, v, value, ms):\n    return value, True\n"
+    )
+    (tmp_path / "in.txt").write_text("a\n")
+    (tmp_path / "out").mkdir()
+    jobs = {
+        "typo.yaml": ("function: f.py:g\nargs_range: [0, 10\n", None, "invalid YAML"),
+        "data.yaml": ("kind: mapreduce\nmodule: m.py\ninput: in.txt\noutput: out/\n", "mapreduce", "already exists"),
+        "graph.yaml": ("kind: vertex\nmodule: v.py\ninput: in.txt\noutput: out/\n", "vertex", "already exists"),
+    }  # fmt: skip
+    for name, (text, kind, why) in jobs.items():
+        (tmp_path / name).write_text(text)
+        code = main(
+            ["--env-file", str(tmp_path / "none"), "compute", str(tmp_path / name), "--json"]
+        )
+        out, err = capsys.readouterr()
+        assert code == 2, err
+        summary = json.loads(out)
+        assert (summary["state"], summary["exit_code"], summary.get("kind")) == ("failed", 2, kind)
+        assert why in summary["error"] and err.strip() == f"error: {summary['error']}"
+        if kind is not None:
+            assert "(remove it or choose another output)" in summary["error"], name

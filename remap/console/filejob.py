@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..data.layout import new_job_id
-from ..errors import JobFailed, JobKilled
+from ..errors import RemapError
 from ..vertex.reference import SuperstepReport
 from . import render
 
@@ -110,7 +110,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             on_progress,
             console.note if spec.kind == "mapreduce" else None,
         )
-    except JobFailed as exc:
+    except RemapError as exc:  # failed, killed, or could not start (no server, no input)
         print_failure(console, args.json, spec.kind, job_id, exc)
         raise
     finally:
@@ -119,22 +119,11 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     return print_summary(console, spec.kind, summary, args.json)
 
 
-def print_failure(console: Any, as_json: bool, kind: str, job_id: str, exc: JobFailed) -> None:
-    """``--json``: a data or vertex job that failed or was killed still prints one object on
-    stdout, as a function job does (its error line goes to stderr as usual)."""
+def print_failure(console: Any, as_json: bool, kind: str, job_id: str, exc: RemapError) -> None:
+    """``--json``: a data or vertex job that failed, was killed or could not start still
+    prints one object on stdout, as a function job does (its error line goes to stderr)."""
     if as_json:
-        state = "killed" if isinstance(exc, JobKilled) else "failed"
-        console.say(
-            json.dumps(
-                {
-                    "job": job_id,
-                    "kind": kind,
-                    "state": state,
-                    "error": str(exc),
-                    "exit_code": exc.exit_code,
-                }
-            )
-        )
+        console.say(json.dumps({**render.failure_json(exc, job_id), "kind": kind}))
 
 
 def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> int:

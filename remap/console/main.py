@@ -278,7 +278,12 @@ class Console:
     # ------------------------------------------------------------------ compute
 
     def cmd_compute(self, args: argparse.Namespace) -> int:
-        spec = load_job(args.job)
+        try:
+            spec = load_job(args.job)
+        except RemapError as exc:  # --json: a script reads one object whatever went wrong
+            if args.json:
+                self.say(json.dumps(render.failure_json(exc, None)))
+            raise
         if args.engine != "remap" and spec.kind != "function":
             raise UsageError(f"--engine runs plain jobs only, not kind: {spec.kind}")
         detach = args.detach or (spec.kind == "function" and spec.options.detach)
@@ -440,10 +445,7 @@ class Console:
         if as_json:
             summary = {
                 **sink.summary(),
-                "job": run.job_id if run is not None else None,
-                "state": "killed" if isinstance(exc, JobKilled) else "failed",
-                "error": str(exc),
-                "exit_code": exc.exit_code,
+                **render.failure_json(exc, run.job_id if run is not None else None),
             }
             self.say(json.dumps(render.jsonable(summary)))
         return exc

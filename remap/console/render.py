@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from protocol.status import JobStatus, NodeStatus
 
+from ..errors import JobKilled, RemapError
 from ..sinks import to_jsonable
 
 
@@ -75,6 +76,16 @@ class Progress:
 def jsonable(value: Any) -> Any:
     """The JSON form of one value (its repr when JSON has none)."""
     return to_jsonable(value)[0]
+
+
+def failure_json(exc: RemapError, job: Any) -> dict[str, Any]:
+    """What ``compute --json`` prints for a job that did not finish (or never began)."""
+    return {
+        "job": job,
+        "state": "killed" if isinstance(exc, JobKilled) else "failed",
+        "error": str(exc),
+        "exit_code": exc.exit_code,
+    }
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:

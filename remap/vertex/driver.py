@@ -167,7 +167,10 @@ class Driver:
         if workers < 1:
             raise ConfigError("a vertex job needs at least one core")
         if config.output.exists():
-            raise ConfigError(f"output {config.output} already exists")
+            raise ConfigError(
+                f"output {config.output} already exists: a vertex job never overwrites "
+                "results (remove it or choose another output)"
+            )
         self.program = program
         self.config = config
         self.data = data

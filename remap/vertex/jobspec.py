@@ -113,7 +113,10 @@ def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('module')}: {exc}") from exc.__cause__
     if spec.output.exists():
-        raise ConfigError(f"{spec.where('output')}: {spec.output} already exists")
+        raise ConfigError(
+            f"{spec.where('output')}: {spec.output} already exists: a vertex job never "
+            "overwrites results (remove it or choose another output)"
+        )
     try:
         inputs = resolve_inputs(spec.inputs, spec.base_dir)
         find_inputs(inputs)  # a missing input fails here, before a cluster starts
