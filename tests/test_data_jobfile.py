@@ -178,6 +178,8 @@ def test_failed_records_under_continue_exit_5(as_json: bool) -> None:
         assert "errors.log (exit code 5)" in console.err[-1]
     summary["counters"]["map_errors"] = 0
     assert print_summary(_Lines(), "mapreduce", summary, as_json) == 0
+    if not as_json:
+        assert "3 records in 1 file (3 B)" in console.out[0], console.out
 
 
 @pytest.mark.parametrize("killed", [False, True])

@@ -143,7 +143,8 @@ def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: boo
     elif kind == "mapreduce":
         console.say(
             f"{summary['state']}: {c.get('map_records_in', 0)} records in "
-            f"{summary['files']} files ({render.fmt_bytes(summary['bytes'])}) -> "
+            f"{summary['files']} file{'s' if summary['files'] != 1 else ''} "
+            f"({render.fmt_bytes(summary['bytes'])}) -> "
             f"{c.get('reduce_records_out', 0)} records in {summary['output']} "
             f"in {render.fmt_duration(summary['timings'].get('total', 0))}"
         )

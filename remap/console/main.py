@@ -31,7 +31,7 @@ from .session import Session, make_job_sink
 
 HELP = """\
 commands:
-  compute JOB.yaml [--json] [--detach] [--wait-for-nodes S] [--dashboard]   run a job (embedded cluster if no server)
+  compute JOB.yaml [--json] [--detach] [--traceback] ...  run a job (embedded cluster if no server); all options: help compute
   status [--json]                      cluster summary: nodes, cores busy/total, jobs
   nodes [--json]                       connected nodes
   jobs [--json]                        jobs, running and recent

@@ -82,7 +82,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     data = await probe_data_dir(reactor, settings)
     node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused, data=data)
     print(
-        f"remap node: {node.pool.size} cores, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
+        f"remap node: {node.pool.size} core{'s' if node.pool.size != 1 else ''}, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
         file=sys.stderr,
         flush=True,
     )
