@@ -4,6 +4,7 @@ what started), never on elapsed time."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
@@ -72,14 +73,41 @@ def test_eight_slow_submits_run_four_on_each_core(two_cores: remap.Cluster) -> N
     assert len(per_core) == 2 and max(per_core.values()) <= 5, per_core
 
 
-def test_results_of_a_batch_stream_back_before_it_ends(two_cores: remap.Cluster) -> None:
-    """With batches of 4 (one per core), the first results reach the caller before the last
-    calls of those batches start: the core sends finished calls while the batch runs."""
-    arrived: list[float] = []
+def first_then_held(x: int, release: str) -> tuple[int, int, bool]:
+    """The first call of each batch of 4 sleeps 0.2 s (longer than a core waits before it
+    sends what a batch finished: ``STREAM_SECONDS``, on the same wall clock however loaded
+    the machine); the others hold their core until the test has a result (``release``), 15 s
+    at most, and say whether it came in time."""
+    if x % 4 == 0:
+        time.sleep(0.2)
+    deadline = time.monotonic() + 15
+    while x % 4 and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x, os.getpid(), os.path.exists(release)
+
+
+def test_results_of_a_batch_stream_back_before_it_ends(
+    two_cores: remap.Cluster, tmp_path: Path
+) -> None:
+    """With batches of 4 (one per core), the first result reaches the caller while the rest
+    of its batch still runs: the batch's other calls are held until the caller has a result
+    (a core that answered only at the batch's end would hold them to their deadline).
+    No clock: a wall-clock version (first arrival before the last 0.5 s call started) had
+    about a second of margin against a loaded machine's delays."""
+    from remap.node.core import STREAM_SECONDS
+
+    assert STREAM_SECONDS < 0.2, "first_then_held's first call must outlast STREAM_SECONDS"
+    release = tmp_path / "release"
     calls = []
-    for call in two_cores.imap_unordered(timed_call, range(8), chunksize=4):
-        arrived.append(time.time())
-        calls.append(call)
+    try:
+        for call in two_cores.imap_unordered(
+            functools.partial(first_then_held, release=str(release)), range(8), chunksize=4
+        ):
+            release.touch()
+            calls.append(call)
+    finally:
+        release.touch()
+    assert sorted(c[0] for c in calls) == list(range(8))
     assert Counter(c[1] for c in calls).most_common(1)[0][1] == 4
-    last_start = max(c[2] for c in calls)
-    assert arrived[0] < last_start, "the first result waited for the whole batch"
+    late = [x for x, _, released in calls if x % 4 and not released]
+    assert not late, f"calls {late} ran to their deadline: the first result waited for the batch"
