@@ -19,14 +19,17 @@ from tests.cluster_harness import held_until, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
-CALL_SECONDS = 0.5
 
-
-def timed_call(x: int) -> tuple[int, int, float, float]:
-    """Sleep like a slow function; say which core ran it and when (wall clock, one machine)."""
-    started = time.time()
-    time.sleep(CALL_SECONDS)
-    return x, os.getpid(), started, time.time()
+def held_in_turn(where: str, x: int) -> tuple[int, int]:
+    """Say "started" (with this core's pid) in a file, then hold the core until the test
+    releases this call (a minute at most), and 0.2 s more: every call takes longer than
+    ``TARGET_BATCH_SECONDS``, so the server keeps sending one call per batch once it has
+    measured them (a call released at once measured a few ms, and the rest went as one
+    batch to one core). Say which call and core it was."""
+    Path(where, f"started-{x}").write_text(str(os.getpid()))
+    held_until(str(Path(where, f"release-{x}")), 1)
+    time.sleep(0.2)
+    return x, os.getpid()
 
 
 def start_and_hold(where: str, x: int, release: str) -> int:
@@ -59,18 +62,41 @@ def test_two_submits_start_at_once_on_both_cores(two_cores: remap.Cluster, tmp_p
     assert len({f.result(timeout=60) for f in futures}) == 2
 
 
-def test_eight_slow_submits_run_four_on_each_core(two_cores: remap.Cluster) -> None:
-    """Eight submits of a 0.5 s call on 2 cores: each core runs about four (about 2 s in all,
-    not 4 s): before call times are known each call travels alone (that both start at once is
-    the test above's, without a clock).
+def test_eight_slow_submits_run_four_on_each_core(two_cores: remap.Cluster, tmp_path: Path) -> None:
+    """Eight submits of a call that holds its core until the test releases it: the test lets
+    them run two at a time, and each pair runs one call on each core, so each core runs four
+    (before call times are known each call travels alone; that the first two start at once is
+    the test above's). Had calls travelled in batches of more than four, or all waited for one
+    core, a pair would never start (the wait fails at its deadline).
 
-    (One stall of half a second on a loaded machine may move one call: hence not exactly 4.)
-    """
-    futures = [two_cores.submit(timed_call, i) for i in range(8)]
+    No clock: 0.5 s calls counted per core allowed one stall of half a second on a loaded
+    machine to move a call, not two."""
+    from remap.server.scheduler import TARGET_BATCH_SECONDS
+
+    assert TARGET_BATCH_SECONDS < 0.2, "held_in_turn's calls must outlast a batch's target"
+    futures = [two_cores.submit(held_in_turn, str(tmp_path), i) for i in range(8)]
+    started: list[int] = []
+    try:
+        for pair in range(4):
+
+            def two_more(pair: int = pair) -> list[int] | None:
+                now = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("started-*"))
+                return now if len(now) == 2 * (pair + 1) else None
+
+            now = wait_for(two_more, 60, f"pair {pair + 1} of the held calls to start")
+            running = [x for x in now if x not in started]
+            pids = {(tmp_path / f"started-{x}").read_text() for x in running}
+            assert len(pids) == 2, f"calls {running} ran on one core: {pids}"
+            started = now
+            for x in running:
+                (tmp_path / f"release-{x}").touch()
+    finally:
+        for x in range(8):
+            (tmp_path / f"release-{x}").touch()
     calls = [f.result(timeout=60) for f in futures]
     assert sorted(c[0] for c in calls) == list(range(8))
     per_core = Counter(c[1] for c in calls)
-    assert len(per_core) == 2 and max(per_core.values()) <= 5, per_core
+    assert sorted(per_core.values()) == [4, 4], per_core
 
 
 def first_then_held(x: int, release: str) -> tuple[int, int, bool]:
