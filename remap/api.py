@@ -1064,7 +1064,7 @@ class Cluster:
         ``detach=True`` (a module from a ``.py`` file, on a server): the server runs the
         job; returns a handle with ``id``, ``status()``, ``wait()`` (the summary) and ``kill()``.
         """
-        from .data.driver import job_from_functions, run_data_job
+        from .data.driver import DataJobRunner, job_from_functions
         from .data.layout import DataDir
 
         self._check_open()
@@ -1093,7 +1093,7 @@ class Cluster:
         job = job_from_functions(functions, input, output, reducers=reducers, **options)
         data = DataDir.from_setting(data_dir or self.settings.data_dir)
         assert self._client is not None
-        return run_data_job(self._client, job, data, on_progress=on_progress)
+        return DataJobRunner(self._client, job, data, on_progress=on_progress).run()
 
     # ------------------------------------------------------------ vertex jobs
 

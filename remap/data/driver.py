@@ -475,18 +475,6 @@ def _ignore_outcome(future: concurrent.futures.Future) -> None:
     future.exception()
 
 
-def run_data_job(
-    client: ClusterClient,
-    job: DataJob,
-    data: DataDir,
-    *,
-    on_progress: Callable[[DataProgress], None] | None = None,
-    on_notice: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run a data job to the end and return its summary (see :class:`DataJobRunner`)."""
-    return DataJobRunner(client, job, data, on_progress=on_progress, on_notice=on_notice).run()
-
-
 def job_from_functions(
     functions: Any,
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
@@ -500,6 +488,8 @@ def job_from_functions(
     """A :class:`DataJob` from a module (or a mapping of role -> function) and paths."""
     import types
 
+    import cloudpickle
+
     from .tasks import functions_from
 
     module_path = None
@@ -507,8 +497,8 @@ def job_from_functions(
         namespace = vars(functions)
         file = getattr(functions, "__file__", None)
         module_path = Path(file) if file else None
-        if functions.__name__ != "__main__":
-            shipping_by_value(functions)
+        if functions.__name__ != "__main__":  # nodes need not have it: it travels by value
+            cloudpickle.register_pickle_by_value(functions)
         default_name = functions.__name__.rpartition(".")[2]
     elif isinstance(functions, dict):
         namespace = functions
@@ -533,10 +523,3 @@ def job_from_functions(
         module_path=module_path,
         options=DataOptions(**options),
     )
-
-
-def shipping_by_value(module: Any) -> None:
-    """Nodes need not have the job module: its functions travel by value."""
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(module)
