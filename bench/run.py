@@ -471,7 +471,7 @@ def bench_nodes(p: dict[str, Any], workdir: Path) -> list[dict]:
         reactor = runtime.ensure_running()
         system.address = system._spawn_processes(node=False)
         system.client = runtime.run(
-            runtime.as_deferred(connect_console),
+            connect_console,
             reactor,
             load_settings({}, environ={}, dotenv_path=None),
             system.address,

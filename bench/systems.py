@@ -117,12 +117,12 @@ class RemapSystem(System):
         reactor = runtime.ensure_running()
         if self.kind == "embedded":
             self.cluster = EmbeddedCluster(reactor, settings, cores=self.workers)
-            self.address = runtime.run(runtime.as_deferred(self.cluster.start), timeout=30)
-            self.client = runtime.run(runtime.as_deferred(self.cluster.connect), timeout=30)
+            self.address = runtime.run(self.cluster.start, timeout=30)
+            self.client = runtime.run(self.cluster.connect, timeout=30)
         else:
             self.address = self._spawn_processes()
             self.client = runtime.run(
-                runtime.as_deferred(connect_console),
+                connect_console,
                 reactor,
                 settings,
                 self.address,
@@ -210,7 +210,7 @@ class RemapSystem(System):
             if runtime is not None and self.client is not None and self.client.link is not None:
                 runtime.run(self.client.link.close, timeout=5)
             if runtime is not None and self.cluster is not None:
-                runtime.run(runtime.as_deferred(self.cluster.stop), timeout=15)
+                runtime.run(self.cluster.stop, timeout=15)
         except Exception as exc:  # still stop the processes below
             print(f"warning: {self.name} close: {exc}", file=sys.stderr)
         finally:

@@ -772,14 +772,10 @@ class Cluster:
                 self._embedded = EmbeddedCluster(reactor, settings, cores)
                 # what a call from here sends reaches the server and the node in that turn
                 self._call_soon = runtime.thread_caller(reactor, self._embedded.in_one_turn)
-                self.address = runtime.run(
-                    runtime.as_deferred(self._embedded.start), timeout=connect_timeout
-                )
-                self._client = runtime.run(
-                    runtime.as_deferred(self._embedded.connect), timeout=connect_timeout
-                )
+                self.address = runtime.run(self._embedded.start, timeout=connect_timeout)
+                self._client = runtime.run(self._embedded.connect, timeout=connect_timeout)
                 runtime.run(
-                    runtime.as_deferred(self._embedded.until_node_joined),
+                    self._embedded.until_node_joined,
                     connect_timeout,
                     timeout=connect_timeout + 5,
                 )
@@ -791,7 +787,7 @@ class Cluster:
         """A one-time login link to this cluster's dashboard, also printed to ``out`` (stderr)."""
         embedded = self._embedded
         if embedded is not None:
-            url = runtime.run(runtime.as_deferred(embedded.start_dashboard), timeout=10)
+            url = runtime.run(embedded.start_dashboard, timeout=10)
         else:
             from .console.dashboard import login_link
 
@@ -1233,7 +1229,7 @@ class Cluster:
         embedded, self._embedded = self._embedded, None
         if embedded is not None:
             try:
-                runtime.run(runtime.as_deferred(embedded.stop), timeout=CLOSE_TIMEOUT)
+                runtime.run(embedded.stop, timeout=CLOSE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - cores die with their pipes anyway
                 log.warn("stopping the embedded cluster failed: {error}", error=exc)
 

@@ -311,12 +311,3 @@ def check_not_reactor_thread() -> None:
             "remap's blocking API was called on the thread that runs its reactor; "
             "call it from another thread (the reactor would wait for itself forever)"
         )
-
-
-def as_deferred(fn: Callable[..., Any]) -> Callable[..., defer.Deferred]:
-    """Let ``call`` run an ``async def`` by wrapping its coroutine in a Deferred."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred:
-        return defer.ensureDeferred(fn(*args, **kwargs))
-
-    return wrapper

@@ -55,7 +55,7 @@ class Served:
         self.factory = RemapServerFactory(self.reactor, SECRET, max_frame=1 << 20)
         self.settings = settings or Settings(http_port=0)
         self.http: RunningHttp = runtime.run(
-            runtime.as_deferred(start_http),
+            start_http,
             self.reactor,
             self.settings,
             self.factory,
@@ -72,7 +72,7 @@ class Served:
         return self.factory.scheduler
 
     def stop(self) -> None:
-        runtime.run(runtime.as_deferred(self.http.stop), timeout=10)
+        runtime.run(self.http.stop, timeout=10)
 
     def add_node(self, host: str = "box", cores: int = 2) -> str:
         def add() -> str:

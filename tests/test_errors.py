@@ -141,7 +141,7 @@ def _dial(answer: bytes | None) -> str:
                 await port.stopListening()
         raise AssertionError("the dial did not fail")
 
-    return runtime.run(runtime.as_deferred(scenario), timeout=30)
+    return runtime.run(scenario, timeout=30)
 
 
 def test_dialling_something_that_is_not_a_remap_server_says_so() -> None:

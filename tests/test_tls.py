@@ -334,7 +334,7 @@ def test_tls_on_a_reactor_that_is_not_the_global_one(pki):
         finally:
             await server.stop()
 
-    status = runtime.run(runtime.as_deferred(scenario), timeout=30)
+    status = runtime.run(scenario, timeout=30)
     assert status["nodes"] == [] and "uptime" in status["server"]
 
 

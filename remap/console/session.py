@@ -73,7 +73,7 @@ class Session:
         if self.locate():
             try:
                 self.client = runtime.run(
-                    runtime.as_deferred(connect_console),
+                    connect_console,
                     runtime.reactor(),
                     self.settings,
                     self.settings.server,
@@ -85,7 +85,7 @@ class Session:
                 from ..cluster import EmbeddedCluster  # the composition root: only when embedded
 
                 self.embedded = EmbeddedCluster(runtime.reactor(), self.settings)
-                address = runtime.run(runtime.as_deferred(self.embedded.start))
+                address = runtime.run(self.embedded.start)
                 why = "no server configured"
                 if self.found is not None:
                     why = self.found.failure().partition("; pass")[0]
@@ -93,7 +93,7 @@ class Session:
                     f"{why}: started an embedded local cluster with "
                     f"{self.embedded.cores} cores on {address}"
                 )
-            self.client = runtime.run(runtime.as_deferred(self.embedded.connect))
+            self.client = runtime.run(self.embedded.connect)
         elif self.found is not None:
             raise ConfigError(self.found.failure())
         else:
@@ -112,7 +112,7 @@ class Session:
         if self.embedded is None and not self.settings.server and self.embedded_for_requests:
             self.connect(allow_embedded=True)
         if self.embedded is not None:
-            return runtime.run(runtime.as_deferred(self.embedded.start_dashboard), timeout=10)
+            return runtime.run(self.embedded.start_dashboard, timeout=10)
         from .dashboard import login_link
 
         return login_link(self.settings, http_port)
@@ -135,7 +135,7 @@ class Session:
             runtime.run(self.client.close, timeout=5)
         if self.embedded is not None:
             try:
-                runtime.run(runtime.as_deferred(self.embedded.stop), timeout=15)
+                runtime.run(self.embedded.stop, timeout=15)
             except Exception:  # shutting down anyway; children die with us
                 pass
             self.embedded = None
