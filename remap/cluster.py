@@ -22,7 +22,14 @@ from .data.layout import DataDirReport
 from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ServerUnreachable
 from .local import connect_local, in_one_turn
-from .net import PeerFactory, cannot_listen, client_endpoint, server_endpoint, tls_enabled
+from .net import (
+    PeerFactory,
+    authenticated,
+    cannot_listen,
+    client_endpoint,
+    server_endpoint,
+    tls_enabled,
+)
 from .node.agent import NodeAgent
 from .node.cores import CorePool
 from .server.service import RemapServerFactory
@@ -250,14 +257,16 @@ def start_node(
         on_auth_failure=on_auth_failure,
         data=data,
     )
-    factory = PeerFactory(reactor, "node", key, agent, settings, name=agent.host)
+    factory = PeerFactory(
+        reactor, "node", key, agent, settings, name=agent.host, wait_for_auth=True
+    )
     scheme = "tls" if tls_enabled(settings) else "tcp"
     connection = ClientService(
         NamedEndpoint(client_endpoint(reactor, settings, host, port), f"{scheme}:{host}:{port}"),
         factory,
         retryPolicy=reconnect_delays(),
         clock=reactor,
-        prepareConnection=agent.until_authenticated,
+        prepareConnection=authenticated,
     )
     node = NodeService(pool, agent, connection)
     node.startService()

@@ -14,7 +14,7 @@ from protocol.errors import HandshakeTimeout, RemoteProtocolError
 from .auth import client_secret
 from .client import ClusterClient
 from .errors import AuthError, ServerUnreachable, VersionMismatch
-from .net import AuthWaiter, PeerFactory, client_endpoint
+from .net import PeerFactory, authenticated, client_endpoint
 from .settings import Settings, parse_address
 
 
@@ -50,14 +50,17 @@ async def _dial(
 ) -> None:
     """One connection of ``client`` to ``address``, authenticated."""
     host, port = parse_address(address)
-    waiter = AuthWaiter(client)
-    factory = PeerFactory(reactor, "console", key, waiter, settings, name="console")
+    factory = PeerFactory(
+        reactor, "console", key, client, settings, name="console", wait_for_auth=True
+    )
     try:
-        await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(factory)
+        link = await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(
+            factory
+        )
     except Exception as exc:
         raise ServerUnreachable(f"cannot reach the server at {address}: {_reason(exc)}") from None
     try:
-        await waiter.ready
+        await authenticated(link)
     except (AuthError, VersionMismatch):
         raise
     except (HandshakeTimeout, RemoteProtocolError) as exc:  # it answers, but not in remap

@@ -168,7 +168,9 @@ def client_endpoint(
 
 
 class PeerFactory(Factory):
-    """Builds client-side PeerProtocols for a given role and handler."""
+    """Builds client-side PeerProtocols for a given role and handler; with ``wait_for_auth``
+    each connection's handler is wrapped in an :class:`AuthWaiter`, so the dialler can wait
+    for it to authenticate (:func:`authenticated`)."""
 
     noisy = False  # no "Starting factory <... at 0x...>" line per connection attempt
 
@@ -180,6 +182,8 @@ class PeerFactory(Factory):
         handler: Any,
         settings: Settings,
         name: str = "",
+        *,
+        wait_for_auth: bool = False,
     ) -> None:
         self.reactor = reactor
         self.role = role
@@ -187,6 +191,7 @@ class PeerFactory(Factory):
         self.handler = handler
         self.settings = settings
         self.name = name
+        self.wait_for_auth = wait_for_auth
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         conn = Connection(
@@ -200,7 +205,7 @@ class PeerFactory(Factory):
         )
         proto = PeerProtocol(
             conn,
-            self.handler,
+            AuthWaiter(self.handler) if self.wait_for_auth else self.handler,
             self.reactor,
             handshake_timeout=self.settings.handshake_timeout,
             heartbeat_interval=self.settings.heartbeat_interval,
@@ -210,8 +215,17 @@ class PeerFactory(Factory):
         return proto
 
 
+def authenticated(protocol: Any) -> defer.Deferred[PeerProtocol]:
+    """Fires once a new connection of a ``wait_for_auth`` :class:`PeerFactory` has
+    authenticated, fails if it is refused or lost first. It is the node's ``ClientService``
+    ``prepareConnection``: a server that accepts TCP but never completes a handshake is
+    retried with growing delays, not at once."""
+    return protocol.handler.ready
+
+
 class AuthWaiter:
-    """Wraps a handler so a one-off client can wait for authentication (or its failure)."""
+    """Wraps a connection's handler until it authenticates, so the dialler can wait for that
+    (or its failure)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner

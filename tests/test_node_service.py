@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from remap.cluster import Cores, NamedEndpoint, NodeService
-from remap.net import PeerFactory
+from remap.net import PeerFactory, authenticated
 from remap.node.agent import NodeAgent
 from remap.server.service import RemapServerFactory
 from remap.settings import load_settings
@@ -44,10 +44,10 @@ def node_connection(clock: Clock) -> tuple[ClientService, FakeEndpoint, NodeAgen
     endpoint, attempts = FakeEndpoint(), []
     service = ClientService(
         NamedEndpoint(endpoint, "tcp:10.0.0.1:7878"),
-        PeerFactory(clock, "node", KEY, agent, settings, name="n1"),
+        PeerFactory(clock, "node", KEY, agent, settings, name="n1", wait_for_auth=True),
         retryPolicy=lambda n: attempts.append(n) or 1.0,
         clock=clock,
-        prepareConnection=agent.until_authenticated,
+        prepareConnection=authenticated,
     )
     return service, endpoint, agent, attempts
 

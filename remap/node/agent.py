@@ -9,7 +9,6 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from protocol import Authenticated
@@ -67,8 +66,6 @@ class NodeAgent:
         self._max_frame = 0
         self.on_shutdown = on_shutdown
         self.on_auth_failure = on_auth_failure
-        #: the connection ClientService is preparing (its transport) and what waits for it
-        self._preparing: tuple[Any, defer.Deferred] | None = None
         pool.on_result = self._send
         pool.on_failed = self._send
         pool.name = self.host
@@ -107,26 +104,6 @@ class NodeAgent:
             message=f"{size} bytes of results, over REMAP_MAX_FRAME ({limit})",
         )
 
-    def until_authenticated(self, protocol: Any) -> defer.Deferred:
-        """``ClientService``'s ``prepareConnection``: fires once this new connection has
-        authenticated, fails if it is refused or lost first, so a server that accepts TCP but
-        never completes a handshake is retried with growing delays, not at once."""
-        if self.link is not None and self.link.transport is protocol.transport:
-            return defer.succeed(self.link)
-        ready: defer.Deferred = defer.Deferred()
-        self._preparing = (protocol.transport, ready)
-        return ready
-
-    def _prepared(self, link: PeerProtocol, error: RemapError | None = None) -> None:
-        preparing = self._preparing
-        if preparing is None or preparing[0] is not link.transport:
-            return
-        self._preparing = None
-        if error is None:
-            preparing[1].callback(link)
-        else:
-            preparing[1].errback(error)
-
     # ---------------------------------------------------------------- Handler
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
@@ -136,7 +113,6 @@ class NodeAgent:
         # over a network connection a core's result leaves as the core framed it (an embedded
         # cluster's in-process link takes the message itself)
         self.pool.on_result_frame = self._forward if isinstance(link, PeerProtocol) else None
-        self._prepared(link)
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
         link.send(
             m.NodeInfo(
@@ -176,14 +152,12 @@ class NodeAgent:
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.log.error("connection to server refused: {error}", error=error)
-        self._prepared(link, error)
         if self.on_auth_failure is not None:
             self.on_auth_failure(error)
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
         if isinstance(error, CertificateMismatch):  # a configuration error, like a wrong secret
             self.connection_failed(link, error)
-        self._prepared(link, error)
         if self.link is link:
             self.link = None
             self.log.warn(
