@@ -53,6 +53,8 @@ class JobFailed(RemapError):
     """A job ended without producing all its results."""
 
     exit_code = 1
+    #: where the user's code raised, when a data or vertex job failed on it (else empty)
+    remote_traceback = ""
 
 
 class JobKilled(JobFailed):

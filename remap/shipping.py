@@ -18,6 +18,7 @@ import linecache
 import os
 import pickle
 import sys
+import traceback
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,8 +27,10 @@ PICKLE_PROTOCOL = 5
 MAX_SOURCE = 1 << 20  # bytes of one shipped source file
 MAX_SOURCES = 4 << 20  # bytes of all shipped source files
 MAX_VISITS = 20_000  # objects walked looking for code
-#: the module of the wrappers cores unpickle around a user's function (walked into)
-WRAPPERS = "remap.calls"
+#: remap's own objects carrying a job's functions (call wrappers, a data job's task context,
+#: a vertex program) are walked into; so are small containers (a dict of functions)
+OWN = "remap."
+MAX_CONTAINER = 256
 
 Origins = dict[tuple[str, int], str]
 
@@ -82,13 +85,15 @@ def _reachable(roots: tuple[Any, ...]) -> Iterator[types.FunctionType]:
         elif hasattr(obj, "func") and hasattr(obj, "args") and callable(obj):  # functools.partial
             stack.append(obj.func)
             stack.extend(getattr(obj, "args", ()) or ())
-        elif (callable(obj) and not isinstance(obj, types.BuiltinFunctionType)) or (
-            type(obj).__module__ == WRAPPERS
-        ):
-            # an instance with __call__: its class's methods, and what it holds (remap's own
-            # wrappers around a user's function and initializer, a user's callable object)
+        elif callable(obj) and not isinstance(obj, types.BuiltinFunctionType):
+            # an instance with __call__: its class's methods, and what it holds (remap's call
+            # wrappers around a user's function, a user's callable object)
             stack.append(type(obj))
             stack.extend(_attributes(obj))
+        elif type(obj).__module__.startswith(OWN):  # what remap carries a job's functions in
+            stack.extend(_attributes(obj))
+        elif isinstance(obj, (dict, list, tuple)) and len(obj) <= MAX_CONTAINER:
+            stack.extend(obj.values() if isinstance(obj, dict) else obj)
 
 
 def _attributes(obj: Any) -> list[Any]:
@@ -165,6 +170,23 @@ def restore(roots: tuple[Any, ...], origins: Origins, sources: dict[str, str]) -
             lines[-1] += "\n"
         # mtime None: linecache.checkcache keeps the entry (the node may have no such file)
         linecache.cache[filename] = (len(text), None, lines, filename)
+
+
+#: the directory of remap's own code, whose frames above the user's say nothing to them
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback from the user's first frame on: remap's own frames above it (the
+    core, a call wrapper, a data task's loop) are left out, unless nothing else is there. An
+    error of remap's that only says where the user's exception happened (``shows_cause``: a
+    data job's bad record, a vertex that raised) shows that exception instead."""
+    if getattr(exc, "shows_cause", False) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    start = tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or start))
 
 
 def _proxy_reduce(obj: Any) -> Any:

@@ -263,3 +263,36 @@ def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
         assert why in summary["error"] and err.strip() == f"error: {summary['error']}"
         if kind is not None:
             assert "(remove it or choose another output)" in summary["error"], name
+
+
+@pytest.mark.slow
+def test_traceback_shows_where_a_data_or_vertex_jobs_code_raised(tmp_path: Path) -> None:
+    """A data job's map and a vertex job's compute that raise fail with one line that offers
+    ``--traceback``; with it, the user's file and line are printed (not remap's task loop,
+    not ``<dynamic-code>``), as for a function job."""
+    (tmp_path / "m.py").write_text(
+        "def map(line):\n    raise ValueError('bad ' + line)\n\n"
+        "def reduce(k, vs):\n    yield k, 1\n"
+    )
+    (tmp_path / "v.py").write_text(
+        "def prepare(line):\n    return (1, 0, [])\n\n"
+        "def compute(ctx, vid, value, messages):\n    raise KeyError(vid)\n"
+    )
+    (tmp_path / "in.txt").write_text("a\n")
+    jobs = {
+        "data.yaml": ("kind: mapreduce\nmodule: m.py\ninput: in.txt\noutput: o1/\n", "m.py\", line 2, in map"),
+        "graph.yaml": ("kind: vertex\nmodule: v.py\ninput: in.txt\noutput: o2/\n", "v.py\", line 5, in compute"),
+    }  # fmt: skip
+    for name, (text, frame) in jobs.items():
+        (tmp_path / name).write_text(text)
+        plain = console(tmp_path, "--cores", "1", "compute", name, timeout=120)
+        assert plain.returncode == 1, plain.stderr
+        assert (
+            plain.stderr.strip()
+            .splitlines()[-1]
+            .endswith("(add --traceback to see where it was raised)")
+        ), plain.stderr
+        shown = console(tmp_path, "--cores", "1", "compute", name, "--traceback", timeout=120)
+        assert shown.returncode == 1, shown.stderr
+        assert frame in shown.stderr and "<dynamic-code>" not in shown.stderr, shown.stderr
+        assert "remap/data" not in shown.stderr and "remap/vertex" not in shown.stderr

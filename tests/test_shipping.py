@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import linecache
 import sys
@@ -97,3 +98,49 @@ def test_functions_inside_remaps_call_wrappers_keep_their_origin(tmp_path: Path)
     assert f'File "{src}", line 5, in f' in tb
     assert "raise ValueError(f'bad {x}')" in tb
     assert "<dynamic-code>" not in tb
+
+
+def test_a_vertex_programs_functions_keep_their_origin(tmp_path: Path) -> None:
+    """A vertex job's program (and a data job's task context) carries the user's functions
+    in remap's own objects and dicts: the walk reaches them, so a worker's traceback names
+    the user's file and line."""
+    from remap.vertex.program import Program
+
+    src, module = _load_user_module(tmp_path, "usermod4")
+    try:
+        blob = function_blob(
+            Program(prepare=module.f, compute=module.f, aggregators={"a": module.f})
+        )
+        src.rename(tmp_path / "moved.py")
+        linecache.clearcache()
+        program, _ = load_function_blob(blob)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        del sys.modules["usermod4"]
+    for fn in (program.compute, program.aggregators["a"]):
+        try:
+            fn(3)
+        except ValueError as exc:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        assert f'File "{src}", line 2, in helper' in tb and "<dynamic-code>" not in tb, tb
+
+
+def test_a_user_traceback_starts_at_the_users_frame_and_shows_the_wrapped_error() -> None:
+    """Remap's frames above the user's are left out; an error of remap's that only says where
+    (a data job's bad record) shows the user's exception; remap's own bug keeps its frames."""
+    from remap.data.tasks import RecordError
+    from remap.shipping import user_traceback
+
+    def users_map(line: str) -> None:
+        raise ValueError(f"bad {line}")
+
+    try:
+        try:
+            functools.reduce(lambda _, line: users_map(line), ["x"], None)
+        except ValueError as exc:
+            raise RecordError("in.txt:1: map raised ValueError: bad x") from exc
+    except RecordError as exc:
+        tb = user_traceback(exc)
+    assert tb.startswith('Traceback (most recent call last):\n  File "' + __file__), tb
+    assert "in users_map" in tb and tb.rstrip().endswith("ValueError: bad x"), tb
+    assert "RecordError" not in tb and "direct cause" not in tb, tb

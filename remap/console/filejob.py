@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..data.layout import new_job_id
-from ..errors import RemapError
+from ..errors import JobFailed, RemapError
 from ..vertex.reference import SuperstepReport
 from . import render
 
@@ -111,8 +111,13 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             console.note if spec.kind == "mapreduce" else None,
         )
     except RemapError as exc:  # failed, killed, or could not start (no server, no input)
+        if isinstance(exc, JobFailed):
+            if bar is not None:
+                bar.clear()
+            tb = exc.remote_traceback
+            exc = console.with_traceback(exc, tb, "the first failure", args.traceback)
         print_failure(console, args.json, spec.kind, job_id, exc)
-        raise
+        raise exc from None
     finally:
         if bar is not None:
             bar.clear()

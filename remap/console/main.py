@@ -400,7 +400,10 @@ class Console:
             if progress:
                 progress.clear()
             if isinstance(exc, JobFailed):
-                exc = self._with_traceback(exc, state, args.traceback)
+                error = state.first_error
+                if error is not None:
+                    where = f"argument {error.index}"
+                    exc = self.with_traceback(exc, error.traceback, where, args.traceback)
             raise self._closing(exc, run, sink, args.json) from None
         except KeyboardInterrupt:
             if progress:
@@ -475,13 +478,12 @@ class Console:
             self.note(f"{name} killed; {kept}")
         return EXIT_INTERRUPTED
 
-    def _with_traceback(self, exc: JobFailed, run: Any, show: bool) -> JobFailed:
-        """With ``--traceback``, print where the first failing call raised; else say how to see it."""
-        error = run.first_error
-        if error is None or not error.traceback or isinstance(exc, (JobKilled, OutputError)):
+    def with_traceback(self, exc: JobFailed, traceback: str, where: str, show: bool) -> JobFailed:
+        """With ``--traceback``, print where the failing user code raised; else say how to see it."""
+        if not traceback or isinstance(exc, (JobKilled, OutputError)):
             return exc
         if show:
-            self.note(f"remote traceback of argument {error.index}:\n{error.traceback.rstrip()}")
+            self.note(f"remote traceback of {where}:\n{traceback.rstrip()}")
             return exc
         return type(exc)(f"{exc} (add --traceback to see where it was raised)")
 

@@ -185,7 +185,9 @@ class DataJobRunner:
                 raise
             raise JobKilled(f"data job {self.job_id} ({job.name}) was killed: {exc}") from None
         except JobFailed as exc:
-            raise JobFailed(f"data job {self.job_id} ({job.name}) failed: {exc}") from None
+            failed = JobFailed(f"data job {self.job_id} ({job.name}) failed: {exc}")
+            failed.remote_traceback = exc.remote_traceback
+            raise failed from None
         finally:
             if state != "OK":
                 self._kill_phase()
@@ -363,7 +365,9 @@ class DataJobRunner:
         if first is not None:
             ours = ("RecordError", "JobCodeError")  # their messages say what and where
             what = "" if first.type_name in ours else f"{first.type_name}: "
-            return JobFailed(f"{phase} task {first.index}: {what}{first.message}")
+            failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
+            failed.remote_traceback = first.traceback
+            return failed
         return JobFailed(f"{phase} phase: {exc}")
 
     def _tick(self, phase: str) -> None:

@@ -52,6 +52,8 @@ _FEED = 4096
 class RecordError(Exception):
     """User code raised for one record; the message names the file and line (or the key)."""
 
+    shows_cause = True  # its remote traceback is the user's exception's
+
 
 class JobCodeError(Exception):
     """User code broke the data-job contract (bad yield shape, unknown purpose, ...)."""

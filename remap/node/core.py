@@ -18,18 +18,16 @@ import signal
 import struct
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
 from protocol import messages as m
 from protocol.framing import FrameDecoder, encode_frame, unsent
-from remap import calls
 from remap.blobs import dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.malloc import keep_freed_memory
-from remap.shipping import load_function_blob
+from remap.shipping import load_function_blob, user_traceback
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
 #: what is running: the position of its first argument (-1 idle), when it started (monotonic),
@@ -97,20 +95,8 @@ def _groups(cmd: m.CoreRun) -> Any:
     return zip(blobs, cmd.groups) if cmd.groups else ((blob, 0) for blob in blobs)
 
 
-#: files of remap's own frames above the user's code: the core's, and its call wrappers'
-_OWN_FRAMES = (__file__, calls.__file__)
-
-
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
-    # start the traceback at the user's code: remap's own frames say nothing to them
-    start = exc.__traceback__
-    while (
-        start is not None
-        and start.tb_next is not None
-        and start.tb_frame.f_code.co_filename in _OWN_FRAMES
-    ):
-        start = start.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, start))
+    tb = user_traceback(exc)
     return [pos, type(exc).__qualname__, str(exc)[:2000], tb[-8000:]]
 
 

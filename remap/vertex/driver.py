@@ -317,9 +317,11 @@ class Driver:
                 spent = slot.setdefault(phase, [0.0, 0.0])
                 spent[0] += wall
                 spent[1] += cpu
-        errors = [a["error"] for a in acks if "error" in a]
+        errors = [a for a in acks if "error" in a]
         if errors:
-            raise JobFailed(errors[0])
+            failed = JobFailed(errors[0]["error"])
+            failed.remote_traceback = errors[0].get("traceback", "")
+            raise failed
         return acks
 
     def _wait_for_workers(self) -> None:

@@ -46,6 +46,8 @@ def partition_of(vertex_id: Any, count: int) -> int:
 class VertexError(JobFailed):
     """User code of a vertex job raised; the message names the vertex and superstep."""
 
+    shows_cause = True  # its remote traceback is the user's exception's
+
 
 # --------------------------------------------------------------------------- input
 

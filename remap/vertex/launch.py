@@ -11,9 +11,6 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-import cloudpickle
-
-from .files import PICKLE_PROTOCOL
 from .worker import WorkerArgs, run_worker
 
 
@@ -99,7 +96,8 @@ class ClusterLaunch:
             priority=priority,
             gang=True,
         )
-        program = cloudpickle.dumps(args[0].program, PICKLE_PROTOCOL) if args else b""
+        # with the origins of its functions, so a worker's traceback names the user's file
+        program = function_blob(args[0].program) if args else b""
         args = [replace(a, program=program) for a in args]
         blob = function_blob(run_worker)
         if bundle:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.layout import DataDir, require_visible, write_atomic
+from ..shipping import load_function_blob, user_traceback
 from .engine import (
     _MASK,
     _MIX,
@@ -147,7 +148,9 @@ class Worker:
         self.args = args
         self.slot = args.slot
         program = args.program
-        self.program: Program = pickle.loads(program) if isinstance(program, bytes) else program
+        self.program: Program = (
+            load_function_blob(program)[0] if isinstance(program, bytes) else program
+        )
         self.data = DataDir(Path(args.data_dir))
         self.layout = Layout(self.data, args.job_id)
         self.attempt = uuid.uuid4().hex[:12]
@@ -219,6 +222,7 @@ class Worker:
                 ack.update(getattr(self, f"_do_{cmd.kind}")(cmd))
         except VertexError as exc:
             ack["error"] = str(exc)
+            ack["traceback"] = user_traceback(exc)[-8000:]  # where the user's code raised
         self.phases.mark(cmd.kind)  # what a command did not mark itself
         ack["times"] = self.phases.take()
         return ack
