@@ -29,8 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 #: arguments per chaos job: each call takes ~0.5 ms, so a job lasts several seconds on 3 cores
 N = 30_000
-#: small heartbeats so a frozen node is declared lost within about a second
-HEARTBEAT = 0.3
+#: heartbeats that find a frozen node within seconds, and spare a node merely starved for a
+#: second on a loaded 2-core machine: at 0.3 s x 3, 0.9 s of starvation lost healthy nodes and
+#: consoles too (the kills need no heartbeat: a SIGKILLed process's connections close at once)
+HEARTBEAT = 1.0
 MISSES = 3
 #: every console command and wait is bounded by this
 DEADLINE = 60.0
@@ -141,7 +143,7 @@ def test_nodes_sigkilled_and_replaced_mid_job_lose_and_duplicate_nothing(make_cl
 
 def test_frozen_node_is_declared_lost_by_heartbeats_and_its_work_rerun_once(make_cluster, tmp_path):
     """A node (and its cores) is SIGSTOPped mid-job: its TCP connection stays open, so only
-    missed heartbeats (interval 0.3 s x 3) can reveal it. The server must drop it and re-queue
+    missed heartbeats (interval 1 s x 3) can reveal it. The server must drop it and re-queue
     its work; after SIGCONT the node reconnects with a new session, and whatever it computed
     for its old session is ignored. Every result is still delivered exactly once."""
     c = make_cluster(2, cores=1, heartbeat=HEARTBEAT, env={"REMAP_HEARTBEAT_MISSES": str(MISSES)})
@@ -155,7 +157,7 @@ def test_frozen_node_is_declared_lost_by_heartbeats_and_its_work_rerun_once(make
         os.killpg(frozen.pid, signal.SIGSTOP)  # the node and its cores: a frozen machine
         c.wait_for(
             lambda: not _node_ids_of(c, frozen.pid),
-            15,
+            30,
             "the server to declare the frozen node lost",
         )
         lost = _lost_lines(c)

@@ -74,7 +74,7 @@ def test_attach_after_a_server_restart_never_returns_another_jobs_results(
     c = make_cluster(
         1,
         cores=1,
-        heartbeat=0.3,
+        heartbeat=1.0,  # nothing waits on one: the killed server's connections close at once
         server_env={"REMAP_JOURNAL": journal, "REMAP_STATE_DIR": str(tmp_path / "state")},
     )
 
