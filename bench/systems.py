@@ -109,7 +109,8 @@ class RemapSystem(System):
 
     def start(self) -> None:
         from remap import runtime
-        from remap.cluster import EmbeddedCluster, connect_console
+        from remap.cluster import EmbeddedCluster
+        from remap.dial import connect_console
         from remap.settings import load_settings
 
         self.runtime = runtime

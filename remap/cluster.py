@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .data.layout import DataDirReport
-from .dial import connect_console  # noqa: F401  (the embedded cluster's users dial too)
 from .errors import ServerUnreachable
 from .local import connect_local, in_one_turn
 from .net import (
