@@ -29,6 +29,8 @@ try:
 except ImportError:  # not POSIX: outputs are still staged and renamed, but not locked
     fcntl = None  # type: ignore[assignment]
 
+from protocol.options import ResponseMode
+
 from .errors import ConfigError, JobFailed, OutputError, RemoteTaskError
 
 __all__ = [
@@ -886,7 +888,8 @@ class NoneSink(Sink):
         return self.done
 
 
-SINK_MODES: tuple[str, ...] = ("object", "stream", "sqlite", "file", "reduce", "none")
+#: the response modes (the job options' :class:`~protocol.options.ResponseMode`)
+SINK_MODES: tuple[str, ...] = tuple(mode.value for mode in ResponseMode)
 
 
 def make_sink(
@@ -907,7 +910,7 @@ def make_sink(
         raise ConfigError(
             f"unknown response mode {mode!r}; expected one of {', '.join(SINK_MODES)}"
         )
-    if mode in ("sqlite", "file"):
+    if ResponseMode(mode).writes_output:
         if output is None:
             raise ConfigError(f"response mode {mode!r} needs an output path")
     elif output is not None:
