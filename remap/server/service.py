@@ -36,6 +36,11 @@ def bounded_counters(counters: dict) -> dict[str, int]:
     return kept
 
 
+def _refuse(link: PeerProtocol, msg: m.Message, code: str, message: str) -> None:
+    """Answer a console's request with an error (its ``re``: the request's id, if it has one)."""
+    link.send(m.Error(code=code, message=message, re=getattr(msg, "id", None)))
+
+
 class ServerConnection:
     """Handler for one peer: a node or a console, known once authenticated."""
 
@@ -130,13 +135,13 @@ class ServerConnection:
             problem = self._check_submit(msg)
             if problem:
                 self._submits[msg.id] = None
-                link.send(m.Error(code="bad-request", message=problem, re=msg.id))
+                _refuse(link, msg, "bad-request", problem)
             else:
                 try:
                     job = sched.submit(link, msg, owner=self.user)
                 except JournalError as exc:  # not accepted: nothing would survive a restart
                     self._submits[msg.id] = None
-                    link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+                    _refuse(link, msg, "failed", str(exc))
                     return
                 self._submits[msg.id] = job.id
                 if job.requires or job.options.data_id is not None:
@@ -166,14 +171,14 @@ class ServerConnection:
         elif t is m.Kill:
             job = sched.kill(msg.job)
             if job is None:
-                link.send(m.Error(code="not-found", message=f"no job {msg.job}", re=msg.id))
+                _refuse(link, msg, "not-found", f"no job {msg.job}")
             else:
                 link.send(m.Ok(re=msg.id, info={"job": job.id, "state": job.state}))
         elif t is m.Attach:
             sched.recall(msg.job)
             job = sched.attach(link, msg.job)
             if job is None:
-                link.send(m.Error(code="not-found", message=self._no_attach(msg.job), re=msg.id))
+                _refuse(link, msg, "not-found", self._no_attach(msg.job))
             else:
                 link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds()).to_wire()))
         elif t is m.Resume:
@@ -182,21 +187,20 @@ class ServerConnection:
                 code = "bad-request" if problem.startswith("resume:") else "not-found"
                 if msg.job not in sched.jobs and code == "not-found":
                     problem = self._no_attach(msg.job)  # says when an earlier run had it
-                link.send(m.Error(code=code, message=problem, re=msg.id))
+                _refuse(link, msg, code, problem)
             else:
                 link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
         elif self.user and t in (m.Drain, m.Undrain, m.Exclude, m.Include, m.KillCluster):
-            link.send(
-                m.Error(
-                    code="forbidden",
-                    message=f"{msg.TYPE} needs the cluster secret; {self.user!r}'s key may not",
-                    re=msg.id,
-                )
+            _refuse(
+                link,
+                msg,
+                "forbidden",
+                f"{msg.TYPE} needs the cluster secret; {self.user!r}'s key may not",
             )
         elif t is m.Drain or t is m.Undrain:
             node = sched.drain(msg.node) if t is m.Drain else sched.undrain(msg.node)
             if node is None:
-                link.send(m.Error(code="not-found", message=f"no node {msg.node!r}", re=msg.id))
+                _refuse(link, msg, "not-found", f"no node {msg.node!r}")
             else:
                 link.send(m.Ok(re=msg.id, info={"node": node.id, "host": node.host}))
         elif t is m.Exclude or t is m.Include:
@@ -207,30 +211,23 @@ class ServerConnection:
         elif t is m.Heartbeat:
             pass
         else:
-            link.send(
-                m.Error(
-                    code="unexpected",
-                    message=f"a console does not send {msg.TYPE}",
-                    re=getattr(msg, "id", None),
-                )
-            )
+            _refuse(link, msg, "unexpected", f"a console does not send {msg.TYPE}")
 
     def _drive(self, link: PeerProtocol, msg: m.Drive) -> None:
         """Run a data or vertex job's driver on the server (``compute --detach``)."""
         if self.user:
-            link.send(
-                m.Error(
-                    code="forbidden",
-                    message="a detached data or vertex job's driver runs on the server with the "
-                    f"cluster secret; {self.user!r}'s key may not start one (run it attached)",
-                    re=msg.id,
-                )
+            _refuse(
+                link,
+                msg,
+                "forbidden",
+                "a detached data or vertex job's driver runs on the server with the "
+                f"cluster secret; {self.user!r}'s key may not start one (run it attached)",
             )
             return
         try:
             job = self.server.drivers.start(msg.kind, msg.name, msg.job, msg.files, self.user)
         except (DriveError, OSError) as exc:
-            link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+            _refuse(link, msg, "failed", str(exc))
             return
         link.send(m.Ok(re=msg.id, info={"job": job.id}))
 
@@ -238,15 +235,14 @@ class ServerConnection:
         """``kill`` of a detached data or vertex job answers once its driver has exited."""
         job = self.server.drivers.jobs[msg.job]
         if self.user and job.owner != self.user:
-            link.send(m.Error(code="forbidden", message=f"job {job.id} is not yours", re=msg.id))
+            _refuse(link, msg, "forbidden", f"job {job.id} is not yours")
         elif type(msg) is m.Attach:
-            link.send(
-                m.Error(
-                    code="unexpected",
-                    message=f"job {job.id} is a detached {job.kind} job: its summary is in "
-                    "status once it ends (remap attach waits for it)",
-                    re=msg.id,
-                )
+            _refuse(
+                link,
+                msg,
+                "unexpected",
+                f"job {job.id} is a detached {job.kind} job: its summary is in "
+                "status once it ends (remap attach waits for it)",
             )
         else:
             self.server.drivers.kill(
@@ -259,13 +255,12 @@ class ServerConnection:
         if not self.user or job is None or job.owner == self.user:
             return True
         whose = f"{job.owner!r}" if job.owner else "the cluster administrator"
-        link.send(
-            m.Error(
-                code="forbidden",
-                message=f"job {job.id} belongs to {whose}: {self.user!r} may {msg.TYPE} only "
-                "their own jobs (the cluster secret may touch any)",
-                re=msg.id,
-            )
+        _refuse(
+            link,
+            msg,
+            "forbidden",
+            f"job {job.id} belongs to {whose}: {self.user!r} may {msg.TYPE} only "
+            "their own jobs (the cluster secret may touch any)",
         )
         return False
 
@@ -302,14 +297,12 @@ class ServerConnection:
         node = self.scheduler.find_node(msg.node)
         host = node.host if node is not None else msg.node.strip()
         if not excluded and node is None and host not in exclusions.hosts:
-            link.send(
-                m.Error(code="not-found", message=f"no node or excluded host {host!r}", re=msg.id)
-            )
+            _refuse(link, msg, "not-found", f"no node or excluded host {host!r}")
             return
         try:
             changed = exclusions.change(host, excluded)
         except ConfigError as exc:
-            link.send(m.Error(code="failed", message=str(exc), re=msg.id))
+            _refuse(link, msg, "failed", str(exc))
             return
         self.scheduler.set_excluded(exclusions.hosts)
         self.log.info(
