@@ -109,7 +109,8 @@ class Found:
         return (
             f"no server of this cluster found by discovery within {self.seconds:g}s"
             + (f" (saw {seen})" if seen else " (no remap server answered)")
-            + "; pass --server HOST:PORT or set REMAP_SERVER"
+            + "; pass --server HOST:PORT or set REMAP_SERVER (a server that listens on "
+            "127.0.0.1, the default, is not advertised: --server 127.0.0.1:7878 on its machine)"
         )
 
 

@@ -156,6 +156,7 @@ def test_none_gives_up_after_the_bound_with_one_clear_line():
     text = found.failure()
     assert "\n" not in text
     assert "within 0.4s (no remap server answered)" in text and "--server" in text
+    assert "--server 127.0.0.1:7878" in text, "a server on loopback is never found: say so"
 
 
 def test_the_bound_ends_a_browse_that_keeps_hearing_other_clusters():

@@ -323,6 +323,7 @@ def test_a_node_with_no_server_to_find_gives_up_with_one_line(net: Net) -> None:
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: no server of this cluster found by discovery within 1s (no remap server "
-        "answered); pass --server HOST:PORT or set REMAP_SERVER"
+        "answered); pass --server HOST:PORT or set REMAP_SERVER (a server that listens on "
+        "127.0.0.1, the default, is not advertised: --server 127.0.0.1:7878 on its machine)"
     ], done.stderr
     assert "Traceback" not in done.stderr
