@@ -568,6 +568,36 @@ def test_interrupting_a_computing_console_kills_its_job(shared: Cluster, tmp_pat
     )
 
 
+def test_interrupting_a_data_job_says_what_became_of_it(shared: Cluster, tmp_path: Path) -> None:
+    """Ctrl-C in `compute` of a data job: exit 130 with one line naming the job and saying
+    nothing was published (it said only "interrupted"); no output directory appears."""
+    (tmp_path / "slowmap.py").write_text(
+        "import time\n\ndef map(line):\n    time.sleep(0.05)\n    yield line, 1\n\n"
+        "def reduce(k, vs):\n    yield k, sum(vs)\n"
+    )
+    (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(2000)))
+    data_job = tmp_path / "slowdata.yaml"
+    data_job.write_text("kind: mapreduce\nmodule: slowmap.py\ninput: in.txt\noutput: out/\n")
+    computing = shared.console_popen("compute", str(data_job))
+
+    def mapping() -> bool:
+        return any(
+            j["name"].startswith("slowdata [map") and j["state"] == "running"
+            for j in shared.status()["jobs"]
+        )
+
+    shared.wait_for(mapping, 30, "the data job's map phase to run")
+    computing.send_signal(signal.SIGINT)
+    done = shared.finish(computing, timeout=20)
+    assert done.returncode == 130, shared.explain(done)
+    no_traceback(done)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: job ") and last.endswith(
+        " killed; nothing was published"
+    ), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) -> None:
     """`nodes` and `jobs`, as tables and as --json, show both nodes and a finished job."""
     finished = job(tmp_path, "square", args=[1, 2, 3])

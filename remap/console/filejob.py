@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..data.layout import new_job_id
-from ..errors import JobFailed, RemapError
+from ..errors import EXIT_INTERRUPTED, JobFailed, RemapError
 from ..vertex.reference import SuperstepReport
 from . import render
 
@@ -118,6 +118,11 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             exc = console.with_traceback(exc, tb, "the first failure", args.traceback)
         print_failure(console, args.json, spec.kind, job_id, exc)
         raise exc from None
+    except KeyboardInterrupt:  # the driver killed its phase and removed what it had written
+        if bar is not None:
+            bar.clear()
+        console.note(f"interrupted: job {job_id} killed; nothing was published")
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.clear()
