@@ -201,3 +201,12 @@ def test_failed_job_with_json_prints_one_object(killed: bool) -> None:
     quiet = _Lines()
     print_failure(quiet, False, "vertex", "j1", exc)
     assert quiet.out == [] and quiet.err == []
+
+
+def test_every_file_job_summary_names_its_job_as_job() -> None:
+    """A script reads ``job`` from any ``compute --json`` object: a data job's summary, a
+    failure's, and a vertex job's summary (which had only ``job_id``)."""
+    from remap.vertex.driver import VertexResult
+
+    result = VertexResult("done", 3, 10, 2, 2, 7, 70, 0, 0.1, "/o", "20261202-x", "/d")
+    assert result.to_json()["job"] == result.to_json()["job_id"] == "20261202-x"

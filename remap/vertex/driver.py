@@ -105,7 +105,8 @@ class VertexResult:
     phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        """``compute --json``'s object; ``job`` as a data job's summary and any failure name it."""
+        out = {"job": self.job_id, **asdict(self)}
         out["aggregates"] = {k: to_jsonable(v)[0] for k, v in self.aggregates.items()}
         return out
 
