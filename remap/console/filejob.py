@@ -8,12 +8,14 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data.layout import new_job_id
 from ..errors import EXIT_INTERRUPTED, JobFailed, RemapError
-from ..vertex.reference import SuperstepReport
 from . import render
+
+if TYPE_CHECKING:
+    from ..vertex.reference import SuperstepReport
 
 
 def report_line(report: SuperstepReport) -> str:
