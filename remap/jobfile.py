@@ -243,14 +243,14 @@ def _read_mapping(
             entries[key] = _Entry(source, key, key_line, _line(value_node), value, value_node)
         return entries, _line(root)
     except yaml.MarkedYAMLError as exc:
-        raise ConfigError(_yaml_problem(exc, source)) from None
+        raise ConfigError(yaml_problem(exc, source)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
     finally:
         loader.dispose()
 
 
-def _yaml_problem(exc: yaml.MarkedYAMLError, source: str) -> str:
+def yaml_problem(exc: yaml.MarkedYAMLError, source: str) -> str:
     """PyYAML's problem and context, reworded into one line that starts with ``source:line``."""
     mark = exc.problem_mark or exc.context_mark
     where = f"{source}:{mark.line + 1}" if mark is not None else source

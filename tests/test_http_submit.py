@@ -74,6 +74,12 @@ def test_bodies() -> None:
     ):
         with pytest.raises(SubmitError):
             parse_body(body, kind)
+    with pytest.raises(SubmitError) as typo:  # one line naming the line, as the console says
+        parse_body(b"function: a.py:f\nargs_range: [0, 100\n", "application/yaml")
+    assert str(typo.value) == (
+        "the job file:3: invalid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence started on line 2)"
+    )
 
 
 def test_submit_is_off_without_an_apps_dir() -> None:
@@ -135,7 +141,11 @@ def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_pat
         "POST", "/api/v1/jobs", b'{"function": "squares.py:nope", "args": [1]}',
         **{"Content-Type": "application/json"},
     )  # fmt: skip
-    assert status == 400 and "nope" in json.loads(data)["message"]
+    assert status == 400
+    # the client's view of the job: no server paths (job file, apps directory, results file)
+    assert json.loads(data)["message"] == (
+        "the job file:1: key 'function': squares.py:nope: no name 'nope' in squares.py"
+    ), data
     status, _ = call(
         "POST", "/api/v1/jobs", b"function=os:system", **{"Content-Type": "text/plain"}
     )

@@ -24,7 +24,7 @@ import yaml
 from twisted.logger import Logger
 
 from ...errors import ConfigError
-from ...jobfile import load_job_text
+from ...jobfile import load_job_text, yaml_problem
 from ..drivers import ConsoleChild, last_error, spawn_console_child
 
 MAX_BODY = 64 * 1024
@@ -75,6 +75,8 @@ def parse_body(body: bytes, content_type: str) -> dict:
     try:
         text = body.decode("utf-8")
         value = json.loads(text) if content_type == "application/json" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:  # one line naming the line, as the console says it
+        raise SubmitError(yaml_problem(exc, "the job file")) from None
     except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise SubmitError(f"the job file is not valid {content_type}: {exc}") from None
     if not isinstance(value, dict):
@@ -189,7 +191,7 @@ class Submitter:
                 waiter()
             if not state["done"]:
                 state["done"] = True
-                on_failed(submission.last_error())
+                on_failed(self._for_client(submission, submission.last_error()))
             self.log.info(
                 "HTTP job {name} ended (console exit {code})", name=submission.name, code=code
             )
@@ -220,6 +222,14 @@ class Submitter:
             self.reactor.callLater(0.05, look)
 
         look()
+
+    def _for_client(self, submission: Submission, error: str) -> str:
+        """The console child's error as the HTTP client knows the job: no server paths (its
+        job file, the apps directory, the results file the client reads through the API)."""
+        assert self.apps_dir is not None
+        error = error.replace(f"; no results kept; {submission.results} left unchanged", "")
+        error = error.replace(f"{submission.directory / 'job.json'}:", "the job file:")
+        return error.replace(f"{self.apps_dir.resolve()}{os.sep}", "")
 
     def _keep(self, submission: Submission) -> None:
         assert submission.job_id is not None
