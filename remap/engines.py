@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .errors import ConfigError, JobFailed, ServerUnreachable
@@ -462,14 +462,28 @@ class EngineRun:
         #: arguments in flight, kept only for sinks that store them (sqlite)
         self._args: dict[int, Any] = {}
         self._thread: threading.Thread | None = None
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
 
     def start(self) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(
-            target=self._run, args=(future,), name="remap-engine", daemon=True
+            target=self._run, args=(self._future,), name="remap-engine", daemon=True
         )
         self._thread.start()
-        return future
+        return self._future
+
+    def collect(
+        self, sink: Sink, *, tick: Callable[[], None] | None = None, interval: float = 0.2
+    ) -> Any:
+        """Wait on this thread for the job's outcome, ``tick`` every ``interval`` s (the
+        console's progress), as :meth:`remap.client.JobStream.collect` does for a remap job;
+        here the job's own thread feeds ``sink``."""
+        assert sink is self.sink
+        while True:
+            try:
+                return self._future.result(timeout=interval)
+            except concurrent.futures.TimeoutError:
+                if tick is not None:
+                    tick()
 
     def _chunks(self) -> Iterator[Chunk]:
         for chunk in chunked(self.arguments, self.chunksize):
@@ -534,8 +548,8 @@ class EngineRun:
 
 def start_job(
     engine_url: str, spec: Any, sink: Sink, *, workers: int | None = None, settings: Any = None
-) -> tuple[EngineRun, concurrent.futures.Future]:
-    """Run a job file on the engine ``engine_url`` names; the console waits on the future."""
+) -> EngineRun:
+    """Run a job file on the engine ``engine_url`` names; the console collects it."""
     from .console.session import job_blob
     from .jobfile import count_arguments, iter_arguments
 
@@ -554,7 +568,8 @@ def start_job(
         chunksize=spec.options.chunksize or 0,
         total_hint=count_arguments(spec),
     )
-    return run, run.start()
+    run.start()
+    return run
 
 
 class EngineCluster:

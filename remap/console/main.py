@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import cmd
-import concurrent.futures
 import json
 import os
 import queue
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +339,6 @@ class Console:
         notices: queue.SimpleQueue[str] = queue.SimpleQueue()
         output: queue.SimpleQueue[str] = queue.SimpleQueue()
         show_output = self.session.settings.task_output and not args.no_task_output
-        future = None
         try:
             if args.dashboard:
                 self.session.connect(allow_embedded=True)
@@ -349,7 +346,7 @@ class Console:
             if args.engine != "remap":
                 from .. import engines
 
-                run, future = engines.start_job(
+                run = engines.start_job(
                     args.engine,
                     spec,
                     sink,
@@ -392,10 +389,9 @@ class Console:
                     )
 
         try:
-            if future is None:  # the sink is fed here, on this thread, never the reactor's
-                outcome = run.collect(sink, tick=tick)
-            else:
-                outcome = self._wait(future, tick)
+            # a remap job's sink is fed here, on this thread, never the reactor's (an engine's
+            # by the engine run's own thread)
+            outcome = run.collect(sink, tick=tick)
         except RemapError as exc:
             if progress:
                 progress.clear()
@@ -414,15 +410,6 @@ class Console:
             if progress:
                 progress.clear()
         return self._report(spec, sink, state, outcome, args)
-
-    @staticmethod
-    def _wait(future: Any, tick: Callable[[], None]) -> Any:
-        """An engine's job: its own thread feeds the sink; this one shows progress."""
-        while True:
-            try:
-                return future.result(timeout=0.2)
-            except concurrent.futures.TimeoutError:
-                tick()
 
     def _print_task_output(
         self, output: queue.SimpleQueue, progress: Any, screen: threading.Lock
