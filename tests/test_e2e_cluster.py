@@ -595,7 +595,7 @@ def test_interrupting_a_data_job_says_what_became_of_it(shared: Cluster, tmp_pat
     assert done.returncode == 130, shared.explain(done)
     no_traceback(done)
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted: job ") and last.endswith(
+    assert last.startswith("interrupted: data job ") and last.endswith(
         " killed; nothing was published"
     ), done.stderr
     assert not (tmp_path / "out").exists()

@@ -123,7 +123,8 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the driver killed its phase and removed what it had written
         if bar is not None:
             bar.clear()
-        console.note(f"interrupted: job {job_id} killed; nothing was published")
+        kind = "data" if spec.kind == "mapreduce" else spec.kind
+        console.note(f"interrupted: {kind} job {job_id} killed; nothing was published")
         return EXIT_INTERRUPTED
     finally:
         if bar is not None:
