@@ -411,6 +411,8 @@ class _OutputSink(Sink):
     def __init__(self, output: Path | str) -> None:
         super().__init__()
         self.output = Path(output)
+        #: whether there was an output to leave as it was (the closing line says which)
+        self.existed = self.output.exists()
         self._lock = OutputLock(self.output)
         #: rows or lines safely in the staging place (what an incomplete job keeps)
         self.kept_count = 0
@@ -438,10 +440,11 @@ class _OutputSink(Sink):
         """After an incomplete close: what was kept and where, in words; else None."""
         if not self.closed or self.committed_output:
             return None
+        untouched = "left unchanged" if self.existed else "not written"
         if not self.kept_count:
-            return f"no results kept; {self.output} left unchanged"
+            return f"no results kept; {self.output} {untouched}"
         kept = f"kept {self.kept_count} result(s) in {self.staging_name}"
-        return f"{kept}; {self.kept_apart_from} left unchanged"
+        return f"{kept}; {self.kept_apart_from} {untouched}"
 
     def _extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"output": str(self.output)}

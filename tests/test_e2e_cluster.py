@@ -431,7 +431,7 @@ def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_pa
     kept = [line for line in error_lines(done) if "kept" in line]
     assert len(kept) == 1, done.stderr
     count = int(kept[0].split("kept ")[1].split(" ")[0])
-    assert f"in {out}.partial; {out} left unchanged" in kept[0], kept[0]
+    assert f"in {out}.partial; {out} not written" in kept[0], kept[0]
     lines = Path(f"{out}.partial").read_text().splitlines()
     assert count >= 3 and len(lines) == count
     assert [json.loads(line)["index"] for line in lines] == sorted(
@@ -452,7 +452,7 @@ def test_a_bad_args_path_line_says_what_was_kept(shared: Cluster, tmp_path: Path
     no_traceback(done)
     lines = error_lines(done)
     assert len(lines) == 1 and f"{path}:3001: invalid JSON" in lines[0], done.stderr
-    assert f"{out} left unchanged" in lines[0], lines[0]
+    assert f"{out} not written" in lines[0], lines[0]
     if "no results kept" in lines[0]:
         assert not Path(f"{out}.partial").exists()
     else:

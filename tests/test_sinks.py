@@ -575,6 +575,20 @@ def test_file_sink_incomplete_job_keeps_its_lines_beside_the_old_output(tmp_path
     assert sink.kept() == f"kept 5 result(s) in {sink.partial}; {path} left unchanged"
 
 
+def test_kept_says_an_output_that_never_existed_was_not_written(tmp_path: Path) -> None:
+    """An incomplete job whose output did not exist says it was not written, not that a
+    file that is not there was "left unchanged"."""
+    path = tmp_path / "new.jsonl"
+    sink = FileSink(path)
+    sink.add(0, 0, 0, None)
+    sink.close(complete=False)
+    assert not path.exists()
+    assert sink.kept() == f"kept 1 result(s) in {sink.partial}; {path} not written"
+    nothing = FileSink(tmp_path / "none.jsonl")
+    nothing.close(complete=False)
+    assert nothing.kept() == f"no results kept; {tmp_path / 'none.jsonl'} not written"
+
+
 @pytest.mark.parametrize("end", ["close", "abandon"])
 def test_file_sink_job_that_never_starts_changes_nothing(tmp_path: Path, end: str) -> None:
     """No result ever came (the server was unreachable): the old output keeps every line and

@@ -227,7 +227,8 @@ class Submitter:
         """The console child's error as the HTTP client knows the job: no server paths (its
         job file, the apps directory, the results file the client reads through the API)."""
         assert self.apps_dir is not None
-        error = error.replace(f"; no results kept; {submission.results} left unchanged", "")
+        for untouched in ("not written", "left unchanged"):
+            error = error.replace(f"; no results kept; {submission.results} {untouched}", "")
         error = error.replace(f"{submission.directory / 'job.json'}:", "the job file:")
         return error.replace(f"{self.apps_dir.resolve()}{os.sep}", "")
 
