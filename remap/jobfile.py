@@ -630,7 +630,7 @@ def load_module(target: str, base_dir: Path) -> tuple[ModuleType, str]:
     if target.endswith(".py"):
         path = _resolve(Path(base_dir), target)
         return _load_file_module(path), str(path)
-    return _import_module(target), f"module '{target}'"
+    return _import_module(target, Path(base_dir)), f"module '{target}'"
 
 
 def module_name_for(path: Path) -> str:
@@ -667,12 +667,22 @@ def _load_file_module(path: Path) -> ModuleType:
     return module
 
 
-def _import_module(target: str) -> ModuleType:
+def _import_module(target: str, base_dir: Path) -> ModuleType:
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
-            raise ConfigError(f"module '{target}' not found") from exc
+            top = target.partition(".")[0]
+            beside = (base_dir / top / "__init__.py").is_file() or (
+                base_dir / f"{top}.py"
+            ).is_file()
+            hint = (
+                f" ({top} is next to the job file: list it under modules: so it can be "
+                "imported here and travels to the nodes)"
+                if beside
+                else ""
+            )
+            raise ConfigError(f"module '{target}' not found{hint}") from exc
         raise ConfigError(f"error while importing module '{target}': {exc}") from exc
     except SyntaxError as exc:
         raise ConfigError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}") from exc

@@ -573,6 +573,7 @@ CALLABLE_ERRORS = [
     pytest.param({}, "function: funcs.py:squar  #!\n", ["key 'function'", "no name 'squar'", "did you mean 'square'?"], id="name-missing"),
     pytest.param({}, "function: funcs.py:NOT_CALLABLE  #!\n", ["key 'function'", "'NOT_CALLABLE'", "not callable (it is int)"], id="not-callable"),
     pytest.param({}, "function: no_such_module_for_remap_tests:f  #!\n", ["key 'function'", "module 'no_such_module_for_remap_tests' not found"], id="module-missing"),
+    pytest.param({"localmod_for_remap_tests.py": "def f(x):\n    return x\n"}, "function: localmod_for_remap_tests:f  #!\n", ["not found (localmod_for_remap_tests is next to the job file: list it under modules:"], id="module-beside-the-job-file"),
     pytest.param({}, "function: json:JSONDecodr  #!\n", ["key 'function'", "module 'json'", "did you mean 'JSONDecoder'?"], id="module-name-missing"),
     pytest.param({}, "function: json:decoder  #!\n", ["key 'function'", "not callable (it is module)"], id="module-attr-not-callable"),
     pytest.param({}, "function: funcs.py:square\nresponse_mode: reduce\nreduce: ad  #!\n", ["key 'reduce'", "no name 'ad'", "did you mean 'add'?"], id="reduce-missing"),
