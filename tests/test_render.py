@@ -62,3 +62,10 @@ def test_the_job_table_shows_cores_share_and_weight() -> None:
     job = _job(cores=4, share=0.5, weight=2.0, max_cores=6, min_cores=0)
     assert "4 (50% w2 max 6)" in jobs_table([job])
     assert jobs_table([_job()]).splitlines()[2].endswith(" -"), "no share said: a driver's job"
+
+
+def test_an_ended_job_has_no_share_to_show() -> None:
+    """A finished or killed job holds no cores: its CORES cell is ``-``, not ``0 (- w1)``."""
+    for state in ("done", "failed", "killed"):
+        job = _job(state=state, cores=0, share=0.0, weight=1.0, max_cores=None, min_cores=0)
+        assert jobs_table([job]).splitlines()[2].endswith(" -"), state

@@ -145,8 +145,8 @@ def jobs_table(jobs: list[JobStatus]) -> str:
 
 def _share(job: JobStatus) -> str:
     """Cores in use, the share the job is entitled to, its weight: ``3 (25% w2)``; ``-``
-    for a job the server gives no share (a detached job's driver)."""
-    if not job.shared:
+    for a job the server gives no share (a detached job's driver) or that has ended."""
+    if not job.shared or job.state != "running":
         return "-"
     cap = f" max {job.max_cores}" if job.max_cores else ""
     share = f"{job.share * 100:.0f}%" if job.share else "-"
