@@ -296,3 +296,17 @@ def test_traceback_shows_where_a_data_or_vertex_jobs_code_raised(tmp_path: Path)
         assert shown.returncode == 1, shown.stderr
         assert frame in shown.stderr and "<dynamic-code>" not in shown.stderr, shown.stderr
         assert "remap/data" not in shown.stderr and "remap/vertex" not in shown.stderr
+
+
+def test_a_job_id_that_is_not_a_number_says_which_number_to_use() -> None:
+    """``kill``/``attach`` take the server's job id; a data job's own id (what its lines and
+    job directory show) is refused saying where the number is, not "invalid int value"."""
+    from remap.console.main import UsageError
+
+    parser = build_parser()
+    for argv in (["kill", "20261202-012405-5d74c8"], ["attach", "abc"]):
+        with pytest.raises(UsageError) as refused:
+            parser.parse_args(argv)
+        err = str(refused.value)
+        assert "is not a job id: use the number `remap jobs` shows" in err, err
+        assert ("[map|reduce ID]" in err) == (argv[0] == "kill"), err

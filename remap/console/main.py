@@ -164,6 +164,22 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
 COMMANDS = tuple(name for name in DESCRIPTIONS if name != "shell")
 
 
+def job_id(text: str) -> int:
+    """A job id as ``remap jobs`` shows it; a data job's own id (its directory's name, as its
+    lines print it) is not one, and the error says which is."""
+    try:
+        return int(text)
+    except ValueError:
+        data = (
+            " (for a data job's phase: the one beside 'NAME [map|reduce ID]')"
+            if "-" in text
+            else ""
+        )
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job id: use the number `remap jobs` shows{data}"
+        ) from None
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="remap",
@@ -221,7 +237,7 @@ def build_parser() -> Parser:
     for name in ("status", "nodes", "jobs"):
         command(name).add_argument("--json", action="store_true", help="machine-readable output")
     p = command("kill")
-    p.add_argument("job", nargs="?", type=int, help="the job id (see: remap jobs)")
+    p.add_argument("job", nargs="?", type=job_id, help="the job id (see: remap jobs)")
     p.add_argument("--cluster", action="store_true", help="stop every node and the server")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     for name in ("drain", "undrain", "exclude", "include"):
@@ -237,7 +253,7 @@ def build_parser() -> Parser:
     )
     for name in ("attach", "results"):
         p = command(name)
-        p.add_argument("job", type=int, help="the job id (see: remap jobs)")
+        p.add_argument("job", type=job_id, help="the job id (see: remap jobs)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     command("help").add_argument("topic", nargs="?", help="a command")
     command("quit")
