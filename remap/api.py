@@ -1118,8 +1118,8 @@ class Cluster:
         counts as lost (rollback to the last checkpoint). ``detach=True``: as for
         :meth:`mapreduce`, a handle to the job the server runs.
         """
+        from .data.inputs import resolve_inputs
         from .vertex.driver import VertexConfig
-        from .vertex.jobspec import resolve_inputs
         from .vertex.program import program_from_module, program_from_namespace
         from .vertex.run import run_vertex
 
@@ -1145,7 +1145,7 @@ class Cluster:
             program = program_from_namespace(module, "vertex job")
         inputs = input if isinstance(input, (list, tuple)) else [input]
         config = VertexConfig(
-            input=resolve_inputs(tuple(os.fspath(p) for p in inputs), Path.cwd()),
+            input=resolve_inputs([os.fspath(p) for p in inputs], Path.cwd()),
             output=Path(output).expanduser().resolve(),
             partitions=partitions,
             max_supersteps=max_supersteps,

@@ -8,6 +8,7 @@ directory with no files is an empty, successful job: empty output, ``_SUCCESS``,
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 import remap
+from remap.data.inputs import resolve_inputs
 from remap.data.jobspec import to_job
 from remap.errors import ConfigError
 from remap.jobfile import load_job_text
@@ -76,27 +78,81 @@ def test_an_existing_empty_directory_is_no_error(base: Path, kind: str) -> None:
     prepare(kind, job_text(kind, "empty/"), base)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_globs_and_paths_under_a_directory_named_like_a_glob(tmp_path: Path, kind: str) -> None:
-    """Only the entry is a pattern: under a directory named ``run[1]`` (as pytest names a
-    parametrized test's), a glob entry and the directory's own absolute path both find the
-    file, and a glob that matches nothing is still the one-line error."""
-    from remap.data.inputs import resolve_inputs as data_inputs
-    from remap.vertex.jobspec import resolve_inputs as vertex_inputs
+#: the tree every row of :data:`RULE` resolves in (under a base directory named ``run[1]``)
+TREE = [
+    "in/a.txt",
+    "in/sub/b.txt",
+    "in/_SUCCESS",  # a job's marker, its logs and checksums: skipped by a walk or a wildcard
+    "in/_logs/part.txt",
+    "in/.hidden",
+    "in/.cache/c.txt",
+    "in/z/_x",
+    "d[1]/e.txt",
+    "empty/.hidden",
+]
+A, B, X = "in/a.txt", "in/sub/b.txt", "in/z/_x"
+#: (entries, the files they give in order, or the start of the one error line)
+RULE = [
+    (["in/a.txt"], [A]),
+    (["in"], [A, B]),  # a directory: its files recursively, sorted; hidden names skipped
+    (["in/"], [A, B]),
+    (["in/z/_x"], [X]),  # a file named explicitly is read whatever its name
+    (["in/_SUCCESS", "in/.hidden"], ["in/_SUCCESS", "in/.hidden"]),
+    (["in/*"], [A, B]),  # a glob: matching directories are walked, hidden matches skipped
+    (["in/**/*.txt"], [A, B]),  # not in/_logs/part.txt nor in/.cache/c.txt
+    (["in/_*"], ["in/_SUCCESS", "in/_logs/part.txt"]),  # a pattern that types the _ asks
+    (["in/_logs"], ["in/_logs/part.txt"]),  # a hidden directory named explicitly is walked
+    (["in/sub/b.txt", "in", "in/*.txt", "in/./a.txt"], [B, A]),  # once each, first place kept
+    (["d[1]"], ["d[1]/e.txt"]),  # a name with [ is itself before it is a glob
+    (["d[[]1]/*.txt", "*/e.txt"], ["d[1]/e.txt"]),
+    (["empty"], []),  # an existing directory with no (shown) files: an empty job
+    (["missing/"], "input 'missing/': no such file or directory"),
+    (["in", "in/*.csv"], "input 'in/*.csv': no file matches"),
+    (["in/*SUCCESS"], "input 'in/*SUCCESS': no file matches"),  # only hidden names matched
+    ([], "no input given"),
+]
 
+
+@pytest.mark.parametrize(("entries", "gives"), RULE, ids=[repr(e) for e, _ in RULE])
+def test_the_input_rule(tmp_path: Path, entries: list[str], gives: list[str] | str) -> None:
+    """The one resolver data and vertex jobs share, under a base directory whose own name
+    holds ``[`` (only the entry is a pattern); an absolute entry is the same entry."""
     base = tmp_path / "run[1]"
-    (base / "in").mkdir(parents=True)
-    (base / "in" / "a.txt").write_text("1 2\n")
-    if kind == "mapreduce":
-        found = [data_inputs([entry], base) for entry in ("in/*.txt", str(base / "in"))]
-        assert found == [[base / "in" / "a.txt"]] * 2
-        with pytest.raises(ConfigError, match="no file matches"):
-            data_inputs(["in/*.csv"], base)
+    for name in TREE:
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(name + "\n")
+    if isinstance(gives, str):
+        with pytest.raises(ConfigError) as info:
+            resolve_inputs(entries, base)
+        assert str(info.value).startswith(gives), str(info.value)
+        return
+    want = [(base / name).resolve() for name in gives]
+    assert resolve_inputs(entries, base) == want
+    if not any(glob.has_magic(entry) for entry in entries):
+        assert resolve_inputs([str(base / e) for e in entries], Path.cwd()) == want
+
+
+def data_output(root: Path) -> Path:
+    """A directory as a data job leaves it: a purpose directory of reducer files and
+    ``_SUCCESS`` (here with text in it, as some committers write)."""
+    (root / "default").mkdir(parents=True)
+    for reducer, words in enumerate(["a\t1\nb\t2\n", "c\t3\n"]):
+        (root / "default" / f"reducer-{reducer:04d}-part-00000").write_text(words)
+    (root / "_SUCCESS").write_text('{"committer": "not an input"}\n')
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("entry", ["prev/", "prev/*"])
+def test_a_data_jobs_output_is_input_as_it_is(base: Path, kind: str, entry: str) -> None:
+    """Before a cluster starts, a job file over a previous data job's output (the directory
+    or a glob of it) resolves to its reducer files, never its ``_SUCCESS``."""
+    parts = sorted((data_output(base / "prev") / "default").iterdir())
+    job = prepare(kind, job_text(kind, f"'{entry}'"), base)
+    if kind == "vertex":
+        assert job[1].input == parts
     else:
-        assert vertex_inputs(("in/*.txt",), base) == [base / "in" / "a.txt"]
-        assert vertex_inputs((str(base / "in"),), Path.cwd()) == [base / "in"]
-        with pytest.raises(ConfigError, match="no file matches"):
-            vertex_inputs(("in/*.csv",), base)
+        assert resolve_inputs(job.inputs, job.base_dir) == parts
 
 
 def assert_empty_output(output: Path) -> None:
@@ -194,3 +250,38 @@ def test_a_detached_job_over_an_empty_directory_ends_ok(
     done = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=120))
     assert json.loads(done.stdout)["state"] in ("OK", "done"), done.stdout
     assert_empty_output(base / "out")
+
+
+def line_once(line: str) -> Any:
+    yield line, 1
+
+
+@pytest.mark.slow
+def test_jobs_read_a_previous_data_jobs_output_without_its_marker(base: Path, monkeypatch) -> None:
+    """A real data job's output directory is input as it is for both kinds, named as the
+    directory or as a glob of it: each job reads exactly its reducer files (the data job's
+    file list, the vertex job's input in its jobconfig), never ``_SUCCESS``, and sees each
+    output line once."""
+    monkeypatch.chdir(base)
+    (base / "corpus.txt").write_text("a b a\nc d\n")
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+        cluster.mapreduce(FUNCTIONS["mapreduce"], "corpus.txt", base / "prev", reducers=2)
+        parts = [str(p) for p in sorted((base / "prev" / "default").iterdir())]
+        lines = sorted(line for p in parts for line in Path(p).read_text().splitlines())
+        assert (base / "prev" / "_SUCCESS").exists() and len(parts) == 2 and len(lines) == 4
+        for n, entry in enumerate(["prev/", "prev/*"]):
+            out = base / f"data-{n}"
+            summary = cluster.mapreduce({"map": line_once, "reduce": total}, entry, out)
+            config = json.loads((Path(summary["job_dir"]) / "jobconfig.json").read_text())
+            assert config["files"] == parts, entry
+            got = [
+                line for p in sorted(out.rglob("reducer-*")) for line in p.read_text().splitlines()
+            ]
+            assert sorted(line.rsplit("\t", 1)[0] for line in got) == lines, entry
+
+            out = base / f"vertex-{n}"
+            result = cluster.vertex(FUNCTIONS["vertex"], entry, out)
+            config = json.loads((Path(result.job_dir) / "jobconfig.json").read_text())
+            assert config["input"] == parts, entry
+            got = [line for p in sorted(out.glob("part-*")) for line in p.read_text().splitlines()]
+            assert sorted(line.rsplit("\t", 1)[0] for line in got) == lines, entry

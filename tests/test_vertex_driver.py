@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 import pytest
 
-from remap.data.inputs import Split
+from remap.data.inputs import Split, resolve_inputs
 from remap.data.inputs import read_lines as read_split_lines
 from remap.data.layout import DataDir, read_result
 from remap.errors import ConfigError, JobFailed
@@ -38,7 +38,9 @@ def run_threads(
         return launches[-1]
 
     cfg.setdefault("max_supersteps", 200)
-    config = VertexConfig(input=[tmp_path / "in"], output=tmp_path / f"out-{name}", **cfg)
+    config = VertexConfig(
+        input=resolve_inputs("in", tmp_path), output=tmp_path / f"out-{name}", **cfg
+    )
     reports = []
     try:
         result = Driver(
@@ -382,7 +384,9 @@ def test_input_bytes_that_are_not_utf8_reach_the_output_unchanged(tmp_path: Path
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "g.txt").write_bytes(b"caf\xe9 ol\xe9\nol\xe9 \xff\xfe\n")
     program = program_from_namespace({"prepare": _split_prepare, "compute": _halt}, "test")
-    config = VertexConfig(input=[tmp_path / "in"], output=tmp_path / "out", max_supersteps=5)
+    config = VertexConfig(
+        input=resolve_inputs("in", tmp_path), output=tmp_path / "out", max_supersteps=5
+    )
     launches: list[ThreadLaunch] = []
 
     def start(args):
@@ -443,7 +447,10 @@ def test_the_next_superstep_starts_before_the_progress_is_published(tmp_path: Pa
     path between two supersteps, and replacing the progress file can wait for the disk)."""
     graph_input(tmp_path)
     config = VertexConfig(
-        input=[tmp_path / "in"], output=tmp_path / "out", max_supersteps=6, checkpoint_every=2
+        input=resolve_inputs("in", tmp_path),
+        output=tmp_path / "out",
+        max_supersteps=6,
+        checkpoint_every=2,
     )
     issued: list[tuple[int, bool]] = []
     drivers: list[Driver] = []

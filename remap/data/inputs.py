@@ -34,58 +34,91 @@ class Split:
         return self.end - self.start
 
 
+#: names a directory walk or a glob's wildcard skips (Hadoop's convention): a job's output
+#: directory holds ``_SUCCESS``, ``_logs/`` and ``.crc`` files and is input as it is
+HIDDEN_PREFIXES = (".", "_")
+
+
 def nothing_named(entry: str | os.PathLike[str], path: Path | str) -> ConfigError:
     """The one-line error for an input entry that names nothing that exists (a missing path,
-    a glob matching nothing): a typo must not run an empty job. The rule of data and vertex
-    jobs alike; an existing directory with no files is not this error but an empty job."""
+    a glob matching nothing): a typo must not run an empty job. An existing directory with
+    no files is not this error but an empty job."""
     if glob.has_magic(os.fspath(entry)):
         return ConfigError(f"input {entry!r}: no file matches")
     return ConfigError(f"input {entry!r}: no such file or directory ({path})")
 
 
-def glob_input(entry: str, base_dir: Path | str) -> list[str]:
-    """What a glob entry matches, relative to ``base_dir`` (whose own name may hold ``[``, as
-    pytest's parametrized directories do: only the entry is a pattern); [] if not a glob."""
-    entry = os.path.expanduser(entry)
-    if not glob.has_magic(entry):
-        return []
-    return glob.glob(os.path.join(glob.escape(os.fspath(base_dir)), entry), recursive=True)
-
-
 def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> list[Path]:
-    """Every input file: a directory means the files under it (hidden ones skipped), a glob
-    its matches, a file itself. Sorted within each entry, entries in the given order, each
-    file once. An entry that matches nothing is an error (:func:`nothing_named`); an
-    existing directory with no files gives none (an empty job)."""
+    """Every input file of a data or vertex job, the one rule for both (README "Inputs").
+
+    An entry (relative to ``base_dir``) is a file, read whatever its name; a directory, its
+    files recursively in sorted order; or a glob, its matches in sorted order (a matching
+    directory is walked). A walk or a wildcard skips names starting with ``.`` or ``_``
+    (:data:`HIDDEN_PREFIXES`) unless the pattern typed that character (``_*``). Entries
+    keep their order and each file (by resolved path) is read once, where it first came.
+    An entry naming nothing is an error (:func:`nothing_named`); an existing directory
+    with no files gives none (an empty job)."""
     entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not entries:
         raise ConfigError("no input given")
-    found: list[Path] = []
-    seen: set[Path] = set()
+    found: dict[Path, None] = {}  # ordered, each resolved path once
     for entry in entries:
         text = os.path.expanduser(os.fspath(entry))
         path = Path(base_dir) / text
-        if path.is_dir():
-            matches = sorted(_files_under(path))
-        elif path.is_file():
+        if path.is_file():  # a name with [ ] or * in it is itself before it is a glob
             matches = [path]
+        elif path.is_dir():
+            matches = sorted(_files_under(path))
         else:
-            matches = sorted(Path(p) for p in glob_input(text, base_dir) if os.path.isfile(p))
-            if not matches:
+            matches = _glob_files(text, base_dir)
+            if matches is None:
                 raise nothing_named(entry, path)
-        for match in matches:
-            resolved = match.resolve()
-            if resolved not in seen:
-                seen.add(resolved)
-                found.append(resolved)
-    return found
+        found.update(dict.fromkeys(match.resolve() for match in matches))
+    return list(found)
+
+
+def _glob_files(entry: str, base_dir: Path | str) -> list[Path] | None:
+    """The files a glob entry finds, sorted; None if it is no glob or matches nothing shown.
+    Only the entry is a pattern: ``base_dir``'s own name may hold ``[`` (pytest's
+    parametrized directories do)."""
+    if not glob.has_magic(entry):
+        return None
+    pattern = os.path.join(glob.escape(os.fspath(base_dir)), entry)
+    shown = [m for m in glob.glob(pattern, recursive=True) if not _wildcard_hid(pattern, m)]
+    if not shown:
+        return None
+    files: list[Path] = []
+    for match in map(Path, shown):
+        if match.is_dir():
+            files += _files_under(match)
+        elif match.is_file():
+            files.append(match)
+    return sorted(files)
+
+
+def _wildcard_hid(pattern: str, match: str) -> bool:
+    """Whether a wildcard of ``pattern`` matched a hidden name of ``match`` (a pattern
+    component that starts with the name's ``.`` or ``_``, as ``_*``, asked for it)."""
+    pats = [p for p in pattern.split(os.sep) if p]
+    names = [n for n in match.split(os.sep) if n]
+    # ``**`` spans any number of names: align what precedes the first from the start and what
+    # follows the last from the end; the names between were matched by ``**``
+    first = pats.index("**") if "**" in pats else len(pats)
+    last = len(pats) - pats[::-1].index("**") if "**" in pats else len(pats)
+    head, tail = pats[:first], pats[last:]
+    middle = names[len(head) : len(names) - len(tail)]
+    pairs = [*zip(head, names), *zip(reversed(tail), reversed(names)), *(("**", n) for n in middle)]
+    return any(
+        name.startswith(HIDDEN_PREFIXES) and glob.has_magic(pat) and not pat.startswith(name[0])
+        for pat, name in pairs
+    )
 
 
 def _files_under(top: Path) -> Iterator[Path]:
     for dirpath, dirnames, names in os.walk(top):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(HIDDEN_PREFIXES)]
         for name in names:
-            if not name.startswith("."):
+            if not name.startswith(HIDDEN_PREFIXES):
                 yield Path(dirpath) / name
 
 

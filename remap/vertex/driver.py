@@ -67,7 +67,7 @@ def busy_for(acks: list[dict[str, Any]]) -> float:
 class VertexConfig:
     """What a vertex job needs besides its program: the YAML keys, resolved."""
 
-    input: list[Path]
+    input: list[Path]  # the files, as :func:`remap.data.inputs.resolve_inputs` finds them
     output: Path
     partitions: int | None = None  # None: one per worker
     max_supersteps: int = 30
@@ -134,22 +134,6 @@ class WorkerLost(Exception):
         self.slots = slots
 
 
-def find_inputs(paths: list[Path]) -> list[Path]:
-    """The input files: each path is a file or a directory of files (hidden ones skipped).
-    A directory with no files adds none: no files at all is an empty job, as a data job's."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found += sorted(
-                p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
-            )
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ConfigError(f"input not found: {path}")
-    return found
-
-
 class Driver:
     """One vertex job from submission to ``_SUCCESS`` (run :meth:`run` on a plain thread)."""
 
@@ -177,7 +161,7 @@ class Driver:
         self.data = data
         self.job_id = job_id or new_job_id()
         self.layout = Layout(data, self.job_id)
-        self.inputs = find_inputs(config.input)
+        self.inputs = list(config.input)
         self.workers = workers
         self.partitions = config.partitions or workers
         self._start = start
@@ -352,6 +336,7 @@ class Driver:
         self.layout.alive.mkdir(parents=True)
         self.layout.driver_heartbeat.touch()
         config = {k: str(v) for k, v in asdict(self.config).items()}
+        config["input"] = [str(p) for p in self.inputs]  # was the list's repr
         config.update(kind="vertex", partitions=self.partitions, workers=self.workers)
         write_json(self.data.jobconfig(self.job_id), config)
         write_result(self.data, self.job_id, "INCOMPLETE")

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.inputs import glob_input, nothing_named
+from ..data.inputs import resolve_inputs
 from ..data.jobspec import MAPREDUCE_FIELDS, FileJobSpec, count, file_job_basics
 from ..errors import ConfigError
-from .driver import VertexConfig, find_inputs
+from .driver import VertexConfig
 from .program import Program, program_from_module
 
 #: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
@@ -85,24 +85,6 @@ def load_vertex(
     )
 
 
-def resolve_inputs(items: tuple[str, ...], base_dir: Path) -> list[Path]:
-    """Paths and globs (relative to ``base_dir``, the job file's directory or the caller's)
-    as paths. As for data jobs, an entry naming nothing that exists is an error
-    (:func:`~remap.data.inputs.nothing_named`); an existing directory with no files is not
-    (the job is empty)."""
-    found: list[Path] = []
-    for item in items:
-        path = (base_dir / Path(item).expanduser()).resolve()
-        if path.exists():  # a name with [ ] or * in it is itself before it is a glob
-            matches = [path]
-        else:
-            matches = sorted(Path(p).resolve() for p in glob_input(item, base_dir))
-        if not matches:
-            raise nothing_named(item, path)
-        found += matches
-    return found
-
-
 def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
     """Import the module and build the program and config; errors name file:line:key."""
     from ..jobfile import load_module
@@ -118,8 +100,7 @@ def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
             "overwrites results (remove it or choose another output)"
         )
     try:
-        inputs = resolve_inputs(spec.inputs, spec.base_dir)
-        find_inputs(inputs)  # a missing input fails here, before a cluster starts
+        inputs = resolve_inputs(spec.inputs, spec.base_dir)  # fails before a cluster starts
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('input')}: {exc}") from None
     config = VertexConfig(
