@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remap.data import inputs, keys, runs
-from remap.errors import ConfigError
 
 _scalars = (
     st.none()
@@ -155,20 +154,6 @@ def test_splits_skip_empty_files_and_keep_unsplittable_whole(tmp_path: Path) -> 
     assert len(inputs.make_splits([big], 10, splittable=True)) == 20
     whole = inputs.make_splits([empty, big], 10, splittable=False)
     assert [(s.start, s.end) for s in whole] == [(0, 200)]
-
-
-def test_resolve_inputs(tmp_path: Path) -> None:
-    """Directories (hidden skipped), globs and files, in order, each once; typos are errors."""
-    a = _write(tmp_path / "in" / "a.txt", b"1")
-    b = _write(tmp_path / "in" / "sub" / "b.txt", b"2")
-    _write(tmp_path / "in" / ".hidden", b"3")
-    c = _write(tmp_path / "other.csv", b"4")
-    got = inputs.resolve_inputs(["in", "*.csv", "in/a.txt"], tmp_path)
-    assert got == [a.resolve(), b.resolve(), c.resolve()]
-    with pytest.raises(ConfigError, match="no such file"):
-        inputs.resolve_inputs("nope", tmp_path)
-    with pytest.raises(ConfigError, match="no file matches"):
-        inputs.resolve_inputs("*.nothing", tmp_path)
 
 
 def test_bad_utf8_survives(tmp_path: Path) -> None:

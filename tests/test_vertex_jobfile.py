@@ -43,7 +43,7 @@ def test_full_vertex_job_file(base: Path) -> None:
     assert (spec.partitions, spec.max_supersteps, spec.checkpoint_every) == (7, 50, 5)
     assert spec.output == base / "out" and spec.on_error == "continue" and spec.retries == 1
     program, config = to_run(spec)
-    assert config.input == [base / "in"] and config.partitions == 7
+    assert config.input == [base / "in" / "a.txt"] and config.partitions == 7
     assert program.aggregators.keys() == {"dangling", "change"}
     auto = load_job_text(V + "partitions: auto\n", base, source=SOURCE)
     assert auto.partitions is None and auto.max_supersteps == 30 and auto.checkpoint_every == 0
