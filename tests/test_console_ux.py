@@ -310,3 +310,26 @@ def test_a_job_id_that_is_not_a_number_says_which_number_to_use() -> None:
         err = str(refused.value)
         assert "is not a job id: use the number `remap jobs` shows" in err, err
         assert ("[map|reduce ID]" in err) == (argv[0] == "kill"), err
+
+
+def test_a_reduce_job_is_refused_detached_before_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compute remap_config.yaml --detach`` (the default job folds with ``reduce``) ran
+    detached and printed an attach command that could only fail: attach cannot fold without
+    the reduce function, so 10,000 results were computed for nothing. Refused at once, exit 2,
+    before any server is looked for."""
+    from remap.console.main import main
+
+    root = Path(__file__).resolve().parent.parent
+    for argv in (["--detach"], []):
+        job = tmp_path / "job.yaml"
+        job.write_text(
+            (root / "remap_config.yaml")
+            .read_text()
+            .replace("remap_function.py", str(root / "remap_function.py"))
+            + ("" if argv else "detach: true\n")
+        )
+        code = main(["--env-file", str(tmp_path / "none"), "compute", str(job), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "a reduce job cannot run detached" in err, err

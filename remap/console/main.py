@@ -303,6 +303,12 @@ class Console:
         detach = args.detach or (spec.kind == "function" and spec.options.detach)
         if args.engine != "remap" and (detach or args.dashboard):
             raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
+        if detach and spec.kind == "function" and spec.options.mode == "reduce":
+            raise UsageError(
+                "a reduce job cannot run detached: attach could not fold its results (the "
+                "reduce function stays with this console); run it attached, or detach it with "
+                "response_mode: file or sqlite"
+            )
         if detach and not self.session.locate():
             raise UsageError(
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
