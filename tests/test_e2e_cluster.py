@@ -601,6 +601,27 @@ def test_interrupting_a_data_job_says_what_became_of_it(shared: Cluster, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_interrupting_attach_leaves_the_job_running_and_says_so(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    """Ctrl-C in `attach`: exit 130 with one line saying the job runs on and how to attach
+    again (it said only "interrupted", which reads as if the job had been stopped)."""
+    slow = job(tmp_path, "slow", args_range=[0, 400])
+    done = compute(shared, slow, "--detach", "--json")
+    job_id = json.loads(done.stdout)["job"]
+    attaching = shared.console_popen("attach", str(job_id))
+    shared.wait_for(lambda: shared.job(job_id)["attached"], 30, f"a console attached to {job_id}")
+    attaching.send_signal(signal.SIGINT)
+    ended = shared.finish(attaching, timeout=30)
+    assert ended.returncode == 130, shared.explain(ended)
+    no_traceback(ended)
+    last = ended.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: job {job_id} runs on; attach again with: "), last
+    assert last.endswith(f"attach {job_id}"), last
+    assert shared.job(job_id)["state"] == "running"
+    shared.assert_ok(shared.console("kill", str(job_id)))
+
+
 def test_nodes_and_jobs_commands_text_and_json(shared: Cluster, tmp_path: Path) -> None:
     """`nodes` and `jobs`, as tables and as --json, show both nodes and a finished job."""
     finished = job(tmp_path, "square", args=[1, 2, 3])

@@ -680,6 +680,15 @@ class Console:
         return 0
 
     def cmd_attach(self, args: argparse.Namespace) -> int:
+        """Collect a detached job's results; Ctrl-C leaves the job running, and says so."""
+        try:
+            return self._attach(args)
+        except KeyboardInterrupt:
+            again = self.command_line("attach", str(args.job))
+            self.note(f"interrupted: job {args.job} runs on; attach again with: {again}")
+            return EXIT_INTERRUPTED
+
+    def _attach(self, args: argparse.Namespace) -> int:
         """Collect a detached job's results into the sink its job file asked for."""
         from ..sinks import make_sink
 
