@@ -8,7 +8,6 @@ directory with no files is an empty, successful job: empty output, ``_SUCCESS``,
 
 from __future__ import annotations
 
-import glob
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 import remap
-from remap.data.inputs import resolve_inputs
+from remap.data.inputs import absolute_entry, resolve_inputs
 from remap.data.jobspec import to_job
 from remap.errors import ConfigError
 from remap.jobfile import load_job_text
@@ -116,7 +115,8 @@ RULE = [
 @pytest.mark.parametrize(("entries", "gives"), RULE, ids=[repr(e) for e, _ in RULE])
 def test_the_input_rule(tmp_path: Path, entries: list[str], gives: list[str] | str) -> None:
     """The one resolver data and vertex jobs share, under a base directory whose own name
-    holds ``[`` (only the entry is a pattern); an absolute entry is the same entry."""
+    holds ``[`` (only the entry is a pattern); the entries made absolute (as a detached job
+    ships them) give the same files from another directory."""
     base = tmp_path / "run[1]"
     for name in TREE:
         (base / name).parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +128,8 @@ def test_the_input_rule(tmp_path: Path, entries: list[str], gives: list[str] | s
         return
     want = [(base / name).resolve() for name in gives]
     assert resolve_inputs(entries, base) == want
-    if not any(glob.has_magic(entry) for entry in entries):
-        assert resolve_inputs([str(base / e) for e in entries], Path.cwd()) == want
+    # as a detached job ships them: absolute, resolved on the server in another directory
+    assert resolve_inputs([absolute_entry(e, base) for e in entries], tmp_path) == want
 
 
 def data_output(root: Path) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..data.inputs import absolute_entry
 from ..errors import ConfigError, JobFailed, JobKilled, RemapError
 from . import render
 from .filejob import print_failure, print_summary, run_file_job
@@ -43,7 +44,7 @@ def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[
     module = None
     if spec.module.endswith(".py"):
         module = (spec.base_dir / Path(spec.module).expanduser()).resolve()
-    raw["input"] = [str((spec.base_dir / Path(i).expanduser()).absolute()) for i in spec.inputs]
+    raw["input"] = [absolute_entry(i, spec.base_dir) for i in spec.inputs]
     raw["output"] = str(spec.output)
     raw["name"] = spec.name
     return ship(raw, module)
@@ -146,7 +147,7 @@ def drive_module(
         inputs = [inputs]
     job = {
         "kind": kind,
-        "input": [str(Path(i).expanduser().absolute()) for i in inputs],
+        "input": [absolute_entry(i, Path.cwd()) for i in inputs],
         "output": str(Path(output).expanduser().absolute()),
         **{k: v for k, v in keys.items() if v is not None},
     }

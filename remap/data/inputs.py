@@ -77,13 +77,27 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
     return list(found)
 
 
-def _glob_files(entry: str, base_dir: Path | str) -> list[Path] | None:
-    """The files a glob entry finds, sorted; None if it is no glob or matches nothing shown.
-    Only the entry is a pattern: ``base_dir``'s own name may hold ``[`` (pytest's
+def absolute_entry(entry: str | os.PathLike[str], base_dir: Path | str) -> str:
+    """``entry`` as an absolute entry naming the same files from anywhere (a detached job's
+    driver resolves it on the server): a glob's base directory is escaped, not a pattern."""
+    text = os.path.expanduser(os.fspath(entry))
+    path = (Path(base_dir) / text).absolute()
+    if path.exists() or not glob.has_magic(text):
+        return str(path)
+    return _pattern(text, Path(base_dir).absolute())
+
+
+def _pattern(entry: str, base_dir: Path | str) -> str:
+    """Only the entry is a pattern: ``base_dir``'s own name may hold ``[`` (pytest's
     parametrized directories do)."""
+    return os.path.join(glob.escape(os.fspath(base_dir)), entry)
+
+
+def _glob_files(entry: str, base_dir: Path | str) -> list[Path] | None:
+    """The files a glob entry finds, sorted; None if it is no glob or matches nothing shown."""
     if not glob.has_magic(entry):
         return None
-    pattern = os.path.join(glob.escape(os.fspath(base_dir)), entry)
+    pattern = _pattern(entry, base_dir)
     shown = [m for m in glob.glob(pattern, recursive=True) if not _wildcard_hid(pattern, m)]
     if not shown:
         return None
