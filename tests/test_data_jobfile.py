@@ -84,6 +84,7 @@ ERROR_CASES = [
     pytest.param("kind: mapreduce  #!\ninput: in/\noutput: out/\n", ["key 'module' is required"], id="no-module"),
     pytest.param(K + "reducers: 0  #!\n", ["key 'reducers'", "reducer count >= 1, got 0"], id="reducers-zero"),
     pytest.param(K + "reducers: {default: 2, bad/name: 1}  #!\n", ["key 'reducers'", "purpose 'bad/name'"], id="purpose-path"),
+    pytest.param(K + "reducers: {default: 2, _logs: 1}  #!\n", ["key 'reducers'", "purpose '_logs'", "starting with a letter"], id="purpose-hidden"),
     pytest.param(K + "reducers: {}  #!\n", ["key 'reducers'", "at least one"], id="reducers-empty"),
     pytest.param(K + "reducers: {a: true}  #!\n", ["key 'reducers'", "got True"], id="reducers-bool"),
     pytest.param(K + "split_mb: -1  #!\n", ["key 'split_mb'", "megabytes > 0"], id="split-negative"),

@@ -40,7 +40,9 @@ SUCCESS_MARKER = "_SUCCESS"
 DEFAULT_DATA_DIR = "~/.remap/data"
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: a purpose names a directory of a job's output: never a hidden one (``_x``), or a job reading
+#: the output as its input would skip it (README "Inputs")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def new_job_id() -> str:
@@ -64,7 +66,7 @@ def check_name(what: str, name: str) -> str:
     pattern = _JOB_ID if what == "job id" else _NAME
     if not isinstance(name, str) or not pattern.match(name) or name in (".", ".."):
         raise ConfigError(
-            f"{what} {name!r}: use letters, digits, '_', '-' and '.' (not starting with '.')"
+            f"{what} {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
     return name
 
