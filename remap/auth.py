@@ -6,10 +6,17 @@ import os
 import secrets
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from .errors import ConfigError
 from .settings import Settings, is_loopback, secret_bytes
 
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+#: a secret shorter than this on a server others can reach is warned about (token_urlsafe(32)
+#: gives 43 characters)
+MIN_SECRET = 16
+
+log = Logger()
 
 
 class SecretMissing(ConfigError):
@@ -28,6 +35,13 @@ def server_secret(settings: Settings, host: str) -> bytes:
     """
     key = secret_bytes(settings)
     if key:
+        if len(key) < MIN_SECRET and not is_loopback(host):
+            log.warn(
+                "REMAP_SECRET_KEY is only {n} characters and this server is reachable from the "
+                "network: whoever guesses it runs code on your nodes; generate one with {hint}",
+                n=len(key),
+                hint=GENERATE_HINT,
+            )
         return key
     if not is_loopback(host):
         raise ConfigError(

@@ -390,3 +390,24 @@ def test_env_doc_defaults_match_settings() -> None:
         default = defaults[variable]
         assert text == ("" if default is None else str(default))
         assert comment and "\n" not in comment
+
+
+def test_a_short_secret_on_a_reachable_server_is_warned_about() -> None:
+    """``REMAP_SECRET_KEY=short`` on ``--host 0.0.0.0`` was taken silently, though anyone who
+    guesses it runs code on the nodes: the server warns, saying how to make a strong one; a
+    strong secret, or a short one on loopback, says nothing."""
+    from twisted.logger import capturedLogs
+
+    from remap.auth import server_secret
+
+    for secret, host, warned in (
+        ("short", "0.0.0.0", True),
+        ("x" * 43, "0.0.0.0", False),
+        ("short", "127.0.0.1", False),
+    ):
+        with capturedLogs() as events:
+            assert server_secret(Settings(secret=secret), host) == secret.encode()
+        said = [e for e in events if "REMAP_SECRET_KEY is only" in e.get("log_format", "")]
+        assert bool(said) == warned, (secret, host)
+        if warned:
+            assert said[0]["n"] == 5 and "token_urlsafe(32)" in said[0]["hint"]
