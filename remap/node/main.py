@@ -18,7 +18,6 @@ from ..errors import (
     RemapError,
     ServerUnreachable,
     VersionMismatch,
-    one_line,
 )
 from ..malloc import keep_freed_memory
 from ..net import tls_enabled
@@ -62,7 +61,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     )
     settings = await locate(reactor, settings)
     stopped: defer.Deferred = defer.Deferred()
-    result = {"code": 0}
+    refusal: list[RemapError] = []
 
     def shutdown(reason: str) -> None:
         if not stopped.called:
@@ -75,8 +74,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             isinstance(error, (AuthError, VersionMismatch, CertificateMismatch))
             and not stopped.called
         ):
-            line, result["code"] = one_line(error)
-            print(line, file=sys.stderr, flush=True)
+            refusal.append(error)  # said once the node has stopped: the last line
             stopped.callback(None)
 
     data = await probe_data_dir(reactor, settings)
@@ -89,7 +87,9 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", lambda: shutdown("reactor stopping"))
     await stopped
     await node.stop()
-    return result["code"]
+    if refusal:
+        raise refusal[0]
+    return 0
 
 
 async def probe_data_dir(reactor, settings: Settings) -> DataDirReport:
