@@ -69,3 +69,13 @@ def test_an_ended_job_has_no_share_to_show() -> None:
     for state in ("done", "failed", "killed"):
         job = _job(state=state, cores=0, share=0.0, weight=1.0, max_cores=None, min_cores=0)
         assert jobs_table([job]).splitlines()[2].endswith(" -"), state
+
+
+def test_only_running_jobs_list_their_counters_under_the_status() -> None:
+    """Every finished map and reduce phase kept its ``job N counters: ...`` line under the
+    status table (up to 50 finished jobs' worth); only running jobs' lines are shown."""
+    from remap.console.render import file_job_lines
+
+    done = _job(id=1, state="done", counters={"map_records_in": 4})
+    running = _job(id=2, counters={"map_records_in": 7})
+    assert file_job_lines([], [done, running]) == ["job 2 counters: map_records_in 7"]

@@ -181,6 +181,8 @@ def file_job_lines(nodes: list[NodeStatus], jobs: list[JobStatus]) -> list[str]:
         if n.data_error
     ]
     for j in jobs:
+        if j.state != "running":  # an ended job's counters are in its summary
+            continue
         for host, why in sorted((j.left_out or {}).items()):
             lines.append(f"job {j.id}: node {host} left out: {why}")
         if j.counters:
