@@ -380,9 +380,11 @@ def test_a_closed_handle_refuses_work() -> None:
 
 
 def test_close_fails_a_running_imap_instead_of_hanging() -> None:
-    """Closing the handle under a consumer makes its iterator raise rather than wait forever."""
+    """Closing the handle under a consumer makes its iterator raise rather than wait forever.
+    The second call sleeps 30 s (it was 5 s: a stall that long before close let its result
+    arrive, and next() returned it)."""
     cluster = remap.connect(cores=1, settings=Settings())
-    results = cluster.imap(slow_identity, [0.0, 5.0], chunksize=1)
+    results = cluster.imap(slow_identity, [0.0, 30.0], chunksize=1)
     assert next(results) == 0.0
     cluster.close()
     with pytest.raises((ConnectionLost, remap.JobKilled)):
