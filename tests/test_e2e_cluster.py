@@ -699,18 +699,26 @@ def test_console_with_a_different_heartbeat_setting_is_not_dropped(
 def test_results_exactly_once_when_a_node_is_sigkilled(
     make_cluster: ClusterFactory, tmp_path: Path
 ) -> None:
-    """SIGKILL a node mid-job: its work is re-queued and every index is delivered exactly once."""
+    """SIGKILL a node mid-job: its work is re-queued and every index is delivered exactly once.
+
+    The kill lands while the node has tasks in flight and most of the job is left (200 calls of
+    50 ms on 2 cores: ~5 s), so there is work to re-queue however loaded the machine is."""
     cluster = make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
-    args = list(range(60))
+    args = list(range(200))
     job_file = job(tmp_path, "nap", args=args, response_mode="stream", chunksize=1)
     computing = cluster.console_popen("compute", str(job_file), "--json")
+    victim = cluster.nodes[0].pid
 
     def started() -> bool:
-        found = [j for j in cluster.status()["jobs"] if j["name"] == job_file.stem]
-        return bool(found) and found[0]["done"] >= 5
+        status = cluster.status()
+        found = [j for j in status["jobs"] if j["name"] == job_file.stem]
+        busy = [n for n in status["nodes"] if n["pid"] == victim and n["tasks_in_flight"] > 0]
+        return bool(found) and found[0]["done"] >= 5 and bool(busy)
 
-    cluster.wait_for(started, 30, "the job to be under way")
+    cluster.wait_for(started, 30, "the job to be under way on both nodes")
     cluster.kill_node(0, signal.SIGKILL)
+    left = [j for j in cluster.status()["jobs"] if j["name"] == job_file.stem][0]
+    assert left["done"] < len(args) - 20, "the job was nearly over when its node was killed"
     done = cluster.finish(computing, timeout=60)
     cluster.assert_ok(done)
     items = [json.loads(line) for line in done.stdout.splitlines()]
