@@ -285,7 +285,7 @@ def run_procs(calls: int) -> list[list[tuple[str, int]]]:
     env.update(REMAP_SECRET_KEY=secret, HOME=str(work), REMAP_STATE_DIR=str(work / "state"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     port_file = work / "port"
-    common = ["--env-file", "/nonexistent", "--log-level", "warn"]
+    common = ["--env-file", "/dev/null", "--log-level", "warn"]
     procs = {
         "server": _spawn(
             "server",

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
     env.update(REMAP_SECRET_KEY=secret, HOME=str(work), REMAP_STATE_DIR=str(work / "state"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    common = ["--env-file", "/nonexistent", "--log-level", "warn"]
+    common = ["--env-file", "/dev/null", "--log-level", "warn"]
 
     def under_callgrind(role: str, *args: str) -> subprocess.Popen:
         out = work / f"callgrind.{role}"

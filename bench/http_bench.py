@@ -104,7 +104,7 @@ def main() -> int:
     try:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "remap_server.py"), "--port", "0", "--port-file",
-             str(port_file), "--http-port", "0", "--env-file", "/nonexistent",
+             str(port_file), "--http-port", "0", "--env-file", "/dev/null",
              "--log-level", "warn"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -134,7 +134,7 @@ def main() -> int:
                     "--cores",
                     str(opts.cores),
                     "--env-file",
-                    "/nonexistent",
+                    "/dev/null",
                 ],
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -156,7 +156,7 @@ def main() -> int:
                     "--server",
                     f"127.0.0.1:{port}",
                     "--env-file",
-                    "/nonexistent",
+                    "/dev/null",
                     "compute",
                     str(job_file),
                     "--quiet",

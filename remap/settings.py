@@ -244,9 +244,17 @@ def locate_env_file(
     explicit: str | Path | None, job_file: str | Path | None = None
 ) -> tuple[Path | None, list[Path]]:
     """The ``.env`` to read (``explicit`` if given, else the first candidate that exists) and
-    every place looked, for an error that has to say where the secret was not found."""
+    every place looked, for an error that has to say where the secret was not found.
+
+    A file named explicitly must exist: a mistyped ``--env-file`` would otherwise read nothing
+    and run somewhere else than meant (on an embedded cluster, say). ``/dev/null`` reads none."""
     if explicit is not None:
-        return Path(explicit), [Path(explicit)]
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"--env-file {explicit}: no such file (--env-file /dev/null reads none)"
+            )
+        return path, [path]
     candidates = env_file_candidates(job_file)
     return next((p for p in candidates if p.is_file()), None), candidates
 

@@ -337,7 +337,7 @@ class Cluster:
             "--port-file",
             str(self.port_file),
             "--env-file",
-            "/nonexistent",
+            "/dev/null",
         ]
         self.server = self._spawn("server", argv, self.env(self.server_env))
         server = self.server
@@ -363,7 +363,7 @@ class Cluster:
             "--cores",
             str(spec.cores),
             "--env-file",
-            "/nonexistent",
+            "/dev/null",
         ]
         if spec.group:
             argv += ["--group", spec.group]
@@ -487,7 +487,7 @@ class Cluster:
         argv = [PYTHON, CONSOLE_SCRIPT]
         if server:
             argv += ["--server", self.address]
-        return argv + ["--env-file", "/nonexistent", *map(str, args)]
+        return argv + ["--env-file", "/dev/null", *map(str, args)]
 
     def console(
         self,
@@ -498,7 +498,7 @@ class Cluster:
         server: bool = True,
         cwd: Path | str | None = None,
     ) -> subprocess.CompletedProcess:
-        """Run ``remap_console.py --server ADDRESS --env-file /nonexistent ARGS``; capture output.
+        """Run ``remap_console.py --server ADDRESS --env-file /dev/null ARGS``; capture output.
 
         A console that outlives ``timeout`` is killed and the test fails with its output so far
         and the cluster's logs.

@@ -46,7 +46,7 @@ def console(tmp_path: Path, *args: object, timeout: float = 120.0):
     return run_entry(
         CONSOLE_SCRIPT,
         "--env-file",
-        "/nonexistent",
+        "/dev/null",
         *args,
         home=tmp_path,
         cwd=tmp_path,

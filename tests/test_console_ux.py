@@ -212,7 +212,14 @@ def test_status_works_in_a_fresh_shell(tmp_path: Path) -> None:
     """In the shell with no server, status before any compute shows the embedded cluster.
     Before, it said "no server configured" until the first compute."""
     done = console(
-        tmp_path, "--env-file", "/none", "--cores", "1", "shell", input="status\nquit\n", timeout=90
+        tmp_path,
+        "--env-file",
+        "/dev/null",
+        "--cores",
+        "1",
+        "shell",
+        input="status\nquit\n",
+        timeout=90,
     )
     assert done.returncode == 0, done.stderr
     assert "1 node, 0/1 cores busy" in done.stdout, done.stdout + done.stderr
@@ -253,9 +260,7 @@ def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
     }  # fmt: skip
     for name, (text, kind, why) in jobs.items():
         (tmp_path / name).write_text(text)
-        code = main(
-            ["--env-file", str(tmp_path / "none"), "compute", str(tmp_path / name), "--json"]
-        )
+        code = main(["--env-file", "/dev/null", "compute", str(tmp_path / name), "--json"])
         out, err = capsys.readouterr()
         assert code == 2, err
         summary = json.loads(out)
@@ -330,6 +335,6 @@ def test_a_reduce_job_is_refused_detached_before_it_runs(
             .replace("remap_function.py", str(root / "remap_function.py"))
             + ("" if argv else "detach: true\n")
         )
-        code = main(["--env-file", str(tmp_path / "none"), "compute", str(job), *argv])
+        code = main(["--env-file", "/dev/null", "compute", str(job), *argv])
         err = capsys.readouterr().err
         assert code == 2 and "a reduce job cannot run detached" in err, err

@@ -452,7 +452,7 @@ def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
 
     def console(*args: object):
         return run_entry(
-            CONSOLE_SCRIPT, "--env-file", "/nonexistent", *args, home=tmp_path, env=env, timeout=120
+            CONSOLE_SCRIPT, "--env-file", "/dev/null", *args, home=tmp_path, env=env, timeout=120
         )
 
     done = console("compute", "job.yaml", "--json")

@@ -339,7 +339,7 @@ def test_node_with_a_wrong_secret_stops_with_exit_3(shared: Cluster) -> None:
             "--cores",
             "1",
             "--env-file",
-            "/nonexistent",
+            "/dev/null",
         ],
         shared.env({"REMAP_SECRET_KEY": "not-the-secret"}),
         cwd=shared.tmp,

@@ -156,7 +156,7 @@ def test_an_unknown_engine_is_one_line_and_exit_2(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _job(tmp_path, "object")
-    assert main(["compute", str(job), "--engine", url, "--env-file", "/nonexistent"]) == 2
+    assert main(["compute", str(job), "--engine", url, "--env-file", "/dev/null"]) == 2
     # only this console's lines: another test's garbage-collected Deferred may log here too
     err = [x for x in capsys.readouterr().err.splitlines() if not x.startswith(("2", "\t"))]
     assert len(err) == 1 and err[0].startswith(f"error: unknown engine {url!r}"), err
@@ -225,7 +225,7 @@ def _run(
     job = _job(tmp_path, mode, on_error)
     if engine is not None:
         monkeypatch.setattr(engines, "open_engine", lambda *a, **k: _Shared(engine))
-    argv = ["compute", str(job), "--cores", "2", "--env-file", "/nonexistent", "--engine", url]
+    argv = ["compute", str(job), "--cores", "2", "--env-file", "/dev/null", "--engine", url]
     capsys.readouterr()
     code = main(argv)
     out, err = capsys.readouterr()
@@ -320,7 +320,7 @@ def test_a_remap_server_nobody_listens_on_is_exit_4(
     """``remap://HOST:PORT`` with nobody listening is one line and exit 4, like the others."""
     monkeypatch.setenv("REMAP_SECRET_KEY", "engine-test-secret-" + "x" * 16)
     job = _job(tmp_path, "object")
-    argv = ["compute", str(job), "--engine", "remap://127.0.0.1:9", "--env-file", "/nonexistent"]
+    argv = ["compute", str(job), "--engine", "remap://127.0.0.1:9", "--env-file", "/dev/null"]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 4, err
@@ -370,7 +370,7 @@ def test_a_scheduler_nobody_listens_on_is_exit_4(
 ) -> None:
     pytest.importorskip("distributed")
     job = _job(tmp_path, "object")
-    argv = ["compute", str(job), "--engine", "dask://127.0.0.1:9", "--env-file", "/nonexistent"]
+    argv = ["compute", str(job), "--engine", "dask://127.0.0.1:9", "--env-file", "/dev/null"]
     assert main(argv) == 4
     err = capsys.readouterr().err
     assert "could not reach the dask scheduler at 127.0.0.1:9" in err and "Traceback" not in err
@@ -491,7 +491,7 @@ def _console(tmp_path: Path, job: Path, url: str, **extra: str) -> Any:
     from .test_security_e2e import REPO, child_env
 
     argv = [sys.executable, str(REPO / "remap_console.py"), "compute", str(job), "--json"]
-    argv += ["--engine", url, "--env-file", str(tmp_path / "no.env")]
+    argv += ["--engine", url, "--env-file", "/dev/null"]
     env = {**_without_ray_state(child_env(tmp_path / "home")), **extra}
     return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
 

@@ -38,12 +38,12 @@ def test_dashboard_command_line(
     """`remap --server ... dashboard --http-port N` prints the link and exits 0."""
     monkeypatch.setenv("REMAP_SECRET_KEY", SECRET.decode())
     code = main(
-        ["--env-file", str(tmp_path / "none"), "--server", "127.0.0.1:7878", "dashboard",
+        ["--env-file", "/dev/null", "--server", "127.0.0.1:7878", "dashboard",
          "--http-port", str(served.port)]
     )  # fmt: skip
     assert code == 0
     assert "/login?token=" in capsys.readouterr().out
-    code = main(["--env-file", str(tmp_path / "none"), "dashboard", "--token"])
+    code = main(["--env-file", "/dev/null", "dashboard", "--token"])
     assert code == 0 and capsys.readouterr().out.strip() == served.token
 
 
@@ -93,7 +93,7 @@ def test_compute_dashboard_prints_the_link(tmp_path) -> None:
         tmp_path / "j.yaml", {"function": jobs_function("funcs", "square"), "args": [3]}
     )
     done = run_entry(
-        CONSOLE_SCRIPT, "--env-file", "/nonexistent", "--cores", "1", "compute", job,
+        CONSOLE_SCRIPT, "--env-file", "/dev/null", "--cores", "1", "compute", job,
         "--dashboard", "--json", home=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -97,7 +97,7 @@ class Net:
     def console(
         self, host: Host, *args: str, server: str | None, timeout: float = 60
     ) -> subprocess.CompletedProcess:
-        argv = [CONSOLE_SCRIPT, "--env-file", "/nonexistent"]
+        argv = [CONSOLE_SCRIPT, "--env-file", "/dev/null"]
         argv += ["--server", server] if server else []
         done = subprocess.run(
             self.lab.argv(host, [PYTHON, *argv, *args]),
@@ -207,7 +207,7 @@ def test_discovery_and_a_cut_cable(net: Net, tmp_path: Path) -> None:
     out_path, err_path = tmp_path / "compute.out", tmp_path / "compute.err"
     with open(out_path, "wb") as out_file, open(err_path, "wb") as err_file:
         console = subprocess.Popen(
-            net.lab.argv(con, [PYTHON, CONSOLE_SCRIPT, "--env-file", "/nonexistent", "--server",
+            net.lab.argv(con, [PYTHON, CONSOLE_SCRIPT, "--env-file", "/dev/null", "--server",
                                address, "compute", str(job), "--json", "--quiet"]),
             stdout=out_file, stderr=err_file, env=net.env(SECRET),
             cwd=tmp_path, start_new_session=True, preexec_fn=_PREEXEC,
@@ -316,7 +316,7 @@ def test_a_node_with_no_server_to_find_gives_up_with_one_line(net: Net) -> None:
     """No server on the wire: the node says it looks, then exits 4 after the bound with one
     clear line (a service manager restarts it)."""
     alone = net.lab.add_host("alone")
-    argv = net.lab.argv(alone, [PYTHON, NODE_SCRIPT, "--cores", "1", "--env-file", "/nonexistent"])
+    argv = net.lab.argv(alone, [PYTHON, NODE_SCRIPT, "--cores", "1", "--env-file", "/dev/null"])
     env = net.env(SECRET, REMAP_DISCOVERY_TIMEOUT="1")
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 4, done.stderr

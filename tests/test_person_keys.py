@@ -156,7 +156,7 @@ def test_real_consoles_with_person_keys(make_cluster, tmp_path) -> None:
 
     def issue(name: str) -> str:
         done = subprocess.run(
-            [sys.executable, SERVER_SCRIPT, "--issue-key", name, "--env-file", "/nonexistent"],
+            [sys.executable, SERVER_SCRIPT, "--issue-key", name, "--env-file", "/dev/null"],
             env=clean_env(c.home, {"REMAP_SECRET_KEY": c.secret}),
             cwd=ROOT,
             capture_output=True,

@@ -3,7 +3,7 @@
 Each test starts what it needs on port 0 (``--port 0 --port-file``) through :class:`Cluster`,
 which kills every process group it started when the test ends, pass or fail. Children get
 an environment built from scratch: no REMAP_* variable of the developer, HOME in tmp_path,
-``--env-file`` pointing nowhere. Nothing listens on anything but loopback.
+``--env-file /dev/null`` (no settings file). Nothing listens on anything but loopback.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Cluster:
             str(REPO / script),
             *args,
             "--env-file",
-            str(self.root / "no-such.env"),
+            "/dev/null",
         ]
         proc = Proc(self._name(kind), argv, env, self.root, self.logs)
         self.procs.append(proc)
@@ -219,7 +219,7 @@ class Cluster:
             "--server",
             f"127.0.0.1:{port}",
             "--env-file",
-            str(self.root / "no-such.env"),
+            "/dev/null",
             *args,
         ]
         try:
@@ -449,7 +449,7 @@ def test_server_binds_loopback_by_default_and_makes_a_private_secret(cluster):
             "--server",
             f"127.0.0.1:{port}",
             "--env-file",
-            str(cluster.root / "no-such.env"),
+            "/dev/null",
             "status",
         ],
         capture_output=True,

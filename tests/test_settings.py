@@ -149,6 +149,7 @@ def test_env_file_is_looked_for_here_then_next_to_the_job_then_in_home(
     found, searched = locate_env_file(None, job)
     assert found == Path(".env") and searched == expected
     assert load_settings(environ={}, dotenv_path=found).port == 3
+    (here / "other.env").write_text("REMAP_PORT=4\n")
     assert locate_env_file("other.env", job) == (Path("other.env"), [Path("other.env")])
     assert locate_env_file(None, here / "job.yaml")[1] == [Path(".env"), home / ".remap" / ".env"]
 
@@ -411,3 +412,19 @@ def test_a_short_secret_on_a_reachable_server_is_warned_about() -> None:
         assert bool(said) == warned, (secret, host)
         if warned:
             assert said[0]["n"] == 5 and "token_urlsafe(32)" in said[0]["hint"]
+
+
+def test_an_env_file_named_explicitly_must_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped ``--env-file`` is one error line and exit 2, not a run with no settings (on an
+    embedded cluster instead of the server it names); ``/dev/null`` is how to read none."""
+    from remap.console.main import main
+
+    missing = tmp_path / "prod.evn"
+    with pytest.raises(ConfigError, match="no such file"):
+        locate_env_file(str(missing))
+    assert locate_env_file(os.devnull)[0] == Path(os.devnull)
+    assert main(["--env-file", str(missing), "status"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --env-file {missing}: no such file (--env-file /dev/null reads none)"]

@@ -96,7 +96,7 @@ def test_the_console_shows_task_output_from_every_batch(tmp_path: Path) -> None:
         tmp_path / "talk.yaml",
         {"function": jobs_function("funcs", "talkative"), "args_range": [0, 4], "chunksize": 1},
     )
-    common = ("--env-file", "/nonexistent", "--cores", "1", "compute", job, "--json")
+    common = ("--env-file", "/dev/null", "--cores", "1", "compute", job, "--json")
     done = run_entry(CONSOLE_SCRIPT, *common, home=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert said(done.stderr) == every_channel(range(4)), done.stderr
