@@ -10,7 +10,8 @@ find it already running or block the thread our waits depend on.
 Child processes (embedded cores) are reaped on SIGCHLD, which only the main thread may
 install, so a handler is installed here (when we are on the main thread; it also calls the
 handler it replaced) and forwarded to the reactor; a periodic reap covers a process whose
-signal went to someone else's handler.
+signal went to someone else's handler. The runtime reaps its own children only, and no other
+reactor reaps them (``_OwnChildren``).
 """
 
 from __future__ import annotations
@@ -203,12 +204,58 @@ def _new_reactor() -> Any:
     return r
 
 
+class _OwnChildren:
+    """The children spawned on one reactor, reaped by that reactor alone, on its own thread.
+
+    Twisted keeps one process-wide table of children, and any reactor that reaps (on SIGCHLD or
+    on a timer) reaps every reactor's children and ends them on its own thread. With two
+    reactors in one process (ours on its thread, another on the main thread: a Twisted
+    application, pytest-twisted), a child could end on the wrong thread, and a reaper holding a
+    child the other thread had just ended logged an "Unhandled Error" (``waitpid(None)``).
+    A child spawned here leaves Twisted's table for this one at once."""
+
+    def __init__(self, r: Any) -> None:
+        from twisted.internet import process
+
+        self.children: dict[int, Any] = {}
+        table = process.reapProcessHandlers
+        spawn = r.spawnProcess
+
+        def spawn_own(*args: Any, **kwargs: Any) -> Any:
+            child = spawn(*args, **kwargs)
+            pid = child.pid
+            if pid is not None and table.get(pid) is child:  # None: it ended already
+                del table[pid]
+                self.children[pid] = child
+                child.reapProcess = lambda: self.reap_one(child)  # what Twisted calls at EOF
+            return child
+
+        r.spawnProcess = spawn_own
+
+    def reap_one(self, child: Any) -> None:
+        pid = child.pid
+        if pid is None:  # ended already
+            return
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone's os.wait(): as Twisted, wait for EOF
+            return
+        if done:
+            del self.children[pid]
+            child.processEnded(status)
+
+    def reap(self) -> None:
+        for child in list(self.children.values()):
+            self.reap_one(child)
+
+
 def reactor() -> Any:
     """The runtime's reactor (created, not started, on first use)."""
     global _reactor
     with _lock:
         if _reactor is None:
             _reactor = _new_reactor()
+            _reactor.remap_children = _OwnChildren(_reactor)
         return _reactor
 
 
@@ -219,20 +266,20 @@ def ensure_running() -> Any:
     with _lock:
         if _thread is not None:
             return r
-        from twisted.internet import process
         from twisted.internet.task import LoopingCall
 
+        reap = r.remap_children.reap
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGCHLD)
 
             def on_sigchld(signum: int, frame: Any) -> None:
-                r.callFromThread(process.reapAllProcesses)
+                r.callFromThread(reap)
                 if callable(previous):
                     previous(signum, frame)
 
             signal.signal(signal.SIGCHLD, on_sigchld)
             signal.siginterrupt(signal.SIGCHLD, False)
-        reaper = LoopingCall(process.reapAllProcesses)
+        reaper = LoopingCall(reap)
         reaper.clock = r
         r.callWhenRunning(reaper.start, REAP_INTERVAL, now=False)
         _thread = threading.Thread(
