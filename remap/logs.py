@@ -76,7 +76,14 @@ _installed: LogLevelFilterPredicate | None = None
 
 
 def start_logging(level: str = "info", stream=None) -> None:
-    """Log to stderr at ``level``; a second call only changes the level."""
+    """Log to stderr at ``level``; a second call only changes the level.
+
+    What was logged before is dropped, not replayed: Twisted buffers every event from the
+    process's start until logging begins, and in a process that used remap before (a notebook's
+    ``remap.connect``, a test run) the first in-process ``main()`` printed those old errors and
+    warnings as its own, above the console's one error line. An entry point's own process logs
+    nothing before it calls this.
+    """
     global _installed
     if _installed is not None:
         _installed.defaultLogLevel = _level(level)
@@ -84,4 +91,4 @@ def start_logging(level: str = "info", stream=None) -> None:
         return
     _installed = LogLevelFilterPredicate(defaultLogLevel=_level(level))
     observer = log_observer(level, stream, _installed)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)

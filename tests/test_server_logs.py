@@ -20,6 +20,7 @@ from remap.logs import log_observer, start_logging
 from remap.net import LISTEN_BACKLOG, server_endpoint
 from remap.settings import Settings
 
+from .cluster_harness import run_entry
 from .test_security_e2e import Cluster, wait_for
 
 
@@ -115,6 +116,34 @@ def test_an_entry_point_run_again_in_one_process_keeps_one_observer_on_the_curre
     start_logging("error")
     Logger().info("hidden")
     assert "hidden" not in capsys.readouterr().err
+
+
+#: a process that used remap before it calls the console's main() (a notebook, a test run)
+EARLIER_ERROR_THEN_MAIN = """
+import sys
+from twisted.logger import Logger
+from remap.console.main import main
+
+Logger().error("an error from earlier work in this process")
+code = main(["--env-file", "/dev/null", "compute", sys.argv[1]])
+Logger().error("an error while logging is on")
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_the_first_in_process_main_does_not_replay_what_was_logged_before(tmp_path):
+    """Twisted keeps every event from the process's start until logging begins; the first
+    ``main()`` replayed them, so an old error of other work was printed above the console's
+    one error line (a test comparing that line saw a line of an earlier test). What is logged
+    once it runs still shows."""
+    done = run_entry(
+        "-c", EARLIER_ERROR_THEN_MAIN, str(tmp_path / "missing.yaml"), home=tmp_path, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("error: ") and "missing.yaml" in lines[0], done.stderr
+    assert len(lines) == 2 and lines[1].endswith("an error while logging is on"), done.stderr
 
 
 @pytest.mark.slow
