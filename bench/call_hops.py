@@ -89,6 +89,29 @@ def _wrap_bytes_in(role: str) -> None:
     _wrap(wire.PeerProtocol, "dataReceived", f"{role}: bytes in")
 
 
+def _opcode_tracer(opcodes: dict[str, int]) -> Any:
+    """A ``sys.settrace`` function adding each bytecode executed to ``opcodes[file:function]``."""
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        key = f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            opcodes[key] = opcodes.get(key, 0) + 1
+        return trace
+
+    return trace
+
+
+def _write_opcodes(path: str, opcodes: dict[str, int], calls: int | None = None) -> None:
+    """The counts, busiest first; divided by ``calls`` when given (else totals)."""
+    rows = sorted(opcodes.items(), key=lambda kv: -kv[1])
+    per = calls or 1
+    head = f"{sum(opcodes.values()) / per:.0f} in all{' per call' if calls else ''}\n"
+    Path(path).write_text(head + "".join(f"{n / per:g} {k}\n" for k, n in rows))
+
+
 def _count_on_signals(role: str, marks_file: str) -> None:
     """SIGUSR1 starts counting the Python functions the main (reactor) thread enters, SIGUSR2
     stops and writes the count to ``MARKS_FILE.calls``; with ``CALL_HOPS_CPROFILE=PREFIX`` in
@@ -109,14 +132,7 @@ def _count_on_signals(role: str, marks_file: str) -> None:
         if event == "call":
             count[0] += 1
 
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        code = frame.f_code
-        key = f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"
-        if event == "call":
-            frame.f_trace_opcodes = True
-        elif event == "opcode":
-            opcodes[key] = opcodes.get(key, 0) + 1
-        return trace
+    trace = _opcode_tracer(opcodes)
 
     def start(*_: Any) -> None:
         count[0] = 0
@@ -135,8 +151,7 @@ def _count_on_signals(role: str, marks_file: str) -> None:
             profiler.dump_stats(f"{prefix}.{role}.prof")
         elif op_prefix:
             sys.settrace(None)
-            rows = sorted(opcodes.items(), key=lambda kv: -kv[1])
-            Path(f"{op_prefix}.{role}.txt").write_text("".join(f"{n} {k}\n" for k, n in rows))
+            _write_opcodes(f"{op_prefix}.{role}.txt", opcodes)
         else:
             sys.setprofile(None)
         Path(f"{marks_file}.calls").write_text(str(count[0]))
@@ -197,6 +212,23 @@ def _python_calls(cluster: Any, calls: int, counters: Any = None) -> float:
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event == "call":
             count[0] += 1
+
+    op_prefix = os.environ.get("CALL_HOPS_OPCODES")
+    if op_prefix:  # bytecodes on the calling thread and the console's reactor thread
+        caller: dict[str, int] = {}
+        reactor: dict[str, int] = {}
+        runtime.run(sys.settrace, _opcode_tracer(reactor), timeout=10)
+        with counters or contextlib.nullcontext():
+            sys.settrace(_opcode_tracer(caller))
+            try:
+                for _ in range(calls):
+                    cluster.submit(now, 1).result()
+            finally:
+                sys.settrace(None)
+                runtime.run(sys.settrace, None, timeout=10)
+        _write_opcodes(f"{op_prefix}.caller.txt", caller, calls)
+        _write_opcodes(f"{op_prefix}.console.txt", reactor, calls)
+        return 0.0
 
     with counters or contextlib.nullcontext():
         runtime.run(sys.setprofile, profile, timeout=10)

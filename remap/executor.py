@@ -51,6 +51,7 @@ _PENDING, _RUNNING, _FINISHED = (
 )
 #: the clock idle times are read from (a test moves it)
 _now = time.monotonic
+_monotonic = time.monotonic
 _WAKE = ("wake",)
 
 #: executors whose calls may still run; the interpreter's exit waits for them, as the stdlib's
@@ -112,6 +113,47 @@ class RemoteFuture(concurrent.futures.Future):
         self._stream: _SubmitStream | None = None
         #: set (under the stream's lock) once the call was handed to the server or withdrawn
         self._claimed = False
+        #: the reactor whose loop a thread in :meth:`result` runs to get this result
+        self._driven: Any = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The result; a thread waiting for it runs the reactor's loop itself while it waits
+        (``runtime`` ``drive``: the answer is read on this thread, not handed over from the
+        reactor's), unless another thread runs it already."""
+        if self._state is _PENDING or self._state is _RUNNING:
+            stream = self._stream
+            r = stream.reactor if stream is not None else None
+            if r is not None:
+                deadline = None if timeout is None else _monotonic() + timeout
+                self._driven = r
+                try:
+                    drove = r.drive(self._left_waiting, deadline)
+                finally:
+                    self._driven = None
+                if not drove:
+                    try:
+                        return super().result(timeout)
+                    finally:
+                        r.unwant()
+                if deadline is not None:
+                    timeout = max(0.0, deadline - _monotonic())
+        return super().result(timeout)
+
+    def _left_waiting(self) -> bool:
+        state = self._state
+        return state is not _PENDING and state is not _RUNNING
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        r = self._driven
+        if r is not None:  # set on another thread (the delivery thread): the loop must see it
+            r.wakeUp()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        r = self._driven
+        if r is not None:
+            r.wakeUp()
 
     def cancel(self) -> bool:
         stream = self._stream
@@ -127,6 +169,9 @@ class RemoteFuture(concurrent.futures.Future):
             return False
         # wake wait() / as_completed() now rather than when the item would have been sent
         self.set_running_or_notify_cancel()
+        r = self._driven
+        if r is not None:
+            r.wakeUp()
         return True
 
 
@@ -160,6 +205,8 @@ class _SubmitStream:
         #: same turn runs the server and the node too, so the waiter is woken at once, and a
         #: call is sent in that turn: no call leaves from the calling thread)
         self.wake_later = None if cluster.embedded else runtime.before_sleep(cluster._reactor)
+        #: the reactor a thread waiting in ``result()`` drives itself (None: not this kind)
+        self.reactor = cluster._reactor if hasattr(cluster._reactor, "drive") else None
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
         self.job: JobStream = cluster._stream(
             blob,

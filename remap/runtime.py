@@ -30,14 +30,19 @@ _thread: threading.Thread | None = None
 _reactor: Any = None
 #: seconds between reaps that do not wait for SIGCHLD
 REAP_INTERVAL = 0.25
+#: seconds a thread that ran the loop while it waited (``drive``) keeps it once it has its
+#: result, for its next call, before the reactor's thread takes it back
+KEEP = 0.005
+_MAIN = threading.main_thread().ident
 #: bumped in a child process after fork(): handles opened before it belong to the parent
 generation = 0
 
 
 def _after_fork_in_child() -> None:
     """A forked child has the parent's reactor object but not its thread: start afresh."""
-    global _lock, _thread, _reactor, generation
+    global _lock, _thread, _reactor, generation, _MAIN
     _lock = threading.Lock()
+    _MAIN = threading.main_thread().ident
     _thread = None
     _reactor = None
     generation += 1
@@ -58,7 +63,12 @@ def _lean_epoll_reactor() -> Any:
     """
     import errno
     import sys
+    from _signal import SIGINT
+    from _signal import getsignal as _getsignal
+    from _signal import signal as _setsignal
     from select import EPOLLIN
+    from threading import get_ident
+    from time import monotonic as _monotonic
 
     from twisted.internet._signals import _UnixWaker
     from twisted.internet.epollreactor import EPollReactor
@@ -82,6 +92,19 @@ def _lean_epoll_reactor() -> Any:
             #: run once each, right before the reactor next sleeps in epoll (see
             #: :func:`before_sleep`)
             self.before_sleep: list[Callable[[], None]] = []
+            #: who runs the loop (see :meth:`drive`): None, the reactor's own thread; else
+            #: the ident of a thread that borrowed it, inside :meth:`drive` while ``driving``
+            self.driver: int | None = None
+            self.driving = False
+            self._baton_lock = threading.Lock()
+            self._baton = threading.Condition(self._baton_lock)
+            self._interrupted: list[Any] = []  # SIGINT frames held while a caller drives
+            self._asked: int | None = None  # a thread asked the reactor's thread to park
+            self._poked = False  # another thread queued work while the loop is kept idle
+            self._left = 0.0  # when the driver last left drive() (monotonic)
+            #: threads waiting for a result while another drives: the driver hands back
+            self.wanted = 0
+            self._park_hook = self._park
             super().__init__()
 
         def _wakerFactory(self) -> Any:
@@ -90,11 +113,176 @@ def _lean_epoll_reactor() -> Any:
         def _run_before_sleep(self) -> None:
             hooks = self.before_sleep.copy()  # the list itself stays: callers hold it
             self.before_sleep.clear()
+            park = False
             for hook in hooks:
+                if hook == self._park_hook:
+                    park = True  # after every other hook: a thread waits for them
+                    continue
                 try:
                     hook()
                 except Exception:
                     failures.failure("a call before the reactor sleeps failed")
+            if park:
+                self._park()
+
+        # ------------------------------------------------ a waiting thread runs the loop
+
+        def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            self.threadCallQueue.append((f, args, kwargs))
+            self.wakeUp()
+            if self.driver is not None:
+                self.poke(True)
+
+        def poke(self, by_the_driver_too: bool = False) -> None:
+            """Work was queued for the loop: if a thread borrowed it and is not running it
+            now (it is back in its own code), the reactor's thread takes it back at once.
+            Work the borrowing thread queues itself is left for it (a submit's arguments, run
+            as it waits for the result) unless ``by_the_driver_too`` (``callFromThread``:
+            ``runtime.run`` waits for it on another kind of future)."""
+            with self._baton_lock:
+                if (
+                    self.driver is not None
+                    and not self.driving
+                    and (by_the_driver_too or self.driver != get_ident())
+                ):
+                    self._poked = True
+                    self._baton.notify_all()
+
+        def drive(self, until: Callable[[], bool], deadline: float | None) -> bool:
+            """Run the loop on the calling thread until ``until()`` or ``deadline``
+            (monotonic); False if another thread runs it (then wait for the result as usual,
+            and call :meth:`unwant` after).
+
+            A thread waiting for one result would otherwise be woken by the reactor's thread
+            once the answer was read (a futex wake, a thread switch and the GIL handed over:
+            ~40-100 µs a call); here the waiting thread sleeps in epoll and reads the answer
+            itself. The reactor's thread parks meanwhile (:meth:`_park`), so the loop still
+            runs on one thread at a time: every handler, timer and other job's message runs
+            as it always does, only on another thread. Once ``until()``, the caller keeps the
+            loop for its next call (no thread switch at all in a run of calls); the reactor's
+            thread takes it back once it was idle for ``KEEP`` seconds, another thread queued
+            work for it, or a thread waits for a result. On the main thread SIGINT is held
+            while the loop runs (a KeyboardInterrupt in the middle of a handler would leave
+            it half done): it wakes the loop, which stops, and is raised once out of it.
+            """
+            me, lock = get_ident(), self._baton_lock
+            lock.acquire()
+            if self.driver is not None and not self.driving:
+                # kept idle by this thread (or another): take it; what poked the reactor's
+                # thread is run here
+                self.driver, self.driving, self._poked = me, True, False
+                lock.release()
+            else:
+                lock.release()
+                if not self._borrow(me, deadline):
+                    return False
+            interrupted = self._interrupted
+            previous = None
+            if me == _MAIN:
+                previous = _getsignal(SIGINT)
+                if callable(previous):
+                    _setsignal(SIGINT, self._hold)
+                else:
+                    previous = None  # ignored, or the default (the process ends): as it was
+            try:
+                self._drive(until, deadline, interrupted)
+            finally:
+                with lock:
+                    self.driving = False
+                    self._left = _monotonic()
+                    if self.wanted or self._poked or self.threadCallQueue or not self._started:
+                        self.driver = None  # hand the loop back now
+                        self._baton.notify_all()
+                if previous is not None:
+                    _setsignal(SIGINT, previous)
+                    if interrupted:
+                        frame = interrupted.pop()
+                        interrupted.clear()
+                        previous(SIGINT, frame)
+            return True
+
+        def _borrow(self, me: int, deadline: float | None) -> bool:
+            """Ask the reactor's thread to park and hand this thread the loop; False if
+            another thread runs it or asked first (this one is then counted as waiting)."""
+            baton = self._baton
+            with baton:
+                if self.driver is None and self._asked is None and self._started:
+                    self._asked = me
+                    self.threadCallQueue.append((self.before_sleep.append, (self._park_hook,), {}))
+                    self.wakeUp()
+                    while self._asked == me and self._started:
+                        wait = KEEP if deadline is None else min(KEEP, deadline - _monotonic())
+                        if wait <= 0:
+                            break  # parked later, it takes the loop back after KEEP
+                        baton.wait(wait)
+                    if self.driver == me:
+                        self.driving = True
+                        return True
+                self.wanted += 1
+                return False
+
+        def unwant(self) -> None:
+            """A thread that :meth:`drive` turned away has its result (or gave up)."""
+            with self._baton_lock:
+                self.wanted -= 1
+
+        def _hold(self, signum: int, frame: Any) -> None:
+            """SIGINT while a caller runs the loop: stop the loop, then raise (see drive)."""
+            self._interrupted.append(frame)
+            self.wakeUp()
+
+        def _drive(
+            self, until: Callable[[], bool], deadline: float | None, interrupted: list[Any]
+        ) -> None:
+            """:meth:`mainLoop`'s turns on the calling thread, until ``until()``."""
+            seconds = self.seconds
+            while not until() and not interrupted and self._started:
+                try:
+                    pending = self._pendingTimedCalls
+                    if (
+                        self.threadCallQueue
+                        or self._newTimedCalls
+                        or self._justStopped
+                        or self._cancellations > 50
+                        or (pending and pending[0].time <= seconds())
+                    ):
+                        self.runUntilCurrent()
+                        if until():
+                            break
+                        pending = self._pendingTimedCalls
+                    timeout = pending[0].time - seconds() if pending else None
+                    if deadline is not None:
+                        left = deadline - _monotonic()
+                        if left <= 0:
+                            break
+                        timeout = left if timeout is None or left < timeout else timeout
+                    self.doPoll(timeout if timeout is None or timeout > 0 else 0)
+                except Exception:
+                    failures.failure("Unexpected error in main loop", level=LogLevel.critical)
+            if self.before_sleep:
+                self._run_before_sleep()  # threads to wake for what this loop did
+
+        def _park(self) -> None:
+            """Reactor thread: hand the loop to the thread that asked (:meth:`drive`) and
+            wait until it hands it back, or kept it idle for ``KEEP`` seconds, or other work
+            came (:meth:`poke`)."""
+            baton = self._baton
+            with baton:
+                if self._asked is None:
+                    return
+                self.driver, self._asked = self._asked, None
+                self.driving, self._left, self._poked = False, _monotonic(), False
+                baton.notify_all()
+                while self.driver is not None:
+                    baton.wait(KEEP)
+                    if (
+                        self.driver is not None
+                        and not self.driving
+                        and (self._poked or _monotonic() - self._left >= KEEP)
+                    ):
+                        self.driver = None
+                self._poked = False
+            self.wakeUp()  # timers added meanwhile: the next epoll must not sleep past them
 
         def mainLoop(self) -> None:
             """Twisted's loop with its error handler around the inner loop, not entered and
@@ -303,6 +491,8 @@ def thread_caller(r: Any, through: Callable[..., None] | None = None) -> Callabl
 
     def call_soon(fn: Callable[..., Any], *args: Any) -> None:
         queue.append((through, (fn, *args), {}) if through is not None else (fn, args, {}))
+        if getattr(r, "driver", None) is not None:
+            r.poke()  # a thread borrowed the loop (see LeanEPollReactor.drive)
         fd = getattr(r.waker, "o", None)  # None: the reactor has not started (it will drain)
         if fd is None or type(r.waker).__name__ not in _SELF_PIPE_WAKERS:
             r.wakeUp()

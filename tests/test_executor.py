@@ -425,8 +425,10 @@ def test_done_callbacks_run_off_the_reactor_thread(executor: remap.Executor) -> 
 def test_a_result_nobody_called_back_for_is_set_without_the_delivery_thread(
     executor: remap.Executor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A future with no done-callback gets its result on the reactor thread (one thread hop
-    less per call); results, errors and callbacks are unchanged."""
+    """A future with no done-callback gets its result where the answer is read (the reactor
+    thread, or the caller's own thread running the loop while it waits), not through the
+    delivery thread (one thread hop less per call); results, errors and callbacks are
+    unchanged."""
     from remap.executor import _SubmitStream
 
     set_on: list[str] = []  # the thread each result was set on, there and then
@@ -447,7 +449,8 @@ def test_a_result_nobody_called_back_for_is_set_without_the_delivery_thread(
     assert [executor.submit(square, i).result(timeout=30) for i in range(5)] == [
         i * i for i in range(5)
     ]
-    assert set_on == ["remap-reactor"] * 5 and delivered == [], (set_on, delivered)
+    assert len(set_on) == 5 and delivered == [], (set_on, delivered)
+    assert set(set_on) <= {"remap-reactor", "MainThread"}, set_on
 
 
 # ---------------------------------------------------------------- cancelling and shutdown
