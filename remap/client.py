@@ -456,9 +456,15 @@ class Unanswered:
         self.chunks.append((start, count, blobs, groups))
 
     def answered(self, indices: list[int] | range) -> None:
+        done, base = self.done, self.base
+        if len(done) == 1 and len(indices) == 1 and indices[0] == base:
+            # the only argument out was answered (a lone call): nothing is left to keep
+            done.clear()
+            self.base = base + 1
+            self.chunks.clear()
+            return
         if not indices:
             return
-        done, base = self.done, self.base
         if type(indices) is range:  # a run from the server (``start``/``count``)
             lo, hi, end = indices[0], indices[-1], base + len(done)
         else:

@@ -277,7 +277,9 @@ class _SubmitStream:
                 for waiter in future._waiters:
                     waiter.add_result(future)
                 condition = future._condition
-                if self.wake_later is None:
+                if not condition._waiters:  # type: ignore[attr-defined]
+                    pass  # nobody waits in result(): the caller running the loop, or none yet
+                elif self.wake_later is None:
                     condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
                 else:  # a thread in result() wakes as the reactor sleeps: the GIL is free
                     self.wake_later.append(functools.partial(_notify, condition))

@@ -206,6 +206,9 @@ def _lean_epoll_reactor() -> Any:
             another thread runs it or asked first (this one is then counted as waiting)."""
             baton = self._baton
             with baton:
+                if self.driver is not None and not self.driving:  # left idle meanwhile
+                    self.driver, self.driving, self._poked = me, True, False
+                    return True
                 if self.driver is None and self._asked is None and self._started:
                     self._asked = me
                     self.threadCallQueue.append((self.before_sleep.append, (self._park_hook,), {}))
