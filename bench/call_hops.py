@@ -380,7 +380,22 @@ def run_embedded(calls: int) -> list[list[tuple[str, int]]]:
         return _calls(c, calls)
 
 
+#: spans measured call by call (median of the differences, not difference of the medians)
+SPANS = (
+    ("the client's part of the answer", "server: result", "caller: woke with the result"),
+    ("the client's part of the submit", "caller: submit", "server: bytes in"),
+)
+
+
 def report(rows: list[list[tuple[str, int]]]) -> None:
+    for name, first, last in SPANS:
+        spans = []
+        for row in rows:
+            marks = dict(reversed(row))  # the first mark of each label
+            if first in marks and last in marks:
+                spans.append((marks[last] - marks[first]) / 1000)
+        if len(spans) >= len(rows) // 2 and spans:
+            print(f"{statistics.median(spans):8.1f} µs  {name} ({first} → {last}), median")
     times: dict[str, list[float]] = {}
     for row in rows:
         row = sorted(row, key=lambda m: m[1])
