@@ -484,9 +484,9 @@ def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
     Before this round: ~250 on the reactor (Twisted's log context per read, a timed call per
     submit, the scheduler's properties and generators, ``Future.set_result`` re-taking the
     condition, Enum's Python ``__hash__`` per core move, the waker's four calls) and 33 on the
-    caller (an import and a lock per submit, a recursive plain check); then ~182 and 18. Now
-    the waiting caller runs the loop itself (``drive``): ~1 on the reactor's thread, ~158 on
-    the caller, whose own wake-up and the reactor's ~20 calls to hand it over are gone."""
+    caller (an import and a lock per submit, a recursive plain check); then ~136 and 20. Now
+    the waiting caller runs the loop itself (``drive``): ~1 on the reactor's thread and ~158
+    on the caller, the same work on one thread, with no wake-up handed between threads."""
     import sys
 
     import remap
@@ -506,7 +506,7 @@ def test_a_single_call_enters_few_python_functions_on_either_thread() -> None:
             runtime.run(sys.setprofile, None, timeout=10)
     per_call = {who: n / calls for who, n in counts.items()}
     assert per_call["reactor"] <= 10, per_call  # the caller ran the loop
-    assert per_call["reactor"] + per_call["caller"] <= 180, per_call
+    assert per_call["reactor"] + per_call["caller"] <= 175, per_call
 
 
 @pytest.mark.slow
