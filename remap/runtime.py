@@ -237,29 +237,20 @@ def _lean_epoll_reactor() -> Any:
         def _drive(
             self, until: Callable[[], bool], deadline: float | None, interrupted: list[Any]
         ) -> None:
-            """:meth:`mainLoop`'s turns on the calling thread, until ``until()``."""
-            seconds = self.seconds
+            """:meth:`mainLoop`'s turns on the calling thread, until ``until()`` (Twisted's
+            own ``runUntilCurrent`` and ``timeout``: a waiting thread takes one or two turns)."""
             while not until() and not interrupted and self._started:
                 try:
-                    pending = self._pendingTimedCalls
-                    if (
-                        self.threadCallQueue
-                        or self._newTimedCalls
-                        or self._justStopped
-                        or self._cancellations > 50
-                        or (pending and pending[0].time <= seconds())
-                    ):
-                        self.runUntilCurrent()
-                        if until():
-                            break
-                        pending = self._pendingTimedCalls
-                    timeout = pending[0].time - seconds() if pending else None
+                    self.runUntilCurrent()
+                    if until():
+                        break
+                    timeout = self.timeout()
                     if deadline is not None:
                         left = deadline - _monotonic()
                         if left <= 0:
                             break
                         timeout = left if timeout is None or left < timeout else timeout
-                    self.doPoll(timeout if timeout is None or timeout > 0 else 0)
+                    self.doPoll(timeout)
                 except Exception:
                     failures.failure("Unexpected error in main loop", level=LogLevel.critical)
             if self.before_sleep:

@@ -177,23 +177,13 @@ def test_a_waiter_that_saw_the_result_never_gets_it_again() -> None:
     handed it again (as_completed would yield it twice and fail)."""
     import concurrent.futures
     import threading as threads
-    import types
-
-    from remap.executor import RemoteFuture, _SubmitStream
 
     hooks: list[Any] = []
-    future = RemoteFuture()
-    future._state = "RUNNING"
+    future = _running_future()
     sleeper = threads.Lock()  # a thread waiting in result(), as Condition.wait holds it
     sleeper.acquire()
     future._condition._waiters.append(sleeper)
-    stream = types.SimpleNamespace(
-        futures={3: future},
-        job=types.SimpleNamespace(lock=threads.Lock()),
-        wake_later=hooks,
-        _settled=lambda: None,
-    )
-    assert _SubmitStream._resolve_now(stream, [(3, 42, None)]) == []  # type: ignore[arg-type]
+    assert _resolve_now(future, hooks) == []
     assert future.done() and hooks, "the result is set; the wake-up waits for the sleep"
     late = concurrent.futures._base._AsCompletedWaiter()
     with future._condition:
@@ -208,22 +198,36 @@ def test_a_waiter_that_saw_the_result_never_gets_it_again() -> None:
 def test_a_result_nobody_waits_on_books_no_wake_up() -> None:
     """A result set where no thread waits in ``result()`` (the waiting thread ran the loop
     that read it, or nobody asked yet) books no wake-up before the reactor's sleep."""
+
+    hooks: list[Any] = []
+    future = _running_future()
+    assert _resolve_now(future, hooks) == []
+    assert future.result(timeout=0) == 42 and hooks == []
+
+
+def _running_future() -> Any:
+    from remap.executor import RemoteFuture
+
+    future = RemoteFuture()
+    future._state = "RUNNING"
+    return future
+
+
+def _resolve_now(future: Any, hooks: list[Any]) -> list[Any]:
+    """``_SubmitStream._resolve_now`` of result 42 for ``future`` (index 3) on a stub stream
+    whose wake-ups go to ``hooks``."""
     import threading as threads
     import types
 
-    from remap.executor import RemoteFuture, _SubmitStream
+    from remap.executor import _SubmitStream
 
-    hooks: list[Any] = []
-    future = RemoteFuture()
-    future._state = "RUNNING"
     stream = types.SimpleNamespace(
         futures={3: future},
         job=types.SimpleNamespace(lock=threads.Lock()),
         wake_later=hooks,
         _settled=lambda: None,
     )
-    assert _SubmitStream._resolve_now(stream, [(3, 42, None)]) == []  # type: ignore[arg-type]
-    assert future.result(timeout=0) == 42 and hooks == []
+    return _SubmitStream._resolve_now(stream, [(3, 42, None)])  # type: ignore[arg-type]
 
 
 # ============================================================================ node → core

@@ -26,6 +26,7 @@ from remap.executor import _SubmitStream
 from remap.settings import Settings
 from tests.cluster_harness import Cluster as ProcessCluster
 from tests.cluster_harness import NodeSpec, held_until, wait_for
+from tests.test_api import slow_identity
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # clusters: cores are processes
 
@@ -36,11 +37,6 @@ def square(x: int) -> int:
 
 def cube(x: int) -> int:
     return x * x * x
-
-
-def sleep_then(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +127,7 @@ def test_two_waiting_threads_at_once_each_get_their_own_results(cluster: remap.C
 
 
 def test_a_timeout_while_driving_raises_and_the_result_comes_later(cluster: remap.Cluster) -> None:
-    future = cluster.submit(sleep_then, 1.0)
+    future = cluster.submit(slow_identity, 1.0)
     with pytest.raises(concurrent.futures.TimeoutError):
         future.result(timeout=0.2)
     assert future.result(timeout=30) == 1.0
@@ -156,7 +152,7 @@ def test_ctrl_c_while_waiting_raises_keyboard_interrupt_and_the_cluster_goes_on(
     r = reactor_of(cluster)
     me = threading.get_ident()
     handler = signal.getsignal(signal.SIGINT)
-    future = cluster.submit(sleep_then, 20.0)
+    future = cluster.submit(slow_identity, 20.0)
     sent = threading.Event()
 
     def interrupt() -> None:
@@ -236,7 +232,7 @@ def test_a_cut_that_cannot_be_resumed_fails_the_waiting_call(procs: ProcessClust
         r = reactor_of(cluster)
         assert cluster.submit(square, 4).result(timeout=30) == 16
         me = threading.get_ident()
-        future = cluster.submit(sleep_then, 30.0)
+        future = cluster.submit(slow_identity, 30.0)
         seen: list[str] = []
 
         def cut_soon() -> None:
