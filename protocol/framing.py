@@ -49,6 +49,11 @@ def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes
     return parts
 
 
+def small_frame(header: bytes, payload: bytes | memoryview = b"") -> bytes:
+    """The frame as one bytes object: for a small message written in one piece."""
+    return _PREFIX.pack(4 + len(header) + len(payload), len(header)) + header + payload
+
+
 def unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
     """What is left of ``parts`` after the first ``sent`` bytes were written (views, no copy)."""
     rest: list[bytes | memoryview] = []

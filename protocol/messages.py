@@ -10,6 +10,7 @@ unpickling anything.
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ def message(cls):
         specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
     _ENCODERS[cls], _DECODERS[cls] = _codecs(cls, tuple(specs), inline)
+    for channel, known in _CHANNELS.items():
+        if cls.CHANNEL in (channel, "both"):
+            known[cls.TYPE] = (cls, _DECODERS[cls])
     if not hasattr(cls, "__post_init__"):
         cls.make = staticmethod(_maker(cls))
     return cls
@@ -130,6 +134,9 @@ def _maker(cls: type) -> Any:
 #: (as dataclasses generates ``__init__``) so a message costs one call each way, not one per field
 _ENCODERS: dict[type[Message], Any] = {}
 _DECODERS: dict[type[Message], Any] = {}
+#: per channel ("wire", "pipe"): type name → (class, decoder) of the messages it carries
+_CHANNELS: dict[str, dict[str, tuple[type[Message], Any]]] = {"wire": {}, "pipe": {}}
+_unpackb = msgpack.unpackb
 _THREAD = threading.local()  # a msgpack Packer per thread: building one per message costs more
 
 
@@ -138,12 +145,33 @@ def _new_packer() -> msgpack.Packer:
     return _THREAD.packer
 
 
+def _passes(check: Any, value: Any) -> bool:
+    try:
+        return check(value) is True
+    except Exception:  # a record's check of a value that is not a record at all
+        return False
+
+
+def _problem(name: str, field_name: str, value: Any) -> RemoteProtocolError:
+    """What is wrong with a required field a generated decoder refused."""
+    if value is _MISSING:
+        return RemoteProtocolError(f"{name}: missing field {field_name!r}")
+    return RemoteProtocolError(f"{name}.{field_name}: bad value of type {type(value).__name__}")
+
+
 def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any]:
     """Generate ``cls``'s encoder and decoder: the same checks, errors and defaults as the
     field table ``specs`` (name, check, default) says, written out field by field."""
     name = cls.TYPE
+    # optional fields whose default is a plain value its own check passes
+    plain = {
+        f
+        for f, check, default in specs
+        if default is not _MISSING and not callable(default) and _passes(check, default)
+    }
     namespace: dict[str, Any] = {
         **_CHECK_NAMES,
+        "_problem": _problem,
         "_cls": cls,
         "_MISSING": _MISSING,
         "_Remote": RemoteProtocolError,
@@ -185,31 +213,60 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
             f"        header[{field_name!r}] = v",
         ]
     encoder.append(f"    return packer.pack(header), {payload}")
-    decoder = ["def decode(data, payload):", "    found = 0"]
+    # each field read once with ``data.get``, into its own variable; a required field's check
+    # also refuses the sentinel of a missing one (``_problem`` says which it was); an optional
+    # field given as its very default object is not checked again (that default passes the
+    # check: ``plain``); a map of the required fields alone (a task, a core's command, a
+    # console's arguments) gives every other its default without a look-up; unknown fields
+    # are found in one C pass at the end
+    required = sum(1 for _, _, default in specs if default is _MISSING)
+    decoder = ["def decode(data, payload):"]
+    defaults, lookups = [], []
     for field_name, check, default in specs:
         namespace[f"_check_{field_name}"] = check
         namespace[f"_default_{field_name}"] = default
-        test = inline[field_name] or f"_check_{field_name}(v)"
-        bad = f"{name}.{field_name}: bad value of type "
-        decoder += [
-            f"    v = data.get({field_name!r}, _MISSING)",
-            "    if v is _MISSING:",
-        ]
+        v = f"f_{field_name}"
+        test = inline[field_name]
+        test = f"_check_{field_name}(v)" if test is None else test
+        test = re.sub(r"\bv\b", v, test)
+        bad = f"raise _Remote({f'{name}.{field_name}: bad value of type '!r} + type({v}).__name__)"
         if default is _MISSING:
-            decoder.append(f"        raise _Remote({f'{name}: missing field {field_name!r}'!r})")
+            decoder.append(f"    {v} = data.get({field_name!r}, _MISSING)")
+            if inline[field_name] in (None, "True"):  # a check that may pass the sentinel
+                decoder += [
+                    f"    if {v} is _MISSING:",
+                    f"        raise _Remote({f'{name}: missing field {field_name!r}'!r})",
+                ]
+            decoder += [
+                f"    if not ({test}):",
+                f"        raise _problem({name!r}, {field_name!r}, {v})",
+            ]
+            continue
+        if default in (list, dict):
+            fresh = "[]" if default is list else "{}"
         elif callable(default):
-            decoder.append(f"        v = _default_{field_name}()")
+            fresh = f"_default_{field_name}()"
         else:
-            decoder.append(f"        v = _default_{field_name}")
-        decoder += [
-            "    else:",
-            f"        if not ({test}):",
-            f"            raise _Remote({bad!r} + type(v).__name__)",
-            "        found += 1",
-            f"    f_{field_name} = v",
-        ]
+            fresh = f"_default_{field_name}"
+        defaults.append(f"        {v} = {fresh}")
+        if field_name in plain:
+            lookups += [
+                f"        {v} = data.get({field_name!r}, {fresh})",
+                f"        if {v} is not {fresh} and not ({test}):",
+                f"            {bad}",
+            ]
+        else:
+            lookups += [
+                f"        {v} = data.get({field_name!r}, _MISSING)",
+                f"        if {v} is _MISSING:",
+                f"            {v} = {fresh}",
+                f"        elif not ({test}):",
+                f"            {bad}",
+            ]
+    if defaults:
+        decoder += [f"    if len(data) == {required}:", *defaults, "    else:", *lookups]
     decoder += [
-        "    if found != len(data):",
+        "    if not _NAMES.issuperset(data):",
         "        unknown = sorted(map(str, (k for k in data if k not in _NAMES)))[:5]",
         f"        raise _Remote({f'{name}: unknown field(s) '!r} + str(unknown))",
     ]
@@ -250,7 +307,7 @@ def decode(
 ) -> Message:
     """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
     try:
-        data = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+        data = _unpackb(header, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     if type(data) is not dict:
@@ -258,14 +315,15 @@ def decode(
     type_name = data.pop("t", None)
     if type(type_name) is not str:
         raise RemoteProtocolError("header has no message type")
-    cls = _REGISTRY.get(type_name)
-    if cls is None or (cls.CHANNEL != channel and cls.CHANNEL != "both"):
+    known = _CHANNELS[channel].get(type_name)
+    if known is None:
         re = data.get("id")
         raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
+    cls, decoder = known
     if preauth and not cls.PREAUTH:
         raise RemoteProtocolError(f"message {type_name!r} is not allowed before authentication")
     try:
-        return _DECODERS[cls](data, payload)
+        return decoder(data, payload)
     except InvalidOption as exc:  # a value its own rules refuse (``submit``'s options)
         raise RemoteProtocolError(f"{type_name}.{exc}") from None
 

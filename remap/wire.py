@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
 from protocol.connection import _OPEN
-from protocol.framing import encode_frame, unsent
+from protocol.framing import encode_frame, small_frame, unsent
 
 from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
 
@@ -466,16 +466,42 @@ class PeerProtocol(Protocol):
         message that arrived in the same read as the frame that ended the connection."""
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
-        self.conn.send(msg)
-        self._flush()
+        self._write(*m.encode(msg))
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
         """:meth:`send` of a message already encoded (a core's answer, forwarded as the core
         framed it: its header is the one encoding the same message here would make)."""
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
-        self.conn.send_encoded(header, payload)
-        self._flush()
+        self._write(header, payload)
+
+    def _write(self, header: bytes, payload: bytes | memoryview) -> None:
+        """One message of an open connection: a small one on a plain TCP socket with nothing
+        waiting goes out in this call as one buffer (what :meth:`_flush` and :func:`write_now`
+        do for it, without a list of parts, the connection's queue or a join); anything else
+        takes their way."""
+        conn, sending = self.conn, self._sending
+        if sending is None or conn.outgoing or len(payload) > SCATTER_MIN:
+            conn.outgoing.extend(encode_frame(header, payload))
+            self._flush()
+            return
+        data = small_frame(header, payload)
+        with self._write_lock:
+            self.traffic.sent += len(data)
+            transport = self.transport
+            if sending.parts:  # behind what waits already
+                if transport.connected:
+                    sending.queue([data])
+                return
+            if transport.connected and not transport.disconnecting and transport_idle(transport):
+                try:
+                    sent = sending.sock.send(data)
+                except OSError:  # full, or gone: Twisted's write path finds out and reports it
+                    sent = 0
+                if sent < len(data):
+                    sending.queue([memoryview(data)[sent:]])
+                return
+            transport.write(data)
 
     def close(self, error: RemapError | None = None) -> None:
         """Close after telling the peer why (if an error is given)."""

@@ -132,19 +132,22 @@ class NodeAnswers:
             sample = msg.elapsed / n
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
-        self._deliver(
-            job,
-            m.Results.of(
-                job.id,
-                seg.indices,
-                sizes=msg.sizes,
-                errors=msg.errors,
-                output=msg.output,
-                partial=msg.partial,
-                packed=msg.packed,
-                payload=msg.payload,
-            ),
+        # Results.of without its **fields (a dict built and unpacked on every answer)
+        indices = seg.indices
+        run = type(indices) is range and indices.step == 1 and len(indices) > 0
+        results = m.Results.make(
+            job=job.id,
+            indices=[] if run else list(indices),
+            start=indices.start if run else 0,  # type: ignore[union-attr]
+            count=len(indices) if run else 0,
+            sizes=msg.sizes,
+            errors=msg.errors,
+            output=msg.output,
+            partial=msg.partial,
+            packed=msg.packed,
+            payload=msg.payload,
         )
+        self._deliver(job, results)
         # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
         job.done += n - n_err
         job.failed += n_err
@@ -184,7 +187,9 @@ class NodeAnswers:
             return f"{len(msg.sizes)} results for {n} arguments"
         if msg.partial and len(msg.sizes) > 1:
             return f"a partial fold of {len(msg.sizes)} pickles"
-        if sum(msg.sizes) != len(msg.payload) or min(msg.sizes, default=0) < 0:
+        sizes = msg.sizes
+        # (not ``min(sizes, default=0)``: a builtin's keyword costs more than the rest here)
+        if sum(sizes) != len(msg.payload) or (sizes and min(sizes) < 0):
             return "result sizes do not add up to the payload"
         for entry in msg.errors:
             if not _error_entry_ok(entry, n):
