@@ -121,6 +121,9 @@ def _count_on_signals(role: str, marks_file: str) -> None:
     count = [0]
     opcodes: dict[str, int] = {}
     op_prefix = os.environ.get("CALL_HOPS_OPCODES")
+    seq_prefix = os.environ.get("CALL_HOPS_SEQ")
+    seq: list[list[Any]] = []  # [depth, function, own bytecodes] in the order entered
+    depth = [0]
     prefix = os.environ.get("CALL_HOPS_CPROFILE")
     profiler: Any = None
     if prefix:
@@ -134,9 +137,31 @@ def _count_on_signals(role: str, marks_file: str) -> None:
 
     trace = _opcode_tracer(opcodes)
 
+    def sequence(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            code = frame.f_code
+            frame.f_trace_opcodes = True
+            row = [depth[0], f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}", 0]
+            seq.append(row)
+            depth[0] += 1
+
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    row[2] += 1
+                elif event == "return":
+                    depth[0] -= 1
+                return local
+
+            return local
+        return None
+
     def start(*_: Any) -> None:
         count[0] = 0
-        if profiler is not None:
+        if seq_prefix:
+            seq.clear()
+            depth[0] = 0
+            sys.settrace(sequence)
+        elif profiler is not None:
             profiler.enable()
         elif op_prefix:
             opcodes.clear()
@@ -146,7 +171,11 @@ def _count_on_signals(role: str, marks_file: str) -> None:
         Path(f"{marks_file}.counting").write_text("1")
 
     def stop(*_: Any) -> None:
-        if profiler is not None:
+        if seq_prefix:
+            sys.settrace(None)
+            lines = (f"{'  ' * d}{k} {n}\n" for d, k, n in seq)
+            Path(f"{seq_prefix}.{role}.txt").write_text("".join(lines))
+        elif profiler is not None:
             profiler.disable()
             profiler.dump_stats(f"{prefix}.{role}.prof")
         elif op_prefix:

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import Frame, FrameDecoder, encode_frame, unsent
+from protocol.framing import Frame, FrameDecoder, encode_frame, small_frame, unsent
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
@@ -41,6 +41,9 @@ from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
 PIPE_SIZE = 1024 * 1024
+#: commands up to this payload are written as one buffer (the payload copied once); larger ones
+#: from their own buffers
+SMALL_COMMAND = 64 * 1024
 #: bytes read from a core's answer pipe at a time (outside large frames)
 PIPE_READ = 64 * 1024
 
@@ -215,8 +218,11 @@ class CoreProcess(ProcessProtocol):
         what does not fit goes through the transport's buffer."""
         if self.transport is None or self.life is _DEAD:
             return
-        parts = encode_frame(*m.encode(msg))
-        total = sum(map(len, parts))
+        header, payload = m.encode(msg)
+        if len(payload) <= SMALL_COMMAND:  # one buffer: a small command's copy costs less
+            parts: list[bytes | memoryview] = [small_frame(header, payload)]
+        else:
+            parts = encode_frame(header, payload)
         writer = getattr(self.transport, "pipes", {}).get(CMD_FD)
         sent = 0
         if writer is not None and transport_idle(writer):
@@ -224,7 +230,7 @@ class CoreProcess(ProcessProtocol):
                 sent = os.writev(writer.fileno(), parts)
             except OSError:  # full (EAGAIN) or gone: the transport takes it and reports a loss
                 sent = 0
-        if sent < total:  # only what the pipe did not take is copied
+        if sent < sum(map(len, parts)):  # only what the pipe did not take is copied
             self.transport.writeToChild(CMD_FD, b"".join(unsent(parts, sent)))
 
     def kill(self, why: str, at: int | None = None) -> None:
