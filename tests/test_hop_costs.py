@@ -249,6 +249,108 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
         b.close()
 
 
+def test_a_small_message_leaves_an_idle_socket_as_one_buffer() -> None:
+    """A small message on an open plain TCP connection with nothing waiting goes to the socket
+    in the sending call as one bytes object: not through the connection's queue, a list of
+    parts, ``_flush`` and ``write_now`` (three of the four wrappers a send went through), and
+    the peer reads it whole."""
+    import select
+
+    from tests.test_large_frames import Recorder, _peer, _pump
+    from tests.test_large_frames import _tcp_pair as tcp_pair
+
+    a, b = tcp_pair()
+    try:
+        seen = Recorder()
+        server, st = _peer("server", a, seen)
+        console, ct = _peer("console", b, Recorder())
+        _pump(st, ct, until=lambda: console.open and server.open)
+        msg = m.Args(job=1, start=0, sizes=[3], payload=b"abc")
+        calls = _counted(lambda: console.send(msg))
+        assert "connection.py:_queue" not in calls and "wire.py:_flush" not in calls, calls
+        assert "wire.py:write_now" not in calls and "framing.py:encode_frame" not in calls
+        # send, encode and its generated encoder, _write, small_frame, transport_idle
+        assert len(calls) <= 6, calls
+        assert not ct.dataBuffer and not ct._tempDataBuffer  # nothing left to Twisted
+        select.select([a], [], [], 5)
+        st.doRead()
+        assert seen.events[-1] == ("message", msg)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_small_messages_behind_large_ones_that_wait_keep_their_order() -> None:
+    """A small message sent while a large one still waits for the socket queues behind it (its
+    one buffer, not a write of its own that would overtake the rest)."""
+    import os
+    import select
+
+    sockets: list[Any] = []
+    try:
+        console, ct, server, st, server_rec = _slow_reader(sockets)
+        a = sockets[0]
+        sent = []
+        for i in range(6):
+            payload = os.urandom(1 << 20) if i % 2 == 0 else f"small {i}".encode()
+            console.send(m.Args(job=1, start=i, sizes=[len(payload)], payload=payload))
+            sent.append(payload)
+        assert console._sending is not None and console._sending.parts
+        for _ in range(100_000):
+            if len(server_rec.kinds()) >= len(sent) + 1:
+                break
+            ct.doWrite()
+            if select.select([a], [], [], 0.01)[0]:
+                st.doRead()
+        got = [msg.payload for kind, msg in server_rec.events if kind == "message"]
+        assert got == sent
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_decoding_a_map_of_the_required_fields_looks_up_nothing_more() -> None:
+    """A task (a console's arguments, a core's command) carries its required fields only: the
+    decoder looks each of them up once and gives every optional field its default without a
+    look-up (it looked up all seven of a task's fields); a missing or mistyped required field,
+    and an unknown one, are still refused."""
+    from protocol.errors import RemoteProtocolError
+
+    msg = m.Task(task=3, job=5, sizes=[20], payload=b"x" * 20)
+    header, payload = m.encode(msg)
+    gets: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") == "get":
+            gets.append("get")
+
+    m.decode(header, payload)
+    sys.setprofile(profile)
+    try:
+        decoded = m.decode(header, payload)
+    finally:
+        sys.setprofile(None)
+    assert decoded == msg
+    # the message type's decoder (one), then task, job and sizes
+    assert len(gets) <= 4, gets
+    import msgpack
+
+    def header_of(**fields: Any) -> bytes:
+        return msgpack.packb({"t": "task", **fields})
+
+    with pytest.raises(RemoteProtocolError, match="missing field 'job'"):
+        m.decode(header_of(task=3, sizes=[1]), b"x")
+    with pytest.raises(RemoteProtocolError, match="task.job: bad value of type str"):
+        m.decode(header_of(task=3, job="5", sizes=[1]), b"x")
+    with pytest.raises(RemoteProtocolError, match="unknown field"):
+        m.decode(header_of(task=3, job=5, sizes=[1], nonsense=1), b"x")
+    with pytest.raises(RemoteProtocolError, match="task.skip: bad value of type str"):
+        m.decode(header_of(task=3, job=5, sizes=[1], skip="0"), b"x")
+    assert m.decode(header_of(task=3, job=5, sizes=[1], skip=0, count=-1), b"x") == m.Task(
+        task=3, job=5, sizes=[1], payload=b"x"
+    )
+
+
 def _slow_reader(sockets: list[Any]) -> tuple[Any, Any, Any, Any, Any]:
     """A console and a server over real loopback TCP, authenticated, the console's send buffer
     small (so MiB messages outrun the socket): (console, its transport, server, its transport,
