@@ -4,6 +4,7 @@
     python bench/call_hops.py --procs [CALLS]    # a server and a node process, over TCP
     CALL_HOPS_CPROFILE=/tmp/hops python bench/call_hops.py --procs   # + cProfile of both
     CALL_HOPS_OPCODES=/tmp/ops python bench/call_hops.py --procs    # + bytecodes per function
+    CALL_HOPS_SEQ=/tmp/seq python bench/call_hops.py --procs 2      # + every function in order
 
 Wraps a few of remap's methods to timestamp each hop (caller → reactor → scheduler → node →
 core pipe → the function in the core → back) and prints the median time of each, from the
@@ -15,7 +16,9 @@ wrappers themselves cost ~1 µs each. With ``--procs`` the Python functions ente
 are also counted in the server's and the node's main thread (over up to 200 calls, after the
 timed ones); ``CALL_HOPS_CPROFILE`` profiles the same calls there instead of counting, and
 ``CALL_HOPS_OPCODES`` counts the bytecodes each function executes (``PREFIX.ROLE.txt``, the
-busiest first): a cost measure that cProfile's per-call overhead does not distort.
+busiest first): a cost measure that cProfile's per-call overhead does not distort;
+``CALL_HOPS_SEQ`` writes every function entered, in order and indented by depth, with its own
+bytecodes (``PREFIX.ROLE.txt``): one call's path through each process, read top to bottom.
 """
 
 from __future__ import annotations
