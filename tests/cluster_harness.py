@@ -574,8 +574,16 @@ class Cluster:
         )
 
     def status(self, timeout: float = 20.0) -> dict:
-        """``status --json``, parsed; fails (with logs) if the console does not succeed."""
-        done = self.console("status", "--json", timeout=timeout)
+        """``status --json``, parsed; fails (with logs) if the console does not succeed.
+
+        A console that outlives ``timeout`` is :class:`ConsoleFailed` too, so a wait retries it
+        until its own deadline: a console starved for seconds on a loaded machine is not a
+        state that can never be reached (a :class:`ClusterError` ends a wait at once).
+        """
+        try:
+            done = self.console("status", "--json", timeout=timeout)
+        except ClusterError:
+            raise ConsoleFailed(f"status did not finish within {timeout:g}s") from None
         if done.returncode != 0:
             raise ConsoleFailed(f"status exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         return json.loads(done.stdout)
