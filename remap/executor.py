@@ -123,7 +123,8 @@ class RemoteFuture(concurrent.futures.Future):
         if self._state is _PENDING or self._state is _RUNNING:
             stream = self._stream
             r = stream.reactor if stream is not None else None
-            if r is not None and (timeout is None or timeout > 0):
+            # only the lean epoll reactor (Linux) lends its loop; elsewhere wait as usual
+            if getattr(r, "drive", None) is not None and (timeout is None or timeout > 0):
                 deadline = None if timeout is None else _monotonic() + timeout
                 self._driven = r
                 try:

@@ -670,3 +670,18 @@ def test_a_slow_call_holds_back_at_most_its_share_of_the_queued_calls(
     finally:
         Path(release).touch()
     assert [f.result(timeout=60) for f in futures] == list(range(40))
+
+
+def test_result_waits_as_usual_on_a_reactor_that_does_not_lend_its_loop() -> None:
+    """Only the lean epoll reactor (Linux) lends its loop to a waiting thread; on another
+    (the poll reactor elsewhere) ``result`` waits as a plain future does."""
+    from types import SimpleNamespace
+
+    from remap.executor import RemoteFuture
+
+    future = RemoteFuture()
+    future._stream = SimpleNamespace(reactor=object())  # a reactor without ``drive``
+    with pytest.raises(concurrent.futures.TimeoutError):
+        future.result(timeout=0.01)
+    future.set_result(5)
+    assert future.result(timeout=0.01) == 5
