@@ -165,34 +165,26 @@ def _lean_epoll_reactor() -> Any:
             while the loop runs (a KeyboardInterrupt in the middle of a handler would leave
             it half done): it wakes the loop, which stops, and is raised once out of it.
             """
-            me, lock = get_ident(), self._baton_lock
-            lock.acquire()
-            if self.driver is not None and not self.driving:
-                # kept idle by this thread (or another): take it; what poked the reactor's
-                # thread is run here
-                self.driver, self.driving, self._poked = me, True, False
-                lock.release()
-            else:
-                lock.release()
+            me, lock, interrupted = get_ident(), self._baton_lock, self._interrupted
+            previous = None
+            try:  # whatever interrupts this thread, the finally gives the loop up
                 if not self._borrow(me, deadline):
                     return False
-            interrupted = self._interrupted
-            previous = None
-            if me == _MAIN:
-                previous = _getsignal(SIGINT)
-                if callable(previous):
-                    _setsignal(SIGINT, self._hold)
-                else:
-                    previous = None  # ignored, or the default (the process ends): as it was
-            try:
+                if me == _MAIN:
+                    previous = _getsignal(SIGINT)
+                    if callable(previous):
+                        _setsignal(SIGINT, self._hold)  # a SIGINT from now on is held
+                    else:
+                        previous = None  # ignored, or the default (the process ends): as it was
                 self._drive(until, deadline, interrupted)
             finally:
                 with lock:
-                    self.driving = False
-                    self._left = _monotonic()
-                    if self.wanted or self._poked or self.threadCallQueue or not self._started:
-                        self.driver = None  # hand the loop back now
-                        self._baton.notify_all()
+                    if self.driver == me and self.driving:
+                        self.driving = False
+                        self._left = _monotonic()
+                        if self.wanted or self._poked or self.threadCallQueue or not self._started:
+                            self.driver = None  # hand the loop back now
+                            self._baton.notify_all()
                 if previous is not None:
                     _setsignal(SIGINT, previous)
                     if interrupted:
@@ -202,11 +194,13 @@ def _lean_epoll_reactor() -> Any:
             return True
 
         def _borrow(self, me: int, deadline: float | None) -> bool:
-            """Ask the reactor's thread to park and hand this thread the loop; False if
-            another thread runs it or asked first (this one is then counted as waiting)."""
-            baton = self._baton
-            with baton:
-                if self.driver is not None and not self.driving:  # left idle meanwhile
+            """Take the loop if it is kept idle, else ask the reactor's thread to park and hand
+            it over; False if another thread runs it or asked first (this one is then counted
+            as waiting)."""
+            with self._baton_lock:
+                if self.driver is not None and not self.driving:
+                    # kept idle, by this thread or another: take it; what poked the reactor's
+                    # thread is run here
                     self.driver, self.driving, self._poked = me, True, False
                     return True
                 if self.driver is None and self._asked is None and self._started:
@@ -217,7 +211,7 @@ def _lean_epoll_reactor() -> Any:
                         wait = KEEP if deadline is None else min(KEEP, deadline - _monotonic())
                         if wait <= 0:
                             break  # parked later, it takes the loop back after KEEP
-                        baton.wait(wait)
+                        self._baton.wait(wait)
                     if self.driver == me:
                         self.driving = True
                         return True

@@ -245,3 +245,26 @@ def test_a_cut_that_cannot_be_resumed_fails_the_waiting_call(procs: ProcessClust
             future.result(timeout=60)
         assert time.monotonic() - started < 20
         assert seen == ["MainThread"]
+
+
+def test_a_map_on_another_thread_goes_on_while_the_caller_runs_the_loop(
+    cluster: remap.Cluster,
+) -> None:
+    """Another thread's map is served by whichever thread runs the loop: its results keep
+    coming while the main thread makes single calls, and both get every result, in order."""
+    mapped: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def mapping() -> None:
+        try:
+            mapped.append(cluster.map(cube, range(3000)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=mapping)
+    t.start()
+    singles = [cluster.submit(square, i).result(timeout=60) for i in range(60)]
+    t.join(90)
+    assert not errors, errors
+    assert singles == [i * i for i in range(60)]
+    assert mapped == [[i**3 for i in range(3000)]]
