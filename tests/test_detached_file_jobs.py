@@ -127,9 +127,10 @@ def test_detached_vertex_job_shows_its_superstep_and_gives_the_reference_output(
     assert layout.read_result(data, summary["job_id"]) == "OK"
 
 
-def _slow_job(c, tmp_path: Path, data: DataDir) -> tuple[int, str]:
-    """A detached data job whose map phase runs for a while; returns (id, data-dir job id)."""
-    _words(tmp_path, 600)
+def _slow_job(c, tmp_path: Path, data: DataDir, lines: int = 600) -> tuple[int, str]:
+    """A detached data job whose map phase runs for a while (0.05 s a line, two cores: 15 s
+    for the default 600 lines); returns (id, data-dir job id)."""
+    _words(tmp_path, lines)
     (tmp_path / "slow.py").write_text(SLOW_MAP)
     (tmp_path / "job.yaml").write_text(
         "kind: mapreduce\nmodule: slow.py\ninput: in/\noutput: out/\nreducers: 2\nsplit_mb: 0.001\n"

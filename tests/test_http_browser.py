@@ -76,9 +76,11 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
     link = _login_link(cluster)
     job_file = write_job(
         tmp_path / "slow.yaml",
-        {"function": jobs_function("funcs", "slow"), "args_range": [0, 400], "chunksize": 1},
+        {"function": jobs_function("funcs", "slow"), "args_range": [0, 4000], "chunksize": 1},
         name="slow squares",
     )
+    # 4000 calls of 0.3 s on two cores: 10 minutes, so the job is still running when the
+    # browser kills it on a machine however loaded (400 calls lasted 60 s; the test took 51 s)
     console = cluster.console_popen("compute", str(job_file), "--quiet")
     job = cluster.wait_for(
         lambda: next((j["id"] for j in cluster.status()["jobs"] if j["state"] == "running"), None),
@@ -135,7 +137,9 @@ def test_a_detached_data_job_on_the_dashboard(make_cluster, tmp_path: Path) -> N
         server_env={"REMAP_HTTP_PORT": "0"},
     )
     link = _login_link(cluster)
-    job, data_job = _slow_job(cluster, tmp_path, data)
+    # its map phase must outlast Chromium's start and the page's first rows: 150 s of map,
+    # not the 15 s of the default (a browser test took 51 s under load; it is killed anyway)
+    job, data_job = _slow_job(cluster, tmp_path, data, lines=6000)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
