@@ -408,7 +408,9 @@ def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_pa
     line naming the output and the lock; Ctrl-C then stops the first, whose closing line
     says how many results it kept and where, and out.jsonl was never written by either."""
     out = tmp_path / "out.jsonl"
-    first = job(tmp_path, "slow", args_range=[0, 200], response_mode="file", output=str(out))
+    # 2000 calls of 0.3 s on the cluster's 3 cores: 200 s, so the first job is still writing
+    # when Ctrl-C comes however long the refused console took (200 calls lasted 20 s)
+    first = job(tmp_path, "slow", args_range=[0, 2000], response_mode="file", output=str(out))
     second = job(tmp_path, "square", args_range=[0, 10], response_mode="file", output=str(out))
     computing = shared.console_popen("compute", str(first))
 
@@ -605,8 +607,10 @@ def test_interrupting_attach_leaves_the_job_running_and_says_so(
     shared: Cluster, tmp_path: Path
 ) -> None:
     """Ctrl-C in `attach`: exit 130 with one line saying the job runs on and how to attach
-    again (it said only "interrupted", which reads as if the job had been stopped)."""
-    slow = job(tmp_path, "slow", args_range=[0, 400])
+    again (it said only "interrupted", which reads as if the job had been stopped). The job
+    lasts 400 s (4000 calls of 0.3 s on 3 cores; 400 calls lasted 40 s, less than two consoles
+    and a status wait can take on a loaded machine) and is killed at the end."""
+    slow = job(tmp_path, "slow", args_range=[0, 4000])
     done = compute(shared, slow, "--detach", "--json")
     job_id = json.loads(done.stdout)["job"]
     attaching = shared.console_popen("attach", str(job_id))
