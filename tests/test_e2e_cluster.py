@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+import remap
+from remap.settings import Settings
 from tests.cluster_harness import (
     JOBS,
     NODE_SCRIPT,
@@ -712,16 +714,19 @@ def test_results_exactly_once_when_a_node_is_sigkilled(
     job_file = job(tmp_path, "nap", args=args, response_mode="stream", chunksize=1)
     computing = cluster.console_popen("compute", str(job_file), "--json")
     victim = cluster.nodes[0].pid
+    # status over a connection made beforehand answers in milliseconds: a status console's
+    # start (2 s at load 4, more when busier) let the job run ~20 calls a second meanwhile
+    with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as watcher:
 
-    def started() -> bool:
-        status = cluster.status()
-        found = [j for j in status["jobs"] if j["name"] == job_file.stem]
-        busy = [n for n in status["nodes"] if n["pid"] == victim and n["tasks_in_flight"] > 0]
-        return bool(found) and found[0]["done"] >= 5 and bool(busy)
+        def started() -> bool:
+            status = watcher.status()
+            found = [j for j in status["jobs"] if j["name"] == job_file.stem]
+            busy = [n for n in status["nodes"] if n["pid"] == victim and n["tasks_in_flight"] > 0]
+            return bool(found) and found[0]["done"] >= 5 and bool(busy)
 
-    cluster.wait_for(started, 30, "the job to be under way on both nodes")
-    cluster.kill_node(0, signal.SIGKILL)
-    left = [j for j in cluster.status()["jobs"] if j["name"] == job_file.stem][0]
+        cluster.wait_for(started, 30, "the job to be under way on both nodes")
+        cluster.kill_node(0, signal.SIGKILL)
+        left = [j for j in watcher.status()["jobs"] if j["name"] == job_file.stem][0]
     assert left["done"] < len(args) - 20, "the job was nearly over when its node was killed"
     done = cluster.finish(computing, timeout=60)
     cluster.assert_ok(done)
