@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -356,10 +356,8 @@ def test_node_with_a_wrong_secret_stops_with_exit_3(shared: Cluster) -> None:
 
 def test_unreachable_server_fails_with_a_clear_line(shared: Cluster) -> None:
     """No server at the address: non-zero exit and one line saying it cannot be reached."""
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # free now, and nothing listens on it once closed
-    done = shared.console("--server", f"127.0.0.1:{port}", "status", server=False, timeout=30)
+    with _refusing_port() as port:
+        done = shared.console("--server", f"127.0.0.1:{port}", "status", server=False, timeout=30)
     assert done.returncode != 0
     no_traceback(done)
     lines = error_lines(done)
@@ -369,10 +367,13 @@ def test_unreachable_server_fails_with_a_clear_line(shared: Cluster) -> None:
 # ---------------------------------------------------------------------- outputs
 
 
-def _free_port() -> int:
+@contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A port that refuses connections while the block runs: bound here, never listening.
+    (A port found free and closed again could be taken by any process's listener meanwhile.)"""
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # free now, and nothing listens on it once closed
+        yield s.getsockname()[1]
 
 
 def test_a_rerun_that_cannot_reach_the_server_leaves_the_outputs_alone(
@@ -393,11 +394,11 @@ def test_a_rerun_that_cannot_reach_the_server_leaves_the_outputs_alone(
         job(tmp_path, "square", args_range=[0, 10], response_mode="sqlite", output=str(db)),
     ]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    port = _free_port()
     for job_file in jobs:
-        done = shared.console(
-            "--server", f"127.0.0.1:{port}", "compute", str(job_file), server=False, timeout=30
-        )
+        with _refusing_port() as port:
+            done = shared.console(
+                "--server", f"127.0.0.1:{port}", "compute", str(job_file), server=False, timeout=30
+            )
         assert done.returncode == 4, shared.explain(done)
         no_traceback(done)
         lines = error_lines(done)

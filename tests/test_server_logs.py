@@ -69,18 +69,17 @@ def test_the_server_listens_with_a_large_backlog():
         assert endpoint._backlog == LISTEN_BACKLOG
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_server_and_node_logs_are_readable(tmp_path):
     """A node started before its server logs its retries with rounded delays and readable
     endpoints; the server prints one "listening" line; neither log shows an object address."""
-    port = _free_port()
-    with Cluster(tmp_path) as cluster:
+    # the port stays bound here (refusing connections: it never listens) until the server
+    # listens beside it (SO_REUSEADDR on both): found free and closed, it could be taken by
+    # another process's listener during the node's seconds of retries
+    with socket.socket() as holder, Cluster(tmp_path) as cluster:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
         node = cluster.node(port)
         wait_for(lambda: node.stderr().count("Scheduling retry") >= 2, 20, "two retries")
         server, _ = cluster.server(args=["--port", str(port)])
