@@ -564,6 +564,9 @@ class JobStream:
         )
         #: runs a function on the reactor thread (``reactor.callFromThread``)
         self.call_soon = call_soon
+        #: the same for a put the calling thread itself will run the loop for (see
+        #: ``runtime.thread_caller``)
+        self._call_quietly = getattr(call_soon, "quiet", call_soon)
         self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
         #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
         #: sent with its argument index; False drops the item (a cancelled future)
@@ -623,12 +626,14 @@ class JobStream:
         counts: list[int] | None = None,
         *,
         now: bool = False,
+        waits: bool = False,
     ) -> None:
         """Queue pickled arguments (and optional tags, for :attr:`on_send` or the sink);
         ``counts[i]`` > 0: pickle ``i`` is an argument group of that many (untagged) arguments.
         ``now``: send them from this thread if the connection allows it (see :meth:`_send_now`):
         for a lone call, whose latency is the reactor's hop; a stream of puts sends fewer,
-        larger messages through the reactor."""
+        larger messages through the reactor. ``waits``: this thread waits for the result next
+        (running the loop if it keeps it: the reactor's thread is not woken to send them)."""
         if not blobs:
             return
         with self.lock:
@@ -645,11 +650,11 @@ class JobStream:
             )
             self.unsent_bytes += sum(map(len, blobs))
             if not now or self._wake_pending:  # the reactor takes them (with others) anyway
-                self._wake_soon()
+                self._wake_soon(waits)
                 return
         if not self._send_now():
             with self.lock:
-                self._wake_soon()
+                self._wake_soon(waits)
 
     def _send_now(self) -> bool:
         """Calling thread: pump the session and write its ``args`` to the socket here, as the
@@ -906,11 +911,11 @@ class JobStream:
             self.events.put(("end", self, session.error))
             self.finished.set()
 
-    def _wake_soon(self) -> None:
+    def _wake_soon(self, waits: bool = False) -> None:
         # called with self.lock held; one wake-up per batch of puts, not one per argument
         if not self._wake_pending:
             self._wake_pending = True
-            self.call_soon(self._wake)
+            (self._call_quietly if waits else self.call_soon)(self._wake)
 
     def _stop_input(self) -> None:
         with self.lock:

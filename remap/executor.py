@@ -223,10 +223,12 @@ class _SubmitStream:
         with self.job.lock:
             self.outstanding += 1
             self.idle_since = None
-            alone = self.outstanding == 1 and self.wake_later is not None
+            lone = self.outstanding == 1
         # a lone call to a server leaves from this thread (no hop through the reactor); calls
-        # that come while others are out go through the reactor, many to a message
-        self.job.put_many([blob], [future], now=alone)
+        # that come while others are out go through the reactor, many to a message. A lone
+        # call's caller is likely to wait for it next, running the loop itself if it keeps it
+        # (drive): the reactor's thread is not woken to send it
+        self.job.put_many([blob], [future], now=lone and self.wake_later is not None, waits=lone)
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)

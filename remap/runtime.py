@@ -131,14 +131,14 @@ def _lean_epoll_reactor() -> Any:
             self.threadCallQueue.append((f, args, kwargs))
             self.wakeUp()
             if self.driver is not None:
-                self.poke(True)
+                self.poke()
 
-        def poke(self, by_the_driver_too: bool = False) -> None:
+        def poke(self, by_the_driver_too: bool = True) -> None:
             """Work was queued for the loop: if a thread borrowed it and is not running it
             now (it is back in its own code), the reactor's thread takes it back at once.
-            Work the borrowing thread queues itself is left for it (a submit's arguments, run
-            as it waits for the result) unless ``by_the_driver_too`` (``callFromThread``:
-            ``runtime.run`` waits for it on another kind of future)."""
+            Unless ``by_the_driver_too``, work the borrowing thread queues itself is left for
+            it (a lone submit's argument, sent as it waits for the result: see
+            ``thread_caller``'s ``quiet``)."""
             with self._baton_lock:
                 if (
                     self.driver is not None
@@ -473,27 +473,37 @@ def thread_caller(r: Any, through: Callable[..., None] | None = None) -> Callabl
     """``r.callFromThread`` for a hot path: the same queue and wake-up pipe, without Twisted's
     waker looking ``os.write`` up through a deprecation proxy on every call (~4 µs of the ~30
     a single ``submit`` spends on the calling thread). Any other waker: ``callFromThread``.
-    ``through``: the reactor runs ``through(fn, *args)`` instead of ``fn(*args)``."""
+    ``through``: the reactor runs ``through(fn, *args)`` instead of ``fn(*args)``.
+
+    The function's ``quiet`` does the same, but when the calling thread keeps the loop (it ran
+    it for its last result, see ``LeanEPollReactor.drive``) it leaves the work for that thread,
+    which is about to wait for a result and run the loop again; without ``quiet`` the
+    reactor's thread takes the loop back at once to run it."""
     queue = r.threadCallQueue
     write = os.write
 
-    def call_soon(fn: Callable[..., Any], *args: Any) -> None:
-        queue.append((through, (fn, *args), {}) if through is not None else (fn, args, {}))
-        if getattr(r, "driver", None) is not None:
-            r.poke()  # a thread borrowed the loop (see LeanEPollReactor.drive)
-        fd = getattr(r.waker, "o", None)  # None: the reactor has not started (it will drain)
-        if fd is None or type(r.waker).__name__ not in _SELF_PIPE_WAKERS:
-            r.wakeUp()
-            return
-        while True:
-            try:
-                write(fd, b"x")
+    def make(by_the_driver_too: bool) -> Callable[..., None]:
+        def call_soon(fn: Callable[..., Any], *args: Any) -> None:
+            queue.append((through, (fn, *args), {}) if through is not None else (fn, args, {}))
+            if getattr(r, "driver", None) is not None:
+                r.poke(by_the_driver_too)  # a thread borrowed the loop
+            fd = getattr(r.waker, "o", None)  # None: the reactor has not started (it will drain)
+            if fd is None or type(r.waker).__name__ not in _SELF_PIPE_WAKERS:
+                r.wakeUp()
                 return
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return  # the pipe is full of wake-ups: the reactor is woken already
+            while True:
+                try:
+                    write(fd, b"x")
+                    return
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    return  # the pipe is full of wake-ups: the reactor is woken already
 
+        return call_soon
+
+    call_soon = make(True)
+    call_soon.quiet = make(False)  # type: ignore[attr-defined]
     return call_soon
 
 

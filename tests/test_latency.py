@@ -612,3 +612,27 @@ def test_lone_calls_of_many_threads_share_one_connection_with_the_reactor(tmp_pa
             assert sizes == [200_001] * 40
             assert cluster.submit(_triple, 5).result(timeout=60) == 15
             assert cluster.map(_plus_one, range(1000)) == list(range(1, 1001))
+
+
+def test_work_queued_by_the_thread_keeping_the_loop_brings_the_reactors_thread_back() -> None:
+    """A thread that ran the loop for its last result keeps it (``drive``). Work it queues
+    (a map's arguments, a close) wakes the reactor's thread to take the loop back, unless it
+    is a lone call's argument this thread sends as it waits for its result (``quiet``);
+    another thread's work always does, and work queued while the loop runs never needs to."""
+    import threading as threads
+
+    r = runtime._new_reactor()
+    call_soon = runtime.thread_caller(r)
+    r.driver, r.driving = threads.get_ident(), False  # this thread keeps the loop, idle
+    call_soon.quiet(lambda: None)
+    assert not r._poked, "left for this thread, which runs the loop next"
+    call_soon(lambda: None)
+    assert r._poked, "this thread will not run it: the reactor's thread must"
+    r._poked = False
+    other = threads.Thread(target=call_soon.quiet, args=(lambda: None,))
+    other.start()
+    other.join(10)
+    assert r._poked, "another thread's work never waits for this one"
+    r._poked, r.driving = False, True
+    call_soon(lambda: None)
+    assert not r._poked, "the loop is running: it finds the work itself"
