@@ -138,6 +138,9 @@ class JobSession:
         self._last_grouped = False
         #: (index, pickle) to send again after a ``resume``, before any new argument
         self._replay: deque[tuple[int, bytes]] = deque()
+        #: set by a ``take`` that left nothing queued: :meth:`pump` does not ask again (a put
+        #: after it wakes the stream, which pumps anew)
+        self.drained = False
 
     @property
     def wire_job(self) -> int:
@@ -239,6 +242,7 @@ class JobSession:
                 if self._first_bytes is not None:
                     chunk_room = min(chunk_room, max(1, self._first_bytes))
                 limit = min(max(self._granted, 0), CHUNK_ARGS)
+                self.drained = False
                 if self._replay:
                     if limit <= 0:
                         return
@@ -278,7 +282,7 @@ class JobSession:
                     self.exhausted = True
                     self.outbox.append(m.ArgsEnd(job=self.wire_job, total=self.sent))
                     return
-                if not blobs or self._granted <= 0:
+                if not blobs or self._granted <= 0 or self.drained:
                     return
         except Exception as exc:  # the input failed (bad line, unpicklable object...)
             self.abort(
@@ -960,6 +964,7 @@ class JobStream:
                     groups.append(n)
             if out and self._waiting:
                 self._room.notify()
+            self.session.drained = not items
             ended = self.input_closed and not items and not self.killing
             if ended and not out and self._input_error is not None:
                 raise self._input_error
