@@ -133,12 +133,13 @@ class NodeAnswers:
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
         # Results.of without its **fields (a dict built and unpacked on every answer)
-        listed, start, count = m.Results.layout(seg.indices)
+        indices = seg.indices
+        run = type(indices) is range and indices.step == 1 and len(indices) > 0
         results = m.Results.make(
             job=job.id,
-            indices=listed,
-            start=start,
-            count=count,
+            indices=[] if run else list(indices),
+            start=indices.start if run else 0,  # type: ignore[union-attr]
+            count=len(indices) if run else 0,
             sizes=msg.sizes,
             errors=msg.errors,
             output=msg.output,
