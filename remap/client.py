@@ -964,7 +964,8 @@ class JobStream:
                     groups.append(n)
             if out and self._waiting:
                 self._room.notify()
-            self.session.drained = not items
+            # once the input closed, the next take must run: it ends the input or raises its error
+            self.session.drained = not items and not self.input_closed
             ended = self.input_closed and not items and not self.killing
             if ended and not out and self._input_error is not None:
                 raise self._input_error
