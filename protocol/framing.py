@@ -54,6 +54,18 @@ def small_frame(header: bytes, payload: bytes | memoryview = b"") -> bytes:
     return _PREFIX.pack(4 + len(header) + len(payload), len(header)) + header + payload
 
 
+#: a payload up to this size is copied into one buffer with its frame (a copy costs less than
+#: writing a list of parts); a larger one is written from its own buffer
+SMALL_PAYLOAD = 64 * 1024
+
+
+def frame_parts(header: bytes, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """The frame as buffers to write: one for a small payload, else :func:`encode_frame`'s."""
+    if len(payload) <= SMALL_PAYLOAD:
+        return [small_frame(header, payload)]
+    return encode_frame(header, payload)
+
+
 def unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
     """What is left of ``parts`` after the first ``sent`` bytes were written (views, no copy)."""
     rest: list[bytes | memoryview] = []

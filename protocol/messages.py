@@ -687,12 +687,19 @@ class Results(Message):
         """The argument indices answered, in the order of ``sizes`` (a range for a run)."""
         return range(self.start, self.start + self.count) if self.count else self.indices
 
+    @staticmethod
+    def layout(indices: list[int] | range) -> tuple[list[int], int, int]:
+        """``indices`` as the fields ``indices``, ``start``, ``count`` carry them: a run
+        ``range(a, b)`` as ``([], a, b - a)``, anything else as a list."""
+        if type(indices) is range and indices.step == 1 and len(indices):
+            return [], indices.start, len(indices)
+        return list(indices), 0, 0
+
     @classmethod
     def of(cls, job: int, indices: list[int] | range, **fields: Any) -> Results:
         """Results for ``indices``: a run ``range(a, b)`` as ``start``/``count``."""
-        if type(indices) is range and indices.step == 1 and len(indices):
-            return cls.make(job=job, start=indices.start, count=len(indices), **fields)
-        return cls.make(job=job, indices=list(indices), **fields)
+        listed, start, count = cls.layout(indices)
+        return cls.make(job=job, indices=listed, start=start, count=count, **fields)
 
 
 @message

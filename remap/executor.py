@@ -206,8 +206,8 @@ class _SubmitStream:
         #: same turn runs the server and the node too, so the waiter is woken at once, and a
         #: call is sent in that turn: no call leaves from the calling thread)
         self.wake_later = None if cluster.embedded else runtime.before_sleep(cluster._reactor)
-        #: the reactor a thread waiting in ``result()`` drives itself (None: not this kind)
-        self.reactor = cluster._reactor if hasattr(cluster._reactor, "drive") else None
+        #: the reactor a thread waiting in ``result()`` drives itself, if it lends its loop
+        self.reactor = cluster._reactor
         params = cluster._params(f"submit:{name}", chunksize=chunksize)
         self.job: JobStream = cluster._stream(
             blob,

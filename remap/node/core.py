@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from protocol import messages as m
-from protocol.framing import FrameDecoder, encode_frame, small_frame, unsent
+from protocol.framing import FrameDecoder, frame_parts, unsent
 from remap.blobs import dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -34,8 +34,6 @@ CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
 #: and how many arguments from that position (> 1: an argument group, marked once)
 SLOT = struct.Struct("<qdq")
 MAX_OUTPUT = 64 * 1024
-#: answers up to this payload are written as one buffer (the payload copied once)
-SMALL_ANSWER = 64 * 1024
 #: a running batch sends what it has finished at most this often, so results stream back
 STREAM_SECONDS = 0.05
 #: two argument groups in a row that took longer than this (or one that took FINE_ONCE_SECONDS)
@@ -80,15 +78,7 @@ def commands(fd: int) -> Iterator[m.Message]:
 def write_frame(fd: int, msg: m.Message) -> None:
     """Send ``msg`` to the node from its own buffers (a large answer is not copied; a small one
     goes as one buffer)."""
-    header, payload = m.encode(msg)
-    if len(payload) <= SMALL_ANSWER:
-        data = small_frame(header, payload)
-        sent = os.write(fd, data)
-        if sent == len(data):
-            return
-        parts: list[bytes | memoryview] = unsent([data], sent)
-    else:
-        parts = encode_frame(header, payload)
+    parts = frame_parts(*m.encode(msg))
     while parts:
         parts = unsent(parts, os.writev(fd, parts))
 

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import Frame, FrameDecoder, encode_frame, small_frame, unsent
+from protocol.framing import Frame, FrameDecoder, frame_parts, unsent
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
@@ -41,9 +41,6 @@ from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
 PIPE_SIZE = 1024 * 1024
-#: commands up to this payload are written as one buffer (the payload copied once); larger ones
-#: from their own buffers
-SMALL_COMMAND = 64 * 1024
 #: bytes read from a core's answer pipe at a time (outside large frames)
 PIPE_READ = 64 * 1024
 
@@ -218,11 +215,7 @@ class CoreProcess(ProcessProtocol):
         what does not fit goes through the transport's buffer."""
         if self.transport is None or self.life is _DEAD:
             return
-        header, payload = m.encode(msg)
-        if len(payload) <= SMALL_COMMAND:  # one buffer: a small command's copy costs less
-            parts: list[bytes | memoryview] = [small_frame(header, payload)]
-        else:
-            parts = encode_frame(header, payload)
+        parts = frame_parts(*m.encode(msg))
         writer = getattr(self.transport, "pipes", {}).get(CMD_FD)
         sent = 0
         if writer is not None and transport_idle(writer):

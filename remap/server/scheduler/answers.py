@@ -133,13 +133,12 @@ class NodeAnswers:
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
         # Results.of without its **fields (a dict built and unpacked on every answer)
-        indices = seg.indices
-        run = type(indices) is range and indices.step == 1 and len(indices) > 0
+        listed, start, count = m.Results.layout(seg.indices)
         results = m.Results.make(
             job=job.id,
-            indices=[] if run else list(indices),
-            start=indices.start if run else 0,  # type: ignore[union-attr]
-            count=len(indices) if run else 0,
+            indices=listed,
+            start=start,
+            count=count,
             sizes=msg.sizes,
             errors=msg.errors,
             output=msg.output,
