@@ -649,3 +649,37 @@ def test_no_calling_thread_sends_before_every_jobs_resume_request_is_out() -> No
     assert [kind for kind, _ in seen] == ["resume", "resume"]
     assert [steady for _, steady in seen] == [None, None]
     assert client.steady_link() is link
+
+
+def test_an_input_error_after_the_last_queued_arguments_still_fails_the_job() -> None:
+    """The input closes with an error while arguments still wait, and one take empties the
+    queue: that take must not mark the input drained, or nothing asks again and the error is
+    never raised (the job waited forever). Run step by step, so the order is the bad one."""
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    class WindowServer(MemoryServer):
+        """Grants nothing more: two arguments fit the first window, as a real server's does."""
+
+        def _later(self, event: str, *args: Any) -> None:
+            if event != "grant":
+                super()._later(event, *args)
+
+    server = WindowServer()
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda fn, *a: calls.append((fn, a)))
+
+    def run_queued() -> None:
+        for _ in range(1000):  # every queued reactor call, in order, until none is left
+            if not calls:
+                return
+            fn, args = calls.pop(0)
+            fn(*args)
+
+    stream.start(server)  # type: ignore[arg-type]
+    run_queued()  # submitted, with nothing to send yet
+    stream.put_many([dumps(1), dumps(2)])
+    stream.close_input(ConfigError("args.jsonl:3: invalid JSON argument"))
+    run_queued()  # one wake-up takes both arguments and sees the input closed
+    assert stream.finished.is_set(), "the job never ended: the input's error was not raised"
+    assert isinstance(stream.error, ConfigError) and server.killed == [50]
+    sent = [pickle.loads(b) for msg in server.sent if isinstance(msg, m.Args) for b in _split(msg)]
+    assert sent == [1, 2]
