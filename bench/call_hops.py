@@ -107,6 +107,35 @@ def _opcode_tracer(opcodes: dict[str, int]) -> Any:
     return trace
 
 
+def _sequence_tracer(seq: list[list[Any]], depth: list[int]) -> Any:
+    """A ``sys.settrace`` function appending ``[depth, file:function, own bytecodes]`` to
+    ``seq`` for every function entered, in order."""
+
+    def sequence(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            code = frame.f_code
+            frame.f_trace_opcodes = True
+            row = [depth[0], f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}", 0]
+            seq.append(row)
+            depth[0] += 1
+
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    row[2] += 1
+                elif event == "return":
+                    depth[0] -= 1
+                return local
+
+            return local
+        return None
+
+    return sequence
+
+
+def _write_sequence(path: str, seq: list[list[Any]]) -> None:
+    Path(path).write_text("".join(f"{'  ' * d}{k} {n}\n" for d, k, n in seq))
+
+
 def _write_opcodes(path: str, opcodes: dict[str, int], calls: int | None = None) -> None:
     """The counts, busiest first; divided by ``calls`` when given (else totals)."""
     rows = sorted(opcodes.items(), key=lambda kv: -kv[1])
@@ -139,24 +168,7 @@ def _count_on_signals(role: str, marks_file: str) -> None:
             count[0] += 1
 
     trace = _opcode_tracer(opcodes)
-
-    def sequence(frame: Any, event: str, arg: Any) -> Any:
-        if event == "call":
-            code = frame.f_code
-            frame.f_trace_opcodes = True
-            row = [depth[0], f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}", 0]
-            seq.append(row)
-            depth[0] += 1
-
-            def local(frame: Any, event: str, arg: Any) -> Any:
-                if event == "opcode":
-                    row[2] += 1
-                elif event == "return":
-                    depth[0] -= 1
-                return local
-
-            return local
-        return None
+    sequence = _sequence_tracer(seq, depth)
 
     def start(*_: Any) -> None:
         count[0] = 0
@@ -176,8 +188,7 @@ def _count_on_signals(role: str, marks_file: str) -> None:
     def stop(*_: Any) -> None:
         if seq_prefix:
             sys.settrace(None)
-            lines = (f"{'  ' * d}{k} {n}\n" for d, k, n in seq)
-            Path(f"{seq_prefix}.{role}.txt").write_text("".join(lines))
+            _write_sequence(f"{seq_prefix}.{role}.txt", seq)
         elif profiler is not None:
             profiler.disable()
             profiler.dump_stats(f"{prefix}.{role}.prof")

@@ -1,0 +1,163 @@
+"""A core's batch of one bare argument (every lone ``submit``) takes a path of its own
+(``Core._run_one``): it must answer exactly as the general loop answers the same call, which
+a group of one argument still takes. No processes."""
+
+from __future__ import annotations
+
+import mmap
+import pickle
+import sys
+from typing import Any
+
+import pytest
+
+from protocol import messages as m
+from remap.node.core import SLOT, Core
+from remap.shipping import function_blob
+
+#: the slot of the core under test, for functions that look at it while they run
+SHM = mmap.mmap(-1, SLOT.size)
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def talks(x: int) -> int:
+    print("out", x)
+    sys.stderr.write(f"err {x}\n")
+    return x
+
+
+def fails(x: int) -> int:
+    raise ValueError(f"bad {x}")
+
+
+def interrupts(x: int) -> int:
+    raise KeyboardInterrupt
+
+
+def exits(x: int) -> int:
+    sys.exit(3)
+
+
+def unpicklable(x: int) -> Any:
+    return (x for _ in ())  # a generator: neither pickle nor cloudpickle takes it
+
+
+class Unreadable(Exception):
+    """Pickles, but does not unpickle (its __init__ wants two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raises_unreadable(x: int) -> int:
+    raise Unreadable("a", "b")
+
+
+def slot_now(x: int) -> tuple[int, int]:
+    pos, _, span = SLOT.unpack_from(SHM, 0)
+    return pos, span
+
+
+def adds(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def _reply(fn: Any, arg_blob: bytes, *, star: bool = False, group: bool = False) -> m.TaskResult:
+    core = Core(SHM)
+    core.load(m.CoreLoad(job=1, star=star, payload=function_blob(fn)))
+    if group:  # the general loop: a group of one argument
+        arg_blob = pickle.dumps([pickle.loads(arg_blob)])
+        cmd = m.CoreRun(task=7, job=1, sizes=[len(arg_blob)], groups=[1], payload=arg_blob)
+    else:
+        cmd = m.CoreRun(task=7, job=1, sizes=[len(arg_blob)], payload=arg_blob)
+    reply = core.run(cmd)
+    assert sys.stdout is not core.output and sys.stderr is not core.output
+    assert SLOT.unpack_from(SHM, 0)[0] == -1, "idle again"
+    return reply
+
+
+def _same(fn: Any, arg: Any, *, star: bool = False) -> m.TaskResult:
+    blob = pickle.dumps(arg)
+    one, general = _reply(fn, blob, star=star), _reply(fn, blob, star=star, group=True)
+    assert (one.task, one.sizes, one.packed, one.partial, one.part, one.output) == (
+        general.task,
+        general.sizes,
+        general.packed,
+        general.partial,
+        general.part,
+        general.output,
+    )
+    assert one.payload == general.payload
+    assert [e[:3] for e in one.errors] == [e[:3] for e in general.errors]
+    for mine, theirs in zip(one.errors, general.errors, strict=True):
+        # the same user frames (the loop re-raises an unpickling error from another line)
+        assert mine[3].splitlines()[-1] == theirs[3].splitlines()[-1]
+    assert one.elapsed > 0
+    return one
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg"),
+    [
+        (plus_one, 1),
+        (talks, 2),
+        (fails, 3),
+        (interrupts, 4),
+        (exits, 5),
+        (unpicklable, 6),
+        (raises_unreadable, 7),
+    ],
+    ids=["value", "output", "error", "keyboard-interrupt", "system-exit", "unpicklable", "odd"],
+)
+def test_a_lone_argument_is_answered_as_the_general_loop_answers_it(fn: Any, arg: Any) -> None:
+    reply = _same(fn, arg)
+    if fn is talks:
+        assert reply.output == "out 2\nerr 2\n"
+    if fn in (fails, interrupts, exits, unpicklable, raises_unreadable):
+        assert [e[0] for e in reply.errors] == [0]
+
+
+def test_star_arguments_of_a_lone_call() -> None:
+    assert pickle.loads(_same(adds, (1, 2), star=True).payload) == [3]
+    assert pickle.loads(_same(adds, {"a": 1, "b": 5}, star=True).payload) == [6]
+    assert _same(adds, 7, star=True).errors[0][1] == "TypeError"
+
+
+def test_an_argument_that_does_not_unpickle_fails_its_call() -> None:
+    blob = b"\x80\x05not a pickle"
+    one = _reply(plus_one, blob)
+    assert [e[:2] for e in one.errors] == [[0, "UnpicklingError"]]
+    core = Core(SHM)
+    core.load(m.CoreLoad(job=1, payload=function_blob(plus_one)))
+    general = core.run(m.CoreRun(task=7, job=1, sizes=[len(blob)], groups=[1], payload=blob))
+    assert [e[:3] for e in one.errors] == [e[:3] for e in general.errors]
+
+
+def test_the_slot_names_the_lone_call_while_it_runs() -> None:
+    """A crash or timeout during the call is blamed on position 0, span 1."""
+    assert pickle.loads(_reply(slot_now, pickle.dumps(0)).payload) == [(0, 1)]
+
+
+def test_a_lone_call_of_a_reduce_job_or_a_retry_takes_the_general_loop(monkeypatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(Core, "_run_one", lambda self, cmd, fn, star: calls.append(cmd.task))
+    core = Core(SHM)
+    core.load(m.CoreLoad(job=1, payload=function_blob(plus_one)))
+    blob = pickle.dumps(1)
+    reply = core.run(m.CoreRun(task=1, job=1, sizes=[len(blob)], reduce=True, payload=blob))
+    assert reply.partial and pickle.loads(reply.payload) == 2
+    core.run(m.CoreRun(task=2, job=1, sizes=[len(blob)], skip=1, payload=blob))
+    core.run(m.CoreRun(task=3, job=1, sizes=[len(blob)], payload=blob))
+    assert calls == [3]
+
+
+def test_output_written_between_batches_is_not_the_next_batchs() -> None:
+    core = Core(SHM)
+    core.load(m.CoreLoad(job=1, payload=function_blob(talks)))
+    blob = pickle.dumps(1)
+    first = core.run(m.CoreRun(task=1, job=1, sizes=[len(blob)], payload=blob))
+    second = core.run(m.CoreRun(task=2, job=1, sizes=[len(blob)], payload=blob))
+    assert first.output == second.output == "out 1\nerr 1\n"
