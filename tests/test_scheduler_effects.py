@@ -230,3 +230,52 @@ def test_the_service_hands_peers_messages_in_as_events_and_performs_the_effects(
     assert "node n1 joined (h, 1 cores)" in log
     assert f"console args job={submitted.job} n=1" in log
     assert f"node n1 result task={task.task}" in log
+
+
+class _Recording:
+    """A link that logs what it is sent, with the job's ``done`` count at that moment."""
+
+    def __init__(self, name: str, log: list, sched: Scheduler) -> None:
+        self.name, self.log, self.sched = name, log, sched
+
+    def send(self, msg: m.Message) -> None:
+        done = [j.done for j in self.sched.jobs.values()]
+        self.log.append((self.name, msg, done))
+
+
+def test_a_calls_two_messages_send_as_decided_in_the_order_handle_returns() -> None:
+    """``console_said`` and ``node_said`` (the service's entries for a call's arguments and its
+    answer) write a message as soon as it is decided, before the bookkeeping after it: the
+    results reach the console before the call is counted done; and every message goes out in
+    the order ``handle`` returns the same effects in (the task, the function first, grants)."""
+    runs = []
+    for eager in (False, True):
+        sched, _ = make()
+        log: list = []
+        node, console = _Recording("node", log, sched), _Recording("console", log, sched)
+        sched.runner.apply(sched.handle(NodeJoined("n1", node, INFO)))
+        sched.submit(console, m.Submit(id=1, payload=b"fn", name="j"))
+        job = next(iter(sched.jobs))
+        for i in range(300):  # past the first window: grants come too
+            blob = dumps(i)
+            args = m.Args(job=job, start=i, sizes=[len(blob)], payload=blob)
+            if eager:
+                sched.console_said(console, args)
+            else:
+                sched.runner.apply(sched.handle(ConsoleSaid(console, args)))
+            task = log[-1][1] if log[-1][0] == "node" else log[-2][1]
+            assert type(task) is m.Task
+            answer = m.TaskResult(task=task.task, sizes=[len(blob)], payload=blob)
+            if eager:
+                sched.node_said("n1", answer)
+            else:
+                sched.runner.apply(sched.handle(NodeSaid("n1", answer)))
+        runs.append(log)
+    queued, eager_log = runs
+    assert [(n, msg) for n, msg, _ in queued] == [(n, msg) for n, msg, _ in eager_log]
+    assert any(type(msg) is m.Grant for _, msg, _ in eager_log)
+    results = [(msg, done) for n, msg, done in eager_log if type(msg) is m.Results]
+    assert len(results) == 300
+    # sent as decided, before their call is counted; performed after the bookkeeping, after
+    assert [done for _, done in results] == [[i] for i in range(300)]
+    assert [d for n, msg, d in queued if type(msg) is m.Results] == [[i + 1] for i in range(300)]

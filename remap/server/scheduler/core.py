@@ -4,7 +4,11 @@ Events go in through :meth:`Scheduler.handle`, which returns the effects decided
 (send or close on a link, start or cancel a timer) without performing them; the
 service performs them with an :class:`~.effects.EffectRunner`. Commands that answer
 with a value (submit, kill, attach, drain, ...) are methods; their effects go through
-the same runner when they return. Time is read from an injected clock (``seconds()``),
+the same runner when they return. The two events of every call (a node's answer, a
+console's arguments) come in through :meth:`~Scheduler.node_said` and
+:meth:`~Scheduler.console_said` instead, which perform them: there a send leaves as soon as
+it is decided (while nothing is queued ahead of it), not after the rest of the bookkeeping,
+so the order of effects is kept and a call's next hop starts earlier. Time is read from an injected clock (``seconds()``),
 so every decision can be tested with fake links and ``twisted.internet.task.Clock``.
 
 Bookkeeping invariants, which make delivery exactly-once:
@@ -88,6 +92,9 @@ class Scheduler(NodeAnswers, Recovery):
         self.clock = clock
         self._outbox: list[Effect] = []
         self._depth = 0  # commands running (see :func:`command`)
+        #: inside :meth:`node_said` or :meth:`console_said`: a send with nothing queued ahead of
+        #: it is written at once (see :meth:`_send`)
+        self._eager = False
         #: performs the effects of commands and of timers that run out; the service uses it too
         self.runner = EffectRunner(clock, self)
         #: the last ``event_log`` events and commands, for debugging (GET /api/v1/debug/scheduler)
@@ -152,12 +159,23 @@ class Scheduler(NodeAnswers, Recovery):
     # the two events of every call, without building the event: the service's entries
 
     def node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> None:
-        """:class:`NodeSaid`, its effects performed (what ``runner.apply(handle(...))`` does)."""
-        self.runner.apply(self._node_said(node, msg))
+        """:class:`NodeSaid`, its effects performed (what ``runner.apply(handle(...))`` does),
+        each send as soon as it is decided (see :meth:`_send`)."""
+        self._eager = True
+        try:
+            effects = self._node_said(node, msg)
+        finally:
+            self._eager = False
+        self.runner.apply(effects)
 
     def console_said(self, link: Any, msg: m.Args | m.ArgsEnd) -> None:
-        """:class:`ConsoleSaid`, its effects performed."""
-        self.runner.apply(self._console_said(link, msg))
+        """:class:`ConsoleSaid`, its effects performed, each send as soon as it is decided."""
+        self._eager = True
+        try:
+            effects = self._console_said(link, msg)
+        finally:
+            self._eager = False
+        self.runner.apply(effects)
 
     def _node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> list[Effect]:
         self.events.node_said(self.clock.seconds(), node, msg)
@@ -199,6 +217,13 @@ class Scheduler(NodeAnswers, Recovery):
         return out
 
     def _send(self, link: Any, msg: m.Message) -> None:
+        if self._eager and not self._outbox:
+            # the service's entries for the two messages of every call perform their effects
+            # anyway: a send with nothing queued ahead of it leaves now, so a call's task (or
+            # its results) is on its way before the bookkeeping after it (grants, the next
+            # dispatch), and the order of effects is the order they were decided in
+            link.send(msg)
+            return
         self._outbox.append(new_send(Send, (link, msg)))
 
     def _start_timer(self, kind: str, delay: float, job: int = 0, note: str = "") -> Timer:
