@@ -83,7 +83,9 @@ def _wrap_console() -> None:
     # a lone call to a server: its arguments leave from the calling thread instead
     _wrap(wire.PeerProtocol, "send_from_thread", "caller: writes its args")
     _wrap(client.JobStream, "results", "console: results")
-    _wrap(ex._SubmitStream, "_resolve_now", "console: future resolved")
+    # a lone result is set straight from its message (_resolve_one); a batch's through _resolve_now
+    resolves = "_resolve_one" if hasattr(ex._SubmitStream, "_resolve_one") else "_resolve_now"
+    _wrap(ex._SubmitStream, resolves, "console: future resolved")
 
 
 def _wrap_bytes_in(role: str) -> None:

@@ -257,27 +257,7 @@ class JobSession:
                         if len(blob) > room:
                             index = start + (sum(groups[:k]) if groups else k)
                             raise ArgumentTooLarge(index, len(blob), room)
-                    msg = m.Args(
-                        job=self.wire_job,
-                        start=start,
-                        sizes=[len(b) for b in blobs],
-                        groups=groups,
-                        payload=b"".join(blobs),
-                    )
-                    self.outbox.append(msg)
-                    count = sum(groups) if groups else len(blobs)  # msg.count
-                    if start == self.sent:  # new arguments (not sent again after a resume)
-                        if self.keep_arguments and not groups:
-                            self._args.update(zip(range(start, start + len(tags)), tags))
-                        if self._unanswered is not None:
-                            self._unanswered.sent(start, count, blobs, groups)
-                        self.sent += count
-                    self._granted -= count
-                    self._last_grouped = bool(groups)
-                    if self._first_bytes is not None:
-                        self._first_bytes -= sum(map(len, blobs))
-                        if self._first_bytes <= 0 or self._group_leaves_no_room():
-                            self._granted = 0  # forfeited: the server counts the same bytes
+                    self.outbox.append(self.args_message(start, blobs, groups, tags))
                 if ended:
                     self.exhausted = True
                     self.outbox.append(m.ArgsEnd(job=self.wire_job, total=self.sent))
@@ -290,6 +270,46 @@ class JobSession:
                 if isinstance(exc, RemapError)
                 else JobFailed(f"could not send argument {self.sent}: {type(exc).__name__}: {exc}")
             )
+
+    def args_message(
+        self, start: int, blobs: list[bytes], groups: list[int], tags: list[Any]
+    ) -> m.Args:
+        """The ``args`` message of pickles taken from ``start`` on (``start`` below
+        :attr:`sent`: sent again after a resume), counted against the window as sent."""
+        msg = m.Args.make(
+            job=self.wire_job,
+            start=start,
+            sizes=[len(b) for b in blobs],
+            groups=groups,
+            payload=b"".join(blobs),
+        )
+        count = sum(groups) if groups else len(blobs)  # msg.count
+        if start == self.sent:  # new arguments (not sent again after a resume)
+            if self.keep_arguments and not groups:
+                self._args.update(zip(range(start, start + len(tags)), tags))
+            if self._unanswered is not None:
+                self._unanswered.sent(start, count, blobs, groups)
+            self.sent += count
+        self._granted -= count
+        self._last_grouped = bool(groups)
+        if self._first_bytes is not None:
+            self._first_bytes -= sum(map(len, blobs))
+            if self._first_bytes <= 0 or self._group_leaves_no_room():
+                self._granted = 0  # forfeited: the server counts the same bytes
+        return msg
+
+    def takes_one(self, size: int) -> bool:
+        """Whether :meth:`pump` would send one argument of ``size`` bytes, alone in the
+        queue, now: the window is open and nothing is to be sent again first (a lone
+        call's argument goes without the queue: see ``JobStream.put_one``)."""
+        return (
+            self._granted > 0
+            and not self.exhausted
+            and not self.finished
+            and not self._replay
+            and (self.job_id is not None or self.submit_id is not None)
+            and size <= self.frame_room
+        )
 
     def results(self, msg: m.Results) -> None:
         """Decode one ``results`` message into events. A failure here (a result that will not
@@ -310,6 +330,32 @@ class JobSession:
                     f"{type(exc).__name__}: {exc}"
                 )
             self.abort(exc)
+
+    def lone_result(self, msg: m.Results) -> tuple[int, Any] | None:
+        """The message's one result, ``(index, value)``, if it answers one argument without
+        an error (a single call's answer), accounted as :meth:`results` accounts it; else
+        None (then take :meth:`results`; a result that will not load is unpickled again
+        there, to fail as it does)."""
+        if msg.count != 1 or msg.errors or msg.partial or self.finished or self.keep_arguments:
+            return None
+        payload = msg.payload
+        try:
+            if msg.packed:
+                values = pickle.loads(payload)
+                if type(values) is not list or len(values) != 1:
+                    return None
+                value = values[0]
+            elif len(msg.sizes) == 1 and msg.sizes[0] == len(payload):
+                value = pickle.loads(payload)
+            else:
+                return None
+        except Exception:
+            return None
+        index = msg.start
+        if self._unanswered is not None:
+            self._unanswered.answered(range(index, index + 1))
+        self.done += 1
+        return index, value
 
     def ended(self, msg: m.JobDone) -> None:
         if self.finished:  # failed here first (e.g. its input broke)
@@ -554,6 +600,7 @@ class JobStream:
         events: queue.SimpleQueue | None = None,
         on_send: Callable[[int, Any], bool] | None = None,
         on_items: Callable[[list[Any]], list[Any]] | None = None,
+        on_result: Callable[[int, Any], bool] | None = None,
         on_output: Callable[[int, str], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
         owner: Any = None,
@@ -578,6 +625,10 @@ class JobStream:
         #: called on the reactor thread with each batch of ``(index, result, error)``: it may
         #: settle some at once and returns the rest, which go on as an ``items`` event
         self.on_items = on_items
+        #: called on the reactor thread with a lone result ``(index, value)`` without an
+        #: error, straight from its message (no batch, no events); False: it goes on as an
+        #: ``items`` event (see :meth:`results`)
+        self.on_result = on_result
         #: what tasks printed (thread-safe: it only queues the text)
         self.on_output = on_output
         #: a notice from the server (thread-safe: it only queues the text)
@@ -606,6 +657,8 @@ class JobStream:
         #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
         self._items: deque[tuple[bytes, Any, int]] = deque()
         self._wake_pending = False
+        #: :meth:`put_one`'s argument and tag while it tries to send them
+        self._lone: tuple[bytes, Any] | None = None
 
     @property
     def job_id(self) -> int | None:
@@ -659,6 +712,45 @@ class JobStream:
         if not self._send_now():
             with self.lock:
                 self._wake_soon(waits)
+
+    def put_one(self, blob: bytes, tag: Any) -> None:
+        """``put_many([blob], [tag], now=True, waits=True)`` for a lone call: its argument
+        written to the socket from this thread straight from the session (no queue, no
+        pump) when nothing else waits to be sent and the window is open; else as
+        :meth:`put_many` does."""
+        client = self.client
+        link = client.steady_link() if client is not None else None
+        send = getattr(link, "send_from_thread", None)
+        if send is not None and self._drive.acquire(blocking=False):
+            try:
+                self._lone = (blob, tag)
+                if send(self._produce_one, self.call_soon) and self._lone is None:
+                    return
+            finally:
+                self._lone = None
+                self._drive.release()
+        self.put_many([blob], [tag], now=True, waits=True)
+
+    def _produce_one(self) -> list[m.Message]:
+        """:meth:`put_one`'s message (under :attr:`_drive` and the connection's write lock),
+        taken as :meth:`_take` and :meth:`JobSession.pump` would take it; nothing if it
+        cannot go now (then :attr:`_lone` stays set)."""
+        blob, tag = self._lone  # type: ignore[misc]
+        session = self.session
+        with self.lock:
+            if (
+                self.killing
+                or self.input_closed
+                or self._items
+                or self._wake_pending
+                or not session.takes_one(len(blob))
+            ):
+                return []
+            self._lone = None
+            start = session.sent
+            if tag is not None and self.on_send is not None and not self.on_send(start, tag):
+                return []  # withdrawn meanwhile: settled, nothing to send
+            return [session.args_message(start, [blob], [], [tag])]
 
     def _send_now(self) -> bool:
         """Calling thread: pump the session and write its ``args`` to the socket here, as the
@@ -856,6 +948,13 @@ class JobStream:
         if msg.output and self.on_output is not None:
             self.on_output(msg.answered[0] if msg.answered else -1, msg.output)
         with self._drive:
+            if self.on_result is not None:
+                lone = self.session.lone_result(msg)
+                if lone is not None:
+                    index, value = lone
+                    if not self.on_result(index, value):
+                        self.events.put(("items", self, [(index, value, None)], None))
+                    return
             self.session.results(msg)
             self._flush()
 

@@ -215,6 +215,7 @@ class _SubmitStream:
             events=executor._events,
             on_send=self._on_send,
             on_items=self._resolve_now,
+            on_result=self._resolve_one,
             owner=self,
         )
 
@@ -228,7 +229,10 @@ class _SubmitStream:
         # that come while others are out go through the reactor, many to a message. A lone
         # call's caller is likely to wait for it next, running the loop itself if it keeps it
         # (drive): the reactor's thread is not woken to send it
-        self.job.put_many([blob], [future], now=lone and self.wake_later is not None, waits=lone)
+        if lone and self.wake_later is not None:
+            self.job.put_one(blob, future)
+        else:
+            self.job.put_many([blob], [future], waits=lone)
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
@@ -256,39 +260,44 @@ class _SubmitStream:
         waiting caller wakes without a hop through the delivery thread); return the rest.
 
         Callbacks are user code and may block, so a future with one (or an error to rebuild)
-        still goes through the delivery thread. Holding the future's condition while looking
-        keeps a callback from being added between the look and the result.
+        still goes through the delivery thread.
         """
-        rest = []
-        for item in batch:
-            index, result, error = item
-            future = self.futures.get(index)
-            if future is None or error is not None:
-                rest.append(item)
-                continue
-            # Future.set_result's work, under the one hold that looked (the condition's own
-            # lock: see _notify)
-            with future._condition._lock:  # type: ignore[attr-defined]
-                if future._done_callbacks or future._state != _RUNNING:
-                    rest.append(item)
-                    continue
-                del self.futures[index]
-                future._result = result
-                future._state = _FINISHED
-                # wait()/as_completed() waiters hear of it with the state, as set_result
-                # does (one that saw FINISHED must never get the future again)
-                for waiter in future._waiters:
-                    waiter.add_result(future)
-                condition = future._condition
-                if not condition._waiters:  # type: ignore[attr-defined]
-                    pass  # nobody waits in result(): the caller running the loop, or none yet
-                elif self.wake_later is None:
-                    condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
-                else:  # a thread in result() wakes as the reactor sleeps: the GIL is free
-                    self.wake_later.append(functools.partial(_notify, condition))
-            with self.job.lock:
-                self._settled()
-        return rest
+        resolve = self._resolve_one
+        return [item for item in batch if item[2] is not None or not resolve(item[0], item[1])]
+
+    def _resolve_one(self, index: int, result: Any) -> bool:
+        """Reactor thread: set one call's result if its future has no done-callback (see
+        :meth:`_resolve_now`); False if the delivery thread must. A lone call's answer comes
+        here straight from the decoded message (``JobStream``'s ``on_result``).
+
+        Holding the future's condition while looking keeps a callback from being added
+        between the look and the result.
+        """
+        future = self.futures.get(index)
+        if future is None:
+            return False
+        # Future.set_result's work, under the one hold that looked (the condition's own
+        # lock: see _notify)
+        with future._condition._lock:  # type: ignore[attr-defined]
+            if future._done_callbacks or future._state != _RUNNING:
+                return False
+            del self.futures[index]
+            future._result = result
+            future._state = _FINISHED
+            # wait()/as_completed() waiters hear of it with the state, as set_result
+            # does (one that saw FINISHED must never get the future again)
+            for waiter in future._waiters:
+                waiter.add_result(future)
+            condition = future._condition
+            if not condition._waiters:  # type: ignore[attr-defined]
+                pass  # nobody waits in result(): the caller running the loop, or none yet
+            elif self.wake_later is None:
+                condition.notify(len(condition._waiters))  # type: ignore[attr-defined]
+            else:  # a thread in result() wakes as the reactor sleeps: the GIL is free
+                self.wake_later.append(functools.partial(_notify, condition))
+        with self.job.lock:
+            self._settled()
+        return True
 
     def resolve(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
         future = self.futures.pop(index, None)

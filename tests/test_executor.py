@@ -433,18 +433,19 @@ def test_a_result_nobody_called_back_for_is_set_without_the_delivery_thread(
 
     set_on: list[str] = []  # the thread each result was set on, there and then
     delivered: list[int] = []  # results handed to the delivery thread instead
-    resolve_now, resolve = _SubmitStream._resolve_now, _SubmitStream.resolve
+    resolve_one, resolve = _SubmitStream._resolve_one, _SubmitStream.resolve
 
-    def recording_now(self: _SubmitStream, batch: list) -> list:
-        rest = resolve_now(self, batch)
-        set_on.extend([threading.current_thread().name] * (len(batch) - len(rest)))
-        return rest
+    def recording_now(self: _SubmitStream, index: int, result: object) -> bool:
+        done = resolve_one(self, index, result)
+        if done:
+            set_on.append(threading.current_thread().name)
+        return done
 
     def recording(self: _SubmitStream, index: int, result: object, error: object) -> None:
         delivered.append(index)
         resolve(self, index, result, error)
 
-    monkeypatch.setattr(_SubmitStream, "_resolve_now", recording_now)
+    monkeypatch.setattr(_SubmitStream, "_resolve_one", recording_now)
     monkeypatch.setattr(_SubmitStream, "resolve", recording)
     assert [executor.submit(square, i).result(timeout=30) for i in range(5)] == [
         i * i for i in range(5)

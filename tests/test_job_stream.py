@@ -13,6 +13,7 @@ import operator
 import pickle
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -221,6 +222,7 @@ class MemoryServer:
 
     redial = None  # a lost connection is not dialled again
     link = "up"
+    runs = False  # results as ``start``/``count`` (a server's runs) rather than listed
 
     def __init__(self, fn: Callable[[Any], Any] = lambda x: x, *, max_frame: int = 1 << 20):
         self.fn = fn
@@ -254,7 +256,11 @@ class MemoryServer:
         elif isinstance(msg, m.Args):
             values = [pickle.loads(b) for b in _split(msg)]
             self.received += len(values)
-            self._later("results", results(50, [self.fn(v) for v in values], msg.start))
+            answer = results(50, [self.fn(v) for v in values], msg.start)
+            if self.runs:  # as a server sends a run: start/count, no list of indices
+                run = range(msg.start, msg.start + len(values))
+                answer = m.Results.of(50, run, sizes=answer.sizes, payload=answer.payload)
+            self._later("results", answer)
             self._later("grant", len(values))
         elif isinstance(msg, m.ArgsEnd):
             self._later("ended", m.JobDone(job=50, state="done", done=msg.total, failed=0))
@@ -683,3 +689,120 @@ def test_an_input_error_after_the_last_queued_arguments_still_fails_the_job() ->
     assert isinstance(stream.error, ConfigError) and server.killed == [50]
     sent = [pickle.loads(b) for msg in server.sent if isinstance(msg, m.Args) for b in _split(msg)]
     assert sent == [1, 2]
+
+
+# ============================================================================ a lone call's fast lane
+
+
+def test_put_one_sends_from_the_calling_thread_or_falls_back_to_the_queue() -> None:
+    """``put_one`` (a lone submit) writes its argument from the calling thread with the
+    session's window and accounting, as ``put_many(now=True)`` does; behind arguments still
+    queued, with the window closed, or while the connection is dialled again it takes the
+    queue (the reactor sends it, in order)."""
+    reactor, server = Reactor(), DirectServer(lambda x: x * 10)
+    server.runs = True
+    try:
+        stream = stream_on(reactor, server, on_send=lambda index, tag: True)
+        _named(stream, reactor)
+        me = threading.current_thread().name
+        stream.put_one(dumps(1), 1)
+        assert stream.events.get(timeout=10)[2] == [(0, 10, None)]
+        assert server.args_threads == [me] and stream.session.sent == 1
+        assert stream._items == deque() and stream.unsent_bytes == 0 and stream._lone is None
+        server.redialing = True
+        stream.put_one(dumps(2), 2)
+        assert stream.events.get(timeout=10)[2] == [(1, 20, None)]
+        server.redialing = False
+        reactor.run(stream._drive.acquire)  # the reactor drives the job: the call waits
+        stream.put_one(dumps(3), 3)
+        stream._items.append((dumps(4), 4, 0))  # another argument behind it, still queued
+        stream.put_one(dumps(5), 5)  # goes behind both
+        reactor.run(stream._drive.release)
+        got: list[Any] = []
+        while len(got) < 3:
+            got += stream.events.get(timeout=10)[2]
+        assert got == [(2, 30, None), (3, 40, None), (4, 50, None)]
+        assert server.args_threads[0] == me and set(server.args_threads[1:]) == {"fake-reactor"}
+        stream.session._granted = 0  # the window is closed: the argument waits for a grant
+        stream.put_one(dumps(6), 6)
+        assert stream.session.sent == 5 and len(stream._items) == 1
+        reactor.run(stream.apply, "grant", 1)
+        assert stream.events.get(timeout=10)[2] == [(5, 60, None)]
+    finally:
+        reactor.stop()
+
+
+def test_put_one_of_a_future_cancelled_meanwhile_sends_nothing() -> None:
+    """``on_send`` refusing the lone argument (its future was withdrawn) drops it, as the
+    queue's take does: nothing is sent or counted."""
+    reactor, server = Reactor(), DirectServer()
+    try:
+        refused: list[int] = []
+        stream = stream_on(reactor, server, on_send=lambda index, tag: refused.append(index))
+        _named(stream, reactor)
+        stream.put_one(dumps(1), "tag")
+        assert refused == [0] and stream.session.sent == 0 and server.args_threads == []
+        assert stream._items == deque()
+    finally:
+        reactor.stop()
+
+
+def _lone_session() -> JobSession:
+    session = JobSession(JobOptions())
+    session.submit(1, resumable=True)
+    session.submitted(2, 10)
+    session.pump(take_from([dumps(i) for i in range(3)], ended=False))
+    return session
+
+
+def test_a_lone_result_is_decoded_and_counted_as_results_counts_it() -> None:
+    """``lone_result``: one result without an error, packed or not, gives ``(index, value)``
+    and counts as ``results`` would (done, answered for a resume); anything else (several
+    results, an error, a partial, a result that will not load) is left to ``results``."""
+    session = _lone_session()
+    packed = pickle.dumps([41])
+    assert session.lone_result(
+        m.Results.of(2, range(1, 2), sizes=[len(packed)], packed=True, payload=packed)
+    ) == (1, 41)
+    plain = pickle.dumps(40)
+    assert session.lone_result(m.Results.of(2, range(0, 1), sizes=[len(plain)], payload=plain)) == (
+        0,
+        40,
+    )
+    assert session.done == 2 and session.events == []
+    assert session.resume_message(9).missing == [[2, 3]]
+    sizes, payload = pack([1, 2])
+    two = m.Results.of(2, range(0, 2), sizes=sizes, payload=payload)
+    error = m.Results.of(2, range(2, 3), sizes=[1], errors=[[0, "E", "m", ""]], payload=b"x")
+    partial = m.Results.of(2, range(2, 3), sizes=[len(plain)], partial=True, payload=plain)
+    garbage = m.Results.of(2, range(2, 3), sizes=[3], payload=b"bad")
+    listed = m.Results(job=2, indices=[2], sizes=[len(plain)], payload=plain)
+    for msg in (two, error, partial, garbage, listed):
+        assert session.lone_result(msg) is None, msg
+    assert session.done == 2 and session.events == []
+    session.results(garbage)  # the general way reports it, as before
+    assert session.failed == 1 and session.events[0][3][0].type_name == "ResultUnreadable"
+
+
+def test_a_lone_result_goes_to_on_result_or_on_as_an_event(reactor: Reactor) -> None:
+    """A stream with ``on_result`` hands it a lone result straight from the message; one it
+    does not take (False) goes on as an ``items`` event, as do results of several arguments
+    (through ``on_items``)."""
+    taken: list[tuple[int, Any]] = []
+    first = threading.Event()
+
+    def on_result(index: int, value: Any) -> bool:
+        taken.append((index, value))
+        first.set()
+        return index != 1
+
+    server = MemoryServer(lambda x: x + 1)
+    server.runs = True
+    stream = stream_on(reactor, server, on_result=on_result, on_items=lambda batch: batch)
+    stream.put_many([dumps(10)], [None])
+    assert first.wait(10)
+    stream.put_many([dumps(20)], [None])
+    assert stream.events.get(timeout=10)[2] == [(1, 21, None)]
+    stream.put_many([dumps(30), dumps(40)], [None, None])
+    assert stream.events.get(timeout=10)[2] == [(2, 31, None), (3, 41, None)]
+    assert taken == [(0, 11), (1, 21)]

@@ -4,6 +4,7 @@ over the argument queue) and fails if the saved work comes back. No timings are 
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -165,6 +166,7 @@ def test_a_result_is_set_and_its_waiter_woken_without_entering_the_condition() -
     stream = types.SimpleNamespace(
         futures={3: future}, job=job, wake_later=None, _settled=lambda: None
     )
+    stream._resolve_one = functools.partial(_SubmitStream._resolve_one, stream)
     assert _SubmitStream._resolve_now(stream, [(3, 42, None)]) == []  # type: ignore[arg-type]
     assert got.get(timeout=30) == 42
     waiter.join(30)
@@ -228,6 +230,7 @@ def _resolve_now(future: Any, hooks: list[Any]) -> list[Any]:
         wake_later=hooks,
         _settled=lambda: None,
     )
+    stream._resolve_one = functools.partial(_SubmitStream._resolve_one, stream)
     return _SubmitStream._resolve_now(stream, [(3, 42, None)])  # type: ignore[arg-type]
 
 
@@ -539,7 +542,7 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
     from tests.cluster_harness import NodeSpec
 
     sent_from: set[str] = set()
-    send_now = JobStream._send_now
+    send_now, produce_one = JobStream._send_now, JobStream._produce_one
 
     def recording(self: JobStream) -> bool:
         done = send_now(self)
@@ -547,11 +550,18 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
             sent_from.add(threading.current_thread().name)
         return done
 
+    def recording_one(self: JobStream) -> list:
+        out = produce_one(self)
+        if out:  # written by send_from_thread, on this thread
+            sent_from.add(threading.current_thread().name)
+        return out
+
     with ProcessCluster(tmp_path, nodes=[NodeSpec(cores=2)]) as procs:
         with remap.connect(procs.address, secret=procs.secret, settings=Settings()) as cluster:
             for _ in range(20):
                 cluster.submit(_now, 1).result(timeout=30)
             JobStream._send_now = recording  # type: ignore[method-assign]
+            JobStream._produce_one = recording_one  # type: ignore[method-assign]
             try:
                 assert cluster.submit(pow, 2, 5).result(timeout=30) == 32
                 done, _ = concurrent.futures.wait([cluster.submit(pow, 3, 2)], timeout=30)
@@ -563,6 +573,7 @@ def test_a_lone_call_through_a_server_skips_the_reactors_hop_and_turn(tmp_path) 
                 assert called.get(timeout=30) == 25
             finally:
                 JobStream._send_now = send_now  # type: ignore[method-assign]
+                JobStream._produce_one = produce_one  # type: ignore[method-assign]
             assert sent_from == {threading.current_thread().name}
 
             calls, counts = 100, {}

@@ -76,14 +76,15 @@ def test_a_waiting_caller_reads_its_own_answer(
     """The thread in result() sets its own future's result (it ran the loop that read the
     answer), not the reactor's thread and not the delivery thread; results are right."""
     set_on: list[str] = []
-    resolve_now = _SubmitStream._resolve_now
+    resolve_one = _SubmitStream._resolve_one
 
-    def recording(self: _SubmitStream, batch: list) -> list:
-        rest = resolve_now(self, batch)
-        set_on.extend([threading.current_thread().name] * (len(batch) - len(rest)))
-        return rest
+    def recording(self: _SubmitStream, index: int, result: object) -> bool:
+        done = resolve_one(self, index, result)
+        if done:
+            set_on.append(threading.current_thread().name)
+        return done
 
-    monkeypatch.setattr(_SubmitStream, "_resolve_now", recording)
+    monkeypatch.setattr(_SubmitStream, "_resolve_one", recording)
     # a loaded machine may keep this thread off a CPU between two calls for longer than
     # KEEP: the reactor's thread would take the loop back and might read the next answer
     monkeypatch.setattr(runtime, "KEEP", 0.5)
