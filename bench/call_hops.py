@@ -72,7 +72,8 @@ def _wrap_node() -> None:
 
     _wrap(agent.NodeAgent, "message_received", "node: a message")
     _wrap(cores.CoreProcess, "send", "node: written to the core's pipe")
-    _wrap(cores.CoreProcess, "_answers", "node: read from the core's pipe")
+    # the read of a core's answer (one whole frame is handled there without _answers)
+    _wrap(cores.CoreProcess, "_read", "node: read from the core's pipe")
 
 
 def _wrap_console() -> None:

@@ -7,7 +7,7 @@
 ``bench/call_hops.py`` counts the server's and the node's Python; a core is a process of its
 own that it does not see. This runs a core's command loop (``remap.node.core.serve``, as its
 ``main`` does) on a thread of this process, between two pipes, and feeds it the very
-``core_load`` and ``core_run`` a node sent for one ``submit(now, 1)`` (captured once from an
+``core_load`` and ``task`` a node sent for one ``submit(now, 1)`` (captured once from an
 embedded cluster), one command at a time, reading each answer before the next: as on a node,
 every command arrives in a read of its own. Printed: the core thread's CPU per call
 (``time.thread_time``, load-independent; includes its two pipe system calls) over CALLS calls
@@ -38,12 +38,23 @@ from bench.call_hops import (  # noqa: E402
 COUNTED = 300
 
 
+def _run_command() -> type:
+    """What a node sends a core to run a batch: the server's ``task`` (``core_run`` in trees
+    from before it was passed on as it came)."""
+    from protocol import messages as m
+
+    return getattr(m, "CoreRun", m.Task)
+
+
+RUN = _run_command()
+
+
 def now(_: Any) -> int:
     return time.perf_counter_ns()
 
 
 def captured_commands() -> tuple[bytes, bytes]:
-    """The ``core_load`` and ``core_run`` frames an embedded cluster's node sends a core for
+    """The ``core_load`` and ``task`` frames an embedded cluster's node sends a core for
     one ``submit(now, 1)``."""
     import remap
     from protocol import messages as m
@@ -54,7 +65,7 @@ def captured_commands() -> tuple[bytes, bytes]:
     original = cores.CoreProcess.send
 
     def send(self: Any, msg: Any) -> None:
-        if type(msg) in (m.CoreLoad, m.CoreRun):
+        if type(msg) in (m.CoreLoad, RUN):
             sent[type(msg)] = small_frame(*m.encode(msg))
         original(self, msg)
 
@@ -64,7 +75,7 @@ def captured_commands() -> tuple[bytes, bytes]:
             cluster.submit(now, 1).result()
     finally:
         cores.CoreProcess.send = original  # type: ignore[method-assign]
-    return sent[m.CoreLoad], sent[m.CoreRun]
+    return sent[m.CoreLoad], sent[RUN]
 
 
 def _pipe() -> tuple[int, int]:
@@ -80,7 +91,7 @@ def _serve(core: Any, cmd_fd: int, out_fd: int) -> None:
 
     for cmd in commands(cmd_fd):
         t = type(cmd)
-        if t is m.CoreRun:
+        if t is RUN:
             write_frame(out_fd, core.run(cmd))
         elif t is m.CoreLoad:
             core.load(cmd)

@@ -109,7 +109,7 @@ def _maker(cls: type) -> Any:
     """Generate ``cls.make(**fields)``: the message ``cls(**fields)`` builds, made as the
     decoders make theirs (``object.__new__``, each slot set directly): no ``type.__call__`` to
     ``__init__`` and no ``object.__setattr__`` per field of a frozen dataclass, for the
-    messages built on every call (``task``, ``results``, ``core_run``). Keywords only."""
+    messages built on every call (``task``, ``results``, a core's ``result``). Keywords only."""
     namespace: dict[str, Any] = {"_cls": cls, "_new": object.__new__, "_MISSING": _MISSING}
     params, body = [], ["    msg = _new(_cls)"]
     for i, f in enumerate(dataclasses.fields(cls)):
@@ -451,7 +451,8 @@ class JobDrop(Message):
 
 @message
 class Task(Message):
-    """Server → node: a batch of pickled arguments (``sizes`` gives each pickle's length).
+    """Server → node, and node → core: a batch of pickled arguments (``sizes`` gives each
+    pickle's length); a core answers it with ``result``, maybe in parts.
 
     With ``groups`` each pickle is a list of ``groups[i]`` arguments (an argument group); the
     batch is then the run of ``count`` arguments after the first ``skip`` of those lists, so a
@@ -459,6 +460,7 @@ class Task(Message):
     """
 
     TYPE = "task"
+    CHANNEL = "both"  # the node hands a core the server's task as it came (its job loaded before)
     task: int
     job: int
     sizes: list[int]
@@ -549,37 +551,8 @@ class CoreLoad(Message):
     job: int
     star: bool = False
     timed: bool = False  # the job has a timeout: mark every call (the node times each)
+    reduce: bool = False  # fold each batch's results with the job's reduce function
     payload: bytes = b""
-
-
-@message
-class CoreRun(Message):
-    """Node → core: run a batch (a ``task``'s arguments); answered by ``result``, maybe in parts."""
-
-    TYPE = "core_run"
-    CHANNEL = "pipe"
-    task: int
-    job: int
-    sizes: list[int]
-    groups: list[int] = field(default_factory=list)  # as in ``task``
-    skip: int = 0
-    count: int = -1
-    reduce: bool = False
-    payload: bytes = b""
-
-    @classmethod
-    def of(cls, task: Task, *, reduce: bool) -> CoreRun:
-        """The command that runs the server's ``task`` on a core."""
-        return cls.make(
-            task=task.task,
-            job=task.job,
-            sizes=task.sizes,
-            groups=task.groups,
-            skip=task.skip,
-            count=task.count,
-            reduce=reduce,
-            payload=task.payload,
-        )
 
 
 @message

@@ -70,9 +70,9 @@ def _reply(fn: Any, arg_blob: bytes, *, star: bool = False, group: bool = False)
     core.load(m.CoreLoad(job=1, star=star, payload=function_blob(fn)))
     if group:  # the general loop: a group of one argument
         arg_blob = pickle.dumps([pickle.loads(arg_blob)])
-        cmd = m.CoreRun(task=7, job=1, sizes=[len(arg_blob)], groups=[1], payload=arg_blob)
+        cmd = m.Task(task=7, job=1, sizes=[len(arg_blob)], groups=[1], payload=arg_blob)
     else:
-        cmd = m.CoreRun(task=7, job=1, sizes=[len(arg_blob)], payload=arg_blob)
+        cmd = m.Task(task=7, job=1, sizes=[len(arg_blob)], payload=arg_blob)
     reply = core.run(cmd)
     assert sys.stdout is not core.output and sys.stderr is not core.output
     assert SLOT.unpack_from(SHM, 0)[0] == -1, "idle again"
@@ -132,7 +132,7 @@ def test_an_argument_that_does_not_unpickle_fails_its_call() -> None:
     assert [e[:2] for e in one.errors] == [[0, "UnpicklingError"]]
     core = Core(SHM)
     core.load(m.CoreLoad(job=1, payload=function_blob(plus_one)))
-    general = core.run(m.CoreRun(task=7, job=1, sizes=[len(blob)], groups=[1], payload=blob))
+    general = core.run(m.Task(task=7, job=1, sizes=[len(blob)], groups=[1], payload=blob))
     assert [e[:3] for e in one.errors] == [e[:3] for e in general.errors]
 
 
@@ -146,11 +146,12 @@ def test_a_lone_call_of_a_reduce_job_or_a_retry_takes_the_general_loop(monkeypat
     monkeypatch.setattr(Core, "_run_one", lambda self, cmd, fn, star: calls.append(cmd.task))
     core = Core(SHM)
     core.load(m.CoreLoad(job=1, payload=function_blob(plus_one)))
+    core.load(m.CoreLoad(job=2, reduce=True, payload=function_blob(plus_one)))
     blob = pickle.dumps(1)
-    reply = core.run(m.CoreRun(task=1, job=1, sizes=[len(blob)], reduce=True, payload=blob))
+    reply = core.run(m.Task(task=1, job=2, sizes=[len(blob)], payload=blob))
     assert reply.partial and pickle.loads(reply.payload) == 2
-    core.run(m.CoreRun(task=2, job=1, sizes=[len(blob)], skip=1, payload=blob))
-    core.run(m.CoreRun(task=3, job=1, sizes=[len(blob)], payload=blob))
+    core.run(m.Task(task=2, job=1, sizes=[len(blob)], skip=1, payload=blob))
+    core.run(m.Task(task=3, job=1, sizes=[len(blob)], payload=blob))
     assert calls == [3]
 
 
@@ -158,6 +159,6 @@ def test_output_written_between_batches_is_not_the_next_batchs() -> None:
     core = Core(SHM)
     core.load(m.CoreLoad(job=1, payload=function_blob(talks)))
     blob = pickle.dumps(1)
-    first = core.run(m.CoreRun(task=1, job=1, sizes=[len(blob)], payload=blob))
-    second = core.run(m.CoreRun(task=2, job=1, sizes=[len(blob)], payload=blob))
+    first = core.run(m.Task(task=1, job=1, sizes=[len(blob)], payload=blob))
+    second = core.run(m.Task(task=2, job=1, sizes=[len(blob)], payload=blob))
     assert first.output == second.output == "out 1\nerr 1\n"

@@ -27,7 +27,7 @@ def run_batch(fn, args) -> tuple[m.TaskResult, bytes]:
     core = Core(mmap.mmap(-1, SLOT.size))
     core.load(m.CoreLoad(job=1, payload=function_blob(fn)))
     sizes, payload = pack(args)
-    reply = core.run(m.CoreRun(task=9, job=1, sizes=sizes, payload=payload))
+    reply = core.run(m.Task(task=9, job=1, sizes=sizes, payload=payload))
     return reply, reply.payload
 
 

@@ -281,7 +281,7 @@ def test_a_core_runs_groups_and_the_arguments_a_retry_names() -> None:
     groups = [[1, 2, 3], [0, 5], [6, 7, 8, 9]]
     blobs = [pickle.dumps(g) for g in groups]
     payload = b"".join(blobs)
-    cmd = m.CoreRun(task=3, job=1, sizes=[len(b) for b in blobs], groups=[3, 2, 4], payload=payload)
+    cmd = m.Task(task=3, job=1, sizes=[len(b) for b in blobs], groups=[3, 2, 4], payload=payload)
     reply = _core(inverse).run(cmd)
     assert reply.packed and len(pickle.loads(reply.payload)) == 9
     assert [e[:2] for e in reply.errors] == [[3, "ZeroDivisionError"]]
@@ -293,7 +293,7 @@ def test_a_core_runs_groups_and_the_arguments_a_retry_names() -> None:
     # a group that is not a list of its size fails each of its arguments, not the batch
     bad = pickle.dumps("not a list")
     reply = _core(square).run(
-        m.CoreRun(
+        m.Task(
             task=4, job=1, sizes=[len(bad), len(blobs[0])], groups=[2, 3], payload=bad + blobs[0]
         )
     )

@@ -38,7 +38,6 @@ def entered(fn: Callable[[], Any]) -> tuple[int, int]:
 HOT = {
     "args": m.Args(job=3, start=5, sizes=[20], payload=b"x" * 20),
     "task": m.Task(task=3, job=5, sizes=[20], payload=b"x" * 20),
-    "core_run": m.CoreRun(task=3, job=5, sizes=[20], payload=b"x" * 20),
     "result": m.TaskResult(task=5, sizes=[20], elapsed=0.001, payload=b"x" * 20),
     "results": m.Results.of(3, range(5, 6), sizes=[20], payload=b"x" * 20),
 }

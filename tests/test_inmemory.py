@@ -82,7 +82,9 @@ class InProcessPool:
     def load_job(self, msg: m.JobLoad) -> None:
         self.loads.append(msg.job)
         self._job_info[msg.job] = msg
-        self.core.load(m.CoreLoad(job=msg.job, star=msg.star, payload=msg.payload))
+        self.core.load(
+            m.CoreLoad(job=msg.job, star=msg.star, reduce=msg.reduce, payload=msg.payload)
+        )
 
     def drop_job(self, job: int) -> None:
         self.drops.append(job)
@@ -105,10 +107,8 @@ class InProcessPool:
             self._run(task)
 
     def _run(self, task: m.Task) -> None:
-        info = self._job_info[task.job]
-        run = m.CoreRun.of(task, reduce=info.reduce)
-        result = self.core.run(run)
-        self.ran.append(task_count(run))
+        result = self.core.run(task)  # as a node hands it to its core
+        self.ran.append(task_count(task))
         self.on_result(dataclasses.replace(result, part=0))
 
     def cancel_job(self, job: int) -> None:

@@ -253,7 +253,7 @@ def test_a_core_reads_a_small_command_in_one_system_call(monkeypatch) -> None:
 
     monkeypatch.setattr(os, "read", read)
     try:
-        run = m.CoreRun(task=1, job=2, sizes=[3], payload=b"abc")
+        run = m.Task(task=1, job=2, sizes=[3], payload=b"abc")
         os.write(w, _frame(run))
         commands = core_module.commands(r)
         assert next(commands) == run
@@ -268,8 +268,8 @@ def test_a_core_reads_commands_in_any_split_and_large_ones_whole() -> None:
     big = os.urandom(600_000)  # over the pipe's size and the decoder's large-frame mark
     sent = [
         m.CoreLoad(job=1, star=False, payload=b"f"),
-        m.CoreRun(task=1, job=1, sizes=[1, 2], payload=b"xyz"),
-        m.CoreRun(task=2, job=1, sizes=[len(big)], payload=big),
+        m.Task(task=1, job=1, sizes=[1, 2], payload=b"xyz"),
+        m.Task(task=2, job=1, sizes=[len(big)], payload=big),
         m.CoreDrop(job=1),
     ]
     data = b"".join(map(_frame, sent))

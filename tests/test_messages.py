@@ -98,8 +98,7 @@ EXAMPLES: dict[str, m.Message] = {
     "task_failed": m.TaskFailed(task=9, reason="timeout", at=2, message="killed after 5s"),
     "cancel": m.Cancel(job=3),
     "core_ready": m.CoreReady(pid=4242),
-    "core_load": m.CoreLoad(job=3, star=True, payload=b"\x80\x05fn"),
-    "core_run": m.CoreRun(task=9, job=3, sizes=[1, 2], reduce=True, payload=b"xyy"),
+    "core_load": m.CoreLoad(job=3, star=True, reduce=True, payload=b"\x80\x05fn"),
     "core_drop": m.CoreDrop(job=3),
     "shutdown": m.Shutdown(reason="kill --cluster"),
     "submit": m.Submit(

@@ -51,7 +51,7 @@ def test_a_logging_handler_made_in_one_batch_is_captured_in_the_next() -> None:
     outputs = []
     for x in range(3):
         payload = dumps(x)
-        reply = core.run(m.CoreRun(task=x, job=1, sizes=[len(payload)], payload=payload))
+        reply = core.run(m.Task(task=x, job=1, sizes=[len(payload)], payload=payload))
         outputs.append(reply.output)
     for x, out in enumerate(outputs):
         assert out == f"print {x}\nstderr {x}\nlogging {x}\n", outputs

@@ -1,7 +1,7 @@
 """A core: a long-lived child process that loads job functions and runs batches.
 
 Runs as ``python -m remap.node.core``. It reads commands on fd 3 and writes answers on
-fd 4: messages of the protocol catalogue (``core_*`` and ``result``, checked like any
+fd 4: messages of the protocol catalogue (``core_*``, ``task`` and ``result``, checked like any
 other) in the wire's frames, and before
 each call writes ``(position, start time)`` into a shared 16-byte file on fd 5, so the
 node can tell which argument was running when it must kill the core (timeout) or
@@ -83,14 +83,14 @@ def write_frame(fd: int, msg: m.Message) -> None:
         parts = unsent(parts, os.writev(fd, parts))
 
 
-def task_count(batch: m.Task | m.CoreRun) -> int:
-    """How many arguments a ``core_run`` command (or a ``task``) carries."""
+def task_count(batch: m.Task) -> int:
+    """How many arguments a ``task`` carries."""
     if not batch.groups:
         return len(batch.sizes)
     return batch.count if batch.count >= 0 else sum(batch.groups) - batch.skip
 
 
-def _groups(cmd: m.CoreRun) -> Any:
+def _groups(cmd: m.Task) -> Any:
     """``(pickle, arguments in it)`` for each pickle of a batch; 0: a bare argument."""
     blobs = split(cmd.sizes, cmd.payload)
     return zip(blobs, cmd.groups) if cmd.groups else ((blob, 0) for blob in blobs)
@@ -192,7 +192,8 @@ class _BatchOutput(io.TextIOBase):
 class Core:
     def __init__(self, shm: mmap.mmap, emit: Any = None) -> None:
         self.shm = shm
-        self.jobs: dict[int, tuple[Any, Any, bool] | BaseException] = {}
+        #: job → (function, reduce function, star, timed, reduce), or why it did not load
+        self.jobs: dict[int, tuple[Any, Any, bool, bool, bool] | BaseException] = {}
         self.output = _BatchOutput(sys.__stderr__)
         #: ``emit(result)`` sends a streamed part of a running batch; None: no parts
         self.emit = emit
@@ -202,17 +203,16 @@ class Core:
 
     def load(self, cmd: m.CoreLoad) -> None:
         fn, reduce_fn = load_function_blob(unwrap(cmd.payload, cmd.job))
-        self.jobs[cmd.job] = (fn, reduce_fn, cmd.star, cmd.timed)
+        self.jobs[cmd.job] = (fn, reduce_fn, cmd.star, cmd.timed, cmd.reduce)
 
-    def run(self, cmd: m.CoreRun) -> m.TaskResult:
+    def run(self, cmd: m.Task) -> m.TaskResult:
         loaded = self.jobs.get(cmd.job)
         if not isinstance(loaded, tuple):
             return self._unloadable(cmd, loaded)
-        fn, reduce_fn, star, timed = loaded
+        fn, reduce_fn, star, timed, partial = loaded
         if cmd.job != self._entered:
             enter_job(cmd.job)
             self._entered = cmd.job
-        partial = cmd.reduce
         if len(cmd.sizes) == 1 and not cmd.groups and not cmd.skip and not partial:
             return self._run_one(cmd, fn, star)
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
@@ -256,7 +256,14 @@ class Core:
                         # send what is done so far: results reach the caller as they complete
                         emit(
                             self._reply(
-                                cmd, results, errors, acc, have_acc, now - flushed, pos - first
+                                cmd,
+                                partial,
+                                results,
+                                errors,
+                                acc,
+                                have_acc,
+                                now - flushed,
+                                pos - first,
                             )
                         )
                         results, errors, acc, have_acc = [], [], None, False
@@ -307,9 +314,9 @@ class Core:
             sys.stdout, sys.stderr = saved
             captured.capturing = False
         pack_into(shm, 0, -1, 0.0, 0)
-        return self._reply(cmd, results, errors, acc, have_acc, clock() - flushed, 0)
+        return self._reply(cmd, partial, results, errors, acc, have_acc, clock() - flushed, 0)
 
-    def _run_one(self, cmd: m.CoreRun, fn: Any, star: bool) -> m.TaskResult:
+    def _run_one(self, cmd: m.Task, fn: Any, star: bool) -> m.TaskResult:
         """A batch of one bare argument (every lone ``submit``): what :meth:`run`'s loop does
         for it, without the loop's set-up for groups, streaming and per-call marks (one call
         is marked once either way). The argument is unpickled before the mark, as there."""
@@ -340,11 +347,12 @@ class Core:
             sys.stdout, sys.stderr = saved
             captured.capturing = False
         SLOT.pack_into(shm, 0, -1, 0.0, 0)
-        return self._reply(cmd, results, errors, None, False, clock() - began, 0)
+        return self._reply(cmd, False, results, errors, None, False, clock() - began, 0)
 
     def _reply(
         self,
-        cmd: m.CoreRun,
+        cmd: m.Task,
+        partial: bool,
         results: list[Any],
         errors: list[list[Any]],
         acc: Any,
@@ -352,8 +360,8 @@ class Core:
         elapsed: float,
         part: int,
     ) -> m.TaskResult:
-        """The answer for the calls run since the last part (``part`` > 0: more will follow)."""
-        partial = cmd.reduce
+        """The answer for the calls run since the last part (``part`` > 0: more will follow);
+        ``partial``: a reduce job's batch (the fold ``acc`` is the answer)."""
         packed = False
         if partial:
             blobs = [dumps(acc, large=True)] if have_acc else []
@@ -375,7 +383,7 @@ class Core:
         )
 
     @staticmethod
-    def _unloadable(cmd: m.CoreRun, exc: BaseException | None) -> m.TaskResult:
+    def _unloadable(cmd: m.Task, exc: BaseException | None) -> m.TaskResult:
         """Every argument fails with the reason the function could not be loaded here."""
         exc = exc or RuntimeError(f"job {cmd.job} was never loaded on this core")
         entry = _error_entry(0, exc)
@@ -416,7 +424,7 @@ def serve(core: Core, cmd_fd: int, out_fd: int) -> None:
     loop in-process to count a core's own work per call)."""
     for cmd in commands(cmd_fd):
         t = type(cmd)
-        if t is m.CoreRun:
+        if t is m.Task:
             write_frame(out_fd, core.run(cmd))
         elif t is m.CoreLoad:
             try:

@@ -90,6 +90,7 @@ class CoreLife(enum.Enum):
 # members read on every call: module globals are dict lookups, where ``CoreLife.IDLE`` goes
 # through EnumType's ``__getattr__`` hook (~1k instructions per read in Python 3.11)
 _STARTING, _IDLE, _BUSY, _DEAD = CoreLife.STARTING, CoreLife.IDLE, CoreLife.BUSY, CoreLife.DEAD
+_TaskResult = m.TaskResult
 
 #: the only moves a core makes: anything alive may be killed or die on its own; a killed core
 #: only dies; a dead one is replaced by a new process, never revived
@@ -169,9 +170,15 @@ class CoreProcess(ProcessProtocol):
         )
 
     def _read(self, data: bytes) -> None:
-        """Bytes from the answer pipe (a whole small frame, the usual answer, unbuffered)."""
+        """Bytes from the answer pipe (a whole small frame, the usual answer, unbuffered and
+        handled here: no list of one frame and no loop over it)."""
         frame = self._decoder.whole(data)
-        self._answers([frame] if frame is not None else self._decoder.feed(data))
+        if frame is None:
+            self._answers(self._decoder.feed(data))
+        elif self.pool.read_turn is None:
+            self._answer(frame)
+        else:
+            self.pool.read_turn(self._handle_answers, [frame])
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
@@ -190,13 +197,20 @@ class CoreProcess(ProcessProtocol):
 
     def _handle_answers(self, frames: list[Any]) -> None:
         for frame in frames:
-            try:
-                msg = m.decode(frame.header, frame.payload, channel="pipe")
-            except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
-                self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
-                self.kill("error")
+            if not self._answer(frame):
                 return
-            self.pool._core_message(self, msg, frame)
+
+    def _answer(self, frame: Frame) -> bool:
+        """One frame from the core, checked like any message; False: it broke the protocol
+        (the core is killed and nothing more it sent is heard)."""
+        try:
+            msg = m.decode(frame.header, frame.payload, channel="pipe")
+        except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
+            self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
+            self.kill("error")
+            return False
+        self.pool._core_message(self, msg, frame)
+        return True
 
     def processEnded(self, reason: Any) -> None:
         self.move(CoreLife.DEAD)
@@ -324,6 +338,11 @@ class CorePool:
                 m.TaskFailed(task=task.task, reason="error", message="job was not loaded")
             )
             return
+        if not self.queue:  # the usual case: straight to an idle core (what _dispatch does)
+            for core in self.cores:
+                if core.life is _IDLE:
+                    self._start(core, task)
+                    return
         self.queue.append(task)
         self._dispatch()
 
@@ -380,18 +399,18 @@ class CorePool:
             return
         if task.job not in core.loaded:
             timed = info.timeout is not None
-            core.send(m.CoreLoad(job=task.job, star=info.star, timed=timed, payload=info.blob))
+            core.send(
+                m.CoreLoad(
+                    job=task.job, star=info.star, timed=timed, reduce=info.reduce, payload=info.blob
+                )
+            )
             core.loaded.add(task.job)
         core.move(_BUSY)
         core.task = task
-        core.send(m.CoreRun.of(task, reduce=info.reduce))
+        core.send(task)  # the server's task as it is: the core knows the job
 
     def _core_message(self, core: CoreProcess, msg: m.Message, frame: Frame | None = None) -> None:
-        if type(msg) is m.CoreReady:
-            if core.life is _STARTING:  # a core killed while starting stays killing
-                core.move(_IDLE)
-            self._dispatch()
-        elif type(msg) is m.TaskResult:
+        if type(msg) is _TaskResult:  # the usual answer: tested first
             part = msg.part
             task = core.task
             if not part:  # a streamed part leaves the batch running on this core
@@ -399,7 +418,8 @@ class CorePool:
                 if core.life is _BUSY:
                     core.move(_IDLE)
             # a batch that finished just as its timeout fired still counts; a cancelled one does not
-            if task is not None and core.kill_reason in (None, "timeout"):
+            why = core.kill_reason
+            if task is not None and (why is None or why == "timeout"):
                 if msg.output:
                     prefix = f"[{self.name} core {core.index}] "
                     msg = replace(msg, output=prefix_lines(msg.output, prefix))
@@ -410,6 +430,10 @@ class CorePool:
                     self.on_result(msg)
             if not part:
                 self._dispatch()
+        elif type(msg) is m.CoreReady:
+            if core.life is _STARTING:  # a core killed while starting stays killing
+                core.move(_IDLE)
+            self._dispatch()
 
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:
         task, core.task = core.task, None
