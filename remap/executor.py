@@ -136,6 +136,8 @@ class RemoteFuture(concurrent.futures.Future):
                         return super().result(timeout)
                     finally:
                         r.unwant()
+                if self._state is _FINISHED and self._exception is None:
+                    return self._result  # what Future.result returns, without its condition
                 if deadline is not None:
                     timeout = max(0.0, deadline - _monotonic())
         return super().result(timeout)

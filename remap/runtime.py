@@ -231,14 +231,25 @@ def _lean_epoll_reactor() -> Any:
         def _drive(
             self, until: Callable[[], bool], deadline: float | None, interrupted: list[Any]
         ) -> None:
-            """:meth:`mainLoop`'s turns on the calling thread, until ``until()`` (Twisted's
-            own ``runUntilCurrent`` and ``timeout``: a waiting thread takes one or two turns)."""
+            """:meth:`mainLoop`'s turns on the calling thread, until ``until()`` (a waiting
+            thread takes one or two turns). As there, a turn with nothing for
+            ``runUntilCurrent`` to do reads the next timed call's delay itself."""
+            seconds = self.seconds
             while not until() and not interrupted and self._started:
                 try:
-                    self.runUntilCurrent()
-                    if until():
-                        break
-                    timeout = self.timeout()
+                    if (
+                        self.threadCallQueue
+                        or self._newTimedCalls
+                        or self._justStopped
+                        or self._cancellations > 50
+                        or ((pending := self._pendingTimedCalls) and pending[0].time <= seconds())
+                    ):
+                        self.runUntilCurrent()
+                        if until():
+                            break
+                        timeout = self.timeout()
+                    else:  # the delay ``timeout()`` gives (epoll_wait's longest at most)
+                        timeout = min(pending[0].time - seconds(), 2147483) if pending else None
                     if deadline is not None:
                         left = deadline - _monotonic()
                         if left <= 0:

@@ -564,11 +564,26 @@ class PeerProtocol(Protocol):
                 or not transport_idle(transport)
             ):
                 return False
-            data: list[bytes | memoryview] = []
-            for msg in produce():
-                data += encode_frame(*m.encode(msg))
-            if not data:
+            out = produce()
+            if not out:
                 return True
+            header, payload = m.encode(out[0])
+            if len(out) == 1 and len(payload) <= SCATTER_MIN:
+                # one small message (a lone call's argument): one buffer, one send, the
+                # connection's state checked above once
+                frame = small_frame(header, payload)
+                self.traffic.sent += len(frame)
+                try:
+                    sent = sending.sock.send(frame)
+                except OSError:  # full, or gone: the reactor's write path finds out
+                    sent = 0
+                if sent < len(frame):
+                    sending.parts.append(memoryview(frame)[sent:])
+                    call_soon(sending.resume)
+                return True
+            data = encode_frame(header, payload)
+            for msg in out[1:]:
+                data += encode_frame(*m.encode(msg))
             self.traffic.sent += sum(map(len, data))
 
             def later(rest: list[bytes | memoryview]) -> None:

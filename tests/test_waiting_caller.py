@@ -272,3 +272,30 @@ def test_a_map_on_another_thread_goes_on_while_the_caller_runs_the_loop(
     assert not errors, errors
     assert singles == [i * i for i in range(60)]
     assert mapped == [[i**3 for i in range(3000)]]
+
+
+def test_timed_calls_and_queued_work_run_on_the_thread_that_drives(
+    embedded: remap.Cluster,
+) -> None:
+    """A turn of a driving thread with nothing queued reads the next timed call's delay
+    itself (no runUntilCurrent): a timed call still fires when it is due, on that thread, and
+    work queued from another thread runs first."""
+    r = reactor_of(embedded)
+    ran: list[tuple[str, str]] = []
+
+    def later() -> None:
+        ran.append(("timed", threading.current_thread().name))
+
+    def queued() -> None:
+        ran.append(("queued", threading.current_thread().name))
+        r.callLater(0.2, later)
+
+    def until() -> bool:
+        if not ran and not r.threadCallQueue:  # queued once this thread has the loop
+            r.threadCallQueue.append((queued, (), {}))
+        return len(ran) == 2
+
+    assert r.drive(until, time.monotonic() + 30)
+    me = threading.current_thread().name
+    assert ran == [("queued", me), ("timed", me)]
+    assert embedded.submit(square, 4).result(timeout=30) == 16
