@@ -113,7 +113,7 @@ class NodeAnswers:
             if cleared:
                 self.pump()
             return
-        job, n = task.job, len(seg)
+        job, n = task.job, len(seg.indices)  # (len(seg) is a Python call)
         problem = self._malformed(msg, n) if n else f"a part of {msg.part} arguments"
         if problem:
             # the arguments go back to the queue and this node gets nothing more
@@ -180,20 +180,25 @@ class NodeAnswers:
     @staticmethod
     def _malformed(msg: m.TaskResult, n: int) -> str:
         """Why a node's answer to a task of ``n`` arguments cannot be delivered, or ''."""
-        if msg.packed and (msg.partial or len(msg.sizes) != 1):
-            return "a packed answer is one pickle and no partial fold"
-        if not msg.partial and not msg.packed and len(msg.sizes) != n:
-            return f"{len(msg.sizes)} results for {n} arguments"
-        if msg.partial and len(msg.sizes) > 1:
-            return f"a partial fold of {len(msg.sizes)} pickles"
         sizes = msg.sizes
+        if msg.packed:
+            if msg.partial or len(sizes) != 1:
+                return "a packed answer is one pickle and no partial fold"
+        elif msg.partial:
+            if len(sizes) > 1:
+                return f"a partial fold of {len(sizes)} pickles"
+        elif len(sizes) != n:
+            return f"{len(sizes)} results for {n} arguments"
         # (not ``min(sizes, default=0)``: a builtin's keyword costs more than the rest here)
         if sum(sizes) != len(msg.payload) or (sizes and min(sizes) < 0):
             return "result sizes do not add up to the payload"
-        for entry in msg.errors:
+        errors = msg.errors
+        if not errors:  # every call returned: nothing more to check
+            return ""
+        for entry in errors:
             if not _error_entry_ok(entry, n):
                 return f"malformed error entry {str(entry)[:80]}"
-        positions = [e[0] for e in msg.errors]
+        positions = [e[0] for e in errors]
         if len(set(positions)) != len(positions):
             return "error positions repeated"
         return ""

@@ -448,10 +448,13 @@ class Scheduler(NodeAnswers, Recovery):
         job.pending_bytes += len(seg.payload)
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
+        options = job.options
+        # (a job that requires no module and reads no files asks neither: every dispatch
+        # passes here)
         return (
-            (job.options.group is None or node.group == job.options.group)
-            and not missing(node, job)
-            and not left_out_of_files(node, job)
+            (options.group is None or node.group == options.group)
+            and (not job.requires or not missing(node, job))
+            and (options.data_id is None or not left_out_of_files(node, job))
         )
 
     def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
@@ -722,13 +725,14 @@ class Scheduler(NodeAnswers, Recovery):
             node = self._ready.get(node_id)
             if node is None:
                 continue
-            while node.has_credit():
+            while True:
+                if not node.has_credit():
+                    self._ready.pop(node_id, None)
+                    break
                 job = policy.next_job(self.active.values(), node, self._group_ok)
                 if job is None:
-                    break
+                    break  # (credit left: asked just now, and choosing no job spends none)
                 self._dispatch(node, job, now)
-            if not node.has_credit():
-                self._ready.pop(node_id, None)
         for job in self.active.values():
             if not job.finished:
                 self._grant(job)
@@ -795,7 +799,7 @@ class Scheduler(NodeAnswers, Recovery):
         credits = self._credits_for(job)
         size = policy.tail_share(job, policy.batch_size(job), credits)
         seg = take_from(job.pending, size, MAX_BATCH_BYTES)
-        n = len(seg)
+        n = len(seg.indices)  # (len(seg) is a Python call)
         job.pending_count -= n
         job.pending_bytes -= len(seg.payload)
         job.running += n

@@ -138,6 +138,10 @@ def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
     copies nothing; segments are joined only while the batch holds less than
     ``MERGE_MAX_BYTES``.
     """
+    if len(queue) == 1:  # what the loop does with a lone segment that fits (a single call)
+        seg = queue[0]
+        if len(seg.indices) <= n and len(seg.payload) <= max_bytes:
+            return queue.popleft()
     parts: list[Segment] = []
     count = nbytes = 0
     grouped = False
