@@ -40,10 +40,15 @@ def expression(tp: Any, var: str) -> str | None:
     if tp is Any:
         return "True"
     if origin is list:
-        # every item's type in one C pass (``map(type, ...)``): long ``sizes`` lists stay cheap
+        # every item's type in one C pass (``map(type, ...)``): long ``sizes`` lists stay cheap;
+        # a list of one (a single call's ``sizes``) is looked at directly, without a set
         item = _plain_class(typing.get_args(tp)[0])
         if item is not None:
-            return f"(type({var}) is list and set(map(type, {var})) <= _ONLY_{item.__name__})"
+            name = item.__name__
+            return (
+                f"(type({var}) is list and (len({var}) == 1 and type({var}[0]) is {name}"
+                f" or set(map(type, {var})) <= _ONLY_{name}))"
+            )
     return None
 
 

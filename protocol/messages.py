@@ -105,26 +105,54 @@ def message(cls):
     return cls
 
 
+def _builder(cls: type) -> type:
+    """A plain class of ``cls``'s very layout (its bases, its slots): a message is built as
+    one, each slot set by a plain store, and then becomes a ``cls`` by ``__class__``
+    assignment (Python allows it between classes of one layout). A frozen dataclass's slot is
+    otherwise set only through its descriptor's ``__set__``, a C call per field five times a
+    store: most of the cost of building the messages of every call, here and in decoders."""
+    return type(
+        f"{cls.__name__}Builder",
+        cls.__bases__,
+        {"__slots__": cls.__slots__, "__module__": cls.__module__},
+    )
+
+
+def _built(values: list[tuple[str, str]]) -> list[str]:
+    """The lines of a generated function that build a ``cls`` from ``(slot, expression)``
+    pairs as ``msg`` (see :func:`_builder`; its namespace names the builder ``_Builder``)."""
+    return [
+        "    msg = _new(_Builder)",
+        *(f"    msg.{slot} = {value}" for slot, value in values),
+        "    msg.__class__ = _cls",
+    ]
+
+
 def _maker(cls: type) -> Any:
     """Generate ``cls.make(**fields)``: the message ``cls(**fields)`` builds, made as the
-    decoders make theirs (``object.__new__``, each slot set directly): no ``type.__call__`` to
-    ``__init__`` and no ``object.__setattr__`` per field of a frozen dataclass, for the
-    messages built on every call (``task``, ``results``, a core's ``result``). Keywords only."""
-    namespace: dict[str, Any] = {"_cls": cls, "_new": object.__new__, "_MISSING": _MISSING}
-    params, body = [], ["    msg = _new(_cls)"]
+    decoders make theirs (see :func:`_builder`): no ``type.__call__`` to ``__init__`` and no
+    ``object.__setattr__`` per field of a frozen dataclass, for the messages built on every
+    call (``task``, ``results``, a core's ``result``). Keywords only."""
+    namespace: dict[str, Any] = {
+        "_cls": cls,
+        "_Builder": _builder(cls),
+        "_new": object.__new__,
+        "_MISSING": _MISSING,
+    }
+    params, values = [], []
     for i, f in enumerate(dataclasses.fields(cls)):
-        namespace[f"_set{i}"] = cls.__dict__[f.name].__set__
         if f.default_factory is not _MISSING:
             namespace[f"_factory{i}"] = f.default_factory
             params.append(f"{f.name}=_MISSING")
-            body.append(f"    _set{i}(msg, _factory{i}() if {f.name} is _MISSING else {f.name})")
+            values.append((f.name, f"_factory{i}() if {f.name} is _MISSING else {f.name}"))
             continue
         if f.default is not _MISSING:
             namespace[f"_default{i}"] = f.default
             params.append(f"{f.name}=_default{i}")
         else:
             params.append(f.name)
-        body.append(f"    _set{i}(msg, {f.name})")
+        values.append((f.name, f.name))
+    body = _built(values)
     source = "\n".join([f"def make(*, {', '.join(params)}):", *body, "    return msg"])
     exec(source, namespace)  # noqa: S102 - our own source text, as dataclasses does
     return namespace["make"]
@@ -278,14 +306,11 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
         args = ", ".join(f"{f}={v}" for f, v in zip(names, values, strict=True))
         decoder.append(f"    return _cls({args})")
     else:  # a frozen dataclass's __init__ sets each slot through object.__setattr__: direct
-        decoder.append("    msg = _new(_cls)")
-        for i, value in enumerate(values):
-            decoder.append(f"    _set{i}(msg, {value})")
-        decoder.append("    return msg")
         slots = [*fields, "payload"] if has_payload else fields
-        for i, slot in enumerate(slots):
-            namespace[f"_set{i}"] = cls.__dict__[slot].__set__
+        decoder += _built(list(zip(slots, values, strict=True)))
+        decoder.append("    return msg")
         namespace["_new"] = object.__new__
+        namespace["_Builder"] = _builder(cls)
     exec("\n".join(encoder), namespace)  # noqa: S102 - our own source text, as dataclasses does
     exec("\n".join(decoder), namespace)  # noqa: S102
     return namespace["encode"], namespace["decode"]
@@ -307,7 +332,9 @@ def decode(
 ) -> Message:
     """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
     try:
-        data = _unpackb(header, raw=False, strict_map_key=True, use_list=True)
+        # msgpack's defaults (>= 1.0): str as str, str keys only, arrays as lists; given as
+        # keywords they cost a keyword parse per message
+        data = _unpackb(header)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     if type(data) is not dict:

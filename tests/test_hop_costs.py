@@ -600,7 +600,15 @@ def test_a_message_made_without_init_equals_the_one_init_makes() -> None:
             assert "make" not in cls.__dict__
             continue
         fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-        assert cls.make(**fields) == msg
+        twin = cls.make(**fields)
+        assert twin == msg and type(twin) is cls
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(twin, next(iter(fields)), None)
+        # built as a plain twin of the class, then made one: what is decoded is the class too
+        header, payload = m.encode(twin)
+        channel = "pipe" if cls.CHANNEL == "pipe" else "wire"
+        decoded = m.decode(header, payload, preauth=cls.PREAUTH, channel=channel)
+        assert type(decoded) is cls and decoded == msg
         made += 1
     assert made >= 30
     a, b = m.Task.make(task=1, job=2, sizes=[3]), m.Task.make(task=1, job=2, sizes=[3])

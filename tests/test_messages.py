@@ -443,3 +443,16 @@ def test_contiguous_results_travel_as_a_run_and_gaps_as_a_list():
     gaps = m.decode(*m.encode(m.Results.of(7, [3, 5, 6], sizes=[1, 1, 1])))
     assert (gaps.indices, gaps.count, list(gaps.answered)) == ([3, 5, 6], 0, [3, 5, 6])
     assert m.Results.of(7, range(0), sizes=[]).answered == []
+
+
+@pytest.mark.parametrize(
+    "sizes", [[True], ["3"], [3.0], [None], [[3]], [3, True], [True, 3], [1, 2, "3"]]
+)
+def test_a_list_of_ints_of_any_length_refuses_any_other_item(sizes):
+    """``sizes`` of one item (a single call's) is checked without a set, longer ones with one:
+    either way an item that is not exactly an int (a bool neither) is refused."""
+    header = msgpack.packb({"t": "args", "job": 1, "start": 0, "sizes": sizes})
+    with pytest.raises(RemoteProtocolError, match="args.sizes: bad value"):
+        m.decode(header, b"abc")
+    ok = msgpack.packb({"t": "args", "job": 1, "start": 0, "sizes": [3]})
+    assert m.decode(ok, b"abc").sizes == [3]
