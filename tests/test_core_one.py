@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from protocol import messages as m
+from remap.node import core as core_module
 from remap.node.core import SLOT, Core
 from remap.shipping import function_blob
 
@@ -162,3 +163,22 @@ def test_output_written_between_batches_is_not_the_next_batchs() -> None:
     first = core.run(m.Task(task=1, job=1, sizes=[len(blob)], payload=blob))
     second = core.run(m.Task(task=2, job=1, sizes=[len(blob)], payload=blob))
     assert first.output == second.output == "out 1\nerr 1\n"
+
+
+def test_a_small_answer_the_pipe_takes_in_pieces_arrives_whole(monkeypatch) -> None:
+    from protocol.framing import FrameDecoder
+    from remap.node.core import write_frame
+
+    out: list[bytes] = []
+
+    def writev(fd: int, buffers: list[Any]) -> int:
+        piece = bytes(memoryview(buffers[0])[:5])  # a pipe with room for 5 bytes at a time
+        out.append(piece)
+        return len(piece)
+
+    monkeypatch.setattr(core_module.os, "writev", writev)
+    answer = m.TaskResult(task=3, sizes=[4], elapsed=0.5, packed=True, payload=b"abcd")
+    write_frame(4, answer)
+    assert len(out) > 3
+    (frame,) = FrameDecoder(1 << 20).feed(b"".join(out))
+    assert m.decode(frame.header, frame.payload, channel="pipe") == answer

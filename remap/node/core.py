@@ -79,8 +79,11 @@ def write_frame(fd: int, msg: m.Message) -> None:
     """Send ``msg`` to the node from its own buffers (a large answer is not copied; a small one
     goes as one buffer)."""
     parts = frame_parts(*m.encode(msg))
-    while parts:
-        parts = unsent(parts, os.writev(fd, parts))
+    sent = os.writev(fd, parts)
+    if len(parts) == 1 and sent == len(parts[0]):  # the usual small answer, taken whole
+        return
+    while parts := unsent(parts, sent):
+        sent = os.writev(fd, parts)
 
 
 def task_count(batch: m.Task) -> int:
