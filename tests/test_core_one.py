@@ -182,3 +182,26 @@ def test_a_small_answer_the_pipe_takes_in_pieces_arrives_whole(monkeypatch) -> N
     assert len(out) > 3
     (frame,) = FrameDecoder(1 << 20).feed(b"".join(out))
     assert m.decode(frame.header, frame.payload, channel="pipe") == answer
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1, -(2**70), 2.5, True, None, 1j, "text", b"bytes", "é" * 4096, [1, 2], {"a": 1}],
+)
+def test_a_lone_result_pickles_to_the_same_bytes_either_way(value: Any) -> None:
+    from remap.blobs import dumps_buffered
+
+    assert core_module._dumps_results([value]) == dumps_buffered([value])
+
+
+def test_a_large_lone_result_is_pickled_through_a_buffer(monkeypatch) -> None:
+    """``pickle.dumps`` grows its output by reallocation: a MiB result goes through
+    ``dumps_buffered`` as before; only small plain values take the short way."""
+    buffered: list[Any] = []
+    real = core_module.dumps_buffered
+    monkeypatch.setattr(
+        core_module, "dumps_buffered", lambda obj: buffered.append(obj) or real(obj)
+    )
+    for value in (b"x" * (1 << 20), "y" * 5000, 1 << 40000, [1], 7, "short"):
+        core_module._dumps_results([value])
+    assert [type(v[0]) for v in buffered] == [bytes, str, int, list]

@@ -23,7 +23,7 @@ from typing import Any
 
 from protocol import messages as m
 from protocol.framing import FrameDecoder, frame_parts, unsent
-from remap.blobs import dumps, dumps_buffered, split
+from remap.blobs import PICKLE_PROTOCOL, dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.malloc import keep_freed_memory
@@ -121,6 +121,25 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 500 else text[:500] + "..."
 
 
+#: results of these types have a small pickle of their own: a lone one is pickled by
+#: ``pickle.dumps`` (0.2 µs) instead of :func:`dumps_buffered` (1.1 µs: a BytesIO and a Pickler,
+#: which only pay off for a pickle of a MiB); ``str`` and ``bytes`` up to :data:`SMALL_TEXT`
+_SMALL_TYPES = frozenset({int, float, bool, complex, type(None)})
+_TEXT_TYPES = frozenset({str, bytes})
+SMALL_TEXT = 4096
+
+
+def _dumps_results(results: list[Any]) -> bytes:
+    """The pickle of a batch's list of results (the same bytes either way)."""
+    if len(results) == 1:
+        t = type(value := results[0])
+        if (t in _SMALL_TYPES and (t is not int or value.bit_length() <= 8 * SMALL_TEXT)) or (
+            t in _TEXT_TYPES and len(value) <= SMALL_TEXT
+        ):
+            return pickle.dumps(results, PICKLE_PROTOCOL)
+    return dumps_buffered(results)
+
+
 def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[bytes], bool]:
     """One pickle for the whole batch when it round-trips; else one per result.
 
@@ -134,7 +153,7 @@ def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[byt
         if not _exception_blob(exc):
             results[entry[0]] = None
     try:
-        return [dumps_buffered(results)], True
+        return [_dumps_results(results)], True
     except Exception:  # something needs cloudpickle, or cannot travel at all: go one by one
         pass
     failed = {e[0] for e in errors}
