@@ -96,10 +96,11 @@ def message(cls):
             check = lambda v, r=record: not r.problem(v)  # noqa: E731
         specs.append((f.name, check, default))
     _REGISTRY[cls.TYPE] = cls
-    _ENCODERS[cls], _DECODERS[cls] = _codecs(cls, tuple(specs), inline)
+    _ENCODERS[cls], _DECODERS[cls], _SHAPERS[cls] = _codecs(cls, tuple(specs), inline)
+    shapes: dict[tuple[str, ...], Any] = {}
     for channel, known in _CHANNELS.items():
         if cls.CHANNEL in (channel, "both"):
-            known[cls.TYPE] = (cls, _DECODERS[cls])
+            known[cls.TYPE] = (cls, _DECODERS[cls], shapes)
     if not hasattr(cls, "__post_init__"):
         cls.make = staticmethod(_maker(cls))
     return cls
@@ -162,8 +163,16 @@ def _maker(cls: type) -> Any:
 #: (as dataclasses generates ``__init__``) so a message costs one call each way, not one per field
 _ENCODERS: dict[type[Message], Any] = {}
 _DECODERS: dict[type[Message], Any] = {}
-#: per channel ("wire", "pipe"): type name → (class, decoder) of the messages it carries
-_CHANNELS: dict[str, dict[str, tuple[type[Message], Any]]] = {"wire": {}, "pipe": {}}
+#: per class: header keys (in order, without "t") → a decoder for maps of exactly those keys
+_SHAPERS: dict[type[Message], Any] = {}
+#: per channel ("wire", "pipe"): type name → (class, decoder, the decoders of the shapes of
+#: its header seen so far, by keys) of the messages it carries
+_CHANNELS: dict[str, dict[str, tuple[type[Message], Any, dict[tuple[str, ...], Any]]]] = {
+    "wire": {},
+    "pipe": {},
+}
+#: shapes of one message type's header learned at most (a peer may send any order of keys)
+SHAPES = 8
 _unpackb = msgpack.unpackb
 _THREAD = threading.local()  # a msgpack Packer per thread: building one per message costs more
 
@@ -187,7 +196,7 @@ def _problem(name: str, field_name: str, value: Any) -> RemoteProtocolError:
     return RemoteProtocolError(f"{name}.{field_name}: bad value of type {type(value).__name__}")
 
 
-def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any]:
+def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any, Any]:
     """Generate ``cls``'s encoder and decoder: the same checks, errors and defaults as the
     field table ``specs`` (name, check, default) says, written out field by field."""
     name = cls.TYPE
@@ -250,13 +259,16 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
     required = sum(1 for _, _, default in specs if default is _MISSING)
     decoder = ["def decode(data, payload):"]
     defaults, lookups = [], []
+    #: per field: its check over its variable; per optional field: its default's expression
+    tests: dict[str, str] = {}
+    freshes: dict[str, str] = {}
     for field_name, check, default in specs:
         namespace[f"_check_{field_name}"] = check
         namespace[f"_default_{field_name}"] = default
         v = f"f_{field_name}"
         test = inline[field_name]
         test = f"_check_{field_name}(v)" if test is None else test
-        test = re.sub(r"\bv\b", v, test)
+        test = tests[field_name] = re.sub(r"\bv\b", v, test)
         bad = f"raise _Remote({f'{name}.{field_name}: bad value of type '!r} + type({v}).__name__)"
         if default is _MISSING:
             decoder.append(f"    {v} = data.get({field_name!r}, _MISSING)")
@@ -276,6 +288,7 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
             fresh = f"_default_{field_name}()"
         else:
             fresh = f"_default_{field_name}"
+        freshes[field_name] = fresh
         defaults.append(f"        {v} = {fresh}")
         if field_name in plain:
             lookups += [
@@ -301,19 +314,44 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
     if not has_payload:
         decoder += ["    if payload:", f"        raise _Remote({f'{name} carries no payload'!r})"]
     values = [f"f_{f}" for f in fields] + (["payload"] if has_payload else [])
+    build = []  # the message from the fields' variables
     if hasattr(cls, "__post_init__"):  # its own rules judge the values: through __init__
         names = [*fields, "payload"] if has_payload else fields
         args = ", ".join(f"{f}={v}" for f, v in zip(names, values, strict=True))
-        decoder.append(f"    return _cls({args})")
+        build.append(f"    return _cls({args})")
     else:  # a frozen dataclass's __init__ sets each slot through object.__setattr__: direct
         slots = [*fields, "payload"] if has_payload else fields
-        decoder += _built(list(zip(slots, values, strict=True)))
-        decoder.append("    return msg")
+        build += _built(list(zip(slots, values, strict=True)))
+        build.append("    return msg")
         namespace["_new"] = object.__new__
         namespace["_Builder"] = _builder(cls)
+    decoder += build
     exec("\n".join(encoder), namespace)  # noqa: S102 - our own source text, as dataclasses does
     exec("\n".join(decoder), namespace)  # noqa: S102
-    return namespace["encode"], namespace["decode"]
+    general = namespace["decode"]
+
+    def shaped(keys: tuple[str, ...]) -> Any:
+        """A decoder for header maps of exactly ``keys`` (fields the general decoder took,
+        every required one among them): each read by subscript, every check in one
+        expression, the others at their defaults without a look-up. A map whose values fail
+        a check goes to the general decoder, which says what is wrong."""
+        present = set(keys)
+        code = ["def decode(data, payload):"]
+        code += [f"    f_{f} = data[{f!r}]" for f in fields if f in present]
+        checks = [f"({tests[f]})" for f in fields if f in present]
+        if not has_payload:
+            checks.append("not payload")
+        if checks:
+            code += [
+                f"    if not ({' and '.join(checks)}):",
+                "        return _general(data, payload)",
+            ]
+        code += [f"    f_{f} = {freshes[f]}" for f in fields if f not in present]
+        local = {**namespace, "_general": general}
+        exec("\n".join(code + build), local)  # noqa: S102 - our own source text
+        return local["decode"]
+
+    return namespace["encode"], general, shaped
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:
@@ -346,13 +384,20 @@ def decode(
     if known is None:
         re = data.get("id")
         raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
-    cls, decoder = known
+    cls, decoder, shapes = known
     if preauth and not cls.PREAUTH:
         raise RemoteProtocolError(f"message {type_name!r} is not allowed before authentication")
+    keys = tuple(data)
     try:
-        return decoder(data, payload)
+        shaped = shapes.get(keys)
+        if shaped is not None:  # a header of a shape seen before: its own decoder
+            return shaped(data, payload)
+        msg = decoder(data, payload)
     except InvalidOption as exc:  # a value its own rules refuse (``submit``'s options)
         raise RemoteProtocolError(f"{type_name}.{exc}") from None
+    if len(shapes) < SHAPES:  # every key is a field: learn the shape
+        shapes[keys] = _SHAPERS[cls](keys)
+    return msg
 
 
 def message_types() -> dict[str, type[Message]]:

@@ -456,3 +456,42 @@ def test_a_list_of_ints_of_any_length_refuses_any_other_item(sizes):
         m.decode(header, b"abc")
     ok = msgpack.packb({"t": "args", "job": 1, "start": 0, "sizes": [3]})
     assert m.decode(ok, b"abc").sizes == [3]
+
+
+# --------------------------------------------------------------------------- header shapes
+
+
+def test_a_header_shape_seen_before_decodes_as_the_general_decoder_does() -> None:
+    """Once a header of some keys decoded, maps of exactly those keys take a decoder of their
+    own (no look-up per absent field): every message of the catalogue decodes the same the
+    second time, and a value that fails its check there gets the general decoder's error."""
+    for msg in EXAMPLES.values():
+        header, payload = m.encode(msg)
+        channel = "pipe" if msg.CHANNEL == "pipe" else "wire"
+        for _ in range(2):
+            assert m.decode(header, payload, channel=channel, preauth=msg.PREAUTH) == msg
+        shapes = m._CHANNELS[channel][msg.TYPE][2]
+        assert tuple(msgpack.unpackb(header))[1:] in shapes, msg.TYPE
+    header, payload = m.encode(m.Results.of(3, range(5, 6), sizes=[2], payload=b"ab"))
+    assert m.decode(header, payload).answered == range(5, 6)
+    bad = {"t": "results", "job": 3, "sizes": ["2"], "start": 5, "count": 1}
+    assert tuple(bad)[1:] == tuple(msgpack.unpackb(header))[1:]
+    with pytest.raises(RemoteProtocolError, match=r"results\.sizes: bad value of type list"):
+        m.decode(msgpack.packb(bad), payload)
+    grant = m.encode(m.Grant(job=1, count=2))[0]
+    assert m.decode(grant, b"") == m.decode(grant, b"") == m.Grant(job=1, count=2)
+    with pytest.raises(RemoteProtocolError, match="grant carries no payload"):
+        m.decode(grant, b"x")
+
+
+def test_header_shapes_learned_are_bounded() -> None:
+    """A peer may order a header's keys any way it likes: each order decodes, and a message
+    type learns at most ``SHAPES`` of them (the rest take the general decoder)."""
+    import itertools
+
+    fields = {"job": 7, "sizes": [1], "output": "o", "start": 2, "count": 1}
+    for order in itertools.permutations(fields):
+        data = {"t": "results", **{k: fields[k] for k in order}}
+        msg = m.decode(msgpack.packb(data), b"x")
+        assert (msg.job, msg.sizes, msg.output, msg.answered) == (7, [1], "o", range(2, 3))
+    assert len(m._CHANNELS["wire"]["results"][2]) <= m.SHAPES
