@@ -144,3 +144,30 @@ def test_a_core_that_breaks_the_pipe_protocol_is_killed_and_its_batch_reported(
     assert core.life is CoreLife.KILLING and core.kill_reason == "error"
     _ended(core)
     assert [(f.task, f.reason) for f in failures] == [(5, "crash")] and not results
+
+
+def test_a_core_gets_the_servers_task_as_it_came_and_the_jobs_reduce_once(monkeypatch) -> None:
+    """The node writes a core the ``task`` object the server sent (no command built from it);
+    the job's reduce flag and function come once, in ``core_load``; a task that arrives while
+    the core is busy waits its turn, and the core's answer starts it."""
+    sent: list[m.Message] = []
+    monkeypatch.setattr(CoreProcess, "send", lambda self, msg: sent.append(msg))
+    reactor = SpawnRecorder()
+    results: list[m.TaskResult] = []
+    pool = CorePool(reactor, 1, results.append, lambda f: None)
+    pool.start()
+    pool.load_job(m.JobLoad(job=4, star=True, timeout=2.0, reduce=True, payload=b"fn"))
+    (core,) = reactor.spawned
+    pool._core_message(core, m.CoreReady(pid=1))
+    first = m.Task(task=1, job=4, sizes=[1], payload=b"a")
+    second = m.Task(task=2, job=4, sizes=[1], payload=b"b")
+    pool.submit(first)
+    pool.submit(second)
+    assert sent == [
+        m.CoreLoad(job=4, star=True, timed=True, reduce=True, payload=b"fn"),
+        first,
+    ]
+    assert sent[1] is first and list(pool.queue) == [second]
+    pool._core_message(core, _result(1))
+    assert sent[2:] == [second] and not pool.queue and core.task is second
+    assert [r.task for r in results] == [1]
