@@ -125,8 +125,10 @@ def test_a_core_killed_while_starting_stays_killing_when_it_says_ready() -> None
         (b"\xc1 not msgpack", b""),  # garbage (user code writing to fd 4, say)
         (m.encode(m.Submit(id=1, payload=b"f"))[0], b"f"),  # a network message on the pipe
         (m.encode(m.TaskResult(task=5, sizes=[1]))[0].replace(b"sizes", b"sizez"), b""),
+        (m.encode(m.Task(task=5, job=1, sizes=[1]))[0], b"x"),  # a node's command, sent back
+        (m.encode(m.CoreDrop(job=1))[0], b""),
     ],
-    ids=["garbage", "wire-message", "bad-field"],
+    ids=["garbage", "wire-message", "bad-field", "task", "node-command"],
 )
 def test_a_core_that_breaks_the_pipe_protocol_is_killed_and_its_batch_reported(
     header: bytes, payload: bytes

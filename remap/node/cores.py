@@ -434,6 +434,9 @@ class CorePool:
             if core.life is _STARTING:  # a core killed while starting stays killing
                 core.move(_IDLE)
             self._dispatch()
+        else:  # what only a node sends (a task, core_load, ...) never comes from a core
+            self.log.error("core {i} sent {t}, which only a node sends", i=core.index, t=msg.TYPE)
+            core.kill("error")
 
     def _core_ended(self, core: CoreProcess, reason: Any) -> None:
         task, core.task = core.task, None
