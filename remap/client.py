@@ -298,18 +298,40 @@ class JobSession:
                 self._granted = 0  # forfeited: the server counts the same bytes
         return msg
 
-    def takes_one(self, size: int) -> bool:
-        """Whether :meth:`pump` would send one argument of ``size`` bytes, alone in the
-        queue, now: the window is open and nothing is to be sent again first (a lone
-        call's argument goes without the queue: see ``JobStream.put_one``)."""
-        return (
-            self._granted > 0
-            and not self.exhausted
-            and not self.finished
-            and not self._replay
-            and (self.job_id is not None or self.submit_id is not None)
-            and size <= self.frame_room
-        )
+    def lone_args(
+        self, blob: bytes, tag: Any, admit: Callable[[int, Any], bool] | None
+    ) -> list[m.Args] | None:
+        """:meth:`pump` for one bare argument alone in the queue (a lone call's, sent without
+        the queue: see ``JobStream.put_one``): ``[its args message]``, counted as sent, as
+        :meth:`args_message` counts it; ``[]`` if ``admit(index, tag)`` refused it (as
+        ``on_send`` drops a withdrawn call); None if it cannot go now (the window is closed,
+        something is to be sent again first, or it is over the frame: :meth:`pump` says why)."""
+        if (
+            self._granted <= 0
+            or self.exhausted
+            or self.finished
+            or self._replay
+            or (self.job_id is None and self.submit_id is None)
+            or len(blob) > self.frame_room
+        ):
+            return None
+        start = self.sent
+        if tag is not None and admit is not None and not admit(start, tag):
+            return []
+        size = len(blob)
+        msg = m.Args.make(job=self.wire_job, start=start, sizes=[size], groups=[], payload=blob)
+        if self.keep_arguments:
+            self._args[start] = tag
+        if self._unanswered is not None:
+            self._unanswered.sent(start, 1, [blob], [])
+        self.sent = start + 1
+        self._granted -= 1
+        self._last_grouped = False
+        if self._first_bytes is not None:
+            self._first_bytes -= size
+            if self._first_bytes <= 0:
+                self._granted = 0  # forfeited: the server counts the same bytes
+        return [msg]
 
     def results(self, msg: m.Results) -> None:
         """Decode one ``results`` message into events. A failure here (a result that will not
@@ -353,7 +375,7 @@ class JobSession:
             return None
         index = msg.start
         if self._unanswered is not None:
-            self._unanswered.answered(range(index, index + 1))
+            self._unanswered.answered((index,))
         self.done += 1
         return index, value
 
@@ -505,7 +527,7 @@ class Unanswered:
         self.done.extend(bytes(count))
         self.chunks.append((start, count, blobs, groups))
 
-    def answered(self, indices: list[int] | range) -> None:
+    def answered(self, indices: list[int] | tuple[int, ...] | range) -> None:
         done, base = self.done, self.base
         if len(done) == 1 and len(indices) == 1 and indices[0] == base:
             # the only argument out was answered (a lone call): nothing is left to keep
@@ -736,21 +758,14 @@ class JobStream:
         taken as :meth:`_take` and :meth:`JobSession.pump` would take it; nothing if it
         cannot go now (then :attr:`_lone` stays set)."""
         blob, tag = self._lone  # type: ignore[misc]
-        session = self.session
         with self.lock:
-            if (
-                self.killing
-                or self.input_closed
-                or self._items
-                or self._wake_pending
-                or not session.takes_one(len(blob))
-            ):
+            if self.killing or self.input_closed or self._items or self._wake_pending:
+                return []
+            out = self.session.lone_args(blob, tag, self.on_send)
+            if out is None:
                 return []
             self._lone = None
-            start = session.sent
-            if tag is not None and self.on_send is not None and not self.on_send(start, tag):
-                return []  # withdrawn meanwhile: settled, nothing to send
-            return [session.args_message(start, [blob], [], [tag])]
+            return out
 
     def _send_now(self) -> bool:
         """Calling thread: pump the session and write its ``args`` to the socket here, as the
