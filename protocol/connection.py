@@ -247,6 +247,21 @@ class Connection:
         self.decoder.add(data)
         return self._events()
 
+    def receive_message(self, data: bytes) -> m.Message | None:
+        """``data`` as the one message it holds, when it is exactly one whole small frame of an
+        open connection that decodes (a single call's message, read at once): the message
+        without a list of events. None: :meth:`receive_data` it, which does everything else
+        (a refused or unknown message there gives its error, as it always did)."""
+        if self.state is not _OPEN:
+            return None
+        frame = self.decoder.whole(data)
+        if frame is None:
+            return None
+        try:
+            return m.decode(frame[0], frame[1])
+        except RemapError:
+            return None
+
     def read_buffer(self) -> memoryview | None:
         """Where the transport may read the next bytes directly (the rest of a large frame);
         None: read as usual and call :meth:`receive_data`."""

@@ -329,7 +329,19 @@ class PeerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._last_seen = self.clock.seconds()
         self.traffic.received += len(data)
-        self._handle(self.conn.receive_data(data))
+        msg = self.conn.receive_message(data)
+        if msg is None:
+            self._handle(self.conn.receive_data(data))
+            return
+        # one whole message (a single call's): what _handle does with its one event
+        transport = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return  # the handler closed this peer
+        self.handler.message_received(self, msg)
+        if self.conn.outgoing:
+            self._flush()
+        if self.budget is not None and self.conn.decoder.gathering != self._reserved:
+            self._account()
 
     def _received_into(self, n: int) -> None:
         """``n`` bytes were read straight into the large frame being received."""

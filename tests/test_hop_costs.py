@@ -237,9 +237,11 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
         assert seen.kinds()[-1] == "message"
         assert "tcp.py:doRead" not in calls and "tcp.py:_dataReceived" not in calls
         assert "wire.py:_account" not in calls and "connection.py:data_to_send" not in calls
-        # a read that is one whole frame never enters the decoder's buffer
+        # a read that is one whole frame never enters the decoder's buffer, nor a list of events
         assert "framing.py:add" not in calls and "framing.py:next_frame" not in calls
         assert "connection.py:_events" not in calls and "wire.py:_closing" not in calls
+        assert "wire.py:_handle" not in calls and "connection.py:_open_frame" not in calls
+        assert "connection.py:receive_data" not in calls
         # read_directly's reader, the decoder's buffer check, dataReceived, receive_data,
         # whole, the message, decode and its decoder, _handle, the handler: the rest is gone
         assert len(calls) <= 11, calls
@@ -523,6 +525,13 @@ def test_a_whole_frame_read_gives_the_same_events_as_a_split_one() -> None:
     import msgpack
 
     unknown = b"".join(encode_frame(msgpack.packb({"t": "from_the_future"}), b""))
+    # the one-message read (PeerProtocol's first try) takes what decodes, nothing else: the
+    # unknown type and the garbage below are left to receive_data, which answers them
+    assert server.receive_message(wire) == msg
+    assert server.receive_message(unknown) is None and not server.outgoing
+    assert server.receive_message(wire[:7]) is None
+    assert server.receive_message(b"".join(encode_frame(b"\xc1", b""))) is None
+    assert server.state.value == "open" and not server.outgoing
     assert server.receive_data(unknown) == []
     assert server.outgoing  # the error answering it
     server.outgoing.clear()
