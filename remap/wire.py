@@ -92,9 +92,18 @@ def read_directly(
     reader.doRead = do_read
 
 
+#: a Twisted FileDescriptor's write buffer: what :func:`transport_idle` reads
+_BUFFER_ATTRIBUTES = ("_tempDataBuffer", "offset", "dataBuffer")
+
+
 def _plain_tcp(transport: Any) -> Any:
-    """The socket of a plain (not TLS) Twisted TCP transport, else None."""
-    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+    """The socket of a plain (not TLS) Twisted TCP transport whose write buffer reads as
+    :func:`transport_idle` expects (``PeerProtocol._write`` reads it directly), else None."""
+    if (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and all(hasattr(transport, name) for name in _BUFFER_ATTRIBUTES)
+    ):
         return getattr(transport, "socket", None)
     return None
 
@@ -505,7 +514,13 @@ class PeerProtocol(Protocol):
                 if transport.connected:
                     sending.queue([data])
                 return
-            if transport.connected and not transport.disconnecting and transport_idle(transport):
+            if (
+                transport.connected
+                and not transport.disconnecting
+                # transport_idle, inlined: a transport with a SendQueue has these (_plain_tcp)
+                and not transport._tempDataBuffer
+                and transport.offset == len(transport.dataBuffer)
+            ):
                 try:
                     sent = sending.sock.send(data)
                 except OSError:  # full, or gone: Twisted's write path finds out and reports it

@@ -103,7 +103,8 @@ class NodeAnswers:
     @command
     def task_result(self, node_id: str, msg: m.TaskResult) -> None:
         node = self.nodes.get(node_id)
-        cleared = self._heard_from(node)
+        # (asked only of a suspect node: _heard_from's answer for any other is False)
+        cleared = node is not None and node.suspect and self._heard_from(node)
         if msg.part:
             task, seg = self._take_part(node, msg.task, msg.part)
         else:

@@ -166,7 +166,8 @@ class Scheduler(NodeAnswers, Recovery):
             effects = self._node_said(node, msg)
         finally:
             self._eager = False
-        self.runner.apply(effects)
+        if effects:  # (mostly sent already)
+            self.runner.apply(effects)
 
     def console_said(self, link: Any, msg: m.Args | m.ArgsEnd) -> None:
         """:class:`ConsoleSaid`, its effects performed, each send as soon as it is decided."""
@@ -175,7 +176,8 @@ class Scheduler(NodeAnswers, Recovery):
             effects = self._console_said(link, msg)
         finally:
             self._eager = False
-        self.runner.apply(effects)
+        if effects:
+            self.runner.apply(effects)
 
     def _node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> list[Effect]:
         self.events.node_said(self.clock.seconds(), node, msg)
@@ -523,11 +525,12 @@ class Scheduler(NodeAnswers, Recovery):
             job.granted = 0
         if n:
             job.pending.append(
-                Segment(
+                Segment(  # (positional: no keyword to match)
                     range(msg.start, msg.start + n),
                     msg.sizes,
                     memoryview(msg.payload),
-                    groups=groups or None,
+                    0,
+                    groups or None,
                 )
             )
             job.pending_count += n

@@ -179,7 +179,10 @@ class EventLog:
         self.entries.append((now, (_node_said, node, msg.TYPE, getattr(msg, "task", None))))
 
     def console_said(self, now: float, msg: m.Args | m.ArgsEnd) -> None:
-        self.entries.append((now, _console_fields(msg)))
+        if type(msg) is m.Args:  # _console_fields' first case, without its call: every call's
+            self.entries.append((now, (_console_said, msg.TYPE, msg.job, "n", len(msg.sizes))))
+        else:
+            self.entries.append((now, _console_fields(msg)))
 
     def recent(self, n: int | None = None) -> list[tuple[float, str]]:
         items = list(self.entries) if n is None else list(self.entries)[-n:]
