@@ -475,6 +475,34 @@ def test_a_part_covering_the_whole_rest_is_malformed() -> None:
     assert assert_exactly_once(console, 4) == {i: ("ok", i * i) for i in range(4)}
 
 
+@pytest.mark.parametrize(
+    "params", [{}, {"timeout": 5.0}, {"chunksize": 7}, {"gang": True}, {"total": 50}]
+)
+def test_the_batch_size_a_job_keeps_is_the_one_its_measures_give(params: dict) -> None:
+    """``job.batch`` (read by every dispatch and window) is always ``batch_size(job)``: when
+    the job starts, as call times are measured, once ``args_end`` gives its size."""
+    from remap.server.scheduler.policy import batch_size
+
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=2)
+    values = range(params.get("total", 60))
+    console = FakeConsole(sched, values, end=False, **params)
+    job = sched.jobs[console.job]
+    assert job.batch == batch_size(job)
+    seen = set()
+    for step in range(40):
+        console.feed()
+        for task in node.held():
+            node.answer(task, elapsed=(0.001 + step * 0.0005) * len(task.sizes))
+            assert job.batch == batch_size(job), step
+            seen.add(job.batch)
+    if not params:
+        assert len(seen) > 1  # the measures changed it, and it followed
+    console.end = True
+    console.feed()
+    assert job.total == len(values) and job.batch == batch_size(job)
+
+
 @pytest.mark.parametrize("per_call", [0.001, 0.0002, 0.02, 0.2])
 def test_batch_size_adapts_to_target_seconds(per_call: float) -> None:
     """After results with elapsed times, batches hold about TARGET_BATCH_SECONDS of work."""

@@ -129,9 +129,6 @@ class NodeAnswers:
             self.remove_node(node_id, f"bad answer to task {msg.task}: {problem}")
             self._outbox.append(Close(node.link))
             return
-        if msg.elapsed > 0 and n:
-            sample = msg.elapsed / n
-            job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
         n_err = len(msg.errors)
         # Results.of without its **fields (a dict built and unpacked on every answer)
         listed, start, count = m.Results.layout(seg.indices)
@@ -148,6 +145,11 @@ class NodeAnswers:
             payload=msg.payload,
         )
         self._deliver(job, results)
+        # the call time measured (after the delivery, which does not read it: sent sooner)
+        if msg.elapsed > 0 and n:
+            sample = msg.elapsed / n
+            job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
+            job.batch = policy.batch_size(job)
         # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
         job.done += n - n_err
         job.failed += n_err

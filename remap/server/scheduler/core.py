@@ -550,6 +550,7 @@ class Scheduler(NodeAnswers, Recovery):
         if job.receiving:  # a late args_end (the job was killed meanwhile) changes nothing
             job.move(JobPhase.COMPLETING)
         job.total = msg.total
+        job.batch = policy.batch_size(job)  # (a size now known)
         job.granted = 0
         if self.journal is not None and job.options.detach and not job.finished:
             # committed at once: the console of a detached job leaves after this message
@@ -800,7 +801,7 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
         credits = self._credits_for(job)
-        size = policy.tail_share(job, policy.batch_size(job), credits)
+        size = policy.tail_share(job, job.batch, credits)
         seg = take_from(job.pending, size, MAX_BATCH_BYTES)
         n = len(seg.indices)  # (len(seg) is a Python call)
         job.pending_count -= n

@@ -50,7 +50,7 @@ def window(job: JobState, credits: int) -> int:
         return MAX_WINDOW
     # (conditional expressions, not min/max: each builtin call parses keywords, ~800
     # instructions, and this runs twice per answer on a single call's path)
-    size = batch_size(job)
+    size = job.batch  # batch_size(job), kept current on the job
     want = 2 * (credits or PREFETCH) * (size if size > 16 else 16)
     total = job.total
     if total > 0:
@@ -89,7 +89,8 @@ TAIL_MIN_SECONDS = 0.0005
 
 
 def batch_size(job: JobState) -> int:
-    """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work.
+    """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work (what ``job.batch``
+    holds: the scheduler sets it again whenever ``per_call`` or ``total`` change).
 
     Before any call is measured, a job of unknown size (or with a timeout) sends one call
     per batch, so its first calls spread over every free core instead of queueing on one;

@@ -12,6 +12,7 @@ from typing import Any
 
 from protocol import messages as m
 
+from . import policy
 from .effects import command
 from .segments import Segment, cut
 from .state import JobPhase, JobState
@@ -92,6 +93,7 @@ class Recovery:
         if rec.args_total is not None:
             job.rebuilt(JobPhase.COMPLETING)
             job.total = rec.args_total
+            job.batch = policy.batch_size(job)
         if rec.finished_at is not None:  # a record rebuilt, not a move: set the final phase
             job.rebuilt(JobPhase(rec.state))
             job.message, job.finished_at = rec.message, rec.finished_at

@@ -187,10 +187,17 @@ class JobState:
     #: every dispatch and answer (a property is a Python call per read)
     finished: bool = field(default=False, init=False)
     receiving: bool = field(default=True, init=False)
+    #: arguments per batch now (:func:`~.policy.batch_size`), read by every dispatch and
+    #: window: set here and again by the scheduler whenever what it depends on changes (the
+    #: measured ``per_call``, ``total`` at ``args_end`` or a restore; the options never do)
+    batch: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         self.finished = self.phase.final
         self.receiving = self.phase is JobPhase.RECEIVING
+        from .policy import batch_size  # (policy reads this module's records)
+
+        self.batch = batch_size(self)
 
     @property
     def state(self) -> str:
