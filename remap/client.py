@@ -375,7 +375,7 @@ class JobSession:
             return None
         index = msg.start
         if self._unanswered is not None:
-            self._unanswered.answered((index,))
+            self._unanswered.answered_one(index)
         self.done += 1
         return index, value
 
@@ -527,14 +527,19 @@ class Unanswered:
         self.done.extend(bytes(count))
         self.chunks.append((start, count, blobs, groups))
 
+    def answered_one(self, index: int) -> None:
+        """:meth:`answered` of one index: a lone call's answer, the only argument out,
+        leaves nothing to keep."""
+        done = self.done
+        if len(done) == 1 and index == self.base:
+            done.clear()
+            self.base = index + 1
+            self.chunks.clear()
+        else:
+            self.answered((index,))
+
     def answered(self, indices: list[int] | tuple[int, ...] | range) -> None:
         done, base = self.done, self.base
-        if len(done) == 1 and len(indices) == 1 and indices[0] == base:
-            # the only argument out was answered (a lone call): nothing is left to keep
-            done.clear()
-            self.base = base + 1
-            self.chunks.clear()
-            return
         if not indices:
             return
         if type(indices) is range:  # a run from the server (``start``/``count``)

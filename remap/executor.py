@@ -101,8 +101,11 @@ def _parts(fn: Callable[..., Any]) -> tuple[Any, ...]:
 
 
 def _key(fn: Callable[..., Any]) -> Hashable:
-    """Identity of a function for batching."""
-    return tuple(map(id, _parts(fn)))
+    """Identity of a function for batching: its id, or a bound method's object's and
+    function's (see :func:`_parts`)."""
+    if type(fn) is types.MethodType:
+        return (id(fn.__self__), id(fn.__func__))
+    return id(fn)
 
 
 class RemoteFuture(concurrent.futures.Future):

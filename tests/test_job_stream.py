@@ -806,3 +806,23 @@ def test_a_lone_result_goes_to_on_result_or_on_as_an_event(reactor: Reactor) -> 
     stream.put_many([dumps(30), dumps(40)], [None, None])
     assert stream.events.get(timeout=10)[2] == [(2, 31, None), (3, 41, None)]
     assert taken == [(0, 11), (1, 21)]
+
+
+def test_a_lone_answer_leaves_the_resume_bookkeeping_as_a_batch_answer_does() -> None:
+    """``Unanswered.answered_one`` (a lone call's answer): the only argument out answered
+    leaves nothing kept; one of several out is marked as ``answered`` marks it."""
+    from remap.client import Unanswered
+
+    def state(kept: Unanswered) -> tuple[Any, ...]:
+        return kept.base, bytes(kept.done), list(kept.chunks), kept.missing()
+
+    for sent, answer in (([(0, 1)], 0), ([(0, 1), (1, 2)], 2), ([(0, 3)], 1), ([(5, 1)], 5)):
+        one, batch = Unanswered(), Unanswered()
+        for kept in (one, batch):
+            kept.base = sent[0][0]
+            for start, count in sent:
+                kept.sent(start, count, [b"x"] * count, [])
+        one.answered_one(answer)
+        batch.answered([answer])
+        assert state(one) == state(batch), (sent, answer)
+    assert state(one) == (6, b"", [], [])
