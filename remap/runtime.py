@@ -237,19 +237,26 @@ def _lean_epoll_reactor() -> Any:
             seconds = self.seconds
             while not until() and not interrupted and self._started:
                 try:
+                    # the next timed call's delay is read once: read again after the test, a
+                    # thread switch between the two readings could make it negative, which
+                    # epoll_wait takes as "no timeout" (the call and the deadline then wait
+                    # for the next descriptor event)
                     if (
                         self.threadCallQueue
                         or self._newTimedCalls
                         or self._justStopped
                         or self._cancellations > 50
-                        or ((pending := self._pendingTimedCalls) and pending[0].time <= seconds())
+                        or (
+                            (pending := self._pendingTimedCalls)
+                            and (delay := pending[0].time - seconds()) <= 0
+                        )
                     ):
                         self.runUntilCurrent()
                         if until():
                             break
                         timeout = self.timeout()
                     else:  # the delay ``timeout()`` gives (epoll_wait's longest at most)
-                        timeout = min(pending[0].time - seconds(), 2147483) if pending else None
+                        timeout = (delay if delay < 2147483 else 2147483) if pending else None
                     if deadline is not None:
                         left = deadline - _monotonic()
                         if left <= 0:

@@ -655,3 +655,33 @@ def test_work_queued_by_the_thread_keeping_the_loop_brings_the_reactors_thread_b
     r._poked, r.driving = False, True
     call_soon(lambda: None)
     assert not r._poked, "the loop is running: it finds the work itself"
+
+
+def test_a_driving_turn_never_polls_with_a_negative_delay() -> None:
+    """A turn of a thread that drives the loop reads the next timed call's delay once: read
+    again after finding the call not due, a thread switch between the two readings (the GIL's
+    5 ms, on a loaded machine) made the delay negative, and epoll_wait takes any negative
+    timeout as none at all: the timed call and the caller's deadline then waited for the next
+    descriptor event. The clock here moves 10 ms between any two readings."""
+    r = runtime._lean_epoll_reactor()()
+    try:
+        now = [100.0]
+
+        def seconds() -> float:
+            now[0] += 0.01
+            return now[0]
+
+        polls: list[float | None] = []
+        r.seconds = seconds
+        r.doPoll = polls.append  # no sleep: each turn's timeout is recorded
+        fired: list[int] = []
+        r.callLater(0.035, fired.append, 1)
+        r._started = True
+        r._drive(lambda: bool(fired), None, [])
+        assert fired == [1]
+        assert polls and all(t is not None and t >= 0 for t in polls), polls
+    finally:
+        r._started = False
+        r._poller.close()
+        for fd in (r.waker.i, r.waker.o):
+            os.close(fd)
