@@ -230,6 +230,10 @@ class NodeService(MultiService):
         if connection is not None:
             connection.setServiceParent(self)
 
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        self.agent.stopping = True  # before the connection ends, so its end is no loss
+        return super().stopService()
+
     async def stop(self) -> None:
         await self.stopService()
 

@@ -52,6 +52,17 @@ POLL = 0.05
 LOG_TAIL = 40
 
 
+#: what a process must not say about a stop it was asked for
+STOP_ALARMS = re.compile(
+    r"lost|reconnect|Scheduling retry|error|Unhandled|Traceback", re.IGNORECASE
+)
+
+
+def alarming_lines(log: str) -> list[str]:
+    """Lines of a child's log that claim a loss, a reconnect, an error or a traceback."""
+    return [line for line in log.splitlines() if STOP_ALARMS.search(line)]
+
+
 class ClusterError(AssertionError):
     """The cluster did not reach the state a test waited for (with the children's logs)."""
 

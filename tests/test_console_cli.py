@@ -28,6 +28,7 @@ from tests.cluster_harness import (
     ROOT,
     SERVER_SCRIPT,
     Cluster,
+    alarming_lines,
     jobs_function,
     load_module,
     run_entry,
@@ -182,7 +183,9 @@ def test_shell_status_against_a_real_cluster(cluster: Cluster) -> None:
 
 @pytest.mark.slow
 def test_kill_cluster_yes_stops_server_and_nodes(cluster: Cluster) -> None:
-    """kill --cluster --yes: the server and every node exit by themselves within a deadline."""
+    """kill --cluster --yes: the server and every node exit by themselves within a deadline,
+    calmly: the nodes say they were asked to stop (not that they lost the server and are
+    reconnecting), the server that they left as told (not that it lost them)."""
     done = cluster.console("kill", "--cluster", "--yes", timeout=30)
     assert done.returncode == 0, cluster.explain(done)
     assert "2 node(s)" in done.stdout
@@ -192,6 +195,11 @@ def test_kill_cluster_yes_stops_server_and_nodes(cluster: Cluster) -> None:
     )
     codes = {c.name: c.exit_code() for c in children}
     assert set(codes.values()) == {0}, codes
+    assert cluster.server.log_text().count("left as told") == 2, cluster.diagnostics()
+    for child in children:
+        assert not alarming_lines(child.log_text()), cluster.diagnostics()
+    for node in cluster.nodes:
+        assert "server asked this node to stop" in node.log_text(), cluster.diagnostics()
 
 
 @pytest.mark.slow

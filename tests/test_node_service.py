@@ -12,6 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from remap.cluster import Cores, NamedEndpoint, NodeService
@@ -126,3 +127,46 @@ def test_the_node_service_stops_its_connection_then_its_cores() -> None:
     assert service.running and order == ["cores started"]
     node.stopService()
     assert order == ["cores started", "connection stopped", "cores stopped"]
+
+
+def joined_node(clock: Clock) -> tuple[NodeService, Any, Any, NodeAgent]:
+    """A node service whose connection authenticated against a real server handler."""
+    service, endpoint, agent, _ = node_connection(clock)
+    agent.pool.start = agent.pool.stop = lambda: None
+    node = NodeService(agent.pool, agent, service)
+    node.startService()
+    server = RemapServerFactory(clock, KEY, max_frame=1 << 20)
+    server_side = server.buildProtocol(IPv4Address("TCP", "10.0.0.2", 5000))
+    server_side.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 5000)))
+    client = endpoint.protocols[0]
+    pump(client, server_side)
+    assert agent.link is not None
+    return node, client, server_side, agent
+
+
+def node_events(events: list[dict]) -> list[dict]:
+    """The node's own log events (the server handler in the same process logs too)."""
+    return [e for e in events if e.get("log_namespace", "").startswith("remap.node")]
+
+
+def test_a_node_that_stops_leaves_its_server_calmly_and_a_lost_server_is_still_said() -> None:
+    """A node asked to stop (SIGTERM, the server's shutdown) ends its connection: one info line,
+    no "lost the server ... reconnecting" warning and no cancel of a pool being stopped anyway.
+    A server that goes away on its own is still a loss: the warning, and the work dropped."""
+    node, client, server_side, agent = joined_node(Clock())
+    with capturedLogs() as events:
+        node.stopService()
+        pump(client, server_side)
+    lines = [(e["log_level"].name, formatEvent(e)) for e in node_events(events)]
+    assert ("info", "left server 10.0.0.1:7878: this node is stopping") in lines, lines
+    assert not [t for level, t in lines if level in ("warn", "error", "critical")], lines
+    assert ("cancel_all", None) not in agent.pool.calls
+
+    node, client, server_side, agent = joined_node(Clock())
+    with capturedLogs() as events:
+        server_side.transport.loseConnection()
+        pump(client, server_side)
+    warned = [formatEvent(e) for e in node_events(events) if e["log_level"].name == "warn"]
+    assert any("lost the server" in t and "reconnecting" in t for t in warned), warned
+    assert ("cancel_all", None) in agent.pool.calls
+    node.stopService()

@@ -1,7 +1,8 @@
 """Readable server and node logs, reconnect jitter and the listen backlog (issue 9, small things).
 
-Unit tests check the log filter, the retry policy and the endpoint; one slow test reads the logs
-of a real server and a node that had to retry before the server came up.
+Unit tests check the log filter, the retry policy and the endpoint; slow tests read the logs
+of a real server and a node that had to retry before the server came up, and of a node that
+was asked to stop (calm) beside one whose server was killed (a loss).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import signal
 import socket
 
 import pytest
@@ -20,7 +22,7 @@ from remap.logs import log_observer, start_logging
 from remap.net import LISTEN_BACKLOG, server_endpoint
 from remap.settings import Settings
 
-from .cluster_harness import run_entry
+from .cluster_harness import alarming_lines, jobs_function, run_entry, write_job
 from .test_security_e2e import Cluster, wait_for
 
 
@@ -172,3 +174,33 @@ def test_a_server_that_cannot_listen_ends_on_one_clear_line(tmp_path):
         "(another server running? choose another port)"
     ), done.stderr
     assert [line for line in lines if "error" in line] == lines[-1:], done.stderr
+
+
+@pytest.mark.slow
+def test_a_node_stopped_by_sigterm_leaves_calmly_and_a_killed_server_is_still_a_loss(
+    make_cluster, tmp_path
+):
+    """SIGTERM to a node whose core is busy: its log says it is stopping, with no "lost the
+    server ... reconnecting" and no "Unhandled Error" (it used to drop the work of cores it was
+    killing, writing to their closed pipes), exit 0. A server SIGKILLed under the other node is
+    still a loss: that node says so and reconnects."""
+    c = make_cluster(2, cores=1)
+    stuck = write_job(
+        tmp_path / "stuck.yaml",
+        {"function": jobs_function("funcs", "stuck"), "name": "stuck", "args_range": [0, 4]},
+    )
+    c.console_popen("compute", stuck, "--json")
+    first = c.nodes[0]
+
+    def busy() -> bool:
+        return any(n["pid"] == first.pid and n["busy"] for n in c.status()["nodes"])
+
+    c.wait_for(busy, 30, "the first node's core to be busy")
+    c.kill_node(0, signal.SIGTERM)
+    log = first.log_text()
+    assert first.exit_code() == 0, c.diagnostics()
+    assert "this node is stopping" in log and not alarming_lines(log), log
+
+    c.restart_server(signal.SIGKILL)
+    other = c.nodes[1].log_text()
+    assert "lost the server" in other and "reconnecting" in other, other

@@ -66,6 +66,8 @@ class NodeAgent:
         self._max_frame = 0
         self.on_shutdown = on_shutdown
         self.on_auth_failure = on_auth_failure
+        #: set when the node stops: its connection's end is then no loss (nothing reconnects)
+        self.stopping = False
         pool.on_result = self._send
         pool.on_failed = self._send
         pool.name = self.host
@@ -160,6 +162,9 @@ class NodeAgent:
             self.connection_failed(link, error)
         if self.link is link:
             self.link = None
+            if self.stopping:  # the cores are being stopped too: nothing to drop
+                self.log.info("left server {peer}: this node is stopping", peer=link.peer)
+                return
             self.log.warn(
                 "lost the server: {error}; dropping its work and reconnecting", error=error
             )

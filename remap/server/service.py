@@ -425,7 +425,6 @@ class RemapServerFactory(Factory):
         self.drivers.stop()
         for job in list(self.scheduler.jobs.values()):
             self.scheduler.finish(job, "killed", reason)
-        for node in list(self.scheduler.nodes.values()):
-            node.link.send(m.Shutdown(reason=reason))
+        self.scheduler.stop_nodes(reason)
         if self.on_stop is not None:
             self.clock.callLater(0.2, self.on_stop)

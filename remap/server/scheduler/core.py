@@ -334,17 +334,27 @@ class Scheduler(NodeAnswers, Recovery):
                 self._requeue(job, task.segment)
                 requeued += len(task.segment)
         node.inflight.clear()
-        self.log.warn(
-            "node {id} ({host}) lost: {reason}; {n} arguments re-queued",
-            id=node_id,
-            host=node.host,
-            reason=reason,
-            n=requeued,
-        )
+        if node.stopping and not requeued:
+            self.log.info("node {id} ({host}) left as told", id=node_id, host=node.host)
+        else:
+            self.log.warn(
+                "node {id} ({host}) lost: {reason}; {n} arguments re-queued",
+                id=node_id,
+                host=node.host,
+                reason=reason,
+                n=requeued,
+            )
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
         self.pump()
+
+    @command
+    def stop_nodes(self, reason: str) -> None:
+        """Tell every node to exit (``kill --cluster``): their leaving then is no loss."""
+        for node in self.nodes.values():
+            node.stopping = True
+            self._send(node.link, m.Shutdown(reason=reason))
 
     def find_node(self, node_ref: str) -> NodeState | None:
         """The node named by its id, a unique id prefix, ``host:pid``, or a unique host."""

@@ -84,6 +84,8 @@ class NodeState:
     load: float = 0.0
     busy: int = 0
     draining: bool = False
+    #: told to exit (kill --cluster): its leaving is then no loss
+    stopping: bool = False
     inflight: dict[int, TaskState] = field(default_factory=dict)
     loaded: set[int] = field(default_factory=set)
     tasks_done: int = 0
