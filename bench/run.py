@@ -60,7 +60,7 @@ DEFAULT_WORKLOADS = WORKLOADS
 #: workloads every system runs in one cell; the others get a fresh cell each
 SHARED_CELL = ("trivial10k", "trivial", "cpu100ms", "latency", "mib", "wordcount")
 #: which systems run each of the special workloads
-LAZY_SYSTEMS = ("remap-procs", "remap-embedded", "mp.Pool")
+LAZY_SYSTEMS = ("api-embedded", "api-procs", "remap-procs", "remap-embedded", "mp.Pool")
 
 
 def is_remap(system: str) -> bool:

@@ -256,7 +256,7 @@ class RemapSystem(System):
 
         from protocol.options import JobOptions
         from remap.blobs import dumps
-        from remap.client import JobStream
+        from remap.client import JobStream, read_into
         from remap.sinks import make_sink
 
         sink = make_sink(mode, reduce_fn=reduce_fn if mode == "reduce" else None)
@@ -267,9 +267,11 @@ class RemapSystem(System):
             total_hint=total,
             runs=True,
         ).start(self.client)
-        # pickled here, ahead of the window (the console reads a file on a thread: read_into)
-        run.put_many([dumps(a) for a in args])
-        run.close_input()
+        if total is None:  # lazy: read on a thread, bounded, as the console reads a file
+            read_into(run, iter(args))
+        else:  # pickled here, ahead of the window
+            run.put_many([dumps(a) for a in args])
+            run.close_input()
         outcome = run.collect(sink, until=time.monotonic() + timeout)
         if outcome.state != "done" or outcome.failed:
             raise BenchError(
