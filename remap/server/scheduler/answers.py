@@ -150,7 +150,8 @@ class NodeAnswers:
             sample = msg.elapsed / n
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
             job.batch = policy.batch_size(job)
-        # counted once delivered: if delivery fails half-way, repair() sees the arguments lost
+        # counted once delivered: if delivery raises half-way, repair() sees the arguments lost
+        # (a send that raises does not: Scheduler.unsent notes it and the count goes on)
         job.done += n - n_err
         job.failed += n_err
         if n_err and job.options.on_error == "fail":

@@ -17,7 +17,13 @@ Bookkeeping invariants, which make delivery exactly-once:
   node's in-flight task, or counted as finished (``done``/``failed``);
 * a task id is answered at most once: its entry leaves ``node.inflight`` when the
   answer arrives, when it is re-queued (node lost, crash) or when its job ends, so a
-  late or duplicate answer finds nothing and is dropped.
+  late or duplicate answer finds nothing and is dropped;
+* a send that raises (an encode error, a frame too large, a transport error), sent as
+  soon as decided or by the runner, never cuts short the bookkeeping that decided it:
+  :meth:`~Scheduler.unsent` notes it, and once that bookkeeping is done the message's
+  job fails with one line saying what could not be sent to whom (never "done": a
+  console is never told a job is done when an outcome did not leave); a message of no
+  running job closes that peer instead (see :meth:`~Scheduler.send_failed`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
@@ -51,6 +58,7 @@ from .effects import (
     StartTimer,
     Timer,
     TimerFired,
+    Unsent,
     command,
     new_send,
 )
@@ -224,9 +232,48 @@ class Scheduler(NodeAnswers, Recovery):
             # anyway: a send with nothing queued ahead of it leaves now, so a call's task (or
             # its results) is on its way before the bookkeeping after it (grants, the next
             # dispatch), and the order of effects is the order they were decided in
-            link.send(msg)
-            return
+            try:
+                link.send(msg)
+                return  # (here, not after the except: no jump over it)
+            except Exception:  # noqa: BLE001 - dealt with after the bookkeeping (send_failed)
+                self._outbox.append(self.unsent(link, msg, Failure()))  # the rest queue behind
+                return
         self._outbox.append(new_send(Send, (link, msg)))
+
+    def unsent(self, link: Any, msg: m.Message, failure: Failure) -> Unsent:
+        """A send just raised (``failure``): log it and note it on the message's running job,
+        which then fails rather than end done; nothing else changes here, in the middle of
+        the bookkeeping that decided the send (see :meth:`send_failed`, which acts on it)."""
+        node = next((n for n in self.nodes.values() if n.link is link), None)
+        to = f"node {node.id} ({node.host})" if node else f"console {getattr(link, 'peer', link)}"
+        self.log.failure("could not send {type} to {to}", failure, type=msg.TYPE, to=to)
+        self.events.add(self.clock.seconds(), f"could not send {msg.TYPE} to {to}")
+        error = failure.value
+        text = (str(error).splitlines() or [""])[0][:200]
+        why = f"could not send {msg.TYPE} to {to}: {type(error).__name__}"
+        why += f": {text}" if text else ""
+        job = self.active.get(getattr(msg, "job", None))
+        if job is not None and not job.unsent:
+            job.unsent = f"server error: {why}"
+        return Unsent(link, msg, why, job is None)
+
+    def send_failed(self, unsent: Unsent) -> list[Effect]:
+        """Act on a send that raised, once the bookkeeping that decided it is done: its running
+        job fails with the reason (its console told in ``job_done``); a message of no running
+        job closes that peer (told why), so it waits for nothing: a node's work is re-queued and
+        a console's jobs wait for it to resume, as when a connection is lost. Its effects."""
+        self._depth += 1
+        try:
+            if unsent.close:
+                error = RemoteProtocolError(f"the server {unsent.why}"[:500])
+                self._outbox.append(Close(unsent.link, error))
+            else:
+                job = self.active.get(getattr(unsent.msg, "job", None))
+                if job is not None:  # (else it ended failed already: its console was told why)
+                    self.finish(job, "failed", job.unsent)
+        finally:
+            self._depth -= 1
+        return self.take_effects()
 
     def _start_timer(self, kind: str, delay: float, job: int = 0, note: str = "") -> Timer:
         timer = Timer(kind, job, next(self._timer_serials))
@@ -706,7 +753,10 @@ class Scheduler(NodeAnswers, Recovery):
             and job.done + job.failed >= job.total
             and (job.console is not None or job.options.detach)  # else its console may resume it
         ):
-            self.finish(job, "done")
+            if job.unsent:  # an outcome of it never left (see unsent)
+                self.finish(job, "failed", job.unsent)
+            else:
+                self.finish(job, "done")
         else:
             self._grant(job)
 

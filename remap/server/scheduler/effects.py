@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from protocol import messages as m
 from protocol.errors import RemapError
@@ -115,7 +116,19 @@ class CancelTimer:
     timer: Timer
 
 
-Effect = Send | Close | StartTimer | CancelTimer
+@dataclass(slots=True)
+class Unsent:
+    """A send that raised, noted by :meth:`Scheduler.unsent` when it did; the runner hands it
+    back (:meth:`Scheduler.send_failed`) once the bookkeeping that decided it is done.
+    ``close``: the message's job had ended (or it has none), so that peer is closed."""
+
+    link: Any
+    msg: m.Message
+    why: str
+    close: bool
+
+
+Effect = Send | Close | StartTimer | CancelTimer | Unsent
 
 
 def _node_said(node: str, type_name: str, task: int | None) -> str:
@@ -201,10 +214,17 @@ class EffectRunner:
         self.timers: dict[Timer, Any] = {}
 
     def apply(self, effects: list[Effect]) -> None:
+        """Perform ``effects`` in order; a send that raises stops none of the others (see
+        :meth:`_unsent`, which adds what the scheduler then decides to ``effects``)."""
         for effect in effects:
             t = type(effect)
             if t is Send:
-                effect.link.send(effect.msg)
+                try:
+                    effect.link.send(effect.msg)
+                except Exception:  # noqa: BLE001 - the scheduler decides what it means
+                    self._unsent(
+                        effects, effect, self.scheduler.unsent(effect.link, effect.msg, Failure())
+                    )
             elif t is StartTimer:
                 old = self.timers.pop(effect.timer, None)
                 if old is not None and old.active():
@@ -221,6 +241,19 @@ class EffectRunner:
                     effect.link.close()
                 else:
                     effect.link.close(effect.error)
+            elif t is Unsent:  # a send the scheduler performed as soon as it decided it raised
+                self._unsent(effects, effect, effect)
+
+    def _unsent(self, effects: list[Effect], at: Effect, unsent: Unsent) -> None:
+        """A send (``at`` in ``effects``) raised: a peer being closed gets none of the sends
+        after it (they were decided as if that message had left: a ``job_done`` "done" after
+        lost results would lie); what the scheduler decides is performed after the rest."""
+        if unsent.close:
+            i = next(k for k, e in enumerate(effects) if e is at)
+            effects[i + 1 :] = [
+                e for e in effects[i + 1 :] if type(e) is not Send or e.link is not unsent.link
+            ]
+        effects += self.scheduler.send_failed(unsent)
 
     def _fire(self, timer: Timer) -> None:
         self.timers.pop(timer, None)

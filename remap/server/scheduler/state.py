@@ -174,6 +174,8 @@ class JobState:
     failed: int = 0
     per_call: float | None = None  # EWMA of core seconds per argument
     waiting: str = ""
+    #: why one of its messages could not be sent ("": none failed): it fails, never ends done
+    unsent: str = ""
     attached: bool = False  # a console asked for this detached job's results
     stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
     timers: list[Any] = field(default_factory=list)
