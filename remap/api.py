@@ -831,8 +831,10 @@ class Cluster:
                 "this cluster handle was opened before os.fork(): its network thread stayed "
                 "in the parent; call remap.connect() again in this process"
             )
-        if self._client is None or self._client.link is None:
-            error = self._client.error if self._client is not None else None
+        client = self._client
+        if client is None or (client.link is None and not client.redialing):
+            # while it dials again, a job started now waits for it (ClusterClient.submit)
+            error = client.error if client is not None else None
             raise ConnectionLost(str(error) if error else "not connected to the server")
 
     def _params(

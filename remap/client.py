@@ -1216,7 +1216,9 @@ class ClusterClient:
     With ``redial`` (a callable connecting this handler again, firing once authenticated), a
     lost connection is dialled again with backoff for up to ``grace`` seconds and every job
     this console feeds is resumed (``resume``) rather than failed: the server restarted or
-    the network blinked, and the job goes on without a result lost or delivered twice.
+    the network blinked, and the job goes on without a result lost or delivered twice. A job
+    started meanwhile waits for the redial too: submitted once it is back, failed with the
+    same error if it gives up.
     """
 
     log = Logger()
@@ -1242,6 +1244,8 @@ class ClusterClient:
         self.closing = False
         self._redial_deadline = 0.0
         self._redialing = False
+        #: jobs started while dialling again: submitted once connected, failed if it gives up
+        self._parked: list[JobStream] = []
         #: times the connection was lost and dialled again (for tests and logs)
         self.reconnects = 0
 
@@ -1249,6 +1253,11 @@ class ClusterClient:
         """Bytes one argument may take: the connection's frame limit less an ``args`` header."""
         limit = self.link.conn.max_frame if self.link is not None else DEFAULT_MAX_FRAME
         return max(limit - ARGS_OVERHEAD, 1)
+
+    @property
+    def redialing(self) -> bool:
+        """Whether the lost connection is being dialled again (a job started now waits)."""
+        return self._redialing
 
     def steady_link(self) -> PeerProtocol | None:
         """The connection, unless there is none or it is being dialled again (a job's traffic
@@ -1306,7 +1315,11 @@ class ClusterClient:
         return self._request(lambda rid: m.Include(id=rid, node=node)).addCallback(lambda r: r.info)
 
     def submit(self, stream: JobStream) -> None:
-        """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event."""
+        """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event.
+        While the connection is dialled again the job waits for it (see the class docstring)."""
+        if self._redialing:
+            self._parked.append(stream)
+            return
         rid = next(self._ids)
         self._submits[rid] = stream
         stream.submitting(self, rid)
@@ -1398,6 +1411,8 @@ class ClusterClient:
         self.closing = True
         if self.link is not None:
             self.link.close()
+        elif self._redialing:  # what waits for the redial ends now, not at its next attempt
+            self._give_up(self.error or ConnectionLost("closed while reconnecting"))
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
         """Fail every waiter at once with one error: nothing waits on a dead connection.
@@ -1444,7 +1459,9 @@ class ClusterClient:
         self.clock.callLater(delay, self._redial_now, delay)
 
     def _redial_now(self, delay: float) -> None:
-        if self.closing or not self.runs:
+        if not self._redialing:
+            return  # given up meanwhile (closed)
+        if self.closing or not (self.runs or self._parked):
             self._give_up(self.error or ConnectionLost("closed while reconnecting"))
             return
         assert self.redial is not None
@@ -1452,6 +1469,8 @@ class ClusterClient:
         d.addCallbacks(lambda _link: self._resume_runs(), lambda f: self._redial_failed(f, delay))
 
     def _redial_failed(self, failure: Any, delay: float) -> None:
+        if not self._redialing:
+            return  # given up meanwhile (closed)
         exc = failure.value
         left = self._redial_deadline - self.clock.seconds()
         if isinstance(exc, (AuthError, VersionMismatch)) or left <= 0:
@@ -1469,13 +1488,20 @@ class ClusterClient:
         self._redialing = False
         self.error = error
         runs, self.runs = list(self.runs.values()), {}
+        runs += self._parked
+        self._parked = []
         for run in runs:
             run.fail(error)
         if not self.lost.called:
             self.lost.callback(error)
 
     def _resume_runs(self) -> None:
-        """Connected again: ask the server to take back each job this console feeds."""
+        """Connected again: ask the server to take back each job this console feeds, then
+        submit the jobs started meanwhile."""
+        if not self._redialing:  # closed while this dial went on: nothing is resumed
+            if self.link is not None:
+                self.link.close()
+            return
         self.reconnects += 1
         self.error = None
         for job, run in list(self.runs.items()):
@@ -1500,6 +1526,12 @@ class ClusterClient:
         # only now may a calling thread send a job's arguments itself (steady_link): each
         # job's resume request is out before any of its new arguments
         self._redialing = False
+        parked, self._parked = self._parked, []
+        for run in parked:
+            if run.killing:  # killed (its consumer gone) before it could start
+                run.fail(JobKilled("the job was killed before it started"))
+            else:
+                self.submit(run)
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat()

@@ -417,6 +417,14 @@ class Cluster:
         self, sig: int = signal.SIGTERM, *, wait_nodes: bool = True, timeout: float = 30.0
     ) -> None:
         """Stop the server with ``sig``, start a new one on the same port, wait for nodes to rejoin."""
+        self.kill_server(sig, timeout=timeout)
+        self.start_server(self.port)
+        if wait_nodes:
+            self.wait_for_node_pids([n.pid for n in self.live_nodes()], timeout=timeout)
+
+    def kill_server(self, sig: int = signal.SIGKILL, *, timeout: float = 30.0) -> None:
+        """Stop the server with ``sig`` and wait until it exited; :meth:`start_server` with
+        :attr:`port` starts it again where it was."""
         assert self.server is not None and self.port is not None
         old = self.server
         self._retired.append(old)
@@ -426,9 +434,6 @@ class Cluster:
         )
         _kill_group(old.proc, signal.SIGKILL)
         old.proc.wait()
-        self.start_server(self.port)
-        if wait_nodes:
-            self.wait_for_node_pids([n.pid for n in self.live_nodes()], timeout=timeout)
 
     def stop(self, grace: float = TERM_GRACE) -> None:
         """Kill every child this cluster started: SIGTERM, then SIGKILL after ``grace``. Idempotent."""

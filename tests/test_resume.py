@@ -16,7 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 
 from protocol import messages as m
 from remap.client import ClusterClient, JobOutcome
-from remap.errors import ConnectionLost
+from remap.errors import AuthError, ConnectionLost
 from remap.server.journal import Journal
 from remap.server.service import RemapServerFactory
 from tests.test_inmemory import (
@@ -251,3 +251,70 @@ def test_a_server_restarted_without_its_journal_refuses_the_resume_with_the_reas
     failure = outcome(d)
     assert "could not be resumed" in str(failure.value), failure
     assert "earlier run of the server" in str(failure.value), failure
+
+
+def test_a_job_submitted_while_the_console_redials_starts_once_the_server_is_back(
+    tmp_path: Path,
+) -> None:
+    """A job started while the client dials again (it feeds a job, so it will resume) waits
+    for the redial instead of failing with ConnectionLost, then goes out once: the restarted
+    server holds one job for it and its results arrive once."""
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    pool, _, _ = cluster.node("node-a", cores=2, hold=True)
+    client = cluster.redialling_console()
+    first = submit(client, job_run(square, range(100), chunksize=10))
+    cluster.settle()
+    cluster.kill_server()
+    assert client.redialing
+    late = submit(client, job_run(square, range(30), chunksize=10, name="late"))
+    cluster.tick(1.0, [])  # the server is still down: its redials are refused
+    assert not late.called, "the new job waits for the redial"
+    cluster.start_server()
+    pool = rejoin(cluster, "node-b", 1, client)
+    for run in (first, late):
+        result = run_to_end(cluster, pool, run)
+        assert isinstance(result, JobOutcome) and result.state == "done", result
+    assert late.sink.value() == [i * i for i in range(30)]
+    named = [job for job in cluster.scheduler.jobs.values() if job.options.name == "late"]
+    assert len(named) == 1, "the new job was submitted once"
+    assert client.reconnects == 1
+
+
+def test_a_job_submitted_while_a_redial_gives_up_fails_with_the_same_error() -> None:
+    """A redial that gives up (the server stays down past the grace) fails the job started
+    meanwhile with the one-line error the job it was resuming gets, when it gives up."""
+    cluster = RestartableCluster()
+    cluster.node("node-a", cores=1, hold=True)
+    client = cluster.redialling_console()
+    first = submit(client, job_run(square, range(100), chunksize=10))
+    cluster.settle()
+    cluster.kill_server()
+    late = submit(client, job_run(square, range(30), chunksize=10))
+    cluster.tick(GRACE - 1, [])
+    assert not late.called, "the new job waits while the redial goes on"
+    cluster.tick(2, [])
+    errors = [outcome(run).value for run in (first, late)]
+    assert all(isinstance(e, ConnectionLost) for e in errors), errors
+    assert str(errors[0]) == str(errors[1]) and "REMAP_CONSOLE_GRACE" in str(errors[1])
+
+
+def test_a_job_waiting_for_a_redial_fails_at_once_when_closed_or_refused() -> None:
+    """Closing the client, or a server that refuses the redial's authentication, ends the
+    redial and the job started meanwhile at once (no wait for the grace)."""
+    for end in ("close", "auth"):
+        cluster = RestartableCluster()
+        cluster.node("node-a", cores=1, hold=True)
+        client = cluster.redialling_console()
+        submit(client, job_run(square, range(100), chunksize=10))
+        cluster.settle()
+        if end == "auth":
+            client.redial = lambda: defer.fail(AuthError("the server refused our secret"))
+        cluster.kill_server()
+        late = submit(client, job_run(square, range(30), chunksize=10))
+        if end == "close":
+            client.close()
+        cluster.tick(0.25, [])
+        assert late.called, end
+        failure = outcome(late)
+        assert failure.check(ConnectionLost), failure
+        assert not client.redialing
