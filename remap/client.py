@@ -1044,7 +1044,11 @@ class JobStream:
         with self.lock:
             self.killing = True  # no args_end now: the job must end killed, not done
             self.input_closed = True
+            # calls never sent (the job failed first, e.g. waiting for a redial) stay for
+            # the owner to settle (an executor's futures, by withdraw); their pickles go
+            kept = [(b"", tag, 0) for _, tag, _ in self._items] if self.on_send else []
             self._items.clear()
+            self._items.extend(kept)
             self.unsent_bytes = 0
             self._room.notify_all()
 

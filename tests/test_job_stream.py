@@ -30,7 +30,7 @@ from remap.client import (
     JobStream,
     read_into,
 )
-from remap.errors import ConfigError, JobFailed, JobKilled, OutputError
+from remap.errors import ConfigError, ConnectionLost, JobFailed, JobKilled, OutputError
 from remap.sinks import ObjectSink, ReduceSink
 
 # ============================================================================ the session
@@ -826,3 +826,21 @@ def test_a_lone_answer_leaves_the_resume_bookkeeping_as_a_batch_answer_does() ->
         batch.answered([answer])
         assert state(one) == state(batch), (sent, answer)
     assert state(one) == (6, b"", [], [])
+
+
+def test_calls_never_sent_stay_for_their_owner_to_settle_when_the_job_fails() -> None:
+    """A job that fails before its calls went out (it waited for a redial that gave up) keeps
+    their tags, not their pickles: the executor withdraws them and fails their futures (they
+    were dropped, and the futures waited forever)."""
+    soon: list[Any] = []
+    stream = JobStream(
+        b"fn",
+        JobOptions(),
+        call_soon=lambda fn, *args: soon.append((fn, args)),
+        on_send=lambda index, tag: True,
+    )
+    stream.put_many([dumps(1), dumps(2)], ["a", "b"])
+    stream.fail(ConnectionLost("lost the server"))
+    assert stream.finished.is_set() and isinstance(stream.error, ConnectionLost)
+    assert stream.unsent_bytes == 0 and all(blob == b"" for blob, _, _ in stream._items)
+    assert stream.withdraw() == ["a", "b"]

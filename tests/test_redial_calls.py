@@ -1,0 +1,145 @@
+"""Calls made while a ``remap.connect`` handle dials its lost server again (real processes on
+127.0.0.1, the server SIGKILLed; journal on, in its own ``REMAP_STATE_DIR``).
+
+A handle that loses its server while a call is in flight dials again and resumes that call.
+A call made meanwhile (``submit``, ``map``) waits for the redial as the call in flight does:
+it runs once the server is back, or fails with the redial's one-line error when it gives up;
+on a closed handle it fails at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import remap
+from remap.errors import ConnectionLost
+from remap.settings import Settings
+from tests.cluster_harness import Cluster as ProcessCluster
+from tests.cluster_harness import NodeSpec, wait_for
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def wait_then(started: str, release: str, x: int) -> int:
+    """Says it started (the file ``started``), then waits up to a minute for ``release``."""
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` on a thread of its own; its result or exception lands in the list."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def cluster(tmp_path: Path) -> ProcessCluster:
+    state = {"REMAP_STATE_DIR": str(tmp_path / "state"), "REMAP_JOURNAL": "on"}
+    return ProcessCluster(tmp_path / "cluster", nodes=[NodeSpec(cores=1)], server_env=state)
+
+
+def lose_the_server(procs: ProcessCluster, c: remap.Cluster, tmp_path: Path) -> Any:
+    """A call in flight, then the server SIGKILLed: the handle dials again. The call's future
+    and the release file that lets it return."""
+    tmp_path.mkdir(exist_ok=True)
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    in_flight = c.submit(wait_then, started, release, 11)
+    wait_for(lambda: os.path.exists(started), 60, "the call in flight to start")
+    procs.kill_server()
+    wait_for(lambda: c._client.redialing, 30, "the handle to dial the server again")
+    return in_flight, release
+
+
+def test_calls_made_while_the_handle_redials_run_once_the_server_is_back(tmp_path: Path) -> None:
+    """A submit and a map made while the handle dials again wait for the redial (today's
+    code raised ConnectionLost at once) and run once the restarted server is back, each
+    sent once; the call in flight is resumed too."""
+    with cluster(tmp_path) as procs:
+        settings = Settings(console_grace=60.0)
+        with remap.connect(procs.address, secret=procs.secret, settings=settings) as c:
+            in_flight, release = lose_the_server(procs, c, tmp_path)
+            future = c.submit(square, 3)
+            mapper, mapped = in_thread(lambda: c.map(square, range(5)))
+            wait_for(lambda: len(c._client._parked) == 2, 30, "the map to wait for the redial")
+            assert not future.done() and not mapped
+            procs.start_server(procs.port)
+            open(release, "w").close()
+            assert future.result(timeout=120) == 9
+            mapper.join(120)
+            assert mapped == [[0, 1, 4, 9, 16]]
+            assert in_flight.result(timeout=120) == 11
+            assert c._client.reconnects == 1
+            jobs = [j for j in c.status()["jobs"] if j["name"].endswith("map:" + square.__module__ + ".square")]
+            assert [(j["received"], j["done"]) for j in jobs] == [(5, 5)], jobs
+
+
+def test_calls_made_while_a_redial_gives_up_fail_with_its_error(tmp_path: Path) -> None:
+    """The server stays down: a submit and a map made during the redial fail with the same
+    one-line ConnectionLost as the call in flight, when the redial gives up (its grace, plus
+    its last attempt); a call after that fails at once with that line. A handle closed while
+    a call waits for its redial ends that call at once, and refuses the next one."""
+    grace = 3.0
+    with cluster(tmp_path) as procs:
+        settings = Settings(console_grace=grace)
+        with remap.connect(procs.address, secret=procs.secret, settings=settings) as c:
+            lost_at = time.monotonic()
+            in_flight, _ = lose_the_server(procs, c, tmp_path / "a")
+            future = c.submit(square, 3)
+            mapper, mapped = in_thread(lambda: c.map(square, range(5)))
+            with pytest.raises(ConnectionLost) as first:
+                in_flight.result(timeout=grace + 30)
+            with pytest.raises(ConnectionLost) as late:
+                future.result(timeout=5)
+            mapper.join(5)
+            assert len(mapped) == 1 and isinstance(mapped[0], ConnectionLost), mapped
+            assert time.monotonic() - lost_at < grace + 10
+            line = str(first.value)
+            assert "REMAP_CONSOLE_GRACE" in line and "\n" not in line
+            assert str(late.value) == line and str(mapped[0]) == line
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost) as after:
+                c.submit(square, 4)
+            assert str(after.value) == line and time.monotonic() - started < 1
+
+        open(tmp_path / "a" / "release", "w").close()  # the first call must not hold the core
+        procs.start_server(procs.port)
+        settings = Settings(console_grace=60.0)
+        c = remap.connect(procs.address, secret=procs.secret, settings=settings)
+        try:
+            lose_the_server(procs, c, tmp_path / "b")
+            future = c.submit(square, 3)
+            mapper, mapped = in_thread(lambda: c.map(square, range(5)))
+            wait_for(lambda: len(c._client._parked) == 2, 30, "the map to wait for the redial")
+            started = time.monotonic()
+            c.close()
+            mapper.join(5)
+            assert future.cancelled() or isinstance(future.exception(timeout=5), ConnectionLost)
+            assert len(mapped) == 1 and isinstance(mapped[0], Exception), mapped
+            assert time.monotonic() - started < 5
+            with pytest.raises(RuntimeError, match="closed"):
+                c.submit(square, 4)
+        finally:
+            c.close()
