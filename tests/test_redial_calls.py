@@ -92,7 +92,8 @@ def test_calls_made_while_the_handle_redials_run_once_the_server_is_back(tmp_pat
             assert mapped == [[0, 1, 4, 9, 16]]
             assert in_flight.result(timeout=120) == 11
             assert c._client.reconnects == 1
-            jobs = [j for j in c.status()["jobs"] if j["name"].endswith("map:" + square.__module__ + ".square")]
+            name = f"map:{square.__module__}.square"
+            jobs = [j for j in c.status()["jobs"] if j["name"] == name]
             assert [(j["received"], j["done"]) for j in jobs] == [(5, 5)], jobs
 
 
