@@ -10,6 +10,7 @@ on a closed handle it fails at once.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,21 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, box
 
 
+def interrupted_wait(c: remap.Cluster, future: Any) -> None:
+    """Ctrl-C (SIGINT) while this thread waits for ``future`` raises KeyboardInterrupt."""
+    r, me = c._reactor, threading.get_ident()
+
+    def interrupt() -> None:
+        wait_for(lambda: r.driver == me and r.driving, 30, "the caller to wait (run the loop)")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        future.result(timeout=60)
+    helper.join(30)
+
+
 def cluster(tmp_path: Path) -> ProcessCluster:
     state = {"REMAP_STATE_DIR": str(tmp_path / "state"), "REMAP_JOURNAL": "on"}
     return ProcessCluster(tmp_path / "cluster", nodes=[NodeSpec(cores=1)], server_env=state)
@@ -76,7 +92,7 @@ def lose_the_server(procs: ProcessCluster, c: remap.Cluster, tmp_path: Path) -> 
 def test_calls_made_while_the_handle_redials_run_once_the_server_is_back(tmp_path: Path) -> None:
     """A submit and a map made while the handle dials again wait for the redial (today's
     code raised ConnectionLost at once) and run once the restarted server is back, each
-    sent once; the call in flight is resumed too."""
+    sent once; the call in flight is resumed too. Ctrl-C interrupts a wait for such a call."""
     with cluster(tmp_path) as procs:
         settings = Settings(console_grace=60.0)
         with remap.connect(procs.address, secret=procs.secret, settings=settings) as c:
@@ -85,6 +101,10 @@ def test_calls_made_while_the_handle_redials_run_once_the_server_is_back(tmp_pat
             mapper, mapped = in_thread(lambda: c.map(square, range(5)))
             wait_for(lambda: len(c._client._parked) == 2, 30, "the map to wait for the redial")
             assert not future.done() and not mapped
+            if threading.current_thread() is threading.main_thread() and hasattr(
+                c._reactor, "drive"
+            ):
+                interrupted_wait(c, future)
             procs.start_server(procs.port)
             open(release, "w").close()
             assert future.result(timeout=120) == 9
