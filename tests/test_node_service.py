@@ -1,11 +1,15 @@
 """The node as Twisted services (issue 10, item 5): its connection is a ``ClientService`` that
 counts a connection as made only once it has authenticated (``prepareConnection``). On a fake
-clock and fake transports: no sockets, no processes."""
+clock and fake transports: no sockets, no processes; last, a real node stopped by SIGTERM."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from typing import Any
 
+import pytest
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -20,6 +24,7 @@ from remap.net import PeerFactory, authenticated
 from remap.node.agent import NodeAgent
 from remap.server.service import RemapServerFactory
 from remap.settings import load_settings
+from tests.cluster_harness import jobs_function, wait_for, write_job
 from tests.test_wire import RecordingPool, pump
 
 KEY = b"k" * 32
@@ -170,3 +175,34 @@ def test_a_node_that_stops_leaves_its_server_calmly_and_a_lost_server_is_still_s
     assert any("lost the server" in t and "reconnecting" in t for t in warned), warned
     assert ("cancel_all", None) in agent.pool.calls
     node.stopService()
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds a live process used itself (not its reaped children), from /proc."""
+    text = open(f"/proc/{pid}/stat").read()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_a_node_stopped_by_sigterm_exits_after_reaping_its_cores(make_cluster, tmp_path) -> None:
+    """SIGTERM: the node exits only once its cores have exited and been reaped, so their CPU
+    time is in the node's rusage (what its parent counts: a bench, systemd) and none is left
+    to init. A core holding 500 MiB takes long enough to die that a node that did not wait
+    for it exited first (its cores' CPU was then missing from what its parent reaped)."""
+    c = make_cluster(1, cores=1)
+    job = write_job(
+        tmp_path / "hold.yaml",
+        {"function": jobs_function("funcs", "hold_memory"), "name": "hold", "args": [500]},
+    )
+    core_cpu = json.loads(c.assert_ok(c.console("compute", job, "--json")).stdout)[0]
+    node = c.nodes[0]
+    before = own_cpu(node.pid)
+    os.kill(node.pid, signal.SIGTERM)
+    pid, status, usage = wait_for(
+        lambda: (ended := os.wait4(node.pid, os.WNOHANG))[0] and ended, 30, "the node to exit"
+    )
+    node.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    assert node.proc.returncode == 0, c.diagnostics()
+    reaped = usage.ru_utime + usage.ru_stime - before
+    assert reaped >= core_cpu, f"{reaped:.2f}s reaped with the node, its core used {core_cpu:.2f}s"

@@ -84,9 +84,20 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: shutdown("reactor stopping"))
+    node_stopped: defer.Deferred = defer.Deferred()
+
+    def reactor_stopping() -> defer.Deferred:
+        shutdown("reactor stopping")
+        # the reactor waits until the cores are reaped: a node that exited before them left
+        # them to init, and their CPU time went uncounted in the node's (its parent's) rusage
+        return node_stopped
+
+    reactor.addSystemEventTrigger("before", "shutdown", reactor_stopping)
     await stopped
-    await node.stop()
+    try:
+        await node.stop()
+    finally:
+        node_stopped.callback(None)
     if refusal:
         raise refusal[0]
     return 0

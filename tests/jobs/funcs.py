@@ -54,6 +54,14 @@ def stuck(x):
     return x
 
 
+def hold_memory(mib):
+    """Keeps ``mib`` MiB written in its core (a core that then takes a while to exit once
+    killed); returns the core's CPU time so far."""
+    global _HELD
+    _HELD = bytearray(b"x") * (mib << 20)
+    return time.process_time()
+
+
 def nap(x):
     """A short sleep (50 ms) then x * x: long enough to kill a node in the middle of a job."""
     time.sleep(0.05)
