@@ -343,6 +343,8 @@ class EmbeddedCluster:
     async def stop(self) -> None:
         """The node (its link, then its cores), then the server (with its HTTP face)."""
         if self.node is not None:
+            if self.server is not None:
+                self.server.scheduler.nodes_leaving()  # a stop asked for: no "node lost"
             await self.node.stop()
         if self.server is not None:
             await self.server.stop()

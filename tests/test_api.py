@@ -483,3 +483,20 @@ def test_a_forked_child_gets_a_clear_error_and_can_connect_afresh(tmp_path: Path
         error, fresh = report.read_text().split("|")
         assert "before os.fork()" in error and fresh == "[3]"
         assert cluster.map(abs, [-4]) == [4], "the parent's handle still works"
+
+
+def test_closing_an_embedded_handle_logs_no_loss() -> None:
+    """``close()`` is a stop asked for: the embedded server and node say nothing of a loss or
+    a reconnect (a program with Twisted's logging on saw the server's "node ... lost" and
+    the node's "lost the server ... reconnecting" warnings at every close)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    with capturedLogs() as events:
+        with remap.connect(cores=1, settings=Settings()) as cluster:
+            assert cluster.map(abs, [-1]) == [1]
+    loud = [
+        formatEvent(e)
+        for e in events
+        if getattr(e.get("log_level"), "name", "") in ("warn", "error", "critical")
+    ]
+    assert not loud, loud

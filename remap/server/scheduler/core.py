@@ -399,9 +399,14 @@ class Scheduler(NodeAnswers, Recovery):
     @command
     def stop_nodes(self, reason: str) -> None:
         """Tell every node to exit (``kill --cluster``): their leaving then is no loss."""
+        self.nodes_leaving()
+        for node in self.nodes.values():
+            self._send(node.link, m.Shutdown(reason=reason))
+
+    def nodes_leaving(self) -> None:
+        """Every node now connected is about to leave as asked: logged as no loss."""
         for node in self.nodes.values():
             node.stopping = True
-            self._send(node.link, m.Shutdown(reason=reason))
 
     def find_node(self, node_ref: str) -> NodeState | None:
         """The node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
