@@ -38,7 +38,13 @@ from protocol.options import JobOptions
 
 from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import LARGE_PICKLE, PICKLE_PROTOCOL, dumps_buffered
-from .client import ClusterClient, JobStream
+from .client import (
+    GROUP_BYTES,
+    GROUP_WAIT,
+    ClusterClient,
+    JobStream,
+    group_target,
+)
 from .dial import connect_console
 from .errors import (
     ConfigError,
@@ -81,14 +87,6 @@ OUTPUT_FLUSH_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 30.0
 #: seconds ``close()`` waits for the connection to close and the embedded cluster to stop
 CLOSE_TIMEOUT = 15.0
-
-#: argument groups: a known-size job's small arguments travel this many to a pickle at most
-#: (128: per-group costs halve against 64 on 2·10^5 trivial calls, bench/README.md)...
-GROUP_ARGS = 128
-#: ...and in at least this many groups, so every core of a large cluster gets some early on
-GROUP_SPREAD = 256
-#: ...and a group holds about this many bytes at most (larger arguments travel in smaller ones)
-GROUP_BYTES = 64 * 1024
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _SIZED = frozenset({str, bytes})
@@ -170,21 +168,6 @@ def dumps_argument(value: Any, what: str | Callable[[], str]) -> bytes:
         raise PicklingError(
             f"{name} cannot be sent to the cluster: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def group_target(total: int | None, chunksize: int | None) -> int:
-    """Arguments per pickle for a job of ``total`` arguments (1: no argument groups).
-
-    A job of unknown size gets none: its first calls must spread one per core until the
-    server has measured them, and a group only runs on one core. A known-size job gets groups
-    small enough that at least ``GROUP_SPREAD`` of them share out its arguments.
-    """
-    if total is None:
-        return 1
-    target = min(GROUP_ARGS, m.MAX_GROUP, total // GROUP_SPREAD)
-    if chunksize:
-        target = min(target, chunksize)
-    return max(1, target)
 
 
 def dumps_group(values: list[Any], first: int, fn_name: str) -> bytes:
@@ -279,8 +262,12 @@ class _Feeder:
         # refill only once a few results were consumed: one reactor wake-up per refill
         self._slack = 0 if limit is None else max(1, limit // 8) - 1
         job = stream.session
+        self.chunksize = job.params.chunksize
+        #: an iterable of unknown length (a generator): grouped too, its groups growing with
+        #: what was taken (see :func:`group_target`); a gang's arguments each go alone
+        self.lazy = job.total_hint is None and not job.params.gang
         #: arguments per pickle wanted (1: none grouped), and now (bounded by their bytes)
-        self.group = 1 if job.params.gang else group_target(job.total_hint, job.params.chunksize)
+        self.group = 1 if job.params.gang else group_target(job.total_hint, self.chunksize)
         self._group_now = 1  # the first argument alone: its size tells how many fit a group
 
     def top_up(self, consumed: int) -> None:
@@ -290,7 +277,7 @@ class _Feeder:
         limit = self.limit
         if limit is not None and self.put - consumed > limit - 1 - self._slack:
             return
-        if self.group > 1:
+        if self.group > 1 or self.lazy:
             self._top_up_groups(consumed)
             return
         stream = self.stream
@@ -342,11 +329,15 @@ class _Feeder:
         return True
 
     def _top_up_groups(self, consumed: int) -> None:
-        """:meth:`top_up` in argument groups: each taken and pickled in one C call."""
-        stream, limit, star = self.stream, self.limit, self.star
+        """:meth:`top_up` in argument groups: each taken and pickled in one C call. A lazy
+        source's groups are queued at least every ``GROUP_WAIT`` s, and shrink to what it gives
+        in that time: a slow generator's arguments are not held back for a group or a batch."""
+        stream, limit, star, lazy = self.stream, self.limit, self.star, self.lazy
         batch: list[bytes] = []
         counts: list[int] = []
         room = FEED_MAX_BYTES - stream.unsent_bytes
+        clock = time.monotonic
+        since = read = clock() if lazy else 0.0  # when the oldest argument not queued was taken
         try:
             while room > 0 and not self.done:
                 want = self._group_now
@@ -375,9 +366,16 @@ class _Feeder:
                 # to send it with the submit while this thread pickles the rest (it waited for
                 # every pickle of the job, ~1 ms for 10^4 arguments, before the submit left)
                 first_window = self.put - len(group) < m.INITIAL_WINDOW <= self.put
-                if len(batch) >= self.BATCH or first_window:
+                due = False
+                if lazy:  # a slow source: groups of what it gives in GROUP_WAIT, queued now
+                    now = clock()
+                    fits = int(len(group) * GROUP_WAIT / max(now - read, 1e-9))
+                    self._group_now = max(1, min(self._group_now, fits))
+                    due, read = now - since >= GROUP_WAIT, now
+                if len(batch) >= self.BATCH or first_window or due:
                     stream.put_many(batch, counts=counts)
                     batch, counts = [], []
+                    since = read
                     if first_window:
                         time.sleep(0)
         finally:
@@ -389,7 +387,10 @@ class _Feeder:
         """Pickle a group; size the next from the bytes per argument of this one."""
         blob = dumps_group(group, first, self.fn_name)
         per_argument = max(1, len(blob) // len(group))
-        self._group_now = max(1, min(self.group, GROUP_BYTES // per_argument))
+        target = self.group
+        if self.lazy:
+            target = group_target(None, self.chunksize, first + len(group))
+        self._group_now = max(1, min(target, GROUP_BYTES // per_argument))
         return blob
 
 

@@ -57,8 +57,35 @@ READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
 #: than the cluster slows the reading, instead of results piling up in memory
 READ_AHEAD_RESULTS = 65536
 
+#: argument groups: small arguments travel this many to a pickle at most (128: per-group costs
+#: halve against 64 on 2·10^5 trivial calls, bench/README.md)...
+GROUP_ARGS = 128
+#: ...and in at least this many groups, so every core of a large cluster gets some early on
+GROUP_SPREAD = 256
+#: ...and a group holds about this many bytes at most (larger arguments travel in smaller ones)
+GROUP_BYTES = 64 * 1024
+#: seconds an argument read from a lazy source waits for the rest of its group: a slow source's
+#: arguments leave as they come (a group open this long goes as it is)
+GROUP_WAIT = 0.005
+
 
 log = Logger()
+
+
+def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int:
+    """Arguments per pickle for a job of ``total`` arguments (1: no argument groups).
+
+    A known-size job gets groups small enough that at least ``GROUP_SPREAD`` of them share out
+    its arguments. A job of unknown size (a generator, a pipe) ramps up: its groups are sized as
+    if the ``read`` arguments taken so far were all, so its first calls still spread one per
+    core until the server has measured them, and no group is over ``1/GROUP_SPREAD`` of
+    whatever the total turns out to be.
+    """
+    size = read if total is None else total
+    target = min(GROUP_ARGS, m.MAX_GROUP, size // GROUP_SPREAD)
+    if chunksize:
+        target = min(target, chunksize)
+    return max(1, target)
 
 
 class ArgumentTooLarge(JobFailed):
@@ -285,8 +312,12 @@ class JobSession:
         )
         count = sum(groups) if groups else len(blobs)  # msg.count
         if start == self.sent:  # new arguments (not sent again after a resume)
-            if self.keep_arguments and not groups:
-                self._args.update(zip(range(start, start + len(tags)), tags))
+            if self.keep_arguments:
+                if groups:  # a group's tag is the list of its arguments
+                    tags = itertools.chain.from_iterable(
+                        itertools.repeat(None, n) if t is None else t for t, n in zip(tags, groups)
+                    )
+                self._args.update(zip(range(start, start + count), tags))
             if self._unanswered is not None:
                 self._unanswered.sent(start, count, blobs, groups)
             self.sent += count
@@ -814,16 +845,18 @@ class JobStream:
         return out[:n]
 
     def put_waiting(
-        self, blob: bytes, tag: Any, max_bytes: int, max_items: int, ahead: int
+        self, blob: bytes, tag: Any, max_bytes: int, max_items: int, ahead: int, count: int = 0
     ) -> bool:
-        """Queue one argument once fewer than ``max_bytes``/``max_items`` wait and fewer than
-        ``ahead`` have no result taken yet; False once the job takes no more (it ended or is
-        being killed)."""
+        """Queue one pickle (``count`` > 0: an argument group of that many, its tag the list of
+        them) once fewer than ``max_bytes``/``max_items`` pickles wait and at most ``ahead``
+        arguments would have no result taken yet; False once the job takes no more (it ended
+        or is being killed)."""
+        n = count or 1
         with self._room:
             while not self.killing and (
                 self.unsent_bytes >= max_bytes
                 or len(self._items) >= max_items
-                or self._read - self.taken >= ahead
+                or self._read + n - self.taken > max(ahead, n)
             ):
                 self._waiting += 1
                 try:
@@ -832,8 +865,8 @@ class JobStream:
                     self._waiting -= 1
             if self.killing or self.input_closed:
                 return False
-            self._read += 1
-            self._items.append((blob, tag, 0))
+            self._read += n
+            self._items.append((blob, tag, count))
             self.unsent_bytes += len(blob)
             self._wake_soon()
             return True
@@ -1076,6 +1109,7 @@ class JobStream:
                 if (
                     tag is not None
                     and self.on_send is not None
+                    and not n
                     and not self.on_send(start + count, tag)
                 ):
                     continue
@@ -1147,32 +1181,146 @@ def read_into(
     max_bytes: int = READ_AHEAD_BYTES,
     max_items: int = READ_AHEAD_ITEMS,
     ahead: int = READ_AHEAD_RESULTS,
+    wait: float = GROUP_WAIT,
 ) -> threading.Thread:
     """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window:
     a FIFO with no writer, a pipe giving a line a second or a huge line never stops the
-    network. At most ``max_bytes`` (or ``max_items``) wait, plus the one being read, and at
-    most ``ahead`` have no result taken by :meth:`JobStream.collect`; an error in the source
-    fails the job after the arguments before it. A detached job's results are not taken here
-    (the server keeps them), so only the waiting bound applies to it."""
-    keep = stream.session.keep_arguments
+    network. Arguments go in argument groups (one pickle, one queue round each), sized as a
+    known-size job's; a group open ``wait`` seconds goes as it is, so a slow source's
+    arguments leave as they come. At most ``max_bytes`` (or ``max_items`` pickles) wait, plus
+    the group being read, and at most ``ahead`` arguments have no result taken by
+    :meth:`JobStream.collect`; an error in the source fails the job after the arguments before
+    it. A detached job's results are not taken here (the server keeps them), so only the
+    waiting bound applies to it."""
     if stream.session.params.detach:
         ahead = sys.maxsize
-
-    def read() -> None:
-        try:
-            for value in source:
-                if not stream.put_waiting(
-                    dumps(value), value if keep else None, max_bytes, max_items, ahead
-                ):
-                    return  # the job ended or is being killed
-        except BaseException as exc:  # reported in order, after the arguments before it
-            stream.close_input(exc)
-            return
-        stream.close_input()
-
-    thread = threading.Thread(target=read, name="remap-arguments", daemon=True)
+    reader = _GroupReader(stream, source, max_bytes, max_items, ahead, wait)
+    thread = threading.Thread(target=reader.read, name="remap-arguments", daemon=True)
     thread.start()
     return thread
+
+
+class _GroupReader:
+    """:func:`read_into`'s two threads: the reader pulls the source into the open group (a
+    plain lock per argument, no wake-up) and pickles and queues it once full; the flusher
+    queues a group that stayed open ``wait`` seconds (the source is slow, or blocks), so what
+    was read never waits for what is not. Queuing is serialised (:attr:`put_lock`): groups
+    keep the source's order."""
+
+    def __init__(
+        self,
+        stream: JobStream,
+        source: Iterator[Any],
+        max_bytes: int,
+        max_items: int,
+        ahead: int,
+        wait: float,
+    ) -> None:
+        session = stream.session
+        self.stream, self.source, self.wait = stream, source, wait
+        self.bounds = (max_bytes, max_items, ahead)
+        self.keep = session.keep_arguments
+        self.total = session.total_hint
+        #: a gang's arguments each go alone; else at most what ``ahead`` and ``max_items`` allow
+        self.cap = 1 if session.params.gang else max(1, min(ahead, max_items, m.MAX_GROUP))
+        self.chunksize = session.params.chunksize
+        self.cond = threading.Condition()  # guards the open group and the fields below
+        self.put_lock = threading.Lock()
+        self.group: list[Any] = []
+        self.opened = 0  # groups opened so far: the flusher's way to tell one stayed open
+        self.want = 1  # the first argument alone: its size tells how many fit a group
+        self.queued = 0  # arguments queued
+        self.ended = self.idle = self.stopped = False
+
+    def read(self) -> None:
+        flusher = threading.Thread(target=self._flush, name="remap-arguments-flush", daemon=True)
+        flusher.start()
+        stream, cond, error = self.stream, self.cond, None
+        try:
+            for value in self.source:
+                if stream.killing or self.stopped:
+                    return  # the job ended or is being killed
+                with cond:
+                    group = self.group
+                    group.append(value)
+                    n = len(group)
+                    if n == 1:
+                        self.opened += 1
+                        if self.idle:
+                            cond.notify()
+                if n >= self.want and not self.close_group():
+                    return
+        except BaseException as exc:  # reported in order, after the arguments before it
+            error = exc
+        finally:
+            with cond:
+                self.ended = True
+                cond.notify()
+        if self.close_group():
+            stream.close_input(error)
+
+    def _flush(self) -> None:
+        """Queue a group that stayed open a whole ``wait``; sleep while none is open."""
+        cond, stream, seen = self.cond, self.stream, 0
+        with cond:
+            while not (self.ended or self.stopped or stream.killing):
+                if not self.group:
+                    self.idle = True  # the reader wakes us when it opens one
+                    cond.wait(1.0)  # (or a reader stuck in a FIFO after a kill: look again)
+                    self.idle = False
+                elif self.opened != seen:
+                    seen = self.opened
+                    cond.wait(self.wait)
+                else:  # open since the last look: the source is slow, or blocks
+                    cond.release()
+                    try:
+                        self.close_group(seen)
+                    finally:
+                        cond.acquire()
+
+    def close_group(self, serial: int | None = None) -> bool:
+        """Pickle and queue the open group (for the flusher: only if it is still group
+        ``serial``); False once the job takes no more arguments."""
+        with self.put_lock:
+            with self.cond:
+                group = self.group
+                if not group or (serial is not None and serial != self.opened):
+                    return not self.stopped
+                self.group = []
+            try:
+                ok = self._queue(group)
+            except BaseException as exc:  # an argument that will not pickle: the job fails there
+                self.stream.close_input(exc)
+                ok = False
+            self.stopped = self.stopped or not ok
+            return ok
+
+    def _queue(self, group: list[Any]) -> bool:
+        put, keep, n = self.stream.put_waiting, self.keep, len(group)
+        blob = None
+        if n > 1:
+            try:
+                blob = dumps(group)
+            except Exception:  # pickled one by one below: the culprit fails alone, in order
+                pass
+        if blob is not None and len(blob) <= 16 * GROUP_BYTES:
+            self.queued += n
+            self._size(len(blob), n)
+            return put(blob, group if keep else None, *self.bounds, count=n)
+        # alone: one argument, one that will not pickle, or a group far over its bytes (one
+        # large argument among small ones is checked against the frame by itself)
+        for value in group:
+            one = dumps(value)
+            if not put(one, value if keep else None, *self.bounds):
+                return False
+            self.queued += 1
+        self._size(len(one) if blob is None else len(blob), 1 if blob is None else n)
+        return True
+
+    def _size(self, size: int, n: int) -> None:
+        """The next group's size: the ramp, bounded by the bytes per argument of the last."""
+        target = min(self.cap, group_target(self.total, self.chunksize, self.queued))
+        self.want = max(1, min(target, GROUP_BYTES * n // max(1, size)))
 
 
 #: the type name of the error given to a result this console could not unpickle
