@@ -371,7 +371,9 @@ class _Feeder:
                     now = clock()
                     fits = int(len(group) * GROUP_WAIT / max(now - read, 1e-9))
                     self._group_now = max(1, min(self._group_now, fits))
-                    due, read = now - since >= GROUP_WAIT, now
+                    # the first argument goes at once (its call starts as early as a list's)
+                    due = now - since >= GROUP_WAIT or self.put == len(group)
+                    read = now
                 if len(batch) >= self.BATCH or first_window or due:
                     stream.put_many(batch, counts=counts)
                     batch, counts = [], []

@@ -254,7 +254,7 @@ class MemoryServer:
         if isinstance(msg, m.Submit):
             self._later("submitted", 50, m.INITIAL_WINDOW)  # what the server allows under -id
         elif isinstance(msg, m.Args):
-            values = [pickle.loads(b) for b in _split(msg)]
+            values = _arguments(msg)
             self.received += len(values)
             answer = results(50, [self.fn(v) for v in values], msg.start)
             if self.runs:  # as a server sends a run: start/count, no list of indices
@@ -281,6 +281,12 @@ def _split(msg: m.Args) -> list[bytes]:
         out.append(msg.payload[pos : pos + size])
         pos += size
     return out
+
+
+def _arguments(msg: m.Args) -> list[Any]:
+    """The arguments of an ``args`` message, argument groups taken apart."""
+    values = [pickle.loads(b) for b in _split(msg)]
+    return [v for group in values for v in group] if msg.groups else values
 
 
 class ThreadSink(ObjectSink):
@@ -493,6 +499,131 @@ def test_a_broken_source_fails_the_job_after_the_arguments_before_it(reactor: Re
         stream.collect(ObjectSink(), until=_soon())
     sent = [pickle.loads(b) for msg in server.sent if isinstance(msg, m.Args) for b in _split(msg)]
     assert sent == [1, 2] and server.killed == [50]
+
+
+def counting_puts(stream: JobStream) -> list[int]:
+    """Record the arguments of each of the stream's ``put_waiting`` rounds (a lock round, a
+    wake-up and a pickle each)."""
+    rounds: list[int] = []
+    put = stream.put_waiting
+
+    def counted(blob: bytes, tag: Any, *bounds: int, count: int = 0) -> bool:
+        rounds.append(count or 1)
+        return put(blob, tag, *bounds, count=count)
+
+    stream.put_waiting = counted  # type: ignore[method-assign]
+    return rounds
+
+
+@pytest.mark.parametrize("total", [None, 20_000])
+def test_a_lazy_source_is_read_in_argument_groups(reactor: Reactor, total: int | None) -> None:
+    """20,000 arguments from a source, of unknown or known size, are queued in a few hundred
+    pickles (one lock round each; an unknown size ramps up to its groups), not one each, and
+    come back in order. Before, each took a
+    pickle and a lock/condition round: ~10x the caller's CPU of a list's groups."""
+    server = MemoryServer()
+    stream = stream_on(reactor, server, total_hint=total)
+    rounds = counting_puts(stream)
+    read_into(stream, iter(range(20_000)))
+    sink = ObjectSink()
+    assert stream.collect(sink, until=_soon()).done == 20_000
+    assert sink.value() == list(range(20_000))
+    pickles = sum(len(msg.sizes) for msg in server.sent if isinstance(msg, m.Args))
+    assert sum(rounds) == 20_000 and len(rounds) == pickles < 20_000 // 10, len(rounds)
+    assert rounds[0] == 1 and max(rounds) > 64, rounds[:4]
+
+
+def test_what_a_slow_source_gave_goes_out_without_waiting_for_its_group(
+    reactor: Reactor,
+) -> None:
+    """The first argument goes at once, and arguments read before the source blocks leave while
+    it blocks (groups of 39 are wanted here), then the rest follows in order."""
+    gates = [threading.Event(), threading.Event()]
+
+    def source() -> Iterator[int]:
+        yield 0
+        assert gates[0].wait(10)
+        yield from range(1, 6)
+        assert gates[1].wait(10)
+        yield from range(6, 10_000)
+
+    server = WatchedServer()
+    stream = stream_on(reactor, server, total_hint=10_000)
+    read_into(stream, source())
+    try:
+        for gate, read in zip(gates, (1, 6)):
+            server.wait_for(read)
+            gate.set()
+    finally:
+        for gate in gates:
+            gate.set()
+    sink = ObjectSink()
+    assert stream.collect(sink, until=_soon()).done == 10_000
+    assert sink.value() == list(range(10_000))
+
+
+class WatchedServer(MemoryServer):
+    """A MemoryServer the test can wait on: ``wait_for(n)`` returns once ``n`` arguments came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Condition()
+
+    def send(self, msg: m.Message) -> None:
+        with self.arrived:
+            super().send(msg)
+            self.arrived.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: self.received >= count, timeout=10)
+            assert self.received == count, self.received
+
+
+def test_a_source_that_breaks_after_a_partial_group_gives_exactly_what_came_before(
+    reactor: Reactor,
+) -> None:
+    """1,000 arguments read in groups, then the source raises: the job gets exactly those
+    1,000 (the open group too), then fails with the error."""
+
+    def source() -> Iterator[int]:
+        yield from range(1000)
+        raise ConfigError("args.jsonl:1001: invalid JSON argument")
+
+    server = MemoryServer()
+    stream = stream_on(reactor, server, total_hint=5000)
+    read_into(stream, source())
+    sink = TakenSink()
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        stream.collect(sink, until=_soon())
+    sent = [v for msg in server.sent if isinstance(msg, m.Args) for v in _arguments(msg)]
+    assert sent == list(range(1000)) and any(
+        msg.groups for msg in server.sent if isinstance(msg, m.Args)
+    )
+    assert set(sink.taken) <= set(range(1000))  # those that came before the job was failed
+
+
+class TakenSink(ObjectSink):
+    """Records every result it is given (an incomplete sink keeps them too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[Any] = []
+
+    def add_results(self, indices: list[int], arguments: Any, results: list[Any]) -> None:
+        self.taken += results
+        super().add_results(indices, arguments, results)
+
+
+def test_arguments_read_in_groups_are_kept_for_a_sink_that_stores_them(reactor: Reactor) -> None:
+    """keep_arguments: each result comes with its own argument, groups or not."""
+    server = MemoryServer(lambda x: x * 2)
+    stream = stream_on(reactor, server, keep_arguments=True, total_hint=3000)
+    read_into(stream, iter(range(3000)))
+    sink = ThreadSink()
+    stream.collect(sink, until=_soon())
+    assert any(msg.groups for msg in server.sent if isinstance(msg, m.Args))
+    assert sink.arguments == list(range(3000)) and sink.value() == [2 * i for i in range(3000)]
 
 
 def test_results_that_will_not_unpickle_fail_the_job_under_on_error_fail() -> None:

@@ -118,6 +118,22 @@ def test_imap_is_ordered_and_lazy(pool: remap.Pool) -> None:
     results.close()
 
 
+def test_a_generator_that_breaks_gives_every_result_before_its_error(pool: remap.Pool) -> None:
+    """5,000 arguments from a generator (they travel in argument groups, the last one partial),
+    then it raises: imap and map give exactly the 5,000 results in order, then its error."""
+
+    def source() -> Iterator[int]:
+        yield from range(5000)
+        raise ValueError("the input broke")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="the input broke"):
+        for value in pool.imap(square, source()):
+            got.append(value)
+    assert got == [x * x for x in range(5000)]
+    assert pool.map(square, (x for x in range(5000))) == [x * x for x in range(5000)]
+
+
 def test_imap_goes_on_after_an_error(pool: remap.Pool) -> None:
     """Like multiprocessing, an imap error is raised at its position and iteration continues."""
     results = pool.imap(fail_on_three, range(6))
