@@ -1303,12 +1303,14 @@ class _GroupReader:
                 blob = dumps(group)
             except Exception:  # pickled one by one below: the culprit fails alone, in order
                 pass
-        if blob is not None and len(blob) <= 16 * GROUP_BYTES:
+        if blob is not None and len(blob) <= min(
+            16 * GROUP_BYTES, self.stream.session.frame_room // 2
+        ):
             self.queued += n
             self._size(len(blob), n)
             return put(blob, group if keep else None, *self.bounds, count=n)
-        # alone: one argument, one that will not pickle, or a group far over its bytes (one
-        # large argument among small ones is checked against the frame by itself)
+        # alone: one argument, one that will not pickle, or a group far over its bytes or near
+        # the frame (a large argument among small ones is checked against the frame by itself)
         for value in group:
             one = dumps(value)
             if not put(one, value if keep else None, *self.bounds):
