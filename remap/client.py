@@ -1224,7 +1224,10 @@ class _GroupReader:
         #: a gang's arguments each go alone; else at most what ``ahead`` and ``max_items`` allow
         self.cap = 1 if session.params.gang else max(1, min(ahead, max_items, m.MAX_GROUP))
         self.chunksize = session.params.chunksize
-        self.cond = threading.Condition()  # guards the open group and the fields below
+        #: guards the open group and the fields below (a plain lock: the reader takes it per
+        #: argument, and a Condition's own ``with`` is a Python call)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.put_lock = threading.Lock()
         self.group: list[Any] = []
         self.opened = 0  # groups opened so far: the flusher's way to tell one stayed open
@@ -1235,12 +1238,12 @@ class _GroupReader:
     def read(self) -> None:
         flusher = threading.Thread(target=self._flush, name="remap-arguments-flush", daemon=True)
         flusher.start()
-        stream, cond, error = self.stream, self.cond, None
+        stream, lock, cond, error = self.stream, self.lock, self.cond, None
         try:
             for value in self.source:
                 if stream.killing or self.stopped:
                     return  # the job ended or is being killed
-                with cond:
+                with lock:
                     group = self.group
                     group.append(value)
                     n = len(group)
@@ -1282,7 +1285,7 @@ class _GroupReader:
         """Pickle and queue the open group (for the flusher: only if it is still group
         ``serial``); False once the job takes no more arguments."""
         with self.put_lock:
-            with self.cond:
+            with self.lock:
                 group = self.group
                 if not group or (serial is not None and serial != self.opened):
                     return not self.stopped
