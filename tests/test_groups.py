@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 
 from protocol import messages as m
 from protocol.options import JobOptions
+from remap.api import _Feeder
 from remap.blobs import split
 from remap.client import JobStream
 from remap.node.core import SLOT, Core
@@ -377,3 +378,23 @@ def test_a_client_keeps_what_a_resume_needs_and_forgets_what_was_answered() -> N
     kept.answered([3, 4, 6, 8, 9, 10])
     assert kept.missing() == [] and kept.kept() == []
     assert not kept.chunks and not kept.done, "what was answered is not kept"
+
+
+def test_a_generators_groups_run_through_the_server_without_a_total() -> None:
+    """A generator's arguments (no length: the job's total is unknown) travel in groups that
+    ramp up from single arguments; the server and node take them like a list's and every result
+    arrives once, in order."""
+    cluster = Cluster()
+    pool, _, _ = cluster.node("node-a", cores=2)
+    client, _ = cluster.console()
+    n = 20_000
+    stream = JobStream(function_blob(square), JobOptions(name="lazy"), call_soon=call_soon)
+    _Feeder(stream, (x for x in range(n)), None, star=False, fn_name="square").top_up(0)
+    assert stream.session.total_hint is None and 1 < len(stream._items) < n // 10
+    run = SinkRun(stream, ObjectSink(), [])
+    d = submit(client, run)
+    cluster.settle()
+    result = outcome(d)
+    assert (result.state, result.done) == ("done", n), result
+    assert run.sink.value() == [i * i for i in range(n)]
+    assert sum(pool.ran) == n
