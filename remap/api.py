@@ -835,8 +835,11 @@ class Cluster:
                 "in the parent; call remap.connect() again in this process"
             )
         client = self._client
-        if client is None or (client.link is None and not client.redialing):
-            # while it dials again, a job started now waits for it (ClusterClient.submit)
+        if client is None or (
+            client.link is None and not client.redialing and not client.dials_on_use
+        ):
+            # while it dials again, or if it lost its server while idle (this call dials
+            # again), a call made now waits for that dial (ClusterClient.submit)
             error = client.error if client is not None else None
             raise ConnectionLost(str(error) if error else "not connected to the server")
 

@@ -1376,6 +1376,12 @@ class ClusterClient:
     the network blinked, and the job goes on without a result lost or delivered twice. A job
     started meanwhile waits for the redial too: submitted once it is back, failed with the
     same error if it gives up.
+
+    A connection lost with nothing to resume (the handle was idle) is dialled again by the
+    next call (a job, or a request such as ``status``): one attempt, which the calls made
+    meanwhile wait for in the same way; if it fails they fail with its error (the server is
+    unreachable, or refused us) and the call after them tries again. A closed client never
+    dials again.
     """
 
     log = Logger()
@@ -1401,8 +1407,9 @@ class ClusterClient:
         self.closing = False
         self._redial_deadline = 0.0
         self._redialing = False
-        #: jobs started while dialling again: submitted once connected, failed if it gives up
-        self._parked: list[JobStream] = []
+        #: calls made while dialling again, as (go, fail): each goes out once connected, or
+        #: fails with the error the redial gave up with (a job, or a request like ``status``)
+        self._parked: list[tuple[Callable[[], None], Callable[[RemapError], None]]] = []
         #: times the connection was lost and dialled again (for tests and logs)
         self.reconnects = 0
 
@@ -1416,6 +1423,21 @@ class ClusterClient:
         """Whether the lost connection is being dialled again (a job started now waits)."""
         return self._redialing
 
+    @property
+    def dials_on_use(self) -> bool:
+        """Whether a call made with no connection dials again (it was lost, not closed)."""
+        return self.redial is not None and not self.closing
+
+    def _park(self, go: Callable[[], None], fail: Callable[[RemapError], None]) -> bool:
+        """Reactor thread: hold a call until the connection is back if it is being dialled
+        again, or is lost and may be (a dial starts now); whether the call was held."""
+        if not self._redialing:
+            if self.link is not None or not self.dials_on_use:
+                return False
+            self._dial_on_use()
+        self._parked.append((go, fail))
+        return True
+
     def steady_link(self) -> PeerProtocol | None:
         """The connection, unless there is none or it is being dialled again (a job's traffic
         must wait for its ``resume``)."""
@@ -1428,28 +1450,35 @@ class ClusterClient:
 
     # ------------------------------------------------------------- requests
 
-    def _request(self, build: Callable[[int], m.Message]) -> defer.Deferred:
-        rid = next(self._ids)
+    def _request(self, build: Callable[[int], m.Message], *, wait: bool = False) -> defer.Deferred:
+        """Send a request; its reply fires the Deferred. ``wait``: a caller's request, which
+        waits for a redial like a job (see the class docstring); a resume does not."""
         d: defer.Deferred = defer.Deferred()
+        if not (wait and self._park(lambda: self._send_request(build, d), d.errback)):
+            self._send_request(build, d)
+        return d
+
+    def _send_request(self, build: Callable[[int], m.Message], d: defer.Deferred) -> None:
+        rid = next(self._ids)
         self._waiters[rid] = d
         try:
             self.send(build(rid))
         except RemapError as exc:
             del self._waiters[rid]
             d.errback(exc)
-        return d
 
     def status(self) -> defer.Deferred:
-        d = self._request(lambda rid: m.StatusRequest(id=rid))
+        d = self._request(lambda rid: m.StatusRequest(id=rid), wait=True)
         return d.addCallback(lambda r: {"nodes": r.nodes, "jobs": r.jobs, "server": r.server})
 
     def kill(self, job: int) -> defer.Deferred:
-        return self._request(lambda rid: m.Kill(id=rid, job=job)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.Kill(id=rid, job=job), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def drive(self, kind: str, name: str, job: str, files: dict[str, str]) -> defer.Deferred:
         """Have the server run a data or vertex job's driver, detached; fires with its id."""
         return self._request(
-            lambda rid: m.Drive(id=rid, kind=kind, name=name, job=job, files=files)
+            lambda rid: m.Drive(id=rid, kind=kind, name=name, job=job, files=files), wait=True
         ).addCallback(lambda r: r.info["job"])
 
     def kill_quietly(self, job: int | None) -> None:
@@ -1457,29 +1486,39 @@ class ClusterClient:
             self.kill(job).addErrback(lambda _f: None)
 
     def kill_cluster(self) -> defer.Deferred:
-        return self._request(lambda rid: m.KillCluster(id=rid)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.KillCluster(id=rid), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def drain(self, node: str) -> defer.Deferred:
-        return self._request(lambda rid: m.Drain(id=rid, node=node)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.Drain(id=rid, node=node), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def undrain(self, node: str) -> defer.Deferred:
-        return self._request(lambda rid: m.Undrain(id=rid, node=node)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.Undrain(id=rid, node=node), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def exclude(self, node: str) -> defer.Deferred:
-        return self._request(lambda rid: m.Exclude(id=rid, node=node)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.Exclude(id=rid, node=node), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def include(self, node: str) -> defer.Deferred:
-        return self._request(lambda rid: m.Include(id=rid, node=node)).addCallback(lambda r: r.info)
+        d = self._request(lambda rid: m.Include(id=rid, node=node), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def submit(self, stream: JobStream) -> None:
         """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event.
         While the connection is dialled again the job waits for it (see the class docstring)."""
-        if self._redialing:
-            self._parked.append(stream)
+        if self._park(lambda: self._submit_parked(stream), stream.fail):
             return
         rid = next(self._ids)
         self._submits[rid] = stream
         stream.submitting(self, rid)
+
+    def _submit_parked(self, stream: JobStream) -> None:
+        if stream.killing:  # killed (its consumer gone) before it could start
+            stream.fail(JobKilled("the job was killed before it started"))
+        else:
+            self.submit(stream)
 
     def attach(self, job: int, stream: JobStream) -> None:
         """Receive a running or finished job's results into ``stream`` (reactor thread)."""
@@ -1615,6 +1654,24 @@ class ClusterClient:
     def _redial_soon(self, delay: float) -> None:
         self.clock.callLater(delay, self._redial_now, delay)
 
+    def _dial_on_use(self) -> None:
+        """A call on a connection lost while idle: one dial (the first connect's: same
+        address, secret, TLS and timeout); the calls made meanwhile wait for it."""
+        assert self.redial is not None
+        self._redialing = True
+        d = defer.maybeDeferred(self.redial)
+        d.addCallbacks(lambda _link: self._resume_runs(), self._dial_on_use_failed)
+
+    def _dial_on_use_failed(self, failure: Any) -> None:
+        if not self._redialing:
+            return  # given up meanwhile (closed)
+        exc = failure.value
+        if not isinstance(exc, RemapError):  # a bug of the dial: still one line for the call
+            exc = ConnectionLost(f"could not connect to the server again: {exc!r}")
+        # the calls waiting fail with the dial's own error (ServerUnreachable, AuthError...);
+        # the next call dials again
+        self._give_up(exc)
+
     def _redial_now(self, delay: float) -> None:
         if not self._redialing:
             return  # given up meanwhile (closed)
@@ -1645,10 +1702,11 @@ class ClusterClient:
         self._redialing = False
         self.error = error
         runs, self.runs = list(self.runs.values()), {}
-        runs += self._parked
-        self._parked = []
+        parked, self._parked = self._parked, []
         for run in runs:
             run.fail(error)
+        for _go, fail in parked:
+            fail(error)
         if not self.lost.called:
             self.lost.callback(error)
 
@@ -1659,8 +1717,19 @@ class ClusterClient:
             if self.link is not None:
                 self.link.close()
             return
+        if self.link is None:  # lost again at once: what waits fails, the next call dials
+            self._give_up(self.error or ConnectionLost("lost the server again while reconnecting"))
+            return
         self.reconnects += 1
         self.error = None
+        if self.lost.called:  # it fired when the idle connection was lost: a new one
+            self.lost = defer.Deferred()
+        self.log.info(
+            "reconnected to the server at {peer} ({jobs} job(s) to resume, {calls} call(s) waiting)",
+            peer=_peer(self.link),
+            jobs=len(self.runs),
+            calls=len(self._parked),
+        )
         for job, run in list(self.runs.items()):
             d = self._request(run.session.resume_message)
 
@@ -1684,11 +1753,17 @@ class ClusterClient:
         # job's resume request is out before any of its new arguments
         self._redialing = False
         parked, self._parked = self._parked, []
-        for run in parked:
-            if run.killing:  # killed (its consumer gone) before it could start
-                run.fail(JobKilled("the job was killed before it started"))
-            else:
-                self.submit(run)
+        for go, _fail in parked:
+            go()
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat()
+
+
+def _peer(link: PeerProtocol | None) -> str:
+    """``host:port`` of a connection's other end (for a log line)."""
+    try:
+        peer = link.transport.getPeer()  # type: ignore[union-attr]
+        return f"{peer.host}:{peer.port}"
+    except Exception:  # noqa: BLE001 - a transport without an address (in memory)
+        return "?"

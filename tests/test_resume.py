@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
 
 from protocol import messages as m
 from remap.client import ClusterClient, JobOutcome
-from remap.errors import AuthError, ConnectionLost
+from remap.errors import AuthError, ConnectionLost, ServerUnreachable
 from remap.server.journal import Journal
 from remap.server.service import RemapServerFactory
 from tests.test_inmemory import (
@@ -30,6 +29,9 @@ from tests.test_inmemory import (
     square,
     submit,
 )
+
+#: why the in-memory dial fails while the server is down
+DOWN = "connection refused (is the server running, and on that port?)"
 
 
 class RestartableCluster(Cluster):
@@ -51,8 +53,8 @@ class RestartableCluster(Cluster):
         client = ClusterClient(clock=self.clock, grace=GRACE)
 
         def redial() -> defer.Deferred:
-            if not self.up:
-                return defer.fail(ConnectionRefusedError("the server is down"))
+            if not self.up:  # as the real dial says it (remap.dial)
+                return defer.fail(ServerUnreachable(f"cannot reach the server at memory: {DOWN}"))
             link, _ = self._join("console", client, name)
             return defer.succeed(link)
 
@@ -318,3 +320,55 @@ def test_a_job_waiting_for_a_redial_fails_at_once_when_closed_or_refused() -> No
         failure = outcome(late)
         assert failure.check(ConnectionLost), failure
         assert not client.redialing
+
+
+def test_an_idle_console_that_lost_its_server_dials_again_at_its_next_call() -> None:
+    """A console that lost its server with nothing in flight does not dial at once; its next
+    call (a job, a status request) dials once, and the calls made meanwhile wait for that dial.
+    Server down: they fail with the dial's own error and nothing goes on dialling; the call
+    after them dials again and, the server back, goes out. A closed console never dials."""
+    cluster = RestartableCluster()
+    client = cluster.redialling_console()
+    dial = client.redial
+    gates: list[defer.Deferred] = []
+
+    def slow_dial() -> defer.Deferred:  # the dial ends when the test fires its gate
+        gates.append(defer.Deferred())
+        return gates[-1].addCallback(lambda _: dial())
+
+    client.redial = slow_dial
+    cluster.kill_server()
+    assert client.link is None and not client.redialing and not gates, "idle: no dial yet"
+
+    down = submit(client, job_run(square, range(3)))
+    status = client.status()
+    assert client.redialing and len(gates) == 1 and len(client._parked) == 2
+    cluster.tick(60, [])
+    assert not down.called and not status.called, "both wait for the one dial"
+    gates[0].callback(None)  # the server is still down
+    cluster.settle()
+    errors = [outcome(down).value, outcome(status).value]
+    assert all(isinstance(e, ServerUnreachable) for e in errors), errors
+    assert str(errors[0]) == str(errors[1]) == f"cannot reach the server at memory: {DOWN}"
+    assert not client.redialing and client.reconnects == 0
+
+    cluster.start_server()
+    pool, _, _ = cluster.node("node-b", cores=2, hold=True)
+    late = submit(client, job_run(square, range(30), chunksize=10, name="late"))
+    status = client.status()
+    assert client.redialing and len(gates) == 2, "a failed dial leaves no dead state"
+    gates[1].callback(None)
+    cluster.settle()
+    assert client.reconnects == 1 and client.link is not None
+    result = run_to_end(cluster, pool, late)
+    assert isinstance(result, JobOutcome) and result.state == "done", result
+    assert late.sink.value() == [i * i for i in range(30)]
+    assert [n["host"] for n in outcome(status)["nodes"]] == ["node-b"]
+    assert not client.lost.called, "lost fires again when the new connection goes"
+
+    client.close()
+    cluster.settle()
+    assert client.lost.called
+    closed = submit(client, job_run(square, range(3)))
+    cluster.settle()
+    assert outcome(closed).check(ConnectionLost) and len(gates) == 2, "closed: no dial"
