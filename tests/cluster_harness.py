@@ -86,6 +86,17 @@ def clean_env(home: Path | str, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def wait_then(started: str, release: str, x: int) -> int:
+    """A task: says it started (its pid in the file ``started``), then waits up to a minute for
+    the file ``release``."""
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
 def held_until(release: str, x: int) -> int:
     """A task: call 1 waits (up to a minute) for the release file; the others return at once
     (a slow call among fast ones, for head-of-line tests)."""

@@ -16,7 +16,7 @@ import remap
 from remap.errors import RemapError
 from remap.settings import Settings
 from tests.cluster_harness import Cluster as ProcessCluster
-from tests.cluster_harness import NodeSpec, wait_for
+from tests.cluster_harness import NodeSpec, wait_for, wait_then
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -37,18 +37,6 @@ def kill_my_core_once(marker: str, x: int) -> int:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-    return x
-
-
-def wait_then(started: str, release: str, x: int) -> int:
-    """Says it started (its pid in ``started``), then waits up to a minute for ``release``."""
-    import time
-
-    with open(started, "w") as f:
-        f.write(str(os.getpid()))
-    deadline = time.monotonic() + 60
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.01)
     return x
 
 

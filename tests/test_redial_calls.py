@@ -25,23 +25,13 @@ import remap
 from remap.errors import ConnectionLost, ServerUnreachable
 from remap.settings import Settings
 from tests.cluster_harness import Cluster as ProcessCluster
-from tests.cluster_harness import NodeSpec, wait_for
+from tests.cluster_harness import NodeSpec, wait_for, wait_then
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def square(x: int) -> int:
     return x * x
-
-
-def wait_then(started: str, release: str, x: int) -> int:
-    """Says it started (the file ``started``), then waits up to a minute for ``release``."""
-    with open(started, "w") as f:
-        f.write(str(os.getpid()))
-    deadline = time.monotonic() + 60
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return x
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
