@@ -39,11 +39,11 @@ from protocol.options import JobOptions
 from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import LARGE_PICKLE, PICKLE_PROTOCOL, dumps_buffered
 from .client import (
-    GROUP_BYTES,
     GROUP_WAIT,
     ClusterClient,
     JobStream,
     group_target,
+    next_group,
 )
 from .dial import connect_console
 from .errors import (
@@ -388,11 +388,10 @@ class _Feeder:
     def _close_group(self, group: list[Any], first: int) -> bytes:
         """Pickle a group; size the next from the bytes per argument of this one."""
         blob = dumps_group(group, first, self.fn_name)
-        per_argument = max(1, len(blob) // len(group))
         target = self.group
         if self.lazy:
             target = group_target(None, self.chunksize, first + len(group))
-        self._group_now = max(1, min(target, GROUP_BYTES // per_argument))
+        self._group_now = next_group(target, len(blob), len(group))
         return blob
 
 

@@ -88,6 +88,12 @@ def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int
     return max(1, target)
 
 
+def next_group(target: int, size: int, n: int) -> int:
+    """The next group's size: ``target``, bounded by the bytes per argument of the last group
+    (``n`` arguments pickled in ``size`` bytes), so a group holds about ``GROUP_BYTES``."""
+    return max(1, min(target, GROUP_BYTES * n // max(1, size)))
+
+
 class ArgumentTooLarge(JobFailed):
     """One pickled argument does not fit in a frame: no peer would accept it."""
 
@@ -1325,7 +1331,7 @@ class _GroupReader:
     def _size(self, size: int, n: int) -> None:
         """The next group's size: the ramp, bounded by the bytes per argument of the last."""
         target = min(self.cap, group_target(self.total, self.chunksize, self.queued))
-        self.want = max(1, min(target, GROUP_BYTES * n // max(1, size)))
+        self.want = next_group(target, size, n)
 
 
 #: the type name of the error given to a result this console could not unpickle
