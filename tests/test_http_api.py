@@ -455,3 +455,58 @@ def test_debug_view_shows_the_schedulers_recent_events(served: Served) -> None:
     events = served.request("GET", "/api/v1/debug/scheduler", token=served.token).json()["events"]
     assert any(e["event"] == "add_node 'node-box7'" for e in events), events
     assert all(set(e) == {"time", "event"} for e in events)
+
+
+def _closed_within(conn, trickle: bytes, deadline: float) -> float | None:
+    """Send ``trickle`` every 0.2 s until the server closes ``conn``: seconds taken, or None."""
+    import select
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        try:
+            conn.sendall(trickle)
+        except OSError:
+            return time.monotonic() - start
+        readable, _, _ = select.select([conn], [], [], 0.2)  # the close, or the next byte's turn
+        if readable:
+            try:
+                if conn.recv(4096) == b"":
+                    return time.monotonic() - start
+            except OSError:
+                return time.monotonic() - start
+    return None
+
+
+def test_a_trickled_request_is_dropped_at_the_idle_timeout(monkeypatch) -> None:
+    """Bytes trickling in do not extend the idle timeout: a request whose headers or body
+    arrive a few bytes at a time is dropped once the timeout passed since the connection was
+    ready for it (slowloris), before any credentials were checked."""
+    import socket
+
+    import remap.server.http as web
+
+    monkeypatch.setattr(web, "IDLE_TIMEOUT", 1)
+    served = Served()
+    try:
+        heads = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        heads.sendall(b"GET /api/v1/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        body = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        body.sendall(
+            f"POST /api/v1/jobs HTTP/1.1\r\nHost: {served.host}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode()
+        )
+        took = [_closed_within(heads, b"X-a: b\r\n", 10), _closed_within(body, b"x", 10)]
+        assert None not in took, took  # without the bound both stay open as long as they trickle
+        heads.close()
+        body.close()
+        # requests sent whole still work, two on one kept-alive connection
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b'{"ok": true}'
+        conn.close()
+    finally:
+        served.stop()

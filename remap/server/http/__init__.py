@@ -13,6 +13,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from ...data.layout import DataDir
@@ -41,6 +43,20 @@ def access_line(timestamp: str, request: Any) -> str:
 #: seconds a connection may sit idle or half-sent (a slow request cannot hold a connection for
 #: Twisted's default of 12 hours); a response being written, an event stream too, is not idle
 IDLE_TIMEOUT = 60
+
+
+class BoundedChannel(HTTPChannel):
+    """A request must arrive whole within :data:`IDLE_TIMEOUT` of the channel being ready for it.
+
+    Twisted restarts the idle timer at every byte received, so a client trickling a header
+    byte a minute held its connection (and a file descriptor, before any credentials were
+    checked) for days. Here bytes do not restart it: the timer runs from the connection's
+    start or the previous answer's end, and is off while a request is being answered.
+    """
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        LineReceiver.dataReceived(self, data)
+
 
 #: bytes a request body may have (a job file is at most 64 KiB); a larger one drops the connection
 MAX_REQUEST_BODY = 256 * 1024
@@ -139,6 +155,7 @@ async def start_http(
         DispatchResource(app), reactor=reactor, logFormatter=access_line, timeout=IDLE_TIMEOUT
     )
     site.requestFactory = BoundedRequest
+    site.protocol = BoundedChannel  # plain HTTP/1.1 (no HTTP/2 negotiation: h2 is not used)
     site.displayTracebacks = False
     try:
         endpoint = server_endpoint(reactor, replace(settings, tls_ca=None), host, port)
