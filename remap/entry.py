@@ -24,6 +24,32 @@ def daemon_settings(args: argparse.Namespace, **flags: Any) -> Settings:
     return settings
 
 
+async def run_until_stopped(
+    reactor: Any, stopped: defer.Deferred, stop: Callable[[], Awaitable[Any]]
+) -> None:
+    """Wait until ``stopped`` fires (a daemon's own reason to stop: ``kill --cluster``, the
+    server's ``shutdown``) or the reactor is told to stop (SIGTERM, Ctrl-C), then run ``stop()``.
+
+    The reactor's shutdown waits for ``stop()`` to finish (its ``before`` trigger returns a
+    Deferred that fires then): without that the reactor stopped as soon as the stop began,
+    and whatever the stop still had to do on a later turn (a port's ``stopListening``, the
+    journal's last commit and close, a node's cores reaped) never ran.
+    """
+    finished: defer.Deferred = defer.Deferred()
+
+    def reactor_stopping() -> defer.Deferred:
+        if not stopped.called:
+            stopped.callback(None)
+        return finished
+
+    reactor.addSystemEventTrigger("before", "shutdown", reactor_stopping)
+    await stopped
+    try:
+        await stop()
+    finally:
+        finished.callback(None)
+
+
 def install_lean_reactor() -> bool:
     """Make the runtime's lean epoll reactor (each ready descriptor handed to its handler without
     Twisted's legacy log context: ~9 Python calls less per event) this process's global reactor.

@@ -26,8 +26,11 @@ _LEVELS = {
 
 
 #: Twisted's own lines that say nothing an operator needs (the entry point prints the one
-#: "listening" line): "RemapServerFactory (TLS) starting on 7878", "Starting factory <...>"
-_NOISE = re.compile(r"^(\S+( \(TLS\))? starting on \d+|(Starting|Stopping) factory <.*>)$")
+#: "listening" line and the one "stopped" line): "RemapServerFactory (TLS) starting on 7878",
+#: "Starting factory <...>", "(TCP Port 7878 Closed)"
+_NOISE = re.compile(
+    r"^(\S+( \(TLS\))? starting on \d+|(Starting|Stopping) factory <.*>|\((TCP|UDP) Port \d+ Closed\))$"
+)
 
 
 def _not_noise(event: dict) -> PredicateResult:

@@ -27,8 +27,8 @@ from .test_security_e2e import Cluster, wait_for
 
 
 def test_twisted_factory_and_port_noise_is_dropped_and_the_rest_kept():
-    """Twisted's "<Factory> starting on N" and "Starting factory <... at 0x...>" lines are not
-    shown; every other line is."""
+    """Twisted's "<Factory> starting on N", "Starting factory <... at 0x...>" and "(TCP Port N
+    Closed)" lines are not shown; every other line is."""
     buf = io.StringIO()
     publisher = LogPublisher()
     publisher.addObserver(log_observer("info", buf))
@@ -38,13 +38,15 @@ def test_twisted_factory_and_port_noise_is_dropped_and_the_rest_kept():
         "RemapServerFactory (TLS) starting on 1",
         "Starting factory <remap.net.PeerFactory object at 0x7fbb995bf6d0>",
         "Stopping factory <remap.net.PeerFactory object at 0x7fbb995bf6d0>",
+        "(TCP Port 33947 Closed)",
+        "(UDP Port 5353 Closed)",
         "node abc joined: keep this",
     ):
         log.info("{log_text}", log_text=text)
     log.info("Starting factory {factory!r}", factory=object())
     text = buf.getvalue()
     assert "keep this" in text
-    assert "starting on" not in text and "0x" not in text, text
+    assert "starting on" not in text and "0x" not in text and "Port" not in text, text
 
 
 def test_reconnect_delays_grow_are_rounded_and_really_jittered():

@@ -11,7 +11,7 @@ from twisted.internet import defer, threads
 from .. import discovery
 from ..cluster import default_cores, start_node
 from ..data.layout import PROBE_TIMEOUT, DataDir, DataDirReport, probe
-from ..entry import daemon_settings, react_main
+from ..entry import daemon_settings, react_main, run_until_stopped
 from ..errors import (
     AuthError,
     CertificateMismatch,
@@ -84,20 +84,9 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    node_stopped: defer.Deferred = defer.Deferred()
-
-    def reactor_stopping() -> defer.Deferred:
-        shutdown("reactor stopping")
-        # the reactor waits until the cores are reaped: a node that exited before them left
-        # them to init, and their CPU time went uncounted in the node's (its parent's) rusage
-        return node_stopped
-
-    reactor.addSystemEventTrigger("before", "shutdown", reactor_stopping)
-    await stopped
-    try:
-        await node.stop()
-    finally:
-        node_stopped.callback(None)
+    # SIGTERM waits until the cores are reaped: a node that exited before them left them to
+    # init, and their CPU time went uncounted in the node's (its parent's) rusage
+    await run_until_stopped(reactor, stopped, node.stop)
     if refusal:
         raise refusal[0]
     return 0

@@ -12,7 +12,7 @@ from protocol.connection import person_key
 from ..auth import client_secret
 from ..cluster import Stopping, start_server
 from ..discovery import Advertiser
-from ..entry import daemon_settings, react_main
+from ..entry import daemon_settings, react_main, run_until_stopped
 from ..errors import ConfigError, RemapError, one_line
 from ..malloc import keep_freed_memory
 from ..net import tls_enabled
@@ -107,11 +107,10 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         )
     stopped: defer.Deferred = defer.Deferred()
     server.factory.on_stop = lambda: stopped.called or stopped.callback(None)
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: stopped.called or stopped.callback(None)
-    )
-    await stopped
-    await server.stopService()
+    # SIGTERM waits for the whole stop too: connections dropped, listening ended, then the
+    # stop hooks (HTTP, advert, the journal's last commit and close, last)
+    await run_until_stopped(reactor, stopped, server.stopService)
+    print("remap server stopped", file=sys.stderr, flush=True)
     return 0
 
 
