@@ -45,6 +45,14 @@ def apps(tmp_path: Path) -> Path:
         ),
         ({"function": "squares.py:square", "args": [1], "reduce": "os:getcwd"}, "apps directory"),
         ({"function": "squares.py:square"}, "args"),  # the job-file loader's own check
+        # shipped files and modules: only from the apps directory (no server file ships)
+        ({"function": "squares.py:square", "args": [1], "files": ["/etc/passwd"]}, "apps dir"),
+        ({"function": "squares.py:square", "args": [1], "files": "../outside.py"}, "apps dir"),
+        ({"function": "squares.py:square", "args": [1], "files": ["nope.csv"]}, "apps dir"),
+        ({"function": "squares.py:square", "args": [1], "files": [{"a": 1}]}, "apps dir"),
+        ({"function": "squares.py:square", "args": [1], "modules": ["yaml"]}, "apps dir"),
+        ({"function": "squares.py:square", "args": [1], "modules": ["../outside.py"]}, "apps"),
+        ({"function": "squares.py:square", "args": [1], "modules": ["/etc"]}, "apps dir"),
         ({"args": [1]}, "function"),
     ],
 )
@@ -61,6 +69,23 @@ def test_accepted_jobs_run_from_the_apps_directory(apps: Path, tmp_path: Path) -
     assert written["function"] == f"{apps / 'pkg' / 'tools.py'}:neg"
     assert written["output"] == str(sub.results) and written["response_mode"] == "file"
     assert sub.name.startswith("tools [http ")
+
+
+def test_shipped_files_and_modules_come_from_the_apps_directory(apps: Path, tmp_path: Path) -> None:
+    """``files:`` and ``modules:`` name things in the apps directory and are written as its
+    absolute paths (the console child reads the job file from the data directory); a link in
+    the apps directory to a file outside it is refused like the outside path itself."""
+    (apps / "table.csv").write_text("a,b\n")
+    (tmp_path / "secret").write_text("s3cret")
+    (apps / "leak.txt").symlink_to(tmp_path / "secret")
+    job = {"function": "squares.py:square", "args": [1], "files": ["table.csv"]}
+    sub = prepare({**job, "modules": ["pkg", "squares"]}, apps, tmp_path / "d")
+    written = json.loads((sub.directory / "job.json").read_text())
+    assert written["files"] == [str(apps / "table.csv")]
+    assert written["modules"] == [str(apps / "pkg"), str(apps / "squares.py")]
+    for files in (["leak.txt"], [str(tmp_path / "secret")], ["pkg/../../secret"]):
+        with pytest.raises(SubmitError, match="is not a file in the server's apps directory"):
+            prepare({**job, "files": files}, apps, tmp_path / "d")
 
 
 def test_bodies() -> None:

@@ -3,8 +3,9 @@
 Only functions in ``REMAP_APPS_DIR`` can run (a ``FILE.py`` inside it, or a module whose file
 is inside it); a job naming anything else (``os:system``, ``../x.py``) is refused before any
 import, so the HTTP token lets its holder run what the operator installed, never arbitrary code.
-No server-side path comes from the request: ``args_path`` and ``output`` are refused, and the
-results go to ``<data dir>/http/<submission>/results.jsonl`` (the ``file`` mode's JSON lines).
+No server-side path comes from the request: ``args_path`` and ``output`` are refused, ``modules:``
+and ``files:`` must be inside the apps directory, and the results go to
+``<data dir>/http/<submission>/results.jsonl`` (the ``file`` mode's JSON lines).
 
 The job runs in a console child process (the same ``compute`` as the command line), so the
 user's module is imported and its arguments pickled outside the server's reactor thread.
@@ -108,6 +109,35 @@ def _inside(apps: Path, ref: str, key: str) -> str:
     return f"{path}:{name}"
 
 
+def _shipped(apps: Path, value: Any, key: str) -> list[str]:
+    """``modules:`` or ``files:`` as absolute paths inside ``apps``, or SubmitError.
+
+    The console child would read any file the server can (``files: [~/.remap/secret]``) and
+    ship it to the nodes, where an app that reads its shipped files hands it back to the
+    holder of the HTTP token; so, as for functions, only what the operator installed ships.
+    """
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise SubmitError(f"key '{key}': expected a list of names in the apps directory")
+    what = "file" if key == "files" else "module"
+    paths = []
+    for entry in (e.strip() for e in entries):
+        path = apps / entry
+        if key == "modules" and entry.isidentifier() and (apps / f"{entry}.py").is_file():
+            path = apps / f"{entry}.py"  # a module's name: its file or package in apps
+        real = path.resolve()
+        if key == "files":
+            found = real.is_file()
+        else:
+            found = (real.is_file() and real.suffix == ".py") or (real / "__init__.py").is_file()
+        if not entry or not found or not real.is_relative_to(apps):
+            raise SubmitError(
+                f"key '{key}': {entry!r} is not a {what} in the server's apps directory"
+            )
+        paths.append(str(path))
+    return paths
+
+
 def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
     """Check a job file and write the one the console child will run."""
     for key, why in REFUSED_KEYS.items():
@@ -123,6 +153,9 @@ def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
     job["function"] = _inside(apps, job["function"], "function")
     if isinstance(job.get("reduce"), str):
         job["reduce"] = _inside(apps, job["reduce"], "reduce")
+    for key in ("modules", "files"):
+        if key in job:
+            job[key] = _shipped(apps, job[key], key)
     sub_id = secrets.token_hex(4)
     name = str(job.get("name") or Path(job["function"].rpartition(":")[0]).stem)[:80]
     job["name"] = f"{name} [http {sub_id}]"
