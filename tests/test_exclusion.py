@@ -122,6 +122,23 @@ def test_exclude_and_include_requests(tmp_path: Path) -> None:
     assert ExclusionList(tmp_path / "excluded-nodes.json").hosts == {"spare-box"}
 
 
+def test_a_blank_node_name_names_no_node(tmp_path: Path) -> None:
+    """``exclude ""`` and ``drain ""`` (a script's unset variable) pick no node, even when one
+    node is connected (an empty prefix matched it): exclude says so, drain is not-found, and
+    the list and the node stay as they were."""
+    factory, handler, link = _server(tmp_path)
+    FakeNode(factory.scheduler, "n1", host="box1")
+    for number, blank in enumerate(("", "  ")):
+        handler.message_received(link, m.Exclude(id=number, node=blank))
+        assert isinstance(link.sent[-1], m.Error) and link.sent[-1].code == "bad-request"
+        handler.message_received(link, m.Drain(id=10 + number, node=blank))
+        assert isinstance(link.sent[-1], m.Error) and link.sent[-1].code == "not-found"
+    assert not factory.exclusions.hosts and not (tmp_path / "excluded-nodes.json").exists()
+    node = factory.scheduler.nodes["n1"]
+    assert not node.excluded and not node.draining
+    assert factory.scheduler.find_node("n") is node  # a real prefix still finds it
+
+
 # ============================================================================ real processes
 
 

@@ -146,6 +146,10 @@ def test_kill_and_drain_with_the_token(served: Served) -> None:
     reply = served.request("POST", f"/api/v1/nodes/{node}/undrain", token=served.token)
     assert reply.status == 200 and not served.scheduler.nodes[node].draining
     assert served.request("GET", f"/api/v1/jobs/{job}/kill", token=served.token).status == 405
+    # an empty node (a script's unset variable) is no node, not the only one connected
+    for path in ("/api/v1/nodes//drain", "/api/v1/nodes/%20/drain"):
+        assert served.request("POST", path, token=served.token).status == 404, path
+    assert not served.scheduler.nodes[node].draining
 
 
 def test_login_link_is_one_time_and_sets_a_strict_cookie(served: Served) -> None:

@@ -294,6 +294,10 @@ class ServerConnection:
     def _exclude(self, link: PeerProtocol, msg: m.Exclude | m.Include, excluded: bool) -> None:
         """Change the persistent exclusion list by host; a host need not be connected."""
         exclusions = self.server.exclusions
+        if not msg.node.strip():
+            _refuse(link, msg, "bad-request", "name a node: its id, a unique id prefix, "
+                    "host:pid or its name")  # fmt: skip
+            return
         node = self.scheduler.find_node(msg.node)
         host = node.host if node is not None else msg.node.strip()
         if not excluded and node is None and host not in exclusions.hosts:

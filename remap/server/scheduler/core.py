@@ -409,7 +409,12 @@ class Scheduler(NodeAnswers, Recovery):
             node.stopping = True
 
     def find_node(self, node_ref: str) -> NodeState | None:
-        """The node named by its id, a unique id prefix, ``host:pid``, or a unique host."""
+        """The node named by its id, a unique id prefix, ``host:pid``, or a unique host.
+
+        A blank reference names no node: as a prefix it would pick the only node connected
+        (``drain "$NODE"`` with the variable unset, ``POST /api/v1/nodes//drain``)."""
+        if not node_ref.strip():
+            return None
         matches = [n for n in self.nodes.values() if node_ref in (n.id, f"{n.host}:{n.pid}")]
         if not matches:
             matches = [
