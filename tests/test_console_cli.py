@@ -92,6 +92,23 @@ def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Pa
     assert len(notes) == 1 and "--server" in notes[0] and "REMAP_SERVER" in notes[0], done.stderr
 
 
+@pytest.mark.slow
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``remap help | head -1``: the pipe's reader is gone before the console writes; it
+    exits 141 (as a writer killed by SIGPIPE) with nothing on stderr, not a traceback."""
+    import subprocess
+
+    from tests.cluster_harness import PYTHON, clean_env
+
+    child = subprocess.Popen(
+        [PYTHON, str(CONSOLE_SCRIPT), "--env-file", "/dev/null", "help"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    child.stdout.close()  # before the console printed anything: its write meets a closed pipe
+    _, err = child.communicate(timeout=60)
+    assert (child.returncode, err.decode()) == (141, "")
+
+
 # ---------------------------------------------------------------------- help and usage
 
 
