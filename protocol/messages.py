@@ -602,6 +602,17 @@ class Shutdown(Message):
     reason: str = ""
 
 
+@message
+class Goodbye(Message):
+    """Node → server, its last message: the node is stopping as asked (SIGTERM, Ctrl-C, told to
+    exit), so the end of the connection that follows is no loss. The server re-queues the
+    node's work at once and logs no "lost"; a node that never says it (an older one, or one
+    that crashed or lost its link) is lost as before."""
+
+    TYPE = "goodbye"
+    reason: str = ""
+
+
 # --------------------------------------------------------------------------- node ↔ core (a pipe)
 
 

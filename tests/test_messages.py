@@ -101,6 +101,7 @@ EXAMPLES: dict[str, m.Message] = {
     "core_load": m.CoreLoad(job=3, star=True, reduce=True, payload=b"\x80\x05fn"),
     "core_drop": m.CoreDrop(job=3),
     "shutdown": m.Shutdown(reason="kill --cluster"),
+    "goodbye": m.Goodbye(reason="stopping"),
     "submit": m.Submit(
         id=1,
         name="job",
