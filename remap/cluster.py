@@ -226,15 +226,21 @@ class NodeService(MultiService):
     def __init__(self, pool: CorePool, agent: NodeAgent, connection: ClientService | None) -> None:
         super().__init__()
         self.pool, self.agent, self.connection = pool, agent, connection
+        #: what the server is told in the node's ``goodbye`` (see :meth:`stop`)
+        self.leaving = "stopping"
         Cores(pool).setServiceParent(self)
         if connection is not None:
             connection.setServiceParent(self)
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
-        self.agent.stopping = True  # before the connection ends, so its end is no loss
+        # goodbye before the connection ends: the server re-queues this node's work at once
+        # and neither side takes the end for a loss
+        self.agent.leave(self.leaving)
         return super().stopService()
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "stopping") -> None:
+        """Stop as asked; ``reason`` is what the server's log says of this node's leaving."""
+        self.leaving = reason
         await self.stopService()
 
 

@@ -72,6 +72,15 @@ class NodeAgent:
         pool.on_failed = self._send
         pool.name = self.host
 
+    def leave(self, reason: str = "stopping") -> None:
+        """This node is stopping as asked: say ``goodbye`` (its last message), so the server
+        re-queues its work at once and logs no loss; the connection's end that follows is no
+        loss here either. A server that predates the message answers ``unknown-message``."""
+        self.stopping = True
+        link = self.link
+        if link is not None:
+            link.send(m.Goodbye(reason=reason))
+
     def _send(self, msg: m.Message) -> None:
         link = self.link
         if link is None:

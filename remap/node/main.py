@@ -62,9 +62,12 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     settings = await locate(reactor, settings)
     stopped: defer.Deferred = defer.Deferred()
     refusal: list[RemapError] = []
+    #: why the node stops, for its goodbye (SIGTERM and Ctrl-C stop the reactor: "stopping")
+    why: list[str] = []
 
     def shutdown(reason: str) -> None:
         if not stopped.called:
+            why.append(f"told to stop by the server: {reason}" if reason else "told to stop")
             stopped.callback(None)
 
     def refused(error: RemapError) -> None:
@@ -86,7 +89,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     )
     # SIGTERM waits until the cores are reaped: a node that exited before them left them to
     # init, and their CPU time went uncounted in the node's (its parent's) rusage
-    await run_until_stopped(reactor, stopped, node.stop)
+    await run_until_stopped(reactor, stopped, lambda: node.stop(why[0] if why else "stopping"))
     if refusal:
         raise refusal[0]
     return 0

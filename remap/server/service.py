@@ -18,7 +18,7 @@ from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
-from .scheduler.effects import ConsoleLost, NodeJoined, NodeLost
+from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
 
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64
@@ -51,6 +51,8 @@ class ServerConnection:
         self.scheduler = server.scheduler
         self.role: str | None = None
         self.node_id: str | None = None
+        #: the node said ``goodbye``: it is out of the scheduler; what it sends after is ignored
+        self.left = False
         self.user = ""  # set by authenticated(): the person of a console with a person's key
         #: this console's submit ids → job ids, for arguments sent before `submitted`
         self._submits: dict[int, int | None] = {}
@@ -113,9 +115,17 @@ class ServerConnection:
         if t is m.TaskResult or t is m.Heartbeat or t is m.TaskFailed:
             if self.node_id is not None:
                 self.scheduler.node_said(self.node_id, msg)
-        elif t is m.NodeInfo and self.node_id is None:
+        elif t is m.NodeInfo and self.node_id is None and not self.left:
             self.node_id = self.session
             self._event(NodeJoined(self.node_id, link, msg))
+        elif t is m.Goodbye:
+            # stopping as asked: its work is re-queued now, not when the connection ends (and
+            # that end is then no loss)
+            self.left = True
+            if self.node_id is not None:
+                node, self.node_id = self.node_id, None
+                self._event(NodeLeft(node, msg.reason))
+            link.close()  # nothing more is wanted of it (a node that hung now is not "lost")
         elif t is m.Error:
             self.log.warn("node {peer} reported: {message}", peer=link.peer, message=msg.message)
         else:

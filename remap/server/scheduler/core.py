@@ -52,6 +52,7 @@ from .effects import (
     EffectRunner,
     EventLog,
     NodeJoined,
+    NodeLeft,
     NodeLost,
     NodeSaid,
     Send,
@@ -154,6 +155,8 @@ class Scheduler(NodeAnswers, Recovery):
                 self.add_node(event.node, event.link, event.info)
             elif t is NodeLost:
                 self.remove_node(event.node, event.reason)
+            elif t is NodeLeft:
+                self.remove_node(event.node, event.reason, left=True)
             elif t is ConsoleLost:
                 self.console_lost(event.link)
             elif t is TimerFired:
@@ -365,8 +368,12 @@ class Scheduler(NodeAnswers, Recovery):
             node.busy = msg.busy
 
     @command
-    def remove_node(self, node_id: str, reason: str) -> None:
-        """A node is lost: its in-flight work goes back to the front of its jobs' queues."""
+    def remove_node(self, node_id: str, reason: str, *, left: bool = False) -> None:
+        """A node is gone: its in-flight work goes back to the front of its jobs' queues.
+
+        ``left``: it said ``goodbye`` (stopping as asked), so it is no loss: one info line.
+        A node told to stop (``kill --cluster``, the embedded cluster's close) is none either.
+        Any other end is a loss: the warning operators watch for."""
         node = self.nodes.pop(node_id, None)
         self._ready.pop(node_id, None)
         if node is None:
@@ -381,8 +388,21 @@ class Scheduler(NodeAnswers, Recovery):
                 self._requeue(job, task.segment)
                 requeued += len(task.segment)
         node.inflight.clear()
-        if node.stopping and not requeued:
-            self.log.info("node {id} ({host}) left as told", id=node_id, host=node.host)
+        if node.stopping:
+            self.log.info(
+                "node {id} ({host}) left as told; {n} arguments re-queued",
+                id=node_id,
+                host=node.host,
+                n=requeued,
+            )
+        elif left:
+            self.log.info(
+                "node {id} ({host}) left ({reason}); {n} arguments re-queued",
+                id=node_id,
+                host=node.host,
+                reason=reason[:200] or "stopping",
+                n=requeued,
+            )
         else:
             self.log.warn(
                 "node {id} ({host}) lost: {reason}; {n} arguments re-queued",

@@ -42,6 +42,14 @@ class NodeLost:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeLeft:
+    """A node said ``goodbye``: it is stopping as asked, so its leaving is no loss."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSaid:
     """A node's answer or heartbeat: ``TaskResult``, ``TaskFailed`` or ``Heartbeat``."""
 
@@ -80,7 +88,7 @@ class TimerFired:
     timer: Timer
 
 
-Event = NodeJoined | NodeLost | NodeSaid | ConsoleSaid | ConsoleLost | TimerFired
+Event = NodeJoined | NodeLost | NodeLeft | NodeSaid | ConsoleSaid | ConsoleLost | TimerFired
 
 # ==================================================================== effects
 # (not frozen: one is made per message sent, and a frozen dataclass is slower to build)
@@ -158,6 +166,8 @@ def describe(event: Any) -> str:
         return f"node {event.node} joined ({event.info.host}, {event.info.cores} cores)"
     if t is NodeLost:
         return f"node {event.node} lost: {event.reason}"
+    if t is NodeLeft:
+        return f"node {event.node} left: {event.reason}"
     if t is ConsoleLost:
         return "console lost"
     if t is TimerFired:
