@@ -66,6 +66,8 @@ def _python_on_path() -> str:
 
 #: exit codes beyond the error classes' own (RemapError.exit_code: 1, 2, 3, 4)
 EXIT_FAILED_ARGUMENTS = 5
+#: the output's reader left first: as the shell reports a writer killed by SIGPIPE (128 + 13)
+EXIT_BROKEN_PIPE = 141
 
 EXIT_CODES = f"""\
 exit codes:
@@ -76,6 +78,7 @@ exit codes:
   4    the server is unreachable or the connection was lost
   {EXIT_FAILED_ARGUMENTS}    the job finished but some arguments failed (on_error: continue)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job was killed
+  {EXIT_BROKEN_PIPE}  the reader of the output left first (remap status | head -1)
 """
 
 
@@ -909,6 +912,6 @@ def run() -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (`remap status | head -1`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141  # as the shell reports a writer killed by SIGPIPE
+        code = EXIT_BROKEN_PIPE
     sys.stderr.flush()
     os._exit(code)  # the reactor thread is a daemon; do not wait on it
