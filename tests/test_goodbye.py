@@ -21,8 +21,10 @@ from protocol import Authenticated, MessageReceived
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError, UnknownMessageType
 from remap.errors import NodeLost as NodeLostError
+from remap.server.http.metrics import ServerStats
 from remap.server.scheduler.effects import NodeLeft, NodeLost
 from remap.server.service import ServerConnection
+from remap.wire import Traffic
 from tests.cluster_harness import jobs_function, write_job
 from tests.test_handshake import out, pair, run_handshake
 from tests.test_node_service import joined_node
@@ -145,6 +147,30 @@ def test_a_node_told_to_stop_left_as_told_even_with_work_in_flight() -> None:
     lines = scheduler_lines(events)
     assert ("info", "node a (box-a) left as told; 4 arguments re-queued") in lines, lines
     assert not loud(lines), lines
+
+
+def test_metrics_count_a_goodbye_as_left_and_never_as_lost_or_failed() -> None:
+    """``/metrics``: a node that said goodbye counts in ``remap_nodes_left``, not in
+    ``remap_nodes_lost`` (what an alert on crashed or cut-off nodes reads), and its re-queued
+    calls are no failures; a node gone without a goodbye counts as lost."""
+    sched, _ = make()
+    stats = ServerStats(sched, Traffic())
+    FakeNode(sched, "a", cores=2)
+    console = FakeConsole(sched, range(4), chunksize=2)
+    console.feed()
+    event(sched, NodeLeft("a", "stopping"))
+
+    def counted(name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", stats.prometheus_text().decode(), re.M)
+        assert found, name
+        return float(found.group(1))
+
+    assert (counted("remap_nodes_left_total"), counted("remap_nodes_lost_total")) == (1, 0)
+    b = FakeNode(sched, "b", cores=2)
+    assert b.held(), "the re-queued calls went to b"
+    event(sched, NodeLost("b", "connection lost"))
+    assert (counted("remap_nodes_left_total"), counted("remap_nodes_lost_total")) == (1, 1)
+    assert counted("remap_tasks_failed_total") == 0 and sched.jobs[console.job].failed == 0
 
 
 # ---------------------------------------------------------------------------- over a connection

@@ -120,6 +120,16 @@ class _SchedulerCollector:
             "remap_tasks_failed", "Arguments that failed, all jobs", self.stats.failed_total
         )
         yield GaugeMetricFamily("remap_nodes", "Connected nodes", len(nodes))
+        yield CounterMetricFamily(
+            "remap_nodes_lost",
+            "Nodes lost without a goodbye (crashed, killed, link cut or silent); work re-queued",
+            sched.nodes_lost,
+        )
+        yield CounterMetricFamily(
+            "remap_nodes_left",
+            "Nodes that left as asked (said goodbye, or were told to stop); work re-queued",
+            sched.nodes_left,
+        )
         yield GaugeMetricFamily(
             "remap_cores", "Cores of connected nodes", sum(n.cores for n in nodes)
         )

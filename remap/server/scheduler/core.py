@@ -118,6 +118,10 @@ class Scheduler(NodeAnswers, Recovery):
         self._preempt_timer: Timer | None = None
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
+        #: nodes gone since the server started: lost (no goodbye: crashed, killed, cut off or
+        #: silent) and left as asked (a goodbye, or told to stop); for ``/metrics``
+        self.nodes_lost = 0
+        self.nodes_left = 0
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
         self.active: dict[int, JobState] = {}  # running only: what every dispatch looks at
         self._job_ids = itertools.count(job_ids_from)
@@ -388,6 +392,10 @@ class Scheduler(NodeAnswers, Recovery):
                 self._requeue(job, task.segment)
                 requeued += len(task.segment)
         node.inflight.clear()
+        if node.stopping or left:
+            self.nodes_left += 1
+        else:
+            self.nodes_lost += 1
         if node.stopping:
             self.log.info(
                 "node {id} ({host}) left as told; {n} arguments re-queued",
