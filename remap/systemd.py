@@ -36,7 +36,9 @@ def unit_text(role: str, args: list[str], *, user: str | None = None) -> str:
     """The unit file for ``role`` (server or node) started with ``args``."""
     command = shlex.join(_program(role) + args)
     state = (
-        "Environment=REMAP_STATE_DIR=%S/remap\nStateDirectory=remap\n" if role == "server" else ""
+        "Environment=REMAP_STATE_DIR=%S/remap\nStateDirectory=remap\nStateDirectoryMode=0700\n"
+        if role == "server"
+        else ""
     )
     return f"""\
 # {_WHAT[role]} as a systemd service. Install (as root):

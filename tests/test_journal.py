@@ -52,6 +52,29 @@ def _peek(journal: Journal, sql: str) -> list[tuple]:
 # ============================================================================ the journal alone
 
 
+def test_the_journal_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """In a state directory others may read (systemd makes /var/lib/remap 0755), the journal
+    and its -wal and -shm files are 0600: they hold jobs' functions, arguments and results.
+    Files a crash left with a wider mode are narrowed when the journal opens again."""
+    import os
+
+    (tmp_path / "state").mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        journal, _ = _journal(tmp_path)
+        journal.job_submitted(1, _submit(), 0.0)
+        names = [journal.path.with_name(journal.path.name + s) for s in ("", "-wal", "-shm")]
+        assert [oct(p.stat().st_mode & 0o777) for p in names] == ["0o600"] * 3
+        for path in names:
+            path.chmod(0o644)
+        again, _ = _journal(tmp_path)
+        assert [oct(p.stat().st_mode & 0o777) for p in names] == ["0o600"] * 3
+        again.close()
+        journal.close()
+    finally:
+        os.umask(old)
+
+
 def test_file_is_wal_and_synchronous_level_is_a_setting(tmp_path: Path) -> None:
     journal, _ = _journal(tmp_path)
     assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -26,6 +26,7 @@ def test_print_systemd_unit(role, main, capsys) -> None:
     for line in ("Restart=on-failure", "Environment=REMAP_SECRET_FILE=/etc/remap/secret"):
         assert line in text.splitlines()
     assert ("StateDirectory=remap" in text) == (role == "server")
+    assert ("StateDirectoryMode=0700" in text) == (role == "server")  # the journal is private
     assert "[Install]\nWantedBy=multi-user.target" in text
 
 

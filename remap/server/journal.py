@@ -27,6 +27,7 @@ are local, batched and, at ``synchronous=NORMAL``, do not wait for the disk.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,20 @@ def _args_row(start: int, column: Any, payload: bytes) -> tuple[int, list[int], 
     return start, column, payload, []
 
 
+def _private(path: Path) -> None:
+    """Make the journal readable by its owner only, whatever the state directory's mode (a
+    systemd StateDirectory is 0755): it holds jobs' functions, arguments and results. SQLite
+    gives its -wal and -shm files the database file's mode; ones left by a crash are fixed too.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if name.exists() and name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the journal {path}: {exc.strerror or exc}") from None
+
+
 class Journal:
     """The journal file and its write buffer; ``clock`` schedules the group commits."""
 
@@ -177,6 +192,7 @@ class Journal:
     def _open(path: Path, synchronous: str) -> sqlite3.Connection:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private(path)
             db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
