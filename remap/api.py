@@ -1220,6 +1220,11 @@ class Cluster:
             executor, self._executor = self._executor, None
         if self._generation != runtime.generation:
             return  # opened before fork(): the connection and cores are the parent's to close
+        if sys.is_finalizing():
+            # a handle garbage collected as the interpreter ends (a Pool never closed): the
+            # reactor's daemon thread is frozen by now, so waiting for it would only time out
+            # (20 s); the cores end with their pipes when this process exits
+            return
         if executor is not None:
             executor._terminate()
         for stream in list(self._streams):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -107,6 +109,38 @@ def test_a_dropped_running_pool_warns(embedded: remap.Cluster) -> None:
     with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
         del p
         gc.collect()
+
+
+UNCLOSED_SCRIPT = """
+import remap
+from remap.settings import Settings
+
+def square(x):
+    return x * x
+
+pool = remap.Pool(1, settings=Settings())
+print(pool.map(square, range(3)), flush=True)
+"""
+
+
+def test_a_script_that_never_closes_its_pool_exits_at_once(tmp_path: Path) -> None:
+    """A script that ends with its Pool still open (multiprocessing lets it) exits as soon as
+    it is done: the Pool garbage collected while the interpreter ends no longer waits for the
+    reactor's thread, frozen by then (it timed out after 5 + 15 s)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", UNCLOSED_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "[0, 1, 4]\n"
+        assert child.wait(timeout=10) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_imap_is_ordered_and_lazy(pool: remap.Pool) -> None:
