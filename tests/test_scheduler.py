@@ -1364,6 +1364,30 @@ def test_results_too_large_for_a_frame_retry_alone_then_fail_the_culprit() -> No
     assert console.done().state == "done"
 
 
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_a_lone_arguments_result_too_large_fails_at_once(on_error: str) -> None:
+    """A task of one argument whose result is too large for a frame is that argument's own
+    result: it fails with ResultTooLarge at the first report, not after `retries` more runs of
+    the same call (4 runs of a call returning 300 MB: 11 s), and its error gives no count."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(2), chunksize=1, retries=3, on_error=on_error)
+    console.feed()
+    (first,) = [t for t in node.held() if 0 in node.args_of(t)]
+    node.crash(first, reason="too-large")
+    assert all(0 not in node.args_of(t) for t in node.held()), "the call ran again"
+    assert console.outcomes()[0] == [("error", "ResultTooLarge")]
+    (errors,) = [r.errors for r in console.link.of(m.Results, console.job) if 0 in r.answered]
+    assert errors[0][2] == "returned a result too large to send (core died)"
+    if on_error == "fail":
+        done = console.done()
+        assert done is not None and done.state == "failed"
+    else:
+        node.answer_all()
+        assert console.outcomes()[1] == [("ok", 1)]
+        assert console.done() is not None
+
+
 def test_a_finished_detached_job_replays_to_anyone_even_while_another_console_is_attached() -> None:
     """Once a detached job is over, attach never waits for the attached console to leave:
     every attacher gets every result and the job's end."""

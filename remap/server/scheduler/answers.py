@@ -242,9 +242,12 @@ class NodeAnswers:
         for part in reversed(innocent):
             self._requeue(job, part)
         errors = []
+        # a result too large for a frame, from a lone argument, is that argument's own result:
+        # running it again gives the same (retries are for crashes and timeouts)
+        alone_too_large = msg.reason == "too-large" and len(seg) == 1
         for s in suspects:
             s.attempts += 1
-            if s.attempts > job.options.retries:
+            if s.attempts > job.options.retries or alone_too_large:
                 errors.append(s)
             else:
                 self._requeue(job, s)
@@ -263,7 +266,9 @@ class NodeAnswers:
                 "no-answer": "TaskTimeout",
             }.get(msg.reason, "CoreCrashed")
             for s in errors:
-                text = f"{what} {s.attempts} time{'s' if s.attempts != 1 else ''}"
+                text = what
+                if msg.reason != "too-large":
+                    text += f" {s.attempts} time{'s' if s.attempts != 1 else ''}"
                 if msg.message:
                     text += f" ({msg.message})"
                 job.failed += 1
