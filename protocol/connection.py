@@ -142,6 +142,9 @@ class Connection:
         self._key = secret
         self._nonce_source = nonce
         self._max_frame = max_frame
+        #: the largest frame the peer accepts: the server's from its welcome, a client's from
+        #: its hello (a client that says nothing accepts the default limit)
+        self.peer_max_frame = DEFAULT_MAX_FRAME
         self._heartbeat = heartbeat
         self._name = name
         self._user = user
@@ -175,6 +178,7 @@ class Connection:
             nonce=self._my_nonce,
             name=self._name[:200],
             user=self._user,
+            max_frame=self._max_frame,
         )
         header = self._queue(hello)
         self._hello_hash = _digest(header)
@@ -203,6 +207,13 @@ class Connection:
         """The largest frame this side will send or accept now (after the handshake: the
         smaller of the two sides' limits, for a client)."""
         return self._max_frame
+
+    @property
+    def send_limit(self) -> int:
+        """The largest frame this side may send the peer: the smaller of the two sides' limits
+        (a client's own limit is that already, once the welcome came). Frames are held to it
+        by their :func:`~.framing.frame_length`, header included."""
+        return min(self._max_frame, self.peer_max_frame)
 
     @property
     def partial_frame(self) -> int:
@@ -351,6 +362,8 @@ class Connection:
             self._check_versions(msg.version, msg.python, msg.cloudpickle)
             self.peer_role = msg.role
             self._peer_name = msg.name
+            if msg.max_frame > 0:  # (a nonsensical limit is not said: the default holds)
+                self.peer_max_frame = msg.max_frame
             self._user = msg.user
             if msg.user:
                 if msg.role != "console":
@@ -425,9 +438,9 @@ class Connection:
             self.session = msg.session
             if 0.05 <= msg.heartbeat <= 3600:  # ignore absurd values rather than spin or go deaf
                 self.peer_heartbeat = msg.heartbeat
-            self._max_frame = (
-                min(self._max_frame, msg.max_frame) if msg.max_frame > 0 else self._max_frame
-            )
+            if msg.max_frame > 0:
+                self.peer_max_frame = msg.max_frame
+                self._max_frame = min(self._max_frame, msg.max_frame)
             self.peer_role = "server"
             self._open()
             return Authenticated("server", "", msg.session)

@@ -40,6 +40,13 @@ class Frame(NamedTuple):
 _new_frame = tuple.__new__
 
 
+def frame_length(header: bytes, payload: bytes | memoryview = b"") -> int:
+    """The frame's ``length`` field: what a receiver holds against its limit (the frame is
+    refused when this is over it). The header and the 4 bytes of ``hlen`` count, so a frame
+    whose payload alone is at the limit is over it."""
+    return 4 + len(header) + len(payload)
+
+
 def encode_frame(header: bytes, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
     """Return the frame as a list of buffers, so a large payload is never copied."""
     length = 4 + len(header) + len(payload)

@@ -22,6 +22,7 @@ from .checks import NAMESPACE as _CHECK_NAMES
 from .checks import checker as _checker
 from .checks import expression as _expression
 from .errors import InvalidOption, LocalProtocolError, RemoteProtocolError, UnknownMessageType
+from .framing import DEFAULT_MAX_FRAME
 from .options import JobOptions
 from .status import JobStatus, NodeStatus, ServerStatus
 
@@ -423,6 +424,10 @@ class Hello(Message):
     #: a console authenticating with a person's key (see ``connection.person_key``); "" for the
     #: cluster secret itself
     user: str = ""
+    #: the largest frame this client accepts once authenticated (its ``REMAP_MAX_FRAME``): the
+    #: server sends it nothing larger. Left out at the default limit (what a client that does
+    #: not know this field accepts), so such a hello reads the same to an older server
+    max_frame: int = DEFAULT_MAX_FRAME
 
 
 @message

@@ -127,6 +127,8 @@ class LocalLink:
         self.peer = peer
         self.handler = handler
         self.conn = _Limits(max_frame)
+        #: no frame to size: messages cross as objects (see ``PeerProtocol.frame_limit``)
+        self.frame_limit = 0
         self.other: LocalLink | None = None
         self.open = True
         self._inbox: deque[m.Message] = deque()

@@ -297,6 +297,9 @@ class PeerProtocol(Protocol):
         self.failure: RemapError | None = None
         self.open = False
         self.peer = ""
+        #: the largest frame the peer accepts (the smaller of the two sides' limits), set once
+        #: authenticated: what the server sizes a console's results and replies to
+        self.frame_limit = 0
         self.traffic = Traffic()
         self._socket: Any = None  # a plain TCP transport's socket: large frames skip copies
         self._sending: SendQueue | None = None  # and what it did not take at once
@@ -374,6 +377,7 @@ class PeerProtocol(Protocol):
                 self._cancel(self._deadline)
                 self._deadline = None
                 self.open = True
+                self.frame_limit = self.conn.send_limit
                 self._adopt_peer_heartbeat()
                 self._beat = self.clock.callLater(self.heartbeat_interval, self._heartbeat)
                 self.handler.authenticated(self, event)

@@ -34,7 +34,7 @@ from protocol.errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
-from protocol.framing import PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
 
 KEY = b"the right secret"
 WRONG = b"not the secret"
@@ -148,6 +148,37 @@ def test_client_takes_the_smaller_frame_limit():
     server.send(m.JobLoad(job=1, payload=b"x" * 60_000))
     error = failure(client.receive_data(out(server)))
     assert isinstance(error, FrameTooLarge)
+
+
+def test_the_server_learns_the_clients_smaller_frame_limit_from_its_hello():
+    """A client's hello carries its own limit; the server sends it nothing larger (its
+    ``send_limit``), while what the server accepts stays its own limit."""
+    server, client = pair(
+        role="console", server={"max_frame": 1 << 20}, client={"max_frame": 50_000}
+    )
+    ((hello, _),) = frames(b"".join(bytes(p) for p in client.outgoing))
+    assert hello["max_frame"] == 50_000
+    run_handshake(server, client)
+    assert server.peer_max_frame == 50_000 and server.send_limit == 50_000
+    assert server.max_frame == 1 << 20 and server.decoder.max_frame == 1 << 20
+    assert client.send_limit == 50_000 and client.peer_max_frame == 1 << 20
+
+
+def test_a_hello_without_a_frame_limit_stands_for_the_default_one():
+    """A client at the default limit leaves the field out (the hello an older server knows);
+    one from before the field, saying nothing, is held to the default limit too: the server
+    never sends it more than a client that knows nothing of the field accepts."""
+    client = Connection("console", KEY)
+    client.initiate()
+    ((hello, _),) = frames(out(client))
+    assert "max_frame" not in hello
+    big = Connection("server", KEY, max_frame=4 * DEFAULT_MAX_FRAME)
+    small = Connection("server", KEY, max_frame=1 << 20)
+    for server in (big, small):
+        raw = dict(hello, nonce=bytes(range(32)))
+        assert server.receive_data(frame(raw)) == []
+        assert server.peer_max_frame == DEFAULT_MAX_FRAME
+    assert big.send_limit == DEFAULT_MAX_FRAME and small.send_limit == 1 << 20
 
 
 def test_every_split_point_of_the_whole_handshake():
