@@ -45,6 +45,11 @@ def square(x: int) -> int:
     return x * x
 
 
+def blob(x: int) -> bytes:
+    """40 KiB of one byte; 300 KiB for a negative ``x`` (a result too large for small frames)."""
+    return bytes([abs(x) % 251]) * (300 * 1024 if x < 0 else 40 * 1024)
+
+
 def fragile(x: int) -> int:
     if x % 7 == 3:
         raise ValueError(f"no {x}")
@@ -143,9 +148,12 @@ class Cluster:
         self.scheduler = self.factory.scheduler
         self.pumps: list[iosim.IOPump] = []
 
-    def _join(self, role: str, handler: Any, name: str) -> tuple[PeerProtocol, iosim.IOPump]:
+    def _join(
+        self, role: str, handler: Any, name: str, max_frame: int | None = None
+    ) -> tuple[PeerProtocol, iosim.IOPump]:
         server = self.factory.buildProtocol(None)
-        conn = Connection(role, SECRET, max_frame=self.max_frame, heartbeat=HEARTBEAT, name=name)
+        limit = self.max_frame if max_frame is None else max_frame
+        conn = Connection(role, SECRET, max_frame=limit, heartbeat=HEARTBEAT, name=name)
         client = PeerProtocol(
             conn,
             handler,
@@ -176,9 +184,12 @@ class Cluster:
         assert any(n.host == name for n in self.scheduler.nodes.values())
         return pool, agent, pump
 
-    def console(self, name: str = "console") -> tuple[ClusterClient, iosim.IOPump]:
+    def console(
+        self, name: str = "console", *, max_frame: int | None = None
+    ) -> tuple[ClusterClient, iosim.IOPump]:
+        """A console; ``max_frame``: its own frame limit (default: the server's)."""
         client = ClusterClient()
-        self._join("console", client, name)
+        self._join("console", client, name, max_frame)
         assert client.link is not None
         return client, self.pumps[-1]
 
@@ -567,6 +578,50 @@ def test_big_arguments_fit_the_frame_limit() -> None:
     result = outcome(d)
     assert isinstance(result, JobOutcome), result
     assert run.sink.value() == [64 * 1024] * 300
+
+
+SMALL = 256 * 1024
+
+
+def test_a_console_with_a_small_frame_limit_gets_results_in_frames_it_takes() -> None:
+    """A console whose limit is far below the server's says so in its hello; batches whose
+    results are over it (a core packs them in one pickle) run again argument by argument and
+    arrive within its limit: the job ends done on the first connection, nothing dropped."""
+    cluster = Cluster()
+    pool, _, _ = cluster.node("node-a", cores=1)
+    client, _ = cluster.console(max_frame=SMALL)
+    link = client.link
+    run = job_run(blob, range(30), total=30, chunksize=10)
+    d = submit(client, run)
+    cluster.settle()
+    result = outcome(d)
+    assert isinstance(result, JobOutcome), result
+    assert (result.state, result.done, result.failed) == ("done", 30, 0)
+    assert run.sink.value() == [blob(i) for i in range(30)]
+    assert client.link is link and link.open and client.reconnects == 0
+    assert pool.ran[0] == 10 and 1 in pool.ran, "a packed batch over the limit ran again alone"
+    (server_end,) = cluster.factory.consoles
+    assert server_end.frame_limit == SMALL and server_end.conn.max_frame == MAX_FRAME
+
+
+def test_a_result_over_a_small_consoles_limit_fails_its_job_with_one_line() -> None:
+    """One result that cannot fit the console's frames fails the job (``on_error: fail``)
+    with one line naming the frame's size, the limit and REMAP_MAX_FRAME; the connection
+    stays up and the job is not run again."""
+    cluster = Cluster()
+    pool, _, _ = cluster.node("node-a", cores=1)
+    client, _ = cluster.console(max_frame=SMALL)
+    run = job_run(blob, [0, 1, -2, 3], chunksize=1)
+    d = submit(client, run)
+    cluster.settle()
+    failure = outcome(d)
+    assert isinstance(failure, Failure), failure
+    text = str(failure.value)
+    assert "argument 2 raised ResultTooLarge: its result needs a frame of 307," in text
+    assert "over the limit of 262,144 bytes" in text and "REMAP_MAX_FRAME" in text
+    assert "\n" not in text
+    assert client.link is not None and client.link.open and client.reconnects == 0
+    assert sum(pool.ran) <= 4, "nothing ran twice"
 
 
 def test_first_window_travels_before_the_server_names_the_job() -> None:

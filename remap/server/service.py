@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from protocol import Authenticated, Connection
 from protocol import messages as m
+from protocol.framing import frame_length
 
 from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol, ReadBudget, Traffic
@@ -19,6 +20,7 @@ from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
+from .scheduler.sizing import fit_status
 
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64
@@ -160,14 +162,25 @@ class ServerConnection:
             nodes, jobs, server = sched.status()
             jobs += self.server.drivers.describe(sched.clock.seconds())
             server = dataclasses.replace(server, excluded=sorted(self.server.exclusions.hosts))
-            link.send(
-                m.StatusReply(
-                    re=msg.id,
-                    nodes=[node.to_wire() for node in nodes],
-                    jobs=[job.to_wire() for job in jobs],
-                    server=server.to_wire(),
-                )
+            reply = m.StatusReply(
+                re=msg.id,
+                nodes=[node.to_wire() for node in nodes],
+                jobs=[job.to_wire() for job in jobs],
+                server=server.to_wire(),
             )
+            limit = getattr(link, "frame_limit", 0)
+            fitted = fit_status(reply, limit) if limit else reply
+            if fitted is None:
+                _refuse(
+                    link,
+                    msg,
+                    "failed",
+                    f"the status reply of {frame_length(*m.encode(reply)):,} bytes does not fit "
+                    f"the limit of {limit:,} bytes on frames to this console: raise the "
+                    "console's REMAP_MAX_FRAME",
+                )
+            else:
+                link.send(fitted)
         elif t is m.Drive:
             self._drive(link, msg)
         elif (t is m.Kill or t is m.Attach) and msg.job in self.server.drivers.jobs:
@@ -394,6 +407,7 @@ class RemapServerFactory(Factory):
             console_grace=console_grace,
             preempt_grace=preempt_grace,
             job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
+            max_frame=max_frame,
         )
         self.consoles: set[PeerProtocol] = set()
         #: in memory unless :meth:`use_exclusions` gives it a file (the server entry point does)

@@ -15,6 +15,7 @@ from . import policy
 from .effects import Close, command
 from .policy import SWEEP_INTERVAL
 from .segments import Segment, cut
+from .sizing import INT_MAX, RESULTS_HEADROOM, fit_results, fits, results_bound
 from .state import JobState, NodeState, TaskState
 
 
@@ -144,7 +145,33 @@ class NodeAnswers:
             packed=msg.packed,
             payload=msg.payload,
         )
-        self._deliver(job, results)
+        # (a bound without encoding: the header's lists at 9 bytes an integer at most)
+        limit = getattr(job.console, "frame_limit", 0)
+        if (
+            limit
+            and not job.options.detach  # (its results are stored whole, sized as they leave)
+            and (
+                n_err
+                or len(msg.payload)
+                + 4 * len(msg.output)
+                + INT_MAX * (len(msg.sizes) + len(listed))
+                + RESULTS_HEADROOM
+                > limit
+            )
+            and not fits(results, limit)
+        ):
+            if n > 1 and (msg.packed or msg.partial):
+                self._one_by_one(job, seg, results, limit)
+                return
+            pieces = fit_results(results, limit, self.max_frame)
+            for piece in pieces:
+                self._deliver(job, piece)
+            firsts = [(p, p.errors[0]) for p in pieces if p.errors]
+            n_err = sum(len(p.errors) for p in pieces)
+            first = (firsts[0][0].answered[firsts[0][1][0]], *firsts[0][1][1:3]) if firsts else None
+        else:
+            self._deliver(job, results)
+            first = (seg.indices[msg.errors[0][0]], *msg.errors[0][1:3]) if n_err else None
         # the call time measured (after the delivery, which does not read it: sent sooner)
         if msg.elapsed > 0 and n:
             sample = msg.elapsed / n
@@ -154,10 +181,34 @@ class NodeAnswers:
         # (a send that raises does not: Scheduler.unsent notes it and the count goes on)
         job.done += n - n_err
         job.failed += n_err
-        if n_err and job.options.on_error == "fail":
-            pos, type_name, text = msg.errors[0][:3]
-            self.finish(job, "failed", f"argument {seg.indices[pos]} raised {type_name}: {text}")
+        if first is not None and job.options.on_error == "fail":
+            index, type_name, text = first
+            self.finish(job, "failed", f"argument {index} raised {type_name}: {text}")
             return
+        self._maybe_complete(job)
+        self.pump()
+
+    def _one_by_one(self, job: JobState, seg: Segment, results: m.Results, limit: int) -> None:
+        """A packed batch or a partial fold (one pickle for all its arguments) too large for
+        a frame to its console: nothing of it is delivered; each argument runs again by itself
+        (no attempt counted: nothing failed), so each result is sized alone and only one that
+        cannot fit by itself becomes its error. Later batches of the job hold no more arguments
+        than fitted here (``result_cap``), so not every batch runs twice."""
+        n = len(seg.indices)
+        size = len(results.payload) + 1
+        job.result_cap = max(1, min(job.result_cap or n, n * limit // (2 * size)))
+        self.log.info(
+            "job {id}: results of {n} arguments ({size} bytes in one pickle) are over the "
+            "{limit}-byte frame limit of its console; running them one by one",
+            id=job.id,
+            n=n,
+            size=size - 1,
+            limit=limit,
+        )
+        for i in range(n - 1, -1, -1):
+            alone = cut(seg, i, i + 1)
+            alone.solo = True
+            self._requeue(job, alone)
         self._maybe_complete(job)
         self.pump()
 
@@ -299,6 +350,18 @@ class NodeAnswers:
         if job.options.detach:
             job.stored.append(msg)
             if job.attached and job.console is not None:
-                self._send(job.console, msg)
+                self._to_console(job.console, msg)
         elif job.console is not None:
-            self._send(job.console, msg)
+            self._to_console(job.console, msg)
+
+    def _to_console(self, link: Any, msg: m.Results) -> None:
+        """Send results in frames the console accepts (its ``frame_limit``; 0: no frames, an
+        in-process link): split, or a result that cannot fit sent as its error (see
+        :func:`~.sizing.fit_results`). A console that got a frame over its limit would close,
+        resume and be sent the same frame again, for ever."""
+        limit = getattr(link, "frame_limit", 0)
+        if limit and (msg.errors or results_bound(msg) > limit):
+            for piece in fit_results(msg, limit, self.max_frame):
+                self._send(link, piece)
+        else:
+            self._send(link, msg)

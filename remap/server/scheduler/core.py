@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
+from protocol.framing import DEFAULT_MAX_FRAME
 from protocol.options import JobOptions
 from protocol.status import JobStatus, NodeStatus, ServerStatus
 
@@ -97,8 +98,12 @@ class Scheduler(NodeAnswers, Recovery):
         keep_finished: int = 50,
         job_ids_from: int = 1,
         event_log: int = 1000,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.clock = clock
+        #: the server's own frame limit (a console's ``frame_limit`` is at most this): named
+        #: in the error of a result too large for a console's frames
+        self.max_frame = max_frame
         self._outbox: list[Effect] = []
         self._depth = 0  # commands running (see :func:`command`)
         #: inside :meth:`node_said` or :meth:`console_said`: a send with nothing queued ahead of
@@ -708,7 +713,7 @@ class Scheduler(NodeAnswers, Recovery):
             return None
         if job.finished:  # nothing more will come: anyone may have the replay, any number of times
             for msg in job.stored:
-                self._send(console, msg)
+                self._to_console(console, msg)
             self._send(console, self._done_message(job))
             return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
@@ -720,7 +725,7 @@ class Scheduler(NodeAnswers, Recovery):
         job.attached = True
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
-            self._send(console, msg)
+            self._to_console(console, msg)
         self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
 
@@ -900,6 +905,8 @@ class Scheduler(NodeAnswers, Recovery):
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
         credits = self._credits_for(job)
         size = policy.tail_share(job, job.batch, credits)
+        if job.result_cap and size > job.result_cap:
+            size = job.result_cap  # (results of more would not fit a frame to the console)
         seg = take_from(job.pending, size, MAX_BATCH_BYTES)
         n = len(seg.indices)  # (len(seg) is a Python call)
         job.pending_count -= n

@@ -37,6 +37,9 @@ class Segment:
     groups: list[int] | None = None
     skip: int = 0
     tail: int = 0
+    #: travels alone without having failed: an argument whose batch's results were too large
+    #: for a frame to the console as one pickle, run again by itself (no attempt counted)
+    solo: bool = False
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -44,7 +47,7 @@ class Segment:
     @property
     def alone(self) -> bool:
         """Travels alone: a retried argument, or part of a group (never merged with others)."""
-        return bool(self.attempts or self.skip or self.tail)
+        return bool(self.attempts or self.skip or self.tail or self.solo)
 
 
 def _merge_indices(parts: list[Indices]) -> Indices:

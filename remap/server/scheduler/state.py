@@ -185,6 +185,9 @@ class JobState:
     #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again, in order,
     #: before it continues from its ``sent`` (then ``received`` is the next index again)
     expect: deque[list[int]] = field(default_factory=deque)
+    #: arguments a batch may hold so its results fit one frame to the console (0: no cap),
+    #: learned when a packed batch's did not (see ``NodeAnswers._one_by_one``)
+    result_cap: int = 0
 
     #: ``phase`` is final; and ``phase`` is RECEIVING: the console is still sending arguments
     #: (no ``args_end`` yet). Attributes :meth:`move` keeps, not properties: they are read on

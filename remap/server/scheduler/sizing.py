@@ -1,0 +1,162 @@
+"""Messages to a console sized to the frames it accepts (its ``hello.max_frame``).
+
+A console refuses a frame over its limit by closing the connection; it then dials again,
+resumes its job and would get the same frame again, for ever. So nothing over the limit is
+sent: a ``results`` message is split between results, a result that cannot fit by itself
+becomes that argument's error (``ResultTooLarge``, one line naming the frame's size, the limit
+and the setting to raise), and a status reply leaves out its oldest finished jobs. Pure: no
+links, no clock. A frame's size is its ``length`` field (:func:`protocol.framing.frame_length`),
+header included: what the receiver holds against its limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from protocol import messages as m
+from protocol.framing import frame_length
+
+#: bytes a ``results`` header takes besides its lists and text: every key, the job id, the
+#: run's start and count, the flags and the headers of the lists and the text (about 120)
+RESULTS_HEADROOM = 256
+#: bytes of a msgpack integer at most
+INT_MAX = 9
+#: bytes one result adds to a header at most: its size and its index
+PER_RESULT = 2 * INT_MAX
+#: the error type a result too large for its console's frames becomes (as a node's too large
+#: result does: see ``answers.py``)
+TOO_LARGE = "ResultTooLarge"
+
+
+def results_bound(msg: m.Results) -> int:
+    """An upper bound on the frame length of ``msg`` when it has no errors (no encoding: the
+    scheduler asks this of every delivery; text counts 4 bytes a character, UTF-8's most)."""
+    return (
+        len(msg.payload)
+        + 4 * len(msg.output)
+        + INT_MAX * (len(msg.sizes) + len(msg.indices))
+        + RESULTS_HEADROOM
+    )
+
+
+def fits(msg: m.Message, limit: int) -> bool:
+    """Whether ``msg`` travels in a frame of at most ``limit`` (encoded to know)."""
+    return frame_length(*m.encode(msg)) <= limit
+
+
+def too_large_text(need: int, limit: int, server_limit: int) -> str:
+    """The one line a result too large for its console's frames is reported with."""
+    whose = "the console's" if limit < server_limit else "the console's and the server's"
+    return (
+        f"its result needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on "
+        f"frames to this console: raise {whose} REMAP_MAX_FRAME"
+    )
+
+
+def _cut_output(output: str, limit: int) -> str:
+    """What a batch printed, cut to a quarter of the frame at most (it rides on its first
+    piece; a frame is mostly for results)."""
+    room = limit // 16  # characters: 4 bytes each at most
+    if 4 * len(output) <= limit // 4:
+        return output
+    return output[:room] + f"\n... ({len(output) - room} more characters cut: frame limit)"
+
+
+def _error_entry(pos: int, text: str) -> list[Any]:
+    return [pos, TOO_LARGE, text, ""]
+
+
+def fit_results(msg: m.Results, limit: int, server_limit: int) -> list[m.Results]:
+    """``msg`` as messages that each travel in a frame of at most ``limit`` bytes, in order.
+
+    Split between results (errors keep their positions within their piece; what the calls
+    printed rides on the first piece). A result too large for a frame by itself is sent as
+    that argument's :data:`TOO_LARGE` error instead. A packed batch or a partial fold is one
+    pickle for all its arguments: if it does not fit, each of them gets that error (the
+    scheduler re-runs such a batch's arguments one by one first, while it still can).
+    """
+    if fits(msg, limit):
+        return [msg]
+    answered = msg.answered
+    n = len(answered)
+    output = _cut_output(msg.output, limit)
+    if msg.packed or msg.partial or len(msg.sizes) != n:
+        need = frame_length(*m.encode(msg))
+        text = too_large_text(need, limit, server_limit)
+        known = {e[0]: e for e in msg.errors}
+        errors = [known.get(i) or _error_entry(i, text) for i in range(n)]
+        return [
+            m.Results.of(
+                msg.job,
+                answered,
+                sizes=[] if msg.partial else [0] * n,
+                errors=errors,
+                output=output,
+                partial=msg.partial,
+            )
+        ]
+    errors = {e[0]: e for e in msg.errors}
+    payload = memoryview(msg.payload)
+    offsets = [0]
+    for size in msg.sizes:
+        offsets.append(offsets[-1] + size)
+
+    def piece(a: int, b: int, text: str, lone_error: list[Any] | None = None) -> m.Results:
+        if lone_error is not None:  # one result, replaced by its error
+            return m.Results.of(msg.job, answered[a:b], sizes=[0], errors=[lone_error], output=text)
+        return m.Results.of(
+            msg.job,
+            answered[a:b],
+            sizes=msg.sizes[a:b],
+            errors=[[e[0] - a, *e[1:]] for i in range(a, b) if (e := errors.get(i))],
+            output=text,
+            payload=payload[offsets[a] : offsets[b]],
+        )
+
+    def cost(i: int) -> int:
+        entry = errors.get(i)
+        extra = len(msgpack.packb(entry, use_bin_type=True)) if entry is not None else 0
+        return msg.sizes[i] + PER_RESULT + extra
+
+    pieces: list[m.Results] = []
+    a = 0
+    while a < n:
+        text = output if not pieces else ""
+        room = limit - RESULTS_HEADROOM - 4 * len(text)
+        b, used = a, 0
+        while b < n and used + cost(b) <= room:
+            used += cost(b)
+            b += 1
+        if b > a:
+            pieces.append(piece(a, b, text))
+            a = b
+            continue
+        lone = piece(a, a + 1, text)  # the bound says no: the exact size decides
+        if not fits(lone, limit):
+            need = frame_length(*m.encode(lone))
+            entry = _error_entry(0, too_large_text(need, limit, server_limit))
+            lone = piece(a, a + 1, text, entry)
+        pieces.append(lone)
+        a += 1
+    return pieces
+
+
+def fit_status(reply: m.StatusReply, limit: int) -> m.StatusReply | None:
+    """``reply`` in a frame of at most ``limit`` bytes: without its oldest finished jobs if it
+    must (running ones stay); None if even that does not fit."""
+    if fits(reply, limit):
+        return reply
+    over = frame_length(*m.encode(reply)) - limit
+    jobs = list(reply.jobs)
+    dropped: set[int] = set()
+    for k, job in enumerate(jobs):
+        if over <= 0:
+            break
+        if job.get("state") != "running":
+            dropped.add(k)
+            over -= len(msgpack.packb(job, use_bin_type=True))
+    kept = [job for k, job in enumerate(jobs) if k not in dropped]
+    trimmed = m.StatusReply(re=reply.re, nodes=reply.nodes, jobs=kept, server=reply.server)
+    return trimmed if fits(trimmed, limit) else None

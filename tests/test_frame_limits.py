@@ -1,0 +1,318 @@
+"""Frames to a console are sized to the limit it said in its hello, header included.
+
+A console whose ``REMAP_MAX_FRAME`` is smaller than the server's used to be sent a ``results``
+frame over its limit: it closed the connection, resumed the job, was sent the same frame again,
+for ever. Pure tests: the sizing functions, then the scheduler with fake links whose
+``frame_limit`` is the console's (no reactor, no sockets). The in-memory and real-process
+tests are in ``test_inmemory.py`` and ``test_e2e_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Any
+
+import pytest
+
+from protocol import messages as m
+from protocol.framing import frame_length
+from remap.blobs import dumps, split
+from remap.server.scheduler import Scheduler
+from remap.server.scheduler.effects import NodeSaid
+from remap.server.scheduler.sizing import TOO_LARGE, fit_results, fit_status
+from tests.test_scheduler import FakeConsole, FakeNode, event, make
+
+KIB = 1024
+
+
+def length(msg: m.Message) -> int:
+    """The frame length a receiver holds against its limit."""
+    return frame_length(*m.encode(msg))
+
+
+def outcomes(pieces: list[m.Results]) -> list[tuple[int, Any]]:
+    """(index, bytes of the result, or the error's type) of every result, in order."""
+    out = []
+    for piece in pieces:
+        errors = {e[0]: e for e in piece.errors}
+        blobs = list(split(piece.sizes, piece.payload))
+        for pos, index in enumerate(piece.answered):
+            out.append((index, errors[pos][1] if pos in errors else bytes(blobs[pos])))
+    return out
+
+
+# ============================================================================ the sizing functions
+
+
+def test_a_results_frame_whose_payload_is_at_the_limit_is_over_it_and_is_split() -> None:
+    """The header counts: results whose pickles add up to the limit exactly do not fit one
+    frame; they leave as pieces each within the limit, every result once and in order."""
+    limit = 64 * KIB
+    blobs = [bytes([i]) * (limit // 4) for i in range(4)]
+    msg = m.Results.of(12, range(100, 104), sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    assert len(msg.payload) == limit and length(msg) > limit
+    pieces = fit_results(msg, limit, limit)
+    assert len(pieces) == 2 and all(length(p) <= limit for p in pieces)
+    assert outcomes(pieces) == [(100 + i, b) for i, b in enumerate(blobs)]
+
+
+def test_a_node_result_that_fits_the_servers_frames_may_not_fit_as_results() -> None:
+    """A node's ``result`` at the limit (what the node checks) becomes a ``results`` with a
+    longer header (the job id, the indices of a batch with gaps): a few bytes over. It is
+    sent within the limit."""
+    limit = 32 * KIB
+    indices = list(range(0, 4000, 2))  # gaps: listed, not a run
+    sizes = [10] * (len(indices) - 1) + [1000]
+    answer = m.TaskResult(task=7, sizes=sizes, elapsed=0.25, payload=b"r" * sum(sizes))
+    sizes[-1] += limit - length(answer)  # the node's answer exactly at the limit
+    blobs = [b"r" * size for size in sizes]
+    answer = m.TaskResult(task=7, sizes=sizes, elapsed=0.25, payload=b"".join(blobs))
+    assert length(answer) == limit
+    msg = m.Results.of(1_767_225_600_123, indices, sizes=answer.sizes, payload=answer.payload)
+    assert length(msg) > limit
+    pieces = fit_results(msg, limit, limit)
+    assert all(length(p) <= limit for p in pieces)
+    assert outcomes(pieces) == list(zip(indices, blobs, strict=True))
+
+
+def test_a_result_too_large_for_a_frame_by_itself_becomes_its_error_in_one_line() -> None:
+    """Its neighbours travel; it becomes a ResultTooLarge error whose one line names the
+    frame it would need, the limit and the setting to raise."""
+    limit = 16 * KIB
+    blobs = [b"a" * 100, b"b" * (20 * KIB), b"c" * 100]
+    msg = m.Results.of(3, range(3), sizes=[len(b) for b in blobs], payload=b"".join(blobs))
+    pieces = fit_results(msg, limit, 256 * 1024 * 1024)
+    assert all(length(p) <= limit for p in pieces)
+    assert outcomes(pieces) == [(0, blobs[0]), (1, TOO_LARGE), (2, blobs[2])]
+    ((_, _, text, _),) = [e for p in pieces for e in p.errors]
+    assert "\n" not in text
+    need = 20 * KIB + 100
+    assert "16,384 bytes" in text and "raise the console's REMAP_MAX_FRAME" in text
+    assert any(f"{n:,} bytes" in text for n in range(20 * KIB, need)), text
+
+
+def test_when_the_server_has_the_same_limit_both_settings_are_named() -> None:
+    """A console whose limit is the server's: raising its own alone would not help."""
+    msg = m.Results.of(3, range(1), sizes=[20 * KIB], payload=b"x" * 20 * KIB)
+    (piece,) = fit_results(msg, 16 * KIB, 16 * KIB)
+    assert "the console's and the server's REMAP_MAX_FRAME" in piece.errors[0][2]
+
+
+def test_a_packed_batch_or_a_fold_that_does_not_fit_is_an_error_for_each_argument() -> None:
+    """One pickle for several arguments cannot be cut between them: each gets the error."""
+    blob = b"p" * (40 * KIB)
+    packed = m.Results.of(4, range(10, 13), sizes=[len(blob)], packed=True, payload=blob)
+    (piece,) = fit_results(packed, 32 * KIB, 64 * KIB)
+    assert not piece.packed and piece.sizes == [0, 0, 0] and piece.payload == b""
+    assert [e[:2] for e in piece.errors] == [[0, TOO_LARGE], [1, TOO_LARGE], [2, TOO_LARGE]]
+    fold = m.Results.of(4, [1, 5], sizes=[len(blob)], partial=True, payload=blob)
+    (piece,) = fit_results(fold, 32 * KIB, 64 * KIB)
+    assert piece.partial and piece.sizes == [] and len(piece.errors) == 2
+    assert list(piece.answered) == [1, 5] and length(piece) <= 32 * KIB
+
+
+def test_random_batches_are_cut_within_the_limit_keeping_every_outcome() -> None:
+    """Batches of random sizes, errors, output and index layouts, at random limits: every
+    piece is within the limit, every argument answered once in order, each result intact
+    unless it could not fit by itself, errors kept with their texts."""
+    rng = random.Random(1234)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        limit = rng.choice([2, 4, 16, 64]) * KIB + rng.randint(0, 999)
+        sizes = [rng.choice([0, 10, 300, 1500, 5000, 70_000]) for _ in range(n)]
+        blobs = [bytes([i % 251]) * s for i, s in enumerate(sizes)]
+        failing = sorted(rng.sample(range(n), rng.randint(0, n // 3)))
+        errors = [
+            [p, "ValueError", f"bad {p}", "Traceback\n" * rng.randint(0, 30)] for p in failing
+        ]
+        for p in failing:
+            blobs[p], sizes[p] = b"", 0
+        start = rng.randint(0, 10**12)
+        indices = (
+            range(start, start + n) if rng.random() < 0.5 else sorted(rng.sample(range(10**6), n))
+        )
+        output = "é" * rng.choice([0, 10, 5000])
+        msg = m.Results.of(
+            rng.randint(1, 2**62),
+            indices,
+            sizes=sizes,
+            errors=errors,
+            output=output,
+            payload=b"".join(blobs),
+        )
+        pieces = fit_results(msg, limit, 256 * KIB)
+        assert all(length(p) <= limit for p in pieces), limit
+        got = outcomes(pieces)
+        assert [i for i, _ in got] == list(indices)
+        for pos, (_, value) in enumerate(got):
+            if pos in failing:
+                assert value in ("ValueError", TOO_LARGE)
+            elif value != blobs[pos]:
+                assert value == TOO_LARGE and sizes[pos] + 200 > limit
+        texts = [e[2] for p in pieces for e in p.errors if e[1] == "ValueError"]
+        assert all(t.startswith("bad ") for t in texts)
+
+
+def job_map(i: int, state: str) -> dict:
+    return {"id": i, "state": state, "name": f"job {i}", "message": "m" * 400}
+
+
+def test_a_status_reply_over_the_limit_leaves_out_its_oldest_finished_jobs() -> None:
+    """Running jobs stay; finished ones go, oldest first, until the reply fits; None when
+    even the running ones do not."""
+    jobs = [job_map(i, "done") for i in range(20)] + [job_map(20 + i, "running") for i in range(3)]
+    reply = m.StatusReply(re=5, nodes=[], jobs=jobs)
+    assert fit_status(reply, length(reply)) is reply
+    limit = length(reply) - 3 * KIB
+    trimmed = fit_status(reply, limit)
+    assert trimmed is not None and length(trimmed) <= limit and trimmed.re == 5
+    ids = [j["id"] for j in trimmed.jobs]
+    assert ids[-3:] == [20, 21, 22] and ids == sorted(ids) and ids[0] > 0
+    assert ids[0] == 20 - (len(ids) - 3), "the newest finished jobs are kept"
+    assert fit_status(reply, 1 * KIB) is None
+
+
+# ============================================================================ the scheduler
+
+
+class SmallConsole(FakeConsole):
+    """A console whose connection takes frames of at most ``limit`` bytes."""
+
+    def __init__(self, sched: Scheduler, values: Any, *, limit: int, **params: Any) -> None:
+        self.limit_ = limit
+        super().__init__(sched, values, **params)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "link":
+            value.frame_limit = self.limit_
+        super().__setattr__(name, value)
+
+    def frames_ok(self) -> bool:
+        return all(length(msg) <= self.limit_ for msg in self.link.sent)
+
+
+def blob_of(n: int) -> Any:
+    return lambda x: bytes([x % 251]) * n
+
+
+def packed_answer(node: FakeNode, task: m.Task, fn: Any) -> None:
+    """Answer as a core does: one pickle of the list of every result."""
+    node.poll()
+    node.tasks.pop(task.task, None)
+    blob = dumps([fn(pickle.loads(b)) for b in split(task.sizes, task.payload)])
+    msg = m.TaskResult(task=task.task, sizes=[len(blob)], packed=True, payload=blob)
+    event(node.sched, NodeSaid(node.id, msg))
+
+
+def test_results_too_large_for_a_consoles_frames_reach_it_in_pieces() -> None:
+    """A batch whose results are over the console's limit arrives split, every result once,
+    and the job ends done; no frame to it is over its limit."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = SmallConsole(sched, range(10), limit=64 * KIB, chunksize=10)
+    console.feed()
+    (task,) = node.held()
+    node.answer(task, fn=blob_of(20 * KIB))
+    batches = console.link.of(m.Results)
+    assert len(batches) >= 4 and console.frames_ok()
+    assert {i: v for i, ((_, v),) in console.outcomes().items()} == {
+        i: bytes([i]) * 20 * KIB for i in range(10)
+    }
+    assert console.done().state == "done"
+
+
+def test_a_single_result_over_the_consoles_limit_fails_the_job_with_one_line() -> None:
+    """``on_error: fail``: the job ends failed naming the argument, the frame size, the limit
+    and the setting; nothing is sent again (no loop) and no frame is over the limit."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = SmallConsole(sched, range(3), limit=64 * KIB, chunksize=1)
+    console.feed()
+    for task in node.held():
+        node.answer(task, fn=lambda x: b"x" * (100 * KIB if x == 1 else 10))
+    done = console.done()
+    assert done is not None and done.state == "failed", done
+    assert done.message.startswith("argument 1 raised ResultTooLarge: its result needs a frame of")
+    assert "65,536 bytes" in done.message and "REMAP_MAX_FRAME" in done.message
+    assert "\n" not in done.message
+    assert console.frames_ok() and not node.held()
+
+
+def test_with_on_error_continue_the_too_large_result_is_that_arguments_error() -> None:
+    """The others are delivered; the job ends done with one failed argument."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = SmallConsole(sched, range(4), limit=64 * KIB, chunksize=4, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.answer(task, fn=lambda x: b"y" * (100 * KIB if x == 2 else 10))
+    outcomes = console.outcomes()
+    assert outcomes[2] == [("error", TOO_LARGE)]
+    assert [outcomes[i] for i in (0, 1, 3)] == [[("ok", b"y" * 10)]] * 3
+    done = console.done()
+    assert (done.state, done.done, done.failed) == ("done", 3, 1)
+
+
+def test_a_packed_batch_over_the_limit_runs_again_one_argument_at_a_time() -> None:
+    """A core packs a batch's results in one pickle, which cannot be cut: nothing of it is
+    delivered, each argument runs again by itself (no attempt counted), later batches are
+    capped so their results fit, and every result arrives once."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = SmallConsole(sched, range(40), limit=64 * KIB, chunksize=8, retries=0)
+    console.feed()
+    fn = blob_of(20 * KIB)
+    first = node.held()
+    assert [len(node.args_of(t)) for t in first] == [8, 8]  # (a core's credit: two tasks)
+    for task in first:
+        packed_answer(node, task, fn)
+    assert not console.link.of(m.Results)
+    counts = []
+    for _ in range(200):
+        held = node.held()
+        if not held:
+            break
+        for task in held:
+            counts.append(len(node.args_of(task)))
+            packed_answer(node, task, fn)
+    assert counts[:16] == [1] * 16, "the batches' arguments ran again one by one"
+    assert max(counts) == 1 and len(counts) == 40, "later batches are capped to what fits"
+    assert console.frames_ok()
+    outcomes = console.outcomes()
+    assert sorted(outcomes) == list(range(40))
+    assert all(len(v) == 1 for v in outcomes.values())
+    assert console.done().state == "done"
+
+
+def test_a_detached_jobs_results_are_replayed_in_frames_the_attaching_console_takes() -> None:
+    """The server keeps a detached job's results as they came; a console with a smaller
+    limit that attaches gets them split (and a result that cannot fit as its error)."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(6), chunksize=6, detach=True, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.answer(task, fn=lambda x: b"z" * (100 * KIB if x == 5 else 20 * KIB))
+    assert sched.jobs[console.job].finished
+    small = SmallConsole(sched, [], limit=64 * KIB, name="late")
+    assert sched.attach(small.link, console.job) is not None
+    assert small.frames_ok() and len(small.link.of(m.Results, console.job)) >= 3
+    small.job = console.job
+    outcomes = small.outcomes()
+    assert [outcomes[i] for i in range(5)] == [[("ok", b"z" * 20 * KIB)]] * 5
+    assert outcomes[5] == [("error", TOO_LARGE)]
+
+
+@pytest.mark.parametrize("limit", [0, 256 * 1024 * 1024])
+def test_a_console_without_a_small_limit_gets_the_batch_as_it_came(limit: int) -> None:
+    """No limit (an in-process link) or a large one: one message, no re-run."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = SmallConsole(sched, range(5), limit=limit, chunksize=5)
+    console.feed()
+    (task,) = node.held()
+    packed_answer(node, task, blob_of(100 * KIB))
+    (results,) = console.link.of(m.Results)
+    assert results.packed and list(results.answered) == list(range(5))
+    assert console.done().state == "done"
