@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -269,6 +270,33 @@ def test_on_error_fail_stops_with_one_clear_line(shared: Cluster, tmp_path: Path
     summary = json.loads(done.stdout)  # --json still prints its summary, saying it failed
     assert (summary["state"], summary["exit_code"]) == ("failed", done.returncode), summary
     assert summary["error"] in line
+
+
+def test_a_console_with_a_small_frame_limit_gets_its_results_or_one_line(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    """A console whose REMAP_MAX_FRAME (1 MiB) is far below the server's (256 MiB): a batch of
+    results over it arrives all the same (run again one by one), and a single result of 2 MiB
+    ends the job in one line naming the size, the limit and the setting, within seconds. It
+    used to loop: the console refused the frame, dialled again, resumed the job, was sent the
+    same frame again."""
+    small = {"REMAP_MAX_FRAME": str(1 << 20)}
+    batch = job(tmp_path, "kibibytes", args=[300] * 10, chunksize=10, response_mode="none")
+    done = shared.console("compute", str(batch), "--json", env=small, timeout=60)
+    shared.assert_ok(done)
+    summary = json.loads(done.stdout)
+    assert (summary["state"], summary["done"], summary["failed"]) == ("done", 10, 0), summary
+    assert "reconnect" not in done.stderr, done.stderr
+    too_large = job(tmp_path, "kibibytes", args=[1, 2048, 1], chunksize=1, response_mode="none")
+    began = time.monotonic()
+    done = shared.console("compute", str(too_large), env=small, timeout=60)
+    took = time.monotonic() - began
+    assert done.returncode == 1, shared.explain(done)
+    no_traceback(done)
+    (line,) = error_lines(done)
+    assert "argument 1 raised ResultTooLarge: its result needs a frame of 2,097," in line, line
+    assert "over the limit of 1,048,576 bytes" in line and "REMAP_MAX_FRAME" in line, line
+    assert took < 30, f"{took:.1f}s"
 
 
 @pytest.mark.parametrize("mode", ["object", "stream"])

@@ -104,3 +104,8 @@ def unreadable_on_3_mod_7(x):
 def ten_kilobytes(x):
     """A 10 kB string: a few hundred of these fill a small disk."""
     return f"{x}:" + "x" * 10_000
+
+
+def kibibytes(n):
+    """A string of ``n`` KiB: results over a small frame limit."""
+    return "k" * (n * 1024)
