@@ -812,6 +812,10 @@ class Cluster:
     def closed(self) -> bool:
         return self._closed
 
+    def _output_handler(self) -> Callable[[int, str], None] | None:
+        """Where this handle's task output goes: the printer thread, or nowhere."""
+        return taskoutput.printer.put if self.task_output else None
+
     def _stream(self, fn_blob: bytes, params: JobOptions, **options: Any) -> JobStream:
         """Start a job of this handle: its modules and files travel along, its task output is
         printed here (by the printer thread)."""
@@ -819,7 +823,7 @@ class Cluster:
             bundle.wrap(fn_blob, self.bundle),
             params,
             call_soon=self._call_soon,
-            on_output=taskoutput.printer.put if self.task_output else None,
+            on_output=self._output_handler(),
             **options,
         )
         self._streams.add(stream)
@@ -1096,7 +1100,13 @@ class Cluster:
         job = job_from_functions(functions, input, output, reducers=reducers, **options)
         data = DataDir.from_setting(data_dir or self.settings.data_dir)
         assert self._client is not None
-        return DataJobRunner(self._client, job, data, on_progress=on_progress).run()
+        runner = DataJobRunner(
+            self._client, job, data, on_progress=on_progress, on_output=self._output_handler()
+        )
+        try:
+            return runner.run()
+        finally:  # what the tasks printed is shown before the call returns
+            taskoutput.printer.flush(OUTPUT_FLUSH_TIMEOUT)
 
     # ------------------------------------------------------------ vertex jobs
 
@@ -1161,18 +1171,22 @@ class Cluster:
             name=Path(getattr(module, "__file__", None) or "vertex").stem,
             lost_after=lost_after,
         )
-        return run_vertex(
-            self._client,
-            self.settings,
-            program,
-            config,
-            group=self.group,
-            retries=self.retries,
-            priority=self.priority,
-            bundle=self.bundle,
-            data_dir=data_dir,
-            on_report=on_superstep,
-        )
+        try:
+            return run_vertex(
+                self._client,
+                self.settings,
+                program,
+                config,
+                group=self.group,
+                retries=self.retries,
+                priority=self.priority,
+                bundle=self.bundle,
+                data_dir=data_dir,
+                on_report=on_superstep,
+                on_output=self._output_handler(),
+            )
+        finally:
+            taskoutput.printer.flush(OUTPUT_FLUSH_TIMEOUT)
 
     # ------------------------------------------------------------ futures
 

@@ -105,3 +105,86 @@ def test_the_console_shows_task_output_from_every_batch(tmp_path: Path) -> None:
     env = {"REMAP_TASK_OUTPUT": "false"}
     quiet = run_entry(CONSOLE_SCRIPT, *common, home=tmp_path, env=env, timeout=120)
     assert quiet.returncode == 0 and said(quiet.stderr) == set(), quiet.stderr
+
+
+FILE_JOB_MODULE = """
+import logging
+import sys
+
+
+def map(line):
+    print("print", line)
+    yield line, 1
+
+
+def reduce(key, values):
+    print("stderr", key, file=sys.stderr)
+    yield key, sum(values)
+
+
+def prepare(line):
+    log = logging.getLogger("remap.tests.talkjob")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.propagate = False
+    log.warning("logging %s", line)
+    return int(line), None, []
+
+
+def compute(ctx, vertex_id, value, messages):
+    return value, True
+"""
+
+
+def _file_job_module(tmp_path: Path) -> Path:
+    """A module that is both a data job (map, reduce) and a vertex job (prepare, compute),
+    each role printing or logging one line per record, and its input ``in/`` (lines 0..3)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "numbers.txt").write_text("".join(f"{x}\n" for x in range(4)))
+    path = tmp_path / "talkjob.py"
+    path.write_text(FILE_JOB_MODULE)
+    return path
+
+
+@pytest.mark.slow
+def test_data_and_vertex_jobs_show_task_output_in_the_python_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What map and reduce print and what prepare logs reach the caller's stderr, prefixed,
+    before mapreduce() and vertex() return. Before, data and vertex jobs showed nothing."""
+    module = load_module(_file_job_module(tmp_path))
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # shipped by value from there
+    data = tmp_path / "data"
+    with remap.connect(cores=1, settings=Settings()) as cluster:
+        summary = cluster.mapreduce(module, tmp_path / "in", tmp_path / "out", data_dir=data)
+        assert summary["state"] == "OK"
+        err = capsys.readouterr().err
+        assert said(err) == {(ch, x) for x in range(4) for ch in ("print", "stderr")}, err
+        cluster.vertex(module, tmp_path / "in", tmp_path / "vout", data_dir=data)
+        err = capsys.readouterr().err
+        assert said(err) == {("logging", x) for x in range(4)}, err
+
+
+@pytest.mark.slow
+def test_the_console_shows_task_output_of_data_and_vertex_jobs(tmp_path: Path) -> None:
+    """``compute`` of a data job shows what map and reduce print, of a vertex job what prepare
+    logs, each line prefixed; --no-task-output hides it. Before, both showed nothing."""
+    _file_job_module(tmp_path)
+    data_job = write_job(
+        tmp_path / "data.yaml", "kind: mapreduce\nmodule: talkjob.py\ninput: in/\noutput: out/\n"
+    )
+    vertex_job = write_job(
+        tmp_path / "vertex.yaml", "kind: vertex\nmodule: talkjob.py\ninput: in/\noutput: vout/\n"
+    )
+    common = ("--env-file", "/dev/null", "--cores", "1", "compute")
+    done = run_entry(CONSOLE_SCRIPT, *common, data_job, home=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert said(done.stderr) == {(ch, x) for x in range(4) for ch in ("print", "stderr")}
+    done = run_entry(CONSOLE_SCRIPT, *common, vertex_job, home=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert said(done.stderr) == {("logging", x) for x in range(4)}, done.stderr
+    data_job.write_text(data_job.read_text().replace("out/", "out2/"))  # out/ exists now
+    quiet = run_entry(
+        CONSOLE_SCRIPT, *common, data_job, "--no-task-output", home=tmp_path, timeout=120
+    )
+    assert quiet.returncode == 0 and said(quiet.stderr) == set(), quiet.stderr

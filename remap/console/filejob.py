@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -36,10 +37,12 @@ def run_file_job(
     job_id: str,
     on_progress: Callable[..., None],
     on_notice: Callable[[str], None] | None = None,
+    on_output: Callable[[int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run a data or vertex job file's driver here to its end; its summary (JobFailed,
     JobKilled). The job's own mistakes are raised before ``connect()`` is called;
-    ``on_progress(phase=, done=, total=, line=, sub_job=)`` runs at every report."""
+    ``on_progress(phase=, done=, total=, line=, sub_job=)`` runs at every report;
+    ``on_output(index, text)`` gets what the tasks print or log (on the reactor thread)."""
     if spec.kind == "mapreduce":
         from ..data.driver import DataJobRunner
         from ..data.jobspec import to_job
@@ -58,6 +61,7 @@ def run_file_job(
                 sub_job=p.phase_job,
             ),
             on_notice=on_notice,
+            on_output=on_output,
             job_id=job_id,
         )
         return runner.run()
@@ -76,6 +80,7 @@ def run_file_job(
         priority=spec.priority,
         job_id=job_id,
         on_launch=launched.append,
+        on_output=on_output,
         on_report=lambda r: on_progress(
             phase=f"superstep {r.superstep}",
             done=r.superstep + 1,
@@ -95,8 +100,23 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     job_id = new_job_id()
     every, prefix = (5.0, f"job {job_id}: ") if spec.kind == "mapreduce" else (2.0, "")
     last = [time.monotonic()]
+    # the reactor thread only queues task output; this thread prints it, the bar cleared
+    output: queue.SimpleQueue[str] = queue.SimpleQueue()
+    show_output = session.settings.task_output and not args.no_task_output
+
+    def print_output() -> None:
+        while True:
+            try:
+                text = output.get_nowait()
+            except queue.Empty:
+                return
+            if bar is not None:
+                bar.clear()
+            console.err.write(text)
+            console.err.flush()
 
     def on_progress(done: int, total: int | None, line: str, **_: Any) -> None:
+        print_output()
         if bar is not None:
             bar.draw(done, 0, total, line)
         elif not args.json and not args.quiet and time.monotonic() - last[0] >= every:
@@ -111,6 +131,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             job_id,
             on_progress,
             console.note if spec.kind == "mapreduce" else None,
+            (lambda index, text: output.put(text)) if show_output else None,
         )
     except RemapError as exc:  # failed, killed, or could not start (no server, no input)
         if isinstance(exc, JobFailed):
@@ -127,6 +148,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
         console.note(f"interrupted: {kind} job {job_id} killed; nothing was published")
         return EXIT_INTERRUPTED
     finally:
+        print_output()  # what arrived with the last results
         if bar is not None:
             bar.clear()
     return print_summary(console, spec.kind, summary, args.json)

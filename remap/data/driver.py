@@ -108,12 +108,18 @@ class _Phase:
         blob: bytes,
         args: list[Any],
         on_notice: Callable[[str], None] | None = None,
+        on_output: Callable[[int, str], None] | None = None,
     ) -> None:
         self.results: dict[int, Any] = {}
         self.errors: list[TaskErrorInfo] = []
         call_soon = runtime.reactor().callFromThread
         self.run = JobStream(
-            blob, params, call_soon=call_soon, total_hint=len(args), on_notice=on_notice
+            blob,
+            params,
+            call_soon=call_soon,
+            total_hint=len(args),
+            on_notice=on_notice,
+            on_output=on_output,
         )
         self.run.start(client).put_many([dumps(a) for a in args])
         self.run.close_input()
@@ -144,6 +150,7 @@ class DataJobRunner:
         *,
         on_progress: Callable[[DataProgress], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        on_output: Callable[[int, str], None] | None = None,
         job_id: str | None = None,
     ) -> None:
         self.client = client
@@ -153,6 +160,8 @@ class DataJobRunner:
         self.progress = DataProgress(self.job_id)
         self.on_progress = on_progress or (lambda p: None)
         self.on_notice = on_notice or (lambda text: None)
+        #: what the tasks print or log (thread-safe: called on the reactor thread)
+        self.on_output = on_output
         self.phase: _Phase | None = None
         self.counters: dict[str, int] = {}
         self.timings: dict[str, float] = {}
@@ -323,7 +332,7 @@ class DataJobRunner:
         if not args:
             return {}
         self.phase = current = _Phase(
-            self.client, self._params(phase), self._blob(task), args, self._notice
+            self.client, self._params(phase), self._blob(task), args, self._notice, self.on_output
         )
         try:
             results = self.phase.wait(lambda: self._tick(phase))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -77,6 +78,7 @@ class ClusterLaunch:
         retries: int = 3,
         priority: int = 0,
         bundle: Any = None,
+        on_output: Callable[[int, str], None] | None = None,
     ) -> None:
         from protocol.options import JobOptions
 
@@ -105,7 +107,9 @@ class ClusterLaunch:
         self._runtime = runtime
         self._client = client
         call_soon = runtime.reactor().callFromThread
-        self.run = JobStream(blob, params, call_soon=call_soon, total_hint=len(args))
+        self.run = JobStream(
+            blob, params, call_soon=call_soon, total_hint=len(args), on_output=on_output
+        )
         assert [a.slot for a in args] == list(range(len(args)))  # argument index == slot
         self.run.start(client).put_many([dumps(a) for a in args])
         self.run.close_input()

@@ -42,6 +42,7 @@ def run_vertex(
     on_report: Callable[[SuperstepReport], None] | None = None,
     job_id: str | None = None,
     on_launch: Callable[[ClusterLaunch], None] | None = None,
+    on_output: Callable[[int, str], None] | None = None,
 ) -> VertexResult:
     """Run one vertex job to the end on a connected ``ClusterClient``; raises JobFailed,
     JobKilled or ConfigError. Blocks the calling thread (never call it on the reactor's)."""
@@ -63,6 +64,7 @@ def run_vertex(
             retries=retries,
             priority=priority,
             bundle=bundle,
+            on_output=on_output,
         )
         launches.append(launch)
         if on_launch is not None:
