@@ -13,6 +13,7 @@ import pytest
 
 from remap.data import count, inputs, layout, tasks
 from remap.data.layout import DataDir
+from remap.data.runs import BadOutput
 from remap.data.tasks import (
     JobCodeError,
     RecordError,
@@ -156,6 +157,44 @@ def test_a_broken_contract_names_file_and_line(tmp_path: Path) -> None:
     split = _split(tmp_path, "a\nb\nc\n")
     with pytest.raises(JobCodeError, match=r"in0\.txt:2: map must yield \(key, value\)"):
         map_task(_context(tmp_path, map=_bad_on_line_two), split)
+
+
+@pytest.mark.parametrize(
+    ("fns", "message"),
+    [
+        ({"map": lambda line: 1}, "in0.txt:1: map returned 1: it must yield (key, value) pairs"),
+        ({"map": None, "map_batch": lambda lines: 2}, "map_batch returned 2: it must yield"),
+        ({"map_final": lambda: 3}, "map_final returned 3: it must yield (key, value) pairs"),
+        ({"combine": lambda key, values: None}, "combine('a', values) returned None: it must"),
+        ({"combine": lambda key, values: sum(values)}, "combine('a', values) returned 1: it"),
+    ],
+)
+def test_a_map_side_function_that_returns_no_records_is_named(
+    tmp_path: Path, fns: dict, message: str
+) -> None:
+    """map, map_batch, map_final or combine returning something that is not an iterable (a
+    missing yield) fails even on continue with a line naming the function and the value.
+    Before: "map raised TypeError: 'int' object is not iterable" (map raised nothing), or for
+    combine a bare TypeError naming neither combine nor its key, raised in remap's loop."""
+    ctx = _context(tmp_path, on_error="continue", **fns)
+    with pytest.raises((JobCodeError, BadOutput)) as caught:
+        map_task(ctx, _split(tmp_path, "a\n"))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_a_reduce_that_returns_none_is_named(tmp_path: Path, on_error: str) -> None:
+    """A reduce that prints instead of yielding (returns None) fails, even on continue, with a
+    line saying so. Before: "reduce raised TypeError: 'NoneType' object is not iterable",
+    with a traceback into remap's own loop."""
+
+    def printing_reduce(key, values):
+        print(key, sum(values))
+
+    ctx = _context(tmp_path, {"default": 1}, reduce=printing_reduce, on_error=on_error)
+    runs = [r[2] for r in map_task(ctx, _split(tmp_path, "w"))["runs"]]
+    with pytest.raises(JobCodeError, match=r"key 'w': reduce returned None: it must yield"):
+        reduce_task(ctx, (0, "default", 0, runs))
 
 
 def test_reduce_errors_name_the_key(tmp_path: Path) -> None:

@@ -109,7 +109,26 @@ def _encode_text_key(key: str) -> bytes:
 
 
 class BadOutput(ValueError):
-    """``map`` yielded something that is not a (key, value) or (purpose, key, value) tuple."""
+    """``map`` yielded something that is not a (key, value) or (purpose, key, value) tuple,
+    or ``combine`` returned something that is not an iterable of values."""
+
+
+def combine_values(combine: Combiner, key: Any, values: Iterator[Any]) -> list[Any]:
+    """``combine(key, values)``'s values; a result that is not an iterable (None: a missing
+    ``yield`` or ``return``) is named, not reported as an error of remap's own loop."""
+    out = combine(key, values)
+    if not hasattr(out, "__iter__"):
+        raise BadOutput(
+            f"combine({short(key)}, values) returned {short(out)}: it must yield the combined "
+            "values (or return a list of them)"
+        )
+    return list(out)
+
+
+def short(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class SpillBuffer:
@@ -280,9 +299,7 @@ class SpillBuffer:
                 f"map yielded a (key, value) pair, but the job has no {self._default!r} "
                 "reducer set: yield (purpose, key, value)"
             )
-        text = repr(out)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        return f"map must yield (key, value) or (purpose, key, value) tuples, got {text}"
+        return f"map must yield (key, value) or (purpose, key, value) tuples, got {short(out)}"
 
     def _fold(self, purpose: str, ident: Any, slots: dict[Any, list[Any]]) -> int:
         """Combine a hot key's values early; return the estimated bytes freed."""
@@ -292,7 +309,7 @@ class SpillBuffer:
         values = slots[ident]
         key = ident if type(ident) is str else self._keys[purpose][ident]
         mixed = (purpose, ident) in self._mixed
-        folded = list(combine(key, _values(values) if mixed else iter(values)))
+        folded = combine_values(combine, key, _values(values) if mixed else iter(values))
         slots[ident] = folded
         return VALUE_OVERHEAD * (len(values) - len(folded))
 
@@ -407,7 +424,9 @@ class SpillBuffer:
     ) -> Iterator[Record]:
         for encoded, key, values, mixed in items:
             if combine is not None:
-                for value in list(combine(key, _values(values) if mixed else iter(values))):
+                for value in combine_values(
+                    combine, key, _values(values) if mixed else iter(values)
+                ):
                     yield encoded, encode_value(value)
             else:
                 for value in values:
@@ -428,7 +447,7 @@ def merge(runs: Iterable[Iterator[Record]]) -> Iterator[Record]:
 def combined(records: Iterator[Record], combine: Combiner) -> Iterator[Record]:
     """Apply ``combine`` to each key's values in a sorted stream."""
     for key, group in itertools.groupby(records, key=itemgetter(0)):
-        for value in combine(decode_key(key), (decode_value(v) for _, v in group)):
+        for value in combine_values(combine, decode_key(key), (decode_value(v) for _, v in group)):
             yield key, encode_value(value)
 
 

@@ -33,6 +33,7 @@ from .runs import (
     merge,
     premerge,
     read_run,
+    short,
     write_run,
 )
 
@@ -232,7 +233,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         if partition is not None:
             r = partition(key, n)
             if type(r) is not int or not 0 <= r < n:
-                raise JobCodeError(f"partition({_short(key)}, {n}) returned {r!r}")
+                raise JobCodeError(f"partition({short(key)}, {n}) returned {r!r}")
             return r
         if group is not None:
             return default_partition(encode_key(group(key)), n)
@@ -258,6 +259,8 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         at a time, relieving a full buffer between slices (never inside user code)."""
         if outputs is None:
             return
+        if not hasattr(outputs, "__iter__"):
+            raise JobCodeError(f"{where()}: {_returned(what, outputs)}")
         items = iter(outputs.items() if isinstance(outputs, dict) else outputs)
         while True:
             try:
@@ -288,6 +291,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     else:
         for offset, records in blocks:
             for index, record in enumerate(records):
+                outputs = None
                 try:
                     outputs = user_map(record)
                     if outputs is not None:  # None: in-mapper combining yields at the end
@@ -295,6 +299,9 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                 except BadOutput as exc:  # a broken contract fails even on continue: say where
                     raise JobCodeError(f"{_where(s, offset, index, custom)}: {exc}") from None
                 except Exception as exc:  # the user's map: report with the record's place
+                    if outputs is not None and not hasattr(outputs, "__iter__"):  # no records
+                        where = _where(s, offset, index, custom)
+                        raise JobCodeError(f"{where}: {_returned('map', outputs)}") from None
                     failures.record(_where(s, offset, index, custom), "map", exc)
                 if buffer.size >= spill_bytes:
                     buffer.relieve()
@@ -335,7 +342,11 @@ def _hook(hook: Callable[[], Any] | None, name: str) -> Any:
         result = hook()
         if isinstance(result, dict):  # a dict of key -> value (a Counter, say) is its pairs
             result = result.items()
+        if name.endswith("_final") and result is not None and not hasattr(result, "__iter__"):
+            raise JobCodeError(_returned(name, result))
         return list(result) if result is not None else None
+    except JobCodeError:
+        raise
     except Exception as exc:
         raise RecordError(f"{name} raised {_describe(exc)}") from exc
 
@@ -363,9 +374,13 @@ def _batch_where(split: Split, offset: int, records: list[Any], custom: bool) ->
     return f"{_where(split, offset, 0, custom)} (a batch of {len(records)} records)"
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _returned(what: str, outputs: Any) -> str:
+    """The line for a user function that returned something other than its output."""
+    if what.startswith("reduce"):
+        must = "yield its output records (or return a list of them)"
+    else:
+        must = "yield (key, value) pairs, or return a list of them, a dict or None"
+    return f"{what} returned {short(outputs)}: it must {must}"
 
 
 # ------------------------------------------------------------------ reduce
@@ -404,12 +419,16 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
             for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
                 keys_reduced += 1
+                outputs: Any = ()
                 try:
-                    for record in user_reduce(key, values):
+                    outputs = user_reduce(key, values)
+                    for record in outputs:
                         write(record, out)
                         records_out += 1
                 except Exception as exc:  # the user's reduce or write: report with its key
-                    where = f"{task} ({purpose} reducer {reducer}) key {_short(key)}"
+                    where = f"{task} ({purpose} reducer {reducer}) key {short(key)}"
+                    if not hasattr(outputs, "__iter__"):  # a broken contract fails on continue
+                        raise JobCodeError(f"{where}: {_returned('reduce', outputs)}") from None
                     failures.record(where, "reduce", exc)
                 if keys_reduced % _CHECK_EVERY == 0:
                     progress.update(keys=keys_reduced, records_out=records_out)
