@@ -50,10 +50,9 @@ def server_secret(settings: Settings, host: str) -> bytes:
             f"value on the server, every node and the console; generate one with {GENERATE_HINT}"
         )
     path = default_secret_file()
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
+    key = _read_private(path)
+    if key is not None:
+        return key
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -68,11 +67,38 @@ def client_secret(settings: Settings) -> bytes:
     if key:
         return key
     path = default_secret_file()
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
+    key = _read_private(path)
+    if key is None:
         raise SecretMissing(
             f"no secret configured: REMAP_SECRET_KEY is not set and there is no {path} (made by "
             f"a server on this machine); set REMAP_SECRET_KEY to the server's secret, in the "
             f"environment or a .env file (generate one with {GENERATE_HINT})"
-        ) from None
+        )
+    return key
+
+
+def _read_private(path: Path) -> bytes | None:
+    """The secret in ``~/.remap/secret`` (None: no such file), held to REMAP_SECRET_FILE's rules.
+
+    An empty file (a server stopped between creating and writing it, a truncation) was taken
+    as the empty secret, which everybody knows: the server ran, its HTTP token derived from it
+    was the same everywhere, and every handshake failed with a traceback. A file others may
+    read shares the secret with every user of this machine.
+    """
+    try:
+        mode = path.stat().st_mode
+        key = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path} can be read by others (mode {mode & 0o777:04o}); run: chmod 600 {path}"
+        )
+    if not key:
+        raise ConfigError(
+            f"{path} is empty: remove it (a server on this machine then makes a new one) or "
+            "set REMAP_SECRET_KEY"
+        )
+    return key

@@ -414,6 +414,33 @@ def test_a_short_secret_on_a_reachable_server_is_warned_about() -> None:
             assert said[0]["n"] == 5 and "token_urlsafe(32)" in said[0]["hint"]
 
 
+def test_the_default_secret_file_must_be_private_and_not_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~/.remap/secret`` empty (a server stopped between making and writing it) was the empty
+    secret: the server ran with an HTTP token anyone can compute and failed every handshake
+    with a traceback. Empty or readable by others, it is one clear error for the server and
+    its clients, as REMAP_SECRET_FILE is; a private one is read, a missing one made 0600."""
+    from remap.auth import SecretMissing, client_secret, default_secret_file, server_secret
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = default_secret_file()
+    assert path.parent.parent == tmp_path
+    with pytest.raises(SecretMissing):
+        client_secret(Settings())
+    made = server_secret(Settings(), "127.0.0.1")
+    assert len(made) >= 43 and path.stat().st_mode & 0o777 == 0o600
+    assert client_secret(Settings()) == made
+    for text, mode, problem in (("", 0o600, "is empty"), (" \n", 0o600, "is empty"),
+                                ("s3cret-value", 0o644, "can be read by others")):  # fmt: skip
+        path.write_text(text)
+        path.chmod(mode)
+        for read in (lambda: server_secret(Settings(), "127.0.0.1"),
+                     lambda: client_secret(Settings())):  # fmt: skip
+            with pytest.raises(ConfigError, match=problem):
+                read()
+
+
 def test_an_env_file_named_explicitly_must_exist(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
