@@ -316,3 +316,27 @@ def test_a_console_without_a_small_limit_gets_the_batch_as_it_came(limit: int) -
     (results,) = console.link.of(m.Results)
     assert results.packed and list(results.answered) == list(range(5))
     assert console.done().state == "done"
+
+
+def test_a_batch_too_large_for_the_nodes_frames_runs_again_alone_even_without_retries() -> None:
+    """The other direction, node to server: a node reports a batch's results too large for
+    its frames ("too-large"); each argument runs again alone without counting an attempt
+    (nothing failed), so with ``retries: 0`` the ones that fit alone are delivered and only a
+    result too large by itself fails."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(4), chunksize=4, retries=0, on_error="continue")
+    console.feed()
+    (task,) = node.held()
+    node.crash(task, reason="too-large")
+    for _ in range(10):
+        for alone in node.held():
+            assert len(node.args_of(alone)) == 1
+            if node.args_of(alone) == [2]:
+                node.crash(alone, reason="too-large")
+            else:
+                node.answer(alone)
+    outcomes = console.outcomes()
+    assert outcomes[2] == [("error", TOO_LARGE)]
+    assert [outcomes[i] for i in (0, 1, 3)] == [[("ok", 0)], [("ok", 1)], [("ok", 9)]]
+    assert console.done().state == "done"

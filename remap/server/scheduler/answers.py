@@ -274,7 +274,15 @@ class NodeAnswers:
         at = msg.at - task.answered  # the node counts positions from the task's first argument
         at = at if 0 <= at < len(seg) else -1
         span = min(max(1, msg.span), len(seg) - at) if at >= 0 else 1
-        if at < 0:
+        if msg.reason == "too-large" and len(seg) > 1:
+            # the batch's results were too large for one frame: nothing failed, so each argument
+            # runs again alone without counting an attempt (as results too large for the
+            # console's frames do: see _one_by_one); one still too large alone fails then
+            suspects = []
+            innocent = [cut(seg, i, i + 1) for i in range(len(seg))]
+            for alone in innocent:
+                alone.solo = True
+        elif at < 0:
             # unknown culprit: every argument is suspect, so each retries alone
             suspects = [cut(seg, i, i + 1) for i in range(len(seg))]
             innocent: list[Segment] = []
