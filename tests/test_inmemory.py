@@ -624,6 +624,27 @@ def test_a_result_over_a_small_consoles_limit_fails_its_job_with_one_line() -> N
     assert sum(pool.ran) <= 4, "nothing ran twice"
 
 
+def test_a_status_reply_over_a_small_consoles_limit_leaves_out_old_finished_jobs() -> None:
+    """The server's status reply to a console with a 12 KiB limit keeps the running job and
+    the newest finished ones that fit, instead of a frame the console would refuse."""
+    cluster = Cluster()
+    cluster.node("node-a", cores=1)
+    client, _ = cluster.console()
+    for i in range(30):
+        run = job_run(square, range(1), total=1, name=f"job {i:02d} " + "n" * 150)
+        submit(client, run)
+        cluster.settle()
+        assert outcome(run).state == "done"
+    small, _ = cluster.console("small", max_frame=12 * 1024)
+    asked = small.status()
+    cluster.settle()
+    status = outcome(asked)
+    assert isinstance(status, dict), status
+    names = [job["name"][:6] for job in status["jobs"]]
+    assert 5 < len(names) < 30 and names == [f"job {i:02d}" for i in range(30 - len(names), 30)]
+    assert small.link is not None and small.link.open
+
+
 def test_first_window_travels_before_the_server_names_the_job() -> None:
     """The console sends up to INITIAL_WINDOW arguments right after `submit`, as job -id,
     without waiting a round trip for `submitted`; the server maps them to the new job."""
