@@ -82,7 +82,14 @@ __all__ = [
 ]
 
 
+#: submodules the README names through the package (``remap.errors.JobRefused``,
+#: ``remap.settings.Settings``): reachable after a plain ``import remap`` too
+_SUBMODULES = frozenset({"errors", "settings"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'remap' has no attribute {name!r}")
@@ -92,4 +99,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)

@@ -159,3 +159,23 @@ def test_dialling_a_port_where_nothing_listens_says_it_once() -> None:
     line = _dial(None)
     assert line.startswith("error: cannot reach the server at 127.0.0.1:"), line
     assert line.count("refused") == 1 and "is the server running" in line, line
+
+
+def test_remap_errors_is_reachable_after_a_plain_import_remap() -> None:
+    """The README's ``remap.errors.JobRefused`` / ``remap.errors.one_line`` and
+    ``remap.settings.Settings`` work after ``import remap`` alone (a fresh interpreter: here
+    the submodules are imported already). They raised AttributeError until something else
+    imported them (``remap.connect`` does, so it showed only before the first connect)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import remap\n"
+        "print(remap.errors.JobRefused.__name__, remap.errors.one_line.__name__,"
+        " remap.settings.Settings.__name__, 'errors' in dir(remap))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["JobRefused", "one_line", "Settings", "True"]
