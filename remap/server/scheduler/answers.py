@@ -15,7 +15,7 @@ from . import policy
 from .effects import Close, command
 from .policy import SWEEP_INTERVAL
 from .segments import Segment, cut
-from .sizing import INT_MAX, RESULTS_HEADROOM, fit_results, fits, results_bound
+from .sizing import PER_RESULT, RESULTS_HEADROOM, fit_results, fits, results_bound
 from .state import JobState, NodeState, TaskState
 
 
@@ -145,19 +145,18 @@ class NodeAnswers:
             packed=msg.packed,
             payload=msg.payload,
         )
-        # (a bound without encoding: the header's lists at 9 bytes an integer at most)
+        # frames to the console within its limit: a bound first, without encoding (a size and
+        # an index per argument at most, 9 bytes each; text at 4 bytes a character)
         limit = getattr(job.console, "frame_limit", 0)
+        first = None  # (index, type, text) of the first error, when sizing made the pieces
         if (
             limit
-            and not job.options.detach  # (its results are stored whole, sized as they leave)
             and (
                 n_err
-                or len(msg.payload)
-                + 4 * len(msg.output)
-                + INT_MAX * (len(msg.sizes) + len(listed))
-                + RESULTS_HEADROOM
+                or len(msg.payload) + 4 * len(msg.output) + PER_RESULT * n + RESULTS_HEADROOM
                 > limit
             )
+            and not job.options.detach  # (its results are stored whole, sized as they leave)
             and not fits(results, limit)
         ):
             if n > 1 and (msg.packed or msg.partial):
@@ -165,13 +164,15 @@ class NodeAnswers:
                 return
             pieces = fit_results(results, limit, self.max_frame)
             for piece in pieces:
-                self._deliver(job, piece)
-            firsts = [(p, p.errors[0]) for p in pieces if p.errors]
-            n_err = sum(len(p.errors) for p in pieces)
-            first = (firsts[0][0].answered[firsts[0][1][0]], *firsts[0][1][1:3]) if firsts else None
+                self._deliver(job, piece, sized=True)
+            n_err = 0
+            for piece in pieces:
+                if piece.errors and first is None:
+                    pos, type_name, text = piece.errors[0][:3]
+                    first = (piece.answered[pos], type_name, text)
+                n_err += len(piece.errors)
         else:
-            self._deliver(job, results)
-            first = (seg.indices[msg.errors[0][0]], *msg.errors[0][1:3]) if n_err else None
+            self._deliver(job, results, sized=True)
         # the call time measured (after the delivery, which does not read it: sent sooner)
         if msg.elapsed > 0 and n:
             sample = msg.elapsed / n
@@ -181,7 +182,10 @@ class NodeAnswers:
         # (a send that raises does not: Scheduler.unsent notes it and the count goes on)
         job.done += n - n_err
         job.failed += n_err
-        if first is not None and job.options.on_error == "fail":
+        if n_err and job.options.on_error == "fail":
+            if first is None:
+                pos, type_name, text = msg.errors[0][:3]
+                first = (seg.indices[pos], type_name, text)
             index, type_name, text = first
             self.finish(job, "failed", f"argument {index} raised {type_name}: {text}")
             return
@@ -346,7 +350,9 @@ class NodeAnswers:
         self._maybe_complete(job)
         self.pump()
 
-    def _deliver(self, job: JobState, msg: m.Results) -> None:
+    def _deliver(self, job: JobState, msg: m.Results, sized: bool = False) -> None:
+        """Record and send results to the job's console. ``sized``: ``msg`` is known to fit
+        its console's frames (:meth:`task_result` checked; no second look on every call)."""
         if job.options.detach and self.journal is not None:
             # only a detached job resumes after a restart; an attached one's console has its
             # results and the job ends with a reason, so its outcomes would cost and serve nothing
@@ -360,7 +366,10 @@ class NodeAnswers:
             if job.attached and job.console is not None:
                 self._to_console(job.console, msg)
         elif job.console is not None:
-            self._to_console(job.console, msg)
+            if sized:
+                self._send(job.console, msg)
+            else:
+                self._to_console(job.console, msg)
 
     def _to_console(self, link: Any, msg: m.Results) -> None:
         """Send results in frames the console accepts (its ``frame_limit``; 0: no frames, an
