@@ -200,6 +200,20 @@ def test_vertex_errors_fail_or_continue():
         run_local(program(compute=compute), tagged(["x"]), 1, 5)
 
 
+def test_an_output_function_that_raises_names_itself_and_the_vertex():
+    """output(id, value) raising fails the job with a line naming output, the vertex and its
+    value (and the user's traceback as the cause). Before, the worker's call failed with the
+    bare "ZeroDivisionError: division by zero", naming neither, and --traceback showed nothing."""
+
+    def output(vid, value):
+        return 1 / value
+
+    prog = program(compute=lambda ctx, vid, value, messages: (value, True), output=output)
+    with pytest.raises(VertexError, match=r"output\(3, 0\) raised ZeroDivisionError") as caught:
+        run_local(prog, tagged(["3"]), 1, 5)
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
 def test_program_validation_names_what_is_missing():
     """A module without compute, or with an unknown fold, is a one-line ConfigError."""
     with pytest.raises(ConfigError, match="must define compute"):

@@ -773,7 +773,13 @@ class Partition:
         """The job's output for this partition: one line per vertex, ``output`` may skip one."""
         output = self.program.output
         for vid, value in self.values.items():
-            line = output(vid, value)
+            try:
+                line = output(vid, value)
+            except Exception as exc:  # the user's output(): name it and the vertex
+                text = repr(value)
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                problem = f"output({vid!r}, {shown}) raised {type(exc).__name__}: {exc}"
+                raise VertexError(problem) from exc
             if line is not None:
                 yield str(line)
 
