@@ -22,6 +22,7 @@ from remap.vertex.engine import (
 from remap.vertex.program import program_from_namespace
 from remap.vertex.reference import read_tagged_lines, run_local
 from tests.vertex_graphs import (
+    EXAMPLES,
     edge_lines,
     example,
     parse_output,
@@ -212,6 +213,24 @@ def test_an_output_function_that_raises_names_itself_and_the_vertex():
     with pytest.raises(VertexError, match=r"output\(3, 0\) raised ZeroDivisionError") as caught:
         run_local(prog, tagged(["3"]), 1, 5)
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_the_readme_vertex_module_runs_on_the_example_graph():
+    """The README's vertex job module, copied as written, runs over the example web graph
+    (whose first line is a comment) and over a vertex without edges. Before, its prepare
+    unpacked parse_edge's None for the comment and the job failed at its first line."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Vertex jobs", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    prog = program_from_namespace(namespace, "README.md")
+    graph = sorted((EXAMPLES / "graphs" / "web").iterdir())
+    assert next(iter(read_tagged_lines(graph)))[1].startswith("#")
+    lines = [*read_tagged_lines(graph), ((9, 0), "9999")]
+    result = run_local(prog, lines, 2, 3)
+    lines_out = [line for part in result.partitions for line in part]
+    assert "9999\tNone" in lines_out and len(lines_out) > 100
 
 
 def test_program_validation_names_what_is_missing():
