@@ -146,6 +146,20 @@ def test_a_result_frame_over_the_limit_is_reported_not_sent() -> None:
     assert NodeAgent._fits(big, 1_000_000) is big
 
 
+def test_a_result_frame_exactly_at_the_limit_is_sent_and_one_byte_over_is_not() -> None:
+    """The node measures a result as the server will: the frame's length field (header and
+    hlen included, not the 4 bytes of the length itself), so a frame at the limit goes."""
+    from protocol.framing import frame_length
+    from remap.node.agent import NodeAgent
+
+    msg = m.TaskResult(task=3, sizes=[100_000], elapsed=0.5, payload=b"x" * 100_000)
+    exact = frame_length(*m.encode(msg))
+    assert NodeAgent._fits(msg, exact) is msg
+    refused = NodeAgent._fits(msg, exact - 1)
+    assert isinstance(refused, m.TaskFailed) and refused.reason == "too-large"
+    assert f"{exact} bytes" in refused.message
+
+
 def stop_on(x: int) -> int:
     if x == 1:
         raise KeyboardInterrupt("stop")

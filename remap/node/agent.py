@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from protocol import Authenticated
 from protocol import messages as m
-from protocol.framing import Frame
+from protocol.framing import Frame, frame_length
 
 from ..data.layout import DataDirReport
 from ..errors import CertificateMismatch, RemapError
@@ -104,8 +104,7 @@ class NodeAgent:
         """A result frame over the limit would get this node disconnected, and the batch re-run
         forever; report it instead so the server retries its arguments alone, then fails the one
         whose result is too large."""
-        header, payload = m.encode(msg)
-        size = 8 + len(header) + len(payload)
+        size = frame_length(*m.encode(msg))  # what the server holds against its limit
         if size <= limit:
             return msg
         return m.TaskFailed(
