@@ -83,6 +83,29 @@ def test_embedded_cluster_runs_a_job_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_stream_json_flags_the_values_written_as_their_repr(tmp_path: Path) -> None:
+    """``compute --json`` of a stream job writes the file mode's lines: a value JSON cannot
+    hold is its repr() flagged ``"repr": true`` (as the README says), so a result that is the
+    string "b'ab'" is told apart from the bytes b'ab'; the flag was missing on stdout."""
+    (tmp_path / "values.py").write_text(
+        "def value(x):\n    return [b'ab', \"b'ab'\", {1, 2}, {'k': 1}][x]\n"
+    )
+    job = write_job(
+        tmp_path / "values.yaml",
+        {"function": "values.py:value", "args_range": [0, 4], "response_mode": "stream"},
+    )
+    done = console(tmp_path, "--cores", "1", "compute", job, "--json")
+    assert done.returncode == 0, done.stderr
+    lines = sorted((json.loads(line) for line in lines_of(done.stdout)), key=lambda d: d["index"])
+    assert lines == [
+        {"index": 0, "result": "b'ab'", "repr": True},
+        {"index": 1, "result": "b'ab'"},
+        {"index": 2, "result": "{1, 2}", "repr": True},
+        {"index": 3, "result": {"k": 1}},
+    ]
+
+
+@pytest.mark.slow
 def test_cluster_commands_without_a_server_say_how_to_configure_one(tmp_path: Path) -> None:
     """status with no server configured: exit 2 and one line naming --server / REMAP_SERVER."""
     done = console(tmp_path, "status", timeout=30)

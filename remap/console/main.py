@@ -23,7 +23,7 @@ from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, OutputError, RemapE
 from ..jobfile import load_job
 from ..logs import start_logging
 from ..settings import load_settings, locate_env_file
-from ..sinks import os_reason
+from ..sinks import os_reason, render_line
 from . import render
 from .session import Session, make_job_sink
 
@@ -333,12 +333,8 @@ class Console:
         last_flush = [0.0]
 
         def on_item(index: int, result: Any, error: Any) -> None:
-            if stream_json:
-                line = json.dumps(
-                    {"index": index, "error": error.to_json()}
-                    if error
-                    else {"index": index, "result": render.jsonable(result)}
-                )
+            if stream_json:  # the file mode's line: a repr() stands in flagged "repr": true
+                line = render_line(index, result, error)
             else:
                 line = f"{index}: " + (
                     f"ERROR {error.type_name}: {error.message}" if error else repr(result)
