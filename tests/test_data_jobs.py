@@ -523,6 +523,37 @@ def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Pat
     assert layout.read_result(data, runner.job_id) == "INCOMPLETE"
 
 
+def test_progress_counts_every_byte_read(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """The map phase's last progress shows every byte read (9/9 tasks, 26.5/26.5 MB), and a
+    running task's bytes read so far (from its progress file) count before it ends. Before,
+    the tasks that finished after the last tick were missing from the phase's last line (a
+    one-split job ended at "1/1 tasks, 0.0/N MB"), and a long split showed 0.0 MB throughout."""
+    from remap.data.driver import DataJobRunner, DataProgress, job_from_functions
+
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"w{i % 50} x\n" for i in range(20_000)))
+    data = DataDir(tmp_path / "data")
+    fns = {"map": _failing_map, "reduce": _sum_reduce}  # no line says "bad": none fails
+    job = job_from_functions(fns, src, tmp_path / "out", name="progress")
+    seen: list[tuple[str, int, int, int, int]] = []
+
+    def on_progress(p: DataProgress) -> None:
+        seen.append((p.phase, p.tasks_done, p.tasks_total, p.bytes_done, p.bytes_total))
+
+    assert cluster._client is not None
+    DataJobRunner(cluster._client, job, data, on_progress=on_progress).run()
+    last_map = [s for s in seen if s[0] == "map"][-1]
+    assert last_map == ("map", 1, 1, src.stat().st_size, src.stat().st_size), seen
+
+    # a running task's progress file counts before its result arrives
+    runner = DataJobRunner(cluster._client, job, data)
+    progress = data.progress_dir(runner.job_id)
+    layout.write_json(progress / "mapper-0000.json", {"state": "done", "bytes_read": 5})
+    layout.write_json(progress / "mapper-0001.json", {"state": "running", "bytes_read": 7})
+    layout.write_json(progress / "mapper-0002.json", {"state": "running", "bytes_read": 11})
+    assert runner._running_bytes({2: {}}) == 7
+
+
 def _plain_map(line: str):
     yield line  # not a (key, value) pair
 

@@ -39,6 +39,8 @@ from .tasks import DEFAULT_PURPOSE, JobFunctions, TaskContext, map_task, reduce_
 MB = 1024 * 1024
 #: seconds between progress callbacks while a phase runs
 POLL_INTERVAL = 0.25
+#: seconds between reads of the running map tasks' progress files (for the MB read so far)
+PROGRESS_READ_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class DataJobRunner:
         self.data_id: str | None = None
         self._inbox: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._shared: tuple[int, dict[str, int]] | None = None  # counters the server has
+        self._running_read: tuple[float, int] = (-PROGRESS_READ_EVERY, 0)  # (when, bytes)
         self.staging = job.output.parent / f".{job.output.name}.remap-{self.job_id}"
 
     # ------------------------------------------------------------ the whole job
@@ -351,6 +354,8 @@ class DataJobRunner:
         self.progress.counters = dict(self.counters)
         self._share_counters(current.run.job_id, self.counters)
         self.progress.tasks_done = len(results)
+        if phase == "map":  # the tasks that finished after the last tick read theirs too
+            self.progress.bytes_done = self.counters.get("map_bytes_in", 0)
         self.on_progress(self.progress)
         return results
 
@@ -389,7 +394,8 @@ class DataJobRunner:
         self.progress.tasks_done = len(done)
         records = sum(r["counters"].get(f"{phase}_records_in", 0) for r in done.values())
         if phase == "map":
-            self.progress.bytes_done = sum(r["counters"]["map_bytes_in"] for r in done.values())
+            finished = sum(r["counters"]["map_bytes_in"] for r in done.values())
+            self.progress.bytes_done = finished + self._running_bytes(done)
         self.progress.records = self.counters.get("map_records_in", 0) + records
         running = dict(self.counters)
         for result in done.values():
@@ -397,6 +403,25 @@ class DataJobRunner:
         self.progress.counters = running
         self._share_counters(current.run.job_id, running)
         self.on_progress(self.progress)
+
+    def _running_bytes(self, done: dict[int, Any]) -> int:
+        """Bytes the map tasks still running have read, from their progress files (each
+        rewritten at most once a second), so a long split shows progress before it ends."""
+        when, running = self._running_read
+        now = time.monotonic()
+        if now - when < PROGRESS_READ_EVERY:
+            return running
+        running = 0
+        for path in self.data.progress_dir(self.job_id).glob("mapper-*.json"):
+            try:
+                index = int(path.stem.rpartition("-")[2])
+                task = None if index in done else layout.read_json(path)
+            except ValueError:  # not a task's file
+                continue
+            if task and task.get("state") == "running":
+                running += int(task.get("bytes_read", 0))
+        self._running_read = (now, running)
+        return running
 
     def _share_counters(self, job_id: int | None, counts: dict[str, int]) -> None:
         """Tell the server the counts so far (``status`` shows them) when they changed."""
