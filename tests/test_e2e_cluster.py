@@ -299,6 +299,34 @@ def test_a_console_with_a_small_frame_limit_gets_its_results_or_one_line(
     assert took < 30, f"{took:.1f}s"
 
 
+def kib(n: int) -> str:
+    """A string of ``n`` KiB (run on the nodes, importable there by name)."""
+    return "k" * (n * 1024)
+
+
+def test_a_python_api_handle_with_a_small_frame_limit_gets_results_or_one_line(
+    shared: Cluster,
+) -> None:
+    """The Python API's own limit (``Settings(max_frame=1 MiB)``, passed explicitly) reaches
+    the server: a map whose batch of results is over it returns every result, a call whose
+    result is 2 MiB raises one line naming the size, the limit and the setting within
+    seconds, and the handle goes on (no reconnect: the connection was never dropped)."""
+    settings = Settings(max_frame=1 << 20)
+    with remap.connect(shared.address, secret=shared.secret, settings=settings) as c:
+        assert c.map(kib, [300] * 10, chunksize=10) == [kib(300)] * 10
+        began = time.monotonic()
+        with pytest.raises(remap.RemapError) as info:
+            c.submit(kib, 2048).result(timeout=30)
+        took = time.monotonic() - began
+        text = str(info.value)
+        assert "ResultTooLarge" in text and "its result needs a frame of 2,097," in text, text
+        assert "over the limit of 1,048,576 bytes" in text and "REMAP_MAX_FRAME" in text, text
+        assert "\n" not in text.strip() and type(info.value).__name__ == "RemoteTaskError", text
+        assert took < 30, f"{took:.1f}s"
+        assert c.submit(kib, 1).result(timeout=30) == kib(1)
+        assert c._client.reconnects == 0
+
+
 @pytest.mark.parametrize("mode", ["object", "stream"])
 def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
     """on_error: continue -> exit 5 (finished with failed arguments); each failing index
