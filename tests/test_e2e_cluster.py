@@ -632,6 +632,32 @@ def test_interrupting_a_computing_console_kills_its_job(shared: Cluster, tmp_pat
     )
 
 
+def test_interrupting_compute_json_still_prints_its_summary(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    """Ctrl-C in `compute --json` (a file job): stdout still ends with the one JSON summary a
+    job that did not finish gets (state killed, exit_code 130, what was kept and where), as the
+    README promises; it printed nothing, so a script reading stdout had no JSON to read."""
+    output = tmp_path / "slow.jsonl"
+    slow = job(tmp_path, "slow", args_range=[0, 2000], response_mode="file", output=str(output))
+    computing = shared.console_popen("compute", str(slow), "--json")
+
+    def running() -> dict | None:
+        found = [j for j in shared.status()["jobs"] if j["name"] == slow.stem]
+        return found[0] if found and found[0]["state"] == "running" else None
+
+    job_id = shared.wait_for(running, 30, f"job {slow.stem} to be running")["id"]
+    computing.send_signal(signal.SIGINT)
+    done = shared.finish(computing, timeout=30)
+    assert done.returncode == 130, shared.explain(done)
+    no_traceback(done)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["job"], summary["state"], summary["exit_code"]) == (job_id, "killed", 130)
+    assert summary["mode"] == "file" and "interrupted" in summary["error"]
+    assert summary["kept"] == summary["done"]
+    assert not output.exists(), "an interrupted job published its output"
+
+
 def test_interrupting_a_data_job_says_what_became_of_it(shared: Cluster, tmp_path: Path) -> None:
     """Ctrl-C in `compute` of a data job: exit 130 with one line naming the job and saying
     nothing was published (it said only "interrupted"); no output directory appears."""

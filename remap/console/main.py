@@ -425,7 +425,7 @@ class Console:
         except KeyboardInterrupt:
             if progress:
                 progress.clear()
-            return self._interrupted(run, sink)
+            return self._interrupted(run, sink, args.json)
         finally:
             tick()  # notices and task output that arrived with the last results
             if progress:
@@ -461,8 +461,9 @@ class Console:
             self.say(json.dumps(render.jsonable(summary)))
         return exc
 
-    def _interrupted(self, run: Any, sink: Any) -> int:
-        """Ctrl-C: kill the job, keep what arrived, say what was kept and where."""
+    def _interrupted(self, run: Any, sink: Any, as_json: bool = False) -> int:
+        """Ctrl-C: kill the job, keep what arrived, say what was kept and where (``--json``:
+        the summary of a job that did not finish, on stdout, as for any other end)."""
         from ..engines import EngineRun
 
         name = f"job {run.job_id}" if run.job_id is not None else "the job"
@@ -484,6 +485,14 @@ class Console:
         kept = sink.kept()
         if kept:
             self.note(f"{name} killed; {kept}")
+        if as_json:
+            error = f"{name} was interrupted (Ctrl-C) and killed" + (f"; {kept}" if kept else "")
+            summary = {
+                **sink.summary(),
+                **render.failure_json(JobKilled(error), run.job_id),
+                "exit_code": EXIT_INTERRUPTED,
+            }
+            self.say(json.dumps(render.jsonable(summary)))
         return EXIT_INTERRUPTED
 
     def with_traceback(self, exc: JobFailed, traceback: str, where: str, show: bool) -> JobFailed:
