@@ -724,7 +724,11 @@ class Cluster:
         if cores is not None and (not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
         if settings is None:
-            settings = load_settings({"server": address, "cores": cores}, dotenv_path=env_file)
+            settings = load_settings(
+                {"server": address, "cores": cores},
+                dotenv_path=env_file,
+                overrides_from="remap.connect",
+            )
         else:
             settings = replace(
                 settings, server=address or settings.server, cores=cores or settings.cores

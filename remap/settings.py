@@ -269,12 +269,14 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | Path | None = ".env",
     warn: Callable[[str], None] = _warn,
+    overrides_from: str = "command line",
 ) -> Settings:
     """Merge the three sources, validating every value given, wherever it was given.
 
     ``overrides`` are keyed by field name (argparse's ``vars(args)`` after picking the setting
     flags); None values are skipped so unset flags do not hide the environment. ``environ=None``
-    reads ``os.environ``; ``dotenv_path=None`` reads no file.
+    reads ``os.environ``; ``dotenv_path=None`` reads no file. ``overrides_from`` names where
+    the overrides came from in errors (the Python API's are no command line).
 
     An unknown ``REMAP_*`` variable is an error in a ``.env`` file (it was written for remap)
     but only a warning in the environment, which other tools share.
@@ -299,8 +301,8 @@ def load_settings(
         if name not in _TABLE:
             close = difflib.get_close_matches(name, list(_TABLE), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"setting '{name}' from command line: unknown setting{hint}")
-        _take(chosen, ENV_VARS[name], value, f"setting '{name}' from command line")
+            raise ConfigError(f"setting '{name}' from {overrides_from}: unknown setting{hint}")
+        _take(chosen, ENV_VARS[name], value, f"setting '{name}' from {overrides_from}")
     if chosen.get("secret_file") and not chosen.get("secret"):
         chosen["secret"] = read_secret_file(chosen["secret_file"])
     return Settings(**chosen)

@@ -455,3 +455,21 @@ def test_an_env_file_named_explicitly_must_exist(
     assert main(["--env-file", str(missing), "status"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --env-file {missing}: no such file (--env-file /dev/null reads none)"]
+
+
+@pytest.mark.parametrize("address", ["bad address", "127.0.0.1:99999"])
+def test_a_bad_address_given_to_remap_connect_is_not_called_a_command_line(address: str) -> None:
+    """``remap.connect("bad address")`` names remap.connect as where the setting came from:
+    its error said "from command line" to a Python caller who typed no command. It is refused
+    before anything starts."""
+    import remap
+
+    with pytest.raises(ConfigError) as info:
+        remap.connect(address, env_file=None)
+    assert str(info.value).startswith(f"setting 'server' from remap.connect: address '{address}'")
+
+
+def test_the_consoles_flags_still_say_command_line() -> None:
+    """The console's and daemons' flags keep their "from command line"."""
+    with pytest.raises(ConfigError, match="^setting 'cores' from command line: "):
+        load_settings({"cores": 0}, environ={}, dotenv_path=None)
