@@ -85,3 +85,26 @@ def test_kill_while_receiving_then_a_late_args_end_changes_nothing() -> None:
     assert job.phase is JobPhase.KILLED
     assert sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=console.sent)) is None
     assert job.phase is JobPhase.KILLED and console.done().state == "killed"
+
+
+@pytest.mark.parametrize("end", ["killed", "failed"])
+def test_arguments_that_crossed_the_end_do_not_make_args_end_a_violation(end: str) -> None:
+    """A job ends (killed, or failed: no node can run it) while its console still sends:
+    the arguments that crossed the end are dropped, and the console's args_end counting them
+    is accepted quietly. It was refused ("args_end says 12 arguments, 10 were sent") and the
+    server closed the console's connection: every other job on it ended with ConnectionLost
+    (an imap whose job failed at once on `requires`, a job killed from another console)."""
+    sched, _ = make()
+    FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), end=False)
+    console.feed()
+    assert console.sent == 10
+    if end == "killed":
+        sched.kill(console.job)
+    else:
+        sched.finish(sched.jobs[console.job], "failed", "no node can run this job")
+    assert console.send_args([10, 11]) is None, "arguments after the end are dropped quietly"
+    assert sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=12)) is None
+    assert sched.jobs[console.job].phase is JobPhase(end)
+    (done,) = console.link.of(m.JobDone, console.job)
+    assert done.state == end

@@ -645,7 +645,8 @@ class Scheduler(NodeAnswers, Recovery):
         job = self.jobs.get(msg.job)
         if job is None or job.console is not console:
             return f"job {msg.job} is not yours"
-        if msg.total != job.received or job.expect:
+        # (arguments that crossed a kill or failure were dropped uncounted: see args_received)
+        if not job.finished and (msg.total != job.received or job.expect):
             return f"args_end says {msg.total} arguments, {job.received} were sent"
         if job.receiving:  # a late args_end (the job was killed meanwhile) changes nothing
             job.move(JobPhase.COMPLETING)
