@@ -759,7 +759,13 @@ class JobStream:
             return
         with self.lock:
             if self.killing:
-                return  # the job is being killed; its end reaches the consumer as an event
+                # the job is being killed or has ended; its end reaches the consumer as an
+                # event. Calls put meanwhile (a submit that found the executor's job before
+                # it heard of the end) stay for the owner to settle, as in _stop_input: it
+                # withdraws them at the end (they were dropped, their futures waited forever)
+                if self.on_send and tags is not None:
+                    self._items.extend((b"", tag, 0) for tag in tags)
+                return
             if self.input_closed:
                 raise RuntimeError("this job takes no more arguments")
             self._items.extend(
