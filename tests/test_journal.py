@@ -75,6 +75,15 @@ def test_the_journal_is_readable_by_its_owner_only(tmp_path: Path) -> None:
         os.umask(old)
 
 
+def test_a_state_dir_that_cannot_hold_the_journal_is_one_clear_error(tmp_path: Path) -> None:
+    """REMAP_STATE_DIR naming a file, or a directory that cannot be made, is a ConfigError
+    naming the journal (one line from remap-server), not a FileExistsError traceback."""
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path / "a-file" / "journal.sqlite", tmp_path / "a-file" / "x" / "j.sqlite"):
+        with pytest.raises(ConfigError, match=f"cannot open the journal {path}"):
+            Journal(path, Clock())
+
+
 def test_file_is_wal_and_synchronous_level_is_a_setting(tmp_path: Path) -> None:
     journal, _ = _journal(tmp_path)
     assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -128,8 +128,10 @@ def _private(path: Path) -> None:
     """Make the journal readable by its owner only, whatever the state directory's mode (a
     systemd StateDirectory is 0755): it holds jobs' functions, arguments and results. SQLite
     gives its -wal and -shm files the database file's mode; ones left by a crash are fixed too.
+    A state directory that cannot be made (a file is in the way) is one ConfigError.
     """
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             if name.exists() and name.stat().st_mode & 0o077:
@@ -190,9 +192,8 @@ class Journal:
 
     @staticmethod
     def _open(path: Path, synchronous: str) -> sqlite3.Connection:
+        _private(path)
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _private(path)
             db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
