@@ -1582,3 +1582,22 @@ def test_a_detached_job_gets_a_window_for_all_its_arguments() -> None:
         node.answer_all()
     assert detached.ended, "every argument of the detached job is on the server"
     assert attached.sent < 50_000 // 2, "an attached job's window stays a few batches"
+
+
+def test_a_job_every_working_node_is_left_out_of_is_not_said_to_wait_for_draining_nodes() -> None:
+    """A job whose `requires` no node meets (none draining) waits with a notice saying the
+    nodes are left out of it, not "(every node is draining)", which sent the user looking
+    for a drain nobody made."""
+    sched, _ = make()
+    link = FakeLink("n")
+    info = m.NodeInfo(host="host-n", pid=1, cores=1, memory=1 << 30, modules=["json"])
+    event(sched, NodeJoined("n", link, info))
+    console = FakeConsole(sched, range(3), requires=["notamodule_xyz"])
+    (notice,) = console.link.of(m.JobNotice, console.job)
+    assert (
+        notice.message == "waiting for nodes (every node that takes work is left out of this job)"
+    )
+    assert sched.drain("n") is not None
+    other = FakeConsole(sched, range(3), name="other", requires=["notamodule_xyz"])
+    (notice,) = other.link.of(m.JobNotice, other.job)
+    assert notice.message == "waiting for nodes (every node is draining)"

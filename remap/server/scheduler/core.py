@@ -567,6 +567,10 @@ class Scheduler(NodeAnswers, Recovery):
             return
         if job.options.group:
             where = f"in group {job.options.group!r}"
+        elif any(not (n.draining or n.excluded) for n in self.nodes.values()):
+            # nodes that take work, each left out of this job (a module it `requires`, the
+            # data directory): the server names them and why in notices of their own
+            where = "(every node that takes work is left out of this job)"
         elif any(n.excluded for n in self.nodes.values()):
             where = "(every node is draining or excluded)"
         else:
