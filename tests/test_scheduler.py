@@ -1601,3 +1601,24 @@ def test_a_job_every_working_node_is_left_out_of_is_not_said_to_wait_for_drainin
     other = FakeConsole(sched, range(3), name="other", requires=["notamodule_xyz"])
     (notice,) = other.link.of(m.JobNotice, other.job)
     assert notice.message == "waiting for nodes (every node is draining)"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"), [("", "KeyboardInterrupt"), ("stop", "KeyboardInterrupt: stop")]
+)
+def test_an_error_without_a_message_fails_the_job_with_a_tidy_line(text: str, said: str) -> None:
+    """The job's line names the exception, and its message only when it has one ("raised
+    KeyboardInterrupt:  (add --traceback ...)" had a dangling colon)."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(1), on_error="fail")
+    console.feed()
+    (task,) = node.held()
+    node.poll()
+    node.tasks.pop(task.task, None)
+    failed = m.TaskResult(
+        task=task.task, sizes=[0], errors=[[0, "KeyboardInterrupt", text, "tb"]], payload=b""
+    )
+    event(sched, NodeSaid(node.id, failed))
+    done = console.done()
+    assert done is not None and done.message == f"argument 0 raised {said}"

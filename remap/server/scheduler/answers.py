@@ -187,7 +187,9 @@ class NodeAnswers:
                 pos, type_name, text = msg.errors[0][:3]
                 first = (seg.indices[pos], type_name, text)
             index, type_name, text = first
-            self.finish(job, "failed", f"argument {index} raised {type_name}: {text}")
+            # (an exception with no message, e.g. KeyboardInterrupt, gives no ": ")
+            said = f"{type_name}: {text}" if text else type_name
+            self.finish(job, "failed", f"argument {index} raised {said}")
             return
         self._maybe_complete(job)
         self.pump()
