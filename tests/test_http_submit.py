@@ -121,6 +121,18 @@ def test_submit_is_off_without_an_apps_dir() -> None:
         served.stop()
 
 
+def test_an_apps_dir_that_is_not_a_directory_stops_the_server(tmp_path: Path) -> None:
+    """A mistyped REMAP_APPS_DIR is one clear error at start, not a server that refuses every
+    job submitted over HTTP as naming no file of its apps directory."""
+    from remap.errors import ConfigError
+    from remap.settings import Settings
+
+    for apps in (tmp_path / "nope", tmp_path / "file.py"):
+        (tmp_path / "file.py").write_text("")
+        with pytest.raises(ConfigError, match=f"REMAP_APPS_DIR: {apps} is not a directory"):
+            Served(Settings(http_port=0, apps_dir=str(apps)))
+
+
 @pytest.mark.slow
 def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_path: Path) -> None:
     """A YAML job file posted with the token runs on the cluster; its results come back as

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -126,6 +127,11 @@ async def start_http(
     ``REMAP_APPS_DIR`` is set) run in a console child that connects there.
     """
     host, port = settings.http_host, settings.http_port or 0
+    if settings.apps_dir and not Path(settings.apps_dir).expanduser().is_dir():
+        raise ConfigError(  # else every job submitted over HTTP is refused, saying less
+            f"REMAP_APPS_DIR: {settings.apps_dir} is not a directory (jobs submitted over HTTP "
+            "may only run functions from files in it)"
+        )
     tls = tls_enabled(settings)
     stats = ServerStats(factory.scheduler, factory.traffic)
     auth = HttpAuth(
