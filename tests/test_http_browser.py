@@ -69,9 +69,9 @@ def _cross_site_form_cannot_kill(context, link: str, job: int, tmp_path: Path) -
 
 
 def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
-    """Log in through the printed link, see two nodes and the job's progress move; a form on
-    another origin cannot kill the job; kill it with the button (confirming), see it marked
-    killed; save screenshots of the page."""
+    """Log in through the printed link, see two nodes and the job's progress move with no error
+    in the browser's console; a form on another origin cannot kill the job; kill it with the
+    button (confirming), see it marked killed; save screenshots of the page."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     cluster = make_cluster(
         [NodeSpec(cores=1), NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"}
@@ -95,6 +95,8 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
             page = context.new_page()
+            errors: list[str] = []  # the browser's console: a failed load (a 404) is one
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(link)
             assert page.url.endswith("/")  # the login redirected to the dashboard
             page.wait_for_selector(".node >> nth=1", timeout=15_000)
@@ -110,6 +112,7 @@ def test_log_in_watch_a_job_and_kill_it(make_cluster, tmp_path: Path) -> None:
                 timeout=20_000,
             )
             page.screenshot(path=str(tmp_path / "dashboard-running.png"), full_page=True)
+            assert errors == []  # no /favicon.ico 404 either
             _cross_site_form_cannot_kill(context, link, job, tmp_path)
             assert cluster.job(job)["state"] == "running"
             row.locator('button[data-action="kill"]').click()
