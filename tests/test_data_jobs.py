@@ -485,6 +485,37 @@ def test_console_compute_mapreduce_job_file(tmp_path: Path) -> None:
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.parametrize("kind", ["mapreduce", "vertex"])
+def test_wait_for_nodes_bounds_a_file_jobs_wait(tmp_path: Path, kind: str) -> None:
+    """``compute --wait-for-nodes 1`` of a data or vertex job whose group has no node fails
+    with one line (exit 1) within seconds, as a function job does, leaving no staging
+    directory. Before, the flag was ignored for both kinds: the job waited forever."""
+    from tests.cluster_harness import CONSOLE_SCRIPT, run_entry
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("1\n2\n")
+    (tmp_path / "job.py").write_text(
+        "def map(line):\n    yield line, 1\n\n" + REDUCE + "\n\n"
+        "def prepare(line):\n    return int(line), 0, []\n\n\n"
+        "def compute(ctx, vertex_id, value, messages):\n    return value, True\n"
+    )
+    (tmp_path / "job.yaml").write_text(
+        f"kind: {kind}\nmodule: job.py\ninput: in/\noutput: out/\ngroup: nowhere\n"
+    )
+    env = {"REMAP_DATA_DIR": str(tmp_path / "data"), "REMAP_CORES": "1"}
+    done = run_entry(
+        CONSOLE_SCRIPT,
+        *("--env-file", "/dev/null", "compute", "job.yaml", "--wait-for-nodes", "1"),
+        home=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "no nodes in group 'nowhere' after 1s" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.remap-*"))
+
+
 def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Path) -> None:
     """Ctrl-C in an attached driver (SIGTERM in a detached one) kills the running phase's job
     at once; it went on running (and failing on removed files) until the server noticed the

@@ -38,11 +38,13 @@ def run_file_job(
     on_progress: Callable[..., None],
     on_notice: Callable[[str], None] | None = None,
     on_output: Callable[[int, str], None] | None = None,
+    wait_for_nodes: float | None = None,
 ) -> dict[str, Any]:
     """Run a data or vertex job file's driver here to its end; its summary (JobFailed,
     JobKilled). The job's own mistakes are raised before ``connect()`` is called;
     ``on_progress(phase=, done=, total=, line=, sub_job=)`` runs at every report;
-    ``on_output(index, text)`` gets what the tasks print or log (on the reactor thread)."""
+    ``on_output(index, text)`` gets what the tasks print or log (on the reactor thread);
+    ``wait_for_nodes``: fail if no node can run a phase (or the workers) within that time."""
     if spec.kind == "mapreduce":
         from ..data.driver import DataJobRunner
         from ..data.jobspec import to_job
@@ -63,6 +65,7 @@ def run_file_job(
             on_notice=on_notice,
             on_output=on_output,
             job_id=job_id,
+            wait_for_nodes=wait_for_nodes,
         )
         return runner.run()
     from ..vertex.jobspec import to_run
@@ -81,6 +84,7 @@ def run_file_job(
         job_id=job_id,
         on_launch=launched.append,
         on_output=on_output,
+        wait_for_nodes=wait_for_nodes,
         on_report=lambda r: on_progress(
             phase=f"superstep {r.superstep}",
             done=r.superstep + 1,
@@ -132,6 +136,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             on_progress,
             console.note if spec.kind == "mapreduce" else None,
             (lambda index, text: output.put(text)) if show_output else None,
+            args.wait_for_nodes,
         )
     except RemapError as exc:  # failed, killed, or could not start (no server, no input)
         if isinstance(exc, JobFailed):

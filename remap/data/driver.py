@@ -154,6 +154,7 @@ class DataJobRunner:
         on_notice: Callable[[str], None] | None = None,
         on_output: Callable[[int, str], None] | None = None,
         job_id: str | None = None,
+        wait_for_nodes: float | None = None,
     ) -> None:
         self.client = client
         self.job = job
@@ -164,6 +165,8 @@ class DataJobRunner:
         self.on_notice = on_notice or (lambda text: None)
         #: what the tasks print or log (thread-safe: called on the reactor thread)
         self.on_output = on_output
+        #: each phase fails if no node can run it within this many seconds (None: waits)
+        self.wait_for_nodes = wait_for_nodes
         self.phase: _Phase | None = None
         self.counters: dict[str, int] = {}
         self.timings: dict[str, float] = {}
@@ -316,6 +319,7 @@ class DataJobRunner:
             priority=job.options.priority,
             data_dir=str(self.data.root),
             data_id=self.data_id,
+            wait_for_nodes=self.wait_for_nodes,
         )
 
     def _blob(self, task: Callable[..., Any]) -> bytes:

@@ -79,6 +79,7 @@ class ClusterLaunch:
         priority: int = 0,
         bundle: Any = None,
         on_output: Callable[[int, str], None] | None = None,
+        wait_for_nodes: float | None = None,
     ) -> None:
         from protocol.options import JobOptions
 
@@ -97,6 +98,7 @@ class ClusterLaunch:
             on_error="continue",
             priority=priority,
             gang=True,
+            wait_for_nodes=wait_for_nodes,
         )
         # with the origins of its functions, so a worker's traceback names the user's file
         program = function_blob(args[0].program) if args else b""

@@ -43,6 +43,7 @@ def run_vertex(
     job_id: str | None = None,
     on_launch: Callable[[ClusterLaunch], None] | None = None,
     on_output: Callable[[int, str], None] | None = None,
+    wait_for_nodes: float | None = None,
 ) -> VertexResult:
     """Run one vertex job to the end on a connected ``ClusterClient``; raises JobFailed,
     JobKilled or ConfigError. Blocks the calling thread (never call it on the reactor's)."""
@@ -65,6 +66,7 @@ def run_vertex(
             priority=priority,
             bundle=bundle,
             on_output=on_output,
+            wait_for_nodes=wait_for_nodes,
         )
         launches.append(launch)
         if on_launch is not None:
