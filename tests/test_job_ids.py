@@ -61,6 +61,31 @@ def test_attach_to_an_id_of_an_earlier_run_says_so() -> None:
         assert f"no job {job}" in error.message and words in error.message, error.message
 
 
+def test_attach_to_a_finished_attached_job_says_its_results_went_to_its_console() -> None:
+    """An attached job keeps no results on the server: ``attach`` to it once it finished
+    said nothing and exited 0 (an empty list with --json), as if it had no results; it is
+    refused saying where they went. A finished detached job still replays."""
+    from tests.test_scheduler import FakeConsole, FakeNode, run_to_end
+
+    factory = RemapServerFactory(Clock(), KEY, max_frame=1 << 20, job_ids_from=5000)
+    node = FakeNode(factory.scheduler, "n", cores=2)
+    attached = FakeConsole(factory.scheduler, range(6), chunksize=3)
+    detached = FakeConsole(factory.scheduler, range(6), chunksize=3, detach=True)
+    for console in (attached, detached):
+        console.feed()
+    run_to_end([node], [attached, detached])
+    handler, link = ServerConnection(factory), _Link()
+    handler.role = "console"
+    handler.message_received(link, m.Attach(id=1, job=attached.job))
+    error = link.sent[-1]
+    assert isinstance(error, m.Error) and error.code == "not-found", error
+    assert "ran attached: its results went to the console that ran it" in error.message
+    assert not any(isinstance(sent, m.Results) for sent in link.sent)
+    handler.message_received(link, m.Attach(id=2, job=detached.job))
+    assert isinstance(link.sent[-1], m.Ok), link.sent[-1]
+    assert sum(len(r.answered) for r in link.sent if isinstance(r, m.Results)) == 6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("journal", ["off", "on"])
 def test_attach_after_a_server_restart_never_returns_another_jobs_results(

@@ -357,7 +357,13 @@ class ServerConnection:
 
     def _no_attach(self, job_id: int) -> str:
         sched = self.scheduler
-        if job_id in sched.jobs:
+        job = sched.jobs.get(job_id)
+        if job is not None and job.finished and not job.options.detach:
+            return (
+                f"job {job_id} ran attached: its results went to the console that ran it "
+                "(only jobs run with --detach keep their results on the server)"
+            )
+        if job is not None:
             return f"job {job_id} has another console attached"
         if 0 < job_id < sched.job_ids_from:
             return (

@@ -714,8 +714,8 @@ class Scheduler(NodeAnswers, Recovery):
     def attach(self, console: Any, job_id: int) -> JobState | None:
         """Make ``console`` the receiver of a job's results; replay what was kept."""
         job = self.jobs.get(job_id)
-        if job is None:
-            return None
+        if job is None or (job.finished and not job.options.detach):
+            return None  # an attached job's results went to its console: none to replay
         if job.finished:  # nothing more will come: anyone may have the replay, any number of times
             for msg in job.stored:
                 self._to_console(console, msg)
