@@ -516,6 +516,51 @@ def test_wait_for_nodes_bounds_a_file_jobs_wait(tmp_path: Path, kind: str) -> No
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.remap-*"))
 
 
+def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM to ``compute`` of a data job (``timeout``, ``kill``) ends it as Ctrl-C does:
+    exit 130 with one line, result INCOMPLETE, no staging directory beside the output and no
+    intermediate files. Before, the console died at once and left ``.out.remap-<job>`` and
+    ``im/<job>`` (the spilled map output, possibly gigabytes) behind, and result INCOMPLETE
+    with no cleanup."""
+    import signal
+    import subprocess
+
+    from tests.cluster_harness import CONSOLE_SCRIPT, PYTHON, clean_env, wait_for
+
+    (tmp_path / "slowmap.py").write_text(
+        "import time\n\ndef map(line):\n    time.sleep(0.05)\n    yield line, 1\n\n" + REDUCE
+    )
+    (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(2000)))
+    (tmp_path / "job.yaml").write_text(
+        "kind: mapreduce\nmodule: slowmap.py\ninput: in.txt\noutput: out/\n"
+    )
+    data = DataDir(tmp_path / "data")
+    env = clean_env(tmp_path, {"REMAP_DATA_DIR": str(data.root), "REMAP_CORES": "1"})
+    argv = [PYTHON, str(CONSOLE_SCRIPT), "--env-file", "/dev/null", "compute", "job.yaml"]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(
+            lambda: list((data.root / "job").glob("*/progress/mapper-0000.json")),
+            60,
+            "the map task to start",
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].endswith(" killed; nothing was published"), err
+    assert "Traceback" not in err
+    (job,) = [p.name for p in (data.root / "job").iterdir()]
+    assert layout.read_result(data, job) == "INCOMPLETE"
+    assert not data.im_dir(job).exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.remap-*"))
+
+
 def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Path) -> None:
     """Ctrl-C in an attached driver (SIGTERM in a detached one) kills the running phase's job
     at once; it went on running (and failing on removed files) until the server noticed the

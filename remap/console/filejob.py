@@ -5,10 +5,13 @@ same driver (:func:`run_file_job`) and reports its progress to the server instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..data.layout import new_job_id
@@ -96,6 +99,25 @@ def run_file_job(
     return result.to_json()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``kill``, a CI's cancel) ends an attached data or vertex job as
+    Ctrl-C does: the driver kills its phase and removes its staging output and intermediate
+    files, which the default action (exit at once) left behind. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     """Run a data or vertex job attached to this console; print its summary (``--json``: one
     object). A progress bar on a terminal, else a line now and then (none with --json)."""
@@ -128,16 +150,17 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             console.note(prefix + line)
 
     try:
-        summary = run_file_job(
-            spec,
-            session.settings,
-            lambda: session.connect(allow_embedded=True),
-            job_id,
-            on_progress,
-            console.note if spec.kind == "mapreduce" else None,
-            (lambda index, text: output.put(text)) if show_output else None,
-            args.wait_for_nodes,
-        )
+        with terminate_as_interrupt():
+            summary = run_file_job(
+                spec,
+                session.settings,
+                lambda: session.connect(allow_embedded=True),
+                job_id,
+                on_progress,
+                console.note if spec.kind == "mapreduce" else None,
+                (lambda index, text: output.put(text)) if show_output else None,
+                args.wait_for_nodes,
+            )
     except RemapError as exc:  # failed, killed, or could not start (no server, no input)
         if isinstance(exc, JobFailed):
             if bar is not None:
