@@ -481,6 +481,40 @@ def test_node_refuses_a_server_with_the_wrong_secret_and_runs_nothing(clock, tmp
     assert transport.disconnecting
 
 
+def test_node_says_why_a_connection_closed_before_its_handshake(clock):
+    """A node without TLS dialling a TLS server sees its connection closed before the handshake:
+    it logs one warning with the reason and the TLS hint (it retries, as for any lost
+    connection), where it used to log nothing but ClientService's "Scheduling retry"; a
+    refusal (connection_failed, which logs its own error) and a stop add no such line."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    def warnings(close: Any) -> list[str]:
+        with capturedLogs() as events:
+            close()
+        return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+
+    node, agent, _pool, refusals = node_peer(clock)
+    connect(node)
+    said = warnings(lambda: node.connectionLost(Failure(net_error.ConnectionDone())))
+    assert len(said) == 1, said
+    assert "could not join the server at 127.0.0.1:4000" in said[0], said
+    assert "before the handshake finished" in said[0] and "REMAP_TLS_CA" in said[0], said
+    assert "trying again" in said[0] and refusals == []
+
+    wrong, _agent, _pool, refusals = node_peer(clock)
+    transport = connect(wrong)
+    fake = Connection("server", WRONG)
+    fake.receive_data(transport.value())
+    wrong.dataReceived(b"".join(bytes(p) for p in fake.data_to_send()))
+    assert len(refusals) == 1
+    assert warnings(lambda: wrong.connectionLost(Failure(net_error.ConnectionDone()))) == []
+
+    stopping, agent, _pool, _refusals = node_peer(clock)
+    connect(stopping)
+    agent.leave()
+    assert warnings(lambda: stopping.connectionLost(Failure(net_error.ConnectionDone()))) == []
+
+
 def test_node_refuses_work_from_a_server_that_skips_the_handshake(clock, tmp_path):
     """A server that sends welcome and work without a challenge is refused before any of it runs."""
     marker = tmp_path / "unpickled"

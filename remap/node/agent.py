@@ -177,6 +177,15 @@ class NodeAgent:
                 "lost the server: {error}; dropping its work and reconnecting", error=error
             )
             self.pool.cancel_all()
+        elif not self.stopping and link.failure is None:
+            # lost before it authenticated, and not refused (connection_failed said those): a
+            # plain node at a TLS server, a TLS handshake that failed. Say why, or the node
+            # retries with nothing in its log but "Scheduling retry"
+            self.log.warn(
+                "could not join the server at {peer}: {error}; trying again",
+                peer=link.peer,
+                error=error,
+            )
 
     def heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat(load=load_average(), busy=self.pool.busy)
