@@ -311,6 +311,51 @@ def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
     assert not (tmp_path / "out-run" / "_SUCCESS").exists()
 
 
+def _listed_id(line: str):
+    return [line.split()[0]], None, []  # a list cannot be a vertex id
+
+
+def _int_edges(line: str):
+    return int(line.split()[0]), None, 5  # edges must be a list
+
+
+def _raising_combine(messages):
+    raise ValueError("cannot combine")
+
+
+def _to_neighbors(ctx, vid, value, messages):
+    ctx.send_to_neighbors(1)
+    return value, ctx.superstep > 0
+
+
+@pytest.mark.parametrize(
+    ("fns", "message"),
+    [
+        ({"prepare": _listed_id}, r"prepare\('\d+ \d+'\) returned vertex id \['\d+'\]: unhashable"),
+        ({"prepare": _int_edges}, r"prepare\('\d+ \d+'\) returned edges 5: expected a list"),
+        (
+            {"combine": _raising_combine, "compute": _to_neighbors},
+            r"combine of \d+ messages to vertex \d+ raised ValueError: cannot combine",
+        ),
+    ],
+)
+def test_a_broken_prepare_or_combine_fails_with_a_line_naming_it(
+    tmp_path: Path, fns: dict, message: str
+):
+    """A prepare returning an unhashable id or edges that are not a list, or a combine function
+    that raises, fails the job with one line naming the function and the line or vertex.
+    Before: "a vertex worker failed: TypeError: unhashable type: 'list'" (or "'int' object is
+    not iterable", "ValueError: cannot combine"), naming neither, without a traceback."""
+    graph_input(tmp_path)
+    namespace = {
+        "prepare": example("propagate_max").prepare,
+        "compute": lambda ctx, vid, value, messages: (value, True),
+        **fns,
+    }
+    with pytest.raises(JobFailed, match=message):
+        run_threads(program_from_namespace(namespace, "t"), tmp_path, 2, max_supersteps=3)
+
+
 def _picky_prepare(line: str):
     if line.split()[0] == "13":
         raise ValueError(f"no vertex 13 ({line})")

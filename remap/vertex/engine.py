@@ -75,7 +75,13 @@ def _record(item: Any, line: str) -> Record:
         )
     vid = item[0]
     value = item[1] if len(item) > 1 else None
-    targets, weights = _edges(item[2] if len(item) > 2 else ())
+    try:
+        targets, weights = _edges(item[2] if len(item) > 2 else ())
+    except TypeError:
+        raise VertexError(
+            f"prepare({line!r}) returned edges {item[2]!r}: expected a list of targets or "
+            "of (target, value) pairs"
+        ) from None
     return vid, value, targets, weights
 
 
@@ -243,7 +249,13 @@ class Outbox:
         for bucket in self.buckets:
             for vid, box in bucket.items():
                 if type(box) is list:
-                    bucket[vid] = combine(box)
+                    try:
+                        bucket[vid] = combine(box)
+                    except Exception as exc:  # the user's combine: name it and the vertex
+                        raise VertexError(
+                            f"combine of {len(box)} messages to vertex {vid!r} raised "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
 
     def counts(self) -> list[int]:
         """Messages that will be delivered, per destination partition (after combining)."""

@@ -281,7 +281,12 @@ class Worker:
                         p = (((vid * _MIX) & _MASK) >> 32) % count
                     else:
                         p = partition_of(vid, count)
-                    acc[p].add(vid, value, targets, weights)
+                    try:
+                        acc[p].add(vid, value, targets, weights)
+                    except TypeError as exc:  # an id that is no dict key (a list, a dict)
+                        raise VertexError(
+                            f"prepare({line!r}) returned vertex id {vid!r}: {exc}"
+                        ) from None
                     if p not in self.parts:
                         held += 1 + len(targets)
                 if held >= LOAD_SPILL:
