@@ -171,6 +171,19 @@ def test_on_kill_kills_the_remote_job(server: FakeServer) -> None:
     assert server.calls[-1][:2] == ("POST", "/api/v1/jobs/42/kill")
 
 
+def test_killing_the_deferred_task_kills_the_remote_job(server: FakeServer) -> None:
+    """Once the task has deferred no worker runs the operator's on_kill: the trigger's, which
+    Airflow 3.3+'s triggerer calls when a user kills the task, kills the job, on a trigger
+    rebuilt from what it serialized (as the triggerer holds it). A job the server cannot kill
+    (ended and pruned, say) is logged, not raised."""
+    path, kwargs = RemapJobTrigger(42, "remap_default", 0.01, "/data/jobs/42.jsonl").serialize()
+    assert path == "remap.airflow.triggers.RemapJobTrigger"
+    asyncio.run(RemapJobTrigger(**kwargs).on_kill())
+    assert server.calls == [("POST", "/api/v1/jobs/42/kill", ("application/json", "{}"))]
+    asyncio.run(RemapJobTrigger(7, "remap_default", 0.01).on_kill())  # the fake answers 404
+    assert server.calls[-1][:2] == ("POST", "/api/v1/jobs/7/kill")
+
+
 def test_a_job_file_path_is_read(server: FakeServer, tmp_path: Any) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(JOB_YAML)

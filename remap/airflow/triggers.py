@@ -55,3 +55,15 @@ class RemapJobTrigger(BaseTrigger):
                 await asyncio.sleep(self.poll_interval)
         except RemapApiError as exc:
             yield TriggerEvent({"job": self.job_id, "state": "error", "message": str(exc)})
+
+    async def on_kill(self) -> None:
+        """Kill the remote job when a user kills the deferred task (marks it failed or
+        success, clears it). The operator's ``on_kill`` cannot: once the task has deferred no
+        worker runs it. Airflow 3.3+ calls this on the triggerer; older releases never do."""
+        try:
+            api = await asyncio.to_thread(self._api)
+            await asyncio.to_thread(api.kill, self.job_id)
+        except RemapApiError as exc:  # ended meanwhile, or the server cannot be asked
+            self.log.warning("could not kill remap job %s: %s", self.job_id, exc)
+        else:
+            self.log.info("remap job %s killed", self.job_id)
