@@ -133,6 +133,43 @@ def test_an_apps_dir_that_is_not_a_directory_stops_the_server(tmp_path: Path) ->
             Served(Settings(http_port=0, apps_dir=str(apps)))
 
 
+def test_results_of_a_job_submitted_before_a_restart(apps: Path, tmp_path: Path) -> None:
+    """After a restart the journal has the jobs submitted over HTTP, and their results files
+    are where that run's console children wrote them: the results route serves a finished
+    one (it said 404 "was not submitted over HTTP"), says 202 for a running one, and still
+    404 for a job a console ran. The file is streamed on the HTTP face's own reactor (a pull
+    producer waited for the global reactor, which does not run here: the answer never ended).
+    """
+    from remap import runtime
+    from remap.settings import Settings
+
+    data = tmp_path / "data"
+    served = Served(Settings(http_port=0, apps_dir=str(apps), data_dir=str(data)))
+    try:
+        ended, running = (
+            prepare({"function": "squares.py:square", "args_range": [0, 2]}, apps, data)
+            for _ in range(2)
+        )
+        lines = 100_000  # megabytes: sent in chunks, the peer's pace followed, then ended
+        ended.results.write_text(
+            "".join(f'{{"index": {i}, "result": {i}}}\n' for i in range(lines))
+        )
+        done_id = served.add_job(name=ended.name)
+        running_id = served.add_job(name=running.name)
+        console_id = served.add_job(name="by a console")
+        runtime.run(lambda: served.scheduler.kill(done_id, "ended"))  # any end will do
+        reply = served.request("GET", f"/api/v1/jobs/{done_id}/results", token=served.token)
+        assert reply.status == 200, reply.body
+        assert [json.loads(line)["result"] for line in reply.body.splitlines()] == [*range(lines)]
+        path = f"/api/v1/jobs/{running_id}/results?wait=true"
+        reply = served.request("GET", path, token=served.token)
+        assert reply.status == 202 and "restarted" in reply.json()["message"]
+        path = f"/api/v1/jobs/{console_id}/results"
+        assert served.request("GET", path, token=served.token).status == 404
+    finally:
+        served.stop()
+
+
 @pytest.mark.slow
 def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_path: Path) -> None:
     """A YAML job file posted with the token runs on the cluster; its results come back as

@@ -15,7 +15,6 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -313,6 +312,10 @@ class HttpApp:
 
     def results(self, request: Any, identity: Identity, job_id: int) -> bytes | int:
         submission = self.submitter.by_job.get(job_id)
+        recalled = submission is None
+        if recalled:  # submitted before the server restarted? the journal has the job
+            job = self.scheduler.recall(job_id)
+            submission = self.submitter.recall(job) if job is not None else None
         if submission is None:
             return self._error(
                 request,
@@ -321,6 +324,16 @@ class HttpApp:
                 f"job {job_id} was not submitted over HTTP (its results went to its console)",
             )
         wait = (request.args.get(b"wait") or [b""])[0].lower() in (b"1", b"true", b"yes")
+        if not submission.ended and recalled:  # its console child is not this run's to watch
+            request.setResponseCode(202)
+            return self._body(
+                request,
+                {
+                    "error": "not-ready",
+                    "message": "the job is still running (it was submitted before the server "
+                    "restarted, so ?wait=true cannot wait for it): ask again later",
+                },
+            )
         if not submission.ended:
             if not wait:
                 request.setResponseCode(202)
@@ -337,8 +350,7 @@ class HttpApp:
         self._send_results(request, submission)
         return NOT_DONE_YET
 
-    @staticmethod
-    def _send_results(request: Any, submission: Any) -> None:
+    def _send_results(self, request: Any, submission: Any) -> None:
         """Stream the committed JSON-lines file (empty for response_mode none or a failure)."""
         if request._disconnected or request.finished:
             return
@@ -348,14 +360,7 @@ class HttpApp:
         except FileNotFoundError:
             request.finish()
             return
-        done = FileSender().beginFileTransfer(handle, request)
-
-        def close(_: Any) -> None:
-            handle.close()
-            if not request.finished and not request._disconnected:
-                request.finish()
-
-        done.addBoth(close)
+        FileStreamer(self.submitter.reactor, handle, request).start()
 
     def events(self, request: Any, identity: Identity) -> bytes | int:
         request.setHeader(b"Content-Type", b"text/event-stream")
@@ -367,6 +372,59 @@ class HttpApp:
     def metrics(self, request: Any, identity: Identity) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         return self.stats.prometheus_text()
+
+
+class FileStreamer:
+    """Sends a file to a request a chunk per reactor turn, pausing when the peer is slow.
+
+    A push producer on the injected reactor: Twisted drives a pull producer (``FileSender``)
+    with the global reactor's cooperator, which never runs where the HTTP face is on another
+    reactor (the embedded cluster's, the tests'), so such an answer never ended.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, clock: Any, handle: Any, request: Any) -> None:
+        self.clock, self.handle, self.request = clock, handle, request
+        self.paused = False
+        self.call: Any = None
+
+    def start(self) -> None:
+        self.request.registerProducer(self, True)
+        self._next()
+
+    def _next(self) -> None:
+        if self.call is None and not self.paused and not self.handle.closed:
+            self.call = self.clock.callLater(0, self._send)
+
+    def _send(self) -> None:
+        self.call = None
+        if self.request._disconnected:
+            self.handle.close()
+        if self.paused or self.handle.closed:
+            return
+        chunk = self.handle.read(self.CHUNK)
+        if chunk:
+            self.request.write(chunk)
+            self._next()
+            return
+        self.handle.close()
+        self.request.unregisterProducer()
+        if not self.request.finished and not self.request._disconnected:
+            self.request.finish()
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's names
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        self._next()
+
+    def stopProducing(self) -> None:  # noqa: N802 - the connection went away
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+        self.handle.close()
 
 
 def _media_type(request: Any) -> str:

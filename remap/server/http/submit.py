@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ REFUSED_KEYS = {
     "kind": "only function jobs can be submitted over HTTP",
 }
 MODES = ("file", "none")
+#: the tail ``prepare`` gives a submitted job's name: its submission's id
+HTTP_NAME = re.compile(r" \[http ([0-9a-f]{8})\]$")
 #: seconds to wait for the submitted job to reach the scheduler
 START_TIMEOUT = 60.0
 
@@ -255,6 +258,19 @@ class Submitter:
             self.reactor.callLater(0.05, look)
 
         look()
+
+    def recall(self, job: Any) -> Submission | None:
+        """The submission of a job sent over HTTP before the server restarted (the journal
+        kept the job; its results are where that run's console child wrote them), or None."""
+        found = HTTP_NAME.search(job.options.name or "")
+        if found is None:
+            return None
+        directory = self.data_dir / "http" / found.group(1)
+        if not (directory / "job.json").is_file():
+            return None
+        return Submission(
+            found.group(1), job.options.name, directory, job_id=job.id, ended=job.finished
+        )
 
     def _for_client(self, submission: Submission, error: str) -> str:
         """The console child's error as the HTTP client knows the job: no server paths (its
