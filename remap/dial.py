@@ -57,6 +57,11 @@ async def _dial(
         link = await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(
             factory
         )
+    except error.TimeoutError:  # Twisted says "User timeout caused connection failure"
+        raise ServerUnreachable(
+            f"cannot reach the server at {address}: no answer within {timeout:g}s (is the "
+            "address right, the machine up, and its TCP port open in any firewall?)"
+        ) from None
     except Exception as exc:
         raise ServerUnreachable(f"cannot reach the server at {address}: {_reason(exc)}") from None
     try:

@@ -161,6 +161,39 @@ def test_dialling_a_port_where_nothing_listens_says_it_once() -> None:
     assert line.count("refused") == 1 and "is the server running" in line, line
 
 
+def test_dialling_an_address_that_never_answers_says_so_in_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server machine that is off or firewalled (SYNs dropped: seen on a namespace LAN, an
+    address with no host behind it) ends the dial after its timeout with one line saying
+    nothing answered within it and what to check, not Twisted's "User timeout caused
+    connection failure"."""
+    from twisted.internet import defer
+    from twisted.internet import error as net_error
+    from twisted.internet.task import Clock
+
+    from remap import dial
+    from remap.settings import Settings
+
+    class Silent:
+        def connect(self, factory: object) -> defer.Deferred:
+            return defer.fail(net_error.TimeoutError())
+
+    monkeypatch.setattr(dial, "client_endpoint", lambda *a, **k: Silent())
+    dialled = defer.ensureDeferred(
+        dial.connect_console(Clock(), Settings(), "10.9.9.9:7878", secret=b"k" * 32, timeout=7)
+    )
+    failures: list = []
+    dialled.addErrback(failures.append)
+    (failure,) = failures
+    line, code = one_line(failure.value)
+    assert line == (
+        "error: cannot reach the server at 10.9.9.9:7878: no answer within 7s (is the address "
+        "right, the machine up, and its TCP port open in any firewall?)"
+    ), line
+    assert code == 4
+
+
 def test_remap_errors_is_reachable_after_a_plain_import_remap() -> None:
     """The README's ``remap.errors.JobRefused`` / ``remap.errors.one_line`` and
     ``remap.settings.Settings`` work after ``import remap`` alone (a fresh interpreter: here
