@@ -13,7 +13,7 @@ import pytest
 
 from remap.data import count, inputs, layout, tasks
 from remap.data.layout import DataDir
-from remap.data.runs import BadOutput
+from remap.data.runs import BadOutput, CombineError
 from remap.data.tasks import (
     JobCodeError,
     RecordError,
@@ -180,6 +180,21 @@ def test_a_map_side_function_that_returns_no_records_is_named(
     with pytest.raises((JobCodeError, BadOutput)) as caught:
         map_task(ctx, _split(tmp_path, "a\n"))
     assert message in str(caught.value)
+
+
+def _raising_combine(key, values):
+    raise ValueError(f"cannot fold {key}")
+    yield  # pragma: no cover
+
+
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_a_raising_combine_is_named_and_fails_the_task(tmp_path: Path, on_error: str) -> None:
+    """A combine that raises fails the map task, even on continue (it folds many records'
+    values), with a line naming combine and the key and the user's exception as the cause.
+    Before: "map task 0: ValueError: cannot fold a", naming neither combine nor the key."""
+    ctx = _context(tmp_path, combine=_raising_combine, on_error=on_error)
+    with pytest.raises(CombineError, match=r"combine\('a', values\) raised ValueError: cannot"):
+        map_task(ctx, _split(tmp_path, "a\n"))
 
 
 @pytest.mark.parametrize("on_error", ["fail", "continue"])

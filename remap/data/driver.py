@@ -381,7 +381,8 @@ class DataJobRunner:
         assert self.phase is not None
         first = self.phase.run.session.first_error
         if first is not None:
-            ours = ("RecordError", "JobCodeError", "BadOutput")  # they say what and where
+            # their messages say what and where
+            ours = ("RecordError", "JobCodeError", "BadOutput", "CombineError")
             what = "" if first.type_name in ours else f"{first.type_name}: "
             failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
             failed.remote_traceback = first.traceback

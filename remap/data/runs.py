@@ -113,16 +113,27 @@ class BadOutput(ValueError):
     or ``combine`` returned something that is not an iterable of values."""
 
 
+class CombineError(Exception):
+    """The user's ``combine`` raised: the message names it and the key (a combine serves many
+    records, so it fails its task even on ``continue``)."""
+
+    shows_cause = True  # its remote traceback is the user's exception's
+
+
 def combine_values(combine: Combiner, key: Any, values: Iterator[Any]) -> list[Any]:
-    """``combine(key, values)``'s values; a result that is not an iterable (None: a missing
-    ``yield`` or ``return``) is named, not reported as an error of remap's own loop."""
-    out = combine(key, values)
-    if not hasattr(out, "__iter__"):
-        raise BadOutput(
-            f"combine({short(key)}, values) returned {short(out)}: it must yield the combined "
-            "values (or return a list of them)"
-        )
-    return list(out)
+    """``combine(key, values)``'s values; what it raises, or a result that is not an iterable
+    (None: a missing ``yield`` or ``return``), is named, not reported as remap's own error."""
+    try:
+        out = combine(key, values)
+        if hasattr(out, "__iter__"):
+            return list(out)
+    except Exception as exc:
+        what = f"combine({short(key)}, values) raised {type(exc).__name__}: {exc}"
+        raise CombineError(what) from exc
+    raise BadOutput(
+        f"combine({short(key)}, values) returned {short(out)}: it must yield the combined "
+        "values (or return a list of them)"
+    )
 
 
 def short(value: Any) -> str:

@@ -28,6 +28,7 @@ from .layout import DataDir
 from .runs import (
     DEFAULT_FANIN,
     BadOutput,
+    CombineError,
     SpillBuffer,
     grouped,
     merge,
@@ -268,6 +269,8 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                 extend(chunk)
             except BadOutput as exc:
                 raise JobCodeError(f"{where()}: {what}: {exc}") from None
+            except CombineError:
+                raise
             except Exception as exc:  # the user's code: report with where its input came from
                 failures.record(where(), what, exc)
                 return
@@ -298,6 +301,8 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                         extend(outputs.items() if isinstance(outputs, dict) else outputs)
                 except BadOutput as exc:  # a broken contract fails even on continue: say where
                     raise JobCodeError(f"{_where(s, offset, index, custom)}: {exc}") from None
+                except CombineError:  # it folds many records' values: not this record's error
+                    raise
                 except Exception as exc:  # the user's map: report with the record's place
                     if outputs is not None and not hasattr(outputs, "__iter__"):  # no records
                         where = _where(s, offset, index, custom)
