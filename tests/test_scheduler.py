@@ -172,7 +172,8 @@ class FakeConsole:
         self.end = end
         self.errors: list[str] = []
         params.setdefault("name", "test-job")
-        sched.submit(self.link, m.Submit(id=7, payload=b"fn-blob", **params))
+        params.setdefault("payload", b"fn-blob")  # (the job's function, pickled)
+        sched.submit(self.link, m.Submit(id=7, **params))
         (submitted,) = self.link.of(m.Submitted)
         assert submitted.re == 7
         self.job = submitted.job

@@ -130,6 +130,9 @@ class ServerConnection:
             link.close()  # nothing more is wanted of it (a node that hung now is not "lost")
         elif t is m.Error:
             self.log.warn("node {peer} reported: {message}", peer=link.peer, message=msg.message)
+            if msg.code == "frame-too-large" and self.node_id is not None:
+                # (it closes now: what it refused must not be sent to it again, for ever)
+                self.scheduler.node_refused_frame(self.node_id, msg.message)
         else:
             link.send(m.Error(code="unexpected", message=f"a node does not send {msg.TYPE}"))
 

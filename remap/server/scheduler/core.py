@@ -29,6 +29,7 @@ Bookkeeping invariants, which make delivery exactly-once:
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -38,7 +39,7 @@ from twisted.python.failure import Failure
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME
+from protocol.framing import DEFAULT_MAX_FRAME, frame_length
 from protocol.options import JobOptions
 from protocol.status import JobStatus, NodeStatus, ServerStatus
 
@@ -64,10 +65,16 @@ from .effects import (
     command,
     new_send,
 )
-from .policy import MAX_BATCH_BYTES, SWEEP_INTERVAL
+from .policy import SWEEP_INTERVAL
 from .recovery import Recovery
 from .segments import Segment, take_from
+from .sizing import ARG_TOO_LARGE, node_too_large_text, task_bound, task_limits
 from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
+
+#: what a node's ``frame-too-large`` error says of its limit (``protocol.framing``'s wording)
+_LIMIT_SAID = re.compile(r"limit of (\d+) bytes")
+#: a task id no task reaches: a task measured before it has its id is measured with this one
+_LONGEST_ID = (1 << 63) - 1
 
 #: 2026-01-01T00:00:00Z: job ids count milliseconds from here (see :func:`first_job_id`)
 JOB_ID_EPOCH = 1_767_225_600
@@ -82,6 +89,11 @@ def first_job_id(now: float | None = None) -> int:
     job" instead of returning another job's results. Nothing needs to be stored to keep this.
     """
     return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
+
+
+def _besides(may_run: Any, job: JobState) -> Any:
+    """``may_run`` that leaves ``job`` out too (what is next of it waits for larger frames)."""
+    return lambda node, other: other is not job and may_run(node, other)
 
 
 class Scheduler(NodeAnswers, Recovery):
@@ -136,6 +148,9 @@ class Scheduler(NodeAnswers, Recovery):
         self._all_credits = 0
         #: (host, pid) of drained node processes, so a reconnecting one stays drained
         self._drained: set[tuple[str, int]] = set()
+        #: (host, pid) of node processes that refused a frame over a limit their hello did not
+        #: say, and that limit (see :meth:`node_refused_frame`)
+        self._frame_limits: dict[tuple[str, int], int] = {}
         #: host names on the exclusion list (see :meth:`set_excluded`)
         self.excluded_hosts: frozenset[str] = frozenset()
         self._group_credits: dict[str, int] = {}
@@ -336,6 +351,11 @@ class Scheduler(NodeAnswers, Recovery):
             data_id=info.data_id,
             data_error=info.data_error,
         )
+        limit = getattr(link, "frame_limit", 0)  # (0: an in-process link, no frames)
+        known = self._frame_limits.get((info.host, info.pid))
+        if known and (not limit or known < limit):
+            limit = known
+        self._limit_frames(node, limit)
         self.nodes[node_id] = node
         if node.has_credit():
             self._ready[node_id] = node
@@ -352,6 +372,42 @@ class Scheduler(NodeAnswers, Recovery):
                 job.waiting = ""
         self.pump()
         return node
+
+    @staticmethod
+    def _limit_frames(node: NodeState, limit: int) -> None:
+        """Size what is sent to ``node`` to frames of ``limit`` bytes (0: no limit)."""
+        node.frame_limit = limit
+        node.batch_args, node.batch_bytes = task_limits(limit)
+
+    @command
+    def node_refused_frame(self, node_id: str, message: str) -> None:
+        """A node closes its connection over a frame larger than it takes (its error
+        ``frame-too-large``, whose ``message`` names its limit): its hello said a larger limit,
+        or none (a node from before ``hello.max_frame`` is held to the default). Its work comes
+        back when the connection ends, as for any lost node; from now on frames to it are held
+        to the limit it named (half of what was believed, if it named none or a larger one),
+        also when that node process connects again. So the frame it refused is never sent to it
+        again: it is cut smaller, goes to another node, or fails in one line (see
+        :meth:`_too_large`), where it used to be sent again at every reconnection, for ever."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        believed = node.frame_limit or self.max_frame
+        said = _LIMIT_SAID.search(message)
+        limit = int(said.group(1)) if said else believed
+        if limit >= believed:
+            limit = believed // 2
+        limit = max(1, limit)
+        self._frame_limits[(node.host, node.pid)] = limit
+        self._limit_frames(node, limit)
+        self.log.warn(
+            "node {id} ({host}) refused a frame over its limit of {limit} bytes, which its hello "
+            "did not say; frames to it are held to that limit from now on ({message})",
+            id=node_id,
+            host=node.host,
+            limit=limit,
+            message=message[:200],
+        )
 
     def _add_credits(self, node: NodeState, sign: int) -> None:
         """Keep credit totals (all nodes, per group) current, so sizing a window is O(1)."""
@@ -498,6 +554,7 @@ class Scheduler(NodeAnswers, Recovery):
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # tell consoles left without a node
+        self.pump()  # (work held for this node's larger frames may now fit no node: see _too_large)
         return node
 
     # ================================================================ jobs
@@ -833,18 +890,21 @@ class Scheduler(NodeAnswers, Recovery):
         else:
             return
         now = self.clock.seconds()
+        group_ok = self._group_ok
         for node_id in list(self._ready):
             node = self._ready.get(node_id)
             if node is None:
                 continue
+            may_run = group_ok
             while True:
                 if not node.has_credit():
                     self._ready.pop(node_id, None)
                     break
-                job = policy.next_job(self.active.values(), node, self._group_ok)
+                job = policy.next_job(self.active.values(), node, may_run)
                 if job is None:
                     break  # (credit left: asked just now, and choosing no job spends none)
-                self._dispatch(node, job, now)
+                if not self._dispatch(node, job, now):
+                    may_run = _besides(may_run, job)  # (its next work waits for larger frames)
         for job in self.active.values():
             if not job.finished:
                 self._grant(job)
@@ -907,29 +967,44 @@ class Scheduler(NodeAnswers, Recovery):
                     )
         self.pump()
 
-    def _dispatch(self, node: NodeState, job: JobState, now: float) -> None:
+    def _dispatch(self, node: NodeState, job: JobState, now: float) -> bool:
+        """Send ``node`` a task of ``job`` (the job's function first, once per node), in frames
+        the node takes. False: nothing of the job went, its function or next argument is too
+        large for this node's frames and left for a node with larger ones (see
+        :meth:`_too_large`, which fails it when no node takes it: True then)."""
+        if job.id not in node.loaded:
+            load = m.JobLoad(
+                job=job.id,
+                star=job.options.star,
+                timeout=job.options.timeout,
+                reduce=job.options.mode == "reduce",
+                payload=job.fn_blob,
+            )
+            limit = node.frame_limit
+            if limit and task_bound(len(job.fn_blob), 0) > limit:
+                need = frame_length(*m.encode(load))
+                if need > limit:
+                    return self._too_large(node, job, need)
+            node.loaded.add(job.id)
+            self._send(node.link, load)
         credits = self._credits_for(job)
         size = policy.tail_share(job, job.batch, credits)
         if job.result_cap and size > job.result_cap:
             size = job.result_cap  # (results of more would not fit a frame to the console)
-        seg = take_from(job.pending, size, MAX_BATCH_BYTES)
+        if size > node.batch_args:
+            size = node.batch_args  # (a header of more would not fit a frame to the node)
+        room = node.batch_bytes  # (MAX_BATCH_BYTES, less for a node with small frames)
+        seg = take_from(job.pending, size, room)
+        nbytes = len(seg.payload)
+        if nbytes > room and node.frame_limit:  # one pickle over the room, alone: measured
+            need = self._task_length(job, seg, node.frame_limit)
+            if need > node.frame_limit:
+                return self._too_large(node, job, need, seg)
         n = len(seg.indices)  # (len(seg) is a Python call)
         job.pending_count -= n
-        job.pending_bytes -= len(seg.payload)
+        job.pending_bytes -= nbytes
         job.running += n
         job.tasks += 1
-        if job.id not in node.loaded:
-            node.loaded.add(job.id)
-            self._send(
-                node.link,
-                m.JobLoad(
-                    job=job.id,
-                    star=job.options.star,
-                    timeout=job.options.timeout,
-                    reduce=job.options.mode == "reduce",
-                    payload=job.fn_blob,
-                ),
-            )
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
         if seg.groups is None:
@@ -947,6 +1022,74 @@ class Scheduler(NodeAnswers, Recovery):
         self._send(node.link, msg)
         if self._sweep is None:
             self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
+        return True
+
+    @staticmethod
+    def _task_length(job: JobState, seg: Segment, limit: int) -> int:
+        """The frame length of a task of ``seg``, or a bound on it within ``limit``."""
+        bound = task_bound(len(seg.payload), len(seg.sizes))
+        if bound <= limit:
+            return bound
+        if seg.groups is None:
+            msg = m.Task.make(task=_LONGEST_ID, job=job.id, sizes=seg.sizes, payload=seg.payload)
+        else:
+            msg = m.Task.make(
+                task=_LONGEST_ID,
+                job=job.id,
+                sizes=seg.sizes,
+                groups=seg.groups,
+                skip=seg.skip,
+                count=len(seg.indices),
+                payload=seg.payload,
+            )
+        return frame_length(*m.encode(msg))
+
+    def _too_large(
+        self, node: NodeState, job: JobState, need: int, seg: Segment | None = None
+    ) -> bool:
+        """``job``'s function (``seg`` None) or the arguments ``seg`` (taken off its queue)
+        need a frame of ``need`` bytes, over ``node``'s limit. Decided now, among the nodes
+        connected: if one that may run the job and takes work has larger frames, they wait for
+        it (back in the queue; False). If none has, waiting could be for ever: the job fails,
+        or each of the arguments with ``ArgumentTooLarge`` (its job too, on ``on_error:
+        fail``), in one line naming the size, the largest limit and the setting (True)."""
+        largest = node.frame_limit
+        for other in self.nodes.values():
+            if other.draining or other.excluded or not self._group_ok(other, job):
+                continue
+            if not other.frame_limit or other.frame_limit >= need:
+                if seg is not None:
+                    job.pending.appendleft(seg)
+                return False
+            if other.frame_limit > largest:
+                largest = other.frame_limit
+        if seg is None:
+            text = node_too_large_text("the job's function", need, largest, self.max_frame)
+            self.log.warn("job {id} fails: {text}", id=job.id, text=text)
+            self.finish(job, "failed", text)
+            return True
+        n = len(seg.indices)
+        job.pending_count -= n
+        job.pending_bytes -= len(seg.payload)
+        what = "its task"
+        if seg.groups is not None and seg.groups[0] > 1:
+            what = f"its argument group ({seg.groups[0]} arguments in one pickle)"
+        text = node_too_large_text(what, need, largest, self.max_frame)
+        self.log.warn(
+            "job {id}: arguments {first}..{last} fail: {text}",
+            id=job.id,
+            first=seg.indices[0],
+            last=seg.indices[-1],
+            text=text,
+        )
+        job.failed += n
+        errors = [[pos, ARG_TOO_LARGE, text, ""] for pos in range(n)]
+        self._deliver(job, m.Results.of(job.id, seg.indices, sizes=[0] * n, errors=errors))
+        if job.options.on_error == "fail":
+            self.finish(job, "failed", f"argument {seg.indices[0]} raised {ARG_TOO_LARGE}: {text}")
+        else:
+            self._maybe_complete(job)
+        return True
 
     @command
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""Messages to a console sized to the frames it accepts (its ``hello.max_frame``).
+"""Frames to a peer sized to the limit it said in its ``hello.max_frame``: a console's, a node's.
 
 A console refuses a frame over its limit by closing the connection; it then dials again,
 resumes its job and would get the same frame again, for ever. So nothing over the limit is
@@ -7,6 +7,12 @@ becomes that argument's error (``ResultTooLarge``, one line naming the frame's s
 and the setting to raise), and a status reply leaves out its oldest finished jobs. Pure: no
 links, no clock. A frame's size is its ``length`` field (:func:`protocol.framing.frame_length`),
 header included: what the receiver holds against its limit.
+
+A node refuses such a frame the same way (and its tasks came back to it, for ever): a task
+holds no more arguments and bytes than :func:`task_limits` allows for the node it goes to, and
+a pickle (an argument, or an argument group the server cannot split) or a job's function too
+large for every node that may run it is that argument's error (``ArgumentTooLarge``) or the
+job's, in one line made by :func:`node_too_large_text`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import msgpack
 from protocol import messages as m
 from protocol.framing import frame_length
 
+from .policy import MAX_BATCH_BYTES
+
 #: bytes a ``results`` header takes besides its lists and text: every key, the job id, the
 #: run's start and count, the flags and the headers of the lists and the text (about 120)
 RESULTS_HEADROOM = 256
@@ -28,6 +36,19 @@ PER_RESULT = 2 * INT_MAX
 #: the error type a result too large for its console's frames becomes (as a node's too large
 #: result does: see ``answers.py``)
 TOO_LARGE = "ResultTooLarge"
+
+#: bytes a ``task`` header takes besides its lists: every key, the task and job ids, ``skip``,
+#: ``count`` and the lists' headers (about 60); a ``job_load``'s header is smaller
+TASK_HEADROOM = 256
+#: bytes one pickle adds to a ``task`` header at most: its size and its group's count
+PER_PICKLE = 2 * INT_MAX
+#: the error type of an argument too large for the frames of every node that may run it
+ARG_TOO_LARGE = "ArgumentTooLarge"
+#: arguments a task may hold when its node's frames are no bound on it
+NO_CAP = 1 << 62
+#: a node whose frames take this much takes any batch the scheduler makes (its pickles are a
+#: byte at least, so the header is at most ``PER_PICKLE`` bytes a byte of them)
+ROOMY = (PER_PICKLE + 1) * MAX_BATCH_BYTES + TASK_HEADROOM
 
 
 def results_bound(msg: m.Results) -> int:
@@ -160,3 +181,32 @@ def fit_status(reply: m.StatusReply, limit: int) -> m.StatusReply | None:
     kept = [job for k, job in enumerate(jobs) if k not in dropped]
     trimmed = m.StatusReply(re=reply.re, nodes=reply.nodes, jobs=kept, server=reply.server)
     return trimmed if fits(trimmed, limit) else None
+
+
+def task_limits(limit: int) -> tuple[int, int]:
+    """``(arguments, bytes of pickles)`` a task to a node whose frames take at most ``limit``
+    bytes may hold, so its frame is within the limit whatever the pickles are (the header is a
+    quarter of it at most). ``limit`` 0 (an in-process link) or :data:`ROOMY`: the scheduler's
+    own bounds (:data:`NO_CAP`, ``MAX_BATCH_BYTES``). A pickle over the bytes travels alone
+    and is measured by itself (:func:`task_bound`, then encoded)."""
+    if not limit or limit >= ROOMY:
+        return NO_CAP, MAX_BATCH_BYTES
+    room = limit - TASK_HEADROOM
+    args = max(1, room // (4 * PER_PICKLE))
+    return args, max(0, min(MAX_BATCH_BYTES, room - PER_PICKLE * args))
+
+
+def task_bound(nbytes: int, pickles: int) -> int:
+    """An upper bound on the frame length of a task of ``pickles`` pickles in ``nbytes``."""
+    return nbytes + PER_PICKLE * pickles + TASK_HEADROOM
+
+
+def node_too_large_text(what: str, need: int, limit: int, server_limit: int) -> str:
+    """The one line a message too large for the frames of every node that may take it is
+    reported with (``what`` needs it: "its task", "the job's function"), as a result too
+    large for a console's frames is (:func:`too_large_text`)."""
+    whose = "the nodes'" if limit < server_limit else "the nodes' and the server's"
+    return (
+        f"{what} needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on frames "
+        f"to the nodes (the largest a connected node takes): raise {whose} REMAP_MAX_FRAME"
+    )

@@ -104,6 +104,12 @@ class NodeState:
     data_dir: str | None = None
     data_id: str | None = None
     data_error: str | None = None
+    #: the largest frame the node takes (its ``hello.max_frame``, or what it refused over; 0:
+    #: an in-process link, no frames) and what a task to it may hold for its frame to fit
+    #: (``sizing.task_limits``): arguments, bytes of pickles (a pickle over it goes alone)
+    frame_limit: int = 0
+    batch_args: int = 1 << 62
+    batch_bytes: int = 4 * 1024 * 1024
 
     def has_credit(self) -> bool:
         return (
