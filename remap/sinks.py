@@ -386,11 +386,19 @@ def os_reason(exc: BaseException) -> str:
 
 
 def _check_directory(output: Path, what: str) -> None:
-    """Refuse an output whose directory is missing before anything is created."""
+    """Refuse an output whose directory is missing, or that is no file to replace, before
+    anything is created."""
     if not output.parent.is_dir():
         raise ConfigError(f"cannot write {what} {output}: directory {output.parent} does not exist")
     if output.is_dir():
         raise ConfigError(f"cannot write {what} {output}: it is a directory")
+    if output.exists() and not output.is_file():
+        # the finished output replaces OUTPUT by a rename: run as root, /dev/full or
+        # /dev/stdout would have become a regular file (the device node gone)
+        raise ConfigError(
+            f"cannot write {what} {output}: it is not a regular file (a device, pipe or "
+            "socket); the output replaces it when the job ends: name a file"
+        )
 
 
 class _OutputSink(Sink):

@@ -631,6 +631,28 @@ def test_file_sink_bad_output_is_config_error(tmp_path: Path) -> None:
         FileSink(tmp_path)
 
 
+@pytest.mark.parametrize("cls", [FileSink, SqliteSink])
+def test_an_output_that_is_no_regular_file_is_refused_untouched(tmp_path: Path, cls: type) -> None:
+    """A device, a FIFO or a link to one (``output: /dev/stdout``) is refused with one line
+    before anything is created next to it: a file job's finished output replaces OUTPUT by a
+    rename, which (as root) turned /dev/full into a regular file holding the results."""
+    import os
+    import stat
+
+    device = tmp_path / "stdout"
+    device.symlink_to("/dev/null")  # a character device nothing may replace
+    outputs = [device]
+    if cls is FileSink:  # (sqlite would block opening a FIFO nobody writes)
+        fifo = tmp_path / "results.fifo"
+        os.mkfifo(fifo)
+        outputs.append(fifo)
+    for output in outputs:
+        with pytest.raises(ConfigError, match="it is not a regular file"):
+            cls(output)
+    assert device.is_symlink() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(o.name for o in outputs)
+
+
 # --- two jobs, one output ----------------------------------------------------------------
 
 
