@@ -327,6 +327,33 @@ def test_a_python_api_handle_with_a_small_frame_limit_gets_results_or_one_line(
         assert c._client.reconnects == 0
 
 
+def test_a_node_with_a_small_frame_limit_runs_what_fits_it_and_the_rest_fails_in_one_line(
+    make_cluster: ClusterFactory,
+) -> None:
+    """A node whose REMAP_MAX_FRAME (1 MiB, in its own environment) is far below the server's
+    (256 MiB): a map of arguments of 100 KiB runs, and a call whose argument is 2 MiB fails
+    within seconds with one line naming the frame it needs, the node's limit and the setting;
+    the handle goes on and the node never refused a frame. It used to loop: the node refused
+    the frame, connected again, and was sent the same task again (135 times in 30 s, the job
+    never ended; here: no end within the 30 s deadline)."""
+    cluster = make_cluster([NodeSpec(cores=1, env={"REMAP_MAX_FRAME": str(1 << 20)})])
+    with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as c:
+        assert c.map(len, [b"a" * 100 * 1024] * 60, chunksize=20) == [100 * 1024] * 60
+        began = time.monotonic()
+        with pytest.raises(remap.RemapError) as info:
+            c.submit(len, b"b" * (2 << 20)).result(timeout=30)
+        took = time.monotonic() - began
+        text = str(info.value)
+        assert "ArgumentTooLarge" in text and "its task needs a frame of 2,097," in text, text
+        assert "over the limit of 1,048,576 bytes on frames to the nodes" in text, text
+        assert "raise the nodes' REMAP_MAX_FRAME" in text and "\n" not in text.strip(), text
+        assert took < 30, f"{took:.1f}s"
+        assert c.submit(len, b"c").result(timeout=30) == 1
+    (node,) = cluster.nodes
+    assert "exceeds the limit" not in node.log_text(), cluster.diagnostics()
+    assert "lost" not in cluster.server.log_text(), cluster.diagnostics()
+
+
 @pytest.mark.parametrize("mode", ["object", "stream"])
 def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
     """on_error: continue -> exit 5 (finished with failed arguments); each failing index
