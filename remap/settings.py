@@ -185,7 +185,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
     "heartbeat_misses": ("REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),
     "handshake_timeout": ("REMAP_HANDSHAKE_TIMEOUT", _POSITIVE, "seconds a new connection has to finish the handshake"),
-    "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication; a console or API client says its own to the server, which sends it nothing larger (a single result that cannot fit is that argument's ResultTooLarge error)"),
+    "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication; a console, API client or node says its own to the server, which sends it nothing larger (a single result that cannot fit a console's is that argument's ResultTooLarge error; an argument or job function that fits no connected node's is ArgumentTooLarge or the job's failure)"),
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
     "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
     "task_output": ("REMAP_TASK_OUTPUT", _flag, "show what tasks print or log (stdout, stderr, logging) on the console and in the Python API, each line prefixed with its node and core"),
