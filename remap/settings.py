@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,17 @@ def locate_env_file(
         return path, [path]
     candidates = env_file_candidates(job_file)
     return next((p for p in candidates if p.is_file()), None), candidates
+
+
+def env_search_text(searched: Sequence[Path]) -> str:
+    """Where a ``.env`` was looked for, in order, for the "no secret configured" error."""
+    if not searched:
+        return "no .env file was read"
+    places = []
+    for path in searched:
+        state = "read, no REMAP_SECRET_KEY" if path.exists() else "missing"
+        places.append(f"{path.absolute()} ({state})")
+    return "looked for .env in order: " + ", ".join(places)
 
 
 def _warn(text: str) -> None:

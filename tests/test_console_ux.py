@@ -114,6 +114,27 @@ def test_no_secret_error_says_where_it_looked(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_nodes_no_secret_error_says_where_it_looked_too(tmp_path: Path) -> None:
+    """remap-node with a server but no secret anywhere names every .env it looked for, as the
+    console does (the README: the error "lists every place it looked"); it named only the
+    server's secret file. ``--env-file /dev/null`` was read, not missing."""
+    from tests.cluster_harness import NODE_SCRIPT
+
+    done = run_entry(NODE_SCRIPT, "--server", "127.0.0.1:9", home=tmp_path, timeout=60)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: no secret configured"), done.stderr
+    assert line.endswith(
+        f"; looked for .env in order: {tmp_path}/.env (missing), {tmp_path}/.remap/.env (missing)"
+    ), line
+    done = run_entry(
+        NODE_SCRIPT, "--server", "127.0.0.1:9", "--env-file", "/dev/null", home=tmp_path
+    )
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.endswith("; looked for .env in order: /dev/null (read, no REMAP_SECRET_KEY)"), line
+
+
+@pytest.mark.slow
 def test_a_secret_next_to_the_job_file_is_found(make_cluster: Any, tmp_path: Path) -> None:
     """Run from another directory, compute finds the secret in the job's directory's .env.
     Before, only ./.env was read: "no secret configured"."""

@@ -18,7 +18,7 @@ from ..dial import connect_console
 from ..errors import ConfigError, ConnectionLost, JobFailed
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..net import tls_enabled
-from ..settings import Settings
+from ..settings import Settings, env_search_text
 from ..sinks import Sink, make_sink
 
 if TYPE_CHECKING:
@@ -118,13 +118,7 @@ class Session:
         return login_link(self.settings, http_port)
 
     def _where_env_was_looked_for(self) -> str:
-        if not self.env_searched:
-            return "no .env file was read"
-        places = []
-        for path in self.env_searched:
-            state = "read, no REMAP_SECRET_KEY" if path.is_file() else "missing"
-            places.append(f"{path.absolute()} ({state})")
-        return "looked for .env in order: " + ", ".join(places)
+        return env_search_text(self.env_searched)
 
     def can_request(self) -> bool:
         """Whether a request would reach a cluster without starting anything new."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 from twisted.internet import defer, threads
 
 from .. import discovery
+from ..auth import SecretMissing
 from ..cluster import default_cores, start_node
 from ..data.layout import PROBE_TIMEOUT, DataDir, DataDirReport, probe
 from ..entry import daemon_settings, react_main, run_until_stopped
@@ -21,7 +22,7 @@ from ..errors import (
 )
 from ..malloc import keep_freed_memory
 from ..net import tls_enabled
-from ..settings import Settings
+from ..settings import Settings, env_search_text, locate_env_file
 from ..systemd import unit_args, unit_text
 
 
@@ -81,7 +82,13 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             stopped.callback(None)
 
     data = await probe_data_dir(reactor, settings)
-    node = start_node(reactor, settings, on_shutdown=shutdown, on_auth_failure=refused, data=data)
+    try:
+        node = start_node(
+            reactor, settings, on_shutdown=shutdown, on_auth_failure=refused, data=data
+        )
+    except SecretMissing as exc:  # say where a .env was looked for, as the console does
+        searched = locate_env_file(args.env_file)[1]
+        raise SecretMissing(f"{exc}; {env_search_text(searched)}") from None
     print(
         f"remap node: {node.pool.size} core{'s' if node.pool.size != 1 else ''}, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
         file=sys.stderr,
