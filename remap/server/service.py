@@ -221,7 +221,8 @@ class ServerConnection:
                 link,
                 msg,
                 "forbidden",
-                f"{msg.TYPE} needs the cluster secret; {self.user!r}'s key may not",
+                f"{'kill --cluster' if t is m.KillCluster else msg.TYPE} needs the cluster "
+                f"secret; {self.user}'s key may not",
             )
         elif t is m.Drain or t is m.Undrain:
             node = sched.drain(msg.node) if t is m.Drain else sched.undrain(msg.node)
@@ -247,7 +248,7 @@ class ServerConnection:
                 msg,
                 "forbidden",
                 "a detached data or vertex job's driver runs on the server with the "
-                f"cluster secret; {self.user!r}'s key may not start one (run it attached)",
+                f"cluster secret; {self.user}'s key may not start one (run it attached)",
             )
             return
         try:
