@@ -23,6 +23,7 @@ from twisted.test import iosim
 
 from protocol import Connection
 from protocol import messages as m
+from protocol.framing import PREAUTH_MAX_FRAME, FrameDecoder
 from protocol.options import JobOptions
 from remap.blobs import dumps
 from remap.client import ClusterClient, JobOutcome, JobStream
@@ -129,6 +130,23 @@ class InProcessPool:
 # ============================================================================ wiring
 
 
+class TakesLess(FrameDecoder):
+    """A decoder that takes frames of at most ``real`` bytes once authenticated, whatever its
+    connection's hello said (as a node of an earlier release, whose hello says no limit)."""
+
+    def __init__(self, real: int) -> None:
+        self.real = real
+        super().__init__()
+
+    @property
+    def max_frame(self) -> int:
+        return self._max
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._max = value if value <= PREAUTH_MAX_FRAME else min(value, self.real)
+
+
 class Cluster:
     """One server factory; nodes and consoles joined to it by iosim pumps sharing one Clock."""
 
@@ -149,11 +167,18 @@ class Cluster:
         self.pumps: list[iosim.IOPump] = []
 
     def _join(
-        self, role: str, handler: Any, name: str, max_frame: int | None = None
+        self,
+        role: str,
+        handler: Any,
+        name: str,
+        max_frame: int | None = None,
+        takes: int | None = None,
     ) -> tuple[PeerProtocol, iosim.IOPump]:
         server = self.factory.buildProtocol(None)
         limit = self.max_frame if max_frame is None else max_frame
         conn = Connection(role, SECRET, max_frame=limit, heartbeat=HEARTBEAT, name=name)
+        if takes is not None:  # (its hello says ``limit``, its frames take ``takes`` bytes)
+            conn.decoder = TakesLess(takes)
         client = PeerProtocol(
             conn,
             handler,
@@ -172,16 +197,24 @@ class Cluster:
         )
         self.pumps.append(pump)
         self.settle()
-        assert client.open, f"{role} {name} did not authenticate"
+        # (one whose frames take less may have closed already, refusing one)
+        assert client.open or takes is not None, f"{role} {name} did not authenticate"
         return client, pump
 
     def node(
-        self, name: str, cores: int = 2, *, hold: bool = False, group: str | None = None
+        self,
+        name: str,
+        cores: int = 2,
+        *,
+        hold: bool = False,
+        group: str | None = None,
+        takes: int | None = None,
     ) -> tuple[InProcessPool, NodeAgent, iosim.IOPump]:
+        """A node; ``takes``: the largest frame it takes, when its hello says otherwise."""
         pool = InProcessPool(cores, hold=hold)
         agent = NodeAgent(pool, group=group, host=name)
-        _, pump = self._join("node", agent, name)
-        assert any(n.host == name for n in self.scheduler.nodes.values())
+        link, pump = self._join("node", agent, name, takes=takes)
+        assert any(n.host == name for n in self.scheduler.nodes.values()) or not link.open
         return pool, agent, pump
 
     def console(
@@ -643,6 +676,35 @@ def test_a_status_reply_over_a_small_consoles_limit_leaves_out_old_finished_jobs
     names = [job["name"][:6] for job in status["jobs"]]
     assert 5 < len(names) < 30 and names == [f"job {i:02d}" for i in range(30 - len(names), 30)]
     assert small.link is not None and small.link.open
+
+
+def test_a_node_that_refuses_a_frame_it_did_not_say_it_would_is_not_sent_it_again() -> None:
+    """A node whose hello said the server's limit but whose frames take 256 KiB (as a node
+    of an earlier release, whose hello says none) refuses a task of a 300 KiB argument: its
+    ``frame-too-large`` error names its limit and it closes. When it connects again (same
+    host and process) the server holds it to that limit: the argument fits no node and the
+    job fails in one line, with one refusal in all. Before, the node was sent the same task
+    at every reconnection, for ever."""
+    cluster = Cluster()
+    run = job_run(len, [b"a", bytes(300 * 1024), b"c"], chunksize=1)
+    client, _ = cluster.console()
+    d = submit(client, run)
+    refusals = 0
+    for _ in range(5):  # a node that connects again each time it closed
+        _, _, pump = cluster.node("old-node", cores=1, takes=SMALL)
+        cluster.settle()
+        link = pump.client
+        if link.open:
+            break
+        assert "exceeds the limit of 262144 bytes" in str(link.failure), link.failure
+        refusals += 1
+    assert refusals == 1
+    failure = outcome(d)
+    assert isinstance(failure, Failure), failure
+    text = str(failure.value)
+    assert "argument 1 raised ArgumentTooLarge: its task needs a frame of 307," in text, text
+    assert "over the limit of 262,144 bytes on frames to the nodes" in text, text
+    assert "\n" not in text and client.reconnects == 0
 
 
 def test_first_window_travels_before_the_server_names_the_job() -> None:
