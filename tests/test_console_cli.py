@@ -196,6 +196,10 @@ def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
     assert (
         "frobnicate" in errors[0] and "no server configured" in errors[1] and "JOB_ID" in errors[2]
     )
+    # an unknown command is named as `help frobnicate` names it: no argparse wording, and
+    # not `shell` among the commands to choose from (it offered that, inside the shell)
+    assert errors[0] == f"error: no command 'frobnicate' (commands: {', '.join(COMMANDS)})"
+    assert "shell" not in COMMANDS
     assert shell.onecmd("") is False
     assert shell.onecmd("quit") is True
     assert shell.onecmd("EOF") is True

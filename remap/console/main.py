@@ -805,6 +805,14 @@ class Shell(cmd.Cmd):
             return False
         if words[0] in ("quit", "exit"):
             return True
+        if not words[0].startswith("-") and words[0] not in COMMANDS:
+            # as `help frobnicate` says it; argparse's line offered `shell`, inside the shell
+            self.console.note(
+                one_line(UsageError(f"no command {words[0]!r} (commands: {', '.join(COMMANDS)})"))[
+                    0
+                ]
+            )
+            return False
         try:
             args = self.parser.parse_args(words)
             if args.command in (None, "shell"):
