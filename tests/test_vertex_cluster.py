@@ -71,3 +71,30 @@ def test_same_components_for_1_2_7_partitions(embedded, tmp_path: Path):
         outs.append(_output(tmp_path / f"out{parts}"))
     want = {v: str(min(c)) for c in nx.connected_components(g) for v in c}
     assert outs[0] == outs[1] == outs[2] == want
+
+
+def test_the_console_says_it_is_loading_before_the_first_superstep(embedded, tmp_path: Path):
+    """A vertex job file's driver reports a "loading the graph" progress before the first
+    superstep, so a terminal shows the job at once. Before, nothing showed while the input was
+    read (14 s of a 29 s job for 200,000 vertices on two cores)."""
+    import shutil
+
+    from remap.console.filejob import run_file_job
+    from remap.jobfile import load_job
+
+    shutil.copy(EXAMPLES / "connected_components.py", tmp_path / "cc.py")
+    write_files(tmp_path / "in", ["1 2", "2 3", "7 8"], 2)
+    (tmp_path / "job.yaml").write_text("kind: vertex\nmodule: cc.py\ninput: in/\noutput: out/\n")
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    seen: list[dict] = []
+    run_file_job(
+        load_job(tmp_path / "job.yaml"),
+        settings,
+        lambda: embedded._client,
+        "20261202-000000-aaaaaa",
+        lambda **fields: seen.append(fields),
+    )
+    assert seen[0]["phase"] == "loading" and seen[0]["done"] == 0, seen
+    assert seen[0]["line"].startswith("loading the graph: 2 files (")
+    assert [f["phase"] for f in seen[1:]] == [f"superstep {n}" for n in range(len(seen) - 1)]
+    assert _output(tmp_path / "out") == {1: "1", 2: "1", 3: "1", 7: "7", 8: "7"}

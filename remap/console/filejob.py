@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import queue
 import signal
 import threading
@@ -76,8 +77,19 @@ def run_file_job(
 
     program, config = to_run(spec)
     launched: list[Any] = []
+    client = connect()
+    # reading the graph can take minutes before the first superstep reports: say so at once
+    size = sum(os.path.getsize(p) for p in config.input)
+    files = f"{len(config.input)} file{'s' if len(config.input) != 1 else ''}"
+    on_progress(
+        phase="loading",
+        done=0,
+        total=spec.max_supersteps,
+        line=f"loading the graph: {files} ({render.fmt_bytes(size)})",
+        sub_job=None,
+    )
     result = run_vertex(
-        connect(),
+        client,
         settings,
         program,
         config,
