@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .data.layout import DataDirReport
-from .errors import ServerUnreachable
+from .errors import ConfigError, ServerUnreachable
 from .local import connect_local, in_one_turn
 from .net import (
     PeerFactory,
@@ -183,6 +183,8 @@ async def start_server(
         port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(
             factory
         )
+    except ConfigError:  # the TLS settings' own line (as the HTTP face says it)
+        raise
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
         raise cannot_listen("", settings.host, settings.port, exc) from None
     from .data.layout import DataDir

@@ -102,7 +102,9 @@ def cannot_listen(what: str, host: str, port: int, exc: Exception) -> ConfigErro
     reason = getattr(exc, "socketError", None) or exc
     text = getattr(reason, "strerror", None) or str(reason)
     hint = " (another server running? choose another port)" if "in use" in text else ""
-    return ConfigError(f"cannot listen{what} on {host}:{port}: {text[:1].lower()}{text[1:]}{hint}")
+    if text[1:2].islower():  # "Address already in use", not "TLS ..." or "SSL ..."
+        text = text[:1].lower() + text[1:]
+    return ConfigError(f"cannot listen{what} on {host}:{port}: {text}{hint}")
 
 
 def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:

@@ -227,8 +227,19 @@ def test_server_with_half_a_tls_configuration_exits_with_one_line(cluster, pki):
     """A server given a CA but no certificate exits 2 with one line naming the missing settings."""
     proc, _ = cluster.server(REMAP_TLS_CA=pki.ca, wait=False)
     assert proc.wait(20) == 2
-    assert "REMAP_TLS_CERT" in proc.stderr()
+    lines = proc.stderr().strip().splitlines()  # its own line, not "cannot listen ...: tLS ..."
+    assert lines[-1] == "error: TLS on the server needs both REMAP_TLS_CERT and REMAP_TLS_KEY"
     assert "Traceback" not in proc.stderr()
+
+
+def test_a_failed_listen_keeps_the_reasons_capitals() -> None:
+    """The reason after "cannot listen on ...:" starts lower case unless it is an acronym."""
+    from remap.net import cannot_listen
+
+    assert str(cannot_listen("", "h", 1, OSError(98, "Address already in use"))).endswith(
+        "h:1: address already in use (another server running? choose another port)"
+    )
+    assert str(cannot_listen("", "h", 1, ValueError("TLS is off"))).endswith("h:1: TLS is off")
 
 
 # --------------------------------------------------------------------------- chains, bad files, other reactors
