@@ -928,6 +928,11 @@ class Cluster:
         facade's :class:`MapStyle`. ``opened`` sees the iterator before anything is gathered;
         ``collect=False`` returns the iterator of an eager method (``map_async``)."""
         call = MAP_CALLS[method]
+        if call.lazy and not style.defer_errors:
+            # an exception from the iterable is raised at its position, after the results
+            # before it (as builtin map and Pool.imap), not when the feeder read it: that was
+            # 0 results or 41 of 50 depending on buffersize, the rest computed and dropped
+            style = style._replace(defer_errors=True)
         results = self._iterate(
             fn,
             iterable,

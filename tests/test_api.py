@@ -216,6 +216,36 @@ def test_imap_yields_results_before_the_error(embedded: remap.Cluster) -> None:
         next(results)
 
 
+class SourceBroke(Exception):
+    """Raised by the iterable itself, in this process."""
+
+
+def _breaks_after(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise SourceBroke(f"broke after {n}")
+
+
+@pytest.mark.parametrize("buffersize", [10, DEFAULT_BUFFERSIZE])
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_iterable_that_raises_gives_every_result_before_its_error(
+    embedded: remap.Cluster, method: str, buffersize: int
+) -> None:
+    """imap and imap_unordered give the result of every argument the iterable gave, then
+    raise its own exception there (as builtin map and Pool.imap), whatever the buffersize:
+    they raised it when the feeder read it, after 41 results of 50 with buffersize=10 and
+    none by default (the others computed and dropped). map still raises it at once."""
+    results = getattr(embedded, method)(abs, _breaks_after(50), buffersize=buffersize)
+    got: list[int] = []
+    with pytest.raises(SourceBroke, match="broke after 50"):
+        for value in results:
+            got.append(value)
+    assert sorted(got) == list(range(50))
+    if method == "imap":
+        assert got == list(range(50))
+    with pytest.raises(SourceBroke):
+        embedded.map(abs, _breaks_after(50))
+
+
 def test_exception_that_cannot_travel_becomes_remote_task_error(embedded: remap.Cluster) -> None:
     """An exception the core cannot pickle arrives as RemoteTaskError naming its type."""
     with pytest.raises(RemoteTaskError) as info:
