@@ -53,10 +53,10 @@ async def _dial(
     factory = PeerFactory(
         reactor, "console", key, client, settings, name="console", wait_for_auth=True
     )
+    # outside the try: a TLS setting it cannot use is a ConfigError (exit 2), not "cannot reach"
+    endpoint = client_endpoint(reactor, settings, host, port, timeout=timeout)
     try:
-        link = await client_endpoint(reactor, settings, host, port, timeout=timeout).connect(
-            factory
-        )
+        link = await endpoint.connect(factory)
     except error.TimeoutError:  # Twisted says "User timeout caused connection failure"
         raise ServerUnreachable(
             f"cannot reach the server at {address}: no answer within {timeout:g}s (is the "

@@ -232,6 +232,21 @@ def test_server_with_half_a_tls_configuration_exits_with_one_line(cluster, pki):
     assert "Traceback" not in proc.stderr()
 
 
+def test_a_console_with_unusable_tls_settings_gets_a_config_error() -> None:
+    """A CA file that does not exist, or a certificate without its key, is the console's own
+    configuration (exit 2), not "cannot reach the server at ..." (exit 4)."""
+    for settings, said in (
+        (Settings(tls_ca="/no/such/ca.pem"), "cannot read CA certificate /no/such/ca.pem"),
+        (Settings(tls_cert="/no/such/c.pem"), "needs both REMAP_TLS_CERT and REMAP_TLS_KEY"),
+    ):
+        with pytest.raises(ConfigError, match=said) as raised:
+            runtime.run(
+                connect_console, runtime.reactor(), settings, "127.0.0.1:1", secret=b"k" * 32,
+                timeout=10,
+            )  # fmt: skip
+        assert "cannot reach" not in str(raised.value)
+
+
 def test_a_failed_listen_keeps_the_reasons_capitals() -> None:
     """The reason after "cannot listen on ...:" starts lower case unless it is an acronym."""
     from remap.net import cannot_listen
