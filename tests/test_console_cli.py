@@ -132,6 +132,21 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
     assert (child.returncode, err.decode()) == (141, "")
 
 
+@pytest.mark.parametrize("name", ["drain", "undrain", "exclude", "include"])
+def test_node_commands_help_names_every_way_to_name_a_node(name: str) -> None:
+    """``drain --help`` and friends say NODE may be an id or prefix, host:pid or a node name,
+    as the server takes it and the README says (it said "the node id, or a unique prefix":
+    `exclude` of a host not connected is its main use)."""
+    parser = build_parser()
+    sub = next(
+        a
+        for a in parser._subparsers._group_actions
+        if a.dest == "command"  # type: ignore[union-attr]
+    ).choices[name]
+    text = " ".join(sub.format_help().split())
+    assert "host:pid" in text and "node name" in text and "unique prefix" in text
+
+
 # ---------------------------------------------------------------------- help and usage
 
 

@@ -245,7 +245,9 @@ def build_parser() -> Parser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     for name in ("drain", "undrain", "exclude", "include"):
         command(name).add_argument(
-            "node", help="the node id, or a unique prefix (see: remap nodes)"
+            "node",
+            help="a node id or a unique prefix of one, host:pid, or a node name "
+            "(its host name, or remap-node --name); see: remap nodes",
         )
     p = command("dashboard")
     p.add_argument("--http-port", type=int, help="the server's HTTP port (REMAP_HTTP_PORT)")
