@@ -13,7 +13,7 @@ import pytest
 
 from remap.data import count, inputs, layout, tasks
 from remap.data.layout import DataDir
-from remap.data.runs import BadOutput, CombineError
+from remap.data.runs import BadOutput, CombineError, HookError
 from remap.data.tasks import (
     JobCodeError,
     RecordError,
@@ -195,6 +195,34 @@ def test_a_raising_combine_is_named_and_fails_the_task(tmp_path: Path, on_error:
     ctx = _context(tmp_path, combine=_raising_combine, on_error=on_error)
     with pytest.raises(CombineError, match=r"combine\('a', values\) raised ValueError: cannot"):
         map_task(ctx, _split(tmp_path, "a\n"))
+
+
+def _raising_read(path: str):
+    yield "first"
+    raise OSError("disk gone")
+
+
+@pytest.mark.parametrize(
+    ("fns", "message"),
+    [
+        ({"partition": lambda key, n: 1 / 0}, "partition('a', 2) raised ZeroDivisionError"),
+        ({"group": lambda key: key[5]}, "group('a') raised IndexError: string index out of"),
+        ({"read": _raising_read}, "read('"),
+    ],
+)
+def test_a_raising_partition_group_or_read_is_named(
+    tmp_path: Path, fns: dict, message: str
+) -> None:
+    """partition, group or read raising fails the map task (even on continue: no one record's
+    error) with a line naming the function and its argument, the user's exception as the
+    cause. Before: the bare "ZeroDivisionError: division by zero" (or IndexError, OSError)."""
+    ctx = _context(tmp_path, on_error="continue", **fns)
+    with pytest.raises(HookError) as caught:
+        map_task(ctx, _split(tmp_path, "a\n"))
+    assert message in str(caught.value)
+    assert isinstance(caught.value.__cause__, (ZeroDivisionError, IndexError, OSError))
+    if "read" in fns:
+        assert str(caught.value).endswith("in0.txt') raised OSError: disk gone")
 
 
 @pytest.mark.parametrize("on_error", ["fail", "continue"])

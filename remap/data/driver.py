@@ -382,7 +382,7 @@ class DataJobRunner:
         first = self.phase.run.session.first_error
         if first is not None:
             # their messages say what and where
-            ours = ("RecordError", "JobCodeError", "BadOutput", "CombineError")
+            ours = ("RecordError", "JobCodeError", "BadOutput", "CombineError", "HookError")
             what = "" if first.type_name in ours else f"{first.type_name}: "
             failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
             failed.remote_traceback = first.traceback

@@ -113,11 +113,16 @@ class BadOutput(ValueError):
     or ``combine`` returned something that is not an iterable of values."""
 
 
-class CombineError(Exception):
-    """The user's ``combine`` raised: the message names it and the key (a combine serves many
-    records, so it fails its task even on ``continue``)."""
+class HookError(Exception):
+    """One of the job's optional functions (``read``, ``partition``, ``group``) raised: the
+    message names it; it fails its task even on ``continue`` (it is no one record's error)."""
 
     shows_cause = True  # its remote traceback is the user's exception's
+
+
+class CombineError(HookError):
+    """The user's ``combine`` raised: the message names it and the key (a combine serves many
+    records, so it fails its task even on ``continue``)."""
 
 
 def combine_values(combine: Combiner, key: Any, values: Iterator[Any]) -> list[Any]:

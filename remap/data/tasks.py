@@ -28,7 +28,7 @@ from .layout import DataDir
 from .runs import (
     DEFAULT_FANIN,
     BadOutput,
-    CombineError,
+    HookError,
     SpillBuffer,
     grouped,
     merge,
@@ -232,12 +232,19 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     def locate(purpose: str, key: Any, encoded: bytes) -> int:
         n = reducers[purpose]
         if partition is not None:
-            r = partition(key, n)
+            try:
+                r = partition(key, n)
+            except Exception as exc:
+                raise HookError(f"partition({short(key)}, {n}) raised {_describe(exc)}") from exc
             if type(r) is not int or not 0 <= r < n:
                 raise JobCodeError(f"partition({short(key)}, {n}) returned {r!r}")
             return r
         if group is not None:
-            return default_partition(encode_key(group(key)), n)
+            try:
+                grouped_key = group(key)
+            except Exception as exc:
+                raise HookError(f"group({short(key)}) raised {_describe(exc)}") from exc
+            return default_partition(encode_key(grouped_key), n)
         return default_partition(encoded, n)
 
     combine_of = {p: ctx.functions.combine.get(p) for p in reducers}
@@ -250,7 +257,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     failures = _Failures(ctx.on_error)
     custom = fns.read is not None
     if custom:
-        blocks = _in_blocks(read_custom(s, fns.read))
+        blocks = _in_blocks(_read(s, fns.read))
     else:  # map_batch's blocks are smaller: its work on them stays in the core's caches
         blocks = read_line_blocks(s, BATCH_BYTES if fns.map_batch is not None else LINE_BLOCK)
     _hook(fns.map_init, "map_init")
@@ -269,7 +276,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                 extend(chunk)
             except BadOutput as exc:
                 raise JobCodeError(f"{where()}: {what}: {exc}") from None
-            except CombineError:
+            except HookError:
                 raise
             except Exception as exc:  # the user's code: report with where its input came from
                 failures.record(where(), what, exc)
@@ -301,7 +308,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                         extend(outputs.items() if isinstance(outputs, dict) else outputs)
                 except BadOutput as exc:  # a broken contract fails even on continue: say where
                     raise JobCodeError(f"{_where(s, offset, index, custom)}: {exc}") from None
-                except CombineError:  # it folds many records' values: not this record's error
+                except HookError:  # combine folds many records' values: not this record's error
                     raise
                 except Exception as exc:  # the user's map: report with the record's place
                     if outputs is not None and not hasattr(outputs, "__iter__"):  # no records
@@ -337,6 +344,14 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     }
     progress.update("done", force=True, bytes_read=s.size, records_in=records_in)
     return result
+
+
+def _read(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
+    """The user's ``read(path)``'s records; what it raises is named with the file."""
+    try:
+        yield from read_custom(split, reader)
+    except Exception as exc:
+        raise HookError(f"read({split.path!r}) raised {_describe(exc)}") from exc
 
 
 def _hook(hook: Callable[[], Any] | None, name: str) -> Any:
