@@ -90,7 +90,7 @@ ERROR_CASES = [
     pytest.param(K + "split_mb: -1  #!\n", ["key 'split_mb'", "megabytes > 0"], id="split-negative"),
     pytest.param(K + "spill_mb: lots  #!\n", ["key 'spill_mb'", "megabytes > 0"], id="spill-text"),
     pytest.param(K + "fanin: 1  #!\n", ["key 'fanin'", "integer >= 2"], id="fanin-one"),
-    pytest.param(KO + "module: wc.py\ninput: []  #!\n", ["key 'input'", "a directory, a glob"], id="input-empty"),
+    pytest.param(KO + "module: wc.py\ninput: []  #!\n", ["key 'input'", "a file, a directory, a glob, or a non-empty list"], id="input-empty"),
     pytest.param(KO + "module: wc.py\ninput: [a, 3]  #!\n", ["key 'input'", "got 3"], id="input-number"),
     pytest.param(KO + "input: in/\nmodule: 'not a module!'  #!\n", ["key 'module'", "FILE.py or package.module"], id="module-form"),
     pytest.param(K + "args: [1]  #!\n", ["key 'args'", "not used by 'kind: mapreduce' jobs"], id="function-key"),

@@ -68,7 +68,7 @@ def _input(entry: Any) -> tuple[str, ...]:
     value = entry.value
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise entry.fail("expected a directory, a glob, or a list of them")
+        raise entry.fail("expected a file, a directory, a glob, or a non-empty list of them")
     for item in items:
         if not isinstance(item, str) or not item.strip():
             raise entry.fail(f"expected paths or globs as text, got {item!r}")
