@@ -218,3 +218,23 @@ def test_a_large_lone_result_is_pickled_through_a_buffer(monkeypatch) -> None:
     for value in (b"x" * (1 << 20), "y" * 5000, 1 << 40000, [1], 7, "short"):
         core_module._dumps_results([value])
     assert [type(v[0]) for v in buffered] == [bytes, str, int, list]
+
+
+@pytest.mark.parametrize(
+    ("error", "hint"),
+    [(ModuleNotFoundError("No module named 'privmod'"), True), (ValueError("bad blob"), False)],
+)
+def test_a_function_a_node_cannot_import_says_how_to_ship_its_module(
+    error: BaseException, hint: bool
+) -> None:
+    """A job whose function's module this node lacks fails each call with that error and how
+    to ship the module (job file ``modules:``, ``modules=`` / ``remap.ship_by_value``), which
+    the README's "Shipping your code" tells; other load errors get no such hint."""
+    core = Core(SHM)
+    core.jobs[5] = error
+    task = m.Task(task=1, job=5, sizes=[1, 1], payload=b"ab")
+    answer = core.run(task)
+    assert [e[0] for e in answer.errors] == [0, 1]
+    text = answer.errors[0][2]
+    assert text.startswith("the job's function could not be loaded on this node: ")
+    assert ("remap.ship_by_value(module)" in text and "modules:" in text) is hint

@@ -410,6 +410,11 @@ class Core:
         exc = exc or RuntimeError(f"job {cmd.job} was never loaded on this core")
         entry = _error_entry(0, exc)
         entry[2] = f"the job's function could not be loaded on this node: {entry[2]}"
+        if isinstance(exc, ModuleNotFoundError):  # a module of the caller's the node lacks
+            entry[2] += (
+                " (ship a module of yours with the job: the job file's modules:, or in Python"
+                " modules=[...] / remap.ship_by_value(module); else install it on the node)"
+            )
         n = task_count(cmd)
         errors = [[pos, *entry[1:]] for pos in range(n)]
         return m.TaskResult(task=cmd.task, sizes=[0] * n, errors=errors)
