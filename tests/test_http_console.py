@@ -102,6 +102,28 @@ def test_compute_dashboard_prints_the_link(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_compute_dashboard_prints_the_link_for_a_data_job(tmp_path) -> None:
+    """`compute DATA_JOB --dashboard` prints the login link too, as for a function job.
+    Before, a data or vertex job ignored the flag: no link, no dashboard."""
+    from tests.cluster_harness import CONSOLE_SCRIPT, run_entry
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a b a\n")
+    (tmp_path / "wc.py").write_text(
+        "def map(line):\n    for w in line.split():\n        yield w, 1\n\n\n"
+        "def reduce(key, values):\n    yield key, sum(values)\n"
+    )
+    (tmp_path / "j.yaml").write_text("kind: mapreduce\nmodule: wc.py\ninput: in/\noutput: out/\n")
+    done = run_entry(
+        CONSOLE_SCRIPT, "--env-file", "/dev/null", "--cores", "1", "compute", "j.yaml",
+        "--dashboard", "--json", home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert '"state": "OK"' in done.stdout
+    assert "dashboard: http://127.0.0.1:" in done.stderr and "/login?token=" in done.stderr
+
+
+@pytest.mark.slow
 def test_shell_dashboard_starts_the_embedded_cluster() -> None:
     """In the shell with no server, `dashboard` starts the embedded cluster and serves it."""
     import http.client

@@ -153,6 +153,12 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             console.err.write(text)
             console.err.flush()
 
+    def connect() -> Any:
+        client = session.connect(allow_embedded=True)
+        if args.dashboard:  # as for a function job: the embedded cluster serves one while it runs
+            console.note(f"dashboard: {session.dashboard_link()}")
+        return client
+
     def on_progress(done: int, total: int | None, line: str, **_: Any) -> None:
         print_output()
         if bar is not None:
@@ -166,7 +172,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             summary = run_file_job(
                 spec,
                 session.settings,
-                lambda: session.connect(allow_embedded=True),
+                connect,
                 job_id,
                 on_progress,
                 console.note if spec.kind == "mapreduce" else None,
