@@ -190,6 +190,22 @@ def test_unknown_command_exits_2_without_traceback(tmp_path: Path) -> None:
     )
 
 
+def test_detach_with_wait_for_nodes_of_a_data_job_is_refused(tmp_path: Path) -> None:
+    """``compute DATA_JOB --detach --wait-for-nodes S``: exit 2 with one line, before any
+    server is dialled. Before, the detached driver never heard of the bound and the job waited
+    for its nodes for ever, though the command line asked otherwise."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a\n")
+    (tmp_path / "wc.py").write_text(
+        "def map(line):\n    yield line, 1\n\n\ndef reduce(key, values):\n    yield key, 1\n"
+    )
+    (tmp_path / "j.yaml").write_text("kind: mapreduce\nmodule: wc.py\ninput: in/\noutput: out/\n")
+    done = console(tmp_path, "compute", "j.yaml", "--detach", "--wait-for-nodes", "1", timeout=30)
+    assert done.returncode == 2, done.stderr
+    notes = lines_of(done.stderr)
+    assert len(notes) == 1 and "--wait-for-nodes bounds an attached data" in notes[0], notes
+
+
 # ---------------------------------------------------------------------- the interactive shell
 
 

@@ -314,6 +314,11 @@ class Console:
                 "reduce function stays with this console); run it attached, or detach it with "
                 "response_mode: file or sqlite"
             )
+        if detach and spec.kind != "function" and args.wait_for_nodes is not None:
+            raise UsageError(
+                "--wait-for-nodes bounds an attached data or vertex job's wait; a detached one "
+                "waits for its nodes (see it with: remap jobs; end it with: remap kill ID)"
+            )
         if detach and not self.session.locate():
             raise UsageError(
                 "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
