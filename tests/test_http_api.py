@@ -68,6 +68,34 @@ def test_unknown_paths_are_401_before_404(served: Served) -> None:
     assert served.request("GET", "/static/../../etc/passwd", token=served.token).status == 404
 
 
+def test_a_401_closes_the_connection_but_a_token_keeps_it(served: Served) -> None:
+    """No keep-alive without credentials: after its 401 (``Connection: close``) the server
+    closes the connection, so a client cannot hold it with a request a minute. A request with
+    the token on the same kind of connection is answered and the connection stays."""
+    import socket
+
+    def ask(sock: socket.socket, token: str | None) -> bytes:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        sock.sendall(f"GET /api/v1/summary HTTP/1.1\r\nHost: {served.host}\r\n{auth}\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the response's headers: {head!r}"
+            head += chunk
+        return head
+
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        head = ask(sock, None)
+        assert head.startswith(b"HTTP/1.1 401 ")
+        assert b"\r\nConnection: close\r\n" in head
+        rest = b""
+        while chunk := sock.recv(65536):  # EOF, not the 10 s timeout
+            rest += chunk
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        assert ask(sock, served.token).startswith(b"HTTP/1.1 200 ")
+        assert ask(sock, served.token).startswith(b"HTTP/1.1 200 ")  # kept alive
+
+
 def test_health_is_bare(served: Served) -> None:
     """/healthz answers without credentials and says nothing about the cluster."""
     reply = served.request("GET", "/healthz")

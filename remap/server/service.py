@@ -15,12 +15,20 @@ from protocol.framing import frame_length
 
 from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol, ReadBudget, Traffic
+from .admission import Admission, RefusalLog, Refused, Slot, peer_host
 from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
 from .scheduler.sizing import fit_status
+
+#: connections still in the handshake the cluster port holds at once, in all and per source IP
+#: address (beyond them a connection is closed unread: an unauthenticated client cannot use up
+#: the server's descriptors). A handshake takes milliseconds; a node refused retries with backoff.
+#: Authenticated nodes and consoles hold no slot, so these do not bound the cluster's size.
+MAX_HANDSHAKING = 64
+MAX_HANDSHAKING_PER_HOST = 16
 
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64
@@ -48,8 +56,10 @@ class ServerConnection:
 
     log = Logger()
 
-    def __init__(self, server: RemapServerFactory) -> None:
+    def __init__(self, server: RemapServerFactory, slot: Slot | None = None) -> None:
         self.server = server
+        #: this connection's place among those still in the handshake (freed once it ends)
+        self.slot = slot
         self.scheduler = server.scheduler
         self.role: str | None = None
         self.node_id: str | None = None
@@ -62,6 +72,8 @@ class ServerConnection:
     # ---------------------------------------------------------------- Handler
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
+        if self.slot is not None:
+            self.slot.release()
         self.role = event.peer_role
         self.session = event.session
         #: the person this console authenticated as; "" holds the cluster secret (may do all)
@@ -96,6 +108,8 @@ class ServerConnection:
         self.log.info("peer {peer} rejected: {error}", peer=link.peer, error=error)
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
+        if self.slot is not None:
+            self.slot.release()
         if self.node_id is not None:
             node, self.node_id = self.node_id, None
             self._event(NodeLost(node, str(error)))
@@ -403,8 +417,13 @@ class RemapServerFactory(Factory):
         job_ids_from: int | None = None,
         max_buffered: int | None = None,
         preempt_grace: float | None = None,
+        max_handshaking: int = MAX_HANDSHAKING,
+        max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST,
     ) -> None:
         self.clock = clock
+        #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`)
+        self.handshaking = Admission(max_handshaking, max_handshaking_per_host)
+        self.refusals = RefusalLog(clock, "cluster port")
         #: frames being received, over all connections: 2 × max_frame unless told
         self.read_budget = ReadBudget(max_buffered or 2 * max_frame)
         self.secret = secret
@@ -441,13 +460,18 @@ class RemapServerFactory(Factory):
         self.exclusions = exclusions
         self.scheduler.set_excluded(exclusions.hosts)
 
-    def buildProtocol(self, addr: Any) -> PeerProtocol:
+    def buildProtocol(self, addr: Any) -> PeerProtocol | Refused:  # noqa: N802 - Twisted's name
+        host = peer_host(addr)
+        slot = self.handshaking.admit(host)
+        if not isinstance(slot, Slot):
+            self.refusals.refused(host, slot, self.handshaking)
+            return Refused()
         conn = Connection(
             "server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval
         )
         proto = PeerProtocol(
             conn,
-            ServerConnection(self),
+            ServerConnection(self, slot),
             self.clock,
             handshake_timeout=self.handshake_timeout,
             heartbeat_interval=self.heartbeat_interval,

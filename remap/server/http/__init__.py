@@ -22,6 +22,7 @@ from ...data.layout import DataDir
 from ...errors import ConfigError
 from ...net import cannot_listen, server_endpoint, tls_enabled
 from ...settings import Settings
+from ..admission import Admission, RefusalLog, Refused, Slot, peer_host
 from ..drivers import child_env, dial_host
 from .app import DispatchResource, HttpApp
 from .events import EventHub
@@ -46,6 +47,13 @@ def access_line(timestamp: str, request: Any) -> str:
 IDLE_TIMEOUT = 60
 
 
+#: connections the HTTP port holds open at once, in all and per client IP address; beyond them a
+#: connection is closed as soon as it is accepted, unread (a dashboard holds one or two: its page
+#: and its event stream; an unauthenticated client's connection is closed after its 401)
+MAX_HTTP_CONNECTIONS = 256
+MAX_HTTP_CONNECTIONS_PER_HOST = 32
+
+
 class BoundedChannel(HTTPChannel):
     """A request must arrive whole within :data:`IDLE_TIMEOUT` of the channel being ready for it.
 
@@ -55,8 +63,45 @@ class BoundedChannel(HTTPChannel):
     start or the previous answer's end, and is off while a request is being answered.
     """
 
+    #: this connection's place under the port's caps (freed when it closes)
+    slot: Slot | None = None
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
         LineReceiver.dataReceived(self, data)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if self.slot is not None:
+            self.slot.release()
+        super().connectionLost(reason)
+
+
+class BoundedSite(Site):
+    """A site that holds at most so many connections, in all and per client address."""
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        reactor: Any,
+        max_connections: int = MAX_HTTP_CONNECTIONS,
+        max_per_host: int = MAX_HTTP_CONNECTIONS_PER_HOST,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, **kwargs)
+        self.connections = Admission(max_connections, max_per_host)
+        self.refusals = RefusalLog(reactor, "HTTP port")
+        self.requestFactory = BoundedRequest
+        self.protocol = BoundedChannel  # plain HTTP/1.1 (no HTTP/2 negotiation: h2 is not used)
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
+        host = peer_host(addr)
+        slot = self.connections.admit(host)
+        if not isinstance(slot, Slot):
+            self.refusals.refused(host, slot, self.connections)
+            return Refused()
+        channel = super().buildProtocol(addr)
+        channel.slot = slot
+        return channel
 
 
 #: bytes a request body may have (a job file is at most 64 KiB); a larger one drops the connection
@@ -87,6 +132,14 @@ class BoundedRequest(Request):
     def _refuse(self) -> None:
         self._refused = True
         self.channel.transport.abortConnection()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.code == 401 and self.channel is not None:
+            # no keep-alive without credentials: a client cannot hold the connection (and its
+            # slot) by sending a complete unauthenticated request every minute
+            self.setHeader(b"Connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
 
 
 @dataclass
@@ -157,11 +210,9 @@ async def start_http(
         child_env=child_env(settings, secret),
     )
     app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
-    site = Site(
+    site = BoundedSite(
         DispatchResource(app), reactor=reactor, logFormatter=access_line, timeout=IDLE_TIMEOUT
     )
-    site.requestFactory = BoundedRequest
-    site.protocol = BoundedChannel  # plain HTTP/1.1 (no HTTP/2 negotiation: h2 is not used)
     site.displayTracebacks = False
     try:
         endpoint = server_endpoint(reactor, replace(settings, tls_ca=None), host, port)

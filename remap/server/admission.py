@@ -1,0 +1,112 @@
+"""Connection caps: how many connections a port holds at once, in all and per source address.
+
+One counter serves both ports. The cluster port counts connections that have not finished the
+handshake (a node or console that has proved the secret no longer holds a slot); the HTTP port
+counts every open connection. A connection beyond a cap is closed as soon as it is accepted,
+before a byte of it is read, and the refusals are logged at most once per interval (a flood of
+connects must not become a flood of log lines).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+#: seconds between two log lines about refused connections (the second one counts the rest)
+REFUSAL_LOG_INTERVAL = 60.0
+
+
+class Slot:
+    """One admitted connection's place; :meth:`release` frees it (once, however often called)."""
+
+    __slots__ = ("_admission", "host")
+
+    def __init__(self, admission: Admission, host: str) -> None:
+        self._admission: Admission | None = admission
+        self.host = host
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._free(self.host)
+
+    @property
+    def held(self) -> bool:
+        return self._admission is not None
+
+
+class Admission:
+    """Counts held slots against ``total`` and ``per_host`` (by the peer's IP address)."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total = total
+        self.per_host = per_host
+        self.held = 0
+        self.by_host: dict[str, int] = {}
+
+    def admit(self, host: str) -> Slot | str:
+        """A slot, or why not: ``"total"`` or ``"per-host"`` (the cap that is full)."""
+        if self.held >= self.total:
+            return "total"
+        count = self.by_host.get(host, 0)
+        if count >= self.per_host:
+            return "per-host"
+        self.held += 1
+        self.by_host[host] = count + 1
+        return Slot(self, host)
+
+    def _free(self, host: str) -> None:
+        self.held -= 1
+        left = self.by_host[host] - 1
+        if left:
+            self.by_host[host] = left
+        else:
+            del self.by_host[host]  # the table never grows with addresses no longer connected
+
+
+class RefusalLog:
+    """Logs refused connections at most once per ``interval`` s, counting those in between."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, what: str, interval: float = REFUSAL_LOG_INTERVAL):
+        self.clock = clock
+        self.what = what
+        self.interval = interval
+        self.unlogged = 0
+        self._next = float("-inf")
+
+    def refused(self, host: str, why: str, admission: Admission) -> None:
+        self.unlogged += 1
+        now = self.clock.seconds()
+        if now < self._next:
+            return
+        self._next = now + self.interval
+        count, self.unlogged = self.unlogged, 0
+        cap = admission.total if why == "total" else admission.per_host
+        self.log.warn(
+            "refused {count} connection(s) to the {what} (last from {host}): "
+            "{why} cap of {cap} reached; at most one such line per {interval:.0f}s",
+            count=count,
+            what=self.what,
+            host=host,
+            why=why,
+            cap=cap,
+            interval=self.interval,
+        )
+
+
+class Refused(Protocol):
+    """What a connection beyond a cap gets: closed at once, nothing read, nothing written."""
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted's name
+        self.transport = transport
+        transport.abortConnection()
+
+
+def peer_host(addr: Any) -> str:
+    """The IP address of an accepted connection (``addr`` as ``buildProtocol`` gets it)."""
+    return str(getattr(addr, "host", addr))

@@ -1,0 +1,283 @@
+"""Connection caps on both ports, at the factory level (fake transports, a fake clock).
+
+The cluster port holds at most so many connections still in the handshake (in all and per
+source address); the HTTP port at most so many open connections, and a 401 ends its connection.
+The real-process check (idle sockets beyond the cap, a console still runs a job) is in
+``test_security_e2e.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from protocol import Connection
+from protocol import messages as m
+from remap.server.admission import REFUSAL_LOG_INTERVAL, Admission, Refused
+from remap.server.http import BoundedSite
+from remap.server.service import (
+    MAX_HANDSHAKING,
+    MAX_HANDSHAKING_PER_HOST,
+    RemapServerFactory,
+)
+
+KEY = b"the cluster secret for caps tests"
+
+
+class Accepted:
+    """One connection the factory accepted: its protocol and transport, as a listening port
+    would have made them."""
+
+    def __init__(self, factory: Any, host: str, port: int) -> None:
+        addr = IPv4Address("TCP", host, port)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = StringTransport(peerAddress=addr)
+        self.proto.makeConnection(self.transport)
+
+    @property
+    def refused(self) -> bool:
+        return isinstance(self.proto, Refused) and self.transport.disconnecting
+
+    def lose(self) -> None:
+        """The transport reports the close (what the reactor does after loseConnection)."""
+        self.proto.connectionLost(Failure(net_error.ConnectionDone()))
+
+    def authenticate(self, role: str = "node", key: bytes = KEY) -> Connection:
+        """Run the mutual handshake with a sans-IO client; that client."""
+        client = Connection(role, key)
+        client.initiate()
+        self.exchange(client)
+        return client
+
+    def exchange(self, client: Connection) -> None:
+        """Move bytes between ``client`` and the server's protocol until both are quiet."""
+        for _ in range(10):
+            out = b"".join(bytes(p) for p in client.data_to_send())
+            if out and not self.transport.disconnecting:
+                self.proto.dataReceived(out)
+            back = self.transport.value()
+            self.transport.clear()
+            if back:
+                client.receive_data(back)
+            if not out and not back:
+                break
+
+
+def cluster_factory(clock: Clock) -> RemapServerFactory:
+    return RemapServerFactory(clock, KEY, max_frame=1 << 20, handshake_timeout=5.0)
+
+
+def open_many(factory: Any, hosts: list[str], first_port: int = 40000) -> list[Accepted]:
+    return [Accepted(factory, host, first_port + i) for i, host in enumerate(hosts)]
+
+
+def spread(count: int) -> list[str]:
+    """``count`` source addresses, each used at most MAX_HANDSHAKING_PER_HOST times."""
+    return [f"10.0.{i // MAX_HANDSHAKING_PER_HOST}.1" for i in range(count)]
+
+
+# =========================================================================== cluster port
+
+
+def test_a_connection_beyond_the_handshake_cap_is_closed_unread() -> None:
+    """With MAX_HANDSHAKING connections in the handshake, the next one (from a fresh address)
+    is closed as it is accepted: no handler, no handshake deadline, nothing written."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+    assert not any(c.refused for c in waiting)
+    assert len(clock.getDelayedCalls()) == MAX_HANDSHAKING  # one handshake deadline each
+
+    extra = Accepted(factory, "192.0.2.7", 50000)
+    assert extra.refused
+    assert extra.transport.value() == b""  # not even the server's side of the handshake
+    assert len(clock.getDelayedCalls()) == MAX_HANDSHAKING  # no deadline armed for it
+
+
+def test_a_slot_frees_when_a_handshake_finishes() -> None:
+    """An authenticated peer gives its slot back at once: the next connection is admitted,
+    and the authenticated one stays open."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+    assert Accepted(factory, "192.0.2.7", 50000).refused
+
+    waiting[0].authenticate("console")
+    assert waiting[0].proto.open
+    assert factory.handshaking.held == MAX_HANDSHAKING - 1
+    assert not Accepted(factory, "192.0.2.7", 50001).refused
+    assert waiting[0].proto.open and not waiting[0].transport.disconnecting
+
+
+def test_a_slot_frees_when_a_handshake_fails_or_times_out() -> None:
+    """A wrong secret and the handshake deadline both end the connection; once it is gone
+    its slot is free again (and the per-address count is forgotten)."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+
+    waiting[0].authenticate("node", key=b"not the secret")
+    assert waiting[0].transport.disconnecting and not waiting[0].proto.open
+    waiting[0].lose()
+    assert factory.handshaking.held == MAX_HANDSHAKING - 1
+    assert not Accepted(factory, "192.0.2.7", 50000).refused
+    assert Accepted(factory, "192.0.2.8", 50001).refused
+
+    clock.advance(5.0)  # every other handshake's deadline
+    for c in waiting[1:]:
+        assert c.transport.disconnecting
+        c.lose()
+    assert factory.handshaking.held == 1  # the one admitted above (its deadline is later)
+    assert factory.handshaking.by_host == {"192.0.2.7": 1}
+
+
+def test_one_address_gets_at_most_its_share() -> None:
+    """From one source address at most MAX_HANDSHAKING_PER_HOST connections wait in the
+    handshake; the next from it is refused while another address is still admitted."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    same = open_many(factory, ["203.0.113.5"] * MAX_HANDSHAKING_PER_HOST)
+    assert not any(c.refused for c in same)
+    assert MAX_HANDSHAKING_PER_HOST < MAX_HANDSHAKING
+    assert Accepted(factory, "203.0.113.5", 50000).refused
+    assert not Accepted(factory, "203.0.113.6", 50001).refused
+    same[0].lose()
+    assert not Accepted(factory, "203.0.113.5", 50002).refused
+
+
+def test_authenticated_nodes_beyond_the_cap_still_connect() -> None:
+    """The cap is on connections in the handshake, not on the cluster: more nodes than
+    MAX_HANDSHAKING (all from one address) connect one after another and all join."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    count = MAX_HANDSHAKING + MAX_HANDSHAKING_PER_HOST + 1
+    for i in range(count):
+        node = Accepted(factory, "10.1.1.1", 30000 + i)
+        assert not node.refused, i
+        client = node.authenticate("node")
+        assert node.proto.open, i
+        client.send(m.NodeInfo(host=f"node-{i}", pid=1, cores=1, memory=1 << 30, load=0.0))
+        node.exchange(client)
+    assert len(factory.scheduler.nodes) == count
+    assert factory.handshaking.held == 0
+
+
+def test_refusals_are_logged_at_most_once_per_interval() -> None:
+    """A flood of refused connects is one log line per interval, the next one counting what
+    it stood for."""
+    clock = Clock()
+    factory = cluster_factory(clock)
+    open_many(factory, ["198.51.100.1"] * MAX_HANDSHAKING_PER_HOST)
+    lines: list[dict] = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+
+        def refused() -> list[dict]:
+            return [e for e in lines if e.get("log_namespace", "").endswith("RefusalLog")]
+
+        for i in range(500):
+            assert Accepted(factory, "198.51.100.1", 50000 + i).refused
+        assert len(refused()) == 1 and refused()[0]["count"] == 1
+        clock.advance(REFUSAL_LOG_INTERVAL / 2)
+        for i in range(10):
+            Accepted(factory, "198.51.100.1", 51000 + i)
+        assert len(refused()) == 1
+        clock.advance(REFUSAL_LOG_INTERVAL / 2)
+        Accepted(factory, "198.51.100.1", 52000)
+        assert len(refused()) == 2 and refused()[1]["count"] == 499 + 10 + 1
+        assert refused()[1]["why"] == "per-host"
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+
+
+def test_a_released_slot_is_released_once() -> None:
+    """Authenticated, then lost: the slot is given back once, not twice."""
+    admission = Admission(2, 2)
+    slot = admission.admit("a")
+    assert not isinstance(slot, str)
+    slot.release()
+    slot.release()
+    assert admission.held == 0 and admission.by_host == {}
+
+
+# =========================================================================== HTTP port
+
+
+class Unauthorized(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(401)
+        return b"log in"
+
+
+class Open(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"ok"
+
+
+REQUEST = b"GET /api/v1/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def http_site(resource: Resource, **caps: int) -> BoundedSite:
+    return BoundedSite(resource, reactor=MemoryReactorClock(), timeout=60, **caps)
+
+
+def test_a_401_ends_the_connection() -> None:
+    """An HTTP/1.1 request without credentials gets its 401 with ``Connection: close`` and the
+    connection is closed after it (no keep-alive for unauthenticated clients)."""
+    conn = Accepted(http_site(Unauthorized()), "127.0.0.1", 40000)
+    conn.proto.dataReceived(REQUEST)
+    response = conn.transport.value()
+    assert response.startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nConnection: close\r\n" in response
+    assert conn.transport.disconnecting
+
+
+def test_an_authorised_request_keeps_its_connection() -> None:
+    """A 200 keeps the connection for the next request (keep-alive is unchanged for clients
+    with credentials)."""
+    conn = Accepted(http_site(Open()), "127.0.0.1", 40000)
+    conn.proto.dataReceived(REQUEST)
+    assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+    assert not conn.transport.disconnecting
+    conn.transport.clear()
+    conn.proto.dataReceived(REQUEST)
+    assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+def test_http_connections_are_capped_in_all_and_per_address() -> None:
+    """Beyond the per-address cap a connection from that address is closed unread; beyond
+    the total cap any is; a closed connection frees its place."""
+    site = http_site(Open(), max_connections=5, max_per_host=3)
+    first = open_many(site, ["192.0.2.1"] * 3)
+    assert not any(c.refused for c in first)
+    refused = Accepted(site, "192.0.2.1", 50000)
+    assert refused.refused and refused.transport.value() == b""
+    others = open_many(site, ["192.0.2.2", "192.0.2.3"], first_port=41000)
+    assert not any(c.refused for c in others)
+    assert Accepted(site, "192.0.2.4", 50001).refused
+    first[0].transport.loseConnection()
+    first[0].lose()
+    assert not Accepted(site, "192.0.2.1", 50002).refused
+
+
+def test_the_default_http_caps() -> None:
+    """The HTTP port holds 256 connections by default, 32 from one address."""
+    site = http_site(Open())
+    assert (site.connections.total, site.connections.per_host) == (256, 32)
+
+
+def test_the_default_cluster_caps() -> None:
+    """The cluster port lets 64 connections wait in the handshake, 16 from one address."""
+    factory = cluster_factory(Clock())
+    assert (factory.handshaking.total, factory.handshaking.per_host) == (64, 16)
