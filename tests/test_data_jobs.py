@@ -518,8 +518,8 @@ def test_wait_for_nodes_bounds_a_file_jobs_wait(tmp_path: Path, kind: str) -> No
 
 def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
     """SIGTERM to ``compute`` of a data job (``timeout``, ``kill``) ends it as Ctrl-C does:
-    exit 130 with one line, result INCOMPLETE, no staging directory beside the output and no
-    intermediate files. Before, the console died at once and left ``.out.remap-<job>`` and
+    exit 130 with one line (``--json``: one object on stdout), result INCOMPLETE, no staging
+    directory beside the output and no intermediate files. Before, the console died at once and left ``.out.remap-<job>`` and
     ``im/<job>`` (the spilled map output, possibly gigabytes) behind, and result INCOMPLETE
     with no cleanup."""
     import signal
@@ -536,7 +536,7 @@ def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None
     )
     data = DataDir(tmp_path / "data")
     env = clean_env(tmp_path, {"REMAP_DATA_DIR": str(data.root), "REMAP_CORES": "1"})
-    argv = [PYTHON, str(CONSOLE_SCRIPT), "--env-file", "/dev/null", "compute", "job.yaml"]
+    argv = [PYTHON, CONSOLE_SCRIPT, "--env-file", "/dev/null", "compute", "job.yaml", "--json"]
     proc = subprocess.Popen(
         argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -547,7 +547,7 @@ def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None
             "the map task to start",
         )
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -556,6 +556,10 @@ def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None
     assert err.strip().splitlines()[-1].endswith(" killed; nothing was published"), err
     assert "Traceback" not in err
     (job,) = [p.name for p in (data.root / "job").iterdir()]
+    # --json: still one object on stdout, as for a function job (it printed nothing)
+    summary = json.loads(out)
+    assert (summary["job"], summary["state"], summary["exit_code"]) == (job, "killed", 130)
+    assert summary["kind"] == "mapreduce" and "interrupted" in summary["error"]
     assert layout.read_result(data, job) == "INCOMPLETE"
     assert not data.im_dir(job).exists()
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.remap-*"))

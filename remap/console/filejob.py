@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..data.layout import new_job_id
-from ..errors import EXIT_INTERRUPTED, JobFailed, RemapError
+from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, RemapError
 from . import render
 
 if TYPE_CHECKING:
@@ -192,6 +192,12 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             bar.clear()
         kind = "data" if spec.kind == "mapreduce" else spec.kind
         console.note(f"interrupted: {kind} job {job_id} killed; nothing was published")
+        if args.json:  # a script still reads one object, as for a function job
+            error = JobKilled(
+                f"{kind} job {job_id} was interrupted and killed; nothing was published"
+            )
+            summary = {**render.failure_json(error, job_id), "exit_code": EXIT_INTERRUPTED}
+            console.say(json.dumps({**summary, "kind": spec.kind}))
         return EXIT_INTERRUPTED
     finally:
         print_output()  # what arrived with the last results
