@@ -640,3 +640,79 @@ def test_garbage_and_oversized_frames_leave_the_server_serving(cluster):
     status = cluster.console(port, "status", "--json")
     assert len(json.loads(status.stdout)["nodes"]) == 1
     assert cluster.run_job(port, 30) == [i * i for i in range(30)]
+
+
+# =========================================================================== connection caps
+
+
+def idle_from(source: str, port: int) -> socket.socket:
+    """A connection to the cluster port from ``source`` (a loopback address) that says nothing."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def answered_hello(sock: socket.socket) -> tuple[bytes, bool]:
+    """Send a hello; what came back (a challenge if the server read it) and whether it closed.
+    Returns at the first bytes or the close, or after 10 s."""
+    try:
+        sock.sendall(hello_bytes(SECRET.encode())[1])
+    except OSError:  # already closed under us: nothing was read
+        return b"", True
+    sock.settimeout(10)
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return b"", True
+    return data, data == b""
+
+
+def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_runs(cluster):
+    """Idle connections that never finish the handshake are capped: from one address 16 wait
+    and the 17th is closed at once, unread (its hello gets no challenge); while they wait a
+    console from another address runs a job. With 64 waiting from four addresses a 65th from
+    a fifth is closed too, one log line says so for every refusal, and the joined node keeps
+    its place; once one address's sockets close, a console gets in while 48 still wait (the
+    handshake deadline is 60 s here: the slots freed because the sockets closed)."""
+    server, port = cluster.server(REMAP_HANDSHAKE_TIMEOUT="60")
+    cluster.node(port)
+    cluster.wait_node_joined(server)
+    held: dict[str, list[socket.socket]] = {}
+    try:
+        held["127.0.0.2"] = [idle_from("127.0.0.2", port) for _ in range(16)]
+        got, closed = answered_hello(idle_from("127.0.0.2", port))
+        assert closed and got == b"", got
+        assert cluster.run_job(port, 10) == [i * i for i in range(10)]
+
+        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            held[source] = [idle_from(source, port) for _ in range(16)]
+        got, closed = answered_hello(idle_from("127.0.0.6", port))
+        assert closed and got == b"", got
+        # a waiting socket is still served: its hello gets the server's challenge
+        got, closed = answered_hello(held["127.0.0.5"][-1])
+        assert got and not closed
+        assert headers_of(got)[0]["t"] == "challenge"
+        wait_for(lambda: "refused 1 connection(s) to the cluster port" in server.stderr(),
+                 10, "the refusal's log line")  # fmt: skip
+        assert server.stderr().count("connection(s) to the cluster port") == 1
+
+        for sock in held.pop("127.0.0.2"):
+            sock.close()
+
+        def admitted() -> bool:  # a probe that gets a challenge: the closes were seen
+            with idle_from("127.0.0.7", port) as probe:
+                got, _closed = answered_hello(probe)
+                return bool(got)
+
+        wait_for(admitted, 10, "the closed sockets' slots to be free")
+        assert cluster.run_job(port, 10) == [i * i for i in range(10)]
+        status = cluster.console(port, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert len(json.loads(status.stdout)["nodes"]) == 1
+        assert server.running()
+    finally:
+        for socks in held.values():
+            for sock in socks:
+                sock.close()
