@@ -38,6 +38,8 @@ Outcome = tuple[int, Any, TaskErrorInfo | None]
 
 #: chunks in flight per worker: enough to hide a round trip, few enough to bound memory
 WINDOW_PER_WORKER = 2
+#: seconds between looks at a stop request while chunks run (Ctrl-C must not wait for a call)
+STOP_POLL = 0.2
 #: the largest automatic chunk
 MAX_AUTO_CHUNK = 2000
 
@@ -110,11 +112,13 @@ class Engine:
         *,
         star: bool = False,
         timeout: float | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[Outcome]:
         """Each argument's ``(index, result, error)``, chunk by chunk as chunks finish.
 
         At most ``WINDOW_PER_WORKER * workers`` chunks are in flight; closing the generator
-        early (``on_error: fail``, Ctrl-C) cancels the chunks still pending.
+        early (``on_error: fail``), or setting ``stop`` (Ctrl-C: seen within ``STOP_POLL``
+        even while a call runs on), cancels the chunks still pending.
         """
         key = hashlib.sha256(blob).hexdigest()[:16]
         shared = self._share(blob)
@@ -130,9 +134,11 @@ class Engine:
                     pending[self._submit(key, shared, star, timeout, chunk)] = chunk
                 if not pending:
                     return
-                for handle in self._wait(list(pending)):
+                for handle in self._wait(list(pending), None if stop is None else STOP_POLL):
                     chunk = pending.pop(handle)
                     yield from self._collect(handle, chunk)
+                if stop is not None and stop.is_set():
+                    return
         finally:
             if pending:
                 self._cancel(list(pending))
@@ -160,7 +166,8 @@ class Engine:
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         raise NotImplementedError
 
-    def _wait(self, handles: list[Any]) -> list[Any]:
+    def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        """The handles done once one is (none when ``timeout`` passes first)."""
         raise NotImplementedError
 
     def _result(self, handle: Any) -> Any:
@@ -232,8 +239,13 @@ class DaskEngine(Engine):
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         return self.client.submit(run_chunk, key, blob, star, timeout, chunk, pure=False)
 
-    def _wait(self, handles: list[Any]) -> list[Any]:
-        done, _ = self._distributed.wait(handles, return_when="FIRST_COMPLETED")
+    def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        try:
+            done, _ = self._distributed.wait(
+                handles, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        except TimeoutError:  # dask's TimeoutError is the builtin
+            return []
         return list(done)
 
     def _result(self, handle: Any) -> Any:
@@ -284,8 +296,8 @@ class RayEngine(Engine):
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         return self._remote.remote(key, blob, star, timeout, chunk)
 
-    def _wait(self, handles: list[Any]) -> list[Any]:
-        done, _ = self._ray.wait(handles, num_returns=1)
+    def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        done, _ = self._ray.wait(handles, num_returns=1, timeout=timeout)
         return done
 
     def _result(self, handle: Any) -> Any:
@@ -359,8 +371,10 @@ class RemapEngine(Engine):
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         return self.cluster.submit(run_chunk, key, blob, star, timeout, chunk)
 
-    def _wait(self, handles: list[Any]) -> list[Any]:
-        done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+    def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        done, _ = concurrent.futures.wait(
+            handles, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
         return list(done)
 
     def _result(self, handle: Any) -> Any:
@@ -459,6 +473,7 @@ class EngineRun:
         self.exhausted = False
         self.first_error: TaskErrorInfo | None = None
         self._stop: Exception | None = None
+        self._stopped = threading.Event()  # set with _stop: the engine's waits look at it
         #: arguments in flight, kept only for sinks that store them (sqlite)
         self._args: dict[int, Any] = {}
         self._thread: threading.Thread | None = None
@@ -499,7 +514,9 @@ class EngineRun:
         from .client import JobOutcome
 
         engine, sink = self.engine, self.sink
-        outcomes = engine.outcomes(self.blob, self._chunks(), star=self.star, timeout=self.timeout)
+        outcomes = engine.outcomes(
+            self.blob, self._chunks(), star=self.star, timeout=self.timeout, stop=self._stopped
+        )
         error: Exception | None = None
         try:
             for index, result, info in outcomes:
@@ -519,6 +536,8 @@ class EngineRun:
                         f"{info.type_name}: {info.message}"
                     )
                     break
+            if error is None and self._stop is not None:  # stopped between outcomes
+                error = self._stop
             sink.flush()
         except Exception as exc:  # a bad argument line, a sink that cannot write, the engine
             error = exc if isinstance(exc, (JobFailed, ConfigError)) else JobFailed(
@@ -542,6 +561,7 @@ class EngineRun:
     def fail(self, error: Exception) -> None:
         """Stop (Ctrl-C): pending chunks are cancelled; what arrived is kept."""
         self._stop = error
+        self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class FakeEngine(engines.Engine):
         self.ran[len(self.submitted)] = engines.run_chunk(key, blob, star, timeout, chunk)
         return len(self.submitted)
 
-    def _wait(self, handles: list[Any]) -> list[Any]:
+    def _wait(self, handles: list[Any], timeout: Any) -> list[Any]:
         return [min(handles)]
 
     def _result(self, handle: Any) -> Any:
@@ -416,11 +417,11 @@ def test_stopping_a_run_cancels_its_chunks_and_keeps_what_arrived(tmp_path: Path
     reached, gate = threading.Event(), threading.Event()
 
     class Slow(FakeEngine):
-        def _wait(self, handles: list[Any]) -> list[Any]:
+        def _wait(self, handles: list[Any], timeout: Any) -> list[Any]:
             if len(self.submitted) > 4:  # the fifth chunk "runs" until the run is stopped
                 reached.set()
                 gate.wait(10)
-            return super()._wait(handles)
+            return super()._wait(handles, timeout)
 
     engine, sink = Slow(), FileSink(tmp_path / "out.jsonl")
     run = engines.EngineRun(engine, function_blob(_sq), iter(range(10, 100)), sink, chunksize=1)
@@ -438,6 +439,45 @@ def test_stopping_a_run_cancels_its_chunks_and_keeps_what_arrived(tmp_path: Path
     assert not (tmp_path / "out.jsonl").exists() and sink.complete is False
     assert (run.done, run.failed) == (1, 0)
     assert (tmp_path / "out.jsonl.partial").read_text().count("\n") == 1
+
+
+def test_stopping_a_run_whose_call_never_returns_ends_it_and_its_engine_at_once(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while a call runs on (``time.sleep(60)`` on ``ray://local``, seen on a LAN of
+    namespaces): the run's thread sees the stop within a poll, cancels the chunks, closes the
+    engine (a local cluster stops) and fails the job, so ``fail`` returns at once. Before, the
+    thread sat in the engine's wait until the call returned: ``fail`` gave up after 10 s, the
+    console exited without closing the engine and ``ray://local`` left two Ray agents running."""
+    from remap.sinks import FileSink
+
+    waiting = threading.Event()
+
+    class Hung(FakeEngine):
+        closed = False
+
+        def _wait(self, handles: list[Any], timeout: Any) -> list[Any]:
+            if 1 in handles:  # the first chunk's call never returns
+                waiting.set()
+                assert timeout is not None, "a wait that a stop request cannot end"
+                time.sleep(timeout)  # the engine's own wait, timing out: nothing done
+                return []
+            return super()._wait(handles, timeout)
+
+        def close(self) -> None:
+            self.closed = True
+
+    engine, sink = Hung(), FileSink(tmp_path / "out.jsonl")
+    run = engines.EngineRun(engine, function_blob(_sq), iter(range(10)), sink, chunksize=1)
+    future = run.start()
+    assert waiting.wait(10)
+    started = time.monotonic()
+    run.fail(RuntimeError("interrupted"))
+    assert time.monotonic() - started < 5
+    with pytest.raises(RuntimeError, match="interrupted"):
+        future.result(0)
+    assert engine.closed and sorted(engine.cancelled) == [1, 2, 3, 4]
+    assert not (tmp_path / "out.jsonl").exists() and sink.complete is False
 
 
 @pytest.mark.slow
