@@ -236,6 +236,36 @@ def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
     assert shell.onecmd("EOF") is True
 
 
+def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
+    """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
+    Python REPL do; the shell (and an embedded cluster it started) stays. It ended the
+    shell with exit code 130."""
+
+    class Keys:
+        """A terminal where the user presses Ctrl-C, then types help, then quit."""
+
+        def __init__(self) -> None:
+            self.lines: list[str | None] = [None, "help\n", "quit\n"]
+
+        def readline(self) -> str:
+            line = self.lines.pop(0)
+            if line is None:
+                raise KeyboardInterrupt
+            return line
+
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    shell = Shell(Console(session, out=out, err=err), build_parser())
+    shell.use_rawinput = False
+    shell.stdin = Keys()  # type: ignore[assignment]
+    try:
+        shell.cmdloop()  # returns: quit left it, the Ctrl-C did not
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C at the prompt ended the shell")
+    assert "^C" in out.getvalue() and "compute JOB.yaml" in out.getvalue()
+    assert err.getvalue() == "" and shell.intro == "", "the greeting is not said again"
+
+
 @pytest.mark.slow
 def test_shell_status_against_a_real_cluster(cluster: Cluster) -> None:
     """Shell.onecmd('status') and ('nodes') against real processes show the two nodes."""

@@ -837,6 +837,17 @@ class Shell(cmd.Cmd):
             self.console.note(one_line(exc)[0])
         return False
 
+    def cmdloop(self, intro: Any = None) -> None:
+        """Ctrl-C at the prompt drops the line and gives a fresh prompt, as a shell does (it
+        ended the shell, and with it an embedded cluster); quit, exit or Ctrl-D leave."""
+        while True:
+            try:
+                super().cmdloop(intro)
+                return
+            except KeyboardInterrupt:
+                self.console.say("^C")
+                intro = ""  # not the greeting again
+
     def do_help(self, arg: str) -> bool:  # type: ignore[override]
         try:
             self.console.say(self.console.help_text(arg.strip() or None))
