@@ -27,6 +27,7 @@ from twisted.internet.protocol import Protocol  # noqa: E402
 
 from protocol import Connection  # noqa: E402
 from protocol import messages as m
+from remap.server.service import MAX_HANDSHAKING_PER_HOST  # noqa: E402
 from remap.wire import PeerProtocol  # noqa: E402
 
 
@@ -82,9 +83,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     host, port = args.server.rsplit(":", 1)
     endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=30)
     links = []
-    for start in range(0, args.nodes, 50):  # a few at a time: the listen backlog is finite
+    # a few at a time: the listen backlog is finite, and the server lets at most
+    # MAX_HANDSHAKING_PER_HOST connections from one address be in the handshake at once
+    batch = MAX_HANDSHAKING_PER_HOST
+    for start in range(0, args.nodes, batch):
         waits = []
-        for i in range(start, min(args.nodes, start + 50)):
+        for i in range(start, min(args.nodes, start + batch)):
             ready: defer.Deferred = defer.Deferred()
             proto = PeerProtocol(
                 Connection("node", secret, name=f"sim-{i}"),

@@ -281,3 +281,18 @@ def test_the_default_cluster_caps() -> None:
     """The cluster port lets 64 connections wait in the handshake, 16 from one address."""
     factory = cluster_factory(Clock())
     assert (factory.handshaking.total, factory.handshaking.per_host) == (64, 16)
+
+
+def test_the_cap_holds_under_tls_too() -> None:
+    """Behind TLS (the factory wrapped as the TLS endpoint wraps it) a connection beyond the
+    cap is closed at accept too, before any TLS byte is written."""
+    from twisted.internet import ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    clock = Clock()
+    tls = TLSMemoryBIOFactory(ssl.CertificateOptions(), False, cluster_factory(clock), clock=clock)
+    same = open_many(tls, ["203.0.113.9"] * (MAX_HANDSHAKING_PER_HOST + 1))
+    assert not any(c.transport.disconnecting for c in same[:-1])
+    last = same[-1]
+    assert isinstance(last.proto.wrappedProtocol, Refused)
+    assert last.transport.disconnecting and last.transport.value() == b""
