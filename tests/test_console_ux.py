@@ -263,7 +263,8 @@ def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
 ) -> None:
     """``compute --json`` prints one JSON object on stdout whatever stopped the job: a YAML
     typo, or a data or vertex job whose output exists (a function job whose function is
-    missing already did); stdout was empty for those, so a script read nothing at all."""
+    missing already did), or a job the console refuses once loaded (a reduce job with
+    ``detach: true``); stdout was empty for those, so a script read nothing at all."""
     from remap.console.main import main
 
     (tmp_path / "m.py").write_text(
@@ -274,10 +275,13 @@ def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
     )
     (tmp_path / "in.txt").write_text("a\n")
     (tmp_path / "out").mkdir()
+    (tmp_path / "g.py").write_text("def g(a, b=0):\n    return a + b\n")
     jobs = {
         "typo.yaml": ("function: f.py:g\nargs_range: [0, 10\n", None, "invalid YAML"),
         "data.yaml": ("kind: mapreduce\nmodule: m.py\ninput: in.txt\noutput: out/\n", "mapreduce", "already exists"),
         "graph.yaml": ("kind: vertex\nmodule: v.py\ninput: in.txt\noutput: out/\n", "vertex", "already exists"),
+        # refused by the console after the file loaded (it printed nothing on stdout)
+        "folded.yaml": ("function: g.py:g\nargs: [1]\nresponse_mode: reduce\nreduce: g\ndetach: true\n", None, "cannot run detached"),
     }  # fmt: skip
     for name, (text, kind, why) in jobs.items():
         (tmp_path / name).write_text(text)

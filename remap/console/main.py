@@ -299,31 +299,11 @@ class Console:
     def cmd_compute(self, args: argparse.Namespace) -> int:
         try:
             spec = load_job(args.job)
+            detach = self._detach_checked(spec, args)
         except RemapError as exc:  # --json: a script reads one object whatever went wrong
             if args.json:
                 self.say(json.dumps(render.failure_json(exc, None)))
             raise
-        if args.engine != "remap" and spec.kind != "function":
-            raise UsageError(f"--engine runs plain jobs only, not kind: {spec.kind}")
-        detach = args.detach or (spec.kind == "function" and spec.options.detach)
-        if args.engine != "remap" and (detach or args.dashboard):
-            raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
-        if detach and spec.kind == "function" and spec.options.mode == "reduce":
-            raise UsageError(
-                "a reduce job cannot run detached: attach could not fold its results (the "
-                "reduce function stays with this console); run it attached, or detach it with "
-                "response_mode: file or sqlite"
-            )
-        if detach and spec.kind != "function" and args.wait_for_nodes is not None:
-            raise UsageError(
-                "--wait-for-nodes bounds an attached data or vertex job's wait; a detached one "
-                "waits for its nodes (see it with: remap jobs; end it with: remap kill ID)"
-            )
-        if detach and not self.session.locate():
-            raise UsageError(
-                "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
-                "cluster ends with its console"
-            )
         if spec.kind != "function":
             from .detached import start_detached
             from .filejob import compute_file_job
@@ -438,6 +418,32 @@ class Console:
             if progress:
                 progress.clear()
         return self._report(spec, sink, state, outcome, args)
+
+    def _detach_checked(self, spec: Any, args: argparse.Namespace) -> bool:
+        """Whether the job runs detached, once the flags and the job file agree (a usage
+        error here is a job that never started: ``--json`` still prints its one object)."""
+        if args.engine != "remap" and spec.kind != "function":
+            raise UsageError(f"--engine runs plain jobs only, not kind: {spec.kind}")
+        detach = args.detach or (spec.kind == "function" and spec.options.detach)
+        if args.engine != "remap" and (detach or args.dashboard):
+            raise UsageError("--detach and --dashboard need remap's own engine, not --engine")
+        if detach and spec.kind == "function" and spec.options.mode == "reduce":
+            raise UsageError(
+                "a reduce job cannot run detached: attach could not fold its results (the "
+                "reduce function stays with this console); run it attached, or detach it with "
+                "response_mode: file or sqlite"
+            )
+        if detach and spec.kind != "function" and args.wait_for_nodes is not None:
+            raise UsageError(
+                "--wait-for-nodes bounds an attached data or vertex job's wait; a detached one "
+                "waits for its nodes (see it with: remap jobs; end it with: remap kill ID)"
+            )
+        if detach and not self.session.locate():
+            raise UsageError(
+                "compute --detach needs a server (--server or REMAP_SERVER): an embedded "
+                "cluster ends with its console"
+            )
+        return detach
 
     def _print_task_output(
         self, output: queue.SimpleQueue, progress: Any, screen: threading.Lock
