@@ -14,11 +14,13 @@ from automat import NoTransition
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import Logger
 
 from .auth import client_secret, server_secret
 from .client import ClusterClient
 from .data.layout import DataDirReport
+from .dial import connect_failure
 from .errors import ConfigError, ServerUnreachable
 from .local import connect_local, in_one_turn
 from .net import (
@@ -37,6 +39,8 @@ from .settings import Settings, parse_address
 log = Logger()
 
 
+#: seconds a node's attempt to connect to its server waits for an answer
+CONNECT_TIMEOUT = 10.0
 #: node reconnection: the first retry after about RETRY_FIRST s, growing by RETRY_FACTOR to RETRY_MAX
 RETRY_FIRST = 0.5
 RETRY_FACTOR = 1.6
@@ -68,12 +72,37 @@ class NamedEndpoint:
     raises ``NoTransition`` out of ``connectionLost``: a traceback on every failed handshake.
     """
 
-    def __init__(self, inner: Any, name: str) -> None:
+    def __init__(self, inner: Any, name: str, timeout: float = CONNECT_TIMEOUT) -> None:
         self.inner = inner
         self.name = name
+        self.timeout = timeout
+        #: the last reason logged for a failed attempt: said again only when it changes
+        self._said: str | None = None
 
     def connect(self, factory: Any) -> defer.Deferred:
-        return self.inner.connect(_RefusedQuietly(factory))
+        """Connect; a failure is logged with its reason (ClientService says only "Scheduling
+        retry"), once until the reason changes or a connection is made."""
+        made = self.inner.connect(_RefusedQuietly(factory))
+
+        def connected(proto: Any) -> Any:
+            self._said = None
+            return proto
+
+        def failed(failure: Any) -> Any:
+            if failure.check(defer.CancelledError, ConnectingCancelledError):  # stopping
+                return failure
+            reason = connect_failure(failure.value, self.timeout)
+            if reason != self._said:
+                self._said = reason
+                address = self.name.partition(":")[2]
+                log.warn(
+                    "cannot reach the server at {address}: {reason}; trying again",
+                    address=address,
+                    reason=reason,
+                )
+            return failure
+
+        return made.addCallbacks(connected, failed)
 
     def __repr__(self) -> str:
         return self.name
@@ -258,6 +287,7 @@ def start_node(
     """Start cores and keep a connection to the server, reconnecting with backoff and jitter;
     an attempt that does not authenticate counts as failed (the next one waits longer)."""
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     key = secret or client_secret(settings)
     pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
     agent = NodeAgent(
@@ -273,7 +303,10 @@ def start_node(
     )
     scheme = "tls" if tls_enabled(settings) else "tcp"
     connection = ClientService(
-        NamedEndpoint(client_endpoint(reactor, settings, host, port), f"{scheme}:{host}:{port}"),
+        NamedEndpoint(
+            client_endpoint(reactor, settings, host, port, timeout=CONNECT_TIMEOUT),
+            f"{scheme}:{address}",
+        ),
         factory,
         retryPolicy=reconnect_delays(),
         clock=reactor,

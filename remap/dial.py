@@ -57,13 +57,9 @@ async def _dial(
     endpoint = client_endpoint(reactor, settings, host, port, timeout=timeout)
     try:
         link = await endpoint.connect(factory)
-    except error.TimeoutError:  # Twisted says "User timeout caused connection failure"
-        raise ServerUnreachable(
-            f"cannot reach the server at {address}: no answer within {timeout:g}s (is the "
-            "address right, the machine up, and its TCP port open in any firewall?)"
-        ) from None
     except Exception as exc:
-        raise ServerUnreachable(f"cannot reach the server at {address}: {_reason(exc)}") from None
+        reason = connect_failure(exc, timeout)
+        raise ServerUnreachable(f"cannot reach the server at {address}: {reason}") from None
     try:
         await authenticated(link)
     except (AuthError, VersionMismatch):
@@ -80,6 +76,16 @@ async def _dial(
         raise ServerUnreachable(
             f"server at {address} closed the connection during the handshake: {reason}"
         ) from None
+
+
+def connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a TCP connection could not be made, in words (a node's log says it too)."""
+    if isinstance(exc, error.TimeoutError):  # Twisted: "User timeout caused connection failure"
+        return (
+            f"no answer within {timeout:g}s (is the address right, the machine up, and its "
+            "TCP port open in any firewall?)"
+        )
+    return _reason(exc)
 
 
 def _reason(exc: BaseException) -> str:

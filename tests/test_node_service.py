@@ -81,6 +81,45 @@ def test_a_server_that_never_authenticates_is_retried_with_growing_delays() -> N
     assert len(failed) == 1 and failed[0].check(defer.CancelledError), failed
 
 
+def test_a_server_that_cannot_be_reached_is_named_with_the_reason_once() -> None:
+    """A node whose server refuses connections or never answers (a typo in --server, a machine
+    that is off) logs why, once per reason, while it keeps trying: before, its log said only
+    ClientService's "Scheduling retry N" (seen on a namespace LAN). A reason that changes is
+    said again; a connection made resets it."""
+    from twisted.internet import error
+
+    failures = [
+        error.ConnectionRefusedError(),
+        error.ConnectionRefusedError(),
+        error.TimeoutError(),
+        error.TimeoutError(),
+        None,
+        error.ConnectionRefusedError(),
+        error.ConnectingCancelledError(None),  # the node stops while it dials: nothing to say
+        defer.CancelledError(),
+    ]
+
+    class Flaky:
+        def connect(self, factory: Any) -> defer.Deferred:
+            failure = failures.pop(0)
+            return defer.succeed("proto") if failure is None else defer.fail(failure)
+
+    endpoint = NamedEndpoint(Flaky(), "tcp:10.0.0.1:7878", timeout=7)
+    with capturedLogs() as events:
+        for _ in range(8):
+            endpoint.connect(object()).addErrback(lambda f: None)
+    said = [formatEvent(e) for e in events]
+    assert not failures and said == [
+        "cannot reach the server at 10.0.0.1:7878: connection refused (is the server running, "
+        "and on that port?); trying again",
+        "cannot reach the server at 10.0.0.1:7878: no answer within 7s (is the address right, "
+        "the machine up, and its TCP port open in any firewall?); trying again",
+        "cannot reach the server at 10.0.0.1:7878: connection refused (is the server running, "
+        "and on that port?); trying again",
+    ], said
+    assert {e["log_level"].name for e in events} == {"warn"}
+
+
 def test_a_handshake_that_expires_counts_as_a_failed_attempt() -> None:
     """A peer that says nothing: the handshake deadline closes the connection, refused."""
     clock = Clock()
