@@ -207,6 +207,8 @@ async def start_server(
         heartbeat_misses=settings.heartbeat_misses,
         console_grace=settings.console_grace,
         preempt_grace=settings.preempt_grace,
+        max_handshaking=settings.max_handshaking,
+        max_handshaking_per_host=settings.max_handshaking_per_host,
     )
     try:
         port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(

@@ -44,6 +44,8 @@ class Settings:
     heartbeat_interval: float = 2.0
     heartbeat_misses: int = 3
     handshake_timeout: float = 5.0
+    max_handshaking: int = 64
+    max_handshaking_per_host: int = 16
     max_frame: int = 256 * 1024 * 1024
     console_grace: float = 10.0
     log_level: str = "info"
@@ -53,6 +55,8 @@ class Settings:
     http_port: int | None = None
     http_token: str | None = dataclasses.field(default=None, repr=False)
     http_hosts: str | None = None
+    http_max_connections: int = 256
+    http_max_connections_per_host: int = 32
     apps_dir: str | None = None
     discovery: bool = True
     discovery_interfaces: str | None = None
@@ -185,6 +189,8 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
     "heartbeat_misses": ("REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),
     "handshake_timeout": ("REMAP_HANDSHAKE_TIMEOUT", _POSITIVE, "seconds a new connection has to finish the handshake"),
+    "max_handshaking": ("REMAP_MAX_HANDSHAKING", _integer(1), "connections the server lets be in the handshake at once; one more is closed as soon as it is accepted, unread (authenticated nodes and consoles do not count)"),
+    "max_handshaking_per_host": ("REMAP_MAX_HANDSHAKING_PER_HOST", _integer(1), "of those, how many may come from one IP address (raise it for many nodes or consoles behind one NAT address starting at once)"),
     "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication; a console, API client or node says its own to the server, which sends it nothing larger (a single result that cannot fit a console's is that argument's ResultTooLarge error; an argument or job function that fits no connected node's is ArgumentTooLarge or the job's failure)"),
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
     "log_level": ("REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
@@ -194,6 +200,8 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "http_port": ("REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
     "http_token": ("REMAP_HTTP_TOKEN", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY"),
     "http_hosts": ("REMAP_HTTP_HOSTS", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)"),
+    "http_max_connections": ("REMAP_HTTP_MAX_CONNECTIONS", _integer(1), "connections the HTTP port holds open at once; one more is closed as soon as it is accepted"),
+    "http_max_connections_per_host": ("REMAP_HTTP_MAX_CONNECTIONS_PER_HOST", _integer(1), "of those, how many may come from one IP address"),
     "apps_dir": ("REMAP_APPS_DIR", _text, "directory of the functions jobs submitted over HTTP may run; empty = no submitting over HTTP"),
     "discovery": ("REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),
     "discovery_interfaces": ("REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),

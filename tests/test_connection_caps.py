@@ -8,8 +8,11 @@ The real-process check (idle sockets beyond the cap, a console still runs a job)
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
+import pytest
 from twisted.internet import error as net_error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -20,6 +23,8 @@ from twisted.web.resource import Resource
 
 from protocol import Connection
 from protocol import messages as m
+from remap import runtime
+from remap.cluster import start_server
 from remap.server.admission import REFUSAL_LOG_INTERVAL, Admission, Refused
 from remap.server.http import BoundedSite
 from remap.server.service import (
@@ -27,6 +32,8 @@ from remap.server.service import (
     MAX_HANDSHAKING_PER_HOST,
     RemapServerFactory,
 )
+from remap.settings import Settings
+from tests.http_harness import Served
 
 KEY = b"the cluster secret for caps tests"
 
@@ -296,3 +303,75 @@ def test_the_cap_holds_under_tls_too() -> None:
     last = same[-1]
     assert isinstance(last.proto.wrappedProtocol, Refused)
     assert last.transport.disconnecting and last.transport.value() == b""
+
+
+# =========================================================================== settings, real sockets
+
+
+def _closed_at_once(port: int) -> bool:
+    """Connect, say nothing: True if the server closes the connection within 10 s."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionResetError:  # closed so soon that connect() itself saw the reset
+        return True
+    with sock:
+        try:
+            return sock.recv(100) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
+def test_the_cluster_caps_are_settings(tmp_path) -> None:
+    """REMAP_MAX_HANDSHAKING_PER_HOST reaches the listening server: with it at 2, two silent
+    connections wait in the handshake and the third is closed at once (the deadline is 60 s)."""
+    settings = Settings(
+        port=0,
+        state_dir=str(tmp_path),
+        journal=False,
+        discovery=False,
+        handshake_timeout=60.0,
+        max_handshaking=5,
+        max_handshaking_per_host=2,
+    )
+    server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
+    try:
+        caps = server.factory.handshaking
+        assert (caps.total, caps.per_host) == (5, 2)
+        port = server.port.getHost().port
+        waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        assert _closed_at_once(port)
+        for sock in waiting:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open, nothing said to it yet
+                sock.recv(100)
+            sock.close()
+    finally:
+        runtime.run(server.stop, timeout=30)
+
+
+def test_the_http_caps_are_settings() -> None:
+    """REMAP_HTTP_MAX_CONNECTIONS_PER_HOST reaches the HTTP port: with it at 2, two idle
+    connections are held and the third is closed at once."""
+    served = Served(Settings(http_port=0, http_max_connections=10, http_max_connections_per_host=2))
+    try:
+        waiting = [
+            socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(2)
+        ]
+        assert _closed_at_once(served.port)
+        for sock in waiting:
+            sock.close()
+        # the closes free their places: a request with the token is answered again
+        deadline = time.monotonic() + 10
+        while served_status(served) != 200:
+            assert time.monotonic() < deadline, "the closed connections' places never came back"
+    finally:
+        served.stop()
+
+
+def served_status(served: Served) -> int | None:
+    try:
+        return served.request("GET", "/api/v1/summary", token=served.token).status
+    except OSError:  # refused while the server had not yet seen the closes
+        return None

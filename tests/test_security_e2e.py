@@ -654,6 +654,17 @@ def idle_from(source: str, port: int) -> socket.socket:
     return sock
 
 
+def hello_from(source: str, port: int) -> tuple[bytes, bool]:
+    """:func:`answered_hello` on a new connection from ``source`` (closed at once, if connect()
+    itself saw the server's reset)."""
+    try:
+        sock = idle_from(source, port)
+    except ConnectionResetError:
+        return b"", True
+    with sock:
+        return answered_hello(sock)
+
+
 def answered_hello(sock: socket.socket) -> tuple[bytes, bool]:
     """Send a hello; what came back (a challenge if the server read it) and whether it closed.
     Returns at the first bytes or the close, or after 10 s."""
@@ -682,13 +693,13 @@ def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_r
     held: dict[str, list[socket.socket]] = {}
     try:
         held["127.0.0.2"] = [idle_from("127.0.0.2", port) for _ in range(16)]
-        got, closed = answered_hello(idle_from("127.0.0.2", port))
+        got, closed = hello_from("127.0.0.2", port)
         assert closed and got == b"", got
         assert cluster.run_job(port, 10) == [i * i for i in range(10)]
 
         for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
             held[source] = [idle_from(source, port) for _ in range(16)]
-        got, closed = answered_hello(idle_from("127.0.0.6", port))
+        got, closed = hello_from("127.0.0.6", port)
         assert closed and got == b"", got
         # a waiting socket is still served: its hello gets the server's challenge
         got, closed = answered_hello(held["127.0.0.5"][-1])
@@ -702,9 +713,7 @@ def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_r
             sock.close()
 
         def admitted() -> bool:  # a probe that gets a challenge: the closes were seen
-            with idle_from("127.0.0.7", port) as probe:
-                got, _closed = answered_hello(probe)
-                return bool(got)
+            return bool(hello_from("127.0.0.7", port)[0])
 
         wait_for(admitted, 10, "the closed sockets' slots to be free")
         assert cluster.run_job(port, 10) == [i * i for i in range(10)]

@@ -14,6 +14,7 @@ from protocol import messages as m
 from protocol.framing import frame_length
 
 from ..errors import ConfigError, RemapError, RemoteProtocolError
+from ..settings import Settings
 from ..wire import PeerProtocol, ReadBudget, Traffic
 from .admission import Admission, RefusalLog, Refused, Slot, peer_host
 from .drivers import DriveError, Drivers
@@ -24,11 +25,12 @@ from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
 from .scheduler.sizing import fit_status
 
 #: connections still in the handshake the cluster port holds at once, in all and per source IP
-#: address (beyond them a connection is closed unread: an unauthenticated client cannot use up
-#: the server's descriptors). A handshake takes milliseconds; a node refused retries with backoff.
-#: Authenticated nodes and consoles hold no slot, so these do not bound the cluster's size.
-MAX_HANDSHAKING = 64
-MAX_HANDSHAKING_PER_HOST = 16
+#: address (REMAP_MAX_HANDSHAKING and _PER_HOST): beyond them a connection is closed unread, so
+#: unauthenticated clients cannot use up the server's descriptors. A handshake takes
+#: milliseconds; a node refused retries with backoff. Authenticated nodes and consoles hold no
+#: slot, so these do not bound the cluster's size.
+MAX_HANDSHAKING: int = Settings.max_handshaking
+MAX_HANDSHAKING_PER_HOST: int = Settings.max_handshaking_per_host
 
 #: counters a console may show under one job in status (names of at most MAX_COUNTER_NAME chars)
 MAX_COUNTERS = 64

@@ -47,11 +47,12 @@ def access_line(timestamp: str, request: Any) -> str:
 IDLE_TIMEOUT = 60
 
 
-#: connections the HTTP port holds open at once, in all and per client IP address; beyond them a
-#: connection is closed as soon as it is accepted, unread (a dashboard holds one or two: its page
-#: and its event stream; an unauthenticated client's connection is closed after its 401)
-MAX_HTTP_CONNECTIONS = 256
-MAX_HTTP_CONNECTIONS_PER_HOST = 32
+#: connections the HTTP port holds open at once, in all and per client IP address
+#: (REMAP_HTTP_MAX_CONNECTIONS and _PER_HOST); beyond them a connection is closed as soon as it
+#: is accepted, unread (a dashboard holds one or two: its page and its event stream; an
+#: unauthenticated client's connection is closed after its 401)
+MAX_HTTP_CONNECTIONS: int = Settings.http_max_connections
+MAX_HTTP_CONNECTIONS_PER_HOST: int = Settings.http_max_connections_per_host
 
 
 class BoundedChannel(HTTPChannel):
@@ -211,7 +212,12 @@ async def start_http(
     )
     app = HttpApp(factory, auth, stats, hub, submitter, tls=tls)
     site = BoundedSite(
-        DispatchResource(app), reactor=reactor, logFormatter=access_line, timeout=IDLE_TIMEOUT
+        DispatchResource(app),
+        reactor=reactor,
+        logFormatter=access_line,
+        timeout=IDLE_TIMEOUT,
+        max_connections=settings.http_max_connections,
+        max_per_host=settings.http_max_connections_per_host,
     )
     site.displayTracebacks = False
     try:
