@@ -906,6 +906,30 @@ def test_console_lost_cancels_after_grace() -> None:
     assert console.done() is None, "nobody is there to tell"
 
 
+def test_a_finished_jobs_log_line_puts_its_reason_in_brackets() -> None:
+    """The server's line for a job that ended reads 'job N cancelled: 0 done, 0 failed (its
+    console disconnected)' and a done job's ends at its counts; it read '... 0 failed its
+    console disconnected' (and a done job's line ended in a space), seen on a namespace LAN."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    sched, clock = make()
+    FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), chunksize=5)
+    console.feed()
+    with capturedLogs() as events:
+        sched.console_lost(console.link)
+        clock.advance(GRACE + 1)
+    (line,) = [formatEvent(e) for e in events if "cancelled:" in formatEvent(e)]
+    assert line.endswith(" failed (its console disconnected)"), line
+    sched, _clock = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(10), chunksize=5)
+    with capturedLogs() as events:
+        run_to_end([node], [console])
+    (line,) = [formatEvent(e) for e in events if " done: " in formatEvent(e)]
+    assert line.endswith("10 done, 0 failed"), repr(line)
+
+
 def test_console_returning_within_grace_keeps_the_job() -> None:
     """Attaching again inside the grace period stops the cancellation."""
     sched, clock = make()

@@ -816,12 +816,13 @@ class Scheduler(NodeAnswers, Recovery):
         if self.journal is not None:
             self.journal.finished(job.id, state, message, job.done, job.failed, job.finished_at)
         self.log.info(
-            "job {id} {state}: {done} done, {failed} failed {message}",
+            "job {id} {state}: {done} done, {failed} failed{why}",
             id=job.id,
             state=job.state,
             done=job.done,
             failed=job.failed,
             message=message,
+            why=f" ({message})" if message else "",
         )
         if job.console is not None:
             self._send(job.console, self._done_message(job))
