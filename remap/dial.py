@@ -5,6 +5,8 @@ Client side only: importing this loads no server or node module.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 from twisted.internet import defer, error
@@ -85,7 +87,14 @@ def connect_failure(exc: BaseException, timeout: float) -> str:
             f"no answer within {timeout:g}s (is the address right, the machine up, and its "
             "TCP port open in any firewall?)"
         )
+    if isinstance(exc, error.ConnectError) and exc.osError in _UNROUTABLE:
+        # Twisted: "An error occurred while connecting: 113: No route to host."
+        return f"{os.strerror(exc.osError).lower()} (is the machine on, and on this network?)"
     return _reason(exc)
+
+
+#: errnos of an address nothing answers for: no host there (no ARP reply), no route to it
+_UNROUTABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 def _reason(exc: BaseException) -> str:

@@ -194,6 +194,42 @@ def test_dialling_an_address_that_never_answers_says_so_in_words(
     assert code == 4
 
 
+@pytest.mark.parametrize(
+    ("errno_", "said"),
+    [(113, "no route to host"), (101, "network is unreachable")],
+)
+def test_dialling_an_address_no_host_answers_for_says_so_in_words(
+    monkeypatch: pytest.MonkeyPatch, errno_: int, said: str
+) -> None:
+    """A LAN address with no machine behind it (the ARP query unanswered: EHOSTUNREACH, seen on
+    a namespace LAN) or no route to it: one line in words, not Twisted's "An error occurred
+    while connecting: 113: No route to host."."""
+    import os
+
+    from twisted.internet import defer
+    from twisted.internet import error as net_error
+    from twisted.internet.task import Clock
+
+    from remap import dial
+    from remap.settings import Settings
+
+    class Unroutable:
+        def connect(self, factory: object) -> defer.Deferred:
+            return defer.fail(net_error.getConnectError((errno_, os.strerror(errno_))))
+
+    monkeypatch.setattr(dial, "client_endpoint", lambda *a, **k: Unroutable())
+    failures: list = []
+    defer.ensureDeferred(
+        dial.connect_console(Clock(), Settings(), "10.9.9.9:7878", secret=b"k" * 32)
+    ).addErrback(failures.append)
+    line, code = one_line(failures[0].value)
+    assert line == (
+        f"error: cannot reach the server at 10.9.9.9:7878: {said} (is the machine on, and on "
+        "this network?)"
+    ), line
+    assert code == 4
+
+
 def test_remap_errors_is_reachable_after_a_plain_import_remap() -> None:
     """The README's ``remap.errors.JobRefused`` / ``remap.errors.one_line`` and
     ``remap.settings.Settings`` work after ``import remap`` alone (a fresh interpreter: here
