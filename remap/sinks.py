@@ -49,6 +49,7 @@ __all__ = [
     "os_reason",
     "render_line",
     "sql_value",
+    "take_output",
     "to_jsonable",
 ]
 
@@ -327,9 +328,11 @@ class OutputLock:
     next run; the file itself is removed on release (and a stale one is simply taken over).
     """
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, owner: str = "") -> None:
         self.output = output
         self.path = output.with_name(output.name + ".lock")
+        #: who writes OUTPUT (a data or vertex job's id and name), for the error another job sees
+        self.owner = " ".join(owner.split())
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -345,10 +348,11 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                pid, _, owner = os.read(fd, 512).decode("utf-8", "replace").strip().partition(" ")
                 os.close(fd)
+                holder = f"{owner}, pid {pid or '?'}" if owner else f"console pid {pid or '?'}"
                 raise OutputError(
-                    f"{self.output} is being written by another job (console pid {holder}, "
+                    f"{self.output} is being written by another job ({holder}, "
                     f"lock {self.path}): wait for it to finish or choose another output"
                 ) from None
             try:  # the holder may have released (and removed) it between our open and flock
@@ -359,7 +363,7 @@ class OutputLock:
                 os.close(fd)
                 continue
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            os.write(fd, f"{os.getpid()} {self.owner}".strip().encode() + b"\n")
             self._fd = fd
 
     def release(self) -> None:
@@ -371,6 +375,21 @@ class OutputLock:
             pass
         os.close(self._fd)
         self._fd = None
+
+
+def take_output(output: Path, owner: str) -> OutputLock:
+    """Lock a data or vertex job's output directory as function jobs lock their output file:
+    ``OutputError`` at once, naming the job that holds it, or the held lock."""
+    output.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the output
+    lock = OutputLock(output, owner)
+    lock.acquire()
+    if output.exists() or output.is_symlink():  # published by a job that just released it
+        lock.release()
+        raise ConfigError(
+            f"output {output} already exists: a job never overwrites results "
+            "(remove it or choose another output)"
+        )
+    return lock
 
 
 def os_reason(exc: BaseException) -> str:

@@ -421,6 +421,70 @@ def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Pa
     assert not out.exists() and not data.im_dir(job).exists()
 
 
+def _pair_map(line: str):
+    yield line, 1
+
+
+def test_an_output_another_data_job_is_writing_fails_at_once(
+    cluster: remap.Cluster, tmp_path: Path
+) -> None:
+    """Two data jobs on one output: the second fails at once with one line naming the first
+    (its id and name), as a function job does on a locked output, and starts no phase; it
+    used to run to the end and only then fail to publish."""
+    from remap.errors import OutputError
+    from tests.cluster_harness import wait_for
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    caught: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            cluster.mapreduce(
+                {"map": _slow_map, "reduce": _sum_reduce},
+                src,
+                out,
+                data_dir=str(data.root),
+                name="holder",
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            caught.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+
+        def running_map() -> int | None:
+            jobs = cluster.status()["jobs"]
+            return next((j["id"] for j in jobs if j["name"].startswith("holder [map")), None)
+
+        phase = wait_for(running_map, 20, "the first job's map phase")
+        (first_id,) = data.jobs()
+        other = DataDir(tmp_path / "other")
+        with pytest.raises(OutputError) as refused:
+            cluster.mapreduce(
+                {"map": _pair_map, "reduce": _sum_reduce},
+                src,
+                out,
+                data_dir=str(other.root),
+                name="second",
+            )
+        line = str(refused.value)
+        assert "\n" not in line and f"{out} is being written by another job" in line
+        assert f"data job {first_id} (holder)" in line
+        assert not other.root.exists() or other.jobs() == []
+        assert not [j for j in cluster.status()["jobs"] if j["name"].startswith("second")]
+    finally:
+        client = cluster._client
+        assert client is not None
+        runtime.run(lambda: client.kill(phase), timeout=10)
+        thread.join(30)
+    assert len(caught) == 1 and isinstance(caught[0], JobKilled), caught
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
 def test_output_that_exists_is_refused(cluster: remap.Cluster, tmp_path: Path) -> None:
     """A job never overwrites results: an existing output is a ConfigError before any work."""
     (tmp_path / "out").mkdir()

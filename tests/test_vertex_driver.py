@@ -393,6 +393,32 @@ def test_existing_output_is_refused(tmp_path: Path):
         run_threads(example("sssp"), tmp_path, 1)
 
 
+def test_an_output_another_job_is_writing_is_refused_at_once(tmp_path: Path):
+    """The output is locked like a function job's: while another job holds ``OUT.lock`` the
+    vertex job fails before any worker starts, naming that job, and leaves its output alone
+    (it used to run, write into the same directory and, failing, remove the other's files)."""
+    from remap.errors import OutputError
+    from remap.sinks import OutputLock
+
+    graph_input(tmp_path)
+    out = tmp_path / "out"
+    config = VertexConfig(input=resolve_inputs("in", tmp_path), output=out, name="second")
+    held = OutputLock(out, "data job 20261202-first (first)")
+    held.acquire()
+    started: list[Any] = []
+    driver = Driver(example("sssp"), config, DataDir(tmp_path / "data"), 1, started.append)
+    try:
+        with pytest.raises(OutputError) as caught:
+            driver.run()
+    finally:
+        held.release()
+    assert "\n" not in str(caught.value)
+    assert "being written by another job (data job 20261202-first (first)" in str(caught.value)
+    assert started == [] and not out.exists()
+    # once the other job has let go, the output is free again
+    assert run_threads(example("sssp"), tmp_path, 1, name="free")[1] is not None
+
+
 def test_input_is_loaded_without_the_cyclic_collector(tmp_path: Path):
     """Loading builds millions of containers: the collector is off while it runs (its passes
     find nothing to free) and on again for the supersteps."""

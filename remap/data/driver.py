@@ -29,7 +29,7 @@ from .. import runtime, shipping
 from ..blobs import dumps
 from ..client import ClusterClient, JobStream
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
-from ..sinks import StreamSink, TaskErrorInfo
+from ..sinks import StreamSink, TaskErrorInfo, take_output
 from . import counters, layout
 from .inputs import Split, finer_tail, make_splits, resolve_inputs
 from .layout import DataDir
@@ -186,7 +186,13 @@ class DataJobRunner:
         job = self.job
         started = time.monotonic()
         files, splits = self._plan()
-        splits = self._write_job_dir(files, splits)
+        # as a function job's output: a second job writing here fails now, naming this one
+        lock = take_output(job.output, f"data job {self.job_id} ({job.name})")
+        try:
+            splits = self._write_job_dir(files, splits)
+        except BaseException:
+            lock.release()
+            raise
         state = "FAIL"
         try:
             map_results = self._map(splits)
@@ -207,7 +213,10 @@ class DataJobRunner:
             if state != "OK":
                 self._kill_phase()
             self.timings["total"] = round(time.monotonic() - started, 3)
-            self._finish(state)
+            try:
+                self._finish(state)
+            finally:
+                lock.release()
         return self.summary(state)
 
     def summary(self, state: str) -> dict[str, Any]:

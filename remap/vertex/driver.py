@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
-from ..sinks import to_jsonable
+from ..sinks import take_output, to_jsonable
 from .engine import fold_into
 from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
@@ -333,6 +333,14 @@ class Driver:
 
     def run(self) -> VertexResult:
         started = time.monotonic()
+        # as a function job's output: a second job writing here fails now, naming this one
+        lock = take_output(self.config.output, f"vertex job {self.job_id} ({self.config.name})")
+        try:
+            return self._run(started)
+        finally:
+            lock.release()
+
+    def _run(self, started: float) -> VertexResult:
         self.layout.alive.mkdir(parents=True)
         self.layout.driver_heartbeat.touch()
         config = {k: str(v) for k, v in asdict(self.config).items()}
