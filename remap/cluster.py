@@ -219,14 +219,14 @@ async def start_server(
     except Exception as exc:  # CannotListenError and friends: say which address, plainly
         raise cannot_listen("", settings.host, settings.port, exc) from None
     from .data.layout import DataDir
-    from .server.drivers import Drivers, child_env, dial_host
+    from .server.drivers import Drivers, child_dial_host, child_env
 
     factory.use_drivers(
         Drivers(
             reactor,
             factory.scheduler,
             data_dir=DataDir.from_setting(settings.data_dir).root,
-            cluster_address=f"{dial_host(settings.host)}:{port.getHost().port}",
+            cluster_address=f"{child_dial_host(settings)}:{port.getHost().port}",
             child_env=child_env(settings, key),
         )
     )

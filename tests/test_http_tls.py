@@ -53,3 +53,34 @@ def test_https_with_the_cluster_certificate(tmp_path: Path) -> None:
             conn.request("GET", "/healthz")
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize(
+    ("bound", "named", "dialled"),
+    [
+        ("0.0.0.0", ["127.0.0.1", "localhost"], "127.0.0.1"),  # loopback named: as before
+        ("0.0.0.0", ["localhost"], "127.0.0.1"),
+        ("0.0.0.0", ["10.213.99.7", "127.0.0.2"], "127.0.0.2"),  # a local address it names
+        ("0.0.0.0", ["remap.example", "localhost"], "127.0.0.1"),
+        ("0.0.0.0", ["10.213.99.7"], "127.0.0.1"),  # nothing local named: left as it was
+        ("127.0.0.3", ["127.0.0.2"], "127.0.0.3"),  # bound to one address: only it answers
+        ("0.0.0.0", None, "127.0.0.1"),  # no TLS
+    ],
+)
+def test_a_console_child_dials_an_address_the_servers_certificate_names(
+    tmp_path: Path, bound: str, named: list[str] | None, dialled: str
+) -> None:
+    """The server's console children (an HTTP job's console, a detached job's driver) check
+    the server's certificate like any client: with the README's certificate, which names the
+    LAN address nodes dial and not 127.0.0.1, a job submitted over HTTP to a server on 0.0.0.0
+    failed 'host-name mismatch: ... does not name 127.0.0.1' (seen on a namespace LAN). They
+    dial an address of this machine the certificate names instead (127.0.0.2 stands in for
+    the LAN address here: every 127/8 address is local)."""
+    from remap.server.drivers import child_dial_host
+
+    tls = {}
+    if named is not None:
+        cert = trustme.CA().issue_cert(*named)
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        tls = {"tls_cert": str(tmp_path / "cert.pem")}
+    assert child_dial_host(Settings(host=bound, **tls)) == dialled

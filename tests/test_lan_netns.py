@@ -327,3 +327,65 @@ def test_a_node_with_no_server_to_find_gives_up_with_one_line(net: Net) -> None:
         "127.0.0.1, the default, is not advertised: --server 127.0.0.1:7878 on its machine)"
     ], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_job_submitted_over_https_to_a_tls_server_on_every_address(
+    net: Net, tmp_path: Path
+) -> None:
+    """The README's TLS recipe (a certificate naming the server's LAN address only) on a server
+    listening on 0.0.0.0 with its HTTP API: a job submitted over HTTPS from another machine
+    (through the Airflow provider's HTTP layer) runs and its results come back. Before, the
+    console child the server starts for it dialled 127.0.0.1, which the certificate does not
+    name: the submit answered 400 'host-name mismatch: ... does not name 127.0.0.1'."""
+    import trustme
+
+    from remap.server.http.security import derive_token
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("10.213.77.2")  # as the README's openssl lines: IP:<LAN>
+    client_cert = ca.issue_cert("remap-node.example")
+    for name, blob in {
+        "ca.pem": ca.cert_pem,
+        "server.pem": server_cert.cert_chain_pems[0],
+        "server.key": server_cert.private_key_pem,
+        "client.pem": client_cert.cert_chain_pems[0],
+        "client.key": client_cert.private_key_pem,
+    }.items():
+        blob.write_to_path(str(tmp_path / name))
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "squares.py").write_text("def square(x):\n    return x * x\n")
+    lab = net.lab
+    server, node, con = lab.add_host("srv"), lab.add_host("n1"), lab.add_host("con")
+    assert server.address == "10.213.77.2"
+    net.common = {"REMAP_TLS_CA": str(tmp_path / "ca.pem")}
+    net.start(
+        "server",
+        server,
+        [SERVER_SCRIPT, "--host", "0.0.0.0", "--http-port", "7880", "--http-host", "0.0.0.0"],
+        net.env(SECRET, REMAP_TLS_CERT=str(tmp_path / "server.pem"),
+                REMAP_TLS_KEY=str(tmp_path / "server.key"), REMAP_APPS_DIR=str(apps),
+                REMAP_DATA_DIR=str(tmp_path / "data")),
+    )  # fmt: skip
+    wait_for(lambda: "HTTP API and dashboard on" in net.log("server"), 30, "HTTP", net.logs)
+    client = {"REMAP_TLS_CERT": str(tmp_path / "client.pem"),
+              "REMAP_TLS_KEY": str(tmp_path / "client.key")}  # fmt: skip
+    net.start("n1", node, [NODE_SCRIPT, "--cores", "1"], net.env(SECRET, **client))
+    wait_for(lambda: "connected to server" in net.log("n1"), 40, "the node joined", net.logs)
+    script = (
+        "import json, sys\n"
+        "from remap.airflow.api import RemapApi\n"
+        "api = RemapApi('https://10.213.77.2:7880', sys.argv[1], ca_file=sys.argv[2])\n"
+        "job = api.submit('function: squares.py:square\\nargs_range: [0, 20]\\n')\n"
+        "import urllib.request\n"  # the results are JSON lines: read them raw
+        "req = urllib.request.Request(api.base_url + job['results'] + '?wait=true',\n"
+        "                             headers={'Authorization': 'Bearer ' + api.token})\n"
+        "print(urllib.request.urlopen(req, context=api.context, timeout=60).read().decode())\n"
+    )
+    argv = [PYTHON, "-c", script, derive_token(SECRET.encode()), str(tmp_path / "ca.pem")]
+    done = subprocess.run(
+        lab.argv(con, argv), capture_output=True, text=True, env=net.env(SECRET), timeout=90
+    )
+    assert done.returncode == 0, done.stderr + net.logs()
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [r["result"] for r in results] == [x * x for x in range(20)], done.stdout

@@ -89,6 +89,52 @@ def dial_host(host: str) -> str:
     return host
 
 
+def child_dial_host(settings: Any) -> str:
+    """Where a console child of the server (a detached job's driver, an HTTP job's console)
+    dials it: :func:`dial_host`, unless the server listens on every address and its TLS
+    certificate does not name the loopback one (the README's recipe names the LAN address
+    nodes dial, not 127.0.0.1: the child failed with a host-name mismatch). Then an address
+    of this machine the certificate names (``localhost`` if it names that), so the child's
+    check of the server's name passes."""
+    host = dial_host(settings.host)
+    if not settings.tls_cert or settings.host not in ("0.0.0.0", "", "::"):
+        return host  # bound to one address: only that one answers
+    ips, dns = _certificate_names(settings.tls_cert)
+    if host.strip("[]") in ips or (host in ("127.0.0.1", "[::1]") and "localhost" in dns):
+        return host
+    for ip in ips:
+        if _is_local(ip):
+            return f"[{ip}]" if ":" in ip else ip
+    return "localhost" if "localhost" in dns else host
+
+
+def _certificate_names(path: str) -> tuple[list[str], set[str]]:
+    """The IP addresses and DNS names the first certificate in ``path`` names (none if unread:
+    the server's own TLS setup reports a bad file)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return [], set()
+    ips = [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    return ips, {name.lower() for name in names.get_values_for_type(x509.DNSName)}
+
+
+def _is_local(ip: str) -> bool:
+    """Whether ``ip`` is an address of this machine (it can be bound)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(eq=False)
 class DrivenJob:
     """One detached data or vertex job as the server sees it."""

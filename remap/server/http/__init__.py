@@ -23,7 +23,7 @@ from ...errors import ConfigError
 from ...net import cannot_listen, server_endpoint, tls_enabled
 from ...settings import Settings
 from ..admission import Admission, RefusalLog, Refused, Slot, peer_host
-from ..drivers import child_env, dial_host
+from ..drivers import child_dial_host, child_env
 from .app import DispatchResource, HttpApp
 from .events import EventHub
 from .metrics import ServerStats
@@ -206,7 +206,7 @@ async def start_http(
         apps_dir=settings.apps_dir,
         data_dir=DataDir.from_setting(settings.data_dir).root,
         cluster_address=(
-            f"{dial_host(settings.host)}:{cluster_port}" if cluster_port is not None else None
+            f"{child_dial_host(settings)}:{cluster_port}" if cluster_port is not None else None
         ),
         child_env=child_env(settings, secret),
     )
