@@ -49,6 +49,11 @@ MAX_AUTO_CHUNK = 2000
 _loaded: dict[str, tuple[Any, Any]] = {}
 
 
+def job_blob(blob: bytes) -> bytes:
+    """The job's function blob as a task's result (Dask): see :meth:`DaskEngine._share`."""
+    return blob
+
+
 def run_chunk(
     key: str, blob: bytes, star: bool, timeout: float | None, chunk: Chunk
 ) -> tuple[list[int], list[Any], list[list[Any]]]:
@@ -234,7 +239,10 @@ class DaskEngine(Engine):
         )  # fmt: skip
 
     def _share(self, blob: bytes) -> Any:
-        return self.client.scatter(blob, broadcast=True, hash=False)
+        # a task's result, not scattered data: when the worker holding it dies (a call that
+        # exits its process) the scheduler computes it again. Scattered, it was lost with a
+        # one-worker cluster's worker, and every chunk with it ("already forgotten")
+        return self.client.submit(job_blob, blob, pure=False)
 
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         return self.client.submit(run_chunk, key, blob, star, timeout, chunk, pure=False)
@@ -541,7 +549,8 @@ class EngineRun:
             sink.flush()
         except Exception as exc:  # a bad argument line, a sink that cannot write, the engine
             error = exc if isinstance(exc, (JobFailed, ConfigError)) else JobFailed(
-                f"job failed on {engine.name}: {type(exc).__name__}: {exc}"
+                f"job failed on {engine.name}: {type(exc).__name__}: "
+                + " ".join(str(exc).split())[:1000]  # one line (Dask's texts have several)
             )  # fmt: skip
         finally:
             outcomes.close()  # cancels what is still pending

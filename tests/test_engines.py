@@ -364,6 +364,55 @@ def test_the_console_starts_and_stops_a_local_dask_cluster(
     assert "remap-engine" not in {t.name for t in threading.enumerate()} - before
 
 
+def test_an_engine_error_of_several_lines_fails_the_job_in_one(tmp_path: Path) -> None:
+    """Dask's errors span lines ('FuturesCancelledError: 1 Future cancelled:\\nReasons: ...');
+    the job's error is one line, as every error the console prints."""
+    from remap.errors import JobFailed
+    from remap.sinks import FileSink
+
+    class Broken(FakeEngine):
+        def _wait(self, handles: list[Any], timeout: Any) -> list[Any]:
+            raise RuntimeError("1 Future cancelled:\nReasons:\n1 Future cancelled")
+
+    run = engines.EngineRun(Broken(), function_blob(_sq), iter(range(4)), FileSink(tmp_path / "o"))
+    with pytest.raises(JobFailed) as failed:
+        run.start().result(10)
+    assert str(failed.value) == (
+        "job failed on fake: RuntimeError: 1 Future cancelled: Reasons: 1 Future cancelled"
+    )
+
+
+def _exit_at_3(x: int) -> int:
+    if x == 3:
+        import os
+
+        os._exit(1)  # the call takes its worker process down
+    return x
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+@pytest.mark.timeout(300)
+def test_a_call_that_kills_its_dask_worker_fails_its_chunk_not_the_job() -> None:
+    """A call that exits its worker process on a one-worker ``dask://local``: its chunk runs
+    again (``retries``) and then fails with KilledWorker, the other arguments get their
+    results. Before, the job's function blob was scattered data held by that worker only: its
+    death lost it ("caused the cluster to lose scattered data"), every chunk failed
+    FutureCancelledError 'already forgotten', and the job failed with a multi-line error
+    (seen with ``--engine dask://local`` on a 2-CPU machine). Dask may also blame a chunk that
+    waited on the same worker: that one fails KilledWorker too, never 'forgotten'."""
+    pytest.importorskip("distributed")
+    engine = engines.DaskEngine("local", workers=1, retries=1)
+    try:
+        out = list(engine.outcomes(function_blob(_exit_at_3), engines.chunked(range(8), 2)))
+    finally:
+        engine.close()
+    assert sorted(i for i, _, _ in out) == list(range(8))
+    errors = {i: e.type_name for i, _, e in out if e is not None}
+    assert {2, 3} <= set(errors) and set(errors.values()) == {"KilledWorker"}, errors
+    assert all(r == i for i, r, e in out if e is None) and len(errors) < 8, out
+
+
 @pytest.mark.slow
 @pytest.mark.engines
 def test_a_scheduler_nobody_listens_on_is_exit_4(
