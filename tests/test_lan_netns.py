@@ -192,6 +192,11 @@ def test_discovery_and_a_cut_cable(net: Net, tmp_path: Path) -> None:
     the heartbeat bound, rejoins by itself, and every argument is delivered exactly once."""
     nodes, con, address = _cluster(net, 3, neighbour=True)
     other = net.lab.hosts["other"]
+    # the server names itself as nodes and consoles name it (the README's line), no
+    # '._remap._tcp.local.' tail
+    assert f"advertised on the LAN as 'remap {os.uname().nodename} {address}' (" in net.log(
+        "server"
+    ), net.log("server")
     found = net.console(con, "status", "--json", server=None)
     assert found.returncode == 0, found.stderr + net.logs()
     assert "chose server 'remap " in found.stderr and f"at {address}" in found.stderr

@@ -11,7 +11,7 @@ from protocol.connection import person_key
 
 from ..auth import client_secret
 from ..cluster import Stopping, start_server
-from ..discovery import Advertiser
+from ..discovery import SERVICE_TYPE, Advertiser
 from ..entry import daemon_settings, react_main, run_until_stopped
 from ..errors import ConfigError, RemapError, one_line
 from ..malloc import keep_freed_memory
@@ -132,8 +132,9 @@ async def advertise(reactor, settings, secret: bytes, port: int) -> Advertiser |
     if not name:
         print("not advertised on the LAN: listening on loopback only", file=sys.stderr, flush=True)
         return None
+    short = name.removesuffix("." + SERVICE_TYPE)  # as nodes and consoles name it
     print(
-        f"advertised on the LAN as {name!r} ({', '.join(advertiser.addresses)}; "
+        f"advertised on the LAN as {short!r} ({', '.join(advertiser.addresses)}; "
         "REMAP_DISCOVERY=off to stop)",
         file=sys.stderr,
         flush=True,
