@@ -1106,7 +1106,9 @@ class Cluster:
         options.setdefault("timeout", self.task_timeout)
         options.setdefault("group", self.group)
         options.setdefault("priority", self.priority)
-        job = job_from_functions(functions, input, output, reducers=reducers, **options)
+        job = job_from_functions(
+            functions, input, output, reducers=reducers, bundle=self.bundle, **options
+        )
         data = DataDir.from_setting(data_dir or self.settings.data_dir)
         assert self._client is not None
         runner = DataJobRunner(

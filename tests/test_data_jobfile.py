@@ -211,3 +211,50 @@ def test_every_file_job_summary_names_its_job_as_job() -> None:
 
     result = VertexResult("done", 3, 10, 2, 2, 7, 70, 0, 0.1, "/o", "20261202-x", "/d")
     assert result.to_json()["job"] == result.to_json()["job_id"] == "20261202-x"
+
+
+SHIPPED = {
+    "mapreduce": (
+        "import {helper}\n\ndef map(line):\n    yield {helper}.key(line), 1\n\n"
+        "def reduce(k, ones):\n    yield k, sum(ones)\n"
+    ),
+    "vertex": (
+        "import {helper}\n\ndef prepare(line):\n    return ({helper}.key(line), 0, [])\n\n"
+        "def compute(ctx, vid, value, messages):\n    return value, True\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["mapreduce", "vertex"])
+def test_modules_and_files_keys_ship_as_a_function_jobs(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``modules:`` and ``files:`` are a data or vertex job's keys too (they were refused as
+    'not used by kind: ...'): checked as a function job's, naming the key's line; the job's
+    module may import a listed helper beside it (nothing else puts it on the path), and both
+    are packed in the bundle the tasks ship (remap.bundle), as a function job's."""
+    from remap.data.jobspec import shipped_with
+
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    helper = f"shiphelp_{kind}"
+    (tmp_path / "job.py").write_text(SHIPPED[kind].format(helper=helper))
+    (tmp_path / f"{helper}.py").write_text("def key(line):\n    return line.split()[0]\n")
+    (tmp_path / "table.csv").write_text("a,1\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("1 2\n")
+    head = f"kind: {kind}\nmodule: job.py\ninput: in/\noutput: out/\n"
+    spec = load_job_text(head + f"modules: [{helper}.py]\nfiles: [table.csv]\n", tmp_path)
+    assert spec.modules == (f"{helper}.py",) and spec.files == (tmp_path / "table.csv",)
+    if kind == "mapreduce":
+        shipped = to_job(spec).bundle
+    else:
+        from remap.vertex.jobspec import to_run
+
+        to_run(spec)
+        shipped = shipped_with(spec)
+    assert set(shipped.modules) == {f"{helper}.py"} and shipped.files == {"table.csv": b"a,1\n"}
+
+    for key, value in (("modules", "[nope.py]"), ("files", "[nope.csv]")):
+        with pytest.raises(ConfigError) as info:
+            load_job_text(head + f"{key}: {value}  #!\n", tmp_path, source=SOURCE)
+        assert str(info.value).startswith(f"{SOURCE}:5: key '{key}': "), str(info.value)

@@ -717,3 +717,28 @@ def test_a_broken_contract_is_one_line_naming_file_and_line(
         )
     assert re.search(r"map task 0: \S+in\.txt:1: map must yield \(key, value\)", str(info.value))
     assert "JobCodeError" not in str(info.value)
+
+
+def test_python_api_data_job_ships_the_handles_modules(tmp_path: Path) -> None:
+    """``remap.connect(modules=[helper.py])`` ships the helper with a data job's tasks, as with
+    every function job of the handle: a mapper that imports a module beside it runs on cores
+    that have no copy (it failed with ModuleNotFoundError on the node)."""
+    from remap.jobfile import load_module
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "apihelp.py").write_text("def words(line):\n    return line.upper().split()\n")
+    (proj / "upper.py").write_text(
+        "import apihelp\n\ndef map(line):\n    for w in apihelp.words(line):\n        yield w, 1\n"
+        "\ndef reduce(k, ones):\n    yield k, sum(ones)\n"
+    )
+    (proj / "in.txt").write_text("a b\nb\n")
+    sys.path.insert(0, str(proj))  # as the user's own process imports it; the cores cannot
+    try:
+        module, _ = load_module("upper.py", proj)
+    finally:
+        sys.path.remove(str(proj))  # apihelp stays imported (so it travels by reference)
+    with remap.connect(cores=1, env_file=None, modules=[proj / "apihelp.py"]) as c:
+        summary = c.mapreduce(module, proj / "in.txt", tmp_path / "out", data_dir=str(tmp_path))
+    assert summary["state"] == "OK"
+    assert sorted(_lines(tmp_path / "out")) == ["A\t1", "B\t2"]

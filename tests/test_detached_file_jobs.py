@@ -275,3 +275,75 @@ def test_a_detached_job_runs_again_after_a_server_restart(make_cluster, tmp_path
 
 def _output_counts_of_input(directory: Path) -> Counter:
     return Counter(w for p in directory.iterdir() for w in p.read_text().split())
+
+
+WORDS_UPPER = """
+import wordhelp
+
+
+def map(line):
+    for word in wordhelp.words(line):
+        yield word, 1
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
+CC_HELPER = "def smallest(labels):\n    return min(labels)\n"
+
+
+def test_modules_next_to_a_data_or_vertex_job_travel_attached_and_detached(
+    make_cluster, tmp_path: Path
+) -> None:
+    """A data or vertex job's module imports a helper file beside it, listed under
+    ``modules:`` as a function job's: the job runs attached and detached (the helper ships to
+    the nodes, and to the server's driver); it was refused ('not used by kind: mapreduce'), and
+    without the key the nodes failed with ModuleNotFoundError. A package cannot travel with a
+    detached job: one line says what to do."""
+    c, data = _cluster(make_cluster, tmp_path)
+    proj = tmp_path / "proj"  # not the processes' working directory: nothing imports by chance
+    proj.mkdir()
+    want = Counter({w.upper(): n for w, n in _words(proj, 60).items()})
+    (proj / "wc.py").write_text(WORDS_UPPER)
+    (proj / "wordhelp.py").write_text("def words(line):\n    return line.upper().split()\n")
+    graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(5, 5))
+    paths = write_files(proj / "graph", edge_lines(graph.to_directed()), 2)
+    ref = run_local(example("connected_components"), read_tagged_lines(paths), 1, 200)
+    cc = (EXAMPLES / "connected_components.py").read_text()
+    cc = "import cchelp\n" + cc.replace("combine = min", "combine = cchelp.smallest")
+    (proj / "cc.py").write_text(cc)
+    (proj / "cchelp.py").write_text(CC_HELPER)
+    for out in ("out-a", "out-d"):
+        (proj / f"data-{out}.yaml").write_text(
+            f"kind: mapreduce\nmodule: wc.py\nmodules: [wordhelp.py]\ninput: in/\noutput: {out}/\n"
+        )
+        (proj / f"graph-{out}.yaml").write_text(
+            "kind: vertex\nmodule: cc.py\nmodules: [cchelp.py]\ninput: graph/\n"
+            f"output: g{out}/\nmax_supersteps: 200\n"
+        )
+
+    def vertex_output(out: Path) -> dict:
+        assert (out / "_SUCCESS").exists()
+        return parse_output(sum((p.read_text().splitlines() for p in out.glob("part-*")), []))
+
+    c.assert_ok(c.console("compute", "data-out-a.yaml", cwd=proj, timeout=120))
+    assert _output_counts(proj / "out-a") == want
+    c.assert_ok(c.console("compute", "graph-out-a.yaml", cwd=proj, timeout=120))
+    assert vertex_output(proj / "gout-a") == parse_output(sum(ref.partitions, []))
+
+    for job in ("data-out-d.yaml", "graph-out-d.yaml"):
+        job_id = _start(c, proj, job)
+        c.assert_ok(c.console("attach", str(job_id), "--json", timeout=120))
+    assert _output_counts(proj / "out-d") == want
+    assert vertex_output(proj / "gout-d") == parse_output(sum(ref.partitions, []))
+
+    (proj / "wordpkg").mkdir()
+    (proj / "wordpkg" / "__init__.py").write_text("")
+    (proj / "pkg.yaml").write_text(
+        "kind: mapreduce\nmodule: wc.py\nmodules: [wordhelp.py, wordpkg]\ninput: in/\n"
+        "output: out-p/\n"
+    )
+    refused = c.console("compute", "pkg.yaml", "--detach", cwd=proj)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "wordpkg is a package" in line and "run the job attached" in line

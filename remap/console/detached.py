@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..bundle import Bundle
 from ..data.inputs import absolute_entry
 from ..errors import ConfigError, JobFailed, JobKilled, RemapError
 from . import render
@@ -47,16 +48,52 @@ def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[
     raw["input"] = [absolute_entry(i, spec.base_dir) for i in spec.inputs]
     raw["output"] = str(spec.output)
     raw["name"] = spec.name
-    return ship(raw, module)
+    from ..data.jobspec import shipped_with
+
+    return ship(raw, module, shipped_with(spec))
 
 
-def ship(job: dict[str, Any], module: Path | None) -> tuple[str, dict[str, str]]:
-    """``job`` as JSON with its module file (if any) by value, named by its file name."""
+def ship(
+    job: dict[str, Any], module: Path | None, shipped: Bundle | None = None
+) -> tuple[str, dict[str, str]]:
+    """``job`` as JSON with its module file (if any) by value, named by its file name, and
+    the modules it ships (``modules:``) beside it, so the driver finds and ships them too."""
     files: dict[str, str] = {}
     if module is not None:
         files[module.name] = module.read_text(encoding="utf-8")
         job = {**job, "module": module.name}
+    job = {k: v for k, v in job.items() if k not in ("modules", "files")}
+    if shipped:
+        job["modules"] = _beside(shipped, files)
     return json.dumps(job), files
+
+
+def _beside(shipped: Bundle, files: dict[str, str]) -> list[str]:
+    """Add a detached job's shipped modules to its files (one ``NAME.py`` each, as the
+    server keeps them); their names, for the job's ``modules:``. Packages and ``files:``
+    cannot travel this way: one line saying what to do instead."""
+    if shipped.files:
+        raise ConfigError(
+            f"files: a detached data or vertex job cannot ship files ({', '.join(shipped.files)}):"
+            " put them in the shared data directory, or run the job attached"
+        )
+    names = []
+    for name, data in shipped.modules.items():
+        if "/" in name:
+            raise ConfigError(
+                f"modules: a detached data or vertex job ships single-file modules, and "
+                f"{name.split('/')[0]} is a package: make it one .py file, install it on the "
+                "nodes, or run the job attached"
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"modules: {name} is not UTF-8 text") from None
+        if files.get(name, text) != text:
+            raise ConfigError(f"modules: {name} has the name of the job's module; rename one")
+        files[name] = text
+        names.append(name)
+    return names
 
 
 def wait_ended(
@@ -152,8 +189,8 @@ def drive_module(
         **{k: v for k, v in keys.items() if v is not None},
     }
     job.setdefault("name", Path(file).stem)
-    job_text, files = ship(job, Path(file))
-    check_here(load_job_text(job_text, Path(file).parent, "<detached job>"))
+    check_here(load_job_text(ship(job, Path(file))[0], Path(file).parent, "<detached job>"))
+    job_text, files = ship(job, Path(file), cluster.bundle)
     client = cluster._client
     job_id = runtime.run(lambda: client.drive(kind, job["name"], job_text, files), timeout=60)
     return DetachedJob(cluster, job_id, kind)

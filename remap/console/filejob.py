@@ -72,10 +72,12 @@ def run_file_job(
             wait_for_nodes=wait_for_nodes,
         )
         return runner.run()
+    from ..data.jobspec import shipped_with
     from ..vertex.jobspec import to_run
     from ..vertex.run import run_vertex
 
     program, config = to_run(spec)
+    shipped = shipped_with(spec)
     launched: list[Any] = []
     client = connect()
     # reading the graph can take minutes before the first superstep reports: say so at once
@@ -96,6 +98,7 @@ def run_file_job(
         group=spec.group,
         retries=spec.retries,
         priority=spec.priority,
+        bundle=shipped,
         job_id=job_id,
         on_launch=launched.append,
         on_output=on_output,

@@ -27,6 +27,7 @@ from protocol.options import JobOptions
 
 from .. import runtime, shipping
 from ..blobs import dumps
+from ..bundle import Bundle, wrap
 from ..client import ClusterClient, JobStream
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo, take_output
@@ -69,6 +70,8 @@ class DataJob:
     base_dir: Path = Path(".")
     options: DataOptions = DataOptions()
     module_path: Path | None = None
+    #: the modules and files every task ships, as a function job's (see :mod:`remap.bundle`)
+    bundle: Bundle = field(default_factory=Bundle)
 
 
 @dataclass
@@ -333,11 +336,12 @@ class DataJobRunner:
 
     def _blob(self, task: Callable[..., Any]) -> bytes:
         try:
-            return shipping.function_blob(functools.partial(task, self._context()))
+            blob = shipping.function_blob(functools.partial(task, self._context()))
         except Exception as exc:
             raise ConfigError(
                 f"the job's functions cannot be sent to the cluster: {type(exc).__name__}: {exc}"
             ) from None
+        return wrap(blob, self.job.bundle)
 
     def _run_phase(self, phase: str, task: Callable[..., Any], args: list[Any]) -> dict[int, Any]:
         started = time.monotonic()
@@ -535,6 +539,7 @@ def job_from_functions(
     reducers: int | dict[str, int] = 1,
     base_dir: Path | str = ".",
     name: str | None = None,
+    bundle: Bundle | None = None,
     **options: Any,
 ) -> DataJob:
     """A :class:`DataJob` from a module (or a mapping of role -> function) and paths."""
@@ -574,4 +579,5 @@ def job_from_functions(
         base_dir=base,
         module_path=module_path,
         options=DataOptions(**options),
+        bundle=bundle or Bundle(),
     )

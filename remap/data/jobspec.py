@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bundle import Bundle, collect, make_importable
 from ..errors import ConfigError
 from .driver import DataOptions, job_from_functions
 from .inputs import resolve_inputs
@@ -22,7 +23,7 @@ from .tasks import DEFAULT_PURPOSE
 
 #: keys function jobs also have, with the same meaning
 SHARED_KEYS: frozenset[str] = frozenset(
-    {"output", "retries", "timeout", "on_error", "group", "name", "priority"}
+    {"output", "retries", "timeout", "on_error", "group", "name", "priority", "modules", "files"}
 )
 
 
@@ -48,6 +49,9 @@ class MapReduceSpec(FileJobSpec):
     reducers: Mapping[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
     options: DataOptions = DataOptions()
     name: str = ""
+    #: shipped to the nodes as a function job's are (see :mod:`remap.bundle`)
+    modules: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -137,13 +141,17 @@ def file_job_basics(
     source: str,
 ) -> dict[str, Any]:
     """What every job over files has (data and vertex jobs): module, inputs, output (resolved
-    against the job file), name, and where each key stands; a missing one is an error."""
-    from ..jobfile import _default_name
+    against the job file), name, the ``modules:`` and ``files:`` it ships (checked as a
+    function job's), and where each key stands; a missing one is an error."""
+    from ..jobfile import _check_shipped, _default_name
 
     for key in ("module", "input", "output"):
         if key not in values:
             raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: {kind}")
+    modules, files = _check_shipped(dict(entries), dict(values), base_dir)
     return {
+        "modules": modules,
+        "files": files,
         "module": values["module"],
         "inputs": values["input"],
         "output": (base_dir / Path(values["output"]).expanduser()).resolve(),
@@ -169,10 +177,24 @@ def load_mapreduce(
     )
 
 
+def shipped_with(spec: Any) -> Bundle:
+    """A data or vertex job file's ``modules:`` and ``files:``, packed as a function job's
+    (:func:`remap.bundle.collect`); its modules made importable here too, since the job's
+    module may import them. Errors name the job file and key."""
+    try:
+        if spec.modules:
+            make_importable(spec.modules, spec.base_dir)
+        return collect(list(spec.modules), list(spec.files), spec.base_dir)
+    except ConfigError as exc:
+        key = "files" if str(exc).startswith("files:") or not spec.modules else "modules"
+        raise ConfigError(f"{spec.where(key)}: {exc}") from None
+
+
 def to_job(spec: MapReduceSpec) -> Any:
     """Import the module and build the :class:`~.driver.DataJob`; errors name file:line:key."""
     from ..jobfile import load_module
 
+    shipped = shipped_with(spec)
     try:
         module, _ = load_module(spec.module, spec.base_dir)
     except ConfigError as exc:
@@ -185,6 +207,7 @@ def to_job(spec: MapReduceSpec) -> Any:
             reducers=dict(spec.reducers),
             base_dir=spec.base_dir,
             name=spec.name,
+            bundle=shipped,
             **dataclasses.asdict(spec.options),
         )
     except ConfigError as exc:

@@ -20,7 +20,7 @@ from .program import Program, program_from_module
 
 #: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
 VERTEX_SHARED_KEYS: frozenset[str] = frozenset(
-    {"output", "retries", "on_error", "group", "name", "priority"}
+    {"output", "retries", "on_error", "group", "name", "priority", "modules", "files"}
 )
 DEFAULT_MAX_SUPERSTEPS = 30
 
@@ -41,6 +41,9 @@ class VertexSpec(FileJobSpec):
     group: str | None = None
     priority: int = 0
     name: str = ""
+    #: shipped to the nodes as a function job's are (see :mod:`remap.bundle`)
+    modules: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
     source: str = "<job>"
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -87,8 +90,11 @@ def load_vertex(
 
 def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
     """Import the module and build the program and config; errors name file:line:key."""
+    from ..bundle import make_importable
     from ..jobfile import load_module
 
+    if spec.modules:  # the job's module may import them (they travel: see shipped_with)
+        make_importable(spec.modules, spec.base_dir)
     try:
         module, _ = load_module(spec.module, spec.base_dir)
         program = program_from_module(module)
