@@ -377,12 +377,11 @@ def _slow_map(line: str):
     yield line, 1
 
 
-def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Path) -> None:
-    """Killing the running phase's job: JobKilled within seconds, INCOMPLETE, nothing left."""
-    src = tmp_path / "in.txt"
+def _slow_job_in_thread(
+    cluster: remap.Cluster, src: Path, out: Path, data: DataDir, name: str
+) -> tuple[threading.Thread, list[BaseException]]:
+    """A data job whose maps sleep, run on a thread; what it raised lands in the list."""
     src.write_text("a\nb\n")
-    data = DataDir(tmp_path / "data")
-    out = tmp_path / "out"
     caught: list[BaseException] = []
 
     def run() -> None:
@@ -392,13 +391,20 @@ def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Pa
                 src,
                 out,
                 data_dir=str(data.root),
-                name="sleepy",
+                name=name,
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             caught.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, caught
+
+
+def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Path) -> None:
+    """Killing the running phase's job: JobKilled within seconds, INCOMPLETE, nothing left."""
+    src, data, out = tmp_path / "in.txt", DataDir(tmp_path / "data"), tmp_path / "out"
+    thread, caught = _slow_job_in_thread(cluster, src, out, data, "sleepy")
     client = cluster._client
     assert client is not None
 
@@ -434,26 +440,8 @@ def test_an_output_another_data_job_is_writing_fails_at_once(
     from remap.errors import OutputError
     from tests.cluster_harness import wait_for
 
-    src = tmp_path / "in.txt"
-    src.write_text("a\nb\n")
-    data = DataDir(tmp_path / "data")
-    out = tmp_path / "out"
-    caught: list[BaseException] = []
-
-    def first() -> None:
-        try:
-            cluster.mapreduce(
-                {"map": _slow_map, "reduce": _sum_reduce},
-                src,
-                out,
-                data_dir=str(data.root),
-                name="holder",
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            caught.append(exc)
-
-    thread = threading.Thread(target=first)
-    thread.start()
+    src, data, out = tmp_path / "in.txt", DataDir(tmp_path / "data"), tmp_path / "out"
+    thread, caught = _slow_job_in_thread(cluster, src, out, data, "holder")
     try:
 
         def running_map() -> int | None:

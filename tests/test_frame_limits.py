@@ -183,12 +183,11 @@ def test_a_status_reply_over_the_limit_leaves_out_its_oldest_finished_jobs() -> 
 # ============================================================================ the scheduler
 
 
-class SmallConsole(FakeConsole):
-    """A console whose connection takes frames of at most ``limit`` bytes."""
+class _Limited:
+    """A fake peer whose link takes frames of at most ``limit_`` bytes (its hello said so)."""
 
-    def __init__(self, sched: Scheduler, values: Any, *, limit: int, **params: Any) -> None:
-        self.limit_ = limit
-        super().__init__(sched, values, **params)
+    limit_: int
+    link: Any
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "link":
@@ -197,6 +196,14 @@ class SmallConsole(FakeConsole):
 
     def frames_ok(self) -> bool:
         return all(length(msg) <= self.limit_ for msg in self.link.sent)
+
+
+class SmallConsole(_Limited, FakeConsole):
+    """A console whose connection takes frames of at most ``limit`` bytes."""
+
+    def __init__(self, sched: Scheduler, values: Any, *, limit: int, **params: Any) -> None:
+        self.limit_ = limit
+        super().__init__(sched, values, **params)
 
 
 def blob_of(n: int) -> Any:
@@ -356,20 +363,12 @@ def test_a_batch_too_large_for_the_nodes_frames_runs_again_alone_even_without_re
 # refused the frame 135 times in 30 s and the job never ended.
 
 
-class SmallNode(FakeNode):
+class SmallNode(_Limited, FakeNode):
     """A node whose connection takes frames of at most ``limit`` bytes (its hello said so)."""
 
     def __init__(self, sched: Scheduler, node_id: str, *, limit: int, **params: Any) -> None:
         self.limit_ = limit
         super().__init__(sched, node_id, **params)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "link":
-            value.frame_limit = self.limit_
-        super().__setattr__(name, value)
-
-    def frames_ok(self) -> bool:
-        return all(length(msg) <= self.limit_ for msg in self.link.sent)
 
 
 def test_batches_to_a_node_with_small_frames_are_cut_to_fit_them() -> None:

@@ -28,7 +28,7 @@ from remap.wire import Traffic
 from tests.cluster_harness import jobs_function, write_job
 from tests.test_handshake import out, pair, run_handshake
 from tests.test_node_service import joined_node
-from tests.test_scheduler import FakeConsole, FakeNode, event, make
+from tests.test_scheduler import FakeConsole, FakeLink, FakeNode, event, make
 from tests.test_wire import RecordingPool, connect, node_peer, pump, server_factory
 
 # ---------------------------------------------------------------------------- the message
@@ -237,20 +237,13 @@ def test_an_old_node_without_goodbye_is_lost_as_before() -> None:
     assert warned[0].endswith("; 4 arguments re-queued"), warned
 
 
-class NodeLink:
+class NodeLink(FakeLink):
     """The server handler's view of a node's connection: what it sent, whether it was closed."""
 
     peer = "10.0.0.9:5000"
 
     def __init__(self) -> None:
-        self.sent: list[m.Message] = []
-        self.closed = False
-
-    def send(self, msg: m.Message) -> None:
-        self.sent.append(msg)
-
-    def close(self, error: Any = None) -> None:
-        self.closed = True
+        super().__init__("node")
 
 
 def test_nothing_a_node_sends_after_its_goodbye_counts() -> None:
