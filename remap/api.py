@@ -723,6 +723,9 @@ class Cluster:
         self.bundle = bundle.collect(list(modules), list(files), ".")
         if cores is not None and (not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
+        if env_file not in (None, ".env") and not Path(env_file).exists():
+            # as the console's --env-file: a mistyped name would read nothing and run elsewhere
+            raise ConfigError(f"env_file {env_file!r}: no such file (env_file=None reads none)")
         if settings is None:
             settings = load_settings(
                 {"server": address, "cores": cores},

@@ -456,3 +456,14 @@ def test_help_documents_the_exit_codes() -> None:
     for text in (parser.format_help(), compute_help):
         assert "exit codes:" in text
         assert "5    the job finished but some arguments failed (on_error: continue)" in text
+
+
+def test_kill_of_a_job_and_the_cluster_at_once_is_refused() -> None:
+    """``kill 5 --cluster --yes``: one line saying to choose, before any server is asked (it
+    ignored the job id and stopped the whole cluster)."""
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    shell = Shell(Console(session, out=out, err=err), build_parser())
+    assert shell.onecmd("kill 5 --cluster --yes") is False
+    assert lines_of(err.getvalue()) == ["error: kill: give JOB_ID (5) or --cluster, not both"]
+    assert out.getvalue() == ""

@@ -74,9 +74,9 @@ def test_a_401_closes_the_connection_but_a_token_keeps_it(served: Served) -> Non
     the token on the same kind of connection is answered and the connection stays."""
     import socket
 
-    def ask(sock: socket.socket, token: str | None) -> bytes:
+    def ask(sock: socket.socket, token: str | None, host: str = served.host) -> bytes:
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        sock.sendall(f"GET /api/v1/summary HTTP/1.1\r\nHost: {served.host}\r\n{auth}\r\n".encode())
+        sock.sendall(f"GET /api/v1/summary HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = sock.recv(65536)
@@ -84,13 +84,15 @@ def test_a_401_closes_the_connection_but_a_token_keeps_it(served: Served) -> Non
             head += chunk
         return head
 
-    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
-        head = ask(sock, None)
-        assert head.startswith(b"HTTP/1.1 401 ")
-        assert b"\r\nConnection: close\r\n" in head
-        rest = b""
-        while chunk := sock.recv(65536):  # EOF, not the 10 s timeout
-            rest += chunk
+    # a Host name refused (400, before the credentials are looked at) closes it as a 401 does
+    for token, host, status in ((None, served.host, 401), (served.token, "evil.example", 400)):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            head = ask(sock, token, host)
+            assert head.startswith(f"HTTP/1.1 {status} ".encode())
+            assert b"\r\nConnection: close\r\n" in head
+            rest = b""
+            while chunk := sock.recv(65536):  # EOF, not the 10 s timeout
+                rest += chunk
     with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
         assert ask(sock, served.token).startswith(b"HTTP/1.1 200 ")
         assert ask(sock, served.token).startswith(b"HTTP/1.1 200 ")  # kept alive

@@ -478,3 +478,15 @@ def test_the_consoles_flags_still_say_command_line() -> None:
     """The console's and daemons' flags keep their "from command line"."""
     with pytest.raises(ConfigError, match="^setting 'cores' from command line: "):
         load_settings({"cores": 0}, environ={}, dotenv_path=None)
+
+
+def test_an_env_file_named_to_remap_connect_must_exist(tmp_path: Path) -> None:
+    """``remap.connect(env_file=...)`` naming a file that is not there is one line, as the
+    console's ``--env-file`` is: it read nothing and went on (an embedded cluster, say). The
+    default ``.env`` may be missing, and ``env_file=None`` reads none."""
+    import remap
+
+    missing = tmp_path / "typo.env"
+    with pytest.raises(ConfigError) as info:
+        remap.connect("127.0.0.1:1", env_file=str(missing))
+    assert str(info.value) == f"env_file {str(missing)!r}: no such file (env_file=None reads none)"

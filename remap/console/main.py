@@ -652,6 +652,8 @@ class Console:
     cmd_nodes = cmd_jobs
 
     def cmd_kill(self, args: argparse.Namespace) -> int:
+        if args.cluster and args.job is not None:  # which one was meant is not for us to guess
+            raise UsageError(f"kill: give JOB_ID ({args.job}) or --cluster, not both")
         if args.cluster:
             if not args.yes:
                 if not sys.stdin.isatty():

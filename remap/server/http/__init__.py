@@ -135,7 +135,8 @@ class BoundedRequest(Request):
         self.channel.transport.abortConnection()
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting and self.code == 401 and self.channel is not None:
+        refused = self.code == 401 or getattr(self, "unauthenticated", False)
+        if not self.startedWriting and refused and self.channel is not None:
             # no keep-alive without credentials: a client cannot hold the connection (and its
             # slot) by sending a complete unauthenticated request every minute
             self.setHeader(b"Connection", b"close")

@@ -84,6 +84,7 @@ class HttpApp:
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
         if not self.auth.host_allowed(request.getHeader(b"host")):
+            request.unauthenticated = True  # refused before credentials: no keep-alive either
             return self._error(request, 400, "bad-host", "this Host name is not allowed")
         parts = split_path(request.path)
         found = find(parts) if parts is not None else []
