@@ -303,11 +303,13 @@ def load_settings(
     chosen: dict[str, Any] = {}
     if dotenv_path is not None:
         path = Path(dotenv_path)
-        for variable, value in dotenv_values(path).items():
+        values = dotenv_values(path)
+        for variable, value in values.items():
             if variable.startswith(PREFIX):
                 line = _dotenv_line(path, variable)
                 label = f"{variable} from {path}:{line}" if line else f"{variable} from {path}"
                 _take(chosen, variable, value, label)
+        _warn_if_readable(path, [v for v in _SECRET_VARS if values.get(v)], warn)
     env = os.environ if environ is None else environ
     for variable, value in env.items():
         if variable.startswith(PREFIX):
@@ -325,6 +327,26 @@ def load_settings(
     if chosen.get("secret_file") and not chosen.get("secret"):
         chosen["secret"] = read_secret_file(chosen["secret_file"])
     return Settings(**chosen)
+
+
+#: the variables whose value lets its holder run code on the cluster
+_SECRET_VARS = ("REMAP_SECRET_KEY", "REMAP_HTTP_TOKEN")
+
+
+def _warn_if_readable(path: Path, secrets: list[str], warn: Callable[[str], None]) -> None:
+    """A ``.env`` holding a secret that other users can read gets a warning (a secret file is
+    refused for that; a ``.env`` is often made by ``echo >>`` under a umask of 022)."""
+    if not secrets:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        warn(
+            f"{path} holds {' and '.join(secrets)} and others can read it "
+            f"(mode {mode & 0o777:04o}); run: chmod 600 {path}"
+        )
 
 
 def read_secret_file(path: str) -> str:

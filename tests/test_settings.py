@@ -490,3 +490,36 @@ def test_an_env_file_named_to_remap_connect_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         remap.connect("127.0.0.1:1", env_file=str(missing))
     assert str(info.value) == f"env_file {str(missing)!r}: no such file (env_file=None reads none)"
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "warned"),
+    [
+        ("REMAP_SECRET_KEY=abc\n", 0o644, "REMAP_SECRET_KEY"),
+        (
+            "REMAP_HTTP_TOKEN=abc\nREMAP_SECRET_KEY=def\n",
+            0o640,
+            "REMAP_SECRET_KEY and REMAP_HTTP_TOKEN",
+        ),
+        ("REMAP_SECRET_KEY=abc\n", 0o600, None),
+        ("REMAP_PORT=9000\n", 0o644, None),  # nothing secret in it
+        ("REMAP_SECRET_KEY=\n", 0o644, None),  # an empty value is no secret
+    ],
+)
+def test_a_dotenv_holding_a_secret_that_others_can_read_is_warned_about(
+    tmp_path: Path, text: str, mode: int, warned: str | None
+) -> None:
+    """A ``.env`` made by ``echo ... >> .env`` under umask 022 holds the secret in a file every
+    local user can read: one warning saying so and how to fix it (a secret file is refused for
+    the same; a warning here, so a cluster that runs today still runs)."""
+    env = tmp_path / ".env"
+    env.write_text(text)
+    env.chmod(mode)
+    said: list[str] = []
+    load_settings(environ={}, dotenv_path=env, warn=said.append)
+    if warned is None:
+        assert said == []
+    else:
+        assert said == [
+            f"{env} holds {warned} and others can read it (mode {mode:04o}); run: chmod 600 {env}"
+        ]
