@@ -214,6 +214,30 @@ def test_a_released_slot_is_released_once() -> None:
     assert admission.held == 0 and admission.by_host == {}
 
 
+def test_an_ipv6_client_is_counted_by_its_64() -> None:
+    """A machine commonly holds a whole IPv6 /64: counted address by address, one client could
+    take every slot of the total cap with fresh addresses. Its /64 shares one per-host count;
+    another /64, and an IPv4 address (also written IPv4-mapped), count apart; a slot given
+    back frees its /64's count."""
+    admission = Admission(10, 2)
+    first = [admission.admit(f"2001:db8:1:2::{n:x}") for n in range(1, 4)]
+    assert [isinstance(s, str) for s in first] == [False, False, True] and first[2] == "per-host"
+    assert not isinstance(admission.admit("2001:db8:1:3::1"), str)  # another /64
+    assert not isinstance(admission.admit("fe80::1%eth0"), str)  # a link-local with its zone
+    mapped = [admission.admit(a) for a in ("192.0.2.9", "::ffff:192.0.2.9", "::ffff:192.0.2.9")]
+    assert [isinstance(s, str) for s in mapped] == [False, False, True]
+    assert admission.by_host == {
+        "2001:db8:1:2::/64": 2,
+        "2001:db8:1:3::/64": 1,
+        "fe80::/64": 1,
+        "192.0.2.9": 2,
+    }
+    slot = first[0]
+    assert not isinstance(slot, str)
+    slot.release()
+    assert not isinstance(admission.admit("2001:db8:1:2::ffff"), str)
+
+
 # =========================================================================== HTTP port
 
 

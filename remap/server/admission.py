@@ -9,6 +9,7 @@ connects must not become a flood of log lines).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +52,7 @@ class Admission:
         """A slot, or why not: ``"total"`` or ``"per-host"`` (the cap that is full)."""
         if self.held >= self.total:
             return "total"
+        host = source(host)
         count = self.by_host.get(host, 0)
         if count >= self.per_host:
             return "per-host"
@@ -110,3 +112,18 @@ class Refused(Protocol):
 def peer_host(addr: Any) -> str:
     """The IP address of an accepted connection (``addr`` as ``buildProtocol`` gets it)."""
     return str(getattr(addr, "host", addr))
+
+
+def source(host: str) -> str:
+    """What a per-host cap counts by: an IPv4 address itself, an IPv6 address's /64 (one machine
+    commonly holds a whole /64, so counting its addresses one by one would cap nothing); an
+    IPv4-mapped IPv6 address as the IPv4 address it is."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:  # (not an IP address: a UNIX socket's path, a test's name)
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
