@@ -162,7 +162,11 @@ def _cluster(net: Net, nodes: int, *, neighbour: bool = False) -> tuple[list[Hos
     con = lab.add_host("con")
     net.start("server", server, [SERVER_SCRIPT, "--host", "0.0.0.0"], net.env(SECRET))
     if other is not None:
-        net.start("other", other, [SERVER_SCRIPT, "--host", "0.0.0.0"], net.env(OTHER_SECRET))
+        # its own state directory: two servers on one journal race to open it ("database is
+        # locked"); the labs' hosts share one HOME
+        state = str(net.tmp / "other-state")
+        net.start("other", other, [SERVER_SCRIPT, "--host", "0.0.0.0"],
+                  net.env(OTHER_SECRET, REMAP_STATE_DIR=state))  # fmt: skip
     for name in ("server", "other") if other is not None else ("server",):
         wait_for(lambda n=name: "advertised on the LAN" in net.log(n), 30, f"{name} advertised",
                  net.logs)  # fmt: skip
