@@ -45,6 +45,7 @@ __all__ = [
     "SqliteSink",
     "StreamSink",
     "TaskErrorInfo",
+    "lock_path",
     "make_sink",
     "os_reason",
     "render_line",
@@ -321,8 +322,15 @@ class StreamSink(Sink):
             self._out.flush()
 
 
+def lock_path(output: Path) -> Path:
+    """Where OUTPUT's lock lives: ``.OUTPUT.lock`` beside it. Beside it, so two jobs naming one
+    output meet at one lock; a dot-file, so a data or vertex job whose input walks that
+    directory never reads it (walks and wildcards skip names starting with ``.``)."""
+    return output.with_name(f".{output.name}.lock")
+
+
 class OutputLock:
-    """``OUTPUT.lock``, held with ``flock`` while a job writes OUTPUT, so two jobs never mix.
+    """``.OUTPUT.lock``, held with ``flock`` while a job writes OUTPUT, so two jobs never mix.
 
     The kernel drops the lock when its process dies, so a crashed console never blocks the
     next run; the file itself is removed on release (and a stale one is simply taken over).
@@ -330,7 +338,7 @@ class OutputLock:
 
     def __init__(self, output: Path, owner: str = "") -> None:
         self.output = output
-        self.path = output.with_name(output.name + ".lock")
+        self.path = lock_path(output)
         #: who writes OUTPUT (a data or vertex job's id and name), for the error another job sees
         self.owner = " ".join(owner.split())
         self._fd: int | None = None
@@ -423,7 +431,7 @@ def _check_directory(output: Path, what: str) -> None:
 class _OutputSink(Sink):
     """A sink that writes a file: staged under a temporary name, committed only when complete.
 
-    Nothing next to OUTPUT is touched before the first result arrives (only ``OUTPUT.lock``
+    Nothing next to OUTPUT is touched before the first result arrives (only ``.OUTPUT.lock``
     is taken), so a job that fails to start leaves an existing output exactly as it was. A
     complete job replaces OUTPUT atomically; an incomplete one (failed, killed, interrupted,
     a write error) leaves OUTPUT unchanged and keeps what arrived in the staging place,

@@ -23,6 +23,7 @@ from remap.data import layout
 from remap.data.keys import encode_key
 from remap.data.layout import DataDir
 from remap.errors import ConfigError, JobFailed, JobKilled
+from remap.sinks import lock_path
 
 pytestmark = pytest.mark.slow
 
@@ -470,7 +471,7 @@ def test_an_output_another_data_job_is_writing_fails_at_once(
         runtime.run(lambda: client.kill(phase), timeout=10)
         thread.join(30)
     assert len(caught) == 1 and isinstance(caught[0], JobKilled), caught
-    assert not out.exists() and not Path(f"{out}.lock").exists()
+    assert not out.exists() and not lock_path(out).exists()
 
 
 def test_output_that_exists_is_refused(cluster: remap.Cluster, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 import remap
 from remap.settings import Settings
+from remap.sinks import lock_path
 from tests.cluster_harness import (
     JOBS,
     NODE_SCRIPT,
@@ -510,7 +511,7 @@ def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_pa
     no_traceback(refused)
     lines = error_lines(refused)
     assert len(lines) == 1, refused.stderr
-    assert f"{out} is being written by another job" in lines[0] and f"{out}.lock" in lines[0]
+    assert f"{out} is being written by another job" in lines[0] and str(lock_path(out)) in lines[0]
 
     computing.send_signal(signal.SIGINT)
     done = shared.finish(computing, timeout=15)
@@ -525,7 +526,7 @@ def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_pa
     assert [json.loads(line)["index"] for line in lines] == sorted(
         json.loads(line)["index"] for line in lines
     )
-    assert not out.exists() and not Path(f"{out}.lock").exists()
+    assert not out.exists() and not lock_path(out).exists()
 
 
 def test_a_bad_args_path_line_says_what_was_kept(shared: Cluster, tmp_path: Path) -> None:

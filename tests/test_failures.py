@@ -265,7 +265,7 @@ def test_detached_jobs_outlive_their_console_and_attach_collects_them(make_clust
 
     attached = c.assert_ok(c.console("attach", ids[0], "--json", timeout=QUICK))
     assert json.loads(attached.stdout) == [x * x for x in range(n)], c.explain(attached)
-    # the file job's background writer holds its output (OUTPUT.lock) until it is written
+    # the file job's background writer holds its output (.OUTPUT.lock) until it is written
     c.wait_for(lambda: _gone(writers[1]), 30, "the background console to finish")
 
     collected = c.assert_ok(c.console("results", ids[1], "--json", timeout=QUICK))

@@ -27,6 +27,7 @@ from remap.sinks import (
     SqliteSink,
     StreamSink,
     TaskErrorInfo,
+    lock_path,
     make_sink,
     to_jsonable,
 )
@@ -668,9 +669,9 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path: Path, cls: type) -
     message = str(refused.value)
     assert "\n" not in message
     assert f"{path} is being written by another job" in message
-    assert f"pid {os.getpid()}" in message and f"{path}.lock" in message
+    assert f"pid {os.getpid()}" in message and str(lock_path(path)) in message
     first.close(complete=True)
-    assert not Path(f"{path}.lock").exists()
+    assert not lock_path(path).exists()
     second = cls(path)
     second.close(complete=False)
 
@@ -678,12 +679,41 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path: Path, cls: type) -
 def test_a_stale_lock_file_from_a_dead_console_does_not_block(tmp_path: Path) -> None:
     """A lock file left by a SIGKILLed console holds no lock: the next job takes it over."""
     path = tmp_path / "out.jsonl"
-    Path(f"{path}.lock").write_text("12345\n")
+    lock_path(path).write_text("12345\n")
     sink = FileSink(path)
     sink.add(0, 0, 1, None)
     sink.close(complete=True)
     assert _lines(path) == [{"index": 0, "result": 1}]
-    assert not Path(f"{path}.lock").exists()
+    assert not lock_path(path).exists()
+
+
+def test_the_lock_beside_an_output_is_no_input_of_a_job_walking_that_directory(
+    tmp_path: Path,
+) -> None:
+    """The lock of a data job's output (and of a function job's file) sits beside it as a
+    dot-file: a job whose input is that directory does not read it, while a second job on the
+    same output is still refused. (``OUT.lock`` was read as input, a stale one for ever.)"""
+    from remap.data.inputs import resolve_inputs
+    from remap.sinks import take_output
+
+    (tmp_path / "words.txt").write_text("a b\n")
+    held = take_output(tmp_path / "out", "data job 20261202-first (first)")
+    sink = FileSink(tmp_path / "results.jsonl")
+    sink.add(0, 0, 1, None)
+    try:
+        assert lock_path(tmp_path / "out").exists()
+        assert lock_path(tmp_path / "results.jsonl").exists()
+        for entry in (str(tmp_path), "*"):  # a walk, a wildcard
+            read = [p.name for p in resolve_inputs(entry, tmp_path)]
+            assert "words.txt" in read and not [n for n in read if n.endswith(".lock")], read
+        with pytest.raises(OutputError, match="being written by another job"):
+            take_output(tmp_path / "out", "data job 20261202-second (second)")
+        with pytest.raises(OutputError, match="being written by another job"):
+            FileSink(tmp_path / "results.jsonl")
+    finally:
+        held.release()
+        sink.close(complete=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
 
 
 # --- the disk fills up -------------------------------------------------------------------

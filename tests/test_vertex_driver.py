@@ -394,7 +394,7 @@ def test_existing_output_is_refused(tmp_path: Path):
 
 
 def test_an_output_another_job_is_writing_is_refused_at_once(tmp_path: Path):
-    """The output is locked like a function job's: while another job holds ``OUT.lock`` the
+    """The output is locked like a function job's: while another job holds ``.OUT.lock`` the
     vertex job fails before any worker starts, naming that job, and leaves its output alone
     (it used to run, write into the same directory and, failing, remove the other's files)."""
     from remap.errors import OutputError
