@@ -81,7 +81,8 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
 
 def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: Path):
     """``kill JOB_ID`` on the workers' gang job: the driver raises JobKilled at once, the
-    job directory's result is INCOMPLETE, no output and no scratch files are left."""
+    job directory's result is INCOMPLETE; no output, scratch files, acks or heartbeats are
+    left."""
     import threading
 
     from remap.data.layout import DataDir
@@ -128,3 +129,4 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     assert (data.job_dir(job_id) / "result").read_text().strip() == "INCOMPLETE"
     assert not (tmp_path / "out").exists()
     assert not data.im_dir(job_id).exists()
+    assert not {"acks", "alive"} & {p.name for p in data.job_dir(job_id).iterdir()}

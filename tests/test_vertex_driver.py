@@ -17,8 +17,8 @@ import pytest
 
 from remap.data.inputs import Split, resolve_inputs
 from remap.data.inputs import read_lines as read_split_lines
-from remap.data.layout import DataDir, read_result
-from remap.errors import ConfigError, JobFailed
+from remap.data.layout import DataDir, read_json, read_result
+from remap.errors import ConfigError, JobFailed, JobKilled
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
 from remap.vertex.files import input_splits, read_lines, read_pickle
@@ -97,6 +97,10 @@ def test_block_reader_gives_the_lines_of_a_split(tmp_path: Path, block: int):
                 assert list(read_lines(*split, block=block)) == want, (split, block)
 
 
+#: what a vertex job's directory keeps once it ended, whatever the end: what its user reads
+JOB_FILES = ["consolidated-progress.json", "jobconfig.json", "result", "result.json"]
+
+
 @pytest.mark.parametrize("name", ["connected_components", "sssp", "propagate_max"])
 @pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2), (3, 7)])
 def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, partitions):
@@ -111,7 +115,8 @@ def test_distributed_output_equals_the_reference(tmp_path: Path, name, workers, 
     assert [(r.sent, r.active) for r in reports] == [(r.sent, r.active) for r in ref.reports]
     assert read_result(DataDir(tmp_path / "data"), result.job_id) == "OK"
     assert not (tmp_path / "data" / "im" / result.job_id).exists(), "scratch files are removed"
-    assert not (tmp_path / "data" / "job" / result.job_id / "acks").exists()
+    left = sorted(p.name for p in (tmp_path / "data" / "job" / result.job_id).iterdir())
+    assert left == sorted([*JOB_FILES, "control"]), "the acks and heartbeats are removed"
 
 
 @pytest.mark.parametrize("name", ["sssp", "connected_components"])
@@ -292,6 +297,63 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
     assert reported, "the victim was never reported lost"
     victim, beats = reported["victim"], reported["beats"]
     assert all(beats[victim] > t for slot, t in beats.items() if slot != victim), beats
+
+
+def test_a_killed_job_keeps_its_results_and_progress_but_not_its_acks_and_heartbeats(
+    tmp_path: Path,
+):
+    """Killed mid-job (the gang job ended under the driver), the job directory keeps what its
+    user reads (result INCOMPLETE, the progress, the config) and the commands, as a finished
+    job's does; the acks and the heartbeats (``alive/``) go. They stayed, acks and all."""
+    graph_input(tmp_path)
+    launches: list[ThreadLaunch] = []
+
+    def start(args):
+        launches.append(ThreadLaunch(args))
+        return launches[-1]
+
+    def kill_at_superstep_2(report) -> None:
+        if report.superstep == 2:
+            raise JobKilled("job 7 killed: killed on request")
+
+    config = VertexConfig(input=resolve_inputs("in", tmp_path), output=tmp_path / "out")
+    data = DataDir(tmp_path / "data")
+    driver = Driver(example("sssp"), config, data, 2, start, kill_at_superstep_2)
+    with pytest.raises(JobKilled):
+        driver.run()
+    for launch in launches:
+        launch.join(10)
+        assert not any(t.is_alive() for t in launch.threads), "a worker did not stop"
+    (job_id,) = data.jobs()
+    assert read_result(data, job_id) == "INCOMPLETE"
+    assert sorted(p.name for p in data.job_dir(job_id).iterdir()) == sorted([*JOB_FILES, "control"])
+    assert (read_json(data.consolidated(job_id)) or {})["superstep"] == 2
+    assert not data.im_dir(job_id).exists() and not config.output.exists()
+
+
+def test_a_dead_drivers_cleanup_removes_the_acks_and_heartbeats_too(tmp_path: Path):
+    """After a vertex driver that died (SIGKILL), the server's cleanup removes its acks and
+    heartbeats with its scratch files and keeps the result, the progress and the config."""
+    from remap.data.layout import new_job_id, write_json, write_result
+    from remap.server.drivers import abandon
+
+    data = DataDir(tmp_path / "data")
+    job = new_job_id()
+    root = data.job_dir(job)
+    write_json(data.jobconfig(job), {"kind": "vertex", "output": str(tmp_path / "out")})
+    write_json(data.consolidated(job), {"superstep": 3})
+    write_result(data, job, "INCOMPLETE")
+    for name in (
+        "acks/000004/0.pkl",
+        "alive/0.ab12",
+        "alive/driver.alive",
+        "control/cmd-000004.pkl",
+    ):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    abandon(data, "vertex", job, "the driver died")
+    assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
+    assert read_json(data.consolidated(job)) == {"superstep": 3}
 
 
 def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from protocol.status import JobStatus
 
 from ..data import layout
+from ..vertex.files import BARRIER_DIRS
 
 KINDS = ("mapreduce", "vertex")
 #: bytes of shipped files a ``drive`` may carry (the job module, by value)
@@ -529,6 +530,8 @@ def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
         output = Path(config.get("output", ""))
         if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
             layout.remove_tree(output)
+        for name in BARRIER_DIRS:  # the workers' acks and heartbeats, as the driver's own end
+            layout.remove_tree(data.job_dir(job_id) / name)
     layout.remove_strays(data.job_dir(job_id))
     if data.job_dir(job_id).is_dir():
         layout.write_result(data, job_id, "INCOMPLETE", message=why)

@@ -350,6 +350,16 @@ class Driver:
         write_result(self.data, self.job_id, "INCOMPLETE")
         beat = threading.Thread(target=self._beat, name="vertex-driver-heartbeat", daemon=True)
         beat.start()
+        try:
+            return self._gang(started)
+        finally:
+            self._stop.set()
+            beat.join()  # before alive/ goes: it touches driver.alive there
+            self.layout.remove_barriers()  # done, failed or killed alike
+
+    def _gang(self, started: float) -> VertexResult:
+        """Start the workers and run the job with them; on any failure stop them and remove
+        what the job wrote that is of no use now (scratch, an unfinished output)."""
         args = [
             WorkerArgs(
                 str(self.data.root),
@@ -379,8 +389,6 @@ class Driver:
             if out.is_dir() and not (out / SUCCESS_MARKER).exists():
                 remove_tree(out)  # part files of an output never finished (we created it)
             raise
-        finally:
-            self._stop.set()
 
     def _command_quietly_stop(self) -> None:
         try:
@@ -446,7 +454,6 @@ class Driver:
             del details[key]
         write_result(self.data, self.job_id, "OK", **details)
         remove_tree(self.layout.scratch)
-        remove_tree(self.layout.root / "acks")  # commands stay: a late worker call reads "stop"
         return result
 
     def _run_to_end(self) -> SuperstepReport:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.inputs import Split, read_line_blocks
-from ..data.layout import TMP_SUFFIX, DataDir, write_atomic
+from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, write_atomic
 
 PICKLE_PROTOCOL = 5
 
@@ -45,6 +45,11 @@ def committed(directory: Path) -> list[Path]:
     return [directory / n for n in sorted(names, key=lambda n: (len(n), n))]
 
 
+#: a job directory's folders that only a running job needs: the workers' acks and the
+#: heartbeats (``alive/``); removed when the job ends, done, failed or killed
+BARRIER_DIRS = ("acks", "alive")
+
+
 class Layout:
     """The paths of one vertex job inside a data directory."""
 
@@ -53,6 +58,13 @@ class Layout:
         self.job_id = job_id
         self.root = data.job_dir(job_id)
         self.scratch = data.im_dir(job_id)
+
+    def remove_barriers(self) -> None:
+        """Remove the acks and heartbeats (:data:`BARRIER_DIRS`): a job that ended, however,
+        keeps only what its user reads (result, progress, config) and its commands (a worker
+        call starting late reads ``stop`` there)."""
+        for name in BARRIER_DIRS:
+            remove_tree(self.root / name)
 
     def command(self, seq: int) -> Path:
         return self.root / "control" / f"cmd-{seq:06d}.pkl"

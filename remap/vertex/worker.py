@@ -176,7 +176,10 @@ class Worker:
             try:
                 os.utime(path)
             except FileNotFoundError:
-                path.touch()
+                try:
+                    path.touch()
+                except FileNotFoundError:  # alive/ is gone: the job ended, its driver cleaned up
+                    return
 
     def _check_driver(self) -> None:
         try:
