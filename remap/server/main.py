@@ -18,9 +18,10 @@ from ..malloc import keep_freed_memory
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
 from ..systemd import unit_args, unit_text
-from .exclusion import ExclusionList
+from .exclusion import ExclusionList, state_dir
 from .http import start_http
 from .journal import Journal
+from .statelock import StateLock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +80,20 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     settings = daemon_settings(
         args, host=args.host, port=args.port, http_port=args.http_port, http_host=args.http_host
     )
-    server = await start_server(reactor, settings)
+    # before listening: a second server on this state directory is refused, not half started
+    lock = StateLock(state_dir(settings))
+    lock.acquire()
+    try:
+        server = await start_server(reactor, settings)
+    except BaseException:
+        lock.release()
+        raise
+    Stopping("state lock", lock.release).setServiceParent(server)  # added first: let go last
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
     journal = Journal.for_settings(settings, reactor)
     server.factory.use_journal(journal)
     if journal is not None:  # detached data and vertex jobs survive a restart, as others do
-        Stopping("journal", journal.close).setServiceParent(server)  # added first: closed last
+        Stopping("journal", journal.close).setServiceParent(server)  # closed before the lock
         server.factory.drivers.resume_unfinished()
     port = server.port.getHost().port
     if args.port_file:

@@ -1,0 +1,64 @@
+"""One server per state directory: a lock the server holds on ``REMAP_STATE_DIR`` for its life.
+
+Two servers given one state directory would share one journal and one exclusion list: the
+second could stop with "database is locked", or both would write one journal. The first server
+holds an ``flock`` on ``server.lock`` there (holding its pid); a second is refused at start
+with one line naming the directory and that pid. The kernel drops the lock when its holder
+dies, however it dies, so a SIGKILLed server never blocks the next start; the file stays (a
+later server takes it over).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (remap's servers run on Linux)
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = "server.lock"
+
+
+class StateLock:
+    """The lock on ``directory``: :meth:`acquire` at start, :meth:`release` at the very end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`ConfigError` naming the server that holds it."""
+        if self._fd is not None or fcntl is None:
+            return
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # not inheritable (PEP 446): a detached job's driver must not keep it after us
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): "
+                f"{exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"state directory {self.directory} is in use by another remap server "
+                f"(pid {pid}): give each server its own REMAP_STATE_DIR, or stop that one first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go (the file stays: removing it could let two servers lock two files)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
