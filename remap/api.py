@@ -398,7 +398,8 @@ class _Feeder:
 class ResultIterator(Iterator[Any]):
     """Results of a streaming job, in argument order or as they complete.
 
-    ``next(timeout=)`` raises TimeoutError when no result comes in time. A remote error is
+    ``next(timeout=)`` raises TimeoutError when no result comes in time, and iteration may go
+    on (a deadline of the whole map, ``Executor.map``'s ``timeout``, ends it). A remote error is
     raised at its position with its remote traceback; with ``stop_on_error`` (the default)
     the job is then killed and iteration ends, otherwise iteration may go on (like
     ``multiprocessing.Pool.imap``). Closing the iterator (``close()``, ``with``, or dropping
@@ -464,9 +465,12 @@ class ResultIterator(Iterator[Any]):
         if self._closed:
             raise StopIteration
         deadline = self._deadline
+        #: the deadline is this call's own timeout (a poll), not the whole map's
+        polled = False
         if timeout is not None:
             mine = time.monotonic() + timeout
-            deadline = mine if deadline is None else min(deadline, mine)
+            if deadline is None or mine < deadline:
+                deadline, polled = mine, True
         while True:
             self._top_up()
             item = self._pop_ready()
@@ -482,7 +486,7 @@ class ResultIterator(Iterator[Any]):
                 error = self._end_error or JobFailed("the job ended before every result arrived")
                 self.close()
                 raise error
-            self._wait(deadline)
+            self._wait(deadline, polled)
 
     def rest(self, out: list[Any] | None = None) -> list[Any]:
         """Every result left, exactly as ``list(self)`` would give them, without a Python call
@@ -561,14 +565,16 @@ class ResultIterator(Iterator[Any]):
         exc = remote_exception(error)
         raise exc if self._style.wrap_error is None else self._style.wrap_error(exc)
 
-    def _wait(self, deadline: float | None) -> None:
+    def _wait(self, deadline: float | None, polled: bool = False) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
         try:
             if remaining is not None and remaining <= 0:
                 raise queue.Empty
             event = self._stream.events.get(timeout=remaining)
         except queue.Empty:
-            if self._style.stop_on_error:
+            # the map's own deadline (Executor.map's timeout=) ends it, as the stdlib's;
+            # next(timeout=) only gives up waiting: the iterator and its job go on
+            if self._style.stop_on_error and not polled:
                 self.close()
             raise self._style.timeout_error("no result arrived in time") from None
         self._handle(event)

@@ -180,17 +180,24 @@ def test_imap_unordered_yields_every_result_once(cluster: remap.Cluster) -> None
     assert sorted(got) == [x * x for x in range(700)]
 
 
-def test_imap_next_with_timeout_raises_timeout_error(
-    embedded: remap.Cluster, tmp_path: Path
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_next_with_timeout_raises_timeout_error_and_goes_on(
+    embedded: remap.Cluster, tmp_path: Path, method: str
 ) -> None:
     """next(timeout=) gives up with TimeoutError when no result arrives in time (the call is
-    held until the test releases it, so it is never done before the timeout)."""
+    held until the test releases it, so it is never done before the timeout); the iterator
+    and its job go on, as multiprocessing's imap and remap.Pool's (the job was killed and the
+    next next() ended the iteration as if every result had come: a poll lost them all)."""
     release = tmp_path / "release"
     try:
-        results = embedded.imap(functools.partial(held_until, str(release)), [1])
+        results = getattr(embedded, method)(functools.partial(held_until, str(release)), [1, 1])
         with pytest.raises(TimeoutError):
             results.next(timeout=0.2)
-        with pytest.raises(StopIteration):  # the iterator stopped and its job was killed
+        with pytest.raises(TimeoutError):
+            results.next(timeout=0)
+        release.touch()
+        assert [results.next(timeout=60), results.next(timeout=60)] == [1, 1]
+        with pytest.raises(StopIteration):
             next(results)
     finally:
         release.touch()
