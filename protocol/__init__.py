@@ -11,6 +11,7 @@ from .connection import (
     MessageReceived,
     State,
     local_versions,
+    refusal_frame,
 )
 from .errors import (
     AuthError,
@@ -20,6 +21,7 @@ from .errors import (
     ProtocolError,
     RemapError,
     RemoteProtocolError,
+    ServerBusy,
     VersionMismatch,
 )
 from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
@@ -41,9 +43,11 @@ __all__ = [
     "ProtocolError",
     "RemapError",
     "RemoteProtocolError",
+    "ServerBusy",
     "State",
     "VersionMismatch",
     "encode_frame",
     "local_versions",
     "messages",
+    "refusal_frame",
 ]

@@ -36,9 +36,17 @@ from .errors import (
     LocalProtocolError,
     RemapError,
     RemoteProtocolError,
+    ServerBusy,
     VersionMismatch,
 )
-from .framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from .framing import (
+    DEFAULT_MAX_FRAME,
+    PREAUTH_MAX_FRAME,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+    small_frame,
+)
 
 NONCE_SIZE = 32
 _SERVER_LABEL = b"remap/1 server"
@@ -55,6 +63,19 @@ def person_key(secret: bytes, user: str) -> bytes:
     if not USER_NAME.fullmatch(user):
         raise ValueError(f"a user name is letters, digits and ._@- (up to 64), not {user!r}")
     return hmac.new(secret, _PERSON_LABEL + user.encode(), "sha256").hexdigest().encode()
+
+
+#: the longest text a refusal frame carries (an ``error`` message when closing: ≤ 500)
+_REFUSAL_TEXT = 200
+
+
+def refusal_frame(message: str) -> bytes:
+    """The one frame a server writes to a connection it will not serve (its connection caps
+    are full) before closing it: ``error(code="busy")`` in place of a challenge, readable by
+    any client before authentication. Small and fixed (msgpack, no payload), nothing read
+    first: a refused connection costs the server one tiny write, so it amplifies nothing."""
+    header, payload = m.encode(m.Error(code=ServerBusy.code, message=message[:_REFUSAL_TEXT]))
+    return small_frame(header, payload)
 
 
 def local_versions() -> tuple[str, str]:
@@ -328,7 +349,9 @@ class Connection:
         cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
         who = "server" if not self.is_server else "peer"
         self.state = State.CLOSED
-        return ConnectionFailed(cls.from_wire(f"{who} refused: {msg.message}"))
+        error = cls.from_wire(f"{who} refused: {msg.message}")
+        error.peer_message = msg.message  # the peer's own words, for a caller's line
+        return ConnectionFailed(error)
 
     def _check_versions(self, version: int, python: str, cloudpickle: str) -> None:
         if version != m.PROTOCOL_VERSION:

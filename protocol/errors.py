@@ -80,6 +80,15 @@ class HandshakeTimeout(RemapError):
     code = "timeout"
 
 
+class ServerBusy(RemapError):
+    """The server would not take this connection now: its connection caps were full. Said in
+    the one ``error`` frame it writes before closing, in place of a challenge; trying again
+    later may succeed (nodes retry by themselves)."""
+
+    code = "busy"
+    exit_code = 4  # as a server that cannot be reached
+
+
 class InvalidOption(RemapError, ValueError):
     """A job option's value is not allowed (see ``protocol/options.py``); ``key`` names it.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet import defer, error
 
-from protocol.errors import HandshakeTimeout, RemoteProtocolError
+from protocol.errors import HandshakeTimeout, RemoteProtocolError, ServerBusy
 
 from .auth import client_secret
 from .client import ClusterClient
@@ -66,6 +66,11 @@ async def _dial(
         await authenticated(link)
     except (AuthError, VersionMismatch):
         raise
+    except ServerBusy as exc:  # its connection caps were full: it said so, then closed
+        why = getattr(exc, "peer_message", "") or str(exc)
+        raise ServerUnreachable(
+            f"the server at {address} refused the connection: {why}; try again in a moment"
+        ) from None
     except (HandshakeTimeout, RemoteProtocolError) as exc:  # it answers, but not in remap
         raise ServerUnreachable(
             f"{address} did not answer as a remap server ({_reason(exc)}): is that the "

@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from protocol import Connection
+from protocol import Connection, ConnectionFailed, ServerBusy, refusal_frame
 from protocol import messages as m
 from remap import runtime
 from remap.cluster import start_server
@@ -95,7 +95,8 @@ def spread(count: int) -> list[str]:
 
 def test_a_connection_beyond_the_handshake_cap_is_closed_unread() -> None:
     """With MAX_HANDSHAKING connections in the handshake, the next one (from a fresh address)
-    is closed as it is accepted: no handler, no handshake deadline, nothing written."""
+    is closed as it is accepted: no handler, no handshake deadline, nothing read; all it is
+    written is the one ``busy`` frame saying why (not the server's side of the handshake)."""
     clock = Clock()
     factory = cluster_factory(clock)
     waiting = open_many(factory, spread(MAX_HANDSHAKING))
@@ -104,8 +105,39 @@ def test_a_connection_beyond_the_handshake_cap_is_closed_unread() -> None:
 
     extra = Accepted(factory, "192.0.2.7", 50000)
     assert extra.refused
-    assert extra.transport.value() == b""  # not even the server's side of the handshake
+    assert extra.transport.value() == refusal_frame(
+        f"too many connections in the handshake (at most {MAX_HANDSHAKING})"
+    )
     assert len(clock.getDelayedCalls()) == MAX_HANDSHAKING  # no deadline armed for it
+
+
+def test_a_refused_console_is_told_which_cap_is_full() -> None:
+    """The frame a refused connection gets names the cap that is full, per address or in
+    all; a console reading it fails with ServerBusy in those words (it saw only a reset).
+    What the refused peer sends is never read."""
+    factory = cluster_factory(Clock())
+    open_many(factory, ["203.0.113.9"] * MAX_HANDSHAKING_PER_HOST)
+    extra = Accepted(factory, "203.0.113.9", 50000)
+    assert extra.refused
+    client = Connection("console", KEY)
+    client.initiate()
+    extra.proto.dataReceived(b"".join(bytes(p) for p in client.data_to_send()))  # ignored
+    (failed,) = client.receive_data(extra.transport.value())
+    assert isinstance(failed, ConnectionFailed) and isinstance(failed.error, ServerBusy)
+    assert failed.error.peer_message == (
+        f"too many connections from this host in the handshake (at most {MAX_HANDSHAKING_PER_HOST})"
+    )
+    assert extra.transport.value() == refusal_frame(failed.error.peer_message)  # nothing more
+
+
+def test_a_flood_of_refusals_costs_one_prebuilt_frame_each() -> None:
+    """Refusals write the frame the factory built once per cap (the same bytes object), so
+    a flood of connects makes the server encode nothing."""
+    factory = cluster_factory(Clock())
+    open_many(factory, ["203.0.113.9"] * MAX_HANDSHAKING_PER_HOST)
+    refused = open_many(factory, ["203.0.113.9"] * 50, first_port=50000)
+    assert all(r.refused for r in refused)
+    assert len({id(r.proto.frame) for r in refused}) == 1
 
 
 def test_a_slot_frees_when_a_handshake_finishes() -> None:
@@ -332,19 +364,27 @@ def test_the_cap_holds_under_tls_too() -> None:
 # =========================================================================== settings, real sockets
 
 
-def _closed_at_once(port: int) -> bool:
-    """Connect, say nothing: True if the server closes the connection within 10 s."""
+def _closed_at_once(port: int) -> bytes | None:
+    """Connect, say nothing: what the server wrote before it closed the connection (within
+    10 s), or None if it is still open then."""
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     except ConnectionResetError:  # closed so soon that connect() itself saw the reset
-        return True
+        return b""
+    got = b""
     with sock:
-        try:
-            return sock.recv(100) == b""
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(100)
+            except ConnectionResetError:
+                return got
+            except TimeoutError:
+                return None
+            if not chunk:
+                return got
+            got += chunk
+    return None
 
 
 def test_the_cluster_caps_are_settings(tmp_path) -> None:
@@ -365,12 +405,54 @@ def test_the_cluster_caps_are_settings(tmp_path) -> None:
         assert (caps.total, caps.per_host) == (5, 2)
         port = server.port.getHost().port
         waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
-        assert _closed_at_once(port)
+        assert _closed_at_once(port) == refusal_frame(
+            "too many connections from this host in the handshake (at most 2)"
+        )
         for sock in waiting:
             sock.setblocking(False)
             with pytest.raises(BlockingIOError):  # still open, nothing said to it yet
                 sock.recv(100)
             sock.close()
+    finally:
+        runtime.run(server.stop, timeout=30)
+
+
+def test_a_console_refused_at_the_caps_says_so_in_one_line(tmp_path) -> None:
+    """A console dialling a server whose per-address cap is full (real sockets, the real dial)
+    fails with one line saying the server refused it and why, exit code 4: it said "closed
+    the connection during the handshake ... (if the server uses TLS, set REMAP_TLS_CA ...)"."""
+    from remap.dial import connect_console
+    from remap.errors import RemapError, ServerUnreachable, one_line
+
+    settings = Settings(
+        port=0,
+        state_dir=str(tmp_path),
+        journal=False,
+        discovery=False,
+        handshake_timeout=60.0,
+        max_handshaking_per_host=1,
+    )
+    server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
+    try:
+        port = server.port.getHost().port
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # holds the one slot
+
+            async def dial() -> RemapError:
+                try:
+                    await connect_console(
+                        runtime.reactor(), Settings(), f"127.0.0.1:{port}", secret=KEY
+                    )
+                except RemapError as exc:
+                    return exc
+                raise AssertionError("the dial did not fail")
+
+            refused = runtime.run(dial, timeout=30)
+        assert isinstance(refused, ServerUnreachable)
+        assert one_line(refused) == (
+            f"error: the server at 127.0.0.1:{port} refused the connection: too many "
+            "connections from this host in the handshake (at most 1); try again in a moment",
+            4,
+        )
     finally:
         runtime.run(server.stop, timeout=30)
 
@@ -383,7 +465,7 @@ def test_the_http_caps_are_settings() -> None:
         waiting = [
             socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(2)
         ]
-        assert _closed_at_once(served.port)
+        assert _closed_at_once(served.port) == b""  # the HTTP port writes nothing
         for sock in waiting:
             sock.close()
         # the closes free their places: a request with the token is answered again

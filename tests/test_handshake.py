@@ -20,6 +20,7 @@ from protocol import (
     MessageReceived,
     State,
     local_versions,
+    refusal_frame,
 )
 from protocol import (
     messages as m,
@@ -32,6 +33,7 @@ from protocol.errors import (
     LocalProtocolError,
     RemapError,
     RemoteProtocolError,
+    ServerBusy,
     VersionMismatch,
 )
 from protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
@@ -293,6 +295,35 @@ def test_client_receiving_an_auth_error_reports_auth_error():
     )
     assert isinstance(error, AuthError)
     assert "server refused: go away" in str(error)
+
+
+@pytest.mark.parametrize("role", ["console", "node"])
+def test_a_busy_refusal_is_one_small_preauth_error_frame_the_client_reports(role):
+    """A server at its connection caps writes ``refusal_frame`` instead of a challenge: one
+    frame well under the pre-authentication limit, a msgpack ``error`` with code ``busy`` and
+    no payload (nothing a client unpickles). The client fails with ServerBusy carrying the
+    server's words, and answers nothing (a peer's error is never echoed back)."""
+    data = refusal_frame("too many connections from this host in the handshake (at most 16)")
+    assert len(data) <= 120 < PREAUTH_MAX_FRAME
+    (only,) = FrameDecoder(PREAUTH_MAX_FRAME).feed(data)
+    assert only.payload == b"" and m.decode(only.header, only.payload, preauth=True) == m.Error(
+        code="busy", message="too many connections from this host in the handshake (at most 16)"
+    )
+    client = Connection(role, KEY)
+    client.initiate()
+    out(client)
+    error = failure(client.receive_data(data))
+    assert isinstance(error, ServerBusy) and error.exit_code == 4
+    assert error.peer_message == "too many connections from this host in the handshake (at most 16)"
+    assert client.state is State.CLOSED and out(client) == b""
+
+
+def test_a_refusal_frame_carries_a_bounded_text():
+    """However long the text it is given, the frame stays small (its text cut at 200)."""
+    data = refusal_frame("x" * 10_000)
+    assert len(data) < 300
+    (only,) = FrameDecoder(PREAUTH_MAX_FRAME).feed(data)
+    assert m.decode(only.header, b"", preauth=True).message == "x" * 200
 
 
 # --------------------------------------------------------------------------- replay and reflection

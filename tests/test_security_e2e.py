@@ -665,6 +665,19 @@ def hello_from(source: str, port: int) -> tuple[bytes, bool]:
         return answered_hello(sock)
 
 
+def refused_from(source: str, port: int) -> list[dict]:
+    """Say hello from ``source``; the frames the server sent before it closed (a refusal: one
+    ``busy`` error frame and the close, within 10 s)."""
+    with idle_from(source, port) as sock:
+        try:
+            sock.sendall(hello_bytes(SECRET.encode())[1])
+        except OSError:  # already closed under us
+            pass
+        data, closed = drain(sock, 10)
+    assert closed, f"not closed: {data!r}"
+    return headers_of(data)
+
+
 def answered_hello(sock: socket.socket) -> tuple[bytes, bool]:
     """Send a hello; what came back (a challenge if the server read it) and whether it closed.
     Returns at the first bytes or the close, or after 10 s."""
@@ -682,25 +695,37 @@ def answered_hello(sock: socket.socket) -> tuple[bytes, bool]:
 
 def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_runs(cluster):
     """Idle connections that never finish the handshake are capped: from one address 16 wait
-    and the 17th is closed at once, unread (its hello gets no challenge); while they wait a
-    console from another address runs a job. With 64 waiting from four addresses a 65th from
-    a fifth is closed too, one log line says so for every refusal, and the joined node keeps
-    its place; once one address's sockets close, a console gets in while 48 still wait (the
-    handshake deadline is 60 s here: the slots freed because the sockets closed)."""
+    and the 17th is closed at once, unread (its hello gets no challenge, only one ``busy``
+    error frame saying why); while they wait a console from another address runs a job. With
+    64 waiting from four addresses a 65th from a fifth is refused too, and a console then
+    exits 4 with one line saying the server refused it (it said "closed the connection during
+    the handshake ... if the server uses TLS ..."); one log line says so for every refusal,
+    and the joined node keeps its place; once one address's sockets close, a console gets in
+    while 48 still wait (the handshake deadline is 60 s here: the slots freed because the
+    sockets closed)."""
     server, port = cluster.server(REMAP_HANDSHAKE_TIMEOUT="60")
     cluster.node(port)
     cluster.wait_node_joined(server)
     held: dict[str, list[socket.socket]] = {}
+    busy = "too many connections{} in the handshake (at most {})"
     try:
         held["127.0.0.2"] = [idle_from("127.0.0.2", port) for _ in range(16)]
-        got, closed = hello_from("127.0.0.2", port)
-        assert closed and got == b"", got
+        assert refused_from("127.0.0.2", port) == [
+            {"t": "error", "code": "busy", "message": busy.format(" from this host", 16)}
+        ]
         assert cluster.run_job(port, 10) == [i * i for i in range(10)]
 
         for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
             held[source] = [idle_from(source, port) for _ in range(16)]
-        got, closed = hello_from("127.0.0.6", port)
-        assert closed and got == b"", got
+        assert refused_from("127.0.0.6", port) == [
+            {"t": "error", "code": "busy", "message": busy.format("", 64)}
+        ]
+        refused = cluster.console(port, "status")
+        assert refused.returncode == 4 and refused.stdout == "", refused
+        assert refused.stderr.strip().splitlines() == [
+            f"error: the server at 127.0.0.1:{port} refused the connection: "
+            f"{busy.format('', 64)}; try again in a moment"
+        ], refused.stderr
         # a waiting socket is still served: its hello gets the server's challenge
         got, closed = answered_hello(held["127.0.0.5"][-1])
         assert got and not closed
@@ -713,7 +738,8 @@ def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_r
             sock.close()
 
         def admitted() -> bool:  # a probe that gets a challenge: the closes were seen
-            return bool(hello_from("127.0.0.7", port)[0])
+            got = hello_from("127.0.0.7", port)[0]
+            return bool(got) and headers_of(got)[0]["t"] == "challenge"
 
         wait_for(admitted, 10, "the closed sockets' slots to be free")
         assert cluster.run_job(port, 10) == [i * i for i in range(10)]

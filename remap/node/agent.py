@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from protocol import Authenticated
+from protocol import Authenticated, ServerBusy
 from protocol import messages as m
 from protocol.framing import Frame, frame_length
 
@@ -161,6 +161,13 @@ class NodeAgent:
             link.send(m.Error(code="unexpected", message=f"a node does not expect {msg.TYPE}"))
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
+        if isinstance(error, ServerBusy):  # its connection caps are full: a retry may get in
+            self.log.warn(
+                "the server at {peer} refused the connection: {why}; trying again",
+                peer=link.peer,
+                why=getattr(error, "peer_message", "") or str(error),
+            )
+            return
         self.log.error("connection to server refused: {error}", error=error)
         if self.on_auth_failure is not None:
             self.on_auth_failure(error)

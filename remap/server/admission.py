@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -102,11 +102,31 @@ class RefusalLog:
 
 
 class Refused(Protocol):
-    """What a connection beyond a cap gets: closed at once, nothing read, nothing written."""
+    """What a connection beyond a cap gets: closed at once, nothing read. With ``frame`` (the
+    cluster port's one ``busy`` error frame, so a console can say why), that frame is written
+    first, then the connection closed; under TLS nothing is written (the frame would cost a
+    TLS handshake per refusal), and the HTTP port writes nothing either."""
+
+    def __init__(self, frame: bytes = b"") -> None:
+        self.frame = frame
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted's name
         self.transport = transport
-        transport.abortConnection()
+        if self.frame and not ISSLTransport.providedBy(transport):
+            transport.write(self.frame)
+            transport.loseConnection()  # after the frame; nothing is read meanwhile
+        else:
+            transport.abortConnection()
+
+
+def busy_text(why: str, admission: Admission) -> str:
+    """Why a connection was refused, in the words its console shows (no addresses: the
+    refused peer learns nothing but that a cap is full)."""
+    if why == "per-host":
+        return (
+            f"too many connections from this host in the handshake (at most {admission.per_host})"
+        )
+    return f"too many connections in the handshake (at most {admission.total})"
 
 
 def peer_host(addr: Any) -> str:

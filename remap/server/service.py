@@ -9,14 +9,14 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from protocol import Authenticated, Connection
+from protocol import Authenticated, Connection, refusal_frame
 from protocol import messages as m
 from protocol.framing import frame_length
 
 from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..settings import Settings
 from ..wire import PeerProtocol, ReadBudget, Traffic
-from .admission import Admission, RefusalLog, Refused, Slot, peer_host
+from .admission import Admission, RefusalLog, Refused, Slot, busy_text, peer_host
 from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
@@ -426,6 +426,10 @@ class RemapServerFactory(Factory):
         #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`)
         self.handshaking = Admission(max_handshaking, max_handshaking_per_host)
         self.refusals = RefusalLog(clock, "cluster port")
+        #: the frame a refused connection gets, per full cap (made once: a flood costs no work)
+        self._busy = {
+            why: refusal_frame(busy_text(why, self.handshaking)) for why in ("total", "per-host")
+        }
         #: frames being received, over all connections: 2 × max_frame unless told
         self.read_budget = ReadBudget(max_buffered or 2 * max_frame)
         self.secret = secret
@@ -467,7 +471,7 @@ class RemapServerFactory(Factory):
         slot = self.handshaking.admit(host)
         if not isinstance(slot, Slot):
             self.refusals.refused(host, slot, self.handshaking)
-            return Refused()
+            return Refused(self._busy[slot])
         conn = Connection(
             "server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval
         )
