@@ -119,6 +119,34 @@ def test_combiner_and_aggregators_fold_per_superstep(combine):
         assert (total, low, custom, missing) == (55, 0, set(range(11)), "d")
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_a_summed_message_object_sent_to_several_vertices_is_never_added_to_in_place(partitions):
+    """combine = "sum" over list messages (or arrays): u sends one list to a and b, w sends
+    to a only. Folding w's message into a's slot must not extend u's list, which b's slot
+    holds too (b received w's message) — nor the list u keeps as its value."""
+
+    def compute(ctx, vid, value, messages):
+        if ctx.superstep == 0:
+            mine = [vid]
+            ctx.send_to_neighbors(mine)
+            return mine, True
+        return (value, sorted(x for m in messages for x in m)), True
+
+    prog = program_from_namespace(
+        {
+            "prepare": lambda line: (line.split()[0], None, line.split()[1:]),
+            "compute": compute,
+            "combine": "sum",
+        },
+        "<test>",
+    )
+    result = run_local(prog, tagged(["u a b", "w a", "a", "b"]), partitions, 5)
+    got = dict(line.split("\t") for line in sum(result.partitions, []))
+    assert got["a"] == "(['a'], ['u', 'w'])"
+    assert got["b"] == "(['b'], ['u'])"
+    assert got["u"] == "['u']" and got["w"] == "['w']"
+
+
 def test_outbox_without_combiner_keeps_every_message_and_counts_them():
     """Without a combiner every message arrives; counts are per destination partition."""
     box = Outbox(3, None)

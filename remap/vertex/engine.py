@@ -189,7 +189,9 @@ class Outbox:
                 sent[0] += 1
                 bucket = bucket_of(to)
                 if to in bucket:
-                    bucket[to] += message
+                    # never ``+=``: the slot may hold the sender's own list or array, sent to
+                    # other vertices too, which an in-place add would change under them
+                    bucket[to] = bucket[to] + message
                 else:
                     bucket[to] = message
 
