@@ -138,6 +138,42 @@ def test_loading_in_spilled_chunks_keeps_every_partition_in_input_order(
     assert result.supersteps == ref.supersteps
 
 
+def _grows_what_it_sent(ctx, vid, value, messages):
+    """Superstep 0: send its value (a list) along its edge; 1: add to that list, then
+    record what it received."""
+    if ctx.superstep == 0:
+        value = [vid]
+        ctx.send_to_neighbors(value)
+        return value, False
+    if ctx.superstep == 1:
+        value.append(-1)
+        return (value, [list(m) for m in messages]), False
+    return value, True
+
+
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 3)])
+def test_a_message_is_what_was_sent_even_if_the_sender_changes_it_afterwards(
+    tmp_path: Path, workers: int, partitions: int
+):
+    """A ring where each vertex sends its own list and appends to it in the next superstep:
+    every receiver gets the list as sent ([u]), as from another worker, whichever vertex
+    of a worker computes first. Kept as the sent object for the worker's own partitions,
+    messages read [u, -1] when the sender had computed before the receiver (5 of 6)."""
+    prog = program_from_namespace(
+        {
+            "prepare": lambda line: (int(line.split()[0]), None, [int(line.split()[1])]),
+            "compute": _grows_what_it_sent,
+        },
+        "<test>",
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "ring.txt").write_text("".join(f"{i} {(i + 1) % 6}\n" for i in range(6)))
+    got, _, _ = run_threads(prog, tmp_path, workers, partitions=partitions)
+    assert got == {v: f"([{v}, -1], [[{(v - 1) % 6}]])" for v in range(6)}
+    ref = run_local(prog, read_tagged_lines([tmp_path / "in" / "ring.txt"]), partitions, 10)
+    assert got == parse_output(sum(ref.partitions, []))
+
+
 def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
     """Aggregates fold across workers at the barrier: PageRank matches networkx."""
     g = graph_input(tmp_path)

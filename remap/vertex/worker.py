@@ -32,6 +32,7 @@ from .engine import (
     encode_bucket,
     fold_into,
     gather,
+    kept_bucket,
     partition_of,
     prepare_line,
 )
@@ -158,7 +159,7 @@ class Worker:
         self.epoch = -1
         self.parts: dict[int, Partition] = {}
         self.records: dict[int, Partition] = {}  # own partitions' records read by this worker
-        self.local: dict[int, dict[int, dict[Any, Any]]] = {}  # superstep → partition → bucket
+        self.local: dict[int, dict[int, Any]] = {}  # superstep → partition → bucket (or bytes)
         self.restored: dict[int, dict[Any, list[Any]]] = {}
         #: this worker's load made other partitions' records between its own (see _relayout)
         self.mixed = False
@@ -383,13 +384,13 @@ class Worker:
         self.phases.mark("compute")
         outbox.finish()
         combined = outbox.combined
-        local: dict[int, dict[Any, Any]] = {}
+        local: dict[int, Any] = {}
         moved = 0
         for p, bucket in enumerate(outbox.buckets):
             if not bucket:
                 continue
             if p in self.parts:
-                local[p] = bucket
+                local[p] = kept_bucket(bucket, combined)
             else:
                 path = self.layout.inbox(cmd.epoch, s, p) / f"from{self.slot}"
                 moved += self._write_bytes(path, encode_bucket(bucket, combined))
