@@ -724,6 +724,19 @@ class Grant(Message):
 
 
 @message
+class GroupLimit(Message):
+    """Server → console: the largest argument group (one pickle of several arguments) worth
+    sending for this job: a larger one would fit no connected node that may run it. Sent only
+    when some such node takes frames smaller than the server's own (a console of an earlier
+    release answers an unknown message and goes on), and again when that changes."""
+
+    TYPE = "group_limit"
+    job: int
+    #: bytes a group's pickle may have at most; 0: no bound (no node with smaller frames)
+    max_bytes: int
+
+
+@message
 class Results(Message):
     """Server → console: results for ``indices`` (same layout as :class:`TaskResult`).
 

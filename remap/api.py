@@ -391,7 +391,7 @@ class _Feeder:
         target = self.group
         if self.lazy:
             target = group_target(None, self.chunksize, first + len(group))
-        self._group_now = next_group(target, len(blob), len(group))
+        self._group_now = next_group(target, len(blob), len(group), self.stream.session.group_bytes)
         return blob
 
 

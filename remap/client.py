@@ -64,6 +64,9 @@ GROUP_ARGS = 128
 GROUP_SPREAD = 256
 #: ...and a group holds about this many bytes at most (larger arguments travel in smaller ones)
 GROUP_BYTES = 64 * 1024
+#: an argument group larger than this waits for the job's ``submitted`` (and the ``group_limit``
+#: before it, if the server has nodes with small frames): it might fit none of them
+EARLY_GROUP_BYTES = 4096
 #: seconds an argument read from a lazy source waits for the rest of its group: a slow source's
 #: arguments leave as they come (a group open this long goes as it is)
 GROUP_WAIT = 0.005
@@ -88,10 +91,22 @@ def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int
     return max(1, target)
 
 
-def next_group(target: int, size: int, n: int) -> int:
+def next_group(target: int, size: int, n: int, most: int = 0) -> int:
     """The next group's size: ``target``, bounded by the bytes per argument of the last group
-    (``n`` arguments pickled in ``size`` bytes), so a group holds about ``GROUP_BYTES``."""
-    return max(1, min(target, GROUP_BYTES * n // max(1, size)))
+    (``n`` arguments pickled in ``size`` bytes), so a group holds about ``GROUP_BYTES``, or
+    half of ``most`` if that is smaller (the server's ``group_limit``: see :func:`group_bytes`)."""
+    aim = GROUP_BYTES if not most or most >= 2 * GROUP_BYTES else max(1, most // 2)
+    return max(1, min(target, aim * n // max(1, size)))
+
+
+def split_group(blob: bytes, n: int, tag: Any) -> list[tuple[bytes, Any, int]]:
+    """An argument group's queue entry as ``n`` groups of one argument each (a message is
+    grouped or not, never both), with their tags. The pickle is this client's own; the server
+    cannot split a group (it never unpickles), and a group no node's frames take would fail
+    each of its arguments (``ArgumentTooLarge``) though each fits alone."""
+    values = pickle.loads(blob)
+    tags = itertools.repeat(None, n) if tag is None else ([v] for v in tag)
+    return [(dumps([value]), t, 1) for value, t in zip(values, tags, strict=False)]
 
 
 class ArgumentTooLarge(JobFailed):
@@ -151,6 +166,9 @@ class JobSession:
         self.exhausted = False
         #: bytes one argument may take (the connection's frame limit less a header)
         self.frame_room = DEFAULT_MAX_FRAME - ARGS_OVERHEAD
+        #: bytes an argument group's pickle may take (the server's ``group_limit``; 0: none
+        #: said): a larger group fits no node that may run the job, and is taken apart here
+        self.group_bytes = 0
         #: the first error that arrived (with its remote traceback), for a console to show
         self.first_error: TaskErrorInfo | None = None
         self.finished = False
@@ -262,6 +280,11 @@ class JobSession:
     def grant(self, count: int) -> None:
         self._first_bytes = None  # the server knows the sizes now: its grants bound the bytes
         self._granted += count
+
+    def group_limit(self, max_bytes: int) -> None:
+        """The largest argument group worth sending (0: no bound): groups made from now on
+        aim below it, and one over it that was made before is taken apart when sent."""
+        self.group_bytes = max(0, max_bytes)
 
     def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
         """Send what the window allows; ``take(limit, room, start)`` pops arguments ready now
@@ -1107,10 +1130,22 @@ class JobStream:
         groups: list[int] = []
         tags: list[Any] = []
         count = nbytes = 0
+        session = self.session
+        most = session.frame_room
+        if session.group_bytes and session.group_bytes < most:
+            most = session.group_bytes
         with self.lock:
             items = self._items
             while items:
                 blob, tag, n = items[0]
+                if n > 1 and len(blob) > EARLY_GROUP_BYTES and session.job_id is None:
+                    break  # the server may say a bound first (pumped again on `submitted`)
+                if n > 1 and len(blob) > most:  # (over the frame, or no node takes it)
+                    items.popleft()
+                    ones = split_group(blob, n, tag)
+                    items.extendleft(reversed(ones))
+                    self.unsent_bytes += sum(len(one[0]) for one in ones) - len(blob)
+                    blob, tag, n = items[0]
                 cost = len(blob) + 9
                 if out and (nbytes + cost > room or max(cost, nbytes) >= LARGE_FRAME):
                     break  # a large pickle goes in a message of its own: sent as is, not joined
@@ -1318,8 +1353,9 @@ class _GroupReader:
                 blob = dumps(group)
             except Exception:  # pickled one by one below: the culprit fails alone, in order
                 pass
+        session = self.stream.session
         if blob is not None and len(blob) <= min(
-            16 * GROUP_BYTES, self.stream.session.frame_room // 2
+            16 * GROUP_BYTES, session.frame_room // 2, session.group_bytes or sys.maxsize
         ):
             self.queued += n
             self._size(len(blob), n)
@@ -1337,7 +1373,7 @@ class _GroupReader:
     def _size(self, size: int, n: int) -> None:
         """The next group's size: the ramp, bounded by the bytes per argument of the last."""
         target = min(self.cap, group_target(self.total, self.chunksize, self.queued))
-        self.want = next_group(target, size, n)
+        self.want = next_group(target, size, n, self.stream.session.group_bytes)
 
 
 #: the type name of the error given to a result this console could not unpickle
@@ -1569,6 +1605,10 @@ class ClusterClient:
             run = self.runs.get(msg.job)
             if run is not None:
                 run.apply("grant", msg.count)
+        elif t is m.GroupLimit:  # (before `submitted`: under minus the submit's id)
+            run = self.runs.get(msg.job) if msg.job > 0 else self._submits.get(-msg.job)
+            if run is not None:
+                run.apply("group_limit", msg.max_bytes)
         elif t is m.Submitted:
             run = self._submits.pop(msg.re, None)
             if run is not None:

@@ -355,6 +355,28 @@ def test_a_node_with_a_small_frame_limit_runs_what_fits_it_and_the_rest_fails_in
     assert "lost" not in cluster.server.log_text(), cluster.diagnostics()
 
 
+def test_many_small_arguments_run_on_a_node_with_small_frames(
+    make_cluster: ClusterFactory,
+) -> None:
+    """A node at REMAP_MAX_FRAME=32 KiB, the server and the handle at the default: maps of
+    small arguments whose argument groups (sized by the client, about 64 KiB, more where the
+    arguments grow) would fit no node return every result right, from a list and from a
+    generator. Before, the groups failed each of their arguments with ArgumentTooLarge though
+    each fits alone (the server cannot split a group); the server now says the bound
+    (``group_limit``)."""
+    cluster = make_cluster([NodeSpec(cores=1, env={"REMAP_MAX_FRAME": str(32 * 1024)})])
+    uniform = [bytes([i % 251]) * 3072 for i in range(3000)]
+    ramp = [bytes([i % 251]) * 8 for i in range(3000)]
+    ramp += [bytes([i % 251]) * 6144 for i in range(3000)]
+    with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as c:
+        for values in (uniform, ramp):
+            assert c.map(len, values) == [len(v) for v in values]
+            assert list(c.imap(len, iter(values))) == [len(v) for v in values]
+    (node,) = cluster.nodes
+    assert "exceeds the limit" not in node.log_text(), cluster.diagnostics()
+    assert "ArgumentTooLarge" not in cluster.server.log_text(), cluster.diagnostics()
+
+
 @pytest.mark.parametrize("mode", ["object", "stream"])
 def test_on_error_continue_reports_each_error(shared: Cluster, tmp_path: Path, mode: str) -> None:
     """on_error: continue -> exit 5 (finished with failed arguments); each failing index

@@ -20,7 +20,7 @@ from protocol.framing import frame_length
 from remap.blobs import dumps, split
 from remap.server.scheduler import Scheduler
 from remap.server.scheduler.effects import NodeLost, NodeSaid
-from remap.server.scheduler.sizing import TOO_LARGE, fit_results, fit_status
+from remap.server.scheduler.sizing import TOO_LARGE, fit_results, fit_status, group_room
 from tests.test_scheduler import (
     FakeConsole,
     FakeNode,
@@ -588,3 +588,80 @@ def test_a_node_without_a_small_limit_gets_batches_as_before(limit: int) -> None
     console.feed()
     (task,) = node.held()
     assert len(task.sizes) == 20
+
+
+# ============================================================================ argument groups
+#
+# A console sizes its argument groups (about 64 KiB, up to 1 MiB) and the server cannot split
+# one: on nodes with small frames a group could fit none of them, and each of its arguments
+# failed with ArgumentTooLarge though each fitted alone. The server now says the bound.
+
+
+def limits_told(console: FakeConsole) -> list[tuple[int, int]]:
+    """(job, max_bytes) of every ``group_limit`` the console was sent, in order."""
+    return [(msg.job, msg.max_bytes) for msg in console.link.of(m.GroupLimit)]
+
+
+def test_a_console_is_told_the_largest_group_the_nodes_that_may_run_its_job_take() -> None:
+    """Before ``submitted`` (under minus the submit's id), then whenever the bound changes while
+    the console sends arguments: the smallest frame limit of the nodes that may run the job
+    (its group only; a drained one does not count) less the task's header; 0 lifts it."""
+    sched, _ = make()
+    SmallNode(sched, "mid", cores=1, limit=64 * KIB)
+    SmallNode(sched, "gpu", cores=1, limit=128 * KIB, group="gpu")
+    console = FakeConsole(sched, range(10), end=False)
+    kinds = [type(msg) for msg in console.link.sent]
+    assert kinds[:2] == [m.GroupLimit, m.Submitted], "the bound comes first"
+    assert limits_told(console) == [(-7, group_room(64 * KIB))]
+    tiny = SmallNode(sched, "tiny", cores=1, limit=8 * KIB)
+    assert limits_told(console)[1:] == [(console.job, group_room(8 * KIB))]
+    event(sched, NodeLost(tiny.id, "cut off"))
+    sched.drain("mid")
+    sched.set_excluded(frozenset({"host-gpu"}))
+    job = console.job
+    assert limits_told(console)[2:] == [
+        (job, group_room(64 * KIB)),
+        (job, group_room(128 * KIB)),
+        (job, 0),
+    ]
+    sched.set_excluded(frozenset())
+    sched.undrain("mid")
+    assert limits_told(console)[5:] == [(job, group_room(128 * KIB)), (job, group_room(64 * KIB))]
+    console.feed()
+    assert sched.args_ended(console.link, m.ArgsEnd(job=job, total=console.sent)) is None
+    SmallNode(sched, "late", cores=1, limit=4 * KIB)
+    assert len(limits_told(console)) == 7, "nothing once every argument is in"
+    gpu_job = FakeConsole(sched, range(3), name="g", group="gpu")
+    assert limits_told(gpu_job) == [(-7, group_room(128 * KIB))], "only its group's nodes count"
+
+
+def test_a_cluster_whose_nodes_take_the_servers_frames_sends_no_group_limit() -> None:
+    """Nodes at the server's limit (the default) or in-process: the wire is as before."""
+    sched, _ = make()
+    SmallNode(sched, "a", cores=1, limit=256 * 1024 * 1024)
+    SmallNode(sched, "b", cores=1, limit=0)
+    console = FakeConsole(sched, range(10))
+    SmallNode(sched, "c", cores=1, limit=256 * 1024 * 1024)
+    assert not console.link.of(m.GroupLimit)
+
+
+def pickle_of_size(size: int) -> list[bytes]:
+    """A two-argument group whose pickle is exactly ``size`` bytes."""
+    for k in range(size, 0, -1):
+        group = [b"a" * k, b"b"]
+        if len(pickle.dumps(group)) == size:
+            return group
+    raise AssertionError(size)
+
+
+def test_a_group_at_the_bound_told_fits_the_node_it_was_told_for() -> None:
+    """The bound is exact enough: a group whose pickle is ``max_bytes`` long goes to the node
+    with the smallest frames as one task within its limit and runs."""
+    sched, _ = make()
+    node = SmallNode(sched, "n", cores=1, limit=64 * KIB)
+    console = FakeConsole(sched, [], end=False, chunksize=8)
+    ((_, bound),) = limits_told(console)
+    group = pickle_of_size(bound)
+    assert console.send(grouped_args(console.job, [group])) is None
+    (task,) = node.held()
+    assert task.groups == [2] and len(task.payload) == bound and node.frames_ok()

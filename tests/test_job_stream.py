@@ -24,6 +24,7 @@ from protocol.options import JobOptions
 from remap.blobs import dumps, pack
 from remap.client import (
     ARGS_OVERHEAD,
+    EARLY_GROUP_BYTES,
     KILL,
     ArgumentTooLarge,
     JobSession,
@@ -624,6 +625,61 @@ def test_arguments_read_in_groups_are_kept_for_a_sink_that_stores_them(reactor: 
     stream.collect(sink, until=_soon())
     assert any(msg.groups for msg in server.sent if isinstance(msg, m.Args))
     assert sink.arguments == list(range(3000)) and sink.value() == [2 * i for i in range(3000)]
+
+
+class BoundingServer(MemoryServer):
+    """A server whose nodes take small frames: it says ``group_limit`` before ``submitted``."""
+
+    def __init__(self, bound: int) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def send(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Submit):
+            self._later("group_limit", self.bound)
+        super().send(msg)
+
+
+def test_argument_groups_keep_to_the_bound_the_server_says(reactor: Reactor) -> None:
+    """Groups of 1 KiB arguments (about 64 KiB each) against a bound of 16 KiB: nothing grouped
+    over it leaves, groups still go (within it), and every result comes back with its own
+    argument. Before, groups of 64 KiB went whatever the nodes took."""
+    bound = 16 * 1024
+    server = BoundingServer(bound)
+    stream = stream_on(reactor, server, keep_arguments=True, total_hint=3000)
+    values = [bytes([i % 251]) * 1024 for i in range(3000)]
+    read_into(stream, iter(values))
+    sink = ThreadSink()
+    assert stream.collect(sink, until=_soon()).done == 3000
+    assert sink.arguments == values and sink.value() == values
+    grouped = [
+        (size, n)
+        for msg in server.sent
+        if isinstance(msg, m.Args)
+        for size, n in zip(msg.sizes, msg.groups, strict=False)
+    ]
+    assert grouped and max(size for size, _ in grouped) <= bound, max(grouped)
+    assert max(n for _, n in grouped) > 1, "groups still go, within the bound"
+
+
+def test_no_group_over_a_few_kib_leaves_before_the_jobs_id() -> None:
+    """The first window may go before ``submitted``; a group larger than EARLY_GROUP_BYTES waits
+    for it (and for the bound the server says before it), a small one goes at once, and the
+    bound said then holds for the big one (taken apart). Before, both went with the submit."""
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda *a: None, total_hint=10)
+    session = stream.session
+    session.submit(1)
+    small, big = [b"s"] * 4, [bytes([i]) * 3000 for i in range(6)]
+    stream.put_many([dumps(small), dumps(big)], counts=[4, 6])
+    session.pump(stream._take)
+    assert [(msg.job, msg.groups) for msg in session.outbox[1:]] == [(-1, [4])]
+    session.group_limit(EARLY_GROUP_BYTES)
+    session.submitted(50, 256)
+    session.grant(256)  # (the first window closed after a group: MAX_GROUP might not fit)
+    session.pump(stream._take)
+    (late,) = session.outbox[2:]
+    assert late.job == 50 and late.groups == [1] * 6 and max(late.sizes) <= EARLY_GROUP_BYTES
+    assert [pickle.loads(b)[0] for b in _split(late)] == big
 
 
 def test_results_that_will_not_unpickle_fail_the_job_under_on_error_fail() -> None:

@@ -122,6 +122,7 @@ EXAMPLES: dict[str, m.Message] = {
     "args": m.Args(job=3, start=10, sizes=[3, 3], payload=b"abcdef"),
     "args_end": m.ArgsEnd(job=3, total=16),
     "grant": m.Grant(job=3, count=64),
+    "group_limit": m.GroupLimit(job=3, max_bytes=65_262),
     "results": m.Results(
         job=3,
         indices=[4, 5],

@@ -253,6 +253,10 @@ class ServerConnection:
             self.server.shutdown_cluster("stopped by kill --cluster")
         elif t is m.Heartbeat:
             pass
+        elif t is m.Error and msg.code == "unknown-message":
+            # a console of an earlier release that does not know a message sent to it (a
+            # ``group_limit``): it goes on without it, and so does the server
+            self.log.debug("console {peer}: {message}", peer=link.peer, message=msg.message)
         else:
             _refuse(link, msg, "unexpected", f"a console does not send {msg.TYPE}")
 

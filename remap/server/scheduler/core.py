@@ -68,7 +68,7 @@ from .effects import (
 from .policy import SWEEP_INTERVAL
 from .recovery import Recovery
 from .segments import Segment, take_from
-from .sizing import ARG_TOO_LARGE, node_too_large_text, task_bound, task_limits
+from .sizing import ARG_TOO_LARGE, group_room, node_too_large_text, task_bound, task_limits
 from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
 
 #: what a node's ``frame-too-large`` error says of its limit (``protocol.framing``'s wording)
@@ -151,6 +151,9 @@ class Scheduler(NodeAnswers, Recovery):
         #: (host, pid) of node processes that refused a frame over a limit their hello did not
         #: say, and that limit (see :meth:`node_refused_frame`)
         self._frame_limits: dict[tuple[str, int], int] = {}
+        #: connected nodes whose frames are smaller than the server's: while there are none,
+        #: consoles are told no bound on argument groups (see :meth:`_group_limits`)
+        self._small_frames: set[str] = set()
         #: host names on the exclusion list (see :meth:`set_excluded`)
         self.excluded_hosts: frozenset[str] = frozenset()
         self._group_credits: dict[str, int] = {}
@@ -355,8 +358,8 @@ class Scheduler(NodeAnswers, Recovery):
         known = self._frame_limits.get((info.host, info.pid))
         if known and (not limit or known < limit):
             limit = known
-        self._limit_frames(node, limit)
         self.nodes[node_id] = node
+        self._limit_frames(node, limit)
         if node.has_credit():
             self._ready[node_id] = node
         self._add_credits(node, +1)
@@ -373,11 +376,45 @@ class Scheduler(NodeAnswers, Recovery):
         self.pump()
         return node
 
-    @staticmethod
-    def _limit_frames(node: NodeState, limit: int) -> None:
-        """Size what is sent to ``node`` to frames of ``limit`` bytes (0: no limit)."""
+    def _limit_frames(self, node: NodeState, limit: int) -> None:
+        """Size what is sent to ``node`` to frames of ``limit`` bytes (0: no limit), and tell
+        consoles feeding jobs how large an argument group may be (see :meth:`_group_limits`)."""
         node.frame_limit = limit
         node.batch_args, node.batch_bytes = task_limits(limit)
+        if 0 < limit < self.max_frame:
+            self._small_frames.add(node.id)
+        else:
+            self._small_frames.discard(node.id)
+        self._group_limits()
+
+    def _group_bound(self, job: JobState) -> int:
+        """The largest argument group's pickle that fits every connected node that may run
+        ``job`` (0: no node that may run it has frames smaller than the server's)."""
+        bound = 0
+        nodes = self.nodes
+        for node_id in self._small_frames:
+            node = nodes[node_id]
+            if node.draining or node.excluded or not self._group_ok(node, job):
+                continue
+            room = group_room(node.frame_limit)
+            if not bound or room < bound:
+                bound = room
+        return bound
+
+    def _group_limits(self, jobs: Iterable[JobState] | None = None) -> None:
+        """Tell each console still sending arguments the largest argument group worth sending
+        (``group_limit``), when that changed. A console sizes its groups without knowing the
+        nodes' frames; a group larger than every node that may run its job takes would fail
+        each of its arguments with ``ArgumentTooLarge`` though each fits alone, and the server
+        cannot split a group (it never unpickles). Nothing is sent while no node has frames
+        smaller than the server's: the wire is unchanged on such a cluster."""
+        for job in self.active.values() if jobs is None else jobs:
+            if not job.receiving or job.console is None:
+                continue
+            bound = self._group_bound(job) if self._small_frames else 0
+            if bound != job.group_bytes:
+                job.group_bytes = bound
+                self._send(job.console, m.GroupLimit(job=job.id, max_bytes=bound))
 
     @command
     def node_refused_frame(self, node_id: str, message: str) -> None:
@@ -444,6 +481,9 @@ class Scheduler(NodeAnswers, Recovery):
         if node is None:
             return
         self._add_credits(node, -1)
+        if node_id in self._small_frames:
+            self._small_frames.discard(node_id)
+            self._group_limits()
         requeued = 0
         for task in sorted(node.inflight.values(), key=lambda t: -t.id):
             job = task.job
@@ -521,6 +561,7 @@ class Scheduler(NodeAnswers, Recovery):
         self._drained.discard((node.host, node.pid))
         if node.has_credit():
             self._ready[node.id] = node
+        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # a job that waited for a node has one again
@@ -537,6 +578,7 @@ class Scheduler(NodeAnswers, Recovery):
                 self._ready[node.id] = node
             else:
                 self._ready.pop(node.id, None)
+        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
@@ -551,6 +593,7 @@ class Scheduler(NodeAnswers, Recovery):
         node.draining = True
         self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)
+        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # tell consoles left without a node
@@ -578,6 +621,10 @@ class Scheduler(NodeAnswers, Recovery):
             name=job.options.name,
             mode=job.options.mode,
         )
+        if self._small_frames:  # before `submitted`: the console's first groups wait for it
+            job.group_bytes = self._group_bound(job)
+            if job.group_bytes:
+                self._send(console, m.GroupLimit(job=-msg.id, max_bytes=job.group_bytes))
         self._send(console, m.Submitted(re=msg.id, job=job.id, window=job.granted))
         self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
         self._prune_finished()

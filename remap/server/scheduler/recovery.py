@@ -139,6 +139,7 @@ class Recovery:
         job.granted = self._window(job)
         self._stop_orphan_timer(job)
         self._check_capacity(job)
+        self._group_limits((job,))  # (what it was told may have changed while it was away)
         self.log.info(
             "job {id} resumed by its console: {n} arguments to send again, new ones from {sent}",
             id=job.id,

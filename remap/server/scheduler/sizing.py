@@ -201,6 +201,12 @@ def task_bound(nbytes: int, pickles: int) -> int:
     return nbytes + PER_PICKLE * pickles + TASK_HEADROOM
 
 
+def group_room(limit: int) -> int:
+    """Bytes one pickle (an argument group) may have so that a task holding it alone fits a
+    node's frames of ``limit`` bytes: what a console is told in ``group_limit``."""
+    return max(1, limit - TASK_HEADROOM - PER_PICKLE)
+
+
 def node_too_large_text(what: str, need: int, limit: int, server_limit: int) -> str:
     """The one line a message too large for the frames of every node that may take it is
     reported with (``what`` needs it: "its task", "the job's function"), as a result too

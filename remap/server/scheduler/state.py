@@ -194,6 +194,9 @@ class JobState:
     #: arguments a batch may hold so its results fit one frame to the console (0: no cap),
     #: learned when a packed batch's did not (see ``NodeAnswers._one_by_one``)
     result_cap: int = 0
+    #: the largest argument group's pickle its console was told to send (``group_limit``; 0:
+    #: no bound said): see ``Scheduler._group_limits``
+    group_bytes: int = 0
 
     #: ``phase`` is final; and ``phase`` is RECEIVING: the console is still sending arguments
     #: (no ``args_end`` yet). Attributes :meth:`move` keeps, not properties: they are read on
