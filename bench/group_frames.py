@@ -7,6 +7,7 @@ frames), a lazy ``imap`` of the same, and a run of mid-size arguments. Prints, p
 how many results were right and how many arguments failed with ``ArgumentTooLarge``.
 
     python bench/group_frames.py [--node-frame 262144] [--n 20000]
+    python bench/group_frames.py --hol 200    # a large argument's wait for a busy large node
 """
 
 from __future__ import annotations
@@ -56,11 +57,43 @@ def run(c: remap.Cluster, name: str, values: list[bytes], lazy: bool) -> str:
     return f"{name:<18} {right:>6} of {len(values)} right, {took:.2f} s"
 
 
+def nap(x: bytes) -> int:
+    time.sleep(0.02)
+    return len(x)
+
+
+def head_of_line(n: int) -> str:
+    """Two nodes of one core, one taking frames of 64 KiB, one at the default; a map of ``n``
+    calls of 20 ms in blocks of 50 whose first 10 arguments are 200 KiB (only the large node
+    takes them): wall time."""
+    values = [bytes([i % 251]) * (200 * 1024 if i % 50 < 10 else 64) for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        nodes = [
+            NodeSpec(cores=1, env={"REMAP_MAX_FRAME": str(64 * 1024)}),
+            NodeSpec(cores=1),
+        ]
+        with Cluster(tmp, nodes) as cluster:
+            with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as c:
+                began = time.monotonic()
+                out = c.map(nap, values, chunksize=1)
+                took = time.monotonic() - began
+    right = sum(got == len(v) for v, got in zip(values, out, strict=True))
+    ideal = n * 0.02 / 2
+    return (
+        f"head of line: {right} of {n} right in {took:.2f} s "
+        f"(two cores, 20 ms calls: {ideal:.2f} s at best)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--node-frame", type=int, default=256 * 1024)
     parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--hol", type=int, default=0, help="only the head-of-line run, N calls")
     args = parser.parse_args()
+    if args.hol:
+        print(head_of_line(args.hol))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeSpec(cores=2, env={"REMAP_MAX_FRAME": str(args.node_frame)})
         with Cluster(tmp, [node]) as cluster:

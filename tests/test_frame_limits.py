@@ -665,3 +665,39 @@ def test_a_group_at_the_bound_told_fits_the_node_it_was_told_for() -> None:
     assert console.send(grouped_args(console.job, [group])) is None
     (task,) = node.held()
     assert task.groups == [2] and len(task.payload) == bound and node.frames_ok()
+
+
+# ============================================================================ head-of-line wait
+
+
+def args_run(node: FakeNode, job: int) -> list[Any]:
+    """The arguments of the tasks of ``job`` the node holds now."""
+    return [a for t in node.held() if t.job == job for a in node.args_of(t)]
+
+
+def test_a_large_argument_waiting_for_a_busy_node_does_not_hold_back_what_fits_a_small_one() -> (
+    None
+):
+    """The large node is busy; the next argument of a job (200 KiB) waits for it, but the
+    arguments behind it go to the node with small frames now, instead of that node idling
+    until the large one takes the head. The large argument then goes to the large node first;
+    every argument runs once. Before, the small node got nothing of the job in that round."""
+    sched, _ = make()
+    large = SmallNode(sched, "large", cores=1, limit=1024 * KIB)
+    first = FakeConsole(sched, [b"a", b"b"], name="first", chunksize=1)
+    first.feed()
+    assert len(large.held()) == 2, "the large node is busy"
+    small = SmallNode(sched, "small", cores=1, limit=64 * KIB)
+    values = [b"B" * 200 * KIB, b"1", b"2", b"3", b"4"]
+    console = FakeConsole(sched, values, name="second", chunksize=1)
+    console.feed()
+    assert args_run(small, console.job) == [b"1", b"2"], "what fits the small node goes now"
+    assert small.frames_ok()
+    for task in large.held():
+        large.answer(task, fn=len)
+    assert args_run(large, console.job)[:1] == [values[0]], "the large one was next in line"
+    run_to_end([small, large], [first, console], fn=len)
+    assert small.frames_ok() and large.frames_ok()
+    outcomes = assert_exactly_once(console, 5)
+    assert outcomes[0] == ("ok", 200 * KIB)
+    assert console.done().state == "done"

@@ -91,6 +91,11 @@ def first_job_id(now: float | None = None) -> int:
     return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
 
 
+#: pickles waiting for a node with larger frames a dispatch passes over to find work that fits
+#: a smaller node (see :meth:`Scheduler._behind_large`): a bound on the work of one dispatch
+SKIP_LARGE = 32
+
+
 def _besides(may_run: Any, job: JobState) -> Any:
     """``may_run`` that leaves ``job`` out too (what is next of it waits for larger frames)."""
     return lambda node, other: other is not job and may_run(node, other)
@@ -1017,9 +1022,10 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> bool:
         """Send ``node`` a task of ``job`` (the job's function first, once per node), in frames
-        the node takes. False: nothing of the job went, its function or next argument is too
-        large for this node's frames and left for a node with larger ones (see
-        :meth:`_too_large`, which fails it when no node takes it: True then)."""
+        the node takes. False: nothing of the job went, its function, or its next arguments
+        (the next few pickles, see :meth:`_behind_large`), are too large for this node's
+        frames and left for a node with larger ones (see :meth:`_too_large`, which fails one
+        when no node takes it: True then)."""
         if job.id not in node.loaded:
             load = m.JobLoad(
                 job=job.id,
@@ -1047,7 +1053,12 @@ class Scheduler(NodeAnswers, Recovery):
         if nbytes > room and node.frame_limit:  # one pickle over the room, alone: measured
             need = self._task_length(job, seg, node.frame_limit)
             if need > node.frame_limit:
-                return self._too_large(node, job, need, seg)
+                if self._too_large(node, job, need, seg):
+                    return True
+                found = self._behind_large(node, job, size, room)
+                if found is None:
+                    return False
+                seg, nbytes = found, len(found.payload)
         n = len(seg.indices)  # (len(seg) is a Python call)
         job.pending_count -= n
         job.pending_bytes -= nbytes
@@ -1071,6 +1082,24 @@ class Scheduler(NodeAnswers, Recovery):
         if self._sweep is None:
             self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
         return True
+
+    def _behind_large(self, node: NodeState, job: JobState, size: int, room: int) -> Segment | None:
+        """The job's next arguments that fit ``node``'s frames, from behind the pickles at the
+        head of its queue that wait for a node with larger frames (at most ``SKIP_LARGE`` of
+        them are passed over; they stay at the head, in order, for the first larger node that
+        asks): a small node is not held idle while a larger one is busy. None: nothing fits."""
+        limit = node.frame_limit
+        pending = job.pending
+        held = [pending.popleft()]  # (put back by _too_large: it waits for a larger node)
+        try:
+            while pending and len(held) <= SKIP_LARGE:
+                seg = take_from(pending, size, room)
+                if len(seg.payload) <= room or self._task_length(job, seg, limit) <= limit:
+                    return seg
+                held.append(seg)
+            return None
+        finally:
+            pending.extendleft(reversed(held))
 
     @staticmethod
     def _task_length(job: JobState, seg: Segment, limit: int) -> int:
