@@ -18,7 +18,7 @@ class RecordingStream:
 
     def __init__(self, total: int | None) -> None:
         self.session = SimpleNamespace(
-            params=SimpleNamespace(gang=False, chunksize=None), total_hint=total
+            params=SimpleNamespace(gang=False, chunksize=None), total_hint=total, group_bytes=0
         )
         self.unsent_bytes = 0
         self.puts: list[int] = []
