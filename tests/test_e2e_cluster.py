@@ -300,6 +300,45 @@ def test_a_console_with_a_small_frame_limit_gets_its_results_or_one_line(
     assert took < 30, f"{took:.1f}s"
 
 
+def test_attach_from_a_console_with_smaller_frames_says_what_the_server_keeps(
+    shared: Cluster, tmp_path: Path
+) -> None:
+    """A detached job whose result of 2 MiB the server counts as done (status: 3 done, 0
+    failed). ``attach`` from a console at REMAP_MAX_FRAME=1 MiB gets the two results that fit,
+    and for the third an error saying it is too large for this console and that the server
+    keeps it, then one line saying the server counts it done (not "1 argument(s) failed": the
+    job's counts stay the server's); exit code 1. ``attach`` at the default then gets all three:
+    nothing was lost. Before, the small attach said "1 argument(s) failed (on_error:
+    continue)" for a job status counted wholly done."""
+    detached = job(tmp_path, "kibibytes", args=[1, 2048, 1], chunksize=1)
+    began = shared.console("compute", str(detached), "--detach", "--json", timeout=60)
+    job_id = json.loads(shared.assert_ok(began).stdout)["job"]
+
+    def finished() -> dict[str, Any] | None:
+        status = json.loads(shared.assert_ok(shared.console("status", "--json")).stdout)
+        state = next(j for j in status["jobs"] if j["id"] == job_id)
+        return state if state["state"] != "running" else None
+
+    state = shared.wait_for(finished, 60, "the detached job to finish")
+    assert (state["state"], state["done"], state["failed"]) == ("done", 3, 0), state
+    small = {"REMAP_MAX_FRAME": str(1 << 20)}
+    done = shared.console("attach", job_id, "--json", env=small, timeout=60)
+    assert done.returncode == 1, shared.explain(done)
+    no_traceback(done)
+    first, kept, last = json.loads(done.stdout)
+    assert first == last == funcs.kibibytes(1)
+    assert kept["type"] == "ResultTooLarge", kept
+    text = kept["message"]
+    assert "over the limit of 1,048,576 bytes on frames to this console" in text, text
+    assert "the server keeps it: attach with a larger REMAP_MAX_FRAME" in text, text
+    (summary,) = error_lines(done)
+    assert f"1 result(s) of job {job_id} that the server counts as done" in summary, summary
+    assert "the server keeps them" in summary, summary
+    assert "argument(s) failed" not in done.stderr, done.stderr
+    again = shared.assert_ok(shared.console("attach", job_id, "--json", timeout=60))
+    assert json.loads(again.stdout) == [funcs.kibibytes(n) for n in (1, 2048, 1)]
+
+
 def kib(n: int) -> str:
     """A string of ``n`` KiB (run on the nodes, importable there by name)."""
     return "k" * (n * 1024)

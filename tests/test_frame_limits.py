@@ -318,6 +318,33 @@ def test_a_detached_jobs_results_are_replayed_in_frames_the_attaching_console_ta
     assert outcomes[5] == [("error", TOO_LARGE)]
 
 
+def test_a_detached_result_too_large_for_one_console_stays_whole_for_another() -> None:
+    """The server counted the 100 KiB result done and keeps it: a console with small frames
+    that attaches is told it is too large for *this* console and that the server keeps it, its
+    ``job_done`` carries the job's own counts (status and attach agree); a console with larger
+    frames that attaches after it gets the result itself."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(3), chunksize=3, detach=True)
+    console.feed()
+    (task,) = node.held()
+    node.answer(task, fn=lambda x: bytes([x]) * (100 * KIB if x == 1 else 10))
+    job = sched.jobs[console.job]
+    assert (job.state, job.done, job.failed) == ("done", 3, 0)
+    small = SmallConsole(sched, [], limit=64 * KIB, name="small")
+    assert sched.attach(small.link, console.job) is not None and small.frames_ok()
+    errors = [e for msg in small.link.of(m.Results, console.job) for e in msg.errors]
+    ((_, type_name, text, _),) = errors
+    assert type_name == TOO_LARGE and "over the limit of 65,536 bytes" in text, text
+    assert "the server keeps it: attach with a larger REMAP_MAX_FRAME" in text, text
+    (done,) = small.link.of(m.JobDone, console.job)
+    assert (done.state, done.done, done.failed) == ("done", 3, 0)
+    large = SmallConsole(sched, [], limit=1024 * KIB, name="large")
+    assert sched.attach(large.link, console.job) is not None
+    large.job = console.job
+    assert large.outcomes()[1] == [("ok", bytes([1]) * 100 * KIB)]
+
+
 @pytest.mark.parametrize("limit", [0, 256 * 1024 * 1024])
 def test_a_console_without_a_small_limit_gets_the_batch_as_it_came(limit: int) -> None:
     """No limit (an in-process link) or a large one: one message, no re-run."""

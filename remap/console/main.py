@@ -758,7 +758,21 @@ class Console:
             line, code = one_line(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
             self.note(line)
             return code
-        return self._failed_arguments(max(run.session.failed, outcome.failed))
+        # errors here beyond what the server counted: results it keeps whole that this console
+        # could not take (too large for its frames, or not unpickled here); the job's own
+        # counts stay the server's, as `status` shows them
+        lacking = run.session.failed - outcome.failed
+        if lacking > 0:
+            line, code = one_line(
+                JobFailed(
+                    f"{lacking} result(s) of job {args.job} that the server counts as done are "
+                    "errors on this console (too large for its frames, or not unpickled here: "
+                    "see them above); the server keeps them"
+                )
+            )
+            self.note(line)
+            return code
+        return self._failed_arguments(outcome.failed)
 
     cmd_results = cmd_attach
 

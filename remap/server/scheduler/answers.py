@@ -366,21 +366,22 @@ class NodeAnswers:
         if job.options.detach:
             job.stored.append(msg)
             if job.attached and job.console is not None:
-                self._to_console(job.console, msg)
+                self._to_console(job.console, msg, kept=True)
         elif job.console is not None:
             if sized:
                 self._send(job.console, msg)
             else:
                 self._to_console(job.console, msg)
 
-    def _to_console(self, link: Any, msg: m.Results) -> None:
+    def _to_console(self, link: Any, msg: m.Results, kept: bool = False) -> None:
         """Send results in frames the console accepts (its ``frame_limit``; 0: no frames, an
         in-process link): split, or a result that cannot fit sent as its error (see
         :func:`~.sizing.fit_results`). A console that got a frame over its limit would close,
-        resume and be sent the same frame again, for ever."""
+        resume and be sent the same frame again, for ever. ``kept``: a detached job's stored
+        results, which stay whole: one too large for this console says the server keeps it."""
         limit = getattr(link, "frame_limit", 0)
         if limit and (msg.errors or results_bound(msg) > limit):
-            for piece in fit_results(msg, limit, self.max_frame):
+            for piece in fit_results(msg, limit, self.max_frame, kept):
                 self._send(link, piece)
         else:
             self._send(link, msg)

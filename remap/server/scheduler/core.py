@@ -827,7 +827,7 @@ class Scheduler(NodeAnswers, Recovery):
             return None  # an attached job's results went to its console: none to replay
         if job.finished:  # nothing more will come: anyone may have the replay, any number of times
             for msg in job.stored:
-                self._to_console(console, msg)
+                self._to_console(console, msg, kept=True)
             self._send(console, self._done_message(job))
             return job
         # one receiver at a time; but a detached job's submitter (not an attached console) has
@@ -839,7 +839,7 @@ class Scheduler(NodeAnswers, Recovery):
         job.attached = True
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
-            self._to_console(console, msg)
+            self._to_console(console, msg, kept=True)
         self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
 

@@ -67,8 +67,16 @@ def fits(msg: m.Message, limit: int) -> bool:
     return frame_length(*m.encode(msg)) <= limit
 
 
-def too_large_text(need: int, limit: int, server_limit: int) -> str:
-    """The one line a result too large for its console's frames is reported with."""
+def too_large_text(need: int, limit: int, server_limit: int, kept: bool = False) -> str:
+    """The one line a result too large for its console's frames is reported with. ``kept``: a
+    detached job's result, which the server keeps (it counted it done): too large for this
+    console only, another with larger frames may attach and get it."""
+    if kept:
+        return (
+            f"its result needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on "
+            "frames to this console; the server keeps it: attach with a larger REMAP_MAX_FRAME "
+            "to get it"
+        )
     whose = "the console's" if limit < server_limit else "the console's and the server's"
     return (
         f"its result needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on "
@@ -89,7 +97,9 @@ def _error_entry(pos: int, text: str) -> list[Any]:
     return [pos, TOO_LARGE, text, ""]
 
 
-def fit_results(msg: m.Results, limit: int, server_limit: int) -> list[m.Results]:
+def fit_results(
+    msg: m.Results, limit: int, server_limit: int, kept: bool = False
+) -> list[m.Results]:
     """``msg`` as messages that each travel in a frame of at most ``limit`` bytes, in order.
 
     Split between results (errors keep their positions within their piece; what the calls
@@ -97,6 +107,8 @@ def fit_results(msg: m.Results, limit: int, server_limit: int) -> list[m.Results
     that argument's :data:`TOO_LARGE` error instead. A packed batch or a partial fold is one
     pickle for all its arguments: if it does not fit, each of them gets that error (the
     scheduler re-runs such a batch's arguments one by one first, while it still can).
+    ``kept``: the results of a detached job, which the server keeps whole (see
+    :func:`too_large_text`); ``msg`` itself is never changed.
     """
     if fits(msg, limit):
         return [msg]
@@ -105,7 +117,7 @@ def fit_results(msg: m.Results, limit: int, server_limit: int) -> list[m.Results
     output = _cut_output(msg.output, limit)
     if msg.packed or msg.partial or len(msg.sizes) != n:
         need = frame_length(*m.encode(msg))
-        text = too_large_text(need, limit, server_limit)
+        text = too_large_text(need, limit, server_limit, kept)
         known = {e[0]: e for e in msg.errors}
         errors = [known.get(i) or _error_entry(i, text) for i in range(n)]
         return [
@@ -157,7 +169,7 @@ def fit_results(msg: m.Results, limit: int, server_limit: int) -> list[m.Results
         lone = piece(a, a + 1, text)  # the bound says no: the exact size decides
         if not fits(lone, limit):
             need = frame_length(*m.encode(lone))
-            entry = _error_entry(0, too_large_text(need, limit, server_limit))
+            entry = _error_entry(0, too_large_text(need, limit, server_limit, kept))
             lone = piece(a, a + 1, text, entry)
         pieces.append(lone)
         a += 1
