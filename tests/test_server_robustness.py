@@ -170,6 +170,20 @@ def test_a_submit_then_an_oversized_frame_leaves_the_job_to_be_cancelled() -> No
     assert job.state == "cancelled"
 
 
+def test_a_console_of_an_earlier_release_answering_group_limit_is_left_alone() -> None:
+    """A console that does not know ``group_limit`` answers it with
+    ``error(code="unknown-message")`` (``re`` nil: the message has no id) and goes on; the
+    server takes that answer quietly (no error back, the connection stays) and the console's
+    next request is answered."""
+    factory = RemapServerFactory(Clock(), KEY, max_frame=1 << 20)
+    proto, transport, _ = _console(factory)
+    answer = {"t": "error", "code": "unknown-message", "message": "unknown message type 'x'"}
+    proto.dataReceived(frame(answer))
+    assert not transport.disconnecting and transport.value() == b""
+    proto.dataReceived(frame({"t": "status", "id": 1}))
+    assert [h["t"] for h in _headers(transport.value())] == ["status_reply"]
+
+
 # --------------------------------------------------------------------------- a real server
 
 
