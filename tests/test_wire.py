@@ -515,6 +515,28 @@ def test_node_says_why_a_connection_closed_before_its_handshake(clock):
     assert warnings(lambda: stopping.connectionLost(Failure(net_error.ConnectionDone()))) == []
 
 
+def test_a_node_refused_at_the_servers_caps_warns_why_and_tries_again(clock):
+    """The server's ``busy`` frame (its connection caps are full): the node logs one warning
+    saying the server refused it and why, and is not stopped (it retries like a lost
+    connection); it logged "connection to server refused" as an error, as for a wrong secret."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    from protocol import refusal_frame
+
+    node, agent, _pool, refusals = node_peer(clock)
+    transport = connect(node)
+    with capturedLogs() as events:
+        node.dataReceived(refusal_frame("too many connections in the handshake (at most 64)"))
+        node.connectionLost(Failure(net_error.ConnectionDone()))
+    said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert said == [
+        "the server at 127.0.0.1:4000 refused the connection: too many connections in the "
+        "handshake (at most 64); trying again"
+    ], said
+    assert not [e for e in events if e["log_level"] >= LogLevel.error]
+    assert refusals == [] and agent.link is None and transport.disconnecting
+
+
 def test_node_refuses_work_from_a_server_that_skips_the_handshake(clock, tmp_path):
     """A server that sends welcome and work without a challenge is refused before any of it runs."""
     marker = tmp_path / "unpickled"
