@@ -434,7 +434,8 @@ class ResultIterator(Iterator[Any]):
         self._ended = False
         self._end_error: BaseException | None = None
         self._closed = False
-        self._cancelled = False
+        #: why every later next() raises CancelledError (None: not cancelled)
+        self._cancelled: str | None = None
         self._lock = threading.Lock()
         self._top_up()
 
@@ -442,6 +443,24 @@ class ResultIterator(Iterator[Any]):
     def job_id(self) -> int | None:
         """The server's id of the job, once it has answered the submit."""
         return self._stream.job_id
+
+    @property
+    def finished(self) -> bool:
+        """The job has ended: every result it will give is here."""
+        return self._stream.finished.is_set()
+
+    @property
+    def input_read(self) -> bool:
+        """The whole iterable was taken (or the iterator was closed)."""
+        return self._feeder.done
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled is not None
+
+    def wait_finished(self) -> None:
+        """Block until the job has ended."""
+        self._stream.finished.wait()
 
     @property
     def taken(self) -> int:
@@ -460,8 +479,8 @@ class ResultIterator(Iterator[Any]):
             return self._next(timeout)
 
     def _next(self, timeout: float | None) -> Any:
-        if self._cancelled:
-            raise _cancelled_error()
+        if self._cancelled is not None:
+            raise concurrent.futures.CancelledError(self._cancelled)
         if self._closed:
             raise StopIteration
         deadline = self._deadline
@@ -613,9 +632,9 @@ class ResultIterator(Iterator[Any]):
         if not self._stream.finished.is_set():
             self._stream.kill()
 
-    def cancel(self) -> None:
-        """Close, and make every later ``next()`` raise CancelledError."""
-        self._cancelled = True
+    def cancel(self, why: str = "the executor was shut down with cancel_futures=True") -> None:
+        """Close, and make every later ``next()`` raise CancelledError saying ``why``."""
+        self._cancelled = why
         self.close()
 
     def __enter__(self) -> ResultIterator:
@@ -635,10 +654,6 @@ class ResultIterator(Iterator[Any]):
 
 _INDEX = operator.itemgetter(0)
 _RESULT_AND_ERROR = operator.itemgetter(1, 2)
-
-
-def _cancelled_error() -> BaseException:
-    return concurrent.futures.CancelledError("the executor was shut down with cancel_futures=True")
 
 
 # ====================================================================== the handle

@@ -606,8 +606,8 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             maps = list(self._maps)
         for results in maps:
-            if results._feeder.done:  # a lazy map still reading its iterable is not waited for
-                results._stream.finished.wait()
+            if results.input_read:  # a lazy map still reading its iterable is not waited for
+                results.wait_finished()
         self._close_cluster()
         _live.discard(self)
 

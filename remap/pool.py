@@ -18,6 +18,8 @@ from .executor import Executor
 __all__ = ["AsyncResult", "Pool"]
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+#: what a result of a terminated pool that never came raises (a CancelledError)
+_TERMINATED = "the pool was terminated before this result came"
 
 
 class AsyncResult:
@@ -71,6 +73,8 @@ class AsyncResult:
             raise multiprocessing.TimeoutError
         if self._error is not None:
             raise self._error
+        if self._future.cancelled():  # terminate() withdrew it before it left
+            raise concurrent.futures.CancelledError(_TERMINATED)
         return self._future.result()
 
 
@@ -99,6 +103,8 @@ def _all_then_first_error(results: ResultIterator) -> list[Any]:
                 results.rest(values)
                 break
             except Exception as exc:  # a remote error: remember it and let the others finish
+                if results.cancelled:  # the pool was terminated: no others will come
+                    raise
                 first = first or exc
                 values.append(None)
     if first is not None:
@@ -331,7 +337,11 @@ class Pool:
                 return
             self._state = _TERMINATE
         for results in list(self._iterators):
-            results.close()
+            # a job still running is killed and its iterator says so (it ended as if every
+            # result had come); the results of a finished job stay readable, as in
+            # multiprocessing
+            if not results.finished:
+                results.cancel(_TERMINATED)
         self._executor._terminate()
         self._executor.shutdown(wait=True)
         if self._owns_cluster:
@@ -346,6 +356,12 @@ class Pool:
             pending = list(self._pending)
         concurrent.futures.wait(pending)
         if self._state == _CLOSE:
+            # as multiprocessing, join waits for imap's calls too (it closed the pool's own
+            # cluster under them: iterating after join raised JobKilled); one still reading a
+            # long iterable on its consumer's thread can never end here and is not waited for
+            for results in list(self._iterators):
+                if results.input_read:
+                    results.wait_finished()
             self._executor.shutdown(wait=True)
             if self._owns_cluster:
                 self._owns_cluster = False

@@ -309,6 +309,46 @@ def test_terminate_stops_outstanding_work(embedded: remap.Cluster) -> None:
     assert time.monotonic() - started < 20
 
 
+def test_terminate_ends_running_iterators_and_keeps_finished_ones(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """After terminate(), an imap whose job was still running raises CancelledError saying the
+    pool was terminated (it ended as if every result had come: StopIteration); the results of
+    an imap whose job had finished stay readable, as in multiprocessing."""
+    release = tmp_path / "release"
+    pool = remap.Pool(cluster=embedded)
+    try:
+        finished = pool.imap(square, [1, 2, 3])
+        wait_for(lambda: finished.finished, 30, "the first imap's job to end")
+        running = pool.imap(held, [str(release)])
+        wait_for(lambda: running.job_id is not None, 10, "the second imap's job to start")
+        pool.terminate()
+        with pytest.raises(concurrent.futures.CancelledError, match="pool was terminated"):
+            running.next(timeout=20)
+        with pytest.raises(concurrent.futures.CancelledError):
+            next(running)
+        assert list(finished) == [1, 4, 9]
+    finally:
+        release.touch()
+
+
+def test_join_waits_for_imap_as_multiprocessing_does() -> None:
+    """close() then join() waits for the calls of imap and imap_unordered too, so their results
+    can be read after join, as with multiprocessing; join closed the pool's own cluster under
+    them, and reading them raised JobKilled."""
+    pool = remap.Pool(2, settings=Settings())
+    try:
+        ordered = pool.imap(sleep_then, [0.1] * 4)
+        unordered = pool.imap_unordered(sleep_then, [0.1] * 3)
+        pool.close()
+        pool.join()
+        assert pool.cluster.closed
+        assert list(ordered) == [0.1] * 4
+        assert list(unordered) == [0.1] * 3
+    finally:
+        pool.terminate()
+
+
 def test_pool_with_its_own_cluster() -> None:
     """Pool(2) starts an embedded cluster with two cores; leaving the with block closes it."""
     with remap.Pool(2, settings=Settings()) as pool:
