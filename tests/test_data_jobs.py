@@ -731,3 +731,57 @@ def test_python_api_data_job_ships_the_handles_modules(tmp_path: Path) -> None:
         summary = c.mapreduce(module, proj / "in.txt", tmp_path / "out", data_dir=str(tmp_path))
     assert summary["state"] == "OK"
     assert sorted(_lines(tmp_path / "out")) == ["A\t1", "B\t2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (root only: skipped where it cannot be mounted), unmounted after."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    done = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path: Path, small_disk: Path) -> None:
+    """An output on a disk that fills up while the reducers write it (a real 2 MiB tmpfs, about
+    3 MB of output), on ``continue``: the job fails with one line saying the disk is full and
+    naming the file; nothing is left on that disk (no output, no staging directory). Before,
+    each failed flush counted as an error of whatever key was being written, and the job went
+    on losing the buffered records of earlier keys."""
+    from tests.cluster_harness import CONSOLE_SCRIPT, run_entry
+
+    rng = random.Random(4)
+    (tmp_path / "in").mkdir()
+    words = (f"w{rng.randrange(40_000)}" for _ in range(100_000))
+    lines = (" ".join(next(words) for _ in range(4)) for _ in range(25_000))
+    (tmp_path / "in" / "a.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "job.py").write_text(
+        "def map(line):\n    for w in line.split():\n        yield w, 1\n\n\n"
+        "def reduce(key, values):\n    yield key, 'x' * 60 + str(sum(values))\n"
+    )
+    (tmp_path / "job.yaml").write_text(
+        "kind: mapreduce\nmodule: job.py\ninput: in/\noutput: small/out/\n"
+        "reducers: 2\non_error: continue\nretries: 0\n"
+    )
+    env = {"REMAP_DATA_DIR": str(tmp_path / "data"), "REMAP_CORES": "2"}
+    done = run_entry(
+        CONSOLE_SCRIPT, "--env-file", "/dev/null", "compute", "job.yaml",
+        home=tmp_path, env=env, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(r"cannot write \S+reducer-000[01]-part-00000: disk full", errors[0])
+    assert list(small_disk.iterdir()) == []

@@ -4,6 +4,7 @@ user-code errors, hooks, and the data-directory check."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import random
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ from remap.data.runs import BadOutput, CombineError, HookError
 from remap.data.tasks import (
     JobCodeError,
     RecordError,
+    StorageError,
     TaskContext,
     functions_from,
     map_task,
@@ -238,6 +240,42 @@ def test_a_reduce_that_returns_none_is_named(tmp_path: Path, on_error: str) -> N
     runs = [r[2] for r in map_task(ctx, _split(tmp_path, "w"))["runs"]]
     with pytest.raises(JobCodeError, match=r"key 'w': reduce returned None: it must yield"):
         reduce_task(ctx, (0, "default", 0, runs))
+
+
+def test_a_full_disk_under_the_reduce_fails_the_task_even_on_continue(tmp_path: Path) -> None:
+    """A write of the output file that finds the disk full (the buffered file flushing an
+    earlier key's records, as the default writer's does) is no record's error: the task fails
+    with one line naming the file, nothing committed. Counted per key on ``continue``, the
+    records of every buffer that failed were lost and the job could end OK (exit 5)."""
+    written = []
+
+    def writer(record, file):
+        if len(written) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(record)
+        file.write(f"{record[0]}\t{record[1]}\n")
+
+    ctx = _context(tmp_path, {"default": 1}, write=writer, on_error="continue")
+    runs = [r[2] for r in map_task(ctx, _split(tmp_path, "a b c d e"))["runs"]]
+    with pytest.raises(StorageError, match=r"cannot write .*reducer-0000-part-00000: disk full"):
+        reduce_task(ctx, (0, "default", 0, runs))
+    assert [p.name for p in (tmp_path / "staging" / "default").iterdir()] == []
+
+
+def test_a_full_disk_under_a_spill_names_the_directory(tmp_path: Path, monkeypatch) -> None:
+    """A map task's spill that finds the disk full fails the task saying so, and leaves no
+    partial run (was: "OSError: [Errno 28] No space left on device", no path)."""
+    real = tasks.write_run
+
+    def write_run(path, records):
+        real(path, records)  # the file is there, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tasks, "write_run", write_run)
+    ctx = _context(tmp_path, {"default": 1})
+    with pytest.raises(StorageError, match=r"cannot write .*reducer-0000: disk full"):
+        map_task(ctx, _split(tmp_path, "a b"))
+    assert list(layout.walk_files(tmp_path / "data" / "im")) == []
 
 
 def test_reduce_errors_name_the_key(tmp_path: Path) -> None:

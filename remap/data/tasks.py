@@ -11,6 +11,7 @@ returns those names; the driver uses only the names delivered to it and deletes 
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
@@ -59,6 +60,26 @@ class RecordError(Exception):
 
 class JobCodeError(Exception):
     """User code broke the data-job contract (bad yield shape, unknown purpose, ...)."""
+
+
+class StorageError(Exception):
+    """A task could not write its files: the disk is full (or over quota, or read-only).
+    No record's fault, so it fails the task even on ``continue`` (counted as a record's
+    error, the records of the buffer that failed to flush would be lost from the output)."""
+
+
+#: what a failed write of a task's own files says when the disk is the trouble
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _storage_trouble(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    from ..sinks import os_reason  # only on this path: cores do not load the sinks
+
+    return StorageError(f"cannot write {path}: {os_reason(exc)}")
 
 
 def default_write(record: Any, file: TextIO) -> None:
@@ -226,7 +247,13 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         purpose, reducer = bucket
         final = data.run_path(ctx.job_id, purpose, reducer, s.index, buffer.spills, attempt)
         tmp = layout.tmp_path(final, "w")
-        count, size = write_run(tmp, records)
+        try:
+            count, size = write_run(tmp, records)
+        except OSError as exc:
+            if _storage_trouble(exc):
+                tmp.unlink(missing_ok=True)
+                raise _storage_error(tmp.parent, exc) from None
+            raise
         pending.append((tmp, final, purpose, reducer, count, size))
 
     def locate(purpose: str, key: Any, encoded: bytes) -> int:
@@ -436,25 +463,32 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
     failures = _Failures(ctx.on_error)
     try:
         _hook(fns.reduce_init, "reduce_init")
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
-            for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
-                keys_reduced += 1
-                outputs: Any = ()
-                try:
-                    outputs = user_reduce(key, values)
-                    for record in outputs:
-                        write(record, out)
-                        records_out += 1
-                except Exception as exc:  # the user's reduce or write: report with its key
-                    where = f"{task} ({purpose} reducer {reducer}) key {short(key)}"
-                    if not hasattr(outputs, "__iter__"):  # a broken contract fails on continue
-                        raise JobCodeError(f"{where}: {_returned('reduce', outputs)}") from None
-                    failures.record(where, "reduce", exc)
-                if keys_reduced % _CHECK_EVERY == 0:
-                    progress.update(keys=keys_reduced, records_out=records_out)
-            for record in _hook(fns.reduce_final, "reduce_final") or ():
-                write(record, out)
-                records_out += 1
+        try:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as out:
+                for key, values in grouped(merge(read_run(p) for p in inputs), fns.group):
+                    keys_reduced += 1
+                    outputs: Any = ()
+                    try:
+                        outputs = user_reduce(key, values)
+                        for record in outputs:
+                            write(record, out)
+                            records_out += 1
+                    except Exception as exc:  # the user's reduce or write: report with its key
+                        if _storage_trouble(exc):  # the file's buffer, not this key's records
+                            raise
+                        where = f"{task} ({purpose} reducer {reducer}) key {short(key)}"
+                        if not hasattr(outputs, "__iter__"):  # broken contract: fails on continue
+                            raise JobCodeError(f"{where}: {_returned('reduce', outputs)}") from None
+                        failures.record(where, "reduce", exc)
+                    if keys_reduced % _CHECK_EVERY == 0:
+                        progress.update(keys=keys_reduced, records_out=records_out)
+                for record in _hook(fns.reduce_final, "reduce_final") or ():
+                    write(record, out)
+                    records_out += 1
+        except OSError as exc:  # raised by a write, or by the close flushing the last ones
+            if _storage_trouble(exc):
+                raise _storage_error(final, exc) from None
+            raise
         layout.commit(tmp, committed)
     finally:
         tmp.unlink(missing_ok=True)
