@@ -388,7 +388,12 @@ class OutputLock:
 def take_output(output: Path, owner: str) -> OutputLock:
     """Lock a data or vertex job's output directory as function jobs lock their output file:
     ``OutputError`` at once, naming the job that holds it, or the held lock."""
-    output.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the output
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the output
+    except OSError as exc:
+        blocker = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a directory" if blocker else os_reason(exc)
+        raise ConfigError(f"cannot create the directory of output {output}: {reason}") from None
     lock = OutputLock(output, owner)
     lock.acquire()
     if output.exists() or output.is_symlink():  # published by a job that just released it

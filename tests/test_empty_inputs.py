@@ -71,6 +71,37 @@ def test_an_input_naming_nothing_is_one_line_naming_the_key(
     assert "\n" not in message
 
 
+#: (input entry, what the one line says) with a FIFO and a broken link in ``odd/``
+NOT_FILES = [
+    ("odd/", "odd/pipe is a FIFO, not a regular file"),
+    ("odd/pipe", "odd/pipe is a FIFO, not a regular file"),
+    ("'odd/p*'", "odd/pipe is a FIFO, not a regular file"),
+    ("odd/gone", "odd/gone is a broken symbolic link (to nowhere.txt)"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("entry", "says"), NOT_FILES, ids=["walk", "named", "glob", "link"])
+def test_an_input_that_is_no_regular_file_is_one_line(
+    base: Path, kind: str, entry: str, says: str
+) -> None:
+    """A FIFO (walked, named or globbed) or a broken symbolic link among the inputs: one line
+    naming it, before anything runs. A FIFO named was 'no such file or directory', walked or
+    globbed an empty file (a task reading it would block); a broken link a traceback."""
+    import os
+
+    (base / "odd").mkdir()
+    os.mkfifo(base / "odd" / "pipe")
+    (base / "odd" / "gone").symlink_to("nowhere.txt")
+    if entry == "odd/":  # walked, the FIFO alone
+        os.unlink(base / "odd" / "gone")
+    with pytest.raises(ConfigError) as info:
+        prepare(kind, job_text(kind, entry), base)
+    message = str(info.value)
+    assert message.startswith(f"{SOURCE}:3: key 'input': input {entry.strip(chr(39))!r}: ")
+    assert message.endswith(says) and "\n" not in message, message
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_existing_empty_directory_is_no_error(base: Path, kind: str) -> None:
     """An existing directory with no (visible) files passes the checks, for either kind."""

@@ -716,6 +716,16 @@ def test_the_lock_beside_an_output_is_no_input_of_a_job_walking_that_directory(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
 
 
+def test_an_output_under_a_file_is_one_line(tmp_path: Path) -> None:
+    """A data or vertex job's output whose parent path runs through a file: a ConfigError
+    naming that file (was a FileExistsError traceback from mkdir)."""
+    from remap.sinks import take_output
+
+    (tmp_path / "a.txt").write_text("x\n")
+    with pytest.raises(ConfigError, match=r"output .*a.txt/sub/out: .*a.txt is a file, not a"):
+        take_output(tmp_path / "a.txt" / "sub" / "out", "data job 20261202-x (x)")
+
+
 # --- the disk fills up -------------------------------------------------------------------
 
 

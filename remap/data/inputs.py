@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,44 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
             matches = [path]
         elif path.is_dir():
             matches = sorted(_files_under(path))
+        elif os.path.lexists(path):  # a FIFO, a socket, a device or a broken link
+            matches = [path]
         else:
             matches = _glob_files(text, base_dir)
             if matches is None:
                 raise nothing_named(entry, path)
+        for match in matches:
+            _check_readable(entry, match)
         found.update(dict.fromkeys(match.resolve() for match in matches))
     return list(found)
+
+
+#: what an input path is when it is no regular file, for the error that refuses it
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
+
+
+def _check_readable(entry: str | os.PathLike[str], path: Path) -> None:
+    """A file an entry found must be a regular file: a FIFO would block the task reading it
+    (or, without a reader, be taken for an empty file), a broken link fail it later."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise ConfigError(
+                f"input {entry!r}: {path} is a broken symbolic link (to {target})"
+            ) from None
+        raise nothing_named(entry, path) from None
+    except OSError as exc:
+        raise ConfigError(f"input {entry!r}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "something else")
+        raise ConfigError(f"input {entry!r}: {path} is {kind}, not a regular file")
 
 
 def absolute_entry(entry: str | os.PathLike[str], base_dir: Path | str) -> str:
@@ -105,7 +138,7 @@ def _glob_files(entry: str, base_dir: Path | str) -> list[Path] | None:
     for match in map(Path, shown):
         if match.is_dir():
             files += _files_under(match)
-        elif match.is_file():
+        else:  # a file, or what resolve_inputs refuses by name (a FIFO, a broken link)
             files.append(match)
     return sorted(files)
 
