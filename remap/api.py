@@ -13,6 +13,7 @@ results it has consumed.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import itertools
 import operator
 import os
@@ -1324,9 +1325,16 @@ def _disconnect(client: ClusterClient) -> defer.Deferred | None:
 
 
 def own_or_borrow(
-    address: Any, cluster: Cluster | None, cores: int | None, connect_kwargs: dict[str, Any]
+    address: Any,
+    cluster: Cluster | None,
+    cores: int | None,
+    connect_kwargs: dict[str, Any],
+    owner: str = "remap.Executor",
 ) -> tuple[Cluster, bool]:
     """The cluster an Executor or Pool runs on, and whether it made (and so must close) it."""
+    unknown = sorted(set(connect_kwargs) - set(inspect.signature(connect).parameters))
+    if unknown:  # named as the caller's, not as connect()'s, which the caller never called
+        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
     if cluster is not None:
         if address is not None or connect_kwargs:
             raise TypeError("give either cluster= or connection arguments, not both")

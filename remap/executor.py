@@ -389,8 +389,20 @@ class Executor(concurrent.futures.Executor):
         cluster: Cluster | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
+        mp_context: Any = None,
+        max_tasks_per_child: int | None = None,
         **connect_kwargs: Any,
     ) -> None:
+        # ProcessPoolExecutor's own arguments, refused plainly (None, their default, passes)
+        if max_tasks_per_child is not None:
+            raise NotImplementedError(
+                "remap.Executor has no max_tasks_per_child: cores are long-lived "
+                "and replaced only when they crash or time out"
+            )
+        if mp_context is not None:
+            raise NotImplementedError(
+                "remap.Executor has no mp_context: cores are started by their node"
+            )
         if isinstance(address, int) and not isinstance(address, bool) and max_workers is None:
             address, max_workers = None, address  # Executor(4), as with ProcessPoolExecutor(4)
         if max_workers is not None and max_workers <= 0:
@@ -402,7 +414,7 @@ class Executor(concurrent.futures.Executor):
         #: run once per core process before the first call of this executor that lands there
         self._initializer = Initializer(initializer, initargs) if initializer is not None else None
         self._cluster, self._owns_cluster = own_or_borrow(
-            address, cluster, max_workers, connect_kwargs
+            address, cluster, max_workers, connect_kwargs, "remap.Executor"
         )
         self._lock = threading.Lock()
         self._streams: dict[Hashable, _SubmitStream] = {}

@@ -157,7 +157,7 @@ class Pool:
                 "and replaced only when they crash or time out"
             )
         self._cluster, self._owns_cluster = own_or_borrow(
-            address, cluster, processes, connect_kwargs
+            address, cluster, processes, connect_kwargs, "remap.Pool"
         )
         self._executor = Executor(
             cluster=self._cluster,

@@ -262,6 +262,29 @@ def test_exception_that_cannot_travel_becomes_remote_task_error(embedded: remap.
     assert "raise_unpicklable" in info.value.__cause__.remote_traceback
 
 
+class TwoArgs(Exception):
+    """Its constructor takes two arguments, its args hold one: unpickling calls it with one."""
+
+    def __init__(self, a: int, b: str) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_two_args(x: int) -> int:
+    raise TwoArgs(x, "b")
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_remote_task_error(
+    embedded: remap.Cluster,
+) -> None:
+    """An exception whose constructor cannot be called again with its args (unpickling it fails
+    here) arrives as RemoteTaskError naming it; the handle goes on (ProcessPoolExecutor breaks)."""
+    with pytest.raises(RemoteTaskError) as info:
+        embedded.map(raise_two_args, [1])
+    assert info.value.type_name.endswith("TwoArgs")
+    assert "1-b" in info.value.message
+    assert embedded.map(square, [3]) == [9]
+
+
 def test_exception_class_defined_in_the_function_travels_by_value(embedded: remap.Cluster) -> None:
     """A class made inside the task is shipped back by value and re-raised as that class."""
     with pytest.raises(Exception) as info:
@@ -458,7 +481,9 @@ if __name__ == "__main__":
         print(cluster.map(lambda x: -x, [5]))
         try:
             cluster.map(boom, [1])
-        except Exception as exc:  # Boom itself, or RemoteTaskError naming it
+        except Boom as exc:  # the script's own class, as the README promises
+            print("caught Boom", type(exc) is Boom)
+        except Exception as exc:
             print("remote", getattr(exc, "type_name", type(exc).__name__))
 """
 
@@ -483,7 +508,7 @@ def test_functions_of_main_ship_by_value(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == ["[3, 6]", "[-5]"]
-    assert lines[2] == "remote Boom"
+    assert lines[2] == "caught Boom True"
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))

@@ -5,6 +5,7 @@ wait / as_completed, and done-callbacks off the reactor thread."""
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -505,6 +506,27 @@ def test_shutdown_wait_waits_for_outstanding_calls(embedded: remap.Cluster) -> N
     futures = [ex.submit(sleep_then, 0.2) for _ in range(4)]
     ex.shutdown(wait=True)
     assert all(f.done() and f.result() == 0.2 for f in futures)
+
+
+def test_process_pool_arguments_and_unknown_ones_are_refused_plainly() -> None:
+    """ProcessPoolExecutor's mp_context and max_tasks_per_child are refused by name (None, their
+    default, passes), and a misspelt argument is named as Executor's or Pool's: both were
+    "connect() got an unexpected keyword argument", a function the caller never called, after
+    importing the embedded cluster's modules. Nothing is started."""
+    with pytest.raises(NotImplementedError, match="no max_tasks_per_child"):
+        remap.Executor(2, max_tasks_per_child=1)
+    with pytest.raises(NotImplementedError, match="no mp_context"):
+        remap.Executor(2, mp_context=multiprocessing.get_context("spawn"))
+    with pytest.raises(
+        TypeError, match=r"^remap\.Executor\(\) got an unexpected keyword argument 'max_worker'$"
+    ):
+        remap.Executor(max_worker=2)
+    with pytest.raises(
+        TypeError, match=r"^remap\.Pool\(\) got an unexpected keyword argument 'process'$"
+    ):
+        remap.Pool(process=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_worker'"):
+        remap.Executor(cluster=object(), max_worker=2)  # type: ignore[arg-type]
 
 
 def test_executor_with_its_own_embedded_cluster() -> None:
