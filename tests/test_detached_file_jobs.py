@@ -21,9 +21,9 @@ import pytest
 
 from remap.data import layout
 from remap.data.layout import DataDir
-from remap.vertex.reference import read_tagged_lines, run_local
 from tests.cluster_harness import NodeSpec, wait_for
 from tests.vertex_graphs import EXAMPLES, edge_lines, example, parse_output, write_files
+from tests.vertex_reference import read_tagged_lines, run_local
 
 pytestmark = pytest.mark.slow
 

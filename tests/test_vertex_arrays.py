@@ -18,13 +18,12 @@ from remap.vertex.engine import (
     Sums,
     _with_sums,
     decode_bucket,
-    deliver,
     gather,
 )
 from remap.vertex.program import program_from_namespace
-from remap.vertex.reference import run_local
 from tests.test_vertex_driver import graph_input, run_threads
 from tests.vertex_graphs import edge_lines, example, power_law_digraph
+from tests.vertex_reference import deliver, run_local
 
 np = pytest.importorskip("numpy")
 

@@ -16,9 +16,9 @@ import pytest
 
 import remap
 from remap.settings import Settings
-from remap.vertex.reference import read_tagged_lines, run_local
 from tests.cluster_harness import NodeSpec
 from tests.vertex_graphs import EXAMPLES, edge_lines, example, parse_output, write_files
+from tests.vertex_reference import read_tagged_lines, run_local
 
 pytestmark = pytest.mark.slow
 

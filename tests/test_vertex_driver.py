@@ -22,10 +22,9 @@ from remap.errors import ConfigError, JobFailed, JobKilled
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
 from remap.vertex.files import input_splits, read_lines, read_pickle
-from remap.vertex.launch import ThreadLaunch
 from remap.vertex.program import program_from_namespace
-from remap.vertex.reference import read_tagged_lines, run_local
 from tests.vertex_graphs import edge_lines, example, parse_output, write_files
+from tests.vertex_reference import ThreadLaunch, read_tagged_lines, run_local
 
 
 def run_threads(

@@ -16,11 +16,9 @@ from remap.vertex.engine import (
     Outbox,
     Partition,
     VertexError,
-    deliver_bytes,
     partition_of,
 )
 from remap.vertex.program import program_from_namespace
-from remap.vertex.reference import read_tagged_lines, run_local
 from tests.vertex_graphs import (
     EXAMPLES,
     edge_lines,
@@ -29,6 +27,7 @@ from tests.vertex_graphs import (
     power_law_digraph,
     write_files,
 )
+from tests.vertex_reference import deliver_bytes, read_tagged_lines, run_local
 
 
 def tagged(lines):

@@ -123,7 +123,7 @@ def test_compute_runs_a_vertex_job_file_with_json_summary(tmp_path: Path) -> Non
 def test_progress_line_shows_active_messages_and_aggregates() -> None:
     """One line per barrier: superstep, active vertices, messages delivered, each aggregate."""
     from remap.console.filejob import report_line
-    from remap.vertex.reference import SuperstepReport
+    from remap.vertex.driver import SuperstepReport
 
     report = SuperstepReport(3, 120, 900, 450, 500, {"dangling": 0.0123456789, "seen": {1}}, 2)
     assert report_line(report) == (

@@ -20,7 +20,7 @@ from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, RemapError
 from . import render
 
 if TYPE_CHECKING:
-    from ..vertex.reference import SuperstepReport
+    from ..vertex.driver import SuperstepReport
 
 
 def report_line(report: SuperstepReport) -> str:

@@ -28,7 +28,6 @@ from ..sinks import take_output, to_jsonable
 from .engine import fold_into
 from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
-from .reference import SuperstepReport
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
 START_TIMEOUT = 120.0
@@ -79,6 +78,20 @@ class VertexConfig:
     #: is long enough for a core starved of CPU or deep in one long C call
     lost_after: float = 60.0
     heartbeat: float = 0.5
+
+
+@dataclass
+class SuperstepReport:
+    """What the barrier counted after one superstep (the progress line of a job)."""
+
+    superstep: int
+    active: int
+    sent: int
+    delivered: int
+    vertices: int
+    aggregates: dict[str, Any] = field(default_factory=dict)
+    errors: int = 0
+    first_error: str = ""
 
 
 @dataclass

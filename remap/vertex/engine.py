@@ -98,29 +98,6 @@ def prepare_line(program: Program, line: str) -> list[Record]:
     return [_record(out, line)]
 
 
-def bucket_records(
-    program: Program,
-    lines: Iterable[tuple[Tag, str]],
-    count: int,
-    skipped: list[str] | None = None,
-) -> list[list[tuple[Tag, Record]]]:
-    """Parse tagged lines and sort their records into one list per owning partition; with
-    ``skipped`` (``on_error: continue``) a line whose ``prepare`` raised is left out and its
-    error appended there."""
-    buckets: list[list[tuple[Tag, Record]]] = [[] for _ in range(count)]
-    for tag, line in lines:
-        try:
-            records = prepare_line(program, line)
-        except VertexError as exc:
-            if skipped is None:
-                raise
-            skipped.append(str(exc))
-            continue
-        for rec in records:
-            buckets[partition_of(rec[0], count)].append((tag, rec))
-    return buckets
-
-
 # --------------------------------------------------------------------------- messages
 
 
@@ -315,17 +292,6 @@ def kept_bucket(
     return bucket if fixed else encode_bucket(bucket, combined)
 
 
-def deliver(
-    inbox: dict[Any, Any],
-    bucket: Mapping[Any, Any],
-    combined: bool,
-    fold: Callable[[Any, Any], Any] | None = None,
-) -> None:
-    """Add one sender's bucket to a partition's inbox: vertex id → list of messages, or
-    with a ``fold`` (combine is sum, min or max) vertex id → the one folded message."""
-    _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
-
-
 def decode_bucket(blob: bytes) -> tuple[bool, Any]:
     """``(combined, bucket)`` from :func:`encode_bucket`'s bytes (a bucket is a dict of lists
     of ids and messages as (keys, values), or a :class:`Sums`)."""
@@ -333,13 +299,6 @@ def decode_bucket(blob: bytes) -> tuple[bool, Any]:
         return True, Sums.from_bytes(blob)
     combined, ids, messages = pickle.loads(blob)
     return combined, _Pairs(ids, messages)
-
-
-def deliver_bytes(
-    inbox: dict[Any, Any], blob: bytes, fold: Callable[[Any, Any], Any] | None = None
-) -> None:
-    combined, bucket = decode_bucket(blob)
-    _deliver(inbox, bucket.keys(), bucket.values(), combined, fold)
 
 
 class _Pairs:
@@ -367,7 +326,7 @@ def gather(
     (encoded buckets from other workers, buckets of this one). Summed floats to known
     vertices, from :class:`Fanout` alone, add up in arrays into a :class:`DenseInbox` (no
     Python call per message, the same additions in the same order); anything else folds
-    into a dict as :func:`deliver` does."""
+    into a dict (vertex id → list of messages, or with a fold → the one folded message)."""
     fold = part.program.fold
     buckets = [decode_bucket(s) if isinstance(s, bytes) else (combined, s) for s in sources]
     buckets = [(c, b) for c, b in buckets if len(b)]

@@ -1,13 +1,13 @@
-"""Ways to start a vertex job's worker calls: on the cluster (a gang function job) or in threads.
+"""Starting a vertex job's worker calls on the cluster (a gang function job).
 
 The driver only needs ``events()`` and ``kill()`` from what it starts, so the whole file
-protocol (commands, acks, messages, checkpoints, rollback) is testable in one process.
+protocol (commands, acks, messages, checkpoints, rollback) is testable in one process (the
+tests start the workers in threads: ``tests/vertex_reference.py``).
 """
 
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,42 +23,6 @@ def _drain(events: queue.Queue) -> list[tuple[str, Any]]:
             out.append(events.get_nowait())
         except queue.Empty:
             return out
-
-
-class ThreadLaunch:
-    """Each worker in a thread of this process (tests, and a quick look without a cluster)."""
-
-    def __init__(self, args: list[WorkerArgs]) -> None:
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self.results: list[Any] = []
-        self.threads = [
-            threading.Thread(
-                target=self._run, args=(a,), name=f"vertex-worker-{a.slot}", daemon=True
-            )
-            for a in args
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, args: WorkerArgs) -> None:
-        try:
-            self.results.append(run_worker(args))
-        except Exception as exc:  # reported to the driver like a remote error
-            self._events.put(("error", f"{type(exc).__name__}: {exc}"))
-
-    def events(self) -> list[tuple[str, Any]]:
-        return _drain(self._events)
-
-    def kill(self) -> None:
-        """Threads cannot be killed: the stop command (or a missing driver) ends them."""
-
-    def calls(self) -> set[int] | None:
-        """Threads are never taken back: nothing to report."""
-        return None
-
-    def join(self, timeout: float) -> None:
-        for t in self.threads:
-            t.join(timeout)
 
 
 class ClusterLaunch:

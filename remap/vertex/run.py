@@ -9,10 +9,9 @@ from typing import Any
 from twisted.logger import Logger
 
 from ..data.layout import DataDir
-from .driver import Driver, VertexConfig, VertexResult
+from .driver import Driver, SuperstepReport, VertexConfig, VertexResult
 from .launch import ClusterLaunch
 from .program import Program
-from .reference import SuperstepReport
 
 STOP_GRACE = 30.0  # seconds the worker calls get to return after the stop command
 
