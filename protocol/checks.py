@@ -37,8 +37,6 @@ def expression(tp: Any, var: str) -> str | None:
         return f"{var} is None"
     if tp is float:
         return f"type({var}) in (float, int)"
-    if tp is Any:
-        return "True"
     if origin is list:
         # every item's type in one C pass (``map(type, ...)``): long ``sizes`` lists stay cheap;
         # a list of one (a single call's ``sizes``) is looked at directly, without a set
@@ -62,9 +60,6 @@ def checker(tp: Any) -> Callable[[Any], bool]:
     if simple is not None:
         return eval(f"lambda v: {simple}", dict(NAMESPACE))  # noqa: S307 - our own source text
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [checker(a) for a in typing.get_args(tp)]
-        return lambda v: any(c(v) for c in inner)
     if origin is list:
         (inner_check,) = map(checker, typing.get_args(tp))
         return lambda v: type(v) is list and all(inner_check(x) for x in v)

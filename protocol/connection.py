@@ -80,12 +80,9 @@ def refusal_frame(message: str) -> bytes:
 
 def local_versions() -> tuple[str, str]:
     """(python major.minor, cloudpickle major.minor) of this process."""
-    try:
-        import cloudpickle
+    import cloudpickle  # a dependency of every side (the server too imports it)
 
-        cp = ".".join(cloudpickle.__version__.split(".")[:2])
-    except ImportError:  # the server itself never unpickles; report what it has
-        cp = "none"
+    cp = ".".join(cloudpickle.__version__.split(".")[:2])
     return f"{sys.version_info[0]}.{sys.version_info[1]}", cp
 
 
@@ -294,15 +291,9 @@ class Connection:
         except RemapError:
             return None
 
-    def read_buffer(self) -> memoryview | None:
-        """Where the transport may read the next bytes directly (the rest of a large frame);
-        None: read as usual and call :meth:`receive_data`."""
-        if self.state is State.CLOSED:
-            return None
-        return self.decoder.read_buffer()
-
     def received_into(self, n: int) -> list[Event]:
-        """``n`` bytes were read into :meth:`read_buffer`'s view; return what happened."""
+        """``n`` bytes were read into the decoder's ``read_buffer()`` view; return what
+        happened."""
         self.decoder.wrote(n)
         return self._events()
 

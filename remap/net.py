@@ -15,7 +15,6 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory
 
 from protocol import Authenticated, Connection
-from protocol import messages as m
 
 from .errors import ConfigError, RemapError
 from .settings import Settings
@@ -227,7 +226,8 @@ def authenticated(protocol: Any) -> defer.Deferred[PeerProtocol]:
 
 class AuthWaiter:
     """Wraps a connection's handler until it authenticates, so the dialler can wait for that
-    (or its failure)."""
+    (or its failure). No message or heartbeat comes before :meth:`authenticated`, which hands
+    the link to the handler itself."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -241,9 +241,6 @@ class AuthWaiter:
         if not self.ready.called:
             self.ready.callback(link)
 
-    def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
-        self.inner.message_received(link, msg)
-
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.inner.connection_failed(link, error)
         if not self.ready.called:
@@ -253,6 +250,3 @@ class AuthWaiter:
         self.inner.connection_lost(link, error)
         if not self.ready.called:
             self.ready.errback(error)
-
-    def heartbeat(self) -> m.Heartbeat:
-        return self.inner.heartbeat()
