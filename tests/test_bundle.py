@@ -66,7 +66,12 @@ def test_job_file_keys_are_checked_with_their_line(tmp_path: Path) -> None:
         "files: [missing.csv]\n": r"bad.yaml:2: key 'files': 'missing.csv': no such file",
         "files: 3\n": "key 'files': expected a list of names",
         "requires: [not-a-name]\n": "'not-a-name' is not a module name",
+        "modules: [json.decoder]\n": "ship the top-level package of 'json.decoder', not a submodule",
+        "modules: [sys]\n": "'sys' is neither a file here nor an importable module",
+        "files: [data.txt, other/data.txt]\n": "two files are named 'data.txt'; names must differ",
     }
+    (d / "other").mkdir()
+    (d / "other" / "data.txt").write_text("x")
     for line, problem in cases.items():
         (d / "bad.yaml").write_text("function: job.py:use\n" + line + "args: [1]\n")
         with pytest.raises(ConfigError, match=problem):
@@ -87,6 +92,28 @@ def test_collect_reads_modules_packages_and_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="two files are named 'data.txt'"):
         bundle.collect([], ["data.txt", "other/data.txt"], d)
     assert bundle.wrap(b"fn", bundle.Bundle()) == b"fn"
+
+
+def test_collect_takes_module_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``remap.connect(modules=[module])``: a module ships its file, a package its directory;
+    a module without a file (built into Python) is one ConfigError."""
+    d = make_job_dir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(d), *sys.path])
+    for name in ("helpers", "shippedpkg", "shippedpkg.sub"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import helpers as module
+    import shippedpkg as package
+
+    got = bundle.collect([module, package], [], tmp_path)
+    assert got.modules == {
+        "helpers.py": HELPERS.encode(),
+        "shippedpkg/__init__.py": b"",
+        "shippedpkg/sub.py": b"K = 100\n",
+    }
+    bundle.make_importable([module], tmp_path)  # importable already: the path is left alone
+    assert sys.path[0] == str(d) and str(tmp_path) not in sys.path
+    with pytest.raises(ConfigError, match="module sys has no file to ship"):
+        bundle.collect([sys], [], tmp_path)
 
 
 def test_unwrap_installs_once_and_the_function_finds_its_modules(

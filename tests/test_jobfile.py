@@ -642,3 +642,51 @@ def test_file_function_ships_by_value(base: Path, tmp_path_factory: pytest.TempP
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "30"  # (5 + OFFSET) * 2, through helper and Point
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param("def f(x):\n    return x + 1\n", None, id="loads"),
+        pytest.param(
+            "x = 1\nraise RuntimeError('boom')\n",
+            "error while importing module 'shipmod_for_remap_tests': RuntimeError: boom",
+            id="raises",
+        ),
+        pytest.param("def f(:\n", "syntax error in", id="syntax-error"),
+        pytest.param(
+            "import no_such_module_for_remap_tests\n",
+            "error while importing module 'shipmod_for_remap_tests': No module named "
+            "'no_such_module_for_remap_tests'",
+            id="its-own-import-fails",
+        ),
+    ],
+)
+def test_a_function_from_a_module_listed_under_modules(
+    base: Path, monkeypatch: pytest.MonkeyPatch, source: str, expected: str | None
+) -> None:
+    """``function: MODULE:NAME`` with the module listed under ``modules:`` imports it from the
+    job's directory on the console; an error while importing it is one line naming the key."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the job's directory goes in front
+    monkeypatch.delitem(sys.modules, "shipmod_for_remap_tests", raising=False)
+    (base / "shipmod_for_remap_tests.py").write_text(source, encoding="utf-8")
+    text = "modules: [shipmod_for_remap_tests.py]\nfunction: shipmod_for_remap_tests:f  #!\n" + A
+    spec = load_job_text(text, base, source=SOURCE)
+    try:
+        if expected is None:
+            assert load_callables(spec)[0](1) == 2
+            assert sys.path[0] == str(base)
+            return
+        with pytest.raises(ConfigError) as info:
+            load_callables(spec)
+        assert str(info.value).startswith(f"{SOURCE}:2: key 'function': "), info.value
+        assert expected in str(info.value)
+    finally:
+        sys.modules.pop("shipmod_for_remap_tests", None)
+
+
+def test_an_empty_args_path_is_refused(base: Path) -> None:
+    """``args_path: ''`` is refused at load (it would name the job's directory)."""
+    assert_bad_job(
+        F + "args_path: ''  #!\n", base, SOURCE, ["key 'args_path'", "must not be empty"]
+    )

@@ -21,6 +21,7 @@ from remap.settings import (
     ENV_VARS,
     Settings,
     env_example_text,
+    env_search_text,
     is_loopback,
     load_settings,
     locate_env_file,
@@ -72,6 +73,9 @@ def test_defaults_without_any_source() -> None:
         ("REMAP_CONSOLE_GRACE", "0", "console_grace", 0.0),
         ("REMAP_LOG_LEVEL", "DEBUG", "log_level", "debug"),
         ("REMAP_LOG_LEVEL", "warning", "log_level", "warn"),
+        ("REMAP_JOURNAL_SYNC", " FULL ", "journal_sync", "full"),
+        ("REMAP_JOURNAL", "off", "journal", False),
+        ("REMAP_TASK_OUTPUT", "Yes", "task_output", True),
     ],
 )
 def test_environment_values_are_converted(
@@ -104,6 +108,9 @@ def test_environment_values_are_converted(
         ({"REMAP_SERVER": "::1"}, "REMAP_SERVER from environment: address '::1': put an IPv6 address in brackets"),
         ({"REMAP_SERVER": "host:port"}, "REMAP_SERVER from environment: address 'host:port': port must be a number"),
         ({"REMAP_HOST": "0.0.0.0:7878"}, "REMAP_HOST from environment: expected a host without a port"),
+        ({"REMAP_HOST": "my host"}, "REMAP_HOST from environment: expected a host name or IP address, got 'my host'"),
+        ({"REMAP_JOURNAL_SYNC": "always"}, "REMAP_JOURNAL_SYNC from environment: expected normal or full, got 'always'"),
+        ({"REMAP_JOURNAL": "maybe"}, "REMAP_JOURNAL from environment: expected true or false, got 'maybe'"),
     ],
 )  # fmt: skip
 def test_bad_environment_value_names_variable_and_source(
@@ -168,6 +175,8 @@ def test_env_file_is_looked_for_here_then_next_to_the_job_then_in_home(
         ({"max_handshaking_per_host": 0}, "setting 'max_handshaking_per_host' from command line: expected an integer >= 1"),
         ({"heartbeat_interval": 0.0}, "setting 'heartbeat_interval' from command line: expected a number > 0"),
         ({"group": 5}, "setting 'group' from command line: expected text, got 5"),
+        ({"handshake_timeout": [1]}, "setting 'handshake_timeout' from command line: expected a number, got [1]"),
+        ({"journal": 1}, "setting 'journal' from command line: expected text, got 1"),
         ({"prot": 1}, "setting 'prot' from command line: unknown setting (did you mean 'port'?)"),
     ],
 )  # fmt: skip
@@ -176,6 +185,30 @@ def test_bad_override_names_setting_and_source(overrides: dict[str, Any], expect
     with pytest.raises(ConfigError) as info:
         load_settings(overrides, environ={}, dotenv_path=None)
     assert expected in str(info.value)
+
+
+def test_typed_overrides_keep_their_values() -> None:
+    """The Python API passes settings as Python values: a bool flag and a number are taken as
+    they are (an int where a float is expected becomes the float)."""
+    settings = load_settings(
+        {"task_output": True, "journal": False, "handshake_timeout": 2},
+        environ={},
+        dotenv_path=None,
+    )
+    assert (settings.task_output, settings.journal) == (True, False)
+    assert settings.handshake_timeout == 2.0 and type(settings.handshake_timeout) is float
+
+
+def test_the_no_secret_error_says_where_a_dotenv_was_looked_for(tmp_path: Path) -> None:
+    """The "no secret" line lists every .env place in order, read (without a secret) or
+    missing; none at all is said too."""
+    (tmp_path / "read.env").write_text("REMAP_PORT=1\n")
+    text = env_search_text([tmp_path / "read.env", tmp_path / "gone.env"])
+    assert text == (
+        f"looked for .env in order: {tmp_path / 'read.env'} (read, no REMAP_SECRET_KEY), "
+        f"{tmp_path / 'gone.env'} (missing)"
+    )
+    assert env_search_text([]) == "no .env file was read"
 
 
 def test_bad_dotenv_value_names_file_and_line(tmp_path: Path) -> None:
