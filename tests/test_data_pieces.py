@@ -330,6 +330,23 @@ def test_line_blocks_read_what_read_lines_reads(tmp_path: Path, block: int) -> N
             assert all(offset in starts for offset, lines in blocks if lines)
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("start", [0, 3, 20])
+def test_a_file_shorter_than_its_split_is_an_error_not_an_endless_loop(
+    tmp_path: Path, start: int
+) -> None:
+    """A split planned over 100 bytes of a file that is now 8 long (truncated or rewritten
+    while the job ran: a rotated log): the reader says so at once. It read empty blocks for
+    ever, a map task or vertex worker spinning at full CPU (no task timeout by default)."""
+    path = _write(tmp_path / "shrunk.txt", b"abc\ndef\n")
+    with pytest.raises(inputs.InputChanged, match=r"is 8 bytes long, but was 100 or more"):
+        list(inputs.read_line_blocks(inputs.Split(0, str(path), start, 100), 4))
+    assert list(inputs.read_line_blocks(inputs.Split(0, str(path), 0, 8), 4)) == [
+        (0, ["abc"]),
+        (4, ["def"]),
+    ]
+
+
 def test_pairs_without_combine_keep_emission_order_with_mixed_keys() -> None:
     """Without a combiner pairs are sorted stably at the spill: text, number, tuple and None
     keys come out in encoded order, each key's values in the order they were emitted."""

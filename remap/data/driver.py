@@ -396,7 +396,7 @@ class DataJobRunner:
         if first is not None:
             # their messages say what and where
             ours = ("RecordError", "JobCodeError", "BadOutput", "CombineError", "HookError")
-            ours = (*ours, "StorageError")
+            ours = (*ours, "StorageError", "InputChanged")
             what = "" if first.type_name in ours else f"{first.type_name}: "
             failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
             failed.remote_traceback = first.traceback

@@ -21,6 +21,11 @@ from ..errors import ConfigError
 _COUNT_BLOCK = 1 << 20
 
 
+class InputChanged(Exception):
+    """An input file is shorter than when the job cut it into splits (rewritten or truncated
+    while the job ran): its split cannot be read as planned."""
+
+
 @dataclass(frozen=True)
 class Split:
     """Bytes ``[start, end)`` of ``path``; ``index`` orders splits by file, then offset."""
@@ -251,6 +256,12 @@ def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[in
         buf = b""
         while pos < end:
             chunk = handle.read(block)
+            if not chunk and pos + len(buf) < end:  # else: read for ever, finding nothing
+                size = os.fstat(handle.fileno()).st_size
+                raise InputChanged(
+                    f"input {split.path} is {size} bytes long, but was {end} or more when "
+                    "the job started: it changed while the job ran"
+                )
             buf += chunk
             cut = len(buf) if not chunk else buf.rfind(b"\n") + 1
             if cut == 0:
