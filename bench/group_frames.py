@@ -8,6 +8,7 @@ how many results were right and how many arguments failed with ``ArgumentTooLarg
 
     python bench/group_frames.py [--node-frame 262144] [--n 20000]
     python bench/group_frames.py --hol 200    # a large argument's wait for a busy large node
+    python bench/group_frames.py --late --node-frame 32768   # a map submitted before any node
 """
 
 from __future__ import annotations
@@ -85,12 +86,36 @@ def head_of_line(n: int) -> str:
     )
 
 
+def late_node(n: int, node_frame: int) -> str:
+    """A map of ``n`` arguments of 3 KiB submitted before any node, then one node at
+    ``node_frame`` joins: right results, or the one-line error."""
+    import threading
+
+    values = [bytes([i % 251]) * 3072 for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        with Cluster(tmp, []) as cluster:
+            with remap.connect(cluster.address, secret=cluster.secret, settings=Settings()) as c:
+                box: list[str] = []
+                thread = threading.Thread(
+                    target=lambda: box.append(run(c, "map before a node", values, lazy=False))
+                )
+                thread.start()
+                cluster.wait_for(lambda: c.status()["jobs"], 30, "the job to be submitted")
+                cluster.add_node(cores=2, env={"REMAP_MAX_FRAME": str(node_frame)})
+                thread.join(120)
+    return box[0] if box else "map before a node: no answer in 120 s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--node-frame", type=int, default=256 * 1024)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--hol", type=int, default=0, help="only the head-of-line run, N calls")
+    parser.add_argument("--late", action="store_true", help="only a map submitted before a node")
     args = parser.parse_args()
+    if args.late:
+        print(late_node(args.n, args.node_frame))
+        return
     if args.hol:
         print(head_of_line(args.hol))
         return

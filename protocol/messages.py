@@ -40,6 +40,10 @@ INITIAL_WINDOW_BYTES = 16 * 1024 * 1024
 #: first window, and the server keeps every later window at least as large as the largest
 #: group a job has sent, so a console holding a whole group can always send it
 MAX_GROUP = INITIAL_WINDOW
+#: bytes an argument group may have while its console knows no bound (``group_limit``): before
+#: ``submitted``, and the bound a job is told while no node may run it (the first to come may
+#: take small frames)
+EARLY_GROUP_BYTES = 4096
 
 ROLES = ("node", "console")
 

@@ -66,7 +66,7 @@ GROUP_SPREAD = 256
 GROUP_BYTES = 64 * 1024
 #: an argument group larger than this waits for the job's ``submitted`` (and the ``group_limit``
 #: before it, if the server has nodes with small frames): it might fit none of them
-EARLY_GROUP_BYTES = 4096
+EARLY_GROUP_BYTES = m.EARLY_GROUP_BYTES
 #: seconds an argument read from a lazy source waits for the rest of its group: a slow source's
 #: arguments leave as they come (a group open this long goes as it is)
 GROUP_WAIT = 0.005

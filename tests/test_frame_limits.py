@@ -649,17 +649,40 @@ def test_a_console_is_told_the_largest_group_the_nodes_that_may_run_its_job_take
     assert limits_told(console)[2:] == [
         (job, group_room(64 * KIB)),
         (job, group_room(128 * KIB)),
-        (job, 0),
+        (job, m.EARLY_GROUP_BYTES),  # no node may run it: the first to come may be small
     ]
     sched.set_excluded(frozenset())
     sched.undrain("mid")
     assert limits_told(console)[5:] == [(job, group_room(128 * KIB)), (job, group_room(64 * KIB))]
+    SmallNode(sched, "roomy", cores=1, limit=256 * 1024 * 1024)
+    event(sched, NodeLost("mid", "cut off"))
+    sched.drain("gpu")
+    assert limits_told(console)[7:] == [(job, group_room(128 * KIB)), (job, 0)], "lifted"
     console.feed()
     assert sched.args_ended(console.link, m.ArgsEnd(job=job, total=console.sent)) is None
     SmallNode(sched, "late", cores=1, limit=4 * KIB)
-    assert len(limits_told(console)) == 7, "nothing once every argument is in"
+    assert len(limits_told(console)) == 9, "nothing once every argument is in"
+    sched.undrain("gpu")
     gpu_job = FakeConsole(sched, range(3), name="g", group="gpu")
     assert limits_told(gpu_job) == [(-7, group_room(128 * KIB))], "only its group's nodes count"
+
+
+def test_a_job_waiting_for_nodes_is_told_small_groups_until_one_comes() -> None:
+    """Submitted before any node: groups of ``EARLY_GROUP_BYTES`` at most (the first node may
+    take small frames, and groups queued before it came could fit none); a node with small
+    frames sets the bound, a node at the server's lifts it."""
+    sched, _ = make()
+    console = FakeConsole(sched, range(10), end=False)
+    kinds = [type(msg) for msg in console.link.sent]
+    assert kinds[:2] == [m.GroupLimit, m.Submitted]
+    assert limits_told(console) == [(-7, m.EARLY_GROUP_BYTES)]
+    small = SmallNode(sched, "small", cores=1, limit=64 * KIB)
+    assert limits_told(console)[1:] == [(console.job, group_room(64 * KIB))]
+    SmallNode(sched, "roomy", cores=1, limit=256 * 1024 * 1024)
+    event(sched, NodeLost(small.id, "cut off"))
+    assert limits_told(console)[2:] == [(console.job, 0)]
+    other = FakeConsole(sched, range(3), name="other")
+    assert not other.link.of(m.GroupLimit), "a node runs it, none with small frames"
 
 
 def test_a_cluster_whose_nodes_take_the_servers_frames_sends_no_group_limit() -> None:

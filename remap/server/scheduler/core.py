@@ -378,23 +378,29 @@ class Scheduler(NodeAnswers, Recovery):
         for job in self.active.values():
             if not job.finished and job.waiting and self._group_ok(node, job):
                 job.waiting = ""
+        self._group_limits()
         self.pump()
         return node
 
     def _limit_frames(self, node: NodeState, limit: int) -> None:
-        """Size what is sent to ``node`` to frames of ``limit`` bytes (0: no limit), and tell
-        consoles feeding jobs how large an argument group may be (see :meth:`_group_limits`)."""
+        """Size what is sent to ``node`` to frames of ``limit`` bytes (0: no limit); consoles
+        feeding jobs are told how large an argument group may be (:meth:`_group_limits`)."""
         node.frame_limit = limit
         node.batch_args, node.batch_bytes = task_limits(limit)
         if 0 < limit < self.max_frame:
             self._small_frames.add(node.id)
         else:
             self._small_frames.discard(node.id)
-        self._group_limits()
 
     def _group_bound(self, job: JobState) -> int:
         """The largest argument group's pickle that fits every connected node that may run
-        ``job`` (0: no node that may run it has frames smaller than the server's)."""
+        ``job`` (0: no node that may run it has frames smaller than the server's); while no
+        node may run it (it waits for nodes), ``EARLY_GROUP_BYTES``: the first to come may
+        take small frames, and groups queued before it came could fit none."""
+        if job.waiting:
+            return m.EARLY_GROUP_BYTES
+        if not self._small_frames:
+            return 0
         bound = 0
         nodes = self.nodes
         for node_id in self._small_frames:
@@ -412,11 +418,12 @@ class Scheduler(NodeAnswers, Recovery):
         nodes' frames; a group larger than every node that may run its job takes would fail
         each of its arguments with ``ArgumentTooLarge`` though each fits alone, and the server
         cannot split a group (it never unpickles). Nothing is sent while no node has frames
-        smaller than the server's: the wire is unchanged on such a cluster."""
+        smaller than the server's and the job has nodes to run it: the wire is unchanged on
+        such a cluster."""
         for job in self.active.values() if jobs is None else jobs:
             if not job.receiving or job.console is None:
                 continue
-            bound = self._group_bound(job) if self._small_frames else 0
+            bound = self._group_bound(job)
             if bound != job.group_bytes:
                 job.group_bytes = bound
                 self._send(job.console, m.GroupLimit(job=job.id, max_bytes=bound))
@@ -442,6 +449,7 @@ class Scheduler(NodeAnswers, Recovery):
         limit = max(1, limit)
         self._frame_limits[(node.host, node.pid)] = limit
         self._limit_frames(node, limit)
+        self._group_limits()
         self.log.warn(
             "node {id} ({host}) refused a frame over its limit of {limit} bytes, which its hello "
             "did not say; frames to it are held to that limit from now on ({message})",
@@ -486,9 +494,7 @@ class Scheduler(NodeAnswers, Recovery):
         if node is None:
             return
         self._add_credits(node, -1)
-        if node_id in self._small_frames:
-            self._small_frames.discard(node_id)
-            self._group_limits()
+        self._small_frames.discard(node_id)
         requeued = 0
         for task in sorted(node.inflight.values(), key=lambda t: -t.id):
             job = task.job
@@ -528,6 +534,7 @@ class Scheduler(NodeAnswers, Recovery):
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
+        self._group_limits()
         self.pump()
 
     @command
@@ -566,10 +573,10 @@ class Scheduler(NodeAnswers, Recovery):
         self._drained.discard((node.host, node.pid))
         if node.has_credit():
             self._ready[node.id] = node
-        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # a job that waited for a node has one again
+        self._group_limits()
         self.pump()
         return node
 
@@ -583,10 +590,10 @@ class Scheduler(NodeAnswers, Recovery):
                 self._ready[node.id] = node
             else:
                 self._ready.pop(node.id, None)
-        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
+        self._group_limits()
         self.pump()
 
     @command
@@ -598,10 +605,10 @@ class Scheduler(NodeAnswers, Recovery):
         node.draining = True
         self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)
-        self._group_limits()
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)  # tell consoles left without a node
+        self._group_limits()
         self.pump()  # (work held for this node's larger frames may now fit no node: see _too_large)
         return node
 
@@ -626,12 +633,13 @@ class Scheduler(NodeAnswers, Recovery):
             name=job.options.name,
             mode=job.options.mode,
         )
-        if self._small_frames:  # before `submitted`: the console's first groups wait for it
-            job.group_bytes = self._group_bound(job)
+        runnable = self._runnable(job)
+        if self._small_frames or not runnable:  # before `submitted`: the first groups wait
+            job.group_bytes = self._group_bound(job) if runnable else m.EARLY_GROUP_BYTES
             if job.group_bytes:
                 self._send(console, m.GroupLimit(job=-msg.id, max_bytes=job.group_bytes))
         self._send(console, m.Submitted(re=msg.id, job=job.id, window=job.granted))
-        self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes)
+        self._check_capacity(job, wait_for_nodes=msg.wait_for_nodes, runnable=runnable)
         self._prune_finished()
         return job
 
@@ -668,10 +676,16 @@ class Scheduler(NodeAnswers, Recovery):
             and (options.data_id is None or not left_out_of_files(node, job))
         )
 
-    def _check_capacity(self, job: JobState, wait_for_nodes: float | None = None) -> None:
-        if any(
+    def _runnable(self, job: JobState) -> bool:
+        """Whether a connected node that takes work may run ``job``."""
+        return any(
             self._group_ok(n, job) and not (n.draining or n.excluded) for n in self.nodes.values()
-        ):
+        )
+
+    def _check_capacity(
+        self, job: JobState, wait_for_nodes: float | None = None, runnable: bool | None = None
+    ) -> None:
+        if self._runnable(job) if runnable is None else runnable:
             job.waiting = ""
             return
         if job.options.group:
