@@ -884,16 +884,20 @@ class Include(Message):
 
 @message
 class Attach(Message):
-    """Console → server: become the receiver of a (detached) job's results."""
+    """Console → server: become the receiver of a (detached) job's results; of a detached
+    data or vertex job, read its state and its task output from byte ``since`` on."""
 
     TYPE = "attach"
     id: int
     job: int
+    since: int = 0
 
 
 @message
 class Drive(Message):
-    """Console → server: run a data or vertex job's driver on the server, detached."""
+    """Console → server: run a data or vertex job's driver on the server, detached; the
+    payload is the job's shipped files (``remap.bundle.pack_tree``: a msgpack map of relative
+    paths to bytes), ``files`` the older way (file name → text, single-file modules only)."""
 
     TYPE = "drive"
     id: int
@@ -901,6 +905,7 @@ class Drive(Message):
     name: str
     job: str
     files: dict = field(default_factory=dict)
+    payload: bytes = b""
 
 
 @message

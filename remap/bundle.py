@@ -9,6 +9,12 @@ function, so a function that imports a shipped module finds it.
 
 Inside a task, :func:`job_dir` (also ``REMAP_JOB_DIR`` in the environment) is that directory:
 ``remap.job_file("data.csv")`` is the path of a shipped file there.
+
+A detached data or vertex job's bundle travels to the server first, as a *tree* (relative path
+→ bytes, :func:`tree` and :func:`pack_tree`, msgpack: nothing a server unpacks runs code), which
+the server writes with :func:`write_tree` (checked names only, into a directory of its own
+making) for the job's driver, which collects and ships it on as an attached job does. A node
+writes its bundle with the same :func:`write_tree`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ _MARK_BYTES = MARK.encode()
 MAX_BUNDLE = 64 << 20
 MODULES_DIR = "__modules__"
 ENV = "REMAP_JOB_DIR"
+#: entries one bundle tree may hold, and the longest path and deepest nesting of one
+MAX_ENTRIES = 10_000
+MAX_PATH = 1024
+MAX_DEPTH = 32
+#: where a detached job's tree keeps its modules and its files (under the driver's directory)
+TREE_MODULES = "modules"
+TREE_FILES = "files"
 
 
 @dataclass
@@ -94,13 +107,7 @@ def collect(modules: list[Any], files: list[Any], base: Path | str = ".") -> Bun
     bundle = Bundle()
     for entry in modules:
         root = module_root(entry, base)
-        paths = (
-            [root]
-            if root.is_file()
-            else sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
-        )
-        for path in paths:
-            name = path.name if root.is_file() else f"{root.name}/{path.relative_to(root)}"
+        for name, path in module_files(root):
             bundle.modules[name] = _read(path, "module")
     for entry in files:
         path = (base / str(entry)).expanduser()
@@ -117,6 +124,14 @@ def collect(modules: list[Any], files: list[Any], base: Path | str = ".") -> Bun
     return bundle
 
 
+def module_files(root: Path) -> list[tuple[str, Path]]:
+    """The sources a module (a file) or package (a directory) ships: (bundle name, path)."""
+    if root.is_file():
+        return [(root.name, root)]
+    paths = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    return [(f"{root.name}/{p.relative_to(root).as_posix()}", p) for p in paths]
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -129,6 +144,108 @@ def wrap(function_blob: bytes, bundle: Bundle) -> bytes:
     if not bundle:
         return function_blob
     return pickle.dumps((MARK, bundle.modules, bundle.files, function_blob), 5)
+
+
+# ------------------------------------------------------------- a tree of files by value
+
+
+def tree(bundle: Bundle) -> tuple[dict[str, bytes], list[str], list[str]]:
+    """``bundle`` as relative paths → bytes (modules under ``modules/``, files under
+    ``files/``) and the job file's ``modules:`` and ``files:`` naming them in that tree."""
+    entries = {f"{TREE_MODULES}/{k}": v for k, v in bundle.modules.items()}
+    entries.update({f"{TREE_FILES}/{k}": v for k, v in bundle.files.items()})
+    tops = sorted({k.split("/")[0] for k in bundle.modules})
+    return (
+        entries,
+        [f"{TREE_MODULES}/{top}" for top in tops],
+        [f"{TREE_FILES}/{name}" for name in bundle.files],
+    )
+
+
+def pack_tree(entries: dict[str, bytes]) -> bytes:
+    """A tree as one payload (a msgpack map; empty for no entries)."""
+    if not entries:
+        return b""
+    import msgpack
+
+    return msgpack.packb({k: bytes(v) for k, v in entries.items()}, use_bin_type=True)
+
+
+def unpack_tree(payload: bytes | memoryview, limit: int = MAX_BUNDLE) -> dict[str, bytes]:
+    """A payload of :func:`pack_tree` back as a tree, every name checked (:func:`check_name`)
+    and its bytes at most ``limit``; ValueError (one line) if not."""
+    if not payload:
+        return {}
+    import msgpack
+
+    try:
+        entries = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, max_map_len=MAX_ENTRIES + 1, use_list=False
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ValueError(f"the shipped files are not a bundle tree: {exc}") from None
+    if type(entries) is not dict:
+        raise ValueError("the shipped files are not a bundle tree (a map of names to bytes)")
+    check_tree(entries, limit)
+    return entries
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is a relative path that stays inside a directory it is written under:
+    parts separated by ``/``, none empty, ``.`` or ``..``, no NUL; else ValueError."""
+    if type(name) is not str or not name:
+        raise ValueError(f"bundle entry {str(name)[:80]!r} is not a file name")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise ValueError(f"bundle entry {name[:80]!r}... is longer than {MAX_PATH} bytes")
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") or "\x00" in p for p in parts):
+        raise ValueError(f"bundle entry {name[:200]!r} leaves the job directory")
+    if len(parts) > MAX_DEPTH:
+        raise ValueError(f"bundle entry {name[:80]!r} is nested over {MAX_DEPTH} deep")
+    return name
+
+
+def check_tree(entries: dict[Any, Any], limit: int = MAX_BUNDLE) -> int:
+    """Every name of a tree checked, its values bytes, their sum at most ``limit``: the sum."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"the shipped files are {len(entries):,} entries, over {MAX_ENTRIES:,}")
+    size = 0
+    for name, data in entries.items():
+        check_name(name)
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"bundle entry {name[:80]!r} is not bytes")
+        size += len(data)
+    if size > limit:
+        raise ValueError(f"the shipped files add up to {size:,} bytes, over {limit:,}")
+    return size
+
+
+def write_tree(directory: Path, entries: dict[str, bytes]) -> None:
+    """Write a checked tree under ``directory``, which this process made and nobody else
+    writes: directories made here, files created new (``O_EXCL``, ``O_NOFOLLOW``), so no
+    name, and nothing already there, can send a write outside it."""
+    check_tree(entries, limit=1 << 62)
+    made = {"."}
+    for name, data in entries.items():
+        *dirs, leaf = name.split("/")
+        path = ""
+        for part in dirs:
+            path = f"{path}/{part}" if path else part
+            if path not in made:
+                target = directory / path
+                try:
+                    target.mkdir(mode=0o700)
+                except FileExistsError:
+                    if target.is_symlink() or not target.is_dir():
+                        raise ValueError(f"bundle entry {name[:200]!r} crosses a file") from None
+                made.add(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(directory / name, flags, 0o600)
+        except (FileExistsError, IsADirectoryError):
+            raise ValueError(f"bundle entry {name[:200]!r} is named twice") from None
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
 
 
 # --------------------------------------------------------------------------- node side
@@ -150,15 +267,15 @@ def install(job: int, modules: dict[str, bytes], files: dict[str, bytes]) -> Pat
     if not final.is_dir():
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=".staging-"))
-        for name, data in [
-            *((f"{MODULES_DIR}/{k}", v) for k, v in modules.items()),
-            *files.items(),
-        ]:
-            target = (staging / name).resolve()
-            if staging.resolve() not in target.parents:
-                raise ValueError(f"bundle entry {name!r} leaves the job directory")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+        entries = {f"{MODULES_DIR}/{k}": v for k, v in modules.items()}
+        entries.update(files)
+        if len(entries) < len(modules) + len(files):
+            raise ValueError(f"bundle: a file is named {MODULES_DIR!r}, as its modules' directory")
+        try:
+            write_tree(staging, entries)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             os.rename(staging, final)
         except OSError:  # another core was first: its copy is the same

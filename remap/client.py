@@ -25,12 +25,13 @@ from twisted.logger import Logger
 
 from protocol import DEFAULT_MAX_FRAME, Authenticated
 from protocol import messages as m
-from protocol.framing import LARGE_FRAME
+from protocol.framing import LARGE_FRAME, frame_length
 from protocol.options import JobOptions
 
 from .blobs import PICKLE_PROTOCOL, dumps, split
 from .errors import (
     AuthError,
+    ConfigError,
     ConnectionLost,
     JobFailed,
     JobKilled,
@@ -1523,11 +1524,31 @@ class ClusterClient:
         d = self._request(lambda rid: m.Kill(id=rid, job=job), wait=True)
         return d.addCallback(lambda r: r.info)
 
-    def drive(self, kind: str, name: str, job: str, files: dict[str, str]) -> defer.Deferred:
-        """Have the server run a data or vertex job's driver, detached; fires with its id."""
-        return self._request(
-            lambda rid: m.Drive(id=rid, kind=kind, name=name, job=job, files=files), wait=True
-        ).addCallback(lambda r: r.info["job"])
+    def drive(self, kind: str, name: str, job: str, shipped: bytes) -> defer.Deferred:
+        """Have the server run a data or vertex job's driver, detached; fires with its id.
+        ``shipped``: the job's files as :func:`remap.bundle.pack_tree` packs them; a message
+        over the frame limit fails here with one line naming its size and the setting."""
+
+        def build(rid: int) -> m.Drive:
+            msg = m.Drive(id=rid, kind=kind, name=name, job=job, payload=shipped)
+            size = frame_length(*m.encode(msg))
+            limit = self.link.conn.send_limit if self.link is not None else DEFAULT_MAX_FRAME
+            if size > limit:
+                raise ConfigError(
+                    f"the detached job with its module, modules: and files: is {size:,} bytes, "
+                    f"over the {limit:,} bytes a message to the server may have "
+                    "(REMAP_MAX_FRAME, the server's and this console's): raise it on both, or "
+                    "put large files in the shared data directory"
+                )
+            return msg
+
+        return self._request(build, wait=True).addCallback(lambda r: r.info["job"])
+
+    def watch(self, job: int, since: int = 0) -> defer.Deferred:
+        """A detached data or vertex job's status map, with its task output from byte
+        ``since`` on (``task_output``; ``task_output_end``: where the next look starts)."""
+        d = self._request(lambda rid: m.Attach(id=rid, job=job, since=since), wait=True)
+        return d.addCallback(lambda r: r.info)
 
     def kill_quietly(self, job: int | None) -> None:
         if job is not None and self.link is not None:

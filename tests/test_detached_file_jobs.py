@@ -298,8 +298,7 @@ def test_modules_next_to_a_data_or_vertex_job_travel_attached_and_detached(
     """A data or vertex job's module imports a helper file beside it, listed under
     ``modules:`` as a function job's: the job runs attached and detached (the helper ships to
     the nodes, and to the server's driver); it was refused ('not used by kind: mapreduce'), and
-    without the key the nodes failed with ModuleNotFoundError. A package cannot travel with a
-    detached job: one line says what to do."""
+    without the key the nodes failed with ModuleNotFoundError."""
     c, data = _cluster(make_cluster, tmp_path)
     proj = tmp_path / "proj"  # not the processes' working directory: nothing imports by chance
     proj.mkdir()
@@ -337,13 +336,144 @@ def test_modules_next_to_a_data_or_vertex_job_travel_attached_and_detached(
     assert _output_counts(proj / "out-d") == want
     assert vertex_output(proj / "gout-d") == parse_output(sum(ref.partitions, []))
 
-    (proj / "wordpkg").mkdir()
-    (proj / "wordpkg" / "__init__.py").write_text("")
-    (proj / "pkg.yaml").write_text(
-        "kind: mapreduce\nmodule: wc.py\nmodules: [wordhelp.py, wordpkg]\ninput: in/\n"
-        "output: out-p/\n"
+
+PKG_WORDS = """
+from remap import job_file
+from wordpkg.norm import words
+
+_STOP = []
+
+
+def map(line):
+    if not _STOP:
+        _STOP.append(set(job_file("stop.txt").read_text().split()))
+        print("stop words:", sorted(_STOP[0]))
+    for word in words(line):
+        if word not in _STOP[0]:
+            yield word, 1
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
+PKG_CC = """
+from remap import job_file
+from ccpkg.pick import smallest
+
+_TAG = []
+
+
+def tag():
+    if not _TAG:
+        _TAG.append(job_file("tag.txt").read_text().strip())
+        print("tag is", _TAG[0])
+    return _TAG[0]
+"""
+
+
+def _package(root: Path, name: str, modules: dict[str, str]) -> None:
+    (root / name / "sub").mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    (root / name / "sub" / "__init__.py").write_text("")
+    for file_name, text in modules.items():
+        (root / name / file_name).write_text(text)
+
+
+def test_detached_jobs_ship_packages_and_files_and_keep_their_task_output(
+    make_cluster, tmp_path: Path
+) -> None:
+    """A detached data job and a detached vertex job each import a package (a submodule that
+    imports a sibling in a subpackage) and read a shipped data file on the nodes: both run
+    detached as attached (the package and file were refused detached: 'wordpkg is a package').
+    What their tasks print is kept by the server: ``attach`` shows it with the node and core
+    before each line, so does the Python handle's ``output()``, the job's directory keeps it in
+    ``output.log``. A job too large for the server's frames is refused by the console, one
+    line naming its size and REMAP_MAX_FRAME."""
+    data = DataDir(tmp_path / "data")
+    c = make_cluster(
+        [NodeSpec(cores=2)],
+        env={"REMAP_DATA_DIR": str(data.root)},
+        server_env={"REMAP_MAX_FRAME": str(1 << 20)},
     )
-    refused = c.console("compute", "pkg.yaml", "--detach", cwd=proj)
+    proj = tmp_path / "proj"  # not the processes' working directory: nothing imports by chance
+    proj.mkdir()
+    counts = _words(proj, 60)
+    want = Counter({w.upper(): n for w, n in counts.items() if w != "the"})
+    (proj / "wc.py").write_text(PKG_WORDS)
+    _package(
+        proj,
+        "wordpkg",
+        {
+            "norm.py": "from .sub.case import upper\n\n\ndef words(line):\n"
+            "    return upper(line).split()\n",
+            "sub/case.py": "def upper(text):\n    return text.upper()\n",
+        },
+    )
+    (proj / "stop.txt").write_text("THE\n")
+    graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(5, 5))
+    paths = write_files(proj / "graph", edge_lines(graph.to_directed()), 2)
+    ref = run_local(example("connected_components"), read_tagged_lines(paths), 1, 200)
+    cc = (EXAMPLES / "connected_components.py").read_text()
+    cc = PKG_CC + cc.replace("combine = min", "combine = smallest").replace(
+        'return f"{vertex_id}\\t{value}"', 'return f"{vertex_id}\\t{value}\\t{tag()}"'
+    )
+    assert "tag()" in cc
+    (proj / "cc.py").write_text(cc)
+    _package(proj, "ccpkg", {"pick.py": "from .sub import low\n\nsmallest = low.smallest\n"})
+    (proj / "ccpkg" / "sub" / "low.py").write_text(CC_HELPER)
+    (proj / "tag.txt").write_text("shipped-tag\n")
+    (proj / "data.yaml").write_text(
+        "kind: mapreduce\nmodule: wc.py\nmodules: [wordpkg]\nfiles: [stop.txt]\n"
+        "input: in/\noutput: out/\nreducers: 2\n"
+    )
+    (proj / "graph.yaml").write_text(
+        "kind: vertex\nmodule: cc.py\nmodules: [ccpkg]\nfiles: [tag.txt]\ninput: graph/\n"
+        "output: gout/\nmax_supersteps: 200\npartitions: 2\n"
+    )
+    data_id = _start(c, proj, "data.yaml")
+    graph_id = _start(c, proj, "graph.yaml")
+
+    attached = c.assert_ok(c.console("attach", str(data_id), timeout=120))
+    assert attached.stdout.startswith("OK: "), attached.stdout
+    assert _output_counts(proj / "out") == want
+    printed = [line for line in attached.stderr.splitlines() if "stop words:" in line]
+    assert printed and all(
+        line.startswith("[") and " core " in line and line.endswith("stop words: ['THE']")
+        for line in printed
+    ), attached.stderr
+
+    done = c.assert_ok(c.console("attach", str(graph_id), "--json", timeout=120))
+    assert json.loads(done.stdout)["supersteps"] == ref.supersteps
+    assert "] tag is shipped-tag" in done.stderr, done.stderr
+    lines = sum((p.read_text().splitlines() for p in (proj / "gout").glob("part-*")), [])
+    assert lines and all(line.endswith("\tshipped-tag") for line in lines)
+    got = parse_output([line.rpartition("\t")[0] for line in lines])
+    assert got == parse_output(sum(ref.partitions, []))
+
+    # the server keeps it: attach again, without it, and the job directory's output.log
+    again = c.assert_ok(c.console("attach", str(data_id)))
+    assert [x for x in again.stderr.splitlines() if "stop words:" in x] == printed
+    quiet = c.assert_ok(c.console("attach", str(data_id), "--no-task-output"))
+    assert "stop words" not in quiet.stderr
+    kept = (data.root / "detached" / str(graph_id) / "output.log").read_text()
+    assert "tag is shipped-tag" in kept
+    shipped = data.root / "detached" / str(data_id)
+    assert (shipped / "modules" / "wordpkg" / "sub" / "case.py").is_file()
+    assert (shipped / "files" / "stop.txt").read_text() == "THE\n"
+
+    import remap
+    from remap.console.detached import DetachedJob
+    from remap.settings import Settings
+
+    with remap.connect(c.address, secret=c.secret, settings=Settings()) as cluster:
+        assert "] tag is shipped-tag" in DetachedJob(cluster, graph_id, "vertex").output()
+
+    (proj / "big.bin").write_bytes(os.urandom(1 << 20))
+    (proj / "big.yaml").write_text(
+        "kind: mapreduce\nmodule: wc.py\nmodules: [wordpkg]\nfiles: [stop.txt, big.bin]\n"
+        "input: in/\noutput: out-big/\n"
+    )
+    refused = c.console("compute", "big.yaml", "--detach", cwd=proj)
     assert refused.returncode == 2, refused.stderr
     (line,) = refused.stderr.strip().splitlines()
-    assert "wordpkg is a package" in line and "run the job attached" in line
+    assert "over the 1,048,576 bytes" in line and "REMAP_MAX_FRAME" in line, line

@@ -59,6 +59,8 @@ def _add_driven(s: Served, drivers: Drivers, tmp_path: Path) -> tuple[DrivenJob,
         drivers.event(job, b'{"event": "started", "data_job": "j1", "job_dir": "/d/j1"}')
         progress = {"event": "progress", "phase": "superstep 3", "done": 4, "total": 50}
         drivers.event(job, json.dumps({**progress, "line": "superstep 3: 7 active"}).encode())
+        printed = {"event": "output", "text": "[n core 0] seen 3\n", "dropped": 0}
+        drivers.event(job, json.dumps(printed).encode())
         job.transport = FakeDriver(drivers, job)
         return job, job.transport
 
@@ -67,7 +69,7 @@ def _add_driven(s: Served, drivers: Drivers, tmp_path: Path) -> tuple[DrivenJob,
 
 def test_detached_jobs_are_listed_shown_and_killed_over_http(served, tmp_path: Path) -> None:
     """The job list, one job, the summary and the dashboard's snapshot show a detached vertex
-    job's kind, superstep and progress; the kill route SIGTERMs its driver (as ``kill`` does)
+    job's kind, superstep and progress, one job its task output; the kill route SIGTERMs its driver (as ``kill`` does)
     and answers once it has ended."""
     s, drivers = served
     function_job = s.add_job(total=10)
@@ -80,6 +82,9 @@ def test_detached_jobs_are_listed_shown_and_killed_over_http(served, tmp_path: P
     assert shown["state"] == "running" and shown["waiting"] == "superstep 3: 7 active"
     one = s.request("GET", f"/api/v1/jobs/{job.id}", token=s.token).json()
     assert one["kind"] == "vertex" and one["data_job"] == "j1" and one["errors"] == []
+    assert one["task_output"] == "[n core 0] seen 3\n"  # what its tasks printed
+    function_view = s.request("GET", f"/api/v1/jobs/{function_job}", token=s.token).json()
+    assert "task_output" not in function_view
     summary = s.request("GET", "/api/v1/summary", token=s.token).json()
     assert summary["jobs_running"] == 2 and summary["jobs"] == 2
     snap = runtime.run(

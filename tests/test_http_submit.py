@@ -88,6 +88,23 @@ def test_shipped_files_and_modules_come_from_the_apps_directory(apps: Path, tmp_
             prepare({**job, "files": files}, apps, tmp_path / "d")
 
 
+def test_a_package_whose_submodule_links_out_of_the_apps_directory_is_refused(
+    apps: Path, tmp_path: Path
+) -> None:
+    """A package in the apps directory ships every ``.py`` under it: one that is a link to a
+    file outside (a submodule, or one in a subpackage) refuses the job, naming it; links
+    that stay inside the apps directory are fine."""
+    (tmp_path / "secret.py").write_text("KEY = 's3cret'\n")
+    (apps / "pkg" / "inner").mkdir()
+    (apps / "pkg" / "inner" / "__init__.py").write_text("")
+    (apps / "pkg" / "same.py").symlink_to(apps / "squares.py")
+    job = {"function": "squares.py:square", "args": [1], "modules": ["pkg"]}
+    prepare(job, apps, tmp_path / "d")
+    (apps / "pkg" / "inner" / "leak.py").symlink_to(tmp_path / "secret.py")
+    with pytest.raises(SubmitError, match=re.escape("pkg/inner/leak.py of 'pkg' links out")):
+        prepare(job, apps, tmp_path / "d")
+
+
 def test_bodies() -> None:
     """JSON and YAML bodies parse to a mapping; anything else is one clear error."""
     assert parse_body(b'{"function": "a.py:f"}', "application/json") == {"function": "a.py:f"}

@@ -413,6 +413,7 @@ def evil_frames(path: Path) -> list[bytes]:
             "submit": {"id": 1, "name": "evil", "mode": "reduce"},
             "args": {"job": 1, "start": 0, "sizes": [len(blob)]},
             "results": {"job": 1, "indices": [0], "sizes": [len(blob)]},
+            "drive": {"id": 1, "kind": "mapreduce", "name": "evil", "job": "{}"},
         }[type_name]
         found.append(raw_frame({"t": type_name, **fields}, blob))
     found.append(
@@ -429,7 +430,15 @@ def evil_frames(path: Path) -> list[bytes]:
 
 def test_evil_payload_types_cover_every_payload_message():
     """Every message type that carries a payload is exercised by the pre-auth pickle tests."""
-    assert set(PAYLOAD_TYPES) == {"job_load", "task", "result", "submit", "args", "results"}
+    assert set(PAYLOAD_TYPES) == {
+        "job_load",
+        "task",
+        "result",
+        "submit",
+        "args",
+        "results",
+        "drive",
+    }
 
 
 @pytest.mark.parametrize("role", ["server", "node", "console"])

@@ -2,12 +2,14 @@
 driver process the server runs for it (``python -m remap.console.detached DIR``).
 
 ``compute JOB.yaml --detach`` of a ``kind: mapreduce`` or ``kind: vertex`` job checks the job
-here (so its mistakes are one line on this console), then sends it with its module *by value*
-(``drive``): paths absolute, the module's text beside it. The server writes both to
-``<data dir>/detached/<id>/`` and starts this module's :func:`main` there, which runs the same
-driver ``compute`` runs attached and reports on stdout, one JSON object a line: ``started`` (the
-data-directory job id), ``progress`` (phase, done, total, a line), ``end`` (state, message,
-summary). ``attach ID`` reads the job's map in ``status`` until it has ended.
+here (so its mistakes are one line on this console), then sends it with its files *by value*
+(``drive``): paths absolute, the module, its ``modules:`` (packages too) and ``files:`` as one
+tree (:func:`remap.bundle.tree`). The server writes them to ``<data dir>/detached/<id>/`` and
+starts this module's :func:`main` there, which runs the same driver ``compute`` runs attached
+and reports on stdout, one JSON object a line: ``started`` (the data-directory job id),
+``progress`` (phase, done, total, a line), ``output`` (what the tasks printed, batched),
+``end`` (state, message, summary). ``attach ID`` follows the job (``attach`` requests: its
+map and its task output) until it has ended.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .. import bundle
 from ..bundle import Bundle
 from ..data.inputs import absolute_entry
 from ..errors import ConfigError, JobFailed, JobKilled, RemapError
@@ -34,13 +38,16 @@ KINDS = ("mapreduce", "vertex")
 PROGRESS_EVERY = 0.5
 #: seconds between looks at a detached job's status while attached to it
 ATTACH_POLL = 0.5
+#: characters of task output one ``output`` line of a driver carries at most (the older text
+#: of a batch is dropped and counted): escaped as JSON, well under the server's line limit
+OUTPUT_BATCH = 32 * 1024
 
 
 # ---------------------------------------------------------------- the console's side
 
 
-def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
-    """The job file as JSON with absolute paths, and the module's text when it is a file."""
+def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, bytes]:
+    """The job file as JSON with absolute paths, and its files packed (see :func:`ship`)."""
     raw = yaml.safe_load(Path(job_file).read_text(encoding="utf-8"))
     module = None
     if spec.module.endswith(".py"):
@@ -55,45 +62,21 @@ def shipped_job(spec: Any, job_file: str | os.PathLike[str]) -> tuple[str, dict[
 
 def ship(
     job: dict[str, Any], module: Path | None, shipped: Bundle | None = None
-) -> tuple[str, dict[str, str]]:
-    """``job`` as JSON with its module file (if any) by value, named by its file name, and
-    the modules it ships (``modules:``) beside it, so the driver finds and ships them too."""
-    files: dict[str, str] = {}
+) -> tuple[str, bytes]:
+    """``job`` as JSON and its files as one packed tree (:func:`remap.bundle.pack_tree`): its
+    module file (if any) by value, named by its file name, and what it ships (``modules:``,
+    packages too, and ``files:``) under ``modules/`` and ``files/``, its ``modules:`` and
+    ``files:`` naming them there, so the driver finds them and ships them on."""
+    entries: dict[str, bytes] = {}
     if module is not None:
-        files[module.name] = module.read_text(encoding="utf-8")
+        entries[module.name] = module.read_bytes()
         job = {**job, "module": module.name}
     job = {k: v for k, v in job.items() if k not in ("modules", "files")}
     if shipped:
-        job["modules"] = _beside(shipped, files)
-    return json.dumps(job), files
-
-
-def _beside(shipped: Bundle, files: dict[str, str]) -> list[str]:
-    """Add a detached job's shipped modules to its files (one ``NAME.py`` each, as the
-    server keeps them); their names, for the job's ``modules:``. Packages and ``files:``
-    cannot travel this way: one line saying what to do instead."""
-    if shipped.files:
-        raise ConfigError(
-            f"files: a detached data or vertex job cannot ship files ({', '.join(shipped.files)}):"
-            " put them in the shared data directory, or run the job attached"
-        )
-    names = []
-    for name, data in shipped.modules.items():
-        if "/" in name:
-            raise ConfigError(
-                f"modules: a detached data or vertex job ships single-file modules, and "
-                f"{name.split('/')[0]} is a package: make it one .py file, install it on the "
-                "nodes, or run the job attached"
-            )
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"modules: {name} is not UTF-8 text") from None
-        if files.get(name, text) != text:
-            raise ConfigError(f"modules: {name} has the name of the job's module; rename one")
-        files[name] = text
-        names.append(name)
-    return names
+        more, modules, files = bundle.tree(shipped)
+        entries.update(more)
+        job.update({k: v for k, v in (("modules", modules), ("files", files)) if v})
+    return json.dumps(job), bundle.pack_tree(entries)
 
 
 def wait_ended(
@@ -141,6 +124,14 @@ class DetachedJob:
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job to end; its summary, or JobFailed / JobKilled / TimeoutError."""
         return outcome(wait_ended(lambda: self.cluster.status()["jobs"], self.id, None, timeout))
+
+    def output(self) -> str:
+        """What the job's tasks printed or logged, each line prefixed with its node and core:
+        the last :data:`remap.server.drivers.MAX_OUTPUT` bytes the server keeps."""
+        from .. import runtime
+
+        client = self.cluster._client
+        return runtime.run(lambda: client.watch(self.id, 0), timeout=60)["task_output"]
 
     def kill(self) -> dict[str, Any]:
         """End the job (``INCOMPLETE``, intermediate files removed); returns once it has."""
@@ -190,17 +181,17 @@ def drive_module(
     }
     job.setdefault("name", Path(file).stem)
     check_here(load_job_text(ship(job, Path(file))[0], Path(file).parent, "<detached job>"))
-    job_text, files = ship(job, Path(file), cluster.bundle)
+    job_text, shipped = ship(job, Path(file), cluster.bundle)
     client = cluster._client
-    job_id = runtime.run(lambda: client.drive(kind, job["name"], job_text, files), timeout=60)
+    job_id = runtime.run(lambda: client.drive(kind, job["name"], job_text, shipped), timeout=60)
     return DetachedJob(cluster, job_id, kind)
 
 
 def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
     """``compute --detach`` of a data or vertex job: the server runs its driver; print the id."""
     check_here(spec)
-    job_text, files = shipped_job(spec, args.job)
-    job_id = console.session.request("drive", spec.kind, spec.name, job_text, files)
+    job_text, shipped = shipped_job(spec, args.job)
+    job_id = console.session.request("drive", spec.kind, spec.name, job_text, shipped)
     if args.json:
         console.say(json.dumps({"job": job_id, "detached": True, "kind": spec.kind}))
     else:
@@ -213,17 +204,31 @@ def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
 
 
 def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace) -> int:
-    """Wait for a detached data or vertex job to end (progress on a terminal); print its
-    summary as ``compute`` would have, or raise its error."""
+    """Follow a detached data or vertex job to its end: what its tasks print (the part the
+    server kept, then as it comes, on stderr as ``compute`` shows it), progress on a terminal;
+    print its summary as ``compute`` would have, or raise its error."""
     quiet = args.json or getattr(args, "quiet", False)
     bar = render.Progress(console.err) if (console.err.isatty() and not quiet) else None
-
-    def tick(job: dict[str, Any]) -> None:
-        if bar is not None:
-            bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
-
+    show = console.session.settings.task_output and not getattr(args, "no_task_output", False)
+    since = 0
     try:
-        job = wait_ended(lambda: console.session.request("status")["jobs"], job["id"], tick)
+        while True:
+            job = console.session.request("watch", job["id"], since)
+            text = job.get("task_output") or ""
+            if show and (text or job["task_output_from"] > since):
+                if bar is not None:
+                    bar.clear()
+                if job["task_output_from"] > since:
+                    skipped = job["task_output_from"] - since
+                    console.err.write(f"[{skipped:,} bytes of earlier task output not kept]\n")
+                console.err.write(text)
+                console.err.flush()
+            since = job["task_output_end"]
+            if job["state"] != "running":
+                break
+            if bar is not None:
+                bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
+            time.sleep(ATTACH_POLL)
     finally:
         if bar is not None:
             bar.clear()
@@ -243,20 +248,75 @@ class _Out:
     stderr, so it cannot be taken for a report)."""
 
     def __init__(self) -> None:
-        self.stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+        self.stream = os.fdopen(os.dup(1), "w", encoding="utf-8", errors="backslashreplace")
         os.dup2(2, 1)
         sys.stdout = sys.stderr
         self.last = 0.0
+        self.lock = threading.Lock()  # task output leaves from a thread of its own
 
     def emit(self, event: str, **fields: Any) -> None:
-        self.stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-        self.stream.flush()
+        line = json.dumps({"event": event, **fields}, default=str, ensure_ascii=False) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
 
     def progress(self, force: bool = False, **fields: Any) -> None:
         now = time.monotonic()
         if force or now - self.last >= PROGRESS_EVERY:
             self.last = now
             self.emit("progress", **fields)
+
+
+class _TaskOutput:
+    """What the job's tasks print or log, on its way to the server: ``put`` (the reactor
+    thread) only queues; a thread of its own sends one ``output`` line per
+    :data:`PROGRESS_EVERY` at most, of at most :data:`OUTPUT_BATCH` characters (a batch's older
+    text is dropped and counted in ``dropped``), so a job printing without end costs the
+    server a bounded line twice a second."""
+
+    def __init__(self, out: _Out) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+        self.chunks: list[str] = []
+        self.size = 0
+        self.dropped = 0
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="remap-task-output", daemon=True)
+        self.thread.start()
+
+    def put(self, index: int, text: str) -> None:
+        with self.lock:
+            self.chunks.append(text)
+            self.size += len(text)
+            while self.size - len(self.chunks[0]) >= OUTPUT_BATCH:  # whole chunks too old
+                self.size -= len(self.chunks[0])
+                self.dropped += len(self.chunks.pop(0))
+        self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            self.wake.wait()
+            self.stopped.wait(PROGRESS_EVERY)  # what comes meanwhile leaves in the same line
+            self.send()
+
+    def send(self) -> None:
+        with self.lock:
+            text, dropped = "".join(self.chunks), self.dropped
+            self.chunks, self.size, self.dropped = [], 0, 0
+            self.wake.clear()
+        if len(text) > OUTPUT_BATCH:
+            dropped += len(text) - OUTPUT_BATCH
+            text = text[-OUTPUT_BATCH:]
+        if text or dropped:
+            self.out.emit("output", text=text, dropped=dropped)
+
+    def close(self) -> None:
+        """Send what is left (before the ``end`` line)."""
+        self.stopped.set()
+        self.wake.set()
+        self.thread.join(timeout=5)
+        self.send()
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -276,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("directory", type=Path)
     args = ap.parse_args(argv)
     out = _Out()
+    output = _TaskOutput(out)
     signal.signal(signal.SIGTERM, _terminate)
     session = None
     state, message, summary = "failed", "", None
@@ -288,9 +349,17 @@ def main(argv: list[str] | None = None) -> int:
         job_id = new_job_id()
         job_dir = DataDir.from_setting(settings.data_dir).job_dir(job_id)
         out.emit("started", data_job=job_id, job_dir=str(job_dir))
+        shipped = args.directory / bundle.TREE_FILES
+        if shipped.is_dir():  # remap.job_file(NAME) finds a shipped file here too
+            bundle.enter(shipped.resolve())
         session = Session(settings)
         summary = run_file_job(
-            spec, settings, lambda: session.connect(allow_embedded=False), job_id, out.progress
+            spec,
+            settings,
+            lambda: session.connect(allow_embedded=False),
+            job_id,
+            out.progress,
+            on_output=output.put if settings.task_output else None,
         )
         if spec.kind == "mapreduce":
             summary["errors"] = summary.get("errors", [])[:20]
@@ -301,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
     except Exception as exc:  # noqa: BLE001 - reported to the server as the job's reason
         message = f"{type(exc).__name__}: {exc}"
+    output.close()
     out.emit("end", state=state, message=message, summary=summary)
     print(f"detached job {state}{': ' + message if message else ''}", file=sys.stderr)
     sys.stderr.flush()

@@ -260,6 +260,11 @@ def build_parser() -> Parser:
         p = command(name)
         p.add_argument("job", type=job_id, help="the job id (see: remap jobs)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--no-task-output",
+            action="store_true",
+            help="a detached data or vertex job: do not show what its tasks print",
+        )
     command("help").add_argument("topic", nargs="?", help="a command")
     command("quit")
     command("shell")

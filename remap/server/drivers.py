@@ -9,10 +9,15 @@ submissions are) that runs the same driver code as ``compute`` and reports JSON 
 stdout (started, progress, end), which this module turns into a job in ``status``.
 
 Everything a driver needs is in ``<data dir>/detached/<id>/`` (``job.json``, the module shipped
-by value, ``ended.json`` once it ended), so a restarted server can find an unfinished one again
-and start its driver anew under the same id (see :meth:`Drivers.unfinished`). A driver that
-dies without saying how it ended leaves ``result`` = ``INCOMPLETE`` with the reason, and its
-intermediate files are removed here.
+by value, the ``modules/`` and ``files/`` it ships, ``ended.json`` once it ended), so a
+restarted server can find an unfinished one again and start its driver anew under the same id
+(see :meth:`Drivers.unfinished`). A driver that dies without saying how it ended leaves
+``result`` = ``INCOMPLETE`` with the reason, and its intermediate files are removed here.
+
+What the job's tasks print reaches the driver as an attached job's reaches its console; the
+driver passes it on in ``output`` lines, and the server keeps the last :data:`MAX_OUTPUT`
+bytes of it per job (``attach`` and the HTTP job view show them; ``output.log`` in the job's
+directory once it ended).
 """
 
 from __future__ import annotations
@@ -20,24 +25,33 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import protocol, threads
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from protocol.status import JobStatus
 
+from .. import bundle
 from ..data import layout
 from ..vertex.files import BARRIER_DIRS
 
 KINDS = ("mapreduce", "vertex")
-#: bytes of shipped files a ``drive`` may carry (the job module, by value)
+#: bytes of ``files`` (the older way: file name → text) a ``drive`` may carry; its payload
+#: (the job's module, modules and files as one tree) is bounded by the frame limit and
+#: :data:`remap.bundle.MAX_BUNDLE`
 MAX_FILES_BYTES = 4 * 1024 * 1024
+#: bytes of a detached job's task output the server keeps (the last ones)
+MAX_OUTPUT = 64 * 1024
+#: a driver's file in the job's directory: what the tasks printed (its last MAX_OUTPUT bytes)
+OUTPUT_LOG = "output.log"
 #: seconds a killed driver gets to clean up before it is SIGKILLed (and cleaned up after)
 KILL_GRACE = 20.0
 #: longest JSON line read from a driver; longer ones are dropped
@@ -45,6 +59,8 @@ MAX_LINE = 256 * 1024
 #: finished detached jobs remembered (for status and attach); the oldest are forgotten
 MAX_KEPT = 100
 _FILE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\.py$")
+#: where the parts of a shipped tree may go: the job's module at the top, the rest below these
+_TREE_ROOTS = (bundle.TREE_MODULES, bundle.TREE_FILES)
 CHILD_MODULE = "remap.console.detached"
 
 
@@ -156,12 +172,33 @@ class DrivenJob:
     finished_at: float | None = None
     killing: bool = False
     stderr: bytearray = field(default_factory=bytearray)
+    #: the last MAX_OUTPUT bytes of what its tasks printed, and how many came in all
+    printed: bytearray = field(default_factory=bytearray)
+    printed_end: int = 0
     transport: Any = None
     waiters: list[Callable[[DrivenJob], None]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.state != "running"
+
+    def add_output(self, text: str, dropped: int = 0) -> None:
+        """Keep what the tasks printed (``dropped``: characters the driver could not send)."""
+        data = text.encode("utf-8", "replace")
+        if dropped:
+            data = f"[{dropped:,} characters of task output dropped]\n".encode() + data
+        self.printed += data
+        self.printed_end += len(data)
+        del self.printed[: max(0, len(self.printed) - MAX_OUTPUT)]
+
+    def task_output(self, since: int) -> dict[str, Any]:
+        """The kept task output from byte ``since`` on: ``task_output``, ``task_output_from``
+        (past ``since`` when what came between was not kept) and ``task_output_end`` (where the
+        next look starts)."""
+        first = self.printed_end - len(self.printed)
+        start = min(max(since, first), self.printed_end)
+        text = self.printed[start - first :].decode("utf-8", "replace")
+        return {"task_output": text, "task_output_from": start, "task_output_end": self.printed_end}
 
     def describe(self, now: float) -> JobStatus:
         """The job's status record: what function jobs have, plus phase and summary."""
@@ -267,8 +304,13 @@ class Drivers:
 
     # ------------------------------------------------------------ requests
 
-    def start(self, kind: str, name: str, job_text: str, files: dict, owner: str) -> DrivenJob:
-        """Write the job's directory and start its driver; DriveError says why not."""
+    def start(
+        self, kind: str, name: str, job_text: str, files: dict, owner: str, shipped: bytes = b""
+    ) -> defer.Deferred:
+        """Check the job (DriveError says why not), then write its directory (on a thread: its
+        files may be many MiB) and start its driver; fires with the job, or fails (OSError).
+        ``shipped``: the job's files as one tree (``drive``'s payload); ``files``: the older
+        way, file name → text."""
         if self.cluster_address is None:
             raise DriveError("this server cannot run detached drivers (it listens nowhere)")
         if kind not in KINDS:
@@ -279,28 +321,26 @@ class Drivers:
             raise DriveError(f"the job is not JSON: {exc}") from None
         if not isinstance(job, dict) or job.get("kind") != kind:
             raise DriveError(f"the job must be a mapping with kind: {kind}")
-        size = 0
-        for file_name, text in files.items():
-            if not isinstance(text, str) or not _FILE_NAME.match(str(file_name)):
-                raise DriveError(f"shipped file {str(file_name)[:80]!r}: expected NAME.py: text")
-            size += len(text.encode("utf-8"))
-        if size > MAX_FILES_BYTES:
-            raise DriveError(f"the shipped files exceed {MAX_FILES_BYTES // 1024 // 1024} MiB")
+        entries = shipped_tree(files, shipped)  # a copy: the payload may view a reused buffer
         job_id = self.scheduler.take_job_id()
         directory = self.data_dir / "detached" / str(job_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        for file_name, text in files.items():
-            (directory / file_name).write_text(text, encoding="utf-8")
-        (directory / "job.json").write_text(
-            json.dumps({**job, "name": name}, indent=1), encoding="utf-8"
+        entries["job.json"] = json.dumps({**job, "name": name}, indent=1).encode("utf-8")
+        entries["owner"] = owner.encode("utf-8")
+
+        def written(_: Any) -> DrivenJob:
+            driven = DrivenJob(job_id, kind, name, owner, directory, self.reactor.seconds())
+            driven.output = str(job.get("output") or "") or None
+            self.jobs[job_id] = driven
+            self._spawn(driven)
+            self.log.info(
+                "detached {kind} job {id} ({name}) started", kind=kind, id=job_id, name=name
+            )
+            return driven
+
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), _write_job_dir, directory, entries
         )
-        (directory / "owner").write_text(owner, encoding="utf-8")
-        driven = DrivenJob(job_id, kind, name, owner, directory, self.reactor.seconds())
-        driven.output = str(job.get("output") or "") or None
-        self.jobs[job_id] = driven
-        self._spawn(driven)
-        self.log.info("detached {kind} job {id} ({name}) started", kind=kind, id=job_id, name=name)
-        return driven
+        return d.addCallback(written)
 
     def unfinished(self) -> list[tuple[int, Path]]:
         """Detached jobs an earlier run of the server started and never saw end (id, directory):
@@ -422,6 +462,10 @@ class Drivers:
                 job.directory / "started.json",
                 record,
             ).addErrback(lambda f: self.log.failure("recording job {id}", f, id=job.id))
+        elif kind == "output":
+            text, dropped = event.get("text"), event.get("dropped")
+            if isinstance(text, str):
+                job.add_output(text, dropped if type(dropped) is int and dropped > 0 else 0)
         elif kind == "progress" and not job.finished:
             job.progress = {k: event.get(k) for k in ("phase", "done", "total", "line", "sub_job")}
         elif kind == "end" and not job.finished:
@@ -461,6 +505,7 @@ class Drivers:
             why=f": {job.message}" if job.message else "",
         )
         record = {"state": job.state, "message": job.message, "summary": job.summary}
+        output = bytes(job.printed)
 
         def finish(_: Any = None) -> None:
             waiters, job.waiters = job.waiters, []
@@ -478,6 +523,7 @@ class Drivers:
             job.kind,
             clean,
             job.message,
+            output,
         )
         d.addErrback(lambda f: self.log.failure("cleaning up after job {id}", f, id=job.id))
         d.addBoth(finish)
@@ -507,12 +553,63 @@ def _clean_earlier(data_root: Path, kind: str, data_job: str | None) -> None:
         )
 
 
+def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
+    """A ``drive``'s files checked, as one tree: its payload's (the job's module at the top,
+    its modules and files below ``modules/`` and ``files/``) and the older ``files`` (NAME.py →
+    text); DriveError (one line) for a name that could leave the job's directory or land
+    elsewhere in it, or files over the limits."""
+    try:
+        entries = bundle.unpack_tree(shipped)
+    except ValueError as exc:
+        raise DriveError(str(exc)) from None
+    size = 0
+    for file_name, text in files.items():
+        if not isinstance(text, str) or not _FILE_NAME.match(str(file_name)):
+            raise DriveError(f"shipped file {str(file_name)[:80]!r}: expected NAME.py: text")
+        size += len(text.encode("utf-8"))
+        entries.setdefault(file_name, text.encode("utf-8"))
+    if size > MAX_FILES_BYTES:
+        raise DriveError(f"the shipped files exceed {MAX_FILES_BYTES // 1024 // 1024} MiB")
+    for name in entries:
+        top = name.split("/")[0]
+        if not (_FILE_NAME.match(name) or (top in _TREE_ROOTS and "/" in name)):
+            raise DriveError(
+                f"shipped file {name[:80]!r}: expected NAME.py, or a path under "
+                f"{' or '.join(r + '/' for r in _TREE_ROOTS)}"
+            )
+    return entries
+
+
+def _write_job_dir(directory: Path, entries: dict[str, bytes]) -> None:
+    """Write a new detached job's directory whole: into a directory made here, renamed into
+    place (what an earlier server left under that id, without a journal, is replaced)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        bundle.write_tree(staging, entries)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _after_driver(
-    directory: Path, record: dict, data_root: Path, kind: str, data_job: str | None, why: str
+    directory: Path,
+    record: dict,
+    data_root: Path,
+    kind: str,
+    data_job: str | None,
+    why: str,
+    output: bytes = b"",
 ) -> None:
-    """(A thread.) Remember how the job ended; after a driver that died, do its cleanup."""
+    """(A thread.) Remember how the job ended and what its tasks printed; after a driver
+    that died, do its cleanup."""
     if data_job is not None:
         abandon(layout.DataDir(data_root), kind, data_job, why)
+    if output:
+        layout.write_atomic(directory / OUTPUT_LOG, output)
     layout.write_json(directory / "ended.json", record)
 
 

@@ -272,25 +272,29 @@ class ServerConnection:
             )
             return
         try:
-            job = self.server.drivers.start(msg.kind, msg.name, msg.job, msg.files, self.user)
-        except (DriveError, OSError) as exc:
+            started = self.server.drivers.start(
+                msg.kind, msg.name, msg.job, msg.files, self.user, msg.payload
+            )
+        except DriveError as exc:
             _refuse(link, msg, "failed", str(exc))
             return
-        link.send(m.Ok(re=msg.id, info={"job": job.id}))
+
+        def refused(failure: Any) -> None:
+            failure.trap(DriveError, OSError, ValueError)
+            _refuse(link, msg, "failed", f"cannot write the job's directory: {failure.value}")
+
+        started.addCallbacks(lambda job: link.send(m.Ok(re=msg.id, info={"job": job.id})), refused)
+        started.addErrback(lambda f: self.log.failure("starting a detached job", f))
 
     def _driven(self, link: PeerProtocol, msg: m.Kill | m.Attach) -> None:
-        """``kill`` of a detached data or vertex job answers once its driver has exited."""
+        """``kill`` of a detached data or vertex job answers once its driver has exited;
+        ``attach`` reads its status map and its task output (from byte ``since`` on)."""
         job = self.server.drivers.jobs[msg.job]
         if self.user and job.owner != self.user:
             _refuse(link, msg, "forbidden", f"job {job.id} is not yours")
-        elif type(msg) is m.Attach:
-            _refuse(
-                link,
-                msg,
-                "unexpected",
-                f"job {job.id} is a detached {job.kind} job: its summary is in "
-                "status once it ends (remap attach waits for it)",
-            )
+        elif type(msg) is m.Attach:  # its map and its task output from msg.since on
+            info = job.describe(self.scheduler.clock.seconds()).to_wire()
+            link.send(m.Ok(re=msg.id, info={**info, **job.task_output(msg.since)}))
         else:
             self.server.drivers.kill(
                 job, lambda j: link.send(m.Ok(re=msg.id, info={"job": j.id, "state": j.state}))

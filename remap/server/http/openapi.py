@@ -113,6 +113,12 @@ SCHEMAS: dict[str, dict] = {
         "properties": {
             **_JOB["properties"],
             "errors": {"type": "array", "items": {"$ref": "#/components/schemas/JobError"}},
+            "task_output": {
+                "type": "string",
+                "description": "a detached data or vertex job's task output (what its map, "
+                "reduce or compute functions printed or logged, lines prefixed with node and "
+                "core): the last 64 KiB the server keeps; absent for function jobs",
+            },
         },
     },
     "JobState": _obj({"job": _INT, "state": _STR}),

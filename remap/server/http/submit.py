@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from twisted.logger import Logger
 
+from ...bundle import module_files
 from ...errors import ConfigError
 from ...jobfile import load_job_text, yaml_problem
 from ..drivers import ConsoleChild, last_error, spawn_console_child
@@ -137,6 +138,13 @@ def _shipped(apps: Path, value: Any, key: str) -> list[str]:
             raise SubmitError(
                 f"key '{key}': {entry!r} is not a {what} in the server's apps directory"
             )
+        if key == "modules" and real.is_dir():  # what ships of a package: all inside apps too
+            for name, source in module_files(real):
+                if not source.resolve().is_relative_to(apps):
+                    raise SubmitError(
+                        f"key 'modules': {name} of {entry!r} links out of the server's apps "
+                        "directory (only what is installed there ships)"
+                    )
         paths.append(str(path))
     return paths
 

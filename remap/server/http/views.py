@@ -77,6 +77,8 @@ def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
         status = sched.job_statuses([job])[0]
     view = job_view(status)
     view["errors"] = list(stats.job_errors.get(job.id, ()))
+    if isinstance(job, DrivenJob):  # what its tasks printed (a function job's go to its console)
+        view["task_output"] = job.task_output(0)["task_output"]
     return view
 
 

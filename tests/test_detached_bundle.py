@@ -1,0 +1,389 @@
+"""What a detached data or vertex job carries to the server, and what its tasks print on the way
+back: no sockets, no processes.
+
+The ``drive`` message carries the job's module, its ``modules:`` (packages with their
+submodules) and its ``files:`` as one tree (``remap.bundle``), bounded by the frame limit and
+written on the server only under names that stay inside the job's new directory; the server
+keeps the last bytes of the job's task output, which ``attach`` reads from an offset and the
+HTTP job view shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from protocol import messages as m
+from protocol.framing import frame_length
+from remap import bundle
+from remap.client import ClusterClient
+from remap.console import detached
+from remap.errors import ConfigError
+from remap.server import drivers as drivers_mod
+from remap.server.drivers import MAX_OUTPUT, DriveError, DrivenJob, Drivers, shipped_tree
+from remap.server.service import RemapServerFactory, ServerConnection
+from tests.test_scheduler import FakeLink
+
+# ============================================================================ names and limits
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x.py",
+        "modules/../../x.py",
+        "files/..",
+        "/etc/passwd",
+        "",
+        ".",
+        "modules//x.py",
+        "modules/./x.py",
+        "files/a\x00b",
+        "/".join(["d"] * (bundle.MAX_DEPTH + 1)),
+        "files/" + "x" * bundle.MAX_PATH,
+        b"files/x",
+        7,
+    ],
+)
+def test_a_name_that_could_leave_the_directory_is_refused(name: Any) -> None:
+    """Absolute paths, empty, ``.`` or ``..`` parts, NUL, too deep or too long, not text: each
+    one a ValueError of one line, before anything is written."""
+    with pytest.raises(ValueError) as caught:
+        bundle.check_name(name)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["x.py", "modules/pkg/sub/m.py", "files/data set.csv", "a/.env"])
+def test_a_name_inside_the_directory_is_kept(name: str) -> None:
+    """Nested paths, spaces and dot files stay as they are."""
+    assert bundle.check_name(name) == name
+
+
+def test_a_package_and_files_travel_as_one_tree_named_in_the_job(tmp_path: Path) -> None:
+    """``tree`` puts a package's submodules under ``modules/`` with their subpaths and files
+    under ``files/``; the job's ``modules:`` and ``files:`` name them there; the packed tree
+    unpacks to the same bytes."""
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "a.py", "sub/__init__.py", "sub/b.py"):
+        (tmp_path / "pkg" / name).write_text(f"# {name}\n")
+    (tmp_path / "one.py").write_text("X = 1\n")
+    (tmp_path / "data.bin").write_bytes(bytes(range(256)))
+    shipped = bundle.collect(["pkg", "one.py"], ["data.bin"], tmp_path)
+    entries, modules, files = bundle.tree(shipped)
+    assert sorted(entries) == [
+        "files/data.bin",
+        "modules/one.py",
+        "modules/pkg/__init__.py",
+        "modules/pkg/a.py",
+        "modules/pkg/sub/__init__.py",
+        "modules/pkg/sub/b.py",
+    ]
+    assert modules == ["modules/one.py", "modules/pkg"] and files == ["files/data.bin"]
+    assert bundle.unpack_tree(bundle.pack_tree(entries)) == entries
+    assert bundle.pack_tree({}) == b"" and bundle.unpack_tree(b"") == {}
+
+
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        (msgpack.packb({"files/a": b"x" * 11}), "add up to 11 bytes, over 10"),
+        (
+            msgpack.packb({f"files/{i}": b"" for i in range(bundle.MAX_ENTRIES + 1)}),
+            "10,001 entries, over 10,000",
+        ),
+        (msgpack.packb(["files/a", b"x"]), "not a bundle tree"),
+        (msgpack.packb({"files/a": "text"}), "is not bytes"),
+        (msgpack.packb({"files/../../a": b"x"}), "leaves the job directory"),
+        (msgpack.packb({1: b"x"}), "not a bundle tree"),
+        (b"\xc1 not msgpack", "not a bundle tree"),
+    ],
+)
+def test_a_tree_over_its_limits_or_not_a_tree_is_refused(payload: bytes, why: str) -> None:
+    """Bytes in all, entries, shape, value types and names: each refused with one line."""
+    with pytest.raises(ValueError, match=why):
+        bundle.unpack_tree(payload, limit=10)
+
+
+def test_write_tree_never_writes_through_a_link_or_over_a_file(tmp_path: Path) -> None:
+    """A directory that holds a link where a tree's directory would go is refused, nothing
+    written where the link points; a name given as a file and as a directory is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "job"
+    target.mkdir()
+    (target / "modules").symlink_to(outside)
+    with pytest.raises(ValueError, match="crosses a file"):
+        bundle.write_tree(target, {"modules/evil.py": b"x"})
+    (target / "files").mkdir()
+    (target / "files" / "a.txt").symlink_to(outside / "a.txt")
+    with pytest.raises(ValueError, match="named twice"):
+        bundle.write_tree(target, {"files/a.txt": b"x"})
+    assert list(outside.iterdir()) == []
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(ValueError, match="crosses a file"):
+        bundle.write_tree(fresh, {"files/a": b"1", "files/a/b": b"2"})
+    bundle.write_tree(fresh, {"modules/p/q/r.py": b"R", "x.py": b"X"})
+    assert (fresh / "modules/p/q/r.py").read_bytes() == b"R"
+
+
+# ============================================================================ the server's side
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["notes.txt", "job.json", "owner", "modules", "files", "other/x.py", "../x.py", "/x.py"],
+)
+def test_the_server_takes_the_jobs_module_at_the_top_and_the_rest_below_its_roots(
+    name: str,
+) -> None:
+    """A shipped name is the job's ``NAME.py`` or lies under ``modules/`` or ``files/``: one
+    cannot replace ``job.json`` or ``owner``, or leave the directory."""
+    with pytest.raises(DriveError, match="expected NAME.py|leaves the job directory"):
+        shipped_tree({}, bundle.pack_tree({name: b"x"}))
+
+
+def test_the_older_files_field_still_ships_single_modules() -> None:
+    """A console of before (``files``: NAME.py → text) is still understood."""
+    assert shipped_tree({"wc.py": "X = 1\n"}, b"") == {"wc.py": b"X = 1\n"}
+    with pytest.raises(DriveError, match="expected NAME.py: text"):
+        shipped_tree({"../wc.py": "X"}, b"")
+
+
+class _Scheduler:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.ids = iter(range(1, 100))
+
+    def take_job_id(self) -> int:
+        return next(self.ids)
+
+
+class _Pool:
+    """A thread pool that runs its work at once (the directory is written before start
+    returns)."""
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any) -> None:  # noqa: N802
+        try:
+            result = f(*args)
+        except Exception:  # noqa: BLE001 - handed on as a thread pool does
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class _Reactor(Clock):
+    def getThreadPool(self) -> _Pool:  # noqa: N802 - Twisted's name
+        return _Pool()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802
+        f(*args)
+
+
+def _drivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Drivers, list[DrivenJob]]:
+    clock = _Reactor()
+    started: list[DrivenJob] = []
+    drivers = Drivers(
+        clock, _Scheduler(clock), data_dir=tmp_path, cluster_address="x:1", child_env={}
+    )
+    monkeypatch.setattr(drivers, "_spawn", started.append)
+    return drivers, started
+
+
+def _job(kind: str = "mapreduce") -> str:
+    return json.dumps({"kind": kind, "module": "wc.py", "input": ["/in"], "output": "/out"})
+
+
+def test_a_stale_directory_under_the_new_id_is_replaced_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's directory is written whole into a new directory and renamed into place: a
+    directory an earlier server left under that id (no journal: ids start again), with a link
+    planted where ``modules/`` goes, is replaced, and nothing is written where it points."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stale = tmp_path / "detached" / "1"
+    stale.mkdir(parents=True)
+    (stale / "modules").symlink_to(outside)
+    (stale / "ended.json").write_text("{}")
+    tree = {"wc.py": b"import pkg\n", "modules/pkg/__init__.py": b"", "files/a.csv": b"1,2\n"}
+    jobs: list[DrivenJob] = []
+    drivers.start("mapreduce", "wc", _job(), {}, "", bundle.pack_tree(tree)).addCallback(
+        jobs.append
+    )
+    (job,) = jobs
+    assert started == [job] and job.directory == stale
+    assert list(outside.iterdir()) == []
+    assert not (stale / "modules").is_symlink() and not (stale / "ended.json").exists()
+    assert (stale / "modules/pkg/__init__.py").is_file()
+    assert (stale / "files/a.csv").read_bytes() == b"1,2\n"
+    assert json.loads((stale / "job.json").read_text())["name"] == "wc"
+    assert [p.name for p in (tmp_path / "detached").iterdir()] == ["1"]  # no staging left
+
+
+def _console_handler(drivers: Drivers) -> tuple[ServerConnection, FakeLink]:
+    factory = RemapServerFactory(drivers.reactor, b"k" * 32, max_frame=1 << 20)
+    factory.use_drivers(drivers)
+    drivers.scheduler = factory.scheduler
+    handler = ServerConnection(factory)
+    handler.role = "console"
+    return handler, FakeLink("console")
+
+
+def test_drive_refuses_a_hostile_tree_with_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``drive`` whose payload names ``../`` gets ``error(failed)`` naming the entry; no
+    job directory is made and no driver starts."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    handler, console = _console_handler(drivers)
+    hostile = bundle.pack_tree({"wc.py": b"", "files/../../../evil": b"x"})
+    msg = m.Drive(id=3, kind="mapreduce", name="wc", job=_job(), payload=hostile)
+    handler.message_received(console, msg)
+    (error,) = console.of(m.Error)
+    assert error.code == "failed" and "leaves the job directory" in error.message
+    assert started == [] and not (tmp_path / "detached").exists()
+
+
+def test_a_job_directory_that_cannot_be_written_is_refused_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory is written off the reactor thread; when that fails (here the data
+    directory is a file) the console's ``drive`` gets ``error(failed)`` with the reason."""
+    (tmp_path / "detached").write_text("not a directory")
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    handler, console = _console_handler(drivers)
+    msg = m.Drive(id=4, kind="mapreduce", name="wc", job=_job(), payload=b"")
+    handler.message_received(console, msg)
+    (error,) = console.of(m.Error)
+    assert error.code == "failed" and error.message.startswith("cannot write the job's directory")
+    assert started == [] and drivers.jobs == {}
+
+
+# ============================================================================ frame limit
+
+
+class _Conn:
+    send_limit = 4096
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.conn, self.sent = _Conn(), []
+
+    def send(self, msg: m.Message) -> None:
+        self.sent.append(msg)
+
+
+def test_a_drive_over_the_frame_limit_fails_here_naming_its_size_and_the_setting() -> None:
+    """The console refuses a ``drive`` larger than the server takes (its frame limit) with one
+    line naming the size, the limit and REMAP_MAX_FRAME; nothing is sent (the server would
+    have closed the connection)."""
+    client = ClusterClient()
+    client.link = _Link()
+    errors: list[Any] = []
+    client.drive("mapreduce", "wc", _job(), bundle.pack_tree({"files/small": b"x"}))
+    assert len(client.link.sent) == 1
+    big = bundle.pack_tree({"files/big": b"x" * 5000})
+    d = client.drive("mapreduce", "wc", _job(), big)
+    d.addErrback(errors.append)
+    assert len(client.link.sent) == 1 and len(errors) == 1
+    error = errors[0].value
+    size = frame_length(
+        *m.encode(m.Drive(id=2, kind="mapreduce", name="wc", job=_job(), payload=big))
+    )
+    assert isinstance(error, ConfigError)
+    text = str(error)
+    assert "\n" not in text and f"is {size:,} bytes, over the 4,096 bytes" in text
+    assert "REMAP_MAX_FRAME" in text
+
+
+# ============================================================================ task output
+
+
+def test_the_server_keeps_the_last_bytes_of_a_jobs_task_output() -> None:
+    """Output beyond MAX_OUTPUT pushes out the oldest; a reader at an offset gets what came
+    after it, or where the kept part starts when what it missed is gone; a batch the driver
+    dropped is marked in the text."""
+    job = DrivenJob(1, "mapreduce", "wc", "", Path("."), 0.0)
+    job.add_output("a" * 1000)
+    assert job.task_output(0) == {
+        "task_output": "a" * 1000,
+        "task_output_from": 0,
+        "task_output_end": 1000,
+    }
+    assert job.task_output(400)["task_output"] == "a" * 600
+    assert job.task_output(5000)["task_output"] == ""  # a reader ahead of the job: nothing
+    job.add_output("b" * MAX_OUTPUT)
+    seen = job.task_output(400)
+    assert seen["task_output_from"] == 1000 and seen["task_output"] == "b" * MAX_OUTPUT
+    assert len(job.printed) == MAX_OUTPUT
+    job.add_output("c\n", dropped=12345)
+    tail = job.task_output(job.printed_end - 100)["task_output"]
+    assert tail.endswith("[12,345 characters of task output dropped]\nc\n")
+
+
+def test_drive_then_attach_reads_the_task_output_from_an_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's ``output`` lines are kept per job; ``attach`` of a detached job answers
+    with its status map and the output from ``since`` on (it was refused before)."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    handler, console = _console_handler(drivers)
+    tree = bundle.pack_tree({"wc.py": b""})
+    handler.message_received(
+        console, m.Drive(id=1, kind="mapreduce", name="wc", job=_job(), payload=tree)
+    )
+    (ok,) = console.of(m.Ok)
+    (job,) = started
+    assert ok.info == {"job": job.id}
+    for text in ("[n core 0] one\n", "[n core 1] two\n"):
+        drivers.event(job, json.dumps({"event": "output", "text": text, "dropped": 0}).encode())
+    handler.message_received(console, m.Attach(id=2, job=job.id))
+    info = console.of(m.Ok)[-1].info
+    assert info["state"] == "running" and info["kind"] == "mapreduce"
+    assert info["task_output"] == "[n core 0] one\n[n core 1] two\n"
+    assert info["output"] == "/out"  # the status map's own output (the job's output path)
+    handler.message_received(console, m.Attach(id=3, job=job.id, since=15))
+    assert console.of(m.Ok)[-1].info["task_output"] == "[n core 1] two\n"
+    assert console.of(m.Ok)[-1].info["task_output_end"] == 30
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.lines.append({"event": event, **fields})
+
+
+def test_the_driver_sends_task_output_in_bounded_batches() -> None:
+    """However much the tasks print, no ``output`` line holds more than OUTPUT_BATCH
+    characters; what it leaves out is counted, the newest text is kept, and closing sends
+    what is left."""
+    out = _Out()
+    sender = detached._TaskOutput(out)  # type: ignore[arg-type]
+    chunk = "x" * 999 + "\n"
+    for _ in range(100):
+        sender.put(0, chunk)
+    sender.put(0, "last\n")
+    sender.close()
+    assert out.lines and all(line["event"] == "output" for line in out.lines)
+    assert all(len(line["text"]) <= detached.OUTPUT_BATCH for line in out.lines)
+    assert sum(len(line["text"]) + line["dropped"] for line in out.lines) == 100_005
+    assert out.lines[-1]["text"].endswith(chunk + "last\n")
+    assert not sender.thread.is_alive()
+
+
+def test_output_log_is_written_when_the_driver_ends(tmp_path: Path) -> None:
+    """The kept output lands in the job's directory as ``output.log`` with ``ended.json``."""
+    drivers_mod._after_driver(tmp_path, {"state": "done"}, tmp_path, "mapreduce", None, "", b"hi\n")
+    assert (tmp_path / drivers_mod.OUTPUT_LOG).read_bytes() == b"hi\n"
+    assert (tmp_path / "ended.json").exists()
