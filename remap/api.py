@@ -306,9 +306,14 @@ class _Feeder:
                 if type(value) in plain:
                     blob = dumps(value, protocol)
                 else:
-                    blob = dumps_argument(
-                        value, f"argument {self.put + len(batch)} of {self.fn_name}"
-                    )
+                    try:
+                        blob = dumps_argument(
+                            value, f"argument {self.put + len(batch)} of {self.fn_name}"
+                        )
+                    except PicklingError as exc:
+                        if not self._unpicklable(exc):
+                            raise
+                        break
                 append(blob)
                 room -= len(blob)
                 if len(batch) >= self.BATCH:
@@ -328,6 +333,30 @@ class _Feeder:
             return False
         self.error, self.done, self.source = exc, True, None
         return True
+
+    def _unpicklable(self, exc: PicklingError) -> bool:
+        """An argument cannot be pickled: a lazy iterator (``limit``) with ``defer_errors``
+        keeps the error for its position, as one the iterable raised (True). Raised where it
+        was read, it dropped the results of the arguments taken before it: as many as
+        ``buffersize``, all of them when it came in the first window (``imap`` raised it)."""
+        return self.limit is not None and self._source_failed(exc)
+
+    def _pickle_group(self, group: list[Any]) -> tuple[list[Any], bytes | None]:
+        """The group and its pickle; with an argument that cannot be pickled and the error
+        deferred (:meth:`_unpicklable`), the arguments before it and theirs (None: none)."""
+        try:
+            return group, self._close_group(group, self.put)
+        except PicklingError as exc:
+            if not self._unpicklable(exc):
+                raise
+        for k, value in enumerate(group):  # which one: the first that will not go alone
+            try:
+                dumps_argument(value, f"argument {self.put + k} of {self.fn_name}")
+            except PicklingError as exc:
+                self.error = exc
+                group = group[:k]
+                break
+        return group, self._close_group(group, self.put) if group else None
 
     def _top_up_groups(self, consumed: int) -> None:
         """:meth:`top_up` in argument groups: each taken and pickled in one C call. A lazy
@@ -358,7 +387,9 @@ class _Feeder:
                     break
                 if star:
                     group = [tuple(v) for v in group]
-                blob = self._close_group(group, self.put)
+                group, blob = self._pickle_group(group)
+                if blob is None:
+                    break
                 batch.append(blob)
                 counts.append(len(group))
                 self.put += len(group)

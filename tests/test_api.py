@@ -253,6 +253,33 @@ def test_an_iterable_that_raises_gives_every_result_before_its_error(
         embedded.map(abs, _breaks_after(50))
 
 
+@pytest.mark.parametrize("source", ["generator", "list"])
+@pytest.mark.parametrize("buffersize", [10, DEFAULT_BUFFERSIZE])
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_argument_that_cannot_be_pickled_gives_every_result_before_it(
+    embedded: remap.Cluster, method: str, buffersize: int, source: str
+) -> None:
+    """An argument that cannot be pickled is raised as PicklingError at its position, after
+    the result of every argument before it (as Pool.imap raises its pickling error), like an
+    exception of the iterable. imap raised it where the feeder read it: from imap() itself
+    when it came in the first window (no result), or after 41 results of 50 with
+    buffersize=10. map still raises it at once, starting no job."""
+    values: list[object] = [*range(50), threading.Lock(), 51]
+    args = iter(values) if source == "generator" else values
+    results = getattr(embedded, method)(abs, args, buffersize=buffersize)
+    got: list[int] = []
+    with pytest.raises(PicklingError, match="argument 50 of abs"):
+        for value in results:
+            got.append(value)
+    assert sorted(got) == list(range(50))
+    if method == "imap":
+        assert got == list(range(50))
+    with pytest.raises(StopIteration):
+        next(results)
+    with pytest.raises(PicklingError, match="argument 50"):
+        embedded.map(abs, values)
+
+
 def test_exception_that_cannot_travel_becomes_remote_task_error(embedded: remap.Cluster) -> None:
     """An exception the core cannot pickle arrives as RemoteTaskError naming its type."""
     with pytest.raises(RemoteTaskError) as info:
