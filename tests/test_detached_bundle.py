@@ -387,3 +387,55 @@ def test_output_log_is_written_when_the_driver_ends(tmp_path: Path) -> None:
     drivers_mod._after_driver(tmp_path, {"state": "done"}, tmp_path, "mapreduce", None, "", b"hi\n")
     assert (tmp_path / drivers_mod.OUTPUT_LOG).read_bytes() == b"hi\n"
     assert (tmp_path / "ended.json").exists()
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.drives: list[tuple] = []
+
+    def drive(self, kind: str, name: str, job: str, shipped: bytes) -> int:
+        self.drives.append((kind, name, job, shipped))
+        return 9
+
+
+class _Cluster:
+    embedded = False
+
+    def __init__(self, shipped: bundle.Bundle) -> None:
+        self.bundle, self._client = shipped, _Client()
+
+
+def test_the_python_apis_detach_ships_the_handles_modules_and_files(tmp_path: Path) -> None:
+    """``remap.connect(modules=[pkg], files=[...])`` then ``cluster.mapreduce(..., detach=True)``:
+    the ``drive`` carries the job's module at the top, the package with its subpaths and the
+    file, and the job names them (a package was refused: 'is a package')."""
+    from remap.jobfile import load_module
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a b\n")
+    (tmp_path / "apkg" / "sub").mkdir(parents=True)
+    (tmp_path / "apkg" / "__init__.py").write_text("")
+    (tmp_path / "apkg" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "apkg" / "sub" / "low.py").write_text("def f(x):\n    return x.lower()\n")
+    (tmp_path / "stop.txt").write_text("a\n")
+    (tmp_path / "wcapi.py").write_text(
+        "def map(line):\n    for w in line.split():\n        yield w, 1\n\n\n"
+        "def reduce(w, c):\n    yield w, sum(c)\n"
+    )
+    module, _ = load_module("wcapi.py", tmp_path)
+    cluster = _Cluster(bundle.collect(["apkg"], ["stop.txt"], tmp_path))
+    handle = detached.drive_module(
+        cluster, "mapreduce", module, tmp_path / "in", tmp_path / "out", {"reducers": 1}
+    )
+    assert handle.id == 9
+    ((kind, name, job_text, shipped),) = cluster._client.drives
+    job = json.loads(job_text)
+    assert kind == "mapreduce" and name == "wcapi" and job["module"] == "wcapi.py"
+    assert job["modules"] == ["modules/apkg"] and job["files"] == ["files/stop.txt"]
+    assert sorted(bundle.unpack_tree(shipped)) == [
+        "files/stop.txt",
+        "modules/apkg/__init__.py",
+        "modules/apkg/sub/__init__.py",
+        "modules/apkg/sub/low.py",
+        "wcapi.py",
+    ]
