@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +176,10 @@ class ThreadLaunch:
     def join(self, timeout: float) -> None:
         for t in self.threads:
             t.join(timeout)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for every worker thread to return (within ``timeout`` s in all)."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)

@@ -31,6 +31,8 @@ from .program import Program
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
 START_TIMEOUT = 120.0
+#: seconds a failed or killed job waits for its workers to stop before it cleans up
+STOP_WAIT = 30.0
 STATUS_INTERVAL = 1.0  # seconds between asking the server how many worker calls still run
 CHECK_INTERVAL = 0.05  # seconds between liveness checks while the driver waits at a barrier
 #: the share of the shorter of the last two supersteps a barrier wait sleeps through before its
@@ -131,6 +133,9 @@ class Launch(Protocol):
         """New events since the last call: ("error", text) or ("end", error_or_None)."""
 
     def kill(self) -> None: ...
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every worker call to have returned; True if they have."""
 
     def calls(self) -> set[int] | None:
         """The slots (argument indices) of the worker calls the server has in flight, or
@@ -404,12 +409,19 @@ class Driver:
             raise
 
     def _command_quietly_stop(self) -> None:
+        """Stop the workers and wait (a while) until they have: a worker still in a superstep
+        would write its messages and ack after the cleanup, into directories made again."""
         try:
             self._command("stop")
         except OSError:
             pass
         if self.launch is not None:
             self.launch.kill()
+            if not self.launch.wait(STOP_WAIT):
+                self.log.warn(
+                    "vertex workers still running {wait:.0f}s after the stop; cleaning up anyway",
+                    wait=STOP_WAIT,
+                )
 
     def _load(self) -> int:
         splits = input_splits(self.inputs, len(self.members))
