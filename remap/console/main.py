@@ -154,7 +154,8 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     "attach": (
         "collect a detached job's results",
-        "Collect a detached job's results into what its job file asked for (alias: results).",
+        "Collect a detached job's results into what its job file asked for (alias: results); "
+        "a detached data or vertex job: show what its tasks print, then its summary.",
     ),
     "results": ("collect a detached job's results", "Same as attach."),
     "help": ("list the commands, or one command's help", "help [COMMAND]"),
