@@ -88,6 +88,8 @@ OUTPUT_FLUSH_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 30.0
 #: seconds ``close()`` waits for the connection to close and the embedded cluster to stop
 CLOSE_TIMEOUT = 15.0
+#: seconds ``close()`` waits for the server to confirm it killed the handle's running jobs
+KILL_WAIT = 2.0
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _SIZED = frozenset({str, bytes})
@@ -1308,9 +1310,18 @@ class Cluster:
             return
         if executor is not None:
             executor._terminate()
-        for stream in list(self._streams):
+        streams = list(self._streams)
+        for stream in streams:
             if not stream.finished.is_set():
                 stream.kill()
+        # the server's answers end those jobs as killed (JobKilled, as on an embedded cluster);
+        # disconnecting first failed their calls with 'lost the connection to the server', as
+        # if the server had gone
+        client = self._client
+        if client is not None and client.link is not None:  # nobody answers a lost link
+            deadline = time.monotonic() + KILL_WAIT
+            for stream in streams:
+                stream.finished.wait(max(0.0, deadline - time.monotonic()))
         if self._client is not None:
             try:
                 runtime.run(_disconnect, self._client, timeout=5)

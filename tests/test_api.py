@@ -253,6 +253,21 @@ def test_an_iterable_that_raises_gives_every_result_before_its_error(
         embedded.map(abs, _breaks_after(50))
 
 
+def test_closing_a_handle_fails_its_running_calls_as_killed(remote: remap.Cluster) -> None:
+    """close() on a handle to a server fails its waiting future and its imap with JobKilled
+    (the server confirms the kill), as on an embedded cluster; they failed with
+    ConnectionLost 'lost the connection to the server', as if the server had gone."""
+    handle = remap.connect(remote.address, secret=remote._secret, settings=Settings())
+    future = handle.submit(slow_identity, 30.0)
+    results = handle.imap(slow_identity, [30.0])
+    wait_for(lambda: future.running() and results.job_id, 10, "the calls to be sent")
+    handle.close()
+    with pytest.raises(remap.JobKilled):
+        future.result(timeout=15)
+    with pytest.raises(remap.JobKilled):
+        results.next(timeout=15)
+
+
 @pytest.mark.parametrize("source", ["generator", "list"])
 @pytest.mark.parametrize("buffersize", [10, DEFAULT_BUFFERSIZE])
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
