@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 
 from remap.data import count, inputs, layout, tasks
-from remap.data.layout import DataDir
+from remap.data.layout import DataDir, StorageError
 from remap.data.runs import BadOutput, CombineError, HookError
 from remap.data.tasks import (
     JobCodeError,
     RecordError,
-    StorageError,
     TaskContext,
     functions_from,
     map_task,

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -389,6 +390,30 @@ def test_a_dead_drivers_cleanup_removes_the_acks_and_heartbeats_too(tmp_path: Pa
     abandon(data, "vertex", job, "the driver died")
     assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
     assert read_json(data.consolidated(job)) == {"superstep": 3}
+
+
+def test_a_full_disk_fails_the_job_with_one_line_naming_the_file(tmp_path: Path, monkeypatch):
+    """A worker whose output part finds the disk full: the job fails with one line naming
+    the file and saying the disk is full (was "OSError: [Errno 28] No space left on device");
+    nothing is published."""
+    import errno
+
+    real = worker_mod.write_atomic
+
+    def write_atomic(path, data, **kw):
+        if Path(path).name.startswith("part-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(worker_mod, "write_atomic", write_atomic)
+    graph_input(tmp_path)
+    with pytest.raises(JobFailed) as info:
+        run_threads(example("connected_components"), tmp_path, 2, partitions=2)
+    assert re.search(
+        r"StorageError: cannot write \S+/part-0000[01]: disk full \(no space left on device\)$",
+        str(info.value),
+    ), str(info.value)
+    assert not (tmp_path / "out-run").exists()
 
 
 def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):

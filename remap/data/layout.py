@@ -19,6 +19,7 @@ new one, or a ``.tmp`` stray that :func:`remove_strays` deletes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -147,6 +148,28 @@ def commit(tmp: Path, final: Path) -> Path:
     """Publish a finished file by rename (atomic on one file system, NFS included)."""
     os.replace(tmp, final)
     return final
+
+
+class StorageError(Exception):
+    """A task could not write its files: the disk is full (or over quota, or read-only).
+    No record's fault, so it fails the task even on ``continue`` (counted as a record's
+    error, the records of the buffer that failed to flush would be lost from the output)."""
+
+
+#: what a failed write of a task's own files says when the disk is the trouble
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def storage_trouble(exc: BaseException) -> bool:
+    """Whether a write failed for want of room (or of a writable disk)."""
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """The one line for a write of ``path`` that :func:`storage_trouble` says the disk refused."""
+    from ..sinks import os_reason  # only on this path: cores do not load the sinks
+
+    return StorageError(f"cannot write {path}: {os_reason(exc)}")
 
 
 def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> Path:

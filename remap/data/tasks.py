@@ -11,7 +11,6 @@ returns those names; the driver uses only the names delivered to it and deletes 
 
 from __future__ import annotations
 
-import errno
 import functools
 import itertools
 import os
@@ -25,7 +24,7 @@ from typing import Any, TextIO
 from . import counters, layout
 from .inputs import LINE_BLOCK, Split, line_number, read_custom, read_line_blocks
 from .keys import default_partition, encode_key
-from .layout import DataDir
+from .layout import DataDir, storage_error, storage_trouble
 from .runs import (
     DEFAULT_FANIN,
     BadOutput,
@@ -60,26 +59,6 @@ class RecordError(Exception):
 
 class JobCodeError(Exception):
     """User code broke the data-job contract (bad yield shape, unknown purpose, ...)."""
-
-
-class StorageError(Exception):
-    """A task could not write its files: the disk is full (or over quota, or read-only).
-    No record's fault, so it fails the task even on ``continue`` (counted as a record's
-    error, the records of the buffer that failed to flush would be lost from the output)."""
-
-
-#: what a failed write of a task's own files says when the disk is the trouble
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-
-
-def _storage_trouble(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
-
-
-def _storage_error(path: Path, exc: OSError) -> StorageError:
-    from ..sinks import os_reason  # only on this path: cores do not load the sinks
-
-    return StorageError(f"cannot write {path}: {os_reason(exc)}")
 
 
 def default_write(record: Any, file: TextIO) -> None:
@@ -250,9 +229,9 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
         try:
             count, size = write_run(tmp, records)
         except OSError as exc:
-            if _storage_trouble(exc):
+            if storage_trouble(exc):
                 tmp.unlink(missing_ok=True)
-                raise _storage_error(tmp.parent, exc) from None
+                raise storage_error(tmp.parent, exc) from None
             raise
         pending.append((tmp, final, purpose, reducer, count, size))
 
@@ -474,7 +453,7 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
                             write(record, out)
                             records_out += 1
                     except Exception as exc:  # the user's reduce or write: report with its key
-                        if _storage_trouble(exc):  # the file's buffer, not this key's records
+                        if storage_trouble(exc):  # the file's buffer, not this key's records
                             raise
                         where = f"{task} ({purpose} reducer {reducer}) key {short(key)}"
                         if not hasattr(outputs, "__iter__"):  # broken contract: fails on continue
@@ -486,8 +465,8 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
                     write(record, out)
                     records_out += 1
         except OSError as exc:  # raised by a write, or by the close flushing the last ones
-            if _storage_trouble(exc):
-                raise _storage_error(final, exc) from None
+            if storage_trouble(exc):
+                raise storage_error(final, exc) from None
             raise
         layout.commit(tmp, committed)
     finally:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.layout import DataDir, require_visible, write_atomic
+from ..data.layout import DataDir, require_visible, storage_error, storage_trouble, write_atomic
 from ..shipping import load_function_blob, user_traceback
 from .engine import (
     _MASK,
@@ -410,7 +410,7 @@ class Worker:
         for p, part in self.parts.items():
             text = "".join(line + "\n" for line in part.output_lines())
             lines += text.count("\n")
-            write_atomic(
+            self._write_file(
                 Path(cmd.output) / f"part-{p:05d}", text.encode("utf-8", "surrogateescape")
             )
         return {"lines": lines}
@@ -421,9 +421,19 @@ class Worker:
         return self._write_bytes(path, pickle.dumps(value, PICKLE_PROTOCOL))
 
     def _write_bytes(self, path: Path, blob: bytes) -> int:
-        write_atomic(path, blob)
+        self._write_file(path, blob)
         self.stats["bytes_written"] += len(blob)
         return len(blob)
+
+    @staticmethod
+    def _write_file(path: Path, blob: bytes) -> None:
+        """Write a whole file; a full disk is one line naming it, not an OSError's repr."""
+        try:
+            write_atomic(path, blob)
+        except OSError as exc:
+            if storage_trouble(exc):
+                raise storage_error(path, exc) from None
+            raise
 
     def _read_one(self, path: Path) -> Any:
         blob = path.read_bytes()
