@@ -249,8 +249,6 @@ class _Feeder:
         fn_name: str,
         defer_errors: bool = False,
     ) -> None:
-        if limit is not None and limit < 1:
-            raise ValueError(f"buffersize must be at least 1, not {limit}")
         self.stream = stream
         self.source: Iterator[Any] | None = source
         self.limit = limit
@@ -453,12 +451,22 @@ class ResultIterator(Iterator[Any]):
         fn_name: str = "",
     ) -> None:
         self._stream = stream
+        self._closed = False
         self._style = style
         self._ordered = ordered
         self._deadline = deadline
-        self._feeder = _Feeder(
-            stream, source, buffersize, star=star, fn_name=fn_name, defer_errors=style.defer_errors
-        )
+        try:
+            self._feeder = _Feeder(
+                stream,
+                source,
+                buffersize,
+                star=star,
+                fn_name=fn_name,
+                defer_errors=style.defer_errors,
+            )
+        except BaseException:
+            stream.kill()  # started already: it would wait for arguments until the handle closed
+            raise
         self._consumed = 0
         self._next_index = 0
         self._buffer: dict[int, tuple[Any, TaskErrorInfo | None]] = {}
@@ -467,7 +475,6 @@ class ResultIterator(Iterator[Any]):
         self._ready: deque[tuple[Any, TaskErrorInfo | None]] = deque()
         self._ended = False
         self._end_error: BaseException | None = None
-        self._closed = False
         #: why every later next() raises CancelledError (None: not cancelled)
         self._cancelled: str | None = None
         self._lock = threading.Lock()
@@ -691,6 +698,13 @@ _RESULT_AND_ERROR = operator.itemgetter(1, 2)
 
 
 # ====================================================================== the handle
+
+
+def _check_buffersize(buffersize: int | None) -> None:
+    """Refuse a buffersize below 1 before its job starts (0 was taken as the default; -1
+    left a started job waiting for arguments until the handle closed)."""
+    if buffersize is not None and buffersize < 1:
+        raise ValueError(f"buffersize must be at least 1, not {buffersize}")
 
 
 class _NoInitial:
@@ -947,6 +961,7 @@ class Cluster:
         deadline: float | None = None,
         style: MapStyle = CLUSTER_MAPS,
     ) -> ResultIterator:
+        _check_buffersize(buffersize)
         self._check_open()
         blob = function_blob(fn)
         # a known length lets the server share the last batches out over every core
@@ -997,7 +1012,9 @@ class Cluster:
             star=call.star,
             ordered=call.ordered if ordered is None else ordered,
             chunksize=chunksize,
-            buffersize=(buffersize or DEFAULT_BUFFERSIZE) if call.lazy else None,
+            buffersize=(DEFAULT_BUFFERSIZE if buffersize is None else buffersize)
+            if call.lazy
+            else None,
             kind=style.kind or call.kind,
             style=style,
         )
@@ -1070,6 +1087,7 @@ class Cluster:
         order they complete. ``initial`` (if given) is folded in once. An empty iterable
         without ``initial`` raises TypeError, like :func:`functools.reduce`.
         """
+        _check_buffersize(buffersize)
         self._check_open()
         blob = function_blob(fn, combine)
         source = iter(iterable)

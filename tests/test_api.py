@@ -253,6 +253,25 @@ def test_an_iterable_that_raises_gives_every_result_before_its_error(
         embedded.map(abs, _breaks_after(50))
 
 
+@pytest.mark.parametrize("buffersize", [0, -1])
+def test_a_buffersize_below_one_is_refused_before_any_job(
+    embedded: remap.Cluster, buffersize: int
+) -> None:
+    """imap, imap_unordered, reduce and Executor.map refuse buffersize 0 or -1 with ValueError
+    and start no job: 0 was taken as the default, and -1 raised after the job had started,
+    which then waited for arguments (state running) until the handle closed."""
+    before = {job["id"] for job in embedded.status()["jobs"]}
+    for call in (
+        lambda: embedded.imap(square, [1], buffersize=buffersize),
+        lambda: embedded.imap_unordered(square, [1], buffersize=buffersize),
+        lambda: embedded.reduce(square, [1], max, buffersize=buffersize),
+        lambda: embedded.executor().map(square, [1], buffersize=buffersize),
+    ):
+        with pytest.raises(ValueError, match=f"buffersize must be at least 1, not {buffersize}"):
+            call()
+    assert not {job["id"] for job in embedded.status()["jobs"]} - before  # no new job
+
+
 def test_closing_a_handle_fails_its_running_calls_as_killed(remote: remap.Cluster) -> None:
     """close() on a handle to a server fails its waiting future and its imap with JobKilled
     (the server confirms the kill), as on an embedded cluster; they failed with
