@@ -490,6 +490,10 @@ class Executor(concurrent.futures.Executor):
         call; ``chunksize`` fixes the server's batch size (default: adaptive).
         """
         deadline = time.monotonic() + timeout if timeout is not None else None
+        if self._broken:  # as submit: no job, no initializer run again on every core
+            raise concurrent.futures.BrokenExecutor(self._broken)
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

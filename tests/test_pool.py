@@ -407,7 +407,8 @@ def test_executor_initializer_and_a_failing_one(
 ) -> None:
     """Executor(initializer=...) as ProcessPoolExecutor; an initializer that raises breaks the
     executor: the call fails with BrokenExecutor (the initializer's error as its cause), the
-    error is logged on concurrent.futures' logger, and later submits raise BrokenExecutor."""
+    error is logged on concurrent.futures' logger, and later submits and maps raise BrokenExecutor
+    at once (map started a job that ran the failing initializer again on every core)."""
     log = tmp_path / "init.log"
     with remap.Executor(cluster=embedded, initializer=remember, initargs=(str(log), 7)) as ex:
         assert ex.submit(marked, 1).result()[0] == 7
@@ -420,6 +421,11 @@ def test_executor_initializer_and_a_failing_one(
         assert "PoolError: three" in caplog.text and "fail_on_three" in caplog.text
         with pytest.raises(concurrent.futures.BrokenExecutor):
             ex.submit(square, 3)
+        jobs = {job["id"] for job in embedded.status()["jobs"]}
+        with pytest.raises(concurrent.futures.BrokenExecutor) as again:
+            ex.map(square, range(3))  # raised by map itself, as submit: no job is started
+        assert again.value.__cause__ is None
+        assert not {job["id"] for job in embedded.status()["jobs"]} - jobs
     with remap.Executor(cluster=embedded, initializer=fail_on_three, initargs=(3,)) as ex:
         with pytest.raises(concurrent.futures.BrokenExecutor, match="three"):
             list(ex.map(square, range(3)))
