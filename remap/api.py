@@ -811,6 +811,7 @@ class Cluster:
         self.address: str | None = None
         self._client: ClusterClient | None = None
         self._embedded: EmbeddedCluster | None = None
+        self._was_embedded = False  # kept once closed (``_embedded`` is dropped then)
         self._streams: weakref.WeakSet[JobStream] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
@@ -848,6 +849,7 @@ class Cluster:
                 from .cluster import EmbeddedCluster  # the composition root: only when embedded
 
                 self._embedded = EmbeddedCluster(reactor, settings, cores)
+                self._was_embedded = True
                 # what a call from here sends reaches the server and the node in that turn
                 self._call_soon = runtime.thread_caller(reactor, self._embedded.in_one_turn)
                 self.address = runtime.run(self._embedded.start, timeout=connect_timeout)
@@ -881,8 +883,9 @@ class Cluster:
 
     @property
     def embedded(self) -> bool:
-        """True when this handle runs its own local cluster (no server was configured)."""
-        return self._embedded is not None
+        """True when this handle runs (or, closed, ran) its own local cluster (no server was
+        configured)."""
+        return self._was_embedded
 
     @property
     def closed(self) -> bool:
@@ -1362,7 +1365,7 @@ class Cluster:
         self.close()
 
     def __repr__(self) -> str:
-        kind = "embedded" if self._embedded is not None else "remote"
+        kind = "embedded" if self._was_embedded else "remote"
         state = "closed" if self._closed else "open"
         return f"<remap.Cluster {kind} {self.address} {state}>"
 

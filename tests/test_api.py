@@ -488,6 +488,8 @@ def test_handles_open_and_close_repeatedly_and_closing_kills_cores() -> None:
             cluster.close()
         assert not any(alive(p) for p in pids), f"cores {pids} outlived close()"
         cluster.close()  # idempotent
+        # still said of the closed handle ("<remap.Cluster remote ... closed>" and False)
+        assert cluster.embedded and repr(cluster).startswith("<remap.Cluster embedded ")
 
 
 def test_a_closed_handle_refuses_work() -> None:
