@@ -741,6 +741,16 @@ class GroupLimit(Message):
 
 
 @message
+class Hold(Message):
+    """Console → server: stop dispatching this job's calls (``held``), or go on: its console
+    holds as many of its results as it will for a caller that takes them slowly."""
+
+    TYPE = "hold"
+    job: int
+    held: bool
+
+
+@message
 class Results(Message):
     """Server → console: results for ``indices`` (same layout as :class:`TaskResult`).
 

@@ -590,6 +590,8 @@ class ResultIterator(Iterator[Any]):
                 append(ready.popleft()[0])
                 taken += 1
         self._consumed += taken
+        if taken and self._stream.result_buffer:
+            self._stream.took(taken)
 
     def _top_up(self) -> None:
         try:
@@ -618,6 +620,8 @@ class ResultIterator(Iterator[Any]):
 
     def _deliver(self, result: Any, error: TaskErrorInfo | None) -> Any:
         self._consumed += 1
+        if self._stream.result_buffer:
+            self._stream.took(1)
         if error is None:
             return result
         if self._style.stop_on_error:
@@ -627,10 +631,19 @@ class ResultIterator(Iterator[Any]):
 
     def _wait(self, deadline: float | None, polled: bool = False) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
+        stream = self._stream
         try:
             if remaining is not None and remaining <= 0:
                 raise queue.Empty
-            event = self._stream.events.get(timeout=remaining)
+            try:
+                event = stream.events.get_nowait()
+            except queue.Empty:
+                if stream.result_buffer:  # what it holds may wait for this one: let it go on
+                    stream.waiting_for_results()
+                try:
+                    event = stream.events.get(timeout=remaining)
+                finally:
+                    stream.wanting = False
         except queue.Empty:
             # the map's own deadline (Executor.map's timeout=) ends it, as the stdlib's;
             # next(timeout=) only gives up waiting: the iterator and its job go on
@@ -888,6 +901,13 @@ class Cluster:
         return self._was_embedded
 
     @property
+    def held_result_bytes(self) -> int:
+        """Bytes of results this handle holds that its callers have not taken yet (pickled
+        sizes), over every running ``imap``/``map``: at most about ``REMAP_RESULT_BUFFER``
+        plus the results of the calls already running when the bound was reached."""
+        return sum(stream.held_result_bytes for stream in list(self._streams))
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -972,7 +992,9 @@ class Cluster:
         source = iter(iterable)
         name = f"{kind}:{describe(fn)}"
         params = self._params(name, star=star, chunksize=chunksize)
-        stream = self._stream(blob, params, total_hint=total, runs=True)
+        stream = self._stream(
+            blob, params, total_hint=total, runs=True, result_buffer=self.settings.result_buffer
+        )
         return ResultIterator(
             stream,
             source,

@@ -193,6 +193,9 @@ class JobSession:
         #: set by a ``take`` that left nothing queued: :meth:`pump` does not ask again (a put
         #: after it wakes the stream, which pumps anew)
         self.drained = False
+        #: flow control of results: the server was told to hold the job (``hold``), and no
+        #: argument goes meanwhile (see :meth:`hold`)
+        self.held = False
 
     @property
     def wire_job(self) -> int:
@@ -253,6 +256,7 @@ class JobSession:
         (and ``args_end`` again), under a fresh first window."""
         assert self._unanswered is not None
         self._replay = deque(_bare(self._unanswered.kept()))
+        self.held = False  # the server forgot the hold with the connection
         self._granted = window
         self._first_bytes = m.INITIAL_WINDOW_BYTES
         self._last_grouped = False
@@ -278,6 +282,15 @@ class JobSession:
             size += cost
         return start, blobs
 
+    def hold(self, held: bool) -> None:
+        """Flow control of results: with ``held``, ask the server to dispatch none of the
+        job's calls, and send no argument (the window granted stays for later); without, go on.
+        The caller holds as many results as it will (see ``JobStream``'s ``result_buffer``)."""
+        if held == self.held or self.job_id is None or self.finished:
+            return
+        self.held = held
+        self.outbox.append(m.Hold(job=self.job_id, held=held))
+
     def grant(self, count: int) -> None:
         self._first_bytes = None  # the server knows the sizes now: its grants bound the bytes
         self._granted += count
@@ -290,7 +303,12 @@ class JobSession:
     def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
         """Send what the window allows; ``take(limit, room, start)`` pops arguments ready now
         (see :meth:`JobStream._take`) or raises what broke the input."""
-        if self.exhausted or self.finished or (self.job_id is None and self.submit_id is None):
+        if (
+            self.exhausted
+            or self.finished
+            or self.held
+            or (self.job_id is None and self.submit_id is None)
+        ):
             return
         room = self.frame_room
         try:
@@ -371,6 +389,7 @@ class JobSession:
             self._granted <= 0
             or self.exhausted
             or self.finished
+            or self.held
             or self._replay
             or (self.job_id is None and self.submit_id is None)
             or len(blob) > self.frame_room
@@ -695,9 +714,14 @@ class JobStream:
         total_hint: int | None = None,
         keep_arguments: bool = False,
         runs: bool = False,
+        result_buffer: int = 0,
     ) -> None:
         #: the consumer takes ``runs`` events (results of consecutive arguments as one list)
         self.runs = runs
+        #: flow control of results (0: none): bytes of results this stream may hold for a
+        #: consumer that reports what it takes (:meth:`collect`, :meth:`took`) before the
+        #: job is held (see :meth:`_regulate`)
+        self.result_buffer = result_buffer
         self.session = JobSession(
             params, fn_blob, total_hint=total_hint, keep_arguments=keep_arguments
         )
@@ -747,6 +771,19 @@ class JobStream:
         self._wake_pending = False
         #: :meth:`put_one`'s argument and tag while it tries to send them
         self._lone: tuple[bytes, Any] | None = None
+        #: results delivered as events and their payload bytes, and per results message the
+        #: running totals (count, bytes) after it, from the oldest one not wholly taken on;
+        #: ``_base``: the totals before it (under :attr:`lock`; the reactor thread writes)
+        self._arrived = self._arrived_bytes = 0
+        self._marks: deque[tuple[int, int]] = deque()
+        self._base = (0, 0)
+        #: the most result bytes held at once (see :attr:`held_result_bytes`)
+        self.held_peak = 0
+        #: once :attr:`taken` reaches it, the reactor looks whether to let the job go on
+        self._resume_at = sys.maxsize
+        #: the consumer is waiting for a result it does not have (an ordered map's next one):
+        #: holding the job then could wait for ever
+        self.wanting = False
 
     @property
     def job_id(self) -> int | None:
@@ -962,13 +999,20 @@ class JobStream:
         TimeoutError. A sink that cannot write kills the job with one line; a job that did not
         finish raises its error, the sink closed incomplete (it keeps what arrived).
         """
-        get, next_tick = self.events.get, time.monotonic() + interval
+        get, get_nowait = self.events.get, self.events.get_nowait
+        next_tick = time.monotonic() + interval
         while True:
             wait = interval if until is None else min(interval, max(until - time.monotonic(), 0))
             try:
-                event = get(timeout=wait)
+                event = get_nowait()
             except queue.Empty:
-                event = None
+                self.waiting_for_results()
+                try:
+                    event = get(timeout=wait)
+                except queue.Empty:
+                    event = None
+                finally:
+                    self.wanting = False
             if tick is not None and time.monotonic() >= next_tick:
                 tick()
                 next_tick = time.monotonic() + interval
@@ -981,7 +1025,7 @@ class JobStream:
             try:
                 taken = _to_sink(event, sink)
                 with self._room:  # a reader waiting for results to be taken may go on
-                    self.taken += taken
+                    self.took(taken)
                     self._room.notify()
             except Exception as exc:
                 error = self._output_error(exc)
@@ -1012,6 +1056,76 @@ class JobStream:
             ) from None
         assert self.outcome is not None
         return self.outcome
+
+    # ------------------------------------------------------------ flow control of results
+
+    def took(self, n: int) -> None:
+        """The consumer (one thread) took ``n`` more results from :attr:`events`."""
+        self.taken += n
+        if self.taken >= self._resume_at:
+            self._resume_at = sys.maxsize
+            self.call_soon(self._regulate)
+
+    def waiting_for_results(self) -> None:
+        """The consumer is about to wait for a result: a held job must go on (what it holds
+        may wait for this one, an ordered map's next)."""
+        self.wanting = True
+        if self.session.held:
+            self.call_soon(self._regulate)
+
+    @property
+    def held_result_bytes(self) -> int:
+        """Bytes of results (as their pickles came) delivered here and not yet taken by the
+        consumer; 0 without flow control (``result_buffer``)."""
+        with self.lock:
+            return self._arrived_bytes - self._bytes_at(self.taken)
+
+    def _bytes_at(self, taken: int, forget: bool = False) -> int:
+        """The bytes of the first ``taken`` results to arrive (a message taken in part counts
+        its share); ``forget``: drop the marks of messages wholly taken (under :attr:`lock`)."""
+        marks = self._marks
+        if forget:
+            while marks and marks[0][0] <= taken:
+                self._base = marks.popleft()
+        count, nbytes = self._base
+        for mark_count, mark_bytes in marks:
+            if mark_count > taken:
+                return nbytes + (mark_bytes - nbytes) * (taken - count) // (mark_count - count)
+            count, nbytes = mark_count, mark_bytes
+        return nbytes
+
+    def _arrived_results(self, count: int, nbytes: int) -> None:
+        """Reactor thread: ``count`` results of ``nbytes`` were delivered as events."""
+        with self.lock:
+            self._arrived += count
+            self._arrived_bytes += nbytes
+            self._marks.append((self._arrived, self._arrived_bytes))
+        self._regulate()
+
+    def _regulate(self) -> None:
+        """Reactor thread: hold the job while more than ``result_buffer`` bytes of results
+        wait for the consumer (and it is not waiting for one itself); let it go on once at
+        most half of that does, or the consumer waits. Calls already on nodes still answer:
+        what is held beyond the bound is at most their results."""
+        session, limit = self.session, self.result_buffer
+        if not limit or session.finished or session.job_id is None:
+            return
+        while True:
+            taken = self.taken
+            with self.lock:
+                held = self._arrived_bytes - self._bytes_at(taken, forget=True)
+                if held > self.held_peak:
+                    self.held_peak = held
+                hold = held > (limit // 2 if session.held else limit) and not self.wanting
+                resume_at = sys.maxsize
+                if hold:  # the count taken at which at most half the bound is held
+                    target = self._arrived_bytes - limit // 2
+                    resume_at = next((c for c, b in self._marks if b >= target), self._arrived)
+            self._resume_at = resume_at
+            if self.taken < resume_at:
+                break  # (else the consumer took them meanwhile: look again)
+        if hold != session.held:
+            self.apply("hold", hold)
 
     # ------------------------------------------------------------ reactor thread
 
@@ -1046,6 +1160,8 @@ class JobStream:
                     return
             self.session.results(msg)
             self._flush()
+            if self.result_buffer:
+                self._arrived_results(len(msg.answered), len(msg.payload))
 
     def notice(self, text: str) -> None:
         if self.on_notice is not None:

@@ -135,6 +135,12 @@ class LocalLink:
         self._scheduled = False
         self._loop = _loop_of(reactor)
 
+    #: nothing waits to be written in-process: never congested (see ``PeerProtocol``)
+    congested = False
+
+    def watch_backlog(self, on_change: Callable[[Any, bool], None]) -> None:
+        """Messages cross as objects, handled in the turn they are sent: no backlog."""
+
     def send(self, msg: m.Message) -> None:
         other = self.other
         if not self.open or other is None or not other.open:

@@ -69,6 +69,7 @@ class Settings:
     node_name: str | None = None
     user: str | None = None
     preempt_grace: float | None = None
+    result_buffer: int = 256 * 1024 * 1024
 
 
 class _Bad(Exception):
@@ -210,6 +211,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "node_name": ("REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
     "state_dir": ("REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap"),
     "preempt_grace": ("REMAP_PREEMPT_GRACE", _number(0, allow_equal=True), "seconds a job below its fair share waits before lower-priority jobs' running calls are killed and re-queued to make room; empty = no preemption"),
+    "result_buffer": ("REMAP_RESULT_BUFFER", _integer(0), "bytes of results the console and the Python API hold for a caller that takes them slowly (an imap read slowly, a slow output) before the server stops running that job's calls until it took some; 0 = no bound"),
     "journal": ("REMAP_JOURNAL", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job"),
     "journal_sync": ("REMAP_JOURNAL_SYNC", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit"),
     "journal_keep_jobs": ("REMAP_JOURNAL_KEEP_JOBS", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned"),

@@ -148,6 +148,15 @@ def write_now(
     transport.write(b"".join(data))
 
 
+#: bytes waiting to be written to a watched peer (a console, on the server) past which it is
+#: congested (the server dispatches none of its jobs' calls), and down to which they must drain
+#: before it is not: a console that reads slowly, or not at all, costs the server that much
+#: plus the results of the calls already on nodes
+CONGESTED_BYTES = 16 * 1024 * 1024
+DRAINED_BYTES = 4 * 1024 * 1024
+#: seconds between looks at a congested peer's backlog
+DRAIN_CHECK = 0.01
+
 #: buffers handed to one ``sendmsg`` at most (Linux takes up to 1024)
 SEND_PARTS = 64
 
@@ -169,6 +178,10 @@ class SendQueue:
         self.transport = transport
         self.sock = sock
         self.parts: deque[bytes | memoryview] = deque()
+        #: bytes put in :attr:`parts` (only under the connection's write lock) and bytes sent
+        #: from it (only on the reactor thread): one writer each, so no update is lost
+        self.added = 0
+        self.removed = 0
         plain = transport.doWrite
 
         def do_write() -> Any:
@@ -182,8 +195,13 @@ class SendQueue:
 
     def queue(self, data: list[bytes | memoryview]) -> None:
         """Send ``data`` once what waits is sent (in order, as the socket drains)."""
-        self.parts.extend(data)
+        self.add(data)
         self.transport.startWriting()
+
+    def add(self, data: list[bytes | memoryview]) -> None:
+        """Put ``data`` behind what waits (under the write lock; any thread)."""
+        self.parts.extend(data)
+        self.added += sum(map(len, data))
 
     def resume(self) -> None:
         """Reactor thread: send what another thread left in :attr:`parts` as the socket drains."""
@@ -198,6 +216,7 @@ class SendQueue:
             return None
         except OSError:
             return main.CONNECTION_LOST
+        self.removed += sent
         while sent:
             first = parts[0]
             if sent < len(first):
@@ -303,6 +322,10 @@ class PeerProtocol(Protocol):
         self.traffic = Traffic()
         self._socket: Any = None  # a plain TCP transport's socket: large frames skip copies
         self._sending: SendQueue | None = None  # and what it did not take at once
+        #: more than CONGESTED_BYTES wait to be written (see :meth:`watch_backlog`)
+        self.congested = False
+        self._on_congestion: Callable[[PeerProtocol, bool], None] | None = None
+        self._drain_check: IDelayedCall | None = None
         #: held around every write to the transport, so that :meth:`send_from_thread` (another
         #: thread) and the reactor never interleave bytes: each writes whole frames, in turn
         self._write_lock = threading.Lock()
@@ -439,7 +462,8 @@ class PeerProtocol(Protocol):
                 self.budget.give_back(reserved)
         self._cancel(self._deadline)
         self._cancel(self._beat)
-        self._deadline = self._beat = None
+        self._cancel(self._drain_check)
+        self._deadline = self._beat = self._drain_check = None
         if self._sending is not None:  # what never left: its frame buffers are free again
             self._sending.parts.clear()
         self.conn.close()
@@ -492,6 +516,8 @@ class PeerProtocol(Protocol):
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
         self._write(*m.encode(msg))
+        if self._on_congestion is not None and not self.congested:
+            self._check_backlog()
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
         """:meth:`send` of a message already encoded (a core's answer, forwarded as the core
@@ -499,6 +525,44 @@ class PeerProtocol(Protocol):
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
         self._write(header, payload)
+        if self._on_congestion is not None and not self.congested:
+            self._check_backlog()
+
+    # ---------------------------------------------------------------- backlog
+
+    def watch_backlog(self, on_change: Callable[[PeerProtocol, bool], None]) -> None:
+        """Call ``on_change(self, True)`` once more than ``CONGESTED_BYTES`` wait to be
+        written to the peer, and ``on_change(self, False)`` once they drained to
+        ``DRAINED_BYTES`` (looked at every ``DRAIN_CHECK`` s meanwhile); reactor thread."""
+        self._on_congestion = on_change
+
+    def backlog(self) -> int:
+        """Bytes written here that the peer's socket has not taken yet."""
+        sending = self._sending
+        waiting = sending.added - sending.removed if sending is not None else 0
+        transport = self.transport
+        while transport is not None and not hasattr(transport, "dataBuffer"):
+            transport = getattr(transport, "transport", None)  # TLS: the TCP transport under it
+        if transport is not None:
+            waiting += len(transport.dataBuffer) - getattr(transport, "offset", 0)
+            waiting += getattr(transport, "_tempDataLen", 0)
+        return waiting
+
+    def _check_backlog(self) -> None:
+        if self.backlog() > CONGESTED_BYTES:
+            self.congested = True
+            self._drain_check = self.clock.callLater(DRAIN_CHECK, self._check_drained)
+            self._on_congestion(self, True)  # type: ignore[misc]
+
+    def _check_drained(self) -> None:
+        self._drain_check = None
+        if self.transport is None or not self.congested:
+            return
+        if self.backlog() > DRAINED_BYTES:
+            self._drain_check = self.clock.callLater(DRAIN_CHECK, self._check_drained)
+            return
+        self.congested = False
+        self._on_congestion(self, False)  # type: ignore[misc]
 
     def _write(self, header: bytes, payload: bytes | memoryview) -> None:
         """One message of an open connection: a small one on a plain TCP socket with nothing
@@ -609,7 +673,7 @@ class PeerProtocol(Protocol):
                 except OSError:  # full, or gone: the reactor's write path finds out
                     sent = 0
                 if sent < len(frame):
-                    sending.parts.append(memoryview(frame)[sent:])
+                    sending.add([memoryview(frame)[sent:]])
                     call_soon(sending.resume)
                 return True
             data = encode_frame(header, payload)
@@ -618,7 +682,7 @@ class PeerProtocol(Protocol):
             self.traffic.sent += sum(map(len, data))
 
             def later(rest: list[bytes | memoryview]) -> None:
-                sending.parts.extend(rest)
+                sending.add(rest)
                 call_soon(sending.resume)
 
             write_now(transport, sending.sock, data, later)

@@ -165,9 +165,9 @@ def test_a_crash_inside_a_group_reruns_its_arguments_alone_and_finds_the_culprit
     node = GroupNode(sched, "n1", cores=1)
     console = GroupConsole(sched, range(32), size=8, total=32, retries=0, on_error="continue")
     console.feed()
-    first = node.held()
-    assert first[0].groups == [8, 8]  # arguments 0..15
-    assert node.run(first[0], deadly={13})  # group 8..15 crashed (its position 8, span 8)
+    first = node.held()  # one pickle a batch until measured
+    assert [t.groups for t in first] == [[8], [8]]  # arguments 0..7, 8..15
+    assert node.run(first[1], deadly={13})  # group 8..15 crashed (its position 0, span 8)
     drive([node], [console], deadly={13})
     runs = [t for t in node.link.of(m.Task) if t.count == 1]
     assert all(t.groups == [8] for t in runs)  # the group's own pickle, one argument of it

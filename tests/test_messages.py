@@ -135,6 +135,7 @@ EXAMPLES: dict[str, m.Message] = {
     "job_done": m.JobDone(job=3, state="done", done=16, failed=0, message="ok"),
     "job_notice": m.JobNotice(job=3, message="waiting for a node of group gpu"),
     "job_counters": m.JobCounters(job=3, counters={"map_records_in": 12, "blank_lines": 1}),
+    "hold": m.Hold(job=3, held=True),
     "status": m.StatusRequest(id=2),
     "status_reply": m.StatusReply(
         re=2,

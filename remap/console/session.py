@@ -169,6 +169,8 @@ class Session:
             runs=True,
             on_notice=on_notice,
             on_output=on_output,
+            # a detached job's results stay on the server: nothing is held here
+            result_buffer=0 if detach or spec.options.detach else self.settings.result_buffer,
         ).start(client)
         # read and pickled on a thread of their own: a slow pipe must not stop the network
         read_into(stream, iter_arguments(spec, max_line=client.frame_room()))
@@ -176,7 +178,12 @@ class Session:
 
     def attach(self, job: int) -> JobStream:
         client = self.connect(allow_embedded=False)
-        stream = JobStream(b"", JobOptions(), call_soon=runtime.reactor().callFromThread)
+        stream = JobStream(
+            b"",
+            JobOptions(),
+            call_soon=runtime.reactor().callFromThread,
+            result_buffer=self.settings.result_buffer,
+        )
         return stream.attach(client, job)
 
 

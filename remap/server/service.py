@@ -82,6 +82,10 @@ class ServerConnection:
         self.user = event.peer_user
         if self.role == "console":
             self.server.consoles.add(link)
+            # its jobs' calls wait while it reads slower than they bring results (or not at all)
+            watch = getattr(link, "watch_backlog", None)  # (a test's fake link may lack it)
+            if watch is not None:
+                watch(self.scheduler.console_congested)
 
     def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
         try:
@@ -206,6 +210,8 @@ class ServerConnection:
             self._driven(link, msg)
         elif (t is m.Kill or t is m.Attach or t is m.Resume) and not self._may_touch(link, msg):
             return
+        elif t is m.Hold:
+            sched.hold(link, msg.job, msg.held)
         elif t is m.JobCounters:
             job = sched.jobs.get(msg.job)
             if job is not None and job.console is link:

@@ -5,7 +5,6 @@ and failures from nodes), recovery (journal, resume, repair) and core (the :clas
 from ...transitions import IllegalTransition
 from .core import JOB_ID_EPOCH, Scheduler, first_job_id
 from .policy import (
-    FIRST_BATCH_MAX,
     MAX_BATCH_ARGS,
     MAX_BATCH_BYTES,
     MAX_PENDING_BYTES,
@@ -30,7 +29,6 @@ from .state import (
 )
 
 __all__ = [
-    "FIRST_BATCH_MAX",
     "JOB_ID_EPOCH",
     "MAX_BATCH_ARGS",
     "MAX_BATCH_BYTES",

@@ -177,6 +177,8 @@ class NodeAnswers:
         if msg.elapsed > 0 and n:
             sample = msg.elapsed / n
             job.per_call = sample if job.per_call is None else 0.7 * job.per_call + 0.3 * sample
+            size = len(msg.payload) / n  # and the bytes of a result: what a batch brings back
+            job.result_size = size if not job.result_size else 0.7 * job.result_size + 0.3 * size
             job.batch = policy.batch_size(job)
         # counted once delivered: if delivery raises half-way, repair() sees the arguments lost
         # (a send that raises does not: Scheduler.unsent notes it and the count goes on)

@@ -626,6 +626,8 @@ class Scheduler(NodeAnswers, Recovery):
             )  # before the console hears "accepted"
         self.jobs[job.id] = job
         self.active[job.id] = job
+        if getattr(console, "congested", False):
+            self._console_changed(job)
         job.granted = self._window(job)
         self.log.info(
             "job {id} ({name}) submitted, mode {mode}",
@@ -806,6 +808,7 @@ class Scheduler(NodeAnswers, Recovery):
             if job.console is not console:
                 continue
             job.console = None
+            self._console_changed(job)
             if job.finished or (job.options.detach and not job.receiving):
                 continue
             self.log.info(
@@ -851,11 +854,52 @@ class Scheduler(NodeAnswers, Recovery):
             return None
         job.console = console
         job.attached = True
+        self._console_changed(job)
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
             self._to_console(console, msg, kept=True)
         self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
+
+    # ================================================================ flow control of results
+
+    @command
+    def hold(self, console: Any, job_id: int, held: bool) -> None:
+        """The job's console holds as many of its results as it will (``held``), or took
+        enough of them: dispatch none of its calls, or go on. Another console's word, or one
+        about a job that ended, changes nothing."""
+        job = self.active.get(job_id)
+        if job is None or job.console is not console or job.held == held:
+            return
+        job.held = held
+        self._pause(job)
+
+    @command
+    def console_congested(self, console: Any, congested: bool) -> None:
+        """More than ``wire.CONGESTED_BYTES`` wait to be written to ``console`` (or they
+        drained): its jobs' calls wait, so a console that reads slowly (or not at all) makes
+        the server buffer at most that plus the results of the calls already on nodes."""
+        for job in self.active.values():
+            if job.console is console and job.congested != congested:
+                job.congested = congested
+                self._pause(job, pump=False)
+        if not congested:
+            self.pump()
+
+    def _console_changed(self, job: JobState) -> None:
+        """A new console (or none) receives the job: a hold was the old one's."""
+        job.held = False
+        job.congested = bool(getattr(job.console, "congested", False))
+        self._pause(job, pump=False)
+
+    def _pause(self, job: JobState, pump: bool = True) -> None:
+        paused = job.held or job.congested
+        if paused == job.paused:
+            return
+        job.paused = paused
+        self.events.add(self.clock.seconds(), f"job {job.id} {'paused' if paused else 'goes on'}")
+        if not paused and pump:
+            self.pump()
 
     @command
     def finish(self, job: JobState, state: str | JobPhase, message: str = "") -> None:
@@ -988,6 +1032,7 @@ class Scheduler(NodeAnswers, Recovery):
             job
             for job in self.active.values()
             if job.pending_count
+            and not job.paused
             and job.tasks < self._entitled(job)
             and any(h.options.priority < job.options.priority for h in holders)
         ]

@@ -15,11 +15,11 @@ from .state import PREFETCH, JobState, NodeState, TaskState
 #: seconds of work a batch should hold on one core, when call times are known
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH_ARGS = 50_000
-#: most arguments in a batch of a known-size job before its call times are measured: enough
-#: that a small job of trivial calls needs no ramp, few enough that slow calls still rebalance
-FIRST_BATCH_MAX = 1000
 #: bytes of arguments a batch may carry: an argument of more than half of this travels alone
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: bytes of results a batch should bring back, once a job's result size is measured: what
+#: a job's tasks in flight hold in results, on the server and at a console that holds the job
+MAX_BATCH_RESULT_BYTES = 4 * 1024 * 1024
 #: bound on argument bytes queued on the server per job (console windowing keeps to it)
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 #: a task's server-side deadline, past which its node is presumed stuck: with a job ``timeout``,
@@ -92,10 +92,11 @@ def batch_size(job: JobState) -> int:
     """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work (what ``job.batch``
     holds: the scheduler sets it again whenever ``per_call`` or ``total`` change).
 
-    Before any call is measured, a job of unknown size (or with a timeout) sends one call
-    per batch, so its first calls spread over every free core instead of queueing on one;
-    a job of known size sends up to ``FIRST_BATCH_MAX`` and :func:`tail_share` cuts that
-    to its share of the cores, so a small job runs in one round without a ramp.
+    Before any call is measured, a job sends one call per batch (a whole argument group, if
+    they travel in groups): its first calls spread over every free core, and neither the time
+    of a call nor the size of its result is known, so a first round of large results is a few
+    of them, not the whole job in flight at once (which no flow control could hold back).
+    Once measured, a batch brings back about ``MAX_BATCH_RESULT_BYTES`` at most.
     """
     if job.options.gang:
         return 1
@@ -103,8 +104,10 @@ def batch_size(job: JobState) -> int:
         return job.options.chunksize
     per_call = job.per_call
     if per_call is None:
-        return 1 if job.options.timeout is not None or job.total < 0 else FIRST_BATCH_MAX
+        return 1
     size = int(TARGET_BATCH_SECONDS / (per_call if per_call > 1e-7 else 1e-7))
+    if job.result_size * size > MAX_BATCH_RESULT_BYTES:
+        size = int(MAX_BATCH_RESULT_BYTES / job.result_size)
     return 1 if size < 1 else MAX_BATCH_ARGS if size > MAX_BATCH_ARGS else size
 
 
@@ -154,7 +157,7 @@ def next_job(
     for job in jobs:
         if job.options.gang and len(node.inflight) >= node.cores:
             continue  # a gang call queued behind another call on a node could wait forever
-        if not job.pending_count or job.finished or not may_run(node, job):
+        if not job.pending_count or job.finished or job.paused or not may_run(node, job):
             continue
         if job.options.max_cores and job.tasks >= job.options.max_cores:
             continue

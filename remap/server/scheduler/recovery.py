@@ -130,6 +130,7 @@ class Recovery:
         job.pending.clear()
         job.pending_count = job.pending_bytes = 0
         job.console = console
+        self._console_changed(job)
         job.done, job.failed = msg.done, msg.failed
         job.received, job.received_bytes = msg.done + msg.failed, 0
         job.expect = deque([a, b] for a, b in msg.missing if a < b)

@@ -191,6 +191,15 @@ class JobState:
     #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again, in order,
     #: before it continues from its ``sent`` (then ``received`` is the next index again)
     expect: deque[list[int]] = field(default_factory=deque)
+    #: flow control of results: its console asked to hold it (``hold``), or more than
+    #: ``wire.CONGESTED_BYTES`` wait to be written to its console; ``paused`` is either, and
+    #: then none of its calls is dispatched (those on nodes finish)
+    held: bool = False
+    congested: bool = False
+    paused: bool = False
+    #: bytes of a result, measured (a moving average; 0: none measured): batches are cut so
+    #: their results stay near ``policy.MAX_BATCH_RESULT_BYTES``
+    result_size: float = 0.0
     #: arguments a batch may hold so its results fit one frame to the console (0: no cap),
     #: learned when a packed batch's did not (see ``NodeAnswers._one_by_one``)
     result_cap: int = 0
