@@ -6,8 +6,10 @@
 mark (``VmHWM``) of each process; ``held`` is the largest number of result bytes the handle
 reported holding undelivered (``Cluster.held_result_bytes``, when the product has it).
 
-    python bench/result_memory.py                       # the four cells
+    python bench/result_memory.py                       # the five cells
+    python bench/result_memory.py --systems stalled     # a console stopped: the server's RSS
     python bench/result_memory.py --systems embedded --count 200 --mib 20 --delay 0.02
+    BENCH_ROOT=/path/to/other/checkout python bench/result_memory.py   # the same, before
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+#: the checkout measured (BENCH_ROOT: another one, e.g. main's, for a before/after)
+ROOT = Path(os.environ.get("BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 import remap  # noqa: E402
@@ -100,28 +103,78 @@ def run_cell(cluster: remap.Cluster, args: argparse.Namespace, buffersize: int |
     return {"results": n, "seconds": time.monotonic() - started, "held_mb": held_peak / 2**20}
 
 
+def stalled_console(address: str, secret: str, args: argparse.Namespace) -> None:
+    """The console of the ``stalled`` cell: says when its first result came, then is stopped."""
+    cluster = remap.connect(address, secret=secret, env_file=None, task_output=False)
+    size = args.mib * 1024 * 1024
+    for _ in cluster.imap(make_result, [size] * args.count):
+        print("first", flush=True)
+        time.sleep(3600)
+
+
+def run_stalled(args: argparse.Namespace) -> None:
+    """A console stopped (SIGSTOP) after its first result, so it reads nothing: what the server
+    holds over the next ``--stall`` seconds (its heartbeats stop too: the server drops it after
+    REMAP_HEARTBEAT_INTERVAL x REMAP_HEARTBEAT_MISSES, 6 s by default)."""
+    import signal
+
+    with tempfile.TemporaryDirectory() as tmp:
+        secret = secrets.token_urlsafe(32)
+        address, procs = spawn(Path(tmp), secret, args.cores)
+        console = None
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+            console = subprocess.Popen(
+                [sys.executable, __file__, "--console", f"{address},{secret}", "--count",
+                 str(args.count), "--mib", str(args.mib)],
+                stdout=subprocess.PIPE, text=True, env=env,
+            )  # fmt: skip
+            assert console.stdout is not None and console.stdout.readline().strip() == "first"
+            os.kill(console.pid, signal.SIGSTOP)
+            reset_hwm(procs[0].pid)
+            time.sleep(args.stall)
+            server = hwm_mb(procs[0].pid)
+        finally:
+            if console is not None:
+                console.kill()
+                console.wait(10)
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(10)
+    print(f"{'stalled':<10} {'default':<10} {'':>10} {server:>10.0f} {'':>8} "
+          f"{args.stall:>6.1f}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default="embedded,procs")
+    parser.add_argument("--systems", default="embedded,procs,stalled")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--mib", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.02)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--buffersizes", default="default,4")
+    parser.add_argument("--stall", type=float, default=5.0, help="seconds of the stalled cell")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # one cell, in a fresh process
+    parser.add_argument("--console", help=argparse.SUPPRESS)  # the stalled cell's console
     args = parser.parse_args()
+    if args.console is not None:
+        stalled_console(*args.console.split(","), args)
+        return
     if args.cell is None:
         print(f"imap of {args.count} x {args.mib} MiB, {args.delay * 1000:.0f} ms per result taken")
         print(f"{'system':<10} {'buffersize':<10} {'caller MB':>10} {'server MB':>10} "
               f"{'held MB':>8} {'s':>6}")  # fmt: skip
         for system in args.systems.split(","):
-            for bs in args.buffersizes.split(","):
+            for bs in args.buffersizes.split(",") if system != "stalled" else ["default"]:
                 cmd = [sys.executable, __file__, "--cell", f"{system}:{bs}"]
-                for opt in ("count", "mib", "delay", "cores"):
+                for opt in ("count", "mib", "delay", "cores", "stall"):
                     cmd += [f"--{opt}", str(getattr(args, opt))]
                 subprocess.run(cmd, check=True)
         return
     system, bs = args.cell.split(":")
+    if system == "stalled":
+        run_stalled(args)
+        return
     buffersize = None if bs == "default" else int(bs)
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as tmp:
