@@ -681,6 +681,7 @@ class ResultIterator(Iterator[Any]):
         self._buffer.clear()
         self._runs.clear()
         self._ready.clear()
+        self._stream.dropped()  # what it held is no longer held
         self._feeder.source = None
         self._feeder.done = True
         if not self._stream.finished.is_set():

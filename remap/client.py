@@ -1066,6 +1066,12 @@ class JobStream:
             self._resume_at = sys.maxsize
             self.call_soon(self._regulate)
 
+    def dropped(self) -> None:
+        """The consumer dropped what it held and takes nothing more (the job is being
+        killed): none of it counts as held now."""
+        with self.lock:
+            self.taken = max(self.taken, self._arrived)
+
     def waiting_for_results(self) -> None:
         """The consumer is about to wait for a result: a held job must go on (what it holds
         may wait for this one, an ordered map's next)."""
