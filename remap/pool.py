@@ -25,8 +25,10 @@ _TERMINATED = "the pool was terminated before this result came"
 class AsyncResult:
     """The result of ``apply_async`` / ``map_async``, like ``multiprocessing.pool.AsyncResult``.
 
-    ``callback`` / ``error_callback`` run (on the pool's delivery thread) before ``get()``
-    returns, as in multiprocessing; they must not block.
+    ``callback`` / ``error_callback`` run (on a thread of the pool: its delivery thread, or
+    the thread collecting a ``map_async``) before ``get()`` returns, as in multiprocessing;
+    they must not block. One that raises is logged and the result is still ready
+    (multiprocessing's result thread dies there, and every later ``get()`` hangs).
     """
 
     def __init__(

@@ -221,6 +221,24 @@ def test_apply_async_error_callback(pool: remap.Pool) -> None:
     assert not result.successful()
 
 
+def test_a_callback_that_raises_leaves_the_result_and_the_pool_usable(pool: remap.Pool) -> None:
+    """A callback or error_callback that raises is logged; get() still gives the result (or
+    raises the call's error) and the pool goes on (multiprocessing's result thread dies and
+    every later get() hangs)."""
+
+    def broken(value: object) -> None:
+        raise RuntimeError("the callback broke")
+
+    done = pool.apply_async(square, (4,), callback=broken)
+    failed = pool.apply_async(fail_on_three, (3,), error_callback=broken)
+    mapped = pool.map_async(square, [1, 2], callback=broken)
+    assert done.get(timeout=30) == 16
+    with pytest.raises(PoolError):
+        failed.get(timeout=30)
+    assert mapped.get(timeout=30) == [1, 4]
+    assert pool.apply(square, (5,)) == 25
+
+
 def unpicklable_result(x: int) -> object:
     return threading.Lock() if x == 2 else x
 
