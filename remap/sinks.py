@@ -50,6 +50,7 @@ __all__ = [
     "os_reason",
     "render_line",
     "sql_value",
+    "staging_path",
     "take_output",
     "to_jsonable",
 ]
@@ -327,6 +328,13 @@ def lock_path(output: Path) -> Path:
     output meet at one lock; a dot-file, so a data or vertex job whose input walks that
     directory never reads it (walks and wildcards skip names starting with ``.``)."""
     return output.with_name(f".{output.name}.lock")
+
+
+def staging_path(output: Path) -> Path:
+    """Where a ``file`` job stages OUTPUT: ``.OUTPUT.partial`` beside it. Beside it, so the
+    commit is a rename on one file system; a dot-file, so a data or vertex job whose input
+    walks that directory never reads a half-written (or a crashed run's) staging file."""
+    return output.with_name(f".{output.name}.partial")
 
 
 class OutputLock:
@@ -713,12 +721,12 @@ class SqliteSink(_OutputSink):
 
 
 class FileSink(_OutputSink):
-    """Writes JSON lines in argument order to ``OUTPUT.partial``, renamed to OUTPUT when complete.
+    """Writes JSON lines in argument order to ``.OUTPUT.partial``, renamed to OUTPUT when complete.
 
     An item is written as soon as every lower index has been written, so memory holds the
     reordering window (``buffered``; high-water mark ``max_buffered``), not the job. The
     file is always sorted by index. A complete job's file replaces OUTPUT atomically (after
-    an fsync); after an incomplete job OUTPUT is unchanged and ``OUTPUT.partial`` keeps
+    an fsync); after an incomplete job OUTPUT is unchanged and ``.OUTPUT.partial`` keeps
     what arrived, the held-back items written last in index order, with gaps where
     results never came. If a write fails (disk full), the partial file is cut back to the
     last line known to be whole.
@@ -731,7 +739,7 @@ class FileSink(_OutputSink):
 
     def __init__(self, output: Path | str) -> None:
         super().__init__(output)
-        self.partial = self.output.with_name(self.output.name + ".partial")
+        self.partial = staging_path(self.output)
         self.staging_name = str(self.partial)
         self.kept_apart_from = str(self.output)
         _check_directory(self.output, "output file")

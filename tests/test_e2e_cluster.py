@@ -581,8 +581,8 @@ def test_a_second_job_writing_the_same_output_is_refused(shared: Cluster, tmp_pa
     kept = [line for line in error_lines(done) if "kept" in line]
     assert len(kept) == 1, done.stderr
     count = int(kept[0].split("kept ")[1].split(" ")[0])
-    assert f"in {out}.partial; {out} not written" in kept[0], kept[0]
-    lines = Path(f"{out}.partial").read_text().splitlines()
+    assert f"in {out.parent}/.{out.name}.partial; {out} not written" in kept[0], kept[0]
+    lines = Path(f"{out.parent}/.{out.name}.partial").read_text().splitlines()
     assert count >= 3 and len(lines) == count
     assert [json.loads(line)["index"] for line in lines] == sorted(
         json.loads(line)["index"] for line in lines
@@ -604,10 +604,10 @@ def test_a_bad_args_path_line_says_what_was_kept(shared: Cluster, tmp_path: Path
     assert len(lines) == 1 and f"{path}:3001: invalid JSON" in lines[0], done.stderr
     assert f"{out} not written" in lines[0], lines[0]
     if "no results kept" in lines[0]:
-        assert not Path(f"{out}.partial").exists()
+        assert not Path(f"{out.parent}/.{out.name}.partial").exists()
     else:
         count = int(lines[0].split("kept ")[1].split(" ")[0])
-        assert len(Path(f"{out}.partial").read_text().splitlines()) == count
+        assert len(Path(f"{out.parent}/.{out.name}.partial").read_text().splitlines()) == count
     assert not out.exists()
 
 
@@ -651,9 +651,9 @@ def test_disk_full_says_which_file_and_keeps_what_was_written(
     no_traceback(done)
     lines = error_lines(done)
     assert len(lines) == 1, done.stderr
-    assert "disk full" in lines[0] and f"{out}.partial" in lines[0], lines[0]
+    assert "disk full" in lines[0] and f"{out.parent}/.{out.name}.partial" in lines[0], lines[0]
     assert "connection" not in lines[0], lines[0]
-    kept = Path(f"{out}.partial").read_text().splitlines()
+    kept = Path(f"{out.parent}/.{out.name}.partial").read_text().splitlines()
     assert kept and [json.loads(line)["index"] for line in kept] == list(range(len(kept)))
     assert f"kept {len(kept)} result(s)" in lines[0], lines[0]
     assert not out.exists()

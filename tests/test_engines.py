@@ -487,7 +487,7 @@ def test_stopping_a_run_cancels_its_chunks_and_keeps_what_arrived(tmp_path: Path
     assert len(engine.cancelled) == 3 and len(engine.submitted) == 5
     assert not (tmp_path / "out.jsonl").exists() and sink.complete is False
     assert (run.done, run.failed) == (1, 0)
-    assert (tmp_path / "out.jsonl.partial").read_text().count("\n") == 1
+    assert (tmp_path / ".out.jsonl.partial").read_text().count("\n") == 1
 
 
 def test_stopping_a_run_whose_call_never_returns_ends_it_and_its_engine_at_once(

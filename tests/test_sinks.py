@@ -29,6 +29,7 @@ from remap.sinks import (
     TaskErrorInfo,
     lock_path,
     make_sink,
+    staging_path,
     to_jsonable,
 )
 
@@ -713,6 +714,71 @@ def test_the_lock_beside_an_output_is_no_input_of_a_job_walking_that_directory(
     finally:
         held.release()
         sink.close(complete=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
+
+
+def test_a_file_jobs_staging_file_is_no_input_of_a_job_walking_that_directory(
+    tmp_path: Path,
+) -> None:
+    """While a ``file`` job writes, its staging file sits beside the output as a dot-file: a
+    data job whose input walks that directory (or a wildcard) reads the inputs only, never a
+    half-written output. The commit is still one rename. (``OUT.partial`` was read as input.)"""
+    from remap.data.inputs import resolve_inputs
+
+    (tmp_path / "words.txt").write_text("a b\n")
+    sink = FileSink(tmp_path / "results.jsonl")
+    sink.add(0, 0, 1, None)
+    sink.flush()
+    try:
+        assert staging_path(tmp_path / "results.jsonl") == sink.partial
+        assert sink.partial.parent == tmp_path and sink.partial.read_text()
+        for entry in (str(tmp_path), "*", f"{tmp_path}/*"):  # a walk, wildcards
+            read = [p.name for p in resolve_inputs(entry, tmp_path)]
+            assert read == ["words.txt"], read
+    finally:
+        sink.close(complete=True)
+    assert _lines(tmp_path / "results.jsonl") == [{"index": 0, "result": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from remap.sinks import FileSink
+sink = FileSink(sys.argv[1])
+for i in range(3):
+    sink.add(i, i, i * 10, None)
+sink.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_sigkilled_writers_staging_file_is_hidden_and_replaced_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """A console SIGKILLed mid-job leaves its staging file (what it had received) beside the
+    output: hidden from a job walking that directory, not blocking the next run, which
+    replaces it and commits by rename, leaving nothing beside the output but the output."""
+    import subprocess
+    import sys
+
+    from remap.data.inputs import resolve_inputs
+
+    out = tmp_path / "results.jsonl"
+    (tmp_path / "words.txt").write_text("a b\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(out)], env=env, timeout=60, capture_output=True
+    )
+    assert done.returncode == -9, done.stderr
+    leftover = staging_path(out)
+    assert [json.loads(line)["index"] for line in leftover.read_text().splitlines()] == [0, 1, 2]
+    assert not out.exists()
+    for entry in (str(tmp_path), "*"):
+        assert [p.name for p in resolve_inputs(entry, tmp_path)] == ["words.txt"]
+    sink = FileSink(out)
+    sink.add(0, 0, 7, None)
+    sink.close(complete=True)
+    assert _lines(out) == [{"index": 0, "result": 7}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
 
 
