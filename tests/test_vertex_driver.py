@@ -376,7 +376,11 @@ def test_a_dead_drivers_cleanup_removes_the_acks_and_heartbeats_too(tmp_path: Pa
     data = DataDir(tmp_path / "data")
     job = new_job_id()
     root = data.job_dir(job)
-    write_json(data.jobconfig(job), {"kind": "vertex", "output": str(tmp_path / "out")})
+    staging = tmp_path / f".out.remap-{job}"
+    (staging / "part-00000").parent.mkdir()
+    (staging / "part-00000").write_text("1\t1\n")  # its output, half written
+    config = {"kind": "vertex", "output": str(tmp_path / "out"), "staging": str(staging)}
+    write_json(data.jobconfig(job), config)
     write_json(data.consolidated(job), {"superstep": 3})
     write_result(data, job, "INCOMPLETE")
     for name in (
@@ -388,6 +392,7 @@ def test_a_dead_drivers_cleanup_removes_the_acks_and_heartbeats_too(tmp_path: Pa
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
     abandon(data, "vertex", job, "the driver died")
+    assert not staging.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
     assert read_json(data.consolidated(job)) == {"superstep": 3}
 
@@ -414,6 +419,33 @@ def test_a_full_disk_fails_the_job_with_one_line_naming_the_file(tmp_path: Path,
         str(info.value),
     ), str(info.value)
     assert not (tmp_path / "out-run").exists()
+
+
+def test_the_output_appears_whole_by_one_rename(tmp_path: Path):
+    """While the workers write the output parts, nothing is at the output's path (a reader,
+    or a driver that dies there, would find part files without _SUCCESS: an attached
+    driver SIGKILLed in its output phase left them for good); at the end the output holds
+    every part and _SUCCESS, and no staging directory is left beside it."""
+    graph_input(tmp_path)
+    out = tmp_path / "out-run"
+    seen: list[bool] = []
+    base = example("connected_components")
+
+    def output(vertex_id, value):
+        seen.append(out.exists())
+        return base.output(vertex_id, value)
+
+    program = dataclasses.replace(base, output=output)
+    got, _, _ = run_threads(program, tmp_path, 2, partitions=3)
+    assert seen and not any(seen), "the output's path held a partial output"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_SUCCESS",
+        "part-00000",
+        "part-00001",
+        "part-00002",
+    ]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert len(got) == 250
 
 
 def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):

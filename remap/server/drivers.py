@@ -624,9 +624,11 @@ def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
         if config.get("staging"):
             layout.remove_tree(Path(config["staging"]))
     else:
+        if config.get("staging"):  # where the workers write the output before it is published
+            layout.remove_tree(Path(config["staging"]))
         output = Path(config.get("output", ""))
         if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
-            layout.remove_tree(output)
+            layout.remove_tree(output)  # a job of an earlier release wrote its output in place
         for name in BARRIER_DIRS:  # the workers' acks and heartbeats, as the driver's own end
             layout.remove_tree(data.job_dir(job_id) / name)
     layout.remove_strays(data.job_dir(job_id))

@@ -179,6 +179,9 @@ class Driver:
         self.data = data
         self.job_id = job_id or new_job_id()
         self.layout = Layout(data, self.job_id)
+        #: where the workers write the output, renamed to ``config.output`` once complete (as
+        #: a data job's): a driver that dies leaves no partial output at the output's path
+        self.staging = config.output.parent / f".{config.output.name}.remap-{self.job_id}"
         self.inputs = list(config.input)
         self.workers = workers
         self.partitions = config.partitions or workers
@@ -364,6 +367,7 @@ class Driver:
         config = {k: str(v) for k, v in asdict(self.config).items()}
         config["input"] = [str(p) for p in self.inputs]  # was the list's repr
         config.update(kind="vertex", partitions=self.partitions, workers=self.workers)
+        config["staging"] = str(self.staging)
         write_json(self.data.jobconfig(self.job_id), config)
         write_result(self.data, self.job_id, "INCOMPLETE")
         beat = threading.Thread(target=self._beat, name="vertex-driver-heartbeat", daemon=True)
@@ -403,9 +407,7 @@ class Driver:
                 self.data, self.job_id, "INCOMPLETE" if killed else "FAIL", message=str(exc)
             )
             remove_tree(self.layout.scratch)
-            out = self.config.output
-            if out.is_dir() and not (out / SUCCESS_MARKER).exists():
-                remove_tree(out)  # part files of an output never finished (we created it)
+            remove_tree(self.staging)  # part files of an output never finished
             raise
 
     def _command_quietly_stop(self) -> None:
@@ -578,7 +580,11 @@ class Driver:
         self.restore_pending = self.checkpoint is not None
 
     def _output(self) -> None:
+        staging = self.staging
+        staging.mkdir(parents=True, exist_ok=True)  # a rollback may write the output again
+        self._command("output", output=str(staging))
+        (staging / SUCCESS_MARKER).write_text("")
         out = self.config.output
-        out.mkdir(parents=True, exist_ok=True)  # a rollback may write the output again
-        self._command("output", output=str(out))
-        (out / SUCCESS_MARKER).write_text("")
+        if out.exists() or out.is_symlink():
+            raise JobFailed(f"output {out} appeared while the job ran; left it alone")
+        os.rename(staging, out)  # published whole, by one rename
