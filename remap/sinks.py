@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import abc
 import errno
+import glob
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -395,7 +397,11 @@ class OutputLock:
 
 def take_output(output: Path, owner: str) -> OutputLock:
     """Lock a data or vertex job's output directory as function jobs lock their output file:
-    ``OutputError`` at once, naming the job that holds it, or the held lock."""
+    ``OutputError`` at once, naming the job that holds it, or the held lock.
+
+    Staging directories of this output (``.NAME.remap-JOBID``) found once the lock is held
+    are a dead driver's (an attached one SIGKILLed: only a live job holding the lock writes
+    one): they are removed."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the output
     except OSError as exc:
@@ -410,6 +416,9 @@ def take_output(output: Path, owner: str) -> OutputLock:
             f"output {output} already exists: a job never overwrites results "
             "(remove it or choose another output)"
         )
+    for stray in output.parent.glob(f".{glob.escape(output.name)}.remap-*"):
+        if stray.is_dir() and not stray.is_symlink():
+            shutil.rmtree(stray, ignore_errors=True)
     return lock
 
 

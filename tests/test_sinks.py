@@ -782,6 +782,26 @@ def test_a_sigkilled_writers_staging_file_is_hidden_and_replaced_by_the_next_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
 
 
+def test_taking_an_output_removes_a_dead_jobs_staging_directory(tmp_path: Path) -> None:
+    """A data or vertex job's driver SIGKILLed (attached: no server cleans up after it) left
+    its hidden staging directory beside the output, half written, for good; the next job to
+    take that output's lock removes it (only a job holding the lock writes one), and leaves
+    another output's alone."""
+    from remap.sinks import take_output
+
+    dead = tmp_path / ".out.remap-20261201-000000-abcdef" / "default"
+    dead.mkdir(parents=True)
+    (dead / "reducer-0000-part-00000").write_text("a\t1\n")
+    other = tmp_path / ".other.remap-20261201-000000-abcdef"
+    other.mkdir()
+    lock = take_output(tmp_path / "out", "data job 20261202-x (x)")
+    try:
+        assert not dead.parent.exists()
+        assert other.is_dir()
+    finally:
+        lock.release()
+
+
 def test_an_output_under_a_file_is_one_line(tmp_path: Path) -> None:
     """A data or vertex job's output whose parent path runs through a file: a ConfigError
     naming that file (was a FileExistsError traceback from mkdir)."""
