@@ -8,6 +8,8 @@ reported holding undelivered (``Cluster.held_result_bytes``, when the product ha
 
     python bench/result_memory.py                       # the five cells
     python bench/result_memory.py --systems stalled     # a console stopped: the server's RSS
+    python bench/result_memory.py --systems console --count 200 --mib 4 --delay 0.03
+                                                        # compute to a slow stdout
     python bench/result_memory.py --systems embedded --count 200 --mib 20 --delay 0.02
     BENCH_ROOT=/path/to/other/checkout python bench/result_memory.py   # the same, before
 """
@@ -141,8 +143,37 @@ def run_stalled(args: argparse.Namespace) -> None:
             for proc in reversed(procs):
                 proc.terminate()
                 proc.wait(10)
-    print(f"{'stalled':<10} {'default':<10} {'':>10} {server:>10.0f} {'':>8} "
+    print(f"{'stalled':<10} {'-':<10} {'':>10} {server:>10.0f} {'':>8} "
           f"{args.stall:>6.1f}", flush=True)  # fmt: skip
+
+
+def run_console(args: argparse.Namespace) -> None:
+    """``remap_console.py compute`` of ``--count`` results of ``--mib`` MiB in stream mode, on
+    its embedded cluster, its stdout read 1 MiB per ``--delay`` s (a slow sink): the peak RSS
+    of the console (or of one of its cores, whichever is larger)."""
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "big.py").write_text(f"def big(x):\n    return 'x' * ({args.mib} * 1024 * 1024)\n")
+        (work / "big.yaml").write_text(
+            f"function: big.py:big\nargs_range: [0, {args.count}]\nresponse_mode: stream\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+        env.update(HOME=str(work), PYTHONPATH=str(ROOT))
+        started = time.monotonic()
+        console = subprocess.Popen(
+            [sys.executable, str(ROOT / "remap_console.py"), "--env-file", "/dev/null",
+             "compute", "big.yaml"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=work,
+        )  # fmt: skip
+        assert console.stdout is not None
+        while console.stdout.read(1 << 20):
+            time.sleep(args.delay)
+        console.wait()
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"{'console':<10} {'-':<10} {peak:>10.0f} {'':>10} {'':>8} "
+          f"{time.monotonic() - started:>6.1f}", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -165,7 +196,7 @@ def main() -> None:
         print(f"{'system':<10} {'buffersize':<10} {'caller MB':>10} {'server MB':>10} "
               f"{'held MB':>8} {'s':>6}")  # fmt: skip
         for system in args.systems.split(","):
-            for bs in args.buffersizes.split(",") if system != "stalled" else ["default"]:
+            for bs in args.buffersizes.split(",") if system in ("embedded", "procs") else ["-"]:
                 cmd = [sys.executable, __file__, "--cell", f"{system}:{bs}"]
                 for opt in ("count", "mib", "delay", "cores", "stall"):
                     cmd += [f"--{opt}", str(getattr(args, opt))]
@@ -174,6 +205,9 @@ def main() -> None:
     system, bs = args.cell.split(":")
     if system == "stalled":
         run_stalled(args)
+        return
+    if system == "console":
+        run_console(args)
         return
     buffersize = None if bs == "default" else int(bs)
     procs: list[subprocess.Popen] = []
