@@ -18,7 +18,7 @@ import pytest
 
 from remap.data.inputs import Split, resolve_inputs
 from remap.data.inputs import read_lines as read_split_lines
-from remap.data.layout import DataDir, read_json, read_result
+from remap.data.layout import DataDir, read_json, read_result, remove_tree
 from remap.errors import ConfigError, JobFailed, JobKilled
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig
@@ -395,6 +395,61 @@ def test_a_dead_drivers_cleanup_removes_the_acks_and_heartbeats_too(tmp_path: Pa
     assert not staging.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
     assert read_json(data.consolidated(job)) == {"superstep": 3}
+
+
+def _call_in_thread(fn, *args) -> list[Any]:
+    """Run ``fn(*args)`` on a thread; its return value, waited for with a deadline."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and out, "the worker call did not return"
+    return out
+
+
+def test_a_worker_call_starting_after_its_job_ended_leaves_nothing_behind(tmp_path: Path):
+    """A worker call that starts late, after its job ended and the driver removed ``alive/``
+    and ``acks/``, returns at once saying so, and the job directory stays as the job left
+    it. (It made ``alive/`` again and left its heartbeat ``alive/<slot>.<attempt>`` there.)"""
+    graph_input(tmp_path)
+    _, result, _ = run_threads(example("sssp"), tmp_path, 2)
+    data = DataDir(tmp_path / "data")
+    root = data.job_dir(result.job_id)
+    assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
+    late = worker_mod.WorkerArgs(str(data.root), result.job_id, 1, example("sssp"))
+    (answer,) = _call_in_thread(worker_mod.run_worker, late)
+    assert answer["left"] == worker_mod.ENDED, answer
+    assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
+
+
+def test_a_member_whose_job_ended_under_its_command_does_not_make_acks_again(
+    tmp_path: Path, monkeypatch
+):
+    """A member still running a command when its job ended (the driver removed ``acks/``
+    and ``alive/``) stops without writing its ack: ``acks/`` is not made again."""
+    from remap.data.layout import new_job_id, write_json
+    from remap.vertex.files import Layout, write_pickle
+
+    data = DataDir(tmp_path / "data")
+    job = new_job_id()
+    write_json(data.jobconfig(job), {"kind": "vertex"})
+    layout = Layout(data, job)
+    layout.alive.mkdir()
+    layout.acks.mkdir()
+    worker = worker_mod.Worker(worker_mod.WorkerArgs(str(data.root), job, 0, example("sssp")))
+    members = {0: worker.attempt}
+
+    def execute_while_the_job_ends(cmd) -> dict[str, Any]:
+        remove_tree(layout.acks)  # the driver's cleanup, while this command ran
+        remove_tree(layout.alive)
+        return {"attempt": worker.attempt, "seq": cmd.seq, "slot": 0}
+
+    monkeypatch.setattr(worker, "_execute", execute_while_the_job_ends)
+    write_pickle(layout.command(0), worker_mod.Command(0, "merge", 0, members, [0]))
+    write_pickle(layout.command(1), worker_mod.Command(1, "stop", 0, members, [0]))
+    (answer,) = _call_in_thread(worker.run)
+    assert answer["left"] == worker_mod.ENDED, answer
+    assert not layout.acks.exists() and not layout.alive.exists()
 
 
 def test_a_full_disk_fails_the_job_with_one_line_naming_the_file(tmp_path: Path, monkeypatch):

@@ -362,7 +362,8 @@ class Driver:
             lock.release()
 
     def _run(self, started: float) -> VertexResult:
-        self.layout.alive.mkdir(parents=True)
+        self.layout.alive.mkdir(parents=True)  # workers write only inside alive/ and acks/
+        self.layout.acks.mkdir()
         self.layout.driver_heartbeat.touch()
         config = {k: str(v) for k, v in asdict(self.config).items()}
         config["input"] = [str(p) for p in self.inputs]  # was the list's repr

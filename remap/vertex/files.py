@@ -8,6 +8,10 @@ rollback can only write where nobody reads any more.
     job/<jobid>/control/cmd-<seq>.pkl       the driver's commands, in order
     job/<jobid>/acks/<seq>/<slot>.pkl       each worker's answer to one command
     job/<jobid>/alive/<slot>.<attempt>      worker heartbeats (mtime); driver.alive the driver's
+
+``acks/`` and ``alive/`` are made by the driver before it starts the workers and removed when
+the job ends; a worker only writes inside them, so a call that starts (or goes on) after the
+end finds them gone and stops, instead of leaving them behind.
     im/<jobid>/e<epoch>/load/to<p>/from<slot>      vertex records read by another worker
     im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>   messages sent in superstep <step>
     im/<jobid>/ckpt/s<step>/p<p>                   partition p (and its inbox) before <step>
@@ -17,18 +21,37 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..data.inputs import Split, read_line_blocks
-from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, write_atomic
+from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, tmp_path, write_atomic
 
 PICKLE_PROTOCOL = 5
 
 
 def write_pickle(path: Path, value: Any) -> None:
     write_atomic(path, pickle.dumps(value, PICKLE_PROTOCOL))
+
+
+def write_pickle_inside(path: Path, value: Any) -> None:
+    """:func:`write_pickle` making only ``path``'s own directory: FileNotFoundError if the
+    one above it is gone. A worker writes its acks so: once the driver removed ``acks/``
+    (the job ended), a worker still running must not make it again."""
+    try:
+        os.mkdir(path.parent)
+    except FileExistsError:
+        pass
+    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(pickle.dumps(value, PICKLE_PROTOCOL))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_pickle(path: Path) -> Any:
@@ -69,8 +92,12 @@ class Layout:
     def command(self, seq: int) -> Path:
         return self.root / "control" / f"cmd-{seq:06d}.pkl"
 
+    @property
+    def acks(self) -> Path:
+        return self.root / "acks"
+
     def ack(self, seq: int, slot: int) -> Path:
-        return self.root / "acks" / f"{seq:06d}" / f"{slot}.pkl"
+        return self.acks / f"{seq:06d}" / f"{slot}.pkl"
 
     @property
     def alive(self) -> Path:

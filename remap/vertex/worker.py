@@ -36,7 +36,14 @@ from .engine import (
     partition_of,
     prepare_line,
 )
-from .files import PICKLE_PROTOCOL, Layout, committed, read_lines, read_pickle, write_pickle
+from .files import (
+    PICKLE_PROTOCOL,
+    Layout,
+    committed,
+    read_lines,
+    read_pickle,
+    write_pickle_inside,
+)
 from .program import Program
 
 #: edges (and vertices) read for other workers' partitions before they are written out: each
@@ -46,6 +53,8 @@ LOAD_SPILL = 1_000_000
 POLL_MIN = 0.0005
 POLL_MAX = 0.005  # a barrier noticed within 5 ms: a stat per poll costs next to nothing
 GIVE_UP_INTERVAL = 0.1  # seconds between a waiting worker's looks at the driver's heartbeat
+#: why a worker call returns at once, or stops, when its job's driver has cleaned up
+ENDED = "the job has ended"
 
 
 @dataclass(frozen=True)
@@ -170,9 +179,8 @@ class Worker:
     # ------------------------------------------------------------ liveness
 
     def _beat(self) -> None:
+        """Touch this attempt's heartbeat until stopped; never make ``alive/`` (see run)."""
         path = self.layout.heartbeat(self.slot, self.attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
         while not self._stop.wait(self.args.heartbeat):
             try:
                 os.utime(path)
@@ -194,6 +202,12 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         require_visible(self.data, self.args.job_id)  # one clear line if the mount is missing
+        try:
+            # the driver made alive/ before starting any worker and removes it at the end: a
+            # call that starts after the job ended finds it gone and leaves nothing behind
+            self.layout.heartbeat(self.slot, self.attempt).touch()
+        except FileNotFoundError:
+            return {"slot": self.slot, "attempt": self.attempt, "left": ENDED, **self.stats}
         beat = threading.Thread(target=self._beat, name="vertex-heartbeat", daemon=True)
         beat.start()
         try:
@@ -211,7 +225,13 @@ class Worker:
                     seq += 1
                     continue
                 self.member = True
-                write_pickle(self.layout.ack(seq, self.slot), self._execute(cmd))
+                ack = self._execute(cmd)
+                try:
+                    write_pickle_inside(self.layout.ack(seq, self.slot), ack)
+                except FileNotFoundError:  # acks/ is gone: the job ended under this command
+                    if self.layout.acks.is_dir():
+                        raise
+                    raise _Superseded(ENDED) from None
                 seq += 1
         except _Superseded as why:
             return {"slot": self.slot, "attempt": self.attempt, "left": str(why), **self.stats}
