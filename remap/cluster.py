@@ -281,7 +281,6 @@ def start_node(
     reactor: Any,
     settings: Settings,
     *,
-    secret: bytes | None = None,
     on_shutdown: Any = None,
     on_auth_failure: Any = None,
     data: DataDirReport | None = None,
@@ -290,7 +289,7 @@ def start_node(
     an attempt that does not authenticate counts as failed (the next one waits longer)."""
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    key = secret or client_secret(settings)
+    key = client_secret(settings)
     pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
     agent = NodeAgent(
         pool,

@@ -187,14 +187,13 @@ class Session:
         return stream.attach(client, job)
 
 
-def make_job_sink(spec: JobSpec, *, on_item: Any = None, out: Any = None) -> Sink:
+def make_job_sink(spec: JobSpec, *, on_item: Any = None) -> Sink:
     mode = spec.options.mode
     return make_sink(
         mode,
         output=spec.output,
         reduce_fn=load_callables(spec)[1] if mode == "reduce" else None,
         on_item=on_item,
-        out=out,
     )
 
 

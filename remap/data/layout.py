@@ -172,7 +172,7 @@ def storage_error(path: Path, exc: OSError) -> StorageError:
     return StorageError(f"cannot write {path}: {os_reason(exc)}")
 
 
-def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> Path:
+def write_atomic(path: Path, data: bytes) -> Path:
     """Write a whole file so readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,9 +180,6 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> Path:
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
         return commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -225,11 +222,11 @@ def walk_files(top: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def remove_strays(top: Path, keep: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
-    """Delete every uncommitted (``.tmp``) file below ``top`` except ``keep``; return them."""
+def remove_strays(top: Path) -> list[Path]:
+    """Delete every uncommitted (``.tmp``) file below ``top``; return them."""
     removed = []
     for path in walk_files(top):
-        if path.name.endswith(TMP_SUFFIX) and path not in keep:
+        if path.name.endswith(TMP_SUFFIX):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -37,7 +37,6 @@ def run_vertex(
     priority: int = 0,
     bundle: Any = None,
     data_dir: str | os.PathLike[str] | None = None,
-    workers: int | None = None,
     on_report: Callable[[SuperstepReport], None] | None = None,
     job_id: str | None = None,
     on_launch: Callable[[ClusterLaunch], None] | None = None,
@@ -49,10 +48,7 @@ def run_vertex(
     from .. import runtime
 
     data = DataDir.from_setting(data_dir or settings.data_dir)
-    if workers is None:
-        workers = workers_for(
-            runtime.run(client.status, timeout=30)["nodes"], group, config.partitions
-        )
+    workers = workers_for(runtime.run(client.status, timeout=30)["nodes"], group, config.partitions)
     launches: list[ClusterLaunch] = []
 
     def start(args: list[Any]) -> ClusterLaunch:

@@ -222,7 +222,7 @@ def _operation(route: Route) -> dict:
     return op
 
 
-def document(server_url: str | None = None) -> dict:
+def document() -> dict:
     paths: dict[str, dict] = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
@@ -243,6 +243,4 @@ def document(server_url: str | None = None) -> dict:
         },
         "security": [{"bearer": []}, {"session": []}],
     }
-    if server_url:
-        doc["servers"] = [{"url": server_url}]
     return doc
