@@ -391,7 +391,7 @@ class PeerProtocol(Protocol):
                 # always acted on, even after messages of the same read: the peer is told why
                 self._failed(event.error)
                 return
-            transport = self.transport  # self._closing(), inlined: once per message
+            transport = self.transport  # once per message: the handler may have closed it
             if transport is None or getattr(transport, "disconnecting", False):
                 continue  # the handler closed this peer: the rest of the read goes unheard
             if t is MessageReceived:
@@ -449,10 +449,6 @@ class PeerProtocol(Protocol):
         self._last_seen = self.clock.seconds()  # the silence was ours, not the peer's
         self.transport.resumeProducing()
         return True
-
-    def _closing(self) -> bool:
-        transport = self.transport
-        return transport is None or bool(getattr(transport, "disconnecting", False))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: B006
         if self.budget is not None:

@@ -34,10 +34,6 @@ class Slot:
         if admission is not None:
             admission._free(self.host)
 
-    @property
-    def held(self) -> bool:
-        return self._admission is not None
-
 
 class Admission:
     """Counts held slots against ``total`` and ``per_host`` (by the peer's IP address)."""

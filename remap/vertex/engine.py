@@ -180,20 +180,13 @@ class Outbox:
                 if to not in bucket or message < bucket[to]:
                     bucket[to] = message
 
-        elif fold is max:
+        else:  # max: a fold is sum, min or max (program._COMBINERS)
 
             def send(to: Any, message: Any) -> None:
                 sent[0] += 1
                 bucket = bucket_of(to)
                 if to not in bucket or message > bucket[to]:
                     bucket[to] = message
-
-        else:
-
-            def send(to: Any, message: Any) -> None:
-                sent[0] += 1
-                bucket = bucket_of(to)
-                bucket[to] = fold(bucket[to], message) if to in bucket else message
 
         def send_many(route: Any, message: Any) -> None:
             """``message`` to every target of ``route`` (see :meth:`Partition.route`)."""
