@@ -741,14 +741,11 @@ class PeerProtocol(Protocol):
 
 
 def _failure_of(reason: Failure | None, module: str, name: str) -> Any:
-    """``reason``'s exception if it is ``module.name``; None otherwise or without that module
-    (no TLS support installed, so no TLS failure either)."""
+    """``reason``'s exception if it is ``module.name`` (imported only then: pyOpenSSL and
+    service_identity come with twisted[tls]); None otherwise."""
     if reason is None:
         return None
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError:
-        return None
+    cls = getattr(importlib.import_module(module), name)
     return reason.value if isinstance(reason.value, cls) else None
 
 
