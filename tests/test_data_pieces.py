@@ -401,3 +401,47 @@ def test_text_order_is_the_order_of_text_encodings(texts: list[str]) -> None:
     """The spill sorts text keys as text: that must be the order of their encodings
     (surrogates and NULs included)."""
     assert sorted(texts) == sorted(texts, key=keys.encode_key)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "combine"])
+def test_the_short_path_for_plain_pairs_buffers_what_the_general_one_does(grouped: bool) -> None:
+    """``extend`` takes (text key, plain value) pairs by a short path (a list without a
+    combiner, a dict of key → values with one): any mix of keys and values spills the same
+    records, and counts the same size, as the same records given as (purpose, key, value)."""
+
+    def combine(key, values):
+        yield list(values)
+
+    rng = random.Random(3)
+    values = [
+        lambda: rng.choice("xyz") * rng.randrange(4),
+        lambda: b"b" * rng.randrange(3),
+        lambda: rng.randrange(5),
+        lambda: 1.5,
+        lambda: None,
+        lambda: True,
+        lambda: [1, 2],  # not plain: pickled at emission, by the general path
+    ]
+    pairs = [
+        (rng.choice("abc") if rng.random() < 0.8 else rng.randrange(3), rng.choice(values)())
+        for _ in range(300)
+    ]
+
+    def spilled(outputs: list) -> tuple[list, int]:
+        out: list = []
+        buffer = runs.SpillBuffer(
+            1 << 30,
+            lambda bucket, recs: out.append(
+                [(keys.decode_key(k), keys.decode_value(v)) for k, v in recs]
+            ),
+            lambda purpose, key, encoded: 0,
+            (lambda purpose: combine) if grouped else None,
+        )
+        buffer.extend(outputs)
+        size = buffer.size
+        buffer.flush()
+        return out, size
+
+    short = spilled(pairs)
+    assert short == spilled([("default", k, v) for k, v in pairs])
+    assert short[0] and short[1] > 0
