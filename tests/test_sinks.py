@@ -30,6 +30,7 @@ from remap.sinks import (
     lock_path,
     make_sink,
     staging_path,
+    take_output,
     to_jsonable,
 )
 
@@ -994,3 +995,19 @@ def test_make_sink_rejects_bad_settings(mode: str, kwargs: dict[str, Any], messa
     """Unknown modes and settings a mode cannot honour are ConfigErrors naming the problem."""
     with pytest.raises(ConfigError, match=message):
         make_sink(mode, **kwargs)
+
+
+def test_a_lock_file_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """Where the output's lock file should go stands a directory: the file output and a data
+    job's output are refused with one line naming the lock file and why."""
+    (tmp_path / ".r.jsonl.lock").mkdir()
+    with pytest.raises(ConfigError) as info:
+        make_sink("file", output=tmp_path / "r.jsonl")
+    assert str(info.value) == (
+        f"cannot create the lock file {tmp_path / '.r.jsonl.lock'} for output "
+        f"{tmp_path / 'r.jsonl'}: Is a directory"
+    )
+    (tmp_path / ".out.lock").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot create the lock file .*\.out\.lock for output"):
+        take_output(tmp_path / "out", "data job 1 (x)")
+    assert not (tmp_path / "out").exists()
