@@ -30,9 +30,7 @@ class Initializer:
     __slots__ = ("fn", "args", "token")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...] = (), token: str = "") -> None:
-        if not callable(fn):
-            raise TypeError("initializer must be a callable")
-        self.fn = fn
+        self.fn = fn  # callable: the Executor checked it before it connected
         self.args = tuple(args)
         self.token = token or uuid.uuid4().hex
 
