@@ -173,21 +173,93 @@ def pack_tree(entries: dict[str, bytes]) -> bytes:
 
 def unpack_tree(payload: bytes | memoryview, limit: int = MAX_BUNDLE) -> dict[str, bytes]:
     """A payload of :func:`pack_tree` back as a tree, every name checked (:func:`check_name`)
-    and its bytes at most ``limit``; ValueError (one line) if not."""
+    and its bytes at most ``limit``; ValueError (one line) if not.
+
+    Read by hand, not by ``msgpack.unpackb``: a tree is one map of text to bytes, and anything
+    else is refused at its first byte. msgpack builds whatever a payload declares (a list of
+    an array's declared length, maps in maps) before a check could look at it: 64 MiB of
+    nested arrays took 450 MiB to refuse, and a frame may be 256 MiB. Here the payload's size
+    is bounded first, and nothing is made but the entries themselves."""
     if not payload:
         return {}
-    import msgpack
-
-    try:
-        entries = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, max_map_len=MAX_ENTRIES + 1, use_list=False
+    view = memoryview(payload).cast("B")
+    most = limit + _MAP_HEAD + MAX_ENTRIES * (MAX_PATH + _STR_HEAD + _BIN_HEAD)
+    if len(view) > most:
+        raise ValueError(
+            f"the shipped files are {len(view):,} bytes packed, over {most:,} "
+            f"({limit:,} of files, {MAX_ENTRIES:,} names)"
         )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    try:
+        count, pos = _header(view, 0, _MAP)
+        if count > MAX_ENTRIES:
+            raise ValueError(f"the shipped files are {count:,} entries, over {MAX_ENTRIES:,}")
+        entries: dict[str, bytes] = {}
+        size = 0
+        for _ in range(count):
+            n, pos = _header(view, pos, _STR)
+            if n > MAX_PATH:
+                raise ValueError(f"a bundle entry's name is longer than {MAX_PATH} bytes")
+            name = str(view[pos : pos + n], "utf-8")
+            pos += n
+            check_name(name)
+            try:
+                n, pos = _header(view, pos, _BIN)
+            except _NotThat:
+                raise ValueError(f"bundle entry {name[:80]!r} is not bytes") from None
+            size += n
+            if size > limit:
+                raise ValueError(f"the shipped files add up to {size:,} bytes, over {limit:,}")
+            if name in entries:
+                raise ValueError(f"bundle entry {name[:200]!r} is named twice")
+            entries[name] = bytes(view[pos : pos + n])
+            pos += n
+    except (_NotThat, _Cut) as exc:
         raise ValueError(f"the shipped files are not a bundle tree: {exc}") from None
-    if type(entries) is not dict:
-        raise ValueError("the shipped files are not a bundle tree (a map of names to bytes)")
-    check_tree(entries, limit)
+    except UnicodeDecodeError:
+        raise ValueError("the shipped files are not a bundle tree: a name is not UTF-8") from None
+    if pos != len(view):
+        raise ValueError(
+            f"the shipped files are not a bundle tree: {len(view) - pos:,} bytes after its map"
+        )
     return entries
+
+
+class _NotThat(ValueError):
+    """A msgpack item that is not the kind a bundle tree has there."""
+
+
+class _Cut(ValueError):
+    """A msgpack item cut short by the payload's end."""
+
+
+#: msgpack headers a tree uses: (first byte of the fixed form, its mask), then the first bytes
+#: of the 1-, 2- and 4-byte length forms (None: no such form)
+_MAP = ("a map", (0x80, 0x0F), (None, 0xDE, 0xDF))
+_STR = ("a name", (0xA0, 0x1F), (0xD9, 0xDA, 0xDB))
+_BIN = ("bytes", None, (0xC4, 0xC5, 0xC6))
+_MAP_HEAD = _STR_HEAD = _BIN_HEAD = 5  # the longest header of each
+
+
+def _header(view: memoryview, pos: int, kind: tuple) -> tuple[int, int]:
+    """The length a msgpack header of ``kind`` at ``pos`` declares, and where its body starts;
+    _NotThat if the byte there is another kind, _Cut if the payload ends first."""
+    what, fixed, sized = kind
+    if pos >= len(view):
+        raise _Cut(f"it ends where {what} should be")
+    first = view[pos]
+    if fixed is not None and first & ~fixed[1] & 0xFF == fixed[0]:
+        n, pos = first & fixed[1], pos + 1
+    elif first in sized:
+        width = 1 << sized.index(first)
+        if pos + 1 + width > len(view):
+            raise _Cut(f"it ends inside the header of {what}")
+        n = int.from_bytes(view[pos + 1 : pos + 1 + width], "big")
+        pos += 1 + width
+    else:
+        raise _NotThat(f"byte {pos:,} (0x{first:02x}) is not {what}")
+    if what != "a map" and pos + n > len(view):
+        raise _Cut(f"{what} of {n:,} bytes runs past its end")
+    return n, pos
 
 
 def check_name(name: Any) -> str:

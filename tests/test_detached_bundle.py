@@ -110,6 +110,49 @@ def test_a_tree_over_its_limits_or_not_a_tree_is_refused(payload: bytes, why: st
         bundle.unpack_tree(payload, limit=10)
 
 
+@pytest.mark.parametrize("count", [1, 15, 16, 300])
+def test_every_length_form_msgpack_writes_reads_back(count: int) -> None:
+    """Names and bytes at the edges of msgpack's length forms (fix, 8, 16, 32 bits), in maps of
+    each form, come back as packed."""
+    sizes = [0, 31, 32, 255, 256, 65535, 65536]
+    entries = {
+        f"files/{i}-" + "n" * (sizes[i % 5] % 200): bytes([i % 251]) * sizes[i % len(sizes)]
+        for i in range(count)
+    }
+    entries["files/" + "L" * 300] = b"z"  # a name over 255 bytes: str16
+    assert bundle.unpack_tree(bundle.pack_tree(entries)) == entries
+
+
+def test_a_tree_is_refused_before_anything_it_declares_is_built() -> None:
+    """A hostile ``drive`` payload costs the server no more memory than its own bytes: nested
+    arrays declaring their whole payload's length each (msgpack built a list of each declared
+    length before refusing: 78 MiB for this 64 KiB), a map declaring 4 G entries, a payload
+    larger than any tree, a name twice, bytes after the map: each one line, at once."""
+    import struct
+    import tracemalloc
+
+    nested = b"\x81\xa7files/a" + (b"\xdd" + struct.pack(">I", 1 << 16)) * 2000
+    nested += b"\xc0" * ((1 << 16) - len(nested))
+    cases = [
+        (nested, "is not bytes"),
+        (b"\xdf\xff\xff\xff\xff", "entries, over 10,000"),
+        (b"\x81\xa1a" + b"\xc6" + struct.pack(">I", 1 << 30), "runs past its end"),
+        (b"\x82\xa8files/ab\xc4\x00\xa8files/ab\xc4\x00", "named twice"),
+        (msgpack.packb({"files/a": b"x"}) + b"\xc0", "1 bytes after its map"),
+    ]
+    for payload, why in cases:
+        tracemalloc.start()
+        with pytest.raises(ValueError, match=why) as caught:
+            bundle.unpack_tree(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 64 * 1024, (why, peak)
+        assert "\n" not in str(caught.value)
+    oversize = bytearray(bundle.MAX_BUNDLE + bundle.MAX_ENTRIES * 1100)
+    with pytest.raises(ValueError, match="bytes packed, over"):
+        bundle.unpack_tree(oversize)
+
+
 def test_write_tree_never_writes_through_a_link_or_over_a_file(tmp_path: Path) -> None:
     """A directory that holds a link where a tree's directory would go is refused, nothing
     written where the link points; a name given as a file and as a directory is refused."""
@@ -138,7 +181,17 @@ def test_write_tree_never_writes_through_a_link_or_over_a_file(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     "name",
-    ["notes.txt", "job.json", "owner", "modules", "files", "other/x.py", "../x.py", "/x.py"],
+    [
+        "notes.txt",
+        "job.json",
+        "owner",
+        "modules",
+        "files",
+        "other/x.py",
+        "../x.py",
+        "/x.py",
+        "x.py\n",
+    ],
 )
 def test_the_server_takes_the_jobs_module_at_the_top_and_the_rest_below_its_roots(
     name: str,
@@ -152,8 +205,9 @@ def test_the_server_takes_the_jobs_module_at_the_top_and_the_rest_below_its_root
 def test_the_older_files_field_still_ships_single_modules() -> None:
     """A console of before (``files``: NAME.py → text) is still understood."""
     assert shipped_tree({"wc.py": "X = 1\n"}, b"") == {"wc.py": b"X = 1\n"}
-    with pytest.raises(DriveError, match="expected NAME.py: text"):
-        shipped_tree({"../wc.py": "X"}, b"")
+    for name in ("../wc.py", "wc.py\n"):  # (a regex's "$" matched before a last newline)
+        with pytest.raises(DriveError, match="expected NAME.py: text"):
+            shipped_tree({name: "X"}, b"")
 
 
 class _Scheduler:

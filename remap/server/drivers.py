@@ -58,7 +58,7 @@ KILL_GRACE = 20.0
 MAX_LINE = 256 * 1024
 #: finished detached jobs remembered (for status and attach); the oldest are forgotten
 MAX_KEPT = 100
-_FILE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\.py$")
+_FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\.py")  # fullmatch: "$" takes "x.py\n"
 #: where the parts of a shipped tree may go: the job's module at the top, the rest below these
 _TREE_ROOTS = (bundle.TREE_MODULES, bundle.TREE_FILES)
 CHILD_MODULE = "remap.console.detached"
@@ -564,7 +564,7 @@ def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
         raise DriveError(str(exc)) from None
     size = 0
     for file_name, text in files.items():
-        if not isinstance(text, str) or not _FILE_NAME.match(str(file_name)):
+        if not isinstance(text, str) or not _FILE_NAME.fullmatch(str(file_name)):
             raise DriveError(f"shipped file {str(file_name)[:80]!r}: expected NAME.py: text")
         size += len(text.encode("utf-8"))
         entries.setdefault(file_name, text.encode("utf-8"))
@@ -572,7 +572,7 @@ def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
         raise DriveError(f"the shipped files exceed {MAX_FILES_BYTES // 1024 // 1024} MiB")
     for name in entries:
         top = name.split("/")[0]
-        if not (_FILE_NAME.match(name) or (top in _TREE_ROOTS and "/" in name)):
+        if not (_FILE_NAME.fullmatch(name) or (top in _TREE_ROOTS and "/" in name)):
             raise DriveError(
                 f"shipped file {name[:80]!r}: expected NAME.py, or a path under "
                 f"{' or '.join(r + '/' for r in _TREE_ROOTS)}"
