@@ -46,6 +46,30 @@ def test_a_lock_file_left_by_a_dead_server_does_not_block(tmp_path: Path) -> Non
     lock.release()
 
 
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_a_lock_file_planted_in_the_state_directory_is_refused_untouched(
+    tmp_path: Path, plant: str
+) -> None:
+    """``server.lock`` as a link to another file (a state directory others can write: /tmp),
+    or not a plain file, is one line naming it; the file it points at is not emptied (the lock
+    truncated it to the server's pid)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    lock = state / LOCK_NAME
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    elif plant == "hardlink":
+        os.link(victim, lock)
+    else:
+        os.mkfifo(lock)
+    with pytest.raises(ConfigError, match=f"{LOCK_NAME}: it is a symbolic link|not a plain") as e:
+        StateLock(state).acquire()
+    assert "\n" not in str(e.value)
+    assert victim.read_text() == "precious\n"
+
+
 @pytest.mark.slow
 def test_two_real_servers_on_one_state_directory(make_cluster, tmp_path: Path) -> None:
     """A second server given a running server's state directory exits at start with code 2

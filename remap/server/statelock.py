@@ -10,7 +10,9 @@ later server takes it over).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -37,13 +39,23 @@ class StateLock:
             return
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # not inheritable (PEP 446): a detached job's driver must not keep it after us
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            # not inheritable (PEP 446): a detached job's driver must not keep it after us;
+            # never through a link (the lock is truncated: a link planted in a shared state
+            # directory would have emptied the file it points at)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
             raise ConfigError(
                 f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): "
-                f"{exc.strerror or exc}"
+                f"{self.path}: {why}"
             ) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise ConfigError(
+                f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): "
+                f"{self.path} is not a plain file of its own (remove it)"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
