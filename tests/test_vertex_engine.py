@@ -52,6 +52,36 @@ def test_partition_of_is_stable_and_spreads():
     assert partition_of(("a", 1), 1) == 0
 
 
+def test_ids_equal_in_python_have_one_owner():
+    """1, True, 1.0, numpy.int64(1) and numpy.float64(1.0) are one key of a partition's dict,
+    so one partition owns them (and tuples of them), whatever the count."""
+    np = pytest.importorskip("numpy")
+    for count in (2, 3, 7, 64):
+        for same in ([5, 5.0, np.int64(5), np.int32(5), np.float64(5.0)], [1, True], [0, -0.0]):
+            assert len({partition_of(v, count) for v in same}) == 1, (same, count)
+        assert partition_of((np.int64(1), 2.0), count) == partition_of((1, 2), count)
+    assert partition_of(2.5, 3) == partition_of(2.5, 3)
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 5])
+def test_a_message_to_a_numpy_integer_id_reaches_that_vertex(partitions):
+    """A vertex sending to numpy.int64(t) (ids from an array) reaches vertex t: on several
+    partitions it went to the partition of repr(numpy.int64(t)) and made a second vertex
+    with value None there (compute then raised on it)."""
+    np = pytest.importorskip("numpy")
+
+    def compute(ctx, vid, value, messages):
+        if ctx.superstep == 0:
+            for t in ctx.targets:
+                ctx.send(np.int64(t), 1)
+            return value, True
+        return value + sum(messages), True
+
+    lines = [f"{i} {(i + 1) % 8}" for i in range(8)]
+    result = run_local(program(compute=compute), tagged(lines), partitions, 5)
+    assert sorted(sum(result.partitions, [])) == [f"{i}\t1" for i in range(8)]
+
+
 def test_message_sent_in_s_is_delivered_in_s_plus_1_and_wakes_a_halted_vertex():
     """Vertex 1 halts at once; a message vertex 0 sends in superstep 2 wakes it in 3 only."""
     seen = []

@@ -33,14 +33,42 @@ _by_tag = operator.itemgetter(0)  # records arrive as sorted runs: timsort merge
 
 
 def partition_of(vertex_id: Any, count: int) -> int:
-    """The partition owning ``vertex_id``: stable across processes and runs (not ``hash()``)."""
+    """The partition owning ``vertex_id``: stable across processes and runs (not ``hash()``).
+
+    Ids equal in Python are one vertex (a partition's dict holds them as one), so they must
+    have one owner: ``True``, ``1.0`` and ``numpy.int64(1)`` are owned as ``1`` is."""
     if count == 1:
         return 0
     if type(vertex_id) is int:
         return (((vertex_id * _MIX) & _MASK) >> 32) % count
     if type(vertex_id) is str:
         return zlib.crc32(vertex_id.encode("utf-8", "surrogatepass")) % count
+    vertex_id = _canonical(vertex_id)
+    if type(vertex_id) is int:
+        return (((vertex_id * _MIX) & _MASK) >> 32) % count
     return zlib.crc32(repr(vertex_id).encode("utf-8", "surrogatepass")) % count
+
+
+def _canonical(vertex_id: Any) -> Any:
+    """An id as the plain value it equals: a whole number (bool, integral float, numpy's
+    integers and floats) as an int, a tuple item by item; anything else as it is."""
+    kind = type(vertex_id)
+    if kind is tuple:
+        return tuple(map(_canonical, vertex_id))
+    if kind is str or kind is bytes:
+        return vertex_id
+    if hasattr(kind, "__index__"):  # bool, numpy.int64, ...
+        try:
+            return operator.index(vertex_id)
+        except TypeError:
+            return vertex_id
+    if isinstance(vertex_id, float) or hasattr(vertex_id, "is_integer"):
+        try:
+            if vertex_id == vertex_id and float(vertex_id).is_integer():  # not NaN
+                return int(vertex_id)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return vertex_id
 
 
 class VertexError(JobFailed):
