@@ -633,11 +633,13 @@ class ResultIterator(Iterator[Any]):
         remaining = None if deadline is None else deadline - time.monotonic()
         stream = self._stream
         try:
-            if remaining is not None and remaining <= 0:
-                raise queue.Empty
             try:
                 event = stream.events.get_nowait()
             except queue.Empty:
+                # past the deadline, what already arrived is still given (as the stdlib's map
+                # gives a future that is done): only an empty queue times out
+                if remaining is not None and remaining <= 0:
+                    raise
                 if stream.result_buffer:  # what it holds may wait for this one: let it go on
                     stream.waiting_for_results()
                 try:

@@ -355,6 +355,19 @@ def test_map_timeout_raises_timeout_error(executor: remap.Executor, tmp_path: Pa
         release.touch()
 
 
+def test_map_past_its_timeout_still_gives_the_results_that_arrived(
+    executor: remap.Executor,
+) -> None:
+    """A consumer that comes back after map's deadline gets every result that arrived before
+    it asks, as the stdlib's map gives a future that is done (result(negative) returns it);
+    remap raised TimeoutError at once and dropped them all (a late consumer of
+    map(square, range(100), timeout=1) read after 2 s: 0 results, the stdlib 100)."""
+    results = executor.map(square, range(50), timeout=60)
+    wait_for(lambda: results.finished, 30, "every result to arrive")
+    results._deadline = time.monotonic() - 1.0  # the caller comes back after the deadline
+    assert list(results) == [x * x for x in range(50)]
+
+
 def test_map_raises_remote_error_at_its_position(executor: remap.Executor) -> None:
     """Results before a failing call are yielded; the failure is raised at its place."""
     results = executor.map(raise_or_return, [1, 2, 0, 4])
