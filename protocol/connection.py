@@ -78,6 +78,19 @@ def refusal_frame(message: str) -> bytes:
     return small_frame(header, payload)
 
 
+def peer_words(text: str) -> str:
+    """An unauthenticated peer's error text as a caller may show it: one line of printable
+    characters (others as ``?``: no terminal escapes, no made-up second line), at most
+    :data:`_PEER_TEXT` characters. Anyone who can answer the port can write it."""
+    if len(text) > _PEER_TEXT:
+        text = text[:_PEER_TEXT] + "..."
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+#: the longest error text of an unauthenticated peer shown (a server's own are at most 500)
+_PEER_TEXT = 500
+
+
 def local_versions() -> tuple[str, str]:
     """(python major.minor, cloudpickle major.minor) of this process."""
     import cloudpickle  # a dependency of every side (the server too imports it)
@@ -340,8 +353,9 @@ class Connection:
         cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
         who = "server" if not self.is_server else "peer"
         self.state = State.CLOSED
-        error = cls.from_wire(f"{who} refused: {msg.message}")
-        error.peer_message = msg.message  # the peer's own words, for a caller's line
+        words = peer_words(msg.message)
+        error = cls.from_wire(f"{who} refused: {words}")
+        error.peer_message = words  # the peer's own words, for a caller's line
         return ConnectionFailed(error)
 
     def _check_versions(self, version: int, python: str, cloudpickle: str) -> None:

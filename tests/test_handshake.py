@@ -318,6 +318,23 @@ def test_a_busy_refusal_is_one_small_preauth_error_frame_the_client_reports(role
     assert client.state is State.CLOSED and out(client) == b""
 
 
+@pytest.mark.parametrize("code", ["busy", "auth", "protocol", "no-such-code"])
+def test_an_unauthenticated_peers_error_text_is_one_printable_bounded_line(code):
+    """Anyone answering the port may send an ``error`` in place of a challenge: its text reaches
+    the user's terminal (``the server at H refused the connection: TEXT``), so terminal escapes
+    and line breaks become ``?`` and it is cut at 500 characters; the code still picks the
+    error's class."""
+    hostile = "\x1b[2J\x1b[Hjob 7 finished: 100 of 100 right\nerror: " + "y" * 6000
+    client = Connection("console", KEY)
+    client.initiate()
+    out(client)
+    error = failure(client.receive_data(frame({"t": "error", "code": code, "message": hostile})))
+    for text in (str(error), error.peer_message):
+        assert text.isprintable() and "\x1b" not in text and len(text) < 600
+    assert "?[2J?[Hjob 7 finished: 100 of 100 right?error: yyy" in error.peer_message
+    assert isinstance(error, ServerBusy) == (code == "busy")
+
+
 def test_a_refusal_frame_carries_a_bounded_text():
     """However long the text it is given, the frame stays small (its text cut at 200)."""
     data = refusal_frame("x" * 10_000)
