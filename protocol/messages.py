@@ -179,6 +179,9 @@ _CHANNELS: dict[str, dict[str, tuple[type[Message], Any, dict[tuple[str, ...], A
 #: shapes of one message type's header learned at most (a peer may send any order of keys)
 SHAPES = 8
 _unpackb = msgpack.unpackb
+#: what a header may declare before authentication (the handshake's maps have at most 8 keys
+#: and no arrays: a little room, so a later message sent early is named as such)
+_PREAUTH_LIMITS = {"max_array_len": 64, "max_map_len": 64, "max_ext_len": 0}
 _THREAD = threading.local()  # a msgpack Packer per thread: building one per message costs more
 
 
@@ -377,7 +380,10 @@ def decode(
     try:
         # msgpack's defaults (>= 1.0): str as str, str keys only, arrays as lists; given as
         # keywords they cost a keyword parse per message
-        data = _unpackb(header)
+        # before authentication: one small map (no handshake message has more), so that
+        # nested arrays declaring the header's length are refused before msgpack builds them
+        # (8 KiB of them cost 64 MiB and 79 ms, from anyone who can reach the port)
+        data = _unpackb(header, **_PREAUTH_LIMITS) if preauth else _unpackb(header)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     if type(data) is not dict:

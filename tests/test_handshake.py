@@ -335,6 +335,29 @@ def test_an_unauthenticated_peers_error_text_is_one_printable_bounded_line(code)
     assert isinstance(error, ServerBusy) == (code == "busy")
 
 
+@pytest.mark.parametrize("role", ["server", "console"])
+def test_a_preauth_header_cannot_make_either_side_build_what_it_declares(role):
+    """Before authentication a header is one small flat map: 8 KiB of nested msgpack arrays,
+    each declaring the header's length, are refused without building them (msgpack made a
+    list of each declared length first: 64 MiB and ~80 ms per frame from anyone who can
+    reach the port), as is a map declaring 4 G keys."""
+    import tracemalloc
+
+    size = PREAUTH_MAX_FRAME - 16
+    nested = (b"\xdd" + struct.pack(">I", size)) * 1600
+    for header in (nested + b"\xc0" * (size - len(nested)), b"\xdf\xff\xff\xff\xff"):
+        conn = Connection(role, KEY)
+        if role != "server":
+            conn.initiate()
+            out(conn)
+        tracemalloc.start()
+        error = failure(conn.receive_data(b"".join(bytes(p) for p in encode_frame(header))))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert isinstance(error, RemoteProtocolError), error
+        assert peak < 1 << 20, peak
+
+
 def test_a_refusal_frame_carries_a_bounded_text():
     """However long the text it is given, the frame stays small (its text cut at 200)."""
     data = refusal_frame("x" * 10_000)
