@@ -23,6 +23,7 @@ import importlib.util
 import os
 import pickle
 import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -332,12 +333,35 @@ def job_path(node_pid: int, job: int) -> Path:
     return node_dir(node_pid) / f"job-{job}"
 
 
+def node_root(node_pid: int, create: bool = False) -> Path | None:
+    """This node's directory if it is this user's own and no one else may write it (made here,
+    0700, with ``create``); None if it does not exist. Its name in a shared temporary directory
+    can be guessed: another user could make it first (or a link by that name) and put a job's
+    directory in it, whose modules a core would import. ValueError (one line) for that."""
+    path = node_dir(node_pid)
+    if create:
+        try:
+            path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ValueError(
+            f"the node's job directory {path} is not its own (a link, another user's, or "
+            "writable by others): remove it and restart the node"
+        )
+    return path
+
+
 def install(job: int, modules: dict[str, bytes], files: dict[str, bytes]) -> Path:
     """Write the bundle into this node's directory for ``job`` (once: the first core wins the
     rename) and put its modules first on ``sys.path``."""
+    node_root(os.getppid(), create=True)  # (raises if someone else made it)
     final = job_path(os.getppid(), job)
     if not final.is_dir():
-        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=".staging-"))
         entries = {f"{MODULES_DIR}/{k}": v for k, v in modules.items()}
         entries.update(files)
@@ -388,8 +412,12 @@ def enter(path: Path | None) -> None:
 
 def enter_job(job: int) -> None:
     """In a core, before a batch of ``job``: its directory, if it shipped a bundle."""
+    try:
+        ours = node_root(os.getppid()) is not None
+    except ValueError:  # not the node's own: nothing in it is the job's
+        ours = False
     path = job_path(os.getppid(), job)
-    enter(path if path.is_dir() else None)
+    enter(path if ours and path.is_dir() else None)
 
 
 def job_dir() -> Path:

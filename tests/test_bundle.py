@@ -142,6 +142,45 @@ def test_unwrap_installs_once_and_the_function_finds_its_modules(
         os.environ.pop(bundle.ENV, None)
 
 
+@pytest.mark.parametrize("plant", ["world-writable", "link", "another user's"])
+def test_a_node_directory_someone_else_made_first_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
+    """The node's directory has a name anyone can guess (``remap-node-PID`` in the temporary
+    directory). Made first by someone else, holding a job's directory with a module of theirs,
+    it is refused with one line: the core neither imports their module nor names their files
+    as the job's (it did both: the job's directory was there, so nothing was written)."""
+    if plant == "another user's" and os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(bundle.tempfile, "gettempdir", lambda: str(tmp))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv(bundle.ENV, raising=False)
+    theirs = tmp_path / "theirs" if plant == "link" else bundle.node_dir(os.getppid())
+    planted = theirs / "job-7" / bundle.MODULES_DIR
+    planted.mkdir(parents=True)
+    (planted / "planted_mod_q.py").write_text("VALUE = 'theirs'\n")
+    (theirs / "job-7" / "d.txt").write_text("theirs")
+    if plant == "link":
+        bundle.node_dir(os.getppid()).symlink_to(theirs)
+    else:
+        theirs.chmod(0o777)
+        if plant == "another user's":
+            theirs.chmod(0o700)
+            os.chown(theirs, 65534, 65534)
+    ours = bundle.Bundle({"planted_mod_q.py": b"VALUE = 'ours'\n"}, {"d.txt": b"ours"})
+    try:
+        with pytest.raises(ValueError, match="is not its own") as refused:
+            bundle.unwrap(bundle.wrap(pickle.dumps(1), ours), 7)
+        assert "\n" not in str(refused.value)
+        bundle.enter_job(7)
+        assert bundle.job_dir() == Path(".") and "planted_mod_q" not in sys.modules
+    finally:
+        sys.modules.pop("planted_mod_q", None)
+        os.environ.pop(bundle.ENV, None)
+
+
 # ============================================================================ requires
 
 
