@@ -347,6 +347,28 @@ def test_a_file_shorter_than_its_split_is_an_error_not_an_endless_loop(
     ]
 
 
+def test_a_gzip_file_is_one_split_read_decompressed(tmp_path: Path, monkeypatch) -> None:
+    """A .gz input is never cut (a split of it could not start mid-stream), nor its last
+    wave halved; its lines are the decompressed file's, line numbers count them. It was read
+    as raw compressed bytes: garbage lines, and an OK job."""
+    import gzip
+
+    text = b"a b\r\nc a\n\xff x\n" * 5000 + b"last"
+    plain = _write(tmp_path / "p.txt", text)
+    packed = _write(tmp_path / "p.txt.gz", gzip.compress(text))
+    want = [line for s in inputs.make_splits([plain], 1000, splittable=True)
+            for _, line in inputs.read_lines(s)]  # fmt: skip
+    (split,) = inputs.make_splits([packed], 100, splittable=True)
+    assert (split.start, split.end) == (0, packed.stat().st_size)
+    monkeypatch.setattr(inputs, "TAIL_MIN_BYTES", 10)
+    assert inputs.finer_tail([split], 1) == [split]
+    for block in (7, 1 << 20):
+        got = [line for _, lines in inputs.read_line_blocks(split, block) for line in lines]
+        assert got == want
+    assert [line for _, line in inputs.read_lines(split)] == want
+    assert inputs.line_number(str(packed), len(b"a b\r\nc a\n")) == 3
+
+
 def test_pairs_without_combine_keep_emission_order_with_mixed_keys() -> None:
     """Without a combiner pairs are sorted stably at the spill: text, number, tuple and None
     keys come out in encoded order, each key's values in the order they were emitted."""

@@ -1,7 +1,7 @@
 """Data jobs' map and reduce tasks in-process against a plain-Python reference, on random
 inputs: keys of every kind (unicode, empty, NUL, lone surrogates from invalid UTF-8, very long,
 numbers, bytes, tuples, pickled objects), a hot key on every line, empty files, files without a
-trailing newline, CRLF, binary lines; random split, spill (down to one byte: a spill per
+trailing newline, CRLF, binary lines, gzip-compressed files; random split, spill (down to one byte: a spill per
 record), fan-in, reducer counts, combiners and a partitioner sending every key to one reducer.
 
 The reference reads the files with ``bytes.split`` (not remap's reader), groups by ``==`` of
@@ -10,6 +10,7 @@ included, with every value in input order (without a combiner)."""
 
 from __future__ import annotations
 
+import gzip
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -124,6 +125,9 @@ def _run(tmp_path: Path, seed: int) -> None:
         if data and rng.random() < 0.5:
             data += sep
         path = tmp_path / "in" / f"f{i}"
+        if rng.random() < 0.3:  # read decompressed, whole
+            path = path.with_name(f"f{i}.gz")
+            data = gzip.compress(data)
         path.write_bytes(data)
         files.append(path)
     reducers = rng.choice([1, 2, 3, 7])
@@ -164,7 +168,8 @@ def _run(tmp_path: Path, seed: int) -> None:
 
     groups: dict[bytes, tuple[Any, list[Any]]] = {}
     for path in files:
-        for line in _reference_lines(path.read_bytes()):
+        raw = path.read_bytes()
+        for line in _reference_lines(gzip.decompress(raw) if path.suffix == ".gz" else raw):
             for key, value in _job_map(line):
                 groups.setdefault(encode_key(key), (key, []))[1].append(value)
     want: dict[int, list[tuple[str, list[Any]]]] = defaultdict(list)

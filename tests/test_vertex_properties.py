@@ -3,10 +3,11 @@ partitions, no combiner, no files): the workers in threads with 1-3 workers, 1-5
 checkpoints, a min combiner by name or as a function, aggregators read back by every vertex;
 ids of mixed types, messages to vertices no line declared (they are created), halted
 vertices woken by a message, blank and comment lines, CRLF files, a file without its last
-newline."""
+newline, a gzip-compressed file."""
 
 from __future__ import annotations
 
+import gzip
 import random
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,11 @@ def test_random_graphs_equal_a_plain_pregel(tmp_path: Path, seed: int, monkeypat
     (tmp_path / "in").mkdir()
     cut = rng.randrange(len(lines) + 1)
     (tmp_path / "in" / "a.txt").write_text("\n".join(lines[:cut]) + rng.choice(["", "\n"]))
-    (tmp_path / "in" / "b.txt").write_bytes("\r\n".join(lines[cut:]).encode())
+    second = "\r\n".join(lines[cut:]).encode()
+    if rng.random() < 0.3:  # read decompressed, by one worker
+        (tmp_path / "in" / "b.txt.gz").write_bytes(gzip.compress(second))
+    else:
+        (tmp_path / "in" / "b.txt").write_bytes(second)
     # ids are not all numbers here: keep the output's ids as text
     monkeypatch.setattr(driver_tests, "parse_output", lambda out: dict(x.split("\t") for x in out))
     got, result, _ = driver_tests.run_threads(

@@ -8,8 +8,10 @@ it starts in, and every line is read exactly once whatever the split size.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +187,7 @@ def make_splits(files: Iterable[Path | str], split_bytes: int, *, splittable: bo
         size = os.path.getsize(path)
         if size == 0:
             continue
-        if not splittable:
+        if not splittable or compressed(path):  # a .gz file is read from its start only
             splits.append(Split(len(splits), str(path), 0, size))
             continue
         count = max(1, -(-size // split_bytes))
@@ -211,7 +213,7 @@ def finer_tail(splits: list[Split], cores: int) -> list[Split]:
         return splits
     ranges = [(s.path, s.start, s.end) for s in splits[:-cores]]
     for s in splits[-cores:]:
-        if s.size >= 2 * TAIL_MIN_BYTES:
+        if s.size >= 2 * TAIL_MIN_BYTES and not compressed(s.path):
             middle = s.start + s.size // 2
             ranges += [(s.path, s.start, middle), (s.path, middle, s.end)]
         else:
@@ -219,17 +221,34 @@ def finer_tail(splits: list[Split], cores: int) -> list[Split]:
     return [Split(index, path, start, end) for index, (path, start, end) in enumerate(ranges)]
 
 
+#: input files decompressed as they are read (by name, as Hadoop does): never split
+COMPRESSED_SUFFIXES = (".gz",)
+
+
+def compressed(path: str | os.PathLike[str]) -> bool:
+    """Whether an input file is gzip-compressed: its split is the whole file, read through
+    ``gzip`` (offsets and line numbers count decompressed bytes)."""
+    return os.fspath(path).endswith(COMPRESSED_SUFFIXES)
+
+
+def _open(split: Split) -> tuple[Any, int]:
+    """The split's file, opened for reading its bytes, and the offset its lines stop at."""
+    if compressed(split.path):
+        return gzip.open(split.path, "rb"), (sys.maxsize if split.start == 0 else 0)
+    return open(split.path, "rb"), split.end
+
+
 def read_lines(split: Split) -> Iterator[tuple[int, str]]:
     """``(offset, line)`` for every line starting in the split, without its line ending.
 
     Bytes that are not UTF-8 survive as surrogate escapes (written back unchanged by the
     default writer)."""
-    with open(split.path, "rb") as handle:
+    handle, end = _open(split)
+    with handle:
         pos = split.start
-        if pos > 0:
+        if pos > 0 and end > pos:
             handle.seek(pos - 1)
             pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
-        end = split.end
         for raw in handle:
             if pos >= end:
                 break
@@ -247,16 +266,18 @@ LINE_BLOCK = 1 << 20
 def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[int, list[str]]]:
     """``(offset, lines)``: the split's lines (as :func:`read_lines`) a block at a time, with
     the byte offset of each block's first line; decoded and cut in C, not line by line."""
-    with open(split.path, "rb") as handle:
+    handle, end = _open(split)
+    with handle:
         pos = split.start
-        if pos > 0:
+        if pos > 0 and end > pos:
             handle.seek(pos - 1)
             pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
-        end = split.end
         buf = b""
         while pos < end:
             chunk = handle.read(block)
-            if not chunk and pos + len(buf) < end:  # else: read for ever, finding nothing
+            if not chunk and not buf and end == sys.maxsize:
+                return  # the end of a compressed file
+            if not chunk and pos + len(buf) < end and end != sys.maxsize:  # else: endless
                 size = os.fstat(handle.fileno()).st_size
                 raise InputChanged(
                     f"input {split.path} is {size} bytes long, but was {end} or more when "
@@ -295,7 +316,7 @@ def read_custom(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterato
 def line_number(path: str, offset: int) -> int:
     """The 1-based line that starts at byte ``offset`` (counted only when an error needs it)."""
     lines = 1
-    with open(path, "rb") as handle:
+    with gzip.open(path, "rb") if compressed(path) else open(path, "rb") as handle:
         remaining = offset
         while remaining > 0:
             block = handle.read(min(_COUNT_BLOCK, remaining))

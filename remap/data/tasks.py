@@ -303,7 +303,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
             where = functools.partial(_batch_where, s, offset, records, custom)
             feed(outputs, where, "map_batch")
             records_in += len(records)
-            progress.update(bytes_read=offset - s.start, records_in=records_in)
+            progress.update(bytes_read=min(offset - s.start, s.size), records_in=records_in)
     else:
         for offset, records in blocks:
             for index, record in enumerate(records):
@@ -324,7 +324,7 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
                 if buffer.size >= spill_bytes:
                     buffer.relieve()
             records_in += len(records)
-            progress.update(bytes_read=offset - s.start, records_in=records_in)
+            progress.update(bytes_read=min(offset - s.start, s.size), records_in=records_in)
     if fns.map_final is not None:
         feed(_hook(fns.map_final, "map_final"), lambda: "map_final", "map_final")
     buffer.flush()

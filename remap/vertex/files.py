@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..data.inputs import Split, read_line_blocks
+from ..data.inputs import Split, compressed, read_line_blocks
 from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, tmp_path, write_atomic
 
 PICKLE_PROTOCOL = 5
@@ -141,6 +141,12 @@ def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, in
     out: list[list[tuple[int, str, int, int]]] = [[] for _ in range(pieces)]
     pos = 0  # global byte position
     for i, (path, size) in enumerate(zip(paths, sizes)):
+        if compressed(path):  # read whole, by the piece its first byte falls in
+            if size:
+                piece = min(pieces - 1, pos * pieces // max(total, 1))
+                out[piece].append((i, str(path), 0, size))
+            pos += size
+            continue
         start = 0
         while start < size:
             piece = min(pieces - 1, (pos + start) * pieces // max(total, 1))
