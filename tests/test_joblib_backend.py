@@ -234,3 +234,21 @@ def test_the_shared_connections_are_closed_at_exit() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout == "closed\n", done.stderr[-2000:]
+
+
+def test_recursive_nested_parallel_raises_recursion_error(embedded: remap.Cluster) -> None:
+    """joblib's recursive nested Parallel (its test_thread_bomb_mitigation) raises
+    RecursionError through the backend. That exception cannot be pickled while it holds its
+    traceback (pickling overflows): the core drops the traceback, whose text travels anyway,
+    and ships it; it came back as a RemoteTaskError naming RecursionError."""
+    from remap.node.core import _exception_blob
+
+    nested = pytest.importorskip("joblib.test.test_parallel")
+    try:
+        nested._recursive_parallel()
+    except RecursionError as exc:
+        error = exc
+    assert _exception_blob(error), "the core would not ship this RecursionError"
+    with joblib.parallel_config("remap", cluster=embedded, n_jobs=2):
+        with pytest.raises(RecursionError):
+            nested._recursive_parallel()

@@ -105,12 +105,18 @@ def _error_entry(pos: int, exc: BaseException) -> list[Any]:
 
 
 def _exception_blob(exc: BaseException) -> bytes:
-    try:
-        blob = dumps(exc)  # cloudpickle for exception classes defined in the job's own code
-        pickle.loads(blob)  # only ship what the other side can rebuild
-        return blob
-    except Exception:
-        return b""
+    for _ in range(2):
+        try:
+            blob = dumps(exc)  # cloudpickle for exception classes defined in the job's own code
+            pickle.loads(blob)  # only ship what the other side can rebuild
+            return blob
+        except Exception:
+            if exc.__traceback__ is None:
+                return b""
+            # its text is in the error entry already; the frames it holds made pickling the
+            # exception itself overflow (a RecursionError from joblib's nested Parallel)
+            exc.__traceback__ = None
+    return b""
 
 
 def _short_repr(value: Any) -> str:
