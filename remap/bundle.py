@@ -43,6 +43,8 @@ ENV = "REMAP_JOB_DIR"
 MAX_ENTRIES = 10_000
 MAX_PATH = 1024
 MAX_DEPTH = 32
+#: directories one tree may make (a small payload of deep distinct paths made 300,000)
+MAX_DIRS = 10_000
 #: where a detached job's tree keeps its modules and its files (under the driver's directory)
 TREE_MODULES = "modules"
 TREE_FILES = "files"
@@ -222,7 +224,20 @@ def unpack_tree(payload: bytes | memoryview, limit: int = MAX_BUNDLE) -> dict[st
         raise ValueError(
             f"the shipped files are not a bundle tree: {len(view) - pos:,} bytes after its map"
         )
+    _check_dirs(entries)
     return entries
+
+
+def _check_dirs(entries: dict[str, Any]) -> None:
+    """At most :data:`MAX_DIRS` directories for a tree's names; ValueError if more."""
+    dirs: set[str] = set()
+    for name in entries:
+        end = name.rfind("/")
+        while end > 0 and name[:end] not in dirs:
+            dirs.add(name[:end])
+            end = name.rfind("/", 0, end)
+        if len(dirs) > MAX_DIRS:
+            raise ValueError(f"the shipped files are in over {MAX_DIRS:,} directories")
 
 
 class _NotThat(ValueError):
@@ -290,6 +305,7 @@ def check_tree(entries: dict[Any, Any], limit: int = MAX_BUNDLE) -> int:
         size += len(data)
     if size > limit:
         raise ValueError(f"the shipped files add up to {size:,} bytes, over {limit:,}")
+    _check_dirs(entries)
     return size
 
 
