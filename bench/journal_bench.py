@@ -2,16 +2,27 @@
 
     python bench/journal_bench.py [--rounds 3] [--trivial 200000] [--mib 64]
 
-Each round starts ``remap-procs`` (a server process and a node process of 2 cores, the console
-client in this process) with ``REMAP_JOURNAL`` on, then off, and runs on each: ``trivial``
-(``x + 1`` over N integers) and ``mib`` (64 distinct 1 MiB arguments, each returning a new
-1 MiB result), each attached (the console collects the results: the journal records the submit
-and the end) and detached (the journal also records every argument, every outcome and every
-result message, which is what a restarted server resumes from). Detached results are checked
-by attaching afterwards (not timed).
+Each round starts ``remap-procs`` (a server process and a node process of 2 cores, the client
+in this process) with ``REMAP_JOURNAL`` on, then off, and runs on each: ``trivial`` (``x + 1``
+over N integers) and ``mib`` (64 distinct 1 MiB arguments, each returning a new 1 MiB result),
+each attached and detached:
 
+- attached: ``remap.connect(address, secret=...).map(fn, args)``, as a user calls it; the
+  journal records the submit and the end.
+- detached: what ``compute JOB.yaml --detach`` then ``attach JOB_ID`` do, on a console
+  connection in this process: a ``JobStream`` submitted with ``detach``, its arguments put
+  (``put_many``), left once they are all on the server (``detach()``), then a second
+  ``JobStream`` attached to the job collects every result. The journal also records every
+  argument, every outcome and every result message (what a restarted server resumes from).
+  The console itself is not run: the Python API has no detached function job, and the
+  console's job file would add a process start and reading arguments from text to what is
+  measured (nor could it carry 1 MiB ``bytes`` arguments); its ``Session.start_job`` and
+  ``Session.attach`` drive these same two streams.
+
+Each timed region runs from the submit to the last result in hand, results checked after.
 Figures: the server process's CPU µs per task (psutil; what the journal adds is spent there)
-and the whole tree's (console, server, node, cores), medians over rounds, with the load average.
+and the whole tree's (this process, server, node, cores; each process counted once), medians
+over rounds, with the load average.
 """
 
 from __future__ import annotations
@@ -28,74 +39,116 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workloads as w  # noqa: E402
-from bench.systems import BenchError, RemapSystem  # noqa: E402
+from bench.systems import BenchError, RemapApiSystem  # noqa: E402
+
+TIMEOUT = 3600.0
 
 
-def _cpu(pids: list[int]) -> float:
+def _cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and every process under it, each counted once."""
     import psutil
 
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
     total = 0.0
-    for pid in pids:
+    for proc in procs:
         try:
-            proc = psutil.Process(pid)
-            times = [proc.cpu_times()]
-            for child in proc.children(recursive=True):
-                try:
-                    times.append(child.cpu_times())
-                except psutil.NoSuchProcess:
-                    pass
+            times = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += sum(t.user + t.system for t in times)
+        total += times.user + times.system
     return total
 
 
-def _run(system: RemapSystem, fn: Any, args: list[Any], detach: bool) -> Any:
-    """One job; returns the outcome (attached: the results; detached: the job id)."""
-    from protocol.options import JobOptions
-    from remap.client import JobRun
-    from remap.sinks import make_sink
+class JournalBench:
+    """A server and node (journal on or off), a ``remap.connect`` handle for attached jobs and
+    a console connection for detached ones."""
 
-    sink = make_sink("object")
-    run = JobRun(
-        JobOptions(name="journal-bench", detach=detach),
-        system._blob(fn, None),
-        iter(args),
-        sink,
-        total_hint=len(args),
-    )
-    outcome = system.runtime.run(system.client.submit, run, timeout=3600)
-    if outcome.state != "done" or outcome.failed:
-        raise BenchError(f"job ended {outcome.state}: {outcome.message}")
-    return outcome.job if detach else sink.value()
+    def __init__(self, workdir: Path, journal: bool) -> None:
+        self.system = RemapApiSystem("procs", workdir, journal=journal)
+        self.console: Any = None
+
+    def start(self) -> None:
+        from remap import runtime
+        from remap.dial import connect_console
+        from remap.settings import load_settings
+
+        self.system.start()
+        self.settings = load_settings({}, environ={}, dotenv_path=None)
+        self.console = runtime.run(
+            connect_console,
+            runtime.ensure_running(),
+            self.settings,
+            self.system.address,
+            secret=self.system.secret.encode(),
+            timeout=30,
+        )
+
+    def close(self) -> None:
+        from remap import runtime
+
+        try:
+            if self.console is not None and self.console.link is not None:
+                runtime.run(self.console.link.close, timeout=5)
+        finally:
+            self.system.close()
+
+    def attached(self, fn: Any, args: list[Any]) -> list[Any]:
+        return self.system.api.map(fn, args)
+
+    def detached(self, fn: Any, args: list[Any]) -> list[Any]:
+        """``compute --detach`` (submit, all arguments on the server, leave), then ``attach``."""
+        from protocol.options import JobOptions
+        from remap import runtime
+        from remap.blobs import dumps
+        from remap.client import JobStream
+        from remap.sinks import make_sink
+
+        until = time.monotonic() + TIMEOUT
+        call_soon = runtime.reactor().callFromThread
+        run = JobStream(
+            self.system._blob(fn, None),
+            JobOptions(name="journal-bench", detach=True),
+            call_soon=call_soon,
+            total_hint=len(args),
+            runs=True,
+        ).start(self.console)
+        run.put_many([dumps(a) for a in args])
+        run.close_input()
+        while run.session.job_id is None or not run.session.exhausted:
+            if run.finished.wait(0.01):
+                break
+            if time.monotonic() > until:
+                raise BenchError("the detached job's arguments did not all reach the server")
+        if run.error is not None:
+            raise BenchError(f"detached submit failed: {run.error}")
+        job = run.job_id
+        run.detach()
+        sink = make_sink("object")
+        attach = JobStream(
+            b"", JobOptions(), call_soon=call_soon, result_buffer=self.settings.result_buffer
+        ).attach(self.console, job)
+        outcome = attach.collect(sink, until=until)
+        if outcome.state != "done" or outcome.failed:
+            raise BenchError(f"job {job} ended {outcome.state}: {outcome.message}")
+        return sink.value()
 
 
-def _attached_results(system: RemapSystem, job: int) -> list[Any]:
-    from protocol.options import JobOptions
-    from remap.client import JobRun
-    from remap.sinks import make_sink
-
-    sink = make_sink("object")
-    run = JobRun(JobOptions(), b"", iter(()), sink)
-    system.runtime.run(system.client.attach, job, run, timeout=600)
-    return sink.value()
-
-
-def measure(system: RemapSystem, name: str, fn: Any, args: list[Any], expected: list[Any]) -> dict:
+def measure(bench: JournalBench, name: str, fn: Any, args: list[Any], expected: list[Any]) -> dict:
     figures = {}
-    server = [system.server_pid()]
-    tree = [os.getpid(), *server, system.procs["node"].pid]
-    for detach in (False, True):
-        server0, tree0, wall0 = _cpu(server), _cpu(tree), time.perf_counter()
-        got = _run(system, fn, args, detach)
+    server = bench.system.server_pid()
+    for mode, run in (("attached", bench.attached), ("detached", bench.detached)):
+        server0, tree0, wall0 = _cpu(server), _cpu(os.getpid()), time.perf_counter()
+        got = run(fn, args)
         wall = time.perf_counter() - wall0
-        server_cpu, tree_cpu = _cpu(server) - server0, _cpu(tree) - tree0
-        if detach:
-            got = _attached_results(system, got)
+        server_cpu, tree_cpu = _cpu(server) - server0, _cpu(os.getpid()) - tree0
         if got != expected:
-            raise BenchError(f"WRONG RESULT: {name} detach={detach}")
+            raise BenchError(f"WRONG RESULT: {name} {mode}")
         n = len(args)
-        figures["detached" if detach else "attached"] = {
+        figures[mode] = {
             "server_us": server_cpu / n * 1e6,
             "tree_us": tree_cpu / n * 1e6,
             "per_s": n / wall,
@@ -120,15 +173,15 @@ def main() -> int:
     for _ in range(opts.rounds):
         for journal in (True, False):
             with tempfile.TemporaryDirectory(prefix="journal-bench-") as tmp:
-                system = RemapSystem("procs", Path(tmp), journal=journal)
+                bench = JournalBench(Path(tmp), journal)
                 try:
-                    system.start()
+                    bench.start()
                     for name, fn, args, expected in workloads:
-                        for mode, fig in measure(system, name, fn, args, expected).items():
+                        for mode, fig in measure(bench, name, fn, args, expected).items():
                             key = (name, mode, "on" if journal else "off")
                             results.setdefault(key, []).append(fig)
                 finally:
-                    system.close()
+                    bench.close()
             loads.append(os.getloadavg()[0])
     print(
         f"journal on vs off, {opts.rounds} round(s), medians; load average (1 min) during the "

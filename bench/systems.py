@@ -300,9 +300,9 @@ class RemapApiSystem(RemapSystem):
     server and node in this process; ``procs``: the server and node processes of
     :class:`RemapSystem`), ``Cluster.map``, ``Cluster.reduce`` and ``Cluster.submit``."""
 
-    def __init__(self, kind: str, workdir: Path, workers: int = 2) -> None:
-        super().__init__(kind, workdir, workers)
-        self.name = f"api-{kind}"
+    def __init__(self, kind: str, workdir: Path, workers: int = 2, journal: bool = True) -> None:
+        super().__init__(kind, workdir, workers, journal)
+        self.name = f"api-{kind}" + ("" if journal else "-nojournal")
         self.api: Any = None
 
     def start(self) -> None:
@@ -313,9 +313,9 @@ class RemapApiSystem(RemapSystem):
         if self.kind == "embedded":
             self.api = remap.connect(cores=self.workers, settings=settings, task_output=False)
         else:
-            address = self._spawn_processes()
+            self.address = self._spawn_processes()
             self.api = remap.connect(
-                address, secret=self.secret, settings=settings, task_output=False
+                self.address, secret=self.secret, settings=settings, task_output=False
             )
         wait_for(self._node_ready, 30, f"{self.name}: a node with {self.workers} cores")
         self.warm()
