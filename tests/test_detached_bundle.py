@@ -11,6 +11,7 @@ HTTP job view shows.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -511,3 +512,42 @@ def test_the_python_apis_detach_ships_the_handles_modules_and_files(tmp_path: Pa
         "modules/apkg/sub/low.py",
         "wcapi.py",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["json.py", "heapq.py"])
+def test_a_job_module_named_as_a_standard_module_does_not_replace_it_in_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    """The driver runs in the job's directory, where the job's module is NAME.py: ``python -m``
+    put that directory first on sys.path, so a job module named ``json.py`` (or ``heapq.py``,
+    ``queue.py`` ...) was imported by the driver in place of the standard one (it stopped
+    with that module's own exit, never saying how the job ended). Started as the server starts
+    it, the driver now loads the job's module only as the job's, and reports its end."""
+    import subprocess
+    import sys
+
+    spawned: list[tuple[list[str], dict[str, str], str]] = []
+    drivers, _ = _drivers(tmp_path, monkeypatch)
+    monkeypatch.setattr(drivers, "_spawn", Drivers._spawn.__get__(drivers))  # the real one
+    monkeypatch.setattr(
+        drivers_mod,
+        "spawn_console_child",
+        lambda reactor, proto, args, child_env, path, **env: spawned.append((args, env, path)),
+    )
+    text = 'raise SystemExit("the job module replaced the standard one")\n'
+    job = json.dumps({"kind": "mapreduce", "module": module, "input": ["/in"], "output": "/out"})
+    started = drivers.start(
+        "mapreduce", "wc", job, {}, "", bundle.pack_tree({module: text.encode()})
+    )
+    driven = started.result
+    ((args, env, path),) = spawned
+    assert path == str(driven.directory)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+    done = subprocess.run(
+        [sys.executable, *args], env={**full, **env}, cwd=path, capture_output=True, timeout=120
+    )
+    assert b"replaced the standard one" not in done.stderr.split(b"error while importing")[0]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events and events[-1]["event"] == "end" and events[-1]["state"] == "failed"
+    assert "error while importing" in events[-1]["message"], events[-1]

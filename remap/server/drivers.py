@@ -434,6 +434,9 @@ class Drivers:
             str(job.directory),
             REMAP_DATA_DIR=str(self.data_dir),
             PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+            # not the job's directory first on sys.path (``-m`` puts the current one there): a
+            # job module named json.py would replace the standard json in the driver itself
+            PYTHONSAFEPATH="1",
         )
 
     def _signal(self, job: DrivenJob, sig: str) -> None:
