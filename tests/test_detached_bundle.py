@@ -514,6 +514,35 @@ def test_the_python_apis_detach_ships_the_handles_modules_and_files(tmp_path: Pa
     ]
 
 
+def test_a_job_written_while_the_server_stops_starts_no_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop`` while a job's directory is being written (on a thread): the write's end
+    starts no driver (it would outlive the server, and a restarted server would run the job
+    a second time beside it), the directory goes, and the console is told why in one line;
+    a ``drive`` after ``stop`` is refused at once."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    pending: list[Any] = []
+
+    class _LaterPool:
+        def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any) -> None:  # noqa: N802
+            pending.append(lambda: on_result(True, f(*args)))
+
+    monkeypatch.setattr(drivers.reactor, "getThreadPool", lambda: _LaterPool())
+    d = drivers.start("mapreduce", "wc", _job(), {"wc.py": "X = 1\n"}, "")
+    drivers.stop()
+    (write,) = pending
+    write()
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert started == [] and drivers.jobs == {}
+    (failure,) = failures
+    assert failure.check(DriveError) and "the server is stopping" in str(failure.value)
+    assert list((tmp_path / "detached").iterdir()) == []
+    with pytest.raises(DriveError, match="the server is stopping"):
+        drivers.start("mapreduce", "wc", _job(), {"wc.py": "X = 1\n"}, "")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["json.py", "heapq.py"])
 def test_a_job_module_named_as_a_standard_module_does_not_replace_it_in_the_driver(

@@ -62,6 +62,7 @@ _FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\.py")  # fullmatch: "$" ta
 #: where the parts of a shipped tree may go: the job's module at the top, the rest below these
 _TREE_ROOTS = (bundle.TREE_MODULES, bundle.TREE_FILES)
 CHILD_MODULE = "remap.console.detached"
+_STOPPING = "the server is stopping: start the job again once it is back"
 
 
 class DriveError(Exception):
@@ -301,6 +302,8 @@ class Drivers:
         self.cluster_address = cluster_address
         self.child_env = child_env
         self.jobs: OrderedDict[int, DrivenJob] = OrderedDict()
+        #: the server is stopping (:meth:`stop`): no driver starts any more
+        self.stopping = False
 
     # ------------------------------------------------------------ requests
 
@@ -313,6 +316,8 @@ class Drivers:
         way, file name → text."""
         if self.cluster_address is None:
             raise DriveError("this server cannot run detached drivers (it listens nowhere)")
+        if self.stopping:
+            raise DriveError(_STOPPING)
         if kind not in KINDS:
             raise DriveError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         try:
@@ -328,6 +333,9 @@ class Drivers:
         entries["owner"] = owner.encode("utf-8")
 
         def written(_: Any) -> DrivenJob:
+            if self.stopping:  # while it was written: its driver would outlive the server
+                shutil.rmtree(directory, ignore_errors=True)
+                raise DriveError(_STOPPING)
             driven = DrivenJob(job_id, kind, name, owner, directory, self.reactor.seconds())
             driven.output = str(job.get("output") or "") or None
             self.jobs[job_id] = driven
@@ -416,7 +424,9 @@ class Drivers:
         return [job.describe(now) for job in self.jobs.values()]
 
     def stop(self) -> None:
-        """The server is stopping: its drivers end (each cleans up and writes ``INCOMPLETE``)."""
+        """The server is stopping: its drivers end (each cleans up and writes ``INCOMPLETE``),
+        and none starts any more (a job whose directory is being written is refused)."""
+        self.stopping = True
         for job in self.jobs.values():
             if not job.finished:
                 job.killing = True

@@ -287,7 +287,10 @@ class ServerConnection:
 
         def refused(failure: Any) -> None:
             failure.trap(DriveError, OSError, ValueError)
-            _refuse(link, msg, "failed", f"cannot write the job's directory: {failure.value}")
+            why = str(failure.value)
+            if not failure.check(DriveError):
+                why = f"cannot write the job's directory: {why}"
+            _refuse(link, msg, "failed", why)
 
         started.addCallbacks(lambda job: link.send(m.Ok(re=msg.id, info={"job": job.id})), refused)
         started.addErrback(lambda f: self.log.failure("starting a detached job", f))
