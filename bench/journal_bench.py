@@ -10,14 +10,14 @@ each attached and detached:
 - attached: ``remap.connect(address, secret=...).map(fn, args)``, as a user calls it; the
   journal records the submit and the end.
 - detached: what ``compute JOB.yaml --detach`` then ``attach JOB_ID`` do, on a console
-  connection in this process: a ``JobStream`` submitted with ``detach``, its arguments put
-  (``put_many``), left once they are all on the server (``detach()``), then a second
-  ``JobStream`` attached to the job collects every result. The journal also records every
-  argument, every outcome and every result message (what a restarted server resumes from).
-  The console itself is not run: the Python API has no detached function job, and the
-  console's job file would add a process start and reading arguments from text to what is
-  measured (nor could it carry 1 MiB ``bytes`` arguments); its ``Session.start_job`` and
-  ``Session.attach`` drive these same two streams.
+  connection in this process: a ``JobStream`` submitted with ``detach``, its arguments read
+  into it in argument groups (``read_into``), left once they are all on the server
+  (``detach()``), then a second ``JobStream`` attached to the job collects every result.
+  The journal also records every argument, every outcome and every result message (what a
+  restarted server resumes from). The console itself is not run: the Python API has no
+  detached function job, and the console's job file would add a process start and JSON
+  parsing to what is measured (``args_path`` holds JSON values, so no ``bytes`` arguments);
+  its ``Session.start_job`` and ``Session.attach`` drive these same two streams.
 
 Each timed region runs from the submit to the last result in hand, results checked after.
 Figures: the server process's CPU µs per task (psutil; what the journal adds is spent there)
@@ -103,8 +103,7 @@ class JournalBench:
         """``compute --detach`` (submit, all arguments on the server, leave), then ``attach``."""
         from protocol.options import JobOptions
         from remap import runtime
-        from remap.blobs import dumps
-        from remap.client import JobStream
+        from remap.client import JobStream, read_into
         from remap.sinks import make_sink
 
         until = time.monotonic() + TIMEOUT
@@ -116,8 +115,7 @@ class JournalBench:
             total_hint=len(args),
             runs=True,
         ).start(self.console)
-        run.put_many([dumps(a) for a in args])
-        run.close_input()
+        read_into(run, iter(args))  # as Session.start_job: argument groups, on a thread
         while run.session.job_id is None or not run.session.exhausted:
             if run.finished.wait(0.01):
                 break
