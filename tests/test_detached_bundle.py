@@ -580,3 +580,52 @@ def test_a_job_module_named_as_a_standard_module_does_not_replace_it_in_the_driv
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events and events[-1]["event"] == "end" and events[-1]["state"] == "failed"
     assert "error while importing" in events[-1]["message"], events[-1]
+
+
+def test_a_crashed_servers_half_written_job_directories_go_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed while it wrote a job's directory leaves ``.ID-xxxxxxxx`` under
+    ``detached/``: the next server removes it at start. A job's own directory, a dot-name not
+    of that pattern, and a staging directory being written now (its ``flock`` held) stay."""
+    import fcntl
+
+    detached = tmp_path / "detached"
+    stale = detached / ".7-ab_cd12x"
+    (stale / "modules").mkdir(parents=True)
+    (stale / "wc.py").write_text("X = 1\n")
+    live_job = detached / "7"
+    live_job.mkdir()
+    (live_job / "job.json").write_text("{}")
+    other = detached / ".keep"
+    other.mkdir()
+    writing = detached / ".8-zz99zz99"
+    writing.mkdir()
+    held = os.open(writing, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _drivers(tmp_path, monkeypatch)
+        assert sorted(p.name for p in detached.iterdir()) == [".8-zz99zz99", ".keep", "7"]
+        assert (live_job / "job.json").read_text() == "{}"
+    finally:
+        os.close(held)
+    assert drivers_mod.remove_stale_staging(detached) == [".8-zz99zz99"]
+
+
+def test_a_job_directory_is_locked_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the server writes a job's directory it holds the staging directory's ``flock``,
+    so a server starting on the same data directory meanwhile leaves that write alone."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    seen: list[list[str]] = []
+    write_tree = bundle.write_tree
+
+    def writing(directory: Path, entries: dict[str, bytes]) -> None:
+        seen.append(drivers_mod.remove_stale_staging(directory.parent))
+        write_tree(directory, entries)
+
+    monkeypatch.setattr(bundle, "write_tree", writing)
+    drivers.start("mapreduce", "wc", _job(), {"wc.py": "X = 1\n"}, "")
+    assert seen == [[]] and len(started) == 1
+    assert [p.name for p in (tmp_path / "detached").iterdir()] == ["1"]

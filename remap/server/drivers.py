@@ -22,6 +22,7 @@ directory once it ended).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -62,6 +63,8 @@ _FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\.py")  # fullmatch: "$" ta
 #: where the parts of a shipped tree may go: the job's module at the top, the rest below these
 _TREE_ROOTS = (bundle.TREE_MODULES, bundle.TREE_FILES)
 CHILD_MODULE = "remap.console.detached"
+#: a job's directory while :func:`_write_job_dir` writes it (``.ID-`` and mkdtemp's 8 characters)
+_STAGING_NAME = re.compile(r"\.[0-9]+-[a-z0-9_]{8}")
 _STOPPING = "the server is stopping: start the job again once it is back"
 
 
@@ -304,6 +307,8 @@ class Drivers:
         self.jobs: OrderedDict[int, DrivenJob] = OrderedDict()
         #: the server is stopping (:meth:`stop`): no driver starts any more
         self.stopping = False
+        if cluster_address is not None:  # a server that runs drivers is starting
+            remove_stale_staging(self.data_dir / "detached")
 
     # ------------------------------------------------------------ requests
 
@@ -598,7 +603,10 @@ def _write_job_dir(directory: Path, entries: dict[str, bytes]) -> None:
     place (what an earlier server left under that id, without a journal, is replaced)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    held = None
     try:
+        held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live write: remove_stale_staging passes it by
         bundle.write_tree(staging, entries)
         if directory.exists():
             shutil.rmtree(directory)
@@ -606,6 +614,45 @@ def _write_job_dir(directory: Path, entries: dict[str, bytes]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def remove_stale_staging(detached: Path) -> list[str]:
+    """(A server starting.) Remove the job directories a server that crashed (or was SIGKILLed)
+    left half-written: ``.ID-xxxxxxxx`` beside the jobs' directories, unlocked (a live write
+    holds an ``flock`` on its directory, so one of another server on this data directory is
+    passed by). Job directories themselves (``ID``) are never touched. Returns the names."""
+    removed = []
+    try:
+        entries = list(os.scandir(detached))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _STAGING_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # being written now
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+        finally:
+            os.close(fd)
+    if removed:
+        Drivers.log.info(
+            "removed {n} half-written detached job directories: {names}",
+            n=len(removed),
+            names=" ".join(sorted(removed)),
+        )
+    return removed
 
 
 def _after_driver(
