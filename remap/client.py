@@ -768,6 +768,9 @@ class JobStream:
         self._input_error: BaseException | None = None
         #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
         self._items: deque[tuple[bytes, Any, int]] = deque()
+        #: the queue's head entry being taken apart on a splitter thread (see
+        #: :meth:`_split_head`), and the error that stopped it (under :attr:`lock`)
+        self._split: tuple[tuple[bytes, Any, int], Exception | None] | None = None
         self._wake_pending = False
         #: :meth:`put_one`'s argument and tag while it tries to send them
         self._lone: tuple[bytes, Any] | None = None
@@ -1243,6 +1246,33 @@ class JobStream:
             self.unsent_bytes = 0
             self._room.notify_all()
 
+    def _split_head(self, entry: tuple[bytes, Any, int]) -> None:
+        """Splitter thread: take apart ``entry``, the argument group at the head of the queue
+        (see :func:`split_group`), put its groups of one in its place and wake the stream.
+        Unpickling runs user code (``__setstate__``, ``__reduce__``) and may be slow: never on
+        the reactor thread, which also serves the server and nodes of an embedded cluster."""
+        blob, tag, n = entry
+        try:
+            ones = split_group(blob, n, tag)
+        except BaseException as exc:  # it will not unpickle here: _take raises it, in order
+            if not isinstance(exc, Exception):  # (user code's SystemExit: not for the reactor)
+                exc = JobFailed(f"unpickling an argument group raised {type(exc).__name__}")
+            with self.lock:
+                if self._split is not None and self._split[0] is entry:
+                    self._split = (entry, exc)
+                    self._wake_soon()
+            return
+        with self.lock:
+            if self._split is None or self._split[0] is not entry:
+                return  # (another split began: this entry was withdrawn meanwhile)
+            self._split = None
+            items = self._items
+            if items and items[0] is entry:  # else withdrawn, or the job stopped meanwhile
+                items.popleft()
+                items.extendleft(reversed(ones))
+                self.unsent_bytes += sum(len(one[0]) for one in ones) - len(blob)
+            self._wake_soon()
+
     def _take(
         self, limit: int, room: int, start: int
     ) -> tuple[list[bytes], list[int], list[Any], bool]:
@@ -1264,11 +1294,19 @@ class JobStream:
                 if n > 1 and len(blob) > EARLY_GROUP_BYTES and session.job_id is None:
                     break  # the server may say a bound first (pumped again on `submitted`)
                 if n > 1 and len(blob) > most:  # (over the frame, or no node takes it)
-                    items.popleft()
-                    ones = split_group(blob, n, tag)
-                    items.extendleft(reversed(ones))
-                    self.unsent_bytes += sum(len(one[0]) for one in ones) - len(blob)
-                    blob, tag, n = items[0]
+                    split = self._split
+                    if split is None or split[0] is not items[0]:
+                        # taken apart on a thread of its own: unpickling runs user code
+                        self._split = (items[0], None)
+                        threading.Thread(
+                            target=self._split_head,
+                            args=(items[0],),
+                            name="remap-split-group",
+                            daemon=True,
+                        ).start()
+                    elif split[1] is not None:
+                        raise split[1]  # it would not unpickle: the job fails there, in order
+                    break  # the split's end wakes the stream
                 cost = len(blob) + 9
                 if out and (nbytes + cost > room or max(cost, nbytes) >= LARGE_FRAME):
                     break  # a large pickle goes in a message of its own: sent as is, not joined

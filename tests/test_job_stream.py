@@ -677,9 +677,88 @@ def test_no_group_over_a_few_kib_leaves_before_the_jobs_id() -> None:
     session.submitted(50, 256)
     session.grant(256)  # (the first window closed after a group: MAX_GROUP might not fit)
     session.pump(stream._take)
+    assert len(session.outbox) == 2, "the group is being taken apart off this thread"
+    _splits_done()
+    session.pump(stream._take)
     (late,) = session.outbox[2:]
     assert late.job == 50 and late.groups == [1] * 6 and max(late.sizes) <= EARLY_GROUP_BYTES
     assert [pickle.loads(b)[0] for b in _split(late)] == big
+
+
+def _splits_done() -> None:
+    """Wait (with a deadline) for every thread taking an argument group apart to end."""
+    for thread in threading.enumerate():
+        if thread.name == "remap-split-group":
+            thread.join(10)
+            assert not thread.is_alive(), "a group's split did not end in time"
+
+
+#: names of the threads that unpickled a ``Recorded`` (see its ``__setstate__``)
+UNPICKLED_ON: list[str] = []
+
+
+class Recorded:
+    """An argument whose unpickling records the thread it ran on (user code, like any
+    ``__setstate__``)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = b"r" * size
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        UNPICKLED_ON.append(threading.current_thread().name)
+        self.__dict__.update(state)
+
+
+def test_a_group_over_the_bound_is_taken_apart_off_the_thread_that_pumps() -> None:
+    """A group queued before the server's bound and over it is unpickled (user code: its
+    arguments' ``__setstate__``) on a thread of its own, not on the thread that pumps the
+    session (the reactor's, which an embedded cluster's server and nodes share); the stream is
+    woken when its groups of one are queued, and they go in order. Before, the split ran in
+    ``_take``, on the pumping thread, under the stream's lock."""
+    woken = threading.Event()
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda *a: woken.set(), total_hint=10)
+    session = stream.session
+    session.submit(1)
+    stream.put_many([dumps([Recorded(1500) for _ in range(6)])], counts=[6])
+    stream._wake_pending = False  # (this test is the reactor: it pumps by itself)
+    woken.clear()
+    session.group_limit(EARLY_GROUP_BYTES)
+    session.submitted(50, 256)
+    UNPICKLED_ON.clear()
+    session.pump(stream._take)
+    _splits_done()
+    assert UNPICKLED_ON and threading.current_thread().name not in UNPICKLED_ON, UNPICKLED_ON
+    assert woken.is_set(), "the split's end wakes the stream"
+    session.pump(stream._take)
+    (late,) = session.outbox[1:]
+    assert late.job == 50 and late.groups == [1] * 6 and max(late.sizes) <= EARLY_GROUP_BYTES
+    assert [len(pickle.loads(b)[0].data) for b in _split(late)] == [1500] * 6
+
+
+class Unreadable:
+    """An argument that pickles but will not unpickle."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        raise ValueError("no state today")
+
+
+def test_a_group_that_will_not_unpickle_when_taken_apart_fails_the_job_in_order() -> None:
+    """The splitter thread's error reaches the pump: the job fails at the group's first
+    argument with one line, as when the split ran there."""
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda *a: None, total_hint=10)
+    session = stream.session
+    session.submit(1)
+    group = [Unreadable() for _ in range(3)]
+    for k, value in enumerate(group):
+        value.pad = bytes([k]) * 2000  # (distinct: one shared object is pickled once)
+    stream.put_many([dumps(group)], counts=[3])
+    session.group_limit(EARLY_GROUP_BYTES)
+    session.submitted(50, 256)
+    session.pump(stream._take)
+    _splits_done()
+    session.pump(stream._take)
+    assert isinstance(session.error, JobFailed), session.error
+    assert "could not send argument 0: ValueError: no state today" in str(session.error)
 
 
 def test_results_that_will_not_unpickle_fail_the_job_under_on_error_fail() -> None:
