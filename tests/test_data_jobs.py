@@ -785,3 +785,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path: Path, small_disk
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert re.search(r"cannot write \S+reducer-000[01]-part-00000: disk full", errors[0])
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_job_removes_scratch_a_dead_driver_left_not_a_running_jobs(
+    cluster: remap.Cluster, tmp_path: Path
+) -> None:
+    """A data job starting on a data directory removes ``im/<jobid>`` of a job whose driver
+    died (its ``driver.lock`` unheld) and leaves one whose driver holds its lock."""
+    data = DataDir(tmp_path / "data")
+    scratch = {}
+    for job in ("20261202-170000-dead00", "20261202-170000-a11ve0"):
+        lock = layout.JobLock(data, job)
+        lock.acquire()
+        data.run_dir(job, "default", 0).mkdir(parents=True)
+        (data.run_dir(job, "default", 0) / "mapper-0000-part-00000.h-1-aa").write_text("x")
+        scratch[job] = lock
+    scratch["20261202-170000-dead00"].release()
+    (tmp_path / "in.txt").write_text("a\nb\n")
+    summary = cluster.mapreduce(
+        TRICKY, tmp_path / "in.txt", tmp_path / "out", data_dir=str(data.root)
+    )
+    _assert_clean(data, summary, tmp_path / "out")
+    assert not data.im_dir("20261202-170000-dead00").exists()
+    assert data.im_dir("20261202-170000-a11ve0").is_dir()
+    scratch["20261202-170000-a11ve0"].release()
+    assert not data.jobconfig(summary["job"]).with_name(layout.DRIVER_LOCK).exists()

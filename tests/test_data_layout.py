@@ -110,3 +110,82 @@ def test_ids_are_distinct_and_valid() -> None:
     for job in ids:
         layout.check_name("job id", job)
     assert all(os.sep not in t for t in tokens)
+
+
+def _scratch(data: DataDir, job: str) -> Path:
+    run = data.run_dir(job, "default", 0)
+    run.mkdir(parents=True)
+    (run / "mapper-0000-part-00000.h-1-aa").write_bytes(b"k\tv\n")
+    return data.im_dir(job)
+
+
+def test_scratch_of_a_dead_driver_goes_a_running_jobs_stays(tmp_path: Path) -> None:
+    """``remove_orphan_scratch`` removes ``im/<jobid>`` only where the job's ``driver.lock``
+    is there and nobody holds it; a job whose driver holds it, and a job without the file
+    (an earlier release's, or one starting), keep their scratch."""
+    data = DataDir(tmp_path)
+    running = layout.JobLock(data, "20261202-170000-aaaaaa")
+    running.acquire()
+    live = _scratch(data, running.job_id)
+    dead = layout.JobLock(data, "20261202-170000-bbbbbb")
+    dead.acquire()
+    orphan = _scratch(data, dead.job_id)
+    dead.release()  # as a SIGKILL would: the scratch is still there, so the file stays
+    assert dead.path.exists()
+    unlocked = _scratch(data, "20261202-170000-cccccc")
+    assert layout.remove_orphan_scratch(data) == [dead.job_id]
+    assert live.is_dir() and unlocked.is_dir() and not orphan.exists()
+    assert not dead.path.exists() and running.path.exists()
+    assert layout.read_result(data, running.job_id) is None  # only scratch is touched
+    with pytest.raises(ConfigError, match="already running"):
+        layout.JobLock(data, running.job_id).acquire()
+    layout.remove_tree(live)
+    running.release()  # nothing left to sweep: the file goes
+    assert not running.path.exists()
+    assert layout.remove_orphan_scratch(data) == []
+
+
+@pytest.mark.slow
+def test_a_sigkilled_drivers_scratch_is_removed_by_the_next_sweep(tmp_path: Path) -> None:
+    """A process holding a job's lock with scratch written is SIGKILLed: while it lives the
+    sweep leaves its ``im/<jobid>``; once dead, the sweep removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    data = DataDir(tmp_path)
+    job = "20261202-170000-dddddd"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from remap.data import layout\n"
+        f"data = layout.DataDir(Path({str(tmp_path)!r}))\n"
+        f"layout.JobLock(data, {job!r}).acquire()\n"
+        f"data.run_dir({job!r}, 'default', 0).mkdir(parents=True)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        assert layout.remove_orphan_scratch(data) == []
+        assert data.im_dir(job).is_dir()
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stdin is not None
+        child.stdin.close()
+        assert child.stdout is not None
+        child.stdout.close()
+    assert layout.remove_orphan_scratch(data) == [job]
+    assert not data.im_dir(job).exists() and not (data.root / "im" / job).exists()

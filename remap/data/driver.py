@@ -191,9 +191,14 @@ class DataJobRunner:
         files, splits = self._plan()
         # as a function job's output: a second job writing here fails now, naming this one
         lock = take_output(job.output, f"data job {self.job_id} ({job.name})")
+        # held while the job runs: a later job's sweep of dead drivers' scratch passes it by
+        job_lock = layout.JobLock(self.data, self.job_id)
         try:
+            job_lock.acquire()
+            layout.remove_orphan_scratch(self.data)
             splits = self._write_job_dir(files, splits)
         except BaseException:
+            job_lock.release()
             lock.release()
             raise
         state = "FAIL"
@@ -219,6 +224,7 @@ class DataJobRunner:
             try:
                 self._finish(state)
             finally:
+                job_lock.release()
                 lock.release()
         return self.summary(state)
 

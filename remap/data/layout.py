@@ -8,6 +8,7 @@ Layout (``REMAP_DATA_DIR``; a local folder on one machine, NFS or CephFS on a LA
     job/<jobid>/consolidated-progress.json
     job/<jobid>/result                    ``INCOMPLETE``, ``FAIL`` or ``OK``
     job/<jobid>/result.json               the state with counters and timings
+    job/<jobid>/driver.lock               flocked by the job's driver while it runs (:class:`JobLock`)
     im/<jobid>/<purpose>/reducer-NNNN/mapper-NNNN-part-NNNNN.<attempt>   intermediate runs
 
 An attempt writes ``<final>.<attempt>.tmp`` and commits it by ``os.replace`` once complete, so a
@@ -20,6 +21,7 @@ new one, or a ``.tmp`` stray that :func:`remove_strays` deletes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -235,6 +237,78 @@ def remove_strays(top: Path) -> list[Path]:
 def remove_tree(top: Path) -> None:
     """Remove a directory and everything in it; a missing one is fine."""
     shutil.rmtree(top, ignore_errors=True)
+
+
+#: a job's driver holds this file's ``flock`` while the job runs (in ``job/<jobid>/``)
+DRIVER_LOCK = "driver.lock"
+
+
+class JobLock:
+    """``job/<jobid>/driver.lock``, ``flock``-ed by a data or vertex job's driver for the job's
+    life, so :func:`remove_orphan_scratch` tells a running job's scratch (``im/<jobid>``) from
+    a dead driver's: the kernel (or the NFS server) drops the lock when its process dies.
+
+    Taken before ``im/<jobid>`` is made; on release the file goes only once that scratch is
+    gone, so what a driver left behind (a SIGKILL, a failed cleanup) stays findable."""
+
+    def __init__(self, data: DataDir, job_id: str) -> None:
+        self.data = data
+        self.job_id = job_id
+        self.path = data.job_dir(job_id) / DRIVER_LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"data job {self.job_id} is already running ({self.path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if not self.data.im_dir(self.job_id).exists():
+            self.path.unlink(missing_ok=True)  # while held: nothing left to sweep
+        os.close(self._fd)
+        self._fd = None
+
+
+def remove_orphan_scratch(data: DataDir) -> list[str]:
+    """Remove ``im/<jobid>`` of every job whose driver died (SIGKILLed, its machine lost):
+    those whose :class:`JobLock` file is there and unlocked. A running job's lock is held, so
+    its scratch stays; a job without a lock file (a vertex or data job of an earlier release,
+    or one still starting) is left alone. Returns the job ids cleaned."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(data.root / "im") if entry.is_dir())
+    except OSError:
+        return []
+    removed = []
+    for job_id in names:
+        if not _JOB_ID.match(job_id):
+            continue
+        lock = data.job_dir(job_id) / DRIVER_LOCK
+        try:
+            fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its driver is alive
+        try:
+            remove_tree(data.im_dir(job_id))
+            if not data.im_dir(job_id).exists():
+                lock.unlink(missing_ok=True)
+                removed.append(job_id)
+        finally:
+            os.close(fd)
+    return removed
 
 
 #: the data directory's identity: a random token written once, read back by every user of it

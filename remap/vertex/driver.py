@@ -22,7 +22,16 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from ..data.layout import SUCCESS_MARKER, DataDir, new_job_id, remove_tree, write_json, write_result
+from ..data.layout import (
+    SUCCESS_MARKER,
+    DataDir,
+    JobLock,
+    new_job_id,
+    remove_orphan_scratch,
+    remove_tree,
+    write_json,
+    write_result,
+)
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from ..sinks import take_output, to_jsonable
 from .engine import fold_into
@@ -356,9 +365,14 @@ class Driver:
         started = time.monotonic()
         # as a function job's output: a second job writing here fails now, naming this one
         lock = take_output(self.config.output, f"vertex job {self.job_id} ({self.config.name})")
+        # held while the job runs: a later job's sweep of dead drivers' scratch passes it by
+        job_lock = JobLock(self.data, self.job_id)
         try:
+            job_lock.acquire()
+            remove_orphan_scratch(self.data)
             return self._run(started)
         finally:
+            job_lock.release()
             lock.release()
 
     def _run(self, started: float) -> VertexResult:
