@@ -52,6 +52,7 @@ __all__ = [
     "os_reason",
     "render_line",
     "sql_value",
+    "commit_path",
     "staging_path",
     "take_output",
     "to_jsonable",
@@ -563,15 +564,54 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass
 
 
+def commit_path(output: Path) -> Path:
+    """Where a ``sqlite`` job builds the database that replaces an existing OUTPUT (its other
+    tables with the new ``results``): ``.OUTPUT.commit`` beside it, a dot-file."""
+    return output.with_name(f".{output.name}.commit")
+
+
+#: the files SQLite keeps beside a database while it is open (or after a crash)
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _remove_database(path: Path) -> None:
+    """Remove a database file and whatever SQLite left beside it."""
+    for suffix in ("", *_SQLITE_SIDE_FILES):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
+
+
+def _seal(conn: sqlite3.Connection) -> None:
+    """Fold the WAL into the database file and leave WAL mode: the file then stands alone
+    (no ``-wal``/``-shm`` beside it once closed), ready to be renamed or read."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode=DELETE")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SqliteSink(_OutputSink):
     """Writes one row per task to the ``results`` table of a sqlite file, committed in batches.
 
-    Rows go to a staging table, ``results_partial``, in the same file; a complete job
-    swaps it in as ``results`` in one transaction (other tables in the file are left
-    alone), so readers see the old results or the new ones, never a mix. An incomplete job
-    leaves ``results`` as it was and keeps what arrived in ``results_partial``. Values are
-    stored in native SQLite types where they have one (see :func:`sql_value`); ``result``
-    and ``result_type`` are NULL exactly when ``error`` (JSON text) is not.
+    Rows go to the ``results_partial`` table of a staging database, ``.OUTPUT.partial`` beside
+    OUTPUT (a dot-file, as are the ``-wal``/``-shm`` SQLite keeps beside it while the job
+    runs, so a data or vertex job walking that directory never reads them). A complete job
+    replaces OUTPUT by a rename: the staging database itself when there was no OUTPUT, else a
+    copy of OUTPUT (``.OUTPUT.commit``) whose ``results`` are swapped for the new rows (its
+    other tables kept). Readers see the old file or the new one, never a mix, and the
+    committed OUTPUT has no ``-wal`` or ``-shm`` beside it. An incomplete job leaves OUTPUT as
+    it was and keeps what arrived in ``results_partial`` of ``.OUTPUT.partial``; a crashed
+    job's leftovers are replaced by the next job's. Values are stored in native SQLite types
+    where they have one (see :func:`sql_value`); ``result`` and ``result_type`` are NULL
+    exactly when ``error`` (JSON text) is not.
 
     A batch is committed when ``batch_size`` rows are pending or when the oldest pending
     row has waited ``interval`` seconds by ``clock`` (checked on each :meth:`add`; call
@@ -600,8 +640,10 @@ class SqliteSink(_OutputSink):
         super().__init__(output)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.staging_name = f"table {self.STAGING} of {self.output}"
-        self.kept_apart_from = f"table {self.TABLE}"
+        #: the staging database (``.OUTPUT.partial``)
+        self.partial = staging_path(self.output)
+        self.staging_name = f"table {self.STAGING} of {self.partial}"
+        self.kept_apart_from = str(self.output)
         self.batch_size = batch_size
         self.interval = interval
         self._clock = clock
@@ -630,27 +672,32 @@ class SqliteSink(_OutputSink):
     def _error(self, exc: BaseException) -> OutputError:
         self._broken = True
         self._rows.clear()  # not on disk and never will be: kept() counts committed rows only
-        return OutputError(f"could not write {self.staging_name}: {os_reason(exc)}")
+        return OutputError(
+            f"could not write sqlite output {self.output} (staged in {self.partial}): "
+            f"{os_reason(exc)}"
+        )
 
     def _open(self) -> sqlite3.Connection:
-        """Open the output and (re)create the staging table: the first write of the job."""
+        """Create the staging database: the first write of the job. What a crashed job left
+        there (under the lock, so no live job's) is replaced."""
         if self._conn is not None:
             return self._conn
         try:
+            _remove_database(self.partial)
+            _remove_database(commit_path(self.output))
+        except OSError as exc:
+            raise self._error(exc) from None
+        try:
             # made on the caller's thread, fed on the reactor's: access is serialised by the caller
-            conn = sqlite3.connect(self.output, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(self.partial, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            raise OutputError(f"cannot open sqlite output {self.output}: {exc}") from None
+            raise OutputError(f"cannot open sqlite staging {self.partial}: {exc}") from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             # With WAL, NORMAL loses nothing on a crash of this process; close() checkpoints.
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(f"DROP TABLE IF EXISTS {self.STAGING}")
             conn.execute(f"CREATE TABLE {self.STAGING} ({_SQLITE_COLUMNS})")
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            _rollback(conn)
             conn.close()
             raise self._error(exc) from None
         self._conn = conn
@@ -677,7 +724,7 @@ class SqliteSink(_OutputSink):
         if not self._rows:
             return
         if self._broken:
-            raise OutputError(f"{self.staging_name} could not be written earlier")
+            raise OutputError(f"{self.partial} could not be written earlier")
         conn = self._open()
         try:
             conn.execute("BEGIN")
@@ -696,34 +743,85 @@ class SqliteSink(_OutputSink):
                 return
             self.flush()
             if complete:
-                conn = self._open()
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(f"DROP TABLE IF EXISTS {self.TABLE}")
-                    conn.execute(f"ALTER TABLE {self.STAGING} RENAME TO {self.TABLE}")
-                    conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    _rollback(conn)
-                    raise OutputError(
-                        f"could not replace table {self.TABLE} of {self.output}: "
-                        f"{os_reason(exc)} (the results are in {self.staging_name})"
-                    ) from None
-                self.committed_output = True
+                self._commit()
         finally:
             self._rows.clear()
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._finish_staging()
+
+    def _commit(self) -> None:
+        """Put the staged rows in place as OUTPUT's ``results``, by one rename."""
+        conn = self._open()
+        replace = self.output.exists()
+        try:
+            if not replace:
+                conn.execute(f"ALTER TABLE {self.STAGING} RENAME TO {self.TABLE}")
+            _seal(conn)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        conn.close()
+        self._conn = None
+        built = self.partial
+        try:
+            if replace:
+                built = commit_path(self.output)
+                self._build_replacement(built)
+            _fsync(built)
+            os.replace(built, self.output)
+        except (OSError, sqlite3.Error) as exc:
+            if built != self.partial:
+                _remove_database(built)
+            self._broken = True
+            raise OutputError(
+                f"could not replace {self.output}: {os_reason(exc)} "
+                f"(the results are in {self.staging_name})"
+            ) from None
+        self.committed_output = True
+        if replace:
+            _remove_database(self.partial)
+
+    def _build_replacement(self, target: Path) -> None:
+        """``.OUTPUT.commit``: OUTPUT as it is now, with ``results`` made of the staged rows."""
+        source = sqlite3.connect(self.output)
+        try:
+            dest = sqlite3.connect(target, isolation_level=None)
+            try:
+                source.backup(dest)
+                dest.execute("PRAGMA journal_mode=DELETE")
+                dest.execute("ATTACH DATABASE ? AS staged", (str(self.partial),))
+                dest.execute("BEGIN IMMEDIATE")
+                dest.execute(f"DROP TABLE IF EXISTS main.{self.TABLE}")
+                dest.execute(f"CREATE TABLE main.{self.TABLE} ({_SQLITE_COLUMNS})")
+                dest.execute(f"INSERT INTO main.{self.TABLE} SELECT * FROM staged.{self.STAGING}")
+                dest.execute("COMMIT")
+                dest.execute("DETACH DATABASE staged")
+            except sqlite3.Error:
+                _rollback(dest)
+                raise
+            finally:
+                dest.close()
+        finally:
+            source.close()
+
+    def _finish_staging(self) -> None:
+        """Close the staging database standing alone (no ``-wal``/``-shm``); remove it when it
+        holds nothing to keep."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                _seal(conn)
+            except sqlite3.Error:
+                pass  # the WAL stays beside it; SQLite folds it in when it is opened
+            conn.close()
+        if not self.committed_output and self.kept_count == 0:
+            try:
+                _remove_database(self.partial)
+            except OSError:
+                pass
 
     def _discard(self) -> None:
         self._rows.clear()
-        if self._conn is not None:
-            try:
-                self._conn.execute(f"DROP TABLE IF EXISTS {self.STAGING}")
-            except sqlite3.Error:
-                pass
-            self._conn.close()
-            self._conn = None
+        self.kept_count = 0
+        self._finish_staging()
 
     def _extra(self) -> dict[str, Any]:
         return {**super()._extra(), "table": self.TABLE}

@@ -347,7 +347,7 @@ def test_an_error_under_fail_fails_the_job_the_same_way(
         assert "Traceback" not in got[2]
         assert got[1] == [] and got[3] is None, url
         if mode == "sqlite":
-            with sqlite3.connect(tmp_path / fixture / "out.sqlite") as db:
+            with sqlite3.connect(tmp_path / fixture / ".out.sqlite.partial") as db:
                 kept = db.execute("SELECT idx, error FROM results_partial").fetchall()
             assert 7 in [idx for idx, error in kept if error]
 

@@ -74,12 +74,14 @@ def _rows(path: Path, table: str = "results") -> list[tuple[Any, ...]]:
 
 
 def _staged(path: Path) -> list[tuple[Any, ...]]:
-    """Rows committed so far by a running job (its staging table), [] before the first."""
-    if not path.exists():
+    """Rows committed so far by a running job (its staging table in ``.OUTPUT.partial``), []
+    before the first."""
+    staging = staging_path(path)
+    if not staging.exists():
         return []
-    with closing(sqlite3.connect(path)) as conn:
+    with closing(sqlite3.connect(staging)) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    return _rows(path, SqliteSink.STAGING) if SqliteSink.STAGING in names else []
+    return _rows(staging, SqliteSink.STAGING) if SqliteSink.STAGING in names else []
 
 
 class Opaque:
@@ -464,9 +466,10 @@ def test_sqlite_sink_failed_job_keeps_old_results_and_its_rows_apart(tmp_path: P
     _feed(sink, _items()[:10])
     sink.close(complete=False)
     assert _old_table(path) == [(i, i) for i in range(1000)]
-    assert len(_rows(path, SqliteSink.STAGING)) == 10
+    assert len(_staged(path)) == 10
     assert sink.kept() == (
-        f"kept 10 result(s) in table results_partial of {path}; table results left unchanged"
+        f"kept 10 result(s) in table results_partial of {tmp_path / '.r.db.partial'}; "
+        f"{path} left unchanged"
     )
     assert sink.summary()["kept"] == 10
 
@@ -783,6 +786,91 @@ def test_a_sigkilled_writers_staging_file_is_hidden_and_replaced_by_the_next_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "words.txt"]
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_sqlite_jobs_working_files_are_hidden_from_a_walk_and_gone_once_committed(
+    tmp_path: Path, existed: bool
+) -> None:
+    """While a sqlite job writes, SQLite's working files (``-wal``, ``-shm``) sit beside its
+    staging database ``.OUTPUT.partial``: dot-files, so a data job walking that directory
+    reads only its inputs (and a committed OUTPUT of an earlier run). The commit is a rename
+    of a database standing alone: nothing is left beside OUTPUT, and other tables stay."""
+    from remap.data.inputs import resolve_inputs
+
+    out = tmp_path / "r.db"
+    (tmp_path / "words.txt").write_text("a b\n")
+    if existed:
+        _old_results(out)
+    sink = SqliteSink(out)
+    sink.add(0, "x", 1, None)
+    sink.flush()
+    try:
+        beside = sorted(p.name for p in tmp_path.iterdir())
+        assert ".r.db.partial-wal" in beside and ".r.db.partial-shm" in beside, beside
+        assert "r.db-wal" not in beside and "r.db-shm" not in beside, beside
+        for entry in (str(tmp_path), "*", f"{tmp_path}/*"):
+            read = [p.name for p in resolve_inputs(entry, tmp_path)]
+            assert read == (["r.db", "words.txt"] if existed else ["words.txt"]), read
+    finally:
+        sink.close(complete=True)
+    assert _rows(out) == [(0, "x", "str", 1, "int", None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db", "words.txt"]
+    if existed:
+        with closing(sqlite3.connect(out)) as conn:
+            assert conn.execute("SELECT text FROM notes").fetchall() == [("keep me",)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db", "words.txt"]
+
+
+_KILLED_SQLITE_WRITER = """
+import os, signal, sys
+from remap.sinks import SqliteSink
+sink = SqliteSink(sys.argv[1])
+for i in range(3):
+    sink.add(i, i, i * 10, None)
+sink.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_sigkilled_sqlite_writers_leftovers_are_hidden_and_replaced_by_the_next_run(
+    tmp_path: Path, existed: bool
+) -> None:
+    """A console SIGKILLed mid-job with a sqlite output leaves its staging database and
+    SQLite's ``-wal``/``-shm`` beside it: all dot-files, hidden from a job walking that
+    directory; OUTPUT is as it was; the next run replaces the leftovers and commits by
+    rename, leaving nothing beside OUTPUT but OUTPUT."""
+    import subprocess
+    import sys
+
+    from remap.data.inputs import resolve_inputs
+
+    out = tmp_path / "r.db"
+    (tmp_path / "words.txt").write_text("a b\n")
+    if existed:
+        _old_results(out)
+    before = out.read_bytes() if existed else None
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_SQLITE_WRITER, str(out)],
+        env=env,
+        timeout=60,
+        capture_output=True,
+    )
+    assert done.returncode == -9, done.stderr
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert ".r.db.partial-wal" in left, left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("r.db-")]
+    assert (out.read_bytes() if existed else None) == before
+    for entry in (str(tmp_path), "*"):
+        read = [p.name for p in resolve_inputs(entry, tmp_path)]
+        assert read == (["r.db", "words.txt"] if existed else ["words.txt"]), read
+    sink = SqliteSink(out)
+    sink.add(0, 0, 7, None)
+    sink.close(complete=True)
+    assert _rows(out) == [(0, 0, "int", 7, "int", None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db", "words.txt"]
+
+
 def test_taking_an_output_removes_a_dead_jobs_staging_directory(tmp_path: Path) -> None:
     """A data or vertex job's driver SIGKILLed (attached: no server cleans up after it) left
     its hidden staging directory beside the output, half written, for good; the next job to
@@ -867,7 +955,7 @@ def test_sqlite_sink_disk_full_names_the_file_and_keeps_committed_rows(small_dis
     error = _fill(sink)
     assert "disk full" in str(error) and str(path) in str(error)
     sink.close(complete=False)
-    rows = _rows(path, SqliteSink.STAGING)
+    rows = _staged(path)
     assert rows and len(rows) == sink.kept_count
     assert [r[0] for r in rows] == list(range(len(rows)))
 
