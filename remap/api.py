@@ -519,7 +519,7 @@ class ResultIterator(Iterator[Any]):
         with self._lock:
             return self._next(timeout)
 
-    def _next(self, timeout: float | None) -> Any:
+    def _next(self, timeout: float | None, wait: bool = True) -> Any:
         if self._cancelled is not None:
             raise concurrent.futures.CancelledError(self._cancelled)
         if self._closed:
@@ -546,6 +546,10 @@ class ResultIterator(Iterator[Any]):
                 error = self._end_error or JobFailed("the job ended before every result arrived")
                 self.close()
                 raise error
+            if not wait:  # the caller is told instead: it takes the next event itself
+                if self._stream.result_buffer:
+                    self._stream.waiting_for_results()
+                return _NOT_YET
             self._wait(deadline, polled)
 
     def rest(self, out: list[Any] | None = None) -> list[Any]:
@@ -560,6 +564,27 @@ class ResultIterator(Iterator[Any]):
                     out.append(self._next(None))
                 except StopIteration:
                     return out
+
+    def rest_ready(self, out: list[Any]) -> bool:
+        """:meth:`rest` without waiting, for a consumer that takes the stream's events from a
+        queue of its own (``remap.Pool.map_async``, on the pool's delivery thread, see
+        :meth:`absorb`): True once every result is in ``out``, False while one has not come."""
+        with self._lock:
+            while True:
+                self._take_ready(out)
+                try:
+                    value = self._next(None, wait=False)
+                except StopIteration:
+                    return True
+                if value is _NOT_YET:
+                    return False
+                out.append(value)
+
+    def absorb(self, event: tuple[Any, ...]) -> None:
+        """An event of this iterator's stream, taken from a shared queue by its consumer."""
+        with self._lock:
+            self._stream.wanting = False
+            self._handle(event)
 
     def _take_ready(self, out: list[Any]) -> None:
         """Move the run of successful results that are next in line into ``out``."""
@@ -709,6 +734,8 @@ class ResultIterator(Iterator[Any]):
             pass
 
 
+#: what :meth:`ResultIterator._next` returns when it would wait and may not
+_NOT_YET: Any = object()
 _INDEX = operator.itemgetter(0)
 _RESULT_AND_ERROR = operator.itemgetter(1, 2)
 
@@ -986,6 +1013,8 @@ class Cluster:
         kind: str,
         deadline: float | None = None,
         style: MapStyle = CLUSTER_MAPS,
+        events: queue.SimpleQueue | None = None,
+        owner: Any = None,
     ) -> ResultIterator:
         _check_buffersize(buffersize)
         self._check_open()
@@ -996,7 +1025,13 @@ class Cluster:
         name = f"{kind}:{describe(fn)}"
         params = self._params(name, star=star, chunksize=chunksize)
         stream = self._stream(
-            blob, params, total_hint=total, runs=True, result_buffer=self.settings.result_buffer
+            blob,
+            params,
+            total_hint=total,
+            runs=True,
+            result_buffer=self.settings.result_buffer,
+            events=events,
+            owner=owner,
         )
         return ResultIterator(
             stream,
@@ -1023,11 +1058,14 @@ class Cluster:
         style: MapStyle = CLUSTER_MAPS,
         opened: Callable[[ResultIterator], Any] | None = None,
         collect: bool = True,
+        events: queue.SimpleQueue | None = None,
+        owner: Any = None,
     ) -> Any:
         """The one implementation of ``map``, ``starmap``, ``imap`` and ``imap_unordered`` for
         :class:`Cluster` and :class:`remap.Pool`: the method's row of :data:`MAP_CALLS`, the
         facade's :class:`MapStyle`. ``opened`` sees the iterator before anything is gathered;
-        ``collect=False`` returns the iterator of an eager method (``map_async``)."""
+        ``collect=False`` returns the iterator of an eager method (``map_async``); its
+        stream's events then go to ``events`` (with ``owner``) when given."""
         call = MAP_CALLS[method]
         if call.lazy and not style.defer_errors:
             # an exception from the iterable is raised at its position, after the results
@@ -1045,6 +1083,8 @@ class Cluster:
             else None,
             kind=style.kind or call.kind,
             style=style,
+            events=events,
+            owner=owner,
         )
         if opened is not None:
             opened(results)

@@ -420,6 +420,8 @@ class Executor(concurrent.futures.Executor):
         self._streams: dict[Hashable, _SubmitStream] = {}
         self._open: set[_SubmitStream] = set()
         self._maps: weakref.WeakSet[ResultIterator] = weakref.WeakSet()
+        #: owners of other jobs whose events this thread delivers (:meth:`_adopt`)
+        self._owners: set[Any] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._shutdown = False
         #: why the executor is broken (an initializer raised), as ProcessPoolExecutor._broken
@@ -539,6 +541,22 @@ class Executor(concurrent.futures.Executor):
         broken.__cause__ = exc
         return broken
 
+    def _adopt(self, owner: Any) -> queue.SimpleQueue:
+        """Deliver the events of a job started with this queue and ``owner`` on this thread:
+        ``owner.deliver(event)`` returns True once it wants no more (``remap.Pool.map_async``,
+        whose callbacks run here, not on a thread of their own); shutdown waits for it."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._owners.add(owner)
+        return self._events
+
+    def _disown(self, owner: Any) -> None:
+        """``owner`` takes no more events (its job never started, or it is done)."""
+        with self._lock:
+            self._owners.discard(owner)
+        self._events.put(_WAKE)
+
     # ------------------------------------------------------------ shutting down
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -613,7 +631,7 @@ class Executor(concurrent.futures.Executor):
                 event = None  # waiting for the next one must not keep this job (and its fn) alive
             self._reap_idle()
             with self._lock:
-                if self._shutdown and not self._open:
+                if self._shutdown and not self._open and not self._owners:
                     break
         self._finish()
 
@@ -629,7 +647,12 @@ class Executor(concurrent.futures.Executor):
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind, job = event[0], event[1]
-        stream: _SubmitStream = job.owner
+        stream = job.owner
+        if not isinstance(stream, _SubmitStream):  # an adopted job's (see _adopt)
+            if stream.deliver(event):
+                with self._lock:
+                    self._owners.discard(stream)
+            return
         if kind == "items":
             for index, result, error in event[2]:
                 stream.resolve(index, result, error)

@@ -25,9 +25,8 @@ _TERMINATED = "the pool was terminated before this result came"
 class AsyncResult:
     """The result of ``apply_async`` / ``map_async``, like ``multiprocessing.pool.AsyncResult``.
 
-    ``callback`` / ``error_callback`` run (on a thread of the pool: its delivery thread, or
-    the thread collecting a ``map_async``) before ``get()`` returns, as in multiprocessing;
-    they must not block. One that raises is logged and the result is still ready
+    ``callback`` / ``error_callback`` run (on the pool's one delivery thread, ``map_async``'s
+    too) before ``get()`` returns, as in multiprocessing; they must not block. One that raises is logged and the result is still ready
     (multiprocessing's result thread dies there, and every later ``get()`` hangs).
     """
 
@@ -112,6 +111,57 @@ def _all_then_first_error(results: ResultIterator) -> list[Any]:
     if first is not None:
         raise first
     return values
+
+
+class _AsyncMap:
+    """A ``map_async``'s results gathered as :func:`_all_then_first_error` does, on the pool's
+    delivery thread as their events come (``Executor._adopt``), not on a thread per call."""
+
+    def __init__(self, future: concurrent.futures.Future) -> None:
+        self.future = future
+        self.results: ResultIterator | None = None
+        #: events that came before the iterator was attached
+        self.early: list[tuple[Any, ...]] = []
+        self.values: list[Any] = []
+        self.first: Exception | None = None
+
+    def deliver(self, event: tuple[Any, ...]) -> bool:
+        """Delivery thread: one event of the job (or ``("attach", self, iterator)``, queued
+        once the iterator exists); True once the future is settled."""
+        if self.future.done():  # what comes after it (its job's end) is not needed
+            return True
+        if event[0] == "attach":
+            self.results = event[2]
+            events, self.early = self.early, []
+        elif self.results is None:
+            self.early.append(event)
+            return False
+        else:
+            events = [event]
+        results = self.results
+        try:
+            for each in events:
+                results.absorb(each)
+            while True:
+                try:
+                    if not results.rest_ready(self.values):
+                        return False
+                    break
+                except Exception as exc:  # a remote error: remember it and let the others finish
+                    if results.cancelled:  # the pool was terminated: no others will come
+                        raise
+                    self.first = self.first or exc
+                    self.values.append(None)
+        except BaseException as exc:  # noqa: BLE001 - delivered through the AsyncResult
+            results.close()
+            self.future.set_exception(exc)
+            return True
+        results.close()
+        if self.first is not None:
+            self.future.set_exception(self.first)
+        else:
+            self.future.set_result(self.values)
+        return True
 
 
 #: multiprocessing's map family: every call runs to its end, errors where they happen
@@ -201,6 +251,8 @@ class Pool:
         chunksize: int | None,
         buffersize: int | None = None,
         collect: bool = True,
+        events: Any = None,
+        owner: Any = None,
     ) -> Any:
         """The cluster's one map implementation in multiprocessing's style (:data:`_POOL_MAPS`),
         each call after this pool's initializer; iterators are closed by :meth:`terminate`."""
@@ -214,6 +266,8 @@ class Pool:
             style=_POOL_MAPS,
             opened=self._iterators.add,
             collect=collect,
+            events=events,
+            owner=owner,
         )
 
     # ------------------------------------------------------------ one call
@@ -283,24 +337,34 @@ class Pool:
         callback: Callable[[Any], Any] | None,
         error_callback: Callable[[BaseException], Any] | None,
     ) -> AsyncResult:
-        # The iterable is read here, on the caller's thread (as multiprocessing does).
-        results = self._map(
-            "starmap" if star else "map", func, list(iterable), chunksize, collect=False
-        )
+        # The iterable is read here, on the caller's thread (as multiprocessing does); the
+        # results are gathered on the pool's delivery thread as they come (no thread per call)
+        self._check_running()
+        values = list(iterable)
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-
-        def collect() -> None:
-            try:
-                value = _all_then_first_error(results)
-            except BaseException as exc:  # noqa: BLE001 - delivered through the AsyncResult
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
-
-        self._track(future)
-        threading.Thread(target=collect, name="remap-pool-map", daemon=True).start()
-        return AsyncResult(future, callback, error_callback)
+        gather = _AsyncMap(future)
+        executor = self._executor
+        try:
+            events = executor._adopt(gather)
+        except RuntimeError:  # terminated meanwhile
+            raise ValueError("Pool not running") from None
+        try:
+            results = self._map(
+                "starmap" if star else "map",
+                func,
+                values,
+                chunksize,
+                collect=False,
+                events=events,
+                owner=gather,
+            )
+        except BaseException:
+            executor._disown(gather)
+            raise
+        result = AsyncResult(self._track(future), callback, error_callback)
+        events.put(("attach", results._stream, results))  # the delivery thread takes it on
+        return result
 
     def imap(
         self,

@@ -297,6 +297,46 @@ def test_map_async_and_starmap_async(pool: remap.Pool) -> None:
         failing.get(timeout=30)
 
 
+def test_outstanding_map_async_calls_hold_no_thread_each(pool: remap.Pool, tmp_path: Path) -> None:
+    """200 map_async calls outstanding at once add no thread each (each had its own
+    collecting thread: 200 more): they are gathered, and their callbacks run, on the pool's
+    one delivery thread."""
+    release = tmp_path / "release"
+    pool.map(square, [1])  # the pool's delivery thread and the cores are up
+    baseline = threading.active_count()
+    threads: set[int] = set()
+    try:
+        results = [
+            pool.map_async(
+                held, [str(release)], callback=lambda v: threads.add(threading.get_ident())
+            )
+            for _ in range(200)
+        ]
+        assert not any(r.ready() for r in results)
+        assert threading.active_count() <= baseline + 3
+    finally:
+        release.touch()
+    assert [r.get(timeout=60) for r in results] == [[1]] * 200
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_terminate_fails_an_outstanding_map_async(embedded: remap.Cluster, tmp_path: Path) -> None:
+    """terminate() with a map_async outstanding: its get() raises (JobKilled, or
+    CancelledError saying the pool was terminated) and its error_callback gets that error;
+    the pool's delivery thread waits for it, so terminate() leaves no result hanging."""
+    release = tmp_path / "release"
+    pool = remap.Pool(cluster=embedded)
+    errors: list[BaseException] = []
+    try:
+        result = pool.map_async(held, [str(release)], error_callback=errors.append)
+        pool.terminate()
+        with pytest.raises((remap.JobKilled, concurrent.futures.CancelledError)) as raised:
+            result.get(timeout=20)
+        assert errors == [raised.value]
+    finally:
+        release.touch()
+
+
 def test_close_and_join_wait_for_outstanding_work(embedded: remap.Cluster) -> None:
     """After close(), new work is refused and join() returns once async results are ready."""
     pool = remap.Pool(cluster=embedded)
