@@ -833,7 +833,7 @@ class Cluster:
         self._params("job")  # checked now by the one validator, not at the first map
         #: local modules and small files every job of this handle ships (see remap.bundle)
         self.bundle = bundle.collect(list(modules), list(files), ".")
-        if cores is not None and (not isinstance(cores, int) or cores < 1):
+        if cores is not None and (type(cores) is not int or cores < 1):  # True is no core count
             raise ValueError(f"cores must be a positive integer, not {cores!r}")
         if env_file not in (None, ".env") and not Path(env_file).exists():
             # as the console's --env-file: a mistyped name would read nothing and run elsewhere

@@ -82,14 +82,17 @@ def module_root(entry: str | Path | ModuleType, base: Path) -> Path:
             f"modules: {text!r} is not a .py file or a package directory (with __init__.py) "
             f"under {base}"
         )
+    if "." in text:  # before find_spec, which would import (run) the parent package
+        top = text.split(".", 1)[0]
+        raise ConfigError(
+            f"modules: ship the top-level package {top!r} of {text!r}, not a submodule"
+        )
     try:
         spec = importlib.util.find_spec(text)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
         raise ConfigError(f"modules: {text!r} is neither a file here nor an importable module")
-    if "." in text:
-        raise ConfigError(f"modules: ship the top-level package of {text!r}, not a submodule")
     origin = Path(spec.origin)
     return origin.parent if origin.name == "__init__.py" else origin
 

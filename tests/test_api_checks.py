@@ -17,7 +17,7 @@ def square(x: int) -> int:
     return x * x
 
 
-@pytest.mark.parametrize("cores", [0, -2, "2", 1.5])
+@pytest.mark.parametrize("cores", [0, -2, "2", 1.5, True])
 def test_connect_refuses_cores_that_are_not_a_positive_integer(cores: Any) -> None:
     """``remap.connect(cores=...)`` is checked before any cluster starts."""
     with pytest.raises(ValueError, match=f"cores must be a positive integer, not {cores!r}"):

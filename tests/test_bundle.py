@@ -66,7 +66,7 @@ def test_job_file_keys_are_checked_with_their_line(tmp_path: Path) -> None:
         "files: [missing.csv]\n": r"bad.yaml:2: key 'files': 'missing.csv': no such file",
         "files: 3\n": "key 'files': expected a list of names",
         "requires: [not-a-name]\n": "'not-a-name' is not a module name",
-        "modules: [json.decoder]\n": "ship the top-level package of 'json.decoder', not a submodule",
+        "modules: [json.decoder]\n": "ship the top-level package 'json' of 'json.decoder', not a submodule",
         "modules: [sys]\n": "'sys' is neither a file here nor an importable module",
         "files: [data.txt, other/data.txt]\n": "two files are named 'data.txt'; names must differ",
     }
@@ -76,6 +76,22 @@ def test_job_file_keys_are_checked_with_their_line(tmp_path: Path) -> None:
         (d / "bad.yaml").write_text("function: job.py:use\n" + line + "args: [1]\n")
         with pytest.raises(ConfigError, match=problem):
             load_job(d / "bad.yaml")
+
+
+def test_a_submodule_is_refused_without_importing_its_package(tmp_path: Path, monkeypatch) -> None:
+    """``modules: [pkg.sub]`` is refused by its name: finding the submodule's spec would run the
+    package's ``__init__`` (a user's code, perhaps slow or with side effects) first."""
+    pkg = tmp_path / "site" / "noisypkg_qq"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').touch()\n"
+    )
+    (pkg / "sub.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ConfigError, match="ship the top-level package 'noisypkg_qq' of"):
+        bundle.module_root("noisypkg_qq.sub", tmp_path)
+    assert not (pkg / "RAN").exists()
+    assert "noisypkg_qq" not in sys.modules
 
 
 def test_collect_reads_modules_packages_and_files(tmp_path: Path) -> None:
