@@ -30,6 +30,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,27 @@ class JobLock:
         self._fd = None
 
 
+@contextmanager
+def locked_if_free(path: Path | str, flags: int) -> Iterator[bool]:
+    """Open ``path`` (never through a link) and take its exclusive ``flock`` without waiting:
+    True while held (closed on leaving), False when it cannot be opened or another process
+    holds it. What the sweeps of a dead process's leftovers ask before removing anything."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
 def remove_orphan_scratch(data: DataDir) -> list[str]:
     """Remove ``im/<jobid>`` of every job whose driver died (SIGKILLed, its machine lost):
     those whose :class:`JobLock` file is there and unlocked. A running job's lock is held, so
@@ -292,22 +314,13 @@ def remove_orphan_scratch(data: DataDir) -> list[str]:
         if not _JOB_ID.match(job_id):
             continue
         lock = data.job_dir(job_id) / DRIVER_LOCK
-        try:
-            fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # its driver is alive
-        try:
+        with locked_if_free(lock, os.O_RDWR) as free:
+            if not free:  # no lock file, or its driver is alive
+                continue
             remove_tree(data.im_dir(job_id))
             if not data.im_dir(job_id).exists():
                 lock.unlink(missing_ok=True)
                 removed.append(job_id)
-        finally:
-            os.close(fd)
     return removed
 
 

@@ -632,20 +632,11 @@ def remove_stale_staging(detached: Path) -> list[str]:
     for entry in entries:
         if not _STAGING_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
             continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # being written now
-        try:
+        with layout.locked_if_free(entry.path, os.O_RDONLY | os.O_DIRECTORY) as free:
+            if not free:  # being written now
+                continue
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
-        finally:
-            os.close(fd)
     if removed:
         Drivers.log.info(
             "removed {n} half-written detached job directories: {names}",
