@@ -20,6 +20,7 @@ from remap.client import ARGS_OVERHEAD, JobSession, JobStream
 from remap.wire import CONGESTED_BYTES, DRAIN_CHECK
 
 from .test_job_stream import results, take_from
+from .test_latency import Client as StreamClient
 from .test_scheduler import FakeConsole, FakeNode, make
 from .test_wire import _open_over_tcp
 
@@ -67,26 +68,11 @@ class Calls:
             fn(*args)
 
 
-class Client:
+class Client(StreamClient):
     """Records what the stream sends; answers nothing by itself."""
-
-    redial = None
-    link = "up"
-
-    def __init__(self) -> None:
-        self.sent: list[m.Message] = []
 
     def frame_room(self) -> int:
         return (1 << 20) - ARGS_OVERHEAD
-
-    def send(self, msg: m.Message) -> None:
-        self.sent.append(msg)
-
-    def forget(self, stream: JobStream) -> None:
-        pass
-
-    def kill_quietly(self, job: int | None) -> None:
-        pass
 
     def of(self, kind: type) -> list[Any]:
         return [x for x in self.sent if type(x) is kind]
