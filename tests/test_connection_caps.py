@@ -364,6 +364,19 @@ def test_the_cap_holds_under_tls_too() -> None:
 # =========================================================================== settings, real sockets
 
 
+def _listening(tmp_path: Any, **caps: Any) -> Settings:
+    """A real server's settings on port 0 with the given caps (a 60 s handshake deadline, so
+    a silent connection waits rather than times out during the test)."""
+    return Settings(
+        port=0,
+        state_dir=str(tmp_path),
+        journal=False,
+        discovery=False,
+        handshake_timeout=60.0,
+        **caps,
+    )
+
+
 def _closed_at_once(port: int) -> bytes | None:
     """Connect, say nothing: what the server wrote before it closed the connection (within
     10 s), or None if it is still open then."""
@@ -390,15 +403,7 @@ def _closed_at_once(port: int) -> bytes | None:
 def test_the_cluster_caps_are_settings(tmp_path) -> None:
     """REMAP_MAX_HANDSHAKING_PER_HOST reaches the listening server: with it at 2, two silent
     connections wait in the handshake and the third is closed at once (the deadline is 60 s)."""
-    settings = Settings(
-        port=0,
-        state_dir=str(tmp_path),
-        journal=False,
-        discovery=False,
-        handshake_timeout=60.0,
-        max_handshaking=5,
-        max_handshaking_per_host=2,
-    )
+    settings = _listening(tmp_path, max_handshaking=5, max_handshaking_per_host=2)
     server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
     try:
         caps = server.factory.handshaking
@@ -424,14 +429,7 @@ def test_a_console_refused_at_the_caps_says_so_in_one_line(tmp_path) -> None:
     from remap.dial import connect_console
     from remap.errors import RemapError, ServerUnreachable, one_line
 
-    settings = Settings(
-        port=0,
-        state_dir=str(tmp_path),
-        journal=False,
-        discovery=False,
-        handshake_timeout=60.0,
-        max_handshaking_per_host=1,
-    )
+    settings = _listening(tmp_path, max_handshaking_per_host=1)
     server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
     try:
         port = server.port.getHost().port
