@@ -1,29 +1,21 @@
 """The scheduler core: jobs, nodes, credits, retries. No sockets, no reactor.
 
-Events go in through :meth:`Scheduler.handle`, which returns the effects decided on
-(send or close on a link, start or cancel a timer) without performing them; the
-service performs them with an :class:`~.effects.EffectRunner`. Commands that answer
-with a value (submit, kill, attach, drain, ...) are methods; their effects go through
-the same runner when they return. The two events of every call (a node's answer, a
-console's arguments) come in through :meth:`~Scheduler.node_said` and
-:meth:`~Scheduler.console_said` instead, which perform them: there a send leaves as soon as
-it is decided (while nothing is queued ahead of it), not after the rest of the bookkeeping,
-so the order of effects is kept and a call's next hop starts earlier. Time is read from an injected clock (``seconds()``),
-so every decision can be tested with fake links and ``twisted.internet.task.Clock``.
+:meth:`Scheduler.handle` takes an event and returns the effects decided on without performing
+them; commands (submit, kill, drain, ...) are methods whose effects the
+:class:`~.effects.EffectRunner` performs when they return. The two events of every call come
+in through :meth:`~Scheduler.node_said` and :meth:`~Scheduler.console_said`, where a send with
+nothing queued ahead of it leaves at once, so a call's next hop starts earlier. Time is read
+from an injected clock, so every decision can be tested with fake links and a fake clock.
 
-Bookkeeping invariants, which make delivery exactly-once:
+Invariants that make delivery exactly-once:
 
-* every argument index is in exactly one place: a job's ``pending`` queue, one
-  node's in-flight task, or counted as finished (``done``/``failed``);
-* a task id is answered at most once: its entry leaves ``node.inflight`` when the
-  answer arrives, when it is re-queued (node lost, crash) or when its job ends, so a
-  late or duplicate answer finds nothing and is dropped;
-* a send that raises (an encode error, a frame too large, a transport error), sent as
-  soon as decided or by the runner, never cuts short the bookkeeping that decided it:
-  :meth:`~Scheduler.unsent` notes it, and once that bookkeeping is done the message's
-  job fails with one line saying what could not be sent to whom (never "done": a
-  console is never told a job is done when an outcome did not leave); a message of no
-  running job closes that peer instead (see :meth:`~Scheduler.send_failed`).
+* every argument index is in exactly one place: a job's ``pending`` queue, one node's
+  in-flight task, or counted as finished (``done``/``failed``);
+* a task id is answered at most once: it leaves ``node.inflight`` when answered, re-queued or
+  its job ends, so a late or duplicate answer finds nothing and is dropped;
+* a send that raises never cuts short the bookkeeping that decided it: :meth:`~Scheduler.unsent`
+  notes it, then the message's job fails saying what could not be sent to whom (never "done");
+  a message of no running job closes that peer instead (:meth:`~Scheduler.send_failed`).
 """
 
 from __future__ import annotations
@@ -83,10 +75,9 @@ JOB_ID_EPOCH = 1_767_225_600
 def first_job_id(now: float | None = None) -> int:
     """The first job id of a server started at ``now`` (wall-clock seconds; default: now).
 
-    Ids of one server run are consecutive from its start time in milliseconds, so a restarted
-    server never hands out an id an earlier run used (that would need the earlier run to have
-    averaged more than one job per millisecond), and ``attach 7`` after a restart says "no such
-    job" instead of returning another job's results. Nothing needs to be stored to keep this.
+    Ids count milliseconds from the start, so a restarted server never reuses an earlier run's
+    id (unless it averaged over a job per millisecond) and ``attach 7`` after a restart says
+    "no such job" rather than return another job's results, with nothing stored.
     """
     return max(1, int(((time.time() if now is None else now) - JOB_ID_EPOCH) * 1000))
 
@@ -94,6 +85,20 @@ def first_job_id(now: float | None = None) -> int:
 #: pickles waiting for a node with larger frames a dispatch passes over to find work that fits
 #: a smaller node (see :meth:`Scheduler._behind_large`): a bound on the work of one dispatch
 SKIP_LARGE = 32
+
+
+def _task(task_id: int, job_id: int, seg: Segment) -> m.Task:
+    """The task of ``seg``: with argument groups, which of its pickles' arguments run."""
+    groups = seg.groups  # (None: the defaults, left out on the wire)
+    return m.Task.make(
+        task=task_id,
+        job=job_id,
+        sizes=seg.sizes,
+        groups=groups or [],
+        skip=seg.skip,
+        count=-1 if groups is None else len(seg.indices),
+        payload=seg.payload,
+    )
 
 
 def _besides(may_run: Any, job: JobState) -> Any:
@@ -333,10 +338,8 @@ class Scheduler(NodeAnswers, Recovery):
             return
         if kind == "wait-for-nodes" and job.waiting:
             self.finish(job, "failed", note)
-        elif kind == "console-grace" and (job.console is None or job.receiving):
-            self.finish(job, "cancelled", note)
-        elif kind == "restart-grace" and (job.console is None or job.receiving):
-            self.finish(job, "failed", note)
+        elif kind in ("console-grace", "restart-grace") and (job.console is None or job.receiving):
+            self.finish(job, "cancelled" if kind == "console-grace" else "failed", note)
 
     # ================================================================ nodes
 
@@ -506,31 +509,24 @@ class Scheduler(NodeAnswers, Recovery):
         node.inflight.clear()
         if node.stopping or left:
             self.nodes_left += 1
+            how = "left as told" if node.stopping else f"left ({reason[:200] or 'stopping'})"
+            log = self.log.info
         else:
             self.nodes_lost += 1
-        if node.stopping:
-            self.log.info(
-                "node {id} ({host}) left as told; {n} arguments re-queued",
-                id=node_id,
-                host=node.host,
-                n=requeued,
-            )
-        elif left:
-            self.log.info(
-                "node {id} ({host}) left ({reason}); {n} arguments re-queued",
-                id=node_id,
-                host=node.host,
-                reason=reason[:200] or "stopping",
-                n=requeued,
-            )
-        else:
-            self.log.warn(
-                "node {id} ({host}) lost: {reason}; {n} arguments re-queued",
-                id=node_id,
-                host=node.host,
-                reason=reason,
-                n=requeued,
-            )
+            how, log = f"lost: {reason}", self.log.warn
+        log(
+            "node {id} ({host}) {how}; {n} arguments re-queued",
+            id=node_id,
+            host=node.host,
+            how=how,
+            n=requeued,
+        )
+        self._capacity_changed()
+
+    def _capacity_changed(self) -> None:
+        """Which nodes take work changed: jobs left without one wait (their consoles told), and
+        consoles hear the argument groups the nodes now take; then work is dispatched (work
+        held for a node's larger frames may now fit no node: see :meth:`_too_large`)."""
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
@@ -573,11 +569,7 @@ class Scheduler(NodeAnswers, Recovery):
         self._drained.discard((node.host, node.pid))
         if node.has_credit():
             self._ready[node.id] = node
-        for job in self.active.values():
-            if not job.finished:
-                self._check_capacity(job)  # a job that waited for a node has one again
-        self._group_limits()
-        self.pump()
+        self._capacity_changed()
         return node
 
     @command
@@ -590,11 +582,7 @@ class Scheduler(NodeAnswers, Recovery):
                 self._ready[node.id] = node
             else:
                 self._ready.pop(node.id, None)
-        for job in self.active.values():
-            if not job.finished:
-                self._check_capacity(job)
-        self._group_limits()
-        self.pump()
+        self._capacity_changed()
 
     @command
     def drain(self, node_ref: str) -> NodeState | None:
@@ -605,11 +593,7 @@ class Scheduler(NodeAnswers, Recovery):
         node.draining = True
         self._drained.add((node.host, node.pid))  # still draining if it reconnects
         self._ready.pop(node.id, None)
-        for job in self.active.values():
-            if not job.finished:
-                self._check_capacity(job)  # tell consoles left without a node
-        self._group_limits()
-        self.pump()  # (work held for this node's larger frames may now fit no node: see _too_large)
+        self._capacity_changed()
         return node
 
     # ================================================================ jobs
@@ -842,23 +826,23 @@ class Scheduler(NodeAnswers, Recovery):
         job = self.jobs.get(job_id)
         if job is None or (job.finished and not job.options.detach):
             return None  # an attached job's results went to its console: none to replay
-        if job.finished:  # nothing more will come: anyone may have the replay, any number of times
-            for msg in job.stored:
-                self._to_console(console, msg, kept=True)
-            self._send(console, self._done_message(job))
-            return job
-        # one receiver at a time; but a detached job's submitter (not an attached console) has
-        # no role left once every argument is in, so it does not block an attach
-        submitter_done = job.options.detach and not job.receiving and not job.attached
-        if job.console is not None and job.console is not console and not submitter_done:
-            return None
-        job.console = console
-        job.attached = True
-        self._console_changed(job)
+        # a finished job's replay is anyone's, any number of times; a running one has one
+        # receiver at a time, but a detached job's submitter (not an attached console) has no
+        # role left once every argument is in, so it does not block an attach
+        if not job.finished:
+            submitter_done = job.options.detach and not job.receiving and not job.attached
+            if job.console is not None and job.console is not console and not submitter_done:
+                return None
+            job.console = console
+            job.attached = True
+            self._console_changed(job)
         # replay everything, every time: an earlier attach may have died half-way
         for msg in job.stored:
             self._to_console(console, msg, kept=True)
-        self._maybe_complete(job)  # an attached job does not end while no console hears it
+        if job.finished:
+            self._send(console, self._done_message(job))
+        else:
+            self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
 
     # ================================================================ flow control of results
@@ -942,14 +926,19 @@ class Scheduler(NodeAnswers, Recovery):
     def _recall_tasks(self, job: JobState) -> None:
         """Take every task of ``job`` off the nodes (cancelled there; late answers dropped)."""
         for node in self.nodes.values():
-            stale = [tid for tid, t in node.inflight.items() if t.job is job]
-            for tid in stale:
-                del node.inflight[tid]
-            if stale:
-                self._send(node.link, m.Cancel(job=job.id))
-                if node.has_credit():
-                    self._ready[node.id] = node
+            self._take_tasks(node, job)
         job.running = job.tasks = 0
+
+    def _take_tasks(self, node: NodeState, job: JobState) -> list[TaskState]:
+        """Take ``job``'s tasks off ``node`` (cancelled there; late answers dropped)."""
+        stale = [t for t in node.inflight.values() if t.job is job]
+        for task in stale:
+            del node.inflight[task.id]
+        if stale:
+            self._send(node.link, m.Cancel(job=job.id))
+            if node.has_credit():
+                self._ready[node.id] = node
+        return stale
 
     def _done_message(self, job: JobState) -> m.JobDone:
         return m.JobDone(
@@ -1058,18 +1047,14 @@ class Scheduler(NodeAnswers, Recovery):
                         break
                     if not self._group_ok(node, job):
                         continue
-                    stale = [t for t in node.inflight.values() if t.job is victim]
+                    stale = self._take_tasks(node, victim)
                     if not stale:
                         continue
                     for task in reversed(stale):
-                        del node.inflight[task.id]
                         victim.running -= len(task.segment)
                         victim.tasks -= 1
                         self._requeue(victim, task.segment)
                     need -= len(stale)
-                    self._send(node.link, m.Cancel(job=victim.id))
-                    if node.has_credit():
-                        self._ready[node.id] = node
                     self.log.info(
                         "job {v} preempted on node {n} ({k} tasks re-queued) for job {j}",
                         v=victim.id,
@@ -1125,19 +1110,7 @@ class Scheduler(NodeAnswers, Recovery):
         job.tasks += 1
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
-        if seg.groups is None:
-            msg = m.Task.make(task=task.id, job=job.id, sizes=seg.sizes, payload=seg.payload)
-        else:
-            msg = m.Task.make(
-                task=task.id,
-                job=job.id,
-                sizes=seg.sizes,
-                groups=seg.groups,
-                skip=seg.skip,
-                count=n,
-                payload=seg.payload,
-            )
-        self._send(node.link, msg)
+        self._send(node.link, _task(task.id, job.id, seg))
         if self._sweep is None:
             self._sweep = self._start_timer("sweep", SWEEP_INTERVAL)
         return True
@@ -1166,19 +1139,7 @@ class Scheduler(NodeAnswers, Recovery):
         bound = task_bound(len(seg.payload), len(seg.sizes))
         if bound <= limit:
             return bound
-        if seg.groups is None:
-            msg = m.Task.make(task=_LONGEST_ID, job=job.id, sizes=seg.sizes, payload=seg.payload)
-        else:
-            msg = m.Task.make(
-                task=_LONGEST_ID,
-                job=job.id,
-                sizes=seg.sizes,
-                groups=seg.groups,
-                skip=seg.skip,
-                count=len(seg.indices),
-                payload=seg.payload,
-            )
-        return frame_length(*m.encode(msg))
+        return frame_length(*m.encode(_task(_LONGEST_ID, job.id, seg)))
 
     def _too_large(
         self, node: NodeState, job: JobState, need: int, seg: Segment | None = None
