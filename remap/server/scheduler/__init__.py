@@ -5,37 +5,29 @@ and failures from nodes), recovery (journal, resume, repair) and core (the :clas
 from ...transitions import IllegalTransition
 from .core import JOB_ID_EPOCH, Scheduler, first_job_id
 from .policy import (
-    MAX_BATCH_ARGS,
     MAX_BATCH_BYTES,
     MAX_PENDING_BYTES,
-    MAX_WINDOW,
     MIN_WINDOW,
-    NO_TIMEOUT_FACTOR,
     NO_TIMEOUT_MIN,
     SWEEP_INTERVAL,
     TARGET_BATCH_SECONDS,
     TASK_SLACK,
 )
-from .segments import Segment, cut, take_from
+from .segments import Segment, take_from
 from .state import (
     PREFETCH,
     TRANSITIONS,
     JobPhase,
     JobState,
-    NodeState,
-    TaskState,
     left_out_of_files,
     missing,
 )
 
 __all__ = [
     "JOB_ID_EPOCH",
-    "MAX_BATCH_ARGS",
     "MAX_BATCH_BYTES",
     "MAX_PENDING_BYTES",
-    "MAX_WINDOW",
     "MIN_WINDOW",
-    "NO_TIMEOUT_FACTOR",
     "NO_TIMEOUT_MIN",
     "PREFETCH",
     "SWEEP_INTERVAL",
@@ -45,11 +37,8 @@ __all__ = [
     "IllegalTransition",
     "JobPhase",
     "JobState",
-    "NodeState",
     "Scheduler",
     "Segment",
-    "TaskState",
-    "cut",
     "first_job_id",
     "left_out_of_files",
     "missing",

@@ -19,17 +19,6 @@ from .sizing import PER_RESULT, RESULTS_HEADROOM, fit_results, fits, results_bou
 from .state import JobState, NodeState, TaskState
 
 
-def _error_entry_ok(entry: Any, n: int) -> bool:
-    """``[position, type, message, traceback]`` with the position inside a batch of ``n``."""
-    return (
-        type(entry) is list
-        and len(entry) == 4
-        and type(entry[0]) is int
-        and 0 <= entry[0] < n
-        and all(type(x) is str for x in entry[1:])
-    )
-
-
 class NodeAnswers:
     """What the scheduler does with a node's answers (mixed into the scheduler)."""
 
@@ -79,8 +68,12 @@ class NodeAnswers:
             self._ready[node.id] = node
         return True
 
-    def _requeue(self, job: JobState, seg: Segment) -> None:
-        job.pending.appendleft(seg)
+    def _requeue(self, job: JobState, seg: Segment, last: bool = False) -> None:
+        """Queue ``seg`` again, first (``last``: after what is queued)."""
+        if last:
+            job.pending.append(seg)
+        else:
+            job.pending.appendleft(seg)
         job.pending_count += len(seg)
         job.pending_bytes += len(seg.payload)
 
@@ -258,8 +251,14 @@ class NodeAnswers:
         errors = msg.errors
         if not errors:  # every call returned: nothing more to check
             return ""
-        for entry in errors:
-            if not _error_entry_ok(entry, n):
+        for entry in errors:  # [position in the batch, type, message, traceback]
+            if not (
+                type(entry) is list
+                and len(entry) == 4
+                and type(entry[0]) is int
+                and 0 <= entry[0] < n
+                and all(type(x) is str for x in entry[1:])
+            ):
                 return f"malformed error entry {str(entry)[:80]}"
         positions = [e[0] for e in errors]
         if len(set(positions)) != len(positions):

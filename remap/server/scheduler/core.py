@@ -55,13 +55,14 @@ from .effects import (
     TimerFired,
     Unsent,
     command,
+    describe,
     new_send,
 )
 from .policy import SWEEP_INTERVAL
 from .recovery import Recovery
 from .segments import Segment, take_from
 from .sizing import ARG_TOO_LARGE, group_room, node_too_large_text, task_bound, task_limits
-from .state import JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
+from .state import PREFETCH, JobPhase, JobState, NodeState, TaskState, left_out_of_files, missing
 
 #: what a node's ``frame-too-large`` error says of its limit (``protocol.framing``'s wording)
 _LIMIT_SAID = re.compile(r"limit of (\d+) bytes")
@@ -185,7 +186,7 @@ class Scheduler(NodeAnswers, Recovery):
             return self._node_said(event.node, event.msg)
         if t is ConsoleSaid:
             return self._console_said(event.link, event.msg)
-        self.events.event(self.clock.seconds(), event)
+        self.events.add(self.clock.seconds(), describe(event))
         self._depth += 1
         try:
             if t is NodeJoined:
@@ -464,11 +465,10 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _add_credits(self, node: NodeState, sign: int) -> None:
         """Keep credit totals (all nodes, per group) current, so sizing a window is O(1)."""
-        self._all_credits += sign * node.credits
+        credits = sign * node.cores * PREFETCH
+        self._all_credits += credits
         if node.group is not None:
-            self._group_credits[node.group] = (
-                self._group_credits.get(node.group, 0) + sign * node.credits
-            )
+            self._group_credits[node.group] = self._group_credits.get(node.group, 0) + credits
 
     def _credits_for(self, job: JobState) -> int:
         """Total credits of the nodes that may run ``job``."""
@@ -646,11 +646,6 @@ class Scheduler(NodeAnswers, Recovery):
     def take_job_id(self) -> int:
         """A fresh job id for a job the scheduler does not run itself (a detached driver)."""
         return next(self._job_ids)
-
-    def _requeue_last(self, job: JobState, seg: Segment) -> None:
-        job.pending.append(seg)
-        job.pending_count += len(seg)
-        job.pending_bytes += len(seg.payload)
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
         options = job.options

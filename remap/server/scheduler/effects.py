@@ -147,21 +147,11 @@ def _console_said(type_name: str, job: int, what: str, n: int) -> str:
     return f"console {type_name} job={job} {what}={n}"
 
 
-def _console_fields(msg: m.Args | m.ArgsEnd) -> tuple:
-    if type(msg) is m.Args:
-        return _console_said, msg.TYPE, msg.job, "n", len(msg.sizes)
-    return _console_said, msg.TYPE, msg.job, "total", msg.total
-
-
 def describe(event: Any) -> str:
-    """One short line for the event log (never a payload: the log is kept in memory)."""
+    """One short line for the event log (never a payload: the log is kept in memory); a
+    message from a node or a console is logged by :meth:`EventLog.node_said` and
+    :meth:`EventLog.console_said` instead."""
     t = type(event)
-    if t is NodeSaid:
-        msg = event.msg
-        return _node_said(event.node, msg.TYPE, getattr(msg, "task", None))
-    if t is ConsoleSaid:
-        fn, *args = _console_fields(event.msg)
-        return fn(*args)
     if t is NodeJoined:
         return f"node {event.node} joined ({event.info.host}, {event.info.cores} cores)"
     if t is NodeLost:
@@ -185,16 +175,6 @@ class EventLog:
     def add(self, now: float, text: str) -> None:
         self.entries.append((now, text[:300]))  # a peer's error text can be long
 
-    def event(self, now: float, event: Any) -> None:
-        """Log an event (:func:`describe` says how it reads)."""
-        t = type(event)
-        if t is NodeSaid:
-            self.node_said(now, event.node, event.msg)
-        elif t is ConsoleSaid:
-            self.console_said(now, event.msg)
-        else:
-            self.add(now, describe(event))
-
     # a message from a node or a console (the two events of every call) is kept as the few
     # fields its line needs, formatted only when read
 
@@ -202,10 +182,10 @@ class EventLog:
         self.entries.append((now, (_node_said, node, msg.TYPE, getattr(msg, "task", None))))
 
     def console_said(self, now: float, msg: m.Args | m.ArgsEnd) -> None:
-        if type(msg) is m.Args:  # _console_fields' first case, without its call: every call's
+        if type(msg) is m.Args:
             self.entries.append((now, (_console_said, msg.TYPE, msg.job, "n", len(msg.sizes))))
         else:
-            self.entries.append((now, _console_fields(msg)))
+            self.entries.append((now, (_console_said, msg.TYPE, msg.job, "total", msg.total)))
 
     def recent(self, n: int | None = None) -> list[tuple[float, str]]:
         items = list(self.entries) if n is None else list(self.entries)[-n:]

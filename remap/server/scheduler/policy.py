@@ -1,8 +1,5 @@
-"""Batch policy: how big a batch is, which job a free slot serves, how long a task may take.
-
-Pure functions of the scheduler's records (no sending, no clock): the scheduler core asks
-them and acts on the answer. Fair share by weight lives here, as do the console's windows.
-"""
+"""Batch policy, pure functions of the scheduler's records: how big a batch is, which job a
+free slot serves (fair share by weight), how long a task may take, a console's windows."""
 
 from __future__ import annotations
 
@@ -17,14 +14,14 @@ TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH_ARGS = 50_000
 #: bytes of arguments a batch may carry: an argument of more than half of this travels alone
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-#: bytes of results a batch should bring back, once a job's result size is measured: what
-#: a job's tasks in flight hold in results, on the server and at a console that holds the job
+#: bytes of results a batch should bring back once a job's result size is measured (bounds
+#: what its tasks in flight bring to the server and to a console that holds the job)
 MAX_BATCH_RESULT_BYTES = 4 * 1024 * 1024
 #: bound on argument bytes queued on the server per job (console windowing keeps to it)
 MAX_PENDING_BYTES = 64 * 1024 * 1024
-#: a task's server-side deadline, past which its node is presumed stuck: with a job ``timeout``,
-#: calls × timeout + TASK_SLACK (the node's own timer, a core restart, the network); without one,
-#: NO_TIMEOUT_FACTOR × the measured time of its calls, at least NO_TIMEOUT_MIN seconds
+#: a task's deadline, past which its node is presumed stuck: calls × the job's ``timeout`` +
+#: TASK_SLACK (the node's own timer, a core restart, the network); without a timeout,
+#: NO_TIMEOUT_FACTOR × its calls' measured time, at least NO_TIMEOUT_MIN seconds
 TASK_SLACK = 5.0
 NO_TIMEOUT_FACTOR = 100
 NO_TIMEOUT_MIN = 600.0
@@ -43,19 +40,17 @@ def window(job: JobState, credits: int) -> int:
     """How many arguments the server wants queued for a job, from the credits that may run it.
 
     A detached job takes all it can (bounded in bytes by :func:`grant`): its console leaves
-    once every argument is on the server (and in the journal), not when the job nears its end;
-    a small job of known size is taken whole.
+    once every argument is on the server. A small job of known size comes whole: its console
+    never waits for a grant mid-job.
     """
     if job.options.detach:
         return MAX_WINDOW
-    # (conditional expressions, not min/max: each builtin call parses keywords, ~800
-    # instructions, and this runs twice per answer on a single call's path)
-    size = job.batch  # batch_size(job), kept current on the job
+    # (conditional expressions, not min/max: a builtin parses keywords, ~800 instructions, and
+    # this runs twice per answer on a single call's path)
+    size = job.batch
     want = 2 * (credits or PREFETCH) * (size if size > 16 else 16)
     total = job.total
     if total > 0:
-        # a small job of known size comes whole: its console never waits for a grant (a round
-        # trip mid-job); bounded in bytes by the first window and then by :func:`grant`
         whole = total if total < SMALL_JOB else SMALL_JOB
         if whole > want:
             want = whole
@@ -69,8 +64,7 @@ def grant(job: JobState, credits: int) -> int:
     if job.pending_bytes >= MAX_PENDING_BYTES:
         return 0
     want = window(job, credits)
-    if job.received:
-        # once argument sizes are known, the window is also bounded in bytes
+    if job.received:  # argument sizes known: bounded in bytes too
         per_arg = job.received_bytes // job.received or 1
         fits = MAX_PENDING_BYTES // per_arg
         if fits < want:
@@ -89,15 +83,10 @@ TAIL_MIN_SECONDS = 0.0005
 
 
 def batch_size(job: JobState) -> int:
-    """Arguments per batch: ``TARGET_BATCH_SECONDS`` of measured work (what ``job.batch``
-    holds: the scheduler sets it again whenever ``per_call`` or ``total`` change).
-
-    Before any call is measured, a job sends one call per batch (a whole argument group, if
-    they travel in groups): its first calls spread over every free core, and neither the time
-    of a call nor the size of its result is known, so a first round of large results is a few
-    of them, not the whole job in flight at once (which no flow control could hold back).
-    Once measured, a batch brings back about ``MAX_BATCH_RESULT_BYTES`` at most.
-    """
+    """Arguments per batch (``job.batch``): ``TARGET_BATCH_SECONDS`` of measured work, bringing
+    back ``MAX_BATCH_RESULT_BYTES`` at most. Before a call is measured, one call (or argument
+    group) per batch: the first calls spread over every free core, and a first round of large
+    results is a few of them, not the whole job in flight at once."""
     if job.options.gang:
         return 1
     if job.options.chunksize:
@@ -112,20 +101,13 @@ def batch_size(job: JobState) -> int:
 
 
 def tail_share(job: JobState, size: int, credits: int) -> int:
-    """Shrink batches near the end of a known-size job so every core gets some of the tail.
-
-    The size is known from ``args_end`` or from the console's ``total`` hint; the hint
-    matters because a small job's arguments are dispatched before its ``args_end``
-    arrives. A job of unknown size shares what is queued. An explicit ``chunksize`` is kept
-    as given.
-    """
+    """Shrink batches near the end of a job so every core gets some of the tail (its size is
+    from ``args_end`` or the console's ``total`` hint); an explicit ``chunksize`` is kept."""
     if job.options.chunksize:
         return size
     if job.total < 0:
-        # unknown size (``Executor.submit``, a lazy ``imap``): what is queued now, shared by the
-        # credits it does not hold yet, so calls behind an unexpectedly slow one on its core are
-        # at most its share while other cores take the rest (a lazy map's window, twice its
-        # credits' batches, still makes full batches)
+        # unknown size (``Executor.submit``, a lazy ``imap``): what is queued, shared by the
+        # credits it does not hold yet, so calls queued behind a slow one are at most its share
         free = credits - job.tasks
         share = -(-job.pending_count // (free if free > 1 else 1))
         share = size if size < share else share
@@ -133,9 +115,7 @@ def tail_share(job: JobState, size: int, credits: int) -> int:
     left = job.pending_count + max(0, job.total - job.received)
     share = -(-left // (credits or 1))
     if job.per_call is not None:
-        # never below TAIL_MIN_SECONDS of measured work: a batch costs ~0.1 ms to send and
-        # answer, so sharing out the last fraction of a ms of trivial calls would cost more than
-        # it saves (at 2 ms the last 6,800 calls of a 10^4-call map went to one core)
+        # a batch costs ~0.1 ms to send and answer: sharing out less work costs more than it saves
         share = max(share, int(TAIL_MIN_SECONDS / max(job.per_call, 1e-7)))
     return max(1, min(size, share))
 
@@ -147,11 +127,8 @@ def next_job(
     jobs: Iterable[JobState], node: NodeState, may_run: Callable[[NodeState, JobState], bool]
 ) -> JobState | None:
     """Fair share by weight: the job furthest below its ``min_cores``, else the one whose
-    tasks in flight per weight would be lowest with one more; ``max_cores`` is a hard cap.
-
-    Over time each job holds task slots (and so cores) in proportion to its weight; ties go
-    to the higher priority, then the older job.
-    """
+    tasks in flight per weight would be lowest with one more (ties: higher priority, then
+    older); ``max_cores`` is a hard cap."""
     best: JobState | None = None
     best_key: tuple | None = None  # computed once a second job competes (one job: no key)
     for job in jobs:
@@ -208,8 +185,7 @@ def task_limit(task: TaskState) -> float | None:
 
 def expired(node: NodeState, now: float) -> list[TaskState]:
     """The node's tasks past their deadline: a task's own limit, counted after the longest
-    task sent to the node before it (which it may queue behind on a core); none once a task
-    without a limit is ahead. One pass in the order tasks were sent."""
+    task sent before it (it may queue behind it); none once a task without a limit is ahead."""
     late: list[TaskState] = []
     wait = 0.0
     for task in node.inflight.values():  # a dict keeps the order tasks were sent in

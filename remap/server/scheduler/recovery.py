@@ -69,7 +69,7 @@ class Recovery:
                     b = a
                     while b < count and start + b not in rec.delivered:
                         b += 1
-                    self._requeue_last(job, cut(whole, a, b))
+                    self._requeue(job, cut(whole, a, b), last=True)
                     a = b
             self.log.info(
                 "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",

@@ -1,18 +1,12 @@
-"""Frames to a peer sized to the limit it said in its ``hello.max_frame``: a console's, a node's.
+"""Frames to a peer sized to the limit its ``hello.max_frame`` said (pure: no links, no clock).
 
-A console refuses a frame over its limit by closing the connection; it then dials again,
-resumes its job and would get the same frame again, for ever. So nothing over the limit is
-sent: a ``results`` message is split between results, a result that cannot fit by itself
-becomes that argument's error (``ResultTooLarge``, one line naming the frame's size, the limit
-and the setting to raise), and a status reply leaves out its oldest finished jobs. Pure: no
-links, no clock. A frame's size is its ``length`` field (:func:`protocol.framing.frame_length`),
-header included: what the receiver holds against its limit.
-
-A node refuses such a frame the same way (and its tasks came back to it, for ever): a task
-holds no more arguments and bytes than :func:`task_limits` allows for the node it goes to, and
-a pickle (an argument, or an argument group the server cannot split) or a job's function too
-large for every node that may run it is that argument's error (``ArgumentTooLarge``) or the
-job's, in one line made by :func:`node_too_large_text`.
+A peer refuses a frame over its limit by closing the connection, and would be sent the same
+frame again when it comes back, for ever. So to a console a ``results`` message is split, a
+result that cannot fit alone becomes its error (``ResultTooLarge``) and a status reply leaves
+out its oldest finished jobs; to a node a task holds no more than :func:`task_limits` allows,
+and a pickle or a job's function too large for every node that may run it is that argument's
+error (``ArgumentTooLarge``) or the job's. A frame's size is its ``length`` field, header
+included (:func:`protocol.framing.frame_length`).
 """
 
 from __future__ import annotations
@@ -33,8 +27,7 @@ RESULTS_HEADROOM = 256
 INT_MAX = 9
 #: bytes one result adds to a header at most: its size and its index
 PER_RESULT = 2 * INT_MAX
-#: the error type a result too large for its console's frames becomes (as a node's too large
-#: result does: see ``answers.py``)
+#: the error type of a result too large for its console's frames (or a node's: ``answers.py``)
 TOO_LARGE = "ResultTooLarge"
 
 #: bytes a ``task`` header takes besides its lists: every key, the task and job ids, ``skip``,
@@ -46,14 +39,13 @@ PER_PICKLE = 2 * INT_MAX
 ARG_TOO_LARGE = "ArgumentTooLarge"
 #: arguments a task may hold when its node's frames are no bound on it
 NO_CAP = 1 << 62
-#: a node whose frames take this much takes any batch the scheduler makes (its pickles are a
-#: byte at least, so the header is at most ``PER_PICKLE`` bytes a byte of them)
+#: a node whose frames take this much takes any batch (a pickle is a byte at least)
 ROOMY = (PER_PICKLE + 1) * MAX_BATCH_BYTES + TASK_HEADROOM
 
 
 def results_bound(msg: m.Results) -> int:
-    """An upper bound on the frame length of ``msg`` when it has no errors (no encoding: the
-    scheduler asks this of every delivery; text counts 4 bytes a character, UTF-8's most)."""
+    """An upper bound on the frame length of ``msg`` without errors, not encoded (asked of
+    every delivery; text counts 4 bytes a character, UTF-8's most)."""
     return (
         len(msg.payload)
         + 4 * len(msg.output)
@@ -69,8 +61,7 @@ def fits(msg: m.Message, limit: int) -> bool:
 
 def too_large_text(need: int, limit: int, server_limit: int, kept: bool = False) -> str:
     """The one line a result too large for its console's frames is reported with. ``kept``: a
-    detached job's result, which the server keeps (it counted it done): too large for this
-    console only, another with larger frames may attach and get it."""
+    detached job's result, which the server keeps for a console with larger frames."""
     if kept:
         return (
             f"its result needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on "
@@ -86,7 +77,7 @@ def too_large_text(need: int, limit: int, server_limit: int, kept: bool = False)
 
 def _cut_output(output: str, limit: int) -> str:
     """What a batch printed, cut to a quarter of the frame at most (it rides on its first
-    piece; a frame is mostly for results)."""
+    piece)."""
     room = limit // 16  # characters: 4 bytes each at most
     if 4 * len(output) <= limit // 4:
         return output
@@ -102,13 +93,10 @@ def fit_results(
 ) -> list[m.Results]:
     """``msg`` as messages that each travel in a frame of at most ``limit`` bytes, in order.
 
-    Split between results (errors keep their positions within their piece; what the calls
-    printed rides on the first piece). A result too large for a frame by itself is sent as
-    that argument's :data:`TOO_LARGE` error instead. A packed batch or a partial fold is one
-    pickle for all its arguments: if it does not fit, each of them gets that error (the
-    scheduler re-runs such a batch's arguments one by one first, while it still can).
-    ``kept``: the results of a detached job, which the server keeps whole (see
-    :func:`too_large_text`); ``msg`` itself is never changed.
+    Split between results; a result too large for a frame by itself becomes that argument's
+    :data:`TOO_LARGE` error. A packed batch or a partial fold is one pickle for all its
+    arguments: if it does not fit, each of them gets that error. ``kept``: see
+    :func:`too_large_text`; ``msg`` itself is never changed.
     """
     if fits(msg, limit):
         return [msg]
@@ -196,11 +184,10 @@ def fit_status(reply: m.StatusReply, limit: int) -> m.StatusReply | None:
 
 
 def task_limits(limit: int) -> tuple[int, int]:
-    """``(arguments, bytes of pickles)`` a task to a node whose frames take at most ``limit``
-    bytes may hold, so its frame is within the limit whatever the pickles are (the header is a
-    quarter of it at most). ``limit`` 0 (an in-process link) or :data:`ROOMY`: the scheduler's
-    own bounds (:data:`NO_CAP`, ``MAX_BATCH_BYTES``). A pickle over the bytes travels alone
-    and is measured by itself (:func:`task_bound`, then encoded)."""
+    """``(arguments, bytes of pickles)`` a task to a node whose frames take ``limit`` bytes may
+    hold, so its frame fits whatever the pickles are (the header a quarter of it at most).
+    ``limit`` 0 (an in-process link) or over :data:`ROOMY`: the scheduler's own bounds. A
+    pickle over the bytes travels alone and is measured by itself."""
     if not limit or limit >= ROOMY:
         return NO_CAP, MAX_BATCH_BYTES
     room = limit - TASK_HEADROOM
@@ -214,15 +201,14 @@ def task_bound(nbytes: int, pickles: int) -> int:
 
 
 def group_room(limit: int) -> int:
-    """Bytes one pickle (an argument group) may have so that a task holding it alone fits a
-    node's frames of ``limit`` bytes: what a console is told in ``group_limit``."""
+    """Bytes one pickle may have to fit a node's frames of ``limit`` bytes alone in a task:
+    what a console is told in ``group_limit``."""
     return max(1, limit - TASK_HEADROOM - PER_PICKLE)
 
 
 def node_too_large_text(what: str, need: int, limit: int, server_limit: int) -> str:
-    """The one line a message too large for the frames of every node that may take it is
-    reported with (``what`` needs it: "its task", "the job's function"), as a result too
-    large for a console's frames is (:func:`too_large_text`)."""
+    """The one line a message (``what``: "its task", "the job's function") too large for the
+    frames of every node that may take it is reported with."""
     whose = "the nodes'" if limit < server_limit else "the nodes' and the server's"
     return (
         f"{what} needs a frame of {need:,} bytes, over the limit of {limit:,} bytes on frames "

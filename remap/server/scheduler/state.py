@@ -1,8 +1,7 @@
 """What the scheduler knows: nodes, tasks in flight, jobs, and the phases a job moves through.
 
-A job's lifecycle is :class:`JobPhase`, changed only by :meth:`JobState.move`, which
-checks :data:`TRANSITIONS`: a move the table does not list is a bug and raises
-:class:`IllegalTransition` instead of leaving a job half in two phases.
+A job's phase changes only by :meth:`JobState.move`, along :data:`TRANSITIONS`: any other
+move is a bug and raises :class:`IllegalTransition` rather than leave a job in two phases.
 """
 
 from __future__ import annotations
@@ -89,11 +88,6 @@ class NodeState:
     inflight: dict[int, TaskState] = field(default_factory=dict)
     loaded: set[int] = field(default_factory=set)
     tasks_done: int = 0
-
-    @property
-    def credits(self) -> int:
-        return self.cores * PREFETCH
-
     #: the node let a task pass its deadline: no new work until it answers something
     suspect: bool = False
     #: on the server's persistent exclusion list: connected, but never given work
@@ -104,9 +98,8 @@ class NodeState:
     data_dir: str | None = None
     data_id: str | None = None
     data_error: str | None = None
-    #: the largest frame the node takes (its ``hello.max_frame``, or what it refused over; 0:
-    #: an in-process link, no frames) and what a task to it may hold for its frame to fit
-    #: (``sizing.task_limits``): arguments, bytes of pickles (a pickle over it goes alone)
+    #: the largest frame the node takes (0: an in-process link, no frames) and what a task to
+    #: it may hold to fit one (``sizing.task_limits``): arguments, bytes of pickles
     frame_limit: int = 0
     batch_args: int = 1 << 62
     batch_bytes: int = 4 * 1024 * 1024
@@ -116,7 +109,7 @@ class NodeState:
             not self.draining
             and not self.suspect
             and not self.excluded
-            and len(self.inflight) < self.cores * PREFETCH  # self.credits, inlined: hot
+            and len(self.inflight) < self.cores * PREFETCH
         )
 
     def describe(self, now: float) -> NodeStatus:
@@ -156,7 +149,6 @@ class JobState:
     id: int
     console: Any
     fn_blob: bytes
-    #: what the console asked for (see protocol/options.py: every field documented there)
     options: JobOptions = JobOptions()
     total: int = -1
     requires: frozenset[str] = frozenset()  # top-level modules of options.requires
@@ -188,33 +180,26 @@ class JobState:
     finished_at: float | None = None
     #: ends the job unless its console comes back (see :meth:`Scheduler.console_lost`)
     orphan_timer: Any = None
-    #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again, in order,
-    #: before it continues from its ``sent`` (then ``received`` is the next index again)
+    #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again first
     expect: deque[list[int]] = field(default_factory=deque)
-    #: flow control of results: its console asked to hold it (``hold``), or more than
-    #: ``wire.CONGESTED_BYTES`` wait to be written to its console; ``paused`` is either, and
-    #: then none of its calls is dispatched (those on nodes finish)
+    #: flow control of results: its console asked to hold it, or its writes are congested;
+    #: ``paused`` is either, and then none of its calls is dispatched
     held: bool = False
     congested: bool = False
     paused: bool = False
-    #: bytes of a result, measured (a moving average; 0: none measured): batches are cut so
-    #: their results stay near ``policy.MAX_BATCH_RESULT_BYTES``
+    #: bytes of a result, a moving average (0: none measured), for ``policy.batch_size``
     result_size: float = 0.0
-    #: arguments a batch may hold so its results fit one frame to the console (0: no cap),
-    #: learned when a packed batch's did not (see ``NodeAnswers._one_by_one``)
+    #: arguments a batch may hold so its results fit a frame to the console (0: no cap)
     result_cap: int = 0
-    #: the largest argument group's pickle its console was told to send (``group_limit``; 0:
-    #: no bound said): see ``Scheduler._group_limits``
+    #: the ``group_limit`` its console was told (0: no bound said)
     group_bytes: int = 0
 
-    #: ``phase`` is final; and ``phase`` is RECEIVING: the console is still sending arguments
-    #: (no ``args_end`` yet). Attributes :meth:`move` keeps, not properties: they are read on
-    #: every dispatch and answer (a property is a Python call per read)
+    #: ``phase`` is final; ``phase`` is RECEIVING. Attributes :meth:`move` keeps, not
+    #: properties: they are read on every dispatch and answer (a property is a Python call)
     finished: bool = field(default=False, init=False)
     receiving: bool = field(default=True, init=False)
-    #: arguments per batch now (:func:`~.policy.batch_size`), read by every dispatch and
-    #: window: set here and again by the scheduler whenever what it depends on changes (the
-    #: measured ``per_call``, ``total`` at ``args_end`` or a restore; the options never do)
+    #: arguments per batch (:func:`~.policy.batch_size`), set again by the scheduler whenever
+    #: ``per_call`` or ``total`` change
     batch: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
@@ -235,8 +220,7 @@ class JobState:
         self.rebuilt(phase)
 
     def rebuilt(self, phase: JobPhase) -> None:
-        """Set the phase without a move (a job rebuilt from the journal); with :meth:`move`,
-        the only ways ``phase`` changes, so ``finished`` and ``receiving`` follow it here."""
+        """Set the phase without a move (a job rebuilt from the journal)."""
         self.phase = phase
         self.finished = phase.final
         self.receiving = phase is JobPhase.RECEIVING
