@@ -124,13 +124,11 @@ class Scheduler(NodeAnswers, Recovery):
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.clock = clock
-        #: the server's own frame limit (a console's ``frame_limit`` is at most this): named
-        #: in the error of a result too large for a console's frames
+        #: the server's own frame limit, named in errors of frames too large for a peer's
         self.max_frame = max_frame
         self._outbox: list[Effect] = []
         self._depth = 0  # commands running (see :func:`command`)
-        #: inside :meth:`node_said` or :meth:`console_said`: a send with nothing queued ahead of
-        #: it is written at once (see :meth:`_send`)
+        #: inside :meth:`node_said` or :meth:`console_said` (see :meth:`_send`)
         self._eager = False
         #: performs the effects of commands and of timers that run out; the service uses it too
         self.runner = EffectRunner(clock, self)
@@ -146,8 +144,7 @@ class Scheduler(NodeAnswers, Recovery):
         self._preempt_timer: Timer | None = None
         self.keep_finished = keep_finished
         self.nodes: dict[str, NodeState] = {}
-        #: nodes gone since the server started: lost (no goodbye: crashed, killed, cut off or
-        #: silent) and left as asked (a goodbye, or told to stop); for ``/metrics``
+        #: nodes gone since the server started, lost or left as asked (for ``/metrics``)
         self.nodes_lost = 0
         self.nodes_left = 0
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
@@ -159,11 +156,10 @@ class Scheduler(NodeAnswers, Recovery):
         self._all_credits = 0
         #: (host, pid) of drained node processes, so a reconnecting one stays drained
         self._drained: set[tuple[str, int]] = set()
-        #: (host, pid) of node processes that refused a frame over a limit their hello did not
-        #: say, and that limit (see :meth:`node_refused_frame`)
+        #: the limits node processes (host, pid) named when refusing a frame (see
+        #: :meth:`node_refused_frame`)
         self._frame_limits: dict[tuple[str, int], int] = {}
-        #: connected nodes whose frames are smaller than the server's: while there are none,
-        #: consoles are told no bound on argument groups (see :meth:`_group_limits`)
+        #: connected nodes whose frames are smaller than the server's (see :meth:`_group_limits`)
         self._small_frames: set[str] = set()
         #: host names on the exclusion list (see :meth:`set_excluded`)
         self.excluded_hosts: frozenset[str] = frozenset()
@@ -172,7 +168,7 @@ class Scheduler(NodeAnswers, Recovery):
         self.started_at = clock.seconds()
         self.cpu_started = time.process_time()
         #: observers (metrics, the HTTP API) told ``batch_finished(job, n, seconds)`` and
-        #: ``results_delivered(job, msg)``; empty unless HTTP is on
+        #: ``results_delivered(job, msg)``
         self.watchers: list[Any] = []
         #: the server's journal (:mod:`remap.server.journal`), once :meth:`restore` gave one
         self.journal: Any = None
@@ -269,10 +265,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _send(self, link: Any, msg: m.Message) -> None:
         if self._eager and not self._outbox:
-            # the service's entries for the two messages of every call perform their effects
-            # anyway: a send with nothing queued ahead of it leaves now, so a call's task (or
-            # its results) is on its way before the bookkeeping after it (grants, the next
-            # dispatch), and the order of effects is the order they were decided in
+            # a send with nothing queued ahead of it leaves now, so a call's task (or results)
+            # is on its way before the bookkeeping after it; the order of effects is kept
             try:
                 link.send(msg)
                 return  # (here, not after the except: no jump over it)
@@ -283,8 +277,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def unsent(self, link: Any, msg: m.Message, failure: Failure) -> Unsent:
         """A send just raised (``failure``): log it and note it on the message's running job,
-        which then fails rather than end done; nothing else changes here, in the middle of
-        the bookkeeping that decided the send (see :meth:`send_failed`, which acts on it)."""
+        which then fails rather than end done. Nothing else changes here, in the middle of the
+        bookkeeping that decided the send: :meth:`send_failed` acts on it."""
         node = next((n for n in self.nodes.values() if n.link is link), None)
         to = f"node {node.id} ({node.host})" if node else f"console {getattr(link, 'peer', link)}"
         self.log.failure("could not send {type} to {to}", failure, type=msg.TYPE, to=to)
@@ -300,9 +294,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def send_failed(self, unsent: Unsent) -> list[Effect]:
         """Act on a send that raised, once the bookkeeping that decided it is done: its running
-        job fails with the reason (its console told in ``job_done``); a message of no running
-        job closes that peer (told why), so it waits for nothing: a node's work is re-queued and
-        a console's jobs wait for it to resume, as when a connection is lost. Its effects."""
+        job fails with the reason; a message of no running job closes that peer (told why), so
+        it waits for nothing, as when a connection is lost. Returns the effects."""
         self._depth += 1
         try:
             if unsent.close:
@@ -398,9 +391,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _group_bound(self, job: JobState) -> int:
         """The largest argument group's pickle that fits every connected node that may run
-        ``job`` (0: no node that may run it has frames smaller than the server's); while no
-        node may run it (it waits for nodes), ``EARLY_GROUP_BYTES``: the first to come may
-        take small frames, and groups queued before it came could fit none."""
+        ``job`` (0: no bound); while it waits for nodes, ``EARLY_GROUP_BYTES``: the first to
+        come may take small frames, and groups queued before then could fit none."""
         if job.waiting:
             return m.EARLY_GROUP_BYTES
         if not self._small_frames:
@@ -418,12 +410,9 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _group_limits(self, jobs: Iterable[JobState] | None = None) -> None:
         """Tell each console still sending arguments the largest argument group worth sending
-        (``group_limit``), when that changed. A console sizes its groups without knowing the
-        nodes' frames; a group larger than every node that may run its job takes would fail
-        each of its arguments with ``ArgumentTooLarge`` though each fits alone, and the server
-        cannot split a group (it never unpickles). Nothing is sent while no node has frames
-        smaller than the server's and the job has nodes to run it: the wire is unchanged on
-        such a cluster."""
+        (``group_limit``), when that changed: a group no node may take would fail each of its
+        arguments though each fits alone, and the server cannot split a group (it never
+        unpickles). Nothing is sent on a cluster of nodes with the server's frames."""
         for job in self.active.values() if jobs is None else jobs:
             if not job.receiving or job.console is None:
                 continue
@@ -434,14 +423,11 @@ class Scheduler(NodeAnswers, Recovery):
 
     @command
     def node_refused_frame(self, node_id: str, message: str) -> None:
-        """A node closes its connection over a frame larger than it takes (its error
-        ``frame-too-large``, whose ``message`` names its limit): its hello said a larger limit,
-        or none (a node from before ``hello.max_frame`` is held to the default). Its work comes
-        back when the connection ends, as for any lost node; from now on frames to it are held
-        to the limit it named (half of what was believed, if it named none or a larger one),
-        also when that node process connects again. So the frame it refused is never sent to it
-        again: it is cut smaller, goes to another node, or fails in one line (see
-        :meth:`_too_large`), where it used to be sent again at every reconnection, for ever."""
+        """A node closes its connection over a frame larger than its hello said it takes (its
+        ``frame-too-large`` error ``message`` names its limit). Frames to it, also when that
+        node process connects again, are held from now on to the limit it named (half of what
+        was believed, if it named none or a larger one), so the frame it refused is never sent
+        to it again (its work comes back as from any lost node)."""
         node = self.nodes.get(node_id)
         if node is None:
             return
@@ -489,9 +475,8 @@ class Scheduler(NodeAnswers, Recovery):
     def remove_node(self, node_id: str, reason: str, *, left: bool = False) -> None:
         """A node is gone: its in-flight work goes back to the front of its jobs' queues.
 
-        ``left``: it said ``goodbye`` (stopping as asked), so it is no loss: one info line.
-        A node told to stop (``kill --cluster``, the embedded cluster's close) is none either.
-        Any other end is a loss: the warning operators watch for."""
+        Unless it said ``goodbye`` (``left``) or was told to stop, it is a loss: the warning
+        operators watch for."""
         node = self.nodes.pop(node_id, None)
         self._ready.pop(node_id, None)
         if node is None:
@@ -604,10 +589,8 @@ class Scheduler(NodeAnswers, Recovery):
         now = self.clock.seconds()
         job = self._new_job(next(self._job_ids), console, msg, now)
         job.owner = owner
-        if self.journal is not None:
-            self.journal.job_submitted(
-                job.id, msg, now, owner
-            )  # before the console hears "accepted"
+        if self.journal is not None:  # before the console hears "accepted"
+            self.journal.job_submitted(job.id, msg, now, owner)
         self.jobs[job.id] = job
         self.active[job.id] = job
         if getattr(console, "congested", False):
@@ -649,9 +632,7 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _group_ok(self, node: NodeState, job: JobState) -> bool:
         options = job.options
-        # (a job that requires no module and reads no files asks neither: every dispatch
-        # passes here)
-        return (
+        return (  # (each check asked only of a job it concerns: every dispatch passes here)
             (options.group is None or node.group == options.group)
             and (not job.requires or not missing(node, job))
             and (options.data_id is None or not left_out_of_files(node, job))
