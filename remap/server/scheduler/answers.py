@@ -18,6 +18,14 @@ from .segments import Segment, cut
 from .sizing import PER_RESULT, RESULTS_HEADROOM, fit_results, fits, results_bound
 from .state import JobState, NodeState, TaskState
 
+#: a task's failure (its reason): the error type of an argument it fails, and what happened
+_FAILURES = {
+    "timeout": ("TaskTimeout", "timed out"),
+    "crash": ("CoreCrashed", "crashed its core"),
+    "too-large": ("ResultTooLarge", "returned a result too large to send"),
+    "no-answer": ("TaskTimeout", "got no answer from its node"),
+}
+
 
 class NodeAnswers:
     """What the scheduler does with a node's answers (mixed into the scheduler)."""
@@ -155,11 +163,9 @@ class NodeAnswers:
             if n > 1 and (msg.packed or msg.partial):
                 self._one_by_one(job, seg, results, limit)
                 return
-            pieces = fit_results(results, limit, self.max_frame)
-            for piece in pieces:
-                self._deliver(job, piece, sized=True)
             n_err = 0
-            for piece in pieces:
+            for piece in fit_results(results, limit, self.max_frame):
+                self._deliver(job, piece, sized=True)
                 if piece.errors and first is None:
                     pos, type_name, text = piece.errors[0][:3]
                     first = (piece.answered[pos], type_name, text)
@@ -318,19 +324,9 @@ class NodeAnswers:
             else:
                 self._requeue(job, s)
         if errors:
-            what = {
-                "timeout": f"timed out after {job.options.timeout:g}s"
-                if job.options.timeout
-                else "timed out",
-                "crash": "crashed its core",
-                "too-large": "returned a result too large to send",
-                "no-answer": "got no answer from its node",
-            }.get(msg.reason, msg.reason)
-            type_name = {
-                "timeout": "TaskTimeout",
-                "too-large": "ResultTooLarge",
-                "no-answer": "TaskTimeout",
-            }.get(msg.reason, "CoreCrashed")
+            type_name, what = _FAILURES.get(msg.reason, ("CoreCrashed", msg.reason))
+            if msg.reason == "timeout" and job.options.timeout:
+                what = f"timed out after {job.options.timeout:g}s"
             for s in errors:
                 text = what
                 if msg.reason != "too-large":
@@ -338,15 +334,8 @@ class NodeAnswers:
                 if msg.message:
                     text += f" ({msg.message})"
                 job.failed += 1
-                self._deliver(
-                    job,
-                    m.Results.of(
-                        job.id,
-                        s.indices,
-                        sizes=[0],
-                        errors=[[0, type_name, text, ""]],
-                    ),
-                )
+                error = [0, type_name, text, ""]
+                self._deliver(job, m.Results.of(job.id, s.indices, sizes=[0], errors=[error]))
                 if job.options.on_error == "fail":
                     self.finish(job, "failed", f"argument {s.indices[0]} {text}")
                     return

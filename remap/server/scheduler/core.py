@@ -545,16 +545,27 @@ class Scheduler(NodeAnswers, Recovery):
         return matches[0] if len(matches) == 1 else None
 
     @command
+    def drain(self, node_ref: str) -> NodeState | None:
+        """Drain a node (see :meth:`find_node` for ``node_ref``)."""
+        return self._drain(node_ref, True)
+
+    @command
     def undrain(self, node_ref: str) -> NodeState | None:
         """Let a drained node take work again (see :meth:`find_node` for ``node_ref``)."""
+        return self._drain(node_ref, False)
+
+    def _drain(self, node_ref: str, draining: bool) -> NodeState | None:
         node = self.find_node(node_ref)
-        if node is None:
-            return None
-        node.draining = False
-        self._drained.discard((node.host, node.pid))
-        if node.has_credit():
-            self._ready[node.id] = node
-        self._capacity_changed()
+        if node is not None:
+            node.draining = draining
+            if draining:
+                self._drained.add((node.host, node.pid))  # still draining if it reconnects
+                self._ready.pop(node.id, None)
+            else:
+                self._drained.discard((node.host, node.pid))
+                if node.has_credit():
+                    self._ready[node.id] = node
+            self._capacity_changed()
         return node
 
     @command
@@ -568,18 +579,6 @@ class Scheduler(NodeAnswers, Recovery):
             else:
                 self._ready.pop(node.id, None)
         self._capacity_changed()
-
-    @command
-    def drain(self, node_ref: str) -> NodeState | None:
-        """Drain a node (see :meth:`find_node` for ``node_ref``)."""
-        node = self.find_node(node_ref)
-        if node is None:
-            return None
-        node.draining = True
-        self._drained.add((node.host, node.pid))  # still draining if it reconnects
-        self._ready.pop(node.id, None)
-        self._capacity_changed()
-        return node
 
     # ================================================================ jobs
 
