@@ -1,10 +1,5 @@
-"""The pure Pregel engine: partitions, one superstep, messages as bytes. No processes, no files.
-
-Everything a worker does between two barriers lives here, so the semantics (delivery in the
-next superstep, waking halted vertices, combiners, aggregators) are tested without a cluster.
-Messages between partitions are pickled by the worker that sends them and unpickled by the
-worker that receives them; nothing in between (server, files) ever looks inside.
-"""
+"""The pure Pregel engine: partitions, one superstep, messages as bytes. No processes, no files:
+what a worker does between two barriers, so its semantics are tested without a cluster."""
 
 from __future__ import annotations
 
@@ -39,14 +34,12 @@ def partition_of(vertex_id: Any, count: int) -> int:
     have one owner: ``True``, ``1.0`` and ``numpy.int64(1)`` are owned as ``1`` is."""
     if count == 1:
         return 0
+    if type(vertex_id) is not int and type(vertex_id) is not str:
+        vertex_id = _canonical(vertex_id)
     if type(vertex_id) is int:
         return (((vertex_id * _MIX) & _MASK) >> 32) % count
-    if type(vertex_id) is str:
-        return zlib.crc32(vertex_id.encode("utf-8", "surrogatepass")) % count
-    vertex_id = _canonical(vertex_id)
-    if type(vertex_id) is int:
-        return (((vertex_id * _MIX) & _MASK) >> 32) % count
-    return zlib.crc32(repr(vertex_id).encode("utf-8", "surrogatepass")) % count
+    text = vertex_id if type(vertex_id) is str else repr(vertex_id)
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % count
 
 
 def _canonical(vertex_id: Any) -> Any:
@@ -83,14 +76,6 @@ class VertexError(JobFailed):
 Record = tuple[Any, Any, list[Any], list[Any] | None]  # id, value, targets, edge values
 
 
-def _edges(raw: Any) -> tuple[list[Any], list[Any] | None]:
-    """Targets and edge values; a record's edges are all bare targets or all (target, value)."""
-    edges = list(raw or ())
-    if not edges or type(edges[0]) is not tuple or len(edges[0]) != 2:
-        return edges, None
-    return [e[0] for e in edges], [e[1] for e in edges]
-
-
 def _record(item: Any, line: str) -> Record:
     if type(item) is tuple and len(item) == 3 and type(item[2]) is list:
         edges = item[2]  # the common shape, (id, value, [targets]): no copy, no second look
@@ -103,8 +88,11 @@ def _record(item: Any, line: str) -> Record:
         )
     vid = item[0]
     value = item[1] if len(item) > 1 else None
-    try:
-        targets, weights = _edges(item[2] if len(item) > 2 else ())
+    try:  # a record's edges are all bare targets or all (target, value)
+        targets = list(item[2] or ()) if len(item) > 2 else []
+        weights = None
+        if targets and type(targets[0]) is tuple and len(targets[0]) == 2:
+            targets, weights = [e[0] for e in targets], [e[1] for e in targets]
     except TypeError:
         raise VertexError(
             f"prepare({line!r}) returned edges {item[2]!r}: expected a list of targets or "
@@ -130,13 +118,10 @@ def prepare_line(program: Program, line: str) -> list[Record]:
 
 
 class Outbox:
-    """Messages sent in one superstep, one bucket per destination partition.
-
-    With a fold (``combine`` is sum, min or max) every message is folded into its vertex's
-    slot as it is sent; with any other ``combine`` the messages are kept per vertex and
-    combined once, in :meth:`finish`; without one they are kept as lists. ``send`` and
-    ``send_many`` are closures over local names: they are the hottest code of a vertex job.
-    """
+    """Messages sent in one superstep, one bucket per destination partition: folded as sent
+    (``combine`` is sum, min or max), else kept as lists (a ``combine`` runs once, in
+    :meth:`finish`). ``send`` and ``send_many`` are closures over local names: the hottest
+    code of a vertex job."""
 
     def __init__(
         self,
@@ -147,10 +132,9 @@ class Outbox:
         self.count = count
         self.combine = combine
         self.fold = fold
-        #: per destination partition: vertex id → message(s); after :meth:`finish` a bucket
-        #: of summed floats from :class:`Fanout` alone may be a :class:`Sums` instead
+        #: per destination: vertex id → message(s), or (after :meth:`finish`) a :class:`Sums`
         self.buckets: list[Any] = [{} for _ in range(count)]
-        #: per destination partition: :class:`Sums` pieces noted by ``Fanout.flush``
+        #: per destination: :class:`Sums` pieces noted by ``Fanout.flush``
         self.pieces: list[list[Sums]] = [[] for _ in range(count)]
         self._sent = [0]
         self._finished = False
@@ -158,12 +142,12 @@ class Outbox:
 
     @property
     def combined(self) -> bool:
-        """Whether a bucket maps a vertex to one (combined) message rather than a list."""
+        """Whether a bucket maps a vertex to one message rather than a list."""
         return self.combine is not None
 
     @property
     def sent(self) -> int:
-        """Calls to send so far (before combining)."""
+        """Messages sent so far (before combining)."""
         return self._sent[0]
 
     def _senders(self, fold: Callable[[Any, Any], Any] | None) -> tuple[Any, Any]:
@@ -217,7 +201,6 @@ class Outbox:
                     bucket[to] = message
 
         def send_many(route: Any, message: Any) -> None:
-            """``message`` to every target of ``route`` (see :meth:`Partition.route`)."""
             if fold is not operator.add or (
                 type(message) is not float and type(message) is not int
             ):
@@ -236,7 +219,7 @@ class Outbox:
         return send, send_many
 
     def finish(self) -> None:
-        """Apply a (non-fold) combiner once per vertex: call before reading the buckets."""
+        """Add the Fanout's sums and apply a (non-fold) combiner: before reading the buckets."""
         if self._finished:
             return
         self._finished = True
@@ -270,8 +253,7 @@ class Outbox:
 
 
 def encode_bucket(bucket: Mapping[Any, Any] | Sums, combined: bool) -> bytes:
-    """A bucket as bytes: its ids and its messages as two lists (no tuple per message), or
-    a :class:`Sums` as its two raw arrays."""
+    """A bucket as ids and messages in two lists (no tuple per message), a Sums as arrays."""
     if type(bucket) is Sums:
         return bucket.to_bytes()
     return pickle.dumps((combined, list(bucket), list(bucket.values())), PICKLE_PROTOCOL)
@@ -293,12 +275,10 @@ def _fixed(message: Any) -> bool:
 def kept_bucket(
     bucket: Mapping[Any, Any] | Sums, combined: bool
 ) -> Mapping[Any, Any] | Sums | bytes:
-    """A bucket for this worker's own partitions, delivered next superstep: as is when every
-    message is immutable (numbers, text, tuples of them: the common case costs one set of types),
-    else as bytes, like a bucket sent to another worker. Kept as objects, a list a vertex
-    sent (its value, say) would reach its receiver with what the sender did to it since,
-    and an object sent to several receivers would carry one receiver's changes to the next:
-    the output would depend on which partitions share a worker."""
+    """A bucket for this worker's own partitions: as is when every message is immutable, else
+    as bytes like one sent to another worker. Kept as objects, a mutable message would carry
+    its sender's (or another receiver's) later changes: the output would depend on which
+    partitions share a worker."""
     if type(bucket) is Sums:
         return bucket
 
@@ -314,8 +294,7 @@ def kept_bucket(
 
 
 def decode_bucket(blob: bytes) -> tuple[bool, Any]:
-    """``(combined, bucket)`` from :func:`encode_bucket`'s bytes (a bucket is a dict of lists
-    of ids and messages as (keys, values), or a :class:`Sums`)."""
+    """``(combined, bucket)`` from :func:`encode_bucket`'s bytes."""
     if blob[: len(Sums.MAGIC)] == Sums.MAGIC:
         return True, Sums.from_bytes(blob)
     combined, ids, messages = pickle.loads(blob)
@@ -343,11 +322,9 @@ class _Pairs:
 def gather(
     part: Partition, sources: Iterable[bytes | Mapping[Any, Any] | Sums], combined: bool
 ) -> dict[Any, Any] | DenseInbox:
-    """A partition's inbox for the next superstep from what every sender sent it, in order
-    (encoded buckets from other workers, buckets of this one). Summed floats to known
-    vertices, from :class:`Fanout` alone, add up in arrays into a :class:`DenseInbox` (no
-    Python call per message, the same additions in the same order); anything else folds
-    into a dict (vertex id → list of messages, or with a fold → the one folded message)."""
+    """A partition's inbox from what every sender sent it, in order. Fanout sums alone to
+    known vertices add up in arrays (a :class:`DenseInbox`: the same additions in the same
+    order); anything else into a dict (vertex id → its messages, or its folded message)."""
     fold = part.program.fold
     buckets = [decode_bucket(s) if isinstance(s, bytes) else (combined, s) for s in sources]
     buckets = [(c, b) for c, b in buckets if len(b)]
@@ -399,7 +376,7 @@ def _deliver(
 
 class Sums:
     """Summed float messages to integer vertex ids as two arrays (ids unique, in the order
-    they were first sent to): what :class:`Fanout` sends, encoded as the raw arrays."""
+    first sent to): what :class:`Fanout` sends, encoded as the raw arrays."""
 
     MAGIC = b"remap-sums-1\n"
     __slots__ = ("ids", "sums")
@@ -434,35 +411,36 @@ class Sums:
 
     @classmethod
     def concat(cls, pieces: list[Sums]) -> Sums:
-        """One Sums of several senders' (one worker's partitions): each id's sums added in
-        piece order, ids in first-sent order, as the dict of a shared outbox would hold them."""
+        """Several senders' Sums as one, added in piece order (what a shared dict would hold)."""
         ids, slot = _first_seen(_np.concatenate([p.ids for p in pieces]))
         sums = _np.concatenate([p.sums for p in pieces])
         out = _np.zeros(len(ids))
         seen = _np.zeros(len(ids), dtype=_np.bool_)
-        for piece_slot, piece_sums in _split(slot, sums, [len(p) for p in pieces]):
+        bounds = _np.cumsum([len(p) for p in pieces])[:-1]
+        for piece_slot, piece_sums in zip(_np.split(slot, bounds), _np.split(sums, bounds)):
             # per piece, not one bincount: a first sum is taken as is (0.0 + -0.0 is 0.0)
             out[piece_slot] = _np.where(seen[piece_slot], out[piece_slot] + piece_sums, piece_sums)
             seen[piece_slot] = True
         return cls(ids, out)
 
 
-def _split(slot: Any, sums: Any, sizes: list[int]) -> Iterator[tuple[Any, Any]]:
-    start = 0
-    for size in sizes:
-        yield slot[start : start + size], sums[start : start + size]
-        start += size
-
-
 def _with_sums(bucket: dict[Any, Any], pieces: list[Sums]) -> dict[Any, Any] | Sums:
     """A destination's bucket with the Fanout sums noted for it: arrays if nothing else was
-    sent there, else folded into the dict (what ``send`` did per message)."""
+    sent there, else added into the dict."""
     if not bucket:
         return pieces[0] if len(pieces) == 1 else Sums.concat(pieces)
     for piece in pieces:
-        for to, total in zip(piece.keys(), piece.values()):
-            bucket[to] = bucket[to] + total if to in bucket else total
+        _add_sums(bucket, piece.keys(), piece.values())
     return bucket
+
+
+def _add_sums(bucket: dict[Any, Any], ids: list[Any], sums: list[Any]) -> None:
+    """Add each (unique) id's sum into a bucket, as ``send`` would one by one."""
+    if not bucket:
+        bucket.update(zip(ids, sums))
+        return
+    for to, total in zip(ids, sums):
+        bucket[to] = bucket[to] + total if to in bucket else total
 
 
 class DenseInbox:
@@ -673,9 +651,9 @@ class Partition:
 
     def absorb(self, pieces: tuple[dict, dict, dict]) -> None:
         """Merge another partition's :meth:`pieces` as if its records were added after ours
-        (taking over its lists: the pieces are not used again)."""
+        (taking over its lists)."""
         values, targets, weights = pieces
-        if not self.values:  # nothing to merge with (the first reader's chunk): take them over
+        if not self.values:
             self.values, self.targets, self.weights = values, targets, weights
             return
         if weights or self.weights:  # edge values to line up: record by record
@@ -683,9 +661,8 @@ class Partition:
             for vid, value in values.items():
                 add(vid, value, targets[vid], weights.get(vid))
             return
-        # one pass over their records, in their order (a new id is appended, as add would);
-        # values and targets hold the same ids in the same order (add appends to both), so
-        # no id is looked up in theirs, and ours only when theirs has a value to give
+        # values and targets hold the same ids in the same order (add appends to both): one
+        # pass over both, no id looked up in theirs
         mine, own_targets = self.values, self.targets
         held = own_targets.get
         for (vid, value), edges in zip(values.items(), targets.values()):
@@ -701,7 +678,7 @@ class Partition:
 
     def route(self, vid: Any) -> tuple[tuple[int, list[Any]], ...]:
         """``vid``'s out-edges as (destination partition, targets) groups, kept for later
-        supersteps (so no edge's owner is computed twice; one partition: the list itself)."""
+        supersteps."""
         route = self.routes.get(vid)
         if route is None:
             targets = self.targets.get(vid, [])
@@ -836,12 +813,10 @@ class Partition:
 
 
 class Fanout:
-    """A partition's out-edges as arrays, for the commonest message of all: one float to every
-    neighbour, summed (PageRank). ``send_to_neighbors`` only notes the float per sender; at the
-    end of the superstep ``numpy.bincount`` adds them along every edge in C. It adds in the
-    order the Python loop would (sender by sender, each sender's edges in order, from 0), so
-    the sums are the same to the bit; without numpy the loop runs.
-    """
+    """A partition's out-edges as arrays, for one float to every neighbour, summed (PageRank):
+    ``send_to_neighbors`` notes the float per sender, and at the end of the superstep
+    ``numpy.bincount`` adds them along every edge, in the order the Python loop would (so the
+    sums are the same to the bit)."""
 
     def __init__(self, part: Partition) -> None:
         assert _np is not None
@@ -855,7 +830,7 @@ class Fanout:
         flat_ids = _int_array(list(itertools.chain.from_iterable(edges)))
         if flat_ids is None:
             self.dests = self._dests_by_loop(order, edges, count)
-        else:  # the same arrays, built in numpy
+        else:
             sender = _np.repeat(_np.arange(n), [len(e) for e in edges])
             owner = partitions_of(flat_ids, count)
             self.dests = []
@@ -903,9 +878,8 @@ class Fanout:
 
     def locate(self, ids: Any, source: int | None = None) -> Any:
         """The positions of vertex ``ids`` (an int64 array) in :attr:`order`, or None if one
-        is not held here (or this partition's ids are not all int64). With ``source`` (which
-        sender, in delivery order) the answer is kept: a sender's ids repeat superstep after
-        superstep (PageRank's every one), and comparing them is cheaper than a search."""
+        is not held here (or this partition's ids are not all int64). Kept per ``source``
+        (sender): its ids repeat every superstep, and comparing them is cheaper than a search."""
         if source is not None:
             known = self._located.get(source)
             if known is not None and _np.array_equal(known[0], ids):
@@ -940,9 +914,7 @@ class Fanout:
             return
         msgs = _np.array(self.msgs, dtype=_np.float64)
         senders = _np.frombuffer(bytes(self.sent), dtype=_np.bool_)
-        if senders[self.senders].all():
-            # every vertex with an edge sent (PageRank): every target has a sum, so no pass
-            # marks the live edges and the targets hit, and no array is copied to pick them
+        if senders[self.senders].all():  # every target has a sum: no live edges to pick
             senders = None
         for d, ids, flat, degree in self.dests:
             weights = _np.repeat(msgs, degree)
@@ -964,16 +936,10 @@ class Fanout:
     @staticmethod
     def _put(outbox: Outbox, d: int, ids: Any, sums: Any) -> None:
         """Sums to destination ``d``: as arrays for integer ids, else into its bucket."""
-        if ids.dtype != object:  # integer ids: the sums travel as arrays
+        if ids.dtype != object:
             outbox.pieces[d].append(Sums(ids, sums))
-            return
-        bucket = outbox.buckets[d]
-        pairs = zip(ids.tolist(), sums.tolist())
-        if not bucket:
-            bucket.update(pairs)
-            return
-        for to, total in pairs:
-            bucket[to] = bucket[to] + total if to in bucket else total
+        else:
+            _add_sums(outbox.buckets[d], ids.tolist(), sums.tolist())
 
 
 def _int_array(ids: list[Any]) -> Any:
