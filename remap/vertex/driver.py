@@ -1,13 +1,9 @@
-"""The driver of a vertex job: counts every barrier and decides what comes next.
+"""The driver of a vertex job, on the client: it writes numbered commands into the job
+directory and counts every member worker's ack (the barrier: no timeout ends a superstep).
 
-It runs on the client (the console or the Python API), starts one gang call per worker,
-and talks to the workers only through files in the job directory: it writes numbered
-commands and waits for every member's ack. Counting acks is the barrier (no timeout ends a
-superstep). A lost worker triggers a rollback: a new epoch, the partitions re-dealt over the
-workers still alive, restored from the last complete checkpoint (or re-read from the input if
-there is none yet). The server names the calls it has in flight (a worker's argument index is
-its slot), so a call its lost node took back names the lost worker exactly; heartbeats only
-catch a hung worker, or one whose call was retried elsewhere.
+A lost worker triggers a rollback: a new epoch, the partitions re-dealt over the workers still
+alive, restored from the last complete checkpoint (or the input). The server's list of calls
+in flight names a worker whose node was lost; heartbeats catch a hung or retried one.
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ from ..data.layout import (
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from ..sinks import take_output, to_jsonable
 from .engine import fold_into
-from .files import Layout, input_splits, read_pickle, write_pickle
+from .files import BARRIER_DIRS, Layout, input_splits, read_pickle, write_pickle
 from .program import Program
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
@@ -50,20 +46,17 @@ QUIET_SHARE = 0.75
 
 
 def quiet_for(durations: list[float]) -> float:
-    """Seconds from a superstep's command before the driver starts polling for its acks.
-
-    Each fine poll (a wake-up every 0.5–5 ms) takes a CPU from a worker for a moment, and
-    with one worker per CPU the slowest worker sets every barrier's time: supersteps of a
-    job take much the same time, so the driver sleeps through most of the expected one."""
+    """Seconds from a superstep's command before the driver polls for its acks: each fine
+    poll takes a CPU from a worker for a moment, and a job's supersteps take much the same
+    time, so the driver sleeps through most of the expected one."""
     if len(durations) < 2:
         return 0.0
     return QUIET_SHARE * min(durations[-2:])
 
 
 def busy_for(acks: list[dict[str, Any]]) -> float:
-    """The wall seconds the slowest worker spent on its command (its phases but the wait
-    before it): what a superstep took, not counting how late the driver looked (a duration
-    that counted the driver's sleep would keep it sleeping long after supersteps got short)."""
+    """The wall seconds the slowest worker spent on its command, not counting its wait
+    before it (counting the driver's sleep would keep it sleeping after supersteps got short)."""
     return max(
         (
             sum(wall for phase, (wall, _) in ack.get("times", {}).items() if phase != "wait")
@@ -84,9 +77,8 @@ class VertexConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
-    #: seconds without a heartbeat before a worker counts as lost. The server's list of the
-    #: calls in flight finds a lost node or core at once; this only catches a hung worker, so it
-    #: is long enough for a core starved of CPU or deep in one long C call
+    #: seconds without a heartbeat before a worker counts as lost: only a hung one (the server
+    #: names a lost node or core), so long enough for a starved core or a long C call
     lost_after: float = 60.0
     heartbeat: float = 0.5
 
@@ -124,12 +116,11 @@ class VertexResult:
     aggregates: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     first_error: str = ""
-    #: per worker slot: phase → [wall s, CPU s] of its main thread (read, merge, receive,
-    #: compute, send, checkpoint, output, wait: between its ack and the next command)
+    #: per worker slot: phase (read, merge, receive, compute, ...) → [wall s, CPU s]
     phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """``compute --json``'s object; ``job`` as a data job's summary and any failure name it."""
+        """``compute --json``'s object (``job`` as in a data job's)."""
         out = {"job": self.job_id, **asdict(self)}
         out["aggregates"] = {k: to_jsonable(v)[0] for k, v in self.aggregates.items()}
         return out
@@ -188,8 +179,8 @@ class Driver:
         self.data = data
         self.job_id = job_id or new_job_id()
         self.layout = Layout(data, self.job_id)
-        #: where the workers write the output, renamed to ``config.output`` once complete (as
-        #: a data job's): a driver that dies leaves no partial output at the output's path
+        #: where the workers write the output, renamed to ``config.output`` once complete: a
+        #: driver that dies leaves no partial output there
         self.staging = config.output.parent / f".{config.output.name}.remap-{self.job_id}"
         self.inputs = list(config.input)
         self.workers = workers
@@ -212,8 +203,7 @@ class Driver:
         self.restore_pending = False
         self.history: dict[int, tuple[int, dict[str, Any]]] = {}  # step → (vertices, aggregated)
         self.reports: dict[int, SuperstepReport] = {}
-        #: input lines whose ``prepare`` raised under ``on_error: continue`` (skipped), and the
-        #: first one's error; set by each load (a rollback to the input loads again)
+        #: input lines skipped under ``on_error: continue``, and the first one's error
         self.load_errors, self.load_first_error = 0, ""
 
     # ------------------------------------------------------------ liveness
@@ -261,9 +251,8 @@ class Driver:
             self._asked_at = now
             assert self.launch is not None
             calls = self.launch.calls()
-            # the server names the calls it has in flight: a member's missing call was taken
-            # back (never guessed from heartbeat ages: within one interval of a kill the lost
-            # worker's heartbeat can be the freshest)
+            # a member's call missing from the server's was taken back (never guessed from
+            # heartbeat ages: just after a kill the lost worker's can be the freshest)
             taken = sorted(set(self.members) - calls) if calls is not None else []
             if taken:
                 raise WorkerLost(taken, "lost its node or core (the server took its call back)")
@@ -297,11 +286,9 @@ class Driver:
         return cmd
 
     def _await(self, cmd: Command, quiet: float = 0.0) -> list[dict[str, Any]]:
-        """Every member's ack of ``cmd``. A poll is one stat per missing ack; the liveness
-        checks (a directory scan, the server's list of calls) run every CHECK_INTERVAL: the
-        driver shares the CPUs with the workers, and each of its wake-ups takes one from them.
-        For ``quiet`` seconds (most of the time the barrier is expected to take) it wakes
-        only for those checks; the fine polls start after (see :func:`quiet_for`)."""
+        """Every member's ack of ``cmd``: a poll is one stat per missing ack, the liveness
+        checks run every CHECK_INTERVAL (each wake-up takes a CPU from a worker), and for
+        ``quiet`` seconds only they run (see :func:`quiet_for`)."""
         waiting = dict(self.members)
         paths = {slot: str(self.layout.ack(cmd.seq, slot)) for slot in waiting}
         acks: list[dict[str, Any]] = []
@@ -380,7 +367,7 @@ class Driver:
         self.layout.acks.mkdir()
         self.layout.driver_heartbeat.touch()
         config = {k: str(v) for k, v in asdict(self.config).items()}
-        config["input"] = [str(p) for p in self.inputs]  # was the list's repr
+        config["input"] = [str(p) for p in self.inputs]
         config.update(kind="vertex", partitions=self.partitions, workers=self.workers)
         config["staging"] = str(self.staging)
         write_json(self.data.jobconfig(self.job_id), config)
@@ -392,7 +379,8 @@ class Driver:
         finally:
             self._stop.set()
             beat.join()  # before alive/ goes: it touches driver.alive there
-            self.layout.remove_barriers()  # done, failed or killed alike
+            for name in BARRIER_DIRS:  # done, failed or killed alike
+                remove_tree(self.layout.root / name)
 
     def _gang(self, started: float) -> VertexResult:
         """Start the workers and run the job with them; on any failure stop them and remove
@@ -426,8 +414,8 @@ class Driver:
             raise
 
     def _command_quietly_stop(self) -> None:
-        """Stop the workers and wait (a while) until they have: a worker still in a superstep
-        would write its messages and ack after the cleanup, into directories made again."""
+        """Stop the workers and wait (a while) until they have: one still in a superstep would
+        write its messages after the cleanup."""
         try:
             self._command("stop")
         except OSError:
@@ -500,11 +488,8 @@ class Driver:
 
     def _run_to_end(self) -> SuperstepReport:
         """Supersteps until every vertex halted with no message in flight, or the last one.
-
-        The next superstep's command goes out as soon as the barrier's counts allow it; the
-        bookkeeping (old checkpoint and message files removed, the progress file, the
-        ``on_report`` callback) runs while the workers compute it, not between two supersteps.
-        """
+        The next command goes out as soon as the barrier allows; the bookkeeping runs while
+        the workers compute it."""
         cfg = self.config
         cmd = self._issue_step()
         issued = time.monotonic()
@@ -573,11 +558,8 @@ class Driver:
             self.on_report(report)
 
     def _lose(self, lost: WorkerLost) -> None:
-        """A member is gone: new epoch, partitions re-dealt, back to the last checkpoint.
-
-        A retried call of the lost worker that is already running takes its slot; otherwise
-        the workers still alive share its partitions.
-        """
+        """A member is gone: new epoch, partitions re-dealt, back to the last checkpoint. A
+        retried call of it already running takes its slot, else the others share its partitions."""
         self.log.warn("vertex job rolls back: {why}", why=str(lost))
         self.rollbacks += 1
         beats = self._heartbeats()

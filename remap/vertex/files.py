@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.inputs import Split, compressed, read_line_blocks
-from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, tmp_path, write_atomic
+from ..data.layout import TMP_SUFFIX, DataDir, tmp_path, write_atomic
 
 PICKLE_PROTOCOL = 5
 
@@ -68,8 +68,8 @@ def committed(directory: Path) -> list[Path]:
     return [directory / n for n in sorted(names, key=lambda n: (len(n), n))]
 
 
-#: a job directory's folders that only a running job needs: the workers' acks and the
-#: heartbeats (``alive/``); removed when the job ends, done, failed or killed
+#: a job directory's folders that only a running job needs, removed when it ends (its
+#: commands stay: a worker call starting late reads ``stop`` there)
 BARRIER_DIRS = ("acks", "alive")
 
 
@@ -77,38 +77,20 @@ class Layout:
     """The paths of one vertex job inside a data directory."""
 
     def __init__(self, data: DataDir, job_id: str) -> None:
-        self.data = data
-        self.job_id = job_id
         self.root = data.job_dir(job_id)
         self.scratch = data.im_dir(job_id)
-
-    def remove_barriers(self) -> None:
-        """Remove the acks and heartbeats (:data:`BARRIER_DIRS`): a job that ended, however,
-        keeps only what its user reads (result, progress, config) and its commands (a worker
-        call starting late reads ``stop`` there)."""
-        for name in BARRIER_DIRS:
-            remove_tree(self.root / name)
+        self.acks = self.root / "acks"
+        self.alive = self.root / "alive"
+        self.driver_heartbeat = self.alive / "driver.alive"
 
     def command(self, seq: int) -> Path:
         return self.root / "control" / f"cmd-{seq:06d}.pkl"
 
-    @property
-    def acks(self) -> Path:
-        return self.root / "acks"
-
     def ack(self, seq: int, slot: int) -> Path:
         return self.acks / f"{seq:06d}" / f"{slot}.pkl"
 
-    @property
-    def alive(self) -> Path:
-        return self.root / "alive"
-
     def heartbeat(self, slot: int, attempt: str) -> Path:
         return self.alive / f"{slot}.{attempt}"
-
-    @property
-    def driver_heartbeat(self) -> Path:
-        return self.alive / "driver.alive"
 
     def epoch(self, epoch: int) -> Path:
         return self.scratch / f"e{epoch}"
@@ -165,8 +147,7 @@ READ_BLOCK = 1 << 22
 def read_lines(
     index: int, path: str, start: int, end: int, block: int = READ_BLOCK
 ) -> Iterator[str]:
-    """The lines of one range of :func:`input_splits` without their line ends: a data job's
-    split, read and decoded a block at a time (a worker's load needs no line positions: its
-    ranges are already in input order)."""
+    """The lines of one range of :func:`input_splits` without their line ends, read a block
+    at a time (a load needs no line positions: its ranges are in input order)."""
     for _, lines in read_line_blocks(Split(index, path, start, end), block):
         yield from lines

@@ -1,9 +1,5 @@
-"""``kind: vertex`` job files: their own keys, validated as strictly as every job file's.
-
-YAML reading, line tracking and the shared keys are :mod:`remap.jobfile`'s (``module`` and
-``input`` are validated as for map/reduce jobs); this module adds the vertex keys and turns a
-validated file into a program and a :class:`~.driver.VertexConfig`.
-"""
+"""``kind: vertex`` job files: the vertex keys (the rest is :mod:`remap.jobfile`'s), and a
+validated file turned into a program and a :class:`~.driver.VertexConfig`."""
 
 from __future__ import annotations
 
@@ -13,15 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ..data.inputs import resolve_inputs
-from ..data.jobspec import MAPREDUCE_FIELDS, FileJobSpec, count, file_job_basics
+from ..data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, FileJobSpec, count, file_job_basics
 from ..errors import ConfigError
 from .driver import VertexConfig
 from .program import Program, program_from_module
 
 #: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
-VERTEX_SHARED_KEYS: frozenset[str] = frozenset(
-    {"output", "retries", "on_error", "group", "name", "priority", "modules", "files"}
-)
+VERTEX_SHARED_KEYS: frozenset[str] = SHARED_KEYS - {"timeout"}
 DEFAULT_MAX_SUPERSTEPS = 30
 
 
@@ -51,14 +45,17 @@ class VertexSpec(FileJobSpec):
     detach = False
 
 
+#: the keys a spec takes as the file gives them (else the defaults above)
+_OWN_KEYS = "partitions max_supersteps checkpoint_every on_error retries group priority".split()
+
+
 def _partitions(entry: Any) -> int | None:
     if entry.value == "auto":
         return None
     return count(1, "an integer >= 1 or auto")(entry)
 
 
-#: the vertex job's own keys -> validator (jobfile merges them into its table); ``module``
-#: and ``input`` mean what they mean for map/reduce jobs
+#: the vertex job's own keys -> validator (jobfile merges them into its table)
 VERTEX_FIELDS: dict[str, Callable[[Any], Any]] = {
     "module": MAPREDUCE_FIELDS["module"],
     "input": MAPREDUCE_FIELDS["input"],
@@ -78,13 +75,7 @@ def load_vertex(
     """The spec of a validated vertex job file (called by :func:`remap.jobfile.load_job_text`)."""
     return VertexSpec(
         **file_job_basics("vertex", entries, values, root_line, base_dir, source),
-        partitions=values.get("partitions"),
-        max_supersteps=values.get("max_supersteps", DEFAULT_MAX_SUPERSTEPS),
-        checkpoint_every=values.get("checkpoint_every", 0),
-        on_error=values.get("on_error", "fail"),
-        retries=values.get("retries", 3),
-        group=values.get("group"),
-        priority=values.get("priority", 0),
+        **{k: values[k] for k in _OWN_KEYS if k in values},
     )
 
 

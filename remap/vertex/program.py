@@ -37,14 +37,9 @@ class Program:
     fold: Callable[[Any, Any], Any] | None = None
 
 
-#: combiners known by name (``combine = "sum"``) or as the builtins themselves
-_COMBINERS: dict[Any, tuple[Callable[[list[Any]], Any], Callable[[Any, Any], Any]]] = {
-    "sum": (sum, operator.add),
-    "min": (min, min),
-    "max": (max, max),
-    sum: (sum, operator.add),
-    min: (min, min),
-    max: (max, max),
+#: combiners known by name (``combine = "sum"``) or as the builtins themselves → (combine, fold)
+_COMBINERS: dict[Any, tuple[Callable[..., Any], Callable[[Any, Any], Any]]] = {
+    key: (f, FOLDS[f.__name__]) for f in (sum, min, max) for key in (f, f.__name__)
 }
 
 

@@ -1,10 +1,9 @@
 """A vertex worker: one long-running call of a gang function job, owning some partitions.
 
-The worker keeps its partitions in memory for the whole job and follows the driver's numbered
-commands (read input, merge, restore, superstep, output, stop), answering each with an ack
-file. Messages to partitions it owns stay in memory; messages to other workers' partitions
-are written as one file per destination partition and superstep. A worker that sees its slot
-given to another attempt (after a rollback) or the driver gone stops at once.
+It keeps its partitions in memory and follows the driver's numbered commands, answering each
+with an ack file. Messages to other workers' partitions are written as one file per
+destination partition and superstep. It stops once its slot is another attempt's or the
+driver is gone.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ from .files import (
 )
 from .program import Program
 
-#: edges (and vertices) read for other workers' partitions before they are written out: each
-#: chunk repeats the ids it shares with the others, which the owner then merges one by one
-#: (10^6 edges in 4 chunks took twice the merge time of 1 chunk)
+#: edges (and vertices) read for other workers' partitions before they are written out (each
+#: chunk repeats ids the owner merges one by one: 4 chunks of 10^6 edges merge 2x slower than 1)
 LOAD_SPILL = 1_000_000
 POLL_MIN = 0.0005
 POLL_MAX = 0.005  # a barrier noticed within 5 ms: a stat per poll costs next to nothing
@@ -64,8 +62,7 @@ class WorkerArgs:
     data_dir: str
     job_id: str
     slot: int
-    #: the Program, or (to a cluster) its cloudpickle, made once: the user's functions then
-    #: travel by value whatever pickler carries the argument
+    #: the Program, or (to a cluster) its cloudpickle: the user's functions travel by value
     program: Program | bytes
     heartbeat: float = 0.5  # seconds between heartbeats
     lost_after: float = 30.0  # the driver's heartbeat older than this: give up
@@ -99,11 +96,9 @@ LOADING = frozenset({"read", "merge", "restore"})
 
 @contextlib.contextmanager
 def gc_paused(pause: bool = True) -> Iterator[None]:
-    """Run without the cyclic garbage collector: while the partitions are built its passes
-    over every container made so far cost a tenth of a load (they find nothing to free).
-    What was built is then frozen (``gc.freeze``, undone when the worker returns): else the
-    first collections after the load visit every one of its containers once per generation
-    (0.1 s of pointer chasing per 10^6 edges, to free nothing)."""
+    """Run without the cyclic garbage collector (its passes cost a tenth of a load, to free
+    nothing), then freeze what was built (undone when the worker returns), else the next
+    collections visit all of it once per generation."""
     if not pause or not gc.isenabled():
         yield
         return
@@ -116,8 +111,7 @@ def gc_paused(pause: bool = True) -> Iterator[None]:
 
 
 class Phases:
-    """Wall and CPU seconds of this thread per phase of the worker's work, reported with
-    each ack (where a superstep's time goes: receiving, computing, sending, waiting)."""
+    """Wall and CPU seconds of this thread per phase of the work, reported with each ack."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {}
@@ -202,9 +196,7 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         require_visible(self.data, self.args.job_id)  # one clear line if the mount is missing
-        try:
-            # the driver made alive/ before starting any worker and removes it at the end: a
-            # call that starts after the job ended finds it gone and leaves nothing behind
+        try:  # alive/ is gone once the job ended: a late call leaves nothing behind
             self.layout.heartbeat(self.slot, self.attempt).touch()
         except FileNotFoundError:
             return {"slot": self.slot, "attempt": self.attempt, "left": ENDED, **self.stats}
@@ -266,9 +258,8 @@ class Worker:
     # ------------------------------------------------------------ commands
 
     def _do_read(self, cmd: Command) -> dict[str, Any]:
-        """Parse this worker's splits straight into compact per-partition records; those of
-        other workers' partitions are written out every :data:`LOAD_SPILL` edges, so reading
-        holds at most that much besides this worker's own partitions."""
+        """Parse this worker's splits into per-partition records; other workers' are written
+        out every :data:`LOAD_SPILL` edges."""
         self._reset(cmd)
         count = len(cmd.owners)
         program = self.program
@@ -280,7 +271,8 @@ class Worker:
             for p in range(count):
                 if p not in self.parts and acc[p].values:
                     name = f"from{self.slot:05d}-{chunk:06d}"
-                    self._write(self.layout.loaded(cmd.epoch, p) / name, acc[p].pieces())
+                    blob = pickle.dumps(acc[p].pieces(), PICKLE_PROTOCOL)
+                    self._write_bytes(self.layout.loaded(cmd.epoch, p) / name, blob)
                     acc[p] = Partition(p, count, program)
                     self.mixed = True
             chunk += 1
@@ -321,9 +313,8 @@ class Worker:
         return {"records": records, "errors": failed, "first_error": first_error}
 
     def _do_merge(self, cmd: Command) -> dict[str, Any]:
-        """Each own partition from every reader's records in input order: readers' splits
-        are consecutive pieces of the input in slot order, so chunks merged by (slot, chunk)
-        with this worker's own records in its place equal a merge by line position."""
+        """Each own partition from every reader's records in input order: splits are in slot
+        order, so chunks merged by (slot, chunk), with this worker's own in place, are."""
         for p in list(self.parts):
             own = self.records.pop(p)
             chunks = committed(self.layout.loaded(cmd.epoch, p))
@@ -343,14 +334,9 @@ class Worker:
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
     def _relayout(self) -> None:
-        """Build this worker's partitions again from their pickles, the old ones freed first.
-
-        While reading, the records of other workers' partitions were made between this
-        worker's own, then spilled and freed: its vertices' objects end up strewn over twice
-        the memory, and every superstep pays for it (two workers' halves made the same calls
-        as one whole partition, 15-30 % slower). Built again once the old objects are gone,
-        they lie in order in fresh memory (supersteps 7-12 % cheaper, for 0.16 s of merge
-        per worker on 10^6 edges)."""
+        """Build this worker's partitions again from their pickles, the old ones freed first:
+        read between other workers' records (spilled since), their objects were strewn over
+        twice the memory; rebuilt, they lie in order (supersteps 7-12 % cheaper)."""
         blobs = {p: pickle.dumps(part.pieces(), PICKLE_PROTOCOL) for p, part in self.parts.items()}
         for p in blobs:
             old = self.parts[p]
@@ -436,9 +422,6 @@ class Worker:
         return {"lines": lines}
 
     # ------------------------------------------------------------ files
-
-    def _write(self, path: Path, value: Any) -> int:
-        return self._write_bytes(path, pickle.dumps(value, PICKLE_PROTOCOL))
 
     def _write_bytes(self, path: Path, blob: bytes) -> int:
         self._write_file(path, blob)
