@@ -11,7 +11,7 @@ stdout (started, progress, end), which this module turns into a job in ``status`
 Everything a driver needs is in ``<data dir>/detached/<id>/`` (``job.json``, the module shipped
 by value, the ``modules/`` and ``files/`` it ships, ``ended.json`` once it ended), so a
 restarted server can find an unfinished one again and start its driver anew under the same id
-(see :meth:`Drivers.unfinished`). A driver that dies without saying how it ended leaves
+(see :meth:`Drivers.resume_unfinished`). A driver that dies without saying how it ended leaves
 ``result`` = ``INCOMPLETE`` with the reason, and its intermediate files are removed here.
 
 What the job's tasks print reaches the driver as an attached job's reaches its console; the
@@ -341,65 +341,51 @@ class Drivers:
             if self.stopping:  # while it was written: its driver would outlive the server
                 shutil.rmtree(directory, ignore_errors=True)
                 raise DriveError(_STOPPING)
-            driven = DrivenJob(job_id, kind, name, owner, directory, self.reactor.seconds())
-            driven.output = str(job.get("output") or "") or None
-            self.jobs[job_id] = driven
+            driven = self._add(job_id, job, name, owner, directory)
             self._spawn(driven)
             self.log.info(
                 "detached {kind} job {id} ({name}) started", kind=kind, id=job_id, name=name
             )
             return driven
 
-        d = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), _write_job_dir, directory, entries
-        )
-        return d.addCallback(written)
+        return self._in_thread(_write_job_dir, directory, entries).addCallback(written)
 
-    def unfinished(self) -> list[tuple[int, Path]]:
-        """Detached jobs an earlier run of the server started and never saw end (id, directory):
-        what a restarted server may hand to :meth:`resume`."""
-        found = []
-        try:
-            entries = list((self.data_dir / "detached").iterdir())
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if entry.name.isdigit() and not (entry / "ended.json").exists():
-                found.append((int(entry.name), entry))
-        return sorted(found)
+    def _add(self, job_id: int, job: dict, name: str, owner: str, directory: Path) -> DrivenJob:
+        driven = DrivenJob(job_id, job["kind"], name, owner, directory, self.reactor.seconds())
+        driven.output = str(job.get("output") or "") or None
+        self.jobs[job_id] = driven
+        return driven
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def resume_unfinished(self) -> None:
         """(A restarted server, journal on.) Run again every detached job an earlier run of
         the server started and never saw end, under its id; its earlier run is cleaned up
         (intermediate files, unpublished output, ``result`` = INCOMPLETE) first."""
-        for job_id, directory in self.unfinished():
+        try:
+            entries = list((self.data_dir / "detached").iterdir())
+        except FileNotFoundError:
+            return
+        for job_id in sorted(
+            int(e.name) for e in entries if e.name.isdigit() and not (e / "ended.json").exists()
+        ):
             try:
-                job = self.resume(job_id, directory)
+                job = self._resume(job_id, self.data_dir / "detached" / str(job_id))
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warn("cannot resume detached job {id}: {why}", id=job_id, why=str(exc))
                 continue
             self.log.info("detached {kind} job {id} runs again", kind=job.kind, id=job_id)
 
-    def resume(self, job_id: int, directory: Path) -> DrivenJob:
+    def _resume(self, job_id: int, directory: Path) -> DrivenJob:
         """Start the driver of an unfinished detached job again, under its id (the job runs
         from its start, as a new data-directory job, once the earlier run is cleaned up)."""
         earlier = layout.read_json(directory / "started.json") or {}
         job = json.loads((directory / "job.json").read_text(encoding="utf-8"))
         owner_file = directory / "owner"
         owner = owner_file.read_text(encoding="utf-8") if owner_file.exists() else ""
-        driven = DrivenJob(
-            job_id, job["kind"], str(job.get("name", "")), owner, directory, self.reactor.seconds()
-        )
-        driven.output = str(job.get("output") or "") or None
-        self.jobs[job_id] = driven
-        d = threads.deferToThreadPool(
-            self.reactor,
-            self.reactor.getThreadPool(),
-            _clean_earlier,
-            self.data_dir,
-            driven.kind,
-            earlier.get("data_job"),
-        )
+        driven = self._add(job_id, job, str(job.get("name", "")), owner, directory)
+        d = self._in_thread(_clean_earlier, self.data_dir, driven.kind, earlier.get("data_job"))
         d.addErrback(lambda f: self.log.failure("cleaning up job {id}", f, id=job_id))
         d.addCallback(lambda _: self.ended(driven, None) if driven.killing else self._spawn(driven))
         return driven
@@ -473,13 +459,9 @@ class Drivers:
             job.data_job = str(event.get("data_job") or "") or None
             job.job_dir = str(event.get("job_dir") or "") or None
             record = {"data_job": job.data_job, "job_dir": job.job_dir}
-            threads.deferToThreadPool(
-                self.reactor,
-                self.reactor.getThreadPool(),
-                layout.write_json,
-                job.directory / "started.json",
-                record,
-            ).addErrback(lambda f: self.log.failure("recording job {id}", f, id=job.id))
+            self._in_thread(layout.write_json, job.directory / "started.json", record).addErrback(
+                lambda f: self.log.failure("recording job {id}", f, id=job.id)
+            )
         elif kind == "output":
             text, dropped = event.get("text"), event.get("dropped")
             if isinstance(text, str):
@@ -531,9 +513,7 @@ class Drivers:
                 waiter(job)
             self._forget_old()
 
-        d = threads.deferToThreadPool(
-            self.reactor,
-            self.reactor.getThreadPool(),
+        d = self._in_thread(
             _after_driver,
             job.directory,
             record,
@@ -671,12 +651,9 @@ def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
         return
     config = layout.read_json(data.jobconfig(job_id)) or {}
     layout.remove_tree(data.im_dir(job_id))  # both kinds' scratch (runs, messages, checkpoints)
-    if kind == "mapreduce":
-        if config.get("staging"):
-            layout.remove_tree(Path(config["staging"]))
-    else:
-        if config.get("staging"):  # where the workers write the output before it is published
-            layout.remove_tree(Path(config["staging"]))
+    if config.get("staging"):  # where the output is written before it is published
+        layout.remove_tree(Path(config["staging"]))
+    if kind != "mapreduce":
         output = Path(config.get("output", ""))
         if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
             layout.remove_tree(output)  # a job of an earlier release wrote its output in place

@@ -167,10 +167,9 @@ class ServerConnection:
             if msg is not None:
                 sched.console_said(link, msg)
         elif t is m.Submit:
-            problem = self._check_submit(msg)
-            if problem:
+            if not msg.payload:  # the options were checked when decoded
                 self._submits[msg.id] = None
-                _refuse(link, msg, "bad-request", problem)
+                _refuse(link, msg, "bad-request", "a job needs a function")
             else:
                 try:
                     job = sched.submit(link, msg, owner=self.user)
@@ -385,8 +384,6 @@ class ServerConnection:
 
     def _early(self, msg: m.Args | m.ArgsEnd) -> m.Args | m.ArgsEnd | None:
         """Resolve ``job = -submit id`` (sent before `submitted`); None for a refused submit's."""
-        if msg.job >= 0:
-            return msg
         job = self._submits.get(-msg.job, -1)
         if job is None:
             return None  # the submit was refused and the console told so: drop quietly
@@ -408,13 +405,6 @@ class ServerConnection:
                 "and not in its journal (pruned, or REMAP_JOURNAL is off)"
             )
         return f"no job {job_id} on this server (unknown, or finished and forgotten)"
-
-    @staticmethod
-    def _check_submit(msg: m.Submit) -> str:
-        """What the options cannot say about themselves (they were checked when decoded)."""
-        if not msg.payload:
-            return "a job needs a function"
-        return ""
 
 
 class RemapServerFactory(Factory):

@@ -238,16 +238,24 @@ class HttpApp:
         if driven.finished:
             return self._body(request, {"job": driven.id, "state": driven.state})
         self.log.info("job {id} killed over HTTP ({kind})", id=driven.id, kind=identity.kind)
+        answer = self._answer_later(request)
+        self.factory.drivers.kill(
+            driven, lambda job: answer(200, {"job": job.id, "state": job.state})
+        )
+        return NOT_DONE_YET
+
+    def _answer_later(self, request: Any) -> Any:
+        """``answer(code, value)`` for a request answered later: dropped if its client left."""
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def ended(job: Any) -> None:
+        def answer(code: int, value: Any) -> None:
             if not gone:
-                request.write(self._body(request, {"job": job.id, "state": job.state}))
+                request.setResponseCode(code)
+                request.write(self._body(request, value))
                 request.finish()
 
-        self.factory.drivers.kill(driven, ended)
-        return NOT_DONE_YET
+        return answer
 
     def drain(self, request: Any, identity: Identity, node_id: str) -> bytes:
         return self._node_action(request, identity, node_id, self.scheduler.drain, "drained")
@@ -284,29 +292,15 @@ class HttpApp:
             )
         except SubmitError as exc:
             return self._error(request, 400, "bad-job", str(exc))
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        answer = self._answer_later(request)
 
         def started(job_id: int) -> None:
             self.log.info("job {id} submitted over HTTP ({kind})", id=job_id, kind=identity.kind)
-            if not gone:
-                request.setResponseCode(201)
-                request.write(
-                    self._body(
-                        request,
-                        {
-                            "job": job_id,
-                            "name": submission.name,
-                            "results": f"/api/v1/jobs/{job_id}/results",
-                        },
-                    )
-                )
-                request.finish()
+            results = f"/api/v1/jobs/{job_id}/results"
+            answer(201, {"job": job_id, "name": submission.name, "results": results})
 
         def failed(message: str) -> None:
-            if not gone:
-                request.write(self._error(request, 400, "bad-job", message))
-                request.finish()
+            answer(400, {"error": "bad-job", "message": message})
 
         self.submitter.start(submission, started, failed)
         return NOT_DONE_YET
@@ -325,30 +319,22 @@ class HttpApp:
                 f"job {job_id} was not submitted over HTTP (its results went to its console)",
             )
         wait = (request.args.get(b"wait") or [b""])[0].lower() in (b"1", b"true", b"yes")
-        if not submission.ended and recalled:  # its console child is not this run's to watch
-            request.setResponseCode(202)
-            return self._body(
-                request,
-                {
-                    "error": "not-ready",
-                    "message": "the job is still running (it was submitted before the server "
-                    "restarted, so ?wait=true cannot wait for it): ask again later",
-                },
-            )
-        if not submission.ended:
-            if not wait:
-                request.setResponseCode(202)
-                return self._body(
-                    request,
-                    {
-                        "error": "not-ready",
-                        "message": "the job is still running: its results appear when it "
-                        "ends (add ?wait=true to wait for them)",
-                    },
+        if not submission.ended and (recalled or not wait):
+            if recalled:  # its console child is not this run's to watch
+                message = (
+                    "the job is still running (it was submitted before the server restarted, "
+                    "so ?wait=true cannot wait for it): ask again later"
                 )
+            else:
+                message = (
+                    "the job is still running: its results appear when it ends (add ?wait=true "
+                    "to wait for them)"
+                )
+            return self._error(request, 202, "not-ready", message)
+        if submission.ended:
+            self._send_results(request, submission)
+        else:
             submission.waiters.append(lambda: self._send_results(request, submission))
-            return NOT_DONE_YET
-        self._send_results(request, submission)
         return NOT_DONE_YET
 
     def _send_results(self, request: Any, submission: Any) -> None:
