@@ -1,23 +1,13 @@
 """Detached data and vertex jobs: their drivers run as child processes of the server.
 
-A data job (map, barrier, reduce) or a vertex job (supersteps) is steered by a driver that
-must live as long as the job. Detached, that driver cannot live in the console that started
-it, and a node's core would cost the job a worker; the server is the one process that
-outlives consoles and already knows every job. So ``drive`` makes the server start
-``python -m remap.console.detached DIR`` with its own secret: a console child (as HTTP
-submissions are) that runs the same driver code as ``compute`` and reports JSON lines on its
-stdout (started, progress, end), which this module turns into a job in ``status``.
-
-Everything a driver needs is in ``<data dir>/detached/<id>/`` (``job.json``, the module shipped
-by value, the ``modules/`` and ``files/`` it ships, ``ended.json`` once it ended), so a
-restarted server can find an unfinished one again and start its driver anew under the same id
-(see :meth:`Drivers.resume_unfinished`). A driver that dies without saying how it ended leaves
-``result`` = ``INCOMPLETE`` with the reason, and its intermediate files are removed here.
-
-What the job's tasks print reaches the driver as an attached job's reaches its console; the
-driver passes it on in ``output`` lines, and the server keeps the last :data:`MAX_OUTPUT`
-bytes of it per job (``attach`` and the HTTP job view show them; ``output.log`` in the job's
-directory once it ended).
+A data or vertex job's driver must live as long as the job: detached, the console that started
+it cannot hold it, and a node's core would cost the job a worker, while the server outlives
+consoles and knows every job. So ``drive`` starts ``python -m remap.console.detached DIR``
+with the server's secret: a console child running the same driver code as ``compute``, which
+reports JSON lines on its stdout (started, progress, output, end) that become a job in
+``status``. ``<data dir>/detached/<id>/`` holds all it needs, so a restarted server starts an
+unfinished one anew under its id; after a driver that died without saying how it ended, its
+intermediate files are removed here and ``result`` says ``INCOMPLETE`` with the reason.
 """
 
 from __future__ import annotations
@@ -45,13 +35,12 @@ from ..data import layout
 from ..vertex.files import BARRIER_DIRS
 
 KINDS = ("mapreduce", "vertex")
-#: bytes of ``files`` (the older way: file name → text) a ``drive`` may carry; its payload
-#: (the job's module, modules and files as one tree) is bounded by the frame limit and
-#: :data:`remap.bundle.MAX_BUNDLE`
+#: bytes of ``files`` (the older way: file name → text) a ``drive`` may carry (its payload is
+#: bounded by the frame limit and :data:`remap.bundle.MAX_BUNDLE`)
 MAX_FILES_BYTES = 4 * 1024 * 1024
-#: bytes of a detached job's task output the server keeps (the last ones)
+#: bytes of a detached job's task output the server keeps (the last ones; ``attach`` and the
+#: HTTP job view show them, and OUTPUT_LOG in the job's directory once it ended)
 MAX_OUTPUT = 64 * 1024
-#: a driver's file in the job's directory: what the tasks printed (its last MAX_OUTPUT bytes)
 OUTPUT_LOG = "output.log"
 #: seconds a killed driver gets to clean up before it is SIGKILLed (and cleaned up after)
 KILL_GRACE = 20.0
@@ -111,12 +100,10 @@ def dial_host(host: str) -> str:
 
 
 def child_dial_host(settings: Any) -> str:
-    """Where a console child of the server (a detached job's driver, an HTTP job's console)
-    dials it: :func:`dial_host`, unless the server listens on every address and its TLS
-    certificate does not name the loopback one (the README's recipe names the LAN address
-    nodes dial, not 127.0.0.1: the child failed with a host-name mismatch). Then an address
-    of this machine the certificate names (``localhost`` if it names that), so the child's
-    check of the server's name passes."""
+    """Where a console child of the server dials it: :func:`dial_host`, unless the server
+    listens on every address with a TLS certificate that does not name loopback (the README's
+    recipe names the LAN address): then, so the child's host-name check passes, an address of
+    this machine the certificate names, or ``localhost`` if it names that."""
     host = dial_host(settings.host)
     if not settings.tls_cert or settings.host not in ("0.0.0.0", "", "::"):
         return host  # bound to one address: only that one answers
@@ -315,10 +302,8 @@ class Drivers:
     def start(
         self, kind: str, name: str, job_text: str, files: dict, owner: str, shipped: bytes = b""
     ) -> defer.Deferred:
-        """Check the job (DriveError says why not), then write its directory (on a thread: its
-        files may be many MiB) and start its driver; fires with the job, or fails (OSError).
-        ``shipped``: the job's files as one tree (``drive``'s payload); ``files``: the older
-        way, file name → text."""
+        """Check the job (DriveError says why not), write its directory (on a thread: its files
+        may be many MiB) and start its driver; fires with the job, or fails (OSError)."""
         if self.cluster_address is None:
             raise DriveError("this server cannot run detached drivers (it listens nowhere)")
         if self.stopping:
@@ -481,7 +466,7 @@ class Drivers:
     def ended(self, job: DrivenJob, code: int | None) -> None:
         """The driver process exited: finish the job (and clean up after a driver that died)."""
         job.transport = None
-        clean = None
+        clean = None  # the data job to clean up after a driver that died
         if not job.finished:
             why = last_error(job.stderr)
             exit_text = f"exit code {code}" if code is not None else "killed by a signal"
@@ -492,8 +477,7 @@ class Drivers:
                 else f"the job's driver died ({exit_text}){': ' + why[:500] if why else ''}"
             )
             job.finished_at = self.reactor.seconds()
-            if job.data_job is not None:
-                clean = job.data_job
+            clean = job.data_job
             sub = job.progress.get("sub_job")
             if isinstance(sub, int):
                 self.scheduler.kill(sub, "its detached driver died")
@@ -505,7 +489,6 @@ class Drivers:
             why=f": {job.message}" if job.message else "",
         )
         record = {"state": job.state, "message": job.message, "summary": job.summary}
-        output = bytes(job.printed)
 
         def finish(_: Any = None) -> None:
             waiters, job.waiters = job.waiters, []
@@ -521,7 +504,7 @@ class Drivers:
             job.kind,
             clean,
             job.message,
-            output,
+            bytes(job.printed),
         )
         d.addErrback(lambda f: self.log.failure("cleaning up after job {id}", f, id=job.id))
         d.addBoth(finish)
@@ -552,10 +535,9 @@ def _clean_earlier(data_root: Path, kind: str, data_job: str | None) -> None:
 
 
 def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
-    """A ``drive``'s files checked, as one tree: its payload's (the job's module at the top,
-    its modules and files below ``modules/`` and ``files/``) and the older ``files`` (NAME.py →
-    text); DriveError (one line) for a name that could leave the job's directory or land
-    elsewhere in it, or files over the limits."""
+    """A ``drive``'s payload tree and its older ``files`` (NAME.py → text) as one tree;
+    DriveError for a name that could leave the job's directory or land elsewhere in it, or
+    files over the limits."""
     try:
         entries = bundle.unpack_tree(shipped)
     except ValueError as exc:
@@ -579,8 +561,8 @@ def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
 
 
 def _write_job_dir(directory: Path, entries: dict[str, bytes]) -> None:
-    """Write a new detached job's directory whole: into a directory made here, renamed into
-    place (what an earlier server left under that id, without a journal, is replaced)."""
+    """Write a new detached job's directory whole, renamed into place (what an earlier server
+    without a journal left under that id is replaced)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     held = None
@@ -600,10 +582,9 @@ def _write_job_dir(directory: Path, entries: dict[str, bytes]) -> None:
 
 
 def remove_stale_staging(detached: Path) -> list[str]:
-    """(A server starting.) Remove the job directories a server that crashed (or was SIGKILLed)
-    left half-written: ``.ID-xxxxxxxx`` beside the jobs' directories, unlocked (a live write
-    holds an ``flock`` on its directory, so one of another server on this data directory is
-    passed by). Job directories themselves (``ID``) are never touched. Returns the names."""
+    """(A server starting.) Remove the half-written job directories (``.ID-xxxxxxxx``) a
+    crashed server left; one being written holds an ``flock`` (another server on this data
+    directory may be writing it) and is passed by. Returns the names."""
     removed = []
     try:
         entries = list(os.scandir(detached))
@@ -635,8 +616,8 @@ def _after_driver(
     why: str,
     output: bytes = b"",
 ) -> None:
-    """(A thread.) Remember how the job ended and what its tasks printed; after a driver
-    that died, do its cleanup."""
+    """(A thread.) Record how the job ended and what its tasks printed; clean up after a
+    driver that died."""
     if data_job is not None:
         abandon(layout.DataDir(data_root), kind, data_job, why)
     if output:

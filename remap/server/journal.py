@@ -1,29 +1,23 @@
 """The server's journal: jobs and delivered outcomes in SQLite, so a restarted server resumes.
 
-One SQLite file in WAL mode in the state directory (``REMAP_STATE_DIR``), on the server's local
-disk: WAL needs shared memory between the writer and readers, which network file systems do not
-give, so the file must never be on NFS or CephFS.
+One SQLite file in WAL mode in ``REMAP_STATE_DIR``, on a local disk: WAL needs memory shared
+between writer and readers, which network file systems (NFS, CephFS) do not give.
 
-What is written, and when:
+* A job's ``submit`` (its function included) is committed *before* its console hears the job
+  was accepted, so an accepted job is never forgotten.
+* A detached job's arguments are kept as they arrive, and its ``args_end`` committed at once:
+  its console goes away, so the server alone holds them. An attached job's arguments and
+  outcomes are not stored: its console holds them, and a restart ends that job with a reason.
+* A detached job's delivered outcomes are runs of argument indices keyed by (job, first
+  index), checked never to overlap, so each (job, index) is recorded at most once (a row per
+  index cost ~3 µs each, as much as the server spends on a trivial call); its result messages
+  are kept for ``attach`` to replay.
+* A job's end (state, message, counts).
 
-* a job's ``submit`` message (its function included) is committed *before* the console is told
-  the job was accepted, so an accepted job is never forgotten;
-* a detached job's arguments as they arrive, and its ``args_end`` (committed at once): the console
-  of a detached job goes away, so the server is the only holder of its arguments and keeps them
-  where a restart can read them. An attached job's arguments are not stored: its console holds
-  them, and a restart ends that job with a reason instead;
-* every delivered outcome (result or error) of a detached job, as runs of argument indices
-  keyed by (job, first index) that are checked never to overlap, so each (job, index) is recorded
-  at most once (a row per index cost ~3 µs of SQLite each, as much as the whole server spends
-  on a trivial call), and its result messages (what ``attach`` replays). An attached job's
-  outcomes are not recorded: its console has them, and a restart ends that job with a reason;
-* a job's end (state, message, counts).
-
-Everything but a submit and a detached ``args_end`` is *group committed*: buffered and written in
-one transaction at most ``flush_interval`` seconds later (or at once when the buffer holds
-``flush_bytes``), never one transaction per result. The writes run on the reactor thread: they
-are local, batched and, at ``synchronous=NORMAL``, do not wait for the disk. Copying the WAL
-into the database file (a checkpoint, with its syncs) is left to a thread of its own.
+All but a submit and a detached ``args_end`` is *group committed*: buffered and written in one
+transaction at most ``flush_interval`` s later (at once past ``flush_bytes``). The writes run on
+the reactor thread (local, batched, and at ``synchronous=NORMAL`` not waiting for the disk);
+checkpoints, with their syncs, run on a thread of their own.
 """
 
 from __future__ import annotations
@@ -50,8 +44,7 @@ FLUSH_INTERVAL = 0.05
 #: payload bytes buffered before a transaction is written at once (bounds the buffer)
 FLUSH_BYTES = 8 * 1024 * 1024
 #: bytes (about) committed to the WAL before the checkpointer thread copies it into the
-#: database file: SQLite's own automatic checkpoint (1000 pages) ran in the commit, on the
-#: reactor thread (0.4 s of a 60 MiB function's 0.9 s submit)
+#: database file (SQLite's automatic checkpoint ran in the commit, on the reactor thread)
 CHECKPOINT_BYTES = 1000 * 4096
 SYNC_LEVELS = ("normal", "full")
 #: bumped when the tables change; an older journal is refused with a clear line
@@ -74,8 +67,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     owner TEXT NOT NULL DEFAULT ''
 );
--- apart from ``jobs``: SQLite rewrites a whole row on UPDATE, so a job's end rewrote its
--- function too (1.25 s on the reactor thread for a 60 MiB function, a ``files:`` bundle)
+-- apart from ``jobs``: SQLite rewrites a whole row on UPDATE (a job's end would rewrite
+-- a 60 MiB function, a ``files:`` bundle, on the reactor thread)
 CREATE TABLE IF NOT EXISTS functions (
     job INTEGER PRIMARY KEY,
     fn BLOB NOT NULL               -- the submit's payload: the pickled function
@@ -139,11 +132,9 @@ def _args_row(start: int, column: Any, payload: bytes) -> tuple[int, list[int], 
 
 
 def _private(path: Path) -> None:
-    """Make the journal readable by its owner only, whatever the state directory's mode (a
-    systemd StateDirectory is 0755): it holds jobs' functions, arguments and results. SQLite
-    gives its -wal and -shm files the database file's mode; ones left by a crash are fixed too.
-    A state directory that cannot be made (a file is in the way) is one ConfigError.
-    """
+    """Make the journal (jobs' functions, arguments and results) its owner's only, whatever
+    the state directory's mode (a systemd StateDirectory is 0755); SQLite gives -wal and -shm
+    the database file's mode, and ones left by a crash are fixed too."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -155,8 +146,8 @@ def _private(path: Path) -> None:
 
 
 class _Checkpointer:
-    """Copies the WAL into the database file on a thread of its own, with its own connection
-    (a passive checkpoint: the reactor thread's commits go on meanwhile); woken by :meth:`poke`."""
+    """Copies the WAL into the database file on a thread and connection of its own (a passive
+    checkpoint: the reactor thread's commits go on meanwhile)."""
 
     log = Logger()
 
@@ -452,9 +443,7 @@ class Journal:
         for job_id, msg, store in outcomes:
             rows.extend(self._runs(job_id, msg))
             if store:
-                seq = self._seq.get(job_id)
-                if seq is None:
-                    seq = self._next_seq(job_id)
+                seq = self._seq[job_id] if job_id in self._seq else self._next_seq(job_id)
                 self._seq[job_id] = seq + 1
                 header, payload = m.encode(msg)
                 stored.append((job_id, seq, header, payload))

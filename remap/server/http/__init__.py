@@ -42,26 +42,17 @@ def access_line(timestamp: str, request: Any) -> str:
     return f'{peer} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
 
 
-#: seconds a connection may sit idle or half-sent (a slow request cannot hold a connection for
-#: Twisted's default of 12 hours); a response being written, an event stream too, is not idle
+#: seconds a connection may sit idle or half-sent (not Twisted's 12 hours); a response being
+#: written, an event stream too, is not idle
 IDLE_TIMEOUT = 60
-
-
-#: connections the HTTP port holds open at once, in all and per client IP address
-#: (REMAP_HTTP_MAX_CONNECTIONS and _PER_HOST); beyond them a connection is closed as soon as it
-#: is accepted, unread (a dashboard holds one or two: its page and its event stream; an
-#: unauthenticated client's connection is closed after its 401)
-MAX_HTTP_CONNECTIONS: int = Settings.http_max_connections
-MAX_HTTP_CONNECTIONS_PER_HOST: int = Settings.http_max_connections_per_host
 
 
 class BoundedChannel(HTTPChannel):
     """A request must arrive whole within :data:`IDLE_TIMEOUT` of the channel being ready for it.
 
-    Twisted restarts the idle timer at every byte received, so a client trickling a header
-    byte a minute held its connection (and a file descriptor, before any credentials were
-    checked) for days. Here bytes do not restart it: the timer runs from the connection's
-    start or the previous answer's end, and is off while a request is being answered.
+    Twisted restarts the idle timer at every byte received, so a client trickling a header byte
+    a minute held a connection, unauthenticated, for days. Here bytes do not restart it: it runs
+    from the connection's start or the previous answer's end, off while a request is answered.
     """
 
     #: this connection's place under the port's caps (freed when it closes)
@@ -84,8 +75,8 @@ class BoundedSite(Site):
         resource: Any,
         *,
         reactor: Any,
-        max_connections: int = MAX_HTTP_CONNECTIONS,
-        max_per_host: int = MAX_HTTP_CONNECTIONS_PER_HOST,
+        max_connections: int = Settings.http_max_connections,
+        max_per_host: int = Settings.http_max_connections_per_host,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=reactor, **kwargs)
