@@ -42,6 +42,10 @@ MB = 1024 * 1024
 POLL_INTERVAL = 0.25
 #: seconds between reads of the running map tasks' progress files (for the MB read so far)
 PROGRESS_READ_EVERY = 1.0
+#: task errors whose messages say what and where (shown without their type)
+_SELF_EXPLAINED = frozenset(
+    "RecordError JobCodeError BadOutput CombineError HookError StorageError InputChanged".split()
+)
 
 
 @dataclass(frozen=True)
@@ -197,35 +201,29 @@ class DataJobRunner:
             job_lock.acquire()
             layout.remove_orphan_scratch(self.data)
             splits = self._write_job_dir(files, splits)
-        except BaseException:
+            state = "FAIL"
+            try:
+                map_results = self._map(splits)
+                reduce_results = self._reduce(map_results)
+                self._publish(reduce_results)
+                state = "OK"
+            except (JobKilled, KeyboardInterrupt, ConnectionLost) as exc:
+                state = "INCOMPLETE"
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise JobKilled(f"data job {self.job_id} ({job.name}) was killed: {exc}") from None
+            except JobFailed as exc:
+                failed = JobFailed(f"data job {self.job_id} ({job.name}) failed: {exc}")
+                failed.remote_traceback = exc.remote_traceback
+                raise failed from None
+            finally:
+                if state != "OK":
+                    self._kill_phase()
+                self.timings["total"] = round(time.monotonic() - started, 3)
+                self._finish(state)
+        finally:
             job_lock.release()
             lock.release()
-            raise
-        state = "FAIL"
-        try:
-            map_results = self._map(splits)
-            reduce_results = self._reduce(map_results)
-            self._publish(reduce_results)
-            state = "OK"
-        except (JobKilled, KeyboardInterrupt, ConnectionLost) as exc:
-            state = "INCOMPLETE"
-            self._kill_phase()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise JobKilled(f"data job {self.job_id} ({job.name}) was killed: {exc}") from None
-        except JobFailed as exc:
-            failed = JobFailed(f"data job {self.job_id} ({job.name}) failed: {exc}")
-            failed.remote_traceback = exc.remote_traceback
-            raise failed from None
-        finally:
-            if state != "OK":
-                self._kill_phase()
-            self.timings["total"] = round(time.monotonic() - started, 3)
-            try:
-                self._finish(state)
-            finally:
-                job_lock.release()
-                lock.release()
         return self.summary(state)
 
     def summary(self, state: str) -> dict[str, Any]:
@@ -249,11 +247,8 @@ class DataJobRunner:
 
     def _plan(self) -> tuple[list[Path], list[Split]]:
         job = self.job
-        if job.output.exists() or job.output.is_symlink():
-            raise ConfigError(
-                f"output {job.output} already exists: a data job never overwrites results "
-                "(remove it or choose another output)"
-            )
+        if taken := output_taken(job.output):
+            raise ConfigError(f"output {taken}")
         files = resolve_inputs(job.inputs, job.base_dir)
         splits = make_splits(
             files, max(1, int(job.options.split_mb * MB)), splittable=job.functions.read is None
@@ -400,10 +395,7 @@ class DataJobRunner:
         assert self.phase is not None
         first = self.phase.run.session.first_error
         if first is not None:
-            # their messages say what and where
-            ours = ("RecordError", "JobCodeError", "BadOutput", "CombineError", "HookError")
-            ours = (*ours, "StorageError", "InputChanged")
-            what = "" if first.type_name in ours else f"{first.type_name}: "
+            what = "" if first.type_name in _SELF_EXPLAINED else f"{first.type_name}: "
             failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
             failed.remote_traceback = first.traceback
             return failed
@@ -531,6 +523,16 @@ class DataJobRunner:
             timings=self.timings,
             output=str(self.job.output) if state == "OK" else None,
         )
+
+
+def output_taken(output: Path) -> str:
+    """Why ``output`` cannot be a data job's (empty: it can)."""
+    if output.exists() or output.is_symlink():
+        return (
+            f"{output} already exists: a data job never overwrites results "
+            "(remove it or choose another output)"
+        )
+    return ""
 
 
 def _ignore_outcome(future: concurrent.futures.Future) -> None:

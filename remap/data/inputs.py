@@ -12,7 +12,8 @@ import gzip
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,7 @@ HIDDEN_PREFIXES = (".", "_")
 
 
 def nothing_named(entry: str | os.PathLike[str], path: Path | str) -> ConfigError:
-    """The one-line error for an input entry that names nothing that exists (a missing path,
-    a glob matching nothing): a typo must not run an empty job. An existing directory with
-    no files is not this error but an empty job."""
+    """The error for an input entry that names nothing: a typo must not run an empty job."""
     if glob.has_magic(os.fspath(entry)):
         return ConfigError(f"input {entry!r}: no file matches")
     return ConfigError(f"input {entry!r}: no such file or directory ({path})")
@@ -59,13 +58,11 @@ def nothing_named(entry: str | os.PathLike[str], path: Path | str) -> ConfigErro
 def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> list[Path]:
     """Every input file of a data or vertex job, the one rule for both (README "Inputs").
 
-    An entry (relative to ``base_dir``) is a file, read whatever its name; a directory, its
-    files recursively in sorted order; or a glob, its matches in sorted order (a matching
-    directory is walked). A walk or a wildcard skips names starting with ``.`` or ``_``
-    (:data:`HIDDEN_PREFIXES`) unless the pattern typed that character (``_*``). Entries
-    keep their order and each file (by resolved path) is read once, where it first came.
-    An entry naming nothing is an error (:func:`nothing_named`); an existing directory
-    with no files gives none (an empty job)."""
+    An entry (relative to ``base_dir``) is a file, whatever its name; a directory, its files
+    recursively; or a glob, its matches (a matching directory is walked), each sorted. A walk
+    or a wildcard skips :data:`HIDDEN_PREFIXES` unless the pattern typed that character
+    (``_*``). Each file (by resolved path) is read once, where it first came; an existing
+    directory with no files gives none (an empty job)."""
     entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not entries:
         raise ConfigError("no input given")
@@ -231,11 +228,20 @@ def compressed(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).endswith(COMPRESSED_SUFFIXES)
 
 
-def _open(split: Split) -> tuple[Any, int]:
-    """The split's file, opened for reading its bytes, and the offset its lines stop at."""
+@contextmanager
+def _open(split: Split) -> Iterator[tuple[Any, int, int]]:
+    """The split's file, opened for reading its bytes at its first line; that line's offset,
+    and the offset its lines stop at."""
     if compressed(split.path):
-        return gzip.open(split.path, "rb"), (sys.maxsize if split.start == 0 else 0)
-    return open(split.path, "rb"), split.end
+        handle, end = gzip.open(split.path, "rb"), (sys.maxsize if split.start == 0 else 0)
+    else:
+        handle, end = open(split.path, "rb"), split.end
+    with handle:
+        pos = split.start
+        if pos > 0 and end > pos:
+            handle.seek(pos - 1)
+            pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
+        yield handle, pos, end
 
 
 def read_lines(split: Split) -> Iterator[tuple[int, str]]:
@@ -243,12 +249,7 @@ def read_lines(split: Split) -> Iterator[tuple[int, str]]:
 
     Bytes that are not UTF-8 survive as surrogate escapes (written back unchanged by the
     default writer)."""
-    handle, end = _open(split)
-    with handle:
-        pos = split.start
-        if pos > 0 and end > pos:
-            handle.seek(pos - 1)
-            pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
+    with _open(split) as (handle, pos, end):
         for raw in handle:
             if pos >= end:
                 break
@@ -266,12 +267,7 @@ LINE_BLOCK = 1 << 20
 def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[int, list[str]]]:
     """``(offset, lines)``: the split's lines (as :func:`read_lines`) a block at a time, with
     the byte offset of each block's first line; decoded and cut in C, not line by line."""
-    handle, end = _open(split)
-    with handle:
-        pos = split.start
-        if pos > 0 and end > pos:
-            handle.seek(pos - 1)
-            pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
+    with _open(split) as (handle, pos, end):
         buf = b""
         while pos < end:
             chunk = handle.read(block)
@@ -306,11 +302,6 @@ def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[in
             pos += len(whole)
             if last or not chunk:
                 return
-
-
-def read_custom(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
-    """Records of a user ``read(path)``: the whole file is one split; positions are ordinals."""
-    yield from enumerate(reader(split.path))
 
 
 def line_number(path: str, offset: int) -> int:

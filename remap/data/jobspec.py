@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..bundle import Bundle, collect, make_importable
 from ..errors import ConfigError
-from .driver import DataOptions, job_from_functions
+from .driver import DataOptions, job_from_functions, output_taken
 from .inputs import resolve_inputs
 from .layout import check_name
 from .tasks import DEFAULT_PURPOSE
@@ -36,6 +37,14 @@ class FileJobSpec:
     def where(self, key: str) -> str:
         line = self.key_lines.get(key)
         return f"{self.source}:{line}: key '{key}'" if line else self.source
+
+    @contextmanager
+    def blaming(self, key: str) -> Iterator[None]:
+        """A ConfigError raised inside names the job file, line and ``key``."""
+        try:
+            yield
+        except ConfigError as exc:
+            raise ConfigError(f"{self.where(key)}: {exc}") from exc.__cause__
 
 
 @dataclass(frozen=True)
@@ -195,11 +204,8 @@ def to_job(spec: MapReduceSpec) -> Any:
     from ..jobfile import load_module
 
     shipped = shipped_with(spec)
-    try:
+    with spec.blaming("module"):
         module, _ = load_module(spec.module, spec.base_dir)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where('module')}: {exc}") from exc.__cause__
-    try:
         job = job_from_functions(
             module,
             spec.inputs,
@@ -210,16 +216,9 @@ def to_job(spec: MapReduceSpec) -> Any:
             bundle=shipped,
             **dataclasses.asdict(spec.options),
         )
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where('module')}: {exc}") from None
     # the driver checks these again; here they fail before a cluster starts, naming the key
-    if spec.output.exists() or spec.output.is_symlink():
-        raise ConfigError(
-            f"{spec.where('output')}: {spec.output} already exists: a data job never overwrites "
-            "results (remove it or choose another output)"
-        )
-    try:
+    if taken := output_taken(spec.output):
+        raise ConfigError(f"{spec.where('output')}: {taken}")
+    with spec.blaming("input"):
         resolve_inputs(spec.inputs, spec.base_dir)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where('input')}: {exc}") from None
     return job

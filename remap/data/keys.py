@@ -20,17 +20,8 @@ from typing import Any
 
 PICKLE_PROTOCOL = 5
 
-_NONE, _BOOL, _INT, _FLOAT, _STR, _BYTES, _TUPLE, _LIST, _PICKLE = (
-    1,
-    2,
-    3,
-    4,
-    5,
-    6,
-    7,
-    8,
-    255,
-)
+_NONE, _BOOL, _INT, _FLOAT, _STR, _BYTES, _TUPLE, _LIST = range(1, 9)
+_PICKLE = 255
 _END = b"\x00\x00"
 _MAX_INT_BYTES = 127
 _DOUBLE = struct.Struct(">Q")
@@ -84,10 +75,15 @@ def _encode_int(n: int, out: bytearray) -> None:
         out += ((1 << (8 * size)) - 1 + n).to_bytes(size, "big")
 
 
+def encode_text_key(key: str) -> bytes:
+    """:func:`encode_key` of a text key (the common case), without the bytearray."""
+    return b"\x05" + key.encode("utf-8", "surrogatepass").replace(b"\x00", b"\x00\xff") + _END
+
+
 def encode_key(key: Any) -> bytes:
     """The key's bytes; equal keys give equal bytes, and byte order is the documented order."""
-    if type(key) is str:  # the common case, without the bytearray
-        return b"\x05" + _escape(key.encode("utf-8", "surrogatepass"))
+    if type(key) is str:
+        return encode_text_key(key)
     out = bytearray()
     _encode_into(key, out)
     return bytes(out)

@@ -11,11 +11,10 @@ Layout (``REMAP_DATA_DIR``; a local folder on one machine, NFS or CephFS on a LA
     job/<jobid>/driver.lock               flocked by the job's driver while it runs (:class:`JobLock`)
     im/<jobid>/<purpose>/reducer-NNNN/mapper-NNNN-part-NNNNN.<attempt>   intermediate runs
 
-An attempt writes ``<final>.<attempt>.tmp`` and commits it by ``os.replace`` once complete, so a
-reader never sees a partial file; which committed attempt counts is decided by whoever received
-the task's result (never by listing a directory), and the others are removed at the end.
-Every file here is written by :func:`write_atomic`, so a crash leaves either the old file, the
-new one, or a ``.tmp`` stray that :func:`remove_strays` deletes.
+An attempt writes ``<final>.<attempt>.tmp`` and commits it by ``os.replace``, so a reader never
+sees a partial file; which committed attempt counts is decided by whoever received the task's
+result (never by listing a directory). A crash leaves the old file, the new one, or a ``.tmp``
+stray that :func:`remove_strays` deletes.
 """
 
 from __future__ import annotations
@@ -37,15 +36,13 @@ from typing import Any
 
 from ..errors import ConfigError
 
-#: the states a job's ``result`` file may hold
 RESULT_STATES: tuple[str, ...] = ("INCOMPLETE", "FAIL", "OK")
 TMP_SUFFIX = ".tmp"
 SUCCESS_MARKER = "_SUCCESS"
 DEFAULT_DATA_DIR = "~/.remap/data"
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-#: a purpose names a directory of a job's output: never a hidden one (``_x``), or a job reading
-#: the output as its input would skip it (README "Inputs")
+#: never a hidden name (``_x``): a job reading the output as its input would skip it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,7 +58,6 @@ def attempt_token() -> str:
 
 
 def task_name(kind: str, number: int) -> str:
-    """``mapper-0003``, ``reducer-0012``: the names tasks have in files and messages."""
     return f"{kind}-{number:04d}"
 
 
@@ -77,7 +73,7 @@ def check_name(what: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class DataDir:
-    """Paths inside one data directory; plain functions of their arguments (no I/O but mkdir)."""
+    """Paths inside one data directory (no I/O)."""
 
     root: Path
 
@@ -86,7 +82,6 @@ class DataDir:
         """``REMAP_DATA_DIR`` as given, or ``~/.remap/data``; always absolute."""
         return cls(Path(os.path.expanduser(os.fspath(value or DEFAULT_DATA_DIR))).resolve())
 
-    # ------------------------------------------------------------ job/<jobid>
     def job_dir(self, job_id: str) -> Path:
         return self.root / "job" / check_name("job id", job_id)
 
@@ -111,7 +106,6 @@ class DataDir:
     def result_json(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "result.json"
 
-    # ------------------------------------------------------------ im/<jobid>
     def im_dir(self, job_id: str) -> Path:
         return self.root / "im" / check_name("job id", job_id)
 
@@ -139,12 +133,13 @@ def output_part(output: Path, purpose: str, reducer: int, part: int = 0) -> Path
     return Path(output) / check_name("purpose", purpose) / name
 
 
-# ------------------------------------------------------------ committing
-
-
 def tmp_path(final: Path, attempt: str) -> Path:
     """Where an attempt writes ``final`` before committing it."""
     return final.with_name(f"{final.name}.{attempt}{TMP_SUFFIX}")
+
+
+def _private_tmp(final: Path) -> Path:
+    return tmp_path(final, f"w{os.getpid()}-{secrets.token_hex(3)}")
 
 
 def commit(tmp: Path, final: Path) -> Path:
@@ -154,12 +149,10 @@ def commit(tmp: Path, final: Path) -> Path:
 
 
 class StorageError(Exception):
-    """A task could not write its files: the disk is full (or over quota, or read-only).
-    No record's fault, so it fails the task even on ``continue`` (counted as a record's
-    error, the records of the buffer that failed to flush would be lost from the output)."""
+    """A task could not write its files (disk full, over quota, read-only). It fails the task
+    even on ``continue``: as a record's error, the records of the unflushed buffer would be lost."""
 
 
-#: what a failed write of a task's own files says when the disk is the trouble
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
@@ -169,7 +162,6 @@ def storage_trouble(exc: BaseException) -> bool:
 
 
 def storage_error(path: Path, exc: OSError) -> StorageError:
-    """The one line for a write of ``path`` that :func:`storage_trouble` says the disk refused."""
     from ..sinks import os_reason  # only on this path: cores do not load the sinks
 
     return StorageError(f"cannot write {path}: {os_reason(exc)}")
@@ -179,7 +171,7 @@ def write_atomic(path: Path, data: bytes) -> Path:
     """Write a whole file so readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
+    tmp = _private_tmp(path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -236,18 +228,16 @@ def remove_strays(top: Path) -> list[Path]:
 
 
 def remove_tree(top: Path) -> None:
-    """Remove a directory and everything in it; a missing one is fine."""
     shutil.rmtree(top, ignore_errors=True)
 
 
-#: a job's driver holds this file's ``flock`` while the job runs (in ``job/<jobid>/``)
 DRIVER_LOCK = "driver.lock"
 
 
 class JobLock:
     """``job/<jobid>/driver.lock``, ``flock``-ed by a data or vertex job's driver for the job's
-    life, so :func:`remove_orphan_scratch` tells a running job's scratch (``im/<jobid>``) from
-    a dead driver's: the kernel (or the NFS server) drops the lock when its process dies.
+    life, so :func:`remove_orphan_scratch` tells a running job's scratch from a dead driver's:
+    the kernel (or the NFS server) drops the lock when its process dies.
 
     Taken before ``im/<jobid>`` is made; on release the file goes only once that scratch is
     gone, so what a driver left behind (a SIGKILL, a failed cleanup) stays findable."""
@@ -282,8 +272,8 @@ class JobLock:
 @contextmanager
 def locked_if_free(path: Path | str, flags: int) -> Iterator[bool]:
     """Open ``path`` (never through a link) and take its exclusive ``flock`` without waiting:
-    True while held (closed on leaving), False when it cannot be opened or another process
-    holds it. What the sweeps of a dead process's leftovers ask before removing anything."""
+    True while held, False when it cannot be opened or another process holds it. What the
+    sweeps of a dead process's leftovers ask before removing anything."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW)
     except OSError:
@@ -301,10 +291,9 @@ def locked_if_free(path: Path | str, flags: int) -> Iterator[bool]:
 
 
 def remove_orphan_scratch(data: DataDir) -> list[str]:
-    """Remove ``im/<jobid>`` of every job whose driver died (SIGKILLed, its machine lost):
-    those whose :class:`JobLock` file is there and unlocked. A running job's lock is held, so
-    its scratch stays; a job without a lock file (a vertex or data job of an earlier release,
-    or one still starting) is left alone. Returns the job ids cleaned."""
+    """Remove ``im/<jobid>`` of every job whose :class:`JobLock` file is there and unlocked (its
+    driver died); return their ids. A job without a lock file (of an earlier release, or still
+    starting) is left alone."""
     try:
         names = sorted(entry.name for entry in os.scandir(data.root / "im") if entry.is_dir())
     except OSError:
@@ -324,18 +313,15 @@ def remove_orphan_scratch(data: DataDir) -> list[str]:
     return removed
 
 
-#: the data directory's identity: a random token written once, read back by every user of it
 DATA_ID_FILE = ".remap-data-id"
 #: seconds a node waits for its data directory to answer before reporting it unusable
 PROBE_TIMEOUT = 10.0
 
 
 def data_id(root: Path) -> str:
-    """The token naming the data directory at ``root``, written by whoever comes first.
-
-    Two machines that read the same token see the same directory; two local folders at one
-    path give two tokens. The token is written whole under a private name and linked into
-    place (atomic and exclusive, NFS included), so nobody ever reads half of one."""
+    """The token naming the data directory at ``root``: two machines that read the same token
+    see the same directory. Written whole under a private name and linked into place (atomic
+    and exclusive, NFS included) by whoever comes first, so nobody reads half of one."""
     path = Path(root) / DATA_ID_FILE
     try:
         token = path.read_text(encoding="ascii").strip()
@@ -344,7 +330,7 @@ def data_id(root: Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
+    tmp = _private_tmp(path)
     tmp.write_text(secrets.token_hex(8) + "\n", encoding="ascii")
     try:
         os.link(tmp, path)
@@ -394,14 +380,10 @@ def mismatch(
     return ""
 
 
-def visible(data: DataDir, job_id: str) -> bool:
-    """True when this process sees the job's config: the check that a node shares the data dir."""
-    return data.jobconfig(job_id).is_file()
-
-
 def require_visible(data: DataDir, job_id: str) -> None:
-    """Raise one clear line when this machine does not see the job's data directory."""
-    if not visible(data, job_id):
+    """Raise one clear line when this machine does not see the job's config (so not the data
+    directory the job was written to)."""
+    if not data.jobconfig(job_id).is_file():
         raise DataDirNotShared(
             f"host {socket.gethostname()} does not see the data directory {data.root} "
             f"(no {data.jobconfig(job_id)}): mount the same directory on every node and point "

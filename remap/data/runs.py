@@ -18,7 +18,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .keys import TEXT_VALUE, decode_key, decode_value, encode_key, encode_value
+from .keys import TEXT_VALUE, decode_key, decode_value, encode_key, encode_text_key, encode_value
 
 Record = tuple[bytes, bytes]
 #: combine(key, values) -> iterable of values for the same key
@@ -99,13 +99,6 @@ def read_run(path: Path | str) -> Iterator[Record]:
 def _values(values: list[Any]) -> Iterator[Any]:
     for value in values:
         yield decode_value(value) if type(value) is _Encoded else value
-
-
-def _encode_text_key(key: str) -> bytes:
-    """:func:`encode_key` of a text key, inline in the spill loops."""
-    return (
-        b"\x05" + key.encode("utf-8", "surrogatepass").replace(b"\x00", b"\x00\xff") + b"\x00\x00"
-    )
 
 
 class BadOutput(ValueError):
@@ -320,8 +313,6 @@ class SpillBuffer:
     def _fold(self, purpose: str, ident: Any, slots: dict[Any, list[Any]]) -> int:
         """Combine a hot key's values early; return the estimated bytes freed."""
         combine = self._combine_for(purpose)
-        if combine is None:
-            return 0
         values = slots[ident]
         key = ident if type(ident) is str else self._keys[purpose][ident]
         mixed = (purpose, ident) in self._mixed
@@ -344,7 +335,7 @@ class SpillBuffer:
         """Combine each key holding more than one value; return whether anything could fold."""
         folded = False
         for purpose, store in self._stores.items():
-            if type(store) is not dict or not self._grouping[purpose]:
+            if type(store) is not dict:
                 continue
             for ident, values in list(store.items()):
                 if len(values) > 1:
@@ -376,7 +367,7 @@ class SpillBuffer:
         self, purpose: str, pairs: list[tuple[Any, Any]], keys: dict[bytes, Any]
     ) -> dict[int, list[Record]]:
         """A purpose without a combiner: a stable sort of its pairs, cut by reducer."""
-        locate, encode_text = self._locate, _encode_text_key
+        locate, encode_text = self._locate, encode_text_key
         if keys:  # some keys are encoded: sort everything by encoding
 
             def order(pair: tuple[Any, Any]) -> bytes:
@@ -420,7 +411,7 @@ class SpillBuffer:
         by_reducer: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
         for ident, values in slots.items():
             if type(ident) is str:
-                key, encoded = ident, _encode_text_key(ident)
+                key, encoded = ident, encode_text_key(ident)
             else:
                 key, encoded = keys[ident], ident
             reducer = self._locate(purpose, key, encoded)
@@ -428,25 +419,17 @@ class SpillBuffer:
                 (encoded, key, values, (purpose, ident) in mixed)
             )
         combine = self._combine_for(purpose)
-        runs = {}
-        for reducer, items in by_reducer.items():
+        for items in by_reducer.values():
             items.sort(key=itemgetter(0))
-            runs[reducer] = self._records(items, combine)
-        return runs
+        return {reducer: self._records(items, combine) for reducer, items in by_reducer.items()}
 
     @staticmethod
     def _records(
-        items: list[tuple[bytes, Any, list[Any], bool]], combine: Combiner | None
+        items: list[tuple[bytes, Any, list[Any], bool]], combine: Combiner
     ) -> Iterator[Record]:
         for encoded, key, values, mixed in items:
-            if combine is not None:
-                for value in combine_values(
-                    combine, key, _values(values) if mixed else iter(values)
-                ):
-                    yield encoded, encode_value(value)
-            else:
-                for value in values:
-                    yield encoded, bytes(value) if type(value) is _Encoded else encode_value(value)
+            for value in combine_values(combine, key, _values(values) if mixed else iter(values)):
+                yield encoded, encode_value(value)
 
 
 # ------------------------------------------------------------------ reduce side
