@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import time
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,7 @@ class DataJobRunner:
 
     def _plan(self) -> tuple[list[Path], list[Split]]:
         job = self.job
-        if taken := output_taken(job.output):
+        if taken := layout.output_taken(job.output):
             raise ConfigError(f"output {taken}")
         files = resolve_inputs(job.inputs, job.base_dir)
         splits = make_splits(
@@ -525,16 +526,6 @@ class DataJobRunner:
         )
 
 
-def output_taken(output: Path) -> str:
-    """Why ``output`` cannot be a data job's (empty: it can)."""
-    if output.exists() or output.is_symlink():
-        return (
-            f"{output} already exists: a data job never overwrites results "
-            "(remove it or choose another output)"
-        )
-    return ""
-
-
 def _ignore_outcome(future: concurrent.futures.Future) -> None:
     """Counters are informative: a lost connection shows up where the phase waits."""
     future.exception()
@@ -552,8 +543,6 @@ def job_from_functions(
     **options: Any,
 ) -> DataJob:
     """A :class:`DataJob` from a module (or a mapping of role -> function) and paths."""
-    import types
-
     import cloudpickle
 
     from .tasks import functions_from

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..bundle import Bundle, collect, make_importable
 from ..errors import ConfigError
-from .driver import DataOptions, job_from_functions, output_taken
+from .driver import DataOptions, job_from_functions
 from .inputs import resolve_inputs
-from .layout import check_name
+from .layout import check_name, output_taken
 from .tasks import DEFAULT_PURPOSE
 
 #: keys function jobs also have, with the same meaning
@@ -117,12 +117,8 @@ def _reducers(entry: Any) -> dict[str, int]:
 
 def _megabytes(entry: Any) -> float:
     value = entry.value
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise entry.fail(f"expected a number of megabytes > 0, got {value!r}")
     return float(value)
 

@@ -133,6 +133,16 @@ def output_part(output: Path, purpose: str, reducer: int, part: int = 0) -> Path
     return Path(output) / check_name("purpose", purpose) / name
 
 
+def output_taken(output: Path, kind: str = "data") -> str:
+    """Why ``output`` cannot be a data (or vertex) job's (empty: it can)."""
+    if output.exists() or output.is_symlink():
+        return (
+            f"{output} already exists: a {kind} job never overwrites results "
+            "(remove it or choose another output)"
+        )
+    return ""
+
+
 def tmp_path(final: Path, attempt: str) -> Path:
     """Where an attempt writes ``final`` before committing it."""
     return final.with_name(f"{final.name}.{attempt}{TMP_SUFFIX}")
@@ -167,10 +177,12 @@ def storage_error(path: Path, exc: OSError) -> StorageError:
     return StorageError(f"cannot write {path}: {os_reason(exc)}")
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write a whole file so readers see the old content or the new, never a part."""
+def write_atomic(path: Path, data: bytes, *, parents: bool = True) -> Path:
+    """Write a whole file so readers see the old content or the new, never a part. With
+    ``parents=False`` only its own directory is made: FileNotFoundError if the one above is
+    gone (a late writer of a job that ended must not make its directories again)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=parents, exist_ok=True)
     tmp = _private_tmp(path)
     try:
         with open(tmp, "wb") as handle:

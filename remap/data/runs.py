@@ -164,9 +164,8 @@ class SpillBuffer:
         self.spill_bytes = spill_bytes
         self._spill = spill
         self._locate = locate
-        self._combine_for = combine or (lambda purpose: None)
         self._purposes = tuple(purposes)
-        self._grouping = {p: self._combine_for(p) is not None for p in self._purposes}
+        self._combiners = {p: combine(p) if combine else None for p in self._purposes}
         self._default = default
         self._fresh()
         self.size = 0
@@ -175,7 +174,7 @@ class SpillBuffer:
 
     def _fresh(self) -> None:
         self._stores: dict[str, dict[Any, list[Any]] | list[tuple[Any, Any]]] = {
-            p: {} if self._grouping[p] else [] for p in self._purposes
+            p: [] if self._combiners[p] is None else {} for p in self._purposes
         }
         self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
@@ -187,13 +186,9 @@ class SpillBuffer:
 
     def extend(self, outputs: Iterable[Any]) -> None:
         """Buffer everything one ``map`` call yields: ``(key, value)`` for the default purpose,
-        ``(purpose, key, value)`` for a named one. The caller spills (:meth:`flush`) once
-        :attr:`full`, so an error in user code while spilling (a partitioner, say) is never
-        mistaken for an error of the record being mapped.
-
-        The common shape (a text key and a plain value for the default purpose) takes a short
-        path: one type check per field and an append; anything else goes through :meth:`_add`.
-        """
+        ``(purpose, key, value)`` for a named one. The caller spills once :attr:`full`, so an
+        error in user code while spilling (a partitioner, say) is never taken for the record's.
+        A text key with a plain value for the default purpose takes a short path."""
         fast = self._fast
         sized = _SIZED_PLAIN.get  # a plain value's type -> whether its length counts
         size = count = 0
@@ -312,7 +307,7 @@ class SpillBuffer:
 
     def _fold(self, purpose: str, ident: Any, slots: dict[Any, list[Any]]) -> int:
         """Combine a hot key's values early; return the estimated bytes freed."""
-        combine = self._combine_for(purpose)
+        combine = self._combiners[purpose]
         values = slots[ident]
         key = ident if type(ident) is str else self._keys[purpose][ident]
         mixed = (purpose, ident) in self._mixed
@@ -418,7 +413,7 @@ class SpillBuffer:
             by_reducer.setdefault(reducer, []).append(
                 (encoded, key, values, (purpose, ident) in mixed)
             )
-        combine = self._combine_for(purpose)
+        combine = self._combiners[purpose]
         for items in by_reducer.values():
             items.sort(key=itemgetter(0))
         return {reducer: self._records(items, combine) for reducer, items in by_reducer.items()}

@@ -1,12 +1,10 @@
 """The two tasks a data job runs on cores: map one split, reduce one reducer's runs.
 
-Tasks create no directories (the driver does, before the phase): an attempt still running after
-its job ended fails on a missing directory instead of leaving strays behind.
-
-Both run as ordinary function-job calls, so they inherit retries, crash attribution, kill and
-exactly-once *delivery* of their result. Exactly-once *output* comes from naming: an attempt
-writes ``.tmp`` files, commits them by rename under names that carry its attempt token, and
-returns those names; the driver uses only the names delivered to it and deletes the rest.
+Tasks create no directories (the driver does, before the phase). Both run as function-job
+calls, so they inherit retries, crash attribution, kill and exactly-once *delivery* of their
+result. Exactly-once *output* comes from naming: an attempt commits its ``.tmp`` files by rename
+under names that carry its attempt token and returns those names; the driver uses only the
+names delivered to it and deletes the rest.
 """
 
 from __future__ import annotations
