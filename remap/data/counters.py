@@ -21,10 +21,3 @@ def take() -> dict[str, int]:
     global _current
     counts, _current = _current, Counter()
     return dict(counts)
-
-
-def add(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
-    """Sum ``more`` into ``total`` (in place) and return it."""
-    for name, n in more.items():
-        total[name] = total.get(name, 0) + n
-    return total

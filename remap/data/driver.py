@@ -18,6 +18,7 @@ import queue
 import shutil
 import time
 import types
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..bundle import Bundle, wrap
 from ..client import ClusterClient, JobStream
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled, RemapError
 from ..sinks import StreamSink, TaskErrorInfo, take_output
-from . import counters, layout
+from . import layout
 from .inputs import Split, finer_tail, make_splits, resolve_inputs
 from .layout import DataDir
 from .runs import DEFAULT_FANIN
@@ -176,7 +177,7 @@ class DataJobRunner:
         #: each phase fails if no node can run it within this many seconds (None: waits)
         self.wait_for_nodes = wait_for_nodes
         self.phase: _Phase | None = None
-        self.counters: dict[str, int] = {}
+        self.counters: Counter[str] = Counter()
         self.timings: dict[str, float] = {}
         self.error_lines: list[str] = []
         #: what the server said while the job ran (nodes left out, waiting for nodes)
@@ -368,7 +369,7 @@ class DataJobRunner:
             self._tell()
             self.timings[phase] = round(time.monotonic() - started, 3)
         for result in results.values():
-            counters.add(self.counters, result["counters"])
+            self.counters.update(result["counters"])
             self.error_lines.extend(result.get("errors", ()))
         self.progress.counters = dict(self.counters)
         self._share_counters(current.run.job_id, self.counters)
@@ -415,10 +416,10 @@ class DataJobRunner:
             finished = sum(r["counters"]["map_bytes_in"] for r in done.values())
             self.progress.bytes_done = finished + self._running_bytes(done)
         self.progress.records = self.counters.get("map_records_in", 0) + records
-        running = dict(self.counters)
+        running = Counter(self.counters)
         for result in done.values():
-            counters.add(running, result["counters"])
-        self.progress.counters = running
+            running.update(result["counters"])
+        self.progress.counters = dict(running)
         self._share_counters(current.run.job_id, running)
         self.on_progress(self.progress)
 

@@ -70,9 +70,8 @@ class MapReduceSpec(FileJobSpec):
 
 def _module(entry: Any) -> str:
     value = entry.value
-    if not isinstance(value, str) or not value.strip():
-        raise entry.fail(f"expected FILE.py or package.module, got {value!r}")
-    if not value.endswith(".py") and not all(p.isidentifier() for p in value.split(".")):
+    text = value if isinstance(value, str) else ""
+    if not (text.endswith(".py") or all(p.isidentifier() for p in text.split("."))):
         raise entry.fail(f"expected FILE.py or package.module, got {value!r}")
     return value
 

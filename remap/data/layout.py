@@ -73,7 +73,7 @@ def check_name(what: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class DataDir:
-    """Paths inside one data directory (no I/O)."""
+    """Paths inside one data directory."""
 
     root: Path
 
