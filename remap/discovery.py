@@ -267,12 +267,7 @@ def locate(
     if settings.server or not settings.discovery or not key:
         return settings, None
     network = ZeroconfNetwork(interface_addresses(settings.discovery_interfaces))
-    found = browse(
-        network,
-        key,
-        timeout=settings.discovery_timeout,
-        want_tls=want_tls,
-    )
+    found = browse(network, key, timeout=settings.discovery_timeout, want_tls=want_tls)
     for line in found.lines():
         announce(line)
     if found.chosen is not None:
@@ -349,13 +344,6 @@ class Advertiser:
         self.info: Any = None
         self.addresses: list[str] = []
 
-    def _properties(self, tls: bool) -> dict[str, str]:
-        return {
-            "v": str(PROTOCOL_VERSION),
-            "tls": "1" if tls else "0",
-            "cid": cluster_id(self.secret),
-        }
-
     def instance_name(self) -> str:
         """Unique on the LAN (address and port), readable (the machine's name), at most 63 bytes."""
         where = f"{self.addresses[0]}:{self.port}"
@@ -375,7 +363,11 @@ class Advertiser:
             SERVICE_TYPE,
             f"{self.instance_name()}.{SERVICE_TYPE}",
             port=self.port,
-            properties=self._properties(tls),
+            properties={
+                "v": str(PROTOCOL_VERSION),
+                "tls": "1" if tls else "0",
+                "cid": cluster_id(self.secret),
+            },
             server=unique,
             parsed_addresses=self.addresses,
         )
@@ -405,16 +397,3 @@ class Advertiser:
             await threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), self._unregister
             )
-
-
-__all__ = [
-    "Advert",
-    "Advertiser",
-    "Found",
-    "SERVICE_TYPE",
-    "browse",
-    "choose",
-    "cluster_id",
-    "discover",
-    "wanted",
-]

@@ -37,6 +37,7 @@ _OPTION_OF: dict[str, str] = {"response_mode": "mode"}
 _KEY_OF: dict[str, str] = {option: key for key, option in _OPTION_OF.items()}
 
 _REF_FORMS = "'FILE.py:NAME' or 'package.module:NAME'"
+_YES_NO = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
 _STR_TAG = "tag:yaml.org,2002:str"
 _MODULE_PREFIX = "remap_job_"
 
@@ -382,9 +383,7 @@ def _text(entry: _Entry) -> str:
     value = entry.value
     if isinstance(value, str):
         return value
-    hint = ""
-    if isinstance(value, bool):
-        hint = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
+    hint = _YES_NO if isinstance(value, bool) else ""
     raise entry.fail(f"expected text, got {_show(value)}{hint}")
 
 
@@ -417,10 +416,6 @@ def _text_list(entry: _Entry) -> list[str]:
     return [v.strip() for v in value]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _option(name: str) -> Callable[[_Entry], Any]:
     """A key that sets job option ``name``: judged by the options' own rule for it."""
 
@@ -428,10 +423,8 @@ def _option(name: str) -> Callable[[_Entry], Any]:
         try:
             return check_option(name, entry.value)
         except InvalidOption as exc:
-            hint = ""
-            if isinstance(entry.value, bool) and exc.problem.startswith("expected text"):
-                hint = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
-            raise entry.fail(exc.problem + hint) from None
+            yes_no = isinstance(entry.value, bool) and exc.problem.startswith("expected text")
+            raise entry.fail(exc.problem + (_YES_NO if yes_no else "")) from None
 
     return check
 
@@ -462,7 +455,7 @@ def _args_range(entry: _Entry) -> tuple[int, int, int]:
             f"expected [start, stop] or [start, stop, step] of integers, got {_show(value)}"
         )
     for item, node in zip(value, entry.node.value, strict=True):
-        if not _is_int(item):
+        if not isinstance(item, int) or isinstance(item, bool):
             raise entry.fail(f"expected integers, got {_show(item)}", line=_line(node))
     start, stop, step = (*value, 1) if len(value) == 2 else value
     if step == 0:

@@ -31,7 +31,7 @@ from ..bundle import Bundle
 from ..data.inputs import absolute_entry
 from ..errors import ConfigError, JobFailed, JobKilled, RemapError
 from . import render
-from .filejob import print_failure, print_summary, run_file_job
+from .filejob import interrupt, print_failure, print_summary, run_file_job
 
 KINDS = ("mapreduce", "vertex")
 #: seconds between progress lines a driver sends the server
@@ -79,24 +79,6 @@ def ship(
     return json.dumps(job), bundle.pack_tree(entries)
 
 
-def wait_ended(
-    status: Any, job_id: int, on_tick: Any = None, timeout: float | None = None
-) -> dict[str, Any]:
-    """Poll ``status()`` (the server's job list) until detached job ``job_id`` has ended."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        job = next((j for j in status() if j["id"] == job_id), None)
-        if job is None:
-            raise RemapError(f"job {job_id} is no longer on the server (restarted?)")
-        if job["state"] != "running":
-            return job
-        if on_tick is not None:
-            on_tick(job)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"detached job {job_id} still runs after {timeout:g}s")
-        time.sleep(ATTACH_POLL)
-
-
 def outcome(job: dict[str, Any]) -> dict[str, Any]:
     """A finished detached job's summary, or its error raised (JobKilled, JobFailed)."""
     summary = job.get("summary")
@@ -123,22 +105,31 @@ class DetachedJob:
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job to end; its summary, or JobFailed / JobKilled / TimeoutError."""
-        return outcome(wait_ended(lambda: self.cluster.status()["jobs"], self.id, None, timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status()
+            if job is None:
+                raise RemapError(f"job {self.id} is no longer on the server (restarted?)")
+            if job["state"] != "running":
+                return outcome(job)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"detached job {self.id} still runs after {timeout:g}s")
+            time.sleep(ATTACH_POLL)
 
     def output(self) -> str:
         """What the job's tasks printed or logged, each line prefixed with its node and core:
         the last :data:`remap.server.drivers.MAX_OUTPUT` bytes the server keeps."""
-        from .. import runtime
-
-        client = self.cluster._client
-        return runtime.run(lambda: client.watch(self.id, 0), timeout=60)["task_output"]
+        return self._request("watch", 0)["task_output"]
 
     def kill(self) -> dict[str, Any]:
         """End the job (``INCOMPLETE``, intermediate files removed); returns once it has."""
+        return self._request("kill")
+
+    def _request(self, method: str, *args: Any) -> Any:
         from .. import runtime
 
         client = self.cluster._client
-        return runtime.run(lambda: client.kill(self.id), timeout=60)
+        return runtime.run(lambda: getattr(client, method)(self.id, *args), timeout=60)
 
 
 def check_here(spec: Any) -> None:
@@ -207,8 +198,7 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
     """Follow a detached data or vertex job to its end: what its tasks print (the part the
     server kept, then as it comes, on stderr as ``compute`` shows it), progress on a terminal;
     print its summary as ``compute`` would have, or raise its error."""
-    quiet = args.json or getattr(args, "quiet", False)
-    bar = render.Progress(console.err) if (console.err.isatty() and not quiet) else None
+    bar = render.progress_bar(console.err, args.json or getattr(args, "quiet", False))
     show = console.session.settings.task_output and not getattr(args, "no_task_output", False)
     since = 0
     try:
@@ -319,10 +309,6 @@ class _TaskOutput:
         self.send()
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # the drivers end a job on it: kill the phase, clean up, INCOMPLETE
-
-
 def main(argv: list[str] | None = None) -> int:
     """The driver of one detached job, run by the server in the job's directory."""
     from ..data.layout import DataDir, new_job_id
@@ -337,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = _Out()
     output = _TaskOutput(out)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, interrupt)  # ends the job INCOMPLETE
     session = None
     state, message, summary = "failed", "", None
     try:

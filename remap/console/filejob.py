@@ -114,7 +114,8 @@ def run_file_job(
     return result.to_json()
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def interrupt(signum: int, frame: Any) -> None:
+    """A signal handler: the drivers end a job on KeyboardInterrupt (kill, clean up)."""
     raise KeyboardInterrupt
 
 
@@ -126,7 +127,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
@@ -137,24 +138,12 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     """Run a data or vertex job attached to this console; print its summary (``--json``: one
     object). A progress bar on a terminal, else a line now and then (none with --json)."""
     session = console.session
-    bar = render.Progress(console.err) if (console.err.isatty() and not args.quiet) else None
+    bar = render.progress_bar(console.err, args.quiet)
     job_id = new_job_id()
     every, prefix = (5.0, f"job {job_id}: ") if spec.kind == "mapreduce" else (2.0, "")
     last = [time.monotonic()]
-    # the reactor thread only queues task output; this thread prints it, the bar cleared
     output: queue.SimpleQueue[str] = queue.SimpleQueue()
     show_output = session.settings.task_output and not args.no_task_output
-
-    def print_output() -> None:
-        while True:
-            try:
-                text = output.get_nowait()
-            except queue.Empty:
-                return
-            if bar is not None:
-                bar.clear()
-            console.err.write(text)
-            console.err.flush()
 
     def connect() -> Any:
         client = session.connect(allow_embedded=True)
@@ -163,7 +152,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
         return client
 
     def on_progress(done: int, total: int | None, line: str, **_: Any) -> None:
-        print_output()
+        render.print_task_output(output, bar, console.err)
         if bar is not None:
             bar.draw(done, 0, total, line)
         elif not args.json and not args.quiet and time.monotonic() - last[0] >= every:
@@ -203,7 +192,7 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             console.say(json.dumps({**summary, "kind": spec.kind}))
         return EXIT_INTERRUPTED
     finally:
-        print_output()  # what arrived with the last results
+        render.print_task_output(output, bar, console.err)  # what came with the last results
         if bar is not None:
             bar.clear()
     return print_summary(console, spec.kind, summary, args.json)

@@ -296,6 +296,12 @@ class Console:
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
+    def complain(self, exc: BaseException) -> int:
+        """An error's one line on stderr; its exit code."""
+        line, code = one_line(exc)
+        self.note(line)
+        return code
+
     def execute(self, args: argparse.Namespace) -> int:
         handler = getattr(self, f"cmd_{args.command}")
         return handler(args) or 0
@@ -317,7 +323,7 @@ class Console:
             return (start_detached if detach else compute_file_job)(self, spec, args)
         stream_json = args.json and spec.options.mode == "stream"
         show_stream = spec.options.mode == "stream"
-        progress = render.Progress(self.err) if (self.err.isatty() and not args.quiet) else None
+        progress = render.progress_bar(self.err, args.quiet)
         # result lines come from this thread (an engine's job: from its thread), the progress
         # bar from this one: one at a time, so the bar is cleared before a line and stdout is
         # flushed before a redraw
@@ -387,7 +393,7 @@ class Console:
         state = getattr(run, "session", run)  # the counts: a remap job's session, or the engine run
 
         def tick() -> None:
-            self._print_task_output(output, progress, screen)
+            render.print_task_output(output, progress, self.err, screen)
             while not notices.empty():
                 notes.append(notices.get())
                 if progress is None:
@@ -450,21 +456,6 @@ class Console:
                 "cluster ends with its console"
             )
         return detach
-
-    def _print_task_output(
-        self, output: queue.SimpleQueue, progress: Any, screen: threading.Lock
-    ) -> None:
-        """What tasks printed or logged since the last call, each line naming node and core."""
-        while True:
-            try:
-                text = output.get_nowait()
-            except queue.Empty:
-                return
-            with screen:
-                if progress:
-                    progress.clear()
-                self.err.write(text)
-                self.err.flush()
 
     def _closing(self, exc: RemapError, run: Any, sink: Any, as_json: bool) -> RemapError:
         """The job ended badly: add what was kept (and where) to its line; ``--json`` still
@@ -539,15 +530,12 @@ class Console:
         if spec.options.mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
         if args.json:
-            self.say(
-                json.dumps(
-                    {
-                        "job": run.job_id,
-                        "detached": True,
-                        "writer_pid": writer.pid if writer else None,
-                    }
-                )
-            )
+            info = {
+                "job": run.job_id,
+                "detached": True,
+                "writer_pid": writer.pid if writer else None,
+            }
+            self.say(json.dumps(info))
         else:
             self.say(
                 f"job {run.job_id} runs detached; collect results with: "
@@ -636,26 +624,21 @@ class Console:
     # ------------------------------------------------------------------ cluster commands
 
     def cmd_status(self, args: argparse.Namespace) -> int:
+        """``status``, and ``jobs`` and ``nodes``: one table of it."""
         status = self.session.request("status")
         if args.json:
-            self.say(json.dumps(status))
-        else:
-            nodes, jobs, server = read_status(status)
+            self.say(json.dumps(status if args.command == "status" else status[args.command]))
+            return 0
+        nodes, jobs, server = read_status(status)
+        if args.command == "status":
             self.say(render.status_text(nodes, jobs, server.excluded or []))
-        return 0
-
-    def cmd_jobs(self, args: argparse.Namespace) -> int:
-        status = self.session.request("status")
-        if args.json:
-            self.say(json.dumps(status[args.command]))
         else:
-            nodes, jobs, _ = read_status(status)
             self.say(
                 render.jobs_table(jobs) if args.command == "jobs" else render.nodes_table(nodes)
             )
         return 0
 
-    cmd_nodes = cmd_jobs
+    cmd_jobs = cmd_nodes = cmd_status
 
     def cmd_kill(self, args: argparse.Namespace) -> int:
         if args.cluster and args.job is not None:  # which one was meant is not for us to guess
@@ -761,23 +744,18 @@ class Console:
             )
         missing = sink.summary().get("missing", 0)
         if missing:
-            line, code = one_line(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
-            self.note(line)
-            return code
-        # errors here beyond what the server counted: results it keeps whole that this console
-        # could not take (too large for its frames, or not unpickled here); the job's own
-        # counts stay the server's, as `status` shows them
+            return self.complain(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
+        # errors here beyond what the server counted (results this console could not take);
+        # the job's own counts stay the server's, as `status` shows them
         lacking = run.session.failed - outcome.failed
         if lacking > 0:
-            line, code = one_line(
+            return self.complain(
                 JobFailed(
                     f"{lacking} result(s) of job {args.job} that the server counts as done are "
                     "errors on this console (too large for its frames, or not unpickled here: "
                     "see them above); the server keeps them"
                 )
             )
-            self.note(line)
-            return code
         return self._failed_arguments(outcome.failed)
 
     cmd_results = cmd_attach
@@ -834,7 +812,7 @@ class Shell(cmd.Cmd):
         try:
             words = shlex.split(line)
         except ValueError as exc:
-            self.console.note(one_line(UsageError(str(exc)))[0])
+            self.console.complain(UsageError(str(exc)))
             return False
         if not words:
             return False
@@ -842,10 +820,8 @@ class Shell(cmd.Cmd):
             return True
         if not words[0].startswith("-") and words[0] not in COMMANDS:
             # as `help frobnicate` says it; argparse's line offered `shell`, inside the shell
-            self.console.note(
-                one_line(UsageError(f"no command {words[0]!r} (commands: {', '.join(COMMANDS)})"))[
-                    0
-                ]
+            self.console.complain(
+                UsageError(f"no command {words[0]!r} (commands: {', '.join(COMMANDS)})")
             )
             return False
         try:
@@ -862,12 +838,12 @@ class Shell(cmd.Cmd):
         except SystemExit:
             pass
         except (RemapError, KeyboardInterrupt) as exc:
-            self.console.note(one_line(exc)[0])
+            self.console.complain(exc)
         return False
 
     def cmdloop(self, intro: Any = None) -> None:
-        """Ctrl-C at the prompt drops the line and gives a fresh prompt, as a shell does (it
-        ended the shell, and with it an embedded cluster); quit, exit or Ctrl-D leave."""
+        """Ctrl-C at the prompt drops the line and gives a fresh prompt, as a shell does (the
+        shell's embedded cluster lives on); quit, exit or Ctrl-D leave."""
         while True:
             try:
                 super().cmdloop(intro)
@@ -880,7 +856,7 @@ class Shell(cmd.Cmd):
         try:
             self.console.say(self.console.help_text(arg.strip() or None))
         except RemapError as exc:
-            self.console.note(one_line(exc)[0])
+            self.console.complain(exc)
         return False
 
     def do_EOF(self, arg: str) -> bool:  # noqa: N802 - cmd's name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import sys
 import time
 from collections.abc import Sequence
@@ -71,6 +73,31 @@ class Progress:
             self.out.write("\r\x1b[K")
             self.out.flush()
             self.shown = False
+
+
+def progress_bar(out: TextIO, quiet: bool) -> Progress | None:
+    """A progress bar on a terminal unless told to be quiet."""
+    return Progress(out) if out.isatty() and not quiet else None
+
+
+def print_task_output(
+    output: queue.SimpleQueue,
+    bar: Progress | None,
+    out: TextIO,
+    lock: Any = contextlib.nullcontext(),
+) -> None:
+    """What tasks printed or logged since the last call (queued by the reactor thread), each
+    line naming node and core; the bar cleared first."""
+    while True:
+        try:
+            text = output.get_nowait()
+        except queue.Empty:
+            return
+        with lock:
+            if bar is not None:
+                bar.clear()
+            out.write(text)
+            out.flush()
 
 
 def jsonable(value: Any) -> Any:

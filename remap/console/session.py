@@ -13,9 +13,9 @@ from protocol.options import JobOptions
 from .. import bundle, discovery, runtime
 from ..api import function_blob
 from ..auth import SecretMissing
-from ..client import ClusterClient, JobOutcome, JobStream, read_into
+from ..client import ClusterClient, JobStream, read_into
 from ..dial import connect_console
-from ..errors import ConfigError, ConnectionLost, JobFailed
+from ..errors import ConfigError
 from ..jobfile import JobSpec, count_arguments, iter_arguments, load_callables
 from ..net import tls_enabled
 from ..settings import Settings, env_search_text
@@ -79,7 +79,7 @@ class Session:
                     self.settings.server,
                 )
             except SecretMissing as exc:
-                raise SecretMissing(f"{exc}; {self._where_env_was_looked_for()}") from None
+                raise SecretMissing(f"{exc}; {env_search_text(self.env_searched)}") from None
         elif self.embedded is not None or allow_embedded:
             if self.embedded is None:
                 from ..cluster import EmbeddedCluster  # the composition root: only when embedded
@@ -104,11 +104,8 @@ class Session:
         return self.client
 
     def dashboard_link(self, http_port: int | None = None) -> str:
-        """A one-time login link: the embedded cluster serves a dashboard; a server is asked.
-
-        In the shell with no server configured, the embedded cluster starts (as for status)
-        and serves the dashboard for as long as the shell runs.
-        """
+        """A one-time login link: the embedded cluster serves a dashboard (in the shell with no
+        server it starts, as for status); a server is asked."""
         if self.embedded is None and not self.settings.server and self.embedded_for_requests:
             self.connect(allow_embedded=True)
         if self.embedded is not None:
@@ -116,9 +113,6 @@ class Session:
         from .dashboard import login_link
 
         return login_link(self.settings, http_port)
-
-    def _where_env_was_looked_for(self) -> str:
-        return env_search_text(self.env_searched)
 
     def can_request(self) -> bool:
         """Whether a request would reach a cluster without starting anything new."""
@@ -158,11 +152,10 @@ class Session:
         """
         blob = job_blob(spec)
         client = self.connect(allow_embedded=True)
+        detach = detach or spec.options.detach
         stream = JobStream(
             blob,
-            replace(
-                spec.options, detach=detach or spec.options.detach, wait_for_nodes=wait_for_nodes
-            ),
+            replace(spec.options, detach=detach, wait_for_nodes=wait_for_nodes),
             call_soon=runtime.reactor().callFromThread,
             total_hint=count_arguments(spec),
             keep_arguments=keep_arguments,
@@ -170,7 +163,7 @@ class Session:
             on_notice=on_notice,
             on_output=on_output,
             # a detached job's results stay on the server: nothing is held here
-            result_buffer=0 if detach or spec.options.detach else self.settings.result_buffer,
+            result_buffer=0 if detach else self.settings.result_buffer,
         ).start(client)
         # read and pickled on a thread of their own: a slow pipe must not stop the network
         read_into(stream, iter_arguments(spec, max_line=client.frame_room()))
@@ -195,6 +188,3 @@ def make_job_sink(spec: JobSpec, *, on_item: Any = None) -> Sink:
         reduce_fn=load_callables(spec)[1] if mode == "reduce" else None,
         on_item=on_item,
     )
-
-
-__all__ = ["Session", "make_job_sink", "JobOutcome", "JobFailed", "ConnectionLost"]
