@@ -296,27 +296,17 @@ def check_name(name: Any) -> str:
     return name
 
 
-def check_tree(entries: dict[Any, Any], limit: int = MAX_BUNDLE) -> int:
-    """Every name of a tree checked, its values bytes, their sum at most ``limit``: the sum."""
+def write_tree(directory: Path, entries: dict[str, bytes]) -> None:
+    """Write a tree under ``directory``, which this process made and nobody else writes: every
+    name checked first, directories made here, files created new (``O_EXCL``,
+    ``O_NOFOLLOW``), so no name, and nothing already there, can send a write outside it."""
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"the shipped files are {len(entries):,} entries, over {MAX_ENTRIES:,}")
-    size = 0
     for name, data in entries.items():
         check_name(name)
         if not isinstance(data, (bytes, bytearray)):
             raise ValueError(f"bundle entry {name[:80]!r} is not bytes")
-        size += len(data)
-    if size > limit:
-        raise ValueError(f"the shipped files add up to {size:,} bytes, over {limit:,}")
     _check_dirs(entries)
-    return size
-
-
-def write_tree(directory: Path, entries: dict[str, bytes]) -> None:
-    """Write a checked tree under ``directory``, which this process made and nobody else
-    writes: directories made here, files created new (``O_EXCL``, ``O_NOFOLLOW``), so no
-    name, and nothing already there, can send a write outside it."""
-    check_tree(entries, limit=1 << 62)
     made = {"."}
     for name, data in entries.items():
         *dirs, leaf = name.split("/")

@@ -382,11 +382,10 @@ class Console:
                     on_notice=notices.put,
                     on_output=(lambda index, text: output.put(text)) if show_output else None,
                 )
-        except RemapError as exc:  # it never started: the output is left as it was
+        except BaseException as exc:  # it never started: the output is left as it was
             sink.abandon()
-            raise self._closing(exc, None, sink, args.json) from None
-        except BaseException:
-            sink.abandon()
+            if isinstance(exc, RemapError):
+                raise self._closing(exc, None, sink, args.json) from None
             raise
         if detach:
             return self._detached(run, sink, args, spec)
@@ -415,11 +414,10 @@ class Console:
         except RemapError as exc:
             if progress:
                 progress.clear()
-            if isinstance(exc, JobFailed):
-                error = state.first_error
-                if error is not None:
-                    where = f"argument {error.index}"
-                    exc = self.with_traceback(exc, error.traceback, where, args.traceback)
+            error = state.first_error if isinstance(exc, JobFailed) else None
+            if error is not None:
+                where = f"argument {error.index}"
+                exc = self.with_traceback(exc, error.traceback, where, args.traceback)
             raise self._closing(exc, run, sink, args.json) from None
         except KeyboardInterrupt:
             if progress:
@@ -530,12 +528,8 @@ class Console:
         if spec.options.mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
         if args.json:
-            info = {
-                "job": run.job_id,
-                "detached": True,
-                "writer_pid": writer.pid if writer else None,
-            }
-            self.say(json.dumps(info))
+            pid = writer.pid if writer else None
+            self.say(json.dumps({"job": run.job_id, "detached": True, "writer_pid": pid}))
         else:
             self.say(
                 f"job {run.job_id} runs detached; collect results with: "
@@ -571,16 +565,11 @@ class Console:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         if settings.secret:
             env["REMAP_SECRET_KEY"] = settings.secret
-        argv = [
-            sys.executable,
-            "-c",
-            "from remap.console.main import run; run()",
-            "--server",
-            str(settings.server),
-            *(["--env-file", str(self.env_file)] if self.env_file is not None else []),
-            "attach",
-            str(job),
-        ]
+        argv = [sys.executable, "-c", "from remap.console.main import run; run()"]
+        argv += ["--server", str(settings.server)]
+        if self.env_file is not None:
+            argv += ["--env-file", str(self.env_file)]
+        argv += ["attach", str(job)]
         with open(log, "ab") as out:
             return subprocess.Popen(
                 argv,
@@ -704,8 +693,7 @@ class Console:
         """Collect a detached job's results into the sink its job file asked for."""
         from ..sinks import make_sink
 
-        jobs = {j["id"]: j for j in self.session.request("status")["jobs"]}
-        job = jobs.get(args.job)
+        job = next((j for j in self.session.request("status")["jobs"] if j["id"] == args.job), None)
         if job is None:
             raise UsageError(f"no job {args.job} on the server (see: remap jobs)")
         if job.get("kind") in ("mapreduce", "vertex"):  # a detached driver on the server
