@@ -2,19 +2,14 @@
 
 On the client, :func:`collect` reads the job's ``modules:`` (a ``FILE.py``, a package directory,
 or the name of a module importable here) and ``files:`` into a :class:`Bundle`, and :func:`wrap`
-puts it in front of the function's pickle. On a node, the core unpickles only the outer layer,
-plain bytes and strings, writes the bundle into the job's directory (once per node, whichever
-core gets there first), puts its modules first on ``sys.path``, and only then unpickles the
-function, so a function that imports a shipped module finds it.
+puts it in front of the function's pickle. A core unpickles only that outer layer (bytes and
+strings), writes the bundle into the job's directory (once per node), puts its modules first on
+``sys.path``, and only then unpickles the function, so that it finds a shipped module. Inside a
+task, :func:`job_dir` (``REMAP_JOB_DIR``) is that directory.
 
-Inside a task, :func:`job_dir` (also ``REMAP_JOB_DIR`` in the environment) is that directory:
-``remap.job_file("data.csv")`` is the path of a shipped file there.
-
-A detached data or vertex job's bundle travels to the server first, as a *tree* (relative path
-→ bytes, :func:`tree` and :func:`pack_tree`, msgpack: nothing a server unpacks runs code), which
-the server writes with :func:`write_tree` (checked names only, into a directory of its own
-making) for the job's driver, which collects and ships it on as an attached job does. A node
-writes its bundle with the same :func:`write_tree`.
+A detached data or vertex job's bundle travels to the server as a *tree* (relative path →
+bytes, msgpack: nothing a server unpacks runs code), which the server writes with
+:func:`write_tree` for the job's driver, which ships it on as an attached job does.
 """
 
 from __future__ import annotations

@@ -294,13 +294,11 @@ def load_settings(
 ) -> Settings:
     """Merge the three sources, validating every value given, wherever it was given.
 
-    ``overrides`` are keyed by field name (argparse's ``vars(args)`` after picking the setting
-    flags); None values are skipped so unset flags do not hide the environment. ``environ=None``
-    reads ``os.environ``; ``dotenv_path=None`` reads no file. ``overrides_from`` names where
-    the overrides came from in errors (the Python API's are no command line).
-
-    An unknown ``REMAP_*`` variable is an error in a ``.env`` file (it was written for remap)
-    but only a warning in the environment, which other tools share.
+    ``overrides`` are keyed by field name; None values are skipped so unset flags do not hide
+    the environment. ``environ=None`` reads ``os.environ``; ``dotenv_path=None`` reads no file;
+    ``overrides_from`` names the overrides' source in errors. An unknown ``REMAP_*`` variable
+    is an error in a ``.env`` file (written for remap) but only a warning in the environment,
+    which other tools share.
     """
     chosen: dict[str, Any] = {}
     if dotenv_path is not None:

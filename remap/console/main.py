@@ -47,13 +47,8 @@ commands:
 
 #: commands whose argument is a job or node id, completed from the server's status
 ID_COMMANDS = {
-    "kill": "jobs",
-    "attach": "jobs",
-    "results": "jobs",
-    "drain": "nodes",
-    "undrain": "nodes",
-    "exclude": "nodes",
-    "include": "nodes",
+    **dict.fromkeys(("kill", "attach", "results"), "jobs"),
+    **dict.fromkeys(("drain", "undrain", "exclude", "include"), "nodes"),
 }
 
 
@@ -883,9 +878,7 @@ class Shell(cmd.Cmd):
             status = self.console.session.request("status", timeout=2.0)
         except (RemapError, TimeoutError):
             return []
-        if kind == "jobs":
-            return [str(j["id"]) for j in status["jobs"]]
-        return [n["id"] for n in status["nodes"]]
+        return [str(item["id"]) for item in status[kind]]
 
     def postloop(self) -> None:
         try:
