@@ -250,9 +250,9 @@ class _Out:
             self.stream.write(line)
             self.stream.flush()
 
-    def progress(self, force: bool = False, **fields: Any) -> None:
+    def progress(self, **fields: Any) -> None:
         now = time.monotonic()
-        if force or now - self.last >= PROGRESS_EVERY:
+        if now - self.last >= PROGRESS_EVERY:
             self.last = now
             self.emit("progress", **fields)
 
