@@ -1,10 +1,8 @@
-"""The message catalogue: one frozen dataclass per message type.
+"""The message catalogue: one frozen dataclass per message type (README.md, section 3).
 
-Control fields travel in the frame's msgpack header as ``{"t": TYPE, field: value, ...}``.
-The ``payload`` field of a message is never in the header: it is the frame's opaque
-payload (a pickle, or several pickles back to back whose lengths are in ``sizes``),
-so the server can split and merge batches at argument boundaries without
-unpickling anything.
+Control fields travel in the msgpack header as ``{"t": TYPE, field: value, ...}``; ``payload``
+is the frame's opaque payload (pickles back to back, lengths in ``sizes``), so the server
+splits and merges batches at argument boundaries without unpickling anything.
 """
 
 from __future__ import annotations
@@ -28,21 +26,14 @@ from .status import JobStatus, NodeStatus, ServerStatus
 
 PROTOCOL_VERSION = 1
 
-#: arguments a console may send right after ``submit``, before ``submitted`` names the job
-#: (with ``job = -submit.id``); saves a round trip on every job
+#: arguments a console may send before ``submitted`` (with ``job = -submit.id``): no round trip
 INITIAL_WINDOW = 256
-#: bytes of arguments a console may send before the server's first ``grant``: once its ``args``
-#: messages reach this many payload bytes (the message that crosses it is the last), the rest of
-#: its count window is forfeited and it waits for a ``grant``, which the server sizes in bytes
-#: now that it has seen the arguments. Without this, 256 arguments of 4 MB each would be 1 GB.
+#: payload bytes of arguments before the first ``grant`` (else 256 arguments of 4 MB are 1 GB)
 INITIAL_WINDOW_BYTES = 16 * 1024 * 1024
-#: most arguments one pickle of an argument group may hold (``args.groups``): at most the
-#: first window, and the server keeps every later window at least as large as the largest
-#: group a job has sent, so a console holding a whole group can always send it
+#: most arguments in one pickle of an argument group: at most the first window, so a console
+#: holding a whole group can always send it
 MAX_GROUP = INITIAL_WINDOW
-#: bytes an argument group may have while its console knows no bound (``group_limit``): before
-#: ``submitted``, and the bound a job is told while no node may run it (the first to come may
-#: take small frames)
+#: bytes an argument group may have while its console knows no bound (``group_limit``)
 EARLY_GROUP_BYTES = 4096
 
 ROLES = ("node", "console")
@@ -54,11 +45,9 @@ class Message:
     TYPE: ClassVar[str] = ""
     #: messages allowed before both sides are authenticated
     PREAUTH: ClassVar[bool] = False
-    #: where the message travels: "wire" (a network connection), "pipe" (a node and its
-    #: core processes) or "both"; a message is refused (as unknown) on the other channel
+    #: "wire", "pipe" (a node and its cores) or "both"; refused as unknown on the other channel
     CHANNEL: ClassVar[str] = "wire"
-    #: ``cls.make(**fields)``: ``cls(**fields)`` without ``__init__`` (see :func:`_maker`);
-    #: messages whose own rules judge their values (``__post_init__``) have none
+    #: ``cls(**fields)`` without ``__init__`` (:func:`_maker`); none with a ``__post_init__``
     make: ClassVar[Any]
     payload: bytes
 
@@ -85,8 +74,7 @@ def message(cls):
         default = f.default
         if f.default_factory is not _MISSING:
             default = f.default_factory
-        # a field with its own rule (a job option) is judged by that rule when the class is built
-        # a status record's map (or list of them) is checked against the record's fields
+        # a job option is judged by its own rule; a status record's map against its fields
         record = f.metadata.get("record")
         inline[f.name] = None
         if "rule" in f.metadata:
@@ -112,11 +100,9 @@ def message(cls):
 
 
 def _builder(cls: type) -> type:
-    """A plain class of ``cls``'s very layout (its bases, its slots): a message is built as
-    one, each slot set by a plain store, and then becomes a ``cls`` by ``__class__``
-    assignment (Python allows it between classes of one layout). A frozen dataclass's slot is
-    otherwise set only through its descriptor's ``__set__``, a C call per field five times a
-    store: most of the cost of building the messages of every call, here and in decoders."""
+    """A plain class of ``cls``'s layout: a message is built as one by plain stores, then
+    becomes a ``cls`` by ``__class__`` assignment. A frozen dataclass's slot is otherwise set
+    through ``object.__setattr__``, five times a store, on every call's messages."""
     return type(
         f"{cls.__name__}Builder",
         cls.__bases__,
@@ -125,8 +111,7 @@ def _builder(cls: type) -> type:
 
 
 def _built(values: list[tuple[str, str]]) -> list[str]:
-    """The lines of a generated function that build a ``cls`` from ``(slot, expression)``
-    pairs as ``msg`` (see :func:`_builder`; its namespace names the builder ``_Builder``)."""
+    """Generated lines building ``msg`` from ``(slot, expression)`` pairs (:func:`_builder`)."""
     return [
         "    msg = _new(_Builder)",
         *(f"    msg.{slot} = {value}" for slot, value in values),
@@ -135,10 +120,8 @@ def _built(values: list[tuple[str, str]]) -> list[str]:
 
 
 def _maker(cls: type) -> Any:
-    """Generate ``cls.make(**fields)``: the message ``cls(**fields)`` builds, made as the
-    decoders make theirs (see :func:`_builder`): no ``type.__call__`` to ``__init__`` and no
-    ``object.__setattr__`` per field of a frozen dataclass, for the messages built on every
-    call (``task``, ``results``, a core's ``result``). Keywords only."""
+    """Generate ``cls.make(**fields)``: ``cls(**fields)`` built as the decoders build theirs
+    (:func:`_builder`), for the messages of every call. Keywords only."""
     namespace: dict[str, Any] = {
         "_cls": cls,
         "_Builder": _builder(cls),
@@ -164,23 +147,21 @@ def _maker(cls: type) -> Any:
     return namespace["make"]
 
 
-#: per class: msg → header bytes, and (header map without "t", payload) → msg; generated
-#: (as dataclasses generates ``__init__``) so a message costs one call each way, not one per field
+#: per class, generated: msg → header bytes, (header map without "t", payload) → msg
 _ENCODERS: dict[type[Message], Any] = {}
 _DECODERS: dict[type[Message], Any] = {}
 #: per class: header keys (in order, without "t") → a decoder for maps of exactly those keys
 _SHAPERS: dict[type[Message], Any] = {}
-#: per channel ("wire", "pipe"): type name → (class, decoder, the decoders of the shapes of
-#: its header seen so far, by keys) of the messages it carries
+#: per channel: type name → (class, decoder, decoders of the header shapes seen, by keys)
 _CHANNELS: dict[str, dict[str, tuple[type[Message], Any, dict[tuple[str, ...], Any]]]] = {
     "wire": {},
     "pipe": {},
 }
-#: shapes of one message type's header learned at most (a peer may send any order of keys)
+#: header shapes learned per message type at most (a peer may send keys in any order)
 SHAPES = 8
 _unpackb = msgpack.unpackb
 #: what a header may declare before authentication (the handshake's maps have at most 8 keys
-#: and no arrays: a little room, so a later message sent early is named as such)
+#: and no arrays; the room lets a later message sent early be named as such)
 _PREAUTH_LIMITS = {"max_array_len": 64, "max_map_len": 64, "max_ext_len": 0}
 _THREAD = threading.local()  # a msgpack Packer per thread: building one per message costs more
 
@@ -205,8 +186,8 @@ def _problem(name: str, field_name: str, value: Any) -> RemoteProtocolError:
 
 
 def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any, Any]:
-    """Generate ``cls``'s encoder and decoder: the same checks, errors and defaults as the
-    field table ``specs`` (name, check, default) says, written out field by field."""
+    """Generate ``cls``'s encoder, decoder and shaped-decoder maker from the field table
+    ``specs`` (name, check, default)."""
     name = cls.TYPE
     # optional fields whose default is a plain value its own check passes
     plain = {
@@ -237,9 +218,7 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
         "    packer = getattr(_THREAD, 'packer', None) or _new_packer()",
         f"    header = {{{header}}}",
     ]
-    # a field at its default is left out (the spec: optional fields may be omitted and take
-    # their defaults): fewer keys to pack here and, above all, to unpack, intern and check on
-    # the other side (``result`` carried five such fields on every call, ``results`` six)
+    # a field at its default is left out: fewer keys to pack, unpack and check
     for field_name, _, default in specs[leading:]:
         if default is _MISSING:
             encoder.append(f"    header[{field_name!r}] = msg.{field_name}")
@@ -258,12 +237,10 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
             f"        header[{field_name!r}] = v",
         ]
     encoder.append(f"    return packer.pack(header), {payload}")
-    # each field read once with ``data.get``, into its own variable; a required field's check
-    # also refuses the sentinel of a missing one (``_problem`` says which it was); an optional
-    # field given as its very default object is not checked again (that default passes the
-    # check: ``plain``); a map of the required fields alone (a task, a core's command, a
-    # console's arguments) gives every other its default without a look-up; unknown fields
-    # are found in one C pass at the end
+    # a required field's check also refuses the missing sentinel (``_problem`` says which);
+    # an optional field that is its (passing) default object is not checked again; a map of
+    # the required fields alone takes the defaults without look-ups; unknown fields are
+    # found in one C pass at the end
     required = sum(1 for _, _, default in specs if default is _MISSING)
     decoder = ["def decode(data, payload):"]
     defaults, lookups = [], []
@@ -321,16 +298,12 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
     ]
     if not has_payload:
         decoder += ["    if payload:", f"        raise _Remote({f'{name} carries no payload'!r})"]
-    values = [f"f_{f}" for f in fields] + (["payload"] if has_payload else [])
-    build = []  # the message from the fields' variables
+    slots = [*fields, "payload"] if has_payload else fields
+    values = [(f, "payload" if f == "payload" else f"f_{f}") for f in slots]
     if hasattr(cls, "__post_init__"):  # its own rules judge the values: through __init__
-        names = [*fields, "payload"] if has_payload else fields
-        args = ", ".join(f"{f}={v}" for f, v in zip(names, values, strict=True))
-        build.append(f"    return _cls({args})")
-    else:  # a frozen dataclass's __init__ sets each slot through object.__setattr__: direct
-        slots = [*fields, "payload"] if has_payload else fields
-        build += _built(list(zip(slots, values, strict=True)))
-        build.append("    return msg")
+        build = [f"    return _cls({', '.join(f'{f}={v}' for f, v in values)})"]
+    else:
+        build = [*_built(values), "    return msg"]
         namespace["_new"] = object.__new__
         namespace["_Builder"] = _builder(cls)
     decoder += build
@@ -339,10 +312,9 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
     general = namespace["decode"]
 
     def shaped(keys: tuple[str, ...]) -> Any:
-        """A decoder for header maps of exactly ``keys`` (fields the general decoder took,
-        every required one among them): each read by subscript, every check in one
-        expression, the others at their defaults without a look-up. A map whose values fail
-        a check goes to the general decoder, which says what is wrong."""
+        """A decoder for header maps of exactly ``keys`` (a shape the general decoder took):
+        subscripts, one expression of checks, defaults without look-ups. A map that fails
+        goes to the general decoder, which says what is wrong."""
         present = set(keys)
         code = ["def decode(data, payload):"]
         code += [f"    f_{f} = data[{f!r}]" for f in fields if f in present]
@@ -378,11 +350,9 @@ def decode(
 ) -> Message:
     """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
     try:
-        # msgpack's defaults (>= 1.0): str as str, str keys only, arrays as lists; given as
-        # keywords they cost a keyword parse per message
-        # before authentication: one small map (no handshake message has more), so that
-        # nested arrays declaring the header's length are refused before msgpack builds them
-        # (8 KiB of them cost 64 MiB and 79 ms, from anyone who can reach the port)
+        # msgpack's defaults (>= 1.0) are ours: keywords would cost a parse per message.
+        # Before authentication: small limits, so nested arrays declaring the header's length
+        # are refused before msgpack builds them (8 KiB of them cost 64 MiB and 79 ms)
         data = _unpackb(header, **_PREAUTH_LIMITS) if preauth else _unpackb(header)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
@@ -431,12 +401,9 @@ class Hello(Message):
     cloudpickle: str
     nonce: bytes
     name: str = ""
-    #: a console authenticating with a person's key (see ``connection.person_key``); "" for the
-    #: cluster secret itself
+    #: a console authenticating with a person's key (``connection.person_key``); "": the secret
     user: str = ""
-    #: the largest frame this client accepts once authenticated (its ``REMAP_MAX_FRAME``): the
-    #: server sends it nothing larger. Left out at the default limit (what a client that does
-    #: not know this field accepts), so such a hello reads the same to an older server
+    #: the largest frame this client accepts (left out at the default, as older clients send it)
     max_frame: int = DEFAULT_MAX_FRAME
 
 
@@ -538,13 +505,8 @@ class JobDrop(Message):
 
 @message
 class Task(Message):
-    """Server → node, and node → core: a batch of pickled arguments (``sizes`` gives each
-    pickle's length); a core answers it with ``result``, maybe in parts.
-
-    With ``groups`` each pickle is a list of ``groups[i]`` arguments (an argument group); the
-    batch is then the run of ``count`` arguments after the first ``skip`` of those lists, so a
-    retry can name single arguments of a group without the server unpickling anything.
-    """
+    """Server → node, and node → core: a batch of pickled arguments; with ``groups``, the
+    ``count`` arguments after the first ``skip`` of the groups' lists (README, section 6)."""
 
     TYPE = "task"
     CHANNEL = "both"  # the node hands a core the server's task as it came (its job loaded before)
@@ -559,18 +521,8 @@ class Task(Message):
 
 @message
 class TaskResult(Message):
-    """Node → server: a batch's results, positionally matching the task's arguments.
-
-    ``errors`` lists ``[position, type, message, traceback]``; the payload slot at an
-    error's position holds the pickled exception, or is empty. With ``partial`` the
-    payload is one pickle: the fold of the batch's successful results. With ``packed``
-    the payload is one pickle of the list of every result (an error's slot holds its
-    exception, or None); nobody between the core and the console needs them apart.
-
-    With ``part`` > 0 this is a streamed part of a batch still running: it answers the
-    task's next ``part`` arguments not answered before (positions count from the first of
-    them), and the task stays in flight until its plain answer covers the rest.
-    """
+    """Node → server (and core → node): a batch's results, positionally; ``errors``,
+    ``partial``, ``packed`` and ``part`` (a streamed part) as README section 6 says."""
 
     TYPE = "result"
     CHANNEL = "both"  # a core answers its node with it; the node passes it on
@@ -587,11 +539,8 @@ class TaskResult(Message):
 
 @message
 class TaskFailed(Message):
-    """Node → server: a batch did not finish: its core crashed, timed out or was killed.
-
-    ``at`` is the position of the argument that was running (-1 when unknown); ``span`` > 1:
-    the core was running an argument group, one of ``at .. at + span - 1``.
-    """
+    """Node → server: a batch did not finish (crash, timeout, kill); ``at`` is the running
+    argument (-1: unknown), or with ``span`` > 1 one of ``at .. at + span - 1``."""
 
     TYPE = "task_failed"
     task: int
@@ -619,10 +568,8 @@ class Shutdown(Message):
 
 @message
 class Goodbye(Message):
-    """Node → server, its last message: the node is stopping as asked (SIGTERM, Ctrl-C, told to
-    exit), so the end of the connection that follows is no loss. The server re-queues the
-    node's work at once and logs no "lost"; a node that never says it (an older one, or one
-    that crashed or lost its link) is lost as before."""
+    """Node → server, its last message: it stops as asked, so the close that follows is no
+    loss (its work is re-queued at once, nothing logged as lost)."""
 
     TYPE = "goodbye"
     reason: str = ""
@@ -648,8 +595,8 @@ class CoreLoad(Message):
     CHANNEL = "pipe"
     job: int
     star: bool = False
-    timed: bool = False  # the job has a timeout: mark every call (the node times each)
-    reduce: bool = False  # fold each batch's results with the job's reduce function
+    timed: bool = False  # the job has a timeout: mark every call
+    reduce: bool = False  # fold each batch's results
     payload: bytes = b""
 
 
@@ -667,11 +614,9 @@ class CoreDrop(Message):
 
 @message
 class Submit(JobOptions, Message):
-    """Console → server: start a job; payload is the cloudpickled ``(fn, reduce_fn)``.
-
-    Its fields are the job's options (:class:`protocol.options.JobOptions`, declared and
-    checked there) plus the request id and the argument count if known (-1 if not).
-    """
+    """Console → server: start a job; payload is the cloudpickled ``(fn, reduce_fn)``; the
+    fields are the job's options (:class:`~protocol.options.JobOptions`), the request id and
+    the argument count (-1: unknown)."""
 
     TYPE = "submit"
     id: int
@@ -696,11 +641,8 @@ class Submitted(Message):
 
 @message
 class Args(Message):
-    """Console → server: arguments from ``start`` on, pickled back to back.
-
-    Without ``groups`` each pickle is one argument; with it, pickle ``i`` is a list of
-    ``groups[i]`` arguments (an argument group: one pickle for several small arguments).
-    """
+    """Console → server: arguments from ``start`` on, pickled back to back; with ``groups``
+    pickle ``i`` is a list of ``groups[i]`` arguments."""
 
     TYPE = "args"
     job: int
@@ -735,10 +677,8 @@ class Grant(Message):
 
 @message
 class GroupLimit(Message):
-    """Server → console: the largest argument group (one pickle of several arguments) worth
-    sending for this job: a larger one would fit no connected node that may run it. Sent only
-    when some such node takes frames smaller than the server's own (a console of an earlier
-    release answers an unknown message and goes on), and again when that changes."""
+    """Server → console: the largest argument group worth sending for this job (a larger
+    one fits no node that may run it); sent when nodes with smaller frames make it matter."""
 
     TYPE = "group_limit"
     job: int
@@ -748,8 +688,8 @@ class GroupLimit(Message):
 
 @message
 class Hold(Message):
-    """Console → server: stop dispatching this job's calls (``held``), or go on: its console
-    holds as many of its results as it will for a caller that takes them slowly."""
+    """Console → server: stop dispatching this job's calls (``held``: its console holds all
+    the results it will for a slow caller), or go on."""
 
     TYPE = "hold"
     job: int
@@ -758,11 +698,8 @@ class Hold(Message):
 
 @message
 class Results(Message):
-    """Server → console: results for ``indices`` (same layout as :class:`TaskResult`).
-
-    A contiguous run travels as ``start``/``count`` with ``indices`` empty: no list of 10^5
-    integers to build, encode, decode and check on the hot path. Read :attr:`answered`.
-    """
+    """Server → console: results for ``indices`` (layout as :class:`TaskResult`); a run
+    travels as ``start``/``count`` with ``indices`` empty. Read :attr:`answered`."""
 
     TYPE = "results"
     job: int
@@ -900,8 +837,8 @@ class Include(Message):
 
 @message
 class Attach(Message):
-    """Console → server: become the receiver of a (detached) job's results; of a detached
-    data or vertex job, read its state and its task output from byte ``since`` on."""
+    """Console → server: receive a (detached) job's results; of a data or vertex job, its
+    state and task output from byte ``since`` on."""
 
     TYPE = "attach"
     id: int
@@ -911,9 +848,8 @@ class Attach(Message):
 
 @message
 class Drive(Message):
-    """Console → server: run a data or vertex job's driver on the server, detached; the
-    payload is the job's shipped files (``remap.bundle.pack_tree``: a msgpack map of relative
-    paths to bytes), ``files`` the older way (file name → text, single-file modules only)."""
+    """Console → server: run a data or vertex job's driver on the server, detached; payload:
+    its shipped files (``remap.bundle.pack_tree``), ``files`` the older way (name → text)."""
 
     TYPE = "drive"
     id: int
@@ -926,10 +862,8 @@ class Drive(Message):
 
 @message
 class Resume(Message):
-    """Console → server, after reconnecting: take back a job this console feeds (its connection
-    was cut, or the server restarted). It had sent ``sent`` arguments; ``missing`` are the runs
-    ``[start, stop)`` among them whose outcome it never received (it sends those again, in
-    order, then continues from ``sent``); it holds ``done`` results and ``failed`` errors."""
+    """Console → server, after reconnecting: take back a job this console feeds; ``missing``
+    are the runs ``[start, stop)`` of the ``sent`` arguments it has no outcome of (README)."""
 
     TYPE = "resume"
     id: int
