@@ -57,9 +57,8 @@ USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 def person_key(secret: bytes, user: str) -> bytes:
-    """The key a person authenticates with: a keyed hash of their name under the cluster
-    secret, so the server recomputes it and needs no user database. As text (hex), it is what
-    that person puts in ``REMAP_SECRET_KEY``; its UTF-8 bytes are the handshake key."""
+    """The key a person authenticates with (their ``REMAP_SECRET_KEY``, as hex text): a keyed
+    hash of their name under the cluster secret, so the server needs no user database."""
     if not USER_NAME.fullmatch(user):
         raise ValueError(f"a user name is letters, digits and ._@- (up to 64), not {user!r}")
     return hmac.new(secret, _PERSON_LABEL + user.encode(), "sha256").hexdigest().encode()
@@ -70,25 +69,23 @@ _REFUSAL_TEXT = 200
 
 
 def refusal_frame(message: str) -> bytes:
-    """The one frame a server writes to a connection it will not serve (its connection caps
-    are full) before closing it: ``error(code="busy")`` in place of a challenge, readable by
-    any client before authentication. Small and fixed (msgpack, no payload), nothing read
-    first: a refused connection costs the server one tiny write, so it amplifies nothing."""
+    """The one frame a server writes to a connection it will not serve (its caps are full):
+    ``error(code="busy")`` in place of a challenge. Small, and nothing read first: a refused
+    connection costs one tiny write, so it amplifies nothing."""
     header, payload = m.encode(m.Error(code=ServerBusy.code, message=message[:_REFUSAL_TEXT]))
     return small_frame(header, payload)
 
 
+#: the longest error text of an unauthenticated peer shown (a server's own are at most 500)
+_PEER_TEXT = 500
+
+
 def peer_words(text: str) -> str:
-    """An unauthenticated peer's error text as a caller may show it: one line of printable
-    characters (others as ``?``: no terminal escapes, no made-up second line), at most
-    :data:`_PEER_TEXT` characters. Anyone who can answer the port can write it."""
+    """An unauthenticated peer's error text (anyone can write it) as a caller may show it: one
+    line, printable characters only (others as ``?``: no terminal escapes), cut short."""
     if len(text) > _PEER_TEXT:
         text = text[:_PEER_TEXT] + "..."
     return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
-
-
-#: the longest error text of an unauthenticated peer shown (a server's own are at most 500)
-_PEER_TEXT = 500
 
 
 def local_versions() -> tuple[str, str]:
@@ -105,8 +102,7 @@ class State(Enum):
     CLOSED = "closed"
 
 
-# members read on every message: a module global is a dict lookup, where ``State.OPEN`` goes
-# through EnumType's ``__getattr__`` hook (~1k instructions per read in Python 3.11)
+# read on every message: ``State.OPEN`` costs EnumType's ``__getattr__`` hook each time
 _OPEN = State.OPEN
 _CLOSED = State.CLOSED
 
@@ -173,8 +169,7 @@ class Connection:
         self._key = secret
         self._nonce_source = nonce
         self._max_frame = max_frame
-        #: the largest frame the peer accepts: the server's from its welcome, a client's from
-        #: its hello (a client that says nothing accepts the default limit)
+        #: the largest frame the peer accepts (from its welcome or hello)
         self.peer_max_frame = DEFAULT_MAX_FRAME
         self._heartbeat = heartbeat
         self._name = name
@@ -222,8 +217,7 @@ class Connection:
         self._queue(msg)
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
-        """Queue a message encoded already (``messages.encode``'s header and payload, e.g. a
-        decoded and checked answer passed on as it came); only once the connection is open."""
+        """Queue a message ``messages.encode`` encoded already; only once the connection is open."""
         if self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send in state {self.state.value}")
         self.outgoing.extend(encode_frame(header, payload))
@@ -235,15 +229,13 @@ class Connection:
 
     @property
     def max_frame(self) -> int:
-        """The largest frame this side will send or accept now (after the handshake: the
-        smaller of the two sides' limits, for a client)."""
+        """The largest frame this side will accept now."""
         return self._max_frame
 
     @property
     def send_limit(self) -> int:
-        """The largest frame this side may send the peer: the smaller of the two sides' limits
-        (a client's own limit is that already, once the welcome came). Frames are held to it
-        by their :func:`~.framing.frame_length`, header included."""
+        """The largest frame (:func:`~.framing.frame_length`) this side may send the peer: the
+        smaller of the two sides' limits."""
         return min(self._max_frame, self.peer_max_frame)
 
     @property
@@ -268,12 +260,8 @@ class Connection:
     # ------------------------------------------------------------------ incoming
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the transport; return what happened.
-
-        Frames are taken one at a time, so a frame that follows the handshake in the
-        same read is held to the limit in force once the handshake is over, and the
-        events of frames before a bad one are still returned.
-        """
+        """Feed bytes from the transport; return what happened (the events of frames before
+        a bad one too)."""
         state = self.state
         if state is _CLOSED:
             return []
@@ -290,10 +278,8 @@ class Connection:
         return self._events()
 
     def receive_message(self, data: bytes) -> m.Message | None:
-        """``data`` as the one message it holds, when it is exactly one whole small frame of an
-        open connection that decodes (a single call's message, read at once): the message
-        without a list of events. None: :meth:`receive_data` it, which does everything else
-        (a refused or unknown message there gives its error, as it always did)."""
+        """``data`` as the one message it holds, when it is one whole small frame of an open
+        connection that decodes: no list of events. None: :meth:`receive_data` it."""
         if self.state is not _OPEN:
             return None
         frame = self.decoder.whole(data)
@@ -305,8 +291,7 @@ class Connection:
             return None
 
     def received_into(self, n: int) -> list[Event]:
-        """``n`` bytes were read into the decoder's ``read_buffer()`` view; return what
-        happened."""
+        """``n`` bytes were read into the decoder's ``read_buffer()``; return what happened."""
         self.decoder.wrote(n)
         return self._events()
 
@@ -348,8 +333,8 @@ class Connection:
         return ConnectionFailed(error)
 
     def _closed_by_peer(self, msg: m.Error) -> ConnectionFailed:
-        """The peer ended the handshake with an error: fail with its code's class, answer nothing
-        (a peer's error is never echoed back at it)."""
+        """The peer ended the handshake with an error: fail with its code's class, answer
+        nothing."""
         cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
         who = "server" if not self.is_server else "peer"
         self.state = State.CLOSED

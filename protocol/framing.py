@@ -27,11 +27,7 @@ MAX_HEADER = 16 * 1024 * 1024
 
 
 class Frame(NamedTuple):
-    """One decoded frame: raw msgpack header bytes and the opaque payload.
-
-    A tuple: the decoder builds one per frame with ``tuple.__new__`` (a C call; a frozen
-    dataclass's ``__init__`` was a Python call setting each field through ``object.__setattr__``).
-    """
+    """One decoded frame (a tuple: built per frame by ``tuple.__new__``, a C call)."""
 
     header: bytes
     payload: bytes | memoryview  # a view into the received bytes for large frames
@@ -41,9 +37,8 @@ _new_frame = tuple.__new__
 
 
 def frame_length(header: bytes, payload: bytes | memoryview = b"") -> int:
-    """The frame's ``length`` field: what a receiver holds against its limit (the frame is
-    refused when this is over it). The header and the 4 bytes of ``hlen`` count, so a frame
-    whose payload alone is at the limit is over it."""
+    """The frame's ``length`` field, which a receiver holds against its limit (header and
+    ``hlen`` included)."""
     return 4 + len(header) + len(payload)
 
 
@@ -61,8 +56,7 @@ def small_frame(header: bytes, payload: bytes | memoryview = b"") -> bytes:
     return _PREFIX.pack(4 + len(header) + len(payload), len(header)) + header + payload
 
 
-#: a payload up to this size is copied into one buffer with its frame (a copy costs less than
-#: writing a list of parts); a larger one is written from its own buffer
+#: a payload up to this size is copied into one buffer with its frame (cheaper than writing parts)
 SMALL_PAYLOAD = 64 * 1024
 
 
@@ -89,41 +83,33 @@ def unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryvie
 
 #: frames at least this long are received into a buffer of their own, allocated once
 LARGE_FRAME = 256 * 1024
-
-
 #: frames at least this long get anonymous memory of their own (see :func:`frame_buffer`)
 HUGE_FRAME = 32 * 1024 * 1024
-
-
 #: bytes of large-frame buffers a process keeps for reuse (see :class:`BufferPool`)
 POOL_BYTES = 16 * 1024 * 1024
 
 
 class BufferPool:
-    """Large-frame buffers, reused once nothing refers to them any more.
+    """Large-frame buffers, reused once no view of them is left.
 
-    A fresh ``bytearray`` of a MiB is zero-filled by the allocator's caller (a memset of every
-    byte) and, where the allocator maps fresh memory (any process whose glibc is not tuned, the
-    caller's among them), faults in 256 new pages; the frame's bytes then overwrite all of it.
-    A buffer whose every view (payloads, segments cut from them) is gone is handed out again
-    instead (a bytearray knows whether views of it exist: see :meth:`_free`). The pool refers
-    to at most :data:`POOL_BYTES`; a frame that arrives while it is full of buffers still in
-    use gets a buffer of its own, as before. A frame is handed out only once every byte of it
-    was received, so nothing of an earlier frame is ever seen in a later one.
+    A fresh ``bytearray`` of a MiB is zero-filled and may fault in 256 new pages, all then
+    overwritten by the frame. The pool refers to at most ``limit`` bytes; past it a frame gets
+    a buffer of its own. A frame is handed out only once all of it arrived, so nothing of an
+    earlier frame is ever seen in a later one.
     """
 
     def __init__(self, limit: int = POOL_BYTES) -> None:
         self.limit = limit
         self._buffers: list[bytearray] = []
         self._lock = threading.Lock()  # decoders on several threads (a client's and a test's)
-        #: buffers handed out again, and buffers made (for tests and benches)
+        #: for tests and benches
         self.reused = 0
         self.made = 0
 
     @staticmethod
     def _free(buf: bytearray) -> bool:
-        """Nothing uses ``buf``: it has no view left (a bytearray with one cannot change size;
-        growing by one byte fits in the byte :func:`_new` allocated beyond it, so no copy)."""
+        """``buf`` has no view left (else it cannot resize; the byte :func:`_new` keeps spare
+        makes the growth free)."""
         try:
             buf.append(0)
         except BufferError:
@@ -169,11 +155,9 @@ POOL = BufferPool()
 
 
 def frame_buffer(size: int) -> memoryview:
-    """A writable buffer for a large frame. Up to :data:`HUGE_FRAME` from :data:`POOL` (a buffer
-    no one uses any more, else a new one from the heap: the allocator hands the same resident
-    memory back frame after frame, where fresh pages cost a page fault each, and returning them
-    an ``munmap``); above it anonymous memory, whose pages are only taken as the frame
-    arrives."""
+    """A writable buffer for a large frame: from :data:`POOL` (resident memory reused, where
+    fresh pages cost a fault each), or from :data:`HUGE_FRAME` on anonymous memory, whose
+    pages are only taken as the frame arrives."""
     if size < HUGE_FRAME:
         return POOL.take(size)
     return memoryview(mmap.mmap(-1, size))
@@ -182,17 +166,12 @@ def frame_buffer(size: int) -> memoryview:
 class FrameDecoder:
     """Accumulates bytes in any split and yields complete frames.
 
-    The size limit is checked as soon as a length prefix is readable, before any
-    of the body is buffered, so an oversized frame costs the receiver 4 bytes.
+    The size limit is checked as soon as a length prefix is readable, so an oversized frame
+    costs the receiver 4 bytes. :meth:`next_frame` hands out one frame at a time so the owner
+    can raise :attr:`max_frame` between two frames of one read (after the handshake).
 
-    :meth:`next_frame` hands out one frame at a time so the owner can change
-    :attr:`max_frame` between two frames that arrived in the same read (the limit
-    grows once the handshake completes); :meth:`feed` is the batch form.
-
-    A large frame is received into one buffer of its size (:func:`frame_buffer`); a reader
-    that can read into memory (``recv_into``, ``readv``) asks :meth:`read_buffer` where the
-    next bytes go and reports them with :meth:`wrote`: no read of a large frame is copied, and
-    its payload is handed out as a view of that buffer.
+    A large frame is received into one buffer of its size; a reader that can read into memory
+    asks :meth:`read_buffer` where and reports with :meth:`wrote`: no copy, the payload a view.
     """
 
     def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
@@ -201,8 +180,7 @@ class FrameDecoder:
         self._pos = 0  # start of the first unconsumed byte in _buf
         self._large: memoryview | None = None  # the large frame being received, in place
         self._filled = 0  # bytes of it received
-        #: the full size of the large frame being received (prefix included), or 0: what the
-        #: receiver must be ready to hold once it completes (small frames are not counted); an
+        #: the full size of the large frame being received (prefix included), or 0; an
         #: attribute, not a property, as a reader asks it on every read
         self.gathering = 0
 
@@ -212,8 +190,7 @@ class FrameDecoder:
         return len(self._buf) - self._pos + (self._filled if self._large is not None else 0)
 
     def read_buffer(self) -> memoryview | None:
-        """Where the next bytes may be read directly: the rest of the large frame being
-        received; None when none is (read as usual and :meth:`add` the bytes)."""
+        """Where the next bytes may be read directly; None: read as usual and :meth:`add`."""
         if not self.gathering or self._filled >= self.gathering:
             return None
         return self._frame()[self._filled :]
@@ -223,8 +200,8 @@ class FrameDecoder:
         self._filled += n
 
     def _frame(self) -> memoryview:
-        """The large frame's buffer, allocated on the first bytes after its prefix (so a peer
-        whose reading is paused on that prefix pins nothing more), with what came before."""
+        """The large frame's buffer, allocated on the first bytes after its prefix (a peer
+        paused on that prefix pins nothing more)."""
         if self._large is None:
             self._large = frame_buffer(self.gathering)
             self._large[: len(self._buf)] = self._buf
@@ -260,10 +237,8 @@ class FrameDecoder:
         return _new_frame(Frame, (header, view[PREFIX_SIZE + hlen : need]))
 
     def whole(self, data: bytes) -> Frame | None:
-        """``data`` as one frame, when it is exactly one whole small frame and nothing is
-        buffered (a single call's message, read at once): the frame without copying ``data``
-        into the buffer and out again. None: :meth:`add` it (and take :meth:`next_frame`),
-        as for any other read; a frame over the limits also goes that way, to be refused."""
+        """``data`` as one frame, when it is exactly one whole small frame within the limits
+        and nothing is buffered: no copy through the buffer. None: :meth:`add` it."""
         if self.gathering or self._pos != len(self._buf) or len(data) < PREFIX_SIZE:
             return None
         length, hlen = _PREFIX.unpack_from(data)
@@ -299,7 +274,9 @@ class FrameDecoder:
                 f"frame length {length} is shorter than its header length field"
             )
         if available - 4 < length:
-            self._compact()
+            if pos:
+                del buf[:pos]
+                self._pos = 0
             if length >= LARGE_FRAME:
                 self.gathering = 4 + length
             return None
@@ -320,14 +297,8 @@ class FrameDecoder:
         return self.frames()
 
     def frames(self) -> list[Frame]:
-        """Every frame complete now (after :meth:`add` or :meth:`wrote`). Raises
-        RemoteProtocolError."""
+        """Every frame complete now. Raises RemoteProtocolError."""
         frames: list[Frame] = []
         while (frame := self.next_frame()) is not None:
             frames.append(frame)
         return frames
-
-    def _compact(self) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0

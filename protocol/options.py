@@ -1,10 +1,9 @@
 """A job's options, declared once: the type, its defaults and the one validator.
 
-The job file, the Python API, the ``submit`` message (which *is* a :class:`JobOptions` plus a
-request id, a count and the function) and the scheduler all hold this type, so an option is
-added in one line here and a value is judged the same way wherever it comes from. A
-:class:`JobOptions` cannot exist with a bad value: construction checks every field, then the
-rules between fields, and raises :class:`InvalidOption` naming the key.
+The job file, the Python API, the ``submit`` message (a :class:`JobOptions` plus a request id,
+a count and the function) and the scheduler all hold this type, so a value is judged the same
+way wherever it comes from: construction checks every field, then the rules between fields,
+and raises :class:`InvalidOption` naming the key.
 """
 
 from __future__ import annotations
@@ -157,6 +156,13 @@ def _option(default: Any, rule: Callable[[Any], Any], doc: str) -> Any:
     return field(default=default, metadata={"rule": rule, "doc": doc})
 
 
+def _judge(option: dataclasses.Field, value: Any) -> Any:
+    try:
+        return option.metadata["rule"](value)
+    except _Bad as bad:
+        raise InvalidOption(option.name, str(bad)) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobOptions:
     """Everything about a job except its function and its arguments."""
@@ -185,10 +191,7 @@ class JobOptions:
     def __post_init__(self) -> None:
         for f in OPTION_FIELDS:
             value = getattr(self, f.name)
-            try:
-                checked = f.metadata["rule"](value)
-            except _Bad as bad:
-                raise InvalidOption(f.name, str(bad)) from None
+            checked = _judge(f, value)
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
         _check_together(self)
@@ -196,7 +199,7 @@ class JobOptions:
     @classmethod
     def of(cls, other: Any) -> JobOptions:
         """The options part of anything that has them (a ``submit`` message, say)."""
-        return cls(**{f.name: getattr(other, f.name) for f in OPTION_FIELDS})
+        return cls(**JobOptions.fields(other))
 
     def fields(self) -> dict[str, Any]:
         """Every option by name (the keyword arguments that rebuild this value)."""
@@ -231,10 +234,7 @@ def check_option(name: str, value: Any) -> Any:
     where each value was written, like the job file, and want the error there)."""
     for f in OPTION_FIELDS:
         if f.name == name:
-            try:
-                return f.metadata["rule"](value)
-            except _Bad as bad:
-                raise InvalidOption(name, str(bad)) from None
+            return _judge(f, value)
     raise KeyError(name)
 
 
