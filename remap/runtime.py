@@ -4,14 +4,11 @@ User code and blocking I/O stay on the caller's thread; networking stays on the 
 
 The runtime drives a reactor instance of its own, never the global
 ``twisted.internet.reactor``: that one stays free for whoever else runs it on their own
-thread (a Twisted application, pytest-twisted's greenlet), which would otherwise either
-find it already running or block the thread our waits depend on.
+thread (a Twisted application, pytest-twisted's greenlet).
 
-Child processes (embedded cores) are reaped on SIGCHLD, which only the main thread may
-install, so a handler is installed here (when we are on the main thread; it also calls the
-handler it replaced) and forwarded to the reactor; a periodic reap covers a process whose
-signal went to someone else's handler. The runtime reaps its own children only, and no other
-reactor reaps them (``_OwnChildren``).
+Child processes (embedded cores) are reaped on SIGCHLD (a handler installed when on the main
+thread, chaining the one it replaced) and by a periodic reap, for a signal someone else's
+handler took; only this reactor reaps them (``_OwnChildren``).
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ _thread: threading.Thread | None = None
 _reactor: Any = None
 #: seconds between reaps that do not wait for SIGCHLD
 REAP_INTERVAL = 0.25
-#: seconds a thread that ran the loop while it waited (``drive``) keeps it once it has its
-#: result, for its next call, before the reactor's thread takes it back
+#: seconds a thread that ran the loop while it waited (``drive``) keeps it for its next call
 KEEP = 0.005
 _MAIN = threading.main_thread().ident
 #: bumped in a child process after fork(): handles opened before it belong to the parent
@@ -55,11 +51,8 @@ if hasattr(os, "register_at_fork"):
 def _lean_epoll_reactor() -> Any:
     """Twisted's epoll reactor, handing each ready descriptor to its handler directly.
 
-    Twisted wraps every read in ``log.callWithLogger``: the descriptor's log prefix pushed as
-    a legacy log context, three calls deep, for each event (~9 Python calls; a single call
-    through the embedded cluster has two events, the caller's wake-up and the core's answer).
-    remap logs through ``twisted.logger``, which never reads that context; an error escaping a
-    handler is still logged, as Twisted logs it.
+    Twisted wraps every read in ``log.callWithLogger`` (~9 Python calls an event) for a legacy
+    log context ``twisted.logger`` never reads; an error escaping a handler is still logged.
     """
     import errno
     import sys
@@ -78,8 +71,7 @@ def _lean_epoll_reactor() -> Any:
     failures = Logger(namespace="twisted.internet.base")
 
     class LeanWaker(_UnixWaker):
-        """Twisted's self-pipe waker, emptied in one call (its ``doRead`` took four: a
-        ``fileno`` lambda, ``fdesc.readFromFD`` and a callback that drops the bytes)."""
+        """Twisted's self-pipe waker, emptied in one call (its ``doRead`` takes four)."""
 
         def doRead(self) -> None:
             try:
@@ -89,8 +81,7 @@ def _lean_epoll_reactor() -> Any:
 
     class LeanEPollReactor(EPollReactor):
         def __init__(self) -> None:
-            #: run once each, right before the reactor next sleeps in epoll (see
-            #: :func:`before_sleep`)
+            #: run once each, right before the reactor next sleeps (:func:`before_sleep`)
             self.before_sleep: list[Callable[[], None]] = []
             #: who runs the loop (see :meth:`drive`): None, the reactor's own thread; else
             #: the ident of a thread that borrowed it, inside :meth:`drive` while ``driving``
@@ -134,11 +125,10 @@ def _lean_epoll_reactor() -> Any:
                 self.poke()
 
         def poke(self, by_the_driver_too: bool = True) -> None:
-            """Work was queued for the loop: if a thread borrowed it and is not running it
-            now (it is back in its own code), the reactor's thread takes it back at once.
-            Unless ``by_the_driver_too``, work the borrowing thread queues itself is left for
-            it (a lone submit's argument, sent as it waits for the result: see
-            ``thread_caller``'s ``quiet``)."""
+            """Work was queued for the loop: if a thread borrowed it and is back in its own
+            code, the reactor's thread takes it back at once. Unless ``by_the_driver_too``,
+            work the borrowing thread queues itself is left for it (``thread_caller``'s
+            ``quiet``)."""
             with self._baton_lock:
                 if (
                     self.driver is not None
@@ -153,17 +143,12 @@ def _lean_epoll_reactor() -> Any:
             (monotonic); False if another thread runs it (then wait for the result as usual,
             and call :meth:`unwant` after).
 
-            A thread waiting for one result would otherwise be woken by the reactor's thread
-            once the answer was read (a futex wake, a thread switch and the GIL handed over:
-            ~40-100 µs a call); here the waiting thread sleeps in epoll and reads the answer
-            itself. The reactor's thread parks meanwhile (:meth:`_park`), so the loop still
-            runs on one thread at a time: every handler, timer and other job's message runs
-            as it always does, only on another thread. Once ``until()``, the caller keeps the
-            loop for its next call (no thread switch at all in a run of calls); the reactor's
-            thread takes it back once it was idle for ``KEEP`` seconds, another thread queued
-            work for it, or a thread waits for a result. On the main thread SIGINT is held
-            while the loop runs (a KeyboardInterrupt in the middle of a handler would leave
-            it half done): it wakes the loop, which stops, and is raised once out of it.
+            The waiting thread reads its answer itself (a wake-up by the reactor's thread costs
+            ~40-100 µs a call) while the reactor's thread parks (:meth:`_park`): the loop still
+            runs on one thread at a time. The caller keeps the loop for its next call until it
+            was idle ``KEEP`` seconds, or other work or another waiting thread wants it. On the
+            main thread SIGINT is held while the loop runs (not to leave a handler half done)
+            and raised once out of it.
             """
             me, lock, interrupted = get_ident(), self._baton_lock, self._interrupted
             previous = None
@@ -231,16 +216,12 @@ def _lean_epoll_reactor() -> Any:
         def _drive(
             self, until: Callable[[], bool], deadline: float | None, interrupted: list[Any]
         ) -> None:
-            """:meth:`mainLoop`'s turns on the calling thread, until ``until()`` (a waiting
-            thread takes one or two turns). As there, a turn with nothing for
-            ``runUntilCurrent`` to do reads the next timed call's delay itself."""
+            """:meth:`mainLoop`'s turns on the calling thread, until ``until()``."""
             seconds = self.seconds
             while not until() and not interrupted and self._started:
                 try:
-                    # the next timed call's delay is read once: read again after the test, a
-                    # thread switch between the two readings could make it negative, which
-                    # epoll_wait takes as "no timeout" (the call and the deadline then wait
-                    # for the next descriptor event)
+                    # the delay is read once: read again, a thread switch could make it
+                    # negative, which epoll_wait takes as "no timeout"
                     if (
                         self.threadCallQueue
                         or self._newTimedCalls
@@ -269,9 +250,8 @@ def _lean_epoll_reactor() -> Any:
                 self._run_before_sleep()  # threads to wake for what this loop did
 
         def _park(self) -> None:
-            """Reactor thread: hand the loop to the thread that asked (:meth:`drive`) and
-            wait until it hands it back, or kept it idle for ``KEEP`` seconds, or other work
-            came (:meth:`poke`)."""
+            """Reactor thread: hand the loop to the thread that asked (:meth:`drive`) until it
+            hands it back, keeps it idle ``KEEP`` seconds, or other work comes (:meth:`poke`)."""
             baton = self._baton
             with baton:
                 if self._asked is None:
@@ -291,16 +271,9 @@ def _lean_epoll_reactor() -> Any:
             self.wakeUp()  # timers added meanwhile: the next epoll must not sleep past them
 
         def mainLoop(self) -> None:
-            """Twisted's loop with its error handler around the inner loop, not entered and
-            left on every turn (two Python calls a turn, two turns a single call): an error
-            is logged the same way and the loop goes on.
-
-            A turn with nothing for ``runUntilCurrent`` to do (no call from another thread,
-            no timed call added, due or cancelled in bulk, not stopping) reads the next timed
-            call's delay itself: ``runUntilCurrent`` and ``timeout`` are four Python calls and
-            ~80 bytecodes on every turn of every process, and a single call takes two turns in
-            each of the server, the node and the console.
-            """
+            """Twisted's loop with its error handler around the inner loop, not entered on
+            every turn; a turn with nothing for ``runUntilCurrent`` to do reads the next timed
+            call's delay itself (saving four Python calls a turn, in every process)."""
             seconds, longest = self.seconds, 2147483  # epoll_wait's longest, as Twisted's
             while self._started:
                 try:
@@ -349,9 +322,8 @@ def _lean_epoll_reactor() -> Any:
                     continue
                 try:
                     if event == EPOLLIN:
-                        # bytes to read and nothing else, the event of every message: what
-                        # Twisted's _doReadOrWrite does for it, without its mask tests (a
-                        # descriptor gone, or a loss that doRead reports, takes its way)
+                        # bytes to read, the event of every message: _doReadOrWrite's work
+                        # without its mask tests (a descriptor gone takes its way)
                         try:
                             gone = selectable.fileno() == -1
                             why = None if gone else selectable.doRead()
@@ -375,11 +347,8 @@ def _lean_epoll_reactor() -> Any:
 
 
 def before_sleep(r: Any) -> list[Callable[[], None]] | None:
-    """The list of callables ``r`` runs right before it next sleeps, or None (another reactor).
-
-    For waking another thread from the reactor: woken at once, the thread would only find the
-    reactor holding the GIL for the rest of its turn and sleep again (two more thread switches);
-    woken as the reactor is about to sleep, it runs at once. Reactor thread only."""
+    """The list of callables ``r`` runs right before it next sleeps, or None (another reactor):
+    for waking another thread, which woken earlier would find the GIL held. Reactor thread."""
     return getattr(r, "before_sleep", None)
 
 
@@ -401,12 +370,9 @@ def _new_reactor() -> Any:
 class _OwnChildren:
     """The children spawned on one reactor, reaped by that reactor alone, on its own thread.
 
-    Twisted keeps one process-wide table of children, and any reactor that reaps (on SIGCHLD or
-    on a timer) reaps every reactor's children and ends them on its own thread. With two
-    reactors in one process (ours on its thread, another on the main thread: a Twisted
-    application, pytest-twisted), a child could end on the wrong thread, and a reaper holding a
-    child the other thread had just ended logged an "Unhandled Error" (``waitpid(None)``).
-    A child spawned here leaves Twisted's table for this one at once."""
+    Twisted's process-wide table lets any reactor reap every reactor's children, on its own
+    thread (with two reactors, an "Unhandled Error" from ``waitpid(None)``): a child spawned
+    here leaves that table for this one at once."""
 
     def __init__(self, r: Any) -> None:
         from twisted.internet import process
@@ -489,14 +455,9 @@ _SELF_PIPE_WAKERS = frozenset({"_UnixWaker", "LeanWaker"})
 
 def thread_caller(r: Any, through: Callable[..., None] | None = None) -> Callable[..., None]:
     """``r.callFromThread`` for a hot path: the same queue and wake-up pipe, without Twisted's
-    waker looking ``os.write`` up through a deprecation proxy on every call (~4 µs of the ~30
-    a single ``submit`` spends on the calling thread). Any other waker: ``callFromThread``.
-    ``through``: the reactor runs ``through(fn, *args)`` instead of ``fn(*args)``.
-
-    The function's ``quiet`` does the same, but when the calling thread keeps the loop (it ran
-    it for its last result, see ``LeanEPollReactor.drive``) it leaves the work for that thread,
-    which is about to wait for a result and run the loop again; without ``quiet`` the
-    reactor's thread takes the loop back at once to run it."""
+    waker looking ``os.write`` up through a deprecation proxy (~4 µs a call). ``through``: the
+    reactor runs ``through(fn, *args)``. Its ``quiet`` leaves the work for a calling thread that
+    keeps the loop (``LeanEPollReactor.drive``) and is about to run it again."""
     queue = r.threadCallQueue
     write = os.write
 
@@ -531,11 +492,7 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.future
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def start() -> None:
-        try:
-            d = defer.maybeDeferred(fn, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - delivered to the caller's thread
-            future.set_exception(exc)
-            return
+        d = defer.maybeDeferred(fn, *args, **kwargs)  # which fails with what fn raises
 
         def done(result: Any) -> None:
             if not future.done():

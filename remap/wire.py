@@ -39,11 +39,8 @@ READ_SIZE = 64 * 1024
 
 def transport_idle(transport: Any) -> bool:
     """Nothing of ours waits in a Twisted transport's write buffer (so writing to its file
-    descriptor now keeps the order of bytes).
-
-    Reads FileDescriptor's buffer attributes; if a Twisted release renames them, every write
-    simply goes through the buffer as before.
-    """
+    descriptor now keeps the order of bytes); were the attributes renamed, writes go through
+    the buffer."""
     return not getattr(transport, "_tempDataBuffer", True) and getattr(
         transport, "offset", -1
     ) == len(getattr(transport, "dataBuffer", b"?"))
@@ -59,11 +56,9 @@ def read_directly(
     data_received: Callable[[bytes], None] | None = None,
 ) -> None:
     """Make a Twisted reader (a TCP connection, a process pipe) read a large frame straight
-    into its buffer: ``buffer()`` says where (None: no large frame is being received),
-    ``read_into(view)`` reads (``socket.recv_into``, ``os.readv``) and ``received(n)`` takes
-    the bytes. Other bytes are read by ``read()`` and go to ``data_received`` (without them,
-    by the reader's own ``doRead``). A MiB then costs a few reads into its final place instead
-    of 16 (TCP) or 128 (pipe) reactor turns, each a new bytes object, and a join."""
+    into ``buffer()`` (None: no large frame) with ``read_into(view)``, reporting to
+    ``received(n)``; other bytes go by ``read()`` to ``data_received`` (without them, by the
+    reader's own ``doRead``). A MiB then costs a few reads, not 16 or 128 turns and a join."""
     plain = reader.doRead
 
     def do_read() -> Any:
@@ -115,13 +110,9 @@ def write_now(
     rest: Callable[[list[bytes | memoryview]], None] | None = None,
 ) -> None:
     """Write one message's buffers: on a plain TCP socket (``sock``) with nothing queued, in
-    this call; else through the transport's buffer.
-
-    Twisted's ``write`` only queues: the bytes leave on the next reactor turn, once epoll says
-    the socket is writable (and two ``epoll_ctl`` later), a turn on every hop of a single
-    call's path. A large message goes from its own buffers (``sendmsg``: no join of a payload),
-    a small one joined; what the socket does not take now goes to ``rest`` (views of the same
-    buffers), or without one is queued in the transport after all, in order.
+    this call (Twisted's ``write`` waits a reactor turn, on every hop of a call); else through
+    the transport's buffer. What the socket does not take goes to ``rest`` as views, or without
+    one to the transport, in order.
     """
     if (
         sock is not None
@@ -148,10 +139,9 @@ def write_now(
     transport.write(b"".join(data))
 
 
-#: bytes waiting to be written to a watched peer (a console, on the server) past which it is
-#: congested (the server dispatches none of its jobs' calls), and down to which they must drain
-#: before it is not: a console that reads slowly, or not at all, costs the server that much
-#: plus the results of the calls already on nodes
+#: bytes waiting for a watched peer (a console) past which it is congested (none of its jobs'
+#: calls are dispatched), and down to which they drain before it is not: what a console that
+#: reads slowly may cost the server
 CONGESTED_BYTES = 16 * 1024 * 1024
 DRAINED_BYTES = 4 * 1024 * 1024
 #: seconds between looks at a congested peer's backlog
@@ -162,24 +152,16 @@ SEND_PARTS = 64
 
 
 class SendQueue:
-    """A plain TCP transport's messages the socket did not take at once, kept as their own
-    buffers until it does.
-
-    Twisted's ``write`` takes bytes only: the rest of a MiB the socket could not take at once
-    was joined into a copy and then sent 128 KiB per reactor turn, and every message after it
-    took the same way until that buffer drained (a console slower to read than its server
-    writes stays so for a whole job). Here the rest waits as views, leaves by ``sendmsg`` as the
-    socket drains (the transport's ``doWrite`` sends this queue first, then does its own work:
-    its buffer, closing once all is sent), and messages behind it join it without a copy
-    (:meth:`PeerProtocol._flush` writes through it).
+    """A plain TCP transport's messages the socket did not take at once, kept as views (not
+    joined into Twisted's buffer) and sent by ``sendmsg`` as it drains; the transport's
+    ``doWrite`` sends this queue first, then does its own work.
     """
 
     def __init__(self, transport: Any, sock: Any) -> None:
         self.transport = transport
         self.sock = sock
         self.parts: deque[bytes | memoryview] = deque()
-        #: bytes put in :attr:`parts` (only under the connection's write lock) and bytes sent
-        #: from it (only on the reactor thread): one writer each, so no update is lost
+        #: bytes put in (under the write lock) and sent (reactor thread): one writer each
         self.added = 0
         self.removed = 0
         plain = transport.doWrite
@@ -230,10 +212,8 @@ class SendQueue:
 class ReadBudget:
     """Bytes that all of a server's connections may hold, together, in frames being received.
 
-    A connection that starts receiving a large frame reserves the frame's whole size; when the
-    budget cannot cover it, the connection stops reading (TCP then holds the peer back) until
-    other frames complete. Reserving whole frames means every holder can finish, so pausing
-    never deadlocks; a frame larger than the whole budget is refused.
+    A large frame reserves its whole size or its connection stops reading until it fits: every
+    holder can finish, so pausing never deadlocks; a frame over the whole budget is refused.
     """
 
     def __init__(self, limit: int) -> None:
@@ -316,8 +296,7 @@ class PeerProtocol(Protocol):
         self.failure: RemapError | None = None
         self.open = False
         self.peer = ""
-        #: the largest frame the peer accepts (the smaller of the two sides' limits), set once
-        #: authenticated: what the server sizes a console's results and replies to
+        #: the largest frame the peer accepts, once authenticated
         self.frame_limit = 0
         self.traffic = Traffic()
         self._socket: Any = None  # a plain TCP transport's socket: large frames skip copies
@@ -326,8 +305,7 @@ class PeerProtocol(Protocol):
         self.congested = False
         self._on_congestion: Callable[[PeerProtocol, bool], None] | None = None
         self._drain_check: IDelayedCall | None = None
-        #: held around every write to the transport, so that :meth:`send_from_thread` (another
-        #: thread) and the reactor never interleave bytes: each writes whole frames, in turn
+        #: held around every write, so :meth:`send_from_thread` and the reactor never interleave
         self._write_lock = threading.Lock()
 
     # ---------------------------------------------------------------- Twisted API
@@ -343,8 +321,7 @@ class PeerProtocol(Protocol):
         self._socket = _plain_tcp(self.transport)
         if self._socket is not None:
             self._sending = SendQueue(self.transport, self._socket)
-            # small frames too: a recv handed to dataReceived, not Twisted's doRead and the
-            # wrappers between it and this protocol (2-3 Python calls per read)
+            # small frames too: a recv handed to dataReceived, without Twisted's wrappers
             read_directly(
                 self.transport,
                 self.conn.decoder.read_buffer,
@@ -480,8 +457,7 @@ class PeerProtocol(Protocol):
                 "REMAP_TLS_CA on both sides)"
             )
         if not was_open and self.conn.is_server:
-            # a client that rejects our certificate (a host-name mismatch, say) hangs up
-            # right after TLS setup without an alert this side can read: say so in the log
+            # a client that rejects our certificate hangs up without an alert we can read
             tls_note = (
                 " (over TLS: a client that rejects this server's certificate, e.g. because it "
                 "dialled a host name the certificate does not name, does this)"
@@ -507,8 +483,8 @@ class PeerProtocol(Protocol):
     # ---------------------------------------------------------------- sending
 
     def send(self, msg: m.Message) -> None:
-        """Send, or drop quietly once the connection is closing: a handler may still answer a
-        message that arrived in the same read as the frame that ended the connection."""
+        """Send, or drop quietly once the connection is closing (a handler may still answer a
+        message read with the frame that ended it)."""
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
         self._write(*m.encode(msg))
@@ -516,8 +492,7 @@ class PeerProtocol(Protocol):
             self._check_backlog()
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
-        """:meth:`send` of a message already encoded (a core's answer, forwarded as the core
-        framed it: its header is the one encoding the same message here would make)."""
+        """:meth:`send` of a message already encoded (a core's answer, forwarded as it came)."""
         if self.transport is None or not self.open or self.conn.state is not _OPEN:
             return
         self._write(header, payload)
@@ -527,9 +502,8 @@ class PeerProtocol(Protocol):
     # ---------------------------------------------------------------- backlog
 
     def watch_backlog(self, on_change: Callable[[PeerProtocol, bool], None]) -> None:
-        """Call ``on_change(self, True)`` once more than ``CONGESTED_BYTES`` wait to be
-        written to the peer, and ``on_change(self, False)`` once they drained to
-        ``DRAINED_BYTES`` (looked at every ``DRAIN_CHECK`` s meanwhile); reactor thread."""
+        """Call ``on_change(self, congested)`` as the backlog passes ``CONGESTED_BYTES`` and
+        drains to ``DRAINED_BYTES``; reactor thread."""
         self._on_congestion = on_change
 
     def backlog(self) -> int:
@@ -561,10 +535,8 @@ class PeerProtocol(Protocol):
         self._on_congestion(self, False)  # type: ignore[misc]
 
     def _write(self, header: bytes, payload: bytes | memoryview) -> None:
-        """One message of an open connection: a small one on a plain TCP socket with nothing
-        waiting goes out in this call as one buffer (what :meth:`_flush` and :func:`write_now`
-        do for it, without a list of parts, the connection's queue or a join); anything else
-        takes their way."""
+        """One message of an open connection: a small one on an idle plain TCP socket leaves in
+        this call as one buffer (:meth:`_flush` and :func:`write_now`, inlined); else theirs."""
         conn, sending = self.conn, self._sending
         if sending is None or conn.outgoing or len(payload) > SCATTER_MIN:
             conn.outgoing.extend(encode_frame(header, payload))
@@ -632,15 +604,10 @@ class PeerProtocol(Protocol):
         produce: Callable[[], list[m.Message]],
         call_soon: Callable[..., None],
     ) -> bool:
-        """Another thread's messages, written to the socket in this call: a single call's
-        arguments leave from the caller's thread, without a hop through the reactor (its
-        wake-up, a turn, two thread switches).
-
-        Only on a plain TCP connection that is open with nothing of ours waiting to be
-        written; then, holding the write lock the reactor's writes also take, ``produce()``
-        makes the messages and they are written whole. What the socket does not take at once
-        waits in the send queue (the reactor sends it, ``call_soon`` wakes it), ahead of
-        anything written later. False: nothing was produced; send through the reactor.
+        """Another thread's messages, written to the socket in this call (no hop through the
+        reactor): only on an open, idle plain TCP connection, with ``produce()`` called under
+        the write lock. What the socket does not take waits in the send queue (``call_soon``
+        wakes the reactor to send it). False: nothing was produced; send through the reactor.
         """
         with self._write_lock:
             sending, transport = self._sending, self.transport
@@ -660,8 +627,7 @@ class PeerProtocol(Protocol):
                 return True
             header, payload = m.encode(out[0])
             if len(out) == 1 and len(payload) <= SCATTER_MIN:
-                # one small message (a lone call's argument): one buffer, one send, the
-                # connection's state checked above once
+                # one small message (a lone call's argument): one buffer, one send
                 frame = small_frame(header, payload)
                 self.traffic.sent += len(frame)
                 try:
@@ -716,9 +682,8 @@ class PeerProtocol(Protocol):
             self._last_seen = now
         silent = now - self._last_seen
         overdue = silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses)
-        # run over an interval late, this check finds this process was stalled (a loaded
-        # machine): the peer's beats may wait unread, as a reactor runs due timers before it
-        # reads. The next check judges (once: a process late every time still does)
+        # over an interval late, this process was stalled: the peer's beats may wait unread
+        # (timers run before reads). The next check judges (once: one late every time does)
         if overdue and (
             self._verdict_deferred
             or beat is None
@@ -741,8 +706,7 @@ class PeerProtocol(Protocol):
 
 
 def _failure_of(reason: Failure | None, module: str, name: str) -> Any:
-    """``reason``'s exception if it is ``module.name`` (imported only then: pyOpenSSL and
-    service_identity come with twisted[tls]); None otherwise."""
+    """``reason``'s exception if it is ``module.name`` (imported only then: twisted[tls])."""
     if reason is None:
         return None
     cls = getattr(importlib.import_module(module), name)
