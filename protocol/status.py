@@ -1,9 +1,8 @@
 """Status records: what ``status`` says of nodes, jobs and the server, declared once.
 
 The scheduler builds them; ``status_reply`` (and the HTTP API) carries them as maps, checked
-against these fields when they arrive; the console's renderer reads them. A field whose
-default is :data:`ABSENT` is left out of the map when its maker does not know it (a detached
-job has no share of the cores, a function job no job directory).
+against these fields on arrival. A field defaulting to :data:`ABSENT` is left out of the map
+when its maker does not know it.
 """
 
 from __future__ import annotations
@@ -138,12 +137,9 @@ class JobStatus(Record):
     min_cores: int = ABSENT
     left_out: dict[str, str] = ABSENT  #: a file job's: nodes that cannot see its data, and why
     counters: dict[str, int] = ABSENT  #: a file job's counters so far
-    #: a gang job's (a vertex job's workers): the argument indices of its calls in flight, so
-    #: its driver knows which call a lost node took back
+    #: a gang job's: the argument indices of its calls in flight (which a lost node took back)
     calls: list[int] = ABSENT
-    #: a function job its console keeps open with nothing queued or running (no last argument
-    #: yet): state stays "running"; an Executor keeps a function's job so for its next call.
-    #: Left out by servers before it (read as not idle) and by a detached job's driver
+    #: a function job kept open (an Executor's) with nothing queued or running; state "running"
     idle: bool = ABSENT
     # a detached data or vertex job's
     kind: str = ABSENT

@@ -28,11 +28,8 @@ def default_secret_file() -> Path:
 
 
 def server_secret(settings: Settings, host: str) -> bytes:
-    """The server's secret; a loopback-only server without one makes a private one in ~/.remap.
-
-    A server reachable from the network must have an explicit secret: nodes execute
-    what it sends and it executes nothing it cannot authenticate.
-    """
+    """The server's secret; a loopback-only server without one makes a private one in ~/.remap
+    (one reachable from the network must have an explicit secret: nodes run what it sends)."""
     key = secret_bytes(settings)
     if key:
         if len(key) < MIN_SECRET and not is_loopback(host):
@@ -78,13 +75,8 @@ def client_secret(settings: Settings) -> bytes:
 
 
 def _read_private(path: Path) -> bytes | None:
-    """The secret in ``~/.remap/secret`` (None: no such file), held to REMAP_SECRET_FILE's rules.
-
-    An empty file (a server stopped between creating and writing it, a truncation) was taken
-    as the empty secret, which everybody knows: the server ran, its HTTP token derived from it
-    was the same everywhere, and every handshake failed with a traceback. A file others may
-    read shares the secret with every user of this machine.
-    """
+    """The secret in ``~/.remap/secret`` (None: no such file), held to REMAP_SECRET_FILE's rules:
+    not readable by others, and not empty (the empty secret is one everybody knows)."""
     try:
         mode = path.stat().st_mode
         key = path.read_bytes().strip()

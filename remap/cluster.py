@@ -48,11 +48,8 @@ RETRY_MAX = 30.0
 
 
 def reconnect_delays(rng: random.Random | None = None) -> Callable[[int], float]:
-    """A retry policy for ``ClientService``: exponential backoff with "equal jitter".
-
-    Each delay is drawn between half and all of the backoff step, so a hundred nodes that lost
-    the same server spread their reconnects out instead of arriving in one burst; rounded to
-    0.1 s so the "Scheduling retry" log line stays readable.
+    """A retry policy for ``ClientService``: exponential backoff with "equal jitter" (between
+    half and all of the step, so nodes that lost one server do not return in a burst), to 0.1 s.
     """
     draw = (rng or random.SystemRandom()).random
 
@@ -66,10 +63,9 @@ def reconnect_delays(rng: random.Random | None = None) -> Callable[[int], float]
 class NamedEndpoint:
     """A client endpoint whose repr is ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` (for log lines).
 
-    It also keeps ``ClientService`` quiet about a connection its ``prepareConnection`` refused:
-    that attempt already counted as failed (the next waits longer), but Twisted still reports
-    the connection's loss to its state machine, which has no move for it in ``Waiting`` and
-    raises ``NoTransition`` out of ``connectionLost``: a traceback on every failed handshake.
+    It also keeps ``ClientService`` quiet about a connection its ``prepareConnection`` refused
+    (counted as failed already; Twisted's state machine would raise ``NoTransition`` out of
+    ``connectionLost``: a traceback on every failed handshake).
     """
 
     def __init__(self, inner: Any, name: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -138,8 +134,7 @@ def default_cores() -> int:
 
 
 def embedded_cores() -> int:
-    """The embedded cluster's default: every CPU, like multiprocessing.Pool and loky (its server
-    and node cost little CPU, and on a 2-CPU laptop cpu - 1 would mean no speed-up at all)."""
+    """The embedded cluster's default: every CPU, like multiprocessing.Pool and loky."""
     return max(1, os.cpu_count() or 1)
 
 
@@ -319,12 +314,9 @@ def start_node(
 
 
 class EmbeddedCluster:
-    """A server and a node inside this process's reactor, cores as child processes.
-
-    Its own node and console join the server over in-process links (no sockets); the server
-    also listens on an ephemeral loopback port with a random secret that never leaves the
-    process: zero setup, nothing exposed.
-    """
+    """A server and a node inside this process's reactor, cores as child processes; its node
+    and console join over in-process links, and the server listens on an ephemeral loopback
+    port with a random secret that never leaves the process."""
 
     def __init__(self, reactor: Any, settings: Settings, cores: int | None = None) -> None:
         self.reactor = reactor

@@ -27,13 +27,9 @@ def daemon_settings(args: argparse.Namespace, **flags: Any) -> Settings:
 async def run_until_stopped(
     reactor: Any, stopped: defer.Deferred, stop: Callable[[], Awaitable[Any]]
 ) -> None:
-    """Wait until ``stopped`` fires (a daemon's own reason to stop: ``kill --cluster``, the
-    server's ``shutdown``) or the reactor is told to stop (SIGTERM, Ctrl-C), then run ``stop()``.
-
-    The reactor's shutdown waits for ``stop()`` to finish (its ``before`` trigger returns a
-    Deferred that fires then): without that the reactor stopped as soon as the stop began,
-    and whatever the stop still had to do on a later turn (a port's ``stopListening``, the
-    journal's last commit and close, a node's cores reaped) never ran.
+    """Wait until ``stopped`` fires (a daemon's own reason to stop) or the reactor is told to
+    stop (SIGTERM, Ctrl-C), then run ``stop()``. The reactor's shutdown waits for it, or what
+    it does on later turns (the journal's last commit, a node's cores reaped) never runs.
     """
     finished: defer.Deferred = defer.Deferred()
 
@@ -51,10 +47,9 @@ async def run_until_stopped(
 
 
 def install_lean_reactor() -> bool:
-    """Make the runtime's lean epoll reactor (each ready descriptor handed to its handler without
-    Twisted's legacy log context: ~9 Python calls less per event) this process's global reactor.
-    The server and node wake twice for every single call they pass on. False where a reactor is
-    installed already or epoll is missing: Twisted's default then."""
+    """Make the runtime's lean epoll reactor (~9 Python calls less per event; the server and
+    node wake twice per call) this process's global reactor. False where a reactor is installed
+    already or epoll is missing: Twisted's default then."""
     if "twisted.internet.reactor" in sys.modules:
         return False
     try:

@@ -1,15 +1,10 @@
 """In-process links: the embedded cluster's console, server and node without sockets.
 
 A :class:`LocalLink` has the surface the handlers use on a :class:`~remap.wire.PeerProtocol`
-(``send``, ``close``, ``abort``, ``open``, ``peer``, ``conn.max_frame``) but hands message
-objects to the other end's handler directly: no framing, no copies, no loopback hops. Delivery is
-queued to the next reactor turn, in order, so a handler is never re-entered from its own ``send``
-(the same ordering guarantee one TCP connection gives). There is nothing to authenticate: both
-ends live in this process.
-
-All links of one reactor share one :class:`_DeliveryLoop`: a message and the messages its handler
-sends on (console → server → node) are delivered on the same reactor turn, one after the other,
-instead of one turn per hop.
+but hands message objects to the other end's handler directly: no framing, no copies. Delivery
+is queued, in order, so a handler is never re-entered from its own ``send``. All links of one
+reactor share one :class:`_DeliveryLoop`: a message and those its handler sends on (console →
+server → node) are delivered on one reactor turn.
 """
 
 from __future__ import annotations
@@ -60,11 +55,8 @@ class _DeliveryLoop:
                 self._call = self.reactor.callLater(0, self.run)
 
     def run_now(self) -> None:
-        """Deliver now what waits for the next turn (see :func:`in_one_turn`).
-
-        A handler's error is logged, as the reactor logs one from a turn of its own: it must
-        not escape into whoever called (a core's pipe reader would take it for a broken pipe).
-        """
+        """Deliver now what waits for the next turn (see :func:`in_one_turn`); a handler's error
+        is logged, not raised into the caller (a core's pipe reader would see a broken pipe)."""
         if self.scheduled and not self.running:
             if self._call is not None and self._call.active():
                 self._call.cancel()  # not yet in the reactor's heap: the turn is saved
@@ -97,12 +89,8 @@ def _loop_of(reactor: Any) -> _DeliveryLoop:
 
 def in_one_turn(reactor: Any) -> Callable[..., None]:
     """``run(fn, *args)``: call ``fn`` and deliver the messages it sent on in-process links
-    when it returns, without putting a timed call on the reactor for them meanwhile (one booked
-    before is cancelled: its messages go now). Only at the top of a reactor turn, where no
-    handler is mid-call: for calls from other threads (a submit's arguments reach the server
-    and its task the core in the turn that took them) and for a core's answers read from its
-    pipe (the result reaches the server and the console in the turn that read it). Twisted's
-    timed-call machinery costs ~330 bytecodes per booked and cancelled turn."""
+    when it returns, booking no timed call for them (~330 bytecodes each). Only at the top of
+    a reactor turn: calls from other threads, a core's answers read from its pipe."""
     loop = _loop_of(reactor)
 
     def run(fn: Callable[..., Any], *args: Any) -> None:

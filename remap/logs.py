@@ -25,9 +25,9 @@ _LEVELS = {
 }
 
 
-#: Twisted's own lines that say nothing an operator needs (the entry point prints the one
-#: "listening" line and the one "stopped" line): "RemapServerFactory (TLS) starting on 7878",
-#: "Starting factory <...>", "(TCP Port 7878 Closed)"
+#: Twisted's own lines that say nothing an operator needs (the entry point says "listening"
+#: and "stopped" itself): "X (TLS) starting on 7878", "Starting factory <...>", "(TCP Port 7878
+#: Closed)"
 _NOISE = re.compile(
     r"^(\S+( \(TLS\))? starting on \d+|(Starting|Stopping) factory <.*>|\((TCP|UDP) Port \d+ Closed\))$"
 )
@@ -40,11 +40,8 @@ def _not_noise(event: dict) -> PredicateResult:
 
 
 class _CurrentStderr:
-    """Writes to whatever ``sys.stderr`` is when a line is written, not when logging began.
-
-    An in-process caller of an entry point (a test capturing stderr, a notebook) swaps and
-    later closes that stream; an observer holding the old one would raise on every event.
-    """
+    """Writes to whatever ``sys.stderr`` is when a line is written: an in-process caller (a
+    test, a notebook) may swap and close the one logging began with."""
 
     def write(self, text: str) -> None:
         stream = sys.stderr or sys.__stderr__
@@ -79,14 +76,9 @@ _installed: LogLevelFilterPredicate | None = None
 
 
 def start_logging(level: str = "info", stream=None) -> None:
-    """Log to stderr at ``level``; a second call only changes the level.
-
-    What was logged before is dropped, not replayed: Twisted buffers every event from the
-    process's start until logging begins, and in a process that used remap before (a notebook's
-    ``remap.connect``, a test run) the first in-process ``main()`` printed those old errors and
-    warnings as its own, above the console's one error line. An entry point's own process logs
-    nothing before it calls this.
-    """
+    """Log to stderr at ``level``; a second call only changes the level. What Twisted buffered
+    before is dropped: in a process that used remap before (a notebook), it would show old
+    errors as this command's."""
     global _installed
     if _installed is not None:
         _installed.defaultLogLevel = _level(level)

@@ -1,12 +1,9 @@
 """glibc's allocator tuned for the processes remap starts (server, node, cores), which free and
 allocate MiB-sized buffers (frames, pickles, arguments) all the time.
 
-By default glibc gives freed memory at the top of its heap back to the system at once and
-serves large allocations with fresh ``mmap``s: every MiB buffer then faults in 256 new pages
-(~480 faults for a MiB received and copied once), ~0.3-1 ms a MiB on a busy machine. Keeping
-up to :data:`TRIM_BYTES` of freed heap and taking allocations up to :data:`MMAP_BYTES` from the
-heap reuses pages already mapped (0 faults once warm). The cost: a process may hold up to
-:data:`TRIM_BYTES` of freed memory it is not using.
+By default every MiB buffer is a fresh ``mmap`` faulting in 256 pages (~0.3-1 ms a MiB on a
+busy machine); keeping freed heap and serving allocations up to :data:`MMAP_BYTES` from it
+reuses mapped pages, at the cost of up to :data:`TRIM_BYTES` held while unused.
 """
 
 from __future__ import annotations
