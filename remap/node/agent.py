@@ -73,9 +73,8 @@ class NodeAgent:
         pool.name = self.host
 
     def leave(self, reason: str = "stopping") -> None:
-        """This node is stopping as asked: say ``goodbye`` (its last message), so the server
-        re-queues its work at once and logs no loss; the connection's end that follows is no
-        loss here either. A server that predates the message answers ``unknown-message``."""
+        """This node is stopping as asked: say ``goodbye``, so neither side takes the end of the
+        connection for a loss."""
         self.stopping = True
         link = self.link
         if link is not None:
@@ -101,9 +100,8 @@ class NodeAgent:
 
     @staticmethod
     def _fits(msg: m.TaskResult, limit: int) -> m.Message:
-        """A result frame over the limit would get this node disconnected, and the batch re-run
-        forever; report it instead so the server retries its arguments alone, then fails the one
-        whose result is too large."""
+        """A result frame over the limit would get this node disconnected and the batch re-run
+        forever: report it, so the server retries its arguments alone."""
         size = frame_length(*m.encode(msg))  # what the server holds against its limit
         if size <= limit:
             return msg
@@ -120,8 +118,7 @@ class NodeAgent:
         self.link = link
         #: the largest frame the server takes (fixed once authenticated; read on every result)
         self._max_frame = link.conn.max_frame
-        # over a network connection a core's result leaves as the core framed it (an embedded
-        # cluster's in-process link takes the message itself)
+        # over a network connection a core's result leaves as the core framed it
         self.pool.on_result_frame = self._forward if isinstance(link, PeerProtocol) else None
         self.log.info("connected to server {peer} (session {s})", peer=link.peer, s=event.session)
         link.send(
@@ -185,9 +182,8 @@ class NodeAgent:
             )
             self.pool.cancel_all()
         elif not self.stopping and link.failure is None:
-            # lost before it authenticated, and not refused (connection_failed said those): a
-            # plain node at a TLS server, a TLS handshake that failed. Say why, or the node
-            # retries with nothing in its log but "Scheduling retry"
+            # lost before it authenticated, not refused (a plain node at a TLS server): say why,
+            # or its log says only "Scheduling retry"
             self.log.warn(
                 "could not join the server at {peer}: {error}; trying again",
                 peer=link.peer,

@@ -1,11 +1,9 @@
 """A core: a long-lived child process that loads job functions and runs batches.
 
-Runs as ``python -m remap.node.core``. It reads commands on fd 3 and writes answers on
-fd 4: messages of the protocol catalogue (``core_*``, ``task`` and ``result``, checked like any
-other) in the wire's frames, and before
-each call writes ``(position, start time)`` into a shared 16-byte file on fd 5, so the
-node can tell which argument was running when it must kill the core (timeout) or
-when the core dies (crash). stdout/stderr of user code are captured per batch.
+Runs as ``python -m remap.node.core``. It reads commands on fd 3 and writes answers on fd 4
+(catalogue messages in the wire's frames), and before each call writes ``(position, start time)``
+into a shared file on fd 5, so the node can tell which argument was running when it kills the
+core (timeout) or the core dies (crash). User code's stdout/stderr are captured per batch.
 """
 
 from __future__ import annotations
@@ -36,25 +34,20 @@ SLOT = struct.Struct("<qdq")
 MAX_OUTPUT = 64 * 1024
 #: a running batch sends what it has finished at most this often, so results stream back
 STREAM_SECONDS = 0.05
-#: two argument groups in a row that took longer than this (or one that took FINE_ONCE_SECONDS)
-#: make the rest of the batch run one argument at a time (a mark per call, results streamed from
-#: any call): a crash then names its argument, at a cost (~0.3 µs a call) that calls this slow
-#: never notice. Two in a row, so a core descheduled once on a busy machine stays on groups.
+#: two argument groups in a row slower than this (or one slower than FINE_ONCE_SECONDS) make
+#: the rest of the batch run one argument at a time (a mark per call, ~0.3 µs), so a crash names
+#: its argument; two, so a core descheduled once on a busy machine stays on groups
 FINE_SECONDS = 0.001
 FINE_ONCE_SECONDS = 0.05
 
 
-#: bytes asked of the pipe per read: a small command comes whole in one read (below malloc's
-#: mmap threshold, so a read costs no mmap)
+#: bytes asked of the pipe per read: a small command comes whole (below malloc's mmap threshold)
 READ_SMALL = 1 << 16
 
 
 def commands(fd: int) -> Iterator[m.Message]:
-    """The node's commands, until it closes the pipe (blocking: a core has nothing else to do).
-
-    A small command comes in one ``read`` (a prefix, then the body, was two system calls); the
-    rest of a large one is read straight into its own buffer, its payload a view of it.
-    """
+    """The node's commands, until it closes the pipe (blocking: a core has nothing else to do);
+    a small one in one ``read``, a large one straight into its own buffer."""
     decoder = FrameDecoder(max_frame=1 << 40)
     read, readv = os.read, os.readv
     while True:
@@ -113,8 +106,8 @@ def _exception_blob(exc: BaseException) -> bytes:
         except Exception:
             if exc.__traceback__ is None:
                 return b""
-            # its text is in the error entry already; the frames it holds made pickling the
-            # exception itself overflow (a RecursionError from joblib's nested Parallel)
+            # its text is in the error entry already; its frames may overflow pickling (a
+            # RecursionError from joblib's nested Parallel)
             exc.__traceback__ = None
     return b""
 
@@ -127,9 +120,8 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 500 else text[:500] + "..."
 
 
-#: results of these types have a small pickle of their own: a lone one is pickled by
-#: ``pickle.dumps`` (0.2 µs) instead of :func:`dumps_buffered` (1.1 µs: a BytesIO and a Pickler,
-#: which only pay off for a pickle of a MiB); ``str`` and ``bytes`` up to :data:`SMALL_TEXT`
+#: a lone result of these types is pickled by ``pickle.dumps`` (0.2 µs) instead of
+#: :func:`dumps_buffered` (1.1 µs, for pickles of a MiB); ``str`` and ``bytes`` up to SMALL_TEXT
 _SMALL_TYPES = frozenset({int, float, bool, complex, type(None)})
 _TEXT_TYPES = frozenset({str, bytes})
 SMALL_TEXT = 4096
@@ -147,12 +139,9 @@ def _dumps_results(results: list[Any]) -> bytes:
 
 
 def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[bytes], bool]:
-    """One pickle for the whole batch when it round-trips; else one per result.
-
-    The single pickle costs a few tens of ns a result instead of ~0.7 µs for pickling and
-    unpickling each alone. An exception that would not unpickle on the console is replaced
-    by None (its type, message and traceback travel in ``errors`` anyway), so one odd
-    exception cannot make the whole batch unreadable.
+    """One pickle for the whole batch when it round-trips (tens of ns a result, not ~0.7 µs);
+    else one per result. An exception that would not unpickle is replaced by None (``errors``
+    has its text), so one odd exception cannot make the whole batch unreadable.
     """
     for entry in errors:
         exc = results[entry[0]]
@@ -182,12 +171,8 @@ def _pack_results(results: list[Any], errors: list[list[Any]]) -> tuple[list[byt
 
 
 class _BatchOutput(io.TextIOBase):
-    """The core's stdout and stderr while a batch runs, one object for the core's whole life.
-
-    A ``logging.StreamHandler`` keeps the stream it was made with: if each batch had a fresh
-    buffer, a handler set up in the first batch would write into that batch's buffer forever
-    after, and later batches' log lines would never reach the caller.
-    """
+    """The core's stdout and stderr while a batch runs, one object for the core's whole life:
+    a ``logging.StreamHandler`` made in one batch keeps writing to it in later batches."""
 
     def __init__(self, fallback: Any) -> None:
         super().__init__()
@@ -225,8 +210,7 @@ class Core:
         self.output = _BatchOutput(sys.__stderr__)
         #: ``emit(result)`` sends a streamed part of a running batch; None: no parts
         self.emit = emit
-        #: the job whose directory the environment names (entered once, not per batch: its
-        #: bundle, if any, is installed when the job loads)
+        #: the job whose directory the environment names (entered once, not per batch)
         self._entered: int | None = None
 
     def load(self, cmd: m.CoreLoad) -> None:
@@ -345,9 +329,8 @@ class Core:
         return self._reply(cmd, partial, results, errors, acc, have_acc, clock() - flushed, 0)
 
     def _run_one(self, cmd: m.Task, fn: Any, star: bool) -> m.TaskResult:
-        """A batch of one bare argument (every lone ``submit``): what :meth:`run`'s loop does
-        for it, without the loop's set-up for groups, streaming and per-call marks (one call
-        is marked once either way). The argument is unpickled before the mark, as there."""
+        """A batch of one bare argument (every lone ``submit``): :meth:`run`'s loop for it,
+        without its set-up for groups, streaming and per-call marks."""
         shm, clock = self.shm, time.monotonic
         captured = self.output
         captured.capturing, captured.buffer = True, None
@@ -388,7 +371,7 @@ class Core:
         elapsed: float,
         part: int,
     ) -> m.TaskResult:
-        """The answer for the calls run since the last part (``part`` > 0: more will follow);
+        """The answer for the calls run since the last part (``part`` > 0: more follow);
         ``partial``: a reduce job's batch (the fold ``acc`` is the answer)."""
         packed = False
         if partial:
@@ -453,8 +436,8 @@ def main() -> None:
 
 
 def serve(core: Core, cmd_fd: int, out_fd: int) -> None:
-    """Answer the node's commands on ``cmd_fd`` until it closes the pipe (a bench runs this
-    loop in-process to count a core's own work per call)."""
+    """Answer the node's commands on ``cmd_fd`` until it closes the pipe (a bench runs it
+    in-process)."""
     for cmd in commands(cmd_fd):
         t = type(cmd)
         if t is m.Task:

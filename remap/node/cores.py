@@ -1,12 +1,9 @@
 """The node's pool of cores: child processes it can always kill and replace.
 
-The pool owns the queue of tasks the server sent (up to its credit), starts each on
-an idle core, and turns a core's death into a ``TaskFailed`` naming the argument that
-was running, read from the core's shared slot. A watchdog enforces per-call timeouts
-by killing the core: user code that ignores signals or loops in C still stops.
-
-A core's life is :class:`CoreLife` (starting, idle, busy, killing, dead), changed only
-along :data:`CORE_TRANSITIONS`; the pool starts a batch on an idle core only.
+The pool queues the server's tasks, starts each on an idle core, and turns a core's death
+into a ``TaskFailed`` naming the argument that was running (the core's shared slot). A
+watchdog enforces per-call timeouts by killing the core: code that ignores signals or loops in
+C still stops. A core's life changes only along :data:`CORE_TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -66,9 +63,8 @@ THREAD_LIMIT_VARIABLES = (
 
 
 def thread_limits(env: dict[str, str], cores: int) -> dict[str, str]:
-    """CPUs / cores threads for each native pool, as loky does for its workers: N cores each
-    starting a pool of every CPU would oversubscribe the machine N times. A value already set
-    in the node's environment wins."""
+    """CPUs / cores threads for each native pool, as loky does (N cores each with a pool of
+    every CPU would oversubscribe N times); a value set in the environment wins."""
     per_core = str(max(1, (os.cpu_count() or 1) // max(1, cores)))
     return {name: per_core for name in THREAD_LIMIT_VARIABLES if name not in env}
 
@@ -82,13 +78,11 @@ class CoreLife(enum.Enum):
     KILLING = "killing"  # SIGKILL sent (``kill_reason`` says why); its exit follows
     DEAD = "dead"  # exited: the pool starts another in its place unless stopping
 
-    #: members are singletons, equal only to themselves: hashed in C (Enum's own __hash__ is a
-    #: Python call, and a core's two moves per call check two transitions each)
+    #: members are singletons, equal only to themselves: hashed in C (Enum's is a Python call)
     __hash__ = object.__hash__
 
 
-# members read on every call: module globals are dict lookups, where ``CoreLife.IDLE`` goes
-# through EnumType's ``__getattr__`` hook (~1k instructions per read in Python 3.11)
+# read on every call: ``CoreLife.IDLE`` costs EnumType's ``__getattr__`` hook each time
 _STARTING, _IDLE, _BUSY, _DEAD = CoreLife.STARTING, CoreLife.IDLE, CoreLife.BUSY, CoreLife.DEAD
 _TaskResult = m.TaskResult
 
@@ -153,8 +147,8 @@ class CoreProcess(ProcessProtocol):
     # ---------------------------------------------------------------- ProcessProtocol
 
     def read_results_directly(self) -> None:
-        """Read the answer pipe in 64 KiB reads, and a large answer straight into its frame
-        buffer (Twisted reads a pipe 8 KiB per reactor turn: 128 turns and a join per MiB)."""
+        """Read the answer pipe in 64 KiB reads, a large answer straight into its frame buffer
+        (Twisted reads 8 KiB per turn)."""
         reader = getattr(self.transport, "pipes", {}).get(OUT_FD)
         if reader is None:
             return
@@ -170,8 +164,7 @@ class CoreProcess(ProcessProtocol):
         )
 
     def _read(self, data: bytes) -> None:
-        """Bytes from the answer pipe (a whole small frame, the usual answer, unbuffered and
-        handled here: no list of one frame and no loop over it)."""
+        """Bytes from the answer pipe (a whole small frame, the usual answer, handled here)."""
         frame = self._decoder.whole(data)
         if frame is None:
             self._answers(self._decoder.feed(data))
@@ -202,7 +195,7 @@ class CoreProcess(ProcessProtocol):
 
     def _answer(self, frame: Frame) -> bool:
         """One frame from the core, checked like any message; False: it broke the protocol
-        (the core is killed and nothing more it sent is heard)."""
+        and is killed."""
         try:
             msg = m.decode(frame.header, frame.payload, channel="pipe")
         except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
@@ -225,8 +218,7 @@ class CoreProcess(ProcessProtocol):
     # ---------------------------------------------------------------- commands
 
     def send(self, msg: m.Message) -> None:
-        """Write a command now when the pipe takes it (no reactor turn, no copy of the payload);
-        what does not fit goes through the transport's buffer."""
+        """Write a command now as far as the pipe takes it; the rest through the transport."""
         if self.transport is None or self.life is _DEAD:
             return
         parts = frame_parts(*m.encode(msg))
@@ -281,12 +273,10 @@ class CorePool:
         self.started_at = time.monotonic()
         #: how task output names this node (the agent sets its host name)
         self.name = "node"
-        #: when set, a result passed on unchanged goes here with the core's own frame (the
-        #: agent forwards its bytes: no encoding of the same message again)
+        #: when set, a result passed on unchanged goes here with the core's own frame
         self.on_result_frame: Callable[[m.TaskResult, Frame], None] | None = None
-        #: ``read_turn(handle, frames)`` runs the handling of a core's answers: the embedded
-        #: cluster's :func:`remap.local.in_one_turn`, which delivers what they send on to its
-        #: server when ``handle`` returns, in the turn that read them, with no timed call booked
+        #: ``read_turn(handle, frames)`` runs the handling of a core's answers (the embedded
+        #: cluster's :func:`remap.local.in_one_turn`)
         self.read_turn: Callable[..., None] | None = None
 
     def start(self) -> None:

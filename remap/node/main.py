@@ -94,8 +94,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # SIGTERM waits until the cores are reaped: a node that exited before them left them to
-    # init, and their CPU time went uncounted in the node's (its parent's) rusage
+    # SIGTERM waits until the cores are reaped (their CPU time counts in the node's rusage)
     await run_until_stopped(reactor, stopped, lambda: node.stop(why[0] if why else "stopping"))
     if refusal:
         raise refusal[0]
@@ -103,8 +102,8 @@ async def serve(reactor, args: argparse.Namespace) -> int:
 
 
 async def probe_data_dir(reactor, settings: Settings) -> DataDirReport:
-    """The data directory this node reports (read off the reactor thread: it may be NFS);
-    one that does not answer in time is reported unusable, so file jobs leave this node out."""
+    """The data directory this node reports (read off the reactor thread: it may be NFS); one
+    that does not answer in time is reported unusable."""
     root = str(DataDir.from_setting(settings.data_dir).root)
     d = threads.deferToThread(probe, settings.data_dir)
     d.addTimeout(PROBE_TIMEOUT, reactor)
