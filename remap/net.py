@@ -74,13 +74,8 @@ def tls_enabled(settings: Settings) -> bool:
 
 
 class TLSServerEndpoint:
-    """A listening endpoint that wraps another in TLS, with timers on the given reactor.
-
-    Twisted's ``listenSSL`` (behind ``SSL4ServerEndpoint``) schedules TLS writes on the global
-    reactor, which is not the one running when remap lives in its own reactor (the console's
-    runtime); this wraps with ``TLSMemoryBIOFactory(..., clock=reactor)`` instead. It also
-    works for IPv6 addresses, which ``SSL4ServerEndpoint`` does not.
-    """
+    """A listening endpoint that wraps another in TLS, with timers on the given reactor
+    (``SSL4ServerEndpoint`` uses the global one, maybe not running, and has no IPv6)."""
 
     def __init__(self, reactor: Any, inner: Any, options: Any) -> None:
         self.reactor = reactor
@@ -107,11 +102,8 @@ def cannot_listen(what: str, host: str, port: int, exc: Exception) -> ConfigErro
 
 
 def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
-    """A listening endpoint: TLS when a certificate is configured (client certs checked with a CA).
-
-    REMAP_TLS_CERT may hold the server certificate followed by its intermediate CAs; they are
-    sent to clients. REMAP_TLS_CA may hold several CA certificates.
-    """
+    """A listening endpoint: TLS when a certificate is configured (REMAP_TLS_CERT may hold
+    its chain too); client certificates checked against REMAP_TLS_CA (several CAs) if set."""
     if ":" in host:
         tcp = TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     else:
@@ -143,10 +135,8 @@ def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> A
 def client_endpoint(
     reactor: Any, settings: Settings, host: str, port: int, timeout: float = 10
 ) -> Any:
-    """A connecting endpoint: TLS verifying the server against REMAP_TLS_CA when TLS is configured.
-
-    TLS timers run on ``reactor`` (not Twisted's global one, which may not be running).
-    """
+    """A connecting endpoint: TLS verifying the server against REMAP_TLS_CA when TLS is
+    configured, its timers on ``reactor``."""
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if not tls_enabled(settings):
         return endpoint
@@ -218,9 +208,8 @@ class PeerFactory(Factory):
 
 def authenticated(protocol: Any) -> defer.Deferred[PeerProtocol]:
     """Fires once a new connection of a ``wait_for_auth`` :class:`PeerFactory` has
-    authenticated, fails if it is refused or lost first. It is the node's ``ClientService``
-    ``prepareConnection``: a server that accepts TCP but never completes a handshake is
-    retried with growing delays, not at once."""
+    authenticated, fails if it is refused or lost first (the node's ``prepareConnection``: a
+    server that never completes a handshake is retried with growing delays)."""
     return protocol.handler.ready
 
 
@@ -235,8 +224,7 @@ class AuthWaiter:
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         self.inner.authenticated(link, event)
-        # from now on this wrapper only passes each event on (a Python call per message):
-        # the connection hands them to the handler itself
+        # from now on the connection hands events to the handler itself
         link.handler = self.inner
         if not self.ready.called:
             self.ready.callback(link)
