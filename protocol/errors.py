@@ -1,10 +1,8 @@
-"""The protocol's errors: the root of remap's hierarchy and what the wire itself can go wrong with.
+"""The protocol's errors: the root of remap's hierarchy and what can go wrong on the wire.
 
-Every error remap raises on purpose derives from :class:`RemapError`. The product's own errors
-(job files, jobs, lost connections, refused requests) live in ``remap/errors.py``; only what
-this package raises lives here, because ``protocol/`` never imports ``remap``. An error that
-travels in an ``error`` message is named by its class's ``code``: :func:`error_codes` derives
-the code → class table from the classes, so a code is declared once, next to its class.
+The product's own errors live in ``remap/errors.py`` (``protocol/`` never imports ``remap``). An
+error that travels in an ``error`` message is named by its class's ``code``: :func:`error_codes`
+derives the code → class table, so a code is declared once, next to its class.
 """
 
 from __future__ import annotations
@@ -81,9 +79,8 @@ class HandshakeTimeout(RemapError):
 
 
 class ServerBusy(RemapError):
-    """The server would not take this connection now: its connection caps were full. Said in
-    the one ``error`` frame it writes before closing, in place of a challenge; trying again
-    later may succeed (nodes retry by themselves)."""
+    """The server would not take this connection now (its connection caps were full); trying
+    again later may succeed (nodes retry by themselves)."""
 
     code = "busy"
     exit_code = 4  # as a server that cannot be reached
@@ -91,11 +88,7 @@ class ServerBusy(RemapError):
 
 class InvalidOption(RemapError, ValueError):
     """A job option's value is not allowed (see ``protocol/options.py``); ``key`` names it.
-
-    A ValueError too, so Python callers passing a bad argument get the exception they expect.
-    The job file turns it into a ConfigError naming the file and line; on the wire it is a
-    protocol violation (our own consoles check before sending).
-    """
+    A ValueError too, as Python callers passing a bad argument expect."""
 
     exit_code = 2
 
@@ -109,10 +102,8 @@ class InvalidOption(RemapError, ValueError):
 
 
 def error_codes(root: type[RemapError] = RemapError) -> dict[str, type[RemapError]]:
-    """Code → class for every subclass of ``root`` (loaded so far) that declares its own code.
-
-    A parent declares a code before its children (the most general class answers for it).
-    """
+    """Code → class for every subclass of ``root`` (loaded so far) that declares its own code
+    (a code shared with a parent is the parent's)."""
     table: dict[str, type[RemapError]] = {}
     todo = [root]
     while todo:

@@ -1,9 +1,7 @@
 """The product's errors, the code → class table, and the one place an error becomes a line.
 
 ``protocol/errors.py`` holds the root (:class:`RemapError`) and the wire's own errors; this
-module holds everything remap itself raises and re-exports the rest, so ``remap.errors`` is
-the one module callers import errors from. Errors a server sends in an ``error`` message keep
-their code on the way to the caller: :func:`error_from_wire` builds the class of that code.
+module adds what remap raises and re-exports the rest: the one module callers import errors from.
 """
 
 from __future__ import annotations
@@ -130,9 +128,8 @@ ERROR_CODES: dict[str, type[RemapError]] = error_codes()
 
 
 def error_from_wire(code: str, message: str) -> RemapError:
-    """The error a peer's ``error`` message stands for: the class of its code (or
-    :class:`RequestFailed` for a code this side does not know), so callers tell ``not-found``
-    from ``forbidden`` by class or by ``.code``, never by parsing the text."""
+    """The error a peer's ``error`` message stands for: the class of its code (else
+    :class:`RequestFailed`), so callers tell errors apart by class or ``.code``, not text."""
     cls = ERROR_CODES.get(code)
     if cls is None:
         error = RequestFailed(message)
@@ -142,11 +139,8 @@ def error_from_wire(code: str, message: str) -> RemapError:
 
 
 def one_line(error: BaseException) -> tuple[str, int]:
-    """The one line a user sees for ``error`` and the exit code to leave with.
-
-    A :class:`RemapError` is the user's or the cluster's problem, said plainly; anything else
-    reaching here is a bug in remap and is named by its type.
-    """
+    """The one line a user sees for ``error`` and the exit code to leave with; anything but a
+    :class:`RemapError` is a bug in remap, named by its type."""
     if isinstance(error, RemapError):
         return f"error: {error}", error.exit_code
     if isinstance(error, KeyboardInterrupt):
