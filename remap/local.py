@@ -10,10 +10,10 @@ server → node) are delivered on one reactor turn.
 from __future__ import annotations
 
 import secrets
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
@@ -23,11 +23,6 @@ from protocol import messages as m
 
 from .errors import ConnectionLost, RemapError
 from .server.service import ServerConnection
-
-
-@dataclass(frozen=True)
-class _Limits:
-    max_frame: int
 
 
 class _DeliveryLoop:
@@ -114,7 +109,7 @@ class LocalLink:
         self.reactor = reactor
         self.peer = peer
         self.handler = handler
-        self.conn = _Limits(max_frame)
+        self.conn = types.SimpleNamespace(max_frame=max_frame)
         #: no frame to size: messages cross as objects (see ``PeerProtocol.frame_limit``)
         self.frame_limit = 0
         self.other: LocalLink | None = None
