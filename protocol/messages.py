@@ -171,13 +171,6 @@ def _new_packer() -> msgpack.Packer:
     return _THREAD.packer
 
 
-def _passes(check: Any, value: Any) -> bool:
-    try:
-        return check(value) is True
-    except Exception:  # a record's check of a value that is not a record at all
-        return False
-
-
 def _problem(name: str, field_name: str, value: Any) -> RemoteProtocolError:
     """What is wrong with a required field a generated decoder refused."""
     if value is _MISSING:
@@ -193,7 +186,7 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
     plain = {
         f
         for f, check, default in specs
-        if default is not _MISSING and not callable(default) and _passes(check, default)
+        if default is not _MISSING and not callable(default) and check(default) is True
     }
     namespace: dict[str, Any] = {
         **_CHECK_NAMES,
