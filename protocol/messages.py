@@ -343,7 +343,7 @@ def decode(
 ) -> Message:
     """Parse and validate a header; raise RemoteProtocolError on anything malformed."""
     try:
-        # msgpack's defaults (>= 1.0) are ours: keywords would cost a parse per message.
+        # msgpack's defaults (>= 1.0: str as str, arrays as lists) suit: keywords cost a parse.
         # Before authentication: small limits, so nested arrays declaring the header's length
         # are refused before msgpack builds them (8 KiB of them cost 64 MiB and 79 ms)
         data = _unpackb(header, **_PREAUTH_LIMITS) if preauth else _unpackb(header)
