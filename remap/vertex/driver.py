@@ -134,12 +134,10 @@ class Launch(Protocol):
 
     def kill(self) -> None: ...
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for every worker call to have returned; True if they have."""
+    def wait(self, timeout: float) -> bool: ...
 
     def calls(self) -> set[int] | None:
-        """The slots (argument indices) of the worker calls the server has in flight, or
-        None if unknown: a member missing from it was taken back (its node or core lost)."""
+        """The slots of the worker calls in flight (see :meth:`ClusterLaunch.calls`)."""
 
 
 class WorkerLost(Exception):
@@ -188,7 +186,6 @@ class Driver:
         self._start = start
         self.on_report = on_report
         self.members: dict[int, str] = {}
-        self.seen: dict[int, str] = {}  # slot → newest attempt seen
         self.seq = 0
         self.epoch = 0
         self.rollbacks = 0

@@ -231,14 +231,13 @@ class Outbox:
             return
         for bucket in self.buckets:
             for vid, box in bucket.items():
-                if type(box) is list:
-                    try:
-                        bucket[vid] = combine(box)
-                    except Exception as exc:  # the user's combine: name it and the vertex
-                        raise VertexError(
-                            f"combine of {len(box)} messages to vertex {vid!r} raised "
-                            f"{type(exc).__name__}: {exc}"
-                        ) from exc
+                try:
+                    bucket[vid] = combine(box)
+                except Exception as exc:  # the user's combine: name it and the vertex
+                    raise VertexError(
+                        f"combine of {len(box)} messages to vertex {vid!r} raised "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
 
     def counts(self) -> list[int]:
         """Messages that will be delivered, per destination partition (after combining)."""
@@ -264,14 +263,6 @@ _IMMUTABLE = frozenset({int, float, str, bytes, bool, complex, type(None)})
 _TUPLED = _IMMUTABLE | {tuple}
 
 
-def _fixed(message: Any) -> bool:
-    """Whether ``message`` cannot change after it was sent (a tuple of plain values counts)."""
-    kind = type(message)
-    if kind in _IMMUTABLE:
-        return True
-    return kind is tuple and all(type(item) in _IMMUTABLE for item in message)
-
-
 def kept_bucket(
     bucket: Mapping[Any, Any] | Sums, combined: bool
 ) -> Mapping[Any, Any] | Sums | bytes:
@@ -289,7 +280,9 @@ def kept_bucket(
     kinds = set(map(type, messages()))  # in C: about 3 sums' time
     if kinds <= _IMMUTABLE:
         return bucket
-    fixed = kinds <= _TUPLED and all(_fixed(m) for m in messages() if type(m) is tuple)
+    fixed = kinds <= _TUPLED and all(  # a tuple of plain values cannot change either
+        type(item) in _IMMUTABLE for m in messages() if type(m) is tuple for item in m
+    )
     return bucket if fixed else encode_bucket(bucket, combined)
 
 
@@ -507,7 +500,6 @@ class Context:
 
     __slots__ = (
         "_part",
-        "_outbox",
         "_partial",
         "_aggregated",
         "_vid",
@@ -532,7 +524,6 @@ class Context:
         partial: dict[str, Any],
     ) -> None:
         self._part = part
-        self._outbox = outbox
         self._aggregated = aggregated
         self._partial = partial
         self._vid: Any = None
@@ -589,9 +580,7 @@ class StepStats:
     """What one partition reports at the barrier after a superstep."""
 
     active: int = 0  # vertices that did not vote to halt
-    computed: int = 0  # vertices compute ran for
     sent: int = 0  # messages sent (before combining)
-    delivered: list[int] = field(default_factory=list)  # per destination partition
     aggregates: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     first_error: str = ""
@@ -724,7 +713,7 @@ class Partition:
         folded = program.fold is not None  # the inbox holds one folded message per vertex
         # the vertices in order: the Fanout's list when it holds them all (no copy per step)
         order = fan.order if fan is not None and fan.n == len(values) else list(values)
-        computed = active = 0
+        active = 0
         for at, (vid, msgs) in enumerate(zip(order, pending)):
             if msgs is None:
                 if vid in halted:
@@ -734,7 +723,6 @@ class Partition:
                 msgs = [msgs]
             ctx._vid = vid
             ctx._at = at
-            computed += 1
             try:
                 out = compute(ctx, vid, values[vid], msgs)
             except Exception as exc:
@@ -751,8 +739,7 @@ class Partition:
             else:
                 halted.discard(vid)
                 active += 1
-        stats.computed += computed
-        stats.active += active
+        stats.active = active
         if fan is not None:
             fan.flush(outbox)
         stats.sent = outbox.sent - sent_before

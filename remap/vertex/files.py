@@ -28,8 +28,7 @@ from typing import Any
 
 from ..data.inputs import Split, compressed, read_line_blocks
 from ..data.layout import TMP_SUFFIX, DataDir, tmp_path, write_atomic
-
-PICKLE_PROTOCOL = 5
+from .engine import PICKLE_PROTOCOL
 
 
 def write_pickle(path: Path, value: Any) -> None:

@@ -1,9 +1,5 @@
-"""Starting a vertex job's worker calls on the cluster (a gang function job).
-
-The driver only needs ``events()`` and ``kill()`` from what it starts, so the whole file
-protocol (commands, acks, messages, checkpoints, rollback) is testable in one process (the
-tests start the workers in threads: ``tests/vertex_reference.py``).
-"""
+"""Starting a vertex job's worker calls on the cluster (a gang function job); the tests start
+them in threads instead (``tests/vertex_reference.py``)."""
 
 from __future__ import annotations
 
@@ -26,11 +22,8 @@ def _drain(events: queue.Queue) -> list[tuple[str, Any]]:
 
 
 class ClusterLaunch:
-    """The workers as one gang function job, submitted on a cluster client.
-
-    Every call runs at once on a core of its own (``gang``), without a timeout (a worker runs
-    as long as its job); an error is reported (``on_error: continue``) and the driver decides.
-    """
+    """The workers as one gang function job: every call at once on a core of its own, without
+    a timeout (a worker runs as long as its job); the driver decides what an error means."""
 
     def __init__(
         self,
@@ -95,13 +88,8 @@ class ClusterLaunch:
         return self.run.finished.wait(timeout)
 
     def calls(self) -> set[int] | None:
-        """The argument indices of the worker calls the server has in flight now (None: not
-        known yet, or a server that does not say).
-
-        A worker's argument index is its slot. The server notices a lost node (connection
-        drop, missed heartbeats) or a dead core and takes that call back: its index is then
-        missing (until a retry of it starts elsewhere, which the driver sees by its heartbeat).
-        """
+        """The argument indices (slots) of the worker calls the server has in flight now, or
+        None if not known: a call the server took back (its node or core lost) is missing."""
         job_id = self.run.job_id
         if job_id is None:
             return None

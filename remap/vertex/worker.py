@@ -159,7 +159,6 @@ class Worker:
         self.layout = Layout(self.data, args.job_id)
         self.attempt = uuid.uuid4().hex[:12]
         self.member = False
-        self.epoch = -1
         self.parts: dict[int, Partition] = {}
         self.records: dict[int, Partition] = {}  # own partitions' records read by this worker
         self.local: dict[int, dict[int, Any]] = {}  # superstep → partition → bucket (or bytes)
@@ -243,13 +242,13 @@ class Worker:
         ack["times"] = self.phases.take()
         return ack
 
-    def _mine(self, cmd: Command) -> list[int]:
-        return [p for p, slot in enumerate(cmd.owners) if slot == self.slot]
-
     def _reset(self, cmd: Command) -> None:
         count = len(cmd.owners)
-        self.epoch = cmd.epoch
-        self.parts = {p: Partition(p, count, self.program) for p in self._mine(cmd)}
+        self.parts = {
+            p: Partition(p, count, self.program)
+            for p, slot in enumerate(cmd.owners)
+            if slot == self.slot
+        }
         self.records = {}
         self.local = {}
         self.restored = {}
@@ -321,12 +320,12 @@ class Worker:
             before = [c for c in chunks if int(c.name[4:9]) < self.slot]
             part = self.parts[p] if before else own
             for path in before:
-                part.absorb(self._read_one(path))
+                part.absorb(pickle.loads(self._read(path)))
             if before:
                 part.absorb(own.pieces())
             del own
             for path in chunks[len(before) :]:
-                part.absorb(self._read_one(path))
+                part.absorb(pickle.loads(self._read(path)))
             self.parts[p] = part
         part = None
         if self.mixed:
@@ -349,16 +348,18 @@ class Worker:
     def _do_restore(self, cmd: Command) -> dict[str, Any]:
         self._reset(cmd)
         for p, part in self.parts.items():
-            blob = self.layout.part_checkpoint(cmd.superstep, p).read_bytes()
-            self.stats["bytes_read"] += len(blob)
-            self.restored[p] = part.restore(blob)
+            self.restored[p] = part.restore(
+                self._read(self.layout.part_checkpoint(cmd.superstep, p))
+            )
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
     def _inbox(self, cmd: Command, p: int) -> Any:
         if p in self.restored:
             return self.restored.pop(p)
         before = cmd.superstep - 1
-        sources: list[Any] = self._read_dir(self.layout.inbox(cmd.epoch, before, p))
+        sources: list[Any] = [
+            self._read(f) for f in committed(self.layout.inbox(cmd.epoch, before, p))
+        ]
         bucket = self.local.get(before, {}).pop(p, None)
         if bucket:
             sources.append(bucket)
@@ -438,15 +439,10 @@ class Worker:
                 raise storage_error(path, exc) from None
             raise
 
-    def _read_one(self, path: Path) -> Any:
+    def _read(self, path: Path) -> bytes:
         blob = path.read_bytes()
         self.stats["bytes_read"] += len(blob)
-        return pickle.loads(blob)
-
-    def _read_dir(self, directory: Path) -> list[bytes]:
-        blobs = [path.read_bytes() for path in committed(directory)]
-        self.stats["bytes_read"] += sum(len(b) for b in blobs)
-        return blobs
+        return blob
 
 
 def run_worker(args: WorkerArgs) -> dict[str, Any]:
