@@ -1,13 +1,7 @@
-"""Console-side collectors, one per response mode.
+"""Console-side collectors, one per response mode: results arrive in any order, each once, as
+``(index, argument, result, error)``. Plain in-process objects (no reactor, no sockets).
 
-A job's results reach the console in any order, each exactly once, as
-``(index, argument, result, error)``. A sink decides what to keep and where to put it,
-so the scheduler never has to care whether the user wants a list, a database or a fold.
-Sinks are plain in-process objects: no reactor, no sockets, an injectable clock.
-
-Counting convention, shared by every sink: ``done`` counts results that succeeded and
-``failed`` counts results that carry an error; the two are disjoint, so the number of
-finished tasks is ``done + failed``.
+``done`` counts results that succeeded, ``failed`` those that carry an error (disjoint).
 """
 
 from __future__ import annotations
@@ -141,14 +135,11 @@ def _safe_repr(value: Any) -> str:
 
 
 def to_jsonable(value: Any) -> tuple[Any, bool]:
-    """Return ``(json_safe_value, was_repr)`` so any result can be written as one JSON line.
+    """``(json_safe_value, was_repr)`` so any result can be written as one JSON line.
 
-    Tuples become lists. If any part of ``value`` has no faithful JSON form (bytes, sets,
-    dicts with non-str keys, arbitrary objects, nesting deeper than 200 levels) the whole
-    value is replaced by its ``repr()`` and ``was_repr`` is True: a partial conversion
-    would make a half-real, half-string structure that readers would misinterpret.
-    Non-finite floats pass through: they are written as Python's ``NaN``/``Infinity``
-    JSON extension, which ``json.loads`` reads back but strict JSON parsers reject.
+    If any part of ``value`` has no faithful JSON form, the whole value is its ``repr()``: a
+    half-real, half-string structure would be misread. Non-finite floats pass through
+    (Python's ``NaN``/``Infinity`` extension, which strict JSON parsers reject).
     """
     try:
         return _plain(value, 0), False
@@ -279,11 +270,8 @@ class ObjectSink(Sink):
         self.done += len(indices)
 
     def value(self) -> list[Any]:
-        """Results by index; failures are :class:`TaskErrorInfo`, gaps are :data:`MISSING`.
-
-        The list runs to the highest index received, so a job that failed early gives a
-        shorter list rather than one padded to a length nobody told this sink.
-        """
+        """Results by index, to the highest received; failures are :class:`TaskErrorInfo`,
+        gaps are :data:`MISSING`."""
         length = max(self._items, default=-1) + 1
         return [self._items.get(i, MISSING) for i in range(length)]
 
@@ -327,25 +315,21 @@ class StreamSink(Sink):
 
 
 def lock_path(output: Path) -> Path:
-    """Where OUTPUT's lock lives: ``.OUTPUT.lock`` beside it. Beside it, so two jobs naming one
-    output meet at one lock; a dot-file, so a data or vertex job whose input walks that
-    directory never reads it (walks and wildcards skip names starting with ``.``)."""
+    """``.OUTPUT.lock``: beside it, so two jobs naming one output meet at one lock; a dot-file,
+    so a job whose input walks that directory never reads it (walks skip dot-files)."""
     return output.with_name(f".{output.name}.lock")
 
 
 def staging_path(output: Path) -> Path:
-    """Where a ``file`` job stages OUTPUT: ``.OUTPUT.partial`` beside it. Beside it, so the
-    commit is a rename on one file system; a dot-file, so a data or vertex job whose input
-    walks that directory never reads a half-written (or a crashed run's) staging file."""
+    """``.OUTPUT.partial``: beside it, so the commit is a rename on one file system; a dot-file,
+    as :func:`lock_path`."""
     return output.with_name(f".{output.name}.partial")
 
 
 class OutputLock:
     """``.OUTPUT.lock``, held with ``flock`` while a job writes OUTPUT, so two jobs never mix.
-
-    The kernel drops the lock when its process dies, so a crashed console never blocks the
-    next run; the file itself is removed on release (and a stale one is simply taken over).
-    """
+    The kernel drops it when its process dies; the file is removed on release (a stale one is
+    taken over)."""
 
     def __init__(self, output: Path, owner: str = "") -> None:
         self.output = output
@@ -397,12 +381,9 @@ class OutputLock:
 
 
 def take_output(output: Path, owner: str) -> OutputLock:
-    """Lock a data or vertex job's output directory as function jobs lock their output file:
-    ``OutputError`` at once, naming the job that holds it, or the held lock.
-
-    Staging directories of this output (``.NAME.remap-JOBID``) found once the lock is held
-    are a dead driver's (an attached one SIGKILLed: only a live job holding the lock writes
-    one): they are removed."""
+    """Lock a data or vertex job's output directory as function jobs lock their output file.
+    Staging directories (``.NAME.remap-JOBID``) found once the lock is held are a dead
+    driver's (only a live job holding the lock writes one): they are removed."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the output
     except OSError as exc:
@@ -452,29 +433,41 @@ def _check_directory(output: Path, what: str) -> None:
 
 
 class _OutputSink(Sink):
-    """A sink that writes a file: staged under a temporary name, committed only when complete.
+    """A sink that writes a file: staged in ``.OUTPUT.partial``, committed only when complete.
 
     Nothing next to OUTPUT is touched before the first result arrives (only ``.OUTPUT.lock``
-    is taken), so a job that fails to start leaves an existing output exactly as it was. A
-    complete job replaces OUTPUT atomically; an incomplete one (failed, killed, interrupted,
-    a write error) leaves OUTPUT unchanged and keeps what arrived in the staging place,
-    which :meth:`kept` names for the console's closing line.
+    is taken). A complete job replaces OUTPUT atomically; an incomplete one leaves OUTPUT
+    unchanged and keeps what arrived in the staging place, which :meth:`kept` names.
     """
 
-    #: how the staging place is named in messages (a file, or a table in the output)
-    staging_name: str = ""
-    #: what a failed job leaves as it was, in messages (the file, or its results table)
-    kept_apart_from: str = ""
+    #: the output, in the error for a directory that will not do
+    what: ClassVar[str]
+    #: what is held back from the staging place (rows, or lines waiting for a lower index)
+    _pending: list[Any] | dict[int, Any]
 
     def __init__(self, output: Path | str) -> None:
         super().__init__()
         self.output = Path(output)
         #: whether there was an output to leave as it was (the closing line says which)
         self.existed = self.output.exists()
+        self.partial = staging_path(self.output)
+        #: how the staging place is named in messages (a file, or a table in it)
+        self.staging_name = str(self.partial)
         self._lock = OutputLock(self.output)
         #: rows or lines safely in the staging place (what an incomplete job keeps)
         self.kept_count = 0
         self.committed_output = False
+        self._broken = False
+        _check_directory(self.output, self.what)
+        self._check_output()
+        self._lock.acquire()
+
+    def _check_output(self) -> None:
+        """Refuse an existing OUTPUT this mode cannot replace."""
+
+    def _check_writable(self) -> None:
+        if self._broken:
+            raise OutputError(f"{self.partial} could not be written earlier")
 
     def close(self, *, complete: bool) -> None:
         try:
@@ -490,9 +483,32 @@ class _OutputSink(Sink):
             self._discard()
         self._lock.release()
 
-    @abc.abstractmethod
+    def _close(self, *, complete: bool) -> None:
+        try:
+            if not self._broken:
+                self._write_rest()
+                if complete:
+                    self._commit()
+        finally:
+            self._pending.clear()
+            self._finish()
+
     def _discard(self) -> None:
-        """Release resources and remove the staging place."""
+        self._pending.clear()
+        self.kept_count = 0
+        self._finish()
+
+    @abc.abstractmethod
+    def _write_rest(self) -> None:
+        """Write what is held back to the staging place."""
+
+    @abc.abstractmethod
+    def _commit(self) -> None:
+        """Replace OUTPUT by what was staged."""
+
+    @abc.abstractmethod
+    def _finish(self) -> None:
+        """Release resources; remove the staging place when it keeps nothing."""
 
     def kept(self) -> str | None:
         """After an incomplete close: what was kept and where, in words; else None."""
@@ -502,7 +518,7 @@ class _OutputSink(Sink):
         if not self.kept_count:
             return f"no results kept; {self.output} {untouched}"
         kept = f"kept {self.kept_count} result(s) in {self.staging_name}"
-        return f"{kept}; {self.kept_apart_from} {untouched}"
+        return f"{kept}; {self.output} {untouched}"
 
     def _extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"output": str(self.output)}
@@ -565,8 +581,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def commit_path(output: Path) -> Path:
-    """Where a ``sqlite`` job builds the database that replaces an existing OUTPUT (its other
-    tables with the new ``results``): ``.OUTPUT.commit`` beside it, a dot-file."""
+    """``.OUTPUT.commit``: where a ``sqlite`` job builds the database replacing OUTPUT."""
     return output.with_name(f".{output.name}.commit")
 
 
@@ -601,25 +616,18 @@ def _fsync(path: Path) -> None:
 class SqliteSink(_OutputSink):
     """Writes one row per task to the ``results`` table of a sqlite file, committed in batches.
 
-    Rows go to the ``results_partial`` table of a staging database, ``.OUTPUT.partial`` beside
-    OUTPUT (a dot-file, as are the ``-wal``/``-shm`` SQLite keeps beside it while the job
-    runs, so a data or vertex job walking that directory never reads them). A complete job
-    replaces OUTPUT by a rename: the staging database itself when there was no OUTPUT, else a
-    copy of OUTPUT (``.OUTPUT.commit``) whose ``results`` are swapped for the new rows (its
-    other tables kept). Readers see the old file or the new one, never a mix, and the
-    committed OUTPUT has no ``-wal`` or ``-shm`` beside it. An incomplete job leaves OUTPUT as
-    it was and keeps what arrived in ``results_partial`` of ``.OUTPUT.partial``; a crashed
-    job's leftovers are replaced by the next job's. Values are stored in native SQLite types
-    where they have one (see :func:`sql_value`); ``result`` and ``result_type`` are NULL
-    exactly when ``error`` (JSON text) is not.
+    Rows go to ``results_partial`` of the staging database. A complete job replaces OUTPUT by
+    a rename: the staging database itself, or a copy of OUTPUT (``.OUTPUT.commit``) with its
+    ``results`` swapped (other tables kept), so readers never see a mix and no ``-wal`` or
+    ``-shm`` is left beside it. ``result`` and ``result_type`` are NULL exactly when
+    ``error`` (JSON text) is not.
 
-    A batch is committed when ``batch_size`` rows are pending or when the oldest pending
-    row has waited ``interval`` seconds by ``clock`` (checked on each :meth:`add`; call
-    :meth:`flush` to bound latency when results stop coming). :meth:`close` commits the
-    rest and closes the connection, so every row is on disk when it returns.
+    A batch is committed when ``batch_size`` rows are pending or the oldest has waited
+    ``interval`` seconds by ``clock`` (checked on each :meth:`add`).
     """
 
     mode = "sqlite"
+    what = "sqlite output"
     needs_arguments = True
     TABLE = "results"
     STAGING = "results_partial"
@@ -637,29 +645,23 @@ class SqliteSink(_OutputSink):
         interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(output)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        #: the staging database (``.OUTPUT.partial``)
-        self.partial = staging_path(self.output)
-        self.staging_name = f"table {self.STAGING} of {self.partial}"
-        self.kept_apart_from = str(self.output)
         self.batch_size = batch_size
         self.interval = interval
         self._clock = clock
-        self._rows: list[tuple[int, Any, str, Any, str | None, str | None]] = []
+        self._pending: list[tuple[int, Any, str, Any, str | None, str | None]] = []
         self._oldest_pending = 0.0
         self._conn: sqlite3.Connection | None = None
-        self._broken = False
         #: rows committed so far; lets the console report progress that is really on disk
         self.committed = 0
-        _check_directory(self.output, "sqlite output")
-        if self.output.exists():
-            self._check_database()
-        self._lock.acquire()
+        super().__init__(output)
+        self.staging_name = f"table {self.STAGING} of {self.partial}"
 
-    def _check_database(self) -> None:
+    def _check_output(self) -> None:
         """Read-only look at an existing output: is it a database we may write to later?"""
+        if not self.output.exists():
+            return
         try:
             conn = sqlite3.connect(f"file:{self.output}?mode=ro", uri=True)
             try:
@@ -671,15 +673,15 @@ class SqliteSink(_OutputSink):
 
     def _error(self, exc: BaseException) -> OutputError:
         self._broken = True
-        self._rows.clear()  # not on disk and never will be: kept() counts committed rows only
+        self._pending.clear()  # not on disk and never will be: kept() counts committed rows only
         return OutputError(
             f"could not write sqlite output {self.output} (staged in {self.partial}): "
             f"{os_reason(exc)}"
         )
 
     def _open(self) -> sqlite3.Connection:
-        """Create the staging database: the first write of the job. What a crashed job left
-        there (under the lock, so no live job's) is replaced."""
+        """Create the staging database at the first write, replacing a crashed job's (under the
+        lock, so no live job's)."""
         if self._conn is not None:
             return self._conn
         try:
@@ -710,10 +712,10 @@ class SqliteSink(_OutputSink):
         else:
             result_value, result_type = sql_value(result)
             row = (index, arg_value, arg_type, result_value, result_type, None)
-        if not self._rows:
+        if not self._pending:
             self._oldest_pending = self._clock()
-        self._rows.append(row)
-        if len(self._rows) >= self.batch_size or (
+        self._pending.append(row)
+        if len(self._pending) >= self.batch_size or (
             self._clock() - self._oldest_pending >= self.interval
         ):
             self.flush()
@@ -721,32 +723,23 @@ class SqliteSink(_OutputSink):
     def flush(self) -> None:
         """Commit every pending row now (to the staging table)."""
         self._check_open()
-        if not self._rows:
+        if not self._pending:
             return
-        if self._broken:
-            raise OutputError(f"{self.partial} could not be written earlier")
+        self._check_writable()
         conn = self._open()
         try:
             conn.execute("BEGIN")
-            conn.executemany(self._INSERT, self._rows)
+            conn.executemany(self._INSERT, self._pending)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)
             raise self._error(exc) from None
-        self.committed += len(self._rows)
+        self.committed += len(self._pending)
         self.kept_count = self.committed
-        self._rows.clear()
+        self._pending.clear()
 
-    def _close(self, *, complete: bool) -> None:
-        try:
-            if self._broken:
-                return
-            self.flush()
-            if complete:
-                self._commit()
-        finally:
-            self._rows.clear()
-            self._finish_staging()
+    def _write_rest(self) -> None:
+        self.flush()
 
     def _commit(self) -> None:
         """Put the staged rows in place as OUTPUT's ``results``, by one rename."""
@@ -802,7 +795,7 @@ class SqliteSink(_OutputSink):
         finally:
             source.close()
 
-    def _finish_staging(self) -> None:
+    def _finish(self) -> None:
         """Close the staging database standing alone (no ``-wal``/``-shm``); remove it when it
         holds nothing to keep."""
         if self._conn is not None:
@@ -818,11 +811,6 @@ class SqliteSink(_OutputSink):
             except OSError:
                 pass
 
-    def _discard(self) -> None:
-        self._rows.clear()
-        self.kept_count = 0
-        self._finish_staging()
-
     def _extra(self) -> dict[str, Any]:
         return {**super()._extra(), "table": self.TABLE}
 
@@ -830,26 +818,19 @@ class SqliteSink(_OutputSink):
 class FileSink(_OutputSink):
     """Writes JSON lines in argument order to ``.OUTPUT.partial``, renamed to OUTPUT when complete.
 
-    An item is written as soon as every lower index has been written, so memory holds the
-    reordering window (``buffered``; high-water mark ``max_buffered``), not the job. The
-    file is always sorted by index. A complete job's file replaces OUTPUT atomically (after
-    an fsync); after an incomplete job OUTPUT is unchanged and ``.OUTPUT.partial`` keeps
-    what arrived, the held-back items written last in index order, with gaps where
-    results never came. If a write fails (disk full), the partial file is cut back to the
-    last line known to be whole.
+    An item is written once every lower index is, so memory holds the reordering window
+    (``buffered``; high-water mark ``max_buffered``), not the job. After an incomplete job
+    the held-back items are written last, in index order. If a write fails (disk full), the
+    file is cut back to the last line known to be whole.
     """
 
     mode = "file"
-    #: written bytes pushed to the OS at least this often, so that a disk that fills up
-    #: keeps (and ``kept()`` counts) everything that fit, not only what the caller flushed
+    what = "output file"
+    #: written bytes pushed to the OS at least this often, so a disk that fills up keeps
+    #: (and ``kept()`` counts) everything that fit
     PUSH_BYTES = 64 * 1024
 
     def __init__(self, output: Path | str) -> None:
-        super().__init__(output)
-        self.partial = staging_path(self.output)
-        self.staging_name = str(self.partial)
-        self.kept_apart_from = str(self.output)
-        _check_directory(self.output, "output file")
         self._file: Any = None
         self._next = 0
         self._pending: dict[int, str] = {}
@@ -858,8 +839,7 @@ class FileSink(_OutputSink):
         self._bytes = 0
         #: (bytes, lines) on disk at the last successful flush
         self._flushed = (0, 0)
-        self._broken = False
-        self._lock.acquire()
+        super().__init__(output)
 
     @property
     def buffered(self) -> int:
@@ -894,8 +874,7 @@ class FileSink(_OutputSink):
         return self._file
 
     def _write(self, line: str) -> None:
-        if self._broken:
-            raise OutputError(f"{self.partial} could not be written earlier")
+        self._check_writable()
         data = line.encode("utf-8") + b"\n"
         try:
             self._open().write(data)
@@ -921,30 +900,25 @@ class FileSink(_OutputSink):
         self._flushed = (self._bytes, self.lines_written)
         self.kept_count = self.lines_written
 
-    def _close(self, *, complete: bool) -> None:
-        # With complete=True nothing should be held back; if something is, it is still
-        # written rather than lost, and the file stays sorted by index either way.
-        try:
-            if self._broken:
-                return
-            for index in sorted(self._pending):
-                self._write(self._pending[index])
-            self._pending.clear()
-            self.flush()
-            if complete:
-                file = self._open()
-                try:
-                    os.fsync(file.fileno())
-                    file.close()
-                    os.replace(self.partial, self.output)
-                except OSError as exc:
-                    raise self._error(exc) from None
-                self.committed_output = True
-        finally:
-            self._pending.clear()
-            self._finish_file()
+    def _write_rest(self) -> None:
+        # nothing should be held back when complete; if something is, it is still written
+        # rather than lost, and the file stays sorted by index either way
+        for index in sorted(self._pending):
+            self._write(self._pending[index])
+        self._pending.clear()
+        self.flush()
 
-    def _finish_file(self) -> None:
+    def _commit(self) -> None:
+        file = self._open()
+        try:
+            os.fsync(file.fileno())
+            file.close()
+            os.replace(self.partial, self.output)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.committed_output = True
+
+    def _finish(self) -> None:
         """Close the partial file; after a failed write, cut it back to its last whole line."""
         if self._file is None:
             return
@@ -965,22 +939,14 @@ class FileSink(_OutputSink):
             except OSError:
                 pass
 
-    def _discard(self) -> None:
-        self._pending.clear()
-        self.kept_count = 0
-        self._finish_file()
-
     def _extra(self) -> dict[str, Any]:
         return {**super()._extra(), "lines": self.lines_written}
 
 
 class ReduceSink(Sink):
-    """Folds results into one value as they arrive, so nothing per task is kept.
-
-    Arrival order is arbitrary and nodes may send partial folds, so ``reduce_fn`` must be
-    associative and commutative for the value to be deterministic. There is no initial
-    value: the first result (or partial) becomes the accumulator. An exception raised by
-    ``reduce_fn`` propagates to the caller and leaves the accumulator as it was.
+    """Folds results into one value as they arrive (``reduce_fn`` must be associative and
+    commutative: order is arbitrary and nodes send partial folds). The first result (or
+    partial) becomes the accumulator; an exception from ``reduce_fn`` leaves it as it was.
     """
 
     mode = "reduce"
@@ -1058,12 +1024,8 @@ def make_sink(
     on_item: ItemCallback | None = None,
     out: TextIO | None = None,
 ) -> Sink:
-    """Build the sink for a job's response mode, refusing settings the mode cannot honour.
-
-    ``output`` and ``reduce_fn`` come from the user's job, so giving one to a mode that
-    would ignore it is a ConfigError; ``on_item``/``out`` are console plumbing and are
-    ignored by modes other than stream.
-    """
+    """Build the sink for a job's response mode, refusing an ``output`` or ``reduce_fn`` the
+    mode would ignore; ``on_item``/``out`` are console plumbing, for stream only."""
     if mode not in SINK_MODES:
         raise ConfigError(
             f"unknown response mode {mode!r}; expected one of {', '.join(SINK_MODES)}"
