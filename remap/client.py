@@ -1,9 +1,5 @@
 """The client side of a job: a pure job session, the thread bridge that drives it, and the
-connection to a server (requests by id, each job's traffic routed to its stream).
-
-Shared by the console and the Python API: both feed pickled arguments into a
-:class:`JobStream` and take its results on a thread of their own.
-"""
+connection to a server. Shared by the console and the Python API."""
 
 from __future__ import annotations
 
@@ -58,18 +54,15 @@ READ_AHEAD_ITEMS = 2 * CHUNK_ARGS
 #: than the cluster slows the reading, instead of results piling up in memory
 READ_AHEAD_RESULTS = 65536
 
-#: argument groups: small arguments travel this many to a pickle at most (128: per-group costs
-#: halve against 64 on 2·10^5 trivial calls, bench/README.md)...
+#: argument groups: at most this many arguments to a pickle (128 halves per-group costs
+#: against 64, bench/README.md), in at least GROUP_SPREAD groups (every core gets some early),
+#: of about GROUP_BYTES at most
 GROUP_ARGS = 128
-#: ...and in at least this many groups, so every core of a large cluster gets some early on
 GROUP_SPREAD = 256
-#: ...and a group holds about this many bytes at most (larger arguments travel in smaller ones)
 GROUP_BYTES = 64 * 1024
-#: an argument group larger than this waits for the job's ``submitted`` (and the ``group_limit``
-#: before it, if the server has nodes with small frames): it might fit none of them
+#: a larger group waits for ``submitted`` (and a ``group_limit``): it might fit no node
 EARLY_GROUP_BYTES = m.EARLY_GROUP_BYTES
-#: seconds an argument read from a lazy source waits for the rest of its group: a slow source's
-#: arguments leave as they come (a group open this long goes as it is)
+#: seconds a group read from a slow source stays open before it goes as it is
 GROUP_WAIT = 0.005
 
 
@@ -77,14 +70,8 @@ log = Logger()
 
 
 def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int:
-    """Arguments per pickle for a job of ``total`` arguments (1: no argument groups).
-
-    A known-size job gets groups small enough that at least ``GROUP_SPREAD`` of them share out
-    its arguments. A job of unknown size (a generator, a pipe) ramps up: its groups are sized as
-    if the ``read`` arguments taken so far were all, so its first calls still spread one per
-    core until the server has measured them, and no group is over ``1/GROUP_SPREAD`` of
-    whatever the total turns out to be.
-    """
+    """Arguments per pickle (1: no groups), so at least ``GROUP_SPREAD`` groups share out the
+    job. A job of unknown size ramps up, sized as if the ``read`` arguments so far were all."""
     size = read if total is None else total
     target = min(GROUP_ARGS, m.MAX_GROUP, size // GROUP_SPREAD)
     if chunksize:
@@ -93,18 +80,15 @@ def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int
 
 
 def next_group(target: int, size: int, n: int, most: int = 0) -> int:
-    """The next group's size: ``target``, bounded by the bytes per argument of the last group
-    (``n`` arguments pickled in ``size`` bytes), so a group holds about ``GROUP_BYTES``, or
-    half of ``most`` if that is smaller (the server's ``group_limit``: see :func:`group_bytes`)."""
+    """``target``, bounded so a group of the last one's bytes per argument (``n`` in ``size``)
+    holds about ``GROUP_BYTES``, or half the server's ``group_limit`` ``most`` if smaller."""
     aim = GROUP_BYTES if not most or most >= 2 * GROUP_BYTES else max(1, most // 2)
     return max(1, min(target, aim * n // max(1, size)))
 
 
 def split_group(blob: bytes, n: int, tag: Any) -> list[tuple[bytes, Any, int]]:
-    """An argument group's queue entry as ``n`` groups of one argument each (a message is
-    grouped or not, never both), with their tags. The pickle is this client's own; the server
-    cannot split a group (it never unpickles), and a group no node's frames take would fail
-    each of its arguments (``ArgumentTooLarge``) though each fits alone."""
+    """An argument group's queue entry as ``n`` groups of one, with their tags: a group no
+    node takes would fail each argument though each fits alone (the server never unpickles)."""
     values = pickle.loads(blob)
     tags = itertools.repeat(None, n) if tag is None else ([v] for v in tag)
     return [(dumps([value]), t, 1) for value, t in zip(values, tags, strict=False)]
@@ -136,15 +120,11 @@ KILL = "kill"
 
 
 class JobSession:
-    """One job as a client sees it, pure: events in, messages and result events out.
-
-    It never pulls a user iterator, pickles a user object or calls a sink (arguments come
-    pickled through ``take``), so the console and the Python API share it and tests drive it
-    with plain calls. After each call :attr:`outbox` holds what to send (messages, or
-    ``(KILL, job)``) and :attr:`events` what to deliver: ``("items", indices, results,
-    errors or None, arguments or None)``, ``("partial", count, value)``. :attr:`finished`
-    is set once, with :attr:`outcome` (done) or :attr:`error`.
-    """
+    """One job as a client sees it, pure (no user code: arguments come pickled): after each
+    call :attr:`outbox` holds what to send (messages, or ``(KILL, job)``) and :attr:`events`
+    what to deliver: ``("items", indices, results, errors or None, arguments or None)``,
+    ``("partial", count, value)``. :attr:`finished` is set once, with :attr:`outcome` or
+    :attr:`error`."""
 
     def __init__(
         self,
@@ -157,7 +137,7 @@ class JobSession:
         self.params = params
         self.fn_blob = fn_blob
         self.total_hint = total_hint
-        #: the sink stores arguments: keep each (as its tag) until its result comes
+        #: keep each argument (its tag) until its result comes, for the sink
         self.keep_arguments = keep_arguments
         self.job_id: int | None = None
         self.submit_id: int | None = None
@@ -167,10 +147,9 @@ class JobSession:
         self.exhausted = False
         #: bytes one argument may take (the connection's frame limit less a header)
         self.frame_room = DEFAULT_MAX_FRAME - ARGS_OVERHEAD
-        #: bytes an argument group's pickle may take (the server's ``group_limit``; 0: none
-        #: said): a larger group fits no node that may run the job, and is taken apart here
+        #: the server's ``group_limit`` (0: none): a larger group fits no node, and is split here
         self.group_bytes = 0
-        #: the first error that arrived (with its remote traceback), for a console to show
+        #: the first error that arrived, for a console to show
         self.first_error: TaskErrorInfo | None = None
         self.finished = False
         self.outcome: JobOutcome | None = None
@@ -182,19 +161,15 @@ class JobSession:
         self._first_bytes: int | None = None
         self._args: dict[int, Any] = {}
         self._kill_on_start = False
-        #: pickled arguments sent whose outcome has not arrived, by index, or (an argument
-        #: group) the group's pickle and first index (None: the job cannot be resumed, so
-        #: nothing is kept): what a reconnected client sends again
+        #: what a reconnected client sends again (None: the job cannot be resumed)
         self._unanswered: Unanswered | None = None
-        #: the last ``args`` sent carried argument groups (see :meth:`_group_leaves_no_room`)
+        #: the last ``args`` sent carried argument groups
         self._last_grouped = False
         #: (index, pickle) to send again after a ``resume``, before any new argument
         self._replay: deque[tuple[int, bytes]] = deque()
-        #: set by a ``take`` that left nothing queued: :meth:`pump` does not ask again (a put
-        #: after it wakes the stream, which pumps anew)
+        #: a ``take`` left nothing queued: :meth:`pump` stops (a later put wakes the stream)
         self.drained = False
-        #: flow control of results: the server was told to hold the job (``hold``), and no
-        #: argument goes meanwhile (see :meth:`hold`)
+        #: the server was told to hold the job (see :meth:`hold`)
         self.held = False
 
     @property
@@ -205,8 +180,8 @@ class JobSession:
     # ------------------------------------------------------------- events in
 
     def submit(self, rid: int, *, resumable: bool = False) -> None:
-        """Send `submit`; the protocol's initial window may follow at once under ``-rid``.
-        ``resumable``: the client dials again when cut off, so keep what a resume needs."""
+        """Send `submit`; the initial window may follow at once under ``-rid``. ``resumable``:
+        keep what a resume needs."""
         self.submit_id = rid
         if resumable and not self.params.detach:
             self._unanswered = Unanswered()
@@ -225,35 +200,28 @@ class JobSession:
         early = self.job_id is None and self.submit_id is not None
         self.job_id = job
         self._granted = window - self.sent if early else window
-        if self._first_bytes is not None and (
-            self._first_bytes <= 0 or self._group_leaves_no_room()
-        ):
-            self._granted = 0  # the first window was spent in bytes: wait for a grant
+        self._close_spent_window()
         if self._kill_on_start:
             self.outbox.append((KILL, job))
 
     @property
     def resumable(self) -> bool:
-        """Whether a reconnected client can take this job back (see :meth:`resume_message`)."""
         return self._unanswered is not None and self.job_id is not None and not self.finished
 
     def resume_message(self, request_id: int) -> m.Resume:
-        """What the server needs to take the job back: the runs of arguments sent whose
-        outcome never arrived (this client sends them again) and the outcomes it holds."""
+        """The runs of arguments sent whose outcome never arrived, and the outcomes held."""
         assert self._unanswered is not None and self.job_id is not None
-        missing = self._unanswered.missing()
         return m.Resume(
             id=request_id,
             job=self.job_id,
             sent=self.sent,
-            missing=missing,
+            missing=self._unanswered.missing(),
             done=self.done,
             failed=self.failed,
         )
 
     def resumed(self, window: int) -> None:
-        """The server took the job back: the unanswered arguments go again, then the rest
-        (and ``args_end`` again), under a fresh first window."""
+        """The unanswered arguments go again, then the rest, under a fresh first window."""
         assert self._unanswered is not None
         self._replay = deque(_bare(self._unanswered.kept()))
         self.held = False  # the server forgot the hold with the connection
@@ -262,14 +230,16 @@ class JobSession:
         self._last_grouped = False
         self.exhausted = False
 
-    def _group_leaves_no_room(self) -> bool:
-        """The first window closes after a message with argument groups that leaves less than
-        ``MAX_GROUP`` of it (protocol README, section 5): the next group might not fit."""
-        return self._last_grouped and self._granted < m.MAX_GROUP
+    def _close_spent_window(self) -> None:
+        """The first window closes once its bytes are spent, or groups left less than
+        ``MAX_GROUP`` of it (protocol README, section 5): the server counts the same."""
+        if self._first_bytes is not None and (
+            self._first_bytes <= 0 or (self._last_grouped and self._granted < m.MAX_GROUP)
+        ):
+            self._granted = 0
 
     def _take_replay(self, limit: int, room: int) -> tuple[int, list[bytes]]:
-        """The next run of consecutive indices to send again: at most ``limit`` arguments and
-        ``room`` bytes (or one)."""
+        """The next run of consecutive indices to send again, within ``limit`` and ``room``."""
         replay = self._replay
         start = replay[0][0]
         blobs: list[bytes] = []
@@ -283,9 +253,8 @@ class JobSession:
         return start, blobs
 
     def hold(self, held: bool) -> None:
-        """Flow control of results: with ``held``, ask the server to dispatch none of the
-        job's calls, and send no argument (the window granted stays for later); without, go on.
-        The caller holds as many results as it will (see ``JobStream``'s ``result_buffer``)."""
+        """Flow control of results: with ``held`` the server dispatches none of the job's calls
+        and no argument goes (the window stays for later)."""
         if held == self.held or self.job_id is None or self.finished:
             return
         self.held = held
@@ -296,13 +265,11 @@ class JobSession:
         self._granted += count
 
     def group_limit(self, max_bytes: int) -> None:
-        """The largest argument group worth sending (0: no bound): groups made from now on
-        aim below it, and one over it that was made before is taken apart when sent."""
+        """The largest argument group worth sending (0: no bound)."""
         self.group_bytes = max(0, max_bytes)
 
     def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
-        """Send what the window allows; ``take(limit, room, start)`` pops arguments ready now
-        (see :meth:`JobStream._take`) or raises what broke the input."""
+        """Send what the window allows; ``take`` is :meth:`JobStream._take`."""
         if (
             self.exhausted
             or self.finished
@@ -349,8 +316,8 @@ class JobSession:
     def args_message(
         self, start: int, blobs: list[bytes], groups: list[int], tags: list[Any]
     ) -> m.Args:
-        """The ``args`` message of pickles taken from ``start`` on (``start`` below
-        :attr:`sent`: sent again after a resume), counted against the window as sent."""
+        """The ``args`` message of pickles from ``start`` on (below :attr:`sent`: sent again
+        after a resume), counted against the window."""
         msg = m.Args.make(
             job=self.wire_job,
             start=start,
@@ -373,18 +340,15 @@ class JobSession:
         self._last_grouped = bool(groups)
         if self._first_bytes is not None:
             self._first_bytes -= sum(map(len, blobs))
-            if self._first_bytes <= 0 or self._group_leaves_no_room():
-                self._granted = 0  # forfeited: the server counts the same bytes
+            self._close_spent_window()
         return msg
 
     def lone_args(
         self, blob: bytes, tag: Any, admit: Callable[[int, Any], bool] | None
     ) -> list[m.Args] | None:
-        """:meth:`pump` for one bare argument alone in the queue (a lone call's, sent without
-        the queue: see ``JobStream.put_one``): ``[its args message]``, counted as sent, as
-        :meth:`args_message` counts it; ``[]`` if ``admit(index, tag)`` refused it (as
-        ``on_send`` drops a withdrawn call); None if it cannot go now (the window is closed,
-        something is to be sent again first, or it is over the frame: :meth:`pump` says why)."""
+        """:meth:`pump` for a lone call's argument (``JobStream.put_one``): ``[its message]``;
+        ``[]`` if ``admit(index, tag)`` refused it; None if it cannot go now (:meth:`pump` then
+        says why)."""
         if (
             self._granted <= 0
             or self.exhausted
@@ -395,28 +359,13 @@ class JobSession:
             or len(blob) > self.frame_room
         ):
             return None
-        start = self.sent
-        if tag is not None and admit is not None and not admit(start, tag):
+        if tag is not None and admit is not None and not admit(self.sent, tag):
             return []
-        size = len(blob)
-        msg = m.Args.make(job=self.wire_job, start=start, sizes=[size], groups=[], payload=blob)
-        if self.keep_arguments:
-            self._args[start] = tag
-        if self._unanswered is not None:
-            self._unanswered.sent(start, 1, [blob], [])
-        self.sent = start + 1
-        self._granted -= 1
-        self._last_grouped = False
-        if self._first_bytes is not None:
-            self._first_bytes -= size
-            if self._first_bytes <= 0:
-                self._granted = 0  # forfeited: the server counts the same bytes
-        return [msg]
+        return [self.args_message(self.sent, [blob], [], [tag])]
 
     def results(self, msg: m.Results) -> None:
-        """Decode one ``results`` message into events. A failure here (a result that will not
-        unpickle under ``on_error: fail``) kills this job with one line, instead of escaping
-        into the connection (which would be reported as a lost connection)."""
+        """Decode one ``results`` message into events. A failure here kills this job with one
+        line, instead of escaping into the connection (reported as a lost connection)."""
         if self.finished:  # already failed here: later results have nowhere to go
             return
         indices = msg.answered
@@ -434,10 +383,8 @@ class JobSession:
             self.abort(exc)
 
     def lone_result(self, msg: m.Results) -> tuple[int, Any] | None:
-        """The message's one result, ``(index, value)``, if it answers one argument without
-        an error (a single call's answer), accounted as :meth:`results` accounts it; else
-        None (then take :meth:`results`; a result that will not load is unpickled again
-        there, to fail as it does)."""
+        """``(index, value)`` if the message answers one argument without an error, accounted
+        as :meth:`results` does; else None (then :meth:`results` takes it)."""
         if msg.count != 1 or msg.errors or msg.partial or self.finished or self.keep_arguments:
             return None
         payload = msg.payload
@@ -539,8 +486,8 @@ class JobSession:
     def _check_unreadable(
         self, indices: list[int], errors: dict[int, list[Any]], unreadable: set[int]
     ) -> None:
-        """Results this client cannot unpickle are errors; under ``on_error: fail`` they end
-        the job like a remote error would (the server counted them as successes)."""
+        """Results this client cannot unpickle end the job under ``on_error: fail``, as a
+        remote error would (the server counted them as successes)."""
         pos = min(unreadable)
         info = _error_info(indices[pos], errors[pos], None)
         if self.first_error is None:
@@ -552,11 +499,8 @@ class JobSession:
 
 
 def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
-    """One pickle per result: a result that will not load becomes that argument's error.
-
-    Error slots keep their blob (the pickled exception); ``errors`` gains an entry per
-    unreadable result, whose positions are returned.
-    """
+    """One pickle per result: one that will not load becomes an error (added to ``errors``,
+    its position returned); error slots keep their blob (the pickled exception)."""
     values: list[Any] = []
     unreadable: set[int] = set()
     for pos, blob in enumerate(split(msg.sizes, msg.payload)):
@@ -589,10 +533,9 @@ def _unpack(msg: m.Results, errors: dict[int, list[Any]], count: int) -> tuple[l
 
 
 class Unanswered:
-    """What a client keeps to resume a job: the pickles of the arguments it sent whose outcome
-    has not arrived, per ``args`` message, and which indices were answered, as one byte each
-    from the first unanswered index on. Both hot paths (a message sent, a run of results
-    answered) are C loops, not a dict entry per argument."""
+    """What a client keeps to resume a job: the pickles sent whose outcome has not arrived, per
+    ``args`` message, and a byte per index from the first unanswered one (C loops on both hot
+    paths, not a dict entry per argument)."""
 
     #: an answered prefix at least this long is cut off the bitmap (and its messages dropped)
     TRIM = 4096
@@ -608,8 +551,7 @@ class Unanswered:
         self.chunks.append((start, count, blobs, groups))
 
     def answered_one(self, index: int) -> None:
-        """:meth:`answered` of one index: a lone call's answer, the only argument out,
-        leaves nothing to keep."""
+        """:meth:`answered` of one index (a lone call's fast path)."""
         done = self.done
         if len(done) == 1 and index == self.base:
             done.clear()
@@ -654,8 +596,7 @@ class Unanswered:
             at = stop
 
     def kept(self) -> list[tuple[int, Any]]:
-        """``(index, pickle)`` for each unanswered argument, or ``(index, (group pickle, its
-        first index))`` for one sent in an argument group; in index order."""
+        """``(index, pickle or (group pickle, its first index))`` per unanswered argument."""
         done, base, out = self.done, self.base, []
         for start, _count, blobs, groups in self.chunks:
             index = start
@@ -669,8 +610,7 @@ class Unanswered:
 
 
 def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
-    """``(index, pickle)`` of each argument to send again after a resume, one pickle each: an
-    argument kept as part of a group (this client's own pickle) is taken out of it."""
+    """``(index, pickle)`` of each argument to send again, taken out of its group if need be."""
     groups: dict[int, list[Any]] = {}
     out = []
     for index, item in kept:
@@ -685,18 +625,13 @@ def _bare(kept: list[tuple[int, Any]]) -> list[tuple[int, bytes]]:
 
 
 class JobStream:
-    """The thread bridge: drives one :class:`JobSession` on the reactor thread, fed and
-    consumed from other threads.
-
-    Pickled arguments come from any thread (:meth:`put_many`; :func:`read_into` for a source
-    that may block) into a queue the reactor drains as the server grants window. Results
-    become events on :attr:`events`, in the order the reactor saw them:
-    ``("items", stream, [(index, result, error), ...], arguments or None)``, with ``runs``
-    ``("runs", stream, [(first index, [result, ...])], arguments or None)`` for results of
-    consecutive arguments without errors, ``("partial", stream, count, value)`` (reduce mode) and last ``("end",
-    stream, error_or_None)``. The caller's thread takes them (:meth:`collect` feeds a sink), so user
-    code (folds, sinks, done-callbacks) never runs on the reactor thread.
-    """
+    """The thread bridge: drives one :class:`JobSession` on the reactor thread, fed pickled
+    arguments from any thread (:meth:`put_many`, :func:`read_into`). Results become events on
+    :attr:`events`: ``("items", stream, [(index, result, error), ...], arguments or None)``,
+    with ``runs`` ``("runs", stream, [(first index, [result, ...])], arguments or None)`` for
+    consecutive results without errors, ``("partial", stream, count, value)`` and last
+    ``("end", stream, error_or_None)``. Another thread takes them, so user code (folds, sinks,
+    done-callbacks) never runs on the reactor thread."""
 
     def __init__(
         self,
@@ -716,46 +651,36 @@ class JobStream:
         runs: bool = False,
         result_buffer: int = 0,
     ) -> None:
-        #: the consumer takes ``runs`` events (results of consecutive arguments as one list)
         self.runs = runs
-        #: flow control of results (0: none): bytes of results this stream may hold for a
-        #: consumer that reports what it takes (:meth:`collect`, :meth:`took`) before the
-        #: job is held (see :meth:`_regulate`)
+        #: bytes of results held for the consumer before the job is held (0: no flow control)
         self.result_buffer = result_buffer
         self.session = JobSession(
             params, fn_blob, total_hint=total_hint, keep_arguments=keep_arguments
         )
-        #: runs a function on the reactor thread (``reactor.callFromThread``)
+        #: ``reactor.callFromThread``; its ``quiet`` form does not wake a loop the calling
+        #: thread runs itself (``runtime.thread_caller``)
         self.call_soon = call_soon
-        #: the same for a put the calling thread itself will run the loop for (see
-        #: ``runtime.thread_caller``)
         self._call_quietly = getattr(call_soon, "quiet", call_soon)
         self.events: queue.SimpleQueue = events if events is not None else queue.SimpleQueue()
-        #: called on the reactor thread, under :attr:`lock`, for each tagged item as it is
-        #: sent with its argument index; False drops the item (a cancelled future)
+        #: reactor-thread hooks. ``on_send(index, tag)`` (under :attr:`lock`) as a tagged item
+        #: is sent: False drops it (a cancelled future); ``on_items(batch)`` settles what it
+        #: can and returns the rest for an ``items`` event; ``on_result(index, value)`` for a
+        #: lone result without an error: False sends it on as an event. ``on_output`` and
+        #: ``on_notice`` only queue the text.
         self.on_send = on_send
-        #: called on the reactor thread with each batch of ``(index, result, error)``: it may
-        #: settle some at once and returns the rest, which go on as an ``items`` event
         self.on_items = on_items
-        #: called on the reactor thread with a lone result ``(index, value)`` without an
-        #: error, straight from its message (no batch, no events); False: it goes on as an
-        #: ``items`` event (see :meth:`results`)
         self.on_result = on_result
-        #: what tasks printed (thread-safe: it only queues the text)
         self.on_output = on_output
-        #: a notice from the server (thread-safe: it only queues the text)
         self.on_notice = on_notice
         self.owner = owner
         self.client: ClusterClient | None = None
         self.lock = threading.Lock()
-        #: held while the session is driven: by the reactor thread for every event, by a
-        #: calling thread that sends its own arguments (:meth:`_send_now`); taken after
-        #: nothing and before :attr:`lock` and the connection's write lock
+        #: held while the session is driven (by the reactor, or a thread in :meth:`_send_now`);
+        #: taken before :attr:`lock` and the connection's write lock
         self._drive = threading.RLock()
         self._direct = 0  # messages at the head of the outbox a calling thread is sending
         self._room = threading.Condition(self.lock)
-        #: readers waiting in :meth:`put_waiting` for room (under :attr:`lock`): a take that
-        #: frees room notifies only when one waits (the executor's and a map's never do)
+        #: readers waiting in :meth:`put_waiting` (a take notifies only then)
         self._waiting = 0
         self.finished = threading.Event()
         self.error: Exception | None = None
@@ -763,29 +688,26 @@ class JobStream:
         self.input_closed = False
         self.killing = False
         self.unsent_bytes = 0
-        #: arguments put by :meth:`put_waiting`, and results the consumer took (:meth:`collect`)
+        #: arguments put by :meth:`put_waiting`, and results the consumer took
         self._read = self.taken = 0
         self._input_error: BaseException | None = None
-        #: (pickle, tag, arguments in it: 0 for a bare argument, n for an argument group)
+        #: (pickle, tag, 0 for a bare argument or n for a group of n)
         self._items: deque[tuple[bytes, Any, int]] = deque()
-        #: the queue's head entry being taken apart on a splitter thread (see
-        #: :meth:`_split_head`), and the error that stopped it (under :attr:`lock`)
+        #: the head entry being split (:meth:`_split_head`) and the error that stopped it
         self._split: tuple[tuple[bytes, Any, int], Exception | None] | None = None
         self._wake_pending = False
         #: :meth:`put_one`'s argument and tag while it tries to send them
         self._lone: tuple[bytes, Any] | None = None
-        #: results delivered as events and their payload bytes, and per results message the
-        #: running totals (count, bytes) after it, from the oldest one not wholly taken on;
-        #: ``_base``: the totals before it (under :attr:`lock`; the reactor thread writes)
+        #: results delivered and their bytes; per results message not wholly taken, the
+        #: running (count, bytes) after it; ``_base``: the totals before the first
         self._arrived = self._arrived_bytes = 0
         self._marks: deque[tuple[int, int]] = deque()
         self._base = (0, 0)
-        #: the most result bytes held at once (see :attr:`held_result_bytes`)
+        #: the most result bytes held at once
         self.held_peak = 0
         #: once :attr:`taken` reaches it, the reactor looks whether to let the job go on
         self._resume_at = sys.maxsize
-        #: the consumer is waiting for a result it does not have (an ordered map's next one):
-        #: holding the job then could wait for ever
+        #: the consumer waits for a result it does not have: holding then could wait for ever
         self.wanting = False
 
     @property
@@ -813,20 +735,15 @@ class JobStream:
         now: bool = False,
         waits: bool = False,
     ) -> None:
-        """Queue pickled arguments (and optional tags, for :attr:`on_send` or the sink);
-        ``counts[i]`` > 0: pickle ``i`` is an argument group of that many (untagged) arguments.
-        ``now``: send them from this thread if the connection allows it (see :meth:`_send_now`):
-        for a lone call, whose latency is the reactor's hop; a stream of puts sends fewer,
-        larger messages through the reactor. ``waits``: this thread waits for the result next
-        (running the loop if it keeps it: the reactor's thread is not woken to send them)."""
+        """Queue pickled arguments (tags for :attr:`on_send` or the sink; ``counts[i]`` > 0:
+        pickle ``i`` is a group of that many). ``now``: send from this thread if it can
+        (:meth:`_send_now`), saving a lone call the reactor's hop. ``waits``: this thread waits
+        for the result next (running the loop if it keeps it)."""
         if not blobs:
             return
         with self.lock:
             if self.killing:
-                # the job is being killed or has ended; its end reaches the consumer as an
-                # event. Calls put meanwhile (a submit that found the executor's job before
-                # it heard of the end) stay for the owner to settle, as in _stop_input: it
-                # withdraws them at the end (they were dropped, their futures waited forever)
+                # calls put after the end stay for the owner to withdraw (see _stop_input)
                 if self.on_send and tags is not None:
                     self._items.extend((b"", tag, 0) for tag in tags)
                 return
@@ -848,13 +765,9 @@ class JobStream:
                 self._wake_soon(waits)
 
     def put_one(self, blob: bytes, tag: Any) -> None:
-        """``put_many([blob], [tag], now=True, waits=True)`` for a lone call: its argument
-        written to the socket from this thread straight from the session (no queue, no
-        pump) when nothing else waits to be sent and the window is open; else as
-        :meth:`put_many` does."""
-        client = self.client
-        link = client.steady_link() if client is not None else None
-        send = getattr(link, "send_from_thread", None)
+        """``put_many([blob], [tag], now=True, waits=True)``, written from this thread without
+        the queue when nothing else waits and the window is open."""
+        send = self._thread_sender()
         if send is not None and self._drive.acquire(blocking=False):
             try:
                 self._lone = (blob, tag)
@@ -865,9 +778,13 @@ class JobStream:
                 self._drive.release()
         self.put_many([blob], [tag], now=True, waits=True)
 
+    def _thread_sender(self) -> Callable[..., bool] | None:
+        """The connection's ``send_from_thread``, if it is steady and has one."""
+        link = self.client.steady_link() if self.client is not None else None
+        return getattr(link, "send_from_thread", None)
+
     def _produce_one(self) -> list[m.Message]:
-        """:meth:`put_one`'s message (under :attr:`_drive` and the connection's write lock),
-        taken as :meth:`_take` and :meth:`JobSession.pump` would take it; nothing if it
+        """:meth:`put_one`'s message (under :attr:`_drive` and the write lock); nothing if it
         cannot go now (then :attr:`_lone` stays set)."""
         blob, tag = self._lone  # type: ignore[misc]
         with self.lock:
@@ -880,15 +797,10 @@ class JobStream:
             return out
 
     def _send_now(self) -> bool:
-        """Calling thread: pump the session and write its ``args`` to the socket here, as the
-        reactor would (same window, same accounting, whole frames under the connection's write
-        lock); False if the reactor must: it is driving this job now, the connection is not a
-        plain open TCP one with nothing waiting, or it is being dialled again. Anything but
-        ``args`` the pump made (a kill, an error, the end) is left to the reactor, woken for it.
-        """
-        client = self.client
-        link = client.steady_link() if client is not None else None
-        send = getattr(link, "send_from_thread", None)
+        """Calling thread: pump the session and write its ``args`` here, as the reactor would;
+        False if the reactor must (it drives this job now, the link cannot, or is redialling).
+        Anything else the pump made is left to the reactor, woken for it."""
+        send = self._thread_sender()
         if send is None or not self._drive.acquire(blocking=False):
             return False
         session = self.session
@@ -909,8 +821,7 @@ class JobStream:
                 self.call_soon(self._wake)
 
     def _pumped(self) -> list[m.Message]:
-        """The session's ``args`` (and ``args_end``) the window allows now, from the head of
-        its outbox (under :attr:`_drive`); what follows the first other message stays there."""
+        """The ``args`` and ``args_end`` at the head of the pumped outbox (under :attr:`_drive`)."""
         session = self.session
         session.pump(self._take)
         out = session.outbox
@@ -923,10 +834,9 @@ class JobStream:
     def put_waiting(
         self, blob: bytes, tag: Any, max_bytes: int, max_items: int, ahead: int, count: int = 0
     ) -> bool:
-        """Queue one pickle (``count`` > 0: an argument group of that many, its tag the list of
-        them) once fewer than ``max_bytes``/``max_items`` pickles wait and at most ``ahead``
-        arguments would have no result taken yet; False once the job takes no more (it ended
-        or is being killed)."""
+        """Queue one pickle (``count`` > 0: a group of that many) once fewer than
+        ``max_bytes``/``max_items`` wait and at most ``ahead`` arguments would have no result
+        taken; False once the job takes no more."""
         n = count or 1
         with self._room:
             while not self.killing and (
@@ -948,8 +858,7 @@ class JobStream:
             return True
 
     def close_input(self, error: BaseException | None = None) -> None:
-        """No more arguments: the job ends once every queued one has run. With ``error``,
-        the input broke: the job fails with it after the arguments queued before it."""
+        """No more arguments. With ``error`` the job fails with it after those queued before."""
         with self.lock:
             if not self.input_closed:
                 self.input_closed = True
@@ -996,11 +905,8 @@ class JobStream:
         until: float | None = None,
     ) -> JobOutcome:
         """Feed the job's results into ``sink`` on this thread until it ends; its outcome.
-
-        A sink is user code and blocking I/O (a fold, a database, a file, stdout): never on
-        the reactor thread. ``tick`` runs every ``interval`` s; past ``until`` (monotonic)
-        TimeoutError. A sink that cannot write kills the job with one line; a job that did not
-        finish raises its error, the sink closed incomplete (it keeps what arrived).
+        ``tick`` runs every ``interval`` s; past ``until`` (monotonic) TimeoutError. A sink that
+        cannot write kills the job; a job that did not finish raises, the sink closed incomplete.
         """
         get, get_nowait = self.events.get, self.events.get_nowait
         next_tick = time.monotonic() + interval
@@ -1070,28 +976,25 @@ class JobStream:
             self.call_soon(self._regulate)
 
     def dropped(self) -> None:
-        """The consumer dropped what it held and takes nothing more (the job is being
-        killed): none of it counts as held now."""
+        """The consumer dropped what it held (the job is being killed): none counts as held."""
         with self.lock:
             self.taken = max(self.taken, self._arrived)
 
     def waiting_for_results(self) -> None:
-        """The consumer is about to wait for a result: a held job must go on (what it holds
-        may wait for this one, an ordered map's next)."""
+        """The consumer is about to wait for a result: a held job must go on."""
         self.wanting = True
         if self.session.held:
             self.call_soon(self._regulate)
 
     @property
     def held_result_bytes(self) -> int:
-        """Bytes of results (as their pickles came) delivered here and not yet taken by the
-        consumer; 0 without flow control (``result_buffer``)."""
+        """Pickled bytes of results delivered and not yet taken (0 without ``result_buffer``)."""
         with self.lock:
             return self._arrived_bytes - self._bytes_at(self.taken)
 
     def _bytes_at(self, taken: int, forget: bool = False) -> int:
-        """The bytes of the first ``taken`` results to arrive (a message taken in part counts
-        its share); ``forget``: drop the marks of messages wholly taken (under :attr:`lock`)."""
+        """The bytes of the first ``taken`` results (a message taken in part counts its share);
+        ``forget``: drop the marks of messages wholly taken (under :attr:`lock`)."""
         marks = self._marks
         if forget:
             while marks and marks[0][0] <= taken:
@@ -1112,10 +1015,9 @@ class JobStream:
         self._regulate()
 
     def _regulate(self) -> None:
-        """Reactor thread: hold the job while more than ``result_buffer`` bytes of results
-        wait for the consumer (and it is not waiting for one itself); let it go on once at
-        most half of that does, or the consumer waits. Calls already on nodes still answer:
-        what is held beyond the bound is at most their results."""
+        """Reactor thread: hold the job while over ``result_buffer`` bytes of results wait (and
+        the consumer is not waiting); go on at half of that. Calls already on nodes still
+        answer: what is held beyond the bound is at most their results."""
         session, limit = self.session, self.result_buffer
         if not limit or session.finished or session.job_id is None:
             return
@@ -1144,8 +1046,7 @@ class JobStream:
         self.apply("submit", rid, resumable=client.redial is not None)
 
     def apply(self, event: str, *args: Any, **kwargs: Any) -> None:
-        """Hand the session one event (``submitted``, ``grant``, ``results``, ``ended``,
-        ``resumed``, ``fail``, ``kill``...), send what the window allows, deliver the rest."""
+        """Hand the session one event, send what the window allows, deliver the rest."""
         with self._drive:
             getattr(self.session, event)(*args, **kwargs)
             self._pump()
@@ -1156,7 +1057,7 @@ class JobStream:
             self.session.pump(self._take)
 
     def results(self, msg: m.Results) -> None:
-        """Results open no window (grants do): deliver them without looking for arguments."""
+        """Results open no window: deliver them without pumping."""
         if msg.output and self.on_output is not None:
             self.on_output(msg.answered[0] if msg.answered else -1, msg.output)
         with self._drive:
@@ -1238,8 +1139,7 @@ class JobStream:
         with self.lock:
             self.killing = True  # no args_end now: the job must end killed, not done
             self.input_closed = True
-            # calls never sent (the job failed first, e.g. waiting for a redial) stay for
-            # the owner to settle (an executor's futures, by withdraw); their pickles go
+            # calls never sent stay (without pickles) for the owner to settle by withdraw
             kept = [(b"", tag, 0) for _, tag, _ in self._items] if self.on_send else []
             self._items.clear()
             self._items.extend(kept)
@@ -1247,10 +1147,8 @@ class JobStream:
             self._room.notify_all()
 
     def _split_head(self, entry: tuple[bytes, Any, int]) -> None:
-        """Splitter thread: take apart ``entry``, the argument group at the head of the queue
-        (see :func:`split_group`), put its groups of one in its place and wake the stream.
-        Unpickling runs user code (``__setstate__``, ``__reduce__``) and may be slow: never on
-        the reactor thread, which also serves the server and nodes of an embedded cluster."""
+        """Splitter thread: put ``entry``, the group at the head of the queue, back as groups of
+        one. Unpickling runs user code and may be slow: never on the reactor thread."""
         blob, tag, n = entry
         try:
             ones = split_group(blob, n, tag)
@@ -1276,9 +1174,8 @@ class JobStream:
     def _take(
         self, limit: int, room: int, start: int
     ) -> tuple[list[bytes], list[int], list[Any], bool]:
-        """Up to ``limit`` arguments in ``room`` bytes (or one pickle; each also costs up to 9
-        bytes of header): pickles of one kind (bare, or groups with their sizes), their tags,
-        and whether the input ended."""
+        """Up to ``limit`` arguments in ``room`` bytes (or one pickle; each costs 9 more): pickles
+        of one kind (bare, or groups), the group sizes, their tags, and whether the input ended."""
         out: list[bytes] = []
         groups: list[int] = []
         tags: list[Any] = []
@@ -1296,7 +1193,6 @@ class JobStream:
                 if n > 1 and len(blob) > most:  # (over the frame, or no node takes it)
                     split = self._split
                     if split is None or split[0] is not items[0]:
-                        # taken apart on a thread of its own: unpickling runs user code
                         self._split = (items[0], None)
                         threading.Thread(
                             target=self._split_head,
@@ -1391,15 +1287,11 @@ def read_into(
     ahead: int = READ_AHEAD_RESULTS,
     wait: float = GROUP_WAIT,
 ) -> threading.Thread:
-    """Read and pickle ``source`` into ``stream`` on a thread of its own, ahead of the window:
-    a FIFO with no writer, a pipe giving a line a second or a huge line never stops the
-    network. Arguments go in argument groups (one pickle, one queue round each), sized as a
-    known-size job's; a group open ``wait`` seconds goes as it is, so a slow source's
-    arguments leave as they come. At most ``max_bytes`` (or ``max_items`` pickles) wait, plus
-    the group being read, and at most ``ahead`` arguments have no result taken by
-    :meth:`JobStream.collect`; an error in the source fails the job after the arguments before
-    it. A detached job's results are not taken here (the server keeps them), so only the
-    waiting bound applies to it."""
+    """Read and pickle ``source`` into ``stream`` on a thread of its own, so a blocking source
+    never stops the network. Arguments go in groups; one open ``wait`` seconds goes as it is.
+    At most ``max_bytes`` (or ``max_items`` pickles) wait, and at most ``ahead`` arguments have
+    no result taken (not for a detached job: its results are not taken here); an error in the
+    source fails the job after the arguments before it."""
     if stream.session.params.detach:
         ahead = sys.maxsize
     reader = _GroupReader(stream, source, max_bytes, max_items, ahead, wait)
@@ -1409,11 +1301,9 @@ def read_into(
 
 
 class _GroupReader:
-    """:func:`read_into`'s two threads: the reader pulls the source into the open group (a
-    plain lock per argument, no wake-up) and pickles and queues it once full; the flusher
-    queues a group that stayed open ``wait`` seconds (the source is slow, or blocks), so what
-    was read never waits for what is not. Queuing is serialised (:attr:`put_lock`): groups
-    keep the source's order."""
+    """:func:`read_into`'s two threads: the reader fills the open group and queues it once
+    full; the flusher queues one that stayed open ``wait`` seconds. :attr:`put_lock` keeps
+    groups in the source's order."""
 
     def __init__(
         self,
@@ -1433,7 +1323,7 @@ class _GroupReader:
         self.cap = 1 if session.params.gang else max(1, min(ahead, max_items, m.MAX_GROUP))
         self.chunksize = session.params.chunksize
         #: guards the open group and the fields below (a plain lock: the reader takes it per
-        #: argument, and a Condition's own ``with`` is a Python call)
+        #: argument, and a Condition's ``with`` is a Python call)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.put_lock = threading.Lock()
@@ -1490,8 +1380,8 @@ class _GroupReader:
                         cond.acquire()
 
     def close_group(self, serial: int | None = None) -> bool:
-        """Pickle and queue the open group (for the flusher: only if it is still group
-        ``serial``); False once the job takes no more arguments."""
+        """Pickle and queue the open group (if ``serial``: only if it is still that one); False
+        once the job takes no more arguments."""
         with self.put_lock:
             with self.lock:
                 group = self.group
@@ -1521,8 +1411,7 @@ class _GroupReader:
             self.queued += n
             self._size(len(blob), n)
             return put(blob, group if keep else None, *self.bounds, count=n)
-        # alone: one argument, one that will not pickle, or a group far over its bytes or near
-        # the frame (a large argument among small ones is checked against the frame by itself)
+        # one by one: a large argument among small ones is checked against the frame alone
         for value in group:
             one = dumps(value)
             if not put(one, value if keep else None, *self.bounds):
@@ -1532,7 +1421,7 @@ class _GroupReader:
         return True
 
     def _size(self, size: int, n: int) -> None:
-        """The next group's size: the ramp, bounded by the bytes per argument of the last."""
+        """The next group's size."""
         target = min(self.cap, group_target(self.total, self.chunksize, self.queued))
         self.want = next_group(target, size, n, self.stream.session.group_bytes)
 
@@ -1579,18 +1468,11 @@ def _load_exception(blob: bytes | memoryview) -> BaseException | None:
 class ClusterClient:
     """Handler of a console connection: correlates requests by id, routes job traffic.
 
-    With ``redial`` (a callable connecting this handler again, firing once authenticated), a
-    lost connection is dialled again with backoff for up to ``grace`` seconds and every job
-    this console feeds is resumed (``resume``) rather than failed: the server restarted or
-    the network blinked, and the job goes on without a result lost or delivered twice. A job
-    started meanwhile waits for the redial too: submitted once it is back, failed with the
-    same error if it gives up.
-
-    A connection lost with nothing to resume (the handle was idle) is dialled again by the
-    next call (a job, or a request such as ``status``): one attempt, which the calls made
-    meanwhile wait for in the same way; if it fails they fail with its error (the server is
-    unreachable, or refused us) and the call after them tries again. A closed client never
-    dials again.
+    With ``redial`` (connects this handler again, firing once authenticated), a lost
+    connection is dialled again with backoff for up to ``grace`` seconds and every job this
+    console feeds is resumed, without a result lost or delivered twice; calls made meanwhile
+    wait for it, and fail with its error if it gives up. Lost while idle, it is dialled once by
+    the next call (the calls made meanwhile wait for that attempt). A closed client never dials.
     """
 
     log = Logger()
@@ -1612,14 +1494,13 @@ class ClusterClient:
         self.redial = redial
         self.grace = grace
         self.clock = clock
-        #: set by :meth:`close`: a connection closed on purpose is not dialled again
+        #: closed on purpose: not dialled again
         self.closing = False
         self._redial_deadline = 0.0
-        self._redialing = False
-        #: calls made while dialling again, as (go, fail): each goes out once connected, or
-        #: fails with the error the redial gave up with (a job, or a request like ``status``)
+        #: the lost connection is being dialled again (calls made now wait)
+        self.redialing = False
+        #: calls made while dialling again, as (go, fail)
         self._parked: list[tuple[Callable[[], None], Callable[[RemapError], None]]] = []
-        #: times the connection was lost and dialled again (for tests and logs)
         self.reconnects = 0
 
     def frame_room(self) -> int:
@@ -1628,19 +1509,14 @@ class ClusterClient:
         return max(limit - ARGS_OVERHEAD, 1)
 
     @property
-    def redialing(self) -> bool:
-        """Whether the lost connection is being dialled again (a job started now waits)."""
-        return self._redialing
-
-    @property
     def dials_on_use(self) -> bool:
         """Whether a call made with no connection dials again (it was lost, not closed)."""
         return self.redial is not None and not self.closing
 
     def _park(self, go: Callable[[], None], fail: Callable[[RemapError], None]) -> bool:
-        """Reactor thread: hold a call until the connection is back if it is being dialled
-        again, or is lost and may be (a dial starts now); whether the call was held."""
-        if not self._redialing:
+        """Reactor thread: hold a call until the connection is back, if it is being dialled
+        again or may be (a dial starts now); whether it was held."""
+        if not self.redialing:
             if self.link is not None or not self.dials_on_use:
                 return False
             self._dial_on_use()
@@ -1648,9 +1524,8 @@ class ClusterClient:
         return True
 
     def steady_link(self) -> PeerProtocol | None:
-        """The connection, unless there is none or it is being dialled again (a job's traffic
-        must wait for its ``resume``)."""
-        return None if self._redialing else self.link
+        """The connection, unless it is being dialled again (traffic waits for ``resume``)."""
+        return None if self.redialing else self.link
 
     def send(self, msg: m.Message) -> None:
         if self.link is None:
@@ -1660,8 +1535,8 @@ class ClusterClient:
     # ------------------------------------------------------------- requests
 
     def _request(self, build: Callable[[int], m.Message], *, wait: bool = False) -> defer.Deferred:
-        """Send a request; its reply fires the Deferred. ``wait``: a caller's request, which
-        waits for a redial like a job (see the class docstring); a resume does not."""
+        """Send a request; its reply fires the Deferred. ``wait``: wait for a redial (a
+        resume does not)."""
         d: defer.Deferred = defer.Deferred()
         if not (wait and self._park(lambda: self._send_request(build, d), d.errback)):
             self._send_request(build, d)
@@ -1680,14 +1555,16 @@ class ClusterClient:
         d = self._request(lambda rid: m.StatusRequest(id=rid), wait=True)
         return d.addCallback(lambda r: {"nodes": r.nodes, "jobs": r.jobs, "server": r.server})
 
+    def _info(self, build: Callable[[int], m.Message]) -> defer.Deferred:
+        """A caller's request whose reply is its ``info``."""
+        return self._request(build, wait=True).addCallback(lambda r: r.info)
+
     def kill(self, job: int) -> defer.Deferred:
-        d = self._request(lambda rid: m.Kill(id=rid, job=job), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.Kill(id=rid, job=job))
 
     def drive(self, kind: str, name: str, job: str, shipped: bytes) -> defer.Deferred:
         """Have the server run a data or vertex job's driver, detached; fires with its id.
-        ``shipped``: the job's files as :func:`remap.bundle.pack_tree` packs them; a message
-        over the frame limit fails here with one line naming its size and the setting."""
+        ``shipped``: the job's files (:func:`remap.bundle.pack_tree`)."""
 
         def build(rid: int) -> m.Drive:
             msg = m.Drive(id=rid, kind=kind, name=name, job=job, payload=shipped)
@@ -1702,41 +1579,33 @@ class ClusterClient:
                 )
             return msg
 
-        return self._request(build, wait=True).addCallback(lambda r: r.info["job"])
+        return self._info(build).addCallback(operator.itemgetter("job"))
 
     def watch(self, job: int, since: int = 0) -> defer.Deferred:
-        """A detached data or vertex job's status map, with its task output from byte
-        ``since`` on (``task_output``; ``task_output_end``: where the next look starts)."""
-        d = self._request(lambda rid: m.Attach(id=rid, job=job, since=since), wait=True)
-        return d.addCallback(lambda r: r.info)
+        """A detached job's status map, with its task output from byte ``since`` on."""
+        return self._info(lambda rid: m.Attach(id=rid, job=job, since=since))
 
     def kill_quietly(self, job: int | None) -> None:
         if job is not None and self.link is not None:
             self.kill(job).addErrback(lambda _f: None)
 
     def kill_cluster(self) -> defer.Deferred:
-        d = self._request(lambda rid: m.KillCluster(id=rid), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.KillCluster(id=rid))
 
     def drain(self, node: str) -> defer.Deferred:
-        d = self._request(lambda rid: m.Drain(id=rid, node=node), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.Drain(id=rid, node=node))
 
     def undrain(self, node: str) -> defer.Deferred:
-        d = self._request(lambda rid: m.Undrain(id=rid, node=node), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.Undrain(id=rid, node=node))
 
     def exclude(self, node: str) -> defer.Deferred:
-        d = self._request(lambda rid: m.Exclude(id=rid, node=node), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.Exclude(id=rid, node=node))
 
     def include(self, node: str) -> defer.Deferred:
-        d = self._request(lambda rid: m.Include(id=rid, node=node), wait=True)
-        return d.addCallback(lambda r: r.info)
+        return self._info(lambda rid: m.Include(id=rid, node=node))
 
     def submit(self, stream: JobStream) -> None:
-        """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event.
-        While the connection is dialled again the job waits for it (see the class docstring)."""
+        """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event."""
         if self._park(lambda: self._submit_parked(stream), stream.fail):
             return
         rid = next(self._ids)
@@ -1840,16 +1709,12 @@ class ClusterClient:
         self.closing = True
         if self.link is not None:
             self.link.close()
-        elif self._redialing:  # what waits for the redial ends now, not at its next attempt
+        elif self.redialing:  # what waits for the redial ends now, not at its next attempt
             self._give_up(self.error or ConnectionLost("closed while reconnecting"))
 
     def connection_lost(self, link: PeerProtocol, error: RemapError) -> None:
-        """Fail every waiter at once with one error: nothing waits on a dead connection.
-
-        Jobs this console feeds are kept when it can dial again: they are resumed once it is
-        back (see the class docstring), or fail if it is not back within the grace.
-        """
-        if self._redialing and link is not self.link:
+        """Fail every waiter with one error; keep the jobs to resume if it can dial again."""
+        if self.redialing and link is not self.link:
             return  # a new connection that failed before it was up: the redial loop goes on
         self.link = None
         err = self.error or ConnectionLost(f"lost the connection to the server ({error})")
@@ -1879,7 +1744,7 @@ class ClusterClient:
                 error=error,
                 jobs=sorted(keep),
             )
-            self._redialing = True
+            self.redialing = True
             self._redial_soon(0.1)
         elif not self.lost.called:
             self.lost.callback(err)
@@ -1888,25 +1753,23 @@ class ClusterClient:
         self.clock.callLater(delay, self._redial_now, delay)
 
     def _dial_on_use(self) -> None:
-        """A call on a connection lost while idle: one dial (the first connect's: same
-        address, secret, TLS and timeout); the calls made meanwhile wait for it."""
+        """A call on a connection lost while idle: one dial, which the calls made meanwhile
+        wait for."""
         assert self.redial is not None
-        self._redialing = True
+        self.redialing = True
         d = defer.maybeDeferred(self.redial)
         d.addCallbacks(lambda _link: self._resume_runs(), self._dial_on_use_failed)
 
     def _dial_on_use_failed(self, failure: Any) -> None:
-        if not self._redialing:
+        if not self.redialing:
             return  # given up meanwhile (closed)
         exc = failure.value
         if not isinstance(exc, RemapError):  # a bug of the dial: still one line for the call
             exc = ConnectionLost(f"could not connect to the server again: {exc!r}")
-        # the calls waiting fail with the dial's own error (ServerUnreachable, AuthError...);
-        # the next call dials again
-        self._give_up(exc)
+        self._give_up(exc)  # the next call dials again
 
     def _redial_now(self, delay: float) -> None:
-        if not self._redialing:
+        if not self.redialing:
             return  # given up meanwhile (closed)
         if self.closing or not (self.runs or self._parked):
             self._give_up(self.error or ConnectionLost("closed while reconnecting"))
@@ -1916,7 +1779,7 @@ class ClusterClient:
         d.addCallbacks(lambda _link: self._resume_runs(), lambda f: self._redial_failed(f, delay))
 
     def _redial_failed(self, failure: Any, delay: float) -> None:
-        if not self._redialing:
+        if not self.redialing:
             return  # given up meanwhile (closed)
         exc = failure.value
         left = self._redial_deadline - self.clock.seconds()
@@ -1932,7 +1795,7 @@ class ClusterClient:
         self._redial_soon(min(delay * 2, 0.5, left))
 
     def _give_up(self, error: RemapError) -> None:
-        self._redialing = False
+        self.redialing = False
         self.error = error
         runs, self.runs = list(self.runs.values()), {}
         parked, self._parked = self._parked, []
@@ -1944,9 +1807,8 @@ class ClusterClient:
             self.lost.callback(error)
 
     def _resume_runs(self) -> None:
-        """Connected again: ask the server to take back each job this console feeds, then
-        submit the jobs started meanwhile."""
-        if not self._redialing:  # closed while this dial went on: nothing is resumed
+        """Connected again: resume each job this console feeds, then run the parked calls."""
+        if not self.redialing:  # closed while this dial went on: nothing is resumed
             if self.link is not None:
                 self.link.close()
             return
@@ -1984,7 +1846,7 @@ class ClusterClient:
             d.addCallbacks(resumed, refused)
         # only now may a calling thread send a job's arguments itself (steady_link): each
         # job's resume request is out before any of its new arguments
-        self._redialing = False
+        self.redialing = False
         parked, self._parked = self._parked, []
         for go, _fail in parked:
             go()

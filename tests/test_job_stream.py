@@ -915,7 +915,7 @@ def test_no_calling_thread_sends_before_every_jobs_resume_request_is_out() -> No
         stream.session.submitted(job, 10)
         client.runs[job] = stream
     client.link = link  # type: ignore[assignment]
-    client._redialing = True
+    client.redialing = True
     assert client.steady_link() is None
     client._resume_runs()
     assert [kind for kind, _ in seen] == ["resume", "resume"]
