@@ -268,14 +268,17 @@ class JobSession:
         """The largest argument group worth sending (0: no bound)."""
         self.group_bytes = max(0, max_bytes)
 
-    def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
-        """Send what the window allows; ``take`` is :meth:`JobStream._take`."""
-        if (
+    def _sends_nothing(self) -> bool:
+        return (
             self.exhausted
             or self.finished
             or self.held
             or (self.job_id is None and self.submit_id is None)
-        ):
+        )
+
+    def pump(self, take: Callable[[int, int, int], tuple[Any, Any, Any, bool]]) -> None:
+        """Send what the window allows; ``take`` is :meth:`JobStream._take`."""
+        if self._sends_nothing():
             return
         room = self.frame_room
         try:
@@ -351,12 +354,9 @@ class JobSession:
         says why)."""
         if (
             self._granted <= 0
-            or self.exhausted
-            or self.finished
-            or self.held
             or self._replay
-            or (self.job_id is None and self.submit_id is None)
             or len(blob) > self.frame_room
+            or self._sends_nothing()
         ):
             return None
         if tag is not None and admit is not None and not admit(self.sent, tag):
@@ -1752,18 +1752,24 @@ class ClusterClient:
     def _redial_soon(self, delay: float) -> None:
         self.clock.callLater(delay, self._redial_now, delay)
 
+    def _dial(self, failed: Callable[[Exception], None]) -> None:
+        """Dial once; ``failed(error)`` if it fails."""
+
+        def errback(f: Any) -> None:
+            if self.redialing:  # else given up meanwhile (closed)
+                failed(f.value)
+
+        assert self.redial is not None
+        d = defer.maybeDeferred(self.redial)
+        d.addCallbacks(lambda _link: self._resume_runs(), errback)
+
     def _dial_on_use(self) -> None:
         """A call on a connection lost while idle: one dial, which the calls made meanwhile
         wait for."""
-        assert self.redial is not None
         self.redialing = True
-        d = defer.maybeDeferred(self.redial)
-        d.addCallbacks(lambda _link: self._resume_runs(), self._dial_on_use_failed)
+        self._dial(self._dial_on_use_failed)
 
-    def _dial_on_use_failed(self, failure: Any) -> None:
-        if not self.redialing:
-            return  # given up meanwhile (closed)
-        exc = failure.value
+    def _dial_on_use_failed(self, exc: Exception) -> None:
         if not isinstance(exc, RemapError):  # a bug of the dial: still one line for the call
             exc = ConnectionLost(f"could not connect to the server again: {exc!r}")
         self._give_up(exc)  # the next call dials again
@@ -1774,14 +1780,9 @@ class ClusterClient:
         if self.closing or not (self.runs or self._parked):
             self._give_up(self.error or ConnectionLost("closed while reconnecting"))
             return
-        assert self.redial is not None
-        d = defer.maybeDeferred(self.redial)
-        d.addCallbacks(lambda _link: self._resume_runs(), lambda f: self._redial_failed(f, delay))
+        self._dial(lambda exc: self._redial_failed(exc, delay))
 
-    def _redial_failed(self, failure: Any, delay: float) -> None:
-        if not self.redialing:
-            return  # given up meanwhile (closed)
-        exc = failure.value
+    def _redial_failed(self, exc: Exception, delay: float) -> None:
         left = self._redial_deadline - self.clock.seconds()
         if isinstance(exc, (AuthError, VersionMismatch)) or left <= 0:
             reason = str(exc) or type(exc).__name__

@@ -38,7 +38,6 @@ class OutputPrinter:
     def __init__(self, stream: Callable[[], Any] = lambda: sys.stderr) -> None:
         self.stream = stream
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._pending = 0
@@ -46,12 +45,11 @@ class OutputPrinter:
     def put(self, index: int, text: str) -> None:
         if not text:
             return
-        with self._lock:
+        with self._idle:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="remap-output", daemon=True)
                 self._thread.start()
                 atexit.register(self.flush, EXIT_FLUSH_TIMEOUT)  # a script's last lines too
-        with self._idle:
             self._pending += 1
         self._queue.put(text)
 
