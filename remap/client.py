@@ -3,6 +3,7 @@ connection to a server. Shared by the console and the Python API."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import pickle
@@ -1272,10 +1273,8 @@ _ERROR = operator.itemgetter(2)
 
 
 def _close_quietly(sink: Sink) -> None:
-    try:
-        sink.close(complete=False)
-    except Exception:  # keep the first error; the sink's own is secondary
-        pass
+    with contextlib.suppress(Exception):
+        sink.close(complete=False)  # keep the first error; the sink's own is secondary
 
 
 def read_into(
@@ -1400,10 +1399,8 @@ class _GroupReader:
         put, keep, n = self.stream.put_waiting, self.keep, len(group)
         blob = None
         if n > 1:
-            try:
-                blob = dumps(group)
-            except Exception:  # pickled one by one below: the culprit fails alone, in order
-                pass
+            with contextlib.suppress(Exception):
+                blob = dumps(group)  # else pickled one by one below: the culprit fails alone
         session = self.stream.session
         if blob is not None and len(blob) <= min(
             16 * GROUP_BYTES, session.frame_room // 2, session.group_bytes or sys.maxsize

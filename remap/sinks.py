@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import glob
 import json
@@ -372,10 +373,8 @@ class OutputLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path)  # while still held, so nobody locks a file about to vanish
-        except OSError:
-            pass
         os.close(self._fd)
         self._fd = None
 
@@ -573,11 +572,9 @@ def sql_value(value: Any) -> tuple[Any, str]:
 
 def _rollback(conn: sqlite3.Connection) -> None:
     """Undo a failed transaction; a rollback that fails too leaves sqlite to recover."""
-    try:
+    with contextlib.suppress(sqlite3.Error):
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
 
 
 def commit_path(output: Path) -> Path:
@@ -592,10 +589,8 @@ _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 def _remove_database(path: Path) -> None:
     """Remove a database file and whatever SQLite left beside it."""
     for suffix in ("", *_SQLITE_SIDE_FILES):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}{suffix}")
-        except FileNotFoundError:
-            pass
 
 
 def _seal(conn: sqlite3.Connection) -> None:
@@ -800,16 +795,12 @@ class SqliteSink(_OutputSink):
         holds nothing to keep."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            try:
-                _seal(conn)
-            except sqlite3.Error:
-                pass  # the WAL stays beside it; SQLite folds it in when it is opened
+            with contextlib.suppress(sqlite3.Error):
+                _seal(conn)  # else the WAL stays beside it: SQLite folds it in when opened
             conn.close()
         if not self.committed_output and self.kept_count == 0:
-            try:
+            with contextlib.suppress(OSError):
                 _remove_database(self.partial)
-            except OSError:
-                pass
 
     def _extra(self) -> dict[str, Any]:
         return {**super()._extra(), "table": self.TABLE}
@@ -923,21 +914,15 @@ class FileSink(_OutputSink):
         if self._file is None:
             return
         file, self._file = self._file, None
-        try:
-            file.close()
-        except OSError:
-            pass  # the buffer could not be written; the truncate below drops its remains
+        with contextlib.suppress(OSError):
+            file.close()  # else the truncate below drops what was left of the buffer
         if self._broken and not self.committed_output:
-            try:
+            with contextlib.suppress(OSError):
                 os.truncate(self.partial, self._flushed[0])
-            except OSError:
-                pass
             self.kept_count = self._flushed[1]
         if not self.committed_output and self.kept_count == 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.partial)
-            except OSError:
-                pass
 
     def _extra(self) -> dict[str, Any]:
         return {**super()._extra(), "lines": self.lines_written}
