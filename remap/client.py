@@ -1313,14 +1313,10 @@ class _GroupReader:
         ahead: int,
         wait: float,
     ) -> None:
-        session = stream.session
-        self.stream, self.source, self.wait = stream, source, wait
+        self.stream, self.session, self.source, self.wait = stream, stream.session, source, wait
         self.bounds = (max_bytes, max_items, ahead)
-        self.keep = session.keep_arguments
-        self.total = session.total_hint
         #: a gang's arguments each go alone; else at most what ``ahead`` and ``max_items`` allow
-        self.cap = 1 if session.params.gang else max(1, min(ahead, max_items, m.MAX_GROUP))
-        self.chunksize = session.params.chunksize
+        self.cap = 1 if self.session.params.gang else max(1, min(ahead, max_items, m.MAX_GROUP))
         #: guards the open group and the fields below (a plain lock: the reader takes it per
         #: argument, and a Condition's ``with`` is a Python call)
         self.lock = threading.Lock()
@@ -1396,12 +1392,12 @@ class _GroupReader:
             return ok
 
     def _queue(self, group: list[Any]) -> bool:
-        put, keep, n = self.stream.put_waiting, self.keep, len(group)
+        session, put, n = self.session, self.stream.put_waiting, len(group)
+        keep = session.keep_arguments
         blob = None
         if n > 1:
             with contextlib.suppress(Exception):
                 blob = dumps(group)  # else pickled one by one below: the culprit fails alone
-        session = self.stream.session
         if blob is not None and len(blob) <= min(
             16 * GROUP_BYTES, session.frame_room // 2, session.group_bytes or sys.maxsize
         ):
@@ -1419,8 +1415,9 @@ class _GroupReader:
 
     def _size(self, size: int, n: int) -> None:
         """The next group's size."""
-        target = min(self.cap, group_target(self.total, self.chunksize, self.queued))
-        self.want = next_group(target, size, n, self.stream.session.group_bytes)
+        session = self.session
+        target = group_target(session.total_hint, session.params.chunksize, self.queued)
+        self.want = next_group(min(self.cap, target), size, n, session.group_bytes)
 
 
 #: the type name of the error given to a result this console could not unpickle

@@ -477,8 +477,7 @@ class _OutputSink(Sink):
     def abandon(self) -> None:
         """Stop without committing or keeping anything (the results go elsewhere)."""
         if not self.closed:
-            self.closed = True
-            self.complete = False
+            super().abandon()
             self._discard()
         self._lock.release()
 
@@ -1030,13 +1029,8 @@ def make_sink(
         return ObjectSink()
     if mode == "stream":
         return StreamSink(on_item=on_item, out=out)
-    if mode == "sqlite":
-        assert output is not None
-        return SqliteSink(output)
-    if mode == "file":
-        assert output is not None
-        return FileSink(output)
-    if mode == "reduce":
-        assert reduce_fn is not None
+    if output is not None:  # (checked above: the mode writes an output)
+        return SqliteSink(output) if mode == "sqlite" else FileSink(output)
+    if reduce_fn is not None:
         return ReduceSink(reduce_fn)
     return NoneSink()
