@@ -518,8 +518,7 @@ def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any],
 
 
 def _unpack(msg: m.Results, errors: dict[int, list[Any]], count: int) -> tuple[list[Any], set[int]]:
-    """A packed batch of ``count`` results: one pickle of every result; if it will not load,
-    each becomes an error."""
+    """A packed batch of ``count`` results; if its pickle will not load, each is an error."""
     try:
         values = pickle.loads(msg.payload)
         if type(values) is not list or len(values) != count:
@@ -1246,8 +1245,7 @@ def _consecutive(indices: list[int] | range) -> bool:
 
 
 def _to_sink(event: tuple[Any, ...], sink: Sink) -> int:
-    """One event's results into a sink (an error-free run in one call: the hot path); how
-    many arguments they answer."""
+    """One event's results into a sink; how many arguments they answer."""
     kind, count = event[0], 0
     if kind == "runs":
         for first, values in event[2]:
@@ -1529,8 +1527,7 @@ class ClusterClient:
     # ------------------------------------------------------------- requests
 
     def _request(self, build: Callable[[int], m.Message], *, wait: bool = False) -> defer.Deferred:
-        """Send a request; its reply fires the Deferred. ``wait``: wait for a redial (a
-        resume does not)."""
+        """Its reply fires the Deferred; ``wait``: wait for a redial (a resume does not)."""
         d: defer.Deferred = defer.Deferred()
         if not (wait and self._park(lambda: self._send_request(build, d), d.errback)):
             self._send_request(build, d)
@@ -1758,8 +1755,7 @@ class ClusterClient:
         d.addCallbacks(lambda _link: self._resume_runs(), errback)
 
     def _dial_on_use(self) -> None:
-        """A call on a connection lost while idle: one dial, which the calls made meanwhile
-        wait for."""
+        """A call on a connection lost while idle: one dial, which later calls wait for."""
         self.redialing = True
         self._dial(self._dial_on_use_failed)
 

@@ -28,11 +28,8 @@ async def connect_console(
     secret: bytes | None = None,
     timeout: float = 10.0,
 ) -> ClusterClient:
-    """Connect and authenticate; raise one clear RemapError when that is impossible.
-
-    The client dials the same way again when the connection is lost while it feeds a job
-    (for up to ``REMAP_CONSOLE_GRACE`` seconds), and resumes that job.
-    """
+    """Connect and authenticate, or raise one clear RemapError. The client dials the same way
+    again to resume a job when the connection is lost (``REMAP_CONSOLE_GRACE``)."""
     key = secret or client_secret(settings)
     client = ClusterClient(clock=reactor, grace=settings.console_grace)
     await _dial(reactor, settings, address, key, client, timeout)

@@ -207,9 +207,7 @@ class Sink(abc.ABC):
 
     def close(self, *, complete: bool) -> None:
         """Flush and release; ``complete=False`` (job failed or killed) still keeps what arrived.
-
-        A second call does nothing, so error paths can close unconditionally.
-        """
+        A second call does nothing, so error paths can close unconditionally."""
         if self.closed:
             return
         try:
@@ -416,8 +414,7 @@ def os_reason(exc: BaseException) -> str:
 
 
 def _check_directory(output: Path, what: str) -> None:
-    """Refuse an output whose directory is missing, or that is no file to replace, before
-    anything is created."""
+    """Refuse an output with no directory, or no file to replace, before anything is created."""
     if not output.parent.is_dir():
         raise ConfigError(f"cannot write {what} {output}: directory {output.parent} does not exist")
     if output.is_dir():
