@@ -375,13 +375,7 @@ class JobSession:
         try:
             self._decode(msg, indices)
         except Exception as exc:
-            if not isinstance(exc, RemapError):  # a bug: its traceback goes to the log
-                log.failure("reading the results of job {job} failed", job=self.job_id)
-                exc = JobFailed(
-                    f"job {self.job_id} failed on this console while reading its results: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-            self.abort(exc)
+            self.abort(_console_error(exc, self.job_id, "reading"))
 
     def lone_result(self, msg: m.Results) -> tuple[int, Any] | None:
         """``(index, value)`` if the message answers one argument without an error, accounted
@@ -497,6 +491,16 @@ class JobSession:
             raise JobFailed(
                 f"job {self.job_id} failed: argument {info.index}: {info.type_name}: {info.message}"
             )
+
+
+def _console_error(exc: Exception, job: int | None, doing: str) -> RemapError:
+    """``exc`` if it is a RemapError; else a bug of this console, its traceback logged (call it
+    in the ``except`` block)."""
+    if isinstance(exc, RemapError):
+        return exc
+    log.failure(f"{doing} the results of job {{job}} failed", job=job)
+    why = f"{type(exc).__name__}: {exc}"
+    return JobFailed(f"job {job} failed on this console while {doing} its results: {why}")
 
 
 def _load_each(msg: m.Results, errors: dict[int, list[Any]]) -> tuple[list[Any], set[int]]:
@@ -947,11 +951,7 @@ class JobStream:
         if isinstance(exc, OSError):  # a write the sink did not name (stdout, a pipe)
             reason = os_reason(exc)
             return OutputError(f"job {job}: this console could not write its results: {reason}")
-        if isinstance(exc, RemapError):
-            return exc
-        log.failure("saving the results of job {job} failed", job=job)  # a bug: log its traceback
-        why = f"{type(exc).__name__}: {exc}"
-        return JobFailed(f"job {job} failed on this console while saving its results: {why}")
+        return _console_error(exc, job, "saving")
 
     def _close_sink(self, sink: Sink) -> JobOutcome:
         if self.error is not None:
@@ -1669,9 +1669,7 @@ class ClusterClient:
                 d.callback(msg)
         elif t is m.Error:
             self._error(msg)
-        elif t is m.Heartbeat:
-            pass
-        else:
+        elif t is not m.Heartbeat:
             self.log.warn("unexpected {type} from the server", type=msg.TYPE)
 
     def _error(self, msg: m.Error) -> None:
