@@ -1025,8 +1025,7 @@ class JobStream:
             taken = self.taken
             with self.lock:
                 held = self._arrived_bytes - self._bytes_at(taken, forget=True)
-                if held > self.held_peak:
-                    self.held_peak = held
+                self.held_peak = max(self.held_peak, held)
                 hold = held > (limit // 2 if session.held else limit) and not self.wanting
                 resume_at = sys.maxsize
                 if hold:  # the count taken at which at most half the bound is held
