@@ -1,10 +1,8 @@
 """Connection caps: how many connections a port holds at once, in all and per source address.
 
-One counter serves both ports. The cluster port counts connections that have not finished the
-handshake (a node or console that has proved the secret no longer holds a slot); the HTTP port
-counts every open connection. A connection beyond a cap is closed as soon as it is accepted,
-before a byte of it is read, and the refusals are logged at most once per interval (a flood of
-connects must not become a flood of log lines).
+The cluster port counts connections still in the handshake, the HTTP port every open one. One
+beyond a cap is closed as soon as it is accepted, unread, and refusals are logged at most once
+per interval (a flood of connects must not become a flood of log lines).
 """
 
 from __future__ import annotations
@@ -98,10 +96,9 @@ class RefusalLog:
 
 
 class Refused(Protocol):
-    """What a connection beyond a cap gets: closed at once, nothing read. With ``frame`` (the
-    cluster port's one ``busy`` error frame, so a console can say why), that frame is written
-    first, then the connection closed; under TLS nothing is written (the frame would cost a
-    TLS handshake per refusal), and the HTTP port writes nothing either."""
+    """What a connection beyond a cap gets: closed at once, nothing read. The cluster port's
+    ``frame`` (its ``busy`` error, so a console can say why) is written first, except under TLS
+    (it would cost a TLS handshake per refusal)."""
 
     def __init__(self, frame: bytes = b"") -> None:
         self.frame = frame
@@ -131,9 +128,8 @@ def peer_host(addr: Any) -> str:
 
 
 def source(host: str) -> str:
-    """What a per-host cap counts by: an IPv4 address itself, an IPv6 address's /64 (one machine
-    commonly holds a whole /64, so counting its addresses one by one would cap nothing); an
-    IPv4-mapped IPv6 address as the IPv4 address it is."""
+    """What a per-host cap counts by: an IPv4 address (IPv4-mapped ones too), an IPv6 address's
+    /64 (one machine commonly holds a whole /64: counting its addresses would cap nothing)."""
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:  # (not an IP address: a UNIX socket's path, a test's name)

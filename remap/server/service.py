@@ -24,11 +24,8 @@ from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
 from .scheduler.sizing import fit_status
 
-#: connections still in the handshake the cluster port holds at once, in all and per source IP
-#: address (REMAP_MAX_HANDSHAKING and _PER_HOST): beyond them a connection is closed unread, so
-#: unauthenticated clients cannot use up the server's descriptors. A handshake takes
-#: milliseconds; a node refused retries with backoff. Authenticated nodes and consoles hold no
-#: slot, so these do not bound the cluster's size.
+#: connections in the handshake the cluster port holds at once, in all and per source address
+#: (REMAP_MAX_HANDSHAKING and _PER_HOST): unauthenticated clients cannot use up descriptors
 MAX_HANDSHAKING: int = Settings.max_handshaking
 MAX_HANDSHAKING_PER_HOST: int = Settings.max_handshaking_per_host
 

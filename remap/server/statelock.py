@@ -1,26 +1,20 @@
 """One server per state directory: a lock the server holds on ``REMAP_STATE_DIR`` for its life.
 
-Two servers given one state directory would share one journal and one exclusion list: the
-second could stop with "database is locked", or both would write one journal. The first server
-holds an ``flock`` on ``server.lock`` there (holding its pid); a second is refused at start
-with one line naming the directory and that pid. The kernel drops the lock when its holder
-dies, however it dies, so a SIGKILLed server never blocks the next start; the file stays (a
-later server takes it over).
+Two servers on one state directory would write one journal and one exclusion list, so the
+first holds an ``flock`` on ``server.lock`` (which holds its pid) and a second is refused at
+start, naming that pid. The kernel drops the lock however its holder dies, so a SIGKILLed
+server never blocks the next start.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
 
 from ..errors import ConfigError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock (remap's servers run on Linux)
-    fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = "server.lock"
 
@@ -35,7 +29,7 @@ class StateLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`ConfigError` naming the server that holds it."""
-        if self._fd is not None or fcntl is None:
+        if self._fd is not None:
             return
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -180,11 +180,7 @@ async def start_http(
         )
     tls = tls_enabled(settings)
     stats = ServerStats(factory.scheduler, factory.traffic)
-    auth = HttpAuth(
-        reactor,
-        http_token(settings, secret),
-        (settings.http_hosts or "").split(","),
-    )
+    auth = HttpAuth(reactor, http_token(settings, secret), (settings.http_hosts or "").split(","))
     hub = EventHub(
         reactor,
         lambda: snapshot(factory.scheduler, stats, factory.drivers),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+from functools import partialmethod
 from importlib import resources
 from typing import Any
 
@@ -88,10 +89,9 @@ class HttpApp:
             return self._error(request, 400, "bad-host", "this Host name is not allowed")
         parts = split_path(request.path)
         found = find(parts) if parts is not None else []
-        public = [(r, p) for r, p in found if r.auth != "required"]
         method = request.method.decode("ascii", "replace")
-        for route, params in public:
-            if route.method == method:
+        for route, params in found:
+            if route.auth != "required" and route.method == method:
                 return self._call(request, route, params, None)
         identity = self.auth.identify(
             request.getHeader(b"authorization"), request.getCookie(SESSION_COOKIE.encode())
@@ -115,9 +115,7 @@ class HttpApp:
 
     def _csrf_ok(self, request: Any, identity: Identity) -> bool:
         """A program with the bearer token may write; a browser needs a header a form cannot send."""
-        if identity.kind == "bearer":
-            return True
-        return (
+        return identity.kind == "bearer" or (
             identity.session is not None
             and _media_type(request) == JSON
             and self.auth.csrf_ok(identity.session, request.getHeader(b"x-csrf-token"))
@@ -257,22 +255,17 @@ class HttpApp:
 
         return answer
 
-    def drain(self, request: Any, identity: Identity, node_id: str) -> bytes:
-        return self._node_action(request, identity, node_id, self.scheduler.drain, "drained")
-
-    def undrain(self, request: Any, identity: Identity, node_id: str) -> bytes:
-        return self._node_action(request, identity, node_id, self.scheduler.undrain, "undrained")
-
-    def _node_action(
-        self, request: Any, identity: Identity, node_id: str, action: Any, done: str
-    ) -> bytes:
-        node = action(node_id)
+    def _node_action(self, request: Any, identity: Identity, node_id: str, action: str) -> bytes:
+        node = getattr(self.scheduler, action)(node_id)
         if node is None:
             return self._error(request, 404, "not-found", "no such node (or not unique)")
         self.log.info(
-            "node {id} {done} over HTTP ({kind})", id=node.id, done=done, kind=identity.kind
+            "node {id} {action}ed over HTTP ({kind})", id=node.id, action=action, kind=identity.kind
         )
         return self._body(request, {"node": node.id, "host": node.host})
+
+    drain = partialmethod(_node_action, action="drain")
+    undrain = partialmethod(_node_action, action="undrain")
 
     def submit(self, request: Any, identity: Identity) -> bytes | int:
         if not self.submitter.enabled:

@@ -57,14 +57,12 @@ class EventHub:
         sample: Callable[[], None],
         history: Callable[[], list],
         interval: float = 1.0,
-        max_viewers: int = MAX_VIEWERS,
     ) -> None:
         self.clock = clock
         self.build = build
         self.sample = sample
         self.history = history
         self.interval = interval
-        self.max_viewers = max_viewers
         self.viewers: set[_Viewer] = set()
         self.snapshots = 0  # how many were built (a test proves one per tick, whoever watches)
         self._last: bytes | None = None
@@ -98,7 +96,7 @@ class EventHub:
 
     def add(self, request: Any) -> bool:
         """Start streaming to ``request``; False when too many viewers are open."""
-        if len(self.viewers) >= self.max_viewers:
+        if len(self.viewers) >= MAX_VIEWERS:
             return False
         viewer = _Viewer(self, request)
         self.viewers.add(viewer)

@@ -42,7 +42,7 @@ class ServerStats:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_SchedulerCollector(self))
+        self.registry.register(self)  # collect() reads the scheduler at scrape time
         scheduler.watchers.append(self)
 
     def close(self) -> None:
@@ -90,15 +90,8 @@ class ServerStats:
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
 
-
-class _SchedulerCollector:
-    """Reads the scheduler at scrape time."""
-
-    def __init__(self, stats: ServerStats) -> None:
-        self.stats = stats
-
     def collect(self) -> Iterator[Any]:
-        sched = self.stats.scheduler
+        sched = self.scheduler
         nodes = list(sched.nodes.values())
         done = CounterMetricFamily(
             "remap_job_tasks_done", "Arguments finished without error, by job", labels=["job"]
@@ -114,10 +107,10 @@ class _SchedulerCollector:
         yield done
         yield failed
         yield CounterMetricFamily(
-            "remap_tasks_done", "Arguments finished without error, all jobs", self.stats.done_total
+            "remap_tasks_done", "Arguments finished without error, all jobs", self.done_total
         )
         yield CounterMetricFamily(
-            "remap_tasks_failed", "Arguments that failed, all jobs", self.stats.failed_total
+            "remap_tasks_failed", "Arguments that failed, all jobs", self.failed_total
         )
         yield GaugeMetricFamily("remap_nodes", "Connected nodes", len(nodes))
         yield CounterMetricFamily(
@@ -147,8 +140,8 @@ class _SchedulerCollector:
         yield CounterMetricFamily(
             "remap_received_bytes",
             "Bytes received from nodes and consoles",
-            self.stats.traffic.received,
+            self.traffic.received,
         )
         yield CounterMetricFamily(
-            "remap_sent_bytes", "Bytes sent to nodes and consoles", self.stats.traffic.sent
+            "remap_sent_bytes", "Bytes sent to nodes and consoles", self.traffic.sent
         )

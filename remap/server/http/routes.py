@@ -107,9 +107,4 @@ def split_path(raw: bytes) -> tuple[str, ...] | None:
 
 def find(parts: tuple[str, ...]) -> list[tuple[Route, dict[str, str]]]:
     """Every route whose path fits (one per method)."""
-    found = []
-    for route in ROUTES:
-        params = route.match(parts)
-        if params is not None:
-            found.append((route, params))
-    return found
+    return [(route, params) for route in ROUTES if (params := route.match(parts)) is not None]

@@ -1,13 +1,10 @@
 """Who may use the HTTP API: the bearer token, one-time login links, cookie sessions, Host names.
 
-The bearer token is ``REMAP_HTTP_TOKEN`` when set, else ``HMAC-SHA256(cluster secret, label)``.
-Deriving it means one secret to distribute (any console holding it can mint a login link) while
-the token itself, which ends up in scripts and Prometheus configs, cannot be turned back into the
-cluster secret (which would let its holder join as a node or console and run code).
-
-Every comparison of a presented secret is constant-time: tokens are compared with
-``hmac.compare_digest``, and session and login tokens are looked up by their SHA-256, so a
-timing difference can only reveal bits of a hash, never of the token.
+The bearer token is ``REMAP_HTTP_TOKEN`` when set, else ``HMAC-SHA256(cluster secret, label)``:
+one secret to distribute (any console holding it can mint a login link), while the token, which
+ends up in scripts and Prometheus configs, cannot be turned back into the cluster secret (which
+would let its holder join as a node or console and run code). A presented secret is compared
+in constant time, or looked up by its SHA-256: timing can reveal bits of a hash, never of it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Jobs submitted over HTTP: a job file whose functions live in the apps directory.
 
-Only functions in ``REMAP_APPS_DIR`` can run (a ``FILE.py`` inside it, or a module whose file
-is inside it); a job naming anything else (``os:system``, ``../x.py``) is refused before any
-import, so the HTTP token lets its holder run what the operator installed, never arbitrary code.
-No server-side path comes from the request: ``args_path`` and ``output`` are refused, ``modules:``
-and ``files:`` must be inside the apps directory, and the results go to
-``<data dir>/http/<submission>/results.jsonl`` (the ``file`` mode's JSON lines).
-
-The job runs in a console child process (the same ``compute`` as the command line), so the
-user's module is imported and its arguments pickled outside the server's reactor thread.
+Only functions in ``REMAP_APPS_DIR`` can run, and a job naming anything else (``os:system``,
+``../x.py``) is refused before any import: the HTTP token lets its holder run what the operator
+installed, never arbitrary code. No server path comes from the request: ``args_path`` and
+``output`` are refused, ``modules:`` and ``files:`` must be inside the apps directory, and the
+results go to ``<data dir>/http/<submission>/results.jsonl``. The job runs in a console child
+(the command line's ``compute``), so its module is imported and its arguments pickled off the
+server's reactor thread.
 """
 
 from __future__ import annotations
@@ -73,10 +71,8 @@ class Submission:
 
 
 def parse_body(body: bytes, content_type: str) -> dict:
-    """The job file as a mapping, from JSON or YAML (JSON is YAML, so one parser would do;
-    JSON is parsed as JSON so its errors read as JSON errors)."""
-    if len(body) > MAX_BODY:
-        raise SubmitError(f"a job file is at most {MAX_BODY // 1024} KiB")
+    """The job file as a mapping, from JSON or YAML (JSON is parsed as JSON so that its errors
+    read as JSON errors)."""
     try:
         text = body.decode("utf-8")
         value = json.loads(text) if content_type == "application/json" else yaml.safe_load(text)
@@ -114,12 +110,9 @@ def _inside(apps: Path, ref: str, key: str) -> str:
 
 
 def _shipped(apps: Path, value: Any, key: str) -> list[str]:
-    """``modules:`` or ``files:`` as absolute paths inside ``apps``, or SubmitError.
-
-    The console child would read any file the server can (``files: [~/.remap/secret]``) and
-    ship it to the nodes, where an app that reads its shipped files hands it back to the
-    holder of the HTTP token; so, as for functions, only what the operator installed ships.
-    """
+    """``modules:`` or ``files:`` as absolute paths inside ``apps``, or SubmitError: the console
+    child would ship any file the server can read (``files: [~/.remap/secret]``) to an app that
+    could hand it back to the token's holder."""
     entries = [value] if isinstance(value, str) else value
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
         raise SubmitError(f"key '{key}': expected a list of names in the apps directory")
@@ -268,8 +261,7 @@ class Submitter:
         look()
 
     def recall(self, job: Any) -> Submission | None:
-        """The submission of a job sent over HTTP before the server restarted (the journal
-        kept the job; its results are where that run's console child wrote them), or None."""
+        """The submission of a job the journal kept from before the server restarted, or None."""
         found = HTTP_NAME.search(job.options.name or "")
         if found is None:
             return None
@@ -281,8 +273,7 @@ class Submitter:
         )
 
     def _for_client(self, submission: Submission, error: str) -> str:
-        """The console child's error as the HTTP client knows the job: no server paths (its
-        job file, the apps directory, the results file the client reads through the API)."""
+        """The console child's error without server paths (the client knows none of them)."""
         assert self.apps_dir is not None
         for untouched in ("not written", "left unchanged"):
             error = error.replace(f"; no results kept; {submission.results} {untouched}", "")

@@ -71,13 +71,10 @@ def jobs_view(sched: Any, drivers: Any = None) -> list[dict]:
 
 def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
     """A function job (a scheduler's JobState) or a detached job (a DrivenJob) in full."""
-    if isinstance(job, DrivenJob):
-        status = job.describe(sched.clock.seconds())
-    else:
-        status = sched.job_statuses([job])[0]
-    view = job_view(status)
+    driven = isinstance(job, DrivenJob)
+    view = job_view(job.describe(sched.clock.seconds()) if driven else sched.job_statuses([job])[0])
     view["errors"] = list(stats.job_errors.get(job.id, ()))
-    if isinstance(job, DrivenJob):  # what its tasks printed (a function job's go to its console)
+    if driven:  # what its tasks printed (a function job's go to its console)
         view["task_output"] = job.task_output(0)["task_output"]
     return view
 
