@@ -1,8 +1,7 @@
 """The server's persistent list of excluded hosts: connected nodes there get no work.
 
-A file in the state directory (``REMAP_STATE_DIR``, default ``~/.remap``) keeps the list across
-server restarts, so a machine someone needs back stays out of the cluster until included again.
-Hosts are node host names (what ``status`` shows), which survive a node's restart.
+Kept in ``REMAP_STATE_DIR`` across restarts, so a machine someone needs back stays out until
+included again; by host name (what ``status`` shows), which survives a node's restart.
 """
 
 from __future__ import annotations

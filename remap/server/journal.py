@@ -289,10 +289,7 @@ class Journal:
     def args_received(
         self, job_id: int, start: int, sizes: list[int], payload: Any, groups: list[int] = ()
     ) -> None:
-        """Keep a detached job's arguments ``start ..``; group committed.
-
-        The ``sizes`` column holds the sizes list, or a map with the argument groups too.
-        """
+        """Keep a detached job's arguments ``start ..`` (group committed; see :func:`_args_row`)."""
         packed = msgpack.packb({"sizes": sizes, "groups": list(groups)} if groups else sizes)
         self._args.append((job_id, start, packed, payload))
         self._buffered(len(payload))

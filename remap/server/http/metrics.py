@@ -1,8 +1,7 @@
 """What the server counts for ``/metrics`` and the dashboard: a scheduler watcher and a collector.
 
-Gauges and per-job counters are read from the scheduler when scraped (nothing to keep in step);
-only what the scheduler forgets is kept here: the batch latency histogram, totals over jobs
-that were pruned, recent errors and a short throughput history for the dashboard's chart.
+Gauges and per-job counters are read from the scheduler when scraped; only what it forgets is
+kept here (batch latencies, totals over pruned jobs, recent errors, the throughput history).
 """
 
 from __future__ import annotations

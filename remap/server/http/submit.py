@@ -206,19 +206,9 @@ class Submitter:
 
     def start(self, submission: Submission, on_started: Any, on_failed: Any) -> None:
         """Run the job; call ``on_started(job_id)`` once the scheduler has it, or ``on_failed``."""
-        args = [
-            "-c",
-            "import sys; from remap.console.main import main; sys.exit(main())",
-            "--server",
-            str(self.cluster_address),
-            "--env-file",
-            os.devnull,
-            "compute",
-            str(submission.directory / "job.json"),
-            "--quiet",
-            "--json",
-            "--no-task-output",
-        ]
+        args = ["-c", "import sys; from remap.console.main import main; sys.exit(main())"]
+        args += ["--server", str(self.cluster_address), "--env-file", os.devnull, "compute"]
+        args += [str(submission.directory / "job.json"), "--quiet", "--json", "--no-task-output"]
         state = {"done": False}
 
         def ended(code: int | None) -> None:

@@ -1,8 +1,5 @@
-"""The JSON the API and the event stream show: the console's status, plus progress and ETA.
-
-Jobs are the scheduler's function jobs and the server's detached data and vertex jobs (their
-drivers, ``drivers.py``), the same records ``status`` shows the console.
-"""
+"""The JSON the API and the event stream show: the console's status records (function jobs,
+detached data and vertex jobs), plus progress and ETA."""
 
 from __future__ import annotations
 
