@@ -4,11 +4,8 @@ from __future__ import annotations
 
 
 def parse_edge(line: str) -> tuple[int, int | None, float | int | None] | None:
-    """``SRC [DST [WEIGHT]]`` of an edge-list line as numbers; None for blank and ``#`` lines.
-
-    The helper every example's ``prepare`` starts with: ids are integers, a weight that is
-    a whole number stays an ``int`` (so sums of weights stay exact).
-    """
+    """``SRC [DST [WEIGHT]]`` of an edge-list line as numbers (None for blank and ``#`` lines);
+    a whole-number weight stays an ``int``, so sums of weights stay exact."""
     fields = line.split()
     if not fields or fields[0].startswith("#"):
         return None

@@ -466,11 +466,9 @@ class DenseInbox:
     def per_vertex(self, total: int) -> list[Any]:
         """Each vertex's folded message or None, for ``total`` vertices (later ones: None)."""
         out = self.sums.tolist()
-        missed = _np.flatnonzero(~self.hit)
-        for i in missed.tolist():
+        for i in _np.flatnonzero(~self.hit).tolist():
             out[i] = None
-        if total > len(out):
-            out.extend([None] * (total - len(out)))
+        out.extend([None] * (total - len(out)))
         return out
 
     def to_dict(self) -> dict[Any, float]:

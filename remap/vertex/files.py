@@ -112,11 +112,8 @@ class Layout:
 
 
 def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, int, int]]]:
-    """Cut the input files into ``pieces`` runs of byte ranges of about equal size.
-
-    Each range is ``(file index, path, start, end)``; a line belongs to the range its first
-    byte is in, so ranges can cut anywhere.
-    """
+    """Cut the input files into ``pieces`` runs of ``(file index, path, start, end)`` ranges
+    of about equal size; a line belongs to the range its first byte is in."""
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
     out: list[list[tuple[int, str, int, int]]] = [[] for _ in range(pieces)]
