@@ -1,8 +1,6 @@
-"""Answers from nodes: results and failures of tasks, and the deadlines of tasks nodes hold.
-
-A mixin of :class:`~.core.Scheduler` (it uses the scheduler's records and effects): a result
-is checked, delivered and counted once; a failure blames the running argument and re-queues
-the rest; a task past its deadline is failed as ``no-answer`` and its node marked suspect.
+"""Answers from nodes, a mixin of :class:`~.core.Scheduler`: a result is checked, delivered
+and counted once; a failure blames the running argument and re-queues the rest; a task past
+its deadline is failed as ``no-answer`` and its node marked suspect.
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ class NodeAnswers:
 
     def _check_deadlines(self) -> None:
         """A node that heartbeats but never answers must not hold its tasks forever: a task past
-        its deadline is re-queued (each argument then retries alone, counting an attempt) and
-        the node is marked suspect, taking no new work until it answers something."""
+        its deadline fails as ``no-answer`` and the node is suspect until it answers."""
         self._sweep = None
         now = self.clock.seconds()
         expired = [task for node in list(self.nodes.values()) for task in policy.expired(node, now)]
@@ -196,11 +193,9 @@ class NodeAnswers:
         self.pump()
 
     def _one_by_one(self, job: JobState, seg: Segment, results: m.Results, limit: int) -> None:
-        """A packed batch or a partial fold (one pickle for all its arguments) too large for
-        a frame to its console: nothing of it is delivered; each argument runs again by itself
-        (no attempt counted: nothing failed), so each result is sized alone and only one that
-        cannot fit by itself becomes its error. Later batches of the job hold no more arguments
-        than fitted here (``result_cap``), so not every batch runs twice."""
+        """A packed batch or a partial fold (one pickle) too large for a frame to its console:
+        each argument runs again alone (no attempt counted), so only a result that cannot fit
+        by itself becomes its error; later batches hold no more than fitted (``result_cap``)."""
         n = len(seg.indices)
         size = len(results.payload) + 1
         job.result_cap = max(1, min(job.result_cap or n, n * limit // (2 * size)))
@@ -222,11 +217,8 @@ class NodeAnswers:
     def _take_part(
         self, node: NodeState | None, task_id: int, part: int
     ) -> tuple[TaskState | None, Segment | None]:
-        """A streamed part answers the task's next ``part`` arguments; the rest stay in flight.
-
-        A part as long as what is left (or longer) is malformed: the last answer is the plain
-        result, which frees the node's credit.
-        """
+        """A streamed part answers the task's next ``part`` arguments; the rest stay in flight
+        (a part of all that is left is malformed: the last answer is the plain result)."""
         task = node.inflight.get(task_id) if node is not None else None
         if task is None:
             return None, None
@@ -344,7 +336,7 @@ class NodeAnswers:
 
     def _deliver(self, job: JobState, msg: m.Results, sized: bool = False) -> None:
         """Record and send results to the job's console. ``sized``: ``msg`` is known to fit
-        its console's frames (:meth:`task_result` checked; no second look on every call)."""
+        its console's frames."""
         if job.options.detach and self.journal is not None:
             # only a detached job resumes after a restart; an attached one's console has its
             # results and the job ends with a reason, so its outcomes would cost and serve nothing
@@ -364,11 +356,8 @@ class NodeAnswers:
                 self._to_console(job.console, msg)
 
     def _to_console(self, link: Any, msg: m.Results, kept: bool = False) -> None:
-        """Send results in frames the console accepts (its ``frame_limit``; 0: no frames, an
-        in-process link): split, or a result that cannot fit sent as its error (see
-        :func:`~.sizing.fit_results`). A console that got a frame over its limit would close,
-        resume and be sent the same frame again, for ever. ``kept``: a detached job's stored
-        results, which stay whole: one too large for this console says the server keeps it."""
+        """Send results in frames the console accepts (see :func:`~.sizing.fit_results`).
+        ``kept``: a detached job's stored results, which the server keeps whole."""
         limit = getattr(link, "frame_limit", 0)
         if limit and (msg.errors or results_bound(msg) > limit):
             for piece in fit_results(msg, limit, self.max_frame, kept):

@@ -233,8 +233,8 @@ class Scheduler(NodeAnswers, Recovery):
                 self.task_result(node, msg)
             elif t is m.TaskFailed:
                 self.task_failed(node, msg)
-            else:
-                self.node_heartbeat(node, msg)
+            elif (state := self.nodes.get(node)) is not None:  # a heartbeat
+                state.load, state.busy = msg.load, msg.busy
         finally:
             self._depth -= 1
         return self.take_effects()
@@ -463,13 +463,6 @@ class Scheduler(NodeAnswers, Recovery):
             if job.options.group is not None
             else self._all_credits
         )
-
-    @command
-    def node_heartbeat(self, node_id: str, msg: m.Heartbeat) -> None:
-        node = self.nodes.get(node_id)
-        if node is not None:
-            node.load = msg.load
-            node.busy = msg.busy
 
     @command
     def remove_node(self, node_id: str, reason: str, *, left: bool = False) -> None:
@@ -707,8 +700,7 @@ class Scheduler(NodeAnswers, Recovery):
             or (groups and job.granted < m.MAX_GROUP)
             or job.received_bytes >= m.INITIAL_WINDOW_BYTES
         ):
-            # the console stops here too (protocol README, section 5): what is left is forfeited
-            # (spent, maybe too small for the next argument group, or past its bytes)
+            # the console stops here too (protocol README, section 5): the rest is forfeited
             job.first_window = False
             job.granted = 0
         if n:
@@ -758,11 +750,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     @command
     def console_lost(self, console: Any) -> None:
-        """Cancel the console's jobs after the grace period, unless detached or re-attached.
-
-        A job whose console left before ``args_end`` can never complete (only that console
-        had the rest of the arguments), so it is cancelled even if detached or attached again.
-        """
+        """Cancel the console's jobs after the grace period, unless detached or re-attached;
+        a job whose console left before ``args_end`` can never complete, so even then."""
         for job in list(self.jobs.values()):
             if job.console is not console:
                 continue
@@ -781,9 +770,8 @@ class Scheduler(NodeAnswers, Recovery):
             self._orphan(job, why)
 
     def _orphan(self, job: JobState, why: str, kind: str = "console-grace") -> None:
-        """End ``job`` after the console grace unless its console resumes it (or, once every
-        argument is in, a console attaches): ``console-grace`` cancels it, ``restart-grace``
-        (the server restarted) fails it."""
+        """End ``job`` after the console grace unless a console resumes or attaches it:
+        ``console-grace`` cancels it, ``restart-grace`` (the server restarted) fails it."""
         self._stop_orphan_timer(job)
         job.orphan_timer = self._start_timer(kind, self.console_grace, job.id, why)
         job.timers.append(job.orphan_timer)
@@ -825,8 +813,7 @@ class Scheduler(NodeAnswers, Recovery):
     @command
     def hold(self, console: Any, job_id: int, held: bool) -> None:
         """The job's console holds as many of its results as it will (``held``), or took
-        enough of them: dispatch none of its calls, or go on. Another console's word, or one
-        about a job that ended, changes nothing."""
+        enough of them: dispatch none of its calls, or go on."""
         job = self.active.get(job_id)
         if job is None or job.console is not console or job.held == held:
             return
@@ -836,8 +823,7 @@ class Scheduler(NodeAnswers, Recovery):
     @command
     def console_congested(self, console: Any, congested: bool) -> None:
         """More than ``wire.CONGESTED_BYTES`` wait to be written to ``console`` (or they
-        drained): its jobs' calls wait, so a console that reads slowly (or not at all) makes
-        the server buffer at most that plus the results of the calls already on nodes."""
+        drained): its jobs' calls wait, so a slow reader makes the server buffer no more."""
         for job in self.active.values():
             if job.console is console and job.congested != congested:
                 job.congested = congested
@@ -933,10 +919,8 @@ class Scheduler(NodeAnswers, Recovery):
             and job.done + job.failed >= job.total
             and (job.console is not None or job.options.detach)  # else its console may resume it
         ):
-            if job.unsent:  # an outcome of it never left (see unsent)
-                self.finish(job, "failed", job.unsent)
-            else:
-                self.finish(job, "done")
+            # never "done" while an outcome of it did not leave (see unsent)
+            self.finish(job, "failed" if job.unsent else "done", job.unsent)
         else:
             self._grant(job)
 
@@ -1004,16 +988,13 @@ class Scheduler(NodeAnswers, Recovery):
     def _preempt(self) -> None:
         """The grace passed: cancel lower-priority jobs' tasks (on whole nodes, lowest priority
         first) until each starved job's share is free; they re-queue without counting an
-        attempt (execution is at-least-once). Their cores are killed and replaced."""
+        attempt (execution is at-least-once)."""
         self._preempt_timer = None
         for job in sorted(self._starved(), key=lambda j: -j.options.priority):
             need = self._entitled(job) - job.tasks
+            priority = job.options.priority
             victims = sorted(
-                (
-                    v
-                    for v in self.active.values()
-                    if v.options.priority < job.options.priority and v.tasks
-                ),
+                (v for v in self.active.values() if v.options.priority < priority and v.tasks),
                 key=lambda v: v.options.priority,
             )
             for victim in victims:
@@ -1041,10 +1022,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _dispatch(self, node: NodeState, job: JobState, now: float) -> bool:
         """Send ``node`` a task of ``job`` (the job's function first, once per node), in frames
-        the node takes. False: nothing of the job went, its function, or its next arguments
-        (the next few pickles, see :meth:`_behind_large`), are too large for this node's
-        frames and left for a node with larger ones (see :meth:`_too_large`, which fails one
-        when no node takes it: True then)."""
+        the node takes. False: nothing went, as what is next of the job is too large for this
+        node's frames and left for a node with larger ones (see :meth:`_too_large`)."""
         if job.id not in node.loaded:
             load = m.JobLoad(
                 job=job.id,
@@ -1091,10 +1070,9 @@ class Scheduler(NodeAnswers, Recovery):
         return True
 
     def _behind_large(self, node: NodeState, job: JobState, size: int, room: int) -> Segment | None:
-        """The job's next arguments that fit ``node``'s frames, from behind the pickles at the
-        head of its queue that wait for a node with larger frames (at most ``SKIP_LARGE`` of
-        them are passed over; they stay at the head, in order, for the first larger node that
-        asks): a small node is not held idle while a larger one is busy. None: nothing fits."""
+        """The job's next arguments that fit ``node``'s frames, from behind (at most
+        ``SKIP_LARGE``) pickles at the head of its queue that wait, in order, for a node with
+        larger frames: a small node is not held idle while a larger one is busy. None: none."""
         limit = node.frame_limit
         pending = job.pending
         held = [pending.popleft()]  # (put back by _too_large: it waits for a larger node)
@@ -1120,11 +1098,9 @@ class Scheduler(NodeAnswers, Recovery):
         self, node: NodeState, job: JobState, need: int, seg: Segment | None = None
     ) -> bool:
         """``job``'s function (``seg`` None) or the arguments ``seg`` (taken off its queue)
-        need a frame of ``need`` bytes, over ``node``'s limit. Decided now, among the nodes
-        connected: if one that may run the job and takes work has larger frames, they wait for
-        it (back in the queue; False). If none has, waiting could be for ever: the job fails,
-        or each of the arguments with ``ArgumentTooLarge`` (its job too, on ``on_error:
-        fail``), in one line naming the size, the largest limit and the setting (True)."""
+        need a frame of ``need`` bytes, over ``node``'s limit. If a connected node that may run
+        the job has larger frames, they wait for it (back in the queue; False); if none has,
+        waiting could be for ever: the job fails, or each of the arguments (True)."""
         largest = node.frame_limit
         for other in self.nodes.values():
             if other.draining or other.excluded or not self._group_ok(other, job):
@@ -1175,10 +1151,8 @@ class Scheduler(NodeAnswers, Recovery):
 
     def job_statuses(self, jobs: Iterable[JobState] | None = None) -> list[JobStatus]:
         """The status records of ``jobs`` (default: every job) with what only the scheduler
-        knows: each job's weight, its share of the cluster (its weight over the weights of the
-        running jobs with work), its cores in use (the first ``cores`` tasks a node holds are
-        the ones running; the rest wait on the node), a file job's left-out nodes and counters, a
-        gang job's calls in flight (its driver tells exactly which call a lost node took)."""
+        knows: weight, share, cores in use (a node runs the first ``cores`` tasks it holds), a
+        file job's left-out nodes and counters, a gang job's calls in flight."""
         now = self.clock.seconds()
         cores: dict[int, int] = {}
         calls: dict[int, list[int]] = {}  # a gang job's argument indices in flight

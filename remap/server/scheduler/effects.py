@@ -1,9 +1,8 @@
-"""What goes into the scheduler and what comes out: events in, effects out, and their runner.
+"""Events into the scheduler, effects out of it, and their runner.
 
-:meth:`Scheduler.handle` takes one event (a peer's message, a node joined or lost, a
-console lost, a timer fired) and returns the effects it decided on (send, close, start
-or cancel a timer) without performing any of them; :class:`EffectRunner` performs them
-with real links and a clock. A test can assert on the effects alone: no links, no time.
+:meth:`Scheduler.handle` takes one event and returns the effects it decided on without
+performing them; :class:`EffectRunner` performs them with real links and a clock. A test can
+assert on the effects alone: no links, no time.
 """
 
 from __future__ import annotations
@@ -95,8 +94,8 @@ Event = NodeJoined | NodeLost | NodeLeft | NodeSaid | ConsoleSaid | ConsoleLost 
 
 
 class Send(NamedTuple):
-    """Send ``msg`` on ``link``: a tuple, built with ``tuple.__new__`` (a C call) by the
-    scheduler, two or three per single call (a dataclass's ``__init__`` is a Python call)."""
+    """Send ``msg`` on ``link``: a tuple the scheduler builds with ``tuple.__new__`` (a C
+    call, where a dataclass's ``__init__`` is a Python one), two or three per single call."""
 
     link: Any
     msg: m.Message
@@ -126,9 +125,9 @@ class CancelTimer:
 
 @dataclass(slots=True)
 class Unsent:
-    """A send that raised, noted by :meth:`Scheduler.unsent` when it did; the runner hands it
-    back (:meth:`Scheduler.send_failed`) once the bookkeeping that decided it is done.
-    ``close``: the message's job had ended (or it has none), so that peer is closed."""
+    """A send that raised, noted by :meth:`Scheduler.unsent`, handed back to
+    :meth:`Scheduler.send_failed` once the bookkeeping that decided it is done. ``close``:
+    the message's job had ended (or it has none), so that peer is closed."""
 
     link: Any
     msg: m.Message
@@ -193,8 +192,8 @@ class EventLog:
 
 
 class EffectRunner:
-    """Performs effects: sends and closes on links, timers on a clock; a timer that runs out
-    goes back to the scheduler as :class:`TimerFired`, and its effects are performed too."""
+    """Performs effects on links and a clock; a timer that runs out goes back to the scheduler
+    as :class:`TimerFired`, and its effects are performed too."""
 
     log = Logger()
 
@@ -205,7 +204,7 @@ class EffectRunner:
 
     def apply(self, effects: list[Effect]) -> None:
         """Perform ``effects`` in order; a send that raises stops none of the others (see
-        :meth:`_unsent`, which adds what the scheduler then decides to ``effects``)."""
+        :meth:`_unsent`)."""
         for effect in effects:
             t = type(effect)
             if t is Send:
@@ -236,8 +235,8 @@ class EffectRunner:
 
     def _unsent(self, effects: list[Effect], at: Effect, unsent: Unsent) -> None:
         """A send (``at`` in ``effects``) raised: a peer being closed gets none of the sends
-        after it (they were decided as if that message had left: a ``job_done`` "done" after
-        lost results would lie); what the scheduler decides is performed after the rest."""
+        after it (decided as if that message had left: a ``job_done`` "done" after lost
+        results would lie); what the scheduler decides is performed after the rest."""
         if unsent.close:
             i = next(k for k, e in enumerate(effects) if e is at)
             effects[i + 1 :] = [
@@ -255,15 +254,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _same_signature(fn: Callable[..., Any], outermost: Callable[..., Any]) -> Callable[..., Any]:
     """``command``'s wrapper with ``fn``'s own parameters, generated (as dataclasses generates
-    ``__init__``): a command called inside another (``pump`` in every answer) is then a plain
-    call of ``fn`` with the same arguments, not a pack into ``*args``/``**kwargs`` and out."""
+    ``__init__``): a command inside another (``pump`` in every answer) is a plain call, with no
+    packing into ``*args``/``**kwargs`` and out."""
     params, passed, namespace = [], [], {"_fn": fn, "_outermost": outermost}
     keyword_only = False
     for i, p in enumerate(inspect.signature(fn).parameters.values()):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
-            return lambda self, *a, **k: (
-                fn(self, *a, **k) if self._depth else outermost(self, *a, **k)
-            )
+            raise TypeError(f"command {fn.__qualname__}: named parameters only")
         if p.kind is p.KEYWORD_ONLY and not keyword_only:
             keyword_only = True
             params.append("*")

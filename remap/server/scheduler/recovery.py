@@ -1,8 +1,5 @@
-"""Restart and repair: jobs taken back from the journal, resumed by their console, or put
-right after a message handler failed half-way.
-
-A mixin of :class:`~.core.Scheduler` (it uses the scheduler's records and effects).
-"""
+"""Restart and repair, a mixin of :class:`~.core.Scheduler`: jobs taken back from the journal,
+resumed by their console, or put right after a message handler failed half-way."""
 
 from __future__ import annotations
 
@@ -25,10 +22,9 @@ class Recovery:
     def restore(self, journal: Any) -> None:
         """Take back the jobs ``journal`` recorded (the server restarted), then journal on.
 
-        A finished job comes back with its stored results, so ``attach`` works. A running
-        detached job whose arguments are all stored resumes with the arguments whose outcome
-        was not delivered. Any other running job was fed by its console's stream, which a
-        restart cut: it ends failed with the reason, never silently.
+        A finished job comes back with its stored results, so ``attach`` works. A detached job
+        whose arguments are all stored resumes with those whose outcome was not delivered; an
+        attached one waits for its console to resume it; any other fails with the reason.
         """
         self.journal = journal
         top = 0
@@ -101,7 +97,7 @@ class Recovery:
         return job
 
     def recall(self, job_id: int) -> JobState | None:
-        """A job by id: in memory, or a finished one only the journal still keeps (it comes
+        """A job by id: in memory, or a finished one only the journal still keeps (brought
         back into memory, so ``attach`` and ``results`` work for every journaled job)."""
         job = self.jobs.get(job_id)
         if job is None and self.journal is not None:
@@ -114,8 +110,8 @@ class Recovery:
     @command
     def resume(self, console: Any, msg: m.Resume) -> tuple[JobState | None, str]:
         """A reconnected console takes back the job it feeds: the server drops what it holds of
-        the job and lacks every argument the console has no outcome for (see the protocol's
-        ``resume``); returns the job, or None and why not."""
+        it and is sent again what the console has no outcome for (the protocol's ``resume``).
+        Returns the job, or None and why not."""
         job = self.jobs.get(msg.job)
         if job is None:
             return None, f"no job {msg.job} on this server (unknown, or finished and forgotten)"

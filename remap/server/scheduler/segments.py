@@ -1,9 +1,6 @@
-"""Arguments travelling together: segments of a job's queue, cut and merged without copies.
-
-A segment is a run of argument indices with their pickles' sizes and one payload; the
-queue of a job is a deque of them. Payloads are memoryviews, so cutting copies nothing. With
-argument groups a pickle holds several arguments: cuts then fall between pickles, except for
-retries inside a group (``skip``/``tail``).
+"""Segments of a job's queue: runs of argument indices with their pickles' sizes and one
+payload (a memoryview, so cutting copies nothing). With argument groups a pickle holds several
+arguments: cuts then fall between pickles, except for retries inside a group (``skip``/``tail``).
 """
 
 from __future__ import annotations
@@ -23,11 +20,9 @@ MERGE_MAX_BYTES = 256 * 1024
 class Segment:
     """Arguments travelling together: their indices, pickles and payload.
 
-    Without ``groups`` each pickle is one argument. With ``groups`` pickle ``i`` is a list of
-    ``groups[i]`` arguments (an argument group); the segment is then the run of arguments that
-    starts ``skip`` arguments into the first pickle and ends ``tail`` arguments before the end
-    of the last. ``skip`` and ``tail`` are zero except for retries inside a group: the queue
-    cuts and merges only at group boundaries.
+    With ``groups`` pickle ``i`` is a list of ``groups[i]`` arguments; the segment is then the
+    run of arguments that starts ``skip`` arguments into the first pickle and ends ``tail``
+    before the end of the last (both zero except for retries inside a group).
     """
 
     indices: Indices
@@ -37,8 +32,7 @@ class Segment:
     groups: list[int] | None = None
     skip: int = 0
     tail: int = 0
-    #: travels alone without having failed: an argument whose batch's results were too large
-    #: for a frame to the console as one pickle, run again by itself (no attempt counted)
+    #: travels alone without having failed (its batch's results were too large for a frame)
     solo: bool = False
 
     def __len__(self) -> int:
@@ -135,11 +129,9 @@ def cut(seg: Segment, a: int, b: int) -> Segment:
 def take_from(queue: deque[Segment], n: int, max_bytes: int) -> Segment:
     """Remove up to ``n`` arguments and ``max_bytes`` (but at least one pickle) from the queue.
 
-    Cuts fall between pickles only, so an argument group is never split (one larger than
-    what is left of ``n`` travels whole). Retried arguments and pieces of groups never merge
-    with others: a suspect travels alone. Payloads are memoryviews, so cutting a segment
-    copies nothing; segments are joined only while the batch holds less than
-    ``MERGE_MAX_BYTES``.
+    Cuts fall between pickles only, so an argument group is never split. Retried arguments
+    and pieces of groups never merge with others: a suspect travels alone. Segments are joined
+    (copied) only while the batch holds less than ``MERGE_MAX_BYTES``.
     """
     if len(queue) == 1:  # what the loop does with a lone segment that fits (a single call)
         seg = queue[0]
