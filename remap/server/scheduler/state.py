@@ -203,8 +203,7 @@ class JobState:
     batch: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
-        self.finished = self.phase.final
-        self.receiving = self.phase is JobPhase.RECEIVING
+        self.rebuilt(self.phase)
         from .policy import batch_size  # (policy reads this module's records)
 
         self.batch = batch_size(self)
