@@ -318,12 +318,10 @@ class Scheduler(NodeAnswers, Recovery):
 
     def _timer_fired(self, timer: Timer) -> None:
         kind = timer.kind
-        if kind == "sweep":
+        if kind == "sweep" or kind == "preempt":  # the scheduler's own: only the last one started
             if timer == self._sweep:
                 self._check_deadlines()
-            return
-        if kind == "preempt":
-            if timer == self._preempt_timer:
+            elif timer == self._preempt_timer:
                 self._preempt()
             return
         note = self._timer_notes.pop(timer, "")

@@ -168,7 +168,7 @@ class EventLog:
     """The last ``size`` events and commands with their time: what the scheduler was told."""
 
     def __init__(self, size: int = 1000) -> None:
-        #: (time, text) or (time, (formatter, its arguments)): see :meth:`event`
+        #: (time, text) or (time, (formatter, its arguments)): see :meth:`node_said`
         self.entries: deque[tuple[float, Any]] = deque(maxlen=size)
 
     def add(self, now: float, text: str) -> None:
@@ -214,17 +214,14 @@ class EffectRunner:
                     self._unsent(
                         effects, effect, self.scheduler.unsent(effect.link, effect.msg, Failure())
                     )
-            elif t is StartTimer:
-                old = self.timers.pop(effect.timer, None)
-                if old is not None and old.active():
-                    old.cancel()
-                self.timers[effect.timer] = self.clock.callLater(
-                    effect.delay, self._fire, effect.timer
-                )
-            elif t is CancelTimer:
+            elif t is StartTimer or t is CancelTimer:
                 call = self.timers.pop(effect.timer, None)
                 if call is not None and call.active():
                     call.cancel()
+                if t is StartTimer:
+                    self.timers[effect.timer] = self.clock.callLater(
+                        effect.delay, self._fire, effect.timer
+                    )
             elif t is Close:
                 if effect.error is None:
                     effect.link.close()

@@ -103,22 +103,20 @@ def fit_results(
     answered = msg.answered
     n = len(answered)
     output = _cut_output(msg.output, limit)
+    errors = {e[0]: e for e in msg.errors}
     if msg.packed or msg.partial or len(msg.sizes) != n:
         need = frame_length(*m.encode(msg))
         text = too_large_text(need, limit, server_limit, kept)
-        known = {e[0]: e for e in msg.errors}
-        errors = [known.get(i) or _error_entry(i, text) for i in range(n)]
         return [
             m.Results.of(
                 msg.job,
                 answered,
                 sizes=[] if msg.partial else [0] * n,
-                errors=errors,
+                errors=[errors.get(i) or _error_entry(i, text) for i in range(n)],
                 output=output,
                 partial=msg.partial,
             )
         ]
-    errors = {e[0]: e for e in msg.errors}
     payload = memoryview(msg.payload)
     offsets = [0]
     for size in msg.sizes:
