@@ -854,14 +854,12 @@ class Scheduler(NodeAnswers, Recovery):
         job.waiting = ""
         self.active.pop(job.id, None)
         job.finished_at = self.clock.seconds()
-        job.pending.clear()
-        job.pending_count = job.pending_bytes = 0
         job.granted = 0
         for timer in job.timers:
             self._timer_notes.pop(timer, None)
             self._outbox.append(CancelTimer(timer))
         job.timers.clear()
-        self._recall_tasks(job)
+        self._drop_work(job)
         for node in self.nodes.values():
             if job.id in node.loaded:
                 node.loaded.discard(job.id)
@@ -882,8 +880,10 @@ class Scheduler(NodeAnswers, Recovery):
         self._prune_finished()
         self.pump()
 
-    def _recall_tasks(self, job: JobState) -> None:
-        """Take every task of ``job`` off the nodes (cancelled there; late answers dropped)."""
+    def _drop_work(self, job: JobState) -> None:
+        """Drop ``job``'s queue and take its tasks off the nodes (late answers dropped)."""
+        job.pending.clear()
+        job.pending_count = job.pending_bytes = 0
         for node in self.nodes.values():
             self._take_tasks(node, job)
         job.running = job.tasks = 0

@@ -122,9 +122,7 @@ class Recovery:
         problem = self._resume_problem(msg)
         if problem:
             return None, problem
-        self._recall_tasks(job)
-        job.pending.clear()
-        job.pending_count = job.pending_bytes = 0
+        self._drop_work(job)
         job.console = console
         self._console_changed(job)
         job.done, job.failed = msg.done, msg.failed

@@ -46,15 +46,13 @@ class Segment:
 
 def _merge_indices(parts: list[Indices]) -> Indices:
     if all(type(p) is range for p in parts):
-        merged: list[range] = [parts[0]]  # type: ignore[list-item]
+        run: range = parts[0]  # type: ignore[assignment]
         for p in parts[1:]:
-            last = merged[-1]
-            if p.start == last.stop and p.step == 1 and last.step == 1:  # type: ignore[union-attr]
-                merged[-1] = range(last.start, p.stop)  # type: ignore[union-attr]
-            else:
+            if p.start != run.stop or p.step != 1 or run.step != 1:  # type: ignore[union-attr]
                 break
+            run = range(run.start, p.stop)  # type: ignore[union-attr]
         else:
-            return merged[0]
+            return run
     return [i for p in parts for i in p]
 
 
