@@ -1,19 +1,9 @@
 """One connection's protocol state, sans-IO: bytes in, events out, bytes to send.
 
-Both ends run the same class. The *client* (a node or a console) speaks first:
-
-    client                                server
-    hello(version, role, versions, Nc) ─▶
-                                        ◀─ challenge(versions, Ns, Ps)
-    auth(Pc)                           ─▶
-                                        ◀─ welcome(session, limits)
-
-``Ps = HMAC(key, "remap/1 server" | H(hello) | Ns)`` proves the server holds the
-secret over the client's fresh nonce; ``Pc = HMAC(key, "remap/1 client" | H(hello) |
-H(challenge))`` proves the client's, over the server's fresh nonce. A recorded
-transcript cannot be replayed against either side because the other side's nonce is
-new each time. Before both proofs check out the frame limit is a few KiB and only
-handshake messages are parsed; nothing is unpickled here at all.
+Both ends run the same class. The handshake (README.md, section 4) proves the shared secret both
+ways, each proof over the other side's fresh nonce, so a recorded transcript cannot be replayed.
+Before both proofs check out the frame limit is a few KiB and only handshake messages are
+parsed; nothing is unpickled here at all.
 """
 
 from __future__ import annotations
