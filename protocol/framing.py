@@ -56,6 +56,9 @@ def small_frame(header: bytes, payload: bytes | memoryview = b"") -> bytes:
     return _PREFIX.pack(4 + len(header) + len(payload), len(header)) + header + payload
 
 
+#: bytes asked per read outside large frames (a small frame comes whole; below malloc's mmap
+#: threshold, so a read costs no mmap)
+READ_SIZE = 64 * 1024
 #: a payload up to this size is copied into one buffer with its frame (cheaper than writing parts)
 SMALL_PAYLOAD = 64 * 1024
 

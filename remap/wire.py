@@ -27,14 +27,9 @@ from twisted.python.failure import Failure
 from protocol import Authenticated, Connection, ConnectionFailed, MessageReceived
 from protocol import messages as m
 from protocol.connection import _OPEN
-from protocol.framing import encode_frame, small_frame, unsent
+from protocol.framing import READ_SIZE, SMALL_PAYLOAD, encode_frame, small_frame, unsent
 
 from .errors import CertificateMismatch, ConnectionLost, FrameTooLarge, NodeLost, RemapError
-
-#: messages at least this long are written with ``sendmsg`` from their own buffers
-SCATTER_MIN = 64 * 1024
-#: bytes asked of a plain TCP socket per read outside large frames (Twisted's own read size)
-READ_SIZE = 64 * 1024
 
 
 def transport_idle(transport: Any) -> bool:
@@ -122,7 +117,7 @@ def write_now(
     ):
         total = sum(map(len, data))
         try:
-            if total > SCATTER_MIN:
+            if total > SMALL_PAYLOAD:
                 sent = sock.sendmsg(data)
             else:
                 data = [b"".join(data)]
@@ -538,7 +533,7 @@ class PeerProtocol(Protocol):
         """One message of an open connection: a small one on an idle plain TCP socket leaves in
         this call as one buffer (:meth:`_flush` and :func:`write_now`, inlined); else theirs."""
         conn, sending = self.conn, self._sending
-        if sending is None or conn.outgoing or len(payload) > SCATTER_MIN:
+        if sending is None or conn.outgoing or len(payload) > SMALL_PAYLOAD:
             conn.outgoing.extend(encode_frame(header, payload))
             self._flush()
             return
@@ -626,7 +621,7 @@ class PeerProtocol(Protocol):
             if not out:
                 return True
             header, payload = m.encode(out[0])
-            if len(out) == 1 and len(payload) <= SCATTER_MIN:
+            if len(out) == 1 and len(payload) <= SMALL_PAYLOAD:
                 # one small message (a lone call's argument): one buffer, one send
                 frame = small_frame(header, payload)
                 self.traffic.sent += len(frame)

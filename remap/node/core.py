@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from protocol import messages as m
-from protocol.framing import FrameDecoder, frame_parts, unsent
+from protocol.framing import READ_SIZE, FrameDecoder, frame_parts, unsent
 from remap.blobs import PICKLE_PROTOCOL, dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
@@ -41,10 +41,6 @@ FINE_SECONDS = 0.001
 FINE_ONCE_SECONDS = 0.05
 
 
-#: bytes asked of the pipe per read: a small command comes whole (below malloc's mmap threshold)
-READ_SMALL = 1 << 16
-
-
 def commands(fd: int) -> Iterator[m.Message]:
     """The node's commands, until it closes the pipe (blocking: a core has nothing else to do);
     a small one in one ``read``, a large one straight into its own buffer."""
@@ -59,7 +55,7 @@ def commands(fd: int) -> Iterator[m.Message]:
             decoder.wrote(n)
             frames = decoder.frames()
         else:
-            data = read(fd, READ_SMALL)
+            data = read(fd, READ_SIZE)
             if not data:
                 return
             frame = decoder.whole(data)  # a whole small command, the usual read: unbuffered

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from protocol import messages as m
 from protocol.errors import RemoteProtocolError
-from protocol.framing import Frame, FrameDecoder, frame_parts, unsent
+from protocol.framing import READ_SIZE, Frame, FrameDecoder, frame_parts, unsent
 
 from ..bundle import job_path, node_dir
 from ..taskoutput import prefix_lines
@@ -38,8 +38,6 @@ from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
 PIPE_SIZE = 1024 * 1024
-#: bytes read from a core's answer pipe at a time (outside large frames)
-PIPE_READ = 64 * 1024
 
 
 def _widen_pipes(core: CoreProcess) -> None:
@@ -159,7 +157,7 @@ class CoreProcess(ProcessProtocol):
             decoder.read_buffer,
             lambda view: os.readv(fd, [view]),
             lambda n: (decoder.wrote(n), self._answers(decoder.frames())),
-            read=functools.partial(os.read, fd, PIPE_READ),
+            read=functools.partial(os.read, fd, READ_SIZE),
             data_received=self._read,
         )
 
