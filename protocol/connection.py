@@ -349,6 +349,10 @@ class Connection:
                 "install the same cloudpickle version everywhere"
             )
 
+    def _proof(self, label: bytes, last: bytes) -> bytes:
+        """``HMAC(key, label | H(hello) | last)``: either side's proof (README, section 4)."""
+        return hmac.new(self._key, label + self._hello_hash + last, "sha256").digest()
+
     def _handshake(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if isinstance(msg, m.Error):
             return self._closed_by_peer(msg)
@@ -382,9 +386,7 @@ class Connection:
             self._my_nonce = self._nonce_source(NONCE_SIZE)
             if self._my_nonce == msg.nonce:
                 raise RemoteProtocolError("peer reflected our nonce")
-            proof = hmac.new(
-                self._key, _SERVER_LABEL + self._hello_hash + self._my_nonce, "sha256"
-            ).digest()
+            proof = self._proof(_SERVER_LABEL, self._my_nonce)
             challenge = self._queue(
                 m.Challenge(
                     version=m.PROTOCOL_VERSION,
@@ -394,9 +396,7 @@ class Connection:
                     proof=proof,
                 )
             )
-            self._expected_client_proof = hmac.new(
-                self._key, _CLIENT_LABEL + self._hello_hash + _digest(challenge), "sha256"
-            ).digest()
+            self._expected_client_proof = self._proof(_CLIENT_LABEL, _digest(challenge))
             self._stage = "auth"
             return None
         if self._stage == "auth" and isinstance(msg, m.Auth):
@@ -421,9 +421,7 @@ class Connection:
     def _client_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if self._stage == "challenge" and isinstance(msg, m.Challenge):
             self._check_versions(msg.version, msg.python, msg.cloudpickle)
-            expected = hmac.new(
-                self._key, _SERVER_LABEL + self._hello_hash + msg.nonce, "sha256"
-            ).digest()
+            expected = self._proof(_SERVER_LABEL, msg.nonce)
             if not hmac.compare_digest(msg.proof, expected):
                 raise AuthError(
                     "the server could not prove it holds this cluster's secret: refusing to "
@@ -431,9 +429,7 @@ class Connection:
                 )
             if msg.nonce == self._my_nonce:
                 raise AuthError("server reflected our nonce")
-            proof = hmac.new(
-                self._key, _CLIENT_LABEL + self._hello_hash + _digest(raw_header), "sha256"
-            ).digest()
+            proof = self._proof(_CLIENT_LABEL, _digest(raw_header))
             self._queue(m.Auth(proof=proof))
             self._stage = "welcome"
             return None
