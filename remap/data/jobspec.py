@@ -65,7 +65,6 @@ class MapReduceSpec(FileJobSpec):
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     kind = "mapreduce"
-    detach = False
 
 
 def _module(entry: Any) -> str:

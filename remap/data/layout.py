@@ -1,16 +1,6 @@
 """The data directory every node sees, and how files in it are committed exactly once.
 
-Layout (``REMAP_DATA_DIR``; a local folder on one machine, NFS or CephFS on a LAN)::
-
-    job/<jobid>/jobconfig.json            the resolved job (written first: the visibility token)
-    job/<jobid>/app/                      a copy of the job module as run
-    job/<jobid>/progress/<task>.json      one file per task (``mapper-0003``, ``reducer-0001``)
-    job/<jobid>/consolidated-progress.json
-    job/<jobid>/result                    ``INCOMPLETE``, ``FAIL`` or ``OK``
-    job/<jobid>/result.json               the state with counters and timings
-    job/<jobid>/driver.lock               flocked by the job's driver while it runs (:class:`JobLock`)
-    im/<jobid>/<purpose>/reducer-NNNN/mapper-NNNN-part-NNNNN.<attempt>   intermediate runs
-
+Its layout (``REMAP_DATA_DIR``) is :class:`DataDir`'s, described in README "Where files go".
 An attempt writes ``<final>.<attempt>.tmp`` and commits it by ``os.replace``, so a reader never
 sees a partial file; which committed attempt counts is decided by whoever received the task's
 result (never by listing a directory). A crash leaves the old file, the new one, or a ``.tmp``
@@ -127,9 +117,9 @@ class DataDir:
             return []
 
 
-def output_part(output: Path, purpose: str, reducer: int, part: int = 0) -> Path:
-    """``OUTPUT/<purpose>/reducer-NNNN-part-NNNNN``: a reducer's committed output file."""
-    name = f"{task_name('reducer', reducer)}-part-{part:05d}"
+def output_part(output: Path, purpose: str, reducer: int) -> Path:
+    """``OUTPUT/<purpose>/reducer-NNNN-part-00000``: a reducer's committed output file."""
+    name = f"{task_name('reducer', reducer)}-part-00000"
     return Path(output) / check_name("purpose", purpose) / name
 
 
