@@ -122,7 +122,6 @@ class _Phase:
         on_output: Callable[[int, str], None] | None = None,
     ) -> None:
         self.results: dict[int, Any] = {}
-        self.errors: list[TaskErrorInfo] = []
         call_soon = runtime.reactor().callFromThread
         self.run = JobStream(
             blob,
@@ -137,9 +136,7 @@ class _Phase:
         self.total = len(args)
 
     def _item(self, index: int, result: Any, error: TaskErrorInfo | None) -> None:
-        if error is not None:
-            self.errors.append(error)
-        else:
+        if error is None:  # a failed task fails the phase; its session keeps the first error
             self.results[index] = result
 
     def wait(self, tick: Callable[[], None]) -> dict[int, Any]:

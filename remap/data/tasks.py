@@ -154,13 +154,17 @@ class TaskContext:
 
 
 class _Progress:
-    """A task's progress file, rewritten at most once a second while it runs."""
+    """A task's progress file, rewritten at most once a second while it runs. Made as the task
+    starts, once it sees the data directory (it writes nothing there otherwise)."""
 
-    def __init__(self, ctx: TaskContext, task: str, attempt: str, **fixed: Any) -> None:
-        self.path = ctx.data.progress_file(ctx.job_id, task)
+    def __init__(self, ctx: TaskContext, kind: str, index: int, **fixed: Any) -> None:
+        layout.require_visible(ctx.data, ctx.job_id)
+        self.task = layout.task_name(kind, index)
+        self.attempt = layout.attempt_token()
+        self.path = ctx.data.progress_file(ctx.job_id, self.task)
         self.fixed = {
-            "task": task,
-            "attempt": attempt,
+            "task": self.task,
+            "attempt": self.attempt,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "node_pid": os.getppid(),  # a core's parent is its node
@@ -168,6 +172,7 @@ class _Progress:
         }
         self.started = time.time()
         self.last = 0.0
+        counters.take()  # the user's counts from here on
 
     def update(self, state: str = "running", force: bool = False, **values: Any) -> None:
         now = time.time()
@@ -178,6 +183,17 @@ class _Progress:
             self.path,
             {**self.fixed, "state": state, "seconds": round(now - self.started, 3), **values},
         )
+
+    def result(self, failures: _Failures, counts: dict[str, int], **more: Any) -> dict[str, Any]:
+        """What the task returns: ``more``, its ``counts`` with the user's, its errors, its time."""
+        return {
+            "task": self.task,
+            "attempt": self.attempt,
+            **more,
+            "counters": {**counts, **counters.take()},
+            "errors": failures.lines,
+            "seconds": round(time.time() - self.started, 3),
+        }
 
 
 def _describe(exc: BaseException) -> str:
@@ -206,13 +222,10 @@ class _Failures:
 def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, Any]:
     """Map one split into sorted runs per reducer; return the committed runs and counters."""
     data = ctx.data
-    layout.require_visible(data, ctx.job_id)
     s = Split(*split)
-    attempt = layout.attempt_token()
-    task = layout.task_name("mapper", s.index)
-    progress = _Progress(ctx, task, attempt, path=s.path, start=s.start, end=s.end)
+    progress = _Progress(ctx, "mapper", s.index, path=s.path, start=s.start, end=s.end)
     progress.update(force=True, bytes_read=0, records_in=0)
-    counters.take()
+    attempt = progress.attempt
     fns = ctx.functions
     user_map = fns.map
     reducers = dict(ctx.reducers)
@@ -330,22 +343,14 @@ def map_task(ctx: TaskContext, split: tuple[int, str, int, int]) -> dict[str, An
     for tmp, final, purpose, reducer, count, size in pending:
         layout.commit(tmp, final)
         runs.append([purpose, reducer, str(final), count, size])
-    user_counts = counters.take()
-    result = {
-        "task": task,
-        "attempt": attempt,
-        "runs": runs,
-        "counters": {
-            "map_records_in": records_in,
-            "map_records_out": buffer.records,
-            "map_bytes_in": s.size if fns.read is None else os.path.getsize(s.path),
-            "map_spills": buffer.spills,
-            "map_errors": failures.count,
-            **user_counts,
-        },
-        "errors": failures.lines,
-        "seconds": round(time.time() - progress.started, 3),
+    counts = {
+        "map_records_in": records_in,
+        "map_records_out": buffer.records,
+        "map_bytes_in": s.size if fns.read is None else os.path.getsize(s.path),
+        "map_spills": buffer.spills,
+        "map_errors": failures.count,
     }
+    result = progress.result(failures, counts, runs=runs)
     progress.update("done", force=True, bytes_read=s.size, records_in=records_in)
     return result
 
@@ -413,13 +418,10 @@ def _returned(what: str, outputs: Any) -> str:
 def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict[str, Any]:
     """Merge one reducer's committed runs and reduce them into an attempt-named output file."""
     data = ctx.data
-    layout.require_visible(data, ctx.job_id)
     index, purpose, reducer, paths = work
-    attempt = layout.attempt_token()
-    task = layout.task_name("reducer", index)
-    progress = _Progress(ctx, task, attempt, purpose=purpose, reducer=reducer, runs=len(paths))
+    progress = _Progress(ctx, "reducer", index, purpose=purpose, reducer=reducer, runs=len(paths))
     progress.update(force=True, records_out=0)
-    counters.take()
+    task, attempt = progress.task, progress.attempt
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"committed run {path} is missing from the data directory")
@@ -473,20 +475,12 @@ def reduce_task(ctx: TaskContext, work: tuple[int, str, int, list[str]]) -> dict
             if p not in paths:
                 Path(p).unlink(missing_ok=True)
     progress.update("done", force=True, keys=keys_reduced, records_out=records_out)
-    return {
-        "task": task,
-        "attempt": attempt,
-        "purpose": purpose,
-        "reducer": reducer,
-        "path": str(committed),
-        "final": str(final),
-        "counters": {
-            "reduce_keys": keys_reduced,
-            "reduce_records_out": records_out,
-            "reduce_premerges": merges,
-            "reduce_errors": failures.count,
-            **counters.take(),
-        },
-        "errors": failures.lines,
-        "seconds": round(time.time() - progress.started, 3),
+    counts = {
+        "reduce_keys": keys_reduced,
+        "reduce_records_out": records_out,
+        "reduce_premerges": merges,
+        "reduce_errors": failures.count,
     }
+    return progress.result(
+        failures, counts, purpose=purpose, reducer=reducer, path=str(committed), final=str(final)
+    )
