@@ -666,15 +666,12 @@ def _import_module(target: str, base_dir: Path) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
             top = target.partition(".")[0]
-            beside = (base_dir / top / "__init__.py").is_file() or (
-                base_dir / f"{top}.py"
-            ).is_file()
-            hint = (
-                f" ({top} is next to the job file: list it under modules: so it can be "
-                "imported here and travels to the nodes)"
-                if beside
-                else ""
-            )
+            hint = ""
+            if (base_dir / top / "__init__.py").is_file() or (base_dir / f"{top}.py").is_file():
+                hint = (
+                    f" ({top} is next to the job file: list it under modules: so it can be "
+                    "imported here and travels to the nodes)"
+                )
             raise ConfigError(f"module '{target}' not found{hint}") from exc
         raise ConfigError(f"error while importing module '{target}': {exc}") from exc
     except SyntaxError as exc:
@@ -687,9 +684,5 @@ def _import_module(target: str, base_dir: Path) -> ModuleType:
 
 def _where_raised(exc: BaseException, path: Path) -> str:
     """``path:line`` of the deepest frame of the user's file, so they can find the bug."""
-    lines = [
-        frame.lineno
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if frame.filename == str(path)
-    ]
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
     return f"{path}:{lines[-1]}" if lines else str(path)

@@ -196,36 +196,33 @@ def build_parser() -> Parser:
         _global_options(p, top=False)
         return p
 
+    def flag(p: Parser, name: str, text: str) -> None:
+        p.add_argument(name, action="store_true", help=text)
+
     p = command("compute")
     p.epilog = EXIT_CODES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("job", help="the job file (YAML)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--detach", action="store_true", help="let the job run on if this console leaves"
-    )
+    flag(p, "--json", "machine-readable output")
+    flag(p, "--detach", "let the job run on if this console leaves")
     p.add_argument(
         "--wait-for-nodes",
         type=float,
         metavar="SECONDS",
         help="fail if no node can run the job within this time",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
+    flag(p, "--quiet", "no progress bar")
+    flag(
+        p,
         "--no-task-output",
-        action="store_true",
-        help="do not show what tasks print or log (default: shown on stderr, REMAP_TASK_OUTPUT)",
+        "do not show what tasks print or log (default: shown on stderr, REMAP_TASK_OUTPUT)",
     )
-    p.add_argument(
+    flag(
+        p,
         "--dashboard",
-        action="store_true",
-        help="print a login link to the live dashboard (the embedded cluster serves one)",
+        "print a login link to the live dashboard (the embedded cluster serves one)",
     )
-    p.add_argument(
-        "--traceback",
-        action="store_true",
-        help="if the job fails, print the remote traceback of the first failing call",
-    )
+    flag(p, "--traceback", "if the job fails, print the remote traceback of the first failing call")
     p.add_argument(
         "--engine",
         default="remap",
@@ -234,11 +231,11 @@ def build_parser() -> Parser:
         "seam), dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local",
     )
     for name in ("status", "nodes", "jobs"):
-        command(name).add_argument("--json", action="store_true", help="machine-readable output")
+        flag(command(name), "--json", "machine-readable output")
     p = command("kill")
     p.add_argument("job", nargs="?", type=job_id, help="the job id (see: remap jobs)")
-    p.add_argument("--cluster", action="store_true", help="stop every node and the server")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    flag(p, "--cluster", "stop every node and the server")
+    flag(p, "--yes", "do not ask for confirmation")
     for name in ("drain", "undrain", "exclude", "include"):
         command(name).add_argument(
             "node",
@@ -247,19 +244,13 @@ def build_parser() -> Parser:
         )
     p = command("dashboard")
     p.add_argument("--http-port", type=int, help="the server's HTTP port (REMAP_HTTP_PORT)")
-    p.add_argument(
-        "--token",
-        action="store_true",
-        help="print the API's bearer token instead (for scripts and Prometheus)",
-    )
+    flag(p, "--token", "print the API's bearer token instead (for scripts and Prometheus)")
     for name in ("attach", "results"):
         p = command(name)
         p.add_argument("job", type=job_id, help="the job id (see: remap jobs)")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument(
-            "--no-task-output",
-            action="store_true",
-            help="a detached data or vertex job: do not show what its tasks print",
+        flag(p, "--json", "machine-readable output")
+        flag(
+            p, "--no-task-output", "a detached data or vertex job: do not show what its tasks print"
         )
     command("help").add_argument("topic", nargs="?", help="a command")
     command("quit")
