@@ -1,15 +1,12 @@
 """Detached data and vertex jobs, both ends: the console that starts or waits for one, and the
 driver process the server runs for it (``python -m remap.console.detached DIR``).
 
-``compute JOB.yaml --detach`` of a ``kind: mapreduce`` or ``kind: vertex`` job checks the job
-here (so its mistakes are one line on this console), then sends it with its files *by value*
-(``drive``): paths absolute, the module, its ``modules:`` (packages too) and ``files:`` as one
-tree (:func:`remap.bundle.tree`). The server writes them to ``<data dir>/detached/<id>/`` and
-starts this module's :func:`main` there, which runs the same driver ``compute`` runs attached
-and reports on stdout, one JSON object a line: ``started`` (the data-directory job id),
-``progress`` (phase, done, total, a line), ``output`` (what the tasks printed, batched),
-``end`` (state, message, summary). ``attach ID`` follows the job (``attach`` requests: its
-map and its task output) until it has ended.
+``compute JOB.yaml --detach`` checks the job here (its mistakes are one line on this console),
+then sends it with its files *by value* (``drive``: paths absolute, its module, ``modules:`` and
+``files:`` as one tree). The server writes them to ``<data dir>/detached/<id>/`` and starts
+:func:`main` there, which runs the driver ``compute`` runs attached and reports on stdout, one
+JSON object a line: ``started`` (the data-directory job id), ``progress`` (phase, done, total, a
+line), ``output`` (what the tasks printed, batched), ``end`` (state, message, summary).
 """
 
 from __future__ import annotations

@@ -73,10 +73,7 @@ class Session:
         if self.locate():
             try:
                 self.client = runtime.run(
-                    connect_console,
-                    runtime.reactor(),
-                    self.settings,
-                    self.settings.server,
+                    connect_console, runtime.reactor(), self.settings, self.settings.server
                 )
             except SecretMissing as exc:
                 raise SecretMissing(f"{exc}; {env_search_text(self.env_searched)}") from None
