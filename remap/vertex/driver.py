@@ -8,6 +8,7 @@ in flight names a worker whose node was lost; heartbeats catch a hung or retried
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -413,10 +414,8 @@ class Driver:
     def _command_quietly_stop(self) -> None:
         """Stop the workers and wait (a while) until they have: one still in a superstep would
         write its messages after the cleanup."""
-        try:
+        with contextlib.suppress(OSError):
             self._command("stop")
-        except OSError:
-            pass
         if self.launch is not None:
             self.launch.kill()
             if not self.launch.wait(STOP_WAIT):

@@ -19,6 +19,7 @@ end finds them gone and stops, instead of leaving them behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import secrets
@@ -37,12 +38,9 @@ def write_pickle(path: Path, value: Any) -> None:
 
 def write_pickle_inside(path: Path, value: Any) -> None:
     """:func:`write_pickle` making only ``path``'s own directory: FileNotFoundError if the
-    one above it is gone. A worker writes its acks so: once the driver removed ``acks/``
-    (the job ended), a worker still running must not make it again."""
-    try:
+    one above it (``acks/``) is gone, which a worker must not make again."""
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path.parent)
-    except FileExistsError:
-        pass
     tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
     try:
         with open(tmp, "wb") as handle:

@@ -209,8 +209,7 @@ class Worker:
                 self.phases.mark("wait")
                 if cmd.kind == "stop":
                     return {"slot": self.slot, "attempt": self.attempt, **self.stats}
-                mine = cmd.members.get(self.slot) == self.attempt
-                if not mine:
+                if cmd.members.get(self.slot) != self.attempt:
                     if self.member:
                         raise _Superseded("slot taken over after a rollback")
                     seq += 1
