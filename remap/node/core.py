@@ -82,12 +82,6 @@ def task_count(batch: m.Task) -> int:
     return batch.count if batch.count >= 0 else sum(batch.groups) - batch.skip
 
 
-def _groups(cmd: m.Task) -> Any:
-    """``(pickle, arguments in it)`` for each pickle of a batch; 0: a bare argument."""
-    blobs = split(cmd.sizes, cmd.payload)
-    return zip(blobs, cmd.groups) if cmd.groups else ((blob, 0) for blob in blobs)
-
-
 def _error_entry(pos: int, exc: BaseException) -> list[Any]:
     tb = user_traceback(exc)
     return [pos, type(exc).__qualname__, str(exc)[:2000], tb[-8000:]]
@@ -239,7 +233,8 @@ class Core:
         fine, slow = bool(timed), False
         pos = 0
         try:
-            for blob, n in _groups(cmd):
+            blobs = split(cmd.sizes, cmd.payload)  # each with its count of arguments; 0: bare
+            for blob, n in zip(blobs, cmd.groups) if cmd.groups else ((b, 0) for b in blobs):
                 if left <= 0:
                     break
                 bad: BaseException | None = None
