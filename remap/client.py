@@ -1239,8 +1239,7 @@ _ARGS_MESSAGES = (m.Args, m.ArgsEnd)
 def _consecutive(indices: list[int] | range) -> bool:
     if type(indices) is range:  # a run as the server sent it: nothing to compare
         return bool(indices)
-    first = indices[0] if indices else 0
-    return bool(indices) and indices == list(range(first, first + len(indices)))
+    return bool(indices) and indices == list(range(indices[0], indices[0] + len(indices)))
 
 
 def _to_sink(event: tuple[Any, ...], sink: Sink) -> int:
