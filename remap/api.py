@@ -336,9 +336,8 @@ class _Feeder:
 
     def _unpicklable(self, exc: PicklingError) -> bool:
         """An argument cannot be pickled: a lazy iterator (``limit``) with ``defer_errors``
-        keeps the error for its position, as one the iterable raised (True). Raised where it
-        was read, it dropped the results of the arguments taken before it: as many as
-        ``buffersize``, all of them when it came in the first window (``imap`` raised it)."""
+        keeps the error for its position, as one the iterable raised (True), so the results
+        of the arguments taken before it are still given."""
         return self.limit is not None and self._source_failed(exc)
 
     def _pickle_group(self, group: list[Any]) -> tuple[list[Any], bytes | None]:
@@ -395,8 +394,7 @@ class _Feeder:
                 self.put += len(group)
                 room -= len(blob)
                 # the first window is ready: queue it and let the reactor thread take the GIL
-                # to send it with the submit while this thread pickles the rest (it waited for
-                # every pickle of the job, ~1 ms for 10^4 arguments, before the submit left)
+                # to send it with the submit while this thread pickles the rest
                 first_window = self.put - len(group) < m.INITIAL_WINDOW <= self.put
                 due = False
                 if lazy:  # a slow source: groups of what it gives in GROUP_WAIT, queued now
@@ -557,15 +555,10 @@ class ResultIterator(Iterator[Any]):
         per result: results that are ready are taken in runs (``map``'s hot path). They are
         appended to ``out`` (kept up to a remote error this raises) and returned."""
         out = [] if out is None else out
-        with self._lock:
-            while True:
-                self._take_ready(out)
-                try:
-                    out.append(self._next(None))
-                except StopIteration:
-                    return out
+        self.rest_ready(out, wait=True)
+        return out
 
-    def rest_ready(self, out: list[Any]) -> bool:
+    def rest_ready(self, out: list[Any], wait: bool = False) -> bool:
         """:meth:`rest` without waiting, for a consumer that takes the stream's events from a
         queue of its own (``remap.Pool.map_async``, on the pool's delivery thread, see
         :meth:`absorb`): True once every result is in ``out``, False while one has not come."""
@@ -573,7 +566,7 @@ class ResultIterator(Iterator[Any]):
             while True:
                 self._take_ready(out)
                 try:
-                    value = self._next(None, wait=False)
+                    value = self._next(None, wait)
                 except StopIteration:
                     return True
                 if value is _NOT_YET:
@@ -744,8 +737,8 @@ _RESULT_AND_ERROR = operator.itemgetter(1, 2)
 
 
 def _check_buffersize(buffersize: int | None) -> None:
-    """Refuse a buffersize below 1 before its job starts (0 was taken as the default; -1
-    left a started job waiting for arguments until the handle closed)."""
+    """Refuse a buffersize below 1 before its job starts (a started job would wait for
+    arguments until the handle closed)."""
     if buffersize is not None and buffersize < 1:
         raise ValueError(f"buffersize must be at least 1, not {buffersize}")
 
@@ -1022,8 +1015,8 @@ class Cluster:
         # a known length lets the server share the last batches out over every core
         total = len(iterable) if isinstance(iterable, Sized) else None
         source = iter(iterable)
-        name = f"{kind}:{describe(fn)}"
-        params = self._params(name, star=star, chunksize=chunksize)
+        fn_name = describe(fn)
+        params = self._params(f"{kind}:{fn_name}", star=star, chunksize=chunksize)
         stream = self._stream(
             blob,
             params,
@@ -1041,7 +1034,7 @@ class Cluster:
             star=star,
             style=style,
             deadline=deadline,
-            fn_name=describe(fn),
+            fn_name=fn_name,
         )
 
     # ------------------------------------------------------------ mapping
@@ -1069,8 +1062,7 @@ class Cluster:
         call = MAP_CALLS[method]
         if call.lazy and not style.defer_errors:
             # an exception from the iterable is raised at its position, after the results
-            # before it (as builtin map and Pool.imap), not when the feeder read it: that was
-            # 0 results or 41 of 50 depending on buffersize, the rest computed and dropped
+            # before it (as builtin map and Pool.imap), not when the feeder read it
             style = style._replace(defer_errors=True)
         results = self._iterate(
             fn,
@@ -1228,28 +1220,18 @@ class Cluster:
         from .data.layout import DataDir
 
         self._check_open()
+        options = {
+            "retries": self.retries,
+            "timeout": self.task_timeout,
+            "group": self.group,
+            "priority": self.priority,
+            **options,
+        }
         if detach:
             from .console.detached import drive_module
 
-            return drive_module(
-                self,
-                "mapreduce",
-                functions,
-                input,
-                output,
-                {
-                    "reducers": reducers,
-                    "retries": self.retries,
-                    "timeout": self.task_timeout,
-                    "group": self.group,
-                    "priority": self.priority,
-                    **options,
-                },
-            )
-        options.setdefault("retries", self.retries)
-        options.setdefault("timeout", self.task_timeout)
-        options.setdefault("group", self.group)
-        options.setdefault("priority", self.priority)
+            keys = {"reducers": reducers, **options}
+            return drive_module(self, "mapreduce", functions, input, output, keys)
         job = job_from_functions(
             functions, input, output, reducers=reducers, bundle=self.bundle, **options
         )
@@ -1400,9 +1382,8 @@ class Cluster:
         for stream in streams:
             if not stream.finished.is_set():
                 stream.kill()
-        # the server's answers end those jobs as killed (JobKilled, as on an embedded cluster);
-        # disconnecting first failed their calls with 'lost the connection to the server', as
-        # if the server had gone
+        # the server's answers end those jobs as killed (JobKilled, as on an embedded cluster),
+        # not as if the server had gone (which disconnecting first would)
         client = self._client
         if client is not None and client.link is not None:  # nobody answers a lost link
             deadline = time.monotonic() + KILL_WAIT

@@ -105,7 +105,8 @@ def run_chunk(
 
 
 class Engine:
-    """A cluster that runs chunks: subclasses say how to submit, wait, cancel and close."""
+    """A cluster that runs chunks: subclasses say how to submit and close, and how to wait,
+    cancel and read a result where their handles are not ``concurrent.futures`` futures."""
 
     name = "engine"
     workers = 1
@@ -173,13 +174,17 @@ class Engine:
 
     def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
         """The handles done once one is (none when ``timeout`` passes first)."""
-        raise NotImplementedError
+        done, _ = concurrent.futures.wait(
+            handles, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        return list(done)
 
     def _result(self, handle: Any) -> Any:
-        raise NotImplementedError
+        return handle.result()
 
     def _cancel(self, handles: list[Any]) -> None:
-        raise NotImplementedError
+        for handle in handles:
+            handle.cancel()
 
     def close(self) -> None:
         """Disconnect; a local cluster this engine started is stopped."""
@@ -234,14 +239,13 @@ class DaskEngine(Engine):
             raise ServerUnreachable(
                 f"could not reach the dask scheduler at {address}: {exc}"
             ) from None
-        self.workers = max(1, sum(self.client.nthreads().values())) if address != "local" else (
-            workers
-        )  # fmt: skip
+        if address != "local":
+            workers = max(1, sum(self.client.nthreads().values()))
+        self.workers = workers
 
     def _share(self, blob: bytes) -> Any:
         # a task's result, not scattered data: when the worker holding it dies (a call that
-        # exits its process) the scheduler computes it again. Scattered, it was lost with a
-        # one-worker cluster's worker, and every chunk with it ("already forgotten")
+        # exits its process) the scheduler computes it again; scattered data is lost with it
         return self.client.submit(job_blob, blob, pure=False)
 
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
@@ -255,9 +259,6 @@ class DaskEngine(Engine):
         except TimeoutError:  # dask's TimeoutError is the builtin
             return []
         return list(done)
-
-    def _result(self, handle: Any) -> Any:
-        return handle.result()
 
     def _cancel(self, handles: list[Any]) -> None:
         self.client.cancel(handles)
@@ -379,19 +380,6 @@ class RemapEngine(Engine):
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
         return self.cluster.submit(run_chunk, key, blob, star, timeout, chunk)
 
-    def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
-        done, _ = concurrent.futures.wait(
-            handles, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        return list(done)
-
-    def _result(self, handle: Any) -> Any:
-        return handle.result()
-
-    def _cancel(self, handles: list[Any]) -> None:
-        for handle in handles:
-            handle.cancel()
-
     def close(self) -> None:
         self.cluster.close()
 
@@ -463,7 +451,6 @@ class EngineRun:
         timeout: float | None = None,
         chunksize: int = 0,
         total_hint: int | None = None,
-        close_engine: bool = True,
     ) -> None:
         self.engine = engine
         self.blob = blob
@@ -474,7 +461,6 @@ class EngineRun:
         self.timeout = timeout
         self.chunksize = chunksize or auto_chunksize(total_hint, engine.workers)
         self.total_hint = total_hint
-        self.close_engine = close_engine
         self.done = 0
         self.failed = 0
         self.sent = 0
@@ -554,8 +540,7 @@ class EngineRun:
             )  # fmt: skip
         finally:
             outcomes.close()  # cancels what is still pending
-            if self.close_engine:
-                engine.close()
+            engine.close()
         try:
             sink.close(complete=error is None)
         except Exception as exc:

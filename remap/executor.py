@@ -26,16 +26,21 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
+
 from . import api, runtime
 from .api import _PLAIN_TYPES
 from .blobs import PICKLE_PROTOCOL
 from .calls import INITIALIZER_FAILED, Apply, Initialized, Initializer
+from .errors import JobFailed
 
 if TYPE_CHECKING:
     from .api import Cluster, JobStream, ResultIterator
     from .sinks import TaskErrorInfo
 
 __all__ = ["Executor", "RemoteFuture"]
+
+log = Logger()
 
 #: seconds a function's job stays open after its last outstanding call, for the next submit...
 LINGER = 0.5
@@ -53,6 +58,7 @@ _PENDING, _RUNNING, _FINISHED = (
 _now = time.monotonic
 _monotonic = time.monotonic
 _WAKE = ("wake",)
+_SHUT_DOWN = "cannot schedule new futures after shutdown"
 
 #: executors whose calls may still run; the interpreter's exit waits for them, as the stdlib's
 _live: weakref.WeakSet[Executor] = weakref.WeakSet()
@@ -149,17 +155,18 @@ class RemoteFuture(concurrent.futures.Future):
         state = self._state
         return state is not _PENDING and state is not _RUNNING
 
-    def set_result(self, result: Any) -> None:
-        super().set_result(result)
+    def _wake_driver(self) -> None:
         r = self._driven
         if r is not None:  # set on another thread (the delivery thread): the loop must see it
             r.wakeUp()
 
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._wake_driver()
+
     def set_exception(self, exception: BaseException | None) -> None:
         super().set_exception(exception)
-        r = self._driven
-        if r is not None:
-            r.wakeUp()
+        self._wake_driver()
 
     def cancel(self) -> bool:
         stream = self._stream
@@ -175,9 +182,7 @@ class RemoteFuture(concurrent.futures.Future):
             return False
         # wake wait() / as_completed() now rather than when the item would have been sent
         self.set_running_or_notify_cancel()
-        r = self._driven
-        if r is not None:
-            r.wakeUp()
+        self._wake_driver()
         return True
 
 
@@ -441,14 +446,17 @@ class Executor(concurrent.futures.Executor):
 
     # ------------------------------------------------------------ submitting
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
-        """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
-        if self._broken:
+    def _check_accepting(self) -> None:
+        if self._broken:  # no job, no initializer run again on every core
             raise concurrent.futures.BrokenExecutor(self._broken)
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            raise RuntimeError(_SHUT_DOWN)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
+        """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
+        self._check_accepting()
         if not kwargs and _PLAIN_TYPES.issuperset(map(type, args)):
             blob = pickle.dumps((args, kwargs), PICKLE_PROTOCOL)  # plain scalars: pickle exactly
         else:
@@ -459,7 +467,7 @@ class Executor(concurrent.futures.Executor):
         key = _key(fn)
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise RuntimeError(_SHUT_DOWN)
             self._cluster._check_open()
             stream = self._streams.get(key)
             if stream is not None and not stream.take_back(fn):
@@ -492,13 +500,7 @@ class Executor(concurrent.futures.Executor):
         call; ``chunksize`` fixes the server's batch size (default: adaptive).
         """
         deadline = time.monotonic() + timeout if timeout is not None else None
-        if self._broken:  # as submit: no job, no initializer run again on every core
-            raise concurrent.futures.BrokenExecutor(self._broken)
-        if _exiting:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+        self._check_accepting()
         args: Iterable[Any] = zip(*iterables)
         if iterables and all(isinstance(it, Sized) for it in iterables):
             args = _SizedZip(iterables)
@@ -547,7 +549,7 @@ class Executor(concurrent.futures.Executor):
         whose callbacks run here, not on a thread of their own); shutdown waits for it."""
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise RuntimeError(_SHUT_DOWN)
             self._owners.add(owner)
         return self._events
 
@@ -565,51 +567,38 @@ class Executor(concurrent.futures.Executor):
         ``wait=True`` returns once every outstanding call finished (and, for an executor
         that made its own connection, once that connection and its cluster are closed).
         """
-        with self._lock:
-            self._shutdown = True
-            streams = list(self._streams.values())
-            self._streams.clear()
-            maps = list(self._maps)
-        withdrawn: list[RemoteFuture] = []
-        for stream in streams:
-            if cancel_futures:
-                withdrawn += stream.withdraw_pending()
-            stream.job.close_input()
-        for future in withdrawn:
-            future._withdraw()
-        if cancel_futures:
-            for results in maps:
-                results.cancel()
-        self._events.put(_WAKE)
+        self._stop(cancel_futures, kill=False)
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()  # it waits for the map jobs and closes an owned cluster
 
     def _terminate(self) -> None:
         """Cancel everything, running calls included (their futures get JobKilled); a job with
         no call outstanding (one kept open for the next submit) is closed instead."""
+        self._stop(cancel=True, kill=True)
+
+    def _stop(self, cancel: bool, kill: bool) -> None:
         with self._lock:
             self._shutdown = True
-            streams = list(self._open)
+            # killing reaches the jobs no longer taking submits too, not only the reusable ones
+            streams = list(self._open if kill else self._streams.values())
             self._streams.clear()
             maps = list(self._maps)
+        withdrawn: list[RemoteFuture] = []
         for stream in streams:
-            for future in stream.withdraw_pending():
-                future._withdraw()
+            if cancel:
+                withdrawn += stream.withdraw_pending()
             with stream.job.lock:
                 idle = stream.outstanding == 0
-            if idle:  # a lingering job with nothing running ends as done, not killed
-                stream.job.close_input()
-            else:
+            if kill and not idle:
                 stream.job.kill()
-        for results in maps:
-            results.cancel()
+            else:  # a lingering job with nothing running ends as done, not killed
+                stream.job.close_input()
+        for future in withdrawn:
+            future._withdraw()
+        if cancel:
+            for results in maps:
+                results.cancel()
         self._events.put(_WAKE)
-
-    def _close_cluster(self) -> None:
-        with self._lock:
-            owns, self._owns_cluster = self._owns_cluster, False
-        if owns:
-            self._cluster.close()
 
     # ------------------------------------------------------------ delivery thread
 
@@ -625,9 +614,7 @@ class Executor(concurrent.futures.Executor):
                 try:
                     self._handle(event)
                 except Exception:  # a bug here must not strand every later future
-                    from twisted.logger import Logger
-
-                    Logger().failure("delivering results failed")
+                    log.failure("delivering results failed")
                 event = None  # waiting for the next one must not keep this job (and its fn) alive
             self._reap_idle()
             with self._lock:
@@ -642,7 +629,10 @@ class Executor(concurrent.futures.Executor):
         for results in maps:
             if results.input_read:  # a lazy map still reading its iterable is not waited for
                 results.wait_finished()
-        self._close_cluster()
+        with self._lock:
+            owns, self._owns_cluster = self._owns_cluster, False
+        if owns:
+            self._cluster.close()
         _live.discard(self)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
@@ -664,8 +654,6 @@ class Executor(concurrent.futures.Executor):
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
             self._open.discard(stream)
-        from .errors import JobFailed
-
         stream.fail_all(error or JobFailed("the job ended before this call's result arrived"))
         stream.fn = stream.weak = None  # the job and stream form a cycle: drop the function now
 

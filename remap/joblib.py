@@ -105,8 +105,8 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
         defaults = dict(self._defaults)
-        self._cluster_given = cluster if cluster is not None else defaults.pop("cluster", None)
-        defaults.pop("cluster", None)
+        default_cluster = defaults.pop("cluster", None)
+        self._cluster_given = cluster if cluster is not None else default_cluster
         self._connect_kwargs = {**defaults, **connect_kwargs}
         self._executor: Executor | None = None
         self._init: tuple[Any, tuple[Any, ...]] = (initializer, tuple(initargs))
@@ -117,13 +117,15 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         after an abort and None once terminated, as loky's workers are."""
         return self._executor
 
-    def _new_executor(self) -> Executor:
-        initializer, initargs = self._init
-        executor = Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
-        # a joblib batch is already sized (0.2-2 s of work): batching batches would put one
-        # behind a slow one on the same core while other cores idle
-        executor._submit_chunksize = 1
-        return executor
+    def _ready_executor(self) -> Executor:
+        if self._executor is None:
+            initializer, initargs = self._init
+            executor = Executor(cluster=self.cluster, initializer=initializer, initargs=initargs)
+            # a joblib batch is already sized (0.2-2 s of work): batching batches would put one
+            # behind a slow one on the same core while other cores idle
+            executor._submit_chunksize = 1
+            self._executor = executor
+        return self._executor
 
     @property
     def cluster(self) -> Any:
@@ -156,14 +158,11 @@ class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
         if n == 1:
             # as loky and multiprocessing: one job runs here, in this process
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
-        if self._executor is None:
-            self._executor = self._new_executor()
+        self._ready_executor()
         return n
 
     def submit(self, func: Any, callback: Any = None) -> Any:
-        if self._executor is None:
-            self._executor = self._new_executor()
-        future = self._executor.submit(_run_batch, func)
+        future = self._ready_executor().submit(_run_batch, func)
         if callback is not None:
             future.add_done_callback(callback)
         return future

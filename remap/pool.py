@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import threading
 import warnings
@@ -26,8 +27,9 @@ class AsyncResult:
     """The result of ``apply_async`` / ``map_async``, like ``multiprocessing.pool.AsyncResult``.
 
     ``callback`` / ``error_callback`` run (on the pool's one delivery thread, ``map_async``'s
-    too) before ``get()`` returns, as in multiprocessing; they must not block. One that raises is logged and the result is still ready
-    (multiprocessing's result thread dies there, and every later ``get()`` hangs).
+    too) before ``get()`` returns, as in multiprocessing; they must not block. One that raises
+    is logged and the result is still ready (multiprocessing's result thread dies there, and
+    every later ``get()`` hangs).
     """
 
     def __init__(
@@ -94,36 +96,46 @@ def _encoding_error(exc: BaseException) -> BaseException:
     return wrapped
 
 
-def _all_then_first_error(results: ResultIterator) -> list[Any]:
-    """Every result in order; if calls failed, raise the first failure once all have ended."""
-    values: list[Any] = []
-    first: Exception | None = None
-    with results:
+class _Gathered:
+    """Results in argument order past remote errors, as multiprocessing's map gathers them: a
+    failed call's place holds None, and the first failure is kept to be raised at the end."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.first: Exception | None = None
+
+    def take(self, results: ResultIterator, step: Callable[[list[Any]], Any]) -> Any:
+        """``step(self.values)`` (``results.rest`` or ``rest_ready``), past every remote error."""
         while True:
             try:
-                results.rest(values)
-                break
+                return step(self.values)
             except Exception as exc:  # a remote error: remember it and let the others finish
                 if results.cancelled:  # the pool was terminated: no others will come
                     raise
-                first = first or exc
-                values.append(None)
-    if first is not None:
-        raise first
-    return values
+                self.first = self.first or exc
+                self.values.append(None)
 
 
-class _AsyncMap:
+def _all_then_first_error(results: ResultIterator) -> list[Any]:
+    """Every result in order; if calls failed, raise the first failure once all have ended."""
+    gathered = _Gathered()
+    with results:
+        gathered.take(results, results.rest)
+    if gathered.first is not None:
+        raise gathered.first
+    return gathered.values
+
+
+class _AsyncMap(_Gathered):
     """A ``map_async``'s results gathered as :func:`_all_then_first_error` does, on the pool's
     delivery thread as their events come (``Executor._adopt``), not on a thread per call."""
 
     def __init__(self, future: concurrent.futures.Future) -> None:
+        super().__init__()
         self.future = future
         self.results: ResultIterator | None = None
         #: events that came before the iterator was attached
         self.early: list[tuple[Any, ...]] = []
-        self.values: list[Any] = []
-        self.first: Exception | None = None
 
     def deliver(self, event: tuple[Any, ...]) -> bool:
         """Delivery thread: one event of the job (or ``("attach", self, iterator)``, queued
@@ -142,16 +154,8 @@ class _AsyncMap:
         try:
             for each in events:
                 results.absorb(each)
-            while True:
-                try:
-                    if not results.rest_ready(self.values):
-                        return False
-                    break
-                except Exception as exc:  # a remote error: remember it and let the others finish
-                    if results.cancelled:  # the pool was terminated: no others will come
-                        raise
-                    self.first = self.first or exc
-                    self.values.append(None)
+            if not self.take(results, results.rest_ready):
+                return False
         except BaseException as exc:  # noqa: BLE001 - delivered through the AsyncResult
             results.close()
             self.future.set_exception(exc)
@@ -316,7 +320,7 @@ class Pool:
         callback: Callable[[Any], Any] | None = None,
         error_callback: Callable[[BaseException], Any] | None = None,
     ) -> AsyncResult:
-        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+        return self._map_async("map", func, iterable, chunksize, callback, error_callback)
 
     def starmap_async(
         self,
@@ -326,13 +330,13 @@ class Pool:
         callback: Callable[[Any], Any] | None = None,
         error_callback: Callable[[BaseException], Any] | None = None,
     ) -> AsyncResult:
-        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+        return self._map_async("starmap", func, iterable, chunksize, callback, error_callback)
 
     def _map_async(
         self,
+        method: str,
         func: Callable[..., Any],
         iterable: Iterable[Any],
-        star: bool,
         chunksize: int | None,
         callback: Callable[[Any], Any] | None,
         error_callback: Callable[[BaseException], Any] | None,
@@ -351,13 +355,7 @@ class Pool:
             raise ValueError("Pool not running") from None
         try:
             results = self._map(
-                "starmap" if star else "map",
-                func,
-                values,
-                chunksize,
-                collect=False,
-                events=events,
-                owner=gather,
+                method, func, values, chunksize, collect=False, events=events, owner=gather
             )
         except BaseException:
             executor._disown(gather)
@@ -410,9 +408,7 @@ class Pool:
                 results.cancel(_TERMINATED)
         self._executor._terminate()
         self._executor.shutdown(wait=True)
-        if self._owns_cluster:
-            self._owns_cluster = False
-            self._cluster.close()
+        self._release_cluster()
 
     def join(self) -> None:
         """Wait for every ``apply_async`` / ``map_async`` result; call close() or terminate() first."""
@@ -422,16 +418,19 @@ class Pool:
             pending = list(self._pending)
         concurrent.futures.wait(pending)
         if self._state == _CLOSE:
-            # as multiprocessing, join waits for imap's calls too (it closed the pool's own
-            # cluster under them: iterating after join raised JobKilled); one still reading a
-            # long iterable on its consumer's thread can never end here and is not waited for
+            # as multiprocessing, join waits for imap's calls too (before closing the pool's own
+            # cluster under them); one still reading a long iterable on its consumer's thread
+            # can never end here and is not waited for
             for results in list(self._iterators):
                 if results.input_read:
                     results.wait_finished()
             self._executor.shutdown(wait=True)
-            if self._owns_cluster:
-                self._owns_cluster = False
-                self._cluster.close()
+            self._release_cluster()
+
+    def _release_cluster(self) -> None:
+        if self._owns_cluster:
+            self._owns_cluster = False
+            self._cluster.close()
 
     def __enter__(self) -> Pool:
         self._check_running()
@@ -445,12 +444,8 @@ class Pool:
         # own embedded cluster (and so its cores) is closed rather than left running until exit
         if getattr(self, "_state", None) == _RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
-            if getattr(self, "_owns_cluster", False):
-                self._owns_cluster = False
-                try:
-                    self._cluster.close()
-                except Exception:  # interpreter shutdown: the cores die with their pipes anyway
-                    pass
+            with contextlib.suppress(Exception):  # interpreter shutdown: cores die with pipes
+                self._release_cluster()
 
     def __repr__(self) -> str:
         return f"<remap.Pool state={self._state} cluster={self._cluster!r}>"

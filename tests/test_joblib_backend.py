@@ -205,7 +205,7 @@ def test_a_slow_batch_holds_back_no_other(embedded: remap.Cluster, tmp_path: Pat
     import concurrent.futures
 
     release = str(tmp_path / "release")
-    executor = remap.joblib.RemapBackend(cluster=embedded)._new_executor()
+    executor = remap.joblib.RemapBackend(cluster=embedded)._ready_executor()
     try:
         # measured as fast: adaptive batching would now put many calls in one server batch
         warm = [executor.submit(held_until, release, 0) for _ in range(20)]

@@ -4,6 +4,8 @@ done-when): no processes, ``Cluster._iterate`` (what opens a job) is recorded in
 from __future__ import annotations
 
 import multiprocessing
+import queue
+import threading
 import weakref
 from typing import Any
 
@@ -15,6 +17,8 @@ from remap.pool import Pool
 
 class FakeResults:
     """Stands for a ResultIterator: what the facades do with it, without a job."""
+
+    _stream = None
 
     def __init__(self) -> None:
         self.closed = False
@@ -93,3 +97,34 @@ def test_eager_methods_gather_through_the_facades_style(opened: list[dict[str, A
     assert isinstance(results, FakeResults) and not results.closed
     assert results in pool._iterators
     pool._state = "TERMINATE"
+
+
+class FakeExecutor:
+    """Stands for a pool's executor: the queue map_async's job events go to."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _adopt(self, owner: Any) -> queue.SimpleQueue:
+        return self.events
+
+    def _disown(self, owner: Any) -> None:
+        pass
+
+
+def test_async_methods_read_the_eager_rows(
+    opened: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """map_async and starmap_async open their eager method's job (its row of the one table,
+    changed rows followed), its events going to the pool's delivery queue."""
+    monkeypatch.setitem(
+        MAP_CALLS, "starmap", MapCall("probe", star=True, ordered=False, lazy=False)
+    )
+    cluster, pool = handles()
+    pool._executor, pool._lock, pool._pending = FakeExecutor(), threading.Lock(), set()
+    pool.map_async(abs, [1])
+    pool.starmap_async(abs, [(1,)])
+    pool._state = "TERMINATE"
+    seen = [(job["star"], job["ordered"], job["buffersize"]) for job in opened]
+    assert seen == [(False, True, None), (True, False, None)]
+    assert all(job["events"] is pool._executor.events for job in opened)
