@@ -69,10 +69,8 @@ def module_root(entry: str | Path | ModuleType, base: Path) -> Path:
     text = str(entry)
     path = (base / text).expanduser()
     if path.exists() or text.endswith(".py") or "/" in text or os.sep in text:
-        if path.is_file() and path.suffix == ".py":
-            return path.resolve()
-        if path.is_dir() and (path / "__init__.py").is_file():
-            return path.resolve()
+        if (path.is_file() and path.suffix == ".py") or (path / "__init__.py").is_file():
+            return path.resolve()  # a module, or a package's directory
         raise ConfigError(
             f"modules: {text!r} is not a .py file or a package directory (with __init__.py) "
             f"under {base}"
