@@ -494,7 +494,9 @@ class Drivers:
             waiters, job.waiters = job.waiters, []
             for waiter in waiters:
                 waiter(job)
-            self._forget_old()
+            finished = [j for j in self.jobs.values() if j.finished]
+            for old in finished[: max(0, len(finished) - MAX_KEPT)]:
+                del self.jobs[old.id]
 
         d = self._in_thread(
             _after_driver,
@@ -508,11 +510,6 @@ class Drivers:
         )
         d.addErrback(lambda f: self.log.failure("cleaning up after job {id}", f, id=job.id))
         d.addBoth(finish)
-
-    def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.finished]
-        for job in finished[: max(0, len(finished) - MAX_KEPT)]:
-            del self.jobs[job.id]
 
 
 def _finished(progress: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:

@@ -440,15 +440,14 @@ class Journal:
         for job_id, msg, store in outcomes:
             rows.extend(self._runs(job_id, msg))
             if store:
-                seq = self._seq[job_id] if job_id in self._seq else self._next_seq(job_id)
+                if job_id not in self._seq:  # its first stored result since the server started
+                    sql = "SELECT COALESCE(MAX(seq) + 1, 0) FROM results WHERE job=?"
+                    self._seq[job_id] = self._db.execute(sql, (job_id,)).fetchone()[0]
+                seq = self._seq[job_id]
                 self._seq[job_id] = seq + 1
                 header, payload = m.encode(msg)
                 stored.append((job_id, seq, header, payload))
         return rows, stored
-
-    def _next_seq(self, job_id: int) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM results WHERE job=?", (job_id,)).fetchone()
-        return 0 if row[0] is None else row[0] + 1
 
     def _prune(self, db: sqlite3.Connection) -> None:
         """Forget finished jobs past the newest ``keep_jobs`` or older than ``keep_seconds``."""
