@@ -33,7 +33,7 @@ from .routes import (
     find,
     split_path,
 )
-from .security import SESSION_COOKIE, HttpAuth, Identity
+from .security import LOGIN_TTL, SESSION_COOKIE, HttpAuth, Identity
 from .submit import MAX_BODY, SubmitError, Submitter, parse_body, prepare
 
 SECURITY_HEADERS = {
@@ -177,11 +177,8 @@ class HttpApp:
         token = self.auth.new_login_token()
         path = f"/login?token={token}"
         host = (request.getHeader(b"host") or b"localhost").decode("ascii", "replace")
-        scheme = "https" if self.tls else "http"
-        return self._body(
-            request,
-            {"url": f"{scheme}://{host}{path}", "path": path, "expires_in": 600.0},
-        )
+        url = f"{'https' if self.tls else 'http'}://{host}{path}"
+        return self._body(request, {"url": url, "path": path, "expires_in": LOGIN_TTL})
 
     def dashboard(self, request: Any, identity: Identity) -> bytes:
         csrf = identity.session.csrf if identity.session is not None else ""

@@ -158,6 +158,10 @@ def _param_schema(name: str) -> dict:
     return {"type": PARAMS.get(name, ("string", str))[0]}
 
 
+def _param(name: str, where: str, required: bool, schema: dict) -> dict:
+    return {"name": name, "in": where, "required": required, "schema": schema}
+
+
 def _operation(route: Route) -> dict:
     ok: dict[str, Any] = {"description": "OK"}
     if route.schema is not None:
@@ -190,20 +194,12 @@ def _operation(route: Route) -> dict:
         "tags": [route.tag],
         "responses": responses,
     }
-    params = [
-        {
-            "name": segment[1:-1],
-            "in": "path",
-            "required": True,
-            "schema": _param_schema(segment[1:-1]),
-        }
-        for segment in route.segments
-        if segment.startswith("{")
-    ]
+    names = [segment[1:-1] for segment in route.segments if segment.startswith("{")]
+    params = [_param(name, "path", True, _param_schema(name)) for name in names]
     if route.auth == "login":
-        params.append({"name": "token", "in": "query", "required": True, "schema": _STR})
+        params.append(_param("token", "query", True, _STR))
     if route.media == NDJSON:
-        params.append({"name": "wait", "in": "query", "required": False, "schema": _BOOL})
+        params.append(_param("wait", "query", False, _BOOL))
     if params:
         op["parameters"] = params
     if route.body is not None:

@@ -32,10 +32,10 @@ def job_view(status: JobStatus) -> dict:
     return view
 
 
-def summary_view(sched: Any, stats: ServerStats, drivers: Any = None) -> dict:
+def summary_view(sched: Any, stats: ServerStats, drivers: Any) -> dict:
     now = sched.clock.seconds()
     nodes, running = list(sched.nodes.values()), list(sched.active.values())
-    driven = list(drivers.jobs.values()) if drivers is not None else []
+    driven = list(drivers.jobs.values())
     # a running detached job's current phase is a function job of its own: one job to the user
     phases = {j.progress.get("sub_job") for j in driven if not j.finished}
     return {
@@ -76,7 +76,7 @@ def job_detail(sched: Any, stats: ServerStats, job: Any) -> dict:
     return view
 
 
-def snapshot(sched: Any, stats: ServerStats, drivers: Any = None) -> dict:
+def snapshot(sched: Any, stats: ServerStats, drivers: Any) -> dict:
     """What every dashboard sees each tick (computed once per tick, shared by all viewers)."""
     last = stats.history[-1] if stats.history else (sched.clock.seconds(), 0, 0)
     return {
