@@ -324,11 +324,8 @@ class ServerConnection:
         """Say which nodes lack the job's ``requires`` or do not see its data directory; fail
         at once a job none can run."""
         sched = self.scheduler
-        candidates = [
-            n
-            for n in sched.nodes.values()
-            if job.options.group is None or n.group == job.options.group
-        ]
+        group = job.options.group
+        candidates = [n for n in sched.nodes.values() if group is None or n.group == group]
         notices, short, kinds = [], [], set()
         for n in candidates:
             names = missing(n, job)
@@ -365,11 +362,8 @@ class ServerConnection:
             _refuse(link, msg, "failed", str(exc))
             return
         self.scheduler.set_excluded(exclusions.hosts)
-        self.log.info(
-            "host {host} {what} by a console",
-            host=host,
-            what="excluded" if excluded else "included",
-        )
+        what = "excluded" if excluded else "included"
+        self.log.info("host {host} {what} by a console", host=host, what=what)
         info = {
             "host": host,
             "excluded": excluded,
