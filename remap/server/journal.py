@@ -95,6 +95,9 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (job, seq)
 ) WITHOUT ROWID;
 """
+_FINISHED = "SELECT id FROM jobs WHERE finished_at IS NOT NULL"
+#: the newest finished jobs (``LIMIT ?``): what a restart reads, what pruning by count keeps
+_NEWEST_FINISHED = f"{_FINISHED} ORDER BY id DESC LIMIT ?"
 
 
 class JournalError(Exception):
@@ -452,14 +455,8 @@ class Journal:
     def _prune(self, db: sqlite3.Connection) -> None:
         """Forget finished jobs past the newest ``keep_jobs`` or older than ``keep_seconds``."""
         cutoff = self.clock.seconds() - self.keep_seconds
-        old = [
-            row[0]
-            for row in db.execute(
-                "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND (finished_at < ? OR id NOT "
-                "IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT ?))",
-                (cutoff, self.keep_jobs),
-            )
-        ]
+        sql = f"{_FINISHED} AND (finished_at < ? OR id NOT IN ({_NEWEST_FINISHED}))"
+        old = [row[0] for row in db.execute(sql, (cutoff, self.keep_jobs))]
         for table in ("jobs", "functions", "args", "outcomes", "results"):
             column = "id" if table == "jobs" else "job"
             db.executemany(f"DELETE FROM {table} WHERE {column}=?", [(j,) for j in old])
@@ -481,12 +478,9 @@ class Journal:
         A finished job brings its stored results (so ``attach`` works after a restart); a
         running one also its stored arguments and which indices were delivered.
         """
-        db = self._db
-        with_ids = db.execute(
-            "SELECT id FROM jobs WHERE finished_at IS NULL UNION SELECT * FROM "
-            "(SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT ?)",
-            (finished_limit,),
-        ).fetchall()
+        running = "SELECT id FROM jobs WHERE finished_at IS NULL"
+        sql = f"{running} UNION SELECT * FROM ({_NEWEST_FINISHED})"
+        with_ids = self._db.execute(sql, (finished_limit,)).fetchall()
         return [job for (job_id,) in sorted(with_ids) if (job := self.job(job_id)) is not None]
 
     def job(self, job_id: int) -> JournaledJob | None:
