@@ -319,6 +319,15 @@ def test_hooks_run_around_the_task(tmp_path: Path) -> None:
     assert results[0]["counters"]["map_records_out"] == 2  # one pair per word, not per use
 
 
+def test_init_hooks_results_are_ignored(tmp_path: Path) -> None:
+    """What map_init and reduce_init return (a number, a state object) is not output."""
+    ctx = _context(
+        tmp_path, {"default": 1}, map=_wc_map, map_init=lambda: 3, reduce_init=lambda: object()
+    )
+    results = [map_task(ctx, _split(tmp_path, "a a b", 0))]
+    assert _reduce_all(ctx, results) == ["a\t2", "b\t1"]
+
+
 def test_functions_from_checks_the_module() -> None:
     """map is required, reduce per purpose (reduce_<purpose> wins), non-callables refused."""
     from remap.errors import ConfigError

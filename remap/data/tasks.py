@@ -364,16 +364,19 @@ def _read(split: Split, reader: Callable[[str], Iterable[Any]]) -> Iterator[tupl
 
 
 def _hook(hook: Callable[[], Any] | None, name: str) -> Any:
-    """Call an optional hook; what it raises fails the task, named."""
+    """Call an optional hook; what it raises fails the task, named. What an ``_init`` hook
+    returns is ignored; a ``_final`` hook's is more output (a dict: its pairs)."""
     if hook is None:
         return None
     try:
         result = hook()
+        if name.endswith("_init") or result is None:
+            return None
         if isinstance(result, dict):  # a dict of key -> value (a Counter, say) is its pairs
             result = result.items()
-        if name.endswith("_final") and result is not None and not hasattr(result, "__iter__"):
+        if not hasattr(result, "__iter__"):
             raise JobCodeError(_returned(name, result))
-        return list(result) if result is not None else None
+        return list(result)
     except JobCodeError:
         raise
     except Exception as exc:
