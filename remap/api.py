@@ -57,6 +57,7 @@ from .errors import (
 from .net import tls_enabled
 from .settings import Settings, load_settings
 from .sinks import TaskErrorInfo
+from .vertex import DEFAULT_MAX_SUPERSTEPS
 
 if TYPE_CHECKING:
     from .cluster import EmbeddedCluster
@@ -1254,7 +1255,7 @@ class Cluster:
         output: str | os.PathLike[str],
         *,
         partitions: int | None = None,
-        max_supersteps: int = 30,
+        max_supersteps: int = DEFAULT_MAX_SUPERSTEPS,
         checkpoint_every: int = 0,
         on_error: str = "fail",
         data_dir: str | os.PathLike[str] | None = None,

@@ -32,7 +32,7 @@ from protocol.status import JobStatus
 
 from .. import bundle
 from ..data import layout
-from ..vertex.files import BARRIER_DIRS
+from ..vertex.files import Layout
 
 KINDS = ("mapreduce", "vertex")
 #: bytes of ``files`` (the older way: file name → text) a ``drive`` may carry (its payload is
@@ -635,8 +635,7 @@ def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
         output = Path(config.get("output", ""))
         if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
             layout.remove_tree(output)  # a job of an earlier release wrote its output in place
-        for name in BARRIER_DIRS:  # the workers' acks and heartbeats, as the driver's own end
-            layout.remove_tree(data.job_dir(job_id) / name)
+        Layout(data, job_id).remove_barriers()  # as the driver's own end does
     layout.remove_strays(data.job_dir(job_id))
     if data.job_dir(job_id).is_dir():
         layout.write_result(data, job_id, "INCOMPLETE", message=why)

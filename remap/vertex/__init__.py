@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: supersteps a vertex job runs at most unless told (API, job files and VertexConfig alike)
+DEFAULT_MAX_SUPERSTEPS = 30
+
 
 def parse_edge(line: str) -> tuple[int, int | None, float | int | None] | None:
     """``SRC [DST [WEIGHT]]`` of an edge-list line as numbers (None for blank and ``#`` lines);

@@ -24,6 +24,7 @@ from ..data.layout import (
     DataDir,
     JobLock,
     new_job_id,
+    output_taken,
     remove_orphan_scratch,
     remove_tree,
     write_json,
@@ -31,8 +32,9 @@ from ..data.layout import (
 )
 from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from ..sinks import take_output, to_jsonable
+from . import DEFAULT_MAX_SUPERSTEPS
 from .engine import fold_into
-from .files import BARRIER_DIRS, Layout, input_splits, read_pickle, write_pickle
+from .files import Layout, input_splits, read_pickle, write_pickle
 from .program import Program
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
@@ -74,7 +76,7 @@ class VertexConfig:
     input: list[Path]  # the files, as :func:`remap.data.inputs.resolve_inputs` finds them
     output: Path
     partitions: int | None = None  # None: one per worker
-    max_supersteps: int = 30
+    max_supersteps: int = DEFAULT_MAX_SUPERSTEPS
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
@@ -168,11 +170,8 @@ class Driver:
     ) -> None:
         if workers < 1:
             raise ConfigError("a vertex job needs at least one core")
-        if config.output.exists():
-            raise ConfigError(
-                f"output {config.output} already exists: a vertex job never overwrites "
-                "results (remove it or choose another output)"
-            )
+        if taken := output_taken(config.output, "vertex"):
+            raise ConfigError(f"output {taken}")
         self.program = program
         self.config = config
         self.data = data
@@ -377,8 +376,7 @@ class Driver:
         finally:
             self._stop.set()
             beat.join()  # before alive/ goes: it touches driver.alive there
-            for name in BARRIER_DIRS:  # done, failed or killed alike
-                remove_tree(self.layout.root / name)
+            self.layout.remove_barriers()  # done, failed or killed alike
 
     def _gang(self, started: float) -> VertexResult:
         """Start the workers and run the job with them; on any failure stop them and remove

@@ -19,36 +19,21 @@ end finds them gone and stops, instead of leaving them behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..data.inputs import Split, compressed, read_line_blocks
-from ..data.layout import TMP_SUFFIX, DataDir, tmp_path, write_atomic
+from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, write_atomic
 from .engine import PICKLE_PROTOCOL
 
 
-def write_pickle(path: Path, value: Any) -> None:
-    write_atomic(path, pickle.dumps(value, PICKLE_PROTOCOL))
-
-
-def write_pickle_inside(path: Path, value: Any) -> None:
-    """:func:`write_pickle` making only ``path``'s own directory: FileNotFoundError if the
-    one above it (``acks/``) is gone, which a worker must not make again."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path.parent)
-    tmp = tmp_path(path, f"w{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(pickle.dumps(value, PICKLE_PROTOCOL))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_pickle(path: Path, value: Any, *, parents: bool = True) -> None:
+    """``parents=False``: see :func:`~remap.data.layout.write_atomic` (a worker's ack must not
+    make ``acks/`` again after the job ended)."""
+    write_atomic(path, pickle.dumps(value, PICKLE_PROTOCOL), parents=parents)
 
 
 def read_pickle(path: Path) -> Any:
@@ -65,11 +50,6 @@ def committed(directory: Path) -> list[Path]:
     return [directory / n for n in sorted(names, key=lambda n: (len(n), n))]
 
 
-#: a job directory's folders that only a running job needs, removed when it ends (its
-#: commands stay: a worker call starting late reads ``stop`` there)
-BARRIER_DIRS = ("acks", "alive")
-
-
 class Layout:
     """The paths of one vertex job inside a data directory."""
 
@@ -79,6 +59,12 @@ class Layout:
         self.acks = self.root / "acks"
         self.alive = self.root / "alive"
         self.driver_heartbeat = self.alive / "driver.alive"
+
+    def remove_barriers(self) -> None:
+        """Remove what only a running job needs, when it ends (its commands stay: a worker
+        call starting late reads ``stop`` there)."""
+        remove_tree(self.acks)
+        remove_tree(self.alive)
 
     def command(self, seq: int) -> Path:
         return self.root / "control" / f"cmd-{seq:06d}.pkl"

@@ -10,13 +10,14 @@ from typing import Any
 
 from ..data.inputs import resolve_inputs
 from ..data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, FileJobSpec, count, file_job_basics
+from ..data.layout import output_taken
 from ..errors import ConfigError
+from . import DEFAULT_MAX_SUPERSTEPS
 from .driver import VertexConfig
 from .program import Program, program_from_module
 
 #: keys function jobs also have, with the same meaning (no ``timeout``: a worker runs all job)
 VERTEX_SHARED_KEYS: frozenset[str] = SHARED_KEYS - {"timeout"}
-DEFAULT_MAX_SUPERSTEPS = 30
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,6 @@ class VertexSpec(FileJobSpec):
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     kind = "vertex"
-    detach = False
 
 
 #: the keys a spec takes as the file gives them (else the defaults above)
@@ -86,20 +86,13 @@ def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
 
     if spec.modules:  # the job's module may import them (they travel: see shipped_with)
         make_importable(spec.modules, spec.base_dir)
-    try:
+    with spec.blaming("module"):
         module, _ = load_module(spec.module, spec.base_dir)
         program = program_from_module(module)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where('module')}: {exc}") from exc.__cause__
-    if spec.output.exists():
-        raise ConfigError(
-            f"{spec.where('output')}: {spec.output} already exists: a vertex job never "
-            "overwrites results (remove it or choose another output)"
-        )
-    try:
+    if taken := output_taken(spec.output, "vertex"):
+        raise ConfigError(f"{spec.where('output')}: {taken}")
+    with spec.blaming("input"):
         inputs = resolve_inputs(spec.inputs, spec.base_dir)  # fails before a cluster starts
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where('input')}: {exc}") from None
     config = VertexConfig(
         input=inputs,
         output=spec.output,

@@ -41,7 +41,7 @@ from .files import (
     committed,
     read_lines,
     read_pickle,
-    write_pickle_inside,
+    write_pickle,
 )
 from .program import Program
 
@@ -217,7 +217,7 @@ class Worker:
                 self.member = True
                 ack = self._execute(cmd)
                 try:
-                    write_pickle_inside(self.layout.ack(seq, self.slot), ack)
+                    write_pickle(self.layout.ack(seq, self.slot), ack, parents=False)
                 except FileNotFoundError:  # acks/ is gone: the job ended under this command
                     if self.layout.acks.is_dir():
                         raise
