@@ -98,6 +98,10 @@ def test_existing_output_is_refused_before_anything_runs(base: Path) -> None:
     spec = load_job_text(V, base, source=SOURCE)
     with pytest.raises(ConfigError, match=r"key 'output': .* already exists"):
         to_run(spec)
+    (base / "out").rmdir()
+    (base / "out").symlink_to(base / "gone")  # a dangling link is taken too
+    with pytest.raises(ConfigError, match=r"key 'output': .* already exists: a vertex job"):
+        to_run(spec)
 
 
 @pytest.mark.slow
