@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,22 @@ SHARED_KEYS: frozenset[str] = frozenset(
 )
 
 
+@dataclass(frozen=True)
 class FileJobSpec:
-    """What data and vertex job specs share: errors that name the job file, line and key."""
+    """What data and vertex job specs share: their files, and errors that name the job file,
+    line and key. ``module`` is resolved by :func:`to_job` (the vertex one by ``to_run``)."""
 
-    source: str
-    key_lines: Mapping[str, int]
+    module: str
+    inputs: tuple[str, ...]
+    output: Path
+    base_dir: Path
+    _: KW_ONLY
+    name: str = ""
+    #: shipped to the nodes as a function job's are (see :mod:`remap.bundle`)
+    modules: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+    source: str = "<job>"
+    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, key: str) -> str:
         line = self.key_lines.get(key)
@@ -49,20 +60,10 @@ class FileJobSpec:
 
 @dataclass(frozen=True)
 class MapReduceSpec(FileJobSpec):
-    """A validated ``kind: mapreduce`` job file; ``module`` is resolved by :func:`to_job`."""
+    """A validated ``kind: mapreduce`` job file."""
 
-    module: str
-    inputs: tuple[str, ...]
-    output: Path
-    base_dir: Path
     reducers: Mapping[str, int] = field(default_factory=lambda: {DEFAULT_PURPOSE: 1})
     options: DataOptions = DataOptions()
-    name: str = ""
-    #: shipped to the nodes as a function job's are (see :mod:`remap.bundle`)
-    modules: tuple[str, ...] = ()
-    files: tuple[Path, ...] = ()
-    source: str = "<job>"
-    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     kind = "mapreduce"
 

@@ -4,7 +4,7 @@ validated file turned into a program and a :class:`~.driver.VertexConfig`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,8 @@ VERTEX_SHARED_KEYS: frozenset[str] = SHARED_KEYS - {"timeout"}
 
 @dataclass(frozen=True)
 class VertexSpec(FileJobSpec):
-    """A validated ``kind: vertex`` job file; ``module`` is resolved by :func:`to_run`."""
+    """A validated ``kind: vertex`` job file."""
 
-    module: str
-    inputs: tuple[str, ...]
-    output: Path
-    base_dir: Path
     partitions: int | None = None  # None: auto, one per worker
     max_supersteps: int = DEFAULT_MAX_SUPERSTEPS
     checkpoint_every: int = 0
@@ -35,12 +31,6 @@ class VertexSpec(FileJobSpec):
     retries: int = 3
     group: str | None = None
     priority: int = 0
-    name: str = ""
-    #: shipped to the nodes as a function job's are (see :mod:`remap.bundle`)
-    modules: tuple[str, ...] = ()
-    files: tuple[Path, ...] = ()
-    source: str = "<job>"
-    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     kind = "vertex"
 
