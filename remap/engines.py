@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import importlib
 import itertools
 import logging
 import math
@@ -197,8 +198,6 @@ class Engine:
 
 
 def _need(module: str, scheme: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -8,9 +8,6 @@ of an interactive session finds it open (re-opening one costs a job, a function 
 core and ~1 ms on a server and node); any other idle job closes after half a second.
 A future is *pending* while its call waits in this process and *running* once its argument
 was handed to the server; only pending futures can be cancelled.
-
-What cores unpickle around the function lives in :mod:`remap.calls`; the machinery in
-:mod:`remap.api`.
 """
 
 from __future__ import annotations
