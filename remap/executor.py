@@ -411,11 +411,9 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        from .api import own_or_borrow
-
         #: run once per core process before the first call of this executor that lands there
         self._initializer = Initializer(initializer, initargs) if initializer is not None else None
-        self._cluster, self._owns_cluster = own_or_borrow(
+        self._cluster, self._owns_cluster = api.own_or_borrow(
             address, cluster, max_workers, connect_kwargs, "remap.Executor"
         )
         self._lock = threading.Lock()

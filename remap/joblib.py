@@ -13,6 +13,7 @@ at exit. ``parallel_backend("remap", cluster=handle)`` uses a handle of yours;
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -71,10 +72,8 @@ def _close_shared() -> None:
         clusters = list(_shared.values())
         _shared.clear()
     for cluster in clusters:
-        try:
+        with contextlib.suppress(Exception):  # exiting anyway; cores also die with their pipes
             cluster.close()
-        except Exception:  # exiting anyway; cores also die with their pipes
-            pass
 
 
 class RemapBackend(AutoBatchingMixin, ParallelBackendBase):
