@@ -190,14 +190,12 @@ class ServerConnection:
             limit = getattr(link, "frame_limit", 0)
             fitted = fit_status(reply, limit) if limit else reply
             if fitted is None:
-                _refuse(
-                    link,
-                    msg,
-                    "failed",
+                why = (
                     f"the status reply of {frame_length(*m.encode(reply)):,} bytes does not fit "
                     f"the limit of {limit:,} bytes on frames to this console: raise the "
-                    "console's REMAP_MAX_FRAME",
+                    "console's REMAP_MAX_FRAME"
                 )
+                _refuse(link, msg, "failed", why)
             else:
                 link.send(fitted)
         elif t is m.Drive:
@@ -235,13 +233,9 @@ class ServerConnection:
             else:
                 link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
         elif self.user and t in (m.Drain, m.Undrain, m.Exclude, m.Include, m.KillCluster):
-            _refuse(
-                link,
-                msg,
-                "forbidden",
-                f"{'kill --cluster' if t is m.KillCluster else msg.TYPE} needs the cluster "
-                f"secret; {self.user}'s key may not",
-            )
+            what = "kill --cluster" if t is m.KillCluster else msg.TYPE
+            why = f"{what} needs the cluster secret; {self.user}'s key may not"
+            _refuse(link, msg, "forbidden", why)
         elif t is m.Drain or t is m.Undrain:
             node = sched.drain(msg.node) if t is m.Drain else sched.undrain(msg.node)
             if node is None:
@@ -265,13 +259,11 @@ class ServerConnection:
     def _drive(self, link: PeerProtocol, msg: m.Drive) -> None:
         """Run a data or vertex job's driver on the server (``compute --detach``)."""
         if self.user:
-            _refuse(
-                link,
-                msg,
-                "forbidden",
+            why = (
                 "a detached data or vertex job's driver runs on the server with the "
-                f"cluster secret; {self.user}'s key may not start one (run it attached)",
+                f"cluster secret; {self.user}'s key may not start one (run it attached)"
             )
+            _refuse(link, msg, "forbidden", why)
             return
         try:
             started = self.server.drivers.start(
@@ -311,13 +303,11 @@ class ServerConnection:
         if not self.user or job is None or job.owner == self.user:
             return True
         whose = f"{job.owner!r}" if job.owner else "the cluster administrator"
-        _refuse(
-            link,
-            msg,
-            "forbidden",
+        why = (
             f"job {job.id} belongs to {whose}: {self.user!r} may {msg.TYPE} only "
-            "their own jobs (the cluster secret may touch any)",
+            "their own jobs (the cluster secret may touch any)"
         )
+        _refuse(link, msg, "forbidden", why)
         return False
 
     def _left_out(self, job: Any) -> None:

@@ -103,12 +103,8 @@ class HttpApp:
         for route, params in found:
             if route.method == method:
                 if method in MUTATING and not self._csrf_ok(request, identity):
-                    return self._error(
-                        request,
-                        403,
-                        "csrf",
-                        "a browser session must send its X-CSRF-Token and a JSON body",
-                    )
+                    why = "a browser session must send its X-CSRF-Token and a JSON body"
+                    return self._error(request, 403, "csrf", why)
                 return self._call(request, route, params, identity)
         request.setHeader(b"Allow", ", ".join(sorted({r.method for r, _ in found})).encode())
         return self._error(request, 405, "method", f"{method} is not allowed here")
@@ -302,12 +298,8 @@ class HttpApp:
             job = self.scheduler.recall(job_id)
             submission = self.submitter.recall(job) if job is not None else None
         if submission is None:
-            return self._error(
-                request,
-                404,
-                "not-found",
-                f"job {job_id} was not submitted over HTTP (its results went to its console)",
-            )
+            why = f"job {job_id} was not submitted over HTTP (its results went to its console)"
+            return self._error(request, 404, "not-found", why)
         wait = (request.args.get(b"wait") or [b""])[0].lower() in (b"1", b"true", b"yes")
         if not submission.ended and (recalled or not wait):
             if recalled:  # its console child is not this run's to watch
