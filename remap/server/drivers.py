@@ -80,13 +80,9 @@ def spawn_console_child(
     full = {k: v for k, v in os.environ.items() if not k.startswith("REMAP_")}
     full.update(child_env)
     full.update(env)
+    fds = {0: "w", 1: "r", 2: "r"}
     return reactor.spawnProcess(
-        proto,
-        sys.executable,
-        [sys.executable, *args],
-        env=full,
-        path=path,
-        childFDs={0: "w", 1: "r", 2: "r"},
+        proto, sys.executable, [sys.executable, *args], env=full, path=path, childFDs=fds
     )
 
 

@@ -223,13 +223,8 @@ class Submitter:
                 "HTTP job {name} ended (console exit {code})", name=submission.name, code=code
             )
 
-        spawn_console_child(
-            self.reactor,
-            ConsoleChild(submission.stderr, ended),
-            args,
-            self.child_env,
-            str(self.apps_dir),
-        )
+        child = ConsoleChild(submission.stderr, ended)
+        spawn_console_child(self.reactor, child, args, self.child_env, str(self.apps_dir))
         deadline = self.reactor.seconds() + START_TIMEOUT
 
         def look() -> None:
