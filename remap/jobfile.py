@@ -102,8 +102,8 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     (:class:`remap.data.jobspec.MapReduceSpec`), ``kind: vertex`` the vertex job's
     (:class:`remap.vertex.jobspec.VertexSpec`).
     """
-    from .data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, load_mapreduce
-    from .vertex.jobspec import VERTEX_FIELDS, VERTEX_SHARED_KEYS, load_vertex
+    from .data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, MapReduceSpec
+    from .vertex.jobspec import VERTEX_FIELDS, VERTEX_SHARED_KEYS, VertexSpec
 
     base_dir = Path(base_dir).expanduser().resolve()
     known = {**_FIELDS, **MAPREDUCE_FIELDS, **VERTEX_FIELDS, "kind": _choice(JOB_KINDS)}
@@ -119,10 +119,9 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
                 f"{source}:{entry.key_line}: key '{key}': not used by 'kind: {kind}' jobs"
             )
     values = {key: known[key](entry) for key, entry in entries.items()}
-    if kind == "mapreduce":
-        return load_mapreduce(entries, values, root_line, base_dir, source)
-    if kind == "vertex":
-        return load_vertex(entries, values, root_line, base_dir, source)
+    if kind in ("mapreduce", "vertex"):
+        spec = MapReduceSpec if kind == "mapreduce" else VertexSpec
+        return spec.load(entries, values, root_line, base_dir, source)
 
     if "function" not in values:
         raise ConfigError(f"{source}:{root_line}: key 'function' is required ({_REF_FORMS})")

@@ -57,6 +57,40 @@ class FileJobSpec:
         except ConfigError as exc:
             raise ConfigError(f"{self.where(key)}: {exc}") from exc.__cause__
 
+    @classmethod
+    def load(
+        cls,
+        entries: Mapping[str, Any],
+        values: Mapping[str, Any],
+        root_line: int,
+        base_dir: Path,
+        source: str,
+    ) -> Any:
+        """The spec of a validated job file (called by :func:`remap.jobfile.load_job_text`):
+        module, inputs, output (resolved against the job file), name, the ``modules:`` and
+        ``files:`` it ships (checked as a function job's), where each key stands, and the fields
+        of its kind's own keys (the subclass's ``own``); a missing one is an error."""
+        from ..jobfile import _check_shipped, _default_name
+
+        for key in ("module", "input", "output"):
+            if key not in values:
+                raise ConfigError(
+                    f"{source}:{root_line}: key '{key}' is required for kind: {cls.kind}"
+                )
+        modules, files = _check_shipped(dict(entries), dict(values), base_dir)
+        return cls(
+            modules=modules,
+            files=files,
+            module=values["module"],
+            inputs=values["input"],
+            output=(base_dir / Path(values["output"]).expanduser()).resolve(),
+            base_dir=base_dir,
+            name=values.get("name") or _default_name(source),
+            source=source,
+            key_lines={key: entry.key_line for key, entry in entries.items()},
+            **cls.own(values),
+        )
+
 
 @dataclass(frozen=True)
 class MapReduceSpec(FileJobSpec):
@@ -66,6 +100,13 @@ class MapReduceSpec(FileJobSpec):
     options: DataOptions = DataOptions()
 
     kind = "mapreduce"
+
+    @staticmethod
+    def own(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "reducers": values.get("reducers", {DEFAULT_PURPOSE: 1}),
+            "options": DataOptions(**{k: values[k] for k in _OPTION_KEYS if k in values}),
+        }
 
 
 def _module(entry: Any) -> str:
@@ -134,51 +175,6 @@ MAPREDUCE_FIELDS: dict[str, Callable[[Any], Any]] = {
 
 
 _OPTION_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
-
-
-def file_job_basics(
-    kind: str,
-    entries: Mapping[str, Any],
-    values: Mapping[str, Any],
-    root_line: int,
-    base_dir: Path,
-    source: str,
-) -> dict[str, Any]:
-    """What every job over files has (data and vertex jobs): module, inputs, output (resolved
-    against the job file), name, the ``modules:`` and ``files:`` it ships (checked as a
-    function job's), and where each key stands; a missing one is an error."""
-    from ..jobfile import _check_shipped, _default_name
-
-    for key in ("module", "input", "output"):
-        if key not in values:
-            raise ConfigError(f"{source}:{root_line}: key '{key}' is required for kind: {kind}")
-    modules, files = _check_shipped(dict(entries), dict(values), base_dir)
-    return {
-        "modules": modules,
-        "files": files,
-        "module": values["module"],
-        "inputs": values["input"],
-        "output": (base_dir / Path(values["output"]).expanduser()).resolve(),
-        "base_dir": base_dir,
-        "name": values.get("name") or _default_name(source),
-        "source": source,
-        "key_lines": {key: entry.key_line for key, entry in entries.items()},
-    }
-
-
-def load_mapreduce(
-    entries: Mapping[str, Any],
-    values: Mapping[str, Any],
-    root_line: int,
-    base_dir: Path,
-    source: str,
-) -> MapReduceSpec:
-    """The spec of a validated mapreduce job file (called by :func:`remap.jobfile.load_job_text`)."""
-    return MapReduceSpec(
-        **file_job_basics("mapreduce", entries, values, root_line, base_dir, source),
-        reducers=values.get("reducers", {DEFAULT_PURPOSE: 1}),
-        options=DataOptions(**{k: values[k] for k in _OPTION_KEYS if k in values}),
-    )
 
 
 def shipped_with(spec: Any) -> Bundle:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..data.inputs import resolve_inputs
-from ..data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, FileJobSpec, count, file_job_basics
+from ..data.jobspec import MAPREDUCE_FIELDS, SHARED_KEYS, FileJobSpec, count
 from ..data.layout import output_taken
 from ..errors import ConfigError
 from . import DEFAULT_MAX_SUPERSTEPS
@@ -34,6 +33,10 @@ class VertexSpec(FileJobSpec):
 
     kind = "vertex"
 
+    @staticmethod
+    def own(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: values[k] for k in _OWN_KEYS if k in values}
+
 
 #: the keys a spec takes as the file gives them (else the defaults above)
 _OWN_KEYS = "partitions max_supersteps checkpoint_every on_error retries group priority".split()
@@ -53,20 +56,6 @@ VERTEX_FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_supersteps": count(1, "an integer >= 1"),
     "checkpoint_every": count(0, "an integer >= 0 (0: no checkpoints)"),
 }
-
-
-def load_vertex(
-    entries: Mapping[str, Any],
-    values: Mapping[str, Any],
-    root_line: int,
-    base_dir: Path,
-    source: str,
-) -> VertexSpec:
-    """The spec of a validated vertex job file (called by :func:`remap.jobfile.load_job_text`)."""
-    return VertexSpec(
-        **file_job_basics("vertex", entries, values, root_line, base_dir, source),
-        **{k: values[k] for k in _OWN_KEYS if k in values},
-    )
 
 
 def to_run(spec: VertexSpec) -> tuple[Program, VertexConfig]:
