@@ -102,6 +102,9 @@ _SIZED = frozenset({str, bytes})
 class PicklingError(ConfigError, pickle.PicklingError):
     """A function or argument cannot be sent to the cluster; the message names it."""
 
+    #: where in an argument group the argument is (:func:`dumps_group`)
+    position: int | None = None
+
 
 def describe(fn: Any) -> str:
     """A short name for a callable, for messages and job names."""
@@ -182,7 +185,11 @@ def dumps_group(values: list[Any], first: int, fn_name: str) -> bytes:
         return cloudpickle.dumps(values, PICKLE_PROTOCOL)
     except Exception:
         for k, value in enumerate(values):
-            dumps_argument(value, lambda k=k: f"argument {first + k} of {fn_name}")
+            try:
+                dumps_argument(value, lambda k=k: f"argument {first + k} of {fn_name}")
+            except PicklingError as exc:
+                exc.position = k
+                raise
         raise
 
 
@@ -349,13 +356,7 @@ class _Feeder:
         except PicklingError as exc:
             if not self._unpicklable(exc):
                 raise
-        for k, value in enumerate(group):  # which one: the first that will not go alone
-            try:
-                dumps_argument(value, f"argument {self.put + k} of {self.fn_name}")
-            except PicklingError as exc:
-                self.error = exc
-                group = group[:k]
-                break
+            group = group[: exc.position]
         return group, self._close_group(group, self.put) if group else None
 
     def _top_up_groups(self, consumed: int) -> None:
