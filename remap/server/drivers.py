@@ -348,11 +348,10 @@ class Drivers:
             entries = list((self.data_dir / "detached").iterdir())
         except FileNotFoundError:
             return
-        for job_id in sorted(
-            int(e.name) for e in entries if e.name.isdigit() and not (e / "ended.json").exists()
-        ):
+        unfinished = [e for e in entries if e.name.isdigit() and not (e / "ended.json").exists()]
+        for job_id, directory in sorted((int(e.name), e) for e in unfinished):
             try:
-                job = self._resume(job_id, self.data_dir / "detached" / str(job_id))
+                job = self._resume(job_id, directory)
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warn("cannot resume detached job {id}: {why}", id=job_id, why=str(exc))
                 continue
