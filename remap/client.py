@@ -711,8 +711,11 @@ class JobStream:
         self.held_peak = 0
         #: once :attr:`taken` reaches it, the reactor looks whether to let the job go on
         self._resume_at = sys.maxsize
-        #: the consumer waits for a result it does not have: holding then could wait for ever
+        #: the consumer waits for a result it does not have: holding then could wait for ever.
+        #: Only while none came since it said so (``_wanted_at``: ``_arrived`` then): one that
+        #: came wakes it, and it says again if it still lacks the one it waits for
         self.wanting = False
+        self._wanted_at = 0
 
     @property
     def job_id(self) -> int | None:
@@ -982,7 +985,9 @@ class JobStream:
 
     def waiting_for_results(self) -> None:
         """The consumer is about to wait for a result: a held job must go on."""
-        self.wanting = True
+        with self.lock:
+            self._wanted_at = self._arrived
+            self.wanting = True
         if self.session.held:
             self.call_soon(self._regulate)
 
@@ -1007,7 +1012,7 @@ class JobStream:
         return nbytes
 
     def _arrived_results(self, count: int, nbytes: int) -> None:
-        """Reactor thread: ``count`` results of ``nbytes`` were delivered as events."""
+        """Reactor thread: ``count`` results of ``nbytes`` go to the consumer as events."""
         with self.lock:
             self._arrived += count
             self._arrived_bytes += nbytes
@@ -1017,7 +1022,8 @@ class JobStream:
     def _regulate(self) -> None:
         """Reactor thread: hold the job while over ``result_buffer`` bytes of results wait (and
         the consumer is not waiting); go on at half of that. Calls already on nodes still
-        answer: what is held beyond the bound is at most their results."""
+        answer: what is held beyond the bound is at most the results message that crossed it
+        and the results of the calls out when the hold reaches the server."""
         session, limit = self.session, self.result_buffer
         if not limit or session.finished or session.job_id is None:
             return
@@ -1026,7 +1032,8 @@ class JobStream:
             with self.lock:
                 held = self._arrived_bytes - self._bytes_at(taken, forget=True)
                 self.held_peak = max(self.held_peak, held)
-                hold = held > (limit // 2 if session.held else limit) and not self.wanting
+                starved = self.wanting and self._wanted_at == self._arrived
+                hold = held > (limit // 2 if session.held else limit) and not starved
                 resume_at = sys.maxsize
                 if hold:  # the count taken at which at most half the bound is held
                     target = self._arrived_bytes - limit // 2
@@ -1068,9 +1075,9 @@ class JobStream:
                         self.events.put(("items", self, [(index, value, None)], None))
                     return
             self.session.results(msg)
-            self._flush()
-            if self.result_buffer:
+            if self.result_buffer:  # counted before the consumer may take them (see wanting)
                 self._arrived_results(len(msg.answered), len(msg.payload))
+            self._flush()
 
     def notice(self, text: str) -> None:
         if self.on_notice is not None:

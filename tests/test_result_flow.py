@@ -123,7 +123,9 @@ def test_the_stream_holds_the_job_past_its_bound_and_lets_it_go_on_once_taken() 
 
 def test_a_consumer_waiting_for_a_result_it_lacks_lets_the_held_job_go_on() -> None:
     """An ordered map holds results that arrived ahead of the one it waits for: holding the
-    job then could wait for ever, so a consumer that waits releases the hold."""
+    job then could wait for ever, so a consumer that waits releases the hold. A result that
+    comes while it waits holds it again (it has that one to take); woken, it finds it still
+    lacks result 0 and says so again: the job goes on."""
     stream, client, calls = _stream(2 * MB)
     blob = os.urandom(MB)
     for i in range(1, 4):  # 1..3 arrived, 0 did not
@@ -133,7 +135,48 @@ def test_a_consumer_waiting_for_a_result_it_lacks_lets_the_held_job_go_on() -> N
     calls.run()
     assert client.of(m.Hold)[-1] == m.Hold(job=7, held=False)
     stream.results(results(7, [blob], start=4))
-    assert client.of(m.Hold)[-1] == m.Hold(job=7, held=False), "not while it waits"
+    assert client.of(m.Hold)[-1] == m.Hold(job=7, held=True), "a result came since it said so"
+    stream.waiting_for_results()
+    calls.run()
+    assert client.of(m.Hold)[-1] == m.Hold(job=7, held=False)
+
+
+def test_a_consumer_slow_to_wake_for_the_result_it_waited_for_holds_no_more() -> None:
+    """The consumer waits for the first result; it comes, but its thread runs late (a busy
+    machine): what comes meanwhile holds the job past the bound as if it had not waited,
+    instead of the whole job arriving before it wakes."""
+    stream, client, _ = _stream(2 * MB)
+    stream.waiting_for_results()
+    for i in range(3):
+        stream.results(results(7, [os.urandom(MB)], start=i))
+    assert client.of(m.Hold) == [m.Hold(job=7, held=True)]
+
+
+class TakesAtOnce(list):
+    """A stream's events queue whose consumer takes each event the moment it is queued, finds
+    it is not result 0, and says it waits, before the reactor looks whether to hold."""
+
+    stream: JobStream
+
+    def put(self, event: Any) -> None:
+        self.append(event)
+        self.stream.waiting_for_results()
+
+
+def test_a_consumer_that_took_every_result_and_waits_is_not_held() -> None:
+    """Results are counted before they are queued: a consumer that took them at once and
+    waits is seen waiting with nothing to take, so the job is not held (it would wait for
+    result 0 for ever)."""
+    calls, client, events = Calls(), Client(), TakesAtOnce()
+    stream = JobStream(b"fn", JobOptions(), call_soon=calls, events=events, result_buffer=2 * MB)
+    events.stream = stream
+    stream.submitting(client, 1)  # type: ignore[arg-type]
+    stream.apply("submitted", 7, 1000)
+    calls.run()
+    for i in range(1, 5):
+        stream.results(results(7, [os.urandom(MB)], start=i))
+        calls.run()
+        assert not stream.session.held, f"held with result {i} taken and 0 awaited"
 
 
 def test_without_a_bound_nothing_is_held() -> None:
@@ -239,27 +282,36 @@ def one_mib(i: int) -> bytes:
 
 @pytest.mark.slow
 def test_a_slow_imap_holds_a_bounded_amount_of_results() -> None:
-    """imap of 60 results of 1 MiB with REMAP_RESULT_BUFFER at 8 MiB on the embedded cluster:
-    the caller takes one and stops; the job is held once 8 MiB wait, the calls already out
-    finish, and what the handle holds stays under the bound plus one round of batches (4 MiB
-    each once measured, 4 credits); then every result comes, in order."""
+    """imap of 60 results of 1 MiB with REMAP_RESULT_BUFFER at 8 MiB on the embedded cluster
+    (2 cores), its caller slow to take any: the job is held once over 8 MiB wait, the calls
+    out finish, and what the handle holds stays under the bound; then every result comes, in
+    order. The bound, from the product's constants: the results message that crossed 8 MiB,
+    then those of the tasks out when the hold reaches the server (in-process it does before
+    the server reads another answer, a core answering one task at a time): cores × PREFETCH
+    tasks, each a batch of at most MAX_BATCH_RESULT_BYTES of results once measured (as many
+    whole results as fit; all of one size here). The caller takes none before the hold: one
+    waiting for a result it lacks (result 0, late on a busy machine) is not held, by design."""
     import remap
+    from remap.server.scheduler.policy import MAX_BATCH_RESULT_BYTES
+    from remap.server.scheduler.state import PREFETCH
     from remap.settings import load_settings
 
     from .cluster_harness import wait_for
 
-    settings = load_settings({"result_buffer": 8 * MB}, environ={}, dotenv_path=None)
-    bound = 8 * MB + 4 * 4 * MB + MB
-    with remap.connect(cores=2, settings=settings, env_file=None, task_output=False) as cluster:
+    cores, limit = 2, 8 * MB
+    settings = load_settings({"result_buffer": limit}, environ={}, dotenv_path=None)
+    with remap.connect(cores=cores, settings=settings, env_file=None, task_output=False) as cluster:
         it = cluster.imap(one_mib, range(60))
-        assert len(next(it)) == MB
+        wait_for(lambda: it.job_id is not None, 60, "the job submitted")
         sched = cluster._embedded.server.factory.scheduler  # type: ignore[union-attr]
         job = sched.jobs[it.job_id]
         wait_for(lambda: job.finished or (job.paused and not job.tasks), 60, "the job held")
         held = cluster.held_result_bytes
         assert not job.finished and job.done < 60, "held before it ran to the end"
-        assert 8 * MB < held <= bound, f"{held / MB:.1f} MiB held"
+        result = round(job.result_size)  # one result's pickle, as the server measured it
+        bound = limit + (cores * PREFETCH + 1) * (MAX_BATCH_RESULT_BYTES // result * result)
+        assert limit < held <= it._stream.held_peak <= bound, f"{held / MB:.1f} MiB held"
+        assert len(next(it)) == MB
         rest = list(it)
         assert len(rest) == 59 and all(len(v) == MB for v in rest)
-        assert it._stream.held_peak <= bound
         assert cluster.held_result_bytes == 0
