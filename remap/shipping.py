@@ -183,10 +183,15 @@ def user_traceback(exc: BaseException) -> str:
     data job's bad record, a vertex that raised) shows that exception instead."""
     if getattr(exc, "shows_cause", False) and exc.__cause__ is not None:
         exc = exc.__cause__
-    start = tb = exc.__traceback__
+    start = exc.__traceback__
+    return "".join(traceback.format_exception(type(exc), exc, user_frames(start) or start))
+
+
+def user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` from the user's first frame on (None: only remap's own frames)."""
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
         tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb or start))
+    return tb
 
 
 def _proxy_reduce(obj: Any) -> Any:

@@ -4,6 +4,7 @@ a group of one argument still takes. No processes."""
 
 from __future__ import annotations
 
+import copyreg
 import mmap
 import pickle
 import re
@@ -132,6 +133,36 @@ def test_a_lone_argument_is_answered_as_the_general_loop_answers_it(fn: Any, arg
         assert reply.output == "out 2\nerr 2\n"
     if fn in (fails, interrupts, exits, unpicklable, raises_unreadable):
         assert [e[0] for e in reply.errors] == [0]
+
+
+@pytest.fixture
+def tracebacks_pickle():
+    """Exceptions pickle with their tracebacks, as once ``distributed`` or ``dask.multiprocessing``
+    is imported (tblib's ``pickling_support.install()``; the fast loop imports it when it
+    collects joblib's fetched suite); the previous picklers come back afterwards."""
+    support = pytest.importorskip("tblib.pickling_support")
+    saved = dict(copyreg.dispatch_table)
+    support.install()
+    yield
+    copyreg.dispatch_table.clear()
+    copyreg.dispatch_table.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "star"),
+    [(fails, 3, False), (interrupts, 4, False), (adds, 7, True)],
+    ids=["error", "keyboard-interrupt", "bad-star-argument"],
+)
+def test_a_lone_call_answers_as_the_loop_when_tracebacks_pickle(
+    tracebacks_pickle: None, fn: Any, arg: Any, star: bool
+) -> None:
+    """The pickled exception then carries its frames: the user's only (the core's frames are
+    in a different function on each path, which made the lone reply 5 bytes longer)."""
+    reply = _same(fn, arg, star=star)
+    exc = pickle.loads(reply.payload)[0]
+    tb = exc.__traceback__
+    assert fn is adds or tb.tb_frame.f_code.co_filename == __file__
+    assert fn is not adds or tb is None  # raised by the core's call itself: no frame of the user's
 
 
 def test_star_arguments_of_a_lone_call() -> None:

@@ -25,7 +25,7 @@ from remap.blobs import PICKLE_PROTOCOL, dumps, dumps_buffered, split
 from remap.bundle import enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.malloc import keep_freed_memory
-from remap.shipping import load_function_blob, user_traceback
+from remap.shipping import load_function_blob, user_frames, user_traceback
 
 CMD_FD, OUT_FD, SHM_FD = 3, 4, 5
 #: what is running: the position of its first argument (-1 idle), when it started (monotonic),
@@ -88,6 +88,10 @@ def _error_entry(pos: int, exc: BaseException) -> list[Any]:
 
 
 def _exception_blob(exc: BaseException) -> bytes:
+    # a traceback travels only if the user's code installed a pickler for it (tblib, as
+    # distributed and dask do on import): then it holds the user's frames, not the core's,
+    # which differ between the lone call's path and the loop's
+    exc.__traceback__ = user_frames(exc.__traceback__)
     for _ in range(2):
         try:
             blob = dumps(exc)  # cloudpickle for exception classes defined in the job's own code
