@@ -91,6 +91,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    from tests import suites
+
+    suites.SELECTED[0] = "suites" in (config.option.markexpr or "")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The standard libraries' own suites (``suites`` marker) run in their own step only, when
     ``-m`` names them: the main run must not depend on what ``tests/suites/fetch.sh`` fetched."""

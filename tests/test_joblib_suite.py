@@ -23,9 +23,11 @@ from tests.suites import (
     load_module,
     shared_cluster,
     skip_unless_fetched,
+    skip_unless_selected,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.suites, pytest.mark.timeout(120)]
+skip_unless_selected()
 
 joblib = pytest.importorskip("joblib")
 SOURCE = FETCHED / f"joblib-{joblib.__version__}" / "joblib" / "test" / "test_parallel.py"

@@ -23,9 +23,11 @@ from tests.suites import (
     mark_cases,
     shared_cluster,
     skip_unless_fetched,
+    skip_unless_selected,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.suites, pytest.mark.timeout(300)]
+skip_unless_selected()
 
 SOURCE = FETCHED / "cpython" / "test_concurrent_futures.py"
 if sys.version_info[:2] != (3, 11):

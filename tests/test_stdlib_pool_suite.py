@@ -14,6 +14,9 @@ from unittest import mock
 
 import pytest
 
+from tests.suites import skip_unless_selected
+
+skip_unless_selected()
 mp_tests = pytest.importorskip(
     "test._test_multiprocessing", reason="this Python has no test suite (libpython3.X-testsuite)"
 )

@@ -35,6 +35,18 @@ def readme_differences(heading: str) -> str:
     return readme.split(f"### {heading}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
 
 
+#: whether this run's ``-m`` names the suites (set by conftest's ``pytest_configure``)
+SELECTED = [False]
+
+
+def skip_unless_selected() -> None:
+    """Skip a suite's module before it loads anything: importing the suites' files has global
+    effects (joblib's imports ``distributed``, which makes every exception class defined so
+    far pickle with tblib's picklers), which the main run must not see."""
+    if not SELECTED[0]:
+        pytest.skip("a standard library's own suite: run with -m suites", allow_module_level=True)
+
+
 def skip_unless_fetched(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"{path.relative_to(ROOT)} is missing: {FETCH_HINT}", allow_module_level=True)
