@@ -35,15 +35,17 @@ def readme_differences(heading: str) -> str:
     return readme.split(f"### {heading}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
 
 
-#: whether this run's ``-m`` names the suites (set by conftest's ``pytest_configure``)
-SELECTED = [False]
+#: whether this run's ``-m`` names the suites (set by conftest's ``pytest_configure``); None
+#: outside a pytest session: a core importing a suite's module to unpickle one of its case's
+#: functions must get the module, not a skip (it would kill the core)
+SELECTED: list[bool | None] = [None]
 
 
 def skip_unless_selected() -> None:
     """Skip a suite's module before it loads anything: importing the suites' files has global
     effects (joblib's imports ``distributed``, which makes every exception class defined so
     far pickle with tblib's picklers), which the main run must not see."""
-    if not SELECTED[0]:
+    if SELECTED[0] is False:
         pytest.skip("a standard library's own suite: run with -m suites", allow_module_level=True)
 
 
