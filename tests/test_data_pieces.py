@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import bz2
+import functools
+import gzip
+import io
+import lzma
 import random
+import re
+import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remap.data import inputs, keys, runs
+from remap.errors import ConfigError
 
 _scalars = (
     st.none()
@@ -347,15 +356,26 @@ def test_a_file_shorter_than_its_split_is_an_error_not_an_endless_loop(
     ]
 
 
-def test_a_gzip_file_is_one_split_read_decompressed(tmp_path: Path, monkeypatch) -> None:
-    """A .gz input is never cut (a split of it could not start mid-stream), nor its last
-    wave halved; its lines are the decompressed file's, line numbers count them. It was read
-    as raw compressed bytes: garbage lines, and an OK job."""
-    import gzip
+#: what each compressed suffix is written with here (the standard library's compressors)
+PACKERS = {
+    ".gz": gzip.compress,
+    ".bz2": bz2.compress,
+    ".xz": lzma.compress,
+    ".lzma": functools.partial(lzma.compress, format=lzma.FORMAT_ALONE),
+}
 
+
+@pytest.mark.parametrize("suffix", PACKERS)
+def test_a_compressed_file_is_one_split_read_decompressed(
+    tmp_path: Path, monkeypatch, suffix: str
+) -> None:
+    """A .gz, .bz2, .xz or .lzma input is never cut (a split of it could not start
+    mid-stream), nor its last wave halved; its lines are the decompressed file's, line numbers
+    count them. It was read as raw compressed bytes: garbage lines, and an OK job (.gz until
+    it was read through gzip, the others until they were read through one table)."""
     text = b"a b\r\nc a\n\xff x\n" * 5000 + b"last"
     plain = _write(tmp_path / "p.txt", text)
-    packed = _write(tmp_path / "p.txt.gz", gzip.compress(text))
+    packed = _write(tmp_path / f"p.txt{suffix}", PACKERS[suffix](text))
     want = [line for s in inputs.make_splits([plain], 1000, splittable=True)
             for _, line in inputs.read_lines(s)]  # fmt: skip
     (split,) = inputs.make_splits([packed], 100, splittable=True)
@@ -367,6 +387,132 @@ def test_a_gzip_file_is_one_split_read_decompressed(tmp_path: Path, monkeypatch)
         assert got == want
     assert [line for _, line in inputs.read_lines(split)] == want
     assert inputs.line_number(str(packed), len(b"a b\r\nc a\n")) == 3
+
+
+_FORMATS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".lzma": "lzma"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "not compressed"])
+@pytest.mark.parametrize("suffix", PACKERS)
+def test_a_corrupt_compressed_file_is_one_line_naming_file_and_line(
+    tmp_path: Path, suffix: str, damage: str
+) -> None:
+    """Bad compressed data (cut short, a byte flipped, or no such format at all) stops the
+    read with an UnreadableInput naming the file, the format and the decompressed line and
+    byte where it was found: the decompressor's bare EOFError, OSError or LZMAError named
+    neither (a .gz's 'map task 0: EOFError: Compressed file ended before ...')."""
+    text = b"".join(b"line %d of the input\n" % i for i in range(60_000))
+    packed = bytearray(PACKERS[suffix](text))
+    middle = len(packed) // 2
+    if damage == "truncated":
+        del packed[middle:]
+    elif damage == "flipped":
+        packed[middle] ^= 0xFF
+    else:
+        packed[:] = text[:1000]
+    path = _write(tmp_path / f"in{suffix}", packed)
+    (split,) = inputs.make_splits([path], 1 << 20, splittable=True)
+    for read in (inputs.read_lines, lambda s: inputs.read_line_blocks(s, 4096)):
+        with pytest.raises(inputs.UnreadableInput) as info:
+            for _ in read(split):
+                pass
+        message = str(info.value)
+        assert message.startswith(f"input {path}: corrupt or truncated {_FORMATS[suffix]} data")
+        where = re.search(r"at (?:line (\d+), )?decompressed byte (\d+): \S", message)
+        assert where, message
+        line, offset = where.groups()
+        if damage != "flipped":  # a flipped byte may decompress to garbage before a check fails
+            assert line and int(line) == text[: int(offset)].count(b"\n") + 1, message
+        assert "\n" not in message
+
+
+class ZstdError(Exception):
+    """The stand-in module's error class (as ``compression.zstd.ZstdError``)."""
+
+
+class _XzAsZstd(lzma.LZMAFile):
+    """A stand-in for ``compression.zstd``'s file, over xz data (Pythons before 3.14 have
+    none): bad data raises the module's own ZstdError, as the real one does."""
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return super().read(size)
+        except lzma.LZMAError as exc:
+            raise ZstdError(str(exc)) from None
+
+
+def _no_zstd(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "compression.zstd", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "backports.zstd", None)
+
+
+def _assert_zstd_refused(path: Path) -> None:
+    """No zstd module: the input is refused before a job starts, and a task reading it (a
+    node without the module) says the same, naming what to install or do."""
+    remedy = r"reading \.zst needs Python 3\.14\+ or `pip install backports\.zstd`.*zstd -d"
+    with pytest.raises(ConfigError, match=rf"^input '{path.name}': {path}: {remedy}"):
+        inputs.resolve_inputs(path.name, path.parent)
+    (split,) = inputs.make_splits([path], 1 << 20, splittable=True)
+    with pytest.raises(inputs.UnreadableInput, match=rf"^input {path}: {remedy}"):
+        list(inputs.read_line_blocks(split))
+
+
+def test_a_zst_input_is_read_through_compression_zstd_when_it_imports(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``.zst`` goes through the one table like the standard library's formats, by
+    ``compression.zstd`` (a stand-in here) when it imports: one split, the plain file's lines,
+    its ZstdError named with file and line; when neither it nor ``backports.zstd`` imports,
+    the input is refused in one line naming what to install or do."""
+    monkeypatch.setitem(sys.modules, "compression.zstd", SimpleNamespace(open=_XzAsZstd))
+    sys.modules["compression.zstd"].ZstdError = ZstdError
+    text = b"".join(b"line %d\r\n" % i for i in range(20_000))
+    plain = _write(tmp_path / "p.txt", text)
+    packed = _write(tmp_path / "p.txt.zst", lzma.compress(text))
+    assert inputs.resolve_inputs("p.txt.zst", tmp_path) == [packed.resolve()]
+    (want,) = inputs.make_splits([plain], 1 << 20, splittable=True)
+    (split,) = inputs.make_splits([packed], 1000, splittable=True)
+    assert (split.start, split.end) == (0, packed.stat().st_size)
+    assert list(inputs.read_line_blocks(split, 999)) == list(inputs.read_line_blocks(want, 999))
+    broken = bytearray(packed.read_bytes())
+    broken[len(broken) // 2] ^= 0xFF
+    packed.write_bytes(broken)
+    with pytest.raises(inputs.UnreadableInput, match="corrupt or truncated zstd data at line"):
+        list(inputs.read_line_blocks(split))
+    _no_zstd(monkeypatch)
+    _assert_zstd_refused(packed)
+
+
+def test_zst_inputs_per_python_version(tmp_path: Path) -> None:
+    """On this Python as it is: 3.14+ (or an installed backports.zstd) reads a real .zst file
+    as its plain text; before 3.14 without the backport, the one-line refusal."""
+    text = b"".join(b"word %d\n" % i for i in range(5000))
+    zstd = inputs._zstd()
+    if zstd is None:
+        assert sys.version_info < (3, 14), "Python 3.14+ has compression.zstd"
+        _assert_zstd_refused(_write(tmp_path / "p.zst", b"(bytes no reader will see)"))
+        return
+    packed = _write(tmp_path / "p.zst", zstd.compress(text))
+    (split,) = inputs.make_splits([packed], 100, splittable=True)
+    assert [line for _, line in inputs.read_lines(split)] == text.decode().splitlines()
+    packed.write_bytes(zstd.compress(text)[:-9])
+    with pytest.raises(inputs.UnreadableInput, match=f"input {packed}: corrupt or truncated zstd"):
+        list(inputs.read_line_blocks(split))
+
+
+def test_a_plain_file_read_error_is_the_systems(tmp_path: Path, monkeypatch) -> None:
+    """Only a compressed file's errors are renamed: a plain file's OSError is raised as it is
+    (a disk's error, not bad data)."""
+    path = _write(tmp_path / "in.txt", b"a\nb\n")
+
+    class Failing(io.BufferedReader):
+        def read(self, size: int = -1) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(inputs, "_open_input", lambda p: Failing(io.FileIO(p)))
+    with pytest.raises(OSError, match="Input/output error") as info:
+        list(inputs.read_line_blocks(inputs.Split(0, str(path), 0, 4)))
+    assert not isinstance(info.value, inputs.UnreadableInput)
 
 
 def test_pairs_without_combine_keep_emission_order_with_mixed_keys() -> None:

@@ -1,8 +1,9 @@
 """Data jobs' map and reduce tasks in-process against a plain-Python reference, on random
 inputs: keys of every kind (unicode, empty, NUL, lone surrogates from invalid UTF-8, very long,
 numbers, bytes, tuples, pickled objects), a hot key on every line, empty files, files without a
-trailing newline, CRLF, binary lines, gzip-compressed files; random split, spill (down to one byte: a spill per
-record), fan-in, reducer counts, combiners and a partitioner sending every key to one reducer.
+trailing newline, CRLF, binary lines, compressed files (.gz, .bz2, .xz, .lzma); random split,
+spill (down to one byte: a spill per record), fan-in, reducer counts, combiners and a
+partitioner sending every key to one reducer.
 
 The reference reads the files with ``bytes.split`` (not remap's reader), groups by ``==`` of
 the encoded key, and sorts keys by their encoding: every key, the last of every reducer
@@ -10,7 +11,10 @@ included, with every value in input order (without a combiner)."""
 
 from __future__ import annotations
 
+import bz2
+import functools
 import gzip
+import lzma
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +28,13 @@ from remap.data.layout import DataDir
 from remap.data.tasks import TaskContext, functions_from, map_task, reduce_task
 
 JOB = "20261202-000000-bbbbbb"
+#: compressed suffixes, how to write them and read them back (the format goes by seed and file)
+PACKERS = {
+    ".gz": (gzip.compress, gzip.decompress),
+    ".bz2": (bz2.compress, bz2.decompress),
+    ".xz": (lzma.compress, lzma.decompress),
+    ".lzma": (functools.partial(lzma.compress, format=lzma.FORMAT_ALONE), lzma.decompress),
+}
 #: keys a line's map may emit besides the line itself, drawn per seed
 KEY_POOL: list[Any] = [
     "",
@@ -126,8 +137,9 @@ def _run(tmp_path: Path, seed: int) -> None:
             data += sep
         path = tmp_path / "in" / f"f{i}"
         if rng.random() < 0.3:  # read decompressed, whole
-            path = path.with_name(f"f{i}.gz")
-            data = gzip.compress(data)
+            suffix = list(PACKERS)[(seed + i) % len(PACKERS)]  # the rng's draws stay the same
+            path = path.with_name(f"f{i}{suffix}")
+            data = PACKERS[suffix][0](data)
         path.write_bytes(data)
         files.append(path)
     reducers = rng.choice([1, 2, 3, 7])
@@ -169,7 +181,9 @@ def _run(tmp_path: Path, seed: int) -> None:
     groups: dict[bytes, tuple[Any, list[Any]]] = {}
     for path in files:
         raw = path.read_bytes()
-        for line in _reference_lines(gzip.decompress(raw) if path.suffix == ".gz" else raw):
+        if path.suffix in PACKERS:
+            raw = PACKERS[path.suffix][1](raw)
+        for line in _reference_lines(raw):
             for key, value in _job_map(line):
                 groups.setdefault(encode_key(key), (key, []))[1].append(value)
     want: dict[int, list[tuple[str, list[Any]]]] = defaultdict(list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import lzma
 import math
 import os
 import re
@@ -517,6 +518,20 @@ def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
     )
     with pytest.raises(JobFailed, match=r"vertex 7 in superstep 2: ZeroDivisionError: oops"):
         run_threads(prog, tmp_path, 2, partitions=3, max_supersteps=5)
+    assert not (tmp_path / "out-run" / "_SUCCESS").exists()
+
+
+def test_a_corrupt_compressed_input_fails_the_job_with_one_line(tmp_path: Path):
+    """A vertex job's input is read by the data jobs' reader: a truncated .xz graph file
+    fails the load with one line naming the file and the line it broke at; no output."""
+    graph_input(tmp_path, files=2)
+    first = sorted((tmp_path / "in").iterdir())[0]
+    packed = first.with_name(first.name + ".xz")
+    packed.write_bytes(lzma.compress(first.read_bytes())[:-30])
+    first.unlink()
+    message = rf"input {re.escape(str(packed.resolve()))}: corrupt or truncated xz data at line \d+"
+    with pytest.raises(JobFailed, match=message):
+        run_threads(example("propagate_max"), tmp_path, 2, partitions=3, max_supersteps=5)
     assert not (tmp_path / "out-run" / "_SUCCESS").exists()
 
 

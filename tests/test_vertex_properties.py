@@ -3,11 +3,13 @@ partitions, no combiner, no files): the workers in threads with 1-3 workers, 1-5
 checkpoints, a min combiner by name or as a function, aggregators read back by every vertex;
 ids of mixed types, messages to vertices no line declared (they are created), halted
 vertices woken by a message, blank and comment lines, CRLF files, a file without its last
-newline, a gzip-compressed file."""
+newline, a compressed file (.gz, .bz2 or .xz)."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import random
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,8 @@ def test_random_graphs_equal_a_plain_pregel(tmp_path: Path, seed: int, monkeypat
     (tmp_path / "in" / "a.txt").write_text("\n".join(lines[:cut]) + rng.choice(["", "\n"]))
     second = "\r\n".join(lines[cut:]).encode()
     if rng.random() < 0.3:  # read decompressed, by one worker
-        (tmp_path / "in" / "b.txt.gz").write_bytes(gzip.compress(second))
+        suffix, pack = [(".gz", gzip), (".bz2", bz2), (".xz", lzma)][seed % 3]
+        (tmp_path / "in" / f"b.txt{suffix}").write_bytes(pack.compress(second))
     else:
         (tmp_path / "in" / "b.txt").write_bytes(second)
     # ids are not all numbers here: keep the output's ids as text

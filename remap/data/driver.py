@@ -46,7 +46,8 @@ POLL_INTERVAL = 0.25
 PROGRESS_READ_EVERY = 1.0
 #: task errors whose messages say what and where (shown without their type)
 _SELF_EXPLAINED = frozenset(
-    "RecordError JobCodeError BadOutput CombineError HookError StorageError InputChanged".split()
+    "RecordError JobCodeError BadOutput CombineError HookError StorageError InputChanged "
+    "UnreadableInput".split()
 )
 
 

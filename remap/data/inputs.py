@@ -7,12 +7,16 @@ it starts in, and every line is read exactly once whatever the split size.
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
+import importlib
+import lzma
 import os
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,11 @@ _COUNT_BLOCK = 1 << 20
 class InputChanged(Exception):
     """An input file is shorter than when the job cut it into splits (rewritten or truncated
     while the job ran): its split cannot be read as planned."""
+
+
+class UnreadableInput(Exception):
+    """A compressed input file is corrupt or truncated, or no module here reads its format:
+    the message names the file (and the line), not the decompressor's bare complaint."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,8 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
                 raise nothing_named(entry, path)
         for match in matches:
             _check_readable(entry, match)
+            if match.name.endswith(".zst") and _zstd() is None:  # fail before a cluster starts
+                raise ConfigError(f"input {entry!r}: {match}: {ZSTD_MISSING}")
         found.update(dict.fromkeys(match.resolve() for match in matches))
     return list(found)
 
@@ -184,7 +195,7 @@ def make_splits(files: Iterable[Path | str], split_bytes: int, *, splittable: bo
         size = os.path.getsize(path)
         if size == 0:
             continue
-        if not splittable or compressed(path):  # a .gz file is read from its start only
+        if not splittable or compressed(path):  # a compressed file is read from its start
             splits.append(Split(len(splits), str(path), 0, size))
             continue
         count = max(1, -(-size // split_bytes))
@@ -218,30 +229,94 @@ def finer_tail(splits: list[Split], cores: int) -> list[Split]:
     return [Split(index, path, start, end) for index, (path, start, end) in enumerate(ranges)]
 
 
-#: input files decompressed as they are read (by name, as Hadoop does): never split
-COMPRESSED_SUFFIXES = (".gz",)
+def _zstd() -> Any:
+    """``compression.zstd`` (Python 3.14+) or its backport (``backports.zstd``, the same API),
+    or None: zstd is no hard dependency."""
+    for name in ("compression.zstd", "backports.zstd"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    return None
+
+
+#: why a ``.zst`` input cannot be read, and what to do about it
+ZSTD_MISSING = (
+    "reading .zst needs Python 3.14+ or `pip install backports.zstd` (on every node); "
+    "or decompress it first (zstd -d)"
+)
+
+
+def _open_zstd(path: str) -> Any:
+    zstd = _zstd()
+    if zstd is None:
+        raise UnreadableInput(f"input {path}: {ZSTD_MISSING}")
+    return zstd.open(path, "rb")
+
+
+#: input files decompressed as they are read (by name, as Hadoop does; never split): suffix ->
+#: (format, opener of the decompressed bytes)
+DECOMPRESSORS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    ".gz": ("gzip", gzip.open),
+    ".bz2": ("bzip2", bz2.open),
+    ".xz": ("xz", lzma.open),
+    ".lzma": ("lzma", lzma.open),  # lzma.open reads both .xz and the legacy .lzma format
+    ".zst": ("zstd", _open_zstd),
+}
+#: what a decompressor raises for bad data (OSError: gzip's BadGzipFile, bz2's bad stream)
+_BAD_DATA = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def _decompressor(path: str | os.PathLike[str]) -> tuple[str, Callable[[str], Any]] | None:
+    name = os.fspath(path)
+    return next((v for suffix, v in DECOMPRESSORS.items() if name.endswith(suffix)), None)
 
 
 def compressed(path: str | os.PathLike[str]) -> bool:
-    """Whether an input file is gzip-compressed: its split is the whole file, read through
-    ``gzip`` (offsets and line numbers count decompressed bytes)."""
-    return os.fspath(path).endswith(COMPRESSED_SUFFIXES)
+    """Whether an input file is compressed: its split is the whole file, read decompressed
+    (offsets and line numbers count decompressed bytes)."""
+    return _decompressor(path) is not None
+
+
+def _open_input(path: str) -> Any:
+    """The file's bytes (decompressed if it is compressed), for reading from its start."""
+    found = _decompressor(path)
+    return open(path, "rb") if found is None else found[1](path)
+
+
+def _bad_data() -> tuple[type[BaseException], ...]:
+    zstd = _zstd()
+    return _BAD_DATA if zstd is None else (*_BAD_DATA, zstd.ZstdError)
+
+
+def _unreadable(path: str, fmt: str, handle: Any, exc: BaseException) -> UnreadableInput:
+    """The error for a compressed file its decompressor refused, where it did."""
+    offset = handle.tell()  # decompressed bytes read before the bad data
+    try:
+        where = f"line {line_number(path, offset)}, decompressed byte {offset}"
+    except _bad_data():  # a check at the end of the data (gzip's CRC) fails it again
+        where = f"decompressed byte {offset}"
+    return UnreadableInput(f"input {path}: corrupt or truncated {fmt} data at {where}: {exc}")
 
 
 @contextmanager
 def _open(split: Split) -> Iterator[tuple[Any, int, int]]:
     """The split's file, opened for reading its bytes at its first line; that line's offset,
-    and the offset its lines stop at."""
-    if compressed(split.path):
-        handle, end = gzip.open(split.path, "rb"), (sys.maxsize if split.start == 0 else 0)
-    else:
-        handle, end = open(split.path, "rb"), split.end
+    and the offset its lines stop at. Bad compressed data is an :class:`UnreadableInput`."""
+    found = _decompressor(split.path)
+    handle = _open_input(split.path)
+    end = split.end if found is None else (sys.maxsize if split.start == 0 else 0)
     with handle:
         pos = split.start
         if pos > 0 and end > pos:
             handle.seek(pos - 1)
             pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
-        yield handle, pos, end
+        try:
+            yield handle, pos, end
+        except _bad_data() as exc:
+            if found is None:  # a plain file's OSError is the system's, as it says
+                raise
+            raise _unreadable(split.path, found[0], handle, exc) from exc
 
 
 def read_lines(split: Split) -> Iterator[tuple[int, str]]:
@@ -307,7 +382,7 @@ def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[in
 def line_number(path: str, offset: int) -> int:
     """The 1-based line that starts at byte ``offset`` (counted only when an error needs it)."""
     lines = 1
-    with gzip.open(path, "rb") if compressed(path) else open(path, "rb") as handle:
+    with _open_input(path) as handle:
         remaining = offset
         while remaining > 0:
             block = handle.read(min(_COUNT_BLOCK, remaining))
