@@ -132,6 +132,35 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
     assert (child.returncode, err.decode()) == (141, "")
 
 
+@pytest.mark.slow
+def test_a_reader_that_leaves_a_stream_job_early_gets_141_and_no_error_line(
+    tmp_path: Path,
+) -> None:
+    """``remap compute stream.yaml | head -1``: results written mid-job meet the closed pipe;
+    the console leaves with 141 and no line, as ``status | head`` does and ``--json`` did (it
+    said "error: could not write results to standard output: Broken pipe" and exited 1)."""
+    import subprocess
+
+    from tests.cluster_harness import PYTHON, clean_env
+
+    job = write_job(
+        tmp_path / "squares.yaml",
+        {
+            "function": jobs_function("funcs", "square"),
+            "args_range": [0, 5000],
+            "response_mode": "stream",
+        },
+    )
+    child = subprocess.Popen(
+        [PYTHON, str(CONSOLE_SCRIPT), "--env-file", "/dev/null", "--cores", "1", "compute", job],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    child.stdout.close()  # the reader is gone before the first result line
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err.decode()
+    assert [line for line in lines_of(err.decode()) if "embedded" not in line] == []
+
+
 @pytest.mark.parametrize("name", ["drain", "undrain", "exclude", "include"])
 def test_node_commands_help_names_every_way_to_name_a_node(name: str) -> None:
     """``drain --help`` and friends say NODE may be an id or prefix, host:pid or a node name,

@@ -81,6 +81,13 @@ class UsageError(RemapError):
     exit_code = 2
 
 
+class ReaderLeft(OutputError):
+    """The reader of stdout left mid-job (``compute job.yaml | head``): the job ends and the
+    console leaves quietly with 141, as after any write to a closed pipe."""
+
+    exit_code = EXIT_BROKEN_PIPE
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so the shell survives a typo."""
 
@@ -334,7 +341,9 @@ class Console:
                     if now - last_flush[0] >= 0.1:
                         self.out.flush()
                         last_flush[0] = now
-                except OSError as exc:  # stdout is a closed pipe or a full disk
+                except BrokenPipeError:
+                    raise ReaderLeft("the reader of standard output left") from None
+                except OSError as exc:  # stdout is a full disk
                     raise OutputError(
                         f"could not write results to standard output: {os_reason(exc)}"
                     ) from None
@@ -905,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
         return console.execute(args)
     except (KeyboardInterrupt, RemapError) as exc:
         line, code = one_line(exc)
-        print(line, file=sys.stderr)
+        if code != EXIT_BROKEN_PIPE:
+            print(line, file=sys.stderr)
         return code
     finally:
         if session is not None:
