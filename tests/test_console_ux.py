@@ -258,6 +258,21 @@ def test_undrain_lets_a_node_take_work_again(cluster: Cluster) -> None:
     assert not next(n for n in cluster.status()["nodes"] if n["id"] == node)["draining"]
 
 
+@pytest.mark.slow
+def test_kill_of_a_job_that_had_ended_says_so(make_cluster: Any, tmp_path: Path) -> None:
+    """``kill ID`` of a job that ended already says it had ended and killed nothing; it said
+    "job ID done", or "job ID killed" for one killed before, as if this kill had ended it."""
+    c = make_cluster([NodeSpec(cores=1)])
+    job = write_job(
+        tmp_path / "sq.yaml", {"function": jobs_function("funcs", "square"), "args": [2]}
+    )
+    c.assert_ok(c.console("compute", job))
+    job_id = str(c.status()["jobs"][0]["id"])
+    for _ in range(2):
+        done = c.assert_ok(c.console("kill", job_id))
+        assert done.stdout.strip() == f"job {job_id} had already ended (done): nothing to kill"
+
+
 def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -643,7 +643,10 @@ class Console:
         if args.job is None:
             raise UsageError("kill: give a JOB_ID, or --cluster")
         info = self.session.request("kill", args.job)
-        self.say(f"job {info['job']} {info['state']}")
+        if info.get("ended"):  # an older server does not say: "job N killed" as before
+            self.say(f"job {info['job']} had already ended ({info['state']}): nothing to kill")
+        else:
+            self.say(f"job {info['job']} {info['state']}")
         return 0
 
     def cmd_drain(self, args: argparse.Namespace) -> int:

@@ -50,6 +50,11 @@ def _refuse(link: PeerProtocol, msg: m.Message, code: str, message: str) -> None
     link.send(m.Error(code=code, message=message, re=getattr(msg, "id", None)))
 
 
+def _killed(job: Any, ended: bool) -> dict[str, Any]:
+    """``kill``'s answer: the job's state, and whether it had ended before (nothing killed)."""
+    return {"job": job.id, "state": job.state, "ended": ended}
+
+
 class ServerConnection:
     """Handler for one peer: a node or a console, known once authenticated."""
 
@@ -211,11 +216,12 @@ class ServerConnection:
             if job is not None and job.console is link:
                 job.counters = bounded_counters(msg.counters)
         elif t is m.Kill:
+            ended = msg.job in sched.jobs and sched.jobs[msg.job].finished
             job = sched.kill(msg.job)
             if job is None:
                 _refuse(link, msg, "not-found", f"no job {msg.job}")
             else:
-                link.send(m.Ok(re=msg.id, info={"job": job.id, "state": job.state}))
+                link.send(m.Ok(re=msg.id, info=_killed(job, ended)))
         elif t is m.Attach:
             sched.recall(msg.job)
             job = sched.attach(link, msg.job)
@@ -293,8 +299,9 @@ class ServerConnection:
             info = job.describe(self.scheduler.clock.seconds()).to_wire()
             link.send(m.Ok(re=msg.id, info={**info, **job.task_output(msg.since)}))
         else:
+            ended = job.finished
             self.server.drivers.kill(
-                job, lambda j: link.send(m.Ok(re=msg.id, info={"job": j.id, "state": j.state}))
+                job, lambda j: link.send(m.Ok(re=msg.id, info=_killed(j, ended)))
             )
 
     def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume) -> bool:
