@@ -51,8 +51,9 @@ def _refuse(link: PeerProtocol, msg: m.Message, code: str, message: str) -> None
 
 
 def _killed(job: Any, ended: bool) -> dict[str, Any]:
-    """``kill``'s answer: the job's state, and whether it had ended before (nothing killed)."""
-    return {"job": job.id, "state": job.state, "ended": ended}
+    """``kill``'s answer: the job's state, and ``ended`` if it had ended before (nothing
+    was killed)."""
+    return {"job": job.id, "state": job.state, **({"ended": True} if ended else {})}
 
 
 class ServerConnection:
