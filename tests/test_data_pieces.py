@@ -487,7 +487,7 @@ def test_zst_inputs_per_python_version(tmp_path: Path) -> None:
     """On this Python as it is: 3.14+ (or an installed backports.zstd) reads a real .zst file
     as its plain text; before 3.14 without the backport, the one-line refusal."""
     text = b"".join(b"word %d\n" % i for i in range(5000))
-    zstd = inputs._zstd()
+    zstd = inputs._reader(inputs.FORMATS[".zst"])
     if zstd is None:
         assert sys.version_info < (3, 14), "Python 3.14+ has compression.zstd"
         _assert_zstd_refused(_write(tmp_path / "p.zst", b"(bytes no reader will see)"))
@@ -500,6 +500,21 @@ def test_zst_inputs_per_python_version(tmp_path: Path) -> None:
         list(inputs.read_line_blocks(split))
 
 
+def test_a_python_without_lzma_refuses_xz_inputs_only(tmp_path: Path, monkeypatch) -> None:
+    """The decompressors are imported when a file needs one: a Python built without
+    ``_lzma`` refuses an .xz input in one line and still reads .gz and plain files (a
+    top-level ``import lzma`` failed every data and vertex job)."""
+    monkeypatch.setitem(sys.modules, "lzma", None)
+    xz = _write(tmp_path / "a.xz", b"(no reader will see these bytes)")
+    with pytest.raises(ConfigError, match=r"a\.xz: this Python was built without its lzma module"):
+        inputs.resolve_inputs("a.xz", tmp_path)
+    with pytest.raises(inputs.UnreadableInput, match=rf"^input {xz}: this Python was built"):
+        list(inputs.read_lines(inputs.Split(0, str(xz), 0, 32)))
+    _write(tmp_path / "b.gz", gzip.compress(b"x\n"))
+    (split,) = inputs.make_splits(inputs.resolve_inputs("b.gz", tmp_path), 9, splittable=True)
+    assert list(inputs.read_lines(split)) == [(0, "x")]
+
+
 def test_a_plain_file_read_error_is_the_systems(tmp_path: Path, monkeypatch) -> None:
     """Only a compressed file's errors are renamed: a plain file's OSError is raised as it is
     (a disk's error, not bad data)."""
@@ -509,7 +524,7 @@ def test_a_plain_file_read_error_is_the_systems(tmp_path: Path, monkeypatch) -> 
         def read(self, size: int = -1) -> bytes:
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(inputs, "_open_input", lambda p: Failing(io.FileIO(p)))
+    monkeypatch.setattr(inputs, "_open_input", lambda p: (Failing(io.FileIO(p)), ()))
     with pytest.raises(OSError, match="Input/output error") as info:
         list(inputs.read_line_blocks(inputs.Split(0, str(path), 0, 4)))
     assert not isinstance(info.value, inputs.UnreadableInput)

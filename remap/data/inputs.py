@@ -7,16 +7,13 @@ it starts in, and every line is read exactly once whatever the split size.
 
 from __future__ import annotations
 
-import bz2
 import glob
-import gzip
 import importlib
-import lzma
 import os
 import stat
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +88,9 @@ def resolve_inputs(inputs: str | Iterable[str], base_dir: Path | str = ".") -> l
                 raise nothing_named(entry, path)
         for match in matches:
             _check_readable(entry, match)
-            if match.name.endswith(".zst") and _zstd() is None:  # fail before a cluster starts
-                raise ConfigError(f"input {entry!r}: {match}: {ZSTD_MISSING}")
+            fmt = _format(match)
+            if fmt is not None and _reader(fmt) is None:  # fail before a cluster starts
+                raise ConfigError(f"input {entry!r}: {match}: {fmt.missing}")
         found.update(dict.fromkeys(match.resolve() for match in matches))
     return list(found)
 
@@ -229,10 +227,48 @@ def finer_tail(splits: list[Split], cores: int) -> list[Split]:
     return [Split(index, path, start, end) for index, (path, start, end) in enumerate(ranges)]
 
 
-def _zstd() -> Any:
-    """``compression.zstd`` (Python 3.14+) or its backport (``backports.zstd``, the same API),
-    or None: zstd is no hard dependency."""
-    for name in ("compression.zstd", "backports.zstd"):
+@dataclass(frozen=True)
+class _Format:
+    """A compression format an input file's name ends in, and the modules that read it."""
+
+    name: str
+    modules: tuple[str, ...]  #: the first that imports reads it (each has ``open(path, "rb")``)
+    error: str = ""  #: the module's own exception for bad data, besides EOFError and OSError
+    missing: str = ""  #: what to do when none imports
+
+    def __post_init__(self) -> None:
+        if not self.missing:  # the standard library's, absent from a Python built without it
+            why = f"this Python was built without its {self.modules[0]} module"
+            object.__setattr__(self, "missing", why)
+
+
+#: input files decompressed as they are read (by name, as Hadoop does; never split). Modules
+#: are imported when a file needs one: a Python without ``_lzma`` still reads the others.
+FORMATS = {
+    ".gz": _Format("gzip", ("gzip",)),
+    ".bz2": _Format("bzip2", ("bz2",)),
+    ".xz": _Format("xz", ("lzma",), "LZMAError"),
+    ".lzma": _Format("lzma", ("lzma",), "LZMAError"),  # lzma.open reads .xz and .lzma alike
+    ".zst": _Format(
+        "zstd",
+        ("compression.zstd", "backports.zstd"),  # Python 3.14+, or the backport (same API)
+        "ZstdError",
+        "reading .zst needs Python 3.14+ or `pip install backports.zstd` (on every node); "
+        "or decompress it first (zstd -d)",
+    ),
+}
+#: what every decompressor raises for bad data (OSError: gzip's BadGzipFile, bz2's bad stream)
+_BAD_DATA: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+
+
+def _format(path: str | os.PathLike[str]) -> _Format | None:
+    name = os.fspath(path)
+    return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
+
+
+def _reader(fmt: _Format) -> Any:
+    """The first of the format's modules that imports, or None: none is a hard dependency."""
+    for name in fmt.modules:
         try:
             return importlib.import_module(name)
         except ImportError:
@@ -240,72 +276,44 @@ def _zstd() -> Any:
     return None
 
 
-#: why a ``.zst`` input cannot be read, and what to do about it
-ZSTD_MISSING = (
-    "reading .zst needs Python 3.14+ or `pip install backports.zstd` (on every node); "
-    "or decompress it first (zstd -d)"
-)
-
-
-def _open_zstd(path: str) -> Any:
-    zstd = _zstd()
-    if zstd is None:
-        raise UnreadableInput(f"input {path}: {ZSTD_MISSING}")
-    return zstd.open(path, "rb")
-
-
-#: input files decompressed as they are read (by name, as Hadoop does; never split): suffix ->
-#: (format, opener of the decompressed bytes)
-DECOMPRESSORS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    ".gz": ("gzip", gzip.open),
-    ".bz2": ("bzip2", bz2.open),
-    ".xz": ("xz", lzma.open),
-    ".lzma": ("lzma", lzma.open),  # lzma.open reads both .xz and the legacy .lzma format
-    ".zst": ("zstd", _open_zstd),
-}
-#: what a decompressor raises for bad data (OSError: gzip's BadGzipFile, bz2's bad stream)
-_BAD_DATA = (EOFError, OSError, zlib.error, lzma.LZMAError)
-
-
-def _decompressor(path: str | os.PathLike[str]) -> tuple[str, Callable[[str], Any]] | None:
-    name = os.fspath(path)
-    return next((v for suffix, v in DECOMPRESSORS.items() if name.endswith(suffix)), None)
-
-
 def compressed(path: str | os.PathLike[str]) -> bool:
     """Whether an input file is compressed: its split is the whole file, read decompressed
     (offsets and line numbers count decompressed bytes)."""
-    return _decompressor(path) is not None
+    return _format(path) is not None
 
 
-def _open_input(path: str) -> Any:
-    """The file's bytes (decompressed if it is compressed), for reading from its start."""
-    found = _decompressor(path)
-    return open(path, "rb") if found is None else found[1](path)
+def _open_input(path: str) -> tuple[Any, tuple[type[BaseException], ...]]:
+    """The file's bytes from its start, decompressed if its name says so, and what reading
+    them raises for bad data (nothing for a plain file: its OSError is the system's)."""
+    fmt = _format(path)
+    if fmt is None:
+        return open(path, "rb"), ()
+    module = _reader(fmt)
+    if module is None:  # a node without the module (the client checked its own)
+        raise UnreadableInput(f"input {path}: {fmt.missing}")
+    bad = (*_BAD_DATA, getattr(module, fmt.error)) if fmt.error else _BAD_DATA
+    return module.open(path, "rb"), bad
 
 
-def _bad_data() -> tuple[type[BaseException], ...]:
-    zstd = _zstd()
-    return _BAD_DATA if zstd is None else (*_BAD_DATA, zstd.ZstdError)
-
-
-def _unreadable(path: str, fmt: str, handle: Any, exc: BaseException) -> UnreadableInput:
+def _unreadable(
+    path: str, handle: Any, bad: tuple[type[BaseException], ...], exc: BaseException
+) -> UnreadableInput:
     """The error for a compressed file its decompressor refused, where it did."""
     offset = handle.tell()  # decompressed bytes read before the bad data
     try:
         where = f"line {line_number(path, offset)}, decompressed byte {offset}"
-    except _bad_data():  # a check at the end of the data (gzip's CRC) fails it again
+    except bad:  # a check at the end of the data (gzip's CRC) fails it again
         where = f"decompressed byte {offset}"
-    return UnreadableInput(f"input {path}: corrupt or truncated {fmt} data at {where}: {exc}")
+    name = _format(path).name  # type: ignore[union-attr]
+    return UnreadableInput(f"input {path}: corrupt or truncated {name} data at {where}: {exc}")
 
 
 @contextmanager
 def _open(split: Split) -> Iterator[tuple[Any, int, int]]:
     """The split's file, opened for reading its bytes at its first line; that line's offset,
     and the offset its lines stop at. Bad compressed data is an :class:`UnreadableInput`."""
-    found = _decompressor(split.path)
-    handle = _open_input(split.path)
-    end = split.end if found is None else (sys.maxsize if split.start == 0 else 0)
+    handle, bad = _open_input(split.path)
+    end = (sys.maxsize if split.start == 0 else 0) if bad else split.end
     with handle:
         pos = split.start
         if pos > 0 and end > pos:
@@ -313,10 +321,8 @@ def _open(split: Split) -> Iterator[tuple[Any, int, int]]:
             pos = pos - 1 + len(handle.readline())  # the rest of the line that started before
         try:
             yield handle, pos, end
-        except _bad_data() as exc:
-            if found is None:  # a plain file's OSError is the system's, as it says
-                raise
-            raise _unreadable(split.path, found[0], handle, exc) from exc
+        except bad as exc:
+            raise _unreadable(split.path, handle, bad, exc) from exc
 
 
 def read_lines(split: Split) -> Iterator[tuple[int, str]]:
@@ -382,7 +388,7 @@ def read_line_blocks(split: Split, block: int = LINE_BLOCK) -> Iterator[tuple[in
 def line_number(path: str, offset: int) -> int:
     """The 1-based line that starts at byte ``offset`` (counted only when an error needs it)."""
     lines = 1
-    with _open_input(path) as handle:
+    with _open_input(path)[0] as handle:
         remaining = offset
         while remaining > 0:
             block = handle.read(min(_COUNT_BLOCK, remaining))
