@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet import error as net_error
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -348,17 +349,62 @@ def test_the_default_cluster_caps() -> None:
 
 def test_the_cap_holds_under_tls_too() -> None:
     """Behind TLS (the factory wrapped as the TLS endpoint wraps it) a connection beyond the
-    cap is closed at accept too, before any TLS byte is written."""
+    cap gets no handler either. Its ``busy`` frame needs the TLS handshake, which it may take
+    within the handshake deadline (then it is cut and its place freed); as many refusals wait
+    for it at once as handshakes may (per address too), and one more is closed at accept,
+    before any TLS byte is written."""
     from twisted.internet import ssl
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     clock = Clock()
-    tls = TLSMemoryBIOFactory(ssl.CertificateOptions(), False, cluster_factory(clock), clock=clock)
+    factory = cluster_factory(clock)
+    tls = TLSMemoryBIOFactory(ssl.CertificateOptions(), False, factory, clock=clock)
     same = open_many(tls, ["203.0.113.9"] * (MAX_HANDSHAKING_PER_HOST + 1))
-    assert not any(c.transport.disconnecting for c in same[:-1])
-    last = same[-1]
-    assert isinstance(last.proto.wrappedProtocol, Refused)
-    assert last.transport.disconnecting and last.transport.value() == b""
+    assert not any(c.transport.disconnecting for c in same)
+    assert isinstance(same[-1].proto.wrappedProtocol, Refused)
+    told = open_many(tls, ["203.0.113.9"] * (MAX_HANDSHAKING_PER_HOST - 1), first_port=50000)
+    assert not any(c.transport.disconnecting for c in told)  # each waits for its handshake
+    assert factory.tls_refusals.admission.held == MAX_HANDSHAKING_PER_HOST
+    beyond = Accepted(tls, "203.0.113.9", 51000)
+    assert isinstance(beyond.proto.wrappedProtocol, Refused)
+    assert beyond.transport.disconnecting and beyond.transport.value() == b""
+
+    clock.advance(factory.handshake_timeout)  # no TLS handshake came: every refusal is cut
+    for c in [same[-1], *told]:
+        assert c.transport.disconnecting
+        c.lose()
+    assert factory.tls_refusals.admission.held == 0
+
+
+def test_a_refusal_told_under_tls_reads_no_more_than_a_hello() -> None:
+    """Once its TLS handshake is done a refused connection is read only by the TLS layer (for
+    its close): its peer's hello is ignored, and a peer that sends more than a handshake frame
+    is cut, its place freed (time alone does not bound what it may send)."""
+    from zope.interface import directlyProvides
+
+    from protocol.framing import PREAUTH_MAX_FRAME
+    from remap.server.admission import TlsRefusals
+
+    class Cut(StringTransport):
+        aborted = False
+
+        def abortConnection(self) -> None:
+            self.aborted = True
+            super().abortConnection()
+
+    told = TlsRefusals(Clock(), Admission(1, 1), 5.0)
+    transport = Cut()
+    directlyProvides(transport, ISSLTransport)
+    refused = Refused(b"busy frame", "192.0.2.1", told)
+    refused.makeConnection(transport)
+    assert transport.value() == b"busy frame" and not transport.aborted
+    assert told.admission.held == 1
+    refused.dataReceived(b"h" * PREAUTH_MAX_FRAME)
+    assert not transport.aborted
+    refused.dataReceived(b"h")
+    assert transport.aborted
+    refused.connectionLost(Failure(net_error.ConnectionAborted()))
+    assert told.admission.held == 0 and not told.clock.getDelayedCalls()
 
 
 # =========================================================================== settings, real sockets
@@ -479,3 +525,66 @@ def served_status(served: Served) -> int | None:
         return served.request("GET", "/api/v1/summary", token=served.token).status
     except OSError:  # refused while the server had not yet seen the closes
         return None
+
+
+# =========================================================================== under TLS, real sockets
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> dict[str, str]:
+    """A throwaway CA (trustme) and a server certificate for 127.0.0.1, as PEM files."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("caps-pki")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def test_a_console_refused_at_the_caps_under_tls_says_so_in_one_line(tmp_path, tls_files) -> None:
+    """Under TLS too, a console and ``remap.connect`` refused by a full cap (real TLS sockets)
+    fail with the line naming the cap, exit code 4: the refused connection gets the TLS
+    handshake and then the ``busy`` frame (they saw only "closed the connection during the
+    handshake ... (if the server uses TLS, set REMAP_TLS_CA ...)", TLS being set)."""
+    import remap
+    from remap.dial import connect_console
+    from remap.errors import RemapError, ServerUnreachable, one_line
+
+    settings = _listening(
+        tmp_path,
+        max_handshaking_per_host=1,
+        tls_cert=tls_files["cert"],
+        tls_key=tls_files["key"],
+    )
+    server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
+    client = Settings(tls_ca=tls_files["ca"])
+    try:
+        port = server.port.getHost().port
+        said = (
+            f"error: the server at 127.0.0.1:{port} refused the connection: too many "
+            "connections from this host in the handshake (at most 1); try again in a moment",
+            4,
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # holds the one slot
+
+            async def dial() -> RemapError:
+                try:
+                    await connect_console(
+                        runtime.reactor(), client, f"127.0.0.1:{port}", secret=KEY
+                    )
+                except RemapError as exc:
+                    return exc
+                raise AssertionError("the dial did not fail")
+
+            refused = runtime.run(dial, timeout=30)
+            assert isinstance(refused, ServerUnreachable)
+            assert one_line(refused) == said
+            with pytest.raises(ServerUnreachable) as api:
+                remap.connect(f"127.0.0.1:{port}", secret=KEY, settings=client, env_file=None)
+            assert one_line(api.value) == said
+    finally:
+        runtime.run(server.stop, timeout=30)

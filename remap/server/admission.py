@@ -1,18 +1,22 @@
 """Connection caps: how many connections a port holds at once, in all and per source address.
 
 The cluster port counts connections still in the handshake, the HTTP port every open one. One
-beyond a cap is closed as soon as it is accepted, unread, and refusals are logged at most once
-per interval (a flood of connects must not become a flood of log lines).
+beyond a cap is closed as soon as it is accepted, unread (the cluster port says why first, under
+TLS within bounds of its own), and refusals are logged at most once per interval (a flood of
+connects must not become a flood of log lines).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+
+from protocol.framing import PREAUTH_MAX_FRAME
 
 #: seconds between two log lines about refused connections (the second one counts the rest)
 REFUSAL_LOG_INTERVAL = 60.0
@@ -95,21 +99,60 @@ class RefusalLog:
         )
 
 
-class Refused(Protocol):
-    """What a connection beyond a cap gets: closed at once, nothing read. The cluster port's
-    ``frame`` (its ``busy`` error, so a console can say why) is written first, except under TLS
-    (it would cost a TLS handshake per refusal)."""
+@dataclass(frozen=True)
+class TlsRefusals:
+    """Refused connections told why under TLS, where the ``busy`` frame needs the TLS handshake
+    first: ``admission`` caps how many at once (per address too; one more is closed at once,
+    unread), each has ``timeout`` seconds to take the frame before it is cut."""
 
-    def __init__(self, frame: bytes = b"") -> None:
+    clock: IReactorTime
+    admission: Admission
+    timeout: float
+
+
+class Refused(Protocol):
+    """What a connection beyond a cap gets: nothing parsed, closed. The cluster port's ``frame``
+    (its ``busy`` error, so a console can say why) is written first; under TLS only while
+    ``tls`` has room (see :class:`TlsRefusals`), else the connection is closed at once."""
+
+    def __init__(self, frame: bytes = b"", host: str = "", tls: TlsRefusals | None = None) -> None:
         self.frame = frame
+        self.host = host
+        self.tls = tls
+        self._slot: Slot | None = None
+        self._deadline: Any = None
+        self._received = 0
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted's name
         self.transport = transport
-        if self.frame and not ISSLTransport.providedBy(transport):
+        if self.frame and (not ISSLTransport.providedBy(transport) or self._room(transport)):
             transport.write(self.frame)
-            transport.loseConnection()  # after the frame; nothing is read meanwhile
+            transport.loseConnection()  # after the frame (under TLS: after the TLS handshake)
         else:
             transport.abortConnection()
+
+    def _room(self, transport: Any) -> bool:
+        """A place among the refusals told under TLS, its deadline armed; False: none free."""
+        tls = self.tls
+        slot = tls.admission.admit(self.host) if tls is not None else None
+        if not isinstance(slot, Slot):
+            return False
+        self._slot = slot
+        self._deadline = tls.clock.callLater(tls.timeout, transport.abortConnection)
+        return True
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        """Under TLS only (the TLS layer reads on for its handshake and close): the peer's hello,
+        not parsed; a peer sending more than a handshake's frame is cut."""
+        self._received += len(data)
+        if self._received > PREAUTH_MAX_FRAME:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if self._slot is not None:
+            self._slot.release()
 
 
 def busy_text(why: str, admission: Admission) -> str:

@@ -16,7 +16,7 @@ from protocol.framing import frame_length
 from ..errors import ConfigError, RemapError, RemoteProtocolError
 from ..settings import Settings
 from ..wire import PeerProtocol, ReadBudget, Traffic
-from .admission import Admission, RefusalLog, Refused, Slot, busy_text, peer_host
+from .admission import Admission, RefusalLog, Refused, Slot, TlsRefusals, busy_text, peer_host
 from .drivers import DriveError, Drivers
 from .exclusion import ExclusionList
 from .journal import JournalError
@@ -426,6 +426,10 @@ class RemapServerFactory(Factory):
         self._busy = {
             why: refusal_frame(busy_text(why, self.handshaking)) for why in ("total", "per-host")
         }
+        #: refused connections being told so under TLS (capped as the handshakes are)
+        self.tls_refusals = TlsRefusals(
+            clock, Admission(max_handshaking, max_handshaking_per_host), handshake_timeout
+        )
         #: frames being received, over all connections: 2 × max_frame unless told
         self.read_budget = ReadBudget(max_buffered or 2 * max_frame)
         self.secret = secret
@@ -467,7 +471,7 @@ class RemapServerFactory(Factory):
         slot = self.handshaking.admit(host)
         if not isinstance(slot, Slot):
             self.refusals.refused(host, slot, self.handshaking)
-            return Refused(self._busy[slot])
+            return Refused(self._busy[slot], host, self.tls_refusals)
         conn = Connection(
             "server", self.secret, max_frame=self.max_frame, heartbeat=self.heartbeat_interval
         )
