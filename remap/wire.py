@@ -656,10 +656,17 @@ class PeerProtocol(Protocol):
             self.transport.loseConnection()
 
     def _handshake_expired(self) -> None:
+        """The handshake's deadline: it fails, and its ``timeout`` frame has as long again to
+        leave before the connection is cut; one that failed before and is not closed yet is cut
+        now. (Under TLS a close waits for the peer, for its TLS handshake and its TLS close: one
+        that sent neither held its connection and its place in the handshake caps for ever.)"""
         self._deadline = None
         event = self.conn.timeout()
         if event is not None:
             self._failed(event.error)
+            self._deadline = self.clock.callLater(self.handshake_timeout, self._handshake_expired)
+        elif not self.open:
+            self.abort()
 
     def _adopt_peer_heartbeat(self) -> None:
         """Beat at least as often as the server expects; wait at least as long as it beats."""

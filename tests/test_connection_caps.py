@@ -376,6 +376,58 @@ def test_the_cap_holds_under_tls_too() -> None:
     assert factory.tls_refusals.admission.held == 0
 
 
+def test_a_silent_connection_under_tls_is_cut_after_its_handshake_deadline() -> None:
+    """Under TLS a peer that never starts TLS's handshake cannot be sent the ``timeout`` frame
+    and TLS's close waits for it: at the deadline the connection fails, the frame has as long
+    again, then the connection is cut and its place in the caps is free (it held it for ever:
+    16 silent sockets locked their address out of the server)."""
+    from twisted.internet import ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    clock = Clock()
+    factory = cluster_factory(clock)
+    tls = TLSMemoryBIOFactory(ssl.CertificateOptions(), False, factory, clock=clock)
+    silent = Accepted(tls, "203.0.113.9", 40000)
+    clock.advance(factory.handshake_timeout)
+    assert silent.proto.wrappedProtocol.failure is not None  # failed, its frame waits on TLS
+    assert not silent.transport.disconnecting
+    clock.advance(factory.handshake_timeout)
+    assert silent.transport.disconnecting
+    silent.lose()
+    assert factory.handshaking.held == 0 and not clock.getDelayedCalls()
+
+
+def test_a_failed_handshake_whose_close_hangs_is_cut_at_the_deadline() -> None:
+    """A handshake that failed (a wrong secret) is closed after its error frame; should that
+    close not finish (under TLS it waits for the peer's TLS close), the connection is cut at
+    the handshake's deadline all the same."""
+
+    class Hanging(StringTransport):
+        """A transport whose graceful close never finishes, as TLS's without the peer."""
+
+        aborted = False
+
+        def abortConnection(self) -> None:
+            self.aborted = True
+            super().abortConnection()
+
+    clock = Clock()
+    factory = cluster_factory(clock)
+    addr = IPv4Address("TCP", "192.0.2.7", 40000)
+    proto = factory.buildProtocol(addr)
+    transport = Hanging(peerAddress=addr)
+    proto.makeConnection(transport)
+    client = Connection("node", b"not the secret")
+    client.initiate()
+    for _ in range(3):
+        proto.dataReceived(b"".join(bytes(p) for p in client.data_to_send()))
+        client.receive_data(transport.value())
+        transport.clear()
+    assert transport.disconnecting and not transport.aborted  # closing, gracefully
+    clock.advance(factory.handshake_timeout)
+    assert transport.aborted
+
+
 def test_a_refusal_told_under_tls_reads_no_more_than_a_hello() -> None:
     """Once its TLS handshake is done a refused connection is read only by the TLS layer (for
     its close): its peer's hello is ignored, and a peer that sends more than a handshake frame
@@ -583,6 +635,11 @@ def test_a_console_refused_at_the_caps_under_tls_says_so_in_one_line(tmp_path, t
             refused = runtime.run(dial, timeout=30)
             assert isinstance(refused, ServerUnreachable)
             assert one_line(refused) == said
+            # the refusal is counted until its close is done (one at a time from here)
+            told = server.factory.tls_refusals.admission
+            deadline = time.monotonic() + 10
+            while runtime.run(lambda: told.held, timeout=10):
+                assert time.monotonic() < deadline, "the refused connection was never closed"
             with pytest.raises(ServerUnreachable) as api:
                 remap.connect(f"127.0.0.1:{port}", secret=KEY, settings=client, env_file=None)
             assert one_line(api.value) == said
