@@ -2,7 +2,8 @@
 
     python bench/run.py [--quick] [--only NAME[,NAME...]] [--systems S[,S...]] [--profile]
 
-Workloads: trivial, cpu100ms, latency, mib, wordcount, lazy10m, nodes500 (all by default;
+Workloads: trivial, cpu100ms, latency, mib, wordcount, async1k, submit1k, lazy10m, nodes500
+(all by default;
 lazy10m, 10^7 lazily generated arguments on three systems, takes about a minute and a half
 on 2 cores). Each system runs in its own child process ("cell"), so systems never share
 a reactor, a fork or memory; every result is checked and a wrong one fails the run.
@@ -53,12 +54,23 @@ WORKLOADS = (
     "latency",
     "mib",
     "wordcount",
+    "async1k",
+    "submit1k",
     "lazy10m",
     "nodes500",
 )
 DEFAULT_WORKLOADS = WORKLOADS
 #: workloads every system runs in one cell; the others get a fresh cell each
-SHARED_CELL = ("trivial10k", "trivial", "cpu100ms", "latency", "mib", "wordcount")
+SHARED_CELL = (
+    "trivial10k",
+    "trivial",
+    "cpu100ms",
+    "latency",
+    "mib",
+    "wordcount",
+    "async1k",
+    "submit1k",
+)
 #: which systems run each of the special workloads
 LAZY_SYSTEMS = ("api-embedded", "api-procs", "remap-procs", "remap-embedded", "mp.Pool")
 
@@ -78,6 +90,8 @@ TARGETS = {
     "latency": "≤1.5× Pool embedded; ≤2× Pool, <0.5 ms",
     "mib": "≥0.9× Pool embedded, ≥0.75× procs",
     "wordcount": "≥0.95× Pool",
+    "async1k": "≤1.5× Pool",
+    "submit1k": "≤1.5× Pool",
     "lazy10m": "completes, peak RSS <200 MB",
     "nodes500": "CPU/batch flat (≤1.5× of 10 nodes)",
 }
@@ -97,6 +111,8 @@ def params_for(quick: bool) -> dict[str, Any]:
             mib_reps=2,
             wc_bytes=40_000_000,
             wc_reps=2,
+            async_n=1000,
+            async_reps=2,
             lazy_n=1_000_000,
             sim_nodes=[10, 500],
             sim_n=100_000,
@@ -114,6 +130,8 @@ def params_for(quick: bool) -> dict[str, Any]:
         mib_reps=3,
         wc_bytes=200_000_000,
         wc_reps=3,
+        async_n=1000,
+        async_reps=3,
         lazy_n=10_000_000,
         sim_nodes=[10, 100, 500],
         sim_n=500_000,
@@ -425,6 +443,69 @@ def bench_wordcount(system: Any, p: dict[str, Any]) -> list[dict]:
     ]
 
 
+def _async_row(
+    system: Any, p: dict[str, Any], name: str, run: Callable[[], Any], expected: Any, what: str
+) -> list[dict]:
+    """Seconds for ``run()`` (many small async calls, then their results), medians of reps."""
+    reps: list[float] = []
+    cpu: list[float] = []
+    try:
+        for _ in range(p["async_reps"]):
+            with cpu_meter(cpu):
+                dt, got = timed(run)
+            check(got == expected, f"{system.name} {name}: results differ from x+1")
+            reps.append(dt)
+    except NotImplementedError:  # a system without the call: no row (see run_in_child)
+        return [{"workload": name, "system": system.name, "absent": True}]
+    per = statistics.median(cpu) / p["async_n"] * 1e3
+    return [
+        row(
+            name,
+            system.name,
+            statistics.median(reps),
+            "s wall",
+            "lower",
+            reps,
+            f"{what}; CPU {per:.2f} ms/call",
+        )
+    ]
+
+
+def bench_async1k(system: Any, p: dict[str, Any]) -> list[dict]:
+    """``Pool.map_async`` in a loop, each over a small list, as ported Pool code does."""
+    lists = [list(range(k, k + 10)) for k in range(p["async_n"])]
+    expected = [[x + 1 for x in each] for each in lists]
+    return _async_row(
+        system,
+        p,
+        "async1k",
+        lambda: system.map_async_each(w.inc, lists),
+        expected,
+        f"{p['async_n']} map_async of 10 calls, then every get()",
+    )
+
+
+def bench_submit1k(system: Any, p: dict[str, Any]) -> list[dict]:
+    """``Executor.submit`` in a loop (mp.Pool: ``apply_async``), then every result; remap's
+    ``Pool.apply_async`` in the details."""
+    args = list(range(p["async_n"]))
+    expected = [x + 1 for x in args]
+    rows = _async_row(
+        system,
+        p,
+        "submit1k",
+        lambda: system.submit_each(w.inc, args),
+        expected,
+        f"{p['async_n']} submit (mp.Pool: apply_async), then every result",
+    )
+    if is_remap(system.name) and "absent" not in rows[0]:
+        apply = _async_row(
+            system, p, "apply", lambda: system.apply_async_each(w.inc, args), expected, ""
+        )
+        rows[0]["details"] += f"; Pool.apply_async {apply[0]['value']:.3f} s"
+    return rows
+
+
 def bench_lazy(system: Any, p: dict[str, Any]) -> list[dict]:
     n = p["lazy_n"]
     dt, got = timed(lambda: system.map_reduce(w.double, w.add, w.lazy_arguments(n), 1000))
@@ -548,6 +629,8 @@ BENCHES = {
     "latency": bench_latency,
     "mib": bench_mib,
     "wordcount": bench_wordcount,
+    "async1k": bench_async1k,
+    "submit1k": bench_submit1k,
     "lazy10m": bench_lazy,
 }
 
@@ -669,6 +752,7 @@ def run_in_child(system: str, names: list[str], p: dict[str, Any], tmp: Path) ->
     for r in rows:
         r["bg"] = others
     done = {r["workload"] for r in rows}
+    rows = [r for r in rows if "absent" not in r]
     for name in names:
         if name not in done:
             rows.append(
@@ -759,6 +843,8 @@ def judge(rows: list[dict]) -> list[dict]:
             r["met"] = ratio is not None and ratio >= (0.9 if embedded else 0.75)
         elif wl == "wordcount":
             r["met"] = ratio is not None and ratio >= 0.95
+        elif wl in ("async1k", "submit1k"):
+            r["met"] = ratio is not None and ratio <= 1.5
         elif wl == "lazy10m":
             r["met"] = r["peak_rss"] < 200
         elif wl == "nodes500":

@@ -72,6 +72,18 @@ class System:
     def call(self, fn: Callable, arg: Any) -> Any:
         raise NotImplementedError
 
+    def map_async_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        """One ``Pool.map_async`` per list, all issued before any result is taken."""
+        raise NotImplementedError
+
+    def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        """One ``Pool.apply_async`` per argument, all issued before any result is taken."""
+        raise NotImplementedError
+
+    def submit_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        """One ``Executor.submit`` per argument, all issued before any result is taken."""
+        raise NotImplementedError
+
     def pids(self) -> dict[str, list[int]]:
         return {"driver": [os.getpid()], "workers": children_of(os.getpid())}
 
@@ -343,6 +355,32 @@ class RemapApiSystem(RemapSystem):
     def call(self, fn: Callable, arg: Any) -> Any:
         return self.api.submit(fn, arg).result()
 
+    def map_async_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        import remap
+
+        with remap.Pool(cluster=self.api) as pool:
+            return _map_async_each(pool, fn, lists)
+
+    def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        import remap
+
+        with remap.Pool(cluster=self.api) as pool:
+            return _apply_async_each(pool, fn, args)
+
+    def submit_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        import remap
+
+        with remap.Executor(cluster=self.api) as ex:
+            return [f.result() for f in [ex.submit(fn, a) for a in args]]
+
+
+def _map_async_each(pool: Any, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+    return [r.get() for r in [pool.map_async(fn, x) for x in lists]]
+
+
+def _apply_async_each(pool: Any, fn: Callable, args: list[Any]) -> list[Any]:
+    return [r.get() for r in [pool.apply_async(fn, (a,)) for a in args]]
+
 
 def stop_processes(
     procs: dict[str, subprocess.Popen], order: tuple[str, ...] = ("sim", "node", "server")
@@ -386,6 +424,15 @@ class PoolSystem(System):
     def call(self, fn: Callable, arg: Any) -> Any:
         return self.pool.apply(fn, (arg,))
 
+    def map_async_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        return _map_async_each(self.pool, fn, lists)
+
+    def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        return _apply_async_each(self.pool, fn, args)
+
+    def submit_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        return self.apply_async_each(fn, args)  # (no submit: its nearest, the ratios' base)
+
 
 class ExecutorSystem(System):
     name = "ProcessPoolExecutor"
@@ -407,6 +454,9 @@ class ExecutorSystem(System):
 
     def call(self, fn: Callable, arg: Any) -> Any:
         return self.ex.submit(fn, arg).result()
+
+    def submit_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        return [f.result() for f in [self.ex.submit(fn, a) for a in args]]
 
 
 class DaskSystem(System):
@@ -511,6 +561,12 @@ class RaySystem(System):
 
     def call(self, fn: Callable, arg: Any) -> Any:
         return self.pool.apply(fn, (arg,))
+
+    def map_async_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        return _map_async_each(self.pool, fn, lists)
+
+    def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
+        return _apply_async_each(self.pool, fn, args)
 
 
 class EngineSystem(System):

@@ -111,6 +111,15 @@ def _key(fn: Callable[..., Any]) -> Hashable:
     return id(fn)
 
 
+def _call_blob(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], what: str
+) -> bytes:
+    """One call's pickle for a submit job; an error names ``what`` (``"argument 3"``) of ``fn``."""
+    if not kwargs and _PLAIN_TYPES.issuperset(map(type, args)):
+        return pickle.dumps((args, kwargs), PICKLE_PROTOCOL)  # plain scalars: pickle exactly
+    return api.dumps_argument((args, kwargs), lambda: f"{what} of {api.describe(fn)}")
+
+
 class RemoteFuture(concurrent.futures.Future):
     """A Future for a call on the cluster; cancellable while it still waits in this process."""
 
@@ -226,10 +235,11 @@ class _SubmitStream:
             owner=self,
         )
 
-    def add(self, blob: bytes, future: RemoteFuture) -> None:
-        future._stream = self
+    def add(self, blobs: list[bytes], futures: list[RemoteFuture]) -> None:
+        for future in futures:
+            future._stream = self
         with self.job.lock:
-            self.outstanding += 1
+            self.outstanding += len(futures)
             self.idle_since = None
             lone = self.outstanding == 1
         # a lone call to a server leaves from this thread (no hop through the reactor); calls
@@ -237,12 +247,15 @@ class _SubmitStream:
         # call's caller is likely to wait for it next, running the loop itself if it keeps it
         # (drive): the reactor's thread is not woken to send it
         if lone and self.wake_later is not None:
-            self.job.put_one(blob, future)
+            self.job.put_one(blobs[0], futures[0])
         else:
-            self.job.put_many([blob], [future], waits=lone)
+            self.job.put_many(blobs, futures, waits=lone)
 
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
+        if type(future) is not RemoteFuture:  # a call of a group: sent in order, its place next
+            self.futures[index] = (future, future.place())
+            return True
         if not future._claimed and future._state == _PENDING:
             # what set_running_or_notify_cancel does for a pending future, without taking its
             # condition (three Python calls an argument): nothing else changes the state of an
@@ -281,7 +294,7 @@ class _SubmitStream:
         between the look and the result.
         """
         future = self.futures.get(index)
-        if future is None:
+        if type(future) is not RemoteFuture:  # none, or a group's call (the delivery thread's)
             return False
         # Future.set_result's work, under the one hold that looked (the condition's own
         # lock: see _notify)
@@ -310,10 +323,13 @@ class _SubmitStream:
         future = self.futures.pop(index, None)
         if future is None:
             return
-        if error is None:
+        failure = None if error is None else self.executor._broken_by(api.remote_exception(error))
+        if type(future) is tuple:
+            future[0].settle(future[1], result, failure)
+        elif failure is None:
             future.set_result(result)
         else:
-            future.set_exception(self.executor._broken_by(api.remote_exception(error)))
+            future.set_exception(failure)
         with self.job.lock:
             self._settled()
 
@@ -367,6 +383,8 @@ class _SubmitStream:
         running = list(self.futures.values())
         self.futures.clear()
         for future in running + self.withdraw_pending():
+            if type(future) is tuple:
+                future = future[0]  # a group's call: the group fails as a whole
             if not future.done():
                 future.set_exception(error)
 
@@ -452,13 +470,16 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteFuture:
         """Schedule ``fn(*args, **kwargs)``; an unpicklable function or argument raises here."""
         self._check_accepting()
-        if not kwargs and _PLAIN_TYPES.issuperset(map(type, args)):
-            blob = pickle.dumps((args, kwargs), PICKLE_PROTOCOL)  # plain scalars: pickle exactly
-        else:
-            blob = api.dumps_argument(
-                (args, kwargs), lambda: f"the arguments of {api.describe(fn)}"
-            )
         future = RemoteFuture()
+        self._put(fn, [_call_blob(fn, args, kwargs, "the arguments")], [future])
+        return future
+
+    def _put(self, fn: Callable[..., Any], blobs: list[bytes], futures: list[Any]) -> None:
+        """Queue calls of ``fn`` (:func:`_call_blob`) in its open job, or a new one, each
+        settling its future; or a group's calls, the group (``remap.Pool``'s ``_Calls``) for
+        each: it is told each call's place as it is sent (``place()``), settles it
+        (``settle(place, result, error)``) and fails as a whole (``done()``,
+        ``set_exception``, ``_withdraw``, ``_claimed``: what the stream asks of a future)."""
         key = _key(fn)
         with self._lock:
             if self._shutdown:
@@ -477,8 +498,7 @@ class Executor(concurrent.futures.Executor):
                 # must start counting this job's idle time, or the job (and the function,
                 # with whatever it holds) would stay until some other event came
                 self._events.put(_WAKE)
-            stream.add(blob, future)
-        return future
+            stream.add(blobs, futures)
 
     def map(
         self,

@@ -4,6 +4,7 @@ done-when): no processes, ``Cluster._iterate`` (what opens a job) is recorded in
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import queue
 import threading
 import weakref
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from remap.api import MAP_CALLS, Cluster, MapCall
-from remap.pool import Pool
+from remap.pool import SMALL_MAP, Pool
 
 
 class FakeResults:
@@ -104,6 +105,11 @@ class FakeExecutor:
 
     def __init__(self) -> None:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        #: the calls of small maps put in its submit jobs: (function, [each call's pickle])
+        self.put: list[tuple[Any, list[bytes]]] = []
+
+    def _put(self, fn: Any, blobs: list[bytes], tags: list[Any]) -> None:
+        self.put.append((fn, blobs))
 
     def _adopt(self, owner: Any) -> queue.SimpleQueue:
         return self.events
@@ -116,15 +122,20 @@ def test_async_methods_read_the_eager_rows(
     opened: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """map_async and starmap_async open their eager method's job (its row of the one table,
-    changed rows followed), its events going to the pool's delivery queue."""
+    changed rows followed), its events going to the pool's delivery queue; a map of at most
+    SMALL_MAP arguments is put as calls in the executor's job instead, read by the same row."""
     monkeypatch.setitem(
         MAP_CALLS, "starmap", MapCall("probe", star=True, ordered=False, lazy=False)
     )
     cluster, pool = handles()
     pool._executor, pool._lock, pool._pending = FakeExecutor(), threading.Lock(), set()
-    pool.map_async(abs, [1])
-    pool.starmap_async(abs, [(1,)])
+    pool.map_async(abs, [1] * (SMALL_MAP + 1))
+    pool.starmap_async(abs, [(1,)] * (SMALL_MAP + 1))
+    pool.map_async(abs, [(1, 2)])
+    pool.starmap_async(abs, [(1, 2)])
     pool._state = "TERMINATE"
     seen = [(job["star"], job["ordered"], job["buffersize"]) for job in opened]
     assert seen == [(False, True, None), (True, False, None)]
     assert all(job["events"] is pool._executor.events for job in opened)
+    calls = [(fn, [pickle.loads(blob) for blob in blobs]) for fn, blobs in pool._executor.put]
+    assert calls == [(abs, [(((1, 2),), {})]), (abs, [((1, 2), {})])]

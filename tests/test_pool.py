@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -318,6 +319,95 @@ def test_outstanding_map_async_calls_hold_no_thread_each(pool: remap.Pool, tmp_p
         release.touch()
     assert [r.get(timeout=60) for r in results] == [[1]] * 200
     assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def fail_on_sevens(x: int) -> int:
+    if x % 7 == 3:
+        raise PoolError(f"seven {x}")
+    return x * x
+
+
+def jobs_after(cluster: remap.Cluster, first: int) -> list[dict]:
+    return [job for job in cluster.status()["jobs"] if job["id"] > first]
+
+
+def test_small_map_async_calls_share_one_job_each_with_its_own_results(
+    embedded: remap.Cluster,
+) -> None:
+    """200 small map_async and starmap_async calls, interleaved with apply_async and some
+    raising, run in the pool's one job of their function (not a job each: a job costs a round
+    trip, set-up on the server and its share of every dispatch): each result holds its own
+    values in argument order, or raises its first failure in argument order, and each callback
+    or error_callback runs once, on the pool's delivery thread. A map past SMALL_MAP arguments
+    or SMALL_MAP_BYTES pickled gets a job of its own, as before."""
+    from remap.pool import SMALL_MAP, SMALL_MAP_BYTES
+
+    first = max((job["id"] for job in embedded.status()["jobs"]), default=0)
+    got: dict[int, list[tuple[str, object, int]]] = {}
+    lock = threading.Lock()
+
+    def note(k: int, kind: str) -> Any:
+        def called(value: object) -> None:
+            with lock:
+                got.setdefault(k, []).append((kind, value, threading.get_ident()))
+
+        return called
+
+    pool = remap.Pool(cluster=embedded)
+    try:
+        results, expected = [], []
+        for k in range(200):
+            args = list(range(k, k + 1 + k % 9))
+            if k % 3 == 2:
+                results.append(
+                    pool.starmap_async(
+                        power,
+                        [(x, 2) for x in args],
+                        callback=note(k, "ok"),
+                        error_callback=note(k, "error"),
+                    )
+                )
+                expected.append([x * x for x in args])
+            else:
+                results.append(
+                    pool.map_async(
+                        fail_on_sevens,
+                        args,
+                        callback=note(k, "ok"),
+                        error_callback=note(k, "error"),
+                    )
+                )
+                failing = [x for x in args if x % 7 == 3]
+                expected.append(f"seven {failing[0]}" if failing else [x * x for x in args])
+            if k % 4 == 0:
+                results.append(
+                    pool.apply_async(fail_on_sevens, (k,), callback=note(1000 + k, "ok"))
+                )
+                expected.append(f"seven {k}" if k % 7 == 3 else k * k)
+        outcomes = []
+        for result in results:
+            try:
+                outcomes.append(result.get(timeout=60))
+            except PoolError as exc:
+                outcomes.append(str(exc))
+        assert outcomes == expected
+        # one job of each function (another only if one idled past its linger meanwhile)
+        kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
+        assert set(kinds) == {"submit"} and len(kinds) < 10, kinds
+        for k in range(200):  # once each, the right one, on the delivery thread
+            ((kind, value, thread),) = got[k]
+            assert kind == ("error" if isinstance(expected[k + (k + 3) // 4], str) else "ok")
+            assert thread != threading.get_ident()
+        # a longer map, or one of larger arguments, runs as a job of its own
+        assert pool.map_async(square, range(SMALL_MAP + 1)).get(timeout=60) == [
+            x * x for x in range(SMALL_MAP + 1)
+        ]
+        big = [b"x" * (SMALL_MAP_BYTES // 2 + 1)] * 2
+        assert pool.map_async(len, big).get(timeout=60) == [len(big[0])] * 2
+        kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
+        assert kinds.count("pool") == 2, kinds
+    finally:
+        pool.terminate()
 
 
 def test_terminate_fails_an_outstanding_map_async(embedded: remap.Cluster, tmp_path: Path) -> None:
