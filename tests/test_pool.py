@@ -410,6 +410,35 @@ def test_small_map_async_calls_share_one_job_each_with_its_own_results(
         pool.terminate()
 
 
+def test_terminate_fails_small_map_asyncs_sent_or_not(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """terminate() with small map_async calls outstanding in the pool's shared job, some calls
+    running, some queued on the server and some not yet sent (past the job's first window):
+    each result raises CancelledError saying the pool was terminated, and its error_callback
+    gets that error once."""
+    from protocol.messages import INITIAL_WINDOW
+
+    release = tmp_path / "release"
+    pool = remap.Pool(cluster=embedded)
+    errors: list[BaseException] = []
+    try:
+        n = INITIAL_WINDOW // 2 + 1
+        results = [
+            pool.map_async(held, [str(release)] * n, error_callback=errors.append) for _ in range(3)
+        ]
+        stream = next(iter(pool._executor._streams.values()))
+        wait_for(lambda: stream.futures, 10, "calls of the job to be sent")
+        assert stream.job._items  # (some calls were not sent yet)
+        pool.terminate()
+        for result in results:
+            with pytest.raises(concurrent.futures.CancelledError, match="pool was terminated"):
+                result.get(timeout=20)
+        assert sorted(map(id, errors)) == sorted(id(r._error) for r in results)
+    finally:
+        release.touch()
+
+
 def test_terminate_fails_an_outstanding_map_async(embedded: remap.Cluster, tmp_path: Path) -> None:
     """terminate() with a map_async outstanding: its get() raises (JobKilled, or
     CancelledError saying the pool was terminated) and its error_callback gets that error;
