@@ -116,6 +116,8 @@ class RemapSystem(System):
         self.address = ""
         self.secret = secrets.token_urlsafe(32)
         self._blobs: dict[tuple[Any, Any], bytes] = {}
+        #: the checkout whose server and node processes run (another one: a before/after)
+        self.root = ROOT
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,7 +162,7 @@ class RemapSystem(System):
         self.procs["server"] = subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "remap_server.py"),
+                str(self.root / "remap_server.py"),
                 "--port",
                 "0",
                 "--port-file",
@@ -190,7 +192,7 @@ class RemapSystem(System):
             self.procs["node"] = subprocess.Popen(
                 [
                     sys.executable,
-                    str(ROOT / "remap_node.py"),
+                    str(self.root / "remap_node.py"),
                     "--server",
                     address,
                     "--cores",
