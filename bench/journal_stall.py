@@ -36,7 +36,7 @@ from bench.journal_bench import JournalBench  # noqa: E402
 from bench.systems import ROOT, RemapApiSystem  # noqa: E402
 
 #: the probe, run by the server process at start (found first on its PYTHONPATH)
-PROBE = '''
+PROBE = """
 import os, sys, threading, time
 
 def _probe(out_dir):
@@ -61,7 +61,7 @@ if os.environ.get("JOURNAL_STALL_PROBE"):
     threading.Thread(
         target=_probe, args=(os.environ["JOURNAL_STALL_PROBE"],), daemon=True
     ).start()
-'''
+"""
 
 
 class ProbedSystem(RemapApiSystem):
@@ -94,6 +94,28 @@ def big_function(mib: int) -> Any:
     return lambda x: len(blob) + x
 
 
+def stalls_of(bench: JournalBench, system: ProbedSystem, fn_mib: int, mib: list) -> dict:
+    """Each workload's longest stall (s), its results checked."""
+    work = {
+        "submit": (
+            lambda: bench.attached(big_function(fn_mib), [0, 1]),
+            [fn_mib << 20, (fn_mib << 20) + 1],
+        ),
+        "detached": (
+            lambda: bench.detached(w.reverse_bytes, mib),
+            [w.reverse_bytes(b) for b in mib],
+        ),
+    }
+    stalls = {}
+    for name, (run, expected) in work.items():
+        since = time.monotonic()
+        if run() != expected:
+            raise SystemExit(f"WRONG RESULT: {name}")
+        time.sleep(0.05)  # the probe's last look at the window
+        stalls[name] = system.longest_stall(since, time.monotonic())
+    return stalls
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -102,7 +124,6 @@ def main() -> int:
     parser.add_argument("--roots", default=str(ROOT), help="checkouts to run, comma-separated")
     opts = parser.parse_args()
     mib = w.mib_arguments(opts.mib)
-    expected = [w.reverse_bytes(b) for b in mib]
     stalls: dict[tuple[str, str, str], list[float]] = {}
     loads = []
     for _ in range(opts.rounds):
@@ -116,18 +137,7 @@ def main() -> int:
                     bench.system = system = ProbedSystem(Path(tmp), journal, Path(root), probe)
                     try:
                         bench.start()
-                        work = {
-                            "submit": lambda: bench.attached(big_function(opts.fn_mib), [0, 1]),
-                            "detached": lambda: bench.detached(w.reverse_bytes, mib),
-                        }
-                        want = {"submit": [opts.fn_mib << 20, (opts.fn_mib << 20) + 1]}
-                        want["detached"] = expected
-                        for name, run in work.items():
-                            since = time.monotonic()
-                            if run() != want[name]:
-                                raise SystemExit(f"WRONG RESULT: {name}")
-                            time.sleep(0.05)  # the probe's last look at the window
-                            stall = system.longest_stall(since, time.monotonic())
+                        for name, stall in stalls_of(bench, system, opts.fn_mib, mib).items():
                             key = (root, name, "on" if journal else "off")
                             stalls.setdefault(key, []).append(stall)
                     finally:

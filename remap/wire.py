@@ -277,6 +277,7 @@ class PeerProtocol(Protocol):
         self.budget = budget
         self._reserved = 0  # bytes of the budget this connection holds for its partial frame
         self._paused = False
+        self._holding = False  # the handler's doing (see hold_reading)
         self.handler = handler
         self.clock = clock
         self.handshake_timeout = handshake_timeout
@@ -419,8 +420,22 @@ class PeerProtocol(Protocol):
         self._reserved = max(need, self._reserved)
         self._paused = False
         self._last_seen = self.clock.seconds()  # the silence was ours, not the peer's
-        self.transport.resumeProducing()
+        if not self._holding:
+            self.transport.resumeProducing()
         return True
+
+    def hold_reading(self, held: bool) -> None:
+        """Stop reading from the peer (or start again) while the handler cannot act on its
+        messages yet (a console's submit waiting for the journal): what it sends meanwhile
+        waits in the socket, not in this process."""
+        self._holding = held
+        if self.transport is None:
+            return
+        if held:
+            self.transport.pauseProducing()
+        elif not self._paused:
+            self._last_seen = self.clock.seconds()  # the silence was ours, not the peer's
+            self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: B006
         if self.budget is not None:
@@ -680,7 +695,7 @@ class PeerProtocol(Protocol):
         if self.transport is None:
             return
         now = self.clock.seconds()
-        if self._paused:  # not reading is this side's doing: the peer is not silent
+        if self._paused or self._holding:  # not reading is this side's doing: not silent
             self._last_seen = now
         silent = now - self._last_seen
         overdue = silent > (self._silence_limit or self.heartbeat_interval * self.heartbeat_misses)

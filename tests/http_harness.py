@@ -86,7 +86,9 @@ class Served:
     def add_job(self, name: str = "squares", total: int = 100) -> int:
         def add() -> int:
             msg = m.Submit(id=1, name=name, total=total, payload=b"fn")
-            return self.scheduler.submit(FakeLink(), msg).id
+            accepted: list = []
+            self.scheduler.submit(FakeLink(), msg).addCallback(accepted.append)
+            return accepted[0].id
 
         return runtime.run(add, timeout=5)
 

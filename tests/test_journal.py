@@ -275,8 +275,10 @@ def test_a_job_the_journal_cannot_record_is_not_accepted(tmp_path: Path) -> None
     sched = _scheduler(tmp_path / "journal.sqlite", Clock())
     sched.journal._db.close()
     link = FakeLink("c")
-    with pytest.raises(JournalError, match="cannot write the journal"):
-        sched.submit(link, _submit())
+    failures: list = []
+    sched.submit(link, _submit()).addErrback(failures.append)
+    (failure,) = failures
+    assert failure.check(JournalError) and "cannot write the journal" in str(failure.value)
     assert not sched.jobs and not link.of(m.Submitted)
 
 

@@ -90,7 +90,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         raise
     Stopping("state lock", lock.release).setServiceParent(server)  # added first: let go last
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
-    journal = Journal.for_settings(settings, reactor)
+    journal = Journal.for_settings(settings, reactor, threaded=True)
     server.factory.use_journal(journal)
     if journal is not None:  # detached data and vertex jobs survive a restart, as others do
         Stopping("journal", journal.close).setServiceParent(server)  # closed before the lock

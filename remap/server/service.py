@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from protocol import Authenticated, Connection, refusal_frame
 from protocol import messages as m
@@ -45,6 +46,12 @@ def bounded_counters(counters: dict) -> dict[str, int]:
     return kept
 
 
+def _hold_reading(link: PeerProtocol, held: bool) -> None:
+    hold = getattr(link, "hold_reading", None)  # (a test's fake link may lack it)
+    if hold is not None:
+        hold(held)
+
+
 def _refuse(link: PeerProtocol, msg: m.Message, code: str, message: str) -> None:
     """Answer a console's request with an error (its ``re``: the request's id, if it has one)."""
     link.send(m.Error(code=code, message=message, re=getattr(msg, "id", None)))
@@ -73,6 +80,9 @@ class ServerConnection:
         self.user = ""  # set by authenticated(): the person of a console with a person's key
         #: this console's submit ids → job ids, for arguments sent before `submitted`
         self._submits: dict[int, int | None] = {}
+        #: what this console sent while its submit waits for the journal's commit, in order
+        #: (its end too: None); None when no submit waits (see :meth:`_submit`)
+        self._held: list[m.Message | None] | None = None
 
     # ---------------------------------------------------------------- Handler
 
@@ -91,27 +101,34 @@ class ServerConnection:
                 watch(self.scheduler.console_congested)
 
     def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
+        if self._held is not None:
+            self._held.append(msg)
+            return
         try:
             if self.role == "node":
                 self._from_node(link, msg)
             else:
                 self._from_console(link, msg)
         except Exception:  # noqa: BLE001 - one peer's bad message must not wedge the others
-            # a bug, or a message the checks let through: whatever it left half-done, this peer
-            # goes (its in-flight work is re-queued) and every job's counts are put right
-            self.log.failure(
-                "handling {type} from {role} {peer} failed; closing that connection",
-                type=msg.TYPE,
-                role=self.role,
-                peer=link.peer,
+            self._handling_failed(link, msg, Failure())
+
+    def _handling_failed(self, link: PeerProtocol, msg: m.Message, failure: Failure) -> None:
+        # a bug, or a message the checks let through: whatever it left half-done, this peer
+        # goes (its in-flight work is re-queued) and every job's counts are put right
+        self.log.failure(
+            "handling {type} from {role} {peer} failed; closing that connection",
+            failure,
+            type=msg.TYPE,
+            role=self.role,
+            peer=link.peer,
+        )
+        link.close(
+            RemoteProtocolError(
+                f"the server could not handle a {msg.TYPE} message from this peer; "
+                "closing the connection (the server log has the details)"
             )
-            link.close(
-                RemoteProtocolError(
-                    f"the server could not handle a {msg.TYPE} message from this peer; "
-                    "closing the connection (the server log has the details)"
-                )
-            )
-            self.scheduler.repair()
+        )
+        self.scheduler.repair()
 
     def connection_failed(self, link: PeerProtocol, error: RemapError) -> None:
         self.log.info("peer {peer} rejected: {error}", peer=link.peer, error=error)
@@ -124,7 +141,10 @@ class ServerConnection:
             self._event(NodeLost(node, str(error)))
         elif self.role == "console":
             self.server.consoles.discard(link)
-            self._event(ConsoleLost(link))
+            if self._held is not None:  # after what it sent before (see _submit)
+                self._held.append(None)
+            else:
+                self._event(ConsoleLost(link))
 
     def _event(self, event: Any) -> None:
         """The scheduler decides; this side performs what it decided."""
@@ -174,15 +194,7 @@ class ServerConnection:
                 self._submits[msg.id] = None
                 _refuse(link, msg, "bad-request", "a job needs a function")
             else:
-                try:
-                    job = sched.submit(link, msg, owner=self.user)
-                except JournalError as exc:  # not accepted: nothing would survive a restart
-                    self._submits[msg.id] = None
-                    _refuse(link, msg, "failed", str(exc))
-                    return
-                self._submits[msg.id] = job.id
-                if job.requires or job.options.data_id is not None:
-                    self._left_out(job)
+                self._submit(link, msg)
         elif t is m.StatusRequest:
             nodes, jobs, server = sched.status()
             jobs += self.server.drivers.describe(sched.clock.seconds())
@@ -262,6 +274,43 @@ class ServerConnection:
             self.log.debug("console {peer}: {message}", peer=link.peer, message=msg.message)
         else:
             _refuse(link, msg, "unexpected", f"a console does not send {msg.TYPE}")
+
+    def _submit(self, link: PeerProtocol, msg: m.Submit) -> None:
+        """A job, accepted once the journal committed it. Meanwhile what this console sends
+        next waits, in order (its arguments for the job among it), and its connection is not
+        read: the reactor goes on with every other peer."""
+
+        def accepted(job: Any) -> None:
+            self._submits[msg.id] = job.id
+            if job.requires or job.options.data_id is not None:
+                self._left_out(job)
+
+        def refused(failure: Failure) -> None:
+            failure.trap(JournalError)  # not accepted: nothing would survive a restart
+            self._submits[msg.id] = None
+            _refuse(link, msg, "failed", str(failure.value))
+
+        done = self.scheduler.submit(link, msg, owner=self.user)
+        done.addCallbacks(accepted, refused)
+        done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
+        if not done.called:
+            self._held = []
+            _hold_reading(link, True)
+            done.addCallback(lambda _: self._release(link))
+
+    def _release(self, link: PeerProtocol) -> None:
+        """Handle what waited for a submit's commit, until one more submit waits."""
+        held, self._held = self._held or [], None
+        for k, msg in enumerate(held):
+            if self._held is not None:  # this one waits too: the rest after it
+                self._held += held[k:]
+                return
+            if msg is None:
+                self._event(ConsoleLost(link))
+            else:
+                self.message_received(link, msg)
+        if self._held is None:
+            _hold_reading(link, False)
 
     def _drive(self, link: PeerProtocol, msg: m.Drive) -> None:
         """Run a data or vertex job's driver on the server (``compute --detach``)."""

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -573,14 +574,21 @@ class Scheduler(NodeAnswers, Recovery):
 
     # ================================================================ jobs
 
+    def submit(self, console: Any, msg: m.Submit, owner: str = "") -> Deferred:
+        """A new job, accepted (its console told ``submitted``) once the journal committed it:
+        fires with the job (at once without a journal), or fails with JournalError, the job
+        not accepted. ``owner`` is the person whose key the console used ("": cluster secret)."""
+        job_id, now = next(self._job_ids), self.clock.seconds()
+        if self.journal is None:
+            return succeed(self.accept(console, msg, owner, job_id, now))
+        committed = self.journal.job_submitted(job_id, msg, now, owner)
+        return committed.addCallback(lambda _: self.accept(console, msg, owner, job_id, now))
+
     @command
-    def submit(self, console: Any, msg: m.Submit, owner: str = "") -> JobState:
-        """A new job; ``owner`` is the person whose key the console used ("": cluster secret)."""
-        now = self.clock.seconds()
-        job = self._new_job(next(self._job_ids), console, msg, now)
+    def accept(self, console: Any, msg: m.Submit, owner: str, job_id: int, now: float) -> JobState:
+        """The job of a submit the journal (if any) committed: its console is told ``submitted``."""
+        job = self._new_job(job_id, console, msg, now)
         job.owner = owner
-        if self.journal is not None:  # before the console hears "accepted"
-            self.journal.job_submitted(job.id, msg, now, owner)
         self.jobs[job.id] = job
         self.active[job.id] = job
         if getattr(console, "congested", False):

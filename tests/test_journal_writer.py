@@ -1,0 +1,183 @@
+"""The server's journal writes on a thread of its own (``threaded``), never on the reactor's.
+
+A submit with a big function (60 MiB cloudpickled) held the reactor 0.3 s while SQLite wrote
+it; now the reactor goes on (timers fire, other peers are served) while the writer writes,
+and what the server acknowledges still waits for the commit. The writer here is "slow":
+patched to wait on an event the test sets, so each test decides when the commit happens.
+Real reactor (pytest-twisted), no real sockets: the console is a recording link.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from protocol import messages as m
+from remap.server.journal import Journal
+from remap.server.service import RemapServerFactory, ServerConnection
+from tests.test_journal import _peek
+from tests.test_scheduler import FakeLink
+
+DEADLINE = 30.0
+
+
+class SlowWriter:
+    """``Journal._write`` held until :attr:`release` is set; it notes the thread it ran on and
+    refuses to run on the reactor's (the test's) thread, so a write there fails at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reactor_thread = threading.current_thread()
+        self.writing, self.release = threading.Event(), threading.Event()
+        self.threads: list[threading.Thread] = []
+        write = Journal._write
+
+        def held(journal: Journal, *args: Any) -> None:
+            self.threads.append(threading.current_thread())
+            if threading.current_thread() is self.reactor_thread:
+                raise AssertionError("the journal was written on the reactor thread")
+            self.writing.set()
+            assert self.release.wait(DEADLINE), "the test never released the writer"
+            write(journal, *args)
+
+        monkeypatch.setattr(Journal, "_write", held)
+
+
+class Console(FakeLink):
+    """A console link that says when ``submitted`` or an error comes, and whether it is read."""
+
+    def __init__(self) -> None:
+        super().__init__("console")
+        self.answered: defer.Deferred = defer.Deferred()
+        self.read_again: defer.Deferred = defer.Deferred()
+        self.holds: list[bool] = []
+
+    def send(self, msg: m.Message) -> None:
+        super().send(msg)
+        if type(msg) in (m.Submitted, m.Error) and not self.answered.called:
+            self.answered.callback(msg)
+
+    def hold_reading(self, held: bool) -> None:
+        self.holds.append(held)
+        if not held:
+            self.read_again.callback(None)
+
+
+def _server(tmp_path: Path) -> tuple[RemapServerFactory, Journal, ServerConnection, Console]:
+    from twisted.internet import reactor
+
+    factory = RemapServerFactory(reactor, b"k" * 32, max_frame=256 << 20, job_ids_from=1)
+    journal = Journal(tmp_path / "journal.sqlite", reactor, threaded=True)
+    factory.use_journal(journal)
+    handler = ServerConnection(factory)
+    handler.role = "console"
+    return factory, journal, handler, Console()
+
+
+async def _answer(console: Console) -> m.Message:
+    """The console's answer, once what waited for it was handled and it is read again."""
+    from twisted.internet import reactor
+
+    await console.read_again.addTimeout(DEADLINE, reactor)
+    return await console.answered
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_submit_is_written_off_the_reactor_and_acknowledged_after_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the writer holds a detached submit with a 16 MiB function, the reactor runs (a
+    timer fires) and the console has heard nothing: no ``submitted``, its next messages (an
+    argument sent early) wait unread, nothing is on disk. Once committed it is accepted, and
+    what waited is handled after, in order."""
+    from twisted.internet import reactor
+
+    slow = SlowWriter(monkeypatch)
+    factory, journal, handler, console = _server(tmp_path)
+    fn = os.urandom(16 << 20)
+    handler.message_received(console, m.Submit(id=1, name="big", detach=True, payload=fn))
+    handler.message_received(console, m.Args(job=-1, start=0, sizes=[1, 1], payload=b"ab"))
+    assert slow.writing.wait(DEADLINE)
+    fired = await task.deferLater(reactor, 0.01, lambda: "fired")  # the reactor is not held
+    assert fired == "fired" and slow.threads[0] is not slow.reactor_thread
+    assert console.sent == [] and console.holds == [True] and not factory.scheduler.jobs
+    assert _peek(journal, "SELECT COUNT(*) FROM jobs") == [(0,)]
+
+    slow.release.set()
+    submitted = await _answer(console)
+    assert type(submitted) is m.Submitted and submitted.re == 1
+    assert _peek(journal, "SELECT job FROM functions") == [(submitted.job,)]  # before the ack
+    job = factory.scheduler.jobs[submitted.job]
+    assert job.received == 2 and console.holds == [True, False]  # the early args, handled after
+    journal.flush()
+    assert journal.job(submitted.job).args == [(0, [1, 1], b"ab", [])]  # read after the write
+    journal.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submit_the_writer_cannot_commit_is_refused_and_its_arguments_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal that cannot be written (its file closed under it) refuses the submit with one
+    line once the writer failed, as before; the arguments that waited for it are dropped
+    quietly and the console is read again."""
+    slow = SlowWriter(monkeypatch)
+    factory, journal, handler, console = _server(tmp_path)
+    journal._db.close()
+    slow.release.set()
+    handler.message_received(console, m.Submit(id=1, name="j", detach=True, payload=b"fn"))
+    handler.message_received(console, m.Args(job=-1, start=0, sizes=[1], payload=b"a"))
+    error = await _answer(console)
+    assert type(error) is m.Error and error.re == 1 and error.code == "failed"
+    assert "cannot write the journal" in error.message
+    assert console.sent == [error] and not factory.scheduler.jobs
+    assert console.holds == [True, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_keep_their_order_and_a_close_writes_what_was_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commits handed over while the writer is busy are written after it, in order, and
+    ``close`` (the server stopping) writes what was buffered and queued before it returns: a
+    job submitted, its arguments and their end, its end."""
+    from twisted.internet import reactor
+
+    slow = SlowWriter(monkeypatch)
+    journal = Journal(tmp_path / "journal.sqlite", reactor, threaded=True)
+    now = reactor.seconds()
+    first = journal.job_submitted(1, m.Submit(id=1, name="a", detach=True, payload=b"f"), now)
+    assert slow.writing.wait(DEADLINE)
+    journal.args_received(1, 0, [1], b"x")
+    journal.args_ended(1, 1, now=True)
+    journal.finished(1, "done", "", 1, 0, now)  # buffered: only close writes it
+    assert not first.called
+    slow.release.set()
+    journal.close()
+    assert _peek(journal, "SELECT id, args_total, state FROM jobs") == [(1, 1, "done")]
+    assert all(t is not slow.reactor_thread for t in slow.threads) and len(slow.threads) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_lost_while_its_submit_commits_is_lost_after_the_job_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console's end waits behind its submit like its messages: the job is accepted, then
+    its console is gone (as if it had left just after ``submitted``: cancelled after the
+    grace), not the other way round, which would leave a job fed by nobody for ever."""
+    slow = SlowWriter(monkeypatch)
+    factory, journal, handler, console = _server(tmp_path)
+    handler.message_received(console, m.Submit(id=1, name="j", payload=b"fn"))
+    assert slow.writing.wait(DEADLINE)
+    handler.connection_lost(console, RuntimeError("gone"))
+    slow.release.set()
+    submitted = await _answer(console)
+    job = factory.scheduler.jobs[submitted.job]
+    assert job.console is None and job.orphan_timer is not None
+    factory.scheduler.kill(job.id)  # (its grace timer is the real reactor's)
+    journal.close()
