@@ -480,9 +480,15 @@ class PeerProtocol(Protocol):
                 note=tls_note,
             )
         if not was_open and not self.conn.is_server:
+            hint = (  # under TLS a refusal says why, unless too many are refused at once
+                "over TLS: the server may have had no room for it, too many connections being "
+                "refused at once; try again in a moment"
+                if ISSLTransport.providedBy(self.transport)
+                else "if the server uses TLS, set REMAP_TLS_CA, REMAP_TLS_CERT and REMAP_TLS_KEY "
+                "here too"
+            )
             return ConnectionLost(
-                f"connection to {self.peer} closed before the handshake finished (if the server "
-                "uses TLS, set REMAP_TLS_CA, REMAP_TLS_CERT and REMAP_TLS_KEY here too)"
+                f"connection to {self.peer} closed before the handshake finished ({hint})"
             )
         return self._peer_lost(f"connection to {self.peer} lost")
 

@@ -572,6 +572,13 @@ def test_the_http_caps_are_settings() -> None:
         served.stop()
 
 
+def wait_until(done: Any, what: str) -> None:
+    """Until ``done()`` (called in the reactor: server state) is true, at most 10 s."""
+    deadline = time.monotonic() + 10
+    while not runtime.run(done, timeout=10):
+        assert time.monotonic() < deadline, f"waited 10 s for {what}"
+
+
 def served_status(served: Served) -> int | None:
     try:
         return served.request("GET", "/api/v1/summary", token=served.token).status
@@ -601,7 +608,9 @@ def test_a_console_refused_at_the_caps_under_tls_says_so_in_one_line(tmp_path, t
     """Under TLS too, a console and ``remap.connect`` refused by a full cap (real TLS sockets)
     fail with the line naming the cap, exit code 4: the refused connection gets the TLS
     handshake and then the ``busy`` frame (they saw only "closed the connection during the
-    handshake ... (if the server uses TLS, set REMAP_TLS_CA ...)", TLS being set)."""
+    handshake ... (if the server uses TLS, set REMAP_TLS_CA ...)", TLS being set). With every
+    place for such refusals taken too (by a socket that never starts TLS) a console is closed
+    at once, and its line says that, not to set the TLS settings it has."""
     import remap
     from remap.dial import connect_console
     from remap.errors import RemapError, ServerUnreachable, one_line
@@ -637,11 +646,21 @@ def test_a_console_refused_at_the_caps_under_tls_says_so_in_one_line(tmp_path, t
             assert one_line(refused) == said
             # the refusal is counted until its close is done (one at a time from here)
             told = server.factory.tls_refusals.admission
-            deadline = time.monotonic() + 10
-            while runtime.run(lambda: told.held, timeout=10):
-                assert time.monotonic() < deadline, "the refused connection was never closed"
+            wait_until(lambda: told.held == 0, "the refused connection's close")
             with pytest.raises(ServerUnreachable) as api:
                 remap.connect(f"127.0.0.1:{port}", secret=KEY, settings=client, env_file=None)
             assert one_line(api.value) == said
+
+            wait_until(lambda: told.held == 0, "the refused connection's close")
+            with socket.create_connection(("127.0.0.1", port), timeout=10):  # the refusal place
+                wait_until(lambda: told.held == 1, "the silent socket's refusal")
+                closed = runtime.run(dial, timeout=30)
+            assert one_line(closed) == (
+                f"error: server at 127.0.0.1:{port} closed the connection during the handshake: "
+                f"connection to 127.0.0.1:{port} closed before the handshake finished (over TLS: "
+                "the server may have had no room for it, too many connections being refused at "
+                "once; try again in a moment)",
+                4,
+            )
     finally:
         runtime.run(server.stop, timeout=30)

@@ -8,6 +8,7 @@ tears them all down whatever happens.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,22 @@ def test_tls_server_without_a_ca_accepts_clients_without_certificates(cluster, p
     assert ok.returncode == 0, ok.stderr
     wrong = cluster.console(port, "status", secret=WRONG, REMAP_TLS_CA=pki.ca)
     assert wrong.returncode == 3
+
+
+def test_a_console_refused_at_the_caps_over_tls_says_why(cluster, pki):
+    """A console process refused by a full cap of a TLS server (a silent socket holds the one
+    place of its address) exits 4 with the line naming the cap, as without TLS (it said "closed
+    the connection during the handshake ... (if the server uses TLS, set REMAP_TLS_CA ...)")."""
+    _server, port = cluster.server(
+        REMAP_MAX_HANDSHAKING_PER_HOST="1", REMAP_HANDSHAKE_TIMEOUT="60", **pki.server()
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10):  # accepted first: FIFO
+        done = cluster.console(port, "status", **pki.client())
+    assert done.returncode == 4, done.stderr
+    assert one_error_line(done.stderr) == (
+        f"error: the server at 127.0.0.1:{port} refused the connection: too many connections "
+        "from this host in the handshake (at most 1); try again in a moment"
+    )
 
 
 def test_server_with_half_a_tls_configuration_exits_with_one_line(cluster, pki):
