@@ -29,6 +29,19 @@ def apps(tmp_path: Path) -> Path:
     return apps
 
 
+def test_a_job_files_error_names_no_line_the_client_did_not_write(
+    apps: Path, tmp_path: Path
+) -> None:
+    """A YAML job's typo on its line 2 was reported at "<submitted job>:1": the line of the
+    one-line JSON the server checks, not the client's; the error names the job file, no line."""
+    raw = parse_body(b"function: squares.py:square\nargs_rage: [0, 3]\n", "application/yaml")
+    with pytest.raises(SubmitError) as refused:
+        prepare(raw, apps, tmp_path / "data")
+    assert str(refused.value) == (
+        "the job file: unknown key 'args_rage'; did you mean 'args_range'?"
+    )
+
+
 @pytest.mark.parametrize(
     ("job", "problem"),
     [
@@ -235,7 +248,7 @@ def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_pat
     assert status == 400
     # the client's view of the job: no server paths (job file, apps directory, results file)
     assert json.loads(data)["message"] == (
-        "the job file:1: key 'function': squares.py:nope: no name 'nope' in squares.py"
+        "the job file: key 'function': squares.py:nope: no name 'nope' in squares.py"
     ), data
     status, _ = call(
         "POST", "/api/v1/jobs", b"function=os:system", **{"Content-Type": "text/plain"}

@@ -70,6 +70,12 @@ class Submission:
         return text[:500]
 
 
+def _unlined(error: str, source: str) -> str:
+    """A checked job's error names "the job file" without a line: what was checked is the
+    one-line JSON the server wrote, whose line 1 is not where the client wrote the key."""
+    return re.sub(rf"{re.escape(source)}:\d+: ", "the job file: ", error)
+
+
 def parse_body(body: bytes, content_type: str) -> dict:
     """The job file as a mapping, from JSON or YAML (JSON is parsed as JSON so that its errors
     read as JSON errors)."""
@@ -171,7 +177,7 @@ def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
     try:
         load_job_text(text, apps, "<submitted job>")
     except ConfigError as exc:
-        raise SubmitError(str(exc)) from None
+        raise SubmitError(_unlined(str(exc), "<submitted job>")) from None
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "job.json").write_text(text)
     return Submission(sub_id, job["name"], directory)
@@ -262,7 +268,7 @@ class Submitter:
         assert self.apps_dir is not None
         for untouched in ("not written", "left unchanged"):
             error = error.replace(f"; no results kept; {submission.results} {untouched}", "")
-        error = error.replace(f"{submission.directory / 'job.json'}:", "the job file:")
+        error = _unlined(error, str(submission.directory / "job.json"))
         return error.replace(f"{self.apps_dir.resolve()}{os.sep}", "")
 
     def _keep(self, submission: Submission) -> None:
