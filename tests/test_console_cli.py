@@ -17,7 +17,7 @@ import pytest
 
 from protocol.options import JobOptions
 from remap.client import JobOutcome, JobStream
-from remap.console.main import COMMANDS, Console, Shell, build_parser
+from remap.console.main import COMMANDS, Console, Shell, UsageError, build_parser
 from remap.console.session import Session
 from remap.errors import JobFailed
 from remap.settings import load_settings
@@ -263,6 +263,20 @@ def test_shell_runs_commands_and_survives_mistakes(tmp_path: Path) -> None:
     assert shell.onecmd("") is False
     assert shell.onecmd("quit") is True
     assert shell.onecmd("EOF") is True
+
+
+def test_a_mistyped_command_is_answered_with_the_nearest_one() -> None:
+    """``remap stauts`` and ``stauts`` in the shell say "did you mean 'status'?", as a job
+    file's mistyped key does; the command line gave argparse's list of choices (with
+    ``shell``) and the shell the whole list."""
+    with pytest.raises(UsageError) as typed:
+        build_parser().parse_args(["--server", "h:1", "stauts", "--json"])
+    assert str(typed.value) == "no command 'stauts'; did you mean 'status'?"
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    shell = Shell(Console(session, out=out, err=err), build_parser())
+    assert shell.onecmd("kil 5") is False
+    assert err.getvalue() == "error: no command 'kil'; did you mean 'kill'?\n"
 
 
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import cmd
+import difflib
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -92,6 +94,9 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so the shell survives a typo."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)' \(", message)
+        if unknown:  # as the shell and `help` name it, not argparse's list with `shell`
+            raise no_command(unknown.group(1))
         raise UsageError(f"{self.prog}: {message}")
 
 
@@ -168,6 +173,14 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
 
 #: the commands, as the shell completes them
 COMMANDS = tuple(name for name in DESCRIPTIONS if name != "shell")
+
+
+def no_command(word: str) -> UsageError:
+    """An unknown command: the nearest one if it is a typo, else the list."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    if close:
+        return UsageError(f"no command {word!r}; did you mean {close[0]!r}?")
+    return UsageError(f"no command {word!r} (commands: {', '.join(COMMANDS)})")
 
 
 def job_id(text: str) -> int:
@@ -763,7 +776,7 @@ class Console:
         if not topic:
             return HELP
         if topic not in DESCRIPTIONS:
-            raise UsageError(f"help: no command {topic!r} (commands: {', '.join(COMMANDS)})")
+            raise UsageError(f"help: {no_command(topic)}")
         parser = self.parser or build_parser()
         choices = next(
             a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
@@ -806,9 +819,7 @@ class Shell(cmd.Cmd):
             return True
         if not words[0].startswith("-") and words[0] not in COMMANDS:
             # as `help frobnicate` says it; argparse's line offered `shell`, inside the shell
-            self.console.complain(
-                UsageError(f"no command {words[0]!r} (commands: {', '.join(COMMANDS)})")
-            )
+            self.console.complain(no_command(words[0]))
             return False
         try:
             args = self.parser.parse_args(words)
