@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import networkx as nx
@@ -209,15 +210,62 @@ def _freeze_at(monkeypatch, superstep: int):
     monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
     program = example("sssp")
     compute = program.compute
+    # taken once, never released: of workers reaching the superstep together only one freezes
+    # (a check of ``frozen`` then an add let two through now and then: two lost, two rollbacks)
+    first = threading.Lock()
 
     def frozen_compute(ctx, vid, value, messages):
-        if ctx.superstep == superstep and not frozen:
+        if ctx.superstep == superstep and first.acquire(blocking=False):
             owner = next(w for w in workers if any(vid in p.values for p in w.parts.values()))
             frozen.add(owner.attempt)
             release.wait(30)
         return compute(ctx, vid, value, messages)
 
     return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
+
+
+def test_one_worker_freezes_when_two_reach_the_superstep_together(monkeypatch):
+    """``_freeze_at`` freezes one worker even when two compute their first vertex of the
+    superstep at once (here each waits, inside the freeze, until the other is there or done).
+    A check of ``frozen`` then an add froze both: the lost-worker tests then lost two workers
+    and rolled back twice (``[1-3-False]`` failed so under load)."""
+    program, release, frozen, workers = _freeze_at(monkeypatch, 1)
+    there = [threading.Event(), threading.Event()]  # racer i is inside the freeze, or done
+    racer: dict[int, int] = {}  # thread ident → racer
+    errors: list[BaseException] = []
+
+    class Racer:
+        def __init__(self, i: int) -> None:
+            self.attempt, self.i = f"racer{i}", i
+
+        @property
+        def parts(self):  # read by the freeze to find the vertex's owner
+            me = racer[threading.get_ident()]
+            there[me].set()
+            assert there[1 - me].wait(10), "the other racer neither came nor finished"
+            return {0: SimpleNamespace(values={self.i: 0})}
+
+    def run(i: int) -> None:
+        racer[threading.get_ident()] = i
+        try:
+            program.compute(SimpleNamespace(superstep=1), i, 0, [])
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            errors.append(exc)
+        finally:
+            there[i].set()
+
+    workers += [Racer(0), Racer(1)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        assert all(e.wait(10) for e in there)
+    finally:
+        release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert len(frozen) == 1, frozen
 
 
 def _lose_one_worker(program, tmp_path: Path, release, launch, clean, want, restart, **cfg):
