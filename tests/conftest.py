@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,10 +93,31 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
 
 
+def _sigterm_ends_the_run(config: pytest.Config, signum: int, frame: object) -> None:
+    """SIGTERM to pytest (an outer ``timeout``, a cancel, a stray kill) ends the run saying so.
+    Twisted's handler stopped the reactor instead: a test soon after failed with
+    pytest-twisted's "illegal switch in blockon", every later one with "twisted reactor has
+    stopped", and nothing said why."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # the line goes to the terminal, not to a test's captured output
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write("\npytest: SIGTERM received (an outer timeout or a cancel?): the run stops\n")
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-twisted installed the reactor
 def pytest_configure(config: pytest.Config) -> None:
+    from twisted.internet import reactor
+
     from tests import suites
 
     suites.SELECTED[0] = "suites" in (config.option.markexpr or "")
+    # Twisted installs its handlers as the reactor starts (pytest-twisted's first test)
+    reactor.callWhenRunning(
+        signal.signal, signal.SIGTERM, functools.partial(_sigterm_ends_the_run, config)
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,28 @@ def test_a_tree_with_fetched_suites_collects_only_its_own_tests(tmp_path: Path) 
     assert run.returncode == 0, run.stdout + run.stderr
     assert "test_ours.py::test_ours" in run.stdout
     assert "test_theirs" not in run.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_pytest_ends_the_run_saying_so(tmp_path: Path) -> None:
+    """SIGTERM to a pytest run with this suite's conftest (an outer ``timeout``, a cancel)
+    ends it at once with one line saying so. Twisted's handler stopped pytest-twisted's
+    reactor instead: the run went on, a test soon after failed with "illegal switch in
+    blockon" (here ``test_after``), every later one with "twisted reactor has stopped"."""
+    (tmp_path / "test_term.py").write_text(
+        "import os, signal\n\n"
+        "def test_terminated():\n    os.kill(os.getpid(), signal.SIGTERM)\n\n"
+        "def test_next():\n    pass\n\n"
+        "def test_after():\n    pass\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:randomly"]
+        + ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == -signal.SIGTERM, run.stdout + run.stderr
+    assert "pytest: SIGTERM received" in run.stderr
+    assert "illegal switch" not in run.stdout + run.stderr
