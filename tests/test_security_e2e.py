@@ -721,12 +721,14 @@ def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_r
             {"t": "error", "code": "busy", "message": busy.format("", 64)}
         ]
         refused = cluster.console(port, "status")
-        # (the server's log in the messages: CI under load once saw a plain close here)
-        assert refused.returncode == 4 and refused.stdout == "", (refused, server.stderr())
+        # CI under load twice saw a plain close here; the server's whole log goes to the captured
+        # stdout (an assertion message is cut short), shown when the test fails
+        print("console:", refused, "\nserver log:\n" + server.stderr())
+        assert refused.returncode == 4 and refused.stdout == ""
         assert refused.stderr.strip().splitlines() == [
             f"error: the server at 127.0.0.1:{port} refused the connection: "
             f"{busy.format('', 64)}; try again in a moment"
-        ], (refused.stderr, server.stderr())
+        ]
         # a waiting socket is still served: its hello gets the server's challenge
         got, closed = answered_hello(held["127.0.0.5"][-1])
         assert got and not closed
