@@ -181,3 +181,30 @@ async def test_a_console_lost_while_its_submit_commits_is_lost_after_the_job_is_
     assert job.console is None and job.orphan_timer is not None
     factory.scheduler.kill(job.id)  # (its grace timer is the real reactor's)
     journal.close()
+
+
+def test_past_its_bound_the_queue_makes_the_caller_wait_for_the_writer() -> None:
+    """Bytes handed to the writer and not yet written are bounded: past ``max_bytes`` the next
+    transaction waits (on the reactor thread, as every write did before) until the writer has
+    caught up, so a disk slower than the network does not grow the queue without bound."""
+    from remap.server import journal as journal_mod
+
+    release, waiting, handed = threading.Event(), threading.Event(), threading.Event()
+
+    class Watched(threading.Condition):
+        def wait_for(self, predicate: Any, timeout: float | None = None) -> bool:
+            if not predicate():
+                waiting.set()
+            return super().wait_for(predicate, timeout)
+
+    writer = journal_mod._Writer(lambda fire, outcome: None, max_bytes=10)
+    writer._room = Watched()
+    writer.run(lambda: release.wait(DEADLINE), 10)  # 10 bytes queued: at the bound
+    second = threading.Thread(target=lambda: (writer.run(lambda: None, 1), handed.set()))
+    second.start()
+    assert waiting.wait(DEADLINE) and not handed.is_set()
+    release.set()
+    assert handed.wait(DEADLINE)
+    second.join(DEADLINE)
+    writer.close()
+    assert writer.queued == 0
