@@ -79,6 +79,11 @@ def load_job(path: str | Path) -> JobSpec:
     """Read and validate a job file; relative paths inside it are relative to its directory."""
     source = str(path)
     file = Path(path).expanduser()
+    if file.suffix == ".py" and file.is_file():  # read as YAML, its first line was a "key"
+        raise ConfigError(
+            f"{source}: is Python, not a job file: write a YAML job file that names it "
+            f"(function: {file.name}:NAME, or module: {file.name} for a data or vertex job)"
+        )
     try:
         data = file.read_bytes()
     except FileNotFoundError:

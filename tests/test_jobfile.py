@@ -204,6 +204,19 @@ def test_bad_job_names_source_line_and_key(base: Path, text: str, expected: list
     assert_bad_job(text, base, SOURCE, expected)
 
 
+def test_a_python_file_given_as_the_job_file_says_how_to_name_it(tmp_path: Path) -> None:
+    """``compute myjob.py`` (the function's file, not the job file) says to write a YAML job
+    file naming it; read as YAML it said "unknown key 'def score(x)'"."""
+    path = tmp_path / "myjob.py"
+    path.write_text("def score(x):\n    return x * x\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert str(info.value) == (
+        f"{path}: is Python, not a job file: write a YAML job file that names it "
+        "(function: myjob.py:NAME, or module: myjob.py for a data or vertex job)"
+    )
+
+
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
