@@ -273,6 +273,29 @@ def test_kill_of_a_job_that_had_ended_says_so(make_cluster: Any, tmp_path: Path)
         assert done.stdout.strip() == f"job {job_id} had already ended (done): nothing to kill"
 
 
+@pytest.mark.slow
+def test_attach_shows_a_stream_job_as_compute_does(make_cluster: Any, tmp_path: Path) -> None:
+    """``attach`` of a detached ``stream`` job prints ``INDEX: value`` lines (``--json``: one
+    object per line with its index), as ``compute`` of it does; it printed the bare values
+    (and ``--json`` one array), so which argument a line belonged to was lost."""
+    c = make_cluster([NodeSpec(cores=1)])
+    job = write_job(
+        tmp_path / "st.yaml",
+        {
+            "function": jobs_function("funcs", "square"),
+            "args_range": [0, 4],
+            "response_mode": "stream",
+        },
+    )
+    job_id = str(
+        json.loads(c.assert_ok(c.console("compute", job, "--detach", "--json")).stdout)["job"]
+    )
+    shown = c.assert_ok(c.console("attach", job_id, timeout=60))
+    assert sorted(shown.stdout.splitlines()) == ["0: 0", "1: 1", "2: 4", "3: 9"]
+    lines = c.assert_ok(c.console("attach", job_id, "--json", timeout=60)).stdout.splitlines()
+    assert sorted(lines) == [json.dumps({"index": i, "result": i * i}) for i in range(4)]
+
+
 def test_compute_json_prints_one_object_for_any_job_that_did_not_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -327,40 +327,13 @@ class Console:
             from .filejob import compute_file_job
 
             return (start_detached if detach else compute_file_job)(self, spec, args)
-        stream_json = args.json and spec.options.mode == "stream"
         show_stream = spec.options.mode == "stream"
         progress = render.progress_bar(self.err, args.quiet)
         # result lines come from this thread (an engine's job: from its thread), the progress
         # bar from this one: one at a time, so the bar is cleared before a line and stdout is
         # flushed before a redraw
         screen = threading.Lock()
-
-        last_flush = [0.0]
-
-        def on_item(index: int, result: Any, error: Any) -> None:
-            if stream_json:  # the file mode's line: a repr() stands in flagged "repr": true
-                line = render_line(index, result, error)
-            else:
-                line = f"{index}: " + (
-                    f"ERROR {error.type_name}: {error.message}" if error else repr(result)
-                )
-            with screen:
-                if progress is not None:
-                    progress.clear()
-                try:
-                    self.out.write(line + "\n")
-                    # a slow stream shows each result at once; a fast one flushes 10 times a second
-                    now = time.monotonic()
-                    if now - last_flush[0] >= 0.1:
-                        self.out.flush()
-                        last_flush[0] = now
-                except BrokenPipeError:
-                    raise ReaderLeft("the reader of standard output left") from None
-                except OSError as exc:  # stdout is a full disk
-                    raise OutputError(
-                        f"could not write results to standard output: {os_reason(exc)}"
-                    ) from None
-
+        on_item = self._stream_printer(args.json, progress, screen)
         sink = make_job_sink(spec, on_item=on_item if show_stream else None)
         notes: list[str] = []
         # the reactor thread only queues notices and task output; this thread prints them
@@ -436,6 +409,37 @@ class Console:
             if progress:
                 progress.clear()
         return self._report(spec, sink, state, outcome, args)
+
+    def _stream_printer(self, as_json: bool, progress: Any, screen: threading.Lock) -> Any:
+        """A stream job's ``on_item``: each result as it arrives, ``INDEX: repr`` (``--json``:
+        the file mode's line), the progress bar cleared first, stdout flushed 10 times a second."""
+        last_flush = [0.0]
+
+        def on_item(index: int, result: Any, error: Any) -> None:
+            if as_json:  # the file mode's line: a repr() stands in flagged "repr": true
+                line = render_line(index, result, error)
+            else:
+                line = f"{index}: " + (
+                    f"ERROR {error.type_name}: {error.message}" if error else repr(result)
+                )
+            with screen:
+                if progress is not None:
+                    progress.clear()
+                try:
+                    self.out.write(line + "\n")
+                    # a slow stream shows each result at once; a fast one flushes 10 times a second
+                    now = time.monotonic()
+                    if now - last_flush[0] >= 0.1:
+                        self.out.flush()
+                        last_flush[0] = now
+                except BrokenPipeError:
+                    raise ReaderLeft("the reader of standard output left") from None
+                except OSError as exc:  # stdout is a full disk
+                    raise OutputError(
+                        f"could not write results to standard output: {os_reason(exc)}"
+                    ) from None
+
+        return on_item
 
     def _detach_checked(self, spec: Any, args: argparse.Namespace) -> bool:
         """Whether the job runs detached, once the flags and the job file agree (a usage
@@ -718,9 +722,12 @@ class Console:
                 "run reduce jobs attached"
             )
         output = job.get("output")
-        sink = make_sink(
-            mode if mode != "stream" else "object",
+        sink = make_sink(  # a stream job's results as compute shows them, as they come
+            mode,
             output=output if mode in ("sqlite", "file") else None,
+            on_item=self._stream_printer(args.json, None, threading.Lock())
+            if mode == "stream"
+            else None,
         )
         try:
             run = self.session.attach(args.job)
@@ -731,8 +738,10 @@ class Console:
             outcome = run.collect(sink)
         except RemapError as exc:
             raise self._closing(exc, run, sink, args.json) from None
-        if mode in ("object", "stream"):
+        if mode == "object":
             self._print_values(sink.value(), args.json)
+        elif mode == "stream":
+            self.out.flush()
         else:
             summary = {**sink.summary(), "job": outcome.job, "state": outcome.state}
             self.say(
