@@ -206,6 +206,16 @@ def ship_by_value(module: types.ModuleType) -> None:
 # ====================================================================== remote errors
 
 
+def _job_module(module: Any) -> Any:
+    """A data or vertex job's module as a job file names it (``FILE.py`` relative to the
+    current directory, or a module name) is loaded as ``compute`` loads it."""
+    if isinstance(module, (str, os.PathLike)):
+        from .jobfile import load_module
+
+        return load_module(os.fspath(module), Path.cwd())[0]
+    return module
+
+
 class RemoteTraceback(RemoteTaskError):
     """The ``__cause__`` of a re-raised remote exception; its text is the remote traceback."""
 
@@ -1211,7 +1221,8 @@ class Cluster:
     ) -> Any:
         """Run a data job (map/reduce over files; see the README) and return its summary.
 
-        ``functions`` is a module or a dict with ``map`` and ``reduce`` (and optionally
+        ``functions`` is a module (or its ``FILE.py`` or name, as in a job file) or a dict
+        with ``map`` and ``reduce`` (and optionally
         ``combine``, ``read``, ``write``, ``partition``, ``group``). ``options`` are the job
         file's keys: ``split_mb``, ``spill_mb``, ``fanin``, ``on_error``, ``name``.
         Raises JobFailed or JobKilled (nothing published) when the job does not finish.
@@ -1222,6 +1233,7 @@ class Cluster:
         from .data.layout import DataDir
 
         self._check_open()
+        functions = _job_module(functions)
         options = {
             "retries": self.retries,
             "timeout": self.task_timeout,
@@ -1266,7 +1278,8 @@ class Cluster:
     ) -> Any:
         """Run a vertex (Pregel) job and return its summary (``remap.vertex.VertexResult``).
 
-        ``module`` is a module (or dict) with ``prepare`` and ``compute`` and optionally
+        ``module`` is a module (or its ``FILE.py`` or name, or a dict) with ``prepare`` and
+        ``compute`` and optionally
         ``combine``, ``output`` and ``aggregators`` (see the README). ``input`` is a file, a
         directory of files or a list of them; ``output`` a directory that must not exist.
         ``on_superstep(report)`` is called after every superstep's barrier. A worker whose
@@ -1280,6 +1293,7 @@ class Cluster:
         from .vertex.run import run_vertex
 
         self._check_open()
+        module = _job_module(module)
         if detach:
             from .console.detached import drive_module
 

@@ -309,6 +309,25 @@ def test_randomized_jobs_identical_whatever_the_sizes(
             assert summary["counters"]["reduce_premerges"] > 0
 
 
+def test_the_module_may_be_named_as_a_job_file_names_it(
+    cluster: remap.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cluster.mapreduce("wc.py", ...)``, as ``module: wc.py`` in a job file, loads the file
+    relative to the current directory and names the job after it; it raised TypeError."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("b a\na\n")
+    (tmp_path / "wc.py").write_text(
+        "def map(line):\n    for w in line.split():\n        yield w, 1\n\n\n"
+        "def reduce(word, counts):\n    yield word, sum(counts)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    summary = cluster.mapreduce("wc.py", "in", "out", data_dir=str(tmp_path / "data"))
+    assert summary["name"] == "wc" and summary["state"] == "OK"
+    assert _lines(tmp_path / "out") == ["a\t2", "b\t1"]
+    with pytest.raises(remap.ConfigError, match="file not found"):
+        cluster.mapreduce("nope.py", "in", "out2", data_dir=str(tmp_path / "data"))
+
+
 def test_empty_input_gives_empty_reducer_files(cluster: remap.Cluster, tmp_path: Path) -> None:
     """Only empty files: no map task, every reducer still writes its (empty) part."""
     (tmp_path / "in").mkdir()

@@ -544,6 +544,7 @@ def job_from_functions(
     """A :class:`DataJob` from a module (or a mapping of role -> function) and paths."""
     import cloudpickle
 
+    from ..jobfile import module_name_for
     from .tasks import functions_from
 
     module_path = None
@@ -554,11 +555,16 @@ def job_from_functions(
         if functions.__name__ != "__main__":  # nodes need not have it: it travels by value
             cloudpickle.register_pickle_by_value(functions)
         default_name = functions.__name__.rpartition(".")[2]
+        if module_path and functions.__name__ == module_name_for(module_path):  # a FILE.py
+            default_name = module_path.stem
     elif isinstance(functions, dict):
         namespace = functions
         default_name = getattr(functions.get("map"), "__module__", None) or "mapreduce"
     else:
-        raise TypeError("give the job's functions as a module or a dict of role -> function")
+        raise TypeError(
+            "give the job's functions as a module, a dict of role -> function, or the module's "
+            f"FILE.py or name, not {functions!r}"
+        )
     counts = {DEFAULT_PURPOSE: reducers} if isinstance(reducers, int) else dict(reducers)
     for purpose, n in counts.items():
         layout.check_name("purpose", purpose)
