@@ -22,11 +22,11 @@ hypothesis_settings.load_profile("remap")
 
 
 def _default_sigterm_in_forked_child() -> None:
-    """pytest-twisted runs the global reactor in this process with Twisted's signal handlers,
-    so SIGTERM here means "stop the reactor". A child a test forks (multiprocessing's fork
-    workers, joblib's ``multiprocessing`` backend) inherits that handler and then survives
-    ``Pool.terminate()``'s SIGTERM: the pool's join, and pytest's exit, wait forever. Forked
-    children get the default disposition, as under a plain Python process."""
+    """SIGTERM in this process runs a Python handler (:func:`_sigterm_ends_the_run`, Twisted's
+    before it), which a child a test forks (multiprocessing's fork workers, joblib's
+    ``multiprocessing`` backend) inherits: under Twisted's it survived ``Pool.terminate()``'s
+    SIGTERM, and the pool's join, and pytest's exit, waited forever. Forked children get the
+    default disposition, as under a plain Python process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
