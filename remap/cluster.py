@@ -204,6 +204,8 @@ async def start_server(
         preempt_grace=settings.preempt_grace,
         max_handshaking=settings.max_handshaking,
         max_handshaking_per_host=settings.max_handshaking_per_host,
+        results_memory=settings.detached_results_memory,
+        results_memory_total=settings.detached_results_memory_total,
     )
     try:
         port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(

@@ -70,6 +70,8 @@ class Settings:
     user: str | None = None
     preempt_grace: float | None = None
     result_buffer: int = 256 * 1024 * 1024
+    detached_results_memory: int = 256 * 1024 * 1024
+    detached_results_memory_total: int = 1024 * 1024 * 1024
 
 
 class _Bad(Exception):
@@ -216,6 +218,8 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "journal_sync": ("REMAP_JOURNAL_SYNC", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit"),
     "journal_keep_jobs": ("REMAP_JOURNAL_KEEP_JOBS", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned"),
     "journal_keep_hours": ("REMAP_JOURNAL_KEEP_HOURS", _number(0, allow_equal=True), "hours a finished job stays in the journal at most"),
+    "detached_results_memory": ("REMAP_DETACHED_RESULTS_MEMORY", _integer(1), "bytes of a detached job's results the server holds in memory for attach: with the journal on, those it has not committed yet (it keeps the rest on disk); off, all of them. A job that reaches it runs no more calls until they are committed (journal off: it waits, its results kept, until killed; attach still gets them)"),
+    "detached_results_memory_total": ("REMAP_DETACHED_RESULTS_MEMORY_TOTAL", _integer(1), "the same bound over all detached jobs, finished ones included"),
 }  # fmt: skip
 
 #: setting field -> environment variable

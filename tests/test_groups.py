@@ -234,8 +234,7 @@ def test_the_journal_resumes_grouped_arguments_exactly_once(tmp_path: Path) -> N
             if 3 not in args and min(args) < 48:
                 node.run(task)
     clock.advance(FLUSH_INTERVAL)  # ...and commit it
-    job = sched.jobs[console.job]
-    committed = {i for r in job.stored for i in r.answered}
+    committed = {i for _, r in sched.journal.results(console.job) for i in r.answered}
     assert {0, 1, 2, 4, 5} <= committed and 3 not in committed
     late = next(t for t in node.held() if 3 not in [v for g in task_groups(t) for v in g])
     node.run(late)  # delivered, not committed: lost with the server

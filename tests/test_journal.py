@@ -156,8 +156,9 @@ def test_recover_returns_what_was_committed_and_nothing_else(tmp_path: Path) -> 
     assert (job.id, job.submit.name, job.submit.payload) == (5, "kept", b"fn-blob")
     assert (job.args_total, job.args) == (3, [(0, [1, 1, 1], b"abc", [])])
     assert (job.delivered, job.done, job.failed) == ({0, 2}, 1, 1)
-    assert [list(r.answered) for r in job.stored] == [[0, 2]]
-    assert job.stored[0].errors == [[1, "ValueError", "bad", ""]]
+    stored = [r for _, r in Journal(journal.path, Clock()).results(5)]
+    assert [list(r.answered) for r in stored] == [[0, 2]] and job.next_seq == 1
+    assert stored[0].errors == [[1, "ValueError", "bad", ""]]
 
 
 def test_finished_jobs_are_pruned_by_count_and_age(tmp_path: Path) -> None:

@@ -136,8 +136,9 @@ class JournaledJob:
     args: list[tuple[int, list[int], bytes, list[int]]] = field(default_factory=list)
     #: argument indices whose outcome was delivered (running jobs only)
     delivered: set[int] = field(default_factory=set)
-    #: a detached job's delivered result messages, in delivery order
-    stored: list[m.Results] = field(default_factory=list)
+    #: the ``seq`` a detached job's next stored result message takes (its messages stay on
+    #: disk: :meth:`Journal.results` reads them a piece at a time)
+    next_seq: int = 0
 
 
 def _args_row(start: int, column: Any, payload: bytes) -> tuple[int, list[int], bytes, list[int]]:
@@ -314,7 +315,7 @@ class Journal:
         self._uncheckpointed = 0  # bytes (about) committed since the checkpointer was woken
         self._writer = _Writer(clock.callFromThread) if threaded else _Inline()
         self._args: list[tuple[int, int, bytes, Any]] = []
-        self._outcomes: list[tuple[int, m.Results, bool]] = []
+        self._outcomes: list[tuple[int, m.Results, int | None]] = []
         self._ends: list[tuple[int, int]] = []
         self._finished: list[tuple[str, str, int, int, float, int]] = []
         self._buffered_bytes = 0
@@ -324,6 +325,11 @@ class Journal:
         #: rows a unique key refused: an outcome recorded twice (a bug; tests assert zero)
         self.duplicates = 0
         self.transactions = 0
+        #: told ``[(job, seq), ...]`` of the stored result messages (numbered by the caller)
+        #: each commit wrote, on the reactor thread once it is on disk: the scheduler then
+        #: lets go of its copies, :meth:`results` reads them from there
+        self.on_saved: Any = None
+        self._reader: sqlite3.Connection | None = None
 
     @classmethod
     def for_settings(
@@ -404,9 +410,10 @@ class Journal:
         else:
             self._buffered(0)
 
-    def delivered(self, job_id: int, msg: m.Results, *, store: bool) -> None:
-        """Record a delivered outcome; ``store`` keeps the message for ``attach`` too."""
-        self._outcomes.append((job_id, msg, store))
+    def delivered(self, job_id: int, msg: m.Results, *, store: bool, seq: int = -1) -> None:
+        """Record a delivered outcome; ``store`` keeps the message for ``attach`` too, as the
+        job's result ``seq`` (-1: the next after the last stored)."""
+        self._outcomes.append((job_id, msg, seq if store else None))
         self._buffered(len(msg.payload) if store else 0)
 
     def finished(
@@ -450,7 +457,16 @@ class Journal:
         work = functools.partial(
             self._commit, extra, args, outcomes, ends, finished, cutoff, written
         )
-        return self._writer.run(work, written)
+        done = self._writer.run(work, written)
+        saved = [(job_id, seq) for job_id, _, seq in outcomes if seq is not None and seq >= 0]
+        if saved and self.on_saved is not None:
+            done.addCallback(self._saved, saved)
+        return done
+
+    def _saved(self, result: Any, saved: list[tuple[int, int]]) -> Any:
+        """A commit with stored results is on disk (reactor thread): say which."""
+        self.on_saved(saved)
+        return result
 
     def _commit(self, extra, args, outcomes, ends, finished, cutoff, written) -> None:  # noqa: ANN001
         """One transaction (the writer's thread)."""
@@ -545,17 +561,15 @@ class Journal:
         return runs
 
     def _outcome_rows(
-        self, outcomes: list[tuple[int, m.Results, bool]]
+        self, outcomes: list[tuple[int, m.Results, int | None]]
     ) -> tuple[list[tuple[int, int, int, bytes]], list[tuple[int, int, bytes, Any]]]:
         rows: list[tuple[int, int, int, bytes]] = []
         stored: list[tuple[int, int, bytes, Any]] = []
-        for job_id, msg, store in outcomes:
+        for job_id, msg, seq in outcomes:
             rows.extend(self._runs(job_id, msg))
-            if store:
-                if job_id not in self._seq:  # its first stored result since the server started
-                    sql = "SELECT COALESCE(MAX(seq) + 1, 0) FROM results WHERE job=?"
-                    self._seq[job_id] = self._db.execute(sql, (job_id,)).fetchone()[0]
-                seq = self._seq[job_id]
+            if seq is not None:
+                if seq < 0:
+                    seq = self._seq[job_id] if job_id in self._seq else self.next_seq(job_id)
                 self._seq[job_id] = seq + 1
                 header, payload = m.encode(msg)
                 stored.append((job_id, seq, header, payload))
@@ -578,14 +592,17 @@ class Journal:
             self._checkpointer.close()
         finally:
             self._db.close()
+            if self._reader is not None:
+                self._reader.close()
 
     # ---------------------------------------------------------------- reading
 
     def recover(self, finished_limit: int = 50) -> list[JournaledJob]:
         """Every running job and the newest ``finished_limit`` finished ones, oldest first.
 
-        A finished job brings its stored results (so ``attach`` works after a restart); a
-        running one also its stored arguments and which indices were delivered.
+        A detached job brings where its stored results end (``attach`` reads them from here
+        after a restart); a running one also its stored arguments and which indices were
+        delivered.
         """
         return self._writer.call(functools.partial(self._recover, finished_limit))
 
@@ -626,13 +643,36 @@ class Journal:
                 )
             ]
         if submit.detach:
-            job.stored = [
-                m.decode(header, payload)  # type: ignore[misc]
-                for header, payload in db.execute(
-                    "SELECT header, payload FROM results WHERE job=? ORDER BY seq", (job_id,)
-                )
-            ]
+            job.next_seq = self.next_seq(job_id)
         return job
+
+    def next_seq(self, job_id: int) -> int:
+        """The ``seq`` after the job's last committed result message (0: none)."""
+        sql = "SELECT COALESCE(MAX(seq) + 1, 0) FROM results WHERE job=?"
+        return self._db.execute(sql, (job_id,)).fetchone()[0]
+
+    def results(
+        self, job_id: int, first: int = 0, end: int | None = None, max_bytes: int | None = None
+    ) -> list[tuple[int, m.Results]]:
+        """A detached job's committed result messages ``(seq, message)`` with ``first <= seq <
+        end``, in order; past ``max_bytes`` of payload no more (one at least): what ``attach``
+        replays, a piece at a time, so the server never reads a large job's whole. Read on a
+        connection of its own (the writer's thread has the other), committed rows only."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(str(self.path), check_same_thread=False)
+        sql = "SELECT seq, header, payload FROM results WHERE job=? AND seq>=? AND seq<? "
+        found: list[tuple[int, m.Results]] = []
+        size = 0
+        rows = self._reader.execute(
+            sql + "ORDER BY seq", (job_id, first, 1 << 62 if end is None else end)
+        )
+        for seq, header, payload in rows:
+            found.append((seq, m.decode(header, payload)))  # type: ignore[arg-type]
+            size += len(payload)
+            if max_bytes is not None and size >= max_bytes:
+                break
+        rows.close()
+        return found
 
 
 def _submit_of(header: bytes, fn: bytes) -> m.Submit:

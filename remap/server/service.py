@@ -23,6 +23,7 @@ from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
+from .scheduler.kept import RESULTS_MEMORY, RESULTS_MEMORY_TOTAL
 from .scheduler.sizing import fit_status
 
 #: connections in the handshake the cluster port holds at once, in all and per source address
@@ -466,6 +467,8 @@ class RemapServerFactory(Factory):
         preempt_grace: float | None = None,
         max_handshaking: int = MAX_HANDSHAKING,
         max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST,
+        results_memory: int = RESULTS_MEMORY,
+        results_memory_total: int = RESULTS_MEMORY_TOTAL,
     ) -> None:
         self.clock = clock
         #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`)
@@ -492,6 +495,8 @@ class RemapServerFactory(Factory):
             preempt_grace=preempt_grace,
             job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
             max_frame=max_frame,
+            results_memory=results_memory,
+            results_memory_total=results_memory_total,
         )
         self.consoles: set[PeerProtocol] = set()
         #: in memory unless :meth:`use_exclusions` gives it a file (the server entry point does)

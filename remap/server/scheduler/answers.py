@@ -337,18 +337,13 @@ class NodeAnswers:
     def _deliver(self, job: JobState, msg: m.Results, sized: bool = False) -> None:
         """Record and send results to the job's console. ``sized``: ``msg`` is known to fit
         its console's frames."""
-        if job.options.detach and self.journal is not None:
-            # only a detached job resumes after a restart; an attached one's console has its
-            # results and the job ends with a reason, so its outcomes would cost and serve nothing
-            self.journal.delivered(job.id, msg, store=True)
         for watcher in self.watchers:
             watcher.results_delivered(job, msg)
-        # a detached job keeps every result on the server, so any later `attach` (even after
-        # an earlier one died half-way) gets them all; its submitter only feeds arguments
+        # a detached job keeps every result on the server (journaled: only a detached job
+        # resumes after a restart), so any later `attach` (even after an earlier one died
+        # half-way) gets them all; its submitter only feeds arguments
         if job.options.detach:
-            job.stored.append(msg)
-            if job.attached and job.console is not None:
-                self._to_console(job.console, msg, kept=True)
+            self._keep(job, msg)
         elif job.console is not None:
             if sized:
                 self._send(job.console, msg)

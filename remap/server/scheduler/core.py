@@ -59,6 +59,7 @@ from .effects import (
     describe,
     new_send,
 )
+from .kept import RESULTS_MEMORY, RESULTS_MEMORY_TOTAL, KeptResults
 from .policy import SWEEP_INTERVAL
 from .recovery import Recovery
 from .segments import Segment, take_from
@@ -108,7 +109,7 @@ def _besides(may_run: Any, job: JobState) -> Any:
     return lambda node, other: other is not job and may_run(node, other)
 
 
-class Scheduler(NodeAnswers, Recovery):
+class Scheduler(NodeAnswers, Recovery, KeptResults):
     """Owns every job and node; takes events, returns effects (see the module docstring)."""
 
     log = Logger()
@@ -123,8 +124,16 @@ class Scheduler(NodeAnswers, Recovery):
         job_ids_from: int = 1,
         event_log: int = 1000,
         max_frame: int = DEFAULT_MAX_FRAME,
+        results_memory: int = RESULTS_MEMORY,
+        results_memory_total: int = RESULTS_MEMORY_TOTAL,
     ) -> None:
         self.clock = clock
+        #: budgets of detached jobs' results in memory, per job and in all (see ``kept``), and
+        #: what they hold now and at most since the server started
+        self.results_memory = results_memory
+        self.results_memory_total = results_memory_total
+        self.kept_bytes = 0
+        self.kept_peak = 0
         #: the server's own frame limit, named in errors of frames too large for a peer's
         self.max_frame = max_frame
         self._outbox: list[Effect] = []
@@ -327,6 +336,10 @@ class Scheduler(NodeAnswers, Recovery):
             return
         note = self._timer_notes.pop(timer, "")
         job = self.jobs.get(timer.job)
+        if kind == "replay":  # (a finished job's too)
+            if job is not None and job.replay_timer == timer:
+                self._replay_timer(job)
+            return
         if job is None or job.finished:
             return
         if kind == "wait-for-nodes" and job.waiting:
@@ -759,6 +772,7 @@ class Scheduler(NodeAnswers, Recovery):
         """Cancel the console's jobs after the grace period, unless detached or re-attached;
         a job whose console left before ``args_end`` can never complete, so even then."""
         for job in list(self.jobs.values()):
+            job.replays.pop(console, None)
             if job.console is not console:
                 continue
             job.console = None
@@ -802,15 +816,14 @@ class Scheduler(NodeAnswers, Recovery):
             submitter_done = job.options.detach and not job.receiving and not job.attached
             if job.console is not None and job.console is not console and not submitter_done:
                 return None
+            job.replays.pop(job.console, None)  # (a submitter is owed none)
             job.console = console
             job.attached = True
             self._console_changed(job)
-        # replay everything, every time: an earlier attach may have died half-way
-        for msg in job.stored:
-            self._to_console(console, msg, kept=True)
-        if job.finished:
-            self._send(console, self._done_message(job))
-        else:
+        # replay everything, every time: an earlier attach may have died half-way (a finished
+        # job's job_done follows its last result)
+        self._start_replay(job, console)
+        if not job.finished:
             self._maybe_complete(job)  # an attached job does not end while no console hears it
         return job
 
@@ -835,6 +848,7 @@ class Scheduler(NodeAnswers, Recovery):
                 job.congested = congested
                 self._pause(job, pump=False)
         if not congested:
+            self._replay_drained(console)
             self.pump()
 
     def _console_changed(self, job: JobState) -> None:
@@ -844,7 +858,7 @@ class Scheduler(NodeAnswers, Recovery):
         self._pause(job, pump=False)
 
     def _pause(self, job: JobState, pump: bool = True) -> None:
-        paused = job.held or job.congested
+        paused = job.held or job.congested or bool(job.full)
         if paused == job.paused:
             return
         job.paused = paused
@@ -859,7 +873,7 @@ class Scheduler(NodeAnswers, Recovery):
             return
         job.move(JobPhase(state))
         job.message = message
-        job.waiting = ""
+        job.waiting = job.full = ""
         self.active.pop(job.id, None)
         job.finished_at = self.clock.seconds()
         job.granted = 0
@@ -883,7 +897,9 @@ class Scheduler(NodeAnswers, Recovery):
             message=message,
             why=f" ({message})" if message else "",
         )
-        if job.console is not None:
+        if job.console in job.replays:  # after the results it is still owed
+            self._replay(job, job.console)
+        elif job.console is not None:
             self._send(job.console, self._done_message(job))
         self._prune_finished()
         self.pump()
@@ -916,8 +932,10 @@ class Scheduler(NodeAnswers, Recovery):
         """Keep the newest ``keep_finished`` finished jobs (for status and attach), forget older ones."""
         excess = len(self.jobs) - len(self.active) - self.keep_finished
         if excess > 0:
-            for job in [j for j in self.jobs.values() if j.finished][:excess]:
+            # (a job being replayed stays until its consoles have it all)
+            for job in [j for j in self.jobs.values() if j.finished and not j.replays][:excess]:
                 del self.jobs[job.id]
+                self._forget_kept(job)
 
     def _maybe_complete(self, job: JobState) -> None:
         if (

@@ -22,11 +22,12 @@ class Recovery:
     def restore(self, journal: Any) -> None:
         """Take back the jobs ``journal`` recorded (the server restarted), then journal on.
 
-        A finished job comes back with its stored results, so ``attach`` works. A detached job
+        A finished job comes back (its results stay in the journal for ``attach``). A detached job
         whose arguments are all stored resumes with those whose outcome was not delivered; an
         attached one waits for its console to resume it; any other fails with the reason.
         """
         self.journal = journal
+        journal.on_saved = self.results_saved
         top = 0
         for rec in journal.recover(self.keep_finished):
             top = max(top, rec.id)
@@ -83,7 +84,7 @@ class Recovery:
     def _restored(self, rec: Any) -> JobState:
         """The job a journal record describes (finished, or running with no queue yet)."""
         job = self._new_job(rec.id, None, rec.submit, rec.submitted_at)
-        job.stored, job.done, job.failed = rec.stored, rec.done, rec.failed
+        job.next_seq, job.done, job.failed = rec.next_seq, rec.done, rec.failed
         job.owner = rec.owner
         job.first_window = False
         if rec.args_total is not None:

@@ -175,17 +175,27 @@ class JobState:
     #: why one of its messages could not be sent ("": none failed): it fails, never ends done
     unsent: str = ""
     attached: bool = False  # a console asked for this detached job's results
-    stored: list[m.Results] = field(default_factory=list)  # results kept for a detached job
+    #: a detached job's result messages by ``seq`` (numbered in delivery order, from
+    #: ``next_seq``) held in memory: every one without a journal, else those it has not
+    #: committed yet (it serves the rest); bounded (:meth:`Scheduler.results_budget`)
+    kept: dict[int, m.Results] = field(default_factory=dict)
+    kept_bytes: int = 0
+    next_seq: int = 0
+    #: consoles being sent the job's kept results (attach) → the next ``seq`` each is due
+    replays: dict[Any, int] = field(default_factory=dict)
+    replay_timer: Any = None  # the next replay step's
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
     #: ends the job unless its console comes back (see :meth:`Scheduler.console_lost`)
     orphan_timer: Any = None
     #: after a ``resume``: runs ``[start, stop]`` of indices the console sends again first
     expect: deque[list[int]] = field(default_factory=deque)
-    #: flow control of results: its console asked to hold it, or its writes are congested;
-    #: ``paused`` is either, and then none of its calls is dispatched
+    #: flow control of results: its console asked to hold it, or its writes are congested, or
+    #: (``full``, a detached job) its results in memory reached their budget; ``paused`` is
+    #: any, and then none of its calls is dispatched
     held: bool = False
     congested: bool = False
+    full: str = ""  # why (the status line), "" when not
     paused: bool = False
     #: bytes of a result, a moving average (0: none measured), for ``policy.batch_size``
     result_size: float = 0.0
@@ -250,7 +260,7 @@ class JobState:
             failed=self.failed,
             rate=round((self.done + self.failed) / elapsed, 1),
             elapsed=round(elapsed, 2),
-            waiting=self.waiting,
+            waiting=self.waiting or self.full,
             detached=self.options.detach,
             output=self.options.output,
             attached=self.console is not None,

@@ -1,0 +1,202 @@
+"""A detached job's results on the server stay within a memory budget, and none is lost.
+
+With the journal the server holds in memory only the results it has not committed yet (a job
+that reaches the budget waits for the commit); ``attach`` reads the rest back from disk a piece
+at a time. Without it a job that reaches the budget runs no more calls, its status says why, and
+``attach`` still gets every result kept. Measured on the scheduler's own count (``kept_bytes``,
+``kept_peak``), not the process's RSS.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from protocol import messages as m
+from remap.blobs import split
+from remap.server.journal import Journal
+from remap.server.scheduler.kept import REPLAY_BYTES
+from remap.server.scheduler.policy import MAX_BATCH_RESULT_BYTES
+from remap.server.scheduler.state import PREFETCH
+from remap.sinks import ObjectSink
+from tests.test_inmemory import Cluster, attach, blob, job_run, outcome, submit
+from tests.test_resume import RestartableCluster, wait_until
+from tests.test_scheduler import GRACE, FakeConsole, FakeLink, FakeNode, Scheduler
+
+BUDGET = 1024 * 1024
+CORES = 2
+#: what may arrive beyond the budget: the results of the tasks in flight when it is reached
+IN_FLIGHT = CORES * PREFETCH * MAX_BATCH_RESULT_BYTES
+
+
+def _detached(cluster: Cluster, n: int, *, hold: bool = False) -> tuple[int, object]:
+    """A detached job of ``n`` 40 KiB results whose submitter left once its arguments were in."""
+    cluster.scheduler.results_memory = BUDGET
+    pool, _, _ = cluster.node("node-a", cores=CORES, hold=hold)
+    first, pump = cluster.console("first")
+    run = job_run(blob, range(n), detach=True)
+    submit(first, run)
+    cluster.settle()
+    job = run.job_id
+    assert cluster.scheduler.jobs[job].total == n, "every argument is on the server"
+    pump.client.transport.loseConnection()
+    cluster.settle()
+    cluster.pumps.remove(pump)
+    return job, pool
+
+
+def _attach_all(cluster: Cluster, job: int, n: int) -> None:
+    """A new console attaches and gets every result once (the sink refuses a second)."""
+    second, _ = cluster.console("second")
+    again = attach(second, job, job_run(blob, [], ObjectSink()))
+    wait_until(cluster, lambda: again.called)
+    assert outcome(again).state == "done"
+    assert again.sink.value() == [blob(i) for i in range(n)]
+
+
+def test_results_over_the_budget_stay_in_the_journal_and_attach_gets_each_once(
+    tmp_path: Path,
+) -> None:
+    """1,000 results of 40 KiB (39 MiB, 39 × the budget): memory never holds more than the
+    budget and what the tasks in flight bring; attach gets all of them, each once."""
+    n = 1000
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    job, _ = _detached(cluster, n)
+    sched = cluster.scheduler
+    wait_until(cluster, lambda: sched.jobs[job].finished)
+    assert sched.jobs[job].state == "done"
+    total = n * len(blob(0))
+    assert sched.kept_peak <= BUDGET + IN_FLIGHT < total / 2, (sched.kept_peak, total)
+    cluster.clock.advance(1)  # (the journal's last commit)
+    assert sched.kept_bytes == 0 and not sched.jobs[job].kept
+    _attach_all(cluster, job, n)
+    assert sched.kept_bytes == 0, "a replay reads the journal, it keeps nothing"
+
+
+def test_attach_after_a_restart_gets_every_result_once(tmp_path: Path) -> None:
+    """Results committed before a restart (read from the journal, not into memory) and those
+    after it (numbered on from the journal's last) reach a later attach once each, in order."""
+    n = 400
+    cluster = RestartableCluster(tmp_path / "journal.sqlite")
+    job, pool = _detached(cluster, n, hold=True)
+    for _ in range(2):  # some results, committed
+        pool.run_held()
+        cluster.tick(0.1, cluster.pumps)
+    before = cluster.scheduler.jobs[job].done
+    assert 0 < before < n
+    cluster.kill_server()
+    cluster.start_server()
+    sched = cluster.scheduler
+    assert not sched.jobs[job].kept and sched.kept_bytes == 0, "nothing read into memory"
+    sched.results_memory = BUDGET
+    cluster.node("node-b", cores=CORES)
+    wait_until(cluster, lambda: sched.jobs[job].finished)
+    assert sched.jobs[job].state == "done"
+    assert sched.kept_peak <= BUDGET + IN_FLIGHT
+    cluster.clock.advance(1)
+    assert sched.kept_bytes == 0, "every result committed, numbered after the earlier ones"
+    _attach_all(cluster, job, n)
+    assert sched.journal.duplicates == 0
+
+
+def _journaled(tmp_path: Path) -> tuple[Scheduler, Clock]:
+    clock = Clock()
+    clock.advance(1000)
+    sched = Scheduler(clock, console_grace=GRACE)
+    sched.restore(Journal(tmp_path / "journal.sqlite", clock))
+    return sched, clock
+
+
+def test_a_replay_goes_a_step_at_a_time_in_delivery_order_and_waits_for_a_congested_console(
+    tmp_path: Path,
+) -> None:
+    """A replay sends ``REPLAY_BYTES`` a step (the next on a timer, or once a congested
+    console drained), in the order the results were delivered, then ``job_done``."""
+    sched, clock = _journaled(tmp_path)
+    node = FakeNode(sched, "n", cores=1)
+    big = 1024 * 1024
+    console = FakeConsole(sched, range(12), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    order = []
+    for _ in range(12):  # answered last first: delivery order is not index order
+        task = node.held()[-1]
+        order.append(node.args_of(task)[0])
+        node.answer(task, fn=lambda x: bytes(big))
+    clock.advance(1)
+    assert sched.jobs[console.job].state == "done" and sched.kept_bytes == 0
+    later = FakeLink("later")
+    later.congested = False
+    sched.attach(later, console.job)
+    first_step = len(later.of(m.Results))
+    assert 0 < first_step * big <= REPLAY_BYTES + big and not later.of(m.JobDone)
+    later.congested = True
+    clock.advance(0)
+    assert len(later.of(m.Results)) == first_step, "a congested console gets no more"
+    later.congested = False
+    sched.console_congested(later, False)
+    while not later.of(m.JobDone):
+        clock.advance(0)
+    assert [r.answered[0] for r in later.of(m.Results)] == order
+    assert later.sent[-1] == m.JobDone(job=console.job, state="done", done=12, failed=0)
+
+
+def test_without_a_journal_a_job_at_its_budget_is_held_and_attach_gets_what_it_kept() -> None:
+    """No journal: a detached job whose results reach the budget runs no more calls, its
+    status says why; attach gets every result kept, once; the job ends when killed."""
+    clock = Clock()
+    clock.advance(1000)
+    sched = Scheduler(clock, console_grace=GRACE, results_memory=200_000)
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(40), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    answered = 0
+    while node.held():
+        node.answer(node.held()[0], fn=lambda x: bytes(50_000))
+        answered += 1
+    job = sched.jobs[console.job]
+    assert job.state == "running" and job.paused and answered < 40
+    assert sched.kept_bytes == job.kept_bytes <= 200_000 + 2 * 51_000
+    waiting = sched.status()[1][0].waiting
+    assert waiting.startswith("held: 0 MiB of results waiting for attach"), waiting
+    assert "REMAP_DETACHED_RESULTS_MEMORY" in waiting and "REMAP_JOURNAL is off" in waiting
+    later = FakeLink("later")
+    sched.attach(later, console.job)
+    got = [i for r in later.of(m.Results) for i in r.answered]
+    assert sorted(got) == list(range(answered)) and len(got) == answered
+    assert all(len(b) > 50_000 for r in later.of(m.Results) for b in split(r.sizes, r.payload))
+    assert not node.held(), "still held while a console is attached"
+    sched.kill(console.job)
+    assert later.of(m.JobDone)[0].state == "killed"
+
+
+def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
+    tmp_path: Path,
+) -> None:
+    """A commit that fails (a full disk) leaves its results in memory, not lost: attach gets
+    them between the committed ones before and after, in delivery order, each once."""
+    sched, clock = _journaled(tmp_path)
+    journal = sched.journal
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(9), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    write = journal._write
+
+    def full_disk(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    for round_ in range(3):  # committed, failed, committed
+        journal._write = full_disk if round_ == 1 else write
+        for _ in range(3):
+            node.answer(node.held()[0])
+        clock.advance(1)
+    job = sched.jobs[console.job]
+    assert job.state == "done" and sorted(job.kept) == [3, 4, 5], "the failed commit's"
+    later = FakeLink("later")
+    sched.attach(later, console.job)
+    assert [r.answered[0] for r in later.of(m.Results)] == list(range(9))
+    assert later.of(m.JobDone)[0].done == 9
