@@ -772,7 +772,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         """Cancel the console's jobs after the grace period, unless detached or re-attached;
         a job whose console left before ``args_end`` can never complete, so even then."""
         for job in list(self.jobs.values()):
-            job.replays.pop(console, None)
+            job.replays.pop(id(console), None)
             if job.console is not console:
                 continue
             job.console = None
@@ -816,7 +816,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             submitter_done = job.options.detach and not job.receiving and not job.attached
             if job.console is not None and job.console is not console and not submitter_done:
                 return None
-            job.replays.pop(job.console, None)  # (a submitter is owed none)
+            job.replays.pop(id(job.console), None)  # (a submitter is owed none)
             job.console = console
             job.attached = True
             self._console_changed(job)
@@ -897,7 +897,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             message=message,
             why=f" ({message})" if message else "",
         )
-        if job.console in job.replays:  # after the results it is still owed
+        if id(job.console) in job.replays:  # after the results it is still owed
             self._replay(job, job.console)
         elif job.console is not None:
             self._send(job.console, self._done_message(job))
@@ -1170,6 +1170,10 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             if timer is not None:
                 self._outbox.append(CancelTimer(timer))
         self._preempt_timer = self._sweep = None
+        for job in self.jobs.values():  # (a replay's next step would read a closed journal)
+            if job.replay_timer is not None:
+                self._outbox.append(CancelTimer(job.replay_timer))
+                job.replay_timer = None
 
     # ================================================================ status
 

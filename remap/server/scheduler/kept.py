@@ -48,7 +48,7 @@ class KeptResults:
             job.kept_bytes >= self.results_memory or self.kept_bytes >= self.results_memory_total
         ):
             self._fill(job)
-        if job.console is not None and job.console in job.replays:
+        if job.console is not None and id(job.console) in job.replays:
             self._replay(job, job.console)
 
     def _fill(self, job: JobState) -> None:
@@ -110,7 +110,7 @@ class KeptResults:
     def _start_replay(self, job: JobState, console: Any) -> None:
         """Send ``console`` every result of the job from the first (each attach gets them all:
         an earlier one may have died half-way), then, for a running job, each as it comes."""
-        job.replays[console] = 0
+        job.replays[id(console)] = [console, 0]
         self._replay(job, console)
 
     def _replay(self, job: JobState, console: Any) -> None:
@@ -118,11 +118,12 @@ class KeptResults:
         ``job_done`` of a finished job after its last result."""
         if getattr(console, "congested", False):
             return  # console_congested(False) goes on
-        seq = job.replays[console]
+        replay = job.replays[id(console)]
+        seq = replay[1]
         sent = 0
         while seq < job.next_seq:
             if sent >= REPLAY_BYTES:
-                job.replays[console] = seq
+                replay[1] = seq
                 if job.replay_timer is None:  # (one for every console of the job)
                     job.replay_timer = self._start_timer("replay", 0, job.id)
                 return
@@ -140,20 +141,20 @@ class KeptResults:
                     self._to_console(console, msg, kept=True)
                     sent += results_bound(msg)
             seq = found[-1][0] + 1
-        job.replays[console] = seq
+        replay[1] = seq
         if job.finished:
-            del job.replays[console]
+            del job.replays[id(console)]
             self._send(console, self._done_message(job))
 
     def _replay_timer(self, job: JobState) -> None:
         """A replay step's timer: every console of the job that is owed more goes on."""
         job.replay_timer = None
-        for console in list(job.replays):
-            if console in job.replays and job.replays[console] < job.next_seq:
+        for key, (console, seq) in list(job.replays.items()):
+            if key in job.replays and seq < job.next_seq:
                 self._replay(job, console)
 
     def _replay_drained(self, console: Any) -> None:
         """``console`` drained its backlog: its replays go on."""
         for job in list(self.jobs.values()):
-            if console in job.replays:
+            if id(console) in job.replays:
                 self._replay(job, console)

@@ -181,8 +181,9 @@ class JobState:
     kept: dict[int, m.Results] = field(default_factory=dict)
     kept_bytes: int = 0
     next_seq: int = 0
-    #: consoles being sent the job's kept results (attach) → the next ``seq`` each is due
-    replays: dict[Any, int] = field(default_factory=dict)
+    #: consoles being sent the job's kept results (attach), by ``id``: [console, the next
+    #: ``seq`` it is due] (by id: a link need not be hashable)
+    replays: dict[int, list[Any]] = field(default_factory=dict)
     replay_timer: Any = None  # the next replay step's
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
