@@ -9,9 +9,12 @@ at a time. Without it a job that reaches the budget runs no more calls, its stat
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 
 from protocol import messages as m
@@ -21,6 +24,8 @@ from remap.server.scheduler.kept import REPLAY_BYTES
 from remap.server.scheduler.policy import MAX_BATCH_RESULT_BYTES
 from remap.server.scheduler.state import PREFETCH
 from remap.sinks import ObjectSink
+from tests.cluster_harness import ClusterFactory
+from tests.test_e2e_cluster import job
 from tests.test_inmemory import Cluster, attach, blob, job_run, outcome, submit
 from tests.test_resume import RestartableCluster, wait_until
 from tests.test_scheduler import GRACE, FakeConsole, FakeLink, FakeNode, Scheduler
@@ -200,3 +205,30 @@ def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
     sched.attach(later, console.job)
     assert [r.answered[0] for r in later.of(m.Results)] == list(range(9))
     assert later.of(m.JobDone)[0].done == 9
+
+
+@pytest.mark.slow
+def test_a_real_server_without_a_journal_holds_a_job_at_its_budget_and_says_so(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """remap-server with REMAP_JOURNAL=off and REMAP_DETACHED_RESULTS_MEMORY=1 MiB: a detached
+    job of 40 results of 256 KiB stops after a few, ``status`` says it is held and why, and it
+    goes no further; ``kill`` ends it."""
+    cluster = make_cluster(
+        1, server_env={"REMAP_JOURNAL": "off", "REMAP_DETACHED_RESULTS_MEMORY": str(1 << 20)}
+    )
+    detached = job(tmp_path, "kibibytes", args=[256] * 40, chunksize=1)
+    began = cluster.console("compute", str(detached), "--detach", "--json", timeout=60)
+    job_id = json.loads(cluster.assert_ok(began).stdout)["job"]
+
+    def held() -> dict[str, Any] | None:
+        status = json.loads(cluster.assert_ok(cluster.console("status", "--json")).stdout)
+        state = next(j for j in status["jobs"] if j["id"] == job_id)
+        return state if state["waiting"].startswith("held: ") else None
+
+    state = cluster.wait_for(held, 60, "the detached job to be held")
+    assert "REMAP_DETACHED_RESULTS_MEMORY" in state["waiting"], state
+    # 1 MiB is four results; past it only the calls in flight on the one core (two at most)
+    assert state["state"] == "running" and state["done"] <= 6, state
+    assert held()["done"] <= 6, "a held job runs no more calls"
+    cluster.assert_ok(cluster.console("kill", str(job_id)))
