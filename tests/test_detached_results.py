@@ -117,8 +117,9 @@ def _journaled(tmp_path: Path) -> tuple[Scheduler, Clock]:
 def test_a_replay_goes_a_step_at_a_time_in_delivery_order_and_waits_for_a_congested_console(
     tmp_path: Path,
 ) -> None:
-    """A replay sends ``REPLAY_BYTES`` a step (the next on a timer, or once a congested
-    console drained), in the order the results were delivered, then ``job_done``."""
+    """A replay sends ``REPLAY_BYTES`` a step (the next on a timer, once a congested console
+    drained, once a console that holds takes more), in the order the results were delivered,
+    then ``job_done``."""
     sched, clock = _journaled(tmp_path)
     node = FakeNode(sched, "n", cores=1)
     big = 1024 * 1024
@@ -141,7 +142,11 @@ def test_a_replay_goes_a_step_at_a_time_in_delivery_order_and_waits_for_a_conges
     clock.advance(0)
     assert len(later.of(m.Results)) == first_step, "a congested console gets no more"
     later.congested = False
+    sched.hold(later, console.job, True)  # the attaching console holds all it will
     sched.console_congested(later, False)
+    clock.advance(0)
+    assert len(later.of(m.Results)) == first_step, "a console that holds gets no more"
+    sched.hold(later, console.job, False)
     while not later.of(m.JobDone):
         clock.advance(0)
     assert [r.answered[0] for r in later.of(m.Results)] == order

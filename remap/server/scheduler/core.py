@@ -832,9 +832,14 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     @command
     def hold(self, console: Any, job_id: int, held: bool) -> None:
         """The job's console holds as many of its results as it will (``held``), or took
-        enough of them: dispatch none of its calls, or go on."""
-        job = self.active.get(job_id)
-        if job is None or job.console is not console or job.held == held:
+        enough of them: dispatch none of its calls, or go on; a replay to it waits too."""
+        job = self.jobs.get(job_id)
+        replay = job.replays.get(id(console)) if job is not None else None
+        if replay is not None and replay[2] != held:
+            replay[2] = held
+            if not held:
+                self._replay(job, console)
+        if job is None or job.finished or job.console is not console or job.held == held:
             return
         job.held = held
         self._pause(job)

@@ -110,15 +110,15 @@ class KeptResults:
     def _start_replay(self, job: JobState, console: Any) -> None:
         """Send ``console`` every result of the job from the first (each attach gets them all:
         an earlier one may have died half-way), then, for a running job, each as it comes."""
-        job.replays[id(console)] = [console, 0]
+        job.replays[id(console)] = [console, 0, False]
         self._replay(job, console)
 
     def _replay(self, job: JobState, console: Any) -> None:
         """Send ``console`` what it is owed of the job, ``REPLAY_BYTES`` a step; it gets the
         ``job_done`` of a finished job after its last result."""
-        if getattr(console, "congested", False):
-            return  # console_congested(False) goes on
         replay = job.replays[id(console)]
+        if replay[2] or getattr(console, "congested", False):
+            return  # hold(False) or console_congested(False) goes on
         seq = replay[1]
         sent = 0
         while seq < job.next_seq:
@@ -149,7 +149,7 @@ class KeptResults:
     def _replay_timer(self, job: JobState) -> None:
         """A replay step's timer: every console of the job that is owed more goes on."""
         job.replay_timer = None
-        for key, (console, seq) in list(job.replays.items()):
+        for key, (console, seq, _) in list(job.replays.items()):
             if key in job.replays and seq < job.next_seq:
                 self._replay(job, console)
 

@@ -182,7 +182,7 @@ class JobState:
     kept_bytes: int = 0
     next_seq: int = 0
     #: consoles being sent the job's kept results (attach), by ``id``: [console, the next
-    #: ``seq`` it is due] (by id: a link need not be hashable)
+    #: ``seq`` it is due, it holds (flow control)] (by id: a link need not be hashable)
     replays: dict[int, list[Any]] = field(default_factory=dict)
     replay_timer: Any = None  # the next replay step's
     timers: list[Any] = field(default_factory=list)
