@@ -7,8 +7,9 @@ until the three jobs are on the server, then naps so that they run side by side;
 last argument waits for another gate, so no job can finish before the third restart; each kill
 comes once every job has delivered results on the restarted server (waited for, never slept).
 Afterwards every job has each argument's correct result exactly once: the detached jobs in the
-journal (runs of indices never overlap) and in what ``attach`` returns, the streamed job in what
-``map`` returned (its object sink refuses a result delivered twice).
+journal once it records their end (runs of indices never overlap) and in what ``attach``
+returns, the streamed job in what ``map`` returned (its object sink refuses a result delivered
+twice).
 """
 
 from __future__ import annotations
@@ -186,6 +187,18 @@ def test_three_jobs_survive_three_server_sigkills_exactly_once(tmp_path: Path) -
         # handle then dials again and resumes: the exactly-once results above are the promise
         assert outcome["reconnects"] >= KILLS
 
+        # status shows a job done as its last outcome is delivered; the journal commits that
+        # end with its last outcomes a group commit later (50 ms, on its writer's thread, later
+        # on a loaded machine): read the file once it records the end (CI read it between the
+        # two once: 'done' in status, 256 outcomes not yet committed)
+        c.wait_for(
+            lambda: all(
+                _journal(c, "SELECT finished_at IS NOT NULL FROM jobs WHERE id=?", job_id) == [(1,)]
+                for job_id in ids.values()
+            ),
+            30,
+            "the journal to record the detached jobs' end",
+        )
         for name, n, first in (("big", N_DETACHED, 0), ("from-path", N_PATH, PATH_FROM)):
             job_id = ids[name]
             runs = _journal(
