@@ -176,6 +176,7 @@ class ServerService(MultiService):
     async def _stop(self) -> None:
         for link in list(self.factory.consoles):
             link.abort()
+        self.factory.scheduler.nodes_leaving()  # the server drops them: no "node lost"
         for node in list(self.factory.scheduler.nodes.values()):
             node.link.abort()
         self.factory.scheduler.stop()

@@ -321,3 +321,16 @@ def test_a_node_stopped_by_sigterm_left_and_one_sigkilled_is_lost(make_cluster, 
     assert not [line for line in about_first if "lost" in line], about_first
     assert not [line for line in log.splitlines() if f"node {second} " in line and " left " in line]
     assert [line for line in log.splitlines() if "lost" in line and "warn" in line], log
+
+
+@pytest.mark.slow
+def test_a_server_stopped_by_sigterm_logs_its_nodes_as_no_loss(make_cluster) -> None:
+    """``systemctl restart remap-server`` (SIGTERM): the server drops its nodes itself, so its
+    log says they left, without the "node ... lost" warning operators watch for (it warned
+    for every connected node)."""
+    c = make_cluster(1, cores=1)
+    server = c.server
+    c.kill_server(signal.SIGTERM)
+    log = server.log_text()
+    assert "remap server stopped" in log, log
+    assert not [line for line in log.splitlines() if " lost" in line], log
