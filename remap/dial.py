@@ -68,11 +68,8 @@ async def _dial(
         raise ServerUnreachable(
             f"the server at {address} refused the connection: {why}; try again in a moment"
         ) from None
-    except (HandshakeTimeout, RemoteProtocolError) as exc:  # it answers, but not in remap
-        raise ServerUnreachable(
-            f"{address} did not answer as a remap server ({_reason(exc)}): is that the "
-            "server's port (7878 by default), not its HTTP port?"
-        ) from None
+    except (HandshakeTimeout, RemoteProtocolError) as exc:
+        raise ServerUnreachable(not_remap(address, exc)) from None
     except Exception as exc:
         reason = _reason(exc)
         if reason.startswith("TLS with"):  # the TLS layer said why: no guessing about a close
@@ -80,6 +77,15 @@ async def _dial(
         raise ServerUnreachable(
             f"server at {address} closed the connection during the handshake: {reason}"
         ) from None
+
+
+def not_remap(address: str, exc: BaseException) -> str:
+    """A peer that answers, but not in remap (the HTTP port, another service); a node's log
+    says it too."""
+    return (
+        f"{address} did not answer as a remap server ({_reason(exc)}): is that the "
+        "server's port (7878 by default), not its HTTP port?"
+    )
 
 
 def connect_failure(exc: BaseException, timeout: float) -> str:

@@ -537,6 +537,24 @@ def test_a_node_refused_at_the_servers_caps_warns_why_and_tries_again(clock):
     assert refusals == [] and agent.link is None and transport.disconnecting
 
 
+def test_a_node_dialling_a_port_that_is_not_remaps_says_so_and_tries_again(clock):
+    """A node given the HTTP port (or any service that never answers the handshake) warns as
+    the console says it: not a remap server, is that the server's port? It logged "connection
+    to server refused: handshake not completed in time" as an error at every attempt."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    node, agent, _pool, refusals = node_peer(clock)
+    transport = connect(node)
+    with capturedLogs() as events:
+        clock.advance(60)  # the handshake's deadline passes: nothing came back
+    said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert said == [
+        "127.0.0.1:4000 did not answer as a remap server (handshake not completed in time): "
+        "is that the server's port (7878 by default), not its HTTP port? (trying again)"
+    ], said
+    assert refusals == [] and transport.disconnecting
+
+
 def test_node_refuses_work_from_a_server_that_skips_the_handshake(clock, tmp_path):
     """A server that sends welcome and work without a challenge is refused before any of it runs."""
     marker = tmp_path / "unpickled"

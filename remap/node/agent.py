@@ -16,7 +16,8 @@ from protocol import messages as m
 from protocol.framing import Frame, frame_length
 
 from ..data.layout import DataDirReport
-from ..errors import CertificateMismatch, RemapError
+from ..dial import not_remap
+from ..errors import CertificateMismatch, HandshakeTimeout, RemapError, RemoteProtocolError
 from ..wire import PeerProtocol
 from .cores import CorePool
 
@@ -164,6 +165,9 @@ class NodeAgent:
                 peer=link.peer,
                 why=getattr(error, "peer_message", "") or str(error),
             )
+            return
+        if isinstance(error, (HandshakeTimeout, RemoteProtocolError)):  # not a remap server
+            self.log.warn("{why} (trying again)", why=not_remap(link.peer, error))
             return
         self.log.error("connection to server refused: {error}", error=error)
         if self.on_auth_failure is not None:
