@@ -543,7 +543,7 @@ def test_a_node_dialling_a_port_that_is_not_remaps_says_so_and_tries_again(clock
     to server refused: handshake not completed in time" as an error at every attempt."""
     from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-    node, agent, _pool, refusals = node_peer(clock)
+    node, _agent, _pool, _refusals = node_peer(clock)
     transport = connect(node)
     with capturedLogs() as events:
         clock.advance(60)  # the handshake's deadline passes: nothing came back
@@ -552,7 +552,7 @@ def test_a_node_dialling_a_port_that_is_not_remaps_says_so_and_tries_again(clock
         "127.0.0.1:4000 did not answer as a remap server (handshake not completed in time): "
         "is that the server's port (7878 by default), not its HTTP port? (trying again)"
     ], said
-    assert refusals == [] and transport.disconnecting
+    assert transport.disconnecting
 
 
 def test_node_refuses_work_from_a_server_that_skips_the_handshake(clock, tmp_path):

@@ -17,7 +17,7 @@ from protocol.framing import Frame, frame_length
 
 from ..data.layout import DataDirReport
 from ..dial import not_remap
-from ..errors import CertificateMismatch, HandshakeTimeout, RemapError, RemoteProtocolError
+from ..errors import CertificateMismatch, HandshakeTimeout, RemapError
 from ..wire import PeerProtocol
 from .cores import CorePool
 
@@ -166,10 +166,10 @@ class NodeAgent:
                 why=getattr(error, "peer_message", "") or str(error),
             )
             return
-        if isinstance(error, (HandshakeTimeout, RemoteProtocolError)):  # not a remap server
+        if isinstance(error, HandshakeTimeout):  # silent: not a remap server (its HTTP port?)
             self.log.warn("{why} (trying again)", why=not_remap(link.peer, error))
-            return
-        self.log.error("connection to server refused: {error}", error=error)
+        else:
+            self.log.error("connection to server refused: {error}", error=error)
         if self.on_auth_failure is not None:
             self.on_auth_failure(error)
 
