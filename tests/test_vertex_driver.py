@@ -3,6 +3,7 @@ message files, checkpoints and rollback after a lost worker, without starting pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import lzma
@@ -17,13 +18,14 @@ from typing import Any
 
 import networkx as nx
 import pytest
+from twisted.internet.task import Clock
 
 from remap.data.inputs import Split, resolve_inputs
 from remap.data.inputs import read_lines as read_split_lines
 from remap.data.layout import DataDir, read_json, read_result, remove_tree
 from remap.errors import ConfigError, JobFailed, JobKilled
 from remap.vertex import worker as worker_mod
-from remap.vertex.driver import Driver, VertexConfig
+from remap.vertex.driver import Driver, VertexConfig, WorkerLost
 from remap.vertex.files import input_splits, read_lines, read_pickle
 from remap.vertex.program import program_from_namespace
 from tests.vertex_graphs import edge_lines, example, parse_output, write_files
@@ -31,7 +33,15 @@ from tests.vertex_reference import ThreadLaunch, read_tagged_lines, run_local
 
 
 def run_threads(
-    program, tmp_path: Path, workers: int, *, name="run", release=None, launch=ThreadLaunch, **cfg
+    program,
+    tmp_path: Path,
+    workers: int,
+    *,
+    name="run",
+    release=None,
+    launch=ThreadLaunch,
+    clock=time.monotonic,
+    **cfg,
 ):
     launches: list[ThreadLaunch] = []
 
@@ -46,7 +56,7 @@ def run_threads(
     reports = []
     try:
         result = Driver(
-            program, config, DataDir(tmp_path / "data"), workers, start, reports.append
+            program, config, DataDir(tmp_path / "data"), workers, start, reports.append, clock=clock
         ).run()
     finally:
         if release is not None:
@@ -185,14 +195,10 @@ def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
     assert result.bytes_moved > 0 and result.messages > 0
 
 
-def _freeze_at(monkeypatch, superstep: int, backdate: bool = False):
+def _freeze_at(monkeypatch, superstep: int):
     """The worker computing the first vertex of ``superstep`` stops heartbeating and hangs:
     what the driver sees of a node that was SIGKILLed. Returns the program, the event that
-    releases the hung worker, the set naming the frozen attempt, and every worker made.
-    ``backdate``: its last heartbeat is dated twice ``lost_after`` back, so the driver sees it
-    lost at its next look instead of after ``lost_after`` of real time, which a live worker's
-    heartbeat thread must never lag by (0.74 s seen under load 13; a longer stall of the whole
-    process, as a 5 s GIL hold, made the driver drop every worker at 3 s)."""
+    releases the hung worker, the set naming the frozen attempt, and every worker made."""
     frozen: set[str] = set()
     release = threading.Event()
     workers: list[worker_mod.Worker] = []
@@ -203,17 +209,12 @@ def _freeze_at(monkeypatch, superstep: int, backdate: bool = False):
         workers.append(self)
 
     def beat(self):
-        nonlocal backdate
         path = self.layout.heartbeat(self.slot, self.attempt)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         while not self._stop.wait(self.args.heartbeat):
             if self.attempt not in frozen:
                 path.touch()
-            elif backdate:  # once: the job ends (and alive/ goes) before the hung worker does
-                backdate = False
-                then = time.time() - 2 * self.args.lost_after
-                os.utime(path, (then, then))
 
     monkeypatch.setattr(worker_mod.Worker, "__init__", tracking_init)
     monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
@@ -231,6 +232,28 @@ def _freeze_at(monkeypatch, superstep: int, backdate: bool = False):
         return compute(ctx, vid, value, messages)
 
     return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
+
+
+def _skipping_clock(frozen: set[str], workers: list[worker_mod.Worker], lost_after: float):
+    """The driver's clock, which once a worker froze leaps twice ``lost_after`` ahead at every
+    reading: the hung worker is lost at the driver's next looks instead of after ``lost_after``
+    of real time, which a live worker's heartbeat thread must never lag by (0.74 s seen under
+    load 13; a 5 s GIL hold of the whole process dropped every worker at a 3 s ``lost_after``).
+    Each leap first dates every other worker's heartbeat anew, as their beats in the skipped
+    time would have (the driver reads its clock before it looks at the heartbeats)."""
+    leaps = 0
+
+    def clock() -> float:
+        nonlocal leaps
+        if frozen:
+            leaps += 1
+            for w in list(workers):
+                if w.attempt not in frozen:
+                    with contextlib.suppress(FileNotFoundError):  # the job ended: alive/ went
+                        os.utime(w.layout.heartbeat(w.slot, w.attempt), ns=(leaps, leaps))
+        return time.monotonic() + leaps * 2 * lost_after
+
+    return clock
 
 
 def test_one_worker_freezes_when_two_reach_the_superstep_together(monkeypatch):
@@ -316,7 +339,7 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
     graph_input(tmp_path, weighted=True)
     want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
     assert clean.supersteps > 6
-    program, release, frozen, workers = _freeze_at(monkeypatch, superstep, backdate=not told)
+    program, release, frozen, workers = _freeze_at(monkeypatch, superstep)
 
     class ServerTells(ThreadLaunch):
         def calls(self):
@@ -331,9 +354,10 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
         want,
         (superstep // checkpoint_every) * checkpoint_every if superstep > 0 else None,
         checkpoint_every=checkpoint_every,
-        # told: only the server's list can reveal the loss in time; else the victim's heartbeat
-        # is backdated and the default holds, which no healthy worker thread comes near
+        # told: only the server's list can reveal the loss in time; else the driver's clock
+        # skips ahead and the default holds, which no healthy worker thread comes near
         lost_after=600 if told else VertexConfig.lost_after,
+        clock=time.monotonic if told else _skipping_clock(frozen, workers, VertexConfig.lost_after),
     )
     assert frozen, "the victim was never computed"
 
@@ -392,6 +416,80 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
     assert reported, "the victim was never reported lost"
     victim, beats = reported["victim"], reported["beats"]
     assert all(beats[victim] > t for slot, t in beats.items() if slot != victim), beats
+
+
+DAY = 86400.0
+
+
+def _date(path: Path, seconds: float) -> None:
+    """Set ``path``'s mtime to ``seconds`` from now, as another machine's clock might."""
+    then = time.time() + seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("stopped_at", [-DAY, 0.0, DAY])
+def test_a_worker_is_lost_when_its_heartbeat_stops_changing_whatever_its_mtime_says(
+    tmp_path: Path, stopped_at
+):
+    """Heartbeat mtimes come from the file server's or the writing node's clock, which may be
+    far off the driver's. Workers whose heartbeats keep changing, dated a day behind or ahead,
+    are never lost; the one whose heartbeat stopped (dated a day back, now or a day ahead) is
+    lost once it went unchanged for ``lost_after`` of the driver's own clock, not before.
+    (Judged by mtime age the worker a day behind was lost at the first look, and a stopped
+    one dated ahead never.)"""
+    clock = Clock()
+    config = VertexConfig(input=[], output=tmp_path / "out", lost_after=60.0)
+    driver = Driver(
+        example("sssp"),
+        config,
+        DataDir(tmp_path / "data"),
+        3,
+        lambda args: None,
+        clock=clock.seconds,
+    )
+    driver.launch = SimpleNamespace(events=list, calls=lambda: None)  # the server tells nothing
+    driver.members = {0: "behind", 1: "ahead", 2: "stopped"}
+    beats = {slot: driver.layout.heartbeat(slot, a) for slot, a in driver.members.items()}
+    driver.layout.alive.mkdir(parents=True)
+    for path in beats.values():
+        path.touch()
+    _date(beats[2], stopped_at)
+    for second in range(0, 61, 5):  # the stopped one first seen at 0: 60 s unchanged, not lost
+        clock.advance(5 if second else 0)
+        _date(beats[0], -DAY + second)  # the live ones beat
+        _date(beats[1], DAY + second)
+        driver._check()
+    clock.advance(1)
+    with pytest.raises(WorkerLost) as lost:
+        driver._check()
+    assert lost.value.slots == [2], lost.value
+    assert str(lost.value) == "worker 2 sent no heartbeat for 61s"
+
+
+@pytest.mark.parametrize("dated", [-DAY, DAY])
+def test_a_worker_gives_up_on_its_driver_only_when_its_heartbeat_stops_changing(
+    tmp_path: Path, dated
+):
+    """A worker judges the driver's heartbeat as the driver judges the workers': dated a day
+    off the worker's clock but changing, the driver is alive; stopped, the worker gives up once
+    it went unchanged for ``lost_after`` of the worker's own clock, not before. (By mtime age it
+    gave up at once on a driver dated behind, and never on one dated ahead.)"""
+    data = DataDir(tmp_path / "data")
+    clock = Clock()
+    args = worker_mod.WorkerArgs(str(data.root), "job", 0, example("sssp"), lost_after=30.0)
+    worker = worker_mod.Worker(args, clock=clock.seconds)
+    path = worker.layout.driver_heartbeat
+    path.parent.mkdir(parents=True)
+    path.touch()
+    for second in range(0, 101, 10):  # the driver beats
+        clock.advance(10 if second else 0)
+        _date(path, dated + second)
+        worker._check_driver()
+    clock.advance(30)
+    worker._check_driver()  # unchanged for exactly lost_after: not yet
+    clock.advance(1)
+    with pytest.raises(worker_mod._Superseded, match="^the driver stopped answering$"):
+        worker._check_driver()
 
 
 def test_a_killed_job_keeps_its_results_and_progress_but_not_its_acks_and_heartbeats(

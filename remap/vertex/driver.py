@@ -9,6 +9,7 @@ in flight names a worker whose node was lost; heartbeats catch a hung or retried
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -34,7 +35,7 @@ from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from ..sinks import take_output, to_jsonable
 from . import DEFAULT_MAX_SUPERSTEPS
 from .engine import fold_into
-from .files import Layout, input_splits, read_pickle, write_pickle
+from .files import Heartbeats, Layout, input_splits, read_pickle, write_pickle
 from .program import Program
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
@@ -80,8 +81,9 @@ class VertexConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (a lost worker restarts the job from its input)
     on_error: str = "fail"
     name: str = "vertex"
-    #: seconds without a heartbeat before a worker counts as lost: only a hung one (the server
-    #: names a lost node or core), so long enough for a starved core or a long C call
+    #: seconds of the driver's clock a worker's heartbeat goes unchanged before it counts as
+    #: lost: only a hung one (the server names a lost node or core), so long enough for a
+    #: starved core or a long C call
     lost_after: float = 60.0
     heartbeat: float = 0.5
 
@@ -167,6 +169,7 @@ class Driver:
         start: Callable[[list[WorkerArgs]], Launch],
         on_report: Callable[[SuperstepReport], None] | None = None,
         job_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if workers < 1:
             raise ConfigError("a vertex job needs at least one core")
@@ -191,7 +194,11 @@ class Driver:
         self.rollbacks = 0
         self.bytes_moved = 0
         self.phases: dict[str, dict[str, list[float]]] = {}
-        self._asked_at = 0.0
+        #: times liveness (heartbeat ages, the server's list): never the wall clock, which the
+        #: heartbeats' mtimes (another machine's) need not agree with, and which may jump
+        self.clock = clock
+        self.beats = Heartbeats()
+        self._asked_at = -math.inf
         self._stop = threading.Event()
         self.launch: Launch | None = None
         self.owners: list[int] = []
@@ -211,24 +218,26 @@ class Driver:
             path.touch()
 
     def _heartbeats(self) -> dict[int, tuple[str, float]]:
-        """slot → (newest attempt, its heartbeat time)."""
-        out: dict[int, tuple[str, float]] = {}
+        """slot → (newest attempt, seconds its heartbeat has not changed by ``self.clock``)."""
+        now = self.clock()  # before the stats: a change they see is never dated before it
+        newest: dict[int, tuple[float, str, float]] = {}  # slot → (mtime, attempt, age)
         try:
             entries = list(os.scandir(self.layout.alive))
         except FileNotFoundError:
-            return out
+            return {}
         for entry in entries:
             slot, _, attempt = entry.name.partition(".")
             if not slot.isdigit():
                 continue
             try:
-                mtime = entry.stat().st_mtime
+                st = entry.stat()
             except FileNotFoundError:
                 continue
+            age = self.beats.age(entry.path, st, now)
             s = int(slot)
-            if s not in out or mtime > out[s][1]:
-                out[s] = (attempt, mtime)
-        return out
+            if s not in newest or st.st_mtime > newest[s][0]:
+                newest[s] = (st.st_mtime, attempt, age)
+        return {s: (attempt, age) for s, (_, attempt, age) in newest.items()}
 
     def _check_launch(self) -> None:
         """Raise if a worker call raised, or the gang job ended (killed, failed) under us."""
@@ -242,7 +251,7 @@ class Driver:
     def _check(self) -> None:
         """Raise if the job failed, was killed, or a member worker is gone."""
         self._check_launch()
-        now = time.time()
+        now = self.clock()
         beats = self._heartbeats()
         if now - self._asked_at >= STATUS_INTERVAL:
             self._asked_at = now
@@ -254,11 +263,11 @@ class Driver:
             if taken:
                 raise WorkerLost(taken, "lost its node or core (the server took its call back)")
         for slot, attempt in self.members.items():
-            newest, mtime = beats.get(slot, (attempt, now))
+            newest, age = beats.get(slot, (attempt, 0.0))
             if newest != attempt and self.layout.heartbeat(slot, newest).exists():
                 raise WorkerLost([slot], "was restarted elsewhere")
-            if now - mtime > self.config.lost_after:
-                raise WorkerLost([slot], f"sent no heartbeat for {now - mtime:.0f}s")
+            if age > self.config.lost_after:
+                raise WorkerLost([slot], f"sent no heartbeat for {age:.0f}s")
 
     # ------------------------------------------------------------ commands
 
@@ -560,7 +569,7 @@ class Driver:
         for slot in lost.slots:
             old = self.members.pop(slot, None)
             fresh = beats.get(slot)
-            if fresh and fresh[0] != old and time.time() - fresh[1] < self.config.lost_after:
+            if fresh and fresh[0] != old and fresh[1] < self.config.lost_after:
                 self.members[slot] = fresh[0]
         if not self.members:
             raise JobFailed(f"every vertex worker was lost (last: {lost})")

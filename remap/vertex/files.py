@@ -7,7 +7,7 @@ rollback can only write where nobody reads any more.
     job/<jobid>/jobconfig.json, consolidated-progress.json, result, result.json
     job/<jobid>/control/cmd-<seq>.pkl       the driver's commands, in order
     job/<jobid>/acks/<seq>/<slot>.pkl       each worker's answer to one command
-    job/<jobid>/alive/<slot>.<attempt>      worker heartbeats (mtime); driver.alive the driver's
+    job/<jobid>/alive/<slot>.<attempt>      worker heartbeats (touched); driver.alive the driver's
 
 ``acks/`` and ``alive/`` are made by the driver before it starts the workers and removed when
 the job ends; a worker only writes inside them, so a call that starts (or goes on) after the
@@ -28,6 +28,25 @@ from typing import Any
 from ..data.inputs import Split, compressed, read_line_blocks
 from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, write_atomic
 from .engine import PICKLE_PROTOCOL
+
+
+class Heartbeats:
+    """How long each heartbeat file has gone unchanged, by the observer's own clock. Its mtime
+    comes from the file server's or the writer's clock, which on a LAN may be minutes off the
+    observer's: only a change of it (or of its ctime or size) says the writer is alive, and the
+    first sighting counts as one."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}  # path → (stat, since)
+
+    def age(self, path: str, st: os.stat_result, now: float) -> float:
+        """Seconds of the observer's clock (``now``) since ``path`` was last seen to change."""
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != stamp:
+            self._seen[path] = (stamp, now)
+            return 0.0
+        return now - seen[1]
 
 
 def write_pickle(path: Path, value: Any, *, parents: bool = True) -> None:

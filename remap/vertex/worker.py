@@ -15,7 +15,7 @@ import pickle
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from .engine import (
 )
 from .files import (
     PICKLE_PROTOCOL,
+    Heartbeats,
     Layout,
     committed,
     read_lines,
@@ -65,7 +66,7 @@ class WorkerArgs:
     #: the Program, or (to a cluster) its cloudpickle: the user's functions travel by value
     program: Program | bytes
     heartbeat: float = 0.5  # seconds between heartbeats
-    lost_after: float = 30.0  # the driver's heartbeat older than this: give up
+    lost_after: float = 30.0  # the driver's heartbeat unchanged this long: give up
 
 
 @dataclass
@@ -148,8 +149,10 @@ def wait_for(path: Path, give_up: Any, every: float = GIVE_UP_INTERVAL) -> None:
 
 
 class Worker:
-    def __init__(self, args: WorkerArgs) -> None:
+    def __init__(self, args: WorkerArgs, clock: Callable[[], float] = time.monotonic) -> None:
         self.args = args
+        self.clock = clock  # times the driver's heartbeat (see Heartbeats)
+        self.beats = Heartbeats()
         self.slot = args.slot
         program = args.program
         self.program: Program = (
@@ -184,8 +187,10 @@ class Worker:
                     return
 
     def _check_driver(self) -> None:
+        now = self.clock()
+        path = self.layout.driver_heartbeat
         try:
-            age = time.time() - self.layout.driver_heartbeat.stat().st_mtime
+            age = self.beats.age(str(path), path.stat(), now)
         except FileNotFoundError:
             age = 0.0
         if age > self.args.lost_after:
