@@ -61,6 +61,34 @@ def test_dashboard_errors_are_one_line(served: Served) -> None:
     served.stop = lambda: None  # already stopped
 
 
+def test_dashboard_given_a_port_that_does_not_speak_http_says_so_in_one_line() -> None:
+    """``dashboard --http-port 7878`` (the cluster port): what answers is not HTTP. One line
+    asks whether that is the HTTP port; it was a traceback ending in BadStatusLine."""
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:  # as remap's cluster port answers an HTTP request: a binary frame
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(65536)
+                peer.sendall(b"\x00\x00\x00\x1e\x81\xa1t\xa5error garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        with pytest.raises(ServerUnreachable) as refused:
+            login_link(Settings(server="127.0.0.1", http_port=port, secret="x"), timeout=10)
+        thread.join(10)
+    assert str(refused.value) == (
+        f"http://127.0.0.1:{port} did not answer as the HTTP API (BadStatusLine): is that the "
+        "server's HTTP port (its --http-port), not its cluster port (7878 by default)?"
+    )
+
+
 @pytest.mark.slow
 def test_embedded_cluster_serves_the_dashboard(
     tmp_path, capsys: pytest.CaptureFixture[str]

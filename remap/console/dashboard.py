@@ -6,6 +6,7 @@ it already holds), so no new secret has to reach the console's machine.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -64,6 +65,11 @@ def login_link(settings: Settings, http_port: int | None = None, timeout: float 
                 "or REMAP_HTTP_TOKEN"
             ) from None
         raise ServerUnreachable(f"the HTTP API at {base} answered {exc.code}") from None
+    except http.client.HTTPException as exc:  # it answers, but not in HTTP
+        raise ServerUnreachable(
+            f"{base} did not answer as the HTTP API ({type(exc).__name__}): is that the "
+            "server's HTTP port (its --http-port), not its cluster port (7878 by default)?"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ServerUnreachable(f"cannot reach the HTTP API at {base}: {reason}") from None
