@@ -81,17 +81,20 @@ class NodeAnswers:
             job.pending.appendleft(seg)
         job.pending_count += len(seg)
         job.pending_bytes += len(seg.payload)
+        self._moved[job.id] = self._regrant[job.id] = job
 
     def _release(self, node: NodeState, task_id: int) -> TaskState | None:
         task = node.inflight.pop(task_id, None)
         if task is None:
             return None
-        task.job.running -= len(task.segment.indices)
-        task.job.tasks -= 1
+        job = task.job
+        job.running -= len(task.segment.indices)
+        job.tasks -= 1
+        self._moved[job.id] = self._regrant[job.id] = job  # (its batch may change too)
         node.tasks_done += 1
         for watcher in self.watchers:
             watcher.batch_finished(
-                task.job,
+                job,
                 task.answered + len(task.segment.indices),
                 self.clock.seconds() - task.sent_at,
             )

@@ -20,6 +20,7 @@ Invariants that make delivery exactly-once:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import re
 import time
@@ -158,7 +159,18 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         self.nodes_lost = 0
         self.nodes_left = 0
         self.jobs: dict[int, JobState] = {}  # running and recently finished, by id
-        self.active: dict[int, JobState] = {}  # running only: what every dispatch looks at
+        self.active: dict[int, JobState] = {}  # running only
+        #: active jobs with arguments queued (what pump's scans look at, not every job)
+        self._with_work: dict[int, JobState] = {}
+        #: (key, job) entries, lowest :func:`~.policy.share_key` first, of the jobs that may
+        #: take a free slot (:func:`~.policy.queueable`): a dispatch takes the top, not a scan
+        #: of every job. An entry is live while it is its job's ``queued`` key; a stale one
+        #: (the key moved on) is dropped when it comes to the top
+        self._queue: list[tuple[tuple, JobState]] = []
+        #: jobs whose work, tasks or pause moved since their entry: renewed before a choice
+        self._moved: dict[int, JobState] = {}
+        #: jobs whose grant may have changed (queue, credits, console) since the last one
+        self._regrant: dict[int, JobState] = {}
         self._job_ids = itertools.count(job_ids_from)
         self.job_ids_from = job_ids_from
         self._task_ids = itertools.count(1)
@@ -377,6 +389,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         if node.has_credit():
             self._ready[node_id] = node
         self._add_credits(node, +1)
+        self._all_moved()
         self.log.info(
             "node {id} joined: {host} with {cores} cores, group {group}",
             id=node_id,
@@ -520,8 +533,14 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         for job in self.active.values():
             if not job.finished:
                 self._check_capacity(job)
+        self._all_moved()  # (and the credits, when a node left)
         self._group_limits()
         self.pump()
+
+    def _all_moved(self) -> None:
+        """Every job's place and grant are renewed at the next pump (nodes came or went)."""
+        self._moved.update(self.active)
+        self._regrant.update(self.active)
 
     @command
     def stop_nodes(self, reason: str) -> None:
@@ -736,6 +755,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             job.pending_bytes += len(msg.payload)
             if job.options.detach and self.journal is not None:
                 self.journal.args_received(job.id, msg.start, msg.sizes, msg.payload, groups)
+        self._moved[job.id] = self._regrant[job.id] = job
         self.pump()
         return None
 
@@ -752,6 +772,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         job.total = msg.total
         job.batch = policy.batch_size(job)  # (a size now known)
         job.granted = 0
+        self._regrant[job.id] = job
         if self.journal is not None and job.options.detach and not job.finished:
             # committed at once: the console of a detached job leaves after this message
             self.journal.args_ended(job.id, msg.total, now=True)
@@ -860,6 +881,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         """A new console (or none) receives the job: a hold was the old one's."""
         job.held = False
         job.congested = bool(getattr(job.console, "congested", False))
+        self._regrant[job.id] = job
         self._pause(job, pump=False)
 
     def _pause(self, job: JobState, pump: bool = True) -> None:
@@ -867,6 +889,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         if paused == job.paused:
             return
         job.paused = paused
+        self._moved[job.id] = job
         self.events.add(self.clock.seconds(), f"job {job.id} {'paused' if paused else 'goes on'}")
         if not paused and pump:
             self.pump()
@@ -913,6 +936,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         """Drop ``job``'s queue and take its tasks off the nodes (late answers dropped)."""
         job.pending.clear()
         job.pending_count = job.pending_bytes = 0
+        self._moved[job.id] = self._regrant[job.id] = job
         for node in self.nodes.values():
             self._take_tasks(node, job)
         job.running = job.tasks = 0
@@ -968,14 +992,11 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     @command
     def pump(self) -> None:
         """Send batches to every node with credit while there is work it may run."""
+        if self._moved:
+            self._renew()
         if self.preempt_grace is not None and self._preempt_timer is None and self._starved():
             self._preempt_timer = self._start_timer("preempt", self.preempt_grace)
-        if not self._ready:
-            return
-        for job in self.active.values():  # any job with work? (a loop: no generator frames)
-            if job.pending_count:
-                break
-        else:
+        if not self._ready or not self._with_work:
             return
         now = self.clock.seconds()
         group_ok = self._group_ok
@@ -988,30 +1009,78 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
                 if not node.has_credit():
                     self._ready.pop(node_id, None)
                     break
-                job = policy.next_job(self.active.values(), node, may_run)
+                job = self._next_job(node, may_run)
                 if job is None:
                     break  # (credit left: asked just now, and choosing no job spends none)
                 if not self._dispatch(node, job, now):
                     may_run = _besides(may_run, job)  # (its next work waits for larger frames)
-        for job in self.active.values():
+        # only jobs whose grant may have changed: a grant with nothing changed is none
+        regrant, self._regrant = self._regrant, {}
+        for job_id in sorted(regrant):  # (ids: the order of ``active``)
+            job = regrant[job_id]
             if not job.finished:
                 self._grant(job)
 
+    def _renew(self) -> None:
+        """Bring ``_with_work`` and the queue's entries up to date with the moved jobs."""
+        queue, with_work = self._queue, self._with_work
+        for job_id, job in self._moved.items():
+            if job.pending_count and not job.finished:
+                with_work[job_id] = job
+            else:
+                with_work.pop(job_id, None)
+            if policy.queueable(job):
+                key = policy.share_key(job)
+                if key != job.queued:
+                    job.queued = key
+                    heapq.heappush(queue, (key, job))
+            else:
+                job.queued = None
+        self._moved.clear()
+        if len(queue) > 2 * len(with_work) + 64:  # mostly stale entries: drop them
+            queue[:] = [entry for entry in queue if entry[1].queued is entry[0]]
+            heapq.heapify(queue)
+
+    def _next_job(self, node: NodeState, may_run: Any) -> JobState | None:
+        """:func:`~.policy.next_job` of the active jobs, without a scan while the queue's top
+        may run on ``node`` (the lowest key of all is the lowest of those that may); else the
+        scan, of the jobs with work only."""
+        if self._moved:
+            self._renew()
+        queue = self._queue
+        while queue:
+            key, job = queue[0]
+            if job.queued is not key:
+                heapq.heappop(queue)  # stale: the job's live entry is elsewhere, or none is
+                continue
+            if may_run(node, job) and not (job.options.gang and len(node.inflight) >= node.cores):
+                return job
+            break
+        return policy.next_job(self._with_work.values(), node, may_run)
+
     # ================================================================ preemption
 
-    def _entitled(self, job: JobState) -> int:
-        return policy.entitled(job, self.active.values(), self._credits_for(job))
+    def _entitled(self, job: JobState, busy: float | None = None) -> int:
+        if busy is None:
+            busy = policy.busy_weight(self.active.values())
+        return policy.entitled(job, busy, self._credits_for(job))
 
     def _starved(self) -> list[JobState]:
         """Jobs with work, below their share, while a lower-priority job holds tasks."""
-        holders = [j for j in self.active.values() if j.tasks]
+        if not self._with_work:
+            return []
+        holders = [j.options.priority for j in self.active.values() if j.tasks]
+        if not holders:
+            return []
+        lowest = min(holders)
+        busy = policy.busy_weight(self.active.values())
         return [
             job
             for job in self.active.values()
             if job.pending_count
             and not job.paused
-            and job.tasks < self._entitled(job)
-            and any(h.options.priority < job.options.priority for h in holders)
+            and lowest < job.options.priority
+            and job.tasks < self._entitled(job, busy)
         ]
 
     def _preempt(self) -> None:
@@ -1091,6 +1160,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         job.pending_bytes -= nbytes
         job.running += n
         job.tasks += 1
+        self._moved[job.id] = self._regrant[job.id] = job
         task = TaskState(next(self._task_ids), job, node, seg, now)
         node.inflight[task.id] = task
         self._send(node.link, _task(task.id, job.id, seg))
@@ -1148,6 +1218,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         n = len(seg.indices)
         job.pending_count -= n
         job.pending_bytes -= len(seg.payload)
+        self._moved[job.id] = self._regrant[job.id] = job
         what = "its task"
         if seg.groups is not None and seg.groups[0] > 1:
             what = f"its argument group ({seg.groups[0]} arguments in one pickle)"

@@ -142,15 +142,16 @@ def next_job(
             best = job
             continue
         if best_key is None:
-            best_key = _share_key(best)
-        key = _share_key(job)
+            best_key = share_key(best)
+        key = share_key(job)
         if key < best_key:
             best, best_key = job, key
     return best
 
 
-def _share_key(job: JobState) -> tuple:
-    """Lowest first: under ``min_cores``, then tasks per weight with one more, priority, age."""
+def share_key(job: JobState) -> tuple:
+    """Lowest first: under ``min_cores``, then tasks per weight with one more, priority, age
+    (unique: the job's id decides last, so which job is lowest never depends on order)."""
     options = job.options
     return (
         job.tasks >= options.min_cores,
@@ -160,11 +161,24 @@ def _share_key(job: JobState) -> tuple:
     )
 
 
-def entitled(job: JobState, active: Iterable[JobState], credits: int) -> int:
-    """Task slots ``job`` is entitled to now: its weight's part of the slots it may use."""
-    busy = [j for j in active if j.pending_count or j.tasks]
-    total = sum(j.weight for j in busy) or job.weight
-    share = int(credits * job.weight / total)
+def queueable(job: JobState) -> bool:
+    """Whether ``job`` may take a free slot on some node (what :func:`next_job` asks of a job
+    whatever the node): work queued, not finished or paused, under its ``max_cores``."""
+    cap = job.options.max_cores
+    return bool(job.pending_count) and not (
+        job.finished or job.paused or (cap and job.tasks >= cap)
+    )
+
+
+def busy_weight(active: Iterable[JobState]) -> float:
+    """The weight of the jobs with work queued or in flight: what shares divide."""
+    return sum(j.weight for j in active if j.pending_count or j.tasks)
+
+
+def entitled(job: JobState, busy: float, credits: int) -> int:
+    """Task slots ``job`` is entitled to now: its weight's part (of ``busy``, the
+    :func:`busy_weight` of the active jobs) of the slots it may use."""
+    share = int(credits * job.weight / (busy or job.weight))
     return min(share, job.options.max_cores) if job.options.max_cores else share
 
 

@@ -173,6 +173,7 @@ class Recovery:
             for task in node.inflight.values():
                 held[task.job.id] = held.get(task.job.id, 0) + len(task.segment)
                 tasks[task.job.id] = tasks.get(task.job.id, 0) + 1
+        self._all_moved()
         for job in list(self.active.values()):
             job.running = held.get(job.id, 0)
             job.tasks = tasks.get(job.id, 0)

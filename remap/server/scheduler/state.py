@@ -212,6 +212,8 @@ class JobState:
     #: arguments per batch (:func:`~.policy.batch_size`), set again by the scheduler whenever
     #: ``per_call`` or ``total`` change
     batch: int = field(default=1, init=False)
+    #: the fair-share key of its live entry in the scheduler's queue (None: no live entry)
+    queued: tuple | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.rebuilt(self.phase)
