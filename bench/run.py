@@ -2,7 +2,8 @@
 
     python bench/run.py [--quick] [--only NAME[,NAME...]] [--systems S[,S...]] [--profile]
 
-Workloads: trivial, cpu100ms, latency, mib, wordcount, async1k, submit1k, lazy10m, nodes500
+Workloads: trivial10k, trivial, cpu100ms, latency, mib, wordcount, async1k, submit1k, jobs300,
+lazy10m, nodes500
 (all by default;
 lazy10m, 10^7 lazily generated arguments on three systems, takes about a minute and a half
 on 2 cores). Each system runs in its own child process ("cell"), so systems never share
@@ -56,6 +57,7 @@ WORKLOADS = (
     "wordcount",
     "async1k",
     "submit1k",
+    "jobs300",
     "lazy10m",
     "nodes500",
 )
@@ -70,6 +72,7 @@ SHARED_CELL = (
     "wordcount",
     "async1k",
     "submit1k",
+    "jobs300",
 )
 #: which systems run each of the special workloads
 LAZY_SYSTEMS = ("api-embedded", "api-procs", "remap-procs", "remap-embedded", "mp.Pool")
@@ -92,6 +95,7 @@ TARGETS = {
     "wordcount": "≥0.95× Pool",
     "async1k": "≤1.5× Pool",
     "submit1k": "≤1.5× Pool",
+    "jobs300": "≤1.5× Pool",
     "lazy10m": "completes, peak RSS <200 MB",
     "nodes500": "CPU/batch flat (≤1.5× of 10 nodes)",
 }
@@ -113,6 +117,8 @@ def params_for(quick: bool) -> dict[str, Any]:
             wc_reps=2,
             async_n=1000,
             async_reps=2,
+            jobs_n=300,
+            jobs_len=300,
             lazy_n=1_000_000,
             sim_nodes=[10, 500],
             sim_n=100_000,
@@ -132,6 +138,8 @@ def params_for(quick: bool) -> dict[str, Any]:
         wc_reps=3,
         async_n=1000,
         async_reps=3,
+        jobs_n=300,
+        jobs_len=300,
         lazy_n=10_000_000,
         sim_nodes=[10, 100, 500],
         sim_n=500_000,
@@ -444,9 +452,16 @@ def bench_wordcount(system: Any, p: dict[str, Any]) -> list[dict]:
 
 
 def _async_row(
-    system: Any, p: dict[str, Any], name: str, run: Callable[[], Any], expected: Any, what: str
+    system: Any,
+    p: dict[str, Any],
+    name: str,
+    run: Callable[[], Any],
+    expected: Any,
+    what: str,
+    calls: int = 0,
 ) -> list[dict]:
-    """Seconds for ``run()`` (many small async calls, then their results), medians of reps."""
+    """Seconds for ``run()`` (``calls`` async calls, default ``async_n``, then their results),
+    medians of reps."""
     reps: list[float] = []
     cpu: list[float] = []
     try:
@@ -457,7 +472,7 @@ def _async_row(
             reps.append(dt)
     except NotImplementedError:  # a system without the call: no row (see run_in_child)
         return [{"workload": name, "system": system.name, "absent": True}]
-    per = statistics.median(cpu) / p["async_n"] * 1e3
+    per = statistics.median(cpu) / (calls or p["async_n"]) * 1e3
     return [
         row(
             name,
@@ -482,6 +497,23 @@ def bench_async1k(system: Any, p: dict[str, Any]) -> list[dict]:
         lambda: system.map_async_each(w.inc, lists),
         expected,
         f"{p['async_n']} map_async of 10 calls, then every get()",
+    )
+
+
+def bench_jobs300(system: Any, p: dict[str, Any]) -> list[dict]:
+    """Hundreds of jobs queued at once: ``Pool.map_async`` over lists too long to share a job
+    (each its own job), all issued before any result is taken."""
+    n, size = p["jobs_n"], p["jobs_len"]
+    lists = [list(range(k, k + size)) for k in range(n)]
+    expected = [[x + 1 for x in each] for each in lists]
+    return _async_row(
+        system,
+        p,
+        "jobs300",
+        lambda: system.map_async_each(w.inc, lists),
+        expected,
+        f"{n} map_async of {size} calls (a job each), then every get()",
+        calls=n,
     )
 
 
@@ -631,6 +663,7 @@ BENCHES = {
     "wordcount": bench_wordcount,
     "async1k": bench_async1k,
     "submit1k": bench_submit1k,
+    "jobs300": bench_jobs300,
     "lazy10m": bench_lazy,
 }
 
@@ -843,7 +876,7 @@ def judge(rows: list[dict]) -> list[dict]:
             r["met"] = ratio is not None and ratio >= (0.9 if embedded else 0.75)
         elif wl == "wordcount":
             r["met"] = ratio is not None and ratio >= 0.95
-        elif wl in ("async1k", "submit1k"):
+        elif wl in ("async1k", "submit1k", "jobs300"):
             r["met"] = ratio is not None and ratio <= 1.5
         elif wl == "lazy10m":
             r["met"] = r["peak_rss"] < 200

@@ -96,7 +96,7 @@ JOBS = st.lists(
             "max_cores": st.sampled_from([0, 0, 1, 3]),
             "group": st.sampled_from([None, None, None, "g"]),
             "chunksize": st.sampled_from([None, 1, 1, 2]),
-            "n": st.integers(5, 60),
+            "n": st.sampled_from([5, 20, 60, 300, 1000]),  # past 256: grants
             "total": st.booleans(),
             "gang": st.booleans(),
         }
@@ -105,7 +105,7 @@ JOBS = st.lists(
     max_size=6,
 )
 ANSWER = st.tuples(st.just("answer"), st.integers(0, 9), st.integers(0, 99))
-FEED = st.tuples(st.just("feed"), st.integers(0, 9), st.integers(1, 30))
+FEED = st.tuples(st.just("feed"), st.integers(0, 9), st.integers(1, 300))
 OPS = st.lists(
     st.one_of(
         ANSWER,

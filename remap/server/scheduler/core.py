@@ -163,9 +163,10 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         #: active jobs with arguments queued (what pump's scans look at, not every job)
         self._with_work: dict[int, JobState] = {}
         #: (key, job) entries, lowest :func:`~.policy.share_key` first, of the jobs that may
-        #: take a free slot (:func:`~.policy.queueable`): a dispatch takes the top, not a scan
+        #: take a free slot on some node (see :meth:`_renew`): a dispatch takes the top, not a scan
         #: of every job. An entry is live while it is its job's ``queued`` key; a stale one
-        #: (the key moved on) is dropped when it comes to the top
+        #: (the key moved on) is dropped when it comes to the top. (Keys end with the job's id:
+        #: entries of two jobs never tie, and a tie of one job's is its own, equal to itself.)
         self._queue: list[tuple[tuple, JobState]] = []
         #: jobs whose work, tasks or pause moved since their entry: renewed before a choice
         self._moved: dict[int, JobState] = {}
@@ -1029,7 +1030,13 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
                 with_work[job_id] = job
             else:
                 with_work.pop(job_id, None)
-            if policy.queueable(job):
+            cap = job.options.max_cores
+            # what next_job asks of a job whatever the node (inline: a call per job moved)
+            if (
+                job.pending_count
+                and not (job.finished or job.paused)
+                and not (cap and job.tasks >= cap)
+            ):
                 key = policy.share_key(job)
                 if key != job.queued:
                     job.queued = key
@@ -1050,13 +1057,13 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         queue = self._queue
         while queue:
             key, job = queue[0]
-            if job.queued is not key:
-                heapq.heappop(queue)  # stale: the job's live entry is elsewhere, or none is
-                continue
-            if may_run(node, job) and not (job.options.gang and len(node.inflight) >= node.cores):
-                return job
-            break
-        return policy.next_job(self._with_work.values(), node, may_run)
+            if job.queued is key:
+                gang_waits = job.options.gang and len(node.inflight) >= node.cores
+                if not gang_waits and may_run(node, job):
+                    return job
+                return policy.next_job(self._with_work.values(), node, may_run)
+            heapq.heappop(queue)  # stale: the job's live entry is elsewhere, or none is
+        return None  # (no live entry: no job may take a slot)
 
     # ================================================================ preemption
 

@@ -161,15 +161,6 @@ def share_key(job: JobState) -> tuple:
     )
 
 
-def queueable(job: JobState) -> bool:
-    """Whether ``job`` may take a free slot on some node (what :func:`next_job` asks of a job
-    whatever the node): work queued, not finished or paused, under its ``max_cores``."""
-    cap = job.options.max_cores
-    return bool(job.pending_count) and not (
-        job.finished or job.paused or (cap and job.tasks >= cap)
-    )
-
-
 def busy_weight(active: Iterable[JobState]) -> float:
     """The weight of the jobs with work queued or in flight: what shares divide."""
     return sum(j.weight for j in active if j.pending_count or j.tasks)
