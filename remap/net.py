@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -10,7 +11,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.protocol import Factory
 
@@ -73,21 +73,73 @@ def tls_enabled(settings: Settings) -> bool:
     return bool(settings.tls_cert or settings.tls_key or settings.tls_ca)
 
 
-class TLSServerEndpoint:
-    """A listening endpoint that wraps another in TLS, with timers on the given reactor
-    (``SSL4ServerEndpoint`` uses the global one, maybe not running, and has no IPv6)."""
+@functools.cache
+def _closing_tls() -> type:
+    """The TLS factory every TLS connection here goes through (built on first use: OpenSSL is
+    imported only then)."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    def __init__(self, reactor: Any, inner: Any, options: Any) -> None:
+    class ClosingTLS(TLSMemoryBIOFactory.protocol):  # type: ignore[name-defined,misc]
+        """A TLS connection whose close is cut (aborted) once it has waited ``close_timeout``
+        s: TLS's close waits for the peer's ``close_notify`` (and for what it has not read),
+        so a peer frozen, buggy or behind a dead network held the socket and its buffers for
+        ever, whoever closed (a node or console dropped, an HTTP response, a shutdown)."""
+
+        _cut: Any = None
+
+        def loseConnection(self) -> None:  # noqa: N802 - Twisted's name
+            super().loseConnection()
+            if self._cut is None and self.connected:
+                factory = self.factory
+                self._cut = factory.clock.callLater(factory.close_timeout, self.abortConnection)
+
+        def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+            if self._cut is not None and self._cut.active():
+                self._cut.cancel()
+            super().connectionLost(reason)
+
+    class ClosingTLSFactory(TLSMemoryBIOFactory):
+        protocol = ClosingTLS
+
+        def __init__(
+            self, options: Any, is_client: bool, wrapped: Any, clock: Any, close_timeout: float
+        ) -> None:
+            super().__init__(options, is_client, wrapped, clock=clock)
+            self.clock = clock
+            #: seconds a close may take before the connection is cut
+            self.close_timeout = close_timeout
+
+    return ClosingTLSFactory
+
+
+class _TLSEndpoint:
+    """An endpoint wrapping ``inner`` in TLS, with timers on the given reactor; a connection's
+    close has ``close_timeout`` s (see :func:`_closing_tls`)."""
+
+    def __init__(self, reactor: Any, inner: Any, options: Any, close_timeout: float) -> None:
         self.reactor = reactor
         self.inner = inner
         self.options = options
+        self.close_timeout = close_timeout
+
+    def _wrap(self, factory: Any, is_client: bool) -> Any:
+        return _closing_tls()(self.options, is_client, factory, self.reactor, self.close_timeout)
+
+
+class TLSServerEndpoint(_TLSEndpoint):
+    """A listening endpoint (``SSL4ServerEndpoint`` uses the global reactor, maybe not
+    running, and has no IPv6)."""
 
     def listen(self, factory: Any) -> defer.Deferred:
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        return self.inner.listen(self._wrap(factory, False))
 
-        return self.inner.listen(
-            TLSMemoryBIOFactory(self.options, False, factory, clock=self.reactor)
-        )
+
+class TLSClientEndpoint(_TLSEndpoint):
+    """A connecting endpoint (Twisted's ``wrapClientTLS``, its close bounded)."""
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        connected = self.inner.connect(self._wrap(factory, True))
+        return connected.addCallback(lambda proto: proto.wrappedProtocol)
 
 
 def cannot_listen(what: str, host: str, port: int, exc: Exception) -> ConfigError:
@@ -129,7 +181,7 @@ def server_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> A
         extraCertChain=[c.original for c in chain],
         **kwargs,
     )
-    return TLSServerEndpoint(reactor, tcp, options)
+    return TLSServerEndpoint(reactor, tcp, options, settings.handshake_timeout)
 
 
 def client_endpoint(
@@ -155,7 +207,7 @@ def client_endpoint(
     options = ssl.optionsForClientTLS(
         host, trustRoot=trust, clientCertificate=client_cert, extraCertificateOptions=extra or None
     )
-    return wrapClientTLS(options, endpoint, clock=reactor)
+    return TLSClientEndpoint(reactor, endpoint, options, settings.handshake_timeout)
 
 
 class PeerFactory(Factory):
