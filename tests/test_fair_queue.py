@@ -244,3 +244,19 @@ def test_a_dispatch_among_hundreds_of_queued_jobs_looks_at_few_of_them(monkeypat
     assert answers == 600
     assert counts["key"] <= 4 * answers, counts
     assert counts["grant"] <= 4 * answers, counts
+
+
+def test_jobs_that_ended_are_not_held_for_a_grant_while_no_node_takes_work() -> None:
+    """Jobs fed and killed on a server with no node: a pump with no free node grants nothing
+    (as before the queue), and what it would grant is kept for the next one; an ended job is
+    not, or a server without nodes would hold every job it ever killed."""
+    world = World(Scheduler, None)
+    spec = {"priority": 0, "min_cores": 0, "max_cores": 0, "group": None, "chunksize": 1}
+    spec |= {"n": 4, "total": True, "gang": False}
+    for i in range(100):
+        world.apply(("submit", 0), [spec])
+        world.apply(("feed", i, 4), [])
+        world.apply(("kill", i), [])
+    sched = world.sched
+    assert not sched.active and not sched._regrant and not sched._with_work
+    assert len(sched.jobs) <= sched.keep_finished

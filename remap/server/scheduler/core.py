@@ -911,6 +911,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             self._outbox.append(CancelTimer(timer))
         job.timers.clear()
         self._drop_work(job)
+        self._regrant.pop(job.id, None)  # (kept till a pump grants: with no node, for ever)
         for node in self.nodes.values():
             if job.id in node.loaded:
                 node.loaded.discard(job.id)
