@@ -166,6 +166,7 @@ class ServerStatus(Record):
     cores: int
     cpu_seconds: float
     excluded: list[str] = ABSENT  #: hosts on the exclusion list
+    journal: str = ABSENT  #: why the journal cannot write, since when (absent: it can, or is off)
 
 
 def read_status(status: dict[str, Any]) -> tuple[list[NodeStatus], list[JobStatus], ServerStatus]:

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 
 from protocol import messages as m
 from remap.blobs import split
-from remap.server.journal import Journal
+from remap.server.journal import RETRY_MAX, Journal
 from remap.server.scheduler.kept import REPLAY_BYTES
 from remap.server.scheduler.policy import MAX_BATCH_RESULT_BYTES
 from remap.server.scheduler.state import PREFETCH
@@ -187,7 +187,8 @@ def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
     tmp_path: Path,
 ) -> None:
     """A commit that fails (a full disk) leaves its results in memory, not lost: attach gets
-    them between the committed ones before and after, in delivery order, each once."""
+    them after the committed ones, in delivery order, each once; once the disk has room they
+    are written (memory lets them go) and attach reads them all from there."""
     sched, clock = _journaled(tmp_path)
     journal = sched.journal
     node = FakeNode(sched, "n", cores=1)
@@ -199,17 +200,25 @@ def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
     def full_disk(*args: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    for round_ in range(3):  # committed, failed, committed
-        journal._write = full_disk if round_ == 1 else write
+    for round_ in range(3):  # committed, failed, failed again
+        journal._write = full_disk if round_ else write
         for _ in range(3):
             node.answer(node.held()[0])
         clock.advance(1)
     job = sched.jobs[console.job]
-    assert job.state == "done" and sorted(job.kept) == [3, 4, 5], "the failed commit's"
-    later = FakeLink("later")
-    sched.attach(later, console.job)
-    assert [r.answered[0] for r in later.of(m.Results)] == list(range(9))
-    assert later.of(m.JobDone)[0].done == 9
+    assert job.state == "done" and sorted(job.kept) == list(range(3, 9)), "not written"
+
+    def attached() -> list[int]:
+        later = FakeLink("later")
+        sched.attach(later, console.job)
+        assert later.of(m.JobDone)[0].done == 9
+        return [r.answered[0] for r in later.of(m.Results)]
+
+    assert attached() == list(range(9))
+    journal._write = write
+    clock.advance(RETRY_MAX)
+    assert not job.kept and not journal.trouble, "written once the disk had room"
+    assert attached() == list(range(9))
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from protocol import messages as m
+from protocol.status import ABSENT
 from remap.blobs import split
 from remap.errors import ConfigError
 from remap.server.journal import FLUSH_INTERVAL, Journal, JournalError
@@ -314,6 +316,86 @@ def test_a_job_the_journal_cannot_record_is_not_accepted(tmp_path: Path) -> None
     (failure,) = failures
     assert failure.check(JournalError) and "cannot write the journal" in str(failure.value)
     assert not sched.jobs and not link.of(m.Submitted)
+
+
+def test_a_group_commit_that_fails_keeps_its_rows_until_one_writes_them_once_in_order(
+    tmp_path: Path,
+) -> None:
+    """A full disk fails a detached job's group commit, then the retry: nothing is dropped. The
+    journal says once that it cannot write (log, status), refuses a detached submit with that
+    line, runs an attached one, and tries again with backoff, not every group commit; the
+    third try writes every row once. At every step the file holds a prefix of what happened:
+    the job's end never without its outcomes, results numbered without a gap."""
+    path = tmp_path / "journal.sqlite"
+    clock = Clock()
+    sched = _scheduler(path, clock)
+    journal = sched.journal
+    logged: list[dict] = []
+    journal.log = Logger(observer=logged.append)
+    n = 12
+    console = FakeConsole(sched, range(n), chunksize=1, detach=True, total=n)
+    node = FakeNode(sched, "n1", cores=1)
+    while console.feed():
+        pass
+    job = sched.jobs[console.job]
+    write, tries = journal._write, []
+
+    def full_disk(*args: object) -> None:
+        tries.append(clock.seconds())
+        if len(tries) <= 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        write(*args)
+
+    def answer(k: int) -> None:
+        for _ in range(k):
+            node.answer(node.held()[0])
+
+    def on_disk() -> tuple[str, list[int], list[int]]:
+        """The job's recorded state, delivered indices and stored result numbers."""
+        ((state,),) = _peek(journal, f"SELECT state FROM jobs WHERE id={job.id}")
+        runs = _peek(journal, f"SELECT start, stop FROM outcomes WHERE job={job.id}")
+        seqs = _peek(journal, f"SELECT seq FROM results WHERE job={job.id} ORDER BY seq")
+        delivered = sorted(i for start, stop in runs for i in range(start, stop))
+        assert len(set(delivered)) == len(delivered), "an index recorded twice"
+        assert [s for (s,) in seqs] == list(range(len(seqs))), "a result written out of order"
+        assert state == "running" or delivered == list(range(n)), "an end before its outcomes"
+        return state, delivered, [s for (s,) in seqs]
+
+    answer(3)
+    clock.advance(FLUSH_INTERVAL)
+    assert on_disk() == ("running", [0, 1, 2], [0, 1, 2])
+    journal._write = full_disk
+    answer(3)
+    clock.advance(FLUSH_INTERVAL)  # the group commit fails: its rows are kept
+    assert len(tries) == 1 and journal.trouble.startswith(f"cannot write the journal {path} ")
+    assert "database or disk is full" in journal.trouble
+    assert sched.status()[2].journal == journal.trouble
+    refused: list = []
+    sched.submit(FakeLink("d"), _submit()).addErrback(refused.append)
+    assert str(refused[0].value) == journal.trouble and len(sched.jobs) == 1
+    attached = FakeConsole(sched, range(2), name="attached")  # runs, unrecorded
+    attached.feed()
+    while node.answer_all():  # the detached job ends in memory; its end waits behind its
+        pass  # outcomes
+    assert job.state == "done" and sched.jobs[attached.job].state == "done"
+    assert len(job.kept) == n - 3  # in memory until written
+    clock.advance(FLUSH_INTERVAL)  # the second try fails
+    assert len(tries) == 2 and on_disk() == ("running", [0, 1, 2], [0, 1, 2])
+    clock.advance(FLUSH_INTERVAL)  # the retry waits twice as long now
+    assert len(tries) == 2
+    clock.advance(FLUSH_INTERVAL)
+    assert len(tries) == 3 and journal.trouble == "" and sched.status()[2].journal is ABSENT
+    assert on_disk() == ("done", list(range(n)), list(range(n)))
+    assert not job.kept and sched.kept_bytes == 0 and journal.duplicates == 0
+    said = [e for e in logged if e["log_level"] in (LogLevel.error, LogLevel.info)]
+    assert len(said) == 2, [formatEvent(e) for e in said]  # one line as it starts, one as it ends
+    assert "it keeps every row" in formatEvent(said[0])
+    assert "is written again" in formatEvent(said[1])
+    assert len(tries) == 3  # nothing else was written meanwhile
+    clock.advance(1)
+    third = _scheduler(path, Clock())  # a restart reads every result, once, in order
+    assert _stored_outcomes(third, job.id) == {i: [i * i] for i in range(n)}
+    assert third.jobs[job.id].state == "done"
 
 
 def test_attach_finds_a_finished_job_only_the_journal_still_keeps(tmp_path: Path) -> None:

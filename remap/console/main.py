@@ -632,7 +632,7 @@ class Console:
             return 0
         nodes, jobs, server = read_status(status)
         if args.command == "status":
-            self.say(render.status_text(nodes, jobs, server.excluded or []))
+            self.say(render.status_text(nodes, jobs, server.excluded or [], server.journal or ""))
         else:
             self.say(
                 render.jobs_table(jobs) if args.command == "jobs" else render.nodes_table(nodes)

@@ -181,7 +181,7 @@ def _share(job: JobStatus) -> str:
 
 
 def status_text(
-    nodes: list[NodeStatus], jobs: list[JobStatus], excluded: Sequence[str] = ()
+    nodes: list[NodeStatus], jobs: list[JobStatus], excluded: Sequence[str] = (), journal: str = ""
 ) -> str:
     cores = sum(n.cores for n in nodes)
     busy = sum(n.busy for n in nodes)
@@ -196,6 +196,8 @@ def status_text(
     )
     if excluded:
         head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"
+    if journal:  # (the server's journal cannot write: it keeps the rows and tries again)
+        head += f"\n{journal}"
     return "\n\n".join([head, nodes_table(nodes), jobs_table(jobs), *file_job_lines(nodes, jobs)])
 
 

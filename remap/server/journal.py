@@ -21,6 +21,15 @@ made, so the reactor never waits for SQLite (a submit with a 60 MiB function hel
 what the server acknowledges waits for the commit instead: :meth:`Journal.job_submitted`
 returns a Deferred that fires once the submit is on disk. Checkpoints, with their syncs, run on
 a thread of their own too.
+
+A transaction that fails (a full disk, an I/O error, a locked file) loses nothing: its rows
+(all but a refused submit's) are kept and written first by the next transaction, so the file
+never holds a row without those before it (a job's end without its outcomes). Meanwhile the
+journal says why it cannot write (:attr:`Journal.trouble`, one log line when that starts and
+one when it ends), tries again with backoff instead of every ``flush_interval``, and refuses new
+detached jobs (the scheduler runs attached ones: their consoles hold what they need); what it
+keeps is bounded by what the scheduler keeps of those jobs anyway (their arguments, and results
+within REMAP_DETACHED_RESULTS_MEMORY).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -59,6 +69,9 @@ CHECKPOINT_BYTES = 1000 * 4096
 #: waits for it, as it did for every write before (a disk slower than the network must not
 #: grow the queue without bound)
 QUEUE_BYTES = 128 * 1024 * 1024
+#: the longest wait between two tries of rows the journal could not write (the first waits
+#: ``flush_interval``, each next twice as long)
+RETRY_MAX = 2.0
 SYNC_LEVELS = ("normal", "full")
 #: bumped when the tables change; an older journal is refused with a clear line
 SCHEMA_VERSION = 3
@@ -114,7 +127,39 @@ _NEWEST_FINISHED = f"{_FINISHED} ORDER BY id DESC LIMIT ?"
 
 
 class JournalError(Exception):
-    """The journal file could not be written (full disk, lost directory): one clear line."""
+    """The journal file could not be written (full disk, lost directory): one clear line.
+    ``reason`` is what SQLite said; ``held``: rows are kept to be written by the next try."""
+
+    def __init__(self, message: str, reason: str = "", held: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        self.held = held
+
+
+@dataclass
+class _Rows:
+    """Rows of a group commit: buffered, or kept from a transaction that failed."""
+
+    args: list[tuple[int, int, bytes, Any]] = field(default_factory=list)
+    outcomes: list[tuple[int, m.Results, int | None]] = field(default_factory=list)
+    #: (args_total, job) and (state, message, done, failed, finished_at, job): UPDATE params
+    ends: list[tuple[int, int]] = field(default_factory=list)
+    finished: list[tuple[str, str, int, int, float, int]] = field(default_factory=list)
+    nbytes: int = 0  # payload bytes
+
+    def __bool__(self) -> bool:
+        return bool(self.args or self.outcomes or self.ends or self.finished)
+
+    def then(self, later: _Rows) -> _Rows:
+        """These rows, then ``later``'s (one transaction writes them all)."""
+        if not self:
+            return later
+        self.args += later.args
+        self.outcomes += later.outcomes
+        self.ends += later.ends
+        self.finished += later.finished
+        self.nbytes += later.nbytes
+        return self
 
 
 @dataclass
@@ -314,12 +359,17 @@ class Journal:
         #: (the writer's, like everything the transactions touch: ``_db``, ``_seq``, counts)
         self._uncheckpointed = 0  # bytes (about) committed since the checkpointer was woken
         self._writer = _Writer(clock.callFromThread) if threaded else _Inline()
-        self._args: list[tuple[int, int, bytes, Any]] = []
-        self._outcomes: list[tuple[int, m.Results, int | None]] = []
-        self._ends: list[tuple[int, int]] = []
-        self._finished: list[tuple[str, str, int, int, float, int]] = []
-        self._buffered_bytes = 0
+        self._rows = _Rows()  # buffered
+        #: (the writer's) rows of transactions that failed: the next one writes them first
+        self._unwritten = _Rows()
         self._timer: Any = None
+        #: why the journal cannot write and since when ("": it can); see :meth:`_cannot_write`
+        self.trouble = ""
+        self._trouble_since = 0.0
+        self._retry: Any = None  # the timer of the next try while it cannot write
+        self._retry_delay = flush_interval
+        self._handed = 0  # transactions handed to the writer and not reported back
+        self._closing = False
         #: next ``results.seq`` per job with stored results
         self._seq: dict[int, int] = {}
         #: rows a unique key refused: an outcome recorded twice (a bug; tests assert zero)
@@ -380,7 +430,10 @@ class Journal:
         self, job_id: int, msg: m.Submit, now: float, owner: str = ""
     ) -> defer.Deferred:
         """Commit a new job (and what was buffered): fires once committed, so its console hears
-        it was accepted only then; fails with :class:`JournalError`."""
+        it was accepted only then; fails with :class:`JournalError` (at once while the journal
+        cannot write: nothing may be written before the rows it keeps)."""
+        if self.trouble:
+            return defer.fail(JournalError(self.trouble))
         header, fn = m.encode(msg)
         return self._flush(
             [
@@ -398,13 +451,13 @@ class Journal:
     ) -> None:
         """Keep a detached job's arguments ``start ..`` (group committed; see :func:`_args_row`)."""
         packed = msgpack.packb({"sizes": sizes, "groups": list(groups)} if groups else sizes)
-        self._args.append((job_id, start, packed, payload))
+        self._rows.args.append((job_id, start, packed, payload))
         self._buffered(len(payload))
 
     def args_ended(self, job_id: int, total: int, *, now: bool = False) -> None:
         """Every argument of the job is stored; with ``now``, its transaction is made at once
         (committed before anything the server decides later)."""
-        self._ends.append((total, job_id))
+        self._rows.ends.append((total, job_id))
         if now:
             self.flush()
         else:
@@ -413,120 +466,119 @@ class Journal:
     def delivered(self, job_id: int, msg: m.Results, *, store: bool, seq: int = -1) -> None:
         """Record a delivered outcome; ``store`` keeps the message for ``attach`` too, as the
         job's result ``seq`` (-1: the next after the last stored)."""
-        self._outcomes.append((job_id, msg, seq if store else None))
+        self._rows.outcomes.append((job_id, msg, seq if store else None))
         self._buffered(len(msg.payload) if store else 0)
 
     def finished(
         self, job_id: int, state: str, message: str, done: int, failed: int, at: float
     ) -> None:
         """Record a job's end (group committed); old finished jobs are pruned with it."""
-        self._finished.append((state, message, done, failed, at, job_id))
+        self._rows.finished.append((state, message, done, failed, at, job_id))
         self._buffered(0)
 
     def _buffered(self, nbytes: int) -> None:
-        self._buffered_bytes += nbytes
-        if self._buffered_bytes >= self.flush_bytes:
+        self._rows.nbytes += nbytes
+        if self.trouble:
+            return  # the next try writes them, after the rows kept
+        if self._rows.nbytes >= self.flush_bytes:
             self.flush()
         elif self._timer is None:
             self._timer = self.clock.callLater(self.flush_interval, self.flush)
 
     def flush(self) -> None:
-        """Write everything buffered in one transaction (on a timer: a failure is logged, and
-        what it held runs again after a restart, as if the server had died before it)."""
-        self._flush([]).addErrback(self._not_written)
+        """Write everything buffered in one transaction (while the journal cannot write, the
+        next try does, after the rows it keeps)."""
+        if not self.trouble:
+            self._flush([]).addErrback(self._not_written)
 
     def _not_written(self, failure: Failure) -> None:
-        failure.trap(JournalError)
-        self.log.failure("the journal could not be written", failure)
+        failure.trap(JournalError)  # (said once, by _cannot_write; its rows are kept)
 
-    def _flush(self, extra: list[tuple[str, tuple]]) -> defer.Deferred:
-        """Hand what is buffered and ``extra`` to the writer as one transaction."""
+    def _flush(self, extra: list[tuple[str, tuple]], *, again: bool = False) -> defer.Deferred:
+        """Hand what is buffered and ``extra`` to the writer as one transaction (``again``:
+        even with nothing buffered, to write the rows kept from a failed one)."""
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
-        args, outcomes, ends, finished = self._args, self._outcomes, self._ends, self._finished
-        if not (args or outcomes or ends or finished or extra):
+        rows, self._rows = self._rows, _Rows()
+        if not (rows or extra or again):
             return defer.succeed(None)
-        self._args, self._outcomes, self._ends, self._finished = [], [], [], []
-        written = self._buffered_bytes + sum(
-            len(p) for _, params in extra for p in params if isinstance(p, (bytes, memoryview))
-        )
-        self._buffered_bytes = 0
         cutoff = self.clock.seconds() - self.keep_seconds  # (finished jobs older are pruned)
-        work = functools.partial(
-            self._commit, extra, args, outcomes, ends, finished, cutoff, written
+        self._handed += 1
+        done = self._writer.run(functools.partial(self._commit, extra, rows, cutoff), rows.nbytes)
+        return done.addBoth(self._reported)
+
+    def _reported(self, outcome: Any) -> None:
+        """A transaction's outcome (reactor thread, in the order they were handed over): the
+        stored results it wrote are let go of (:attr:`on_saved`); the journal cannot write
+        while a failure kept rows, and can once a transaction wrote them."""
+        self._handed -= 1
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            if self.trouble or (isinstance(error, JournalError) and error.held):
+                self._cannot_write(getattr(error, "reason", str(error)))
+            return outcome
+        if self.trouble:
+            self._written_again()
+        if outcome and self.on_saved is not None:
+            self.on_saved(outcome)
+        return None
+
+    def _cannot_write(self, reason: str) -> None:
+        """Rows are kept for want of a write: say so once, and try again after a wait that
+        doubles up to ``RETRY_MAX`` (after what was handed over before is reported)."""
+        if not self.trouble:
+            self._trouble_since = self.clock.seconds()
+            self._retry_delay = self.flush_interval
+        at = time.strftime("%H:%M:%S", time.localtime(self._trouble_since))
+        said = self.trouble
+        self.trouble = (
+            f"cannot write the journal {self.path} since {at}: {reason}; detached jobs are "
+            "refused until it can (attached jobs run)"
         )
-        done = self._writer.run(work, written)
-        saved = [(job_id, seq) for job_id, _, seq in outcomes if seq is not None and seq >= 0]
-        if saved and self.on_saved is not None:
-            done.addCallback(self._saved, saved)
-        return done
+        if not said:
+            self.log.error("{trouble}; it keeps every row and tries again", trouble=self.trouble)
+        if self._retry is None and self._handed == 0 and not self._closing:
+            self._retry = self.clock.callLater(self._retry_delay, self._try_again)
+            self._retry_delay = min(2 * self._retry_delay, RETRY_MAX)
 
-    def _saved(self, result: Any, saved: list[tuple[int, int]]) -> Any:
-        """A commit with stored results is on disk (reactor thread): say which."""
-        self.on_saved(saved)
-        return result
+    def _try_again(self) -> None:
+        self._retry = None
+        self._flush([], again=True).addErrback(self._not_written)
 
-    def _commit(self, extra, args, outcomes, ends, finished, cutoff, written) -> None:  # noqa: ANN001
-        """One transaction (the writer's thread)."""
-        rows, stored = self._outcome_rows(outcomes)
+    def _written_again(self) -> None:
+        """A transaction wrote every row kept: the journal can write again."""
+        self.log.info(
+            "the journal {path} is written again ({s:.1f} s after it could not): every row it "
+            "kept is on disk",
+            path=self.path,
+            s=self.clock.seconds() - self._trouble_since,
+        )
+        self.trouble = ""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._rows:  # (buffered meanwhile)
+            self._buffered(0)
+
+    def _commit(self, extra, rows: _Rows, cutoff) -> list[tuple[int, int]]:  # noqa: ANN001
+        """One transaction (the writer's thread): the rows kept from a failed one first.
+        Returns the ``(job, seq)`` of the stored results it wrote."""
+        rows, self._unwritten = self._unwritten.then(rows), _Rows()
+        runs, stored, seqs = self._outcome_rows(rows.outcomes)
+        overlaps: list[tuple[int, int, int]] = []
         try:
-            self._write(extra, args, rows, stored, ends, finished, cutoff)
+            self._write(extra, rows, runs, stored, cutoff, overlaps)
         except sqlite3.Error as exc:
-            raise JournalError(f"cannot write the journal {self.path}: {exc}") from None
+            self._unwritten = rows  # (a refused submit's ``extra`` is not: it is not accepted)
+            message = f"cannot write the journal {self.path}: {exc}"
+            raise JournalError(message, str(exc), held=bool(rows)) from None
         self.transactions += 1
-        # every row touches a page or so besides its payload
-        rows_written = len(extra) + len(args) + len(rows) + len(stored) + len(ends)
-        self._uncheckpointed += written + 4096 * (1 + rows_written + 2 * len(finished))
-        if self._uncheckpointed >= CHECKPOINT_BYTES:
-            self._uncheckpointed = 0
-            self._checkpointer.poke()
-
-    def _write(self, extra, args, rows, stored, ends, finished, cutoff) -> None:  # noqa: ANN001
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            for sql, params in extra:
-                db.execute(sql, params)
-            if args:
-                db.executemany(
-                    "INSERT OR REPLACE INTO args (job, start, sizes, payload) VALUES (?,?,?,?)",
-                    args,
-                )
-            for row in rows:
-                self._insert_run(db, row)
-            if stored:
-                db.executemany(
-                    "INSERT INTO results (job, seq, header, payload) VALUES (?,?,?,?)", stored
-                )
-            if ends:
-                db.executemany("UPDATE jobs SET args_total=? WHERE id=?", ends)
-            if finished:
-                db.executemany(
-                    "UPDATE jobs SET state=?, message=?, done=?, failed=?, finished_at=? "
-                    "WHERE id=?",
-                    finished,
-                )
-                for *_, job_id in finished:
-                    db.execute("DELETE FROM args WHERE job=?", (job_id,))
-                    self._seq.pop(job_id, None)
-                self._prune(db, cutoff)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    def _insert_run(self, db: sqlite3.Connection, row: tuple[int, int, int, bytes]) -> None:
-        """Record a run of delivered indices unless it overlaps one recorded before (a bug:
-        counted in ``duplicates`` and logged, never recorded twice)."""
-        job_id, start, stop, _errors = row
-        before = db.execute(
-            "SELECT start, stop FROM outcomes WHERE job=? AND start<? ORDER BY start DESC LIMIT 1",
-            (job_id, stop),
-        ).fetchone()
-        if before is not None and before[1] > start:
+        self._seq.update(seqs)
+        for *_, job_id in rows.finished:
+            self._seq.pop(job_id, None)
+        for job_id, start, stop in overlaps:
             self.duplicates += 1
             self.log.error(
                 "journal: job {job} arguments {a}..{b} were already recorded as delivered",
@@ -534,8 +586,68 @@ class Journal:
                 a=start,
                 b=stop - 1,
             )
-            return
+        # every row touches a page or so besides its payload
+        written = rows.nbytes + sum(
+            len(p) for _, params in extra for p in params if isinstance(p, (bytes, memoryview))
+        )
+        rows_written = len(extra) + len(rows.args) + len(runs) + len(stored) + len(rows.ends)
+        self._uncheckpointed += written + 4096 * (1 + rows_written + 2 * len(rows.finished))
+        if self._uncheckpointed >= CHECKPOINT_BYTES:
+            self._uncheckpointed = 0
+            self._checkpointer.poke()
+        return [(job_id, seq) for job_id, _, seq in rows.outcomes if seq is not None and seq >= 0]
+
+    def _write(self, extra, rows: _Rows, runs, stored, cutoff, overlaps) -> None:  # noqa: ANN001
+        """The transaction; ``overlaps`` gets the runs it did not record (overlapping ones)."""
+        db = self._db
+        if db.in_transaction:  # (a failed COMMIT SQLite did not roll back)
+            db.execute("ROLLBACK")
+        db.execute("BEGIN")
+        try:
+            for sql, params in extra:
+                db.execute(sql, params)
+            if rows.args:
+                db.executemany(
+                    "INSERT OR REPLACE INTO args (job, start, sizes, payload) VALUES (?,?,?,?)",
+                    rows.args,
+                )
+            for run in runs:
+                if not self._insert_run(db, run):
+                    overlaps.append(run[:3])
+            if stored:
+                db.executemany(
+                    "INSERT INTO results (job, seq, header, payload) VALUES (?,?,?,?)", stored
+                )
+            if rows.ends:
+                db.executemany("UPDATE jobs SET args_total=? WHERE id=?", rows.ends)
+            if rows.finished:
+                db.executemany(
+                    "UPDATE jobs SET state=?, message=?, done=?, failed=?, finished_at=? "
+                    "WHERE id=?",
+                    rows.finished,
+                )
+                for *_, job_id in rows.finished:
+                    db.execute("DELETE FROM args WHERE job=?", (job_id,))
+                self._prune(db, cutoff)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _insert_run(db: sqlite3.Connection, row: tuple[int, int, int, bytes]) -> bool:
+        """Record a run of delivered indices unless it overlaps one recorded before (a bug:
+        counted in ``duplicates`` and logged once committed, never recorded twice)."""
+        job_id, start, stop, _errors = row
+        before = db.execute(
+            "SELECT start, stop FROM outcomes WHERE job=? AND start<? ORDER BY start DESC LIMIT 1",
+            (job_id, stop),
+        ).fetchone()
+        if before is not None and before[1] > start:
+            return False
         db.execute("INSERT INTO outcomes (job, start, stop, errors) VALUES (?,?,?,?)", row)
+        return True
 
     @staticmethod
     def _runs(job_id: int, msg: m.Results) -> list[tuple[int, int, int, bytes]]:
@@ -562,18 +674,22 @@ class Journal:
 
     def _outcome_rows(
         self, outcomes: list[tuple[int, m.Results, int | None]]
-    ) -> tuple[list[tuple[int, int, int, bytes]], list[tuple[int, int, bytes, Any]]]:
+    ) -> tuple[list[tuple[int, int, int, bytes]], list[tuple[int, int, bytes, Any]], dict]:
+        """The outcome runs and stored results of ``outcomes``, and each job's next ``seq``
+        once they are committed (``_seq`` is not moved by a transaction that fails)."""
         rows: list[tuple[int, int, int, bytes]] = []
         stored: list[tuple[int, int, bytes, Any]] = []
+        seqs: dict[int, int] = {}
         for job_id, msg, seq in outcomes:
             rows.extend(self._runs(job_id, msg))
             if seq is not None:
                 if seq < 0:
-                    seq = self._seq[job_id] if job_id in self._seq else self.next_seq(job_id)
-                self._seq[job_id] = seq + 1
+                    seq = seqs.get(job_id, self._seq.get(job_id))
+                    seq = self.next_seq(job_id) if seq is None else seq
+                seqs[job_id] = seq + 1
                 header, payload = m.encode(msg)
                 stored.append((job_id, seq, header, payload))
-        return rows, stored
+        return rows, stored, seqs
 
     def _prune(self, db: sqlite3.Connection, cutoff: float) -> None:
         """Forget finished jobs past the newest ``keep_jobs`` or finished before ``cutoff``."""
@@ -585,11 +701,22 @@ class Journal:
 
     def close(self) -> None:
         """Write what is buffered and queued and close the file (the server is stopping);
-        closing the last connection checkpoints what is left."""
+        closing the last connection checkpoints what is left. Rows the journal could not
+        write are tried once more, and said lost if that fails too."""
+        self._closing = True
         try:
-            self.flush()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            self._flush([], again=bool(self.trouble)).addErrback(self._not_written)
             self._writer.close()
             self._checkpointer.close()
+            if self._unwritten:  # (the writer has stopped: its rows may be read here)
+                self.log.error(
+                    "the journal {path} stopped with rows it could not write, lost: a restart "
+                    "runs the calls whose outcomes they held again",
+                    path=self.path,
+                )
         finally:
             self._db.close()
             if self._reader is not None:

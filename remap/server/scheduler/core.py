@@ -610,9 +610,12 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     def submit(self, console: Any, msg: m.Submit, owner: str = "") -> Deferred:
         """A new job, accepted (its console told ``submitted``) once the journal committed it:
         fires with the job (at once without a journal), or fails with JournalError, the job
-        not accepted. ``owner`` is the person whose key the console used ("": cluster secret)."""
+        not accepted. ``owner`` is the person whose key the console used ("": cluster secret).
+        While the journal cannot write, an attached job runs unrecorded (its console holds its
+        arguments and outcomes: only a restart meanwhile forgets it); a detached one is refused
+        (its arguments and results would have nowhere to go but memory)."""
         job_id, now = next(self._job_ids), self.clock.seconds()
-        if self.journal is None:
+        if self.journal is None or (self.journal.trouble and not msg.detach):
             return succeed(self.accept(console, msg, owner, job_id, now))
         committed = self.journal.job_submitted(job_id, msg, now, owner)
         return committed.addCallback(lambda _: self.accept(console, msg, owner, job_id, now))
@@ -1306,5 +1309,6 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             uptime=round(now - self.started_at, 1),
             cores=sum(n.cores for n in self.nodes.values()),
             cpu_seconds=round(time.process_time() - self.cpu_started, 2),
+            **({"journal": self.journal.trouble} if self.journal and self.journal.trouble else {}),
         )
         return [n.describe(now) for n in self.nodes.values()], self.job_statuses(), server
