@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,25 +72,40 @@ def cluster(make_cluster: ClusterFactory) -> Cluster:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root): writing more fails with ENOSPC, as on a full disk."""
-    mount = tmp_path / "small"
-    mount.mkdir()
+def make_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """Factory: ``make_tmpfs(name, size)`` mounts a tmpfs of ``size`` (``1m``) at
+    ``tmp_path/name``: writing more fails with ENOSPC, as on a full disk. Needs root: the test
+    is skipped, saying why, where it cannot mount. Unmounted when the test ends."""
+    mounted: list[Path] = []
+
+    def make(name: str, size: str) -> Path:
+        mount = tmp_path / name
+        mount.mkdir()
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except OSError as exc:
+            pytest.skip(f"cannot run mount: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(mount)
+        return mount
+
     try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except OSError as exc:
-        pytest.skip(f"cannot run mount: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield mount
+        yield make
     finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+        for mount in mounted:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def small_disk(make_tmpfs: Callable[[str, str], Path]) -> Path:
+    """A 1 MiB tmpfs (needs root): writing more fails with ENOSPC, as on a full disk."""
+    return make_tmpfs("small", "1m")
 
 
 def _sigterm_ends_the_run(config: pytest.Config, signum: int, frame: object) -> None:

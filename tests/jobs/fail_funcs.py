@@ -79,6 +79,13 @@ def gated_nap(x):
     return x * x
 
 
+def gated_block(x):
+    """``[x, 64 KiB]``, after the gate for arguments from GATE_AFTER on: results that fill a
+    disk."""
+    _wait_for_gate(x)
+    return [x, "b" * 65536]
+
+
 def gated_where(x):
     """``[x, TEST_NODE_NAME]``, after the gate for arguments from GATE_AFTER on."""
     _wait_for_gate(x)
