@@ -245,3 +245,16 @@ def test_a_node_stopped_by_sigterm_exits_after_reaping_its_cores(make_cluster, t
     assert node.proc.returncode == 0, c.diagnostics()
     reaped = usage.ru_utime + usage.ru_stime - before
     assert reaped >= core_cpu, f"{reaped:.2f}s reaped with the node, its core used {core_cpu:.2f}s"
+
+
+def test_a_node_with_more_cores_than_cpus_says_so_in_its_first_line(monkeypatch) -> None:
+    """``remap-node --cores 100`` on a 10-CPU machine (a typo for 10?) starts 100 core processes
+    sharing 10 CPUs: its first line says so; it said only "remap node: 100 cores"."""
+    from remap.node import main as node_main
+
+    monkeypatch.setattr(node_main.os, "cpu_count", lambda: 10)
+    assert node_main.started_line(10, "h:1") == "remap node: 10 cores, connecting to h:1"
+    assert node_main.started_line(100, "h:1") == (
+        "remap node: 100 cores (more than this machine's 10 CPUs: they share them), "
+        "connecting to h:1"
+    )

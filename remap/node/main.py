@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 
@@ -89,16 +90,20 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     except SecretMissing as exc:  # say where a .env was looked for, as the console does
         searched = locate_env_file(args.env_file)[1]
         raise SecretMissing(f"{exc}; {env_search_text(searched)}") from None
-    print(
-        f"remap node: {node.pool.size} core{'s' if node.pool.size != 1 else ''}, connecting to {settings.server or f'127.0.0.1:{settings.port}'}",
-        file=sys.stderr,
-        flush=True,
-    )
+    server = settings.server or f"127.0.0.1:{settings.port}"
+    print(started_line(node.pool.size, server), file=sys.stderr, flush=True)
     # SIGTERM waits until the cores are reaped (their CPU time counts in the node's rusage)
     await run_until_stopped(reactor, stopped, lambda: node.stop(why[0] if why else "stopping"))
     if refusal:
         raise refusal[0]
     return 0
+
+
+def started_line(cores: int, server: str) -> str:
+    """The node's first line; more cores than CPUs (``--cores 100`` for 10?) is said there."""
+    cpus = os.cpu_count() or 1
+    over = f" (more than this machine's {cpus} CPUs: they share them)" if cores > cpus else ""
+    return f"remap node: {cores} core{'s' if cores != 1 else ''}{over}, connecting to {server}"
 
 
 async def probe_data_dir(reactor, settings: Settings) -> DataDirReport:
