@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -61,17 +64,14 @@ def test_dashboard_errors_are_one_line(served: Served) -> None:
     served.stop = lambda: None  # already stopped
 
 
-def test_dashboard_given_a_port_that_does_not_speak_http_says_so_in_one_line() -> None:
-    """``dashboard --http-port 7878`` (the cluster port): what answers is not HTTP. One line
-    asks whether that is the HTTP port; it was a traceback ending in BadStatusLine."""
-    import socket
-    import threading
-
+@contextlib.contextmanager
+def not_http() -> Iterator[int]:
+    """A port that answers an HTTP request as remap's cluster port does: with a binary frame."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
 
-        def answer() -> None:  # as remap's cluster port answers an HTTP request: a binary frame
+        def answer() -> None:
             peer, _ = listener.accept()
             with peer:
                 peer.recv(65536)
@@ -79,14 +79,29 @@ def test_dashboard_given_a_port_that_does_not_speak_http_says_so_in_one_line() -
 
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
-        port = listener.getsockname()[1]
-        with pytest.raises(ServerUnreachable) as refused:
-            login_link(Settings(server="127.0.0.1", http_port=port, secret="x"), timeout=10)
+        yield listener.getsockname()[1]
         thread.join(10)
+
+
+def test_dashboard_given_a_port_that_does_not_speak_http_says_so_in_one_line() -> None:
+    """``dashboard --http-port 7878`` (the cluster port): what answers is not HTTP. One line
+    asks whether that is the HTTP port; it was a traceback ending in BadStatusLine."""
+    with not_http() as port, pytest.raises(ServerUnreachable) as refused:
+        login_link(Settings(server="127.0.0.1", http_port=port, secret="x"), timeout=10)
     assert str(refused.value) == (
         f"http://127.0.0.1:{port} did not answer as the HTTP API (BadStatusLine): is that the "
         "server's HTTP port (its --http-port), not its cluster port (7878 by default)?"
     )
+
+
+def test_the_airflow_providers_client_given_a_port_that_is_not_http_fails_in_one_line() -> None:
+    """The Airflow connection's port set to the cluster port: the provider's call fails with
+    its one-line RemapApiError naming what answered; BadStatusLine escaped it (a traceback)."""
+    from remap.airflow.api import RemapApi, RemapApiError
+
+    with not_http() as port, pytest.raises(RemapApiError) as refused:
+        RemapApi(f"http://127.0.0.1:{port}", "token", timeout=10).job(1)
+    assert str(refused.value).startswith("GET /api/v1/jobs/1: BadStatusLine: "), refused.value
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ replace :meth:`RemapApi.request`). Blocking: the trigger runs it on a thread.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -46,7 +47,7 @@ class RemapApi:
         except urllib.error.HTTPError as exc:
             detail = exc.read(2000).decode("utf-8", "replace").strip()
             raise RemapApiError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # not HTTP: which port?
             raise RemapApiError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
 
     def submit(self, job: str | dict[str, Any]) -> dict[str, Any]:
