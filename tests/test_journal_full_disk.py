@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import errno
 import json
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from protocol import messages as m
 from tests.cluster_harness import Cluster, ClusterError
 from tests.test_failures import QUICK, _job
+from tests.test_journal_restart import _journal_rows, _stored_indices
 
 pytestmark = pytest.mark.slow
-
-
-def _rows(state: Path, sql: str, *params: Any) -> list[tuple]:
-    with sqlite3.connect(state / "journal.sqlite") as db:
-        return db.execute(sql, params).fetchall()
 
 
 def _fill(disk: Path) -> Path:
@@ -61,9 +55,11 @@ def test_a_full_disk_holds_the_journal_says_so_and_loses_nothing_once_it_has_roo
     began = c.assert_ok(c.console("compute", detached, "--detach", "--json", timeout=QUICK))
     job_id = json.loads(began.stdout)["job"]
 
+    def rows(sql: str) -> list[tuple]:
+        return _journal_rows(c, sql, job_id, state=state)
+
     def recorded() -> int:
-        sql = "SELECT COALESCE(SUM(stop - start), 0) FROM outcomes WHERE job=?"
-        return _rows(state, sql, job_id)[0][0]
+        return rows("SELECT COALESCE(SUM(stop - start), 0) FROM outcomes WHERE job=?")[0][0]
 
     c.wait_for(lambda: recorded() >= 4, QUICK, "the first 4 outcomes in the journal")
     filler = _fill(state)
@@ -92,24 +88,19 @@ def test_a_full_disk_holds_the_journal_says_so_and_loses_nothing_once_it_has_roo
         return info["state"] == "done"
 
     c.wait_for(ended_in_memory, 60, "the detached job to end (its results kept in memory)")
-    assert _rows(state, "SELECT state FROM jobs WHERE id=?", job_id) == [("running",)]
+    assert rows("SELECT state FROM jobs WHERE id=?") == [("running",)]
     assert recorded() < n, "the journal wrote on a full disk?"
 
     filler.unlink()
 
     def written() -> bool:
-        done = _rows(state, "SELECT state FROM jobs WHERE id=?", job_id) == [("done",)]
+        done = rows("SELECT state FROM jobs WHERE id=?") == [("done",)]
         return done and cannot_write() is None
 
     c.wait_for(written, 60, "the journal to write what it kept and say it can again")
     outcomes = "SELECT SUM(stop - start), MIN(start), MAX(stop) FROM outcomes WHERE job=?"
-    assert _rows(state, outcomes, job_id) == [(n, 0, n)]  # runs never overlap: each index once
-    stored = [
-        i
-        for (header,) in _rows(state, "SELECT header FROM results WHERE job=?", job_id)
-        for i in m.decode(header, b"").answered
-    ]
-    assert sorted(stored) == list(range(n)), "a result stored twice or missing"
+    assert rows(outcomes) == [(n, 0, n)]  # runs never overlap (checked on insert): each once
+    assert _stored_indices(c, job_id, state) == list(range(n)), "a result stored twice or missing"
     attached = c.assert_ok(c.console("attach", str(job_id), "--json", timeout=60))
     assert [x for x, _ in json.loads(attached.stdout)] == list(range(n))
     log = c.server.log_text()

@@ -22,9 +22,17 @@ from tests.test_failures import HEARTBEAT, QUICK, _job
 pytestmark = pytest.mark.slow
 
 
-def _journal_rows(c: Cluster, sql: str, *params: Any) -> list[tuple]:
-    with sqlite3.connect(c.home / ".remap" / "journal.sqlite") as db:
+def _journal_rows(c: Cluster, sql: str, *params: Any, state: Path | None = None) -> list[tuple]:
+    """Rows of the journal in ``state`` (default: the server's default state directory)."""
+    with sqlite3.connect((state or c.home / ".remap") / "journal.sqlite") as db:
         return db.execute(sql, params).fetchall()
+
+
+def _stored_indices(c: Cluster, job_id: int, state: Path | None = None) -> list[int]:
+    """The argument indices of the job's stored results, sorted (one stored twice shows)."""
+    sql = "SELECT header FROM results WHERE job=?"
+    rows = _journal_rows(c, sql, job_id, state=state)
+    return sorted(i for (header,) in rows for i in m.decode(header, b"").answered)
 
 
 def _job_info(c: Cluster, job_id: int) -> dict | None:
@@ -106,9 +114,4 @@ def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_resul
         c, "SELECT SUM(stop - start), MIN(start), MAX(stop) FROM outcomes WHERE job=?", job_id
     )
     assert outcomes == [(n, 0, n)]  # runs never overlap (checked on insert): each index once
-    stored = [
-        i
-        for (header,) in _journal_rows(c, "SELECT header FROM results WHERE job=?", job_id)
-        for i in m.decode(header, b"").answered
-    ]
-    assert sorted(stored) == list(range(n)), "a result stored twice or missing"
+    assert _stored_indices(c, job_id) == list(range(n)), "a result stored twice or missing"

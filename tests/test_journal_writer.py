@@ -10,6 +10,7 @@ Real reactor (pytest-twisted), no real sockets: the console is a recording link.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from twisted.internet import defer, task
 from protocol import messages as m
 from remap.server.journal import Journal
 from remap.server.service import RemapServerFactory, ServerConnection
-from tests.test_journal import _peek
+from tests.test_journal import _peek, _results
 from tests.test_scheduler import FakeLink
 
 DEADLINE = 30.0
@@ -208,3 +209,46 @@ def test_past_its_bound_the_queue_makes_the_caller_wait_for_the_writer() -> None
     second.join(DEADLINE)
     writer.close()
     assert writer.queued == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_queued_behind_a_failed_one_writes_both_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit fails (a full disk) while the next, with the job's end, is already
+    queued behind it on the writer thread: that next one does not write its rows alone (the
+    end without the outcome before it) but the failed one's first, each once, and the journal,
+    which said it could not write, can again."""
+    from twisted.internet import reactor
+
+    journal = Journal(tmp_path / "journal.sqlite", reactor, threaded=True)
+    await journal.job_submitted(1, m.Submit(id=1, name="a", detach=True, payload=b"f"), 0.0)
+    entered, release = threading.Event(), threading.Event()
+    written: list[list[int]] = []
+    write = Journal._write
+
+    def full_once(self: Journal, extra: Any, rows: Any, *args: Any) -> None:
+        if not written:
+            written.append([])
+            entered.set()
+            assert release.wait(DEADLINE), "the test never released the writer"
+            raise sqlite3.OperationalError("database or disk is full")
+        written.append([seq for _, _, seq in rows.outcomes])
+        write(self, extra, rows, *args)
+
+    monkeypatch.setattr(Journal, "_write", full_once)
+    saved: defer.Deferred = defer.Deferred()
+    journal.on_saved = saved.callback
+    journal.delivered(1, _results(1, [0]), store=True, seq=0)
+    journal.flush()
+    assert entered.wait(DEADLINE)
+    journal.delivered(1, _results(1, [1]), store=True, seq=1)
+    journal.finished(1, "done", "", 2, 0, reactor.seconds())
+    journal.flush()  # queued behind the one that fails
+    release.set()
+    assert await saved.addTimeout(DEADLINE, reactor) == [(1, 0), (1, 1)]
+    assert written == [[], [0, 1]] and journal.trouble == ""
+    assert _peek(journal, "SELECT start, stop FROM outcomes ORDER BY start") == [(0, 1), (1, 2)]
+    assert _peek(journal, "SELECT seq FROM results ORDER BY seq") == [(0,), (1,)]
+    assert _peek(journal, "SELECT state FROM jobs") == [("done",)]
+    journal.close()
