@@ -60,7 +60,7 @@ class Console(FakeLink):
 
     def send(self, msg: m.Message) -> None:
         super().send(msg)
-        if type(msg) in (m.Submitted, m.Error) and not self.answered.called:
+        if type(msg) in (m.Submitted, m.Error, m.Ok) and not self.answered.called:
             self.answered.callback(msg)
 
     def hold_reading(self, held: bool) -> None:
@@ -181,6 +181,79 @@ async def test_a_console_lost_while_its_submit_commits_is_lost_after_the_job_is_
     job = factory.scheduler.jobs[submitted.job]
     assert job.console is None and job.orphan_timer is not None
     factory.scheduler.kill(job.id)  # (its grace timer is the real reactor's)
+    journal.close()
+
+
+#: a request about job 1, known only to the journal, and one about a job it never had
+RECALLS = [
+    m.Kill(id=7, job=1),
+    m.Attach(id=7, job=1),
+    m.Resume(id=7, job=1, sent=1, missing=[], done=1, failed=0),
+    m.Attach(id=7, job=9),
+]
+
+
+@pytest.mark.parametrize("request_", RECALLS, ids=lambda msg: f"{msg.TYPE}-{msg.job}")
+@pytest_twisted.ensureDeferred
+async def test_a_job_only_the_journal_keeps_is_read_off_the_reactor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request_: m.Message
+) -> None:
+    """``kill``, ``attach`` and ``resume`` of a job not in memory read the journal on its
+    writer's thread after what was handed over before it (the job's end, buffered): while that
+    write is held the reactor runs (a timer fires), the console hears nothing and its next
+    message waits unread; then the answer is the one an inline journal (the read on the reactor,
+    as before) gives, and what waited is answered after it."""
+    from twisted.internet import reactor
+
+    slow = SlowWriter(monkeypatch)
+    slow.release.set()
+    factory, journal, handler, console = _server(tmp_path)
+    before = RemapServerFactory(reactor, b"k" * 32, max_frame=256 << 20, job_ids_from=1)
+    before.use_journal(Journal(tmp_path / "journal.sqlite", reactor))  # inline: as before
+    now = reactor.seconds()
+    await journal.job_submitted(1, m.Submit(id=1, name="old", detach=True, payload=b"f"), now)
+    slow.release.clear()
+    slow.writing.clear()
+    journal.finished(1, "done", "", 1, 0, now)  # buffered: the read must come after it
+    handler.message_received(console, request_)
+    handler.message_received(console, m.StatusRequest(id=8))
+    assert slow.writing.wait(DEADLINE)
+    fired = await task.deferLater(reactor, 0.01, lambda: "fired")  # the reactor is not held
+    assert fired == "fired" and console.sent == [] and console.holds == [True]
+
+    slow.release.set()
+    answer = await _answer(console)
+    assert type(answer) in (m.Ok, m.Error) and type(console.sent[-1]) is m.StatusReply
+    assert console.holds == [True, False]
+    inline = Console()
+    ServerConnection(before).message_received(inline, request_)
+    assert console.sent[:-1] == inline.sent  # (an attach: its replay's job_done and its Ok)
+    journal.close()
+    before.scheduler.journal.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_lost_while_its_job_is_recalled_is_lost_after_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A console that leaves while its ``attach`` waits for the journal: the attach is handled
+    (its answer dropped with the link), then the console's end, which ends the replay it got."""
+    slow = SlowWriter(monkeypatch)
+    slow.release.set()
+    factory, journal, handler, console = _server(tmp_path)
+    from twisted.internet import reactor
+
+    now = reactor.seconds()
+    await journal.job_submitted(1, m.Submit(id=1, name="old", detach=True, payload=b"f"), now)
+    slow.release.clear()
+    journal.finished(1, "done", "", 1, 0, now)
+    handler.message_received(console, m.Attach(id=7, job=1))
+    assert slow.writing.wait(DEADLINE)
+    handler.connection_lost(console, RuntimeError("gone"))
+    slow.release.set()
+    answer = await _answer(console)
+    assert type(answer) is m.Ok and answer.info["state"] == "done"
+    assert not factory.scheduler.jobs[1].replays  # the console's end came after
     journal.close()
 
 

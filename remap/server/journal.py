@@ -19,7 +19,8 @@ transaction at most ``flush_interval`` s later (at once past ``flush_bytes``). T
 journal (``threaded``) writes its transactions on a thread of its own, in the order they were
 made, so the reactor never waits for SQLite (a submit with a 60 MiB function held it 0.3 s);
 what the server acknowledges waits for the commit instead: :meth:`Journal.job_submitted`
-returns a Deferred that fires once the submit is on disk. Checkpoints, with their syncs, run on
+returns a Deferred that fires once the submit is on disk, and :meth:`Journal.recall` reads a job
+there, after what was handed over before. Checkpoints, with their syncs, run on
 a thread of their own too.
 
 A transaction that fails (a full disk, an I/O error, a locked file) loses nothing: its rows
@@ -281,8 +282,8 @@ class _Writer:
 
     def run(self, work: Callable[[], Any], nbytes: int) -> defer.Deferred:
         """``work()`` after everything handed over before; fires with its outcome."""
-        with self._room:
-            self._room.wait_for(lambda: self.queued < self.max_bytes)
+        with self._room:  # (one that adds no bytes, a read, never waits)
+            self._room.wait_for(lambda: not nbytes or self.queued < self.max_bytes)
             self.queued += nbytes
         done: defer.Deferred = defer.Deferred()
 
@@ -737,6 +738,12 @@ class Journal:
         """One job as recorded (see :meth:`recover`), or None if the journal has no such job;
         read after every write handed over before (this thread waits for them)."""
         return self._writer.call(functools.partial(self._job, job_id))
+
+    def recall(self, job_id: int) -> defer.Deferred:
+        """:meth:`job` read by the writer's thread after every write handed over before (what
+        is buffered too): fires on the reactor thread, which goes on meanwhile."""
+        self.flush()
+        return self._writer.run(functools.partial(self._job, job_id), 0)
 
     def _recover(self, finished_limit: int) -> list[JournaledJob]:
         running = "SELECT id FROM jobs WHERE finished_at IS NULL"

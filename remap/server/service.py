@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -221,37 +222,14 @@ class ServerConnection:
             self._drive(link, msg)
         elif (t is m.Kill or t is m.Attach) and msg.job in self.server.drivers.jobs:
             self._driven(link, msg)
-        elif (t is m.Kill or t is m.Attach or t is m.Resume) and not self._may_touch(link, msg):
-            return
+        elif t is m.Kill or t is m.Attach or t is m.Resume:
+            self._recall(link, msg)
         elif t is m.Hold:
             sched.hold(link, msg.job, msg.held)
         elif t is m.JobCounters:
             job = sched.jobs.get(msg.job)
             if job is not None and job.console is link:
                 job.counters = bounded_counters(msg.counters)
-        elif t is m.Kill:
-            ended = msg.job in sched.jobs and sched.jobs[msg.job].finished
-            job = sched.kill(msg.job)
-            if job is None:
-                _refuse(link, msg, "not-found", f"no job {msg.job}")
-            else:
-                link.send(m.Ok(re=msg.id, info=_killed(job, ended)))
-        elif t is m.Attach:
-            sched.recall(msg.job)
-            job = sched.attach(link, msg.job)
-            if job is None:
-                _refuse(link, msg, "not-found", self._no_attach(msg.job))
-            else:
-                link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds()).to_wire()))
-        elif t is m.Resume:
-            job, problem = sched.resume(link, msg)
-            if job is None:
-                code = "bad-request" if problem.startswith("resume:") else "not-found"
-                if msg.job not in sched.jobs and code == "not-found":
-                    problem = self._no_attach(msg.job)  # says when an earlier run had it
-                _refuse(link, msg, code, problem)
-            else:
-                link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
         elif self.user and t in (m.Drain, m.Undrain, m.Exclude, m.Include, m.KillCluster):
             what = "kill --cluster" if t is m.KillCluster else msg.TYPE
             why = f"{what} needs the cluster secret; {self.user}'s key may not"
@@ -276,6 +254,44 @@ class ServerConnection:
         else:
             _refuse(link, msg, "unexpected", f"a console does not send {msg.TYPE}")
 
+    def _recall(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume) -> None:
+        """``kill``, ``attach`` and ``resume``, answered once their job is known: one only the
+        journal keeps is read off the reactor thread, this console's next messages waiting
+        meanwhile (as for a submit)."""
+        done = self.scheduler.recall(msg.job)
+        done.addCallback(lambda job: self._touch(link, msg, job))
+        done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
+        if not done.called:
+            self._hold(link, done)
+
+    def _touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume, job: Any) -> None:
+        sched = self.scheduler
+        t = type(msg)
+        if not self._may_touch(link, msg, job):
+            return
+        if t is m.Kill:
+            ended = job is not None and job.finished
+            job = sched.kill(msg.job)
+            if job is None:
+                _refuse(link, msg, "not-found", f"no job {msg.job}")
+            else:
+                link.send(m.Ok(re=msg.id, info=_killed(job, ended)))
+        elif t is m.Attach:
+            job = sched.attach(link, msg.job)
+            if job is None:
+                _refuse(link, msg, "not-found", self._no_attach(msg.job))
+            else:
+                link.send(m.Ok(re=msg.id, info=job.describe(sched.clock.seconds()).to_wire()))
+        else:
+            job, problem = sched.resume(link, msg)
+            if job is None:
+                code = "bad-request" if problem.startswith("resume:") else "not-found"
+                if msg.job not in sched.jobs and code == "not-found":
+                    problem = self._no_attach(msg.job)  # says when an earlier run had it
+                _refuse(link, msg, code, problem)
+            else:
+                link.send(m.Ok(re=msg.id, info={"job": job.id, "window": job.granted}))
+
     def _submit(self, link: PeerProtocol, msg: m.Submit) -> None:
         """A job, accepted once the journal committed it. Meanwhile what this console sends
         next waits, in order (its arguments for the job among it), and its connection is not
@@ -295,12 +311,16 @@ class ServerConnection:
         done.addCallbacks(accepted, refused)
         done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
         if not done.called:
-            self._held = []
-            _hold_reading(link, True)
-            done.addCallback(lambda _: self._release(link))
+            self._hold(link, done)
+
+    def _hold(self, link: PeerProtocol, done: defer.Deferred) -> None:
+        """Until ``done`` fires, what this console sends waits, in order, unread."""
+        self._held = []
+        _hold_reading(link, True)
+        done.addCallback(lambda _: self._release(link))
 
     def _release(self, link: PeerProtocol) -> None:
-        """Handle what waited for a submit's commit, until one more submit waits."""
+        """Handle what waited (for a submit's commit, a recall), until one more waits."""
         held, self._held = self._held or [], None
         for k, msg in enumerate(held):
             if self._held is not None:  # this one waits too: the rest after it
@@ -355,9 +375,8 @@ class ServerConnection:
                 job, lambda j: link.send(m.Ok(re=msg.id, info=_killed(j, ended)))
             )
 
-    def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume) -> bool:
+    def _may_touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume, job: Any) -> bool:
         """A person may kill or attach to their own jobs only; the cluster secret to any."""
-        job = self.scheduler.recall(msg.job)  # a finished job only the journal keeps, too
         if not self.user or job is None or job.owner == self.user:
             return True
         whose = f"{job.owner!r}" if job.owner else "the cluster administrator"

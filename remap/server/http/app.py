@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -293,10 +294,32 @@ class HttpApp:
 
     def results(self, request: Any, identity: Identity, job_id: int) -> bytes | int:
         submission = self.submitter.by_job.get(job_id)
-        recalled = submission is None
-        if recalled:  # submitted before the server restarted? the journal has the job
-            job = self.scheduler.recall(job_id)
-            submission = self.submitter.recall(job) if job is not None else None
+        if submission is not None:
+            return self._results(request, job_id, submission, recalled=False)
+        # submitted before the server restarted? the journal has the job (read off the reactor)
+        answered = self.scheduler.recall(job_id).addCallback(
+            lambda job: self._results(
+                request, job_id, self.submitter.recall(job) if job is not None else None
+            )
+        )
+
+        def answer(body: bytes | int) -> None:
+            if body is not NOT_DONE_YET and not (request._disconnected or request.finished):
+                request.write(body)
+                request.finish()
+
+        answered.addCallback(answer).addErrback(self._failed_later, request)
+        return NOT_DONE_YET
+
+    def _failed_later(self, failure: Failure, request: Any) -> None:
+        self.log.failure("answering {uri}", failure, uri=request.uri)
+        if not (request._disconnected or request.finished):
+            request.write(self._error(request, 500, "failed", "server error (see its log)"))
+            request.finish()
+
+    def _results(
+        self, request: Any, job_id: int, submission: Any, recalled: bool = True
+    ) -> bytes | int:
         if submission is None:
             why = f"job {job_id} was not submitted over HTTP (its results went to its console)"
             return self._error(request, 404, "not-found", why)

@@ -7,6 +7,8 @@ import itertools
 from collections import deque
 from typing import Any
 
+from twisted.internet import defer
+
 from protocol import messages as m
 
 from . import policy
@@ -97,15 +99,19 @@ class Recovery:
             job.received = job.done + job.failed
         return job
 
-    def recall(self, job_id: int) -> JobState | None:
-        """A job by id: in memory, or a finished one only the journal still keeps (brought
-        back into memory, so ``attach`` and ``results`` work for every journaled job)."""
+    def recall(self, job_id: int) -> defer.Deferred[JobState | None]:
+        """A job by id, or None: in memory, or a finished one only the journal still keeps
+        (brought back into memory, so ``attach`` and ``results`` work for every journaled job),
+        read off the reactor thread (see :meth:`Journal.recall`)."""
         job = self.jobs.get(job_id)
-        if job is None and self.journal is not None:
-            self.journal.flush()
-            rec = self.journal.job(job_id)
-            if rec is not None and rec.finished_at is not None:
-                job = self.jobs[job_id] = self._restored(rec)
+        if job is not None or self.journal is None:
+            return defer.succeed(job)
+        return self.journal.recall(job_id).addCallback(self._recalled, job_id)
+
+    def _recalled(self, rec: Any, job_id: int) -> JobState | None:
+        job = self.jobs.get(job_id)  # (recalled meanwhile, for another request)
+        if job is None and rec is not None and rec.finished_at is not None:
+            job = self.jobs[job_id] = self._restored(rec)
         return job
 
     @command
