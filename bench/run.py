@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--only NAME[,NAME...]] [--systems S[,S...]] [--profile]
 
 Workloads: trivial10k, trivial, cpu100ms, latency, mib, wordcount, async1k, submit1k, jobs300,
-lazy10m, nodes500
+map1k, lazy10m, nodes500
 (all by default;
 lazy10m, 10^7 lazily generated arguments on three systems, takes about a minute and a half
 on 2 cores). Each system runs in its own child process ("cell"), so systems never share
@@ -58,6 +58,7 @@ WORKLOADS = (
     "async1k",
     "submit1k",
     "jobs300",
+    "map1k",
     "lazy10m",
     "nodes500",
 )
@@ -73,6 +74,7 @@ SHARED_CELL = (
     "async1k",
     "submit1k",
     "jobs300",
+    "map1k",
 )
 #: which systems run each of the special workloads
 LAZY_SYSTEMS = ("api-embedded", "api-procs", "remap-procs", "remap-embedded", "mp.Pool")
@@ -96,6 +98,7 @@ TARGETS = {
     "async1k": "≤1.5× Pool",
     "submit1k": "≤1.5× Pool",
     "jobs300": "≤1.5× Pool",
+    "map1k": "≤1.5× Pool",
     "lazy10m": "completes, peak RSS <200 MB",
     "nodes500": "CPU/batch flat (≤1.5× of 10 nodes)",
 }
@@ -538,6 +541,20 @@ def bench_submit1k(system: Any, p: dict[str, Any]) -> list[dict]:
     return rows
 
 
+def bench_map1k(system: Any, p: dict[str, Any]) -> list[dict]:
+    """``Pool.map`` in a loop, each over a small list, waiting for each; remap's
+    ``Cluster.map`` (``remap.connect(...).map``) in the details."""
+    lists = [list(range(k, k + 10)) for k in range(p["async_n"])]
+    expected = [[x + 1 for x in each] for each in lists]
+    what = f"{p['async_n']} Pool.map of 10 calls, one after another"
+    rows = _async_row(system, p, "map1k", lambda: system.map_each(w.inc, lists), expected, what)
+    if is_remap(system.name) and "absent" not in rows[0]:
+        run = lambda: [system.api.map(w.inc, each) for each in lists]  # noqa: E731
+        cluster = _async_row(system, p, "cmap", run, expected, "")
+        rows[0]["details"] += f"; Cluster.map {cluster[0]['value']:.3f} s"
+    return rows
+
+
 def bench_lazy(system: Any, p: dict[str, Any]) -> list[dict]:
     n = p["lazy_n"]
     dt, got = timed(lambda: system.map_reduce(w.double, w.add, w.lazy_arguments(n), 1000))
@@ -664,6 +681,7 @@ BENCHES = {
     "async1k": bench_async1k,
     "submit1k": bench_submit1k,
     "jobs300": bench_jobs300,
+    "map1k": bench_map1k,
     "lazy10m": bench_lazy,
 }
 
@@ -876,7 +894,7 @@ def judge(rows: list[dict]) -> list[dict]:
             r["met"] = ratio is not None and ratio >= (0.9 if embedded else 0.75)
         elif wl == "wordcount":
             r["met"] = ratio is not None and ratio >= 0.95
-        elif wl in ("async1k", "submit1k", "jobs300"):
+        elif wl in ("async1k", "submit1k", "jobs300", "map1k"):
             r["met"] = ratio is not None and ratio <= 1.5
         elif wl == "lazy10m":
             r["met"] = r["peak_rss"] < 200

@@ -76,6 +76,10 @@ class System:
         """One ``Pool.map_async`` per list, all issued before any result is taken."""
         raise NotImplementedError
 
+    def map_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        """One synchronous ``Pool.map`` per list, each waited for before the next."""
+        raise NotImplementedError
+
     def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
         """One ``Pool.apply_async`` per argument, all issued before any result is taken."""
         raise NotImplementedError
@@ -363,6 +367,12 @@ class RemapApiSystem(RemapSystem):
         with remap.Pool(cluster=self.api) as pool:
             return _map_async_each(pool, fn, lists)
 
+    def map_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        import remap
+
+        with remap.Pool(cluster=self.api) as pool:
+            return [pool.map(fn, x) for x in lists]
+
     def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
         import remap
 
@@ -428,6 +438,9 @@ class PoolSystem(System):
 
     def map_async_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
         return _map_async_each(self.pool, fn, lists)
+
+    def map_each(self, fn: Callable, lists: list[list[Any]]) -> list[list[Any]]:
+        return [self.pool.map(fn, x) for x in lists]
 
     def apply_async_each(self, fn: Callable, args: list[Any]) -> list[Any]:
         return _apply_async_each(self.pool, fn, args)

@@ -39,7 +39,10 @@ from protocol.options import JobOptions
 
 from . import bundle, discovery, runtime, shipping, taskoutput
 from .blobs import LARGE_PICKLE, PICKLE_PROTOCOL, dumps_buffered
+from .calls import Initialized
 from .client import (
+    GROUP_BYTES,
+    GROUP_SPREAD,
     GROUP_WAIT,
     ClusterClient,
     JobStream,
@@ -91,6 +94,20 @@ CONNECT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 15.0
 #: seconds ``close()`` waits for the server to confirm it killed the handle's running jobs
 KILL_WAIT = 2.0
+
+#: a map of at most this many arguments (a known length), of at most this many pickled bytes,
+#: runs as calls in its executor's open job of its function (``Executor._small_map``): a job
+#: costs a submit round trip, job set-up on the server and nodes, and a share of the server's
+#: fair-share scan per dispatch while it runs (2-4 ms); a job of its own would send each
+#: argument alone below GROUP_SPREAD
+SMALL_MAP = GROUP_SPREAD - 1
+SMALL_MAP_BYTES = 16 * GROUP_BYTES
+
+
+def is_small(values: Iterable[Any]) -> bool:
+    """A known length of at most :data:`SMALL_MAP`, above 0."""
+    return isinstance(values, Sized) and 0 < len(values) <= SMALL_MAP
+
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _SIZED = frozenset({str, bytes})
@@ -1065,13 +1082,31 @@ class Cluster:
         collect: bool = True,
         events: queue.SimpleQueue | None = None,
         owner: Any = None,
+        executor: Executor | None = None,
     ) -> Any:
         """The one implementation of ``map``, ``starmap``, ``imap`` and ``imap_unordered`` for
         :class:`Cluster` and :class:`remap.Pool`: the method's row of :data:`MAP_CALLS`, the
         facade's :class:`MapStyle`. ``opened`` sees the iterator before anything is gathered;
         ``collect=False`` returns the iterator of an eager method (``map_async``); its
-        stream's events then go to ``events`` (with ``owner``) when given."""
+        stream's events then go to ``events`` (with ``owner``) when given. With an
+        ``executor`` (``remap.Pool``'s) each call runs after its initializer, and a small
+        ``map``/``starmap`` (:func:`is_small`) runs as calls in its open job of ``fn``,
+        ``chunksize`` checked but the server sizing its batches, as for submits. (Not this
+        handle's own maps: that job keeps ``fn`` as pickled when it opened, so a later
+        ``ship_by_value`` or change to a global it captured by value would not be seen.)"""
         call = MAP_CALLS[method]
+        small = executor is not None and collect and not call.lazy and ordered is not False
+        if small and is_small(iterable):
+            self._params(call.kind, chunksize=chunksize)  # refused as a job's would be
+            calls = executor._small_map(fn, iterable, call.star, style.stop_on_error)
+            if calls is not None:
+                try:
+                    return calls.result()
+                except Exception as exc:  # the first remote error, in the facade's type
+                    error = exc if style.wrap_error is None else style.wrap_error(exc)
+                raise error
+        if executor is not None and executor._initializer is not None:
+            fn = Initialized(fn, executor._initializer)
         if call.lazy and not style.defer_errors:
             # an exception from the iterable is raised at its position, after the results
             # before it (as builtin map and Pool.imap), not when the feeder read it

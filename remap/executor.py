@@ -13,6 +13,7 @@ was handed to the server; only pending futures can be cancelled.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import pickle
 import queue
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from . import api, runtime
-from .api import _PLAIN_TYPES
+from . import api, runtime, taskoutput
+from .api import _PLAIN_TYPES, SMALL_MAP_BYTES
 from .blobs import PICKLE_PROTOCOL
 from .calls import INITIALIZER_FAILED, Apply, Initialized, Initializer
 from .errors import JobFailed
@@ -118,6 +119,99 @@ def _call_blob(
     if not kwargs and _PLAIN_TYPES.issuperset(map(type, args)):
         return pickle.dumps((args, kwargs), PICKLE_PROTOCOL)  # plain scalars: pickle exactly
     return api.dumps_argument((args, kwargs), lambda: f"{what} of {api.describe(fn)}")
+
+
+class _Calls:
+    """A small map's calls in its executor's open job of their function (shared with submits
+    and other small maps, not a job each), as one group (:meth:`Executor._put`): its future
+    gets the results in order once every call ended, else the first error in argument order
+    (``stop_on_error``: as soon as the calls before it ended). Once the future is settled
+    (or its caller gave up, :meth:`result`) the group's calls not yet sent are skipped and
+    the outcomes of the others dropped: the job goes on for its other callers."""
+
+    _claimed = False  # (withdrawn: see _SubmitStream.withdraw_pending)
+
+    def __init__(self, executor: Executor, n: int, stop_on_error: bool) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()
+        self.executor = executor
+        self.values: list[Any] = [None] * n
+        self.errors: dict[int, BaseException] = {}
+        self.left, self.sent = n, 0
+        #: with stop_on_error: which calls ended, and the first place that has not
+        self.ended = bytearray(n) if stop_on_error else None
+        self.first = 0
+
+    def place(self) -> int:
+        """Under the job's lock, as a call is sent: its place (calls are sent in order)."""
+        self.sent += 1
+        return self.sent - 1
+
+    def settle(self, place: int, value: Any, error: BaseException | None) -> None:
+        """Delivery thread: one call's outcome."""
+        self.left -= 1
+        if self.future.done():  # failed already, or its caller gave up: dropped
+            return
+        if error is not None:
+            if self.executor._killed:  # killed, or no matter: the executor is gone
+                return self.set_exception(error)
+            self.errors[place] = error
+        else:
+            self.values[place] = value
+        ended = self.ended
+        if ended is not None:
+            ended[place] = 1
+            while self.first < len(ended) and ended[self.first]:
+                if self.first in self.errors:
+                    return self.set_exception(self.errors[self.first])
+                self.first += 1
+        if not self.left:
+            if self.errors:
+                self.set_exception(self.errors[min(self.errors)])
+            else:
+                self.future.set_result(self.values)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_exception(self, error: BaseException) -> None:
+        """Every call fails: ``error``, or, once the executor was killed, as a withdrawn one."""
+        if self.executor._killed:
+            error = concurrent.futures.CancelledError(self.executor._killed)
+        self.values = []
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled meanwhile
+            self.future.set_exception(error)
+
+    def _withdraw(self) -> None:
+        self.set_exception(concurrent.futures.CancelledError(self.executor._killed or _SHUT_DOWN))
+
+    def result(self) -> list[Any]:
+        """Wait for the results (a synchronous map). Interrupted (Ctrl-C), the calls not yet
+        sent are skipped and the outcomes of the others dropped; the job is not killed."""
+        try:
+            values = self.future.result()
+        except BaseException as exc:
+            if not self.future.done():
+                self.set_exception(concurrent.futures.CancelledError(f"interrupted: {exc!r}"))
+            raise
+        # what the calls printed came before their results (as a map's results iterator)
+        taskoutput.printer.flush(api.OUTPUT_FLUSH_TIMEOUT)
+        return values
+
+
+def _call_blobs(star: bool, fn: Callable[..., Any], values: list[Any]) -> list[bytes] | None:
+    """A small map's calls pickled for its executor's job of ``fn``; None once they pass
+    ``SMALL_MAP_BYTES`` (the map gets a job of its own, whose arguments are pickled as they
+    are sent, at most ``FEED_MAX_BYTES`` ahead)."""
+    blobs: list[bytes] = []
+    size = 0
+    for k, value in enumerate(values):
+        blob = _call_blob(fn, tuple(value) if star else (value,), {}, f"argument {k}")
+        size += len(blob)
+        if size > SMALL_MAP_BYTES:
+            return None
+        blobs.append(blob)
+    return blobs
 
 
 class RemoteFuture(concurrent.futures.Future):
@@ -254,7 +348,11 @@ class _SubmitStream:
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
         if type(future) is not RemoteFuture:  # a call of a group: sent in order, its place next
-            self.futures[index] = (future, future.place())
+            place = future.place()
+            if future.future.done():  # the group failed or was given up: not sent
+                self._settled()
+                return False
+            self.futures[index] = (future, place)
             return True
         if not future._claimed and future._state == _PENDING:
             # what set_running_or_notify_cancel does for a pending future, without taking its
@@ -446,6 +544,8 @@ class Executor(concurrent.futures.Executor):
         self._broken: str | bool = False
         #: False for a Pool's executor: multiprocessing has no broken state, the call just fails
         self._breaks = True
+        #: why a small map's calls raise CancelledError once killed (``_terminate``'s ``why``)
+        self._killed: str | None = None
         #: calls of a submit job per server batch (None: adaptive); joblib's backend sets 1
         self._submit_chunksize: int | None = None
         self._thread = threading.Thread(target=self._deliver, name="remap-executor", daemon=True)
@@ -499,6 +599,22 @@ class Executor(concurrent.futures.Executor):
                 # with whatever it holds) would stay until some other event came
                 self._events.put(_WAKE)
             stream.add(blobs, futures)
+
+    def _small_map(
+        self, fn: Callable[..., Any], values: Iterable[Any], star: bool, stop_on_error: bool
+    ) -> _Calls | None:
+        """A map of at most SMALL_MAP arguments of known length, SMALL_MAP_BYTES pickled, put
+        as one group of calls in ``fn``'s open job (:class:`_Calls`); None for another (it
+        gets a job of its own)."""
+        if self._shutdown or not api.is_small(values):
+            return None
+        values = list(values)
+        blobs = _call_blobs(star, fn, values)
+        if blobs is None:
+            return None
+        calls = _Calls(self, len(blobs), stop_on_error)
+        self._put(fn, blobs, [calls] * len(blobs))
+        return calls
 
     def map(
         self,
@@ -586,9 +702,11 @@ class Executor(concurrent.futures.Executor):
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()  # it waits for the map jobs and closes an owned cluster
 
-    def _terminate(self) -> None:
+    def _terminate(self, why: str | None = None) -> None:
         """Cancel everything, running calls included (their futures get JobKilled); a job with
-        no call outstanding (one kept open for the next submit) is closed instead."""
+        no call outstanding (one kept open for the next submit) is closed instead. ``why``:
+        every small map's calls then raise CancelledError(why) (``remap.Pool``)."""
+        self._killed = why
         self._stop(cancel=True, kill=True)
 
     def _stop(self, cancel: bool, kill: bool) -> None:

@@ -12,22 +12,24 @@ from collections.abc import Callable, Iterable
 from multiprocessing.pool import MaybeEncodingError
 from typing import Any
 
-from .api import MAP_CALLS, Cluster, MapStyle, RemoteTaskError, ResultIterator, own_or_borrow
-from .calls import RESULT_REPR, UNPICKLABLE_RESULT, Initialized
-from .client import GROUP_BYTES, GROUP_SPREAD
-from .executor import Executor, _call_blob
+from .api import (
+    MAP_CALLS,
+    SMALL_MAP,
+    SMALL_MAP_BYTES,
+    Cluster,
+    MapStyle,
+    RemoteTaskError,
+    ResultIterator,
+    own_or_borrow,
+)
+from .calls import RESULT_REPR, UNPICKLABLE_RESULT
+from .executor import Executor
 
-__all__ = ["AsyncResult", "Pool"]
+__all__ = ["AsyncResult", "Pool", "SMALL_MAP", "SMALL_MAP_BYTES"]
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 #: what a result of a terminated pool that never came raises (a CancelledError)
 _TERMINATED = "the pool was terminated before this result came"
-#: a ``map_async`` of at most this many arguments, of at most this many pickled bytes, runs
-#: as calls in the pool's executor's job of its function (a job costs a submit round trip, job
-#: set-up on the server and nodes, and a share of the server's fair-share scan per dispatch
-#: while it runs: 3-4 ms); a job of its own would send each argument alone below GROUP_SPREAD
-SMALL_MAP = GROUP_SPREAD - 1
-SMALL_MAP_BYTES = 16 * GROUP_BYTES
 
 
 class AsyncResult:
@@ -175,55 +177,6 @@ class _AsyncMap(_Gathered):
         return True
 
 
-class _Calls:
-    """A small ``map_async``'s calls in the pool's executor's open job of their function (shared
-    with ``apply_async`` and other small maps, not a job each), as one group (``Executor._put``):
-    its future gets the results in order once every call ended, else the first error in
-    argument order; a call withdrawn or killed by :meth:`Pool.terminate` settles it at once."""
-
-    _claimed = False  # (withdrawn: see _SubmitStream.withdraw_pending)
-
-    def __init__(self, future: concurrent.futures.Future, n: int, pool: Pool) -> None:
-        self.future = future
-        self.pool = pool
-        self.values: list[Any] = [None] * n
-        self.errors: dict[int, BaseException] = {}
-        self.left, self.sent = n, 0
-
-    def place(self) -> int:
-        """Under the job's lock, as a call is sent: its place (calls are sent in order)."""
-        self.sent += 1
-        return self.sent - 1
-
-    def settle(self, place: int, value: Any, error: BaseException | None) -> None:
-        """Delivery thread: one call's outcome."""
-        if error is not None:
-            if self.pool._state == _TERMINATE:  # killed, or no matter: the pool is gone
-                self.set_exception(error)
-            self.errors[place] = error
-        else:
-            self.values[place] = value
-        self.left -= 1
-        if not self.left and not self.future.done():
-            if self.errors:
-                self.set_exception(self.errors[min(self.errors)])
-            else:
-                self.future.set_result(self.values)
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def set_exception(self, error: BaseException) -> None:
-        """Every call fails: ``error``, or, once the pool is terminated, as a withdrawn one."""
-        if self.pool._state == _TERMINATE:
-            error = concurrent.futures.CancelledError(_TERMINATED)
-        with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled meanwhile
-            self.future.set_exception(error)
-
-    def _withdraw(self) -> None:
-        self.set_exception(concurrent.futures.CancelledError(_TERMINATED))
-
-
 #: multiprocessing's map family: every call runs to its end, errors where they happen
 _POOL_MAPS = MapStyle(
     kind="pool",
@@ -315,11 +268,12 @@ class Pool:
         owner: Any = None,
     ) -> Any:
         """The cluster's one map implementation in multiprocessing's style (:data:`_POOL_MAPS`),
-        each call after this pool's initializer; iterators are closed by :meth:`terminate`."""
+        each call after this pool's initializer (a small map as calls in this pool's executor's
+        job); iterators are closed by :meth:`terminate`."""
         self._check_running()
         return self._cluster._map(
             method,
-            Initialized(func, self._initializer) if self._initializer is not None else func,
+            func,
             iterable,
             chunksize=chunksize,
             buffersize=buffersize,
@@ -328,6 +282,7 @@ class Pool:
             collect=collect,
             events=events,
             owner=owner,
+            executor=self._executor,
         )
 
     # ------------------------------------------------------------ one call
@@ -401,21 +356,16 @@ class Pool:
         # results are gathered on the pool's delivery thread as they come (no thread per call)
         self._check_running()
         values = list(iterable)
+        try:
+            calls = self._executor._small_map(func, values, MAP_CALLS[method].star, False)
+        except RuntimeError:
+            if self._state != _RUN:  # terminated meanwhile
+                raise ValueError("Pool not running") from None
+            raise
+        if calls is not None:
+            return AsyncResult(self._track(calls.future), callback, error_callback)
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        if 0 < len(values) <= SMALL_MAP:
-            blobs = self._call_blobs(MAP_CALLS[method].star, func, values)
-            if blobs is not None:
-                calls = _Calls(future, len(values), self)
-                result = AsyncResult(self._track(future), callback, error_callback)
-                try:
-                    self._executor._put(func, blobs, [calls] * len(blobs))
-                except BaseException as exc:
-                    self._untrack(future)
-                    if isinstance(exc, RuntimeError) and self._state != _RUN:
-                        raise ValueError("Pool not running") from None  # terminated meanwhile
-                    raise
-                return result
         gather = _AsyncMap(future)
         executor = self._executor
         try:
@@ -432,21 +382,6 @@ class Pool:
         result = AsyncResult(self._track(future), callback, error_callback)
         events.put(("attach", results._stream, results))  # the delivery thread takes it on
         return result
-
-    @staticmethod
-    def _call_blobs(star: bool, func: Callable[..., Any], values: list[Any]) -> list[bytes] | None:
-        """A small map's calls pickled for the executor's job of ``func``; None once they pass
-        ``SMALL_MAP_BYTES`` (the map gets a job of its own, whose arguments are pickled as
-        they are sent, at most ``FEED_MAX_BYTES`` ahead)."""
-        blobs: list[bytes] = []
-        size = 0
-        for k, value in enumerate(values):
-            blob = _call_blob(func, tuple(value) if star else (value,), {}, f"argument {k}")
-            size += len(blob)
-            if size > SMALL_MAP_BYTES:
-                return None
-            blobs.append(blob)
-        return blobs
 
     def imap(
         self,
@@ -490,7 +425,7 @@ class Pool:
             # multiprocessing
             if not results.finished:
                 results.cancel(_TERMINATED)
-        self._executor._terminate()
+        self._executor._terminate(_TERMINATED)
         self._executor.shutdown(wait=True)
         self._release_cluster()
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from remap.api import MAP_CALLS, Cluster, MapCall
+from remap.executor import Executor
 from remap.pool import SMALL_MAP, Pool
 
 
@@ -48,24 +49,38 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 
 def handles() -> tuple[Cluster, Pool]:
-    """A cluster handle and a pool over it, built without connecting."""
+    """A cluster handle and a pool over it, built without connecting, the pool with a fake
+    executor (where its small maps' calls go)."""
     cluster = object.__new__(Cluster)
+    cluster.group, cluster.priority, cluster.retries, cluster.task_timeout = None, 0, 3, None
+    cluster.requires, cluster.max_cores, cluster.min_cores = [], 0, 0
     pool = object.__new__(Pool)
     pool._cluster, pool._owns_cluster, pool._initializer = cluster, False, None
     pool._state, pool._iterators = "RUN", weakref.WeakSet()
+    pool._executor = FakeExecutor()
     return cluster, pool
+
+
+def put_calls(executor: FakeExecutor) -> list[tuple[Any, list[Any]]]:
+    """The calls of small maps put in the executor's jobs: (function, [each call])."""
+    return [(fn, [pickle.loads(blob) for blob in blobs]) for fn, blobs in executor.put]
 
 
 @pytest.mark.parametrize("method", sorted(MAP_CALLS))
 def test_cluster_and_pool_read_each_method_from_the_one_table(
     opened: list[dict[str, Any]], method: str
 ) -> None:
-    """Both facades' method of one name opens the same kind of job: the table's row."""
+    """Both facades' method of one name opens the same kind of job: the table's row; the
+    pool's small map or starmap of a known length is put in its executor's job of the function
+    instead, as the row's calls."""
     cluster, pool = handles()
     getattr(cluster, method)(abs, [1])
-    getattr(pool, method)(abs, [1])
-    pool._state = "TERMINATE"
+    getattr(pool, method)(abs, iter([1]))
     row = MAP_CALLS[method]
+    if not row.lazy:
+        getattr(pool, method)(abs, [(-2,)] if row.star else [-2])
+        assert put_calls(pool._executor) == [(abs, [((-2,), {})])]
+    pool._state = "TERMINATE"
     for seen in opened:
         assert (seen["star"], seen["ordered"]) == (row.star, row.ordered)
         assert (seen["buffersize"] is not None) is row.lazy
@@ -93,7 +108,7 @@ def test_eager_methods_gather_through_the_facades_style(opened: list[dict[str, A
     """map returns a list gathered inside ``with`` (the job is killed if the caller leaves);
     map_async takes the same row without gathering; a pool's iterators are tracked."""
     cluster, pool = handles()
-    assert cluster.map(abs, [1]) == [] and pool.map(abs, [1]) == []
+    assert cluster.map(abs, [1]) == [] and pool.map(abs, iter([1])) == []
     results = pool._map("map", abs, [1], None, collect=False)
     assert isinstance(results, FakeResults) and not results.closed
     assert results in pool._iterators
@@ -108,8 +123,13 @@ class FakeExecutor:
         #: the calls of small maps put in its submit jobs: (function, [each call's pickle])
         self.put: list[tuple[Any, list[bytes]]] = []
 
+    _shutdown, _killed, _initializer = False, None, None
+    _small_map = Executor._small_map
+
     def _put(self, fn: Any, blobs: list[bytes], tags: list[Any]) -> None:
         self.put.append((fn, blobs))
+        for tag in tags:  # every call returns 1 at once
+            tag.settle(tag.place(), 1, None)
 
     def _adopt(self, owner: Any) -> queue.SimpleQueue:
         return self.events
@@ -128,7 +148,7 @@ def test_async_methods_read_the_eager_rows(
         MAP_CALLS, "starmap", MapCall("probe", star=True, ordered=False, lazy=False)
     )
     cluster, pool = handles()
-    pool._executor, pool._lock, pool._pending = FakeExecutor(), threading.Lock(), set()
+    pool._lock, pool._pending = threading.Lock(), set()
     pool.map_async(abs, [1] * (SMALL_MAP + 1))
     pool.starmap_async(abs, [(1,)] * (SMALL_MAP + 1))
     pool.map_async(abs, [(1, 2)])
@@ -137,5 +157,4 @@ def test_async_methods_read_the_eager_rows(
     seen = [(job["star"], job["ordered"], job["buffersize"]) for job in opened]
     assert seen == [(False, True, None), (True, False, None)]
     assert all(job["events"] is pool._executor.events for job in opened)
-    calls = [(fn, [pickle.loads(blob) for blob in blobs]) for fn, blobs in pool._executor.put]
-    assert calls == [(abs, [(((1, 2),), {})]), (abs, [((1, 2), {})])]
+    assert put_calls(pool._executor) == [(abs, [(((1, 2),), {})]), (abs, [((1, 2), {})])]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import multiprocessing
+import signal
 import subprocess
 import sys
 import threading
@@ -437,6 +438,74 @@ def test_terminate_fails_small_map_asyncs_sent_or_not(
         assert sorted(map(id, errors)) == sorted(id(r._error) for r in results)
     finally:
         release.touch()
+
+
+def test_small_sync_maps_share_one_job_and_an_interrupted_one_stops_only_its_calls(
+    embedded: remap.Cluster, tmp_path: Path
+) -> None:
+    """Small synchronous map and starmap calls run as calls in the pool's one job of their
+    function (not a job each: 2-4 ms), each returning its own results in order or raising its
+    first failure in argument order, in multiprocessing's types; chunksize is checked. A
+    KeyboardInterrupt while one map waits skips its calls not yet sent and drops its outcomes:
+    the shared job is not killed, a map_async in it gets its results, the pool goes on."""
+    from multiprocessing.pool import MaybeEncodingError
+
+    from protocol.messages import INITIAL_WINDOW
+
+    first = max((job["id"] for job in embedded.status()["jobs"]), default=0)
+    release = tmp_path / "release"
+    pool = remap.Pool(cluster=embedded)
+    try:
+        for k in range(40):
+            args = list(range(k, k + 1 + k % 9))
+            failing = [x for x in args if x % 7 == 3]
+            if failing:
+                with pytest.raises(PoolError, match=f"^seven {failing[0]}$"):
+                    pool.map(fail_on_sevens, args)
+            else:
+                assert pool.map(fail_on_sevens, args, chunksize=2) == [x * x for x in args]
+            assert pool.starmap(power, [(x, 3) for x in args]) == [x**3 for x in args]
+        with pytest.raises(MaybeEncodingError, match="Error sending result: '<unlocked"):
+            pool.map(unpicklable_result, range(4))
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(square, [1], chunksize=0)
+        kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
+        assert set(kinds) == {"submit"} and len(kinds) < 10, kinds
+
+        # both cores held by a map_async's calls; the next map's last calls wait unsent
+        n = INITIAL_WINDOW // 2 + 1
+        other = pool.map_async(held, [str(release)] * n)
+        main = threading.get_ident()
+        stream = next(s for s in pool._executor._streams.values() if s.fn is held)
+
+        def interrupt() -> None:
+            wait_for(
+                lambda: any(tag.future is not other._future for _, tag, _ in stream.job._items),
+                30,
+                "the interrupted map's calls past the window",
+            )
+            signal.pthread_kill(main, signal.SIGINT)
+
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupter = threading.Thread(target=interrupt)
+        interrupter.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.map(held, [str(release)] * n)
+        finally:
+            interrupter.join(30)
+            signal.signal(signal.SIGINT, previous)
+        release.touch()
+        assert other.get(timeout=60) == [1] * n
+        # the job ran on: every call of it settled (the interrupted ones skipped or dropped)
+        wait_for(lambda: stream.outstanding == 0 and not stream.job._items, 30, "calls settled")
+        assert not stream.job.finished.is_set()
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+        kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
+        assert set(kinds) == {"submit"} and len(kinds) < 10, kinds
+    finally:
+        release.touch()
+        pool.terminate()
 
 
 def test_terminate_fails_an_outstanding_map_async(embedded: remap.Cluster, tmp_path: Path) -> None:
