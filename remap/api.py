@@ -1098,7 +1098,7 @@ class Cluster:
         small = executor is not None and collect and not call.lazy and ordered is not False
         if small and is_small(iterable):
             self._params(call.kind, chunksize=chunksize)  # refused as a job's would be
-            calls = executor._small_map(fn, iterable, call.star, style.stop_on_error)
+            calls = executor._small_map(fn, iterable, call.star, True)
             if calls is not None:
                 try:
                     return calls.result()

@@ -124,23 +124,25 @@ def _call_blob(
 class _Calls:
     """A small map's calls in its executor's open job of their function (shared with submits
     and other small maps, not a job each), as one group (:meth:`Executor._put`): its future
-    gets the results in order once every call ended, else the first error in argument order
-    (``stop_on_error``: as soon as the calls before it ended). Once the future is settled
-    (or its caller gave up, :meth:`result`) the group's calls not yet sent are skipped and
-    the outcomes of the others dropped: the job goes on for its other callers."""
+    gets the results in order once every call ended, else the first error in argument order.
+    Once the future is settled (or its caller gave up, :meth:`result`) the group's calls not
+    yet sent are skipped and the outcomes of the others dropped: the job goes on for its
+    other callers. ``waits``: a synchronous map's, whose caller waits next (running the loop
+    itself, as for a submit's ``result()``) and whose results are settled as they are read
+    (its future has no callbacks: no hop through the delivery thread)."""
 
     _claimed = False  # (withdrawn: see _SubmitStream.withdraw_pending)
+    _stream: _SubmitStream | None = None  # (set by _SubmitStream.add)
 
-    def __init__(self, executor: Executor, n: int, stop_on_error: bool) -> None:
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+    def __init__(self, executor: Executor, n: int, waits: bool) -> None:
+        self.future = RemoteFuture()
         self.future.set_running_or_notify_cancel()
-        self.executor = executor
+        self.executor, self.waits = executor, waits
         self.values: list[Any] = [None] * n
         self.errors: dict[int, BaseException] = {}
         self.left, self.sent = n, 0
-        #: with stop_on_error: which calls ended, and the first place that has not
-        self.ended = bytearray(n) if stop_on_error else None
-        self.first = 0
+        #: outcomes come on the delivery thread and, for ``waits``, the loop's
+        self.lock = threading.Lock()
 
     def place(self) -> int:
         """Under the job's lock, as a call is sent: its place (calls are sent in order)."""
@@ -148,28 +150,22 @@ class _Calls:
         return self.sent - 1
 
     def settle(self, place: int, value: Any, error: BaseException | None) -> None:
-        """Delivery thread: one call's outcome."""
-        self.left -= 1
-        if self.future.done():  # failed already, or its caller gave up: dropped
-            return
-        if error is not None:
-            if self.executor._killed:  # killed, or no matter: the executor is gone
-                return self.set_exception(error)
-            self.errors[place] = error
-        else:
-            self.values[place] = value
-        ended = self.ended
-        if ended is not None:
-            ended[place] = 1
-            while self.first < len(ended) and ended[self.first]:
-                if self.first in self.errors:
-                    return self.set_exception(self.errors[self.first])
-                self.first += 1
-        if not self.left:
-            if self.errors:
-                self.set_exception(self.errors[min(self.errors)])
+        """One call's outcome (delivery thread; a result of ``waits``: the loop's)."""
+        with self.lock:
+            self.left -= 1
+            if self.future.done():  # failed already, or its caller gave up: dropped
+                return
+            if error is not None:
+                if self.executor._killed:  # killed, or no matter: the executor is gone
+                    return self.set_exception(error)
+                self.errors[place] = error
             else:
-                self.future.set_result(self.values)
+                self.values[place] = value
+            if not self.left:
+                if self.errors:
+                    self.set_exception(self.errors[min(self.errors)])
+                else:
+                    self.future.set_result(self.values)
 
     def done(self) -> bool:
         return self.future.done()
@@ -188,6 +184,7 @@ class _Calls:
     def result(self) -> list[Any]:
         """Wait for the results (a synchronous map). Interrupted (Ctrl-C), the calls not yet
         sent are skipped and the outcomes of the others dropped; the job is not killed."""
+        self.future._stream = self._stream  # result() runs the loop itself while it waits
         try:
             values = self.future.result()
         except BaseException as exc:
@@ -329,19 +326,23 @@ class _SubmitStream:
             owner=self,
         )
 
-    def add(self, blobs: list[bytes], futures: list[RemoteFuture]) -> None:
+    def add(self, blobs: list[bytes], futures: list[RemoteFuture], waits: bool = False) -> None:
         for future in futures:
             future._stream = self
         with self.job.lock:
             self.outstanding += len(futures)
             self.idle_since = None
             lone = self.outstanding == 1
+            alone = self.outstanding == len(futures)
         # a lone call to a server leaves from this thread (no hop through the reactor); calls
         # that come while others are out go through the reactor, many to a message. A lone
         # call's caller is likely to wait for it next, running the loop itself if it keeps it
-        # (drive): the reactor's thread is not woken to send it
+        # (drive): the reactor's thread is not woken to send it; so is a synchronous map's
+        # (``waits``), whose calls leave from this thread when nothing else is out
         if lone and self.wake_later is not None:
             self.job.put_one(blobs[0], futures[0])
+        elif waits and alone:
+            self.job.put_many(blobs, futures, now=self.wake_later is not None, waits=True)
         else:
             self.job.put_many(blobs, futures, waits=lone)
 
@@ -392,8 +393,14 @@ class _SubmitStream:
         between the look and the result.
         """
         future = self.futures.get(index)
-        if type(future) is not RemoteFuture:  # none, or a group's call (the delivery thread's)
-            return False
+        if type(future) is not RemoteFuture:  # none, or a group's call
+            if type(future) is not tuple or not future[0].waits:
+                return False  # (a map_async's: its callbacks run on the delivery thread)
+            del self.futures[index]
+            future[0].settle(future[1], result, None)
+            with self.job.lock:
+                self._settled()
+            return True
         # Future.set_result's work, under the one hold that looked (the condition's own
         # lock: see _notify)
         with future._condition._lock:  # type: ignore[attr-defined]
@@ -574,7 +581,9 @@ class Executor(concurrent.futures.Executor):
         self._put(fn, [_call_blob(fn, args, kwargs, "the arguments")], [future])
         return future
 
-    def _put(self, fn: Callable[..., Any], blobs: list[bytes], futures: list[Any]) -> None:
+    def _put(
+        self, fn: Callable[..., Any], blobs: list[bytes], futures: list[Any], waits: bool = False
+    ) -> None:
         """Queue calls of ``fn`` (:func:`_call_blob`) in its open job, or a new one, each
         settling its future; or a group's calls, the group (``remap.Pool``'s ``_Calls``) for
         each: it is told each call's place as it is sent (``place()``), settles it
@@ -598,22 +607,22 @@ class Executor(concurrent.futures.Executor):
                 # must start counting this job's idle time, or the job (and the function,
                 # with whatever it holds) would stay until some other event came
                 self._events.put(_WAKE)
-            stream.add(blobs, futures)
+            stream.add(blobs, futures, waits)
 
     def _small_map(
-        self, fn: Callable[..., Any], values: Iterable[Any], star: bool, stop_on_error: bool
+        self, fn: Callable[..., Any], values: Iterable[Any], star: bool, waits: bool
     ) -> _Calls | None:
         """A map of at most SMALL_MAP arguments of known length, SMALL_MAP_BYTES pickled, put
-        as one group of calls in ``fn``'s open job (:class:`_Calls`); None for another (it
-        gets a job of its own)."""
+        as one group of calls in ``fn``'s open job (:class:`_Calls`; ``waits``: a synchronous
+        map's); None for another (it gets a job of its own)."""
         if self._shutdown or not api.is_small(values):
             return None
         values = list(values)
         blobs = _call_blobs(star, fn, values)
         if blobs is None:
             return None
-        calls = _Calls(self, len(blobs), stop_on_error)
-        self._put(fn, blobs, [calls] * len(blobs))
+        calls = _Calls(self, len(blobs), waits)
+        self._put(fn, blobs, [calls] * len(blobs), waits)
         return calls
 
     def map(

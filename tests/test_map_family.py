@@ -126,7 +126,7 @@ class FakeExecutor:
     _shutdown, _killed, _initializer = False, None, None
     _small_map = Executor._small_map
 
-    def _put(self, fn: Any, blobs: list[bytes], tags: list[Any]) -> None:
+    def _put(self, fn: Any, blobs: list[bytes], tags: list[Any], waits: bool = False) -> None:
         self.put.append((fn, blobs))
         for tag in tags:  # every call returns 1 at once
             tag.settle(tag.place(), 1, None)
