@@ -173,3 +173,28 @@ def test_a_core_gets_the_servers_task_as_it_came_and_the_jobs_reduce_once(monkey
     pool._core_message(core, _result(1))
     assert sent[2:] == [second] and not pool.queue and core.task is second
     assert [r.task for r in results] == [1]
+
+
+def test_cores_start_a_few_at_a_time_and_a_stop_spawns_none_and_replaces_none() -> None:
+    """``--cores 999`` spawned every core in one reactor turn: a SIGTERM waited minutes for the
+    last spawn. Only ``starting_at_once`` start at a time, the next as one says ready or dies;
+    a stop spawns none of the rest, replaces none that die, and fires once all spawned died."""
+    reactor = SpawnRecorder()
+    pool = CorePool(reactor, 10, lambda r: None, lambda f: None)
+    pool.starting_at_once = 3
+    pool.start()
+    assert [c.index for c in reactor.spawned] == [0, 1, 2]
+    pool._core_message(reactor.spawned[0], m.CoreReady(pid=1))
+    assert [c.index for c in reactor.spawned] == [0, 1, 2, 3], "one ready: one more starts"
+    _ended(reactor.spawned[1], signal=None)  # died starting: replaced, after those waiting
+    assert [c.index for c in reactor.spawned] == [0, 1, 2, 3, 4]
+    assert pool._unstarted[-1] == 1 and pool.cores[1].life is CoreLife.DEAD
+
+    stopped = pool.stop()
+    assert not stopped.called and not pool._unstarted
+    for core in reactor.spawned:
+        pool._core_message(core, m.CoreReady(pid=1))
+        if core.life is not CoreLife.DEAD:
+            _ended(core)
+    assert len(reactor.spawned) == 5, "nothing spawned or replaced while stopping"
+    assert stopped.called

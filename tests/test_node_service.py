@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -24,7 +25,14 @@ from remap.net import PeerFactory, authenticated
 from remap.node.agent import NodeAgent
 from remap.server.service import RemapServerFactory
 from remap.settings import load_settings
-from tests.cluster_harness import jobs_function, wait_for, write_job
+from tests.cluster_harness import (
+    NODE_SCRIPT,
+    PYTHON,
+    clean_env,
+    jobs_function,
+    wait_for,
+    write_job,
+)
 from tests.test_wire import RecordingPool, pump
 
 KEY = b"k" * 32
@@ -245,6 +253,57 @@ def test_a_node_stopped_by_sigterm_exits_after_reaping_its_cores(make_cluster, t
     assert node.proc.returncode == 0, c.diagnostics()
     reaped = usage.ru_utime + usage.ru_stime - before
     assert reaped >= core_cpu, f"{reaped:.2f}s reaped with the node, its core used {core_cpu:.2f}s"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Every process of a process group (zombies too), from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            text = open(f"/proc/{entry}/stat").read() if entry.isdigit() else ""
+        except OSError:  # exited meanwhile
+            continue
+        if text and int(text[text.rindex(")") + 2 :].split()[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+@pytest.mark.slow
+def test_a_node_starting_many_cores_stops_at_once_on_sigterm(tmp_path) -> None:
+    """``remap-node --cores 999`` on 2 CPUs ignored SIGTERM for minutes: every core was spawned
+    in one reactor turn (starved by the cores already starting), and the stop waited for the
+    last. SIGTERM once the first cores exist: the node exits within seconds, its cores with it
+    (nothing left in its process group, nothing spawned or replaced while it stops)."""
+    env = clean_env(tmp_path, {"REMAP_SECRET_KEY": "s" * 32, "REMAP_SERVER": "127.0.0.1:9"})
+    with open(tmp_path / "node.log", "wb") as log:
+        node = subprocess.Popen(
+            [PYTHON, NODE_SCRIPT, "--cores", "200"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    children = f"/proc/{node.pid}/task/{node.pid}/children"
+    try:
+        wait_for(lambda: len(open(children).read().split()) >= 2, 60, "the first cores")
+        node.send_signal(signal.SIGTERM)
+        try:
+            code = node.wait(5)
+        except subprocess.TimeoutExpired:
+            left = len(group_members(node.pid))
+            pytest.fail(f"the node ignored SIGTERM for 5 s ({left} processes in its group)")
+        log_text = (tmp_path / "node.log").read_text(errors="replace")
+        assert code == 0, log_text
+        assert "Received SIGTERM" in log_text, log_text
+        assert group_members(node.pid) == [], "cores outlived their node"
+    finally:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)  # the node's group: the node and its cores
+        except ProcessLookupError:
+            pass
+        node.wait(10)
 
 
 def test_a_node_with_more_cores_than_cpus_says_so_in_its_first_line(monkeypatch) -> None:

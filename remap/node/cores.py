@@ -38,6 +38,10 @@ from .core import CMD_FD, OUT_FD, SHM_FD, SLOT
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe's buffer
 PIPE_SIZE = 1024 * 1024
+#: cores starting at once, the next spawned as one says ready: each is a Python starting up
+#: (~0.1 s of CPU), and ``--cores 999`` spawned all in one reactor turn, starved by its own
+#: children, with a SIGTERM waiting for the last spawn (minutes)
+STARTING_AT_ONCE = max(8, 2 * (os.cpu_count() or 1))
 
 
 def _widen_pipes(core: CoreProcess) -> None:
@@ -268,6 +272,9 @@ class CorePool:
         self._watchdog.clock = reactor
         self._watchdog_interval = watchdog_interval
         self._stopped_waiters: list[Any] = []
+        #: indices of cores to spawn once fewer than ``starting_at_once`` are starting
+        self._unstarted: deque[int] = deque()
+        self.starting_at_once = STARTING_AT_ONCE
         self.started_at = time.monotonic()
         #: how task output names this node (the agent sets its host name)
         self.name = "node"
@@ -278,9 +285,19 @@ class CorePool:
         self.read_turn: Callable[..., None] | None = None
 
     def start(self) -> None:
-        for i in range(self.size):
-            self._spawn(i)
+        self._unstarted.extend(range(self.size))
+        self._spawn_more()
         self._watchdog.start(self._watchdog_interval, now=False)
+
+    def _spawn_more(self) -> None:
+        """Spawn waiting cores while fewer than ``starting_at_once`` are starting (never while
+        stopping): a start is spread over the reactor turns that hear cores say ready."""
+        if not self._unstarted or self.stopping:
+            return
+        starting = sum(1 for c in self.cores if c.life is _STARTING)
+        while self._unstarted and starting < self.starting_at_once:
+            self._spawn(self._unstarted.popleft())
+            starting += 1
 
     def _spawn(self, index: int) -> CoreProcess:
         core = CoreProcess(self, index)
@@ -359,6 +376,7 @@ class CorePool:
         from twisted.internet.defer import Deferred, succeed
 
         self.stopping = True
+        self._unstarted.clear()
         shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
         if self._watchdog.running:
             self._watchdog.stop()
@@ -422,6 +440,7 @@ class CorePool:
             if core.life is _STARTING:  # a core killed while starting stays killing
                 core.move(_IDLE)
             self._dispatch()
+            self._spawn_more()
         else:  # what only a node sends (a task, core_load, ...) never comes from a core
             self.log.error("core {i} sent {t}, which only a node sends", i=core.index, t=msg.TYPE)
             core.kill("error")
@@ -458,7 +477,8 @@ class CorePool:
                         message=f"core process died with {detail}",
                     )
                 )
-        self._spawn(core.index)
+        self._unstarted.append(core.index)
+        self._spawn_more()
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
