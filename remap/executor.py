@@ -614,8 +614,10 @@ class Executor(concurrent.futures.Executor):
     ) -> _Calls | None:
         """A map of at most SMALL_MAP arguments of known length, SMALL_MAP_BYTES pickled, put
         as one group of calls in ``fn``'s open job (:class:`_Calls`; ``waits``: a synchronous
-        map's); None for another (it gets a job of its own)."""
-        if self._shutdown or not api.is_small(values):
+        map's); None for another (it gets a job of its own). Not from the delivery thread (a
+        pool callback): the calls' outcomes come on that thread, so a synchronous map there
+        would wait for itself."""
+        if self._shutdown or threading.current_thread() is self._thread or not api.is_small(values):
             return None
         values = list(values)
         blobs = _call_blobs(star, fn, values)

@@ -123,7 +123,7 @@ class FakeExecutor:
         #: the calls of small maps put in its submit jobs: (function, [each call's pickle])
         self.put: list[tuple[Any, list[bytes]]] = []
 
-    _shutdown, _killed, _initializer = False, None, None
+    _shutdown, _killed, _initializer, _thread = False, None, None, None
     _small_map = Executor._small_map
 
     def _put(self, fn: Any, blobs: list[bytes], tags: list[Any], waits: bool = False) -> None:

@@ -213,6 +213,23 @@ def test_apply_and_apply_async(pool: remap.Pool) -> None:
     assert result.ready() and result.successful()
 
 
+def test_a_small_sync_map_in_a_callback_gets_its_results_and_its_error(pool: remap.Pool) -> None:
+    """A callback (on the pool's delivery thread) may call ``pool.map``: a small map does not
+    run in the shared job there, whose outcomes that very thread delivers (it waited for itself
+    as soon as one of its calls failed)."""
+    seen: list[Any] = []
+
+    def callback(_: int) -> None:
+        seen.append(pool.map(square, [1, 2, 3]))
+        try:
+            pool.map(fail_on_three, [1, 2, 3])
+        except PoolError as exc:
+            seen.append(str(exc))
+
+    pool.apply_async(square, (1,), callback=callback).get(timeout=60)
+    assert seen == [[1, 4, 9], "three"]
+
+
 def test_apply_async_error_callback(pool: remap.Pool) -> None:
     """A failing apply_async calls error_callback, get() raises, successful() is False."""
     errors: list[BaseException] = []
