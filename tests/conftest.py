@@ -71,6 +71,22 @@ def cluster(make_cluster: ClusterFactory) -> Cluster:
     return make_cluster([NodeSpec(cores=1), NodeSpec(cores=1)])
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A throwaway CA (trustme) and a server certificate for 127.0.0.1, as PEM files (``ca``,
+    ``cert``, ``key``)."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
 @pytest.fixture
 def make_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
     """Factory: ``make_tmpfs(name, size)`` mounts a tmpfs of ``size`` (``1m``) at

@@ -589,21 +589,6 @@ def served_status(served: Served) -> int | None:
 # =========================================================================== under TLS, real sockets
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> dict[str, str]:
-    """A throwaway CA (trustme) and a server certificate for 127.0.0.1, as PEM files."""
-    import trustme
-
-    root = tmp_path_factory.mktemp("caps-pki")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    return {name: str(path) for name, path in paths.items()}
-
-
 def test_a_console_refused_at_the_caps_under_tls_says_so_in_one_line(tmp_path, tls_files) -> None:
     """Under TLS too, a console and ``remap.connect`` refused by a full cap (real TLS sockets)
     fail with the line naming the cap, exit code 4: the refused connection gets the TLS

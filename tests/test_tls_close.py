@@ -13,9 +13,6 @@ import ssl
 import threading
 from typing import Any
 
-import pytest
-import trustme
-
 from protocol import Authenticated, Connection
 from remap import runtime
 from remap.cluster import start_server
@@ -24,19 +21,6 @@ from remap.net import client_endpoint, server_endpoint
 from remap.settings import Settings
 
 KEY = b"the cluster secret for tls close tests"
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> dict[str, str]:
-    """A throwaway CA (trustme) and a server certificate for 127.0.0.1, as PEM files."""
-    root = tmp_path_factory.mktemp("close-pki")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    return {name: str(path) for name, path in paths.items()}
 
 
 class RawConsole:
