@@ -820,24 +820,9 @@ def test_python_api_data_job_ships_the_handles_modules(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (root only: skipped where it cannot be mounted), unmounted after."""
-    import os
-    import subprocess
-
-    disk = tmp_path / "small"
-    disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
-    done = subprocess.run(mount, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+def small_disk(make_tmpfs) -> Path:
+    """A 2 MiB tmpfs at ``tmp_path/small`` (root only: skipped where it cannot be mounted)."""
+    return make_tmpfs("small", "2m")
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path: Path, small_disk: Path) -> None:
