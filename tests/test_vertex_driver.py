@@ -1078,3 +1078,24 @@ def test_workers_that_read_other_partitions_build_their_own_again_in_fresh_memor
     got, _, _ = run_threads(program, tmp_path, 1, name="one")
     assert relaid == []
     assert got == parse_output(sum(want.partitions, []))
+
+
+def test_a_worker_error_that_says_where_is_shown_without_its_type():
+    """A worker call's error reaches the driver as one line; an error whose message names what
+    and where (a corrupt input: ``UnreadableInput``) reads as a data job's does, without its
+    type ("a vertex worker failed: UnreadableInput: input ..." before); others keep it."""
+    import queue
+
+    from remap.sinks import TaskErrorInfo
+    from remap.vertex.launch import ClusterLaunch
+
+    events: queue.Queue = queue.Queue()
+    unreadable = TaskErrorInfo(0, "UnreadableInput", "input /d/g.xz: corrupt or truncated xz data")
+    plain = TaskErrorInfo(1, "TypeError", "unhashable type: 'list'")
+    events.put(("items", None, [(0, None, unreadable), (1, None, plain), (2, 4, None)]))
+    launch = ClusterLaunch.__new__(ClusterLaunch)  # (its events only: no cluster)
+    launch.run = SimpleNamespace(events=events)
+    assert launch.events() == [
+        ("error", "input /d/g.xz: corrupt or truncated xz data"),
+        ("error", "TypeError: unhashable type: 'list'"),
+    ]

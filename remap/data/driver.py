@@ -51,6 +51,11 @@ _SELF_EXPLAINED = frozenset(
 )
 
 
+def error_text(type_name: str, message: str) -> str:
+    """A task's error as the user reads it: the message alone when it says what and where."""
+    return message if type_name in _SELF_EXPLAINED else f"{type_name}: {message}"
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How a data job runs: the job file's keys beyond what and where (same names)."""
@@ -395,8 +400,9 @@ class DataJobRunner:
         assert self.phase is not None
         first = self.phase.run.session.first_error
         if first is not None:
-            what = "" if first.type_name in _SELF_EXPLAINED else f"{first.type_name}: "
-            failed = JobFailed(f"{phase} task {first.index}: {what}{first.message}")
+            failed = JobFailed(
+                f"{phase} task {first.index}: {error_text(first.type_name, first.message)}"
+            )
             failed.remote_traceback = first.traceback
             return failed
         return JobFailed(f"{phase} phase: {exc}")

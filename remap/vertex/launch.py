@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from ..data.driver import error_text
 from .worker import WorkerArgs, run_worker
 
 
@@ -78,7 +79,7 @@ class ClusterLaunch:
         out: list[tuple[str, Any]] = []
         for event in _drain(self.run.events):
             if event[0] == "items":
-                out += [("error", f"{e.type_name}: {e.message}") for _, _, e in event[2] if e]
+                out += [("error", error_text(e.type_name, e.message)) for _, _, e in event[2] if e]
             elif event[0] == "end":
                 out.append(("end", event[2]))
         return out
