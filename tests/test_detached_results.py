@@ -221,6 +221,30 @@ def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
     assert attached() == list(range(9))
 
 
+def test_a_job_held_for_a_journal_that_cannot_write_says_why(tmp_path: Path) -> None:
+    """A detached job whose results reach the budget while the journal cannot write (a full
+    disk) is held, and its status line gives the journal's own line (it said "see the server
+    log")."""
+    sched, clock = _journaled(tmp_path)
+    sched.results_memory = 1
+    journal = sched.journal
+
+    def full_disk(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(9), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    journal._write = full_disk
+    node.answer(node.held()[0])
+    clock.advance(1)  # the commit fails
+    node.answer(node.held()[0])  # over the budget now: held
+    held = sched.jobs[console.job].full
+    assert held.startswith("held: 0 MiB of results waiting for the journal to commit them ("), held
+    assert journal.trouble and held.endswith(f"({journal.trouble})"), held
+
+
 @pytest.mark.slow
 def test_a_real_server_without_a_journal_holds_a_job_at_its_budget_and_says_so(
     make_cluster: ClusterFactory, tmp_path: Path

@@ -66,9 +66,9 @@ class KeptResults:
                 "holds more (attach gets them; kill the job, or run the server with the journal)"
             )
         else:
+            trouble = self.journal.trouble or "its writer is behind"
             why = (
-                f"held: {mib:.0f} MiB of results waiting for the journal to commit them (see "
-                "the server log)"
+                f"held: {mib:.0f} MiB of results waiting for the journal to commit them ({trouble})"
             )
         if not job.full:
             self.events.add(self.clock.seconds(), f"job {job.id} {why}")
