@@ -252,6 +252,7 @@ def test_metrics_in_prometheus_text(served: Served) -> None:
     assert re.search(r"^remap_nodes 1\.0$", text, re.M)
     assert re.search(r"^remap_cores 4\.0$", text, re.M)
     assert f'remap_job_tasks_done_total{{job="{job}"}} 0.0' in text
+    assert re.search(r"^remap_detached_results_bytes 0\.0$", text, re.M)
     for name in ("remap_batch_seconds_bucket", "remap_queue_depth", "remap_sent_bytes_total"):
         assert name in text
 

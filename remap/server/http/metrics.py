@@ -136,6 +136,11 @@ class ServerStats:
             sum(j.pending_count for j in sched.active.values()),
         )
         yield GaugeMetricFamily("remap_jobs_running", "Jobs running", len(sched.active))
+        yield GaugeMetricFamily(
+            "remap_detached_results_bytes",
+            "Bytes of detached jobs' results in the server's memory (REMAP_DETACHED_RESULTS_MEMORY*)",
+            sched.kept_bytes,
+        )
         yield CounterMetricFamily(
             "remap_received_bytes",
             "Bytes received from nodes and consoles",
