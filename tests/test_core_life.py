@@ -198,3 +198,58 @@ def test_cores_start_a_few_at_a_time_and_a_stop_spawns_none_and_replaces_none() 
             _ended(core)
     assert len(reactor.spawned) == 5, "nothing spawned or replaced while stopping"
     assert stopped.called
+
+
+def test_cores_that_die_at_start_back_off_say_why_once_and_a_ready_core_resets_it() -> None:
+    """A broken environment (an import error in every core) respawned cores in a tight loop,
+    forever, silently: after 3 deaths before "ready" restarts wait 1 s, 2 s, 4 s ... (30 s at
+    most), one line says why (the stderr's last line), a ready core resets it, a stop cancels
+    the pending restart."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = SpawnRecorder()
+        pool = CorePool(reactor, 1, lambda r: None, lambda f: None)
+        pool.start()
+
+        def die() -> None:
+            core = reactor.spawned[-1]
+            core.childDataReceived(2, b"Traceback ...\nModuleNotFoundError: No module named 'x'\n")
+            core.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+        die()
+        die()
+        assert len(reactor.spawned) == 3, "the first deaths are replaced at once"
+        waits = []
+        for _ in range(8):
+            count = len(reactor.spawned)
+            die()
+            assert len(reactor.spawned) == count, "not respawned at once"
+            waits.append(pool._restart_call.getTime() - reactor.seconds())
+            reactor.advance(waits[-1] - 0.5)
+            assert len(reactor.spawned) == count, "nothing respawned before the delay"
+            reactor.advance(0.5)
+            assert len(reactor.spawned) == count + 1
+        assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
+        said = [e for e in events if "cores die at start" in e.get("log_format", "")]
+        assert len(said) == 1, "one line, not one per death"
+        assert formatEvent(said[0]) == (
+            "cores die at start (exit code 1): ModuleNotFoundError: No module named 'x'; "
+            "retrying in 1s, then up to every 30s"
+        )
+
+        pool._core_message(reactor.spawned[-1], m.CoreReady(pid=1))
+        assert [e for e in events if e.get("log_format") == "cores start again"]
+        _ended(reactor.spawned[-1], signal=None)  # died after ready: replaced at once
+        assert len(reactor.spawned) == 12 and pool._restart_call is None
+        die()
+        die()
+        die()
+        call = pool._restart_call
+        assert call.getTime() - reactor.seconds() == 1, "a ready core reset the delay"
+        pool.stop()
+        assert call.cancelled and not reactor.getDelayedCalls(), "a stop cancels the restart"
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -42,6 +42,20 @@ PIPE_SIZE = 1024 * 1024
 #: (~0.1 s of CPU), and ``--cores 999`` spawned all in one reactor turn, starved by its own
 #: children, with a SIGTERM waiting for the last spawn (minutes)
 STARTING_AT_ONCE = max(8, 2 * (os.cpu_count() or 1))
+#: cores dying before "ready" this many times in a row (none ready between) back off their
+#: restarts, 1 s doubling to 30 s: a broken environment (an import error, a bad PYTHONPATH)
+#: otherwise respawned a Python in a tight loop, forever, and the node never said why
+START_DEATHS_BEFORE_BACKOFF = 3
+RESTART_DELAYS = (1.0, 30.0)
+#: bytes of a starting core's stderr kept to name why it died (the traceback's last line)
+START_STDERR_BYTES = 4096
+
+
+def _exit_detail(reason: Any) -> str:
+    """``signal 9`` or ``exit code 1``: how a core process ended."""
+    code = getattr(reason.value, "exitCode", None)
+    sig = getattr(reason.value, "signal", None)
+    return f"signal {sig}" if sig else f"exit code {code}"
 
 
 def _widen_pipes(core: CoreProcess) -> None:
@@ -123,6 +137,9 @@ class CoreProcess(ProcessProtocol):
         #: (position, span) of what was running when it was killed, or when it died
         self.kill_at = (-1, 1)
         self.slot_at_death = (-1, 1)
+        #: the tail of its stderr while starting; set when it died before "ready" unkilled
+        self.start_stderr = b""
+        self.died_starting = False
         self._decoder = FrameDecoder(max_frame=1 << 40)
         fd, path = tempfile.mkstemp(prefix="remap-core-")
         os.unlink(path)
@@ -179,6 +196,8 @@ class CoreProcess(ProcessProtocol):
         if childFD == OUT_FD:
             self._answers(self._decoder.feed(data))
         else:  # output from outside Python's sys.stdout (C code, subprocesses)
+            if self.life is _STARTING:
+                self.start_stderr = (self.start_stderr + data)[-START_STDERR_BYTES:]
             self.log.debug(
                 "core {i}: {text}", i=self.index, text=data.decode(errors="replace").rstrip()
             )
@@ -208,6 +227,7 @@ class CoreProcess(ProcessProtocol):
         return True
 
     def processEnded(self, reason: Any) -> None:
+        self.died_starting = self.life is _STARTING
         self.move(CoreLife.DEAD)
         self.slot_at_death = self.running()
         try:
@@ -275,6 +295,11 @@ class CorePool:
         #: indices of cores to spawn once fewer than ``starting_at_once`` are starting
         self._unstarted: deque[int] = deque()
         self.starting_at_once = STARTING_AT_ONCE
+        #: cores dead before "ready" since one last was ready; the pending delayed restart
+        self._start_deaths = 0
+        self._restart_delay = RESTART_DELAYS[0]
+        self._restart_call: Any = None
+        self._start_failure: str | None = None  # what the last backoff line said
         self.started_at = time.monotonic()
         #: how task output names this node (the agent sets its host name)
         self.name = "node"
@@ -292,7 +317,7 @@ class CorePool:
     def _spawn_more(self) -> None:
         """Spawn waiting cores while fewer than ``starting_at_once`` are starting (never while
         stopping): a start is spread over the reactor turns that hear cores say ready."""
-        if not self._unstarted or self.stopping:
+        if not self._unstarted or self.stopping or self._restart_call is not None:
             return
         starting = sum(1 for c in self.cores if c.life is _STARTING)
         while self._unstarted and starting < self.starting_at_once:
@@ -377,6 +402,9 @@ class CorePool:
 
         self.stopping = True
         self._unstarted.clear()
+        if self._restart_call is not None:
+            self._restart_call.cancel()
+            self._restart_call = None
         shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
         if self._watchdog.running:
             self._watchdog.stop()
@@ -439,6 +467,7 @@ class CorePool:
         elif type(msg) is m.CoreReady:
             if core.life is _STARTING:  # a core killed while starting stays killing
                 core.move(_IDLE)
+                self._started_again()
             self._dispatch()
             self._spawn_more()
         else:  # what only a node sends (a task, core_load, ...) never comes from a core
@@ -459,9 +488,7 @@ class CorePool:
             if why == "timeout":
                 self.on_failed(m.TaskFailed(task=task.task, reason="timeout", at=at, span=span))
             else:
-                code = getattr(reason.value, "exitCode", None)
-                sig = getattr(reason.value, "signal", None)
-                detail = f"signal {sig}" if sig else f"exit code {code}"
+                detail = _exit_detail(reason)
                 self.log.warn(
                     "core {i} died running task {t} ({detail}); replacing it",
                     i=core.index,
@@ -478,7 +505,45 @@ class CorePool:
                     )
                 )
         self._unstarted.append(core.index)
+        if core.died_starting:
+            self._start_deaths += 1
+            if self._start_deaths >= START_DEATHS_BEFORE_BACKOFF:
+                self._back_off(core, reason)
         self._spawn_more()
+
+    def _back_off(self, core: CoreProcess, reason: Any) -> None:
+        """Restart the waiting cores after a delay that doubles each time (one pending at a
+        time); one log line when cores start dying at start, or die of something else."""
+        if self._restart_call is not None:
+            return
+        lines = core.start_stderr.decode(errors="replace").strip().splitlines()
+        why = _exit_detail(reason) + (f"): {lines[-1].strip()[:300]}" if lines else ")")
+        delay = self._restart_delay
+        if why != self._start_failure:
+            self._start_failure = why
+            self.log.error(
+                "cores die at start ({why}; retrying in {delay:g}s, then up to every {most:g}s",
+                why=why,
+                delay=delay,
+                most=RESTART_DELAYS[1],
+            )
+        self._restart_delay = min(delay * 2, RESTART_DELAYS[1])
+        self._restart_call = self.reactor.callLater(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_call = None
+        self._spawn_more()
+
+    def _started_again(self) -> None:
+        """A core said ready: the environment works; restarts are immediate again."""
+        if self._start_failure is not None:
+            self.log.info("cores start again")
+        self._start_deaths = 0
+        self._restart_delay = RESTART_DELAYS[0]
+        self._start_failure = None
+        if self._restart_call is not None:
+            self._restart_call.cancel()
+            self._restart_call = None
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
