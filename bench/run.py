@@ -48,21 +48,6 @@ from bench.systems import (  # noqa: E402
     wait_for,
 )
 
-WORKLOADS = (
-    "trivial10k",
-    "trivial",
-    "cpu100ms",
-    "latency",
-    "mib",
-    "wordcount",
-    "async1k",
-    "submit1k",
-    "jobs300",
-    "map1k",
-    "lazy10m",
-    "nodes500",
-)
-DEFAULT_WORKLOADS = WORKLOADS
 #: workloads every system runs in one cell; the others get a fresh cell each
 SHARED_CELL = (
     "trivial10k",
@@ -76,6 +61,8 @@ SHARED_CELL = (
     "jobs300",
     "map1k",
 )
+WORKLOADS = (*SHARED_CELL, "lazy10m", "nodes500")
+DEFAULT_WORKLOADS = WORKLOADS
 #: which systems run each of the special workloads
 LAZY_SYSTEMS = ("api-embedded", "api-procs", "remap-procs", "remap-embedded", "mp.Pool")
 
