@@ -17,7 +17,9 @@ import io
 import linecache
 import os
 import pickle
+import stat
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -119,10 +121,48 @@ def _filled(cell: types.CellType) -> bool:
     return True
 
 
+#: file name → (what ``os.stat`` said of it: mtime in ns, size, inode; its text, or None if it
+#: would not read as UTF-8): a job submitted in a loop reads its function's file once, not per
+#: submit, and a file that changed since (another stat key) is read again
+_texts: dict[str, tuple[tuple[int, int, int], str | None]] = {}
+#: files whose text is kept at most (the oldest read is forgotten first)
+MAX_KEPT_FILES = 64
+_texts_lock = threading.Lock()
+
+
+def _source_text(filename: str, room: int) -> str | None:
+    """``filename``'s text if it is a regular file of at most ``room`` bytes that reads as
+    UTF-8; one ``stat`` when its size, time and inode are those of the text kept for it."""
+    try:
+        info = os.stat(filename)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > room:
+        return None
+    key = (info.st_mtime_ns, info.st_size, info.st_ino)
+    kept = _texts.get(filename)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    try:
+        with open(filename, encoding="utf-8") as f:
+            text: str | None = f.read()
+    except UnicodeDecodeError:
+        text = None
+    except OSError:
+        return None  # (not kept: it may read next time)
+    with _texts_lock:  # (callers on several threads)
+        _texts.pop(filename, None)
+        while len(_texts) >= MAX_KEPT_FILES:
+            del _texts[next(iter(_texts))]
+        _texts[filename] = (key, text)
+    return text
+
+
 def capture(*roots: Any) -> tuple[Origins, dict[str, str]]:
     """The origin of every code object reachable from the roots, and the text of their files."""
     origins: Origins = {}
     sources: dict[str, str] = {}
+    looked: set[str] = set()
     budget = MAX_SOURCES
     for fn in _reachable(roots):
         for code in _codes(fn.__code__):
@@ -130,17 +170,13 @@ def capture(*roots: Any) -> tuple[Origins, dict[str, str]]:
             if filename.startswith("<") or not filename:
                 continue
             origins[_code_key(code)] = filename
-            if filename in sources or not os.path.isfile(filename):
+            if filename in looked:
                 continue
-            try:
-                if os.path.getsize(filename) > min(MAX_SOURCE, budget):
-                    continue
-                with open(filename, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError):
-                continue
-            sources[filename] = text
-            budget -= len(text)
+            looked.add(filename)
+            text = _source_text(filename, min(MAX_SOURCE, budget))
+            if text is not None:
+                sources[filename] = text
+                budget -= len(text)
     return origins, sources
 
 

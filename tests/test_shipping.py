@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import linecache
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -144,3 +145,78 @@ def test_a_user_traceback_starts_at_the_users_frame_and_shows_the_wrapped_error(
     assert tb.startswith('Traceback (most recent call last):\n  File "' + __file__), tb
     assert "in users_map" in tb and tb.rstrip().endswith("ValueError: bad x"), tb
     assert "RecordError" not in tb and "direct cause" not in tb, tb
+
+
+def _function_in(path: Path, body: str):
+    """``f`` compiled from ``body`` as if imported from ``path`` (its code names the file)."""
+    path.write_text(body)
+    namespace: dict = {}
+    exec(compile(body, str(path), "exec"), namespace)
+    return namespace["f"]
+
+
+def test_a_function_submitted_again_reads_its_file_once(tmp_path: Path, monkeypatch) -> None:
+    """A function shipped in a loop (a job per ``map_async``) costs one ``stat`` of its file
+    per submit, not a ``stat``, another and a read: its text is kept while the file is
+    unchanged, and each capture still carries it."""
+    from remap import shipping
+
+    src = tmp_path / "loop.py"
+    f = _function_in(src, "def f(x):\n    return x + 1\n")
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(name, *args, **kwargs):
+        opened.append(str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(shipping, "open", counting_open, raising=False)
+    for _ in range(5):
+        origins, sources = shipping.capture(f)
+        assert sources == {str(src): "def f(x):\n    return x + 1\n"}
+        assert origins == {("f", 1): str(src)}
+    assert opened == [str(src)]
+
+
+def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
+    """The kept text is the file's as long as its size, time and inode are: an edit of the
+    same size (a new time), a longer one, or a new file renamed over it is shipped as it is
+    now."""
+    from remap import shipping
+
+    src = tmp_path / "edited.py"
+    f = _function_in(src, "def f(x):\n    return x + 1\n")
+    assert shipping.capture(f)[1][str(src)] == "def f(x):\n    return x + 1\n"
+    stamp = src.stat().st_mtime_ns
+    src.write_text("def f(x):\n    return x + 2\n")  # the same size
+    os.utime(src, ns=(stamp + 1_000_000, stamp + 1_000_000))
+    assert shipping.capture(f)[1][str(src)] == "def f(x):\n    return x + 2\n"
+    src.write_text("def f(x):\n    return x + 333\n")
+    assert shipping.capture(f)[1][str(src)] == "def f(x):\n    return x + 333\n"
+    other = tmp_path / "other.py"
+    other.write_text("def f(x):\n    return x + 444\n")
+    os.utime(other, ns=(src.stat().st_mtime_ns,) * 2)  # only the inode tells them apart
+    other.replace(src)
+    assert shipping.capture(f)[1][str(src)] == "def f(x):\n    return x + 444\n"
+    src.unlink()
+    assert shipping.capture(f)[1] == {}  # gone: no text, as before any was kept
+
+
+def test_kept_texts_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """Functions from many files keep at most ``MAX_KEPT_FILES`` texts, the oldest dropped;
+    a file too large to ship, or not UTF-8, is still left out."""
+    from remap import shipping
+
+    monkeypatch.setattr(shipping, "_texts", {})
+    monkeypatch.setattr(shipping, "MAX_KEPT_FILES", 3)
+    fns = [_function_in(tmp_path / f"m{i}.py", f"def f(x):\n    return {i}\n") for i in range(5)]
+    for fn in fns:
+        shipping.capture(fn)
+    assert list(shipping._texts) == [str(tmp_path / f"m{i}.py") for i in (2, 3, 4)]
+    monkeypatch.setattr(shipping, "MAX_SOURCE", 10)
+    assert shipping.capture(fns[4])[1] == {}
+    latin = tmp_path / "latin.py"
+    g = _function_in(latin, "def f(x):\n    return 1\n")
+    latin.write_bytes(b"def f(x):\n    return '\xe9'\n")
+    assert shipping.capture(g)[1] == {}
+    assert shipping.capture(g)[1] == {}
