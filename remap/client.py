@@ -1190,45 +1190,53 @@ class JobStream:
         most = session.frame_room
         if session.group_bytes and session.group_bytes < most:
             most = session.group_bytes
+        on_send = self.on_send
+        append, add_tag = out.append, tags.append
         with self.lock:
             items = self._items
-            while items:
-                blob, tag, n = items[0]
-                if n > 1 and len(blob) > EARLY_GROUP_BYTES and session.job_id is None:
-                    break  # the server may say a bound first (pumped again on `submitted`)
-                if n > 1 and len(blob) > most:  # (over the frame, or no node takes it)
-                    split = self._split
-                    if split is None or split[0] is not items[0]:
-                        self._split = (items[0], None)
-                        threading.Thread(
-                            target=self._split_head,
-                            args=(items[0],),
-                            name="remap-split-group",
-                            daemon=True,
-                        ).start()
-                    elif split[1] is not None:
-                        raise split[1]  # it would not unpickle: the job fails there, in order
-                    break  # the split's end wakes the stream
-                cost = len(blob) + 9
-                if out and (nbytes + cost > room or max(cost, nbytes) >= LARGE_FRAME):
-                    break  # a large pickle goes in a message of its own: sent as is, not joined
-                if count + max(n, 1) > limit or (out and bool(n) != bool(groups)):
-                    break  # a group never passes the window; one message, one kind
-                items.popleft()
-                self.unsent_bytes -= len(blob)
-                if (
-                    tag is not None
-                    and self.on_send is not None
-                    and not n
-                    and not self.on_send(start + count, tag)
-                ):
-                    continue
-                out.append(blob)
-                tags.append(tag)
-                nbytes += cost
-                count += max(n, 1)
-                if n:
-                    groups.append(n)
+            pop = items.popleft
+            taken_bytes = 0
+            try:  # a job's every argument passes here: one len() each, no max() or bool()
+                while items:
+                    blob, tag, n = items[0]
+                    size = len(blob)
+                    if n > 1 and size > EARLY_GROUP_BYTES and session.job_id is None:
+                        break  # the server may say a bound first (pumped again on `submitted`)
+                    if n > 1 and size > most:  # (over the frame, or no node takes it)
+                        split = self._split
+                        if split is None or split[0] is not items[0]:
+                            self._split = (items[0], None)
+                            threading.Thread(
+                                target=self._split_head,
+                                args=(items[0],),
+                                name="remap-split-group",
+                                daemon=True,
+                            ).start()
+                        elif split[1] is not None:
+                            raise split[1]  # it would not unpickle: the job fails there, in order
+                        break  # the split's end wakes the stream
+                    cost = size + 9
+                    if out and (
+                        nbytes + cost > room or cost >= LARGE_FRAME or nbytes >= LARGE_FRAME
+                    ):
+                        break  # a large pickle goes alone: sent as is, not joined
+                    if count + (n or 1) > limit or (out and (not groups if n else groups)):
+                        break  # a group never passes the window; one message, one kind
+                    pop()
+                    taken_bytes += size
+                    if tag is not None and on_send is not None and not n:
+                        if not on_send(start + count, tag):
+                            continue
+                    append(blob)
+                    add_tag(tag)
+                    nbytes += cost
+                    if n:
+                        count += n
+                        groups.append(n)
+                    else:
+                        count += 1
+            finally:
+                self.unsent_bytes -= taken_bytes
             if out and self._waiting:
                 self._room.notify()
             # once the input closed, the next take must run: it ends the input or raises its error
