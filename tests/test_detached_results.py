@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, task
 from twisted.internet.task import Clock
 
 from protocol import messages as m
@@ -151,6 +154,88 @@ def test_a_replay_goes_a_step_at_a_time_in_delivery_order_and_waits_for_a_conges
         clock.advance(0)
     assert [r.answered[0] for r in later.of(m.Results)] == order
     assert later.sent[-1] == m.JobDone(job=console.job, state="done", done=12, failed=0)
+
+
+DEADLINE = 30.0
+
+
+class Attached(FakeLink):
+    """An attaching console that says when its first ``results`` and its ``job_done`` came
+    (on the reactor's next turn: not in the middle of the step sending them)."""
+
+    def __init__(self) -> None:
+        super().__init__("attached")
+        self.congested = False
+        self.first: defer.Deferred = defer.Deferred()
+        self.done: defer.Deferred = defer.Deferred()
+
+    def send(self, msg: m.Message) -> None:
+        from twisted.internet import reactor
+
+        super().send(msg)
+        if type(msg) is m.Results and len(self.of(m.Results)) == 1:
+            reactor.callLater(0, self.first.callback, None)
+        elif type(msg) is m.JobDone:
+            reactor.callLater(0, self.done.callback, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_reads_the_journal_off_the_reactor_thread_in_order_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 results of 1 MiB, delivered out of index order and committed, then the server
+    restarted (real reactor, threaded journal): attach reads them on the journal's reader
+    thread, never the reactor's (nothing is sent before the reactor turns), a step of
+    ``REPLAY_BYTES`` per read; a console that holds while a read is under way gets that step
+    and no more; then every result comes, in delivery order, each once, and ``job_done``."""
+    from twisted.internet import reactor
+
+    sched, clock = _journaled(tmp_path)
+    node = FakeNode(sched, "n", cores=1)
+    big = 1024 * 1024
+    console = FakeConsole(sched, range(12), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    order = []
+    for _ in range(12):  # answered last first: delivery order is not index order
+        held = node.held()[-1]
+        order.append(node.args_of(held)[0])
+        node.answer(held, fn=lambda x: bytes(big))
+    clock.advance(1)
+    sched.stop()
+    sched.journal.close()
+
+    reactor_thread = threading.current_thread()
+    threads: list[threading.Thread] = []
+    read = Journal._read
+
+    def recorded(journal: Journal, *args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return read(journal, *args)
+
+    monkeypatch.setattr(Journal, "_read", recorded)
+    again = Scheduler(reactor, console_grace=GRACE)
+    again.restore(Journal(tmp_path / "journal.sqlite", reactor, threaded=True))
+    try:
+        assert again.jobs[console.job].state == "done" and not again.jobs[console.job].kept
+        later = Attached()
+        again.attach(later, console.job)
+        assert later.sent == [], "read off the reactor: nothing sent before it turns"
+        again.hold(later, console.job, True)  # while the first read is under way
+        await later.first.addTimeout(DEADLINE, reactor)
+        first_step = len(later.of(m.Results))
+        assert 0 < first_step * big <= REPLAY_BYTES + big
+        await task.deferLater(reactor, 0.05, lambda: None)  # (a replay step's timer is 0 s)
+        assert len(later.of(m.Results)) == first_step and len(threads) == 1, "held: no more"
+        again.hold(later, console.job, False)
+        await later.done.addTimeout(DEADLINE, reactor)
+    finally:
+        again.stop()
+        again.journal.close()
+    assert [r.answered[0] for r in later.of(m.Results)] == order
+    assert later.sent[-1] == m.JobDone(job=console.job, state="done", done=12, failed=0)
+    assert len(threads) >= 12 * big // REPLAY_BYTES, "a read per step"
+    assert all(t is not reactor_thread and t.name == "journal-reader" for t in threads)
 
 
 def test_without_a_journal_a_job_at_its_budget_is_held_and_attach_gets_what_it_kept() -> None:

@@ -21,7 +21,8 @@ made, so the reactor never waits for SQLite (a submit with a 60 MiB function hel
 what the server acknowledges waits for the commit instead: :meth:`Journal.job_submitted`
 returns a Deferred that fires once the submit is on disk, and :meth:`Journal.recall` reads a job
 there, after what was handed over before. Checkpoints, with their syncs, run on
-a thread of their own too.
+a thread of their own too, and so do ``attach``'s reads of stored results
+(:meth:`Journal.read_results`), on a connection of their own.
 
 A transaction that fails (a full disk, an I/O error, a locked file) loses nothing: its rows
 (all but a refused submit's) are kept and written first by the next transaction, so the file
@@ -268,16 +269,22 @@ class _Inline:
 
 
 class _Writer:
-    """Runs the journal's transactions on one thread of its own in the order they were handed
-    over; each one's outcome reaches the reactor thread through ``call_soon``."""
+    """Runs the journal's transactions (or, as its reader, ``attach``'s reads) on one thread of
+    its own in the order they were handed over; each one's outcome reaches the reactor thread
+    through ``call_soon``."""
 
-    def __init__(self, call_soon: Callable[..., Any], max_bytes: int = QUEUE_BYTES) -> None:
+    def __init__(
+        self,
+        call_soon: Callable[..., Any],
+        max_bytes: int = QUEUE_BYTES,
+        name: str = "journal-writer",
+    ) -> None:
         self.call_soon = call_soon
         self.max_bytes = max_bytes
         self.queued = 0  # payload bytes handed over and not yet written
         self._room = threading.Condition()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def run(self, work: Callable[[], Any], nbytes: int) -> defer.Deferred:
@@ -380,7 +387,13 @@ class Journal:
         #: each commit wrote, on the reactor thread once it is on disk: the scheduler then
         #: lets go of its copies, :meth:`results` reads them from there
         self.on_saved: Any = None
-        self._reader: sqlite3.Connection | None = None
+        #: reads of stored results (``attach``'s replay) on a thread and connection of their
+        #: own: a replay of gigabytes never holds the reactor, nor waits behind a commit
+        self._reads = (
+            _Writer(clock.callFromThread, name="journal-reader") if threaded else _Inline()
+        )
+        self._read_db: sqlite3.Connection | None = None  # (the reader's only)
+        self._closed = False
 
     @classmethod
     def for_settings(
@@ -719,9 +732,12 @@ class Journal:
                     path=self.path,
                 )
         finally:
+            self._closed = True
+            self._reads.close()  # (after the reads handed over: their outcomes are dropped)
             self._db.close()
-            if self._reader is not None:
-                self._reader.close()
+            if self._read_db is not None:
+                self._read_db.close()
+                self._read_db = None
 
     # ---------------------------------------------------------------- reading
 
@@ -789,15 +805,32 @@ class Journal:
         self, job_id: int, first: int = 0, end: int | None = None, max_bytes: int | None = None
     ) -> list[tuple[int, m.Results]]:
         """A detached job's committed result messages ``(seq, message)`` with ``first <= seq <
-        end``, in order; past ``max_bytes`` of payload no more (one at least): what ``attach``
-        replays, a piece at a time, so the server never reads a large job's whole. Read on a
-        connection of its own (the writer's thread has the other), committed rows only."""
-        if self._reader is None:
-            self._reader = sqlite3.connect(str(self.path), check_same_thread=False)
+        end``, in order; past ``max_bytes`` of payload no more (one at least). Read by the
+        reader's thread, waited for here (tests, tools; the server uses :meth:`read_results`)."""
+        return self._reads.call(functools.partial(self._read, job_id, first, end, max_bytes))
+
+    def read_results(
+        self, job_id: int, first: int, end: int, max_bytes: int | None
+    ) -> defer.Deferred[list[tuple[int, m.Results]]]:
+        """:meth:`results` read off the reactor thread, by the reader's thread in the order
+        asked: fires on the reactor thread (at once without ``threaded``). What ``attach``
+        replays a piece at a time, so the server never reads a large job's whole. Fails with
+        JournalError once the journal is closed."""
+        if self._closed:
+            return defer.fail(JournalError(f"the journal {self.path} is closed"))
+        return self._reads.run(functools.partial(self._read, job_id, first, end, max_bytes), 0)
+
+    def _read(
+        self, job_id: int, first: int, end: int | None, max_bytes: int | None
+    ) -> list[tuple[int, m.Results]]:
+        """(The reader's thread.) Committed rows only: a connection of its own, not the
+        writer's."""
+        if self._read_db is None:
+            self._read_db = sqlite3.connect(str(self.path), check_same_thread=False)
         sql = "SELECT seq, header, payload FROM results WHERE job=? AND seq>=? AND seq<? "
         found: list[tuple[int, m.Results]] = []
         size = 0
-        rows = self._reader.execute(
+        rows = self._read_db.execute(
             sql + "ORDER BY seq", (job_id, first, 1 << 62 if end is None else end)
         )
         for seq, header, payload in rows:

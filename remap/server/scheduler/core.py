@@ -195,6 +195,8 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         self.watchers: list[Any] = []
         #: the server's journal (:mod:`remap.server.journal`), once :meth:`restore` gave one
         self.journal: Any = None
+        #: the server stops (:meth:`stop`): no replay reads its closing journal
+        self.stopped = False
 
     # ================================================================ events in, effects out
 
@@ -860,8 +862,8 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         enough of them: dispatch none of its calls, or go on; a replay to it waits too."""
         job = self.jobs.get(job_id)
         replay = job.replays.get(id(console)) if job is not None else None
-        if replay is not None and replay[2] != held:
-            replay[2] = held
+        if replay is not None and replay.held != held:
+            replay.held = held
             if not held:
                 self._replay(job, console)
         if job is None or job.finished or job.console is not console or job.held == held:
@@ -1257,6 +1259,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             if timer is not None:
                 self._outbox.append(CancelTimer(timer))
         self._preempt_timer = self._sweep = None
+        self.stopped = True
         for job in self.jobs.values():  # (a replay's next step would read a closed journal)
             if job.replay_timer is not None:
                 self._outbox.append(CancelTimer(job.replay_timer))

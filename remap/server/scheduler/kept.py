@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.python.failure import Failure
+
 from protocol import messages as m
+from protocol.errors import RemapError
 
 from ...settings import Settings
-from .effects import command
+from .effects import Close, command
 from .sizing import results_bound
-from .state import JobState
+from .state import JobState, Replay
 
 #: bytes of results one replay step sends; the next step waits for a timer (other work runs
 #: meanwhile), or for the console to drain once its backlog is congested
@@ -110,48 +113,87 @@ class KeptResults:
     def _start_replay(self, job: JobState, console: Any) -> None:
         """Send ``console`` every result of the job from the first (each attach gets them all:
         an earlier one may have died half-way), then, for a running job, each as it comes."""
-        job.replays[id(console)] = [console, 0, False]
+        job.replays[id(console)] = Replay(console)
         self._replay(job, console)
 
-    def _replay(self, job: JobState, console: Any) -> None:
-        """Send ``console`` what it is owed of the job, ``REPLAY_BYTES`` a step; it gets the
-        ``job_done`` of a finished job after its last result."""
+    def _replay(self, job: JobState, console: Any, sent: int = 0) -> None:
+        """Send ``console`` what it is owed of the job, ``REPLAY_BYTES`` a step (``sent``: bytes
+        this step sent already); it gets the ``job_done`` of a finished job after its last
+        result. What only the journal holds is read off the reactor thread (a step of a large
+        replay held heartbeats and dispatch): the replay goes on when the read comes back."""
         replay = job.replays[id(console)]
-        if replay[2] or getattr(console, "congested", False):
-            return  # hold(False) or console_congested(False) goes on
-        seq = replay[1]
-        sent = 0
+        if replay.held or replay.reading or getattr(console, "congested", False):
+            return  # hold(False), console_congested(False) or the read goes on
+        seq = replay.seq
         while seq < job.next_seq:
             if sent >= REPLAY_BYTES:
-                replay[1] = seq
+                replay.seq = seq
                 if job.replay_timer is None:  # (one for every console of the job)
                     job.replay_timer = self._start_timer("replay", 0, job.id)
                 return
-            if seq in job.kept:
-                found = [(seq, job.kept[seq])]
-            elif self.journal is not None:  # committed: read from disk up to the next in memory
+            msg = job.kept.get(seq)
+            if msg is not None:
+                self._to_console(console, msg, kept=True)
+                sent += results_bound(msg)
+            elif self.journal is not None and not self.stopped:
+                # committed: read from disk up to the next in memory (those between stay
+                # committed, and later ones are numbered from ``next_seq``: none moves)
                 end = next((s for s in job.kept if s > seq), job.next_seq)
-                found = self.journal.results(job.id, seq, end, REPLAY_BYTES - sent) or [
-                    (end - 1, None)  # (none between: lost with a failed commit and a restart)
-                ]
-            else:
-                found = [(seq, None)]
-            for _, msg in found:
-                if msg is not None:
-                    self._to_console(console, msg, kept=True)
-                    sent += results_bound(msg)
-            seq = found[-1][0] + 1
-        replay[1] = seq
+                replay.seq, replay.reading = seq, True
+                read = self.journal.read_results(job.id, seq, end, REPLAY_BYTES - sent)
+                read.addCallbacks(
+                    self._replay_read,
+                    self._replay_unread,
+                    callbackArgs=(job, replay, end, sent),
+                    errbackArgs=(job, replay),
+                )
+                return
+            elif self.journal is not None:
+                return  # the server stops: its journal is closing
+            seq += 1
+        replay.seq = seq
         if job.finished:
             del job.replays[id(console)]
             self._send(console, self._done_message(job))
 
+    @command
+    def _replay_read(
+        self, found: list[tuple[int, m.Results]], job: JobState, replay: Replay, end: int, sent: int
+    ) -> None:
+        """The journal's results ``replay.seq`` up to ``end`` (or as many as a step takes):
+        sent, and the replay goes on."""
+        replay.reading = False
+        console = replay.console
+        if job.replays.get(id(console)) is not replay:
+            return  # it left, or attached again (and is sent everything from the first)
+        for _, msg in found:
+            self._to_console(console, msg, kept=True)
+            sent += results_bound(msg)
+        # (none between: lost with a failed commit and a restart, or pruned)
+        replay.seq = found[-1][0] + 1 if found else end
+        self._replay(job, console, sent)
+
+    @command
+    def _replay_unread(self, failure: Failure, job: JobState, replay: Replay) -> None:
+        """A read for a replay failed: the journal closed (the server stops), or SQLite could
+        not read (a damaged file): that console is told why and let go, the job runs on."""
+        replay.reading = False
+        console = replay.console
+        if job.replays.get(id(console)) is not replay:
+            return
+        del job.replays[id(console)]
+        if self.stopped:
+            return
+        self.log.failure("job {id}: reading its results from the journal", failure, id=job.id)
+        why = f"the server could not read job {job.id}'s results from its journal: "
+        self._outbox.append(Close(console, RemapError(why + str(failure.value)[:300])))
+
     def _replay_timer(self, job: JobState) -> None:
         """A replay step's timer: every console of the job that is owed more goes on."""
         job.replay_timer = None
-        for key, (console, seq, _) in list(job.replays.items()):
-            if key in job.replays and seq < job.next_seq:
-                self._replay(job, console)
+        for key, replay in list(job.replays.items()):
+            if job.replays.get(key) is replay and replay.seq < job.next_seq:
+                self._replay(job, replay.console)
 
     def _replay_drained(self, console: Any) -> None:
         """``console`` drained its backlog: its replays go on."""

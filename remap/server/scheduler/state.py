@@ -144,6 +144,18 @@ class TaskState:
     answered: int = 0  # arguments answered by streamed parts: positions the node names count them
 
 
+@dataclass(eq=False, slots=True)
+class Replay:
+    """A console being sent a detached job's kept results (``attach``), a step at a time."""
+
+    console: Any
+    seq: int = 0  # the next ``seq`` it is due
+    held: bool = False  # it holds as many results as it will (flow control)
+    #: a read of the journal for it is under way (off the reactor thread): it goes on when
+    #: that read comes back, not before (one read at a time keeps its results in order)
+    reading: bool = False
+
+
 @dataclass(eq=False)
 class JobState:
     id: int
@@ -181,9 +193,9 @@ class JobState:
     kept: dict[int, m.Results] = field(default_factory=dict)
     kept_bytes: int = 0
     next_seq: int = 0
-    #: consoles being sent the job's kept results (attach), by ``id``: [console, the next
-    #: ``seq`` it is due, it holds (flow control)] (by id: a link need not be hashable)
-    replays: dict[int, list[Any]] = field(default_factory=dict)
+    #: consoles being sent the job's kept results (attach), by ``id`` (a link need not be
+    #: hashable)
+    replays: dict[int, Replay] = field(default_factory=dict)
     replay_timer: Any = None  # the next replay step's
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
