@@ -195,11 +195,12 @@ def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
     assert result.bytes_moved > 0 and result.messages > 0
 
 
-def _freeze_at(monkeypatch, superstep: int):
+def _freeze_at(monkeypatch, superstep: int, on_freeze=None):
     """The worker computing the first vertex of ``superstep`` stops heartbeating and hangs:
-    what the driver sees of a node that was SIGKILLed. Returns the program, the event that
-    releases the hung worker, the set naming the frozen attempt, and every worker made."""
-    frozen: set[str] = set()
+    what the driver sees of a node that was SIGKILLed (``on_freeze(worker)`` runs first).
+    Returns the program, the event that releases the hung worker, the set holding the frozen
+    worker, and every worker made."""
+    frozen: set[Any] = set()  # workers (an attempt's number is its slot's)
     release = threading.Event()
     workers: list[worker_mod.Worker] = []
     init = worker_mod.Worker.__init__
@@ -213,7 +214,7 @@ def _freeze_at(monkeypatch, superstep: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         while not self._stop.wait(self.args.heartbeat):
-            if self.attempt not in frozen:
+            if self not in frozen:
                 path.touch()
 
     monkeypatch.setattr(worker_mod.Worker, "__init__", tracking_init)
@@ -227,14 +228,16 @@ def _freeze_at(monkeypatch, superstep: int):
     def frozen_compute(ctx, vid, value, messages):
         if ctx.superstep == superstep and first.acquire(blocking=False):
             owner = next(w for w in workers if any(vid in p.values for p in w.parts.values()))
-            frozen.add(owner.attempt)
+            if on_freeze is not None:
+                on_freeze(owner)
+            frozen.add(owner)
             release.wait(30)
         return compute(ctx, vid, value, messages)
 
     return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
 
 
-def _skipping_clock(frozen: set[str], workers: list[worker_mod.Worker], lost_after: float):
+def _skipping_clock(frozen: set[Any], workers: list[worker_mod.Worker], lost_after: float):
     """The driver's clock, which once a worker froze leaps twice ``lost_after`` ahead at every
     reading: the hung worker is lost at the driver's next looks instead of after ``lost_after``
     of real time, which a live worker's heartbeat thread must never lag by (0.74 s seen under
@@ -248,7 +251,7 @@ def _skipping_clock(frozen: set[str], workers: list[worker_mod.Worker], lost_aft
         if frozen:
             leaps += 1
             for w in list(workers):
-                if w.attempt not in frozen:
+                if w not in frozen:
                     with contextlib.suppress(FileNotFoundError):  # the job ended: alive/ went
                         os.utime(w.layout.heartbeat(w.slot, w.attempt), ns=(leaps, leaps))
         return time.monotonic() + leaps * 2 * lost_after
@@ -343,7 +346,7 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
 
     class ServerTells(ThreadLaunch):
         def calls(self):
-            return {w.slot for w in workers if w.attempt not in frozen}
+            return {w.slot for w in workers if w not in frozen}
 
     _lose_one_worker(
         program,
@@ -373,16 +376,16 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
     graph_input(tmp_path, weighted=True)
     want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
     program, release, frozen, workers = _freeze_at(monkeypatch, 5)
-    dead: set[str] = set()  # attempts whose heartbeats stopped (their node is gone)
+    dead: set[Any] = set()  # workers whose heartbeats stopped (their node is gone)
 
     def beat(self):
         path = self.layout.heartbeat(self.slot, self.attempt)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         while not self._stop.wait(self.args.heartbeat):
-            if self.attempt not in dead:
+            if self not in dead:
                 # once the victim is frozen the live workers' beats look a second old, its own fresh
-                t = time.time() - (1.0 if frozen and self.attempt not in frozen else 0.0)
+                t = time.time() - (1.0 if frozen and self not in frozen else 0.0)
                 os.utime(path, (t, t))
 
     monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
@@ -391,13 +394,13 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
     class ServerTells(ThreadLaunch):
         def calls(self):
             if frozen and not reported:
-                victim = next(w for w in workers if w.attempt in frozen)
+                victim = next(w for w in workers if w in frozen)
                 reported["victim"] = victim.slot
                 reported["beats"] = {
                     w.slot: w.layout.heartbeat(w.slot, w.attempt).stat().st_mtime for w in workers
                 }
-                dead.add(victim.attempt)  # it never beats again
-            return {w.slot for w in workers if w.attempt not in frozen}
+                dead.add(victim)  # it never beats again
+            return {w.slot for w in workers if w not in frozen}
 
         def running(self):  # the same report as a count (what the driver once asked for)
             return len(self.calls())
@@ -416,6 +419,66 @@ def test_the_call_the_server_took_back_names_the_lost_worker_not_heartbeat_ages(
     assert reported, "the victim was never reported lost"
     victim, beats = reported["victim"], reported["beats"]
     assert all(beats[victim] > t for slot, t in beats.items() if slot != victim), beats
+
+
+def test_a_retried_worker_takes_its_slot_whatever_the_clocks_date_its_heartbeat(
+    tmp_path: Path, monkeypatch
+):
+    """A worker's node dies mid-superstep (it hangs, its heartbeat stops) and the server's
+    retry of its call starts on a node whose clock is an hour behind, while the first nodes'
+    clocks are an hour ahead: the lost attempt's heartbeat is dated after every one of the
+    retry's. The retry is still the slot's newest attempt (its number is higher): it takes the
+    slot at the one rollback, computes the rest of the job, and the output equals the
+    undisturbed run's. (Picked by mtime, the lost attempt looked newest: the retry was never
+    taken and idled to the end while the others shared its partitions.)"""
+    graph_input(tmp_path, weighted=True)
+    want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
+    hour = 3600.0
+    retries: list[worker_mod.Worker] = []
+    answers: list[dict[str, Any]] = []
+    retried: list[threading.Thread] = []
+    retry_dated = threading.Event()  # the retry's heartbeat is there, an hour behind
+
+    def start_retry(victim: worker_mod.Worker) -> None:
+        """The server's retry of the victim's call (the same argument), on another node."""
+        retries.append(worker_mod.Worker(victim.args))
+        retried.append(threading.Thread(target=lambda: answers.append(retries[0].run())))
+        retried[0].start()
+        assert retry_dated.wait(30), "the retried worker never beat"
+
+    program, release, frozen, workers = _freeze_at(monkeypatch, 5, on_freeze=start_retry)
+
+    def beat(self) -> None:
+        """Every beat dated by the writer's clock: the retry's behind, the others' ahead."""
+        skew = -hour if self in retries else hour
+        path = self.layout.heartbeat(self.slot, self.attempt)
+        _date(path, skew)
+        if self in retries:
+            retry_dated.set()
+        while not self._stop.wait(self.args.heartbeat):
+            if self in frozen:
+                return  # its node is gone: it never beats again
+            with contextlib.suppress(FileNotFoundError):  # the job ended: alive/ went
+                _date(path, skew)
+
+    monkeypatch.setattr(worker_mod.Worker, "_beat", beat)
+    _lose_one_worker(
+        program,
+        tmp_path,
+        release,
+        ThreadLaunch,
+        clean,
+        want,
+        4,
+        checkpoint_every=2,
+        clock=_skipping_clock(frozen, workers, VertexConfig.lost_after),
+    )
+    retried[0].join(10)
+    assert not retried[0].is_alive(), "the retried worker did not stop"
+    (victim,) = frozen
+    (answer,) = answers
+    assert "left" not in answer and answer["supersteps"] > 0, answer
+    assert answer["attempt"] > victim.attempt, (answer, victim.attempt)
 
 
 DAY = 86400.0
@@ -448,7 +511,7 @@ def test_a_worker_is_lost_when_its_heartbeat_stops_changing_whatever_its_mtime_s
         clock=clock.seconds,
     )
     driver.launch = SimpleNamespace(events=list, calls=lambda: None)  # the server tells nothing
-    driver.members = {0: "behind", 1: "ahead", 2: "stopped"}
+    driver.members = {0: 1, 1: 1, 2: 1}  # slot 0 a day behind, 1 a day ahead, 2 stopped
     beats = {slot: driver.layout.heartbeat(slot, a) for slot, a in driver.members.items()}
     driver.layout.alive.mkdir(parents=True)
     for path in beats.values():
@@ -594,7 +657,7 @@ def test_a_member_whose_job_ended_under_its_command_does_not_make_acks_again(
     layout.alive.mkdir()
     layout.acks.mkdir()
     worker = worker_mod.Worker(worker_mod.WorkerArgs(str(data.root), job, 0, example("sssp")))
-    members = {0: worker.attempt}
+    members = {0: 1}  # the first attempt of slot 0
 
     def execute_while_the_job_ends(cmd) -> dict[str, Any]:
         remove_tree(layout.acks)  # the driver's cleanup, while this command ran
@@ -1099,3 +1162,34 @@ def test_a_worker_error_that_says_where_is_shown_without_its_type():
         ("error", "input /d/g.xz: corrupt or truncated xz data"),
         ("error", "TypeError: unhashable type: 'list'"),
     ]
+
+
+def test_racing_attempts_of_a_slot_claim_distinct_numbers_above_the_old_ones(tmp_path: Path):
+    """Attempts of one slot claiming at once (a retry beside a stray) each get their own
+    number, all above the attempts already there and independent of other slots'; once the
+    job ended (``alive/`` gone) a claim makes nothing and raises FileNotFoundError."""
+    from remap.vertex.files import Layout, heartbeat_name
+
+    layout = Layout(DataDir(tmp_path / "data"), "job")
+    layout.alive.mkdir(parents=True)
+    for name in ("0.1", "0.2", "1.7", "driver.alive", "0.x"):
+        (layout.alive / name).touch()
+    start = threading.Barrier(8)
+    got: list[int] = []
+
+    def claim() -> None:
+        start.wait(10)
+        got.append(layout.claim_attempt(0))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(got) == list(range(3, 11)), got
+    assert layout.claim_attempt(1) == 8 and layout.claim_attempt(2) == 1
+    assert heartbeat_name("driver.alive") == heartbeat_name("0.x") == (-1, -1)
+    remove_tree(layout.alive)
+    with pytest.raises(FileNotFoundError):
+        layout.claim_attempt(0)
+    assert not layout.alive.exists()

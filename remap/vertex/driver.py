@@ -35,7 +35,7 @@ from ..errors import ConfigError, ConnectionLost, JobFailed, JobKilled
 from ..sinks import take_output, to_jsonable
 from . import DEFAULT_MAX_SUPERSTEPS
 from .engine import fold_into
-from .files import Heartbeats, Layout, input_splits, read_pickle, write_pickle
+from .files import Heartbeats, Layout, heartbeat_name, input_splits, read_pickle, write_pickle
 from .program import Program
 from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
 
@@ -188,7 +188,7 @@ class Driver:
         self.partitions = config.partitions or workers
         self._start = start
         self.on_report = on_report
-        self.members: dict[int, str] = {}
+        self.members: dict[int, int] = {}  # slot → attempt number
         self.seq = 0
         self.epoch = 0
         self.rollbacks = 0
@@ -217,27 +217,26 @@ class Driver:
         while not self._stop.wait(self.config.heartbeat):
             path.touch()
 
-    def _heartbeats(self) -> dict[int, tuple[str, float]]:
-        """slot → (newest attempt, seconds its heartbeat has not changed by ``self.clock``)."""
+    def _heartbeats(self) -> dict[int, tuple[int, float]]:
+        """slot → (newest attempt, seconds its heartbeat has not changed by ``self.clock``).
+        The newest is the highest attempt number (see :meth:`Layout.claim_attempt`), never
+        the newest mtime: those come from different machines' clocks."""
         now = self.clock()  # before the stats: a change they see is never dated before it
-        newest: dict[int, tuple[float, str, float]] = {}  # slot → (mtime, attempt, age)
+        newest: dict[int, tuple[int, float]] = {}  # slot → (attempt, age)
         try:
             entries = list(os.scandir(self.layout.alive))
         except FileNotFoundError:
             return {}
         for entry in entries:
-            slot, _, attempt = entry.name.partition(".")
-            if not slot.isdigit():
+            slot, attempt = heartbeat_name(entry.name)
+            if slot < 0 or (slot in newest and attempt < newest[slot][0]):
                 continue
             try:
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            age = self.beats.age(entry.path, st, now)
-            s = int(slot)
-            if s not in newest or st.st_mtime > newest[s][0]:
-                newest[s] = (st.st_mtime, attempt, age)
-        return {s: (attempt, age) for s, (_, attempt, age) in newest.items()}
+            newest[slot] = (attempt, self.beats.age(entry.path, st, now))
+        return newest
 
     def _check_launch(self) -> None:
         """Raise if a worker call raised, or the gang job ended (killed, failed) under us."""
@@ -264,7 +263,7 @@ class Driver:
                 raise WorkerLost(taken, "lost its node or core (the server took its call back)")
         for slot, attempt in self.members.items():
             newest, age = beats.get(slot, (attempt, 0.0))
-            if newest != attempt and self.layout.heartbeat(slot, newest).exists():
+            if newest > attempt and self.layout.heartbeat(slot, newest).exists():
                 raise WorkerLost([slot], "was restarted elsewhere")
             if age > self.config.lost_after:
                 raise WorkerLost([slot], f"sent no heartbeat for {age:.0f}s")
@@ -569,7 +568,7 @@ class Driver:
         for slot in lost.slots:
             old = self.members.pop(slot, None)
             fresh = beats.get(slot)
-            if fresh and fresh[0] != old and fresh[1] < self.config.lost_after:
+            if fresh and (old is None or fresh[0] > old) and fresh[1] < self.config.lost_after:
                 self.members[slot] = fresh[0]
         if not self.members:
             raise JobFailed(f"every vertex worker was lost (last: {lost})")

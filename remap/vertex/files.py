@@ -9,6 +9,10 @@ rollback can only write where nobody reads any more.
     job/<jobid>/acks/<seq>/<slot>.pkl       each worker's answer to one command
     job/<jobid>/alive/<slot>.<attempt>      worker heartbeats (touched); driver.alive the driver's
 
+A worker call's attempt is a number it claims by creating ``alive/<slot>.<n>`` exclusively
+(O_EXCL, atomic on NFS too) with ``n`` above every attempt of its slot there: the newest
+attempt of a slot is the highest number, whatever the clocks that dated the files say.
+
 ``acks/`` and ``alive/`` are made by the driver before it starts the workers and removed when
 the job ends; a worker only writes inside them, so a call that starts (or goes on) after the
 end finds them gone and stops, instead of leaving them behind.
@@ -28,6 +32,15 @@ from typing import Any
 from ..data.inputs import Split, compressed, read_line_blocks
 from ..data.layout import TMP_SUFFIX, DataDir, remove_tree, write_atomic
 from .engine import PICKLE_PROTOCOL
+
+
+def heartbeat_name(name: str) -> tuple[int, int]:
+    """``(slot, attempt)`` of a heartbeat file's name; ``(-1, -1)`` for any other file (the
+    driver's, a stray)."""
+    slot, dot, attempt = name.partition(".")
+    if dot and (slot + attempt).isascii() and slot.isdigit() and attempt.isdigit():
+        return int(slot), int(attempt)
+    return -1, -1
 
 
 class Heartbeats:
@@ -91,8 +104,21 @@ class Layout:
     def ack(self, seq: int, slot: int) -> Path:
         return self.acks / f"{seq:06d}" / f"{slot}.pkl"
 
-    def heartbeat(self, slot: int, attempt: str) -> Path:
+    def heartbeat(self, slot: int, attempt: int) -> Path:
         return self.alive / f"{slot}.{attempt}"
+
+    def claim_attempt(self, slot: int) -> int:
+        """The next attempt number of ``slot``, its heartbeat made: the one attempt that
+        created the file owns the number (a racing retry moves on to the next).
+        FileNotFoundError once ``alive/`` is gone (the job ended)."""
+        taken = [a for s, a in map(heartbeat_name, os.listdir(self.alive)) if s == slot]
+        attempt = max(taken, default=0) + 1
+        while True:
+            try:
+                os.close(os.open(self.heartbeat(slot, attempt), os.O_CREAT | os.O_EXCL, 0o644))
+                return attempt
+            except FileExistsError:
+                attempt += 1
 
     def epoch(self, epoch: int) -> Path:
         return self.scratch / f"e{epoch}"

@@ -14,7 +14,6 @@ import os
 import pickle
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +75,7 @@ class Command:
     seq: int
     kind: str  # read | merge | restore | step | output | stop
     epoch: int
-    members: dict[int, str]  # slot → attempt id
+    members: dict[int, int]  # slot → attempt number
     owners: list[int]  # partition → slot
     superstep: int = 0
     splits: dict[int, list[tuple[int, str, int, int]]] = field(default_factory=dict)
@@ -160,7 +159,7 @@ class Worker:
         )
         self.data = DataDir(Path(args.data_dir))
         self.layout = Layout(self.data, args.job_id)
-        self.attempt = uuid.uuid4().hex[:12]
+        self.attempt = 0  # claimed when it runs (Layout.claim_attempt): 1, 2, ...
         self.member = False
         self.parts: dict[int, Partition] = {}
         self.records: dict[int, Partition] = {}  # own partitions' records read by this worker
@@ -201,7 +200,7 @@ class Worker:
     def run(self) -> dict[str, Any]:
         require_visible(self.data, self.args.job_id)  # one clear line if the mount is missing
         try:  # alive/ is gone once the job ended: a late call leaves nothing behind
-            self.layout.heartbeat(self.slot, self.attempt).touch()
+            self.attempt = self.layout.claim_attempt(self.slot)
         except FileNotFoundError:
             return {"slot": self.slot, "attempt": self.attempt, "left": ENDED, **self.stats}
         beat = threading.Thread(target=self._beat, name="vertex-heartbeat", daemon=True)
