@@ -288,7 +288,13 @@ def start_node(
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     key = client_secret(settings)
-    pool = CorePool(reactor, settings.cores or default_cores(), lambda r: None, lambda r: None)
+    pool = CorePool(
+        reactor,
+        settings.cores or default_cores(),
+        lambda r: None,
+        lambda r: None,
+        start_timeout=settings.core_start_timeout,
+    )
     agent = NodeAgent(
         pool,
         group=settings.group,
@@ -338,7 +344,13 @@ class EmbeddedCluster:
     async def start(self) -> str:
         """Start the server and the node; the node joins over an in-process link (no sockets)."""
         self.server = await start_server(self.reactor, self.settings, secret=self.secret)
-        pool = CorePool(self.reactor, self.cores, lambda r: None, lambda r: None)
+        pool = CorePool(
+            self.reactor,
+            self.cores,
+            lambda r: None,
+            lambda r: None,
+            start_timeout=self.settings.core_start_timeout,
+        )
         agent = NodeAgent(pool)
         pool.read_turn = self.in_one_turn
         self.node = NodeService(pool, agent, None)

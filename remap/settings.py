@@ -40,6 +40,7 @@ class Settings:
     tls_key: str | None = None
     tls_ca: str | None = None
     cores: int | None = None
+    core_start_timeout: float = 60.0
     group: str | None = None
     heartbeat_interval: float = 2.0
     heartbeat_misses: int = 3
@@ -188,6 +189,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "tls_key": ("REMAP_TLS_KEY", _text, "PEM private key file for REMAP_TLS_CERT"),
     "tls_ca": ("REMAP_TLS_CA", _text, "PEM CA that signed the peers' certificates (verified both ways)"),
     "cores": ("REMAP_CORES", _integer(1), "cores a node uses; empty = CPU count - 1, at least 1"),
+    "core_start_timeout": ("REMAP_CORE_START_TIMEOUT", _POSITIVE, "seconds a node's core process has to start (import remap and say it is ready); one that takes longer is killed and started again, and counts as a core that died at start (3 in a row: restarts back off)"),
     "group": ("REMAP_GROUP", _text, "group a node belongs to; jobs may ask for a group"),
     "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
     "heartbeat_misses": ("REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),

@@ -253,3 +253,81 @@ def test_cores_that_die_at_start_back_off_say_why_once_and_a_ready_core_resets_i
         assert call.cancelled and not reactor.getDelayedCalls(), "a stop cancels the restart"
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_core_not_ready_by_its_deadline_is_killed_and_its_start_slot_goes_to_the_next() -> None:
+    """A core that hung before "ready" kept its start slot forever: ``starting_at_once`` of
+    them and no other core ever started. At ``start_timeout`` it is killed (one line names it),
+    the next waiting core starts at once (before the hung one is reaped), and a core that says
+    ready in time keeps no deadline."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = SpawnRecorder()
+        pool = CorePool(reactor, 4, lambda r: None, lambda f: None, start_timeout=10.0)
+        pool.starting_at_once = 2
+        pool.start()
+        first, hung = reactor.spawned
+        reactor.advance(5)
+        pool._core_message(first, m.CoreReady(pid=1))  # in time: its slot goes to core 2
+        assert [c.index for c in reactor.spawned] == [0, 1, 2]
+        reactor.advance(4.9)
+        assert hung.life is CoreLife.STARTING and len(reactor.spawned) == 3, "not before"
+        reactor.advance(0.1)
+        assert hung.life is CoreLife.KILLING and hung.kill_reason == "start"
+        assert [c.index for c in reactor.spawned] == [0, 1, 2, 3], "its slot is free at once"
+        said = [e for e in events if "was not ready" in e.get("log_format", "")]
+        assert [formatEvent(e) for e in said] == [
+            "core 1 (pid None) was not ready 10s after it started (REMAP_CORE_START_TIMEOUT); "
+            "killing it and starting another"
+        ]
+        _ended(hung)  # its exit: replaced once a slot is free (cores 2 and 3 are starting)
+        assert len(reactor.spawned) == 4 and list(pool._unstarted) == [1]
+        pool._core_message(reactor.spawned[2], m.CoreReady(pid=1))
+        assert [c.index for c in reactor.spawned] == [0, 1, 2, 3, 1]
+        reactor.advance(100)
+        assert first.life is CoreLife.IDLE, "a ready core has no deadline"
+        assert len([e for e in events if "was not ready" in e.get("log_format", "")]) == 3, (
+            "cores 3 and the new 1 never said ready: each killed at its own deadline"
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def test_cores_killed_at_their_start_deadline_count_as_dying_at_start_and_back_off() -> None:
+    """A deadline kill counts as a death before "ready": three in a row and restarts wait
+    (1 s, then doubling), one error line says they were not ready in time; a core ready resets
+    it; a stop leaves no deadline pending."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = SpawnRecorder()
+        pool = CorePool(reactor, 1, lambda r: None, lambda f: None, start_timeout=10.0)
+        pool.start()
+        for _ in range(2):
+            reactor.advance(10)
+            _ended(reactor.spawned[-1])
+        assert len(reactor.spawned) == 3, "the first two are replaced at once"
+        reactor.advance(10)
+        assert pool._restart_call is not None, "the third backs off, counted at its deadline"
+        _ended(reactor.spawned[-1])
+        assert len(reactor.spawned) == 3
+        reactor.advance(1)
+        assert len(reactor.spawned) == 4, "restarted after 1 s"
+        said = [e for e in events if "cores die at start" in e.get("log_format", "")]
+        assert [formatEvent(e) for e in said] == [
+            "cores die at start (not ready within 10s, killed); retrying in 1s, then up to "
+            "every 30s"
+        ]
+        pool._core_message(reactor.spawned[-1], m.CoreReady(pid=1))
+        assert pool._start_deaths == 0 and pool._restart_delay == 1
+        _ended(reactor.spawned[-1], signal=None)  # died after ready: replaced, with a deadline
+        assert len(reactor.spawned) == 5 and reactor.getDelayedCalls()
+        pool.stop()
+        assert not reactor.getDelayedCalls(), "a stop cancels the start deadlines"
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_harness import Cluster, ClusterError, NodeSpec, jobs_function, write_job
+from remap.node.cores import STARTING_AT_ONCE
+from tests.cluster_harness import ROOT, Cluster, ClusterError, NodeSpec, jobs_function, write_job
 from tests.jobs.fail_funcs import CULPRIT
 
 pytestmark = pytest.mark.slow
@@ -180,6 +181,56 @@ def test_call_past_timeout_is_stopped_and_only_its_argument_fails(make_cluster, 
     error = values[CULPRIT]
     assert isinstance(error, dict) and error.get("type") == "TaskTimeout", c.explain(done)
     assert "timed out after 3s" in error["message"] and "2 times" in error["message"], error
+
+
+#: a ``sitecustomize`` that hangs the first HANG_CORES core processes before they can say
+#: ready (a stalled import, a dead network file system): each takes a token file, once
+HANG_BEFORE_READY = """
+import os, threading
+def _hang():
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            if b"remap.node.core" not in f.read():
+                return  # the node itself
+    except OSError:
+        return
+    for n in range(int(os.environ["HANG_CORES"])):
+        try:
+            os.close(os.open(os.path.join(os.environ["HANG_TOKENS"], str(n)), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        threading.Event().wait(300)  # until the node kills it (or the test's teardown does)
+        return
+_hang()
+"""
+
+
+def test_cores_hung_before_ready_are_killed_at_the_deadline_and_the_rest_start(
+    make_cluster, tmp_path
+):
+    """As many cores as start at once hang before "ready": they held every start slot, and the
+    node never ran a call. With ``REMAP_CORE_START_TIMEOUT=10`` each is SIGKILLed at 10 s (one
+    line naming it), the waiting core starts, the killed ones are started again (after the
+    backoff their deaths trigger), and the job completes. (3 s was too short on a loaded
+    2-CPU machine: 8 healthy cores starting at once took longer, and were killed too.)"""
+    hooks = tmp_path / "hooks"
+    tokens = tmp_path / "tokens"
+    hooks.mkdir()
+    tokens.mkdir()
+    (hooks / "sitecustomize.py").write_text(HANG_BEFORE_READY)
+    env = {
+        "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}",
+        "HANG_CORES": str(STARTING_AT_ONCE),
+        "HANG_TOKENS": str(tokens),
+        "REMAP_CORE_START_TIMEOUT": "10",
+    }
+    c = make_cluster([NodeSpec(cores=STARTING_AT_ONCE + 1, env=env)], heartbeat=HEARTBEAT)
+    _next_job_works(c, tmp_path, timeout=60)
+    assert len(os.listdir(tokens)) == STARTING_AT_ONCE, "the first cores did hang"
+    log = c.nodes[0].log_text()
+    killed = [line for line in log.splitlines() if "was not ready 10s after it started" in line]
+    assert len(killed) >= STARTING_AT_ONCE, log
+    assert "cores die at start (not ready within 10s, killed)" in log, log
 
 
 # ---------------------------------------------------------------------------------- jobs

@@ -133,13 +133,16 @@ class CoreProcess(ProcessProtocol):
         #: the batch it runs; kept while KILLING, so its death can be blamed on the batch
         self.task: m.Task | None = None
         self.loaded: set[int] = set()
-        self.kill_reason: str | None = None  # why: "timeout", "cancel", "stop", "error"
+        #: why: "timeout", "cancel", "stop", "error", "start" (not ready by its deadline)
+        self.kill_reason: str | None = None
         #: (position, span) of what was running when it was killed, or when it died
         self.kill_at = (-1, 1)
         self.slot_at_death = (-1, 1)
         #: the tail of its stderr while starting; set when it died before "ready" unkilled
         self.start_stderr = b""
         self.died_starting = False
+        #: the pending kill of a core that does not say "ready" in time (the pool's deadline)
+        self.start_deadline: Any = None
         self._decoder = FrameDecoder(max_frame=1 << 40)
         fd, path = tempfile.mkstemp(prefix="remap-core-")
         os.unlink(path)
@@ -228,6 +231,7 @@ class CoreProcess(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.died_starting = self.life is _STARTING
+        self.cancel_start_deadline()
         self.move(CoreLife.DEAD)
         self.slot_at_death = self.running()
         try:
@@ -254,6 +258,12 @@ class CoreProcess(ProcessProtocol):
         if sent < sum(map(len, parts)):  # only what the pipe did not take is copied
             self.transport.writeToChild(CMD_FD, b"".join(unsent(parts, sent)))
 
+    def cancel_start_deadline(self) -> None:
+        if self.start_deadline is not None:
+            if self.start_deadline.active():
+                self.start_deadline.cancel()
+            self.start_deadline = None
+
     def kill(self, why: str, at: int | None = None) -> None:
         if self.life is CoreLife.KILLING or self.life is CoreLife.DEAD:
             return
@@ -279,9 +289,12 @@ class CorePool:
         on_failed: Callable[[m.TaskFailed], None],
         *,
         watchdog_interval: float = 0.1,
+        start_timeout: float | None = None,
     ) -> None:
         self.reactor = reactor
         self.size = size
+        #: seconds a core has to say "ready" before it is killed (None: no deadline)
+        self.start_timeout = start_timeout
         self.on_result = on_result
         self.on_failed = on_failed
         self.jobs: dict[int, JobInfo] = {}
@@ -339,6 +352,10 @@ class CorePool:
         )
         _widen_pipes(core)
         core.read_results_directly()
+        if self.start_timeout is not None:
+            core.start_deadline = self.reactor.callLater(
+                self.start_timeout, self._start_overdue, core
+            )
         if index < len(self.cores):
             self.cores[index] = core
         else:
@@ -408,6 +425,8 @@ class CorePool:
         shutil.rmtree(node_dir(os.getpid()), ignore_errors=True)
         if self._watchdog.running:
             self._watchdog.stop()
+        for core in self.cores:
+            core.cancel_start_deadline()
         alive = [c for c in self.cores if c.life is not CoreLife.DEAD]
         if not alive:
             return succeed(None)
@@ -466,6 +485,7 @@ class CorePool:
                 self._dispatch()
         elif type(msg) is m.CoreReady:
             if core.life is _STARTING:  # a core killed while starting stays killing
+                core.cancel_start_deadline()
                 core.move(_IDLE)
                 self._started_again()
             self._dispatch()
@@ -506,18 +526,42 @@ class CorePool:
                 )
         self._unstarted.append(core.index)
         if core.died_starting:
-            self._start_deaths += 1
-            if self._start_deaths >= START_DEATHS_BEFORE_BACKOFF:
-                self._back_off(core, reason)
+            self._died_starting(core, _exit_detail(reason))
         self._spawn_more()
 
-    def _back_off(self, core: CoreProcess, reason: Any) -> None:
+    def _start_overdue(self, core: CoreProcess) -> None:
+        """A core not ready by its deadline (a hung import, a stalled network file system)
+        held its start slot forever, and ``starting_at_once`` of them stopped every other core
+        from starting: it is killed, counted as a core that died at start, and its slot
+        goes to the next core now (its own replacement follows its exit)."""
+        core.start_deadline = None
+        if core.life is not _STARTING or self.stopping:
+            return
+        self.log.warn(
+            "core {i} (pid {pid}) was not ready {s:g}s after it started "
+            "(REMAP_CORE_START_TIMEOUT); killing it and starting another",
+            i=core.index,
+            pid=getattr(core.transport, "pid", None),
+            s=self.start_timeout,
+        )
+        core.kill("start")
+        self._died_starting(core, f"not ready within {self.start_timeout:g}s, killed")
+        self._spawn_more()
+
+    def _died_starting(self, core: CoreProcess, detail: str) -> None:
+        """One more core lost before "ready" (none ready since the last): from the third in a
+        row on, restarts back off."""
+        self._start_deaths += 1
+        if self._start_deaths >= START_DEATHS_BEFORE_BACKOFF:
+            self._back_off(core, detail)
+
+    def _back_off(self, core: CoreProcess, detail: str) -> None:
         """Restart the waiting cores after a delay that doubles each time (one pending at a
         time); one log line when cores start dying at start, or die of something else."""
         if self._restart_call is not None:
             return
         lines = core.start_stderr.decode(errors="replace").strip().splitlines()
-        why = _exit_detail(reason) + (f"): {lines[-1].strip()[:300]}" if lines else ")")
+        why = detail + (f"): {lines[-1].strip()[:300]}" if lines else ")")
         delay = self._restart_delay
         if why != self._start_failure:
             self._start_failure = why
