@@ -79,14 +79,8 @@ class TaskErrorInfo:
 
 
 class _Missing:
-    """Placeholder for a result that never arrived; distinct from a task that returned None."""
-
-    _instance: ClassVar[_Missing | None] = None
-
-    def __new__(cls) -> _Missing:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    """Placeholder for a result that never arrived; distinct from a task that returned None.
+    One instance: pickling and copying give back :data:`MISSING` itself (``__reduce__``)."""
 
     def __repr__(self) -> str:
         return "MISSING"
@@ -644,8 +638,6 @@ class SqliteSink(_OutputSink):
         self._pending: list[tuple[int, Any, str, Any, str | None, str | None]] = []
         self._oldest_pending = 0.0
         self._conn: sqlite3.Connection | None = None
-        #: rows committed so far; lets the console report progress that is really on disk
-        self.committed = 0
         super().__init__(output)
         self.staging_name = f"table {self.STAGING} of {self.partial}"
 
@@ -725,8 +717,7 @@ class SqliteSink(_OutputSink):
         except sqlite3.Error as exc:
             _rollback(conn)
             raise self._error(exc) from None
-        self.committed += len(self._pending)
-        self.kept_count = self.committed
+        self.kept_count += len(self._pending)
         self._pending.clear()
 
     def _write_rest(self) -> None:

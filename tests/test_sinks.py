@@ -332,7 +332,7 @@ def test_sqlite_sink_rows_all_committed_after_close(tmp_path: Path) -> None:
         else:
             assert (result, result_type, error) == (idx * idx, "int", None)
     assert rows[N][1:] == ("{1: 2}", "repr", "Opaque()", "repr", None)
-    assert sink.committed == N + 1
+    assert sink.kept_count == N + 1
     assert sink.summary() == {
         "mode": "sqlite",
         "done": N + 1 - len(FAILING),
