@@ -190,12 +190,6 @@ class Engine:
     def close(self) -> None:
         """Disconnect; a local cluster this engine started is stopped."""
 
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
 
 def _need(module: str, scheme: str) -> Any:
     try:
