@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import cmd
+import contextlib
 import difflib
 import json
 import os
@@ -474,12 +475,13 @@ class Console:
         if kept:
             exc.args = (f"{str(exc).rstrip('.')}; {kept}",)
         if as_json:
-            summary = {
-                **sink.summary(),
-                **render.failure_json(exc, run.job_id if run is not None else None),
-            }
-            self.say(json.dumps(render.jsonable(summary)))
+            self._say_failed(sink, exc, run.job_id if run is not None else None)
         return exc
+
+    def _say_failed(self, sink: Any, exc: RemapError, job_id: Any, **extra: Any) -> None:
+        """``--json`` of a job that did not finish: its sink's summary with the error."""
+        summary = {**sink.summary(), **render.failure_json(exc, job_id), **extra}
+        self.say(json.dumps(render.jsonable(summary)))
 
     def _interrupted(self, run: Any, sink: Any, as_json: bool = False) -> int:
         """Ctrl-C: kill the job, keep what arrived, say what was kept and where (``--json``:
@@ -492,27 +494,18 @@ class Console:
             run.fail(JobKilled(f"{name} was interrupted"))
         else:
             run.kill()
-            try:  # what arrives until the server's "killed" still goes into the sink
+            # what arrives until the server's "killed" still goes into the sink
+            with contextlib.suppress(RemapError, TimeoutError):
                 run.collect(sink, until=time.monotonic() + 5)
-            except (RemapError, TimeoutError):
-                pass
             run.detach()
-            if not sink.closed:
-                try:
-                    sink.close(complete=False)
-                except Exception:  # noqa: BLE001 - exiting interrupted anyway
-                    pass
+            with contextlib.suppress(Exception):  # exiting interrupted anyway
+                sink.close(complete=False)  # (a closed sink's close does nothing)
         kept = sink.kept()
         if kept:
             self.note(f"{name} killed; {kept}")
         if as_json:
             error = f"{name} was interrupted (Ctrl-C) and killed" + (f"; {kept}" if kept else "")
-            summary = {
-                **sink.summary(),
-                **render.failure_json(JobKilled(error), run.job_id),
-                "exit_code": EXIT_INTERRUPTED,
-            }
-            self.say(json.dumps(render.jsonable(summary)))
+            self._say_failed(sink, JobKilled(error), run.job_id, exit_code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
     def with_traceback(self, exc: JobFailed, traceback: str, where: str, show: bool) -> JobFailed:
@@ -807,14 +800,12 @@ class Shell(cmd.Cmd):
         self.console = console
         self.parser = parser
         self.history = Path(os.path.expanduser("~")) / ".remap_history"
-        try:
+        with contextlib.suppress(ImportError, OSError):
             import readline
 
             readline.set_completer_delims(" \t")
             if self.history.exists():
                 readline.read_history_file(self.history)
-        except (ImportError, OSError):
-            pass
 
     def default(self, line: str) -> bool:
         try:
@@ -904,12 +895,10 @@ class Shell(cmd.Cmd):
         return [str(item["id"]) for item in status[kind]]
 
     def postloop(self) -> None:
-        try:
+        with contextlib.suppress(ImportError, OSError):
             import readline
 
             readline.write_history_file(self.history)
-        except (ImportError, OSError):
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:
