@@ -130,12 +130,10 @@ def _bind_host(value: Any) -> str:
     if any(ch.isspace() for ch in host):
         raise _Bad(f"expected a host name or IP address, got {value!r}")
     if ":" in host:
-        try:
-            ipaddress.IPv6Address(host.strip("[]"))
-        except ValueError:
+        if not _is_ipv6(host.strip("[]")):
             raise _Bad(
                 f"expected a host without a port, got {value!r} (set the port with REMAP_PORT)"
-            ) from None
+            )
         return host.strip("[]")
     return host
 
@@ -422,10 +420,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         if end < 0:
             raise ConfigError(f"address {text!r}: missing ']' after the IPv6 address")
         host, rest = raw[1:end], raw[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"address {text!r}: {host!r} is not an IPv6 address") from None
+        if not _is_ipv6(host):
+            raise ConfigError(f"address {text!r}: {host!r} is not an IPv6 address")
         if rest and not rest.startswith(":"):
             raise ConfigError(f"address {text!r}: expected ':PORT' after ']'")
         port_text = rest[1:] if rest else None
