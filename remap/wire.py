@@ -82,6 +82,26 @@ def read_directly(
     reader.doRead = do_read
 
 
+def hear_out(transport: Any, received: Callable[[], int]) -> None:
+    """Make a plain TCP transport whose write finds the connection reset read what arrived
+    before the reset first (``received()`` counts the bytes read): a peer's last frame, the
+    ``busy`` of a refusal or an error, says why it closed. A reset socket still holds them, but
+    an event that both completes a connect and reports it writable writes before it reads, and
+    the loss was reported unread (a refused console then said "closed during the handshake")."""
+    write = transport.doWrite
+
+    def do_write() -> Any:
+        why = write()
+        if why is not main.CONNECTION_LOST or not transport.connected:
+            return why
+        before = received()
+        if transport.doRead() is None and received() > before:
+            return None  # heard; the next write finds the loss again
+        return why
+
+    transport.doWrite = do_write
+
+
 #: a Twisted FileDescriptor's write buffer: what :func:`transport_idle` reads
 _BUFFER_ATTRIBUTES = ("_tempDataBuffer", "offset", "dataBuffer")
 
@@ -326,6 +346,7 @@ class PeerProtocol(Protocol):
                 read=functools.partial(self._socket.recv, READ_SIZE),
                 data_received=self.dataReceived,
             )
+            hear_out(self.transport, lambda: self.traffic.received)
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self._last_seen = self.clock.seconds()
