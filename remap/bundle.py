@@ -391,10 +391,16 @@ def install(job: int, modules: dict[str, bytes], files: dict[str, bytes]) -> Pat
     return final
 
 
+def may_be_bundle(payload: Any) -> bool:
+    """Whether a job's function pickle may carry a bundle (a directory on the node); False: it
+    surely does not, so the node need not look for or remove one."""
+    return _MARK_BYTES in bytes(payload[:64])
+
+
 def unwrap(payload: Any, job: int) -> Any:
     """The function's pickle: ``payload`` itself, or the one behind a bundle, installed first
     (the bundle's layer holds only bytes and strings, so unpickling it runs no user code)."""
-    if _MARK_BYTES not in bytes(payload[:64]):
+    if not may_be_bundle(payload):
         return payload
     obj = pickle.loads(payload)
     if type(obj) is not tuple or len(obj) != 4 or obj[0] != MARK:

@@ -331,3 +331,27 @@ def test_cores_killed_at_their_start_deadline_count_as_dying_at_start_and_back_o
         assert not reactor.getDelayedCalls(), "a stop cancels the start deadlines"
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_job_without_a_bundle_ends_without_touching_the_disk(monkeypatch) -> None:
+    """A job's end removed its directory on the node (an ``rmtree``: an ``lstat`` at least,
+    on the reactor) whether or not it had one; only a job that shipped a bundle has one. A
+    job the node never loaded is still looked for (nothing tells what it shipped)."""
+    import os
+
+    from remap import bundle
+    from remap.node import cores
+
+    removed: list[str] = []
+    monkeypatch.setattr(cores.shutil, "rmtree", lambda path, **kw: removed.append(str(path)))
+    pool = CorePool(SpawnRecorder(), 1, lambda r: None, lambda f: None)
+    plain = m.JobLoad(job=1, star=False, timeout=None, reduce=False, payload=b"fn")
+    shipped = bundle.wrap(b"fn", bundle.Bundle({"mod_q.py": b"X = 1\n"}, {}))
+    assert shipped != b"fn"
+    pool.load_job(plain)
+    pool.load_job(m.JobLoad(job=2, star=False, timeout=None, reduce=False, payload=shipped))
+    pool.drop_job(1)
+    assert removed == []
+    pool.drop_job(2)
+    pool.drop_job(3)
+    assert removed == [str(bundle.job_path(os.getpid(), j)) for j in (2, 3)]

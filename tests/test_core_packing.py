@@ -289,3 +289,32 @@ def test_a_remote_traceback_starts_at_the_users_frame_not_remaps_wrappers() -> N
         first_frame = tb.splitlines()[1]
         assert "odd_fails" in first_frame, tb
         assert "calls.py" not in tb, tb
+
+
+def test_a_core_enters_a_jobs_directory_only_when_it_shipped_one(tmp_path, monkeypatch) -> None:
+    """Before a job's first batch a core looked on disk for the job's directory (an ``lstat``
+    and a ``stat``); a job without a bundle has none: the core names no directory for it, as
+    before, without looking. A job with a bundle still runs in its directory."""
+    import os
+
+    from remap import bundle
+    from remap.node import core as core_module
+
+    monkeypatch.setattr(bundle.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv(bundle.ENV, "stale")
+    looked: list[int] = []
+    real = core_module.enter_job
+    monkeypatch.setattr(core_module, "enter_job", lambda job: (looked.append(job), real(job)))
+    core = Core(mmap.mmap(-1, SLOT.size))
+    where = lambda _: os.environ.get(bundle.ENV)  # noqa: E731
+    core.load(m.CoreLoad(job=1, payload=function_blob(where)))
+    shipped = bundle.wrap(function_blob(where), bundle.Bundle({}, {"d.txt": b"hi"}))
+    core.load(m.CoreLoad(job=2, payload=shipped))
+    os.environ[bundle.ENV] = "stale"  # (the bundle's install named its directory)
+    sizes, payload = pack([0])
+    for job, expected in ((1, None), (2, str(bundle.job_path(os.getppid(), 2))), (1, None)):
+        reply = core.run(m.Task(task=9, job=job, sizes=sizes, payload=payload))
+        assert pickle.loads(reply.payload) == [expected]  # (packed: a list of results)
+    assert looked == [2]
+    core.drop(2)
+    assert core._bundled == set() and set(core.jobs) == {1}

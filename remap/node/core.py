@@ -22,7 +22,7 @@ from typing import Any
 from protocol import messages as m
 from protocol.framing import READ_SIZE, FrameDecoder, frame_parts, unsent
 from remap.blobs import PICKLE_PROTOCOL, dumps, dumps_buffered, split
-from remap.bundle import enter_job, unwrap
+from remap.bundle import enter, enter_job, unwrap
 from remap.calls import RESULT_REPR, UNPICKLABLE_RESULT
 from remap.malloc import keep_freed_memory
 from remap.shipping import load_function_blob, user_frames, user_traceback
@@ -206,10 +206,21 @@ class Core:
         self.emit = emit
         #: the job whose directory the environment names (entered once, not per batch)
         self._entered: int | None = None
+        #: jobs that shipped a bundle: only they have a directory to enter
+        self._bundled: set[int] = set()
 
     def load(self, cmd: m.CoreLoad) -> None:
-        fn, reduce_fn = load_function_blob(unwrap(cmd.payload, cmd.job))
+        inner = unwrap(cmd.payload, cmd.job)
+        if inner is not cmd.payload:
+            self._bundled.add(cmd.job)
+        else:
+            self._bundled.discard(cmd.job)
+        fn, reduce_fn = load_function_blob(inner)
         self.jobs[cmd.job] = (fn, reduce_fn, cmd.star, cmd.timed, cmd.reduce)
+
+    def drop(self, job: int) -> None:
+        self.jobs.pop(job, None)
+        self._bundled.discard(job)
 
     def run(self, cmd: m.Task) -> m.TaskResult:
         loaded = self.jobs.get(cmd.job)
@@ -217,7 +228,10 @@ class Core:
             return self._unloadable(cmd, loaded)
         fn, reduce_fn, star, timed, partial = loaded
         if cmd.job != self._entered:
-            enter_job(cmd.job)
+            if cmd.job in self._bundled:
+                enter_job(cmd.job)
+            else:  # no bundle, no directory: nothing to look for on disk
+                enter(None)
             self._entered = cmd.job
         if len(cmd.sizes) == 1 and not cmd.groups and not cmd.skip and not partial:
             return self._run_one(cmd, fn, star)
@@ -443,7 +457,7 @@ def serve(core: Core, cmd_fd: int, out_fd: int) -> None:
             except Exception as exc:  # reported per argument when the job's batches run
                 core.jobs[cmd.job] = exc
         elif t is m.CoreDrop:
-            core.jobs.pop(cmd.job, None)
+            core.drop(cmd.job)
 
 
 if __name__ == "__main__":

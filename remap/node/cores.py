@@ -30,7 +30,7 @@ from protocol import messages as m
 from protocol.errors import RemoteProtocolError
 from protocol.framing import READ_SIZE, Frame, FrameDecoder, frame_parts, unsent
 
-from ..bundle import job_path, node_dir
+from ..bundle import job_path, may_be_bundle, node_dir
 from ..taskoutput import prefix_lines
 from ..transitions import check_move
 from ..wire import read_directly, transport_idle
@@ -119,6 +119,8 @@ class JobInfo:
     star: bool
     timeout: float | None
     reduce: bool
+    #: it may have a directory on this node (its cores install a bundle there)
+    bundled: bool = True
 
 
 class CoreProcess(ProcessProtocol):
@@ -369,11 +371,13 @@ class CorePool:
         return sum(1 for c in self.cores if c.task is not None)
 
     def load_job(self, msg: m.JobLoad) -> None:
-        self.jobs[msg.job] = JobInfo(msg.payload, msg.star, msg.timeout, msg.reduce)
+        bundled = may_be_bundle(msg.payload)
+        self.jobs[msg.job] = JobInfo(msg.payload, msg.star, msg.timeout, msg.reduce, bundled)
 
     def drop_job(self, job: int) -> None:
-        self.jobs.pop(job, None)
-        shutil.rmtree(job_path(os.getpid(), job), ignore_errors=True)  # its modules and files
+        info = self.jobs.pop(job, None)
+        if info is None or info.bundled:  # (a job without a bundle never had a directory)
+            shutil.rmtree(job_path(os.getpid(), job), ignore_errors=True)  # its modules, files
         for core in self.cores:
             if job in core.loaded:
                 core.loaded.discard(job)
