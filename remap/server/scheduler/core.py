@@ -968,8 +968,10 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         """Keep the newest ``keep_finished`` finished jobs (for status and attach), forget older ones."""
         excess = len(self.jobs) - len(self.active) - self.keep_finished
         if excess > 0:
-            # (a job being replayed stays until its consoles have it all)
-            for job in [j for j in self.jobs.values() if j.finished and not j.replays][:excess]:
+            # (a job being replayed stays until its consoles have it all); the oldest come
+            # first: the scan stops at the excess, not at every job queued behind them
+            old = (j for j in self.jobs.values() if j.finished and not j.replays)
+            for job in list(itertools.islice(old, excess)):
                 del self.jobs[job.id]
                 self._forget_kept(job)
 
