@@ -111,6 +111,8 @@ def is_small(values: Iterable[Any]) -> bool:
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _SIZED = frozenset({str, bytes})
+#: plain types whose pickle is always small: ``pickle.dumps`` straight, no size to look at
+_SCALARS = _PLAIN_TYPES - _SIZED
 
 
 # ====================================================================== pickling
@@ -320,8 +322,10 @@ class _Feeder:
         batch: list[bytes] = []
         room = FEED_MAX_BYTES - stream.unsent_bytes
         source, star, append = self.source, self.star, batch.append
-        # the hot loop of a map of unknown length: plain values skip dumps_argument
+        # the hot loop of a map of unknown length: plain values skip dumps_argument, and
+        # numbers (most maps' arguments) skip _dumps_plain too: no Python call per argument
         dumps, plain, protocol = _dumps_plain, _PLAIN_TYPES, PICKLE_PROTOCOL
+        scalars, dumps_scalar = _SCALARS, pickle.dumps
         try:
             while limit is None or self.put + len(batch) - consumed < limit:
                 if room <= 0:
@@ -338,7 +342,10 @@ class _Feeder:
                     break
                 if star:
                     value = tuple(value)
-                if type(value) in plain:
+                kind = type(value)
+                if kind in scalars:
+                    blob = dumps_scalar(value, protocol)
+                elif kind in plain:
                     blob = dumps(value, protocol)
                 else:
                     try:
