@@ -130,3 +130,78 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     assert not (tmp_path / "out").exists()
     assert not data.im_dir(job_id).exists()
     assert not {"acks", "alive"} & {p.name for p in data.job_dir(job_id).iterdir()}
+
+
+def _counting_program(marker: Path, kill_at: int) -> dict:
+    """Every vertex sends its id along its out-edges in supersteps 0-5 and keeps the sum and
+    count of what it received (exact integers, no combiner: every message counts); the
+    ``received`` and ``largest`` aggregators total them. The first core to compute a vertex
+    of superstep ``kill_at`` SIGKILLs itself (``marker`` made exclusively says who is first)."""
+
+    def prepare(line):
+        src, dst = map(int, line.split())
+        return [(src, (0, 0), [dst]), (dst, (0, 0), [])]
+
+    def compute(ctx, vid, value, messages):
+        import os
+        import signal
+
+        if ctx.superstep == kill_at:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)  # mid-superstep: nothing sent yet
+        total, count = value
+        value = (total + sum(messages), count + len(messages))
+        ctx.aggregate("received", len(messages))
+        ctx.aggregate("largest", max(messages, default=-1))
+        if ctx.superstep < 6:
+            ctx.send_to_neighbors(vid)
+            return value, False
+        return value, True
+
+    return {
+        "prepare": prepare,
+        "compute": compute,
+        "aggregators": {"received": "sum", "largest": "max"},
+        "output": lambda vid, value: f"{vid}\t{value[0]},{value[1]}",
+    }
+
+
+@pytest.mark.parametrize("checkpoint_every", [2, 0])
+def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
+    tmp_path: Path, checkpoint_every: int
+):
+    """A worker's core SIGKILLs itself while computing superstep 3 (the other worker has
+    sent it messages, it has sent none): the server retries its call, the job rolls back once
+    (to the checkpoint of superstep 2, or to the input) and every vertex's sum and count of
+    the messages it received, and the last superstep's aggregates, equal the reference's: no
+    message lost to the killed worker's partitions, none counted twice."""
+    from remap.vertex.program import program_from_namespace
+
+    g = nx.gnm_random_graph(300, 1200, seed=5, directed=True)
+    paths = write_files(tmp_path / "in", edge_lines(g), 3)
+    module = _counting_program(tmp_path / "killed", kill_at=3)
+    calm = _counting_program(tmp_path / "unused", kill_at=-1)  # the reference must not die
+    ref = run_local(program_from_namespace(calm, "t"), read_tagged_lines(paths), 1, 50)
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+        result = cluster.vertex(
+            module,
+            tmp_path / "in",
+            tmp_path / "out",
+            partitions=4,
+            max_supersteps=50,
+            checkpoint_every=checkpoint_every,
+            data_dir=tmp_path / "data",
+            lost_after=600.0,  # found by the server or the retry's heartbeat, not by a timer
+        )
+    assert (tmp_path / "killed").exists(), "no core was killed"
+    assert result.workers == 2 and result.rollbacks == 1
+    assert result.supersteps == ref.supersteps == 7
+    assert result.aggregates == ref.reports[-1].aggregates
+    assert result.messages == sum(r.delivered for r in ref.reports)
+    out = tmp_path / "out"
+    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
+    assert got == parse_output(sum(ref.partitions, []))
