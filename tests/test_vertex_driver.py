@@ -1193,3 +1193,48 @@ def test_racing_attempts_of_a_slot_claim_distinct_numbers_above_the_old_ones(tmp
     with pytest.raises(FileNotFoundError):
         layout.claim_attempt(0)
     assert not layout.alive.exists()
+
+
+def test_a_partition_receiving_from_many_senders_holds_one_senders_file_at_a_time(
+    tmp_path: Path,
+):
+    """A partition whose vertices get a message from each of 40 senders (no combiner): the
+    worker builds its inbox holding, besides the inbox, at most about one sender's file and
+    its decoding (traced peak above the final inbox under 3x one sender's whole inbox), and
+    every message arrives. It read every file and decoded them all before delivering one:
+    the peak was 32x one sender's inbox above the inbox itself."""
+    import tracemalloc
+
+    from remap.data.layout import write_atomic
+    from remap.vertex.engine import Partition, encode_bucket
+
+    program = program_from_namespace(
+        {"prepare": lambda line: None, "compute": lambda ctx, v, x, m: (x, True)}, "t"
+    )
+    vertices = 5000
+
+    def inbox_cost(senders: int) -> tuple[int, int]:
+        """(bytes the inbox holds, peak bytes above that while it was built)."""
+        args = worker_mod.WorkerArgs(str(tmp_path / "data"), f"job{senders}", 0, program)
+        worker = worker_mod.Worker(args)
+        worker.parts = {0: Partition(0, 1, program)}
+        for i in range(senders):
+            bucket = {v: [f"message {i} to {v}"] for v in range(vertices)}
+            blob = encode_bucket(bucket, False)
+            write_atomic(worker.layout.inbox(0, 0, 0) / f"from{i + 1}", blob)
+        cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0], superstep=1)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            inbox = worker._inbox(cmd, 0)
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(inbox) == vertices
+        assert all(m == [f"message {i} to {v}" for i in range(senders)] for v, m in inbox.items())
+        return held - before, peak - held
+
+    one, _ = inbox_cost(1)
+    held, above = inbox_cost(40)
+    assert held > 10 * one, (held, one)
+    assert above < 3 * one, (above, one)

@@ -317,17 +317,35 @@ def gather(
 ) -> dict[Any, Any] | DenseInbox:
     """A partition's inbox from what every sender sent it, in order. Fanout sums alone to
     known vertices add up in arrays (a :class:`DenseInbox`: the same additions in the same
-    order); anything else into a dict (vertex id → its messages, or its folded message)."""
+    order); anything else into a dict (vertex id → its messages, or its folded message).
+    ``sources`` is taken one at a time (a generator may read each file as it is asked for):
+    a source is delivered and let go before the next is decoded, so a partition receiving
+    many messages holds its inbox and one sender's file, not every file and its decoding too."""
     fold = part.program.fold
-    buckets = [decode_bucket(s) if isinstance(s, bytes) else (combined, s) for s in sources]
-    buckets = [(c, b) for c, b in buckets if len(b)]
-    if buckets and all(type(b) is Sums for _, b in buckets) and fold is operator.add:
-        dense = DenseInbox.of(part, [b for _, b in buckets])
+    inbox: dict[Any, Any] = {}
+    #: the senders' Sums while every source so far sent only those (compact arrays, kept
+    #: for a DenseInbox); None once another kind came and everything goes into the dict
+    sums: list[tuple[bool, Sums]] | None = [] if fold is operator.add else None
+    for source in sources:
+        c, bucket = decode_bucket(source) if isinstance(source, bytes) else (combined, source)
+        del source  # a file's bytes go before the next file is read
+        if not len(bucket):
+            continue
+        if sums is not None:
+            if type(bucket) is Sums:
+                sums.append((c, bucket))
+                continue
+            for held_c, held in sums:  # in their order, before this one
+                _deliver(inbox, held.keys(), held.values(), held_c, fold)
+            sums = None
+        _deliver(inbox, bucket.keys(), bucket.values(), c, fold)
+        del bucket
+    if sums:
+        dense = DenseInbox.of(part, [b for _, b in sums])
         if dense is not None:
             return dense
-    inbox: dict[Any, Any] = {}
-    for c, bucket in buckets:
-        _deliver(inbox, bucket.keys(), bucket.values(), c, fold)
+        for held_c, held in sums:
+            _deliver(inbox, held.keys(), held.values(), held_c, fold)
     return inbox
 
 

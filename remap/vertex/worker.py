@@ -360,13 +360,18 @@ class Worker:
         if p in self.restored:
             return self.restored.pop(p)
         before = cmd.superstep - 1
-        sources: list[Any] = [
-            self._read(f) for f in committed(self.layout.inbox(cmd.epoch, before, p))
-        ]
+        files = committed(self.layout.inbox(cmd.epoch, before, p))
         bucket = self.local.get(before, {}).pop(p, None)
-        if bucket:
-            sources.append(bucket)
-        return gather(self.parts[p], sources, self.program.combine is not None)
+
+        def sources() -> Iterator[Any]:
+            """Each sender's file read as gather asks for it (never all at once), then the
+            messages this worker sent itself."""
+            for f in files:
+                yield self._read(f)
+            if bucket:
+                yield bucket
+
+        return gather(self.parts[p], sources(), self.program.combine is not None)
 
     def _do_step(self, cmd: Command) -> dict[str, Any]:
         s = cmd.superstep
