@@ -135,12 +135,13 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
 def _counting_program(marker: Path, kill_at: int) -> dict:
     """Every vertex sends its id along its out-edges in supersteps 0-5 and keeps the sum and
     count of what it received (exact integers, no combiner: every message counts); the
-    ``received`` and ``largest`` aggregators total them. The first core to compute a vertex
+    ``received`` and ``largest`` aggregators total them, and each vertex adds up the
+    ``received`` total it is shown every superstep. The first core to compute a vertex
     of superstep ``kill_at`` SIGKILLs itself (``marker`` made exclusively says who is first)."""
 
     def prepare(line):
         src, dst = map(int, line.split())
-        return [(src, (0, 0), [dst]), (dst, (0, 0), [])]
+        return [(src, (0, 0, 0), [dst]), (dst, (0, 0, 0), [])]
 
     def compute(ctx, vid, value, messages):
         import os
@@ -153,8 +154,9 @@ def _counting_program(marker: Path, kill_at: int) -> dict:
                 pass
             else:
                 os.kill(os.getpid(), signal.SIGKILL)  # mid-superstep: nothing sent yet
-        total, count = value
-        value = (total + sum(messages), count + len(messages))
+        total, count, shown = value
+        shown += ctx.aggregated("received", 0)  # the previous superstep's total, folded
+        value = (total + sum(messages), count + len(messages), shown)
         ctx.aggregate("received", len(messages))
         ctx.aggregate("largest", max(messages, default=-1))
         if ctx.superstep < 6:
@@ -166,7 +168,7 @@ def _counting_program(marker: Path, kill_at: int) -> dict:
         "prepare": prepare,
         "compute": compute,
         "aggregators": {"received": "sum", "largest": "max"},
-        "output": lambda vid, value: f"{vid}\t{value[0]},{value[1]}",
+        "output": lambda vid, value: f"{vid}\t{value[0]},{value[1]},{value[2]}",
     }
 
 
@@ -174,11 +176,13 @@ def _counting_program(marker: Path, kill_at: int) -> dict:
 def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
     tmp_path: Path, checkpoint_every: int
 ):
-    """A worker's core SIGKILLs itself while computing superstep 3 (the other worker has
-    sent it messages, it has sent none): the server retries its call, the job rolls back once
+    """A worker's core SIGKILLs itself computing its first vertex of superstep 3 (messages of
+    superstep 2 from the other worker are in its inbox, none of 3 sent): the server retries
+    its call, the job rolls back once
     (to the checkpoint of superstep 2, or to the input) and every vertex's sum and count of
-    the messages it received, and the last superstep's aggregates, equal the reference's: no
-    message lost to the killed worker's partitions, none counted twice."""
+    the messages it received, the aggregates it was shown, and the last superstep's
+    aggregates equal the reference's: no message lost to the killed worker's partitions, none
+    counted twice, no aggregate taken from the lost superstep."""
     from remap.vertex.program import program_from_namespace
 
     g = nx.gnm_random_graph(300, 1200, seed=5, directed=True)
