@@ -29,7 +29,6 @@ from protocol.options import show as _show
 
 from .errors import ConfigError, InvalidOption
 
-RESPONSE_MODES: tuple[str, ...] = tuple(mode.value for mode in ResponseMode)
 JOB_KINDS: tuple[str, ...] = ("function", "mapreduce", "vertex")
 ARG_SOURCES: tuple[str, ...] = ("args", "args_path", "args_range")
 #: job-file keys named differently from the option they set

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from remap.errors import ConfigError
 from remap.jobfile import (
     JOB_KEYS,
-    RESPONSE_MODES,
     JobSpec,
     count_arguments,
     iter_arguments,
@@ -37,6 +36,7 @@ from remap.jobfile import (
     module_name_for,
     resolve_function,
 )
+from remap.sinks import SINK_MODES
 
 SOURCE = "jobs/x.yaml"
 
@@ -381,7 +381,7 @@ def test_every_key_is_known() -> None:
     }
     expected = ({f.name for f in fields(JobSpec)} - internal) | options | {"response_mode"}
     assert set(JOB_KEYS) == expected
-    assert RESPONSE_MODES == ("object", "stream", "sqlite", "file", "reduce", "none")
+    assert SINK_MODES == ("object", "stream", "sqlite", "file", "reduce", "none")
 
 
 # --- arguments from a file ------------------------------------------------------------------------
