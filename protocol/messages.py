@@ -652,11 +652,14 @@ class Args(Message):
 
 @message
 class ArgsEnd(Message):
-    """Console → server: no more arguments; the job has ``total`` of them."""
+    """Console → server: no more arguments; the job has ``total`` of them. With an ``id``
+    (a detached job's console, which leaves next) it is a request: ``ok`` answers once the
+    server holds every argument where a restart finds it (its journal), or says it does not."""
 
     TYPE = "args_end"
     job: int
     total: int
+    id: int = 0
 
 
 @message

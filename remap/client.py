@@ -142,6 +142,9 @@ class JobSession:
         self.keep_arguments = keep_arguments
         self.job_id: int | None = None
         self.submit_id: int | None = None
+        #: a detached job's ``args_end`` is a request with this id (0: not one): the server
+        #: answers once it holds every argument where a restart finds it
+        self.end_id = 0
         self.sent = 0
         self.done = 0
         self.failed = 0
@@ -306,7 +309,9 @@ class JobSession:
                     self.outbox.append(self.args_message(start, blobs, groups, tags))
                 if ended:
                     self.exhausted = True
-                    self.outbox.append(m.ArgsEnd(job=self.wire_job, total=self.sent))
+                    self.outbox.append(
+                        m.ArgsEnd(job=self.wire_job, total=self.sent, id=self.end_id)
+                    )
                     return
                 if not blobs or self._granted <= 0 or self.drained:
                     return
@@ -678,6 +683,10 @@ class JobStream:
         self.on_notice = on_notice
         self.owner = owner
         self.client: ClusterClient | None = None
+        #: the ``info`` of the server's answer to a detached job's ``args_end`` (``stored``,
+        #: ``why``), set (reactor thread) before :attr:`stored_event`
+        self.stored: dict[str, Any] | None = None
+        self.stored_event = threading.Event()
         self.lock = threading.Lock()
         #: held while the session is driven (by the reactor, or a thread in :meth:`_send_now`);
         #: taken before :attr:`lock` and the connection's write lock
@@ -1087,6 +1096,11 @@ class JobStream:
         """The connection was lost, or the server refused the job."""
         self.apply("fail", error)
 
+    def args_stored(self, info: dict[str, Any]) -> None:
+        """(Reactor thread.) The server's answer to a detached job's ``args_end``."""
+        self.stored = info
+        self.stored_event.set()
+
     def _wake(self) -> None:
         with self._drive:
             with self.lock:
@@ -1493,6 +1507,8 @@ class ClusterClient:
         self._ids = itertools.count(1)
         self._waiters: dict[int, defer.Deferred] = {}
         self._submits: dict[int, JobStream] = {}
+        #: detached jobs' streams by the id of their ``args_end`` request
+        self._ends: dict[int, JobStream] = {}
         self.runs: dict[int, JobStream] = {}
         self.lost: defer.Deferred = defer.Deferred()
         self.error: RemapError | None = None
@@ -1614,6 +1630,9 @@ class ClusterClient:
             return
         rid = next(self._ids)
         self._submits[rid] = stream
+        if stream.session.params.detach:  # (before an argument can go: args_end may follow)
+            end = stream.session.end_id = next(self._ids)
+            self._ends[end] = stream
         stream.submitting(self, rid)
 
     def _submit_parked(self, stream: JobStream) -> None:
@@ -1643,6 +1662,7 @@ class ClusterClient:
         rid = stream.session.submit_id
         if rid is not None and self._submits.get(rid) is stream:
             del self._submits[rid]
+        # (its args_end's answer stays routed: a job may end before its commit is answered)
 
     # ------------------------------------------------------------- Handler
 
@@ -1680,6 +1700,8 @@ class ClusterClient:
             d = self._waiters.pop(msg.re, None)
             if d is not None:
                 d.callback(msg)
+            elif (run := self._ends.pop(msg.re, None)) is not None:
+                run.args_stored(msg.info)
         elif t is m.Error:
             self._error(msg)
         elif t is not m.Heartbeat:
@@ -1693,8 +1715,13 @@ class ClusterClient:
             if d is not None:
                 d.errback(error)
                 return
+            end = self._ends.pop(msg.re, None)
+            if end is not None:
+                end.args_stored({"stored": False, "why": msg.message})
+                return
             run = self._submits.pop(msg.re, None)
             if run is not None:
+                self._ends.pop(run.session.end_id, None)  # (its args_end is dropped unanswered)
                 run.fail(JobRefused(f"the server refused the job: {msg.message}", msg.code))
                 return
         self.error = (
@@ -1724,6 +1751,9 @@ class ClusterClient:
         waiters, self._waiters = self._waiters, {}
         for d in waiters.values():
             d.errback(err)
+        ends, self._ends = self._ends, {}
+        for run in ends.values():  # (a job not confirmed held: its consumer says so)
+            run.args_stored({"stored": False, "why": f"no answer came: {err}"})
         keep = {}
         if self.redial is not None and self.grace > 0 and not self.closing:
             keep = {job: run for job, run in self.runs.items() if run.session.resumable}

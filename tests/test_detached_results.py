@@ -49,6 +49,8 @@ def _detached(cluster: Cluster, n: int, *, hold: bool = False) -> tuple[int, obj
     cluster.settle()
     job = run.job_id
     assert cluster.scheduler.jobs[job].total == n, "every argument is on the server"
+    assert run.stream.stored == {"job": job, "stored": True}, "and committed, it answered"
+    assert run.stream.stored_event.is_set()
     pump.client.transport.loseConnection()
     cluster.settle()
     cluster.pumps.remove(pump)
@@ -334,15 +336,20 @@ def test_a_job_held_for_a_journal_that_cannot_write_says_why(tmp_path: Path) -> 
 def test_a_real_server_without_a_journal_holds_a_job_at_its_budget_and_says_so(
     make_cluster: ClusterFactory, tmp_path: Path
 ) -> None:
-    """remap-server with REMAP_JOURNAL=off and REMAP_DETACHED_RESULTS_MEMORY=1 MiB: a detached
-    job of 40 results of 256 KiB stops after a few, ``status`` says it is held and why, and it
+    """remap-server with REMAP_JOURNAL=off and REMAP_DETACHED_RESULTS_MEMORY=1 MiB: ``compute
+    --detach`` warns that the job is in memory only; a detached job of 40 results of 256 KiB
+    stops after a few, ``status`` says it is held and why, and it
     goes no further; ``kill`` ends it."""
     cluster = make_cluster(
         1, server_env={"REMAP_JOURNAL": "off", "REMAP_DETACHED_RESULTS_MEMORY": str(1 << 20)}
     )
     detached = job(tmp_path, "kibibytes", args=[256] * 40, chunksize=1)
     began = cluster.console("compute", str(detached), "--detach", "--json", timeout=60)
-    job_id = json.loads(cluster.assert_ok(began).stdout)["job"]
+    summary = json.loads(cluster.assert_ok(began).stdout)
+    job_id = summary["job"]
+    why = "the server keeps no journal (REMAP_JOURNAL is off): a restart forgets the job"
+    assert summary["stored"] is False and summary["why"] == why, summary
+    assert f"warning: job {job_id}'s arguments are not on the server's disk: {why}" in began.stderr
 
     def held() -> dict[str, Any] | None:
         status = json.loads(cluster.assert_ok(cluster.console("status", "--json")).stdout)

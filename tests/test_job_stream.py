@@ -15,6 +15,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -1130,3 +1131,46 @@ def test_a_call_put_after_the_job_ended_stays_for_its_owner_to_settle() -> None:
     stream.put_one(dumps(2), "later")
     assert stream.unsent_bytes == 0
     assert stream.withdraw() == ["late", "later"]
+
+
+def test_a_detached_jobs_args_end_is_a_request_whose_answer_comes_even_after_its_end() -> None:
+    """A detached job's ``args_end`` carries a request id of its own (``compute --detach``
+    returns on its answer). Its answer reaches the stream even when the job's ``job_done``
+    came first (a short job whose commit was slow): once the stream had ended, the answer was
+    dropped and ``compute --detach`` waited for ever."""
+    from remap.client import ClusterClient
+
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def run_calls() -> None:
+        while calls:
+            fn, args = calls.pop(0)
+            fn(*args)
+
+    client = ClusterClient()
+    sent: list[m.Message] = []
+
+    class Link:
+        conn = SimpleNamespace(max_frame=1 << 20)
+
+        def send(self, msg: m.Message) -> None:
+            sent.append(msg)
+
+    link = Link()
+    client.link = link  # type: ignore[assignment]
+    stream = JobStream(
+        b"fn", JobOptions(detach=True), call_soon=lambda fn, *args: calls.append((fn, args))
+    )
+    client.submit(stream)
+    stream.put_many([pickle.dumps(1)])
+    stream.close_input()
+    run_calls()
+    submit, _args, end = sent
+    assert type(submit) is m.Submit and end == m.ArgsEnd(job=-submit.id, total=1, id=end.id)
+    assert end.id and end.id != submit.id
+    client.message_received(link, m.Submitted(re=submit.id, job=5, window=256))
+    client.message_received(link, m.JobDone(job=5, state="done", done=1, failed=0))
+    run_calls()
+    assert stream.finished.is_set() and not stream.stored_event.is_set()
+    client.message_received(link, m.Ok(re=end.id, info={"job": 5, "stored": True}))
+    assert stream.stored_event.is_set() and stream.stored == {"job": 5, "stored": True}

@@ -293,7 +293,11 @@ def test_jobs_fed_by_a_console_end_with_a_reason_after_a_restart(tmp_path: Path)
     clock = Clock()
     again = _scheduler(path, clock)
     a, b = again.jobs[attached.job], again.jobs[unfinished.job]
-    assert b.state == "failed" and "before its console had sent every argument" in b.message
+    assert b.state == "failed", b.message
+    assert b.message == (
+        "the server restarted before its arguments were all in the journal (10 stored, their "
+        "end not recorded): submit it again"
+    )
     # the attached job waits for its console to resume it (tests/test_resume.py), for the grace
     assert a.state == "running" and "waiting for its console" in a.waiting
     clock.advance(again.console_grace + 1)
@@ -517,3 +521,74 @@ def test_a_submit_recorded_with_chunksize_0_reads_back_as_automatic(tmp_path: Pa
         journal._db.execute("UPDATE jobs SET submit=?", (msgpack.packb(header),))
     job = journal.job(5)
     assert job is not None and job.submit.chunksize is None and job.submit.name == "j"
+
+
+def _detached_fed(sched: Scheduler, clock: Clock, n: int = 10) -> FakeConsole:
+    """A detached job whose console sent all ``n`` arguments, committed, but not their end."""
+    console = FakeConsole(sched, range(n), detach=True, end=False)
+    console.feed()
+    clock.advance(FLUSH_INTERVAL)
+    return console
+
+
+def test_a_detached_jobs_args_end_is_answered_once_its_arguments_are_committed(
+    tmp_path: Path,
+) -> None:
+    """``args_end`` with an id (what ``compute --detach`` waits for before it returns) is
+    answered ``stored`` once the job's arguments and their end are committed: a restart then
+    resumes the job instead of failing it."""
+    path = tmp_path / "journal.sqlite"
+    clock = Clock()
+    sched = _scheduler(path, clock)
+    console = _detached_fed(sched, clock)
+    assert sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=10, id=9)) is None
+    assert console.link.of(m.Ok) == [m.Ok(re=9, info={"job": console.job, "stored": True})]
+    assert _peek(sched.journal, f"SELECT args_total FROM jobs WHERE id={console.job}") == [(10,)]
+    again = _scheduler(path, Clock())
+    assert again.jobs[console.job].state == "running" and again.jobs[console.job].total == 10
+
+
+def test_an_args_end_the_journal_cannot_commit_is_answered_not_stored_and_a_restart_says_so(
+    tmp_path: Path,
+) -> None:
+    """A disk that fills as the job's arguments end: the console is told they are not stored,
+    with the journal's line and what a restart does; the server restarted then ends the job
+    saying the journal never recorded their end (not that its console had not sent them)."""
+    path = tmp_path / "journal.sqlite"
+    clock = Clock()
+    sched = _scheduler(path, clock)
+    console = _detached_fed(sched, clock)
+
+    def full_disk(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    sched.journal._write = full_disk
+    sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=10, id=9))
+    (ok,) = console.link.of(m.Ok)
+    assert ok.re == 9 and ok.info["stored"] is False, ok
+    why = ok.info["why"]
+    assert why.startswith(f"cannot write the journal {path} since ") and "is full" in why, why
+    assert why.endswith("; a restart of the server before it can ends the job"), why
+    again = _scheduler(path, Clock())  # (the "crash": the rows kept were never written)
+    job = again.jobs[console.job]
+    assert job.state == "failed" and job.message == (
+        "the server restarted before its arguments were all in the journal (10 stored, their "
+        "end not recorded): submit it again"
+    )
+
+
+def test_without_a_journal_an_args_end_is_answered_not_stored(tmp_path: Path) -> None:
+    """No journal: the answer says the job lives in memory only, and why."""
+    sched = Scheduler(Clock(), console_grace=GRACE)
+    console = FakeConsole(sched, range(3), detach=True, end=False)
+    console.feed()
+    sched.args_ended(console.link, m.ArgsEnd(job=console.job, total=3, id=4))
+    (ok,) = console.link.of(m.Ok)
+    assert ok == m.Ok(
+        re=4,
+        info={
+            "job": console.job,
+            "stored": False,
+            "why": "the server keeps no journal (REMAP_JOURNAL is off): a restart forgets the job",
+        },
+    )

@@ -62,6 +62,8 @@ def test_a_detached_job_survives_a_server_sigkill_and_attach_returns_every_resul
     detached = _job(tmp_path, "survivor", "gated_nap", args_range=[0, n], chunksize=1)
     submitted = c.assert_ok(c.console("compute", detached, "--detach", "--json", timeout=QUICK))
     job_id = json.loads(submitted.stdout)["job"]
+    assert json.loads(submitted.stdout)["stored"] is True, "returned once in the journal"
+    assert "warning" not in submitted.stderr
     streamed = _job(tmp_path, "streamed", "gated_nap", args_range=[100, 110], chunksize=1)
     console = c.console_popen("compute", streamed, "--json")
 

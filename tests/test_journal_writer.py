@@ -184,6 +184,38 @@ async def test_a_console_lost_while_its_submit_commits_is_lost_after_the_job_is_
     journal.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_detached_jobs_args_end_is_answered_after_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``args_end`` with an id (``compute --detach`` returns on its answer): while the writer
+    holds the commit of the arguments' end the reactor runs and the console hears nothing;
+    once it is on disk the answer says so."""
+    from twisted.internet import reactor
+
+    slow = SlowWriter(monkeypatch)
+    slow.release.set()
+    factory, journal, handler, console = _server(tmp_path)
+    handler.message_received(console, m.Submit(id=1, name="j", detach=True, payload=b"fn"))
+    submitted = await _answer(console)
+    slow.release.clear()
+    slow.writing.clear()
+    handler.message_received(console, m.Args(job=submitted.job, start=0, sizes=[1], payload=b"a"))
+    handler.message_received(console, m.ArgsEnd(job=submitted.job, total=1, id=2))
+    assert slow.writing.wait(DEADLINE)
+    fired = await task.deferLater(reactor, 0.01, lambda: "fired")  # the reactor is not held
+    assert fired == "fired" and not [x for x in console.sent if type(x) is m.Ok]
+    answered: defer.Deferred = defer.Deferred()
+    send = console.send
+    console.send = lambda msg: (send(msg), type(msg) is m.Ok and answered.callback(msg))
+    slow.release.set()
+    ok = await answered.addTimeout(DEADLINE, reactor)
+    assert ok == m.Ok(re=2, info={"job": submitted.job, "stored": True})
+    assert _peek(journal, "SELECT args_total FROM jobs") == [(1,)]
+    factory.scheduler.kill(submitted.job)
+    journal.close()
+
+
 #: a request about job 1, known only to the journal, and one about a job it never had
 RECALLS = [
     m.Kill(id=7, job=1),

@@ -518,28 +518,33 @@ class Console:
         return type(exc)(f"{exc} (add --traceback to see where it was raised)")
 
     def _detached(self, run: Any, sink: Any, args: argparse.Namespace, spec: Any) -> int:
-        # the arguments live here, so they must all reach the server before we may leave
-        state = run.session
-        while state.job_id is None or not state.exhausted:
-            if run.finished.wait(0.1):
+        # the arguments live here, so they must all reach the server before we may leave: it
+        # answers the last message (args_end) once they are in its journal, or says why not
+        while not run.stored_event.wait(0.1):
+            if run.error is not None:  # refused, lost, or the input failed
                 break
         if run.error is not None:
             sink.abandon()
             raise run.error
+        stored = run.stored or {}
         # results are collected by attach (or the writer below), not here: free the output
         run.detach()
         sink.abandon()
         writer = None
         if spec.options.mode in ("sqlite", "file"):
             writer = self._spawn_writer(run.job_id, spec.output)
+        why = "" if stored.get("stored") else str(stored.get("why") or "the server did not say")
         if args.json:
             pid = writer.pid if writer else None
-            self.say(json.dumps({"job": run.job_id, "detached": True, "writer_pid": pid}))
+            summary = {"job": run.job_id, "detached": True, "writer_pid": pid, "stored": not why}
+            self.say(json.dumps({**summary, **({"why": why} if why else {})}))
         else:
             self.say(
                 f"job {run.job_id} runs detached; collect results with: "
                 f"{self.command_line('attach', str(run.job_id))}"
             )
+        if why:  # (a restart of the server would end or forget the job: the user must know)
+            self.note(f"warning: job {run.job_id}'s arguments are not on the server's disk: {why}")
             if writer is not None:
                 self.say(
                     f"a background console (pid {writer.pid}) writes its results to {spec.output} "

@@ -468,14 +468,23 @@ class Journal:
         self._rows.args.append((job_id, start, packed, payload))
         self._buffered(len(payload))
 
-    def args_ended(self, job_id: int, total: int, *, now: bool = False) -> None:
+    def args_ended(self, job_id: int, total: int, *, now: bool = False) -> defer.Deferred[str]:
         """Every argument of the job is stored; with ``now``, its transaction is made at once
-        (committed before anything the server decides later)."""
+        (committed before anything the server decides later). Fires with "" once committed,
+        or with why not (the journal cannot write: it keeps the rows and tries again)."""
         self._rows.ends.append((total, job_id))
-        if now:
-            self.flush()
-        else:
+        if not now:
             self._buffered(0)
+            return defer.succeed("")  # (nobody waits for a buffered one)
+        if self.trouble:  # the next try writes them, after the rows kept
+            self._buffered(0)
+            return defer.succeed(self.trouble)
+
+        def not_written(failure: Failure) -> str:
+            failure.trap(JournalError)  # (said once, by _cannot_write; its rows are kept)
+            return self.trouble or failure.value.reason
+
+        return self._flush([]).addCallbacks(lambda _: "", not_written)
 
     def delivered(self, job_id: int, msg: m.Results, *, store: bool, seq: int = -1) -> None:
         """Record a delivered outcome; ``store`` keeps the message for ``attach`` too, as the

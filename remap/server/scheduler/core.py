@@ -780,10 +780,34 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         job.granted = 0
         self._regrant[job.id] = job
         if self.journal is not None and job.options.detach and not job.finished:
-            # committed at once: the console of a detached job leaves after this message
-            self.journal.args_ended(job.id, msg.total, now=True)
+            # committed at once: the console of a detached job leaves after this message (with
+            # an ``id``, once told the arguments are committed)
+            stored = self.journal.args_ended(job.id, msg.total, now=True)
+            if msg.id:
+                stored.addCallback(
+                    lambda why: why and f"{why}; a restart of the server before it can ends the job"
+                )
+                stored.addCallback(self._args_stored, console, msg.id, job.id)
+        elif msg.id:
+            if job.finished:
+                why = f"job {job.id} has ended ({job.state})"
+            elif not job.options.detach:
+                why = f"job {job.id} is not detached: its console holds its arguments"
+            else:
+                why = (
+                    "the server keeps no journal (REMAP_JOURNAL is off): a restart forgets the job"
+                )
+            self._args_stored(why, console, msg.id, job.id)
         self._maybe_complete(job)
         return None
+
+    @command
+    def _args_stored(self, why: str, console: Any, request: int, job_id: int) -> None:
+        """Answer an ``args_end`` request: the job's arguments are committed ("") or why not."""
+        info: dict[str, Any] = {"job": job_id, "stored": not why}
+        if why:
+            info["why"] = why
+        self._send(console, m.Ok(re=request, info=info))
 
     @command
     def kill(self, job_id: int, reason: str = "killed on request") -> JobState | None:

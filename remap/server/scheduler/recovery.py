@@ -48,7 +48,15 @@ class Recovery:
                 )
                 continue
             if job.receiving:
-                why = "before its console had sent every argument"
+                # all the journal knows: the end never reached it (the console had not sent
+                # it, or its commit failed or had not happened when the server stopped)
+                stored = sum(
+                    sum(groups) if groups else len(sizes) for _, sizes, _, groups in rec.args
+                )
+                why = (
+                    f"before its arguments were all in the journal ({stored} stored, their end "
+                    "not recorded)"
+                )
                 self.finish(job, "failed", f"the server restarted {why}: submit it again")
                 continue
             job.received = job.total
