@@ -14,7 +14,7 @@ import stat
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,10 +269,8 @@ def _format(path: str | os.PathLike[str]) -> _Format | None:
 def _reader(fmt: _Format) -> Any:
     """The first of the format's modules that imports, or None: none is a hard dependency."""
     for name in fmt.modules:
-        try:
+        with suppress(ImportError):
             return importlib.import_module(name)
-        except ImportError:
-            pass
     return None
 
 

@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,19 +325,16 @@ def data_id(root: Path) -> str:
     see the same directory. Written whole under a private name and linked into place (atomic
     and exclusive, NFS included) by whoever comes first, so nobody reads half of one."""
     path = Path(root) / DATA_ID_FILE
-    try:
+    with suppress(FileNotFoundError):
         token = path.read_text(encoding="ascii").strip()
         if token:
             return token
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _private_tmp(path)
     tmp.write_text(secrets.token_hex(8) + "\n", encoding="ascii")
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # someone else was first: theirs is the token
+        with suppress(FileExistsError):  # someone else was first: theirs is the token
+            os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_text(encoding="ascii").strip()
