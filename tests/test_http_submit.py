@@ -166,31 +166,47 @@ def test_an_apps_dir_that_is_not_a_directory_stops_the_server(tmp_path: Path) ->
 def test_results_of_a_job_submitted_before_a_restart(apps: Path, tmp_path: Path) -> None:
     """After a restart the journal has the jobs submitted over HTTP, and their results files
     are where that run's console children wrote them: the results route serves a finished
-    one (it said 404 "was not submitted over HTTP"), says 202 for a running one, and still
-    404 for a job a console ran. The file is streamed on the HTTP face's own reactor (a pull
-    producer waited for the global reactor, which does not run here: the answer never ended).
+    one (it said 404 "was not submitted over HTTP"), says 202 for a running one, 409 naming
+    the end and its reason for one killed (it was an empty 200, read as "no results"), and
+    still 404 for a job a console ran. The file is streamed on the HTTP face's own reactor (a
+    pull producer waited for the global reactor, which does not run here: it never ended).
     """
+    from protocol import messages as m
     from remap import runtime
     from remap.settings import Settings
 
     data = tmp_path / "data"
     served = Served(Settings(http_port=0, apps_dir=str(apps), data_dir=str(data)))
     try:
-        ended, running = (
+        ended, running, killed = (
             prepare({"function": "squares.py:square", "args_range": [0, 2]}, apps, data)
-            for _ in range(2)
+            for _ in range(3)
         )
         lines = 100_000  # megabytes: sent in chunks, the peer's pace followed, then ended
         ended.results.write_text(
             "".join(f'{{"index": {i}, "result": {i}}}\n' for i in range(lines))
         )
-        done_id = served.add_job(name=ended.name)
+        done_id = served.add_job(name=ended.name, total=0)
         running_id = served.add_job(name=running.name)
+        killed_id = served.add_job(name=killed.name)
         console_id = served.add_job(name="by a console")
-        runtime.run(lambda: served.scheduler.kill(done_id, "ended"))  # any end will do
+
+        def end() -> None:
+            scheduler = served.scheduler
+            scheduler.args_ended(scheduler.jobs[done_id].console, m.ArgsEnd(job=done_id, total=0))
+            scheduler.kill(killed_id, "killed on request")
+
+        runtime.run(end)
+        assert served.scheduler.jobs[done_id].state == "done"
         reply = served.request("GET", f"/api/v1/jobs/{done_id}/results", token=served.token)
         assert reply.status == 200, reply.body
         assert [json.loads(line)["result"] for line in reply.body.splitlines()] == [*range(lines)]
+        reply = served.request("GET", f"/api/v1/jobs/{killed_id}/results", token=served.token)
+        assert reply.status == 409, reply.body
+        assert reply.json() == {
+            "error": "job-killed",
+            "message": f"job {killed_id} killed: killed on request",
+        }
         path = f"/api/v1/jobs/{running_id}/results?wait=true"
         reply = served.request("GET", path, token=served.token)
         assert reply.status == 202 and "restarted" in reply.json()["message"]
@@ -240,6 +256,19 @@ def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_pat
     assert status == 200 and cluster.job(made["job"])["state"] == "done"
     lines = [json.loads(line) for line in data.decode().splitlines()]
     assert [line["result"] for line in lines] == [i * i for i in range(50)]
+
+    # a job that fails: its results say so (409, why), not an empty 200 read as "no results"
+    job = b'function: squares.py:square\nargs: ["a"]\n'
+    status, data = call("POST", "/api/v1/jobs", job, **{"Content-Type": "application/yaml"})
+    assert status == 201, data
+    failed = json.loads(data)["job"]
+    status, data = call("GET", f"/api/v1/jobs/{failed}/results?wait=true")
+    assert status == 409, data
+    assert json.loads(data) == {
+        "error": "job-failed",
+        "message": f"job {failed} failed: argument 0 raised TypeError: "
+        "can't multiply sequence by non-int of type 'str'",
+    }
 
     status, data = call(
         "POST", "/api/v1/jobs", b'{"function": "squares.py:nope", "args": [1]}',

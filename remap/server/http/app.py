@@ -35,7 +35,7 @@ from .routes import (
     split_path,
 )
 from .security import LOGIN_TTL, SESSION_COOKIE, HttpAuth, Identity
-from .submit import MAX_BODY, SubmitError, Submitter, parse_body, prepare
+from .submit import ENDED_WELL, MAX_BODY, SubmitError, Submitter, parse_body, prepare
 
 SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -343,8 +343,15 @@ class HttpApp:
         return NOT_DONE_YET
 
     def _send_results(self, request: Any, submission: Any) -> None:
-        """Stream the committed JSON-lines file (empty for response_mode none or a failure)."""
+        """Stream the committed JSON-lines file (empty for response_mode none); a job that failed
+        or was killed answers 409 saying so, never an empty 200 a script takes for no results."""
         if request._disconnected or request.finished:
+            return
+        ended = self._unsuccessful(submission)
+        if ended is not None:
+            state, message = ended
+            request.write(self._error(request, 409, f"job-{state}", message))
+            request.finish()
             return
         request.setHeader(b"Content-Type", NDJSON.encode())
         try:
@@ -353,6 +360,18 @@ class HttpApp:
             request.finish()
             return
         FileStreamer(self.submitter.reactor, handle, request).start()
+
+    def _unsuccessful(self, submission: Any) -> tuple[str, str] | None:
+        """``(state, why)`` of an ended submission whose job did not end done, else None: the
+        scheduler's record says (a job recalled from the journal too), else its console's exit."""
+        job = self.scheduler.jobs.get(submission.job_id)
+        if job is not None and job.finished:
+            if job.state == "done":
+                return None
+            return job.state, f"job {job.id} {job.state}: {job.message or 'no reason given'}"
+        if submission.exit_code is None or submission.exit_code in ENDED_WELL:
+            return None
+        return "failed", self.submitter.client_error(submission)
 
     def events(self, request: Any, identity: Identity) -> bytes | int:
         request.setHeader(b"Content-Type", b"text/event-stream")

@@ -185,6 +185,7 @@ def _operation(route: Route) -> dict:
         responses["415"] = _error("Not a JSON or YAML body")
     if route.media == NDJSON:
         responses["202"] = _error("The job is still running (its results are not committed yet)")
+        responses["409"] = _error("The job failed or was killed (the message says why)")
     if route.media == EVENTS:
         responses["503"] = _error("Too many open event streams")
     responses.setdefault("400", _error("Host not allowed, or a malformed request"))

@@ -76,7 +76,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/jobs", "submit", "Submit a job file (JSON or YAML) whose functions are "
           "in the server's apps directory (REMAP_APPS_DIR)", "Submitted", body="JobFile"),
     Route("GET", "/api/v1/jobs/{job_id}/results", "results", "A job submitted over HTTP: its "
-          "results as JSON lines in argument order, once it ended (202 before; ?wait=true waits)",
+          "results as JSON lines in argument order, once it ended (202 before; ?wait=true waits; "
+          "409 if it failed or was killed)",
           media=NDJSON, not_found=True),
     Route("GET", "/api/v1/jobs/{job_id}", "job", "One job with its recent errors", "JobDetail",
           not_found=True),

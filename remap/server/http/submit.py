@@ -39,6 +39,9 @@ REFUSED_KEYS = {
     "kind": "only function jobs can be submitted over HTTP",
 }
 MODES = ("file", "none")
+#: the console child's exit codes when its job finished: every argument succeeded, or some
+#: failed under ``on_error: continue`` (their errors are in the results)
+ENDED_WELL = (0, 5)
 #: the tail ``prepare`` gives a submitted job's name: its submission's id
 HTTP_NAME = re.compile(r" \[http ([0-9a-f]{8})\]$")
 #: seconds to wait for the submitted job to reach the scheduler
@@ -262,6 +265,10 @@ class Submitter:
         return Submission(
             found.group(1), job.options.name, directory, job_id=job.id, ended=job.finished
         )
+
+    def client_error(self, submission: Submission) -> str:
+        """Why the submission's console child ended badly, as the client may see it."""
+        return self._for_client(submission, submission.last_error())
 
     def _for_client(self, submission: Submission, error: str) -> str:
         """The console child's error without server paths (the client knows none of them)."""
