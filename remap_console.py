@@ -1,6 +1,6 @@
 """Entry point: `python remap_console.py --help`."""
 
-from remap.console.main import run
+from remap.launch import console
 
 if __name__ == "__main__":
-    run()
+    console()

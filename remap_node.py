@@ -1,6 +1,6 @@
 """Entry point: `python remap_node.py --help`."""
 
-from remap.node.main import run
+from remap.launch import node
 
 if __name__ == "__main__":
-    run()
+    node()

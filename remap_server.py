@@ -1,6 +1,6 @@
 """Entry point: `python remap_server.py --help`."""
 
-from remap.server.main import run
+from remap.launch import server
 
 if __name__ == "__main__":
-    run()
+    server()

@@ -198,6 +198,21 @@ def test_help_of_each_entry_point(tmp_path: Path, script: str, prog: str, flags:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("script", [SERVER_SCRIPT, NODE_SCRIPT, CONSOLE_SCRIPT])
+def test_ctrl_c_while_an_entry_point_imports_is_one_line(tmp_path: Path, script: Path) -> None:
+    """A Ctrl-C before the program runs (its imports take a second or more on a loaded machine,
+    when users press it) ends with one line and exit code 130, not a Python traceback. The
+    interrupt is made certain: a ``twisted`` first on the path raises it as it is imported."""
+    fake = tmp_path / "fake"
+    (fake / "twisted").mkdir(parents=True)
+    (fake / "twisted" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    done = run_entry(
+        script, "--version", home=tmp_path, env={"PYTHONPATH": f"{fake}:{ROOT}"}, timeout=30
+    )
+    assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr
+
+
+@pytest.mark.slow
 def test_help_command_lists_every_command(tmp_path: Path) -> None:
     """`remap help` needs no server and lists every command (or names it as an alias)."""
     done = console(tmp_path, "help", timeout=30)
