@@ -593,23 +593,29 @@ class Console:
     def _report(
         self, spec: Any, sink: Any, run: Any, outcome: Any, args: argparse.Namespace
     ) -> int:
-        mode = spec.options.mode
+        self._print_results(spec.options.mode, sink, outcome, args.json)
+        return self._failed_arguments(max(run.failed, outcome.failed))
+
+    def _print_results(
+        self, mode: str, sink: Any, outcome: Any, as_json: bool, *, errors: bool = True
+    ) -> None:
+        """What compute and attach print on stdout: the values, or a file mode's summary
+        (its line without the errors' count with ``errors=False``: attach says it apart)."""
         summary = sink.summary()
         if mode == "object":
-            self._print_values(sink.value(), args.json)
+            self._print_values(sink.value(), as_json)
         elif mode == "reduce":
             self.say(json.dumps(render.jsonable(sink.value())))
         elif mode == "stream":
             self.out.flush()  # printed as it came; the last lines may still be buffered
-        elif args.json:
+        elif as_json:
             self.say(json.dumps({**summary, "job": outcome.job, "state": outcome.state}))
         else:
             self.say(
                 f"{summary.get('done', 0)} results"
-                + (f", {summary['failed']} errors" if summary.get("failed") else "")
+                + (f", {summary['failed']} errors" if errors and summary.get("failed") else "")
                 + (f" written to {summary['output']}" if summary.get("output") else "")
             )
-        return self._failed_arguments(max(run.failed, outcome.failed))
 
     def _failed_arguments(self, failed: int) -> int:
         """A job that finished with failed arguments (on_error: continue) has its own exit code."""
@@ -736,18 +742,7 @@ class Console:
             outcome = run.collect(sink)
         except RemapError as exc:
             raise self._closing(exc, run, sink, args.json) from None
-        if mode == "object":
-            self._print_values(sink.value(), args.json)
-        elif mode == "stream":
-            self.out.flush()
-        else:
-            summary = {**sink.summary(), "job": outcome.job, "state": outcome.state}
-            self.say(
-                json.dumps(summary)
-                if args.json
-                else f"{summary.get('done', 0)} results"
-                + (f" written to {output}" if output else "")
-            )
+        self._print_results(mode, sink, outcome, args.json, errors=False)
         missing = sink.summary().get("missing", 0)
         if missing:
             return self.complain(JobFailed(f"{missing} result(s) of job {args.job} are missing"))
