@@ -214,8 +214,8 @@ def test_an_embedded_clusters_dashboard_stops_with_it() -> None:
 @pytest.mark.slow
 def test_the_command_the_server_prints_for_a_new_link_works(make_cluster) -> None:
     """The server's dashboard line names a console command for a new link; run as printed
-    (with the cluster's address), it prints one: it names the HTTP port, which the console
-    cannot know otherwise."""
+    exactly as printed (no --server added), it prints one: it names the server's address and
+    HTTP port, which a console cannot know otherwise (a loopback server is not advertised)."""
     import re
     import shlex
 
@@ -223,11 +223,11 @@ def test_the_command_the_server_prints_for_a_new_link_works(make_cluster) -> Non
 
     cluster = make_cluster([NodeSpec(cores=1)], server_env={"REMAP_HTTP_PORT": "0"})
     printed = cluster.wait_for(
-        lambda: re.search(r"`remap_console\.py (dashboard[^`]*)` prints a new one",
+        lambda: re.search(r"`remap_console\.py ([^`]*)` prints a new one",
                           cluster.server.log_text()),
         10,
         "the server's dashboard line",
     ).group(1)  # fmt: skip
-    done = cluster.console(*shlex.split(printed))
+    done = cluster.console(*shlex.split(printed), server=False)
     assert done.returncode == 0, cluster.explain(done)
     assert "/login?token=" in done.stdout, done.stdout

@@ -18,6 +18,7 @@ from ..malloc import keep_freed_memory
 from ..net import tls_enabled
 from ..settings import load_settings, locate_env_file
 from ..systemd import unit_args, unit_text
+from .drivers import child_dial_host
 from .exclusion import ExclusionList, state_dir
 from .http import start_http
 from .journal import Journal
@@ -108,9 +109,14 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             reactor, settings, server.factory, server.factory.secret, cluster_port=port
         )
         Stopping("http", web.stop).setServiceParent(server)
+        # the command in full: a console finds no server on its own (a loopback one is not
+        # advertised) and cannot know the HTTP port
+        again = (
+            f"remap_console.py --server {child_dial_host(settings)}:{port} "
+            f"dashboard --http-port {web.port.getHost().port}"
+        )
         print(
-            f"dashboard: {web.login_url()} (one-time login link; `remap_console.py "
-            f"dashboard --http-port {web.port.getHost().port}` prints a new one)",
+            f"dashboard: {web.login_url()} (one-time login link; `{again}` prints a new one)",
             file=sys.stderr,
             flush=True,
         )
