@@ -325,7 +325,7 @@ class _Feeder:
         # the hot loop of a map of unknown length: plain values skip dumps_argument, and
         # numbers (most maps' arguments) skip _dumps_plain too: no Python call per argument
         dumps, plain, protocol = _dumps_plain, _PLAIN_TYPES, PICKLE_PROTOCOL
-        scalars, dumps_scalar = _SCALARS, pickle.dumps
+        scalars, dumps_scalar, batch_max = _SCALARS, pickle.dumps, self.BATCH
         try:
             while limit is None or self.put + len(batch) - consumed < limit:
                 if room <= 0:
@@ -358,7 +358,7 @@ class _Feeder:
                         break
                 append(blob)
                 room -= len(blob)
-                if len(batch) >= self.BATCH:
+                if len(batch) >= batch_max:
                     stream.put_many(batch)
                     self.put += len(batch)
                     batch = []

@@ -302,11 +302,12 @@ class JobSession:
                     start = self.sent
                     blobs, groups, tags, ended = take(limit, chunk_room, start)
                 if blobs:
-                    for k, blob in enumerate(blobs):
-                        if len(blob) > room:
-                            index = start + (sum(groups[:k]) if groups else k)
-                            raise ArgumentTooLarge(index, len(blob), room)
-                    self.outbox.append(self.args_message(start, blobs, groups, tags))
+                    sizes = list(map(len, blobs))  # (no Python-level call per argument)
+                    if max(sizes) > room:
+                        k = next(k for k, size in enumerate(sizes) if size > room)
+                        index = start + (sum(groups[:k]) if groups else k)
+                        raise ArgumentTooLarge(index, sizes[k], room)
+                    self.outbox.append(self.args_message(start, blobs, groups, tags, sizes))
                 if ended:
                     self.exhausted = True
                     self.outbox.append(
@@ -323,14 +324,19 @@ class JobSession:
             )
 
     def args_message(
-        self, start: int, blobs: list[bytes], groups: list[int], tags: list[Any]
+        self,
+        start: int,
+        blobs: list[bytes],
+        groups: list[int],
+        tags: list[Any],
+        sizes: list[int] | None = None,
     ) -> m.Args:
         """The ``args`` message of pickles from ``start`` on (below :attr:`sent`: sent again
-        after a resume), counted against the window."""
+        after a resume), counted against the window; ``sizes``: the pickles' lengths."""
         msg = m.Args.make(
             job=self.wire_job,
             start=start,
-            sizes=[len(b) for b in blobs],
+            sizes=list(map(len, blobs)) if sizes is None else sizes,
             groups=groups,
             payload=b"".join(blobs),
         )

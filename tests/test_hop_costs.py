@@ -678,3 +678,25 @@ def test_taking_a_jobs_arguments_costs_a_few_c_calls_each() -> None:
     assert len(out) == 300 and groups == [] and tags == [None] * 300 and not ended
     assert python <= 1, python  # _take alone
     assert c <= 4 * 300 + 4, c  # (2,401 before)
+
+
+def test_sending_a_jobs_arguments_costs_no_call_per_argument_beyond_taking_them() -> None:
+    """``JobSession.pump`` turns what ``_take`` gave into an ``args`` message: the pickles'
+    sizes are measured once (``map(len, ...)``, no call per argument the profiler sees), the
+    bound checked on them, and the message built from them (before: a ``len`` per argument
+    for the bound and another for the message's sizes)."""
+    from protocol.options import JobOptions
+    from remap.client import JobStream
+
+    streams = []
+    for _ in range(2):  # entered() calls twice: a warm-up, then the counted call
+        stream = JobStream(b"fn", JobOptions(), call_soon=lambda *a: None, total_hint=300)
+        stream.session.submitted(7, 300)  # the job's id, a window of 300
+        stream.put_many([b"x" * 12] * 300)
+        streams.append(stream)
+    pumped: list[Any] = []
+    python, c = entered(lambda: pumped.append(s := streams.pop()) or s.session.pump(s._take))
+    (msg,) = pumped[-1].session.outbox
+    assert msg == m.Args(job=7, start=0, sizes=[12] * 300, payload=b"x" * 12 * 300)
+    assert python <= 8, python
+    assert c <= 4 * 300 + 16, c  # (1,809 before)
