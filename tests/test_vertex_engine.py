@@ -16,6 +16,7 @@ from remap.vertex.engine import (
     Outbox,
     Partition,
     VertexError,
+    encode_bucket,
     partition_of,
 )
 from remap.vertex.program import program_from_namespace
@@ -186,6 +187,41 @@ def test_outbox_without_combiner_keeps_every_message_and_counts_them():
     for p in range(3):
         deliver_bytes(inbox, box.encode(p))
     assert sorted(sum(inbox.values(), [])) == list(range(30))
+
+
+@pytest.mark.parametrize("spill_after", [1, 4, 7, 1000])
+def test_an_outbox_spilling_every_few_messages_gives_the_same_buckets_in_chunks(spill_after):
+    """Without a combiner, an outbox spilling once ``spill_after`` messages are held hands over chunks
+    that, delivered in order with what it still holds, give each destination exactly the
+    inbox one unspilled outbox gives: the same lists in the same order, the same first-seen
+    order of ids; it never holds more than ``spill_after`` messages, and counts them all."""
+    rnd = random.Random(3)
+    sends = [(rnd.randrange(12), (i, rnd.random())) for i in range(200)]
+    chunks: list[tuple[int, int, bytes]] = []
+    held: list[int] = []
+
+    def spill(d: int, chunk: int, bucket: dict) -> None:
+        chunks.append((d, chunk, encode_bucket(bucket, False)))
+
+    plain, spilling = Outbox(3, None), Outbox(3, None, None, spill, spill_after)
+    for to, message in sends:
+        plain.send(to, message)
+        spilling.send(to, message)
+        if spilling.sent >= spilling.spill_at:  # what Partition.step checks after a vertex
+            spilling.spill_held()
+        held.append(sum(len(box) for b in spilling.buckets for box in b.values()))
+    spilling.send_many([(0, [0, 3]), (1, [1])], "fan")
+    plain.send_many([(0, [0, 3]), (1, [1])], "fan")
+    assert max(held) < spill_after
+    assert spilling.counts() == plain.counts() and spilling.sent == plain.sent == 203
+    assert [c for _, c, _ in chunks] == sorted(c for _, c, _ in chunks)
+    for d in range(3):
+        want: dict = {}
+        deliver_bytes(want, plain.encode(d))
+        got: dict = {}
+        for blob in [b for to, _, b in chunks if to == d] + [spilling.encode(d)]:
+            deliver_bytes(got, blob)
+        assert list(got.items()) == list(want.items()), d
 
 
 def test_merges_vertex_records_from_many_lines_in_input_order():

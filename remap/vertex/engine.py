@@ -121,13 +121,22 @@ class Outbox:
     """Messages sent in one superstep, one bucket per destination partition: folded as sent
     (``combine`` is sum, min or max), else kept as lists (a ``combine`` runs once, in
     :meth:`finish`). ``send`` and ``send_many`` are closures over local names: the hottest
-    code of a vertex job."""
+    code of a vertex job.
+
+    With ``spill`` and no combiner (messages kept one by one, so held in proportion to what
+    is sent), once ``spill_after`` messages are held the buckets are handed to
+    ``spill(destination, chunk, bucket)`` and emptied (checked after each vertex, by
+    :meth:`Partition.step`, not per message): a superstep sending many messages holds at most
+    that many and one vertex's. Chunks concatenated in order are the bucket a single one would
+    have been (the same lists, the same first-sent order of ids)."""
 
     def __init__(
         self,
         count: int,
         combine: Callable[[list[Any]], Any] | None,
         fold: Callable[[Any, Any], Any] | None = None,
+        spill: Callable[[int, int, dict[Any, list[Any]]], None] | None = None,
+        spill_after: int = 0,
     ) -> None:
         self.count = count
         self.combine = combine
@@ -136,6 +145,13 @@ class Outbox:
         self.buckets: list[Any] = [{} for _ in range(count)]
         #: per destination: :class:`Sums` pieces noted by ``Fanout.flush``
         self.pieces: list[list[Sums]] = [[] for _ in range(count)]
+        #: chunks handed to ``spill`` so far, and the messages in them per destination
+        self.spills = 0
+        self.spilled = [0] * count
+        self._spill = spill if combine is None and spill_after > 0 else None
+        self._spill_after = spill_after
+        #: :attr:`sent` at which :meth:`spill_held` is due (None: this outbox never spills)
+        self.spill_at: int | None = spill_after if self._spill is not None else None
         self._sent = [0]
         self._finished = False
         self.send, self.send_many = self._senders(fold)
@@ -218,6 +234,18 @@ class Outbox:
 
         return send, send_many
 
+    def spill_held(self) -> None:
+        """Hand every non-empty bucket to ``spill`` as chunk :attr:`spills`, and empty it
+        (in place: the senders hold the dicts)."""
+        assert self._spill is not None
+        for d, bucket in enumerate(self.buckets):
+            if bucket:
+                self.spilled[d] += sum(map(len, bucket.values()))
+                self._spill(d, self.spills, bucket)
+                bucket.clear()
+        self.spills += 1
+        self.spill_at = self._sent[0] + self._spill_after
+
     def finish(self) -> None:
         """Add the Fanout's sums and apply a (non-fold) combiner: before reading the buckets."""
         if self._finished:
@@ -244,7 +272,10 @@ class Outbox:
         self.finish()
         if self.combine is not None:
             return [len(b) for b in self.buckets]
-        return [sum(len(box) for box in b.values()) for b in self.buckets]
+        return [
+            spilled + sum(len(box) for box in b.values())
+            for spilled, b in zip(self.spilled, self.buckets)
+        ]
 
     def encode(self, partition: int) -> bytes:
         self.finish()
@@ -726,6 +757,7 @@ class Partition:
             get = inbox.get
             pending = [get(vid) for vid in values]
         sent_before = outbox.sent
+        sent, spill_at = outbox._sent, outbox.spill_at
         folded = program.fold is not None  # the inbox holds one folded message per vertex
         # the vertices in order: the Fanout's list when it holds them all (no copy per step)
         order = fan.order if fan is not None and fan.n == len(values) else list(values)
@@ -749,6 +781,9 @@ class Partition:
                 self._failed(stats, vid, superstep, problem, on_error, None)
                 continue
             value, halt = out
+            if spill_at is not None and sent[0] >= spill_at:
+                outbox.spill_held()
+                spill_at = outbox.spill_at
             values[vid] = value
             if halt:
                 halted.add(vid)

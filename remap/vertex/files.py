@@ -16,8 +16,8 @@ attempt of a slot is the highest number, whatever the clocks that dated the file
 ``acks/`` and ``alive/`` are made by the driver before it starts the workers and removed when
 the job ends; a worker only writes inside them, so a call that starts (or goes on) after the
 end finds them gone and stops, instead of leaving them behind.
-    im/<jobid>/e<epoch>/load/to<p>/from<slot>      vertex records read by another worker
-    im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>   messages sent in superstep <step>
+    im/<jobid>/e<epoch>/load/to<p>/from<slot>-<chunk>      vertex records read by another worker
+    im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>-<chunk>   messages sent in superstep <step>
     im/<jobid>/ckpt/s<step>/p<p>                   partition p (and its inbox) before <step>
 """
 

@@ -48,6 +48,9 @@ from .program import Program
 #: edges (and vertices) read for other workers' partitions before they are written out (each
 #: chunk repeats ids the owner merges one by one: 4 chunks of 10^6 edges merge 2x slower than 1)
 LOAD_SPILL = 1_000_000
+#: messages a superstep holds (without a combiner) before they are written out, a file per
+#: destination partition: a superstep sending many messages needs no memory for all of them
+MESSAGE_SPILL = 1_000_000
 POLL_MIN = 0.0005
 POLL_MAX = 0.005  # a barrier noticed within 5 ms: a stat per poll costs next to nothing
 GIVE_UP_INTERVAL = 0.1  # seconds between a waiting worker's looks at the driver's heartbeat
@@ -361,11 +364,15 @@ class Worker:
             return self.restored.pop(p)
         before = cmd.superstep - 1
         files = committed(self.layout.inbox(cmd.epoch, before, p))
+        own = message_file(self.slot, 0)[:-6]  # this worker's spilled chunks: after the others
+        files = [f for f in files if not f.name.startswith(own)] + [
+            f for f in files if f.name.startswith(own)
+        ]
         bucket = self.local.get(before, {}).pop(p, None)
 
         def sources() -> Iterator[Any]:
-            """Each sender's file read as gather asks for it (never all at once), then the
-            messages this worker sent itself."""
+            """Each sender's files read as gather asks for them (never all at once), in
+            sender order, then the messages this worker sent itself (spilled, then held)."""
             for f in files:
                 yield self._read(f)
             if bucket:
@@ -383,7 +390,17 @@ class Worker:
             for p, part in self.parts.items():
                 self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inboxes[p]))
             self.phases.mark("checkpoint")
-        outbox = Outbox(count, self.program.combine, self.program.fold)
+        moved = 0
+
+        def spill(p: int, chunk: int, bucket: dict[Any, list[Any]]) -> None:
+            nonlocal moved
+            path = self.layout.inbox(cmd.epoch, s, p) / message_file(self.slot, chunk)
+            written = self._write_bytes(path, encode_bucket(bucket, False))
+            if p not in self.parts:
+                moved += written
+
+        program = self.program
+        outbox = Outbox(count, program.combine, program.fold, spill, MESSAGE_SPILL)
         ack: dict[str, Any] = {"active": 0, "sent": 0, "errors": 0, "first_error": ""}
         aggregates: dict[str, Any] = {}
         vertices = 0
@@ -400,14 +417,13 @@ class Worker:
         outbox.finish()
         combined = outbox.combined
         local: dict[int, Any] = {}
-        moved = 0
         for p, bucket in enumerate(outbox.buckets):
             if not bucket:
                 continue
             if p in self.parts:
                 local[p] = kept_bucket(bucket, combined)
             else:
-                path = self.layout.inbox(cmd.epoch, s, p) / f"from{self.slot}"
+                path = self.layout.inbox(cmd.epoch, s, p) / message_file(self.slot, outbox.spills)
                 moved += self._write_bytes(path, encode_bucket(bucket, combined))
         self.local[s] = local
         self.stats["supersteps"] += 1
@@ -451,6 +467,12 @@ class Worker:
         blob = path.read_bytes()
         self.stats["bytes_read"] += len(blob)
         return blob
+
+
+def message_file(slot: int, chunk: int) -> str:
+    """The name of a sender's chunk of messages to one partition: names of one length, so
+    :func:`committed` lists them by sender, then chunk (the order they were sent in)."""
+    return f"from{slot:05d}-{chunk:06d}"
 
 
 def run_worker(args: WorkerArgs) -> dict[str, Any]:
