@@ -207,6 +207,7 @@ async def start_server(
         max_handshaking_per_host=settings.max_handshaking_per_host,
         results_memory=settings.detached_results_memory,
         results_memory_total=settings.detached_results_memory_total,
+        results_keep=settings.detached_results_keep_hours * 3600.0,
     )
     try:
         port = await server_endpoint(reactor, settings, settings.host, settings.port).listen(

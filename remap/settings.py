@@ -73,6 +73,7 @@ class Settings:
     result_buffer: int = 256 * 1024 * 1024
     detached_results_memory: int = 256 * 1024 * 1024
     detached_results_memory_total: int = 1024 * 1024 * 1024
+    detached_results_keep_hours: float = 1.0
 
 
 class _Bad(Exception):
@@ -220,6 +221,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "journal_keep_hours": ("REMAP_JOURNAL_KEEP_HOURS", _number(0, allow_equal=True), "hours a finished job stays in the journal at most"),
     "detached_results_memory": ("REMAP_DETACHED_RESULTS_MEMORY", _integer(1), "bytes of a detached job's results the server holds in memory for attach: with the journal on, those it has not committed yet (it keeps the rest on disk); off, all of them. A job that reaches it runs no more calls until they are committed (journal off: it waits, its results kept, until killed; attach still gets them)"),
     "detached_results_memory_total": ("REMAP_DETACHED_RESULTS_MEMORY_TOTAL", _integer(1), "the same bound over all detached jobs, finished ones included"),
+    "detached_results_keep_hours": ("REMAP_DETACHED_RESULTS_KEEP_HOURS", _number(0, allow_equal=True), "with REMAP_JOURNAL off: hours a finished detached job's results stay in the server's memory for attach (counted in REMAP_DETACHED_RESULTS_MEMORY_TOTAL meanwhile, so they hold new detached jobs back at most this long); then they are dropped and attach and status say so. With the journal they are on disk (REMAP_JOURNAL_KEEP_HOURS)"),
 }  # fmt: skip
 
 #: setting field -> environment variable

@@ -270,6 +270,81 @@ def test_without_a_journal_a_job_at_its_budget_is_held_and_attach_gets_what_it_k
     assert later.of(m.JobDone)[0].state == "killed"
 
 
+def test_without_a_journal_finished_results_are_dropped_after_their_time_and_held_jobs_go_on() -> (
+    None
+):
+    """No journal, 300 kB for all detached jobs: job A ends holding 250 kB of results nobody
+    collects, and job B is held at that budget, its status naming A's results and when they
+    go. One hour (REMAP_DETACHED_RESULTS_KEEP_HOURS) after A ended, not before, and not while
+    a console is being sent them (it gets them all), A's results are dropped: B goes on, A's
+    status says when, and attach to A is refused with the line that says why."""
+    from remap.server.service import RemapServerFactory, ServerConnection
+
+    clock = Clock()
+    clock.advance(1000)
+    keep = 3600.0
+    factory = RemapServerFactory(
+        clock,
+        b"k" * 32,
+        max_frame=256 << 20,
+        console_grace=GRACE,
+        job_ids_from=1,
+        results_memory=10**6,
+        results_memory_total=300_000,
+        results_keep=keep,
+    )
+    sched = factory.scheduler
+    node = FakeNode(sched, "n", cores=1)
+
+    def run(name: str, n: int) -> FakeConsole:
+        console = FakeConsole(sched, range(n), chunksize=1, detach=True, name=name)
+        console.feed()
+        sched.console_lost(console.link)
+        while node.held(console.job):
+            node.answer(node.held(console.job)[0], fn=lambda x: bytes(50_000))
+        return console
+
+    def waiting(job: int) -> str:
+        return next(j for j in sched.status()[1] if j.id == job).waiting
+
+    a = run("a", 5)
+    assert sched.jobs[a.job].state == "done" and 250_000 <= sched.kept_bytes < 300_000
+    b = run("b", 20)
+    job_b = sched.jobs[b.job]
+    assert job_b.state == "running" and job_b.paused and job_b.done < 20
+    assert "MiB of them finished jobs' results, each dropped 1 h after its job ended: REMAP_" in (
+        waiting(b.job)
+    ), waiting(b.job)
+    clock.advance(keep - 1)
+    slow = FakeLink("slow")
+    slow.congested = True  # a console being sent A's results as the hour runs out
+    sched.attach(slow, a.job)
+    clock.advance(1)
+    assert sched.jobs[a.job].kept and job_b.paused, "not while a console is being sent them"
+    slow.congested = False
+    sched.console_congested(slow, False)
+    assert sorted(i for r in slow.of(m.Results) for i in r.answered) == list(range(5))
+    assert slow.of(m.JobDone)[0].state == "done"
+    assert not sched.jobs[a.job].kept and sched.kept_bytes == job_b.kept_bytes, "then dropped"
+    assert not job_b.paused and node.held(b.job), "B goes on"
+    assert waiting(a.job).startswith("results dropped at "), waiting(a.job)
+    handler = ServerConnection(factory)
+    handler.role = "console"
+    later = FakeLink("later")
+    handler.message_received(later, m.Attach(id=3, job=a.job))
+    (refused,) = later.sent
+    assert refused.code == "not-found" and refused.re == 3, refused
+    assert refused.message.startswith(f"job {a.job}: its 0.2 MiB of results, which nobody "), (
+        refused
+    )
+    assert "1 h after it ended (REMAP_DETACHED_RESULTS_KEEP_HOURS; REMAP_JOURNAL is off" in (
+        refused.message
+    ), refused.message
+    while node.held(b.job):
+        node.answer(node.held(b.job)[0])
+    assert job_b.state == "done"
+
+
 def test_results_a_failed_commit_left_in_memory_are_replayed_in_their_place(
     tmp_path: Path,
 ) -> None:

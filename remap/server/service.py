@@ -24,7 +24,7 @@ from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
-from .scheduler.kept import RESULTS_MEMORY, RESULTS_MEMORY_TOTAL
+from .scheduler.kept import RESULTS_KEEP, RESULTS_MEMORY, RESULTS_MEMORY_TOTAL
 from .scheduler.sizing import fit_status
 
 #: connections in the handshake the cluster port holds at once, in all and per source address
@@ -450,6 +450,8 @@ class ServerConnection:
     def _no_attach(self, job_id: int) -> str:
         sched = self.scheduler
         job = sched.jobs.get(job_id)
+        if job is not None and job.dropped:
+            return f"job {job_id}: {job.dropped}"
         if job is not None and job.finished and not job.options.detach:
             return (
                 f"job {job_id} ran attached: its results went to the console that ran it "
@@ -488,6 +490,7 @@ class RemapServerFactory(Factory):
         max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST,
         results_memory: int = RESULTS_MEMORY,
         results_memory_total: int = RESULTS_MEMORY_TOTAL,
+        results_keep: float = RESULTS_KEEP,
     ) -> None:
         self.clock = clock
         #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`)
@@ -516,6 +519,7 @@ class RemapServerFactory(Factory):
             max_frame=max_frame,
             results_memory=results_memory,
             results_memory_total=results_memory_total,
+            results_keep=results_keep,
         )
         self.consoles: set[PeerProtocol] = set()
         #: in memory unless :meth:`use_exclusions` gives it a file (the server entry point does)

@@ -60,7 +60,7 @@ from .effects import (
     describe,
     new_send,
 )
-from .kept import RESULTS_MEMORY, RESULTS_MEMORY_TOTAL, KeptResults
+from .kept import RESULTS_KEEP, RESULTS_MEMORY, RESULTS_MEMORY_TOTAL, KeptResults
 from .policy import SWEEP_INTERVAL
 from .recovery import Recovery
 from .segments import Segment, take_from
@@ -127,12 +127,15 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         max_frame: int = DEFAULT_MAX_FRAME,
         results_memory: int = RESULTS_MEMORY,
         results_memory_total: int = RESULTS_MEMORY_TOTAL,
+        results_keep: float = RESULTS_KEEP,
     ) -> None:
         self.clock = clock
         #: budgets of detached jobs' results in memory, per job and in all (see ``kept``), and
         #: what they hold now and at most since the server started
         self.results_memory = results_memory
         self.results_memory_total = results_memory_total
+        #: seconds a finished detached job's results stay in memory without a journal
+        self.results_keep = results_keep
         self.kept_bytes = 0
         self.kept_peak = 0
         #: the server's own frame limit, named in errors of frames too large for a peer's
@@ -354,6 +357,10 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         if kind == "replay":  # (a finished job's too)
             if job is not None and job.replay_timer == timer:
                 self._replay_timer(job)
+            return
+        if kind == "results-keep":  # (a finished job's only)
+            if job is not None and job.keep_timer == timer:
+                self._results_expired(job)
             return
         if job is None or job.finished:
             return
@@ -823,7 +830,8 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
         """Cancel the console's jobs after the grace period, unless detached or re-attached;
         a job whose console left before ``args_end`` can never complete, so even then."""
         for job in list(self.jobs.values()):
-            job.replays.pop(id(console), None)
+            if job.replays.pop(id(console), None) is not None:
+                self._replay_ended(job)
             if job.console is not console:
                 continue
             job.console = None
@@ -858,7 +866,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     def attach(self, console: Any, job_id: int) -> JobState | None:
         """Make ``console`` the receiver of a job's results; replay what was kept."""
         job = self.jobs.get(job_id)
-        if job is None or (job.finished and not job.options.detach):
+        if job is None or (job.finished and not job.options.detach) or job.dropped:
             return None  # an attached job's results went to its console: none to replay
         # a finished job's replay is anyone's, any number of times; a running one has one
         # receiver at a time, but a detached job's submitter (not an attached console) has no
@@ -960,6 +968,7 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             self._replay(job, job.console)
         elif job.console is not None:
             self._send(job.console, self._done_message(job))
+        self._keep_finished(job)
         self._prune_finished()
         self.pump()
 
@@ -1290,6 +1299,9 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
             if job.replay_timer is not None:
                 self._outbox.append(CancelTimer(job.replay_timer))
                 job.replay_timer = None
+            if job.keep_timer is not None:
+                self._outbox.append(CancelTimer(job.keep_timer))
+                job.keep_timer = None
 
     # ================================================================ status
 

@@ -4,11 +4,14 @@ memory budget, and sent to each attaching console a piece at a time, in order, e
 With a journal the memory holds only what it has not committed yet: it keeps every result on
 disk and serves a replay from there. Without one (``REMAP_JOURNAL=off``) memory is the only
 store, so a job whose results reach the budget runs no more calls: nothing is dropped, and the
-status says why it waits.
+status says why it waits. A finished job's results stay there ``results_keep`` seconds
+(REMAP_DETACHED_RESULTS_KEEP_HOURS), counted in the budget, then are dropped, and attach and
+status say so: results nobody collects hold new detached jobs back that long at most.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.python.failure import Failure
@@ -17,7 +20,7 @@ from protocol import messages as m
 from protocol.errors import RemapError
 
 from ...settings import Settings
-from .effects import Close, command
+from .effects import CancelTimer, Close, command
 from .sizing import results_bound
 from .state import JobState, Replay
 
@@ -29,6 +32,9 @@ _MIB = 1024 * 1024
 #: REMAP_DETACHED_RESULTS_MEMORY and REMAP_DETACHED_RESULTS_MEMORY_TOTAL)
 RESULTS_MEMORY = Settings.detached_results_memory
 RESULTS_MEMORY_TOTAL = Settings.detached_results_memory_total
+#: seconds a finished detached job's results stay in memory without a journal (the default of
+#: REMAP_DETACHED_RESULTS_KEEP_HOURS)
+RESULTS_KEEP = Settings.detached_results_keep_hours * 3600.0
 
 
 class KeptResults:
@@ -62,7 +68,15 @@ class KeptResults:
         if self.journal is None:
             over = job.kept_bytes >= self.results_memory
             limit = "REMAP_DETACHED_RESULTS_MEMORY" + ("" if over else "_TOTAL")
-            of_all = "" if over else f" ({self.kept_bytes / _MIB:.0f} MiB of all detached jobs)"
+            of_all = "" if over else f" ({self.kept_bytes / _MIB:.0f} MiB of all detached jobs"
+            ended = sum(j.kept_bytes for j in self.jobs.values() if j.finished)
+            if ended and not over:
+                of_all += (
+                    f", {ended / _MIB:.0f} MiB of them finished jobs' results, each dropped "
+                    f"{self.results_keep / 3600:g} h after its job ended: "
+                    "REMAP_DETACHED_RESULTS_KEEP_HOURS"
+                )
+            of_all += "" if over else ")"
             why = (
                 f"held: {mib:.0f} MiB of results waiting for attach{of_all}, the most "
                 f"{limit} keeps in the server's memory; REMAP_JOURNAL is off, so nothing "
@@ -91,8 +105,45 @@ class KeptResults:
                 self.kept_bytes -= size
         self._unfill()
 
+    def _keep_finished(self, job: JobState) -> None:
+        """A detached job ended: without a journal its results stay in memory (for attach, and
+        counted in the budget) for ``results_keep`` s, so those nobody collects hold new
+        detached jobs back that long at most, not until enough newer jobs push it out."""
+        if self.journal is None and job.kept and job.keep_timer is None:
+            job.keep_timer = self._start_timer("results-keep", self.results_keep, job.id)
+
+    def _results_expired(self, job: JobState) -> None:
+        """The job's results were kept their time: dropped now, or once no console is being
+        sent them (a replay half-way would end without the rest)."""
+        job.keep_timer = None
+        job.expired = True
+        if not job.replays:
+            self._drop_kept(job)
+
+    def _replay_ended(self, job: JobState) -> None:
+        if job.expired and not job.replays:
+            self._drop_kept(job)
+
+    def _drop_kept(self, job: JobState) -> None:
+        """Let a finished job's results go, saying so where attach and status look."""
+        job.expired = False
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock.seconds()))
+        job.dropped = (
+            f"its {job.kept_bytes / _MIB:.1f} MiB of results, which nobody attached to collect, "
+            f"were dropped at {at}, {self.results_keep / 3600:g} h after it ended "
+            "(REMAP_DETACHED_RESULTS_KEEP_HOURS; REMAP_JOURNAL is off, so the server kept them "
+            "in memory only)"
+        )
+        job.waiting = f"results dropped at {at} (kept {self.results_keep / 3600:g} h)"
+        self.events.add(self.clock.seconds(), f"job {job.id} results dropped")
+        self.log.info("job {id}: {why}", id=job.id, why=job.dropped)
+        self._forget_kept(job)
+
     def _forget_kept(self, job: JobState) -> None:
-        """A job leaves memory (pruned): its kept results no longer count."""
+        """A job leaves memory (pruned), or its results were dropped: they no longer count."""
+        if job.keep_timer is not None:
+            self._outbox.append(CancelTimer(job.keep_timer))
+            job.keep_timer = None
         self.kept_bytes -= job.kept_bytes
         job.kept_bytes = 0
         job.kept = {}
@@ -155,6 +206,7 @@ class KeptResults:
         if job.finished:
             del job.replays[id(console)]
             self._send(console, self._done_message(job))
+            self._replay_ended(job)
 
     @command
     def _replay_read(
@@ -182,6 +234,7 @@ class KeptResults:
         if job.replays.get(id(console)) is not replay:
             return
         del job.replays[id(console)]
+        self._replay_ended(job)
         if self.stopped:
             return
         self.log.failure("job {id}: reading its results from the journal", failure, id=job.id)

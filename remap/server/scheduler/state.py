@@ -197,6 +197,12 @@ class JobState:
     #: hashable)
     replays: dict[int, Replay] = field(default_factory=dict)
     replay_timer: Any = None  # the next replay step's
+    #: without a journal, a finished detached job's: its results are dropped when it runs out
+    keep_timer: Any = None
+    #: that timer ran out while a console was being sent them: dropped once none is
+    expired: bool = False
+    #: why its results are no longer kept ("" while they are): what attach and status say
+    dropped: str = ""
     timers: list[Any] = field(default_factory=list)
     finished_at: float | None = None
     #: ends the job unless its console comes back (see :meth:`Scheduler.console_lost`)
