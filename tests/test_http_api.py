@@ -183,14 +183,19 @@ def test_kill_and_drain_with_the_token(served: Served) -> None:
 
 
 def test_login_link_is_one_time_and_sets_a_strict_cookie(served: Served) -> None:
-    """The link logs in once; its cookie is HttpOnly and SameSite=Strict; a reuse is refused."""
+    """The link logs in once; its cookie is HttpOnly and SameSite=Strict; a reuse is refused
+    with a page saying the link was spent and the command for a new one."""
     link = served.request("POST", "/api/v1/login-links", token=served.token).json()
     assert link["url"] == f"http://{served.host}{link['path']}"
     first = served.request("GET", link["path"])
     assert first.status == 303 and first.headers["Location"] == "/"
     cookie = first.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower() and "Path=/" in cookie
-    assert served.request("GET", link["path"]).status == 401
+    again = served.request("GET", link["path"])  # a browser's second click, or a stale tab
+    assert again.status == 401 and again.headers["Content-Type"].startswith("text/html")
+    page = again.body.decode()  # what happened and what to run, not JSON to a browser
+    assert "used already or has expired" in page, page
+    assert f"dashboard --http-port {served.port}</code>" in page, page
     session = cookie.split(";")[0]
     assert served.request("GET", "/api/v1/summary", headers={"Cookie": session}).status == 200
     assert served.request("GET", "/login?token=made-up").status == 401

@@ -48,9 +48,8 @@ SECURITY_HEADERS = {
 }
 UNAUTHORIZED_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>remap: log in</title>
 </head><body>
-<h1>remap dashboard</h1><p>This page needs a login link. Run
-<code>python remap_console.py dashboard</code> (or look at the server's output) and open the link
-it prints.</p></body></html>"""
+<h1>remap dashboard</h1><p>{why} For a new link run <code>{command}</code> on the server's
+machine (or look at the server's output) and open the link it prints.</p></body></html>"""
 
 
 def _static(name: str) -> bytes:
@@ -133,9 +132,19 @@ class HttpApp:
         request.setResponseCode(401)
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
         if any(r.handler == "dashboard" for r, _ in found):
-            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-            return UNAUTHORIZED_PAGE.encode()
+            return self._login_page(request, "This page needs a login link.")
         return self._body(request, {"error": "unauthorized", "message": "log in or send a token"})
+
+    def _login_page(self, request: Any, why: str) -> bytes:
+        """The page a browser without a session sees: why, and the whole command for a link (a
+        console finds no loopback server by itself, nor the HTTP port)."""
+        command = "python remap_console.py"
+        if self.submitter.cluster_address is not None:
+            command += f" --server {self.submitter.cluster_address}"
+        command += f" dashboard --http-port {request.getHost().port}"
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        page = UNAUTHORIZED_PAGE.format(why=html.escape(why), command=html.escape(command))
+        return page.encode()
 
     @staticmethod
     def _body(request: Any, value: Any) -> bytes:
@@ -154,8 +163,12 @@ class HttpApp:
     def login(self, request: Any, identity: None) -> bytes:
         token = (request.args.get(b"token") or [b""])[0].decode("ascii", "replace")
         spent = self.auth.redeem(token)
-        if spent is None:
-            return self._unauthorized(request, [])
+        if spent is None:  # a browser opened it: a page that says what to do, not JSON
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
+            minutes = round(LOGIN_TTL / 60)
+            why = "This login link was used already or has expired: a link logs in once,"
+            return self._login_page(request, f"{why} within {minutes} minutes.")
         cookie, _ = spent
         request.addCookie(
             SESSION_COOKIE.encode(),
