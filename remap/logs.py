@@ -27,9 +27,11 @@ _LEVELS = {
 
 #: Twisted's own lines that say nothing an operator needs (the entry point says "listening"
 #: and "stopped" itself): "X (TLS) starting on 7878", "Starting factory <...>", "(TCP Port 7878
-#: Closed)"
+#: Closed)", and ClientService's "Scheduling retry N to connect ..." at every attempt (a node
+#: says why it cannot reach its server once, until the reason changes)
 _NOISE = re.compile(
-    r"^(\S+( \(TLS\))? starting on \d+|(Starting|Stopping) factory <.*>|\((TCP|UDP) Port \d+ Closed\))$"
+    r"^(\S+( \(TLS\))? starting on \d+|(Starting|Stopping) factory <.*>|\((TCP|UDP) Port \d+ Closed\)"
+    r"|Scheduling retry \d+ to connect .* in [\d.]+ seconds\.)$"
 )
 
 

@@ -27,8 +27,8 @@ from .test_security_e2e import Cluster, wait_for
 
 
 def test_twisted_factory_and_port_noise_is_dropped_and_the_rest_kept():
-    """Twisted's "<Factory> starting on N", "Starting factory <... at 0x...>" and "(TCP Port N
-    Closed)" lines are not shown; every other line is."""
+    """Twisted's "<Factory> starting on N", "Starting factory <... at 0x...>", "(TCP Port N
+    Closed)" and "Scheduling retry N to connect ..." lines are not shown; every other line is."""
     buf = io.StringIO()
     publisher = LogPublisher()
     publisher.addObserver(log_observer("info", buf))
@@ -44,9 +44,17 @@ def test_twisted_factory_and_port_noise_is_dropped_and_the_rest_kept():
     ):
         log.info("{log_text}", log_text=text)
     log.info("Starting factory {factory!r}", factory=object())
+    # ClientService's own, at every attempt of a node that cannot reach its server
+    log.info(
+        "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+        attempt=4,
+        endpoint="tcp:127.0.0.1:7878",
+        delay=3.3,
+    )
     text = buf.getvalue()
     assert "keep this" in text
     assert "starting on" not in text and "0x" not in text and "Port" not in text, text
+    assert "retry" not in text, text
 
 
 def test_reconnect_delays_grow_are_rounded_and_really_jittered():
