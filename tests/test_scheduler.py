@@ -1664,3 +1664,27 @@ def test_an_error_without_a_message_fails_the_job_with_a_tidy_line(text: str, sa
     event(sched, NodeSaid(node.id, failed))
     done = console.done()
     assert done is not None and done.message == f"argument 0 raised {said}"
+
+
+def test_pruning_a_job_that_kept_no_results_scans_no_active_job(monkeypatch) -> None:
+    """A pruned job's kept results are let go and the jobs held over the results budget looked
+    at again (a scan of every active job); an attached job keeps none, so with hundreds of
+    jobs queued each job's end scanned them all for nothing. Only a job that kept some makes
+    the scan; pruning goes on as before."""
+    sched, _ = make()
+    node = FakeNode(sched, "n", cores=1)
+    link = FakeLink("long-lived")
+    scans: list[int] = []
+    real = sched._unfill
+    monkeypatch.setattr(sched, "_unfill", lambda: (scans.append(len(sched.active)), real()))
+    for i in range(sched.keep_finished + 5):
+        sched.submit(link, m.Submit(id=i, name=f"job{i}", payload=b"fn", total=1))
+        job = max(sched.jobs)
+        sched.args_received(link, m.Args(job=job, start=0, sizes=[len(dumps(i))], payload=dumps(i)))
+        sched.args_ended(link, m.ArgsEnd(job=job, total=1))
+        node.answer_all(fn=lambda x: x)
+    assert len(sched.jobs) == sched.keep_finished and scans == []
+    detached = sched.jobs[max(sched.jobs)]
+    detached.kept_bytes, sched.kept_bytes = 100, sched.kept_bytes + 100
+    sched._forget_kept(detached)
+    assert scans == [0] and sched.kept_bytes == 0

@@ -140,14 +140,18 @@ class KeptResults:
         self._forget_kept(job)
 
     def _forget_kept(self, job: JobState) -> None:
-        """A job leaves memory (pruned), or its results were dropped: they no longer count."""
+        """A job leaves memory (pruned), or its results were dropped: they no longer count.
+        One that kept none (an attached job) frees nothing, so no job can run again: no scan
+        of the active jobs per pruned job (hundreds queued, each pruning one as it ends)."""
         if job.keep_timer is not None:
             self._outbox.append(CancelTimer(job.keep_timer))
             job.keep_timer = None
-        self.kept_bytes -= job.kept_bytes
+        freed = job.kept_bytes
+        self.kept_bytes -= freed
         job.kept_bytes = 0
         job.kept = {}
-        self._unfill()
+        if freed:
+            self._unfill()
 
     def _unfill(self) -> None:
         """Let jobs whose results were over a budget run again once under both."""
