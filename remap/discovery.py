@@ -1,11 +1,15 @@
 """Finding the server on the LAN (mDNS / DNS-SD with python-zeroconf), and advertising it.
 
 The server advertises ``_remap._tcp`` with a TXT record: the protocol version, whether TLS is on,
-and a *cluster id*, an HMAC of a fixed label keyed with the shared secret. Nodes and consoles
-that have the same secret compute the same id, so they can tell their cluster's server from
-another's without the secret ever leaving them (the id is a keyed hash: it reveals nothing about
-the secret beyond what an offline guess of a weak secret could confirm, so use a strong one).
-Discovery is only a hint: mutual authentication still decides who may join.
+a *cluster id* (an HMAC of a fixed label keyed with the shared secret), the addresses it listens
+on, and a *tag*: an HMAC, keyed with the secret, over the version, TLS flag, port and addresses.
+Nodes and consoles that have the same secret compute the same id, so they can tell their
+cluster's server from another's without the secret ever leaving them (a keyed hash reveals
+nothing about the secret beyond what an offline guess of a weak secret could confirm, so use a
+strong one). They dial only an address the tag vouches for: the id alone is public, and a
+copy of it on an attacker's address lured a node to a relay that passed the handshake through
+to the real server and then, the connection being plain TCP, wrote a job of its own to the
+node. Mutual authentication still decides who may join; TLS keeps an on-path attacker out.
 
 Zeroconf runs its own threads. Nothing here runs zeroconf on the reactor thread: browsing is a
 blocking function (:func:`browse`) that callers run on a worker thread, and :func:`discover`
@@ -37,6 +41,9 @@ SERVICE_TYPE = "_remap._tcp.local."
 #: once one server of our cluster answered, how long to wait for a second one to answer too
 SETTLE = 0.5
 _LABEL = b"remap cluster id v1"
+_TAG_LABEL = b"remap advert v1\0"
+#: addresses one advert names at most (a TXT string holds 255 bytes)
+MAX_ADDRESSES = 12
 
 log = Logger()
 
@@ -44,6 +51,25 @@ log = Logger()
 def cluster_id(secret: bytes) -> str:
     """The id a server advertises: HMAC-SHA256 of a fixed label, keyed with the secret (64 bits)."""
     return hmac.new(secret, _LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def advert_tag(secret: bytes, version: int | None, tls: bool, port: int, at: Iterable[str]) -> str:
+    """The server's word, keyed with the secret, for where and how to dial it: only its holder
+    can name an address (the cluster id anyone on the LAN can copy)."""
+    text = f"{version}|{int(tls)}|{port}|{','.join(at)}".encode()
+    return hmac.new(secret, _TAG_LABEL + text, hashlib.sha256).hexdigest()[:32]
+
+
+def advert_properties(secret: bytes, tls: bool, port: int, addresses: list[str]) -> dict[str, str]:
+    """The TXT record a server advertises (see the module's docstring)."""
+    at = addresses[:MAX_ADDRESSES]
+    return {
+        "v": str(PROTOCOL_VERSION),
+        "tls": "1" if tls else "0",
+        "cid": cluster_id(secret),
+        "at": ",".join(at),
+        "tag": advert_tag(secret, PROTOCOL_VERSION, tls, port, at),
+    }
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,9 @@ class Advert:
     cluster: str = ""
     version: int | None = None
     tls: bool = False
+    #: the addresses its TXT record names (``host`` is one of them when there are any)
+    at: tuple[str, ...] = ()
+    tag: str = ""
 
     @property
     def address(self) -> str:
@@ -67,12 +96,18 @@ class Advert:
         return f"{short!r} at {self.address}"
 
 
-def mismatch(advert: Advert, cid: str, want_tls: bool) -> str:
+def mismatch(advert: Advert, secret: bytes, want_tls: bool) -> str:
     """Why ``advert`` is not a server this side should join ("" when it is one)."""
-    if advert.cluster != cid:
+    if advert.cluster != cluster_id(secret):
         return "another cluster (its cluster id does not match this secret)"
     if advert.version != PROTOCOL_VERSION:
         return f"protocol version {advert.version}, this side speaks {PROTOCOL_VERSION}"
+    tag = advert_tag(secret, advert.version, advert.tls, advert.port, advert.at)
+    if not (hmac.compare_digest(advert.tag, tag) and advert.host in advert.at):
+        return (
+            "its cluster id matches but its address is not vouched for by this secret (a copy "
+            "of a server's advert pointing elsewhere, or an older server); not dialled"
+        )
     if advert.tls and not want_tls:
         return "it requires TLS and this side has no REMAP_TLS_* settings"
     if want_tls and not advert.tls:
@@ -114,12 +149,12 @@ class Found:
         )
 
 
-def choose(adverts: Iterable[Advert], cid: str, want_tls: bool, seconds: float) -> Found:
+def choose(adverts: Iterable[Advert], secret: bytes, want_tls: bool, seconds: float) -> Found:
     """Pick the server to join: of those that match, the first by name (stable across runs)."""
     found = Found(seconds)
     matching = []
     for advert in adverts:
-        why = mismatch(advert, cid, want_tls)
+        why = mismatch(advert, secret, want_tls)
         if why:
             found.ignored.append((advert, why))
         else:
@@ -149,7 +184,12 @@ def _text(props: dict[Any, Any], key: bytes) -> str:
 
 
 def advert_from(name: str, addresses: list[str], port: int, props: dict[Any, Any]) -> Advert | None:
-    """An :class:`Advert` from a resolved service (IPv4 first), or None without an address."""
+    """An :class:`Advert` from a resolved service, or None without an address. The address
+    dialled is one its TXT record names (one resolved too first, IPv4 first): anyone may
+    answer for the host name with an address record of their own."""
+    at = tuple(a for a in _text(props, b"at").split(",") if a)
+    if at:
+        addresses = [a for a in addresses if a in at] or list(at)
     if not addresses or not port:
         return None
     addresses = sorted(addresses, key=lambda a: ":" in a)
@@ -161,6 +201,8 @@ def advert_from(name: str, addresses: list[str], port: int, props: dict[Any, Any
         cluster=_text(props, b"cid"),
         version=int(version) if version.isdigit() else None,
         tls=_text(props, b"tls") == "1",
+        at=at,
+        tag=_text(props, b"tag"),
     )
 
 
@@ -208,7 +250,6 @@ def browse(
     clock: Callable[[], float] = time.monotonic,
 ) -> Found:
     """Blocking (run it on a worker thread): browse until a match has settled or ``timeout``."""
-    cid = cluster_id(secret)
     names: queue.Queue[str] = queue.Queue()
     seen: dict[str, Advert] = {}
     start = clock()
@@ -229,11 +270,11 @@ def browse(
             if advert is None:
                 continue
             seen[name] = advert
-            if matched_at is None and not mismatch(advert, cid, want_tls):
+            if matched_at is None and not mismatch(advert, secret, want_tls):
                 matched_at = clock()
     finally:
         network.close()
-    return choose(seen.values(), cid, want_tls, timeout)
+    return choose(seen.values(), secret, want_tls, timeout)
 
 
 async def discover(
@@ -363,11 +404,7 @@ class Advertiser:
             SERVICE_TYPE,
             f"{self.instance_name()}.{SERVICE_TYPE}",
             port=self.port,
-            properties={
-                "v": str(PROTOCOL_VERSION),
-                "tls": "1" if tls else "0",
-                "cid": cluster_id(self.secret),
-            },
+            properties=advert_properties(self.secret, tls, self.port, self.addresses),
             server=unique,
             parsed_addresses=self.addresses,
         )

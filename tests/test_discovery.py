@@ -7,6 +7,7 @@ announcing thread runs) and then jumps past any bound; real waits have generous 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pytest_twisted
 from protocol.messages import PROTOCOL_VERSION
 from remap import discovery
 from remap.console.session import Session
-from remap.discovery import Advert, browse, cluster_id
+from remap.discovery import Advert, advert_tag, browse, cluster_id
 from remap.errors import ConfigError
 from remap.settings import load_settings
 
@@ -27,12 +28,19 @@ OTHER = b"another cluster's secret"
 
 
 def advert(name: str, host: str, secret: bytes = SECRET, **kw: Any) -> Advert:
+    """What a server holding ``secret`` advertises: its id, and its address vouched for."""
+    version = kw.pop("version", PROTOCOL_VERSION)
+    tls = kw.pop("tls", False)
+    port = kw.pop("port", 7878)
     return Advert(
         name=f"{name}.{discovery.SERVICE_TYPE}",
         host=host,
-        port=7878,
+        port=port,
         cluster=cluster_id(secret),
-        version=kw.pop("version", PROTOCOL_VERSION),
+        version=version,
+        tls=tls,
+        at=(host,),
+        tag=advert_tag(secret, version, tls, port, (host,)),
         **kw,
     )
 
@@ -264,14 +272,61 @@ def test_advert_from_txt_record():
     assert discovery.advert_from("x", [], 7000, props) is None
 
 
+def test_a_copied_advert_pointing_elsewhere_is_not_dialled():
+    """Anyone on the LAN hears the cluster id: a copy of our server's advert (id and tag) on
+    an attacker's address, named to sort first, is ignored and our server chosen. (Dialled, it
+    was a relay: the handshake passed through to the real server, then the attacker wrote a
+    job of its own to the node, which ran it.)"""
+    ours = advert("remap on b", "10.9.0.2")
+    copies = [
+        dataclasses.replace(ours, name=f"!a.{discovery.SERVICE_TYPE}", host="10.66.0.1"),
+        dataclasses.replace(
+            ours, name=f"!b.{discovery.SERVICE_TYPE}", host="10.66.0.1", at=("10.66.0.1",)
+        ),
+        dataclasses.replace(ours, name=f"!c.{discovery.SERVICE_TYPE}", port=7999),
+        Advert(
+            f"!d.{discovery.SERVICE_TYPE}",
+            "10.66.0.1",
+            7878,
+            cluster=cluster_id(SECRET),
+            version=PROTOCOL_VERSION,
+        ),  # fmt: skip
+    ]
+    net = FakeNetwork([*copies, ours])
+    found = browse(net, SECRET, timeout=PATIENCE, settle=PATIENCE, clock=net.clock)
+    assert found.chosen == ours
+    assert [a.name for a, _ in found.ignored] == [c.name for c in copies]
+    assert all("not vouched for by this secret" in why for _, why in found.ignored)
+
+
+def test_the_advertised_txt_record_vouches_for_its_addresses_only():
+    """The server's TXT record, read back as zeroconf hands it over: it matches, and the
+    address dialled is one it names, not an address record someone else added; a changed
+    port or TLS flag no longer matches."""
+    props = discovery.advert_properties(SECRET, False, 7000, ["10.0.0.7", "192.168.1.4"])
+    txt = {k.encode(): v.encode() for k, v in props.items()}
+    got = discovery.advert_from("x", ["10.66.0.1", "192.168.1.4"], 7000, txt)
+    assert got is not None and got.host == "192.168.1.4"
+    assert discovery.mismatch(got, SECRET, want_tls=False) == ""
+    only_theirs = discovery.advert_from("x", ["10.66.0.1"], 7000, txt)
+    assert only_theirs is not None and only_theirs.host == "10.0.0.7"
+    moved = discovery.advert_from("x", ["10.0.0.7"], 7001, txt)
+    assert moved is not None and "not vouched for" in discovery.mismatch(moved, SECRET, False)
+    tls = discovery.advert_properties(SECRET, True, 7000, ["10.0.0.7"])
+    plain = discovery.advert_from(
+        "x", ["10.0.0.7"], 7000, {k.encode(): v.encode() for k, v in {**tls, "tls": "0"}.items()}
+    )
+    assert plain is not None
+    assert "not vouched for" in discovery.mismatch(plain, SECRET, False)
+
+
 def test_python_api_dials_the_server_discovery_chose(monkeypatch, capsys):
     """connect() with a secret and no address browses too, and dials what it chose (here a
     closed loopback port, so the error names the discovered address)."""
     import remap
     from remap.errors import ServerUnreachable
 
-    net = FakeNetwork([Advert(f"ours.{discovery.SERVICE_TYPE}", "127.0.0.1", 1,
-                              cluster=cluster_id(SECRET), version=PROTOCOL_VERSION)])  # fmt: skip
+    net = FakeNetwork([advert("ours", "127.0.0.1", port=1)])
     monkeypatch.setattr(discovery, "ZeroconfNetwork", lambda interfaces: net)
     monkeypatch.setenv("REMAP_DISCOVERY", "on")
     with pytest.raises(ServerUnreachable, match=r"127\.0\.0\.1:1"):
