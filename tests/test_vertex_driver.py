@@ -724,7 +724,8 @@ def test_the_output_appears_whole_by_one_rename(tmp_path: Path):
 
 
 def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
-    """A raising vertex ends the job with JobFailed naming vertex and superstep; no output."""
+    """A raising vertex ends the job with JobFailed naming the job (as a data job's failure
+    does), the vertex and the superstep; no output."""
     graph_input(tmp_path)
 
     def compute(ctx, vid, value, messages):
@@ -735,8 +736,12 @@ def test_vertex_error_fails_the_job_with_one_line(tmp_path: Path):
     prog = program_from_namespace(
         {"prepare": example("propagate_max").prepare, "compute": compute}, "t"
     )
-    with pytest.raises(JobFailed, match=r"vertex 7 in superstep 2: ZeroDivisionError: oops"):
+    with pytest.raises(JobFailed) as failed:
         run_threads(prog, tmp_path, 2, partitions=3, max_supersteps=5)
+    assert re.fullmatch(
+        r"vertex job \S+ \(vertex\) failed: vertex 7 in superstep 2: ZeroDivisionError: oops",
+        str(failed.value),
+    ), failed.value
     assert not (tmp_path / "out-run" / "_SUCCESS").exists()
 
 

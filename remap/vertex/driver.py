@@ -363,6 +363,11 @@ class Driver:
             job_lock.acquire()
             remove_orphan_scratch(self.data)
             return self._run(started)
+        except JobKilled:
+            raise
+        except JobFailed as exc:  # its one line names the job, as a data job's does
+            exc.args = (f"vertex job {self.job_id} ({self.config.name}) failed: {exc}",)
+            raise
         finally:
             job_lock.release()
             lock.release()
