@@ -99,8 +99,17 @@ class JournalBench:
     def attached(self, fn: Any, args: list[Any]) -> list[Any]:
         return self.system.api.map(fn, args)
 
-    def detached(self, fn: Any, args: list[Any]) -> list[Any]:
-        """``compute --detach`` (submit, all arguments on the server, leave), then ``attach``."""
+    def detached(
+        self,
+        fn: Any,
+        args: list[Any],
+        *,
+        after_end: bool = False,
+        attaching: Any = None,
+    ) -> list[Any]:
+        """``compute --detach`` (submit, all arguments on the server, leave), then ``attach``;
+        with ``after_end`` once the job has ended (its results in the journal, read back by
+        the attach). ``attaching()`` is called just before the attach."""
         from protocol.options import JobOptions
         from remap import runtime
         from remap.client import JobStream, read_into
@@ -125,6 +134,10 @@ class JournalBench:
             raise BenchError(f"detached submit failed: {run.error}")
         job = run.job_id
         run.detach()
+        if after_end:
+            self._wait_ended(job, until)
+        if attaching is not None:
+            attaching()
         sink = make_sink("object")
         attach = JobStream(
             b"", JobOptions(), call_soon=call_soon, result_buffer=self.settings.result_buffer
@@ -133,6 +146,21 @@ class JournalBench:
         if outcome.state != "done" or outcome.failed:
             raise BenchError(f"job {job} ended {outcome.state}: {outcome.message}")
         return sink.value()
+
+    def _wait_ended(self, job: int, until: float) -> None:
+        """Until ``job`` ended (a look at the server's status every 0.1 s), then the journal's
+        last group commit (50 ms at most)."""
+        from remap import runtime
+
+        while True:
+            status = runtime.run(self.console.status, timeout=30)
+            state = next((j["state"] for j in status["jobs"] if j["id"] == job), None)
+            if state not in (None, "running"):
+                break
+            if time.monotonic() > until:
+                raise BenchError(f"job {job} did not end")
+            time.sleep(0.1)
+        time.sleep(0.5)
 
 
 def measure(bench: JournalBench, name: str, fn: Any, args: list[Any], expected: list[Any]) -> dict:

@@ -13,6 +13,8 @@ wait between its submit and its last result:
 - ``detached``: ``--mib`` distinct 1 MiB arguments, each returning 1 MiB, detached then
   attached (as ``bench/journal_bench.py``): the journal group-commits arguments, outcomes and
   results.
+- ``attach``: the same job attached once it has ended: the window is the attach alone, whose
+  results the server reads back from its journal (journal off: from memory).
 
 ``--roots`` runs the server and node of other checkouts too (e.g. one of the commit before a
 change: ``git archive BASE | tar -x -C /tmp/before``), for a before/after in one run.
@@ -106,13 +108,22 @@ def stalls_of(bench: JournalBench, system: ProbedSystem, fn_mib: int, mib: list)
             [w.reverse_bytes(b) for b in mib],
         ),
     }
+    window = [0.0]
+
+    def attaching() -> None:
+        window[0] = time.monotonic()
+
+    work["attach"] = (
+        lambda: bench.detached(w.reverse_bytes, mib, after_end=True, attaching=attaching),
+        work["detached"][1],
+    )
     stalls = {}
     for name, (run, expected) in work.items():
-        since = time.monotonic()
+        window[0] = time.monotonic()
         if run() != expected:
             raise SystemExit(f"WRONG RESULT: {name}")
         time.sleep(0.05)  # the probe's last look at the window
-        stalls[name] = system.longest_stall(since, time.monotonic())
+        stalls[name] = system.longest_stall(window[0], time.monotonic())
     return stalls
 
 
