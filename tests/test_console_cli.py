@@ -294,6 +294,20 @@ def test_a_mistyped_command_is_answered_with_the_nearest_one() -> None:
     assert err.getvalue() == "error: no command 'kil'; did you mean 'kill'?\n"
 
 
+@pytest.mark.parametrize("given", ["-1", "nan", "inf", "soon"])
+def test_a_bad_wait_for_nodes_is_a_usage_error_naming_the_flag(given: str) -> None:
+    """``compute --wait-for-nodes -1`` is refused as the command line is read, naming the
+    flag; it was refused only after an embedded cluster had started, as 'wait_for_nodes'."""
+    with pytest.raises(UsageError) as typed:
+        build_parser().parse_args(["compute", "job.yaml", "--wait-for-nodes", given])
+    assert str(typed.value) == (
+        "remap compute: argument --wait-for-nodes: "
+        f"expected a number of seconds >= 0, got {given!r}"
+    )
+    args = build_parser().parse_args(["compute", "job.yaml", "--wait-for-nodes", "2.5"])
+    assert args.wait_for_nodes == 2.5
+
+
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
     """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
     Python REPL do; the shell (and an embedded cluster it started) stays. It ended the

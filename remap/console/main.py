@@ -200,6 +200,17 @@ def job_id(text: str) -> int:
         ) from None
 
 
+def seconds(text: str) -> float:
+    """A number of seconds >= 0, refused on the command line before any cluster starts."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):  # NaN fails ">= 0"
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="remap",
@@ -228,7 +239,7 @@ def build_parser() -> Parser:
     flag(p, "--detach", "let the job run on if this console leaves")
     p.add_argument(
         "--wait-for-nodes",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help="fail if no node can run the job within this time",
     )
