@@ -529,6 +529,30 @@ def test_a_worker_is_lost_when_its_heartbeat_stops_changing_whatever_its_mtime_s
     assert str(lost.value) == "worker 2 sent no heartbeat for 61s"
 
 
+def test_an_older_attempt_still_beating_never_displaces_the_member(tmp_path: Path):
+    """An older attempt of a slot still runs and beats (its node was cut off from the server,
+    not from the data directory), each beat dated after the member's (attempt 2): the member
+    stays the slot's newest attempt and no worker is lost. (By mtime the older one was the
+    newest: the driver rolled back to drop its live member.)"""
+    clock = Clock()
+    config = VertexConfig(input=[], output=tmp_path / "out")
+    driver = Driver(
+        example("sssp"), config, DataDir(tmp_path / "data"), 1, lambda a: None, clock=clock.seconds
+    )
+    driver.launch = SimpleNamespace(events=list, calls=lambda: None)  # the server tells nothing
+    driver.members = {0: 2}
+    driver.layout.alive.mkdir(parents=True)
+    older, member = driver.layout.heartbeat(0, 1), driver.layout.heartbeat(0, 2)
+    older.touch()
+    member.touch()
+    for second in range(10):
+        clock.advance(1)
+        _date(member, second)
+        _date(older, second + 30)  # its node's clock is half a minute ahead
+        driver._check()
+    assert driver._heartbeats()[0][0] == 2
+
+
 @pytest.mark.parametrize("dated", [-DAY, DAY])
 def test_a_worker_gives_up_on_its_driver_only_when_its_heartbeat_stops_changing(
     tmp_path: Path, dated
