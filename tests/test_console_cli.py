@@ -308,6 +308,18 @@ def test_a_bad_wait_for_nodes_is_a_usage_error_naming_the_flag(given: str) -> No
     assert args.wait_for_nodes == 2.5
 
 
+def test_a_job_without_arguments_prints_no_empty_line() -> None:
+    """An object-mode job with no arguments (``args: []``, ``args_range: [10, 0]``) prints
+    nothing on stdout and says so on stderr; it printed one empty line, read as one result.
+    ``--json`` still prints its empty array."""
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    for as_json, stdout in ((False, ""), (True, "[]\n")):
+        out, err = io.StringIO(), io.StringIO()
+        Console(session, out=out, err=err)._print_values([], as_json)
+        assert out.getvalue() == stdout
+        assert err.getvalue() == ("" if as_json else "no results: the job had no arguments\n")
+
+
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
     """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
     Python REPL do; the shell (and an embedded cluster it started) stays. It ended the

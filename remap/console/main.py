@@ -777,8 +777,10 @@ class Console:
         items = [render.jsonable(v.to_json() if hasattr(v, "to_json") else v) for v in values]
         if as_json:
             self.say(json.dumps(items))
-        else:
+        elif items:
             self.say("\n".join(json.dumps(v) for v in items))
+        else:  # no line on stdout for no value (`| wc -l` says 0); a person is told why
+            self.note("no results: the job had no arguments")
 
     def cmd_help(self, args: argparse.Namespace) -> int:
         self.say(self.help_text(args.topic))
