@@ -58,6 +58,24 @@ def test_the_job_table_shows_a_known_total() -> None:
     assert " 1000 " in text and " 256+ " in text
 
 
+@pytest.mark.parametrize(
+    ("rate", "shown"),
+    [
+        (0.0, "0/s"),
+        (0.04, "0/s"),
+        (2.0, "2/s"),
+        (0.4, "0.4/s"),
+        (9.9, "9.9/s"),
+        (9.96, "10/s"),
+        (1234.5, "1,234/s"),
+    ],
+)
+def test_a_slow_jobs_rate_is_not_shown_as_zero(rate: float, shown: str) -> None:
+    """A job of slow tasks (a data job's map phase) shows its rate with a tenth below 10 a
+    second: it showed ``0/s`` at 0.4 tasks a second, as if stalled."""
+    assert f" {shown} " in jobs_table([_job(rate=rate)])
+
+
 def test_the_job_table_shows_cores_share_and_weight() -> None:
     job = _job(cores=4, share=0.5, weight=2.0, max_cores=6, min_cores=0)
     assert "4 (50% w2 max 6)" in jobs_table([job])

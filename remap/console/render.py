@@ -15,6 +15,12 @@ from ..errors import JobKilled, RemapError
 from ..sinks import to_jsonable
 
 
+def fmt_rate(rate: float) -> str:
+    """Tasks a second: whole above 10, else with a tenth, so a job of slow tasks (a data job's
+    map phase, seconds a task) shows ``0.4/s``, not ``0/s`` as if it were stalled."""
+    return f"{rate:,.0f}" if rate >= 9.95 else f"{rate:.1f}".removesuffix(".0")
+
+
 def fmt_duration(seconds: float) -> str:
     if 0 < seconds < 1:
         return "<1s"
@@ -160,7 +166,7 @@ def jobs_table(jobs: list[JobStatus]) -> str:
                 j.failed,
                 j.running,
                 total,
-                f"{j.rate:,.0f}/s",
+                f"{fmt_rate(j.rate)}/s",
                 _share(j),
             ]
         )
@@ -192,7 +198,7 @@ def status_text(
         f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
         f"{len(running)} job{'s' if len(running) != 1 else ''} running"
         + (f" ({idle} idle)" if idle else "")
-        + f", {rate:,.0f} tasks/s"
+        + f", {fmt_rate(rate)} tasks/s"
     )
     if excluded:
         head += f"\nexcluded hosts (no work until `include`): {', '.join(excluded)}"
