@@ -75,6 +75,35 @@ def test_refused_jobs(apps: Path, tmp_path: Path, job: dict, problem: str) -> No
         prepare(job, apps, tmp_path / "data")
 
 
+@pytest.mark.parametrize(
+    "function",
+    [
+        "tools.py:check_output",  # imported by the file, not written there
+        "tools.py:system",
+        "tools.py:run_it",
+        "tools.py:__class__",  # a module attribute (ModuleType: callable)
+        "tools.py:__getattribute__",
+    ],
+)
+def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, function: str) -> None:
+    """The token runs what the operator wrote in the apps directory: a callable a file there
+    merely imports (``from subprocess import check_output``: any command on the nodes, its
+    output in the results) or a module attribute is refused, as ``subprocess:check_output``
+    itself is; what the file defines, under ``if`` or ``try`` too, is accepted."""
+    (apps / "tools.py").write_text(
+        "import os\nfrom os import system\nfrom subprocess import check_output\n"
+        "from subprocess import run as run_it\n\n"
+        "def version():\n    return check_output(['uname'])\n\n"
+        "try:\n    import json\nexcept ImportError:\n    pass\nelse:\n"
+        "    def dumps(x):\n        return json.dumps(x)\n\n"
+        "twice = lambda x: 2 * x\n"
+    )
+    with pytest.raises(SubmitError, match="written in tools.py"):
+        prepare({"function": function, "args": [["id"]]}, apps, tmp_path / "data")
+    for name in ("version", "dumps", "twice"):
+        prepare({"function": f"tools.py:{name}", "args": [1]}, apps, tmp_path / "data")
+
+
 def test_accepted_jobs_run_from_the_apps_directory(apps: Path, tmp_path: Path) -> None:
     """FILE.py and module references become absolute paths inside the apps directory."""
     sub = prepare({"function": "pkg.tools:neg", "args_range": [0, 3]}, apps, tmp_path / "d")
@@ -277,7 +306,8 @@ def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_pat
     assert status == 400
     # the client's view of the job: no server paths (job file, apps directory, results file)
     assert json.loads(data)["message"] == (
-        "the job file: key 'function': squares.py:nope: no name 'nope' in squares.py"
+        "the job file: key 'function': no function 'nope' written in squares.py (only "
+        "functions written in the server's apps directory run, not names a file there imports)"
     ), data
     status, _ = call(
         "POST", "/api/v1/jobs", b"function=os:system", **{"Content-Type": "text/plain"}

@@ -1,8 +1,9 @@
 """Jobs submitted over HTTP: a job file whose functions live in the apps directory.
 
 Only functions in ``REMAP_APPS_DIR`` can run, and a job naming anything else (``os:system``,
-``../x.py``) is refused before any import: the HTTP token lets its holder run what the operator
-installed, never arbitrary code. No server path comes from the request: ``args_path`` and
+``../x.py``), or a name an apps file only imports (``app.py:run`` after ``from subprocess import
+run``), is refused before any import: the HTTP token lets its holder run what the operator
+wrote, never arbitrary code. No server path comes from the request: ``args_path`` and
 ``output`` are refused, ``modules:`` and ``files:`` must be inside the apps directory, and the
 results go to ``<data dir>/http/<submission>/results.jsonl``. The job runs in a console child
 (the command line's ``compute``), so its module is imported and its arguments pickled off the
@@ -11,6 +12,7 @@ server's reactor thread.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -94,6 +96,41 @@ def parse_body(body: bytes, content_type: str) -> dict:
     return value
 
 
+def _top_level_names(body: list[ast.stmt]) -> set[str]:
+    """Names a module's own statements define (``def``, ``class``, ``NAME = ...``), also under
+    a top-level ``if``/``try``/``with``; never what it imports."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for leaf in ast.walk(target):
+                    if isinstance(leaf, ast.Name):
+                        names.add(leaf.id)
+        for field_name in ("body", "orelse", "finalbody"):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names |= _top_level_names(getattr(node, field_name, []))
+        for handler in getattr(node, "handlers", []):
+            names |= _top_level_names(handler.body)
+    return names
+
+
+def _defined_in(path: Path, name: str, key: str) -> None:
+    """SubmitError unless ``name`` is defined by the file itself: a name it imports (``from
+    subprocess import run``) or a module attribute (``__class__``) is anybody's code."""
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SubmitError(f"key '{key}': cannot read {path.name}: {exc}") from None
+    if name.startswith("__") or name not in _top_level_names(tree.body):
+        raise SubmitError(
+            f"the job file: key '{key}': no function '{name}' written in {path.name} (only "
+            "functions written in the server's apps directory run, not names a file there imports)"
+        )
+
+
 def _inside(apps: Path, ref: str, key: str) -> str:
     """``ref`` rewritten as ``/abs/FILE.py:NAME`` inside ``apps``, or SubmitError."""
     target, colon, name = ref.partition(":")
@@ -115,6 +152,7 @@ def _inside(apps: Path, ref: str, key: str) -> str:
             f"key '{key}': {target!r} is not a file in the server's apps directory "
             "(only functions installed there can run)"
         )
+    _defined_in(path, name, key)
     return f"{path}:{name}"
 
 
