@@ -49,6 +49,7 @@ async def _dial(
 ) -> None:
     """One connection of ``client`` to ``address``, authenticated."""
     host, port = parse_address(address)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # the port, if defaulted
     factory = PeerFactory(
         reactor, "console", key, client, settings, name="console", wait_for_auth=True
     )
