@@ -83,6 +83,7 @@ def test_refused_jobs(apps: Path, tmp_path: Path, job: dict, problem: str) -> No
         "tools.py:run_it",
         "tools.py:__class__",  # a module attribute (ModuleType: callable)
         "tools.py:__getattribute__",
+        "tools.py:shell",  # defined, then rebound by an import
     ],
 )
 def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, function: str) -> None:
@@ -96,7 +97,8 @@ def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, func
         "def version():\n    return check_output(['uname'])\n\n"
         "try:\n    import json\nexcept ImportError:\n    pass\nelse:\n"
         "    def dumps(x):\n        return json.dumps(x)\n\n"
-        "twice = lambda x: 2 * x\n"
+        "twice = lambda x: 2 * x\n\n"
+        "def shell(x):\n    return x\n\nif True:\n    from os import popen as shell\n"
     )
     with pytest.raises(SubmitError, match="written in tools.py"):
         prepare({"function": function, "args": [["id"]]}, apps, tmp_path / "data")

@@ -96,35 +96,40 @@ def parse_body(body: bytes, content_type: str) -> dict:
     return value
 
 
-def _top_level_names(body: list[ast.stmt]) -> set[str]:
-    """Names a module's own statements define (``def``, ``class``, ``NAME = ...``), also under
-    a top-level ``if``/``try``/``with``; never what it imports."""
-    names: set[str] = set()
+def _top_level_names(body: list[ast.stmt]) -> tuple[set[str], set[str]]:
+    """Names a module's own statements define (``def``, ``class``, ``NAME = ...``) and names
+    it imports, also under a top-level ``if``/``try``/``with``."""
+    defined: set[str] = set()
+    imported: set[str] = set()
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
+            defined.add(node.name)
+            continue  # what its body binds is not the module's
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
-                for leaf in ast.walk(target):
-                    if isinstance(leaf, ast.Name):
-                        names.add(leaf.id)
-        for field_name in ("body", "orelse", "finalbody"):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names |= _top_level_names(getattr(node, field_name, []))
-        for handler in getattr(node, "handlers", []):
-            names |= _top_level_names(handler.body)
-    return names
+                defined.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        blocks = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")]
+        blocks += [handler.body for handler in getattr(node, "handlers", [])]
+        for block in blocks:
+            inner_defined, inner_imported = _top_level_names(block)
+            defined |= inner_defined
+            imported |= inner_imported
+    return defined, imported
 
 
 def _defined_in(path: Path, name: str, key: str) -> None:
     """SubmitError unless ``name`` is defined by the file itself: a name it imports (``from
-    subprocess import run``) or a module attribute (``__class__``) is anybody's code."""
+    subprocess import run``, also one it defines too) or a module attribute (``__class__``)
+    is anybody's code."""
     try:
         tree = ast.parse(path.read_bytes(), str(path))
     except (OSError, SyntaxError, ValueError) as exc:
         raise SubmitError(f"key '{key}': cannot read {path.name}: {exc}") from None
-    if name.startswith("__") or name not in _top_level_names(tree.body):
+    defined, imported = _top_level_names(tree.body)
+    if name.startswith("__") or name not in defined or name in imported:
         raise SubmitError(
             f"the job file: key '{key}': no function '{name}' written in {path.name} (only "
             "functions written in the server's apps directory run, not names a file there imports)"
