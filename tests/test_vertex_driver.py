@@ -1350,3 +1350,47 @@ def test_a_superstep_sending_many_messages_holds_at_most_the_spill_of_them(
         got += sum(bucket.values(), [])
     assert got == all_of_them
     assert peak < holding / 10, (peak, holding)
+
+
+def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Path):
+    """A worker owning 4 partitions (as a survivor does after a rollback), each receiving a
+    sender's file of 20,000 messages: its superstep gathers, checkpoints and computes one
+    partition's inbox before the next one's, so its traced peak stays under 3x one
+    partition's inbox (2x seen: the inbox, its sender's file and decoding, its checkpoint's
+    pickle), and every message is seen once. It gathered all four first: 4.7x."""
+    import tracemalloc
+
+    from remap.data.layout import write_atomic
+    from remap.vertex.engine import Partition, encode_bucket, partition_of
+
+    seen = [0]
+
+    def compute(ctx, vid, value, messages):
+        seen[0] += len(messages)
+        return value, True
+
+    program = program_from_namespace({"prepare": lambda line: None, "compute": compute}, "t")
+    args = worker_mod.WorkerArgs(str(tmp_path / "data"), "job", 0, program)
+    worker = worker_mod.Worker(args)
+    worker.parts = {p: Partition(p, 4, program) for p in range(4)}
+    ids = {p: [v for v in range(10**4) if partition_of(v, 4) == p][:1000] for p in range(4)}
+    for p, mine in ids.items():
+        bucket = {v: [f"message {i} to {v}" for i in range(20)] for v in mine}
+        write_atomic(
+            worker.layout.inbox(0, 0, p) / "from00001-000000", encode_bucket(bucket, False)
+        )
+    cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0] * 4, superstep=1, checkpoint=True)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        one = worker._inbox(cmd, 0)
+        inbox = tracemalloc.get_traced_memory()[0] - before
+        del one
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        worker._do_step(cmd)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert seen[0] == 4 * 20_000
+    assert peak < 3 * inbox, (peak, inbox)

@@ -383,13 +383,6 @@ class Worker:
     def _do_step(self, cmd: Command) -> dict[str, Any]:
         s = cmd.superstep
         count = len(cmd.owners)
-        inboxes = {p: self._inbox(cmd, p) for p in self.parts}
-        self.local.pop(s - 1, None)
-        self.phases.mark("receive")
-        if cmd.checkpoint:
-            for p, part in self.parts.items():
-                self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inboxes[p]))
-            self.phases.mark("checkpoint")
         moved = 0
 
         def spill(p: int, chunk: int, bucket: dict[Any, list[Any]]) -> None:
@@ -404,16 +397,24 @@ class Worker:
         ack: dict[str, Any] = {"active": 0, "sent": 0, "errors": 0, "first_error": ""}
         aggregates: dict[str, Any] = {}
         vertices = 0
+        # a partition at a time: its inbox gathered, checkpointed, computed and let go before
+        # the next one's is gathered (a worker given a lost one's partitions holds one inbox)
         for p, part in self.parts.items():
-            st = part.step(s, inboxes[p], outbox, cmd.num_vertices, cmd.aggregated, cmd.on_error)
+            inbox = self._inbox(cmd, p)
+            self.phases.mark("receive")
+            if cmd.checkpoint:
+                self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inbox))
+                self.phases.mark("checkpoint")
+            st = part.step(s, inbox, outbox, cmd.num_vertices, cmd.aggregated, cmd.on_error)
+            del inbox
+            self.phases.mark("compute")
             ack["active"] += st.active
             ack["sent"] += st.sent
             ack["errors"] += st.errors
             ack["first_error"] = ack["first_error"] or st.first_error
             vertices += st.vertices
             fold_into(self.program.aggregators, aggregates, st.aggregates)
-        del inboxes
-        self.phases.mark("compute")
+        self.local.pop(s - 1, None)
         outbox.finish()
         combined = outbox.combined
         local: dict[int, Any] = {}
