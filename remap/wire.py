@@ -321,6 +321,7 @@ class PeerProtocol(Protocol):
         self.congested = False
         self._on_congestion: Callable[[PeerProtocol, bool], None] | None = None
         self._drain_check: IDelayedCall | None = None
+        self._cut: IDelayedCall | None = None  # a close's deadline (see :meth:`_lose`)
         #: held around every write, so :meth:`send_from_thread` and the reactor never interleave
         self._write_lock = threading.Lock()
 
@@ -467,7 +468,8 @@ class PeerProtocol(Protocol):
         self._cancel(self._deadline)
         self._cancel(self._beat)
         self._cancel(self._drain_check)
-        self._deadline = self._beat = self._drain_check = None
+        self._cancel(self._cut)
+        self._deadline = self._beat = self._drain_check = self._cut = None
         if self._sending is not None:  # what never left: its frame buffers are free again
             self._sending.parts.clear()
         self.conn.close()
@@ -612,8 +614,24 @@ class PeerProtocol(Protocol):
                     m.Error(code=getattr(error, "code", "protocol"), message=str(error)[:500])
                 )
                 self._flush()
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._lose()
+
+    def _lose(self) -> None:
+        """Close after what is queued, within ``handshake_timeout`` s. A peer that stopped
+        reading held the connection and what waited for it until heartbeats noticed (the
+        silence only, as reads stop at the close), for ever while this side held its reads
+        (a frame waiting for the read budget, a submit for the journal). A TLS transport
+        bounds its own close (:func:`remap.net._closing_tls`)."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.loseConnection()
+        if (
+            self._cut is None
+            and getattr(transport, "connected", False)
+            and not ISSLTransport.providedBy(transport)
+        ):
+            self._cut = self.clock.callLater(self.handshake_timeout, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -694,8 +712,7 @@ class PeerProtocol(Protocol):
         self.log.info("closing connection to {peer}: {error}", peer=self.peer, error=error)
         self._flush()
         self.handler.connection_failed(self, error)
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._lose()
 
     def _handshake_expired(self) -> None:
         """The handshake's deadline: it fails, and its ``timeout`` frame has as long again to

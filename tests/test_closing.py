@@ -1,22 +1,33 @@
-"""Closing connections on real loopback sockets: what a peer said before a reset is heard.
+"""Closing connections on real loopback sockets: what a peer said before a reset is heard, and a
+close that waits for a peer that does not read has a deadline.
 
 Real sockets because the kernel is the subject: a reset socket still holds what arrived before
-the reset, and Twisted finds a connection lost by reading or by writing.
+the reset, Twisted finds a connection lost by reading or by writing, and a close waits until
+the peer has taken what is queued.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
+from twisted.internet import error as net_error
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web.resource import Resource
 
-from protocol import ServerBusy, refusal_frame
+from protocol import Authenticated, Connection, ServerBusy, refusal_frame
+from protocol import messages as m
 from remap import runtime
+from remap.cluster import start_server
 from remap.errors import RemapError
 from remap.net import PeerFactory, authenticated
+from remap.server.http import BoundedSite
 from remap.settings import Settings
+from tests.http_harness import Served
 
 KEY = b"the cluster secret for closing tests"
 BUSY = "too many connections from this host in the handshake (at most 1)"
@@ -101,3 +112,143 @@ def test_a_refusal_that_arrives_with_the_connect_is_heard_not_a_plain_close() ->
             if raced == 5:
                 break
         assert raced == 5, f"the race was set up {raced} times in 20 dials"
+
+
+# =========================================================================== a close's deadline
+
+#: the close deadline the servers below are given (REMAP_HANDSHAKE_TIMEOUT)
+CLOSE_TIMEOUT = 1.0
+#: how long a test waits for a deadline it expects to be kept (slack for a loaded machine)
+WAIT = 20 * CLOSE_TIMEOUT
+
+
+def _non_reading_socket(port: int) -> socket.socket:
+    """A connection to ``port`` with a small receive buffer, so little the server writes fills
+    it and the rest waits in the server."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _authenticate(sock: socket.socket, conn: Connection) -> None:
+    """Run ``conn``'s side of the handshake over ``sock`` (10 s at most)."""
+    conn.initiate()
+    deadline = time.monotonic() + 10
+    while True:
+        sock.sendall(b"".join(bytes(p) for p in conn.data_to_send()))
+        assert time.monotonic() < deadline, "the handshake took over 10 s"
+        data = sock.recv(65536)
+        assert data, "the server closed during the handshake"
+        if any(isinstance(e, Authenticated) for e in conn.receive_data(data)):
+            sock.sendall(b"".join(bytes(p) for p in conn.data_to_send()))
+            return
+
+
+def test_a_console_that_stops_reading_is_cut_a_deadline_after_its_close(tmp_path: Path) -> None:
+    """The server closes a console (here: it sent garbage) with replies still queued for it, and
+    the console reads nothing: the close waits for the queue to drain, which never happens. The
+    connection is cut REMAP_HANDSHAKE_TIMEOUT after the close and its console forgotten; before,
+    only the heartbeat check could end it (here every 60 s: 3 minutes of silence), and never
+    while the server held its reads. Real loopback sockets; waits on the connection's loss."""
+    settings = Settings(
+        port=0,
+        state_dir=str(tmp_path),
+        journal=False,
+        discovery=False,
+        handshake_timeout=CLOSE_TIMEOUT,
+        heartbeat_interval=60.0,
+    )
+    server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
+    gone = threading.Event()
+    seen: dict[str, Any] = {}
+    try:
+        port = server.port.getHost().port
+        with _non_reading_socket(port) as sock:
+            conn = Connection("console", KEY)
+            _authenticate(sock, conn)
+
+            (link,) = runtime.run(lambda: list(server.factory.consoles), timeout=10)
+
+            def watch() -> None:
+                # the server's side takes little too: replies queue in the server at once
+                link.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                lost = link.connectionLost
+
+                def connection_lost(reason: Any) -> None:
+                    seen["queued"] = link.backlog()  # what the close was waiting to send
+                    seen["reason"] = reason
+                    gone.set()
+                    lost(reason)
+
+                link.connectionLost = connection_lost
+
+            runtime.run(watch, timeout=10)
+            deadline = time.monotonic() + 10
+            while not runtime.run(link.backlog, timeout=10):  # until replies wait in the server
+                assert time.monotonic() < deadline, "no reply queued in the server in 10 s"
+                for i in range(200):
+                    conn.send(m.StatusRequest(id=i))
+                sock.sendall(b"".join(bytes(p) for p in conn.data_to_send()))
+            sock.sendall(b"\x00\x00\x00\x08\x00\x00\x00\x04\xc1\xc1\xc1\xc1")  # garbage: closed
+            closed_by = time.monotonic()
+            assert gone.wait(WAIT), f"the closed connection was still open after {WAIT:g} s"
+            took = time.monotonic() - closed_by
+        assert seen["queued"] > 0, f"nothing was queued when the connection went: {seen}"
+        assert seen["reason"].check(net_error.ConnectionAborted), seen["reason"]
+        assert runtime.run(lambda: len(server.factory.consoles), timeout=10) == 0
+        assert took >= CLOSE_TIMEOUT * 0.9, f"cut after {took:.2f} s, before its deadline"
+    finally:
+        runtime.run(server.stop, timeout=30)
+
+
+class Big(Resource):
+    """A response larger than both sockets' buffers take."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"x" * (8 << 20)
+
+
+def test_an_http_client_that_stops_reading_is_cut_a_deadline_after_its_close() -> None:
+    """An HTTP response that ends its connection (``Connection: close``) to a client that reads
+    nothing: the close waits for the response to drain, which never happens. The connection is
+    cut the close deadline (REMAP_HANDSHAKE_TIMEOUT) after and its place under the HTTP caps
+    freed; before, it was held for ever (Twisted's idle timer is off once a request came).
+    Real loopback sockets; waits on the channel's loss. ``start_http`` passes the setting."""
+    reactor = runtime.reactor()
+    gone = threading.Event()
+    seen: dict[str, Any] = {}
+
+    class Site(BoundedSite):
+        def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
+            channel = super().buildProtocol(addr)
+            lost = channel.connectionLost
+
+            def connection_lost(reason: Any) -> None:
+                seen["reason"] = reason
+                lost(reason)
+                seen["held"] = self.connections.held
+                gone.set()
+
+            channel.connectionLost = connection_lost
+            return channel
+
+    site = Site(Big(), reactor=reactor, timeout=60, close_timeout=CLOSE_TIMEOUT)
+    port = runtime.run(reactor.listenTCP, 0, site, interface="127.0.0.1", timeout=10)
+    try:
+        with _non_reading_socket(port.getHost().port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert gone.wait(WAIT), f"the closed connection was still open after {WAIT:g} s"
+        assert seen["reason"].check(net_error.ConnectionAborted), seen["reason"]
+        assert seen["held"] == 0
+    finally:
+        runtime.run(port.stopListening, timeout=10)
+
+    served = Served(Settings(http_port=0, handshake_timeout=2.5))
+    try:
+        assert served.http.port.factory.close_timeout == 2.5
+    finally:
+        served.stop()

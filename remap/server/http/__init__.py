@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.web.http import HTTPChannel
@@ -61,6 +62,14 @@ class BoundedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
         LineReceiver.dataReceived(self, data)
 
+    def loseConnection(self) -> None:  # noqa: N802 - Twisted's name
+        """Close after the response, cut ``abortTimeout`` s later if the client has not taken it
+        (Twisted bounds only its idle timeout's close: one that ended a response unread held its
+        connection and its place under the caps for ever). Under TLS the TLS layer bounds it."""
+        if self._abortingCall is None and not ISSLTransport.providedBy(self.transport):
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        super().loseConnection()
+
     def connectionLost(self, reason: Any) -> None:  # noqa: N802
         if self.slot is not None:
             self.slot.release()
@@ -77,10 +86,14 @@ class BoundedSite(Site):
         reactor: Any,
         max_connections: int = Settings.http_max_connections,
         max_per_host: int = Settings.http_max_connections_per_host,
+        close_timeout: float = Settings.handshake_timeout,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=reactor, **kwargs)
         self.connections = Admission(max_connections, max_per_host)
+        #: seconds a close may wait for the client to take what is queued (REMAP_HANDSHAKE_TIMEOUT,
+        #: as a TLS close has)
+        self.close_timeout = close_timeout
         self.refusals = RefusalLog(reactor, "HTTP port")
         self.requestFactory = BoundedRequest
         self.protocol = BoundedChannel  # plain HTTP/1.1 (no HTTP/2 negotiation: h2 is not used)
@@ -93,6 +106,7 @@ class BoundedSite(Site):
             return Refused()
         channel = super().buildProtocol(addr)
         channel.slot = slot
+        channel.abortTimeout = self.close_timeout
         return channel
 
 
@@ -206,6 +220,7 @@ async def start_http(
         timeout=IDLE_TIMEOUT,
         max_connections=settings.http_max_connections,
         max_per_host=settings.http_max_connections_per_host,
+        close_timeout=settings.handshake_timeout,
     )
     site.displayTracebacks = False
     try:
