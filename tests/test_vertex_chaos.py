@@ -132,28 +132,33 @@ def test_kill_stops_a_vertex_job_and_publishes_nothing(make_cluster, tmp_path: P
     assert not {"acks", "alive"} & {p.name for p in data.job_dir(job_id).iterdir()}
 
 
-def _counting_program(marker: Path, kill_at: int) -> dict:
+def _counting_program(marker: Path, kill_at: int | str) -> dict:
     """Every vertex sends its id along its out-edges in supersteps 0-5 and keeps the sum and
     count of what it received (exact integers, no combiner: every message counts); the
     ``received`` and ``largest`` aggregators total them, and each vertex adds up the
     ``received`` total it is shown every superstep. The first core to compute a vertex
-    of superstep ``kill_at`` SIGKILLs itself (``marker`` made exclusively says who is first)."""
+    of superstep ``kill_at`` (or to read a line, ``"load"``) SIGKILLs itself (``marker`` made
+    exclusively says who is first)."""
+
+    def die_once() -> None:
+        import os
+        import signal
+
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def prepare(line):
+        if kill_at == "load":
+            die_once()  # mid-read: none of its lines handed to the other worker yet
         src, dst = map(int, line.split())
         return [(src, (0, 0, 0), [dst]), (dst, (0, 0, 0), [])]
 
     def compute(ctx, vid, value, messages):
-        import os
-        import signal
-
         if ctx.superstep == kill_at:
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)  # mid-superstep: nothing sent yet
+            die_once()  # mid-superstep: nothing sent yet
         total, count, shown = value
         shown += ctx.aggregated("received", 0)  # the previous superstep's total, folded
         value = (total + sum(messages), count + len(messages), shown)
@@ -172,14 +177,14 @@ def _counting_program(marker: Path, kill_at: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("checkpoint_every", [2, 0])
+@pytest.mark.parametrize("kill_at,checkpoint_every", [(3, 2), (3, 0), ("load", 2)])
 def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
-    tmp_path: Path, checkpoint_every: int
+    tmp_path: Path, kill_at: int | str, checkpoint_every: int
 ):
     """A worker's core SIGKILLs itself computing its first vertex of superstep 3 (messages of
-    superstep 2 from the other worker are in its inbox, none of 3 sent): the server retries
-    its call, the job rolls back once
-    (to the checkpoint of superstep 2, or to the input) and every vertex's sum and count of
+    superstep 2 from the other worker are in its inbox, none of 3 sent), or reading its first
+    input line: the server retries its call, the job rolls back once (to the checkpoint of
+    superstep 2, or to the input) and every vertex's sum and count of
     the messages it received, the aggregates it was shown, and the last superstep's
     aggregates equal the reference's: no message lost to the killed worker's partitions, none
     counted twice, no aggregate taken from the lost superstep."""
@@ -187,7 +192,7 @@ def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
 
     g = nx.gnm_random_graph(300, 1200, seed=5, directed=True)
     paths = write_files(tmp_path / "in", edge_lines(g), 3)
-    module = _counting_program(tmp_path / "killed", kill_at=3)
+    module = _counting_program(tmp_path / "killed", kill_at)
     calm = _counting_program(tmp_path / "unused", kill_at=-1)  # the reference must not die
     ref = run_local(program_from_namespace(calm, "t"), read_tagged_lines(paths), 1, 50)
     with remap.connect(cores=2, settings=Settings()) as cluster:
