@@ -121,9 +121,11 @@ def interrupt(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``timeout``, ``kill``, a CI's cancel) ends an attached data or vertex job as
-    Ctrl-C does: the driver kills its phase and removes its staging output and intermediate
-    files, which the default action (exit at once) left behind. Main thread only."""
+    """SIGTERM (``timeout``, ``kill``, a CI's cancel) ends an attached job as Ctrl-C does: a
+    data or vertex job's driver kills its phase and removes its staging output and intermediate
+    files, which the default action (exit at once) left behind; a function job is killed on
+    the server at once (not after its console's grace) and says what it kept. Main thread
+    only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -339,6 +339,12 @@ class Console:
             from .filejob import compute_file_job
 
             return (start_detached if detach else compute_file_job)(self, spec, args)
+        from .filejob import terminate_as_interrupt
+
+        with terminate_as_interrupt():  # `timeout`, `kill`: the job is killed as by Ctrl-C
+            return self._compute_function(spec, args, detach)
+
+    def _compute_function(self, spec: Any, args: argparse.Namespace, detach: bool) -> int:
         show_stream = spec.options.mode == "stream"
         progress = render.progress_bar(self.err, args.quiet)
         # result lines come from this thread (an engine's job: from its thread), the progress
