@@ -83,6 +83,12 @@ def test_detached_jobs_are_listed_shown_and_killed_over_http(served, tmp_path: P
     one = s.request("GET", f"/api/v1/jobs/{job.id}", token=s.token).json()
     assert one["kind"] == "vertex" and one["data_job"] == "j1" and one["errors"] == []
     assert one["task_output"] == "[n core 0] seen 3\n"  # what its tasks printed
+    # its results route says where its output is (it said the job's results went to its console)
+    runtime.run(lambda: setattr(job, "output", "/d/out"), timeout=5)
+    reply = s.request("GET", f"/api/v1/jobs/{job.id}/results", token=s.token)
+    assert reply.status == 404 and reply.json()["message"] == (
+        f"job {job.id} is a vertex job: it writes files, in /d/out, not results"
+    )
     function_view = s.request("GET", f"/api/v1/jobs/{function_job}", token=s.token).json()
     assert "task_output" not in function_view
     summary = s.request("GET", "/api/v1/summary", token=s.token).json()

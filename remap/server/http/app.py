@@ -334,7 +334,13 @@ class HttpApp:
         self, request: Any, job_id: int, submission: Any, recalled: bool = True
     ) -> bytes | int:
         if submission is None:
-            why = f"job {job_id} was not submitted over HTTP (its results went to its console)"
+            driven = self.factory.drivers.jobs.get(job_id)
+            if driven is not None:  # a detached data or vertex job writes files, not results
+                kind = "data" if driven.kind == "mapreduce" else driven.kind
+                where = driven.output or "its output directory"
+                why = f"job {job_id} is a {kind} job: it writes files, in {where}, not results"
+            else:
+                why = f"job {job_id} was not submitted over HTTP (its results went to its console)"
             return self._error(request, 404, "not-found", why)
         wait = (request.args.get(b"wait") or [b""])[0].lower() in (b"1", b"true", b"yes")
         if not submission.ended and (recalled or not wait):
