@@ -99,7 +99,8 @@ def make_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
         mount.mkdir()
         try:
             done = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                # 0755, not tmpfs's 1777: a server refuses a state directory others may write
+                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mount)],
                 capture_output=True,
                 text=True,
                 timeout=10,

@@ -46,6 +46,40 @@ def test_a_lock_file_left_by_a_dead_server_does_not_block(tmp_path: Path) -> Non
     lock.release()
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775, 0o757])
+def test_a_state_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """A state directory others can write (a shared /tmp path, a group's directory) is one
+    line naming it and its mode, before anything in it is opened: they could replace the
+    journal, and a restarted server would send its planted jobs to the nodes to run. A
+    directory only its owner writes (0755, as systemd's StateDirectory) is fine."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    with pytest.raises(ConfigError) as refused:
+        StateLock(state).acquire()
+    line = str(refused.value)
+    assert "\n" not in line and refused.value.exit_code == 2
+    assert f"{state} (REMAP_STATE_DIR) is writable by others (mode {mode:04o})" in line
+    assert not (state / LOCK_NAME).exists()
+    state.chmod(0o755)
+    lock = StateLock(state)
+    lock.acquire()
+    lock.release()
+
+
+def test_a_state_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    """A state directory another user owns (made first under a guessable name) is refused,
+    whatever its mode: its owner could replace the journal at any time."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    try:
+        os.chown(state, os.geteuid() + 1, -1)
+    except PermissionError:
+        pytest.skip("giving a directory to another user needs root")
+    with pytest.raises(ConfigError, match=r"is owned by another user \(uid \d+\)"):
+        StateLock(state).acquire()
+
+
 @pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
 def test_a_lock_file_planted_in_the_state_directory_is_refused_untouched(
     tmp_path: Path, plant: str

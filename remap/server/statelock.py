@@ -33,6 +33,7 @@ class StateLock:
             return
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._check_private()
             # not inheritable (PEP 446): a detached job's driver must not keep it after us;
             # never through a link (the lock is truncated: a link planted in a shared state
             # directory would have emptied the file it points at)
@@ -62,6 +63,23 @@ class StateLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _check_private(self) -> None:
+        """ConfigError unless the directory is this user's and only this user may write it:
+        whoever can write it can replace the journal, whose jobs' pickles the server sends its
+        nodes to run after a restart."""
+        info = os.stat(self.directory)
+        if info.st_uid != os.geteuid():
+            why = f"owned by another user (uid {info.st_uid})"
+        elif info.st_mode & 0o022:
+            why = f"writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+        else:
+            return
+        raise ConfigError(
+            f"the state directory {self.directory} (REMAP_STATE_DIR) is {why}: whoever can "
+            "write it can put jobs in the journal that this server's nodes would run; use a "
+            f"directory of this user's own (chmod 700 {self.directory})"
+        )
 
     def release(self) -> None:
         """Let go (the file stays: removing it could let two servers lock two files)."""
