@@ -418,6 +418,33 @@ def test_same_nonce_twice_would_replay_so_nonces_must_be_fresh():
     assert Connection("server", KEY)._nonce_source.__name__ == "urandom"
 
 
+def test_a_servers_proofs_never_answer_its_own_challenge():
+    """An attacker without the secret reflects what the server itself computes: its challenge's
+    proof sent back as the auth, or a second connection's (whose hello carried the first one's
+    challenge nonce, so that proof covers it) sent on the first. The labels tell a server's
+    proof from a client's: every try is refused."""
+    first = Connection("server", KEY)
+    first.receive_data(hello_frame(b"A" * NONCE_SIZE))
+    ((challenge, _),) = frames(out(first))
+    second = Connection("server", KEY)
+    second.receive_data(hello_frame(challenge["nonce"]))
+    ((other, _),) = frames(out(second))
+    for proof in (challenge["proof"], other["proof"]):
+        server = Connection("server", KEY, nonce=lambda n: challenge["nonce"])
+        server.receive_data(hello_frame(b"A" * NONCE_SIZE))
+        out(server)
+        assert isinstance(
+            failure(server.receive_data(frame({"t": "auth", "proof": proof}))), AuthError
+        )
+
+
+def hello_frame(nonce: bytes) -> bytes:
+    return frame(
+        {"t": "hello", "version": 1, "role": "console", "python": PY, "cloudpickle": CP,
+         "nonce": nonce, "name": "x", "user": "", "max_frame": 1 << 20}
+    )  # fmt: skip
+
+
 def test_server_refuses_a_reflected_nonce():
     """A hello whose nonce equals the server's own fresh nonce is refused (reflection)."""
     server = Connection("server", KEY, nonce=lambda n: b"R" * n)
