@@ -421,8 +421,9 @@ def test_same_nonce_twice_would_replay_so_nonces_must_be_fresh():
 def test_a_servers_proofs_never_answer_its_own_challenge():
     """An attacker without the secret reflects what the server itself computes: its challenge's
     proof sent back as the auth, or a second connection's (whose hello carried the first one's
-    challenge nonce, so that proof covers it) sent on the first. The labels tell a server's
-    proof from a client's: every try is refused."""
+    challenge nonce, so that proof covers it) sent on the first. A server's proof covers its
+    own fresh nonce, a client's the hash of the whole challenge (and their labels differ): no
+    server proof is ever a client's, and every try is refused."""
     first = Connection("server", KEY)
     first.receive_data(hello_frame(b"A" * NONCE_SIZE))
     ((challenge, _),) = frames(out(first))
