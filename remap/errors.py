@@ -6,6 +6,10 @@ module adds what remap raises and re-exports the rest: the one module callers im
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from protocol.errors import (
     AuthError,
     FrameTooLarge,
@@ -136,6 +140,17 @@ def error_from_wire(code: str, message: str) -> RemapError:
         error.code = code  # an unknown code still reaches the caller as it was sent
         return error
     return cls.from_wire(message)
+
+
+def misspelt(wanted: str, namespace: Mapping[str, Any], known: Iterable[str] = ()) -> str:
+    """`` (did you mean 'mapp'?)`` when a job module lacks function ``wanted`` but defines one
+    spelt like it (not one of the ``known`` names it may define besides), else ""."""
+    taken = set(known)
+    names = [
+        n for n, v in namespace.items() if callable(v) and not n.startswith("_") and n not in taken
+    ]
+    close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def one_line(error: BaseException) -> tuple[str, int]:

@@ -342,6 +342,22 @@ def test_functions_from_checks_the_module() -> None:
     assert fns.reduce == {"default": _sum, "b": _wc_map}
 
 
+def test_a_misspelt_map_or_reduce_is_named() -> None:
+    """A module whose ``map`` or ``reduce`` is misspelt is told the name it did define, as a
+    job file's misspelt key or function is; a hook or combine is never offered for them."""
+    from remap.errors import ConfigError
+    from remap.vertex.program import program_from_namespace
+
+    with pytest.raises(ConfigError, match=r"no 'map' function \(did you mean 'mapp'\?\) \("):
+        functions_from({"mapp": _wc_map, "map_init": _sum, "reduce": _sum}, ["default"])
+    with pytest.raises(ConfigError, match=r"no 'reduce' function \(did you mean 'reduec'\?\)$"):
+        functions_from({"map": _wc_map, "reduec": _sum, "reduce_init": _sum}, ["default"])
+    with pytest.raises(ConfigError, match=r"no 'map' function \(map\(record\)"):
+        functions_from({"map_init": _sum, "map_final": _sum, "reduce": _sum}, ["default"])
+    with pytest.raises(ConfigError, match=r"must define compute\(\) \(did you mean 'compuet'\?\)$"):
+        program_from_namespace({"prepare": _sum, "compuet": _sum, "combine": _sum}, "job.py")
+
+
 # ------------------------------------------------------------------ map_batch
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import ConfigError
+from ..errors import ConfigError, misspelt
 from . import counters, layout
 from .inputs import LINE_BLOCK, Split, line_number, read_line_blocks
 from .keys import default_partition, encode_key
@@ -93,6 +93,8 @@ class JobFunctions:
 #: optional hooks: ``*_init()`` runs before a task's first record, ``map_final()`` may yield
 #: more map output (in-mapper combining), ``reduce_final()`` more output records
 HOOKS = ("map_init", "map_final", "reduce_init", "reduce_final")
+#: names a job module defines for a role of its own: never offered as a misspelt map or reduce
+ROLES = ("map", "map_batch", "combine", "reduce", "read", "write", "partition", "group", *HOOKS)
 
 
 def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> JobFunctions:
@@ -106,8 +108,8 @@ def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> Job
 
     if get("map") is None and get("map_batch") is None:
         raise ConfigError(
-            "the job module has no 'map' function (map(record) yields pairs; or "
-            "map_batch(records) for a block of records at a time)"
+            f"the job module has no 'map' function{misspelt('map', namespace, ROLES)} "
+            "(map(record) yields pairs; or map_batch(records) for a block of records at a time)"
         )
     if get("map") is not None and get("map_batch") is not None:
         raise ConfigError("the job module has both 'map' and 'map_batch': keep one of them")
@@ -119,6 +121,7 @@ def functions_from(namespace: Mapping[str, Any], purposes: Iterable[str]) -> Job
             raise ConfigError(
                 "the job module has no 'reduce' function"
                 + (f" (nor 'reduce_{purpose}')" if purpose != DEFAULT_PURPOSE else "")
+                + misspelt("reduce", namespace, ROLES)
             )
         reduce[purpose] = reducer
         combine[purpose] = get(f"combine_{purpose}") or get("combine")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, misspelt
 
 FOLDS: dict[str, Callable[[Any, Any], Any]] = {"sum": operator.add, "min": min, "max": max}
 
@@ -61,7 +61,8 @@ def program_from_namespace(ns: Mapping[str, Any], where: str) -> Program:
         raise TypeError("give the job's functions as a module or a dict of role -> function")
     for required in ("prepare", "compute"):
         if not callable(ns.get(required)):
-            raise ConfigError(f"{where}: a vertex job module must define {required}()")
+            hint = misspelt(required, ns, ("prepare", "compute", "combine", "output"))
+            raise ConfigError(f"{where}: a vertex job module must define {required}(){hint}")
     combine = ns.get("combine")
     fold = None
     if isinstance(combine, str) or combine in (sum, min, max):
