@@ -55,6 +55,25 @@ def test_probe_reports_an_unusable_directory_without_raising(tmp_path: Path) -> 
     assert ok.error is None and ok.token == layout.data_id(tmp_path / "data")
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o757])
+def test_a_data_directory_everyone_may_write_leaves_the_node_out(tmp_path: Path, mode: int) -> None:
+    """Tasks unpickle files from the data directory: one everyone may write (a share made
+    0777 so that NFS works, /tmp) is reported as unusable, so the node is left out of file
+    jobs saying why; one a group shares (0775) is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    report = layout.probe(data)
+    assert report.error == (
+        f"it is writable by everyone (mode {mode:04o}): anyone there could plant files that "
+        f"tasks unpickle; let only the cluster's user or group write it (chmod o-w {data})"
+    )
+    why = layout.mismatch(report.path, report.token, report.error, str(data), str(report.token))
+    assert why.startswith(f"cannot use its data directory {data}: it is writable by everyone")
+    data.chmod(0o775)
+    assert layout.probe(data).error is None
+
+
 def test_mismatch_names_the_reason() -> None:
     """Same token and path: fine; another token or another path: a reason; no report: fine."""
     assert layout.mismatch("/d", "t", None, "/d", "t") == ""

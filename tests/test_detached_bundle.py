@@ -273,6 +273,21 @@ def _job(kind: str = "mapreduce") -> str:
     return json.dumps({"kind": kind, "module": "wc.py", "input": ["/in"], "output": "/out"})
 
 
+def test_a_data_directory_everyone_may_write_runs_no_detached_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver imports the job's modules from the data directory on the server's machine:
+    with one everyone may write, a detached job is refused in one line, nothing written."""
+    drivers, started = _drivers(tmp_path, monkeypatch)
+    tmp_path.chmod(0o777)
+    try:
+        with pytest.raises(DriveError, match="cannot be used: it is writable by everyone"):
+            drivers.start("mapreduce", "wc", _job(), {}, "", bundle.pack_tree({"wc.py": b""}))
+    finally:
+        tmp_path.chmod(0o700)
+    assert started == [] and not (tmp_path / "detached").exists()
+
+
 def test_a_stale_directory_under_the_new_id_is_replaced_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -106,6 +106,19 @@ def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, func
         prepare({"function": f"tools.py:{name}", "args": [1]}, apps, tmp_path / "data")
 
 
+def test_a_data_directory_everyone_may_write_runs_no_submitted_job(
+    apps: Path, tmp_path: Path
+) -> None:
+    """The console child runs the job file the server writes under the data directory: with
+    one everyone may write, a submission is refused (no server path in the answer)."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o777)
+    data.chmod(0o777)
+    with pytest.raises(SubmitError, match="writable by everyone") as refused:
+        prepare({"function": "squares.py:square", "args": [1]}, apps, data)
+    assert str(data) not in str(refused.value) and not (data / "http").exists()
+
+
 def test_accepted_jobs_run_from_the_apps_directory(apps: Path, tmp_path: Path) -> None:
     """FILE.py and module references become absolute paths inside the apps directory."""
     sub = prepare({"function": "pkg.tools:neg", "args_range": [0, 3]}, apps, tmp_path / "d")

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -349,13 +350,32 @@ class DataDirReport:
     error: str | None = None
 
 
+def open_to_all(root: Path) -> str | None:
+    """Why the data directory at ``root`` must not be used: everyone may write it (None: not
+    so, or it does not exist yet). Tasks unpickle what it holds (run files, vertex messages and
+    checkpoints) and a detached job's driver imports its modules from it, so anyone who can
+    write it runs code as the cluster's user; a group may share it (NFS), the world may not."""
+    try:
+        mode = os.stat(root).st_mode
+    except OSError:
+        return None
+    if not mode & 0o002:
+        return None
+    return (
+        f"it is writable by everyone (mode {stat.S_IMODE(mode):04o}): anyone there could plant "
+        f"files that tasks unpickle; let only the cluster's user or group write it (chmod o-w "
+        f"{root})"
+    )
+
+
 def probe(setting: str | os.PathLike[str] | None) -> DataDirReport:
     """This machine's data directory and its token, or why it cannot be used (never raises)."""
     data = DataDir.from_setting(setting)
     try:
-        return DataDirReport(str(data.root), data_id(data.root))
+        token = data_id(data.root)
     except OSError as exc:
         return DataDirReport(str(data.root), None, f"{type(exc).__name__}: {exc.strerror or exc}")
+    return DataDirReport(str(data.root), token, open_to_all(data.root))
 
 
 def mismatch(

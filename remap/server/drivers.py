@@ -306,6 +306,8 @@ class Drivers:
             raise DriveError(_STOPPING)
         if kind not in KINDS:
             raise DriveError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if why := layout.open_to_all(self.data_dir):  # its driver imports modules from there
+            raise DriveError(f"this server's data directory {self.data_dir} cannot be used: {why}")
         try:
             job = json.loads(job_text)
         except ValueError as exc:

@@ -26,6 +26,7 @@ import yaml
 from twisted.logger import Logger
 
 from ...bundle import module_files
+from ...data import layout
 from ...errors import ConfigError
 from ...jobfile import load_job_text, yaml_problem
 from ..drivers import ConsoleChild, last_error, spawn_console_child
@@ -212,6 +213,11 @@ def prepare(raw: dict, apps_dir: Path, data_dir: Path) -> Submission:
     for key in ("modules", "files"):
         if key in job:
             job[key] = _shipped(apps, job[key], key)
+    if layout.open_to_all(data_dir):  # its console child runs the job file written there
+        raise SubmitError(
+            "the server's data directory is writable by everyone, so no job runs from it: let "
+            "only the cluster's user or group write its REMAP_DATA_DIR (chmod o-w)"
+        )
     sub_id = secrets.token_hex(4)
     name = str(job.get("name") or Path(job["function"].rpartition(":")[0]).stem)[:80]
     job["name"] = f"{name} [http {sub_id}]"
