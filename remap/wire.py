@@ -82,17 +82,20 @@ def read_directly(
     reader.doRead = do_read
 
 
-def hear_out(transport: Any, received: Callable[[], int]) -> None:
+def hear_out(
+    transport: Any, received: Callable[[], int], paused: Callable[[], bool] = lambda: False
+) -> None:
     """Make a plain TCP transport whose write finds the connection reset read what arrived
     before the reset first (``received()`` counts the bytes read): a peer's last frame, the
     ``busy`` of a refusal or an error, says why it closed. A reset socket still holds them, but
     an event that both completes a connect and reports it writable writes before it reads, and
-    the loss was reported unread (a refused console then said "closed during the handshake")."""
+    the loss was reported unread (a refused console then said "closed during the handshake").
+    Not while ``paused()``: its reads wait for the read budget."""
     write = transport.doWrite
 
     def do_write() -> Any:
         why = write()
-        if why is not main.CONNECTION_LOST or not transport.connected:
+        if why is not main.CONNECTION_LOST or not transport.connected or paused():
             return why
         before = received()
         if transport.doRead() is None and received() > before:
@@ -347,7 +350,7 @@ class PeerProtocol(Protocol):
                 read=functools.partial(self._socket.recv, READ_SIZE),
                 data_received=self.dataReceived,
             )
-            hear_out(self.transport, lambda: self.traffic.received)
+            hear_out(self.transport, lambda: self.traffic.received, lambda: self._paused)
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self._last_seen = self.clock.seconds()

@@ -27,6 +27,7 @@ from remap.errors import RemapError
 from remap.net import PeerFactory, authenticated
 from remap.server.http import BoundedSite
 from remap.settings import Settings
+from remap.wire import hear_out
 from tests.http_harness import Served
 
 KEY = b"the cluster secret for closing tests"
@@ -252,3 +253,40 @@ def test_an_http_client_that_stops_reading_is_cut_a_deadline_after_its_close() -
         assert served.http.port.factory.close_timeout == 2.5
     finally:
         served.stop()
+
+
+def test_a_connection_paused_for_the_read_budget_is_not_read_when_its_write_fails() -> None:
+    """A write that finds the connection lost reads what arrived first, unless its reads are
+    paused (a large frame waiting for the server's read budget: reading would hold it beyond
+    the budget); other outcomes of a write are left as they were."""
+    from twisted.internet import main
+
+    class Transport:
+        connected = True
+        written: Any = main.CONNECTION_LOST
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def doWrite(self) -> Any:  # noqa: N802 - Twisted's name
+            return self.written
+
+        def doRead(self) -> None:  # noqa: N802 - Twisted's name
+            self.reads += 1
+
+    got = [0]
+
+    def received() -> int:
+        return got[0]
+
+    paused = Transport()
+    hear_out(paused, received, lambda: True)
+    assert paused.doWrite() is main.CONNECTION_LOST and paused.reads == 0
+
+    reading = Transport()
+    hear_out(reading, received)
+    assert reading.doWrite() is main.CONNECTION_LOST and reading.reads == 1  # nothing came
+    done = Transport()
+    done.written = main.CONNECTION_DONE  # a close that finished: nothing read
+    hear_out(done, received)
+    assert done.doWrite() is main.CONNECTION_DONE and done.reads == 0
