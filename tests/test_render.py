@@ -37,6 +37,12 @@ def test_progress_line_has_count_percent_rate_and_eta() -> None:
     assert "(20 failed)" in line
 
 
+def test_a_slow_jobs_progress_rate_is_not_zero() -> None:
+    """4 of 21 tasks done in 10 s (a data job's map phase) draws 0.4/s, not 0/s."""
+    line = drawn(10, 4, 0, 21)
+    assert " 0.4/s ETA " in line, line
+
+
 def test_no_eta_before_a_rate_is_known() -> None:
     """Before the first result there is no rate, so the ETA is unknown, not "0s"."""
     line = drawn(3, 0, 0, 1000)

@@ -63,9 +63,9 @@ class Progress:
             bar = "#" * filled + "-" * (self.width - filled)
             # no rate before the first result: an ETA would be a made-up "0s"
             eta = f"ETA {fmt_duration((total - finished) / rate)}" if rate > 0 else "ETA ?"
-            line = f"[{bar}] {finished}/{total} {frac * 100:5.1f}% {rate:,.0f}/s {eta}"
+            line = f"[{bar}] {finished}/{total} {frac * 100:5.1f}% {fmt_rate(rate)}/s {eta}"
         else:
-            line = f"{finished} done {rate:,.0f}/s {fmt_duration(elapsed)}"
+            line = f"{finished} done {fmt_rate(rate)}/s {fmt_duration(elapsed)}"
         if failed:
             line += f" ({failed} failed)"
         if note:
