@@ -326,6 +326,9 @@ def _lose_one_worker(program, tmp_path: Path, release, launch, clean, want, rest
         assert next(b for a, b in zip(steps, steps[1:]) if b <= a) == restart, steps
     assert got == want
     assert result.supersteps == clean.supersteps
+    # the lost worker, woken once the job ended, finished its superstep without leaving its
+    # messages behind (it made its old epoch's directories again and wrote them there)
+    assert not any((tmp_path / "data" / "im").iterdir()), "a woken worker left files"
 
 
 @pytest.mark.parametrize(
@@ -1330,6 +1333,7 @@ def test_a_superstep_sending_many_messages_holds_at_most_the_spill_of_them(
     for v in mine:
         worker.parts[0].add(v, 0, [], None)
     cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0, 1], superstep=0, num_vertices=2000)
+    worker.layout.step(0, 0).mkdir(parents=True)  # the driver's, before its command
     all_of_them = [(v, i, "a message of some length") for v in mine for i in range(50)]
     tracemalloc.start()
     try:

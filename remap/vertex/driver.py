@@ -287,6 +287,12 @@ class Driver:
             **fields,
         )
         self.seq += 1
+        # the directories its files go in: a worker makes only its own below them, so one
+        # left over from before a rollback (or the job's end) finds them gone
+        if kind == "read":
+            self.layout.loaded(self.epoch, 0).parent.mkdir(parents=True, exist_ok=True)
+        elif kind == "step":
+            self.layout.step(self.epoch, cmd.superstep).mkdir(parents=True, exist_ok=True)
         write_pickle(self.layout.command(cmd.seq), cmd)
         return cmd
 

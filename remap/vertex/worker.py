@@ -277,7 +277,7 @@ class Worker:
                 if p not in self.parts and acc[p].values:
                     name = f"from{self.slot:05d}-{chunk:06d}"
                     blob = pickle.dumps(acc[p].pieces(), PICKLE_PROTOCOL)
-                    self._write_bytes(self.layout.loaded(cmd.epoch, p) / name, blob)
+                    self._write_scratch(self.layout.loaded(cmd.epoch, p) / name, blob)
                     acc[p] = Partition(p, count, program)
                     self.mixed = True
             chunk += 1
@@ -388,7 +388,7 @@ class Worker:
         def spill(p: int, chunk: int, bucket: dict[Any, list[Any]]) -> None:
             nonlocal moved
             path = self.layout.inbox(cmd.epoch, s, p) / message_file(self.slot, chunk)
-            written = self._write_bytes(path, encode_bucket(bucket, False))
+            written = self._write_scratch(path, encode_bucket(bucket, False))
             if p not in self.parts:
                 moved += written
 
@@ -425,7 +425,7 @@ class Worker:
                 local[p] = kept_bucket(bucket, combined)
             else:
                 path = self.layout.inbox(cmd.epoch, s, p) / message_file(self.slot, outbox.spills)
-                moved += self._write_bytes(path, encode_bucket(bucket, combined))
+                moved += self._write_scratch(path, encode_bucket(bucket, combined))
         self.local[s] = local
         self.stats["supersteps"] += 1
         self.phases.mark("send")
@@ -449,16 +449,28 @@ class Worker:
 
     # ------------------------------------------------------------ files
 
-    def _write_bytes(self, path: Path, blob: bytes) -> int:
-        self._write_file(path, blob)
+    def _write_bytes(self, path: Path, blob: bytes, *, parents: bool = True) -> int:
+        self._write_file(path, blob, parents=parents)
         self.stats["bytes_written"] += len(blob)
         return len(blob)
 
+    def _write_scratch(self, path: Path, blob: bytes) -> int:
+        """A message or load file (``.../to<p>/from...``): only its own directory is made,
+        never the superstep's or the load's above it, which the driver makes before its
+        command and removes when done or rolled back. A worker left over from before (hung,
+        then woken) stops instead of leaving files behind."""
+        try:
+            return self._write_bytes(path, blob, parents=False)
+        except FileNotFoundError:
+            if path.parent.parent.is_dir():
+                raise
+            raise _Superseded("its superstep's files are gone (rolled back or ended)") from None
+
     @staticmethod
-    def _write_file(path: Path, blob: bytes) -> None:
+    def _write_file(path: Path, blob: bytes, *, parents: bool = True) -> None:
         """Write a whole file; a full disk is one line naming it, not an OSError's repr."""
         try:
-            write_atomic(path, blob)
+            write_atomic(path, blob, parents=parents)
         except OSError as exc:
             if storage_trouble(exc):
                 raise storage_error(path, exc) from None
