@@ -320,6 +320,39 @@ def test_a_job_without_arguments_prints_no_empty_line() -> None:
         assert err.getvalue() == ("" if as_json else "no results: the job had no arguments\n")
 
 
+def test_attach_off_a_terminal_prints_a_detached_data_jobs_progress_now_and_then() -> None:
+    """``attach`` to a detached data job with stderr not a terminal (a log, CI) prints its
+    progress line every 5 s when it changed, as ``compute`` of the job does; it printed nothing
+    until the job ended, however long it ran."""
+    from remap.console.detached import attach_detached
+    from remap.errors import JobKilled
+
+    lines = ["map 1/4 tasks", "map 1/4 tasks", "map 2/4 tasks", "map 3/4 tasks", "reduce 0/2"]
+    answers = iter(
+        [{"state": "running", "waiting": line, "done": 1, "total": 4} for line in lines]
+        + [{"state": "killed", "message": "killed on request", "done": 1, "total": 4}]
+    )
+    now = [0.0]
+
+    def watch(op: str, job_id: int, since: int) -> dict:
+        assert (op, job_id) == ("watch", 7)
+        return {"id": 7, "kind": "mapreduce", "task_output_from": 0, "task_output_end": 0,
+                **next(answers)}  # fmt: skip
+
+    def sleep(seconds: float) -> None:
+        now[0] += 2.5  # a poll every 2.5 s of the job's life
+
+    notes: list[str] = []
+    session = SimpleNamespace(settings=SimpleNamespace(task_output=True), request=watch)
+    console = SimpleNamespace(session=session, err=io.StringIO(), note=notes.append)
+    args = SimpleNamespace(json=False, quiet=False, no_task_output=False)
+    with pytest.raises(JobKilled):
+        attach_detached(
+            console, {"id": 7, "kind": "mapreduce"}, args, clock=lambda: now[0], sleep=sleep
+        )
+    assert notes == ["job 7: map 2/4 tasks", "job 7: reduce 0/2"]
+
+
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
     """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
     Python REPL do; the shell (and an embedded cluster it started) stays. It ended the

@@ -191,12 +191,23 @@ def start_detached(console: Any, spec: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace) -> int:
+def attach_detached(
+    console: Any,
+    job: dict[str, Any],
+    args: argparse.Namespace,
+    *,
+    clock: Any = time.monotonic,
+    sleep: Any = time.sleep,
+) -> int:
     """Follow a detached data or vertex job to its end: what its tasks print (the part the
-    server kept, then as it comes, on stderr as ``compute`` shows it), progress on a terminal;
-    print its summary as ``compute`` would have, or raise its error."""
-    bar = render.progress_bar(console.err, args.json or getattr(args, "quiet", False))
+    server kept, then as it comes, on stderr as ``compute`` shows it), progress (a bar on a
+    terminal, else a line now and then, as ``compute`` of the job prints); print its summary
+    as ``compute`` would have, or raise its error."""
+    quiet = args.json or getattr(args, "quiet", False)
+    bar = render.progress_bar(console.err, quiet)
     show = console.session.settings.task_output and not getattr(args, "no_task_output", False)
+    every = 5.0 if job.get("kind") == "mapreduce" else 2.0  # as compute's lines
+    said = [clock(), ""]  # when the last progress line was printed, and what it said
     since = 0
     try:
         while True:
@@ -213,9 +224,13 @@ def attach_detached(console: Any, job: dict[str, Any], args: argparse.Namespace)
             since = job["task_output_end"]
             if job["state"] != "running":
                 break
+            line = job.get("waiting", "")
             if bar is not None:
-                bar.draw(job["done"], 0, job.get("total"), job.get("waiting", ""))
-            time.sleep(ATTACH_POLL)
+                bar.draw(job["done"], 0, job.get("total"), line)
+            elif not quiet and line and line != said[1] and clock() - said[0] >= every:
+                said[:] = [clock(), line]
+                console.note(f"job {job['id']}: {line}")
+            sleep(ATTACH_POLL)
     finally:
         if bar is not None:
             bar.clear()
