@@ -1384,6 +1384,7 @@ def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Pa
             worker.layout.inbox(0, 0, p) / "from00001-000000", encode_bucket(bucket, False)
         )
     cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0] * 4, superstep=1, checkpoint=True)
+    worker.layout.checkpoint(1).mkdir(parents=True)  # the driver's, before its command
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -1398,3 +1399,28 @@ def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Pa
         tracemalloc.stop()
     assert seen[0] == 4 * 20_000
     assert peak < 3 * inbox, (peak, inbox)
+
+
+def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(tmp_path: Path):
+    """A worker that resumes a checkpointing superstep after its job ended (the driver
+    removed the scratch directory) stops at its first write, saying why, and makes nothing:
+    no checkpoint, no message file, no ``im/<job>`` again. (It made them all again.)"""
+    from remap.vertex.engine import Partition, partition_of
+
+    other = next(v for v in range(100) if partition_of(v, 2) == 1)  # another worker's
+
+    def compute(ctx, vid, value, messages):
+        ctx.send(other, 1)
+        return value, False
+
+    program = program_from_namespace({"prepare": lambda line: None, "compute": compute}, "t")
+    data = DataDir(tmp_path / "data")
+    worker = worker_mod.Worker(worker_mod.WorkerArgs(str(data.root), "job", 0, program))
+    worker.parts = {0: Partition(0, 2, program)}
+    worker.parts[0].add(0, 0, [], None)
+    data.im_dir("job").parent.mkdir(parents=True)  # im/ stays; the job's own is gone
+    for checkpoint in (True, False):
+        cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0, 1], superstep=1, checkpoint=checkpoint)
+        with pytest.raises(worker_mod._Superseded, match="files are gone"):
+            worker._do_step(cmd)
+        assert not data.im_dir("job").exists()

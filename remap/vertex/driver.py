@@ -293,6 +293,8 @@ class Driver:
             self.layout.loaded(self.epoch, 0).parent.mkdir(parents=True, exist_ok=True)
         elif kind == "step":
             self.layout.step(self.epoch, cmd.superstep).mkdir(parents=True, exist_ok=True)
+            if cmd.checkpoint:
+                self.layout.checkpoint(cmd.superstep).mkdir(parents=True, exist_ok=True)
         write_pickle(self.layout.command(cmd.seq), cmd)
         return cmd
 

@@ -403,7 +403,7 @@ class Worker:
             inbox = self._inbox(cmd, p)
             self.phases.mark("receive")
             if cmd.checkpoint:
-                self._write_bytes(self.layout.part_checkpoint(s, p), part.dump(inbox))
+                self._write_scratch(self.layout.part_checkpoint(s, p), part.dump(inbox))
                 self.phases.mark("checkpoint")
             st = part.step(s, inbox, outbox, cmd.num_vertices, cmd.aggregated, cmd.on_error)
             del inbox
@@ -455,9 +455,9 @@ class Worker:
         return len(blob)
 
     def _write_scratch(self, path: Path, blob: bytes) -> int:
-        """A message or load file (``.../to<p>/from...``): only its own directory is made,
-        never the superstep's or the load's above it, which the driver makes before its
-        command and removes when done or rolled back. A worker left over from before (hung,
+        """A message, load or checkpoint file (``.../to<p>/from...``, ``ckpt/s<s>/p<p>``):
+        only its own directory is made, never the superstep's, the load's or ``ckpt/`` above
+        it, which the driver makes before its command and removes when done or rolled back. A worker left over from before (hung,
         then woken) stops instead of leaving files behind."""
         try:
             return self._write_bytes(path, blob, parents=False)
