@@ -353,6 +353,23 @@ def test_attach_off_a_terminal_prints_a_detached_data_jobs_progress_now_and_then
     assert notes == ["job 7: map 2/4 tasks", "job 7: reduce 0/2"]
 
 
+def test_a_file_jobs_closing_line_agrees_in_number() -> None:
+    """``1 result, 1 error written to OUT`` (it said "1 results, 1 errors")."""
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    said = []
+    for done, failed in ((1, 1), (9, 2), (0, 0)):
+        out = io.StringIO()
+        summary = {"done": done, "failed": failed, "output": "o"}
+        sink = SimpleNamespace(summary=summary.copy)
+        Console(session, out=out, err=io.StringIO())._print_results("file", sink, None, False)
+        said.append(out.getvalue())
+    assert said == [
+        "1 result, 1 error written to o\n",
+        "9 results, 2 errors written to o\n",
+        "0 results written to o\n",
+    ]
+
+
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
     """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
     Python REPL do; the shell (and an embedded cluster it started) stays. It ended the

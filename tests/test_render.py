@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from protocol.status import JobStatus
-from remap.console.render import Progress, fmt_duration, jobs_table
+from remap.console.render import Progress, fmt_duration, jobs_table, plural
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,13 @@ def test_only_running_jobs_list_their_counters_under_the_status() -> None:
     done = _job(id=1, state="done", counters={"map_records_in": 4})
     running = _job(id=2, counters={"map_records_in": 7})
     assert file_job_lines([], [done, running]) == ["job 2 counters: map_records_in 7"]
+
+
+def test_counts_are_said_in_words_that_agree() -> None:
+    """A file job's closing line said "9 results, 1 errors written to ..."."""
+    assert [plural(n, "error") for n in (0, 1, 2, 1000)] == [
+        "0 errors",
+        "1 error",
+        "2 errors",
+        "1000 errors",
+    ]

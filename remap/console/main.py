@@ -628,9 +628,10 @@ class Console:
         elif as_json:
             self.say(json.dumps({**summary, "job": outcome.job, "state": outcome.state}))
         else:
+            done, failed = summary.get("done", 0), summary.get("failed", 0)
             self.say(
-                f"{summary.get('done', 0)} results"
-                + (f", {summary['failed']} errors" if errors and summary.get("failed") else "")
+                render.plural(done, "result")
+                + (f", {render.plural(failed, 'error')}" if errors and failed else "")
                 + (f" written to {summary['output']}" if summary.get("output") else "")
             )
 

@@ -15,6 +15,11 @@ from ..errors import JobKilled, RemapError
 from ..sinks import to_jsonable
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 result``, ``2 results`` (no thousands separator: the line stays as it was)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def fmt_rate(rate: float) -> str:
     """Tasks a second: whole above 10, else with a tenth, so a job of slow tasks (a data job's
     map phase, seconds a task) shows ``0.4/s``, not ``0/s`` as if it were stalled."""
