@@ -171,8 +171,12 @@ def _operation(route: Route) -> dict:
     responses: dict[str, Any] = {"200": ok}
     if route.auth == "login":
         responses = {"303": {"description": "Logged in: the session cookie is set"}}
-    if route.auth != "none":
+    if route.auth == "login":  # a browser opened the link: a page saying what to do
+        page = {"text/html": {"schema": _STR}}
+        responses["401"] = {"description": "The link was used or expired", "content": page}
+    elif route.auth != "none":
         responses["401"] = _error("No valid credentials")
+    if route.auth != "none":
         responses["401"]["headers"] = {"WWW-Authenticate": {"schema": _STR}}
     if route.not_found:
         responses["404"] = _error("No such job, node or file")
