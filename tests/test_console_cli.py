@@ -370,6 +370,32 @@ def test_a_file_jobs_closing_line_agrees_in_number() -> None:
     ]
 
 
+def test_a_sigterm_during_a_shell_command_ends_the_shell_too() -> None:
+    """A SIGTERM while the shell runs ``compute`` ends the job as Ctrl-C does, then the shell
+    (``kill PID`` of a shell means the shell); a Ctrl-C only ends the command."""
+    import os
+    import signal
+
+    from remap.console.filejob import TERMINATED, terminate_as_interrupt
+
+    def computing(signum: int) -> None:
+        with terminate_as_interrupt():  # as compute runs a job
+            os.kill(os.getpid(), signum)
+            threading.Event().wait(10)  # the handler raises here, at once
+
+    session = Session(load_settings({}, environ={}, dotenv_path=None))
+    console = Console(session, out=io.StringIO(), err=io.StringIO())
+    shell = Shell(console, build_parser())
+    try:
+        console.execute = lambda args: computing(signal.SIGINT)
+        assert shell.onecmd("status") is False  # Ctrl-C: the shell stays
+        console.execute = lambda args: computing(signal.SIGTERM)
+        assert shell.onecmd("status") is True  # SIGTERM: the shell leaves
+        assert console.err.getvalue() == "interrupted\ninterrupted\n"
+    finally:
+        TERMINATED.clear()
+
+
 def test_ctrl_c_at_the_shell_prompt_gives_a_fresh_prompt() -> None:
     """Ctrl-C while the shell waits for a line drops it and prompts again, as bash or the
     Python REPL do; the shell (and an embedded cluster it started) stays. It ended the

@@ -119,6 +119,15 @@ def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+#: set once a SIGTERM ended a command: the interactive shell leaves after it, as told
+TERMINATED = threading.Event()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    TERMINATED.set()
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (``timeout``, ``kill``, a CI's cancel) ends an attached job as Ctrl-C does: a
@@ -129,7 +138,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:

@@ -856,7 +856,9 @@ class Shell(cmd.Cmd):
             pass
         except (RemapError, KeyboardInterrupt) as exc:
             self.console.complain(exc)
-        return False
+        from .filejob import TERMINATED
+
+        return TERMINATED.is_set()  # a SIGTERM ended the command's job: the shell goes too
 
     def cmdloop(self, intro: Any = None) -> None:
         """Ctrl-C at the prompt drops the line and gives a fresh prompt, as a shell does (the
@@ -942,7 +944,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             Shell(console, parser).cmdloop()
-            return 0
+            from .filejob import TERMINATED
+
+            return EXIT_INTERRUPTED if TERMINATED.is_set() else 0
         return console.execute(args)
     except (KeyboardInterrupt, RemapError) as exc:
         line, code = one_line(exc)
