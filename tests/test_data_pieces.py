@@ -628,3 +628,30 @@ def test_the_short_path_for_plain_pairs_buffers_what_the_general_one_does(groupe
     short = spilled(pairs)
     assert short == spilled([("default", k, v) for k, v in pairs])
     assert short[0] and short[1] > 0
+
+
+def test_repeated_values_spill_and_group_as_themselves() -> None:
+    """Spilling encodes each distinct int once and grouping decodes each distinct immutable
+    pickle once: every value still comes back equal and of its own type (1, True and 1.0 stay
+    apart), past the memo's bound too, and a mutable value is a fresh object per record."""
+    rng = random.Random(3)
+    pool = [1, True, 1.0, 0, False, None, -7, 2**70, b"x", ("t",), [1], {"d": 1}]
+    values = [rng.choice(pool) for _ in range(3000)] + list(range(runs._MEMO + 50))
+    rng.shuffle(values)
+    records = [(0, rng.choice("abc"), v) for v in values]
+    out, _ = _spill_all(records, 1 << 30)
+    (run,) = out[0]
+    by_key = defaultdict(list)
+    for encoded, value in run:
+        by_key[keys.decode_key(encoded)].append(value)
+    want = defaultdict(list)
+    for _, k, v in records:
+        want[k].append(v)
+    for k, vs in want.items():  # byte for byte what encoding each value alone gives
+        assert by_key[k] == [keys.encode_value(v) for v in vs]
+    got = [(k, list(vs)) for k, vs in runs.grouped(iter(run))]
+    assert got == sorted(want.items())
+    for k, vs in got:
+        assert [type(v) for v in vs] == [type(v) for v in want[k]]
+        mutable = [v for v in vs if type(v) in (list, dict)]
+        assert len({id(v) for v in mutable}) == len(mutable)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import pickle
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
@@ -41,6 +42,12 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _SIZED = frozenset({str, bytes})
 #: every plain type -> whether its length counts (one lookup answers both questions)
 _SIZED_PLAIN = {kind: kind in _SIZED for kind in _PLAIN}
+#: distinct int values (encoded) or pickles (decoded) one spill or one merge remembers: a count
+#: of 1 is pickled and unpickled once, not once per pair
+_MEMO = 4096
+#: pickled values whose decoding may be shared between records: immutable
+_SHAREABLE = frozenset({int, float, bool, bytes, type(None)})
+_MISS = object()
 
 
 class _Encoded(bytes):
@@ -376,6 +383,7 @@ class SpillBuffer:
         previous: Any = None
         append = [].append
         encoded = b""
+        ints: dict[int, bytes] = {}  # int value -> its pickle
         for ident, value in pairs:
             if ident != previous:  # a str never equals the bytes of an encoded key
                 previous = ident
@@ -391,6 +399,13 @@ class SpillBuffer:
             kind = type(value)
             if kind is str:  # encode_value, inline for the common case
                 append((encoded, TEXT_VALUE + value.encode("utf-8", "surrogatepass")))
+            elif kind is int:  # a count, say: the same few values over and over
+                data = ints.get(value)
+                if data is None:
+                    data = encode_value(value)
+                    if len(ints) < _MEMO:
+                        ints[value] = data
+                append((encoded, data))
             else:
                 append((encoded, bytes(value) if kind is _Encoded else encode_value(value)))
         return runs
@@ -481,6 +496,26 @@ def premerge(
     return current, merges
 
 
+def value_decoder() -> Callable[[bytes], Any]:
+    """:func:`decode_value` that unpickles each distinct immutable value once (up to
+    ``_MEMO`` of them): a word count's values are the same few pickled ints."""
+    memo: dict[bytes, Any] = {}
+    get = memo.get
+    text = TEXT_VALUE[0]
+
+    def decode(data: bytes) -> Any:
+        if data[0] == text:
+            return data[1:].decode("utf-8", "surrogatepass")
+        value = get(data, _MISS)
+        if value is _MISS:
+            value = pickle.loads(data)
+            if type(value) in _SHAREABLE and len(memo) < _MEMO:
+                memo[data] = value
+        return value
+
+    return decode
+
+
 def grouped(
     records: Iterator[Record], group: Callable[[Any], Any] | None = None
 ) -> Iterator[tuple[Any, Iterator[Any]]]:
@@ -490,10 +525,11 @@ def grouped(
     sort: values arrive in the order of their full keys) and the group's key is ``group(key)``.
     """
     second = itemgetter(1)
+    decode = value_decoder()
     if group is None:
         for key, items in itertools.groupby(records, key=itemgetter(0)):
-            yield decode_key(key), map(decode_value, map(second, items))
+            yield decode_key(key), map(decode, map(second, items))
         return
     decoded = ((decode_key(k), v) for k, v in records)
     for key, items in itertools.groupby(decoded, key=lambda kv: group(kv[0])):
-        yield key, map(decode_value, map(second, items))
+        yield key, map(decode, map(second, items))
