@@ -8,6 +8,9 @@ splits and merges batches at argument boundaries without unpickling anything.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
+import json
 import re
 import threading
 import typing
@@ -16,6 +19,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from . import framing as _framing
 from .checks import NAMESPACE as _CHECK_NAMES
 from .checks import checker as _checker
 from .checks import expression as _expression
@@ -24,7 +28,9 @@ from .framing import DEFAULT_MAX_FRAME
 from .options import JobOptions
 from .status import JobStatus, NodeStatus, ServerStatus
 
-PROTOCOL_VERSION = 1
+#: bump whenever the catalogue's fingerprint (:func:`catalogue_fingerprint`) changes, so peers of
+#: different catalogues refuse each other at the hello instead of failing mid-job
+PROTOCOL_VERSION = 2
 
 #: arguments a console may send before ``submitted`` (with ``job = -submit.id``): no round trip
 INITIAL_WINDOW = 256
@@ -377,6 +383,71 @@ def decode(
 def message_types() -> dict[str, type[Message]]:
     """The catalogue, for documentation and tests."""
     return dict(_REGISTRY)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """A field's default as stable text (never a repr holding an address)."""
+    if f.default_factory is not _MISSING:
+        return f"factory {f.default_factory.__qualname__}"
+    value = f.default
+    if value is _MISSING:
+        return "required"
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if value is None or type(value) in (bool, int, float, str, bytes, tuple):
+        return repr(value)
+    return type(value).__name__
+
+
+def _fields_text(cls: type) -> list[list[str]]:
+    """``[name, declared type, default]`` per field, in declaration order (it is the encoder's)."""
+    return [[f.name, str(f.type), _default_text(f)] for f in dataclasses.fields(cls)]
+
+
+def _enums(hint: Any, found: dict[str, list[str]]) -> None:
+    """Collect the enumerations inside a type hint: their values travel on the wire."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        found[hint.__name__] = [str(member.value) for member in hint]
+    for arg in typing.get_args(hint):
+        _enums(arg, found)
+
+
+def catalogue_description() -> dict[str, Any]:
+    """What peers must agree on, as plain data: every message's wire name, channel, whether it
+    may come before authentication and its fields (name, declared type, default); the status
+    records carried inside ``status``; the enumerations' values; the frame format's constants."""
+    messages, records, enums = {}, {}, {}
+    for name in sorted(_REGISTRY):
+        cls = _REGISTRY[name]
+        for hint in typing.get_type_hints(cls).values():
+            _enums(hint, enums)
+        messages[name] = {
+            "channel": cls.CHANNEL,
+            "preauth": cls.PREAUTH,
+            "fields": _fields_text(cls),
+        }
+        for f in dataclasses.fields(cls):
+            record = f.metadata.get("record")
+            if record is not None:
+                records[record.__name__] = _fields_text(record)
+    return {
+        "messages": messages,
+        "records": dict(sorted(records.items())),
+        "enums": dict(sorted(enums.items())),
+        "frame": {
+            "prefix": _framing._PREFIX.format,
+            "preauth_max_frame": _framing.PREAUTH_MAX_FRAME,
+            "default_max_frame": _framing.DEFAULT_MAX_FRAME,
+            "max_header": _framing.MAX_HEADER,
+        },
+    }
+
+
+def catalogue_fingerprint() -> str:
+    """SHA-256 (hex, first 16 characters) of :func:`catalogue_description` as sorted JSON: a
+    test pins it with ``PROTOCOL_VERSION``, so a catalogue change cannot ship unversioned."""
+    text = json.dumps(catalogue_description(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- handshake

@@ -37,6 +37,7 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.messages import PROTOCOL_VERSION
 
 KEY = b"the right secret"
 WRONG = b"not the secret"
@@ -265,7 +266,7 @@ def test_wrong_secret_detected_by_the_server():
     hello_header = msgpack.packb(
         {
             "t": "hello",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "role": "node",
             "python": PY,
             "cloudpickle": CP,
@@ -441,7 +442,7 @@ def test_a_servers_proofs_never_answer_its_own_challenge():
 
 def hello_frame(nonce: bytes) -> bytes:
     return frame(
-        {"t": "hello", "version": 1, "role": "console", "python": PY, "cloudpickle": CP,
+        {"t": "hello", "version": PROTOCOL_VERSION, "role": "console", "python": PY, "cloudpickle": CP,
          "nonce": nonce, "name": "x", "user": "", "max_frame": 1 << 20}
     )  # fmt: skip
 
@@ -467,7 +468,7 @@ def test_client_refuses_its_own_nonce_reflected():
             frame(
                 {
                     "t": "challenge",
-                    "version": 1,
+                    "version": PROTOCOL_VERSION,
                     "python": PY,
                     "cloudpickle": CP,
                     "nonce": b"C" * NONCE_SIZE,
@@ -542,16 +543,37 @@ def test_length_2_31_frame_costs_four_bytes():
     ("hello", "match"),
     [
         (
-            {"version": 1, "role": "node", "python": PY, "cloudpickle": CP, "nonce": b"n" * 31},
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "node",
+                "python": PY,
+                "cloudpickle": CP,
+                "nonce": b"n" * 31,
+            },
             "nonce length",
         ),
-        ({"version": 1, "role": "node", "python": PY, "cloudpickle": CP}, "missing field 'nonce'"),
         (
-            {"version": 1, "role": "server", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            {"version": PROTOCOL_VERSION, "role": "node", "python": PY, "cloudpickle": CP},
+            "missing field 'nonce'",
+        ),
+        (
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "server",
+                "python": PY,
+                "cloudpickle": CP,
+                "nonce": b"n" * 32,
+            },
             "unknown role",
         ),
         (
-            {"version": 1, "role": "admin", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "admin",
+                "python": PY,
+                "cloudpickle": CP,
+                "nonce": b"n" * 32,
+            },
             "unknown role",
         ),
         (
@@ -559,7 +581,13 @@ def test_length_2_31_frame_costs_four_bytes():
             "hello.version",
         ),
         (
-            {"version": 1, "role": "node", "python": PY, "cloudpickle": CP, "nonce": "n" * 32},
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "node",
+                "python": PY,
+                "cloudpickle": CP,
+                "nonce": "n" * 32,
+            },
             "hello.nonce",
         ),
     ],
@@ -588,7 +616,8 @@ def test_garbage_instead_of_hello():
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("version", 2, "protocol version 2"),
+        ("version", PROTOCOL_VERSION - 1, f"protocol version {PROTOCOL_VERSION - 1} is not"),
+        ("version", PROTOCOL_VERSION + 1, f"protocol version {PROTOCOL_VERSION + 1} is not"),
         ("version", 0, "protocol version 0"),
         ("python", "2.7", "Python 2.7"),
         ("cloudpickle", "0.1", "cloudpickle 0.1"),
@@ -598,7 +627,7 @@ def test_server_refuses_a_different_version(field, value, match):
     """The server refuses a hello from another protocol, Python or cloudpickle version, clearly."""
     hello = {
         "t": "hello",
-        "version": 1,
+        "version": PROTOCOL_VERSION,
         "role": "node",
         "python": PY,
         "cloudpickle": CP,
@@ -623,8 +652,36 @@ def test_client_refuses_a_server_of_another_version(versions):
     assert isinstance(failure(s_events), VersionMismatch)
 
 
+@pytest.mark.parametrize("old_side", ["client", "server"])
+def test_a_version_1_peer_is_refused_in_one_line_naming_both_versions(monkeypatch, old_side):
+    """A peer of protocol version 1 (an older checkout's catalogue) is refused at the
+    handshake, not mid-job: each side fails with one line naming both versions."""
+    server, client = Connection("server", KEY), Connection("console", KEY)
+    # both sides share this process's catalogue: the old side speaks version 1 for its
+    # hello or challenge only
+    with monkeypatch.context() as patch:
+        if old_side == "client":
+            patch.setattr(m, "PROTOCOL_VERSION", 1)
+        client.initiate()
+        hello = out(client)
+    with monkeypatch.context() as patch:
+        if old_side == "server":
+            patch.setattr(m, "PROTOCOL_VERSION", 1)
+        s_events = server.receive_data(hello)
+        reply = out(server)
+    c_events = client.receive_data(reply)
+    s_events += server.receive_data(out(client))
+    # the server judges the hello by its own version; the client hears the server's words
+    theirs, mine = (1, PROTOCOL_VERSION) if old_side == "client" else (PROTOCOL_VERSION, 1)
+    refusal = f"protocol version {theirs} is not supported (this side speaks {mine})"
+    server_error, client_error = failure(s_events), failure(c_events)
+    assert str(server_error) == refusal
+    assert str(client_error) == f"server refused: {refusal}"
+    assert isinstance(client_error, VersionMismatch) and client_error.exit_code == 3
+
+
 def test_client_refuses_a_challenge_of_another_protocol_version():
-    """A challenge announcing protocol version 2 is refused as a version mismatch."""
+    """A challenge announcing a later protocol version is refused as a version mismatch."""
     client = Connection("node", KEY)
     client.initiate()
     out(client)
@@ -633,7 +690,7 @@ def test_client_refuses_a_challenge_of_another_protocol_version():
             frame(
                 {
                     "t": "challenge",
-                    "version": 2,
+                    "version": PROTOCOL_VERSION + 1,
                     "python": PY,
                     "cloudpickle": CP,
                     "nonce": b"s" * 32,
@@ -655,7 +712,7 @@ def test_client_refuses_a_challenge_of_another_protocol_version():
         {"t": "welcome", "session": "s", "max_frame": 1, "heartbeat": 1.0},
         {
             "t": "challenge",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "python": PY,
             "cloudpickle": CP,
             "nonce": b"n" * 32,
@@ -688,7 +745,7 @@ def test_server_refuses_a_second_hello():
         {"t": "welcome", "session": "s", "max_frame": 1 << 20, "heartbeat": 1.0},
         {
             "t": "hello",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "role": "node",
             "python": PY,
             "cloudpickle": CP,
@@ -800,7 +857,7 @@ def test_reference_client_written_from_the_spec_authenticates():
     hello_header = msgpack.packb(
         {
             "t": "hello",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "role": "console",
             "python": PY,
             "cloudpickle": CP,
@@ -847,7 +904,7 @@ def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
     challenge_header = msgpack.packb(
         {
             "t": "challenge",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "python": PY,
             "cloudpickle": CP,
             "nonce": server_nonce,

@@ -529,3 +529,42 @@ def test_header_shapes_learned_are_bounded(no_shapes_learned) -> None:
         msg = m.decode(msgpack.packb(data), b"x")
         assert (msg.job, msg.sizes, msg.output, msg.answered) == (7, [1], "o", range(2, 3))
     assert len(m._CHANNELS["wire"]["results"][2]) <= m.SHAPES
+
+
+# --------------------------------------------------------------------------- protocol version
+
+#: the catalogue that PROTOCOL_VERSION names: change both together, never one alone
+PINNED = (2, "1c0c50c6dcec6599")
+
+
+def test_protocol_version_is_bumped_with_the_catalogue():
+    """Any change to the catalogue (a message, a field, its type or default, a status record, an
+    enumeration, the frame constants) changes the fingerprint: the version must move with it,
+    so peers of different catalogues refuse each other at the hello, not mid-job."""
+    now = (m.PROTOCOL_VERSION, m.catalogue_fingerprint())
+    assert now == PINNED, (
+        f"the message catalogue changed: bump PROTOCOL_VERSION in protocol/messages.py and "
+        f"update PINNED in tests/test_messages.py to (NEW_VERSION, {now[1]!r}) "
+        f"(pinned {PINNED}, now {now})"
+    )
+
+
+def test_catalogue_fingerprint_sees_a_new_field(monkeypatch):
+    """Adding a field to a message (as ``args_end.id`` was) changes the fingerprint; the
+    description is sorted plain data, so it is the same in every process."""
+    description = m.catalogue_description()
+    assert list(description["messages"]) == sorted(CATALOGUE)
+    assert ["id", "int", "0"] in description["messages"]["args_end"]["fields"]
+    assert description["frame"]["prefix"] == ">II"
+    before = m.catalogue_fingerprint()
+
+    @dataclasses.dataclass(frozen=True)
+    class LaterArgsEnd(m.Message):
+        TYPE = "args_end"
+        job: int
+        total: int
+        id: int = 0
+        extra: int = 0
+
+    monkeypatch.setitem(m._REGISTRY, "args_end", LaterArgsEnd)
+    assert m.catalogue_fingerprint() != before
