@@ -468,6 +468,8 @@ def test_small_sync_maps_share_one_job_and_an_interrupted_one_stops_only_its_cal
     from multiprocessing.pool import MaybeEncodingError
 
     from protocol.messages import INITIAL_WINDOW
+    from remap.pool import SMALL_MAP
+    from remap.server.scheduler.state import PREFETCH
 
     first = max((job["id"] for job in embedded.status()["jobs"]), default=0)
     release = tmp_path / "release"
@@ -489,18 +491,32 @@ def test_small_sync_maps_share_one_job_and_an_interrupted_one_stops_only_its_cal
         kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
         assert set(kinds) == {"submit"} and len(kinds) < 10, kinds
 
-        # both cores held by a map_async's calls; the next map's last calls wait unsent
-        n = INITIAL_WINDOW // 2 + 1
+        # both cores held by a map_async's calls; the next map's last calls wait unsent. The
+        # server's window counts calls queued on it, not those its node took: once the first
+        # window is spent it may grant back the calls in flight (cores x PREFETCH), or not yet
+        # (it grants as a node has room), so n + m passes the window by more than that
+        n, m = INITIAL_WINDOW // 2 + 1, SMALL_MAP
+        assert n + m > INITIAL_WINDOW + 2 * PREFETCH
         other = pool.map_async(held, [str(release)] * n)
         main = threading.get_ident()
         stream = next(s for s in pool._executor._streams.values() if s.fn is held)
+        failed: list[BaseException] = []
 
         def interrupt() -> None:
-            wait_for(
-                lambda: any(tag.future is not other._future for _, tag, _ in stream.job._items),
-                30,
-                "the interrupted map's calls past the window",
-            )
+            try:  # the interrupted map has calls sent (outcomes to drop) and unsent (to skip)
+                wait_for(
+                    lambda: any(
+                        tag.future is not other._future and tag.sent
+                        for _, tag, _ in stream.job._items
+                    ),
+                    30,
+                    "the interrupted map's calls past the window",
+                    lambda: f"{stream.job.session.sent} calls sent",
+                )
+            except BaseException as exc:
+                failed.append(exc)
+                release.touch()  # the map returns: the test fails with this, never hangs
+                return
             signal.pthread_kill(main, signal.SIGINT)
 
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -508,14 +524,17 @@ def test_small_sync_maps_share_one_job_and_an_interrupted_one_stops_only_its_cal
         interrupter.start()
         try:
             with pytest.raises(KeyboardInterrupt):
-                pool.map(held, [str(release)] * n)
+                pool.map(held, [str(release)] * m)
         finally:
-            interrupter.join(30)
+            interrupter.join(60)
             signal.signal(signal.SIGINT, previous)
+            if failed:
+                raise failed[0]
         release.touch()
         assert other.get(timeout=60) == [1] * n
-        # the job ran on: every call of it settled (the interrupted ones skipped or dropped)
+        # the job ran on: every call of it settled, the interrupted map's unsent ones never sent
         wait_for(lambda: stream.outstanding == 0 and not stream.job._items, 30, "calls settled")
+        assert stream.job.session.sent < n + m
         assert not stream.job.finished.is_set()
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
         kinds = [job["name"].partition(":")[0] for job in jobs_after(embedded, first)]
