@@ -655,3 +655,20 @@ def test_repeated_values_spill_and_group_as_themselves() -> None:
         assert [type(v) for v in vs] == [type(v) for v in want[k]]
         mutable = [v for v in vs if type(v) in (list, dict)]
         assert len({id(v) for v in mutable}) == len(mutable)
+
+
+def test_premerge_reads_only_the_runs_over_the_fanin(tmp_path: Path) -> None:
+    """23 runs with a fan-in of 20: one merge of the 4 smallest consecutive runs leaves 20, and
+    the other 19 are left for the final merge (not all of them merged twice)."""
+    paths = []
+    for n in range(23):
+        count = 5 if n in (9, 10, 11, 12) else 30
+        recs = [(keys.encode_key(i), keys.encode_value(n)) for i in range(count)]
+        paths.append(str(tmp_path / f"run{n}"))
+        runs.write_run(paths[-1], recs)
+    expect = list(runs.merge(runs.read_run(p) for p in paths))
+    left, merges = runs.premerge(paths, 20, lambda i: tmp_path / f"scratch{i}")
+    assert merges == 1 and len(left) == 20
+    assert left[:9] == paths[:9] and left[10:] == paths[13:]
+    assert len(list(runs.read_run(left[9]))) == 20
+    assert list(runs.merge(runs.read_run(p) for p in left)) == expect

@@ -476,23 +476,23 @@ def premerge(
     merges = 0
     current = list(paths)
     while len(current) > fanin:
-        merged: list[str] = []
-        for start in range(0, len(current), fanin):
-            group = current[start : start + fanin]
-            if len(group) == 1:
-                merged.append(group[0])
-                continue
-            target = scratch(merges)
-            stream = merge(read_run(p) for p in group)
-            if combine is not None:
-                stream = combined(stream, combine)
-            write_run(target, stream)
-            merges += 1
-            merged.append(str(target))
-            for p in group:
-                if p not in paths:  # our own scratch file: no longer needed
-                    os.unlink(p)
-        current = merged
+        # merge only as many runs as bring the count down to fanin (a merge of n runs removes
+        # n - 1), the consecutive ones with the fewest bytes: the others are read once, by the
+        # final merge, instead of twice
+        width = min(fanin, len(current) - fanin + 1)
+        ends = [0, *itertools.accumulate(os.path.getsize(p) for p in current)]
+        start = min(range(len(current) - width + 1), key=lambda i: ends[i + width] - ends[i])
+        group = current[start : start + width]
+        target = scratch(merges)
+        stream = merge(read_run(p) for p in group)
+        if combine is not None:
+            stream = combined(stream, combine)
+        write_run(target, stream)
+        merges += 1
+        current[start : start + width] = [str(target)]
+        for p in group:
+            if p not in paths:  # our own scratch file: no longer needed
+                os.unlink(p)
     return current, merges
 
 
