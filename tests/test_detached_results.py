@@ -119,30 +119,39 @@ def _journaled(tmp_path: Path) -> tuple[Scheduler, Clock]:
     return sched, clock
 
 
+BIG = 1024 * 1024
+
+
+def _twelve_detached_results(tmp_path: Path) -> tuple[Scheduler, Clock, FakeConsole, list]:
+    """A journaled scheduler whose detached job delivered 12 results of ``BIG`` bytes, answered
+    last first (delivery order is not index order); the order is returned."""
+    sched, clock = _journaled(tmp_path)
+    node = FakeNode(sched, "n", cores=1)
+    console = FakeConsole(sched, range(12), chunksize=1, detach=True)
+    console.feed()
+    sched.console_lost(console.link)
+    order = []
+    for _ in range(12):
+        task = node.held()[-1]
+        order.append(node.args_of(task)[0])
+        node.answer(task, fn=lambda x: bytes(BIG))
+    clock.advance(1)
+    return sched, clock, console, order
+
+
 def test_a_replay_goes_a_step_at_a_time_in_delivery_order_and_waits_for_a_congested_console(
     tmp_path: Path,
 ) -> None:
     """A replay sends ``REPLAY_BYTES`` a step (the next on a timer, once a congested console
     drained, once a console that holds takes more), in the order the results were delivered,
     then ``job_done``."""
-    sched, clock = _journaled(tmp_path)
-    node = FakeNode(sched, "n", cores=1)
-    big = 1024 * 1024
-    console = FakeConsole(sched, range(12), chunksize=1, detach=True)
-    console.feed()
-    sched.console_lost(console.link)
-    order = []
-    for _ in range(12):  # answered last first: delivery order is not index order
-        task = node.held()[-1]
-        order.append(node.args_of(task)[0])
-        node.answer(task, fn=lambda x: bytes(big))
-    clock.advance(1)
+    sched, clock, console, order = _twelve_detached_results(tmp_path)
     assert sched.jobs[console.job].state == "done" and sched.kept_bytes == 0
     later = FakeLink("later")
     later.congested = False
     sched.attach(later, console.job)
     first_step = len(later.of(m.Results))
-    assert 0 < first_step * big <= REPLAY_BYTES + big and not later.of(m.JobDone)
+    assert 0 < first_step * BIG <= REPLAY_BYTES + BIG and not later.of(m.JobDone)
     later.congested = True
     clock.advance(0)
     assert len(later.of(m.Results)) == first_step, "a congested console gets no more"
@@ -192,18 +201,7 @@ async def test_a_replay_reads_the_journal_off_the_reactor_thread_in_order_each_o
     and no more; then every result comes, in delivery order, each once, and ``job_done``."""
     from twisted.internet import reactor
 
-    sched, clock = _journaled(tmp_path)
-    node = FakeNode(sched, "n", cores=1)
-    big = 1024 * 1024
-    console = FakeConsole(sched, range(12), chunksize=1, detach=True)
-    console.feed()
-    sched.console_lost(console.link)
-    order = []
-    for _ in range(12):  # answered last first: delivery order is not index order
-        held = node.held()[-1]
-        order.append(node.args_of(held)[0])
-        node.answer(held, fn=lambda x: bytes(big))
-    clock.advance(1)
+    sched, clock, console, order = _twelve_detached_results(tmp_path)
     sched.stop()
     sched.journal.close()
 
@@ -226,7 +224,7 @@ async def test_a_replay_reads_the_journal_off_the_reactor_thread_in_order_each_o
         again.hold(later, console.job, True)  # while the first read is under way
         await later.first.addTimeout(DEADLINE, reactor)
         first_step = len(later.of(m.Results))
-        assert 0 < first_step * big <= REPLAY_BYTES + big
+        assert 0 < first_step * BIG <= REPLAY_BYTES + BIG
         await task.deferLater(reactor, 0.05, lambda: None)  # (a replay step's timer is 0 s)
         assert len(later.of(m.Results)) == first_step and len(threads) == 1, "held: no more"
         again.hold(later, console.job, False)
@@ -236,7 +234,7 @@ async def test_a_replay_reads_the_journal_off_the_reactor_thread_in_order_each_o
         again.journal.close()
     assert [r.answered[0] for r in later.of(m.Results)] == order
     assert later.sent[-1] == m.JobDone(job=console.job, state="done", done=12, failed=0)
-    assert len(threads) >= 12 * big // REPLAY_BYTES, "a read per step"
+    assert len(threads) >= 12 * BIG // REPLAY_BYTES, "a read per step"
     assert all(t is not reactor_thread and t.name == "journal-reader" for t in threads)
 
 
