@@ -193,7 +193,7 @@ _TABLE: dict[str, tuple[str, Converter, str]] = {
     "heartbeat_interval": ("REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
     "heartbeat_misses": ("REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),
     "handshake_timeout": ("REMAP_HANDSHAKE_TIMEOUT", _POSITIVE, "seconds a new connection has to finish the handshake, and any connection its close (one whose peer has not taken what was queued, or sent no TLS close, by then is cut)"),
-    "max_handshaking": ("REMAP_MAX_HANDSHAKING", _integer(1), "connections the server lets be in the handshake at once; one more is closed as soon as it is accepted, unread (authenticated nodes and consoles do not count)"),
+    "max_handshaking": ("REMAP_MAX_HANDSHAKING", _integer(1), "connections the server lets be in the handshake at once, half of them only for addresses that authenticated before; one more is closed as soon as it is accepted, unread (authenticated nodes and consoles do not count)"),
     "max_handshaking_per_host": ("REMAP_MAX_HANDSHAKING_PER_HOST", _integer(1), "of those, how many may come from one IP address (raise it for many nodes or consoles behind one NAT address starting at once)"),
     "max_frame": ("REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication; a console, API client or node says its own to the server, which sends it nothing larger (a single result that cannot fit a console's is that argument's ResultTooLarge error; an argument or job function that fits no connected node's is ArgumentTooLarge or the job's failure)"),
     "console_grace": ("REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),

@@ -26,7 +26,7 @@ from protocol import Connection, ConnectionFailed, ServerBusy, refusal_frame
 from protocol import messages as m
 from remap import runtime
 from remap.cluster import start_server
-from remap.server.admission import REFUSAL_LOG_INTERVAL, Admission, Refused
+from remap.server.admission import REFUSAL_LOG_INTERVAL, TRUSTED_SOURCES, Admission, Refused
 from remap.server.http import BoundedSite
 from remap.server.service import (
     MAX_HANDSHAKING,
@@ -86,9 +86,13 @@ def open_many(factory: Any, hosts: list[str], first_port: int = 40000) -> list[A
     return [Accepted(factory, host, first_port + i) for i, host in enumerate(hosts)]
 
 
-def spread(count: int) -> list[str]:
-    """``count`` source addresses, each used at most MAX_HANDSHAKING_PER_HOST times."""
-    return [f"10.0.{i // MAX_HANDSHAKING_PER_HOST}.1" for i in range(count)]
+def spread(factory: RemapServerFactory, count: int) -> list[str]:
+    """``count`` source addresses, each used at most MAX_HANDSHAKING_PER_HOST times, that
+    authenticated before (so they may take every slot, the reserved half too)."""
+    hosts = [f"10.0.{i // MAX_HANDSHAKING_PER_HOST}.1" for i in range(count)]
+    for host in hosts:
+        factory.handshaking.trust(host)
+    return hosts
 
 
 # =========================================================================== cluster port
@@ -100,7 +104,7 @@ def test_a_connection_beyond_the_handshake_cap_is_closed_unread() -> None:
     written is the one ``busy`` frame saying why (not the server's side of the handshake)."""
     clock = Clock()
     factory = cluster_factory(clock)
-    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+    waiting = open_many(factory, spread(factory, MAX_HANDSHAKING))
     assert not any(c.refused for c in waiting)
     assert len(clock.getDelayedCalls()) == MAX_HANDSHAKING  # one handshake deadline each
 
@@ -146,13 +150,13 @@ def test_a_slot_frees_when_a_handshake_finishes() -> None:
     and the authenticated one stays open."""
     clock = Clock()
     factory = cluster_factory(clock)
-    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+    waiting = open_many(factory, spread(factory, MAX_HANDSHAKING))
     assert Accepted(factory, "192.0.2.7", 50000).refused
 
     waiting[0].authenticate("console")
     assert waiting[0].proto.open
     assert factory.handshaking.held == MAX_HANDSHAKING - 1
-    assert not Accepted(factory, "192.0.2.7", 50001).refused
+    assert not Accepted(factory, "10.0.0.1", 50001).refused
     assert waiting[0].proto.open and not waiting[0].transport.disconnecting
 
 
@@ -161,7 +165,8 @@ def test_a_slot_frees_when_a_handshake_fails_or_times_out() -> None:
     its slot is free again (and the per-address count is forgotten)."""
     clock = Clock()
     factory = cluster_factory(clock)
-    waiting = open_many(factory, spread(MAX_HANDSHAKING))
+    waiting = open_many(factory, spread(factory, MAX_HANDSHAKING))
+    factory.handshaking.trust("192.0.2.7")
 
     waiting[0].authenticate("node", key=b"not the secret")
     assert waiting[0].transport.disconnecting and not waiting[0].proto.open
@@ -269,6 +274,49 @@ def test_an_ipv6_client_is_counted_by_its_64() -> None:
     assert not isinstance(slot, str)
     slot.release()
     assert not isinstance(admission.admit("2001:db8:1:2::ffff"), str)
+
+
+def test_a_flood_from_new_addresses_leaves_the_reserved_half_to_known_ones() -> None:
+    """Handshakes never finished, from an IPv6 /48 spread over its /64s (no per-address cap
+    binds), hold only the half of the slots open to sources that never authenticated; beyond it
+    each is refused with ``busy`` saying so. A node whose address authenticated before still
+    gets in and joins, and so do known addresses up to the whole cap; a console from an address
+    new to the server waits for the flood (with all slots open to it, the flood held them all
+    and the node was refused)."""
+    factory = cluster_factory(Clock())
+    Accepted(factory, "192.0.2.50", 30000).authenticate("node")
+    flood = open_many(factory, [f"2001:db8:7:{n:x}::1" for n in range(MAX_HANDSHAKING * 3)])
+    assert sum(not c.refused for c in flood) == MAX_HANDSHAKING // 2
+    new = "too many connections from addresses new to this server in the handshake (at most 32)"
+    assert flood[-1].transport.value() == refusal_frame(new)
+
+    node = Accepted(factory, "192.0.2.50", 30001)
+    assert not node.refused
+    client = node.authenticate("node")
+    client.send(m.NodeInfo(host="known", pid=1, cores=1, memory=1 << 30, load=0.0))
+    node.exchange(client)
+    assert [n.host for n in factory.scheduler.nodes.values()] == ["known"]
+    assert Accepted(factory, "192.0.2.99", 30002).refused  # new to it
+
+    known = spread(factory, MAX_HANDSHAKING // 2)
+    assert not any(c.refused for c in open_many(factory, known, first_port=31000))
+    assert factory.handshaking.held == MAX_HANDSHAKING
+    assert Accepted(factory, "192.0.2.50", 30003).transport.value() == refusal_frame(
+        "too many connections in the handshake (at most 64)"
+    )
+
+
+def test_the_sources_remembered_are_bounded() -> None:
+    """The table of sources that authenticated keeps the most recent TRUSTED_SOURCES (one
+    authenticating again counts as recent), so no number of peers grows it."""
+    admission = Admission(4, 4, reserved=2)
+    admission.trust("192.0.2.1")
+    for n in range(TRUSTED_SOURCES - 1):
+        admission.trust(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+    admission.trust("192.0.2.1")
+    admission.trust("192.0.2.2")
+    assert len(admission.trusted) == TRUSTED_SOURCES
+    assert "10.0.0.0" not in admission.trusted and "192.0.2.1" in admission.trusted
 
 
 # =========================================================================== HTTP port
@@ -550,6 +598,58 @@ def test_a_console_refused_at_the_caps_says_so_in_one_line(tmp_path) -> None:
             4,
         )
     finally:
+        runtime.run(server.stop, timeout=30)
+
+
+def _hello(source: str, port: int) -> tuple[socket.socket, Connection, list[Any]]:
+    """A node's connection from ``source`` (a loopback address) that says hello and reads the
+    answer: a challenge (the client's proof is then queued, not sent) or a refusal."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    client = Connection("node", KEY)
+    client.initiate()
+    sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+    events: list[Any] = []
+    while client.state.value == "handshake" and not client.outgoing:
+        got = sock.recv(65536)
+        assert got, "closed without an answer"
+        events += client.receive_data(got)
+    return sock, client, events
+
+
+def _join(port: int) -> socket.socket:
+    """A node from 127.0.0.1 through the whole handshake to ``node_info``: its socket."""
+    sock, client, events = _hello("127.0.0.1", port)
+    while client.state.value == "handshake":
+        sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+        got = sock.recv(65536)
+        assert got, "closed during the handshake"
+        events = client.receive_data(got)
+    assert client.state.value == "open", events[0].error
+    client.send(m.NodeInfo(host="rejoined", pid=1, cores=1, memory=1 << 30, load=0.0))
+    sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+    return sock
+
+
+def test_a_flood_of_unfinished_handshakes_does_not_lock_out_a_known_node(tmp_path) -> None:
+    """Real sockets: a flood from four loopback addresses, 16 connections each, that say hello
+    and never prove anything; a node whose address authenticated before joins meanwhile (without
+    the reserved half the flood held all 64 slots and the node was refused), while the flood
+    holds every slot it may: the 32 open to addresses that never authenticated."""
+    settings = _listening(tmp_path)
+    server = runtime.run(start_server, runtime.reactor(), settings, secret=KEY, timeout=30)
+    flood: list[socket.socket] = []
+    try:
+        port = server.port.getHost().port
+        _join(port).close()  # the node's earlier life
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            flood += [_hello(source, port)[0] for _ in range(MAX_HANDSHAKING_PER_HOST)]
+        with _join(port):
+            nodes = server.factory.scheduler.nodes
+            wait_until(lambda: [n.host for n in nodes.values()] == ["rejoined"], "the node")
+        assert runtime.run(lambda: server.factory.handshaking.held, timeout=10) == 32
+    finally:
+        for sock in flood:
+            sock.close()
         runtime.run(server.stop, timeout=30)
 
 

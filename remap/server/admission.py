@@ -3,7 +3,9 @@
 The cluster port counts connections still in the handshake, the HTTP port every open one. One
 beyond a cap is closed as soon as it is accepted, unread (the cluster port says why first, under
 TLS within bounds of its own), and refusals are logged at most once per interval (a flood of
-connects must not become a flood of log lines).
+connects must not become a flood of log lines). The cluster port keeps a share of its slots for
+source addresses that authenticated before, so a flood of handshakes never finished, from
+however many addresses, does not lock out its nodes and consoles.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from protocol.framing import PREAUTH_MAX_FRAME
 
 #: seconds between two log lines about refused connections (the second one counts the rest)
 REFUSAL_LOG_INTERVAL = 60.0
+#: source addresses remembered as having authenticated (the most recent ones)
+TRUSTED_SOURCES = 4096
 
 
 class Slot:
@@ -38,19 +42,31 @@ class Slot:
 
 
 class Admission:
-    """Counts held slots against ``total`` and ``per_host`` (by the peer's IP address)."""
+    """Counts held slots against ``total`` and ``per_host`` (by the peer's IP address); the last
+    ``reserved`` slots only for sources in ``trusted``.
 
-    def __init__(self, total: int, per_host: int) -> None:
+    Refusing the newest connection beyond a cap, not evicting the oldest: eviction only makes a
+    flood faster (one that opens ``total`` connections per handshake's round trip, easy from an
+    IPv6 /48's many /64s, evicts every honest handshake), while the reserved share holds against
+    any rate from any number of addresses that never authenticated."""
+
+    def __init__(self, total: int, per_host: int, reserved: int = 0) -> None:
         self.total = total
         self.per_host = per_host
+        self.reserved = reserved
         self.held = 0
         self.by_host: dict[str, int] = {}
+        #: sources that authenticated, least recently first (at most TRUSTED_SOURCES)
+        self.trusted: dict[str, None] = {}
 
     def admit(self, host: str) -> Slot | str:
-        """A slot, or why not: ``"total"`` or ``"per-host"`` (the cap that is full)."""
+        """A slot, or why not: ``"total"``, ``"new"`` (the share open to sources that have not
+        authenticated) or ``"per-host"`` (the cap that is full)."""
         if self.held >= self.total:
             return "total"
         host = source(host)
+        if self.held >= self.total - self.reserved and host not in self.trusted:
+            return "new"
         count = self.by_host.get(host, 0)
         if count >= self.per_host:
             return "per-host"
@@ -65,6 +81,17 @@ class Admission:
             self.by_host[host] = left
         else:
             del self.by_host[host]  # the table never grows with addresses no longer connected
+
+    def trust(self, host: str) -> None:
+        """``host`` (a slot's) authenticated: it may take the reserved slots from now on."""
+        self.trusted.pop(host, None)
+        self.trusted[host] = None
+        if len(self.trusted) > TRUSTED_SOURCES:
+            del self.trusted[next(iter(self.trusted))]
+
+    def cap(self, why: str) -> int:
+        """The number the refusal ``why`` reached."""
+        return {"total": self.total, "new": self.total - self.reserved}.get(why, self.per_host)
 
 
 class RefusalLog:
@@ -86,7 +113,7 @@ class RefusalLog:
             return
         self._next = now + self.interval
         count, self.unlogged = self.unlogged, 0
-        cap = admission.total if why == "total" else admission.per_host
+        cap = admission.cap(why)
         self.log.warn(
             "refused {count} connection(s) to the {what} (last from {host}): "
             "{why} cap of {cap} reached; at most one such line per {interval:.0f}s",
@@ -158,11 +185,10 @@ class Refused(Protocol):
 def busy_text(why: str, admission: Admission) -> str:
     """Why a connection was refused, in the words its console shows (no addresses: the
     refused peer learns nothing but that a cap is full)."""
-    if why == "per-host":
-        return (
-            f"too many connections from this host in the handshake (at most {admission.per_host})"
-        )
-    return f"too many connections in the handshake (at most {admission.total})"
+    place = {"per-host": " from this host", "new": " from addresses new to this server"}
+    return (
+        f"too many connections{place.get(why, '')} in the handshake (at most {admission.cap(why)})"
+    )
 
 
 def peer_host(addr: Any) -> str:

@@ -90,6 +90,7 @@ class ServerConnection:
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         if self.slot is not None:
+            self.server.handshaking.trust(self.slot.host)
             self.slot.release()
         self.role = event.peer_role
         self.session = event.session
@@ -493,12 +494,16 @@ class RemapServerFactory(Factory):
         results_keep: float = RESULTS_KEEP,
     ) -> None:
         self.clock = clock
-        #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`)
-        self.handshaking = Admission(max_handshaking, max_handshaking_per_host)
+        #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`); half the
+        #: slots only for sources that authenticated before (a flood cannot lock them out)
+        self.handshaking = Admission(
+            max_handshaking, max_handshaking_per_host, reserved=max_handshaking // 2
+        )
         self.refusals = RefusalLog(clock, "cluster port")
         #: the frame a refused connection gets, per full cap (made once: a flood costs no work)
         self._busy = {
-            why: refusal_frame(busy_text(why, self.handshaking)) for why in ("total", "per-host")
+            why: refusal_frame(busy_text(why, self.handshaking))
+            for why in ("total", "new", "per-host")
         }
         #: refused connections being told so under TLS (capped as the handshakes are)
         self.tls_refusals = TlsRefusals(
