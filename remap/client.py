@@ -739,9 +739,17 @@ class JobStream:
     # ------------------------------------------------------------ any thread
 
     def start(self, client: ClusterClient) -> JobStream:
-        """Submit the job on ``client``'s connection."""
-        self.call_soon(client.submit, self)
+        """Submit the job on ``client``'s connection. The submit pumps what was queued by
+        then: arguments put meanwhile wake the reactor no more (one wake-up, not two)."""
+        with self.lock:
+            self._wake_pending = True
+        self.call_soon(self._submit, client)
         return self
+
+    def _submit(self, client: ClusterClient) -> None:
+        with self.lock:
+            self._wake_pending = False  # (what is put from now on wakes it again)
+        client.submit(self)
 
     def attach(self, client: ClusterClient, job: int) -> JobStream:
         """Receive a running or finished job's results."""

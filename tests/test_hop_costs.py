@@ -700,3 +700,30 @@ def test_sending_a_jobs_arguments_costs_no_call_per_argument_beyond_taking_them(
     assert msg == m.Args(job=7, start=0, sizes=[12] * 300, payload=b"x" * 12 * 300)
     assert python <= 8, python
     assert c <= 4 * 300 + 16, c  # (1,809 before)
+
+
+def test_a_jobs_submit_and_its_first_arguments_wake_the_reactor_once() -> None:
+    """``Pool.map_async`` queues its job's submit, then its arguments: the reactor is woken
+    (a pipe write from the calling thread) once, and the submit sends the arguments queued
+    by then (two writes a job before); what is put after the submit ran wakes it again."""
+    from protocol.options import JobOptions
+    from remap.client import JobStream
+
+    queued: list[tuple[Any, ...]] = []
+    stream = JobStream(b"fn", JobOptions(), call_soon=lambda *a: queued.append(a), total_hint=3)
+    sent: list[m.Message] = []
+    client = type("Client", (), {})()
+    client.link, client.redial = object(), None
+    client.frame_room = lambda: 1 << 20
+    client.send = sent.append
+    client.submit = lambda s: s.submitting(client, 1)
+    stream.start(client)
+    stream.put_many([b"a", b"b"])
+    assert len(queued) == 1, queued
+    fn, *args = queued.pop()
+    fn(*args)  # the reactor runs the submit
+    assert [type(msg) for msg in sent] == [m.Submit, m.Args]
+    assert sent[1].sizes == [1, 1]
+    stream.put_many([b"c"])
+    assert len(queued) == 1, queued
+
