@@ -189,11 +189,18 @@ class JobOptions:
     data_id: str | None = _option(None, _optional_text, "... and its token: nodes must see both")
 
     def __post_init__(self) -> None:
-        for f in OPTION_FIELDS:
-            value = getattr(self, f.name)
-            checked = _judge(f, value)
+        # a field left at its default (the very object) is valid as it is: only the others
+        # are judged (each job builds options three times; most fields are defaults)
+        for name, default, rule in _RULES:
+            value = getattr(self, name)
+            if value is default:
+                continue
+            try:
+                checked = rule(value)
+            except _Bad as bad:
+                raise InvalidOption(name, str(bad)) from None
             if checked is not value:
-                object.__setattr__(self, f.name, checked)
+                object.__setattr__(self, name, checked)
         _check_together(self)
 
     @classmethod
@@ -207,6 +214,7 @@ class JobOptions:
 
 
 OPTION_FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(JobOptions)
+_RULES = tuple((f.name, f.default, f.metadata["rule"]) for f in OPTION_FIELDS)
 
 
 def _check_together(options: JobOptions) -> None:

@@ -727,3 +727,16 @@ def test_a_jobs_submit_and_its_first_arguments_wake_the_reactor_once() -> None:
     stream.put_many([b"c"])
     assert len(queued) == 1, queued
 
+
+def test_a_jobs_options_judge_only_what_is_not_a_default() -> None:
+    """A job's options are built three times (the caller's, its ``submit``, the server's copy)
+    and each construction judged all 18 fields, one rule and ``_judge`` each (49 Python
+    functions): a field that is its default object is valid as it is and is not judged again."""
+    from protocol.options import JobOptions
+
+    options = JobOptions(name="map:inc", mode="object")
+    python, _ = entered(lambda: JobOptions(name="map:inc", mode="object"))
+    # __init__, __post_init__, the rules of name and mode, the rules between fields
+    assert python <= 8, python
+    python, _ = entered(lambda: m.Submit.of(options, id=1, total=10, payload=b"x"))
+    assert python <= 8, python
