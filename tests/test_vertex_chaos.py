@@ -8,6 +8,7 @@ a timer.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 import remap
 from remap.settings import Settings
-from tests.cluster_harness import NodeSpec
+from tests.cluster_harness import NodeSpec, wait_for
 from tests.vertex_graphs import EXAMPLES, edge_lines, example, parse_output, write_files
 from tests.vertex_reference import read_tagged_lines, run_local
 
@@ -212,5 +213,136 @@ def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
     assert result.aggregates == ref.reports[-1].aggregates
     assert result.messages == sum(r.delivered for r in ref.reports)
     out = tmp_path / "out"
+    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
+    assert got == parse_output(sum(ref.partitions, []))
+
+
+def _freezing(module: dict, marker: Path, at: int | str, data: Path, out: Path) -> dict:
+    """``module`` whose first core to compute a vertex of superstep ``at`` (or, ``"output"``,
+    to turn one into an output line) writes ``marker`` (its pid and slot: partitions are
+    dealt round robin over 2 workers) and stops itself (SIGSTOP). Woken in the output, it goes
+    on only once the job has ended (the output is published and ``alive/`` is gone)."""
+
+    def freeze_once(vid) -> None:
+        import os
+        import signal
+        import time
+
+        from remap.vertex.engine import partition_of
+
+        try:
+            os.close(os.open(f"{marker}.claim", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        Path(f"{marker}.tmp").write_text(f"{os.getpid()} {partition_of(vid, 4) % 2}")
+        os.rename(f"{marker}.tmp", marker)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while at == "output" and time.monotonic() < deadline:
+            if out.exists() and not any(data.glob("job/*/alive")):
+                return
+            time.sleep(0.01)
+
+    def compute(ctx, vid, value, messages):
+        if ctx.superstep == at:
+            freeze_once(vid)
+        return module["compute"](ctx, vid, value, messages)
+
+    def output(vid, value):
+        if at == "output":
+            freeze_once(vid)
+        return module["output"](vid, value)
+
+    return {**module, "compute": compute, "output": output}
+
+
+def _tree(top: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below ``top``: its inode and mtime (a file replaced changes)."""
+    return {
+        str(p.relative_to(top)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in top.rglob("*")
+    }
+
+
+@pytest.mark.parametrize("freeze_at,last", [(4, 6), (4, 7), ("output", 7)])
+def test_a_worker_woken_after_the_rollback_writes_nothing_a_newer_attempt_reads(
+    tmp_path: Path, monkeypatch, freeze_at: int | str, last: int
+):
+    """A worker's core stops (SIGSTOP) in superstep 4 after checkpointing the first of its two
+    partitions, or while writing its output; the driver loses it (its heartbeat stopped),
+    rolls back and finishes with the other worker. Woken (SIGCONT) once the newer attempt's
+    checkpoint of superstep 4 is complete (``last`` 6) or was removed again (7), the old worker
+    changes nothing under the job's scratch (it replaced that checkpoint's file, or made
+    ``ckpt/s4`` again); woken in the output, it leaves nothing beside the published output once
+    the job ended (it made ``.out.remap-JOB/`` again). The output equals the reference's."""
+    import functools
+    import os
+    import signal
+    import time
+
+    from remap.vertex import run as run_mod
+    from remap.vertex.driver import Driver
+    from remap.vertex.program import program_from_namespace
+
+    g = nx.gnm_random_graph(300, 1200, seed=5, directed=True)
+    paths = write_files(tmp_path / "in", edge_lines(g), 3)
+    calm = _counting_program(tmp_path / "unused", kill_at=-1)
+    ref = run_local(program_from_namespace(calm, "t"), read_tagged_lines(paths), 1, last)
+    data, out, marker = tmp_path / "data", tmp_path / "out", tmp_path / "frozen"
+    module = _freezing(calm, marker, freeze_at, data, out)
+    leaps = 0
+
+    def clock() -> float:
+        """The driver's: once the victim froze, each reading leaps past ``lost_after`` (60 s)
+        after dating every other worker's heartbeat anew, as their beats would have."""
+        nonlocal leaps
+        if marker.exists():
+            leaps += 1
+            victim = f"{marker.read_text().split()[1]}.1"
+            for beat in data.glob("job/*/alive/*.*"):
+                if beat.name != victim:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(beat, ns=(leaps, leaps))
+        return time.monotonic() + leaps * 120.0
+
+    monkeypatch.setattr(run_mod, "Driver", functools.partial(Driver, clock=clock))
+    woken: list[int] = []
+    with remap.connect(cores=2, settings=Settings()) as cluster:
+
+        def victim_returned(slot: int) -> bool:
+            (job,) = [j for j in cluster.status()["jobs"] if j["name"].startswith("vertex:")]
+            return slot not in job["calls"]
+
+        def on_superstep(report) -> None:
+            if report.superstep != last - 1 or not marker.exists() or woken:
+                return
+            pid, slot = map(int, marker.read_text().split())
+            (scratch,) = (data / "im").iterdir()
+            before = _tree(scratch)
+            os.kill(pid, signal.SIGCONT)
+            woken.append(pid)
+            if freeze_at == "output":
+                return  # it writes once the job has ended
+            wait_for(lambda: victim_returned(slot), 60, "the woken worker to return")
+            assert _tree(scratch) == before
+
+        try:
+            result = cluster.vertex(
+                module,
+                tmp_path / "in",
+                out,
+                partitions=4,
+                max_supersteps=last,
+                checkpoint_every=2,
+                data_dir=data,
+                on_superstep=on_superstep,
+            )
+        finally:
+            if marker.exists() and not woken:
+                os.kill(int(marker.read_text().split()[0]), signal.SIGCONT)
+    assert woken, "no worker froze"
+    assert result.workers == 2 and result.rollbacks == 1
+    assert result.supersteps == ref.supersteps == last
+    assert not list(tmp_path.glob(".out.remap-*"))
+    assert not any((data / "im").iterdir())
     got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
     assert got == parse_output(sum(ref.partitions, []))

@@ -1384,7 +1384,7 @@ def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Pa
             worker.layout.inbox(0, 0, p) / "from00001-000000", encode_bucket(bucket, False)
         )
     cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0] * 4, superstep=1, checkpoint=True)
-    worker.layout.checkpoint(1).mkdir(parents=True)  # the driver's, before its command
+    worker.layout.checkpoint(0, 1).mkdir(parents=True)  # the driver's, before its command
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -1404,7 +1404,8 @@ def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Pa
 def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(tmp_path: Path):
     """A worker that resumes a checkpointing superstep after its job ended (the driver
     removed the scratch directory) stops at its first write, saying why, and makes nothing:
-    no checkpoint, no message file, no ``im/<job>`` again. (It made them all again.)"""
+    no checkpoint, no message file, no ``im/<job>`` again (it made them all again); one
+    resuming a restore stops at its read (it failed, failing the job: FileNotFoundError)."""
     from remap.vertex.engine import Partition, partition_of
 
     other = next(v for v in range(100) if partition_of(v, 2) == 1)  # another worker's
@@ -1419,8 +1420,8 @@ def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(tmp_
     worker.parts = {0: Partition(0, 2, program)}
     worker.parts[0].add(0, 0, [], None)
     data.im_dir("job").parent.mkdir(parents=True)  # im/ stays; the job's own is gone
-    for checkpoint in (True, False):
-        cmd = worker_mod.Command(0, "step", 0, {0: 1}, [0, 1], superstep=1, checkpoint=checkpoint)
+    for kind, checkpoint in (("step", True), ("step", False), ("restore", False)):
+        cmd = worker_mod.Command(0, kind, 0, {0: 1}, [0, 1], superstep=1, checkpoint=checkpoint)
         with pytest.raises(worker_mod._Superseded, match="files are gone"):
-            worker._do_step(cmd)
+            worker._execute(cmd)
         assert not data.im_dir("job").exists()

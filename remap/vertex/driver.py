@@ -294,7 +294,7 @@ class Driver:
         elif kind == "step":
             self.layout.step(self.epoch, cmd.superstep).mkdir(parents=True, exist_ok=True)
             if cmd.checkpoint:
-                self.layout.checkpoint(cmd.superstep).mkdir(parents=True, exist_ok=True)
+                self.layout.checkpoint(self.epoch, cmd.superstep).mkdir(parents=True, exist_ok=True)
         write_pickle(self.layout.command(cmd.seq), cmd)
         return cmd
 
@@ -524,7 +524,7 @@ class Driver:
                 cmd = self._issue_step()
                 issued = time.monotonic()
             if take and old is not None:
-                remove_tree(self.layout.checkpoint(old))
+                remove_tree(self.layout.checkpoint(self.epoch, old))
             self._publish(report)
             remove_tree(self.layout.step(self.epoch, step - 1))
             if done:
@@ -585,18 +585,24 @@ class Driver:
                 self.members[slot] = fresh[0]
         if not self.members:
             raise JobFailed(f"every vertex worker was lost (last: {lost})")
-        remove_tree(self.layout.epoch(self.epoch))
-        self.epoch += 1
+        old, self.epoch = self.epoch, self.epoch + 1
+        if self.checkpoint is not None:  # whole: no worker of the old epoch writes there now
+            kept = self.layout.checkpoint(self.epoch, self.checkpoint)
+            kept.parent.mkdir(parents=True)
+            os.rename(self.layout.checkpoint(old, self.checkpoint), kept)
+        remove_tree(self.layout.epoch(old))
         self._deal()
         self.step = self.checkpoint
         self.restore_pending = self.checkpoint is not None
 
     def _output(self) -> None:
-        staging = self.staging
-        staging.mkdir(parents=True, exist_ok=True)  # a rollback may write the output again
+        # an epoch's own folder: a worker lost in an earlier one writes only in its own
+        staging = self.staging / f"e{self.epoch}"
+        staging.mkdir(parents=True)
         self._command("output", output=str(staging))
         (staging / SUCCESS_MARKER).write_text("")
         out = self.config.output
         if out.exists() or out.is_symlink():
             raise JobFailed(f"output {out} appeared while the job ran; left it alone")
         os.rename(staging, out)  # published whole, by one rename
+        remove_tree(self.staging)

@@ -1,8 +1,9 @@
 """Where a vertex job keeps its files in the data directory (``remap.data.layout``).
 
 Every file is committed by rename (``write_atomic``), so a reader sees a whole file or none.
-Scratch paths carry the epoch (bumped at every rollback), so a worker left over from before a
-rollback can only write where nobody reads any more.
+Scratch paths carry the epoch (bumped at every rollback, when the old epoch's files go) and a
+worker makes no folder above its file's own, so one left over from before a rollback finds its
+folders gone and stops: it never writes where a newer attempt reads, nor makes a folder again.
 
     job/<jobid>/jobconfig.json, consolidated-progress.json, result, result.json
     job/<jobid>/control/cmd-<seq>.pkl       the driver's commands, in order
@@ -18,7 +19,8 @@ the job ends; a worker only writes inside them, so a call that starts (or goes o
 end finds them gone and stops, instead of leaving them behind.
     im/<jobid>/e<epoch>/load/to<p>/from<slot>-<chunk>      vertex records read by another worker
     im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>-<chunk>   messages sent in superstep <step>
-    im/<jobid>/ckpt/s<step>/p<p>                   partition p (and its inbox) before <step>
+    im/<jobid>/e<epoch>/ckpt/s<step>/p<p>     partition p (and its inbox) before <step>; the
+                                              last whole one moves to the next epoch
 """
 
 from __future__ import annotations
@@ -133,11 +135,11 @@ class Layout:
         """Messages sent in ``superstep`` to ``partition`` (read in the next superstep)."""
         return self.step(epoch, superstep) / f"to{partition}"
 
-    def checkpoint(self, superstep: int) -> Path:
-        return self.scratch / "ckpt" / f"s{superstep}"
+    def checkpoint(self, epoch: int, superstep: int) -> Path:
+        return self.epoch(epoch) / "ckpt" / f"s{superstep}"
 
-    def part_checkpoint(self, superstep: int, partition: int) -> Path:
-        return self.checkpoint(superstep) / f"p{partition}"
+    def part_checkpoint(self, epoch: int, superstep: int, partition: int) -> Path:
+        return self.checkpoint(epoch, superstep) / f"p{partition}"
 
 
 def input_splits(paths: list[Path], pieces: int) -> list[list[tuple[int, str, int, int]]]:

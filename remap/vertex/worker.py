@@ -244,6 +244,10 @@ class Worker:
         except VertexError as exc:
             ack["error"] = str(exc)
             ack["traceback"] = user_traceback(exc)[-8000:]  # where the user's code raised
+        except FileNotFoundError:  # a file or folder of its epoch: stop if the epoch went
+            if self.layout.epoch(cmd.epoch).is_dir():
+                raise
+            raise _Superseded("its epoch's files are gone (rolled back or ended)") from None
         self.phases.mark(cmd.kind)  # what a command did not mark itself
         ack["times"] = self.phases.take()
         return ack
@@ -355,7 +359,7 @@ class Worker:
         self._reset(cmd)
         for p, part in self.parts.items():
             self.restored[p] = part.restore(
-                self._read(self.layout.part_checkpoint(cmd.superstep, p))
+                self._read(self.layout.part_checkpoint(cmd.epoch, cmd.superstep, p))
             )
         return {"vertices": sum(len(p) for p in self.parts.values())}
 
@@ -403,7 +407,7 @@ class Worker:
             inbox = self._inbox(cmd, p)
             self.phases.mark("receive")
             if cmd.checkpoint:
-                self._write_scratch(self.layout.part_checkpoint(s, p), part.dump(inbox))
+                self._write_scratch(self.layout.part_checkpoint(cmd.epoch, s, p), part.dump(inbox))
                 self.phases.mark("checkpoint")
             st = part.step(s, inbox, outbox, cmd.num_vertices, cmd.aggregated, cmd.on_error)
             del inbox
@@ -449,28 +453,18 @@ class Worker:
 
     # ------------------------------------------------------------ files
 
-    def _write_bytes(self, path: Path, blob: bytes, *, parents: bool = True) -> int:
-        self._write_file(path, blob, parents=parents)
+    def _write_scratch(self, path: Path, blob: bytes) -> int:
+        self._write_file(path, blob)
         self.stats["bytes_written"] += len(blob)
         return len(blob)
 
-    def _write_scratch(self, path: Path, blob: bytes) -> int:
-        """A message, load or checkpoint file (``.../to<p>/from...``, ``ckpt/s<s>/p<p>``):
-        only its own directory is made, never the superstep's, the load's or ``ckpt/`` above
-        it, which the driver makes before its command and removes when done or rolled back. A worker left over from before (hung,
-        then woken) stops instead of leaving files behind."""
-        try:
-            return self._write_bytes(path, blob, parents=False)
-        except FileNotFoundError:
-            if path.parent.parent.is_dir():
-                raise
-            raise _Superseded("its superstep's files are gone (rolled back or ended)") from None
-
     @staticmethod
-    def _write_file(path: Path, blob: bytes, *, parents: bool = True) -> None:
-        """Write a whole file; a full disk is one line naming it, not an OSError's repr."""
+    def _write_file(path: Path, blob: bytes) -> None:
+        """Write a whole file, making only its own folder, never the ones above it (the
+        superstep's, the load's, a checkpoint's, the output's), which the driver makes before
+        its command and removes when done or rolled back; a full disk is one line naming it."""
         try:
-            write_atomic(path, blob, parents=parents)
+            write_atomic(path, blob, parents=False)
         except OSError as exc:
             if storage_trouble(exc):
                 raise storage_error(path, exc) from None
