@@ -41,6 +41,23 @@ def _grid_input(tmp_path: Path) -> list[Path]:
     return write_files(tmp_path / "in", edge_lines(g, weight="w"), 3)
 
 
+def _run(cluster, module, tmp_path: Path, max_supersteps: int, checkpoint_every: int, **kw):
+    """``module`` as a vertex job of 4 partitions from ``tmp_path/in`` to ``tmp_path/out``
+    (scratch in ``tmp_path/data``): its result, and its output parsed."""
+    result = cluster.vertex(
+        module,
+        tmp_path / "in",
+        tmp_path / "out",
+        partitions=4,
+        max_supersteps=max_supersteps,
+        checkpoint_every=checkpoint_every,
+        data_dir=tmp_path / "data",
+        **kw,
+    )
+    parts = sorted((tmp_path / "out").glob("part-*"))
+    return result, parse_output(sum((p.read_text().splitlines() for p in parts), []))
+
+
 @pytest.mark.parametrize("kill_after,checkpoint_every", [(7, 3), (1, 5)])
 def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
     make_cluster, tmp_path: Path, kill_after: int, checkpoint_every: int
@@ -61,22 +78,18 @@ def test_node_sigkilled_mid_job_gives_the_undisturbed_output(
             killed.append(report.superstep)
 
     with remap.connect(c.address, secret=c.secret, settings=Settings()) as cluster:
-        result = cluster.vertex(
+        result, got = _run(
+            cluster,
             _sssp_module(),
-            tmp_path / "in",
-            tmp_path / "out",
-            partitions=4,
-            max_supersteps=500,
-            checkpoint_every=checkpoint_every,
-            data_dir=tmp_path / "data",
+            tmp_path,
+            500,
+            checkpoint_every,
             on_superstep=on_superstep,
             lost_after=600.0,  # found by the server's list of calls in flight, not by a timer
         )
     assert killed == [kill_after]
     assert result.workers == 2 and result.rollbacks == 1
     assert result.supersteps == ref.supersteps > kill_after + 3
-    out = tmp_path / "out"
-    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
     assert got == want
 
 
@@ -197,14 +210,12 @@ def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
     calm = _counting_program(tmp_path / "unused", kill_at=-1)  # the reference must not die
     ref = run_local(program_from_namespace(calm, "t"), read_tagged_lines(paths), 1, 50)
     with remap.connect(cores=2, settings=Settings()) as cluster:
-        result = cluster.vertex(
+        result, got = _run(
+            cluster,
             module,
-            tmp_path / "in",
-            tmp_path / "out",
-            partitions=4,
-            max_supersteps=50,
-            checkpoint_every=checkpoint_every,
-            data_dir=tmp_path / "data",
+            tmp_path,
+            50,
+            checkpoint_every,
             lost_after=600.0,  # found by the server or the retry's heartbeat, not by a timer
         )
     assert (tmp_path / "killed").exists(), "no core was killed"
@@ -212,8 +223,6 @@ def test_a_core_sigkilled_mid_superstep_loses_and_repeats_no_message(
     assert result.supersteps == ref.supersteps == 7
     assert result.aggregates == ref.reports[-1].aggregates
     assert result.messages == sum(r.delivered for r in ref.reports)
-    out = tmp_path / "out"
-    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
     assert got == parse_output(sum(ref.partitions, []))
 
 
@@ -326,16 +335,7 @@ def test_a_worker_woken_after_the_rollback_writes_nothing_a_newer_attempt_reads(
             assert _tree(scratch) == before
 
         try:
-            result = cluster.vertex(
-                module,
-                tmp_path / "in",
-                out,
-                partitions=4,
-                max_supersteps=last,
-                checkpoint_every=2,
-                data_dir=data,
-                on_superstep=on_superstep,
-            )
+            result, got = _run(cluster, module, tmp_path, last, 2, on_superstep=on_superstep)
         finally:
             if marker.exists() and not woken:
                 os.kill(int(marker.read_text().split()[0]), signal.SIGCONT)
@@ -344,5 +344,4 @@ def test_a_worker_woken_after_the_rollback_writes_nothing_a_newer_attempt_reads(
     assert result.supersteps == ref.supersteps == last
     assert not list(tmp_path.glob(".out.remap-*"))
     assert not any((data / "im").iterdir())
-    got = parse_output(sum((p.read_text().splitlines() for p in sorted(out.glob("part-*"))), []))
     assert got == parse_output(sum(ref.partitions, []))
