@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet import defer
@@ -516,6 +518,94 @@ def _closed_within(conn, trickle: bytes, deadline: float) -> float | None:
             except OSError:
                 return time.monotonic() - start
     return None
+
+
+def _never_reading(served: Served, request: bytes, monkeypatch) -> tuple[Any, Any]:
+    """A client with a tiny receive buffer that sends ``request`` (as much of it as the server
+    takes) and never reads; the server's channel for it."""
+    import socket
+
+    import remap.server.http as web
+
+    channels: list[Any] = []
+    build = web.BoundedSite.buildProtocol
+
+    def spy(site: Any, addr: Any) -> Any:
+        channels.append(build(site, addr))
+        return channels[-1]
+
+    monkeypatch.setattr(web.BoundedSite, "buildProtocol", spy)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    sock.connect(("127.0.0.1", served.port))
+    sock.setblocking(False)
+    try:
+        while request:
+            request = request[sock.send(request) :]
+    except BlockingIOError:  # the server reads no more of it
+        pass
+    wait = time.monotonic() + 10
+    while not runtime.run(lambda: channels and channels[0].transport, timeout=10):
+        assert time.monotonic() < wait, "the server never accepted the connection"
+    return sock, channels[0]
+
+
+def _held_until_cut(channel: Any, deadline: float) -> int:
+    """The most bytes the server held queued for ``channel`` (its transport's buffer) until it
+    cut the connection, at most ``deadline`` s."""
+
+    def held() -> int | None:
+        t = channel.transport
+        return None if t.disconnected else len(t.dataBuffer) - t.offset + t._tempDataLen
+
+    most, end = 0, time.monotonic() + deadline
+    while (now := runtime.run(held, timeout=10)) is not None:
+        assert time.monotonic() < end, f"not cut in {deadline} s (holding {now} bytes)"
+        most = max(most, now)
+    return most
+
+
+def test_a_pipeline_never_read_gets_a_buffer_of_answers_then_is_cut(monkeypatch) -> None:
+    """Real socket: a client without credentials pipelines health checks (the one public route,
+    kept alive) and never reads. The server stops reading and answering once its buffer for the
+    client is full, so it holds about 64 KiB for it (it answered every request read, the
+    buffer growing by megabytes a second), and cuts it after the idle timeout and the close
+    timeout."""
+    import remap.server.http as web
+
+    monkeypatch.setattr(web, "IDLE_TIMEOUT", 1)
+    served = Served(Settings(http_port=0, handshake_timeout=1))
+    try:
+        request = f"GET /healthz HTTP/1.1\r\nHost: {served.host}\r\n\r\n".encode()
+        sock, channel = _never_reading(served, request * 100_000, monkeypatch)
+        with sock:
+            assert _held_until_cut(channel, 30) < 2 * 65536
+    finally:
+        served.stop()
+
+
+def test_an_event_stream_never_read_is_cut_after_the_idle_timeout(monkeypatch) -> None:
+    """Real socket: a viewer with a tiny receive buffer that stops reading the event stream
+    (the server skips snapshots for it) is cut once the server's buffer for it has not drained
+    for the idle timeout (it stayed for ever: the idle timeout is off while a response is
+    written)."""
+    import remap.server.http as web
+
+    monkeypatch.setattr(web, "IDLE_TIMEOUT", 1)
+    served = Served(Settings(http_port=0, handshake_timeout=1), tick=0.02)
+    try:
+        for i in range(300):  # snapshots of about 17 KB fill the socket's buffers fast
+            served.add_job(name=f"job-{i}-" + "x" * 50)
+        request = (
+            f"GET /api/v1/events HTTP/1.1\r\nHost: {served.host}\r\n"
+            f"Authorization: Bearer {served.token}\r\n\r\n".encode()
+        )
+        sock, channel = _never_reading(served, request, monkeypatch)
+        with sock:
+            _held_until_cut(channel, 30)
+        assert runtime.run(lambda: len(served.http.app.hub.viewers), timeout=10) == 0
+    finally:
+        served.stop()
 
 
 def test_a_trickled_request_is_dropped_at_the_idle_timeout(monkeypatch) -> None:

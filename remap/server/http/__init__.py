@@ -70,6 +70,25 @@ class BoundedChannel(HTTPChannel):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         super().loseConnection()
 
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's name
+        """The client takes nothing more: read and answer nothing more of what it sent, and a
+        response being written counts as idle. Twisted answered the requests it had read while
+        the client read nothing (a pipeline of health checks buffered their answers without
+        bound) and kept its idle timeout off for a response, so a stream the client stopped
+        reading held its connection for ever."""
+        super().pauseProducing()
+        self.paused = True  # (LineReceiver parses nothing more of what it holds)
+        self._networkProducer.pauseProducing()
+        if self._handlingRequest:
+            self.setTimeout(self._savedTimeOut)  # (Twisted set the idle timeout aside)
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's name
+        super().resumeProducing()
+        if self._handlingRequest:
+            self.setTimeout(None)
+        self.paused = False
+        self.dataReceived(b"")  # what it held
+
     def connectionLost(self, reason: Any) -> None:  # noqa: N802
         if self.slot is not None:
             self.slot.release()
