@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partialmethod
 from typing import Any
 
 import cloudpickle
@@ -393,20 +394,10 @@ class JobSession:
         as :meth:`results` does; else None (then :meth:`results` takes it)."""
         if msg.count != 1 or msg.errors or msg.partial or self.finished or self.keep_arguments:
             return None
-        payload = msg.payload
-        try:
-            if msg.packed:
-                values = pickle.loads(payload)
-                if type(values) is not list or len(values) != 1:
-                    return None
-                value = values[0]
-            elif len(msg.sizes) == 1 and msg.sizes[0] == len(payload):
-                value = pickle.loads(payload)
-            else:
-                return None
-        except Exception:
+        values, unreadable = _unpack(msg, {}, 1) if msg.packed else _load_each(msg, {})
+        if unreadable or len(values) != 1:
             return None
-        index = msg.start
+        value, index = values[0], msg.start
         if self._unanswered is not None:
             self._unanswered.answered_one(index)
         self.done += 1
@@ -1593,8 +1584,16 @@ class ClusterClient:
         """A caller's request whose reply is its ``info``."""
         return self._request(build, wait=True).addCallback(lambda r: r.info)
 
-    def kill(self, job: int) -> defer.Deferred:
-        return self._info(lambda rid: m.Kill(id=rid, job=job))
+    def _ask(self, message: Callable[..., m.Message], *fields: Any) -> defer.Deferred:
+        """:meth:`_info` of ``message(request id, *fields)``."""
+        return self._info(lambda rid: message(rid, *fields))
+
+    kill = partialmethod(_ask, m.Kill)
+    kill_cluster = partialmethod(_ask, m.KillCluster)
+    drain = partialmethod(_ask, m.Drain)
+    undrain = partialmethod(_ask, m.Undrain)
+    exclude = partialmethod(_ask, m.Exclude)
+    include = partialmethod(_ask, m.Include)
 
     def drive(self, kind: str, name: str, job: str, shipped: bytes) -> defer.Deferred:
         """Have the server run a data or vertex job's driver, detached; fires with its id.
@@ -1622,21 +1621,6 @@ class ClusterClient:
     def kill_quietly(self, job: int | None) -> None:
         if job is not None and self.link is not None:
             self.kill(job).addErrback(lambda _f: None)
-
-    def kill_cluster(self) -> defer.Deferred:
-        return self._info(lambda rid: m.KillCluster(id=rid))
-
-    def drain(self, node: str) -> defer.Deferred:
-        return self._info(lambda rid: m.Drain(id=rid, node=node))
-
-    def undrain(self, node: str) -> defer.Deferred:
-        return self._info(lambda rid: m.Undrain(id=rid, node=node))
-
-    def exclude(self, node: str) -> defer.Deferred:
-        return self._info(lambda rid: m.Exclude(id=rid, node=node))
-
-    def include(self, node: str) -> defer.Deferred:
-        return self._info(lambda rid: m.Include(id=rid, node=node))
 
     def submit(self, stream: JobStream) -> None:
         """Start a job (reactor thread); its end reaches ``stream``'s consumer as an event."""
