@@ -13,6 +13,7 @@ results it has consumed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import itertools
 import operator
@@ -757,10 +758,10 @@ class ResultIterator(Iterator[Any]):
     def __del__(self) -> None:
         if self._closed or self._stream.finished.is_set():
             return
-        try:
+        with contextlib.suppress(
+            Exception
+        ):  # interpreter shutdown: the reactor may be gone already
             self._stream.kill_soon()
-        except Exception:  # interpreter shutdown: the reactor may be gone already
-            pass
 
 
 #: what :meth:`ResultIterator._next` returns when it would wait and may not

@@ -14,6 +14,7 @@ bytes, msgpack: nothing a server unpacks runs code), which the server writes wit
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pickle
@@ -342,10 +343,8 @@ def node_root(node_pid: int, create: bool = False) -> Path | None:
     directory in it, whose modules a core would import. ValueError (one line) for that."""
     path = node_dir(node_pid)
     if create:
-        try:
+        with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
     try:
         info = os.lstat(path)
     except FileNotFoundError:

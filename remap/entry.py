@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -79,8 +80,6 @@ def react_main(
             start_logging("error")  # the error is the last line, not "Main loop terminated."
             print(line, file=sys.stderr)
 
-    try:
+    with contextlib.suppress(SystemExit):
         task.react(lambda r: defer.ensureDeferred(go(r)))
-    except SystemExit:
-        pass
     return code[0]

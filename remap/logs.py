@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -47,16 +48,12 @@ class _CurrentStderr:
 
     def write(self, text: str) -> None:
         stream = sys.stderr or sys.__stderr__
-        try:
+        with contextlib.suppress(ValueError):  # closed: nowhere left to say it
             stream.write(text)
-        except ValueError:  # closed: nowhere left to say it
-            pass
 
     def flush(self) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             (sys.stderr or sys.__stderr__).flush()
-        except ValueError:
-            pass
 
 
 def log_observer(

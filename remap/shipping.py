@@ -12,6 +12,7 @@ This module is what cores import to unpickle a job: it stays small and imports n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import linecache
@@ -106,10 +107,8 @@ def _attributes(obj: Any) -> list[Any]:
         for name in (slots,) if isinstance(slots, str) else slots:
             descriptor = cls.__dict__.get(name)
             if isinstance(descriptor, types.MemberDescriptorType):
-                try:
+                with contextlib.suppress(AttributeError):  # an empty slot
                     values.append(descriptor.__get__(obj, cls))
-                except AttributeError:  # an empty slot
-                    pass
     return values
 
 

@@ -8,6 +8,7 @@ nothing at all arrived for ``interval * misses``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import itertools
@@ -334,10 +335,8 @@ class PeerProtocol(Protocol):
         # small frames (a single call, a grant) must not wait ~40 ms for a delayed ACK
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
-            try:
+            with contextlib.suppress(OSError):  # not a TCP socket after all (e.g. a UNIX socket)
                 set_no_delay(True)
-            except OSError:  # not a TCP socket after all (e.g. a UNIX socket)
-                pass
         self._socket = _plain_tcp(self.transport)
         if self._socket is not None:
             self._sending = SendQueue(self.transport, self._socket)

@@ -12,6 +12,7 @@ line), ``output`` (what the tasks printed, batched), ``end`` (state, message, su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -373,10 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detached job {state}{': ' + message if message else ''}", file=sys.stderr)
     sys.stderr.flush()
     if session is not None:
-        try:
+        with contextlib.suppress(Exception):  # leaving anyway
             session.close()
-        except Exception:  # noqa: BLE001 - leaving anyway
-            pass
     os._exit(0 if state == "done" else 1)  # the reactor thread is a daemon: do not wait on it
 
 

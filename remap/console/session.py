@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -119,10 +120,8 @@ class Session:
         if self.client is not None:
             runtime.run(self.client.close, timeout=5)
         if self.embedded is not None:
-            try:
+            with contextlib.suppress(Exception):  # shutting down anyway; children die with us
                 runtime.run(self.embedded.stop, timeout=15)
-            except Exception:  # shutting down anyway; children die with us
-                pass
             self.embedded = None
         self.client = None
 

@@ -11,6 +11,7 @@ are removed, and ``result`` says ``FAIL`` or ``INCOMPLETE``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -493,10 +494,8 @@ class DataJobRunner:
             and not current.run.finished.is_set()
         ):
             job_id = current.run.job_id
-            try:
+            with contextlib.suppress(RemapError, TimeoutError, concurrent.futures.TimeoutError):
                 runtime.run(lambda: self.client.kill(job_id), timeout=5)
-            except (RemapError, TimeoutError, concurrent.futures.TimeoutError):
-                pass
 
     def _finish(self, state: str) -> None:
         """Remove intermediate files (and the unpublished output), write progress and result."""

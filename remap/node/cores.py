@@ -8,6 +8,7 @@ C still stops. A core's life changes only along :data:`CORE_TRANSITIONS`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import functools
@@ -190,12 +191,7 @@ class CoreProcess(ProcessProtocol):
     def _read(self, data: bytes) -> None:
         """Bytes from the answer pipe (a whole small frame, the usual answer, handled here)."""
         frame = self._decoder.whole(data)
-        if frame is None:
-            self._answers(self._decoder.feed(data))
-        elif self.pool.read_turn is None:
-            self._answer(frame)
-        else:
-            self.pool.read_turn(self._handle_answers, [frame])
+        self._answers(self._decoder.feed(data) if frame is None else [frame])
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
@@ -236,10 +232,8 @@ class CoreProcess(ProcessProtocol):
         self.cancel_start_deadline()
         self.move(CoreLife.DEAD)
         self.slot_at_death = self.running()
-        try:
+        with contextlib.suppress(BufferError, ValueError):
             self.shm.close()
-        except (BufferError, ValueError):
-            pass
         os.close(self.shm_fd)
         self.pool._core_ended(self, reason)
 
@@ -272,10 +266,8 @@ class CoreProcess(ProcessProtocol):
         self.move(CoreLife.KILLING)
         self.kill_reason = why
         self.kill_at = self.running() if at is None else (at, 1)
-        try:
+        with contextlib.suppress(Exception):  # already gone: processEnded follows
             self.transport.signalProcess("KILL")
-        except Exception:  # already gone: processEnded follows
-            pass
 
 
 class CorePool:
@@ -554,15 +546,10 @@ class CorePool:
 
     def _died_starting(self, core: CoreProcess, detail: str) -> None:
         """One more core lost before "ready" (none ready since the last): from the third in a
-        row on, restarts back off."""
+        row on, the waiting cores restart after a delay that doubles each time (one pending at
+        a time), with one log line when cores start dying at start, or die of something else."""
         self._start_deaths += 1
-        if self._start_deaths >= START_DEATHS_BEFORE_BACKOFF:
-            self._back_off(core, detail)
-
-    def _back_off(self, core: CoreProcess, detail: str) -> None:
-        """Restart the waiting cores after a delay that doubles each time (one pending at a
-        time); one log line when cores start dying at start, or die of something else."""
-        if self._restart_call is not None:
+        if self._start_deaths < START_DEATHS_BEFORE_BACKOFF or self._restart_call is not None:
             return
         lines = core.start_stderr.decode(errors="replace").strip().splitlines()
         why = detail + (f"): {lines[-1].strip()[:300]}" if lines else ")")

@@ -12,6 +12,7 @@ intermediate files are removed here and ``result`` says ``INCOMPLETE`` with the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -423,10 +424,8 @@ class Drivers:
         )
 
     def _signal(self, job: DrivenJob, sig: str) -> None:
-        try:
+        with contextlib.suppress(Exception):  # ProcessExitedAlready: processEnded follows
             job.transport.signalProcess(sig)
-        except Exception:  # noqa: BLE001 - ProcessExitedAlready: processEnded follows
-            pass
 
     def event(self, job: DrivenJob, line: bytes) -> None:
         """One JSON line from a driver: ``started``, ``progress`` or ``end``."""
