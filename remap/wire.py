@@ -526,11 +526,7 @@ class PeerProtocol(Protocol):
     def send(self, msg: m.Message) -> None:
         """Send, or drop quietly once the connection is closing (a handler may still answer a
         message read with the frame that ended it)."""
-        if self.transport is None or not self.open or self.conn.state is not _OPEN:
-            return
-        self._write(*m.encode(msg))
-        if self._on_congestion is not None and not self.congested:
-            self._check_backlog()
+        self.send_encoded(*m.encode(msg))
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
         """:meth:`send` of a message already encoded (a core's answer, forwarded as it came)."""
