@@ -1025,14 +1025,6 @@ class JobStream:
             count, nbytes = mark_count, mark_bytes
         return nbytes
 
-    def _arrived_results(self, count: int, nbytes: int) -> None:
-        """Reactor thread: ``count`` results of ``nbytes`` go to the consumer as events."""
-        with self.lock:
-            self._arrived += count
-            self._arrived_bytes += nbytes
-            self._marks.append((self._arrived, self._arrived_bytes))
-        self._regulate()
-
     def _regulate(self) -> None:
         """Reactor thread: hold the job while over ``result_buffer`` bytes of results wait (and
         the consumer is not waiting); go on at half of that. Calls already on nodes still
@@ -1090,7 +1082,11 @@ class JobStream:
                     return
             self.session.results(msg)
             if self.result_buffer:  # counted before the consumer may take them (see wanting)
-                self._arrived_results(len(msg.answered), len(msg.payload))
+                with self.lock:
+                    self._arrived += len(msg.answered)
+                    self._arrived_bytes += len(msg.payload)
+                    self._marks.append((self._arrived, self._arrived_bytes))
+                self._regulate()
             self._flush()
 
     def notice(self, text: str) -> None:
@@ -1545,7 +1541,9 @@ class ClusterClient:
         if not self.redialing:
             if self.link is not None or not self.dials_on_use:
                 return False
-            self._dial_on_use()
+            # lost while idle: one dial, which later calls wait for
+            self.redialing = True
+            self._dial(self._dial_on_use_failed)
         self._parked.append((go, fail))
         return True
 
@@ -1792,11 +1790,6 @@ class ClusterClient:
         assert self.redial is not None
         d = defer.maybeDeferred(self.redial)
         d.addCallbacks(lambda _link: self._resume_runs(), errback)
-
-    def _dial_on_use(self) -> None:
-        """A call on a connection lost while idle: one dial, which later calls wait for."""
-        self.redialing = True
-        self._dial(self._dial_on_use_failed)
 
     def _dial_on_use_failed(self, exc: Exception) -> None:
         if not isinstance(exc, RemapError):  # a bug of the dial: still one line for the call

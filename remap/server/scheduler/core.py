@@ -234,22 +234,19 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     def node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> None:
         """:class:`NodeSaid`, its effects performed (what ``runner.apply(handle(...))`` does),
         each send as soon as it is decided (see :meth:`_send`)."""
-        self._eager = True
-        try:
-            effects = self._node_said(node, msg)
-        finally:
-            self._eager = False
-        if effects:  # (mostly sent already)
-            self.runner.apply(effects)
+        self._eagerly(self._node_said, node, msg)
 
     def console_said(self, link: Any, msg: m.Args | m.ArgsEnd) -> None:
         """:class:`ConsoleSaid`, its effects performed, each send as soon as it is decided."""
+        self._eagerly(self._console_said, link, msg)
+
+    def _eagerly(self, said: Any, peer: Any, msg: m.Message) -> None:
         self._eager = True
         try:
-            effects = self._console_said(link, msg)
+            effects = said(peer, msg)
         finally:
             self._eager = False
-        if effects:
+        if effects:  # (mostly sent already)
             self.runner.apply(effects)
 
     def _node_said(self, node: str, msg: m.TaskResult | m.TaskFailed | m.Heartbeat) -> list[Effect]:
