@@ -187,8 +187,8 @@ def _spill_all(records, spill_bytes, combine=None, tmp_path=None):
         purposes=[str(b) for b in range(3)],
     )
     for bucket, key, value in records:
-        buffer.add(str(bucket), key, value)
-        if buffer.full:
+        buffer.extend([(str(bucket), key, value)])
+        if buffer.size >= buffer.spill_bytes:
             buffer.flush()
     buffer.flush()
     return out, buffer
@@ -233,7 +233,7 @@ def test_mutable_values_are_captured_when_emitted() -> None:
     buffer = runs.SpillBuffer(
         1 << 20, lambda b, recs: out.extend(recs), lambda p, k, e: 0, purposes=["p"]
     )
-    buffer.add("p", "k", value)
+    buffer.extend([("p", "k", value)])
     value.append(2)
     buffer.flush()
     assert keys.decode_value(out[0][1]) == [1]
@@ -557,7 +557,7 @@ def test_a_hot_key_folds_in_memory_instead_of_spilling() -> None:
     )
     for _ in range(300):
         buffer.extend([("hot", 1)] * 10)
-        if buffer.full:
+        if buffer.size >= buffer.spill_bytes:
             buffer.relieve()
     assert buffer.spills == 0
     buffer.flush()

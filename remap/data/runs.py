@@ -187,13 +187,9 @@ class SpillBuffer:
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
         self._fast = self._stores.get(self._default)  # where plain pairs go
 
-    def add(self, purpose: str, key: Any, value: Any) -> None:
-        """Buffer one record of a purpose."""
-        self.extend(((purpose, key, value),))
-
     def extend(self, outputs: Iterable[Any]) -> None:
         """Buffer everything one ``map`` call yields: ``(key, value)`` for the default purpose,
-        ``(purpose, key, value)`` for a named one. The caller spills once :attr:`full`, so an
+        ``(purpose, key, value)`` for a named one. The caller spills once :attr:`size` reaches ``spill_bytes``, so an
         error in user code while spilling (a partitioner, say) is never taken for the record's.
         A text key with a plain value for the default purpose takes a short path."""
         fast = self._fast
@@ -321,10 +317,6 @@ class SpillBuffer:
         folded = combine_values(combine, key, _values(values) if mixed else iter(values))
         slots[ident] = folded
         return VALUE_OVERHEAD * (len(values) - len(folded))
-
-    @property
-    def full(self) -> bool:
-        return self.size >= self.spill_bytes
 
     def relieve(self) -> None:
         """The buffer is full: combine every key's values in memory first (hot keys fold to
