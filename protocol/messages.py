@@ -53,7 +53,7 @@ class Message:
     PREAUTH: ClassVar[bool] = False
     #: "wire", "pipe" (a node and its cores) or "both"; refused as unknown on the other channel
     CHANNEL: ClassVar[str] = "wire"
-    #: ``cls(**fields)`` without ``__init__`` (:func:`_maker`); none with a ``__post_init__``
+    #: ``cls(**fields)`` without ``__init__`` (:func:`_maker`), generated on first use
     make: ClassVar[Any]
     payload: bytes
 
@@ -67,10 +67,18 @@ def _anything(value: Any) -> bool:
 
 
 def message(cls):
-    """Class decorator: make a frozen dataclass and register it in the catalogue."""
+    """Class decorator: make a frozen dataclass and register it in the catalogue; its codecs
+    and ``make`` are generated when first used (:func:`_generate`), so a process builds only
+    those of the messages it sends or reads (a core: the pipe's few)."""
     cls = dataclass(frozen=True, slots=True)(cls)
     if not cls.TYPE or cls.TYPE in _REGISTRY:
         raise TypeError(f"message type {cls.TYPE!r} missing or registered twice")
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+def _generate(cls: type[Message]) -> None:
+    """Generate ``cls``'s encoder, decoders and ``make`` from its fields."""
     hints = typing.get_type_hints(cls)
     specs = []
     inline: dict[str, str | None] = {}
@@ -94,15 +102,25 @@ def message(cls):
         else:
             check = lambda v, r=record: not r.problem(v)  # noqa: E731
         specs.append((f.name, check, default))
-    _REGISTRY[cls.TYPE] = cls
-    _ENCODERS[cls], _DECODERS[cls], _SHAPERS[cls] = _codecs(cls, tuple(specs), inline)
+    # ``cls(**fields)`` for one with its own rules (``__post_init__``): they judge the values
+    cls.make = cls if hasattr(cls, "__post_init__") else staticmethod(_maker(cls))
+    encoder, decoder, _SHAPERS[cls] = _codecs(cls, tuple(specs), inline)
     shapes: dict[tuple[str, ...], Any] = {}
     for channel, known in _CHANNELS.items():
         if cls.CHANNEL in (channel, "both"):
-            known[cls.TYPE] = (cls, _DECODERS[cls], shapes)
-    if not hasattr(cls, "__post_init__"):
-        cls.make = staticmethod(_maker(cls))
-    return cls
+            known[cls.TYPE] = (cls, decoder, shapes)
+    _ENCODERS[cls] = encoder  # last: another thread finding it finds the rest too
+
+
+class _Make:
+    """``Message.make`` until a class's own is generated (:func:`_generate`)."""
+
+    def __get__(self, msg: Any, cls: type[Message]) -> Any:
+        _generate(cls)
+        return cls.make
+
+
+Message.make = _Make()
 
 
 def _builder(cls: type) -> type:
@@ -153,12 +171,12 @@ def _maker(cls: type) -> Any:
     return namespace["make"]
 
 
-#: per class, generated: msg → header bytes, (header map without "t", payload) → msg
+#: per class, generated on first use: msg → (header bytes, payload)
 _ENCODERS: dict[type[Message], Any] = {}
-_DECODERS: dict[type[Message], Any] = {}
 #: per class: header keys (in order, without "t") → a decoder for maps of exactly those keys
 _SHAPERS: dict[type[Message], Any] = {}
-#: per channel: type name → (class, decoder, decoders of the header shapes seen, by keys)
+#: per channel: type name → (class, decoder, decoders of the header shapes seen, by keys), for
+#: the classes generated (:func:`_generate`)
 _CHANNELS: dict[str, dict[str, tuple[type[Message], Any, dict[tuple[str, ...], Any]]]] = {
     "wire": {},
     "pipe": {},
@@ -337,7 +355,10 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
     """Return ``(header, payload)`` for a message."""
     encoder = _ENCODERS.get(type(msg))
     if encoder is None:
-        raise LocalProtocolError(f"{type(msg).__name__} is not a registered message")
+        if _REGISTRY.get(getattr(msg, "TYPE", None)) is not type(msg):
+            raise LocalProtocolError(f"{type(msg).__name__} is not a registered message")
+        _generate(type(msg))
+        encoder = _ENCODERS[type(msg)]
     try:
         return encoder(msg)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -362,8 +383,12 @@ def decode(
         raise RemoteProtocolError("header has no message type")
     known = _CHANNELS[channel].get(type_name)
     if known is None:
-        re = data.get("id")
-        raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
+        cls = _REGISTRY.get(type_name)
+        if cls is None or cls.CHANNEL not in (channel, "both"):
+            re = data.get("id")
+            raise UnknownMessageType(type_name[:64], re if type(re) is int else None)
+        _generate(cls)
+        known = _CHANNELS[channel][type_name]
     cls, decoder, shapes = known
     if preauth and not cls.PREAUTH:
         raise RemoteProtocolError(f"message {type_name!r} is not allowed before authentication")
