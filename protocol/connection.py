@@ -333,20 +333,25 @@ class Connection:
         error.peer_message = words  # the peer's own words, for a caller's line
         return ConnectionFailed(error)
 
-    def _check_versions(self, version: int, python: str, cloudpickle: str) -> None:
+    @staticmethod
+    def _check_protocol(version: int) -> None:
         if version != m.PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"protocol version {version} is not supported (this side speaks {m.PROTOCOL_VERSION})"
             )
-        if python != self._python:
+
+    def _check_versions(self, hello: m.Hello) -> None:
+        """The server's check of a client that proved the secret (told no one else)."""
+        role = hello.role
+        if hello.python != self._python:
             raise VersionMismatch(
-                f"Python {python} on the other side, {self._python} here: pickles are not "
-                "portable between Python versions; run the same Python everywhere"
+                f"the {role} runs Python {hello.python}, the server Python {self._python}: "
+                "pickles are not portable between Python versions; run the same Python everywhere"
             )
-        if cloudpickle != self._cloudpickle:
+        if hello.cloudpickle != self._cloudpickle:
             raise VersionMismatch(
-                f"cloudpickle {cloudpickle} on the other side, {self._cloudpickle} here: "
-                "install the same cloudpickle version everywhere"
+                f"the {role} has cloudpickle {hello.cloudpickle}, the server cloudpickle "
+                f"{self._cloudpickle}: install the same cloudpickle version everywhere"
             )
 
     def _proof(self, label: bytes, last: bytes) -> bytes:
@@ -366,7 +371,8 @@ class Connection:
                 raise RemoteProtocolError(f"unknown role {msg.role!r}")
             if len(msg.nonce) != NONCE_SIZE:
                 raise RemoteProtocolError("bad nonce length")
-            self._check_versions(msg.version, msg.python, msg.cloudpickle)
+            self._check_protocol(msg.version)
+            self._hello = msg
             self.peer_role = msg.role
             self._peer_name = msg.name
             if msg.max_frame > 0:  # (a nonsensical limit is not said: the default holds)
@@ -388,13 +394,7 @@ class Connection:
                 raise RemoteProtocolError("peer reflected our nonce")
             proof = self._proof(_SERVER_LABEL, self._my_nonce)
             challenge = self._queue(
-                m.Challenge(
-                    version=m.PROTOCOL_VERSION,
-                    python=self._python,
-                    cloudpickle=self._cloudpickle,
-                    nonce=self._my_nonce,
-                    proof=proof,
-                )
+                m.Challenge(version=m.PROTOCOL_VERSION, nonce=self._my_nonce, proof=proof)
             )
             self._expected_client_proof = self._proof(_CLIENT_LABEL, _digest(challenge))
             self._stage = "auth"
@@ -406,6 +406,7 @@ class Connection:
                     f"authentication failed: the peer does not hold {who} "
                     "(check REMAP_SECRET_KEY and REMAP_USER)"
                 )
+            self._check_versions(self._hello)
             self.session = self._nonce_source(8).hex()
             self._queue(
                 m.Welcome(
@@ -420,7 +421,7 @@ class Connection:
 
     def _client_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if self._stage == "challenge" and isinstance(msg, m.Challenge):
-            self._check_versions(msg.version, msg.python, msg.cloudpickle)
+            self._check_protocol(msg.version)
             expected = self._proof(_SERVER_LABEL, msg.nonce)
             if not hmac.compare_digest(msg.proof, expected):
                 raise AuthError(

@@ -30,7 +30,7 @@ from .status import JobStatus, NodeStatus, ServerStatus
 
 #: bump whenever the catalogue's fingerprint (:func:`catalogue_fingerprint`) changes, so peers of
 #: different catalogues refuse each other at the hello instead of failing mid-job
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: arguments a console may send before ``submitted`` (with ``job = -submit.id``): no round trip
 INITIAL_WINDOW = 256
@@ -498,13 +498,12 @@ class Hello(Message):
 
 @message
 class Challenge(Message):
-    """Server → client: my versions, my nonce, and my proof over your nonce."""
+    """Server → client: my protocol version, my nonce, and my proof over your nonce (my Python
+    and cloudpickle versions are no one's business before their proof)."""
 
     TYPE = "challenge"
     PREAUTH = True
     version: int
-    python: str
-    cloudpickle: str
     nonce: bytes
     proof: bytes
 
