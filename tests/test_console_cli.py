@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from remap.client import JobOutcome, JobStream
 from remap.console.main import COMMANDS, Console, Shell, UsageError, build_parser
 from remap.console.session import Session
 from remap.errors import JobFailed
-from remap.settings import load_settings
+from remap.settings import ENV_DOC, load_settings
 from tests.cluster_harness import (
     CONSOLE_SCRIPT,
     JOBS,
@@ -179,6 +180,23 @@ def test_node_commands_help_names_every_way_to_name_a_node(name: str) -> None:
 # ---------------------------------------------------------------------- help and usage
 
 
+#: per entry point: some settings its --help must list, and some it must not (another's)
+HELP_SETTINGS = {
+    "remap-server": (
+        ["REMAP_SECRET_KEY", "REMAP_TLS_CERT", "REMAP_HANDSHAKE_TIMEOUT", "REMAP_JOURNAL"],
+        ["REMAP_CORES", "REMAP_CORE_START_TIMEOUT", "REMAP_SERVER", "REMAP_TASK_OUTPUT"],
+    ),
+    "remap-node": (
+        ["REMAP_SECRET_KEY", "REMAP_TLS_CA", "REMAP_CORE_START_TIMEOUT", "REMAP_NODE_NAME"],
+        ["REMAP_JOURNAL", "REMAP_HTTP_PORT", "REMAP_USER", "REMAP_TASK_OUTPUT"],
+    ),
+    "remap": (
+        ["REMAP_SERVER", "REMAP_SECRET_KEY", "REMAP_TLS_KEY", "REMAP_USER", "REMAP_TASK_OUTPUT"],
+        ["REMAP_JOURNAL", "REMAP_MAX_HANDSHAKING", "REMAP_NODE_NAME"],
+    ),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "prog", "flags"),
@@ -189,12 +207,23 @@ def test_node_commands_help_names_every_way_to_name_a_node(name: str) -> None:
     ],
 )
 def test_help_of_each_entry_point(tmp_path: Path, script: str, prog: str, flags: list[str]) -> None:
-    """--help of server, node and console exits 0 and documents their flags."""
+    """--help of server, node and console exits 0, documents their flags and ends with the
+    REMAP_* settings that configure that program, each with its default and meaning, from
+    remap/settings.py's table (the same text .env.example has)."""
     done = run_entry(script, "--help", home=tmp_path, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: {prog}"), done.stdout
     for flag in flags:
         assert flag in done.stdout, f"{flag} missing from:\n{done.stdout}"
+    settings = done.stdout.partition("\nsettings (environment or .env; a flag wins)")[2]
+    listed = dict(re.findall(r"^  (REMAP_\w+)=(.*)$", settings, re.M))
+    shown, hidden = HELP_SETTINGS[prog]
+    assert set(shown) <= set(listed) and not set(hidden) & set(listed), settings
+    documented = {variable: (default, comment) for variable, default, comment in ENV_DOC}
+    assert all(listed[v] == documented[v][0] for v in listed), settings
+    last = [v for v in documented if v in listed][-1]  # the block is the end of the help
+    meaning = done.stdout.rsplit(f"  {last}={listed[last]}\n", 1)[1]
+    assert " ".join(meaning.split()) == documented[last][1]
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from remap.settings import (
     locate_env_file,
     parse_address,
     secret_bytes,
+    settings_help,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -420,6 +421,14 @@ def test_env_example_has_no_secret_and_says_how_to_make_one() -> None:
 def test_env_example_as_dotenv_gives_defaults() -> None:
     """Copied unchanged to .env, the example loads and changes nothing: its values are safe."""
     assert load_settings(environ={}, dotenv_path=EXAMPLE) == Settings()
+
+
+def test_every_setting_is_in_some_programs_help() -> None:
+    """Each setting is read by the server, a node or the console, so one of their --help texts
+    lists it, as ``NAME=DEFAULT`` (the default as .env.example writes it)."""
+    listed = "\n".join(settings_help(program) for program in ("server", "node", "console"))
+    for variable, default, _ in ENV_DOC:
+        assert f"\n  {variable}={default}\n" in listed, variable
 
 
 def test_env_doc_defaults_match_settings() -> None:

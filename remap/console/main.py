@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import EXIT_INTERRUPTED, JobFailed, JobKilled, OutputError, RemapError, one_line
 from ..jobfile import load_job
 from ..logs import start_logging
-from ..settings import load_settings, locate_env_file
+from ..settings import load_settings, locate_env_file, settings_help
 from ..sinks import os_reason, render_line
 from . import render
 from .session import Session, make_job_sink
@@ -215,7 +215,7 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="remap",
         description="Run a Python function over many arguments on every core you own.",
-        epilog=HELP + "\n" + EXIT_CODES,
+        epilog=f"{HELP}\n{EXIT_CODES}\n{settings_help('console')}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"remap {__version__}")

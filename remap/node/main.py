@@ -23,13 +23,16 @@ from ..errors import (
 )
 from ..malloc import keep_freed_memory
 from ..net import tls_enabled
-from ..settings import Settings, env_search_text, locate_env_file
+from ..settings import Settings, env_search_text, locate_env_file, settings_help
 from ..systemd import unit_args, unit_text
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="remap-node", description="A remap node: runs tasks on this machine's cores."
+        prog="remap-node",
+        description="A remap node: runs tasks on this machine's cores.",
+        epilog=settings_help("node"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--server",

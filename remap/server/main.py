@@ -16,7 +16,7 @@ from ..entry import daemon_settings, react_main, run_until_stopped
 from ..errors import ConfigError, RemapError, one_line
 from ..malloc import keep_freed_memory
 from ..net import tls_enabled
-from ..settings import load_settings, locate_env_file
+from ..settings import load_settings, locate_env_file, settings_help
 from ..systemd import unit_args, unit_text
 from .drivers import child_dial_host
 from .exclusion import ExclusionList, state_dir
@@ -27,7 +27,10 @@ from .statelock import StateLock
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="remap-server", description="The remap server: nodes and consoles connect here."
+        prog="remap-server",
+        description="The remap server: nodes and consoles connect here.",
+        epilog=settings_help("server"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--host",
