@@ -153,7 +153,7 @@ class _Calls:
         """One call's outcome (delivery thread; a result of ``waits``: the loop's)."""
         with self.lock:
             self.left -= 1
-            if self.future.done():  # failed already, or its caller gave up: dropped
+            if self.done():  # failed already, or its caller gave up: dropped
                 return
             if error is not None:
                 if self.executor._killed:  # killed, or no matter: the executor is gone
@@ -168,7 +168,10 @@ class _Calls:
                     self.future.set_result(self.values)
 
     def done(self) -> bool:
-        return self.future.done()
+        # the state read as is, without the future's condition (two Python calls, asked
+        # twice a call): it only ever moves on to settled
+        state = self.future._state
+        return state is not _RUNNING and state is not _PENDING
 
     def set_exception(self, error: BaseException) -> None:
         """Every call fails: ``error``, or, once the executor was killed, as a withdrawn one."""
@@ -202,8 +205,12 @@ def _call_blobs(star: bool, fn: Callable[..., Any], values: list[Any]) -> list[b
     are sent, at most ``FEED_MAX_BYTES`` ahead)."""
     blobs: list[bytes] = []
     size = 0
+    plain, dumps = _PLAIN_TYPES, pickle.dumps
     for k, value in enumerate(values):
-        blob = _call_blob(fn, tuple(value) if star else (value,), {}, f"argument {k}")
+        if not star and type(value) in plain:  # (_call_blob's, without a call to it)
+            blob = dumps(((value,), {}), PICKLE_PROTOCOL)
+        else:
+            blob = _call_blob(fn, tuple(value) if star else (value,), {}, f"argument {k}")
         size += len(blob)
         if size > SMALL_MAP_BYTES:
             return None
@@ -350,7 +357,7 @@ class _SubmitStream:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
         if type(future) is not RemoteFuture:  # a call of a group: sent in order, its place next
             place = future.place()
-            if future.future.done():  # the group failed or was given up: not sent
+            if future.done():  # the group failed or was given up: not sent
                 self._settled()
                 return False
             self.futures[index] = (future, place)

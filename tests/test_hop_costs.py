@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -740,3 +741,31 @@ def test_a_jobs_options_judge_only_what_is_not_a_default() -> None:
     assert python <= 8, python
     python, _ = entered(lambda: m.Submit.of(options, id=1, total=10, payload=b"x"))
     assert python <= 8, python
+
+
+def test_a_small_maps_calls_cost_no_python_call_each_to_pickle_and_two_to_settle() -> None:
+    """A ``Pool.map`` of at most ``SMALL_MAP`` values runs as calls in its executor's open
+    job: each plain value is pickled in ``_call_blobs``'s loop (``_call_blob`` was entered
+    per value) and each outcome settles its group entering ``settle`` and ``done`` only
+    (``done`` read the future's state through its condition: three Python calls, twice a
+    call with ``_on_send``'s). 100 settled: 413 Python calls before, 213 now."""
+    from types import SimpleNamespace
+
+    from remap.executor import _call_blobs, _Calls
+
+    python, _ = entered(lambda: _call_blobs(False, abs, list(range(100))))
+    assert python <= 1, python
+    assert _call_blobs(False, abs, [3, "x"]) == [
+        pickle.dumps(((3,), {}), 5),
+        pickle.dumps((("x",), {}), 5),
+    ]
+    groups = [_Calls(SimpleNamespace(_killed=None), 100, False) for _ in range(2)]
+
+    def settle_all() -> None:
+        group = groups.pop()
+        for k in range(100):
+            group.settle(k, k, None)
+        assert group.future.result(timeout=0) == list(range(100))
+
+    python, _ = entered(settle_all)
+    assert python <= 2 * 100 + 16, python  # (+ the future's set_result and result: 13)
