@@ -244,10 +244,9 @@ class Worker:
         except VertexError as exc:
             ack["error"] = str(exc)
             ack["traceback"] = user_traceback(exc)[-8000:]  # where the user's code raised
-        except FileNotFoundError:  # a file or folder of its epoch: stop if the epoch went
-            if self.layout.epoch(cmd.epoch).is_dir():
-                raise
-            raise _Superseded("its epoch's files are gone (rolled back or ended)") from None
+        except FileNotFoundError:  # its epoch's files went (a rollback, or the job's end):
+            if self.layout.epoch(cmd.epoch).is_dir():  # its ack goes unread, and the next
+                raise  # command says whether this worker is still a member
         self.phases.mark(cmd.kind)  # what a command did not mark itself
         ack["times"] = self.phases.take()
         return ack
