@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import json
 import re
 import threading
 import typing
@@ -57,6 +55,25 @@ class Message:
     make: ClassVar[Any]
     payload: bytes
 
+    # a frozen dataclass's, written once here: generated per message (3 compiles each), they
+    # were an eighth of a core's start (:func:`message`)
+    def _values(self) -> list[Any]:
+        return [getattr(self, name) for name in self.__slots__]  # the fields, in order
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={value!r}" for name, value in zip(self.__slots__, self._values())
+        )
+        return f"{type(self).__qualname__}({shown})"
+
 
 _REGISTRY: dict[str, type[Message]] = {}
 _MISSING = dataclasses.MISSING
@@ -70,7 +87,7 @@ def message(cls):
     """Class decorator: make a frozen dataclass and register it in the catalogue; its codecs
     and ``make`` are generated when first used (:func:`_generate`), so a process builds only
     those of the messages it sends or reads (a core: the pipe's few)."""
-    cls = dataclass(frozen=True, slots=True)(cls)
+    cls = dataclass(frozen=True, slots=True, eq=False, repr=False)(cls)  # (Message's)
     if not cls.TYPE or cls.TYPE in _REGISTRY:
         raise TypeError(f"message type {cls.TYPE!r} missing or registered twice")
     _REGISTRY[cls.TYPE] = cls
@@ -471,6 +488,9 @@ def catalogue_description() -> dict[str, Any]:
 def catalogue_fingerprint() -> str:
     """SHA-256 (hex, first 16 characters) of :func:`catalogue_description` as sorted JSON: a
     test pins it with ``PROTOCOL_VERSION``, so a catalogue change cannot ship unversioned."""
+    import hashlib  # here: a core never needs it (nor json)
+    import json
+
     text = json.dumps(catalogue_description(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -18,10 +18,8 @@ import contextlib
 import importlib.util
 import os
 import pickle
-import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -329,6 +327,8 @@ def write_tree(directory: Path, entries: dict[str, bytes]) -> None:
 
 def node_dir(node_pid: int) -> Path:
     """Where a node's jobs keep their directories (removed when the job or node ends)."""
+    import tempfile  # here: a core imports this module, and only a bundle needs it
+
     return Path(tempfile.gettempdir()) / f"remap-node-{node_pid}"
 
 
@@ -360,6 +360,9 @@ def node_root(node_pid: int, create: bool = False) -> Path | None:
 def install(job: int, modules: dict[str, bytes], files: dict[str, bytes]) -> Path:
     """Write the bundle into this node's directory for ``job`` (once: the first core wins the
     rename) and put its modules first on ``sys.path``."""
+    import shutil
+    import tempfile
+
     node_root(os.getppid(), create=True)  # (raises if someone else made it)
     final = job_path(os.getppid(), job)
     if not final.is_dir():

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_unwrap_installs_once_and_the_function_finds_its_modules(
 ) -> None:
     """On a core: the bundle lands in the job's directory, its modules import, job_file reads
     the data, and a hostile name cannot leave the directory."""
-    monkeypatch.setattr(bundle.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delenv(bundle.ENV, raising=False)
     modules = {"shipped_mod_x.py": b"VALUE = 41\n"}
@@ -170,7 +171,7 @@ def test_a_node_directory_someone_else_made_first_is_never_used(
         pytest.skip("needs root to give a directory to another user")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    monkeypatch.setattr(bundle.tempfile, "gettempdir", lambda: str(tmp))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delenv(bundle.ENV, raising=False)
     theirs = tmp_path / "theirs" if plant == "link" else bundle.node_dir(os.getppid())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import tempfile
 from typing import Any
 
 from protocol import messages as m
@@ -300,7 +301,7 @@ def test_a_core_enters_a_jobs_directory_only_when_it_shipped_one(tmp_path, monke
     from remap import bundle
     from remap.node import core as core_module
 
-    monkeypatch.setattr(bundle.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setenv(bundle.ENV, "stale")
     looked: list[int] = []
     real = core_module.enter_job

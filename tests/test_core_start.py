@@ -46,3 +46,33 @@ def test_the_core_entry_generates_no_message_codec_until_a_message_is_used() -> 
         " 'pipe': sorted(m._CHANNELS['pipe']), 'same': back == m.CoreReady(pid=7)}))\n"
     )
     assert seen == {"at_import": [], "after": ["core_ready"], "pipe": ["core_ready"], "same": True}
+
+
+def test_the_core_entry_leaves_out_what_a_core_needs_for_no_task() -> None:
+    """A core reads catalogue messages on its pipe; the handshake's modules (``protocol``'s
+    connection, ``hashlib``, ``hmac``; the catalogue's fingerprint: ``json``) and a job
+    bundle's (``shutil``, ``tempfile``) are not imported by the core's entry; no message class
+    has an ``__eq__``, ``__hash__`` or ``__repr__`` of its own (generated per class, they cost
+    a start three compiles each), and the messages compare, hash and print as the frozen
+    dataclasses they are."""
+    seen = fresh(
+        "import sys\n"
+        "import remap.node.core\n"
+        "left_out = ['protocol.connection', 'hashlib', 'hmac', 'json', 'shutil', 'tempfile']\n"
+        "loaded = [name for name in left_out if name in sys.modules]\n"
+        "import json\n"
+        "from protocol import messages as m\n"
+        "task = m.Task(task=1, job=2, sizes=[3], payload=b'x')\n"
+        "same = m.Task(task=1, job=2, sizes=[3], payload=b'x')\n"
+        "own = [n for c in m.message_types().values() for n in ('__eq__', '__hash__',"
+        " '__repr__') if n in vars(c)]\n"
+        "print(json.dumps({'loaded': loaded, 'own': own, 'repr': repr(task), 'eq': [task == same,"
+        " task == m.Task(task=1, job=3, sizes=[3]), task == 1, hash(m.CoreDrop(job=4)) =="
+        " hash(m.CoreDrop(job=4))]}))\n"
+    )
+    assert seen == {
+        "loaded": [],
+        "own": [],
+        "repr": "Task(task=1, job=2, sizes=[3], groups=[], skip=0, count=-1, payload=b'x')",
+        "eq": [True, False, False, True],
+    }
