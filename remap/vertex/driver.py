@@ -587,9 +587,8 @@ class Driver:
             raise JobFailed(f"every vertex worker was lost (last: {lost})")
         old, self.epoch = self.epoch, self.epoch + 1
         if self.checkpoint is not None:  # whole: no worker of the old epoch writes there now
-            kept = self.layout.checkpoint(self.epoch, self.checkpoint)
-            kept.parent.mkdir(parents=True)
-            os.rename(self.layout.checkpoint(old, self.checkpoint), kept)
+            c = self.checkpoint
+            os.renames(self.layout.checkpoint(old, c), self.layout.checkpoint(self.epoch, c))
         remove_tree(self.layout.epoch(old))
         self._deal()
         self.step = self.checkpoint
