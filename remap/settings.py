@@ -206,7 +206,7 @@ _TABLE: dict[str, tuple[str, str, Converter, str]] = {
     "http_port": ("sc", "REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
     "http_token": ("s", "REMAP_HTTP_TOKEN", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY"),
     "http_hosts": ("s", "REMAP_HTTP_HOSTS", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)"),
-    "http_max_connections": ("s", "REMAP_HTTP_MAX_CONNECTIONS", _integer(1), "connections the HTTP port holds open at once; one more is closed as soon as it is accepted"),
+    "http_max_connections": ("s", "REMAP_HTTP_MAX_CONNECTIONS", _integer(1), "connections the HTTP port holds open at once, half of them only for addresses that sent credentials before; one more is closed as soon as it is accepted"),
     "http_max_connections_per_host": ("s", "REMAP_HTTP_MAX_CONNECTIONS_PER_HOST", _integer(1), "of those, how many may come from one IP address"),
     "apps_dir": ("s", "REMAP_APPS_DIR", _text, "directory of the functions jobs submitted over HTTP may run; empty = no submitting over HTTP"),
     "discovery": ("snc", "REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),

@@ -369,8 +369,11 @@ def test_an_authorised_request_keeps_its_connection() -> None:
 
 def test_http_connections_are_capped_in_all_and_per_address() -> None:
     """Beyond the per-address cap a connection from that address is closed unread; beyond
-    the total cap any is; a closed connection frees its place."""
+    the total cap any is; a closed connection frees its place. (These addresses sent
+    credentials before: they may take the reserved half too.)"""
     site = http_site(Open(), max_connections=5, max_per_host=3)
+    for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"):
+        site.connections.trust(host)
     first = open_many(site, ["192.0.2.1"] * 3)
     assert not any(c.refused for c in first)
     refused = Accepted(site, "192.0.2.1", 50000)
@@ -669,6 +672,50 @@ def test_the_http_caps_are_settings() -> None:
         while served_status(served) != 200:
             assert time.monotonic() < deadline, "the closed connections' places never came back"
     finally:
+        served.stop()
+
+
+def _open(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock`` (it said nothing on it, and did not close it)."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1))
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+
+
+def test_a_flood_of_idle_http_connections_does_not_lock_out_a_known_client(monkeypatch) -> None:
+    """Real sockets: idle connections from eight loopback addresses that never send a request
+    hold only the half of the HTTP port's places open to addresses that never sent credentials
+    (the rest are closed at once); a client from 127.0.0.1, which sent the token before, is
+    still answered (without the reserved half the flood held all 8 and it was reset)."""
+    accepted: list[Any] = []
+    build = BoundedSite.buildProtocol
+
+    def counted(site: BoundedSite, addr: Any) -> Any:
+        accepted.append(addr)
+        return build(site, addr)
+
+    monkeypatch.setattr(BoundedSite, "buildProtocol", counted)
+    served = Served(Settings(http_port=0, http_max_connections=8, http_max_connections_per_host=2))
+    flood: list[socket.socket] = []
+    try:
+        assert served_status(served) == 200
+        for n in range(2, 10):
+            flood += [
+                socket.create_connection(
+                    ("127.0.0.1", served.port), timeout=10, source_address=(f"127.0.0.{n}", 0)
+                )
+                for _ in range(2)
+            ]
+        wait_until(lambda: len(accepted) == 1 + len(flood), "the flood's connections")
+        assert served_status(served) == 200
+        assert sum(_open(sock) for sock in flood) == 4
+    finally:
+        for sock in flood:
+            sock.close()
         served.stop()
 
 

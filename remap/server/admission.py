@@ -3,9 +3,9 @@
 The cluster port counts connections still in the handshake, the HTTP port every open one. One
 beyond a cap is closed as soon as it is accepted, unread (the cluster port says why first, under
 TLS within bounds of its own), and refusals are logged at most once per interval (a flood of
-connects must not become a flood of log lines). The cluster port keeps a share of its slots for
-source addresses that authenticated before, so a flood of handshakes never finished, from
-however many addresses, does not lock out its nodes and consoles.
+connects must not become a flood of log lines). Both ports keep half their slots for source
+addresses that authenticated before, so a flood of connections that never do, from however many
+addresses, does not lock out nodes, consoles and API clients.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class Slot:
         admission, self._admission = self._admission, None
         if admission is not None:
             admission._free(self.host)
+
+    def trust(self) -> None:
+        """Its peer authenticated: its source may take the reserved slots from now on."""
+        if self._admission is not None:
+            self._admission.trust(self.host)
 
 
 class Admission:
@@ -83,7 +88,6 @@ class Admission:
             del self.by_host[host]  # the table never grows with addresses no longer connected
 
     def trust(self, host: str) -> None:
-        """``host`` (a slot's) authenticated: it may take the reserved slots from now on."""
         self.trusted.pop(host, None)
         self.trusted[host] = None
         if len(self.trusted) > TRUSTED_SOURCES:

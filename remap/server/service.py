@@ -90,7 +90,7 @@ class ServerConnection:
 
     def authenticated(self, link: PeerProtocol, event: Authenticated) -> None:
         if self.slot is not None:
-            self.server.handshaking.trust(self.slot.host)
+            self.slot.trust()
             self.slot.release()
         self.role = event.peer_role
         self.session = event.session

@@ -109,7 +109,8 @@ class BoundedSite(Site):
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=reactor, **kwargs)
-        self.connections = Admission(max_connections, max_per_host)
+        #: half the places only for addresses that sent credentials before (see Admission)
+        self.connections = Admission(max_connections, max_per_host, reserved=max_connections // 2)
         #: seconds a close may wait for the client to take what is queued (REMAP_HANDSHAKE_TIMEOUT,
         #: as a TLS close has)
         self.close_timeout = close_timeout

@@ -98,6 +98,9 @@ class HttpApp:
         )
         if identity is None:
             return self._unauthorized(request, found)
+        slot = getattr(request.channel, "slot", None)  # (a test's request may have none)
+        if slot is not None:
+            slot.trust()
         if not found:
             return self._error(request, 404, "not-found", "no such path")
         for route, params in found:
