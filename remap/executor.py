@@ -54,7 +54,6 @@ _PENDING, _RUNNING, _FINISHED = (
 )
 #: the clock idle times are read from (a test moves it)
 _now = time.monotonic
-_monotonic = time.monotonic
 _WAKE = ("wake",)
 _SHUT_DOWN = "cannot schedule new futures after shutdown"
 
@@ -238,7 +237,7 @@ class RemoteFuture(concurrent.futures.Future):
             r = stream.reactor if stream is not None else None
             # only the lean epoll reactor (Linux) lends its loop; elsewhere wait as usual
             if getattr(r, "drive", None) is not None and (timeout is None or timeout > 0):
-                deadline = None if timeout is None else _monotonic() + timeout
+                deadline = None if timeout is None else time.monotonic() + timeout
                 self._driven = r
                 try:
                     drove = r.drive(self._left_waiting, deadline)
@@ -252,7 +251,7 @@ class RemoteFuture(concurrent.futures.Future):
                 if self._state is _FINISHED and self._exception is None:
                     return self._result  # what Future.result returns, without its condition
                 if deadline is not None:
-                    timeout = max(0.0, deadline - _monotonic())
+                    timeout = max(0.0, deadline - time.monotonic())
         return super().result(timeout)
 
     def _left_waiting(self) -> bool:
