@@ -1287,18 +1287,13 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     @command
     def stop(self) -> None:
         """Cancel the scheduler's own timers (the server is stopping)."""
-        for timer in (self._preempt_timer, self._sweep):
-            if timer is not None:
-                self._outbox.append(CancelTimer(timer))
+        timers = [self._preempt_timer, self._sweep]
+        for job in self.jobs.values():  # (a replay's next step would read a closed journal)
+            timers += [job.replay_timer, job.keep_timer]
+            job.replay_timer = job.keep_timer = None
+        self._outbox.extend(CancelTimer(timer) for timer in timers if timer is not None)
         self._preempt_timer = self._sweep = None
         self.stopped = True
-        for job in self.jobs.values():  # (a replay's next step would read a closed journal)
-            if job.replay_timer is not None:
-                self._outbox.append(CancelTimer(job.replay_timer))
-                job.replay_timer = None
-            if job.keep_timer is not None:
-                self._outbox.append(CancelTimer(job.keep_timer))
-                job.keep_timer = None
 
     # ================================================================ status
 
