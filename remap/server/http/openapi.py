@@ -169,9 +169,8 @@ def _operation(route: Route) -> dict:
     else:
         ok["content"] = {media: {"schema": {"type": "string"}} for media in route.media.split(",")}
     responses: dict[str, Any] = {"200": ok}
-    if route.auth == "login":
-        responses = {"303": {"description": "Logged in: the session cookie is set"}}
     if route.auth == "login":  # a browser opened the link: a page saying what to do
+        responses = {"303": {"description": "Logged in: the session cookie is set"}}
         page = {"text/html": {"schema": _STR}}
         responses["401"] = {"description": "The link was used or expired", "content": page}
     elif route.auth != "none":
