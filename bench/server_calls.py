@@ -43,7 +43,7 @@ from twisted.internet.task import Clock  # noqa: E402
 
 from protocol import Connection  # noqa: E402
 from protocol import messages as m  # noqa: E402
-from protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame  # noqa: E402
+from protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder  # noqa: E402
 from protocol.options import JobOptions  # noqa: E402
 from remap.server.service import RemapServerFactory  # noqa: E402
 
@@ -72,19 +72,21 @@ class _Transport(tcp.Connection):
         return UNIXAddress(None)
 
 
-def _frame(header: dict, payload: bytes = b"") -> bytes:
-    head = msgpack.packb(header, use_bin_type=True)
-    return _PREFIX.pack(4 + len(head) + len(payload), len(head)) + head + payload
+def _header(fields: dict) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 class Peer:
     """The far end of one server connection: a plain socket and a sans-IO client connection
-    for the handshake; afterwards frames are written and read raw."""
+    for the handshake; afterwards frames are written (sealed by it) and read raw."""
 
     def __init__(self, role: str, transport: Any, sock: socket.socket) -> None:
         self.transport, self.sock = transport, sock
         self.conn = Connection(role, KEY, max_frame=DEFAULT_MAX_FRAME)
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        # a tree from before sealed frames (protocol 3) has no seal: its frames go plain
+        self.seal = getattr(self.conn, "seal", lambda header, payload: header)
+        self.mac = 32 if hasattr(self.conn, "seal") else 0
 
     def handshake(self) -> None:
         self.conn.initiate()
@@ -100,15 +102,16 @@ class Peer:
             self.sock.sendall(data)
             select.select([self.transport.socket], [], [], 5)
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def send(self, header: bytes, payload: bytes = b"") -> None:
+        head = self.seal(header, payload)
+        self.sock.sendall(_PREFIX.pack(4 + len(head) + len(payload), len(head)) + head + payload)
         select.select([self.transport.socket], [], [], 5)
 
     def read(self, type_name: str) -> dict:
         """The header of the next message of that type the server sent (others skipped)."""
         while True:
             for header, _ in self.decoder.feed(self.sock.recv(1 << 16)):
-                fields = msgpack.unpackb(header)
+                fields = msgpack.unpackb(header[self.mac :])
                 if fields["t"] == type_name:
                     return fields
 
@@ -134,10 +137,10 @@ class Server:
         factory = RemapServerFactory(Clock(), KEY, max_frame=DEFAULT_MAX_FRAME, job_ids_from=1)
         self.node, self.console = _connect(factory, "node"), _connect(factory, "console")
         info = m.NodeInfo(host="bench", pid=1, cores=2, memory=1 << 30)
-        self.node.send(b"".join(encode_frame(*m.encode(info))))
+        self.node.send(*m.encode(info))
         self.node.transport.doRead()
         submit = m.Submit.of(JobOptions(name="submit:inc"), id=1, total=-1, payload=b"fn")
-        self.console.send(b"".join(encode_frame(*m.encode(submit))))
+        self.console.send(*m.encode(submit))
         self.console.transport.doRead()
         self.job = self.console.read("submitted")["job"]
         self.start = 0
@@ -146,7 +149,7 @@ class Server:
         """One call; the server's CPU seconds for it (its two reads)."""
         console, node = self.console, self.node
         args = {"t": "args", "job": self.job, "start": self.start, "sizes": [len(ARG)]}
-        console.send(_frame(args, ARG))
+        console.send(_header(args), ARG)
         sys.settrace(tracer)
         t0 = time.thread_time()
         console.transport.doRead()
@@ -154,7 +157,7 @@ class Server:
         sys.settrace(None)
         task = node.read("task")["task"]
         answer = {"t": "result", "task": task, "sizes": [len(RESULT)], "elapsed": 1e-5}
-        node.send(_frame({**answer, "packed": True}, RESULT))
+        node.send(_header({**answer, "packed": True}), RESULT)
         sys.settrace(tracer)
         t0 = time.thread_time()
         node.transport.doRead()

@@ -24,6 +24,8 @@ PREAUTH_MAX_FRAME = 8 * 1024
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 #: largest header accepted, even after authentication
 MAX_HEADER = 16 * 1024 * 1024
+#: bytes of the MAC at the head of a frame's header once its sender proved the secret
+MAC_SIZE = 32
 
 
 class Frame(NamedTuple):

@@ -28,7 +28,7 @@ from .status import JobStatus, NodeStatus, ServerStatus
 
 #: bump whenever the catalogue's fingerprint (:func:`catalogue_fingerprint`) changes, so peers of
 #: different catalogues refuse each other at the hello instead of failing mid-job
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: arguments a console may send before ``submitted`` (with ``job = -submit.id``): no round trip
 INITIAL_WINDOW = 256
@@ -481,6 +481,7 @@ def catalogue_description() -> dict[str, Any]:
             "preauth_max_frame": _framing.PREAUTH_MAX_FRAME,
             "default_max_frame": _framing.DEFAULT_MAX_FRAME,
             "max_header": _framing.MAX_HEADER,
+            "mac_size": _framing.MAC_SIZE,
         },
     }
 

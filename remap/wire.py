@@ -363,7 +363,9 @@ class PeerProtocol(Protocol):
         self.traffic.received += len(data)
         msg = self.conn.receive_message(data)
         if msg is None:
-            self._handle(self.conn.receive_data(data))
+            with self._write_lock:  # what it answers itself is sealed in order (see _write)
+                events = self.conn.receive_data(data)
+            self._handle(events)
             return
         # one whole message (a single call's): what _handle does with its one event
         transport = self.transport
@@ -379,7 +381,9 @@ class PeerProtocol(Protocol):
         """``n`` bytes were read straight into the large frame being received."""
         self._last_seen = self.clock.seconds()
         self.traffic.received += n
-        self._handle(self.conn.received_into(n))
+        with self._write_lock:
+            events = self.conn.received_into(n)
+        self._handle(events)
 
     def _handle(self, events: list[Any]) -> None:
         for event in events:
@@ -573,14 +577,17 @@ class PeerProtocol(Protocol):
 
     def _write(self, header: bytes, payload: bytes | memoryview) -> None:
         """One message of an open connection: a small one on an idle plain TCP socket leaves in
-        this call as one buffer (:meth:`_flush` and :func:`write_now`, inlined); else theirs."""
+        this call as one buffer (:meth:`_flush` and :func:`write_now`, inlined); else theirs.
+        Frames are sealed (numbered) under the write lock, in the order they leave, whichever
+        thread writes (:meth:`send_from_thread`)."""
         conn, sending = self.conn, self._sending
         if sending is None or conn.outgoing or len(payload) > SMALL_PAYLOAD:
-            conn.outgoing.extend(encode_frame(header, payload))
+            with self._write_lock:
+                conn.send_encoded(header, payload)
             self._flush()
             return
-        data = small_frame(header, payload)
         with self._write_lock:
+            data = small_frame(conn.seal(header, payload), payload)
             self.traffic.sent += len(data)
             transport = self.transport
             if sending.parts:  # behind what waits already
@@ -608,9 +615,10 @@ class PeerProtocol(Protocol):
         if error is not None and self.failure is None:
             self.failure = error
             if self.open:
-                self.conn.send(
-                    m.Error(code=getattr(error, "code", "protocol"), message=str(error)[:500])
-                )
+                with self._write_lock:
+                    self.conn.send(
+                        m.Error(code=getattr(error, "code", "protocol"), message=str(error)[:500])
+                    )
                 self._flush()
         self._lose()
 
@@ -637,11 +645,10 @@ class PeerProtocol(Protocol):
 
     def _flush(self) -> None:
         conn, transport = self.conn, self.transport
-        data = conn.outgoing
-        if not data or transport is None:
+        if not conn.outgoing or transport is None:
             return
-        conn.outgoing = []
         with self._write_lock:
+            data, conn.outgoing = conn.outgoing, []
             self.traffic.sent += sum(map(len, data))
             sending = self._sending
             if sending is None:
@@ -667,6 +674,7 @@ class PeerProtocol(Protocol):
             if (
                 sending is None
                 or sending.parts
+                or self.conn.outgoing  # sealed before what this thread would seal
                 or transport is None
                 or not self.open
                 or self.conn.state is not _OPEN
@@ -678,7 +686,9 @@ class PeerProtocol(Protocol):
             out = produce()
             if not out:
                 return True
+            conn = self.conn
             header, payload = m.encode(out[0])
+            header = conn.seal(header, payload)
             if len(out) == 1 and len(payload) <= SMALL_PAYLOAD:
                 # one small message (a lone call's argument): one buffer, one send
                 frame = small_frame(header, payload)
@@ -693,7 +703,8 @@ class PeerProtocol(Protocol):
                 return True
             data = encode_frame(header, payload)
             for msg in out[1:]:
-                data += encode_frame(*m.encode(msg))
+                header, payload = m.encode(msg)
+                data += encode_frame(conn.seal(header, payload), payload)
             self.traffic.sent += sum(map(len, data))
 
             def later(rest: list[bytes | memoryview]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 
 import msgpack
@@ -36,7 +37,13 @@ from protocol.errors import (
     ServerBusy,
     VersionMismatch,
 )
-from protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.framing import (
+    DEFAULT_MAX_FRAME,
+    MAC_SIZE,
+    PREAUTH_MAX_FRAME,
+    FrameDecoder,
+    encode_frame,
+)
 from protocol.messages import PROTOCOL_VERSION
 
 KEY = b"the right secret"
@@ -51,14 +58,19 @@ def out(conn: Connection) -> bytes:
     return b"".join(bytes(part) for part in conn.data_to_send())
 
 
-def frames(data: bytes) -> list[tuple[dict, bytes]]:
-    """Parse bytes a Connection wrote: [(header map, payload)]."""
+def frames(data: bytes, sealed: bool = False) -> list[tuple[dict, bytes]]:
+    """Parse bytes a Connection wrote: [(header map, payload)]; ``sealed``: frames after its
+    proof, each header behind its MAC (not checked here)."""
     decoder = FrameDecoder(max_frame=1 << 30)
-    return [(msgpack.unpackb(f.header, raw=False), f.payload) for f in decoder.feed(data)]
+    skip = MAC_SIZE if sealed else 0
+    return [(msgpack.unpackb(f.header[skip:], raw=False), f.payload) for f in decoder.feed(data)]
 
 
-def frame(header: dict, payload: bytes = b"") -> bytes:
+def frame(header: dict, payload: bytes = b"", sealer: Connection | None = None) -> bytes:
+    """A frame of ``header``; sealed by ``sealer`` (the sending side's Connection) if given."""
     raw = msgpack.packb(header, use_bin_type=True)
+    if sealer is not None:
+        raw = sealer.seal(raw, payload)
     return b"".join(bytes(p) for p in encode_frame(raw, payload))
 
 
@@ -98,6 +110,14 @@ def hmac256(key: bytes, data: bytes) -> bytes:
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def spec_sealed(key: bytes, seq: int, header: bytes, payload: bytes = b"") -> bytes:
+    """A frame sealed as the README's section 4 says, written from it: the MAC ahead of the
+    header, over the sequence number, the header's length, the header and the payload."""
+    tag = hmac256(key, struct.pack(">QI", seq, len(header)) + header + payload)
+    body = tag + header
+    return struct.pack(">II", 4 + len(body) + len(payload), len(body)) + body + payload
 
 
 def counting_nonce(start: int = 0):
@@ -163,7 +183,8 @@ def test_the_server_learns_the_clients_smaller_frame_limit_from_its_hello():
     assert hello["max_frame"] == 50_000
     run_handshake(server, client)
     assert server.peer_max_frame == 50_000 and server.send_limit == 50_000
-    assert server.max_frame == 1 << 20 and server.decoder.max_frame == 1 << 20
+    # the frame's MAC does not count against the limit
+    assert server.max_frame == 1 << 20 and server.decoder.max_frame == (1 << 20) + MAC_SIZE
     assert client.send_limit == 50_000 and client.peer_max_frame == 1 << 20
 
 
@@ -281,7 +302,7 @@ def test_wrong_secret_detected_by_the_server():
     error = failure(server.receive_data(frame({"t": "auth", "proof": proof})))
     assert isinstance(error, AuthError)
     assert "REMAP_SECRET_KEY" in str(error)
-    ((reply, _),) = frames(out(server))
+    ((reply, _),) = frames(out(server), sealed=True)
     assert reply["t"] == "error" and reply["code"] == "auth"
     assert server.state is State.CLOSED
 
@@ -664,7 +685,7 @@ def test_a_client_of_other_versions_is_told_so_once_it_proved_the_secret(version
     ((challenge, _),) = frames(out(server))
     assert set(challenge) == {"t", "version", "nonce", "proof"}
     error = failure(server.receive_data(frame({"t": "auth", "proof": b"x" * 32})))
-    ((refusal, _),) = frames(out(server))
+    ((refusal, _),) = frames(out(server), sealed=True)
     assert isinstance(error, AuthError) and refusal["code"] == "auth"
     assert "Python" not in refusal["message"] and "cloudpickle" not in refusal["message"]
 
@@ -833,9 +854,9 @@ def test_unknown_message_after_auth_gets_an_error_reply_and_keeps_the_connection
     """A newer peer's unknown message is answered with an error carrying its id; the link stays open."""
     server, client = pair()
     run_handshake(server, client)
-    events = server.receive_data(frame({"t": "from_v2", "id": 41}))
+    events = server.receive_data(frame({"t": "from_v2", "id": 41}, sealer=client))
     assert events == []
-    ((reply, _),) = frames(out(server))
+    ((reply, _),) = frames(out(server), sealed=True)
     assert reply == {
         "t": "error",
         "code": "unknown-message",
@@ -851,9 +872,146 @@ def test_malformed_known_message_after_auth_closes():
     """A known message with a bad field after auth is a protocol violation: error frame, close."""
     server, client = pair()
     run_handshake(server, client)
-    error = failure(server.receive_data(frame({"t": "grant", "job": "one", "count": 1})))
+    error = failure(
+        server.receive_data(frame({"t": "grant", "job": "one", "count": 1}, sealer=client))
+    )
     assert isinstance(error, RemoteProtocolError)
-    assert frames(out(server))[0][0]["code"] == "bad-frame"
+    assert frames(out(server), sealed=True)[0][0]["code"] == "bad-frame"
+
+
+# --------------------------------------------------------------------------- sealed frames
+
+
+def opened(**kw) -> tuple[Connection, Connection]:
+    server, client = pair(**kw)
+    run_handshake(server, client)
+    assert server.state is client.state is State.OPEN
+    return server, client
+
+
+def integrity_failure(events: list) -> RemapError:
+    error = failure(events)
+    assert isinstance(error, RemoteProtocolError) and "integrity check (MAC)" in str(error)
+    return error
+
+
+@pytest.mark.parametrize("where", ["mac", "header", "payload"])
+def test_a_frame_altered_on_the_way_is_refused_unread(where, monkeypatch):
+    """One byte changed anywhere in a sealed frame (its MAC, header or payload) fails the
+    connection before any of it is decoded; the peer is told why in a sealed error frame."""
+    server, client = opened()
+    client.send(m.TaskResult(task=1, sizes=[5], payload=b"hello"))
+    data = bytearray(out(client))
+    data[{"mac": 8, "header": 8 + MAC_SIZE + 3, "payload": len(data) - 1}[where]] ^= 1
+    decoded: list = []
+    monkeypatch.setattr(m, "decode", lambda *a, **k: decoded.append(a))
+    events = server.receive_data(bytes(data))
+    assert decoded == [] and [type(e) for e in events] == [ConnectionFailed]
+    integrity_failure(events)
+    monkeypatch.undo()
+    ((reply, _),) = frames(out(server), sealed=True)
+    assert reply["t"] == "error" and "integrity" in reply["message"]
+
+
+@pytest.mark.parametrize("forger", ["unsealed", "wrong key", "reflected"])
+def test_a_frame_injected_between_genuine_ones_is_refused(forger):
+    """A frame put into the stream by someone on the path (unsealed as anyone can write it,
+    sealed under another secret, or the receiver's own frame sent back to it) fails the
+    connection; the genuine frame before it is delivered, the one after it is not read.
+    Even an unknown message type, which a genuine peer may send, is not answered."""
+    server, client = opened()
+    strangers = opened(server_key=WRONG, client_key=WRONG)[0]
+    client.send(m.Heartbeat(load=7.0))
+    forged = {
+        "unsealed": frame({"t": "job_load", "job": 1}, b"pickle"),
+        "wrong key": frame({"t": "from_v9", "id": 1}, sealer=strangers),
+        "reflected": out(client),
+    }[forger]
+    server.send(m.Heartbeat(load=1.0))
+    first = out(server)
+    server.send(m.Heartbeat(load=2.0))
+    events = client.receive_data(first + forged + out(server))
+    assert events[0] == MessageReceived(m.Heartbeat(load=1.0))
+    integrity_failure(events)
+    assert len(events) == 2
+
+
+@pytest.mark.parametrize("order", ["replayed", "reordered", "dropped", "another connection's"])
+def test_genuine_frames_out_of_place_are_refused(order):
+    """A genuine frame delivered twice, out of order, after a dropped one, or taken from
+    another connection with the same secret fails the connection: each frame's MAC covers
+    its sequence number under keys drawn from this connection's nonces."""
+    server, client = opened()
+    other = opened()[0]
+    sent = []
+    for load in (1.0, 2.0):
+        server.send(m.Heartbeat(load=load))
+        sent.append(out(server))
+    other.send(m.Heartbeat(load=9.0))
+    a, b = sent
+    stream = {
+        "replayed": [a, a],
+        "reordered": [b, a],
+        "dropped": [b],
+        "another connection's": [out(other)],
+    }[order]
+    events: list = []
+    for data in stream:
+        events += client.receive_data(data)
+    delivered = [e.message.load for e in events if type(e) is MessageReceived]
+    assert delivered == ([1.0] if order == "replayed" else [])
+    integrity_failure(events)
+
+
+def test_the_welcome_is_sealed_so_the_path_cannot_alter_it():
+    """The welcome (frame limit, heartbeat) travels under the server's MAC: one written on
+    the path in its place fails the client's handshake instead of opening it."""
+    server, client = pair()
+    server.receive_data(out(client))
+    client.receive_data(out(server))
+    server.receive_data(out(client))
+    assert out(server)  # the genuine welcome, held back
+    forged = frame({"t": "welcome", "session": "abc", "max_frame": 1 << 30, "heartbeat": 3600.0})
+    integrity_failure(client.receive_data(forged))
+    assert client.state is State.CLOSED and client.peer_heartbeat is None
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_a_large_frame_read_into_its_buffer_is_checked_in_place(tampered):
+    """A large frame read straight into the decoder's buffer (``received_into``) is checked
+    there, its payload a view of that buffer: delivered intact, or refused if one byte of
+    its MiB changed."""
+    server, client = opened()
+    payload = os.urandom(1 << 20)
+    server.send(m.JobLoad(job=1, payload=payload))
+    data = bytearray(out(server))
+    if tampered:
+        data[len(data) // 2] ^= 1
+    assert client.receive_data(bytes(data[:4096])) == [] and client.decoder.gathering
+    view = client.decoder.read_buffer()
+    view[: len(data) - 4096] = data[4096:]
+    events = client.received_into(len(data) - 4096)
+    if tampered:
+        integrity_failure(events)
+        return
+    ((_, msg),) = [(type(e), e.message) for e in events]
+    assert isinstance(msg.payload, memoryview) and msg.payload == payload
+
+
+def test_the_one_message_fast_path_checks_the_mac_and_keeps_count():
+    """``receive_message`` (one whole small frame) checks the MAC too; a frame it leaves to
+    ``receive_data`` (an unknown type, a bad MAC) is read there under the same number."""
+    server, client = opened()
+    server.send(m.Heartbeat(load=1.0))
+    assert client.receive_message(out(server)) == m.Heartbeat(load=1.0)
+    unknown = frame({"t": "from_v9", "id": 5}, sealer=server)
+    assert client.receive_message(unknown) is None
+    assert client.receive_data(unknown) == [] and frames(out(client), sealed=True)
+    server.send(m.Heartbeat(load=2.0))
+    bad = bytearray(out(server))
+    bad[-1] ^= 1
+    assert client.receive_message(bytes(bad)) is None
+    integrity_failure(client.receive_data(bytes(bad)))
 
 
 # --------------------------------------------------------------------------- the spec's exact inputs
@@ -896,13 +1054,24 @@ def test_reference_client_written_from_the_spec_authenticates():
         struct.pack(">II", 4 + len(auth_header), len(auth_header)) + auth_header
     )
     assert [type(e) for e in events] == [Authenticated]
-    ((welcome, _),) = frames(out(server))
-    assert welcome == {
+    transcript = sha256(hello_header) + sha256(challenge_frame.header)
+    to_client = hmac256(KEY, b"remap/1 server frames" + transcript)
+    to_server = hmac256(KEY, b"remap/1 client frames" + transcript)
+    (welcome_frame,) = FrameDecoder().feed(out(server))
+    welcome_header = welcome_frame.header[32:]
+    assert welcome_frame.header[:32] == hmac256(
+        to_client, struct.pack(">QI", 0, len(welcome_header)) + welcome_header
+    )
+    assert msgpack.unpackb(welcome_header, raw=False) == {
         "t": "welcome",
         "session": server.session,
         "max_frame": 123_456,
         "heartbeat": 2.5,
     }
+    for seq in (0, 1):
+        beat = msgpack.packb({"t": "heartbeat", "load": float(seq)}, use_bin_type=True)
+        got = server.receive_data(spec_sealed(to_server, seq, beat))
+        assert got == [MessageReceived(m.Heartbeat(load=float(seq)))]
 
 
 def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
@@ -928,7 +1097,15 @@ def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
     assert auth["proof"] == hmac256(
         KEY, b"remap/1 client" + sha256(hello_frame.header) + sha256(challenge_header)
     )
+    transcript = sha256(hello_frame.header) + sha256(challenge_header)
+    to_client = hmac256(KEY, b"remap/1 server frames" + transcript)
+    to_server = hmac256(KEY, b"remap/1 client frames" + transcript)
+    welcome = {"t": "welcome", "session": "abc", "max_frame": 1 << 20, "heartbeat": 2.0}
     events = client.receive_data(
-        frame({"t": "welcome", "session": "abc", "max_frame": 1 << 20, "heartbeat": 2.0})
+        spec_sealed(to_client, 0, msgpack.packb(welcome, use_bin_type=True))
     )
     assert events == [Authenticated("server", "", "abc")]
+    client.send(m.TaskResult(task=9, sizes=[3], payload=b"xyz"))
+    assert out(client) == spec_sealed(
+        to_server, 0, msgpack.packb({"t": "result", "task": 9, "sizes": [3]}), b"xyz"
+    )

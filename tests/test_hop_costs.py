@@ -267,9 +267,10 @@ def test_a_small_message_from_a_socket_to_the_handler_in_a_few_calls() -> None:
         assert "connection.py:_events" not in calls and "wire.py:_closing" not in calls
         assert "wire.py:_handle" not in calls and "connection.py:_open_frame" not in calls
         assert "connection.py:receive_data" not in calls
-        # read_directly's reader, the decoder's buffer check, dataReceived, receive_data,
-        # whole, the message, decode and its decoder, _handle, the handler: the rest is gone
-        assert len(calls) <= 11, calls
+        # the decoder's buffer check, dataReceived, the clock, receive_message, whole, the MAC
+        # check (_unseal, _mac, and its HMAC's copy, update and digest), decode and its
+        # decoder, the handler
+        assert len(calls) <= 15, calls
     finally:
         a.close()
         b.close()
@@ -295,8 +296,9 @@ def test_a_small_message_leaves_an_idle_socket_as_one_buffer() -> None:
         calls = _counted(lambda: console.send(msg))
         assert "connection.py:_queue" not in calls and "wire.py:_flush" not in calls, calls
         assert "wire.py:write_now" not in calls and "framing.py:encode_frame" not in calls
-        # send, encode and its generated encoder, _write, small_frame, transport_idle
-        assert len(calls) <= 6, calls
+        # send, encode and its generated encoder, send_encoded, _write, the MAC (seal, _mac,
+        # and its HMAC's copy, two updates and digest), small_frame
+        assert len(calls) <= 13, calls
         assert not ct.dataBuffer and not ct._tempDataBuffer  # nothing left to Twisted
         select.select([a], [], [], 5)
         st.doRead()
@@ -543,24 +545,34 @@ def test_a_whole_frame_read_gives_the_same_events_as_a_split_one() -> None:
     server, console = pair("console")
     run_handshake(server, console)
     msg = m.Args(job=3, start=5, sizes=[20], payload=b"x" * 20)
-    wire = b"".join(encode_frame(*m.encode(msg)))
+
+    def sealed(header: bytes, payload: bytes = b"") -> bytes:
+        return b"".join(encode_frame(console.seal(header, payload), payload))
+
+    wire = sealed(*m.encode(msg))
     assert server.receive_data(wire) == [MessageReceived(msg)]
+    wire = sealed(*m.encode(msg))
     split = server.receive_data(wire[:7]) + server.receive_data(wire[7:])
     assert split == [MessageReceived(msg)]
     import msgpack
 
-    unknown = b"".join(encode_frame(msgpack.packb({"t": "from_the_future"}), b""))
+    # sealed in the order the server reads them (each MAC covers its place in the stream)
+    wire, unknown, garbage = (
+        sealed(*m.encode(msg)),
+        sealed(msgpack.packb({"t": "x"})),
+        sealed(b"\xc1"),
+    )
     # the one-message read (PeerProtocol's first try) takes what decodes, nothing else: the
     # unknown type and the garbage below are left to receive_data, which answers them
     assert server.receive_message(wire) == msg
     assert server.receive_message(unknown) is None and not server.outgoing
+    wire = sealed(*m.encode(msg))  # (for after the close below)
     assert server.receive_message(wire[:7]) is None
-    assert server.receive_message(b"".join(encode_frame(b"\xc1", b""))) is None
+    assert server.receive_message(garbage) is None
     assert server.state.value == "open" and not server.outgoing
     assert server.receive_data(unknown) == []
     assert server.outgoing  # the error answering it
     server.outgoing.clear()
-    garbage = b"".join(encode_frame(b"\xc1", b""))
     events = server.receive_data(garbage)
     assert len(events) == 1 and isinstance(events[0], ConnectionFailed)
     assert server.receive_data(wire) == []  # closed

@@ -524,7 +524,8 @@ def test_planted_pickles_spliced_into_handshakes(role, cuts, picks, insert_at, s
 
 
 def test_same_frames_after_auth_are_delivered_but_still_not_unpickled(marker):
-    """Contrast: after a genuine handshake the payload frames do come through, as opaque bytes.
+    """Contrast: after a genuine handshake the payload frames, sealed by the genuine server, do
+    come through, as opaque bytes.
 
     So the refusals above are the authentication gate at work, not a decoder that rejects
     these frames anyway; and the protocol layer never unpickles even once authenticated.
@@ -541,7 +542,9 @@ def test_same_frames_after_auth_are_delivered_but_still_not_unpickled(marker):
     delivered = 0
     with unpickling_forbidden() as calls:
         for data in evil_frames(marker)[: len(PAYLOAD_TYPES)]:
-            events = client.receive_data(data)
+            (plain,) = FrameDecoder(DEFAULT_MAX_FRAME).feed(data)  # sealed by the server
+            sealed = encode_frame(server.seal(plain.header, plain.payload), plain.payload)
+            events = client.receive_data(b"".join(bytes(p) for p in sealed))
             assert [type(e) for e in events] == [MessageReceived], events
             assert events[0].message.payload == blob
             delivered += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -25,7 +26,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from protocol import Connection
+from protocol import Connection, ConnectionFailed, HandshakeTimeout
 from protocol import messages as m
 from protocol.framing import FrameDecoder, encode_frame
 
@@ -584,13 +585,98 @@ def test_planted_pickles_to_a_real_server_port_are_never_unpickled(cluster):
     for with_hello in (False, True):
         for data in attempts:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                prefix = hello_bytes(SECRET.encode(), "console")[1] if with_hello else b""
-                sock.sendall(prefix + data)
+                conn, hello = hello_bytes(SECRET.encode(), "console")
+                sock.sendall((hello if with_hello else b"") + data)
                 got, closed = drain(sock, 10)
                 assert closed, "the server must close a connection that sends work before auth"
-                assert error_frames(got), got
+                if with_hello:  # the challenge, then the error, sealed as all after it
+                    events = conn.receive_data(got)
+                    assert [type(e) for e in events] == [ConnectionFailed], events
+                else:
+                    assert error_frames(got), got
     cluster.wait_node_joined(server)
     assert cluster.run_job(port, 10) == [i * i for i in range(10)]
+    assert not marker.exists()
+
+
+class Relay(threading.Thread):
+    """A machine on the path (as ARP spoofing makes one on a LAN), on 127.0.0.1:0: passes each
+    connection's bytes between a client and the server at ``port`` unchanged, and once the
+    server's first two frames (the challenge and the welcome) went by puts ``inject`` into the
+    stream toward the client, once (``injected`` is set then)."""
+
+    def __init__(self, port: int, inject: bytes) -> None:
+        super().__init__(daemon=True)
+        self.server_port, self.inject = port, inject
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.injected = threading.Event()
+        self.connections = 0
+
+    def run(self) -> None:
+        with self.listener:
+            while not self.stopping.is_set():
+                try:
+                    client, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                self.connections += 1
+                try:
+                    with client, socket.create_connection(("127.0.0.1", self.server_port)) as up:
+                        self._relay(client, up)
+                except OSError:
+                    pass
+
+    def _relay(self, client: socket.socket, up: socket.socket) -> None:
+        from_server = FrameDecoder(1 << 30)
+        passed = 0
+        while not self.stopping.is_set():
+            for sock in select.select([client, up], [], [], 0.1)[0]:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                if sock is client:
+                    up.sendall(data)
+                    continue
+                out = b""
+                for f in from_server.feed(data):  # whole frames, so one can go in between
+                    out += b"".join(bytes(p) for p in encode_frame(f.header, f.payload))
+                    passed += 1
+                    if passed == 2 and not self.injected.is_set():
+                        out += self.inject
+                        self.injected.set()
+                client.sendall(out)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+def test_frames_injected_after_a_relayed_handshake_are_refused_unread(cluster):
+    """A machine on the path passes a node's handshake with the real server through, then
+    puts a ``job_load`` and a ``task`` carrying a planted pickle into the stream toward the
+    node (no TLS): the first frame fails the node's MAC check, the node says so in one line
+    and closes, and nothing of it is unpickled; the node reconnects and runs a job."""
+    marker = cluster.root / "node-unpickled-it"
+    blob = pickle.dumps(Plant(marker))
+    server, port = cluster.server()
+    work = frame({"t": "job_load", "job": 1}, blob)
+    work += frame({"t": "task", "task": 1, "job": 1, "sizes": [len(blob)]}, blob)
+    relay = Relay(port, work)
+    relay.start()
+    try:
+        node = cluster.node(relay.port)
+        wait_for(relay.injected.is_set, START_TIMEOUT, "the relay to inject its frames")
+        wait_for(lambda: relay.connections >= 2, START_TIMEOUT, "the node to reconnect")
+        assert cluster.run_job(port, 5) == [i * i for i in range(5)]  # on the node, relayed
+    finally:
+        relay.stop()
+    said = (
+        f"closing connection to 127.0.0.1:{relay.port}: frame 1 from the peer failed its integrity"
+    )
+    assert node.stderr().count(said) == 1, node.stderr()[-3000:]
     assert not marker.exists()
 
 
@@ -622,14 +708,16 @@ def test_garbage_and_oversized_frames_leave_the_server_serving(cluster):
     # waits 5 s or more on this clock), so only a 4.5 s stall fails a correct server
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(hello_bytes(SECRET.encode())[1])
+        conn, hello = hello_bytes(SECRET.encode())
+        sock.sendall(hello)
         got, closed = drain(sock, 30)
         waited = time.monotonic() - started
         assert closed, "a silent half handshake must be dropped at the deadline"
         assert 0.45 <= waited < 5, waited
-        headers = [msgpack.unpackb(f.header, raw=False)["t"] for f in FrameDecoder().feed(got)]
-        assert headers == ["challenge", "error"]
-        assert error_frames(got)[0]["code"] == "timeout"
+        # the challenge, then the timeout sealed under the server's MAC, as all after it
+        events = conn.receive_data(got)
+        assert [type(e) for e in events] == [ConnectionFailed]
+        assert isinstance(events[0].error, HandshakeTimeout), events
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(hello_bytes(SECRET.encode())[1][:10])  # a truncated hello, then silence

@@ -16,14 +16,15 @@ from twisted.internet.task import Clock
 
 from protocol import Connection
 from protocol import messages as m
-from protocol.framing import FrameDecoder
+from protocol.framing import MAC_SIZE, FrameDecoder
 from remap.blobs import dumps
 from remap.server.service import RemapServerFactory, ServerConnection
 from tests.cluster_harness import jobs_function, write_job
 
+from .test_handshake import frame
 from .test_scheduler import FakeConsole, FakeNode, assert_exactly_once, make, run_to_end
 from .test_task_deadlines import SilentNode
-from .test_wire import KEY, connect, frame
+from .test_wire import KEY, connect
 
 BAD_ENTRIES = [
     pytest.param([5], id="not-a-list"),
@@ -125,7 +126,9 @@ def _console(factory: RemapServerFactory):
 
 
 def _headers(data: bytes) -> list[dict]:
-    return [msgpack.unpackb(f.header, raw=False) for f in FrameDecoder(1 << 30).feed(data)]
+    """The headers of the server's frames (sealed: each behind its MAC)."""
+    frames = FrameDecoder(1 << 30).feed(data)
+    return [msgpack.unpackb(f.header[MAC_SIZE:], raw=False) for f in frames]
 
 
 @pytest.mark.parametrize(
@@ -141,8 +144,8 @@ def test_a_valid_message_then_a_fatal_frame_in_one_read_closes_cleanly(fatal: by
     (its reply to the first message is dropped, the connection is closing), tells the peer
     why, and closes the connection."""
     factory = RemapServerFactory(Clock(), KEY, max_frame=1 << 20)
-    proto, transport, _ = _console(factory)
-    request = frame({"t": "status", "id": 1})
+    proto, transport, client = _console(factory)
+    request = frame({"t": "status", "id": 1}, sealer=client)
     proto.dataReceived(request + fatal)
     assert transport.disconnecting
     assert [h["t"] for h in _headers(transport.value())] == ["error"]
@@ -154,11 +157,11 @@ def test_a_submit_then_an_oversized_frame_leaves_the_job_to_be_cancelled() -> No
     instead of waiting for arguments forever."""
     clock = Clock()
     factory = RemapServerFactory(clock, KEY, max_frame=1 << 20, console_grace=5)
-    proto, transport, _ = _console(factory)
+    proto, transport, client = _console(factory)
     blob = dumps(1)
     data = (
-        frame({"t": "submit", "id": 1, "name": "j", "mode": "object"}, b"fn")
-        + frame({"t": "args", "job": -1, "start": 0, "sizes": [len(blob)]}, blob)
+        frame({"t": "submit", "id": 1, "name": "j", "mode": "object"}, b"fn", client)
+        + frame({"t": "args", "job": -1, "start": 0, "sizes": [len(blob)]}, blob, client)
         + (300 * 1024 * 1024).to_bytes(4, "big")
         + b"\x00" * 1000
     )
@@ -176,11 +179,11 @@ def test_a_console_of_an_earlier_release_answering_group_limit_is_left_alone() -
     server takes that answer quietly (no error back, the connection stays) and the console's
     next request is answered."""
     factory = RemapServerFactory(Clock(), KEY, max_frame=1 << 20)
-    proto, transport, _ = _console(factory)
+    proto, transport, client = _console(factory)
     answer = {"t": "error", "code": "unknown-message", "message": "unknown message type 'x'"}
-    proto.dataReceived(frame(answer))
+    proto.dataReceived(frame(answer, sealer=client))
     assert not transport.disconnecting and transport.value() == b""
-    proto.dataReceived(frame({"t": "status", "id": 1}))
+    proto.dataReceived(frame({"t": "status", "id": 1}, sealer=client))
     assert [h["t"] for h in _headers(transport.value())] == ["status_reply"]
 
 
