@@ -606,16 +606,21 @@ def test_a_console_refused_at_the_caps_says_so_in_one_line(tmp_path) -> None:
 
 def _hello(source: str, port: int) -> tuple[socket.socket, Connection, list[Any]]:
     """A node's connection from ``source`` (a loopback address) that says hello and reads the
-    answer: a challenge (the client's proof is then queued, not sent) or a refusal."""
+    answer: a challenge (the client's proof is then queued, not sent) or a refusal (its frame,
+    or only the close: the hello may meet the closed socket and its reset come first)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     client = Connection("node", KEY)
     client.initiate()
-    sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
     events: list[Any] = []
-    while client.state.value == "handshake" and not client.outgoing:
-        got = sock.recv(65536)
-        assert got, "closed without an answer"
-        events += client.receive_data(got)
+    try:
+        sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+        while client.state.value == "handshake" and not client.outgoing:
+            got = sock.recv(65536)
+            if not got:
+                break
+            events += client.receive_data(got)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
     return sock, client, events
 
 
@@ -627,7 +632,7 @@ def _join(port: int) -> socket.socket:
         got = sock.recv(65536)
         assert got, "closed during the handshake"
         events = client.receive_data(got)
-    assert client.state.value == "open", events[0].error
+    assert client.state.value == "open", events
     client.send(m.NodeInfo(host="rejoined", pid=1, cores=1, memory=1 << 30, load=0.0))
     sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
     return sock
@@ -704,13 +709,16 @@ def test_a_flood_of_idle_http_connections_does_not_lock_out_a_known_client(monke
     try:
         assert served_status(served) == 200
         for n in range(2, 10):
-            flood += [
-                socket.create_connection(
-                    ("127.0.0.1", served.port), timeout=10, source_address=(f"127.0.0.{n}", 0)
-                )
-                for _ in range(2)
-            ]
-        wait_until(lambda: len(accepted) == 1 + len(flood), "the flood's connections")
+            for _ in range(2):
+                try:
+                    flood.append(
+                        socket.create_connection(
+                            ("127.0.0.1", served.port), 10, source_address=(f"127.0.0.{n}", 0)
+                        )
+                    )
+                except ConnectionResetError:  # refused so soon that connect() saw the reset
+                    pass
+        wait_until(lambda: len(accepted) == 1 + 16, "the flood's connections")
         assert served_status(served) == 200
         assert sum(_open(sock) for sock in flood) == 4
     finally:
