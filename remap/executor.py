@@ -139,14 +139,10 @@ class _Calls:
         self.executor, self.waits = executor, waits
         self.values: list[Any] = [None] * n
         self.errors: dict[int, BaseException] = {}
+        #: calls sent (under the job's lock, in order: the next one's place)
         self.left, self.sent = n, 0
         #: outcomes come on the delivery thread and, for ``waits``, the loop's
         self.lock = threading.Lock()
-
-    def place(self) -> int:
-        """Under the job's lock, as a call is sent: its place (calls are sent in order)."""
-        self.sent += 1
-        return self.sent - 1
 
     def settle(self, place: int, value: Any, error: BaseException | None) -> None:
         """One call's outcome (delivery thread; a result of ``waits``: the loop's)."""
@@ -355,7 +351,8 @@ class _SubmitStream:
     def _on_send(self, index: int, future: RemoteFuture) -> bool:
         # under job.lock, on the reactor thread or the submitting one (a lone call)
         if type(future) is not RemoteFuture:  # a call of a group: sent in order, its place next
-            place = future.place()
+            place = future.sent
+            future.sent = place + 1
             if future.done():  # the group failed or was given up: not sent
                 self._settled()
                 return False
@@ -592,7 +589,7 @@ class Executor(concurrent.futures.Executor):
     ) -> None:
         """Queue calls of ``fn`` (:func:`_call_blob`) in its open job, or a new one, each
         settling its future; or a group's calls, the group (``remap.Pool``'s ``_Calls``) for
-        each: it is told each call's place as it is sent (``place()``), settles it
+        each: its ``sent`` counts the calls sent (the next one's place), it settles each
         (``settle(place, result, error)``) and fails as a whole (``done()``,
         ``set_exception``, ``_withdraw``, ``_claimed``: what the stream asks of a future)."""
         key = _key(fn)

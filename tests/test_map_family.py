@@ -128,8 +128,9 @@ class FakeExecutor:
 
     def _put(self, fn: Any, blobs: list[bytes], tags: list[Any], waits: bool = False) -> None:
         self.put.append((fn, blobs))
-        for tag in tags:  # every call returns 1 at once
-            tag.settle(tag.place(), 1, None)
+        for tag in tags:  # every call is sent (as _on_send counts it) and returns 1 at once
+            tag.sent += 1
+            tag.settle(tag.sent - 1, 1, None)
 
     def _adopt(self, owner: Any) -> queue.SimpleQueue:
         return self.events
