@@ -181,10 +181,8 @@ class EventLog:
         self.entries.append((now, (_node_said, node, msg.TYPE, getattr(msg, "task", None))))
 
     def console_said(self, now: float, msg: m.Args | m.ArgsEnd) -> None:
-        if type(msg) is m.Args:
-            self.entries.append((now, (_console_said, msg.TYPE, msg.job, "n", len(msg.sizes))))
-        else:
-            self.entries.append((now, (_console_said, msg.TYPE, msg.job, "total", msg.total)))
+        what, n = ("n", len(msg.sizes)) if type(msg) is m.Args else ("total", msg.total)
+        self.entries.append((now, (_console_said, msg.TYPE, msg.job, what, n)))
 
     def recent(self, n: int | None = None) -> list[tuple[float, str]]:
         items = list(self.entries) if n is None else list(self.entries)[-n:]
@@ -223,10 +221,7 @@ class EffectRunner:
                         effect.delay, self._fire, effect.timer
                     )
             elif t is Close:
-                if effect.error is None:
-                    effect.link.close()
-                else:
-                    effect.link.close(effect.error)
+                effect.link.close(effect.error)
             elif t is Unsent:  # a send the scheduler performed as soon as it decided it raised
                 self._unsent(effects, effect, effect)
 
