@@ -758,9 +758,7 @@ class ResultIterator(Iterator[Any]):
     def __del__(self) -> None:
         if self._closed or self._stream.finished.is_set():
             return
-        with contextlib.suppress(
-            Exception
-        ):  # interpreter shutdown: the reactor may be gone already
+        with contextlib.suppress(Exception):  # interpreter shutdown: the reactor may be gone
             self._stream.kill_soon()
 
 
