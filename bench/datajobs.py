@@ -10,8 +10,9 @@
   files of 16 MB, on an embedded remap cluster with 2 cores, against a serial Python loop with
   the same tokenizer, GNU ``tr | sort --parallel=2 | uniq -c`` (LC_ALL=C), and Dask bag
   (``read_text().str.split().flatten().frequencies()``, a local cluster of 2 one-thread worker
-  processes) when dask is installed. Every result but Dask's (a different tokenizer) is checked
-  against the serial loop's.
+  processes) when dask is installed. remap runs the two shipped examples and per-word pairs
+  without a combiner. Every result but Dask's (a different tokenizer) is checked against the
+  serial loop's.
 - ``spill``: the same word count with ``spill_mb: 8`` on ``--big-gb`` GB: the peak RSS (VmHWM)
   of every process — the bench process (the embedded cluster's server, node and console, which
   also runs the driver) and each core — against the 300 MB target.
@@ -57,6 +58,21 @@ WORDCOUNT_EXAMPLES = (
     ("per-word pairs + combiner (wordcount.py)", "wordcount.py"),
     ("map_batch + in-mapper combining (wordcount_inmapper.py)", "wordcount_inmapper.py"),
 )
+#: per-word pairs without a combiner: every pair goes through the spill, the merge and reduce
+WORDCOUNT_PAIRS = """\
+import re
+
+WORD = re.compile(r"[a-z']+")
+
+
+def map(line):
+    for word in WORD.findall(line.lower()):
+        yield word, 1
+
+
+def reduce(word, counts):
+    yield word, sum(counts)
+"""
 #: the target of issue 11: word count at least this many times the serial loop's speed
 TARGET_VS_SERIAL = 1.7
 
@@ -319,8 +335,10 @@ def bench_wordcount(args: argparse.Namespace, work: Path, rows: list[list[str]])
     remap_runs: list[tuple[str, Measured]] = []
     with remap.connect(cores=CORES, env_file=None) as cluster:
         warm_up(cluster, work)
-        for label, name in WORDCOUNT_EXAMPLES:
-            module = example_module(name)
+        modules = [(label, example_module(name)) for label, name in WORDCOUNT_EXAMPLES]
+        pairs = module_from(WORDCOUNT_PAIRS, work / "wordcount_pairs.py")
+        for label, module in [*modules, ("per-word pairs, no combiner", pairs)]:
+            name = module.__name__
             seconds, summary, output = run_remap(
                 cluster, module, work / "corpus", work, reducers=CORES, split_mb=16, spill_mb=64
             )

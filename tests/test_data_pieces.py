@@ -10,6 +10,7 @@ import lzma
 import random
 import re
 import sys
+import tracemalloc
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,6 +210,42 @@ def test_spills_are_sorted_and_bounded() -> None:
             if b == bucket:
                 want[k].append(v)
         assert merged == sorted(want.items())
+
+
+def _allocated() -> int:
+    """Bytes the traced allocations take, each rounded up to the small-object allocator's
+    16-byte blocks (what RSS sees; tracemalloc reports the sizes asked for)."""
+    return sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
+
+
+@pytest.mark.parametrize("combine", [None, lambda key, values: [len(list(values))]])
+@pytest.mark.parametrize(
+    "value",
+    [lambda word, i: 1, lambda word, i: "seen " + word, lambda word, i: i / 7, lambda word, i: [i]],
+    ids=["count", "text", "float", "pickled"],
+)
+def test_the_buffer_fills_its_budget_with_memory_not_estimates(value, combine) -> None:
+    """The buffer's size is what its pairs really hold (tracemalloc): a word count's words from
+    a skewed vocabulary, each a fresh text object as ``split`` makes, with counts, text, floats
+    or pickled values, reach ``full`` with their memory near the budget, not far below it (too
+    many runs) nor above it."""
+    rng = random.Random(5)
+    vocabulary = ["".join(rng.choices("abcdefghij", k=rng.randint(2, 9))) for _ in range(20000)]
+    picks = rng.choices(range(len(vocabulary)), [1 / (i + 1) for i in range(20000)], k=150_000)
+    budget = 1 << 20
+    buffer = runs.SpillBuffer(budget, lambda b, r: None, lambda p, k, e: 0, lambda p: combine)
+    tracemalloc.start()
+    try:
+        before = _allocated()
+        for i, pick in enumerate(picks):
+            word = vocabulary[pick]
+            buffer.extend([((word + " ")[:-1], value(word, i))])
+            if buffer.full:
+                break
+        held = _allocated() - before
+    finally:
+        tracemalloc.stop()
+    assert buffer.full and 0.85 < held / budget < 1.15, (i, held / budget)
 
 
 def test_combine_runs_per_spill_and_early() -> None:

@@ -27,21 +27,19 @@ Combiner = Callable[[Any, Iterator[Any]], Iterable[Any]]
 
 _HEADER = struct.Struct(">II")
 _BUFFER = 256 * 1024
-#: estimated bytes a buffered key costs beyond its encoding (dict slot, list, bytes object)
+#: bytes (measured: tracemalloc, RSS) a buffered key costs beyond its length: its text object, dict entry and list
 KEY_OVERHEAD = 160
-#: estimated bytes a buffered value costs (list slot and a small object)
-VALUE_OVERHEAD = 40
+#: bytes a buffered value costs beyond its object: its slot in its key's list
+VALUE_OVERHEAD = 9
 #: values one key may gather in the buffer before ``combine`` folds them early
 COMBINE_EVERY = 512
 DEFAULT_FANIN = 64
-#: estimated bytes a buffered pair costs without a combiner (tuple, list slot, two objects)
-PAIR_OVERHEAD = 170
-#: immutable values kept as objects in the buffer; others are pickled when emitted
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
-#: plain values whose length counts towards the buffer's size
-_SIZED = frozenset({str, bytes})
-#: every plain type -> whether its length counts (one lookup answers both questions)
-_SIZED_PLAIN = {kind: kind in _SIZED for kind in _PLAIN}
+#: bytes a buffered pair costs without a combiner beyond its key's length and its value's
+#: object: the tuple, its list slot and the key's text object
+PAIR_OVERHEAD = 130
+#: plain values (kept as objects in the buffer; others are pickled when emitted) -> the bytes of
+#: their object: text and bytes add their length, an int in -5..256 is shared and costs nothing
+_PLAIN_COST = {int: 32, float: 32, str: 56, bytes: 40, bool: 0, type(None): 0}
 #: distinct int values (encoded) or pickles (decoded) one spill or one merge remembers: a count
 #: of 1 is pickled and unpickled once, not once per pair
 _MEMO = 4096
@@ -193,7 +191,7 @@ class SpillBuffer:
         error in user code while spilling (a partitioner, say) is never taken for the record's.
         A text key with a plain value for the default purpose takes a short path."""
         fast = self._fast
-        sized = _SIZED_PLAIN.get  # a plain value's type -> whether its length counts
+        cost_of = _PLAIN_COST.get  # a plain value's type -> its object's bytes
         size = count = 0
         try:
             if type(fast) is list:
@@ -205,12 +203,15 @@ class SpillBuffer:
                         except ValueError:  # a (purpose, key, value) triple, or a bad one
                             pass
                         else:
-                            counts = sized(type(value))
-                            if counts is not None and type(key) is str:
+                            kind = type(value)
+                            cost = cost_of(kind)
+                            if cost is not None and type(key) is str:
                                 append(out)
-                                size += PAIR_OVERHEAD + len(key)
-                                if counts:
-                                    size += len(value)
+                                if kind is str or kind is bytes:
+                                    cost += len(value)
+                                elif kind is int and -5 <= value <= 256:
+                                    cost = 0
+                                size += PAIR_OVERHEAD + len(key) + cost
                                 count += 1
                                 continue
                     size += self._add(out)
@@ -227,7 +228,8 @@ class SpillBuffer:
                             except ValueError:
                                 pass
                             else:
-                                if type(key) is str and type(value) is int:  # a count: shortest
+                                kind = type(value)
+                                if kind is int and -5 <= value <= 256 and type(key) is str:
                                     try:
                                         fast[key].append(value)
                                     except KeyError:
@@ -235,16 +237,17 @@ class SpillBuffer:
                                         size += len(key) + KEY_OVERHEAD
                                     fast_count += 1
                                     continue
-                                counts = sized(type(value))
-                                if counts is not None and type(key) is str:
+                                cost = cost_of(kind)
+                                if cost is not None and type(key) is str:
                                     values = get(key)
                                     if values is None:
                                         fast[key] = [value]
                                         size += len(key) + KEY_OVERHEAD
                                     else:
                                         values.append(value)
-                                    if counts:
-                                        size += len(value)
+                                    size += (
+                                        cost + len(value) if kind is str or kind is bytes else cost
+                                    )
                                     fast_count += 1
                                     continue
                         size += self._add(out)
@@ -277,12 +280,17 @@ class SpillBuffer:
             ident = encode_key(key)
             self._keys[purpose].setdefault(ident, key)
         kind = type(value)
-        if kind in _PLAIN:
-            size = len(value) if kind in _SIZED else 0
-        else:
+        size = _PLAIN_COST.get(kind)
+        if size is None:
             value = _Encoded(encode_value(value))
-            size = len(value)
-            self._mixed.add((purpose, ident))
+            size = 64 + len(value)  # a bytes subclass's object
+            if (purpose, ident) not in self._mixed:
+                self._mixed.add((purpose, ident))
+                size += 100  # a tuple in a set
+        elif kind is str or kind is bytes:
+            size += len(value)
+        elif kind is int and -5 <= value <= 256:
+            size = 0
         if type(store) is list:
             store.append((ident, value))
             return size + PAIR_OVERHEAD + len(ident)
