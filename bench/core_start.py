@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def one(system: str, size: int) -> dict[str, Any]:
         pids = os.listdir(barrier)
     assert len(set(pids)) == size, f"{len(set(pids))} distinct processes of {size}"
     cpu = sum(float(Path(barrier, name).read_text()) for name in os.listdir(barrier))
+    shutil.rmtree(barrier)
     return {
         "system": system,
         "cores": size,
