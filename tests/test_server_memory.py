@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections import deque
 
+import msgpack
 from twisted.internet.task import Clock
 
 from protocol import messages as m
+from protocol.connection import Connection
+from protocol.framing import encode_frame
 from remap.server.scheduler import MAX_BATCH_BYTES, MAX_PENDING_BYTES, Segment, take_from
 from remap.server.service import RemapServerFactory
 
 from .test_inmemory import Cluster, job_run, outcome, submit
 from .test_server_robustness import _console, _headers
-from .test_wire import KEY, frame
+from .test_wire import KEY
 
 MB = 1024 * 1024
 
@@ -76,9 +79,12 @@ def test_small_arguments_still_fill_a_large_first_window() -> None:
 # --------------------------------------------------------------------------- frames being received
 
 
-def _submit_frame(size: int) -> bytes:
-    """A valid ``submit`` whose function blob makes the frame ``size`` bytes or a little more."""
-    return frame({"t": "submit", "id": 1, "name": "big", "mode": "object"}, b"f" * size)
+def _submit_frame(client: Connection, size: int) -> bytes:
+    """A valid ``submit`` from ``client`` (sealed as its next frame) whose function blob makes
+    the frame ``size`` bytes or a little more."""
+    header = msgpack.packb({"t": "submit", "id": 1, "name": "big", "mode": "object"})
+    payload = b"f" * size
+    return b"".join(bytes(p) for p in encode_frame(client.seal(header, payload), payload))
 
 
 def test_peers_holding_huge_partial_frames_cannot_pin_unbounded_memory() -> None:
@@ -88,10 +94,9 @@ def test_peers_holding_huge_partial_frames_cannot_pin_unbounded_memory() -> None
     complete, waiting peers resume in turn, and every frame is finally received."""
     factory = RemapServerFactory(Clock(), KEY, max_frame=8 * MB, max_buffered=20 * MB)
     peers = [_console(factory) for _ in range(6)]
-    data = _submit_frame(8 * MB - 200)
-    head, rest = data[: 1 * MB], data[1 * MB :]
+    frames = {id(proto): _submit_frame(client, 8 * MB - 200) for proto, _, client in peers}
     for proto, _, _ in peers:
-        proto.dataReceived(head)
+        proto.dataReceived(frames[id(proto)][:MB])
     budget = factory.read_budget
     assert budget.used <= budget.limit
     paused = [t for _, t, _ in peers if t.producerState == "paused"]
@@ -101,7 +106,7 @@ def test_peers_holding_huge_partial_frames_cannot_pin_unbounded_memory() -> None
     remaining = list(peers)
     for _ in range(6):
         proto, transport, _ = next(p for p in remaining if p[1].producerState != "paused")
-        proto.dataReceived(rest)
+        proto.dataReceived(frames[id(proto)][MB:])
         remaining.remove((proto, transport, _))
         assert budget.used <= budget.limit
     assert not remaining and budget.used == 0
@@ -117,9 +122,9 @@ def test_a_paused_peer_is_not_dropped_for_silence_and_a_frame_over_the_budget_is
         clock, KEY, max_frame=8 * MB, max_buffered=10 * MB, heartbeat_interval=1.0
     )
     first, waiting = _console(factory), _console(factory)
-    data = _submit_frame(6 * MB)
+    data = _submit_frame(first[2], 6 * MB)
     first[0].dataReceived(data[:MB])
-    waiting[0].dataReceived(data[:MB])
+    waiting[0].dataReceived(_submit_frame(waiting[2], 6 * MB)[:MB])
     assert waiting[1].producerState == "paused"
     for _ in range(10):
         first[0].dataReceived(b"")  # the first peer keeps talking (any bytes would do)
@@ -128,8 +133,8 @@ def test_a_paused_peer_is_not_dropped_for_silence_and_a_frame_over_the_budget_is
     first[0].dataReceived(data[MB:])
     assert waiting[1].producerState != "paused"
     big = RemapServerFactory(Clock(), KEY, max_frame=8 * MB, max_buffered=4 * MB)
-    proto, transport, _ = _console(big)
-    proto.dataReceived(_submit_frame(6 * MB)[:MB])
+    proto, transport, client = _console(big)
+    proto.dataReceived(_submit_frame(client, 6 * MB)[:MB])
     assert transport.disconnecting
     assert "exceeds" in _headers(transport.value())[-1]["message"]
 
