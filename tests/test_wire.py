@@ -537,6 +537,28 @@ def test_a_node_refused_at_the_servers_caps_warns_why_and_tries_again(clock):
     assert refusals == [] and agent.link is None and transport.disconnecting
 
 
+def test_a_node_whose_open_connection_fails_says_it_lost_the_server_not_that_it_was_refused(clock):
+    """A frame that fails its MAC after the handshake (altered or injected on the way): the
+    node warns once that it lost the server, why, and that it reconnects, and is not stopped;
+    it also logged "connection to server refused" as an error, as for a wrong secret."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    factory = server_factory(clock)
+    server = factory.buildProtocol(None)
+    node, agent, _pool, refusals = node_peer(clock)
+    connect(server)
+    connect(node)
+    pump(node, server)
+    assert agent.link is node
+    with capturedLogs() as events:
+        node.dataReceived(frame({"t": "heartbeat"}))  # unsealed: fails its MAC
+        node.connectionLost(Failure(net_error.ConnectionDone()))
+    said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert len(said) == 1 and said[0].startswith("lost the server: frame 1 from the peer"), said
+    assert said[0].endswith("dropping its work and reconnecting"), said
+    assert refusals == [] and agent.link is None
+
+
 def test_a_node_dialling_a_port_that_is_not_remaps_says_so_and_tries_again(clock):
     """A node given the HTTP port (or any service that never answers the handshake) warns as
     the console says it: not a remap server, is that the server's port? It logged "connection

@@ -166,6 +166,8 @@ class NodeAgent:
                 why=getattr(error, "peer_message", "") or str(error),
             )
             return
+        if link.open:  # not refused: connection_lost says the server was lost, and why
+            return
         if isinstance(error, HandshakeTimeout):  # silent: not a remap server (its HTTP port?)
             self.log.warn("{why} (trying again)", why=not_remap(link.peer, error))
         else:
