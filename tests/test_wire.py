@@ -446,14 +446,20 @@ def server_factory(clock: Clock, key: bytes = KEY) -> RemapServerFactory:
     )
 
 
-def test_server_and_node_pair_in_memory(clock):
-    """A real server factory and a real node agent authenticate and register the node."""
+def joined_node(clock: Clock) -> tuple[RemapServerFactory, PeerProtocol, NodeAgent, list]:
+    """A real server factory and a real node agent, authenticated to each other in memory."""
     factory = server_factory(clock)
     server = factory.buildProtocol(None)
     node, agent, _pool, refusals = node_peer(clock)
     connect(server)
     connect(node)
     pump(node, server)
+    return factory, node, agent, refusals
+
+
+def test_server_and_node_pair_in_memory(clock):
+    """A real server factory and a real node agent authenticate and register the node."""
+    factory, node, agent, refusals = joined_node(clock)
     assert refusals == []
     assert agent.link is node
     (state,) = factory.scheduler.nodes.values()
@@ -543,12 +549,7 @@ def test_a_node_whose_open_connection_fails_says_it_lost_the_server_not_that_it_
     it also logged "connection to server refused" as an error, as for a wrong secret."""
     from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-    factory = server_factory(clock)
-    server = factory.buildProtocol(None)
-    node, agent, _pool, refusals = node_peer(clock)
-    connect(server)
-    connect(node)
-    pump(node, server)
+    _factory, node, agent, refusals = joined_node(clock)
     assert agent.link is node
     with capturedLogs() as events:
         node.dataReceived(frame({"t": "heartbeat"}))  # unsealed: fails its MAC
