@@ -28,55 +28,6 @@ DEFAULT_PORT = 7878
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error", "critical")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a process needs to find and trust its peers; defaults are safe on one machine."""
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    server: str | None = None
-    secret: str | None = dataclasses.field(default=None, repr=False)
-    secret_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    cores: int | None = None
-    core_start_timeout: float = 60.0
-    group: str | None = None
-    heartbeat_interval: float = 2.0
-    heartbeat_misses: int = 3
-    handshake_timeout: float = 5.0
-    max_handshaking: int = 64
-    max_handshaking_per_host: int = 16
-    max_frame: int = 256 * 1024 * 1024
-    console_grace: float = 10.0
-    log_level: str = "info"
-    task_output: bool = True
-    data_dir: str | None = None
-    http_host: str = "127.0.0.1"
-    http_port: int | None = None
-    http_token: str | None = dataclasses.field(default=None, repr=False)
-    http_hosts: str | None = None
-    http_max_connections: int = 256
-    http_max_connections_per_host: int = 32
-    apps_dir: str | None = None
-    discovery: bool = True
-    discovery_interfaces: str | None = None
-    discovery_timeout: float = 3.0
-    state_dir: str | None = None
-    journal: bool = True
-    journal_sync: str = "normal"
-    journal_keep_jobs: int = 1000
-    journal_keep_hours: float = 168.0
-    node_name: str | None = None
-    user: str | None = None
-    preempt_grace: float | None = None
-    result_buffer: int = 256 * 1024 * 1024
-    detached_results_memory: int = 256 * 1024 * 1024
-    detached_results_memory_total: int = 1024 * 1024 * 1024
-    detached_results_keep_hours: float = 1.0
-
-
 class _Bad(Exception):
     """A value's problem, before we know which variable and source to blame."""
 
@@ -178,64 +129,88 @@ def _flag(value: Any) -> bool:
 _PORT = _integer(0, 65535)
 _POSITIVE = _number(0, allow_equal=False)
 
-#: field -> (who reads it: s server, n node, c console and Python API; variable, converter,
-#: one-line comment); the order is the order of .env.example and of each program's --help
-_TABLE: dict[str, tuple[str, str, Converter, str]] = {
-    "host": ("s", "REMAP_HOST", _bind_host, "address the server listens on; 0.0.0.0 or :: lets other machines in"),
-    "port": ("s", "REMAP_PORT", _PORT, "port the server listens on (0 = any free port)"),
-    "server": ("nc", "REMAP_SERVER", _server, "HOST:PORT of the server for nodes and the console; empty = the console runs its own cluster"),
-    "secret": ("snc", "REMAP_SECRET_KEY", _text, "shared secret that servers, nodes and consoles prove to each other"),
-    "secret_file": ("snc", "REMAP_SECRET_FILE", _text, "file holding the secret instead (mode 0600: refused if group or others can read it); REMAP_SECRET_KEY wins"),
-    "tls_cert": ("snc", "REMAP_TLS_CERT", _text, "PEM certificate this process presents (turns TLS on; nodes and consoles too)"),
-    "tls_key": ("snc", "REMAP_TLS_KEY", _text, "PEM private key file for REMAP_TLS_CERT"),
-    "tls_ca": ("snc", "REMAP_TLS_CA", _text, "PEM CA that signed the peers' certificates (verified both ways)"),
-    "cores": ("nc", "REMAP_CORES", _integer(1), "cores a node uses; empty = CPU count - 1, at least 1"),
-    "core_start_timeout": ("nc", "REMAP_CORE_START_TIMEOUT", _POSITIVE, "seconds a node's core process has to start (import remap and say it is ready); one that takes longer is killed and started again, and counts as a core that died at start (3 in a row: restarts back off)"),
-    "group": ("n", "REMAP_GROUP", _text, "group a node belongs to; jobs may ask for a group"),
-    "heartbeat_interval": ("snc", "REMAP_HEARTBEAT_INTERVAL", _POSITIVE, "seconds between heartbeats"),
-    "heartbeat_misses": ("snc", "REMAP_HEARTBEAT_MISSES", _integer(1), "heartbeats missed in a row before a peer counts as lost"),
-    "handshake_timeout": ("snc", "REMAP_HANDSHAKE_TIMEOUT", _POSITIVE, "seconds a new connection has to finish the handshake, and any connection its close (one whose peer has not taken what was queued, or sent no TLS close, by then is cut)"),
-    "max_handshaking": ("s", "REMAP_MAX_HANDSHAKING", _integer(1), "connections the server lets be in the handshake at once, half of them only for addresses that authenticated before; one more is closed as soon as it is accepted, unread (authenticated nodes and consoles do not count)"),
-    "max_handshaking_per_host": ("s", "REMAP_MAX_HANDSHAKING_PER_HOST", _integer(1), "of those, how many may come from one IP address (raise it for many nodes or consoles behind one NAT address starting at once)"),
-    "max_frame": ("snc", "REMAP_MAX_FRAME", _integer(1), "largest message in bytes accepted after authentication; a console, API client or node says its own to the server, which sends it nothing larger (a single result that cannot fit a console's is that argument's ResultTooLarge error; an argument or job function that fits no connected node's is ArgumentTooLarge or the job's failure)"),
-    "console_grace": ("s", "REMAP_CONSOLE_GRACE", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled"),
-    "log_level": ("snc", "REMAP_LOG_LEVEL", _log_level, "one of debug, info, warn, error, critical"),
-    "task_output": ("c", "REMAP_TASK_OUTPUT", _flag, "show what tasks print or log (stdout, stderr, logging) on the console and in the Python API, each line prefixed with its node and core"),
-    "data_dir": ("snc", "REMAP_DATA_DIR", _text, "data directory of file jobs, the same path on every node (NFS on a LAN); empty = ~/.remap/data"),
-    "http_host": ("s", "REMAP_HTTP_HOST", _bind_host, "address the server's HTTP API and dashboard listen on"),
-    "http_port": ("sc", "REMAP_HTTP_PORT", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)"),
-    "http_token": ("s", "REMAP_HTTP_TOKEN", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY"),
-    "http_hosts": ("s", "REMAP_HTTP_HOSTS", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)"),
-    "http_max_connections": ("s", "REMAP_HTTP_MAX_CONNECTIONS", _integer(1), "connections the HTTP port holds open at once, half of them only for addresses that sent credentials before; one more is closed as soon as it is accepted"),
-    "http_max_connections_per_host": ("s", "REMAP_HTTP_MAX_CONNECTIONS_PER_HOST", _integer(1), "of those, how many may come from one IP address"),
-    "apps_dir": ("s", "REMAP_APPS_DIR", _text, "directory of the functions jobs submitted over HTTP may run; empty = no submitting over HTTP"),
-    "discovery": ("snc", "REMAP_DISCOVERY", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither"),
-    "discovery_interfaces": ("snc", "REMAP_DISCOVERY_INTERFACES", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all"),
-    "discovery_timeout": ("nc", "REMAP_DISCOVERY_TIMEOUT", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up"),
-    "user": ("c", "REMAP_USER", _text, "name a console authenticates as, with the key `remap-server --issue-key NAME` printed in REMAP_SECRET_KEY; empty = the cluster secret itself (may do everything)"),
-    "node_name": ("n", "REMAP_NODE_NAME", _text, "name a node reports (status, exclude/include); empty = the machine's host name"),
-    "state_dir": ("s", "REMAP_STATE_DIR", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap"),
-    "preempt_grace": ("s", "REMAP_PREEMPT_GRACE", _number(0, allow_equal=True), "seconds a job below its fair share waits before lower-priority jobs' running calls are killed and re-queued to make room; empty = no preemption"),
-    "result_buffer": ("c", "REMAP_RESULT_BUFFER", _integer(0), "bytes of results the console and the Python API hold for a caller that takes them slowly (an imap read slowly, a slow output) before the server stops running that job's calls until it took some; 0 = no bound"),
-    "journal": ("s", "REMAP_JOURNAL", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job"),
-    "journal_sync": ("s", "REMAP_JOURNAL_SYNC", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit"),
-    "journal_keep_jobs": ("s", "REMAP_JOURNAL_KEEP_JOBS", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned"),
-    "journal_keep_hours": ("s", "REMAP_JOURNAL_KEEP_HOURS", _number(0, allow_equal=True), "hours a finished job stays in the journal at most"),
-    "detached_results_memory": ("s", "REMAP_DETACHED_RESULTS_MEMORY", _integer(1), "bytes of a detached job's results the server holds in memory for attach: with the journal on, those it has not committed yet (it keeps the rest on disk); off, all of them. A job that reaches it runs no more calls until they are committed (journal off: it waits, its results kept, until killed; attach still gets them)"),
-    "detached_results_memory_total": ("s", "REMAP_DETACHED_RESULTS_MEMORY_TOTAL", _integer(1), "the same bound over all detached jobs, finished ones included"),
-    "detached_results_keep_hours": ("s", "REMAP_DETACHED_RESULTS_KEEP_HOURS", _number(0, allow_equal=True), "with REMAP_JOURNAL off: hours a finished detached job's results stay in the server's memory for attach (counted in REMAP_DETACHED_RESULTS_MEMORY_TOTAL meanwhile, so they hold new detached jobs back at most this long); then they are dropped and attach and status say so. With the journal they are on disk (REMAP_JOURNAL_KEEP_HOURS)"),
-}  # fmt: skip
 
+def _setting(
+    default: Any,
+    who: str,
+    convert: Converter,
+    comment: str,
+    *,
+    variable: str = "",
+    secret: bool = False,
+) -> Any:
+    """A setting's field; its variable is ``REMAP_`` and the field's name in capitals unless
+    ``variable`` names another; a ``secret`` one stays out of the settings' repr."""
+    meta = {"who": who, "convert": convert, "comment": comment, "variable": variable}
+    return dataclasses.field(default=default, repr=not secret, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to find and trust its peers; defaults are safe on one machine.
+
+    Each field is a setting: its default, who reads it (s server, n node, c console and Python
+    API), its converter and its one-line comment; the order is the order of .env.example and of
+    each program's --help."""
+
+    # fmt: off
+    host: str = _setting("127.0.0.1", "s", _bind_host, "address the server listens on; 0.0.0.0 or :: lets other machines in")
+    port: int = _setting(DEFAULT_PORT, "s", _PORT, "port the server listens on (0 = any free port)")
+    server: str | None = _setting(None, "nc", _server, "HOST:PORT of the server for nodes and the console; empty = the console runs its own cluster")
+    secret: str | None = _setting(None, "snc", _text, "shared secret that servers, nodes and consoles prove to each other", variable="REMAP_SECRET_KEY", secret=True)
+    secret_file: str | None = _setting(None, "snc", _text, "file holding the secret instead (mode 0600: refused if group or others can read it); REMAP_SECRET_KEY wins")
+    tls_cert: str | None = _setting(None, "snc", _text, "PEM certificate this process presents (turns TLS on; nodes and consoles too)")
+    tls_key: str | None = _setting(None, "snc", _text, "PEM private key file for REMAP_TLS_CERT")
+    tls_ca: str | None = _setting(None, "snc", _text, "PEM CA that signed the peers' certificates (verified both ways)")
+    cores: int | None = _setting(None, "nc", _integer(1), "cores a node uses; empty = CPU count - 1, at least 1")
+    core_start_timeout: float = _setting(60.0, "nc", _POSITIVE, "seconds a node's core process has to start (import remap and say it is ready); one that takes longer is killed and started again, and counts as a core that died at start (3 in a row: restarts back off)")
+    group: str | None = _setting(None, "n", _text, "group a node belongs to; jobs may ask for a group")
+    heartbeat_interval: float = _setting(2.0, "snc", _POSITIVE, "seconds between heartbeats")
+    heartbeat_misses: int = _setting(3, "snc", _integer(1), "heartbeats missed in a row before a peer counts as lost")
+    handshake_timeout: float = _setting(5.0, "snc", _POSITIVE, "seconds a new connection has to finish the handshake, and any connection its close (one whose peer has not taken what was queued, or sent no TLS close, by then is cut)")
+    max_handshaking: int = _setting(64, "s", _integer(1), "connections the server lets be in the handshake at once, half of them only for addresses that authenticated before; one more is closed as soon as it is accepted, unread (authenticated nodes and consoles do not count)")
+    max_handshaking_per_host: int = _setting(16, "s", _integer(1), "of those, how many may come from one IP address (raise it for many nodes or consoles behind one NAT address starting at once)")
+    max_frame: int = _setting(256 * 1024 * 1024, "snc", _integer(1), "largest message in bytes accepted after authentication; a console, API client or node says its own to the server, which sends it nothing larger (a single result that cannot fit a console's is that argument's ResultTooLarge error; an argument or job function that fits no connected node's is ArgumentTooLarge or the job's failure)")
+    console_grace: float = _setting(10.0, "s", _number(0, allow_equal=True), "seconds before the job of a lost console is cancelled")
+    log_level: str = _setting("info", "snc", _log_level, "one of debug, info, warn, error, critical")
+    task_output: bool = _setting(True, "c", _flag, "show what tasks print or log (stdout, stderr, logging) on the console and in the Python API, each line prefixed with its node and core")
+    data_dir: str | None = _setting(None, "snc", _text, "data directory of file jobs, the same path on every node (NFS on a LAN); empty = ~/.remap/data")
+    http_host: str = _setting("127.0.0.1", "s", _bind_host, "address the server's HTTP API and dashboard listen on")
+    http_port: int | None = _setting(None, "sc", _PORT, "port of the HTTP API and dashboard; empty = no HTTP (0 = any free port)")
+    http_token: str | None = _setting(None, "s", _text, "bearer token for the HTTP API; empty = derived from REMAP_SECRET_KEY", secret=True)
+    http_hosts: str | None = _setting(None, "s", _text, "extra names browsers may use for the dashboard, comma-separated (IP addresses and localhost always work)")
+    http_max_connections: int = _setting(256, "s", _integer(1), "connections the HTTP port holds open at once, half of them only for addresses that sent credentials before; one more is closed as soon as it is accepted")
+    http_max_connections_per_host: int = _setting(32, "s", _integer(1), "of those, how many may come from one IP address")
+    apps_dir: str | None = _setting(None, "s", _text, "directory of the functions jobs submitted over HTTP may run; empty = no submitting over HTTP")
+    discovery: bool = _setting(True, "snc", _flag, "on: the server advertises itself on the LAN (mDNS) and a node or console with a secret but no REMAP_SERVER looks for it; off: neither")
+    discovery_interfaces: str | None = _setting(None, "snc", _text, "interfaces discovery uses, by name or IPv4 address, comma-separated; empty = all")
+    discovery_timeout: float = _setting(3.0, "nc", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up")
+    user: str | None = _setting(None, "c", _text, "name a console authenticates as, with the key `remap-server --issue-key NAME` printed in REMAP_SECRET_KEY; empty = the cluster secret itself (may do everything)")
+    node_name: str | None = _setting(None, "n", _text, "name a node reports (status, exclude/include); empty = the machine's host name")
+    state_dir: str | None = _setting(None, "s", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap")
+    preempt_grace: float | None = _setting(None, "s", _number(0, allow_equal=True), "seconds a job below its fair share waits before lower-priority jobs' running calls are killed and re-queued to make room; empty = no preemption")
+    result_buffer: int = _setting(256 * 1024 * 1024, "c", _integer(0), "bytes of results the console and the Python API hold for a caller that takes them slowly (an imap read slowly, a slow output) before the server stops running that job's calls until it took some; 0 = no bound")
+    journal: bool = _setting(True, "s", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job")
+    journal_sync: str = _setting("normal", "s", _sync_level, "normal: what was committed survives the server's crash (a power cut may lose the last moments); full: it survives a power cut too, at an fsync per commit")
+    journal_keep_jobs: int = _setting(1000, "s", _integer(0), "finished jobs the journal keeps (with a detached job's results); older ones are pruned")
+    journal_keep_hours: float = _setting(168.0, "s", _number(0, allow_equal=True), "hours a finished job stays in the journal at most")
+    detached_results_memory: int = _setting(256 * 1024 * 1024, "s", _integer(1), "bytes of a detached job's results the server holds in memory for attach: with the journal on, those it has not committed yet (it keeps the rest on disk); off, all of them. A job that reaches it runs no more calls until they are committed (journal off: it waits, its results kept, until killed; attach still gets them)")
+    detached_results_memory_total: int = _setting(1024 * 1024 * 1024, "s", _integer(1), "the same bound over all detached jobs, finished ones included")
+    detached_results_keep_hours: float = _setting(1.0, "s", _number(0, allow_equal=True), "with REMAP_JOURNAL off: hours a finished detached job's results stay in the server's memory for attach (counted in REMAP_DETACHED_RESULTS_MEMORY_TOTAL meanwhile, so they hold new detached jobs back at most this long); then they are dropped and attach and status say so. With the journal they are on disk (REMAP_JOURNAL_KEEP_HOURS)")
+    # fmt: on
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 #: setting field -> environment variable
-ENV_VARS: dict[str, str] = {name: row[1] for name, row in _TABLE.items()}
+ENV_VARS: dict[str, str] = {
+    name: f.metadata["variable"] or PREFIX + name.upper() for name, f in _FIELDS.items()
+}
 _FIELD_OF: dict[str, str] = {variable: name for name, variable in ENV_VARS.items()}
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
-
 
 #: (variable, default as text, one-line comment), in the order .env.example lists them
 ENV_DOC: list[tuple[str, str, str]] = [
-    (variable, "" if _DEFAULTS[name] is None else str(_DEFAULTS[name]), comment)
-    for name, (_, variable, _, comment) in _TABLE.items()
+    (ENV_VARS[name], "" if f.default is None else str(f.default), f.metadata["comment"])
+    for name, f in _FIELDS.items()
 ]
 
 _SECRET_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
@@ -327,8 +302,8 @@ def load_settings(
                 continue
             _take(chosen, variable, value, label)
     for name, value in (overrides or {}).items():
-        if name not in _TABLE:
-            close = difflib.get_close_matches(name, list(_TABLE), n=1)
+        if name not in _FIELDS:
+            close = difflib.get_close_matches(name, list(_FIELDS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"setting '{name}' from {overrides_from}: unknown setting{hint}")
         _take(chosen, ENV_VARS[name], value, f"setting '{name}' from {overrides_from}")
@@ -383,7 +358,7 @@ def _take(chosen: dict[str, Any], variable: str, value: Any, label: str) -> None
     if value is None or (isinstance(value, str) and not value.strip()):
         return  # unset: an empty line in .env or an argparse default must not clobber
     try:
-        chosen[name] = _TABLE[name][2](value)
+        chosen[name] = _FIELDS[name].metadata["convert"](value)
     except _Bad as exc:
         raise ConfigError(f"{label}: {exc}") from None
 
@@ -493,8 +468,8 @@ def settings_help(program: str) -> str:
     """The end of ``program``'s ``--help`` (server, node or console): the settings it reads,
     from the table, so the two cannot drift."""
     lines = ["settings (environment or .env; a flag wins), with their defaults:"]
-    for (who, _, _, _), (variable, default, comment) in zip(_TABLE.values(), ENV_DOC):
-        if program[0] in who:
+    for f, (variable, default, comment) in zip(_FIELDS.values(), ENV_DOC):
+        if program[0] in f.metadata["who"]:
             lines.append(f"  {variable}={default}")
             lines += textwrap.wrap(comment, 79, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
