@@ -685,22 +685,12 @@ class ResultIterator(Iterator[Any]):
         raise exc if self._style.wrap_error is None else self._style.wrap_error(exc)
 
     def _wait(self, deadline: float | None, polled: bool = False) -> None:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        stream = self._stream
+        # past the deadline, what already arrived is still given (as the stdlib's map gives a
+        # future that is done): only an empty queue times out
         try:
-            try:
-                event = stream.events.get_nowait()
-            except queue.Empty:
-                # past the deadline, what already arrived is still given (as the stdlib's map
-                # gives a future that is done): only an empty queue times out
-                if remaining is not None and remaining <= 0:
-                    raise
-                if stream.result_buffer:  # what it holds may wait for this one: let it go on
-                    stream.waiting_for_results()
-                try:
-                    event = stream.events.get(timeout=remaining)
-                finally:
-                    stream.wanting = False
+            event = self._stream.next_event(
+                None if deadline is None else deadline - time.monotonic()
+            )
         except queue.Empty:
             # the map's own deadline (Executor.map's timeout=) ends it, as the stdlib's;
             # next(timeout=) only gives up waiting: the iterator and its job go on
@@ -726,6 +716,9 @@ class ResultIterator(Iterator[Any]):
                     self._runs[first] = (values, 0)
                 else:
                     self._ready.extend(zip(values, itertools.repeat(None)))
+        elif kind == "partial":  # a fold of ``count`` results (a reduce): one value to take
+            self._ready.append((event[3], None))
+            self._consumed += event[2] - 1
         elif kind == "end":
             self._ended = True
             self._end_error = event[2]
@@ -1210,38 +1203,19 @@ class Cluster:
                 f"reduce:{describe(fn)}", mode="reduce", chunksize=chunksize, on_error="fail"
             ),
         )
-        feeder = _Feeder(stream, source, buffersize, star=False, fn_name=describe(fn))
         acc, have = initial, initial is not _NO_INITIAL
-        consumed = 0
-        try:
-            while True:
-                feeder.top_up(consumed)
-                if feeder.done and consumed >= feeder.put:
-                    break
-                event = stream.events.get()
-                kind = event[0]
-                if kind == "end":
-                    if event[2] is not None:
-                        raise event[2]
-                    break
-                if kind == "items":
-                    values = []
-                    for _, result, error in event[2]:
-                        if error is not None:
-                            raise remote_exception(error)
-                        values.append(result)
-                    consumed += len(event[2])
-                elif kind == "partial":
-                    values = [event[3]]
-                    consumed += event[2]
-                else:
-                    continue
-                for value in values:
-                    acc = combine(acc, value) if have else value
-                    have = True
-        finally:
-            if not stream.finished.is_set():
-                stream.kill()
+        results = ResultIterator(
+            stream,
+            source,
+            ordered=False,
+            buffersize=buffersize,
+            style=CLUSTER_MAPS,
+            fn_name=describe(fn),
+        )
+        with results:
+            for value in results:
+                acc = combine(acc, value) if have else value
+                have = True
         if not have:
             raise TypeError("reduce() of empty iterable with no initial value")
         return acc

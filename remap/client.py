@@ -929,20 +929,13 @@ class JobStream:
         ``tick`` runs every ``interval`` s; past ``until`` (monotonic) TimeoutError. A sink that
         cannot write kills the job; a job that did not finish raises, the sink closed incomplete.
         """
-        get, get_nowait = self.events.get, self.events.get_nowait
         next_tick = time.monotonic() + interval
         while True:
             wait = interval if until is None else min(interval, max(until - time.monotonic(), 0))
             try:
-                event = get_nowait()
+                event = self.next_event(wait)
             except queue.Empty:
-                self.waiting_for_results()
-                try:
-                    event = get(timeout=wait)
-                except queue.Empty:
-                    event = None
-                finally:
-                    self.wanting = False
+                event = None
             if tick is not None and time.monotonic() >= next_tick:
                 tick()
                 next_tick = time.monotonic() + interval
@@ -962,6 +955,21 @@ class JobStream:
                 self.kill()
                 _close_quietly(sink)
                 raise error from None
+
+    def next_event(self, timeout: float | None) -> tuple[Any, ...]:
+        """The consumer's next event (one already there even past ``timeout``); queue.Empty if
+        none comes in time. While the consumer waits, a job held for its results goes on."""
+        try:
+            return self.events.get_nowait()
+        except queue.Empty:
+            if timeout is not None and timeout <= 0:
+                raise
+            if self.result_buffer:
+                self.waiting_for_results()
+            try:
+                return self.events.get(timeout=timeout)
+            finally:
+                self.wanting = False
 
     def _output_error(self, exc: Exception) -> RemapError:
         job = self.session.job_id
