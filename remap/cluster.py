@@ -250,6 +250,13 @@ class Cores(Service):
         return defer.maybeDeferred(self.pool.stop)
 
 
+def _core_pool(reactor: Any, settings: Settings, size: int) -> CorePool:
+    """A node's cores; its agent routes their answers (it sets the pool's result handlers)."""
+    return CorePool(
+        reactor, size, lambda r: None, lambda r: None, start_timeout=settings.core_start_timeout
+    )
+
+
 class NodeService(MultiService):
     """A node: its cores and (unless it is the embedded cluster's, joined in-process) its
     connection to the server, a ``ClientService`` that counts a connection as made once it
@@ -289,13 +296,7 @@ def start_node(
     host, port = parse_address(settings.server or f"127.0.0.1:{settings.port}")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     key = client_secret(settings)
-    pool = CorePool(
-        reactor,
-        settings.cores or default_cores(),
-        lambda r: None,
-        lambda r: None,
-        start_timeout=settings.core_start_timeout,
-    )
+    pool = _core_pool(reactor, settings, settings.cores or default_cores())
     agent = NodeAgent(
         pool,
         group=settings.group,
@@ -345,13 +346,7 @@ class EmbeddedCluster:
     async def start(self) -> str:
         """Start the server and the node; the node joins over an in-process link (no sockets)."""
         self.server = await start_server(self.reactor, self.settings, secret=self.secret)
-        pool = CorePool(
-            self.reactor,
-            self.cores,
-            lambda r: None,
-            lambda r: None,
-            start_timeout=self.settings.core_start_timeout,
-        )
+        pool = _core_pool(self.reactor, self.settings, self.cores)
         agent = NodeAgent(pool)
         pool.read_turn = self.in_one_turn
         self.node = NodeService(pool, agent, None)
