@@ -1036,12 +1036,14 @@ class Cluster:
         style: MapStyle = CLUSTER_MAPS,
         events: queue.SimpleQueue | None = None,
         owner: Any = None,
+        total: int | None = None,
     ) -> ResultIterator:
         _check_buffersize(buffersize)
         self._check_open()
         blob = function_blob(fn)
         # a known length lets the server share the last batches out over every core
-        total = len(iterable) if isinstance(iterable, Sized) else None
+        if isinstance(iterable, Sized):
+            total = len(iterable)
         source = iter(iterable)
         fn_name = describe(fn)
         params = self._params(f"{kind}:{fn_name}", star=star, chunksize=chunksize)

@@ -60,8 +60,6 @@ _SHUT_DOWN = "cannot schedule new futures after shutdown"
 #: executors whose calls may still run; the interpreter's exit waits for them, as the stdlib's
 _live: weakref.WeakSet[Executor] = weakref.WeakSet()
 _exiting = False
-_exit_hook = threading.Lock()
-_exit_registered = False
 
 
 def _python_exit() -> None:
@@ -74,25 +72,7 @@ def _python_exit() -> None:
         executor.shutdown(wait=True)
 
 
-def _register_exit() -> None:
-    global _exit_registered
-    with _exit_hook:
-        if not _exit_registered:
-            threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-            _exit_registered = True
-
-
-class _SizedZip:
-    """``zip(*iterables)`` that also knows its length, when every iterable does."""
-
-    def __init__(self, iterables: tuple[Iterable[Any], ...]) -> None:
-        self._iterables = iterables
-
-    def __len__(self) -> int:
-        return min(len(it) for it in self._iterables)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return zip(*self._iterables)
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 def _parts(fn: Callable[..., Any]) -> tuple[Any, ...]:
@@ -560,7 +540,6 @@ class Executor(concurrent.futures.Executor):
         self._submit_chunksize: int | None = None
         self._thread = threading.Thread(target=self._deliver, name="remap-executor", daemon=True)
         self._thread.start()
-        _register_exit()
         _live.add(self)
 
     @property
@@ -646,12 +625,11 @@ class Executor(concurrent.futures.Executor):
         """
         deadline = time.monotonic() + timeout if timeout is not None else None
         self._check_accepting()
-        args: Iterable[Any] = zip(*iterables)
-        if iterables and all(isinstance(it, Sized) for it in iterables):
-            args = _SizedZip(iterables)
+        sized = iterables and all(isinstance(it, Sized) for it in iterables)
         results = self._cluster._iterate(
             Initialized(fn, self._initializer) if self._initializer is not None else fn,
-            args,
+            zip(*iterables),
+            total=min(map(len, iterables)) if sized else None,  # type: ignore[arg-type]
             star=True,
             ordered=True,
             chunksize=chunksize,
