@@ -301,12 +301,13 @@ class _Feeder:
         # refill only once a few results were consumed: one reactor wake-up per refill
         self._slack = 0 if limit is None else max(1, limit // 8) - 1
         job = stream.session
-        self.chunksize = job.params.chunksize
         #: an iterable of unknown length (a generator): grouped too, its groups growing with
         #: what was taken (see :func:`group_target`); a gang's arguments each go alone
         self.lazy = job.total_hint is None and not job.params.gang
-        #: arguments per pickle wanted (1: none grouped), and now (bounded by their bytes)
-        self.group = 1 if job.params.gang else group_target(job.total_hint, self.chunksize)
+        #: whether arguments go in groups, and how many to the next (bounded by their bytes)
+        self.grouped = self.lazy or (
+            not job.params.gang and group_target(job.total_hint, job.params.chunksize) > 1
+        )
         self._group_now = 1  # the first argument alone: its size tells how many fit a group
 
     def top_up(self, consumed: int) -> None:
@@ -316,7 +317,7 @@ class _Feeder:
         limit = self.limit
         if limit is not None and self.put - consumed > limit - 1 - self._slack:
             return
-        if self.group > 1 or self.lazy:
+        if self.grouped:
             self._top_up_groups(consumed)
             return
         stream = self.stream
@@ -455,10 +456,7 @@ class _Feeder:
     def _close_group(self, group: list[Any], first: int) -> bytes:
         """Pickle a group; size the next from the bytes per argument of this one."""
         blob = dumps_group(group, first, self.fn_name)
-        target = self.group
-        if self.lazy:
-            target = group_target(None, self.chunksize, first + len(group))
-        self._group_now = next_group(target, len(blob), len(group), self.stream.session.group_bytes)
+        self._group_now = next_group(self.stream.session, first + len(group), len(blob), len(group))
         return blob
 
 

@@ -81,9 +81,12 @@ def group_target(total: int | None, chunksize: int | None, read: int = 0) -> int
     return max(1, target)
 
 
-def next_group(target: int, size: int, n: int, most: int = 0) -> int:
-    """``target``, bounded so a group of the last one's bytes per argument (``n`` in ``size``)
-    holds about ``GROUP_BYTES``, or half the server's ``group_limit`` ``most`` if smaller."""
+def next_group(session: JobSession, read: int, size: int, n: int, cap: int = m.MAX_GROUP) -> int:
+    """Arguments in the next group once ``read`` were: :func:`group_target`'s (at most ``cap``),
+    bounded so a group of the last one's bytes per argument (``n`` in ``size``) holds about
+    ``GROUP_BYTES``, or half the server's ``group_limit`` if smaller."""
+    target = min(cap, group_target(session.total_hint, session.params.chunksize, read))
+    most = session.group_bytes
     aim = GROUP_BYTES if not most or most >= 2 * GROUP_BYTES else max(1, most // 2)
     return max(1, min(target, aim * n // max(1, size)))
 
@@ -1436,7 +1439,7 @@ class _GroupReader:
             16 * GROUP_BYTES, session.frame_room // 2, session.group_bytes or sys.maxsize
         ):
             self.queued += n
-            self._size(len(blob), n)
+            self.want = next_group(session, self.queued, len(blob), n, self.cap)
             return put(blob, group if keep else None, *self.bounds, count=n)
         # one by one: a large argument among small ones is checked against the frame alone
         for value in group:
@@ -1444,14 +1447,9 @@ class _GroupReader:
             if not put(one, value if keep else None, *self.bounds):
                 return False
             self.queued += 1
-        self._size(len(one) if blob is None else len(blob), 1 if blob is None else n)
+        size, n = (len(one), 1) if blob is None else (len(blob), n)
+        self.want = next_group(session, self.queued, size, n, self.cap)
         return True
-
-    def _size(self, size: int, n: int) -> None:
-        """The next group's size."""
-        session = self.session
-        target = group_target(session.total_hint, session.params.chunksize, self.queued)
-        self.want = next_group(min(self.cap, target), size, n, session.group_bytes)
 
 
 #: the type name of the error given to a result this console could not unpickle
