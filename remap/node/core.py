@@ -237,10 +237,9 @@ class Core:
             return self._run_one(cmd, fn, star)
         shm, pack_into, clock = self.shm, SLOT.pack_into, time.monotonic
         loads = pickle.loads
+        # a reduce job's batch (``partial``) keeps its fold as the only result
         results: list[Any] = []
         errors: list[list[Any]] = []
-        acc: Any = None
-        have_acc = False
         captured = self.output
         captured.capturing, captured.buffer = True, None
         saved = sys.stdout, sys.stderr
@@ -275,19 +274,8 @@ class Core:
                     now = clock()
                     if emit is not None and now - flushed >= STREAM_SECONDS and pos > first:
                         # send what is done so far: results reach the caller as they complete
-                        emit(
-                            self._reply(
-                                cmd,
-                                partial,
-                                results,
-                                errors,
-                                acc,
-                                have_acc,
-                                now - flushed,
-                                pos - first,
-                            )
-                        )
-                        results, errors, acc, have_acc = [], [], None, False
+                        emit(self._reply(cmd, partial, results, errors, now - flushed, pos - first))
+                        results, errors = [], []
                         first, flushed = pos, now
                     pack_into(shm, 0, pos, now, len(piece))
                     if bad is None and not star and not partial:
@@ -313,11 +301,8 @@ class Core:
                                 result = fn(**arg) if isinstance(arg, dict) else fn(*arg)
                             else:
                                 result = fn(arg)
-                            if partial:
-                                if have_acc:
-                                    acc = reduce_fn(acc, result)
-                                else:
-                                    acc, have_acc = result, True
+                            if partial and results:
+                                results[0] = reduce_fn(results[0], result)
                             else:
                                 results.append(result)
                         except (Exception, KeyboardInterrupt, SystemExit) as exc:
@@ -335,7 +320,7 @@ class Core:
             sys.stdout, sys.stderr = saved
             captured.capturing = False
         pack_into(shm, 0, -1, 0.0, 0)
-        return self._reply(cmd, partial, results, errors, acc, have_acc, clock() - flushed, 0)
+        return self._reply(cmd, partial, results, errors, clock() - flushed, 0)
 
     def _run_one(self, cmd: m.Task, fn: Any, star: bool) -> m.TaskResult:
         """A batch of one bare argument (every lone ``submit``): :meth:`run`'s loop for it,
@@ -367,7 +352,7 @@ class Core:
             sys.stdout, sys.stderr = saved
             captured.capturing = False
         SLOT.pack_into(shm, 0, -1, 0.0, 0)
-        return self._reply(cmd, False, results, errors, None, False, clock() - began, 0)
+        return self._reply(cmd, False, results, errors, clock() - began, 0)
 
     def _reply(
         self,
@@ -375,16 +360,15 @@ class Core:
         partial: bool,
         results: list[Any],
         errors: list[list[Any]],
-        acc: Any,
-        have_acc: bool,
         elapsed: float,
         part: int,
     ) -> m.TaskResult:
         """The answer for the calls run since the last part (``part`` > 0: more follow);
-        ``partial``: a reduce job's batch (the fold ``acc`` is the answer)."""
+        ``partial``: a reduce job's batch (its fold, ``results``' one value if any, is the
+        answer)."""
         packed = False
         if partial:
-            blobs = [dumps(acc, large=True)] if have_acc else []
+            blobs = [dumps(value, large=True) for value in results]
         else:
             blobs, packed = _pack_results(results, errors)
         out = self.output.take()

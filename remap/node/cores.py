@@ -195,7 +195,7 @@ class CoreProcess(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == OUT_FD:
-            self._answers(self._decoder.feed(data))
+            self._read(data)
         else:  # output from outside Python's sys.stdout (C code, subprocesses)
             if self.life is _STARTING:
                 self.start_stderr = (self.start_stderr + data)[-START_STDERR_BYTES:]
@@ -210,22 +210,17 @@ class CoreProcess(ProcessProtocol):
         else:
             turn(self._handle_answers, frames)
 
-    def _handle_answers(self, frames: list[Any]) -> None:
+    def _handle_answers(self, frames: list[Frame]) -> None:
+        """Frames from the core, each checked like any message; one that breaks the protocol
+        gets the core killed, and the rest are not read."""
         for frame in frames:
-            if not self._answer(frame):
+            try:
+                msg = m.decode(frame.header, frame.payload, channel="pipe")
+            except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
+                self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
+                self.kill("error")
                 return
-
-    def _answer(self, frame: Frame) -> bool:
-        """One frame from the core, checked like any message; False: it broke the protocol
-        and is killed."""
-        try:
-            msg = m.decode(frame.header, frame.payload, channel="pipe")
-        except RemoteProtocolError as exc:  # a bug, or user code writing to fd 4
-            self.log.error("core {i} broke the pipe protocol: {e}", i=self.index, e=exc)
-            self.kill("error")
-            return False
-        self.pool._core_message(self, msg, frame)
-        return True
+            self.pool._core_message(self, msg, frame)
 
     def processEnded(self, reason: Any) -> None:
         self.died_starting = self.life is _STARTING
