@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 import threading
 import typing
 from dataclasses import dataclass, field
@@ -79,10 +78,6 @@ _REGISTRY: dict[str, type[Message]] = {}
 _MISSING = dataclasses.MISSING
 
 
-def _anything(value: Any) -> bool:
-    return True
-
-
 def message(cls):
     """Class decorator: make a frozen dataclass and register it in the catalogue; its codecs
     and ``make`` are generated when first used (:func:`_generate`), so a process builds only
@@ -96,32 +91,9 @@ def message(cls):
 
 def _generate(cls: type[Message]) -> None:
     """Generate ``cls``'s encoder, decoders and ``make`` from its fields."""
-    hints = typing.get_type_hints(cls)
-    specs = []
-    inline: dict[str, str | None] = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "payload":
-            continue
-        default = f.default
-        if f.default_factory is not _MISSING:
-            default = f.default_factory
-        # a job option is judged by its own rule; a status record's map against its fields
-        record = f.metadata.get("record")
-        inline[f.name] = None
-        if "rule" in f.metadata:
-            check = _anything
-            inline[f.name] = "True"
-        elif record is None:
-            check = _checker(hints[f.name])
-            inline[f.name] = _expression(hints[f.name], "v")
-        elif typing.get_origin(hints[f.name]) is list:
-            check = lambda v, r=record: type(v) is list and not any(map(r.problem, v))  # noqa: E731
-        else:
-            check = lambda v, r=record: not r.problem(v)  # noqa: E731
-        specs.append((f.name, check, default))
     # ``cls(**fields)`` for one with its own rules (``__post_init__``): they judge the values
     cls.make = cls if hasattr(cls, "__post_init__") else staticmethod(_maker(cls))
-    encoder, decoder, _SHAPERS[cls] = _codecs(cls, tuple(specs), inline)
+    encoder, decoder, _SHAPERS[cls] = _codecs(cls)
     shapes: dict[tuple[str, ...], Any] = {}
     for channel, known in _CHANNELS.items():
         if cls.CHANNEL in (channel, "both"):
@@ -219,16 +191,29 @@ def _problem(name: str, field_name: str, value: Any) -> RemoteProtocolError:
     return RemoteProtocolError(f"{name}.{field_name}: bad value of type {type(value).__name__}")
 
 
-def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any, Any, Any]:
-    """Generate ``cls``'s encoder, decoder and shaped-decoder maker from the field table
-    ``specs`` (name, check, default)."""
+def _test(f: dataclasses.Field, hint: Any, namespace: dict[str, Any]) -> str:
+    """The check of a field's value (``f_<name>`` in the generated decoders) as an expression:
+    inline for the usual types, else a call of a check this puts in ``namespace``."""
+    if "rule" in f.metadata:  # a job option is judged by its own rule (``__post_init__``)
+        return "True"
+    record = f.metadata.get("record")  # a status record's map, against the record's fields
+    if record is None:
+        test = _expression(hint, f"f_{f.name}")
+        if test is not None:
+            return test
+        check = _checker(hint)
+    elif typing.get_origin(hint) is list:
+        check = lambda v: type(v) is list and not any(map(record.problem, v))  # noqa: E731
+    else:
+        check = lambda v: not record.problem(v)  # noqa: E731
+    namespace[f"_check_{f.name}"] = check
+    return f"_check_{f.name}(f_{f.name})"
+
+
+def _codecs(cls: type) -> tuple[Any, Any, Any]:
+    """Generate ``cls``'s encoder, decoder and shaped-decoder maker from its fields."""
     name = cls.TYPE
-    # optional fields whose default is a plain value its own check passes
-    plain = {
-        f
-        for f, check, default in specs
-        if default is not _MISSING and not callable(default) and check(default) is True
-    }
+    hints = typing.get_type_hints(cls)
     namespace: dict[str, Any] = {
         **_CHECK_NAMES,
         "_problem": _problem,
@@ -237,13 +222,28 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
         "_Remote": RemoteProtocolError,
         "_THREAD": _THREAD,
         "_new_packer": _new_packer,
-        "_NAMES": frozenset(f for f, _, _ in specs),
     }
-    fields = [f for f, _, _ in specs]
+    #: per field: its check; per optional field: its default's expression (a fresh list or
+    #: dict each time)
+    tests: dict[str, str] = {}
+    freshes: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "payload":
+            continue
+        tests[f.name] = _test(f, hints[f.name], namespace)
+        default = f.default if f.default_factory is _MISSING else f.default_factory
+        if default is _MISSING:
+            continue
+        namespace[f"_default_{f.name}"] = default
+        if default in (list, dict):
+            freshes[f.name] = "[]" if default is list else "{}"
+        else:
+            freshes[f.name] = f"_default_{f.name}()" if callable(default) else f"_default_{f.name}"
+    fields = list(tests)
+    required = [f for f in fields if f not in freshes]
+    namespace["_NAMES"] = frozenset(fields)
     # the fields before the first optional one go in the dict display; the rest in order
-    leading = 0
-    while leading < len(specs) and specs[leading][2] is _MISSING:
-        leading += 1
+    leading = next((i for i, f in enumerate(fields) if f in freshes), len(fields))
     header = ", ".join([f"'t': {name!r}", *(f"{f!r}: msg.{f}" for f in fields[:leading])])
     has_payload = "payload" in cls.__dataclass_fields__
     payload = "msg.payload" if has_payload else "b''"
@@ -253,78 +253,42 @@ def _codecs(cls: type, specs: tuple, inline: dict[str, str | None]) -> tuple[Any
         f"    header = {{{header}}}",
     ]
     # a field at its default is left out: fewer keys to pack, unpack and check
-    for field_name, _, default in specs[leading:]:
-        if default is _MISSING:
-            encoder.append(f"    header[{field_name!r}] = msg.{field_name}")
+    for f in fields[leading:]:
+        fresh = freshes.get(f)
+        if fresh is None:
+            encoder.append(f"    header[{f!r}] = msg.{f}")
             continue
-        if default in (list, dict):
+        default = namespace[f"_default_{f}"]
+        if fresh in ("[]", "{}"):
             test = "v"
-        elif callable(default):
-            test = f"v != _default_{field_name}()"
         elif default is None or type(default) is bool:
             test = f"v is not {default!r}"
         else:
-            test = f"v != _default_{field_name}"
-        encoder += [
-            f"    v = msg.{field_name}",
-            f"    if {test}:",
-            f"        header[{field_name!r}] = v",
-        ]
+            test = f"v != {fresh}"
+        encoder += [f"    v = msg.{f}", f"    if {test}:", f"        header[{f!r}] = v"]
     encoder.append(f"    return packer.pack(header), {payload}")
-    # a required field's check also refuses the missing sentinel (``_problem`` says which);
-    # an optional field that is its (passing) default object is not checked again; a map of
-    # the required fields alone takes the defaults without look-ups; unknown fields are
-    # found in one C pass at the end
-    required = sum(1 for _, _, default in specs if default is _MISSING)
+    # a required field's check also refuses the missing sentinel (``_problem`` says which); a
+    # map of the required fields alone takes the defaults without look-ups; unknown fields
+    # are found in one C pass at the end
     decoder = ["def decode(data, payload):"]
-    defaults, lookups = [], []
-    #: per field: its check over its variable; per optional field: its default's expression
-    tests: dict[str, str] = {}
-    freshes: dict[str, str] = {}
-    for field_name, check, default in specs:
-        namespace[f"_check_{field_name}"] = check
-        namespace[f"_default_{field_name}"] = default
-        v = f"f_{field_name}"
-        test = inline[field_name]
-        test = f"_check_{field_name}(v)" if test is None else test
-        test = tests[field_name] = re.sub(r"\bv\b", v, test)
-        bad = f"raise _Remote({f'{name}.{field_name}: bad value of type '!r} + type({v}).__name__)"
-        if default is _MISSING:
-            decoder.append(f"    {v} = data.get({field_name!r}, _MISSING)")
-            if inline[field_name] in (None, "True"):  # a check that may pass the sentinel
-                decoder += [
-                    f"    if {v} is _MISSING:",
-                    f"        raise _Remote({f'{name}: missing field {field_name!r}'!r})",
-                ]
+    for f in required:
+        decoder += [
+            f"    f_{f} = data.get({f!r}, _MISSING)",
+            f"    if f_{f} is _MISSING or not ({tests[f]}):",
+            f"        raise _problem({name!r}, {f!r}, f_{f})",
+        ]
+    if freshes:
+        decoder.append(f"    if len(data) == {len(required)}:")
+        decoder += [f"        f_{f} = {fresh}" for f, fresh in freshes.items()]
+        decoder.append("    else:")
+        for f, fresh in freshes.items():
             decoder += [
-                f"    if not ({test}):",
-                f"        raise _problem({name!r}, {field_name!r}, {v})",
+                f"        f_{f} = data.get({f!r}, _MISSING)",
+                f"        if f_{f} is _MISSING:",
+                f"            f_{f} = {fresh}",
+                f"        elif not ({tests[f]}):",
+                f"            raise _problem({name!r}, {f!r}, f_{f})",
             ]
-            continue
-        if default in (list, dict):
-            fresh = "[]" if default is list else "{}"
-        elif callable(default):
-            fresh = f"_default_{field_name}()"
-        else:
-            fresh = f"_default_{field_name}"
-        freshes[field_name] = fresh
-        defaults.append(f"        {v} = {fresh}")
-        if field_name in plain:
-            lookups += [
-                f"        {v} = data.get({field_name!r}, {fresh})",
-                f"        if {v} is not {fresh} and not ({test}):",
-                f"            {bad}",
-            ]
-        else:
-            lookups += [
-                f"        {v} = data.get({field_name!r}, _MISSING)",
-                f"        if {v} is _MISSING:",
-                f"            {v} = {fresh}",
-                f"        elif not ({test}):",
-                f"            {bad}",
-            ]
-    if defaults:
-        decoder += [f"    if len(data) == {required}:", *defaults, "    else:", *lookups]
     decoder += [
         "    if not _NAMES.issuperset(data):",
         "        unknown = sorted(map(str, (k for k in data if k not in _NAMES)))[:5]",
