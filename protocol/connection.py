@@ -299,18 +299,8 @@ class Connection:
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the transport; return what happened (the events of frames before
         a bad one too)."""
-        state = self.state
-        if state is _CLOSED:
+        if self.state is _CLOSED:
             return []
-        if state is _OPEN:
-            frame = self.decoder.whole(data)
-            if frame is not None:  # one whole message: none of the buffer's work
-                events: list[Event] = []
-                try:
-                    self._open_frame(frame, events)
-                except RemapError as exc:
-                    events.append(self._fail(exc))
-                return events
         self.decoder.add(data)
         return self._events()
 
