@@ -683,28 +683,13 @@ class PeerProtocol(Protocol):
                 or not transport_idle(transport)
             ):
                 return False
-            out = produce()
-            if not out:
-                return True
             conn = self.conn
-            header, payload = m.encode(out[0])
-            header = conn.seal(header, payload)
-            if len(out) == 1 and len(payload) <= SMALL_PAYLOAD:
-                # one small message (a lone call's argument): one buffer, one send
-                frame = small_frame(header, payload)
-                self.traffic.sent += len(frame)
-                try:
-                    sent = sending.sock.send(frame)
-                except OSError:  # full, or gone: the reactor's write path finds out
-                    sent = 0
-                if sent < len(frame):
-                    sending.add([memoryview(frame)[sent:]])
-                    call_soon(sending.resume)
-                return True
-            data = encode_frame(header, payload)
-            for msg in out[1:]:
+            data: list[bytes | memoryview] = []
+            for msg in produce():
                 header, payload = m.encode(msg)
                 data += encode_frame(conn.seal(header, payload), payload)
+            if not data:
+                return True
             self.traffic.sent += sum(map(len, data))
 
             def later(rest: list[bytes | memoryview]) -> None:
