@@ -195,12 +195,9 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
             bar.clear()
         kind = "data" if spec.kind == "mapreduce" else spec.kind
         console.note(f"interrupted: {kind} job {job_id} killed; nothing was published")
-        if args.json:  # a script still reads one object, as for a function job
-            error = JobKilled(
-                f"{kind} job {job_id} was interrupted and killed; nothing was published"
-            )
-            summary = {**render.failure_json(error, job_id), "exit_code": EXIT_INTERRUPTED}
-            console.say(json.dumps({**summary, "kind": spec.kind}))
+        # --json: a script still reads one object, as for a function job
+        error = JobKilled(f"{kind} job {job_id} was interrupted and killed; nothing was published")
+        print_failure(console, args.json, spec.kind, job_id, error, exit_code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     finally:
         render.print_task_output(output, bar, console.err)  # what came with the last results
@@ -209,11 +206,13 @@ def compute_file_job(console: Any, spec: Any, args: argparse.Namespace) -> int:
     return print_summary(console, spec.kind, summary, args.json)
 
 
-def print_failure(console: Any, as_json: bool, kind: str, job_id: str, exc: RemapError) -> None:
+def print_failure(
+    console: Any, as_json: bool, kind: str, job_id: str, exc: RemapError, **extra: Any
+) -> None:
     """``--json``: a data or vertex job that failed, was killed or could not start still
     prints one object on stdout, as a function job does (its error line goes to stderr)."""
     if as_json:
-        console.say(json.dumps({**render.failure_json(exc, job_id), "kind": kind}))
+        console.say(json.dumps({**render.failure_json(exc, job_id), "kind": kind, **extra}))
 
 
 def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: bool) -> int:

@@ -94,6 +94,8 @@ class ReaderLeft(OutputError):
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so the shell survives a typo."""
 
+    commands: dict[str, argparse.ArgumentParser]  # (the top one's) each command's parser
+
     def error(self, message: str) -> None:  # type: ignore[override]
         unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)' \(", message)
         if unknown:  # as the shell and `help` name it, not argparse's list with `shell`
@@ -221,6 +223,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"remap {__version__}")
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+    parser.commands = sub.choices
 
     def command(name: str) -> Parser:
         short, description = DESCRIPTIONS[name]
@@ -426,7 +429,8 @@ class Console:
             tick()  # notices and task output that arrived with the last results
             if progress:
                 progress.clear()
-        return self._report(spec, sink, state, outcome, args)
+        self._print_results(spec.options.mode, sink, outcome, args.json)
+        return self._failed_arguments(max(state.failed, outcome.failed))
 
     def _stream_printer(self, as_json: bool, progress: Any, screen: threading.Lock) -> Any:
         """A stream job's ``on_item``: each result as it arrives, ``INDEX: repr`` (``--json``:
@@ -606,12 +610,6 @@ class Console:
                 stderr=out,
                 start_new_session=True,
             )
-
-    def _report(
-        self, spec: Any, sink: Any, run: Any, outcome: Any, args: argparse.Namespace
-    ) -> int:
-        self._print_results(spec.options.mode, sink, outcome, args.json)
-        return self._failed_arguments(max(run.failed, outcome.failed))
 
     def _print_results(
         self, mode: str, sink: Any, outcome: Any, as_json: bool, *, errors: bool = True
@@ -799,11 +797,7 @@ class Console:
             return HELP
         if topic not in DESCRIPTIONS:
             raise UsageError(f"help: {no_command(topic)}")
-        parser = self.parser or build_parser()
-        choices = next(
-            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-        ).choices
-        return choices[topic].format_help().rstrip("\n")
+        return (self.parser or build_parser()).commands[topic].format_help().rstrip("\n")
 
     def cmd_quit(self, args: argparse.Namespace) -> int:
         return 0
