@@ -106,12 +106,9 @@ def _plain(value: Any, depth: int) -> Any:
     if value is None or isinstance(value, bool):
         return value
     # Subclasses (IntEnum, numpy.float64, ...) are reduced to the base type json knows.
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
+    for base in (int, float, str):
+        if isinstance(value, base):
+            return base(value)
     if isinstance(value, (list, tuple)):
         return [_plain(item, depth + 1) for item in value]
     if isinstance(value, dict):
@@ -469,7 +466,9 @@ class _OutputSink(Sink):
         """Stop without committing or keeping anything (the results go elsewhere)."""
         if not self.closed:
             super().abandon()
-            self._discard()
+            self._pending.clear()
+            self.kept_count = 0
+            self._finish()
         self._lock.release()
 
     def _close(self, *, complete: bool) -> None:
@@ -481,11 +480,6 @@ class _OutputSink(Sink):
         finally:
             self._pending.clear()
             self._finish()
-
-    def _discard(self) -> None:
-        self._pending.clear()
-        self.kept_count = 0
-        self._finish()
 
     @abc.abstractmethod
     def _write_rest(self) -> None:
@@ -504,10 +498,8 @@ class _OutputSink(Sink):
         if not self.closed or self.committed_output:
             return None
         untouched = "left unchanged" if self.existed else "not written"
-        if not self.kept_count:
-            return f"no results kept; {self.output} {untouched}"
         kept = f"kept {self.kept_count} result(s) in {self.staging_name}"
-        return f"{kept}; {self.output} {untouched}"
+        return f"{kept if self.kept_count else 'no results kept'}; {self.output} {untouched}"
 
     def _extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"output": str(self.output)}
@@ -915,6 +907,10 @@ class FileSink(_OutputSink):
         return {**super()._extra(), "lines": self.lines_written}
 
 
+#: the accumulator of a reduce job before its first result (None may be a result)
+_NOTHING = object()
+
+
 class ReduceSink(Sink):
     """Folds results into one value as they arrive (``reduce_fn`` must be associative and
     commutative: order is arbitrary and nodes send partial folds). The first result (or
@@ -928,23 +924,17 @@ class ReduceSink(Sink):
     def __init__(self, reduce_fn: Callable[[Any, Any], Any]) -> None:
         super().__init__()
         self._reduce_fn = reduce_fn
-        self._acc: Any = None
-        self._has_value = False
+        self._acc: Any = _NOTHING
         self.errors: list[TaskErrorInfo] = []
 
     def _fold(self, value: Any) -> None:
-        if self._has_value:
-            self._acc = self._reduce_fn(self._acc, value)
-        else:
-            self._acc = value
-            self._has_value = True
+        self._acc = value if self._acc is _NOTHING else self._reduce_fn(self._acc, value)
 
     def _add(self, index: int, argument: Any, result: Any, error: TaskErrorInfo | None) -> None:
-        if error is not None:
-            if len(self.errors) < self.MAX_ERRORS_KEPT:
-                self.errors.append(error)
-            return
-        self._fold(result)
+        if error is None:
+            self._fold(result)
+        elif len(self.errors) < self.MAX_ERRORS_KEPT:
+            self.errors.append(error)
 
     def add_partial(self, indices_count: int, partial: Any) -> None:
         """Fold in a node's reduction of ``indices_count`` successful results."""
@@ -956,7 +946,7 @@ class ReduceSink(Sink):
 
     def value(self) -> Any:
         """The folded value; raises :class:`JobFailed` if no result arrived to fold."""
-        if not self._has_value:
+        if self._acc is _NOTHING:
             cause = self.errors[0].to_exception() if self.errors else None
             raise JobFailed(f"no results to reduce ({self.failed} tasks failed)") from cause
         return self._acc
