@@ -766,6 +766,49 @@ def test_a_full_disk_fails_the_job_with_one_line_naming_the_file(tmp_path: Path,
     assert not (tmp_path / "out-run").exists()
 
 
+def test_a_worker_whose_error_arrives_with_the_servers_list_fails_the_job_not_rolls_back(
+    tmp_path: Path, monkeypatch
+):
+    """A worker whose output part finds the disk full raises while the driver asks the
+    server for its calls in flight: its error arrives before the answer that no longer lists
+    it. The error fails the job (one line, nothing published), as any worker's error does.
+    The driver looked at the errors before asking, took the call for a lost one and rolled
+    back: the error was dropped, and the job reported done if no later look came."""
+    import errno
+
+    armed, go = threading.Event(), threading.Event()
+    real = worker_mod.write_atomic
+
+    def write_atomic(path, data, **kw):
+        if Path(path).name == "part-00001":  # slot 1's: partitions are dealt round robin
+            armed.set()
+            assert go.wait(30), "the driver never asked the server"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    class ServerTells(ThreadLaunch):
+        def calls(self):
+            if armed.is_set() and not go.is_set():
+                go.set()  # the worker raises while the server answers
+                self.threads[1].join(30)
+            return {slot for slot, t in enumerate(self.threads) if t.is_alive()}
+
+    rollbacks: list[str] = []
+    real_lose = Driver._lose
+
+    def lose(self, lost):
+        rollbacks.append(str(lost))
+        real_lose(self, lost)
+
+    monkeypatch.setattr(worker_mod, "write_atomic", write_atomic)
+    monkeypatch.setattr(Driver, "_lose", lose)
+    graph_input(tmp_path)
+    with pytest.raises(JobFailed, match=r"a vertex worker failed: StorageError: .*disk full"):
+        run_threads(example("connected_components"), tmp_path, 2, partitions=2, launch=ServerTells)
+    assert go.is_set() and rollbacks == []
+    assert not (tmp_path / "out-run").exists()
+
+
 def test_the_output_appears_whole_by_one_rename(tmp_path: Path):
     """While the workers write the output parts, nothing is at the output's path (a reader,
     or a driver that dies there, would find part files without _SUCCESS: an attached

@@ -249,9 +249,9 @@ class Driver:
 
     def _check(self) -> None:
         """Raise if the job failed, was killed, or a member worker is gone."""
-        self._check_launch()
         now = self.clock()
         beats = self._heartbeats()
+        taken: list[int] = []
         if now - self._asked_at >= STATUS_INTERVAL:
             self._asked_at = now
             assert self.launch is not None
@@ -259,8 +259,11 @@ class Driver:
             # a member's call missing from the server's was taken back (never guessed from
             # heartbeat ages: just after a kill the lost worker's can be the freshest)
             taken = sorted(set(self.members) - calls) if calls is not None else []
-            if taken:
-                raise WorkerLost(taken, "lost its node or core (the server took its call back)")
+        # after the server's answer: a call that raised is missing from it too, and its error,
+        # sent before that answer, fails the job rather than passing for a lost worker
+        self._check_launch()
+        if taken:
+            raise WorkerLost(taken, "lost its node or core (the server took its call back)")
         for slot, attempt in self.members.items():
             newest, age = beats.get(slot, (attempt, 0.0))
             if newest > attempt and self.layout.heartbeat(slot, newest).exists():
