@@ -195,9 +195,10 @@ def test_pagerank_with_aggregators_across_workers(tmp_path: Path):
     assert result.bytes_moved > 0 and result.messages > 0
 
 
-def _freeze_at(monkeypatch, superstep: int, on_freeze=None):
-    """The worker computing the first vertex of ``superstep`` stops heartbeating and hangs:
-    what the driver sees of a node that was SIGKILLed (``on_freeze(worker)`` runs first).
+def _freeze_at(monkeypatch, superstep: int | str, on_freeze=None):
+    """The worker computing the first vertex of ``superstep`` (``"output"``: turning the first
+    vertex into an output line) stops heartbeating and hangs: what the driver sees of a node
+    that was SIGKILLed (``on_freeze(worker)`` runs first).
     Returns the program, the event that releases the hung worker, the set holding the frozen
     worker, and every worker made."""
     frozen: set[Any] = set()  # workers (an attempt's number is its slot's)
@@ -225,16 +226,26 @@ def _freeze_at(monkeypatch, superstep: int, on_freeze=None):
     # (a check of ``frozen`` then an add let two through now and then: two lost, two rollbacks)
     first = threading.Lock()
 
-    def frozen_compute(ctx, vid, value, messages):
-        if ctx.superstep == superstep and first.acquire(blocking=False):
+    def freeze(vid) -> None:
+        if first.acquire(blocking=False):
             owner = next(w for w in workers if any(vid in p.values for p in w.parts.values()))
             if on_freeze is not None:
                 on_freeze(owner)
             frozen.add(owner)
             release.wait(30)
+
+    def frozen_compute(ctx, vid, value, messages):
+        if ctx.superstep == superstep:
+            freeze(vid)
         return compute(ctx, vid, value, messages)
 
-    return dataclasses.replace(program, compute=frozen_compute), release, frozen, workers
+    def frozen_output(vid, value):
+        if superstep == "output":
+            freeze(vid)
+        return program.output(vid, value)
+
+    frozen_program = dataclasses.replace(program, compute=frozen_compute, output=frozen_output)
+    return frozen_program, release, frozen, workers
 
 
 def _skipping_clock(frozen: set[Any], workers: list[worker_mod.Worker], lost_after: float):
@@ -366,6 +377,59 @@ def test_lost_worker_rolls_back_to_the_checkpoint_and_output_is_unchanged(
         clock=time.monotonic if told else _skipping_clock(frozen, workers, VertexConfig.lost_after),
     )
     assert frozen, "the victim was never computed"
+
+
+@pytest.mark.parametrize("phase,folder", [(2, "s2"), ("output", "out"), ("output", ".out-lost.")])
+def test_a_lost_worker_writing_while_its_epoch_is_removed_leaves_nothing(
+    tmp_path: Path, monkeypatch, phase, folder
+):
+    """A lost worker wakes in the instant the driver removes ``folder`` (listed, not yet
+    removed) and writes its messages of superstep 2 (the folder: theirs), or its output part
+    (the folder: the old epoch's output, or the staging folder of every epoch's). Nothing of
+    the old epoch is left once the rollback is done (its messages kept e0/s2 and e0 on disk
+    until the job's end), and nothing beside the output once the job is done (its part kept
+    .out-lost.remap-JOB/e0 there for good)."""
+    graph_input(tmp_path, weighted=True)
+    want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
+    program, release, frozen, workers = _freeze_at(monkeypatch, phase)
+    wrote = threading.Event()
+    real_write, real_rmdir = worker_mod.write_atomic, os.rmdir
+
+    def write_atomic(path, data, **kw):
+        try:
+            return real_write(path, data, **kw)
+        finally:
+            if frozen and threading.current_thread().name.endswith(f"-{next(iter(frozen)).slot}"):
+                wrote.set()
+
+    def rmdir(path, *args, **kw):
+        if os.path.basename(os.fspath(path)).startswith(folder) and frozen and not release.is_set():
+            release.set()
+            assert wrote.wait(30), "the woken worker wrote nothing"
+        return real_rmdir(path, *args, **kw)
+
+    left: list[list[str]] = []  # the job's scratch right after the rollback
+    real_lose = Driver._lose
+
+    def lose(self, lost):
+        real_lose(self, lost)
+        left.append(sorted(p.name for p in self.layout.scratch.iterdir()))
+
+    monkeypatch.setattr(worker_mod, "write_atomic", write_atomic)
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    monkeypatch.setattr(Driver, "_lose", lose)
+    _lose_one_worker(
+        program,
+        tmp_path,
+        release,
+        ThreadLaunch,
+        clean,
+        want,
+        None,
+        clock=_skipping_clock(frozen, workers, VertexConfig.lost_after),
+    )
+    assert wrote.is_set() and left == [[]], left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_worker_still_in_the_superstep_when_another_is_lost_stays_a_member(

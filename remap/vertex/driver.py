@@ -131,6 +131,18 @@ class VertexResult:
         return out
 
 
+def discard(path: Path) -> None:
+    """Remove a folder a lost worker may still write in: renamed away first, so no write can
+    reach it by its path while it is removed (one racing the removal could land in a folder
+    already listed, keeping it and every folder above it on disk)."""
+    trash = path.with_name(path.name + ".gone")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    remove_tree(trash)
+
+
 class Launch(Protocol):
     """The worker calls as the driver sees them, wherever they run."""
 
@@ -592,14 +604,16 @@ class Driver:
         if self.checkpoint is not None:  # whole: no worker of the old epoch writes there now
             c = self.checkpoint
             os.renames(self.layout.checkpoint(old, c), self.layout.checkpoint(self.epoch, c))
-        remove_tree(self.layout.epoch(old))
+        discard(self.layout.epoch(old))
+        discard(self.staging / f"e{old}")
         self._deal()
         self.step = self.checkpoint
         self.restore_pending = self.checkpoint is not None
 
     def _output(self) -> None:
-        # an epoch's own folder: a worker lost in an earlier one writes only in its own
-        staging = self.staging / f"e{self.epoch}"
+        # in its epoch's folder: a worker lost in an earlier epoch finds none to write in (it
+        # makes its file's own folder, never the one above, which went at the rollback)
+        staging = self.staging / f"e{self.epoch}" / "out"
         staging.mkdir(parents=True)
         self._command("output", output=str(staging))
         (staging / SUCCESS_MARKER).write_text("")

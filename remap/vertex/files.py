@@ -21,6 +21,7 @@ end finds them gone and stops, instead of leaving them behind.
     im/<jobid>/e<epoch>/s<step>/to<p>/from<slot>-<chunk>   messages sent in superstep <step>
     im/<jobid>/e<epoch>/ckpt/s<step>/p<p>     partition p (and its inbox) before <step>; the
                                               last whole one moves to the next epoch
+    <output's folder>/.<name>.remap-<jobid>/e<epoch>/out/part-<p>   the output, renamed whole
 """
 
 from __future__ import annotations
