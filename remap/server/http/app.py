@@ -132,15 +132,16 @@ class HttpApp:
         return getattr(self, route.handler)(request, identity, **converted)
 
     def _unauthorized(self, request: Any, found: list) -> bytes:
-        request.setResponseCode(401)
-        request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
         if any(r.handler == "dashboard" for r, _ in found):
             return self._login_page(request, "This page needs a login link.")
-        return self._body(request, {"error": "unauthorized", "message": "log in or send a token"})
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
+        return self._error(request, 401, "unauthorized", "log in or send a token")
 
     def _login_page(self, request: Any, why: str) -> bytes:
-        """The page a browser without a session sees: why, and the whole command for a link (a
-        console finds no loopback server by itself, nor the HTTP port)."""
+        """The 401 page a browser without a session sees: why, and the whole command for a link
+        (a console finds no loopback server by itself, nor the HTTP port)."""
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
         command = "python remap_console.py"
         if self.submitter.cluster_address is not None:
             command += f" --server {self.submitter.cluster_address}"
@@ -167,8 +168,6 @@ class HttpApp:
         token = (request.args.get(b"token") or [b""])[0].decode("ascii", "replace")
         spent = self.auth.redeem(token)
         if spent is None:  # a browser opened it: a page that says what to do, not JSON
-            request.setResponseCode(401)
-            request.setHeader(b"WWW-Authenticate", b'Bearer realm="remap"')
             minutes = round(LOGIN_TTL / 60)
             why = "This login link was used already or has expired: a link logs in once,"
             return self._login_page(request, f"{why} within {minutes} minutes.")
@@ -246,24 +245,15 @@ class HttpApp:
         if driven.finished:
             return self._body(request, {"job": driven.id, "state": driven.state})
         self.log.info("job {id} killed over HTTP ({kind})", id=driven.id, kind=identity.kind)
-        answer = self._answer_later(request)
         self.factory.drivers.kill(
-            driven, lambda job: answer(200, {"job": job.id, "state": job.state})
+            driven, lambda job: self._late(request, 200, {"job": job.id, "state": job.state})
         )
         return NOT_DONE_YET
 
-    def _answer_later(self, request: Any) -> Any:
-        """``answer(code, value)`` for a request answered later: dropped if its client left."""
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def answer(code: int, value: Any) -> None:
-            if not gone:
-                request.setResponseCode(code)
-                request.write(self._body(request, value))
-                request.finish()
-
-        return answer
+    def _late(self, request: Any, code: int, value: Any) -> None:
+        """Answer a request later with JSON: dropped if its client left meanwhile."""
+        request.setResponseCode(code)
+        _send(request, self._body(request, value))
 
     def _node_action(self, request: Any, identity: Identity, node_id: str, action: str) -> bytes:
         node = getattr(self.scheduler, action)(node_id)
@@ -295,15 +285,14 @@ class HttpApp:
             )
         except SubmitError as exc:
             return self._error(request, 400, "bad-job", str(exc))
-        answer = self._answer_later(request)
 
         def started(job_id: int) -> None:
             self.log.info("job {id} submitted over HTTP ({kind})", id=job_id, kind=identity.kind)
             results = f"/api/v1/jobs/{job_id}/results"
-            answer(201, {"job": job_id, "name": submission.name, "results": results})
+            self._late(request, 201, {"job": job_id, "name": submission.name, "results": results})
 
         def failed(message: str) -> None:
-            answer(400, {"error": "bad-job", "message": message})
+            self._late(request, 400, {"error": "bad-job", "message": message})
 
         self.submitter.start(submission, started, failed)
         return NOT_DONE_YET
@@ -318,20 +307,13 @@ class HttpApp:
                 request, job_id, self.submitter.recall(job) if job is not None else None
             )
         )
-
-        def answer(body: bytes | int) -> None:
-            if body is not NOT_DONE_YET and not (request._disconnected or request.finished):
-                request.write(body)
-                request.finish()
-
-        answered.addCallback(answer).addErrback(self._failed_later, request)
+        answered.addCallback(lambda body: _send(request, body))
+        answered.addErrback(self._failed_later, request)
         return NOT_DONE_YET
 
     def _failed_later(self, failure: Failure, request: Any) -> None:
         self.log.failure("answering {uri}", failure, uri=request.uri)
-        if not (request._disconnected or request.finished):
-            request.write(self._error(request, 500, "failed", "server error (see its log)"))
-            request.finish()
+        _send(request, self._error(request, 500, "failed", "server error (see its log)"))
 
     def _results(
         self, request: Any, job_id: int, submission: Any, recalled: bool = True
@@ -372,8 +354,7 @@ class HttpApp:
         ended = self._unsuccessful(submission)
         if ended is not None:
             state, message = ended
-            request.write(self._error(request, 409, f"job-{state}", message))
-            request.finish()
+            _send(request, self._error(request, 409, f"job-{state}", message))
             return
         request.setHeader(b"Content-Type", NDJSON.encode())
         try:
@@ -458,6 +439,13 @@ class FileStreamer:
             self.call.cancel()
             self.call = None
         self.handle.close()
+
+
+def _send(request: Any, body: bytes | int) -> None:
+    """Write a late answer and end it, unless its client left (or a streamer took it over)."""
+    if body is not NOT_DONE_YET and not (request._disconnected or request.finished):
+        request.write(body)
+        request.finish()
 
 
 def _media_type(request: Any) -> str:

@@ -71,10 +71,6 @@ class Submission:
     def results(self) -> Path:
         return self.directory / "results.jsonl"
 
-    def last_error(self) -> str:
-        text = last_error(self.stderr) or f"the job's console exited with code {self.exit_code}"
-        return text[:500]
-
 
 def _unlined(error: str, source: str) -> str:
     """A checked job's error names "the job file" without a line: what was checked is the
@@ -276,7 +272,7 @@ class Submitter:
                 waiter()
             if not state["done"]:
                 state["done"] = True
-                on_failed(self._for_client(submission, submission.last_error()))
+                on_failed(self.client_error(submission))
             self.log.info(
                 "HTTP job {name} ended (console exit {code})", name=submission.name, code=code
             )
@@ -316,12 +312,11 @@ class Submitter:
         )
 
     def client_error(self, submission: Submission) -> str:
-        """Why the submission's console child ended badly, as the client may see it."""
-        return self._for_client(submission, submission.last_error())
-
-    def _for_client(self, submission: Submission, error: str) -> str:
-        """The console child's error without server paths (the client knows none of them)."""
+        """Why the submission's console child ended badly, as the client may see it: without
+        server paths (the client knows none of them)."""
         assert self.apps_dir is not None
+        exited = f"the job's console exited with code {submission.exit_code}"
+        error = (last_error(submission.stderr) or exited)[:500]
         for untouched in ("not written", "left unchanged"):
             error = error.replace(f"; no results kept; {submission.results} {untouched}", "")
         error = _unlined(error, str(submission.directory / "job.json"))
