@@ -260,6 +260,64 @@ def test_results_of_a_job_submitted_before_a_restart(apps: Path, tmp_path: Path)
         served.stop()
 
 
+def test_results_follow_a_slow_reader_and_close_when_it_leaves(apps: Path, tmp_path: Path) -> None:
+    """A results file far larger than the socket buffers reaches a reader that takes it a
+    little at a time whole and in order (the server pauses and resumes with the peer), and a
+    reader that leaves halfway has the file closed on the server (nothing left open per
+    departed client)."""
+    import contextlib
+    import os
+    import socket
+    import time
+
+    from protocol import messages as m
+    from remap import runtime
+    from remap.settings import Settings
+
+    data = tmp_path / "data"
+    served = Served(Settings(http_port=0, apps_dir=str(apps), data_dir=str(data)))
+    try:
+        ended = prepare({"function": "squares.py:square", "args_range": [0, 2]}, apps, data)
+        line = b'{"index": 0, "result": "' + b"x" * 1000 + b'"}\n'
+        ended.results.write_bytes(line * 24_000)  # about 24 MB
+        job_id = served.add_job(name=ended.name, total=0)
+        runtime.run(
+            lambda: served.scheduler.args_ended(
+                served.scheduler.jobs[job_id].console, m.ArgsEnd(job=job_id, total=0)
+            )
+        )
+        ask = (
+            f"GET /api/v1/jobs/{job_id}/results HTTP/1.0\r\nHost: {served.host}\r\n"
+            f"Authorization: Bearer {served.token}\r\n\r\n"
+        ).encode()
+
+        def read(limit: int) -> bytes:
+            got = bytearray()
+            with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+                sock.sendall(ask)
+                while len(got) < limit and (piece := sock.recv(4096)):
+                    got += piece
+            return bytes(got)
+
+        body = read(1 << 40).partition(b"\r\n\r\n")[2]
+        assert body == line * 24_000
+
+        def open_results() -> int:
+            count = 0
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):  # (closed since listed)
+                    count += os.readlink(f"/proc/self/fd/{fd}") == str(ended.results)
+            return count
+
+        assert len(read(1 << 20)) >= 1 << 20  # then it leaves, most of the file unsent
+        deadline = time.monotonic() + 10
+        while open_results() and time.monotonic() < deadline:
+            runtime.run(lambda: None)  # a reactor turn
+        assert open_results() == 0
+    finally:
+        served.stop()
+
+
 @pytest.mark.slow
 def test_submit_over_http_and_read_the_results(make_cluster, apps: Path, tmp_path: Path) -> None:
     """A YAML job file posted with the token runs on the cluster; its results come back as

@@ -15,8 +15,10 @@ from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -362,7 +364,15 @@ class HttpApp:
         except FileNotFoundError:
             request.finish()
             return
-        FileStreamer(self.submitter.reactor, handle, request).start()
+        # a push producer, paused by a slow peer, that reads a chunk per turn of the injected
+        # reactor: Twisted's server-side file senders are pull producers driven by the global
+        # reactor's cooperator, which never runs where the HTTP face is on another reactor (the
+        # embedded cluster's, the tests'), so such an answer never ended
+        reactor = self.submitter.reactor
+        turns = Cooperator(lambda: lambda: True, lambda work: reactor.callLater(0, work))
+        producer = FileBodyProducer(handle, turns)
+        request.registerProducer(producer, True)
+        producer.startProducing(request).addCallback(lambda _: _sent(request))
 
     def _unsuccessful(self, submission: Any) -> tuple[str, str] | None:
         """``(state, why)`` of an ended submission whose job did not end done, else None: the
@@ -388,57 +398,11 @@ class HttpApp:
         return self.stats.prometheus_text()
 
 
-class FileStreamer:
-    """Sends a file to a request a chunk per reactor turn, pausing when the peer is slow.
-
-    A push producer on the injected reactor: Twisted drives a pull producer (``FileSender``)
-    with the global reactor's cooperator, which never runs where the HTTP face is on another
-    reactor (the embedded cluster's, the tests'), so such an answer never ended.
-    """
-
-    CHUNK = 1 << 16
-
-    def __init__(self, clock: Any, handle: Any, request: Any) -> None:
-        self.clock, self.handle, self.request = clock, handle, request
-        self.paused = False
-        self.call: Any = None
-
-    def start(self) -> None:
-        self.request.registerProducer(self, True)
-        self._next()
-
-    def _next(self) -> None:
-        if self.call is None and not self.paused and not self.handle.closed:
-            self.call = self.clock.callLater(0, self._send)
-
-    def _send(self) -> None:
-        self.call = None
-        if self.request._disconnected:
-            self.handle.close()
-        if self.paused or self.handle.closed:
-            return
-        chunk = self.handle.read(self.CHUNK)
-        if chunk:
-            self.request.write(chunk)
-            self._next()
-            return
-        self.handle.close()
-        self.request.unregisterProducer()
-        if not self.request.finished and not self.request._disconnected:
-            self.request.finish()
-
-    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's names
-        self.paused = True
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.paused = False
-        self._next()
-
-    def stopProducing(self) -> None:  # noqa: N802 - the connection went away
-        if self.call is not None:
-            self.call.cancel()
-            self.call = None
-        self.handle.close()
+def _sent(request: Any) -> None:
+    """A streamed file's end: the answer ends (a connection lost stopped the producer)."""
+    if not request._disconnected:
+        request.unregisterProducer()
+        request.finish()
 
 
 def _send(request: Any, body: bytes | int) -> None:
