@@ -234,7 +234,8 @@ def test_a_node_that_sees_another_directory_is_left_out(make_cluster, tmp_path: 
     assert any("node other left out" in n for n in summary["notices"])
     (job_id,) = data.jobs()
     sees = c.nodes[0].pid
-    pids = {layout.read_json(p)["node_pid"] for p in data.progress_dir(job_id).glob("*.json")}
+    tasks = layout.read_json(data.consolidated(job_id))["tasks"].values()
+    pids = {task["node_pid"] for task in tasks}
     assert pids == {sees}, pids
     nodes = json.loads(c.console("nodes", "--json").stdout)
     by_name = {n["host"]: n for n in nodes}

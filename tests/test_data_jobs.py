@@ -504,7 +504,7 @@ def test_kill_ends_incomplete_and_cleans_up(cluster: remap.Cluster, tmp_path: Pa
     from tests.cluster_harness import wait_for
 
     job_id = wait_for(running_job, 20, "the map phase to start")
-    wait_for(lambda: list((data.root / "job").glob("*/progress/mapper-0000.json")), 20, "a task")
+    wait_for(lambda: list((data.root / "im").glob("*/progress/mapper-0000.*.json")), 20, "a task")
     runtime.run(lambda: client.kill(job_id), timeout=10)
     thread.join(20)
     assert not thread.is_alive()
@@ -681,7 +681,7 @@ def test_sigterm_of_the_console_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None
     )
     try:
         wait_for(
-            lambda: list((data.root / "job").glob("*/progress/mapper-0000.json")),
+            lambda: list((data.root / "im").glob("*/progress/mapper-0000.*.json")),
             60,
             "the map task to start",
         )
@@ -722,7 +722,7 @@ def test_interrupt_kills_the_running_phase(cluster: remap.Cluster, tmp_path: Pat
     def on_progress(progress: DataProgress) -> None:
         if progress.phase_job is not None:
             seen.append(progress.phase_job)
-            if list((data.root / "job").glob("*/progress/mapper-0000.json")):
+            if list((data.root / "im").glob("*/progress/mapper-0000.*.json")):
                 raise KeyboardInterrupt
 
     client = cluster._client
@@ -767,9 +767,11 @@ def test_progress_counts_every_byte_read(cluster: remap.Cluster, tmp_path: Path)
     # a running task's progress file counts before its result arrives
     runner = DataJobRunner(cluster._client, job, data)
     progress = data.progress_dir(runner.job_id)
-    layout.write_json(progress / "mapper-0000.json", {"state": "done", "bytes_read": 5})
-    layout.write_json(progress / "mapper-0001.json", {"state": "running", "bytes_read": 7})
-    layout.write_json(progress / "mapper-0002.json", {"state": "running", "bytes_read": 11})
+    layout.write_json(progress / "mapper-0000.h-1-a.json", {"state": "done", "bytes_read": 5})
+    layout.write_json(progress / "mapper-0001.h-2-b.json", {"state": "running", "bytes_read": 7})
+    # a retry of task 1 beside a lost attempt still running: the task counts once, its furthest
+    layout.write_json(progress / "mapper-0001.h-3-c.json", {"state": "running", "bytes_read": 2})
+    layout.write_json(progress / "mapper-0002.h-4-d.json", {"state": "running", "bytes_read": 11})
     assert runner._running_bytes({2: {}}) == 7
 
 

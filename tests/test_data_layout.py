@@ -18,8 +18,8 @@ def test_paths_follow_the_documented_layout(tmp_path: Path) -> None:
     job = "20261201-111500-abcdef"
     assert data.jobconfig(job) == tmp_path / "job" / job / "jobconfig.json"
     assert data.app_dir(job) == tmp_path / "job" / job / "app"
-    assert data.progress_file(job, layout.task_name("mapper", 3)) == (
-        tmp_path / "job" / job / "progress" / "mapper-0003.json"
+    assert data.progress_file(job, layout.task_name("mapper", 3), "h-1-aa") == (
+        tmp_path / "im" / job / "progress" / "mapper-0003.h-1-aa.json"
     )
     assert data.consolidated(job) == tmp_path / "job" / job / "consolidated-progress.json"
     assert data.result_file(job) == tmp_path / "job" / job / "result"

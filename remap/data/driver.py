@@ -184,6 +184,8 @@ class DataJobRunner:
         self.counters: Counter[str] = Counter()
         self.timings: dict[str, float] = {}
         self.error_lines: list[str] = []
+        #: task name -> its delivered attempt (the one whose files and progress count)
+        self.delivered: dict[str, str] = {}
         #: what the server said while the job ran (nodes left out, waiting for nodes)
         self.notices: list[str] = []
         self.data_id: str | None = None
@@ -373,6 +375,7 @@ class DataJobRunner:
             self._tell()
             self.timings[phase] = round(time.monotonic() - started, 3)
         for result in results.values():
+            self.delivered[result["task"]] = result["attempt"]
             self.counters.update(result["counters"])
             self.error_lines.extend(result.get("errors", ()))
         self.progress.counters = dict(self.counters)
@@ -435,15 +438,16 @@ class DataJobRunner:
         now = time.monotonic()
         if now - when < PROGRESS_READ_EVERY:
             return running
-        running = 0
+        tasks: dict[int, int] = {}  # a task's furthest attempt (a retry starts again)
         for path in self.data.progress_dir(self.job_id).glob("mapper-*.json"):
             try:
-                index = int(path.stem.rpartition("-")[2])
+                index = int(path.name.partition(".")[0].rpartition("-")[2])
                 task = None if index in done else layout.read_json(path)
             except ValueError:  # not a task's file
                 continue
             if task and task.get("state") == "running":
-                running += int(task.get("bytes_read", 0))
+                tasks[index] = max(tasks.get(index, 0), int(task.get("bytes_read", 0)))
+        running = sum(tasks.values())
         self._running_read = (now, running)
         return running
 
@@ -500,21 +504,18 @@ class DataJobRunner:
     def _finish(self, state: str) -> None:
         """Remove intermediate files (and the unpublished output), write progress and result."""
         data = self.data
-        layout.remove_tree(data.im_dir(self.job_id))
-        if state != "OK":
-            layout.remove_tree(self.staging)
-        layout.remove_strays(data.job_dir(self.job_id))
         progress = {
             "job": self.job_id,
             "state": state,
             "phase": self.progress.phase,
-            "tasks": {
-                path.stem: layout.read_json(path)
-                for path in sorted(data.progress_dir(self.job_id).glob("*.json"))
-            },
+            "tasks": self._task_reports(),
             "counters": self.counters,
             "timings": self.timings,
         }
+        layout.remove_tree(data.im_dir(self.job_id))
+        if state != "OK":
+            layout.remove_tree(self.staging)
+        layout.remove_strays(data.job_dir(self.job_id))
         layout.write_json(data.consolidated(self.job_id), progress)
         if self.error_lines:
             errors = data.job_dir(self.job_id) / "errors.log"
@@ -528,6 +529,24 @@ class DataJobRunner:
             timings=self.timings,
             output=str(self.job.output) if state == "OK" else None,
         )
+
+    def _task_reports(self) -> dict[str, Any]:
+        """Each task's last progress: its delivered attempt's (never a lost one's, woken
+        later), or for a task never delivered its latest attempt's."""
+        reports: dict[str, Any] = {}
+        for path in sorted(self.data.progress_dir(self.job_id).glob("*.json"), key=_mtime):
+            task, _, attempt = path.stem.partition(".")
+            report = layout.read_json(path)
+            if report is not None and self.delivered.get(task, attempt) == attempt:
+                reports[task] = report
+        return dict(sorted(reports.items()))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _ignore_outcome(future: concurrent.futures.Future) -> None:

@@ -83,10 +83,12 @@ class DataDir:
         return self.job_dir(job_id) / "app"
 
     def progress_dir(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "progress"
+        """Running tasks' progress, gone with the scratch: a lost attempt woken later has
+        nowhere to write (``consolidated`` keeps each task's delivered attempt's)."""
+        return self.im_dir(job_id) / "progress"
 
-    def progress_file(self, job_id: str, task: str) -> Path:
-        return self.progress_dir(job_id) / f"{task}.json"
+    def progress_file(self, job_id: str, task: str, attempt: str) -> Path:
+        return self.progress_dir(job_id) / f"{task}.{attempt}.json"
 
     def consolidated(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "consolidated-progress.json"
@@ -184,10 +186,10 @@ def write_atomic(path: Path, data: bytes, *, parents: bool = True) -> Path:
         raise
 
 
-def write_json(path: Path, value: Any) -> Path:
+def write_json(path: Path, value: Any, *, parents: bool = True) -> Path:
     """:func:`write_atomic` of a JSON document (sorted keys, so files diff well)."""
     text = json.dumps(value, indent=1, sort_keys=True, default=str) + "\n"
-    return write_atomic(path, text.encode("utf-8"))
+    return write_atomic(path, text.encode("utf-8"), parents=parents)
 
 
 def read_json(path: Path) -> Any:

@@ -164,7 +164,7 @@ class _Progress:
         layout.require_visible(ctx.data, ctx.job_id)
         self.task = layout.task_name(kind, index)
         self.attempt = layout.attempt_token()
-        self.path = ctx.data.progress_file(ctx.job_id, self.task)
+        self.path = ctx.data.progress_file(ctx.job_id, self.task, self.attempt)
         self.fixed = {
             "task": self.task,
             "attempt": self.attempt,
@@ -185,6 +185,7 @@ class _Progress:
         layout.write_json(
             self.path,
             {**self.fixed, "state": state, "seconds": round(now - self.started, 3), **values},
+            parents=False,  # woken after its job ended, a lost attempt makes no folder again
         )
 
     def result(self, failures: _Failures, counts: dict[str, int], **more: Any) -> dict[str, Any]:
