@@ -48,36 +48,28 @@ def read_directly(
     read_into: Callable[[memoryview], int],
     received: Callable[[int], None],
     *,
-    read: Callable[[], bytes] | None = None,
-    data_received: Callable[[bytes], None] | None = None,
+    read: Callable[[], bytes],
+    data_received: Callable[[bytes], None],
 ) -> None:
     """Make a Twisted reader (a TCP connection, a process pipe) read a large frame straight
     into ``buffer()`` (None: no large frame) with ``read_into(view)``, reporting to
-    ``received(n)``; other bytes go by ``read()`` to ``data_received`` (without them, by the
-    reader's own ``doRead``). A MiB then costs a few reads, not 16 or 128 turns and a join."""
-    plain = reader.doRead
+    ``received(n)``; other bytes go by ``read()`` to ``data_received``. A MiB then costs a few
+    reads, not 16 or 128 turns and a join."""
 
     def do_read() -> Any:
         view = buffer()
-        if view is None and read is None:
-            return plain()
-        data = None
         try:
-            if view is None:
-                data = read()  # type: ignore[misc]
-                n = len(data)
-            else:
-                n = read_into(view)
+            data = read() if view is None else read_into(view)  # bytes, or a count
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
             return main.CONNECTION_LOST
-        if not n:
+        if not data:
             return main.CONNECTION_DONE
-        if data is None:
-            received(n)
+        if view is None:
+            data_received(data)  # type: ignore[arg-type]
         else:
-            data_received(data)  # type: ignore[misc]
+            received(data)  # type: ignore[arg-type]
         return None
 
     reader.doRead = do_read
@@ -112,7 +104,7 @@ _BUFFER_ATTRIBUTES = ("_tempDataBuffer", "offset", "dataBuffer")
 
 def _plain_tcp(transport: Any) -> Any:
     """The socket of a plain (not TLS) Twisted TCP transport whose write buffer reads as
-    :func:`transport_idle` expects (``PeerProtocol._write`` reads it directly), else None."""
+    :func:`transport_idle` expects (``PeerProtocol.send_encoded`` reads it directly), else None."""
     if (
         isinstance(transport, tcp.Connection)
         and not getattr(transport, "TLS", False)
@@ -533,10 +525,40 @@ class PeerProtocol(Protocol):
         self.send_encoded(*m.encode(msg))
 
     def send_encoded(self, header: bytes, payload: bytes | memoryview) -> None:
-        """:meth:`send` of a message already encoded (a core's answer, forwarded as it came)."""
-        if self.transport is None or not self.open or self.conn.state is not _OPEN:
+        """:meth:`send` of a message already encoded (a core's answer, forwarded as it came).
+        A small one on an idle plain TCP socket leaves in this call as one buffer (:meth:`_flush`
+        and :func:`write_now`, inlined); others go their way. Frames are sealed (numbered)
+        under the write lock, in the order they leave, whichever thread writes
+        (:meth:`send_from_thread`)."""
+        conn, sending, transport = self.conn, self._sending, self.transport
+        if transport is None or not self.open or conn.state is not _OPEN:
             return
-        self._write(header, payload)
+        if sending is None or conn.outgoing or len(payload) > SMALL_PAYLOAD:
+            with self._write_lock:
+                conn.send_encoded(header, payload)
+            self._flush()
+        else:
+            with self._write_lock:
+                data = small_frame(conn.seal(header, payload), payload)
+                self.traffic.sent += len(data)
+                if sending.parts:  # behind what waits already
+                    if transport.connected:
+                        sending.queue([data])
+                elif (
+                    transport.connected
+                    and not transport.disconnecting
+                    # transport_idle, inlined: a transport with a SendQueue has these (_plain_tcp)
+                    and not transport._tempDataBuffer
+                    and transport.offset == len(transport.dataBuffer)
+                ):
+                    try:
+                        sent = sending.sock.send(data)
+                    except OSError:  # full, or gone: Twisted's write path finds out and reports it
+                        sent = 0
+                    if sent < len(data):
+                        sending.queue([memoryview(data)[sent:]])
+                else:
+                    transport.write(data)
         if self._on_congestion is not None and not self.congested:
             self._check_backlog()
 
@@ -574,41 +596,6 @@ class PeerProtocol(Protocol):
             return
         self.congested = False
         self._on_congestion(self, False)  # type: ignore[misc]
-
-    def _write(self, header: bytes, payload: bytes | memoryview) -> None:
-        """One message of an open connection: a small one on an idle plain TCP socket leaves in
-        this call as one buffer (:meth:`_flush` and :func:`write_now`, inlined); else theirs.
-        Frames are sealed (numbered) under the write lock, in the order they leave, whichever
-        thread writes (:meth:`send_from_thread`)."""
-        conn, sending = self.conn, self._sending
-        if sending is None or conn.outgoing or len(payload) > SMALL_PAYLOAD:
-            with self._write_lock:
-                conn.send_encoded(header, payload)
-            self._flush()
-            return
-        with self._write_lock:
-            data = small_frame(conn.seal(header, payload), payload)
-            self.traffic.sent += len(data)
-            transport = self.transport
-            if sending.parts:  # behind what waits already
-                if transport.connected:
-                    sending.queue([data])
-                return
-            if (
-                transport.connected
-                and not transport.disconnecting
-                # transport_idle, inlined: a transport with a SendQueue has these (_plain_tcp)
-                and not transport._tempDataBuffer
-                and transport.offset == len(transport.dataBuffer)
-            ):
-                try:
-                    sent = sending.sock.send(data)
-                except OSError:  # full, or gone: Twisted's write path finds out and reports it
-                    sent = 0
-                if sent < len(data):
-                    sending.queue([memoryview(data)[sent:]])
-                return
-            transport.write(data)
 
     def close(self, error: RemapError | None = None) -> None:
         """Close after telling the peer why (if an error is given)."""
