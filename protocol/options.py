@@ -84,22 +84,20 @@ def _flag(value: Any) -> bool:
     return value
 
 
-def _integer(value: Any) -> int:
-    if not _is_int(value):
-        raise _Bad(f"expected an integer, got {show(value)}")
-    return value
+def _whole(least: float, what: str) -> Callable[[Any], int]:
+    """The rule of an integer option of at least ``least``, ``what`` saying so in its error."""
+
+    def check(value: Any) -> int:
+        if not _is_int(value) or value < least:
+            raise _Bad(f"expected {what}, got {show(value)}")
+        return value
+
+    return check
 
 
-def _retries(value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise _Bad(f"expected an integer >= 0, got {show(value)}")
-    return value
-
-
-def _cores(value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise _Bad(f"expected a number of cores >= 0 (0: no limit), got {show(value)}")
-    return value
+_integer = _whole(-math.inf, "an integer")
+_retries = _whole(0, "an integer >= 0")
+_cores = _whole(0, "a number of cores >= 0 (0: no limit)")
 
 
 def _chunksize(value: Any) -> int | None:
