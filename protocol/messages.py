@@ -91,9 +91,8 @@ def message(cls):
 
 def _generate(cls: type[Message]) -> None:
     """Generate ``cls``'s encoder, decoders and ``make`` from its fields."""
-    # ``cls(**fields)`` for one with its own rules (``__post_init__``): they judge the values
-    cls.make = cls if hasattr(cls, "__post_init__") else staticmethod(_maker(cls))
-    encoder, decoder, _SHAPERS[cls] = _codecs(cls)
+    encoder, decoder, _SHAPERS[cls], make = _codecs(cls)
+    cls.make = make if make is cls else staticmethod(make)
     shapes: dict[tuple[str, ...], Any] = {}
     for channel, known in _CHANNELS.items():
         if cls.CHANNEL in (channel, "both"):
@@ -130,34 +129,6 @@ def _built(values: list[tuple[str, str]]) -> list[str]:
         *(f"    msg.{slot} = {value}" for slot, value in values),
         "    msg.__class__ = _cls",
     ]
-
-
-def _maker(cls: type) -> Any:
-    """Generate ``cls.make(**fields)``: ``cls(**fields)`` built as the decoders build theirs
-    (:func:`_builder`), for the messages of every call. Keywords only."""
-    namespace: dict[str, Any] = {
-        "_cls": cls,
-        "_Builder": _builder(cls),
-        "_new": object.__new__,
-        "_MISSING": _MISSING,
-    }
-    params, values = [], []
-    for i, f in enumerate(dataclasses.fields(cls)):
-        if f.default_factory is not _MISSING:
-            namespace[f"_factory{i}"] = f.default_factory
-            params.append(f"{f.name}=_MISSING")
-            values.append((f.name, f"_factory{i}() if {f.name} is _MISSING else {f.name}"))
-            continue
-        if f.default is not _MISSING:
-            namespace[f"_default{i}"] = f.default
-            params.append(f"{f.name}=_default{i}")
-        else:
-            params.append(f.name)
-        values.append((f.name, f.name))
-    body = _built(values)
-    source = "\n".join([f"def make(*, {', '.join(params)}):", *body, "    return msg"])
-    exec(source, namespace)  # noqa: S102 - our own source text, as dataclasses does
-    return namespace["make"]
 
 
 #: per class, generated on first use: msg → (header bytes, payload)
@@ -210,8 +181,8 @@ def _test(f: dataclasses.Field, hint: Any, namespace: dict[str, Any]) -> str:
     return f"_check_{f.name}(f_{f.name})"
 
 
-def _codecs(cls: type) -> tuple[Any, Any, Any]:
-    """Generate ``cls``'s encoder, decoder and shaped-decoder maker from its fields."""
+def _codecs(cls: type) -> tuple[Any, Any, Any, Any]:
+    """Generate ``cls``'s encoder, decoder, shaped-decoder maker and ``make`` from its fields."""
     name = cls.TYPE
     hints = typing.get_type_hints(cls)
     namespace: dict[str, Any] = {
@@ -304,6 +275,19 @@ def _codecs(cls: type) -> tuple[Any, Any, Any]:
         build = [*_built(values), "    return msg"]
         namespace["_new"] = object.__new__
         namespace["_Builder"] = _builder(cls)
+        # ``make(**fields)``: ``cls(**fields)`` built as the decoders build theirs, for the
+        # messages of every call; a default made fresh (a list) is made when not given
+        fresh = {f: e for f, e in freshes.items() if e != f"_default_{f}"}
+        params = [
+            f if f in required else f"{f}={'_MISSING' if f in fresh else freshes[f]}"
+            for f in fields
+        ]
+        if has_payload:
+            namespace["_default_payload"] = cls.__dataclass_fields__["payload"].default
+            params.append("payload=_default_payload")
+        made = [(f, f"{fresh[f]} if {f} is _MISSING else {f}" if f in fresh else f) for f in slots]
+        maker = [f"def make(*, {', '.join(params)}):", *_built(made), "    return msg"]
+        exec("\n".join(maker), namespace)  # noqa: S102 - our own source text
     decoder += build
     exec("\n".join(encoder), namespace)  # noqa: S102 - our own source text, as dataclasses does
     exec("\n".join(decoder), namespace)  # noqa: S102
@@ -329,7 +313,7 @@ def _codecs(cls: type) -> tuple[Any, Any, Any]:
         exec("\n".join(code + build), local)  # noqa: S102 - our own source text
         return local["decode"]
 
-    return namespace["encode"], general, shaped
+    return namespace["encode"], general, shaped, namespace.get("make", cls)
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:
