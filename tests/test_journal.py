@@ -445,7 +445,7 @@ def test_a_jobs_end_does_not_rewrite_its_function(tmp_path: Path) -> None:
     on UPDATE. That rewrite held the server's reactor thread 1.25 s for a 60 MiB function,
     enough for nodes under a 1.5 s heartbeat deadline to declare the server lost."""
     journal, _ = _journal(tmp_path)
-    journal._checkpointer.poke = lambda: None  # no checkpoint but the test's own
+    journal._checkpoint = lambda: None  # no checkpoint but the test's own
     fn = os.urandom(16 << 20)
     journal.job_submitted(1, m.Submit(id=1, name="big", detach=True, payload=fn), 1.0)
 
@@ -466,15 +466,15 @@ def test_a_big_submit_is_checkpointed_by_a_thread_not_in_its_commit(
     from remap.server import journal as journal_mod
 
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
-    checkpoint = journal_mod._Checkpointer._checkpoint
+    checkpoint = journal_mod.Journal._checkpoint
 
-    def held(self, db) -> None:
+    def held(self) -> None:
         started.set()
         assert release.wait(30)
-        checkpoint(self, db)
+        checkpoint(self)
         finished.set()
 
-    monkeypatch.setattr(journal_mod._Checkpointer, "_checkpoint", held)
+    monkeypatch.setattr(journal_mod.Journal, "_checkpoint", held)
     journal, _ = _journal(tmp_path)
     fn = os.urandom(16 << 20)
     journal.job_submitted(1, m.Submit(id=1, name="big", detach=True, payload=fn), 1.0)

@@ -209,52 +209,6 @@ def _private(path: Path) -> None:
         raise ConfigError(f"cannot open the journal {path}: {exc.strerror or exc}") from None
 
 
-class _Checkpointer:
-    """Copies the WAL into the database file on a thread and connection of its own (a passive
-    checkpoint: the reactor thread's commits go on meanwhile)."""
-
-    log = Logger()
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._wake = threading.Event()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    def poke(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="journal-checkpoint", daemon=True
-            )
-            self._thread.start()
-        self._wake.set()
-
-    def _run(self) -> None:
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        try:
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                if self._closing:
-                    return
-                self._checkpoint(db)
-        finally:
-            db.close()
-
-    def _checkpoint(self, db: sqlite3.Connection) -> None:
-        try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:  # the writer's commits go on; the next poke tries again
-            self.log.warn("journal checkpoint failed: {error}", error=str(exc))
-
-    def close(self) -> None:
-        """Stop the thread (after the checkpoint it may be running)."""
-        self._closing = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
 class _Inline:
     """Runs each transaction at once on the calling thread (a fake clock's tests, tools)."""
 
@@ -269,9 +223,9 @@ class _Inline:
 
 
 class _Writer:
-    """Runs the journal's transactions (or, as its reader, ``attach``'s reads) on one thread of
-    its own in the order they were handed over; each one's outcome reaches the reactor thread
-    through ``call_soon``."""
+    """Runs the journal's transactions (or, as its reader, ``attach``'s reads; its checkpoints)
+    on one thread of its own in the order they were handed over; each one's outcome reaches the
+    reactor thread through ``call_soon``."""
 
     def __init__(
         self,
@@ -363,7 +317,10 @@ class Journal:
         self.flush_interval = flush_interval
         self.flush_bytes = flush_bytes
         self._db = self._open(self.path, synchronous)
-        self._checkpointer = _Checkpointer(self.path)
+        #: checkpoints (copies of the WAL into the database file) on a thread and connection of
+        #: their own: passive, so the writer's commits go on meanwhile; nobody waits for them
+        self._checkpoints = _Writer(lambda *_: None, name="journal-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None  # (the checkpointer's only)
         #: (the writer's, like everything the transactions touch: ``_db``, ``_seq``, counts)
         self._uncheckpointed = 0  # bytes (about) committed since the checkpointer was woken
         self._writer = _Writer(clock.callFromThread) if threaded else _Inline()
@@ -617,7 +574,7 @@ class Journal:
         self._uncheckpointed += written + 4096 * (1 + rows_written + 2 * len(rows.finished))
         if self._uncheckpointed >= CHECKPOINT_BYTES:
             self._uncheckpointed = 0
-            self._checkpointer.poke()
+            self._checkpoints.run(self._checkpoint, 0)
         return [(job_id, seq) for job_id, _, seq in rows.outcomes if seq is not None and seq >= 0]
 
     def _write(self, extra, rows: _Rows, runs, stored, cutoff, overlaps) -> None:  # noqa: ANN001
@@ -714,6 +671,16 @@ class Journal:
                 stored.append((job_id, seq, header, payload))
         return rows, stored, seqs
 
+    def _checkpoint(self) -> None:
+        """(The checkpointer's thread.) A passive checkpoint; one that fails is tried again
+        after the next ``CHECKPOINT_BYTES`` committed."""
+        if self._checkpoint_db is None:
+            self._checkpoint_db = sqlite3.connect(str(self.path), check_same_thread=False)
+        try:
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # the writer's commits go on
+            self.log.warn("journal checkpoint failed: {error}", error=str(exc))
+
     def _prune(self, db: sqlite3.Connection, cutoff: float) -> None:
         """Forget finished jobs past the newest ``keep_jobs`` or finished before ``cutoff``."""
         sql = f"{_FINISHED} AND (finished_at < ? OR id NOT IN ({_NEWEST_FINISHED}))"
@@ -733,7 +700,7 @@ class Journal:
                 self._retry = None
             self._flush([], again=bool(self.trouble)).addErrback(self._not_written)
             self._writer.close()
-            self._checkpointer.close()
+            self._checkpoints.close()
             if self._unwritten:  # (the writer has stopped: its rows may be read here)
                 self.log.error(
                     "the journal {path} stopped with rows it could not write, lost: a restart "
@@ -744,9 +711,10 @@ class Journal:
             self._closed = True
             self._reads.close()  # (after the reads handed over: their outcomes are dropped)
             self._db.close()
-            if self._read_db is not None:
-                self._read_db.close()
-                self._read_db = None
+            for db in (self._read_db, self._checkpoint_db):
+                if db is not None:
+                    db.close()
+            self._read_db = self._checkpoint_db = None
 
     # ---------------------------------------------------------------- reading
 
