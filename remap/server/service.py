@@ -24,7 +24,6 @@ from .exclusion import ExclusionList
 from .journal import JournalError
 from .scheduler import Scheduler, first_job_id, left_out_of_files, missing
 from .scheduler.effects import ConsoleLost, NodeJoined, NodeLeft, NodeLost
-from .scheduler.kept import RESULTS_KEEP, RESULTS_MEMORY, RESULTS_MEMORY_TOTAL
 from .scheduler.sizing import fit_status
 
 #: connections in the handshake the cluster port holds at once, in all and per source address
@@ -483,16 +482,14 @@ class RemapServerFactory(Factory):
         handshake_timeout: float = 5.0,
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
-        console_grace: float = 10.0,
         job_ids_from: int | None = None,
         max_buffered: int | None = None,
-        preempt_grace: float | None = None,
         max_handshaking: int = MAX_HANDSHAKING,
         max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST,
-        results_memory: int = RESULTS_MEMORY,
-        results_memory_total: int = RESULTS_MEMORY_TOTAL,
-        results_keep: float = RESULTS_KEEP,
+        **scheduling: Any,
     ) -> None:
+        """``scheduling``: the :class:`Scheduler`'s own options (``console_grace``,
+        ``preempt_grace``, the ``results_*`` budgets of detached jobs)."""
         self.clock = clock
         #: connections not yet authenticated, capped (see :data:`MAX_HANDSHAKING`); half the
         #: slots only for sources that authenticated before (a flood cannot lock them out)
@@ -518,13 +515,9 @@ class RemapServerFactory(Factory):
         self.heartbeat_misses = heartbeat_misses
         self.scheduler = Scheduler(
             clock,
-            console_grace=console_grace,
-            preempt_grace=preempt_grace,
             job_ids_from=first_job_id() if job_ids_from is None else job_ids_from,
             max_frame=max_frame,
-            results_memory=results_memory,
-            results_memory_total=results_memory_total,
-            results_keep=results_keep,
+            **scheduling,
         )
         self.consoles: set[PeerProtocol] = set()
         #: in memory unless :meth:`use_exclusions` gives it a file (the server entry point does)
