@@ -250,21 +250,15 @@ class _DriverProcess(ConsoleChild):
         super().__init__(job.stderr, lambda code: drivers.ended(job, code))
         self.drivers = drivers
         self.job = job
-        self.buffer = bytearray()
+        self.buffer = b""
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                if len(self.buffer) > MAX_LINE:
-                    self.buffer.clear()
-                return
-            line = bytes(self.buffer[:end])
-            del self.buffer[: end + 1]
+        *lines, rest = (self.buffer + data).split(b"\n")
+        self.buffer = rest if len(rest) <= MAX_LINE else b""
+        for line in lines:
             if len(line) <= MAX_LINE:
                 self.drivers.event(self.job, line)
 
@@ -368,7 +362,9 @@ class Drivers:
         owner_file = directory / "owner"
         owner = owner_file.read_text(encoding="utf-8") if owner_file.exists() else ""
         driven = self._add(job_id, job, str(job.get("name", "")), owner, directory)
-        d = self._in_thread(_clean_earlier, self.data_dir, driven.kind, earlier.get("data_job"))
+        why = "the server restarted; the job ran again"
+        data = layout.DataDir(self.data_dir)
+        d = self._in_thread(abandon, data, driven.kind, earlier.get("data_job"), why)
         d.addErrback(lambda f: self.log.failure("cleaning up job {id}", f, id=job_id))
         d.addCallback(lambda _: self.ended(driven, None) if driven.killing else self._spawn(driven))
         return driven
@@ -519,14 +515,6 @@ def _finished(progress: dict[str, Any], summary: dict[str, Any] | None) -> dict[
     return ended
 
 
-def _clean_earlier(data_root: Path, kind: str, data_job: str | None) -> None:
-    """(A thread.) Before a resumed job runs again: what its earlier run left behind."""
-    if data_job:
-        abandon(
-            layout.DataDir(data_root), kind, data_job, "the server restarted; the job ran again"
-        )
-
-
 def shipped_tree(files: dict, shipped: bytes | memoryview) -> dict[str, bytes]:
     """A ``drive``'s payload tree and its older ``files`` (NAME.py → text) as one tree;
     DriveError for a name that could leave the job's directory or land elsewhere in it, or
@@ -611,17 +599,17 @@ def _after_driver(
 ) -> None:
     """(A thread.) Record how the job ended and what its tasks printed; clean up after a
     driver that died."""
-    if data_job is not None:
-        abandon(layout.DataDir(data_root), kind, data_job, why)
+    abandon(layout.DataDir(data_root), kind, data_job, why)
     if output:
         layout.write_atomic(directory / OUTPUT_LOG, output)
     layout.write_json(directory / "ended.json", record)
 
 
-def abandon(data: layout.DataDir, kind: str, job_id: str, why: str) -> None:
+def abandon(data: layout.DataDir, kind: str, job_id: str | None, why: str) -> None:
     """What a dead driver did not do: remove intermediate files and anything unpublished,
-    and make ``result`` say ``INCOMPLETE`` with the reason (a finished result is left alone)."""
-    if layout.read_result(data, job_id) not in (None, "INCOMPLETE"):
+    and make ``result`` say ``INCOMPLETE`` with the reason (a finished result is left alone).
+    No ``job_id``: the driver died before it made its data job, which left nothing."""
+    if not job_id or layout.read_result(data, job_id) not in (None, "INCOMPLETE"):
         return
     config = layout.read_json(data.jobconfig(job_id)) or {}
     layout.remove_tree(data.im_dir(job_id))  # both kinds' scratch (runs, messages, checkpoints)
