@@ -68,16 +68,13 @@ class Recovery:
                 )
                 if groups:
                     job.group_max = max(job.group_max, max(groups))
-                a = 0
-                while a < count:  # runs of indices whose outcome was not delivered
-                    if start + a in rec.delivered:
-                        a += 1
-                        continue
-                    b = a
-                    while b < count and start + b not in rec.delivered:
-                        b += 1
-                    self._requeue(job, cut(whole, a, b), last=True)
-                    a = b
+                # runs of indices whose outcome was not delivered
+                for delivered, run in itertools.groupby(whole.indices, rec.delivered.__contains__):
+                    if not delivered:
+                        indices = list(run)
+                        self._requeue(
+                            job, cut(whole, indices[0] - start, indices[-1] + 1 - start), last=True
+                        )
             self.log.info(
                 "job {id} ({name}) resumed from the journal: {left} of {total} arguments to run",
                 id=job.id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from protocol import messages as m
@@ -114,24 +114,17 @@ class NodeState:
 
     def describe(self, now: float) -> NodeStatus:
         return NodeStatus(
-            id=self.id,
-            host=self.host,
-            pid=self.pid,
-            cores=self.cores,
+            **{name: getattr(self, name) for name in _NODE_FIELDS},
             busy=min(self.cores, len(self.inflight)),
             tasks_in_flight=len(self.inflight),
-            memory=self.memory,
-            load=self.load,
-            group=self.group,
-            draining=self.draining,
-            suspect=self.suspect,
-            excluded=self.excluded,
             connected_for=round(now - self.connected_at, 1),
-            tasks_done=self.tasks_done,
-            data_dir=self.data_dir,
-            data_id=self.data_id,
-            data_error=self.data_error,
         )
+
+
+#: a node's status fields its record holds, by the same names (see :meth:`NodeState.describe`)
+_NODE_FIELDS = [
+    f.name for f in fields(NodeStatus) if f.name not in ("busy", "tasks_in_flight", "connected_for")
+]
 
 
 @dataclass(eq=False, slots=True)
