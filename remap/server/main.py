@@ -80,6 +80,11 @@ def issue_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def say(line: str) -> None:
+    """A line for the operator, on stderr at once (logs go there too)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 async def serve(reactor, args: argparse.Namespace) -> int:
     settings = daemon_settings(
         args, host=args.host, port=args.port, http_port=args.http_port, http_host=args.http_host
@@ -103,7 +108,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{port}\n")
-    print(f"remap server listening on {settings.host}:{port}", file=sys.stderr, flush=True)
+    say(f"remap server listening on {settings.host}:{port}")
     advertiser = await advertise(reactor, settings, server.factory.secret, port)
     if advertiser is not None:
         Stopping("advert", advertiser.stop).setServiceParent(server)
@@ -118,17 +123,13 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             f"remap_console.py --server {child_dial_host(settings)}:{port} "
             f"dashboard --http-port {web.port.getHost().port}"
         )
-        print(
-            f"dashboard: {web.login_url()} (one-time login link; `{again}` prints a new one)",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"dashboard: {web.login_url()} (one-time login link; `{again}` prints a new one)")
     stopped: defer.Deferred = defer.Deferred()
     server.factory.on_stop = lambda: stopped.called or stopped.callback(None)
     # SIGTERM waits for the whole stop too: connections dropped, listening ended, then the
     # stop hooks (HTTP, advert, the journal's last commit and close, last)
     await run_until_stopped(reactor, stopped, server.stopService)
-    print("remap server stopped", file=sys.stderr, flush=True)
+    say("remap server stopped")
     return 0
 
 
@@ -140,22 +141,17 @@ async def advertise(reactor, settings, secret: bytes, port: int) -> Advertiser |
     try:
         name = await advertiser.start(tls_enabled(settings))
     except Exception as exc:  # noqa: BLE001 - discovery is a convenience; the server still serves
-        print(
-            f"warning: not advertised on the LAN ({type(exc).__name__}: {exc}); "
-            "nodes need --server",
-            file=sys.stderr,
-            flush=True,
+        say(
+            f"warning: not advertised on the LAN ({type(exc).__name__}: {exc}); nodes need --server"
         )
         return None
     if not name:
-        print("not advertised on the LAN: listening on loopback only", file=sys.stderr, flush=True)
+        say("not advertised on the LAN: listening on loopback only")
         return None
     short = name.removesuffix("." + SERVICE_TYPE)  # as nodes and consoles name it
-    print(
+    say(
         f"advertised on the LAN as {short!r} ({', '.join(advertiser.addresses)}; "
-        "REMAP_DISCOVERY=off to stop)",
-        file=sys.stderr,
-        flush=True,
+        "REMAP_DISCOVERY=off to stop)"
     )
     return advertiser
 
