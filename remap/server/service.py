@@ -259,10 +259,7 @@ class ServerConnection:
         journal keeps is read off the reactor thread, this console's next messages waiting
         meanwhile (as for a submit)."""
         done = self.scheduler.recall(msg.job)
-        done.addCallback(lambda job: self._touch(link, msg, job))
-        done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
-        if not done.called:
-            self._hold(link, done)
+        self._hold(link, msg, done.addCallback(lambda job: self._touch(link, msg, job)))
 
     def _touch(self, link: PeerProtocol, msg: m.Kill | m.Attach | m.Resume, job: Any) -> None:
         sched = self.scheduler
@@ -308,13 +305,14 @@ class ServerConnection:
             _refuse(link, msg, "failed", str(failure.value))
 
         done = self.scheduler.submit(link, msg, owner=self.user)
-        done.addCallbacks(accepted, refused)
-        done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
-        if not done.called:
-            self._hold(link, done)
+        self._hold(link, msg, done.addCallbacks(accepted, refused))
 
-    def _hold(self, link: PeerProtocol, done: defer.Deferred) -> None:
-        """Until ``done`` fires, what this console sends waits, in order, unread."""
+    def _hold(self, link: PeerProtocol, msg: m.Message, done: defer.Deferred) -> None:
+        """Until ``done`` (what ``msg`` asked) fires, what this console sends waits, in order,
+        unread; should it fail, handling ``msg`` failed."""
+        done.addErrback(lambda failure: self._handling_failed(link, msg, failure))
+        if done.called:
+            return
         self._held = []
         _hold_reading(link, True)
         done.addCallback(lambda _: self._release(link))
