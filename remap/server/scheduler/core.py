@@ -69,6 +69,8 @@ from .state import PREFETCH, JobPhase, JobState, NodeState, TaskState, left_out_
 
 #: what a node's ``frame-too-large`` error says of its limit (``protocol.framing``'s wording)
 _LIMIT_SAID = re.compile(r"limit of (\d+) bytes")
+#: what a node's record takes from its ``node_info`` as it is said
+_AS_SAID = ("host", "pid", "memory", "load", "data_dir", "data_id", "data_error")
 #: a task id no task reaches: a task measured before it has its id is measured with this one
 _LONGEST_ID = (1 << 63) - 1
 
@@ -371,21 +373,15 @@ class Scheduler(NodeAnswers, Recovery, KeptResults):
     @command
     def add_node(self, node_id: str, link: Any, info: m.NodeInfo) -> NodeState:
         node = NodeState(
+            **{name: getattr(info, name) for name in _AS_SAID},
             id=node_id,
             link=link,
-            host=info.host,
-            pid=info.pid,
             cores=max(1, info.cores),
-            memory=info.memory,
             group=info.group or None,
             connected_at=self.clock.seconds(),
-            load=info.load,
             draining=(info.host, info.pid) in self._drained,
             excluded=info.host in self.excluded_hosts,
             modules=None if info.modules is None else frozenset(info.modules),
-            data_dir=info.data_dir,
-            data_id=info.data_id,
-            data_error=info.data_error,
         )
         limit = getattr(link, "frame_limit", 0)  # (0: an in-process link, no frames)
         known = self._frame_limits.get((info.host, info.pid))
