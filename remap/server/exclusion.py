@@ -7,9 +7,9 @@ included again; by host name (what ``status`` shows), which survives a node's re
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..data import layout
 from ..errors import ConfigError
 from ..settings import Settings
 
@@ -61,8 +61,6 @@ class ExclusionList:
         """Write whole or not at all (rename), so a crash never leaves half a list."""
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"excluded": sorted(hosts)}, indent=1) + "\n", "utf-8")
-            os.replace(tmp, path)
+            layout.write_json(path, {"excluded": sorted(hosts)})
         except OSError as exc:
             raise ConfigError(f"cannot save the excluded-node list {path}: {exc}") from None
