@@ -364,12 +364,11 @@ def _check_star(entries: dict[str, _Entry], values: dict[str, Any]) -> None:
 def _ref_problem(ref: str, *, bare_allowed: bool) -> str | None:
     """Why ``ref`` is not a function reference, or None; checks form only, imports nothing."""
     if bare_allowed and ":" not in ref:
-        name = ref
-        target = "x"
+        target, name = "x", ref  # (a bare name: only the name to check)
+    elif ref.count(":") != 1:
+        forms = _REF_FORMS + (" or a bare NAME" if bare_allowed else "")
+        return f"expected {forms} with exactly one ':', got {_show(ref)}"
     else:
-        if ref.count(":") != 1:
-            forms = _REF_FORMS + (" or a bare NAME" if bare_allowed else "")
-            return f"expected {forms} with exactly one ':', got {_show(ref)}"
         target, _, name = ref.partition(":")
     if not name.isidentifier() or keyword.iskeyword(name):
         return f"expected a Python identifier after ':', got {_show(ref)}"
@@ -649,16 +648,9 @@ def _load_file_module(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        del sys.modules[name]
-        raise ConfigError(
-            f"syntax error in {exc.filename or path}:{exc.lineno}: {exc.msg}"
-        ) from exc
     except (Exception, SystemExit) as exc:  # user code: report it, do not crash the console
         del sys.modules[name]
-        raise ConfigError(
-            f"error while importing {_where_raised(exc, path)}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _import_error(exc, _where_raised(exc, path)) from exc
     cloudpickle.register_pickle_by_value(module)
     return module
 
@@ -677,12 +669,16 @@ def _import_module(target: str, base_dir: Path) -> ModuleType:
                 )
             raise ConfigError(f"module '{target}' not found{hint}") from exc
         raise ConfigError(f"error while importing module '{target}': {exc}") from exc
-    except SyntaxError as exc:
-        raise ConfigError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}") from exc
     except (Exception, SystemExit) as exc:  # user code: report it, do not crash the console
-        raise ConfigError(
-            f"error while importing module '{target}': {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _import_error(exc, f"module '{target}'") from exc
+
+
+def _import_error(exc: BaseException, where: str) -> ConfigError:
+    """A job module that failed to import: a syntax error's file and line, else where the
+    import raised and what."""
+    if isinstance(exc, SyntaxError):
+        return ConfigError(f"syntax error in {exc.filename or where}:{exc.lineno}: {exc.msg}")
+    return ConfigError(f"error while importing {where}: {type(exc).__name__}: {exc}")
 
 
 def _where_raised(exc: BaseException, path: Path) -> str:

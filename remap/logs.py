@@ -8,6 +8,7 @@ import sys
 
 from twisted.logger import (
     FilteringLogObserver,
+    InvalidLogLevelError,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -15,16 +16,6 @@ from twisted.logger import (
     globalLogBeginner,
     textFileLogObserver,
 )
-
-_LEVELS = {
-    "debug": LogLevel.debug,
-    "info": LogLevel.info,
-    "warn": LogLevel.warn,
-    "warning": LogLevel.warn,
-    "error": LogLevel.error,
-    "critical": LogLevel.critical,
-}
-
 
 #: Twisted's own lines that say nothing an operator needs (the entry point says "listening"
 #: and "stopped" itself): "X (TLS) starting on 7878", "Starting factory <...>", "(TCP Port 7878
@@ -66,7 +57,12 @@ def log_observer(
 
 
 def _level(name: str) -> LogLevel:
-    return _LEVELS.get(name.lower(), LogLevel.info)
+    """Twisted's level of that name (``warning``: warn); info for a name it lacks."""
+    name = name.lower()
+    try:
+        return LogLevel.levelWithName("warn" if name == "warning" else name)
+    except InvalidLogLevelError:
+        return LogLevel.info
 
 
 #: the level filter of the one observer this process installed (entry points may run again

@@ -130,18 +130,9 @@ _PORT = _integer(0, 65535)
 _POSITIVE = _number(0, allow_equal=False)
 
 
-def _setting(
-    default: Any,
-    who: str,
-    convert: Converter,
-    comment: str,
-    *,
-    variable: str = "",
-    secret: bool = False,
-) -> Any:
-    """A setting's field; its variable is ``REMAP_`` and the field's name in capitals unless
-    ``variable`` names another; a ``secret`` one stays out of the settings' repr."""
-    meta = {"who": who, "convert": convert, "comment": comment, "variable": variable}
+def _setting(default: Any, who: str, convert: Converter, comment: str, secret: bool = False) -> Any:
+    """A setting's field (a ``secret`` one stays out of the settings' repr)."""
+    meta = {"who": who, "convert": convert, "comment": comment}
     return dataclasses.field(default=default, repr=not secret, metadata=meta)
 
 
@@ -157,7 +148,7 @@ class Settings:
     host: str = _setting("127.0.0.1", "s", _bind_host, "address the server listens on; 0.0.0.0 or :: lets other machines in")
     port: int = _setting(DEFAULT_PORT, "s", _PORT, "port the server listens on (0 = any free port)")
     server: str | None = _setting(None, "nc", _server, "HOST:PORT of the server for nodes and the console; empty = the console runs its own cluster")
-    secret: str | None = _setting(None, "snc", _text, "shared secret that servers, nodes and consoles prove to each other", variable="REMAP_SECRET_KEY", secret=True)
+    secret: str | None = _setting(None, "snc", _text, "shared secret that servers, nodes and consoles prove to each other", secret=True)
     secret_file: str | None = _setting(None, "snc", _text, "file holding the secret instead (mode 0600: refused if group or others can read it); REMAP_SECRET_KEY wins")
     tls_cert: str | None = _setting(None, "snc", _text, "PEM certificate this process presents (turns TLS on; nodes and consoles too)")
     tls_key: str | None = _setting(None, "snc", _text, "PEM private key file for REMAP_TLS_CERT")
@@ -201,10 +192,10 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-#: setting field -> environment variable
-ENV_VARS: dict[str, str] = {
-    name: f.metadata["variable"] or PREFIX + name.upper() for name, f in _FIELDS.items()
-}
+#: setting field -> environment variable: ``REMAP_`` and its name in capitals (the secret's
+#: is REMAP_SECRET_KEY)
+ENV_VARS: dict[str, str] = {name: PREFIX + name.upper() for name in _FIELDS}
+ENV_VARS["secret"] = "REMAP_SECRET_KEY"
 _FIELD_OF: dict[str, str] = {variable: name for name, variable in ENV_VARS.items()}
 
 #: (variable, default as text, one-line comment), in the order .env.example lists them

@@ -82,7 +82,7 @@ def run_file_job(
     client = connect()
     # reading the graph can take minutes before the first superstep reports: say so at once
     size = sum(os.path.getsize(p) for p in config.input)
-    files = f"{len(config.input)} file{'s' if len(config.input) != 1 else ''}"
+    files = render.plural(len(config.input), "file")
     on_progress(
         phase="loading",
         done=0,
@@ -232,7 +232,7 @@ def print_summary(console: Any, kind: str, summary: dict[str, Any], as_json: boo
     elif kind == "mapreduce":
         console.say(
             f"{summary['state']}: {c.get('map_records_in', 0)} records in "
-            f"{summary['files']} file{'s' if summary['files'] != 1 else ''} "
+            f"{render.plural(summary['files'], 'file')} "
             f"({render.fmt_bytes(summary['bytes'])}) -> "
             f"{c.get('reduce_records_out', 0)} records in {summary['output']} "
             f"in {render.fmt_duration(summary['timings'].get('total', 0))}"

@@ -200,8 +200,8 @@ def status_text(
     rate = sum(j.rate for j in running)
     idle = sum(1 for j in running if j.idle)
     head = (
-        f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {busy}/{cores} cores busy, "
-        f"{len(running)} job{'s' if len(running) != 1 else ''} running"
+        f"{plural(len(nodes), 'node')}, {busy}/{cores} cores busy, "
+        f"{plural(len(running), 'job')} running"
         + (f" ({idle} idle)" if idle else "")
         + f", {fmt_rate(rate)} tasks/s"
     )
