@@ -119,9 +119,7 @@ def load_job_text(text: str, base_dir: Path, source: str = "<job>") -> Any:
     }.get(kind, set(_FIELDS))
     for key, entry in entries.items():
         if key not in own:
-            raise ConfigError(
-                f"{source}:{entry.key_line}: key '{key}': not used by 'kind: {kind}' jobs"
-            )
+            raise entry.fail(f"not used by 'kind: {kind}' jobs", entry.key_line)
     values = {key: known[key](entry) for key, entry in entries.items()}
     if kind in ("mapreduce", "vertex"):
         spec = MapReduceSpec if kind == "mapreduce" else VertexSpec
