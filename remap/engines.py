@@ -380,26 +380,19 @@ class RemapEngine(Engine):
 ENGINES = {"dask": DaskEngine, "ray": RayEngine, "remap": RemapEngine}
 
 
-def parse(url: str) -> tuple[str, str]:
-    """``dask://HOST:PORT`` → ``("dask", "HOST:PORT")``; ``remap`` → ``("remap", "")``."""
+def open_engine(
+    url: str, *, workers: int | None = None, retries: int = 3, settings: Any = None
+) -> Engine:
+    """Connect to (or start) the engine a URL names (``dask://HOST:PORT``, ...); the caller
+    closes it."""
     if url == "remap":
-        return "remap", ""
+        raise ConfigError("--engine remap is the console's own path, not an Engine")
     scheme, sep, address = url.partition("://")
     if not sep or scheme not in ENGINES or not address:
         raise ConfigError(
             f"unknown engine {url!r}: expected remap, remap://HOST:PORT, remap://local, "
             "dask://HOST:PORT, dask://local, ray://HOST:PORT or ray://local"
         )
-    return scheme, address
-
-
-def open_engine(
-    url: str, *, workers: int | None = None, retries: int = 3, settings: Any = None
-) -> Engine:
-    """Connect to (or start) the engine a URL names; the caller closes it."""
-    scheme, address = parse(url)
-    if not address:
-        raise ConfigError("--engine remap is the console's own path, not an Engine")
     workers = workers or max(1, (os.cpu_count() or 2) - 1)
     if scheme == "remap":
         return RemapEngine(address, workers=workers, retries=retries, settings=settings)
@@ -508,7 +501,6 @@ class EngineRun:
         try:
             for index, result, info in outcomes:
                 if self._stop is not None:
-                    error = self._stop
                     break
                 sink.add(index, self._args.pop(index, None), result, info)
                 if info is None:
@@ -523,7 +515,7 @@ class EngineRun:
                         f"{info.type_name}: {info.message}"
                     )
                     break
-            if error is None and self._stop is not None:  # stopped between outcomes
+            if error is None and self._stop is not None:  # stopped (between outcomes, too)
                 error = self._stop
             sink.flush()
         except Exception as exc:  # a bad argument line, a sink that cannot write, the engine

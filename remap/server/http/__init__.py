@@ -246,11 +246,10 @@ async def start_http(
     try:
         endpoint = server_endpoint(reactor, replace(settings, tls_ca=None), host, port)
         listening = await endpoint.listen(site)
-    except ConfigError:
-        stats.close()
-        raise
     except Exception as exc:
         stats.close()
+        if isinstance(exc, ConfigError):  # the TLS settings' own line
+            raise
         raise cannot_listen(" for HTTP", host, port, exc) from None
     hub.start()
     bound = listening.getHost().port
