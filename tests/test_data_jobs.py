@@ -883,3 +883,40 @@ def test_a_job_removes_scratch_a_dead_driver_left_not_a_running_jobs(
     assert data.im_dir("20261202-170000-a11ve0").is_dir()
     scratch["20261202-170000-a11ve0"].release()
     assert not data.jobconfig(summary["job"]).with_name(layout.DRIVER_LOCK).exists()
+
+
+def test_a_reduce_attempt_woken_during_the_publish_stays_out_of_the_output(
+    cluster: remap.Cluster, tmp_path: Path, monkeypatch
+) -> None:
+    """A lost reduce attempt that wakes while the driver publishes (after it swept the staging
+    directory of every undelivered attempt, before the rename to the output) and runs its
+    task to the end finds nowhere to write: the output holds the delivered file alone. Before,
+    the late attempt's committed file was published beside it."""
+    from remap.data.driver import DataJobRunner, job_from_functions
+    from remap.data.tasks import DEFAULT_PURPOSE, reduce_task
+
+    (tmp_path / "in.txt").write_text("a\nb\na\n")
+    data = DataDir(tmp_path / "data")
+    out = tmp_path / "out"
+    job = job_from_functions({"map": _pair_map, "reduce": _sum_reduce}, tmp_path / "in.txt", out)
+    assert cluster._client is not None
+    runner = DataJobRunner(cluster._client, job, data)
+    ctx = runner._context()  # what the job's tasks were given
+    real = layout.write_atomic
+    late: list[str] = []
+
+    def write_atomic(path: Path, content: bytes, **kwargs) -> Path:
+        if Path(path).name == layout.SUCCESS_MARKER:  # the driver's last write before the rename
+            try:
+                reduce_task(ctx, (0, DEFAULT_PURPOSE, 0, []))
+                late.append("written")
+            except FileNotFoundError:
+                late.append("nowhere to write")
+        return real(path, content, **kwargs)
+
+    monkeypatch.setattr(layout, "write_atomic", write_atomic)
+    summary = runner.run()
+    assert late
+    _assert_clean(data, summary, out)
+    assert sorted(p.name for p in (out / "default").iterdir()) == ["reducer-0000-part-00000"]
+    assert _lines(out) == ["a\t2", "b\t1"]

@@ -193,6 +193,7 @@ class DataJobRunner:
         self._shared: tuple[int, dict[str, int]] | None = None  # counters the server has
         self._running_read: tuple[float, int] = (-PROGRESS_READ_EVERY, 0)  # (when, bytes)
         self.staging = job.output.parent / f".{job.output.name}.remap-{self.job_id}"
+        self.sealed = self.staging.with_name(f"{self.staging.name}-sealed")
 
     # ------------------------------------------------------------ the whole job
 
@@ -481,14 +482,17 @@ class DataJobRunner:
         finals = set()
         for result in reduce_results.values():
             os.replace(result["path"], result["final"])
-            finals.add(Path(result["final"]))
-        for path in list(layout.walk_files(self.staging)):
+            finals.add(self.sealed / Path(result["final"]).relative_to(self.staging))
+        # tasks write under the staging's name: once it is gone, a lost attempt woken now
+        # cannot add a file after the sweep
+        os.rename(self.staging, self.sealed)
+        for path in list(layout.walk_files(self.sealed)):
             if path not in finals:
                 path.unlink(missing_ok=True)
-        layout.write_atomic(self.staging / layout.SUCCESS_MARKER, b"")
+        layout.write_atomic(self.sealed / layout.SUCCESS_MARKER, b"")
         if self.job.output.exists():
             raise JobFailed(f"output {self.job.output} appeared while the job ran; left it alone")
-        os.rename(self.staging, self.job.output)
+        os.rename(self.sealed, self.job.output)
 
     def _kill_phase(self) -> None:
         current = self.phase
@@ -515,6 +519,7 @@ class DataJobRunner:
         layout.remove_tree(data.im_dir(self.job_id))
         if state != "OK":
             layout.remove_tree(self.staging)
+            layout.remove_tree(self.sealed)
         layout.remove_strays(data.job_dir(self.job_id))
         layout.write_json(data.consolidated(self.job_id), progress)
         if self.error_lines:
