@@ -106,6 +106,21 @@ def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, func
         prepare({"function": f"tools.py:{name}", "args": [1]}, apps, tmp_path / "data")
 
 
+def test_every_binding_the_file_writes_is_its_own(apps: Path, tmp_path: Path) -> None:
+    """A name the file's own top-level statements bind, by a ``for`` or ``with`` target too,
+    is what the operator wrote (as ``NAME = ...`` is), read from Python's own symbol table;
+    the base of an attribute assignment is not bound by it."""
+    (apps / "bound.py").write_text(
+        "import contextlib\n\nfor scale in (lambda x: 3 * x,):\n    pass\n\n"
+        "with contextlib.nullcontext(abs) as size:\n    pass\n\n"
+        "contextlib.extra = 1\nhelper.extra = 1\n"
+    )
+    for name in ("scale", "size"):
+        prepare({"function": f"bound.py:{name}", "args": [1]}, apps, tmp_path / "data")
+    with pytest.raises(SubmitError, match="no function 'helper' written in bound.py"):
+        prepare({"function": "bound.py:helper", "args": [1]}, apps, tmp_path / "data")
+
+
 def test_a_data_directory_everyone_may_write_runs_no_submitted_job(
     apps: Path, tmp_path: Path
 ) -> None:

@@ -12,11 +12,11 @@ server's reactor thread.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
 import secrets
+import symtable
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,40 +93,17 @@ def parse_body(body: bytes, content_type: str) -> dict:
     return value
 
 
-def _top_level_names(body: list[ast.stmt]) -> tuple[set[str], set[str]]:
-    """Names a module's own statements define (``def``, ``class``, ``NAME = ...``) and names
-    it imports, also under a top-level ``if``/``try``/``with``."""
-    defined: set[str] = set()
-    imported: set[str] = set()
-    for node in body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-            continue  # what its body binds is not the module's
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            imported.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                defined.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
-        blocks = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")]
-        blocks += [handler.body for handler in getattr(node, "handlers", [])]
-        for block in blocks:
-            inner_defined, inner_imported = _top_level_names(block)
-            defined |= inner_defined
-            imported |= inner_imported
-    return defined, imported
-
-
 def _defined_in(path: Path, name: str, key: str) -> None:
-    """SubmitError unless ``name`` is defined by the file itself: a name it imports (``from
+    """SubmitError unless the file's own statements bind ``name`` (``def``, ``class``,
+    ``NAME = ...``, also under a top-level ``if`` or ``try``): a name it imports (``from
     subprocess import run``, also one it defines too) or a module attribute (``__class__``)
     is anybody's code."""
     try:
-        tree = ast.parse(path.read_bytes(), str(path))
+        table = symtable.symtable(path.read_bytes(), str(path), "exec")
     except (OSError, SyntaxError, ValueError) as exc:
         raise SubmitError(f"key '{key}': cannot read {path.name}: {exc}") from None
-    defined, imported = _top_level_names(tree.body)
-    if name.startswith("__") or name not in defined or name in imported:
+    symbol = {s.get_name(): s for s in table.get_symbols()}.get(name)
+    if name.startswith("__") or symbol is None or symbol.is_imported() or not symbol.is_assigned():
         raise SubmitError(
             f"the job file: key '{key}': no function '{name}' written in {path.name} (only "
             "functions written in the server's apps directory run, not names a file there imports)"
