@@ -209,27 +209,15 @@ def _private(path: Path) -> None:
         raise ConfigError(f"cannot open the journal {path}: {exc.strerror or exc}") from None
 
 
-class _Inline:
-    """Runs each transaction at once on the calling thread (a fake clock's tests, tools)."""
-
-    def run(self, work: Callable[[], Any], nbytes: int) -> defer.Deferred:
-        return defer.maybeDeferred(work)
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-    def close(self) -> None:
-        pass
-
-
 class _Writer:
     """Runs the journal's transactions (or, as its reader, ``attach``'s reads; its checkpoints)
     on one thread of its own in the order they were handed over; each one's outcome reaches the
-    reactor thread through ``call_soon``."""
+    reactor thread through ``call_soon``. Without ``call_soon``, each runs at once on the calling
+    thread (a fake clock's tests, tools)."""
 
     def __init__(
         self,
-        call_soon: Callable[..., Any],
+        call_soon: Callable[..., Any] | None,
         max_bytes: int = QUEUE_BYTES,
         name: str = "journal-writer",
     ) -> None:
@@ -239,10 +227,13 @@ class _Writer:
         self._room = threading.Condition()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        if call_soon is not None:
+            self._thread.start()
 
     def run(self, work: Callable[[], Any], nbytes: int) -> defer.Deferred:
         """``work()`` after everything handed over before; fires with its outcome."""
+        if self.call_soon is None:
+            return defer.maybeDeferred(work)
         with self._room:  # (one that adds no bytes, a read, never waits)
             self._room.wait_for(lambda: not nbytes or self.queued < self.max_bytes)
             self.queued += nbytes
@@ -257,7 +248,7 @@ class _Writer:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` after everything handed over before, waited for here (a read)."""
-        if not self._thread.is_alive():  # closed: nothing is queued
+        if not self._thread.is_alive():  # inline, or closed: nothing is queued
             return fn()
         future: Future = Future()
 
@@ -284,8 +275,9 @@ class _Writer:
 
     def close(self) -> None:
         """Write what was handed over, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class Journal:
@@ -323,7 +315,7 @@ class Journal:
         self._checkpoint_db: sqlite3.Connection | None = None  # (the checkpointer's only)
         #: (the writer's, like everything the transactions touch: ``_db``, ``_seq``, counts)
         self._uncheckpointed = 0  # bytes (about) committed since the checkpointer was woken
-        self._writer = _Writer(clock.callFromThread) if threaded else _Inline()
+        self._writer = _Writer(clock.callFromThread if threaded else None)
         self._rows = _Rows()  # buffered
         #: (the writer's) rows of transactions that failed: the next one writes them first
         self._unwritten = _Rows()
@@ -346,9 +338,7 @@ class Journal:
         self.on_saved: Any = None
         #: reads of stored results (``attach``'s replay) on a thread and connection of their
         #: own: a replay of gigabytes never holds the reactor, nor waits behind a commit
-        self._reads = (
-            _Writer(clock.callFromThread, name="journal-reader") if threaded else _Inline()
-        )
+        self._reads = _Writer(clock.callFromThread if threaded else None, name="journal-reader")
         self._read_db: sqlite3.Connection | None = None  # (the reader's only)
         self._closed = False
 
