@@ -31,6 +31,7 @@ class StateLock:
         """Take the lock, or raise :class:`ConfigError` naming the server that holds it."""
         if self._fd is not None:
             return
+        cannot = f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): {self.path}"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._check_private()
@@ -40,17 +41,11 @@ class StateLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
-            raise ConfigError(
-                f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): "
-                f"{self.path}: {why}"
-            ) from None
+            raise ConfigError(f"{cannot}: {why}") from None
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             os.close(fd)
-            raise ConfigError(
-                f"cannot lock the state directory {self.directory} (REMAP_STATE_DIR): "
-                f"{self.path} is not a plain file of its own (remove it)"
-            )
+            raise ConfigError(f"{cannot} is not a plain file of its own (remove it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
