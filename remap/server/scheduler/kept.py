@@ -117,8 +117,7 @@ class KeptResults:
         sent them (a replay half-way would end without the rest)."""
         job.keep_timer = None
         job.expired = True
-        if not job.replays:
-            self._drop_kept(job)
+        self._replay_ended(job)
 
     def _replay_ended(self, job: JobState) -> None:
         if job.expired and not job.replays:
