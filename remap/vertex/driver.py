@@ -37,7 +37,7 @@ from . import DEFAULT_MAX_SUPERSTEPS
 from .engine import fold_into
 from .files import Heartbeats, Layout, heartbeat_name, input_splits, read_pickle, write_pickle
 from .program import Program
-from .worker import POLL_MAX, POLL_MIN, Command, WorkerArgs
+from .worker import POLL_MAX, Command, WorkerArgs, wait_for
 
 START_TIMEOUT = 120.0
 #: seconds a failed or killed job waits for its workers to stop before it cleans up
@@ -314,37 +314,18 @@ class Driver:
         return cmd
 
     def _await(self, cmd: Command, quiet: float = 0.0) -> list[dict[str, Any]]:
-        """Every member's ack of ``cmd``: a poll is one stat per missing ack, the liveness
-        checks run every CHECK_INTERVAL (each wake-up takes a CPU from a worker), and for
-        ``quiet`` seconds only they run (see :func:`quiet_for`)."""
-        waiting = dict(self.members)
-        paths = {slot: str(self.layout.ack(cmd.seq, slot)) for slot in waiting}
+        """Every member's ack of ``cmd`` (only the attempt it names acks a command), in slot
+        order: the liveness checks run every CHECK_INTERVAL, and for ``quiet`` seconds only
+        they run, with a look for the ack (see :func:`quiet_for`)."""
+        until = time.monotonic() + quiet
         acks: list[dict[str, Any]] = []
-        delay = POLL_MIN
-        checked = time.monotonic()
-        quiet_until = checked + quiet
-        while waiting:
-            for slot in list(waiting):
-                if os.path.exists(paths[slot]):
-                    ack = read_pickle(Path(paths[slot]))
-                    if ack["attempt"] == waiting[slot]:
-                        acks.append(ack)
-                        del waiting[slot]
-                        delay = POLL_MIN
-            if waiting:
-                now = time.monotonic()
-                if now - checked >= CHECK_INTERVAL:
-                    checked = now
-                    self._check()
-                if now < quiet_until:
-                    time.sleep(min(CHECK_INTERVAL, quiet_until - now))
-                    continue
-                time.sleep(delay)
-                delay = min(POLL_MAX, delay * 2)
-        for ack in acks:
-            slot = self.phases.setdefault(str(ack["slot"]), {})
+        for slot in sorted(self.members):
+            path = self.layout.ack(cmd.seq, slot)
+            wait_for(path, self._check, CHECK_INTERVAL, until - time.monotonic())
+            acks.append(ack := read_pickle(path))
+            phases = self.phases.setdefault(str(slot), {})
             for phase, (wall, cpu) in ack.get("times", {}).items():
-                spent = slot.setdefault(phase, [0.0, 0.0])
+                spent = phases.setdefault(phase, [0.0, 0.0])
                 spent[0] += wall
                 spent[1] += cpu
         errors = [a for a in acks if "error" in a]

@@ -472,17 +472,8 @@ def _with_sums(bucket: dict[Any, Any], pieces: list[Sums]) -> dict[Any, Any] | S
     if not bucket:
         return pieces[0] if len(pieces) == 1 else Sums.concat(pieces)
     for piece in pieces:
-        _add_sums(bucket, piece.keys(), piece.values())
+        _deliver(bucket, piece.keys(), piece.values(), True, operator.add)
     return bucket
-
-
-def _add_sums(bucket: dict[Any, Any], ids: list[Any], sums: list[Any]) -> None:
-    """Add each (unique) id's sum into a bucket, as ``send`` would one by one."""
-    if not bucket:
-        bucket.update(zip(ids, sums))
-        return
-    for to, total in zip(ids, sums):
-        bucket[to] = bucket[to] + total if to in bucket else total
 
 
 class DenseInbox:
@@ -977,7 +968,7 @@ class Fanout:
         if ids.dtype != object:
             outbox.pieces[d].append(Sums(ids, sums))
         else:
-            _add_sums(outbox.buckets[d], ids.tolist(), sums.tolist())
+            _deliver(outbox.buckets[d], ids.tolist(), sums.tolist(), True, operator.add)
 
 
 def _int_array(ids: list[Any]) -> Any:

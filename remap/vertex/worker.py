@@ -135,17 +135,22 @@ class Phases:
         return times
 
 
-def wait_for(path: Path, give_up: Any, every: float = GIVE_UP_INTERVAL) -> None:
+def wait_for(path: Path, give_up: Any, every: float = GIVE_UP_INTERVAL, quiet: float = 0.0) -> None:
     """Poll for ``path`` with a short, growing interval (one stat a poll); ``give_up()``,
-    which may raise, runs every ``every`` seconds."""
+    which may raise, runs every ``every`` seconds. For the first ``quiet`` seconds it polls
+    only that often (each wake-up takes a CPU from a worker)."""
     name = str(path)
     delay = POLL_MIN
     checked = time.monotonic()
+    quiet_until = checked + quiet
     while not os.path.exists(name):
         now = time.monotonic()
         if now - checked >= every:
             checked = now
             give_up()
+        if now < quiet_until:
+            time.sleep(min(every, quiet_until - now))
+            continue
         time.sleep(delay)
         delay = min(POLL_MAX, delay * 2)
 
@@ -278,9 +283,9 @@ class Worker:
             nonlocal chunk
             for p in range(count):
                 if p not in self.parts and acc[p].values:
-                    name = f"from{self.slot:05d}-{chunk:06d}"
                     blob = pickle.dumps(acc[p].pieces(), PICKLE_PROTOCOL)
-                    self._write_scratch(self.layout.loaded(cmd.epoch, p) / name, blob)
+                    path = self.layout.loaded(cmd.epoch, p) / message_file(self.slot, chunk)
+                    self._write_scratch(path, blob)
                     acc[p] = Partition(p, count, program)
                     self.mixed = True
             chunk += 1
