@@ -227,10 +227,8 @@ class ZeroconfNetwork:
         self.browser = ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[handler])
 
     def resolve(self, name: str, timeout: float) -> Advert | None:
-        from zeroconf import ServiceInfo
-
-        info = ServiceInfo(SERVICE_TYPE, name)
-        if not info.request(self.zc, int(timeout * 1000)):
+        info = self.zc.get_service_info(SERVICE_TYPE, name, int(timeout * 1000))
+        if info is None:
             return None
         return advert_from(name, info.parsed_addresses(), info.port or 0, info.properties)
 
