@@ -217,27 +217,11 @@ def _lean_epoll_reactor() -> Any:
             self, until: Callable[[], bool], deadline: float | None, interrupted: list[Any]
         ) -> None:
             """:meth:`mainLoop`'s turns on the calling thread, until ``until()``."""
-            seconds = self.seconds
             while not until() and not interrupted and self._started:
                 try:
-                    # the delay is read once: read again, a thread switch could make it
-                    # negative, which epoll_wait takes as "no timeout"
-                    if (
-                        self.threadCallQueue
-                        or self._newTimedCalls
-                        or self._justStopped
-                        or self._cancellations > 50
-                        or (
-                            (pending := self._pendingTimedCalls)
-                            and (delay := pending[0].time - seconds()) <= 0
-                        )
-                    ):
-                        self.runUntilCurrent()
-                        if until():
-                            break
-                        timeout = self.timeout()
-                    else:  # the delay ``timeout()`` gives (epoll_wait's longest at most)
-                        timeout = (delay if delay < 2147483 else 2147483) if pending else None
+                    timeout = self._due()
+                    if until():
+                        break
                     if deadline is not None:
                         left = deadline - _monotonic()
                         if left <= 0:
@@ -270,34 +254,34 @@ def _lean_epoll_reactor() -> Any:
                 self._poked = False
             self.wakeUp()  # timers added meanwhile: the next epoll must not sleep past them
 
+        def _due(self) -> float | None:
+            """A turn's work before it polls: what is due is run (calls from threads, timed
+            calls, a stop); the delay to poll for (None: no timed call). A turn with nothing
+            due reads the next timed call's delay itself (``runUntilCurrent`` and ``timeout``
+            are four Python calls finding nothing, in every process), once: read again, a
+            thread switch could make it negative, which epoll_wait takes as "no timeout"."""
+            if (
+                self.threadCallQueue
+                or self._newTimedCalls
+                or self._justStopped
+                or self._cancellations > 50
+                or (
+                    (pending := self._pendingTimedCalls)
+                    and (delay := pending[0].time - self.seconds()) <= 0
+                )
+            ):
+                self.runUntilCurrent()
+                return self.timeout()
+            # the delay ``timeout()`` gives (at most epoll_wait's longest, as Twisted's)
+            return (delay if delay < 2147483 else 2147483) if pending else None
+
         def mainLoop(self) -> None:
             """Twisted's loop with its error handler around the inner loop, not entered on
-            every turn; a turn with nothing for ``runUntilCurrent`` to do reads the next timed
-            call's delay itself (saving four Python calls a turn, in every process)."""
-            seconds, longest = self.seconds, 2147483  # epoll_wait's longest, as Twisted's
+            every turn; each turn runs what is due as :meth:`_due` says."""
             while self._started:
                 try:
                     while self._started:
-                        pending = self._pendingTimedCalls
-                        if (
-                            self.threadCallQueue
-                            or self._newTimedCalls
-                            or self._justStopped
-                            or self._cancellations > 50
-                        ):
-                            timeout = None
-                        elif not pending:
-                            self.doIteration(self.running and None)
-                            continue
-                        else:
-                            timeout = pending[0].time - seconds()
-                            if timeout > 0:
-                                self.doIteration(
-                                    self.running and (timeout if timeout < longest else longest)
-                                )
-                                continue
-                        self.runUntilCurrent()
-                        timeout = self.timeout()
+                        timeout = self._due()
                         self.doIteration(self.running and timeout)
                 except BaseException:
                     failures.failure("Unexpected error in main loop", level=LogLevel.critical)
