@@ -1529,11 +1529,24 @@ def connect(
         return EngineCluster(  # type: ignore[return-value]
             address, cores=cores, retries=retries, task_timeout=task_timeout
         )
-    # every parameter but ``dashboard`` is the Cluster's; copied, as under a trace function
-    # the frame's locals are written again into the dict locals() gives
-    options = dict(locals())
-    del options["dashboard"]
-    cluster = Cluster(**options)
+    cluster = Cluster(
+        address,
+        secret=secret,
+        cores=cores,
+        settings=settings,
+        env_file=env_file,
+        group=group,
+        priority=priority,
+        retries=retries,
+        task_timeout=task_timeout,
+        connect_timeout=connect_timeout,
+        task_output=task_output,
+        modules=modules,
+        files=files,
+        requires=requires,
+        max_cores=max_cores,
+        min_cores=min_cores,
+    )
     if dashboard:
         try:
             cluster.open_dashboard()
