@@ -22,8 +22,6 @@ from typing import Any
 from ..data.layout import DataDir, require_visible, storage_error, storage_trouble, write_atomic
 from ..shipping import load_function_blob, user_traceback
 from .engine import (
-    _MASK,
-    _MIX,
     Outbox,
     Partition,
     VertexError,
@@ -304,12 +302,7 @@ class Worker:
                     continue
                 for vid, value, targets, weights in prepared:
                     records += 1
-                    if count == 1:
-                        p = 0
-                    elif type(vid) is int:  # partition_of's formula, without a call per record
-                        p = (((vid * _MIX) & _MASK) >> 32) % count
-                    else:
-                        p = partition_of(vid, count)
+                    p = partition_of(vid, count)
                     try:
                         acc[p].add(vid, value, targets, weights)
                     except TypeError as exc:  # an id that is no dict key (a list, a dict)
@@ -373,9 +366,7 @@ class Worker:
         before = cmd.superstep - 1
         files = committed(self.layout.inbox(cmd.epoch, before, p))
         own = message_file(self.slot, 0)[:-6]  # this worker's spilled chunks: after the others
-        files = [f for f in files if not f.name.startswith(own)] + [
-            f for f in files if f.name.startswith(own)
-        ]
+        files.sort(key=lambda f: f.name.startswith(own))  # (stable: in order otherwise)
         bucket = self.local.get(before, {}).pop(p, None)
 
         def sources() -> Iterator[Any]:
