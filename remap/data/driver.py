@@ -539,19 +539,15 @@ class DataJobRunner:
         """Each task's last progress: its delivered attempt's (never a lost one's, woken
         later), or for a task never delivered its latest attempt's."""
         reports: dict[str, Any] = {}
-        for path in sorted(self.data.progress_dir(self.job_id).glob("*.json"), key=_mtime):
+        # each file is only ever replaced (os.replace), never removed, while the job runs
+        for path in sorted(
+            self.data.progress_dir(self.job_id).glob("*.json"), key=os.path.getmtime
+        ):
             task, _, attempt = path.stem.partition(".")
             report = layout.read_json(path)
             if report is not None and self.delivered.get(task, attempt) == attempt:
                 reports[task] = report
         return dict(sorted(reports.items()))
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
 
 
 def _ignore_outcome(future: concurrent.futures.Future) -> None:
