@@ -920,3 +920,24 @@ def test_a_reduce_attempt_woken_during_the_publish_stays_out_of_the_output(
     _assert_clean(data, summary, out)
     assert sorted(p.name for p in (out / "default").iterdir()) == ["reducer-0000-part-00000"]
     assert _lines(out) == ["a\t2", "b\t1"]
+
+
+def test_the_server_cleans_up_a_data_job_whose_driver_died_while_publishing(tmp_path: Path):
+    """A detached data driver killed between sealing its output (the staging directory renamed
+    ``…-sealed``) and publishing it: the server's cleanup removes the sealed output too, and
+    the job's result says INCOMPLETE (the sealed directory was left beside the output)."""
+    from remap.server.drivers import abandon
+
+    data = DataDir(tmp_path / "data")
+    job = layout.new_job_id()
+    staging = tmp_path / f".out.remap-{job}"
+    sealed = staging.with_name(f"{staging.name}-sealed")
+    (sealed / "default").mkdir(parents=True)
+    (sealed / "default" / "reducer-0000-part-00000").write_text("a\t2\n")
+    (sealed / layout.SUCCESS_MARKER).write_bytes(b"")
+    config = {"kind": "mapreduce", "output": str(tmp_path / "out"), "staging": str(staging)}
+    layout.write_json(data.jobconfig(job), config)
+    layout.write_result(data, job, "INCOMPLETE")
+    abandon(data, "mapreduce", job, "the driver died")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert layout.read_result(data, job) == "INCOMPLETE"

@@ -614,7 +614,9 @@ def abandon(data: layout.DataDir, kind: str, job_id: str | None, why: str) -> No
     config = layout.read_json(data.jobconfig(job_id)) or {}
     layout.remove_tree(data.im_dir(job_id))  # both kinds' scratch (runs, messages, checkpoints)
     if config.get("staging"):  # where the output is written before it is published
-        layout.remove_tree(Path(config["staging"]))
+        staging = Path(config["staging"])
+        layout.remove_tree(staging)  # and the name a data job seals it under just before
+        layout.remove_tree(staging.with_name(f"{staging.name}-sealed"))
     if kind != "mapreduce":
         output = Path(config.get("output", ""))
         if config.get("output") and output.is_dir() and not (output / "_SUCCESS").exists():
