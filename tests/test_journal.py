@@ -592,3 +592,21 @@ def test_without_a_journal_an_args_end_is_answered_not_stored(tmp_path: Path) ->
             "why": "the server keeps no journal (REMAP_JOURNAL is off): a restart forgets the job",
         },
     )
+
+
+def test_a_checkpoint_that_cannot_open_the_journal_says_so(tmp_path: Path) -> None:
+    """The checkpointer opens its own connection at its first checkpoint; if that fails (here
+    the state directory is gone; on a busy server, out of file descriptors) it is a warning in
+    the log, as a failed checkpoint is, and the next one tries again: never dropped unsaid."""
+    journal, _ = _journal(tmp_path)
+    logged: list[dict] = []
+    journal.log = Logger(observer=logged.append)
+    for name in os.listdir(journal.path.parent):
+        os.unlink(journal.path.parent / name)
+    os.rmdir(journal.path.parent)  # the open connections go on with their files
+    journal.job_submitted(
+        1, m.Submit(id=1, name="big", detach=True, payload=os.urandom(8 << 20)), 1.0
+    )
+    journal.close()  # (waits for the checkpoint handed over)
+    said = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
+    assert said == ["journal checkpoint failed: unable to open database file"]

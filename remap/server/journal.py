@@ -664,9 +664,9 @@ class Journal:
     def _checkpoint(self) -> None:
         """(The checkpointer's thread.) A passive checkpoint; one that fails is tried again
         after the next ``CHECKPOINT_BYTES`` committed."""
-        if self._checkpoint_db is None:
-            self._checkpoint_db = sqlite3.connect(str(self.path), check_same_thread=False)
         try:
+            if self._checkpoint_db is None:  # (a failed open is a failed checkpoint too)
+                self._checkpoint_db = sqlite3.connect(str(self.path), check_same_thread=False)
             self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # the writer's commits go on
             self.log.warn("journal checkpoint failed: {error}", error=str(exc))
