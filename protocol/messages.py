@@ -50,7 +50,7 @@ class Message:
     PREAUTH: ClassVar[bool] = False
     #: "wire", "pipe" (a node and its cores) or "both"; refused as unknown on the other channel
     CHANNEL: ClassVar[str] = "wire"
-    #: ``cls(**fields)`` without ``__init__`` (:func:`_maker`), generated on first use
+    #: ``cls(**fields)`` without ``__init__`` (:func:`_codecs`), generated on first use
     make: ClassVar[Any]
     payload: bytes
 

@@ -355,7 +355,7 @@ class PeerProtocol(Protocol):
         self.traffic.received += len(data)
         msg = self.conn.receive_message(data)
         if msg is None:
-            with self._write_lock:  # what it answers itself is sealed in order (see _write)
+            with self._write_lock:  # what it answers itself is sealed in order (see send_encoded)
                 events = self.conn.receive_data(data)
             self._handle(events)
             return
