@@ -106,19 +106,25 @@ def test_names_an_apps_file_imports_are_refused(apps: Path, tmp_path: Path, func
         prepare({"function": f"tools.py:{name}", "args": [1]}, apps, tmp_path / "data")
 
 
-def test_every_binding_the_file_writes_is_its_own(apps: Path, tmp_path: Path) -> None:
-    """A name the file's own top-level statements bind, by a ``for`` or ``with`` target too,
-    is what the operator wrote (as ``NAME = ...`` is), read from Python's own symbol table;
-    the base of an attribute assignment is not bound by it."""
+def test_only_definitions_and_assignments_make_a_name_the_files_own(
+    apps: Path, tmp_path: Path
+) -> None:
+    """A ``for`` or ``with`` target is not something the operator wrote as a job function: a
+    loop over imported functions (a common way to register them) leaves the loop variable
+    bound to imported code, which stays refused. Nor does an attribute assignment make its
+    base the file's own; unpacking assignments do count."""
     (apps / "bound.py").write_text(
-        "import contextlib\n\nfor scale in (lambda x: 3 * x,):\n    pass\n\n"
+        "import contextlib\nfrom os import getpid, getcwd\n\n"
+        "for fn in (getpid, getcwd):\n    pass\n\n"
         "with contextlib.nullcontext(abs) as size:\n    pass\n\n"
         "contextlib.extra = 1\nhelper.extra = 1\n"
+        "double, triple = (lambda x: 2 * x), (lambda x: 3 * x)\n"
     )
-    for name in ("scale", "size"):
+    for name in ("fn", "size", "helper"):
+        with pytest.raises(SubmitError, match=f"no function '{name}' written in bound.py"):
+            prepare({"function": f"bound.py:{name}", "args": [1]}, apps, tmp_path / "data")
+    for name in ("double", "triple"):
         prepare({"function": f"bound.py:{name}", "args": [1]}, apps, tmp_path / "data")
-    with pytest.raises(SubmitError, match="no function 'helper' written in bound.py"):
-        prepare({"function": "bound.py:helper", "args": [1]}, apps, tmp_path / "data")
 
 
 def test_a_data_directory_everyone_may_write_runs_no_submitted_job(

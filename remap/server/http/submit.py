@@ -12,11 +12,11 @@ server's reactor thread.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import secrets
-import symtable
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,17 +93,47 @@ def parse_body(body: bytes, content_type: str) -> dict:
     return value
 
 
+def _top_level_names(body: list[ast.stmt]) -> tuple[set[str], set[str]]:
+    """Names a module's own statements define (``def``, ``class``, ``NAME = ...``) and names
+    it imports, also under a top-level ``if``/``try``/``with``/``for``; a loop's or a ``with``'s
+    target is not a definition (``for fn in (imported, ...)`` would make imported code callable),
+    nor is the base of an attribute assignment."""
+    defined: set[str] = set()
+    imported: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+            continue  # what its body binds is not the module's
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                defined.update(
+                    n.id
+                    for n in ast.walk(target)
+                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+                )
+        blocks = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")]
+        blocks += [handler.body for handler in getattr(node, "handlers", [])]
+        for block in blocks:
+            inner_defined, inner_imported = _top_level_names(block)
+            defined |= inner_defined
+            imported |= inner_imported
+    return defined, imported
+
+
 def _defined_in(path: Path, name: str, key: str) -> None:
-    """SubmitError unless the file's own statements bind ``name`` (``def``, ``class``,
+    """SubmitError unless the file's own statements define ``name`` (``def``, ``class``,
     ``NAME = ...``, also under a top-level ``if`` or ``try``): a name it imports (``from
     subprocess import run``, also one it defines too) or a module attribute (``__class__``)
     is anybody's code."""
     try:
-        table = symtable.symtable(path.read_bytes(), str(path), "exec")
+        tree = ast.parse(path.read_bytes(), str(path))
     except (OSError, SyntaxError, ValueError) as exc:
         raise SubmitError(f"key '{key}': cannot read {path.name}: {exc}") from None
-    symbol = {s.get_name(): s for s in table.get_symbols()}.get(name)
-    if name.startswith("__") or symbol is None or symbol.is_imported() or not symbol.is_assigned():
+    defined, imported = _top_level_names(tree.body)
+    if name.startswith("__") or name not in defined or name in imported:
         raise SubmitError(
             f"the job file: key '{key}': no function '{name}' written in {path.name} (only "
             "functions written in the server's apps directory run, not names a file there imports)"
