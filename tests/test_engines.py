@@ -142,6 +142,37 @@ def test_a_ray_session_that_died_starting_is_asked_for_again() -> None:
     assert ray.inits == engines.RAY_CLIENT_ATTEMPTS
 
 
+class _StubRay(_FlakyRay):
+    """Enough of ``ray`` for a RayEngine to start and cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[Any] = []
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    def remote(self, fn: Any) -> Any:
+        return type("Remote", (), {"options": lambda self, **_: self})()
+
+    def cancel(self, handle: Any) -> None:
+        self.cancelled.append(handle)
+
+
+@pytest.mark.parametrize("address,cancels", [("local", False), ("h:1", True)])
+def test_a_local_ray_run_never_cancels_under_its_own_driver(
+    address: str, cancels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray aborts the process that drives it when a cancel races a task's reply (a failed
+    internal check; it took the engine tests' process down): with ``ray://local`` that process
+    is the caller's, so the few chunks still pending finish; a remote cluster's are cancelled."""
+    ray = _StubRay()
+    monkeypatch.setitem(__import__("sys").modules, "ray", ray)
+    engine = engines.RayEngine(address, workers=2)
+    engine._cancel(["a", "b"])
+    assert ray.cancelled == (["a", "b"] if cancels else [])
+
+
 @pytest.mark.parametrize(
     "error", [ConnectionError("ray client connection timeout"), ConnectionAbortedError("token")]
 )
