@@ -277,7 +277,7 @@ class RayEngine(Engine):
         ray = self._ray = _need("ray", "ray")
         #: this process drives a local cluster itself: there a cancel racing a task's reply
         #: aborts the whole process (Ray 2.60's failed check "Tried to complete task that was not
-        #: pending", seen in our engine tests), so the at most a window of chunks still pending
+        #: pending", seen in our engine tests), so the chunks still pending (a window at most)
         #: finish instead, and close() shuts the cluster down under them
         self._local = address == "local"
         try:
