@@ -50,3 +50,31 @@ def test_cores_unpickle_from_a_small_module() -> None:
     """What a core needs to load a job lives in ``remap.shipping``, which imports nothing of remap."""
     source = (ROOT / "remap" / "shipping.py").read_text()
     assert "from remap" not in source and "from ." not in source
+
+
+def _library_modules() -> set[str]:
+    """Every module of the library: the packages ``remap`` and ``protocol`` and the entry points."""
+    found = {p for p in ROOT.glob("remap/**/*.py") if "__pycache__" not in p.parts}
+    found |= set(ROOT.glob("protocol/*.py")) | set(ROOT.glob("remap_*.py"))
+    return {p.relative_to(ROOT).as_posix() for p in found}
+
+
+def _map_of_rooms() -> dict[str, str]:
+    """The module → name table at the top of ARCHITECTURE.md (its first fenced block)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    block = text.split("```text\n", 1)[1].split("```", 1)[0]
+    rooms = {}
+    for line in block.splitlines():
+        module, _, name = line.strip().partition(" ")
+        assert module not in rooms, f"{module} is named twice in the map"
+        rooms[module] = name.strip()
+    return rooms
+
+
+def test_the_map_of_rooms_names_every_module_in_three_words() -> None:
+    rooms = _map_of_rooms()
+    modules = _library_modules()
+    assert sorted(modules - rooms.keys()) == [], "modules missing from ARCHITECTURE.md's map"
+    assert sorted(rooms.keys() - modules) == [], "the map names modules that do not exist"
+    wordy = {m: n for m, n in rooms.items() if not 1 <= len(n.split()) <= 3}
+    assert wordy == {}, "a room's name is one to three words"
