@@ -8,10 +8,14 @@ payload (one large argument), frames per second and payload MB/s of:
 - encode:  ``messages.encode`` + ``encode_frame`` + joining the buffers into bytes;
 - decode:  ``FrameDecoder`` fed the byte stream in ``--read-size`` reads (as TCP delivers it)
            + ``messages.decode`` of every frame;
-- pair:    an authenticated client ``Connection.send`` → ``data_to_send`` → server
-           ``Connection.receive_data`` → ``MessageReceived`` event, in one thread.
+- pair:    what the library runs per message between two authenticated ``PeerProtocol``s
+           (``remap.wire``) on plain TCP transports: ``send`` (a small frame sealed and sent
+           as one buffer, a large one as its buffers) → the peer's read as a socket read does
+           it (``read_directly``: a whole small frame by ``receive_message``, a large frame
+           read straight into the decoder's buffer) → the handler's ``message_received``.
 
-No sockets and no reactor: this is the protocol's own cost, the ceiling under any transport.
+No reactor and no system calls (pair: the transports' socket is an in-memory stream, where a
+kernel's copy is a copy): the wire's own cost, the ceiling under any transport.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol import Connection, FrameDecoder, MessageReceived, encode_frame  # noqa: E402
+from twisted.internet import tcp  # noqa: E402
+from twisted.internet.address import UNIXAddress  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+
+from protocol import Connection, FrameDecoder, encode_frame  # noqa: E402
 from protocol import messages as m  # noqa: E402
 from protocol.framing import DEFAULT_MAX_FRAME  # noqa: E402
+from remap.wire import PeerProtocol  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -84,28 +93,126 @@ def bench_decode(msg: m.Task, batch: int, read_size: int) -> Callable[[], int]:
     return run
 
 
-def open_pair() -> tuple[Connection, Connection]:
-    server = Connection("server", b"bench secret", max_frame=DEFAULT_MAX_FRAME)
-    client = Connection("node", b"bench secret", max_frame=DEFAULT_MAX_FRAME)
-    client.initiate()
+class _MemorySocket:
+    """One end of an in-memory byte stream standing in for a TCP socket: what one end sends
+    the other reads (``recv`` and ``recv_into`` as the kernel hands bytes over)."""
+
+    def __init__(self) -> None:
+        self.inbox = bytearray()
+        self.pos = 0
+        self.peer: _MemorySocket = self
+
+    def setblocking(self, flag: bool) -> None: ...
+    def setsockopt(self, *args: object) -> None: ...
+
+    def fileno(self) -> int:
+        return 1 << 20  # never polled: no reactor
+
+    def send(self, data: bytes) -> int:
+        self.peer.inbox += data
+        return len(data)
+
+    def sendmsg(self, buffers: list) -> int:
+        return sum(self.send(b) for b in buffers)
+
+    def recv(self, n: int) -> bytes:
+        data = bytes(self._take(n))
+        self._drained()
+        return data
+
+    def recv_into(self, view: memoryview) -> int:
+        with self._take(len(view)) as data:
+            view[: len(data)] = data
+            n = len(data)
+        self._drained()
+        return n
+
+    def _take(self, n: int) -> memoryview:
+        if self.pos == len(self.inbox):
+            raise BlockingIOError
+        data = memoryview(self.inbox)[self.pos : self.pos + n]
+        self.pos += len(data)
+        return data
+
+    def _drained(self) -> None:
+        if self.pos == len(self.inbox):
+            self.inbox.clear()
+            self.pos = 0
+
+
+class _Reactor:
+    """What a ``tcp.Connection`` asks of its reactor (nothing is polled here)."""
+
+    def addReader(self, _: object) -> None: ...
+    def removeReader(self, _: object) -> None: ...
+    def addWriter(self, _: object) -> None: ...
+    def removeWriter(self, _: object) -> None: ...
+
+
+class _Transport(tcp.Connection):
+    def getPeer(self) -> UNIXAddress:
+        return UNIXAddress(None)
+
+    def getHost(self) -> UNIXAddress:
+        return UNIXAddress(None)
+
+
+class _Counting:
+    """A ``remap.wire.Handler`` that counts the messages its link hears."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.open = False
+
+    def authenticated(self, link: PeerProtocol, event: object) -> None:
+        self.open = True
+
+    def message_received(self, link: PeerProtocol, msg: m.Message) -> None:
+        self.messages += 1
+
+    def connection_failed(self, link: PeerProtocol, error: Exception) -> None:
+        raise error
+
+    def connection_lost(self, link: PeerProtocol, error: Exception) -> None: ...
+
+    def heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat()
+
+
+def _link(role: str, sock: _MemorySocket) -> tuple[PeerProtocol, _Counting]:
+    handler = _Counting()
+    proto = PeerProtocol(Connection(role, b"bench secret"), handler, Clock())
+    transport = _Transport(sock, proto, _Reactor())
+    transport.connected = 1
+    proto.makeConnection(transport)
+    return proto, handler
+
+
+def open_pair() -> tuple[PeerProtocol, PeerProtocol, _Counting]:
+    """A node's link and the server's, authenticated; the server's handler."""
+    near, far = _MemorySocket(), _MemorySocket()
+    near.peer, far.peer = far, near
+    server, heard = _link("server", near)
+    client, _ = _link("node", far)
     for _ in range(2):
-        server.receive_data(b"".join(bytes(p) for p in client.data_to_send()))
-        client.receive_data(b"".join(bytes(p) for p in server.data_to_send()))
-    assert server.state.value == client.state.value == "open"
-    return client, server
+        server.transport.doRead()
+        client.transport.doRead()
+    assert server.open and client.open and heard.open
+    return client, server, heard
 
 
 def bench_pair(msg: m.Task, batch: int) -> Callable[[], int]:
-    client, server = open_pair()
+    client, server, heard = open_pair()
+    read = server.transport.doRead
 
     def run() -> int:
-        count = 0
-        for _ in range(batch):
+        before = heard.messages
+        for i in range(batch):
             client.send(msg)
-            events = server.receive_data(b"".join(client.data_to_send()))
-            count += sum(1 for e in events if isinstance(e, MessageReceived))
-        assert count == batch
-        return count
+            while heard.messages == before + i:  # a large frame takes a few reads
+                read()
+        assert heard.messages - before == batch
+        return batch
 
     return run
 
