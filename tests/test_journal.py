@@ -7,6 +7,7 @@ server process mid-job) is in ``tests/test_journal_restart.py``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import sqlite3
@@ -596,7 +597,7 @@ def test_without_a_journal_an_args_end_is_answered_not_stored(tmp_path: Path) ->
 
 def test_a_checkpoint_that_cannot_open_the_journal_says_so(tmp_path: Path) -> None:
     """The checkpointer opens its own connection at its first checkpoint; if that fails (here
-    the state directory is gone; on a busy server, out of file descriptors) it is a warning in
+    the state directory is gone; on a busy server, out of file descriptors) it is an error in
     the log, as a failed checkpoint is, and the next one tries again: never dropped unsaid."""
     journal, _ = _journal(tmp_path)
     logged: list[dict] = []
@@ -608,5 +609,80 @@ def test_a_checkpoint_that_cannot_open_the_journal_says_so(tmp_path: Path) -> No
         1, m.Submit(id=1, name="big", detach=True, payload=os.urandom(8 << 20)), 1.0
     )
     journal.close()  # (waits for the checkpoint handed over)
-    said = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
-    assert said == ["journal checkpoint failed: unable to open database file"]
+    said = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.error]
+    assert said == [
+        f"cannot checkpoint the journal {journal.path}: unable to open database file; commits "
+        "go on into its WAL, which grows until a checkpoint succeeds (tried again as more is "
+        "committed)"
+    ]
+
+
+class _FailingCheckpoints:
+    """The checkpointer's connection, failing with an error that is not SQLite's (an
+    ``OSError`` from below, a bug) as long as ``failing``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.failing = True
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return self.db.execute(sql)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_checkpoints_failing_with_any_error_are_said_once_and_their_end_too(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint that fails with an error that is not ``sqlite3.Error`` is said too, with
+    its cause (it was dropped unsaid: the checkpointer's outcomes go nowhere); a run of
+    failures is one line, not one per checkpoint, and the one that succeeds after them says
+    so. Commits go on meanwhile: the journal reads back everything written."""
+    journal, _ = _journal(tmp_path)
+    logged: list[dict] = []
+    journal.log = Logger(observer=logged.append)
+    journal._checkpoint_db = failing = _FailingCheckpoints(
+        sqlite3.connect(str(journal.path), check_same_thread=False)
+    )
+
+    def submit_big(job_id: int) -> None:
+        payload = os.urandom(8 << 20)  # past CHECKPOINT_BYTES: the commit wakes the checkpointer
+        journal.job_submitted(job_id, m.Submit(id=job_id, name="big", payload=payload), 1.0)
+        journal._checkpoints.call(lambda: None)  # (the checkpoint handed over is done)
+
+    submit_big(1)
+    submit_big(2)
+    failing.failing = False
+    submit_big(3)
+    journal.close()
+    said = [(e["log_level"], formatEvent(e)) for e in logged]
+    assert said == [
+        (
+            LogLevel.error,
+            f"cannot checkpoint the journal {journal.path}: OSError(5, 'Input/output error'); "
+            "commits go on into its WAL, which grows until a checkpoint succeeds (tried again "
+            "as more is committed)",
+        ),
+        (LogLevel.info, f"the journal {journal.path} is checkpointed again"),
+    ]
+    assert [j for (j,) in _peek(journal, "SELECT id FROM jobs ORDER BY id")] == [1, 2, 3]
+
+
+def test_a_journal_starts_its_checkpointer_thread_when_it_first_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """The checkpointer's thread starts with the first checkpoint, not with every journal: a
+    journal dropped without ``close`` (a crash in these tests) that never checkpointed leaves
+    no thread behind; one that did has its thread stopped by ``close``."""
+    journal, _ = _journal(tmp_path)
+    journal.job_submitted(1, _submit(), 1.0)
+    assert not journal._checkpoints._thread.is_alive()
+    journal.job_submitted(
+        2, m.Submit(id=2, name="big", detach=True, payload=os.urandom(8 << 20)), 1.0
+    )
+    assert journal._checkpoints._thread.is_alive()
+    journal.close()
+    assert not journal._checkpoints._thread.is_alive()

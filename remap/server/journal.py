@@ -226,14 +226,16 @@ class _Writer:
         self.queued = 0  # payload bytes handed over and not yet written
         self._room = threading.Condition()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: started by the first work handed over (one caller thread each): a journal that
+        #: never checkpoints, or is never read, has no thread for it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        if call_soon is not None:
-            self._thread.start()
 
     def run(self, work: Callable[[], Any], nbytes: int) -> defer.Deferred:
         """``work()`` after everything handed over before; fires with its outcome."""
         if self.call_soon is None:
             return defer.maybeDeferred(work)
+        if self._thread.ident is None:
+            self._thread.start()
         with self._room:  # (one that adds no bytes, a read, never waits)
             self._room.wait_for(lambda: not nbytes or self.queued < self.max_bytes)
             self.queued += nbytes
@@ -248,7 +250,7 @@ class _Writer:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` after everything handed over before, waited for here (a read)."""
-        if not self._thread.is_alive():  # inline, or closed: nothing is queued
+        if not self._thread.is_alive():  # inline, not started or closed: nothing is queued
             return fn()
         future: Future = Future()
 
@@ -313,6 +315,7 @@ class Journal:
         #: their own: passive, so the writer's commits go on meanwhile; nobody waits for them
         self._checkpoints = _Writer(lambda *_: None, name="journal-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None  # (the checkpointer's only)
+        self._checkpoint_failing = False  # (the checkpointer's) said once until one succeeds
         #: (the writer's, like everything the transactions touch: ``_db``, ``_seq``, counts)
         self._uncheckpointed = 0  # bytes (about) committed since the checkpointer was woken
         self._writer = _Writer(clock.callFromThread if threaded else None)
@@ -663,13 +666,28 @@ class Journal:
 
     def _checkpoint(self) -> None:
         """(The checkpointer's thread.) A passive checkpoint; one that fails is tried again
-        after the next ``CHECKPOINT_BYTES`` committed."""
+        after the next ``CHECKPOINT_BYTES`` committed. Commits go on meanwhile (they are in the
+        WAL, which grows until a checkpoint succeeds), so the server runs on: said once when
+        checkpoints start failing, whatever the error, and once when one succeeds again."""
         try:
             if self._checkpoint_db is None:  # (a failed open is a failed checkpoint too)
                 self._checkpoint_db = sqlite3.connect(str(self.path), check_same_thread=False)
             self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:  # the writer's commits go on
-            self.log.warn("journal checkpoint failed: {error}", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - said, not hidden: nothing else would hear it
+            if not self._checkpoint_failing:
+                self._checkpoint_failing = True
+                cause = str(exc) if isinstance(exc, sqlite3.Error) else repr(exc)
+                self.log.error(
+                    "cannot checkpoint the journal {path}: {cause}; commits go on into its "
+                    "WAL, which grows until a checkpoint succeeds (tried again as more is "
+                    "committed)",
+                    path=self.path,
+                    cause=cause,
+                )
+            return
+        if self._checkpoint_failing:
+            self._checkpoint_failing = False
+            self.log.info("the journal {path} is checkpointed again", path=self.path)
 
     def _prune(self, db: sqlite3.Connection, cutoff: float) -> None:
         """Forget finished jobs past the newest ``keep_jobs`` or finished before ``cutoff``."""
