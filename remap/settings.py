@@ -178,7 +178,7 @@ class Settings:
     discovery_timeout: float = _setting(3.0, "nc", _POSITIVE, "seconds a node or console looks for its cluster's server before giving up")
     user: str | None = _setting(None, "c", _text, "name a console authenticates as, with the key `remap-server --issue-key NAME` printed in REMAP_SECRET_KEY; empty = the cluster secret itself (may do everything)")
     node_name: str | None = _setting(None, "n", _text, "name a node reports (status, exclude/include); empty = the machine's host name")
-    state_dir: str | None = _setting(None, "s", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal); a local disk, never a network file system; empty = ~/.remap")
+    state_dir: str | None = _setting(None, "s", _text, "directory where the server keeps what must outlive it (the excluded-node list, the journal, the addresses that authenticated); a local disk, never a network file system; empty = ~/.remap")
     preempt_grace: float | None = _setting(None, "s", _number(0, allow_equal=True), "seconds a job below its fair share waits before lower-priority jobs' running calls are killed and re-queued to make room; empty = no preemption")
     result_buffer: int = _setting(256 * 1024 * 1024, "c", _integer(0), "bytes of results the console and the Python API hold for a caller that takes them slowly (an imap read slowly, a slow output) before the server stops running that job's calls until it took some; 0 = no bound")
     journal: bool = _setting(True, "s", _flag, "on: the server records jobs and delivered results in REMAP_STATE_DIR/journal.sqlite, so a restarted server resumes detached jobs and keeps their results; off: a restart forgets every job")

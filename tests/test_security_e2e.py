@@ -849,3 +849,48 @@ def test_idle_sockets_beyond_the_handshake_caps_are_closed_and_a_console_still_r
         for socks in held.values():
             for sock in socks:
                 sock.close()
+
+
+def authenticate_from(source: str, port: int) -> socket.socket:
+    """A node's connection from ``source`` through the whole handshake: its open socket."""
+    sock = idle_from(source, port)
+    client, hello = hello_bytes(SECRET.encode())
+    sock.sendall(hello)
+    while client.state.value == "handshake":
+        got = sock.recv(65536)
+        assert got, "closed during the handshake"
+        events = client.receive_data(got)
+        sock.sendall(b"".join(bytes(p) for p in client.data_to_send()))
+    assert client.state.value == "open", events
+    return sock
+
+
+def test_a_restarted_server_keeps_slots_for_the_addresses_that_authenticated(cluster):
+    """The table of addresses that authenticated outlives a restart (in REMAP_STATE_DIR): after
+    one, a node's address that authenticated in the server's earlier life still gets one of the
+    reserved slots while strangers hold every other one (without the file the table started
+    empty and the node was refused as new). A corrupt file there is ignored, said in one line,
+    and the server serves."""
+    state = cluster.root / "state"
+    state.mkdir(mode=0o700)
+    kept = state / "trusted-sources.json"
+    kept.write_bytes(b'{"sources": ["127.0.0.9", "not an address"]}\n')
+    kept.chmod(0o600)
+    caps = {"REMAP_STATE_DIR": state, "REMAP_MAX_HANDSHAKING": "4", "REMAP_HANDSHAKE_TIMEOUT": "60"}
+    server, port = cluster.server(**caps)
+    authenticate_from("127.0.0.2", port).close()
+    assert server.stderr().count(f"ignoring {kept}") == 1, server.stderr()
+    server.stop()  # (SIGTERM: the table is saved at the stop, as a few seconds after a change)
+    assert json.loads(kept.read_text()) == {"sources": ["127.0.0.2"]}
+    assert kept.stat().st_mode & 0o777 == 0o600
+
+    server, port = cluster.server(**caps)
+    held = [idle_from("127.0.0.10", port), idle_from("127.0.0.11", port)]
+    try:
+        new = "too many connections from addresses new to this server in the handshake (at most 2)"
+        assert refused_from("127.0.0.12", port) == [{"t": "error", "code": "busy", "message": new}]
+        authenticate_from("127.0.0.2", port).close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert "ignoring" not in server.stderr()

@@ -5,12 +5,14 @@ beyond a cap is closed as soon as it is accepted, unread (the cluster port says 
 TLS within bounds of its own), and refusals are logged at most once per interval (a flood of
 connects must not become a flood of log lines). Both ports keep half their slots for source
 addresses that authenticated before, so a flood of connections that never do, from however many
-addresses, does not lock out nodes, consoles and API clients.
+addresses, does not lock out nodes, consoles and API clients (after a restart too: the server
+keeps those addresses in its state directory, see ``trusted``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,8 @@ class Admission:
         self.by_host: dict[str, int] = {}
         #: sources that authenticated, least recently first (at most TRUSTED_SOURCES)
         self.trusted: dict[str, None] = {}
+        #: called after each :meth:`trust` (``trusted.KeptSources`` saves the table)
+        self.on_trust: Callable[[], None] | None = None
 
     def admit(self, host: str) -> Slot | str:
         """A slot, or why not: ``"total"``, ``"new"`` (the share open to sources that have not
@@ -92,6 +96,8 @@ class Admission:
         self.trusted[host] = None
         if len(self.trusted) > TRUSTED_SOURCES:
             del self.trusted[next(iter(self.trusted))]
+        if self.on_trust is not None:
+            self.on_trust()
 
     def cap(self, why: str) -> int:
         """The number the refusal ``why`` reached."""

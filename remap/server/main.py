@@ -23,6 +23,7 @@ from .exclusion import ExclusionList, state_dir
 from .http import start_http
 from .journal import Journal
 from .statelock import StateLock
+from .trusted import CLUSTER_FILE, HTTP_FILE, KeptSources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
         raise
     Stopping("state lock", lock.release).setServiceParent(server)  # added first: let go last
     server.factory.use_exclusions(ExclusionList.for_settings(settings))
+    keep_trusted(reactor, server, server.factory.handshaking, state_dir(settings) / CLUSTER_FILE)
     journal = Journal.for_settings(settings, reactor, threaded=True)
     server.factory.use_journal(journal)
     if journal is not None:  # detached data and vertex jobs survive a restart, as others do
@@ -117,6 +119,7 @@ async def serve(reactor, args: argparse.Namespace) -> int:
             reactor, settings, server.factory, server.factory.secret, cluster_port=port
         )
         Stopping("http", web.stop).setServiceParent(server)
+        keep_trusted(reactor, server, web.connections, state_dir(settings) / HTTP_FILE)
         # the command in full: a console finds no server on its own (a loopback one is not
         # advertised) and cannot know the HTTP port
         again = (
@@ -131,6 +134,12 @@ async def serve(reactor, args: argparse.Namespace) -> int:
     await run_until_stopped(reactor, stopped, server.stopService)
     say("remap server stopped")
     return 0
+
+
+def keep_trusted(reactor, server, admission, path) -> None:
+    """``admission``'s trusted sources from ``path``, and saved there until the server stops."""
+    kept = KeptSources(admission, path, reactor)
+    Stopping(f"trusted sources ({path.name})", kept.flush).setServiceParent(server)
 
 
 async def advertise(reactor, settings, secret: bytes, port: int) -> Advertiser | None:

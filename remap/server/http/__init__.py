@@ -174,6 +174,8 @@ class RunningHttp:
     app: HttpApp
     port: Any
     url: str
+    #: the port's connection caps (the server keeps their trusted sources across restarts)
+    connections: Admission
 
     def login_url(self) -> str:
         """A fresh one-time login link for a browser."""
@@ -255,4 +257,4 @@ async def start_http(
     bound = listening.getHost().port
     url = f"{'https' if tls else 'http'}://{display_host(host)}:{bound}"
     log.info("HTTP API and dashboard on {url}", url=url)
-    return RunningHttp(app, listening, url)
+    return RunningHttp(app, listening, url, site.connections)
