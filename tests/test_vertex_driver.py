@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import lzma
 import math
@@ -779,13 +780,18 @@ def test_a_worker_call_starting_after_its_job_ended_leaves_nothing_behind(tmp_pa
     assert sorted(p.name for p in root.iterdir()) == sorted([*JOB_FILES, "control"])
 
 
+@pytest.mark.parametrize("stale", [False, True], ids=["local", "nfs-estale"])
 def test_a_member_whose_job_ended_under_its_command_does_not_make_acks_again(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, stale
 ):
     """A member still running a command when its job ended (the driver removed ``acks/``
-    and ``alive/``) stops without writing its ack: ``acks/`` is not made again."""
+    and ``alive/``) stops without writing its ack: ``acks/`` is not made again. ``stale``:
+    its ack's write fails with ESTALE, as on NFS: it stops the same (it raised OSError)."""
     from remap.data.layout import new_job_id, write_json
     from remap.vertex.files import Layout, write_pickle
+
+    if stale:
+        monkeypatch.setattr(worker_mod, "write_pickle", _stale(worker_mod.write_pickle))
 
     data = DataDir(tmp_path / "data")
     job = new_job_id()
@@ -1554,12 +1560,34 @@ def test_a_worker_with_several_partitions_holds_one_inbox_at_a_time(tmp_path: Pa
     assert peak < 3 * inbox, (peak, inbox)
 
 
-def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(tmp_path: Path):
+def _stale(fn):
+    """``fn`` failing as on NFS when what it names was removed by another machine: ESTALE (a
+    stale handle), where a local disk says FileNotFoundError."""
+
+    def call(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except FileNotFoundError as exc:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), exc.filename) from None
+
+    return call
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["local", "nfs-estale"])
+def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(
+    tmp_path: Path, monkeypatch, stale
+):
     """A worker that resumes a checkpointing superstep after its job ended (the driver
     removed the scratch directory) drops the command at its first write and makes nothing:
     no checkpoint, no message file, no ``im/<job>`` again (it made them all again); one
-    resuming a restore drops it at its read (it failed, failing the job: FileNotFoundError)."""
+    resuming a restore drops it at its read (it failed, failing the job: FileNotFoundError).
+    ``stale``: the write or read fails with ESTALE, as on NFS, and is dropped the same (it
+    raised OSError, which failed the job as the worker's error)."""
     from remap.vertex.engine import Partition, partition_of
+
+    if stale:
+        monkeypatch.setattr(worker_mod, "write_atomic", _stale(worker_mod.write_atomic))
+        monkeypatch.setattr(worker_mod.Worker, "_read", _stale(worker_mod.Worker._read))
 
     other = next(v for v in range(100) if partition_of(v, 2) == 1)  # another worker's
 

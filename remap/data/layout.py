@@ -164,6 +164,12 @@ def storage_trouble(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
+def vanished(exc: OSError) -> bool:
+    """Whether a file operation failed because what it named was removed under it: ENOENT,
+    or on NFS ESTALE (a handle to a file or folder another machine removed)."""
+    return exc.errno in (errno.ENOENT, errno.ESTALE)
+
+
 def storage_error(path: Path, exc: OSError) -> StorageError:
     from ..sinks import os_reason  # only on this path: cores do not load the sinks
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.layout import DataDir, require_visible, storage_error, storage_trouble, write_atomic
+from ..data.layout import (
+    DataDir,
+    require_visible,
+    storage_error,
+    storage_trouble,
+    vanished,
+    write_atomic,
+)
 from ..shipping import load_function_blob, user_traceback
 from .engine import (
     Outbox,
@@ -228,8 +235,8 @@ class Worker:
                 ack = self._execute(cmd)
                 try:
                     write_pickle(self.layout.ack(seq, self.slot), ack, parents=False)
-                except FileNotFoundError:  # acks/ is gone: the job ended under this command
-                    if self.layout.acks.is_dir():
+                except OSError as exc:  # acks/ is gone: the job ended under this command
+                    if not vanished(exc) or self.layout.acks.is_dir():
                         raise
                     raise _Superseded(ENDED) from None
                 seq += 1
@@ -247,9 +254,10 @@ class Worker:
         except VertexError as exc:
             ack["error"] = str(exc)
             ack["traceback"] = user_traceback(exc)[-8000:]  # where the user's code raised
-        except FileNotFoundError:  # its epoch's files went (a rollback, or the job's end):
-            if self.layout.epoch(cmd.epoch).is_dir():  # its ack goes unread, and the next
-                raise  # command says whether this worker is still a member
+        except OSError as exc:  # its epoch's files went (a rollback, or the job's end): its
+            # ack goes unread, and the next command says whether this worker is still a member
+            if not vanished(exc) or self.layout.epoch(cmd.epoch).is_dir():
+                raise
         self.phases.mark(cmd.kind)  # what a command did not mark itself
         ack["times"] = self.phases.take()
         return ack
