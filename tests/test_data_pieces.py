@@ -177,9 +177,14 @@ def test_bad_utf8_survives(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ runs
 
 
+def _pairs(records):
+    """Run records ``(key, value, times)`` as the pairs they stand for."""
+    return [(key, value) for key, value, times in records for _ in range(times)]
+
+
 def _spill_all(records, spill_bytes, combine=None, tmp_path=None):
     """Feed records through a SpillBuffer; return the runs per bucket as lists of records."""
-    out: dict[int, list[list[tuple[bytes, bytes]]]] = defaultdict(list)
+    out: dict[int, list[list[tuple[bytes, bytes, int]]]] = defaultdict(list)
     buffer = runs.SpillBuffer(
         spill_bytes,
         lambda bucket, recs: out[bucket[1]].append(list(recs)),
@@ -203,7 +208,7 @@ def test_spills_are_sorted_and_bounded() -> None:
     assert buffer.spills > 5
     for bucket, bucket_runs in out.items():
         for run in bucket_runs:
-            assert [k for k, _ in run] == sorted(k for k, _ in run)
+            assert [k for k, _, _ in run] == sorted(k for k, _, _ in run)
         merged = [(k, list(vs)) for k, vs in runs.grouped(runs.merge(iter(r) for r in bucket_runs))]
         want = defaultdict(list)
         for b, k, v in records:
@@ -257,7 +262,7 @@ def test_combine_runs_per_spill_and_early() -> None:
     records = [(0, "hot", 1)] * 5000 + [(0, "cold", 2)] * 3
     out, _ = _spill_all(records, 1 << 30, combine)
     (run,) = out[0]
-    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in run] == [
+    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in _pairs(run)] == [
         ("cold", 6),
         ("hot", 5000),
     ]
@@ -278,7 +283,7 @@ def test_mutable_values_are_captured_when_emitted() -> None:
 
 def test_run_files_round_trip_and_truncation(tmp_path: Path) -> None:
     """Run files hold exactly what was written; a cut file is an error."""
-    records = [(keys.encode_key(i), keys.encode_value("v" * i)) for i in range(100)]
+    records = [(keys.encode_key(i), keys.encode_value("v" * i), 1) for i in range(100)]
     path = tmp_path / "run"
     assert runs.write_run(path, records)[0] == 100
     assert list(runs.read_run(path)) == records
@@ -294,7 +299,7 @@ def test_premerge_bounds_fanin_and_keeps_order(tmp_path: Path, fanin: int) -> No
     paths = []
     for n in range(23):
         recs = sorted(
-            ((keys.encode_key(rng.randrange(50)), keys.encode_value((n, i))) for i in range(30)),
+            ((keys.encode_key(rng.randrange(50)), keys.encode_value((n, i)), 1) for i in range(30)),
             key=lambda r: r[0],
         )
         paths.append(str(tmp_path / f"run{n}"))
@@ -310,7 +315,7 @@ def test_premerge_bounds_fanin_and_keeps_order(tmp_path: Path, fanin: int) -> No
 def test_grouped_reduces_the_last_key_and_skips_unread_values() -> None:
     """Every key is grouped, the last included, even when reduce reads no values."""
     stream = iter(
-        [(keys.encode_key(k), keys.encode_value(v)) for k, v in [("a", 1), ("a", 2), ("b", 3)]]
+        [(keys.encode_key(k), keys.encode_value(v), 1) for k, v in [("a", 1), ("a", 2), ("b", 3)]]
     )
     assert [k for k, _ in runs.grouped(stream)] == ["a", "b"]
 
@@ -321,7 +326,7 @@ def test_grouped_secondary_sort() -> None:
         [(("g1", -5), "e"), (("g1", -9), "n"), (("g2", 1), "o"), (("g1", -7), "s")],
         key=lambda kv: keys.encode_key(kv[0]),
     )
-    stream = iter([(keys.encode_key(k), keys.encode_value(v)) for k, v in pairs])
+    stream = iter([(keys.encode_key(k), keys.encode_value(v), 1) for k, v in pairs])
     got = [(g, list(vs)) for g, vs in runs.grouped(stream, group=lambda k: k[0])]
     assert got == [("g1", ["n", "s", "e"]), ("g2", ["o"])]
 
@@ -568,15 +573,16 @@ def test_a_plain_file_read_error_is_the_systems(tmp_path: Path, monkeypatch) -> 
 
 
 def test_pairs_without_combine_keep_emission_order_with_mixed_keys() -> None:
-    """Without a combiner pairs are sorted stably at the spill: text, number, tuple and None
-    keys come out in encoded order, each key's values in the order they were emitted."""
+    """Without a combiner the spill keeps each key's pairs in emission order: text, number,
+    tuple and None keys come out in encoded order, each key's values in the order they were
+    emitted."""
     out: list = []
     buffer = runs.SpillBuffer(1 << 20, lambda b, recs: out.extend(recs), lambda p, k, e: 0)
     emitted = [("b", 1), (2, "x"), ("a", [1]), ("b", 2), (None, 3), ((1, "t"), 4), (2, "y")]
     emitted += [("a", 5), ("é", 6), (1.5, 7)]
     buffer.extend(iter(emitted))
     buffer.flush()
-    got = [(keys.decode_key(k), keys.decode_value(v)) for k, v in out]
+    got = [(keys.decode_key(k), keys.decode_value(v)) for k, v in _pairs(out)]
     want = sorted(emitted, key=lambda kv: keys.encode_key(kv[0]))  # a stable sort
     assert got == want
 
@@ -598,7 +604,7 @@ def test_a_hot_key_folds_in_memory_instead_of_spilling() -> None:
             buffer.relieve()
     assert buffer.spills == 0
     buffer.flush()
-    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in out] == [("hot", 3000)]
+    assert [(keys.decode_key(k), keys.decode_value(v)) for k, v in _pairs(out)] == [("hot", 3000)]
     assert buffer.records == 3000
 
 
@@ -606,9 +612,9 @@ def test_run_records_larger_than_a_read_block(tmp_path: Path) -> None:
     """A record bigger than the reader's block (text and pickled values) reads back whole."""
     big = "x" * (3 * runs._BUFFER + 17)
     records = [
-        (keys.encode_key("a"), keys.encode_value(big)),
-        (keys.encode_key("b"), keys.encode_value(b"y" * 5)),
-        (keys.encode_key("c"), keys.encode_value([big])),
+        (keys.encode_key("a"), keys.encode_value(big), 1),
+        (keys.encode_key("b"), keys.encode_value(b"y" * 5), 3),
+        (keys.encode_key("c"), keys.encode_value([big]), 1),
     ]
     path = tmp_path / "run"
     runs.write_run(path, records)
@@ -625,9 +631,9 @@ def test_text_order_is_the_order_of_text_encodings(texts: list[str]) -> None:
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "combine"])
 def test_the_short_path_for_plain_pairs_buffers_what_the_general_one_does(grouped: bool) -> None:
-    """``extend`` takes (text key, plain value) pairs by a short path (a list without a
-    combiner, a dict of key → values with one): any mix of keys and values spills the same
-    records, and counts the same size, as the same records given as (purpose, key, value)."""
+    """``extend`` takes (text key, plain value) pairs by a short path (into the dict of key →
+    values, with a combiner or without): any mix of keys and values spills the same records,
+    and counts the same size, as the same records given as (purpose, key, value)."""
 
     def combine(key, values):
         yield list(values)
@@ -652,7 +658,7 @@ def test_the_short_path_for_plain_pairs_buffers_what_the_general_one_does(groupe
         buffer = runs.SpillBuffer(
             1 << 30,
             lambda bucket, recs: out.append(
-                [(keys.decode_key(k), keys.decode_value(v)) for k, v in recs]
+                [(keys.decode_key(k), keys.decode_value(v)) for k, v in _pairs(recs)]
             ),
             lambda purpose, key, encoded: 0,
             (lambda purpose: combine) if grouped else None,
@@ -679,7 +685,7 @@ def test_repeated_values_spill_and_group_as_themselves() -> None:
     out, _ = _spill_all(records, 1 << 30)
     (run,) = out[0]
     by_key = defaultdict(list)
-    for encoded, value in run:
+    for encoded, value in _pairs(run):
         by_key[keys.decode_key(encoded)].append(value)
     want = defaultdict(list)
     for _, k, v in records:
@@ -700,7 +706,7 @@ def test_premerge_reads_only_the_runs_over_the_fanin(tmp_path: Path) -> None:
     paths = []
     for n in range(23):
         count = 5 if n in (9, 10, 11, 12) else 30
-        recs = [(keys.encode_key(i), keys.encode_value(n)) for i in range(count)]
+        recs = [(keys.encode_key(i), keys.encode_value(n), 1) for i in range(count)]
         paths.append(str(tmp_path / f"run{n}"))
         runs.write_run(paths[-1], recs)
     expect = list(runs.merge(runs.read_run(p) for p in paths))
@@ -709,3 +715,23 @@ def test_premerge_reads_only_the_runs_over_the_fanin(tmp_path: Path) -> None:
     assert left[:9] == paths[:9] and left[10:] == paths[13:]
     assert len(list(runs.read_run(left[9]))) == 20
     assert list(runs.merge(runs.read_run(p) for p in left)) == expect
+
+
+def test_equal_neighbouring_values_are_one_counted_record(tmp_path: Path) -> None:
+    """A key's equal neighbouring values (a word count's 1s, without a combiner) are spilled
+    as one record with their count, which the run file keeps; grouping gives every value
+    back, in emission order, and a mutable value as an object of its own per pair."""
+    out: list = []
+    buffer = runs.SpillBuffer(1 << 20, lambda b, recs: out.extend(recs), lambda p, k, e: 0)
+    emitted = [("the", 1)] * 1000 + [("the", 2)] + [("the", 1)] * 2 + [("a", [1])] * 3
+    buffer.extend(emitted)
+    buffer.flush()
+    one, two, listed = keys.encode_value(1), keys.encode_value(2), keys.encode_value([1])
+    the, a = keys.encode_key("the"), keys.encode_key("a")
+    assert out == [(a, listed, 3), (the, one, 1000), (the, two, 1), (the, one, 2)]
+    path = tmp_path / "run"
+    assert runs.write_run(path, out) == (1006, path.stat().st_size)
+    assert path.stat().st_size < 200  # 1006 records of a pair each would take 18 KB
+    got = [(k, list(vs)) for k, vs in runs.grouped(runs.read_run(path))]
+    assert got == [("a", [[1], [1], [1]]), ("the", [1] * 1000 + [2, 1, 1])]
+    assert len({id(v) for v in got[0][1]}) == 3

@@ -1,7 +1,9 @@
 """Sorted runs: the map side's spill buffer, the run file format, and the bounded merge.
 
-A run file is a sequence of records ``<key length u32><value length u32><key><value>``
-(big-endian), sorted by key bytes; values of one key keep the order they were emitted in.
+A run file is a sequence of records ``<key length u32><value length u32><times u32><key><value>``
+(big-endian), sorted by key bytes: the pair (key, value) ``times`` times over, so a key's equal
+neighbouring values (a count of 1 per word, say) are written, read and merged once, not once per
+pair; values of one key keep the order they were emitted in.
 Memory stays bounded on both sides: the map side spills when its buffer holds ``spill_bytes``
 (estimated, Python overhead included), and the merge opens at most ``fanin`` runs at once,
 pre-merging consecutive runs into bigger ones when a reducer has more.
@@ -21,11 +23,12 @@ from typing import Any
 
 from .keys import TEXT_VALUE, decode_key, decode_value, encode_key, encode_text_key, encode_value
 
-Record = tuple[bytes, bytes]
+#: (encoded key, encoded value, times)
+Record = tuple[bytes, bytes, int]
 #: combine(key, values) -> iterable of values for the same key
 Combiner = Callable[[Any, Iterator[Any]], Iterable[Any]]
 
-_HEADER = struct.Struct(">II")
+_HEADER = struct.Struct(">III")
 _BUFFER = 256 * 1024
 #: bytes (measured: tracemalloc, RSS) a buffered key costs beyond its length: its text object, dict entry and list
 KEY_OVERHEAD = 160
@@ -34,9 +37,6 @@ VALUE_OVERHEAD = 9
 #: values one key may gather in the buffer before ``combine`` folds them early
 COMBINE_EVERY = 512
 DEFAULT_FANIN = 64
-#: bytes a buffered pair costs without a combiner beyond its key's length and its value's
-#: object: the tuple, its list slot and the key's text object
-PAIR_OVERHEAD = 130
 #: plain values (kept as objects in the buffer; others are pickled when emitted) -> the bytes of
 #: their object: text and bytes add their length, an int in -5..256 is shared and costs nothing
 _PLAIN_COST = {int: 32, float: 32, str: 56, bytes: 40, bool: 0, type(None): 0}
@@ -52,18 +52,22 @@ class _Encoded(bytes):
     """A value pickled when it was emitted (it might have been mutated afterwards)."""
 
 
+#: buffered values whose equality is equality of their encodings (not floats: 0.0 == -0.0)
+_EXACT = frozenset({int, str, bytes, bool, type(None), _Encoded})
+
+
 # ------------------------------------------------------------------ run files
 
 
 def write_run(path: Path | str, records: Iterable[Record]) -> tuple[int, int]:
-    """Write sorted records; return (records, bytes)."""
+    """Write sorted records; return (pairs, bytes)."""
     count = 0
     pack = _HEADER.pack
     with open(path, "wb", buffering=_BUFFER) as handle:
         write = handle.write
-        for key, value in records:
-            write(pack(len(key), len(value)) + key + value)
-            count += 1
+        for key, value, times in records:
+            write(pack(len(key), len(value), times) + key + value)
+            count += times
         size = handle.tell()
     return count, size
 
@@ -79,15 +83,15 @@ def read_run(path: Path | str) -> Iterator[Record]:
         pos = 0
         while True:
             end = len(data)
-            need = 8
-            while pos + 8 <= end:
-                klen, vlen = unpack_from(data, pos)
-                mid = pos + 8 + klen
+            need = 12
+            while pos + 12 <= end:
+                klen, vlen, times = unpack_from(data, pos)
+                mid = pos + 12 + klen
                 stop = mid + vlen
                 if stop > end:
                     need = stop - pos
                     break
-                yield data[pos + 8 : mid], data[mid:stop]
+                yield data[pos + 12 : mid], data[mid:stop], times
                 pos = stop
             more = read(max(_BUFFER, need - (end - pos)))
             if not more:
@@ -148,13 +152,13 @@ def short(value: Any) -> str:
 class SpillBuffer:
     """Map output by purpose, spilled as one sorted run per (purpose, reducer) when full.
 
-    A purpose with a combiner keeps a dict of key -> values (so hot keys fold early and each
-    spill combines); one without keeps the pairs in emission order and sorts them at the spill
-    (stable, so a key's values keep their order). Text keys are buffered as themselves (text
-    order is the order of their encodings), any other key by its encoding; the encoding and
-    ``locate`` (the partitioner) run once per distinct key per spill. Values that are not plain
-    (numbers, text, bytes, None) are pickled when emitted. ``spill((purpose, reducer), records)``
-    is called for each non-empty run with its records in key order.
+    Each purpose keeps a dict of key -> values in emission order; with a combiner, hot keys
+    fold early and each spill combines. Text keys are buffered as themselves, any other key by
+    its encoding; the encoding and ``locate`` (the partitioner) run once per distinct key per
+    spill, and a key's equal neighbouring values are encoded and written once, with their count.
+    Values that are not plain (numbers, text, bytes, None) are pickled when emitted.
+    ``spill((purpose, reducer), records)`` is called for each non-empty run with its records in
+    key order.
     """
 
     def __init__(
@@ -178,69 +182,60 @@ class SpillBuffer:
         self.records = 0
 
     def _fresh(self) -> None:
-        self._stores: dict[str, dict[Any, list[Any]] | list[tuple[Any, Any]]] = {
-            p: [] if self._combiners[p] is None else {} for p in self._purposes
-        }
+        self._stores: dict[str, dict[Any, list[Any]]] = {p: {} for p in self._purposes}
         self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
-        self._fast = self._stores.get(self._default)  # where plain pairs go (with a combiner)
+        self._fast = self._stores.get(self._default)  # where plain pairs go
 
     def extend(self, outputs: Iterable[Any]) -> None:
         """Buffer everything one ``map`` call yields: ``(key, value)`` for the default purpose,
-        ``(purpose, key, value)`` for a named one. The caller spills once :attr:`size` reaches ``spill_bytes``, so an
-        error in user code while spilling (a partitioner, say) is never taken for the record's.
-        A text key with a plain value for the default purpose with a combiner takes a short
-        path (measured: a word count's map CPU; without a combiner the spill's sort dominates)."""
+        ``(purpose, key, value)`` for a named one. The caller spills once :attr:`size` reaches
+        ``spill_bytes``, so an error in user code while spilling (a partitioner, say) is never
+        taken for the record's. A text key with a plain value for the default purpose takes a
+        short path (measured: a word count's map CPU)."""
         fast = self._fast
         cost_of = _PLAIN_COST.get  # a plain value's type -> its object's bytes
-        size = count = 0
+        size = count = fast_count = 0
         try:
-            if type(fast) is dict:
-                # hot keys are folded by relieve() when the buffer fills, not per value
-                get = fast.get
-                fast_count = 0
-                try:
-                    for out in outputs:
-                        if type(out) is tuple:
-                            try:
-                                key, value = out
-                            except ValueError:
-                                pass
-                            else:
-                                kind = type(value)
-                                if kind is int and -5 <= value <= 256 and type(key) is str:
-                                    try:
-                                        fast[key].append(value)
-                                    except KeyError:
-                                        fast[key] = [value]
-                                        size += len(key) + KEY_OVERHEAD
-                                    fast_count += 1
-                                    continue
-                                cost = cost_of(kind)
-                                if cost is not None and type(key) is str:
-                                    values = get(key)
-                                    if values is None:
-                                        fast[key] = [value]
-                                        size += len(key) + KEY_OVERHEAD
-                                    else:
-                                        values.append(value)
-                                    size += (
-                                        cost + len(value) if kind is str or kind is bytes else cost
-                                    )
-                                    fast_count += 1
-                                    continue
-                        size += self._add(out)
-                        count += 1
-                finally:
-                    size += fast_count * VALUE_OVERHEAD
-                    count += fast_count
-            else:
+            if fast is None:
                 for out in outputs:
                     size += self._add(out)
                     count += 1
+                return
+            # hot keys are folded by relieve() when the buffer fills, not per value
+            get = fast.get
+            for out in outputs:
+                if type(out) is tuple:
+                    try:
+                        key, value = out
+                    except ValueError:
+                        pass
+                    else:
+                        kind = type(value)
+                        if kind is int and -5 <= value <= 256 and type(key) is str:
+                            try:
+                                fast[key].append(value)
+                            except KeyError:
+                                fast[key] = [value]
+                                size += len(key) + KEY_OVERHEAD
+                            fast_count += 1
+                            continue
+                        cost = cost_of(kind)
+                        if cost is not None and type(key) is str:
+                            values = get(key)
+                            if values is None:
+                                fast[key] = [value]
+                                size += len(key) + KEY_OVERHEAD
+                            else:
+                                values.append(value)
+                            size += cost + len(value) if kind is str or kind is bytes else cost
+                            fast_count += 1
+                            continue
+                size += self._add(out)
+                count += 1
         finally:
-            self.size += size
-            self.records += count
+            self.size += size + fast_count * VALUE_OVERHEAD
+            self.records += count + fast_count
 
     def _add(self, out: Any) -> int:
         """Buffer one record of any shape; return its estimated size."""
@@ -270,16 +265,13 @@ class SpillBuffer:
             size += len(value)
         elif kind is int and -5 <= value <= 256:
             size = 0
-        if type(store) is list:
-            store.append((ident, value))
-            return size + PAIR_OVERHEAD + len(ident)
         values = store.get(ident)
         if values is None:
             values = store[ident] = []
             size += len(ident) + KEY_OVERHEAD
         values.append(value)
         size += VALUE_OVERHEAD
-        if len(values) >= COMBINE_EVERY:
+        if len(values) >= COMBINE_EVERY and self._combiners[purpose] is not None:
             size -= self._fold(purpose, ident, store)
         return size
 
@@ -316,7 +308,7 @@ class SpillBuffer:
         """Combine each key holding more than one value; return whether anything could fold."""
         folded = False
         for purpose, store in self._stores.items():
-            if type(store) is not dict:
+            if self._combiners[purpose] is None:
                 continue
             for ident, values in list(store.items()):
                 if len(values) > 1:
@@ -335,68 +327,20 @@ class SpillBuffer:
             store = stores[purpose]
             if not store:
                 continue
-            if type(store) is list:
-                runs = self._sorted_pairs(purpose, store, keys_by_purpose[purpose])
-            else:
-                runs = self._combined_slots(purpose, store, keys_by_purpose[purpose], mixed)
+            runs = self._runs(purpose, store, keys_by_purpose[purpose], mixed)
             for reducer in sorted(runs):
-                self._spill((purpose, reducer), iter(runs[reducer]))
+                self._spill((purpose, reducer), runs[reducer])
         self.size = 0
         self.spills += 1
 
-    def _sorted_pairs(
-        self, purpose: str, pairs: list[tuple[Any, Any]], keys: dict[bytes, Any]
-    ) -> dict[int, list[Record]]:
-        """A purpose without a combiner: a stable sort of its pairs, cut by reducer."""
-        locate, encode_text = self._locate, encode_text_key
-        if keys:  # some keys are encoded: sort everything by encoding
-
-            def order(pair: tuple[Any, Any]) -> bytes:
-                ident = pair[0]
-                return ident if type(ident) is bytes else encode_text(ident)
-
-            pairs.sort(key=order)
-        else:  # text only: text order is the order of the encodings
-            pairs.sort(key=itemgetter(0))
-        runs: dict[int, list[Record]] = {}
-        previous: Any = None
-        append = [].append
-        encoded = b""
-        ints: dict[int, bytes] = {}  # int value -> its pickle
-        for ident, value in pairs:
-            if ident != previous:  # a str never equals the bytes of an encoded key
-                previous = ident
-                if type(ident) is str:
-                    key, encoded = ident, encode_text(ident)
-                else:
-                    key, encoded = keys[ident], ident
-                reducer = locate(purpose, key, encoded)
-                out = runs.get(reducer)
-                if out is None:
-                    out = runs[reducer] = []
-                append = out.append
-            kind = type(value)
-            if kind is str:  # encode_value, inline for the common case
-                append((encoded, TEXT_VALUE + value.encode("utf-8", "surrogatepass")))
-            elif kind is int:  # a count, say: the same few values over and over
-                data = ints.get(value)
-                if data is None:
-                    data = encode_value(value)
-                    if len(ints) < _MEMO:
-                        ints[value] = data
-                append((encoded, data))
-            else:
-                append((encoded, bytes(value) if kind is _Encoded else encode_value(value)))
-        return runs
-
-    def _combined_slots(
+    def _runs(
         self,
         purpose: str,
         slots: dict[Any, list[Any]],
         keys: dict[bytes, Any],
         mixed: set[tuple[str, Any]],
     ) -> dict[int, Iterator[Record]]:
-        """A purpose with a combiner: each key's values combined, keys sorted per reducer."""
+        """Each key's values (combined, with a combiner), keys sorted per reducer."""
         by_reducer: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
         for ident, values in slots.items():
             if type(ident) is str:
@@ -410,15 +354,40 @@ class SpillBuffer:
         combine = self._combiners[purpose]
         for items in by_reducer.values():
             items.sort(key=itemgetter(0))
-        return {reducer: self._records(items, combine) for reducer, items in by_reducer.items()}
+        return {reducer: _records(items, combine) for reducer, items in by_reducer.items()}
 
-    @staticmethod
-    def _records(
-        items: list[tuple[bytes, Any, list[Any], bool]], combine: Combiner
-    ) -> Iterator[Record]:
-        for encoded, key, values, mixed in items:
-            for value in combine_values(combine, key, _values(values) if mixed else iter(values)):
-                yield encoded, encode_value(value)
+
+def _records(
+    items: list[tuple[bytes, Any, list[Any], bool]], combine: Combiner | None
+) -> Iterator[Record]:
+    """The records of one run: each key's values (combined, with a combiner), equal
+    neighbours counted; each distinct int is encoded once."""
+    ints: dict[int, bytes] = {}  # int value -> its pickle
+
+    def encode(value: Any) -> bytes:
+        kind = type(value)
+        if kind is str:  # encode_value, inline for the common case
+            return TEXT_VALUE + value.encode("utf-8", "surrogatepass")
+        if kind is int:  # a count, say: the same few values over and over
+            data = ints.get(value)
+            if data is None:
+                data = encode_value(value)
+                if len(ints) < _MEMO:
+                    ints[value] = data
+            return data
+        return value if kind is _Encoded else encode_value(value)
+
+    groupby = itertools.groupby
+    for encoded, key, values, mixed in items:
+        if combine is not None:
+            values = combine_values(combine, key, _values(values) if mixed else iter(values))
+        kinds = set(map(type, values))
+        if len(kinds) == 1 and kinds.pop() in _EXACT:  # equal values have equal encodings
+            for value, same in groupby(values):
+                yield encoded, encode(value), len(list(same))
+        else:
+            for data, same in groupby(map(encode, values)):
+                yield encoded, data, len(list(same))
 
 
 # ------------------------------------------------------------------ reduce side
@@ -434,9 +403,11 @@ def merge(runs: Iterable[Iterator[Record]]) -> Iterator[Record]:
 
 def combined(records: Iterator[Record], combine: Combiner) -> Iterator[Record]:
     """Apply ``combine`` to each key's values in a sorted stream."""
+    expand = value_decoder()
+    chain = itertools.chain.from_iterable
     for key, group in itertools.groupby(records, key=itemgetter(0)):
-        for value in combine_values(combine, decode_key(key), (decode_value(v) for _, v in group)):
-            yield key, encode_value(value)
+        values = combine_values(combine, decode_key(key), chain(map(expand, group)))
+        yield from _records([(key, None, values, False)], None)
 
 
 def premerge(
@@ -475,24 +446,31 @@ def premerge(
     return current, merges
 
 
-def value_decoder() -> Callable[[bytes], Any]:
-    """:func:`decode_value` that unpickles each distinct immutable value once (up to
-    ``_MEMO`` of them): a word count's values are the same few pickled ints."""
+def value_decoder() -> Callable[[Record], Iterable[Any]]:
+    """A record's values, decoded: each distinct immutable value is unpickled once (up to
+    ``_MEMO`` of them: a word count's values are the same few pickled ints) and repeated; a
+    mutable one is unpickled once per pair, so each is an object of its own."""
     memo: dict[bytes, Any] = {}
     get = memo.get
     text = TEXT_VALUE[0]
+    loads, repeat = pickle.loads, itertools.repeat
 
-    def decode(data: bytes) -> Any:
+    def expand(record: Record) -> Iterable[Any]:
+        data, times = record[1], record[2]
         if data[0] == text:
-            return data[1:].decode("utf-8", "surrogatepass")
-        value = get(data, _MISS)
-        if value is _MISS:
-            value = pickle.loads(data)
-            if type(value) in _SHAREABLE and len(memo) < _MEMO:
-                memo[data] = value
-        return value
+            value = data[1:].decode("utf-8", "surrogatepass")
+        else:
+            value = get(data, _MISS)
+            if value is _MISS:
+                value = loads(data)
+                if type(value) in _SHAREABLE:
+                    if len(memo) < _MEMO:
+                        memo[data] = value
+                elif times > 1:
+                    return itertools.chain((value,), map(loads, repeat(data, times - 1)))
+        return (value,) if times == 1 else repeat(value, times)
 
-    return decode
+    return expand
 
 
 def grouped(
@@ -503,12 +481,12 @@ def grouped(
     With ``group``, consecutive keys with the same ``group(key)`` form one group (a secondary
     sort: values arrive in the order of their full keys) and the group's key is ``group(key)``.
     """
-    second = itemgetter(1)
-    decode = value_decoder()
+    expand = value_decoder()
+    chain = itertools.chain.from_iterable
     if group is None:
         for key, items in itertools.groupby(records, key=itemgetter(0)):
-            yield decode_key(key), map(decode, map(second, items))
+            yield decode_key(key), chain(map(expand, items))
         return
-    decoded = ((decode_key(k), v) for k, v in records)
+    decoded = ((decode_key(k), v, n) for k, v, n in records)
     for key, items in itertools.groupby(decoded, key=lambda kv: group(kv[0])):
-        yield key, map(decode, map(second, items))
+        yield key, chain(map(expand, items))
