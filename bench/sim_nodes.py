@@ -91,7 +91,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         for i in range(start, min(args.nodes, start + batch)):
             ready: defer.Deferred = defer.Deferred()
             proto = PeerProtocol(
-                Connection("node", secret, name=f"sim-{i}"),
+                Connection("node", secret),
                 EchoNode(i, args.cores, ready),
                 reactor,
                 handshake_timeout=30,

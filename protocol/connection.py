@@ -110,7 +110,6 @@ class Authenticated:
     """Both sides proved the secret; ``peer_role`` is node, console or server."""
 
     peer_role: str
-    peer_name: str
     session: str
     #: the person a console authenticated as ("": it holds the cluster secret itself)
     peer_user: str = ""
@@ -164,7 +163,6 @@ class Connection:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         heartbeat: float = 2.0,
-        name: str = "",
         user: str = "",
         nonce: Callable[[int], bytes] = os.urandom,
         versions: tuple[str, str] | None = None,
@@ -178,10 +176,9 @@ class Connection:
         self._key = secret
         self._nonce_source = nonce
         self._max_frame = max_frame
-        #: the largest frame the peer accepts (from its welcome or hello)
+        #: the largest frame the peer accepts (from its welcome or about)
         self.peer_max_frame = DEFAULT_MAX_FRAME
         self._heartbeat = heartbeat
-        self._name = name
         self._user = user
         self._python, self._cloudpickle = versions or local_versions()
         #: the frames coming in (a transport may read a large frame straight into its buffer)
@@ -204,19 +201,13 @@ class Connection:
     # ------------------------------------------------------------------ outgoing
 
     def initiate(self) -> None:
-        """Client side: queue the hello. The server waits for it."""
+        """Client side: queue the hello (what the handshake needs: whoever listens reads it).
+        The server waits for it."""
         if self.is_server or self._stage != "hello":
             raise LocalProtocolError("only a fresh client connection initiates")
         self._my_nonce = self._nonce_source(NONCE_SIZE)
         hello = m.Hello(
-            version=m.PROTOCOL_VERSION,
-            role=self.role,
-            python=self._python,
-            cloudpickle=self._cloudpickle,
-            nonce=self._my_nonce,
-            name=self._name[:200],
-            user=self._user,
-            max_frame=self._max_frame,
+            version=m.PROTOCOL_VERSION, role=self.role, nonce=self._my_nonce, user=self._user
         )
         header = self._queue(hello)
         self._hello_hash = _digest(header)
@@ -365,33 +356,30 @@ class Connection:
 
     def _closed_by_peer(self, msg: m.Error) -> ConnectionFailed:
         """The peer ended the handshake with an error: fail with its code's class, answer
-        nothing."""
+        nothing. A server that finds our own hello malformed has another catalogue: that is a
+        version mismatch (a server of version 4 says a field is missing)."""
         cls = ERROR_CODES.get(msg.code, RemoteProtocolError)
         who = "server" if not self.is_server else "peer"
         self.state = State.CLOSED
         words = peer_words(msg.message)
+        if self._stage == "challenge" and msg.code == RemoteProtocolError.code:
+            cls = VersionMismatch
+            words += f" (it speaks another protocol version than {m.PROTOCOL_VERSION})"
         error = cls.from_wire(f"{who} refused: {words}")
         error.peer_message = words  # the peer's own words, for a caller's line
         return ConnectionFailed(error)
 
-    @staticmethod
-    def _check_protocol(version: int) -> None:
-        if version != m.PROTOCOL_VERSION:
-            raise VersionMismatch(
-                f"protocol version {version} is not supported (this side speaks {m.PROTOCOL_VERSION})"
-            )
-
-    def _check_versions(self, hello: m.Hello) -> None:
+    def _check_versions(self, about: m.About) -> None:
         """The server's check of a client that proved the secret (told no one else)."""
-        role = hello.role
-        if hello.python != self._python:
+        role = self.peer_role
+        if about.python != self._python:
             raise VersionMismatch(
-                f"the {role} runs Python {hello.python}, the server Python {self._python}: "
+                f"the {role} runs Python {about.python}, the server Python {self._python}: "
                 "pickles are not portable between Python versions; run the same Python everywhere"
             )
-        if hello.cloudpickle != self._cloudpickle:
+        if about.cloudpickle != self._cloudpickle:
             raise VersionMismatch(
-                f"the {role} has cloudpickle {hello.cloudpickle}, the server cloudpickle "
+                f"the {role} has cloudpickle {about.cloudpickle}, the server cloudpickle "
                 f"{self._cloudpickle}: install the same cloudpickle version everywhere"
             )
 
@@ -416,12 +404,8 @@ class Connection:
                 raise RemoteProtocolError(f"unknown role {msg.role!r}")
             if len(msg.nonce) != NONCE_SIZE:
                 raise RemoteProtocolError("bad nonce length")
-            self._check_protocol(msg.version)
-            self._hello = msg
+            m.check_version(msg.version)
             self.peer_role = msg.role
-            self._peer_name = msg.name
-            if msg.max_frame > 0:  # (a nonsensical limit is not said: the default holds)
-                self.peer_max_frame = msg.max_frame
             self._user = msg.user
             if msg.user:
                 if msg.role != "console":
@@ -454,8 +438,13 @@ class Connection:
                     f"authentication failed: the peer does not hold {who} "
                     "(check REMAP_SECRET_KEY and REMAP_USER)"
                 )
-            self._check_versions(self._hello)
-            self._recv_mac = self._peer_mac
+            self._recv_mac = self._peer_mac  # its about comes sealed
+            self._stage = "about"
+            return None
+        if self._stage == "about" and isinstance(msg, m.About):
+            if msg.max_frame > 0:  # (a nonsensical limit is not said: the default holds)
+                self.peer_max_frame = msg.max_frame
+            self._check_versions(msg)
             self.session = self._nonce_source(8).hex()
             self._queue(
                 m.Welcome(
@@ -463,14 +452,14 @@ class Connection:
                 )
             )
             self._open()
-            return Authenticated(self.peer_role or "", self._peer_name, self.session, self._user)
+            return Authenticated(self.peer_role or "", self.session, self._user)
         raise RemoteProtocolError(
             f"unexpected {msg.TYPE} during the handshake (expected {self._stage})"
         )
 
     def _client_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if self._stage == "challenge" and isinstance(msg, m.Challenge):
-            self._check_protocol(msg.version)
+            m.check_version(msg.version)
             expected = self._proof(_SERVER_LABEL, msg.nonce)
             if not hmac.compare_digest(msg.proof, expected):
                 raise AuthError(
@@ -483,6 +472,12 @@ class Connection:
             self._queue(m.Auth(proof=self._proof(_CLIENT_LABEL, transcript)))
             self._send_mac = self._frame_mac(_CLIENT_FRAMES, transcript)
             self._recv_mac = self._frame_mac(_SERVER_FRAMES, transcript)
+            # the server proved itself: now, and sealed, what it checks
+            self._queue(
+                m.About(
+                    python=self._python, cloudpickle=self._cloudpickle, max_frame=self._max_frame
+                )
+            )
             self._stage = "welcome"
             return None
         if self._stage == "welcome" and isinstance(msg, m.Welcome):
@@ -494,7 +489,7 @@ class Connection:
                 self._max_frame = min(self._max_frame, msg.max_frame)
             self.peer_role = "server"
             self._open()
-            return Authenticated("server", "", msg.session)
+            return Authenticated("server", msg.session)
         raise RemoteProtocolError(
             f"unexpected {msg.TYPE} during the handshake (expected {self._stage})"
         )

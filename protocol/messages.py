@@ -20,14 +20,20 @@ from . import framing as _framing
 from .checks import NAMESPACE as _CHECK_NAMES
 from .checks import checker as _checker
 from .checks import expression as _expression
-from .errors import InvalidOption, LocalProtocolError, RemoteProtocolError, UnknownMessageType
+from .errors import (
+    InvalidOption,
+    LocalProtocolError,
+    RemoteProtocolError,
+    UnknownMessageType,
+    VersionMismatch,
+)
 from .framing import DEFAULT_MAX_FRAME
 from .options import JobOptions
 from .status import JobStatus, NodeStatus, ServerStatus
 
 #: bump whenever the catalogue's fingerprint (:func:`catalogue_fingerprint`) changes, so peers of
 #: different catalogues refuse each other at the hello instead of failing mid-job
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: arguments a console may send before ``submitted`` (with ``job = -submit.id``): no round trip
 INITIAL_WINDOW = 256
@@ -365,9 +371,22 @@ def decode(
         msg = decoder(data, payload)
     except InvalidOption as exc:  # a value its own rules refuse (``submit``'s options)
         raise RemoteProtocolError(f"{type_name}.{exc}") from None
+    except RemoteProtocolError:
+        # another version's hello or challenge may have other fields: say the version differs
+        if cls.PREAUTH and type(data.get("version")) is int:
+            check_version(data["version"])
+        raise
     if len(shapes) < SHAPES:  # every key is a field: learn the shape
         shapes[keys] = _SHAPERS[cls](keys)
     return msg
+
+
+def check_version(version: int) -> None:
+    """VersionMismatch unless a peer's hello or challenge says this side's protocol version."""
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
 
 
 def message_types() -> dict[str, type[Message]]:
@@ -449,20 +468,16 @@ def catalogue_fingerprint() -> str:
 
 @message
 class Hello(Message):
-    """Client → server: who I am and my fresh nonce."""
+    """Client → server: what the handshake needs and my fresh nonce; nothing more, since any
+    server dialled reads it (my versions are in :class:`About`, for a server that proved itself)."""
 
     TYPE = "hello"
     PREAUTH = True
     version: int
     role: str
-    python: str
-    cloudpickle: str
     nonce: bytes
-    name: str = ""
     #: a console authenticating with a person's key (``connection.person_key``); "": the secret
     user: str = ""
-    #: the largest frame this client accepts (left out at the default, as older clients send it)
-    max_frame: int = DEFAULT_MAX_FRAME
 
 
 @message
@@ -484,6 +499,19 @@ class Auth(Message):
     TYPE = "auth"
     PREAUTH = True
     proof: bytes
+
+
+@message
+class About(Message):
+    """Client → server, sealed, right after its auth: what the server checks and keeps, told
+    only to a server that proved the secret."""
+
+    TYPE = "about"
+    PREAUTH = True
+    python: str
+    cloudpickle: str
+    #: the largest frame this client accepts (left out at the default)
+    max_frame: int = DEFAULT_MAX_FRAME
 
 
 @message

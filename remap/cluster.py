@@ -305,9 +305,7 @@ def start_node(
         on_auth_failure=on_auth_failure,
         data=data,
     )
-    factory = PeerFactory(
-        reactor, "node", key, agent, settings, name=agent.host, wait_for_auth=True
-    )
+    factory = PeerFactory(reactor, "node", key, agent, settings, wait_for_auth=True)
     scheme = "tls" if tls_enabled(settings) else "tcp"
     connection = ClientService(
         NamedEndpoint(

@@ -50,9 +50,7 @@ async def _dial(
     """One connection of ``client`` to ``address``, authenticated."""
     host, port = parse_address(address)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # the port, if defaulted
-    factory = PeerFactory(
-        reactor, "console", key, client, settings, name="console", wait_for_auth=True
-    )
+    factory = PeerFactory(reactor, "console", key, client, settings, wait_for_auth=True)
     # outside the try: a TLS setting it cannot use is a ConfigError (exit 2), not "cannot reach"
     endpoint = client_endpoint(reactor, settings, host, port, timeout=timeout)
     try:

@@ -168,6 +168,6 @@ def connect_local(
     client_end = LocalLink(reactor, "local server", client_handler, limit)
     server_end.other, client_end.other = client_end, server_end
     session = secrets.token_hex(8)
-    server_end.handler.authenticated(server_end, Authenticated(role, name, session))
-    client_handler.authenticated(client_end, Authenticated("server", "", session))
+    server_end.handler.authenticated(server_end, Authenticated(role, session))
+    client_handler.authenticated(client_end, Authenticated("server", session))
     return client_end

@@ -224,7 +224,6 @@ class PeerFactory(Factory):
         secret: bytes,
         handler: Any,
         settings: Settings,
-        name: str = "",
         *,
         wait_for_auth: bool = False,
     ) -> None:
@@ -233,7 +232,6 @@ class PeerFactory(Factory):
         self.secret = secret
         self.handler = handler
         self.settings = settings
-        self.name = name
         self.wait_for_auth = wait_for_auth
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
@@ -242,7 +240,6 @@ class PeerFactory(Factory):
             self.secret,
             max_frame=self.settings.max_frame,
             heartbeat=self.settings.heartbeat_interval,
-            name=self.name,
             # a console may be a person (their key in REMAP_SECRET_KEY); a node never is
             user=(self.settings.user or "") if self.role == "console" else "",
         )

@@ -252,7 +252,7 @@ def test_nothing_a_node_sends_after_its_goodbye_counts() -> None:
     ``node_info`` does not join it again."""
     factory = server_factory(Clock())
     handler, link = ServerConnection(factory), NodeLink()
-    handler.authenticated(link, Authenticated("node", "box-a", "s1"))
+    handler.authenticated(link, Authenticated("node", "s1"))
     handler.message_received(link, m.NodeInfo(host="box-a", pid=1, cores=2, memory=1))
     FakeConsole(factory.scheduler, range(2), chunksize=2).feed()
     (task,) = [msg for msg in link.sent if type(msg) is m.Task]

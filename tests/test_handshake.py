@@ -120,6 +120,14 @@ def spec_sealed(key: bytes, seq: int, header: bytes, payload: bytes = b"") -> by
     return struct.pack(">II", 4 + len(body) + len(payload), len(body)) + body + payload
 
 
+def about_of(auth_and_about: bytes) -> dict:
+    """The header of the sealed about behind a client's auth (its MAC not checked)."""
+    _, about = FrameDecoder().feed(auth_and_about)
+    header = msgpack.unpackb(about.header[MAC_SIZE:], raw=False)
+    assert header["t"] == "about"
+    return header
+
+
 def counting_nonce(start: int = 0):
     """Deterministic, distinct nonces (each call gives a new value)."""
     state = {"n": start}
@@ -137,12 +145,11 @@ def counting_nonce(start: int = 0):
 @pytest.mark.parametrize("role", ["node", "console"])
 def test_handshake_succeeds_and_both_sides_agree(role):
     """With the same secret both sides authenticate, agree on the session and open."""
-    server, client = pair(role, client={"name": "worker-7"})
+    server, client = pair(role)
     s_events, c_events = run_handshake(server, client)
     assert len(s_events) == 1 and isinstance(s_events[0], Authenticated)
     assert len(c_events) == 1 and isinstance(c_events[0], Authenticated)
     assert s_events[0].peer_role == role
-    assert s_events[0].peer_name == "worker-7"
     assert c_events[0].peer_role == "server"
     assert s_events[0].session == c_events[0].session == server.session == client.session
     assert len(server.session) == 16
@@ -173,14 +180,17 @@ def test_client_takes_the_smaller_frame_limit():
     assert isinstance(error, FrameTooLarge)
 
 
-def test_the_server_learns_the_clients_smaller_frame_limit_from_its_hello():
-    """A client's hello carries its own limit; the server sends it nothing larger (its
+def test_the_server_learns_the_clients_smaller_frame_limit_from_its_about():
+    """A client's about carries its own limit; the server sends it nothing larger (its
     ``send_limit``), while what the server accepts stays its own limit."""
     server, client = pair(
         role="console", server={"max_frame": 1 << 20}, client={"max_frame": 50_000}
     )
-    ((hello, _),) = frames(b"".join(bytes(p) for p in client.outgoing))
-    assert hello["max_frame"] == 50_000
+    server.receive_data(out(client))
+    client.receive_data(out(server))
+    auth_and_about = out(client)
+    assert about_of(auth_and_about)["max_frame"] == 50_000
+    server.receive_data(auth_and_about)
     run_handshake(server, client)
     assert server.peer_max_frame == 50_000 and server.send_limit == 50_000
     # the frame's MAC does not count against the limit
@@ -188,21 +198,18 @@ def test_the_server_learns_the_clients_smaller_frame_limit_from_its_hello():
     assert client.send_limit == 50_000 and client.peer_max_frame == 1 << 20
 
 
-def test_a_hello_without_a_frame_limit_stands_for_the_default_one():
-    """A client at the default limit leaves the field out (the hello an older server knows);
-    one from before the field, saying nothing, is held to the default limit too: the server
-    never sends it more than a client that knows nothing of the field accepts."""
-    client = Connection("console", KEY)
-    client.initiate()
-    ((hello, _),) = frames(out(client))
-    assert "max_frame" not in hello
-    big = Connection("server", KEY, max_frame=4 * DEFAULT_MAX_FRAME)
-    small = Connection("server", KEY, max_frame=1 << 20)
-    for server in (big, small):
-        raw = dict(hello, nonce=bytes(range(32)))
-        assert server.receive_data(frame(raw)) == []
+def test_an_about_without_a_frame_limit_stands_for_the_default_one():
+    """A client at the default limit leaves the field out; the server then never sends it more
+    than the default limit, however large its own."""
+    for limit in (4 * DEFAULT_MAX_FRAME, 1 << 20):
+        server, client = pair("console", server={"max_frame": limit})
+        server.receive_data(out(client))
+        client.receive_data(out(server))
+        auth_and_about = out(client)
+        assert "max_frame" not in about_of(auth_and_about)
+        server.receive_data(auth_and_about)
         assert server.peer_max_frame == DEFAULT_MAX_FRAME
-    assert big.send_limit == DEFAULT_MAX_FRAME and small.send_limit == 1 << 20
+        assert server.send_limit == min(limit, DEFAULT_MAX_FRAME)
 
 
 def test_every_split_point_of_the_whole_handshake():
@@ -289,10 +296,7 @@ def test_wrong_secret_detected_by_the_server():
             "t": "hello",
             "version": PROTOCOL_VERSION,
             "role": "node",
-            "python": PY,
-            "cloudpickle": CP,
             "nonce": nonce,
-            "name": "",
         },
         use_bin_type=True,
     )
@@ -463,9 +467,8 @@ def test_a_servers_proofs_never_answer_its_own_challenge():
 
 def hello_frame(nonce: bytes) -> bytes:
     return frame(
-        {"t": "hello", "version": PROTOCOL_VERSION, "role": "console", "python": PY, "cloudpickle": CP,
-         "nonce": nonce, "name": "x", "user": "", "max_frame": 1 << 20}
-    )  # fmt: skip
+        {"t": "hello", "version": PROTOCOL_VERSION, "role": "console", "nonce": nonce, "user": ""}
+    )
 
 
 def test_server_refuses_a_reflected_nonce():
@@ -565,22 +568,18 @@ def test_length_2_31_frame_costs_four_bytes():
             {
                 "version": PROTOCOL_VERSION,
                 "role": "node",
-                "python": PY,
-                "cloudpickle": CP,
                 "nonce": b"n" * 31,
             },
             "nonce length",
         ),
         (
-            {"version": PROTOCOL_VERSION, "role": "node", "python": PY, "cloudpickle": CP},
+            {"version": PROTOCOL_VERSION, "role": "node"},
             "missing field 'nonce'",
         ),
         (
             {
                 "version": PROTOCOL_VERSION,
                 "role": "server",
-                "python": PY,
-                "cloudpickle": CP,
                 "nonce": b"n" * 32,
             },
             "unknown role",
@@ -589,22 +588,18 @@ def test_length_2_31_frame_costs_four_bytes():
             {
                 "version": PROTOCOL_VERSION,
                 "role": "admin",
-                "python": PY,
-                "cloudpickle": CP,
                 "nonce": b"n" * 32,
             },
             "unknown role",
         ),
         (
-            {"version": "1", "role": "node", "python": PY, "cloudpickle": CP, "nonce": b"n" * 32},
+            {"version": "1", "role": "node", "nonce": b"n" * 32},
             "hello.version",
         ),
         (
             {
                 "version": PROTOCOL_VERSION,
                 "role": "node",
-                "python": PY,
-                "cloudpickle": CP,
                 "nonce": "n" * 32,
             },
             "hello.nonce",
@@ -718,6 +713,60 @@ def test_a_version_1_peer_is_refused_in_one_line_naming_both_versions(monkeypatc
     assert isinstance(client_error, VersionMismatch) and client_error.exit_code == 3
 
 
+@pytest.mark.parametrize("role", ["node", "console"])
+def test_a_client_tells_a_server_without_the_secret_only_what_the_handshake_needs(role):
+    """Whatever answers at the address dialled reads the hello: it holds the protocol version,
+    role, nonce (and a person's name) only. The client's Python and cloudpickle versions and
+    frame limit go in the about, sealed, after the server's proof: a server without the secret
+    never gets them (before, the hello said them, and the node's host name, to anyone)."""
+    server, client = pair(role, server_key=WRONG, client={"max_frame": 54_321})
+    hello = out(client)
+    ((header, _),) = frames(hello)
+    assert set(header) == {"t", "version", "role", "nonce"}
+    told = hello.replace(header["nonce"], b"")
+    server.receive_data(hello)
+    client.receive_data(out(server))
+    told += out(client)
+    assert client.state is State.CLOSED
+    for said in (PY.encode(), CP.encode(), b"python", b"cloudpickle", msgpack.packb(54_321)):
+        assert said not in told
+
+    server, client = pair(role)
+    s_events, _ = run_handshake(server, client)
+    assert isinstance(s_events[0], Authenticated) and server.peer_max_frame == DEFAULT_MAX_FRAME
+
+
+def test_a_hello_of_version_4_is_refused_as_a_version_mismatch():
+    """A version 4 client's hello (its versions, name and frame limit in it) is refused in one
+    line naming both versions, not as a malformed frame (its fields are not this version's)."""
+    hello = {"t": "hello", "version": 4, "role": "node", "python": PY, "cloudpickle": CP,
+             "nonce": b"n" * 32, "name": "old-node", "max_frame": 1 << 20}  # fmt: skip
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame(hello)))
+    assert isinstance(error, VersionMismatch)
+    assert (
+        str(error) == f"protocol version 4 is not supported (this side speaks {PROTOCOL_VERSION})"
+    )
+    ((reply, _),) = frames(out(server))
+    assert reply["code"] == "version"
+
+
+def test_a_server_that_cannot_read_our_hello_is_a_version_mismatch():
+    """A server of version 4 finds this hello malformed (``bad-frame``, a field missing): the
+    client reports a protocol version mismatch (exit code 3), not a peer that is not remap."""
+    client = Connection("console", KEY)
+    client.initiate()
+    out(client)
+    words = "hello: missing field 'python'"
+    error = failure(
+        client.receive_data(frame({"t": "error", "code": "bad-frame", "message": words}))
+    )
+    assert isinstance(error, VersionMismatch) and error.exit_code == 3
+    assert str(error) == (
+        f"server refused: {words} (it speaks another protocol version than {PROTOCOL_VERSION})"
+    )
+
+
 def test_client_refuses_a_challenge_of_another_protocol_version():
     """A challenge announcing a later protocol version is refused as a version mismatch."""
     client = Connection("node", KEY)
@@ -781,8 +830,6 @@ def test_server_refuses_a_second_hello():
             "t": "hello",
             "version": PROTOCOL_VERSION,
             "role": "node",
-            "python": PY,
-            "cloudpickle": CP,
             "nonce": b"n" * 32,
         },
         {"t": "auth", "proof": b"x" * 32},
@@ -1030,10 +1077,7 @@ def test_reference_client_written_from_the_spec_authenticates():
             "t": "hello",
             "version": PROTOCOL_VERSION,
             "role": "console",
-            "python": PY,
-            "cloudpickle": CP,
             "nonce": client_nonce,
-            "name": "ref",
         },
         use_bin_type=True,
     )
@@ -1050,13 +1094,16 @@ def test_reference_client_written_from_the_spec_authenticates():
     assert hmac.compare_digest(challenge["proof"], expected)
     proof = hmac256(KEY, b"remap/1 client" + sha256(hello_header) + sha256(challenge_frame.header))
     auth_header = msgpack.packb({"t": "auth", "proof": proof}, use_bin_type=True)
-    events = server.receive_data(
-        struct.pack(">II", 4 + len(auth_header), len(auth_header)) + auth_header
-    )
-    assert [type(e) for e in events] == [Authenticated]
     transcript = sha256(hello_header) + sha256(challenge_frame.header)
     to_client = hmac256(KEY, b"remap/1 server frames" + transcript)
     to_server = hmac256(KEY, b"remap/1 client frames" + transcript)
+    about = msgpack.packb({"t": "about", "python": PY, "cloudpickle": CP}, use_bin_type=True)
+    events = server.receive_data(
+        struct.pack(">II", 4 + len(auth_header), len(auth_header))
+        + auth_header
+        + spec_sealed(to_server, 0, about)
+    )
+    assert [type(e) for e in events] == [Authenticated]
     (welcome_frame,) = FrameDecoder().feed(out(server))
     welcome_header = welcome_frame.header[32:]
     assert welcome_frame.header[:32] == hmac256(
@@ -1068,7 +1115,7 @@ def test_reference_client_written_from_the_spec_authenticates():
         "max_frame": 123_456,
         "heartbeat": 2.5,
     }
-    for seq in (0, 1):
+    for seq in (1, 2):
         beat = msgpack.packb({"t": "heartbeat", "load": float(seq)}, use_bin_type=True)
         got = server.receive_data(spec_sealed(to_server, seq, beat))
         assert got == [MessageReceived(m.Heartbeat(load=float(seq)))]
@@ -1076,11 +1123,11 @@ def test_reference_client_written_from_the_spec_authenticates():
 
 def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
     """A server built only from the spec is accepted by a real client Connection."""
-    client = Connection("node", KEY, name="n1")
+    client = Connection("node", KEY)
     client.initiate()
     (hello_frame,) = FrameDecoder().feed(out(client))
     hello = msgpack.unpackb(hello_frame.header, raw=False)
-    assert hello["role"] == "node" and hello["name"] == "n1" and len(hello["nonce"]) == 32
+    assert hello["role"] == "node" and len(hello["nonce"]) == 32
     server_nonce = b"\x42" * 32
     proof = hmac256(KEY, b"remap/1 server" + sha256(hello_frame.header) + server_nonce)
     challenge_header = msgpack.packb(
@@ -1093,19 +1140,22 @@ def test_reference_server_written_from_the_spec_is_accepted_by_a_node():
         use_bin_type=True,
     )
     assert client.receive_data(b"".join(bytes(p) for p in encode_frame(challenge_header))) == []
-    ((auth, _),) = frames(out(client))
+    auth_frame, about_frame = FrameDecoder().feed(out(client))
+    auth = msgpack.unpackb(auth_frame.header, raw=False)
     assert auth["proof"] == hmac256(
         KEY, b"remap/1 client" + sha256(hello_frame.header) + sha256(challenge_header)
     )
     transcript = sha256(hello_frame.header) + sha256(challenge_header)
     to_client = hmac256(KEY, b"remap/1 server frames" + transcript)
     to_server = hmac256(KEY, b"remap/1 client frames" + transcript)
+    about = msgpack.packb({"t": "about", "python": PY, "cloudpickle": CP}, use_bin_type=True)
+    assert about_frame.header + about_frame.payload == spec_sealed(to_server, 0, about)[8:]
     welcome = {"t": "welcome", "session": "abc", "max_frame": 1 << 20, "heartbeat": 2.0}
     events = client.receive_data(
         spec_sealed(to_client, 0, msgpack.packb(welcome, use_bin_type=True))
     )
-    assert events == [Authenticated("server", "", "abc")]
+    assert events == [Authenticated("server", "abc")]
     client.send(m.TaskResult(task=9, sizes=[3], payload=b"xyz"))
     assert out(client) == spec_sealed(
-        to_server, 0, msgpack.packb({"t": "result", "task": 9, "sizes": [3]}), b"xyz"
+        to_server, 1, msgpack.packb({"t": "result", "task": 9, "sizes": [3]}), b"xyz"
     )

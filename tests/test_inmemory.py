@@ -176,7 +176,7 @@ class Cluster:
     ) -> tuple[PeerProtocol, iosim.IOPump]:
         server = self.factory.buildProtocol(None)
         limit = self.max_frame if max_frame is None else max_frame
-        conn = Connection(role, SECRET, max_frame=limit, heartbeat=HEARTBEAT, name=name)
+        conn = Connection(role, SECRET, max_frame=limit, heartbeat=HEARTBEAT)
         if takes is not None:  # (its hello says ``limit``, its frames take ``takes`` bytes)
             conn.decoder = TakesLess(takes)
         client = PeerProtocol(

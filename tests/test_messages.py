@@ -72,11 +72,10 @@ JOB_STATUS = JobStatus(
 
 #: one hand-written, non-default instance of every message: the table a reader checks against
 EXAMPLES: dict[str, m.Message] = {
-    "hello": m.Hello(
-        version=1, role="node", python="3.11", cloudpickle="3.1", nonce=b"n" * 32, name="host-a"
-    ),
-    "challenge": m.Challenge(version=1, nonce=b"s" * 32, proof=b"p" * 32),
+    "hello": m.Hello(version=m.PROTOCOL_VERSION, role="console", nonce=b"n" * 32, user="ada"),
+    "challenge": m.Challenge(version=m.PROTOCOL_VERSION, nonce=b"s" * 32, proof=b"p" * 32),
     "auth": m.Auth(proof=b"q" * 32),
+    "about": m.About(python="3.11", cloudpickle="3.1", max_frame=1 << 20),
     "welcome": m.Welcome(session="0123456789abcdef", max_frame=1 << 20, heartbeat=1.5),
     "error": m.Error(code="not-found", message="no job 7", re=12),
     "heartbeat": m.Heartbeat(load=0.75, busy=3),
@@ -366,7 +365,7 @@ def test_preauth_flag_gates_decoding(type_name):
     """Before authentication only the handshake messages and error decode; everything else is refused."""
     msg = EXAMPLES[type_name]
     header, payload = m.encode(msg)
-    if type_name in ("hello", "challenge", "auth", "welcome", "error"):
+    if type_name in ("hello", "challenge", "auth", "about", "welcome", "error"):
         assert type(msg).PREAUTH
         assert m.decode(header, payload, preauth=True, channel=channel_of(type_name)) == msg
     else:
@@ -532,7 +531,7 @@ def test_header_shapes_learned_are_bounded(no_shapes_learned) -> None:
 # --------------------------------------------------------------------------- protocol version
 
 #: the catalogue that PROTOCOL_VERSION names: change both together, never one alone
-PINNED = (4, "84f8fe7ee8ff8df2")
+PINNED = (5, "04cceede1171e351")
 
 
 def test_protocol_version_is_bumped_with_the_catalogue():

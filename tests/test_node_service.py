@@ -58,7 +58,7 @@ def node_connection(clock: Clock) -> tuple[ClientService, FakeEndpoint, NodeAgen
     endpoint, attempts = FakeEndpoint(), []
     service = ClientService(
         NamedEndpoint(endpoint, "tcp:10.0.0.1:7878"),
-        PeerFactory(clock, "node", KEY, agent, settings, name="n1", wait_for_auth=True),
+        PeerFactory(clock, "node", KEY, agent, settings, wait_for_auth=True),
         retryPolicy=lambda n: attempts.append(n) or 1.0,
         clock=clock,
         prepareConnection=authenticated,

@@ -84,7 +84,7 @@ class Console:
         self.link = FakeLink(user or "admin")
         self.link.peer = self.link.name  # type: ignore[attr-defined]
         self.handler = ServerConnection(factory)
-        self.handler.authenticated(self.link, Authenticated("console", "c", "s", user))
+        self.handler.authenticated(self.link, Authenticated("console", "s", user))
 
     def ask(self, msg_type: type, **fields: Any) -> m.Message:
         rid = next(self.ids)

@@ -553,6 +553,37 @@ def test_node_refuses_work_from_a_server_without_the_secret(cluster, mode):
     assert not marker.exists()
 
 
+def test_a_server_without_the_secret_learns_no_versions_from_a_node_or_console(cluster):
+    """A fake server on loopback (without the secret) captures everything a real node and a real
+    console send it before they refuse its proof: their hellos name the protocol version and the
+    role, and no Python, cloudpickle or remap version, nor the node's host name (before, every
+    hello said the first two, and a node's its host name, to any server it dialled)."""
+    import cloudpickle
+
+    import remap
+
+    fake = FakeServer(WRONG.encode(), "wrong-key", b"")
+    fake.start()
+    try:
+        node = cluster.node(fake.port, REMAP_NODE_NAME="node-name-4711")
+        assert node.wait(START_TIMEOUT) == 3
+        console = cluster.console(fake.port, "status")
+        assert console.returncode == 3, console.stderr
+        wait_for(lambda: len(fake.received) == 2, 30, "both connections to end")
+    finally:
+        fake.stop()
+    assert fake.failures == []
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    secret = [py, ".".join(cloudpickle.__version__.split(".")[:2]), remap.__version__]
+    secret += ["node-name-4711", "python", "cloudpickle"]
+    secret += [socket.gethostname()] if len(socket.gethostname()) > 3 else []  # (not "vm")
+    for got in fake.received:
+        hello, error = headers_of(got)
+        assert set(hello) == {"t", "version", "role", "nonce"} and error["t"] == "error"
+        told = got.replace(hello["nonce"], b"")  # (random bytes could hold any 3 characters)
+        assert [s for s in secret if s.encode() in told] == [], got
+
+
 def test_fake_server_with_the_right_key_does_get_its_pickle_run(cluster):
     """Contrast: once the server proves the secret, the node loads its function (the marker appears).
 

@@ -199,7 +199,7 @@ class SilentNode(threading.Thread):
         super().__init__(daemon=True)
         self.answer = answer
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.conn = Connection("node", secret.encode(), heartbeat=0.3, name="silent")
+        self.conn = Connection("node", secret.encode(), heartbeat=0.3)
         self.cores = cores
         self.tasks = 0
         self.stopped = threading.Event()

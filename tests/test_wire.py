@@ -431,7 +431,7 @@ def node_peer(
     settings = Settings(
         heartbeat_interval=INTERVAL, heartbeat_misses=MISSES, handshake_timeout=HANDSHAKE_TIMEOUT
     )
-    proto = PeerFactory(clock, "node", key, agent, settings, name="node-a").buildProtocol(None)
+    proto = PeerFactory(clock, "node", key, agent, settings).buildProtocol(None)
     return proto, agent, pool, refusals
 
 

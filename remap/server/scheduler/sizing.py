@@ -1,4 +1,4 @@
-"""Frames to a peer sized to the limit its ``hello.max_frame`` said (pure: no links, no clock).
+"""Frames to a peer sized to the limit its ``about.max_frame`` said (pure: no links, no clock).
 
 A peer refuses a frame over its limit by closing the connection, and would be sent the same
 frame again when it comes back, for ever. So to a console a ``results`` message is split, a
