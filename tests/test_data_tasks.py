@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -555,3 +556,53 @@ def test_map_batch_with_a_custom_reader(tmp_path: Path) -> None:
         f"{tmp_path / 'in0.txt'}: record 8193 (a batch of 1808 records): ValueError: last batch"
     ]
     assert _reduce_all(ctx, [result]) == ["n\t8192"]
+
+
+def test_a_kill_racing_a_running_tasks_progress_write_leaves_no_scratch(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A kill's cleanup (the driver's end) removes ``im/<job>`` while a map task still runs
+    and writes its progress: here the write comes when the removal has emptied ``progress/``
+    and is about to remove it. Nothing of the job's scratch is left and the late write fails
+    (the scratch was renamed away before it was removed). Before, the write landed in
+    ``progress/``, which kept ``im/<job>/progress/<task>.<attempt>.json`` and ``im/<job>``
+    until the next job's sweep."""
+    from remap.data.driver import DataJobRunner, job_from_functions
+
+    ctx = _context(tmp_path)
+    data = ctx.data
+    data.progress_dir(JOB).mkdir()
+    progress = tasks._Progress(ctx, "mapper", 0)
+    progress.update(force=True, records_in=0)  # the task runs
+    raced: list[str] = []
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kw):
+        if os.path.basename(os.fspath(path)) == "progress" and not raced:
+            try:
+                progress.update(force=True, records_in=1)
+                raced.append("written")
+            except FileNotFoundError:
+                raced.append("refused")
+        return real_rmdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    job = job_from_functions({"map": _wc_map, "reduce": _sum}, [], tmp_path / "out")
+    DataJobRunner(None, job, data, job_id=JOB)._finish("INCOMPLETE")  # type: ignore[arg-type]
+    assert [p.relative_to(data.root) for p in (data.root / "im").rglob("*")] == []
+    assert raced == ["refused"]
+    assert layout.read_result(data, JOB) == "INCOMPLETE"
+
+
+def test_a_jobs_scratch_a_removal_left_part_of_goes_with_the_next_jobs_sweep(
+    tmp_path: Path,
+) -> None:
+    """What a removal of a job's scratch could not remove (on NFS, a file a late task still
+    held open kept its folder) is in ``im/<job>.gone``, which no job reads: the next job's
+    sweep removes it (it matched no job's lock, and stayed for good)."""
+    data = DataDir(tmp_path / "data")
+    left = data.root / "im" / f"{JOB}{layout.GONE}" / "progress"
+    left.mkdir(parents=True)
+    (left / ".nfs0000000000001234").write_bytes(b"x")
+    layout.remove_orphan_scratch(data)
+    assert list((data.root / "im").iterdir()) == []

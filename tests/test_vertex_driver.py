@@ -1605,3 +1605,45 @@ def test_a_worker_woken_after_its_job_ended_writes_no_checkpoint_or_message(
         cmd = worker_mod.Command(0, kind, 0, {0: 1}, [0, 1], superstep=1, checkpoint=checkpoint)
         assert "error" not in worker._execute(cmd)
         assert not data.im_dir("job").exists()
+
+
+def test_what_a_rollback_could_not_remove_goes_at_the_next_command(tmp_path: Path, monkeypatch):
+    """An old epoch's folder whose removal at a rollback left part of it (on NFS, a file a
+    superseded worker still holds open is renamed ``.nfs…`` and kept, and its folders with
+    it) is removed again at the next command, not left until the job's end (it was); nothing
+    in it is read or published: the output is the clean run's."""
+    graph_input(tmp_path, weighted=True)
+    want, clean, _ = run_threads(example("sssp"), tmp_path, 3, name="clean", partitions=6)
+    program, release, frozen, workers = _freeze_at(monkeypatch, 2)
+    real_rmdir, real_issue = os.rmdir, Driver._issue
+    kept: list[Path] = []
+
+    def rmdir(path, *args, **kw):
+        name = Path(os.fspath(path))
+        if name.name == "e0.gone" and name.parent.parent.name == "im" and not kept:
+            kept.append(name / ".nfs0000000000001234")  # the removal's last rmdir: e0.gone
+            kept[0].write_bytes(b"held open by the superseded worker")
+        return real_rmdir(path, *args, **kw)
+
+    after: list[list[str]] = []  # the job's scratch once each command after the rollback is out
+
+    def issue(self, kind, **fields):
+        cmd = real_issue(self, kind, **fields)
+        if self.rollbacks and kind != "stop":  # (the stop comes once the scratch went)
+            after.append(sorted(p.name for p in self.layout.scratch.iterdir()))
+        return cmd
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    monkeypatch.setattr(Driver, "_issue", issue)
+    _lose_one_worker(
+        program,
+        tmp_path,
+        release,
+        ThreadLaunch,
+        clean,
+        want,
+        None,
+        clock=_skipping_clock(frozen, workers, VertexConfig.lost_after),
+    )
+    assert kept and after, (kept, after)
+    assert not [names for names in after if "e0.gone" in names], after

@@ -516,7 +516,9 @@ class DataJobRunner:
             "counters": self.counters,
             "timings": self.timings,
         }
-        layout.remove_tree(data.im_dir(self.job_id))
+        # renamed away first: a task still running (killed, or lost and woken) writes nothing
+        # there after the removal listed its folder, and makes no folder again
+        layout.discard(data.im_dir(self.job_id))
         if state != "OK":
             layout.remove_tree(self.staging)
             layout.remove_tree(self.sealed)

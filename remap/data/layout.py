@@ -242,6 +242,25 @@ def remove_tree(top: Path) -> None:
     shutil.rmtree(top, ignore_errors=True)
 
 
+#: the suffix of a folder renamed away to be removed (see :func:`discard`)
+GONE = ".gone"
+
+
+def discard(path: Path) -> Path | None:
+    """Remove a folder a late writer (a killed task, a lost worker) may still write in:
+    renamed away first, so no write can reach it by its path while it is removed (one racing
+    the removal could land in a folder already listed, keeping it and every folder above it
+    on disk). Returns the renamed folder if something kept part of it (on NFS, a file a late
+    writer still holds open): nobody reads it; it is removed later."""
+    trash = path.with_name(path.name + GONE)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return None
+    remove_tree(trash)
+    return trash if trash.exists() else None
+
+
 DRIVER_LOCK = "driver.lock"
 
 
@@ -311,6 +330,9 @@ def remove_orphan_scratch(data: DataDir) -> list[str]:
         return []
     removed = []
     for job_id in names:
+        if job_id.endswith(GONE):  # a job's scratch a removal left part of (see discard)
+            remove_tree(data.root / "im" / job_id)
+            continue
         if not _JOB_ID.match(job_id):
             continue
         lock = data.job_dir(job_id) / DRIVER_LOCK

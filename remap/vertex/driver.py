@@ -24,6 +24,7 @@ from ..data.layout import (
     SUCCESS_MARKER,
     DataDir,
     JobLock,
+    discard,
     new_job_id,
     output_taken,
     remove_orphan_scratch,
@@ -131,18 +132,6 @@ class VertexResult:
         return out
 
 
-def discard(path: Path) -> None:
-    """Remove a folder a lost worker may still write in: renamed away first, so no write can
-    reach it by its path while it is removed (one racing the removal could land in a folder
-    already listed, keeping it and every folder above it on disk)."""
-    trash = path.with_name(path.name + ".gone")
-    try:
-        os.rename(path, trash)
-    except FileNotFoundError:
-        return
-    remove_tree(trash)
-
-
 class Launch(Protocol):
     """The worker calls as the driver sees them, wherever they run."""
 
@@ -217,6 +206,9 @@ class Driver:
         self.step: int | None = None  # the next superstep; None: (re)load the input first
         self.checkpoint: int | None = None  # the last complete checkpoint
         self.restore_pending = False
+        #: old epochs' folders, renamed away, that their removal left part of (on NFS, a file
+        #: a superseded worker still held open): removed again at every command until gone
+        self.trash: list[Path] = []
         self.history: dict[int, tuple[int, dict[str, Any]]] = {}  # step → (vertices, aggregated)
         self.reports: dict[int, SuperstepReport] = {}
         #: input lines skipped under ``on_error: continue``, and the first one's error
@@ -302,6 +294,9 @@ class Driver:
             **fields,
         )
         self.seq += 1
+        for trash in self.trash:
+            remove_tree(trash)
+        self.trash = [trash for trash in self.trash if trash.exists()]
         # the directories its files go in: a worker makes only its own below them, so one
         # left over from before a rollback (or the job's end) finds them gone
         if kind == "read":
@@ -585,8 +580,9 @@ class Driver:
         if self.checkpoint is not None:  # whole: no worker of the old epoch writes there now
             c = self.checkpoint
             os.renames(self.layout.checkpoint(old, c), self.layout.checkpoint(self.epoch, c))
-        discard(self.layout.epoch(old))
-        discard(self.staging / f"e{old}")
+        for folder in (self.layout.epoch(old), self.staging / f"e{old}"):
+            if (left := discard(folder)) is not None:
+                self.trash.append(left)
         self._deal()
         self.step = self.checkpoint
         self.restore_pending = self.checkpoint is not None
