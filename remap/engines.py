@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .errors import ConfigError, JobFailed, ServerUnreachable
+from .errors import ConfigError, ConnectionLost, JobFailed, ServerUnreachable
 from .sinks import Sink, TaskErrorInfo
 
 Chunk = list[tuple[int, Any]]
@@ -280,9 +280,11 @@ class RayEngine(Engine):
         #: pending", seen in our engine tests), so the chunks still pending (a window at most)
         #: finish instead, and close() shuts the cluster down under them
         self._local = address == "local"
+        self._address = address
         try:
             if self._local:
                 ray.init(
+                    address="local",  # never RAY_ADDRESS nor the last `ray start` cluster
                     num_cpus=workers,
                     include_dashboard=False,
                     log_to_driver=False,
@@ -297,21 +299,34 @@ class RayEngine(Engine):
         self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
         self._remote = ray.remote(run_chunk).options(max_retries=retries, num_cpus=1)
 
+    def _connected(self) -> Any:
+        """``ray``, while connected: once a ``ray://`` connection is lost, any ray call would
+        start a local Ray cluster in this process (Ray's auto-init) instead of failing."""
+        if not self._ray.is_initialized():
+            raise ConnectionLost(f"lost the connection to the ray cluster at {self._address}")
+        return self._ray
+
     def _share(self, blob: bytes) -> Any:
-        return self._ray.put(blob)
+        return self._connected().put(blob)
 
     def _submit(self, key: str, blob: Any, star: bool, timeout: float | None, chunk: Chunk) -> Any:
+        self._connected()
         return self._remote.remote(key, blob, star, timeout, chunk)
 
     def _wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
-        done, _ = self._ray.wait(handles, num_returns=1, timeout=timeout)
+        try:
+            done, _ = self._connected().wait(handles, num_returns=1, timeout=timeout)
+        except ConnectionError as exc:  # a ray:// client that gave up reconnecting
+            raise ConnectionLost(
+                f"lost the connection to the ray cluster at {self._address} ({exc})"
+            ) from None
         return done
 
     def _result(self, handle: Any) -> Any:
-        return self._ray.get(handle)
+        return self._connected().get(handle)
 
     def _cancel(self, handles: list[Any]) -> None:
-        if not self._local:
+        if not self._local and self._ray.is_initialized():  # a lost cluster has nothing to cancel
             for handle in handles:
                 self._ray.cancel(handle)
 
@@ -331,6 +346,9 @@ def _connect_ray_client(ray: Any, address: str, attempts: int = RAY_CLIENT_ATTEM
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address=f"ray://{address}", logging_level=logging.ERROR)
+            # the client sets its log channel's logger to INFO: its warnings ("Log channel is
+            # reconnecting") would be lines of their own among the console's
+            logging.getLogger("ray.util.client.logsclient").setLevel(logging.ERROR)
             return
         except ConnectionAbortedError as exc:
             if "initialization failure" not in str(exc).lower() or attempt == attempts:
@@ -525,7 +543,7 @@ class EngineRun:
                 error = self._stop
             sink.flush()
         except Exception as exc:  # a bad argument line, a sink that cannot write, the engine
-            error = exc if isinstance(exc, (JobFailed, ConfigError)) else JobFailed(
+            error = exc if isinstance(exc, (JobFailed, ConfigError, ConnectionLost)) else JobFailed(
                 f"job failed on {engine.name}: {type(exc).__name__}: "
                 + " ".join(str(exc).split())[:1000]  # one line (Dask's texts have several)
             )  # fmt: skip
