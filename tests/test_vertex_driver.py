@@ -27,7 +27,7 @@ from remap.data.layout import DataDir, read_json, read_result, remove_tree
 from remap.errors import ConfigError, JobFailed, JobKilled
 from remap.vertex import worker as worker_mod
 from remap.vertex.driver import Driver, VertexConfig, WorkerLost
-from remap.vertex.files import input_splits, read_lines, read_pickle
+from remap.vertex.files import Layout, input_splits, read_lines, read_pickle
 from remap.vertex.program import program_from_namespace
 from tests.vertex_graphs import edge_lines, example, parse_output, write_files
 from tests.vertex_reference import ThreadLaunch, read_tagged_lines, run_local
@@ -1647,3 +1647,35 @@ def test_what_a_rollback_could_not_remove_goes_at_the_next_command(tmp_path: Pat
     )
     assert kept and after, (kept, after)
     assert not [names for names in after if "e0.gone" in names], after
+
+
+def test_a_worker_writing_while_its_jobs_scratch_is_removed_leaves_nothing(
+    tmp_path: Path, monkeypatch
+):
+    """A worker still writing when its job's end removes the scratch (one of an earlier
+    epoch, or any still running when a failed or killed job cleans up): here its message
+    file comes when the removal has emptied a superstep's folder and is about to remove it.
+    It finds no folder to write in, and nothing of ``im/<job>`` is left (the write made
+    ``to0`` again there, which kept the superstep's folder, its epoch's and ``im/<job>``
+    until the next job's sweep)."""
+    graph_input(tmp_path)
+    data = DataDir(tmp_path / "data")
+    raced: list[str] = []
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, dir_fd=None, **kw):
+        name = os.fspath(path)
+        if dir_fd is not None and re.fullmatch(r"s\d+", name) and not raced:
+            (job,) = os.listdir(data.root / "job")
+            late = Layout(data, job).inbox(0, int(name[1:]), 0) / worker_mod.message_file(9, 0)
+            try:
+                worker_mod.Worker._write_file(late, b"late")
+                raced.append("written")
+            except FileNotFoundError:
+                raced.append("refused")
+        return real_rmdir(path, *args, dir_fd=dir_fd, **kw)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    run_threads(example("sssp"), tmp_path, 2)
+    assert [p.relative_to(data.root) for p in (data.root / "im").rglob("*")] == []
+    assert raced == ["refused"]

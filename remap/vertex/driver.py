@@ -417,8 +417,8 @@ class Driver:
             write_result(
                 self.data, self.job_id, "INCOMPLETE" if killed else "FAIL", message=str(exc)
             )
-            remove_tree(self.layout.scratch)
-            remove_tree(self.staging)  # part files of an output never finished
+            discard(self.layout.scratch)  # (renamed away first: a worker still running
+            remove_tree(self.staging)  # writes nothing there) and an output's part files
             raise
 
     def _command_quietly_stop(self) -> None:
@@ -489,7 +489,7 @@ class Driver:
         for key in ("state", "job_id"):  # given to write_result by position
             del details[key]
         write_result(self.data, self.job_id, "OK", **details)
-        remove_tree(self.layout.scratch)
+        discard(self.layout.scratch)
         return result
 
     def _run_to_end(self) -> SuperstepReport:
