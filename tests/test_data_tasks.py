@@ -606,3 +606,37 @@ def test_a_jobs_scratch_a_removal_left_part_of_goes_with_the_next_jobs_sweep(
     (left / ".nfs0000000000001234").write_bytes(b"x")
     layout.remove_orphan_scratch(data)
     assert list((data.root / "im").iterdir()) == []
+
+
+def test_the_servers_cleanup_after_a_dead_driver_racing_a_progress_write_leaves_no_scratch(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A detached driver died while its map task still runs: the server's cleanup (``abandon``)
+    removes ``im/<job>`` while the task writes its progress. Nothing of the scratch is left and
+    the late write fails (renamed away before removal, as a driver's own end does). Before, the
+    write landed in ``progress/`` and kept ``im/<job>`` until the next job's sweep."""
+    from remap.server.drivers import abandon
+
+    ctx = _context(tmp_path)
+    data = ctx.data
+    data.progress_dir(JOB).mkdir()
+    progress = tasks._Progress(ctx, "mapper", 0)
+    progress.update(force=True, records_in=0)  # the task runs
+    layout.write_json(data.jobconfig(JOB), {"kind": "mapreduce", "output": str(tmp_path / "out")})
+    raced: list[str] = []
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kw):
+        if os.path.basename(os.fspath(path)) == "progress" and not raced:
+            try:
+                progress.update(force=True, records_in=1)
+                raced.append("written")
+            except FileNotFoundError:
+                raced.append("refused")
+        return real_rmdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    abandon(data, "mapreduce", JOB, "the driver died")
+    assert [p.relative_to(data.root) for p in (data.root / "im").rglob("*")] == []
+    assert raced == ["refused"]
+    assert layout.read_result(data, JOB) == "INCOMPLETE"

@@ -612,7 +612,8 @@ def abandon(data: layout.DataDir, kind: str, job_id: str | None, why: str) -> No
     if not job_id or layout.read_result(data, job_id) not in (None, "INCOMPLETE"):
         return
     config = layout.read_json(data.jobconfig(job_id)) or {}
-    layout.remove_tree(data.im_dir(job_id))  # both kinds' scratch (runs, messages, checkpoints)
+    # both kinds' scratch, renamed away first: a task still running writes no more there
+    layout.discard(data.im_dir(job_id))
     if config.get("staging"):  # where the output is written before it is published
         staging = Path(config["staging"])
         layout.remove_tree(staging)  # and the name a data job seals it under just before
