@@ -237,6 +237,11 @@ def dask_engine() -> Iterator[engines.Engine]:
     yield from _local("distributed", engines.DaskEngine)
 
 
+#: the GCS declares a node dead after this many missed health checks (5 by Ray's default, 3 s
+#: apart): on a loaded machine a live raylet misses that many, is told it is dead and exits
+RAY_PATIENT = {"RAY_health_check_failure_threshold": "40"}
+
+
 @pytest.fixture(scope="module")
 def ray_engine() -> Iterator[engines.Engine]:
     """``ray://local`` with a temp dir of its own (not /tmp/ray, which every other Ray on the
@@ -248,6 +253,8 @@ def ray_engine() -> Iterator[engines.Engine]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_TMPDIR", temp)
         env.setenv("RAY_ADDRESS", "127.0.0.1:9")
+        for name, value in RAY_PATIENT.items():
+            env.setenv(name, value)
         try:
             engine = engines.RayEngine("local", workers=2)
         except Exception as exc:
@@ -802,7 +809,7 @@ def _ray_env(**extra: str) -> dict[str, str]:
     """A ``ray start`` cluster's environment: Ray's token authentication on, so the console
     (a Ray client) presents the same token from its own."""
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": __import__("secrets").token_hex(32)}
-    return {**_without_ray_state(dict(os.environ)), **auth, **extra}
+    return {**_without_ray_state(dict(os.environ)), **auth, **RAY_PATIENT, **extra}
 
 
 @pytest.mark.slow
