@@ -97,6 +97,18 @@ def test_a_failed_save_is_one_log_line(tmp_path: Path, logged: Any) -> None:
     assert list(admission.trusted) == ["10.0.0.4"]
 
 
+def test_a_stop_whose_save_fails_says_so_and_stops(tmp_path: Path, logged: Any) -> None:
+    """flush() at a stop that cannot write (the disk full, the directory gone) logs the one line
+    a save on the pool says and returns: the server's later parts (the journal, the state lock)
+    are still stopped after it."""
+    path, reactor = tmp_path / "gone" / "t.json", Reactor()
+    admission, keeper = kept(path, reactor)
+    admission.trust("10.0.0.7")
+    keeper.flush()
+    assert [e["log_format"].split(":")[0] for e in logged()] == ["cannot save {path}"]
+    assert reactor.getDelayedCalls() == []
+
+
 BAD_FILES = {
     "not JSON": (b"\x00garbage", "not a JSON object"),
     "not an object": (b"[1, 2]", "not a JSON object"),
@@ -108,6 +120,7 @@ BAD_FILES = {
         "IP addresses",
     ),
     "too large": (b" " * (trusted.MAX_BYTES + 1), "larger than"),
+    "nested too deep": (b'{"sources": ' + b"[" * 100_000, "not a JSON object"),
 }
 
 

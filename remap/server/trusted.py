@@ -82,7 +82,7 @@ class KeptSources:
             return self._ignored(f"larger than {MAX_BYTES} bytes")
         try:
             sources = json.loads(data.decode("utf-8")).get("sources")
-        except (UnicodeDecodeError, ValueError, AttributeError):
+        except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
             return self._ignored("not a JSON object")
         if (
             not isinstance(sources, list)
@@ -111,18 +111,21 @@ class KeptSources:
         sources = [s for s in self.admission.trusted if valid(s)]  # (a test's names are not)
         pool = self.reactor.getThreadPool()
         done = deferToThreadPool(self.reactor, pool, self._write, self._queued, sources)
-        done.addErrback(
-            lambda f: self.log.warn(
-                "cannot save {path}: {why}", path=str(self.path), why=f.getErrorMessage()
-            )
-        )
+        done.addErrback(lambda f: self._unsaved(f.getErrorMessage()))
+
+    def _unsaved(self, why: str) -> None:
+        self.log.warn("cannot save {path}: {why}", path=str(self.path), why=why)
 
     def flush(self) -> None:
-        """At a stop: save what changed since the last save now, on this thread."""
+        """At a stop: save what changed since the last save now, on this thread. A failure is
+        said, not raised: the server's later parts (the journal, the state lock) still stop."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
             self._queued += 1
-            self._write(self._queued, [s for s in self.admission.trusted if valid(s)])
+            try:
+                self._write(self._queued, [s for s in self.admission.trusted if valid(s)])
+            except OSError as exc:
+                self._unsaved(str(exc))
 
     def _write(self, number: int, sources: list[str]) -> None:
         """Write snapshot ``number`` unless a later one is written already; by rename, so a
