@@ -32,6 +32,8 @@ _HEADER = struct.Struct(">III")
 _BUFFER = 256 * 1024
 #: bytes (measured: tracemalloc, RSS) a buffered key costs beyond its length: its text object, dict entry and list
 KEY_OVERHEAD = 160
+#: of which its list of values: a key's first value is held alone (a sort's keys are unique)
+_LIST = 72
 #: bytes a buffered value costs beyond its object: its slot in its key's list
 VALUE_OVERHEAD = 9
 #: values one key may gather in the buffer before ``combine`` folds them early
@@ -152,10 +154,11 @@ def short(value: Any) -> str:
 class SpillBuffer:
     """Map output by purpose, spilled as one sorted run per (purpose, reducer) when full.
 
-    Each purpose keeps a dict of key -> values in emission order; with a combiner, hot keys
-    fold early and each spill combines. Text keys are buffered as themselves, any other key by
-    its encoding; the encoding and ``locate`` (the partitioner) run once per distinct key per
-    spill, and a key's equal neighbouring values are encoded and written once, with their count.
+    Each purpose keeps a dict of key -> its value, or the list of its values in emission order
+    once it has two; with a combiner, hot keys fold early and each spill combines. Text keys
+    are buffered as themselves, any other key by its encoding; the encoding and ``locate`` (the
+    partitioner) run once per distinct key per spill, and a key's equal neighbouring values are
+    encoded and written once, with their count.
     Values that are not plain (numbers, text, bytes, None) are pickled when emitted.
     ``spill((purpose, reducer), records)`` is called for each non-empty run with its records in
     key order.
@@ -182,7 +185,7 @@ class SpillBuffer:
         self.records = 0
 
     def _fresh(self) -> None:
-        self._stores: dict[str, dict[Any, list[Any]]] = {p: {} for p in self._purposes}
+        self._stores: dict[str, dict[Any, Any]] = {p: {} for p in self._purposes}
         self._keys: dict[str, dict[bytes, Any]] = {p: {} for p in self._purposes}
         self._mixed: set[tuple[str, Any]] = set()  # slots holding values pickled at emission
         self._fast = self._stores.get(self._default)  # where plain pairs go
@@ -216,18 +219,24 @@ class SpillBuffer:
                             try:
                                 fast[key].append(value)
                             except KeyError:
-                                fast[key] = [value]
-                                size += len(key) + KEY_OVERHEAD
+                                fast[key] = value
+                                size += len(key) + KEY_OVERHEAD - _LIST
+                            except AttributeError:  # its second value: a list from now on
+                                fast[key] = [fast[key], value]
+                                size += _LIST
                             fast_count += 1
                             continue
                         cost = cost_of(kind)
                         if cost is not None and type(key) is str:
-                            values = get(key)
-                            if values is None:
-                                fast[key] = [value]
-                                size += len(key) + KEY_OVERHEAD
-                            else:
+                            values = get(key, _MISS)
+                            if type(values) is list:
                                 values.append(value)
+                            elif values is _MISS:
+                                fast[key] = value
+                                size += len(key) + KEY_OVERHEAD - _LIST
+                            else:
+                                fast[key] = [values, value]
+                                size += _LIST
                             size += cost + len(value) if kind is str or kind is bytes else cost
                             fast_count += 1
                             continue
@@ -265,10 +274,13 @@ class SpillBuffer:
             size += len(value)
         elif kind is int and -5 <= value <= 256:
             size = 0
-        values = store.get(ident)
-        if values is None:
-            values = store[ident] = []
-            size += len(ident) + KEY_OVERHEAD
+        values = store.get(ident, _MISS)
+        if values is _MISS:
+            store[ident] = value
+            return size + len(ident) + KEY_OVERHEAD - _LIST + VALUE_OVERHEAD
+        if type(values) is not list:
+            values = store[ident] = [values]
+            size += _LIST
         values.append(value)
         size += VALUE_OVERHEAD
         if len(values) >= COMBINE_EVERY and self._combiners[purpose] is not None:
@@ -287,7 +299,7 @@ class SpillBuffer:
             )
         return f"map must yield (key, value) or (purpose, key, value) tuples, got {short(out)}"
 
-    def _fold(self, purpose: str, ident: Any, slots: dict[Any, list[Any]]) -> int:
+    def _fold(self, purpose: str, ident: Any, slots: dict[Any, Any]) -> int:
         """Combine a hot key's values early; return the estimated bytes freed."""
         combine = self._combiners[purpose]
         values = slots[ident]
@@ -311,7 +323,7 @@ class SpillBuffer:
             if self._combiners[purpose] is None:
                 continue
             for ident, values in list(store.items()):
-                if len(values) > 1:
+                if type(values) is list and len(values) > 1:
                     self.size -= self._fold(purpose, ident, store)
                     folded = True
         self.size = max(self.size, 0)
@@ -336,21 +348,23 @@ class SpillBuffer:
     def _runs(
         self,
         purpose: str,
-        slots: dict[Any, list[Any]],
+        slots: dict[Any, Any],
         keys: dict[bytes, Any],
         mixed: set[tuple[str, Any]],
     ) -> dict[int, Iterator[Record]]:
         """Each key's values (combined, with a combiner), keys sorted per reducer."""
         by_reducer: dict[int, list[tuple[bytes, Any, list[Any], bool]]] = {}
+        locate, some_mixed = self._locate, bool(mixed)
         for ident, values in slots.items():
             if type(ident) is str:
                 key, encoded = ident, encode_text_key(ident)
             else:
                 key, encoded = keys[ident], ident
-            reducer = self._locate(purpose, key, encoded)
-            by_reducer.setdefault(reducer, []).append(
-                (encoded, key, values, (purpose, ident) in mixed)
-            )
+            reducer = locate(purpose, key, encoded)
+            items = by_reducer.get(reducer)
+            if items is None:
+                items = by_reducer[reducer] = []
+            items.append((encoded, key, values, some_mixed and (purpose, ident) in mixed))
         combine = self._combiners[purpose]
         for items in by_reducer.values():
             items.sort(key=itemgetter(0))
@@ -379,6 +393,14 @@ def _records(
 
     groupby = itertools.groupby
     for encoded, key, values, mixed in items:
+        if type(values) is not list:  # a key's only value
+            if combine is None:
+                if type(values) is str:  # encode_value, inline for the common case
+                    yield encoded, TEXT_VALUE + values.encode("utf-8", "surrogatepass"), 1
+                else:
+                    yield encoded, encode(values), 1
+                continue
+            values = [values]
         if combine is not None:
             values = combine_values(combine, key, _values(values) if mixed else iter(values))
         kinds = set(map(type, values))
