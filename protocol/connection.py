@@ -400,11 +400,11 @@ class Connection:
 
     def _server_step(self, msg: m.Message, raw_header: bytes) -> Event | None:
         if self._stage == "hello" and isinstance(msg, m.Hello):
+            m.check_version(msg.version)  # first: another version may have other roles, nonces
             if msg.role not in m.ROLES:
                 raise RemoteProtocolError(f"unknown role {msg.role!r}")
             if len(msg.nonce) != NONCE_SIZE:
                 raise RemoteProtocolError("bad nonce length")
-            m.check_version(msg.version)
             self.peer_role = msg.role
             self._user = msg.user
             if msg.user:

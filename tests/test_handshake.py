@@ -751,6 +751,18 @@ def test_a_hello_of_version_4_is_refused_as_a_version_mismatch():
     assert reply["code"] == "version"
 
 
+@pytest.mark.parametrize("field", [{"role": "worker"}, {"nonce": b"n" * 64}])
+def test_another_versions_hello_is_judged_by_its_version_first(field):
+    """The version is checked before the role and nonce (another version may have other roles
+    or nonce sizes): such a hello is a version mismatch in one line, not a malformed frame."""
+    hello = {"t": "hello", "version": PROTOCOL_VERSION + 1, "role": "node", "nonce": b"n" * 32}
+    server = Connection("server", KEY)
+    error = failure(server.receive_data(frame({**hello, **field})))
+    assert isinstance(error, VersionMismatch)
+    ((reply, _),) = frames(out(server))
+    assert reply["code"] == "version"
+
+
 def test_a_server_that_cannot_read_our_hello_is_a_version_mismatch():
     """A server of version 4 finds this hello malformed (``bad-frame``, a field missing): the
     client reports a protocol version mismatch (exit code 3), not a peer that is not remap."""
