@@ -372,14 +372,16 @@ class Connection:
     def _check_versions(self, about: m.About) -> None:
         """The server's check of a client that proved the secret (told no one else)."""
         role = self.peer_role
+        # the peer's own words, bound for the server's log: printable only
+        python, pickler = peer_words(about.python), peer_words(about.cloudpickle)
         if about.python != self._python:
             raise VersionMismatch(
-                f"the {role} runs Python {about.python}, the server Python {self._python}: "
+                f"the {role} runs Python {python}, the server Python {self._python}: "
                 "pickles are not portable between Python versions; run the same Python everywhere"
             )
         if about.cloudpickle != self._cloudpickle:
             raise VersionMismatch(
-                f"the {role} has cloudpickle {about.cloudpickle}, the server cloudpickle "
+                f"the {role} has cloudpickle {pickler}, the server cloudpickle "
                 f"{self._cloudpickle}: install the same cloudpickle version everywhere"
             )
 

@@ -685,6 +685,16 @@ def test_a_client_of_other_versions_is_told_so_once_it_proved_the_secret(version
     assert "Python" not in refusal["message"] and "cloudpickle" not in refusal["message"]
 
 
+def test_a_clients_versions_reach_the_servers_log_printable_only():
+    """The versions a client states are its own words: a client with the secret (a person's
+    key is enough) cannot write terminal escapes or new lines into the server's log."""
+    server, client = pair("console", client={"versions": ("3.1\x1b[2J\nforged", CP)})
+    s_events, _ = run_handshake(server, client)
+    line = str(failure(s_events))
+    assert line.startswith("the console runs Python 3.1?[2J?forged, the server Python")
+    assert line.isprintable()
+
+
 @pytest.mark.parametrize("old_side", ["client", "server"])
 def test_a_version_1_peer_is_refused_in_one_line_naming_both_versions(monkeypatch, old_side):
     """A peer of protocol version 1 (an older checkout's catalogue) is refused at the
