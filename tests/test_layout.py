@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,15 @@ def test_the_map_of_rooms_names_every_module_in_three_words() -> None:
     assert sorted(rooms.keys() - modules) == [], "the map names modules that do not exist"
     wordy = {m: n for m, n in rooms.items() if not 1 <= len(n.split()) <= 3}
     assert wordy == {}, "a room's name is one to three words"
+
+
+def test_the_library_stays_within_its_size_budget() -> None:
+    """The library may not grow past the budget ARCHITECTURE.md states: growth is a decision, made
+    in the commit that raises the budget and says why, never a drift."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    budget = int(re.search(r"size budget: ([\d,]+) lines", text).group(1).replace(",", ""))
+    lines = sum(len((ROOT / m).read_text().splitlines()) for m in _library_modules())
+    assert lines <= budget, (
+        f"the library is {lines:,} lines, over its budget of {budget:,}: "
+        "shrink it, or raise the budget in ARCHITECTURE.md and say why in the commit"
+    )
