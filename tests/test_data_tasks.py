@@ -558,16 +558,18 @@ def test_map_batch_with_a_custom_reader(tmp_path: Path) -> None:
     assert _reduce_all(ctx, [result]) == ["n\t8192"]
 
 
+@pytest.mark.parametrize("cleanup", ["driver's end", "server after a dead driver"])
 def test_a_kill_racing_a_running_tasks_progress_write_leaves_no_scratch(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, cleanup: str
 ) -> None:
-    """A kill's cleanup (the driver's end) removes ``im/<job>`` while a map task still runs
-    and writes its progress: here the write comes when the removal has emptied ``progress/``
-    and is about to remove it. Nothing of the job's scratch is left and the late write fails
-    (the scratch was renamed away before it was removed). Before, the write landed in
-    ``progress/``, which kept ``im/<job>/progress/<task>.<attempt>.json`` and ``im/<job>``
-    until the next job's sweep."""
+    """A kill's cleanup removes ``im/<job>`` while a map task still runs and writes its
+    progress: the driver's own end, or the server's (``abandon``) after a detached driver died.
+    Here the write comes when the removal has emptied ``progress/`` and is about to remove it.
+    Nothing of the job's scratch is left and the late write fails (the scratch was renamed away
+    before it was removed). Before, the write landed in ``progress/``, which kept
+    ``im/<job>/progress/<task>.<attempt>.json`` and ``im/<job>`` until the next job's sweep."""
     from remap.data.driver import DataJobRunner, job_from_functions
+    from remap.server.drivers import abandon
 
     ctx = _context(tmp_path)
     data = ctx.data
@@ -587,8 +589,13 @@ def test_a_kill_racing_a_running_tasks_progress_write_leaves_no_scratch(
         return real_rmdir(path, *args, **kw)
 
     monkeypatch.setattr(os, "rmdir", rmdir)
-    job = job_from_functions({"map": _wc_map, "reduce": _sum}, [], tmp_path / "out")
-    DataJobRunner(None, job, data, job_id=JOB)._finish("INCOMPLETE")  # type: ignore[arg-type]
+    if cleanup == "driver's end":
+        job = job_from_functions({"map": _wc_map, "reduce": _sum}, [], tmp_path / "out")
+        DataJobRunner(None, job, data, job_id=JOB)._finish("INCOMPLETE")  # type: ignore[arg-type]
+    else:
+        config = {"kind": "mapreduce", "output": str(tmp_path / "out")}
+        layout.write_json(data.jobconfig(JOB), config)
+        abandon(data, "mapreduce", JOB, "the driver died")
     assert [p.relative_to(data.root) for p in (data.root / "im").rglob("*")] == []
     assert raced == ["refused"]
     assert layout.read_result(data, JOB) == "INCOMPLETE"
@@ -606,37 +613,3 @@ def test_a_jobs_scratch_a_removal_left_part_of_goes_with_the_next_jobs_sweep(
     (left / ".nfs0000000000001234").write_bytes(b"x")
     layout.remove_orphan_scratch(data)
     assert list((data.root / "im").iterdir()) == []
-
-
-def test_the_servers_cleanup_after_a_dead_driver_racing_a_progress_write_leaves_no_scratch(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """A detached driver died while its map task still runs: the server's cleanup (``abandon``)
-    removes ``im/<job>`` while the task writes its progress. Nothing of the scratch is left and
-    the late write fails (renamed away before removal, as a driver's own end does). Before, the
-    write landed in ``progress/`` and kept ``im/<job>`` until the next job's sweep."""
-    from remap.server.drivers import abandon
-
-    ctx = _context(tmp_path)
-    data = ctx.data
-    data.progress_dir(JOB).mkdir()
-    progress = tasks._Progress(ctx, "mapper", 0)
-    progress.update(force=True, records_in=0)  # the task runs
-    layout.write_json(data.jobconfig(JOB), {"kind": "mapreduce", "output": str(tmp_path / "out")})
-    raced: list[str] = []
-    real_rmdir = os.rmdir
-
-    def rmdir(path, *args, **kw):
-        if os.path.basename(os.fspath(path)) == "progress" and not raced:
-            try:
-                progress.update(force=True, records_in=1)
-                raced.append("written")
-            except FileNotFoundError:
-                raced.append("refused")
-        return real_rmdir(path, *args, **kw)
-
-    monkeypatch.setattr(os, "rmdir", rmdir)
-    abandon(data, "mapreduce", JOB, "the driver died")
-    assert [p.relative_to(data.root) for p in (data.root / "im").rglob("*")] == []
-    assert raced == ["refused"]
-    assert layout.read_result(data, JOB) == "INCOMPLETE"
